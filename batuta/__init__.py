@@ -1,0 +1,43 @@
+"""batuta: one compute pool for numba CPU/CUDA kernels over machines reachable by SSH.
+
+The public names are imported lazily so that `python -m batuta agent` (started on every
+host) does not pay for the coordinator's imports.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from batuta._version import __version__
+
+if TYPE_CHECKING:
+    from batuta.core.task import Backend, Priority, Task, TaskBuilder, TaskResult, TaskStatus
+    from batuta.errors import BatutaError, TaskFailedError
+    from batuta.runtime.pool import Pool, PoolBuilder, TaskFuture
+
+_LAZY = {
+    "Backend": "batuta.core.task",
+    "Priority": "batuta.core.task",
+    "Task": "batuta.core.task",
+    "TaskBuilder": "batuta.core.task",
+    "TaskResult": "batuta.core.task",
+    "TaskStatus": "batuta.core.task",
+    "BatutaError": "batuta.errors",
+    "TaskFailedError": "batuta.errors",
+    "Pool": "batuta.runtime.pool",
+    "PoolBuilder": "batuta.runtime.pool",
+    "TaskFuture": "batuta.runtime.pool",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'batuta' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,322 @@
+"""The task model: what a user submits (`Task`) and what comes back (`TaskResult`).
+
+Pure data, no I/O. Kernel tasks name a registered kernel and carry NumPy arrays and scalars;
+binary tasks carry a path, arguments, environment and working directory, as in the seed's
+`Task::builder().binary("./process").arg(...)`. Nothing here is pickled: every field is a
+plain value the wire codec knows how to encode.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Self
+
+from batuta.errors import TaskError, TaskFailedError
+
+
+class Backend(enum.Enum):
+    """Where a kernel runs. `AUTO` lets batuta pick from the input size (the seed's table)."""
+
+    SCALAR = "scalar"
+    CPU = "cpu"
+    GPU = "gpu"
+    AUTO = "auto"
+
+
+class Priority(enum.IntEnum):
+    """Higher runs first. Within one priority, tasks run in submission order."""
+
+    LOW = 0
+    NORMAL = 1
+    HIGH = 2
+    CRITICAL = 3
+
+
+class TaskStatus(enum.Enum):
+    """How a task ended. Every task ends in exactly one of these, exactly once."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # the kernel raised, or the binary exited non-zero
+    TIMED_OUT = "timed_out"  # ran past its timeout; the work was killed
+    CANCELLED = "cancelled"
+    LOST = "lost"  # its worker or host died on every attempt
+    UNSCHEDULABLE = "unschedulable"  # no slot can ever run it (e.g. GPU task, no GPU)
+
+
+# Capabilities a slot offers and a task requires. Tags from the cluster file add more.
+CAP_CPU = "cpu"
+CAP_GPU = "gpu"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KernelCall:
+    """Run the registered kernel `name` with positional `args` (arrays and scalars)."""
+
+    name: str
+    args: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BinaryCall:
+    """Run the executable at `path` with `args`, extra `env` and `cwd`, on the host."""
+
+    path: str
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+
+
+Call = KernelCall | BinaryCall
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Task:
+    """One unit of work. Build with `Task.kernel(...)`, `Task.binary(...)` or `Task.builder()`.
+
+    `max_attempts` counts attempts lost to infrastructure (a worker or host that died under
+    the task); a kernel that raises, or a binary that exits non-zero, is not retried.
+    `timeout` is run time in seconds, not counting time in queues; the work is killed when it
+    runs out. `requires` adds capability tags (from the cluster file) a slot must offer.
+    """
+
+    call: Call
+    backend: Backend = Backend.AUTO
+    priority: Priority = Priority.NORMAL
+    timeout: float | None = None
+    max_attempts: int = 3
+    name: str = ""
+    requires: frozenset[str] = frozenset()
+    key: str | None = None  # a stable key chosen by the caller (journals, resume)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.call, KernelCall):
+            if not self.call.name or not isinstance(self.call.name, str):
+                raise TaskError("kernel task needs a kernel name: Task.kernel('vadd', a, b)")
+        elif isinstance(self.call, BinaryCall):
+            if not self.call.path:
+                raise TaskError("binary task needs a path: Task.binary('./process', ...)")
+            if not all(isinstance(a, str) for a in self.call.args):
+                raise TaskError(f"binary task {self.call.path!r}: every argument must be a str")
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.call.env.items()):
+                raise TaskError(f"binary task {self.call.path!r}: env keys and values must be str")
+        else:
+            raise TaskError(f"task call must be KernelCall or BinaryCall, not {type(self.call).__name__}")
+        if not isinstance(self.backend, Backend):
+            raise TaskError(f"backend must be a batuta.Backend, not {self.backend!r}")
+        if self.timeout is not None and not (self.timeout > 0 and math.isfinite(self.timeout)):
+            raise TaskError(f"timeout must be a positive number of seconds, not {self.timeout!r}")
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise TaskError(f"max_attempts must be an int >= 1, not {self.max_attempts!r}")
+        if isinstance(self.call, BinaryCall) and self.backend is Backend.GPU:
+            # Binaries may use a GPU themselves; we only refuse the obviously wrong SCALAR mix.
+            pass
+        if not self.name:
+            label = self.call.name if isinstance(self.call, KernelCall) else _basename(self.call.path)
+            object.__setattr__(self, "name", label)
+        object.__setattr__(self, "priority", Priority(self.priority))
+        object.__setattr__(self, "requires", frozenset(self.requires))
+
+    # -- constructors -------------------------------------------------------------------
+
+    @classmethod
+    def kernel(
+        cls,
+        name: str,
+        *args: Any,
+        backend: Backend = Backend.AUTO,
+        priority: Priority = Priority.NORMAL,
+        timeout: float | None = None,
+        max_attempts: int = 3,
+        requires: Iterable[str] = (),
+        key: str | None = None,
+        label: str = "",
+    ) -> Task:
+        """A task that runs the registered kernel `name` on `args`."""
+        return cls(
+            call=KernelCall(name=name, args=tuple(args)),
+            backend=backend,
+            priority=priority,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            requires=frozenset(requires),
+            key=key,
+            name=label,
+        )
+
+    @classmethod
+    def binary(
+        cls,
+        path: str,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        priority: Priority = Priority.NORMAL,
+        timeout: float | None = None,
+        max_attempts: int = 3,
+        requires: Iterable[str] = (),
+        key: str | None = None,
+        label: str = "",
+    ) -> Task:
+        """A task that runs the executable `path` with `args` on a host."""
+        return cls(
+            call=BinaryCall(path=str(path), args=tuple(args), env=dict(env or {}), cwd=cwd),
+            backend=Backend.CPU,
+            priority=priority,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            requires=frozenset(requires),
+            key=key,
+            name=label,
+        )
+
+    @staticmethod
+    def builder() -> TaskBuilder:
+        """The seed's builder: `Task.builder().binary("./process").arg("-v").build()`."""
+        return TaskBuilder()
+
+    def with_options(self, **changes: Any) -> Task:
+        """A copy with some fields changed (`backend`, `priority`, `timeout`, ...)."""
+        return replace(self, **changes)
+
+    @property
+    def is_kernel(self) -> bool:
+        return isinstance(self.call, KernelCall)
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1] or path
+
+
+class TaskBuilder:
+    """Fluent construction, mirroring the seed's Rust `Task::builder()`."""
+
+    def __init__(self) -> None:
+        self._kernel: str | None = None
+        self._binary: str | None = None
+        self._args: list[Any] = []
+        self._env: dict[str, str] = {}
+        self._cwd: str | None = None
+        self._options: dict[str, Any] = {}
+
+    def kernel(self, name: str) -> Self:
+        self._kernel = name
+        return self
+
+    def binary(self, path: str) -> Self:
+        self._binary = str(path)
+        return self
+
+    def arg(self, value: Any) -> Self:
+        self._args.append(value)
+        return self
+
+    def args(self, values: Iterable[Any]) -> Self:
+        self._args.extend(values)
+        return self
+
+    def env(self, key: str, value: str) -> Self:
+        self._env[key] = value
+        return self
+
+    def cwd(self, path: str) -> Self:
+        self._cwd = str(path)
+        return self
+
+    def backend(self, backend: Backend) -> Self:
+        self._options["backend"] = backend
+        return self
+
+    def priority(self, priority: Priority) -> Self:
+        self._options["priority"] = priority
+        return self
+
+    def timeout(self, seconds: float) -> Self:
+        self._options["timeout"] = seconds
+        return self
+
+    def max_attempts(self, attempts: int) -> Self:
+        self._options["max_attempts"] = attempts
+        return self
+
+    def requires(self, *tags: str) -> Self:
+        self._options["requires"] = frozenset(tags)
+        return self
+
+    def name(self, label: str) -> Self:
+        self._options["name"] = label
+        return self
+
+    def key(self, key: str) -> Self:
+        self._options["key"] = key
+        return self
+
+    def build(self) -> Task:
+        if (self._kernel is None) == (self._binary is None):
+            raise TaskError("Task.builder() needs exactly one of .kernel(name) or .binary(path)")
+        if self._kernel is not None:
+            if self._env or self._cwd is not None:
+                raise TaskError(f"kernel task {self._kernel!r}: env and cwd apply to binaries only")
+            return Task(call=KernelCall(name=self._kernel, args=tuple(self._args)), **self._options)
+        assert self._binary is not None
+        options = dict(self._options)
+        backend = options.pop("backend", Backend.CPU)
+        if backend not in (Backend.CPU, Backend.AUTO):
+            raise TaskError(f"binary task {self._binary!r}: backend must be CPU, not {backend.name}")
+        return Task(
+            call=BinaryCall(
+                path=self._binary,
+                args=tuple(str(a) for a in self._args),
+                env=dict(self._env),
+                cwd=self._cwd,
+            ),
+            backend=Backend.CPU,
+            **options,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskResult:
+    """What became of a task. `value` holds the kernel's return (arrays, scalars, tuples).
+
+    `duration` is run time on the host; `queue_wait` is the time from submission until the
+    task started; `attempts` counts every start, including those lost with a worker.
+    """
+
+    task_id: int
+    name: str
+    status: TaskStatus
+    value: Any = None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    exit_code: int | None = None
+    error: str | None = None
+    duration: float = 0.0
+    queue_wait: float = 0.0
+    host: str | None = None
+    slot: str | None = None
+    attempts: int = 0
+    backend: Backend | None = None
+
+    def is_success(self) -> bool:
+        return self.status is TaskStatus.SUCCEEDED
+
+    def unwrap(self) -> Any:
+        """The value, or `TaskFailedError` naming the task, where it ran and why it failed."""
+        if self.is_success():
+            return self.value
+        raise TaskFailedError(self.describe_failure(), result=self)
+
+    def describe_failure(self) -> str:
+        where = f" on {self.host}/{self.slot}" if self.host else ""
+        why = self.error or (f"exit code {self.exit_code}" if self.exit_code else self.status.value)
+        return f"task {self.task_id} ({self.name}) {self.status.value}{where} after {self.attempts} attempt(s): {why}"
+
+    def stderr_str(self) -> str:
+        """The seed's `result.stderr_str()`."""
+        return self.stderr.decode("utf-8", errors="replace")
+
+    def stdout_str(self) -> str:
+        return self.stdout.decode("utf-8", errors="replace")

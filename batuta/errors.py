@@ -1,0 +1,51 @@
+"""batuta's exception tree: one root, one subclass per area.
+
+Messages name the thing that is wrong and the fix, in one line, because they end up in a
+terminal, a log line or a TUI notification.
+"""
+
+from __future__ import annotations
+
+
+class BatutaError(Exception):
+    """Root of every error batuta raises on purpose."""
+
+
+class UsageError(BatutaError):
+    """The caller passed something invalid (bad argument, bad task, bad job file). Exit code 2."""
+
+
+class ConfigError(UsageError):
+    """A configuration file or option is invalid. Exit code 2."""
+
+
+class TaskError(BatutaError):
+    """A task could not be built or did not succeed."""
+
+
+class TaskFailedError(TaskError):
+    """Raised by `TaskResult.unwrap()` and `Pool.map` when a task did not succeed."""
+
+    def __init__(self, message: str, result: object | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class PoolClosedError(BatutaError):
+    """The pool was used after it was closed, or closed while the call waited."""
+
+
+class NoCapableSlotError(TaskError):
+    """No slot in the cluster can run the task (for example a GPU task and no GPU)."""
+
+
+class KernelError(BatutaError):
+    """A kernel is unknown, or was called with invalid inputs."""
+
+
+class TransportError(BatutaError):
+    """A byte stream to a host agent could not be opened, or broke."""
+
+
+class AgentError(BatutaError):
+    """A host agent refused the session or failed to start."""

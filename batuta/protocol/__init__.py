@@ -1,0 +1,1 @@
+"""Protocol: sans-I/O framing and codec for the coordinator <-> host agent byte stream."""

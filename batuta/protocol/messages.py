@@ -1,0 +1,231 @@
+"""The messages that travel between the coordinator and a host agent.
+
+Small frozen dataclasses, validated by the codec when decoded. Direction is part of each
+message's meaning; `connection.py` holds the table of who may send what in which state.
+
+    agent -> coordinator: Hello, Started, Done, StealBackReply, SlotState, Heartbeat, Bye, Error
+    coordinator -> agent: Welcome, Run, StealBack, Cancel, Shutdown, Error
+
+Every message is encoded as a msgpack array `[tag, field, field, ...]` (see `codec.py`), so
+fields are positional on the wire; their order here is the wire order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from batuta.core.task import BinaryCall, KernelCall
+
+PROTOCOL_VERSION = 1
+
+
+# -- handshake ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlotInfo:
+    """One worker slot an agent offers: its index and capabilities ("cpu", "gpu", tags)."""
+
+    slot: int
+    capabilities: tuple[str, ...]
+    gpu_index: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GpuInfo:
+    """A GPU as the agent saw it at start (the seed's GpuExecutor: name and compute units)."""
+
+    index: int
+    name: str
+    uuid: str = ""
+    memory_total: int = 0  # bytes
+    compute_units: int = 0  # streaming multiprocessors
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hello:
+    """First message from an agent: who it is and what it offers."""
+
+    protocol: int
+    batuta_version: str
+    python_version: str
+    hostname: str
+    pid: int
+    cpu_count: int
+    slots: tuple[SlotInfo, ...]
+    gpus: tuple[GpuInfo, ...] = ()
+    packages: dict[str, str] = field(default_factory=dict)  # name -> version, for `stack versions`
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Welcome:
+    """The coordinator accepts the agent. The agent sends heartbeats every `heartbeat_interval`."""
+
+    protocol: int
+    heartbeat_interval: float
+
+
+# -- work -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskRequest:
+    """One task sent to a slot. `attempt` starts at 1."""
+
+    task_id: int
+    slot: int
+    attempt: int
+    call: KernelCall | BinaryCall
+    timeout: float | None = None
+    backend: str = "cpu"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Run:
+    """Queue these tasks on their slots, in order. Tasks for several slots may share a frame."""
+
+    tasks: tuple[TaskRequest, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Started:
+    """These tasks began running (each on the slot it was sent to)."""
+
+    task_ids: tuple[int, ...]
+
+
+# Outcome statuses on the wire.
+OUTCOME_OK = "ok"
+OUTCOME_ERROR = "error"  # kernel raised, binary exited non-zero, unknown kernel, bad input
+OUTCOME_TIMEOUT = "timeout"  # the agent killed it at its timeout
+OUTCOME_CANCELLED = "cancelled"
+OUTCOME_CRASHED = "crashed"  # the worker process died under it (counts as a lost attempt)
+OUTCOME_STATUSES = frozenset(
+    {OUTCOME_OK, OUTCOME_ERROR, OUTCOME_TIMEOUT, OUTCOME_CANCELLED, OUTCOME_CRASHED}
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskOutcome:
+    """How one task ended on its slot. `run_s` is wall time on the slot, in seconds."""
+
+    task_id: int
+    slot: int
+    attempt: int
+    status: str
+    value: Any = None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    exit_code: int | None = None
+    error: str | None = None
+    run_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Done:
+    """Results, batched."""
+
+    results: tuple[TaskOutcome, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StealBack:
+    """Give back these tasks of `slot` if they have not started (a transactional steal)."""
+
+    slot: int
+    task_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StealBackReply:
+    """The agent's answer: `returned` were removed unstarted; `refused` started or are unknown."""
+
+    slot: int
+    returned: tuple[int, ...]
+    refused: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cancel:
+    """Drop these tasks if queued, kill them if running; each is answered by a `cancelled` outcome."""
+
+    task_ids: tuple[int, ...]
+
+
+# -- health ---------------------------------------------------------------------------------
+
+SLOT_UP = "up"
+SLOT_RESTARTING = "restarting"
+SLOT_DOWN = "down"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlotState:
+    """A slot's worker process changed state (died and is restarting, gave up, came back)."""
+
+    slot: int
+    state: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GpuSample:
+    """One NVML reading; a field NVML cannot read is None (shown as unknown, never hides the rest)."""
+
+    index: int
+    utilization: float | None = None  # percent
+    memory_used: int | None = None  # bytes
+    memory_total: int | None = None  # bytes
+    temperature: float | None = None  # degrees Celsius
+    power: float | None = None  # watts
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Heartbeat:
+    """Sent every heartbeat interval; carries telemetry sampled at that moment."""
+
+    seq: int
+    cpu_percent: float
+    memory_used: int
+    memory_total: int
+    gpus: tuple[GpuSample, ...] = ()
+    gpu_status: str = ""  # why there is no GPU data ("no NVIDIA driver"), empty when there is
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Shutdown:
+    """Stop: kill running work, stop the slots, say Bye and exit."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Bye:
+    """The agent is exiting."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Error:
+    """The sender hit a protocol error and will close. `message` names what was wrong."""
+
+    message: str
+
+
+Message = (
+    Hello
+    | Welcome
+    | Run
+    | Started
+    | Done
+    | StealBack
+    | StealBackReply
+    | Cancel
+    | SlotState
+    | Heartbeat
+    | Shutdown
+    | Bye
+    | Error
+)
