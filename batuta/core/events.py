@@ -1,0 +1,212 @@
+"""Scheduler inputs (events, past tense) and outputs (instructions, imperative).
+
+The runtime turns what it hears from host agents and users into events, feeds them to
+`Scheduler.handle(event, now)`, and carries out the instructions that come back. Both are
+frozen, slotted, keyword-only dataclasses: plain facts, cheap to build, safe to log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from batuta.core.task import CAP_CPU, TaskStatus
+
+SlotId = str
+HostId = str
+
+# Outcome names as host agents report them (mirrors the wire's outcome statuses).
+FINISHED_OK = "ok"
+FINISHED_ERROR = "error"
+FINISHED_TIMEOUT = "timeout"
+FINISHED_CANCELLED = "cancelled"
+FINISHED_CRASHED = "crashed"
+
+
+# -- events ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskSubmitted:
+    """A user submitted a task. `requires` are the capabilities a slot must offer."""
+
+    task_id: int
+    priority: int = 1
+    requires: frozenset[str] = frozenset({CAP_CPU})
+    timeout: float | None = None
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlotJoined:
+    """A worker slot is ready (new, or back after its host was lost)."""
+
+    slot_id: SlotId
+    host_id: HostId
+    capabilities: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostExpected:
+    """A host is configured and starting: tasks it could run wait for it instead of failing."""
+
+    host_id: HostId
+    slot_capabilities: tuple[frozenset[str], ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlotLost:
+    """A slot stopped (its worker or host died). `retired`: it will never come back."""
+
+    slot_id: SlotId
+    reason: str
+    retired: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostLost:
+    """Every slot of a host stopped. `retired`: the host will not be relaunched."""
+
+    host_id: HostId
+    reason: str
+    retired: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskStarted:
+    """The agent reports the task began running on its slot."""
+
+    task_id: int
+    slot_id: SlotId
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskFinished:
+    """The agent reports how a task ended. `outcome` is one of the FINISHED_* names."""
+
+    task_id: int
+    slot_id: SlotId
+    attempt: int
+    outcome: str
+    run_s: float = 0.0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StealBackAnswered:
+    """The agent returned `returned` unstarted from `slot_id`; `refused` had started."""
+
+    slot_id: SlotId
+    returned: tuple[int, ...]
+    refused: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CancelRequested:
+    task_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimerFired:
+    """The time returned by `Scheduler.next_wakeup()` has come."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SchedulingPaused:
+    """Stop sending new work (running work continues)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SchedulingResumed:
+    pass
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostDrainRequested:
+    """Send the host no more work; tell when its in-flight work is done."""
+
+    host_id: HostId
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundTripMeasured:
+    """The runtime measured the round trip to a host; windows are sized to hide it."""
+
+    host_id: HostId
+    seconds: float
+
+
+Event = (
+    TaskSubmitted
+    | SlotJoined
+    | HostExpected
+    | SlotLost
+    | HostLost
+    | TaskStarted
+    | TaskFinished
+    | StealBackAnswered
+    | CancelRequested
+    | TimerFired
+    | SchedulingPaused
+    | SchedulingResumed
+    | HostDrainRequested
+    | RoundTripMeasured
+)
+
+
+# -- instructions ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendTasks:
+    """Send these tasks to the slot's host, in order; `attempts[i]` is task i's attempt number."""
+
+    slot_id: SlotId
+    task_ids: tuple[int, ...]
+    attempts: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestStealBack:
+    """Ask the slot's agent to give back these tasks if they have not started."""
+
+    slot_id: SlotId
+    task_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AbortTasks:
+    """Tell the slot's agent to drop or kill these tasks (cancelled or timed out)."""
+
+    slot_id: SlotId
+    task_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResolveTask:
+    """The task's final status is decided. Issued exactly once per task id."""
+
+    task_id: int
+    status: TaskStatus
+    slot_id: SlotId | None
+    attempts: int
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskRequeued:
+    """A task went back to the queue (its slot was lost); informational, for observers."""
+
+    task_id: int
+    slot_id: SlotId
+    attempts: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostDrained:
+    """A host asked to drain has no work left."""
+
+    host_id: HostId
+
+
+Instruction = SendTasks | RequestStealBack | AbortTasks | ResolveTask | TaskRequeued | HostDrained

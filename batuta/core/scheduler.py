@@ -1,0 +1,966 @@
+"""The work-stealing scheduler as a pure state machine: `handle(event, now) -> instructions`.
+
+Everything that decides where a task runs lives here; the runtime only moves bytes and
+clocks. Rules (Blumofe & Leiserson, adapted to a coordinator that sees every slot):
+
+* Places. A live task is in exactly one place: the global *injector* (one priority heap per
+  capability class), one slot's *deque* (assigned, not yet sent), or one slot's *window*
+  (sent to the host agent; queued there or running). `validate()` checks this.
+* Filling a window. A slot with room in its window takes, in order: the head of its own
+  deque, unless the injector holds strictly higher priority work; a fair share of the
+  injector (`live / eligible slots + 1`, capped) moved into its deque; the oldest eligible
+  task of a victim's deque, the victim drawn with the seeded RNG.
+* Steal-back. A slot that found nothing at all asks the agent of a random victim to give
+  back the newest half of the tasks in that victim's window not known to have started. Only
+  the agent knows what has started, so the steal is transactional: tasks move only when the
+  agent confirms (`StealBackAnswered`). Newest first, because the agent starts them oldest
+  first: those are the ones most likely still unstarted.
+* Windows are sized to hide the round trip: `1 + ceil(round_trip / mean run time)` tasks,
+  clamped to [min_window, max_window], per slot, from an exponential moving average.
+* Attempts count starts. A task sent to a slot that is then lost is requeued; if it had
+  started, the attempt stands, and after `max_attempts` such losses it resolves LOST with
+  the reasons. A kernel error or a timeout is final: retrying a deterministic failure only
+  wastes the cluster.
+* Exactly once. Each task id gets one `ResolveTask`. A result that arrives for a task no
+  longer in that slot's window (late, duplicate, or from an earlier attempt) is dropped and
+  counted in `stats.dropped_results`. A cancelled or timed-out task stays in its window as a
+  *zombie* (resolved, still occupying the agent) until the agent answers for it.
+* Capability matching. A task's `requires` must be a subset of a slot's capabilities; a
+  task that no joined slot (up or expected back) can ever run resolves UNSCHEDULABLE.
+
+Time arrives as `now`; randomness from a `random.Random(seed)` owned by the instance.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import math
+import random
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from batuta.core.events import (
+    FINISHED_CANCELLED,
+    FINISHED_CRASHED,
+    FINISHED_ERROR,
+    FINISHED_OK,
+    FINISHED_TIMEOUT,
+    AbortTasks,
+    CancelRequested,
+    Event,
+    HostDrained,
+    HostDrainRequested,
+    HostExpected,
+    HostId,
+    HostLost,
+    Instruction,
+    RequestStealBack,
+    ResolveTask,
+    RoundTripMeasured,
+    SchedulingPaused,
+    SchedulingResumed,
+    SendTasks,
+    SlotId,
+    SlotJoined,
+    SlotLost,
+    StealBackAnswered,
+    TaskFinished,
+    TaskRequeued,
+    TaskStarted,
+    TaskSubmitted,
+    TimerFired,
+)
+from batuta.core.task import TaskStatus
+
+
+class SchedulerError(Exception):
+    """The driver misused the scheduler (a bug in the caller, not in a peer)."""
+
+
+class InvariantViolation(SchedulerError):
+    """`validate()` found the state inconsistent; the message tells the story."""
+
+
+class Place(enum.IntEnum):
+    INJECTOR = 0
+    DEQUE = 1
+    WINDOW = 2
+    GONE = 3  # resolved and no longer occupying anything
+
+
+class SlotState(enum.Enum):
+    UP = "up"
+    DRAINING = "draining"
+    LOST = "lost"
+    RETIRED = "retired"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SchedulerConfig:
+    min_window: int = 2
+    max_window: int = 64
+    initial_window: int = 4
+    default_round_trip: float = 0.001  # seconds, until the runtime measures it
+    grab_max: int = 256  # most tasks a slot moves from the injector into its deque at once
+    max_queued: int = 1_000_000  # tasks in injector + deques before submission must wait
+    timeout_grace: float = 5.0  # backstop beyond an agent's own timeout enforcement
+    story_length: int = 0  # >0 keeps a ring of recent transitions for error messages
+    run_time_smoothing: float = 0.2  # weight of the newest run time in the moving average
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    task_id: int
+    priority: int
+    requires: frozenset[str]
+    timeout: float | None
+    max_attempts: int
+    seq: int
+    attempts: int = 0
+    place: Place = Place.INJECTOR
+    slot: _Slot | None = None
+    token: int = 0  # invalidates stale injector heap items
+    started: bool = False
+    resolved: bool = False  # a zombie: resolved but the agent still holds it
+    steal_pending: bool = False
+    steal_refused: bool = False  # the agent refused it (it started), or it was stolen back once
+    reasons: list[str] | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Slot:
+    slot_id: SlotId
+    host_id: HostId
+    capabilities: frozenset[str]
+    state: SlotState = SlotState.UP
+    deque: deque[_Entry] = field(default_factory=deque)
+    window: dict[int, _Entry] = field(default_factory=dict)  # insertion order = send order
+    window_limit: int = 4
+    mean_run_s: float | None = None
+    steal_backs_pending: int = 0
+    steals_in: int = 0
+    steals_out: int = 0
+    completed: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _Class:
+    """Tasks that need the same capabilities share an injector heap."""
+
+    requires: frozenset[str]
+    heap: list[tuple[int, int, int, _Entry]] = field(default_factory=list)
+    live: int = 0
+    runnable: bool = False  # cached: can some slot (present or expected) ever run it?
+    runnable_epoch: int = -1
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    submitted: int = 0
+    resolved: int = 0
+    steals: int = 0  # deque-to-deque steals
+    steal_backs_requested: int = 0
+    steal_backs_returned: int = 0
+    steal_backs_refused: int = 0
+    retries: int = 0
+    dropped_results: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlotView:
+    """A read-only snapshot of one slot, for observers (TUI, metrics)."""
+
+    slot_id: SlotId
+    host_id: HostId
+    capabilities: frozenset[str]
+    state: str
+    deque_depth: int
+    in_flight: int
+    window_limit: int
+    steals_in: int
+    steals_out: int
+    completed: int
+    mean_run_s: float | None
+
+
+_STATUS_OF_OUTCOME = {
+    FINISHED_OK: TaskStatus.SUCCEEDED,
+    FINISHED_ERROR: TaskStatus.FAILED,
+    FINISHED_TIMEOUT: TaskStatus.TIMED_OUT,
+    FINISHED_CANCELLED: TaskStatus.CANCELLED,
+}
+
+
+class Scheduler:
+    """Sans-I/O work-stealing scheduler. Feed events, carry out the returned instructions."""
+
+    def __init__(self, config: SchedulerConfig | None = None, *, seed: int = 0) -> None:
+        self.config = config or SchedulerConfig()
+        self.stats = SchedulerStats()
+        self._rng = random.Random(seed)
+        self._tasks: dict[int, _Entry] = {}
+        self._slots: dict[SlotId, _Slot] = {}
+        self._classes: dict[frozenset[str], _Class] = {}
+        self._hungry: dict[SlotId, _Slot] = {}  # UP slots with room in their window
+        self._round_trip: dict[HostId, float] = {}
+        self._draining: set[HostId] = set()
+        self._deadlines: list[tuple[float, int, int]] = []  # (deadline, task_id, attempt)
+        # task id -> the slot that asked for it back (None once that thief was lost); an
+        # entry stays here until the agent answers, whatever happens to the thief meanwhile
+        self._steal_thief: dict[int, _Slot | None] = {}
+        self._expected: dict[HostId, tuple[frozenset[str], ...]] = {}
+        self._seq = 0
+        self._capability_epoch = 0  # bumped when the set of slots that may run work changes
+        self._queued = 0  # live tasks in injector + deques
+        self._paused = False
+        self._out: list[Instruction] = []
+        self._sends: dict[SlotId, list[_Entry]] = {}
+        self._story: deque[tuple[float, int, str]] | None = (
+            deque(maxlen=self.config.story_length) if self.config.story_length > 0 else None
+        )
+        self._now = 0.0
+        self._handlers: dict[type, Callable[[object], None]] = {
+            TaskSubmitted: self._on_submitted,  # type: ignore[dict-item]
+            TaskStarted: self._on_started,  # type: ignore[dict-item]
+            TaskFinished: self._on_finished,  # type: ignore[dict-item]
+            SlotJoined: self._on_slot_joined,  # type: ignore[dict-item]
+            HostExpected: self._on_host_expected,  # type: ignore[dict-item]
+            SlotLost: self._on_slot_lost,  # type: ignore[dict-item]
+            HostLost: self._on_host_lost,  # type: ignore[dict-item]
+            StealBackAnswered: self._on_steal_back_answered,  # type: ignore[dict-item]
+            CancelRequested: self._on_cancel,  # type: ignore[dict-item]
+            TimerFired: self._on_timer,  # type: ignore[dict-item]
+            SchedulingPaused: self._on_paused,  # type: ignore[dict-item]
+            SchedulingResumed: self._on_resumed,  # type: ignore[dict-item]
+            HostDrainRequested: self._on_drain,  # type: ignore[dict-item]
+            RoundTripMeasured: self._on_round_trip,  # type: ignore[dict-item]
+        }
+
+    # -- public API -------------------------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> list[Instruction]:
+        """Apply one event at time `now`; return what the driver must do, in order."""
+        self._now = now
+        self._handlers[type(event)](event)
+        return self._flush()
+
+    def handle_many(self, events: Iterable[Event], now: float) -> list[Instruction]:
+        """Apply several events at once; sends to one slot are merged into one instruction."""
+        self._now = now
+        handlers = self._handlers
+        for event in events:
+            handlers[type(event)](event)
+        return self._flush()
+
+    def can_accept(self, count: int = 1) -> bool:
+        """Whether `count` more submissions fit under `max_queued` (backpressure)."""
+        return self._queued + count <= self.config.max_queued
+
+    @property
+    def queued(self) -> int:
+        """Tasks waiting in the injector or a deque (not yet sent to any host)."""
+        return self._queued
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(s.window) for s in self._slots.values())
+
+    @property
+    def unresolved(self) -> int:
+        return sum(1 for e in self._tasks.values() if not e.resolved)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def next_wakeup(self) -> float | None:
+        """When the driver should deliver `TimerFired` next (a timeout backstop), if ever."""
+        while self._deadlines:
+            deadline, task_id, attempt = self._deadlines[0]
+            entry = self._tasks.get(task_id)
+            if entry is not None and not entry.resolved and entry.attempts == attempt:
+                return deadline
+            heapq.heappop(self._deadlines)
+        return None
+
+    def slots(self) -> list[SlotView]:
+        return [
+            SlotView(
+                slot_id=s.slot_id,
+                host_id=s.host_id,
+                capabilities=s.capabilities,
+                state=s.state.value,
+                deque_depth=len(s.deque),
+                in_flight=len(s.window),
+                window_limit=s.window_limit,
+                steals_in=s.steals_in,
+                steals_out=s.steals_out,
+                completed=s.completed,
+                mean_run_s=s.mean_run_s,
+            )
+            for s in self._slots.values()
+        ]
+
+    def where(self, task_id: int) -> tuple[str, SlotId | None] | None:
+        """Where a task is now: ("injector"|"deque"|"window", slot id), or None if resolved."""
+        entry = self._tasks.get(task_id)
+        if entry is None or entry.resolved:
+            return None
+        return entry.place.name.lower(), entry.slot.slot_id if entry.slot else None
+
+    def attempts(self, task_id: int) -> int:
+        entry = self._tasks.get(task_id)
+        return entry.attempts if entry is not None else 0
+
+    def story(self, task_id: int | None = None) -> list[tuple[float, int, str]]:
+        """Recent transitions (all, or one task's), when `story_length` > 0."""
+        if self._story is None:
+            return []
+        return [s for s in self._story if task_id is None or s[1] == task_id]
+
+    # -- events -----------------------------------------------------------------------------
+
+    def _on_submitted(self, ev: TaskSubmitted) -> None:
+        if ev.task_id in self._tasks:
+            raise SchedulerError(f"task id {ev.task_id} submitted twice")
+        if not self.can_accept():
+            raise SchedulerError(
+                f"scheduler is full ({self.config.max_queued} queued); wait for can_accept()"
+            )
+        self.stats.submitted += 1
+        self._seq += 1
+        entry = _Entry(
+            task_id=ev.task_id,
+            priority=int(ev.priority),
+            requires=ev.requires,
+            timeout=ev.timeout,
+            max_attempts=ev.max_attempts,
+            seq=self._seq,
+        )
+        self._tasks[ev.task_id] = entry
+        klass = self._class_of(entry.requires)
+        if not self._can_ever_run(klass):
+            self._resolve(entry, TaskStatus.UNSCHEDULABLE, self._unschedulable_reason(entry))
+            return
+        self._push_injector(entry, klass)
+        self._note(entry, "queued")
+        self._feed_hungry(klass)
+
+    def _on_slot_joined(self, ev: SlotJoined) -> None:
+        slot = self._slots.get(ev.slot_id)
+        if slot is None:
+            slot = _Slot(
+                slot_id=ev.slot_id,
+                host_id=ev.host_id,
+                capabilities=frozenset(ev.capabilities),
+                window_limit=self.config.initial_window,
+            )
+            self._slots[ev.slot_id] = slot
+        else:
+            if slot.state is SlotState.UP:
+                raise SchedulerError(f"slot {ev.slot_id} joined twice without being lost")
+            slot.capabilities = frozenset(ev.capabilities)
+            slot.host_id = ev.host_id
+        slot.state = SlotState.DRAINING if ev.host_id in self._draining else SlotState.UP
+        self._capability_epoch += 1
+        if slot.state is SlotState.UP:
+            self._hungry[slot.slot_id] = slot
+            self._fill(slot)
+
+    def _on_host_expected(self, ev: HostExpected) -> None:
+        self._expected[ev.host_id] = tuple(frozenset(c) for c in ev.slot_capabilities)
+        self._capability_epoch += 1
+
+    def _on_host_lost(self, ev: HostLost) -> None:
+        if ev.retired and self._expected.pop(ev.host_id, None) is not None:
+            self._capability_epoch += 1
+        for slot in [s for s in self._slots.values() if s.host_id == ev.host_id]:
+            self._lose_slot(slot, ev.reason, ev.retired)
+        self._after_capacity_change()
+
+    def _on_slot_lost(self, ev: SlotLost) -> None:
+        slot = self._slots.get(ev.slot_id)
+        if slot is None:
+            return
+        self._lose_slot(slot, ev.reason, ev.retired)
+        self._after_capacity_change()
+
+    def _on_started(self, ev: TaskStarted) -> None:
+        entry = self._tasks.get(ev.task_id)
+        if entry is None or entry.place is not Place.WINDOW or entry.slot is None:
+            return
+        if entry.slot.slot_id != ev.slot_id or entry.started:
+            return
+        entry.started = True
+        self._note(entry, "started")
+        if entry.timeout is not None and not entry.resolved:
+            deadline = self._now + entry.timeout + self.config.timeout_grace
+            heapq.heappush(self._deadlines, (deadline, entry.task_id, entry.attempts))
+
+    def _on_finished(self, ev: TaskFinished) -> None:
+        entry = self._tasks.get(ev.task_id)
+        slot = entry.slot if entry is not None else None
+        if (
+            entry is None
+            or slot is None
+            or entry.place is not Place.WINDOW
+            or slot.slot_id != ev.slot_id
+            or entry.attempts != ev.attempt
+        ):
+            self.stats.dropped_results += 1
+            return
+        del slot.window[entry.task_id]
+        entry.place = Place.GONE
+        entry.slot = None
+        if entry.steal_pending:  # it finished before the agent saw our steal-back request
+            thief = self._end_steal_back(entry)
+            if thief is not None and thief is not slot:
+                self._refill(thief)
+        if entry.resolved:  # the agent confirmed a cancel or a backstop timeout
+            del self._tasks[entry.task_id]
+            self._refill(slot)
+            return
+        if ev.outcome == FINISHED_CRASHED:
+            self._note(entry, f"crashed on {slot.slot_id}")
+            self._retry_or_lose(entry, slot, ev.reason or "worker process died")
+        else:
+            status = _STATUS_OF_OUTCOME.get(ev.outcome)
+            if status is None:
+                raise SchedulerError(f"unknown outcome {ev.outcome!r} for task {ev.task_id}")
+            slot.completed += 1
+            if ev.outcome in (FINISHED_OK, FINISHED_ERROR):
+                self._observe_run_time(slot, ev.run_s)
+            self._resolve(entry, status, ev.reason, slot_id=slot.slot_id)
+        self._refill(slot)
+
+    def _on_steal_back_answered(self, ev: StealBackAnswered) -> None:
+        victim = self._slots.get(ev.slot_id)
+        for task_id in ev.refused:
+            entry = self._tasks.get(task_id)
+            if entry is not None and entry.steal_pending and entry.slot is victim:
+                thief = self._end_steal_back(entry)
+                entry.steal_refused = True
+                self.stats.steal_backs_refused += 1
+                if thief is not None:
+                    self._refill(thief)
+        for task_id in ev.returned:
+            entry = self._tasks.get(task_id)
+            if entry is None or not entry.steal_pending or entry.slot is not victim:
+                continue  # the victim was lost meanwhile and the task already moved on
+            assert victim is not None
+            thief = self._end_steal_back(entry)
+            del victim.window[task_id]
+            entry.attempts -= 1  # it never started
+            entry.slot = None
+            self.stats.steal_backs_returned += 1
+            if entry.resolved:  # cancelled while the steal was in flight
+                entry.place = Place.GONE
+                del self._tasks[task_id]
+                continue
+            entry.steal_refused = True  # moved once by steal-back this attempt; never bounce it
+            if thief is not None and thief.state is SlotState.UP and entry.requires <= thief.capabilities:
+                victim.steals_out += 1
+                thief.steals_in += 1
+                self._push_deque_front(thief, entry)
+                self._note(entry, f"stolen back from {victim.slot_id} by {thief.slot_id}")
+                self._fill(thief)
+            else:
+                klass = self._class_of(entry.requires)
+                self._push_injector(entry, klass)
+                self._feed_hungry(klass)
+        if victim is not None:
+            self._refill(victim)
+
+    def _on_cancel(self, ev: CancelRequested) -> None:
+        entry = self._tasks.get(ev.task_id)
+        if entry is None or entry.resolved:
+            return
+        if entry.place is Place.INJECTOR:
+            self._class_of(entry.requires).live -= 1
+            self._queued -= 1
+            entry.place = Place.GONE  # its heap item goes stale
+        elif entry.place is Place.DEQUE:
+            assert entry.slot is not None
+            entry.slot.deque.remove(entry)
+            self._queued -= 1
+            entry.place = Place.GONE
+            entry.slot = None
+        elif entry.place is Place.WINDOW:
+            assert entry.slot is not None
+            self._out.append(AbortTasks(slot_id=entry.slot.slot_id, task_ids=(entry.task_id,)))
+        self._resolve(entry, TaskStatus.CANCELLED, "cancelled", keep=entry.place is Place.WINDOW)
+
+    def _on_timer(self, _ev: TimerFired) -> None:
+        while self._deadlines and self._deadlines[0][0] <= self._now:
+            _, task_id, attempt = heapq.heappop(self._deadlines)
+            entry = self._tasks.get(task_id)
+            if entry is None or entry.resolved or entry.attempts != attempt:
+                continue
+            if entry.place is not Place.WINDOW or entry.slot is None:
+                continue
+            slot = entry.slot
+            self._out.append(AbortTasks(slot_id=slot.slot_id, task_ids=(task_id,)))
+            reason = (
+                f"no result {entry.timeout:g}s timeout + {self.config.timeout_grace:g}s grace "
+                f"after it started on {slot.slot_id}; the agent did not enforce it"
+            )
+            self._resolve(entry, TaskStatus.TIMED_OUT, reason, slot_id=slot.slot_id, keep=True)
+
+    def _on_paused(self, _ev: SchedulingPaused) -> None:
+        self._paused = True
+
+    def _on_resumed(self, _ev: SchedulingResumed) -> None:
+        self._paused = False
+        for slot in list(self._hungry.values()):
+            self._fill(slot)
+
+    def _on_drain(self, ev: HostDrainRequested) -> None:
+        self._draining.add(ev.host_id)
+        for slot in self._slots.values():
+            if slot.host_id != ev.host_id or slot.state is not SlotState.UP:
+                continue
+            slot.state = SlotState.DRAINING
+            self._hungry.pop(slot.slot_id, None)
+            self._requeue_deque(slot)
+        self._check_drained(ev.host_id)
+        for slot in list(self._hungry.values()):
+            self._fill(slot)
+
+    def _on_round_trip(self, ev: RoundTripMeasured) -> None:
+        self._round_trip[ev.host_id] = max(0.0, ev.seconds)
+        for slot in self._slots.values():
+            if slot.host_id == ev.host_id:
+                self._resize_window(slot)
+
+    # -- placement --------------------------------------------------------------------------
+
+    def _feed_hungry(self, klass: _Class) -> None:
+        """Offer new work in `klass` to slots with room, round robin."""
+        if self._paused or not self._hungry:
+            return
+        for slot in list(self._hungry.values()):
+            if klass.live == 0:
+                return
+            if klass.requires <= slot.capabilities:
+                self._fill(slot)
+                # rotate, so that a trickle of submissions spreads over the slots
+                if slot.slot_id in self._hungry:
+                    del self._hungry[slot.slot_id]
+                    self._hungry[slot.slot_id] = slot
+
+    def _refill(self, slot: _Slot) -> None:
+        if slot.state is SlotState.UP:
+            if len(slot.window) < slot.window_limit:
+                self._hungry[slot.slot_id] = slot
+            self._fill(slot)
+        elif slot.state is SlotState.DRAINING:
+            self._check_drained(slot.host_id)
+
+    def _fill(self, slot: _Slot) -> None:
+        """Top up the slot's window from its deque, the injector, and by stealing."""
+        if self._paused or slot.state is not SlotState.UP:
+            return
+        window = slot.window
+        while len(window) < slot.window_limit:
+            entry = self._next_for(slot)
+            if entry is None:
+                break
+            entry.place = Place.WINDOW
+            entry.slot = slot
+            entry.attempts += 1
+            entry.started = False
+            window[entry.task_id] = entry
+            self._sends.setdefault(slot.slot_id, []).append(entry)
+        if len(window) >= slot.window_limit:
+            self._hungry.pop(slot.slot_id, None)
+        elif not window and slot.steal_backs_pending == 0:
+            self._try_steal_back(slot)
+
+    def _next_for(self, slot: _Slot) -> _Entry | None:
+        """Own deque first (unless the injector has higher priority), then injector, then steal."""
+        own = slot.deque
+        best_class = self._best_injector_class(slot)
+        if own and (best_class is None or self._head_priority(best_class) <= own[0].priority):
+            self._queued -= 1
+            return own.popleft()
+        if best_class is not None:
+            if own:  # the injector holds strictly more urgent work: take just that task
+                return self._pop_injector(best_class)
+            self._grab(slot, best_class)
+            if own:
+                self._queued -= 1
+                return own.popleft()
+        return self._steal_from_deque(slot)
+
+    def _pop_injector(self, klass: _Class) -> _Entry | None:
+        heap = klass.heap
+        while heap:
+            _neg, _seq, token, entry = heapq.heappop(heap)
+            if entry.place is Place.INJECTOR and entry.token == token:
+                klass.live -= 1
+                self._queued -= 1
+                return entry
+        return None
+
+    def _best_injector_class(self, slot: _Slot) -> _Class | None:
+        best: _Class | None = None
+        best_priority = -(1 << 62)
+        for klass in self._classes.values():
+            if klass.live and klass.requires <= slot.capabilities:
+                priority = self._head_priority(klass)
+                if priority > best_priority:
+                    best, best_priority = klass, priority
+        return best
+
+    def _head_priority(self, klass: _Class) -> int:
+        heap = klass.heap
+        while heap:
+            neg_priority, _seq, token, entry = heap[0]
+            if entry.place is Place.INJECTOR and entry.token == token:
+                return -neg_priority
+            heapq.heappop(heap)
+        return -(1 << 62)
+
+    def _grab(self, slot: _Slot, klass: _Class) -> None:
+        """Move a fair share of the class's injector tasks into the slot's deque."""
+        eligible = sum(
+            1 for s in self._slots.values() if s.state is SlotState.UP and klass.requires <= s.capabilities
+        )
+        count = min(klass.live // max(eligible, 1) + 1, self.config.grab_max, klass.live)
+        heap = klass.heap
+        while count > 0 and heap:
+            _neg, _seq, token, entry = heapq.heappop(heap)
+            if entry.place is not Place.INJECTOR or entry.token != token:
+                continue
+            klass.live -= 1
+            entry.place = Place.DEQUE
+            entry.slot = slot
+            slot.deque.append(entry)
+            count -= 1
+
+    def _steal_from_deque(self, thief: _Slot) -> _Entry | None:
+        caps = thief.capabilities
+        victims = [
+            s
+            for s in self._slots.values()
+            if s is not thief and s.deque and any(e.requires <= caps for e in _head(s.deque))
+        ]
+        if not victims:
+            return None
+        victim = victims[self._rng.randrange(len(victims))] if len(victims) > 1 else victims[0]
+        for i, entry in enumerate(_head(victim.deque)):
+            if entry.requires <= caps:
+                del victim.deque[i]
+                self._queued -= 1
+                victim.steals_out += 1
+                thief.steals_in += 1
+                self.stats.steals += 1
+                self._note(entry, f"stolen from {victim.slot_id} by {thief.slot_id}")
+                return entry
+        return None  # unreachable: the victim was chosen for holding such an entry
+
+    def _try_steal_back(self, thief: _Slot) -> None:
+        caps = thief.capabilities
+        candidates: list[tuple[_Slot, list[_Entry]]] = []
+        for victim in self._slots.values():
+            if victim is thief or victim.state is SlotState.LOST or not victim.window:
+                continue
+            stealable = [
+                e
+                for e in victim.window.values()
+                if not e.started
+                and not e.resolved
+                and not e.steal_pending
+                and not e.steal_refused
+                and e.requires <= caps
+            ]
+            # An idle victim would start its only task itself; taking it just moves the wait.
+            busy = len(stealable) < len(victim.window)
+            if len(stealable) >= 2 or (stealable and busy):
+                candidates.append((victim, stealable))
+        if not candidates:
+            return
+        victim, stealable = candidates[self._rng.randrange(len(candidates))]
+        take = stealable[len(stealable) // 2 :]  # the newest half, at least one
+        take = take[: thief.window_limit]
+        for entry in take:
+            entry.steal_pending = True
+            self._steal_thief[entry.task_id] = thief
+        thief.steal_backs_pending += len(take)
+        self.stats.steal_backs_requested += len(take)
+        self._out.append(RequestStealBack(slot_id=victim.slot_id, task_ids=tuple(e.task_id for e in take)))
+
+    def _end_steal_back(self, entry: _Entry) -> _Slot | None:
+        entry.steal_pending = False
+        thief = self._steal_thief.pop(entry.task_id, None)
+        if thief is not None:
+            thief.steal_backs_pending -= 1
+        return thief
+
+    # -- loss, retry, resolution ------------------------------------------------------------
+
+    def _lose_slot(self, slot: _Slot, reason: str, retired: bool) -> None:
+        if slot.state in (SlotState.LOST, SlotState.RETIRED):
+            if retired:
+                slot.state = SlotState.RETIRED
+                self._capability_epoch += 1
+            return
+        slot.state = SlotState.RETIRED if retired else SlotState.LOST
+        self._capability_epoch += 1
+        self._hungry.pop(slot.slot_id, None)
+        self._sends.pop(slot.slot_id, None)
+        self._requeue_deque(slot)
+        for entry in list(slot.window.values()):
+            del slot.window[entry.task_id]
+            entry.slot = None
+            if entry.steal_pending:
+                self._end_steal_back(entry)
+            if entry.resolved:
+                entry.place = Place.GONE
+                del self._tasks[entry.task_id]
+                continue
+            if entry.started:
+                self._retry_or_lose(entry, slot, f"{slot.slot_id} lost: {reason}")
+            else:
+                entry.attempts -= 1  # it never started there
+                self._requeue(entry, slot, f"{slot.slot_id} lost before it started: {reason}")
+        # thieves waiting on steal-backs from this slot get nothing back: let them look again
+        for task_id, thief in self._steal_thief.items():
+            if thief is slot:
+                self._steal_thief[task_id] = None  # returned tasks will go to the injector
+        slot.steal_backs_pending = 0
+        if slot.host_id in self._draining:
+            self._check_drained(slot.host_id)
+
+    def _retry_or_lose(self, entry: _Entry, slot: _Slot, reason: str) -> None:
+        if entry.reasons is None:
+            entry.reasons = []
+        entry.reasons.append(reason)
+        if entry.attempts >= entry.max_attempts:
+            why = "; ".join(entry.reasons[-3:])
+            self._resolve(
+                entry,
+                TaskStatus.LOST,
+                f"its worker died on all {entry.attempts} attempts (max_attempts="
+                f"{entry.max_attempts}): {why}",
+                slot_id=slot.slot_id,
+            )
+            return
+        self.stats.retries += 1
+        self._requeue(entry, slot, reason)
+
+    def _requeue(self, entry: _Entry, slot: _Slot, reason: str) -> None:
+        entry.steal_refused = False
+        self._out.append(
+            TaskRequeued(task_id=entry.task_id, slot_id=slot.slot_id, attempts=entry.attempts, reason=reason)
+        )
+        self._note(entry, f"requeued: {reason}")
+        klass = self._class_of(entry.requires)
+        self._push_injector(entry, klass)
+        self._feed_hungry(klass)
+
+    def _requeue_deque(self, slot: _Slot) -> None:
+        while slot.deque:
+            entry = slot.deque.popleft()
+            self._queued -= 1
+            entry.slot = None
+            self._push_injector(entry, self._class_of(entry.requires))
+
+    def _after_capacity_change(self) -> None:
+        """After a loss: feed survivors, and fail work nothing can ever run again."""
+        for klass in self._classes.values():
+            if klass.live and not self._can_ever_run(klass):
+                self._fail_unschedulable(klass)
+        for slot in list(self._hungry.values()):
+            self._fill(slot)
+
+    def _fail_unschedulable(self, klass: _Class) -> None:
+        heap, klass.heap = klass.heap, []
+        for _neg, _seq, token, entry in heap:
+            if entry.place is Place.INJECTOR and entry.token == token:
+                klass.live -= 1
+                self._queued -= 1
+                entry.place = Place.GONE
+                self._resolve(entry, TaskStatus.UNSCHEDULABLE, self._unschedulable_reason(entry))
+
+    def _resolve(
+        self,
+        entry: _Entry,
+        status: TaskStatus,
+        reason: str,
+        *,
+        slot_id: SlotId | None = None,
+        keep: bool = False,
+    ) -> None:
+        """Decide the task's final status. `keep`: it stays in its window until the agent answers."""
+        if entry.resolved:
+            raise SchedulerError(f"task {entry.task_id} resolved twice")
+        entry.resolved = True
+        self.stats.resolved += 1
+        self._note(entry, f"resolved {status.value}")
+        if not keep:
+            entry.place = Place.GONE
+            self._tasks.pop(entry.task_id, None)
+        self._out.append(
+            ResolveTask(
+                task_id=entry.task_id,
+                status=status,
+                slot_id=slot_id,
+                attempts=entry.attempts,
+                reason=reason,
+            )
+        )
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _class_of(self, requires: frozenset[str]) -> _Class:
+        klass = self._classes.get(requires)
+        if klass is None:
+            klass = self._classes[requires] = _Class(requires=requires)
+        return klass
+
+    def _can_ever_run(self, klass: _Class) -> bool:
+        if klass.runnable_epoch != self._capability_epoch:
+            klass.runnable = any(
+                klass.requires <= s.capabilities
+                for s in self._slots.values()
+                if s.state is not SlotState.RETIRED
+            ) or any(klass.requires <= caps for host in self._expected.values() for caps in host)
+            klass.runnable_epoch = self._capability_epoch
+        return klass.runnable
+
+    def _unschedulable_reason(self, entry: _Entry) -> str:
+        offered = sorted({c for s in self._slots.values() if s.state is not SlotState.RETIRED for c in s.capabilities})
+        need = ", ".join(sorted(entry.requires)) or "nothing"
+        have = ", ".join(offered) or "no slots at all"
+        return f"no slot offers {need} (the cluster offers: {have}); add such a host or change the task's backend"
+
+    def _push_injector(self, entry: _Entry, klass: _Class) -> None:
+        entry.place = Place.INJECTOR
+        entry.slot = None
+        entry.token += 1
+        klass.live += 1
+        self._queued += 1
+        heapq.heappush(klass.heap, (-entry.priority, entry.seq, entry.token, entry))
+
+    def _push_deque_front(self, slot: _Slot, entry: _Entry) -> None:
+        entry.place = Place.DEQUE
+        entry.slot = slot
+        slot.deque.appendleft(entry)
+        self._queued += 1
+
+    def _observe_run_time(self, slot: _Slot, run_s: float) -> None:
+        run_s = max(run_s, 1e-6)
+        if slot.mean_run_s is None:
+            slot.mean_run_s = run_s
+        else:
+            w = self.config.run_time_smoothing
+            slot.mean_run_s = (1 - w) * slot.mean_run_s + w * run_s
+        self._resize_window(slot)
+
+    def _resize_window(self, slot: _Slot) -> None:
+        cfg = self.config
+        if slot.mean_run_s is None:
+            return
+        round_trip = self._round_trip.get(slot.host_id, cfg.default_round_trip)
+        wanted = 1 + math.ceil(round_trip / slot.mean_run_s)
+        slot.window_limit = max(cfg.min_window, min(cfg.max_window, wanted))
+        if slot.state is SlotState.UP and len(slot.window) < slot.window_limit:
+            self._hungry[slot.slot_id] = slot
+
+    def _check_drained(self, host_id: HostId) -> None:
+        if host_id not in self._draining:
+            return
+        for slot in self._slots.values():
+            if slot.host_id == host_id and (slot.window or slot.deque):
+                return
+        self._draining.discard(host_id)
+        self._out.append(HostDrained(host_id=host_id))
+
+    def _note(self, entry: _Entry, what: str) -> None:
+        if self._story is not None:
+            self._story.append((self._now, entry.task_id, what))
+
+    def _flush(self) -> list[Instruction]:
+        if self._sends:
+            sends: list[Instruction] = [
+                SendTasks(
+                    slot_id=slot_id,
+                    task_ids=tuple(e.task_id for e in entries),
+                    attempts=tuple(e.attempts for e in entries),
+                )
+                for slot_id, entries in self._sends.items()
+            ]
+            self._sends = {}
+            # sends go first: a ResolveTask in the same batch never concerns a task just sent
+            out, self._out = sends + self._out, []
+            return out
+        out, self._out = self._out, []
+        return out
+
+    # -- invariants -------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Check that every task is in exactly one place and the counters agree."""
+        seen: dict[int, str] = {}
+
+        def place(entry: _Entry, where: str) -> None:
+            if entry.task_id in seen:
+                self._violation(entry, f"in {seen[entry.task_id]} and in {where}")
+            seen[entry.task_id] = where
+            if self._tasks.get(entry.task_id) is not entry:
+                self._violation(entry, f"in {where} but not tracked")
+
+        injector_live = 0
+        for klass in self._classes.values():
+            live = 0
+            for _neg, _seq, token, entry in klass.heap:
+                if entry.place is Place.INJECTOR and entry.token == token:
+                    place(entry, "injector")
+                    live += 1
+                    if entry.resolved:
+                        self._violation(entry, "resolved but queued in the injector")
+            if live != klass.live:
+                raise InvariantViolation(f"class {sorted(klass.requires)} counts {klass.live} live, has {live}")
+            injector_live += live
+        deque_total = 0
+        for slot in self._slots.values():
+            for entry in slot.deque:
+                place(entry, f"deque of {slot.slot_id}")
+                deque_total += 1
+                if entry.place is not Place.DEQUE or entry.slot is not slot:
+                    self._violation(entry, f"in deque of {slot.slot_id} but marked {entry.place.name}")
+                if entry.resolved:
+                    self._violation(entry, "resolved but queued in a deque")
+            for task_id, entry in slot.window.items():
+                place(entry, f"window of {slot.slot_id}")
+                if task_id != entry.task_id or entry.place is not Place.WINDOW or entry.slot is not slot:
+                    self._violation(entry, f"in window of {slot.slot_id} but marked {entry.place.name}")
+                if not entry.requires <= slot.capabilities:
+                    self._violation(entry, f"needs {sorted(entry.requires)} but sits on {slot.slot_id}")
+            if slot.state in (SlotState.LOST, SlotState.RETIRED) and (slot.window or slot.deque):
+                raise InvariantViolation(f"lost slot {slot.slot_id} still holds tasks")
+        if injector_live + deque_total != self._queued:
+            raise InvariantViolation(f"queued counter {self._queued} != {injector_live} + {deque_total}")
+        for task_id, entry in self._tasks.items():
+            if task_id not in seen:
+                self._violation(entry, f"tracked as {entry.place.name} but in no place")
+        pending = sum(s.steal_backs_pending for s in self._slots.values())
+        tracked = sum(1 for thief in self._steal_thief.values() if thief is not None)
+        if pending != tracked:
+            raise InvariantViolation(f"{pending} steal-backs pending by count, {tracked} tracked")
+        for task_id in self._steal_thief:
+            entry = self._tasks.get(task_id)
+            if entry is None or not entry.steal_pending or entry.place is not Place.WINDOW:
+                raise InvariantViolation(f"steal-back of task {task_id} tracked but the task is not in a window")
+
+    def _violation(self, entry: _Entry, what: str) -> None:
+        story = "; ".join(f"{t:.6f} {w}" for t, _i, w in self.story(entry.task_id)) or "no story kept"
+        raise InvariantViolation(f"task {entry.task_id} {what} (story: {story})")
+
+
+def _head(queue: deque[_Entry], limit: int = 16) -> list[_Entry]:
+    """The oldest few entries of a deque (thieves look no further, to stay O(1))."""
+    return [queue[i] for i in range(min(limit, len(queue)))]

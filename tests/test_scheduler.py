@@ -1,0 +1,328 @@
+"""The scheduler core, event by event, without an event loop."""
+
+from __future__ import annotations
+
+import pytest
+
+from batuta.core import events as ev
+from batuta.core.scheduler import Scheduler, SchedulerConfig, SchedulerError
+from batuta.core.task import TaskStatus
+from tests.scheduler_sim import Sim
+
+
+def sends(instructions: list[ev.Instruction]) -> list[ev.SendTasks]:
+    return [i for i in instructions if isinstance(i, ev.SendTasks)]
+
+
+def sim_with(*slots: str, config: SchedulerConfig | None = None, seed: int = 0) -> Sim:
+    sim = Sim(Scheduler(config or SchedulerConfig(story_length=1000), seed=seed))
+    for slot_id in slots:
+        sim.add_slot(slot_id)
+    return sim
+
+
+def test_submissions_fill_windows_round_robin_then_queue() -> None:
+    sim = sim_with("a", "b", config=SchedulerConfig(initial_window=2))
+    ids = [sim.submit() for _ in range(6)]
+    assert [t for t, _ in sim.slots["a"].queue] == [ids[0], ids[2]]
+    assert [t for t, _ in sim.slots["b"].queue] == [ids[1], ids[3]]
+    assert sim.sched.queued == 2
+    sim.sched.validate()
+
+
+def test_every_task_runs_once_and_resolves_succeeded() -> None:
+    sim = sim_with("a", "b", "c")
+    for _ in range(50):
+        sim.submit()
+    sim.run_to_completion()
+    sim.assert_each_resolved_once()
+    assert all(sim.status_of(t) is TaskStatus.SUCCEEDED for t in sim.submitted)
+    sim.sched.validate()
+    assert sim.sched.unresolved == 0 and sim.sched.queued == 0
+
+
+def test_send_instructions_batch_per_slot() -> None:
+    sim = sim_with("a", config=SchedulerConfig(initial_window=8))
+    out = sim.sched.handle_many(
+        [ev.TaskSubmitted(task_id=i) for i in range(5)], now=1.0
+    )
+    assert sends(out) == [ev.SendTasks(slot_id="a", task_ids=(0, 1, 2, 3, 4), attempts=(1, 1, 1, 1, 1))]
+
+
+def test_higher_priority_overtakes_queued_work() -> None:
+    sim = sim_with("a", config=SchedulerConfig(initial_window=1, min_window=1))
+    first = sim.submit()
+    low = [sim.submit(priority=0) for _ in range(3)]
+    high = sim.submit(priority=3)
+    order = []
+    for _ in range(5):
+        sim.start("a")
+        order.append(sim.finish("a"))
+        sim.deliver("a")
+    assert order == [first, high, *low]
+
+
+def test_gpu_tasks_only_reach_gpu_slots() -> None:
+    sim = sim_with("cpu0")
+    sim.add_slot("gpu0", caps=("gpu",))
+    gpu_tasks = [sim.submit(requires=("gpu",)) for _ in range(5)]
+    cpu_tasks = [sim.submit() for _ in range(5)]
+    sim.run_to_completion()
+    sim.assert_each_resolved_once()
+    for ins in sim.instructions:
+        if isinstance(ins, ev.SendTasks):
+            expected = set(gpu_tasks) if ins.slot_id == "gpu0" else set(cpu_tasks)
+            assert set(ins.task_ids) <= expected
+
+
+def test_task_no_slot_can_run_is_unschedulable_with_a_reason() -> None:
+    sim = sim_with("cpu0")
+    task = sim.submit(requires=("gpu",))
+    [res] = sim.resolved[task]
+    assert res.status is TaskStatus.UNSCHEDULABLE
+    assert "gpu" in res.reason and "cpu" in res.reason
+
+
+def test_expected_host_makes_tasks_wait_until_it_joins() -> None:
+    sim = Sim()
+    sim.handle(ev.HostExpected(host_id="g", slot_capabilities=(frozenset({"gpu"}),)))
+    task = sim.submit(requires=("gpu",))
+    assert task not in sim.resolved and sim.sched.queued == 1
+    sim.add_slot("g/0", host_id="g", caps=("gpu",))
+    sim.run_to_completion()
+    assert sim.status_of(task) is TaskStatus.SUCCEEDED
+    # once the host is retired for good, new GPU work fails at once
+    sim.lose("g/0", retired=True)
+    sim.handle(ev.HostLost(host_id="g", reason="gave up relaunching", retired=True))
+    late = sim.submit(requires=("gpu",))
+    assert sim.status_of(late) is TaskStatus.UNSCHEDULABLE
+
+
+def test_idle_slot_steals_oldest_from_a_victims_deque() -> None:
+    config = SchedulerConfig(initial_window=1, min_window=1, max_window=1, story_length=100)
+    sim = sim_with("a", config=config)
+    ids = [sim.submit() for _ in range(10)]  # a's window holds 0; 1..9 wait in the injector
+    sim.start("a")
+    sim.finish("a")
+    sim.deliver("a")  # a grabs a fair share (all 9, it is the only slot) into its deque
+    assert [v.deque_depth for v in sim.sched.slots()] == [8]
+    sim.add_slot("b")  # b is hungry: the injector is empty, so it steals a's oldest
+    [b_task] = [t for t, _ in sim.slots["b"].queue]
+    assert b_task == ids[2]
+    views = {v.slot_id: v for v in sim.sched.slots()}
+    assert views["b"].steals_in == 1 and views["a"].steals_out == 1
+    assert sim.sched.stats.steals == 1
+    sim.run_to_completion()
+    sim.assert_each_resolved_once()
+
+
+def test_steal_back_is_transactional() -> None:
+    config = SchedulerConfig(initial_window=4)
+    sim = sim_with("a", config=config)
+    ids = [sim.submit() for _ in range(4)]
+    sim.start("a")  # ids[0] runs, 1..3 queued at a's agent
+    sim.deliver("a")
+    sim.add_slot("b")  # nothing anywhere: b asks a's agent for the newest half back
+    [request] = [i for i in sim.instructions if isinstance(i, ev.RequestStealBack)]
+    assert request.slot_id == "a" and request.task_ids == (ids[2], ids[3])
+    # before the agent answers, ids[2] starts on a (say ids[0] ended and ids[1] too)
+    sim.finish("a")
+    sim.start("a")
+    sim.finish("a")
+    sim.start("a")  # ids[2] now running
+    sim.answer_steals("a")
+    sim.deliver("a")
+    assert [t for t, _ in sim.slots["b"].queue] == [ids[3]]
+    assert sim.sched.stats.steal_backs_returned == 1 and sim.sched.stats.steal_backs_refused == 1
+    sim.sched.validate()
+    sim.run_to_completion()
+    sim.assert_each_resolved_once()
+    # ids[3] started only on b: one attempt
+    assert sim.resolved[ids[3]][0].attempts == 1 and sim.resolved[ids[3]][0].slot_id == "b"
+
+
+def test_refused_tasks_are_not_asked_for_again() -> None:
+    sim = sim_with("a", config=SchedulerConfig(initial_window=2))
+    ids = [sim.submit() for _ in range(2)]
+    sim.add_slot("b")
+    requests = [i for i in sim.instructions if isinstance(i, ev.RequestStealBack)]
+    assert requests[-1].task_ids == (ids[1],)
+    sim.start("a")
+    sim.finish("a")
+    sim.start("a")  # ids[1] starts before the request arrives
+    sim.answer_steals("a")
+    sim.deliver("a")
+    again = [i for i in sim.instructions if isinstance(i, ev.RequestStealBack)]
+    assert len(again) == 1
+
+
+def test_lost_slot_requeues_and_counts_only_started_attempts() -> None:
+    sim = sim_with("a", "b", config=SchedulerConfig(initial_window=2))
+    ids = [sim.submit() for _ in range(4)]
+    sim.start("a")
+    sim.deliver("a")
+    sim.lose("a", reason="host unreachable")
+    requeued = {i.task_id: i for i in sim.instructions if isinstance(i, ev.TaskRequeued)}
+    assert set(requeued) == {ids[0], ids[2]}
+    assert requeued[ids[0]].attempts == 1 and requeued[ids[2]].attempts == 0
+    sim.run_to_completion()
+    sim.assert_each_resolved_once()
+    assert sim.resolved[ids[0]][0].attempts == 2
+    assert sim.resolved[ids[2]][0].attempts == 1
+
+
+def test_task_that_kills_every_worker_fails_after_max_attempts() -> None:
+    sim = sim_with("a", "b")
+    poison = sim.submit(max_attempts=3)
+    for _ in range(3):
+        slot_id = next(s for s, f in sim.slots.items() if any(t == poison for t, _ in f.queue))
+        sim.start(slot_id)
+        sim.finish(slot_id, outcome="crashed")
+        sim.deliver(slot_id)
+    [res] = sim.resolved[poison]
+    assert res.status is TaskStatus.LOST and res.attempts == 3
+    assert "all 3 attempts" in res.reason
+    other = sim.submit()
+    sim.run_to_completion()
+    assert sim.status_of(other) is TaskStatus.SUCCEEDED
+
+
+def test_kernel_error_is_final_not_retried() -> None:
+    sim = sim_with("a")
+    task = sim.submit()
+    sim.start("a")
+    sim.finish("a", outcome="error")
+    sim.deliver("a")
+    assert sim.status_of(task) is TaskStatus.FAILED
+    assert sim.resolved[task][0].attempts == 1
+
+
+def test_late_and_duplicate_results_are_dropped_and_counted() -> None:
+    sim = sim_with("a", "b")
+    task = sim.submit()
+    slot_id = next(s for s, f in sim.slots.items() if f.queue)
+    sim.start(slot_id)
+    sim.finish(slot_id)
+    finished = sim.slots[slot_id].outbox[-1]
+    sim.deliver(slot_id)
+    sim.handle(finished)  # the same result again
+    sim.handle(ev.TaskFinished(task_id=task, slot_id="b" if slot_id == "a" else "a", attempt=1, outcome="ok"))
+    sim.handle(ev.TaskFinished(task_id=999, slot_id="a", attempt=1, outcome="ok"))
+    assert sim.sched.stats.dropped_results == 3
+    assert len(sim.resolved[task]) == 1
+
+
+def test_result_from_an_earlier_attempt_is_dropped() -> None:
+    sim = sim_with("a", config=SchedulerConfig(initial_window=1, min_window=1))
+    task = sim.submit()
+    sim.start("a")
+    sim.deliver("a")
+    sim.lose("a")
+    sim.rejoin("a")  # the task is resent as attempt 2
+    assert sim.slots["a"].queue == [(task, 2)]
+    sim.handle(ev.TaskFinished(task_id=task, slot_id="a", attempt=1, outcome="ok"))
+    assert task not in sim.resolved and sim.sched.stats.dropped_results == 1
+
+
+@pytest.mark.parametrize("where", ["injector", "deque", "queued_at_agent", "running"])
+def test_cancel_resolves_once_wherever_the_task_is(where: str) -> None:
+    sim = sim_with("a", config=SchedulerConfig(initial_window=2, min_window=1))
+    ids = [sim.submit() for _ in range(6)]
+    if where == "deque":
+        sim.start("a")
+        sim.finish("a")
+        sim.deliver("a")  # a grabbed the injector into its deque
+    target = {"injector": ids[5], "deque": ids[5], "queued_at_agent": ids[1], "running": ids[0]}[where]
+    if where == "running":
+        sim.start("a")
+    assert sim.sched.where(target) is not None
+    sim.handle(ev.CancelRequested(task_id=target))
+    assert sim.status_of(target) is TaskStatus.CANCELLED
+    sim.deliver("a")
+    sim.run_to_completion()
+    sim.assert_each_resolved_once()
+    sim.sched.validate()
+    assert sim.sched.stats.dropped_results == 0
+
+
+def test_timeout_backstop_aborts_and_resolves() -> None:
+    config = SchedulerConfig(timeout_grace=1.0)
+    sim = sim_with("a", config=config)
+    task = sim.submit(timeout=2.0)
+    sim.start("a")
+    sim.deliver("a")
+    wake = sim.sched.next_wakeup()
+    assert wake is not None and wake == pytest.approx(sim.now + 3.0, abs=0.01)
+    out = sim.sched.handle(ev.TimerFired(), now=wake)
+    sim._apply(out)
+    assert any(isinstance(i, ev.AbortTasks) and i.task_ids == (task,) for i in out)
+    assert sim.status_of(task) is TaskStatus.TIMED_OUT
+    sim.deliver("a")  # the agent confirms the kill; the zombie leaves the window
+    sim.sched.validate()
+    assert sim.sched.in_flight == 0
+
+
+def test_backpressure_bounds_queued_tasks() -> None:
+    sched = Scheduler(SchedulerConfig(max_queued=3))
+    for i in range(3):  # no slot and no expected host: unschedulable at once, never queued
+        sched.handle(ev.TaskSubmitted(task_id=i), now=0.0)
+    assert sched.queued == 0
+    sched.handle(ev.HostExpected(host_id="h", slot_capabilities=(frozenset({"cpu"}),)), now=0.0)
+    for i in range(10, 13):
+        sched.handle(ev.TaskSubmitted(task_id=i), now=0.0)
+    assert not sched.can_accept()
+    with pytest.raises(SchedulerError, match="full"):
+        sched.handle(ev.TaskSubmitted(task_id=99), now=0.0)
+
+
+def test_pause_holds_new_work_and_resume_releases_it() -> None:
+    sim = sim_with("a")
+    sim.handle(ev.SchedulingPaused())
+    task = sim.submit()
+    assert sim.slots["a"].queue == []
+    sim.handle(ev.SchedulingResumed())
+    assert sim.slots["a"].queue == [(task, 1)]
+
+
+def test_drain_moves_queued_work_away_and_reports_when_empty() -> None:
+    sim = sim_with(config=SchedulerConfig(initial_window=1, min_window=1))
+    sim.add_slot("x/0", host_id="x")
+    sim.add_slot("y/0", host_id="y")
+    ids = [sim.submit() for _ in range(6)]
+    sim.start("x/0")
+    sim.handle(ev.HostDrainRequested(host_id="x"))
+    assert not any(isinstance(i, ev.HostDrained) for i in sim.instructions)
+    sim.run_to_completion()
+    assert any(isinstance(i, ev.HostDrained) and i.host_id == "x" for i in sim.instructions)
+    sim.assert_each_resolved_once()
+    ran_on_x = [t for t in ids if sim.resolved[t][0].slot_id == "x/0"]
+    assert ran_on_x == [ids[0]]  # only the task already in x's window when the drain began
+
+
+def test_window_grows_for_short_tasks_and_shrinks_for_long_ones() -> None:
+    sim = sim_with("a", config=SchedulerConfig(min_window=2, max_window=32, default_round_trip=0.001))
+    for _ in range(40):
+        sim.submit()
+    for _ in range(10):
+        sim.start("a")
+        sim.finish("a", run_s=0.00001)
+        sim.deliver("a")
+    [view] = sim.sched.slots()
+    assert view.window_limit == 32
+    for _ in range(20):
+        sim.start("a")
+        sim.finish("a", run_s=0.5)
+        sim.deliver("a")
+    [view] = sim.sched.slots()
+    assert view.window_limit == 2
+
+
+def test_seeded_victim_choice_is_reproducible() -> None:
+    def run(seed: int) -> list[ev.Instruction]:
+        sim = sim_with("a", "b", "c", config=SchedulerConfig(initial_window=1, min_window=1), seed=seed)
+        for _ in range(30):
+            sim.submit()
+        sim.run_to_completion()
+        return sim.instructions
+
+    assert run(7) == run(7)
