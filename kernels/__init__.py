@@ -1,0 +1,71 @@
+"""batuta's numerical kernels (installed as ``batuta.kernels``): a registry plus built-ins.
+
+Run a kernel by name on a backend::
+
+    from batuta import kernels
+    kernels.run("vadd", "cpu", (a, b))      # numba, compiled (or loaded from cache) on first use
+    kernels.reference("vadd", (a, b))       # the NumPy reference
+
+This package is the bottom layer: it imports neither batuta nor numba at import time (numba
+only when a CPU variant first runs), and nothing here needs CUDA. See `registry` for how
+kernels and their variants are defined, and `basic` for the built-ins.
+"""
+
+from __future__ import annotations
+
+from . import basic as basic  # registers the built-in kernels
+from .registry import (
+    BACKENDS,
+    FLOAT_DTYPES,
+    KernelCallError,
+    KernelDef,
+    KernelDefinitionError,
+    KernelInfo,
+    KernelInputError,
+    KernelModuleError,
+    LazyJit,
+    UnknownKernelError,
+    UnsupportedBackendError,
+    as_count,
+    as_real,
+    float_array,
+    info,
+    jit,
+    kernel,
+    load_module,
+    lookup,
+    names,
+    prange,
+    reference,
+    run,
+    same_dtype_and_shape,
+    unregister,
+)
+
+__all__ = [
+    "BACKENDS",
+    "FLOAT_DTYPES",
+    "KernelCallError",
+    "KernelDef",
+    "KernelDefinitionError",
+    "KernelInfo",
+    "KernelInputError",
+    "KernelModuleError",
+    "LazyJit",
+    "UnknownKernelError",
+    "UnsupportedBackendError",
+    "as_count",
+    "as_real",
+    "float_array",
+    "info",
+    "jit",
+    "kernel",
+    "load_module",
+    "lookup",
+    "names",
+    "prange",
+    "reference",
+    "run",
+    "same_dtype_and_shape",
+    "unregister",
+]

@@ -1,0 +1,237 @@
+"""Built-in kernels: scheduler probes (noop, spin) and small streaming/Monte Carlo kernels.
+
+Every kernel has a NumPy reference (the ``scalar`` backend and the test oracle) and a numba
+CPU variant compiled on first use. Array kernels take 1-D, C-contiguous float32 or float64
+arrays (see `registry.float_array`). Loops switch to ``prange`` only from
+`PARALLEL_MIN_SIZE` elements: below that, waking the thread pool costs more than it saves.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .registry import (
+    KernelInputError,
+    as_count,
+    as_real,
+    float_array,
+    jit,
+    kernel,
+    prange,
+    same_dtype_and_shape,
+)
+
+PARALLEL_MIN_SIZE = 1 << 15
+"""Elements below which loops run on one thread (measured crossover about 30k float32 on
+a 2-core host with numba's OpenMP layer: a parallel launch costs about 1.5 us there)."""
+
+# -- scheduler probes ---------------------------------------------------------------------
+
+
+@kernel("noop", description="Return the first argument, or None: a trivial task for throughput tests.")
+def noop(*args: object) -> object:
+    return args[0] if args else None
+
+
+noop.cpu(noop.reference)
+
+
+@kernel("spin", description="Busy-wait `seconds` on one CPU core; return the seconds spun.")
+def spin(seconds: float) -> float:
+    # Burns CPU rather than sleeping, so a spinning slot looks busy to the OS and to CPU
+    # accounting, as a real kernel would. perf_counter costs well under a microsecond.
+    clock = time.perf_counter
+    start = now = clock()
+    end = start + seconds
+    while now < end:
+        now = clock()
+    return now - start
+
+
+spin.cpu(spin.reference)
+
+
+@spin.validator
+def _check_spin(seconds: object) -> tuple[float] | None:
+    if type(seconds) is float and 0.0 <= seconds < float("inf"):
+        return None  # the common case, kept cheap
+    value = as_real("spin", "seconds", seconds, finite=True)
+    if value < 0:
+        raise KernelInputError(f"kernel 'spin': argument 'seconds' must be >= 0, got {value}")
+    return (value,)
+
+
+# -- streaming kernels --------------------------------------------------------------------
+
+
+def _float_vectors(kernel: str, **arrays: object) -> tuple[np.ndarray, ...]:
+    checked = {name: float_array(kernel, name, value) for name, value in arrays.items()}
+    same_dtype_and_shape(kernel, checked)
+    return tuple(checked.values())
+
+
+@kernel("vadd", description="Elementwise a + b of two equal-length 1-D float arrays.")
+def vadd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return a + b
+
+
+@vadd.validator
+def _check_vadd(a: object, b: object) -> tuple[np.ndarray, ...]:
+    return _float_vectors("vadd", a=a, b=b)
+
+
+@vadd.cpu
+@jit(parallel=True, cache=True)
+def _vadd_loop(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    n = a.size
+    out = np.empty(n, a.dtype)
+    if n < PARALLEL_MIN_SIZE:
+        for i in range(n):
+            out[i] = a[i] + b[i]
+    else:
+        for i in prange(n):
+            out[i] = a[i] + b[i]
+    return out
+
+
+@kernel("saxpy", description="alpha * x + y for a real scalar alpha and 1-D float arrays x, y.")
+def saxpy(alpha: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return alpha * x + y
+
+
+@saxpy.validator
+def _check_saxpy(alpha: object, x: object, y: object) -> tuple[object, ...]:
+    xs, ys = _float_vectors("saxpy", x=x, y=y)
+    # alpha takes the arrays' dtype, so float32 inputs give a float32 result on every backend
+    # (a float64 alpha would promote, or round differently, depending on the backend).
+    return (xs.dtype.type(as_real("saxpy", "alpha", alpha)), xs, ys)
+
+
+@saxpy.cpu
+@jit(parallel=True, cache=True)
+def _saxpy_loop(alpha: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    n = x.size
+    out = np.empty(n, x.dtype)
+    if n < PARALLEL_MIN_SIZE:
+        for i in range(n):
+            out[i] = alpha * x[i] + y[i]
+    else:
+        for i in prange(n):
+            out[i] = alpha * x[i] + y[i]
+    return out
+
+
+@kernel("sum", description="Sum of a 1-D float array, accumulated in float64, as a Python float.")
+def sum_(x: np.ndarray) -> float:
+    """Sum of `x` as a Python float, accumulated in float64 for float32 input too.
+
+    The backends differ only in the order of additions (NumPy sums pairwise; the CPU variant
+    sums per thread with reassociation allowed so it vectorises, then combines the threads'
+    partial sums). Any order obeys the recursive-summation bound, which is the documented
+    tolerance between backends: ``|cpu - reference| <= 2 * (n - 1) * 2**-53 * sum(|x|)``
+    (twice the one-sided bound, as both results have their own error). Typical differences
+    are far smaller, about ``sqrt(n) * 2**-53 * sum(|x|)``. The CPU result is deterministic for
+    a given number of numba threads. NaN and inf propagate as in NumPy.
+    """
+    return float(np.sum(x, dtype=np.float64))
+
+
+@sum_.validator
+def _check_sum(x: object) -> tuple[np.ndarray]:
+    return (float_array("sum", "x", x),)
+
+
+@jit(parallel=True, cache=True, fastmath={"reassoc"})
+def _sum_loop(x: np.ndarray) -> float:
+    n = x.size
+    total = 0.0
+    if n < PARALLEL_MIN_SIZE:
+        for i in range(n):
+            total += x[i]
+    else:
+        for i in prange(n):
+            total += x[i]
+    return total
+
+
+@sum_.cpu
+def _sum_cpu(x: np.ndarray) -> float:
+    return float(_sum_loop(x))
+
+
+# -- Monte Carlo pi -----------------------------------------------------------------------
+
+_REFERENCE_BLOCK = 1 << 20  # bounds the reference's memory: 2 * 8 MiB of samples at a time
+_MC_CHUNK = 1 << 16  # samples per parallel work item in the CPU variant
+_MAX_SEED = 2**64 - 1
+
+# SplitMix64 (Steele, Lea & Flood 2014; Vigna's constants): output n of the stream seeded
+# with s is mix(s + n * GOLDEN). Being counter-based, sample i can be drawn without the
+# samples before it, so the CPU variant's result does not depend on how the range is split
+# across threads; the hit count is an integer, so its parallel sum is exact too.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_SHIFT_A, _SHIFT_B, _SHIFT_C, _SHIFT_53 = (np.uint64(s) for s in (30, 27, 31, 11))
+_UNIT = 1.0 / 2.0**53
+
+
+@kernel("mc_pi", description="Estimate pi from `samples` random points in the unit square.")
+def mc_pi(samples: int, seed: int) -> float:
+    """4 * (share of points inside the quarter circle), drawn with NumPy's default Generator.
+
+    Deterministic for a given seed on each backend; the CPU variant uses another generator
+    (SplitMix64), so the two estimates differ, each by about ``1.64 / sqrt(samples)``.
+    """
+    rng = np.random.default_rng(seed)
+    hits = 0
+    remaining = samples
+    while remaining:
+        block = min(remaining, _REFERENCE_BLOCK)
+        x, y = rng.random((2, block))
+        hits += int(np.count_nonzero(x * x + y * y < 1.0))
+        remaining -= block
+    return 4.0 * hits / samples
+
+
+@mc_pi.validator
+def _check_mc_pi(samples: object, seed: object) -> tuple[int, int]:
+    return (
+        as_count("mc_pi", "samples", samples, minimum=1, maximum=2**62),
+        as_count("mc_pi", "seed", seed, maximum=_MAX_SEED),
+    )
+
+
+@jit(cache=True)
+def _splitmix64(state: np.uint64) -> np.uint64:
+    z = (state ^ (state >> _SHIFT_A)) * _MIX1
+    z = (z ^ (z >> _SHIFT_B)) * _MIX2
+    return z ^ (z >> _SHIFT_C)
+
+
+@jit(parallel=True, cache=True)
+def _mc_pi_hits(samples: int, seed: np.uint64) -> int:
+    chunks = (samples + _MC_CHUNK - 1) // _MC_CHUNK
+    hits = 0
+    for chunk in prange(chunks):
+        start = chunk * _MC_CHUNK
+        stop = min(start + _MC_CHUNK, samples)
+        # Sample i uses stream outputs 2i and 2i + 1, i.e. counters 2i + 1 and 2i + 2.
+        state = seed + np.uint64(2 * start) * _GOLDEN
+        inside = 0
+        for _ in range(start, stop):
+            state += _GOLDEN
+            x = np.float64(_splitmix64(state) >> _SHIFT_53) * _UNIT
+            state += _GOLDEN
+            y = np.float64(_splitmix64(state) >> _SHIFT_53) * _UNIT
+            if x * x + y * y < 1.0:
+                inside += 1
+        hits += inside
+    return hits
+
+
+@mc_pi.cpu
+def _mc_pi_cpu(samples: int, seed: int) -> float:
+    return 4.0 * _mc_pi_hits(samples, np.uint64(seed)) / samples

@@ -1,0 +1,546 @@
+"""The kernel registry: named numerical kernels, each with a reference and optional variants.
+
+A kernel is registered by decorating its NumPy/pure-Python *reference* implementation, which
+is the correctness oracle and also the ``"scalar"`` backend. Faster variants are attached to
+the returned `KernelDef` with decorators::
+
+    @kernel("vadd", description="Elementwise a + b of two 1-D float arrays.")
+    def vadd(a, b):
+        return a + b
+
+    @vadd.validator              # checks and normalises the args before any backend runs
+    def _(a, b): ...
+
+    @jit(parallel=True, cache=True)  # numba.njit, but numba is imported on first call
+    def _vadd_loop(a, b): ...
+
+    vadd.cpu(_vadd_loop)         # or use @vadd.cpu on a Python wrapper function
+
+The agent calls `run(name, backend, args)`; the wire carries only the name (no pickle), so
+every host must have the same kernels registered: built-ins come with the package and user
+modules are loaded with `load_module("pkg.mod")`, or implicitly by naming a kernel
+``"pkg.mod:name"``.
+
+Why lazy: numba costs about 0.75 s to import and more to compile, and this package is imported
+by every host agent and by the coordinator. So this module never imports numba; `jit` defers
+``numba.njit`` to the first call, and ``noop``/``spin`` (the scheduler's throughput and
+imbalance probes) run as a dict lookup and a plain Python call.
+
+This folder is the bottom layer: it must not import batuta (or tui), and must import without
+CUDA. Its errors therefore have their own small root, `KernelCallError`, which the agent maps
+onto batuta's error tree.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+__all__ = [
+    "BACKENDS",
+    "FLOAT_DTYPES",
+    "KernelCallError",
+    "KernelDef",
+    "KernelDefinitionError",
+    "KernelInfo",
+    "KernelInputError",
+    "KernelModuleError",
+    "LazyJit",
+    "UnknownKernelError",
+    "UnsupportedBackendError",
+    "as_count",
+    "as_real",
+    "float_array",
+    "info",
+    "jit",
+    "kernel",
+    "load_module",
+    "lookup",
+    "names",
+    "prange",
+    "reference",
+    "run",
+    "same_dtype_and_shape",
+    "unregister",
+]
+
+log = logging.getLogger(__name__)
+
+BACKENDS: tuple[str, ...] = ("scalar", "cpu", "gpu")
+"""Backends a kernel can run on. ``"auto"`` is not one: the coordinator resolves it first."""
+
+FLOAT_DTYPES: tuple[np.dtype[Any], ...] = (np.dtype(np.float32), np.dtype(np.float64))
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*\Z")
+_CO_VARARGS = 0x04  # inspect.CO_VARARGS, without importing inspect
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+class KernelCallError(Exception):
+    """A kernel call could not start: unknown name, bad backend or bad inputs.
+
+    These are the caller's fault and are never worth retrying, unlike an exception raised
+    from inside a running kernel.
+    """
+
+
+class UnknownKernelError(KernelCallError, LookupError):
+    """No kernel is registered under the requested name."""
+
+
+class KernelInputError(KernelCallError, ValueError):
+    """Bad arguments: wrong count, dtype, shape, contiguity or value. Names kernel, argument, fix."""
+
+
+class UnsupportedBackendError(KernelInputError):
+    """The backend is not one of `BACKENDS`, or the kernel has no variant for it."""
+
+
+class KernelModuleError(KernelCallError, ImportError):
+    """A user kernel module could not be imported."""
+
+
+class KernelDefinitionError(ValueError):
+    """A kernel was defined wrongly (bad or duplicate name, variant attached twice)."""
+
+
+# -- lazy numba ---------------------------------------------------------------------------
+
+
+def prange(*args: int) -> range:
+    """``range`` in plain Python; `jit` swaps it for ``numba.prange`` when it compiles.
+
+    Import it from here in kernel modules so they need not import numba at import time.
+    """
+    return range(*args)
+
+
+_JIT_LOCK = threading.RLock()
+
+
+class LazyJit:
+    """A function that becomes ``numba.njit(**options)(py_func)`` on its first call.
+
+    When it resolves, it also rebinds, in the function's module: the module-level name of the
+    function itself to the numba dispatcher (later calls skip this proxy), every `LazyJit` the
+    function refers to by a global name (so jitted helpers can call jitted helpers), and
+    `prange` to ``numba.prange``. Helpers must therefore be module-level names, not attributes.
+
+    ``cache=True`` stores machine code next to the source (or in ``NUMBA_CACHE_DIR``, or the
+    user cache dir) so a restarted worker loads instead of recompiling; where no cache dir is
+    writable, the function is compiled without a cache instead of failing.
+
+    Two LazyJits must not wrap the same Python function with different options: numba's cache
+    key does not include options such as ``parallel``, so they would share cache entries.
+    """
+
+    def __init__(self, py_func: Callable[..., Any], options: dict[str, Any]) -> None:
+        self.py_func = py_func
+        self.options = options
+        self.dispatcher: Any = None  # the numba dispatcher, once resolved
+        self.__name__ = py_func.__name__
+        self.__qualname__ = py_func.__qualname__
+        self.__doc__ = py_func.__doc__
+        self.__wrapped__ = py_func
+
+    def __call__(self, *args: Any) -> Any:
+        dispatcher = self.dispatcher
+        if dispatcher is None:
+            dispatcher = self.resolve()
+        return dispatcher(*args)
+
+    def __repr__(self) -> str:
+        state = "resolved" if self.dispatcher is not None else "not yet compiled"
+        return f"<LazyJit {self.__qualname__} ({state})>"
+
+    def resolve(self) -> Any:
+        """Import numba and wrap the function (numba compiles per signature on first call)."""
+        with _JIT_LOCK:
+            if self.dispatcher is not None:
+                return self.dispatcher
+            import numba
+
+            module_globals = self.py_func.__globals__
+            for global_name in self.py_func.__code__.co_names:
+                value = module_globals.get(global_name)
+                if isinstance(value, LazyJit):
+                    module_globals[global_name] = value.resolve()
+                elif value is prange:
+                    module_globals[global_name] = numba.prange
+            self.dispatcher = _njit(numba, self.py_func, self.options)
+            if module_globals.get(self.py_func.__name__) is self:
+                module_globals[self.py_func.__name__] = self.dispatcher
+            return self.dispatcher
+
+
+def _njit(numba: Any, py_func: Callable[..., Any], options: dict[str, Any]) -> Any:
+    if not options.get("cache"):
+        return numba.njit(**options)(py_func)
+    try:
+        return numba.njit(**options)(py_func)
+    except RuntimeError as exc:  # "cannot cache function ...: no locator available"
+        log.info("compiling %s without a cache: %s", py_func.__qualname__, exc)
+        return numba.njit(**{**options, "cache": False})(py_func)
+
+
+def jit(**options: Any) -> Callable[[Callable[..., Any]], LazyJit]:
+    """Decorator: like ``numba.njit(**options)``, but numba is imported on the first call.
+
+    Defaults to ``cache=True``. Use `prange` from this module for parallel loops.
+    """
+    options.setdefault("cache", True)
+
+    def wrap(py_func: Callable[..., Any]) -> LazyJit:
+        return LazyJit(py_func, dict(options))
+
+    return wrap
+
+
+# -- the registry -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KernelInfo:
+    """What a kernel is, for listings, the TUI palette and backend selection."""
+
+    name: str
+    description: str
+    backends: tuple[str, ...]
+    params: tuple[str, ...]
+    module: str
+
+
+class KernelDef:
+    """One registered kernel: its reference, optional cpu/gpu variants and a validator.
+
+    ``kdef.reference`` is the reference function and calling ``kdef(...)`` runs it, so the
+    decorated name still behaves like the function it decorated. ``@kdef.cpu``,
+    ``@kdef.gpu`` and ``@kdef.validator`` attach the rest; `variant` reads them back.
+    """
+
+    def __init__(self, name: str, reference: Callable[..., Any], description: str) -> None:
+        code = getattr(reference, "__code__", None)
+        if code is None:
+            raise KernelDefinitionError(f"kernel {name!r}: the reference must be a Python function, not {reference!r}")
+        if code.co_kwonlyargcount > len(getattr(reference, "__kwdefaults__", None) or {}):
+            raise KernelDefinitionError(
+                f"kernel {name!r}: keyword-only parameters need defaults (calls pass args only)"
+            )
+        self.name = name
+        self.reference = reference
+        self.description = description or (reference.__doc__ or "").strip().split("\n")[0]
+        self.module: str = reference.__module__
+        varargs = bool(code.co_flags & _CO_VARARGS)
+        self.params: tuple[str, ...] = code.co_varnames[: code.co_argcount]
+        if varargs:
+            self.params += ("*" + code.co_varnames[code.co_argcount + code.co_kwonlyargcount],)
+        self._min_args = code.co_argcount - len(reference.__defaults__ or ())
+        self._max_args: int | None = None if varargs else code.co_argcount
+        self._validator: Callable[..., tuple[Any, ...] | None] | None = None
+        self._runners: dict[str, Callable[..., Any]] = {"scalar": reference}
+        self._check: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = self._build_check()
+
+    def __repr__(self) -> str:
+        return f"<kernel {self.name!r} backends={self.backends} from {self.module}>"
+
+    def __call__(self, *args: Any) -> Any:
+        return self.reference(*args)
+
+    # -- attaching variants -------------------------------------------------------------
+
+    def cpu(self, fn: F) -> F:
+        """Attach the numba CPU variant (a `LazyJit`, or a Python wrapper that calls one)."""
+        return self._attach("cpu", fn)
+
+    def gpu(self, fn: F) -> F:
+        """Attach the CUDA variant. It must import numba.cuda lazily (hosts without CUDA)."""
+        return self._attach("gpu", fn)
+
+    def validator(self, fn: F) -> F:
+        """Attach the input check: called with the kernel's args after the arity check.
+
+        It raises `KernelInputError` for bad input and returns the args to run with (for
+        example with a scalar converted to the arrays' dtype), or None to keep them.
+        """
+        if self._validator is not None:
+            raise KernelDefinitionError(f"kernel {self.name!r} already has a validator")
+        self._validator = fn
+        self._check = self._build_check()
+        return fn
+
+    def _attach(self, backend: str, fn: F) -> F:
+        if backend in self._runners:
+            raise KernelDefinitionError(f"kernel {self.name!r} already has a {backend!r} variant")
+        if not callable(fn):
+            raise KernelDefinitionError(f"kernel {self.name!r}: {backend} variant must be callable")
+        self._runners[backend] = fn
+        return fn
+
+    # -- reading back -------------------------------------------------------------------
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The backends this kernel can run on, in `BACKENDS` order."""
+        return tuple(b for b in BACKENDS if b in self._runners)
+
+    def variant(self, backend: str) -> Callable[..., Any] | None:
+        """The callable for `backend` ("scalar" is the reference), or None if absent."""
+        return self._runners.get(backend)
+
+    def info(self) -> KernelInfo:
+        return KernelInfo(
+            name=self.name,
+            description=self.description,
+            backends=self.backends,
+            params=self.params,
+            module=self.module,
+        )
+
+    # -- calling ------------------------------------------------------------------------
+
+    def validate(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Check `args` (count, then the validator); return the args to run with."""
+        return args if self._check is None else self._check(args)
+
+    def call(self, backend: str, args: tuple[Any, ...]) -> Any:
+        """Validate `args`, then run the `backend` variant on them."""
+        runner = self._runners.get(backend)
+        if runner is None:
+            raise self._backend_error(backend)
+        if self._check is not None:
+            args = self._check(args)
+        return runner(*args)
+
+    def _build_check(self) -> Callable[[tuple[Any, ...]], tuple[Any, ...]] | None:
+        """The per-call check, or None when there is nothing to check (noop's thin path)."""
+        low, high, validator = self._min_args, self._max_args, self._validator
+        if validator is None and low == 0 and high is None:
+            return None
+
+        def check(args: tuple[Any, ...]) -> tuple[Any, ...]:
+            count = len(args)
+            if count < low or (high is not None and count > high):
+                raise self._arity_error(count)
+            if validator is None:
+                return args
+            checked = validator(*args)
+            return args if checked is None else checked
+
+        return check
+
+    def _arity_error(self, count: int) -> KernelInputError:
+        if self._max_args is None:
+            wanted = f"at least {self._min_args}"
+        elif self._min_args == self._max_args:
+            wanted = str(self._max_args)
+        else:
+            wanted = f"{self._min_args} to {self._max_args}"
+        signature = f"{self.name}({', '.join(self.params)})"
+        return KernelInputError(f"kernel {self.name!r} takes {wanted} argument(s), got {count}; call it as {signature}")
+
+    def _backend_error(self, backend: object) -> UnsupportedBackendError:
+        available = ", ".join(self.backends)
+        if backend in BACKENDS:
+            return UnsupportedBackendError(f"kernel {self.name!r} has no {backend!r} variant; it runs on: {available}")
+        if backend == "auto":
+            return UnsupportedBackendError(
+                f"kernel {self.name!r}: backend 'auto' must be resolved by the coordinator "
+                f"before run(); pass one of: {available}"
+            )
+        return UnsupportedBackendError(f"kernel {self.name!r}: unknown backend {backend!r}; pass one of: {available}")
+
+
+_KERNELS: dict[str, KernelDef] = {}
+
+
+def kernel(name: str, *, description: str = "") -> Callable[[Callable[..., Any]], KernelDef]:
+    """Decorator: register the decorated reference function as kernel `name`.
+
+    Returns the `KernelDef`, on which ``@<kdef>.cpu``, ``@<kdef>.gpu`` and
+    ``@<kdef>.validator`` attach the rest. The description defaults to the docstring's first
+    line. Re-registering a name from the same module (a reload) replaces it; from another
+    module it is an error, because hosts must agree on what a name means.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise KernelDefinitionError(
+            f"invalid kernel name {name!r}: use letters, digits, '_', '.' or '-' (no ':', "
+            "which separates a module from a kernel name)"
+        )
+
+    def register(reference: Callable[..., Any]) -> KernelDef:
+        kdef = KernelDef(name, reference, description)
+        existing = _KERNELS.get(name)
+        if existing is not None and (
+            existing.module != kdef.module or existing.reference.__qualname__ != reference.__qualname__
+        ):
+            raise KernelDefinitionError(
+                f"kernel {name!r} is already registered by {existing.module}."
+                f"{existing.reference.__qualname__}; pick another name"
+            )
+        _KERNELS[name] = kdef
+        return kdef
+
+    return register
+
+
+def unregister(name: str) -> None:
+    """Remove kernel `name` (for tests and interactive reloads). Unknown names are ignored."""
+    _KERNELS.pop(name, None)
+
+
+def lookup(name: str) -> KernelDef:
+    """The kernel registered as `name`, or as ``"module:name"`` (importing the module)."""
+    kdef = _KERNELS.get(name)
+    if kdef is not None:
+        return kdef
+    if isinstance(name, str) and ":" in name:
+        module, _, short = name.rpartition(":")
+        load_module(module)
+        kdef = _KERNELS.get(short)
+        if kdef is not None and kdef.module == module:
+            return kdef
+        from_module = sorted(k.name for k in _KERNELS.values() if k.module == module)
+        raise UnknownKernelError(
+            f"module {module!r} registers no kernel {short!r}; it registers: {', '.join(from_module) or 'none'}"
+        )
+    raise UnknownKernelError(_unknown_message(name))
+
+
+def _unknown_message(name: object) -> str:
+    known = names()
+    hint = ""
+    if isinstance(name, str):
+        import difflib
+
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return (
+        f"unknown kernel {name!r}{hint}; known: {', '.join(known)}; to add one, decorate a "
+        f"function with @kernel({name!r}) in a module and load it with load_module('module') "
+        "on every host, or name it 'module:kernel'"
+    )
+
+
+def names() -> list[str]:
+    """Names of all registered kernels, sorted."""
+    return sorted(_KERNELS)
+
+
+def info(name: str) -> KernelInfo:
+    """Name, description, backends, parameters and module of kernel `name`."""
+    return lookup(name).info()
+
+
+def run(name: str, backend: str, args: tuple[Any, ...]) -> Any:
+    """Validate `args` and run kernel `name` on `backend` ("scalar", "cpu" or "gpu")."""
+    kdef = _KERNELS.get(name)
+    if kdef is None:
+        kdef = lookup(name)
+    if type(backend) is not str:  # e.g. an enum whose value is the backend name
+        backend = getattr(backend, "value", backend)
+    return kdef.call(backend, args)
+
+
+def reference(name: str, args: tuple[Any, ...]) -> Any:
+    """Validate `args` and return the reference (NumPy) result of kernel `name`."""
+    return lookup(name).call("scalar", args)
+
+
+def load_module(module: str) -> None:
+    """Import `module` so that its ``@kernel`` decorators register its kernels.
+
+    Importing an already imported module does nothing, so calling this once per task is cheap.
+    """
+    try:
+        importlib.import_module(module)
+    except Exception as exc:
+        raise KernelModuleError(
+            f"cannot load kernel module {module!r}: {type(exc).__name__}: {exc}; make it "
+            "importable on this host (on PYTHONPATH or installed in the agent's environment)"
+        ) from exc
+
+
+# -- validation helpers for kernel authors ------------------------------------------------
+
+
+def float_array(kernel: str, arg: str, value: object, *, ndim: int = 1) -> np.ndarray:
+    """`value` as a C-contiguous float32/float64 array of `ndim` dims, or KernelInputError.
+
+    Non-contiguous arrays are rejected, not copied: a silent copy would hide a cost the caller
+    can see and avoid, and arrays that come over the wire are contiguous anyway. Read-only
+    arrays (as decoded from the wire without a copy) are accepted.
+    """
+    if type(value) is not np.ndarray:
+        if not isinstance(value, np.ndarray):
+            raise KernelInputError(
+                f"kernel {kernel!r}: argument {arg!r} is a {type(value).__name__}, not a NumPy "
+                f"array; pass np.asarray({arg}, dtype=np.float64)"
+            )
+        value = value.view(np.ndarray)
+    if value.dtype not in FLOAT_DTYPES:
+        raise KernelInputError(
+            f"kernel {kernel!r}: argument {arg!r} has dtype {value.dtype}; pass float32 or "
+            f"float64 (native byte order), e.g. {arg}.astype(np.float64)"
+        )
+    if value.ndim != ndim:
+        fix = f"{arg}.ravel()" if ndim == 1 else f"a {ndim}-D array"
+        raise KernelInputError(f"kernel {kernel!r}: argument {arg!r} is {value.ndim}-D; pass {ndim}-D, e.g. {fix}")
+    if not value.flags.c_contiguous:
+        raise KernelInputError(
+            f"kernel {kernel!r}: argument {arg!r} is not contiguous (a strided view); pass np.ascontiguousarray({arg})"
+        )
+    return value
+
+
+def same_dtype_and_shape(kernel: str, args: dict[str, np.ndarray]) -> None:
+    """Raise KernelInputError unless every array in `args` (name -> array) matches the first."""
+    (first_name, first), *rest = args.items()
+    for name, array in rest:
+        if array.dtype != first.dtype:
+            raise KernelInputError(
+                f"kernel {kernel!r}: argument {name!r} is {array.dtype} but {first_name!r} is "
+                f"{first.dtype}; cast one, e.g. {name}.astype(np.{first.dtype})"
+            )
+        if array.shape != first.shape:
+            raise KernelInputError(
+                f"kernel {kernel!r}: argument {name!r} has shape {array.shape} but "
+                f"{first_name!r} has {first.shape}; pass arrays of equal length"
+            )
+
+
+def as_real(kernel: str, arg: str, value: object, *, finite: bool = False) -> float:
+    """`value` (int, float or NumPy real scalar, not bool) as a float, or KernelInputError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise KernelInputError(
+            f"kernel {kernel!r}: argument {arg!r} must be a real number, not "
+            f"{type(value).__name__} {value!r}; pass a float"
+        )
+    result = float(value)
+    if finite and not math.isfinite(result):
+        raise KernelInputError(f"kernel {kernel!r}: argument {arg!r} must be finite, not {result!r}")
+    return result
+
+
+def as_count(kernel: str, arg: str, value: object, *, minimum: int = 0, maximum: int | None = None) -> int:
+    """`value` (int or NumPy integer, not bool) as an int in [minimum, maximum]."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise KernelInputError(
+            f"kernel {kernel!r}: argument {arg!r} must be an int, not {type(value).__name__} {value!r}; pass int({arg})"
+        )
+    result = int(value)
+    if result < minimum or (maximum is not None and result > maximum):
+        upper = "" if maximum is None else f" and <= {maximum}"
+        raise KernelInputError(f"kernel {kernel!r}: argument {arg!r} must be >= {minimum}{upper}, got {result}")
+    return result
