@@ -1,0 +1,10 @@
+"""`python -m batuta`: the `batuta` command (hosts start their agent as `python -m batuta agent`)."""
+
+from __future__ import annotations
+
+import sys
+
+from batuta.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

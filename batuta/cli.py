@@ -1,0 +1,302 @@
+"""The `batuta` command: `batuta run JOB`, `batuta agent`, `batuta version`.
+
+`batuta agent ...` is dispatched before the parser is even built: it is started on every host
+at every connection, so it must not pay for argparse help text, the runtime, rich or NumPy.
+Every other command imports what it needs when it runs.
+
+Exit codes: 0 success; 1 the work failed (a task failed, the job raised, a host could not be
+reached); 2 the command line, a job file or a configuration is wrong; 130 interrupted.
+Every error is one line on stderr that names the thing and the fix; a job's own traceback
+is the one exception, printed because it is the job author's best clue.
+
+To add a command, write `_add_<name>_arguments(parser)` and `_cmd_<name>(args) -> int` and
+list them in `COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, NoReturn
+
+from batuta._version import __version__
+from batuta.errors import BatutaError, UsageError
+
+if TYPE_CHECKING:
+    from batuta.jobs._run import RunOutcome
+    from batuta.jobs._summary import RunTracker
+
+PROG = "batuta"
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `batuta` command with `argv` (default: `sys.argv[1:]`); return the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["agent"]:
+        return _run_agent(args[1:])
+    try:
+        parsed = _parse(args)
+        if isinstance(parsed, int):
+            return parsed
+        handler: Callable[[argparse.Namespace], int] = parsed.handler
+        return handler(parsed)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except UsageError as exc:  # ConfigError is a UsageError too
+        _print_error(exc)
+        return EXIT_USAGE
+    except BatutaError as exc:
+        _print_error(exc)
+        return EXIT_FAILED
+
+
+def _print_error(exc: BaseException) -> None:
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+# -- parser ------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (raised as UsageError), not usage plus message."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}; see '{self.prog} --help'")
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One subcommand: its name, one-line help, how to add its arguments, and its handler."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: global options, then one subparser per entry of `COMMANDS`."""
+    parser = _Parser(
+        prog=PROG,
+        description="Turn machines reachable by SSH into one compute pool for numba kernels.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for command in COMMANDS:
+        sub = commands.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(handler=command.handler)
+    return parser
+
+
+def _parse(args: list[str]) -> argparse.Namespace | int:
+    """Parsed arguments, or the exit code where argparse already did the work (--help)."""
+    try:
+        parsed = build_parser().parse_args(args)
+    except SystemExit as exc:  # --help and --version print and exit 0
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    if parsed.command is None:
+        raise UsageError("no command given; try 'batuta run demo', or 'batuta --help' for all")
+    return parsed
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; pass a count of 1 or more, e.g. 2") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too few; pass a count of 1 or more, e.g. 2")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, e.g. 0") from None
+
+
+# -- batuta agent ------------------------------------------------------------------------
+
+
+def _add_agent_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("agent_args", nargs=argparse.REMAINDER, help="passed to the agent")
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    return _run_agent(list(args.agent_args))
+
+
+def _run_agent(argv: list[str]) -> int:
+    """Hand over to the host agent, importing nothing else first (it must start fast)."""
+    try:
+        from batuta.agent.main import main as agent_main
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("batuta.agent.main", "batuta.agent"):
+            raise
+        print(
+            f"{PROG}: error: this install has no host agent (batuta.agent.main); reinstall batuta",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    try:
+        return int(agent_main(argv) or EXIT_OK)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+# -- batuta version ----------------------------------------------------------------------
+
+
+def _add_version_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser  # no options
+
+
+def _cmd_version(args: argparse.Namespace) -> int:
+    import platform
+
+    print(f"{PROG} {__version__} (Python {platform.python_version()}, {sys.platform})")
+    return EXIT_OK
+
+
+# -- batuta run --------------------------------------------------------------------------
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    from batuta.jobs import builtin_job_names
+
+    parser.add_argument(
+        "job",
+        metavar="JOB",
+        help="a .py file defining 'async def main(pool)', or a built-in job: " + ", ".join(builtin_job_names()),
+    )
+    parser.add_argument(
+        "-w",
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="CPU worker slots in the local pool (default: one per core)",
+    )
+    parser.add_argument("--seed", type=_int, metavar="N", help="seed for the scheduler's random choices")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the summary as one JSON object on stdout (the job's prints go to stderr)",
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """Load the job (every job-file error is found before a pool starts), run it, report."""
+    import asyncio
+
+    from batuta.jobs import load_job
+
+    job = load_job(args.job)
+    from batuta.jobs._run import run_job  # the runtime: only once the job is known to be sound
+
+    progress = _ProgressBar(job.name) if _wants_progress(args) else None
+    with progress if progress is not None else contextlib.nullcontext():
+        outcome = asyncio.run(
+            run_job(
+                job,
+                workers=args.workers,
+                seed=args.seed,
+                on_update=progress.update if progress else None,
+                job_stdout=sys.stderr if args.json else None,
+            )
+        )
+    _report(outcome, as_json=args.json, quiet=args.quiet)
+    return EXIT_OK if outcome.summary.ok else EXIT_FAILED
+
+
+def _wants_progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _report(outcome: RunOutcome, *, as_json: bool, quiet: bool) -> None:
+    """The job's value and the summary on stdout; the job's traceback and error on stderr."""
+    import json
+
+    summary = outcome.summary
+    if as_json:
+        print(json.dumps(summary.to_json()))
+    else:
+        if summary.result is not None:
+            print(summary.result)
+        if not quiet:
+            print("\n".join(summary.text_lines()))
+        else:
+            for line in summary.failures:
+                print(f"{PROG}: failed: {line}", file=sys.stderr)
+    if outcome.traceback:
+        sys.stderr.write(outcome.traceback)
+    if summary.error:
+        print(f"{PROG}: error: {summary.error}", file=sys.stderr)
+
+
+class _ProgressBar:
+    """A rich progress bar on stderr: total = tasks submitted so far, done, failed, rate."""
+
+    def __init__(self, job_name: str) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("[red]{task.fields[failed]} failed"),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        )
+        self._task_id = self._progress.add_task(job_name, total=None, failed=0, rate="")
+        self._first_update: float | None = None
+
+    def __enter__(self) -> _ProgressBar:
+        self._progress.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._progress.stop()
+
+    def update(self, tracker: RunTracker) -> None:
+        """Called on the event loop for each queued or finished task; cheap, never blocks."""
+        now = time.perf_counter()
+        if self._first_update is None:
+            self._first_update = now
+        elapsed = now - self._first_update
+        rate = f"{tracker.finished / elapsed:,.0f} tasks/s" if elapsed > 0.2 else ""
+        self._progress.update(
+            self._task_id,
+            total=tracker.submitted,
+            completed=tracker.finished,
+            failed=tracker.failed,
+            rate=rate,
+        )
+
+
+COMMANDS: list[Command] = [
+    Command("run", "run a job file or a built-in job on a local pool", _add_run_arguments, _cmd_run),
+    Command("agent", "run the host agent (started by the coordinator on each host)", _add_agent_arguments, _cmd_agent),
+    Command("version", "print batuta's version", _add_version_arguments, _cmd_version),
+]
