@@ -1,0 +1,389 @@
+"""Values on the wire: kernel arguments and results, NumPy arrays and scalars.
+
+A value may be None, bool, int (64-bit), float, str, bytes, list, tuple, dict with str keys,
+a NumPy array or a NumPy scalar of a fixed-size numeric or bool dtype, nested up to
+`MAX_VALUE_DEPTH` levels. msgpack has one array type, so a tuple is written as an array whose
+first element is the empty ext `EXT_TUPLE`; a plain array decodes as a list. Lists and tuples
+thus come back as they went, at any depth.
+
+Array and scalar ext payloads::
+
+    dtype_len: uint8 | dtype: ascii numpy `dtype.str` (b"<f8") | ndim: uint8 |
+    shape: ndim x uint64 BE | raw C-order bytes (EXT_ARRAY) or offset: uint64 BE (EXT_ARRAY_OOB)
+
+    EXT_SCALAR: dtype_len | dtype | raw bytes (itemsize)
+
+Byte order is kept (`>i4` comes back `>i4`). Arrays travel in C order: a Fortran-ordered or
+strided array arrives C-contiguous with the same values. Arrays of `OOB_MIN_BYTES` or more
+travel out-of-band (see `codec.py`) and decode as views into the received frame; smaller ones
+travel inside the ext and decode as (writable) copies.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from batuta.protocol._fields import (
+    INT_MIN,
+    TUPLE_MARK,
+    UINT_MAX,
+    Invalid,
+    Malformed,
+    describe,
+    expected,
+    seq,
+)
+from batuta.protocol.errors import LocalProtocolError
+
+__all__ = [
+    "ALIGN",
+    "EXT_ARRAY",
+    "EXT_ARRAY_OOB",
+    "EXT_SCALAR",
+    "EXT_TUPLE",
+    "MAX_VALUE_DEPTH",
+    "OOB_MIN_BYTES",
+    "OobReader",
+    "OobWriter",
+    "aligned_empty",
+    "check_value",
+    "decode_args",
+    "decode_ext",
+    "decode_value",
+    "encode_args",
+    "encode_value",
+]
+
+ALIGN = 64
+"""Out-of-band array buffers start at multiples of this many bytes from the frame's start."""
+
+OOB_MIN_BYTES = 1024
+"""Arrays of at least this many bytes travel out-of-band and decode as views, not copies."""
+
+MAX_VALUE_DEPTH = 32
+"""How deeply lists, tuples and dicts may nest inside a kernel argument or result."""
+
+MAX_NDIM = 32
+
+EXT_ARRAY = 1
+EXT_ARRAY_OOB = 2
+EXT_SCALAR = 3
+EXT_TUPLE = 4
+
+_U64 = struct.Struct(">Q")
+_SHAPES = tuple(struct.Struct(f">{n}Q") for n in range(MAX_NDIM + 1))
+_TUPLE_EXT = msgpack.ExtType(EXT_TUPLE, b"")
+
+# Only plain fixed-size numeric and bool dtypes, in either byte order. The decoder looks a
+# peer's dtype string up here and never hands it to np.dtype().
+_DTYPES: dict[bytes, np.dtype[Any]] = {}
+for _code in ("b1", "i1", "u1"):
+    _DTYPES[f"|{_code}".encode()] = np.dtype(f"|{_code}")
+for _code in ("i2", "i4", "i8", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"):
+    for _order in "<>":
+        _DTYPES[f"{_order}{_code}".encode()] = np.dtype(f"{_order}{_code}")
+_DTYPE_KEYS = {dtype: key for key, dtype in _DTYPES.items()}
+del _code, _order
+
+_VALUE_TYPES = (
+    "None, bool, int, float, str, bytes, list, tuple, dict with str keys, "
+    "numpy arrays and numpy scalars of bool/int/uint/float/complex dtype"
+)
+
+
+class OobWriter:
+    """Collects the arrays a message sends out-of-band and assigns their aligned offsets."""
+
+    __slots__ = ("buffers", "size")
+
+    def __init__(self) -> None:
+        self.buffers: list[tuple[int, np.ndarray]] = []
+        self.size = 0  # bytes of the buffer region so far
+
+    def add(self, flat: np.ndarray) -> int:
+        offset = -(-self.size // ALIGN) * ALIGN
+        self.buffers.append((offset, flat))
+        self.size = offset + flat.nbytes
+        return offset
+
+
+def aligned_empty(nbytes: int) -> np.ndarray:
+    """An uninitialised uint8 buffer whose first byte sits on an `ALIGN` boundary."""
+    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
+    skip = -raw.__array_interface__["data"][0] % ALIGN
+    return raw[skip : skip + nbytes]
+
+
+# -- encoding --------------------------------------------------------------------------------
+
+
+def _dtype_key(dtype: np.dtype[Any], what: str) -> bytes:
+    key = _DTYPE_KEYS.get(dtype)
+    if key is None:
+        raise Invalid(
+            "",
+            f"{what} of dtype {dtype.str!r} cannot be sent: only bool, int, uint, float and "
+            "complex dtypes (no objects, strings, datetimes, records or long doubles)",
+        )
+    return key
+
+
+def _encode_array(arr: np.ndarray, oob: OobWriter) -> msgpack.ExtType:
+    if type(arr) is not np.ndarray:
+        if isinstance(arr, np.ma.MaskedArray):
+            raise Invalid("", "a masked array cannot be sent (its mask would be lost)")
+        arr = arr.view(np.ndarray)  # memmap, matrix...: send the data
+    key = _dtype_key(arr.dtype, "an array")
+    if arr.ndim > MAX_NDIM:
+        raise Invalid("", f"an array of {arr.ndim} dimensions cannot be sent (at most {MAX_NDIM})")
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    header = bytes((len(key),)) + key + bytes((arr.ndim,)) + _SHAPES[arr.ndim].pack(*arr.shape)
+    if arr.nbytes >= OOB_MIN_BYTES:
+        offset = oob.add(arr.reshape(-1).view(np.uint8))
+        return msgpack.ExtType(EXT_ARRAY_OOB, header + _U64.pack(offset))
+    return msgpack.ExtType(EXT_ARRAY, header + arr.tobytes())
+
+
+def encode_value(v: Any, oob: OobWriter, depth: int) -> Any:
+    """A kernel argument or result as msgpack-ready data. Raises Invalid for what can't go."""
+    t = type(v)
+    if t is int:
+        if INT_MIN <= v <= UINT_MAX:
+            return v
+        raise Invalid("", f"int {v} does not fit in 64 bits")
+    if t is float or t is str or t is bool or t is bytes or v is None:
+        return v
+    if t is np.ndarray:
+        return _encode_array(v, oob)
+    if t is tuple or t is list or t is dict:
+        if depth >= MAX_VALUE_DEPTH:
+            raise Invalid("", f"nested deeper than {MAX_VALUE_DEPTH} levels")
+        if t is dict:
+            out = {}
+            for key, item in v.items():
+                if type(key) is not str:
+                    raise Invalid("", f"dict keys must be str, got key {describe(key)}")
+                try:
+                    out[key] = encode_value(item, oob, depth + 1)
+                except Invalid as exc:
+                    raise exc.at(f"[{key!r}]") from None
+            return out
+        items = _encode_items(v, oob, depth + 1)
+        if t is tuple:
+            items.insert(0, _TUPLE_EXT)
+        return items
+    if isinstance(v, np.generic) and not isinstance(v, (np.str_, np.bytes_, np.void)):
+        key = _dtype_key(v.dtype, "a numpy scalar")
+        return msgpack.ExtType(EXT_SCALAR, bytes((len(key),)) + key + v.tobytes())
+    if isinstance(v, np.ndarray):
+        return _encode_array(v, oob)
+    raise Invalid("", f"cannot send a value of type {describe(v)}; allowed: {_VALUE_TYPES}")
+
+
+_PLAIN_SCALARS = frozenset({float, str, bytes, bool, type(None)})
+
+
+def _encode_items(items: Sequence[Any], oob: OobWriter, depth: int) -> list[Any]:
+    for item in items:  # fast path: a flat run of scalars goes as it is
+        t = type(item)
+        if t is int:
+            if not INT_MIN <= item <= UINT_MAX:
+                break
+        elif t not in _PLAIN_SCALARS:
+            break
+    else:
+        return list(items)
+    out: list[Any] = []
+    try:
+        for item in items:
+            out.append(encode_value(item, oob, depth))
+    except Invalid as exc:
+        raise exc.at(f"[{len(out)}]") from None
+    return out
+
+
+def encode_args(args: Any, oob: OobWriter, field: str) -> list[Any]:
+    """KernelCall.args: written as a plain array (it is always a tuple, no marker needed)."""
+    try:
+        return _encode_items(seq(args, ""), oob, 1)
+    except Invalid as exc:
+        raise exc.at(field) from None
+
+
+def check_value(value: Any, where: str = "value") -> None:
+    """Raise LocalProtocolError if `value` cannot travel as a kernel argument or result.
+
+    The runtime can call this when a task is submitted, so that a bad argument fails at the
+    call site instead of failing the whole batch it would have been sent in.
+    """
+    try:
+        encode_value(value, OobWriter(), 0)
+    except Invalid as exc:
+        raise LocalProtocolError(exc.describe(where)) from None
+
+
+# -- decoding --------------------------------------------------------------------------------
+
+
+def _parse_header(data: bytes, with_shape: bool) -> tuple[np.dtype[Any], tuple[int, ...], int]:
+    """(dtype, shape, offset of what follows) from an array or scalar ext payload."""
+    size = len(data)
+    if size < 2:
+        raise ValueError(f"payload of {size} bytes is too short")
+    key_end = 1 + data[0]
+    if key_end > size:
+        raise ValueError("payload ends inside the dtype")
+    dtype = _DTYPES.get(data[1:key_end])
+    if dtype is None:
+        raise ValueError(f"dtype {bytes(data[1:key_end])!r} is not allowed")
+    if not with_shape:
+        return dtype, (), key_end
+    if key_end >= size:
+        raise ValueError("payload ends before the shape")
+    ndim = data[key_end]
+    if ndim > MAX_NDIM:
+        raise ValueError(f"{ndim} dimensions (at most {MAX_NDIM})")
+    end = key_end + 1 + 8 * ndim
+    if end > size:
+        raise ValueError("payload ends inside the shape")
+    return dtype, _SHAPES[ndim].unpack_from(data, key_end + 1), end
+
+
+def _check_bools(arr: np.ndarray) -> None:
+    if arr.dtype.kind == "b" and arr.size and arr.view(np.uint8).max() > 1:
+        raise ValueError("bool data holds bytes other than 0 and 1")
+
+
+def decode_ext(code: int, data: bytes) -> object:
+    """msgpack ext_hook for in-band exts. Never raises: a bad payload becomes Malformed."""
+    try:
+        if code == EXT_TUPLE:
+            return TUPLE_MARK if not data else Malformed("tuple marker with a payload")
+        if code == EXT_ARRAY:
+            dtype, shape, start = _parse_header(data, True)
+            nbytes = math.prod(shape) * dtype.itemsize
+            if len(data) - start != nbytes:
+                raise ValueError(f"shape {shape} of {dtype.str} needs {nbytes} bytes, got {len(data) - start}")
+            if not nbytes:
+                return np.empty(shape, dtype)
+            arr = np.frombuffer(data, dtype, offset=start).reshape(shape).copy()
+            _check_bools(arr)
+            return arr
+        if code == EXT_SCALAR:
+            dtype, _, start = _parse_header(data, False)
+            if len(data) - start != dtype.itemsize:
+                raise ValueError(f"a {dtype.str} scalar needs {dtype.itemsize} bytes")
+            arr = np.frombuffer(data, dtype, offset=start)
+            _check_bools(arr)
+            return arr[0]
+        if code == EXT_ARRAY_OOB:
+            return Malformed("out-of-band array in a frame without out-of-band buffers")
+        return Malformed(f"unknown ext type {code}")
+    except Exception as exc:  # whatever numpy says about a hostile payload, it is a protocol error
+        return Malformed(f"bad ext {code} payload: {exc}")
+
+
+class OobReader:
+    """ext_hook for out-of-band frames: hands out views into the frame's aligned buffer.
+
+    Buffers must come in the order of their exts and must not overlap, so two decoded
+    arrays never share memory.
+    """
+
+    __slots__ = ("cursor", "frame", "region")
+
+    def __init__(self, frame: np.ndarray, region: int) -> None:
+        self.frame = frame
+        self.region = region
+        self.cursor = region
+
+    def hook(self, code: int, data: bytes) -> object:
+        if code != EXT_ARRAY_OOB:
+            return decode_ext(code, data)
+        try:
+            dtype, shape, pos = _parse_header(data, True)
+            if len(data) != pos + 8:
+                raise ValueError("expected an 8-byte offset after the shape")
+            offset = _U64.unpack_from(data, pos)[0]
+            nbytes = math.prod(shape) * dtype.itemsize
+            start = self.region + offset
+            if offset % ALIGN:
+                raise ValueError(f"buffer offset {offset} is not a multiple of {ALIGN}")
+            if start < self.cursor:
+                raise ValueError(f"buffer at offset {offset} overlaps the one before")
+            if start + nbytes > len(self.frame):
+                raise ValueError(f"buffer of {nbytes} bytes at offset {offset} runs past the frame")
+            self.cursor = start + nbytes
+            arr = self.frame[start : start + nbytes].view(dtype).reshape(shape)
+            _check_bools(arr)
+            return arr
+        except Exception as exc:  # see decode_ext
+            return Malformed(f"bad out-of-band array: {exc}")
+
+
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None), np.ndarray})
+
+
+def decode_value(v: Any, depth: int) -> Any:
+    """Validate a decoded value and rebuild its tuples. Raises Invalid."""
+    t = type(v)
+    if t in _PLAIN:
+        return v
+    if t is list:
+        if depth >= MAX_VALUE_DEPTH:
+            raise Invalid("", f"nested deeper than {MAX_VALUE_DEPTH} levels")
+        if v and v[0] is TUPLE_MARK:
+            return tuple(_decode_items(v, 1, depth + 1))
+        return _decode_items(v, 0, depth + 1)
+    if t is dict:
+        if depth >= MAX_VALUE_DEPTH:
+            raise Invalid("", f"nested deeper than {MAX_VALUE_DEPTH} levels")
+        out = {}
+        for key, item in v.items():
+            if type(key) is not str:
+                raise Invalid("", f"map keys must be str, got key {describe(key)}")
+            try:
+                out[key] = decode_value(item, depth + 1)
+            except Invalid as exc:
+                raise exc.at(f"[{key!r}]") from None
+        return out
+    if isinstance(v, np.generic):
+        return v
+    if isinstance(v, Malformed):
+        raise Invalid("", v.reason)
+    if v is TUPLE_MARK:
+        raise Invalid("", "tuple marker outside the first slot of an array")
+    raise Invalid("", f"unexpected {describe(v)}")
+
+
+def _decode_items(items: list[Any], start: int, depth: int) -> list[Any]:
+    plain = _PLAIN
+    for i in range(start, len(items)):  # fast path: nothing to check or rebuild
+        if type(items[i]) not in plain:
+            break
+    else:
+        return items[start:] if start else items
+    out: list[Any] = []
+    try:
+        for i in range(start, len(items)):
+            out.append(decode_value(items[i], depth))
+    except Invalid as exc:
+        raise exc.at(f"[{len(out)}]") from None
+    return out
+
+
+def decode_args(w: Any, field: str) -> tuple[Any, ...]:
+    """KernelCall.args: the array itself is the tuple."""
+    if type(w) is not list:
+        raise expected(field, "an array", w)
+    try:
+        return tuple(_decode_items(w, 0, 1))
+    except Invalid as exc:
+        raise exc.at(field) from None

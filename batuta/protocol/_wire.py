@@ -1,0 +1,540 @@
+"""Messages to wire arrays and back: one explicit encoder and decoder per message type.
+
+A message is `[tag, field1, field2, ...]` with `TAGS[type]` and the fields in dataclass order
+(`messages.py`). Nested records (TaskRequest, TaskOutcome, SlotInfo, GpuInfo, GpuSample) are
+arrays of their fields, without a tag; a call is `[0, name, args]` (KernelCall) or
+`[1, path, args, env, cwd]` (BinaryCall). Field counts are fixed. Kernel arguments and results
+are values (`_values.py`).
+
+`to_wire()` raises LocalProtocolError and `from_wire()` RemoteProtocolError, both naming the
+field at fault (`Done.results[3].status: unknown status 'weird'`). The same validators
+(`_fields.py`) run both ways, so whatever encodes also decodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from batuta.core.task import Backend, BinaryCall, KernelCall
+from batuta.protocol._fields import (
+    Invalid,
+    bytes_,
+    check_len,
+    choice,
+    describe,
+    expected,
+    float_,
+    ids,
+    name,
+    opt_float,
+    opt_int,
+    opt_str,
+    opt_uint,
+    posint,
+    records,
+    str_,
+    str_map,
+    strs,
+    uint,
+)
+from batuta.protocol._values import OobWriter, decode_args, decode_value, encode_args, encode_value
+from batuta.protocol.errors import LocalProtocolError, RemoteProtocolError
+from batuta.protocol.messages import (
+    OUTCOME_STATUSES,
+    SLOT_DOWN,
+    SLOT_RESTARTING,
+    SLOT_UP,
+    Bye,
+    Cancel,
+    Done,
+    Error,
+    GpuInfo,
+    GpuSample,
+    Heartbeat,
+    Hello,
+    Message,
+    Run,
+    Shutdown,
+    SlotInfo,
+    SlotState,
+    Started,
+    StealBack,
+    StealBackReply,
+    TaskOutcome,
+    TaskRequest,
+    Welcome,
+)
+
+__all__ = ["CALL_BINARY", "CALL_KERNEL", "TAGS", "from_wire", "to_wire"]
+
+TAGS: dict[type, int] = {
+    Hello: 1,
+    Welcome: 2,
+    Run: 3,
+    Started: 4,
+    Done: 5,
+    StealBack: 6,
+    StealBackReply: 7,
+    Cancel: 8,
+    SlotState: 9,
+    Heartbeat: 10,
+    Shutdown: 11,
+    Bye: 12,
+    Error: 13,
+}
+"""Message tags on the wire. Stable: changing one needs a new PROTOCOL_VERSION."""
+
+CALL_KERNEL = 0
+CALL_BINARY = 1
+
+_BACKENDS = frozenset(b.value for b in Backend if b is not Backend.AUTO)
+_SLOT_STATES = frozenset({SLOT_UP, SLOT_RESTARTING, SLOT_DOWN})
+
+
+def _slot_setters(cls: type) -> tuple[Callable[[object, Any], None], ...]:
+    """The slot setters of a frozen, slotted dataclass, in field order.
+
+    Decoding builds hundreds of TaskRequests or TaskOutcomes per frame; the generated frozen
+    `__init__` costs about three times as much as setting the slots directly. The messages
+    have no `__post_init__` (the codec is their validation), which this checks.
+    """
+    if hasattr(cls, "__post_init__") or "__slots__" not in cls.__dict__:
+        raise TypeError(f"{cls.__name__}: fast construction needs slots and no __post_init__")
+    return tuple(cls.__dict__[f.name].__set__ for f in dataclasses.fields(cls))
+
+
+_new = object.__new__
+_TR_TASK_ID, _TR_SLOT, _TR_ATTEMPT, _TR_CALL, _TR_TIMEOUT, _TR_BACKEND = _slot_setters(TaskRequest)
+_KC_NAME, _KC_ARGS = _slot_setters(KernelCall)
+(
+    _TO_TASK_ID,
+    _TO_SLOT,
+    _TO_ATTEMPT,
+    _TO_STATUS,
+    _TO_VALUE,
+    _TO_STDOUT,
+    _TO_STDERR,
+    _TO_EXIT_CODE,
+    _TO_ERROR,
+    _TO_RUN_S,
+) = _slot_setters(TaskOutcome)
+
+
+# -- messages: encoders ----------------------------------------------------------------------
+# Each returns the message's wire array; nested records are arrays without a tag.
+
+
+def _enc_slot_info(s: Any) -> list[Any]:
+    if type(s) is not SlotInfo:
+        raise expected("", "a SlotInfo", s)
+    return [
+        uint(s.slot, ".slot"),
+        strs(s.capabilities, ".capabilities"),
+        opt_uint(s.gpu_index, ".gpu_index"),
+    ]
+
+
+def _enc_gpu_info(g: Any) -> list[Any]:
+    if type(g) is not GpuInfo:
+        raise expected("", "a GpuInfo", g)
+    return [
+        uint(g.index, ".index"),
+        str_(g.name, ".name"),
+        str_(g.uuid, ".uuid"),
+        uint(g.memory_total, ".memory_total"),
+        uint(g.compute_units, ".compute_units"),
+    ]
+
+
+def _enc_hello(m: Hello, oob: OobWriter) -> list[Any]:
+    return [
+        TAGS[Hello],
+        uint(m.protocol, ".protocol"),
+        str_(m.batuta_version, ".batuta_version"),
+        str_(m.python_version, ".python_version"),
+        str_(m.hostname, ".hostname"),
+        uint(m.pid, ".pid"),
+        uint(m.cpu_count, ".cpu_count"),
+        records(_enc_slot_info, m.slots, ".slots"),
+        records(_enc_gpu_info, m.gpus, ".gpus"),
+        str_map(m.packages, ".packages"),
+    ]
+
+
+def _enc_welcome(m: Welcome, oob: OobWriter) -> list[Any]:
+    return [
+        TAGS[Welcome],
+        uint(m.protocol, ".protocol"),
+        float_(m.heartbeat_interval, ".heartbeat_interval", positive=True),
+    ]
+
+
+def _enc_call(call: Any, oob: OobWriter) -> list[Any]:
+    if type(call) is KernelCall:
+        return [CALL_KERNEL, name(call.name, ".call.name"), encode_args(call.args, oob, ".call.args")]
+    if type(call) is BinaryCall:
+        return [
+            CALL_BINARY,
+            name(call.path, ".call.path"),
+            strs(call.args, ".call.args"),
+            str_map(call.env, ".call.env"),
+            opt_str(call.cwd, ".call.cwd"),
+        ]
+    raise expected(".call", "a KernelCall or BinaryCall", call)
+
+
+def _enc_run(m: Run, oob: OobWriter) -> list[Any]:
+    def task(t: Any) -> list[Any]:
+        if type(t) is not TaskRequest:
+            raise expected("", "a TaskRequest", t)
+        timeout = t.timeout
+        return [
+            uint(t.task_id, ".task_id"),
+            uint(t.slot, ".slot"),
+            posint(t.attempt, ".attempt"),
+            _enc_call(t.call, oob),
+            None if timeout is None else float_(timeout, ".timeout", positive=True),
+            choice(t.backend, ".backend", _BACKENDS, "backend"),
+        ]
+
+    return [TAGS[Run], records(task, m.tasks, ".tasks")]
+
+
+def _enc_started(m: Started, oob: OobWriter) -> list[Any]:
+    return [TAGS[Started], ids(m.task_ids, ".task_ids")]
+
+
+def _enc_done(m: Done, oob: OobWriter) -> list[Any]:
+    def outcome(o: Any) -> list[Any]:
+        if type(o) is not TaskOutcome:
+            raise expected("", "a TaskOutcome", o)
+        try:
+            value = encode_value(o.value, oob, 0)
+        except Invalid as exc:
+            raise exc.at(".value") from None
+        return [
+            uint(o.task_id, ".task_id"),
+            uint(o.slot, ".slot"),
+            posint(o.attempt, ".attempt"),
+            choice(o.status, ".status", OUTCOME_STATUSES, "status"),
+            value,
+            bytes_(o.stdout, ".stdout"),
+            bytes_(o.stderr, ".stderr"),
+            opt_int(o.exit_code, ".exit_code"),
+            opt_str(o.error, ".error"),
+            float_(o.run_s, ".run_s", minimum=0.0),
+        ]
+
+    return [TAGS[Done], records(outcome, m.results, ".results")]
+
+
+def _enc_steal_back(m: StealBack, oob: OobWriter) -> list[Any]:
+    return [TAGS[StealBack], uint(m.slot, ".slot"), ids(m.task_ids, ".task_ids")]
+
+
+def _enc_steal_back_reply(m: StealBackReply, oob: OobWriter) -> list[Any]:
+    return [TAGS[StealBackReply], uint(m.slot, ".slot"), ids(m.returned, ".returned"), ids(m.refused, ".refused")]
+
+
+def _enc_cancel(m: Cancel, oob: OobWriter) -> list[Any]:
+    return [TAGS[Cancel], ids(m.task_ids, ".task_ids")]
+
+
+def _enc_slot_state(m: SlotState, oob: OobWriter) -> list[Any]:
+    return [
+        TAGS[SlotState],
+        uint(m.slot, ".slot"),
+        choice(m.state, ".state", _SLOT_STATES, "slot state"),
+        str_(m.reason, ".reason"),
+    ]
+
+
+def _enc_gpu_sample(g: Any) -> list[Any]:
+    if type(g) is not GpuSample:
+        raise expected("", "a GpuSample", g)
+    return [
+        uint(g.index, ".index"),
+        opt_float(g.utilization, ".utilization", minimum=0.0),
+        opt_uint(g.memory_used, ".memory_used"),
+        opt_uint(g.memory_total, ".memory_total"),
+        opt_float(g.temperature, ".temperature"),
+        opt_float(g.power, ".power", minimum=0.0),
+    ]
+
+
+def _enc_heartbeat(m: Heartbeat, oob: OobWriter) -> list[Any]:
+    return [
+        TAGS[Heartbeat],
+        uint(m.seq, ".seq"),
+        float_(m.cpu_percent, ".cpu_percent", minimum=0.0),
+        uint(m.memory_used, ".memory_used"),
+        uint(m.memory_total, ".memory_total"),
+        records(_enc_gpu_sample, m.gpus, ".gpus"),
+        str_(m.gpu_status, ".gpu_status"),
+    ]
+
+
+def _enc_shutdown(m: Shutdown, oob: OobWriter) -> list[Any]:
+    return [TAGS[Shutdown], str_(m.reason, ".reason")]
+
+
+def _enc_bye(m: Bye, oob: OobWriter) -> list[Any]:
+    return [TAGS[Bye], str_(m.reason, ".reason")]
+
+
+def _enc_error(m: Error, oob: OobWriter) -> list[Any]:
+    return [TAGS[Error], str_(m.message, ".message")]
+
+
+_ENCODERS: dict[type, Callable[[Any, OobWriter], list[Any]]] = {
+    Hello: _enc_hello,
+    Welcome: _enc_welcome,
+    Run: _enc_run,
+    Started: _enc_started,
+    Done: _enc_done,
+    StealBack: _enc_steal_back,
+    StealBackReply: _enc_steal_back_reply,
+    Cancel: _enc_cancel,
+    SlotState: _enc_slot_state,
+    Heartbeat: _enc_heartbeat,
+    Shutdown: _enc_shutdown,
+    Bye: _enc_bye,
+    Error: _enc_error,
+}
+
+
+# -- messages: decoders ----------------------------------------------------------------------
+# Each takes the message's wire array, its length already checked against _DECODERS.
+
+
+def _dec_slot_info(w: Any) -> SlotInfo:
+    slot, capabilities, gpu_index = check_len(w, 3, "SlotInfo")
+    return SlotInfo(
+        slot=uint(slot, ".slot"),
+        capabilities=tuple(strs(capabilities, ".capabilities")),
+        gpu_index=opt_uint(gpu_index, ".gpu_index"),
+    )
+
+
+def _dec_gpu_info(w: Any) -> GpuInfo:
+    index, gpu_name, uuid, memory_total, compute_units = check_len(w, 5, "GpuInfo")
+    return GpuInfo(
+        index=uint(index, ".index"),
+        name=str_(gpu_name, ".name"),
+        uuid=str_(uuid, ".uuid"),
+        memory_total=uint(memory_total, ".memory_total"),
+        compute_units=uint(compute_units, ".compute_units"),
+    )
+
+
+def _dec_hello(w: list[Any]) -> Hello:
+    _, protocol, batuta_version, python_version, hostname, pid, cpu_count, slots, gpus, pkgs = w
+    return Hello(
+        protocol=uint(protocol, ".protocol"),
+        batuta_version=str_(batuta_version, ".batuta_version"),
+        python_version=str_(python_version, ".python_version"),
+        hostname=str_(hostname, ".hostname"),
+        pid=uint(pid, ".pid"),
+        cpu_count=uint(cpu_count, ".cpu_count"),
+        slots=tuple(records(_dec_slot_info, slots, ".slots")),
+        gpus=tuple(records(_dec_gpu_info, gpus, ".gpus")),
+        packages=str_map(pkgs, ".packages"),
+    )
+
+
+def _dec_welcome(w: list[Any]) -> Welcome:
+    _, protocol, heartbeat_interval = w
+    return Welcome(
+        protocol=uint(protocol, ".protocol"),
+        heartbeat_interval=float_(heartbeat_interval, ".heartbeat_interval", positive=True),
+    )
+
+
+def _dec_call(w: Any) -> KernelCall | BinaryCall:
+    if type(w) is list and len(w) == 3 and w[0] == CALL_KERNEL and type(w[0]) is int:
+        call = _new(KernelCall)
+        _KC_NAME(call, name(w[1], ".call.name"))
+        _KC_ARGS(call, decode_args(w[2], ".call.args"))
+        return call
+    if type(w) is list and len(w) == 5 and w[0] == CALL_BINARY and type(w[0]) is int:
+        return BinaryCall(
+            path=name(w[1], ".call.path"),
+            args=tuple(strs(w[2], ".call.args")),
+            env=str_map(w[3], ".call.env"),
+            cwd=opt_str(w[4], ".call.cwd"),
+        )
+    if type(w) is not list or not w or type(w[0]) is not int:
+        raise expected(".call", "a call array [kind, ...]", w)
+    if w[0] == CALL_KERNEL:
+        raise Invalid(".call", f"KernelCall needs 2 fields, got {len(w) - 1}")
+    if w[0] == CALL_BINARY:
+        raise Invalid(".call", f"BinaryCall needs 4 fields, got {len(w) - 1}")
+    raise Invalid(".call", f"unknown call kind {w[0]}")
+
+
+def _dec_task_request(w: Any) -> TaskRequest:
+    if type(w) is not list or len(w) != 6:
+        check_len(w, 6, "TaskRequest")
+    task_id, slot, attempt, call, timeout, backend = w
+    task = _new(TaskRequest)
+    _TR_TASK_ID(task, task_id if type(task_id) is int and task_id >= 0 else uint(task_id, ".task_id"))
+    _TR_SLOT(task, slot if type(slot) is int and slot >= 0 else uint(slot, ".slot"))
+    _TR_ATTEMPT(task, attempt if type(attempt) is int and attempt >= 1 else posint(attempt, ".attempt"))
+    _TR_CALL(task, _dec_call(call))
+    _TR_TIMEOUT(task, None if timeout is None else float_(timeout, ".timeout", positive=True))
+    _TR_BACKEND(
+        task,
+        backend if backend in _BACKENDS and type(backend) is str else choice(backend, ".backend", _BACKENDS, "backend"),
+    )
+    return task
+
+
+def _dec_run(w: list[Any]) -> Run:
+    return Run(tasks=tuple(records(_dec_task_request, w[1], ".tasks")))
+
+
+def _dec_started(w: list[Any]) -> Started:
+    return Started(task_ids=tuple(ids(w[1], ".task_ids")))
+
+
+def _dec_outcome(w: Any) -> TaskOutcome:
+    if type(w) is not list or len(w) != 10:
+        check_len(w, 10, "TaskOutcome")
+    task_id, slot, attempt, status, value, stdout, stderr, exit_code, error, run_s = w
+    out = _new(TaskOutcome)
+    _TO_TASK_ID(out, task_id if type(task_id) is int and task_id >= 0 else uint(task_id, ".task_id"))
+    _TO_SLOT(out, slot if type(slot) is int and slot >= 0 else uint(slot, ".slot"))
+    _TO_ATTEMPT(out, attempt if type(attempt) is int and attempt >= 1 else posint(attempt, ".attempt"))
+    _TO_STATUS(
+        out,
+        status
+        if type(status) is str and status in OUTCOME_STATUSES
+        else choice(status, ".status", OUTCOME_STATUSES, "status"),
+    )
+    try:
+        _TO_VALUE(out, decode_value(value, 0))
+    except Invalid as exc:
+        raise exc.at(".value") from None
+    _TO_STDOUT(out, stdout if type(stdout) is bytes else bytes_(stdout, ".stdout"))
+    _TO_STDERR(out, stderr if type(stderr) is bytes else bytes_(stderr, ".stderr"))
+    _TO_EXIT_CODE(out, opt_int(exit_code, ".exit_code"))
+    _TO_ERROR(out, opt_str(error, ".error"))
+    _TO_RUN_S(out, float_(run_s, ".run_s", minimum=0.0))
+    return out
+
+
+def _dec_done(w: list[Any]) -> Done:
+    return Done(results=tuple(records(_dec_outcome, w[1], ".results")))
+
+
+def _dec_steal_back(w: list[Any]) -> StealBack:
+    return StealBack(slot=uint(w[1], ".slot"), task_ids=tuple(ids(w[2], ".task_ids")))
+
+
+def _dec_steal_back_reply(w: list[Any]) -> StealBackReply:
+    return StealBackReply(
+        slot=uint(w[1], ".slot"),
+        returned=tuple(ids(w[2], ".returned")),
+        refused=tuple(ids(w[3], ".refused")),
+    )
+
+
+def _dec_cancel(w: list[Any]) -> Cancel:
+    return Cancel(task_ids=tuple(ids(w[1], ".task_ids")))
+
+
+def _dec_slot_state(w: list[Any]) -> SlotState:
+    return SlotState(
+        slot=uint(w[1], ".slot"),
+        state=choice(w[2], ".state", _SLOT_STATES, "slot state"),
+        reason=str_(w[3], ".reason"),
+    )
+
+
+def _dec_gpu_sample(w: Any) -> GpuSample:
+    index, utilization, memory_used, memory_total, temperature, power = check_len(w, 6, "GpuSample")
+    return GpuSample(
+        index=uint(index, ".index"),
+        utilization=opt_float(utilization, ".utilization", minimum=0.0),
+        memory_used=opt_uint(memory_used, ".memory_used"),
+        memory_total=opt_uint(memory_total, ".memory_total"),
+        temperature=opt_float(temperature, ".temperature"),
+        power=opt_float(power, ".power", minimum=0.0),
+    )
+
+
+def _dec_heartbeat(w: list[Any]) -> Heartbeat:
+    _, seq, cpu_percent, memory_used, memory_total, gpus, gpu_status = w
+    return Heartbeat(
+        seq=uint(seq, ".seq"),
+        cpu_percent=float_(cpu_percent, ".cpu_percent", minimum=0.0),
+        memory_used=uint(memory_used, ".memory_used"),
+        memory_total=uint(memory_total, ".memory_total"),
+        gpus=tuple(records(_dec_gpu_sample, gpus, ".gpus")),
+        gpu_status=str_(gpu_status, ".gpu_status"),
+    )
+
+
+def _dec_shutdown(w: list[Any]) -> Shutdown:
+    return Shutdown(reason=str_(w[1], ".reason"))
+
+
+def _dec_bye(w: list[Any]) -> Bye:
+    return Bye(reason=str_(w[1], ".reason"))
+
+
+def _dec_error(w: list[Any]) -> Error:
+    return Error(message=str_(w[1], ".message"))
+
+
+_DECODER_FNS: list[tuple[type, Callable[[list[Any]], Message]]] = [
+    (Hello, _dec_hello),
+    (Welcome, _dec_welcome),
+    (Run, _dec_run),
+    (Started, _dec_started),
+    (Done, _dec_done),
+    (StealBack, _dec_steal_back),
+    (StealBackReply, _dec_steal_back_reply),
+    (Cancel, _dec_cancel),
+    (SlotState, _dec_slot_state),
+    (Heartbeat, _dec_heartbeat),
+    (Shutdown, _dec_shutdown),
+    (Bye, _dec_bye),
+    (Error, _dec_error),
+]
+_DECODERS: dict[int, tuple[type, int, Callable[[list[Any]], Message]]] = {
+    TAGS[cls]: (cls, len(dataclasses.fields(cls)), fn) for cls, fn in _DECODER_FNS
+}
+"""tag -> (message class, field count, decoder)."""
+
+
+def to_wire(msg: Message, oob: OobWriter) -> list[Any]:
+    """The wire array for `msg`; arrays it sends out-of-band are added to `oob`."""
+    encoder = _ENCODERS.get(type(msg))
+    if encoder is None:
+        raise LocalProtocolError(f"cannot send {describe(msg)}: not a batuta.protocol message")
+    try:
+        return encoder(msg, oob)
+    except Invalid as exc:
+        raise LocalProtocolError(exc.describe(type(msg).__name__)) from None
+
+
+def from_wire(w: Any) -> Message:
+    """A message from its decoded msgpack array `[tag, field, ...]`."""
+    if type(w) is not list or not w:
+        raise RemoteProtocolError(f"frame body must be a message array [tag, ...], got {describe(w)}")
+    tag = w[0]
+    entry = _DECODERS.get(tag) if type(tag) is int else None
+    if entry is None:
+        if type(tag) is int:
+            raise RemoteProtocolError(f"unknown message tag {tag}")
+        raise RemoteProtocolError(f"message tag must be an int, got {describe(tag)}")
+    cls, count, decoder = entry
+    if len(w) != count + 1:
+        raise RemoteProtocolError(f"{cls.__name__} needs {count} fields, got {len(w) - 1}")
+    try:
+        return decoder(w)
+    except Invalid as exc:
+        raise RemoteProtocolError(exc.describe(cls.__name__)) from None

@@ -1,0 +1,310 @@
+"""Wire codec: messages to length-prefixed msgpack frames and back. No pickle, no I/O.
+
+Frame layout (integers in headers are big-endian)::
+
+    length: uint32 | payload: `length` bytes
+
+`length` counts the payload only, not its own 4 bytes, and is checked against
+`max_frame_bytes` as soon as those 4 bytes arrive. The payload takes one of two forms:
+
+* in-band (the usual one): one msgpack object, the message array `[tag, field, ...]`;
+* out-of-band, when the message carries NumPy arrays of `OOB_MIN_BYTES` or more::
+
+      0xce | body_len: uint32 | body: message array | pad | buffer | pad | buffer ...
+
+  `0xce body_len` is itself a msgpack uint32, so the payload is still a msgpack stream; a
+  message array never starts with 0xce, which is how the decoder tells the forms apart.
+  Buffers start at multiples of `ALIGN` bytes from the start of the frame (its length
+  prefix), so a decoder that receives the frame into an aligned buffer hands out aligned,
+  zero-copy NumPy views. An array ext names its buffer by offset from the first aligned
+  position after the body; buffers follow in the order of their exts, without overlap, and
+  the last one ends the frame.
+
+The message array is described in `_wire.py`; values (kernel arguments and results) and the
+array and scalar ext formats in `_values.py`. No pickle anywhere.
+
+Decoding validates every field and reports any fault as `RemoteProtocolError` naming it
+(`Done.results[3].status: unknown status 'weird'`); encoding reports what cannot be sent
+as `LocalProtocolError`, naming the field just the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from batuta.protocol._values import ALIGN, OOB_MIN_BYTES, OobReader, OobWriter, aligned_empty, check_value, decode_ext
+from batuta.protocol._wire import TAGS, from_wire, to_wire
+from batuta.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from batuta.protocol.messages import Message
+
+__all__ = [
+    "ALIGN",
+    "DEFAULT_MAX_FRAME_BYTES",
+    "LARGE_FRAME_BYTES",
+    "OOB_MIN_BYTES",
+    "TAGS",
+    "FrameDecoder",
+    "LocalProtocolError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "check_value",
+    "encode_message",
+    "encode_messages",
+]
+
+DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024
+"""Largest payload a frame may announce, by default (256 MiB)."""
+
+LARGE_FRAME_BYTES = 1 << 20
+"""A frame at least this large is received straight into its own aligned buffer."""
+
+_HEADER = struct.Struct(">I")
+_OOB_PREFIX = struct.Struct(">BI")
+_OOB_MARK = 0xCE  # msgpack's uint32 marker, which starts an out-of-band payload
+_OOB_BODY = 4 + _OOB_PREFIX.size  # where an out-of-band frame's message body starts
+_FRAME_LIMIT = (1 << 32) - 1  # what a uint32 length can say
+
+
+# -- frames: encoding ------------------------------------------------------------------------
+
+
+def _find_unencodable(value: Any, path: str, depth: int = 0) -> str | None:
+    """Where a message holds a str msgpack cannot encode (lone surrogates), for the error."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"{path}: str is not valid UTF-8 ({exc.reason} at index {exc.start})"
+        return None
+    if depth > 64:
+        return None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items: Iterable[tuple[str, Any]] = ((f".{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value))
+    elif isinstance(value, (list, tuple)):
+        items = ((f"[{i}]", item) for i, item in enumerate(value))
+    elif isinstance(value, Mapping):
+        items = [(" key", k) for k in value] + [(f"[{k!r}]", v) for k, v in value.items()]
+    else:
+        return None
+    for part, item in items:
+        found = _find_unencodable(item, path + part, depth + 1)
+        if found:
+            return found
+    return None
+
+
+def _frame_parts(msg: Message, max_frame_bytes: int) -> list[Any]:
+    """The pieces of one frame, to be joined: header, body and any out-of-band buffers."""
+    oob = OobWriter()
+    wire = to_wire(msg, oob)
+    message_name = type(msg).__name__
+    try:
+        body = msgpack.packb(wire)
+    except Exception as exc:  # msgpack's own refusal, e.g. a str with lone surrogates
+        where = _find_unencodable(msg, message_name)
+        raise LocalProtocolError(where or f"cannot encode {message_name}: {exc}") from None
+    if not oob.buffers:
+        _check_size(message_name, len(body), max_frame_bytes)
+        return [_HEADER.pack(len(body)), body]
+    body_end = _OOB_BODY + len(body)
+    region = -(-body_end // ALIGN) * ALIGN
+    size = region + oob.size - 4
+    _check_size(message_name, size, max_frame_bytes)
+    parts: list[Any] = [
+        _HEADER.pack(size),
+        _OOB_PREFIX.pack(_OOB_MARK, len(body)),
+        body,
+        bytes(region - body_end),
+    ]
+    end = 0
+    for offset, flat in oob.buffers:
+        if offset > end:
+            parts.append(bytes(offset - end))
+        parts.append(flat)
+        end = offset + flat.nbytes
+    return parts
+
+
+def _check_size(message_name: str, size: int, max_frame_bytes: int) -> None:
+    if size > max_frame_bytes or size > _FRAME_LIMIT:
+        raise LocalProtocolError(
+            f"{message_name} frame of {size} bytes exceeds the "
+            f"{min(max_frame_bytes, _FRAME_LIMIT)}-byte limit: send fewer tasks or results per "
+            "message, or smaller arrays"
+        )
+
+
+def encode_message(msg: Message, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
+    """One complete frame for `msg`, length prefix included. Raises LocalProtocolError."""
+    return b"".join(_frame_parts(msg, max_frame_bytes))
+
+
+def encode_messages(msgs: Iterable[Message], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
+    """Several frames, concatenated for a single write. Raises LocalProtocolError."""
+    parts: list[Any] = []
+    for msg in msgs:
+        parts += _frame_parts(msg, max_frame_bytes)
+    return b"".join(parts)
+
+
+# -- frames: decoding ------------------------------------------------------------------------
+
+
+def _unpack(data: Any, size: int, ext_hook: Callable[[int, bytes], object]) -> Any:
+    """msgpack.unpackb with limits no larger than the frame, and errors that say what broke."""
+    try:
+        return msgpack.unpackb(
+            data,
+            use_list=True,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=ext_hook,
+            max_str_len=size,
+            max_bin_len=size,
+            max_ext_len=size,
+            max_array_len=size,
+            max_map_len=size // 2,
+        )
+    except msgpack.ExtraData as exc:
+        raise RemoteProtocolError(f"frame holds {len(exc.extra)} bytes after its message") from None
+    except msgpack.StackError:
+        raise RemoteProtocolError("frame body nests too deeply") from None
+    except msgpack.FormatError:
+        raise RemoteProtocolError("frame body is not msgpack (reserved byte 0xc1)") from None
+    except UnicodeDecodeError as exc:
+        raise RemoteProtocolError(f"frame body holds a str that is not UTF-8 ({exc.reason})") from None
+    except ValueError as exc:
+        if "incomplete" in str(exc):
+            raise RemoteProtocolError("frame body ends inside a msgpack object") from None
+        raise RemoteProtocolError(f"frame body is not valid msgpack: {exc}") from None
+
+
+def _decode_frame(frame: np.ndarray) -> Message:
+    """Decode a whole frame held in its own aligned buffer (out-of-band or large)."""
+    total = len(frame)
+    if frame[4] != _OOB_MARK:
+        return from_wire(_unpack(frame[4:], total - 4, decode_ext))
+    if total < _OOB_BODY:
+        raise RemoteProtocolError(f"out-of-band frame of {total - 4} bytes is too short")
+    body_len = int.from_bytes(frame[5:_OOB_BODY].tobytes(), "big")
+    body_end = _OOB_BODY + body_len
+    if body_end > total:
+        raise RemoteProtocolError(f"out-of-band frame announces a {body_len}-byte body but holds {total - _OOB_BODY}")
+    reader = OobReader(frame, -(-body_end // ALIGN) * ALIGN)
+    msg = from_wire(_unpack(frame[_OOB_BODY:body_end], body_len, reader.hook))
+    if reader.cursor != total:
+        raise RemoteProtocolError(f"out-of-band frame has {total - reader.cursor} stray bytes after its last buffer")
+    return msg
+
+
+class FrameDecoder:
+    """Turns a byte stream into messages: `feed()` bytes in, `next_message()` out.
+
+    Small frames are decoded straight from one growing buffer. A frame of
+    `LARGE_FRAME_BYTES` or more is copied, as its bytes arrive, into a buffer of its own
+    (allocated once, aligned), and out-of-band frames are decoded from such a buffer, so
+    their arrays are aligned views that keep that buffer alive and nothing else.
+
+    The length prefix is checked as soon as it arrives, so an oversized frame is refused
+    before any of it is buffered. After a protocol error the stream's framing can no longer
+    be trusted: every later `next_message()` raises again.
+    """
+
+    __slots__ = ("_big", "_big_fill", "_buf", "_failure", "_max")
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        if not 1 <= max_frame_bytes <= _FRAME_LIMIT:
+            raise ValueError(f"max_frame_bytes must be in [1, {_FRAME_LIMIT}], not {max_frame_bytes}")
+        self._max = max_frame_bytes
+        self._buf = bytearray()
+        self._big: np.ndarray | None = None  # the large frame being received, header included
+        self._big_fill = 0
+        self._failure: str | None = None
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return self._max
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received but not yet returned as messages."""
+        return len(self._buf) + (self._big_fill if self._big is not None else 0)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append received bytes. Never raises on content; `next_message()` judges it."""
+        big = self._big
+        if big is not None and self._big_fill < len(big):
+            view = memoryview(data)
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
+            take = min(len(big) - self._big_fill, len(view))
+            big[self._big_fill : self._big_fill + take] = view[:take]
+            self._big_fill += take
+            data = view[take:]
+        if len(data):
+            self._buf += data
+
+    def next_message(self) -> Message | None:
+        """The next complete message, or None if more bytes are needed.
+
+        Raises RemoteProtocolError for anything the peer got wrong; the decoder is then
+        unusable and raises the same error again on every call.
+        """
+        if self._failure is not None:
+            raise RemoteProtocolError(f"stream unusable after an earlier error: {self._failure}")
+        try:
+            return self._next()
+        except RemoteProtocolError as exc:
+            self._failure = str(exc)
+            raise
+        except Exception as exc:  # nothing but a protocol error may escape a hostile stream
+            self._failure = f"cannot decode frame: {type(exc).__name__}: {exc}"
+            raise RemoteProtocolError(self._failure) from exc
+
+    def _next(self) -> Message | None:
+        big = self._big
+        if big is not None:
+            if self._big_fill < len(big):
+                return None
+            self._big = None
+            return _decode_frame(big)
+        buf = self._buf
+        have = len(buf)
+        if have < 4:
+            return None
+        (size,) = _HEADER.unpack_from(buf)
+        if size > self._max:
+            raise RemoteProtocolError(f"frame of {size} bytes exceeds the {self._max}-byte limit")
+        if size == 0:
+            raise RemoteProtocolError("empty frame (length 0)")
+        total = size + 4
+        if have < total:
+            if total >= LARGE_FRAME_BYTES:
+                # Receive the rest straight into the frame's own buffer: no regrowth, one copy.
+                frame = aligned_empty(total)
+                with memoryview(buf) as view:
+                    frame[:have] = view
+                buf.clear()
+                self._big = frame
+                self._big_fill = have
+            return None
+        if buf[4] == _OOB_MARK:
+            frame = aligned_empty(total)
+            with memoryview(buf) as view:
+                frame[:] = view[:total]
+            del buf[:total]
+            return _decode_frame(frame)
+        with memoryview(buf) as view:
+            body = view[4:total]
+            try:
+                wire = _unpack(body, size, decode_ext)
+            finally:
+                body.release()
+        del buf[:total]
+        return from_wire(wire)

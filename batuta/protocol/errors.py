@@ -1,0 +1,24 @@
+"""The protocol's errors, split by whose fault it is (as in h11).
+
+`LocalProtocolError`: this side misused the protocol (sent a message in the wrong state or
+direction, or a value the wire cannot carry). `RemoteProtocolError`: the peer did (garbage,
+a bad field, a message it may not send). Both name what was wrong, in one line.
+"""
+
+from __future__ import annotations
+
+from batuta.errors import BatutaError
+
+__all__ = ["LocalProtocolError", "ProtocolError", "RemoteProtocolError"]
+
+
+class ProtocolError(BatutaError):
+    """The coordinator <-> agent byte stream broke the protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried something the protocol forbids (a wrong message, an unsendable value)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol forbids (garbage, a wrong message, a bad field)."""
