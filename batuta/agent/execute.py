@@ -1,0 +1,230 @@
+"""Running one task inside a slot process: a registered kernel or an executable.
+
+Every way a task can end becomes a `TaskOutcome`; nothing here raises to the slot's loop.
+Kernel exceptions give status "error" with a one-line `error` ("ValueError: ...") and the
+traceback in `stderr`. A binary's stdout and stderr are captured up to `OUTPUT_CAP` bytes
+each (the rest is read and dropped, and a marker line says how much), a non-zero exit is an
+"error" naming the code or signal.
+
+The kernel registry (`batuta.kernels.registry`) is imported on the first kernel task, not at
+slot start: importing it may pull in numba (about 0.75 s), and a host that only runs binaries,
+or an SSH start-up benchmark, should not pay that on every slot.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Mapping
+from typing import Any
+
+from batuta.core.task import BinaryCall, KernelCall
+from batuta.protocol.messages import (
+    OUTCOME_ERROR,
+    OUTCOME_OK,
+    TaskOutcome,
+    TaskRequest,
+)
+
+OUTPUT_CAP = 1024 * 1024  # bytes kept of a binary's stdout, and of its stderr
+_ERROR_TEXT_CAP = 500  # characters of an error line
+
+
+def one_line(text: str, limit: int = _ERROR_TEXT_CAP) -> str:
+    """`text` squeezed to one line of at most `limit` characters (errors end up in tables)."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def describe_exception(exc: BaseException) -> str:
+    """ "ValueError: n must be positive" -- the form every error line takes."""
+    message = str(exc)
+    return one_line(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
+
+
+def describe_exit(returncode: int) -> str:
+    """A process's exit status in words: "exited with code 3", "killed by signal 9 (SIGKILL)"."""
+    if returncode < 0:
+        number = -returncode
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = "unknown signal"
+        return f"killed by signal {number} ({name})"
+    return f"exited with code {returncode}"
+
+
+class KernelRunner:
+    """Runs kernels through the registry, importing it (and `--kernel-module`s) on first use."""
+
+    def __init__(self, kernel_modules: tuple[str, ...] = ()) -> None:
+        self._kernel_modules = kernel_modules
+        self._registry: Any = None
+        self._registry_error: str | None = None
+        self._module_errors: list[str] = []
+
+    def _load(self) -> Any:
+        if self._registry is not None or self._registry_error is not None:
+            return self._registry
+        try:
+            from batuta.kernels import registry
+        except Exception as exc:
+            self._registry_error = f"kernel registry unavailable: {describe_exception(exc)}"
+            traceback.print_exc()
+            return None
+        for module in self._kernel_modules:
+            try:
+                registry.load_module(module)
+            except Exception as exc:
+                # The slot keeps working (other kernels may be fine); the failure is named
+                # in the error of every task that asks for a kernel the registry lacks.
+                self._module_errors.append(f"--kernel-module {module}: {describe_exception(exc)}")
+                traceback.print_exc()
+        self._registry = registry
+        return registry
+
+    def run(self, request: TaskRequest, call: KernelCall) -> TaskOutcome:
+        registry = self._load()
+        started = time.perf_counter()
+        if registry is None:
+            return _outcome(request, OUTCOME_ERROR, error=self._registry_error, run_s=0.0)
+        try:
+            value = registry.run(call.name, request.backend, call.args)
+        except registry.UnknownKernelError as exc:
+            text = describe_exception(exc)
+            if repr(call.name) not in text and call.name not in text:
+                text = f"unknown kernel {call.name!r}: {text}"
+            if self._module_errors:
+                text = one_line(f"{text} ({'; '.join(self._module_errors)})")
+            return _outcome(request, OUTCOME_ERROR, error=text, run_s=time.perf_counter() - started)
+        except BaseException as exc:  # SystemExit in a kernel must not end the slot
+            run_s = time.perf_counter() - started
+            return _outcome(
+                request,
+                OUTCOME_ERROR,
+                error=describe_exception(exc),
+                stderr=traceback.format_exc().encode("utf-8", "replace"),
+                run_s=run_s,
+            )
+        return _outcome(request, OUTCOME_OK, value=value, run_s=time.perf_counter() - started)
+
+
+def _outcome(request: TaskRequest, status: str, run_s: float, **fields: Any) -> TaskOutcome:
+    return TaskOutcome(
+        task_id=request.task_id,
+        slot=request.slot,
+        attempt=request.attempt,
+        status=status,
+        run_s=run_s,
+        **fields,
+    )
+
+
+class _CappedBuffer:
+    """Keeps the first `cap` bytes written to it and counts the rest."""
+
+    __slots__ = ("cap", "chunks", "dropped", "kept")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.chunks: list[bytes] = []
+        self.kept = 0
+        self.dropped = 0
+
+    def add(self, data: bytes) -> None:
+        room = self.cap - self.kept
+        if room >= len(data):
+            self.chunks.append(data)
+            self.kept += len(data)
+            return
+        if room > 0:
+            self.chunks.append(data[:room])
+            self.kept += room
+        self.dropped += len(data) - max(room, 0)
+
+    def value(self, stream: str) -> bytes:
+        data = b"".join(self.chunks)
+        if self.dropped:
+            data += f"\n[batuta: {stream} truncated, {self.dropped} more bytes dropped]\n".encode()
+        return data
+
+
+def run_binary(request: TaskRequest, call: BinaryCall, base_env: Mapping[str, str]) -> TaskOutcome:
+    """Run an executable to completion, capturing capped stdout/stderr and its exit code.
+
+    The child stays in the slot's process group on purpose: the agent enforces timeouts and
+    cancels by killing that group, which takes the binary and anything it started with it.
+    """
+    env = dict(base_env)
+    env.update(call.env)
+    started = time.perf_counter()
+    try:
+        proc = subprocess.Popen(
+            [call.path, *call.args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=call.cwd,
+            close_fds=True,
+        )
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        return _outcome(
+            request,
+            OUTCOME_ERROR,
+            error=f"cannot start {call.path!r}: {describe_exception(exc)}",
+            run_s=time.perf_counter() - started,
+        )
+    assert proc.stdout is not None and proc.stderr is not None
+    buffers = {proc.stdout.fileno(): _CappedBuffer(OUTPUT_CAP), proc.stderr.fileno(): _CappedBuffer(OUTPUT_CAP)}
+    stdout_fd, stderr_fd = proc.stdout.fileno(), proc.stderr.fileno()
+    poller = select.poll()
+    for fd in buffers:
+        poller.register(fd, select.POLLIN)
+    open_fds = set(buffers)
+    exited_at: float | None = None
+    while open_fds:
+        # After the process exits, a background child may still hold the pipes open; read
+        # what is there for a moment, then stop rather than wait for that child.
+        if exited_at is None and proc.poll() is not None:
+            exited_at = time.monotonic()
+        if exited_at is not None and time.monotonic() - exited_at > 0.2:
+            break
+        events = poller.poll(50)
+        for fd, _ in events:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            if data:
+                buffers[fd].add(data)
+            else:
+                poller.unregister(fd)
+                open_fds.discard(fd)
+    returncode = proc.wait()
+    proc.stdout.close()
+    proc.stderr.close()
+    run_s = time.perf_counter() - started
+    stdout = buffers[stdout_fd].value("stdout")
+    stderr = buffers[stderr_fd].value("stderr")
+    if returncode == 0:
+        return _outcome(request, OUTCOME_OK, stdout=stdout, stderr=stderr, exit_code=0, run_s=run_s)
+    return _outcome(
+        request,
+        OUTCOME_ERROR,
+        stdout=stdout,
+        stderr=stderr,
+        exit_code=returncode,
+        error=f"{call.path} {describe_exit(returncode)}",
+        run_s=run_s,
+    )
+
+
+def print_error(message: str) -> None:
+    """A line on the slot's stderr (which is the agent's stderr, shown by the coordinator)."""
+    print(message, file=sys.stderr, flush=True)

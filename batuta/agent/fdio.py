@@ -1,0 +1,195 @@
+"""Non-blocking reads and writes on raw pipe file descriptors from an asyncio loop.
+
+The agent talks to its coordinator over two private fds and to each slot process over a
+pair of pipes. asyncio's transports would do, but they want a coroutine to set up per
+process and copy on every partial write; these two small classes register the fd with the
+loop directly, write straight through when the pipe has room (the common case), keep a queue
+of memoryviews only for what the pipe refused, and hand every read chunk to a callback
+(`b""` meaning end of file).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections import deque
+from collections.abc import Callable
+
+READ_CHUNK = 256 * 1024
+
+
+class FdReader:
+    """Calls `on_data(chunk)` for each chunk read from `fd`, and `on_data(b"")` once at EOF."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fd: int,
+        on_data: Callable[[bytes], None],
+        *,
+        chunk_size: int = READ_CHUNK,
+    ) -> None:
+        self._loop = loop
+        self._fd = fd
+        self._on_data = on_data
+        self._chunk_size = chunk_size
+        self._active = True
+        self._closed = False
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, self._on_readable)
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def _on_readable(self) -> None:
+        self._read_once()
+
+    def _read_once(self) -> bool:
+        """Read one chunk and deliver it. False when nothing was there or the reader stopped."""
+        if not self._active:
+            return False
+        try:
+            data = os.read(self._fd, self._chunk_size)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            data = b""  # a broken fd reads as end of file: the peer is gone either way
+        if not data:
+            self.stop()
+        self._on_data(data)
+        return bool(data)
+
+    def read_available(self) -> None:
+        """Deliver whatever is readable right now, without waiting (used before a kill, so a
+        result that is already in the pipe is not mistaken for a task still running)."""
+        while self._read_once():
+            pass
+
+    def stop(self) -> None:
+        """Stop watching the fd (it stays open)."""
+        if self._active:
+            self._active = False
+            self._loop.remove_reader(self._fd)
+
+    def close(self) -> None:
+        self.stop()
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+
+
+class FdWriter:
+    """Writes bytes to `fd` without blocking; buffers what the pipe cannot take yet.
+
+    A write error (the reader went away) calls `on_error` once and drops further writes:
+    the reading side notices the peer's death through its own EOF, which is where the
+    agent handles it.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fd: int,
+        on_error: Callable[[OSError], None] | None = None,
+    ) -> None:
+        self._loop = loop
+        self._fd = fd
+        self._on_error = on_error
+        self._pending: deque[memoryview] = deque()
+        self._pending_bytes = 0
+        self._watching = False
+        self._failed = False
+        self._closed = False
+        self._drained: list[asyncio.Future[None]] = []
+        os.set_blocking(fd, False)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes accepted but not yet written to the fd."""
+        return self._pending_bytes
+
+    @property
+    def failed(self) -> bool:
+        return self._failed
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._failed or self._closed or not data:
+            return
+        view = memoryview(data).cast("B")
+        if not self._pending:
+            written = self._try_write(view)
+            if written is None or written == len(view):
+                return
+            view = view[written:]
+        self._pending.append(view)
+        self._pending_bytes += len(view)
+        if not self._watching:
+            self._watching = True
+            self._loop.add_writer(self._fd, self._on_writable)
+
+    def _try_write(self, view: memoryview) -> int | None:
+        """Write what the fd takes now; None after a fatal error."""
+        try:
+            return os.write(self._fd, view)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            self._fail(exc)
+            return None
+
+    def _on_writable(self) -> None:
+        while self._pending:
+            head = self._pending[0]
+            written = self._try_write(head)
+            if written is None:
+                return
+            self._pending_bytes -= written
+            if written < len(head):
+                self._pending[0] = head[written:]
+                return
+            self._pending.popleft()
+        self._stop_watching()
+        self._wake_drained()
+
+    def _stop_watching(self) -> None:
+        if self._watching:
+            self._watching = False
+            self._loop.remove_writer(self._fd)
+
+    def _wake_drained(self) -> None:
+        waiters, self._drained = self._drained, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _fail(self, exc: OSError) -> None:
+        self._failed = True
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._stop_watching()
+        self._wake_drained()
+        if self._on_error is not None:
+            self._on_error(exc)
+
+    async def drain(self) -> None:
+        """Wait until everything written so far reached the fd (or writing failed)."""
+        if not self._pending or self._failed:
+            return
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._drained.append(waiter)
+        await waiter
+
+    def close(self) -> None:
+        """Drop anything unwritten and close the fd (closing is the peer's EOF)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._stop_watching()
+        self._wake_drained()
+        with contextlib.suppress(OSError):
+            os.close(self._fd)

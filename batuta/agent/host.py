@@ -1,0 +1,525 @@
+"""The host agent: one per host, one framed stream to the coordinator, one process per slot.
+
+What it does, in the order a session goes:
+
+1. Send `Hello`, then spawn the slot processes (CPU slots `0..N-1`, then one GPU slot per
+   selected GPU; see `spawn.py`) without waiting for them to be ready; wait for `Welcome` (or
+   `Error`: print it, exit 1). Nothing but an `Error` may go out before `Welcome`, so a
+   `SlotState` from that time waits for it. Heartbeats start with `Welcome`, one at once,
+   then every `heartbeat_interval`.
+2. Serve: `Run` queues tasks on their slots (`supervisor.py` has the rules for feeding,
+   Started inference, timeouts, cancel, steal-back, slot death and restarts); `StealBack`
+   answers at once with what was still queued; `Cancel` answers each held task "cancelled"
+   (a task already fed to its slot when the slot gets to it); unknown ids are ignored.
+3. End: `Shutdown` kills all work and slots, sends the results it already has, says `Bye`,
+   exits 0; killed tasks are not answered. EOF on stdin (the
+   coordinator closed the stream, its SSH channel died, or it was killed) kills everything
+   and exits 0 without a word. A protocol error from the coordinator is answered with
+   `Error(message)`, then everything stops and the agent exits 1. SIGTERM, SIGHUP and SIGINT
+   kill everything, say `Bye`, exit 128 + the signal number.
+
+Outgoing messages are collected during one pass of the event loop and written with one
+`send_many` call (scheduled with `call_soon`): `Started` ids first, without those whose
+result goes out in the same write, then everything else in the order it happened, with
+consecutive results merged into `Done` frames.
+
+A `Run` for a slot this agent does not have is answered with an "error" outcome per task.
+A `Run` for a slot that is down is not answered: "down" already handed every task of that
+slot back to the coordinator (see `supervisor.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from batuta._version import __version__
+from batuta.agent.fdio import FdReader, FdWriter
+from batuta.agent.options import AgentOptions
+from batuta.agent.spawn import SlotProcess, preload_for_fork, spawn_mode
+from batuta.agent.supervisor import SlotSupervisor
+from batuta.agent.telemetry import TelemetrySource, package_versions
+from batuta.protocol.connection import CLOSED, NEED_DATA, Connection, Role
+from batuta.protocol.errors import LocalProtocolError, RemoteProtocolError
+from batuta.protocol.messages import (
+    OUTCOME_ERROR,
+    PROTOCOL_VERSION,
+    Bye,
+    Cancel,
+    Done,
+    Error,
+    GpuInfo,
+    Heartbeat,
+    Hello,
+    Message,
+    Run,
+    Shutdown,
+    SlotInfo,
+    SlotState,
+    Started,
+    StealBack,
+    StealBackReply,
+    TaskOutcome,
+    Welcome,
+)
+
+DONE_MAX_RESULTS = 1024  # results per Done frame
+DONE_MAX_BYTES = 32 * 1024 * 1024  # estimated payload per Done frame, well under the frame limit
+DRAIN_TIMEOUT_S = 5.0  # how long a Bye or Error may take to reach the coordinator at exit
+EXIT_OK = 0
+EXIT_ERROR = 1
+
+
+def _outcome_size(outcome: TaskOutcome) -> int:
+    """A rough size of an outcome on the wire, to keep Done frames from growing unbounded."""
+    size = 64 + len(outcome.stdout) + len(outcome.stderr) + len(outcome.error or "")
+    value = outcome.value
+    nbytes = getattr(value, "nbytes", None)
+    if isinstance(nbytes, int):
+        size += nbytes
+    elif isinstance(value, (bytes, str)):
+        size += len(value)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            item_bytes = getattr(item, "nbytes", None)
+            size += item_bytes if isinstance(item_bytes, int) else 16
+    return size
+
+
+class _DoneBatch:
+    """Consecutive results waiting to go out, merged into as few Done frames as allowed."""
+
+    __slots__ = ("results",)
+
+    def __init__(self) -> None:
+        self.results: list[TaskOutcome] = []
+
+    def frames(self) -> list[Done]:
+        frames: list[Done] = []
+        chunk: list[TaskOutcome] = []
+        size = 0
+        for outcome in self.results:
+            item = _outcome_size(outcome)
+            if chunk and (len(chunk) >= DONE_MAX_RESULTS or size + item > DONE_MAX_BYTES):
+                frames.append(Done(results=tuple(chunk)))
+                chunk, size = [], 0
+            chunk.append(outcome)
+            size += item
+        if chunk:
+            frames.append(Done(results=tuple(chunk)))
+        return frames
+
+
+class Agent:
+    """The agent's event-loop side. `await run()` returns the process exit code."""
+
+    def __init__(
+        self,
+        options: AgentOptions,
+        telemetry: TelemetrySource,
+        *,
+        frames_in: int,
+        frames_out: int,
+        gpus: tuple[GpuInfo, ...],
+        gpu_slots: tuple[tuple[GpuInfo, dict[str, str]], ...],
+    ) -> None:
+        self._options = options
+        self._telemetry = telemetry
+        self._frames_in = frames_in
+        self._frames_out = frames_out
+        self._gpus = gpus
+        self._gpu_slots = gpu_slots
+        self._conn = Connection(Role.AGENT)
+        self._spawn_mode = spawn_mode()
+        self._slots: dict[int, SlotSupervisor] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: FdReader | None = None
+        self._writer: FdWriter | None = None
+        self._exit: asyncio.Future[int] | None = None
+        self._welcomed = False
+        self._stopping = False
+        self._heartbeat_interval = 1.0
+        self._heartbeat_seq = 0
+        self._heartbeat_timer: asyncio.TimerHandle | None = None
+        self._heartbeat_due = 0.0
+        # The outbox of one loop pass: Started ids, and messages or result batches in order.
+        self._started: list[int] = []
+        self._finished_ids: set[int] = set()
+        self._outbox: list[Message | _DoneBatch] = []
+        self._flush_scheduled = False
+        self._touched: set[SlotSupervisor] = set()  # slots whose queue changed in this read
+        self._killed: list[SlotProcess] = []  # slot processes to reap at exit
+
+    # -- SlotEvents ---------------------------------------------------------------------
+
+    def task_started(self, task_id: int) -> None:
+        self._started.append(task_id)
+        self._schedule_flush()
+
+    def task_finished(self, outcome: TaskOutcome) -> None:
+        last = self._outbox[-1] if self._outbox else None
+        if not isinstance(last, _DoneBatch):
+            last = _DoneBatch()
+            self._outbox.append(last)
+        last.results.append(outcome)
+        self._finished_ids.add(outcome.task_id)
+        self._schedule_flush()
+
+    def slot_changed(self, state: SlotState) -> None:
+        self._emit(state)
+
+    # -- writing ------------------------------------------------------------------------
+
+    def _emit(self, message: Message) -> None:
+        self._outbox.append(message)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._welcomed:
+            # Before Welcome the agent may send nothing but Error; a slot that restarted
+            # meanwhile is reported once the session is accepted.
+            return
+        messages: list[Message] = []
+        if self._started:
+            finished = self._finished_ids
+            ids = tuple(t for t in self._started if t not in finished)
+            if ids:
+                messages.append(Started(task_ids=ids))
+        for item in self._outbox:
+            if isinstance(item, _DoneBatch):
+                messages.extend(item.frames())
+            else:
+                messages.append(item)
+        self._started = []
+        self._finished_ids = set()
+        self._outbox = []
+        if not messages or self._writer is None:
+            return
+        data: bytes | None
+        try:
+            data = self._conn.send_many(messages)
+        except LocalProtocolError:
+            data = self._encode_one_by_one(messages)
+        if data:
+            self._writer.write(data)
+
+    def _encode_one_by_one(self, messages: list[Message]) -> bytes | None:
+        """The slow path after a batch failed to encode: send what can be sent, turn a result
+        that cannot be encoded into an "error" outcome (slots check theirs, so this is a
+        last line of defence), and stop only if the connection itself refuses."""
+        chunks: list[bytes] = []
+        for message in messages:
+            try:
+                chunks.append(self._conn.send(message))
+                continue
+            except LocalProtocolError as exc:
+                if not self._conn.can_send:
+                    self._fail(f"agent bug: {exc}", send_error=False)
+                    return None
+                problem = str(exc)
+            if not isinstance(message, Done):
+                print(f"batuta agent: dropped an unsendable {type(message).__name__}: {problem}", file=sys.stderr)
+                continue
+            for outcome in message.results:
+                try:
+                    chunks.append(self._conn.send(Done(results=(outcome,))))
+                except LocalProtocolError as exc:
+                    replacement = TaskOutcome(
+                        task_id=outcome.task_id,
+                        slot=outcome.slot,
+                        attempt=outcome.attempt,
+                        status=OUTCOME_ERROR,
+                        error=f"the task's outcome cannot be sent to the coordinator: {exc}"[:500],
+                        run_s=outcome.run_s,
+                    )
+                    chunks.append(self._conn.send(Done(results=(replacement,))))
+        return b"".join(chunks)
+
+    def _on_write_error(self, exc: OSError) -> None:
+        # The coordinator's end of our stdout is gone; its end of stdin will follow.
+        self._finish(EXIT_OK, bye=None)
+
+    # -- reading ------------------------------------------------------------------------
+
+    def _on_input(self, data: bytes) -> None:
+        if self._stopping:
+            return
+        try:
+            self._conn.receive_data(data)
+            while True:
+                event = self._conn.next_event()
+                if event is NEED_DATA:
+                    break
+                if event is CLOSED:
+                    self._finish(EXIT_OK, bye=None)
+                    return
+                self._dispatch(event)
+                if self._stopping:
+                    return
+        except RemoteProtocolError as exc:
+            self._fail(f"protocol error from the coordinator: {exc}", send_error=True)
+            return
+        except Exception as exc:  # a bug here: say so on both channels rather than limp on
+            self._fail(f"agent failed: {type(exc).__name__}: {exc}", send_error=True)
+            raise
+        for slot in self._touched:
+            slot.pump()
+        self._touched.clear()
+
+    def _dispatch(self, message: Any) -> None:
+        if isinstance(message, Run):
+            self._on_run(message)
+        elif isinstance(message, StealBack):
+            self._on_steal_back(message)
+        elif isinstance(message, Cancel):
+            self._on_cancel(message.task_ids)
+        elif isinstance(message, Welcome):
+            self._on_welcome(message)
+        elif isinstance(message, Shutdown):
+            self._finish(EXIT_OK, bye=Bye(reason=message.reason or "shutdown requested"))
+        elif isinstance(message, Error):
+            print(
+                f"batuta agent: the coordinator ended the session: {message.message}",
+                file=sys.stderr,
+                flush=True,
+            )
+            self._finish(EXIT_ERROR, bye=None)
+        else:
+            raise RemoteProtocolError(f"unexpected {type(message).__name__} from the coordinator")
+
+    def _on_welcome(self, welcome: Welcome) -> None:
+        self._welcomed = True
+        self._schedule_flush()  # SlotState changes that happened during the handshake
+        self._heartbeat_interval = max(0.05, float(welcome.heartbeat_interval))
+        assert self._loop is not None
+        self._heartbeat_due = self._loop.time()
+        self._heartbeat()
+
+    def _on_run(self, run: Run) -> None:
+        for request in run.tasks:
+            slot = self._slots.get(request.slot)
+            if slot is None:
+                self.task_finished(
+                    TaskOutcome(
+                        task_id=request.task_id,
+                        slot=request.slot,
+                        attempt=request.attempt,
+                        status=OUTCOME_ERROR,
+                        error=f"this agent has no slot {request.slot} "
+                        f"(it has {len(self._slots)}: 0..{len(self._slots) - 1})",
+                    )
+                )
+                continue
+            slot.enqueue(request)
+            self._touched.add(slot)
+
+    def _on_steal_back(self, message: StealBack) -> None:
+        slot = self._slots.get(message.slot)
+        if slot is None:
+            returned: tuple[int, ...] = ()
+            refused = tuple(message.task_ids)
+        else:
+            returned, refused = slot.steal_back(message.task_ids)
+            # Room in the queue does not change feeding; nothing to pump.
+        self._emit(StealBackReply(slot=message.slot, returned=returned, refused=refused))
+
+    def _on_cancel(self, task_ids: Iterable[int]) -> None:
+        by_slot: dict[SlotSupervisor, list[int]] = {}
+        for task_id in task_ids:
+            for slot in self._slots.values():
+                if slot.holds(task_id):
+                    by_slot.setdefault(slot, []).append(task_id)
+                    break
+        for slot, ids in by_slot.items():
+            slot.cancel(ids)
+            self._touched.add(slot)
+
+    # -- heartbeats ---------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        if self._stopping:
+            return
+        assert self._loop is not None
+        try:
+            sample = self._telemetry.sample()
+        except Exception as exc:  # telemetry must never take the agent down
+            print(f"batuta agent: telemetry failed: {exc}", file=sys.stderr, flush=True)
+            sample = None
+        if sample is not None:
+            self._emit(
+                Heartbeat(
+                    seq=self._heartbeat_seq,
+                    cpu_percent=sample.cpu_percent,
+                    memory_used=sample.memory_used,
+                    memory_total=sample.memory_total,
+                    gpus=sample.gpus,
+                    gpu_status=sample.gpu_status,
+                )
+            )
+            self._heartbeat_seq += 1
+        now = self._loop.time()
+        # A fixed cadence, not "interval after the last one"; after a stall, skip ahead
+        # rather than send a burst.
+        self._heartbeat_due += self._heartbeat_interval
+        if self._heartbeat_due < now:
+            self._heartbeat_due = now + self._heartbeat_interval
+        self._heartbeat_timer = self._loop.call_at(self._heartbeat_due, self._heartbeat)
+
+    # -- start and stop -----------------------------------------------------------------
+
+    def _hello(self, slots: list[SlotInfo]) -> Hello:
+        uname = os.uname()
+        return Hello(
+            protocol=PROTOCOL_VERSION,
+            batuta_version=__version__,
+            python_version="{}.{}.{}".format(*sys.version_info[:3]),
+            hostname=self._options.name or uname.nodename,
+            pid=os.getpid(),
+            cpu_count=os.cpu_count() or 1,
+            slots=tuple(slots),
+            gpus=self._gpus,
+            packages=package_versions(),
+        )
+
+    def _fail(self, message: str, *, send_error: bool) -> None:
+        print(f"batuta agent: {message}", file=sys.stderr, flush=True)
+        self._finish(EXIT_ERROR, bye=None, error=Error(message=message) if send_error else None)
+
+    def _finish(self, code: int, *, bye: Bye | None, error: Error | None = None) -> None:
+        """Stop everything now; the exit future resolves once the last words are written."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._heartbeat_timer is not None:
+            self._heartbeat_timer.cancel()
+        if self._reader is not None:
+            self._reader.stop()
+        self.stop_slots()
+        # Results that already exist still go out; Started for work just killed does not
+        # (the coordinator asked for the end, or is gone, and knows what was outstanding).
+        self._started = []
+        self._outbox = [m for m in self._outbox if not isinstance(m, Heartbeat)]
+        for last_word in (error, bye):
+            if last_word is not None:
+                self._outbox.append(last_word)
+        self._flush_for_exit()
+        if self._exit is not None and not self._exit.done():
+            self._exit.set_result(code)
+
+    def _flush_for_exit(self) -> None:
+        self._flush_scheduled = True  # no more scheduled flushes
+        messages: list[Message] = []
+        for item in self._outbox:
+            if not self._welcomed and not isinstance(item, Error):
+                continue  # before Welcome only an Error may go out
+            if isinstance(item, _DoneBatch):
+                messages.extend(item.frames())
+            else:
+                messages.append(item)
+        self._outbox = []
+        if not messages or self._writer is None:
+            return
+        for message in messages:
+            try:
+                self._writer.write(self._conn.send(message))
+            except Exception:
+                # The connection refuses (e.g. an Error after a protocol error, or before
+                # Hello): what is left is best effort.
+                if isinstance(message, Error):
+                    self._writer.write(_raw_error_frame(message))
+
+    def stop_slots(self) -> list[SlotProcess]:
+        """Kill every slot's process group; returns the processes to reap."""
+        killed = []
+        for slot in self._slots.values():
+            proc = slot.close()
+            if proc is not None:
+                killed.append(proc)
+        self._killed.extend(killed)
+        return killed
+
+    def _on_signal(self, signum: int) -> None:
+        self._finish(128 + signum, bye=Bye(reason=f"agent got {signal.Signals(signum).name}"))
+
+    def _spawn_slots(self, infos: list[SlotInfo], envs: list[dict[str, str]]) -> None:
+        assert self._loop is not None
+        for info, env in zip(infos, envs, strict=True):
+            slot = SlotSupervisor(
+                info=info,
+                env=env,
+                kernel_modules=self._options.kernel_modules,
+                events=self,
+                loop=self._loop,
+                spawn_mode=self._spawn_mode,
+            )
+            self._slots[info.slot] = slot
+            slot.start()
+
+    async def run(self) -> int:
+        """Serve the session; returns the exit code. Slots are dead when it returns."""
+        self._loop = loop = asyncio.get_running_loop()
+        self._exit = loop.create_future()
+        try:
+            for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+                loop.add_signal_handler(signum, self._on_signal, signum)
+            cpu_infos = [SlotInfo(slot=i, capabilities=("cpu",)) for i in range(self._options.cpu_slots)]
+            first_gpu_slot = len(cpu_infos)
+            gpu_infos = [
+                SlotInfo(slot=first_gpu_slot + k, capabilities=("gpu",), gpu_index=gpu.index)
+                for k, (gpu, _) in enumerate(self._gpu_slots)
+            ]
+            # Hello only describes the slots, so it goes out before they are spawned: on a
+            # busy host the coordinator hears from us without waiting for the slot processes.
+            self._writer = FdWriter(loop, self._frames_out, self._on_write_error)
+            self._writer.write(self._conn.send(self._hello(cpu_infos + gpu_infos)))
+            if self._spawn_mode == "fork":
+                preload_for_fork()
+            base_env = dict(os.environ)
+            self._spawn_slots(cpu_infos, [base_env] * len(cpu_infos))
+            self._spawn_slots(gpu_infos, [{**base_env, **env} for _, env in self._gpu_slots])
+            self._reader = FdReader(loop, self._frames_in, self._on_input)
+
+            code = await self._exit
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._writer.drain(), DRAIN_TIMEOUT_S)
+            return code
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+            self.stop_slots()
+            self.reap(self._killed)
+            if self._reader is not None:
+                self._reader.close()
+            if self._writer is not None:
+                self._writer.close()
+
+    @staticmethod
+    def reap(procs: list[SlotProcess], timeout: float = 2.0) -> None:
+        """Wait for killed slot processes, so none is left a zombie or an orphan."""
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.0, deadline - time.monotonic()))
+
+
+def _raw_error_frame(message: Error) -> bytes:
+    """An Error frame encoded without the connection's state checks (last words only)."""
+    from batuta.protocol.codec import encode_message
+
+    try:
+        return encode_message(message)
+    except Exception:
+        return b""

@@ -1,0 +1,134 @@
+"""Entry point of the host agent: `python -m batuta.agent --stdio ...` or `batuta agent ...`.
+
+`main(argv)` parses the command line, takes the protocol stream off stdin/stdout, decides
+the slots (CPU slots, then one per selected GPU, pinned with `CUDA_VISIBLE_DEVICES`) and runs
+the `Agent` until the session ends. Exit codes: 0 after Shutdown or EOF, 1 after a protocol
+error or a refused session, 2 for bad arguments, 128 + N after signal N.
+
+Start-up is on the clock (a cluster of agents must be ready in well under a second), so
+this imports only what the agent itself needs: no numba, no kernel registry, and slot
+processes are spawned without waiting for each other (see `host.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Mapping
+
+from batuta.agent.options import AgentOptions, GpuSelection, parse_args
+from batuta.errors import UsageError
+from batuta.protocol.messages import GpuInfo
+
+EXIT_USAGE = 2
+
+
+def _claim_stdio() -> tuple[int, int]:
+    """Move the protocol stream to private fds; fd 0 becomes /dev/null, fd 1 stderr.
+
+    After this, a stray `print` (from a library, a kernel module, a warning) lands on stderr
+    instead of corrupting frames, and nothing can read the coordinator's bytes by accident.
+    The private fds are close-on-exec, so no child holds the coordinator's pipe open.
+    """
+    sys.stdout.flush()
+    frames_in = os.dup(0)
+    frames_out = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    return frames_in, frames_out
+
+
+def _visible(gpus: tuple[GpuInfo, ...], visible: str | None) -> tuple[GpuInfo, ...]:
+    """The GPUs an unset-or-set `CUDA_VISIBLE_DEVICES` lets this agent use (NVML order)."""
+    if visible is None:
+        return gpus
+    chosen: list[GpuInfo] = []
+    for entry in (part.strip() for part in visible.split(",")):
+        if entry.isdigit():
+            match = [g for g in gpus if g.index == int(entry)]
+        elif entry.startswith("GPU-"):
+            match = [g for g in gpus if g.uuid and g.uuid.startswith(entry)]
+        else:
+            break  # CUDA stops at the first entry it cannot parse ("", "-1", MIG ids)
+        if not match:
+            break
+        if match[0] not in chosen:
+            chosen.append(match[0])
+    return tuple(chosen)
+
+
+def plan_gpu_slots(
+    selection: GpuSelection,
+    gpus: tuple[GpuInfo, ...],
+    gpu_status: str,
+    environ: Mapping[str, str],
+) -> tuple[tuple[GpuInfo, dict[str, str]], ...]:
+    """One (GPU, environment overrides) per GPU slot. Raises UsageError for absent indices."""
+    if selection.mode == "none":
+        return ()
+    if selection.mode == "auto":
+        chosen = _visible(gpus, environ.get("CUDA_VISIBLE_DEVICES"))
+    else:
+        by_index = {g.index: g for g in gpus}
+        missing = [i for i in selection.indices if i not in by_index]
+        if missing:
+            have = ", ".join(str(g.index) for g in gpus) or f"none: {gpu_status or 'no GPU'}"
+            raise UsageError(
+                f"--gpus {','.join(map(str, selection.indices))}: "
+                f"no GPU {','.join(map(str, missing))} on this host (GPUs: {have})"
+            )
+        chosen = tuple(by_index[i] for i in selection.indices)
+    plan = []
+    for gpu in chosen:
+        # A UUID pins the right device whatever order CUDA enumerates in; fake GPUs have no
+        # real UUID, so they fall back to the index in PCI order (NVML's order).
+        device = gpu.uuid if gpu.uuid.startswith("GPU-") else str(gpu.index)
+        plan.append((gpu, {"CUDA_VISIBLE_DEVICES": device, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}))
+    return tuple(plan)
+
+
+def _error(message: str) -> None:
+    print(f"batuta agent: error: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    """Run the agent with `argv` (no program name); returns the exit code."""
+    try:
+        options: AgentOptions = parse_args(argv)
+    except UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+
+    from batuta.agent.host import Agent
+    from batuta.agent.telemetry import open_telemetry
+
+    try:
+        telemetry = open_telemetry()
+    except ValueError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    try:
+        gpus = telemetry.gpu_infos()
+        gpu_slots = plan_gpu_slots(options.gpus, gpus, telemetry.gpu_status(), os.environ)
+    except UsageError as exc:
+        telemetry.close()
+        _error(str(exc))
+        return EXIT_USAGE
+    frames_in, frames_out = _claim_stdio()
+    agent = Agent(
+        options,
+        telemetry,
+        frames_in=frames_in,
+        frames_out=frames_out,
+        gpus=gpus,
+        gpu_slots=gpu_slots,
+    )
+    try:
+        return asyncio.run(agent.run())
+    finally:
+        telemetry.close()

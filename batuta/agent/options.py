@@ -1,0 +1,116 @@
+"""The agent's command line: `python -m batuta.agent --stdio [--slots N] [--gpus ...] ...`.
+
+Parsing is separate from running so that `batuta agent ...` (the CLI subcommand) and the
+tests share one definition. Bad arguments raise `UsageError` with a one-line message; the
+caller prints it and exits with status 2, because the coordinator shows the agent's stderr
+to a person and a full argparse usage dump there is noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import NoReturn
+
+from batuta.errors import UsageError
+
+PROG = "batuta agent"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GpuSelection:
+    """`--gpus`: "auto" (every GPU NVML reports), "none", or explicit NVML indices."""
+
+    mode: str  # "auto" | "none" | "list"
+    indices: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentOptions:
+    """What the agent was asked to do."""
+
+    cpu_slots: int
+    gpus: GpuSelection
+    kernel_modules: tuple[str, ...] = ()
+    name: str | None = None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _parse_gpus(text: str) -> GpuSelection:
+    value = text.strip().lower()
+    if value in ("auto", "all"):
+        return GpuSelection(mode="auto")
+    if value in ("none", "no", "off", ""):
+        return GpuSelection(mode="none")
+    indices: list[int] = []
+    for part in value.split(","):
+        part = part.strip()
+        if not part.isdigit():
+            raise UsageError(f"--gpus {text!r}: expected auto, none or GPU indices like 0,1")
+        if int(part) not in indices:
+            indices.append(int(part))
+    return GpuSelection(mode="list", indices=tuple(indices))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Run the batuta host agent: worker slots fed over a framed stdin/stdout stream.",
+    )
+    parser.add_argument(
+        "--stdio",
+        action="store_true",
+        help="speak the batuta protocol on stdin/stdout (the only transport; required)",
+    )
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU worker slots (default: the number of CPUs)",
+    )
+    parser.add_argument(
+        "--gpus",
+        default="auto",
+        metavar="auto|none|0,1",
+        help="GPU slots: one per NVIDIA GPU (auto), none, or these NVML indices",
+    )
+    parser.add_argument(
+        "--kernel-module",
+        action="append",
+        default=[],
+        metavar="MOD",
+        help="import this module's kernels into the registry in every slot (repeatable)",
+    )
+    parser.add_argument("--name", default=None, help="host name to report (default: hostname)")
+    return parser
+
+
+def parse_args(argv: list[str]) -> AgentOptions:
+    """Parse `argv` (without the program name). Raises `UsageError` with a one-line message."""
+    namespace = build_parser().parse_args(argv)
+    if not namespace.stdio:
+        raise UsageError("--stdio is required (the agent speaks its protocol on stdin/stdout)")
+    slots = namespace.slots if namespace.slots is not None else (os.cpu_count() or 1)
+    if slots < 0:
+        raise UsageError(f"--slots {slots}: expected a number of CPU slots >= 0")
+    if slots > 1024:
+        raise UsageError(f"--slots {slots}: at most 1024 slots per agent")
+    for module in namespace.kernel_module:
+        if not module or not all(part.isidentifier() for part in module.split(".")):
+            raise UsageError(f"--kernel-module {module!r}: expected a dotted module name")
+    if namespace.name is not None and not namespace.name.strip():
+        raise UsageError("--name: expected a non-empty host name")
+    return AgentOptions(
+        cpu_slots=slots,
+        gpus=_parse_gpus(namespace.gpus),
+        kernel_modules=tuple(namespace.kernel_module),
+        name=namespace.name,
+    )

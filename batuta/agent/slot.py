@@ -1,0 +1,311 @@
+"""A slot's worker process: forked from the agent, or `python -m batuta.agent.slot ...`.
+
+`spawn.py` decides how it starts; either way it ends up in `serve()`.
+
+It reads frames from its stdin and writes frames to its stdout, with the same codec and
+message classes as the coordinator link (no pickle):
+
+    agent -> slot:  Run(tasks)         queue these, run them in order
+                    Cancel(task_ids)   drop these if not started yet (answered "cancelled")
+                    Shutdown()         exit now (EOF on stdin does the same)
+    slot -> agent:  SlotState(up)      sent once, when the loop is ready to take tasks;
+                                       the agent infers the first task's start from it
+                    Done((outcome,))   one frame per finished task, several per write
+
+Tasks run one at a time on the main thread. Results are batched: after a task, the slot
+looks (without waiting) for more input; while tasks are waiting it keeps finished results
+and writes them together once it holds at least as many results as tasks remain, 64
+results, or 1 ms has passed since the oldest one. Results are also written before any task
+that is not obviously as quick as the last one (the same kernel, under 50 us), so they
+never wait behind a long task. That keeps trivial tasks at tens of thousands per second
+without delaying a lone result.
+
+Each result is encoded on its own as soon as it exists, so a value the codec cannot encode
+(or one over the frame limit) turns into an "error" outcome for that task alone.
+
+Hygiene: the frame stream moves to private fds at start; fd 1 then points at stderr and
+fd 0 at /dev/null, so kernels that print or read stdin cannot touch the stream. The slot is
+a session leader (the agent starts it that way); binaries it runs share its process group,
+so the agent's `killpg` on timeout, cancel or shutdown reaches them and their children. If
+the agent dies without cleaning up (SIGKILL), Linux's parent-death signal sends the slot
+SIGTERM, whose handler kills the slot's whole process group.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+import time
+from collections import deque
+from types import FrameType
+
+from batuta.agent.execute import (
+    KernelRunner,
+    describe_exception,
+    one_line,
+    run_binary,
+)
+from batuta.core.task import KernelCall
+from batuta.protocol.codec import FrameDecoder, encode_message
+from batuta.protocol.messages import (
+    OUTCOME_CANCELLED,
+    OUTCOME_ERROR,
+    OUTCOME_OK,
+    Cancel,
+    Done,
+    Run,
+    Shutdown,
+    SlotState,
+    TaskOutcome,
+    TaskRequest,
+)
+
+_BATCH_MAX_RESULTS = 64
+_BATCH_MAX_AGE_S = 0.001
+_QUICK_S = 50e-6  # a task this short may run while results wait to be batched
+_READ_CHUNK = 256 * 1024
+
+
+def _claim_stdio() -> tuple[int, int]:
+    """Move the frame pipes to private fds; point fd 0 at /dev/null and fd 1 at stderr."""
+    frames_in = os.dup(0)
+    frames_out = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    return frames_in, frames_out
+
+
+def _kill_own_group(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM (also the parent-death signal): take every process of this slot down."""
+    if os.getpgrp() == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os._exit(128 + signum)
+
+
+def _arm_parent_death(agent_pid: int) -> None:
+    """Ask Linux to SIGTERM this process when the agent dies, then close the race where the
+    agent died before the request was made."""
+    signal.signal(signal.SIGTERM, _kill_own_group)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1
+            libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        except Exception:  # without prctl we still exit on EOF of our input pipe
+            pass
+    if agent_pid and os.getppid() != agent_pid:
+        os._exit(1)
+
+
+class SlotWorker:
+    """The slot's loop: read tasks, run them in order, write results in batches."""
+
+    def __init__(self, *, slot: int, frames_in: int, frames_out: int, kernel_modules: tuple[str, ...]) -> None:
+        self._slot = slot
+        self._in = frames_in
+        self._out = frames_out
+        self._decoder = FrameDecoder()
+        self._waiting: deque[TaskRequest] = deque()  # TaskRequests received, not yet run
+        self._results: list[bytes] = []  # encoded Done frames not yet written
+        self._oldest_result_at = 0.0
+        self._eof = False
+        self._poller = select.poll()
+        self._poller.register(frames_in, select.POLLIN)
+        self._kernels = KernelRunner(kernel_modules)
+        self._last_kernel = ""  # name and run time of the last task, for `_likely_quick`
+        self._last_run_s = 0.0
+        self._env = dict(os.environ)
+
+    # -- input --------------------------------------------------------------------------
+
+    def _read(self, *, wait: bool) -> None:
+        """Read what is there (or block for it when `wait`), then take in every whole frame."""
+        if not wait and not self._poller.poll(0):
+            return
+        try:
+            data = os.read(self._in, _READ_CHUNK)
+        except InterruptedError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._eof = True
+            return
+        self._decoder.feed(data)
+        while (message := self._decoder.next_message()) is not None:
+            if isinstance(message, Run):
+                self._waiting.extend(message.tasks)
+            elif isinstance(message, Cancel):
+                self._cancel(message.task_ids)
+            elif isinstance(message, Shutdown):
+                self._eof = True
+                return
+            else:
+                raise RuntimeError(f"slot {self._slot}: unexpected {type(message).__name__} from agent")
+
+    def _cancel(self, task_ids: tuple[int, ...]) -> None:
+        wanted = set(task_ids)
+        kept: deque[TaskRequest] = deque()
+        for request in self._waiting:
+            if request.task_id in wanted:
+                self._add_result(
+                    TaskOutcome(
+                        task_id=request.task_id,
+                        slot=request.slot,
+                        attempt=request.attempt,
+                        status=OUTCOME_CANCELLED,
+                        error="cancelled before it started",
+                    )
+                )
+            else:
+                kept.append(request)
+        self._waiting = kept
+
+    # -- output -------------------------------------------------------------------------
+
+    def _add_result(self, outcome: TaskOutcome) -> None:
+        try:
+            frame = encode_message(Done(results=(outcome,)))
+        except Exception as exc:
+            what = "result" if outcome.status == OUTCOME_OK else "outcome"
+            replacement = TaskOutcome(
+                task_id=outcome.task_id,
+                slot=outcome.slot,
+                attempt=outcome.attempt,
+                status=OUTCOME_ERROR,
+                error=one_line(f"the task's {what} cannot be sent to the coordinator: {describe_exception(exc)}"),
+                run_s=outcome.run_s,
+            )
+            frame = encode_message(Done(results=(replacement,)))
+        if not self._results:
+            self._oldest_result_at = time.perf_counter()
+        self._results.append(frame)
+
+    def _send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self._out, view)
+            except InterruptedError:
+                continue
+            except OSError:
+                # The agent is gone; nothing left to do for anyone.
+                self._eof = True
+                return
+            view = view[written:]
+
+    def _flush(self) -> None:
+        if self._results:
+            frames, self._results = self._results, []
+            self._send(b"".join(frames))
+
+    def _should_flush(self) -> bool:
+        count = len(self._results)
+        return (
+            count >= len(self._waiting)
+            or count >= _BATCH_MAX_RESULTS
+            or time.perf_counter() - self._oldest_result_at >= _BATCH_MAX_AGE_S
+        )
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def _likely_quick(self, request: TaskRequest) -> bool:
+        """Whether `request` is probably as trivial as the task before it: the same kernel,
+        which took under `_QUICK_S`. Only then may finished results wait behind it."""
+        call = request.call
+        return isinstance(call, KernelCall) and call.name == self._last_kernel and self._last_run_s < _QUICK_S
+
+    def _run_one(self, request: TaskRequest) -> TaskOutcome:
+        call = request.call
+        try:
+            if isinstance(call, KernelCall):
+                outcome = self._kernels.run(request, call)
+                self._last_kernel, self._last_run_s = call.name, outcome.run_s
+                return outcome
+            self._last_kernel = ""
+            return run_binary(request, call, self._env)
+        except BaseException as exc:  # a bug here must cost one task, not the slot
+            return TaskOutcome(
+                task_id=request.task_id,
+                slot=request.slot,
+                attempt=request.attempt,
+                status=OUTCOME_ERROR,
+                error=f"slot {self._slot} failed to run the task: {describe_exception(exc)}",
+            )
+
+    def run(self) -> int:
+        self._send(encode_message(SlotState(slot=self._slot, state="up")))
+        while not self._eof:
+            if not self._waiting:
+                self._flush()
+                self._read(wait=True)
+                continue
+            request = self._waiting.popleft()
+            if self._results and not self._likely_quick(request):
+                # Held results must not wait behind a task that may run for long.
+                self._flush()
+            self._add_result(self._run_one(request))
+            self._read(wait=False)  # new tasks, and Cancels for tasks we have not begun
+            if self._should_flush():
+                self._flush()
+        return 0
+
+
+def _parse(argv: list[str]) -> tuple[int, int, tuple[str, ...]]:
+    slot, agent_pid, modules = -1, 0, []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--slot":
+            slot = int(next(args))
+        elif arg == "--agent-pid":
+            agent_pid = int(next(args))
+        elif arg == "--kernel-module":
+            modules.append(next(args))
+        else:
+            raise SystemExit(f"batuta slot: unknown argument {arg!r}")
+    if slot < 0:
+        raise SystemExit("batuta slot: --slot N is required")
+    return slot, agent_pid, tuple(modules)
+
+
+def _name_process(slot: int) -> None:
+    """Show up as "batuta-slot-N" in ps/top (and to tests looking for a slot's PID)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            pr_set_name = 15
+            ctypes.CDLL(None).prctl(pr_set_name, f"batuta-slot-{slot}".encode()[:15], 0, 0, 0)
+        except Exception:
+            pass
+
+
+def serve(*, slot: int, frames_in: int, frames_out: int, kernel_modules: tuple[str, ...], agent_pid: int) -> int:
+    """Run slot `slot` on the given frame fds until EOF; shared by the fork and exec paths."""
+    _name_process(slot)
+    _arm_parent_death(agent_pid)
+    worker = SlotWorker(slot=slot, frames_in=frames_in, frames_out=frames_out, kernel_modules=kernel_modules)
+    return worker.run()
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of an exec-started slot process; started by the agent, not by people."""
+    slot, agent_pid, modules = _parse(argv)
+    frames_in, frames_out = _claim_stdio()
+    return serve(
+        slot=slot,
+        frames_in=frames_in,
+        frames_out=frames_out,
+        kernel_modules=modules,
+        agent_pid=agent_pid,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,217 @@
+"""Starting a slot process: fork the agent (Linux, the default) or exec a fresh interpreter.
+
+Why fork: a fresh `python -m batuta.agent.slot` spends about 150 ms of CPU importing the
+codec and NumPy before it can take a task. Eight slots on each of four hosts sharing two
+cores is then seconds of start-up, and every restart after a timeout or cancel pays it
+again. The agent has already imported all of that, never touches CUDA, and runs no threads,
+so a forked child is ready in about a millisecond and shares those pages copy-on-write.
+
+What a forked child does before it serves (`_forked_child`): freeze the garbage collector
+over the agent's objects (so no finaliser of theirs runs here), start a new session (its
+own process group, as the exec path gets from `start_new_session`), drop every inherited fd
+but its two pipes and 0/1/2, restore default signal handling and drop the agent loop's
+wakeup fd, install the slot's environment (`CUDA_VISIBLE_DEVICES` for GPU slots, set
+before any CUDA library loads), reseed NumPy's legacy global RNG (Python's `random` reseeds
+itself at fork; without this, every slot would draw the same "random" numbers), then run
+the same `serve()` as the exec path. It never returns into the agent's stack: it leaves by
+`os._exit`.
+
+`BATUTA_SLOT_SPAWN=exec` selects the exec path (also the only path off Linux).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Mapping
+
+SPAWN_ENV = "BATUTA_SLOT_SPAWN"
+
+
+def spawn_mode(environ: Mapping[str, str] | None = None) -> str:
+    """ "fork" or "exec"."""
+    env = os.environ if environ is None else environ
+    wanted = env.get(SPAWN_ENV, "").strip().lower()
+    if wanted in ("fork", "exec"):
+        return wanted if sys.platform.startswith("linux") or wanted == "exec" else "exec"
+    return "fork" if sys.platform.startswith("linux") else "exec"
+
+
+def preload_for_fork() -> None:
+    """Import, once in the agent, what every forked slot would import on its own: the slot
+    loop and the kernel registry (about 10 ms each time, no numba). A registry that fails
+    to import is left for the slots to report on their first kernel task."""
+    import batuta.agent.slot
+
+    with contextlib.suppress(Exception):
+        import batuta.kernels  # noqa: F401
+
+
+class ForkedProcess:
+    """The parts of `subprocess.Popen` the supervisor uses, for a child made by `os.fork`."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = -signal.SIGKILL  # reaped elsewhere; it is gone
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if timeout is None:
+            if self.returncode is None:
+                try:
+                    _, status = os.waitpid(self.pid, 0)
+                    self.returncode = os.waitstatus_to_exitcode(status)
+                except ChildProcessError:
+                    self.returncode = -signal.SIGKILL
+            return self.returncode
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while (code := self.poll()) is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise subprocess.TimeoutExpired([f"slot pid {self.pid}"], timeout)
+            time.sleep(min(delay, remaining))  # only after SIGKILL, so only a moment
+            delay = min(delay * 2, 0.05)
+        return code
+
+
+SlotProcess = subprocess.Popen[bytes] | ForkedProcess
+
+
+def spawn_slot(
+    *,
+    slot: int,
+    env: dict[str, str],
+    kernel_modules: tuple[str, ...],
+    mode: str,
+) -> tuple[SlotProcess, int, int]:
+    """Start slot `slot`; returns (process, fd to write frames to, fd to read frames from).
+
+    Raises OSError if no process could be started.
+    """
+    child_in, to_child = os.pipe2(os.O_CLOEXEC)
+    from_child, child_out = os.pipe2(os.O_CLOEXEC)
+    try:
+        if mode == "fork":
+            proc: SlotProcess = _fork(slot, env, kernel_modules, child_in, child_out)
+        else:
+            proc = _exec(slot, env, kernel_modules, child_in, child_out)
+    except BaseException:
+        os.close(to_child)
+        os.close(from_child)
+        raise
+    finally:
+        os.close(child_in)
+        os.close(child_out)
+    return proc, to_child, from_child
+
+
+def _exec(
+    slot: int, env: dict[str, str], kernel_modules: tuple[str, ...], child_in: int, child_out: int
+) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable,
+        "-m",
+        "batuta.agent.slot",
+        "--slot",
+        str(slot),
+        "--agent-pid",
+        str(os.getpid()),
+    ]
+    for module in kernel_modules:
+        command += ["--kernel-module", module]
+    return subprocess.Popen(
+        command,
+        stdin=child_in,
+        stdout=child_out,
+        env=env,
+        close_fds=True,
+        # Its own session and process group: killpg reaches binaries it starts, and a
+        # terminal's Ctrl-C or SIGHUP to the agent's group does not.
+        start_new_session=True,
+    )
+
+
+def _fork(
+    slot: int, env: dict[str, str], kernel_modules: tuple[str, ...], child_in: int, child_out: int
+) -> ForkedProcess:
+    agent_pid = os.getpid()
+    # Buffered text would otherwise be written twice, once by each process.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, which leaves by os._exit
+        code = 70
+        try:
+            code = _forked_child(slot, env, kernel_modules, child_in, child_out, agent_pid)
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                traceback.print_exc()
+        finally:
+            with contextlib.suppress(BaseException):
+                sys.stderr.flush()
+            os._exit(code)
+    return ForkedProcess(pid)
+
+
+def _forked_child(
+    slot: int,
+    env: dict[str, str],
+    kernel_modules: tuple[str, ...],
+    child_in: int,
+    child_out: int,
+    agent_pid: int,
+) -> int:
+    # Objects that were garbage at the fork (the agent's, in reference cycles) must never be
+    # finalised here: a finaliser closing "its" fd could close one of ours by number.
+    gc.freeze()
+    os.setsid()
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    # Frames travel on two fds of our own, inheritable by nothing we start.
+    frames_in = os.dup(child_in)
+    frames_out = os.dup(child_out)
+    keep = {0, 1, 2, frames_in, frames_out}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    # fd 0 reads nothing, fd 1 is stderr: as in the agent, kernels cannot touch frames.
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    os.environ.clear()
+    os.environ.update(env)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
+
+    from batuta.agent.slot import serve
+
+    return serve(
+        slot=slot,
+        frames_in=frames_in,
+        frames_out=frames_out,
+        kernel_modules=kernel_modules,
+        agent_pid=agent_pid,
+    )

@@ -1,0 +1,532 @@
+"""One worker slot as the agent sees it: its process, its queue, what it runs, its restarts.
+
+The rules, in one place (the agent's module docstring refers here):
+
+Queue and feed. Tasks from `Run` wait in the agent-side `queue`. Only a few are *fed* to the
+slot process (written down its pipe): `depth = 1 + min(31, floor(1 ms / mean run time))`,
+the mean being an exponentially weighted average (weight 0.2) of the slot's recent run
+times; the depth is 1 until the first result. Long tasks are therefore fed one at a time,
+so all but the running one stay stealable; trivial tasks are fed up to 32 deep, so the slot
+never waits on the agent. A fed task counts as started for steal-back: only tasks still in
+`queue` are returned.
+
+Started inference. The slot runs fed tasks in order, so the *head* of `fed` is the one
+running. A task becomes the head, and is reported in `Started`, when it is fed to an idle
+ready slot, when the previous head's result arrives, or when a (re)started slot process
+says it is ready (tasks may be fed before that; they start then). Its timeout runs from
+that moment.
+
+Timeout and cancel of the running task. Whatever the pipe already holds is read first
+(the task may have just finished: then its real outcome stands). If it is still the head,
+the slot's whole process group is SIGKILLed (binaries and their children die with it), the
+task is answered "timeout" (error "timed out after N s; ...") or "cancelled", the other fed
+tasks go back to the front of `queue`, and a new slot process starts at once, announced
+like any restart: `SlotState("restarting", reason)`, then `SlotState("up")` when it is ready.
+
+Cancel of other tasks. A queued task is removed and answered "cancelled" at once. A fed task
+that is not running is marked and a `Cancel` goes down the pipe: the slot skips it, answering
+"cancelled", when it finishes the task in hand (the slot reads its input between tasks, so
+it never starts a task whose Cancel had arrived). If the task becomes the head before that
+answer comes (the slot had begun it), it gets `CANCEL_GRACE_S`, then is killed as above.
+Ids this slot does not hold are ignored.
+
+Slot death (the process exits or is killed, e.g. `kill -9`). The group is SIGKILLed and the
+process reaped. The head, if it had started, is answered "crashed" (error "slot N worker
+process (pid P) killed by signal 9 (SIGKILL) while running it", or "exited with code C");
+the other fed tasks go back to the front of `queue` in order (they never started, so the
+coordinator's attempt counts are untouched); marked cancels among them are answered
+"cancelled". `SlotState("restarting", reason)` is sent and a new process started;
+`SlotState("up")` follows when it is ready.
+
+A slot that dies before it becomes ready, or while idle, has *failed to start*. Restarts
+back off (0, 0.05, 0.2, 0.5, 1 s); after `MAX_FAILED_STARTS` (6) failures in a row the slot
+is given up: `SlotState("down", reason)`. Down is final for this agent's lifetime, and it
+means: every task the coordinator sent to this slot that has not been answered by then --
+and any it sends later -- is handed back *unanswered*, as if returned by a steal-back. The
+coordinator requeues them elsewhere without counting an attempt; only a task that was
+running when a process died is ever answered "crashed". A result always goes out before a
+`SlotState` that follows it, so the coordinator never reclaims a task that is also answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Iterable
+from typing import Protocol
+
+from batuta.agent.execute import describe_exit
+from batuta.agent.fdio import FdReader, FdWriter
+from batuta.agent.spawn import SlotProcess, spawn_slot
+from batuta.protocol.codec import FrameDecoder, encode_message
+from batuta.protocol.errors import LocalProtocolError
+from batuta.protocol.messages import (
+    OUTCOME_CANCELLED,
+    OUTCOME_CRASHED,
+    OUTCOME_ERROR,
+    OUTCOME_TIMEOUT,
+    SLOT_DOWN,
+    SLOT_RESTARTING,
+    SLOT_UP,
+    Cancel,
+    Done,
+    Run,
+    SlotInfo,
+    SlotState,
+    TaskOutcome,
+    TaskRequest,
+)
+
+MAX_DEPTH = 32
+INITIAL_DEPTH = 1  # until a run time is known: keep everything stealable
+DEPTH_TARGET_S = 0.001  # feed about this much work ahead of the running task
+RUN_TIME_WEIGHT = 0.2  # weight of the newest run time in the moving average
+CANCEL_GRACE_S = 0.05  # how long a fed, cancelled task may take to be skipped by the slot
+RESTART_BACKOFF_S = (0.0, 0.05, 0.2, 0.5, 1.0)  # before the 1st, 2nd, ... retry after failed starts
+MAX_FAILED_STARTS = len(RESTART_BACKOFF_S) + 1
+_STARTING = "starting"  # internal: the first process is not ready yet (never on the wire)
+
+
+class SlotEvents(Protocol):
+    """What a supervisor tells the agent; the agent turns these into wire messages."""
+
+    def task_started(self, task_id: int) -> None: ...
+
+    def task_finished(self, outcome: TaskOutcome) -> None: ...
+
+    def slot_changed(self, state: SlotState) -> None: ...
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group led by `pid` (a slot and every binary it started)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+class SlotSupervisor:
+    """Owns one slot: feeds its worker process, infers starts, enforces timeouts, restarts it.
+
+    Everything runs on the agent's event loop; no method blocks for more than a process
+    spawn. Methods that change the queue do not write to the pipe themselves: the agent
+    calls `pump()` once per batch of changes, so one frame carries many tasks.
+    """
+
+    def __init__(
+        self,
+        *,
+        info: SlotInfo,
+        env: dict[str, str],
+        kernel_modules: tuple[str, ...],
+        events: SlotEvents,
+        loop: asyncio.AbstractEventLoop,
+        spawn_mode: str = "fork",
+    ) -> None:
+        self.info = info
+        self.index = info.slot
+        self._env = env
+        self._kernel_modules = kernel_modules
+        self._spawn_mode = spawn_mode
+        self._events = events
+        self._loop = loop
+
+        self.state = _STARTING
+        self.queue: deque[TaskRequest] = deque()  # received, not yet fed: stealable
+        self.fed: deque[TaskRequest] = deque()  # written to the slot process, in order
+        self._held: dict[int, TaskRequest] = {}  # every task in queue or fed, by id
+        self._cancel_requested: set[int] = set()
+        self._head_started_at: float | None = None  # loop time the head was inferred to start
+        self._deadline: asyncio.TimerHandle | None = None
+        self._run_time_mean: float | None = None
+
+        self._proc: SlotProcess | None = None
+        self._reader: FdReader | None = None
+        self._writer: FdWriter | None = None
+        self._decoder = FrameDecoder()
+        self._ready = False
+        self._announce_up = False  # send SlotState "up" when the current process is ready
+        self._failed_starts = 0
+        self._restart_timer: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    # -- queries --------------------------------------------------------------------------
+
+    def holds(self, task_id: int) -> bool:
+        return task_id in self._held
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def depth(self) -> int:
+        """How many tasks to keep fed to the slot process."""
+        mean = self._run_time_mean
+        if mean is None:
+            return INITIAL_DEPTH
+        if mean <= 0.0:
+            return MAX_DEPTH
+        return 1 + min(MAX_DEPTH - 1, int(DEPTH_TARGET_S / mean))
+
+    # -- process lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Spawn the slot process (Hello goes out before it is ready; tasks may be fed now)."""
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self._restart_timer = None
+        if self._closed:
+            return
+        try:
+            proc, to_slot, from_slot = spawn_slot(
+                slot=self.index,
+                env=self._env,
+                kernel_modules=self._kernel_modules,
+                mode=self._spawn_mode,
+            )
+        except OSError as exc:
+            self._failed_starts += 1
+            self._after_death(f"could not start a worker process for slot {self.index}: {exc}")
+            return
+        self._proc = proc
+        self._decoder = FrameDecoder()
+        self._ready = False
+        self._reader = FdReader(self._loop, from_slot, self._on_slot_data)
+        self._writer = FdWriter(self._loop, to_slot)
+        self.pump()
+
+    def _detach_process(self) -> SlotProcess | None:
+        """Forget the current process: stop reading and writing it, kill its group."""
+        proc, self._proc = self._proc, None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._ready = False
+        if proc is not None:
+            kill_group(proc.pid)  # before reaping: the group id cannot be reused until then
+            self._reap(proc)
+        return proc
+
+    def _reap(self, proc: SlotProcess, tries: int = 0) -> None:
+        """Collect the exit status without blocking the loop (SIGKILL takes a moment)."""
+        if proc.poll() is None and tries < 500:
+            self._loop.call_later(0.01, self._reap, proc, tries + 1)
+
+    def close(self) -> SlotProcess | None:
+        """Kill the slot's processes for good (agent shutdown); no outcomes are sent.
+        Returns the killed process, for the caller to reap."""
+        self._closed = True
+        self._cancel_deadline()
+        if self._restart_timer is not None:
+            self._restart_timer.cancel()
+            self._restart_timer = None
+        proc, self._proc = self._proc, None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if proc is not None:
+            kill_group(proc.pid)
+        return proc
+
+    # -- feeding --------------------------------------------------------------------------
+
+    def enqueue(self, request: TaskRequest) -> None:
+        """Take a task from `Run`. A down slot hands it straight back (see module docstring)."""
+        if self.state == SLOT_DOWN:
+            return
+        self.queue.append(request)
+        self._held[request.task_id] = request
+
+    def pump(self) -> None:
+        """Feed the slot process up to its depth; start the head if the slot is idle."""
+        writer = self._writer
+        if writer is None or not self.queue:
+            return
+        room = self.depth() - len(self.fed)
+        if room <= 0:
+            return
+        was_idle = not self.fed
+        batch = [self.queue.popleft() for _ in range(min(room, len(self.queue)))]
+        try:
+            frames = encode_message(Run(tasks=tuple(batch)))
+        except LocalProtocolError:
+            frames = self._encode_one_by_one(batch)
+        self.fed.extend(batch)
+        writer.write(frames)
+        if was_idle and self.fed and self._ready:
+            self._start_head()
+
+    def _encode_one_by_one(self, batch: list[TaskRequest]) -> bytes:
+        """A batch too big for one frame goes as one frame per task; a task that cannot be
+        re-encoded at all (it came in one frame, so this should not happen) is answered
+        "error" and removed from `batch`."""
+        frames: list[bytes] = []
+        for request in list(batch):
+            try:
+                frames.append(encode_message(Run(tasks=(request,))))
+            except LocalProtocolError as exc:
+                batch.remove(request)
+                self._held.pop(request.task_id, None)
+                self._events.task_finished(
+                    self._outcome(request, OUTCOME_ERROR, f"cannot pass the task to its slot: {exc}", 0.0)
+                )
+        return b"".join(frames)
+
+    def _start_head(self) -> None:
+        head = self.fed[0]
+        now = self._loop.time()
+        self._head_started_at = now
+        self._events.task_started(head.task_id)
+        self._cancel_deadline()
+        if head.task_id in self._cancel_requested:
+            delay: float | None = CANCEL_GRACE_S
+        else:
+            delay = head.timeout
+        if delay is not None:
+            self._deadline = self._loop.call_at(now + delay, self._on_deadline, head.task_id)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    # -- what the slot process says -------------------------------------------------------
+
+    def _on_slot_data(self, data: bytes) -> None:
+        if not data:
+            self._on_process_exit()
+            return
+        self._decoder.feed(data)
+        try:
+            while (message := self._decoder.next_message()) is not None:
+                if isinstance(message, Done):
+                    for outcome in message.results:
+                        self._on_outcome(outcome)
+                elif isinstance(message, SlotState) and message.state == SLOT_UP:
+                    self._on_ready()
+                else:
+                    raise ValueError(f"unexpected {type(message).__name__}")
+        except Exception as exc:
+            # The slot's stream is corrupt (something wrote to its frame fd): the process is
+            # no longer trustworthy, so treat it as dead.
+            print(
+                f"batuta agent: slot {self.index} sent a bad frame ({exc}); restarting it",
+                file=sys.stderr,
+                flush=True,
+            )
+            self._on_process_exit()
+            return
+        self.pump()
+
+    def _on_ready(self) -> None:
+        self._ready = True
+        self.state = SLOT_UP
+        if self._announce_up:
+            self._announce_up = False
+            self._events.slot_changed(SlotState(slot=self.index, state=SLOT_UP))
+        if self.fed and self._head_started_at is None:
+            self._start_head()
+
+    def _on_outcome(self, outcome: TaskOutcome) -> None:
+        task_id = outcome.task_id
+        if self.fed and self.fed[0].task_id == task_id:
+            self.fed.popleft()
+            was_head = True
+        else:
+            # Only a task the slot skipped after our Cancel finishes out of order.
+            for i, request in enumerate(self.fed):
+                if request.task_id == task_id:
+                    del self.fed[i]
+                    break
+            else:
+                return  # not ours (cannot happen with a well-behaved slot)
+            was_head = False
+        self._held.pop(task_id, None)
+        self._cancel_requested.discard(task_id)
+        self._failed_starts = 0
+        run_s = outcome.run_s
+        if self._run_time_mean is None:
+            self._run_time_mean = run_s
+        else:
+            self._run_time_mean += RUN_TIME_WEIGHT * (run_s - self._run_time_mean)
+        self._events.task_finished(outcome)
+        if was_head:
+            self._cancel_deadline()
+            self._head_started_at = None
+            if self.fed and self._ready:
+                self._start_head()
+
+    # -- steal-back and cancel ------------------------------------------------------------
+
+    def steal_back(self, task_ids: Iterable[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Remove the listed tasks still in `queue`; (returned, refused), in request order."""
+        wanted = list(task_ids)
+        queued = {r.task_id for r in self.queue}
+        returned = tuple(t for t in wanted if t in queued)
+        if returned:
+            taking = set(returned)
+            self.queue = deque(r for r in self.queue if r.task_id not in taking)
+            for task_id in returned:
+                self._held.pop(task_id, None)
+        refused = tuple(t for t in wanted if t not in queued)
+        return returned, refused
+
+    def cancel(self, task_ids: Iterable[int]) -> None:
+        """Cancel tasks this slot holds: queued ones now, fed ones via the slot, the running
+        one by killing the process. Each is answered "cancelled" exactly once."""
+        ids = [t for t in task_ids if t in self._held]
+        if not ids:
+            return
+        wanted = set(ids)
+        kept: deque[TaskRequest] = deque()
+        for request in self.queue:
+            if request.task_id in wanted:
+                wanted.discard(request.task_id)
+                self._held.pop(request.task_id, None)
+                self._events.task_finished(
+                    self._outcome(request, OUTCOME_CANCELLED, "cancelled before it started", 0.0)
+                )
+            else:
+                kept.append(request)
+        self.queue = kept
+        if not wanted:
+            return
+        # The rest are fed. Mark them all first: if the head is killed below, the restart
+        # answers the marked ones "cancelled" instead of requeueing them.
+        self._cancel_requested.update(r.task_id for r in self.fed if r.task_id in wanted)
+        head = self.fed[0] if self.fed else None
+        if head is not None and head.task_id in wanted and self._head_started_at is not None:
+            self._kill_head(head.task_id)
+        # Whatever is still fed (not yet begun by the slot, or the head of a slot that is not
+        # ready yet) is skipped by the slot when it sees this Cancel.
+        waiting = tuple(r.task_id for r in self.fed if r.task_id in wanted)
+        if waiting and self._writer is not None:
+            self._writer.write(encode_message(Cancel(task_ids=waiting)))
+
+    # -- killing the running task ---------------------------------------------------------
+
+    def _on_deadline(self, task_id: int) -> None:
+        self._deadline = None
+        self._kill_head(task_id)
+
+    def _kill_head(self, task_id: int) -> None:
+        """Timeout or cancel of the running task: kill the group, answer, restart."""
+        if self._reader is not None:
+            self._reader.read_available()  # it may have finished just now
+        if not self.fed or self.fed[0].task_id != task_id or self._head_started_at is None:
+            return
+        head = self.fed.popleft()
+        self._held.pop(task_id, None)
+        run_s = self._loop.time() - self._head_started_at
+        if task_id in self._cancel_requested:
+            self._cancel_requested.discard(task_id)
+            status, error = OUTCOME_CANCELLED, "cancelled while running; its processes were killed"
+            reason = f"killed to cancel task {task_id}"
+        else:
+            status = OUTCOME_TIMEOUT
+            error = f"timed out after {head.timeout:g} s; its processes were killed"
+            reason = f"killed task {task_id} at its {head.timeout:g} s timeout"
+        self._events.task_finished(self._outcome(head, status, error, run_s))
+        self._detach_process()
+        self._requeue_fed()
+        self._announce_restart(reason)
+        self._spawn()
+
+    # -- death and restart ----------------------------------------------------------------
+
+    def _on_process_exit(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        self._detach_process()
+        try:
+            returncode = proc.wait(timeout=1.0)  # it is dead or was just SIGKILLed
+            how = describe_exit(returncode)
+        except subprocess.TimeoutExpired:
+            how = "stopped responding"
+        reason = f"slot {self.index} worker process (pid {proc.pid}) {how}"
+        head_running = bool(self.fed) and self._head_started_at is not None
+        if head_running:
+            head = self.fed.popleft()
+            self._held.pop(head.task_id, None)
+            assert self._head_started_at is not None
+            run_s = self._loop.time() - self._head_started_at
+            if head.task_id in self._cancel_requested:
+                self._cancel_requested.discard(head.task_id)
+                outcome = self._outcome(head, OUTCOME_CANCELLED, f"cancelled; {reason}", run_s)
+            else:
+                outcome = self._outcome(head, OUTCOME_CRASHED, f"{reason} while running it", run_s)
+            self._events.task_finished(outcome)
+        if not head_running:
+            # Died before it was ready, or while idle: a failed start, which backs off.
+            self._failed_starts += 1
+        self._after_death(reason)
+
+    def _after_death(self, reason: str) -> None:
+        self._requeue_fed()
+        if self._failed_starts >= MAX_FAILED_STARTS:
+            self._give_up(reason)
+            return
+        self._announce_restart(reason)
+        delay = RESTART_BACKOFF_S[max(0, self._failed_starts - 1)]
+        if delay == 0.0:
+            self._spawn()
+        else:
+            self._restart_timer = self._loop.call_later(delay, self._spawn)
+
+    def _requeue_fed(self) -> None:
+        """Fed tasks that never started go back to the front of the queue, in order;
+        those with a pending cancel are answered now instead."""
+        self._cancel_deadline()
+        self._head_started_at = None
+        back = list(self.fed)
+        self.fed.clear()
+        for request in reversed(back):
+            if request.task_id in self._cancel_requested:
+                self._cancel_requested.discard(request.task_id)
+                self._held.pop(request.task_id, None)
+                self._events.task_finished(
+                    self._outcome(request, OUTCOME_CANCELLED, "cancelled before it started", 0.0)
+                )
+            else:
+                self.queue.appendleft(request)
+
+    def _announce_restart(self, reason: str) -> None:
+        self._announce_up = True
+        if self.state != SLOT_RESTARTING:
+            self.state = SLOT_RESTARTING
+            self._events.slot_changed(SlotState(slot=self.index, state=SLOT_RESTARTING, reason=reason))
+
+    def _give_up(self, reason: str) -> None:
+        self.state = SLOT_DOWN
+        self._announce_up = False
+        self.queue.clear()
+        self._held.clear()
+        self._cancel_requested.clear()
+        self._events.slot_changed(
+            SlotState(
+                slot=self.index,
+                state=SLOT_DOWN,
+                reason=f"gave up after {self._failed_starts} failed starts: {reason}",
+            )
+        )
+
+    def _outcome(self, request: TaskRequest, status: str, error: str, run_s: float) -> TaskOutcome:
+        return TaskOutcome(
+            task_id=request.task_id,
+            slot=request.slot,
+            attempt=request.attempt,
+            status=status,
+            error=error,
+            run_s=max(0.0, run_s),
+        )

@@ -1,0 +1,314 @@
+"""The agent's parts without a running agent: options, GPU plan, telemetry, fd I/O, feed depth,
+and the helpers that put outcomes into words."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batuta.agent import supervisor
+from batuta.agent.execute import OUTPUT_CAP, _CappedBuffer, describe_exception, describe_exit, one_line
+from batuta.agent.fdio import FdReader, FdWriter
+from batuta.agent.main import plan_gpu_slots
+from batuta.agent.options import GpuSelection, parse_args
+from batuta.agent.spawn import spawn_mode
+from batuta.agent.telemetry import (
+    FakeTelemetry,
+    SystemTelemetry,
+    _sm_count,
+    open_telemetry,
+    package_versions,
+)
+from batuta.errors import UsageError
+from batuta.protocol.messages import GpuInfo, SlotInfo, SlotState, TaskOutcome
+
+# -- options ------------------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    options = parse_args(["--stdio"])
+    assert options.cpu_slots == os.cpu_count()
+    assert options.gpus == GpuSelection(mode="auto")
+    assert options.kernel_modules == () and options.name is None
+
+
+def test_all_options() -> None:
+    options = parse_args(
+        ["--stdio", "--slots", "0", "--gpus", "1,0,1", "--kernel-module", "a.b", "--kernel-module", "c", "--name", "n1"]
+    )
+    assert options.cpu_slots == 0
+    assert options.gpus == GpuSelection(mode="list", indices=(1, 0))
+    assert options.kernel_modules == ("a.b", "c")
+    assert options.name == "n1"
+    assert parse_args(["--stdio", "--gpus", "none"]).gpus.mode == "none"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--stdio", "--slots", "x"],
+        ["--stdio", "--slots", "-2"],
+        ["--stdio", "--gpus", "0,a"],
+        ["--stdio", "--kernel-module", "1bad"],
+        ["--stdio", "--name", " "],
+        ["--stdio", "--what"],
+    ],
+)
+def test_bad_options_raise_usage_error(argv: list[str]) -> None:
+    with pytest.raises(UsageError) as info:
+        parse_args(argv)
+    assert "\n" not in str(info.value)
+
+
+# -- GPU plan -----------------------------------------------------------------------------
+
+REAL = (
+    GpuInfo(index=0, name="H100", uuid="GPU-aaaa-1111"),
+    GpuInfo(index=1, name="H100", uuid="GPU-bbbb-2222"),
+)
+
+
+def _planned(selection: GpuSelection, env: dict[str, str], gpus: tuple[GpuInfo, ...] = REAL) -> list[Any]:
+    return [(g.index, e["CUDA_VISIBLE_DEVICES"]) for g, e in plan_gpu_slots(selection, gpus, "", env)]
+
+
+def test_auto_gives_every_gpu_pinned_by_uuid() -> None:
+    assert _planned(GpuSelection(mode="auto"), {}) == [(0, "GPU-aaaa-1111"), (1, "GPU-bbbb-2222")]
+    plan = plan_gpu_slots(GpuSelection(mode="auto"), REAL, "", {})
+    assert all(env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" for _, env in plan)
+
+
+@pytest.mark.parametrize(
+    ("visible", "expected"),
+    [
+        ("1", [1]),
+        ("GPU-bbbb", [1]),
+        ("1,0", [1, 0]),
+        ("0,7,1", [0]),  # CUDA stops at the first device it cannot find
+        ("", []),
+        ("-1", []),
+    ],
+)
+def test_auto_honours_cuda_visible_devices(visible: str, expected: list[int]) -> None:
+    planned = _planned(GpuSelection(mode="auto"), {"CUDA_VISIBLE_DEVICES": visible})
+    assert [index for index, _ in planned] == expected
+
+
+def test_explicit_indices_and_none() -> None:
+    assert _planned(GpuSelection(mode="list", indices=(1,)), {}) == [(1, "GPU-bbbb-2222")]
+    assert _planned(GpuSelection(mode="none"), {}) == []
+    with pytest.raises(UsageError, match="no GPU 5"):
+        _planned(GpuSelection(mode="list", indices=(5,)), {})
+    with pytest.raises(UsageError, match="no NVIDIA driver"):
+        plan_gpu_slots(GpuSelection(mode="list", indices=(0,)), (), "no NVIDIA driver", {})
+
+
+def test_fake_gpus_are_pinned_by_index() -> None:
+    fake = FakeTelemetry(2).gpu_infos()
+    assert _planned(GpuSelection(mode="auto"), {}, fake) == [(0, "0"), (1, "1")]
+
+
+# -- telemetry ----------------------------------------------------------------------------
+
+
+def test_fake_telemetry_is_deterministic() -> None:
+    first, second = FakeTelemetry(3), FakeTelemetry(3)
+    samples = [first.sample() for _ in range(4)]
+    assert samples == [second.sample() for _ in range(4)]
+    assert [len(s.gpus) for s in samples] == [3] * 4
+    assert samples[0] != samples[1]  # readings move between samples
+    for sample in samples:
+        assert 0 < sample.memory_used < sample.memory_total
+        for gpu in sample.gpus:
+            assert gpu.utilization is not None and 0 <= gpu.utilization <= 100
+            assert gpu.memory_used is not None and gpu.memory_total is not None
+            assert gpu.memory_used < gpu.memory_total
+    assert FakeTelemetry(0).sample().gpu_status
+
+
+def test_open_telemetry_selects_by_environment() -> None:
+    assert isinstance(open_telemetry({"BATUTA_FAKE_GPUS": "2"}), FakeTelemetry)
+    with pytest.raises(ValueError, match="BATUTA_FAKE_GPUS"):
+        open_telemetry({"BATUTA_FAKE_GPUS": "lots"})
+    real = open_telemetry({})
+    try:
+        assert isinstance(real, SystemTelemetry)
+    finally:
+        real.close()
+
+
+def test_system_telemetry_never_raises() -> None:
+    telemetry = SystemTelemetry()
+    try:
+        sample = telemetry.sample()
+        assert sample.memory_total > 0
+        if telemetry.gpu_infos():
+            assert len(sample.gpus) == len(telemetry.gpu_infos())
+        else:
+            assert sample.gpus == () and sample.gpu_status
+    finally:
+        telemetry.close()
+        telemetry.close()  # twice is fine
+
+
+def test_package_versions_match_importlib_metadata() -> None:
+    versions = package_versions()
+    for name in ("msgpack", "psutil", "numpy"):
+        assert versions[name] == importlib.metadata.version(name)
+    assert "no-such-distribution" not in package_versions(("no-such-distribution",))
+
+
+# -- spawn mode ---------------------------------------------------------------------------
+
+
+def test_spawn_mode() -> None:
+    assert spawn_mode({"BATUTA_SLOT_SPAWN": "exec"}) == "exec"
+    assert spawn_mode({}) in ("fork", "exec")
+
+
+# -- fd I/O -------------------------------------------------------------------------------
+
+
+async def test_fd_writer_buffers_what_the_pipe_refuses() -> None:
+    loop = asyncio.get_running_loop()
+    read_fd, write_fd = os.pipe()
+    payload = os.urandom(3 * 1024 * 1024)  # far more than a pipe holds
+    received = bytearray()
+    eof = asyncio.Event()
+
+    def on_data(data: bytes) -> None:
+        received.extend(data)
+        if not data:
+            eof.set()
+
+    writer = FdWriter(loop, write_fd)
+    writer.write(payload[:100])
+    writer.write(memoryview(payload)[100:])
+    assert writer.buffered > 0
+    reader = FdReader(loop, read_fd, on_data)
+    await asyncio.wait_for(writer.drain(), 10)
+    assert writer.buffered == 0
+    writer.close()
+    await asyncio.wait_for(eof.wait(), 10)
+    reader.close()
+    assert bytes(received) == payload
+
+
+async def test_fd_writer_reports_a_vanished_reader_once() -> None:
+    loop = asyncio.get_running_loop()
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    errors: list[OSError] = []
+    writer = FdWriter(loop, write_fd, errors.append)
+    writer.write(b"x")
+    writer.write(b"y")
+    assert len(errors) == 1 and isinstance(errors[0], BrokenPipeError)
+    assert writer.failed
+    await writer.drain()
+    writer.close()
+
+
+# -- feed depth ---------------------------------------------------------------------------
+
+
+class _NoEvents:
+    def task_started(self, task_id: int) -> None: ...
+
+    def task_finished(self, outcome: TaskOutcome) -> None: ...
+
+    def slot_changed(self, state: SlotState) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("mean_run_s", "depth"),
+    [(None, 1), (0.0, 32), (4e-3, 1), (1e-3, 2), (0.4e-3, 3), (1e-5, 32), (1e-6, 32)],
+)
+async def test_feed_depth_follows_run_time(mean_run_s: float | None, depth: int) -> None:
+    slot = supervisor.SlotSupervisor(
+        info=SlotInfo(slot=0, capabilities=("cpu",)),
+        env={},
+        kernel_modules=(),
+        events=_NoEvents(),
+        loop=asyncio.get_running_loop(),
+    )
+    slot._run_time_mean = mean_run_s
+    assert slot.depth() == depth
+
+
+# -- words --------------------------------------------------------------------------------
+
+
+def test_descriptions() -> None:
+    assert describe_exit(3) == "exited with code 3"
+    assert describe_exit(-signal.SIGKILL) == "killed by signal 9 (SIGKILL)"
+    assert describe_exception(ValueError("bad\ninput")) == "ValueError: bad input"
+    assert describe_exception(KeyError()) == "KeyError"
+    assert len(one_line("x" * 2000)) == 500
+
+
+def test_capped_buffer_keeps_the_head_and_counts_the_rest() -> None:
+    buffer = _CappedBuffer(10)
+    buffer.add(b"12345")
+    buffer.add(b"67890abc")
+    buffer.add(b"def")
+    value = buffer.value("stdout")
+    assert value.startswith(b"1234567890\n")
+    assert b"stdout truncated, 6 more bytes dropped" in value
+    assert OUTPUT_CAP == 1 << 20
+
+
+class _Nvml:
+    """Just enough of pynvml for `_sm_count`."""
+
+    def __init__(self, cores: int, capability: tuple[int, int], mig_sms: int | None = None) -> None:
+        self.cores, self.capability, self.mig_sms = cores, capability, mig_sms
+
+    def nvmlDeviceGetAttributes(self, handle: object) -> Any:
+        if self.mig_sms is None:
+            raise RuntimeError("NVML: not supported")
+        return type("Attributes", (), {"multiprocessorCount": self.mig_sms})()
+
+    def nvmlDeviceGetNumGpuCores(self, handle: object) -> int:
+        return self.cores
+
+    def nvmlDeviceGetCudaComputeCapability(self, handle: object) -> tuple[int, int]:
+        return self.capability
+
+
+@pytest.mark.parametrize(
+    ("nvml", "sms"),
+    [
+        (_Nvml(16896, (9, 0)), 132),  # H100 SXM / H200, as NVML reports them
+        (_Nvml(6912, (8, 0)), 108),  # A100
+        (_Nvml(16384, (8, 9)), 128),  # RTX 4090
+        (_Nvml(0, (9, 0), mig_sms=16), 16),  # a MIG instance
+        (_Nvml(0, (9, 0)), 0),  # unknown
+    ],
+)
+def test_sm_count(nvml: _Nvml, sms: int) -> None:
+    assert _sm_count(nvml, object()) == sms
+
+
+def test_package_versions_read_dist_info_and_egg_info(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "numba_cuda-0.20.1.dist-info",
+        "prometheus_client-0.21.0.dist-info",
+        "psutil-5.9.8.egg-info",
+        "numpy-1.26.4-py3.12.egg-info",
+        "msgpack.pth",
+    ):
+        (tmp_path / name).mkdir()
+    monkeypatch.setattr("sys.path", [str(tmp_path)])
+    assert package_versions(("numba-cuda", "prometheus-client", "psutil", "numpy", "msgpack")) == {
+        "numba-cuda": "0.20.1",
+        "prometheus-client": "0.21.0",
+        "psutil": "5.9.8",
+        "numpy": "1.26.4",
+    }
