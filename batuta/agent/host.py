@@ -488,7 +488,12 @@ class Agent:
             if self._spawn_mode == "fork":
                 preload_for_fork()
             base_env = dict(os.environ)
-            self._spawn_slots(cpu_infos, [base_env] * len(cpu_infos))
+            cpu_env = dict(base_env)
+            if cpu_infos and "NUMBA_NUM_THREADS" not in base_env:
+                # Every slot is already one worker per core: numba's parallel loops would
+                # otherwise start a thread per core in each slot and oversubscribe the host.
+                cpu_env["NUMBA_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(cpu_infos)))
+            self._spawn_slots(cpu_infos, [cpu_env] * len(cpu_infos))
             self._spawn_slots(gpu_infos, [{**base_env, **env} for _, env in self._gpu_slots])
             self._reader = FdReader(loop, self._frames_in, self._on_input)
 

@@ -85,6 +85,7 @@ from batuta.protocol.messages import (
 MAX_DEPTH = 32
 INITIAL_DEPTH = 1  # until a run time is known: keep everything stealable
 DEPTH_TARGET_S = 0.001  # feed about this much work ahead of the running task
+PREFETCH_BELOW_S = 0.02  # tasks shorter than this always get one more fed behind them
 RUN_TIME_WEIGHT = 0.2  # weight of the newest run time in the moving average
 CANCEL_GRACE_S = 0.05  # how long a fed, cancelled task may take to be skipped by the slot
 RESTART_BACKOFF_S = (0.0, 0.05, 0.2, 0.5, 1.0)  # before the 1st, 2nd, ... retry after failed starts
@@ -169,7 +170,13 @@ class SlotSupervisor:
             return INITIAL_DEPTH
         if mean <= 0.0:
             return MAX_DEPTH
-        return 1 + min(MAX_DEPTH - 1, int(DEPTH_TARGET_S / mean))
+        ahead = int(DEPTH_TARGET_S / mean)
+        if mean < PREFETCH_BELOW_S:
+            # One task waiting in the pipe hides the agent round trip between tasks (tens of
+            # microseconds on a busy host, paid per task); that beats keeping it stealable
+            # while tasks are short, since at most that one task is committed at the end.
+            ahead = max(ahead, 1)
+        return 1 + min(MAX_DEPTH - 1, ahead)
 
     # -- process lifecycle ----------------------------------------------------------------
 

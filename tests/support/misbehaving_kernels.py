@@ -1,0 +1,64 @@
+"""Kernels that misbehave on purpose, loaded into agents with --kernel-module for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from batuta.kernels import kernel
+
+
+@kernel("test_crash", description="Kill the worker process running it (a poison task).")
+def test_crash() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+test_crash.cpu(test_crash.reference)
+
+
+@kernel("test_raise", description="Raise ValueError with the given message.")
+def test_raise(message: str) -> None:
+    raise ValueError(message)
+
+
+test_raise.cpu(test_raise.reference)
+
+
+@kernel("test_print", description="Print to stdout and stderr, then return the argument.")
+def test_print(value: int) -> int:
+    print("noise on stdout", value)
+    print("noise on stderr", value, file=sys.stderr)
+    sys.stdout.flush()
+    return value
+
+
+test_print.cpu(test_print.reference)
+
+
+@kernel("test_pid", description="Return the worker process's pid.")
+def test_pid() -> int:
+    return os.getpid()
+
+
+test_pid.cpu(test_pid.reference)
+
+
+@kernel("test_crash_once", description="Kill the worker the first time for a given marker file.")
+def test_crash_once(marker: str) -> str:
+    if not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write("crashed once\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return "survived"
+
+
+test_crash_once.cpu(test_crash_once.reference)
+
+
+@kernel("test_env", description="Return an environment variable of the worker process.")
+def test_env(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+test_env.cpu(test_env.reference)

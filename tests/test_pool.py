@@ -1,0 +1,248 @@
+"""The runtime end to end on real local agents: real processes, real pipes, real kills."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from batuta import Backend, Pool, Task, TaskFailedError, TaskStatus
+from batuta.runtime import events as pe
+from batuta.runtime.pool import PoolConfig, local_host
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_KERNELS = "tests.support.misbehaving_kernels"
+
+
+def make_pool(slots: int = 2, **config: object) -> Pool:
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    host = local_host(slots, gpus="none", kernel_modules=[TEST_KERNELS], env=env)
+    return Pool([host], PoolConfig(**config))  # type: ignore[arg-type]
+
+
+def descendants() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def assert_all_gone(pids: set[int], timeout: float = 10.0) -> None:
+    _gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=timeout)
+    assert not alive, f"processes left behind: {alive}"
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[Pool]:
+    async with make_pool() as p:
+        yield p
+
+
+def agent_pids() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children() if "batuta.agent" in " ".join(p.cmdline())]
+
+
+def slot_pids() -> list[psutil.Process]:
+    return [c for a in agent_pids() for c in a.children() if "python" in c.name()]
+
+
+async def test_kernel_tasks_return_correct_values(pool: Pool) -> None:
+    a = np.arange(5000, dtype=np.float64)
+    b = np.ones(5000, dtype=np.float64)
+    result = await pool.run(Task.kernel("vadd", a, b, backend=Backend.CPU))
+    assert result.is_success(), result.error
+    np.testing.assert_array_equal(result.value, a + b)
+    assert result.host == "local" and result.slot is not None and result.attempts == 1
+    assert result.backend is Backend.CPU and result.duration >= 0 and result.queue_wait >= 0
+
+
+async def test_many_tasks_resolve_exactly_once_with_events(pool: Pool) -> None:
+    seen: dict[int, list[str]] = {}
+
+    def observe(event: pe.PoolEvent) -> None:
+        if isinstance(event, pe.TaskQueued):
+            seen.setdefault(event.task_id, []).append("queued")
+        elif isinstance(event, pe.TaskFinished):
+            seen.setdefault(event.result.task_id, []).append("finished")
+
+    def broken_observer(event: pe.PoolEvent) -> None:
+        raise RuntimeError("observer bug")
+
+    pool.subscribe(observe)
+    pool.subscribe(broken_observer)
+    futures = [await pool.submit(Task.kernel("noop", i)) for i in range(500)]
+    results = [await f for f in futures]
+    assert [r.value for r in results] == list(range(500))
+    assert all(r.status is TaskStatus.SUCCEEDED for r in results)
+    assert len({r.task_id for r in results}) == 500
+    assert all(seen[f.task_id] == ["queued", "finished"] for f in futures)
+    assert pool.stats().succeeded == 500 and pool.stats().dropped_results == 0
+    assert pool.events.errors >= 500  # the broken observer was isolated, every time
+
+
+async def test_kernel_error_and_unknown_kernel_fail_without_harming_others(pool: Pool) -> None:
+    bad = await pool.submit(Task.kernel("test_raise", "boom"))
+    unknown = await pool.submit(Task.kernel("no_such_kernel", 1))
+    good = await pool.submit(Task.kernel("noop", 7))
+    bad_result, unknown_result, good_result = await bad, await unknown, await good
+    assert bad_result.status is TaskStatus.FAILED and "boom" in (bad_result.error or "")
+    assert bad_result.attempts == 1  # a kernel error is not retried
+    assert unknown_result.status is TaskStatus.FAILED and "no_such_kernel" in (unknown_result.error or "")
+    assert good_result.value == 7
+    with pytest.raises(TaskFailedError, match="boom"):
+        bad_result.unwrap()
+
+
+async def test_binary_tasks_capture_output_and_exit_codes(pool: Pool, tmp_path: Path) -> None:
+    echo = await pool.run(Task.builder().binary("/bin/echo").arg("hello").arg("world").build())
+    assert echo.is_success() and echo.stdout_str() == "hello world\n" and echo.exit_code == 0
+    failing = await pool.run(Task.binary("/bin/sh", "-c", "echo oops >&2; exit 3"))
+    assert failing.status is TaskStatus.FAILED and failing.exit_code == 3 and "oops" in failing.stderr_str()
+    env_cwd = await pool.run(
+        Task.binary("/bin/sh", "-c", "echo $BATUTA_X; pwd", env={"BATUTA_X": "42"}, cwd=str(tmp_path))
+    )
+    assert env_cwd.stdout_str().split() == ["42", str(tmp_path)]
+
+
+async def test_timeout_kills_the_work_and_the_pool_goes_on(pool: Pool) -> None:
+    slow = await pool.submit(Task.binary("/bin/sleep", "30", timeout=0.5))
+    spin = await pool.submit(Task.kernel("spin", 30.0, timeout=0.5))
+    slow_result, spin_result = await slow, await spin
+    assert slow_result.status is TaskStatus.TIMED_OUT
+    assert spin_result.status is TaskStatus.TIMED_OUT
+    assert (await pool.run(Task.kernel("noop", 1))).value == 1
+
+
+async def test_cancel_a_running_task(pool: Pool) -> None:
+    fut = await pool.submit(Task.kernel("spin", 30.0))
+    started = asyncio.Event()
+    pool.subscribe(lambda e: started.set() if isinstance(e, pe.TaskStarted) and e.task_id == fut.task_id else None)
+    await asyncio.wait_for(started.wait(), 20)
+    assert fut.cancel()
+    result = await asyncio.wait_for(fut, 20)
+    assert result.status is TaskStatus.CANCELLED
+    assert (await pool.run(Task.kernel("noop", 2))).value == 2
+
+
+async def test_killed_worker_slot_is_retried_elsewhere(pool: Pool, tmp_path: Path) -> None:
+    marker = tmp_path / "crashed"
+    result = await asyncio.wait_for(pool.run(Task.kernel("test_crash_once", str(marker))), 60)
+    assert result.is_success() and result.value == "survived"
+    assert result.attempts == 2 and marker.exists()
+    assert pool.stats().retries == 1
+
+
+async def test_poison_task_fails_after_max_attempts_and_cluster_keeps_running(pool: Pool) -> None:
+    poison = await pool.submit(Task.kernel("test_crash", max_attempts=2))
+    others = [await pool.submit(Task.kernel("noop", i)) for i in range(20)]
+    result = await asyncio.wait_for(poison, 60)
+    assert result.status is TaskStatus.LOST and result.attempts == 2
+    assert "2 attempts" in (result.error or "")
+    assert [(await f).value for f in others] == list(range(20))
+
+
+async def test_kill_9_of_the_agent_requeues_and_relaunches() -> None:
+    async with make_pool(relaunch_backoff=0.1) as pool:
+        futures = [await pool.submit(Task.kernel("spin", 0.05)) for _ in range(16)]
+        first = await futures[0]
+        assert first.is_success()
+        [agent] = agent_pids()
+        agent.kill()
+        results = await asyncio.wait_for(asyncio.gather(*(f._future for f in futures)), 60)
+        assert all(r.is_success() for r in results), [r.error for r in results if not r.is_success()]
+        assert len({r.task_id for r in results}) == 16
+        [new_agent] = agent_pids()
+        assert new_agent.pid != agent.pid
+
+
+async def test_stopped_agent_is_declared_lost_and_replaced() -> None:
+    async with make_pool(heartbeat_interval=0.2, suspect_after=0.6, lost_after=1.5, relaunch_backoff=0.1) as pool:
+        states: list[str] = []
+        pool.subscribe(lambda e: states.append(e.state) if isinstance(e, pe.HostStateChanged) else None)
+        [agent] = agent_pids()
+        warm = await pool.run(Task.kernel("noop", 0))
+        assert warm.is_success()
+        agent.send_signal(signal.SIGSTOP)
+        try:
+            fut = await pool.submit(Task.kernel("noop", 5))
+            result = await asyncio.wait_for(fut, 60)
+        finally:
+            if psutil.pid_exists(agent.pid):
+                agent.send_signal(signal.SIGCONT)
+        assert result.value == 5
+        assert "suspected" in states and "up" in states
+        assert_all_gone({agent.pid})
+
+
+async def test_backpressure_makes_submit_wait() -> None:
+    pool = Pool.builder().cpu_workers(1).gpu_workers("none").max_queued(4).build()
+    async with pool:
+        futures = [await pool.submit(Task.kernel("spin", 0.002)) for _ in range(40)]
+        assert pool.stats().queued <= 4
+        results = await asyncio.gather(*(f._future for f in futures))
+        assert all(r.is_success() for r in results)
+
+
+async def test_map_and_map_chunked(pool: Pool) -> None:
+    assert await pool.map("noop", range(10)) == list(range(10))
+    x = np.linspace(0, 1, 25_000, dtype=np.float64)
+    sums = await pool.map_chunked("sum", x, chunk_size=10_000)
+    assert len(sums) == 3
+    assert sum(sums) == pytest.approx(float(x.sum()), rel=1e-9)
+
+
+async def test_map_fails_fast_with_the_failed_result(pool: Pool) -> None:
+    with pytest.raises(TaskFailedError) as info:
+        await pool.map("test_raise", ["first failure"])
+    assert info.value.result is not None and "first failure" in str(info.value)
+
+
+async def test_noisy_kernel_does_not_corrupt_the_stream(pool: Pool) -> None:
+    values = await pool.map("test_print", range(50))
+    assert values == list(range(50))
+
+
+async def test_close_resolves_pending_tasks_and_leaves_no_processes() -> None:
+    before = descendants()
+    pool = make_pool()
+    await pool.start()
+    started = descendants() - before
+    assert started, "the pool should have started an agent with slot processes"
+    futures = [await pool.submit(Task.kernel("spin", 5.0)) for _ in range(4)]
+    await pool.close()
+    results = [f.result() for f in futures]
+    assert all(r.status is TaskStatus.CANCELLED for r in results)
+    assert_all_gone(started)
+
+
+async def test_gpu_task_without_gpu_is_unschedulable(pool: Pool) -> None:
+    a = np.ones(10, dtype=np.float32)
+    result = await pool.run(Task.kernel("vadd", a, a, backend=Backend.GPU))
+    assert result.status is TaskStatus.UNSCHEDULABLE
+    assert "gpu" in (result.error or "")
+
+
+async def test_submit_after_close_is_a_clear_error() -> None:
+    pool = make_pool()
+    async with pool:
+        pass
+    from batuta.errors import PoolClosedError
+
+    with pytest.raises(PoolClosedError, match="closed"):
+        await pool.submit(Task.kernel("noop"))
+
+
+async def test_argument_the_wire_cannot_carry_is_refused_at_submit(pool: Pool) -> None:
+    from batuta.errors import UsageError
+
+    with pytest.raises(UsageError, match="object"):
+        await pool.submit(Task.kernel("noop", object()))
+    assert (await pool.run(Task.kernel("noop", 3))).value == 3
+
+
+async def test_slots_share_the_cores_between_numba_threads(pool: Pool) -> None:
+    threads = (await pool.run(Task.kernel("test_env", "NUMBA_NUM_THREADS"))).value
+    assert threads == str(max(1, (os.cpu_count() or 1) // 2))
