@@ -80,14 +80,23 @@ class Sim:
         self.slots[slot_id] = FakeSlot(slot_id, host_id, frozenset(caps))
         self.handle(ev.SlotJoined(slot_id=slot_id, host_id=host_id, capabilities=frozenset(caps)))
 
-    def submit(self, *, priority: int = 1, requires: tuple[str, ...] = ("cpu",), timeout: float | None = None,
-               max_attempts: int = 3) -> int:
+    def submit(
+        self,
+        *,
+        priority: int = 1,
+        requires: tuple[str, ...] = ("cpu",),
+        timeout: float | None = None,
+        max_attempts: int = 3,
+    ) -> int:
         task_id = self._next_id
         self._next_id += 1
         self.submitted.append(task_id)
         self.handle(
             ev.TaskSubmitted(
-                task_id=task_id, priority=priority, requires=frozenset(requires), timeout=timeout,
+                task_id=task_id,
+                priority=priority,
+                requires=frozenset(requires),
+                timeout=timeout,
                 max_attempts=max_attempts,
             )
         )

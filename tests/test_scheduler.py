@@ -43,9 +43,7 @@ def test_every_task_runs_once_and_resolves_succeeded() -> None:
 
 def test_send_instructions_batch_per_slot() -> None:
     sim = sim_with("a", config=SchedulerConfig(initial_window=8))
-    out = sim.sched.handle_many(
-        [ev.TaskSubmitted(task_id=i) for i in range(5)], now=1.0
-    )
+    out = sim.sched.handle_many([ev.TaskSubmitted(task_id=i) for i in range(5)], now=1.0)
     assert sends(out) == [ev.SendTasks(slot_id="a", task_ids=(0, 1, 2, 3, 4), attempts=(1, 1, 1, 1, 1))]
 
 

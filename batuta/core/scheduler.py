@@ -326,9 +326,7 @@ class Scheduler:
         if ev.task_id in self._tasks:
             raise SchedulerError(f"task id {ev.task_id} submitted twice")
         if not self.can_accept():
-            raise SchedulerError(
-                f"scheduler is full ({self.config.max_queued} queued); wait for can_accept()"
-            )
+            raise SchedulerError(f"scheduler is full ({self.config.max_queued} queued); wait for can_accept()")
         self.stats.submitted += 1
         self._seq += 1
         entry = _Entry(
@@ -625,9 +623,7 @@ class Scheduler:
 
     def _grab(self, slot: _Slot, klass: _Class) -> None:
         """Move a fair share of the class's injector tasks into the slot's deque."""
-        eligible = sum(
-            1 for s in self._slots.values() if s.state is SlotState.UP and klass.requires <= s.capabilities
-        )
+        eligible = sum(1 for s in self._slots.values() if s.state is SlotState.UP and klass.requires <= s.capabilities)
         count = min(klass.live // max(eligible, 1) + 1, self.config.grab_max, klass.live)
         heap = klass.heap
         while count > 0 and heap:
@@ -743,8 +739,7 @@ class Scheduler:
             self._resolve(
                 entry,
                 TaskStatus.LOST,
-                f"its worker died on all {entry.attempts} attempts (max_attempts="
-                f"{entry.max_attempts}): {why}",
+                f"its worker died on all {entry.attempts} attempts (max_attempts={entry.max_attempts}): {why}",
                 slot_id=slot.slot_id,
             )
             return
@@ -824,9 +819,7 @@ class Scheduler:
     def _can_ever_run(self, klass: _Class) -> bool:
         if klass.runnable_epoch != self._capability_epoch:
             klass.runnable = any(
-                klass.requires <= s.capabilities
-                for s in self._slots.values()
-                if s.state is not SlotState.RETIRED
+                klass.requires <= s.capabilities for s in self._slots.values() if s.state is not SlotState.RETIRED
             ) or any(klass.requires <= caps for host in self._expected.values() for caps in host)
             klass.runnable_epoch = self._capability_epoch
         return klass.runnable
@@ -952,8 +945,8 @@ class Scheduler:
         if pending != tracked:
             raise InvariantViolation(f"{pending} steal-backs pending by count, {tracked} tracked")
         for task_id in self._steal_thief:
-            entry = self._tasks.get(task_id)
-            if entry is None or not entry.steal_pending or entry.place is not Place.WINDOW:
+            stolen = self._tasks.get(task_id)
+            if stolen is None or not stolen.steal_pending or stolen.place is not Place.WINDOW:
                 raise InvariantViolation(f"steal-back of task {task_id} tracked but the task is not in a window")
 
     def _violation(self, entry: _Entry, what: str) -> None:

@@ -1,0 +1,195 @@
+"""The runtime's public events and the bus that fans them out to observers.
+
+Observers (the TUI's view-model, Prometheus metrics, logs, checkpoint journals) subscribe
+here and nowhere else. Callbacks run synchronously on the coordinator's event loop, so they
+must be quick and must not block; an observer that raises is logged and skipped, never
+allowed to take the coordinator down. Event objects are only built when someone listens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from batuta.core.task import TaskResult
+
+log = logging.getLogger("batuta.runtime.events")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskQueued:
+    task_id: int
+    name: str
+    backend: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskStarted:
+    task_id: int
+    name: str
+    host: str
+    slot: str
+    attempt: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskRequeued:
+    task_id: int
+    name: str
+    slot: str
+    attempts: int
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskFinished:
+    result: TaskResult
+    at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GpuReading:
+    index: int
+    name: str
+    utilization: float | None
+    memory_used: int | None
+    memory_total: int | None
+    temperature: float | None
+    power: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostUp:
+    host: str
+    slots: tuple[str, ...]
+    gpus: tuple[str, ...]
+    cpu_count: int
+    batuta_version: str
+    python_version: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostStateChanged:
+    """A host became suspected (missed heartbeats), lost, draining, drained or up again."""
+
+    host: str
+    state: str
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostDown:
+    host: str
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostTelemetry:
+    host: str
+    cpu_percent: float
+    memory_used: int
+    memory_total: int
+    gpus: tuple[GpuReading, ...]
+    gpu_status: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlotStateChanged:
+    host: str
+    slot: str
+    state: str
+    reason: str
+    at: float
+
+
+PoolEvent = (
+    TaskQueued
+    | TaskStarted
+    | TaskRequeued
+    | TaskFinished
+    | HostUp
+    | HostStateChanged
+    | HostDown
+    | HostTelemetry
+    | SlotStateChanged
+)
+
+Subscriber = Callable[[PoolEvent], None]
+
+
+@dataclass(slots=True)
+class EventBus:
+    """Synchronous fan-out with a cheap `active` check for the hot path."""
+
+    _subscribers: list[Subscriber] = field(default_factory=list)
+    errors: int = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self._subscribers)
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call `callback(event)` for every event; returns a function that unsubscribes."""
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def publish(self, event: PoolEvent) -> None:
+        for callback in tuple(self._subscribers):
+            try:
+                callback(event)
+            except Exception:  # an observer's bug must not take the coordinator down
+                self.errors += 1
+                log.exception("event subscriber %r failed on %s", callback, type(event).__name__)
+
+    def stream(self, max_buffered: int = 10_000) -> EventStream:
+        """An async iterator of events; if the consumer falls behind, the oldest are dropped."""
+        return EventStream(self, max_buffered)
+
+
+class EventStream:
+    """Bounded async view of the bus (drops oldest, counts drops): never blocks the coordinator."""
+
+    def __init__(self, bus: EventBus, max_buffered: int) -> None:
+        self._buffer: deque[PoolEvent] = deque(maxlen=max_buffered)
+        self._wakeup = asyncio.Event()
+        self.dropped = 0
+        self._closed = False
+        self._unsubscribe = bus.subscribe(self._push)
+
+    def _push(self, event: PoolEvent) -> None:
+        if len(self._buffer) == self._buffer.maxlen:
+            self.dropped += 1
+        self._buffer.append(event)
+        self._wakeup.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._unsubscribe()
+        self._wakeup.set()
+
+    def __aiter__(self) -> AsyncIterator[PoolEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[PoolEvent]:
+        while True:
+            while self._buffer:
+                yield self._buffer.popleft()
+            if self._closed:
+                return
+            self._wakeup.clear()
+            await self._wakeup.wait()

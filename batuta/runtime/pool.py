@@ -1,0 +1,904 @@
+"""`Pool`: the asyncio coordinator around the sans-I/O scheduler.
+
+The pool is the thin shell of the dask worker-state-machine pattern: it turns what host
+agents say into scheduler events, runs the scheduler's instructions (send, steal back,
+abort, resolve), keeps each task's payload and future, watches liveness and relaunches
+lost hosts, and publishes events for observers. Every placement decision is the core's.
+
+    async with Pool.builder().cpu_workers(4).build() as pool:
+        result = await pool.run(Task.kernel("vadd", a, b))
+        values = await pool.map("mc_pi", [(1_000_000, seed) for seed in range(16)])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable, Generator, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from batuta.core import events as ev
+from batuta.core.backend import BackendThresholds, select_backend
+from batuta.core.scheduler import Scheduler, SchedulerConfig, SlotView
+from batuta.core.task import (
+    CAP_CPU,
+    CAP_GPU,
+    Backend,
+    KernelCall,
+    Priority,
+    Task,
+    TaskResult,
+    TaskStatus,
+)
+from batuta.errors import AgentError, PoolClosedError, TaskFailedError, TransportError, UsageError
+from batuta.protocol import messages as m
+from batuta.protocol.codec import check_value
+from batuta.protocol.errors import LocalProtocolError
+from batuta.runtime import events as pe
+from batuta.runtime.host import HostSession, HostSpec, HostState
+from batuta.transport.local import agent_command, open_local_agent
+
+log = logging.getLogger("batuta.runtime.pool")
+
+_OUTCOME_STATUS = {
+    m.OUTCOME_OK: TaskStatus.SUCCEEDED,
+    m.OUTCOME_ERROR: TaskStatus.FAILED,
+    m.OUTCOME_TIMEOUT: TaskStatus.TIMED_OUT,
+    m.OUTCOME_CANCELLED: TaskStatus.CANCELLED,
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolConfig:
+    """Everything a pool needs besides its hosts. Built by `PoolBuilder`."""
+
+    seed: int = 0
+    heartbeat_interval: float = 1.0
+    suspect_after: float = 3.0  # seconds of silence before a host is suspected
+    lost_after: float = 8.0  # seconds of silence before it is lost and its work requeued
+    max_relaunches: int = 5  # consecutive failed relaunches before a host is retired
+    relaunch_backoff: float = 0.5  # first delay; doubles each time, capped at 30 s
+    start_timeout: float = 60.0
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    thresholds: BackendThresholds = field(default_factory=BackendThresholds)
+
+
+class _Pending:
+    """A submitted, unresolved task as the pool keeps it (slotted: a million may be queued)."""
+
+    __slots__ = ("backend", "future", "slot_id", "started_at", "submitted_at", "task")
+
+    def __init__(self, task: Task, future: asyncio.Future[TaskResult], submitted_at: float, backend: str) -> None:
+        self.task = task
+        self.future = future
+        self.submitted_at = submitted_at
+        self.backend = backend
+        self.slot_id: str | None = None
+        self.started_at: float | None = None
+
+
+class TaskFuture:
+    """A submitted task. `await` it for its `TaskResult`; `cancel()` cancels the task."""
+
+    __slots__ = ("_future", "_pool", "task", "task_id")
+
+    def __init__(self, pool: Pool, task_id: int, task: Task, future: asyncio.Future[TaskResult]) -> None:
+        self._pool = pool
+        self.task_id = task_id
+        self.task = task
+        self._future = future
+
+    def __await__(self) -> Generator[Any, None, TaskResult]:
+        return asyncio.shield(self._future).__await__()
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self) -> TaskResult:
+        """The result, if `done()`; raises asyncio.InvalidStateError otherwise."""
+        return self._future.result()
+
+    def cancel(self) -> bool:
+        """Ask for the task to be cancelled; it resolves with status CANCELLED unless already done."""
+        if self._future.done():
+            return False
+        self._pool.cancel(self.task_id)
+        return True
+
+    def add_done_callback(self, callback: Callable[[TaskFuture], None]) -> None:
+        self._future.add_done_callback(lambda _f: callback(self))
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "pending"
+        return f"<TaskFuture {self.task_id} {self.task.name} {state}>"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolStats:
+    submitted: int
+    succeeded: int
+    failed: int  # every status but SUCCEEDED
+    queued: int
+    in_flight: int
+    steals: int
+    steal_backs: int
+    retries: int
+    dropped_results: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostView:
+    name: str
+    state: str
+    description: str
+    slots: int
+    gpus: tuple[str, ...]
+    cpu_count: int
+    last_heard_s: float
+
+
+class Pool:
+    """A work-stealing pool over host agents. Use as `async with`, or `start()` / `close()`."""
+
+    def __init__(self, hosts: Sequence[HostSpec], config: PoolConfig | None = None) -> None:
+        if not hosts:
+            raise UsageError("a pool needs at least one host; use Pool.local() for this machine")
+        names = [h.name for h in hosts]
+        if len(set(names)) != len(names):
+            raise UsageError(f"host names must be unique, got {names}")
+        self.config = config or PoolConfig()
+        self.events = pe.EventBus()
+        self._specs = list(hosts)
+        self._scheduler = Scheduler(self.config.scheduler, seed=self.config.seed)
+        self._sessions: dict[str, HostSession] = {}
+        self._slot_of: dict[str, tuple[HostSession, int]] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._space = asyncio.Event()
+        self._monitor: asyncio.Task[None] | None = None
+        self._relaunches: dict[str, asyncio.Task[None]] = {}
+        self._started = False
+        self._closed = False
+        self._succeeded = 0
+        self._failed = 0
+        self._gpu_available = False
+        self._outcomes: dict[int, tuple[m.TaskOutcome, str]] = {}  # the batch being handled
+
+    # -- construction -----------------------------------------------------------------------
+
+    @staticmethod
+    def builder() -> PoolBuilder:
+        """The seed's builder: `Pool.builder().cpu_workers(n).build()`."""
+        return PoolBuilder()
+
+    @classmethod
+    def local(cls, cpu_workers: int | None = None, *, gpu_workers: str = "auto", seed: int = 0, **options: Any) -> Pool:
+        """A pool on this machine only: one local agent with `cpu_workers` slots (default: cores)."""
+        builder = cls.builder().cpu_workers(cpu_workers).gpu_workers(gpu_workers).seed(seed)
+        for key, value in options.items():
+            getattr(builder, key)(value)
+        return builder.build()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Pool:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Launch every host concurrently and wait for their handshakes.
+
+        Hosts that fail to start are retried in the background; the pool starts if at least
+        one host is up, and raises the first error if none is.
+        """
+        if self._started:
+            raise UsageError("pool already started")
+        self._started = True
+        self._loop = asyncio.get_running_loop()
+        sessions = [
+            HostSession(
+                spec=spec,
+                listener=self,
+                heartbeat_interval=self.config.heartbeat_interval,
+                handshake_timeout=self.config.start_timeout,
+            )
+            for spec in self._specs
+        ]
+        for session in sessions:
+            self._sessions[session.name] = session
+            if session.spec.expected_capabilities:
+                self._handle(
+                    [ev.HostExpected(host_id=session.name, slot_capabilities=session.spec.expected_capabilities)]
+                )
+        results = await asyncio.gather(*(s.start() for s in sessions), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if len(errors) == len(sessions):
+            await self.close()
+            first = errors[0]
+            if isinstance(first, AgentError | TransportError):
+                raise first
+            raise AgentError(f"no host could be started: {first!r}") from first
+        for session, result in zip(sessions, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("host %s failed to start: %s; retrying in the background", session.name, result)
+                self._schedule_relaunch(session, str(result))
+        self._monitor = asyncio.create_task(self._watch_liveness(), name="batuta-liveness")
+
+    async def close(self) -> None:
+        """Stop every host; tasks not yet resolved resolve as CANCELLED ("pool closed")."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in [self._monitor, *self._relaunches.values()]:
+            if task is not None:
+                task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+        for task_id in list(self._pending):
+            self._finish(task_id, TaskStatus.CANCELLED, reason="pool closed before the task finished")
+        self._space.set()
+        await asyncio.gather(*(s.close() for s in self._sessions.values()), return_exceptions=True)
+        for task in [self._monitor, *self._relaunches.values()]:
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    # -- submitting -------------------------------------------------------------------------
+
+    async def submit(self, task: Task) -> TaskFuture:
+        """Queue a task; waits while the pool holds `max_queued` tasks (backpressure)."""
+        while not self._scheduler.can_accept():
+            self._check_open()
+            self._space.clear()
+            await self._space.wait()
+        return self.submit_nowait(task)
+
+    def submit_nowait(self, task: Task) -> TaskFuture:
+        """Queue a task now; raises UsageError if the pool is full (see `submit`)."""
+        self._check_open()
+        if not isinstance(task, Task):
+            raise UsageError(f"submit() takes a batuta.Task, not {type(task).__name__}")
+        loop = self._loop
+        assert loop is not None
+        if isinstance(task.call, KernelCall) and task.call.args:
+            try:  # refuse here what the wire cannot carry, rather than failing a whole batch later
+                check_value(task.call.args, where=f"task {task.name!r} arguments")
+            except LocalProtocolError as exc:
+                raise UsageError(str(exc)) from None
+        choice = select_backend(
+            task.call, task.backend, gpu_available=self._gpu_available, thresholds=self.config.thresholds
+        )
+        backend = choice.backend
+        requires = {CAP_GPU if backend is Backend.GPU else CAP_CPU, *task.requires}
+        task_id = next(self._ids)
+        future: asyncio.Future[TaskResult] = loop.create_future()
+        now = loop.time()
+        self._pending[task_id] = _Pending(task, future, now, backend.value)
+        if self.events.active:
+            self.events.publish(pe.TaskQueued(task_id=task_id, name=task.name, backend=backend.value, at=now))
+        self._handle(
+            [
+                ev.TaskSubmitted(
+                    task_id=task_id,
+                    priority=int(task.priority),
+                    requires=frozenset(requires),
+                    timeout=task.timeout,
+                    max_attempts=task.max_attempts,
+                )
+            ]
+        )
+        return TaskFuture(self, task_id, task, future)
+
+    async def run(self, task: Task) -> TaskResult:
+        """Submit and wait: the seed's `executor.execute(task).await`."""
+        return await (await self.submit(task))
+
+    execute = run
+
+    async def map(
+        self,
+        kernel: str,
+        items: Iterable[Any],
+        *,
+        backend: Backend = Backend.AUTO,
+        priority: Priority = Priority.NORMAL,
+        timeout: float | None = None,
+        max_attempts: int = 3,
+    ) -> list[Any]:
+        """Run `kernel` once per item (a tuple of args, or one arg) and return values in order.
+
+        Fails fast: the first failed task cancels the rest and raises TaskFailedError with
+        its result. For coarse granularity pass chunks, not elements (see `map_chunked`).
+        """
+        futures: list[TaskFuture] = []
+        failure: list[TaskResult] = []
+
+        def on_done(done: TaskFuture) -> None:
+            result = done.result()
+            if not result.is_success() and not failure:
+                failure.append(result)
+                for other in futures:
+                    other.cancel()
+
+        for item in items:
+            args = item if isinstance(item, tuple) else (item,)
+            task = Task.kernel(
+                kernel, *args, backend=backend, priority=priority, timeout=timeout, max_attempts=max_attempts
+            )
+            fut = await self.submit(task)
+            fut.add_done_callback(on_done)
+            futures.append(fut)
+            if failure:
+                break
+        try:
+            results = await asyncio.gather(*(f._future for f in futures))
+        except asyncio.CancelledError:  # our caller gave up: so do the tasks
+            for fut in futures:
+                self.cancel(fut.task_id)
+            raise
+        if failure:
+            raise TaskFailedError(failure[0].describe_failure(), result=failure[0])
+        return [r.value for r in results]
+
+    async def map_chunked(
+        self,
+        kernel: str,
+        *arrays: Any,
+        chunk_size: int = 10_000,
+        extra_args: tuple[Any, ...] = (),
+        **options: Any,
+    ) -> list[Any]:
+        """Split equally long arrays into chunks of `chunk_size` and map `kernel` over them.
+
+        The seed's advice in code: coarse tasks (`items.chunks(10_000)`) amortise the
+        per-task round trip. Returns one value per chunk, in order.
+        """
+        if chunk_size < 1:
+            raise UsageError(f"chunk_size must be >= 1, not {chunk_size}")
+        if not arrays:
+            raise UsageError("map_chunked needs at least one array")
+        length = len(arrays[0])
+        if any(len(a) != length for a in arrays):
+            raise UsageError(f"map_chunked: arrays differ in length ({[len(a) for a in arrays]})")
+        items = [
+            tuple(a[start : start + chunk_size] for a in arrays) + tuple(extra_args)
+            for start in range(0, length, chunk_size)
+        ]
+        return await self.map(kernel, items, **options)
+
+    def cancel(self, task_id: int) -> None:
+        if task_id in self._pending and not self._closed:
+            self._handle([ev.CancelRequested(task_id=task_id)])
+
+    # -- control ----------------------------------------------------------------------------
+
+    def pause(self) -> None:
+        """Stop sending new work to hosts; running work continues."""
+        self._handle([ev.SchedulingPaused()])
+
+    def resume(self) -> None:
+        self._handle([ev.SchedulingResumed()])
+
+    def drain(self, host: str) -> None:
+        """Send `host` no more work; a HostStateChanged('drained') follows when it is idle."""
+        if host not in self._sessions:
+            raise UsageError(f"no host named {host!r}; hosts: {', '.join(self._sessions)}")
+        self._publish_host_state(host, "draining", "drain requested")
+        self._handle([ev.HostDrainRequested(host_id=host)])
+
+    def subscribe(self, callback: pe.Subscriber) -> Callable[[], None]:
+        return self.events.subscribe(callback)
+
+    # -- views ------------------------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        return self._scheduler.paused
+
+    def stats(self) -> PoolStats:
+        s = self._scheduler.stats
+        return PoolStats(
+            submitted=s.submitted,
+            succeeded=self._succeeded,
+            failed=self._failed,
+            queued=self._scheduler.queued,
+            in_flight=self._scheduler.in_flight,
+            steals=s.steals,
+            steal_backs=s.steal_backs_returned,
+            retries=s.retries,
+            dropped_results=s.dropped_results,
+        )
+
+    def slots(self) -> list[SlotView]:
+        return self._scheduler.slots()
+
+    def hosts(self) -> list[HostView]:
+        now = asyncio.get_running_loop().time() if self._loop else 0.0
+        views = []
+        for session in self._sessions.values():
+            hello = session.hello
+            views.append(
+                HostView(
+                    name=session.name,
+                    state=session.state,
+                    description=session.description,
+                    slots=len(hello.slots) if hello else 0,
+                    gpus=tuple(g.name for g in hello.gpus) if hello else (),
+                    cpu_count=hello.cpu_count if hello else 0,
+                    last_heard_s=max(0.0, now - session.last_heard),
+                )
+            )
+        return views
+
+    @property
+    def slot_count(self) -> int:
+        return sum(1 for v in self._scheduler.slots() if v.state == "up")
+
+    # -- HostListener -----------------------------------------------------------------------
+
+    def host_ready(self, session: HostSession) -> None:
+        hello = session.hello
+        assert hello is not None
+        joined: list[ev.Event] = []
+        for info in hello.slots:
+            slot_id = f"{session.name}/{info.slot}"
+            self._slot_of[slot_id] = (session, info.slot)
+            joined.append(
+                ev.SlotJoined(slot_id=slot_id, host_id=session.name, capabilities=frozenset(info.capabilities))
+            )
+            if CAP_GPU in info.capabilities:
+                self._gpu_available = True
+        if self.events.active:
+            now = self._now()
+            self.events.publish(
+                pe.HostUp(
+                    host=session.name,
+                    slots=tuple(f"{session.name}/{i.slot}" for i in hello.slots),
+                    gpus=tuple(g.name for g in hello.gpus),
+                    cpu_count=hello.cpu_count,
+                    batuta_version=hello.batuta_version,
+                    python_version=hello.python_version,
+                    at=now,
+                )
+            )
+        self._handle(joined)
+
+    def host_messages(self, session: HostSession, messages: list[m.Message]) -> None:
+        events: list[ev.Event] = []
+        outcomes = self._outcomes
+        publish = self.events.active
+        now = self._now()
+        host = session.name
+        for msg in messages:
+            kind = type(msg)
+            if kind is m.Done:
+                for outcome in msg.results:  # type: ignore[union-attr]
+                    slot_id = f"{host}/{outcome.slot}"
+                    outcomes[outcome.task_id] = (outcome, slot_id)
+                    events.append(
+                        ev.TaskFinished(
+                            task_id=outcome.task_id,
+                            slot_id=slot_id,
+                            attempt=outcome.attempt,
+                            outcome=outcome.status,
+                            run_s=outcome.run_s,
+                            reason=outcome.error or "",
+                        )
+                    )
+            elif kind is m.Started:
+                for task_id in msg.task_ids:  # type: ignore[union-attr]
+                    pending = self._pending.get(task_id)
+                    if pending is None or pending.slot_id is None or not pending.slot_id.startswith(host + "/"):
+                        continue
+                    pending.started_at = now
+                    events.append(ev.TaskStarted(task_id=task_id, slot_id=pending.slot_id))
+                    if publish:
+                        self.events.publish(
+                            pe.TaskStarted(
+                                task_id=task_id,
+                                name=pending.task.name,
+                                host=host,
+                                slot=pending.slot_id,
+                                attempt=self._scheduler.attempts(task_id),
+                                at=now,
+                            )
+                        )
+            elif kind is m.StealBackReply:
+                events.append(
+                    ev.StealBackAnswered(
+                        slot_id=f"{host}/{msg.slot}",  # type: ignore[union-attr]
+                        returned=tuple(msg.returned),  # type: ignore[union-attr]
+                        refused=tuple(msg.refused),  # type: ignore[union-attr]
+                    )
+                )
+            elif kind is m.Heartbeat:
+                if publish:
+                    self.events.publish(self._telemetry_event(session, msg, now))  # type: ignore[arg-type]
+            elif kind is m.SlotState:
+                events.extend(self._slot_state_events(session, msg, now))  # type: ignore[arg-type]
+            elif kind is m.Bye:
+                log.info("host %s says bye: %s", host, msg.reason)  # type: ignore[union-attr]
+            elif kind is m.Error:
+                log.error("host %s reports a protocol error: %s", host, msg.message)  # type: ignore[union-attr]
+        try:
+            self._handle(events)
+        finally:
+            outcomes.clear()
+
+    def host_closed(self, session: HostSession, reason: str) -> None:
+        if self._closed:
+            return
+        log.warning("host %s lost: %s", session.name, reason)
+        now = self._now()
+        if self.events.active:
+            self.events.publish(pe.HostDown(host=session.name, reason=reason, at=now))
+        self._handle([ev.HostLost(host_id=session.name, reason=reason)])
+        self._schedule_relaunch(session, reason)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        loop = self._loop
+        return loop.time() if loop is not None else 0.0
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PoolClosedError("the pool is closed; create a new one")
+        if not self._started:
+            raise PoolClosedError("the pool is not started; use 'async with pool:' or 'await pool.start()'")
+
+    def _handle(self, events: list[ev.Event]) -> None:
+        if not events:
+            return
+        instructions = self._scheduler.handle_many(events, self._now())
+        self._execute(instructions)
+
+    def _execute(self, instructions: list[ev.Instruction]) -> None:
+        resolved = False
+        for ins in instructions:
+            if isinstance(ins, ev.SendTasks):
+                self._send_tasks(ins)
+            elif isinstance(ins, ev.ResolveTask):
+                self._resolve(ins)
+                resolved = True
+            elif isinstance(ins, ev.RequestStealBack):
+                session, index = self._slot_of[ins.slot_id]
+                session.send(m.StealBack(slot=index, task_ids=ins.task_ids))
+            elif isinstance(ins, ev.AbortTasks):
+                session, _index = self._slot_of[ins.slot_id]
+                session.send(m.Cancel(task_ids=ins.task_ids))
+            elif isinstance(ins, ev.TaskRequeued):
+                self._on_requeued(ins)
+            elif isinstance(ins, ev.HostDrained):
+                self._publish_host_state(ins.host_id, "drained", "no work left")
+        if resolved and not self._space.is_set() and self._scheduler.can_accept():
+            self._space.set()
+        self._arm_timer()
+
+    def _send_tasks(self, ins: ev.SendTasks) -> None:
+        session, index = self._slot_of[ins.slot_id]
+        requests = []
+        for task_id, attempt in zip(ins.task_ids, ins.attempts, strict=True):
+            pending = self._pending[task_id]
+            pending.slot_id = ins.slot_id
+            pending.started_at = None
+            task = pending.task
+            requests.append(
+                m.TaskRequest(
+                    task_id=task_id,
+                    slot=index,
+                    attempt=attempt,
+                    call=task.call,
+                    timeout=task.timeout,
+                    backend=pending.backend,
+                )
+            )
+        session.send(m.Run(tasks=tuple(requests)))
+
+    def _resolve(self, ins: ev.ResolveTask) -> None:
+        got = self._outcomes.get(ins.task_id)
+        if got is not None and ins.status is not TaskStatus.LOST:
+            outcome, slot_id = got
+            self._finish(
+                ins.task_id,
+                ins.status,
+                reason=outcome.error or ins.reason or None,
+                slot_id=slot_id,
+                attempts=ins.attempts,
+                value=outcome.value,
+                stdout=outcome.stdout,
+                stderr=outcome.stderr,
+                exit_code=outcome.exit_code,
+                run_s=outcome.run_s,
+            )
+        else:
+            self._finish(ins.task_id, ins.status, reason=ins.reason or None, slot_id=ins.slot_id, attempts=ins.attempts)
+
+    def _finish(
+        self,
+        task_id: int,
+        status: TaskStatus,
+        *,
+        reason: str | None = None,
+        slot_id: str | None = None,
+        attempts: int = 0,
+        value: Any = None,
+        stdout: bytes = b"",
+        stderr: bytes = b"",
+        exit_code: int | None = None,
+        run_s: float = 0.0,
+    ) -> None:
+        pending = self._pending.pop(task_id, None)
+        if pending is None:
+            return
+        now = self._now()
+        started = pending.started_at if pending.started_at is not None else now - run_s
+        queue_wait = max(0.0, started - pending.submitted_at) if slot_id else max(0.0, now - pending.submitted_at)
+        host = slot_id.split("/", 1)[0] if slot_id else None
+        result = TaskResult(
+            task_id=task_id,
+            name=pending.task.name,
+            status=status,
+            value=value,
+            stdout=stdout,
+            stderr=stderr,
+            exit_code=exit_code,
+            error=None if status is TaskStatus.SUCCEEDED else reason,
+            duration=run_s,
+            queue_wait=queue_wait,
+            host=host,
+            slot=slot_id,
+            attempts=attempts,
+            backend=Backend(pending.backend),
+        )
+        if status is TaskStatus.SUCCEEDED:
+            self._succeeded += 1
+        else:
+            self._failed += 1
+        if not pending.future.done():
+            pending.future.set_result(result)
+        if self.events.active:
+            self.events.publish(pe.TaskFinished(result=result, at=now))
+
+    def _on_requeued(self, ins: ev.TaskRequeued) -> None:
+        pending = self._pending.get(ins.task_id)
+        if pending is not None:
+            pending.slot_id = None
+            pending.started_at = None
+            if self.events.active:
+                self.events.publish(
+                    pe.TaskRequeued(
+                        task_id=ins.task_id,
+                        name=pending.task.name,
+                        slot=ins.slot_id,
+                        attempts=ins.attempts,
+                        reason=ins.reason,
+                        at=self._now(),
+                    )
+                )
+
+    def _slot_state_events(self, session: HostSession, msg: m.SlotState, now: float) -> list[ev.Event]:
+        slot_id = f"{session.name}/{msg.slot}"
+        if self.events.active:
+            self.events.publish(
+                pe.SlotStateChanged(host=session.name, slot=slot_id, state=msg.state, reason=msg.reason, at=now)
+            )
+        if slot_id not in self._slot_of:
+            return []
+        if msg.state == m.SLOT_DOWN:
+            return [ev.SlotLost(slot_id=slot_id, reason=msg.reason or "worker process gave up")]
+        if msg.state == m.SLOT_UP:
+            views = {v.slot_id: v for v in self._scheduler.slots()}
+            view = views.get(slot_id)
+            if view is not None and view.state in ("lost", "retired"):
+                return [ev.SlotJoined(slot_id=slot_id, host_id=session.name, capabilities=view.capabilities)]
+        return []
+
+    def _telemetry_event(self, session: HostSession, hb: m.Heartbeat, now: float) -> pe.HostTelemetry:
+        names = {g.index: g.name for g in session.hello.gpus} if session.hello else {}
+        return pe.HostTelemetry(
+            host=session.name,
+            cpu_percent=hb.cpu_percent,
+            memory_used=hb.memory_used,
+            memory_total=hb.memory_total,
+            gpus=tuple(
+                pe.GpuReading(
+                    index=g.index,
+                    name=names.get(g.index, f"GPU {g.index}"),
+                    utilization=g.utilization,
+                    memory_used=g.memory_used,
+                    memory_total=g.memory_total,
+                    temperature=g.temperature,
+                    power=g.power,
+                )
+                for g in hb.gpus
+            ),
+            gpu_status=hb.gpu_status,
+            at=now,
+        )
+
+    def _publish_host_state(self, host: str, state: str, reason: str) -> None:
+        if self.events.active:
+            self.events.publish(pe.HostStateChanged(host=host, state=state, reason=reason, at=self._now()))
+
+    def _arm_timer(self) -> None:
+        wake = self._scheduler.next_wakeup()
+        if wake == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = wake
+        if wake is not None and self._loop is not None and not self._closed:
+            self._timer = self._loop.call_at(wake, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if not self._closed:
+            self._handle([ev.TimerFired()])
+
+    # -- liveness and relaunch --------------------------------------------------------------
+
+    async def _watch_liveness(self) -> None:
+        interval = max(0.05, min(self.config.heartbeat_interval, self.config.suspect_after) / 2)
+        while not self._closed:
+            await asyncio.sleep(interval)
+            now = self._now()
+            for session in list(self._sessions.values()):
+                if session.state not in (HostState.UP, HostState.SUSPECTED):
+                    continue
+                silent = now - session.last_heard
+                if silent > self.config.lost_after:
+                    session.mark_lost(f"no heartbeat for {silent:.1f}s (lost after {self.config.lost_after:g}s)")
+                elif silent > self.config.suspect_after and session.state == HostState.UP:
+                    session.state = HostState.SUSPECTED
+                    self._publish_host_state(session.name, "suspected", f"no heartbeat for {silent:.1f}s")
+                elif silent <= self.config.suspect_after and session.state == HostState.SUSPECTED:
+                    session.state = HostState.UP
+                    self._publish_host_state(session.name, "up", "heard from again")
+
+    def _schedule_relaunch(self, session: HostSession, reason: str) -> None:
+        if self._closed or session.name in self._relaunches:
+            return
+        self._relaunches[session.name] = asyncio.create_task(
+            self._relaunch(session, reason), name=f"relaunch-{session.name}"
+        )
+
+    async def _relaunch(self, session: HostSession, reason: str) -> None:
+        delay = self.config.relaunch_backoff
+        try:
+            for attempt in range(1, self.config.max_relaunches + 1):
+                await asyncio.sleep(delay)
+                if self._closed:
+                    return
+                try:
+                    await session.start()
+                    log.info("host %s relaunched (attempt %d)", session.name, attempt)
+                    self._publish_host_state(session.name, "up", f"relaunched after: {reason}")
+                    return
+                except (AgentError, TransportError, OSError) as exc:
+                    reason = str(exc)
+                    log.warning("host %s relaunch %d failed: %s", session.name, attempt, exc)
+                delay = min(delay * 2, 30.0)
+            why = f"gave up after {self.config.max_relaunches} relaunches: {reason}"
+            self._publish_host_state(session.name, "retired", why)
+            self._handle([ev.HostLost(host_id=session.name, reason=why, retired=True)])
+        finally:
+            self._relaunches.pop(session.name, None)
+
+
+class PoolBuilder:
+    """Fluent construction mirroring the seed's `Pool::builder().cpu_workers(n).build()`."""
+
+    def __init__(self) -> None:
+        self._cpu_workers: int | None = None
+        self._gpu_workers = "auto"
+        self._kernel_modules: list[str] = []
+        self._hosts: list[HostSpec] = []
+        self._config = PoolConfig()
+        self._scheduler = SchedulerConfig()
+        self._python: str | None = None
+        self._local = True
+
+    def cpu_workers(self, count: int | None) -> PoolBuilder:
+        if count is not None and (not isinstance(count, int) or count < 1):
+            raise UsageError(f"cpu_workers must be a positive int, not {count!r}")
+        self._cpu_workers = count
+        return self
+
+    def gpu_workers(self, which: str) -> PoolBuilder:
+        """'auto' (one slot per visible GPU), 'none', or a comma list of GPU indices."""
+        self._gpu_workers = which
+        return self
+
+    def kernel_modules(self, modules: Iterable[str]) -> PoolBuilder:
+        """Modules the agents import so that their `@kernel` functions are registered."""
+        self._kernel_modules = list(modules)
+        return self
+
+    def host(self, spec: HostSpec) -> PoolBuilder:
+        self._hosts.append(spec)
+        return self
+
+    def hosts(self, specs: Iterable[HostSpec]) -> PoolBuilder:
+        self._hosts.extend(specs)
+        return self
+
+    def no_local(self) -> PoolBuilder:
+        """Do not add this machine's agent (only the hosts given)."""
+        self._local = False
+        return self
+
+    def python(self, executable: str) -> PoolBuilder:
+        self._python = executable
+        return self
+
+    def seed(self, seed: int) -> PoolBuilder:
+        self._config = replace(self._config, seed=seed)
+        return self
+
+    def heartbeat_interval(self, seconds: float) -> PoolBuilder:
+        self._config = replace(self._config, heartbeat_interval=seconds)
+        return self
+
+    def liveness(self, *, suspect_after: float, lost_after: float) -> PoolBuilder:
+        if not 0 < suspect_after <= lost_after:
+            raise UsageError("liveness needs 0 < suspect_after <= lost_after")
+        self._config = replace(self._config, suspect_after=suspect_after, lost_after=lost_after)
+        return self
+
+    def relaunch(self, *, max_relaunches: int, backoff: float) -> PoolBuilder:
+        self._config = replace(self._config, max_relaunches=max_relaunches, relaunch_backoff=backoff)
+        return self
+
+    def max_queued(self, count: int) -> PoolBuilder:
+        self._scheduler = replace(self._scheduler, max_queued=count)
+        return self
+
+    def window(self, *, min_window: int | None = None, max_window: int | None = None) -> PoolBuilder:
+        changes = {k: v for k, v in (("min_window", min_window), ("max_window", max_window)) if v is not None}
+        self._scheduler = replace(self._scheduler, **changes)
+        return self
+
+    def scheduler(self, config: SchedulerConfig) -> PoolBuilder:
+        self._scheduler = config
+        return self
+
+    def build(self) -> Pool:
+        hosts = list(self._hosts)
+        if self._local and not any(h.name == "local" for h in hosts):
+            hosts.insert(
+                0,
+                local_host(
+                    self._cpu_workers, gpus=self._gpu_workers, kernel_modules=self._kernel_modules, python=self._python
+                ),
+            )
+        return Pool(hosts, replace(self._config, scheduler=self._scheduler))
+
+
+def local_host(
+    cpu_workers: int | None = None,
+    *,
+    gpus: str = "auto",
+    kernel_modules: Sequence[str] = (),
+    python: str | None = None,
+    name: str = "local",
+    env: dict[str, str] | None = None,
+) -> HostSpec:
+    """A host agent on this machine, started as a subprocess (the embedded default)."""
+    argv = agent_command(slots=cpu_workers, gpus=gpus, kernel_modules=kernel_modules, python=python, name=name)
+
+    async def launch() -> Any:
+        return await open_local_agent(argv, env=env, name=name)
+
+    return HostSpec(name=name, launch=launch, expected_capabilities=(frozenset({CAP_CPU}),))

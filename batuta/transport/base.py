@@ -1,0 +1,73 @@
+"""What every transport gives the runtime: a duplex byte stream to one host agent.
+
+Transports move bytes and nothing else: they know no tasks and no frames. Each one starts
+(or reaches) a host agent and hands back a `ByteStream`; the runtime's protocol object sits
+on top. Errors are wrapped into `batuta.errors.TransportError` at this edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+from batuta.errors import TransportError
+
+log = logging.getLogger("batuta.transport")
+
+
+class ByteStream(Protocol):
+    """A duplex byte stream to one host agent."""
+
+    @property
+    def description(self) -> str:
+        """Where the stream goes, for messages: 'local pid 4242', 'ssh node1:22'."""
+        ...
+
+    async def read(self) -> bytes:
+        """The next chunk of bytes from the agent; b"" once the agent's side is closed."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the agent (never blocks; pair with `drain`)."""
+        ...
+
+    async def drain(self) -> None:
+        """Wait until queued bytes are below the high-water mark (flow control)."""
+        ...
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Orderly shutdown: EOF to the agent, wait up to `timeout`, then terminate and kill."""
+        ...
+
+    def kill(self) -> None:
+        """Abandon the stream now (the agent is presumed dead or hung)."""
+        ...
+
+
+class StreamClosedError(TransportError):
+    """Writing to a stream whose far side has gone away."""
+
+
+async def wait_for_exit(process: asyncio.subprocess.Process, timeout: float) -> int | None:
+    """The process's exit code, or None if it is still running after `timeout` seconds."""
+    try:
+        return await asyncio.wait_for(process.wait(), timeout)
+    except TimeoutError:
+        return None
+
+
+async def forward_stderr(reader: asyncio.StreamReader | None, logger: logging.Logger, prefix: str) -> None:
+    """Send each line the agent writes to stderr into our logs; ends at EOF."""
+    if reader is None:
+        return
+    while True:
+        try:
+            line = await reader.readline()
+        except (ValueError, asyncio.LimitOverrunError):  # an absurdly long line: skip it
+            continue
+        except ConnectionError:
+            return
+        if not line:
+            return
+        logger.warning("%s: %s", prefix, line.decode("utf-8", errors="replace").rstrip())

@@ -1,0 +1,139 @@
+"""Load balance on heavy-tailed tasks: batuta's work stealing vs static and shared-queue splits.
+
+The same seeded task durations (busy-wait `spin`, so they burn CPU like real kernels) run
+through batuta's local pool, through ProcessPoolExecutor's shared queue, and split
+statically (round robin, and contiguous halves) over the same number of processes. Each
+makespan is divided by the lower bound max(total work / workers, longest task).
+
+Two workloads: lognormal durations (median 4 ms), and durations that grow along the index
+(as in triangular pairwise work), where contiguous static splits fail. The last line is one
+JSON object with `makespan_over_lower_bound` and `round_robin_over_lower_bound` (lognormal
+workload), plus the rest.
+
+Target (issue 2): makespan_over_lower_bound <= 1.10, clearly below round robin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import json
+import os
+import time
+
+import numpy as np
+
+
+def spin(seconds: float) -> float:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return seconds
+
+
+def spin_all(durations: list[float]) -> float:
+    for d in durations:
+        spin(d)
+    return sum(durations)
+
+
+def lognormal_durations(count: int, median: float, sigma: float, seed: int) -> list[float]:
+    rng = np.random.default_rng(seed)
+    return [float(x) for x in median * rng.lognormal(0.0, sigma, count)]
+
+
+def growing_durations(count: int, median: float, seed: int) -> list[float]:
+    """Cost proportional to the index (row i of a triangular loop), same total as median*count."""
+    rng = np.random.default_rng(seed)
+    base = np.arange(1, count + 1, dtype=float)
+    base *= median * count / base.sum()
+    return [float(x) for x in base * rng.uniform(0.9, 1.1, count)]
+
+
+def lower_bound(durations: list[float], workers: int) -> float:
+    return max(sum(durations) / workers, max(durations))
+
+
+async def batuta_makespan(durations: list[float], workers: int) -> tuple[float, dict[str, int]]:
+    from batuta import Pool, Task
+
+    async with Pool.local(workers, gpu_workers="none") as pool:
+        await pool.map("spin", [0.001] * (4 * workers))  # warm the slots
+        start = time.perf_counter()
+        futures = [await pool.submit(Task.kernel("spin", d)) for d in durations]
+        for fut in futures:
+            result = await fut
+            assert result.is_success(), result.error
+        elapsed = time.perf_counter() - start
+        stats = pool.stats()
+    return elapsed, {"steals": stats.steals, "steal_backs": stats.steal_backs}
+
+
+def shared_queue_makespan(durations: list[float], workers: int) -> float:
+    with concurrent.futures.ProcessPoolExecutor(workers) as ex:
+        list(ex.map(spin, [0.001] * (4 * workers)))
+        start = time.perf_counter()
+        list(ex.map(spin, durations))
+        return time.perf_counter() - start
+
+
+def static_makespan(parts: list[list[float]]) -> float:
+    with concurrent.futures.ProcessPoolExecutor(len(parts)) as ex:
+        list(ex.map(spin, [0.001] * (4 * len(parts))))
+        start = time.perf_counter()
+        list(ex.map(spin_all, parts))
+        return time.perf_counter() - start
+
+
+def measure(durations: list[float], workers: int) -> dict[str, float | int]:
+    bound = lower_bound(durations, workers)
+    batuta, steals = asyncio.run(batuta_makespan(durations, workers))
+    shared = shared_queue_makespan(durations, workers)
+    round_robin = static_makespan([durations[w::workers] for w in range(workers)])
+    size = -(-len(durations) // workers)
+    contiguous = static_makespan([durations[i : i + size] for i in range(0, len(durations), size)])
+    return {
+        "lower_bound_s": round(bound, 4),
+        "batuta_over_lower_bound": round(batuta / bound, 3),
+        "shared_queue_over_lower_bound": round(shared / bound, 3),
+        "round_robin_over_lower_bound": round(round_robin / bound, 3),
+        "contiguous_over_lower_bound": round(contiguous / bound, 3),
+        **steals,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=300)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--median", type=float, default=0.004)
+    parser.add_argument("--sigma", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    lognormal = measure(lognormal_durations(args.tasks, args.median, args.sigma, args.seed), args.workers)
+    print("lognormal:", lognormal, flush=True)
+    growing = measure(growing_durations(args.tasks, args.median, args.seed), args.workers)
+    print("growing:", growing, flush=True)
+    print(
+        json.dumps(
+            {
+                "tasks": args.tasks,
+                "workers": args.workers,
+                "cpus": os.cpu_count(),
+                "makespan_over_lower_bound": lognormal["batuta_over_lower_bound"],
+                "round_robin_over_lower_bound": lognormal["round_robin_over_lower_bound"],
+                "shared_queue_over_lower_bound": lognormal["shared_queue_over_lower_bound"],
+                "growing_makespan_over_lower_bound": growing["batuta_over_lower_bound"],
+                "growing_contiguous_over_lower_bound": growing["contiguous_over_lower_bound"],
+                "growing_shared_queue_over_lower_bound": growing["shared_queue_over_lower_bound"],
+                "lognormal": lognormal,
+                "growing": growing,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
