@@ -13,3 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def repo_root() -> Path:
     """The checkout's root folder (where pyproject.toml is)."""
     return REPO_ROOT
+
+
+# Real SSH hosts in network namespaces (tests/support/hosts.py): the `ssh_hosts` fixture.
+from tests.support.conftest_hosts import ssh_hosts  # noqa: E402, F401

@@ -195,10 +195,22 @@ async def test_slow_tasks_are_fed_one_at_a_time(bench: Bench) -> None:
     bench.fake.ready()
     enqueue(slot, 1, 2, 3)
     await events.until(lambda: events.started == [1])
-    bench.fake.done(1, run_s=4e-3)
+    bench.fake.done(1, run_s=0.05)
     await events.until(lambda: events.started == [1, 2])
     assert bench.fake.fed_ids() == [[1], [2]]
     assert [t.task_id for t in slot.queue] == [3]
+
+
+async def test_short_tasks_get_one_more_fed_behind_them(bench: Bench) -> None:
+    slot, events = bench.slot, bench.events
+    slot.start()
+    bench.fake.ready()
+    enqueue(slot, 1, 2, 3, 4)
+    await events.until(lambda: events.started == [1])
+    bench.fake.done(1, run_s=4e-3)
+    await events.until(lambda: events.started == [1, 2])
+    assert [i for batch in bench.fake.fed_ids() for i in batch] == [1, 2, 3]
+    assert [t.task_id for t in slot.queue] == [4]
 
 
 async def test_steal_back_returns_only_unfed_tasks(bench: Bench) -> None:

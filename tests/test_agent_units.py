@@ -228,7 +228,7 @@ class _NoEvents:
 
 @pytest.mark.parametrize(
     ("mean_run_s", "depth"),
-    [(None, 1), (0.0, 32), (4e-3, 1), (1e-3, 2), (0.4e-3, 3), (1e-5, 32), (1e-6, 32)],
+    [(None, 1), (0.0, 32), (0.05, 1), (4e-3, 2), (1e-3, 2), (0.4e-3, 3), (1e-5, 32), (1e-6, 32)],
 )
 async def test_feed_depth_follows_run_time(mean_run_s: float | None, depth: int) -> None:
     slot = supervisor.SlotSupervisor(
