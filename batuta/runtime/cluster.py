@@ -1,0 +1,570 @@
+"""The cluster file: which machines form the pool, how to reach them, and pool knobs.
+
+A cluster file is TOML (see `examples/cluster.toml` for every key, documented):
+
+    [defaults]                 # applies to every [[hosts]] entry
+    user = "batuta"
+    python = "~/venv/bin/python"
+
+    [[hosts]]
+    name = "gpu1"
+    address = "10.0.0.11"      # a host name, an address or a ~/.ssh/config alias
+    gpus = [0, 1]
+
+    [local]                    # optional: this machine joins as a host too
+    slots = 2
+
+    [ssh]
+    trust_on_first_use = false
+
+    [pool]
+    heartbeat_interval = 1.0
+
+`load_cluster(path)` reads and checks it; every problem is a `ConfigError` naming the file,
+the line where it can be found, the field and the fix:
+`cluster.toml:12: hosts[2].slotz: unknown key; did you mean 'slots'?`. `build_pool` turns
+it into a `Pool`; `ssh_host` turns one host into a `HostSpec` whose `launch()` connects
+over SSH and starts the agent there.
+
+Environment values (`env`) reach the remote agent through the remote command line, so they
+are for settings such as `OMP_NUM_THREADS`, never for secrets.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batuta.core.task import CAP_CPU, CAP_GPU
+from batuta.errors import ConfigError
+from batuta.runtime.host import HostSpec
+from batuta.runtime.pool import Pool, PoolConfig, local_host
+from batuta.transport.base import ByteStream
+from batuta.transport.local import agent_command
+from batuta.transport.ssh import SSHSettings, SSHTarget, open_ssh_stream
+
+DEFAULT_PYTHON = "python3"
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+
+
+# -- the model ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterHost:
+    """One SSH host, with the file's `[defaults]` already merged in."""
+
+    name: str
+    address: str  # host name, IP address or ssh config alias
+    port: int | None = None  # None: the ssh config's Port, else 22
+    user: str | None = None  # None: the ssh config's User, else the local user name
+    identity_file: Path | None = None  # None: the ssh config's IdentityFile, else the defaults
+    python: str = DEFAULT_PYTHON  # the remote interpreter that has batuta installed
+    slots: int | None = None  # CPU worker slots; None: one per remote CPU
+    gpus: str = "auto"  # "auto", "none" or NVML indices "0,1"
+    env: Mapping[str, str] = field(default_factory=dict)  # not for secrets: see module doc
+    tags: frozenset[str] = frozenset()
+    kernel_modules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LocalHostConfig:
+    """This machine as a host: an agent started as a subprocess of the coordinator."""
+
+    name: str = "local"
+    python: str | None = None  # None: the coordinator's own interpreter
+    slots: int | None = None
+    gpus: str = "auto"
+    env: Mapping[str, str] = field(default_factory=dict)
+    tags: frozenset[str] = frozenset()
+    kernel_modules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterConfig:
+    """A whole cluster file, checked."""
+
+    hosts: tuple[ClusterHost, ...] = ()
+    local: LocalHostConfig | None = None
+    ssh: SSHSettings = field(default_factory=SSHSettings)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    source: str = "<cluster>"
+
+    @property
+    def host_names(self) -> list[str]:
+        local = [self.local.name] if self.local is not None else []
+        return local + [h.name for h in self.hosts]
+
+
+# -- turning it into a pool ---------------------------------------------------------------
+
+
+def expected_capabilities(slots: int | None, gpus: str) -> tuple[frozenset[str], ...]:
+    """What a host's slots will offer, as far as the file says (unknown counts: one CPU slot)."""
+    cpu = (frozenset({CAP_CPU}),) * (1 if slots is None else slots)
+    gpu_count = len(gpus.split(",")) if gpus not in ("auto", "none") else 0
+    return cpu + (frozenset({CAP_GPU}),) * gpu_count
+
+
+def ssh_host(host: ClusterHost, ssh: SSHSettings | None = None, *, check_versions: bool = True) -> HostSpec:
+    """A `HostSpec` whose `launch()` connects over SSH and starts the agent on `host`.
+
+    Each launch (and relaunch) opens a fresh connection with one channel running
+    `<python> -m batuta.agent --stdio --gpus G [--slots N] [--kernel-module M] --name NAME`.
+    """
+    settings = ssh or SSHSettings()
+    argv = agent_command(
+        slots=host.slots, gpus=host.gpus, kernel_modules=host.kernel_modules, name=host.name, python=host.python
+    )
+    target = SSHTarget(
+        host=host.address, port=host.port, user=host.user, identity_file=host.identity_file, name=host.name
+    )
+    env = dict(host.env) or None
+
+    async def launch() -> ByteStream:
+        return await open_ssh_stream(target, argv, settings, env=env)
+
+    return HostSpec(
+        name=host.name,
+        launch=launch,
+        expected_capabilities=expected_capabilities(host.slots, host.gpus),
+        check_versions=check_versions,
+    )
+
+
+def host_specs(cluster: ClusterConfig) -> list[HostSpec]:
+    """Every host of the cluster as a `HostSpec`, the local one (if any) first."""
+    specs: list[HostSpec] = []
+    if cluster.local is not None:
+        local = cluster.local
+        spec = local_host(
+            local.slots,
+            gpus=local.gpus,
+            kernel_modules=local.kernel_modules,
+            python=local.python,
+            name=local.name,
+            env=dict(local.env) or None,
+        )
+        if local.slots is not None:
+            spec = HostSpec(
+                name=spec.name,
+                launch=spec.launch,
+                expected_capabilities=expected_capabilities(local.slots, local.gpus),
+                check_versions=spec.check_versions,
+            )
+        specs.append(spec)
+    specs.extend(ssh_host(host, cluster.ssh) for host in cluster.hosts)
+    return specs
+
+
+def build_pool(cluster: ClusterConfig) -> Pool:
+    """A (not yet started) `Pool` over every host in the cluster file, with its `[pool]` knobs."""
+    return Pool(host_specs(cluster), cluster.pool)
+
+
+# -- reading the file ---------------------------------------------------------------------
+
+
+def load_cluster(path: str | Path) -> ClusterConfig:
+    """Read and check a cluster file. Raises `ConfigError` naming the file, line and field."""
+    source = str(path)
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file; see examples/cluster.toml for a start") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read: {exc}") from None
+    return parse_cluster(text, source=source, base_dir=Path(path).expanduser().resolve().parent)
+
+
+def parse_cluster(text: str, *, source: str = "cluster.toml", base_dir: Path | None = None) -> ClusterConfig:
+    """Check cluster-file text. Relative paths in it are relative to `base_dir` (the file's folder)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        where = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
+        reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        if where:
+            raise ConfigError(f"{source}:{where[1]}:{where[2]}: invalid TOML: {reason}") from None
+        raise ConfigError(f"{source}: invalid TOML: {reason}") from None
+    return _Reader(text, source, base_dir or Path.cwd()).cluster(data)
+
+
+FieldPath = tuple[str | int, ...]
+
+
+def _field_name(path: FieldPath) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+_HOST_KEYS = (
+    "name",
+    "address",
+    "port",
+    "user",
+    "identity_file",
+    "python",
+    "slots",
+    "gpus",
+    "env",
+    "tags",
+    "kernel_modules",
+)
+_DEFAULT_KEYS = tuple(k for k in _HOST_KEYS if k not in ("name", "address"))
+_LOCAL_KEYS = ("enabled", "name", "python", "slots", "gpus", "env", "tags", "kernel_modules")
+_LOCAL_INHERITS = ("env", "tags", "kernel_modules")  # from [defaults]: what runs, not where
+_SSH_KEYS = ("known_hosts", "config", "connect_timeout", "trust_on_first_use")
+_POOL_KEYS = (
+    "seed",
+    "heartbeat_interval",
+    "suspect_after",
+    "lost_after",
+    "max_relaunches",
+    "relaunch_backoff",
+    "start_timeout",
+)
+_TOP_KEYS = ("hosts", "defaults", "local", "ssh", "pool")
+
+
+class _Reader:
+    """Walks the parsed TOML, checking each value and remembering where errors point."""
+
+    def __init__(self, text: str, source: str, base_dir: Path) -> None:
+        self._lines = text.splitlines()
+        self._source = source
+        self._base_dir = base_dir
+
+    # -- errors, with the line they are on --
+
+    def error(self, path: FieldPath, message: str) -> ConfigError:
+        line = self._line_of(path)
+        where = f"{self._source}:{line}" if line else self._source
+        name = _field_name(path)
+        return ConfigError(f"{where}: {name}: {message}" if name else f"{where}: {message}")
+
+    def _line_of(self, path: FieldPath) -> int | None:
+        """Best effort: the line of `path`'s key (or of its nearest enclosing key or table)."""
+        for end in range(len(path), 0, -1):
+            line = self._find(path[:end])
+            if line:
+                return line
+        return None
+
+    def _find(self, path: FieldPath) -> int | None:
+        table: FieldPath = ()
+        counts: dict[tuple[str, ...], int] = {}
+        for number, raw in enumerate(self._lines, 1):
+            line = raw.strip()
+            if line.startswith("[["):
+                name = _header(line[2:].split("]]", 1)[0])
+                counts[name] = counts.get(name, -1) + 1
+                table = (*name, counts[name])
+                if table == path:
+                    return number
+                continue
+            if line.startswith("["):
+                table = _header(line[1:].split("]", 1)[0])
+                if table == path:
+                    return number
+                continue
+            match = re.match(r"""\s*("[^"]*"|'[^']*'|[A-Za-z0-9_\-]+)\s*=""", line)
+            if match and (*table, match[1].strip("\"'")) == path:
+                return number
+        return None
+
+    # -- the document --
+
+    def cluster(self, data: dict[str, Any]) -> ClusterConfig:
+        self._known_keys(data, (), _TOP_KEYS)
+        defaults = self._table(data, ("defaults",))
+        self._known_keys(defaults, ("defaults",), _DEFAULT_KEYS)
+        merged_defaults = self._host_fields(defaults, ("defaults",))
+
+        hosts_value = data.get("hosts", [])
+        if not isinstance(hosts_value, list):
+            raise self.error(("hosts",), "expected an array of tables: write each host as a [[hosts]] table")
+        hosts: list[ClusterHost] = []
+        seen: dict[str, FieldPath] = {}
+        for index, entry in enumerate(hosts_value):
+            path: FieldPath = ("hosts", index)
+            if not isinstance(entry, dict):
+                raise self.error(path, "expected a table with name and address; write it as a [[hosts]] table")
+            host = self._host(entry, path, merged_defaults)
+            self._unique(host.name, (*path, "name"), seen)
+            hosts.append(host)
+
+        local = self._local(data.get("local"), merged_defaults)
+        if local is not None:
+            self._unique(local.name, ("local", "name"), seen)
+        if not hosts and local is None:
+            raise ConfigError(f"{self._source}: no hosts: add a [[hosts]] table with an address, or local = true")
+        return ClusterConfig(
+            hosts=tuple(hosts),
+            local=local,
+            ssh=self._ssh(self._table(data, ("ssh",))),
+            pool=self._pool(self._table(data, ("pool",))),
+            source=self._source,
+        )
+
+    def _host(self, entry: dict[str, Any], path: FieldPath, defaults: dict[str, Any]) -> ClusterHost:
+        self._known_keys(entry, path, _HOST_KEYS)
+        if "address" not in entry:
+            raise self.error(path, 'missing address; add address = "<host name, IP or ~/.ssh/config alias>"')
+        address = self._string((*path, "address"), entry["address"])
+        if "@" in address or any(c.isspace() for c in address):
+            raise self.error(
+                (*path, "address"),
+                f"{address!r} is not a host name or address; put a user in user = ... and a port in port = ...",
+            )
+        name = self._host_name((*path, "name"), entry["name"]) if "name" in entry else address
+        if "name" not in entry and not HOST_NAME.match(name):
+            raise self.error((*path, "address"), f'cannot use {address!r} as the host name; add name = "..."')
+        fields = dict(defaults)
+        own = self._host_fields(entry, path)
+        fields["env"] = {**defaults.get("env", {}), **own.pop("env", {})}
+        fields["tags"] = defaults.get("tags", frozenset()) | own.pop("tags", frozenset())
+        fields["kernel_modules"] = _merge_unique(defaults.get("kernel_modules", ()), own.pop("kernel_modules", ()))
+        fields.update(own)
+        host = ClusterHost(name=name, address=address, **fields)
+        if host.slots == 0 and host.gpus == "none":
+            raise self.error((*path, "slots"), 'the host has no slots (slots = 0 and gpus = "none"); give it some')
+        return host
+
+    def _host_fields(self, table: dict[str, Any], path: FieldPath) -> dict[str, Any]:
+        """The checked values of the keys a host and [defaults] share, only those present."""
+        checkers: dict[str, Callable[[FieldPath, Any], Any]] = {
+            "port": self._port,
+            "user": self._string,
+            "identity_file": self._path,
+            "python": self._string,
+            "slots": self._count,
+            "gpus": self._gpus,
+            "env": self._env,
+            "tags": self._tags,
+            "kernel_modules": self._modules,
+        }
+        return {key: check((*path, key), table[key]) for key, check in checkers.items() if key in table}
+
+    def _local(self, value: Any, defaults: dict[str, Any]) -> LocalHostConfig | None:
+        path: FieldPath = ("local",)
+        if value is None or value is False:
+            return None
+        if value is True:
+            value = {}
+        if not isinstance(value, dict):
+            raise self.error(path, f"expected true, false or a [local] table, got {_shown(value)}")
+        self._known_keys(value, path, _LOCAL_KEYS)
+        if "enabled" in value and not self._bool((*path, "enabled"), value["enabled"]):
+            return None
+        fields: dict[str, Any] = {key: defaults[key] for key in _LOCAL_INHERITS if key in defaults}
+        own = self._host_fields({k: v for k, v in value.items() if k not in ("name", "enabled")}, path)
+        fields["env"] = {**fields.get("env", {}), **own.pop("env", {})}
+        fields["tags"] = fields.get("tags", frozenset()) | own.pop("tags", frozenset())
+        fields["kernel_modules"] = _merge_unique(fields.get("kernel_modules", ()), own.pop("kernel_modules", ()))
+        fields.update(own)
+        if "name" in value:
+            fields["name"] = self._host_name((*path, "name"), value["name"])
+        local = LocalHostConfig(**fields)
+        if local.slots == 0 and local.gpus == "none":
+            raise self.error((*path, "slots"), 'the local host has no slots (slots = 0 and gpus = "none")')
+        return local
+
+    def _ssh(self, table: dict[str, Any]) -> SSHSettings:
+        path: FieldPath = ("ssh",)
+        self._known_keys(table, path, _SSH_KEYS)
+        fields: dict[str, Any] = {}
+        if "known_hosts" in table:
+            fields["known_hosts"] = self._path((*path, "known_hosts"), table["known_hosts"])
+        if "config" in table:
+            value = table["config"]
+            if value is False or (isinstance(value, str) and value.lower() == "none"):
+                fields["config_files"] = ()
+            elif isinstance(value, list):
+                fields["config_files"] = tuple(self._path((*path, "config", i), item) for i, item in enumerate(value))
+            else:
+                fields["config_files"] = (self._path((*path, "config"), value),)
+        if "connect_timeout" in table:
+            fields["connect_timeout"] = self._seconds((*path, "connect_timeout"), table["connect_timeout"])
+        if "trust_on_first_use" in table:
+            fields["trust_on_first_use"] = self._bool((*path, "trust_on_first_use"), table["trust_on_first_use"])
+        return SSHSettings(**fields)
+
+    def _pool(self, table: dict[str, Any]) -> PoolConfig:
+        path: FieldPath = ("pool",)
+        self._known_keys(table, path, _POOL_KEYS)
+        fields: dict[str, Any] = {}
+        for key in ("heartbeat_interval", "suspect_after", "lost_after", "start_timeout", "relaunch_backoff"):
+            if key in table:
+                fields[key] = self._seconds((*path, key), table[key])
+        if "seed" in table:
+            fields["seed"] = self._int((*path, "seed"), table["seed"])
+        if "max_relaunches" in table:
+            fields["max_relaunches"] = self._count((*path, "max_relaunches"), table["max_relaunches"])
+        config = PoolConfig(**fields)
+        if config.suspect_after > config.lost_after:
+            raise self.error(
+                (*path, "suspect_after"),
+                f"{config.suspect_after:g}s is after lost_after ({config.lost_after:g}s); "
+                "a host is suspected before it is lost",
+            )
+        if config.heartbeat_interval >= config.suspect_after:
+            raise self.error(
+                (*path, "heartbeat_interval"),
+                f"{config.heartbeat_interval:g}s is not below suspect_after ({config.suspect_after:g}s); "
+                "every host would be suspected between heartbeats",
+            )
+        return config
+
+    # -- structure checks --
+
+    def _table(self, data: dict[str, Any], path: FieldPath) -> dict[str, Any]:
+        value = data.get(str(path[-1]), {})
+        if not isinstance(value, dict):
+            raise self.error(path, f"expected a table ([{_field_name(path)}]), got {_shown(value)}")
+        return value
+
+    def _known_keys(self, table: dict[str, Any], path: FieldPath, allowed: tuple[str, ...]) -> None:
+        for key in table:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}?" if close else "expected one of " + ", ".join(allowed)
+                raise self.error((*path, key), f"unknown key; {hint}")
+
+    def _unique(self, name: str, path: FieldPath, seen: dict[str, FieldPath]) -> None:
+        if name in seen:
+            raise self.error(
+                path,
+                f"duplicate host name {name!r} (also {_field_name(seen[name][:-1])}); "
+                'host names must be unique: set name = "..."',
+            )
+        seen[name] = path
+
+    # -- value checks: each returns the checked value or raises with the fix --
+
+    def _string(self, path: FieldPath, value: Any) -> str:
+        if not isinstance(value, str):
+            raise self.error(path, f'expected a string, got {_shown(value)}; write {path[-1]} = "..."')
+        if not value.strip():
+            raise self.error(path, "must not be empty")
+        return value
+
+    def _host_name(self, path: FieldPath, value: Any) -> str:
+        name = self._string(path, value)
+        if not HOST_NAME.match(name):
+            raise self.error(path, f"{name!r}: use letters, digits, '.', '_' and '-' (no spaces or '/')")
+        return name
+
+    def _int(self, path: FieldPath, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fix = f"; write {path[-1]} = {value.strip()}" if isinstance(value, str) and value.strip().isdigit() else ""
+            raise self.error(path, f"expected a whole number, got {_shown(value)}{fix}")
+        return value
+
+    def _count(self, path: FieldPath, value: Any) -> int:
+        number = self._int(path, value)
+        if number < 0:
+            raise self.error(path, f"expected a whole number >= 0, got {number}")
+        return number
+
+    def _port(self, path: FieldPath, value: Any) -> int:
+        number = self._int(path, value)
+        if not 1 <= number <= 65535:
+            raise self.error(path, f"expected a port number from 1 to 65535, got {number}")
+        return number
+
+    def _seconds(self, path: FieldPath, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(path, f"expected a number of seconds, got {_shown(value)}")
+        if not value > 0 or value == float("inf"):
+            raise self.error(path, f"expected a positive number of seconds, got {value}")
+        return float(value)
+
+    def _bool(self, path: FieldPath, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(path, f"expected true or false, got {_shown(value)}")
+        return value
+
+    def _path(self, path: FieldPath, value: Any) -> Path:
+        text = self._string(path, value)
+        candidate = Path(text).expanduser()
+        return candidate if candidate.is_absolute() else self._base_dir / candidate
+
+    def _gpus(self, path: FieldPath, value: Any) -> str:
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in ("auto", "all"):
+                return "auto"
+            if text in ("none", ""):
+                return "none"
+            parts = [p.strip() for p in text.split(",")]
+            if all(p.isdigit() for p in parts):
+                return ",".join(str(int(p)) for p in dict.fromkeys(parts))
+        elif isinstance(value, list) and value:
+            if all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+                return ",".join(str(i) for i in dict.fromkeys(value))
+        elif isinstance(value, list):
+            return "none"
+        elif isinstance(value, bool):
+            return "auto" if value else "none"
+        elif isinstance(value, int):
+            raise self.error(
+                path,
+                f'gpus = {value} is ambiguous; write GPU indices (gpus = [0, 1]), "auto" or "none"',
+            )
+        raise self.error(path, f'expected "auto", "none" or a list of GPU indices like [0, 1], got {_shown(value)}')
+
+    def _env(self, path: FieldPath, value: Any) -> dict[str, str]:
+        if not isinstance(value, dict):
+            raise self.error(path, f'expected a table like {{ OMP_NUM_THREADS = "1" }}, got {_shown(value)}')
+        env: dict[str, str] = {}
+        for key, item in value.items():
+            if not ENV_NAME.match(key):
+                raise self.error((*path, key), "not a valid environment variable name (letters, digits, _)")
+            if not isinstance(item, str):
+                raise self.error((*path, key), f'expected a string, got {_shown(item)}; write {key} = "{item}"')
+            env[key] = item
+        return env
+
+    def _tags(self, path: FieldPath, value: Any) -> frozenset[str]:
+        items = self._string_list(path, value)
+        for index, tag in enumerate(items):
+            if any(c.isspace() for c in tag):
+                raise self.error((*path, index), f"tag {tag!r} must not contain spaces")
+        return frozenset(items)
+
+    def _modules(self, path: FieldPath, value: Any) -> tuple[str, ...]:
+        items = self._string_list(path, value)
+        for index, module in enumerate(items):
+            if not MODULE_NAME.match(module):
+                raise self.error((*path, index), f"{module!r} is not a dotted module name like mypkg.kernels")
+        return tuple(items)
+
+    def _string_list(self, path: FieldPath, value: Any) -> list[str]:
+        if not isinstance(value, list):
+            raise self.error(path, f'expected a list of strings like ["a", "b"], got {_shown(value)}')
+        return [self._string((*path, i), item) for i, item in enumerate(value)]
+
+
+def _header(text: str) -> tuple[str, ...]:
+    return tuple(part.strip().strip("\"'") for part in text.split("."))
+
+
+def _merge_unique(first: tuple[str, ...], second: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys((*first, *second)))
+
+
+def _shown(value: Any) -> str:
+    kinds = {str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "a table"}
+    kind = kinds.get(type(value), type(value).__name__)
+    text = repr(value)
+    return f"{text[:40]}… ({kind})" if len(text) > 40 else f"{text} ({kind})"

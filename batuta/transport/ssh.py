@@ -1,0 +1,664 @@
+"""SSH transport: one asyncssh connection and one channel per host, running the host agent.
+
+The agent is started with `exec` as the channel's command, without a terminal, so its
+stdin/stdout are the framed byte stream and its stderr lines land in our logs. Closing the
+channel is the agent's EOF; no port is ever opened on the worker.
+
+Host keys are checked against known_hosts (the `[ssh] known_hosts` path, the ssh config's
+`UserKnownHostsFile`, or `~/.ssh/known_hosts`). A changed key is always refused. An
+unknown key is refused unless `trust_on_first_use` is on, in which case it is accepted and
+appended to the first known_hosts file once the connection is up. `~/.ssh/config` (or the
+files named in `SSHSettings.config_files`) supplies aliases, users, ports, identity files,
+`ProxyJump` and `ProxyCommand`. Jump hosts are connected here, hop by hop, under the same
+host-key policy and timeout, rather than by asyncssh's own tunnel code (which would check
+them against other known_hosts and skip trust-on-first-use). Agent forwarding is off.
+
+Extra environment for the agent travels as an `env KEY=VALUE` prefix of the remote command:
+OpenSSH servers silently drop `env` requests for names outside `AcceptEnv`, and there is
+no reply to tell us. Values therefore pass through the remote shell's argv for an instant
+(the shell `exec`s `env`, which `exec`s Python) and are never written to our logs, ours or
+asyncssh's. They are not a place for secrets.
+
+asyncssh is imported here and nowhere else; its errors become `SSHError` subclasses at
+this edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import logging
+import os
+import re
+import shlex
+import socket
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from batuta.errors import TransportError
+from batuta.transport.base import StreamClosedError
+
+log = logging.getLogger("batuta.transport.ssh")
+
+READ_CHUNK = 256 * 1024
+STDERR_CHUNK = 64 * 1024
+DEFAULT_PORT = 22
+MAX_JUMP_DEPTH = 8
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+class SSHError(TransportError):
+    """Something between us and a host's agent went wrong at the SSH level."""
+
+
+class SSHConnectError(SSHError):
+    """No SSH session: connection refused, timed out, name not resolved, or closed early."""
+
+
+class SSHAuthError(SSHConnectError):
+    """The server refused every key we offered for that user."""
+
+
+class HostKeyError(SSHError):
+    """The host's key is not in known_hosts (unknown) or does not match it (changed)."""
+
+    def __init__(self, message: str, *, changed: bool) -> None:
+        super().__init__(message)
+        self.changed = changed
+
+
+# -- settings -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SSHSettings:
+    """How every SSH host of a cluster is reached (the cluster file's `[ssh]` table).
+
+    `known_hosts`: the file to verify against and to record trusted-on-first-use keys in;
+    None means the ssh config's `UserKnownHostsFile`, else `~/.ssh/known_hosts`.
+    `config_files`: ssh config files; None means `~/.ssh/config` if it is readable, and
+    an empty tuple means none at all.
+    """
+
+    known_hosts: Path | None = None
+    config_files: tuple[Path, ...] | None = None
+    connect_timeout: float = 10.0
+    trust_on_first_use: bool = False
+
+    def config_paths(self) -> list[str]:
+        if self.config_files is not None:
+            return [str(p) for p in self.config_files]
+        default = Path("~/.ssh/config").expanduser()
+        return [str(default)] if os.access(default, os.R_OK) else []
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SSHTarget:
+    """One SSH destination. Unset fields come from the ssh config, then OpenSSH's defaults."""
+
+    host: str  # a host name, an address, or an ssh config alias
+    port: int | None = None
+    user: str | None = None
+    identity_file: Path | None = None
+    name: str = ""  # the cluster's name for it, for messages
+
+    @property
+    def label(self) -> str:
+        return self.name or self.host
+
+
+# -- the stream ---------------------------------------------------------------------------
+
+
+class SSHStream:
+    """A `ByteStream` over one SSH channel whose command is the host agent."""
+
+    def __init__(
+        self,
+        *,
+        conn: asyncssh.SSHClientConnection,
+        process: asyncssh.SSHClientProcess[bytes],
+        jumps: Sequence[asyncssh.SSHClientConnection],
+        description: str,
+        stderr_task: asyncio.Task[None],
+    ) -> None:
+        self._conn = conn
+        self._process = process
+        self._jumps = list(jumps)
+        self._description = description
+        self._stderr_task = stderr_task
+        self._stdin = process.stdin
+        self._stdout = process.stdout
+
+    @property
+    def description(self) -> str:
+        return self._description
+
+    @property
+    def exit_status(self) -> int | None:
+        """The remote command's exit status once it has exited (None before, or if unknown)."""
+        return self._process.exit_status
+
+    async def read(self) -> bytes:
+        try:
+            return await self._stdout.read(READ_CHUNK)
+        except (asyncssh.Error, OSError):
+            return b""
+
+    def write(self, data: bytes) -> None:
+        if self._stdin.is_closing():
+            raise StreamClosedError(f"{self._description}: stream closed")
+        try:
+            self._stdin.write(data)
+        except (asyncssh.Error, OSError) as exc:
+            raise StreamClosedError(f"{self._description}: {exc}") from exc
+
+    async def drain(self) -> None:
+        try:
+            await self._stdin.drain()
+        except (asyncssh.Error, OSError) as exc:
+            raise StreamClosedError(f"{self._description}: {exc}") from exc
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """EOF to the agent, wait up to `timeout` for it to exit, then TERM, then drop the link."""
+        with contextlib.suppress(Exception):
+            if not self._stdin.is_closing():
+                self._stdin.write_eof()
+        if not await _wait(self._process.wait_closed(), timeout):
+            with contextlib.suppress(Exception):
+                self._process.terminate()  # a "signal" request; servers may ignore it
+            if not await _wait(self._process.wait_closed(), min(timeout, 1.0)):
+                with contextlib.suppress(Exception):
+                    self._process.close()
+        for conn in [self._conn, *reversed(self._jumps)]:
+            with contextlib.suppress(Exception):
+                conn.close()
+            if not await _wait(conn.wait_closed(), timeout):
+                with contextlib.suppress(Exception):
+                    conn.abort()
+        await _wait(self._stderr_task, timeout)
+
+    def kill(self) -> None:
+        """Drop the connection now; sshd then closes the agent's stdin, so it exits on EOF."""
+        for conn in [self._conn, *self._jumps]:
+            with contextlib.suppress(Exception):
+                conn.abort()
+
+
+async def _wait(awaitable: Any, timeout: float) -> bool:
+    """Await with a bound; True if it finished (successfully or not) in time."""
+    try:
+        await asyncio.wait_for(awaitable, timeout)
+    except TimeoutError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+async def _forward_stderr(reader: asyncssh.SSHReader[bytes], prefix: str) -> None:
+    """Each line the agent writes to stderr goes to our logs; ends at EOF or on disconnect.
+
+    Read in chunks, not `readline()`: stdout and stderr share the channel's receive window,
+    and asyncssh's `readline()` meets a line longer than that window with IncompleteReadError.
+    Chunks keep stderr drained whatever the agent prints; lines over 64 KiB are split.
+    """
+    pending = b""
+    while True:
+        try:
+            chunk = await reader.read(STDERR_CHUNK)
+        except (asyncssh.Error, OSError):
+            chunk = b""
+        if not chunk:
+            break
+        *lines, pending = (pending + chunk).split(b"\n")
+        if len(pending) >= STDERR_CHUNK:
+            lines.append(pending)
+            pending = b""
+        for line in lines:
+            log.warning("%s: %s", prefix, line.decode("utf-8", errors="replace").rstrip())
+    if pending:
+        log.warning("%s: %s", prefix, pending.decode("utf-8", errors="replace").rstrip())
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+def remote_command(argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
+    """`argv` as one command line for the remote login shell: `exec [env K=V ...] argv...`.
+
+    Every word is shell-quoted; a program path starting with `~/` becomes `"$HOME"/...`
+    so that a per-user virtual environment still resolves.
+    """
+    assignments = []
+    for key, value in (env or {}).items():
+        _check_env_name(key)
+        assignments.append(shlex.quote(f"{key}={value}"))
+    return _command_line(argv, assignments)
+
+
+def redacted_command(argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
+    """The command as it may appear in logs: environment names, never their values."""
+    return _command_line(argv, [f"{key}=…" for key in env or {}])
+
+
+def _command_line(argv: Sequence[str], assignments: Sequence[str]) -> str:
+    if not argv:
+        raise ValueError("a remote command needs a program")
+    words = ["exec"]
+    if assignments:
+        words += ["env", *assignments]
+    program = argv[0]
+    words.append('"$HOME"/' + shlex.quote(program[2:]) if program.startswith("~/") else shlex.quote(program))
+    words.extend(shlex.quote(arg) for arg in argv[1:])
+    return " ".join(words)
+
+
+def _check_env_name(key: str) -> None:
+    if not ENV_NAME.match(key):
+        raise ValueError(f"environment variable name {key!r}: expected letters, digits and _")
+
+
+class _RedactCommands(logging.Filter):
+    """Rewrites asyncssh's '  Command: %s' log records so env values never reach a log.
+
+    asyncssh logs the exec request's command at INFO; ours carries `env KEY=VALUE`. The
+    filter swaps each registered command for its redacted form while that channel opens.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._redacted: dict[str, str] = {}
+
+    @contextlib.contextmanager
+    def hiding(self, command: str, redacted: str) -> Any:
+        with self._lock:
+            self._redacted[command] = redacted
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._redacted.pop(command, None)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._redacted and isinstance(record.args, tuple):
+            record.args = tuple(self._redacted.get(arg, arg) if isinstance(arg, str) else arg for arg in record.args)
+        return True
+
+
+_REDACT = _RedactCommands()
+# Connections and channels log through SSHLogger adapters over the one 'asyncssh' logger
+# (only SFTP uses a child), and a logger's filters see every record it creates.
+logging.getLogger("asyncssh").addFilter(_REDACT)
+
+
+# -- known hosts --------------------------------------------------------------------------
+
+
+class _KnownHostsFiles:
+    """known_hosts files parsed once and re-read only when one of them changes on disk."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, ...], tuple[tuple[Any, ...], asyncssh.SSHKnownHosts]] = {}
+
+    def load(self, paths: Sequence[str]) -> asyncssh.SSHKnownHosts:
+        key = tuple(paths)
+        stamp = tuple(_stamp(p) for p in paths)
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        parts: list[str] = []
+        for path in paths:
+            try:
+                parts.append(Path(path).read_text(encoding="utf-8", errors="replace"))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("cannot read known_hosts %s: %s", path, exc)
+        known = _parse_known_hosts("\n".join(parts), ", ".join(paths))
+        self._cache[key] = (stamp, known)
+        return known
+
+
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _parse_known_hosts(text: str, where: str) -> asyncssh.SSHKnownHosts:
+    """Parse known_hosts text; lines asyncssh cannot read are skipped (as OpenSSH does)."""
+    try:
+        return asyncssh.import_known_hosts(text)
+    except (ValueError, asyncssh.KeyImportError):
+        pass
+    good: list[str] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            asyncssh.import_known_hosts(line)
+        except (ValueError, asyncssh.KeyImportError) as exc:
+            log.warning("known_hosts %s: skipping line %d: %s", where, number, exc)
+            continue
+        good.append(line)
+    return asyncssh.import_known_hosts("\n".join(good))
+
+
+_KNOWN_HOSTS = _KnownHostsFiles()
+
+
+def known_hosts_pattern(host: str, port: int) -> str:
+    """How OpenSSH writes a host in known_hosts: `host`, or `[host]:port` off port 22."""
+    return host if port == DEFAULT_PORT else f"[{host}]:{port}"
+
+
+def append_known_host(path: Path, host: str, port: int, key: asyncssh.SSHKey) -> None:
+    """Append one host key line to `path`, creating it (0600, folder 0700) if needed.
+
+    The file is locked while appending, and a missing final newline is added first, so
+    concurrent writers (other batuta processes, OpenSSH itself) never interleave lines.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key_text = key.export_public_key("openssh").decode("ascii").split()
+    line = f"{known_hosts_pattern(host, port)} {key_text[0]} {key_text[1]}\n".encode("ascii")
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _HostKeyPolicy(asyncssh.SSHClient):
+    """asyncssh asks this only about keys known_hosts does not trust; it decides and remembers.
+
+    known host + untrusted key = changed: refused, always. Unknown host: refused, or with
+    trust-on-first-use accepted and remembered for `append_known_host` after the connect.
+    """
+
+    def __init__(self, known: asyncssh.SSHKnownHosts, trust_on_first_use: bool) -> None:
+        self._known = known
+        self._trust_on_first_use = trust_on_first_use
+        self.verdict = ""  # "unknown" or "changed" once a key was refused
+        self.offered: asyncssh.SSHKey | None = None
+        self.learned: tuple[str, int, asyncssh.SSHKey] | None = None
+
+    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+        self.offered = key
+        match_port = None if port == DEFAULT_PORT else port
+        trusted, ca_keys, *_ = self._known.match(host, addr, match_port)
+        if trusted or ca_keys:
+            self.verdict = "changed"
+            return False
+        if self._trust_on_first_use:
+            self.learned = (host, port, key)
+            return True
+        self.verdict = "unknown"
+        return False
+
+
+# -- connecting ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Resolved:
+    """A target after the ssh config has had its say."""
+
+    target: SSHTarget
+    options: asyncssh.SSHClientConnectionOptions
+    host: str  # HostName after the config
+    port: int
+    user: str
+    proxy_jump: str | None
+    known_hosts_paths: list[str] = field(default_factory=list)
+
+    @property
+    def where(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+
+def _resolve(target: SSHTarget, settings: SSHSettings) -> _Resolved:
+    """Build the one options object for `target` (reads ssh config and keys: run in a thread)."""
+    kwargs: dict[str, Any] = {
+        "config": settings.config_paths(),
+        "host": target.host,
+        "agent_forwarding": False,
+        "x11_forwarding": False,
+        "connect_timeout": settings.connect_timeout,
+        "login_timeout": settings.connect_timeout,
+        "encoding": None,
+    }
+    if target.port is not None:
+        kwargs["port"] = target.port
+    if target.user is not None:
+        kwargs["username"] = target.user
+    if target.identity_file is not None:
+        kwargs["client_keys"] = [str(target.identity_file)]
+    options = asyncssh.SSHClientConnectionOptions(**kwargs)
+    if settings.known_hosts is not None:
+        paths = [str(settings.known_hosts)]
+    elif isinstance(options.known_hosts, list | tuple) and options.known_hosts:
+        paths = [str(Path(p).expanduser()) for p in options.known_hosts]  # UserKnownHostsFile
+    else:
+        paths = [str(Path("~/.ssh/known_hosts").expanduser())]
+    jump = options.tunnel if isinstance(options.tunnel, str) else None
+    return _Resolved(
+        target=target,
+        options=options,
+        host=str(options.host),
+        port=int(options.port),
+        user=str(options.username),
+        proxy_jump=jump,
+        known_hosts_paths=paths,
+    )
+
+
+def _split_hop(hop: str, behind: str = "") -> SSHTarget:
+    """One ProxyJump element, `[user@]host[:port]`, as a target (`behind`: whom it leads to)."""
+    user: str | None = None
+    if "@" in hop:
+        user, hop = hop.rsplit("@", 1)
+    port: int | None = None
+    if hop.startswith("[") and "]" in hop:  # [v6addr]:port
+        host, _, rest = hop[1:].partition("]")
+        if rest.startswith(":") and rest[1:].isdigit():
+            port = int(rest[1:])
+    elif hop.count(":") == 1:
+        host, _, port_text = hop.partition(":")
+        if not port_text.isdigit():
+            raise SSHConnectError(f"ProxyJump {hop!r}: port must be a number")
+        port = int(port_text)
+    else:
+        host = hop
+    return SSHTarget(
+        host=host, port=port, user=user or None, name=f"{host}, jump host for {behind}" if behind else host
+    )
+
+
+async def connect_ssh(
+    target: SSHTarget,
+    settings: SSHSettings,
+    *,
+    tunnel: asyncssh.SSHClientConnection | None = None,
+    _depth: int = 0,
+) -> tuple[asyncssh.SSHClientConnection, list[asyncssh.SSHClientConnection], str]:
+    """An authenticated connection to `target` and the jump connections it rides on.
+
+    Returns (connection, jump connections, "user@host:port"). The caller closes them all.
+    Raises HostKeyError, SSHAuthError or SSHConnectError.
+    """
+    if _depth > MAX_JUMP_DEPTH:
+        raise SSHConnectError(f"host {target.label}: more than {MAX_JUMP_DEPTH} ProxyJump hops (a loop?)")
+    loop = asyncio.get_running_loop()
+    try:
+        resolved = await loop.run_in_executor(None, functools.partial(_resolve, target, settings))
+    except OSError as exc:  # an identity file that is missing or unreadable
+        raise SSHConnectError(
+            f"host {target.label}: cannot read {exc.filename or 'an ssh file'}: {exc.strerror or exc}"
+        ) from exc
+    except (ValueError, asyncssh.Error) as exc:
+        raise SSHConnectError(f"host {target.label}: bad ssh settings: {exc}") from exc
+
+    jumps: list[asyncssh.SSHClientConnection] = []
+    try:
+        if tunnel is None and resolved.proxy_jump:
+            hops = [hop.strip() for hop in resolved.proxy_jump.split(",") if hop.strip()]
+            for hop in hops:
+                hop_conn, hop_jumps, _ = await connect_ssh(
+                    _split_hop(hop, target.label),
+                    settings,
+                    tunnel=jumps[-1] if jumps else None,
+                    _depth=_depth + 1,  # later hops ride the previous one, so skip their config jump
+                )
+                jumps.extend(hop_jumps)
+                jumps.append(hop_conn)
+            tunnel = jumps[-1] if jumps else None
+        conn = await _connect_one(resolved, settings, tunnel)
+    except BaseException:
+        for jump in reversed(jumps):
+            jump.abort()
+        raise
+    return conn, jumps, resolved.where
+
+
+async def _connect_one(
+    resolved: _Resolved, settings: SSHSettings, tunnel: asyncssh.SSHClientConnection | None
+) -> asyncssh.SSHClientConnection:
+    known = _KNOWN_HOSTS.load(resolved.known_hosts_paths)
+    policy = _HostKeyPolicy(known, settings.trust_on_first_use)
+    label = resolved.target.label
+    try:
+        conn = await asyncssh.connect(
+            resolved.target.host,
+            resolved.port,
+            options=resolved.options,
+            tunnel=tunnel,  # None: no tunnel (ProxyJump is handled by `connect_ssh`)
+            known_hosts=known,
+            client_factory=lambda: policy,
+        )
+    except asyncssh.HostKeyNotVerifiable as exc:
+        raise _host_key_error(resolved, settings, policy, exc) from exc
+    except asyncssh.PermissionDenied as exc:
+        raise SSHAuthError(
+            f"host {label} ({resolved.where}): permission denied ({exc.reason}); check the user and "
+            "identity_file, and that the public key is in that user's ~/.ssh/authorized_keys"
+        ) from exc
+    except TimeoutError as exc:
+        raise SSHConnectError(
+            f"host {label} ({resolved.where}): no SSH session within {settings.connect_timeout:g}s; "
+            "check the address and that the host is up (connect_timeout in [ssh] sets the limit)"
+        ) from exc
+    except ConnectionRefusedError as exc:
+        raise SSHConnectError(
+            f"host {label} ({resolved.where}): connection refused; is sshd running on port {resolved.port}?"
+        ) from exc
+    except socket.gaierror as exc:
+        raise SSHConnectError(
+            f"host {label}: cannot resolve {resolved.host!r} ({exc.strerror}); check the address"
+        ) from exc
+    except asyncssh.DisconnectError as exc:
+        raise SSHConnectError(f"host {label} ({resolved.where}): {exc.reason}") from exc
+    except (asyncssh.Error, OSError, ValueError) as exc:
+        raise SSHConnectError(f"host {label} ({resolved.where}): {exc}") from exc
+    if policy.learned is not None:
+        host, port, key = policy.learned
+        path = Path(resolved.known_hosts_paths[0])
+        try:
+            append_known_host(path, host, port, key)
+        except OSError as exc:
+            log.warning("host %s: trusted its key but could not record it in %s: %s", label, path, exc)
+        else:
+            log.warning(
+                "host %s: trusted new host key %s on first use; recorded in %s",
+                label,
+                key.get_fingerprint(),
+                path,
+            )
+    return conn
+
+
+def _host_key_error(
+    resolved: _Resolved, settings: SSHSettings, policy: _HostKeyPolicy, exc: asyncssh.HostKeyNotVerifiable
+) -> HostKeyError:
+    label = resolved.target.label
+    path = resolved.known_hosts_paths[0]
+    shown = path.replace(str(Path.home()), "~", 1) if path.startswith(str(Path.home())) else path
+    fingerprint = policy.offered.get_fingerprint() if policy.offered is not None else "?"
+    where = f"{resolved.host}:{resolved.port}"
+    if policy.verdict == "changed":
+        pattern = known_hosts_pattern(resolved.host, resolved.port)
+        return HostKeyError(
+            f"host {label} ({where}): HOST KEY CHANGED: it offered {fingerprint}, which does not match "
+            f"{shown}; refused (this can be a machine in the middle; trust_on_first_use never accepts "
+            f"a changed key). If the host was reinstalled, remove the old key with "
+            f"`ssh-keygen -R '{pattern}' -f {shown}` and add the new one after checking its fingerprint",
+            changed=True,
+        )
+    if policy.verdict == "unknown":
+        return HostKeyError(
+            f"host {label} ({where}): unknown host key {fingerprint}, not in {shown}; add it with "
+            f"`ssh-keyscan -p {resolved.port} {resolved.host} >> {shown}` after checking the "
+            f"fingerprint, or set trust_on_first_use = true in [ssh]",
+            changed=False,
+        )
+    return HostKeyError(f"host {label} ({where}): host key not accepted: {exc.reason}", changed=False)
+
+
+async def open_ssh_stream(
+    target: SSHTarget,
+    argv: Sequence[str],
+    settings: SSHSettings | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> SSHStream:
+    """Connect to `target` and run `argv` there on one channel; its stdin/stdout are the stream.
+
+    No terminal is requested, so the remote process sees EOF when the channel closes.
+    Raises HostKeyError, SSHAuthError, SSHConnectError or SSHError.
+    """
+    settings = settings or SSHSettings()
+    command = remote_command(argv, env)
+    shown = redacted_command(argv, env)
+    conn, jumps, where = await connect_ssh(target, settings)
+    description = f"ssh {where}" + (f" via {len(jumps)} jump host{'s' if len(jumps) > 1 else ''}" if jumps else "")
+    log.info("host %s: %s: starting %s", target.label, description, shown)
+    try:
+        with _REDACT.hiding(command, shown):
+            process = await asyncio.wait_for(
+                conn.create_process(command, encoding=None, request_pty=False, term_type=None),
+                settings.connect_timeout,
+            )
+    except BaseException as exc:
+        conn.abort()
+        for jump in jumps:
+            jump.abort()
+        if isinstance(exc, TimeoutError):
+            raise SSHError(
+                f"host {target.label} ({where}): the server did not start the command within "
+                f"{settings.connect_timeout:g}s"
+            ) from exc
+        if isinstance(exc, asyncssh.ChannelOpenError):
+            raise SSHError(f"host {target.label} ({where}): could not open a session channel: {exc.reason}") from exc
+        if isinstance(exc, asyncssh.Error | OSError):
+            raise SSHError(f"host {target.label} ({where}): could not start the command: {exc}") from exc
+        raise
+    stderr_task = asyncio.create_task(
+        _forward_stderr(process.stderr, f"{target.label} agent"), name=f"stderr-{target.label}"
+    )
+    return SSHStream(conn=conn, process=process, jumps=jumps, description=description, stderr_task=stderr_task)

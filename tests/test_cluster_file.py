@@ -1,0 +1,382 @@
+"""The cluster file: parsing, defaults, the local host, and error messages that point home.
+
+Every error is a `ConfigError` whose message names the file, the line (where one can be
+found), the field and the fix. No SSH here: `ssh_host` is only built, never launched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from batuta.core.task import CAP_CPU, CAP_GPU
+from batuta.errors import ConfigError, UsageError
+from batuta.runtime.cluster import (
+    ClusterConfig,
+    ClusterHost,
+    build_pool,
+    expected_capabilities,
+    host_specs,
+    load_cluster,
+    parse_cluster,
+    ssh_host,
+)
+from batuta.runtime.pool import Pool, PoolConfig
+from batuta.transport.ssh import SSHSettings
+
+
+def parse(text: str, **kwargs: object) -> ClusterConfig:
+    return parse_cluster(textwrap.dedent(text), source="cluster.toml", base_dir=Path("/etc/batuta"), **kwargs)
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse(text)
+    return str(info.value)
+
+
+# -- valid files ----------------------------------------------------------------------------
+
+
+def test_minimal_file_one_host_everything_else_default() -> None:
+    cluster = parse(
+        """
+        [[hosts]]
+        address = "10.0.0.5"
+        """
+    )
+    (host,) = cluster.hosts
+    assert host == ClusterHost(name="10.0.0.5", address="10.0.0.5")
+    assert host.python == "python3" and host.gpus == "auto" and host.slots is None
+    assert cluster.local is None
+    assert cluster.ssh == SSHSettings()
+    assert cluster.pool == PoolConfig()
+    assert cluster.source == "cluster.toml"
+
+
+def test_defaults_merge_into_every_host_and_hosts_win() -> None:
+    cluster = parse(
+        """
+        [defaults]
+        user = "batuta"
+        port = 2200
+        python = "/opt/venv/bin/python"
+        identity_file = "keys/id_ed25519"
+        slots = 4
+        gpus = "none"
+        env = { OMP_NUM_THREADS = "1", LANG = "C.UTF-8" }
+        tags = ["rack1"]
+        kernel_modules = ["mykernels"]
+
+        [[hosts]]
+        name = "a"
+        address = "10.0.0.1"
+
+        [[hosts]]
+        name = "b"
+        address = "10.0.0.2"
+        user = "other"
+        port = 22
+        slots = 8
+        gpus = [1, 0]
+        env = { OMP_NUM_THREADS = "4" }
+        tags = ["gpu-box"]
+        kernel_modules = ["more.kernels", "mykernels"]
+        """
+    )
+    a, b = cluster.hosts
+    assert (a.user, a.port, a.python, a.slots, a.gpus) == ("batuta", 2200, "/opt/venv/bin/python", 4, "none")
+    assert a.identity_file == Path("/etc/batuta/keys/id_ed25519")  # relative to the file
+    assert a.env == {"OMP_NUM_THREADS": "1", "LANG": "C.UTF-8"}
+    assert a.tags == frozenset({"rack1"}) and a.kernel_modules == ("mykernels",)
+    assert (b.user, b.port, b.slots, b.gpus) == ("other", 22, 8, "1,0")
+    assert b.env == {"OMP_NUM_THREADS": "4", "LANG": "C.UTF-8"}  # merged key by key
+    assert b.tags == frozenset({"rack1", "gpu-box"})
+    assert b.kernel_modules == ("mykernels", "more.kernels")
+
+
+def test_local_host_is_optional_and_inherits_only_what_runs() -> None:
+    without = parse('[[hosts]]\naddress = "n1"\n')
+    assert without.local is None
+    assert parse('local = false\n[[hosts]]\naddress = "n1"\n').local is None
+    assert parse('[local]\nenabled = false\n[[hosts]]\naddress = "n1"\n').local is None
+
+    shortcut = parse("local = true\n")
+    assert shortcut.local is not None and shortcut.local.name == "local" and shortcut.hosts == ()
+
+    cluster = parse(
+        """
+        [defaults]
+        python = "/remote/python"
+        slots = 16
+        env = { A = "1" }
+        kernel_modules = ["k"]
+
+        [local]
+        name = "here"
+        slots = 2
+        gpus = "none"
+        """
+    )
+    local = cluster.local
+    assert local is not None
+    assert (local.name, local.slots, local.gpus, local.python) == ("here", 2, "none", None)
+    assert local.env == {"A": "1"} and local.kernel_modules == ("k",)
+    assert cluster.host_names == ["here"]
+
+
+def test_ssh_and_pool_tables() -> None:
+    cluster = parse(
+        """
+        [[hosts]]
+        address = "n1"
+
+        [ssh]
+        known_hosts = "/tmp/kh"
+        config = ["/tmp/ssh_config", "extra_config"]
+        connect_timeout = 3
+        trust_on_first_use = true
+
+        [pool]
+        seed = 7
+        heartbeat_interval = 0.5
+        suspect_after = 2
+        lost_after = 4.5
+        max_relaunches = 2
+        relaunch_backoff = 0.1
+        start_timeout = 20
+        """
+    )
+    assert cluster.ssh == SSHSettings(
+        known_hosts=Path("/tmp/kh"),
+        config_files=(Path("/tmp/ssh_config"), Path("/etc/batuta/extra_config")),
+        connect_timeout=3.0,
+        trust_on_first_use=True,
+    )
+    pool = cluster.pool
+    assert (pool.seed, pool.heartbeat_interval, pool.suspect_after, pool.lost_after) == (7, 0.5, 2.0, 4.5)
+    assert (pool.max_relaunches, pool.relaunch_backoff, pool.start_timeout) == (2, 0.1, 20.0)
+    assert parse('[[hosts]]\naddress = "n1"\n[ssh]\nconfig = false\n').ssh.config_files == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [('"auto"', "auto"), ('"all"', "auto"), ('"none"', "none"), ("[]", "none"), ("[0, 2]", "0,2"), ('"1,0"', "1,0")],
+)
+def test_gpu_spellings(value: str, expected: str) -> None:
+    assert parse(f'[[hosts]]\naddress = "n1"\ngpus = {value}\n').hosts[0].gpus == expected
+
+
+def test_example_file_parses(repo_root: Path) -> None:
+    cluster = load_cluster(repo_root / "examples" / "cluster.toml")
+    assert [h.name for h in cluster.hosts] == ["cpu1", "cpu2", "gpu1"]
+    assert cluster.local is not None
+    assert cluster.ssh.trust_on_first_use is False
+    gpu1 = cluster.hosts[2]
+    assert gpu1.gpus == "0,1" and gpu1.env["OMP_NUM_THREADS"] == "1"
+    assert len(host_specs(cluster)) == 4
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+def test_toml_syntax_error_carries_line_and_column() -> None:
+    message = error_of(
+        """
+        [[hosts]]
+        address = "n1"
+        slots = = 3
+        """
+    )
+    assert message.startswith("cluster.toml:4:")
+    assert "invalid TOML" in message
+
+
+def test_unknown_key_suggests_the_right_one_with_its_line() -> None:
+    message = error_of(
+        """
+        [[hosts]]
+        address = "n1"
+
+        [[hosts]]
+        address = "n2"
+
+        [[hosts]]
+        address = "n3"
+        slotz = 4
+        """
+    )
+    assert message == "cluster.toml:10: hosts[2].slotz: unknown key; did you mean 'slots'?"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('hostz = []\n[[hosts]]\naddress = "n"\n', "cluster.toml:1: hostz: unknown key; did you mean 'hosts'?"),
+        ('[defaults]\nadress = "x"\n', "cluster.toml:2: defaults.adress: unknown key"),
+        ('[[hosts]]\naddress = "n"\n[ssh]\ntofu = true\n', "cluster.toml:4: ssh.tofu: unknown key"),
+        ('[[hosts]]\naddress = "n"\n[pool]\nheartbeat = 1\n', "did you mean 'heartbeat_interval'?"),
+        ("[local]\nport = 22\n", "cluster.toml:2: local.port: unknown key"),
+    ],
+)
+def test_unknown_keys_everywhere(text: str, expected: str) -> None:
+    assert expected in error_of(text)
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "fix"),
+    [
+        ('slots = "8"', "hosts[0].slots", "expected a whole number"),
+        ("slots = -1", "hosts[0].slots", ">= 0"),
+        ("slots = true", "hosts[0].slots", "expected a whole number"),
+        ("port = 70000", "hosts[0].port", "1 to 65535"),
+        ('port = "22"', "hosts[0].port", "expected a whole number"),
+        ("user = 5", "hosts[0].user", 'write user = "..."'),
+        ('python = ""', "hosts[0].python", "must not be empty"),
+        ("gpus = 2", "hosts[0].gpus", "ambiguous"),
+        ('gpus = "some"', "hosts[0].gpus", "list of GPU indices"),
+        ("env = { N = 1 }", "hosts[0].env.N", 'write N = "1"'),
+        ('env = { "BAD-NAME" = "1" }', "hosts[0].env.BAD-NAME", "environment variable name"),
+        ('env = "A=1"', "hosts[0].env", "expected a table"),
+        ('tags = "gpu"', "hosts[0].tags", "expected a list of strings"),
+        ('kernel_modules = ["not a module"]', "hosts[0].kernel_modules[0]", "dotted module name"),
+        ('name = "a/b"', "hosts[0].name", "no spaces or '/'"),
+    ],
+)
+def test_wrong_types_name_the_field_and_fix(line: str, field: str, fix: str) -> None:
+    message = error_of(f'[[hosts]]\naddress = "n1"\n{line}\n')
+    assert message.startswith("cluster.toml:3: "), message
+    assert f" {field}: " in message
+    assert fix in message
+
+
+def test_missing_address_points_at_the_host_table() -> None:
+    message = error_of(
+        """
+        [[hosts]]
+        address = "n1"
+
+        [[hosts]]
+        name = "n2"
+        """
+    )
+    assert message.startswith("cluster.toml:5: hosts[1]: missing address")
+    assert 'address = "' in message
+
+
+def test_address_with_user_or_port_is_refused_with_the_fix() -> None:
+    message = error_of('[[hosts]]\naddress = "me@n1"\n')
+    assert "hosts[0].address" in message and "user = " in message
+
+
+def test_duplicate_host_names() -> None:
+    message = error_of(
+        """
+        [[hosts]]
+        name = "node"
+        address = "10.0.0.1"
+
+        [[hosts]]
+        name = "node"
+        address = "10.0.0.2"
+        """
+    )
+    assert message.startswith("cluster.toml:7: hosts[1].name: duplicate host name 'node' (also hosts[0])")
+    # a host named after its address collides with the local host's name too
+    assert "duplicate host name 'local'" in error_of('local = true\n[[hosts]]\naddress = "local"\n')
+
+
+def test_no_hosts_at_all() -> None:
+    assert "no hosts" in error_of("[ssh]\nconnect_timeout = 5\n")
+    assert "no hosts" in error_of("")
+
+
+def test_host_without_any_slot() -> None:
+    assert "has no slots" in error_of('[[hosts]]\naddress = "n"\nslots = 0\ngpus = "none"\n')
+
+
+@pytest.mark.parametrize(
+    ("table", "field", "fix"),
+    [
+        ("[ssh]\nconnect_timeout = 0", "ssh.connect_timeout", "positive number of seconds"),
+        ('[ssh]\ntrust_on_first_use = "yes"', "ssh.trust_on_first_use", "expected true or false"),
+        ("[ssh]\nknown_hosts = 1", "ssh.known_hosts", "expected a string"),
+        ("[pool]\nsuspect_after = 9\nlost_after = 8", "pool.suspect_after", "before it is lost"),
+        ("[pool]\nheartbeat_interval = 5", "pool.heartbeat_interval", "not below suspect_after"),
+        ("[pool]\nseed = 1.5", "pool.seed", "whole number"),
+        ('ssh = "x"', "ssh", "expected a table"),
+        ('hosts = "n1"', "hosts", "[[hosts]]"),
+    ],
+)
+def test_ssh_and_pool_errors(table: str, field: str, fix: str) -> None:
+    message = error_of(f"local = true\n{table}\n")
+    assert f" {field}: " in message and fix in message
+    assert message.startswith("cluster.toml:")
+
+
+def test_every_error_is_a_usage_error_for_exit_code_2() -> None:
+    with pytest.raises(UsageError):
+        parse("[[hosts]]\n")
+
+
+def test_load_cluster_names_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match=r"nope\.toml: no such file"):
+        load_cluster(missing)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[hosts]]\naddress = "n1"\nslotz = 1\n')
+    with pytest.raises(ConfigError) as info:
+        load_cluster(bad)
+    assert str(info.value).startswith(f"{bad}:3: hosts[0].slotz: unknown key")
+    good = tmp_path / "good.toml"
+    good.write_text('[defaults]\nidentity_file = "id_test"\n[[hosts]]\naddress = "n1"\n')
+    assert load_cluster(good).hosts[0].identity_file == tmp_path / "id_test"
+
+
+# -- from the file to specs and a pool ------------------------------------------------------
+
+
+def test_expected_capabilities_follow_declared_slots_and_gpus() -> None:
+    cpu, gpu = frozenset({CAP_CPU}), frozenset({CAP_GPU})
+    assert expected_capabilities(3, "none") == (cpu, cpu, cpu)
+    assert expected_capabilities(1, "0,2") == (cpu, gpu, gpu)
+    assert expected_capabilities(None, "auto") == (cpu,)  # unknown: at least a CPU slot
+    assert expected_capabilities(0, "1") == (gpu,)
+
+
+def test_ssh_host_spec_and_pool(tmp_path: Path) -> None:
+    cluster = parse(
+        """
+        local = true
+
+        [[hosts]]
+        name = "n1"
+        address = "10.9.9.9"
+        slots = 2
+        gpus = "none"
+        """
+    )
+    spec = ssh_host(cluster.hosts[0], cluster.ssh)
+    assert spec.name == "n1"
+    assert spec.expected_capabilities == (frozenset({CAP_CPU}),) * 2
+    specs = host_specs(cluster)
+    assert [s.name for s in specs] == ["local", "n1"]
+    pool = build_pool(cluster)
+    assert isinstance(pool, Pool) and pool.config == cluster.pool
+
+
+def test_launch_of_an_unreachable_host_is_a_transport_error(tmp_path: Path) -> None:
+    """A refused TCP connect becomes SSHConnectError naming the host and port (no sshd needed)."""
+    from batuta.transport.ssh import SSHConnectError
+
+    spec = ssh_host(
+        ClusterHost(name="gone", address="127.0.0.1", port=1, user="nobody", slots=1),
+        SSHSettings(known_hosts=tmp_path / "kh", config_files=(), connect_timeout=5),
+    )
+    with pytest.raises(SSHConnectError) as info:
+        asyncio.run(asyncio.wait_for(spec.launch(), 10))
+    assert "host gone (nobody@127.0.0.1:1)" in str(info.value)
+    assert "connection refused" in str(info.value)
