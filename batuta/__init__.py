@@ -29,7 +29,20 @@ _LAZY = {
     "TaskFuture": "batuta.runtime.pool",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "Backend",
+    "BatutaError",
+    "Pool",
+    "PoolBuilder",
+    "Priority",
+    "Task",
+    "TaskBuilder",
+    "TaskFailedError",
+    "TaskFuture",
+    "TaskResult",
+    "TaskStatus",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

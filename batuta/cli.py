@@ -30,6 +30,8 @@ from batuta.errors import BatutaError, UsageError
 if TYPE_CHECKING:
     from batuta.jobs._run import RunOutcome
     from batuta.jobs._summary import RunTracker
+    from batuta.runtime.cluster import ClusterConfig
+    from batuta.runtime.probe import HostReport
 
 PROG = "batuta"
 EXIT_OK = 0
@@ -190,6 +192,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="CPU worker slots in the local pool (default: one per core)",
     )
     parser.add_argument("--seed", type=_int, metavar="N", help="seed for the scheduler's random choices")
+    parser.add_argument(
+        "-c", "--cluster", metavar="FILE", help="run on the hosts of this cluster file (TOML) instead of locally"
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     parser.add_argument(
         "--json",
@@ -204,7 +209,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from batuta.jobs import load_job
 
+    if args.cluster and args.workers:
+        raise UsageError("--workers sizes the local pool; with --cluster set 'slots' per host in the cluster file")
     job = load_job(args.job)
+    cluster = _load_cluster(args.cluster) if args.cluster else None
     from batuta.jobs._run import run_job  # the runtime: only once the job is known to be sound
 
     progress = _ProgressBar(job.name) if _wants_progress(args) else None
@@ -214,6 +222,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 job,
                 workers=args.workers,
                 seed=args.seed,
+                cluster=cluster,
                 on_update=progress.update if progress else None,
                 job_stdout=sys.stderr if args.json else None,
             )
@@ -295,8 +304,90 @@ class _ProgressBar:
         )
 
 
+def _load_cluster(path: str) -> ClusterConfig:
+    from batuta.runtime.cluster import load_cluster
+
+    return load_cluster(path)
+
+
+# -- batuta cluster status ---------------------------------------------------------------
+
+
+def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="cluster_action", metavar="ACTION", title="actions")
+    status = actions.add_parser("status", help="reach every host and show its state, slots, GPUs and versions")
+    status.add_argument("-c", "--cluster", metavar="FILE", required=True, help="the cluster file (TOML)")
+    status.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    status.add_argument("--timeout", type=float, default=30.0, metavar="S", help="seconds to wait for each host")
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    if args.cluster_action != "status":
+        raise UsageError("'batuta cluster' needs an action: 'batuta cluster status --cluster FILE'")
+    import asyncio
+    import json
+
+    from batuta.runtime.cluster import host_specs
+    from batuta.runtime.probe import probe_hosts
+
+    cluster = _load_cluster(args.cluster)
+    reports = asyncio.run(probe_hosts(host_specs(cluster), timeout=args.timeout))
+    if args.json:
+        print(json.dumps({"cluster": str(args.cluster), "hosts": [_report_dict(r) for r in reports]}))
+    else:
+        _print_host_table(reports)
+    return EXIT_OK if all(r.ok for r in reports) else EXIT_FAILED
+
+
+def _report_dict(report: HostReport) -> dict[str, object]:
+    hello = report.hello
+    return {
+        "host": report.name,
+        "state": "up" if report.ok else "unreachable",
+        "ready_s": round(report.ready_s, 3) if report.ready_s is not None else None,
+        "cpu_slots": report.cpu_slots,
+        "gpu_slots": report.gpu_slots,
+        "gpus": [g.name for g in hello.gpus] if hello else [],
+        "cores": hello.cpu_count if hello else None,
+        "hostname": hello.hostname if hello else None,
+        "python": hello.python_version if hello else None,
+        "batuta": hello.batuta_version if hello else None,
+        "error": report.error,
+    }
+
+
+def _print_host_table(reports: list[HostReport]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for column in ("HOST", "STATE", "SLOTS cpu/gpu", "GPUS", "CORES", "PYTHON", "BATUTA", "READY"):
+        table.add_column(column)
+    for report in reports:
+        row = _report_dict(report)
+        ready = f"{row['ready_s'] * 1000:.0f} ms" if isinstance(row["ready_s"], float) else "-"
+        gpus = ", ".join(row["gpus"]) if row["gpus"] else "no GPU"  # type: ignore[arg-type]
+        state = "[green]up[/]" if report.ok else "[red]unreachable[/]"
+        table.add_row(
+            report.name,
+            state,
+            f"{row['cpu_slots']}/{row['gpu_slots']}",
+            gpus,
+            str(row["cores"] or "-"),
+            str(row["python"] or "-"),
+            str(row["batuta"] or "-"),
+            ready,
+        )
+    console = Console()
+    console.print(table)
+    for report in reports:
+        if report.error:
+            console.print(f"{report.name}: {report.error}", markup=False, highlight=False)
+
+
 COMMANDS: list[Command] = [
-    Command("run", "run a job file or a built-in job on a local pool", _add_run_arguments, _cmd_run),
+    Command("run", "run a job file or a built-in job on a local pool or a cluster", _add_run_arguments, _cmd_run),
+    Command("cluster", "look at the hosts of a cluster file", _add_cluster_arguments, _cmd_cluster),
     Command("agent", "run the host agent (started by the coordinator on each host)", _add_agent_arguments, _cmd_agent),
     Command("version", "print batuta's version", _add_version_arguments, _cmd_version),
 ]

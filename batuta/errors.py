@@ -44,7 +44,13 @@ class KernelError(BatutaError):
 
 
 class TransportError(BatutaError):
-    """A byte stream to a host agent could not be opened, or broke."""
+    """A byte stream to a host agent could not be opened, or broke.
+
+    `retryable` is False when trying again cannot help (a refused host key, a rejected
+    login): the pool then retires the host at once instead of relaunching it with backoff.
+    """
+
+    retryable = True
 
 
 class AgentError(BatutaError):

@@ -9,16 +9,20 @@ is closed on every way out, Ctrl-C included.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from batuta import Pool
 from batuta.jobs._load import Job
 from batuta.jobs._summary import RunSummary, RunTracker, one_line
 from batuta.runtime.events import TaskFinished, TaskQueued
+
+if TYPE_CHECKING:
+    from batuta.runtime.cluster import ClusterConfig
 
 OnUpdate = Callable[[RunTracker], None]
 
@@ -36,21 +40,29 @@ async def run_job(
     *,
     workers: int | None = None,
     seed: int | None = None,
+    cluster: ClusterConfig | None = None,
     on_update: OnUpdate | None = None,
     job_stdout: TextIO | None = None,
 ) -> RunOutcome:
-    """Run `job` on a local pool of `workers` CPU slots (default: the pool's own choice).
+    """Run `job` on the hosts of `cluster`, or on a local pool of `workers` CPU slots.
 
     `on_update(tracker)` is called on the event loop after each task is queued or ends (it
     must not block); `job_stdout`, when given, receives what the job prints, so that a
     caller printing JSON keeps its stdout clean.
     """
-    builder = Pool.builder()
-    if workers is not None:
-        builder = builder.cpu_workers(workers)
-    if seed is not None:
-        builder = builder.seed(seed)
-    pool = builder.build()
+    if cluster is not None:
+        from batuta.runtime.cluster import build_pool  # asyncssh: only when SSH hosts are asked for
+
+        if seed is not None:
+            cluster = dataclasses.replace(cluster, pool=dataclasses.replace(cluster.pool, seed=seed))
+        pool = build_pool(cluster)
+    else:
+        builder = Pool.builder()
+        if workers is not None:
+            builder = builder.cpu_workers(workers)
+        if seed is not None:
+            builder = builder.seed(seed)
+        pool = builder.build()
     tracker = RunTracker()
 
     def on_event(event: object) -> None:

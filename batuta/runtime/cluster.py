@@ -36,7 +36,7 @@ import difflib
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +135,7 @@ def ssh_host(host: ClusterHost, ssh: SSHSettings | None = None, *, check_version
         name=host.name,
         launch=launch,
         expected_capabilities=expected_capabilities(host.slots, host.gpus),
+        tags=host.tags,
         check_versions=check_versions,
     )
 
@@ -152,14 +153,8 @@ def host_specs(cluster: ClusterConfig) -> list[HostSpec]:
             name=local.name,
             env=dict(local.env) or None,
         )
-        if local.slots is not None:
-            spec = HostSpec(
-                name=spec.name,
-                launch=spec.launch,
-                expected_capabilities=expected_capabilities(local.slots, local.gpus),
-                check_versions=spec.check_versions,
-            )
-        specs.append(spec)
+        expected = expected_capabilities(local.slots, local.gpus) if local.slots is not None else None
+        specs.append(replace(spec, expected_capabilities=expected or spec.expected_capabilities, tags=local.tags))
     specs.extend(ssh_host(host, cluster.ssh) for host in cluster.hosts)
     return specs
 

@@ -36,6 +36,7 @@ class HostSpec:
     name: str
     launch: Launcher
     expected_capabilities: tuple[frozenset[str], ...] = ()  # what its slots will offer, if known
+    tags: frozenset[str] = frozenset()  # extra capabilities every slot of this host offers
     check_versions: bool = True
 
 

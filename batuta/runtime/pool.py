@@ -216,9 +216,8 @@ class Pool:
         for session in sessions:
             self._sessions[session.name] = session
             if session.spec.expected_capabilities:
-                self._handle(
-                    [ev.HostExpected(host_id=session.name, slot_capabilities=session.spec.expected_capabilities)]
-                )
+                expected = tuple(caps | session.spec.tags for caps in session.spec.expected_capabilities)
+                self._handle([ev.HostExpected(host_id=session.name, slot_capabilities=expected)])
         results = await asyncio.gather(*(s.start() for s in sessions), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if len(errors) == len(sessions):
@@ -228,7 +227,10 @@ class Pool:
                 raise first
             raise AgentError(f"no host could be started: {first!r}") from first
         for session, result in zip(sessions, results, strict=True):
-            if isinstance(result, BaseException):
+            if isinstance(result, TransportError) and not result.retryable:
+                log.error("host %s cannot be used: %s", session.name, result)
+                self._retire(session.name, str(result))
+            elif isinstance(result, BaseException):
                 log.warning("host %s failed to start: %s; retrying in the background", session.name, result)
                 self._schedule_relaunch(session, str(result))
         self._monitor = asyncio.create_task(self._watch_liveness(), name="batuta-liveness")
@@ -452,9 +454,8 @@ class Pool:
         for info in hello.slots:
             slot_id = f"{session.name}/{info.slot}"
             self._slot_of[slot_id] = (session, info.slot)
-            joined.append(
-                ev.SlotJoined(slot_id=slot_id, host_id=session.name, capabilities=frozenset(info.capabilities))
-            )
+            capabilities = frozenset(info.capabilities) | session.spec.tags
+            joined.append(ev.SlotJoined(slot_id=slot_id, host_id=session.name, capabilities=capabilities))
             if CAP_GPU in info.capabilities:
                 self._gpu_available = True
         if self.events.active:
@@ -789,12 +790,18 @@ class Pool:
                 except (AgentError, TransportError, OSError) as exc:
                     reason = str(exc)
                     log.warning("host %s relaunch %d failed: %s", session.name, attempt, exc)
+                    if isinstance(exc, TransportError) and not exc.retryable:
+                        self._retire(session.name, reason)
+                        return
                 delay = min(delay * 2, 30.0)
-            why = f"gave up after {self.config.max_relaunches} relaunches: {reason}"
-            self._publish_host_state(session.name, "retired", why)
-            self._handle([ev.HostLost(host_id=session.name, reason=why, retired=True)])
+            self._retire(session.name, f"gave up after {self.config.max_relaunches} relaunches: {reason}")
         finally:
             self._relaunches.pop(session.name, None)
+
+    def _retire(self, host: str, why: str) -> None:
+        """The host will not come back: work only it could run fails as unschedulable."""
+        self._publish_host_state(host, "retired", why)
+        self._handle([ev.HostLost(host_id=host, reason=why, retired=True)])
 
 
 class PoolBuilder:

@@ -66,10 +66,14 @@ class SSHConnectError(SSHError):
 
 
 class SSHAuthError(SSHConnectError):
+    retryable = False
+
     """The server refused every key we offered for that user."""
 
 
 class HostKeyError(SSHError):
+    retryable = False
+
     """The host's key is not in known_hosts (unknown) or does not match it (changed)."""
 
     def __init__(self, message: str, *, changed: bool) -> None:

@@ -62,3 +62,14 @@ def test_env(name: str) -> str | None:
 
 
 test_env.cpu(test_env.reference)
+
+
+@kernel("test_echo_after", description="Sleep (without burning CPU), then return the value.")
+def test_echo_after(value: int, seconds: float) -> int:
+    import time
+
+    time.sleep(seconds)
+    return value
+
+
+test_echo_after.cpu(test_echo_after.reference)
