@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import psutil
 import pytest
 
+import batuta
 from batuta import Backend, Pool, Task, TaskFailedError, TaskStatus
 from batuta.runtime import events as pe
 from batuta.runtime.pool import PoolConfig, local_host
@@ -246,3 +248,53 @@ async def test_argument_the_wire_cannot_carry_is_refused_at_submit(pool: Pool) -
 async def test_slots_share_the_cores_between_numba_threads(pool: Pool) -> None:
     threads = (await pool.run(Task.kernel("test_env", "NUMBA_NUM_THREADS"))).value
     assert threads == str(max(1, (os.cpu_count() or 1) // 2))
+
+
+async def test_agent_with_another_batuta_version_is_refused_with_the_fix() -> None:
+    from batuta.errors import AgentError
+    from batuta.runtime.host import HostSpec
+    from batuta.transport.local import open_local_agent
+
+    code = (
+        "import sys, batuta._version as v; v.__version__ = '0.0.1'; "
+        "from batuta.agent.main import main; sys.exit(main(sys.argv[1:]))"
+    )
+    argv = [sys.executable, "-c", code, "--stdio", "--slots", "1", "--gpus", "none"]
+
+    async def launch() -> object:
+        return await open_local_agent(argv, name="old")
+
+    pool = Pool([HostSpec(name="old", launch=launch)], PoolConfig(max_relaunches=0))  # type: ignore[arg-type]
+    with pytest.raises(AgentError, match=r"runs batuta 0\.0\.1.*install batuta=="):
+        await pool.start()
+
+
+def test_other_python_minor_version_is_refused_with_the_fix() -> None:
+    import platform
+
+    from batuta.protocol import messages as m
+    from batuta.runtime.host import HostSession, HostSpec
+
+    session = HostSession(spec=HostSpec(name="h", launch=None), listener=None, heartbeat_interval=1.0)  # type: ignore[arg-type]
+    major, minor, _ = platform.python_version_tuple()
+    hello = m.Hello(
+        protocol=m.PROTOCOL_VERSION,
+        batuta_version=batuta.__version__,
+        python_version=f"{major}.{int(minor) + 1}.0",
+        hostname="h",
+        pid=1,
+        cpu_count=1,
+        slots=(),
+    )
+    problem = session._check_hello(hello)
+    assert f"runs Python {major}.{int(minor) + 1}.0" in problem and f"Python {major}.{minor} with batuta" in problem
+    same = m.Hello(
+        protocol=m.PROTOCOL_VERSION,
+        batuta_version=batuta.__version__,
+        python_version=f"{major}.{minor}.99",
+        hostname="h",
+        pid=1,
+        cpu_count=1,
+        slots=(),
+    )
+    assert session._check_hello(same) == ""

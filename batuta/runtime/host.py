@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import platform
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -194,6 +195,13 @@ class HostSession:
             return (
                 f"host {self.name} runs batuta {hello.batuta_version}, the coordinator {__version__}; "
                 f"install batuta=={__version__} there"
+            )
+        ours = ".".join(platform.python_version_tuple()[:2])
+        theirs = ".".join(hello.python_version.split(".")[:2])
+        if theirs != ours:
+            return (
+                f"host {self.name} runs Python {hello.python_version}, the coordinator {platform.python_version()}; "
+                f"point the host's 'python' at a Python {ours} with batuta {__version__} installed"
             )
         return ""
 

@@ -863,7 +863,9 @@ PubkeyAuthentication yes
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 HostbasedAuthentication no
-UsePAM no
+# PAM on: without it OpenSSH refuses even key logins for an account whose password is
+# locked ('!' in /etc/shadow), which is how many fresh images ship root.
+UsePAM yes
 StrictModes no
 AllowAgentForwarding no
 X11Forwarding no
