@@ -298,3 +298,17 @@ def test_other_python_minor_version_is_refused_with_the_fix() -> None:
         slots=(),
     )
     assert session._check_hello(same) == ""
+
+
+async def test_jobs_label_tasks_and_cancel_together(pool: Pool) -> None:
+    queued: list[str] = []
+    pool.subscribe(lambda e: queued.append(e.job) if isinstance(e, pe.TaskQueued) else None)
+    with pool.job("slow"):
+        slow = [await pool.submit(Task.kernel("spin", 30.0)) for _ in range(3)]
+    fast = await pool.submit(Task.kernel("noop", 1))
+    assert queued == ["slow", "slow", "slow", ""]
+    assert pool.cancel_job("slow") == 3
+    results = [await asyncio.wait_for(f, 30) for f in slow]
+    assert all(r.status is TaskStatus.CANCELLED and r.job == "slow" for r in results)
+    done = await fast
+    assert done.value == 1 and done.job == "" and "scalar" in done.backend_reason

@@ -299,6 +299,8 @@ class TaskResult:
     slot: str | None = None
     attempts: int = 0
     backend: Backend | None = None
+    backend_reason: str = ""  # why this backend (AUTO follows the seed's size table)
+    job: str = ""  # the job it was submitted under (`Pool.job(name)`), if any
 
     def is_success(self) -> bool:
         return self.status is TaskStatus.SUCCEEDED

@@ -25,6 +25,8 @@ class TaskQueued:
     name: str
     backend: str
     at: float
+    backend_reason: str = ""
+    job: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -35,6 +37,7 @@ class TaskStarted:
     slot: str
     attempt: int
     at: float
+    job: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,6 +48,7 @@ class TaskRequeued:
     attempts: int
     reason: str
     at: float
+    job: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

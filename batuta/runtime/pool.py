@@ -16,7 +16,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -42,6 +43,9 @@ from batuta.runtime.host import HostSession, HostSpec, HostState
 from batuta.transport.local import agent_command, open_local_agent
 
 log = logging.getLogger("batuta.runtime.pool")
+
+# The job label of tasks submitted from the current context (see `Pool.job`).
+_current_job: ContextVar[str] = ContextVar("batuta_job", default="")
 
 _OUTCOME_STATUS = {
     m.OUTCOME_OK: TaskStatus.SUCCEEDED,
@@ -69,13 +73,23 @@ class PoolConfig:
 class _Pending:
     """A submitted, unresolved task as the pool keeps it (slotted: a million may be queued)."""
 
-    __slots__ = ("backend", "future", "slot_id", "started_at", "submitted_at", "task")
+    __slots__ = ("backend", "backend_reason", "future", "job", "slot_id", "started_at", "submitted_at", "task")
 
-    def __init__(self, task: Task, future: asyncio.Future[TaskResult], submitted_at: float, backend: str) -> None:
+    def __init__(
+        self,
+        task: Task,
+        future: asyncio.Future[TaskResult],
+        submitted_at: float,
+        backend: str,
+        backend_reason: str,
+        job: str,
+    ) -> None:
         self.task = task
         self.future = future
         self.submitted_at = submitted_at
         self.backend = backend
+        self.backend_reason = backend_reason
+        self.job = job
         self.slot_id: str | None = None
         self.started_at: float | None = None
 
@@ -284,9 +298,19 @@ class Pool:
         task_id = next(self._ids)
         future: asyncio.Future[TaskResult] = loop.create_future()
         now = loop.time()
-        self._pending[task_id] = _Pending(task, future, now, backend.value)
+        job = _current_job.get()
+        self._pending[task_id] = _Pending(task, future, now, backend.value, choice.reason, job)
         if self.events.active:
-            self.events.publish(pe.TaskQueued(task_id=task_id, name=task.name, backend=backend.value, at=now))
+            self.events.publish(
+                pe.TaskQueued(
+                    task_id=task_id,
+                    name=task.name,
+                    backend=backend.value,
+                    at=now,
+                    backend_reason=choice.reason,
+                    job=job,
+                )
+            )
         self._handle(
             [
                 ev.TaskSubmitted(
@@ -380,6 +404,30 @@ class Pool:
     def cancel(self, task_id: int) -> None:
         if task_id in self._pending and not self._closed:
             self._handle([ev.CancelRequested(task_id=task_id)])
+
+    @contextlib.contextmanager
+    def job(self, name: str) -> Iterator[str]:
+        """Label every task submitted inside (this coroutine and tasks it spawns) as job `name`.
+
+            with pool.job("kmeans"):
+                await pool.map("kmeans_partial", chunks)
+
+        Observers see the label on every event and result; `cancel_job(name)` cancels them all.
+        """
+        if not name:
+            raise UsageError("a job needs a non-empty name")
+        token = _current_job.set(name)
+        try:
+            yield name
+        finally:
+            _current_job.reset(token)
+
+    def cancel_job(self, name: str) -> int:
+        """Cancel every unresolved task of job `name`; returns how many were asked to cancel."""
+        doomed = [task_id for task_id, pending in self._pending.items() if pending.job == name]
+        if doomed and not self._closed:
+            self._handle([ev.CancelRequested(task_id=task_id) for task_id in doomed])
+        return len(doomed)
 
     # -- control ----------------------------------------------------------------------------
 
@@ -511,6 +559,7 @@ class Pool:
                                 slot=pending.slot_id,
                                 attempt=self._scheduler.attempts(task_id),
                                 at=now,
+                                job=pending.job,
                             )
                         )
             elif kind is m.StealBackReply:
@@ -660,6 +709,8 @@ class Pool:
             slot=slot_id,
             attempts=attempts,
             backend=Backend(pending.backend),
+            backend_reason=pending.backend_reason,
+            job=pending.job,
         )
         if status is TaskStatus.SUCCEEDED:
             self._succeeded += 1
@@ -684,6 +735,7 @@ class Pool:
                         attempts=ins.attempts,
                         reason=ins.reason,
                         at=self._now(),
+                        job=pending.job,
                     )
                 )
 
