@@ -201,6 +201,64 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the summary as one JSON object on stdout (the job's prints go to stderr)",
     )
+    _add_observer_arguments(parser)
+
+
+def _add_observer_arguments(parser: argparse.ArgumentParser) -> None:
+    """`batuta run`'s metrics, logging and journal options (see batuta.metrics, .logs, .journal)."""
+    observe = parser.add_argument_group("metrics, logs and journal")
+    observe.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port while the job runs (0 picks a free one)",
+    )
+    observe.add_argument(
+        "--metrics-bind",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="address the metrics server listens on (default: 127.0.0.1, this machine only)",
+    )
+    observe.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON (default: text)"
+    )
+    observe.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=("debug", "info", "warning", "error", "critical"),
+        default="warning",
+        metavar="LEVEL",
+        help="debug, info, warning (default), error or critical",
+    )
+    observe.add_argument("--log-file", metavar="FILE", help="also append the log to FILE")
+    observe.add_argument(
+        "--journal",
+        metavar="DIR",
+        help="record each succeeded task's result (and the job's checkpoints) in DIR; starts it over",
+    )
+    observe.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --journal: reuse its results and checkpoints, running only what is not done",
+    )
+
+
+def _port(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port; pass 0 to 65535, e.g. 9464")
+    return value
+
+
+def _configure_logging(args: argparse.Namespace) -> Callable[[], None]:
+    """Install `--log-*` on the `batuta` logger; returns what undoes it."""
+    from batuta.logs import configure
+
+    try:
+        setup = configure(level=args.log_level, fmt=args.log_format, file=args.log_file)
+    except ValueError as exc:
+        raise UsageError(f"{exc}; check --log-file") from None
+    return setup.close
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -216,17 +274,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from batuta.jobs._run import run_job  # the runtime: only once the job is known to be sound
 
     progress = _ProgressBar(job.name) if _wants_progress(args) else None
-    with progress if progress is not None else contextlib.nullcontext():
-        outcome = asyncio.run(
-            run_job(
-                job,
-                workers=args.workers,
-                seed=args.seed,
-                cluster=cluster,
-                on_update=progress.update if progress else None,
-                job_stdout=sys.stderr if args.json else None,
+    close_logging = _configure_logging(args)
+    try:
+        with progress if progress is not None else contextlib.nullcontext():
+            outcome = asyncio.run(
+                run_job(
+                    job,
+                    workers=args.workers,
+                    seed=args.seed,
+                    cluster=cluster,
+                    on_update=progress.update if progress else None,
+                    job_stdout=sys.stderr if args.json else None,
+                    journal=args.journal,
+                    resume=args.resume,
+                    metrics_port=args.metrics_port,
+                    metrics_bind=args.metrics_bind,
+                )
             )
-        )
+    finally:
+        close_logging()
     _report(outcome, as_json=args.json, quiet=args.quiet)
     return EXIT_OK if outcome.summary.ok else EXIT_FAILED
 
@@ -310,6 +376,70 @@ def _load_cluster(path: str) -> ClusterConfig:
     return load_cluster(path)
 
 
+# -- batuta tui --------------------------------------------------------------------------
+
+
+def _add_tui_arguments(parser: argparse.ArgumentParser) -> None:
+    from batuta.jobs import builtin_job_names
+
+    parser.add_argument(
+        "-c", "--cluster", metavar="FILE", help="coordinate the hosts of this cluster file (TOML), not this machine"
+    )
+    parser.add_argument(
+        "-w",
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="CPU worker slots in the local pool (default: one per core)",
+    )
+    parser.add_argument("--seed", type=_int, metavar="N", help="seed for the scheduler's random choices")
+    parser.add_argument(
+        "-j",
+        "--job",
+        action="append",
+        default=[],
+        metavar="JOB",
+        help="start this job once the pool is up (repeatable): a .py file or a built-in job: "
+        + ", ".join(builtin_job_names()),
+    )
+
+
+def _cmd_tui(args: argparse.Namespace) -> int:
+    """The dashboard, with the coordinator inside it: local pool by default, SSH hosts with --cluster."""
+    import dataclasses
+    from pathlib import Path
+
+    from batuta.jobs import load_job
+
+    if args.cluster and args.workers:
+        raise UsageError("--workers sizes the local pool; with --cluster set 'slots' per host in the cluster file")
+    for spec in args.job:
+        load_job(spec)  # every job-file error is found before the screen takes over the terminal
+    if args.cluster:
+        from batuta.runtime.cluster import build_pool
+
+        cluster = _load_cluster(args.cluster)
+        if args.seed is not None:
+            cluster = dataclasses.replace(cluster, pool=dataclasses.replace(cluster.pool, seed=args.seed))
+        pool = build_pool(cluster)
+        count = len(cluster.host_names)
+        label = f"{Path(args.cluster).name} ({count} host{'s' if count != 1 else ''})"
+    else:
+        from batuta import Pool
+
+        builder = Pool.builder()
+        if args.workers is not None:
+            builder = builder.cpu_workers(args.workers)
+        if args.seed is not None:
+            builder = builder.seed(args.seed)
+        pool = builder.build()
+        label = "local (embedded)"
+    from batuta.tui.app import BatutaApp
+
+    BatutaApp(pool, cluster_label=label, start_jobs=args.job).run()
+    return EXIT_OK
+
+
 # -- batuta cluster status ---------------------------------------------------------------
 
 
@@ -387,6 +517,7 @@ def _print_host_table(reports: list[HostReport]) -> None:
 
 COMMANDS: list[Command] = [
     Command("run", "run a job file or a built-in job on a local pool or a cluster", _add_run_arguments, _cmd_run),
+    Command("tui", "the live dashboard, coordinating a local pool or a cluster", _add_tui_arguments, _cmd_tui),
     Command("cluster", "look at the hosts of a cluster file", _add_cluster_arguments, _cmd_cluster),
     Command("agent", "run the host agent (started by the coordinator on each host)", _add_agent_arguments, _cmd_agent),
     Command("version", "print batuta's version", _add_version_arguments, _cmd_version),

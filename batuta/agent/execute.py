@@ -13,6 +13,7 @@ or an SSH start-up benchmark, should not pay that on every slot.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -226,5 +227,10 @@ def run_binary(request: TaskRequest, call: BinaryCall, base_env: Mapping[str, st
 
 
 def print_error(message: str) -> None:
-    """A line on the slot's stderr (which is the agent's stderr, shown by the coordinator)."""
-    print(message, file=sys.stderr, flush=True)
+    """A line on stderr (the agent's stderr, which the coordinator logs).
+
+    Never raises: a coordinator killed mid-frame leaves a broken pipe there, and whoever is
+    reporting must still go on to shut down cleanly.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        print(message, file=sys.stderr, flush=True)

@@ -41,6 +41,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from batuta._version import __version__
+from batuta.agent.execute import print_error
 from batuta.agent.fdio import FdReader, FdWriter
 from batuta.agent.options import AgentOptions
 from batuta.agent.spawn import SlotProcess, preload_for_fork, spawn_mode
@@ -231,7 +232,7 @@ class Agent:
                     return None
                 problem = str(exc)
             if not isinstance(message, Done):
-                print(f"batuta agent: dropped an unsendable {type(message).__name__}: {problem}", file=sys.stderr)
+                _warn(f"dropped an unsendable {type(message).__name__}: {problem}")
                 continue
             for outcome in message.results:
                 try:
@@ -291,11 +292,7 @@ class Agent:
         elif isinstance(message, Shutdown):
             self._finish(EXIT_OK, bye=Bye(reason=message.reason or "shutdown requested"))
         elif isinstance(message, Error):
-            print(
-                f"batuta agent: the coordinator ended the session: {message.message}",
-                file=sys.stderr,
-                flush=True,
-            )
+            _warn(f"the coordinator ended the session: {message.message}")
             self._finish(EXIT_ERROR, bye=None)
         else:
             raise RemoteProtocolError(f"unexpected {type(message).__name__} from the coordinator")
@@ -356,7 +353,7 @@ class Agent:
         try:
             sample = self._telemetry.sample()
         except Exception as exc:  # telemetry must never take the agent down
-            print(f"batuta agent: telemetry failed: {exc}", file=sys.stderr, flush=True)
+            _warn(f"telemetry failed: {exc}")
             sample = None
         if sample is not None:
             self._emit(
@@ -395,7 +392,7 @@ class Agent:
         )
 
     def _fail(self, message: str, *, send_error: bool) -> None:
-        print(f"batuta agent: {message}", file=sys.stderr, flush=True)
+        _warn(message)
         self._finish(EXIT_ERROR, bye=None, error=Error(message=message) if send_error else None)
 
     def _finish(self, code: int, *, bye: Bye | None, error: Error | None = None) -> None:
@@ -528,3 +525,8 @@ def _raw_error_frame(message: Error) -> bytes:
         return encode_message(message)
     except Exception:
         return b""
+
+
+
+def _warn(message: str) -> None:
+    print_error(f"batuta agent: {message}")

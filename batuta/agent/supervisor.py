@@ -55,12 +55,11 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 from collections import deque
 from collections.abc import Iterable
 from typing import Protocol
 
-from batuta.agent.execute import describe_exit
+from batuta.agent.execute import describe_exit, print_error
 from batuta.agent.fdio import FdReader, FdWriter
 from batuta.agent.spawn import SlotProcess, spawn_slot
 from batuta.protocol.codec import FrameDecoder, encode_message
@@ -326,11 +325,7 @@ class SlotSupervisor:
         except Exception as exc:
             # The slot's stream is corrupt (something wrote to its frame fd): the process is
             # no longer trustworthy, so treat it as dead.
-            print(
-                f"batuta agent: slot {self.index} sent a bad frame ({exc}); restarting it",
-                file=sys.stderr,
-                flush=True,
-            )
+            print_error(f"batuta agent: slot {self.index} sent a bad frame ({exc}); restarting it")
             self._on_process_exit()
             return
         self.pump()

@@ -301,6 +301,7 @@ class TaskResult:
     backend: Backend | None = None
     backend_reason: str = ""  # why this backend (AUTO follows the seed's size table)
     job: str = ""  # the job it was submitted under (`Pool.job(name)`), if any
+    restored: bool = False  # answered from a result store (a journal), not run again
 
     def is_success(self) -> bool:
         return self.status is TaskStatus.SUCCEEDED

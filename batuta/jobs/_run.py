@@ -4,25 +4,39 @@ This is the glue between a `Job` (from `_load`) and the runtime's public API: bu
 subscribe to its events, await `main(pool)`, and hand back a `RunSummary`. An exception from
 the job's `main` is part of the outcome (one line plus its traceback), not a crash; the pool
 is closed on every way out, Ctrl-C included.
+
+The observers ride along here too: a `PoolLogObserver` always (failures, retries and host
+changes go to the `batuta` logger, with the job as log context), a Prometheus exporter when
+`metrics_port` is given, and with `journal` a journal as the pool's result store plus the job's checkpoints
+(`batuta.journal`, `batuta.checkpoint.job_checkpoints`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from batuta import Pool
+from batuta.checkpoint import use_checkpoints
+from batuta.errors import UsageError
 from batuta.jobs._load import Job
 from batuta.jobs._summary import RunSummary, RunTracker, one_line
+from batuta.journal import Journal, JournalStore
+from batuta.logs import PoolLogObserver, log_context
 from batuta.runtime.events import TaskFinished, TaskQueued
 
 if TYPE_CHECKING:
+    from batuta.metrics import MetricsExporter
     from batuta.runtime.cluster import ClusterConfig
+
+log = logging.getLogger("batuta.jobs")
 
 OnUpdate = Callable[[RunTracker], None]
 
@@ -43,13 +57,21 @@ async def run_job(
     cluster: ClusterConfig | None = None,
     on_update: OnUpdate | None = None,
     job_stdout: TextIO | None = None,
+    journal: str | Path | None = None,
+    resume: bool = False,
+    metrics_port: int | None = None,
+    metrics_bind: str = "127.0.0.1",
 ) -> RunOutcome:
     """Run `job` on the hosts of `cluster`, or on a local pool of `workers` CPU slots.
 
     `on_update(tracker)` is called on the event loop after each task is queued or ends (it
     must not block); `job_stdout`, when given, receives what the job prints, so that a
-    caller printing JSON keeps its stdout clean.
+    caller printing JSON keeps its stdout clean. `journal` names the folder of the job
+    journal and checkpoints, and `resume` reuses what it holds (see `batuta.journal`);
+    `metrics_port` serves Prometheus metrics on `metrics_bind` while the job runs.
     """
+    if resume and journal is None:
+        raise UsageError("--resume needs --journal DIR: the journal is what a run resumes from")
     if cluster is not None:
         from batuta.runtime.cluster import build_pool  # asyncssh: only when SSH hosts are asked for
 
@@ -78,20 +100,58 @@ async def run_job(
     value: Any = None
     error: str | None = None
     job_traceback: str | None = None
-    async with pool:
-        unsubscribe = pool.subscribe(on_event)
-        started = time.perf_counter()
-        try:
-            with _stdout_to(job_stdout):
-                value = await job.main(pool)
-        except Exception as exc:
-            error = f"job {job.name!r} raised {type(exc).__name__}: {one_line(str(exc))}"
-            job_traceback = _job_traceback(exc)
-        finally:
-            wall_s = time.perf_counter() - started
-            unsubscribe()
+    exporter: MetricsExporter | None = None
+    run_journal: Journal | None = None
+    logger = PoolLogObserver(pool).attach()
+    try:
+        # Both can fail on the user's input (a busy port, an unusable folder): before any agent starts.
+        if metrics_port is not None:
+            exporter = _start_metrics(pool, metrics_port, metrics_bind)
+        if journal is not None:
+            run_journal = await Journal.open(journal, job=job.name, resume=resume)
+        async with pool:
+            unsubscribe = pool.subscribe(on_event)
+            if run_journal is not None:
+                pool.set_result_store(JournalStore(run_journal, resume=resume))
+            started = time.perf_counter()
+            try:
+                with (
+                    _stdout_to(job_stdout),
+                    pool.job(job.name),  # tasks carry the job's name to every observer
+                    log_context(job=job.name),
+                    use_checkpoints(run_journal.checkpoints if run_journal is not None else None),
+                ):
+                    value = await job.main(pool)
+            except Exception as exc:
+                error = f"job {job.name!r} raised {type(exc).__name__}: {one_line(str(exc))}"
+                job_traceback = _job_traceback(exc)
+            finally:
+                wall_s = time.perf_counter() - started
+                unsubscribe()
+            restored = pool.stats().restored
+            if restored:
+                log.info("%d task result(s) restored from the journal", restored, extra={"job": job.name})
+    finally:
+        logger.close()
+        if exporter is not None:
+            exporter.close()
+        if run_journal is not None:
+            await run_journal.close()
     summary = tracker.summary(job=job.name, wall_s=wall_s, result=value, error=error)
     return RunOutcome(summary=summary, traceback=job_traceback)
+
+
+def _start_metrics(pool: Pool, port: int, bind: str) -> MetricsExporter:
+    from batuta.metrics import MetricsExporter  # prometheus-client: only when metrics are asked for
+
+    exporter = MetricsExporter(pool).attach()
+    try:
+        exporter.serve(port, bind)
+    except OSError as exc:
+        exporter.close()
+        why = f"cannot serve metrics on {bind}:{port}: {exc.strerror or exc}"
+        raise UsageError(f"{why}; pick another --metrics-port or --metrics-bind") from None
+    return exporter
 
 
 @contextlib.contextmanager

@@ -57,6 +57,7 @@ class RunTracker:
     latencies: list[float] = field(default_factory=list)  # queue wait + run time, seconds
     run_times: list[float] = field(default_factory=list)
     failure_lines: list[str] = field(default_factory=list)
+    restored: int = 0  # answered from the journal (--resume), not run: no latency sample
 
     def task_queued(self, task_id: int) -> None:
         self.queued_ids.add(task_id)
@@ -67,7 +68,9 @@ class RunTracker:
         self.finished_ids.add(result.task_id)
         self.queued_ids.add(result.task_id)
         self.statuses[result.status] += 1
-        if result.status in RAN_STATUSES:
+        if result.restored:
+            self.restored += 1
+        elif result.status in RAN_STATUSES:
             self.latencies.append(result.queue_wait + result.duration)
             self.run_times.append(result.duration)
         if result.status in FAILED_STATUSES and len(self.failure_lines) < FAILURES_KEPT:
@@ -101,6 +104,7 @@ class RunTracker:
             succeeded=self.succeeded,
             failed=self.failed,
             cancelled=self.cancelled,
+            restored=self.restored,
             unfinished=self.submitted - self.finished,
             wall_s=wall_s,
             latency_s=_percentiles(self.latencies),
@@ -126,6 +130,7 @@ class RunSummary:
     failed: int
     cancelled: int
     unfinished: int  # submitted but not ended when main returned and the pool closed
+    restored: int = 0  # of `succeeded`: taken from the journal, not run again
     wall_s: float
     latency_s: dict[str, float]
     run_time_s: dict[str, float]
@@ -151,6 +156,7 @@ class RunSummary:
             "succeeded": self.succeeded,
             "failed": self.failed,
             "cancelled": self.cancelled,
+            "restored": self.restored,
             "unfinished": self.unfinished,
             "wall_s": round(self.wall_s, 6),
             "tasks_per_s": round(self.tasks_per_s, 3),
@@ -164,6 +170,8 @@ class RunSummary:
     def text_lines(self) -> list[str]:
         """The summary for a terminal, a few short lines."""
         counts = f"{self.tasks} tasks: {self.succeeded} succeeded, {self.failed} failed"
+        if self.restored:
+            counts += f" ({self.restored} restored from the journal)"
         if self.cancelled:
             counts += f", {self.cancelled} cancelled"
         if self.unfinished:

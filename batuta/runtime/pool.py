@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from batuta.core import events as ev
 from batuta.core.backend import BackendThresholds, select_backend
@@ -94,6 +94,19 @@ class _Pending:
         self.started_at: float | None = None
 
 
+class ResultStore(Protocol):
+    """Where finished results are kept across runs (a job journal, for `--resume`).
+
+    `lookup` is asked at submission: a hit resolves the task at once without running it.
+    `record` is told every succeeded result. Both run on the event loop: keep them quick
+    and hand slow I/O to a thread.
+    """
+
+    def lookup(self, task: Task, job: str) -> TaskResult | None: ...
+
+    def record(self, task: Task, job: str, result: TaskResult) -> None: ...
+
+
 class TaskFuture:
     """A submitted task. `await` it for its `TaskResult`; `cancel()` cancels the task."""
 
@@ -141,6 +154,7 @@ class PoolStats:
     steal_backs: int
     retries: int
     dropped_results: int
+    restored: int = 0  # answered from the result store without running
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -183,6 +197,8 @@ class Pool:
         self._failed = 0
         self._gpu_available = False
         self._outcomes: dict[int, tuple[m.TaskOutcome, str]] = {}  # the batch being handled
+        self._store: ResultStore | None = None
+        self._restored = 0
 
     # -- construction -----------------------------------------------------------------------
 
@@ -299,6 +315,10 @@ class Pool:
         future: asyncio.Future[TaskResult] = loop.create_future()
         now = loop.time()
         job = _current_job.get()
+        if self._store is not None:
+            kept = self._store.lookup(task, job)
+            if kept is not None:
+                return self._restore(task_id, task, future, replace(kept, task_id=task_id, job=job, restored=True))
         self._pending[task_id] = _Pending(task, future, now, backend.value, choice.reason, job)
         if self.events.active:
             self.events.publish(
@@ -401,6 +421,10 @@ class Pool:
         ]
         return await self.map(kernel, items, **options)
 
+    def set_result_store(self, store: ResultStore | None) -> None:
+        """Consult `store` before running each task and record every success in it."""
+        self._store = store
+
     def cancel(self, task_id: int) -> None:
         if task_id in self._pending and not self._closed:
             self._handle([ev.CancelRequested(task_id=task_id)])
@@ -466,6 +490,7 @@ class Pool:
             steal_backs=s.steal_backs_returned,
             retries=s.retries,
             dropped_results=s.dropped_results,
+            restored=self._restored,
         )
 
     def slots(self) -> list[SlotView]:
@@ -714,12 +739,28 @@ class Pool:
         )
         if status is TaskStatus.SUCCEEDED:
             self._succeeded += 1
+            if self._store is not None:
+                self._store.record(pending.task, pending.job, result)
         else:
             self._failed += 1
         if not pending.future.done():
             pending.future.set_result(result)
         if self.events.active:
             self.events.publish(pe.TaskFinished(result=result, at=now))
+
+    def _restore(
+        self, task_id: int, task: Task, future: asyncio.Future[TaskResult], result: TaskResult
+    ) -> TaskFuture:
+        future.set_result(result)
+        self._restored += 1
+        if self.events.active:
+            now = self._now()
+            backend = result.backend.value if result.backend else ""
+            self.events.publish(
+                pe.TaskQueued(task_id=task_id, name=task.name, backend=backend, at=now, job=result.job)
+            )
+            self.events.publish(pe.TaskFinished(result=result, at=now))
+        return TaskFuture(self, task_id, task, future)
 
     def _on_requeued(self, ins: ev.TaskRequeued) -> None:
         pending = self._pending.get(ins.task_id)

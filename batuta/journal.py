@@ -1,0 +1,387 @@
+"""The job journal: each succeeded task's result, durably, under a deterministic key.
+
+`batuta run JOB --journal DIR` gives the pool a `JournalStore` (the pool's `ResultStore`
+hook), which records every task that succeeds into `DIR/journal.bin`.
+`batuta run JOB --journal DIR --resume` reads that journal first, and a submitted task whose
+key is in it is not run again: `submit()` hands back an already-resolved future holding the
+journaled result. Together with the job's own checkpoints (`DIR/checkpoints`, see
+`batuta.checkpoint.job_checkpoints`), a job killed at any moment resumes where it was.
+
+**Task keys.** `Task.key` when the caller set one; otherwise
+
+    "<job>/<kernel name or binary path>/<hash>"
+
+where `<job>` is the job's name as given to `batuta run` (for a job file, the path as typed:
+resume with the same spelling), and `<hash>` is the first 128
+bits (hex) of a SHA-256 over a canonical, type-tagged encoding of what the task computes:
+the kernel name and its arguments (NumPy arrays by dtype, shape and bytes; floats by their
+IEEE bits; ints, str, bytes, None, bools, lists, tuples and dicts by value and type), or a
+binary's path, arguments, environment and working directory, plus the backend asked for
+(`Backend.CPU` and `Backend.GPU` results may differ in the last bits). The same job
+submitting the same computation gets the same key in every run and on every coordinator
+of the same byte order, so
+a deterministic kernel's journaled result is exactly the result a rerun would give. A
+kernel that is not deterministic (unseeded randomness, the clock) should set `Task.key`.
+Hashing reads every argument byte: for arguments of many megabytes per task, setting
+`Task.key` also saves that time.
+
+**What is journaled.** Succeeded results only: a task that failed, timed out or was lost
+is run again on resume. Restored results are marked `restored` and keep the host, slot,
+timings and attempts of the run that produced them.
+
+**File format.** `b"BATUTAJ1"`, then records `length: u32 LE | crc32: u32 LE | payload`,
+where the payload is the record (key and result fields) in the state-tree encoding of
+`batuta.checkpoint.encode_tree` (msgpack plus raw array buffers; no pickle). Records are
+appended in batches from a worker thread, with one fsync per batch, so the event loop never
+waits on the disk; a result is durable once its batch is synced. A crash mid-append leaves
+a torn last record: opening the journal drops it (with a warning) and truncates the file
+there. Without `--resume` an existing journal, and the checkpoints beside it, are discarded
+(with a warning): the run starts over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from batuta.checkpoint import SUFFIX as CHECKPOINT_SUFFIX
+from batuta.checkpoint import CheckpointError, CheckpointManager, decode_tree, encode_tree
+from batuta.core.task import Backend, BinaryCall, KernelCall, Task, TaskResult, TaskStatus
+from batuta.errors import UsageError
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger("batuta.journal")
+
+MAGIC = b"BATUTAJ1"
+JOURNAL_FILE = "journal.bin"
+CHECKPOINT_DIR = "checkpoints"
+_RECORD = struct.Struct("<II")  # payload length, crc32 of the payload
+_MAX_RECORD = 1 << 31
+
+
+class JournalError(UsageError):
+    """The journal cannot be used: a bad folder, an unreadable file, an argument with no key."""
+
+
+# -- keys ----------------------------------------------------------------------------------
+
+
+def task_key(task: Task, job: str) -> str:
+    """The task's journal key: `task.key`, or one derived from job, kernel and arguments."""
+    if task.key is not None:
+        return task.key
+    digest = hashlib.sha256()
+    call = task.call
+    if isinstance(call, KernelCall):
+        what = call.name
+        _feed(digest, ("kernel", call.name, call.args, task.backend.value))
+    else:
+        assert isinstance(call, BinaryCall)
+        what = call.path
+        _feed(digest, ("binary", call.path, call.args, dict(call.env), call.cwd))
+    return f"{job}/{what}/{digest.hexdigest()[:32]}"
+
+
+def _feed(h: Any, v: Any, depth: int = 0) -> None:
+    """Feed a canonical, type-tagged encoding of `v` to hash `h` (lengths prefix variable parts)."""
+    if depth > 64:
+        raise JournalError("task arguments nest deeper than 64 levels; set Task.key")
+    t = type(v)
+    if v is None:
+        h.update(b"N")
+    elif t is bool:
+        h.update(b"T" if v else b"F")
+    elif t is int:
+        text = str(v).encode()
+        h.update(b"i%d:" % len(text) + text)
+    elif t is float:
+        h.update(b"f" + struct.pack("<d", v))
+    elif t is str:
+        data = v.encode("utf-8", "surrogatepass")
+        h.update(b"s%d:" % len(data) + data)
+    elif t is bytes:
+        h.update(b"b%d:" % len(v))
+        h.update(v)
+    elif isinstance(v, np.ndarray):
+        if v.dtype.hasobject:
+            raise JournalError("an object array has no stable key; set Task.key")
+        dtype = v.dtype.str.encode()
+        h.update(b"a%d:%s%r" % (len(dtype), dtype, v.shape))
+        h.update(np.ascontiguousarray(v).reshape(-1).view(np.uint8))
+    elif isinstance(v, np.generic):
+        dtype = v.dtype.str.encode()
+        h.update(b"g%d:%s" % (len(dtype), dtype) + v.tobytes())
+    elif t is list or t is tuple:
+        h.update(b"%s%d:" % (b"l" if t is list else b"t", len(v)))
+        for item in v:
+            _feed(h, item, depth + 1)
+    elif t is dict:
+        h.update(b"d%d:" % len(v))
+        for key in sorted(v, key=str):
+            _feed(h, key, depth + 1)
+            _feed(h, v[key], depth + 1)
+    else:
+        raise JournalError(f"cannot derive a journal key from an argument of type {t.__name__}; set Task.key")
+
+
+# -- records -------------------------------------------------------------------------------
+
+
+def _encode_record(key: str, r: TaskResult) -> bytes:
+    record = {
+        "key": key,
+        "task_id": r.task_id,
+        "name": r.name,
+        "status": r.status.value,
+        "value": r.value,
+        "stdout": r.stdout,
+        "stderr": r.stderr,
+        "exit_code": r.exit_code,
+        "error": r.error,
+        "duration": r.duration,
+        "queue_wait": r.queue_wait,
+        "host": r.host,
+        "slot": r.slot,
+        "attempts": r.attempts,
+        "backend": r.backend.value if r.backend is not None else None,
+        "backend_reason": r.backend_reason,
+        "job": r.job,
+    }
+    return b"".join(encode_tree(record, where=f"result of {key!r}"))  # one copy: later mutation can't leak in
+
+
+def _decode_record(payload: memoryview) -> tuple[str, TaskResult]:
+    d = decode_tree(payload, copy=True)
+    backend = d["backend"]
+    result = TaskResult(
+        task_id=int(d["task_id"]),
+        name=d["name"],
+        status=TaskStatus(d["status"]),
+        value=d["value"],
+        stdout=d["stdout"],
+        stderr=d["stderr"],
+        exit_code=d["exit_code"],
+        error=d["error"],
+        duration=float(d["duration"]),
+        queue_wait=float(d["queue_wait"]),
+        host=d["host"],
+        slot=d["slot"],
+        attempts=int(d["attempts"]),
+        backend=Backend(backend) if backend is not None else None,
+        backend_reason=d["backend_reason"],
+        job=d["job"],
+    )
+    return str(d["key"]), result
+
+
+def read_journal(path: Path) -> tuple[dict[str, TaskResult], int, int]:
+    """(results by key, bytes of good records incl. the magic, file size). Blocking."""
+    data = path.read_bytes()
+    if data[: len(MAGIC)] != MAGIC:
+        raise JournalError(f"{path} is not a batuta journal (bad magic); pass another --journal folder")
+    view = memoryview(data)
+    entries: dict[str, TaskResult] = {}
+    offset = len(MAGIC)
+    while offset + _RECORD.size <= len(data):
+        length, crc = _RECORD.unpack_from(data, offset)
+        end = offset + _RECORD.size + length
+        if end > len(data):
+            break
+        payload = view[offset + _RECORD.size : end]
+        if zlib.crc32(payload) != crc:
+            break
+        try:
+            key, result = _decode_record(payload)
+        except Exception as exc:  # a record that passes its CRC but not the decoder: stop trusting here
+            log.warning("journal %s: unreadable record at byte %d (%s)", path, offset, exc)
+            break
+        entries[key] = result
+        offset = end
+    return entries, offset, len(data)
+
+
+class Journal:
+    """An append-only journal of succeeded task results in a folder, with its checkpoints.
+
+    Open with `await Journal.open(folder, job=..., resume=...)`; `record()` is cheap and runs
+    on the event loop; `close()` (or `flush()`) waits until everything recorded is synced.
+    """
+
+    def __init__(self, directory: Path, job: str, entries: dict[str, TaskResult], file: Any) -> None:
+        self.directory = directory
+        self.path = directory / JOURNAL_FILE
+        self.job = job
+        self.checkpoints = CheckpointManager(directory / CHECKPOINT_DIR)
+        self._entries = entries  # what the journal held when opened: resume looks these up
+        self._file = file
+        self._pending: list[bytes] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._error: BaseException | None = None
+        self.recorded = 0  # records appended by this run
+        self.synced = 0  # of which on disk, fsynced
+
+    # -- opening ----------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, directory: str | os.PathLike[str], *, job: str, resume: bool) -> Journal:
+        """Open (or create) the journal in `directory`; without `resume`, start it over."""
+        folder = Path(directory)
+        entries, file = await asyncio.to_thread(_open_sync, folder, resume)
+        journal = cls(folder, job, entries, file)
+        if not resume:
+            await asyncio.to_thread(_discard_checkpoints, journal.checkpoints)
+        return journal
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def key_for(self, task: Task) -> str:
+        return task_key(task, self.job)
+
+    def get(self, key: str) -> TaskResult | None:
+        """The journaled result for `key`, from the journal as it was opened."""
+        return self._entries.get(key)
+
+    # -- recording ------------------------------------------------------------------------
+
+    def record(self, key: str, result: TaskResult) -> None:
+        """Journal `result` under `key` if it succeeded. On the loop: encodes, then queues."""
+        if not result.is_success():
+            return
+        if self._file is None:
+            log.warning("journal %s is closed: task %d (%s) not journaled", self.path, result.task_id, key)
+            return
+        try:
+            payload = _encode_record(key, result)
+        except (CheckpointError, ValueError, TypeError) as exc:
+            log.warning("journal: not recording task %d (%s): %s", result.task_id, key, exc)
+            return
+        self._pending.append(payload)
+        self.recorded += 1
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_pending(), name="batuta-journal")
+
+    async def _flush_pending(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await asyncio.to_thread(self._write_batch, batch)
+                self.synced += len(batch)
+                log.debug("journal: %d result(s) synced, %d in all", len(batch), self.synced)
+        except Exception as exc:
+            self._error = exc
+            log.error("journal %s: write failed, results since are not journaled: %s", self.path, exc)
+        finally:
+            self._flusher = None
+
+    def _write_batch(self, batch: list[bytes]) -> None:
+        f = self._file
+        for payload in batch:
+            f.write(_RECORD.pack(len(payload), zlib.crc32(payload)))
+            f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+
+    async def flush(self) -> None:
+        """Wait until every result recorded so far is on disk."""
+        while self._flusher is not None:
+            await asyncio.shield(self._flusher)
+
+    async def close(self) -> None:
+        """Flush and close. Raises JournalError if some write failed."""
+        await asyncio.sleep(0)  # let done-callbacks already scheduled (tasks just finished) record
+        try:
+            await self.flush()
+        finally:
+            if self._file is not None:
+                await asyncio.to_thread(self._file.close)
+                self._file = None
+        if self._error is not None:
+            raise JournalError(f"journal {self.path}: a write failed: {self._error}")
+
+
+def _open_sync(folder: Path, resume: bool) -> tuple[dict[str, TaskResult], Any]:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise JournalError(f"cannot use {str(folder)!r} as a journal folder: {exc.strerror or exc}") from None
+    path = folder / JOURNAL_FILE
+    entries: dict[str, TaskResult] = {}
+    if resume and path.exists():
+        entries, good, size = read_journal(path)
+        if good < size:
+            log.warning(
+                "journal %s: dropped a torn or corrupt tail of %d bytes at byte %d (a crash mid-write)",
+                path,
+                size - good,
+                good,
+            )
+            os.truncate(path, good)
+        log.info("journal %s: %d result(s) to resume from", path, len(entries))
+    elif resume:
+        log.warning("journal %s does not exist yet: nothing to resume, starting a new one", path)
+    if not resume or not path.exists():
+        if path.exists() and path.stat().st_size > len(MAGIC):
+            log.warning("journal %s: starting over (pass --resume to reuse its results)", path)
+        tmp = path.with_name(f".{JOURNAL_FILE}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(MAGIC)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    file = open(path, "ab")  # noqa: SIM115 - lives as long as the journal
+    _fsync_dir(folder)
+    return entries, file
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _discard_checkpoints(manager: CheckpointManager) -> None:
+    stale = manager.list()
+    if stale:
+        log.warning("journal: discarding %d checkpoint(s) of an earlier run in %s", len(stale), manager.directory)
+    for info in stale:
+        with contextlib.suppress(FileNotFoundError):
+            info.path.unlink()
+    for leftover in manager.directory.glob(f".*{CHECKPOINT_SUFFIX}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+
+
+# -- the pool the job sees --------------------------------------------------------------------
+
+
+class JournalStore:
+    """The pool's `ResultStore` over a journal: `pool.set_result_store(JournalStore(j, resume=True))`.
+
+    Every succeeded task is recorded under its key; with `resume`, a submitted task whose
+    key is already journaled resolves at once with that result (marked `restored`) and does
+    not run. The pool counts those in `stats().restored` and still tells its observers.
+    """
+
+    def __init__(self, journal: Journal, *, resume: bool) -> None:
+        self._journal = journal
+        self._resume = resume
+
+    def lookup(self, task: Task, job: str) -> TaskResult | None:
+        return self._journal.get(self._journal.key_for(task)) if self._resume else None
+
+    def record(self, task: Task, job: str, result: TaskResult) -> None:
+        self._journal.record(self._journal.key_for(task), result)

@@ -1,0 +1,199 @@
+"""The job journal: stable task keys, durable batched appends, torn tails, resume on a real pool."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from batuta import Backend, Pool, Task, TaskFailedError, TaskResult, TaskStatus
+from batuta.journal import JOURNAL_FILE, Journal, JournalError, JournalStore, read_journal, task_key
+from batuta.runtime import events as pe
+from batuta.runtime.pool import PoolConfig, local_host
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_pool() -> Pool:
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    host = local_host(2, gpus="none", kernel_modules=["tests.support.misbehaving_kernels"], env=env)
+    return Pool([host], PoolConfig())
+
+
+# -- keys ----------------------------------------------------------------------------------
+
+
+def test_derived_keys_are_stable_and_depend_on_every_input() -> None:
+    a = np.arange(6, dtype=np.float64).reshape(2, 3)
+    base = task_key(Task.kernel("kmeans_partial", a, 3), "kmeans")
+    assert base.startswith("kmeans/kmeans_partial/") and len(base.rsplit("/", 1)[1]) == 32
+    assert task_key(Task.kernel("kmeans_partial", a.copy(), 3), "kmeans") == base  # by value, not identity
+    assert task_key(Task.kernel("kmeans_partial", np.asfortranarray(a), 3), "kmeans") == base  # layout is not value
+    variants = [
+        Task.kernel("kmeans_partial", a.astype(np.float32), 3),  # dtype
+        Task.kernel("kmeans_partial", a.reshape(3, 2), 3),  # shape
+        Task.kernel("kmeans_partial", np.where(a == 5, np.nextafter(5.0, 6.0), a), 3),  # one ulp of one value
+        Task.kernel("kmeans_partial", np.where(a == 0, -0.0, a), 3),  # -0.0 is not 0.0 bitwise
+        Task.kernel("kmeans_partial", a, 3.0),  # int vs float
+        Task.kernel("kmeans_partial", a, np.int64(3)),  # numpy scalar vs int
+        Task.kernel("kmeans_partial", a, (3,)),  # tuple vs scalar
+        Task.kernel("kmeans_partial", a, 3, backend=Backend.CPU),  # backend asked for
+        Task.kernel("linreg_partial", a, 3),  # kernel
+    ]
+    keys = {task_key(t, "kmeans") for t in variants}
+    assert len(keys) == len(variants) and base not in keys
+    assert task_key(Task.kernel("kmeans_partial", a, 3), "other-job") != base
+    assert task_key(Task.kernel("noop", 1, key="mine"), "kmeans") == "mine"
+    binary = task_key(Task.binary("/bin/echo", "hi", env={"A": "1"}), "j")
+    assert binary.startswith("j//bin/echo/") and binary != task_key(Task.binary("/bin/echo", "hi"), "j")
+
+
+def test_derived_key_golden_value() -> None:
+    """The derivation is part of the journal format: the same task gets the same key in every release."""
+    key = task_key(Task.kernel("vadd", np.arange(3, dtype=np.float64), np.ones(3)), "demo")
+    assert key == GOLDEN_VADD_KEY
+
+
+GOLDEN_VADD_KEY = "demo/vadd/e87a8ae1673b65b00405f9ce8be98ca6"
+
+
+# -- the file ------------------------------------------------------------------------------
+
+
+def result(task_id: int, value: object, status: TaskStatus = TaskStatus.SUCCEEDED) -> TaskResult:
+    return TaskResult(
+        task_id=task_id,
+        name="kmeans_partial",
+        status=status,
+        value=value,
+        duration=0.25,
+        queue_wait=0.5,
+        host="local",
+        slot="local/1",
+        attempts=1,
+        backend=Backend.CPU,
+        job="kmeans",
+    )
+
+
+async def test_results_survive_reopen_exactly_and_only_successes_are_kept(tmp_path: Path) -> None:
+    journal = await Journal.open(tmp_path, job="kmeans", resume=False)
+    value = (np.arange(12.0).reshape(4, 3), np.array([1, 2, 3, 4]), 0.125)
+    journal.record("k1", result(1, value))
+    journal.record("k2", result(2, None, TaskStatus.FAILED))
+    journal.record("k3", result(3, {"nested": [b"x", None]}))
+    await journal.close()
+    assert journal.recorded == journal.synced == 2
+    reopened = await Journal.open(tmp_path, job="kmeans", resume=True)
+    assert len(reopened) == 2 and reopened.get("k2") is None
+    got = reopened.get("k1")
+    assert got is not None and got.status is TaskStatus.SUCCEEDED and got.backend is Backend.CPU
+    assert got.slot == "local/1" and got.duration == 0.25 and got.job == "kmeans"
+    sums, counts, inertia = got.value
+    assert sums.tobytes() == value[0].tobytes() and counts.dtype == value[1].dtype and inertia == 0.125
+    await reopened.close()
+
+
+async def test_without_resume_the_journal_and_checkpoints_start_over(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = await Journal.open(tmp_path, job="j", resume=False)
+    journal.record("k", result(1, 1))
+    await journal.checkpoints.save("iter_0", {"x": 1})
+    await journal.close()
+    with caplog.at_level(logging.WARNING, logger="batuta.journal"):
+        fresh = await Journal.open(tmp_path, job="j", resume=False)
+    assert len(fresh) == 0 and fresh.checkpoints.list() == []
+    assert any("starting over" in r.getMessage() for r in caplog.records)
+    assert any("discarding 1 checkpoint" in r.getMessage() for r in caplog.records)
+    await fresh.close()
+    assert read_journal(tmp_path / JOURNAL_FILE)[0] == {}
+
+
+async def test_a_torn_tail_is_dropped_with_a_warning_and_appends_go_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = await Journal.open(tmp_path, job="j", resume=False)
+    for i in range(3):
+        journal.record(f"k{i}", result(i, np.full(100, i)))
+    await journal.close()
+    path = tmp_path / JOURNAL_FILE
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # a crash in the middle of the last append
+        f.truncate(size - 50)
+    with caplog.at_level(logging.WARNING, logger="batuta.journal"):
+        reopened = await Journal.open(tmp_path, job="j", resume=True)
+    assert len(reopened) == 2 and reopened.get("k1") is not None and reopened.get("k2") is None
+    assert any("torn" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
+    reopened.record("k2", result(2, np.full(100, 2)))
+    await reopened.close()
+    entries, good, total = read_journal(path)
+    assert sorted(entries) == ["k0", "k1", "k2"] and good == total
+    assert entries["k2"].value.tolist() == [2] * 100
+
+
+async def test_flipped_bytes_end_the_trusted_part(tmp_path: Path) -> None:
+    journal = await Journal.open(tmp_path, job="j", resume=False)
+    for i in range(3):
+        journal.record(f"k{i}", result(i, i))
+    await journal.close()
+    path = tmp_path / JOURNAL_FILE
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # inside the last record's payload: its CRC no longer matches
+    path.write_bytes(bytes(data))
+    assert sorted(read_journal(path)[0]) == ["k0", "k1"]
+
+
+async def test_not_a_journal_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / JOURNAL_FILE).write_bytes(b"something else entirely")
+    with pytest.raises(JournalError, match="not a batuta journal"):
+        await Journal.open(tmp_path, job="j", resume=True)
+
+
+# -- resume on a real pool -----------------------------------------------------------------
+
+
+async def run_job(pool: Pool, tmp_path: Path, *, resume: bool) -> tuple[list[object], list[TaskResult], int]:
+    """A small job: 20 noop tasks by submit, a map of 5, one failing task; returns values."""
+    journal = await Journal.open(tmp_path, job="test", resume=resume)
+    pool.set_result_store(JournalStore(journal, resume=resume))
+    futures = [await pool.submit(Task.kernel("noop", i)) for i in range(20)]
+    futures.append(pool.submit_nowait(Task.kernel("noop", np.arange(4))))
+    results = [await f for f in futures]
+    mapped = await pool.map("noop", [(i,) for i in range(100, 105)])
+    failed = await pool.run(Task.kernel("test_raise", "boom"))
+    assert failed.status is TaskStatus.FAILED
+    with pytest.raises(TaskFailedError, match="boom"):
+        await pool.map("test_raise", ["boom"])
+    await journal.close()
+    return [r.value for r in results] + mapped, results, pool.stats().restored
+
+
+async def test_resume_runs_only_what_the_journal_lacks(tmp_path: Path) -> None:
+    async with make_pool() as pool:
+        values, results, restored = await run_job(pool, tmp_path, resume=False)
+        first_submitted = pool.stats().submitted
+    assert restored == 0 and first_submitted == 21 + 5 + 2
+    async with make_pool() as pool:
+        finished: list[TaskResult] = []
+        pool.subscribe(lambda e: finished.append(e.result) if isinstance(e, pe.TaskFinished) else None)
+        again, results2, restored2 = await run_job(pool, tmp_path, resume=True)
+        # only the two failing tasks ran again: failures are never journaled
+        assert pool.stats().submitted == 2
+    assert restored2 == 26
+    assert again[:20] == values[:20] and again[21:] == values[21:]
+    assert again[20].tobytes() == values[20].tobytes()
+    assert all(r.restored and r.is_success() for r in results2)
+    assert len({r.task_id for r in results2}) == len(results2)
+    assert [r.slot for r in results2] == [r.slot for r in results]  # where it ran the first time
+    assert sum(r.restored for r in finished) == 26  # observers (summary, metrics, TUI) see them
+
+
+def test_resume_without_a_journal_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from batuta.cli import main
+
+    assert main(["run", "pi", "--resume"]) == 2
+    assert "--resume needs --journal DIR" in capsys.readouterr().err

@@ -1,0 +1,357 @@
+"""Prometheus metrics, read back with Prometheus's own text parser and checked against a known workload.
+
+The workload runs on a real local agent started with `BATUTA_FAKE_GPUS=2`, whose GPU
+readings are deterministic, so GPU gauges and the integrated busy seconds can be checked
+against the heartbeats the pool published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import socket
+import urllib.request
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from batuta import Backend, Pool, Task, TaskResult, TaskStatus
+from batuta.metrics import DURATION_BUCKETS, MAX_BUSY_GAP_S, MAX_KERNEL_LABELS, MetricsExporter
+from batuta.runtime import events as pe
+from batuta.runtime.pool import PoolConfig, local_host
+
+REPO = Path(__file__).resolve().parents[1]
+NOOPS = 40
+TELEMETRY_WANTED = 6
+ALLOWED_LABELS = {"outcome", "kernel", "backend", "host", "slot", "state", "gpu", "name", "le"}
+
+
+def parse(text: bytes) -> dict[str, list[Sample]]:
+    """Samples by metric family name, via prometheus_client's parser (which validates the text)."""
+    return {family.name: family.samples for family in text_string_to_metric_families(text.decode())}
+
+
+def value(families: dict[str, list[Sample]], family: str, sample: str | None = None, **labels: str) -> float:
+    """The one sample of `family` named `sample` (default: the family) whose labels include `labels`."""
+    name = sample or family
+    found = [s for s in families[family] if s.name == name and labels.items() <= s.labels.items()]
+    assert len(found) == 1, f"{name}{labels}: {found}"
+    return found[0].value
+
+
+@dataclass
+class Workload:
+    pool: Pool
+    exporter: MetricsExporter
+    results: list[TaskResult]
+    telemetry: list[pe.HostTelemetry]
+
+
+@pytest.fixture
+async def workload() -> AsyncIterator[Workload]:
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "BATUTA_FAKE_GPUS": "2",
+    }
+    host = local_host(2, gpus="none", kernel_modules=["tests.support.misbehaving_kernels"], env=env)
+    pool = Pool([host], PoolConfig(heartbeat_interval=0.05))
+    exporter = MetricsExporter(pool).attach()
+    telemetry: list[pe.HostTelemetry] = []
+    enough = asyncio.Event()
+
+    def record(event: pe.PoolEvent) -> None:
+        if isinstance(event, pe.HostTelemetry):
+            telemetry.append(event)
+            if len(telemetry) >= TELEMETRY_WANTED:
+                enough.set()
+
+    pool.subscribe(record)
+    async with pool:
+        futures = [await pool.submit(Task.kernel("noop", i)) for i in range(NOOPS)]
+        futures += [await pool.submit(Task.kernel("test_raise", f"boom {i}")) for i in range(2)]
+        futures.append(await pool.submit(Task.kernel("noop", 1, backend=Backend.CPU)))
+        results = [await f for f in futures]
+        await asyncio.wait_for(enough.wait(), 10)
+        yield Workload(pool, exporter, results, telemetry)
+    exporter.close()
+
+
+async def test_task_counts_and_histograms_match_the_workload(workload: Workload) -> None:
+    families = parse(workload.exporter.render())
+    expected = Counter(
+        (r.status.value, r.name, r.backend.value if r.backend else "none", r.host or "none") for r in workload.results
+    )
+    assert expected[("failed", "test_raise", "scalar", "local")] == 2
+    got = {
+        (s.labels["outcome"], s.labels["kernel"], s.labels["backend"], s.labels["host"]): s.value
+        for s in families["batuta_tasks"]
+        if s.name == "batuta_tasks_total"
+    }
+    assert got == dict(expected)
+
+    # Duration: one observation per task that ran, by kernel and backend; buckets cumulative.
+    for kernel, backend in {(r.name, r.backend.value) for r in workload.results if r.backend}:
+        ran = [r for r in workload.results if r.name == kernel and r.backend and r.backend.value == backend]
+        labels = {"kernel": kernel, "backend": backend}
+        count = value(families, "batuta_task_duration_seconds", "batuta_task_duration_seconds_count", **labels)
+        total = value(families, "batuta_task_duration_seconds", "batuta_task_duration_seconds_sum", **labels)
+        assert count == len(ran) and total == pytest.approx(sum(r.duration for r in ran))
+        buckets = [
+            (float(s.labels["le"]), s.value)
+            for s in families["batuta_task_duration_seconds"]
+            if s.name.endswith("_bucket") and labels.items() <= s.labels.items()
+        ]
+        assert [le for le, _ in buckets] == [*DURATION_BUCKETS, math.inf]
+        assert [c for _, c in buckets] == sorted(c for _, c in buckets) and buckets[-1][1] == len(ran)
+        for le, c in buckets:
+            assert c == sum(1 for r in ran if r.duration <= le)
+    waits = sum(s.value for s in families["batuta_task_queue_wait_seconds"] if s.name.endswith("_count"))
+    assert waits == len(workload.results)
+
+
+async def test_pool_state_is_read_at_scrape_time(workload: Workload) -> None:
+    pool = workload.pool
+    families = parse(workload.exporter.render())
+    stats = pool.stats()
+    assert value(families, "batuta_tasks_submitted", "batuta_tasks_submitted_total") == len(workload.results)
+    assert value(families, "batuta_steals", "batuta_steals_total") == stats.steals
+    assert value(families, "batuta_task_retries", "batuta_task_retries_total") == 0
+    assert value(families, "batuta_dropped_results", "batuta_dropped_results_total") == 0
+    assert value(families, "batuta_queue_depth") == 0 and value(families, "batuta_tasks_in_flight") == 0
+    assert value(families, "batuta_slots", state="up") == 2
+    assert value(families, "batuta_slots", state="lost") == 0
+    assert value(families, "batuta_host_up", host="local") == 1
+    assert value(families, "batuta_host_state", host="local", state="up") == 1
+    assert value(families, "batuta_host_state", host="local", state="lost") == 0
+    assert {s.labels["slot"] for s in families["batuta_slot_queue_depth"]} == {"local/0", "local/1"}
+
+    # Queue depth follows the pool: pause it, queue work, scrape, resume.
+    pool.pause()
+    futures = [await pool.submit(Task.kernel("noop", i)) for i in range(5)]
+    families = parse(workload.exporter.render())
+    assert value(families, "batuta_queue_depth") == pool.stats().queued == 5
+    assert sum(s.value for s in families["batuta_slot_queue_depth"]) <= 5
+    pool.resume()
+    for future in futures:
+        await future
+
+
+async def test_gpu_metrics_come_from_the_latest_heartbeat_and_busy_time_integrates(workload: Workload) -> None:
+    families = parse(workload.exporter.render())  # no await since the last event: the same view
+    latest = workload.telemetry[-1]
+    assert len(latest.gpus) == 2
+    for gpu in latest.gpus:
+        labels = {"host": "local", "gpu": str(gpu.index)}
+        assert gpu.utilization is not None and gpu.temperature is not None and gpu.power is not None
+        assert value(families, "batuta_gpu_utilization_ratio", **labels) == pytest.approx(gpu.utilization / 100)
+        assert value(families, "batuta_gpu_memory_used_bytes", **labels) == gpu.memory_used
+        assert value(families, "batuta_gpu_memory_total_bytes", **labels) == gpu.memory_total
+        assert value(families, "batuta_gpu_temperature_celsius", **labels) == pytest.approx(gpu.temperature)
+        assert value(families, "batuta_gpu_power_watts", **labels) == pytest.approx(gpu.power)
+        assert value(families, "batuta_gpu_info", name=gpu.name, **labels) == 1
+        expected_busy = 0.0
+        previous_at: float | None = None
+        for event in workload.telemetry:
+            reading = next(g for g in event.gpus if g.index == gpu.index)
+            if previous_at is not None and reading.utilization is not None:
+                expected_busy += (event.at - previous_at) * reading.utilization / 100
+            previous_at = event.at
+        busy = value(families, "batuta_gpu_busy_seconds", "batuta_gpu_busy_seconds_total", **labels)
+        assert expected_busy > 0 and busy == pytest.approx(expected_busy)
+    cpu = value(families, "batuta_host_cpu_utilization_ratio", host="local")
+    assert cpu == pytest.approx(latest.cpu_percent / 100)
+
+
+async def test_no_label_is_unbounded(workload: Workload) -> None:
+    text = workload.exporter.render()
+    for samples in parse(text).values():
+        for sample in samples:
+            assert set(sample.labels) <= ALLOWED_LABELS, sample
+    series = [s for s in parse(text)["batuta_tasks"] if s.name == "batuta_tasks_total"]
+    assert len(series) == 3  # noop/scalar, noop/cpu, test_raise/scalar: not one per task
+
+
+async def test_served_over_http_on_loopback_from_another_thread(workload: Workload) -> None:
+    host, port = workload.exporter.serve(0)
+    assert host == "127.0.0.1" and port > 0
+    url = f"http://{host}:{port}/metrics"
+
+    def fetch() -> bytes:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return bytes(response.read())
+
+    body = await asyncio.to_thread(fetch)  # the scrape thread asks this (free) loop for a snapshot
+    families = parse(body)
+    assert value(families, "batuta_host_up", host="local") == 1
+    assert value(families, "batuta_tasks_submitted", "batuta_tasks_submitted_total") == len(workload.results)
+    with pytest.raises(RuntimeError, match="already serving"):
+        workload.exporter.serve(0)
+    workload.exporter.close()
+    with socket.socket() as again:  # the port is released
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", port))
+    with pytest.raises(OSError):
+        await asyncio.to_thread(fetch)
+
+
+# -- units: synthetic events on a pool that never starts -----------------------------------
+
+
+def finished(name: str, *, duration: float = 0.001, status: TaskStatus = TaskStatus.SUCCEEDED) -> pe.TaskFinished:
+    result = TaskResult(
+        task_id=1,
+        name=name,
+        status=status,
+        duration=duration,
+        queue_wait=0.0,
+        host="h",
+        slot="h/0",
+        attempts=1,
+        backend=Backend.CPU,
+    )
+    return pe.TaskFinished(result=result, at=0.0)
+
+
+def idle_pool() -> Pool:
+    return Pool([local_host(1, gpus="none")], PoolConfig())
+
+
+def test_kernel_labels_are_capped() -> None:
+    exporter = MetricsExporter(idle_pool())
+    for i in range(MAX_KERNEL_LABELS + 50):
+        exporter.on_event(finished(f"chunk-{i}"))
+    families = parse(exporter.render())
+    kernels = Counter(s.labels["kernel"] for s in families["batuta_tasks"] if s.name == "batuta_tasks_total")
+    assert len(kernels) == MAX_KERNEL_LABELS + 1
+    total = sum(
+        s.value for s in families["batuta_tasks"] if s.name == "batuta_tasks_total" and s.labels["kernel"] == "other"
+    )
+    assert total == 50
+
+
+def test_buckets_span_sub_millisecond_to_an_hour() -> None:
+    exporter = MetricsExporter(idle_pool())
+    for seconds in (0.00005, 0.0003, 2.0, 3000.0, 7200.0):
+        exporter.on_event(finished("k", duration=seconds))
+    exporter.on_event(finished("k", duration=0.0, status=TaskStatus.CANCELLED))  # never ran: not observed
+    families = parse(exporter.render())
+    buckets = {
+        float(s.labels["le"]): s.value for s in families["batuta_task_duration_seconds"] if s.name.endswith("_bucket")
+    }
+    assert buckets[0.0001] == 1 and buckets[0.0005] == 2 and buckets[2.5] == 3 and buckets[3600.0] == 4
+    assert buckets[math.inf] == 5
+
+
+def gpu_event(at: float, utilization: float | None, temperature: float | None = 50.0) -> pe.HostTelemetry:
+    reading = pe.GpuReading(
+        index=0,
+        name="G",
+        utilization=utilization,
+        memory_used=None,
+        memory_total=1000,
+        temperature=temperature,
+        power=None,
+    )
+    return pe.HostTelemetry(
+        host="h", cpu_percent=10.0, memory_used=1, memory_total=2, gpus=(reading,), gpu_status="", at=at
+    )
+
+
+def test_busy_seconds_skip_unknowns_and_gaps_and_unknown_gauges_are_absent() -> None:
+    exporter = MetricsExporter(idle_pool())
+    events = [
+        gpu_event(0.0, 50.0),  # first reading: no interval yet
+        gpu_event(1.0, 50.0),  # +0.5
+        gpu_event(3.0, 100.0),  # +2.0
+        gpu_event(4.0, None, temperature=None),  # unknown: +0, gauges absent
+        gpu_event(5.0, 20.0),  # +0.2
+        gpu_event(5.0 + MAX_BUSY_GAP_S + 1, 100.0),  # after a long silence: +0
+        gpu_event(6.0 + MAX_BUSY_GAP_S + 1, 10.0),  # +0.1
+    ]
+    for event in events[:4]:
+        exporter.on_event(event)
+    families = parse(exporter.render())
+    assert families["batuta_gpu_utilization_ratio"] == [] and families["batuta_gpu_temperature_celsius"] == []
+    assert families["batuta_gpu_power_watts"] == []
+    assert value(families, "batuta_gpu_memory_total_bytes", gpu="0") == 1000
+    for event in events[4:]:
+        exporter.on_event(event)
+    families = parse(exporter.render())
+    busy = value(families, "batuta_gpu_busy_seconds", "batuta_gpu_busy_seconds_total", host="h", gpu="0")
+    assert busy == pytest.approx(0.5 + 2.0 + 0.2 + 0.1)
+    exporter.on_event(pe.HostDown(host="h", reason="gone", at=100.0))
+    families = parse(exporter.render())
+    assert families["batuta_gpu_utilization_ratio"] == [] and families["batuta_host_cpu_utilization_ratio"] == []
+    assert value(families, "batuta_gpu_busy_seconds", "batuta_gpu_busy_seconds_total", gpu="0") == pytest.approx(2.8)
+
+
+def test_each_exporter_has_its_own_registry() -> None:
+    one, two = MetricsExporter(idle_pool()), MetricsExporter(idle_pool())
+    one.on_event(finished("k"))
+    assert b'batuta_tasks_total{backend="cpu",host="h",kernel="k",outcome="succeeded"} 1.0' in one.render()
+    assert b"batuta_tasks_total{" not in two.render()
+
+
+# -- batuta run --metrics-port ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+SCRAPING_JOB = """
+import asyncio
+import urllib.request
+
+from batuta import Task
+
+
+async def main(pool):
+    await pool.run(Task.kernel("noop", 1))
+
+    def scrape():
+        with urllib.request.urlopen("http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            return response.read().decode()
+
+    text = await asyncio.to_thread(scrape)  # the job scrapes its own coordinator, mid-run
+    return [line for line in text.splitlines() if line.startswith(("batuta_tasks_total", "batuta_host_up"))]
+"""
+
+
+def test_batuta_run_serves_metrics_while_the_job_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from batuta.cli import main
+
+    port = free_port()
+    job = tmp_path / "scrape.py"
+    job.write_text(SCRAPING_JOB.format(port=port))
+    assert main(["run", str(job), "--json", "-q", "--metrics-port", str(port)]) == 0
+    lines = json.loads(capsys.readouterr().out)["result"]
+    assert 'batuta_tasks_total{backend="scalar",host="local",kernel="noop",outcome="succeeded"} 1.0' in lines
+    assert 'batuta_host_up{host="local"} 1.0' in lines
+    with socket.socket() as again:  # served only while the job ran
+        assert again.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_batuta_run_names_a_busy_metrics_port(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from batuta.cli import main
+
+    job = tmp_path / "never.py"
+    job.write_text("async def main(pool):\n    raise AssertionError('must not run')\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["run", str(job), "--metrics-port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in err and "--metrics-port" in err
+    assert main(["run", str(job), "--metrics-port", "70000"]) == 2
+    assert "not a TCP port" in capsys.readouterr().err
