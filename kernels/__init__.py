@@ -7,15 +7,20 @@ Run a kernel by name on a backend::
     kernels.reference("vadd", (a, b))       # the NumPy reference
 
 This package is the bottom layer: it imports neither batuta nor numba at import time (numba
-only when a CPU variant first runs), and nothing here needs CUDA. See `registry` for how
-kernels and their variants are defined, and `basic` for the built-ins.
+only when a CPU variant first runs, numba.cuda when a GPU variant does), and importing it
+needs no CUDA. See `registry` for how kernels and their variants are defined, `basic`,
+`stream` and `linalg` for the built-ins, `cuda_support` for the GPU side.
 """
 
 from __future__ import annotations
 
 from . import basic as basic  # registers the built-in kernels
+from . import linalg as linalg  # matmul, pairwise_distances
+from . import ml as ml  # K-means, linear regression, random forest and MLP kernels
+from . import stream as stream  # dot, histogram
 from .registry import (
     BACKENDS,
+    COMPLEXITIES,
     FLOAT_DTYPES,
     KernelCallError,
     KernelDef,
@@ -29,6 +34,7 @@ from .registry import (
     as_count,
     as_real,
     float_array,
+    float_vectors,
     info,
     jit,
     kernel,
@@ -44,6 +50,7 @@ from .registry import (
 
 __all__ = [
     "BACKENDS",
+    "COMPLEXITIES",
     "FLOAT_DTYPES",
     "KernelCallError",
     "KernelDef",
@@ -57,6 +64,7 @@ __all__ = [
     "as_count",
     "as_real",
     "float_array",
+    "float_vectors",
     "info",
     "jit",
     "kernel",

@@ -46,6 +46,7 @@ import numpy as np
 
 __all__ = [
     "BACKENDS",
+    "COMPLEXITIES",
     "FLOAT_DTYPES",
     "KernelCallError",
     "KernelDef",
@@ -59,6 +60,7 @@ __all__ = [
     "as_count",
     "as_real",
     "float_array",
+    "float_vectors",
     "info",
     "jit",
     "kernel",
@@ -78,6 +80,10 @@ BACKENDS: tuple[str, ...] = ("scalar", "cpu", "gpu")
 """Backends a kernel can run on. ``"auto"`` is not one: the coordinator resolves it first."""
 
 FLOAT_DTYPES: tuple[np.dtype[Any], ...] = (np.dtype(np.float32), np.dtype(np.float64))
+
+COMPLEXITIES: tuple[str, ...] = ("linear", "quadratic", "cubic")
+"""How a kernel's work grows with its input size, for the coordinator's ``auto`` backend choice
+(the seed's table sends O(n^2) and heavier work to the GPU sooner than streaming work)."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -220,6 +226,8 @@ class KernelInfo:
     backends: tuple[str, ...]
     params: tuple[str, ...]
     module: str
+    complexity: str = "linear"
+    """One of `COMPLEXITIES`: how the work grows with the input size."""
 
 
 class KernelDef:
@@ -230,7 +238,7 @@ class KernelDef:
     ``@kdef.gpu`` and ``@kdef.validator`` attach the rest; `variant` reads them back.
     """
 
-    def __init__(self, name: str, reference: Callable[..., Any], description: str) -> None:
+    def __init__(self, name: str, reference: Callable[..., Any], description: str, complexity: str = "linear") -> None:
         code = getattr(reference, "__code__", None)
         if code is None:
             raise KernelDefinitionError(f"kernel {name!r}: the reference must be a Python function, not {reference!r}")
@@ -238,8 +246,13 @@ class KernelDef:
             raise KernelDefinitionError(
                 f"kernel {name!r}: keyword-only parameters need defaults (calls pass args only)"
             )
+        if complexity not in COMPLEXITIES:
+            raise KernelDefinitionError(
+                f"kernel {name!r}: complexity {complexity!r} is not one of {', '.join(COMPLEXITIES)}"
+            )
         self.name = name
         self.reference = reference
+        self.complexity = complexity
         self.description = description or (reference.__doc__ or "").strip().split("\n")[0]
         self.module: str = reference.__module__
         varargs = bool(code.co_flags & _CO_VARARGS)
@@ -306,6 +319,7 @@ class KernelDef:
             backends=self.backends,
             params=self.params,
             module=self.module,
+            complexity=self.complexity,
         )
 
     # -- calling ------------------------------------------------------------------------
@@ -365,13 +379,17 @@ class KernelDef:
 _KERNELS: dict[str, KernelDef] = {}
 
 
-def kernel(name: str, *, description: str = "") -> Callable[[Callable[..., Any]], KernelDef]:
+def kernel(
+    name: str, *, description: str = "", complexity: str = "linear"
+) -> Callable[[Callable[..., Any]], KernelDef]:
     """Decorator: register the decorated reference function as kernel `name`.
 
     Returns the `KernelDef`, on which ``@<kdef>.cpu``, ``@<kdef>.gpu`` and
     ``@<kdef>.validator`` attach the rest. The description defaults to the docstring's first
-    line. Re-registering a name from the same module (a reload) replaces it; from another
-    module it is an error, because hosts must agree on what a name means.
+    line. `complexity` ("linear", "quadratic" or "cubic" in the input size) feeds the
+    coordinator's automatic backend choice. Re-registering a name from the same module (a
+    reload) replaces it; from another module it is an error, because hosts must agree on
+    what a name means.
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise KernelDefinitionError(
@@ -380,7 +398,7 @@ def kernel(name: str, *, description: str = "") -> Callable[[Callable[..., Any]]
         )
 
     def register(reference: Callable[..., Any]) -> KernelDef:
-        kdef = KernelDef(name, reference, description)
+        kdef = KernelDef(name, reference, description, complexity)
         existing = _KERNELS.get(name)
         if existing is not None and (
             existing.module != kdef.module or existing.reference.__qualname__ != reference.__qualname__
@@ -518,6 +536,13 @@ def same_dtype_and_shape(kernel: str, args: dict[str, np.ndarray]) -> None:
                 f"kernel {kernel!r}: argument {name!r} has shape {array.shape} but "
                 f"{first_name!r} has {first.shape}; pass arrays of equal length"
             )
+
+
+def float_vectors(kernel: str, **arrays: object) -> tuple[np.ndarray, ...]:
+    """Each keyword argument checked by `float_array` (1-D), all of one dtype and length."""
+    checked = {name: float_array(kernel, name, value) for name, value in arrays.items()}
+    same_dtype_and_shape(kernel, checked)
+    return tuple(checked.values())
 
 
 def as_real(kernel: str, arg: str, value: object, *, finite: bool = False) -> float:

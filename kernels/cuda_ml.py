@@ -1,0 +1,156 @@
+"""numba-cuda kernels behind the GPU variants of `ml` (K-means assignment, X^T X).
+
+Nothing here imports numba at module import (see `cuda_support`): as in `cuda_stream`, the
+kernels are module-level Python functions naming a ``cuda`` global that `_kernels()` binds
+(through `cuda_support.jit_kernels`) just before the first launch compiles them. The launchers
+take and return host NumPy arrays; `ml`'s GPU variants call them inside
+`cuda_support.gpu_errors`, which turns CUDA failures into a one-line error naming the kernel.
+
+Under the simulator (``NUMBA_ENABLE_CUDASIM=1``) every CUDA thread is a Python thread, so the
+launchers use one-warp blocks there; the kernels are the same code.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from . import cuda_support
+from .cuda_support import jit_kernels
+
+cuda: Any = None  # numba.cuda, bound by _kernels() before the kernels compile
+__all__ = ["gram", "kmeans_assign"]
+
+KMEANS_THREADS = 256
+GRAM_TILE = 16
+"""X^T X is computed in 16 x 16 tiles, one thread per element of a tile."""
+GRAM_TARGET_BLOCKS = 1024
+"""Row splits are chosen so that about this many blocks run (several per SM on an H100/H200)."""
+
+
+def _threads(wanted: int) -> int:
+    return cuda_support.SIM_THREADS if cuda_support.simulated() else wanted
+
+
+def _kmeans_assign_py(x: Any, centroids: Any, sums: Any, counts: Any, inertia: Any) -> None:
+    # One thread per row: nearest centroid (lowest index on ties), then atomics into the
+    # cluster's sums and count. The block first adds its rows' distances in shared memory, so
+    # inertia takes one atomic per block rather than one per row.
+    partial = cuda.shared.array(KMEANS_THREADS, np.float64)
+    i = cuda.grid(1)
+    t = cuda.threadIdx.x
+    nearest_dist = 0.0
+    if i < x.shape[0]:
+        d = x.shape[1]
+        nearest = 0
+        for c in range(centroids.shape[0]):
+            dist = 0.0
+            for j in range(d):
+                diff = x[i, j] - centroids[c, j]
+                dist += diff * diff
+            if c == 0 or dist < nearest_dist:
+                nearest = c
+                nearest_dist = dist
+        for j in range(d):
+            cuda.atomic.add(sums, (nearest, j), x[i, j] + 0.0)
+        cuda.atomic.add(counts, nearest, 1)
+    partial[t] = nearest_dist
+    cuda.syncthreads()
+    step = cuda.blockDim.x // 2
+    while step > 0:
+        if t < step:
+            partial[t] += partial[t + step]
+        cuda.syncthreads()
+        step //= 2
+    if t == 0:
+        cuda.atomic.add(inertia, 0, partial[0])
+
+
+def _gram_py(x: Any, y: Any, rows_per_split: int, partial: Any) -> None:
+    # Block (bx, by, bz): tile (bx, by) of [X | y]^T [X | y] summed over the rows of split bz.
+    # Column d of the augmented matrix is y, so its last column holds X^T y. Tiles below the
+    # diagonal return at once (the host mirrors the upper triangle); each thread sums its
+    # element in row order.
+    bx, by, bz = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
+    if by < bx:
+        return
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    n, d = x.shape
+    left = cuda.shared.array((GRAM_TILE, GRAM_TILE), np.float64)  # left[r, i]: column bx * tile + i
+    top = cuda.shared.array((GRAM_TILE, GRAM_TILE), np.float64)  # top[r, i]: column by * tile + i
+    acc = 0.0
+    first = bz * rows_per_split
+    stop = min(first + rows_per_split, n)
+    col_a = bx * GRAM_TILE + tx
+    col_b = by * GRAM_TILE + tx
+    for r0 in range(first, stop, GRAM_TILE):
+        row = r0 + ty
+        value_a = 0.0
+        value_b = 0.0
+        if row < stop:
+            if col_a < d:
+                value_a = x[row, col_a]
+            elif col_a == d:
+                value_a = y[row]
+            if col_b < d:
+                value_b = x[row, col_b]
+            elif col_b == d:
+                value_b = y[row]
+        left[ty, tx] = value_a
+        top[ty, tx] = value_b
+        cuda.syncthreads()
+        for r in range(GRAM_TILE):
+            acc += left[r, ty] * top[r, tx]
+        cuda.syncthreads()
+    a = bx * GRAM_TILE + ty
+    b = by * GRAM_TILE + tx
+    if a <= d and b <= d:
+        partial[bz, a, b] = acc
+
+
+@functools.cache
+def _kernels() -> SimpleNamespace:
+    return jit_kernels(globals(), {"kmeans_assign": _kmeans_assign_py, "gram": _gram_py})
+
+
+def kmeans_assign(cuda: Any, x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(sums, counts, inertia) of the rows of `x` against float64 `centroids`, on the GPU."""
+    n, d = x.shape
+    k = centroids.shape[0]
+    sums = cuda.to_device(np.zeros((k, d)))
+    counts = cuda.to_device(np.zeros(k, np.int64))
+    inertia = cuda.to_device(np.zeros(1))
+    if n:
+        threads = _threads(KMEANS_THREADS)
+        _kernels().kmeans_assign[math.ceil(n / threads), threads](
+            cuda.to_device(x), cuda.to_device(centroids), sums, counts, inertia
+        )
+    result = sums.copy_to_host(), counts.copy_to_host(), float(inertia.copy_to_host()[0])
+    cuda.synchronize()
+    return result
+
+
+def gram(cuda: Any, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(X^T X, X^T y) in float64 on the GPU: tiles over row splits, the splits added on the host.
+
+    The number of splits depends on n and d only, and they are added in order, so the result
+    is the same on every run (and on every GPU model).
+    """
+    n, d = x.shape
+    tiles = math.ceil((d + 1) / GRAM_TILE)
+    tile_blocks = tiles * (tiles + 1) // 2
+    splits = max(1, min(math.ceil(n / GRAM_TILE), math.ceil(GRAM_TARGET_BLOCKS / tile_blocks)))
+    rows_per_split = max(1, math.ceil(n / splits))
+    partial = cuda.to_device(np.zeros((splits, d + 1, d + 1)))
+    if n:
+        _kernels().gram[(tiles, tiles, splits), (GRAM_TILE, GRAM_TILE)](
+            cuda.to_device(x), cuda.to_device(y), rows_per_split, partial
+        )
+    upper = partial.copy_to_host().sum(axis=0)
+    cuda.synchronize()
+    full = np.triu(upper) + np.triu(upper, 1).T
+    return np.ascontiguousarray(full[:d, :d]), np.ascontiguousarray(full[:d, d])

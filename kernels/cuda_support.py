@@ -1,0 +1,250 @@
+"""Lazy CUDA support for the kernel library: importing numba.cuda, launch shapes, device facts.
+
+Nothing here imports numba at module import: this folder must import on hosts without CUDA
+(and numba.cuda alone costs about a second). `cuda()` imports it on the first GPU call. The
+kernel modules (`cuda_stream`, `cuda_linalg`) write their kernels as plain module-level
+functions and wrap them with `jit_kernels` in a cached ``_kernels()``, so each is wrapped once
+per process, compiled by numba once per signature on its first launch, and cached on disk.
+
+The GPU variants registered in `basic`, `stream` and `linalg` take host NumPy arrays (as
+decoded from the wire) and return host arrays: copy in, launch, copy out, synchronise. They
+run inside `gpu_errors(kernel)`, which turns any CUDA failure (no driver, out of memory, an
+illegal address found at synchronisation) into a `GpuKernelError` naming the kernel, so the
+agent reports it as that task's failure. After an illegal address the CUDA context of the
+process is unusable: the slot process should be restarted, which is the agent's business.
+
+Under numba's simulator (``NUMBA_ENABLE_CUDASIM=1``) every CUDA thread is a Python thread, so
+the grid of the streaming kernels shrinks to a few small blocks; the kernels themselves are
+the same code, written with grid-stride loops so any grid gives the same answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator, MutableMapping
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from .registry import KernelCallError
+
+__all__ = [
+    "BLOCKS_PER_SM",
+    "STREAM_THREADS",
+    "GpuDeviceInfo",
+    "GpuKernelError",
+    "GpuUnavailableError",
+    "cuda",
+    "gpu_errors",
+    "gpu_info",
+    "jit_kernels",
+    "simulated",
+    "sm_count",
+    "stream_grid",
+]
+
+STREAM_THREADS = 256
+"""Threads per block of the streaming kernels (and the size of their shared reduction buffers)."""
+
+BLOCKS_PER_SM = 32
+"""Grid-stride kernels launch SMs x 32 blocks at most: on an H200 that reached 4.49 TB/s for a
+vector add, against 2.66 TB/s with one thread per element (DESIGN.md, facts)."""
+
+SIM_BLOCKS = 2
+SIM_THREADS = 32
+"""The simulator's grid: two blocks of one warp each are enough to exercise the block and grid
+strides and the cross-block combine, and cheap enough for CI."""
+
+SIM_SM_COUNT = 2
+
+_LOCK = threading.Lock()
+
+
+class GpuUnavailableError(RuntimeError):
+    """numba-cuda is not installed, or no CUDA driver or device is usable on this host.
+
+    Not a `KernelCallError`: the call itself was fine, and another host (with a GPU) can run it.
+    """
+
+
+class GpuKernelError(RuntimeError):
+    """A CUDA call failed while running a kernel's GPU variant (message names the kernel)."""
+
+
+@functools.cache
+def cuda() -> Any:
+    """The ``numba.cuda`` module, imported on first use; GpuUnavailableError if it cannot work."""
+    try:
+        from numba import cuda as numba_cuda
+    except ImportError as exc:
+        raise GpuUnavailableError(
+            f"numba-cuda is not importable ({exc}); install numba-cuda on this host, or run "
+            "the kernel on the 'cpu' backend"
+        ) from exc
+    return numba_cuda
+
+
+@functools.cache
+def simulated() -> bool:
+    """True when numba.cuda is numba's CUDA simulator (fixed once numba.cuda is imported)."""
+    try:
+        from numba.cuda.core import config
+    except ImportError:  # older numba-cuda kept the flag in numba's own config
+        try:
+            from numba.core import config
+        except ImportError:
+            return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+    return bool(getattr(config, "ENABLE_CUDASIM", False))
+
+
+def jit_kernels(
+    module_globals: MutableMapping[str, Any],
+    kernels: dict[str, Callable[..., Any] | tuple[Callable[..., Any], dict[str, Any]]],
+    device_functions: dict[str, Callable[..., Any]] | None = None,
+    gpu_constants: dict[str, Any] | None = None,
+) -> SimpleNamespace:
+    """Wrap a kernel module's plain Python kernels with ``cuda.jit``; call once per module.
+
+    Kernel modules keep their CUDA code as module-level functions that use a global ``cuda``
+    (so nothing imports numba at module import, and numba can cache the machine code on disk).
+    This binds ``cuda`` in `module_globals`, binds each device function under its global name
+    to a force-inlined ``cuda.jit(device=True)`` version (the kernels call them by that name),
+    and returns the kernels wrapped with ``cuda.jit`` under their keys. A kernel may come as
+    ``(function, options)``: extra ``cuda.jit`` options such as ``launch_bounds``, used on a
+    real GPU only (the simulator rejects them). Numba compiles each kernel for each argument
+    signature on its first launch and keeps it for the process (and on disk, where it can).
+    `gpu_constants` are module globals to set only on a real GPU (such as shared-array
+    alignments, which the simulator also rejects); under the simulator they keep their defaults.
+    """
+    numba_cuda = cuda()
+    module_globals["cuda"] = numba_cuda
+    sim = simulated()
+    if not sim:
+        module_globals.update(gpu_constants or {})
+    for name, fn in (device_functions or {}).items():
+        module_globals[name] = numba_cuda.jit(device=True, **({} if sim else {"forceinline": True}))(fn)
+    wrapped: dict[str, Any] = {}
+    for name, spec in kernels.items():
+        fn, extra = spec if isinstance(spec, tuple) else (spec, {})
+        wrapped[name] = _jit(numba_cuda, fn, {} if sim else {"cache": True, **extra})
+    return SimpleNamespace(**wrapped)
+
+
+def _jit(numba_cuda: Any, fn: Callable[..., Any], options: dict[str, Any]) -> Any:
+    try:
+        return numba_cuda.jit(**options)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available": no disk cache
+        return numba_cuda.jit(**{k: v for k, v in options.items() if k != "cache"})(fn)
+
+
+def _require_device() -> Any:
+    numba_cuda = cuda()
+    if simulated():
+        return numba_cuda
+    if not numba_cuda.is_available():
+        reason = ""
+        with contextlib.suppress(Exception):
+            reason = " ".join(str(numba_cuda.cuda_error()).split())
+            reason = f" ({reason})" if reason and reason != "None" else ""
+        raise GpuUnavailableError(f"no usable CUDA device on this host{reason}; run the kernel on the 'cpu' backend")
+    return numba_cuda
+
+
+@functools.cache
+def sm_count() -> int:
+    """Streaming multiprocessors of the current device (a small fixed number under the simulator)."""
+    numba_cuda = _require_device()
+    if simulated():
+        return SIM_SM_COUNT
+    return int(numba_cuda.get_current_device().MULTIPROCESSOR_COUNT)
+
+
+def stream_grid(n: int) -> tuple[int, int]:
+    """(blocks, threads per block) for a grid-stride loop over `n` items.
+
+    As many blocks as the items need, at most SMs x `BLOCKS_PER_SM`; at least one, so that
+    reductions always write their (zero) partial sums. Under the simulator: a tiny grid.
+    """
+    if simulated():
+        return max(1, min(SIM_BLOCKS, math.ceil(n / SIM_THREADS))), SIM_THREADS
+    blocks = min(sm_count() * BLOCKS_PER_SM, math.ceil(n / STREAM_THREADS))
+    return max(1, blocks), STREAM_THREADS
+
+
+@contextlib.contextmanager
+def gpu_errors(kernel: str) -> Iterator[Any]:
+    """Run a GPU variant's body: yields ``numba.cuda``; CUDA failures become GpuKernelError.
+
+    Input errors (`KernelCallError`) and `GpuUnavailableError` pass through unchanged.
+    """
+    numba_cuda = _require_device()
+    try:
+        yield numba_cuda
+    except (KernelCallError, GpuUnavailableError, GpuKernelError):
+        raise
+    except Exception as exc:
+        message = " ".join(str(exc).split()) or "no message"
+        raise GpuKernelError(f"kernel {kernel!r} on GPU failed: {type(exc).__name__}: {message}") from exc
+
+
+# -- device facts -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GpuDeviceInfo:
+    """The current CUDA device, as the seed's ``GpuExecutor`` reports it (name, capacity)."""
+
+    device_name: str
+    compute_capability: tuple[int, int]
+    capacity: int
+    """Compute units: streaming multiprocessors."""
+    memory_total: int
+    """Bytes of device memory (0 under the simulator, which has no fixed amount)."""
+    simulated: bool = False
+
+
+_INFO: list[GpuDeviceInfo | None] = []
+
+
+def gpu_info() -> GpuDeviceInfo | None:
+    """Name, compute capability, SM count and memory of the current device; None without one.
+
+    Imports numba.cuda on the first call (never at module import) and caches the answer for
+    the process. Under the simulator it describes the simulated device.
+    """
+    with _LOCK:
+        if not _INFO:
+            _INFO.append(_probe())
+        return _INFO[0]
+
+
+def _probe() -> GpuDeviceInfo | None:
+    try:
+        numba_cuda = _require_device()
+    except GpuUnavailableError:
+        return None
+    if simulated():
+        device = numba_cuda.get_current_device()
+        return GpuDeviceInfo(
+            device_name="numba CUDA simulator",
+            compute_capability=tuple(device.compute_capability),
+            capacity=SIM_SM_COUNT,
+            memory_total=0,
+            simulated=True,
+        )
+    try:
+        device = numba_cuda.get_current_device()
+        name = device.name.decode() if isinstance(device.name, bytes) else str(device.name)
+        total = int(numba_cuda.current_context().get_memory_info().total)
+        return GpuDeviceInfo(
+            device_name=name,
+            compute_capability=(int(device.compute_capability[0]), int(device.compute_capability[1])),
+            capacity=int(device.MULTIPROCESSOR_COUNT),
+            memory_total=total,
+        )
+    except Exception:  # a driver that lists a device but cannot open it: no usable GPU
+        return None

@@ -1,0 +1,830 @@
+"""Machine-learning kernels: the per-chunk pieces of the seed's four distributed workloads.
+
+Each kernel does the data-parallel part of one algorithm on one chunk of rows; the job on
+the coordinator reduces the chunks' results (see `batuta/jobs/`):
+
+| kernel | one chunk gives | coordinator |
+|---|---|---|
+| `kmeans_partial(x, centroids)` | per-cluster sums, counts, inertia | adds chunks, divides |
+| `linreg_partial(x, y)` | ``X^T X`` and ``X^T y`` | adds chunks, solves |
+| `tree_fit(x, y, seed, max_depth, n_features_per_split)` | one decision tree of a forest | votes |
+| `tree_predict(feature, threshold, left, right, value, x)` | one tree's predictions | votes |
+| `mlp_grad(w1, b1, w2, b2, x, y)` | loss and gradients, summed | averages, steps |
+
+Each but `tree_predict` also comes as ``<name>_synth``, which takes the recipe of its rows
+(a seed, the first row, a row count and small parameter arrays; see `ml_data`) instead of the
+rows, generates them where it runs and returns what the plain kernel returns on them: an
+iterative job then ships parameters, not data, every iteration. (`tree_fit_synth` also
+predicts the test rows, so a forest needs one task per tree.) The CUDA kernels live in
+`cuda_ml`.
+
+All arithmetic is float64 whatever the input dtype (float32 input halves what travels and
+is widened exactly), and every result is float64 (integer counts int64). Inputs are checked
+before any backend runs; a bad one raises a one-line `KernelInputError` naming the kernel,
+the argument and the fix. Non-finite data is refused: NaN has no place in a distance, a
+split or a loss, and refusing it keeps the backends' results comparable.
+
+Determinism, and why the CPU variants accumulate as they do:
+
+* ``kmeans_partial``: the CPU variant is bit-identical to the NumPy reference. Each squared
+  distance is summed over features in order (vectorised across centroids, never
+  reassociated), ties go to the lowest centroid (`np.argmin`'s rule), and sums, counts and
+  inertia are accumulated row by row in row order, as `np.add.at` and `np.cumsum` do. So a
+  K-means run that reduces chunks in a fixed order gives the same bits on any number of
+  slots or threads, which a resumed run relies on. The CUDA variant adds with atomics in
+  no fixed order: equal to the reference within rounding, not in every bit.
+* ``linreg_partial``, ``mlp_grad``: the CPU variants do not depend on the thread count (each
+  output element, or each fixed block of rows, is accumulated in a fixed order), but they sum
+  in another order than NumPy's BLAS: equal to the reference within rounding.
+* ``tree_fit``/``tree_predict``: exact. Split scores are ratios of integers (Gini from class
+  counts) and the random draws come from a counter-based generator, so the NumPy reference
+  and the numba variant grow the same tree, node for node.
+
+Complexity metadata (for the coordinator's ``auto`` backend choice): the K-means, regression
+and MLP kernels are "quadratic" (rows times centroids, features or hidden units), the tree
+kernels "linear". The ``*_synth`` kernels take almost no input, so ``auto`` would pick the
+scalar backend for them: pass the backend explicitly, as the jobs do.
+
+This module imports neither numba nor numba.cuda at import time (see `registry.jit`); the
+CUDA variants compile on their first call, on a GPU slot, or under numba's simulator
+(``NUMBA_ENABLE_CUDASIM=1``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import cuda_ml, cuda_support, ml_data, ml_trees
+from .ml_data import MAX_UINT64, splitmix64
+from .ml_trees import Tree
+from .registry import KernelInputError, as_count, float_array, jit, kernel, prange
+
+__all__ = [
+    "MAX_CLASSES",
+    "MAX_TREE_ROWS",
+    "Tree",
+    "kmeans_partial",
+    "kmeans_partial_synth",
+    "linreg_partial",
+    "linreg_partial_synth",
+    "mlp_grad",
+    "mlp_grad_synth",
+    "splitmix64",
+    "tree_fit",
+    "tree_fit_synth",
+    "tree_predict",
+]
+
+MAX_CLASSES = 4096
+"""Labels must be in [0, MAX_CLASSES): the tree kernels keep a count per class."""
+
+MAX_TREE_ROWS = 1 << 20
+"""Rows per `tree_fit` call: split scores use int64 numerators up to about rows**3."""
+
+_KMEANS_BLOCK = 256  # rows per parallel work item in kmeans_partial's CPU variant
+_REFERENCE_BLOCK = 1024  # rows per vectorised step of kmeans_partial's reference: its arrays stay in L2
+_GRAM_TILE = 4  # X^T X register tile: 4 x 4 dot products at a time (8 loads feed 16 multiply-adds)
+_GRAM_PANEL = 512  # columns of [x | y]^T per pass: a tile's 8 rows (32 KiB) stay in L1
+_MLP_MAX_BLOCKS = 64  # gradient partials per call: fixed by n, never by the thread count
+_MLP_MIN_BLOCK = 128
+
+# -- validation ---------------------------------------------------------------------------
+
+
+def _finite(kernel: str, arg: str, array: np.ndarray) -> None:
+    if array.size and not np.isfinite(array).all():
+        raise KernelInputError(
+            f"kernel {kernel!r}: argument {arg!r} contains NaN or inf; drop or impute those rows first"
+        )
+
+
+def _data(kernel: str, arg: str, value: object) -> np.ndarray:
+    """A finite, C-contiguous float32/float64 matrix of rows (n, d) with d >= 1."""
+    x = float_array(kernel, arg, value, ndim=2)
+    if x.shape[1] == 0:
+        raise KernelInputError(f"kernel {kernel!r}: argument {arg!r} has no columns; pass at least one feature")
+    _finite(kernel, arg, x)
+    return x
+
+
+def writable_float64(array: np.ndarray) -> np.ndarray:
+    """`array` as a writable float64 array, copied only when it is not one already.
+
+    Arrays decoded from the wire are read-only views, and numba compiles a separate machine
+    code for read-only arguments: widening parameters (small) to writable float64 keeps one
+    compiled signature per kernel, so a slot warmed on local arrays needs no compile later.
+    """
+    if array.dtype == np.float64 and array.flags.writeable:
+        return array
+    return np.array(array, dtype=np.float64)
+
+
+def _param(kernel: str, arg: str, value: object, shape: tuple[int, ...]) -> np.ndarray:
+    """A finite float array of exactly `shape`, as writable float64 (parameters are small)."""
+    array = float_array(kernel, arg, value, ndim=len(shape))
+    if array.shape != shape:
+        raise KernelInputError(f"kernel {kernel!r}: argument {arg!r} has shape {array.shape}; expected {shape}")
+    _finite(kernel, arg, array)
+    return writable_float64(array)
+
+
+def _labels(kernel: str, arg: str, value: object, n: int, n_classes: int | None = None) -> np.ndarray:
+    """Integer class labels, one per row, in [0, n_classes) (default MAX_CLASSES), as int64."""
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu" or value.ndim != 1:
+        what = f"a {value.ndim}-D {value.dtype} array" if isinstance(value, np.ndarray) else type(value).__name__
+        raise KernelInputError(
+            f"kernel {kernel!r}: argument {arg!r} must be a 1-D integer array of class labels, not {what}; "
+            f"pass {arg}.astype(np.int64)"
+        )
+    if value.shape[0] != n:
+        raise KernelInputError(f"kernel {kernel!r}: argument {arg!r} has {value.shape[0]} labels for {n} rows")
+    limit = MAX_CLASSES if n_classes is None else n_classes
+    if n and (int(value.min()) < 0 or int(value.max()) >= limit):
+        raise KernelInputError(
+            f"kernel {kernel!r}: argument {arg!r} has labels outside [0, {limit}) "
+            f"(min {int(value.min())}, max {int(value.max())}); number the classes 0, 1, ..."
+        )
+    if value.dtype == np.int64 and value.flags.writeable and value.flags.c_contiguous:
+        return value
+    return np.array(value, dtype=np.int64)  # writable int64: one compiled signature (see writable_float64)
+
+
+# -- K-means ------------------------------------------------------------------------------
+
+
+@kernel(
+    "kmeans_partial",
+    description="K-means step on a chunk: per-cluster sums and counts, and the inertia.",
+    complexity="quadratic",
+)
+def kmeans_partial(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Assign each row of `x` (n, d) to its nearest centroid (k, d); return the cluster sums.
+
+    Returns ``(sums[k, d] float64, counts[k] int64, inertia)``, where inertia is the sum of
+    squared distances of rows to their centroids. The coordinator adds the chunks' results
+    and sets each centroid to ``sums / counts`` (keeping the old one where a count is 0).
+    Distances are summed over features in order and accumulated row by row; the CPU variant
+    does exactly the same, so the two agree in every bit (see the module docstring).
+    """
+    xs = x.astype(np.float64, copy=False)
+    n, d = xs.shape
+    k = centroids.shape[0]
+    sums = np.zeros((k, d))
+    counts = np.zeros(k, np.int64)
+    inertia = 0.0
+    for start in range(0, n, _REFERENCE_BLOCK):
+        block = xs[start : start + _REFERENCE_BLOCK]
+        columns = block.T.copy()  # contiguous features: the broadcasts below stream
+        dist = np.zeros((block.shape[0], k))
+        diff = np.empty_like(dist)
+        for j in range(d):
+            np.subtract(columns[j][:, None], centroids[None, :, j], out=diff)
+            np.multiply(diff, diff, out=diff)
+            dist += diff
+        labels = dist.argmin(axis=1)
+        best = dist[np.arange(block.shape[0]), labels]
+        np.add.at(sums, labels, block)  # row order, unbuffered: a sequential sum per cluster
+        counts += np.bincount(labels, minlength=k)
+        inertia = float(np.cumsum(np.concatenate(([inertia], best)))[-1])  # sequential, like the loop
+    return sums, counts, inertia
+
+
+@kmeans_partial.validator
+def _check_kmeans(x: object, centroids: object) -> tuple[np.ndarray, np.ndarray]:
+    xs = _data("kmeans_partial", "x", x)
+    c = float_array("kmeans_partial", "centroids", centroids, ndim=2)
+    if c.shape[0] < 1 or c.shape[1] != xs.shape[1]:
+        raise KernelInputError(
+            f"kernel 'kmeans_partial': argument 'centroids' has shape {c.shape}; expected (k >= 1, {xs.shape[1]}), "
+            "one row per cluster with as many columns as x"
+        )
+    _finite("kmeans_partial", "centroids", c)
+    return xs, writable_float64(c)
+
+
+@jit(parallel=True, cache=True)
+def _kmeans_assign(x: np.ndarray, centroids_t: np.ndarray, labels: np.ndarray, best: np.ndarray) -> None:
+    n, d = x.shape
+    k = centroids_t.shape[1]
+    blocks = (n + _KMEANS_BLOCK - 1) // _KMEANS_BLOCK
+    for block in prange(blocks):
+        dist = np.empty(k, np.float64)
+        for i in range(block * _KMEANS_BLOCK, min((block + 1) * _KMEANS_BLOCK, n)):
+            dist[:] = 0.0
+            for j in range(d):
+                xij = np.float64(x[i, j])
+                for c in range(k):  # independent lanes: vectorises without reassociating
+                    diff = xij - centroids_t[j, c]
+                    dist[c] += diff * diff
+            nearest = 0
+            for c in range(1, k):
+                if dist[c] < dist[nearest]:
+                    nearest = c
+            labels[i] = nearest
+            best[i] = dist[nearest]
+
+
+@jit(cache=True)
+def _kmeans_accumulate(
+    x: np.ndarray, labels: np.ndarray, best: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    n, d = x.shape
+    sums = np.zeros((k, d), np.float64)
+    counts = np.zeros(k, np.int64)
+    inertia = 0.0
+    for i in range(n):
+        c = labels[i]
+        counts[c] += 1
+        inertia += best[i]
+        for j in range(d):
+            sums[c, j] += x[i, j]
+    return sums, counts, inertia
+
+
+@kmeans_partial.cpu
+def _kmeans_cpu(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    n = x.shape[0]
+    labels = np.empty(n, np.int64)
+    best = np.empty(n, np.float64)
+    _kmeans_assign(x, np.ascontiguousarray(centroids.T), labels, best)
+    sums, counts, inertia = _kmeans_accumulate(x, labels, best, centroids.shape[0])
+    return sums, counts, float(inertia)
+
+
+# -- linear regression --------------------------------------------------------------------
+
+
+@kernel(
+    "linreg_partial",
+    description="Normal equations of a chunk: X^T X and X^T y in float64.",
+    complexity="quadratic",
+)
+def linreg_partial(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(X^T X [d, d], X^T y [d])`` of the rows `x` (n, d) and targets `y` (n,), float64.
+
+    Summed over chunks these are the normal equations of the whole data set; the coordinator
+    solves ``X^T X w = X^T y`` (add a column of ones to `x` for an intercept).
+    """
+    xs = x.astype(np.float64, copy=False)
+    return xs.T @ xs, xs.T @ y.astype(np.float64, copy=False)
+
+
+@linreg_partial.validator
+def _check_linreg(x: object, y: object) -> tuple[np.ndarray, np.ndarray]:
+    xs = _data("linreg_partial", "x", x)
+    ys = float_array("linreg_partial", "y", y)
+    if ys.shape[0] != xs.shape[0]:
+        raise KernelInputError(f"kernel 'linreg_partial': argument 'y' has {ys.shape[0]} values for {xs.shape[0]} rows")
+    if ys.dtype != xs.dtype:
+        raise KernelInputError(
+            f"kernel 'linreg_partial': argument 'y' is {ys.dtype} but 'x' is {xs.dtype}; "
+            f"cast one, e.g. y.astype(np.{xs.dtype})"
+        )
+    _finite("linreg_partial", "y", ys)
+    return xs, ys
+
+
+@jit(cache=True)
+def _augmented_transpose(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """[x | y]^T as float64, rows padded with zeros to a multiple of the tile width."""
+    n, d = x.shape
+    rows = -(-(d + 1) // _GRAM_TILE) * _GRAM_TILE
+    xt = np.zeros((rows, n), np.float64)
+    for i0 in range(0, n, 64):  # 64 rows of x stay in cache while their columns are written out
+        i1 = min(i0 + 64, n)
+        for j in range(d):
+            for i in range(i0, i1):
+                xt[j, i] = x[i, j]
+        for i in range(i0, i1):
+            xt[d, i] = y[i]
+    return xt
+
+
+@jit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def _gram_upper(xt: np.ndarray) -> np.ndarray:
+    # The upper triangle of xt @ xt.T in register tiles of 4 x 4 dot products, panel by
+    # panel of columns (a panel of every row stays in L2 while all tiles use it). Row tiles are paired
+    # (u with T-1-u) so that every parallel item does about the same work. Each element's
+    # sum is split the same way whatever the thread count: reproducible, though not in
+    # NumPy's order (reassoc lets the dots vectorise).
+    m, n = xt.shape
+    gram = np.zeros((m, m), np.float64)
+    tiles = m // _GRAM_TILE
+    for p0 in range(0, n, _GRAM_PANEL):  # a panel of every row of xt stays in L2 for all tiles
+        p1 = min(p0 + _GRAM_PANEL, n)
+        for item in prange((tiles + 1) // 2):
+            pair = np.int64(item)  # prange's index may be unsigned: int64 - uint64 is float64
+            for which in range(2):
+                tile = pair if which == 0 else tiles - 1 - pair
+                if which == 1 and tile == pair:
+                    continue
+                row = tile * _GRAM_TILE
+                for b in range(row, m, _GRAM_TILE):
+                    s00, s01, s02, s03 = 0.0, 0.0, 0.0, 0.0
+                    s10, s11, s12, s13 = 0.0, 0.0, 0.0, 0.0
+                    s20, s21, s22, s23 = 0.0, 0.0, 0.0, 0.0
+                    s30, s31, s32, s33 = 0.0, 0.0, 0.0, 0.0
+                    for i in range(p0, p1):
+                        x0, x1, x2, x3 = xt[row, i], xt[row + 1, i], xt[row + 2, i], xt[row + 3, i]
+                        y0, y1, y2, y3 = xt[b, i], xt[b + 1, i], xt[b + 2, i], xt[b + 3, i]
+                        s00 += x0 * y0
+                        s01 += x0 * y1
+                        s02 += x0 * y2
+                        s03 += x0 * y3
+                        s10 += x1 * y0
+                        s11 += x1 * y1
+                        s12 += x1 * y2
+                        s13 += x1 * y3
+                        s20 += x2 * y0
+                        s21 += x2 * y1
+                        s22 += x2 * y2
+                        s23 += x2 * y3
+                        s30 += x3 * y0
+                        s31 += x3 * y1
+                        s32 += x3 * y2
+                        s33 += x3 * y3
+                    gram[row, b : b + 4] += np.array((s00, s01, s02, s03))
+                    gram[row + 1, b : b + 4] += np.array((s10, s11, s12, s13))
+                    gram[row + 2, b : b + 4] += np.array((s20, s21, s22, s23))
+                    gram[row + 3, b : b + 4] += np.array((s30, s31, s32, s33))
+    return gram
+
+
+@linreg_partial.cpu
+def _linreg_cpu(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    d = x.shape[1]
+    upper = _gram_upper(_augmented_transpose(x, y))[: d + 1, : d + 1]
+    full = np.triu(upper) + np.triu(upper, 1).T
+    return np.ascontiguousarray(full[:d, :d]), np.ascontiguousarray(full[:d, d])
+
+
+# -- decision trees -----------------------------------------------------------------------
+
+
+@kernel(
+    "tree_fit",
+    description="Fit one random-forest classification tree (Gini) on a bootstrap sample; return its arrays.",
+    complexity="linear",
+)
+def tree_fit(x: np.ndarray, y: np.ndarray, seed: int, max_depth: int, n_features_per_split: int) -> Tree:
+    """Fit a classification tree on a bootstrap sample of (`x`, `y`), as a random forest does.
+
+    `y` holds integer class labels 0..C-1. The tree draws n rows with replacement, then grows
+    depth first from the root: a node becomes a leaf at `max_depth`, below 2 rows, when pure,
+    or when none of its candidate features varies; otherwise it tries
+    `n_features_per_split` features drawn without replacement and splits at the threshold
+    that minimises the weighted Gini impurity of the children (the first such split, in the
+    order of the drawn features and of rising thresholds). All draws come from the
+    SplitMix64 stream of `seed` (see `splitmix64`): bootstrap rows first, then each node's
+    features in the order nodes are grown. Returns the `Tree` arrays.
+    """
+    return ml_trees.fit_reference(x, y, seed, max_depth, n_features_per_split)
+
+
+@tree_fit.validator
+def _check_tree_fit(x: object, y: object, seed: object, max_depth: object, n_features_per_split: object) -> tuple:
+    xs = _data("tree_fit", "x", x)
+    n, d = xs.shape
+    if not 1 <= n <= MAX_TREE_ROWS:
+        raise KernelInputError(
+            f"kernel 'tree_fit': argument 'x' has {n} rows; pass 1 to {MAX_TREE_ROWS} (subsample bigger data per tree)"
+        )
+    return (
+        xs,
+        _labels("tree_fit", "y", y, n),
+        as_count("tree_fit", "seed", seed, maximum=MAX_UINT64),
+        as_count("tree_fit", "max_depth", max_depth, maximum=1000),
+        as_count("tree_fit", "n_features_per_split", n_features_per_split, minimum=1, maximum=d),
+    )
+
+
+@tree_fit.cpu
+def _tree_fit_cpu(x: np.ndarray, y: np.ndarray, seed: int, max_depth: int, n_features_per_split: int) -> Tree:
+    return ml_trees.fit_numba(x, y, seed, max_depth, n_features_per_split)
+
+
+@kernel(
+    "tree_predict",
+    description="Predictions of one fitted tree (tree_fit's arrays) for the rows of x.",
+    complexity="linear",
+)
+def tree_predict(
+    feature: np.ndarray, threshold: np.ndarray, left: np.ndarray, right: np.ndarray, value: np.ndarray, x: np.ndarray
+) -> np.ndarray:
+    """The `value` of the leaf each row of `x` reaches (float64, one per row)."""
+    return ml_trees.predict_reference(feature, threshold, left, right, value, x)
+
+
+@tree_predict.validator
+def _check_tree_predict(
+    feature: object, threshold: object, left: object, right: object, value: object, x: object
+) -> tuple:
+    name = "tree_predict"
+    xs = _data(name, "x", x)
+    arrays = {"feature": feature, "threshold": threshold, "left": left, "right": right, "value": value}
+    wanted = {"feature": np.int32, "threshold": np.float64, "left": np.int32, "right": np.int32, "value": np.float64}
+    for arg, array in arrays.items():
+        if not isinstance(array, np.ndarray) or array.dtype != wanted[arg] or array.ndim != 1:
+            raise KernelInputError(
+                f"kernel {name!r}: argument {arg!r} must be a 1-D {np.dtype(wanted[arg])} array as tree_fit returns it"
+            )
+    checked = {arg: np.asarray(array) for arg, array in arrays.items()}
+    size = checked["feature"].shape[0]
+    if size == 0 or any(a.shape[0] != size for a in checked.values()):
+        raise KernelInputError(f"kernel {name!r}: the tree arrays must be non-empty and of equal length")
+    f, lt, rt = checked["feature"], checked["left"], checked["right"]
+    inner = f >= 0
+    ids = np.arange(size)
+    if (
+        (f >= xs.shape[1]).any()
+        or (f < -1).any()
+        or (lt[inner] <= ids[inner]).any()
+        or (rt[inner] <= ids[inner]).any()
+        or (lt[inner] >= size).any()
+        or (rt[inner] >= size).any()
+    ):
+        raise KernelInputError(
+            f"kernel {name!r}: the tree is malformed (feature >= {xs.shape[1]} columns of x, or a child id "
+            "not after its parent); pass the arrays tree_fit returned, with x of the same columns"
+        )
+    _finite(name, "threshold", checked["threshold"])
+    return (*checked.values(), xs)
+
+
+tree_predict.cpu(ml_trees.predict_numba)
+
+
+# -- multilayer perceptron ----------------------------------------------------------------
+
+
+@kernel(
+    "mlp_grad",
+    description="Loss and gradients of a 1-hidden-layer tanh MLP (softmax cross-entropy), summed.",
+    complexity="quadratic",
+)
+def mlp_grad(
+    w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, x: np.ndarray, y: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Forward and backward pass of ``softmax(tanh(x @ w1 + b1) @ w2 + b2)`` against labels `y`.
+
+    Shapes: w1 (d, h), b1 (h,), w2 (h, c), b2 (c,), x (n, d), y (n,) integer labels in
+    [0, c). Returns ``(loss, dw1, db1, dw2, db2)``: the cross-entropy and its gradients,
+    *summed* over the chunk's rows (not averaged), float64, so the coordinator adds the chunks
+    and divides by the total row count, however unequal the chunks.
+    """
+    xs = x.astype(np.float64, copy=False)
+    hidden = np.tanh(xs @ w1 + b1)
+    logits = hidden @ w2 + b2
+    top = logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits - top)
+    total = exp.sum(axis=1, keepdims=True)
+    rows = np.arange(xs.shape[0])
+    loss = float((np.log(total[:, 0]) + top[:, 0] - logits[rows, y]).sum())
+    dlogits = exp / total
+    dlogits[rows, y] -= 1.0
+    dhidden = (dlogits @ w2.T) * (1.0 - hidden * hidden)
+    return loss, xs.T @ dhidden, dhidden.sum(axis=0), hidden.T @ dlogits, dlogits.sum(axis=0)
+
+
+@mlp_grad.validator
+def _check_mlp(w1: object, b1: object, w2: object, b2: object, x: object, y: object) -> tuple:
+    name = "mlp_grad"
+    xs = _data(name, "x", x)
+    d = xs.shape[1]
+    w1a = float_array(name, "w1", w1, ndim=2)
+    if w1a.shape[0] != d or w1a.shape[1] < 1:
+        raise KernelInputError(f"kernel {name!r}: argument 'w1' has shape {w1a.shape}; expected ({d}, hidden >= 1)")
+    h = w1a.shape[1]
+    w2a = float_array(name, "w2", w2, ndim=2)
+    if w2a.shape[0] != h or w2a.shape[1] < 2:
+        raise KernelInputError(f"kernel {name!r}: argument 'w2' has shape {w2a.shape}; expected ({h}, classes >= 2)")
+    c = w2a.shape[1]
+    return (
+        _param(name, "w1", w1a, (d, h)),
+        _param(name, "b1", b1, (h,)),
+        _param(name, "w2", w2a, (h, c)),
+        _param(name, "b2", b2, (c,)),
+        xs,
+        _labels(name, "y", y, xs.shape[0], c),
+    )
+
+
+@jit(parallel=True, cache=True)
+def _mlp_blocks(
+    w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, x: np.ndarray, y: np.ndarray, block: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    n, d = x.shape
+    h = w1.shape[1]
+    c = w2.shape[1]
+    blocks = (n + block - 1) // block
+    loss = np.zeros(blocks, np.float64)
+    gw1 = np.zeros((blocks, d, h), np.float64)
+    gb1 = np.zeros((blocks, h), np.float64)
+    gw2 = np.zeros((blocks, h, c), np.float64)
+    gb2 = np.zeros((blocks, c), np.float64)
+    for k in prange(blocks):
+        hidden = np.empty(h, np.float64)
+        dhidden = np.empty(h, np.float64)
+        out = np.empty(c, np.float64)
+        for i in range(k * block, min((k + 1) * block, n)):
+            hidden[:] = b1
+            for j in range(d):
+                xij = np.float64(x[i, j])
+                for u in range(h):
+                    hidden[u] += xij * w1[j, u]
+            for u in range(h):
+                hidden[u] = np.tanh(hidden[u])
+            out[:] = b2
+            for u in range(h):
+                hu = hidden[u]
+                for q in range(c):
+                    out[q] += hu * w2[u, q]
+            top = out[0]
+            for q in range(1, c):
+                top = max(top, out[q])
+            label = y[i]
+            picked = out[label]
+            total = 0.0
+            for q in range(c):
+                out[q] = np.exp(out[q] - top)
+                total += out[q]
+            loss[k] += np.log(total) + top - picked
+            for q in range(c):
+                out[q] /= total
+            out[label] -= 1.0
+            for q in range(c):
+                gb2[k, q] += out[q]
+            for u in range(h):
+                hu = hidden[u]
+                back = 0.0
+                for q in range(c):
+                    gw2[k, u, q] += hu * out[q]
+                    back += w2[u, q] * out[q]
+                dhidden[u] = back * (1.0 - hu * hu)
+                gb1[k, u] += dhidden[u]
+            for j in range(d):
+                xij = np.float64(x[i, j])
+                for u in range(h):
+                    gw1[k, j, u] += xij * dhidden[u]
+    return loss, gw1, gb1, gw2, gb2
+
+
+@jit(cache=True)
+def _sum_blocks(parts: np.ndarray) -> np.ndarray:
+    total = parts[0].copy()
+    for k in range(1, parts.shape[0]):
+        total += parts[k]
+    return total
+
+
+@mlp_grad.cpu
+def _mlp_cpu(
+    w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, x: np.ndarray, y: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    n = x.shape[0]
+    if n == 0:
+        return 0.0, np.zeros_like(w1), np.zeros_like(b1), np.zeros_like(w2), np.zeros_like(b2)
+    # Blocks depend on n only, never on the thread count, so the result is reproducible.
+    block = max(_MLP_MIN_BLOCK, -(-n // _MLP_MAX_BLOCKS))
+    xs = writable_float64(x)  # one compiled signature (see _tree_fit_cpu); exact
+    loss, gw1, gb1, gw2, gb2 = _mlp_blocks(w1, b1, w2, b2, xs, y, block)
+    return (
+        float(_sum_blocks(loss.reshape(-1, 1))[0]),
+        _sum_blocks(gw1),
+        _sum_blocks(gb1),
+        _sum_blocks(gw2),
+        _sum_blocks(gb2),
+    )
+
+
+# -- the same kernels on data generated where they run -----------------------------------
+#
+# Each takes the recipe of its rows instead of the rows (see `ml_data`): only parameters
+# travel, and the result equals the plain kernel's on the same rows generated anywhere else.
+
+
+@kernel(
+    "kmeans_partial_synth",
+    description="kmeans_partial on rows of the seeded blobs data set, generated here.",
+    complexity="quadratic",
+)
+def kmeans_partial_synth(
+    seed: int, start: int, rows: int, centers: np.ndarray, spread: float, centroids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """`kmeans_partial` of ``ml_data.blobs(seed, start, rows, centers, spread)``."""
+    return kmeans_partial.reference(ml_data.blobs(seed, start, rows, centers, spread), centroids)
+
+
+@kmeans_partial_synth.validator
+def _check_kmeans_synth(
+    seed: object, start: object, rows: object, centers: object, spread: object, centroids: object
+) -> tuple:
+    name = "kmeans_partial_synth"
+    c = ml_data.check_params(name, "centers", centers, 2)
+    seed_value, first, count = ml_data.check_rows(name, seed, start, rows, c.shape[1])
+    cents = ml_data.check_params(name, "centroids", centroids, 2)
+    if cents.shape[1] != c.shape[1]:
+        raise KernelInputError(
+            f"kernel {name!r}: argument 'centroids' has {cents.shape[1]} columns but the data has {c.shape[1]}"
+        )
+    return seed_value, first, count, c, ml_data.check_scale(name, "spread", spread), cents
+
+
+@kmeans_partial_synth.cpu
+def _kmeans_synth_cpu(
+    seed: int, start: int, rows: int, centers: np.ndarray, spread: float, centroids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    return _kmeans_cpu(ml_data.blobs_numba(np.uint64(seed), start, rows, centers, spread), centroids)
+
+
+@kmeans_partial_synth.gpu
+def _kmeans_synth_gpu(
+    seed: int, start: int, rows: int, centers: np.ndarray, spread: float, centroids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    return _kmeans_gpu(ml_data.blobs_numba(np.uint64(seed), start, rows, centers, spread), centroids)
+
+
+@kernel(
+    "linreg_partial_synth",
+    description="linreg_partial on rows of the seeded regression data set, generated here.",
+    complexity="quadratic",
+)
+def linreg_partial_synth(
+    seed: int, start: int, rows: int, coef: np.ndarray, noise_scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """`linreg_partial` of ``ml_data.regression(seed, start, rows, coef, noise_scale)``."""
+    return linreg_partial.reference(*ml_data.regression(seed, start, rows, coef, noise_scale))
+
+
+@linreg_partial_synth.validator
+def _check_linreg_synth(seed: object, start: object, rows: object, coef: object, noise_scale: object) -> tuple:
+    name = "linreg_partial_synth"
+    w = ml_data.check_params(name, "coef", coef, 1)
+    seed_value, first, count = ml_data.check_rows(name, seed, start, rows, w.shape[0] + 1)
+    return seed_value, first, count, w, ml_data.check_scale(name, "noise_scale", noise_scale)
+
+
+@linreg_partial_synth.cpu
+def _linreg_synth_cpu(
+    seed: int, start: int, rows: int, coef: np.ndarray, noise_scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    return _linreg_cpu(*ml_data.regression_numba(np.uint64(seed), start, rows, coef, noise_scale))
+
+
+@linreg_partial_synth.gpu
+def _linreg_synth_gpu(
+    seed: int, start: int, rows: int, coef: np.ndarray, noise_scale: float
+) -> tuple[np.ndarray, np.ndarray]:
+    return _linreg_gpu(*ml_data.regression_numba(np.uint64(seed), start, rows, coef, noise_scale))
+
+
+@kernel(
+    "tree_fit_synth",
+    description="tree_fit on the first rows of the seeded teacher data set, plus predictions for the rows after.",
+    complexity="linear",
+)
+def tree_fit_synth(
+    seed: int,
+    n_train: int,
+    n_test: int,
+    weights: np.ndarray,
+    noise_scale: float,
+    tree_seed: int,
+    max_depth: int,
+    n_features_per_split: int,
+) -> tuple[np.ndarray, ...]:
+    """Fit a tree on teacher rows [0, n_train) and predict rows [n_train, n_train + n_test).
+
+    Returns the `Tree` arrays followed by the float64 predictions: one task grows a tree of a
+    forest and votes, and only the recipe, the tree and the votes travel.
+    """
+    x, y = ml_data.teacher(seed, 0, n_train, weights, noise_scale)
+    tree = tree_fit.reference(x, y, tree_seed, max_depth, n_features_per_split)
+    test, _ = ml_data.teacher(seed, n_train, n_test, weights, noise_scale)
+    return (*tree, tree_predict.reference(*tree, test))
+
+
+@tree_fit_synth.validator
+def _check_tree_synth(
+    seed: object,
+    n_train: object,
+    n_test: object,
+    weights: object,
+    noise_scale: object,
+    tree_seed: object,
+    max_depth: object,
+    n_features_per_split: object,
+) -> tuple:
+    name = "tree_fit_synth"
+    w = ml_data.check_params(name, "weights", weights, 2)
+    d, c = w.shape
+    if c < 2:
+        raise KernelInputError(f"kernel {name!r}: argument 'weights' has {c} column; pass one per class, at least 2")
+    train = as_count(name, "n_train", n_train, minimum=1, maximum=MAX_TREE_ROWS)
+    test = as_count(name, "n_test", n_test)
+    seed_value, _, _ = ml_data.check_rows(name, seed, 0, train + test, d + c)
+    return (
+        seed_value,
+        train,
+        test,
+        w,
+        ml_data.check_scale(name, "noise_scale", noise_scale),
+        as_count(name, "tree_seed", tree_seed, maximum=MAX_UINT64),
+        as_count(name, "max_depth", max_depth, maximum=1000),
+        as_count(name, "n_features_per_split", n_features_per_split, minimum=1, maximum=d),
+    )
+
+
+@tree_fit_synth.cpu
+def _tree_synth_cpu(
+    seed: int,
+    n_train: int,
+    n_test: int,
+    weights: np.ndarray,
+    noise_scale: float,
+    tree_seed: int,
+    max_depth: int,
+    n_features_per_split: int,
+) -> tuple[np.ndarray, ...]:
+    x, y = ml_data.teacher_numba(np.uint64(seed), 0, n_train, weights, noise_scale)
+    tree = _tree_fit_cpu(x, y, tree_seed, max_depth, n_features_per_split)
+    test, _ = ml_data.teacher_numba(np.uint64(seed), n_train, n_test, weights, noise_scale)
+    return (*tree, ml_trees.predict_numba(*tree, test))
+
+
+@kernel(
+    "mlp_grad_synth",
+    description="mlp_grad on rows of the seeded teacher data set, generated here.",
+    complexity="quadratic",
+)
+def mlp_grad_synth(
+    w1: np.ndarray,
+    b1: np.ndarray,
+    w2: np.ndarray,
+    b2: np.ndarray,
+    seed: int,
+    start: int,
+    rows: int,
+    weights: np.ndarray,
+    noise_scale: float,
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`mlp_grad` of ``ml_data.teacher(seed, start, rows, weights, noise_scale)``."""
+    x, y = ml_data.teacher(seed, start, rows, weights, noise_scale)
+    return mlp_grad.reference(w1, b1, w2, b2, x, y)
+
+
+@mlp_grad_synth.validator
+def _check_mlp_synth(
+    w1: object,
+    b1: object,
+    w2: object,
+    b2: object,
+    seed: object,
+    start: object,
+    rows: object,
+    weights: object,
+    noise_scale: object,
+) -> tuple:
+    name = "mlp_grad_synth"
+    w = ml_data.check_params(name, "weights", weights, 2)
+    d, c = w.shape
+    seed_value, first, count = ml_data.check_rows(name, seed, start, rows, d + c)
+    params = _check_mlp(w1, b1, w2, b2, np.zeros((0, d), np.float32), np.zeros(0, np.int64))[:4]
+    if params[2].shape[1] != c:
+        raise KernelInputError(
+            f"kernel {name!r}: argument 'w2' has {params[2].shape[1]} columns but the data set has {c} classes"
+        )
+    return (*params, seed_value, first, count, w, ml_data.check_scale(name, "noise_scale", noise_scale))
+
+
+@mlp_grad_synth.cpu
+def _mlp_synth_cpu(
+    w1: np.ndarray,
+    b1: np.ndarray,
+    w2: np.ndarray,
+    b2: np.ndarray,
+    seed: int,
+    start: int,
+    rows: int,
+    weights: np.ndarray,
+    noise_scale: float,
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    x, y = ml_data.teacher_numba(np.uint64(seed), start, rows, weights, noise_scale)
+    return _mlp_cpu(w1, b1, w2, b2, x, y)
+
+
+# -- CUDA variants (numba-cuda kernels in `cuda_ml`, compiled on first use) ---------------
+
+
+@kmeans_partial.gpu
+def _kmeans_gpu(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """One thread per row; sums and counts by atomics, so equal to the reference within rounding."""
+    with cuda_support.gpu_errors("kmeans_partial") as cuda:
+        return cuda_ml.kmeans_assign(cuda, x, centroids)
+
+
+@linreg_partial.gpu
+def _linreg_gpu(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """16 x 16 shared-memory tiles of [X | y]^T [X | y] over row splits (see `cuda_ml.gram`)."""
+    with cuda_support.gpu_errors("linreg_partial") as cuda:
+        return cuda_ml.gram(cuda, x, y)

@@ -1,0 +1,415 @@
+"""Every GPU variant against its reference: under numba's CUDA simulator here, on a real GPU
+with ``BATUTA_REAL_GPU=1``.
+
+The checks (the ``check_*`` functions below) run in one subprocess for the whole module, so
+``NUMBA_ENABLE_CUDASIM`` is set before numba.cuda is first imported and the pytest process
+never imports it. Under the simulator every CUDA thread is a Python thread, so sizes are
+small (the whole module takes well under a minute on 2 cores); on a real GPU they are larger
+and include sizes that need many blocks and the edge tiles of the matmul kernel:
+
+    BATUTA_REAL_GPU=1 .venv/bin/python -m pytest -q tests/test_kernels_cuda.py
+
+`test_cuda_kernels_compile_for_sm90` compiles every kernel to PTX for an H100/H200 (and runs
+ptxas, where the CUDA toolkit is installed, to check for register spills) without a GPU. It
+needs NVVM and NVRTC, and is skipped where they are missing (as in CI).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REAL_GPU = os.environ.get("BATUTA_REAL_GPU") == "1"
+DTYPES = (np.float32, np.float64)
+
+CHECKS: dict[str, Callable[[bool], None]] = {}
+
+
+def _check(fn: Callable[[bool], None]) -> Callable[[bool], None]:
+    CHECKS[fn.__name__.removeprefix("check_")] = fn
+    return fn
+
+
+# -- the checks (run in the subprocess) ----------------------------------------------------
+
+
+def _stream_sizes(real: bool) -> list[int]:
+    small = [0, 1, 7, 100, 1001]  # 1001 > the simulator's 2 x 32 threads: the grid-stride loop turns
+    return [*small, 2**20 + 3, 3 * 10**6 + 1, 2**24 + 1] if real else small
+
+
+def _vectors(n: int, dtype: type, count: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal(n) * 10).astype(dtype) for _ in range(count)]
+
+
+def _run(name: str, args: tuple[object, ...]) -> Any:
+    from batuta import kernels
+
+    return kernels.run(name, "gpu", args)
+
+
+@_check
+def check_vadd(real: bool) -> None:
+    for dtype in DTYPES:
+        for n in _stream_sizes(real):
+            a, b = _vectors(n, dtype, 2)
+            result = _run("vadd", (a, b))
+            assert result.dtype == dtype and result.shape == (n,)
+            np.testing.assert_array_equal(result, a + b)
+    a, b = _vectors(1001, np.float32, 2)
+    a_ro, b_ro = np.frombuffer(a.tobytes(), np.float32), np.frombuffer(b.tobytes(), np.float32)
+    assert not a_ro.flags.writeable  # as decoded from the wire, without a copy
+    np.testing.assert_array_equal(_run("vadd", (a_ro, b_ro)), a + b)
+
+
+@_check
+def check_saxpy(real: bool) -> None:
+    for dtype in DTYPES:
+        for n in _stream_sizes(real):
+            x, y = _vectors(n, dtype, 2)
+            result = _run("saxpy", (1.7, x, y))
+            assert result.dtype == dtype
+            bound = 2 * np.finfo(dtype).eps * (np.abs(dtype(1.7) * x) + np.abs(y))  # fused or not
+            assert np.all(np.abs(result - dtype(1.7) * x - y) <= bound)
+
+
+@_check
+def check_sum(real: bool) -> None:
+    for dtype in DTYPES:
+        for n in _stream_sizes(real):
+            (x,) = _vectors(n, dtype, 1)
+            x += 3
+            result = _run("sum", (x,))
+            assert type(result) is float
+            bound = 2 * max(n - 1, 0) * 2.0**-53 * float(np.sum(np.abs(x), dtype=np.float64))
+            assert abs(result - math.fsum(x.tolist())) <= bound, (dtype, n)
+            assert _run("sum", (x,)) == result  # deterministic: no floating-point atomics
+    x = np.ones(1001, np.float32)
+    x[500] = np.nan
+    assert math.isnan(_run("sum", (x,)))
+    x[500] = np.inf
+    assert _run("sum", (x,)) == math.inf
+
+
+@_check
+def check_dot(real: bool) -> None:
+    for dtype in DTYPES:
+        for n in _stream_sizes(real):
+            x, y = _vectors(n, dtype, 2)
+            products = x.astype(np.float64) * y.astype(np.float64)
+            result = _run("dot", (x, y))
+            bound = 2 * (n + 1) * 2.0**-53 * float(np.sum(np.abs(products)))
+            assert abs(result - math.fsum(products.tolist())) <= bound, (dtype, n)
+    x = np.full(4, 1 + 2.0**-12, np.float32)
+    assert _run("dot", (x, x)) == 4 * (1 + 2.0**-12) ** 2  # products are not rounded to float32
+
+
+@_check
+def check_histogram(real: bool) -> None:
+    from batuta.kernels import cuda_stream
+
+    rng = np.random.default_rng(5)
+    cases = [(1, 0.0, 1.0), (10, -1.5, 2.0), (7, 0.1, 0.7), (cuda_stream.HIST_SHARED_BINS + 1, -3.3, 4.0)]
+    for dtype in DTYPES:
+        for bins, lo, hi in cases:
+            edges = np.linspace(dtype(lo), dtype(hi), bins + 1, dtype=dtype)
+            special = np.array([np.nan, np.inf, -np.inf, lo - 1, hi + 1, lo, hi], dtype)
+            noise = rng.uniform(lo - 0.5, hi + 0.5, 3 * 10**6 if real else 500).astype(dtype)
+            parts = [edges, np.nextafter(edges, dtype(-np.inf)), np.nextafter(edges, dtype(np.inf)), special, noise]
+            x = rng.permutation(np.concatenate(parts))
+            counts = _run("histogram", (x, bins, lo, hi))
+            assert counts.dtype == np.int64
+            low, high = dtype(lo), dtype(hi)
+            np.testing.assert_array_equal(counts, np.histogram(x, bins, range=(low, high))[0])  # type: ignore[arg-type]
+    np.testing.assert_array_equal(_run("histogram", (np.zeros(0, np.float32), 3, 0, 1)), [0, 0, 0])
+
+
+def _matmul_shapes(real: bool) -> list[tuple[int, int, int]]:
+    # (130, 17, 129): 2 x 2 blocks with partial edge tiles and a partial last k stage.
+    small = [(0, 3, 4), (3, 0, 4), (1, 1, 1), (5, 9, 7), (130, 17, 129)]
+    return [*small, (1000, 1001, 999), (2048, 2048, 2048), (4097, 300, 129)] if real else small
+
+
+@_check
+def check_matmul(real: bool) -> None:
+    for dtype in DTYPES:
+        for m, k, n in _matmul_shapes(real):
+            if not real and dtype is np.float64 and m > 100:
+                continue  # the simulator's slowest case; the same code path ran in float32
+            rng = np.random.default_rng(m + k + n)
+            a = rng.standard_normal((m, k)).astype(dtype)
+            b = rng.standard_normal((k, n)).astype(dtype)
+            result = _run("matmul", (a, b))
+            assert result.dtype == dtype and result.shape == (m, n)
+            exact = a.astype(np.float64) @ b.astype(np.float64)
+            scale = np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64)
+            assert np.all(np.abs(result - exact) <= 2 * (k + 1) * np.finfo(dtype).eps * scale), (dtype, m, k, n)
+
+
+@_check
+def check_pairwise_distances(real: bool) -> None:
+    shapes = [(0, 3, 2), (3, 4, 0), (1, 1, 1), (7, 5, 3), (130, 9, 11)]
+    if real:
+        shapes += [(1000, 999, 64), (4097, 130, 3)]
+    for dtype in DTYPES:
+        for n, m, d in shapes:
+            if not real and dtype is np.float64 and n > 100:
+                continue
+            rng = np.random.default_rng(n + m + d)
+            x = rng.standard_normal((n, d)).astype(dtype)
+            y = rng.standard_normal((m, d)).astype(dtype)
+            result = _run("pairwise_distances", (x, y))
+            assert result.dtype == dtype and result.shape == (n, m)
+            diff = x.astype(np.float64)[:, None, :] - y.astype(np.float64)[None, :, :]
+            exact = np.sqrt(np.sum(diff * diff, axis=-1))
+            assert np.all(np.abs(result - exact) <= (d + 3) * np.finfo(dtype).eps * exact), (dtype, n, m, d)
+    x = np.random.default_rng(1).standard_normal((9, 5)).astype(np.float32)
+    assert np.all(np.diag(_run("pairwise_distances", (x, x))) == 0)
+
+
+def _mc_pi_model(samples: int, seed: int) -> float:
+    """mc_pi's GPU estimate recomputed with NumPy: xoroshiro128+ per thread, as documented."""
+    from batuta.kernels import cuda_stream
+    from numba.cuda.random import create_xoroshiro128p_states
+
+    blocks, threads = cuda_stream.mc_pi_launch(samples)
+    total_threads = blocks * threads
+    states = create_xoroshiro128p_states(total_threads, seed=seed).copy_to_host()
+    s0, s1 = states["s0"].copy(), states["s1"].copy()
+
+    def rotl(x: np.ndarray, k: int) -> np.ndarray:
+        return (x << np.uint64(k)) | (x >> np.uint64(64 - k))
+
+    def uniform(s0: np.ndarray, s1: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        result = s0 + s1
+        t = s1 ^ s0
+        return (result >> np.uint64(11)) * 2.0**-53, rotl(s0, 55) ^ t ^ (t << np.uint64(14)), rotl(t, 36)
+
+    per_thread = -(-(samples - np.arange(total_threads)) // total_threads)  # ceil, >= 0
+    hits = 0
+    with np.errstate(over="ignore"):
+        for round_ in range(int(per_thread.max())):
+            x, s0, s1 = uniform(s0, s1)
+            y, s0, s1 = uniform(s0, s1)
+            hits += int(np.count_nonzero((x * x + y * y < 1.0) & (per_thread > round_)))
+    return 4.0 * hits / samples
+
+
+@_check
+def check_mc_pi(real: bool) -> None:
+    # Simulated threads are Python threads, and numba seeds each generator in Python there.
+    for samples in [1000, 5001] + ([70_001, 10**8 + 7] if real else []):
+        estimate = _run("mc_pi", (samples, 20261128))
+        assert estimate == _run("mc_pi", (samples, 20261128))
+        assert abs(estimate - math.pi) <= 5 * 1.642 / math.sqrt(samples)
+        if samples < 10**6:  # the model is exact, and the same on every GPU and the simulator
+            assert estimate == _mc_pi_model(samples, 20261128), samples
+    assert _run("mc_pi", (300, 1)) != _run("mc_pi", (300, 2))
+
+
+@_check
+def check_gpu_info(real: bool) -> None:
+    from batuta.kernels import cuda_support
+
+    info = cuda_support.gpu_info()
+    assert info is not None
+    assert info.simulated is not real
+    assert info.capacity >= 1 and info.device_name
+    if real:
+        assert info.compute_capability >= (7, 0) and info.memory_total > 2**30
+        print(f"GPU: {info}", file=sys.stderr)
+
+
+@_check
+def check_cuda_errors_become_task_errors(real: bool) -> None:
+    from batuta.kernels import cuda_support
+
+    try:
+        with cuda_support.gpu_errors("vadd") as cuda:
+            cuda.device_array(2**50, np.float32)  # 4 PiB: out of memory, real or simulated
+    except cuda_support.GpuKernelError as exc:
+        message = str(exc)
+        assert message.startswith("kernel 'vadd' on GPU failed: ") and "\n" not in message, message
+    else:
+        raise AssertionError("allocating 4 PiB did not fail")
+    assert np.array_equal(_run("vadd", (np.ones(3), np.ones(3))), np.full(3, 2.0))  # the GPU still works
+
+
+@_check
+def check_device_level_launchers(real: bool) -> None:
+    """The launchers the GPU benchmark times, on device-resident arrays."""
+    from batuta.kernels import cuda_linalg, cuda_stream
+    from numba import cuda
+
+    a, b = _vectors(1001, np.float32, 2)
+    d_a, d_b, d_out = cuda.to_device(a), cuda.to_device(b), cuda.device_array(1001, np.float32)
+    cuda_stream.vadd_device(d_a, d_b, d_out)
+    np.testing.assert_array_equal(d_out.copy_to_host(), a + b)
+    assert abs(cuda_stream.sum_device(d_a).copy_to_host()[0] - float(np.sum(a, dtype=np.float64))) < 1e-9
+    m = np.arange(12, dtype=np.float32).reshape(3, 4)
+    d_c = cuda.device_array((3, 3), np.float32)
+    cuda_linalg.matmul_device(cuda.to_device(m), cuda.to_device(np.ascontiguousarray(m.T)), d_c)
+    cuda.synchronize()
+    np.testing.assert_array_equal(d_c.copy_to_host(), m @ m.T)
+
+
+def main() -> None:
+    """Run every check; print one JSON object {check: null or its traceback} as the last line."""
+    warnings.simplefilter("ignore")  # numba's simulator warns about object mode and overflows
+    real = "--real" in sys.argv
+    results: dict[str, str | None] = {}
+    for name, fn in CHECKS.items():
+        start = time.perf_counter()
+        try:
+            fn(real)
+            results[name] = None
+        except Exception:
+            results[name] = traceback.format_exc()
+        print(f"{name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(json.dumps(results))
+
+
+# -- the tests (in pytest's process) ------------------------------------------------------
+
+
+def _subprocess_env(simulate: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    if simulate:
+        env["NUMBA_ENABLE_CUDASIM"] = "1"
+    return env
+
+
+@pytest.fixture(scope="module")
+def check_results() -> dict[str, str | None]:
+    args = [sys.executable, "-m", "tests.test_kernels_cuda", *(["--real"] if REAL_GPU else [])]
+    done = subprocess.run(
+        args,
+        cwd=REPO_ROOT,
+        env=_subprocess_env(simulate=not REAL_GPU),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    print(done.stderr)  # per-check timings (and the GPU's name), shown with -s
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_gpu_variant(check_results: dict[str, str | None], name: str) -> None:
+    error = check_results[name]
+    assert error is None, error
+
+
+PTX_PROBE = """
+import json, shutil, subprocess, sys, tempfile
+try:
+    from numba import cuda, types, from_dtype
+    import numba.cuda.dispatcher as dispatcher
+    from numba.cuda.random import xoroshiro128p_dtype
+    cuda.compile_ptx(lambda a: None, "void(float32[::1])", cc=(9, 0))
+except Exception as exc:
+    print(json.dumps({"skip": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}))
+    sys.exit(0)
+
+class FakeDevice:  # device functions ask the current device for its compute capability
+    compute_capability = (9, 0)
+
+dispatcher.get_current_device = FakeDevice
+from batuta.kernels import cuda_linalg, cuda_stream
+
+linalg, stream = cuda_linalg._kernels(), cuda_stream._kernels()
+states = from_dtype(xoroshiro128p_dtype)[::1]
+jobs = []
+for name in ("float32", "float64"):
+    t = getattr(types, name)
+    v, m = t[::1], t[:, ::1]
+    jobs += [
+        (stream.vadd, (v, v, v)), (stream.saxpy, (t, v, v, v)), (stream.sum_partials, (v, types.float64[::1])),
+        (stream.dot_partials, (v, v, types.float64[::1])),
+        (stream.histogram_shared, (v, t, t, t, t, v, types.int64[::1])),
+        (stream.histogram_global, (v, t, t, t, t, v, types.int64[::1])),
+        (getattr(linalg, "gemm_" + name), (m, m, m)), (getattr(linalg, "sqdist_" + name), (m, m, m)),
+    ]
+jobs.append((stream.mc_pi, (states, types.int64, types.int64[::1])))
+import os
+ptxas = shutil.which("ptxas") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "ptxas")
+report = {}
+for kernel, sig in jobs:
+    options = {k: v for k, v in kernel.targetoptions.items() if k == "launch_bounds"}
+    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0), **options)
+    key = kernel.py_func.__name__ + str(sig[0])
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        try:
+            out = subprocess.run([ptxas, "-arch=sm_90", "-v", f.name, "-o", "/dev/null"],
+                                 capture_output=True, text=True, check=True).stderr
+        except (OSError, subprocess.CalledProcessError) as exc:
+            out = f"ptxas unavailable: {exc}"
+    report[key] = {"ptx_lines": ptx.count(chr(10)), "ptxas": out}
+print(json.dumps({"report": report}))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_cuda_kernels_compile_for_sm90() -> None:
+    """Type inference and code generation of every kernel for sm_90, which the simulator skips."""
+    done = subprocess.run(
+        [sys.executable, "-c", PTX_PROBE],
+        cwd=REPO_ROOT,
+        env=_subprocess_env(simulate=False),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    found = json.loads(done.stdout.splitlines()[-1])
+    if "skip" in found:
+        pytest.skip(f"cannot compile CUDA here: {found['skip']}")
+    report = found["report"]
+    assert len(report) == 17
+    for key, item in report.items():
+        assert item["ptx_lines"] > 10, key
+        if "ptxas unavailable" not in item["ptxas"]:
+            assert "0 bytes spill stores" in item["ptxas"], (key, item["ptxas"])
+
+
+@pytest.mark.timeout(300)
+def test_gpu_benchmark_smoke_run() -> None:
+    """bench/gpu_kernels.py --smoke runs end to end (under the simulator unless on a GPU)."""
+    done = subprocess.run(
+        [sys.executable, "bench/gpu_kernels.py", "--smoke"],
+        cwd=REPO_ROOT,
+        env=_subprocess_env(simulate=not REAL_GPU),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    found = json.loads(done.stdout.splitlines()[-1])
+    assert found["simulated"] is not REAL_GPU
+    assert {"device", "vadd_fraction_of_copy", "matmul_fraction_of_cublas", "copy_reference"} <= set(found)
+    assert isinstance(found["stream"]["4097"]["vadd_tbps"], float)  # simulated timings mean nothing
+
+
+if __name__ == "__main__":
+    main()
