@@ -90,7 +90,7 @@ async def run_job_with(
     ledger = Ledger(pool)
     futures = [await pool.submit(Task.kernel("test_echo_after", i, seconds)) for i in range(count)]
     await break_something(ledger)
-    results = await asyncio.wait_for(asyncio.gather(*(f._future for f in futures)), WAIT_S)
+    results = await asyncio.wait_for(asyncio.gather(*(f.asyncio_future() for f in futures)), WAIT_S)
     assert all(r.status is TaskStatus.SUCCEEDED for r in results), [r.error for r in results if not r.is_success()]
     assert [r.value for r in results] == list(range(count))
     assert set(ledger.finished) == {f.task_id for f in futures}

@@ -153,7 +153,7 @@ async def test_kill_9_of_the_agent_requeues_and_relaunches() -> None:
         assert first.is_success()
         [agent] = agent_pids()
         agent.kill()
-        results = await asyncio.wait_for(asyncio.gather(*(f._future for f in futures)), 60)
+        results = await asyncio.wait_for(asyncio.gather(*(f.asyncio_future() for f in futures)), 60)
         assert all(r.is_success() for r in results), [r.error for r in results if not r.is_success()]
         assert len({r.task_id for r in results}) == 16
         [new_agent] = agent_pids()
@@ -184,7 +184,7 @@ async def test_backpressure_makes_submit_wait() -> None:
     async with pool:
         futures = [await pool.submit(Task.kernel("spin", 0.002)) for _ in range(40)]
         assert pool.stats().queued <= 4
-        results = await asyncio.gather(*(f._future for f in futures))
+        results = await asyncio.gather(*(f.asyncio_future() for f in futures))
         assert all(r.is_success() for r in results)
 
 

@@ -13,6 +13,7 @@ file can change them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,14 +51,25 @@ def select_backend(
     thresholds: BackendThresholds | None = None,
 ) -> BackendChoice:
     """Resolve `requested` (AUTO included) to a concrete backend, with the reason why."""
-    thresholds = thresholds or BackendThresholds()
+    thresholds = thresholds or _DEFAULT_THRESHOLDS
     if isinstance(call, BinaryCall):
-        return BackendChoice(backend=Backend.CPU, reason="binaries run on CPU slots")
+        return _choice(Backend.CPU, "binaries run on CPU slots")
     if requested is not Backend.AUTO:
-        return BackendChoice(backend=requested, reason=f"{requested.value} requested")
+        return _choice(requested, f"{requested.value} requested")
     n = element_count(call.args)
     if n < thresholds.scalar_below:
-        return BackendChoice(backend=Backend.SCALAR, reason=f"{n} elements < {thresholds.scalar_below}: scalar")
+        return _choice(Backend.SCALAR, f"under {thresholds.scalar_below} elements: scalar (no overhead)")
     if quadratic and n > thresholds.gpu_above and gpu_available:
-        return BackendChoice(backend=Backend.GPU, reason=f"{n} elements > {thresholds.gpu_above}, O(n^2): GPU")
-    return BackendChoice(backend=Backend.CPU, reason=f"{n} elements: numba CPU")
+        return _choice(Backend.GPU, f"over {thresholds.gpu_above} elements and O(n^2) or worse: GPU")
+    if quadratic and n > thresholds.gpu_above:
+        return _choice(Backend.CPU, f"over {thresholds.gpu_above} elements and O(n^2), but no GPU slot: numba CPU")
+    return _choice(Backend.CPU, f"{thresholds.scalar_below} elements or more: numba CPU")
+
+
+_DEFAULT_THRESHOLDS = BackendThresholds()
+
+
+@functools.lru_cache(maxsize=64)
+def _choice(backend: Backend, reason: str) -> BackendChoice:
+    """Interned: the same few decisions are shared by every task that gets them."""
+    return BackendChoice(backend=backend, reason=reason)

@@ -49,6 +49,7 @@ class TaskStatus(enum.Enum):
 # Capabilities a slot offers and a task requires. Tags from the cluster file add more.
 CAP_CPU = "cpu"
 CAP_GPU = "gpu"
+_NO_TAGS: frozenset[str] = frozenset()  # shared: a million queued tasks need not own one each
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -117,7 +118,8 @@ class Task:
             label = self.call.name if isinstance(self.call, KernelCall) else _basename(self.call.path)
             object.__setattr__(self, "name", label)
         object.__setattr__(self, "priority", Priority(self.priority))
-        object.__setattr__(self, "requires", frozenset(self.requires))
+        if not isinstance(self.requires, frozenset):
+            object.__setattr__(self, "requires", frozenset(self.requires) if self.requires else _NO_TAGS)
 
     # -- constructors -------------------------------------------------------------------
 
@@ -141,7 +143,7 @@ class Task:
             priority=priority,
             timeout=timeout,
             max_attempts=max_attempts,
-            requires=frozenset(requires),
+            requires=frozenset(requires) if requires else _NO_TAGS,
             key=key,
             name=label,
         )
@@ -167,7 +169,7 @@ class Task:
             priority=priority,
             timeout=timeout,
             max_attempts=max_attempts,
-            requires=frozenset(requires),
+            requires=frozenset(requires) if requires else _NO_TAGS,
             key=key,
             name=label,
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from batuta.core import events as ev
-from batuta.core.backend import BackendThresholds, select_backend
+from batuta.core.backend import BackendChoice, BackendThresholds, select_backend
 from batuta.core.scheduler import Scheduler, SchedulerConfig, SlotView
 from batuta.core.task import (
     CAP_CPU,
@@ -70,28 +71,10 @@ class PoolConfig:
     thresholds: BackendThresholds = field(default_factory=BackendThresholds)
 
 
-class _Pending:
-    """A submitted, unresolved task as the pool keeps it (slotted: a million may be queued)."""
-
-    __slots__ = ("backend", "backend_reason", "future", "job", "slot_id", "started_at", "submitted_at", "task")
-
-    def __init__(
-        self,
-        task: Task,
-        future: asyncio.Future[TaskResult],
-        submitted_at: float,
-        backend: str,
-        backend_reason: str,
-        job: str,
-    ) -> None:
-        self.task = task
-        self.future = future
-        self.submitted_at = submitted_at
-        self.backend = backend
-        self.backend_reason = backend_reason
-        self.job = job
-        self.slot_id: str | None = None
-        self.started_at: float | None = None
+@functools.lru_cache(maxsize=256)
+def _requirements(backend: Backend, tags: frozenset[str]) -> frozenset[str]:
+    """The capabilities a task needs; interned, since most tasks share a handful of sets."""
+    return frozenset({CAP_GPU if backend is Backend.GPU else CAP_CPU, *tags})
 
 
 class ResultStore(Protocol):
@@ -108,35 +91,90 @@ class ResultStore(Protocol):
 
 
 class TaskFuture:
-    """A submitted task. `await` it for its `TaskResult`; `cancel()` cancels the task."""
+    """A submitted task. `await` it for its `TaskResult`; `cancel()` cancels the task.
 
-    __slots__ = ("_future", "_pool", "task", "task_id")
+    It is also the pool's own record of the task while it is unresolved (where it was sent,
+    when it started), and it creates an asyncio future only when someone waits: a million
+    queued tasks then cost one small object each, not three.
+    """
 
-    def __init__(self, pool: Pool, task_id: int, task: Task, future: asyncio.Future[TaskResult]) -> None:
+    __slots__ = (
+        "_callbacks",
+        "_choice",
+        "_pool",
+        "_result",
+        "_waiter",
+        "job",
+        "slot_id",
+        "started_at",
+        "submitted_at",
+        "task",
+        "task_id",
+    )
+
+    def __init__(self, pool: Pool, task_id: int, task: Task, choice: BackendChoice, job: str, now: float) -> None:
         self._pool = pool
         self.task_id = task_id
         self.task = task
-        self._future = future
+        self._choice = choice
+        self.job = job
+        self.submitted_at = now
+        self.slot_id: str | None = None
+        self.started_at: float | None = None
+        self._result: TaskResult | None = None
+        self._waiter: asyncio.Future[TaskResult] | None = None
+        self._callbacks: list[Callable[[TaskFuture], None]] | None = None
 
     def __await__(self) -> Generator[Any, None, TaskResult]:
-        return asyncio.shield(self._future).__await__()
+        if self._result is None:
+            # shielded: a caller that gives up waiting must not cancel the shared waiter
+            yield from asyncio.shield(self.asyncio_future()).__await__()
+        assert self._result is not None
+        return self._result
+
+    def asyncio_future(self) -> asyncio.Future[TaskResult]:
+        """An asyncio future for the result (for `asyncio.gather`, `as_completed`, `wait`)."""
+        if self._waiter is None:
+            self._waiter = self._pool._new_future()
+            if self._result is not None:
+                self._waiter.set_result(self._result)
+        return self._waiter
 
     def done(self) -> bool:
-        return self._future.done()
+        return self._result is not None
 
     def result(self) -> TaskResult:
         """The result, if `done()`; raises asyncio.InvalidStateError otherwise."""
-        return self._future.result()
+        if self._result is None:
+            raise asyncio.InvalidStateError(f"task {self.task_id} ({self.task.name}) has not finished")
+        return self._result
 
     def cancel(self) -> bool:
         """Ask for the task to be cancelled; it resolves with status CANCELLED unless already done."""
-        if self._future.done():
+        if self._result is not None:
             return False
         self._pool.cancel(self.task_id)
         return True
 
     def add_done_callback(self, callback: Callable[[TaskFuture], None]) -> None:
-        self._future.add_done_callback(lambda _f: callback(self))
+        """Call `callback(self)` once done, from the event loop (never inside the pool's own work)."""
+        if self._result is not None:
+            self._pool._call_soon(callback, self)
+        elif self._callbacks is None:
+            self._callbacks = [callback]
+        else:
+            self._callbacks.append(callback)
+
+    def _resolve(self, result: TaskResult) -> None:
+        if self._result is not None:
+            return
+        self._result = result
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(result)
+        if self._callbacks:
+            for callback in self._callbacks:
+                self._pool._call_soon(callback, self)
+            self._callbacks = None
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "pending"
@@ -183,7 +221,7 @@ class Pool:
         self._scheduler = Scheduler(self.config.scheduler, seed=self.config.seed)
         self._sessions: dict[str, HostSession] = {}
         self._slot_of: dict[str, tuple[HostSession, int]] = {}
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, TaskFuture] = {}
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -310,16 +348,16 @@ class Pool:
             task.call, task.backend, gpu_available=self._gpu_available, thresholds=self.config.thresholds
         )
         backend = choice.backend
-        requires = {CAP_GPU if backend is Backend.GPU else CAP_CPU, *task.requires}
+        requires = _requirements(backend, task.requires)
         task_id = next(self._ids)
-        future: asyncio.Future[TaskResult] = loop.create_future()
         now = loop.time()
         job = _current_job.get()
+        future = TaskFuture(self, task_id, task, choice, job, now)
         if self._store is not None:
             kept = self._store.lookup(task, job)
             if kept is not None:
-                return self._restore(task_id, task, future, replace(kept, task_id=task_id, job=job, restored=True))
-        self._pending[task_id] = _Pending(task, future, now, backend.value, choice.reason, job)
+                return self._restore(future, replace(kept, task_id=task_id, job=job, restored=True))
+        self._pending[task_id] = future
         if self.events.active:
             self.events.publish(
                 pe.TaskQueued(
@@ -336,13 +374,13 @@ class Pool:
                 ev.TaskSubmitted(
                     task_id=task_id,
                     priority=int(task.priority),
-                    requires=frozenset(requires),
+                    requires=requires,
                     timeout=task.timeout,
                     max_attempts=task.max_attempts,
                 )
             ]
         )
-        return TaskFuture(self, task_id, task, future)
+        return future
 
     async def run(self, task: Task) -> TaskResult:
         """Submit and wait: the seed's `executor.execute(task).await`."""
@@ -386,7 +424,7 @@ class Pool:
             if failure:
                 break
         try:
-            results = await asyncio.gather(*(f._future for f in futures))
+            results = await asyncio.gather(*(f.asyncio_future() for f in futures))
         except asyncio.CancelledError:  # our caller gave up: so do the tasks
             for fut in futures:
                 self.cancel(fut.task_id)
@@ -674,7 +712,7 @@ class Pool:
                     attempt=attempt,
                     call=task.call,
                     timeout=task.timeout,
-                    backend=pending.backend,
+                    backend=pending._choice.backend.value,
                 )
             )
         session.send(m.Run(tasks=tuple(requests)))
@@ -733,8 +771,8 @@ class Pool:
             host=host,
             slot=slot_id,
             attempts=attempts,
-            backend=Backend(pending.backend),
-            backend_reason=pending.backend_reason,
+            backend=pending._choice.backend,
+            backend_reason=pending._choice.reason,
             job=pending.job,
         )
         if status is TaskStatus.SUCCEEDED:
@@ -743,24 +781,29 @@ class Pool:
                 self._store.record(pending.task, pending.job, result)
         else:
             self._failed += 1
-        if not pending.future.done():
-            pending.future.set_result(result)
+        pending._resolve(result)
         if self.events.active:
             self.events.publish(pe.TaskFinished(result=result, at=now))
 
-    def _restore(
-        self, task_id: int, task: Task, future: asyncio.Future[TaskResult], result: TaskResult
-    ) -> TaskFuture:
-        future.set_result(result)
+    def _restore(self, future: TaskFuture, result: TaskResult) -> TaskFuture:
+        future._resolve(result)
         self._restored += 1
         if self.events.active:
             now = self._now()
             backend = result.backend.value if result.backend else ""
             self.events.publish(
-                pe.TaskQueued(task_id=task_id, name=task.name, backend=backend, at=now, job=result.job)
+                pe.TaskQueued(task_id=future.task_id, name=future.task.name, backend=backend, at=now, job=result.job)
             )
             self.events.publish(pe.TaskFinished(result=result, at=now))
-        return TaskFuture(self, task_id, task, future)
+        return future
+
+    def _new_future(self) -> asyncio.Future[TaskResult]:
+        loop = self._loop or asyncio.get_running_loop()
+        return loop.create_future()
+
+    def _call_soon(self, callback: Callable[[TaskFuture], None], future: TaskFuture) -> None:
+        loop = self._loop or asyncio.get_running_loop()
+        loop.call_soon(callback, future)
 
     def _on_requeued(self, ins: ev.TaskRequeued) -> None:
         pending = self._pending.get(ins.task_id)
