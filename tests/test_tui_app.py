@@ -1,0 +1,347 @@
+"""The dashboard driven by Textual's Pilot: every interaction, on a replayed or a real pool.
+
+Replayed tests feed the view-model a seeded synthetic cluster (no agents, fixed clock);
+real ones start the embedded local agent with `BATUTA_FAKE_GPUS` so GPU rows exist on a
+machine without GPUs. Tests wait on conditions (a job's state, a screen's type, a string
+on screen), polling with short pauses, never on fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from batuta.tui.app import BatutaApp
+from batuta.tui.model import DashboardModel
+from batuta.tui.pace import FLOOD_EVENTS_PER_S, PACE_WINDOW_S, SATURATED_REFRESH_HZ, RefreshPace
+from batuta.tui.replay import SyntheticCluster, replay
+from batuta.tui.screens import FailuresScreen, HelpScreen, JobFileScreen, PickerScreen, TaskDetailScreen
+from batuta.tui.snapshot import screen_text
+from textual.widgets import Input
+
+from batuta import Backend, Pool, Task, TaskResult, TaskStatus
+from batuta.cli import main as cli_main
+from batuta.errors import AgentError
+from batuta.runtime.events import HostStateChanged, TaskFinished
+from batuta.runtime.host import HostSpec
+
+SIZE = (160, 50)
+T0 = 1000.0
+
+FAILING_JOB = """\
+from batuta import Task
+
+
+async def main(pool):
+    ok = [await pool.submit(Task.kernel("noop", i)) for i in range(20)]
+    bad = await pool.submit(Task.binary("/bin/sh", "-c", "echo 'chunk 7: disk quota exceeded' >&2; exit 3"))
+    for future in ok:
+        await future
+    await bad
+    return "20 noops and one failure"
+"""
+
+
+async def until(pilot: object, predicate: Callable[[], object], what: str, timeout: float = 20.0) -> None:
+    """Wait (in short pauses that let the app run) until `predicate()` is true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await pilot.pause(0.05)  # type: ignore[attr-defined]
+
+
+def replayed_model(hosts: int = 4, seconds: float = 30.0) -> DashboardModel:
+    """A model fed 30 s of a seeded synthetic cluster, ending with one task that failed."""
+    model = DashboardModel(clock=lambda: T0 + seconds, cluster_label="replay")
+    cluster = SyntheticCluster(hosts=hosts, seed=1)
+    replay(model.apply, cluster, T0, T0 + seconds, 600)
+    model.update_slots(cluster.slot_views(T0 + seconds))
+    model.set_status("running")
+    failed = TaskResult(
+        task_id=99_999,
+        name="vadd",
+        status=TaskStatus.FAILED,
+        stderr=b"ValueError: shapes differ\n",
+        error="ValueError: shapes differ",
+        duration=0.002,
+        queue_wait=0.001,
+        host="node01",
+        slot="node01/2",
+        attempts=1,
+        backend=Backend.GPU,
+        job="kmeans",
+    )
+    model.apply(TaskFinished(result=failed, at=T0 + seconds - 0.01))
+    return model
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local agents report two deterministic fake GPUs."""
+    monkeypatch.setenv("BATUTA_FAKE_GPUS", "2")
+
+
+def local_pool(slots: int = 2) -> Pool:
+    return Pool.builder().cpu_workers(slots).relaunch(max_relaunches=5, backoff=0.2).seed(0).build()
+
+
+# -- replayed ---------------------------------------------------------------------------------
+
+
+async def test_help_screen_opens_and_closes() -> None:
+    app = BatutaApp(model=replayed_model())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("question_mark")
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen), "the help screen")
+        assert "drain a host" in screen_text(app)
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, HelpScreen), "help to close")
+        await pilot.press("f1")
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen), "help again on f1")
+
+
+async def test_clicking_a_failed_task_in_the_stream_opens_its_details() -> None:
+    model = replayed_model()
+    app = BatutaApp(model=model)
+    async with app.run_test(size=SIZE) as pilot:
+        stream = app.query_one("#stream")
+        # the nodes panel grows to its rows on its first draw, moving the stream down: wait for it
+        await until(pilot, lambda: "#" in screen_text(app) and "└ GPU 1" in screen_text(app), "the first full draw")
+        await pilot.pause()
+        rows = model.stream(stream.scrollable_content_region.height)
+        row = next(index for index, r in enumerate(rows) if r.state == "failed")
+        offset = (1 + 4, 1 + row)  # inside the border, on the '#id'
+
+        def link_under_mouse() -> object:
+            x, y = stream.region.x + offset[0], stream.region.y + offset[1]
+            return app.screen.get_style_at(x, y).meta.get("@click")
+
+        await until(pilot, link_under_mouse, "the layout to settle with the link in place")
+        assert await pilot.click("#stream", offset=offset)
+        await until(pilot, lambda: isinstance(app.screen, TaskDetailScreen), "the task detail view")
+        assert isinstance(app.screen, TaskDetailScreen)
+        assert app.screen.failed.result.task_id == rows[row].task_id
+        text = screen_text(app)
+        assert f"Task #{rows[row].task_id}" in text and "stderr" in text and "Attempts" in text
+
+
+async def test_failures_list_leads_to_details() -> None:
+    model = replayed_model()
+    app = BatutaApp(model=model)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f")
+        await until(pilot, lambda: isinstance(app.screen, FailuresScreen), "the failures list")
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, TaskDetailScreen), "the detail of the newest failure")
+        assert isinstance(app.screen, TaskDetailScreen)
+        assert app.screen.failed.result.task_id == next(reversed(model.failures))
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, TaskDetailScreen), "the detail view to close")
+
+
+async def test_latency_filter_cycles_by_key_and_by_click() -> None:
+    model = replayed_model()
+    kernels = model.latency_choices()["kernel"]
+    app = BatutaApp(model=model)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("k")
+        assert model.latency_filter.kernel == kernels[0]
+        await until(pilot, lambda: f"kernel {kernels[0]} ▸" in screen_text(app), "the filter on screen")
+        await pilot.click("#latency", offset=(1 + 1 + 8, 1))  # the label after 'kernel '
+        assert model.latency_filter.kernel == kernels[1]
+        await pilot.press("b")
+        assert model.latency_filter.backend == "cpu"
+        await pilot.press("o")
+        assert model.latency_filter.host == "node01"
+
+
+async def test_replay_without_a_pool_refuses_to_run_jobs_politely() -> None:
+    app = BatutaApp(model=replayed_model())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("d")
+        await until(pilot, lambda: app._notifications, "a notification")
+        assert "replays recorded events" in str(next(iter(app._notifications)).message)
+        await pilot.press("p")
+        assert app.is_running
+
+
+# -- a real local pool ------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("fake_gpus")
+async def test_demo_starts_from_a_key_shows_running_tasks_and_cancels() -> None:
+    app = BatutaApp(local_pool(), cluster_label="local (embedded)")
+    async with app.run_test(size=SIZE) as pilot:
+        model = app.model
+        await until(pilot, lambda: model.status == "running", "the pool to start")
+        await until(pilot, lambda: "Fake GPU 1" in screen_text(app), "the fake GPUs on screen")
+        assert "▶ scheduling" in screen_text(app)
+        await pilot.press("d")
+        await until(pilot, lambda: model.jobs.get("demo") and model.jobs["demo"].submitted > 50, "demo tasks")
+        await until(pilot, lambda: "▶ #" in screen_text(app), "a running task in the stream")
+        await pilot.press("c")
+        await until(pilot, lambda: model.jobs["demo"].state == "cancelled", "the demo to be cancelled")
+        await until(pilot, lambda: model.jobs["demo"].running == 0, "its running tasks to end")
+        assert model.jobs["demo"].cancelled > 0
+        await until(pilot, lambda: "cancelled" in screen_text(app), "the jobs panel to say so")
+
+
+@pytest.mark.usefixtures("fake_gpus")
+async def test_pause_resume_and_drain() -> None:
+    pool = local_pool()
+    app = BatutaApp(pool)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.model.status == "running", "the pool to start")
+        await pilot.press("p")
+        assert pool.paused
+        await until(pilot, lambda: "⏸ paused" in screen_text(app), "the paused banner")
+        future = await pool.submit(Task.kernel("noop", 1))
+        await pilot.pause(0.3)
+        assert not future.done()  # paused: it waits
+        await pilot.press("p")
+        assert not pool.paused
+        await until(pilot, future.done, "the task to run once resumed")
+        await pilot.press("n")
+        await until(pilot, lambda: isinstance(app.screen, PickerScreen), "the host picker")
+        await pilot.press("enter")
+        await until(pilot, lambda: app.model.hosts["local"].state in ("draining", "drained"), "the drain")
+        await until(pilot, lambda: "drain" in screen_text(app), "the nodes panel to say so")
+
+
+@pytest.mark.usefixtures("fake_gpus")
+async def test_job_file_from_the_palette_and_its_failure_in_detail(tmp_path: Path) -> None:
+    job_file = tmp_path / "flaky_job.py"
+    job_file.write_text(FAILING_JOB)
+    app = BatutaApp(local_pool())
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.model.status == "running", "the pool to start")
+        await pilot.press("ctrl+p")
+        await pilot.press(*"job file")
+        await until(pilot, lambda: "Run a job file" in screen_text(app), "the palette's hit")
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, JobFileScreen), "the job-file prompt")
+        app.screen.query_one(Input).value = str(job_file)  # typing a long tmp path key by key is slow
+        await pilot.press("enter")
+        jobs = app.model.jobs
+        await until(pilot, lambda: jobs.get("flaky_job") and jobs["flaky_job"].state == "done", "the job to finish")
+        assert (jobs["flaky_job"].succeeded, jobs["flaky_job"].failed) == (20, 1)
+        await until(pilot, lambda: "1 task failed in the last minute" in screen_text(app), "the failure alert")
+        await pilot.press("f")
+        await until(pilot, lambda: isinstance(app.screen, FailuresScreen), "the failures list")
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, TaskDetailScreen), "the detail view")
+        text = screen_text(app)
+        assert "chunk 7: disk quota exceeded" in text  # stderr
+        assert "exited with code 3" in text and "flaky_job" in text
+
+
+async def test_a_bad_job_file_is_a_notification_not_a_crash(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.py"
+    bad.write_text("def main(pool):\n    return 1\n")  # not async
+    app = BatutaApp(local_pool(1))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.model.status == "running", "the pool to start")
+        app.start_job(str(bad))
+        await until(pilot, lambda: any("not 'async def'" in str(n.message) for n in app._notifications), "the error")
+        assert app.is_running and "broken" not in app.model.jobs
+
+
+@pytest.mark.usefixtures("fake_gpus")
+async def test_the_app_keeps_working_when_the_local_agent_dies() -> None:
+    pool = local_pool(1)
+    app = BatutaApp(pool)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.model.status == "running", "the pool to start")
+        description = pool.hosts()[0].description
+        pid = int(description.rsplit(" ", 1)[-1])  # "local agent pid 1234"
+        states: list[str] = []  # every host state the pool announces, in order
+        pool.subscribe(lambda event: states.append(event.state) if isinstance(event, HostStateChanged) else None)
+        os.kill(pid, signal.SIGKILL)  # the agent this test's pool started
+        await until(pilot, lambda: any("lost" in line.message for line in app.model.logs), "the loss in the log")
+        await until(pilot, lambda: "up" in states and app.model.hosts["local"].state == "up", "the relaunch")
+        await until(pilot, lambda: pool.hosts()[0].description != description, "a new agent")
+        result = await pool.run(Task.kernel("noop", 7))
+        assert result.value == 7
+        await until(pilot, lambda: "● up" in screen_text(app), "the host back up on screen")
+        assert app.is_running
+
+
+@pytest.mark.parametrize("source", ["fake", "system"])
+async def test_no_gpu_is_said_when_the_host_has_none(source: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake telemetry with no GPUs, and this machine's own NVML where there is no driver."""
+    if source == "fake":
+        monkeypatch.setenv("BATUTA_FAKE_GPUS", "0")
+    else:
+        if Path("/proc/driver/nvidia").exists():
+            pytest.skip("this machine has an NVIDIA driver: NVML is not absent here")
+        monkeypatch.delenv("BATUTA_FAKE_GPUS", raising=False)
+    app = BatutaApp(local_pool(1))
+    async with app.run_test(size=SIZE) as pilot:
+        hosts = app.model.hosts
+        await until(pilot, lambda: hosts.get("local") and hosts["local"].telemetry_seen, "telemetry")
+        await until(pilot, lambda: "no GPU" in screen_text(app), "'no GPU' on screen")
+        assert hosts["local"].gpu_status and hosts["local"].gpu_status in screen_text(app)
+        assert "● up" in screen_text(app)  # the rest of the host is shown
+
+
+async def test_a_pool_that_cannot_start_is_reported_on_screen() -> None:
+    async def refuse() -> object:
+        raise AgentError("host ghost: agent refused the session (test)")
+
+    pool = Pool([HostSpec(name="ghost", launch=refuse)])  # type: ignore[arg-type]
+    app = BatutaApp(pool)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.model.status == "failed", "the failure")
+        await until(pilot, lambda: "pool failed to start" in screen_text(app), "the banner")
+        await pilot.press("d")  # still usable: says why it cannot run a job
+        await pilot.pause(0.2)
+        assert app.is_running
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def test_cli_tui_refuses_bad_arguments_before_the_screen(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert cli_main(["tui", "--job", "no_such_job"]) == 2
+    assert "unknown built-in job 'no_such_job'" in capsys.readouterr().err
+    assert cli_main(["tui", "--cluster", "x.toml", "--workers", "2"]) == 2
+    bad = tmp_path / "cluster.toml"
+    bad.write_text('[[hosts]]\nname = "a"\naddress = "127.0.0.1"\nslotz = 2\n')
+    assert cli_main(["tui", "--cluster", str(bad)]) == 2
+    assert "hosts[0].slotz: unknown key; did you mean 'slots'?" in capsys.readouterr().err
+
+
+def test_cli_tui_help_names_its_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["tui", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--cluster FILE" in out and "--job JOB" in out
+
+
+async def test_what_a_job_prints_lands_in_the_log_panel(tmp_path: Path) -> None:
+    chatty = tmp_path / "chatty.py"
+    chatty.write_text("async def main(pool):\n    print('k-means check: bit-identical')\n    return 'ok'\n")
+    app = BatutaApp(local_pool(1))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.model.status == "running", "the pool to start")
+        app.start_job(str(chatty))
+        await until(pilot, lambda: "k-means check: bit-identical" in screen_text(app), "the print in the log panel")
+        assert any(line.logger == "print" for line in app.model.logs)
+
+
+def test_refresh_slows_while_the_pool_floods_and_recovers() -> None:
+    pace = RefreshPace()
+    start = time.perf_counter()
+    assert pace.frame_due(start, 0)  # a frame at every tick while quiet
+    flood = int(FLOOD_EVENTS_PER_S * PACE_WINDOW_S * 2)
+    now = start + PACE_WINDOW_S
+    assert not pace.frame_due(now, flood)  # measured a flood: the last frame was too recent
+    assert pace.saturated
+    assert pace.frame_due(start + 1.0 / SATURATED_REFRESH_HZ + 0.01, 0)
+    later = start + 3.0  # a quiet window: back to a frame at every tick
+    assert pace.frame_due(later, 10) and not pace.saturated
+    assert pace.frame_due(later + 0.01, 0)

@@ -1,0 +1,390 @@
+"""The dashboard's view-model, histogram, alerts, log bridge and replay: no terminal, no loop.
+
+The model is fed hand-written runtime events at fixed instants and asserted on what the
+panels would read; rendering functions are checked as text with a plain palette.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+from batuta.tui import render
+from batuta.tui.alerts import GPU_HOT_C, IMBALANCE_DEPTH, IMBALANCE_HOLD_S
+from batuta.tui.histogram import LogHistogram, bucket_of
+from batuta.tui.logbridge import LogBridge
+from batuta.tui.model import HISTORY_S, DashboardModel
+from batuta.tui.render import Palette
+from batuta.tui.replay import SyntheticCluster, SyntheticSlot, replay
+
+from batuta import Backend, TaskResult, TaskStatus
+from batuta.runtime import events as pe
+
+PLAIN = Palette.plain()
+
+
+class Clock:
+    """A settable clock for the model."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def result(task_id: int, status: TaskStatus = TaskStatus.SUCCEEDED, **changes: object) -> TaskResult:
+    fields: dict[str, object] = {
+        "task_id": task_id,
+        "name": "spin",
+        "status": status,
+        "duration": 0.004,
+        "queue_wait": 0.001,
+        "host": "h1",
+        "slot": "h1/0",
+        "attempts": 1,
+        "backend": Backend.CPU,
+        "job": "demo",
+    }
+    fields.update(changes)
+    return TaskResult(**fields)  # type: ignore[arg-type]
+
+
+def lifecycle(task_id: int, at: float, status: TaskStatus = TaskStatus.SUCCEEDED, **changes: object) -> list[object]:
+    job = str(changes.get("job", "demo"))
+    return [
+        pe.TaskQueued(task_id=task_id, name="spin", backend="cpu", at=at, job=job),
+        pe.TaskStarted(task_id=task_id, name="spin", host="h1", slot="h1/0", attempt=1, at=at + 0.001, job=job),
+        pe.TaskFinished(result=result(task_id, status, **changes), at=at + 0.005),
+    ]
+
+
+def host_up(name: str = "h1", at: float = 100.0, slots: int = 2) -> pe.HostUp:
+    return pe.HostUp(
+        host=name,
+        slots=tuple(f"{name}/{i}" for i in range(slots)),
+        gpus=(),
+        cpu_count=4,
+        batuta_version="test",
+        python_version="3.11",
+        at=at,
+    )
+
+
+def telemetry(name: str, at: float, gpus: tuple[pe.GpuReading, ...] = (), gpu_status: str = "") -> pe.HostTelemetry:
+    return pe.HostTelemetry(
+        host=name,
+        cpu_percent=42.0,
+        memory_used=8 * 2**30,
+        memory_total=32 * 2**30,
+        gpus=gpus,
+        gpu_status=gpu_status,
+        at=at,
+    )
+
+
+def gpu(index: int = 0, **changes: object) -> pe.GpuReading:
+    fields: dict[str, object] = {
+        "index": index,
+        "name": "H100",
+        "utilization": 50.0,
+        "memory_used": 40 * 2**30,
+        "memory_total": 80 * 2**30,
+        "temperature": 60.0,
+        "power": 300.0,
+    }
+    fields.update(changes)
+    return pe.GpuReading(**fields)  # type: ignore[arg-type]
+
+
+# -- counting ---------------------------------------------------------------------------------
+
+
+def test_task_lifecycles_count_by_state_per_job_and_overall() -> None:
+    model = DashboardModel(clock=Clock(101.0))
+    model.apply(host_up())
+    events = [
+        *lifecycle(1, 100.0),
+        *lifecycle(2, 100.1, TaskStatus.FAILED, error="boom"),
+        *lifecycle(3, 100.2, TaskStatus.CANCELLED, job="other"),
+        pe.TaskQueued(task_id=4, name="spin", backend="cpu", at=100.3, job="demo"),
+        pe.TaskQueued(task_id=5, name="spin", backend="cpu", at=100.3, job="demo"),
+        pe.TaskStarted(task_id=5, name="spin", host="h1", slot="h1/1", attempt=1, at=100.4, job="demo"),
+    ]
+    model.apply_many(events)
+    demo = model.jobs["demo"]
+    assert (demo.submitted, demo.queued, demo.running, demo.succeeded, demo.failed) == (4, 1, 1, 1, 1)
+    assert model.jobs["other"].cancelled == 1
+    assert (model.queued_count, model.running_count) == (1, 1)
+    assert (model.totals.succeeded, model.totals.failed, model.totals.cancelled) == (1, 1, 1)
+    assert model.busy_slots() == {"h1/1": 1}
+    assert model.hosts["h1"].done == 2 and model.hosts["h1"].failed == 1  # cancelled never ran
+
+
+def test_requeue_counts_a_retry_and_keeps_the_attempt_for_the_detail_view() -> None:
+    model = DashboardModel(clock=Clock(101.0))
+    model.apply_many(
+        [
+            pe.TaskQueued(task_id=7, name="spin", backend="cpu", at=100.0, job="demo"),
+            pe.TaskStarted(task_id=7, name="spin", host="h1", slot="h1/0", attempt=1, at=100.1, job="demo"),
+            pe.TaskRequeued(
+                task_id=7, name="spin", slot="h1/0", attempts=1, reason="host h1 lost", at=100.2, job="demo"
+            ),
+            pe.TaskStarted(task_id=7, name="spin", host="h2", slot="h2/0", attempt=2, at=100.3, job="demo"),
+            pe.TaskFinished(
+                result=result(7, TaskStatus.LOST, host="h2", slot="h2/0", attempts=2, error="worker died"), at=100.4
+            ),
+        ]
+    )
+    assert model.jobs["demo"].retried == 1 and model.totals.retried == 1
+    assert model.running_count == 0
+    failed = model.failure(7)
+    assert failed is not None
+    assert [(a.attempt, a.slot) for a in failed.attempts] == [(1, "h1/0"), (2, "h2/0")]
+    assert failed.attempts[0].outcome == "requeued: host h1 lost"
+
+
+def test_stream_shows_running_tasks_before_they_finish() -> None:
+    clock = Clock(101.0)
+    model = DashboardModel(clock=clock)
+    model.apply_many(lifecycle(1, 100.0))
+    model.apply(pe.TaskStarted(task_id=2, name="mc_pi", host="h1", slot="h1/1", attempt=1, at=100.5, job="pi"))
+    rows = model.stream(10)
+    assert [(r.task_id, r.state) for r in rows] == [(2, "running"), (1, "succeeded")]
+    text = [line.plain for line in render.stream_lines(rows, 101.0, PLAIN)]
+    assert "running 500 ms" in text[0]
+    assert "#1" in text[1] and "4.0 ms" in text[1]
+
+
+def test_versions_move_only_for_sections_an_event_touches() -> None:
+    model = DashboardModel(clock=Clock())
+    before = (model.versions.hosts, model.versions.latency)
+    model.apply(pe.TaskQueued(task_id=1, name="spin", backend="cpu", at=100.0, job=""))
+    assert (model.versions.hosts, model.versions.latency) == before
+    assert model.jobs["(no job)"].submitted == 1
+    model.apply(telemetry("h1", 100.0))
+    assert model.versions.hosts == before[0] + 1
+
+
+# -- latency ----------------------------------------------------------------------------------
+
+
+def test_histogram_percentiles_land_in_the_right_buckets() -> None:
+    hist = LogHistogram()
+    for _ in range(90):
+        hist.add(0.001)
+    for _ in range(9):
+        hist.add(0.1)
+    hist.add(5.0)
+    p50, p95, p99 = (hist.percentile(q) for q in (50, 95, 99))
+    assert p50 is not None and p95 is not None and p99 is not None
+    assert bucket_of(p50) == bucket_of(0.001)
+    assert bucket_of(p95) == bucket_of(0.1)
+    assert bucket_of(p99) == bucket_of(0.1)
+    assert hist.percentile(100) == pytest.approx(5.0)
+    assert LogHistogram().percentile(50) is None
+    merged = LogHistogram.merged([hist, hist])
+    assert merged.total == 200 and merged.max_s == 5.0
+
+
+def test_latency_filter_selects_by_kernel_backend_and_host() -> None:
+    model = DashboardModel(clock=Clock(101.0))
+    model.apply_many(lifecycle(1, 100.0, name="spin", duration=0.001))
+    model.apply_many(lifecycle(2, 100.0, name="vadd", backend=Backend.GPU, host="h2", slot="h2/0", duration=0.5))
+    assert model.latency()[1].total == 2
+    assert model.latency_choices() == {"kernel": ["spin", "vadd"], "backend": ["cpu", "gpu"], "host": ["h1", "h2"]}
+    assert model.cycle_latency_filter("kernel") == "spin"
+    assert model.latency()[1].total == 1 and model.latency()[1].max_s == pytest.approx(0.001)
+    model.set_latency_filter("kernel", None)
+    model.set_latency_filter("backend", "gpu")
+    assert model.latency()[1].max_s == pytest.approx(0.5)
+    assert model.cycle_latency_filter("backend") is None  # gpu was the last value: back to all
+    with pytest.raises(ValueError, match="unknown latency dimension"):
+        model.cycle_latency_filter("colour")
+
+
+def test_histogram_drawing_marks_the_percentiles() -> None:
+    hist = LogHistogram()
+    for value in [0.001] * 50 + [0.01] * 45 + [0.2] * 5:
+        hist.add(value)
+    lines = [line.plain for line in render.histogram_lines("run time", hist, PLAIN, 60, 3)]
+    assert len(lines) == 3 + 3
+    assert lines[0].startswith("run time") and "p50 1.0ms" in lines[0] and "p99 " in lines[0]
+    assert lines[-2].count("▲") >= 2  # markers on the axis
+    assert "1ms" in lines[-1] and "100ms" in lines[-1]
+
+
+# -- hosts and GPUs ---------------------------------------------------------------------------
+
+
+def test_gpu_history_keeps_sixty_seconds_and_shows_gaps() -> None:
+    model = DashboardModel(clock=Clock())
+    model.apply(host_up())
+    for second in range(100, 170):
+        if second in (150, 151):
+            continue  # two missed heartbeats
+        model.apply(telemetry("h1", float(second), gpus=(gpu(utilization=float(second - 100)),)))
+    history = model.hosts["h1"].gpus[0].utilization_history(169.5)
+    assert len(history) == HISTORY_S
+    assert history[-1] == 69.0
+    assert model.hosts["h1"].gpus[0].utilization_history(172.0)[-2:] == [None, None]  # silent since 169
+    assert history[-(169 - 150) - 1] is None and history[-(169 - 151) - 1] is None
+    assert history[0] == 10.0
+
+
+def test_unknown_gpu_fields_show_as_unknown_without_hiding_the_rest() -> None:
+    model = DashboardModel(clock=Clock(101.0))
+    model.apply(host_up())
+    model.apply(telemetry("h1", 100.5, gpus=(gpu(power=None, temperature=None),)))
+    lines = [line.plain for line in render.node_lines(model, 101.0, PLAIN, 140)]
+    gpu_line = lines[1]
+    assert "? W" in gpu_line and "? °C" in gpu_line
+    assert "50%" in gpu_line and "40.0/80.0 GiB" in gpu_line
+
+
+def test_a_host_without_gpus_says_so() -> None:
+    model = DashboardModel(clock=Clock(101.0))
+    model.apply(host_up())
+    model.apply(telemetry("h1", 100.5, gpu_status="NVML not installed (pip install nvidia-ml-py)"))
+    lines = [line.plain for line in render.node_lines(model, 101.0, PLAIN, 140)]
+    assert "no GPU" in lines[1] and "NVML not installed" in lines[1]
+    assert "● up" in lines[0] and "42%" in lines[0] and "0.5s" in lines[0]
+
+
+# -- alerts -----------------------------------------------------------------------------------
+
+
+def test_alerts_for_lost_hosts_full_and_hot_gpus_and_failures() -> None:
+    clock = Clock(101.0)
+    model = DashboardModel(clock=clock)
+    model.apply_many([host_up("h1"), host_up("h2")])
+    model.apply(telemetry("h1", 100.5, gpus=(gpu(memory_used=76 * 2**30, temperature=GPU_HOT_C + 2),)))
+    model.apply(pe.HostDown(host="h2", reason="connection reset", at=100.6))
+    model.apply_many(lifecycle(9, 100.0, TaskStatus.FAILED, error="ValueError: nope"))
+    model.tick(101.0)
+    titles = [(a.severity, a.title) for a in model.alerts]
+    assert titles[0][0] == "error" and titles[1][0] == "error"  # errors first
+    assert ("error", "host h2 lost") in titles
+    assert ("error", "1 task failed in the last minute") in titles
+    assert ("warning", "h1 GPU 0 memory 95%") in titles
+    assert ("warning", f"h1 GPU 0 hot: {GPU_HOT_C + 2:.0f} °C") in titles
+    failing = next(a for a in model.alerts if a.key == "tasks-failing")
+    assert failing.task_id == 9
+    clock.now = 162.0  # the failure ages out of the one-minute window
+    model.tick(162.0)
+    assert not any(a.key == "tasks-failing" for a in model.alerts)
+
+
+def slot(slot_id: str, depth: int, in_flight: int) -> SyntheticSlot:
+    return SyntheticSlot(
+        slot_id=slot_id,
+        host_id=slot_id.split("/")[0],
+        capabilities=frozenset({"cpu"}),
+        state="up",
+        deque_depth=depth,
+        in_flight=in_flight,
+        window_limit=4,
+        steals_in=0,
+        steals_out=0,
+        completed=0,
+        mean_run_s=None,
+    )
+
+
+def test_imbalance_alert_needs_to_hold_before_it_shows() -> None:
+    model = DashboardModel(clock=Clock())
+    model.update_slots([slot("h1/0", IMBALANCE_DEPTH + 4, 4), slot("h2/0", 0, 0)])
+    model.tick(100.0)
+    assert model.alerts == []  # seen once: could be a moment before a steal
+    model.tick(100.0 + IMBALANCE_HOLD_S)
+    assert [a.key for a in model.alerts] == ["imbalance:cpu"]
+    assert "h1/0 holds 12 queued" in model.alerts[0].title
+    model.update_slots([slot("h1/0", 2, 4), slot("h2/0", 2, 4)])
+    model.tick(100.0 + IMBALANCE_HOLD_S + 1)
+    assert model.alerts == []
+
+
+# -- jobs, rates, logs ------------------------------------------------------------------------
+
+
+def test_job_rate_and_eta() -> None:
+    clock = Clock(100.0)
+    model = DashboardModel(clock=clock)
+    model.job_started("demo", "built-in")
+    for index in range(100):
+        model.apply(pe.TaskQueued(task_id=index, name="spin", backend="cpu", at=100.0, job="demo"))
+    for index in range(50):
+        at = 100.0 + index * 0.1  # 10 a second for 5 s
+        model.apply(pe.TaskFinished(result=result(index), at=at))
+    job = model.jobs["demo"]
+    assert job.rate(105.0) == pytest.approx(10.0, rel=0.15)
+    eta = job.eta(105.0)
+    assert eta is not None and eta == pytest.approx(5.0, rel=0.2)
+    model.job_ended("demo", "done", "ok")
+    lines = [line.plain for line in render.job_lines(model, 105.0, PLAIN, 100)]
+    assert "demo" in lines[0] and "done" in lines[0] and "50%" in lines[0]
+
+
+def test_log_bridge_forwards_batuta_records_and_stays_bounded() -> None:
+    model = DashboardModel(clock=Clock())
+    bridge = LogBridge(model)
+    logger = logging.getLogger("batuta.runtime.pool")
+    bridge.attach()
+    try:
+        logger.info("host %s relaunched", "h1")
+        logger.debug("not shown at INFO")
+        logging.getLogger("elsewhere").warning("not ours")
+        for index in range(model.logs.maxlen or 0):
+            logger.warning("flood %d", index)
+    finally:
+        bridge.detach()
+    logger.warning("after detach")
+    assert len(model.logs) == model.logs.maxlen
+    assert model.logs[-1].message == f"flood {(model.logs.maxlen or 0) - 1}"
+    assert all("not" not in line.message and "after" not in line.message for line in model.logs)
+    assert logging.getLogger("batuta").propagate is True
+
+
+# -- replay and layering ----------------------------------------------------------------------
+
+
+def test_replay_is_deterministic() -> None:
+    def run() -> list[str]:
+        seen: list[str] = []
+        replay(lambda e: seen.append(repr(e)), SyntheticCluster(hosts=3, seed=5), 10.0, 14.0, 300)
+        return seen
+
+    first = run()
+    assert first == run()
+    assert sum("TaskFinished" in e for e in first) > 300
+    assert any("gpu_status='no NVIDIA driver'" in e for e in first) is False  # 3 hosts: none is the 8th
+    assert any("power=None" in e for e in first)
+
+
+def test_view_model_and_drawing_code_import_no_textual() -> None:
+    code = (
+        "import sys\n"
+        "import batuta.tui.model, batuta.tui.render, batuta.tui.alerts, batuta.tui.histogram\n"
+        "import batuta.tui.replay, batuta.tui.logbridge, batuta.tui.format, batuta.tui.pace\n"
+        "assert not [m for m in sys.modules if m == 'textual' or m.startswith('textual.')], 'textual imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_queued_events_fold_the_same_as_applied_ones() -> None:
+    events: list[object] = []
+    replay(events.append, SyntheticCluster(hosts=2, seed=3), 10.0, 13.0, 900)
+    direct, queued = DashboardModel(clock=Clock(13.0)), DashboardModel(clock=Clock(13.0))
+    direct.apply_many(events)
+    for index, event in enumerate(events):
+        queued.inbox(event)
+        if index % 100 == 0:
+            assert queued.drain() > 0
+    queued.drain()
+    assert queued.drain() == 0
+    assert (queued.totals.succeeded, queued.totals.failed) == (direct.totals.succeeded, direct.totals.failed)
+    assert [r.task_id for r in queued.stream(20)] == [r.task_id for r in direct.stream(20)]
+    assert queued.latency()[1].counts == direct.latency()[1].counts
+    assert list(queued.failures) == list(direct.failures)

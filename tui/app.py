@@ -1,0 +1,447 @@
+"""`BatutaApp`: the coordinator's dashboard, running the pool in Textual's own event loop.
+
+The pool and the app share one asyncio loop, so nothing here may block: the pool starts in
+a worker from `on_mount` (the screen is up at once, saying "starting hosts…"), jobs run as
+workers, job files load in a thread, and the pool's events reach the screen only through
+the view-model: the bus hands each event to `DashboardModel.inbox` (a list append), and
+each frame folds the batch in (`drain`, no Textual). A timer at
+`refresh_hz` asks each panel to redraw if its part of the model moved; scheduler views that
+have no events (slot deques, steals) are polled on the same timer at `slot_poll_s`.
+
+With `pool=None` the app only shows a model fed by someone else (the replay used by the
+snapshot tests, screenshots and the load benchmark).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Footer
+from textual.worker import Worker, get_current_worker
+
+from batuta.jobs import JobError, builtin_job_names, load_job
+
+from .commands import BatutaCommands
+from .logbridge import LogBridge
+from .model import DashboardModel
+from .pace import RefreshPace
+from .screens import FailuresScreen, HelpScreen, JobFileScreen, PickerScreen, TaskDetailScreen
+from .widgets import (
+    AlertsPanel,
+    JobsPanel,
+    LatencyPanel,
+    LogPanel,
+    NodesPanel,
+    SlotsPanel,
+    StreamPanel,
+    SummaryBar,
+    ThroughputBar,
+)
+
+if TYPE_CHECKING:
+    from batuta.runtime.pool import Pool
+
+log = logging.getLogger("batuta.tui")
+
+FrameListener = Callable[[float, float], None]
+JOB_FILE_CHOICE = "\x00job-file"
+
+
+@dataclass(frozen=True, slots=True)
+class PaletteCommand:
+    """One command palette entry: what it says, a line of help, and what it does."""
+
+    title: str
+    help: str
+    run: Callable[[], object]
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    line = lines[0] if lines else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+class BatutaApp(App[None]):
+    """Nodes, job flow, slots, latency, task stream, alerts and log for one pool."""
+
+    CSS_PATH = "batuta.tcss"
+    TITLE = "batuta"
+    AUTO_FOCUS = None  # no panel grabs the keys until clicked or tabbed to
+    COMMANDS: ClassVar = App.COMMANDS | {BatutaCommands}
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("d", "start_job('demo')", "Demo"),
+        Binding("r", "pick_job", "Run job"),
+        Binding("c", "cancel_job", "Cancel job"),
+        Binding("p", "toggle_pause", "Pause/resume"),
+        Binding("n", "drain_host", "Drain host"),
+        Binding("f", "show_failures", "Failures"),
+        Binding("k", "cycle_latency('kernel')", "Latency kernel", show=False),
+        Binding("b", "cycle_latency('backend')", "Latency backend", show=False),
+        Binding("o", "cycle_latency('host')", "Latency host", show=False),
+        Binding("question_mark,f1", "help", "Help"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(
+        self,
+        pool: Pool | None = None,
+        *,
+        model: DashboardModel | None = None,
+        cluster_label: str = "local",
+        start_jobs: Sequence[str] = (),
+        refresh_hz: float = 12.0,
+        slot_poll_s: float = 0.5,
+        own_pool: bool = True,
+        pool_started: bool = False,
+        attach_logging: bool = True,
+        frame_listener: FrameListener | None = None,
+    ) -> None:
+        """Show `pool` (started here unless `pool_started`; closed on exit when `own_pool`).
+
+        `start_jobs` run once the pool is up (`batuta tui --job demo`). `frame_listener`,
+        when given, is called with (perf_counter when a frame's refresh began, perf_counter
+        once that frame reached the screen): the load benchmark measures with it.
+        """
+        super().__init__()
+        self.pool = pool
+        self.model = model if model is not None else DashboardModel(cluster_label=cluster_label)
+        self._start_jobs = list(start_jobs)
+        self._refresh_interval = 1.0 / refresh_hz
+        self._slot_poll_s = slot_poll_s
+        self._own_pool = own_pool
+        self._pool_started = pool_started
+        self._log_bridge = LogBridge(self.model) if attach_logging else None
+        self._frame_listener = frame_listener
+        self._pool_unsubscribe: Callable[[], None] | None = None
+        self._pool_ready = asyncio.Event()
+        self._polled_at = -1e18
+        self._pace = RefreshPace()
+        self._job_workers: dict[str, Worker[None]] = {}
+        self._dash_panels: list[SummaryBar | NodesPanel | LogPanel] = []
+        self.frames = 0  # refreshes that redrew at least one panel
+
+    # -- layout -----------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        model = self.model
+        yield SummaryBar(model, id="summary")
+        yield ThroughputBar(model, id="throughput")
+        yield NodesPanel(model, title="Nodes", id="nodes")
+        with Horizontal(id="body"):
+            with Vertical(id="flow"):
+                yield JobsPanel(model, title="Jobs", id="jobs")
+                yield SlotsPanel(model, title="Slots", id="slots")
+                yield StreamPanel(model, title="Task stream", id="stream")
+            with Vertical(id="side"):
+                yield LatencyPanel(model, id="latency")
+                yield AlertsPanel(model, title="Alerts", id="alerts")
+                yield LogPanel(model, id="log")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self._dash_panels = [
+            *self.query(SummaryBar),  # the throughput bar and latency panel are SummaryBars too
+            *self.query(NodesPanel),
+            *self.query(JobsPanel),
+            *self.query(SlotsPanel),
+            *self.query(StreamPanel),
+            *self.query(AlertsPanel),
+            *self.query(LogPanel),
+        ]
+        if self._log_bridge is not None:
+            self._log_bridge.attach()
+        pool = self.pool
+        if pool is not None:
+            self._pool_unsubscribe = pool.subscribe(self.model.inbox)  # folded once per frame
+            if self._pool_started:
+                self.model.seed_hosts(pool.hosts())
+                self.model.set_status("running")
+                self._pool_ready.set()
+            else:
+                self.run_worker(self._start_pool(), name="pool start", group="pool", exit_on_error=False)
+        self.set_interval(self._refresh_interval, self._tick, name="dashboard refresh")
+        self.call_after_refresh(self._tick)
+
+    async def on_unmount(self) -> None:
+        """Stop listening, give the logger back, and close the pool if it is ours."""
+        if self._pool_unsubscribe is not None:
+            self._pool_unsubscribe()
+            self._pool_unsubscribe = None
+        if self._log_bridge is not None:
+            self._log_bridge.detach()
+        if self.pool is not None and self._own_pool:
+            await self.pool.close()
+
+    # -- the refresh timer ------------------------------------------------------------------
+
+    def _tick(self, *, everything: bool = False) -> None:
+        """One frame: poll slot views when due, advance the model's clock, redraw what moved.
+
+        Light panels (summary, stream, jobs, alerts, log) redraw whenever they moved; of the
+        heavy ones (nodes, slots, latency: whole screens of lines) at most one redraws per
+        frame, the one that waited longest, so their once-a-second redraws never pile into
+        one long frame that would delay everything else on the loop. While the pool floods
+        (see `RefreshPace`), frames come at 2 Hz and every panel but the summary takes turns.
+        """
+        began = time.perf_counter()
+        model = self.model
+        events = model.drain()
+        if not everything and not self._pace.frame_due(began, events):
+            return
+        now = model.clock()
+        pool = self.pool
+        if pool is not None and self._pool_ready.is_set() and now - self._polled_at >= self._slot_poll_s:
+            self._polled_at = now
+            model.update_slots(pool.slots())
+            model.set_paused(pool.paused)
+        model.tick(now)
+        drew = False
+        # While the coordinator is flat out, every panel but the summary takes turns as if heavy.
+        saturated = self._pace.saturated and not everything
+        queue = []
+        for panel in self._dash_panels:
+            if getattr(panel, "heavy", False) or (saturated and panel.id != "summary"):
+                queue.append(panel)
+            else:
+                drew = panel.sync(now) or drew
+        queue.sort(key=lambda panel: getattr(panel, "_drawn_at", 0.0))
+        for panel in queue:
+            if panel.sync(now):
+                drew = True
+                if not everything:
+                    break
+        if drew:
+            self.frames += 1
+            if self._frame_listener is not None:
+                self.call_after_refresh(self._frame_done, began)
+
+    def _frame_done(self, began: float) -> None:
+        if self._frame_listener is not None:
+            self._frame_listener(began, time.perf_counter())
+
+    def sync_now(self) -> None:
+        """Redraw whatever moved right away (after an action), without waiting for the timer."""
+        self._tick(everything=True)
+
+    # -- the pool ---------------------------------------------------------------------------
+
+    async def _start_pool(self) -> None:
+        pool = self.pool
+        assert pool is not None
+        self.model.set_status("starting", "starting hosts…")
+        try:
+            await pool.start()
+        except Exception as exc:  # every start failure is shown, none crashes the app
+            detail = _one_line(str(exc)) or type(exc).__name__
+            self.model.set_status("failed", f"pool failed to start: {detail}")
+            log.error("pool failed to start: %s", detail)
+            self.notify(detail, title="pool failed to start", severity="error", timeout=30)
+            return
+        self.model.seed_hosts(pool.hosts())
+        self.model.set_status("running")
+        self._pool_ready.set()
+        for spec in self._start_jobs:
+            self.start_job(spec)
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    def start_job(self, spec: str) -> None:
+        """Load and run a built-in job or a job file as a worker; errors become notifications."""
+        if self.pool is None:
+            self.notify("this dashboard replays recorded events; it has no pool to run jobs on", severity="warning")
+            return
+        self.run_worker(self._run_job(spec), name=f"job {spec}", group="jobs", exit_on_error=False)
+
+    def _label_for(self, name: str, origin: str) -> str:
+        base = name if origin == "built-in" else Path(name).stem
+        label, number = base, 1
+        while label in self.model.jobs:
+            number += 1
+            label = f"{base}-{number}"
+        return label
+
+    async def _run_job(self, spec: str) -> None:
+        pool = self.pool
+        assert pool is not None
+        try:
+            job = await asyncio.to_thread(load_job, spec)  # a job file's imports must not stall the loop
+        except JobError as exc:
+            self.notify(str(exc), title="cannot run job", severity="error", timeout=15)
+            return
+        await self._pool_ready.wait()
+        label = self._label_for(job.name, job.origin)
+        self.model.job_started(label, job.origin)
+        self._job_workers[label] = get_current_worker()
+        log.info("job %s started (%s)", label, job.origin)
+        try:
+            with pool.job(label):
+                value = await job.main(pool)
+        except asyncio.CancelledError:
+            self.model.job_ended(label, "cancelled", "cancelled")
+            log.info("job %s cancelled", label)
+            raise
+        except Exception as exc:  # the job's bug is news, not a crash
+            message = f"{type(exc).__name__}: {_one_line(str(exc))}"
+            self.model.job_ended(label, "failed", message)
+            log.warning("job %s failed: %s", label, message)
+            self.notify(message, title=f"job {label} failed", severity="error", timeout=10)
+        else:
+            message = _one_line(str(value)) if value is not None else ""
+            self.model.job_ended(label, "done", message)
+            log.info("job %s finished%s", label, f": {message}" if message else "")
+            self.notify(message or "finished", title=f"job {label} finished")
+        finally:
+            self._job_workers.pop(label, None)
+            self.sync_now()
+
+    def cancel_job(self, label: str) -> None:
+        """Cancel every unfinished task of job `label`, then the job's `main` itself."""
+        count = self.pool.cancel_job(label) if self.pool is not None else 0
+        worker = self._job_workers.get(label)
+        if worker is not None:
+            worker.cancel()
+        self.notify(f"cancelled {count:,} unfinished task{'s' if count != 1 else ''}", title=f"job {label}")
+
+    def running_jobs(self) -> list[str]:
+        return list(self._job_workers)
+
+    # -- actions (keys, palette, clicks) ----------------------------------------------------
+
+    def action_start_job(self, spec: str) -> None:
+        self.start_job(spec)
+
+    def action_pick_job(self) -> None:
+        choices = [(name, f"{name}  (built-in)") for name in builtin_job_names()]
+        choices.append((JOB_FILE_CHOICE, "a job file…"))
+
+        def chosen(value: str | None) -> None:
+            if value == JOB_FILE_CHOICE:
+                self.action_job_file()
+            elif value:
+                self.start_job(value)
+
+        self.push_screen(PickerScreen("Run a workload", choices), chosen)
+
+    def action_job_file(self) -> None:
+        self.push_screen(JobFileScreen(), lambda path: self.start_job(path) if path else None)
+
+    def action_cancel_job(self) -> None:
+        running = self.running_jobs()
+        if not running:
+            self.notify("no job is running", severity="warning")
+        elif len(running) == 1:
+            self.cancel_job(running[0])
+        else:
+            self.push_screen(
+                PickerScreen("Cancel which job?", [(label, label) for label in running]),
+                lambda label: self.cancel_job(label) if label else None,
+            )
+
+    def action_toggle_pause(self) -> None:
+        pool = self.pool
+        if pool is None or not self._pool_ready.is_set():
+            self.notify("the pool is not running", severity="warning")
+            return
+        if pool.paused:
+            pool.resume()
+            self.notify("scheduling resumed")
+        else:
+            pool.pause()
+            self.notify("scheduling paused: running tasks finish, queued ones wait")
+        self.model.set_paused(pool.paused)
+        self.sync_now()
+
+    def action_drain_host(self) -> None:
+        hosts = [h.name for h in self.model.hosts.values() if h.state in ("up", "suspected")]
+        if self.pool is None or not hosts:
+            self.notify("no host to drain", severity="warning")
+            return
+        self.push_screen(
+            PickerScreen("Drain which host? (it gets no new work)", [(name, name) for name in hosts]),
+            lambda host: self.drain_host(host) if host else None,
+        )
+
+    def drain_host(self, host: str) -> None:
+        if self.pool is None:
+            return
+        try:
+            self.pool.drain(host)
+        except Exception as exc:
+            self.notify(str(exc), title="cannot drain", severity="error")
+            return
+        self.notify(f"draining {host}: no new work goes there")
+        self.sync_now()
+
+    def action_show_failures(self) -> None:
+        self.push_screen(
+            FailuresScreen(self.model.latest_failures()),
+            lambda task_id: self.action_show_task(task_id) if task_id is not None else None,
+        )
+
+    def action_show_task(self, task_id: int) -> None:
+        failed = self.model.failure(task_id)
+        if failed is None:
+            self.notify(f"task {task_id} is not among the recent failures", severity="warning")
+            return
+        self.push_screen(TaskDetailScreen(failed))
+
+    def action_cycle_latency(self, dimension: str) -> None:
+        value = self.model.cycle_latency_filter(dimension)
+        self.notify(f"latency: {dimension} {value or 'all'}", timeout=2)
+        self.sync_now()
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def palette_commands(self) -> list[PaletteCommand]:
+        """What the command palette offers now (see `commands.BatutaCommands`)."""
+        commands = [
+            PaletteCommand(f"Start workload: {name}", f"run the built-in job '{name}'", partial(self.start_job, name))
+            for name in builtin_job_names()
+        ]
+        commands.append(
+            PaletteCommand("Run a job file…", "a .py file with 'async def main(pool)'", self.action_job_file)
+        )
+        commands += [
+            PaletteCommand(f"Cancel job: {label}", "cancel its unfinished tasks", partial(self.cancel_job, label))
+            for label in self.running_jobs()
+        ]
+        paused = self.pool is not None and self.pool.paused
+        commands.append(
+            PaletteCommand(
+                "Resume scheduling" if paused else "Pause scheduling",
+                "queued tasks wait while paused; running ones finish",
+                self.action_toggle_pause,
+            )
+        )
+        commands += [
+            PaletteCommand(f"Drain host: {host.name}", "send it no new work", partial(self.drain_host, host.name))
+            for host in self.model.hosts.values()
+            if host.state in ("up", "suspected")
+        ]
+        commands += [
+            PaletteCommand("Show failed tasks", "attempts, hosts, error and stderr", self.action_show_failures),
+            PaletteCommand(
+                "Latency: next kernel", "cycle the histogram's kernel", lambda: self.action_cycle_latency("kernel")
+            ),
+            PaletteCommand(
+                "Latency: next backend", "cycle the histogram's backend", lambda: self.action_cycle_latency("backend")
+            ),
+            PaletteCommand(
+                "Latency: next host", "cycle the histogram's host", lambda: self.action_cycle_latency("host")
+            ),
+            PaletteCommand("Help", "keys, mouse and panels", self.action_help),
+        ]
+        return commands

@@ -1,0 +1,77 @@
+"""Small number formatters shared by the drawing code and the screens (pure functions)."""
+
+from __future__ import annotations
+
+import math
+
+
+def duration(seconds: float | None, *, compact: bool = False) -> str:
+    """A duration in the unit that reads best: '840 µs', '4.1 ms', '2.35 s', '3m05s', '-'.
+
+    `compact` drops the space before the unit ('4.1ms'), for tight headers.
+    """
+    if compact:
+        return duration(seconds).replace(" ", "")
+    if seconds is None or math.isnan(seconds):
+        return "-"
+    if seconds < 0:
+        seconds = 0.0
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        value = seconds * 1e3
+        return f"{value:.1f} ms" if value < 100 else f"{value:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def age(seconds: float | None) -> str:
+    """A coarse age or remaining time: '0.4s', '12s', '3m05s', '2h10m', '-'."""
+    if seconds is None or math.isnan(seconds) or math.isinf(seconds):
+        return "-"
+    seconds = max(0.0, seconds)
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def axis_duration(seconds: float) -> str:
+    """A short axis label for a power of ten: '1µs', '10ms', '1s', '100s'."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale * 0.999:
+            value = seconds / scale
+            return f"{value:.0f}{unit}"
+    return f"{seconds * 1e9:.0f}ns"
+
+
+def count(value: int) -> str:
+    """A count with thousands separators: '12,345'."""
+    return f"{value:,}"
+
+
+def rate(per_second: float) -> str:
+    """A rate: '0/s', '12/s', '1,234/s', '45.6k/s'."""
+    if per_second >= 100_000:
+        return f"{per_second / 1000:,.0f}k/s"
+    if per_second >= 10_000:
+        return f"{per_second / 1000:.1f}k/s"
+    return f"{per_second:,.0f}/s"
+
+
+def gib(value: int | None) -> str:
+    return "?" if value is None else f"{value / 2**30:.1f}"
+
+
+def percent(value: float | None) -> str:
+    return "?" if value is None else f"{value:.0f}%"
