@@ -255,25 +255,32 @@ def _splitmix64(state: np.uint64) -> np.uint64:
     return z ^ (z >> _SHIFT_C)
 
 
+@jit(cache=True)
+def _mc_pi_chunk(seed: np.uint64, start: int, stop: int) -> int:
+    """Hits among samples [start, stop): sample i uses stream outputs 2i and 2i + 1."""
+    state = seed + np.uint64(2 * start) * _GOLDEN
+    inside = 0
+    for _ in range(start, stop):
+        state += _GOLDEN
+        x = np.float64(_splitmix64(state) >> _SHIFT_53) * _UNIT
+        state += _GOLDEN
+        y = np.float64(_splitmix64(state) >> _SHIFT_53) * _UNIT
+        if x * x + y * y < 1.0:
+            inside += 1
+    return inside
+
+
 @jit(parallel=True, cache=True)
 def _mc_pi_hits(samples: int, seed: np.uint64) -> int:
     chunks = (samples + _MC_CHUNK - 1) // _MC_CHUNK
-    hits = 0
+    # One slot per chunk, summed afterwards, and the chunk's loop in its own function: a
+    # parallel `hits += inside` over a nested loop trips numba 0.68.0's parfor pass
+    # ("unexpected cycle in lookup()"). Integer sums in chunk order are exact either way.
+    per_chunk = np.zeros(chunks, np.int64)
     for chunk in prange(chunks):
         start = chunk * _MC_CHUNK
-        stop = min(start + _MC_CHUNK, samples)
-        # Sample i uses stream outputs 2i and 2i + 1, i.e. counters 2i + 1 and 2i + 2.
-        state = seed + np.uint64(2 * start) * _GOLDEN
-        inside = 0
-        for _ in range(start, stop):
-            state += _GOLDEN
-            x = np.float64(_splitmix64(state) >> _SHIFT_53) * _UNIT
-            state += _GOLDEN
-            y = np.float64(_splitmix64(state) >> _SHIFT_53) * _UNIT
-            if x * x + y * y < 1.0:
-                inside += 1
-        hits += inside
-    return hits
+        per_chunk[chunk] = _mc_pi_chunk(seed, start, min(start + _MC_CHUNK, samples))
+    return int(per_chunk.sum())
 
 
 @mc_pi.cpu

@@ -288,7 +288,9 @@ def test_spin_burns_cpu_for_the_requested_time(backend: str) -> None:
     cpu_used, wall = time.process_time() - cpu_before, time.perf_counter() - wall_before
     assert spun >= requested
     assert wall >= requested
-    assert cpu_used >= 0.5 * requested  # it burnt CPU rather than sleeping
+    # it burnt CPU rather than sleeping (a sleep uses ~0); loose, since a busy host may
+    # deschedule us for much of the wall time
+    assert cpu_used >= 0.1 * requested
     assert kernels.run("spin", backend, (0,)) >= 0.0
     assert kernels.run("spin", backend, (np.float32(0.001),)) >= 0.001 - 1e-9
 
