@@ -312,3 +312,16 @@ async def test_jobs_label_tasks_and_cancel_together(pool: Pool) -> None:
     assert all(r.status is TaskStatus.CANCELLED and r.job == "slow" for r in results)
     done = await fast
     assert done.value == 1 and done.job == "" and "scalar" in done.backend_reason
+
+
+async def test_auto_sends_big_quadratic_work_to_a_gpu_slot_and_says_why() -> None:
+    env = {"BATUTA_FAKE_GPUS": "1", "PYTHONPATH": str(REPO)}
+    async with Pool([local_host(1, gpus="auto", env=env)], PoolConfig()) as pool:
+        x = np.ones((400, 300), dtype=np.float32)  # 120,000 elements, pairwise is O(n^2)
+        big = await pool.run(Task.kernel("pairwise_distances", x, x))
+        small = await pool.run(Task.kernel("pairwise_distances", x[:2, :2], x[:2, :2]))
+        linear = await pool.run(Task.kernel("vadd", x.ravel(), x.ravel()))
+    assert big.backend is Backend.GPU and "O(n^2)" in big.backend_reason
+    assert big.slot == "local/1" and big.device.startswith("Fake GPU 0 (")  # the fake GPU's slot
+    assert small.backend is Backend.SCALAR and small.device == ""
+    assert linear.backend is Backend.CPU and linear.is_success()

@@ -304,6 +304,7 @@ class TaskResult:
     backend_reason: str = ""  # why this backend (AUTO follows the seed's size table)
     job: str = ""  # the job it was submitted under (`Pool.job(name)`), if any
     restored: bool = False  # answered from a result store (a journal), not run again
+    device: str = ""  # the GPU a GPU slot ran it on, with its capacity: "NVIDIA H200 (132 SMs)"
 
     def is_success(self) -> bool:
         return self.status is TaskStatus.SUCCEEDED

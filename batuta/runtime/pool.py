@@ -71,6 +71,17 @@ class PoolConfig:
     thresholds: BackendThresholds = field(default_factory=BackendThresholds)
 
 
+@functools.lru_cache(maxsize=1024)
+def _superlinear(kernel_name: str) -> bool:
+    """Whether the registry marks the kernel O(n^2) or worse (the seed's GPU rule)."""
+    from batuta.kernels import registry
+
+    try:
+        return registry.info(kernel_name).complexity in ("quadratic", "cubic")
+    except Exception:  # unknown here (a module only the hosts load): no GPU by guess
+        return False
+
+
 @functools.lru_cache(maxsize=256)
 def _requirements(backend: Backend, tags: frozenset[str]) -> frozenset[str]:
     """The capabilities a task needs; interned, since most tasks share a handful of sets."""
@@ -236,6 +247,7 @@ class Pool:
         self._gpu_available = False
         self._outcomes: dict[int, tuple[m.TaskOutcome, str]] = {}  # the batch being handled
         self._store: ResultStore | None = None
+        self._device_of: dict[str, str] = {}  # GPU slot id -> "name (N SMs)"
         self._restored = 0
 
     # -- construction -----------------------------------------------------------------------
@@ -345,7 +357,11 @@ class Pool:
             except LocalProtocolError as exc:
                 raise UsageError(str(exc)) from None
         choice = select_backend(
-            task.call, task.backend, gpu_available=self._gpu_available, thresholds=self.config.thresholds
+            task.call,
+            task.backend,
+            gpu_available=self._gpu_available,
+            quadratic=isinstance(task.call, KernelCall) and _superlinear(task.call.name),
+            thresholds=self.config.thresholds,
         )
         backend = choice.backend
         requires = _requirements(backend, task.requires)
@@ -569,6 +585,10 @@ class Pool:
             joined.append(ev.SlotJoined(slot_id=slot_id, host_id=session.name, capabilities=capabilities))
             if CAP_GPU in info.capabilities:
                 self._gpu_available = True
+                gpu = next((g for g in hello.gpus if g.index == info.gpu_index), None)
+                if gpu is not None:
+                    # the seed's GpuExecutor: device name and capacity (compute units)
+                    self._device_of[slot_id] = f"{gpu.name} ({gpu.compute_units} SMs)"
         if self.events.active:
             now = self._now()
             self.events.publish(
@@ -774,6 +794,7 @@ class Pool:
             backend=pending._choice.backend,
             backend_reason=pending._choice.reason,
             job=pending.job,
+            device=self._device_of.get(slot_id, "") if slot_id else "",
         )
         if status is TaskStatus.SUCCEEDED:
             self._succeeded += 1
