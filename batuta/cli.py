@@ -159,6 +159,135 @@ def _run_agent(argv: list[str]) -> int:
         return EXIT_INTERRUPTED
 
 
+# -- batuta worker -----------------------------------------------------------------------
+
+
+def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bind",
+        default="127.0.0.1:9443",
+        metavar="HOST:PORT",
+        help="address to listen on (default: 127.0.0.1:9443, this machine only; "
+        "use 0.0.0.0:9443 or a specific address to accept coordinators from the network)",
+    )
+    parser.add_argument("--cert", required=True, metavar="FILE", help="the worker's certificate (server.pem)")
+    parser.add_argument("--key", required=True, metavar="FILE", help="its private key (server.key, mode 0600)")
+    parser.add_argument(
+        "--ca", required=True, metavar="FILE", help="the CA whose client certificates are accepted (ca.pem)"
+    )
+    parser.add_argument("--slots", type=_int, metavar="N", help="CPU worker slots (default: one per core)")
+    parser.add_argument("--gpus", default="auto", metavar="auto|none|0,1", help="GPU slots (default: auto)")
+    parser.add_argument(
+        "--kernel-module", action="append", default=[], metavar="MOD", help="kernel module to load (repeatable)"
+    )
+    parser.add_argument("--name", help="host name the agent reports (default: hostname)")
+    parser.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="drop a coordinator whose link went silent for about this long (default: 20)",
+    )
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        metavar="LEVEL",
+        help="debug, info (default), warning or error",
+    )
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    """Serve coordinators over mutual TLS until SIGTERM or Ctrl-C."""
+    import asyncio
+    from pathlib import Path
+
+    from batuta.agent.daemon import WorkerOptions, check_key_file, run_worker
+    from batuta.agent.options import parse_args as parse_agent_args
+    from batuta.logs import configure
+    from batuta.transport.tls import TLSConfigError, split_address
+
+    try:
+        host, port = split_address(args.bind)
+    except ValueError as exc:
+        raise UsageError(f"--bind: {exc}") from None
+    agent_argv = ["--stdio", "--gpus", args.gpus]
+    if args.slots is not None:
+        agent_argv += ["--slots", str(args.slots)]
+    for module in args.kernel_module:
+        agent_argv += ["--kernel-module", module]
+    if args.name is not None:
+        agent_argv += ["--name", args.name]
+    agent = parse_agent_args(agent_argv)  # the agent's own checks, before anything listens
+    if not args.peer_timeout > 0:
+        raise UsageError(f"--peer-timeout {args.peer_timeout}: expected a positive number of seconds")
+    options = WorkerOptions(
+        cert=Path(args.cert).expanduser(),
+        key=Path(args.key).expanduser(),
+        ca=Path(args.ca).expanduser(),
+        host=host,
+        port=port,
+        slots=args.slots,
+        gpus=args.gpus,
+        kernel_modules=agent.kernel_modules,
+        name=args.name,
+        peer_timeout=args.peer_timeout,
+    )
+    setup = configure(level=args.log_level)
+    try:
+        warning = check_key_file(options.key)
+        if warning:
+            print(f"{PROG} worker: warning: {warning}", file=sys.stderr)
+        return asyncio.run(run_worker(options))
+    except TLSConfigError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise BatutaError(f"cannot listen on {args.bind}: {exc.strerror or exc}; pick another --bind") from None
+    finally:
+        setup.close()
+
+
+# -- batuta certs ------------------------------------------------------------------------
+
+
+def _add_certs_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="certs_action", metavar="ACTION", title="actions")
+    init = actions.add_parser(
+        "init",
+        help="create a private CA, a worker (server) certificate and a coordinator (client) certificate",
+    )
+    init.add_argument("directory", metavar="DIR", help="folder to write into (created with mode 0700)")
+    init.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name or address coordinators dial the worker by (repeatable; default: localhost and 127.0.0.1)",
+    )
+    init.add_argument("--days", type=_positive_int, default=825, metavar="N", help="certificate lifetime in days")
+    init.add_argument("--force", action="store_true", help="replace certificates and keys already in DIR")
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    if args.certs_action != "init":
+        raise UsageError("'batuta certs' needs an action: 'batuta certs init DIR [--host NAME ...]'")
+    from batuta.certs import DEFAULT_HOSTS, describe, init_certs
+
+    paths = init_certs(args.directory, hosts=args.host or DEFAULT_HOSTS, days=args.days, force=args.force)
+    for cert in (paths.ca_cert, paths.server_cert, paths.client_cert):
+        print(describe(cert))
+    print(f"keys (mode 0600): {paths.ca_key}, {paths.server_key}, {paths.client_key}")
+    print(
+        f"worker:      {PROG} worker --bind 127.0.0.1:9443 --cert {paths.server_cert} --key {paths.server_key} "
+        f"--ca {paths.ca_cert}\n"
+        f"coordinator: [tls] ca = {str(paths.ca_cert)!r}, cert = {str(paths.client_cert)!r}, "
+        f"key = {str(paths.client_key)!r}\n"
+        f"keep {paths.ca_key.name} off the workers; copy only server.pem, server.key and ca.pem there"
+    )
+    return EXIT_OK
+
+
 # -- batuta version ----------------------------------------------------------------------
 
 
@@ -515,10 +644,116 @@ def _print_host_table(reports: list[HostReport]) -> None:
             console.print(f"{report.name}: {report.error}", markup=False, highlight=False)
 
 
+
+# -- batuta stack versions | check | gate ------------------------------------------------
+
+
+def _add_stack_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="stack_action", metavar="ACTION", title="actions")
+    helps = {
+        "versions": "component versions on every node, differences from the coordinator marked",
+        "check": "is every node reachable, matched and fit to take work (exit 1 on an error)",
+        "gate": "check, plus the cluster file's [policy] and every kernel against its reference",
+    }
+    for action, text in helps.items():
+        sub = actions.add_parser(action, help=text, description=text)
+        sub.add_argument(
+            "-c", "--cluster", metavar="FILE", help="the cluster file (TOML); default: the embedded local agent"
+        )
+        sub.add_argument(
+            "--format", choices=("text", "json", "markdown"), default="text", help="output format (default: text)"
+        )
+        sub.add_argument(
+            "--timeout",
+            type=_positive_seconds,
+            default=60.0,
+            metavar="S",
+            help="seconds for each node's agent to start, and for each task there (default: 60)",
+        )
+        sub.add_argument(
+            "--log-level",
+            type=str.lower,
+            choices=("debug", "info", "warning", "error", "critical"),
+            default="error",
+            metavar="LEVEL",
+            help="log to stderr from this level (default: error; findings already say what is wrong)",
+        )
+        if action == "versions":
+            continue
+        sub.add_argument("--strict", action="store_true", help="warnings fail too (exit 1)")
+        sub.add_argument("-q", "--quiet", action="store_true", help="print only the verdict")
+        sub.add_argument(
+            "--min-disk-gb",
+            type=_gigabytes,
+            metavar="GB",
+            help="free disk below this is an error, below twice it a warning (default: [policy], else 2)",
+        )
+        sub.add_argument(
+            "--min-memory-gb",
+            type=_gigabytes,
+            metavar="GB",
+            help="available memory below this is an error, below twice it a warning (default: [policy], else 1)",
+        )
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, e.g. 30") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds, e.g. 30")
+    return value
+
+
+def _gigabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB, e.g. 2") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of GiB >= 0, e.g. 2")
+    return value
+
+
+def _cmd_stack(args: argparse.Namespace) -> int:
+    """Versions, health or the gate verdict of every node; stdout holds the report alone."""
+    import os
+
+    if args.stack_action is None:
+        raise UsageError("'batuta stack' needs an action: versions, check or gate (e.g. 'batuta stack check -c FILE')")
+    from batuta.logs import configure
+    from batuta.stack.report import render
+    from batuta.stack.survey import EMBEDDED, StackOptions, run_stack
+
+    cluster = _load_cluster(args.cluster) if args.cluster else None
+    options = StackOptions(
+        timeout=args.timeout,
+        strict=getattr(args, "strict", False),
+        min_free_disk_gb=getattr(args, "min_disk_gb", None),
+        min_free_memory_gb=getattr(args, "min_memory_gb", None),
+    )
+    logging_setup = configure(level=args.log_level, fmt="text", stream=sys.stderr)
+    try:
+        report = run_stack(args.stack_action, cluster, source=args.cluster or EMBEDDED, options=options)
+    finally:
+        logging_setup.close()
+    color = args.format == "text" and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    try:
+        print(render(report, args.format, color=color, quiet=getattr(args, "quiet", False)), flush=True)
+    except BrokenPipeError:  # `batuta stack versions | head`: the reader left early, which is fine
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return report.exit_code
+
+
 COMMANDS: list[Command] = [
     Command("run", "run a job file or a built-in job on a local pool or a cluster", _add_run_arguments, _cmd_run),
     Command("tui", "the live dashboard, coordinating a local pool or a cluster", _add_tui_arguments, _cmd_tui),
     Command("cluster", "look at the hosts of a cluster file", _add_cluster_arguments, _cmd_cluster),
+    Command("stack", "versions, health and a CI gate for every node", _add_stack_arguments, _cmd_stack),
     Command("agent", "run the host agent (started by the coordinator on each host)", _add_agent_arguments, _cmd_agent),
+    Command("worker", "a long-lived host agent that coordinators reach over TLS", _add_worker_arguments, _cmd_worker),
+    Command("certs", "make a private CA and TLS certificates for workers", _add_certs_arguments, _cmd_certs),
     Command("version", "print batuta's version", _add_version_arguments, _cmd_version),
 ]

@@ -20,11 +20,31 @@ A cluster file is TOML (see `examples/cluster.toml` for every key, documented):
     [pool]
     heartbeat_interval = 1.0
 
+    [policy]                   # what `batuta stack gate` holds every node to
+    batuta = "exact"           # exact, minor (same x.y), major (same x) or any
+    numba = "minor"
+    min_free_disk_gb = 2.0
+
 `load_cluster(path)` reads and checks it; every problem is a `ConfigError` naming the file,
 the line where it can be found, the field and the fix:
 `cluster.toml:12: hosts[2].slotz: unknown key; did you mean 'slots'?`. `build_pool` turns
 it into a `Pool`; `ssh_host` turns one host into a `HostSpec` whose `launch()` connects
 over SSH and starts the agent there.
+
+A host with `transport = "tls"` is a `batuta worker` daemon reached over mutual TLS instead
+of SSH: `address` and `port` (default 9443) say where it listens, the `[tls]` table names
+the CA and this coordinator's certificate and key (paths; `batuta certs init` makes them),
+and the worker's own command line sets its slots, GPUs and kernel modules:
+
+    [[hosts]]
+    name = "gpu2"
+    address = "10.0.0.12"
+    transport = "tls"
+
+    [tls]
+    ca = "certs/ca.pem"
+    cert = "certs/client.pem"
+    key = "certs/client.key"
 
 Environment values (`env`) reach the remote agent through the remote command line, so they
 are for settings such as `OMP_NUM_THREADS`, never for secrets.
@@ -47,6 +67,8 @@ from batuta.runtime.pool import Pool, PoolConfig, local_host
 from batuta.transport.base import ByteStream
 from batuta.transport.local import agent_command
 from batuta.transport.ssh import SSHSettings, SSHTarget, open_ssh_stream
+from batuta.transport.tls import DEFAULT_PORT as TLS_DEFAULT_PORT
+from batuta.transport.tls import TLSSettings
 
 DEFAULT_PYTHON = "python3"
 HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
@@ -72,6 +94,7 @@ class ClusterHost:
     env: Mapping[str, str] = field(default_factory=dict)  # not for secrets: see module doc
     tags: frozenset[str] = frozenset()
     kernel_modules: tuple[str, ...] = ()
+    transport: str = "ssh"  # "ssh", or "tls" for a `batuta worker` daemon (see the module doc)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,6 +110,41 @@ class LocalHostConfig:
     kernel_modules: tuple[str, ...] = ()
 
 
+# `[policy]`: version rules of `batuta stack gate`, one level per component, compared with the
+# coordinator's version: "exact", "minor" (same major.minor), "major" (same major) or "any".
+POLICY_LEVELS = ("exact", "minor", "major", "any")
+POLICY_COMPONENTS = (
+    "batuta",
+    "python",
+    "numpy",
+    "numba",
+    "llvmlite",
+    "numba-cuda",
+    "msgpack",
+    "psutil",
+    "asyncssh",
+    "textual",
+    "prometheus-client",
+    "nvidia-ml-py",
+    "nvidia-driver",
+    "cuda-driver",
+)
+POLICY_THRESHOLDS = ("min_free_disk_gb", "min_free_memory_gb")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyConfig:
+    """The `[policy]` table: what `batuta stack check` and `gate` hold every node to.
+
+    `versions` holds only the components the file names (component -> level); the stack
+    commands fill in their defaults for the rest. A threshold of None means the default.
+    """
+
+    versions: Mapping[str, str] = field(default_factory=dict)
+    min_free_disk_gb: float | None = None
+    min_free_memory_gb: float | None = None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClusterConfig:
     """A whole cluster file, checked."""
@@ -96,6 +154,8 @@ class ClusterConfig:
     ssh: SSHSettings = field(default_factory=SSHSettings)
     pool: PoolConfig = field(default_factory=PoolConfig)
     source: str = "<cluster>"
+    tls: TLSSettings | None = None  # the [tls] table, for hosts with transport = "tls"
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     @property
     def host_names(self) -> list[str]:
@@ -140,6 +200,14 @@ def ssh_host(host: ClusterHost, ssh: SSHSettings | None = None, *, check_version
     )
 
 
+def worker_host(host: ClusterHost, tls: TLSSettings, *, check_versions: bool = True) -> HostSpec:
+    """A `HostSpec` whose `launch()` connects to the `batuta worker` daemon on `host` over TLS."""
+    from batuta.runtime.remote import tls_host
+
+    port = host.port if host.port is not None else TLS_DEFAULT_PORT
+    return tls_host(host.name, host.address, port, tls, tags=host.tags, check_versions=check_versions)
+
+
 def host_specs(cluster: ClusterConfig) -> list[HostSpec]:
     """Every host of the cluster as a `HostSpec`, the local one (if any) first."""
     specs: list[HostSpec] = []
@@ -155,7 +223,12 @@ def host_specs(cluster: ClusterConfig) -> list[HostSpec]:
         )
         expected = expected_capabilities(local.slots, local.gpus) if local.slots is not None else None
         specs.append(replace(spec, expected_capabilities=expected or spec.expected_capabilities, tags=local.tags))
-    specs.extend(ssh_host(host, cluster.ssh) for host in cluster.hosts)
+    for host in cluster.hosts:
+        if host.transport == "tls":
+            assert cluster.tls is not None  # the reader refuses tls hosts without [tls]
+            specs.append(worker_host(host, cluster.tls))
+        else:
+            specs.append(ssh_host(host, cluster.ssh))
     return specs
 
 
@@ -214,7 +287,10 @@ _HOST_KEYS = (
     "env",
     "tags",
     "kernel_modules",
+    "transport",
 )
+_TLS_HOST_KEYS = ("name", "address", "port", "tags", "transport")  # the worker's command line sets the rest
+_TLS_KEYS = ("ca", "cert", "key", "server_name", "connect_timeout", "hello_timeout")
 _DEFAULT_KEYS = tuple(k for k in _HOST_KEYS if k not in ("name", "address"))
 _LOCAL_KEYS = ("enabled", "name", "python", "slots", "gpus", "env", "tags", "kernel_modules")
 _LOCAL_INHERITS = ("env", "tags", "kernel_modules")  # from [defaults]: what runs, not where
@@ -228,7 +304,7 @@ _POOL_KEYS = (
     "relaunch_backoff",
     "start_timeout",
 )
-_TOP_KEYS = ("hosts", "defaults", "local", "ssh", "pool")
+_TOP_KEYS = ("hosts", "defaults", "local", "ssh", "pool", "policy", "tls")
 
 
 class _Reader:
@@ -303,12 +379,22 @@ class _Reader:
             self._unique(local.name, ("local", "name"), seen)
         if not hosts and local is None:
             raise ConfigError(f"{self._source}: no hosts: add a [[hosts]] table with an address, or local = true")
+        tls = self._tls(self._table(data, ("tls",))) if "tls" in data else None
+        if tls is None:
+            for index, host in enumerate(hosts):
+                if host.transport == "tls":
+                    raise self.error(
+                        ("hosts", index, "transport"),
+                        'a tls host needs a [tls] table with ca, cert and key (make them with `batuta certs init DIR`)',
+                    )
         return ClusterConfig(
             hosts=tuple(hosts),
             local=local,
             ssh=self._ssh(self._table(data, ("ssh",))),
             pool=self._pool(self._table(data, ("pool",))),
             source=self._source,
+            tls=tls,
+            policy=self._policy(self._table(data, ("policy",))),
         )
 
     def _host(self, entry: dict[str, Any], path: FieldPath, defaults: dict[str, Any]) -> ClusterHost:
@@ -330,6 +416,18 @@ class _Reader:
         fields["tags"] = defaults.get("tags", frozenset()) | own.pop("tags", frozenset())
         fields["kernel_modules"] = _merge_unique(defaults.get("kernel_modules", ()), own.pop("kernel_modules", ()))
         fields.update(own)
+        if fields.get("transport") == "tls":
+            for key in entry:
+                if key not in _TLS_HOST_KEYS:
+                    raise self.error(
+                        (*path, key),
+                        "has no effect on a tls host: set it on the worker's command line "
+                        "(batuta worker --slots N --gpus ... --kernel-module M)",
+                    )
+            # [defaults] speak of SSH hosts (user, python, an sshd port): none of it applies here.
+            fields = {k: v for k, v in fields.items() if k in ("tags", "transport")}
+            if "port" in own:
+                fields["port"] = own["port"]
         host = ClusterHost(name=name, address=address, **fields)
         if host.slots == 0 and host.gpus == "none":
             raise self.error((*path, "slots"), 'the host has no slots (slots = 0 and gpus = "none"); give it some')
@@ -347,6 +445,7 @@ class _Reader:
             "env": self._env,
             "tags": self._tags,
             "kernel_modules": self._modules,
+            "transport": self._transport,
         }
         return {key: check((*path, key), table[key]) for key, check in checkers.items() if key in table}
 
@@ -419,6 +518,50 @@ class _Reader:
                 "every host would be suspected between heartbeats",
             )
         return config
+
+    def _policy(self, table: dict[str, Any]) -> PolicyConfig:
+        path: FieldPath = ("policy",)
+        self._known_keys(table, path, POLICY_COMPONENTS + POLICY_THRESHOLDS)
+        versions: dict[str, str] = {}
+        for key in POLICY_COMPONENTS:
+            if key not in table:
+                continue
+            value = table[key]
+            level = value.strip().lower() if isinstance(value, str) else value
+            if level not in POLICY_LEVELS:
+                raise self.error(
+                    (*path, key),
+                    f'expected one of {", ".join(repr(v) for v in POLICY_LEVELS)}, got {_shown(value)}; '
+                    f'for example {key} = "minor"',
+                )
+            versions[key] = level
+        fields: dict[str, Any] = {"versions": versions}
+        for key in POLICY_THRESHOLDS:
+            if key in table:
+                value = table[key]
+                if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+                    raise self.error((*path, key), f"expected a number of GiB >= 0, got {_shown(value)}")
+                fields[key] = float(value)
+        return PolicyConfig(**fields)
+
+    def _tls(self, table: dict[str, Any]) -> TLSSettings:
+        path: FieldPath = ("tls",)
+        self._known_keys(table, path, _TLS_KEYS)
+        for key in ("ca", "cert", "key"):
+            if key not in table:
+                raise self.error(path, f'missing {key}; add {key} = "<path>" (files from `batuta certs init DIR`)')
+        fields: dict[str, Any] = {key: self._path((*path, key), table[key]) for key in ("ca", "cert", "key")}
+        if "server_name" in table:
+            fields["server_name"] = self._string((*path, "server_name"), table["server_name"])
+        for key in ("connect_timeout", "hello_timeout"):
+            if key in table:
+                fields[key] = self._seconds((*path, key), table[key])
+        return TLSSettings(**fields)
+
+    def _transport(self, path: FieldPath, value: Any) -> str:
+        if value not in ("ssh", "tls"):
+            raise self.error(path, f'expected "ssh" or "tls", got {_shown(value)}')
+        return str(value)
 
     # -- structure checks --
 

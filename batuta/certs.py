@@ -1,0 +1,331 @@
+"""Certificates for TLS workers: a private CA, a server certificate, a client certificate.
+
+`batuta certs init DIR` writes, with `cryptography`:
+
+    ca.pem      the private CA (basicConstraints CA:TRUE pathlen 0; keyCertSign, cRLSign)
+    ca.key      its key (0600): keep it off the workers; it signs new certificates
+    server.pem  the worker's certificate: serverAuth, SAN = the --host names and addresses
+    server.key  its key (0600)
+    client.pem  the coordinator's certificate: clientAuth
+    client.key  its key (0600)
+
+Keys are ECDSA P-256. Key files are created with mode 0600 from the first byte (O_EXCL,
+never chmod after the fact), and existing files are never overwritten unless asked. The
+library functions (`new_ca`, `issue`) are what the tests use to make certificates from
+another CA, expired ones and ones naming the wrong host.
+
+`cryptography` is imported here only; nothing else in batuta needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import ipaddress
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from batuta.errors import UsageError
+
+DEFAULT_HOSTS = ("localhost", "127.0.0.1")
+DEFAULT_DAYS = 825  # what browsers still accept for a leaf; the CA gets ten years
+CA_DAYS = 3650
+SERVER = "server"
+CLIENT = "client"
+
+KeyType = ec.EllipticCurvePrivateKey
+_USAGE_NAMES = {ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth", ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth"}
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """A certificate and its private key, in memory."""
+
+    cert: x509.Certificate
+    key: KeyType
+
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CertPaths:
+    """Where `init_certs` wrote everything."""
+
+    directory: Path
+    ca_cert: Path
+    ca_key: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "batuta"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _new_key() -> KeyType:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def new_ca(
+    common_name: str = "batuta private CA",
+    *,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+) -> Issued:
+    """A self-signed CA that may sign leaf certificates only (path length 0)."""
+    key = _new_key()
+    start = not_before or _now() - dt.timedelta(minutes=5)
+    end = not_after or start + dt.timedelta(days=CA_DAYS)
+    public = key.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return Issued(cert, key)
+
+
+def _san(names: Iterable[str]) -> x509.SubjectAlternativeName:
+    entries: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            entries.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            entries.append(x509.DNSName(name))
+    return x509.SubjectAlternativeName(entries)
+
+
+def issue(
+    ca: Issued,
+    kind: str,
+    common_name: str,
+    *,
+    hosts: Sequence[str] = (),
+    days: int = DEFAULT_DAYS,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+) -> Issued:
+    """A leaf certificate signed by `ca`: `kind` "server" (serverAuth, SAN = `hosts`) or
+    "client" (clientAuth). `not_before`/`not_after` override the validity (tests use them)."""
+    if kind not in (SERVER, CLIENT):
+        raise ValueError(f"kind must be {SERVER!r} or {CLIENT!r}, not {kind!r}")
+    if kind == SERVER and not hosts:
+        raise ValueError("a server certificate needs at least one host name or address")
+    key = _new_key()
+    public = key.public_key()
+    start = not_before or _now() - dt.timedelta(minutes=5)
+    end = not_after or start + dt.timedelta(days=days)
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if kind == SERVER else ExtendedKeyUsageOID.CLIENT_AUTH
+    ca_ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(ca.cert.subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+    )
+    if hosts:
+        builder = builder.add_extension(_san(hosts), critical=False)
+    return Issued(builder.sign(ca.key, hashes.SHA256()), key)
+
+
+# -- files --------------------------------------------------------------------------------
+
+
+def write_private(path: Path, data: bytes, *, overwrite: bool = False) -> None:
+    """Write `data` to a new file created with mode 0600 (never readable by others, even
+    briefly). An existing file is refused unless `overwrite`, then replaced atomically."""
+    path = Path(path)
+    if overwrite:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        _write_new(tmp, data, 0o600)
+        os.replace(tmp, path)
+    else:
+        _write_new(path, data, 0o600)
+
+
+def write_public(path: Path, data: bytes, *, overwrite: bool = False) -> None:
+    """Like `write_private`, mode 0644 (certificates are public)."""
+    path = Path(path)
+    if overwrite:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        _write_new(tmp, data, 0o644)
+        os.replace(tmp, path)
+    else:
+        _write_new(path, data, 0o644)
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may have taken bits away; never adds any beyond `mode`
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+
+
+def init_certs(
+    directory: str | Path,
+    *,
+    hosts: Sequence[str] = DEFAULT_HOSTS,
+    days: int = DEFAULT_DAYS,
+    client_name: str = "batuta-coordinator",
+    server_name: str = "batuta-worker",
+    force: bool = False,
+) -> CertPaths:
+    """Create a CA, a server and a client certificate in `directory` (created 0700).
+
+    Raises UsageError if any of the six files exists (unless `force`), if `hosts` is empty
+    or holds something that is neither a DNS name nor an IP address, or if `days` < 1.
+    """
+    folder = Path(directory).expanduser()
+    names = [h.strip() for h in hosts if h.strip()]
+    if not names:
+        raise UsageError("certs init: give at least one --host (a name or address the coordinator dials)")
+    for name in names:
+        _check_host(name)
+    if days < 1:
+        raise UsageError(f"certs init: --days {days}: expected 1 or more")
+    paths = CertPaths(
+        directory=folder,
+        ca_cert=folder / "ca.pem",
+        ca_key=folder / "ca.key",
+        server_cert=folder / "server.pem",
+        server_key=folder / "server.key",
+        client_cert=folder / "client.pem",
+        client_key=folder / "client.key",
+    )
+    files = [paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key, paths.client_cert, paths.client_key]
+    existing = [p.name for p in files if p.exists() or p.is_symlink()]
+    if existing and not force:
+        raise UsageError(
+            f"certs init: {folder} already holds {', '.join(existing)}; pass --force to replace them "
+            "(every worker and coordinator then needs the new files)"
+        )
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"certs init: cannot create {folder}: {exc.strerror or exc}") from None
+    ca = new_ca()
+    server = issue(ca, SERVER, server_name, hosts=names, days=days)
+    client = issue(ca, CLIENT, client_name, days=days)
+    try:
+        for issued, cert_path, key_path in (
+            (ca, paths.ca_cert, paths.ca_key),
+            (server, paths.server_cert, paths.server_key),
+            (client, paths.client_cert, paths.client_key),
+        ):
+            write_private(key_path, issued.key_pem(), overwrite=force)
+            write_public(cert_path, issued.cert_pem(), overwrite=force)
+    except OSError as exc:
+        raise UsageError(f"certs init: cannot write into {folder}: {exc.strerror or exc}") from None
+    return paths
+
+
+def _check_host(name: str) -> None:
+    try:
+        ipaddress.ip_address(name)
+        return
+    except ValueError:
+        pass
+    labels = name.rstrip(".").split(".")
+    ok = all(
+        0 < len(label) <= 63 and label.replace("-", "").replace("_", "").isalnum() and label.isascii()
+        for label in labels
+    )
+    if not ok or name.startswith("*") or len(name) > 253:
+        raise UsageError(f"certs init: --host {name!r} is neither a DNS name nor an IP address")
+
+
+def describe(path: str | Path) -> str:
+    """One line about a certificate file: subject, usages, names, validity (for `certs init`)."""
+    cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        usages = ",".join(_USAGE_NAMES.get(u, u.dotted_string) for u in eku)
+    except x509.ExtensionNotFound:
+        usages = "CA"
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [str(v) for v in san.get_values_for_type(x509.DNSName)] + [
+            str(v) for v in san.get_values_for_type(x509.IPAddress)
+        ]
+    except x509.ExtensionNotFound:
+        names = []
+    common_name = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    subject = common_name.decode() if isinstance(common_name, bytes) else common_name
+    shown = f" for {', '.join(names)}" if names else ""
+    return f"{Path(path).name}: {subject} ({usages}){shown}, valid until {cert.not_valid_after_utc:%Y-%m-%d}"

@@ -1,0 +1,205 @@
+"""Running a stack command over every node at once: `versions`, `check` or `gate`.
+
+    report = run_stack("check", load_cluster("cluster.toml"), source="cluster.toml")
+    print(render(report, "text")); sys.exit(report.exit_code)
+
+Every node is looked at concurrently, each through its own one-node pool (`nodes.py`), and
+each ends as a `NodeReport`, whatever happened to it: a node that cannot be reached, or that
+breaks half way, carries an error finding; nothing a node does raises out of here. The
+coordinator (this process) is the reference every node is compared with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+from dataclasses import dataclass
+
+from batuta.errors import BatutaError
+from batuta.runtime.cluster import ClusterConfig
+from batuta.runtime.pool import PoolConfig
+from batuta.stack.check import (
+    DEFAULT_MIN_FREE_DISK_GB,
+    DEFAULT_MIN_FREE_MEMORY_GB,
+    Thresholds,
+    check_findings,
+    gather_facts,
+)
+from batuta.stack.conformance import run_conformance
+from batuta.stack.gate import conformance_findings, effective_policy, policy_findings
+from batuta.stack.model import COORDINATOR, ERROR, Finding, KernelResult, NodeReport, StackReport
+from batuta.stack.nodes import (
+    NodeTarget,
+    cluster_targets,
+    embedded_targets,
+    keep_agent_stderr,
+    open_node,
+    stack_pool_config,
+    unreachable_finding,
+)
+from batuta.stack.versions import COMPONENTS, coordinator_versions, driver_versions, hello_versions
+
+log = logging.getLogger("batuta.stack")
+
+COMMANDS = ("versions", "check", "gate")
+EMBEDDED = "embedded"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StackOptions:
+    """How a stack command runs. Thresholds left None come from [policy], then the defaults."""
+
+    timeout: float = 60.0  # seconds for a node's agent to start, and for each task there
+    strict: bool = False  # warnings fail `check` and `gate` too
+    min_free_disk_gb: float | None = None
+    min_free_memory_gb: float | None = None
+
+
+def thresholds_for(cluster: ClusterConfig | None, options: StackOptions) -> Thresholds:
+    policy = cluster.policy if cluster is not None else None
+
+    def pick(flag: float | None, configured: float | None, default: float) -> float:
+        return flag if flag is not None else configured if configured is not None else default
+
+    return Thresholds(
+        min_free_disk_gb=pick(
+            options.min_free_disk_gb, policy.min_free_disk_gb if policy else None, DEFAULT_MIN_FREE_DISK_GB
+        ),
+        min_free_memory_gb=pick(
+            options.min_free_memory_gb, policy.min_free_memory_gb if policy else None, DEFAULT_MIN_FREE_MEMORY_GB
+        ),
+    )
+
+
+def run_stack(
+    command: str, cluster: ClusterConfig | None, *, source: str = EMBEDDED, options: StackOptions | None = None
+) -> StackReport:
+    """Run `command` over `cluster`'s nodes (None: the embedded local agent) and report."""
+    return asyncio.run(survey(command, cluster, source=source, options=options or StackOptions()))
+
+
+async def survey(command: str, cluster: ClusterConfig | None, *, source: str, options: StackOptions) -> StackReport:
+    """The async body of `run_stack`, for callers that own an event loop."""
+    if command not in COMMANDS:
+        raise ValueError(f"command must be one of {', '.join(COMMANDS)}, not {command!r}")
+    targets = cluster_targets(cluster) if cluster is not None else embedded_targets()
+    config = stack_pool_config(cluster.pool if cluster is not None else PoolConfig(), options.timeout)
+    ours = coordinator_versions()
+    coordinator = NodeReport(name=COORDINATOR, role=COORDINATOR, reachable=True, where=platform.node(), versions=ours)
+    policy = effective_policy(cluster.policy if cluster is not None else None) if command == "gate" else {}
+    thresholds = thresholds_for(cluster, options)
+    with keep_agent_stderr([t.name for t in targets]) as stderr:
+        nodes = await asyncio.gather(
+            *(
+                _survey_node(
+                    command,
+                    target,
+                    config,
+                    coordinator=ours,
+                    policy=policy,
+                    thresholds=thresholds,
+                    timeout=options.timeout,
+                    stderr=stderr[target.name],
+                )
+                for target in targets
+            )
+        )
+    return StackReport(
+        command=command,
+        source=source,
+        coordinator=coordinator,
+        nodes=tuple(nodes),
+        components=COMPONENTS,
+        policy=policy,
+        strict=options.strict,
+    )
+
+
+async def _survey_node(
+    command: str,
+    target: NodeTarget,
+    config: PoolConfig,
+    *,
+    coordinator: dict[str, str | None],
+    policy: dict[str, str],
+    thresholds: Thresholds,
+    timeout: float,
+    stderr: list[str],
+) -> NodeReport:
+    try:
+        return await _survey_reachable(
+            command,
+            target,
+            config,
+            coordinator=coordinator,
+            policy=policy,
+            thresholds=thresholds,
+            timeout=timeout,
+            stderr=stderr,
+        )
+    except Exception as exc:  # a bug here must cost one node's report, not the command
+        log.exception("stack %s: node %s", command, target.name)
+        finding = Finding(
+            node=target.name,
+            check="internal",
+            severity=ERROR,
+            message=f"batuta failed while checking this node: {type(exc).__name__}: {exc}",
+            suggestion="run again with --log-level debug and report it with the log",
+        )
+        return NodeReport(
+            name=target.name, role=target.role, reachable=False, findings=(finding,), error=finding.message
+        )
+
+
+async def _survey_reachable(
+    command: str,
+    target: NodeTarget,
+    config: PoolConfig,
+    *,
+    coordinator: dict[str, str | None],
+    policy: dict[str, str],
+    thresholds: Thresholds,
+    timeout: float,
+    stderr: list[str],
+) -> NodeReport:
+    try:
+        session = await open_node(target, config)
+    except (BatutaError, OSError) as exc:
+        finding = unreachable_finding(target, exc, stderr)
+        return NodeReport(
+            name=target.name,
+            role=target.role,
+            reachable=False,
+            where=target.address,
+            findings=(finding,),
+            error=finding.message,
+        )
+    try:
+        facts = await gather_facts(session, timeout=timeout, with_smoke=command != "versions")
+        versions = hello_versions(session.hello)
+        if facts.info is not None:  # drivers: from the Hello where the agent reports them, else NVML there
+            for component, value in driver_versions(facts.info.get("nvml")).items():
+                versions[component] = versions.get(component) or value
+        findings: list[Finding] = []
+        kernels: tuple[KernelResult, ...] = ()
+        if command != "versions":
+            findings += check_findings(session, facts, coordinator, thresholds)
+        if command == "gate":
+            findings += policy_findings(target.name, versions, coordinator, policy)
+            results = await run_conformance(session, timeout=timeout)
+            findings += conformance_findings(target.name, results)
+            kernels = tuple(results)
+        return NodeReport(
+            name=target.name,
+            role=target.role,
+            reachable=True,
+            where=session.where,
+            ready_s=session.ready_s,
+            connect_s=session.connect_s,
+            versions=versions,
+            findings=tuple(findings),
+            kernels=kernels,
+        )
+    finally:
+        await session.close()

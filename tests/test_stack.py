@@ -1,0 +1,480 @@
+"""`batuta stack versions | check | gate` without SSH: the pieces in process, and the command on
+the embedded local agent (no cluster file) as a real process.
+
+The same commands against namespace hosts broken on purpose are in tests/test_stack_hosts.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pty
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from batuta._version import __version__
+from batuta.errors import AgentError, ConfigError
+from batuta.runtime.cluster import POLICY_COMPONENTS, PolicyConfig, parse_cluster
+from batuta.runtime.pool import local_host
+from batuta.stack import conformance, report, versions
+from batuta.stack.gate import conformance_findings, effective_policy, policy_findings
+from batuta.stack.model import (
+    COORDINATOR,
+    ERROR,
+    HEALTHY,
+    ROLE_LOCAL,
+    ROLE_SSH,
+    WARNING,
+    Finding,
+    KernelResult,
+    NodeReport,
+    StackReport,
+)
+from batuta.stack.nodes import NodeTarget, unreachable_finding
+from batuta.transport.ssh import HostKeyError, SSHConnectError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUN_TIMEOUT_S = 120
+ANSI = "\x1b["
+
+
+def stack(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m batuta stack ARGS` as a real process, this checkout first on the path."""
+    full_env = dict(os.environ)
+    full_env.pop("NO_COLOR", None)
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH")) if p)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "batuta", "stack", *args],
+        cwd=cwd or REPO_ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+# -- versions and the policy ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("level", "ours", "theirs", "ok"),
+    [
+        ("exact", "0.1.0", "0.1.0", True),
+        ("exact", "0.1.0", "0.1.1", False),
+        ("minor", "0.60.0", "0.60.1", True),
+        ("minor", "0.60.0", "0.59.1", False),
+        ("minor", "0.60.0rc1", "0.60.2", True),
+        ("major", "2.1.3", "2.4.0", True),
+        ("major", "2.1.3", "1.26.4", False),
+        ("any", "2.1.3", None, True),
+        ("minor", None, None, True),
+        ("minor", "0.60.0", None, False),
+        ("major", "550.54.15", "550.90.07", True),
+    ],
+)
+def test_version_policy_levels(level: str, ours: str | None, theirs: str | None, ok: bool) -> None:
+    assert versions.within(level, ours, theirs) is ok
+
+
+def test_release_and_level_words() -> None:
+    assert versions.release("0.60.0rc1") == (0, 60, 0)
+    assert versions.release("12.4") == (12, 4)
+    assert versions.release("unknown") == ()
+    assert versions.describe_level("minor", "0.60.0") == "0.60.x"
+    assert versions.describe_level("major", "2.1.3") == "2.x"
+    assert versions.describe_level("exact", "0.1.0") == "exactly 0.1.0"
+    assert versions.gpu_models(["H100", "H100", "A10"]) == "2x H100, A10"
+
+
+def test_policy_components_are_the_version_rows() -> None:
+    assert (*POLICY_COMPONENTS, versions.GPUS) == versions.COMPONENTS
+    assert set(versions.DEFAULT_POLICY) <= set(POLICY_COMPONENTS)
+
+
+def test_the_coordinator_column_is_read_in_process() -> None:
+    ours = versions.coordinator_versions()
+    assert ours["batuta"] == __version__
+    assert ours["numpy"] == np.__version__
+    assert set(ours) == set(versions.COMPONENTS)
+
+
+def cluster_text(policy: str) -> str:
+    return textwrap.dedent(
+        """
+        [[hosts]]
+        address = "gpu1"
+
+        [policy]
+        """
+    ) + textwrap.dedent(policy)
+
+
+def test_policy_table_is_read_and_checked() -> None:
+    cluster = parse_cluster(
+        cluster_text(
+            'batuta = "exact"\nnumba = "Minor"\nnumpy = "any"\nmin_free_disk_gb = 5\nmin_free_memory_gb = 0.5\n'
+        )
+    )
+    assert cluster.policy == PolicyConfig(
+        versions={"batuta": "exact", "numba": "minor", "numpy": "any"}, min_free_disk_gb=5.0, min_free_memory_gb=0.5
+    )
+    assert parse_cluster(cluster_text("")).policy == PolicyConfig()
+    # the defaults, with the file's rules on top; "any" drops a rule
+    assert effective_policy(cluster.policy) == {
+        "batuta": "exact",
+        "python": "minor",
+        "numba": "minor",
+        "llvmlite": "minor",
+    }
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ('numab = "minor"\n', r"cluster\.toml:6: policy\.numab: unknown key; did you mean 'numba'\?"),
+        ('numba = "patch"\n', r"cluster\.toml:6: policy\.numba: expected one of 'exact', 'minor', 'major', 'any'"),
+        ("numba = 1\n", r"policy\.numba: expected one of .* got 1 \(a number\)"),
+        ("min_free_disk_gb = -1\n", r"policy\.min_free_disk_gb: expected a number of GiB >= 0"),
+        ('min_free_memory_gb = "2"\n', r"policy\.min_free_memory_gb: expected a number of GiB >= 0"),
+    ],
+)
+def test_policy_table_errors_name_the_line_and_the_fix(policy: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        parse_cluster(cluster_text(policy), source="cluster.toml")
+
+
+def test_policy_findings_say_what_is_wanted() -> None:
+    ours = {"batuta": "0.1.0", "numba": "0.60.0", "numpy": "2.1.0", "llvmlite": "0.43.0"}
+    policy = {"batuta": "exact", "numba": "minor", "numpy": "major", "llvmlite": "minor"}
+    theirs = {"batuta": "0.1.0", "numba": "0.59.1", "numpy": "2.0.2", "llvmlite": None}
+    found = policy_findings("gpu1", theirs, ours, policy)
+    assert [(f.check, f.severity) for f in found] == [("policy", ERROR)] * 2
+    numba, llvmlite = found
+    assert numba.message == 'numba 0.59.1, the coordinator 0.60.0: [policy] numba = "minor" wants 0.60.x'
+    assert numba.suggestion == "install numba 0.60.x on gpu1, or relax numba in [policy]"
+    assert llvmlite.message.startswith("llvmlite is missing")
+    healthy = policy_findings("gpu1", ours, ours, policy)
+    assert [f.severity for f in healthy] == [HEALTHY] and "numba minor" in healthy[0].message
+
+
+# -- conformance ---------------------------------------------------------------------------
+
+
+def test_every_builtin_kernel_has_a_seeded_sample_its_reference_accepts() -> None:
+    from batuta import kernels
+
+    checked = dict(conformance.kernels_to_check())
+    assert "vadd" in checked and not any(name.startswith("stack_") for name in checked)
+    for name in checked:
+        first, again = conformance.sample(name), conformance.sample(name)
+        assert first is not None, f"kernel {name!r} has no sample in batuta/stack/conformance.py"
+        assert again is not None
+        want = kernels.reference(name, first.args)
+        assert first.compare(want, kernels.reference(name, again.args)) == "", name  # seeded: same inputs
+
+
+def test_comparison_tolerances() -> None:
+    close = conformance._close
+    a = np.linspace(0.0, 1.0, 11)
+    assert close(a * (1 + 1e-9), a) == ""
+    assert "max abs error" in close(a + 1e-3, a)
+    assert "shape" in close(a[:5], a)
+    assert close(np.arange(4), np.arange(4)) == ""
+    assert "1 of 4 values differ" in close(np.array([0, 1, 2, 4]), np.arange(4))
+    assert close((1.0, [np.zeros(2)]), (1.0, (np.zeros(2),))) == ""  # lists and tuples alike
+    assert "expected a sequence of 2" in close((1.0,), (1.0, 2.0))
+    assert close(math.nan, math.nan) == ""
+    near_pi = conformance.sample("mc_pi")
+    assert near_pi is not None
+    assert near_pi.compare(3.14, 3.15) == ""
+    assert "from pi" in near_pi.compare(3.3, 3.14)
+
+
+def test_conformance_findings_group_failures_and_say_what_was_skipped() -> None:
+    why = "ImportError: no numba"
+    results = [KernelResult(node="n", kernel=k, backend="cpu", status="error", detail=why) for k in "abcde"]
+    results += [KernelResult(node="n", kernel="f", backend="cpu", status="fail", detail="max abs error 1")]
+    results += [KernelResult(node="n", kernel="a", backend="scalar", status="pass")]
+    results += [KernelResult(node="n", kernel="a", backend="gpu", status="skip", detail="no GPU slots on this node")]
+    scalar, cpu, gpu = conformance_findings("n", results)
+    assert (scalar.severity, scalar.message) == (HEALTHY, "1 kernel(s) match their NumPy references")
+    assert cpu.severity == ERROR
+    assert cpu.message == f"6 of 6 kernel(s) fail: {why} (a, b, c and 2 more); f: max abs error 1"
+    assert (gpu.severity, gpu.message) == (HEALTHY, "skipped: no GPU slots on this node")
+
+
+# -- findings for nodes that could not be reached ------------------------------------------
+
+
+def target(role: str = ROLE_SSH) -> NodeTarget:
+    return NodeTarget(name="gpu1", role=role, spec=local_host(1), address="10.0.0.1", python="/opt/py/bin/python")
+
+
+def test_unreachable_findings_name_the_cause_and_the_fix() -> None:
+    changed = unreachable_finding(
+        target(), HostKeyError("host gpu1 (x:22): HOST KEY CHANGED: it offered K; refused (...)", changed=True), []
+    )
+    assert (changed.check, changed.severity) == ("ssh", ERROR)
+    assert changed.message == "host gpu1 (x:22): HOST KEY CHANGED: it offered K"
+    assert "was reinstalled" in changed.suggestion
+    down = unreachable_finding(target(), SSHConnectError("host gpu1 (x): no SSH session within 2s; check it"), [])
+    assert (down.check, down.message, down.suggestion) == (
+        "ssh",
+        "unreachable: host gpu1 (x): no SSH session within 2s",
+        "check it",
+    )
+    agent = unreachable_finding(
+        target(),
+        AgentError("host gpu1: agent exited before saying hello"),
+        ["", "sh: 1: /opt/py/bin/python: not found"],
+    )
+    assert agent.check == "agent"
+    assert agent.message.endswith("the agent said: sh: 1: /opt/py/bin/python: not found")
+    assert "/opt/py/bin/python -m batuta version" in agent.suggestion
+
+
+# -- the report ----------------------------------------------------------------------------
+
+
+def sample_report(command: str = "check", *, strict: bool = False, severity: str = WARNING) -> StackReport:
+    ours = {"batuta": "0.1.0", "python": "3.11.7"}
+    finding = Finding(node="n1", check="numba", severity=severity, message="numba | odd", suggestion="fix it")
+    return StackReport(
+        command=command,
+        source="c.toml",
+        coordinator=NodeReport(name=COORDINATOR, role=COORDINATOR, reachable=True, versions=ours),
+        nodes=(
+            NodeReport(
+                name="n1",
+                role=ROLE_LOCAL,
+                reachable=True,
+                versions={"batuta": "0.0.9", "python": "3.11.7"},
+                findings=(finding,),
+            ),
+            NodeReport(name="n2", role=ROLE_SSH, reachable=False, findings=()),
+        ),
+        components=("batuta", "python"),
+        strict=strict,
+    )
+
+
+def test_exit_codes_follow_the_rules() -> None:
+    assert sample_report("check").exit_code == 0  # a warning passes ...
+    assert sample_report("check", strict=True).exit_code == 1  # ... unless --strict
+    assert sample_report("gate", severity=ERROR).exit_code == 1
+    assert sample_report("versions").exit_code == 1  # n2 unreachable
+    assert sample_report("check", severity=HEALTHY).exit_code == 0
+
+
+def test_text_colour_only_when_asked_and_never_alone() -> None:
+    plain = report.render(sample_report("versions"), "text")
+    assert ANSI not in plain
+    assert "0.0.9 *" in plain and "* differs from the coordinator" in plain  # the star, without colour
+    coloured = report.render(sample_report("versions"), "text", color=True)
+    assert ANSI in coloured and "0.0.9 *" in coloured
+
+
+def test_markdown_tables() -> None:
+    text = report.render(sample_report("check"), "markdown")
+    lines = text.splitlines()
+    assert lines[0] == "### batuta stack check: c.toml (2 nodes)"
+    assert "| node | check | status | finding | suggestion |" in lines
+    assert "| n1 | numba | ⚠️ warning | numba \\| odd | fix it |" in lines  # pipes escaped
+    assert lines[-1] == "**check: PASS: 1 warning on 1 of 2 node(s)**"
+    matrix = report.render(sample_report("versions"), "markdown")
+    assert "| component | coordinator | n1 | n2 |" in matrix
+    assert "| batuta | 0.1.0 | **0.0.9** ⚠ | ? |" in matrix
+
+
+def test_json_and_quiet() -> None:
+    data = json.loads(report.render(sample_report("gate", severity=ERROR), "json"))
+    assert data["verdict"] == "fail" and data["exit_code"] == 1
+    assert data["nodes"][0]["differs"] == ["batuta"]
+    assert data["nodes"][0]["findings"][0]["severity"] == ERROR
+    assert json.loads(report.render(sample_report("gate"), "json", quiet=True)) == {
+        "command": "gate",
+        "verdict": "pass",
+        "exit_code": 0,
+    }
+    assert report.render(sample_report("gate"), "text", quiet=True) == "gate: PASS: 1 warning on 1 of 2 node(s)"
+
+
+# -- the command, on the embedded local agent ----------------------------------------------
+
+
+def test_embedded_versions_json_is_clean() -> None:
+    done = stack("versions", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)  # all of stdout: nothing else is printed there
+    assert data["source"] == "embedded"
+    (node,) = data["nodes"]
+    assert node["name"] == "local" and node["reachable"] and node["differs"] == []
+    assert node["versions"]["batuta"] == __version__ == data["coordinator"]["versions"]["batuta"]
+
+
+def test_embedded_check_text() -> None:
+    done = stack("check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "batuta stack check: embedded (1 node)"
+    assert lines[-1] == "check: PASS: 1 node(s) healthy"
+    for check in ("agent", "python", "batuta", "numba", "gpu", "disk", "memory"):
+        assert any(line.split()[:2] == ["ok", check] for line in lines), (check, done.stdout)
+    assert ANSI not in done.stdout
+
+
+def test_embedded_gate_passes_and_quiet_prints_the_verdict_only() -> None:
+    done = stack("gate", "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads(done.stdout)
+    (node,) = data["nodes"]
+    results = {(k["kernel"], k["backend"]): k["status"] for k in node["kernels"]}
+    assert results[("vadd", "cpu")] == results[("matmul", "scalar")] == "pass"
+    assert results[("vadd", "gpu")] == "skip"  # no GPU here
+    assert {s for s in results.values()} == {"pass", "skip"}
+    assert data["policy"]["batuta"] == "exact"
+    quiet = stack("gate", "--quiet")
+    assert quiet.returncode == 0 and quiet.stdout == "gate: PASS: 1 node(s) healthy\n"
+
+
+def test_embedded_check_markdown() -> None:
+    done = stack("check", "--format", "markdown")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("### batuta stack check: embedded (1 node)\n")
+    assert "| local | numba | ✅ healthy | numba " in done.stdout
+
+
+def test_fake_gpus_under_the_simulator_are_warnings_and_strict_fails_them() -> None:
+    env = {"BATUTA_FAKE_GPUS": "1", "NUMBA_ENABLE_CUDASIM": "1"}
+    done = stack("check", "--format", "json", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (node,) = json.loads(done.stdout)["nodes"]
+    found = {f["check"]: f for f in node["findings"]}
+    assert found["nvml"]["severity"] == WARNING and "fake GPUs" in found["nvml"]["message"]
+    assert found["cuda"]["severity"] == WARNING and "simulator" in found["cuda"]["message"]  # the kernel ran
+    assert stack("check", "--strict", "--quiet", env=env).returncode == 1
+
+
+def test_thresholds_from_the_command_line() -> None:
+    done = stack("check", "--min-disk-gb", "1e9", "--min-memory-gb", "0", "--format", "json")
+    assert done.returncode == 1, done.stdout + done.stderr
+    (node,) = json.loads(done.stdout)["nodes"]
+    found = {f["check"]: f for f in node["findings"]}
+    assert found["disk"]["severity"] == ERROR and "min_free_disk_gb" in found["disk"]["suggestion"]
+    assert found["memory"]["severity"] == HEALTHY
+
+
+def run_on_a_terminal(*args: str, no_color: str | None) -> str:
+    """`batuta stack ARGS` with stdout on a pseudo-terminal; returns what it printed there."""
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    if no_color is not None:
+        env["NO_COLOR"] = no_color
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "batuta", "stack", *args],
+            stdout=terminal,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        os.close(terminal)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert process.wait(RUN_TIMEOUT_S) == 0
+    finally:
+        os.close(controller)
+    return b"".join(chunks).decode()
+
+
+def test_colour_on_a_terminal_and_never_with_no_color() -> None:
+    coloured = run_on_a_terminal("versions", no_color=None)
+    assert ANSI in coloured and "batuta stack versions" in coloured
+    assert ANSI not in run_on_a_terminal("versions", no_color="1")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "'batuta stack' needs an action"),
+        (("check", "--format", "xml"), "invalid choice: 'xml'"),
+        (("gate", "--timeout", "0"), "not a positive number of seconds"),
+        (("check", "--cluster", "no-such-cluster.toml"), "no-such-cluster.toml: no such file"),
+    ],
+)
+def test_usage_and_config_errors_exit_2(args: tuple[str, ...], message: str, tmp_path: Path) -> None:
+    done = stack(*args, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout == ""
+    assert message in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_a_bad_policy_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.toml"
+    path.write_text(cluster_text('numba = "newest"\n'))
+    done = stack("gate", "-c", str(path), "--format", "json")
+    assert done.returncode == 2 and done.stdout == ""
+    assert "cluster.toml:6: policy.numba: expected one of" in done.stderr
+
+
+def test_agent_stderr_is_kept_without_hiding_errors_the_user_asked_for() -> None:
+    import logging
+
+    from batuta.stack.nodes import keep_agent_stderr
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    root, seen = logging.getLogger("batuta"), Collect()
+    saved = (root.level, root.propagate)
+    root.setLevel(logging.ERROR)  # what `batuta stack` does by default
+    root.propagate = False
+    root.addHandler(seen)
+    transport = logging.getLogger("batuta.transport.ssh")
+    try:
+        with keep_agent_stderr(["gpu1", "local"]) as kept:
+            transport.warning("%s: %s", "gpu1 agent", "bash: python9: command not found")
+            logging.getLogger("batuta.transport.local").warning("%s: %s", "local agent[12]", "Traceback ...")
+            transport.error("something the user asked to see")
+        transport.warning("%s: %s", "gpu1 agent", "after: not kept")
+    finally:
+        root.removeHandler(seen)
+        root.setLevel(saved[0])
+        root.propagate = saved[1]
+    assert kept == {"gpu1": ["bash: python9: command not found"], "local": ["Traceback ..."]}
+    assert seen.messages == ["something the user asked to see"]  # warnings stay out of the user's log
+    assert logging.getLogger("batuta.transport").propagate and logging.getLogger("batuta.transport").level == 0
+
+
+def test_declared_gpus_that_are_not_there_are_a_finding(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.toml"
+    path.write_text('[local]\ngpus = [0]\nenv = { BATUTA_FAKE_GPUS = "0" }\n')
+    done = stack("check", "-c", str(path), "--format", "json")
+    assert done.returncode == 1, done.stdout + done.stderr
+    (node,) = json.loads(done.stdout)["nodes"]
+    (finding,) = node["findings"]
+    assert not node["reachable"]
+    assert (finding["check"], finding["severity"]) == ("gpu", ERROR)
+    assert finding["message"].startswith("--gpus 0: no GPU 0 on this host")
+    assert "set gpus for local" in finding["suggestion"]

@@ -1,0 +1,509 @@
+"""TLS workers end to end: `batuta certs`, the worker daemon, the TLS transport, RemoteExecutor.
+
+Real TLS over loopback, real agent processes (one per session, started by the daemon). The
+daemon runs in-process where that is enough (its agents are then our children, so the tests
+can see and count them) and as `python -m batuta worker` where argv and stderr matter.
+Every wait is bounded; no test sleeps to let something happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import re
+import signal
+import ssl
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from batuta.agent.daemon import WorkerDaemon, WorkerOptions, check_key_file
+from batuta.certs import CLIENT, SERVER, Issued, init_certs, issue, new_ca, write_private, write_public
+from batuta.core.task import KernelCall, Task, TaskStatus
+from batuta.errors import AgentError, ConfigError, TransportError
+from batuta.protocol.codec import encode_message
+from batuta.protocol.connection import NEED_DATA, Connection, Role
+from batuta.protocol.messages import PROTOCOL_VERSION, Error, Hello, Run, Started, TaskRequest, Welcome
+from batuta.runtime.cluster import build_pool, parse_cluster
+from batuta.runtime.remote import RemoteExecutor
+from batuta.transport.tls import (
+    TLSRefusedError,
+    TLSSettings,
+    TLSVerifyError,
+    client_context,
+    open_tls_stream,
+    server_context,
+    split_address,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WAIT_S = 20.0
+
+
+# -- certificates for every case ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    dir: Path
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_client: tuple[Path, Path]  # signed by another CA
+    expired_client: tuple[Path, Path]
+    wrong_name_server: tuple[Path, Path]  # SAN: otherhost.example only
+    other_ca_server: tuple[Path, Path]
+
+
+def _save(issued: Issued, folder: Path, stem: str) -> tuple[Path, Path]:
+    cert, key = folder / f"{stem}.pem", folder / f"{stem}.key"
+    write_public(cert, issued.cert_pem())
+    write_private(key, issued.key_pem())
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    folder = tmp_path_factory.mktemp("pki")
+    paths = init_certs(folder / "certs")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    ca = Issued(
+        x509.load_pem_x509_certificate(paths.ca_cert.read_bytes()),
+        serialization.load_pem_private_key(paths.ca_key.read_bytes(), None),  # type: ignore[arg-type]
+    )
+    other_ca = new_ca("someone else's CA")
+    now = dt.datetime.now(dt.UTC)
+    return Pki(
+        dir=paths.directory,
+        ca=paths.ca_cert,
+        server_cert=paths.server_cert,
+        server_key=paths.server_key,
+        client_cert=paths.client_cert,
+        client_key=paths.client_key,
+        other_client=_save(issue(other_ca, CLIENT, "intruder"), folder, "other-client"),
+        expired_client=_save(
+            issue(ca, CLIENT, "old", not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1)),
+            folder,
+            "expired-client",
+        ),
+        wrong_name_server=_save(issue(ca, SERVER, "worker", hosts=["otherhost.example"]), folder, "wrong-name"),
+        other_ca_server=_save(issue(other_ca, SERVER, "worker", hosts=["127.0.0.1"]), folder, "other-ca-server"),
+    )
+
+
+def settings(pki: Pki, **overrides: object) -> TLSSettings:
+    fields: dict[str, object] = {"ca": pki.ca, "cert": pki.client_cert, "key": pki.client_key, "connect_timeout": 5.0}
+    fields.update(overrides)
+    return TLSSettings(**fields)  # type: ignore[arg-type]
+
+
+def worker_options(pki: Pki, **overrides: object) -> WorkerOptions:
+    fields: dict[str, object] = {
+        "cert": pki.server_cert,
+        "key": pki.server_key,
+        "ca": pki.ca,
+        "port": 0,
+        "slots": 1,
+        "gpus": "none",
+    }
+    fields.update(overrides)
+    return WorkerOptions(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def daemon(pki: Pki) -> AsyncIterator[WorkerDaemon]:
+    async with WorkerDaemon(worker_options(pki)) as worker:
+        yield worker
+    assert _agents() == [], "an agent outlived the daemon"
+
+
+def _agents(*, recursive: bool = True) -> list[psutil.Process]:
+    """Our descendants that run batuta's agent code: the in-process daemon's session agents
+    (our children) and, with `recursive`, their forked slots."""
+    found = []
+    for child in psutil.Process().children(recursive=recursive):
+        with contextlib.suppress(psutil.Error):
+            if "batuta.agent" in " ".join(child.cmdline()):
+                found.append(child)
+    return found
+
+
+async def _gone(pids: list[int], timeout: float = WAIT_S) -> list[int]:
+    """The pids still alive after waiting up to `timeout` for them all to exit."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        await asyncio.sleep(0.05)
+
+
+async def executor_for(pki: Pki, port: int, **tls: object) -> RemoteExecutor:
+    builder = RemoteExecutor.builder().add_workers([f"127.0.0.1:{port}"])
+    builder.tls(ca=pki.ca, cert=pki.client_cert, key=pki.client_key, connect_timeout=5.0, **tls)  # type: ignore[arg-type]
+    builder.relaunch(max_relaunches=3, backoff=0.1)
+    return await builder.build()
+
+
+# -- certs --------------------------------------------------------------------------------
+
+
+def test_certs_init_writes_a_ca_and_leaf_certificates_with_the_right_usages(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    paths = init_certs(tmp_path / "certs", hosts=["worker1.lan", "10.0.0.7"])
+    assert (paths.directory.stat().st_mode & 0o777) == 0o700
+    for key in (paths.ca_key, paths.server_key, paths.client_key):
+        assert (key.stat().st_mode & 0o777) == 0o600
+    ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert ca.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+    server = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+    assert list(server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.SERVER_AUTH
+    ]
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["worker1.lan"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.7"]
+    assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    client = x509.load_pem_x509_certificate(paths.client_cert.read_bytes())
+    assert list(client.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.CLIENT_AUTH
+    ]
+    assert server.issuer == ca.subject == client.issuer
+
+
+def test_certs_init_never_overwrites_unless_forced(tmp_path: Path) -> None:
+    from batuta.errors import UsageError
+
+    first = init_certs(tmp_path / "c")
+    before = first.server_key.read_bytes()
+    with pytest.raises(UsageError, match="--force"):
+        init_certs(tmp_path / "c")
+    assert first.server_key.read_bytes() == before
+    again = init_certs(tmp_path / "c", force=True)
+    assert again.server_key.read_bytes() != before
+    assert (again.server_key.stat().st_mode & 0o777) == 0o600
+    with pytest.raises(UsageError, match="neither a DNS name"):
+        init_certs(tmp_path / "d", hosts=["bad host!"])
+
+
+def test_certs_cli(tmp_path: Path) -> None:
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-m", "batuta", "certs", "init", str(tmp_path / "c"), "--host", "gpu1", "--host", "::1"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "server.pem: batuta-worker (serverAuth) for gpu1, ::1" in out.stdout
+    assert "PRIVATE KEY" not in out.stdout + out.stderr
+    assert ((tmp_path / "c" / "client.key").stat().st_mode & 0o777) == 0o600
+
+
+def test_contexts_require_tls_1_2_and_certificates(pki: Pki) -> None:
+    server = server_context(cert=pki.server_cert, key=pki.server_key, ca=pki.ca)
+    client = client_context(settings(pki))
+    for context in (server, client):
+        assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+        assert context.verify_mode == ssl.CERT_REQUIRED
+    assert client.check_hostname
+
+
+def test_addresses() -> None:
+    assert split_address("10.0.0.1:9000") == ("10.0.0.1", 9000)
+    assert split_address("[::1]:9443") == ("::1", 9443)
+    assert split_address(":7000") == ("127.0.0.1", 7000)
+    assert split_address("gpu1") == ("gpu1", 9443)
+    for bad in ("::1", "h:port", "h:70000", ""):
+        with pytest.raises(ValueError):
+            split_address(bad)
+
+
+# -- the happy path -----------------------------------------------------------------------
+
+
+async def test_remote_executor_runs_tasks_over_mutual_tls(pki: Pki, daemon: WorkerDaemon) -> None:
+    _, port = daemon.address
+    async with await executor_for(pki, port) as executor:
+        result = await executor.execute(Task.kernel("noop", 41))
+        assert result.status is TaskStatus.SUCCEEDED and result.value == 41
+        assert await executor.map("noop", [(i,) for i in range(200)]) == list(range(200))
+        (host,) = executor.pool.hosts()
+        assert host.description.startswith(f"tls 127.0.0.1:{port} (TLSv1.")
+    assert await daemon.wait_idle(WAIT_S)
+    assert daemon.stats.sessions == 1 and daemon.stats.agent_exit_codes == [0]
+
+
+# -- refused clients ----------------------------------------------------------------------
+
+
+def _client_context(pki: Pki, cert_key: tuple[Path, Path] | None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=str(pki.ca))
+    if cert_key is not None:
+        context.load_cert_chain(str(cert_key[0]), str(cert_key[1]))
+    return context
+
+
+@pytest.mark.parametrize("client", ["no certificate", "another CA", "expired"])
+async def test_bad_client_certificates_are_refused_and_the_daemon_keeps_serving(
+    pki: Pki, daemon: WorkerDaemon, client: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cert_key = {"no certificate": None, "another CA": pki.other_client, "expired": pki.expired_client}[client]
+    _, port = daemon.address
+    with pytest.raises(TLSRefusedError) as refused:
+        await open_tls_stream("127.0.0.1", port, settings(pki), context=_client_context(pki, cert_key))
+    assert refused.value.retryable is False
+    assert "refused our client certificate" in str(refused.value)
+    assert daemon.stats.refused_tls == 1 and daemon.stats.sessions == 0
+    assert "TLS handshake failed" in caplog.text
+    assert _agents() == []  # nothing was started for it
+    async with await executor_for(pki, port) as executor:
+        assert (await executor.execute(Task.kernel("noop", 1))).value == 1
+
+
+async def test_plaintext_client_gets_nothing_and_the_daemon_keeps_serving(pki: Pki, daemon: WorkerDaemon) -> None:
+    _, port = daemon.address
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(encode_message(Welcome(protocol=PROTOCOL_VERSION, heartbeat_interval=1.0)) + b"GET / HTTP/1.0\r\n\r\n")
+    data = await asyncio.wait_for(reader.read(), WAIT_S)
+    assert b"batuta" not in data  # no Hello, no protocol bytes: at most a TLS alert
+    writer.close()
+    assert daemon.stats.refused_tls == 1 and daemon.stats.sessions == 0
+    async with await executor_for(pki, port) as executor:
+        assert (await executor.execute(Task.kernel("noop", 2))).value == 2
+
+
+# -- the coordinator checks the worker ----------------------------------------------------
+
+
+async def test_server_certificate_with_the_wrong_name_is_refused_not_retried(pki: Pki) -> None:
+    cert, key = pki.wrong_name_server
+    async with WorkerDaemon(worker_options(pki, cert=cert, key=key)) as worker:
+        _, port = worker.address
+        with pytest.raises(TLSVerifyError) as refused:
+            await executor_for(pki, port)
+        assert refused.value.retryable is False
+        message = str(refused.value)
+        assert "127.0.0.1" in message and "certs init" in message
+        # checked against the name it does carry, the same worker is fine
+        async with await executor_for(pki, port, server_name="otherhost.example") as executor:
+            assert (await executor.execute(Task.kernel("noop", 3))).value == 3
+
+
+async def test_server_certificate_from_another_ca_is_refused(pki: Pki) -> None:
+    cert, key = pki.other_ca_server
+    async with WorkerDaemon(worker_options(pki, cert=cert, key=key)) as worker:
+        _, port = worker.address
+        with pytest.raises(TLSVerifyError, match="not acceptable") as refused:
+            await open_tls_stream("127.0.0.1", port, settings(pki))
+        assert not refused.value.retryable
+
+
+async def test_nothing_listening_is_a_retryable_error(pki: Pki) -> None:
+    with pytest.raises(TransportError, match="connection refused") as refused:
+        await open_tls_stream("127.0.0.1", 1, settings(pki))
+    assert refused.value.retryable
+
+
+# -- sessions -----------------------------------------------------------------------------
+
+
+async def test_second_coordinator_is_refused_with_a_protocol_error_while_one_is_active(
+    pki: Pki, daemon: WorkerDaemon
+) -> None:
+    _, port = daemon.address
+    first = await executor_for(pki, port)
+    try:
+        stream = await open_tls_stream("127.0.0.1", port, settings(pki))
+        conn = Connection(Role.COORDINATOR)
+        conn.receive_data(await stream.read())
+        error = conn.next_event()
+        assert isinstance(error, Error) and "busy" in error.message and "one coordinator at a time" in error.message
+        await stream.close()
+        with pytest.raises(AgentError, match="busy"):
+            await (RemoteExecutor.builder().add_workers([f"127.0.0.1:{port}"])
+                   .tls(ca=pki.ca, cert=pki.client_cert, key=pki.client_key).relaunch(max_relaunches=0, backoff=0.1)
+                   .build())
+        assert (await first.execute(Task.kernel("noop", 4))).value == 4  # the first is untouched
+    finally:
+        await first.close()
+    assert daemon.stats.refused_busy == 2
+    assert await daemon.wait_idle(WAIT_S)
+    async with await executor_for(pki, port) as second:  # the worker waits for the next
+        assert (await second.execute(Task.kernel("noop", 5))).value == 5
+
+
+async def test_a_vanished_coordinator_has_its_work_killed(pki: Pki, daemon: WorkerDaemon) -> None:
+    _, port = daemon.address
+    stream = await open_tls_stream("127.0.0.1", port, settings(pki))
+    conn = Connection(Role.COORDINATOR)
+    conn.receive_data(await stream.read())
+    assert isinstance(conn.next_event(), Hello)
+    stream.write(conn.send(Welcome(protocol=PROTOCOL_VERSION, heartbeat_interval=60.0)))
+    spin = TaskRequest(task_id=1, slot=0, attempt=1, call=KernelCall(name="spin", args=(60.0,)))
+    stream.write(conn.send(Run(tasks=(spin,))))
+    async with asyncio.timeout(WAIT_S):
+        started = False
+        while not started:
+            data = await stream.read()
+            assert data
+            conn.receive_data(data)
+            while (event := conn.next_event()) is not NEED_DATA:
+                started = started or isinstance(event, Started)
+    (agent,) = _agents(recursive=False)
+    everything = [agent.pid] + [p.pid for p in agent.children(recursive=True)]
+    assert len(everything) >= 2  # the agent and its slot, which runs the spin
+    stream.kill()  # no close_notify, no Shutdown: the coordinator just vanished
+    assert await _gone(everything) == []
+    assert await daemon.wait_idle(WAIT_S)
+    async with await executor_for(pki, port) as executor:
+        assert (await executor.execute(Task.kernel("noop", 6))).value == 6
+
+
+async def test_the_pool_reconnects_with_backoff_when_the_worker_comes_back(pki: Pki) -> None:
+    worker = WorkerDaemon(worker_options(pki))
+    await worker.start()
+    _, port = worker.address
+    executor = await executor_for(pki, port)
+    try:
+        assert (await executor.execute(Task.kernel("noop", 7))).value == 7
+        await worker.close()  # the worker goes away: its session and agent end
+        successor = WorkerDaemon(worker_options(pki, port=port))
+        await successor.start()
+        try:
+            result = await asyncio.wait_for(executor.execute(Task.kernel("noop", 8)), WAIT_S)
+            assert result.value == 8
+            assert successor.stats.sessions == 1
+        finally:
+            await executor.close()
+            await successor.close()
+    finally:
+        await executor.close()
+        await worker.close()
+
+
+# -- the cluster file ---------------------------------------------------------------------
+
+
+def _cluster_text(pki: Pki, port: int, extra: str = "") -> str:
+    return f"""
+[[hosts]]
+name = "w1"
+address = "127.0.0.1"
+port = {port}
+transport = "tls"
+tags = ["tls"]
+{extra}
+
+[tls]
+ca = "{pki.ca}"
+cert = "{pki.client_cert}"
+key = "{pki.client_key}"
+"""
+
+
+async def test_cluster_file_tls_hosts_run_tasks(pki: Pki, daemon: WorkerDaemon) -> None:
+    _, port = daemon.address
+    cluster = parse_cluster("[defaults]\nuser = 'ops'\npython = 'python3.11'\nport = 2222\n" + _cluster_text(pki, port))
+    (host,) = cluster.hosts
+    assert host.transport == "tls" and host.port == port and host.user is None
+    assert cluster.tls is not None and cluster.tls.cert == pki.client_cert
+    async with build_pool(cluster) as pool:
+        result = await pool.run(Task.kernel("noop", 9))
+        assert result.value == 9 and result.host == "w1"
+
+
+def test_cluster_file_tls_mistakes_name_the_fix(pki: Pki) -> None:
+    with pytest.raises(ConfigError, match=r"hosts\[0\].slots: has no effect on a tls host.*batuta worker --slots"):
+        parse_cluster(_cluster_text(pki, 9443, "slots = 4"))
+    with pytest.raises(ConfigError, match=r"hosts\[0\].transport: a tls host needs a \[tls\] table"):
+        parse_cluster(_cluster_text(pki, 9443).split("[tls]")[0])
+    with pytest.raises(ConfigError, match='expected "ssh" or "tls"'):
+        parse_cluster('[[hosts]]\naddress = "a"\ntransport = "https"\n')
+    with pytest.raises(ConfigError, match="tls: missing key"):
+        parse_cluster(_cluster_text(pki, 9443).replace(f'key = "{pki.client_key}"', ""))
+    default_port = parse_cluster(_cluster_text(pki, 9443).replace("port = 9443\n", ""))
+    assert default_port.hosts[0].port is None  # 9443 at launch
+
+
+# -- the daemon as a program: argv, logs, bind ----------------------------------------------
+
+
+async def test_worker_command_keeps_keys_out_of_argv_and_logs(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "batuta", "worker", "--bind", "127.0.0.1:0",
+        "--cert", str(pki.server_cert), "--key", str(pki.server_key), "--ca", str(pki.ca),
+        "--slots", "1", "--gpus", "none", "--log-level", "debug",
+        stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    stderr = bytearray()
+    try:
+        async with asyncio.timeout(WAIT_S):
+            while not (found := re.search(rb"listening on 127\.0\.0\.1:(\d+) \(this machine only\)", stderr)):
+                line = await proc.stderr.readline()
+                assert line, stderr.decode()
+                stderr += line
+        port = int(found[1])
+        with pytest.raises(TLSRefusedError):  # a refusal is logged on both sides
+            await open_tls_stream("127.0.0.1", port, settings(pki), context=_client_context(pki, pki.other_client))
+        async with await executor_for(pki, port) as executor:
+            assert (await executor.execute(Task.kernel("noop", 10))).value == 10
+            daemon_process = psutil.Process(proc.pid)
+            argvs = [p.cmdline() for p in [daemon_process, *daemon_process.children(recursive=True)]]
+        assert len(argvs) >= 3  # daemon, agent, slot
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(WAIT_S):
+            stderr += await proc.stderr.read()
+            assert await proc.wait() == 0
+    secrets = [_pem_body(path) for path in (pki.server_key, pki.client_key)]
+    visible = "\n".join(" ".join(argv) for argv in argvs)
+    assert str(pki.server_key) in visible  # paths are fine
+    text = stderr.decode() + caplog.text + visible
+    assert "refused 127.0.0.1" in text and "session from 127.0.0.1" in text
+    assert "PRIVATE KEY" not in text and "-----BEGIN" not in text
+    for body in secrets:
+        for chunk in (body[i : i + 24] for i in range(0, len(body) - 24, 24)):
+            assert chunk not in text
+
+
+def _pem_body(path: Path) -> str:
+    return "".join(line for line in path.read_text().splitlines() if not line.startswith("-----"))
+
+
+def test_worker_binds_loopback_by_default_and_checks_its_arguments(pki: Pki, tmp_path: Path) -> None:
+    from batuta.cli import build_parser, main
+
+    args = build_parser().parse_args(["worker", "--cert", "c", "--key", "k", "--ca", "a"])
+    assert args.bind == "127.0.0.1:9443"
+    assert WorkerOptions(cert=Path("c"), key=Path("k"), ca=Path("a")).host == "127.0.0.1"
+    common = ["--cert", str(pki.server_cert), "--key", str(pki.server_key), "--ca", str(pki.ca)]
+    assert main(["worker", "--bind", "1.2.3.4:notaport", *common]) == 2
+    assert main(["worker", "--bind", "127.0.0.1:0", "--slots", "-1", *common]) == 2
+    assert main(["worker", "--bind", "127.0.0.1:0", "--cert", str(tmp_path / "none.pem"),
+                 "--key", str(pki.server_key), "--ca", str(pki.ca)]) == 2  # fmt: skip
+    loose = tmp_path / "loose.key"
+    loose.write_bytes(b"x")
+    os.chmod(loose, 0o644)
+    assert "chmod 600" in (check_key_file(loose) or "")
+    assert check_key_file(pki.server_key) is None
