@@ -380,3 +380,8 @@ def test_launch_of_an_unreachable_host_is_a_transport_error(tmp_path: Path) -> N
         asyncio.run(asyncio.wait_for(spec.launch(), 10))
     assert "host gone (nobody@127.0.0.1:1)" in str(info.value)
     assert "connection refused" in str(info.value)
+
+
+def test_backend_thresholds_come_from_the_pool_table() -> None:
+    cluster = parse_cluster('[pool]\nscalar_below = 10\ngpu_above = 500\n\n[[hosts]]\naddress = "a"\n')
+    assert cluster.pool.thresholds.scalar_below == 10 and cluster.pool.thresholds.gpu_above == 500

@@ -60,6 +60,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from batuta.core.backend import BackendThresholds
 from batuta.core.task import CAP_CPU, CAP_GPU
 from batuta.errors import ConfigError
 from batuta.runtime.host import HostSpec
@@ -303,6 +304,8 @@ _POOL_KEYS = (
     "max_relaunches",
     "relaunch_backoff",
     "start_timeout",
+    "scalar_below",
+    "gpu_above",
 )
 _TOP_KEYS = ("hosts", "defaults", "local", "ssh", "pool", "policy", "tls")
 
@@ -504,6 +507,10 @@ class _Reader:
             fields["seed"] = self._int((*path, "seed"), table["seed"])
         if "max_relaunches" in table:
             fields["max_relaunches"] = self._count((*path, "max_relaunches"), table["max_relaunches"])
+        # Backend.AUTO's size thresholds (the seed's table), in elements
+        sizes = {key: self._count((*path, key), table[key]) for key in ("scalar_below", "gpu_above") if key in table}
+        if sizes:
+            fields["thresholds"] = BackendThresholds(**sizes)
         config = PoolConfig(**fields)
         if config.suspect_after > config.lost_after:
             raise self.error(
