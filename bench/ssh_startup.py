@@ -222,11 +222,11 @@ def dask_connect_options(h: TestHost) -> dict[str, Any]:
     return options
 
 
-async def dask_start(hosts: TestHosts, slots: int, scheduler_host: str) -> dict[str, Any]:
-    from distributed import Client, Scheduler, SpecCluster
+def dask_specs(hosts: TestHosts, slots: int, scheduler_host: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """SSHCluster's own building blocks: `slots` single-thread Nanny workers per host."""
+    from distributed import Scheduler
     from distributed.deploy.ssh import Worker as SSHWorker
 
-    expected = len(hosts) * slots
     workers = {
         h.name: {
             "cls": SSHWorker,
@@ -241,6 +241,14 @@ async def dask_start(hosts: TestHosts, slots: int, scheduler_host: str) -> dict[
         for h in hosts
     }
     scheduler = {"cls": Scheduler, "options": {"host": scheduler_host, "port": 0, "dashboard": False}}
+    return workers, scheduler
+
+
+async def dask_start(hosts: TestHosts, slots: int, scheduler_host: str) -> dict[str, Any]:
+    from distributed import Client, SpecCluster
+
+    expected = len(hosts) * slots
+    workers, scheduler = dask_specs(hosts, slots, scheduler_host)
     cpu0 = busy_cpu_s()
     t0 = time.perf_counter()
     cluster: Any = None

@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import platform
 import sys
@@ -45,7 +44,8 @@ if str(ROOT) not in sys.path:
 from bench.ssh_startup import (  # noqa: E402
     busy_cpu_s,
     cluster_text,
-    dask_connect_options,
+    dask_specs,
+    quiet_logs,
     route_to_scheduler,
     settle,
 )
@@ -97,24 +97,10 @@ async def batuta_rate(hosts: TestHosts, slots: int, tasks: int, warmup: int) -> 
 
 
 async def dask_rate(hosts: TestHosts, slots: int, tasks: int, warmup: int, scheduler_host: str) -> dict[str, Any]:
-    from distributed import Client, Scheduler, SpecCluster
-    from distributed.deploy.ssh import Worker as SSHWorker
+    from distributed import Client, SpecCluster
 
     expected = len(hosts) * slots
-    workers = {
-        h.name: {
-            "cls": SSHWorker,
-            "options": {
-                "address": h.address,
-                "connect_options": dask_connect_options(h),
-                "kwargs": {"nthreads": 1, "n_workers": slots},
-                "worker_class": "distributed.Nanny",
-                "remote_python": sys.executable,
-            },
-        }
-        for h in hosts
-    }
-    scheduler = {"cls": Scheduler, "options": {"host": scheduler_host, "port": 0, "dashboard": False}}
+    workers, scheduler = dask_specs(hosts, slots, scheduler_host)
     cluster: Any = None
     client: Any = None
     try:
@@ -153,12 +139,6 @@ async def dask_rate(hosts: TestHosts, slots: int, tasks: int, warmup: int, sched
 def _executed_count(dask_worker: Any = None) -> int:
     """Tasks this worker has executed so far (run on every worker by `client.run`)."""
     return int(dask_worker.state.executed_count)
-
-
-def quiet_logs() -> None:
-    logging.basicConfig(level=logging.WARNING)
-    for name in ("distributed", "asyncssh", "batuta"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main() -> None:
