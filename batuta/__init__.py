@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from batuta.core.task import Backend, Priority, Task, TaskBuilder, TaskResult, TaskStatus
     from batuta.errors import BatutaError, TaskFailedError
     from batuta.runtime.pool import Pool, PoolBuilder, TaskFuture
+    from batuta.runtime.remote import RemoteExecutor
 
 _LAZY = {
     "Backend": "batuta.core.task",
@@ -27,6 +28,7 @@ _LAZY = {
     "Pool": "batuta.runtime.pool",
     "PoolBuilder": "batuta.runtime.pool",
     "TaskFuture": "batuta.runtime.pool",
+    "RemoteExecutor": "batuta.runtime.remote",
 }
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "Pool",
     "PoolBuilder",
     "Priority",
+    "RemoteExecutor",
     "Task",
     "TaskBuilder",
     "TaskFailedError",

@@ -114,7 +114,6 @@ class _Session:
         self.subject = subject
         self.started = time.monotonic()
         self.agent: asyncio.subprocess.Process | None = None
-        self.task: asyncio.Task[None] | None = None
 
 
 class WorkerDaemon:

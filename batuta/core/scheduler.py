@@ -798,6 +798,8 @@ class Scheduler:
         if not keep:
             entry.place = Place.GONE
             self._tasks.pop(entry.task_id, None)
+            if not self._tasks:
+                self._tasks = {}  # let a drained burst's table go (dicts never shrink)
         self._out.append(
             ResolveTask(
                 task_id=entry.task_id,

@@ -773,6 +773,10 @@ class Pool:
         pending = self._pending.pop(task_id, None)
         if pending is None:
             return
+        if not self._pending:
+            # dicts never shrink their tables: start a fresh one whenever the pool runs dry,
+            # so a burst of a million queued tasks does not hold its peak for the pool's life
+            self._pending = {}
         now = self._now()
         started = pending.started_at if pending.started_at is not None else now - run_s
         queue_wait = max(0.0, started - pending.submitted_at) if slot_id else max(0.0, now - pending.submitted_at)

@@ -1,0 +1,719 @@
+"""Fuzz a real host agent's frame handling: random and mutated frames after a valid handshake.
+
+A real `python -m batuta.agent --stdio` process gets the handshake, then frames of these
+kinds (each drawn from a seeded `random.Random`):
+
+    valid      a well-formed Run / Cancel / StealBack with random content
+    mutated    a valid frame with bytes flipped, inserted, deleted, cut or spliced
+    garbage    random bytes, with or without a plausible length prefix
+    header     a length prefix over the limit, or zero
+    body       a frame whose msgpack body is a random value, or a message array whose
+               fields have random types
+    direction  a message the coordinator may not send here (Hello, Done, Welcome again, ...)
+
+Every frame is also fed to a reference `Connection(Role.AGENT)` (the model), which says what
+the agent must do: keep serving (then a probe task must come back within a bound), end with
+`Error("protocol error from the coordinator: ...")` and exit 1, end with Bye and exit 0
+(Shutdown), or wait for the rest of a frame (then EOF must make it exit). Anything else is
+counted: `crashes` (a traceback, "agent failed", an exit or an Error the model did not
+expect, a malformed frame from the agent), `hangs` (no answer or no exit within the bound),
+`orphans` (a slot or child process alive after the agent exited).
+
+Frames that would make the agent run something outside a small allowlist (a real kernel
+with random arguments, a binary other than /bin/true and /bin/echo, `module:kernel` names
+that import modules) are not sent and are counted as `skipped`.
+
+    python bench/fuzz.py [--frames 100000] [--seed 0] [--slots 2]
+
+The last line printed is one JSON object: frames, crashes, hangs, orphans, sessions, ...
+`tests/test_fuzz_agent.py` runs the same driver briefly under hypothesis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import selectors
+import signal
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+import msgpack
+import numpy as np
+import psutil
+from batuta.kernels import registry
+
+from batuta.core.task import BinaryCall, KernelCall
+from batuta.protocol.codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_message
+from batuta.protocol.connection import CLOSED, NEED_DATA, Connection, Role
+from batuta.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from batuta.protocol.messages import (
+    PROTOCOL_VERSION,
+    Bye,
+    Cancel,
+    Done,
+    Error,
+    Heartbeat,
+    Hello,
+    Run,
+    Shutdown,
+    SlotInfo,
+    SlotState,
+    Started,
+    StealBack,
+    StealBackReply,
+    TaskOutcome,
+    TaskRequest,
+    Welcome,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KINDS = ("valid", "mutated", "garbage", "header", "body", "direction")
+BAD_KINDS = KINDS[1:]
+BAD_WEIGHTS = (50, 10, 8, 17, 15)  # among frames that are not drawn valid
+PROBE_BASE = 1 << 60  # probe task ids; fuzzed ids stay far below
+SAFE_BINARIES = frozenset({"/bin/true", "/bin/echo"})
+MAX_SPIN_S = 0.02  # per frame, so probes come back quickly
+MAX_TASKS_PER_FRAME = 256
+KNOWN_KERNELS = frozenset(registry.names())
+
+
+# -- frames -------------------------------------------------------------------------------
+
+
+def _value(rnd: random.Random, depth: int = 0) -> Any:
+    """A random kernel argument the wire can carry (or, sometimes, cannot)."""
+    pick = rnd.randrange(9 if depth < 2 else 6)
+    if pick == 0:
+        return rnd.randint(-(2**63), 2**63 - 1)
+    if pick == 1:
+        return rnd.choice([0.0, -1.5, 1e308, float("inf"), float("nan"), rnd.random()])
+    if pick == 2:
+        return "".join(chr(rnd.randrange(32, 0x3000)) for _ in range(rnd.randrange(12)))
+    if pick == 3:
+        return rnd.randbytes(rnd.randrange(16))
+    if pick == 4:
+        return rnd.choice([None, True, False])
+    if pick == 5:
+        dtype = rnd.choice(["<f4", "<f8", ">i4", "u1", "<c8", "?"])
+        return np.zeros(rnd.randrange(5), dtype=dtype)
+    if pick == 6:
+        return tuple(_value(rnd, depth + 1) for _ in range(rnd.randrange(4)))
+    if pick == 7:
+        return [_value(rnd, depth + 1) for _ in range(rnd.randrange(4))]
+    return {str(rnd.randrange(5)): _value(rnd, depth + 1) for _ in range(rnd.randrange(3))}
+
+
+def _task(rnd: random.Random, task_id: int, slots: int) -> TaskRequest:
+    slot = rnd.choice([0, 0, 1, slots - 1, slots, 7, 2**31])
+    roll = rnd.random()
+    call: KernelCall | BinaryCall
+    if roll < 0.55:
+        call = KernelCall(name="noop", args=tuple(_value(rnd) for _ in range(rnd.randrange(3))))
+    elif roll < 0.65:
+        call = KernelCall(name="spin", args=(rnd.choice([0.0, 0.001, -1.0]),))
+    elif roll < 0.8:
+        name = rnd.choice(["nope", "", "x" * 300, "no such kernel", "noop2", "\u00e9t\u00e9"])
+        call = KernelCall(name=name, args=(_value(rnd),))
+    elif roll < 0.9:
+        call = BinaryCall(
+            path=rnd.choice(["/bin/true", "/bin/echo", "/nonexistent", "relative/path", ""]),
+            args=tuple(rnd.choice(["a", "-n", "\u00e9", "x" * 50]) for _ in range(rnd.randrange(3))),
+            env=rnd.choice([{}, {"A": "1"}, {"PATH": ""}]),
+            cwd=rnd.choice([None, "/", "/nonexistent"]),
+        )
+    else:
+        call = KernelCall(name="noop", args=(rnd.randbytes(rnd.randrange(1, 4096)),))
+    timeout = rnd.choice([None, None, None, 0.001, 0.5, 30.0])
+    backend = rnd.choice(["cpu", "cpu", "scalar", "gpu"])
+    return TaskRequest(task_id=task_id, slot=slot, attempt=rnd.randrange(1, 4), call=call, timeout=timeout,
+                       backend=backend)  # fmt: skip
+
+
+def valid_message(rnd: random.Random, slots: int, next_id: list[int]) -> Run | Cancel | StealBack:
+    roll = rnd.random()
+    if roll < 0.7:
+        count = rnd.choice([1, 1, 2, 3, 8, 32])
+        tasks = []
+        for _ in range(count):
+            next_id[0] += 1
+            task_id = next_id[0] if rnd.random() < 0.97 else rnd.randrange(1, max(2, next_id[0]))  # some repeats
+            tasks.append(_task(rnd, task_id, slots))
+        return Run(tasks=tuple(tasks))
+    ids = tuple(rnd.randrange(0, next_id[0] + 10) for _ in range(rnd.randrange(0, 6)))
+    if roll < 0.85:
+        return Cancel(task_ids=ids)
+    return StealBack(slot=rnd.choice([0, 1, slots, 99]), task_ids=ids)
+
+
+def _mutate(rnd: random.Random, frame: bytes) -> bytes:
+    data = bytearray(frame)
+    for _ in range(rnd.randrange(1, 4)):
+        op = rnd.randrange(6)
+        pos = rnd.randrange(len(data) + 1)
+        if op == 0 and data:  # flip a bit
+            pos = min(pos, len(data) - 1)
+            data[pos] ^= 1 << rnd.randrange(8)
+        elif op == 1:  # insert
+            data[pos:pos] = rnd.randbytes(rnd.randrange(1, 8))
+        elif op == 2 and data:  # delete
+            del data[pos : pos + rnd.randrange(1, 8)]
+        elif op == 3:  # cut (keeping a byte: an empty write would mean nothing, or EOF to a model)
+            data = data[: max(1, pos)]
+        elif op == 4 and data:  # set an interesting byte
+            pos = min(pos, len(data) - 1)
+            data[pos] = rnd.choice([0x00, 0xFF, 0x7F, 0x80, 0xC1, 0xCE, 0xDC, 0xDD, 0xDE, 0xDF, 0xC7])
+        else:  # rewrite the length prefix to match (so the body's mutation is what is judged)
+            if len(data) >= 4:
+                data[:4] = struct.pack(">I", len(data) - 4)
+    return bytes(data)
+
+
+def _wire_body(rnd: random.Random) -> bytes:
+    """A frame whose body is random msgpack: a bare value, or a tagged array of wrong fields."""
+    if rnd.random() < 0.3:
+        body = msgpack.packb(_plain(rnd))
+    else:
+        tag = rnd.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 99, -1])
+        body = msgpack.packb([tag, *(_plain(rnd) for _ in range(rnd.randrange(5)))])
+    return struct.pack(">I", len(body)) + body
+
+
+def _plain(rnd: random.Random, depth: int = 0) -> Any:
+    pick = rnd.randrange(8 if depth < 3 else 5)
+    if pick == 0:
+        return rnd.randint(-(2**40), 2**64 - 1)
+    if pick == 1:
+        return rnd.random()
+    if pick == 2:
+        return "".join(chr(rnd.randrange(32, 127)) for _ in range(rnd.randrange(8)))
+    if pick == 3:
+        return rnd.choice([None, True, False, b"\x00\x01"])
+    if pick == 4:
+        return msgpack.ExtType(rnd.randrange(0, 128), rnd.randbytes(rnd.randrange(12)))
+    if pick in (5, 6):
+        return [_plain(rnd, depth + 1) for _ in range(rnd.randrange(5))]
+    return {str(rnd.randrange(9)): _plain(rnd, depth + 1) for _ in range(rnd.randrange(3))}
+
+
+def _wrong_direction(rnd: random.Random) -> bytes:
+    message = rnd.choice(
+        [
+            Welcome(protocol=PROTOCOL_VERSION, heartbeat_interval=1.0),
+            Hello(
+                protocol=PROTOCOL_VERSION,
+                batuta_version="0",
+                python_version="3.11.0",
+                hostname="h",
+                pid=1,
+                cpu_count=1,
+                slots=(SlotInfo(slot=0, capabilities=("cpu",)),),
+            ),
+            Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status="ok"),)),
+            Started(task_ids=(1,)),
+            StealBackReply(slot=0, returned=(), refused=()),
+            SlotState(slot=0, state="up"),
+            Heartbeat(seq=0, cpu_percent=0.0, memory_used=0, memory_total=0),
+            Bye(reason="x"),
+        ]
+    )
+    return encode_message(message)
+
+
+def valid_frame(rnd: random.Random, slots: int, next_id: list[int]) -> bytes:
+    """An encoded random valid message (draws again when the codec refuses what was drawn)."""
+    while True:
+        try:
+            return encode_message(valid_message(rnd, slots, next_id))
+        except LocalProtocolError:
+            continue
+
+
+def make_frame(rnd: random.Random, kind: str, slots: int, next_id: list[int]) -> bytes:
+    """One frame (or frame-like bytes) of `kind`."""
+    if kind == "valid":
+        return valid_frame(rnd, slots, next_id)
+    if kind == "mutated":
+        return _mutate(rnd, valid_frame(rnd, slots, next_id))
+    if kind == "garbage":
+        junk = rnd.randbytes(rnd.randrange(1, 64))
+        return struct.pack(">I", len(junk)) + junk if rnd.random() < 0.5 else junk
+    if kind == "header":
+        return struct.pack(">I", rnd.choice([0, DEFAULT_MAX_FRAME_BYTES + 1, 2**32 - 1]))
+    if kind == "body":
+        return _wire_body(rnd)
+    if kind == "direction":
+        return _wrong_direction(rnd)
+    if kind == "shutdown":
+        return encode_message(Shutdown(reason="fuzz"))
+    raise ValueError(kind)
+
+
+def is_safe(message: Any) -> bool:
+    """Whether the agent may run what `message` asks without side effects we do not want."""
+    if not isinstance(message, Run):
+        return True
+    if len(message.tasks) > MAX_TASKS_PER_FRAME:
+        return False
+    spin = 0.0
+    for task in message.tasks:
+        call = task.call
+        if isinstance(call, BinaryCall):
+            if call.path not in SAFE_BINARIES and os.path.exists(call.path):
+                return False
+            if call.path not in SAFE_BINARIES and "/" not in call.path and call.path:
+                return False  # a bare name would be looked up on PATH
+        elif call.name == "spin":
+            (seconds,) = call.args if len(call.args) == 1 else (None,)
+            if not isinstance(seconds, int | float) or seconds != seconds or seconds > MAX_SPIN_S:
+                return False
+            spin += max(0.0, float(seconds))
+        elif call.name != "noop" and (call.name in KNOWN_KERNELS or ":" in call.name):
+            return False
+        if task.timeout is not None and task.timeout > 60:
+            return False
+    return spin <= MAX_SPIN_S * 4
+
+
+# -- the agent under test -------------------------------------------------------------------
+
+
+@dataclass
+class Stats:
+    frames: int = 0
+    crashes: int = 0
+    hangs: int = 0
+    orphans: int = 0
+    sessions: int = 0
+    skipped: int = 0
+    protocol_errors: int = 0  # frames the agent refused with Error, as the model said it must
+    probes: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+    findings: list[str] = field(default_factory=list)
+
+    def note(self, kind: str, detail: str) -> None:
+        if kind == "crash":
+            self.crashes += 1
+        elif kind == "hang":
+            self.hangs += 1
+        elif kind == "orphan":
+            self.orphans += 1
+        if len(self.findings) < 20:
+            self.findings.append(f"{kind}: {detail}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "frames": self.frames,
+            "crashes": self.crashes,
+            "hangs": self.hangs,
+            "orphans": self.orphans,
+            "sessions": self.sessions,
+            "skipped": self.skipped,
+            "protocol_errors": self.protocol_errors,
+            "probes": self.probes,
+            "by_kind": dict(sorted(self.by_kind.items())),
+            "findings": self.findings,
+        }
+
+
+class AgentSession:
+    """One agent process, driven synchronously: bounded waits on its pipes, never a block."""
+
+    def __init__(self, slots: int, stats: Stats, *, timeout: float) -> None:
+        self.stats = stats
+        self.timeout = timeout
+        env = dict(os.environ)
+        env.setdefault("NUMBA_DISABLE_JIT", "0")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "batuta.agent", "--stdio", "--slots", str(slots), "--gpus", "none"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO_ROOT,
+            env=env,
+        )
+        assert self.proc.stdin and self.proc.stdout and self.proc.stderr
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            os.set_blocking(stream.fileno(), False)
+        self.conn = Connection(Role.COORDINATOR)
+        self.model_frames = FrameDecoder()
+        self.outcomes: set[int] = set()
+        self.errors: list[str] = []
+        self.bye = False
+        self.stdout_closed = False
+        self.stderr = bytearray()
+        self.pending = bytearray()
+        self.next_id = [0]
+        self.descendants: set[int] = set()
+        self.ended = False
+        self.model = Connection(Role.AGENT)
+
+    def handshake(self) -> None:
+        """Wait for Hello and answer Welcome (a spare session is spawned early, greeted late)."""
+        self.stats.sessions += 1
+        hello = self._wait(lambda: self.conn.peer_hello is not None, "Hello")
+        if not hello:
+            raise RuntimeError(f"agent did not say hello: {self.stderr.decode(errors='replace')[-2000:]}")
+        welcome = Welcome(protocol=PROTOCOL_VERSION, heartbeat_interval=0.5)
+        self.conn.send(welcome)
+        assert self.conn.peer_hello is not None
+        self.model = _agent_model(self.conn.peer_hello)
+        self._send(encode_message(welcome))
+
+    # -- pipes --
+
+    def _send(self, data: bytes) -> None:
+        self.pending += data
+        self._pump(0.0)
+
+    def _pump(self, wait: float) -> None:
+        """Move bytes both ways for up to `wait` seconds (one select round if 0)."""
+        proc = self.proc
+        assert proc.stdin and proc.stdout and proc.stderr
+        deadline = time.monotonic() + wait
+        with selectors.DefaultSelector() as sel:
+            if not self.stdout_closed:
+                sel.register(proc.stdout, selectors.EVENT_READ, "out")
+            with contextlib.suppress(ValueError, KeyError):
+                sel.register(proc.stderr, selectors.EVENT_READ, "err")
+            if self.pending and not proc.stdin.closed:
+                sel.register(proc.stdin, selectors.EVENT_WRITE, "in")
+            while True:
+                remaining = max(0.0, deadline - time.monotonic())
+                if not sel.get_map():
+                    time.sleep(remaining)
+                    return
+                events = sel.select(remaining)
+                for key, _ in events:
+                    if key.data == "in":
+                        try:
+                            written = os.write(proc.stdin.fileno(), self.pending[: 1 << 16])
+                        except BlockingIOError:
+                            written = 0
+                        except (BrokenPipeError, OSError):
+                            self.pending.clear()
+                            written = 0
+                        del self.pending[:written]
+                        if not self.pending:
+                            sel.unregister(proc.stdin)
+                    elif key.data == "out":
+                        chunk = _read(proc.stdout.fileno())
+                        if chunk is None:
+                            continue
+                        if not chunk:
+                            self.stdout_closed = True
+                            sel.unregister(proc.stdout)
+                        self._on_agent_bytes(chunk)
+                    else:
+                        chunk = _read(proc.stderr.fileno())
+                        if chunk == b"":
+                            sel.unregister(proc.stderr)
+                        elif chunk:
+                            self.stderr += chunk[-65536:]
+                            del self.stderr[:-65536]
+                if time.monotonic() >= deadline or not events:
+                    return
+
+    def _on_agent_bytes(self, chunk: bytes) -> None:
+        try:
+            self.conn.receive_data(chunk)
+            while True:
+                event = self.conn.next_event()
+                if event is NEED_DATA or event is CLOSED:
+                    return
+                if isinstance(event, Done):
+                    self.outcomes.update(o.task_id for o in event.results)
+                elif isinstance(event, Error):
+                    self.errors.append(event.message)
+                elif isinstance(event, Bye):
+                    self.bye = True
+        except ProtocolError as exc:
+            if not self.ended:
+                self.stats.note("crash", f"agent sent a malformed stream: {exc}")
+                self.ended = True
+
+    def _wait(self, predicate: Any, what: str, timeout: float | None = None) -> bool:
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while not predicate():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._pump(min(left, 0.05))
+        return True
+
+    def _remember_descendants(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            self.descendants.update(p.pid for p in psutil.Process(self.proc.pid).children(recursive=True))
+
+    # -- frames --
+
+    def feed(self, frame: bytes) -> str:
+        """Send one frame; returns the model's verdict: "ok", "fatal", "partial", "end"."""
+        verdict = "ok"
+        self.model_frames.feed(frame)
+        with contextlib.suppress(RemoteProtocolError):
+            while self.model_frames.next_message() is not None:
+                pass
+        try:
+            self.model.receive_data(frame)
+            while True:
+                event = self.model.next_event()
+                if event is NEED_DATA or event is CLOSED:
+                    break
+                if isinstance(event, Shutdown | Error):
+                    verdict = "end"
+                    break
+        except RemoteProtocolError:
+            verdict = "fatal"
+        if verdict == "ok" and self.model_frames.buffered_bytes:
+            verdict = "partial"
+        self._send(frame)
+        self.stats.frames += 1
+        return verdict
+
+    def probe(self) -> bool:
+        """A noop task on slot 0 must come back: the agent is still serving."""
+        self.stats.probes += 1
+        self.next_id[0] += 1
+        task_id = PROBE_BASE + self.next_id[0]
+        frame = encode_message(Run(tasks=(TaskRequest(task_id=task_id, slot=0, attempt=1,
+                                                      call=KernelCall(name="noop", args=(1,))),)))  # fmt: skip
+        self.model.receive_data(frame)
+        assert self.model.next_event() is not NEED_DATA
+        self.model_frames.feed(frame)
+        self.model_frames.next_message()
+        self._send(frame)
+        self._remember_descendants()
+        if self._wait(lambda: task_id in self.outcomes or self.stdout_closed or self.ended, "probe"):
+            if task_id in self.outcomes:
+                return True
+            self.stats.note("crash", f"agent stopped serving after valid frames: {self._last_words()}")
+            return False
+        self.stats.note("hang", f"probe task not answered within {self.timeout:g}s")
+        return False
+
+    def finish(self, verdict: str) -> None:
+        """End the session as `verdict` says it must end, and check how it ended."""
+        self._remember_descendants()
+        if verdict == "partial" or verdict == "ok":
+            with contextlib.suppress(OSError):
+                self._pump(0.2)
+                assert self.proc.stdin
+                self.proc.stdin.close()
+        code = self._wait_exit()
+        if code is None:
+            self.stats.note("hang", f"agent did not exit within {self.timeout:g}s after a {verdict} frame")
+            self._kill()
+        else:
+            self._judge(verdict, code)
+        self._check_orphans()
+        self._close_pipes()
+
+    def _judge(self, verdict: str, code: int) -> None:
+        text = self.stderr.decode(errors="replace")
+        if "Traceback" in text or any(e.startswith("agent failed") for e in self.errors):
+            self.stats.note("crash", self._last_words())
+            return
+        if verdict in ("fatal", "partial"):
+            if code == 1 and any(e.startswith("protocol error from the coordinator") for e in self.errors):
+                self.stats.protocol_errors += 1
+            else:
+                self.stats.note("crash", f"after a {verdict} frame: exit {code}, errors {self.errors[-1:]}")
+        elif verdict == "end":
+            if code not in (0, 1):
+                self.stats.note("crash", f"after Shutdown/Error: exit {code}")
+        elif code != 0:
+            self.stats.note("crash", f"after EOF: exit {code} {self._last_words()}")
+
+    def _wait_exit(self) -> int | None:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            code = self.proc.poll()
+            if code is not None:
+                self._pump(0.0)
+                return code
+            self._pump(0.02)
+        return None
+
+    def _check_orphans(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        alive = list(self.descendants)
+        while alive and time.monotonic() < deadline:
+            alive = [pid for pid in alive if _alive(pid)]
+            if alive:
+                time.sleep(0.02)
+        for pid in alive:
+            self.stats.note("orphan", f"pid {pid} outlived its agent")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def _kill(self) -> None:
+        self._remember_descendants()
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+    def _close_pipes(self) -> None:
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            with contextlib.suppress(Exception):
+                stream.close()  # type: ignore[union-attr]
+
+    def _last_words(self) -> str:
+        return (self.errors[-1:] or [""])[0][:300] + " | stderr: " + self.stderr.decode(errors="replace")[-600:]
+
+
+def _agent_model(hello: Hello) -> Connection:
+    """An agent-side Connection in the READY state: the reference for what the agent accepts."""
+    model = Connection(Role.AGENT)
+    model.send(hello)
+    model.receive_data(encode_message(Welcome(protocol=PROTOCOL_VERSION, heartbeat_interval=0.5)))
+    assert isinstance(model.next_event(), Welcome)
+    return model
+
+
+def _read(fd: int) -> bytes | None:
+    try:
+        return os.read(fd, 1 << 18)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+# -- the driver ---------------------------------------------------------------------------
+
+
+class Fuzzer:
+    """Feeds frames to agent sessions, starting a new one whenever a frame ends the last."""
+
+    def __init__(self, *, slots: int = 2, timeout: float = 10.0, probe_every: int = 50) -> None:
+        self.stats = Stats()
+        self.slots = slots
+        self.timeout = timeout
+        self.probe_every = probe_every
+        self.session: AgentSession | None = None
+        self._spare: AgentSession | None = None
+        self._since_probe = 0
+
+    def frames(self, rnd: random.Random, kinds: list[str], next_id: list[int] | None = None) -> None:
+        """Send one frame of each kind in `kinds` (random content from `rnd`). Task ids count
+        up from `next_id[0]` if given (so what is drawn depends on `rnd` alone, as hypothesis
+        needs), else from the session's own counter."""
+        for kind in kinds:
+            session = self.session or self._start()
+            frame = make_frame(rnd, kind, self.slots, session.next_id if next_id is None else next_id)
+            if not frame:
+                continue
+            if not is_safe(_decode_quietly(frame)):
+                self.stats.skipped += 1
+                continue
+            self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
+            verdict = session.feed(frame)
+            if verdict != "ok":
+                session.finish(verdict)
+                self.session = None
+                continue
+            self._since_probe += 1
+            if self._since_probe >= self.probe_every:
+                self._since_probe = 0
+                if not session.probe():
+                    session.finish("ok")
+                    self.session = None
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.probe()
+            self.session.finish("ok")
+            self.session = None
+        if self._spare is not None:
+            self._spare.handshake()
+            self._spare.finish("ok")
+            self._spare = None
+
+    def _start(self) -> AgentSession:
+        # The next agent starts while this one is fuzzed: on two cores that halves the cost
+        # of a session, which is mostly the agent's start-up.
+        session = self._spare or AgentSession(self.slots, self.stats, timeout=self.timeout)
+        self._spare = AgentSession(self.slots, self.stats, timeout=self.timeout)
+        session.handshake()
+        self.session = session
+        return session
+
+
+def _decode_quietly(frame: bytes) -> Any:
+    decoder = FrameDecoder()
+    decoder.feed(frame)
+    try:
+        return decoder.next_message()
+    except RemoteProtocolError:
+        return None
+
+
+def choose_kinds(rnd: random.Random, count: int, bad_fraction: float) -> list[str]:
+    """`count` frame kinds: valid ones, and a `bad_fraction` of the others (most end a session)."""
+    return [
+        "valid" if rnd.random() >= bad_fraction else rnd.choices(BAD_KINDS, weights=BAD_WEIGHTS)[0]
+        for _ in range(count)
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--slots", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=15.0, help="bound on every wait (hang detection)")
+    parser.add_argument("--probe-every", type=int, default=50, help="frames between liveness probes")
+    parser.add_argument(
+        "--bad-fraction",
+        type=float,
+        default=0.02,
+        help="share of frames that are not well formed (most end a session, which costs an agent start)",
+    )
+    args = parser.parse_args(argv)
+    rnd = random.Random(args.seed)
+    fuzzer = Fuzzer(slots=args.slots, timeout=args.timeout, probe_every=args.probe_every)
+    start = time.perf_counter()
+    last_report = start
+    try:
+        while fuzzer.stats.frames < args.frames:
+            fuzzer.frames(rnd, choose_kinds(rnd, min(100, args.frames - fuzzer.stats.frames), args.bad_fraction))
+            now = time.perf_counter()
+            if now - last_report > 10:
+                last_report = now
+                s = fuzzer.stats
+                print(
+                    f"{s.frames} frames, {s.sessions} sessions, {s.crashes} crashes, {s.hangs} hangs, "
+                    f"{s.orphans} orphans ({s.frames / (now - start):.0f} frames/s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    finally:
+        fuzzer.close()
+    result = fuzzer.stats.to_json()
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    result["seed"] = args.seed
+    print(json.dumps(result))
+    return 0 if not (result["crashes"] or result["hangs"] or result["orphans"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
