@@ -16,8 +16,8 @@ Screens, at 160x50 unless noted:
   command-palette    ctrl+p, listing the workloads and actions
   help               the help screen
   cluster-64-hosts   64 simulated hosts (batuta.tui.replay, seed 0): what a big cluster looks like
-With --gpu-real, the live screens are named `*-gpu-real` and a GPU workload (vadd on the
-GPU slots) runs beside the demo so the utilisation history has something to show.
+With --gpu-real, the live screens are named `*-gpu-real` and a GPU workload (Monte Carlo pi on
+the GPU slots) runs beside the demo so the utilisation history has something to show.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from batuta.tui.app import BatutaApp
 from batuta.tui.model import DashboardModel
 from batuta.tui.replay import SyntheticCluster, replay
@@ -67,19 +66,28 @@ async def main(pool):
 """
 
 
-async def gpu_load(pool: Pool, seconds: float = 20.0) -> str:
-    """Keep the GPU slots busy with vadd on 16M floats (only with --gpu-real)."""
-    a = np.random.default_rng(0).random(16_000_000, dtype=np.float32)
-    b = np.ones_like(a)
+async def gpu_load(pool: Pool, seconds: float = 40.0) -> str:
+    """Keep the GPU slots busy (only with --gpu-real): Monte Carlo pi on the GPU.
+
+    Compute-bound on purpose: its arguments are two integers, so the card works instead of
+    waiting on copies (a vadd of shipped arrays spends its time on the wire, not the GPU).
+    """
     deadline = time.monotonic() + seconds
     done = 0
-    with pool.job("gpu-vadd"):
+    with pool.job("gpu-pi"):
         while time.monotonic() < deadline:
-            batch = [await pool.submit(Task.kernel("vadd", a, b, backend=Backend.GPU)) for _ in range(4)]
+            batch = [
+                await pool.submit(Task.kernel("mc_pi", 20_000_000_000, seed, backend=Backend.GPU))
+                for seed in range(done, done + 2)
+            ]
             for future in batch:
                 await future
             done += len(batch)
-    return f"{done} GPU vadds"
+    return f"{done} GPU Monte Carlo pi tasks"
+
+
+def gpu_busy(model: DashboardModel) -> bool:
+    return any((gpu.utilization or 0) > 20 for host in model.hosts.values() for gpu in host.gpus.values())
 
 
 async def until(pilot: Any, predicate: Callable[[], object], timeout: float = 60.0) -> None:
@@ -143,6 +151,8 @@ async def live_run(out: Path, size: tuple[int, int], ingest: Path, gpu_real: boo
         if gpu_real:
             app.run_worker(gpu_load(pool), group="jobs", exit_on_error=False)
         await until(pilot, lambda: len(model.failures) >= 2 and model.totals.succeeded >= 150)
+        if gpu_real:  # the picture is of a card at work: wait for NVML to see it busy
+            await until(pilot, lambda: gpu_busy(model))
         await pilot.pause(0.6)
         save(app, out, ("dashboard" if size == BIG else "dashboard-120x40") + suffix, made)
         if size == BIG:
