@@ -313,17 +313,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="JOB",
         help="a .py file defining 'async def main(pool)', or a built-in job: " + ", ".join(builtin_job_names()),
     )
-    parser.add_argument(
-        "-w",
-        "--workers",
-        type=_positive_int,
-        metavar="N",
-        help="CPU worker slots in the local pool (default: one per core)",
-    )
-    parser.add_argument("--seed", type=_int, metavar="N", help="seed for the scheduler's random choices")
-    parser.add_argument(
-        "-c", "--cluster", metavar="FILE", help="run on the hosts of this cluster file (TOML) instead of locally"
-    )
+    _add_pool_arguments(parser, cluster_help="run on the hosts of this cluster file (TOML) instead of locally")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     parser.add_argument(
         "--json",
@@ -396,8 +386,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from batuta.jobs import load_job
 
-    if args.cluster and args.workers:
-        raise UsageError("--workers sizes the local pool; with --cluster set 'slots' per host in the cluster file")
+    _check_pool_arguments(args)
     job = load_job(args.job)
     cluster = _load_cluster(args.cluster) if args.cluster else None
     from batuta.jobs._run import run_job  # the runtime: only once the job is known to be sound
@@ -499,6 +488,24 @@ class _ProgressBar:
         )
 
 
+def _add_pool_arguments(parser: argparse.ArgumentParser, *, cluster_help: str) -> None:
+    """--cluster, --workers and --seed: which pool a command coordinates (`run`, `tui`)."""
+    parser.add_argument("-c", "--cluster", metavar="FILE", help=cluster_help)
+    parser.add_argument(
+        "-w",
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="CPU worker slots in the local pool (default: one per core)",
+    )
+    parser.add_argument("--seed", type=_int, metavar="N", help="seed for the scheduler's random choices")
+
+
+def _check_pool_arguments(args: argparse.Namespace) -> None:
+    if args.cluster and args.workers:
+        raise UsageError("--workers sizes the local pool; with --cluster set 'slots' per host in the cluster file")
+
+
 def _load_cluster(path: str) -> ClusterConfig:
     from batuta.runtime.cluster import load_cluster
 
@@ -511,17 +518,7 @@ def _load_cluster(path: str) -> ClusterConfig:
 def _add_tui_arguments(parser: argparse.ArgumentParser) -> None:
     from batuta.jobs import builtin_job_names
 
-    parser.add_argument(
-        "-c", "--cluster", metavar="FILE", help="coordinate the hosts of this cluster file (TOML), not this machine"
-    )
-    parser.add_argument(
-        "-w",
-        "--workers",
-        type=_positive_int,
-        metavar="N",
-        help="CPU worker slots in the local pool (default: one per core)",
-    )
-    parser.add_argument("--seed", type=_int, metavar="N", help="seed for the scheduler's random choices")
+    _add_pool_arguments(parser, cluster_help="coordinate the hosts of this cluster file (TOML), not this machine")
     parser.add_argument(
         "-j",
         "--job",
@@ -535,33 +532,21 @@ def _add_tui_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_tui(args: argparse.Namespace) -> int:
     """The dashboard, with the coordinator inside it: local pool by default, SSH hosts with --cluster."""
-    import dataclasses
     from pathlib import Path
 
     from batuta.jobs import load_job
 
-    if args.cluster and args.workers:
-        raise UsageError("--workers sizes the local pool; with --cluster set 'slots' per host in the cluster file")
+    _check_pool_arguments(args)
     for spec in args.job:
         load_job(spec)  # every job-file error is found before the screen takes over the terminal
-    if args.cluster:
-        from batuta.runtime.cluster import build_pool
+    from batuta.jobs._run import make_pool
 
-        cluster = _load_cluster(args.cluster)
-        if args.seed is not None:
-            cluster = dataclasses.replace(cluster, pool=dataclasses.replace(cluster.pool, seed=args.seed))
-        pool = build_pool(cluster)
+    cluster = _load_cluster(args.cluster) if args.cluster else None
+    pool = make_pool(workers=args.workers, seed=args.seed, cluster=cluster)
+    if cluster is not None:
         count = len(cluster.host_names)
         label = f"{Path(args.cluster).name} ({count} host{'s' if count != 1 else ''})"
     else:
-        from batuta import Pool
-
-        builder = Pool.builder()
-        if args.workers is not None:
-            builder = builder.cpu_workers(args.workers)
-        if args.seed is not None:
-            builder = builder.seed(args.seed)
-        pool = builder.build()
         label = "local (embedded)"
     from batuta.tui.app import BatutaApp
 

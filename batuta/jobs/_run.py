@@ -49,6 +49,22 @@ class RunOutcome:
     traceback: str | None = None
 
 
+def make_pool(*, workers: int | None, seed: int | None, cluster: ClusterConfig | None) -> Pool:
+    """The pool `batuta run` and `batuta tui` coordinate: the cluster's hosts, or a local one."""
+    if cluster is not None:
+        from batuta.runtime.cluster import build_pool  # asyncssh: only when SSH hosts are asked for
+
+        if seed is not None:
+            cluster = dataclasses.replace(cluster, pool=dataclasses.replace(cluster.pool, seed=seed))
+        return build_pool(cluster)
+    builder = Pool.builder()
+    if workers is not None:
+        builder = builder.cpu_workers(workers)
+    if seed is not None:
+        builder = builder.seed(seed)
+    return builder.build()
+
+
 async def run_job(
     job: Job,
     *,
@@ -72,19 +88,7 @@ async def run_job(
     """
     if resume and journal is None:
         raise UsageError("--resume needs --journal DIR: the journal is what a run resumes from")
-    if cluster is not None:
-        from batuta.runtime.cluster import build_pool  # asyncssh: only when SSH hosts are asked for
-
-        if seed is not None:
-            cluster = dataclasses.replace(cluster, pool=dataclasses.replace(cluster.pool, seed=seed))
-        pool = build_pool(cluster)
-    else:
-        builder = Pool.builder()
-        if workers is not None:
-            builder = builder.cpu_workers(workers)
-        if seed is not None:
-            builder = builder.seed(seed)
-        pool = builder.build()
+    pool = make_pool(workers=workers, seed=seed, cluster=cluster)
     tracker = RunTracker()
 
     def on_event(event: object) -> None:
