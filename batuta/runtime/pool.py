@@ -17,7 +17,7 @@ import contextlib
 import functools
 import itertools
 import logging
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -40,6 +40,7 @@ from batuta.protocol import messages as m
 from batuta.protocol.codec import check_value
 from batuta.protocol.errors import LocalProtocolError
 from batuta.runtime import events as pe
+from batuta.runtime import stream
 from batuta.runtime.host import HostSession, HostSpec, HostState
 from batuta.transport.local import agent_command, open_local_agent
 
@@ -403,6 +404,18 @@ class Pool:
         return await (await self.submit(task))
 
     execute = run
+
+    def as_completed(self, tasks: Iterable[Task], *, window: int | None = None) -> AsyncIterator[TaskFuture]:
+        """Stream `tasks` (any iterable, even endless) with at most `window` unresolved at once,
+        yielding each TaskFuture as it finishes: memory bounded by the window, not the list.
+
+            async with contextlib.aclosing(pool.as_completed(tasks)) as finished:
+                async for future in finished:
+                    print(future.task.name, future.result().value)
+
+        The default window keeps every slot busy. Leaving early cancels what is unresolved.
+        """
+        return stream.as_completed(self, tasks, window)
 
     async def map(
         self,

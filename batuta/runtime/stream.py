@@ -1,0 +1,73 @@
+"""Streaming submission: run an iterable of tasks of any length with bounded memory.
+
+`Pool.map` keeps one future per item until the end, which is right for a few thousand
+items and wrong for a million: the caller's memory then grows with the list. `as_completed`
+pulls tasks from the iterable only while fewer than `window` are unresolved and hands each
+future back as it finishes, so the coordinator holds O(window) tasks whatever the length
+(even an endless generator). The default window keeps every slot's in-flight window full,
+with room to spare, so streaming costs no throughput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING
+
+from batuta.errors import UsageError
+
+if TYPE_CHECKING:
+    from batuta.runtime.pool import Pool, TaskFuture
+
+_END = object()
+MIN_WINDOW = 1024  # keeps a pool that is still starting (no slots yet) busy once they join
+
+
+def default_window(pool: Pool) -> int:
+    """Four times what every slot may hold in flight: the slots never wait for the caller,
+    and the transient peak of objects stays small (see bench/soak.py on why that matters)."""
+    return max(MIN_WINDOW, 4 * pool.config.scheduler.max_window * pool.slot_count)
+
+
+async def as_completed(pool: Pool, tasks: Iterable[object], window: int | None = None) -> AsyncIterator[TaskFuture]:
+    """Submit `tasks` lazily, at most `window` unresolved at a time; yield each future as it
+    finishes. Leaving the loop early (break, exception, cancellation) cancels the tasks still
+    unresolved and submits no more; wrap the call in `contextlib.aclosing` to have that
+    happen at once rather than when the generator is collected."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise UsageError(f"as_completed: window must be a positive integer, not {window!r}")
+    source = iter(tasks)
+    finished: deque[TaskFuture] = deque()
+    unresolved: dict[int, TaskFuture] = {}
+    wake = asyncio.Event()
+    exhausted = False
+
+    def on_done(future: TaskFuture) -> None:
+        # a future resolves once, so this runs once per task (TaskFuture's contract)
+        if unresolved.pop(future.task_id, None) is not None:
+            finished.append(future)
+            wake.set()
+
+    try:
+        while True:
+            limit = window if window is not None else default_window(pool)
+            while not exhausted and len(unresolved) + len(finished) < limit:
+                task = next(source, _END)
+                if task is _END:
+                    exhausted = True
+                    break
+                future = await pool.submit(task)  # type: ignore[arg-type]  # submit names a non-Task
+                unresolved[future.task_id] = future
+                future.add_done_callback(on_done)
+            if finished:
+                while finished:
+                    yield finished.popleft()
+                continue
+            if exhausted and not unresolved:
+                return
+            wake.clear()
+            await wake.wait()
+    finally:
+        for future in list(unresolved.values()):
+            future.cancel()
