@@ -629,7 +629,6 @@ def _print_host_table(reports: list[HostReport]) -> None:
             console.print(f"{report.name}: {report.error}", markup=False, highlight=False)
 
 
-
 # -- batuta stack versions | check | gate ------------------------------------------------
 
 

@@ -111,9 +111,7 @@ class Ledger:
         return len(self.seen) - self.seen.count(0) - self.seen.count(1)
 
 
-async def phase_throughput(
-    pool: Pool, tasks: int, window: int | None, malloc_trim: bool = False
-) -> dict[str, Any]:
+async def phase_throughput(pool: Pool, tasks: int, window: int | None, malloc_trim: bool = False) -> dict[str, Any]:
     """Stream `tasks` noop tasks through `pool.as_completed` (at most `window` unresolved,
     the pool's default when None), 100,000 at a time; check each result."""
     ledger = Ledger(tasks)

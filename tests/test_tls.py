@@ -339,9 +339,13 @@ async def test_second_coordinator_is_refused_with_a_protocol_error_while_one_is_
         assert isinstance(error, Error) and "busy" in error.message and "one coordinator at a time" in error.message
         await stream.close()
         with pytest.raises(AgentError, match="busy"):
-            await (RemoteExecutor.builder().add_workers([f"127.0.0.1:{port}"])
-                   .tls(ca=pki.ca, cert=pki.client_cert, key=pki.client_key).relaunch(max_relaunches=0, backoff=0.1)
-                   .build())
+            await (
+                RemoteExecutor.builder()
+                .add_workers([f"127.0.0.1:{port}"])
+                .tls(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
+                .relaunch(max_relaunches=0, backoff=0.1)
+                .build()
+            )
         assert (await first.execute(Task.kernel("noop", 4))).value == 4  # the first is untouched
     finally:
         await first.close()

@@ -47,6 +47,7 @@ from batuta.agent.options import AgentOptions
 from batuta.agent.spawn import SlotProcess, preload_for_fork, spawn_mode
 from batuta.agent.supervisor import SlotSupervisor
 from batuta.agent.telemetry import TelemetrySource, package_versions
+from batuta.agent.threads import BLAS_THREADS_ENV, budget_env, limit_loaded_blas, slot_share
 from batuta.protocol.connection import CLOSED, NEED_DATA, Connection, Role
 from batuta.protocol.errors import LocalProtocolError, RemoteProtocolError
 from batuta.protocol.messages import (
@@ -482,14 +483,14 @@ class Agent:
             # busy host the coordinator hears from us without waiting for the slot processes.
             self._writer = FdWriter(loop, self._frames_out, self._on_write_error)
             self._writer.write(self._conn.send(self._hello(cpu_infos + gpu_infos)))
-            if self._spawn_mode == "fork":
-                preload_for_fork()
             base_env = dict(os.environ)
             cpu_env = dict(base_env)
-            if cpu_infos and "NUMBA_NUM_THREADS" not in base_env:
-                # Every slot is already one worker per core: numba's parallel loops would
-                # otherwise start a thread per core in each slot and oversubscribe the host.
-                cpu_env["NUMBA_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(cpu_infos)))
+            if cpu_infos:  # the slots share the cores: see batuta/agent/threads.py
+                cpu_env.update(budget_env(base_env, slot_share(len(cpu_infos))))
+            if self._spawn_mode == "fork":
+                preload_for_fork()
+                if cpu_infos and not any(name in base_env for name in BLAS_THREADS_ENV):
+                    limit_loaded_blas(slot_share(len(cpu_infos)))
             self._spawn_slots(cpu_infos, [cpu_env] * len(cpu_infos))
             self._spawn_slots(gpu_infos, [{**base_env, **env} for _, env in self._gpu_slots])
             self._reader = FdReader(loop, self._frames_in, self._on_input)
@@ -525,7 +526,6 @@ def _raw_error_frame(message: Error) -> bytes:
         return encode_message(message)
     except Exception:
         return b""
-
 
 
 def _warn(message: str) -> None:

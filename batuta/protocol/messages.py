@@ -101,9 +101,7 @@ OUTCOME_ERROR = "error"  # kernel raised, binary exited non-zero, unknown kernel
 OUTCOME_TIMEOUT = "timeout"  # the agent killed it at its timeout
 OUTCOME_CANCELLED = "cancelled"
 OUTCOME_CRASHED = "crashed"  # the worker process died under it (counts as a lost attempt)
-OUTCOME_STATUSES = frozenset(
-    {OUTCOME_OK, OUTCOME_ERROR, OUTCOME_TIMEOUT, OUTCOME_CANCELLED, OUTCOME_CRASHED}
-)
+OUTCOME_STATUSES = frozenset({OUTCOME_OK, OUTCOME_ERROR, OUTCOME_TIMEOUT, OUTCOME_CANCELLED, OUTCOME_CRASHED})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -388,7 +388,7 @@ class _Reader:
                 if host.transport == "tls":
                     raise self.error(
                         ("hosts", index, "transport"),
-                        'a tls host needs a [tls] table with ca, cert and key (make them with `batuta certs init DIR`)',
+                        "a tls host needs a [tls] table with ca, cert and key (make them with `batuta certs init DIR`)",
                     )
         return ClusterConfig(
             hosts=tuple(hosts),
@@ -538,7 +538,7 @@ class _Reader:
             if level not in POLICY_LEVELS:
                 raise self.error(
                     (*path, key),
-                    f'expected one of {", ".join(repr(v) for v in POLICY_LEVELS)}, got {_shown(value)}; '
+                    f"expected one of {', '.join(repr(v) for v in POLICY_LEVELS)}, got {_shown(value)}; "
                     f'for example {key} = "minor"',
                 )
             versions[key] = level

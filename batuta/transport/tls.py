@@ -269,7 +269,6 @@ def tune_socket(sock: socket.socket | None, *, keepalive_s: float) -> None:
             sock.setsockopt(level, name, value)
 
 
-
 async def open_tls_stream(
     host: str,
     port: int,

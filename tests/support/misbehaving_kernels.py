@@ -73,3 +73,14 @@ def test_echo_after(value: int, seconds: float) -> int:
 
 
 test_echo_after.cpu(test_echo_after.reference)
+
+
+@kernel("test_threads", description="The thread budgets this slot runs with: numba's setting and BLAS's.")
+def test_threads() -> tuple[str, int]:
+    from threadpoolctl import threadpool_info
+
+    blas = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    return os.environ.get("NUMBA_NUM_THREADS", ""), min(blas) if blas else -1
+
+
+test_threads.cpu(test_threads.reference)
