@@ -326,30 +326,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_observer_arguments(parser: argparse.ArgumentParser) -> None:
     """`batuta run`'s metrics, logging and journal options (see batuta.metrics, .logs, .journal)."""
     observe = parser.add_argument_group("metrics, logs and journal")
-    observe.add_argument(
-        "--metrics-port",
-        type=_port,
-        metavar="PORT",
-        help="serve Prometheus metrics on this port while the job runs (0 picks a free one)",
-    )
-    observe.add_argument(
-        "--metrics-bind",
-        default="127.0.0.1",
-        metavar="ADDR",
-        help="address the metrics server listens on (default: 127.0.0.1, this machine only)",
-    )
-    observe.add_argument(
-        "--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON (default: text)"
-    )
-    observe.add_argument(
-        "--log-level",
-        type=str.lower,
-        choices=("debug", "info", "warning", "error", "critical"),
-        default="warning",
-        metavar="LEVEL",
-        help="debug, info, warning (default), error or critical",
-    )
-    observe.add_argument("--log-file", metavar="FILE", help="also append the log to FILE")
+    _add_metrics_and_log_arguments(observe, log_to="stderr")
     observe.add_argument(
         "--journal",
         metavar="DIR",
@@ -362,6 +339,35 @@ def _add_observer_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_metrics_and_log_arguments(group: argparse._ArgumentGroup, *, log_to: str) -> None:
+    """--metrics-port/--metrics-bind and --log-*: shared by `run` and `tui`."""
+    group.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port while the pool runs (0 picks a free one)",
+    )
+    group.add_argument(
+        "--metrics-bind",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="address the metrics server listens on (default: 127.0.0.1, this machine only)",
+    )
+    group.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON (default: text)"
+    )
+    group.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=("debug", "info", "warning", "error", "critical"),
+        default="warning",
+        metavar="LEVEL",
+        help="debug, info, warning (default), error or critical",
+    )
+    where = "also append" if log_to == "stderr" else "append (the screen has its own log panel)"
+    group.add_argument("--log-file", metavar="FILE", help=f"{where} the log to FILE")
+
+
 def _port(text: str) -> int:
     value = _int(text)
     if not 0 <= value <= 65535:
@@ -369,12 +375,15 @@ def _port(text: str) -> int:
     return value
 
 
-def _configure_logging(args: argparse.Namespace) -> Callable[[], None]:
-    """Install `--log-*` on the `batuta` logger; returns what undoes it."""
+def _configure_logging(args: argparse.Namespace, *, console: bool = True) -> Callable[[], None]:
+    """Install `--log-*` on the `batuta` logger; returns what undoes it. Without `console`
+    (the dashboard owns the terminal) only `--log-file` is written, if given."""
     from batuta.logs import configure
 
+    if not console and not args.log_file:
+        return lambda: None
     try:
-        setup = configure(level=args.log_level, fmt=args.log_format, file=args.log_file)
+        setup = configure(level=args.log_level, fmt=args.log_format, file=args.log_file, console=console)
     except ValueError as exc:
         raise UsageError(f"{exc}; check --log-file") from None
     return setup.close
@@ -528,6 +537,7 @@ def _add_tui_arguments(parser: argparse.ArgumentParser) -> None:
         help="start this job once the pool is up (repeatable): a .py file or a built-in job: "
         + ", ".join(builtin_job_names()),
     )
+    _add_metrics_and_log_arguments(parser.add_argument_group("metrics and logs"), log_to="file")
 
 
 def _cmd_tui(args: argparse.Namespace) -> int:
@@ -548,9 +558,25 @@ def _cmd_tui(args: argparse.Namespace) -> int:
         label = f"{Path(args.cluster).name} ({count} host{'s' if count != 1 else ''})"
     else:
         label = "local (embedded)"
+    from batuta.jobs._run import start_metrics
+    from batuta.logs import PoolLogObserver
     from batuta.tui.app import BatutaApp
 
-    BatutaApp(pool, cluster_label=label, start_jobs=args.job).run()
+    exporter = None
+    close_logging: Callable[[], None] = lambda: None  # noqa: E731
+    observer = None
+    try:  # a busy port or an unwritable log file is a usage error before the screen takes over
+        if args.metrics_port is not None:
+            exporter = start_metrics(pool, args.metrics_port, args.metrics_bind)
+        close_logging = _configure_logging(args, console=False)
+        observer = PoolLogObserver(pool).attach() if args.log_file else None
+        BatutaApp(pool, cluster_label=label, start_jobs=args.job).run()
+    finally:
+        if observer is not None:
+            observer.close()
+        close_logging()
+        if exporter is not None:
+            exporter.close()
     return EXIT_OK
 
 

@@ -247,8 +247,10 @@ def configure(
     file: str | Path | None = None,
     stream: TextIO | None = None,
     logger: str = ROOT_LOGGER,
+    console: bool = True,
 ) -> LogSetup:
-    """Send `batuta.*` records at `level` and above to `stream` (default stderr) and `file`.
+    """Send `batuta.*` records at `level` and above to `stream` (default stderr) and `file`;
+    with `console=False`, to `file` only (a full-screen app owns the terminal).
 
     Records are formatted and written in a listener thread. The `batuta` logger stops
     propagating to the root logger meanwhile, so an application that configured the root
@@ -256,7 +258,9 @@ def configure(
     """
     numeric_level = parse_level(level)
     formatter = make_formatter(fmt)
-    handlers: list[logging.Handler] = [logging.StreamHandler(stream if stream is not None else sys.stderr)]
+    handlers: list[logging.Handler] = []
+    if console:
+        handlers.append(logging.StreamHandler(stream if stream is not None else sys.stderr))
     if file is not None:
         path = Path(file)
         try:
@@ -267,6 +271,9 @@ def configure(
         handler.setFormatter(formatter)
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     queue_handler = _ContextQueueHandler(records)
+    # its own level too: another handler on the logger (the dashboard's panel) may lower the
+    # logger's, and this output must still hold to `level`
+    queue_handler.setLevel(numeric_level)
     queue_handler.addFilter(ContextFilter())  # here: on the logging thread, where the context is
     listener = logging.handlers.QueueListener(records, *handlers, respect_handler_level=False)
     target = logging.getLogger(logger)

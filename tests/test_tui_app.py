@@ -8,9 +8,13 @@ on screen), polling with short pauses, never on fixed sleeps.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
+import socket
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from batuta.tui.pace import FLOOD_EVENTS_PER_S, PACE_WINDOW_S, SATURATED_REFRESH
 from batuta.tui.replay import SyntheticCluster, replay
 from batuta.tui.screens import FailuresScreen, HelpScreen, JobFileScreen, PickerScreen, TaskDetailScreen
 from batuta.tui.snapshot import screen_text
+from prometheus_client.parser import text_string_to_metric_families
 from textual.widgets import Input
 
 from batuta import Backend, Pool, Task, TaskResult, TaskStatus
@@ -345,3 +350,49 @@ def test_refresh_slows_while_the_pool_floods_and_recovers() -> None:
     later = start + 3.0  # a quiet window: back to a frame at every tick
     assert pace.frame_due(later, 10) and not pace.saturated
     assert pace.frame_due(later + 0.01, 0)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_cli_tui_serves_metrics_and_writes_the_log_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`batuta tui --metrics-port P --log-file F`: while the dashboard runs a job, Prometheus
+    scrapes its tasks and the job's log lines land in F (and never on the terminal)."""
+    port = _free_port()
+    log_file = tmp_path / "tui.log"
+    scraped: list[str] = []
+
+    def headless_run(app: BatutaApp) -> None:
+        async def drive() -> None:
+            async with app.run_test(size=SIZE) as pilot:
+                demo_done = lambda: "demo" in app.model.jobs and app.model.jobs["demo"].state == "done"  # noqa: E731
+                await until(pilot, demo_done, "the demo job to finish")
+                url = f"http://127.0.0.1:{port}/metrics"
+                body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
+                scraped.append(body.decode())
+
+        asyncio.run(drive())
+
+    monkeypatch.setattr(BatutaApp, "run", headless_run)
+    argv = ["tui", "--workers", "1", "--job", "demo", "--metrics-port", str(port)]
+    assert cli_main([*argv, "--log-file", str(log_file), "--log-level", "info", "--log-format", "json"]) == 0
+    families = {f.name: f.samples for f in text_string_to_metric_families(scraped[0])}
+    succeeded = [s for s in families["batuta_tasks"] if s.labels.get("outcome") == "succeeded"]
+    assert sum(s.value for s in succeeded) > 0
+    lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert any("job demo finished" in line["message"] for line in lines)
+
+
+def test_cli_tui_refuses_an_unusable_log_file_or_metrics_port(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert cli_main(["tui", "--workers", "1", "--log-file", str(tmp_path / "no" / "such" / "dir.log")]) == 2
+    assert "cannot open log file" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert cli_main(["tui", "--workers", "1", "--metrics-port", str(busy.getsockname()[1])]) == 2
+    assert "pick another --metrics-port" in capsys.readouterr().err

@@ -110,7 +110,7 @@ async def run_job(
     try:
         # Both can fail on the user's input (a busy port, an unusable folder): before any agent starts.
         if metrics_port is not None:
-            exporter = _start_metrics(pool, metrics_port, metrics_bind)
+            exporter = start_metrics(pool, metrics_port, metrics_bind)
         if journal is not None:
             run_journal = await Journal.open(journal, job=job.name, resume=resume)
         async with pool:
@@ -145,7 +145,8 @@ async def run_job(
     return RunOutcome(summary=summary, traceback=job_traceback)
 
 
-def _start_metrics(pool: Pool, port: int, bind: str) -> MetricsExporter:
+def start_metrics(pool: Pool, port: int, bind: str) -> MetricsExporter:
+    """Export `pool`'s metrics on bind:port; a port or address that cannot be used is a UsageError."""
     from batuta.metrics import MetricsExporter  # prometheus-client: only when metrics are asked for
 
     exporter = MetricsExporter(pool).attach()
