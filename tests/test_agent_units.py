@@ -4,6 +4,7 @@ and the helpers that put outcomes into words."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import importlib.metadata
 import os
 import signal
@@ -14,7 +15,6 @@ import pytest
 
 from batuta.agent import supervisor
 from batuta.agent.execute import OUTPUT_CAP, _CappedBuffer, describe_exception, describe_exit, one_line
-from batuta.agent.fdio import FdReader, FdWriter
 from batuta.agent.main import plan_gpu_slots
 from batuta.agent.options import GpuSelection, parse_args
 from batuta.agent.spawn import spawn_mode
@@ -27,6 +27,7 @@ from batuta.agent.telemetry import (
 )
 from batuta.errors import UsageError
 from batuta.protocol.messages import GpuInfo, SlotInfo, SlotState, TaskOutcome
+from batuta.transport.fdio import PIPE_BYTES, FdReader, FdWriter, widen_pipe
 
 # -- options ------------------------------------------------------------------------------
 
@@ -312,3 +313,17 @@ def test_package_versions_read_dist_info_and_egg_info(tmp_path: Path, monkeypatc
         "psutil": "5.9.8",
         "numpy": "1.26.4",
     }
+
+
+@pytest.mark.skipif(not hasattr(fcntl, "F_GETPIPE_SZ"), reason="pipe sizes are a Linux feature")
+def test_widen_pipe_gives_a_pipe_a_mebibyte_and_ignores_what_is_not_a_pipe(tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    try:
+        assert fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ) < PIPE_BYTES
+        widen_pipe(write_end)
+        assert fcntl.fcntl(read_end, fcntl.F_GETPIPE_SZ) == PIPE_BYTES  # one buffer, both ends
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    with open(tmp_path / "plain", "wb") as plain:
+        widen_pipe(plain.fileno())  # not a pipe: no error, nothing changes

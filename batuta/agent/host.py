@@ -42,7 +42,6 @@ from typing import Any
 
 from batuta._version import __version__
 from batuta.agent.execute import print_error
-from batuta.agent.fdio import FdReader, FdWriter
 from batuta.agent.options import AgentOptions
 from batuta.agent.spawn import SlotProcess, preload_for_fork, spawn_mode
 from batuta.agent.supervisor import SlotSupervisor
@@ -71,6 +70,7 @@ from batuta.protocol.messages import (
     TaskOutcome,
     Welcome,
 )
+from batuta.transport.fdio import FdReader, FdWriter
 
 DONE_MAX_RESULTS = 1024  # results per Done frame
 DONE_MAX_BYTES = 32 * 1024 * 1024  # estimated payload per Done frame, well under the frame limit

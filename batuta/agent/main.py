@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from batuta.agent.options import AgentOptions, GpuSelection, parse_args
 from batuta.errors import UsageError
 from batuta.protocol.messages import GpuInfo
+from batuta.transport.fdio import widen_pipe
 
 EXIT_USAGE = 2
 
@@ -120,6 +121,7 @@ def main(argv: list[str]) -> int:
         _error(str(exc))
         return EXIT_USAGE
     frames_in, frames_out = _claim_stdio()
+    widen_pipe(frames_out)  # results with arrays; a no-op unless the coordinator's end is a pipe
     agent = Agent(
         options,
         telemetry,

@@ -31,6 +31,8 @@ import time
 import traceback
 from collections.abc import Mapping
 
+from batuta.transport.fdio import widen_pipe
+
 SPAWN_ENV = "BATUTA_SLOT_SPAWN"
 
 
@@ -107,6 +109,8 @@ def spawn_slot(
     """
     child_in, to_child = os.pipe2(os.O_CLOEXEC)
     from_child, child_out = os.pipe2(os.O_CLOEXEC)
+    widen_pipe(to_child)  # arrays move in one wake-up per MiB, not per 64 KiB
+    widen_pipe(from_child)
     try:
         if mode == "fork":
             proc: SlotProcess = _fork(slot, env, kernel_modules, child_in, child_out)

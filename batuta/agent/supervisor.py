@@ -60,7 +60,6 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from batuta.agent.execute import describe_exit, print_error
-from batuta.agent.fdio import FdReader, FdWriter
 from batuta.agent.spawn import SlotProcess, spawn_slot
 from batuta.protocol.codec import FrameDecoder, encode_message
 from batuta.protocol.errors import LocalProtocolError
@@ -80,6 +79,7 @@ from batuta.protocol.messages import (
     TaskOutcome,
     TaskRequest,
 )
+from batuta.transport.fdio import FdReader, FdWriter
 
 MAX_DEPTH = 32
 INITIAL_DEPTH = 1  # until a run time is known: keep everything stealable
