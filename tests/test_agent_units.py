@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from batuta.agent import supervisor
@@ -200,6 +201,36 @@ async def test_fd_writer_buffers_what_the_pipe_refuses() -> None:
     await asyncio.wait_for(eof.wait(), 10)
     reader.close()
     assert bytes(received) == payload
+
+
+@pytest.mark.parametrize("count", [3, 2000])  # 2000 parts: more than one writev takes
+async def test_fd_writer_write_parts_sends_the_parts_in_order_across_partial_writes(count: int) -> None:
+    loop = asyncio.get_running_loop()
+    read_fd, write_fd = os.pipe()
+    rng = np.random.default_rng(count)
+    sizes = rng.integers(0, 4096, size=count)
+    sizes[0] = 0  # empty parts are skipped
+    parts: list[bytes | memoryview | np.ndarray] = [rng.bytes(int(n)) for n in sizes]
+    parts.append(np.arange(300_000, dtype=np.float64).view(np.uint8))  # an array, more than a pipe holds
+    parts.append(memoryview(b"tail"))
+    payload = b"".join(bytes(memoryview(p).cast("B")) for p in parts)
+    received = bytearray()
+    eof = asyncio.Event()
+
+    def on_data(data: bytes) -> None:
+        received.extend(data)
+        if not data:
+            eof.set()
+
+    writer = FdWriter(loop, write_fd)
+    writer.write_parts(parts)
+    writer.write(b"after")  # queued behind whatever the pipe refused
+    reader = FdReader(loop, read_fd, on_data)
+    await asyncio.wait_for(writer.drain(), 10)
+    writer.close()
+    await asyncio.wait_for(eof.wait(), 10)
+    reader.close()
+    assert bytes(received) == payload + b"after"
 
 
 async def test_fd_writer_reports_a_vanished_reader_once() -> None:

@@ -57,11 +57,11 @@ import signal
 import subprocess
 from collections import deque
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 from batuta.agent.execute import describe_exit, print_error
 from batuta.agent.spawn import SlotProcess, spawn_slot
-from batuta.protocol.codec import FrameDecoder, encode_message
+from batuta.protocol.codec import FrameDecoder, encode_message, encode_message_parts
 from batuta.protocol.errors import LocalProtocolError
 from batuta.protocol.messages import (
     OUTCOME_CANCELLED,
@@ -264,29 +264,29 @@ class SlotSupervisor:
         was_idle = not self.fed
         batch = [self.queue.popleft() for _ in range(min(room, len(self.queue)))]
         try:
-            frames = encode_message(Run(tasks=tuple(batch)))
+            parts = encode_message_parts(Run(tasks=tuple(batch)))
         except LocalProtocolError:
-            frames = self._encode_one_by_one(batch)
+            parts = self._encode_one_by_one(batch)
         self.fed.extend(batch)
-        writer.write(frames)
+        writer.write_parts(parts)
         if was_idle and self.fed and self._ready:
             self._start_head()
 
-    def _encode_one_by_one(self, batch: list[TaskRequest]) -> bytes:
+    def _encode_one_by_one(self, batch: list[TaskRequest]) -> list[Any]:
         """A batch too big for one frame goes as one frame per task; a task that cannot be
         re-encoded at all (it came in one frame, so this should not happen) is answered
         "error" and removed from `batch`."""
-        frames: list[bytes] = []
+        parts: list[Any] = []
         for request in list(batch):
             try:
-                frames.append(encode_message(Run(tasks=(request,))))
+                parts += encode_message_parts(Run(tasks=(request,)))
             except LocalProtocolError as exc:
                 batch.remove(request)
                 self._held.pop(request.task_id, None)
                 self._events.task_finished(
                     self._outcome(request, OUTCOME_ERROR, f"cannot pass the task to its slot: {exc}", 0.0)
                 )
-        return b"".join(frames)
+        return parts
 
     def _start_head(self) -> None:
         head = self.fed[0]

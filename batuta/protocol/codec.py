@@ -145,6 +145,12 @@ def encode_message(msg: Message, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYT
     return b"".join(_frame_parts(msg, max_frame_bytes))
 
 
+def encode_message_parts(msg: Message, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> list[Any]:
+    """The same frame as a list of buffers to write in order (a vectored write): arrays stay
+    where they are instead of being copied into one bytes object. Raises LocalProtocolError."""
+    return _frame_parts(msg, max_frame_bytes)
+
+
 def encode_messages(msgs: Iterable[Message], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
     """Several frames, concatenated for a single write. Raises LocalProtocolError."""
     parts: list[Any] = []
