@@ -153,10 +153,15 @@ def encode_message_parts(msg: Message, *, max_frame_bytes: int = DEFAULT_MAX_FRA
 
 def encode_messages(msgs: Iterable[Message], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
     """Several frames, concatenated for a single write. Raises LocalProtocolError."""
+    return b"".join(encode_messages_parts(msgs, max_frame_bytes=max_frame_bytes))
+
+
+def encode_messages_parts(msgs: Iterable[Message], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> list[Any]:
+    """Several frames as buffers for one vectored write (see `encode_message_parts`)."""
     parts: list[Any] = []
     for msg in msgs:
         parts += _frame_parts(msg, max_frame_bytes)
-    return b"".join(parts)
+    return parts
 
 
 # -- frames: decoding ------------------------------------------------------------------------

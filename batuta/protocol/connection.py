@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from typing import Final
+from typing import Any, Final
 
-from batuta.protocol.codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_messages
+from batuta.protocol.codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_messages_parts
 from batuta.protocol.errors import LocalProtocolError, RemoteProtocolError
 from batuta.protocol.messages import (
     PROTOCOL_VERSION,
@@ -272,6 +272,11 @@ class Connection:
     def send_many(self, msgs: Iterable[Message]) -> bytes:
         """The bytes for several messages, for one write. All of them are checked first:
         if any may not be sent, nothing is and the state does not move."""
+        return b"".join(self.send_many_parts(msgs))
+
+    def send_many_parts(self, msgs: Iterable[Message]) -> list[Any]:
+        """`send_many` as buffers for a vectored write (`ByteStream.write_parts`): arrays are
+        not copied into one bytes object first."""
         msgs = tuple(msgs)
         if self._local_error is not None:
             raise LocalProtocolError(f"connection unusable after an earlier error: {self._local_error}")
@@ -288,7 +293,7 @@ class Connection:
         except _Refused as exc:
             self._local_error = str(exc)
             raise LocalProtocolError(self._local_error) from None
-        data = encode_messages(msgs, max_frame_bytes=self.max_frame_bytes)
+        data = encode_messages_parts(msgs, max_frame_bytes=self.max_frame_bytes)
         self._phase, self._finished = phase, finished
         return data
 

@@ -120,8 +120,7 @@ class HostSession:
             return
         outbox, self._outbox = self._outbox, []
         try:
-            data = self._conn.send_many(outbox)
-            self._stream.write(data)
+            self._stream.write_parts(self._conn.send_many_parts(outbox))
         except (ProtocolError, TransportError) as exc:
             self._fail(f"cannot send to {self.description}: {exc}")
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Any, Protocol, TypeAlias
 
 from batuta.errors import TransportError
 
 log = logging.getLogger("batuta.transport")
+
+Buffer: TypeAlias = "bytes | bytearray | memoryview | Any"  # numpy arrays too: anything with the buffer protocol
 
 
 class ByteStream(Protocol):
@@ -30,6 +33,11 @@ class ByteStream(Protocol):
 
     def write(self, data: bytes) -> None:
         """Queue bytes for the agent (never blocks; pair with `drain`)."""
+        ...
+
+    def write_parts(self, parts: Sequence[Buffer]) -> None:
+        """Queue these buffers, in order, as if joined (a stream that can write them without
+        joining, a pipe, does so; the others join)."""
         ...
 
     async def drain(self) -> None:

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from batuta.errors import TransportError
-from batuta.transport.base import StreamClosedError, forward_stderr, wait_for_exit
+from batuta.transport.base import Buffer, StreamClosedError, forward_stderr, wait_for_exit
 from batuta.transport.fdio import FdWriter, widen_pipe
 
 log = logging.getLogger("batuta.transport.local")
@@ -77,6 +77,11 @@ class LocalStream:
         if self._stdin.failed or self._stdin.closed:
             raise StreamClosedError(f"{self.description}: stream closed")
         self._stdin.write(data)
+
+    def write_parts(self, parts: Sequence[Buffer]) -> None:
+        if self._stdin.failed or self._stdin.closed:
+            raise StreamClosedError(f"{self.description}: stream closed")
+        self._stdin.write_parts(parts)
 
     async def drain(self) -> None:
         await self._stdin.drain()

@@ -43,7 +43,7 @@ from typing import Any
 import asyncssh
 
 from batuta.errors import TransportError
-from batuta.transport.base import StreamClosedError
+from batuta.transport.base import Buffer, StreamClosedError
 
 log = logging.getLogger("batuta.transport.ssh")
 
@@ -166,6 +166,9 @@ class SSHStream:
             self._stdin.write(data)
         except (asyncssh.Error, OSError) as exc:
             raise StreamClosedError(f"{self._description}: {exc}") from exc
+
+    def write_parts(self, parts: Sequence[Buffer]) -> None:
+        self.write(b"".join(parts))  # the channel copies into its own buffer (and encrypts) anyway
 
     async def drain(self) -> None:
         try:

@@ -26,11 +26,12 @@ import contextlib
 import logging
 import socket
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from batuta.errors import TransportError
-from batuta.transport.base import StreamClosedError
+from batuta.transport.base import Buffer, StreamClosedError
 
 log = logging.getLogger("batuta.transport.tls")
 
@@ -225,6 +226,9 @@ class TLSStream:
         if self._writer.is_closing():
             raise StreamClosedError(f"{self._description}: stream closed")
         self._writer.write(data)
+
+    def write_parts(self, parts: Sequence[Buffer]) -> None:
+        self.write(b"".join(parts))  # the channel copies into its own buffer (and encrypts) anyway
 
     async def drain(self) -> None:
         try:
