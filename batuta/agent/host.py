@@ -210,9 +210,9 @@ class Agent:
         self._outbox = []
         if not messages or self._writer is None:
             return
-        data: bytes | None
-        try:
-            data = self._conn.send_many(messages)
+        try:  # the usual path: a vectored write, result arrays not joined into one bytes first
+            self._writer.write_parts(self._conn.send_many_parts(messages))
+            return
         except LocalProtocolError:
             data = self._encode_one_by_one(messages)
         if data:
