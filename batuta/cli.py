@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, NoReturn
 
 from batuta._version import __version__
+from batuta.agent.options import MAX_SLOTS
 from batuta.errors import BatutaError, UsageError
 
 if TYPE_CHECKING:
@@ -120,6 +121,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; pass a count of 1 or more, e.g. 2") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is too few; pass a count of 1 or more, e.g. 2")
+    return value
+
+
+def _slot_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_SLOTS:
+        raise argparse.ArgumentTypeError(f"{value} is too many; one agent runs at most {MAX_SLOTS} slots")
     return value
 
 
@@ -243,7 +251,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     except TLSConfigError as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:
-        raise BatutaError(f"cannot listen on {args.bind}: {exc.strerror or exc}; pick another --bind") from None
+        raise UsageError(f"cannot listen on {args.bind}: {exc.strerror or exc}; pick another --bind") from None
     finally:
         setup.close()
 
@@ -503,7 +511,7 @@ def _add_pool_arguments(parser: argparse.ArgumentParser, *, cluster_help: str) -
     parser.add_argument(
         "-w",
         "--workers",
-        type=_positive_int,
+        type=_slot_count,
         metavar="N",
         help="CPU worker slots in the local pool (default: one per core)",
     )

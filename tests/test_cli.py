@@ -145,6 +145,12 @@ async def main(pool):
             "--workers: 'two' is not a whole number",
             id="workers-not-int",
         ),
+        pytest.param(
+            {"job.py": "async def main(pool):\n    pass\n"},
+            ["run", "job.py", "--workers", "5000"],
+            "--workers: 5000 is too many; one agent runs at most 1024 slots",
+            id="workers-too-many",
+        ),
         pytest.param({}, ["run"], "required: JOB", id="no-job"),
         pytest.param({}, [], "no command given", id="no-command"),
         pytest.param({}, ["frobnicate"], "invalid choice: 'frobnicate'", id="unknown-command"),

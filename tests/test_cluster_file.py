@@ -298,6 +298,12 @@ def test_host_without_any_slot() -> None:
     assert "has no slots" in error_of('[[hosts]]\naddress = "n"\nslots = 0\ngpus = "none"\n')
 
 
+def test_more_slots_than_an_agent_runs() -> None:
+    message = error_of('[[hosts]]\naddress = "n"\nslots = 5000\n')
+    assert message == "cluster.toml:3: hosts[0].slots: 5000 is more than the 1024 slots one agent runs; split the host"
+    assert "local.slots: 2000 is more than" in error_of("[local]\nslots = 2000\n")
+
+
 @pytest.mark.parametrize(
     ("table", "field", "fix"),
     [

@@ -269,6 +269,21 @@ async def test_agent_with_another_batuta_version_is_refused_with_the_fix() -> No
         await pool.start()
 
 
+async def test_an_agent_that_dies_at_start_up_is_reported_with_its_last_words() -> None:
+    from batuta.errors import AgentError
+    from batuta.runtime.host import HostSpec
+    from batuta.transport.local import open_local_agent
+
+    argv = [sys.executable, "-m", "batuta.agent", "--stdio", "--slots", "5000", "--gpus", "none"]
+
+    async def launch() -> object:
+        return await open_local_agent(argv, name="big")
+
+    pool = Pool([HostSpec(name="big", launch=launch)], PoolConfig(max_relaunches=0))  # type: ignore[arg-type]
+    with pytest.raises(AgentError, match=r"agent exited before saying hello: .*--slots 5000: at most 1024 slots"):
+        await pool.start()
+
+
 def test_other_python_minor_version_is_refused_with_the_fix() -> None:
     import platform
 
@@ -325,3 +340,8 @@ async def test_auto_sends_big_quadratic_work_to_a_gpu_slot_and_says_why() -> Non
     assert big.slot == "local/1" and big.device.startswith("Fake GPU 0 (")  # the fake GPU's slot
     assert small.backend is Backend.SCALAR and small.device == ""
     assert linear.backend is Backend.CPU and linear.is_success()
+
+
+def test_a_pool_of_more_slots_than_an_agent_runs_is_refused_up_front() -> None:
+    with pytest.raises(batuta.errors.UsageError, match=r"cpu_workers\(2000\): one agent runs at most 1024 slots"):
+        Pool.builder().cpu_workers(2000)

@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import socket
 import re
 import signal
 import ssl
@@ -234,6 +235,8 @@ def test_addresses() -> None:
     for bad in ("::1", "h:port", "h:70000", ""):
         with pytest.raises(ValueError):
             split_address(bad)
+    with pytest.raises(ValueError, match=r"'9443' looks like a port: write HOST:PORT, e.g. 127.0.0.1:9443"):
+        split_address("9443")
 
 
 # -- the happy path -----------------------------------------------------------------------
@@ -503,6 +506,11 @@ def test_worker_binds_loopback_by_default_and_checks_its_arguments(pki: Pki, tmp
     assert WorkerOptions(cert=Path("c"), key=Path("k"), ca=Path("a")).host == "127.0.0.1"
     common = ["--cert", str(pki.server_cert), "--key", str(pki.server_key), "--ca", str(pki.ca)]
     assert main(["worker", "--bind", "1.2.3.4:notaport", *common]) == 2
+    assert main(["worker", "--bind", "9443", *common]) == 2  # a bare port is not an address
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["worker", "--bind", f"127.0.0.1:{busy.getsockname()[1]}", *common]) == 2
     assert main(["worker", "--bind", "127.0.0.1:0", "--slots", "-1", *common]) == 2
     assert main(["worker", "--bind", "127.0.0.1:0", "--cert", str(tmp_path / "none.pem"),
                  "--key", str(pki.server_key), "--ca", str(pki.ca)]) == 2  # fmt: skip

@@ -15,6 +15,8 @@ from typing import NoReturn
 
 from batuta.errors import UsageError
 
+MAX_SLOTS = 1024  # CPU slots one agent runs (one process each); the pool and cluster file check it too
+
 PROG = "batuta agent"
 
 
@@ -101,8 +103,8 @@ def parse_args(argv: list[str]) -> AgentOptions:
     slots = namespace.slots if namespace.slots is not None else (os.cpu_count() or 1)
     if slots < 0:
         raise UsageError(f"--slots {slots}: expected a number of CPU slots >= 0")
-    if slots > 1024:
-        raise UsageError(f"--slots {slots}: at most 1024 slots per agent")
+    if slots > MAX_SLOTS:
+        raise UsageError(f"--slots {slots}: at most {MAX_SLOTS} slots per agent")
     for module in namespace.kernel_module:
         if not module or not all(part.isidentifier() for part in module.split(".")):
             raise UsageError(f"--kernel-module {module!r}: expected a dotted module name")

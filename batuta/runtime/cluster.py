@@ -60,6 +60,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from batuta.agent.options import MAX_SLOTS
 from batuta.core.backend import BackendThresholds
 from batuta.core.task import CAP_CPU, CAP_GPU
 from batuta.errors import ConfigError
@@ -443,7 +444,7 @@ class _Reader:
             "user": self._string,
             "identity_file": self._path,
             "python": self._string,
-            "slots": self._count,
+            "slots": self._slots,
             "gpus": self._gpus,
             "env": self._env,
             "tags": self._tags,
@@ -619,6 +620,12 @@ class _Reader:
         number = self._int(path, value)
         if number < 0:
             raise self.error(path, f"expected a whole number >= 0, got {number}")
+        return number
+
+    def _slots(self, path: FieldPath, value: Any) -> int:
+        number = self._count(path, value)
+        if number > MAX_SLOTS:
+            raise self.error(path, f"{number} is more than the {MAX_SLOTS} slots one agent runs; split the host")
         return number
 
     def _port(self, path: FieldPath, value: Any) -> int:

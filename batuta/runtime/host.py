@@ -26,6 +26,7 @@ from batuta.protocol.errors import ProtocolError
 from batuta.transport.base import ByteStream
 
 log = logging.getLogger("batuta.runtime.host")
+LAST_WORDS_WAIT_S = 1.0  # for an agent's stderr to end after its stdout did, when it dies at start-up
 
 Launcher = Callable[[], Awaitable[ByteStream]]
 
@@ -145,7 +146,12 @@ class HostSession:
                     self._dispatch(batch)
                 if not data or event is CLOSED:
                     if self.hello is None:
-                        reason = "agent exited before saying hello (is batuta installed for that python?)"
+                        said = await stream.last_words(LAST_WORDS_WAIT_S)
+                        reason = (
+                            f"agent exited before saying hello: {said}"
+                            if said
+                            else "agent exited before saying hello (is batuta installed for that python?)"
+                        )
                     break
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"

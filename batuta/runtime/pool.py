@@ -22,6 +22,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from batuta.agent.options import MAX_SLOTS
 from batuta.core import events as ev
 from batuta.core.backend import BackendChoice, BackendThresholds, select_backend
 from batuta.core.scheduler import Scheduler, SchedulerConfig, SlotView
@@ -992,8 +993,10 @@ class PoolBuilder:
         self._local = True
 
     def cpu_workers(self, count: int | None) -> PoolBuilder:
-        if count is not None and (not isinstance(count, int) or count < 1):
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
             raise UsageError(f"cpu_workers must be a positive int, not {count!r}")
+        if count is not None and count > MAX_SLOTS:
+            raise UsageError(f"cpu_workers({count}): one agent runs at most {MAX_SLOTS} slots")
         self._cpu_workers = count
         return self
 

@@ -8,7 +8,9 @@ on top. Errors are wrapped into `batuta.errors.TransportError` at this edge.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, Protocol, TypeAlias
 
@@ -52,6 +54,12 @@ class ByteStream(Protocol):
         """Abandon the stream now (the agent is presumed dead or hung)."""
         ...
 
+    async def last_words(self, timeout: float) -> str:
+        """The agent's last stderr line once its stderr has ended (waiting up to `timeout`),
+        or "": why an agent that exited before saying hello did so ("No module named
+        batuta", a bad option)."""
+        ...
+
 
 class StreamClosedError(TransportError):
     """Writing to a stream whose far side has gone away."""
@@ -65,8 +73,37 @@ async def wait_for_exit(process: asyncio.subprocess.Process, timeout: float) -> 
         return None
 
 
-async def forward_stderr(reader: asyncio.StreamReader | None, logger: logging.Logger, prefix: str) -> None:
-    """Send each line the agent writes to stderr into our logs; ends at EOF."""
+class StderrTail:
+    """The last few non-blank lines an agent wrote to stderr, and whether stderr has ended."""
+
+    def __init__(self, keep: int = 5) -> None:
+        self.lines: deque[str] = deque(maxlen=keep)
+        self.ended = asyncio.Event()
+
+    def add(self, line: str) -> None:
+        if line.strip():
+            self.lines.append(line.strip())
+
+    async def last(self, timeout: float) -> str:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.ended.wait(), timeout)
+        return self.lines[-1] if self.lines else ""
+
+
+async def forward_stderr(
+    reader: asyncio.StreamReader | None, logger: logging.Logger, prefix: str, tail: StderrTail | None = None
+) -> None:
+    """Send each line the agent writes to stderr into our logs (and `tail`); ends at EOF."""
+    try:
+        await _forward_lines(reader, logger, prefix, tail)
+    finally:
+        if tail is not None:
+            tail.ended.set()
+
+
+async def _forward_lines(
+    reader: asyncio.StreamReader | None, logger: logging.Logger, prefix: str, tail: StderrTail | None
+) -> None:
     if reader is None:
         return
     while True:
@@ -78,4 +115,7 @@ async def forward_stderr(reader: asyncio.StreamReader | None, logger: logging.Lo
             return
         if not line:
             return
-        logger.warning("%s: %s", prefix, line.decode("utf-8", errors="replace").rstrip())
+        text = line.decode("utf-8", errors="replace").rstrip()
+        logger.warning("%s: %s", prefix, text)
+        if tail is not None:
+            tail.add(text)

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from batuta.errors import TransportError
-from batuta.transport.base import Buffer, StreamClosedError, forward_stderr, wait_for_exit
+from batuta.transport.base import Buffer, StderrTail, StreamClosedError, forward_stderr, wait_for_exit
 from batuta.transport.fdio import FdWriter, widen_pipe
 
 log = logging.getLogger("batuta.transport.local")
@@ -52,9 +52,16 @@ class LocalStream:
     that copy than anywhere else.
     """
 
-    def __init__(self, process: asyncio.subprocess.Process, stdin: FdWriter, stderr_task: asyncio.Task[None]) -> None:
+    def __init__(
+        self,
+        process: asyncio.subprocess.Process,
+        stdin: FdWriter,
+        stderr_task: asyncio.Task[None],
+        stderr_tail: StderrTail,
+    ) -> None:
         self._process = process
         self._stderr_task = stderr_task
+        self._stderr_tail = stderr_tail
         assert process.stdout is not None
         self._stdin = stdin
         self._stdout = process.stdout
@@ -99,6 +106,9 @@ class LocalStream:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(self._stderr_task, timeout)
 
+    async def last_words(self, timeout: float) -> str:
+        return await self._stderr_tail.last(timeout)
+
     def kill(self) -> None:
         self._signal(signal.SIGKILL)
         self._stdin.close()
@@ -132,7 +142,8 @@ async def open_local_agent(
     finally:
         os.close(stdin_read)
     stdin = FdWriter(asyncio.get_running_loop(), stdin_write)
+    tail = StderrTail()
     stderr_task = asyncio.create_task(
-        forward_stderr(process.stderr, log, f"{name} agent[{process.pid}]"), name=f"stderr-{name}"
+        forward_stderr(process.stderr, log, f"{name} agent[{process.pid}]", tail), name=f"stderr-{name}"
     )
-    return LocalStream(process, stdin, stderr_task)
+    return LocalStream(process, stdin, stderr_task, tail)

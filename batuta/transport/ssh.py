@@ -43,7 +43,7 @@ from typing import Any
 import asyncssh
 
 from batuta.errors import TransportError
-from batuta.transport.base import Buffer, StreamClosedError
+from batuta.transport.base import Buffer, StderrTail, StreamClosedError
 
 log = logging.getLogger("batuta.transport.ssh")
 
@@ -135,8 +135,10 @@ class SSHStream:
         jumps: Sequence[asyncssh.SSHClientConnection],
         description: str,
         stderr_task: asyncio.Task[None],
+        stderr_tail: StderrTail,
     ) -> None:
         self._conn = conn
+        self._stderr_tail = stderr_tail
         self._process = process
         self._jumps = list(jumps)
         self._description = description
@@ -169,6 +171,9 @@ class SSHStream:
 
     def write_parts(self, parts: Sequence[Buffer]) -> None:
         self.write(b"".join(parts))  # the channel copies into its own buffer (and encrypts) anyway
+
+    async def last_words(self, timeout: float) -> str:
+        return await self._stderr_tail.last(timeout)
 
     async def drain(self) -> None:
         try:
@@ -213,7 +218,14 @@ async def _wait(awaitable: Any, timeout: float) -> bool:
     return True
 
 
-async def _forward_stderr(reader: asyncssh.SSHReader[bytes], prefix: str) -> None:
+async def _forward_stderr(reader: asyncssh.SSHReader[bytes], prefix: str, tail: StderrTail) -> None:
+    try:
+        await _forward_chunks(reader, prefix, tail)
+    finally:
+        tail.ended.set()
+
+
+async def _forward_chunks(reader: asyncssh.SSHReader[bytes], prefix: str, tail: StderrTail) -> None:
     """Each line the agent writes to stderr goes to our logs; ends at EOF or on disconnect.
 
     Read in chunks, not `readline()`: stdout and stderr share the channel's receive window,
@@ -233,9 +245,15 @@ async def _forward_stderr(reader: asyncssh.SSHReader[bytes], prefix: str) -> Non
             lines.append(pending)
             pending = b""
         for line in lines:
-            log.warning("%s: %s", prefix, line.decode("utf-8", errors="replace").rstrip())
+            _log_line(prefix, line, tail)
     if pending:
-        log.warning("%s: %s", prefix, pending.decode("utf-8", errors="replace").rstrip())
+        _log_line(prefix, pending, tail)
+
+
+def _log_line(prefix: str, line: bytes, tail: StderrTail) -> None:
+    text = line.decode("utf-8", errors="replace").rstrip()
+    log.warning("%s: %s", prefix, text)
+    tail.add(text)
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -665,7 +683,10 @@ async def open_ssh_stream(
         if isinstance(exc, asyncssh.Error | OSError):
             raise SSHError(f"host {target.label} ({where}): could not start the command: {exc}") from exc
         raise
+    tail = StderrTail()
     stderr_task = asyncio.create_task(
-        _forward_stderr(process.stderr, f"{target.label} agent"), name=f"stderr-{target.label}"
+        _forward_stderr(process.stderr, f"{target.label} agent", tail), name=f"stderr-{target.label}"
     )
-    return SSHStream(conn=conn, process=process, jumps=jumps, description=description, stderr_task=stderr_task)
+    return SSHStream(
+        conn=conn, process=process, jumps=jumps, description=description, stderr_task=stderr_task, stderr_tail=tail
+    )

@@ -167,6 +167,8 @@ def split_address(text: str, default_port: int = DEFAULT_PORT, *, default_host: 
         host, port_text = text.split(":")
     elif text.count(":") > 1:
         raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [{text}]:{default_port}")
+    if host.isdigit() and not port_text:
+        raise ValueError(f"{text!r} looks like a port: write HOST:PORT, e.g. 127.0.0.1:{text} (or :{text})")
     host = host or default_host
     if not port_text:
         return host, default_port
@@ -226,6 +228,9 @@ class TLSStream:
         if self._writer.is_closing():
             raise StreamClosedError(f"{self._description}: stream closed")
         self._writer.write(data)
+
+    async def last_words(self, timeout: float) -> str:
+        return ""  # a TLS worker's stderr stays on its own machine (its log)
 
     def write_parts(self, parts: Sequence[Buffer]) -> None:
         self.write(b"".join(parts))  # the channel copies into its own buffer (and encrypts) anyway
