@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -357,7 +358,6 @@ def _add_metrics_and_log_arguments(group: argparse._ArgumentGroup, *, log_to: st
     )
     group.add_argument(
         "--metrics-bind",
-        default="127.0.0.1",
         metavar="ADDR",
         help="address the metrics server listens on (default: 127.0.0.1, this machine only)",
     )
@@ -383,6 +383,21 @@ def _port(text: str) -> int:
     return value
 
 
+def _has_terminal() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _check_metrics_arguments(args: argparse.Namespace) -> None:
+    if args.metrics_bind is not None and args.metrics_port is None:
+        raise UsageError(f"--metrics-bind {args.metrics_bind} needs --metrics-port PORT (0 picks a free one)")
+    args.metrics_bind = args.metrics_bind or "127.0.0.1"
+
+
+def _metrics_url(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}/metrics"
+
+
 def _configure_logging(args: argparse.Namespace, *, console: bool = True) -> Callable[[], None]:
     """Install `--log-*` on the `batuta` logger; returns what undoes it. Without `console`
     (the dashboard owns the terminal) only `--log-file` is written, if given."""
@@ -404,6 +419,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from batuta.jobs import load_job
 
     _check_pool_arguments(args)
+    _check_metrics_arguments(args)
     job = load_job(args.job)
     cluster = _load_cluster(args.cluster) if args.cluster else None
     from batuta.jobs._run import run_job  # the runtime: only once the job is known to be sound
@@ -424,12 +440,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
                     resume=args.resume,
                     metrics_port=args.metrics_port,
                     metrics_bind=args.metrics_bind,
+                    on_metrics=None if args.quiet else _announce_metrics,
                 )
             )
     finally:
         close_logging()
     _report(outcome, as_json=args.json, quiet=args.quiet)
     return EXIT_OK if outcome.summary.ok else EXIT_FAILED
+
+
+def _announce_metrics(address: tuple[str, int]) -> None:
+    print(f"{PROG}: serving metrics at {_metrics_url(address)}", file=sys.stderr, flush=True)
 
 
 def _wants_progress(args: argparse.Namespace) -> bool:
@@ -555,6 +576,7 @@ def _cmd_tui(args: argparse.Namespace) -> int:
     from batuta.jobs import load_job
 
     _check_pool_arguments(args)
+    _check_metrics_arguments(args)
     for spec in args.job:
         load_job(spec)  # every job-file error is found before the screen takes over the terminal
     from batuta.jobs._run import make_pool
@@ -578,7 +600,12 @@ def _cmd_tui(args: argparse.Namespace) -> int:
             exporter = start_metrics(pool, args.metrics_port, args.metrics_bind)
         close_logging = _configure_logging(args, console=False)
         observer = PoolLogObserver(pool).attach() if args.log_file else None
-        BatutaApp(pool, cluster_label=label, start_jobs=args.job).run()
+        if not _has_terminal():
+            raise UsageError("batuta tui needs a terminal on stdin and stdout; for a headless run use 'batuta run JOB'")
+        app = BatutaApp(pool, cluster_label=label, start_jobs=args.job)
+        if exporter is not None and exporter.address is not None:  # the log panel says where
+            app.model.add_log(logging.INFO, "batuta.metrics", f"serving metrics at {_metrics_url(exporter.address)}")
+        app.run()
     finally:
         if observer is not None:
             observer.close()

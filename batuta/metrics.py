@@ -175,6 +175,7 @@ class MetricsExporter:
         self._last = _Snapshot()
         self._unsubscribe: Callable[[], None] | None = None
         self._server: WSGIServer | None = None
+        self.address: tuple[str, int] | None = None  # (address, port) once serving
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -199,7 +200,8 @@ class MetricsExporter:
         self._server, self._thread = server, thread
         address = server.server_address
         log.info("serving metrics on http://%s:%d/metrics", address[0], address[1])
-        return str(address[0]), int(address[1])
+        self.address = (str(address[0]), int(address[1]))
+        return self.address
 
     def close(self) -> None:
         """Unsubscribe and stop the HTTP server (releasing its port). Idempotent."""
@@ -208,6 +210,7 @@ class MetricsExporter:
             self._unsubscribe = None
         server, thread = self._server, self._thread
         self._server = self._thread = None
+        self.address = None
         if server is not None:
             server.shutdown()
             server.server_close()

@@ -446,8 +446,9 @@ def _unknown_message(name: object) -> str:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
     return (
         f"unknown kernel {name!r}{hint}; known: {', '.join(known)}; to add one, decorate a "
-        f"function with @kernel({name!r}) in a module and load it with load_module('module') "
-        "on every host, or name it 'module:kernel'"
+        f"function with @kernel({name!r}) (from batuta.kernels import kernel) in a module the "
+        "agents import: kernel_modules in the cluster file or Pool.builder().kernel_modules([...]), "
+        "or name it 'module:kernel'"
     )
 
 

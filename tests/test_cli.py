@@ -133,6 +133,7 @@ async def main(pool):
         ),
         pytest.param({"job.txt": "x"}, ["run", "job.txt"], "is not a .py file", id="not-py"),
         pytest.param({}, ["run", "nosuchjob"], "unknown built-in job 'nosuchjob'", id="unknown-builtin"),
+        pytest.param({}, ["run", "kmean"], "did you mean 'kmeans'?", id="misspelt-builtin"),
         pytest.param(
             {"job.py": "async def main(pool):\n    pass\n"},
             ["run", "job.py", "--workers", "0"],

@@ -11,6 +11,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import socket
 import urllib.request
 from collections import Counter
@@ -355,3 +356,18 @@ def test_batuta_run_names_a_busy_metrics_port(tmp_path: Path, capsys: pytest.Cap
     assert f"cannot serve metrics on 127.0.0.1:{port}" in err and "--metrics-port" in err
     assert main(["run", str(job), "--metrics-port", "70000"]) == 2
     assert "not a TCP port" in capsys.readouterr().err
+
+
+def test_batuta_run_says_which_port_it_picked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--metrics-port 0 picks a free port, and stderr names it (stdout stays the JSON)."""
+    from batuta.cli import main
+
+    job = tmp_path / "scrape_announced.py"
+    job.write_text("import asyncio, re, sys, urllib.request\n\nasync def main(pool):\n    return 'ok'\n")
+    assert main(["run", str(job), "--json", "--metrics-port", "0"]) == 0
+    captured = capsys.readouterr()
+    match = re.search(r"batuta: serving metrics at http://127\.0\.0\.1:(\d+)/metrics", captured.err)
+    assert match is not None and int(match.group(1)) > 0, captured.err
+    assert json.loads(captured.out)["result"] == "ok"  # stdout stays JSON only
+    assert main(["run", str(job), "--metrics-bind", "0.0.0.0"]) == 2
+    assert "--metrics-bind 0.0.0.0 needs --metrics-port PORT" in capsys.readouterr().err

@@ -79,6 +79,10 @@ def test_task_no_slot_can_run_is_unschedulable_with_a_reason() -> None:
     [res] = sim.resolved[task]
     assert res.status is TaskStatus.UNSCHEDULABLE
     assert "gpu" in res.reason and "cpu" in res.reason
+    assert res.reason.endswith("change the task's backend")
+    tagged = sim.submit(requires=("cpu", "avx512"))  # a tag no slot offers: the fix is the tag
+    [res] = sim.resolved[tagged]
+    assert res.reason.endswith("change the task's requires= (or its backend)")
 
 
 def test_expected_host_makes_tasks_wait_until_it_joins() -> None:

@@ -514,7 +514,7 @@ async def test_missing_remote_python_fails_fast_with_the_shell_message(
     host = ClusterHost(name="h0", address="host0", python="/nonexistent/bin/python", slots=1, gpus="none")
     spec = ssh_host(host, settings_for(hosts))
     async with asyncio.timeout(WAIT_S):
-        with pytest.raises(AgentError, match="host h0: agent exited before saying hello: .*/nonexistent/bin/python"):
+        with pytest.raises(AgentError, match=r"host h0: agent exited before saying hello: .*/nonexistent/bin/python"):
             await Pool([spec], PoolConfig(start_timeout=10)).start()  # the shell's own words, in the error
     assert "h0 agent:" in caplog.text and "/nonexistent/bin/python" in caplog.text  # and in the log
 

@@ -13,9 +13,9 @@ import contextlib
 import datetime as dt
 import logging
 import os
-import socket
 import re
 import signal
+import socket
 import ssl
 import sys
 import time

@@ -28,7 +28,7 @@ from batuta.tui.snapshot import screen_text
 from prometheus_client.parser import text_string_to_metric_families
 from textual.widgets import Input
 
-from batuta import Backend, Pool, Task, TaskResult, TaskStatus
+from batuta import Backend, Pool, Task, TaskResult, TaskStatus, cli
 from batuta.cli import main as cli_main
 from batuta.errors import AgentError
 from batuta.runtime.events import HostStateChanged, TaskFinished
@@ -371,12 +371,14 @@ def test_cli_tui_serves_metrics_and_writes_the_log_file(monkeypatch: pytest.Monk
                 demo_done = lambda: "demo" in app.model.jobs and app.model.jobs["demo"].state == "done"  # noqa: E731
                 await until(pilot, demo_done, "the demo job to finish")
                 url = f"http://127.0.0.1:{port}/metrics"
+                assert any(f"serving metrics at {url}" in line.message for line in app.model.logs)
                 body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
                 scraped.append(body.decode())
 
         asyncio.run(drive())
 
     monkeypatch.setattr(BatutaApp, "run", headless_run)
+    monkeypatch.setattr(cli, "_has_terminal", lambda: True)
     argv = ["tui", "--workers", "1", "--job", "demo", "--metrics-port", str(port)]
     assert cli_main([*argv, "--log-file", str(log_file), "--log-level", "info", "--log-format", "json"]) == 0
     families = {f.name: f.samples for f in text_string_to_metric_families(scraped[0])}
@@ -396,3 +398,14 @@ def test_cli_tui_refuses_an_unusable_log_file_or_metrics_port(
         busy.listen()
         assert cli_main(["tui", "--workers", "1", "--metrics-port", str(busy.getsockname()[1])]) == 2
     assert "pick another --metrics-port" in capsys.readouterr().err
+    assert cli_main(["tui", "--workers", "1", "--metrics-bind", "0.0.0.0"]) == 2
+    assert "--metrics-bind 0.0.0.0 needs --metrics-port PORT" in capsys.readouterr().err
+
+
+def test_cli_tui_without_a_terminal_says_so_instead_of_drawing_into_a_file(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "_has_terminal", lambda: False)
+    monkeypatch.setattr(BatutaApp, "run", lambda app: pytest.fail("the app must not start"))
+    assert cli_main(["tui", "--workers", "1"]) == 2
+    assert "batuta tui needs a terminal" in capsys.readouterr().err

@@ -72,7 +72,7 @@ from batuta.core.events import (
     TaskSubmitted,
     TimerFired,
 )
-from batuta.core.task import TaskStatus
+from batuta.core.task import CAP_CPU, CAP_GPU, TaskStatus
 
 
 class SchedulerError(Exception):
@@ -830,7 +830,8 @@ class Scheduler:
         offered = sorted({c for s in self._slots.values() if s.state is not SlotState.RETIRED for c in s.capabilities})
         need = ", ".join(sorted(entry.requires)) or "nothing"
         have = ", ".join(offered) or "no slots at all"
-        return f"no slot offers {need} (the cluster offers: {have}); add such a host or change the task's backend"
+        fix = "the task's backend" if entry.requires <= {CAP_CPU, CAP_GPU} else "the task's requires= (or its backend)"
+        return f"no slot offers {need} (the cluster offers: {have}); add such a host or change {fix}"
 
     def _push_injector(self, entry: _Entry, klass: _Class) -> None:
         entry.place = Place.INJECTOR

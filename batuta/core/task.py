@@ -8,6 +8,7 @@ plain value the wire codec knows how to encode.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 from collections.abc import Iterable, Mapping
@@ -105,8 +106,14 @@ class Task:
                 raise TaskError(f"binary task {self.call.path!r}: env keys and values must be str")
         else:
             raise TaskError(f"task call must be KernelCall or BinaryCall, not {type(self.call).__name__}")
+        if isinstance(self.backend, str):  # "gpu" is as clear as Backend.GPU
+            with contextlib.suppress(ValueError):
+                object.__setattr__(self, "backend", Backend(self.backend.strip().lower()))
         if not isinstance(self.backend, Backend):
-            raise TaskError(f"backend must be a batuta.Backend, not {self.backend!r}")
+            raise TaskError(
+                f"backend {self.backend!r}: expected Backend.CPU, Backend.GPU, Backend.SCALAR or Backend.AUTO "
+                "(or 'cpu', 'gpu', 'scalar', 'auto')"
+            )
         if self.timeout is not None and not (self.timeout > 0 and math.isfinite(self.timeout)):
             raise TaskError(f"timeout must be a positive number of seconds, not {self.timeout!r}")
         if not isinstance(self.max_attempts, int) or self.max_attempts < 1:

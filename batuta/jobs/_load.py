@@ -10,6 +10,7 @@ the caller's working directory is never added to `sys.path`.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import inspect
@@ -60,7 +61,9 @@ def load_job(spec: str) -> Job:
         module = importlib.import_module(f"{_BUILTIN_PACKAGE}.{spec}")
         return Job(name=spec, main=_checked_main(module, spec), origin="built-in")
     if not looks_like_path and not path.exists():
-        guess = f"; did you mean './{spec}.py'?" if Path(f"{spec}.py").is_file() else ""
+        close = difflib.get_close_matches(spec, builtins, n=1)
+        guess = f"; did you mean {close[0]!r}?" if close else ""
+        guess = f"; did you mean './{spec}.py'?" if Path(f"{spec}.py").is_file() else guess
         raise JobError(f"unknown built-in job {spec!r}; {_hint(builtins)}{guess}")
     if not path.exists():
         raise JobError(f"job file {spec!r} not found; {_hint(builtins)}")

@@ -77,6 +77,7 @@ async def run_job(
     resume: bool = False,
     metrics_port: int | None = None,
     metrics_bind: str = "127.0.0.1",
+    on_metrics: Callable[[tuple[str, int]], None] | None = None,
 ) -> RunOutcome:
     """Run `job` on the hosts of `cluster`, or on a local pool of `workers` CPU slots.
 
@@ -84,7 +85,8 @@ async def run_job(
     must not block); `job_stdout`, when given, receives what the job prints, so that a
     caller printing JSON keeps its stdout clean. `journal` names the folder of the job
     journal and checkpoints, and `resume` reuses what it holds (see `batuta.journal`);
-    `metrics_port` serves Prometheus metrics on `metrics_bind` while the job runs.
+    `metrics_port` serves Prometheus metrics on `metrics_bind` while the job runs, and
+    `on_metrics` is told the (address, port) it got.
     """
     if resume and journal is None:
         raise UsageError("--resume needs --journal DIR: the journal is what a run resumes from")
@@ -111,6 +113,8 @@ async def run_job(
         # Both can fail on the user's input (a busy port, an unusable folder): before any agent starts.
         if metrics_port is not None:
             exporter = start_metrics(pool, metrics_port, metrics_bind)
+            if on_metrics is not None and exporter.address is not None:
+                on_metrics(exporter.address)
         if journal is not None:
             run_journal = await Journal.open(journal, job=job.name, resume=resume)
         async with pool:

@@ -1,0 +1,24 @@
+"""The task model's own checks: what a caller gets wrong is a one-line TaskError with the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from batuta import Backend, Task
+from batuta.core.task import TaskError
+
+
+@pytest.mark.parametrize(("given", "expected"), [("gpu", Backend.GPU), ("CPU", Backend.CPU), (" auto ", Backend.AUTO)])
+def test_a_backend_may_be_named_by_its_string(given: str, expected: Backend) -> None:
+    assert Task.kernel("noop", 1, backend=given).backend is expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("given", ["cuda", 3, None])
+def test_an_unknown_backend_names_the_choices(given: object) -> None:
+    with pytest.raises(TaskError, match=r"expected Backend\.CPU, Backend\.GPU, Backend\.SCALAR or Backend\.AUTO"):
+        Task.kernel("noop", 1, backend=given)  # type: ignore[arg-type]
+
+
+def test_a_kernel_task_needs_a_name() -> None:
+    with pytest.raises(TaskError, match=r"needs a kernel name: Task\.kernel\('vadd', a, b\)"):
+        Task.kernel("")
