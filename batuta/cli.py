@@ -671,7 +671,7 @@ def _print_host_table(reports: list[HostReport]) -> None:
     for report in reports:
         row = _report_dict(report)
         ready = f"{row['ready_s'] * 1000:.0f} ms" if isinstance(row["ready_s"], float) else "-"
-        gpus = ", ".join(row["gpus"]) if row["gpus"] else "no GPU"  # type: ignore[arg-type]
+        gpus = (", ".join(row["gpus"]) or "no GPU") if report.ok else "-"  # type: ignore[arg-type]
         state = "[green]up[/]" if report.ok else "[red]unreachable[/]"
         table.add_row(
             report.name,

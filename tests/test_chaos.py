@@ -241,3 +241,6 @@ def test_cluster_status_reports_every_host(cluster_hosts: TestHosts, tmp_path: P
         cluster_hosts[1].restore_link()
     assert done.returncode == 1
     assert "unreachable" in done.stdout and cluster_hosts[1].name in done.stdout
+    cut_row = next(line for line in done.stdout.splitlines() if line.startswith(cluster_hosts[1].name))
+    assert "no GPU" not in cut_row  # what an unreachable host has is unknown, not "none"
+    assert any("no GPU" in line for line in done.stdout.splitlines() if line.startswith(cluster_hosts[0].name))

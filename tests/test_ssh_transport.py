@@ -222,6 +222,18 @@ async def test_connection_refused(tmp_path: Path) -> None:
         await asyncio.wait_for(ssh.open_ssh_stream(SSHTarget(host="127.0.0.1", port=port), ["cat"], settings), 5)
 
 
+async def test_a_server_that_hangs_up_at_once_gets_a_hint(tmp_path: Path) -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        settings = SSHSettings(known_hosts=tmp_path / "kh", config_files=())
+        with pytest.raises(SSHConnectError, match=rf"closed the connection before SSH began; is port {port} an SSH"):
+            await asyncio.wait_for(ssh.open_ssh_stream(SSHTarget(host="127.0.0.1", port=port), ["cat"], settings), 5)
+
+
 def test_errors_are_transport_errors() -> None:
     from batuta.errors import TransportError
 

@@ -597,6 +597,11 @@ async def _connect_one(
         raise SSHConnectError(
             f"host {label}: cannot resolve {resolved.host!r} ({exc.strerror}); check the address"
         ) from exc
+    except (asyncssh.ConnectionLost, ConnectionResetError, BrokenPipeError) as exc:
+        raise SSHConnectError(
+            f"host {label} ({resolved.where}): the server closed the connection before SSH began; "
+            f"is port {resolved.port} an SSH server? (a firewall, a proxy or sshd's MaxStartups can do this)"
+        ) from exc
     except asyncssh.DisconnectError as exc:
         raise SSHConnectError(f"host {label} ({resolved.where}): {exc.reason}") from exc
     except (asyncssh.Error, OSError, ValueError) as exc:
