@@ -22,3 +22,12 @@ def test_an_unknown_backend_names_the_choices(given: object) -> None:
 def test_a_kernel_task_needs_a_name() -> None:
     with pytest.raises(TaskError, match=r"needs a kernel name: Task\.kernel\('vadd', a, b\)"):
         Task.kernel("")
+
+
+def test_a_failure_names_the_slot_once() -> None:
+    from batuta import TaskResult, TaskStatus
+
+    result = TaskResult(
+        task_id=7, name="noop", status=TaskStatus.FAILED, error="boom", host="gpu1", slot="gpu1/3", attempts=1
+    )
+    assert result.describe_failure() == "task 7 (noop) failed on gpu1/3 after 1 attempt(s): boom"

@@ -323,7 +323,10 @@ class TaskResult:
         raise TaskFailedError(self.describe_failure(), result=self)
 
     def describe_failure(self) -> str:
-        where = f" on {self.host}/{self.slot}" if self.host else ""
+        # slot ids already start with their host ("gpu1/3"); older or hand-made results may not
+        slot = self.slot or "?"
+        slot = slot if slot.startswith(f"{self.host}/") else f"{self.host}/{slot}"
+        where = f" on {slot}" if self.host else ""
         why = self.error or (f"exit code {self.exit_code}" if self.exit_code else self.status.value)
         return f"task {self.task_id} ({self.name}) {self.status.value}{where} after {self.attempts} attempt(s): {why}"
 
