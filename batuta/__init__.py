@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from batuta.core.task import Backend, Priority, Task, TaskBuilder, TaskResult, TaskStatus
     from batuta.errors import BatutaError, TaskFailedError
     from batuta.runtime.pool import Pool, PoolBuilder, TaskFuture
+    from batuta.kernels import kernel
+    from batuta.runtime.cluster import build_pool, load_cluster
     from batuta.runtime.remote import RemoteExecutor
 
 _LAZY = {
@@ -29,6 +31,9 @@ _LAZY = {
     "PoolBuilder": "batuta.runtime.pool",
     "TaskFuture": "batuta.runtime.pool",
     "RemoteExecutor": "batuta.runtime.remote",
+    "build_pool": "batuta.runtime.cluster",
+    "load_cluster": "batuta.runtime.cluster",
+    "kernel": "batuta.kernels",
 }
 
 __all__ = [
@@ -45,6 +50,9 @@ __all__ = [
     "TaskResult",
     "TaskStatus",
     "__version__",
+    "build_pool",
+    "kernel",
+    "load_cluster",
 ]
 
 
