@@ -13,9 +13,9 @@ from batuta._version import __version__
 if TYPE_CHECKING:
     from batuta.core.task import Backend, Priority, Task, TaskBuilder, TaskResult, TaskStatus
     from batuta.errors import BatutaError, TaskFailedError
-    from batuta.runtime.pool import Pool, PoolBuilder, TaskFuture
     from batuta.kernels import kernel
     from batuta.runtime.cluster import build_pool, load_cluster
+    from batuta.runtime.pool import Pool, PoolBuilder, TaskFuture
     from batuta.runtime.remote import RemoteExecutor
 
 _LAZY = {
