@@ -298,6 +298,11 @@ def test_host_without_any_slot() -> None:
     assert "has no slots" in error_of('[[hosts]]\naddress = "n"\nslots = 0\ngpus = "none"\n')
 
 
+def test_a_misspelt_array_of_tables_is_named_with_its_line() -> None:
+    message = error_of('local = true\n\n[[host]]\naddress = "n"\n')
+    assert message == "cluster.toml:3: host: unknown key; did you mean 'hosts'?"
+
+
 def test_more_slots_than_an_agent_runs() -> None:
     message = error_of('[[hosts]]\naddress = "n"\nslots = 5000\n')
     assert message == "cluster.toml:3: hosts[0].slots: 5000 is more than the 1024 slots one agent runs; split the host"

@@ -344,7 +344,7 @@ class _Reader:
                 name = _header(line[2:].split("]]", 1)[0])
                 counts[name] = counts.get(name, -1) + 1
                 table = (*name, counts[name])
-                if table == path:
+                if table == path or name == path:  # an element, or the array itself (its first)
                     return number
                 continue
             if line.startswith("["):
