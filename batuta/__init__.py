@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from batuta._version import __version__
 
 if TYPE_CHECKING:
+    from batuta.core.objects import ObjectRef
     from batuta.core.task import Backend, Priority, Task, TaskBuilder, TaskResult, TaskStatus
     from batuta.errors import BatutaError, TaskFailedError
     from batuta.kernels import kernel
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "Backend": "batuta.core.task",
+    "ObjectRef": "batuta.core.objects",
     "Priority": "batuta.core.task",
     "Task": "batuta.core.task",
     "TaskBuilder": "batuta.core.task",
@@ -39,6 +41,7 @@ _LAZY = {
 __all__ = [
     "Backend",
     "BatutaError",
+    "ObjectRef",
     "Pool",
     "PoolBuilder",
     "Priority",

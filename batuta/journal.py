@@ -55,6 +55,7 @@ import numpy as np
 
 from batuta.checkpoint import SUFFIX as CHECKPOINT_SUFFIX
 from batuta.checkpoint import CheckpointError, CheckpointManager, decode_tree, encode_tree
+from batuta.core.objects import ObjectRef
 from batuta.core.task import Backend, BinaryCall, KernelCall, Task, TaskResult, TaskStatus
 from batuta.errors import UsageError
 
@@ -126,6 +127,10 @@ def _feed(h: Any, v: Any, depth: int = 0) -> None:
         h.update(b"%s%d:" % (b"l" if t is list else b"t", len(v)))
         for item in v:
             _feed(h, item, depth + 1)
+    elif t is ObjectRef:  # by content: the id changes from run to run, the digest does not
+        if not v.digest:
+            raise JournalError("an ObjectRef without a digest has no stable key; use pool.put's ref or set Task.key")
+        h.update(b"r%d:" % len(v.digest) + v.digest.encode())
     elif t is dict:
         h.update(b"d%d:" % len(v))
         for key in sorted(v, key=str):

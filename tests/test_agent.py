@@ -11,9 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from batuta.agent.telemetry import fake_gpu_sample
+from batuta.core.objects import ObjectRef
 from batuta.protocol.messages import (
     OUTCOME_CANCELLED,
     OUTCOME_CRASHED,
@@ -24,8 +26,10 @@ from batuta.protocol.messages import (
     SLOT_UP,
     Bye,
     Cancel,
+    Drop,
     Error,
     Hello,
+    Put,
     Run,
     Shutdown,
     SlotState,
@@ -254,6 +258,22 @@ async def test_run_for_a_slot_the_agent_lacks_is_an_error(start_agent: StartAgen
     agent.send(Run(tasks=(kernel_task(1, "noop", 1, slot=5),)))
     outcome = await agent.outcome(1)
     assert outcome.status == OUTCOME_ERROR and "no slot 5" in (outcome.error or "")
+
+
+async def test_objects_put_on_the_agent_replace_their_refs_and_a_missing_one_is_an_error(
+    start_agent: StartAgent,
+) -> None:
+    agent = await start_agent("--slots", "1", "--gpus", "none")
+    agent.send(Put(object_id=4, value=np.arange(4000.0)))
+    agent.send(Run(tasks=(kernel_task(1, "sum", ObjectRef(4), backend="cpu"),)))
+    agent.send(Run(tasks=(kernel_task(2, "sum", ObjectRef(5), backend="cpu"),)))
+    agent.send(Drop(object_ids=(4,)))
+    agent.send(Run(tasks=(kernel_task(3, "sum", ObjectRef(4), backend="cpu"),)))
+    present, missing, dropped = await agent.outcomes_for([1, 2, 3])
+    assert present.status == OUTCOME_OK and present.value == np.arange(4000.0).sum()
+    assert missing.status == OUTCOME_ERROR and "object(s) 5 are not on this host" in (missing.error or "")
+    assert dropped.status == OUTCOME_ERROR and "object(s) 4 are not on this host" in (dropped.error or "")
+    assert agent.protocol_error is None
 
 
 async def test_started_is_reported_and_omitted_when_done_comes_in_the_same_write(

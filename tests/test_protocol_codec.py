@@ -13,6 +13,7 @@ import msgpack
 import numpy as np
 import pytest
 
+from batuta.core.objects import ObjectRef
 from batuta.core.task import BinaryCall, KernelCall
 from batuta.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -21,6 +22,7 @@ from batuta.protocol import (
     Bye,
     Cancel,
     Done,
+    Drop,
     Error,
     FrameDecoder,
     GpuInfo,
@@ -29,6 +31,7 @@ from batuta.protocol import (
     Hello,
     LocalProtocolError,
     Message,
+    Put,
     RemoteProtocolError,
     Run,
     Shutdown,
@@ -109,6 +112,12 @@ def sample_messages() -> list[Message]:
                     backend="scalar",
                 ),
                 TaskRequest(task_id=8, slot=1, attempt=1, call=BinaryCall(path="/bin/true")),
+                TaskRequest(
+                    task_id=9,
+                    slot=0,
+                    attempt=1,
+                    call=KernelCall(name="sum", args=(ObjectRef(3), [ObjectRef(2**64 - 1)])),
+                ),
             )
         ),
         Run(tasks=()),
@@ -134,6 +143,9 @@ def sample_messages() -> list[Message]:
         StealBack(slot=2, task_ids=(10, 11)),
         StealBackReply(slot=2, returned=(10,), refused=(11,)),
         Cancel(task_ids=(5,)),
+        Put(object_id=3, value=np.arange(10.0)),
+        Put(object_id=4, value={"k": (1, "two", [np.float32(3)])}),
+        Drop(object_ids=(3, 4)),
         SlotState(slot=1, state="restarting", reason="worker died (SIGSEGV)"),
         SlotState(slot=1, state="up"),
         SlotState(slot=1, state="down", reason="gave up after 5 restarts"),
@@ -255,7 +267,7 @@ def test_tags_cover_every_message_and_are_the_first_element() -> None:
         if isinstance(body, int):  # out-of-band payload: 0xce prefix first
             continue
         assert body[0] == TAGS[type(msg)]
-    assert sorted(TAGS.values()) == list(range(1, 14))
+    assert sorted(TAGS.values()) == list(range(1, 16))
 
 
 def test_decoded_collections_have_the_dataclass_types() -> None:
@@ -918,3 +930,18 @@ def test_decoder_refuses_further_use_after_an_error() -> None:
 def test_decoder_argument_checked() -> None:
     with pytest.raises(ValueError):
         FrameDecoder(max_frame_bytes=0)
+
+
+def test_a_large_put_travels_out_of_band_and_refs_decode_as_refs() -> None:
+    value = np.arange(100_000, dtype=np.float32)
+    [put] = decode_all(encode_message(Put(object_id=7, value=value)))
+    assert isinstance(put, Put) and put.object_id == 7 and np.array_equal(put.value, value)
+    call = KernelCall(name="sum", args=(ObjectRef(7, digest="ab", nbytes=400_000), {"w": ObjectRef(8)}))
+    [run] = decode_all(encode_message(Run(tasks=(TaskRequest(task_id=1, slot=0, attempt=1, call=call),))))
+    assert run.tasks[0].call.args == (ObjectRef(7), {"w": ObjectRef(8)})  # ids travel; digests stay home
+
+
+def test_a_malformed_object_reference_is_a_protocol_error() -> None:
+    body = msgpack.packb([TAGS[Put], 1, msgpack.ExtType(5, b"\x00\x01")])
+    with pytest.raises(RemoteProtocolError, match="object reference of 2 bytes"):
+        decode_all(struct.pack(">I", len(body)) + body)

@@ -18,12 +18,14 @@ from batuta.protocol import (
     Connection,
     ConnectionState,
     Done,
+    Drop,
     Error,
     Heartbeat,
     Hello,
     LocalProtocolError,
     Message,
     Phase,
+    Put,
     RemoteProtocolError,
     Role,
     Run,
@@ -202,7 +204,7 @@ def test_direction_table_matches_the_messages_docstring() -> None:
         "Bye",
         "Error",
     }
-    assert {t.__name__ for t in COORDINATOR_SENDS} == {"Run", "StealBack", "Cancel", "Shutdown", "Error"}
+    assert {t.__name__ for t in COORDINATOR_SENDS} == {"Run", "StealBack", "Cancel", "Put", "Drop", "Shutdown", "Error"}
     assert set(TRANSITIONS) == {(phase, role) for phase in Phase for role in Role}
 
 
@@ -214,7 +216,14 @@ AGENT_EXAMPLES: list[Message] = [
     Heartbeat(seq=0, cpu_percent=0.0, memory_used=0, memory_total=0),
     Bye(),
 ]
-COORDINATOR_EXAMPLES: list[Message] = [run_of(1), StealBack(slot=0, task_ids=(1,)), Cancel(task_ids=(1,)), Shutdown()]
+COORDINATOR_EXAMPLES: list[Message] = [
+    run_of(1),
+    StealBack(slot=0, task_ids=(1,)),
+    Cancel(task_ids=(1,)),
+    Put(object_id=1, value=2.5),
+    Drop(object_ids=(1,)),
+    Shutdown(),
+]
 
 
 @pytest.mark.parametrize("msg", [*COORDINATOR_EXAMPLES, HELLO], ids=lambda m: type(m).__name__)

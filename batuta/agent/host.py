@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -47,6 +48,8 @@ from batuta.agent.spawn import SlotProcess, preload_for_fork, spawn_mode
 from batuta.agent.supervisor import SlotSupervisor
 from batuta.agent.telemetry import TelemetrySource, package_versions
 from batuta.agent.threads import BLAS_THREADS_ENV, budget_env, limit_loaded_blas, slot_share
+from batuta.core.objects import refs_in, replace_refs
+from batuta.core.task import KernelCall
 from batuta.protocol.connection import CLOSED, NEED_DATA, Connection, Role
 from batuta.protocol.errors import LocalProtocolError, RemoteProtocolError
 from batuta.protocol.messages import (
@@ -55,11 +58,13 @@ from batuta.protocol.messages import (
     Bye,
     Cancel,
     Done,
+    Drop,
     Error,
     GpuInfo,
     Heartbeat,
     Hello,
     Message,
+    Put,
     Run,
     Shutdown,
     SlotInfo,
@@ -68,6 +73,7 @@ from batuta.protocol.messages import (
     StealBack,
     StealBackReply,
     TaskOutcome,
+    TaskRequest,
     Welcome,
 )
 from batuta.transport.fdio import FdReader, FdWriter
@@ -157,6 +163,7 @@ class Agent:
         self._outbox: list[Message | _DoneBatch] = []
         self._flush_scheduled = False
         self._touched: set[SlotSupervisor] = set()  # slots whose queue changed in this read
+        self._objects: dict[int, object] = {}  # what the coordinator put here (pool.put)
         self._killed: list[SlotProcess] = []  # slot processes to reap at exit
 
     # -- SlotEvents ---------------------------------------------------------------------
@@ -288,6 +295,11 @@ class Agent:
             self._on_steal_back(message)
         elif isinstance(message, Cancel):
             self._on_cancel(message.task_ids)
+        elif isinstance(message, Put):
+            self._objects[message.object_id] = message.value
+        elif isinstance(message, Drop):
+            for object_id in message.object_ids:
+                self._objects.pop(object_id, None)
         elif isinstance(message, Welcome):
             self._on_welcome(message)
         elif isinstance(message, Shutdown):
@@ -309,20 +321,43 @@ class Agent:
     def _on_run(self, run: Run) -> None:
         for request in run.tasks:
             slot = self._slots.get(request.slot)
-            if slot is None:
+            problem = (
+                f"this agent has no slot {request.slot} (it has {len(self._slots)}: 0..{len(self._slots) - 1})"
+                if slot is None
+                else None
+            )
+            if slot is not None and isinstance(request.call, KernelCall):
+                request, problem = self._with_objects(request)
+            if slot is None or problem is not None:
                 self.task_finished(
                     TaskOutcome(
                         task_id=request.task_id,
                         slot=request.slot,
                         attempt=request.attempt,
                         status=OUTCOME_ERROR,
-                        error=f"this agent has no slot {request.slot} "
-                        f"(it has {len(self._slots)}: 0..{len(self._slots) - 1})",
+                        error=problem,
                     )
                 )
                 continue
             slot.enqueue(request)
             self._touched.add(slot)
+
+    def _with_objects(self, request: TaskRequest) -> tuple[TaskRequest, str | None]:
+        """The request with each ObjectRef in its arguments replaced by the value the
+        coordinator put here; or why it cannot run (an object this host does not hold)."""
+        call = request.call
+        assert isinstance(call, KernelCall)
+        refs = refs_in(call.args)
+        if not refs:
+            return request, None
+        missing = sorted({ref.object_id for ref in refs if ref.object_id not in self._objects})
+        if missing:
+            return request, (
+                f"object(s) {', '.join(map(str, missing))} are not on this host: dropped with pool.drop() "
+                "before the task ran, or the agent restarted without them"
+            )
+        args = replace_refs(call.args, self._objects)
+        return dataclasses.replace(request, call=KernelCall(name=call.name, args=args)), None  # type: ignore[arg-type]
 
     def _on_steal_back(self, message: StealBack) -> None:
         slot = self._slots.get(message.slot)

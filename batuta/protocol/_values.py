@@ -29,6 +29,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from batuta.core.objects import ObjectRef
 from batuta.protocol._fields import (
     INT_MIN,
     TUPLE_MARK,
@@ -38,6 +39,7 @@ from batuta.protocol._fields import (
     describe,
     expected,
     seq,
+    uint,
 )
 from batuta.protocol.errors import LocalProtocolError
 
@@ -45,6 +47,7 @@ __all__ = [
     "ALIGN",
     "EXT_ARRAY",
     "EXT_ARRAY_OOB",
+    "EXT_REF",
     "EXT_SCALAR",
     "EXT_TUPLE",
     "MAX_VALUE_DEPTH",
@@ -75,6 +78,7 @@ EXT_ARRAY = 1
 EXT_ARRAY_OOB = 2
 EXT_SCALAR = 3
 EXT_TUPLE = 4
+EXT_REF = 5  # an ObjectRef: 8 bytes of object id
 
 _U64 = struct.Struct(">Q")
 _SHAPES = tuple(struct.Struct(f">{n}Q") for n in range(MAX_NDIM + 1))
@@ -93,7 +97,7 @@ del _code, _order
 
 _VALUE_TYPES = (
     "None, bool, int, float, str, bytes, list, tuple, dict with str keys, "
-    "numpy arrays and numpy scalars of bool/int/uint/float/complex dtype"
+    "numpy arrays and numpy scalars of bool/int/uint/float/complex dtype, batuta.ObjectRef"
 )
 
 
@@ -179,6 +183,8 @@ def encode_value(v: Any, oob: OobWriter, depth: int) -> Any:
         if t is tuple:
             items.insert(0, _TUPLE_EXT)
         return items
+    if t is ObjectRef:
+        return msgpack.ExtType(EXT_REF, _U64.pack(uint(v.object_id, ".object_id")))
     if isinstance(v, np.generic) and not isinstance(v, (np.str_, np.bytes_, np.void)):
         key = _dtype_key(v.dtype, "a numpy scalar")
         return msgpack.ExtType(EXT_SCALAR, bytes((len(key),)) + key + v.tobytes())
@@ -283,6 +289,10 @@ def decode_ext(code: int, data: bytes) -> object:
             arr = np.frombuffer(data, dtype, offset=start)
             _check_bools(arr)
             return arr[0]
+        if code == EXT_REF:
+            if len(data) != 8:
+                return Malformed(f"object reference of {len(data)} bytes (needs 8)")
+            return ObjectRef(_U64.unpack(data)[0])
         if code == EXT_ARRAY_OOB:
             return Malformed("out-of-band array in a frame without out-of-band buffers")
         return Malformed(f"unknown ext type {code}")
@@ -328,7 +338,7 @@ class OobReader:
             return Malformed(f"bad out-of-band array: {exc}")
 
 
-_PLAIN = frozenset({int, float, str, bytes, bool, type(None), np.ndarray})
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None), np.ndarray, ObjectRef})
 
 
 def decode_value(v: Any, depth: int) -> Any:

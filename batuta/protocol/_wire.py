@@ -49,12 +49,14 @@ from batuta.protocol.messages import (
     Bye,
     Cancel,
     Done,
+    Drop,
     Error,
     GpuInfo,
     GpuSample,
     Heartbeat,
     Hello,
     Message,
+    Put,
     Run,
     Shutdown,
     SlotInfo,
@@ -83,6 +85,8 @@ TAGS: dict[type, int] = {
     Shutdown: 11,
     Bye: 12,
     Error: 13,
+    Put: 14,
+    Drop: 15,
 }
 """Message tags on the wire. Stable: changing one needs a new PROTOCOL_VERSION."""
 
@@ -238,6 +242,18 @@ def _enc_steal_back_reply(m: StealBackReply, oob: OobWriter) -> list[Any]:
     return [TAGS[StealBackReply], uint(m.slot, ".slot"), ids(m.returned, ".returned"), ids(m.refused, ".refused")]
 
 
+def _enc_put(m: Put, oob: OobWriter) -> list[Any]:
+    try:
+        value = encode_value(m.value, oob, 0)
+    except Invalid as exc:
+        raise exc.at(".value") from None
+    return [TAGS[Put], uint(m.object_id, ".object_id"), value]
+
+
+def _enc_drop(m: Drop, oob: OobWriter) -> list[Any]:
+    return [TAGS[Drop], ids(m.object_ids, ".object_ids")]
+
+
 def _enc_cancel(m: Cancel, oob: OobWriter) -> list[Any]:
     return [TAGS[Cancel], ids(m.task_ids, ".task_ids")]
 
@@ -297,6 +313,8 @@ _ENCODERS: dict[type, Callable[[Any, OobWriter], list[Any]]] = {
     StealBack: _enc_steal_back,
     StealBackReply: _enc_steal_back_reply,
     Cancel: _enc_cancel,
+    Put: _enc_put,
+    Drop: _enc_drop,
     SlotState: _enc_slot_state,
     Heartbeat: _enc_heartbeat,
     Shutdown: _enc_shutdown,
@@ -441,6 +459,18 @@ def _dec_steal_back_reply(w: list[Any]) -> StealBackReply:
     )
 
 
+def _dec_put(w: list[Any]) -> Put:
+    try:
+        value = decode_value(w[2], 0)
+    except Invalid as exc:
+        raise exc.at(".value") from None
+    return Put(object_id=uint(w[1], ".object_id"), value=value)
+
+
+def _dec_drop(w: list[Any]) -> Drop:
+    return Drop(object_ids=tuple(ids(w[1], ".object_ids")))
+
+
 def _dec_cancel(w: list[Any]) -> Cancel:
     return Cancel(task_ids=tuple(ids(w[1], ".task_ids")))
 
@@ -498,6 +528,8 @@ _DECODER_FNS: list[tuple[type, Callable[[list[Any]], Message]]] = [
     (StealBack, _dec_steal_back),
     (StealBackReply, _dec_steal_back_reply),
     (Cancel, _dec_cancel),
+    (Put, _dec_put),
+    (Drop, _dec_drop),
     (SlotState, _dec_slot_state),
     (Heartbeat, _dec_heartbeat),
     (Shutdown, _dec_shutdown),

@@ -10,7 +10,8 @@ whatever `send()` returns.
       |  <-------------------- Welcome       |   AWAIT_WELCOME -> READY
       |  Started, Done, StealBackReply,  ->  |   READY: AGENT_SENDS
       |  SlotState, Heartbeat, Bye           |
-      |  <- Run, StealBack, Cancel, Shutdown |   READY: COORDINATOR_SENDS
+      |  <- Run, StealBack, Cancel,         |   READY: COORDINATOR_SENDS
+      |     Put, Drop, Shutdown              |
       |  Error (either side, at any time) <->|
 
 `Bye`, `Shutdown` and `Error` are each their sender's last message: afterwards that side
@@ -38,10 +39,12 @@ from batuta.protocol.messages import (
     Bye,
     Cancel,
     Done,
+    Drop,
     Error,
     Heartbeat,
     Hello,
     Message,
+    Put,
     Run,
     Shutdown,
     SlotState,
@@ -104,7 +107,7 @@ class ConnectionState(enum.Enum):
 # -- the rules ---------------------------------------------------------------------------------
 
 AGENT_SENDS: Final[frozenset[type]] = frozenset({Started, Done, StealBackReply, SlotState, Heartbeat, Bye, Error})
-COORDINATOR_SENDS: Final[frozenset[type]] = frozenset({Run, StealBack, Cancel, Shutdown, Error})
+COORDINATOR_SENDS: Final[frozenset[type]] = frozenset({Run, StealBack, Cancel, Put, Drop, Shutdown, Error})
 
 TRANSITIONS: Final[dict[tuple[Phase, Role], dict[type, Phase]]] = {
     (Phase.AWAIT_HELLO, Role.AGENT): {Hello: Phase.AWAIT_WELCOME, Error: Phase.AWAIT_HELLO},

@@ -4,7 +4,7 @@ Small frozen dataclasses, validated by the codec when decoded. Direction is part
 message's meaning; `connection.py` holds the table of who may send what in which state.
 
     agent -> coordinator: Hello, Started, Done, StealBackReply, SlotState, Heartbeat, Bye, Error
-    coordinator -> agent: Welcome, Run, StealBack, Cancel, Shutdown, Error
+    coordinator -> agent: Welcome, Run, StealBack, Cancel, Put, Drop, Shutdown, Error
 
 Every message is encoded as a msgpack array `[tag, field, field, ...]` (see `codec.py`), so
 fields are positional on the wire; their order here is the wire order.
@@ -17,7 +17,7 @@ from typing import Any
 
 from batuta.core.task import BinaryCall, KernelCall
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Put, Drop and object references
 
 
 # -- handshake ------------------------------------------------------------------------------
@@ -145,6 +145,22 @@ class StealBackReply:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Put:
+    """Keep `value` on this host as object `object_id`: tasks name it with an ObjectRef, and the
+    agent puts the value in the ref's place before a slot sees the task."""
+
+    object_id: int
+    value: Any
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Drop:
+    """Forget these objects (unknown ids are ignored)."""
+
+    object_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Cancel:
     """Drop these tasks if queued, kill them if running; each is answered by a `cancelled` outcome."""
 
@@ -220,6 +236,8 @@ Message = (
     | Done
     | StealBack
     | StealBackReply
+    | Put
+    | Drop
     | Cancel
     | SlotState
     | Heartbeat

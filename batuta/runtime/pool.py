@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from batuta.agent.options import MAX_SLOTS
 from batuta.core import events as ev
 from batuta.core.backend import BackendChoice, BackendThresholds, select_backend
+from batuta.core.objects import ObjectRef, refs_in
 from batuta.core.scheduler import Scheduler, SchedulerConfig, SlotView
 from batuta.core.task import (
     CAP_CPU,
@@ -43,6 +44,7 @@ from batuta.protocol.errors import LocalProtocolError
 from batuta.runtime import events as pe
 from batuta.runtime import stream
 from batuta.runtime.host import HostSession, HostSpec, HostState
+from batuta.runtime.objects import ObjectTable
 from batuta.transport.local import agent_command, open_local_agent
 
 log = logging.getLogger("batuta.runtime.pool")
@@ -114,6 +116,7 @@ class TaskFuture:
     __slots__ = (
         "_callbacks",
         "_choice",
+        "_object_ids",
         "_pool",
         "_result",
         "_waiter",
@@ -137,6 +140,7 @@ class TaskFuture:
         self._result: TaskResult | None = None
         self._waiter: asyncio.Future[TaskResult] | None = None
         self._callbacks: list[Callable[[TaskFuture], None]] | None = None
+        self._object_ids: tuple[int, ...] = ()  # pool.put objects its arguments name
 
     def __await__(self) -> Generator[Any, None, TaskResult]:
         if self._result is None:
@@ -251,6 +255,7 @@ class Pool:
         self._store: ResultStore | None = None
         self._device_of: dict[str, str] = {}  # GPU slot id -> "name (N SMs)"
         self._restored = 0
+        self._objects = ObjectTable()
 
     # -- construction -----------------------------------------------------------------------
 
@@ -375,6 +380,10 @@ class Pool:
             kept = self._store.lookup(task, job)
             if kept is not None:
                 return self._restore(future, replace(kept, task_id=task_id, job=job, restored=True))
+        if isinstance(task.call, KernelCall) and task.call.args:
+            refs = refs_in(task.call.args)
+            if refs:
+                future._object_ids = self._objects.acquire(refs, task.name)
         self._pending[task_id] = future
         if self.events.active:
             self.events.publish(
@@ -489,6 +498,29 @@ class Pool:
         ]
         return await self.map(kernel, items, **options)
 
+    def put(self, value: Any) -> ObjectRef:
+        """Keep `value` in the pool and return a ref to pass to kernels in its place.
+
+        Each host receives the value once, with the first task that names it there, instead
+        of with every task (Dask's `scatter`, Ray's `put`): for a matrix that a thousand
+        tasks multiply, or a model that every chunk is scored against. Raises UsageError
+        for a value that could not travel as a kernel argument.
+        """
+        self._check_open()
+        return self._objects.put(value)
+
+    def drop(self, ref: ObjectRef) -> None:
+        """Release a `put` value, here and on the hosts, once no unresolved task names it."""
+        if not isinstance(ref, ObjectRef):
+            raise UsageError(f"pool.drop takes the ObjectRef that pool.put returned, not {type(ref).__name__}")
+        self._send_drops(self._objects.drop(ref))
+
+    def _send_drops(self, drops: dict[str, tuple[int, ...]]) -> None:
+        for host, object_ids in drops.items():
+            session = self._sessions.get(host)
+            if session is not None:
+                session.send(m.Drop(object_ids=object_ids))
+
     def set_result_store(self, store: ResultStore | None) -> None:
         """Consult `store` before running each task and record every success in it."""
         self._store = store
@@ -591,6 +623,7 @@ class Pool:
     def host_ready(self, session: HostSession) -> None:
         hello = session.hello
         assert hello is not None
+        self._objects.host_reset(session.name)  # a new agent process: its object store is empty
         joined: list[ev.Event] = []
         for info in hello.slots:
             slot_id = f"{session.name}/{info.slot}"
@@ -736,6 +769,9 @@ class Pool:
         requests = []
         for task_id, attempt in zip(ins.task_ids, ins.attempts, strict=True):
             pending = self._pending[task_id]
+            if pending._object_ids:  # the values go first, in the same write as the Run
+                for put in self._objects.puts_for(session.name, pending._object_ids):
+                    session.send(put)
             pending.slot_id = ins.slot_id
             pending.started_at = None
             task = pending.task
@@ -814,6 +850,8 @@ class Pool:
             job=pending.job,
             device=self._device_of.get(slot_id, "") if slot_id else "",
         )
+        if pending._object_ids:
+            self._send_drops(self._objects.release(pending._object_ids))
         if status is TaskStatus.SUCCEEDED:
             self._succeeded += 1
             if self._store is not None:

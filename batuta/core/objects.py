@@ -1,0 +1,64 @@
+"""Object references: a value stored once per host and named by tasks instead of shipped.
+
+`pool.put(value)` returns an `ObjectRef`; a task whose arguments contain the ref gets the
+value in its place on the worker. The coordinator sends the value to a host once, the
+first time a task that needs it goes there (again after that host's agent restarts), and
+the agent substitutes it into every task for its slots. Dask calls this `scatter`, Ray
+`put`. The ref is a name, not a handle: it says nothing about where the value lives.
+
+`digest` identifies the content (a hash of its encoding), so that a job journal keys a
+task by what it computes on, not by a number that changes from run to run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRef:
+    """A value put in the pool (`pool.put`), to pass as a kernel argument in its place."""
+
+    object_id: int
+    digest: str = field(default="", compare=False)
+    nbytes: int = field(default=0, compare=False)
+    size: int = field(default=0, compare=False)  # array elements inside: Backend.AUTO sizes by it
+
+    def __repr__(self) -> str:
+        size = f", {self.nbytes:,} bytes" if self.nbytes else ""
+        return f"ObjectRef({self.object_id}{size})"
+
+
+def refs_in(value: object, depth: int = 0) -> list[ObjectRef]:
+    """Every ObjectRef inside `value` (arguments: tuples, lists and dict values), in order."""
+    kind = type(value)
+    if kind is ObjectRef:
+        return [value]  # type: ignore[list-item]
+    if depth > 32:
+        return []
+    if kind is tuple or kind is list:
+        found: list[ObjectRef] = []
+        for item in value:  # type: ignore[attr-defined]
+            t = type(item)
+            if t is ObjectRef or t is tuple or t is list or t is dict:
+                found += refs_in(item, depth + 1)
+        return found
+    if kind is dict:
+        return [ref for item in value.values() for ref in refs_in(item, depth + 1)]  # type: ignore[attr-defined]
+    return []
+
+
+def replace_refs(value: object, lookup: dict[int, object], depth: int = 0) -> object:
+    """`value` with each ObjectRef replaced by `lookup[ref.object_id]` (KeyError if absent)."""
+    kind = type(value)
+    if kind is ObjectRef:
+        return lookup[value.object_id]  # type: ignore[attr-defined]
+    if depth > 32:
+        return value
+    if kind is tuple:
+        return tuple(replace_refs(item, lookup, depth + 1) for item in value)  # type: ignore[attr-defined]
+    if kind is list:
+        return [replace_refs(item, lookup, depth + 1) for item in value]  # type: ignore[attr-defined]
+    if kind is dict:
+        return {key: replace_refs(item, lookup, depth + 1) for key, item in value.items()}  # type: ignore[attr-defined]
+    return value

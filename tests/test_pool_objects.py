@@ -1,0 +1,97 @@
+"""`pool.put` / `pool.drop`: a value sent to each host once and named by many tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from batuta import Backend, ObjectRef, Pool, Task, TaskStatus
+from batuta.errors import UsageError
+from batuta.protocol import messages as m
+from batuta.runtime.host import HostSession
+from tests.test_pool import agent_pids, make_pool
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[Pool]:
+    async with make_pool() as p:
+        yield p
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[m.Message]:
+    """Every message the coordinator queues for an agent, in order."""
+    messages: list[m.Message] = []
+    original = HostSession.send
+
+    def spy(self: HostSession, message: m.Message) -> None:
+        messages.append(message)
+        original(self, message)
+
+    monkeypatch.setattr(HostSession, "send", spy)
+    return messages
+
+
+async def test_a_put_value_goes_to_the_host_once_and_every_task_gets_it(pool: Pool, sent: list[m.Message]) -> None:
+    x = np.arange(200_000, dtype=np.float64)
+    ref = pool.put(x)
+    assert isinstance(ref, ObjectRef) and ref.nbytes >= x.nbytes and ref.size == x.size
+    results = await asyncio.gather(*(pool.run(Task.kernel("sum", ref, backend=Backend.CPU)) for _ in range(40)))
+    assert all(r.status is TaskStatus.SUCCEEDED and r.value == pytest.approx(x.sum()) for r in results)
+    puts = [msg for msg in sent if isinstance(msg, m.Put)]
+    assert len(puts) == 1 and puts[0].object_id == ref.object_id  # one host, one copy
+    first_run = next(i for i, msg in enumerate(sent) if isinstance(msg, m.Run))
+    assert sent.index(puts[0]) < first_run  # the value precedes the first task that names it
+
+
+async def test_refs_may_sit_anywhere_in_the_arguments(pool: Pool) -> None:
+    a, b = np.ones(5_000, dtype=np.float32), np.full(5_000, 2.0, dtype=np.float32)
+    ref_a, ref_b = pool.put(a), pool.put(b)
+    result = await pool.run(Task.kernel("vadd", ref_a, ref_b, backend=Backend.CPU))
+    assert result.is_success(), result.error
+    assert np.array_equal(result.value, a + b)
+    mixed = await pool.run(Task.kernel("saxpy", 3.0, ref_a, b, backend=Backend.CPU))
+    assert np.array_equal(mixed.value, 3.0 * a + b)
+
+
+async def test_auto_sizes_a_task_by_what_its_refs_hold(pool: Pool) -> None:
+    small, large = pool.put(np.ones(10)), pool.put(np.ones(100_000))
+    assert (await pool.run(Task.kernel("sum", small))).backend is Backend.SCALAR
+    assert (await pool.run(Task.kernel("sum", large))).backend is Backend.CPU
+
+
+async def test_drop_waits_for_the_tasks_that_still_name_it(pool: Pool, sent: list[m.Message]) -> None:
+    ref = pool.put(np.arange(10.0))
+    slow = await pool.submit(Task.kernel("test_echo_after", ref, 0.3))
+    pool.drop(ref)  # while the task is queued or running
+    result = await asyncio.wait_for(slow, 30)
+    assert result.is_success() and np.array_equal(result.value, np.arange(10.0))
+    drops = [msg for msg in sent if isinstance(msg, m.Drop)]
+    assert drops == [m.Drop(object_ids=(ref.object_id,))]  # released on the host after its user resolved
+    with pytest.raises(UsageError, match=rf"names object {ref.object_id}, which this pool does not hold"):
+        pool.submit_nowait(Task.kernel("sum", ref))
+
+
+async def test_an_unusable_value_or_ref_is_a_usage_error(pool: Pool) -> None:
+    with pytest.raises(UsageError, match=r"pool\.put: .*cannot send a value of type"):
+        pool.put(object())
+    with pytest.raises(UsageError, match=r"takes the ObjectRef that pool\.put returned"):
+        pool.drop("not a ref")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="names object 999"):
+        pool.submit_nowait(Task.kernel("sum", ObjectRef(999)))
+
+
+async def test_a_relaunched_agent_gets_the_value_again() -> None:
+    async with make_pool(relaunch_backoff=0.1) as pool:
+        ref = pool.put(np.arange(1000.0))
+        assert (await pool.run(Task.kernel("sum", ref))).value == pytest.approx(499_500.0)
+        [agent] = agent_pids()
+        os.kill(agent.pid, signal.SIGKILL)
+        result = await asyncio.wait_for(pool.run(Task.kernel("sum", ref, max_attempts=5)), 60)
+        assert result.is_success(), result.error
+        assert result.value == pytest.approx(499_500.0)
