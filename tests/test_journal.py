@@ -51,6 +51,22 @@ def test_derived_keys_are_stable_and_depend_on_every_input() -> None:
     assert binary.startswith("j//bin/echo/") and binary != task_key(Task.binary("/bin/echo", "hi"), "j")
 
 
+def test_a_put_value_is_keyed_by_its_content_not_its_id() -> None:
+    from batuta.core.objects import ObjectRef
+    from batuta.runtime.objects import ObjectTable
+
+    first, second = ObjectTable(), ObjectTable()
+    second.put("another value first, so the ids differ")
+    a = np.arange(1000.0)
+    ref_1, ref_2 = first.put(a), second.put(a.copy())
+    assert ref_1.object_id != ref_2.object_id and ref_1.digest == ref_2.digest
+    key = task_key(Task.kernel("sum", ref_1), "j")
+    assert task_key(Task.kernel("sum", ref_2), "j") == key  # a resumed run's new put finds the old result
+    assert task_key(Task.kernel("sum", first.put(a + 1)), "j") != key
+    with pytest.raises(JournalError, match="ObjectRef without a digest"):
+        task_key(Task.kernel("sum", ObjectRef(1)), "j")
+
+
 def test_derived_key_golden_value() -> None:
     """The derivation is part of the journal format: the same task gets the same key in every release."""
     key = task_key(Task.kernel("vadd", np.arange(3, dtype=np.float64), np.ones(3)), "demo")
