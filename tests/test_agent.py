@@ -266,12 +266,15 @@ async def test_objects_put_on_the_agent_replace_their_refs_and_a_missing_one_is_
     agent = await start_agent("--slots", "1", "--gpus", "none")
     agent.send(Put(object_id=4, value=np.arange(4000.0)))
     agent.send(Run(tasks=(kernel_task(1, "sum", ObjectRef(4), backend="cpu"),)))
-    agent.send(Run(tasks=(kernel_task(2, "sum", ObjectRef(5), backend="cpu"),)))
-    agent.send(Drop(object_ids=(4,)))
-    agent.send(Run(tasks=(kernel_task(3, "sum", ObjectRef(4), backend="cpu"),)))
-    present, missing, dropped = await agent.outcomes_for([1, 2, 3])
+    agent.send(Run(tasks=(kernel_task(2, "sum", {"x": [ObjectRef(4)]}, backend="cpu"),)))
+    agent.send(Run(tasks=(kernel_task(3, "sum", ObjectRef(5), backend="cpu"),)))
+    present, nested, missing = await agent.outcomes_for([1, 2, 3])
     assert present.status == OUTCOME_OK and present.value == np.arange(4000.0).sum()
+    assert nested.status == OUTCOME_ERROR and "dict" in (nested.error or "")  # the value arrived, in place
     assert missing.status == OUTCOME_ERROR and "object(s) 5 are not on this host" in (missing.error or "")
+    agent.send(Drop(object_ids=(4,)))  # as the coordinator does: once no task names it
+    agent.send(Run(tasks=(kernel_task(4, "sum", ObjectRef(4), backend="cpu"),)))
+    dropped = await agent.outcome(4)
     assert dropped.status == OUTCOME_ERROR and "object(s) 4 are not on this host" in (dropped.error or "")
     assert agent.protocol_error is None
 

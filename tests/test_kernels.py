@@ -81,7 +81,7 @@ def test_unknown_kernel_lists_known_names_and_how_to_add_one() -> None:
     assert "did you mean 'vadd'" in message
     for name in BUILTINS:
         assert name in message
-    assert "load_module" in message
+    assert "kernel_modules" in message and "from batuta.kernels import kernel" in message
     assert isinstance(caught.value, LookupError)
     assert isinstance(caught.value, KernelCallError)
     with pytest.raises(UnknownKernelError):

@@ -95,3 +95,12 @@ async def test_a_relaunched_agent_gets_the_value_again() -> None:
         result = await asyncio.wait_for(pool.run(Task.kernel("sum", ref, max_attempts=5)), 60)
         assert result.is_success(), result.error
         assert result.value == pytest.approx(499_500.0)
+
+
+async def test_a_restarted_slot_process_gets_the_value_again(pool: Pool) -> None:
+    ref = pool.put(np.arange(1000.0))
+    assert (await pool.run(Task.kernel("sum", ref))).value == pytest.approx(499_500.0)
+    crashed = await pool.run(Task.kernel("test_crash", max_attempts=1))  # kills whichever slot runs it
+    assert crashed.status is not TaskStatus.SUCCEEDED
+    results = await asyncio.gather(*(pool.run(Task.kernel("sum", ref)) for _ in range(8)))
+    assert all(r.is_success() and r.value == pytest.approx(499_500.0) for r in results), [r.error for r in results]

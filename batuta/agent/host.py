@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import signal
 import subprocess
@@ -48,7 +47,7 @@ from batuta.agent.spawn import SlotProcess, preload_for_fork, spawn_mode
 from batuta.agent.supervisor import SlotSupervisor
 from batuta.agent.telemetry import TelemetrySource, package_versions
 from batuta.agent.threads import BLAS_THREADS_ENV, budget_env, limit_loaded_blas, slot_share
-from batuta.core.objects import refs_in, replace_refs
+from batuta.core.objects import refs_in
 from batuta.core.task import KernelCall
 from batuta.protocol.connection import CLOSED, NEED_DATA, Connection, Role
 from batuta.protocol.errors import LocalProtocolError, RemoteProtocolError
@@ -300,6 +299,8 @@ class Agent:
         elif isinstance(message, Drop):
             for object_id in message.object_ids:
                 self._objects.pop(object_id, None)
+            for slot in self._slots.values():
+                slot.drop_objects(message.object_ids)
         elif isinstance(message, Welcome):
             self._on_welcome(message)
         elif isinstance(message, Shutdown):
@@ -343,21 +344,18 @@ class Agent:
             self._touched.add(slot)
 
     def _with_objects(self, request: TaskRequest) -> tuple[TaskRequest, str | None]:
-        """The request with each ObjectRef in its arguments replaced by the value the
-        coordinator put here; or why it cannot run (an object this host does not hold)."""
+        """Why the request cannot run here, if it names an object this host does not hold.
+        (The slot's supervisor sends the values to the slot process, which substitutes them.)"""
         call = request.call
         assert isinstance(call, KernelCall)
         refs = refs_in(call.args)
-        if not refs:
-            return request, None
         missing = sorted({ref.object_id for ref in refs if ref.object_id not in self._objects})
         if missing:
             return request, (
                 f"object(s) {', '.join(map(str, missing))} are not on this host: dropped with pool.drop() "
                 "before the task ran, or the agent restarted without them"
             )
-        args = replace_refs(call.args, self._objects)
-        return dataclasses.replace(request, call=KernelCall(name=call.name, args=args)), None  # type: ignore[arg-type]
+        return request, None
 
     def _on_steal_back(self, message: StealBack) -> None:
         slot = self._slots.get(message.slot)
@@ -497,6 +495,7 @@ class Agent:
                 events=self,
                 loop=self._loop,
                 spawn_mode=self._spawn_mode,
+                objects=self._objects,
             )
             self._slots[info.slot] = slot
             slot.start()

@@ -47,6 +47,7 @@ from batuta.agent.execute import (
     one_line,
     run_binary,
 )
+from batuta.core.objects import refs_in, replace_refs
 from batuta.core.task import KernelCall
 from batuta.protocol.codec import FrameDecoder, encode_message
 from batuta.protocol.messages import (
@@ -55,6 +56,8 @@ from batuta.protocol.messages import (
     OUTCOME_OK,
     Cancel,
     Done,
+    Drop,
+    Put,
     Run,
     Shutdown,
     SlotState,
@@ -121,6 +124,7 @@ class SlotWorker:
         self._last_kernel = ""  # name and run time of the last task, for `_likely_quick`
         self._last_run_s = 0.0
         self._env = dict(os.environ)
+        self._objects: dict[int, object] = {}  # pool.put values the agent sent this slot
 
     # -- input --------------------------------------------------------------------------
 
@@ -143,6 +147,11 @@ class SlotWorker:
                 self._waiting.extend(message.tasks)
             elif isinstance(message, Cancel):
                 self._cancel(message.task_ids)
+            elif isinstance(message, Put):
+                self._objects[message.object_id] = message.value
+            elif isinstance(message, Drop):
+                for object_id in message.object_ids:
+                    self._objects.pop(object_id, None)
             elif isinstance(message, Shutdown):
                 self._eof = True
                 return
@@ -225,6 +234,18 @@ class SlotWorker:
         call = request.call
         try:
             if isinstance(call, KernelCall):
+                refs = refs_in(call.args)
+                if refs:  # values this slot holds stand in for their refs
+                    missing = sorted({r.object_id for r in refs if r.object_id not in self._objects})
+                    if missing:
+                        return TaskOutcome(
+                            task_id=request.task_id,
+                            slot=request.slot,
+                            attempt=request.attempt,
+                            status=OUTCOME_ERROR,
+                            error=f"slot {self._slot} was not sent object(s) {', '.join(map(str, missing))}",
+                        )
+                    call = KernelCall(name=call.name, args=replace_refs(call.args, self._objects))  # type: ignore[arg-type]
                 outcome = self._kernels.run(request, call)
                 self._last_kernel, self._last_run_s = call.name, outcome.run_s
                 return outcome

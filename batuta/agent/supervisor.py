@@ -56,11 +56,13 @@ import os
 import signal
 import subprocess
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from batuta.agent.execute import describe_exit, print_error
 from batuta.agent.spawn import SlotProcess, spawn_slot
+from batuta.core.objects import refs_in
+from batuta.core.task import KernelCall
 from batuta.protocol.codec import FrameDecoder, encode_message, encode_message_parts
 from batuta.protocol.errors import LocalProtocolError
 from batuta.protocol.messages import (
@@ -73,6 +75,8 @@ from batuta.protocol.messages import (
     SLOT_UP,
     Cancel,
     Done,
+    Drop,
+    Put,
     Run,
     SlotInfo,
     SlotState,
@@ -125,8 +129,11 @@ class SlotSupervisor:
         events: SlotEvents,
         loop: asyncio.AbstractEventLoop,
         spawn_mode: str = "fork",
+        objects: Mapping[int, object] | None = None,
     ) -> None:
         self.info = info
+        self._objects: Mapping[int, object] = objects if objects is not None else {}  # the agent's store
+        self._sent_objects: set[int] = set()  # ids the current slot process holds
         self.index = info.slot
         self._env = env
         self._kernel_modules = kernel_modules
@@ -200,6 +207,7 @@ class SlotSupervisor:
             return
         self._proc = proc
         self._decoder = FrameDecoder()
+        self._sent_objects = set()  # a new process holds nothing yet
         self._ready = False
         self._reader = FdReader(self._loop, from_slot, self._on_slot_data)
         self._writer = FdWriter(self._loop, to_slot)
@@ -263,14 +271,52 @@ class SlotSupervisor:
             return
         was_idle = not self.fed
         batch = [self.queue.popleft() for _ in range(min(room, len(self.queue)))]
+        puts = self._puts_for(batch)  # may answer (and remove) a task whose object is gone
+        if not batch:
+            writer.write_parts(puts)
+            return
         try:
             parts = encode_message_parts(Run(tasks=tuple(batch)))
         except LocalProtocolError:
             parts = self._encode_one_by_one(batch)
         self.fed.extend(batch)
-        writer.write_parts(parts)
+        writer.write_parts(puts + parts)
         if was_idle and self.fed and self._ready:
             self._start_head()
+
+    def _puts_for(self, batch: list[TaskRequest]) -> list[Any]:
+        """Frames that give the slot process the put objects `batch` names and it lacks: each
+        value crosses the pipe once per process, then every task names it by id (as Dask
+        keeps scattered data in the worker). A task whose object is no longer here (dropped
+        while it waited, which the coordinator does not do) is answered "error" and removed."""
+        parts: list[Any] = []
+        for request in list(batch):
+            call = request.call
+            if not isinstance(call, KernelCall) or not call.args:
+                continue
+            for ref in refs_in(call.args):
+                object_id = ref.object_id
+                if object_id in self._sent_objects:
+                    continue
+                if object_id not in self._objects:
+                    batch.remove(request)
+                    self._held.pop(request.task_id, None)
+                    self._events.task_finished(
+                        self._outcome(request, OUTCOME_ERROR, f"object {object_id} is not on this host", 0.0)
+                    )
+                    break
+                parts += encode_message_parts(Put(object_id=object_id, value=self._objects[object_id]))
+                self._sent_objects.add(object_id)
+        return parts
+
+    def drop_objects(self, object_ids: Iterable[int]) -> None:
+        """The agent forgot these objects: so does the slot process, if it holds them."""
+        held = tuple(i for i in object_ids if i in self._sent_objects)
+        if not held:
+            return
+        self._sent_objects.difference_update(held)
+        if self._writer is not None:
+            self._writer.write(encode_message(Drop(object_ids=held)))
 
     def _encode_one_by_one(self, batch: list[TaskRequest]) -> list[Any]:
         """A batch too big for one frame goes as one frame per task; a task that cannot be

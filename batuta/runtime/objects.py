@@ -38,7 +38,7 @@ class ObjectTable:
             parts = encode_message_parts(m.Put(object_id=0, value=value))
         except LocalProtocolError as exc:
             raise UsageError(f"pool.put: {exc}") from None
-        digest = hashlib.blake2b(digest_size=16)
+        digest = hashlib.sha256()  # with SHA extensions, twice blake2b's speed
         nbytes = 0
         for part in parts:
             digest.update(part)
@@ -46,7 +46,7 @@ class ObjectTable:
         object_id = next(self._ids)
         self._values[object_id] = value
         self._users[object_id] = 0
-        return ObjectRef(object_id, digest=digest.hexdigest(), nbytes=nbytes, size=_elements(value))
+        return ObjectRef(object_id, digest=digest.hexdigest()[:32], nbytes=nbytes, size=_elements(value))
 
     def acquire(self, refs: Iterable[ObjectRef], task_name: str) -> tuple[int, ...]:
         """Count a task as a user of its refs; UsageError for a ref that is not (or no longer) here."""
