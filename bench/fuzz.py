@@ -3,7 +3,8 @@
 A real `python -m batuta.agent --stdio` process gets the handshake, then frames of these
 kinds (each drawn from a seeded `random.Random`):
 
-    valid      a well-formed Run / Cancel / StealBack with random content
+    valid      a well-formed Run / Cancel / StealBack / Put / Drop with random content (object
+               refs included, to objects put or never put)
     mutated    a valid frame with bytes flipped, inserted, deleted, cut or spliced
     garbage    random bytes, with or without a plausible length prefix
     header     a length prefix over the limit, or zero
@@ -53,6 +54,7 @@ import numpy as np
 import psutil
 from batuta.kernels import registry
 
+from batuta.core.objects import ObjectRef
 from batuta.core.task import BinaryCall, KernelCall
 from batuta.protocol.codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_message
 from batuta.protocol.connection import CLOSED, NEED_DATA, Connection, Role
@@ -62,9 +64,11 @@ from batuta.protocol.messages import (
     Bye,
     Cancel,
     Done,
+    Drop,
     Error,
     Heartbeat,
     Hello,
+    Put,
     Run,
     Shutdown,
     SlotInfo,
@@ -93,7 +97,7 @@ KNOWN_KERNELS = frozenset(registry.names())
 
 def _value(rnd: random.Random, depth: int = 0) -> Any:
     """A random kernel argument the wire can carry (or, sometimes, cannot)."""
-    pick = rnd.randrange(9 if depth < 2 else 6)
+    pick = rnd.randrange(10 if depth < 2 else 6)
     if pick == 0:
         return rnd.randint(-(2**63), 2**63 - 1)
     if pick == 1:
@@ -111,6 +115,8 @@ def _value(rnd: random.Random, depth: int = 0) -> Any:
         return tuple(_value(rnd, depth + 1) for _ in range(rnd.randrange(4)))
     if pick == 7:
         return [_value(rnd, depth + 1) for _ in range(rnd.randrange(4))]
+    if pick == 8:
+        return ObjectRef(rnd.choice([1, 2, 3, 2**64 - 1]))  # put below, or never put
     return {str(rnd.randrange(5)): _value(rnd, depth + 1) for _ in range(rnd.randrange(3))}
 
 
@@ -140,8 +146,12 @@ def _task(rnd: random.Random, task_id: int, slots: int) -> TaskRequest:
                        backend=backend)  # fmt: skip
 
 
-def valid_message(rnd: random.Random, slots: int, next_id: list[int]) -> Run | Cancel | StealBack:
+def valid_message(rnd: random.Random, slots: int, next_id: list[int]) -> Run | Cancel | StealBack | Put | Drop:
     roll = rnd.random()
+    if roll < 0.06:
+        return Put(object_id=rnd.choice([1, 2, 3]), value=_value(rnd))
+    if roll < 0.08:
+        return Drop(object_ids=tuple(rnd.choice([1, 2, 3, 99]) for _ in range(rnd.randrange(3))))
     if roll < 0.7:
         count = rnd.choice([1, 1, 2, 3, 8, 32])
         tasks = []
