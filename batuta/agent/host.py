@@ -72,7 +72,6 @@ from batuta.protocol.messages import (
     StealBack,
     StealBackReply,
     TaskOutcome,
-    TaskRequest,
     Welcome,
 )
 from batuta.transport.fdio import FdReader, FdWriter
@@ -327,8 +326,8 @@ class Agent:
                 if slot is None
                 else None
             )
-            if slot is not None and isinstance(request.call, KernelCall):
-                request, problem = self._with_objects(request)
+            if slot is not None and isinstance(request.call, KernelCall) and request.call.args:
+                problem = self._missing_objects(request.call)
             if slot is None or problem is not None:
                 self.task_finished(
                     TaskOutcome(
@@ -343,19 +342,16 @@ class Agent:
             slot.enqueue(request)
             self._touched.add(slot)
 
-    def _with_objects(self, request: TaskRequest) -> tuple[TaskRequest, str | None]:
-        """Why the request cannot run here, if it names an object this host does not hold.
-        (The slot's supervisor sends the values to the slot process, which substitutes them.)"""
-        call = request.call
-        assert isinstance(call, KernelCall)
-        refs = refs_in(call.args)
-        missing = sorted({ref.object_id for ref in refs if ref.object_id not in self._objects})
-        if missing:
-            return request, (
-                f"object(s) {', '.join(map(str, missing))} are not on this host: dropped with pool.drop() "
-                "before the task ran, or the agent restarted without them"
-            )
-        return request, None
+    def _missing_objects(self, call: KernelCall) -> str | None:
+        """Why a task cannot run here, if it names an object this host does not hold. (The
+        slot's supervisor sends the values to the slot process, which substitutes them.)"""
+        missing = sorted({ref.object_id for ref in refs_in(call.args) if ref.object_id not in self._objects})
+        if not missing:
+            return None
+        return (
+            f"object(s) {', '.join(map(str, missing))} are not on this host: dropped with pool.drop() "
+            "before the task ran, or the agent restarted without them"
+        )
 
     def _on_steal_back(self, message: StealBack) -> None:
         slot = self._slots.get(message.slot)
