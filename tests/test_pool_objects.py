@@ -104,3 +104,10 @@ async def test_a_restarted_slot_process_gets_the_value_again(pool: Pool) -> None
     assert crashed.status is not TaskStatus.SUCCEEDED
     results = await asyncio.gather(*(pool.run(Task.kernel("sum", ref)) for _ in range(8)))
     assert all(r.is_success() and r.value == pytest.approx(499_500.0) for r in results), [r.error for r in results]
+
+
+def test_a_value_over_the_frame_limit_is_refused_at_put_with_the_fix() -> None:
+    from batuta.runtime.objects import ObjectTable
+
+    with pytest.raises(UsageError, match=r"exceeds the 268435456-byte limit; put the value in parts"):
+        ObjectTable().put(np.zeros(300 * 1024 * 1024 // 8, dtype=np.uint8).view(np.float64))

@@ -37,6 +37,8 @@ class ObjectTable:
         try:
             parts = encode_message_parts(m.Put(object_id=0, value=value))
         except LocalProtocolError as exc:
+            if "exceeds the" in str(exc):  # the frame limit: say what to do about a put
+                raise UsageError(f"pool.put: {str(exc).split(':')[0]}; put the value in parts") from None
             raise UsageError(f"pool.put: {exc}") from None
         digest = hashlib.sha256()  # with SHA extensions, twice blake2b's speed
         nbytes = 0
