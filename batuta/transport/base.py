@@ -43,7 +43,8 @@ class ByteStream(Protocol):
         ...
 
     async def drain(self) -> None:
-        """Wait until queued bytes are below the high-water mark (flow control)."""
+        """Wait until queued bytes are below the stream's high-water mark (flow control); a
+        pipe's is zero: everything handed to the kernel."""
         ...
 
     async def close(self, timeout: float = 2.0) -> None:
