@@ -256,6 +256,9 @@ class Pool:
         self._device_of: dict[str, str] = {}  # GPU slot id -> "name (N SMs)"
         self._restored = 0
         self._objects = ObjectTable()
+        # Submissions of one loop turn reach the scheduler together (see `_handle`): one
+        # scheduling pass and one Run per slot for a burst, instead of one each per task.
+        self._submitted: list[ev.Event] = []
 
     # -- construction -----------------------------------------------------------------------
 
@@ -332,6 +335,7 @@ class Pool:
                 task.cancel()
         if self._timer is not None:
             self._timer.cancel()
+        self._submitted.clear()
         for task_id in list(self._pending):
             self._finish(task_id, TaskStatus.CANCELLED, reason="pool closed before the task finished")
         self._space.set()
@@ -345,7 +349,7 @@ class Pool:
 
     async def submit(self, task: Task) -> TaskFuture:
         """Queue a task; waits while the pool holds `max_queued` tasks (backpressure)."""
-        while not self._scheduler.can_accept():
+        while not self._scheduler.can_accept(len(self._submitted) + 1):
             self._check_open()
             self._space.clear()
             await self._space.wait()
@@ -356,6 +360,11 @@ class Pool:
         self._check_open()
         if not isinstance(task, Task):
             raise UsageError(f"submit() takes a batuta.Task, not {type(task).__name__}")
+        if not self._scheduler.can_accept(len(self._submitted) + 1):
+            raise UsageError(
+                f"the pool holds max_queued={self.config.scheduler.max_queued} tasks; "
+                "await pool.submit(task) to wait for room"
+            )
         loop = self._loop
         assert loop is not None
         if isinstance(task.call, KernelCall) and task.call.args:
@@ -396,17 +405,17 @@ class Pool:
                     job=job,
                 )
             )
-        self._handle(
-            [
-                ev.TaskSubmitted(
-                    task_id=task_id,
-                    priority=int(task.priority),
-                    requires=requires,
-                    timeout=task.timeout,
-                    max_attempts=task.max_attempts,
-                )
-            ]
+        self._submitted.append(
+            ev.TaskSubmitted(
+                task_id=task_id,
+                priority=int(task.priority),
+                requires=requires,
+                timeout=task.timeout,
+                max_attempts=task.max_attempts,
+            )
         )
+        if len(self._submitted) == 1:
+            loop.call_soon(self._handle, [])  # this turn's submissions, together
         return future
 
     async def run(self, task: Task) -> TaskResult:
@@ -579,6 +588,7 @@ class Pool:
         return self._scheduler.paused
 
     def stats(self) -> PoolStats:
+        self._handle([])  # submissions not yet scheduled count as queued
         s = self._scheduler.stats
         return PoolStats(
             submitted=s.submitted,
@@ -737,6 +747,11 @@ class Pool:
             raise PoolClosedError("the pool is not started; use 'async with pool:' or 'await pool.start()'")
 
     def _handle(self, events: list[ev.Event]) -> None:
+        """Run events through the scheduler and carry out what it says. Submissions queued
+        since the last pass go first, so every other event sees them in order."""
+        if self._submitted:
+            events = [*self._submitted, *events]
+            self._submitted = []
         if not events:
             return
         instructions = self._scheduler.handle_many(events, self._now())
