@@ -186,6 +186,12 @@ async def test_backpressure_makes_submit_wait() -> None:
         assert pool.stats().queued <= 4
         results = await asyncio.gather(*(f.asyncio_future() for f in futures))
         assert all(r.is_success() for r in results)
+        pool.pause()
+        held = [pool.submit_nowait(Task.kernel("noop", i)) for i in range(4)]
+        with pytest.raises(batuta.errors.UsageError, match=r"max_queued=4 tasks; await pool\.submit"):
+            pool.submit_nowait(Task.kernel("noop", 5))  # without waiting: refused, not queued
+        pool.resume()
+        assert [(await f).value for f in held] == [0, 1, 2, 3]
 
 
 async def test_map_and_map_chunked(pool: Pool) -> None:
