@@ -1,4 +1,5 @@
-"""`pool.put` / `pool.drop`: a value sent to each host once and named by many tasks."""
+"""`pool.put` / `pool.drop` (a value sent to each host once and named by many tasks), and how
+submissions become Run messages."""
 
 from __future__ import annotations
 
@@ -111,3 +112,12 @@ def test_a_value_over_the_frame_limit_is_refused_at_put_with_the_fix() -> None:
 
     with pytest.raises(UsageError, match=r"exceeds the 268435456-byte limit; put the value in parts"):
         ObjectTable().put(np.zeros(300 * 1024 * 1024, dtype=np.uint8))  # calloc: no memory is touched
+
+
+async def test_a_burst_of_submissions_goes_to_a_slot_in_one_run(pool: Pool, sent: list[m.Message]) -> None:
+    """Submissions of one loop turn are scheduled together: the first Run to a hungry slot
+    carries a window's worth of tasks, not one task per message."""
+    futures = [pool.submit_nowait(Task.kernel("noop", i)) for i in range(16)]
+    assert [(await f).value for f in futures] == list(range(16))
+    runs = [msg for msg in sent if isinstance(msg, m.Run)]
+    assert len(runs[0].tasks) > 1

@@ -49,6 +49,8 @@ from batuta.transport.local import agent_command, open_local_agent
 
 log = logging.getLogger("batuta.runtime.pool")
 
+SUBMIT_BATCH = 1024  # most submissions held back for one scheduling pass
+
 # The job label of tasks submitted from the current context (see `Pool.job`).
 _current_job: ContextVar[str] = ContextVar("batuta_job", default="")
 
@@ -416,6 +418,8 @@ class Pool:
         )
         if len(self._submitted) == 1:
             loop.call_soon(self._handle, [])  # this turn's submissions, together
+        elif len(self._submitted) >= SUBMIT_BATCH:
+            self._handle([])  # a long burst: schedule in batches, not all at the turn's end
         return future
 
     async def run(self, task: Task) -> TaskResult:
