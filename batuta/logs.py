@@ -295,6 +295,7 @@ def configure(
 # -- the pool observer ----------------------------------------------------------------------
 
 _QUIET_HOST_STATES = frozenset({"up", "draining", "drained"})
+FAILURES_WARNED_PER_KIND = 10  # then the same kind of failure is logged at DEBUG
 
 
 class PoolLogObserver:
@@ -302,13 +303,17 @@ class PoolLogObserver:
 
     Subscribed with `attach()`; each event becomes at most one record with its context as
     `extra` fields. Successful tasks are logged at DEBUG only, and only when DEBUG is on, so
-    the observer costs one level check per task in the usual case.
+    the observer costs one level check per task in the usual case. The first
+    `FAILURES_WARNED_PER_KIND` failures of a kind (kernel, status and error type) are
+    warnings; the rest are DEBUG records, so ten thousand tasks failing the same way print
+    ten lines and a note, not ten thousand (the run's summary still counts every one).
     """
 
     def __init__(self, pool: Pool, logger: logging.Logger | None = None) -> None:
         self._pool = pool
         self._log = logger or logging.getLogger("batuta.pool")
         self._unsubscribe: Callable[[], None] | None = None
+        self._failures: dict[tuple[str, str, str], int] = {}  # kind -> failures seen
 
     def attach(self) -> PoolLogObserver:
         if self._unsubscribe is None:
@@ -328,7 +333,19 @@ class PoolLogObserver:
                 if lg.isEnabledFor(logging.DEBUG):
                     lg.debug("task %d (%s) succeeded in %.6fs", r.task_id, r.name, r.duration, extra=_result_context(r))
                 return
-            lg.warning("%s", r.describe_failure(), extra=_result_context(r))
+            kind = (r.name, r.status.value, (r.error or "").split(":", 1)[0][:80])
+            seen = self._failures[kind] = self._failures.get(kind, 0) + 1
+            if seen < FAILURES_WARNED_PER_KIND:
+                lg.warning("%s", r.describe_failure(), extra=_result_context(r))
+            elif seen == FAILURES_WARNED_PER_KIND:
+                lg.warning(
+                    "%s (further failures of %s like this one are logged at DEBUG)",
+                    r.describe_failure(),
+                    r.name,
+                    extra=_result_context(r),
+                )
+            elif lg.isEnabledFor(logging.DEBUG):
+                lg.debug("%s", r.describe_failure(), extra=_result_context(r))
         elif isinstance(event, pe.TaskRequeued):
             host = event.slot.split("/", 1)[0] if event.slot else None
             lg.warning(

@@ -233,3 +233,30 @@ def test_bad_log_options_are_usage_errors(tmp_path: Path, capsys: pytest.Capture
     assert main(["run", "pi", "--log-format", "xml"]) == 2
     assert main(["run", "pi", "--log-file", str(tmp_path / "missing" / "x.log")]) == 2
     assert "cannot open log file" in capsys.readouterr().err
+
+
+def test_the_same_failure_over_and_over_is_warned_about_ten_times(captured: ListHandler) -> None:
+    from batuta import TaskResult
+    from batuta.logs import FAILURES_WARNED_PER_KIND
+    from batuta.runtime import events as pe
+
+    class NoPool:
+        def subscribe(self, callback: object) -> object:
+            return lambda: None
+
+    observer = PoolLogObserver(NoPool()).attach()  # type: ignore[arg-type]
+    logging.getLogger("batuta.pool").setLevel(logging.DEBUG)
+    try:
+        for task_id in range(25):
+            result = TaskResult(task_id=task_id, name="k", status=TaskStatus.FAILED, error=f"ValueError: bad {task_id}")
+            observer.on_event(pe.TaskFinished(result=result, at=0.0))
+        other = TaskResult(task_id=99, name="k", status=TaskStatus.FAILED, error="KeyError: 'x'")
+        observer.on_event(pe.TaskFinished(result=other, at=0.0))
+    finally:
+        logging.getLogger("batuta.pool").setLevel(logging.NOTSET)
+    mine = [r for r in captured.records if r.name == "batuta.pool"]
+    warnings = [r for r in mine if r.levelno == logging.WARNING]
+    assert len(warnings) == FAILURES_WARNED_PER_KIND + 1  # ten of the first kind, then the other kind
+    assert "further failures of k like this one are logged at DEBUG" in warnings[9].getMessage()
+    assert "KeyError" in warnings[-1].getMessage()
+    assert sum(r.levelno == logging.DEBUG for r in mine) == 25 - FAILURES_WARNED_PER_KIND
