@@ -25,6 +25,8 @@ from batuta.protocol.errors import LocalProtocolError
 
 
 class ObjectTable:
+    """One pool's put values. Not thread-safe: the pool calls it from its event loop."""
+
     def __init__(self) -> None:
         self._ids = itertools.count(1)
         self._values: dict[int, Any] = {}
