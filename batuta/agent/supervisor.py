@@ -290,6 +290,8 @@ class SlotSupervisor:
         keeps scattered data in the worker). A task whose object is no longer here (dropped
         while it waited, which the coordinator does not do) is answered "error" and removed."""
         parts: list[Any] = []
+        if not self._objects:  # nothing put on this host: a task naming an object was refused at Run
+            return parts
         for request in list(batch):
             call = request.call
             if not isinstance(call, KernelCall) or not call.args:

@@ -17,11 +17,18 @@ import itertools
 from collections.abc import Iterable
 from typing import Any
 
+from batuta.core.backend import element_count
 from batuta.core.objects import ObjectRef
 from batuta.errors import UsageError
 from batuta.protocol import messages as m
 from batuta.protocol.codec import encode_message_parts
 from batuta.protocol.errors import LocalProtocolError
+
+
+def _elements_of(value: Any) -> int:
+    """Array elements in `value` as `Backend.AUTO` would count it passed directly: itself, or
+    the items of a tuple or list."""
+    return element_count(tuple(value) if isinstance(value, tuple | list) else (value,))
 
 
 class ObjectTable:
@@ -50,7 +57,7 @@ class ObjectTable:
         object_id = next(self._ids)
         self._values[object_id] = value
         self._users[object_id] = 0
-        return ObjectRef(object_id, digest=digest.hexdigest()[:32], nbytes=nbytes, size=_elements(value))
+        return ObjectRef(object_id, digest=digest.hexdigest()[:32], nbytes=nbytes, size=_elements_of(value))
 
     def acquire(self, refs: Iterable[ObjectRef], task_name: str) -> tuple[int, ...]:
         """Count a task as a user of its refs; UsageError for a ref that is not (or no longer) here."""
@@ -111,10 +118,3 @@ class ObjectTable:
                 held.difference_update(gone)
                 drops[host] = gone
         return drops
-
-
-def _elements(value: Any) -> int:
-    """Array elements in `value` (itself, or the items of a tuple or list), as `Backend.AUTO`
-    counts them for arguments passed directly."""
-    items = value if isinstance(value, tuple | list) else (value,)
-    return sum(size for item in items if isinstance(size := getattr(item, "size", None), int))

@@ -116,7 +116,12 @@ async def _forward_lines(
             return
         if not line:
             return
-        text = line.decode("utf-8", errors="replace").rstrip()
-        logger.warning("%s: %s", prefix, text)
-        if tail is not None:
-            tail.add(text)
+        log_stderr_line(logger, prefix, line, tail)
+
+
+def log_stderr_line(logger: logging.Logger, prefix: str, line: bytes, tail: StderrTail | None) -> None:
+    """One line an agent wrote to stderr: a warning in our log, and the tail's latest."""
+    text = line.decode("utf-8", errors="replace").rstrip()
+    logger.warning("%s: %s", prefix, text)
+    if tail is not None:
+        tail.add(text)

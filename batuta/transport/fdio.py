@@ -165,8 +165,11 @@ class FdWriter:
             except OSError as exc:
                 self._fail(exc)
                 return
-            while views and written >= len(views[0]):
-                written -= len(views.pop(0))
+            done = 0  # views written whole
+            while done < len(views) and written >= len(views[done]):
+                written -= len(views[done])
+                done += 1
+            views = views[done:]
             if views and written:
                 views[0] = views[0][written:]
         for view in views:

@@ -43,7 +43,7 @@ from typing import Any
 import asyncssh
 
 from batuta.errors import TransportError
-from batuta.transport.base import Buffer, StderrTail, StreamClosedError
+from batuta.transport.base import Buffer, StderrTail, StreamClosedError, log_stderr_line
 
 log = logging.getLogger("batuta.transport.ssh")
 
@@ -245,15 +245,9 @@ async def _forward_chunks(reader: asyncssh.SSHReader[bytes], prefix: str, tail: 
             lines.append(pending)
             pending = b""
         for line in lines:
-            _log_line(prefix, line, tail)
+            log_stderr_line(log, prefix, line, tail)
     if pending:
-        _log_line(prefix, pending, tail)
-
-
-def _log_line(prefix: str, line: bytes, tail: StderrTail) -> None:
-    text = line.decode("utf-8", errors="replace").rstrip()
-    log.warning("%s: %s", prefix, text)
-    tail.add(text)
+        log_stderr_line(log, prefix, pending, tail)
 
 
 # -- commands -----------------------------------------------------------------------------
