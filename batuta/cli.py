@@ -214,7 +214,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     from batuta.agent.daemon import WorkerOptions, check_key_file, run_worker
     from batuta.agent.options import parse_args as parse_agent_args
-    from batuta.logs import configure
+    from batuta.observers.logs import configure
     from batuta.transport.tls import TLSConfigError, split_address
 
     try:
@@ -281,7 +281,7 @@ def _add_certs_arguments(parser: argparse.ArgumentParser) -> None:
 def _cmd_certs(args: argparse.Namespace) -> int:
     if args.certs_action != "init":
         raise UsageError("'batuta certs' needs an action: 'batuta certs init DIR [--host NAME ...]'")
-    from batuta.certs import DEFAULT_HOSTS, describe, init_certs
+    from batuta.transport.certs import DEFAULT_HOSTS, describe, init_certs
 
     paths = init_certs(args.directory, hosts=args.host or DEFAULT_HOSTS, days=args.days, force=args.force)
     for cert in (paths.ca_cert, paths.server_cert, paths.client_cert):
@@ -333,7 +333,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_observer_arguments(parser: argparse.ArgumentParser) -> None:
-    """`batuta run`'s metrics, logging and journal options (see batuta.metrics, .logs, .journal)."""
+    """`batuta run`'s metrics, logging and journal options (see batuta.observers.metrics, .logs, .journal)."""
     observe = parser.add_argument_group("metrics, logs and journal")
     _add_metrics_and_log_arguments(observe, log_to="stderr")
     observe.add_argument(
@@ -401,7 +401,7 @@ def _metrics_url(address: tuple[str, int]) -> str:
 def _configure_logging(args: argparse.Namespace, *, console: bool = True) -> Callable[[], None]:
     """Install `--log-*` on the `batuta` logger; returns what undoes it. Without `console`
     (the dashboard owns the terminal) only `--log-file` is written, if given."""
-    from batuta.logs import configure
+    from batuta.observers.logs import configure
 
     if not console and not args.log_file:
         return lambda: None
@@ -589,7 +589,7 @@ def _cmd_tui(args: argparse.Namespace) -> int:
     else:
         label = "local (embedded)"
     from batuta.jobs._run import start_metrics
-    from batuta.logs import PoolLogObserver
+    from batuta.observers.logs import PoolLogObserver
     from batuta.tui.app import BatutaApp
 
     exporter = None
@@ -604,7 +604,7 @@ def _cmd_tui(args: argparse.Namespace) -> int:
             raise UsageError("batuta tui needs a terminal on stdin and stdout; for a headless run use 'batuta run JOB'")
         app = BatutaApp(pool, cluster_label=label, start_jobs=args.job)
         if exporter is not None and exporter.address is not None:  # the log panel says where
-            app.model.add_log(logging.INFO, "batuta.metrics", f"serving metrics at {_metrics_url(exporter.address)}")
+            app.model.add_log(logging.INFO, "batuta.observers.metrics", f"serving metrics at {_metrics_url(exporter.address)}")
         app.run()
     finally:
         if observer is not None:
@@ -767,7 +767,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
 
     if args.stack_action is None:
         raise UsageError("'batuta stack' needs an action: versions, check or gate (e.g. 'batuta stack check -c FILE')")
-    from batuta.logs import configure
+    from batuta.observers.logs import configure
     from batuta.stack.report import render
     from batuta.stack.survey import EMBEDDED, StackOptions, run_stack
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from batuta.checkpoint import (
+from batuta.observers.checkpoint import (
     CheckpointError,
     CheckpointManager,
     CorruptCheckpointError,
@@ -210,11 +210,11 @@ async def test_corrupt_newest_is_reported_and_the_previous_one_used(
     mtime = newest.stat().st_mtime
     damage(newest)
     os.utime(newest, (mtime, mtime))  # still the newest by time
-    with caplog.at_level(logging.WARNING, logger="batuta.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="batuta.observers.checkpoint"):
         latest = await manager.latest()
         assert latest is not None and latest.name == "iter_10" and latest.state == {"iteration": 10}
         assert await manager.load() == {"iteration": 10}
-    warnings = [r for r in caplog.records if r.name == "batuta.checkpoint" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "batuta.observers.checkpoint" and r.levelno == logging.WARNING]
     assert warnings and all(str(newest) in r.getMessage() for r in warnings)
     with pytest.raises(CorruptCheckpointError, match="iter_11"):
         await manager.load("iter_11")  # asked for by name: no substitute

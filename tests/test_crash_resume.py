@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 import pytest
 
-from batuta.checkpoint import CheckpointManager, read_checkpoint
+from batuta.observers.checkpoint import CheckpointManager, read_checkpoint
 from batuta.jobs.kmeans import ITERATIONS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,9 +57,9 @@ class MidIteration:
 
     def __call__(self, record: dict[str, Any]) -> bool:
         message = record.get("message", "")
-        if record.get("logger") == "batuta.checkpoint" and " saved " in message:
+        if record.get("logger") == "batuta.observers.checkpoint" and " saved " in message:
             self.saved += 1
-        elif record.get("logger") == "batuta.journal" and " synced, " in message:
+        elif record.get("logger") == "batuta.observers.journal" and " synced, " in message:
             self.synced = int(message.split()[-3])  # "journal: N result(s) synced, TOTAL in all"
         return self.saved >= 2 and self.synced > self.saved * self.chunks_per_iteration()
 

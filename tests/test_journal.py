@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from batuta import Backend, Pool, Task, TaskFailedError, TaskResult, TaskStatus
-from batuta.journal import JOURNAL_FILE, Journal, JournalError, JournalStore, read_journal, task_key
+from batuta.observers.journal import JOURNAL_FILE, Journal, JournalError, JournalStore, read_journal, task_key
 from batuta.runtime import events as pe
 from batuta.runtime.pool import PoolConfig, local_host
 
@@ -120,7 +120,7 @@ async def test_without_resume_the_journal_and_checkpoints_start_over(
     journal.record("k", result(1, 1))
     await journal.checkpoints.save("iter_0", {"x": 1})
     await journal.close()
-    with caplog.at_level(logging.WARNING, logger="batuta.journal"):
+    with caplog.at_level(logging.WARNING, logger="batuta.observers.journal"):
         fresh = await Journal.open(tmp_path, job="j", resume=False)
     assert len(fresh) == 0 and fresh.checkpoints.list() == []
     assert any("starting over" in r.getMessage() for r in caplog.records)
@@ -140,7 +140,7 @@ async def test_a_torn_tail_is_dropped_with_a_warning_and_appends_go_on(
     size = path.stat().st_size
     with open(path, "r+b") as f:  # a crash in the middle of the last append
         f.truncate(size - 50)
-    with caplog.at_level(logging.WARNING, logger="batuta.journal"):
+    with caplog.at_level(logging.WARNING, logger="batuta.observers.journal"):
         reopened = await Journal.open(tmp_path, job="j", resume=True)
     assert len(reopened) == 2 and reopened.get("k1") is not None and reopened.get("k2") is None
     assert any("torn" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)

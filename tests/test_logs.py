@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from batuta import Pool, Task, TaskStatus
-from batuta.logs import (
+from batuta.observers.logs import (
     CONTEXT_KEYS,
     ContextFilter,
     JsonFormatter,
@@ -237,7 +237,7 @@ def test_bad_log_options_are_usage_errors(tmp_path: Path, capsys: pytest.Capture
 
 def test_the_same_failure_over_and_over_is_warned_about_ten_times(captured: ListHandler) -> None:
     from batuta import TaskResult
-    from batuta.logs import FAILURES_WARNED_PER_KIND
+    from batuta.observers.logs import FAILURES_WARNED_PER_KIND
     from batuta.runtime import events as pe
 
     class NoPool:

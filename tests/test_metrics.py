@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from batuta import Backend, Pool, Task, TaskResult, TaskStatus
-from batuta.metrics import DURATION_BUCKETS, MAX_BUSY_GAP_S, MAX_KERNEL_LABELS, MetricsExporter
+from batuta.observers.metrics import DURATION_BUCKETS, MAX_BUSY_GAP_S, MAX_KERNEL_LABELS, MetricsExporter
 from batuta.runtime import events as pe
 from batuta.runtime.pool import PoolConfig, local_host
 

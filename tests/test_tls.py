@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 from batuta.agent.daemon import WorkerDaemon, WorkerOptions, check_key_file
-from batuta.certs import CLIENT, SERVER, Issued, init_certs, issue, new_ca, write_private, write_public
+from batuta.transport.certs import CLIENT, SERVER, Issued, init_certs, issue, new_ca, write_private, write_public
 from batuta.core.task import KernelCall, Task, TaskStatus
 from batuta.errors import AgentError, ConfigError, TransportError
 from batuta.protocol.codec import encode_message

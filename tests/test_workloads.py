@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 
 from batuta import Pool
-from batuta.checkpoint import CheckpointManager
+from batuta.observers.checkpoint import CheckpointManager
 from batuta.errors import UsageError
 from batuta.jobs import builtin_job_names, forest, kmeans, linreg, load_job, mlp
 

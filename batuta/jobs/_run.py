@@ -8,7 +8,7 @@ is closed on every way out, Ctrl-C included.
 The observers ride along here too: a `PoolLogObserver` always (failures, retries and host
 changes go to the `batuta` logger, with the job as log context), a Prometheus exporter when
 `metrics_port` is given, and with `journal` a journal as the pool's result store plus the job's checkpoints
-(`batuta.journal`, `batuta.checkpoint.job_checkpoints`).
+(`batuta.observers.journal`, `batuta.observers.checkpoint.job_checkpoints`).
 """
 
 from __future__ import annotations
@@ -24,16 +24,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from batuta import Pool
-from batuta.checkpoint import use_checkpoints
+from batuta.observers.checkpoint import use_checkpoints
 from batuta.errors import UsageError
 from batuta.jobs._load import Job
 from batuta.jobs._summary import RunSummary, RunTracker, one_line
-from batuta.journal import Journal, JournalStore
-from batuta.logs import PoolLogObserver, log_context
+from batuta.observers.journal import Journal, JournalStore
+from batuta.observers.logs import PoolLogObserver, log_context
 from batuta.runtime.events import TaskFinished, TaskQueued
 
 if TYPE_CHECKING:
-    from batuta.metrics import MetricsExporter
+    from batuta.observers.metrics import MetricsExporter
     from batuta.runtime.cluster import ClusterConfig
 
 log = logging.getLogger("batuta.jobs")
@@ -84,7 +84,7 @@ async def run_job(
     `on_update(tracker)` is called on the event loop after each task is queued or ends (it
     must not block); `job_stdout`, when given, receives what the job prints, so that a
     caller printing JSON keeps its stdout clean. `journal` names the folder of the job
-    journal and checkpoints, and `resume` reuses what it holds (see `batuta.journal`);
+    journal and checkpoints, and `resume` reuses what it holds (see `batuta.observers.journal`);
     `metrics_port` serves Prometheus metrics on `metrics_bind` while the job runs, and
     `on_metrics` is told the (address, port) it got.
     """
@@ -151,7 +151,7 @@ async def run_job(
 
 def start_metrics(pool: Pool, port: int, bind: str) -> MetricsExporter:
     """Export `pool`'s metrics on bind:port; a port or address that cannot be used is a UsageError."""
-    from batuta.metrics import MetricsExporter  # prometheus-client: only when metrics are asked for
+    from batuta.observers.metrics import MetricsExporter  # prometheus-client: only when metrics are asked for
 
     exporter = MetricsExporter(pool).attach()
     try:

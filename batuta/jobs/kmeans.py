@@ -31,7 +31,7 @@ from batuta.kernels import registry
 
 if TYPE_CHECKING:
     from batuta import Pool
-    from batuta.checkpoint import CheckpointManager
+    from batuta.observers.checkpoint import CheckpointManager
 
 N, D, K, ITERATIONS, SEED = 100_000, 16, 32, 10, 0
 """The default problem: under a second of kernel time on one core; the NumPy check takes longer."""
@@ -200,7 +200,7 @@ def reference_of(result: KMeansResult, x: np.ndarray | None = None) -> tuple[np.
 
 
 async def main(pool: Pool) -> str:
-    from batuta.checkpoint import job_checkpoints
+    from batuta.observers.checkpoint import job_checkpoints
 
     result = await run_kmeans(pool, checkpoints=job_checkpoints())
     centroids, inertia = await asyncio.to_thread(reference_of, result)  # keeps the pool's loop alive

@@ -31,7 +31,7 @@ from batuta.kernels import registry
 
 if TYPE_CHECKING:
     from batuta import Pool
-    from batuta.checkpoint import CheckpointManager
+    from batuta.observers.checkpoint import CheckpointManager
 
 N, D, HIDDEN, CLASSES, STEPS, LR, SEED = 10_000, 32, 64, 4, 25, 0.5, 0
 """The default problem: about half a second of kernel time on one core."""
@@ -164,7 +164,7 @@ def accuracy(params: Params, x: np.ndarray, y: np.ndarray) -> float:
 
 
 async def main(pool: Pool) -> str:
-    from batuta.checkpoint import job_checkpoints
+    from batuta.observers.checkpoint import job_checkpoints
 
     result = await run_mlp(pool, checkpoints=job_checkpoints())
     assert result.data is not None

@@ -78,7 +78,7 @@ if TYPE_CHECKING:
     from batuta.core.scheduler import SlotView
     from batuta.runtime.pool import HostView, Pool, PoolStats
 
-log = logging.getLogger("batuta.metrics")
+log = logging.getLogger("batuta.observers.metrics")
 
 NAMESPACE = "batuta"
 DURATION_BUCKETS = (

@@ -66,7 +66,7 @@ import numpy as np
 
 from batuta.errors import BatutaError
 
-log = logging.getLogger("batuta.checkpoint")
+log = logging.getLogger("batuta.observers.checkpoint")
 
 MAGIC = b"BATUTACK"
 VERSION = 1

@@ -5,7 +5,7 @@ hook), which records every task that succeeds into `DIR/journal.bin`.
 `batuta run JOB --journal DIR --resume` reads that journal first, and a submitted task whose
 key is in it is not run again: `submit()` hands back an already-resolved future holding the
 journaled result. Together with the job's own checkpoints (`DIR/checkpoints`, see
-`batuta.checkpoint.job_checkpoints`), a job killed at any moment resumes where it was.
+`batuta.observers.checkpoint.job_checkpoints`), a job killed at any moment resumes where it was.
 
 **Task keys.** `Task.key` when the caller set one; otherwise
 
@@ -31,7 +31,7 @@ timings and attempts of the run that produced them.
 
 **File format.** `b"BATUTAJ1"`, then records `length: u32 LE | crc32: u32 LE | payload`,
 where the payload is the record (key and result fields) in the state-tree encoding of
-`batuta.checkpoint.encode_tree` (msgpack plus raw array buffers; no pickle). Records are
+`batuta.observers.checkpoint.encode_tree` (msgpack plus raw array buffers; no pickle). Records are
 appended in batches from a worker thread, with one fsync per batch, so the event loop never
 waits on the disk; a result is durable once its batch is synced. A crash mid-append leaves
 a torn last record: opening the journal drops it (with a warning) and truncates the file
@@ -53,8 +53,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from batuta.checkpoint import SUFFIX as CHECKPOINT_SUFFIX
-from batuta.checkpoint import CheckpointError, CheckpointManager, decode_tree, encode_tree
+from batuta.observers.checkpoint import SUFFIX as CHECKPOINT_SUFFIX
+from batuta.observers.checkpoint import CheckpointError, CheckpointManager, decode_tree, encode_tree
 from batuta.core.objects import ObjectRef
 from batuta.core.task import Backend, BinaryCall, KernelCall, Task, TaskResult, TaskStatus
 from batuta.errors import UsageError
@@ -62,7 +62,7 @@ from batuta.errors import UsageError
 if TYPE_CHECKING:
     pass
 
-log = logging.getLogger("batuta.journal")
+log = logging.getLogger("batuta.observers.journal")
 
 MAGIC = b"BATUTAJ1"
 JOURNAL_FILE = "journal.bin"
