@@ -604,7 +604,8 @@ def _cmd_tui(args: argparse.Namespace) -> int:
             raise UsageError("batuta tui needs a terminal on stdin and stdout; for a headless run use 'batuta run JOB'")
         app = BatutaApp(pool, cluster_label=label, start_jobs=args.job)
         if exporter is not None and exporter.address is not None:  # the log panel says where
-            app.model.add_log(logging.INFO, "batuta.observers.metrics", f"serving metrics at {_metrics_url(exporter.address)}")
+            url = _metrics_url(exporter.address)
+            app.model.add_log(logging.INFO, "batuta.observers.metrics", f"serving metrics at {url}")
         app.run()
     finally:
         if observer is not None:

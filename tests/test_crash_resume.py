@@ -25,8 +25,8 @@ from typing import Any
 import psutil
 import pytest
 
-from batuta.observers.checkpoint import CheckpointManager, read_checkpoint
 from batuta.jobs.kmeans import ITERATIONS
+from batuta.observers.checkpoint import CheckpointManager, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 LOGS = ("--log-format", "json", "--log-level", "debug")

@@ -27,7 +27,6 @@ import psutil
 import pytest
 
 from batuta.agent.daemon import WorkerDaemon, WorkerOptions, check_key_file
-from batuta.transport.certs import CLIENT, SERVER, Issued, init_certs, issue, new_ca, write_private, write_public
 from batuta.core.task import KernelCall, Task, TaskStatus
 from batuta.errors import AgentError, ConfigError, TransportError
 from batuta.protocol.codec import encode_message
@@ -35,6 +34,7 @@ from batuta.protocol.connection import NEED_DATA, Connection, Role
 from batuta.protocol.messages import PROTOCOL_VERSION, Error, Hello, Run, Started, TaskRequest, Welcome
 from batuta.runtime.cluster import build_pool, parse_cluster
 from batuta.runtime.remote import RemoteExecutor
+from batuta.transport.certs import CLIENT, SERVER, Issued, init_certs, issue, new_ca, write_private, write_public
 from batuta.transport.tls import (
     TLSRefusedError,
     TLSSettings,

@@ -18,9 +18,9 @@ import pytest
 import pytest_asyncio
 
 from batuta import Pool
-from batuta.observers.checkpoint import CheckpointManager
 from batuta.errors import UsageError
 from batuta.jobs import builtin_job_names, forest, kmeans, linreg, load_job, mlp
+from batuta.observers.checkpoint import CheckpointManager
 
 pytestmark = pytest.mark.timeout(90)
 in_module_loop = pytest.mark.asyncio(loop_scope="module")  # the async tests share one pool

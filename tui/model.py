@@ -21,8 +21,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
-from batuta import Backend, TaskResult, TaskStatus
 from batuta.runtime import events as pe
+from batuta.runtime.views import Backend, TaskResult, TaskStatus
 
 from .alerts import Alert, evaluate_alerts
 from .histogram import LogHistogram

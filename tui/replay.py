@@ -18,8 +18,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from batuta import Backend, TaskResult, TaskStatus
 from batuta.runtime import events as pe
+from batuta.runtime.views import Backend, TaskResult, TaskStatus
 
 KERNELS = (("spin", "cpu"), ("vadd", "gpu"), ("saxpy", "gpu"), ("mc_pi", "cpu"), ("kmeans_step", "gpu"))
 JOBS = ("kmeans", "demo", "pi")

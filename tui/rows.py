@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from batuta import TaskResult
 from batuta.runtime import events as pe
+from batuta.runtime.views import TaskResult
 
 HISTORY_S = 60  # GPU utilisation history and the throughput sparkline
 RATE_WINDOW_S = 5  # rates are averaged over this many seconds

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from batuta import Pool
-from batuta.observers.checkpoint import use_checkpoints
 from batuta.errors import UsageError
 from batuta.jobs._load import Job
 from batuta.jobs._summary import RunSummary, RunTracker, one_line
+from batuta.observers.checkpoint import use_checkpoints
 from batuta.observers.journal import Journal, JournalStore
 from batuta.observers.logs import PoolLogObserver, log_context
 from batuta.runtime.events import TaskFinished, TaskQueued

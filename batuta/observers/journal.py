@@ -53,11 +53,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from batuta.observers.checkpoint import SUFFIX as CHECKPOINT_SUFFIX
-from batuta.observers.checkpoint import CheckpointError, CheckpointManager, decode_tree, encode_tree
 from batuta.core.objects import ObjectRef
 from batuta.core.task import Backend, BinaryCall, KernelCall, Task, TaskResult, TaskStatus
 from batuta.errors import UsageError
+from batuta.observers.checkpoint import SUFFIX as CHECKPOINT_SUFFIX
+from batuta.observers.checkpoint import CheckpointError, CheckpointManager, decode_tree, encode_tree
 
 if TYPE_CHECKING:
     pass

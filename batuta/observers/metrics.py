@@ -75,8 +75,8 @@ from batuta.runtime import events as pe
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from batuta.core.scheduler import SlotView
-    from batuta.runtime.pool import HostView, Pool, PoolStats
+    from batuta.runtime.pool import Pool
+    from batuta.runtime.views import HostView, PoolStats, SlotView
 
 log = logging.getLogger("batuta.observers.metrics")
 

@@ -26,7 +26,7 @@ from batuta.agent.options import MAX_SLOTS
 from batuta.core import events as ev
 from batuta.core.backend import BackendChoice, BackendThresholds, select_backend
 from batuta.core.objects import ObjectRef, refs_in
-from batuta.core.scheduler import Scheduler, SchedulerConfig, SlotView
+from batuta.core.scheduler import Scheduler, SchedulerConfig
 from batuta.core.task import (
     CAP_CPU,
     CAP_GPU,
@@ -45,6 +45,7 @@ from batuta.runtime import events as pe
 from batuta.runtime import stream
 from batuta.runtime.host import HostSession, HostSpec, HostState
 from batuta.runtime.objects import ObjectTable
+from batuta.runtime.views import HostView, PoolStats, SlotView
 from batuta.transport.local import agent_command, open_local_agent
 
 log = logging.getLogger("batuta.runtime.pool")
@@ -198,31 +199,6 @@ class TaskFuture:
     def __repr__(self) -> str:
         state = "done" if self.done() else "pending"
         return f"<TaskFuture {self.task_id} {self.task.name} {state}>"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PoolStats:
-    submitted: int
-    succeeded: int
-    failed: int  # every status but SUCCEEDED
-    queued: int
-    in_flight: int
-    steals: int
-    steal_backs: int
-    retries: int
-    dropped_results: int
-    restored: int = 0  # answered from the result store without running
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HostView:
-    name: str
-    state: str
-    description: str
-    slots: int
-    gpus: tuple[str, ...]
-    cpu_count: int
-    last_heard_s: float
 
 
 class Pool:

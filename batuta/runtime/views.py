@@ -1,0 +1,40 @@
+"""What the runtime publishes to the layers above it: snapshots of the pool, and the task model.
+
+The dashboard, the metrics exporter and the CLI read the pool through these names only, so
+none of them redeclares a view or reaches into the scheduler core for one. `SlotView` is
+made by the scheduler (it owns the slots) and published here unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from batuta.core.scheduler import SlotView
+from batuta.core.task import Backend, Priority, Task, TaskResult, TaskStatus
+
+__all__ = ["Backend", "HostView", "PoolStats", "Priority", "SlotView", "Task", "TaskResult", "TaskStatus"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolStats:
+    submitted: int
+    succeeded: int
+    failed: int  # every status but SUCCEEDED
+    queued: int
+    in_flight: int
+    steals: int
+    steal_backs: int
+    retries: int
+    dropped_results: int
+    restored: int = 0  # answered from the result store without running
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostView:
+    name: str
+    state: str
+    description: str
+    slots: int
+    gpus: tuple[str, ...]
+    cpu_count: int
+    last_heard_s: float
