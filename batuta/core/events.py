@@ -89,6 +89,7 @@ class TaskFinished:
     outcome: str
     run_s: float = 0.0
     reason: str = ""
+    payload: object = None  # what the agent sent (value, output); carried to ResolveTask, never read
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -128,6 +129,13 @@ class HostDrainRequested:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ShutdownRequested:
+    """The pool is closing: resolve every unresolved task as cancelled and place no more work."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RoundTripMeasured:
     """The runtime measured the round trip to a host; windows are sized to hide it."""
 
@@ -149,6 +157,7 @@ Event = (
     | SchedulingPaused
     | SchedulingResumed
     | HostDrainRequested
+    | ShutdownRequested
     | RoundTripMeasured
 )
 
@@ -190,6 +199,7 @@ class ResolveTask:
     slot_id: SlotId | None
     attempts: int
     reason: str = ""
+    payload: object = None  # the finishing report's payload, when an agent's report decided it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

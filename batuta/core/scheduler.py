@@ -62,6 +62,7 @@ from batuta.core.events import (
     SchedulingPaused,
     SchedulingResumed,
     SendTasks,
+    ShutdownRequested,
     SlotId,
     SlotJoined,
     SlotLost,
@@ -236,21 +237,28 @@ class Scheduler:
             SchedulingResumed: self._on_resumed,  # type: ignore[dict-item]
             HostDrainRequested: self._on_drain,  # type: ignore[dict-item]
             RoundTripMeasured: self._on_round_trip,  # type: ignore[dict-item]
+            ShutdownRequested: self._on_shutdown,  # type: ignore[dict-item]
         }
+        self._shut_down = False
+        self._offered: frozenset[str] = frozenset()
+        self._offered_epoch = -1
 
     # -- public API -------------------------------------------------------------------------
 
     def handle(self, event: Event, now: float) -> list[Instruction]:
         """Apply one event at time `now`; return what the driver must do, in order."""
-        self._now = now
-        self._handlers[type(event)](event)
-        return self._flush()
+        return self.handle_many((event,), now)
 
     def handle_many(self, events: Iterable[Event], now: float) -> list[Instruction]:
-        """Apply several events at once; sends to one slot are merged into one instruction."""
+        """Apply several events at once; sends to one slot are merged into one instruction.
+        After `ShutdownRequested` every event is ignored: a closed pool places nothing."""
         self._now = now
         handlers = self._handlers
         for event in events:
+            if self._shut_down:
+                if isinstance(event, TaskFinished):
+                    self.stats.dropped_results += 1
+                continue
             handlers[type(event)](event)
         return self._flush()
 
@@ -274,6 +282,15 @@ class Scheduler:
     @property
     def paused(self) -> bool:
         return self._paused
+
+    def offers(self, capability: str) -> bool:
+        """Whether a slot that is up now offers `capability` (derived from the live slots, so a
+        lost GPU host stops counting; cached until the set of slots changes)."""
+        if self._offered_epoch != self._capability_epoch:
+            live = [s.capabilities for s in self._slots.values() if s.state is SlotState.UP]
+            self._offered = frozenset().union(*live)
+            self._offered_epoch = self._capability_epoch
+        return capability in self._offered
 
     def next_wakeup(self) -> float | None:
         """When the driver should deliver `TimerFired` next (a timeout backstop), if ever."""
@@ -430,7 +447,7 @@ class Scheduler:
             slot.completed += 1
             if ev.outcome in (FINISHED_OK, FINISHED_ERROR):
                 self._observe_run_time(slot, ev.run_s)
-            self._resolve(entry, status, ev.reason, slot_id=slot.slot_id)
+            self._resolve(entry, status, ev.reason, slot_id=slot.slot_id, payload=ev.payload)
         self._refill(slot)
 
     def _on_steal_back_answered(self, ev: StealBackAnswered) -> None:
@@ -525,6 +542,26 @@ class Scheduler:
         self._check_drained(ev.host_id)
         for slot in list(self._hungry.values()):
             self._fill(slot)
+
+    def _on_shutdown(self, ev: ShutdownRequested) -> None:
+        """Resolve everything as cancelled, in submission order, and forget every placement:
+        the hosts are being shut down, so nothing is aborted or stolen back."""
+        for entry in sorted((e for e in self._tasks.values() if not e.resolved), key=lambda e: e.task_id):
+            self._resolve(entry, TaskStatus.CANCELLED, ev.reason)
+        self._tasks = {}
+        for slot in self._slots.values():
+            slot.deque.clear()
+            slot.window.clear()
+            slot.steal_backs_pending = 0
+        for klass in self._classes.values():
+            klass.heap.clear()
+            klass.live = 0
+        self._queued = 0
+        self._hungry.clear()
+        self._sends.clear()
+        self._deadlines.clear()
+        self._steal_thief.clear()
+        self._shut_down = True
 
     def _on_round_trip(self, ev: RoundTripMeasured) -> None:
         self._round_trip[ev.host_id] = max(0.0, ev.seconds)
@@ -788,6 +825,7 @@ class Scheduler:
         *,
         slot_id: SlotId | None = None,
         keep: bool = False,
+        payload: object = None,
     ) -> None:
         """Decide the task's final status. `keep`: it stays in its window until the agent answers."""
         if entry.resolved:
@@ -807,6 +845,7 @@ class Scheduler:
                 slot_id=slot_id,
                 attempts=entry.attempts,
                 reason=reason,
+                payload=payload,
             )
         )
 

@@ -1,0 +1,151 @@
+"""Host liveness as a pure state machine: events and times in, exact instructions out."""
+
+from __future__ import annotations
+
+import pytest
+
+from batuta.core.liveness import (
+    ClockTicked,
+    HostAdded,
+    HostLiveness,
+    HostReady,
+    LaunchFailed,
+    Liveness,
+    LivenessConfig,
+    MarkLost,
+    MarkSuspected,
+    MarkUp,
+    MessagesHeard,
+    PoolClosed,
+    Relaunch,
+    Retire,
+    StreamEnded,
+)
+
+CONFIG = LivenessConfig(suspect_after=3.0, lost_after=8.0, max_relaunches=3, relaunch_backoff=0.5)
+
+
+def up_host(now: float = 0.0) -> HostLiveness:
+    machine = HostLiveness(CONFIG)
+    assert machine.handle(HostAdded(host_id="a"), now) == []
+    assert machine.handle(HostReady(host_id="a"), now) == []
+    assert machine.state("a") is Liveness.UP
+    return machine
+
+
+def test_silence_suspects_then_loses_and_a_heartbeat_clears_suspicion() -> None:
+    machine = up_host()
+    assert machine.next_wakeup() == 3.0
+    assert machine.handle(ClockTicked(), 2.9) == []
+    assert machine.handle(ClockTicked(), 3.5) == [MarkSuspected(host_id="a", reason="no heartbeat for 3.5s")]
+    assert machine.state("a") is Liveness.SUSPECTED
+    assert machine.next_wakeup() == 8.0
+    assert machine.handle(MessagesHeard(host_id="a"), 4.0) == [MarkUp(host_id="a", reason="heard from again")]
+    assert machine.next_wakeup() == 7.0
+    assert machine.handle(ClockTicked(), 7.5) == [MarkSuspected(host_id="a", reason="no heartbeat for 3.5s")]
+    lost = machine.handle(ClockTicked(), 12.5)
+    assert lost == [MarkLost(host_id="a", reason="no heartbeat for 8.5s (lost after 8s)", relaunch_at=13.0)]
+    assert machine.state("a") is Liveness.LOST
+
+
+def test_ticks_are_idempotent_and_heard_hosts_stay_quiet() -> None:
+    machine = up_host()
+    for second in range(1, 50):
+        assert machine.handle(MessagesHeard(host_id="a"), float(second)) == []
+        assert machine.handle(ClockTicked(), second + 0.5) == []
+        assert machine.handle(ClockTicked(), second + 0.5) == []
+
+
+def test_a_lost_host_is_relaunched_with_doubling_backoff_then_retired() -> None:
+    machine = up_host()
+    assert machine.handle(StreamEnded(host_id="a", reason="agent exited"), 10.0) == [
+        MarkLost(host_id="a", reason="agent exited", relaunch_at=10.5)
+    ]
+    assert machine.handle(ClockTicked(), 10.4) == []
+    assert machine.handle(ClockTicked(), 10.5) == [Relaunch(host_id="a", attempt=1, reason="agent exited")]
+    assert machine.state("a") is Liveness.RELAUNCHING
+    assert machine.next_wakeup() is None  # the runtime is launching; nothing is due
+    assert machine.handle(LaunchFailed(host_id="a", reason="refused"), 11.0) == []
+    assert machine.next_wakeup() == 12.0  # 0.5 * 2
+    assert machine.handle(ClockTicked(), 12.0) == [Relaunch(host_id="a", attempt=2, reason="refused")]
+    assert machine.handle(LaunchFailed(host_id="a", reason="refused"), 12.1) == []
+    assert machine.next_wakeup() == pytest.approx(14.1)  # 0.5 * 4
+    assert machine.handle(ClockTicked(), 14.1) == [Relaunch(host_id="a", attempt=3, reason="refused")]
+    assert machine.handle(LaunchFailed(host_id="a", reason="refused"), 14.2) == [
+        Retire(host_id="a", reason="gave up after 3 relaunches: refused")
+    ]
+    assert machine.state("a") is Liveness.RETIRED
+    assert machine.handle(ClockTicked(), 1000.0) == []
+    assert machine.handle(MessagesHeard(host_id="a"), 1000.0) == []
+
+
+def test_a_successful_relaunch_marks_up_and_resets_the_backoff() -> None:
+    machine = up_host()
+    machine.handle(StreamEnded(host_id="a", reason="kill -9"), 1.0)
+    assert machine.handle(ClockTicked(), 1.5) == [Relaunch(host_id="a", attempt=1, reason="kill -9")]
+    machine.handle(LaunchFailed(host_id="a", reason="no route"), 1.6)
+    assert machine.handle(ClockTicked(), 2.6) == [Relaunch(host_id="a", attempt=2, reason="no route")]
+    assert machine.handle(HostReady(host_id="a"), 2.7) == [MarkUp(host_id="a", reason="relaunched after: no route")]
+    assert machine.state("a") is Liveness.UP
+    assert machine.handle(StreamEnded(host_id="a", reason="again"), 5.0) == [
+        MarkLost(host_id="a", reason="again", relaunch_at=5.5)  # first delay again, not 2.0
+    ]
+
+
+def test_a_first_launch_that_fails_is_retried_and_one_that_cannot_help_retires_at_once() -> None:
+    machine = HostLiveness(CONFIG)
+    machine.handle(HostAdded(host_id="a"), 0.0)
+    machine.handle(HostAdded(host_id="b"), 0.0)
+    assert machine.handle(LaunchFailed(host_id="a", reason="timeout"), 0.0) == []
+    assert machine.handle(LaunchFailed(host_id="b", reason="host key changed", retryable=False), 0.0) == [
+        Retire(host_id="b", reason="host key changed")
+    ]
+    assert machine.handle(ClockTicked(), 0.5) == [Relaunch(host_id="a", attempt=1, reason="timeout")]
+
+
+def test_a_stream_ending_while_starting_is_left_to_the_launch_result() -> None:
+    machine = HostLiveness(CONFIG)
+    machine.handle(HostAdded(host_id="a"), 0.0)
+    assert machine.handle(StreamEnded(host_id="a", reason="exited before hello"), 0.1) == []
+    assert machine.state("a") is Liveness.STARTING
+    assert machine.next_wakeup() is None
+
+
+def test_a_lost_host_is_lost_once_and_relaunching_off_retires_it() -> None:
+    machine = HostLiveness(LivenessConfig(suspect_after=1.0, lost_after=2.0, max_relaunches=0))
+    machine.handle(HostReady(host_id="a"), 0.0)
+    assert machine.handle(StreamEnded(host_id="a", reason="eof"), 1.0) == [
+        MarkLost(host_id="a", reason="eof", relaunch_at=None),
+        Retire(host_id="a", reason="lost, and relaunching is off (max_relaunches=0): eof"),
+    ]
+    assert machine.handle(StreamEnded(host_id="a", reason="eof"), 1.0) == []
+    assert machine.handle(ClockTicked(), 99.0) == []
+
+
+def test_closing_stops_every_instruction() -> None:
+    machine = up_host()
+    machine.handle(ClockTicked(), 4.0)
+    assert machine.handle(PoolClosed(), 5.0) == []
+    assert machine.next_wakeup() is None
+    assert machine.handle(ClockTicked(), 100.0) == []
+    assert machine.handle(StreamEnded(host_id="a", reason="closing"), 100.0) == []
+    assert machine.state("a") is Liveness.CLOSED
+
+
+def test_backoff_is_capped() -> None:
+    machine = HostLiveness(LivenessConfig(max_relaunches=50, relaunch_backoff=1.0))
+    machine.handle(HostReady(host_id="a"), 0.0)
+    machine.handle(StreamEnded(host_id="a", reason="x"), 0.0)
+    now = 0.0
+    for _ in range(12):
+        wake = machine.next_wakeup()
+        assert wake is not None and wake - now <= 30.0
+        now = wake
+        assert machine.handle(ClockTicked(), now)[0].__class__ is Relaunch
+        machine.handle(LaunchFailed(host_id="a", reason="x"), now)
+    assert machine.next_wakeup() == now + 30.0
+
+
+def test_bad_configs_are_refused() -> None:
+    with pytest.raises(ValueError, match="suspect_after <= lost_after"):
+        LivenessConfig(suspect_after=5.0, lost_after=1.0)
