@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, NoReturn
 
 from batuta._version import __version__
-from batuta.agent.options import MAX_SLOTS
+from batuta.core.task import MAX_SLOTS
 from batuta.errors import BatutaError, UsageError
 
 if TYPE_CHECKING:

@@ -137,7 +137,7 @@ async def batuta_start(hosts: TestHosts, slots: int) -> dict[str, Any]:
     from batuta import Task
     from batuta.runtime import events as pe
     from batuta.runtime.cluster import host_specs, parse_cluster
-    from batuta.runtime.host import HostSpec
+    from batuta.runtime.session import HostSpec
     from batuta.runtime.pool import Pool
 
     expected = len(hosts) * slots

@@ -258,7 +258,7 @@ async def test_slots_share_the_cores_between_numba_threads(pool: Pool) -> None:
 
 async def test_agent_with_another_batuta_version_is_refused_with_the_fix() -> None:
     from batuta.errors import AgentError
-    from batuta.runtime.host import HostSpec
+    from batuta.runtime.session import HostSpec
     from batuta.transport.local import open_local_agent
 
     code = (
@@ -277,7 +277,7 @@ async def test_agent_with_another_batuta_version_is_refused_with_the_fix() -> No
 
 async def test_an_agent_that_dies_at_start_up_is_reported_with_its_last_words() -> None:
     from batuta.errors import AgentError
-    from batuta.runtime.host import HostSpec
+    from batuta.runtime.session import HostSpec
     from batuta.transport.local import open_local_agent
 
     argv = [sys.executable, "-m", "batuta.agent", "--stdio", "--slots", "5000", "--gpus", "none"]
@@ -294,7 +294,7 @@ def test_other_python_minor_version_is_refused_with_the_fix() -> None:
     import platform
 
     from batuta.protocol import messages as m
-    from batuta.runtime.host import HostSession, HostSpec
+    from batuta.runtime.session import HostSession, HostSpec
 
     session = HostSession(spec=HostSpec(name="h", launch=None), listener=None, heartbeat_interval=1.0)  # type: ignore[arg-type]
     major, minor, _ = platform.python_version_tuple()

@@ -14,7 +14,7 @@ import pytest
 from batuta import Backend, ObjectRef, Pool, Task, TaskStatus
 from batuta.errors import UsageError
 from batuta.protocol import messages as m
-from batuta.runtime.host import HostSession
+from batuta.runtime.session import HostSession
 from tests.test_pool import agent_pids, make_pool
 
 

@@ -32,7 +32,7 @@ from batuta import Backend, Pool, Task, TaskResult, TaskStatus, cli
 from batuta.cli import main as cli_main
 from batuta.errors import AgentError
 from batuta.runtime.events import HostStateChanged, TaskFinished
-from batuta.runtime.host import HostSpec
+from batuta.runtime.session import HostSpec
 
 SIZE = (160, 50)
 T0 = 1000.0

@@ -13,9 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import NoReturn
 
+from batuta.core.task import MAX_SLOTS
 from batuta.errors import UsageError
-
-MAX_SLOTS = 1024  # CPU slots one agent runs (one process each); the pool and cluster file check it too
 
 PROG = "batuta agent"
 

@@ -197,7 +197,9 @@ class HostLiveness:
         return out
 
     def state(self, host_id: HostId) -> Liveness:
-        return self._hosts[host_id].state
+        """The host's state (STARTING for one not added yet)."""
+        host = self._hosts.get(host_id)
+        return host.state if host is not None else Liveness.STARTING
 
     def silent_for(self, host_id: HostId, now: float) -> float:
         """Seconds since the host was last heard from (0 for a host not heard from yet)."""

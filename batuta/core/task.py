@@ -50,6 +50,7 @@ class TaskStatus(enum.Enum):
 # Capabilities a slot offers and a task requires. Tags from the cluster file add more.
 CAP_CPU = "cpu"
 CAP_GPU = "gpu"
+MAX_SLOTS = 1024  # slots one agent runs (a process each); the builder, cluster file, CLI and agent check it
 _NO_TAGS: frozenset[str] = frozenset()  # shared: a million queued tasks need not own one each
 
 

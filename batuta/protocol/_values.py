@@ -223,16 +223,19 @@ def encode_args(args: Any, oob: OobWriter, field: str) -> list[Any]:
         raise exc.at(field) from None
 
 
-def check_value(value: Any, where: str = "value") -> None:
-    """Raise LocalProtocolError if `value` cannot travel as a kernel argument or result.
+def check_value(value: Any, where: str = "value") -> int:
+    """Raise LocalProtocolError if `value` cannot travel as a kernel argument or result;
+    return the bytes its arrays add to a frame (what flow control needs to know of it).
 
     The runtime can call this when a task is submitted, so that a bad argument fails at the
     call site instead of failing the whole batch it would have been sent in.
     """
+    oob = OobWriter()
     try:
-        encode_value(value, OobWriter(), 0)
+        encode_value(value, oob, 0)
     except Invalid as exc:
         raise LocalProtocolError(exc.describe(where)) from None
+    return oob.size
 
 
 # -- decoding --------------------------------------------------------------------------------

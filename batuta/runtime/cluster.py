@@ -60,12 +60,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from batuta.agent.options import MAX_SLOTS
 from batuta.core.backend import BackendThresholds
-from batuta.core.task import CAP_CPU, CAP_GPU
+from batuta.core.task import CAP_CPU, CAP_GPU, MAX_SLOTS
 from batuta.errors import ConfigError
-from batuta.runtime.host import HostSpec
 from batuta.runtime.pool import Pool, PoolConfig, local_host
+from batuta.runtime.session import HostSpec
 from batuta.transport.base import ByteStream
 from batuta.transport.local import agent_command
 from batuta.transport.ssh import SSHSettings, SSHTarget, open_ssh_stream

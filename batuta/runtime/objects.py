@@ -37,6 +37,7 @@ class ObjectTable:
     def __init__(self) -> None:
         self._ids = itertools.count(1)
         self._values: dict[int, Any] = {}
+        self._nbytes: dict[int, int] = {}  # encoded size of each value's Put
         self._users: dict[int, int] = {}  # object id -> unresolved tasks that name it
         self._dropping: set[int] = set()  # dropped by the caller, kept until its users resolve
         self._held: dict[str, set[int]] = {}  # host -> object ids its agent holds
@@ -56,6 +57,7 @@ class ObjectTable:
             nbytes += memoryview(part).nbytes
         object_id = next(self._ids)
         self._values[object_id] = value
+        self._nbytes[object_id] = nbytes
         self._users[object_id] = 0
         return ObjectRef(object_id, digest=digest.hexdigest()[:32], nbytes=nbytes, size=_elements_of(value))
 
@@ -91,11 +93,12 @@ class ObjectTable:
             return {}
         return self._forget([object_id])
 
-    def puts_for(self, host: str, ids: tuple[int, ...]) -> list[m.Put]:
-        """The Puts to send `host` before a task that names `ids` (those it does not hold yet)."""
+    def puts_for(self, host: str, ids: tuple[int, ...]) -> list[tuple[m.Put, int]]:
+        """The Puts to send `host` before a task that names `ids` (those it does not hold yet),
+        each with its size in bytes (for flow control)."""
         held = self._held.setdefault(host, set())
-        puts = [m.Put(object_id=i, value=self._values[i]) for i in ids if i not in held]
-        held.update(put.object_id for put in puts)
+        puts = [(m.Put(object_id=i, value=self._values[i]), self._nbytes[i]) for i in ids if i not in held]
+        held.update(put.object_id for put, _ in puts)
         return puts
 
     def host_reset(self, host: str) -> None:
@@ -109,6 +112,7 @@ class ObjectTable:
     def _forget(self, ids: list[int]) -> dict[str, tuple[int, ...]]:
         for object_id in ids:
             del self._values[object_id]
+            del self._nbytes[object_id]
             del self._users[object_id]
             self._dropping.discard(object_id)
         drops: dict[str, tuple[int, ...]] = {}

@@ -2,8 +2,9 @@
 
 The pool is the thin shell of the dask worker-state-machine pattern: it turns what host
 agents say into scheduler events, runs the scheduler's instructions (send, steal back,
-abort, resolve), keeps each task's payload and future, watches liveness and relaunches
-lost hosts, and publishes events for observers. Every placement decision is the core's.
+abort, resolve), keeps each task's payload and future, and publishes events for observers.
+Every placement decision is the core's; whether a host is alive is `core.liveness`'s, driven
+by `runtime.hosts`. The future and the builder live beside it (`future.py`, `builder.py`).
 
     async with Pool.builder().cpu_workers(4).build() as pool:
         result = await pool.run(Task.kernel("vadd", a, b))
@@ -17,36 +18,31 @@ import contextlib
 import functools
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from dataclasses import replace
+from typing import Any
 
-from batuta.agent.options import MAX_SLOTS
 from batuta.core import events as ev
-from batuta.core.backend import BackendChoice, BackendThresholds, select_backend
+from batuta.core.backend import select_backend
+from batuta.core.liveness import LivenessConfig
 from batuta.core.objects import ObjectRef, refs_in
-from batuta.core.scheduler import Scheduler, SchedulerConfig
-from batuta.core.task import (
-    CAP_CPU,
-    CAP_GPU,
-    Backend,
-    KernelCall,
-    Priority,
-    Task,
-    TaskResult,
-    TaskStatus,
-)
-from batuta.errors import AgentError, PoolClosedError, TaskFailedError, TransportError, UsageError
+from batuta.core.scheduler import Scheduler
+from batuta.core.task import CAP_CPU, CAP_GPU, Backend, KernelCall, Priority, Task, TaskResult, TaskStatus
+from batuta.errors import PoolClosedError, UsageError
 from batuta.protocol import messages as m
 from batuta.protocol.codec import check_value
 from batuta.protocol.errors import LocalProtocolError
 from batuta.runtime import events as pe
-from batuta.runtime import stream
-from batuta.runtime.host import HostSession, HostSpec, HostState
+from batuta.runtime import mapping, stream
+from batuta.runtime.builder import PoolBuilder, PoolConfig, local_host
+from batuta.runtime.future import ResultStore, TaskFuture
+from batuta.runtime.hosts import HostSupervisor, telemetry_event
 from batuta.runtime.objects import ObjectTable
+from batuta.runtime.session import HostSession, HostSpec, SendBudget
 from batuta.runtime.views import HostView, PoolStats, SlotView
-from batuta.transport.local import agent_command, open_local_agent
+
+__all__ = ["Pool", "PoolBuilder", "PoolConfig", "ResultStore", "TaskFuture", "local_host"]
 
 log = logging.getLogger("batuta.runtime.pool")
 
@@ -54,29 +50,6 @@ SUBMIT_BATCH = 1024  # most submissions held back for one scheduling pass
 
 # The job label of tasks submitted from the current context (see `Pool.job`).
 _current_job: ContextVar[str] = ContextVar("batuta_job", default="")
-
-_OUTCOME_STATUS = {
-    m.OUTCOME_OK: TaskStatus.SUCCEEDED,
-    m.OUTCOME_ERROR: TaskStatus.FAILED,
-    m.OUTCOME_TIMEOUT: TaskStatus.TIMED_OUT,
-    m.OUTCOME_CANCELLED: TaskStatus.CANCELLED,
-}
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PoolConfig:
-    """Everything a pool needs besides its hosts. Built by `PoolBuilder`."""
-
-    seed: int = 0
-    heartbeat_interval: float = 1.0
-    suspect_after: float = 3.0  # seconds of silence before a host is suspected
-    lost_after: float = 8.0  # seconds of silence before it is lost and its work requeued
-    max_relaunches: int = 5  # consecutive failed relaunches before a host is retired
-    relaunch_backoff: float = 0.5  # first delay; doubles each time, capped at 30 s
-    start_timeout: float = 60.0
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    thresholds: BackendThresholds = field(default_factory=BackendThresholds)
-
 
 @functools.lru_cache(maxsize=1024)
 def _superlinear(kernel_name: str) -> bool:
@@ -95,112 +68,6 @@ def _requirements(backend: Backend, tags: frozenset[str]) -> frozenset[str]:
     return frozenset({CAP_GPU if backend is Backend.GPU else CAP_CPU, *tags})
 
 
-class ResultStore(Protocol):
-    """Where finished results are kept across runs (a job journal, for `--resume`).
-
-    `lookup` is asked at submission: a hit resolves the task at once without running it.
-    `record` is told every succeeded result. Both run on the event loop: keep them quick
-    and hand slow I/O to a thread.
-    """
-
-    def lookup(self, task: Task, job: str) -> TaskResult | None: ...
-
-    def record(self, task: Task, job: str, result: TaskResult) -> None: ...
-
-
-class TaskFuture:
-    """A submitted task. `await` it for its `TaskResult`; `cancel()` cancels the task.
-
-    It is also the pool's own record of the task while it is unresolved (where it was sent,
-    when it started), and it creates an asyncio future only when someone waits: a million
-    queued tasks then cost one small object each, not three.
-    """
-
-    __slots__ = (
-        "_callbacks",
-        "_choice",
-        "_object_ids",
-        "_pool",
-        "_result",
-        "_waiter",
-        "job",
-        "slot_id",
-        "started_at",
-        "submitted_at",
-        "task",
-        "task_id",
-    )
-
-    def __init__(self, pool: Pool, task_id: int, task: Task, choice: BackendChoice, job: str, now: float) -> None:
-        self._pool = pool
-        self.task_id = task_id
-        self.task = task
-        self._choice = choice
-        self.job = job
-        self.submitted_at = now
-        self.slot_id: str | None = None
-        self.started_at: float | None = None
-        self._result: TaskResult | None = None
-        self._waiter: asyncio.Future[TaskResult] | None = None
-        self._callbacks: list[Callable[[TaskFuture], None]] | None = None
-        self._object_ids: tuple[int, ...] = ()  # pool.put objects its arguments name
-
-    def __await__(self) -> Generator[Any, None, TaskResult]:
-        if self._result is None:
-            # shielded: a caller that gives up waiting must not cancel the shared waiter
-            yield from asyncio.shield(self.asyncio_future()).__await__()
-        assert self._result is not None
-        return self._result
-
-    def asyncio_future(self) -> asyncio.Future[TaskResult]:
-        """An asyncio future for the result (for `asyncio.gather`, `as_completed`, `wait`)."""
-        if self._waiter is None:
-            self._waiter = self._pool._new_future()
-            if self._result is not None:
-                self._waiter.set_result(self._result)
-        return self._waiter
-
-    def done(self) -> bool:
-        return self._result is not None
-
-    def result(self) -> TaskResult:
-        """The result, if `done()`; raises asyncio.InvalidStateError otherwise."""
-        if self._result is None:
-            raise asyncio.InvalidStateError(f"task {self.task_id} ({self.task.name}) has not finished")
-        return self._result
-
-    def cancel(self) -> bool:
-        """Ask for the task to be cancelled; it resolves with status CANCELLED unless already done."""
-        if self._result is not None:
-            return False
-        self._pool.cancel(self.task_id)
-        return True
-
-    def add_done_callback(self, callback: Callable[[TaskFuture], None]) -> None:
-        """Call `callback(self)` once done, from the event loop (never inside the pool's own work)."""
-        if self._result is not None:
-            self._pool._call_soon(callback, self)
-        elif self._callbacks is None:
-            self._callbacks = [callback]
-        else:
-            self._callbacks.append(callback)
-
-    def _resolve(self, result: TaskResult) -> None:
-        if self._result is not None:
-            return
-        self._result = result
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(result)
-        if self._callbacks:
-            for callback in self._callbacks:
-                self._pool._call_soon(callback, self)
-            self._callbacks = None
-
-    def __repr__(self) -> str:
-        state = "done" if self.done() else "pending"
-        return f"<TaskFuture {self.task_id} {self.task.name} {state}>"
-
-
 class Pool:
     """A work-stealing pool over host agents. Use as `async with`, or `start()` / `close()`."""
 
@@ -214,7 +81,22 @@ class Pool:
         self.events = pe.EventBus()
         self._specs = list(hosts)
         self._scheduler = Scheduler(self.config.scheduler, seed=self.config.seed)
-        self._sessions: dict[str, HostSession] = {}
+        self._budget = SendBudget()
+        self._hosts = HostSupervisor(
+            self._specs,
+            self,
+            liveness=LivenessConfig(
+                suspect_after=self.config.suspect_after,
+                lost_after=self.config.lost_after,
+                max_relaunches=self.config.max_relaunches,
+                relaunch_backoff=self.config.relaunch_backoff,
+            ),
+            heartbeat_interval=self.config.heartbeat_interval,
+            start_timeout=self.config.start_timeout,
+            send_high_water=self.config.send_high_water,
+            send_budget=self._budget,
+            clock=self._now,
+        )
         self._slot_of: dict[str, tuple[HostSession, int]] = {}
         self._pending: dict[int, TaskFuture] = {}
         self._ids = itertools.count(1)
@@ -222,14 +104,10 @@ class Pool:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._space = asyncio.Event()
-        self._monitor: asyncio.Task[None] | None = None
-        self._relaunches: dict[str, asyncio.Task[None]] = {}
         self._started = False
         self._closed = False
         self._succeeded = 0
         self._failed = 0
-        self._gpu_available = False
-        self._outcomes: dict[int, tuple[m.TaskOutcome, str]] = {}  # the batch being handled
         self._store: ResultStore | None = None
         self._device_of: dict[str, str] = {}  # GPU slot id -> "name (N SMs)"
         self._restored = 0
@@ -237,6 +115,7 @@ class Pool:
         # Submissions of one loop turn reach the scheduler together (see `_handle`): one
         # scheduling pass and one Run per slot for a burst, instead of one each per task.
         self._submitted: list[ev.Event] = []
+        self._burst_bytes = 0  # argument bytes of those submissions
 
     # -- construction -----------------------------------------------------------------------
 
@@ -272,66 +151,49 @@ class Pool:
             raise UsageError("pool already started")
         self._started = True
         self._loop = asyncio.get_running_loop()
-        sessions = [
-            HostSession(
-                spec=spec,
-                listener=self,
-                heartbeat_interval=self.config.heartbeat_interval,
-                handshake_timeout=self.config.start_timeout,
-            )
-            for spec in self._specs
-        ]
-        for session in sessions:
-            self._sessions[session.name] = session
-            if session.spec.expected_capabilities:
-                expected = tuple(caps | session.spec.tags for caps in session.spec.expected_capabilities)
-                self._handle([ev.HostExpected(host_id=session.name, slot_capabilities=expected)])
-        results = await asyncio.gather(*(s.start() for s in sessions), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if len(errors) == len(sessions):
+        for spec in self._specs:
+            if spec.expected_capabilities:
+                expected = tuple(caps | spec.tags for caps in spec.expected_capabilities)
+                self._handle([ev.HostExpected(host_id=spec.name, slot_capabilities=expected)])
+        try:
+            await self._hosts.start()
+        except BaseException:
             await self.close()
-            first = errors[0]
-            if isinstance(first, AgentError | TransportError):
-                raise first
-            raise AgentError(f"no host could be started: {first!r}") from first
-        for session, result in zip(sessions, results, strict=True):
-            if isinstance(result, TransportError) and not result.retryable:
-                log.error("host %s cannot be used: %s", session.name, result)
-                self._retire(session.name, str(result))
-            elif isinstance(result, BaseException):
-                log.warning("host %s failed to start: %s; retrying in the background", session.name, result)
-                self._schedule_relaunch(session, str(result))
-        self._monitor = asyncio.create_task(self._watch_liveness(), name="batuta-liveness")
+            raise
 
     async def close(self) -> None:
-        """Stop every host; tasks not yet resolved resolve as CANCELLED ("pool closed")."""
+        """Stop every host; tasks not yet resolved resolve as CANCELLED ("pool closed").
+
+        A state transition first: the scheduler resolves what is unresolved and places
+        nothing more, so what the hosts still say while they shut down changes nothing.
+        """
         if self._closed:
             return
         self._closed = True
-        for task in [self._monitor, *self._relaunches.values()]:
-            if task is not None:
-                task.cancel()
         if self._timer is not None:
             self._timer.cancel()
-        self._submitted.clear()
-        for task_id in list(self._pending):
-            self._finish(task_id, TaskStatus.CANCELLED, reason="pool closed before the task finished")
+            self._timer = None
+        self._handle([ev.ShutdownRequested(reason="pool closed before the task finished")])
         self._space.set()
-        await asyncio.gather(*(s.close() for s in self._sessions.values()), return_exceptions=True)
-        for task in [self._monitor, *self._relaunches.values()]:
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await self._hosts.close()
 
     # -- submitting -------------------------------------------------------------------------
 
     async def submit(self, task: Task) -> TaskFuture:
-        """Queue a task; waits while the pool holds `max_queued` tasks (backpressure)."""
-        while not self._scheduler.can_accept(len(self._submitted) + 1):
+        """Queue a task; waits while the pool holds `max_queued` tasks, or while more than
+        `send_budget` bytes wait for hosts that are slow to read them (backpressure)."""
+        while not self._scheduler.can_accept(len(self._submitted) + 1) or self._over_budget():
             self._check_open()
             self._space.clear()
             await self._space.wait()
-        return self.submit_nowait(task)
+        future = self.submit_nowait(task)
+        if self._burst_bytes >= self.config.send_high_water:
+            # A burst of big arguments: place it and let the sessions write it now, so that
+            # the next submission sees whether the hosts keep up (their flushes are queued).
+            self._burst_bytes = 0
+            self._handle([])
+            await asyncio.sleep(0)
+        return future
 
     def submit_nowait(self, task: Task) -> TaskFuture:
         """Queue a task now; raises UsageError if the pool is full (see `submit`)."""
@@ -345,15 +207,16 @@ class Pool:
             )
         loop = self._loop
         assert loop is not None
+        nbytes = 0
         if isinstance(task.call, KernelCall) and task.call.args:
             try:  # refuse here what the wire cannot carry, rather than failing a whole batch later
-                check_value(task.call.args, where=f"task {task.name!r} arguments")
+                nbytes = check_value(task.call.args, where=f"task {task.name!r} arguments")
             except LocalProtocolError as exc:
                 raise UsageError(str(exc)) from None
         choice = select_backend(
             task.call,
             task.backend,
-            gpu_available=self._gpu_available,
+            gpu_available=self._scheduler.offers(CAP_GPU),
             quadratic=isinstance(task.call, KernelCall) and _superlinear(task.call.name),
             thresholds=self.config.thresholds,
         )
@@ -363,6 +226,8 @@ class Pool:
         now = loop.time()
         job = _current_job.get()
         future = TaskFuture(self, task_id, task, choice, job, now)
+        future._nbytes = nbytes
+        self._burst_bytes += nbytes
         if self._store is not None:
             kept = self._store.lookup(task, job)
             if kept is not None:
@@ -431,35 +296,18 @@ class Pool:
         Fails fast: the first failed task cancels the rest and raises TaskFailedError with
         its result. For coarse granularity pass chunks, not elements (see `map_chunked`).
         """
-        futures: list[TaskFuture] = []
-        failure: list[TaskResult] = []
-
-        def on_done(done: TaskFuture) -> None:
-            result = done.result()
-            if not result.is_success() and not failure:
-                failure.append(result)
-                for other in futures:
-                    other.cancel()
-
-        for item in items:
-            args = item if isinstance(item, tuple) else (item,)
-            task = Task.kernel(
-                kernel, *args, backend=backend, priority=priority, timeout=timeout, max_attempts=max_attempts
+        tasks = (
+            Task.kernel(
+                kernel,
+                *(item if isinstance(item, tuple) else (item,)),
+                backend=backend,
+                priority=priority,
+                timeout=timeout,
+                max_attempts=max_attempts,
             )
-            fut = await self.submit(task)
-            fut.add_done_callback(on_done)
-            futures.append(fut)
-            if failure:
-                break
-        try:
-            results = await asyncio.gather(*(f.asyncio_future() for f in futures))
-        except asyncio.CancelledError:  # our caller gave up: so do the tasks
-            for fut in futures:
-                self.cancel(fut.task_id)
-            raise
-        if failure:
-            raise TaskFailedError(failure[0].describe_failure(), result=failure[0])
-        return [r.value for r in results]
+            for item in items
+        )
+        return await mapping.map_tasks(self, tasks)
 
     async def map_chunked(
         self,
@@ -474,18 +322,7 @@ class Pool:
         The seed's advice in code: coarse tasks (`items.chunks(10_000)`) amortise the
         per-task round trip. Returns one value per chunk, in order.
         """
-        if chunk_size < 1:
-            raise UsageError(f"chunk_size must be >= 1, not {chunk_size}")
-        if not arrays:
-            raise UsageError("map_chunked needs at least one array")
-        length = len(arrays[0])
-        if any(len(a) != length for a in arrays):
-            raise UsageError(f"map_chunked: arrays differ in length ({[len(a) for a in arrays]})")
-        items = [
-            tuple(a[start : start + chunk_size] for a in arrays) + tuple(extra_args)
-            for start in range(0, length, chunk_size)
-        ]
-        return await self.map(kernel, items, **options)
+        return await self.map(kernel, mapping.chunks(arrays, chunk_size, extra_args), **options)
 
     def put(self, value: Any) -> ObjectRef:
         """Keep `value` in the pool and return a ref to pass to kernels in its place.
@@ -493,7 +330,8 @@ class Pool:
         Each host receives the value once, with the first task that names it there, instead
         of with every task (Dask's `scatter`, Ray's `put`): for a matrix that a thousand
         tasks multiply, or a model that every chunk is scored against. Raises UsageError
-        for a value that could not travel as a kernel argument.
+        for a value that could not travel as a kernel argument. Nothing is sent here, so
+        flow control applies where the value travels: at the submission of a task naming it.
         """
         self._check_open()
         return self._objects.put(value)
@@ -506,7 +344,7 @@ class Pool:
 
     def _send_drops(self, drops: dict[str, tuple[int, ...]]) -> None:
         for host, object_ids in drops.items():
-            session = self._sessions.get(host)
+            session = self._hosts.sessions.get(host)
             if session is not None:
                 session.send(m.Drop(object_ids=object_ids))
 
@@ -553,9 +391,9 @@ class Pool:
 
     def drain(self, host: str) -> None:
         """Send `host` no more work; a HostStateChanged('drained') follows when it is idle."""
-        if host not in self._sessions:
-            raise UsageError(f"no host named {host!r}; hosts: {', '.join(self._sessions)}")
-        self._publish_host_state(host, "draining", "drain requested")
+        if host not in self._hosts.sessions:
+            raise UsageError(f"no host named {host!r}; hosts: {', '.join(self._hosts.sessions)}")
+        self.host_state_changed(host, "draining", "drain requested")
         self._handle([ev.HostDrainRequested(host_id=host)])
 
     def subscribe(self, callback: pe.Subscriber) -> Callable[[], None]:
@@ -587,28 +425,13 @@ class Pool:
         return self._scheduler.slots()
 
     def hosts(self) -> list[HostView]:
-        now = asyncio.get_running_loop().time() if self._loop else 0.0
-        views = []
-        for session in self._sessions.values():
-            hello = session.hello
-            views.append(
-                HostView(
-                    name=session.name,
-                    state=session.state,
-                    description=session.description,
-                    slots=len(hello.slots) if hello else 0,
-                    gpus=tuple(g.name for g in hello.gpus) if hello else (),
-                    cpu_count=hello.cpu_count if hello else 0,
-                    last_heard_s=max(0.0, now - session.last_heard),
-                )
-            )
-        return views
+        return self._hosts.views()
 
     @property
     def slot_count(self) -> int:
         return sum(1 for v in self._scheduler.slots() if v.state == "up")
 
-    # -- HostListener -----------------------------------------------------------------------
+    # -- what the host supervisor reports (runtime.hosts.PoolSide) ----------------------------
 
     def host_ready(self, session: HostSession) -> None:
         hello = session.hello
@@ -621,7 +444,6 @@ class Pool:
             capabilities = frozenset(info.capabilities) | session.spec.tags
             joined.append(ev.SlotJoined(slot_id=slot_id, host_id=session.name, capabilities=capabilities))
             if CAP_GPU in info.capabilities:
-                self._gpu_available = True
                 gpu = next((g for g in hello.gpus if g.index == info.gpu_index), None)
                 if gpu is not None:
                     # the seed's GpuExecutor: device name and capacity (compute units)
@@ -643,76 +465,81 @@ class Pool:
 
     def host_messages(self, session: HostSession, messages: list[m.Message]) -> None:
         events: list[ev.Event] = []
-        outcomes = self._outcomes
         publish = self.events.active
         now = self._now()
         host = session.name
         for msg in messages:
-            kind = type(msg)
-            if kind is m.Done:
-                for outcome in msg.results:  # type: ignore[union-attr]
-                    slot_id = f"{host}/{outcome.slot}"
-                    outcomes[outcome.task_id] = (outcome, slot_id)
+            if isinstance(msg, m.Done):
+                for outcome in msg.results:
                     events.append(
                         ev.TaskFinished(
                             task_id=outcome.task_id,
-                            slot_id=slot_id,
+                            slot_id=f"{host}/{outcome.slot}",
                             attempt=outcome.attempt,
                             outcome=outcome.status,
                             run_s=outcome.run_s,
                             reason=outcome.error or "",
+                            payload=outcome,
                         )
                     )
-            elif kind is m.Started:
-                for task_id in msg.task_ids:  # type: ignore[union-attr]
-                    pending = self._pending.get(task_id)
-                    if pending is None or pending.slot_id is None or not pending.slot_id.startswith(host + "/"):
-                        continue
-                    pending.started_at = now
-                    events.append(ev.TaskStarted(task_id=task_id, slot_id=pending.slot_id))
-                    if publish:
-                        self.events.publish(
-                            pe.TaskStarted(
-                                task_id=task_id,
-                                name=pending.task.name,
-                                host=host,
-                                slot=pending.slot_id,
-                                attempt=self._scheduler.attempts(task_id),
-                                at=now,
-                                job=pending.job,
-                            )
-                        )
-            elif kind is m.StealBackReply:
+            elif isinstance(msg, m.Started):
+                events.extend(self._started_events(host, msg.task_ids, now, publish))
+            elif isinstance(msg, m.StealBackReply):
                 events.append(
                     ev.StealBackAnswered(
-                        slot_id=f"{host}/{msg.slot}",  # type: ignore[union-attr]
-                        returned=tuple(msg.returned),  # type: ignore[union-attr]
-                        refused=tuple(msg.refused),  # type: ignore[union-attr]
+                        slot_id=f"{host}/{msg.slot}", returned=tuple(msg.returned), refused=tuple(msg.refused)
                     )
                 )
-            elif kind is m.Heartbeat:
+            elif isinstance(msg, m.Heartbeat):
                 if publish:
-                    self.events.publish(self._telemetry_event(session, msg, now))  # type: ignore[arg-type]
-            elif kind is m.SlotState:
-                events.extend(self._slot_state_events(session, msg, now))  # type: ignore[arg-type]
-            elif kind is m.Bye:
-                log.info("host %s says bye: %s", host, msg.reason)  # type: ignore[union-attr]
-            elif kind is m.Error:
-                log.error("host %s reports a protocol error: %s", host, msg.message)  # type: ignore[union-attr]
-        try:
-            self._handle(events)
-        finally:
-            outcomes.clear()
+                    self.events.publish(telemetry_event(session, msg, now))
+            elif isinstance(msg, m.SlotState):
+                events.extend(self._slot_state_events(session, msg, now))
+            elif isinstance(msg, m.Bye):
+                log.info("host %s says bye: %s", host, msg.reason)
+            elif isinstance(msg, m.Error):
+                log.error("host %s reports a protocol error: %s", host, msg.message)
+        self._handle(events)
 
-    def host_closed(self, session: HostSession, reason: str) -> None:
+    def _started_events(self, host: str, task_ids: Iterable[int], now: float, publish: bool) -> list[ev.Event]:
+        events: list[ev.Event] = []
+        for task_id in task_ids:
+            pending = self._pending.get(task_id)
+            if pending is None or pending.slot_id is None or not pending.slot_id.startswith(host + "/"):
+                continue
+            pending.started_at = now
+            events.append(ev.TaskStarted(task_id=task_id, slot_id=pending.slot_id))
+            if publish:
+                self.events.publish(
+                    pe.TaskStarted(
+                        task_id=task_id,
+                        name=pending.task.name,
+                        host=host,
+                        slot=pending.slot_id,
+                        attempt=self._scheduler.attempts(task_id),
+                        at=now,
+                        job=pending.job,
+                    )
+                )
+        return events
+
+    def host_lost(self, host: str, reason: str, *, retired: bool) -> None:
+        """Liveness decided: the host is lost (relaunched later) or retired (never again)."""
         if self._closed:
             return
-        log.warning("host %s lost: %s", session.name, reason)
-        now = self._now()
+        if retired:
+            self.host_state_changed(host, "retired", reason)
+        elif self.events.active:
+            self.events.publish(pe.HostDown(host=host, reason=reason, at=self._now()))
+        self._handle([ev.HostLost(host_id=host, reason=reason, retired=retired)])
+
+    def host_state_changed(self, host: str, state: str, reason: str) -> None:
         if self.events.active:
-            self.events.publish(pe.HostDown(host=session.name, reason=reason, at=now))
-        self._handle([ev.HostLost(host_id=session.name, reason=reason)])
-        self._schedule_relaunch(session, reason)
+            self.events.publish(pe.HostStateChanged(host=host, state=state, reason=reason, at=self._now()))
+
+    def host_writable(self, session: HostSession) -> None:
+        if not self._over_budget() and not self._space.is_set() and self._scheduler.can_accept():
+            self._space.set()
 
     # -- internals --------------------------------------------------------------------------
 
@@ -726,12 +553,16 @@ class Pool:
         if not self._started:
             raise PoolClosedError("the pool is not started; use 'async with pool:' or 'await pool.start()'")
 
+    def _over_budget(self) -> bool:
+        return self._budget.congested_bytes > self.config.send_budget
+
     def _handle(self, events: list[ev.Event]) -> None:
         """Run events through the scheduler and carry out what it says. Submissions queued
         since the last pass go first, so every other event sees them in order."""
         if self._submitted:
             events = [*self._submitted, *events]
             self._submitted = []
+            self._burst_bytes = 0
         if not events:
             return
         instructions = self._scheduler.handle_many(events, self._now())
@@ -754,21 +585,28 @@ class Pool:
             elif isinstance(ins, ev.TaskRequeued):
                 self._on_requeued(ins)
             elif isinstance(ins, ev.HostDrained):
-                self._publish_host_state(ins.host_id, "drained", "no work left")
-        if resolved and not self._space.is_set() and self._scheduler.can_accept():
+                self.host_state_changed(ins.host_id, "drained", "no work left")
+        if resolved and not self._space.is_set() and self._scheduler.can_accept() and not self._over_budget():
             self._space.set()
         self._arm_timer()
 
     def _send_tasks(self, ins: ev.SendTasks) -> None:
+        """One Run per slot and turn; cut where its arrays reach the session's high-water mark,
+        so that flow control can stop between the parts."""
         session, index = self._slot_of[ins.slot_id]
-        requests = []
+        limit = session.high_water
+        requests: list[m.TaskRequest] = []
+        nbytes = 0
         for task_id, attempt in zip(ins.task_ids, ins.attempts, strict=True):
             pending = self._pending[task_id]
             if pending._object_ids:  # the values go first, in the same write as the Run
-                for put in self._objects.puts_for(session.name, pending._object_ids):
-                    session.send(put)
+                for put, put_bytes in self._objects.puts_for(session.name, pending._object_ids):
+                    session.send(put, put_bytes)
             pending.slot_id = ins.slot_id
             pending.started_at = None
+            if requests and nbytes + pending._nbytes > limit:
+                session.send(m.Run(tasks=tuple(requests)), nbytes)
+                requests, nbytes = [], 0
             task = pending.task
             requests.append(
                 m.TaskRequest(
@@ -780,17 +618,17 @@ class Pool:
                     backend=pending._choice.backend.value,
                 )
             )
-        session.send(m.Run(tasks=tuple(requests)))
+            nbytes += pending._nbytes
+        session.send(m.Run(tasks=tuple(requests)), nbytes)
 
     def _resolve(self, ins: ev.ResolveTask) -> None:
-        got = self._outcomes.get(ins.task_id)
-        if got is not None and ins.status is not TaskStatus.LOST:
-            outcome, slot_id = got
+        outcome = ins.payload
+        if isinstance(outcome, m.TaskOutcome):  # decided by the agent's report: it carries the value
             self._finish(
                 ins.task_id,
                 ins.status,
                 reason=outcome.error or ins.reason or None,
-                slot_id=slot_id,
+                slot_id=ins.slot_id,
                 attempts=ins.attempts,
                 value=outcome.value,
                 stdout=outcome.stdout,
@@ -912,33 +750,6 @@ class Pool:
                 return [ev.SlotJoined(slot_id=slot_id, host_id=session.name, capabilities=view.capabilities)]
         return []
 
-    def _telemetry_event(self, session: HostSession, hb: m.Heartbeat, now: float) -> pe.HostTelemetry:
-        names = {g.index: g.name for g in session.hello.gpus} if session.hello else {}
-        return pe.HostTelemetry(
-            host=session.name,
-            cpu_percent=hb.cpu_percent,
-            memory_used=hb.memory_used,
-            memory_total=hb.memory_total,
-            gpus=tuple(
-                pe.GpuReading(
-                    index=g.index,
-                    name=names.get(g.index, f"GPU {g.index}"),
-                    utilization=g.utilization,
-                    memory_used=g.memory_used,
-                    memory_total=g.memory_total,
-                    temperature=g.temperature,
-                    power=g.power,
-                )
-                for g in hb.gpus
-            ),
-            gpu_status=hb.gpu_status,
-            at=now,
-        )
-
-    def _publish_host_state(self, host: str, state: str, reason: str) -> None:
-        if self.events.active:
-            self.events.publish(pe.HostStateChanged(host=host, state=state, reason=reason, at=self._now()))
-
     def _arm_timer(self) -> None:
         wake = self._scheduler.next_wakeup()
         if wake == self._timer_at:
@@ -955,167 +766,3 @@ class Pool:
         self._timer_at = None
         if not self._closed:
             self._handle([ev.TimerFired()])
-
-    # -- liveness and relaunch --------------------------------------------------------------
-
-    async def _watch_liveness(self) -> None:
-        interval = max(0.05, min(self.config.heartbeat_interval, self.config.suspect_after) / 2)
-        while not self._closed:
-            await asyncio.sleep(interval)
-            now = self._now()
-            for session in list(self._sessions.values()):
-                if session.state not in (HostState.UP, HostState.SUSPECTED):
-                    continue
-                silent = now - session.last_heard
-                if silent > self.config.lost_after:
-                    session.mark_lost(f"no heartbeat for {silent:.1f}s (lost after {self.config.lost_after:g}s)")
-                elif silent > self.config.suspect_after and session.state == HostState.UP:
-                    session.state = HostState.SUSPECTED
-                    self._publish_host_state(session.name, "suspected", f"no heartbeat for {silent:.1f}s")
-                elif silent <= self.config.suspect_after and session.state == HostState.SUSPECTED:
-                    session.state = HostState.UP
-                    self._publish_host_state(session.name, "up", "heard from again")
-
-    def _schedule_relaunch(self, session: HostSession, reason: str) -> None:
-        if self._closed or session.name in self._relaunches:
-            return
-        self._relaunches[session.name] = asyncio.create_task(
-            self._relaunch(session, reason), name=f"relaunch-{session.name}"
-        )
-
-    async def _relaunch(self, session: HostSession, reason: str) -> None:
-        delay = self.config.relaunch_backoff
-        try:
-            for attempt in range(1, self.config.max_relaunches + 1):
-                await asyncio.sleep(delay)
-                if self._closed:
-                    return
-                try:
-                    await session.start()
-                    log.info("host %s relaunched (attempt %d)", session.name, attempt)
-                    self._publish_host_state(session.name, "up", f"relaunched after: {reason}")
-                    return
-                except (AgentError, TransportError, OSError) as exc:
-                    reason = str(exc)
-                    log.warning("host %s relaunch %d failed: %s", session.name, attempt, exc)
-                    if isinstance(exc, TransportError) and not exc.retryable:
-                        self._retire(session.name, reason)
-                        return
-                delay = min(delay * 2, 30.0)
-            self._retire(session.name, f"gave up after {self.config.max_relaunches} relaunches: {reason}")
-        finally:
-            self._relaunches.pop(session.name, None)
-
-    def _retire(self, host: str, why: str) -> None:
-        """The host will not come back: work only it could run fails as unschedulable."""
-        self._publish_host_state(host, "retired", why)
-        self._handle([ev.HostLost(host_id=host, reason=why, retired=True)])
-
-
-class PoolBuilder:
-    """Fluent construction mirroring the seed's `Pool::builder().cpu_workers(n).build()`."""
-
-    def __init__(self) -> None:
-        self._cpu_workers: int | None = None
-        self._gpu_workers = "auto"
-        self._kernel_modules: list[str] = []
-        self._hosts: list[HostSpec] = []
-        self._config = PoolConfig()
-        self._scheduler = SchedulerConfig()
-        self._python: str | None = None
-        self._local = True
-
-    def cpu_workers(self, count: int | None) -> PoolBuilder:
-        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
-            raise UsageError(f"cpu_workers must be a positive int, not {count!r}")
-        if count is not None and count > MAX_SLOTS:
-            raise UsageError(f"cpu_workers({count}): one agent runs at most {MAX_SLOTS} slots")
-        self._cpu_workers = count
-        return self
-
-    def gpu_workers(self, which: str) -> PoolBuilder:
-        """'auto' (one slot per visible GPU), 'none', or a comma list of GPU indices."""
-        self._gpu_workers = which
-        return self
-
-    def kernel_modules(self, modules: Iterable[str]) -> PoolBuilder:
-        """Modules the agents import so that their `@kernel` functions are registered."""
-        self._kernel_modules = list(modules)
-        return self
-
-    def host(self, spec: HostSpec) -> PoolBuilder:
-        self._hosts.append(spec)
-        return self
-
-    def hosts(self, specs: Iterable[HostSpec]) -> PoolBuilder:
-        self._hosts.extend(specs)
-        return self
-
-    def no_local(self) -> PoolBuilder:
-        """Do not add this machine's agent (only the hosts given)."""
-        self._local = False
-        return self
-
-    def python(self, executable: str) -> PoolBuilder:
-        self._python = executable
-        return self
-
-    def seed(self, seed: int) -> PoolBuilder:
-        self._config = replace(self._config, seed=seed)
-        return self
-
-    def heartbeat_interval(self, seconds: float) -> PoolBuilder:
-        self._config = replace(self._config, heartbeat_interval=seconds)
-        return self
-
-    def liveness(self, *, suspect_after: float, lost_after: float) -> PoolBuilder:
-        if not 0 < suspect_after <= lost_after:
-            raise UsageError("liveness needs 0 < suspect_after <= lost_after")
-        self._config = replace(self._config, suspect_after=suspect_after, lost_after=lost_after)
-        return self
-
-    def relaunch(self, *, max_relaunches: int, backoff: float) -> PoolBuilder:
-        self._config = replace(self._config, max_relaunches=max_relaunches, relaunch_backoff=backoff)
-        return self
-
-    def max_queued(self, count: int) -> PoolBuilder:
-        self._scheduler = replace(self._scheduler, max_queued=count)
-        return self
-
-    def window(self, *, min_window: int | None = None, max_window: int | None = None) -> PoolBuilder:
-        changes = {k: v for k, v in (("min_window", min_window), ("max_window", max_window)) if v is not None}
-        self._scheduler = replace(self._scheduler, **changes)
-        return self
-
-    def scheduler(self, config: SchedulerConfig) -> PoolBuilder:
-        self._scheduler = config
-        return self
-
-    def build(self) -> Pool:
-        hosts = list(self._hosts)
-        if self._local and not any(h.name == "local" for h in hosts):
-            hosts.insert(
-                0,
-                local_host(
-                    self._cpu_workers, gpus=self._gpu_workers, kernel_modules=self._kernel_modules, python=self._python
-                ),
-            )
-        return Pool(hosts, replace(self._config, scheduler=self._scheduler))
-
-
-def local_host(
-    cpu_workers: int | None = None,
-    *,
-    gpus: str = "auto",
-    kernel_modules: Sequence[str] = (),
-    python: str | None = None,
-    name: str = "local",
-    env: dict[str, str] | None = None,
-) -> HostSpec:
-    """A host agent on this machine, started as a subprocess (the embedded default)."""
-    argv = agent_command(slots=cpu_workers, gpus=gpus, kernel_modules=kernel_modules, python=python, name=name)
-
-    async def launch() -> Any:
-        return await open_local_agent(argv, env=env, name=name)
-
-    return HostSpec(name=name, launch=launch, expected_capabilities=(frozenset({CAP_CPU}),))

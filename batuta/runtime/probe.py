@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from batuta.errors import BatutaError
 from batuta.protocol import messages as m
-from batuta.runtime.host import HostSession, HostSpec
+from batuta.runtime.session import HostSession, HostSpec
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,6 +45,9 @@ class _Listener:
         pass
 
     def host_closed(self, session: HostSession, reason: str) -> None:
+        pass
+
+    def host_writable(self, session: HostSession) -> None:
         pass
 
 

@@ -25,8 +25,8 @@ from typing import Any
 
 from batuta.core.task import Task, TaskResult
 from batuta.errors import UsageError
-from batuta.runtime.host import HostSpec
 from batuta.runtime.pool import Pool, PoolBuilder, TaskFuture
+from batuta.runtime.session import HostSpec
 from batuta.transport.base import ByteStream
 from batuta.transport.tls import (
     DEFAULT_PORT,

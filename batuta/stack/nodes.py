@@ -26,8 +26,8 @@ from batuta.core.task import Task, TaskResult, TaskStatus
 from batuta.errors import AgentError, BatutaError, TransportError
 from batuta.protocol import messages as m
 from batuta.runtime.cluster import ClusterConfig, host_specs
-from batuta.runtime.host import HostSession, HostSpec
 from batuta.runtime.pool import Pool, PoolConfig, local_host
+from batuta.runtime.session import HostSession, HostSpec
 from batuta.stack.model import ERROR, ROLE_LOCAL, ROLE_SSH, ROLE_TLS, Finding
 from batuta.transport.base import ByteStream
 from batuta.transport.ssh import HostKeyError, SSHAuthError

@@ -3,7 +3,8 @@
 `HostSession` owns no scheduling policy. It opens the transport, completes the handshake,
 turns incoming messages into calls on a `HostListener` (the pool), and coalesces outgoing
 messages into one write per event-loop turn. Liveness is "when did we last hear anything":
-heartbeats guarantee we hear something at least every heartbeat interval.
+heartbeats guarantee we hear something at least every heartbeat interval; the pool's
+liveness state machine (`batuta.core.liveness`) decides what silence means.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import platform
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -25,7 +25,7 @@ from batuta.protocol.connection import CLOSED, NEED_DATA, Connection, Role
 from batuta.protocol.errors import ProtocolError
 from batuta.transport.base import ByteStream
 
-log = logging.getLogger("batuta.runtime.host")
+log = logging.getLogger("batuta.runtime.session")
 LAST_WORDS_WAIT_S = 1.0  # for an agent's stderr to end after its stdout did, when it dies at start-up
 
 Launcher = Callable[[], Awaitable[ByteStream]]
@@ -42,38 +42,52 @@ class HostSpec:
     check_versions: bool = True
 
 
+@dataclass(slots=True)
+class SendBudget:
+    """Bytes written to hosts whose streams have not drained yet, over all of a pool's
+    sessions; `Pool.submit` waits while it is over the pool's `send_budget`."""
+
+    congested_bytes: int = 0
+
+
 class HostListener(Protocol):
     """What a session reports to (the pool). Every call happens on the event loop."""
 
     def host_ready(self, session: HostSession) -> None: ...
     def host_messages(self, session: HostSession, messages: list[m.Message]) -> None: ...
     def host_closed(self, session: HostSession, reason: str) -> None: ...
-
-
-class HostState:
-    STARTING = "starting"
-    UP = "up"
-    SUSPECTED = "suspected"
-    LOST = "lost"
-    DRAINING = "draining"
-    CLOSED = "closed"
+    def host_writable(self, session: HostSession) -> None: ...
 
 
 @dataclass(eq=False)
 class HostSession:
+    """The coordinator's end of one host agent's stream.
+
+    It has one writer: messages queued by `send` in one loop turn go out in one vectored
+    write, and once `high_water` bytes have been written since the stream last drained, the
+    writer waits for `drain()` before encoding more. Messages queued meanwhile wait as
+    objects (their arrays are the caller's own), so a host that stops reading holds at most
+    about `high_water` encoded bytes here, not everything sent to it.
+    """
+
     spec: HostSpec
     listener: HostListener
     heartbeat_interval: float
     handshake_timeout: float = 30.0
-    state: str = HostState.STARTING
+    high_water: int = 16 * 2**20
+    budget: SendBudget = field(default_factory=SendBudget)
     hello: m.Hello | None = None
-    last_heard: float = 0.0
     generation: int = 0  # bumps at each (re)launch, so stale callbacks are ignored
+    unflushed_bytes: int = 0  # written since the stream last drained
     _stream: ByteStream | None = None
     _conn: Connection | None = None
     _reader: asyncio.Task[None] | None = None
     _outbox: list[m.Message] = field(default_factory=list)
+    _outbox_bytes: list[int] = field(default_factory=list)  # the senders' estimates, per message
     _flush_scheduled: bool = False
+    _drainer: asyncio.Task[None] | None = None
+    _congested: int = 0  # what this session adds to the budget's congested bytes
+    _open: bool = False  # handshake done, stream not failed, not closing
     _closing: bool = False
     _ready: asyncio.Future[None] | None = None
 
@@ -85,17 +99,23 @@ class HostSession:
     def description(self) -> str:
         return self._stream.description if self._stream is not None else self.spec.name
 
+    @property
+    def congested(self) -> bool:
+        """The writer is waiting for the host to take what was written (flow control)."""
+        return self._drainer is not None
+
     async def start(self) -> None:
         """Launch the agent and complete the handshake; raises AgentError or TransportError."""
         self.generation += 1
         self._closing = False
-        self.state = HostState.STARTING
+        self._open = False
         self.hello = None
+        self.unflushed_bytes = 0
+        self._outbox, self._outbox_bytes = [], []
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._stream = await self.spec.launch()
         self._conn = Connection(Role.COORDINATOR)
-        self.last_heard = time.monotonic()
         self._reader = asyncio.create_task(self._read_loop(self.generation), name=f"read-{self.name}")
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), self.handshake_timeout)
@@ -106,24 +126,60 @@ class HostSession:
                 f"({self.description}); check that batuta is installed there"
             ) from None
 
-    def send(self, message: m.Message) -> None:
-        """Queue a message; all messages queued in one loop turn go out in one write."""
-        if self.state in (HostState.LOST, HostState.CLOSED) or self._closing:
+    def send(self, message: m.Message, nbytes: int = 0) -> None:
+        """Queue a message; all messages queued in one loop turn go out in one write, up to
+        `high_water` bytes. `nbytes`: the caller's estimate of its array payload, so that the
+        writer can stop before a write that would take it far past the mark."""
+        if not self._open:
             return
         self._outbox.append(message)
-        if not self._flush_scheduled:
+        self._outbox_bytes.append(nbytes)
+        if not self._flush_scheduled and self._drainer is None:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if not self._outbox or self._conn is None or self._stream is None:
+        if not self._outbox or self._conn is None or self._stream is None or self._drainer is not None:
             return
-        outbox, self._outbox = self._outbox, []
+        room = self.high_water - self.unflushed_bytes
+        take, estimate = 0, 0
+        for nbytes in self._outbox_bytes:  # at least one message; then as many as fit
+            if take and estimate + nbytes > room:
+                break
+            take += 1
+            estimate += nbytes
+        batch = self._outbox[:take]
+        del self._outbox[:take], self._outbox_bytes[:take]
         try:
-            self._stream.write_parts(self._conn.send_many_parts(outbox))
+            parts = self._conn.send_many_parts(batch)
+            self._stream.write_parts(parts)
         except (ProtocolError, TransportError) as exc:
             self._fail(f"cannot send to {self.description}: {exc}")
+            return
+        self.unflushed_bytes += sum(memoryview(part).nbytes for part in parts)
+        if self.unflushed_bytes >= self.high_water or self._outbox:
+            # wait for the host to take it; what is still queued goes out after
+            self._congested = self.unflushed_bytes
+            self.budget.congested_bytes += self._congested
+            self._drainer = asyncio.create_task(self._drain(self.generation), name=f"drain-{self.name}")
+
+    async def _drain(self, generation: int) -> None:
+        assert self._stream is not None
+        try:
+            await self._stream.drain()
+        except TransportError as exc:
+            if generation == self.generation:
+                self._end_congestion()
+                self._fail(f"cannot send to {self.description}: {exc}")
+            return
+        if generation != self.generation:
+            return
+        self._end_congestion()
+        self.unflushed_bytes = 0
+        self._flush()
+        if self._drainer is None:
+            self.listener.host_writable(self)
 
     async def _read_loop(self, generation: int) -> None:
         assert self._stream is not None and self._conn is not None
@@ -140,7 +196,6 @@ class HostSession:
                         break
                     batch.append(event)
                 if batch:
-                    self.last_heard = time.monotonic()
                     if generation != self.generation:
                         return
                     self._dispatch(batch)
@@ -183,8 +238,8 @@ class HostSession:
                 self._fail(problem)
                 return
             self.hello = first
+            self._open = True
             self.send(m.Welcome(protocol=m.PROTOCOL_VERSION, heartbeat_interval=self.heartbeat_interval))
-            self.state = HostState.UP
             self.listener.host_ready(self)
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
@@ -211,33 +266,48 @@ class HostSession:
         return ""
 
     def _fail(self, reason: str) -> None:
-        if self.state in (HostState.LOST, HostState.CLOSED):
-            return
-        was_closing = self._closing
-        self.state = HostState.CLOSED if was_closing else HostState.LOST
+        if self._stream is None or (not self._open and (self._ready is None or self._ready.done())):
+            return  # already failed, closed, or never started
+        self._open = False
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(AgentError(f"host {self.name}: {reason}"))
             self._ready.exception()  # retrieved here so an unawaited failure is not logged twice
         self.kill()
-        self.listener.host_closed(self, reason)
+        if not self._closing:
+            self.listener.host_closed(self, reason)
 
-    def mark_lost(self, reason: str) -> None:
-        """Called by the liveness monitor: stop listening and kill the stream."""
-        self._fail(reason)
+    def _end_congestion(self) -> None:
+        self._drainer = None
+        self.budget.congested_bytes -= self._congested
+        self._congested = 0
+
+    def abandon(self) -> None:
+        """The host is lost (liveness decided): stop listening and kill the stream, quietly."""
+        self._open = False
+        self.generation += 1  # whatever the old reader or drainer still says is stale
+        self.kill()
 
     def kill(self) -> None:
+        self._outbox, self._outbox_bytes = [], []
+        if self._drainer is not None:
+            self._drainer.cancel()
+            self._end_congestion()
         if self._stream is not None:
             with contextlib.suppress(Exception):
                 self._stream.kill()
 
     async def close(self, timeout: float = 2.0) -> None:
-        """Orderly: Shutdown, then EOF, then the transport's own escalation."""
+        """Orderly: what is queued, then Shutdown, then EOF, then the transport's own escalation."""
         self._closing = True
-        if self._conn is not None and self._stream is not None and self.state not in (HostState.LOST, HostState.CLOSED):
+        if self._conn is not None and self._stream is not None and self._open:
             with contextlib.suppress(Exception):
-                self._flush()
+                if self._drainer is None:
+                    self._flush()
                 self._stream.write(self._conn.send(m.Shutdown(reason="coordinator closing")))
-        self.state = HostState.CLOSED
+        self._open = False
+        if self._drainer is not None:
+            self._drainer.cancel()
+            self._end_congestion()
         if self._stream is not None:
             with contextlib.suppress(Exception):
                 await self._stream.close(timeout)

@@ -1,0 +1,126 @@
+"""`TaskFuture`, what `Pool.submit` returns, and `ResultStore`, where results outlive a run.
+
+A future is also the pool's own record of its task while it is unresolved (where it was
+sent, when it started), and it creates an asyncio future only when someone waits: a million
+queued tasks then cost one small object each, not three.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any, Protocol
+
+from batuta.core.backend import BackendChoice
+from batuta.core.task import Task, TaskResult
+
+if TYPE_CHECKING:
+    from batuta.runtime.pool import Pool
+
+
+class ResultStore(Protocol):
+    """Where finished results are kept across runs (a job journal, for `--resume`).
+
+    `lookup` is asked at submission: a hit resolves the task at once without running it.
+    `record` is told every succeeded result. Both run on the event loop: keep them quick
+    and hand slow I/O to a thread.
+    """
+
+    def lookup(self, task: Task, job: str) -> TaskResult | None: ...
+
+    def record(self, task: Task, job: str, result: TaskResult) -> None: ...
+
+
+class TaskFuture:
+    """A submitted task. `await` it for its `TaskResult`; `cancel()` cancels the task.
+
+    It is also the pool's own record of the task while it is unresolved (where it was sent,
+    when it started), and it creates an asyncio future only when someone waits: a million
+    queued tasks then cost one small object each, not three.
+    """
+
+    __slots__ = (
+        "_callbacks",
+        "_choice",
+        "_nbytes",
+        "_object_ids",
+        "_pool",
+        "_result",
+        "_waiter",
+        "job",
+        "slot_id",
+        "started_at",
+        "submitted_at",
+        "task",
+        "task_id",
+    )
+
+    def __init__(self, pool: Pool, task_id: int, task: Task, choice: BackendChoice, job: str, now: float) -> None:
+        self._pool = pool
+        self.task_id = task_id
+        self.task = task
+        self._choice = choice
+        self.job = job
+        self.submitted_at = now
+        self.slot_id: str | None = None
+        self.started_at: float | None = None
+        self._result: TaskResult | None = None
+        self._waiter: asyncio.Future[TaskResult] | None = None
+        self._callbacks: list[Callable[[TaskFuture], None]] | None = None
+        self._object_ids: tuple[int, ...] = ()  # pool.put objects its arguments name
+        self._nbytes = 0  # what its arguments' arrays add to a frame (flow control)
+
+    def __await__(self) -> Generator[Any, None, TaskResult]:
+        if self._result is None:
+            # shielded: a caller that gives up waiting must not cancel the shared waiter
+            yield from asyncio.shield(self.asyncio_future()).__await__()
+        assert self._result is not None
+        return self._result
+
+    def asyncio_future(self) -> asyncio.Future[TaskResult]:
+        """An asyncio future for the result (for `asyncio.gather`, `as_completed`, `wait`)."""
+        if self._waiter is None:
+            self._waiter = self._pool._new_future()
+            if self._result is not None:
+                self._waiter.set_result(self._result)
+        return self._waiter
+
+    def done(self) -> bool:
+        return self._result is not None
+
+    def result(self) -> TaskResult:
+        """The result, if `done()`; raises asyncio.InvalidStateError otherwise."""
+        if self._result is None:
+            raise asyncio.InvalidStateError(f"task {self.task_id} ({self.task.name}) has not finished")
+        return self._result
+
+    def cancel(self) -> bool:
+        """Ask for the task to be cancelled; it resolves with status CANCELLED unless already done."""
+        if self._result is not None:
+            return False
+        self._pool.cancel(self.task_id)
+        return True
+
+    def add_done_callback(self, callback: Callable[[TaskFuture], None]) -> None:
+        """Call `callback(self)` once done, from the event loop (never inside the pool's own work)."""
+        if self._result is not None:
+            self._pool._call_soon(callback, self)
+        elif self._callbacks is None:
+            self._callbacks = [callback]
+        else:
+            self._callbacks.append(callback)
+
+    def _resolve(self, result: TaskResult) -> None:
+        if self._result is not None:
+            return
+        self._result = result
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(result)
+        if self._callbacks:
+            for callback in self._callbacks:
+                self._pool._call_soon(callback, self)
+            self._callbacks = None
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "pending"
+        return f"<TaskFuture {self.task_id} {self.task.name} {state}>"

@@ -1,0 +1,232 @@
+"""The pool's hosts: launching, watching and relaunching their sessions.
+
+`HostSupervisor` is the thin driver of `batuta.core.liveness`: it feeds the state machine
+what the sessions report (ready, heard, closed, launch failed) with the time of the loop's
+one clock, and carries out what comes back: it publishes state changes through the pool,
+abandons a lost host's stream, relaunches the agent on `Relaunch`, and tells the pool when
+a host is lost or retired so that the scheduler requeues or fails its work. It holds no
+policy of its own: silence thresholds, backoff and retirement are the core's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from batuta.core import liveness as lv
+from batuta.errors import AgentError, TransportError
+from batuta.protocol import messages as m
+from batuta.runtime import events as pe
+from batuta.runtime.session import HostSession, HostSpec, SendBudget
+from batuta.runtime.views import HostView
+
+log = logging.getLogger("batuta.runtime.hosts")
+
+
+class PoolSide(Protocol):
+    """What the supervisor tells the pool. Every call happens on the event loop."""
+
+    def host_ready(self, session: HostSession) -> None: ...
+    def host_messages(self, session: HostSession, messages: list[m.Message]) -> None: ...
+    def host_writable(self, session: HostSession) -> None: ...
+    def host_state_changed(self, host: str, state: str, reason: str) -> None: ...
+    def host_lost(self, host: str, reason: str, *, retired: bool) -> None: ...
+
+
+class HostSupervisor:
+    """Every host session of one pool, and their liveness."""
+
+    def __init__(
+        self,
+        specs: Sequence[HostSpec],
+        pool: PoolSide,
+        *,
+        liveness: lv.LivenessConfig,
+        heartbeat_interval: float,
+        start_timeout: float,
+        send_high_water: int,
+        send_budget: SendBudget,
+        clock: Callable[[], float],
+    ) -> None:
+        self._pool = pool
+        self._clock = clock
+        self._liveness = lv.HostLiveness(liveness)
+        self.sessions: dict[str, HostSession] = {
+            spec.name: HostSession(
+                spec=spec,
+                listener=self,
+                heartbeat_interval=heartbeat_interval,
+                handshake_timeout=start_timeout,
+                high_water=send_high_water,
+                budget=send_budget,
+            )
+            for spec in specs
+        }
+        self._launches: dict[str, asyncio.Task[None]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._closed = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Launch every host concurrently; returns once each has answered or failed. Hosts
+        that failed are relaunched in the background; raises the first error if none is up."""
+        now = self._clock()
+        for name in self.sessions:
+            self._liveness.handle(lv.HostAdded(host_id=name), now)
+        sessions = list(self.sessions.values())
+        results = await asyncio.gather(*(s.start() for s in sessions), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if len(errors) == len(sessions):
+            first = errors[0]
+            if isinstance(first, AgentError | TransportError):
+                raise first
+            raise AgentError(f"no host could be started: {first!r}") from first
+        for session, result in zip(sessions, results, strict=True):
+            if isinstance(result, BaseException):
+                if not (isinstance(result, TransportError) and not result.retryable):
+                    log.warning("host %s failed to start: %s; retrying in the background", session.name, result)
+                self._launch_failed(session, result)
+
+    async def close(self) -> None:
+        """Stop liveness and every session (Shutdown, EOF, then the transport's escalation)."""
+        self._closed = True
+        self._liveness.handle(lv.PoolClosed(), self._clock())
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        launches = list(self._launches.values())
+        for task in launches:
+            task.cancel()
+        await asyncio.gather(*(s.close() for s in self.sessions.values()), return_exceptions=True)
+        for task in launches:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # -- views ------------------------------------------------------------------------------
+
+    def views(self) -> list[HostView]:
+        now = self._clock()
+        views = []
+        for session in self.sessions.values():
+            hello = session.hello
+            views.append(
+                HostView(
+                    name=session.name,
+                    state=self._liveness.state(session.name).value,
+                    description=session.description,
+                    slots=len(hello.slots) if hello else 0,
+                    gpus=tuple(g.name for g in hello.gpus) if hello else (),
+                    cpu_count=hello.cpu_count if hello else 0,
+                    last_heard_s=self._liveness.silent_for(session.name, now),
+                )
+            )
+        return views
+
+    # -- HostListener (what the sessions report) ----------------------------------------------
+
+    def host_ready(self, session: HostSession) -> None:
+        self._handle(lv.HostReady(host_id=session.name))
+        self._pool.host_ready(session)
+
+    def host_messages(self, session: HostSession, messages: list[m.Message]) -> None:
+        if self._closed:  # what hosts say while they are shut down changes nothing
+            return
+        # Hearing from a host never brings a wake-up closer: no timer to re-arm here.
+        out = self._liveness.handle(lv.MessagesHeard(host_id=session.name), self._clock())
+        if out:
+            self._execute(out)
+        self._pool.host_messages(session, messages)
+
+    def host_closed(self, session: HostSession, reason: str) -> None:
+        if not self._closed:
+            self._handle(lv.StreamEnded(host_id=session.name, reason=reason))
+
+    def host_writable(self, session: HostSession) -> None:
+        self._pool.host_writable(session)
+
+    # -- driving the state machine ----------------------------------------------------------
+
+    def _handle(self, event: lv.Event) -> None:
+        self._execute(self._liveness.handle(event, self._clock()))
+        self._arm_timer()
+
+    def _execute(self, instructions: list[lv.Instruction]) -> None:
+        for ins in instructions:
+            if isinstance(ins, lv.MarkSuspected):
+                self._pool.host_state_changed(ins.host_id, "suspected", ins.reason)
+            elif isinstance(ins, lv.MarkUp):
+                if ins.reason.startswith("relaunched"):
+                    log.info("host %s %s", ins.host_id, ins.reason)
+                self._pool.host_state_changed(ins.host_id, "up", ins.reason)
+            elif isinstance(ins, lv.MarkLost):
+                log.warning("host %s lost: %s", ins.host_id, ins.reason)
+                self.sessions[ins.host_id].abandon()
+                self._pool.host_lost(ins.host_id, ins.reason, retired=False)
+            elif isinstance(ins, lv.Relaunch):
+                self._relaunch(self.sessions[ins.host_id], ins.attempt)
+            elif isinstance(ins, lv.Retire):
+                log.error("host %s cannot be used: %s", ins.host_id, ins.reason)
+                self._pool.host_lost(ins.host_id, ins.reason, retired=True)
+
+    def _relaunch(self, session: HostSession, attempt: int) -> None:
+        async def launch() -> None:
+            try:
+                await session.start()
+            except (AgentError, TransportError, OSError) as exc:
+                log.warning("host %s relaunch %d failed: %s", session.name, attempt, exc)
+                self._launch_failed(session, exc)
+            finally:
+                self._launches.pop(session.name, None)
+
+        self._launches[session.name] = asyncio.create_task(launch(), name=f"relaunch-{session.name}")
+
+    def _launch_failed(self, session: HostSession, exc: BaseException) -> None:
+        retryable = not (isinstance(exc, TransportError) and not exc.retryable)
+        self._handle(lv.LaunchFailed(host_id=session.name, reason=str(exc) or repr(exc), retryable=retryable))
+
+    def _arm_timer(self) -> None:
+        wake = self._liveness.next_wakeup()
+        if wake == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = wake
+        if wake is not None and not self._closed:
+            self._timer = asyncio.get_running_loop().call_at(wake, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if not self._closed:
+            self._handle(lv.ClockTicked())
+
+
+def telemetry_event(session: HostSession, hb: m.Heartbeat, now: float) -> pe.HostTelemetry:
+    """A heartbeat as the public telemetry event, GPUs named as the host introduced them."""
+    names = {g.index: g.name for g in session.hello.gpus} if session.hello else {}
+    return pe.HostTelemetry(
+        host=session.name,
+        cpu_percent=hb.cpu_percent,
+        memory_used=hb.memory_used,
+        memory_total=hb.memory_total,
+        gpus=tuple(
+            pe.GpuReading(
+                index=g.index,
+                name=names.get(g.index, f"GPU {g.index}"),
+                utilization=g.utilization,
+                memory_used=g.memory_used,
+                memory_total=g.memory_total,
+                temperature=g.temperature,
+                power=g.power,
+            )
+            for g in hb.gpus
+        ),
+        gpu_status=hb.gpu_status,
+        at=now,
+    )

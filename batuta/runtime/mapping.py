@@ -1,0 +1,60 @@
+"""`Pool.map` and `Pool.map_chunked`: many tasks, values in order, the first failure fails fast."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from batuta.core.task import Task, TaskResult
+from batuta.errors import TaskFailedError, UsageError
+
+if TYPE_CHECKING:
+    from batuta.runtime.future import TaskFuture
+    from batuta.runtime.pool import Pool
+
+
+async def map_tasks(pool: Pool, tasks: Iterable[Task]) -> list[Any]:
+    """Submit `tasks` and return their values in order. The first failed task cancels the
+    rest (those not yet submitted are never submitted) and raises TaskFailedError with its
+    result; a caller that gives up waiting cancels every task."""
+    futures: list[TaskFuture] = []
+    failure: list[TaskResult] = []
+
+    def on_done(done: TaskFuture) -> None:
+        result = done.result()
+        if not result.is_success() and not failure:
+            failure.append(result)
+            for other in futures:
+                other.cancel()
+
+    for task in tasks:
+        future = await pool.submit(task)
+        future.add_done_callback(on_done)
+        futures.append(future)
+        if failure:
+            break
+    try:
+        results = await asyncio.gather(*(f.asyncio_future() for f in futures))
+    except asyncio.CancelledError:  # our caller gave up: so do the tasks
+        for future in futures:
+            pool.cancel(future.task_id)
+        raise
+    if failure:
+        raise TaskFailedError(failure[0].describe_failure(), result=failure[0])
+    return [r.value for r in results]
+
+
+def chunks(arrays: Sequence[Any], chunk_size: int, extra_args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """Equally long arrays cut into aligned chunks of `chunk_size`, each followed by `extra_args`."""
+    if chunk_size < 1:
+        raise UsageError(f"chunk_size must be >= 1, not {chunk_size}")
+    if not arrays:
+        raise UsageError("map_chunked needs at least one array")
+    length = len(arrays[0])
+    if any(len(a) != length for a in arrays):
+        raise UsageError(f"map_chunked: arrays differ in length ({[len(a) for a in arrays]})")
+    return [
+        tuple(a[start : start + chunk_size] for a in arrays) + tuple(extra_args)
+        for start in range(0, length, chunk_size)
+    ]

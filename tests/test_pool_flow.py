@@ -1,0 +1,95 @@
+"""Closing as a state transition, and flow control towards hosts that stop reading."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import numpy as np
+import psutil
+import pytest
+
+from batuta import Pool, Task, TaskStatus
+from batuta.core.scheduler import SchedulerConfig
+from batuta.runtime import events as pe
+
+WAIT_S = 60.0
+
+
+def agent_processes() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children() if "batuta.agent" in " ".join(p.cmdline())]
+
+
+async def wait_until(condition: object, what: str, timeout: float = WAIT_S) -> None:
+    """Poll `condition()` on the loop until it holds (bounded in time), yielding in between."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():  # type: ignore[operator]
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_closing_while_results_stream_in_is_clean(caplog: pytest.LogCaptureFixture) -> None:
+    """Close used to resolve the pending tasks behind the scheduler's back; the next result
+    then made it send a task no longer pending (KeyError in the host reader, logged)."""
+    caplog.set_level(logging.WARNING, logger="batuta")
+    finished: list[int] = []
+    pool = Pool.builder().cpu_workers(2).gpu_workers("none").build()
+    await pool.start()
+    pool.subscribe(lambda e: finished.append(e.result.task_id) if isinstance(e, pe.TaskFinished) else None)
+    futures = [await pool.submit(Task.kernel("noop", i)) for i in range(20_000)]
+    await futures[200]  # results are streaming in
+    await pool.close()
+    statuses = {f.result().status for f in futures}
+    assert statuses <= {TaskStatus.SUCCEEDED, TaskStatus.CANCELLED} and TaskStatus.CANCELLED in statuses
+    assert sorted(finished) == sorted(f.task_id for f in futures)  # each resolved exactly once
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    for future in futures:
+        if future.result().status is TaskStatus.SUCCEEDED:
+            assert future.result().value == futures.index(future)
+
+
+@pytest.mark.slow
+async def test_a_host_that_stops_reading_bounds_what_the_coordinator_holds() -> None:
+    """A stopped agent reads nothing: the session stops writing at its high-water mark and
+    submissions wait at the send budget, instead of encoding everything for the pipe."""
+    high_water, budget, size = 1 << 20, 1 << 19, 1 << 19  # 512 KiB arguments
+    window = SchedulerConfig(initial_window=64, min_window=64, max_window=64)
+    pool = (
+        Pool.builder()
+        .cpu_workers(2)
+        .gpu_workers("none")
+        .scheduler(window)
+        .flow_control(high_water=high_water, budget=budget)
+        .liveness(suspect_after=120.0, lost_after=240.0)
+        .build()
+    )
+    async with pool:
+        assert (await pool.run(Task.kernel("noop", 1))).value == 1
+        (agent,) = agent_processes()
+        session = pool._hosts.sessions["local"]
+        submitted: list[asyncio.Future[object]] = []
+
+        async def submit_all() -> None:
+            for i in range(400):  # 200 MiB of arguments if nothing pushed back
+                future = await pool.submit(Task.kernel("sum", np.full(size // 8, float(i))))
+                submitted.append(future.asyncio_future())
+
+        agent.send_signal(signal.SIGSTOP)
+        try:
+            submitter = asyncio.create_task(submit_all())
+            await wait_until(lambda: session.congested, "the session to wait for its host")
+            await wait_until(lambda: not submitter.done() and pool._over_budget(), "submissions to wait")
+            for _ in range(20):  # whatever runs meanwhile: nothing more is written, nothing submitted
+                await asyncio.sleep(0)
+            held = len(submitted)
+            assert session.unflushed_bytes <= high_water + size + 4096
+            assert held <= 2 * 64 + 2, f"{held} tasks were accepted while the host read nothing"
+        finally:
+            agent.send_signal(signal.SIGCONT)
+        await asyncio.wait_for(submitter, WAIT_S)
+        results = await asyncio.wait_for(asyncio.gather(*submitted), WAIT_S)
+        assert [r.value for r in results] == [float(i) * (size // 8) for i in range(400)]  # type: ignore[attr-defined]
+        assert pool._budget.congested_bytes == 0
