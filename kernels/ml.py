@@ -48,16 +48,23 @@ scalar backend for them: pass the backend explicitly, as the jobs do.
 This module imports neither numba nor numba.cuda at import time (see `registry.jit`); the
 CUDA variants compile on their first call, on a GPU slot, or under numba's simulator
 (``NUMBA_ENABLE_CUDASIM=1``).
+
+This module defines the kernels (every one registers here, as ``batuta.kernels.ml``): each
+reference, its input check and the variants it attaches. The code behind them lives beside
+it, one subject a module: the shared input checks in `ml_checks`, the numba loops of the
+K-means, regression and MLP CPU variants in `ml_cpu`, the tree algorithms in `ml_trees`, the
+data generators in `ml_data` and the CUDA kernels in `cuda_ml`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import cuda_ml, cuda_support, ml_data, ml_trees
+from . import cuda_ml, cuda_support, ml_cpu, ml_data, ml_trees
+from .ml_checks import MAX_CLASSES, check_data, check_finite, check_labels, check_param, writable_float64
 from .ml_data import MAX_UINT64, splitmix64
 from .ml_trees import Tree
-from .registry import KernelInputError, as_count, float_array, jit, kernel, prange
+from .registry import KernelInputError, as_count, float_array, kernel
 
 __all__ = [
     "MAX_CLASSES",
@@ -75,79 +82,10 @@ __all__ = [
     "tree_predict",
 ]
 
-MAX_CLASSES = 4096
-"""Labels must be in [0, MAX_CLASSES): the tree kernels keep a count per class."""
-
 MAX_TREE_ROWS = 1 << 20
 """Rows per `tree_fit` call: split scores use int64 numerators up to about rows**3."""
 
-_KMEANS_BLOCK = 256  # rows per parallel work item in kmeans_partial's CPU variant
 _REFERENCE_BLOCK = 1024  # rows per vectorised step of kmeans_partial's reference: its arrays stay in L2
-_GRAM_TILE = 4  # X^T X register tile: 4 x 4 dot products at a time (8 loads feed 16 multiply-adds)
-_GRAM_PANEL = 512  # columns of [x | y]^T per pass: a tile's 8 rows (32 KiB) stay in L1
-_MLP_MAX_BLOCKS = 64  # gradient partials per call: fixed by n, never by the thread count
-_MLP_MIN_BLOCK = 128
-
-# -- validation ---------------------------------------------------------------------------
-
-
-def _finite(kernel: str, arg: str, array: np.ndarray) -> None:
-    if array.size and not np.isfinite(array).all():
-        raise KernelInputError(
-            f"kernel {kernel!r}: argument {arg!r} contains NaN or inf; drop or impute those rows first"
-        )
-
-
-def _data(kernel: str, arg: str, value: object) -> np.ndarray:
-    """A finite, C-contiguous float32/float64 matrix of rows (n, d) with d >= 1."""
-    x = float_array(kernel, arg, value, ndim=2)
-    if x.shape[1] == 0:
-        raise KernelInputError(f"kernel {kernel!r}: argument {arg!r} has no columns; pass at least one feature")
-    _finite(kernel, arg, x)
-    return x
-
-
-def writable_float64(array: np.ndarray) -> np.ndarray:
-    """`array` as a writable float64 array, copied only when it is not one already.
-
-    Arrays decoded from the wire are read-only views, and numba compiles a separate machine
-    code for read-only arguments: widening parameters (small) to writable float64 keeps one
-    compiled signature per kernel, so a slot warmed on local arrays needs no compile later.
-    """
-    if array.dtype == np.float64 and array.flags.writeable:
-        return array
-    return np.array(array, dtype=np.float64)
-
-
-def _param(kernel: str, arg: str, value: object, shape: tuple[int, ...]) -> np.ndarray:
-    """A finite float array of exactly `shape`, as writable float64 (parameters are small)."""
-    array = float_array(kernel, arg, value, ndim=len(shape))
-    if array.shape != shape:
-        raise KernelInputError(f"kernel {kernel!r}: argument {arg!r} has shape {array.shape}; expected {shape}")
-    _finite(kernel, arg, array)
-    return writable_float64(array)
-
-
-def _labels(kernel: str, arg: str, value: object, n: int, n_classes: int | None = None) -> np.ndarray:
-    """Integer class labels, one per row, in [0, n_classes) (default MAX_CLASSES), as int64."""
-    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu" or value.ndim != 1:
-        what = f"a {value.ndim}-D {value.dtype} array" if isinstance(value, np.ndarray) else type(value).__name__
-        raise KernelInputError(
-            f"kernel {kernel!r}: argument {arg!r} must be a 1-D integer array of class labels, not {what}; "
-            f"pass {arg}.astype(np.int64)"
-        )
-    if value.shape[0] != n:
-        raise KernelInputError(f"kernel {kernel!r}: argument {arg!r} has {value.shape[0]} labels for {n} rows")
-    limit = MAX_CLASSES if n_classes is None else n_classes
-    if n and (int(value.min()) < 0 or int(value.max()) >= limit):
-        raise KernelInputError(
-            f"kernel {kernel!r}: argument {arg!r} has labels outside [0, {limit}) "
-            f"(min {int(value.min())}, max {int(value.max())}); number the classes 0, 1, ..."
-        )
-    if value.dtype == np.int64 and value.flags.writeable and value.flags.c_contiguous:
-        return value
-    return np.array(value, dtype=np.int64)  # writable int64: one compiled signature (see writable_float64)
-
 
 # -- K-means ------------------------------------------------------------------------------
 
@@ -191,64 +129,18 @@ def kmeans_partial(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np
 
 @kmeans_partial.validator
 def _check_kmeans(x: object, centroids: object) -> tuple[np.ndarray, np.ndarray]:
-    xs = _data("kmeans_partial", "x", x)
+    xs = check_data("kmeans_partial", "x", x)
     c = float_array("kmeans_partial", "centroids", centroids, ndim=2)
     if c.shape[0] < 1 or c.shape[1] != xs.shape[1]:
         raise KernelInputError(
             f"kernel 'kmeans_partial': argument 'centroids' has shape {c.shape}; expected (k >= 1, {xs.shape[1]}), "
             "one row per cluster with as many columns as x"
         )
-    _finite("kmeans_partial", "centroids", c)
+    check_finite("kmeans_partial", "centroids", c)
     return xs, writable_float64(c)
 
 
-@jit(parallel=True, cache=True)
-def _kmeans_assign(x: np.ndarray, centroids_t: np.ndarray, labels: np.ndarray, best: np.ndarray) -> None:
-    n, d = x.shape
-    k = centroids_t.shape[1]
-    blocks = (n + _KMEANS_BLOCK - 1) // _KMEANS_BLOCK
-    for block in prange(blocks):
-        dist = np.empty(k, np.float64)
-        for i in range(block * _KMEANS_BLOCK, min((block + 1) * _KMEANS_BLOCK, n)):
-            dist[:] = 0.0
-            for j in range(d):
-                xij = np.float64(x[i, j])
-                for c in range(k):  # independent lanes: vectorises without reassociating
-                    diff = xij - centroids_t[j, c]
-                    dist[c] += diff * diff
-            nearest = 0
-            for c in range(1, k):
-                if dist[c] < dist[nearest]:
-                    nearest = c
-            labels[i] = nearest
-            best[i] = dist[nearest]
-
-
-@jit(cache=True)
-def _kmeans_accumulate(
-    x: np.ndarray, labels: np.ndarray, best: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray, float]:
-    n, d = x.shape
-    sums = np.zeros((k, d), np.float64)
-    counts = np.zeros(k, np.int64)
-    inertia = 0.0
-    for i in range(n):
-        c = labels[i]
-        counts[c] += 1
-        inertia += best[i]
-        for j in range(d):
-            sums[c, j] += x[i, j]
-    return sums, counts, inertia
-
-
-@kmeans_partial.cpu
-def _kmeans_cpu(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    n = x.shape[0]
-    labels = np.empty(n, np.int64)
-    best = np.empty(n, np.float64)
-    _kmeans_assign(x, np.ascontiguousarray(centroids.T), labels, best)
-    sums, counts, inertia = _kmeans_accumulate(x, labels, best, centroids.shape[0])
-    return sums, counts, float(inertia)
+kmeans_partial.cpu(ml_cpu.kmeans_partial_numba)
 
 
 # -- linear regression --------------------------------------------------------------------
@@ -271,7 +163,7 @@ def linreg_partial(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 @linreg_partial.validator
 def _check_linreg(x: object, y: object) -> tuple[np.ndarray, np.ndarray]:
-    xs = _data("linreg_partial", "x", x)
+    xs = check_data("linreg_partial", "x", x)
     ys = float_array("linreg_partial", "y", y)
     if ys.shape[0] != xs.shape[0]:
         raise KernelInputError(f"kernel 'linreg_partial': argument 'y' has {ys.shape[0]} values for {xs.shape[0]} rows")
@@ -280,82 +172,11 @@ def _check_linreg(x: object, y: object) -> tuple[np.ndarray, np.ndarray]:
             f"kernel 'linreg_partial': argument 'y' is {ys.dtype} but 'x' is {xs.dtype}; "
             f"cast one, e.g. y.astype(np.{xs.dtype})"
         )
-    _finite("linreg_partial", "y", ys)
+    check_finite("linreg_partial", "y", ys)
     return xs, ys
 
 
-@jit(cache=True)
-def _augmented_transpose(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """[x | y]^T as float64, rows padded with zeros to a multiple of the tile width."""
-    n, d = x.shape
-    rows = -(-(d + 1) // _GRAM_TILE) * _GRAM_TILE
-    xt = np.zeros((rows, n), np.float64)
-    for i0 in range(0, n, 64):  # 64 rows of x stay in cache while their columns are written out
-        i1 = min(i0 + 64, n)
-        for j in range(d):
-            for i in range(i0, i1):
-                xt[j, i] = x[i, j]
-        for i in range(i0, i1):
-            xt[d, i] = y[i]
-    return xt
-
-
-@jit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-def _gram_upper(xt: np.ndarray) -> np.ndarray:
-    # The upper triangle of xt @ xt.T in register tiles of 4 x 4 dot products, panel by
-    # panel of columns (a panel of every row stays in L2 while all tiles use it). Row tiles are paired
-    # (u with T-1-u) so that every parallel item does about the same work. Each element's
-    # sum is split the same way whatever the thread count: reproducible, though not in
-    # NumPy's order (reassoc lets the dots vectorise).
-    m, n = xt.shape
-    gram = np.zeros((m, m), np.float64)
-    tiles = m // _GRAM_TILE
-    for p0 in range(0, n, _GRAM_PANEL):  # a panel of every row of xt stays in L2 for all tiles
-        p1 = min(p0 + _GRAM_PANEL, n)
-        for item in prange((tiles + 1) // 2):
-            pair = np.int64(item)  # prange's index may be unsigned: int64 - uint64 is float64
-            for which in range(2):
-                tile = pair if which == 0 else tiles - 1 - pair
-                if which == 1 and tile == pair:
-                    continue
-                row = tile * _GRAM_TILE
-                for b in range(row, m, _GRAM_TILE):
-                    s00, s01, s02, s03 = 0.0, 0.0, 0.0, 0.0
-                    s10, s11, s12, s13 = 0.0, 0.0, 0.0, 0.0
-                    s20, s21, s22, s23 = 0.0, 0.0, 0.0, 0.0
-                    s30, s31, s32, s33 = 0.0, 0.0, 0.0, 0.0
-                    for i in range(p0, p1):
-                        x0, x1, x2, x3 = xt[row, i], xt[row + 1, i], xt[row + 2, i], xt[row + 3, i]
-                        y0, y1, y2, y3 = xt[b, i], xt[b + 1, i], xt[b + 2, i], xt[b + 3, i]
-                        s00 += x0 * y0
-                        s01 += x0 * y1
-                        s02 += x0 * y2
-                        s03 += x0 * y3
-                        s10 += x1 * y0
-                        s11 += x1 * y1
-                        s12 += x1 * y2
-                        s13 += x1 * y3
-                        s20 += x2 * y0
-                        s21 += x2 * y1
-                        s22 += x2 * y2
-                        s23 += x2 * y3
-                        s30 += x3 * y0
-                        s31 += x3 * y1
-                        s32 += x3 * y2
-                        s33 += x3 * y3
-                    gram[row, b : b + 4] += np.array((s00, s01, s02, s03))
-                    gram[row + 1, b : b + 4] += np.array((s10, s11, s12, s13))
-                    gram[row + 2, b : b + 4] += np.array((s20, s21, s22, s23))
-                    gram[row + 3, b : b + 4] += np.array((s30, s31, s32, s33))
-    return gram
-
-
-@linreg_partial.cpu
-def _linreg_cpu(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    d = x.shape[1]
-    upper = _gram_upper(_augmented_transpose(x, y))[: d + 1, : d + 1]
-    full = np.triu(upper) + np.triu(upper, 1).T
-    return np.ascontiguousarray(full[:d, :d]), np.ascontiguousarray(full[:d, d])
+linreg_partial.cpu(ml_cpu.linreg_partial_numba)
 
 
 # -- decision trees -----------------------------------------------------------------------
@@ -383,7 +204,7 @@ def tree_fit(x: np.ndarray, y: np.ndarray, seed: int, max_depth: int, n_features
 
 @tree_fit.validator
 def _check_tree_fit(x: object, y: object, seed: object, max_depth: object, n_features_per_split: object) -> tuple:
-    xs = _data("tree_fit", "x", x)
+    xs = check_data("tree_fit", "x", x)
     n, d = xs.shape
     if not 1 <= n <= MAX_TREE_ROWS:
         raise KernelInputError(
@@ -391,7 +212,7 @@ def _check_tree_fit(x: object, y: object, seed: object, max_depth: object, n_fea
         )
     return (
         xs,
-        _labels("tree_fit", "y", y, n),
+        check_labels("tree_fit", "y", y, n),
         as_count("tree_fit", "seed", seed, maximum=MAX_UINT64),
         as_count("tree_fit", "max_depth", max_depth, maximum=1000),
         as_count("tree_fit", "n_features_per_split", n_features_per_split, minimum=1, maximum=d),
@@ -420,7 +241,7 @@ def _check_tree_predict(
     feature: object, threshold: object, left: object, right: object, value: object, x: object
 ) -> tuple:
     name = "tree_predict"
-    xs = _data(name, "x", x)
+    xs = check_data(name, "x", x)
     arrays = {"feature": feature, "threshold": threshold, "left": left, "right": right, "value": value}
     wanted = {"feature": np.int32, "threshold": np.float64, "left": np.int32, "right": np.int32, "value": np.float64}
     for arg, array in arrays.items():
@@ -447,7 +268,7 @@ def _check_tree_predict(
             f"kernel {name!r}: the tree is malformed (feature >= {xs.shape[1]} columns of x, or a child id "
             "not after its parent); pass the arrays tree_fit returned, with x of the same columns"
         )
-    _finite(name, "threshold", checked["threshold"])
+    check_finite(name, "threshold", checked["threshold"])
     return (*checked.values(), xs)
 
 
@@ -489,7 +310,7 @@ def mlp_grad(
 @mlp_grad.validator
 def _check_mlp(w1: object, b1: object, w2: object, b2: object, x: object, y: object) -> tuple:
     name = "mlp_grad"
-    xs = _data(name, "x", x)
+    xs = check_data(name, "x", x)
     d = xs.shape[1]
     w1a = float_array(name, "w1", w1, ndim=2)
     if w1a.shape[0] != d or w1a.shape[1] < 1:
@@ -500,101 +321,16 @@ def _check_mlp(w1: object, b1: object, w2: object, b2: object, x: object, y: obj
         raise KernelInputError(f"kernel {name!r}: argument 'w2' has shape {w2a.shape}; expected ({h}, classes >= 2)")
     c = w2a.shape[1]
     return (
-        _param(name, "w1", w1a, (d, h)),
-        _param(name, "b1", b1, (h,)),
-        _param(name, "w2", w2a, (h, c)),
-        _param(name, "b2", b2, (c,)),
+        check_param(name, "w1", w1a, (d, h)),
+        check_param(name, "b1", b1, (h,)),
+        check_param(name, "w2", w2a, (h, c)),
+        check_param(name, "b2", b2, (c,)),
         xs,
-        _labels(name, "y", y, xs.shape[0], c),
+        check_labels(name, "y", y, xs.shape[0], c),
     )
 
 
-@jit(parallel=True, cache=True)
-def _mlp_blocks(
-    w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, x: np.ndarray, y: np.ndarray, block: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    n, d = x.shape
-    h = w1.shape[1]
-    c = w2.shape[1]
-    blocks = (n + block - 1) // block
-    loss = np.zeros(blocks, np.float64)
-    gw1 = np.zeros((blocks, d, h), np.float64)
-    gb1 = np.zeros((blocks, h), np.float64)
-    gw2 = np.zeros((blocks, h, c), np.float64)
-    gb2 = np.zeros((blocks, c), np.float64)
-    for k in prange(blocks):
-        hidden = np.empty(h, np.float64)
-        dhidden = np.empty(h, np.float64)
-        out = np.empty(c, np.float64)
-        for i in range(k * block, min((k + 1) * block, n)):
-            hidden[:] = b1
-            for j in range(d):
-                xij = np.float64(x[i, j])
-                for u in range(h):
-                    hidden[u] += xij * w1[j, u]
-            for u in range(h):
-                hidden[u] = np.tanh(hidden[u])
-            out[:] = b2
-            for u in range(h):
-                hu = hidden[u]
-                for q in range(c):
-                    out[q] += hu * w2[u, q]
-            top = out[0]
-            for q in range(1, c):
-                top = max(top, out[q])
-            label = y[i]
-            picked = out[label]
-            total = 0.0
-            for q in range(c):
-                out[q] = np.exp(out[q] - top)
-                total += out[q]
-            loss[k] += np.log(total) + top - picked
-            for q in range(c):
-                out[q] /= total
-            out[label] -= 1.0
-            for q in range(c):
-                gb2[k, q] += out[q]
-            for u in range(h):
-                hu = hidden[u]
-                back = 0.0
-                for q in range(c):
-                    gw2[k, u, q] += hu * out[q]
-                    back += w2[u, q] * out[q]
-                dhidden[u] = back * (1.0 - hu * hu)
-                gb1[k, u] += dhidden[u]
-            for j in range(d):
-                xij = np.float64(x[i, j])
-                for u in range(h):
-                    gw1[k, j, u] += xij * dhidden[u]
-    return loss, gw1, gb1, gw2, gb2
-
-
-@jit(cache=True)
-def _sum_blocks(parts: np.ndarray) -> np.ndarray:
-    total = parts[0].copy()
-    for k in range(1, parts.shape[0]):
-        total += parts[k]
-    return total
-
-
-@mlp_grad.cpu
-def _mlp_cpu(
-    w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, x: np.ndarray, y: np.ndarray
-) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    n = x.shape[0]
-    if n == 0:
-        return 0.0, np.zeros_like(w1), np.zeros_like(b1), np.zeros_like(w2), np.zeros_like(b2)
-    # Blocks depend on n only, never on the thread count, so the result is reproducible.
-    block = max(_MLP_MIN_BLOCK, -(-n // _MLP_MAX_BLOCKS))
-    xs = writable_float64(x)  # one compiled signature (see _tree_fit_cpu); exact
-    loss, gw1, gb1, gw2, gb2 = _mlp_blocks(w1, b1, w2, b2, xs, y, block)
-    return (
-        float(_sum_blocks(loss.reshape(-1, 1))[0]),
-        _sum_blocks(gw1),
-        _sum_blocks(gb1),
-        _sum_blocks(gw2),
-        _sum_blocks(gb2),
-    )
+mlp_grad.cpu(ml_cpu.mlp_grad_numba)
 
 
 # -- the same kernels on data generated where they run -----------------------------------
@@ -634,7 +370,7 @@ def _check_kmeans_synth(
 def _kmeans_synth_cpu(
     seed: int, start: int, rows: int, centers: np.ndarray, spread: float, centroids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    return _kmeans_cpu(ml_data.blobs_numba(np.uint64(seed), start, rows, centers, spread), centroids)
+    return ml_cpu.kmeans_partial_numba(ml_data.blobs_numba(np.uint64(seed), start, rows, centers, spread), centroids)
 
 
 @kmeans_partial_synth.gpu
@@ -668,7 +404,7 @@ def _check_linreg_synth(seed: object, start: object, rows: object, coef: object,
 def _linreg_synth_cpu(
     seed: int, start: int, rows: int, coef: np.ndarray, noise_scale: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    return _linreg_cpu(*ml_data.regression_numba(np.uint64(seed), start, rows, coef, noise_scale))
+    return ml_cpu.linreg_partial_numba(*ml_data.regression_numba(np.uint64(seed), start, rows, coef, noise_scale))
 
 
 @linreg_partial_synth.gpu
@@ -810,7 +546,7 @@ def _mlp_synth_cpu(
     noise_scale: float,
 ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     x, y = ml_data.teacher_numba(np.uint64(seed), start, rows, weights, noise_scale)
-    return _mlp_cpu(w1, b1, w2, b2, x, y)
+    return ml_cpu.mlp_grad_numba(w1, b1, w2, b2, x, y)
 
 
 # -- CUDA variants (numba-cuda kernels in `cuda_ml`, compiled on first use) ---------------

@@ -1,0 +1,78 @@
+"""Input checks shared by the ML kernels in `ml`: rows, parameters and class labels.
+
+Every ML kernel's validator (plain and ``*_synth``) checks its arrays the same way: finite
+float32/float64 rows, small float parameters of an exact shape widened to writable float64,
+and integer labels in range. They live here, apart from the kernels, so that `ml` holds the
+kernels themselves and each check is written once. A bad argument raises a one-line
+`KernelInputError` naming the kernel, the argument and the fix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .registry import KernelInputError, float_array
+
+__all__ = ["MAX_CLASSES", "check_data", "check_finite", "check_labels", "check_param", "writable_float64"]
+
+MAX_CLASSES = 4096
+"""Labels must be in [0, MAX_CLASSES): the tree kernels keep a count per class."""
+
+
+def check_finite(kernel: str, arg: str, array: np.ndarray) -> None:
+    """Refuse NaN and inf: they have no place in a distance, a split or a loss."""
+    if array.size and not np.isfinite(array).all():
+        raise KernelInputError(
+            f"kernel {kernel!r}: argument {arg!r} contains NaN or inf; drop or impute those rows first"
+        )
+
+
+def check_data(kernel: str, arg: str, value: object) -> np.ndarray:
+    """A finite, C-contiguous float32/float64 matrix of rows (n, d) with d >= 1."""
+    x = float_array(kernel, arg, value, ndim=2)
+    if x.shape[1] == 0:
+        raise KernelInputError(f"kernel {kernel!r}: argument {arg!r} has no columns; pass at least one feature")
+    check_finite(kernel, arg, x)
+    return x
+
+
+def writable_float64(array: np.ndarray) -> np.ndarray:
+    """`array` as a writable float64 array, copied only when it is not one already.
+
+    Arrays decoded from the wire are read-only views, and numba compiles a separate machine
+    code for read-only arguments: widening parameters (small) to writable float64 keeps one
+    compiled signature per kernel, so a slot warmed on local arrays needs no compile later.
+    """
+    if array.dtype == np.float64 and array.flags.writeable:
+        return array
+    return np.array(array, dtype=np.float64)
+
+
+def check_param(kernel: str, arg: str, value: object, shape: tuple[int, ...]) -> np.ndarray:
+    """A finite float array of exactly `shape`, as writable float64 (parameters are small)."""
+    array = float_array(kernel, arg, value, ndim=len(shape))
+    if array.shape != shape:
+        raise KernelInputError(f"kernel {kernel!r}: argument {arg!r} has shape {array.shape}; expected {shape}")
+    check_finite(kernel, arg, array)
+    return writable_float64(array)
+
+
+def check_labels(kernel: str, arg: str, value: object, n: int, n_classes: int | None = None) -> np.ndarray:
+    """Integer class labels, one per row, in [0, n_classes) (default MAX_CLASSES), as int64."""
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu" or value.ndim != 1:
+        what = f"a {value.ndim}-D {value.dtype} array" if isinstance(value, np.ndarray) else type(value).__name__
+        raise KernelInputError(
+            f"kernel {kernel!r}: argument {arg!r} must be a 1-D integer array of class labels, not {what}; "
+            f"pass {arg}.astype(np.int64)"
+        )
+    if value.shape[0] != n:
+        raise KernelInputError(f"kernel {kernel!r}: argument {arg!r} has {value.shape[0]} labels for {n} rows")
+    limit = MAX_CLASSES if n_classes is None else n_classes
+    if n and (int(value.min()) < 0 or int(value.max()) >= limit):
+        raise KernelInputError(
+            f"kernel {kernel!r}: argument {arg!r} has labels outside [0, {limit}) "
+            f"(min {int(value.min())}, max {int(value.max())}); number the classes 0, 1, ..."
+        )
+    if value.dtype == np.int64 and value.flags.writeable and value.flags.c_contiguous:
+        return value
+    return np.array(value, dtype=np.int64)  # writable int64: one compiled signature (see writable_float64)

@@ -1,0 +1,185 @@
+"""The wire codec on send: what cannot be sent is a LocalProtocolError naming the field.
+
+Values of types the wire does not carry, fields out of range, values nested too deeply and
+frames over the limit are refused by `encode_message` before a byte is written, with the path
+of the offending field. Separate from the round trips (test_protocol_codec.py) and from
+malformed input (test_protocol_codec_malformed.py), which is the receiving side.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from batuta.core.task import BinaryCall, KernelCall
+from batuta.protocol import (
+    Done,
+    GpuSample,
+    Heartbeat,
+    Hello,
+    LocalProtocolError,
+    Run,
+    SlotInfo,
+    SlotState,
+    Started,
+    TaskOutcome,
+    TaskRequest,
+    Welcome,
+    check_value,
+    encode_message,
+)
+
+# -- what cannot be sent ------------------------------------------------------------------------
+
+
+def outcome_with(value: Any) -> Done:
+    return Done(
+        results=(
+            TaskOutcome(task_id=1, slot=0, attempt=1, status="ok"),
+            TaskOutcome(task_id=2, slot=0, attempt=1, status="ok", value=value),
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        (np.array([object()]), "dtype '|O'"),
+        (np.array(["text"]), "dtype '<U4'"),
+        (np.array([1], dtype="datetime64[s]"), "datetime"),
+        (np.zeros(2, dtype=[("a", "<i4")]), "dtype"),
+        (np.ma.masked_array([1, 2], mask=[False, True]), "masked"),
+        (object(), "type object"),
+        ({1, 2}, "type set"),
+        (bytearray(b"x"), "type bytearray"),
+        ({1: "a"}, "dict keys must be str"),
+        ([1, 2**64], "int 18446744073709551616 does not fit"),
+        (lambda: 0, "type function"),
+    ],
+)
+def test_unsendable_values_name_the_type_and_the_field(value: Any, words: str) -> None:
+    with pytest.raises(LocalProtocolError) as info:
+        encode_message(outcome_with(value))
+    text = str(info.value)
+    assert text.startswith("Done.results[1].value"), text
+    assert words in text, text
+    with pytest.raises(LocalProtocolError):
+        check_value(value)
+
+
+def test_unsendable_argument_names_its_index() -> None:
+    msg = Run(
+        tasks=(
+            TaskRequest(task_id=1, slot=0, attempt=1, call=KernelCall(name="k", args=(1,))),
+            TaskRequest(task_id=2, slot=0, attempt=1, call=KernelCall(name="k", args=(1, [2, {"x": object()}]))),
+        )
+    )
+    with pytest.raises(
+        LocalProtocolError, match=r"^Run\.tasks\[1\]\.call\.args\[1\]\[1\]\['x'\]: cannot send a value of type object"
+    ):
+        encode_message(msg)
+
+
+def test_too_deep_and_self_referencing_values_are_refused() -> None:
+    deep: Any = 1
+    for _ in range(40):
+        deep = [deep]
+    with pytest.raises(LocalProtocolError, match="nested deeper than 32"):
+        encode_message(outcome_with(deep))
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(LocalProtocolError, match="nested deeper"):
+        check_value(loop)
+
+
+@pytest.mark.parametrize(
+    ("msg", "words"),
+    [
+        (TaskOutcome(task_id=1, slot=0, attempt=1, status="weird"), "Done.results[0].status: unknown status 'weird'"),
+        (
+            TaskOutcome(task_id=-1, slot=0, attempt=1, status="ok"),
+            "Done.results[0].task_id: expected an int >= 0, got int -1",
+        ),
+        (TaskOutcome(task_id=1, slot=0, attempt=0, status="ok"), "Done.results[0].attempt: expected an int >= 1"),
+        (TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", run_s=float("nan")), "run_s: expected a finite number"),
+        (TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", stdout="text"), "stdout: expected bytes, got str"),  # type: ignore[arg-type]
+        (
+            TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", error="\udcff"),
+            "Done.results[0].error: str is not valid UTF-8",
+        ),
+        (TaskOutcome(task_id=True, slot=0, attempt=1, status="ok"), "task_id: expected an int >= 0, got bool True"),
+    ],
+)
+def test_bad_fields_are_local_errors_naming_the_field(msg: TaskOutcome, words: str) -> None:
+    with pytest.raises(LocalProtocolError) as info:
+        encode_message(Done(results=(msg,)))
+    assert words in str(info.value)
+
+
+WRONG: dict[str, Any] = {"str": "k", "env": {"A": 1}, "tasks": [1], "caps": ("cpu", 3)}
+"""Values of the wrong type for a field, typed Any so the type checker lets the tests try them."""
+
+
+def test_bad_message_level_fields_on_send() -> None:
+    cases: list[tuple[Any, str]] = [
+        (
+            Run(tasks=(TaskRequest(task_id=1, slot=0, attempt=1, call=KernelCall(name="k"), backend="auto"),)),
+            "backend: unknown backend 'auto'",
+        ),
+        (
+            Run(tasks=(TaskRequest(task_id=1, slot=0, attempt=1, call=KernelCall(name="k"), timeout=0),)),
+            "timeout: expected a number > 0",
+        ),
+        (
+            Run(tasks=(TaskRequest(task_id=1, slot=0, attempt=1, call=WRONG["str"]),)),
+            "Run.tasks[0].call: expected a KernelCall or BinaryCall",
+        ),
+        (
+            Run(tasks=(TaskRequest(task_id=1, slot=0, attempt=1, call=KernelCall(name="")),)),
+            "call.name: expected a non-empty str",
+        ),
+        (
+            Run(tasks=(TaskRequest(task_id=1, slot=0, attempt=1, call=BinaryCall(path="x", env=WRONG["env"])),)),
+            "call.env['A']: expected a str",
+        ),
+        (Run(tasks=WRONG["tasks"]), "Run.tasks[0]: expected a TaskRequest, got int 1"),
+        (SlotState(slot=0, state="sleeping"), "SlotState.state: unknown slot state 'sleeping'"),
+        (Welcome(protocol=1, heartbeat_interval=-1), "heartbeat_interval: expected a number > 0"),
+        (Started(task_ids=(1, -2)), "Started.task_ids[1]: expected an int >= 0"),
+        (
+            Hello(
+                protocol=1,
+                batuta_version="",
+                python_version="",
+                hostname="",
+                pid=1,
+                cpu_count=1,
+                slots=(SlotInfo(slot=0, capabilities=WRONG["caps"]),),
+            ),
+            "Hello.slots[0].capabilities[1]: expected a str",
+        ),
+        (
+            Heartbeat(seq=1, cpu_percent=1, memory_used=1, memory_total=1, gpus=(GpuSample(index=0, power=-5.0),)),
+            "Heartbeat.gpus[0].power: expected a number >= 0",
+        ),
+    ]
+    for msg, words in cases:
+        with pytest.raises(LocalProtocolError) as info:
+            encode_message(msg)
+        assert words in str(info.value), (str(info.value), words)
+
+
+def test_non_message_cannot_be_encoded() -> None:
+    with pytest.raises(LocalProtocolError, match=r"not a batuta\.protocol message"):
+        encode_message(TaskOutcome(task_id=1, slot=0, attempt=1, status="ok"))  # type: ignore[arg-type]
+
+
+def test_frame_over_the_limit_is_refused_on_send() -> None:
+    msg = Started(task_ids=tuple(range(1000)))
+    with pytest.raises(LocalProtocolError, match=r"Started frame of \d+ bytes exceeds the 100-byte limit"):
+        encode_message(msg, max_frame_bytes=100)
+    big = outcome_with(np.zeros(1000))
+    with pytest.raises(LocalProtocolError, match="exceeds the 4096-byte limit"):
+        encode_message(big, max_frame_bytes=4096)
