@@ -32,7 +32,6 @@ from batuta.errors import BatutaError, UsageError
 if TYPE_CHECKING:
     from batuta.jobs._run import RunOutcome
     from batuta.jobs._summary import RunTracker
-    from batuta.observers.metrics import MetricsExporter
     from batuta.runtime.cluster import ClusterConfig
     from batuta.runtime.probe import HostReport
 
@@ -339,7 +338,7 @@ def _add_observer_arguments(parser: argparse.ArgumentParser) -> None:
     _add_metrics_and_log_arguments(observe, log_to="stderr")
     observe.add_argument(
         "--metrics-linger",
-        type=_linger_seconds,
+        type=float,
         default=0.0,
         metavar="SECONDS",
         help="with --metrics-port: serve the final metrics this long after the job (default: 0; Ctrl-C ends it)",
@@ -393,16 +392,6 @@ def _port(text: str) -> int:
     value = _int(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a TCP port; pass 0 to 65535, e.g. 9464")
-    return value
-
-
-def _linger_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, e.g. 30") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds >= 0, e.g. 30")
     return value
 
 
@@ -471,20 +460,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         close_logging()
     _report(outcome, as_json=args.json, quiet=args.quiet)
-    if outcome.metrics is not None:
-        _linger_on_metrics(outcome.metrics, args.metrics_linger, quiet=args.quiet)
+    if outcome.metrics is not None:  # --metrics-linger, once the summary is out
+        from batuta.jobs._run import linger_metrics
+
+        linger_metrics(outcome.metrics, args.metrics_linger, say=not args.quiet and sys.stderr.isatty())
     return EXIT_OK if outcome.summary.ok else EXIT_FAILED
-
-
-def _linger_on_metrics(exporter: MetricsExporter, seconds: float, *, quiet: bool) -> None:
-    """--metrics-linger: the summary is out; serve the final numbers a while longer."""
-    from batuta.jobs._run import linger_metrics
-
-    sys.stdout.flush()  # the summary is complete before the wait
-    if exporter.address is not None and not quiet and sys.stderr.isatty():
-        where = _metrics_url(exporter.address)
-        print(f"{PROG}: serving the final metrics at {where} for {seconds:g} s; Ctrl-C ends it", file=sys.stderr)
-    linger_metrics(exporter, seconds)
 
 
 def _announce_metrics(address: tuple[str, int]) -> None:

@@ -471,8 +471,9 @@ def test_bad_linger_or_textfile_is_a_one_line_usage_error(tmp_path: Path, capsys
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
     cases = {
-        ("--metrics-port", "0", "--metrics-linger", "-1"): "--metrics-linger: -1 is not a number of seconds >= 0",
-        ("--metrics-port", "0", "--metrics-linger", "soon"): "--metrics-linger: 'soon' is not a number of seconds",
+        ("--metrics-port", "0", "--metrics-linger", "-1"): "--metrics-linger -1.0 is not a number of seconds >= 0",
+        ("--metrics-port", "0", "--metrics-linger", "inf"): "--metrics-linger inf is not a number of seconds >= 0",
+        ("--metrics-port", "0", "--metrics-linger", "soon"): "--metrics-linger: invalid float value: 'soon'",
         ("--metrics-linger", "5"): "--metrics-linger 5 needs --metrics-port PORT",
         ("--metrics-textfile", str(tmp_path / "missing" / "b.prom")): "No such file or directory",
         ("--metrics-textfile", str(not_a_folder / "b.prom")): "Not a directory",
@@ -486,7 +487,7 @@ def test_bad_linger_or_textfile_is_a_one_line_usage_error(tmp_path: Path, capsys
 
 
 def test_on_a_terminal_the_linger_says_so_once_then_stops_serving(monkeypatch: pytest.MonkeyPatch) -> None:
-    from batuta import cli
+    from batuta.jobs._run import linger_metrics
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -497,7 +498,7 @@ def test_on_a_terminal_the_linger_says_so_once_then_stops_serving(monkeypatch: p
     exporter.freeze()
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    cli._linger_on_metrics(exporter, 0.0, quiet=False)
+    linger_metrics(exporter, 0.0, say=True)
     url = f"http://127.0.0.1:{address[1]}/metrics"
     assert terminal.getvalue() == f"batuta: serving the final metrics at {url} for 0 s; Ctrl-C ends it\n"
     assert exporter.address is None

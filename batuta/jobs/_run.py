@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -193,8 +195,8 @@ def check_metrics_end(*, port: int | None, textfile: str | Path | None, linger: 
     The textfile's folder is tried by creating (and removing) a file there, so that a job
     never runs for an hour to fail at writing its numbers.
     """
-    if not linger >= 0:  # also NaN
-        raise UsageError(f"--metrics-linger {linger} is not a number of seconds; pass 0 or more, e.g. 30")
+    if not 0 <= linger < math.inf:  # also NaN
+        raise UsageError(f"--metrics-linger {linger} is not a number of seconds >= 0; pass e.g. 30")
     if linger > 0 and port is None:
         raise UsageError(f"--metrics-linger {linger:g} needs --metrics-port PORT: it keeps that server up")
     if textfile is None:
@@ -211,11 +213,15 @@ def check_metrics_end(*, port: int | None, textfile: str | Path | None, linger: 
         raise UsageError(f"cannot write --metrics-textfile {str(target)!r}: {exc.strerror or exc}; {fix}") from None
 
 
-def linger_metrics(exporter: MetricsExporter, seconds: float) -> None:
+def linger_metrics(exporter: MetricsExporter, seconds: float, *, say: bool = False) -> None:
     """Keep serving the job's final metrics for `seconds` (Ctrl-C ends it early), then stop.
 
-    Blocking: call it once the event loop is gone. The scrapes read the frozen snapshot.
+    Blocking: call it once the event loop is gone; scrapes read the frozen snapshot. With
+    `say` (a terminal), one line on stderr tells why the command has not returned yet.
     """
+    sys.stdout.flush()  # what was printed before (the summary) is out before the wait
+    if say and exporter.url is not None:
+        print(f"batuta: serving the final metrics at {exporter.url} for {seconds:g} s; Ctrl-C ends it", file=sys.stderr)
     try:
         time.sleep(seconds)
     except KeyboardInterrupt:

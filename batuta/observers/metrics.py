@@ -227,6 +227,14 @@ class MetricsExporter:
         if thread is not None:
             thread.join(timeout=5.0)
 
+    @property
+    def url(self) -> str | None:
+        """Where a scrape goes (`http://address:port/metrics`), while serving."""
+        if self.address is None:
+            return None
+        host, port = self.address
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}/metrics"
+
     def freeze(self) -> None:
         """Stop following the pool and keep the numbers it has now, for later scrapes.
 
