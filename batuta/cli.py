@@ -337,6 +337,18 @@ def _add_observer_arguments(parser: argparse.ArgumentParser) -> None:
     observe = parser.add_argument_group("metrics, logs and journal")
     _add_metrics_and_log_arguments(observe, log_to="stderr")
     observe.add_argument(
+        "--metrics-linger",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --metrics-port: serve the final metrics this long after the job (default: 0; Ctrl-C ends it)",
+    )
+    observe.add_argument(
+        "--metrics-textfile",
+        metavar="PATH",
+        help="write the final metrics to PATH (Prometheus text, replaced atomically) for node-exporter",
+    )
+    observe.add_argument(
         "--journal",
         metavar="DIR",
         help="record each succeeded task's result (and the job's checkpoints) in DIR; starts it over",
@@ -441,11 +453,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
                     metrics_port=args.metrics_port,
                     metrics_bind=args.metrics_bind,
                     on_metrics=None if args.quiet else _announce_metrics,
+                    metrics_textfile=args.metrics_textfile,
+                    metrics_linger=args.metrics_linger,
                 )
             )
     finally:
         close_logging()
     _report(outcome, as_json=args.json, quiet=args.quiet)
+    if outcome.metrics is not None:  # --metrics-linger, once the summary is out
+        from batuta.jobs._run import linger_metrics
+
+        linger_metrics(outcome.metrics, args.metrics_linger, say=not args.quiet and sys.stderr.isatty())
     return EXIT_OK if outcome.summary.ok else EXIT_FAILED
 
 

@@ -137,8 +137,8 @@ async def batuta_start(hosts: TestHosts, slots: int) -> dict[str, Any]:
     from batuta import Task
     from batuta.runtime import events as pe
     from batuta.runtime.cluster import host_specs, parse_cluster
-    from batuta.runtime.session import HostSpec
     from batuta.runtime.pool import Pool
+    from batuta.runtime.session import HostSpec
 
     expected = len(hosts) * slots
     phases: dict[str, dict[str, float]] = {h.name: {} for h in hosts}

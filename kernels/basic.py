@@ -34,7 +34,7 @@ a 2-core host with numba's OpenMP layer: a parallel launch costs about 1.5 us th
 # -- scheduler probes ---------------------------------------------------------------------
 
 
-@kernel("noop", description="Return the first argument, or None: a trivial task for throughput tests.")
+@kernel("noop", description="Return the first argument, or None: a trivial task for throughput tests.", pure=True)
 def noop(*args: object) -> object:
     return args[0] if args else None
 
@@ -70,7 +70,7 @@ def _check_spin(seconds: object) -> tuple[float] | None:
 # -- streaming kernels --------------------------------------------------------------------
 
 
-@kernel("vadd", description="Elementwise a + b of two equal-length 1-D float arrays.")
+@kernel("vadd", description="Elementwise a + b of two equal-length 1-D float arrays.", pure=True)
 def vadd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a + b
 
@@ -112,7 +112,7 @@ def _vadd_gpu(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return result
 
 
-@kernel("saxpy", description="alpha * x + y for a real scalar alpha and 1-D float arrays x, y.")
+@kernel("saxpy", description="alpha * x + y for a real scalar alpha and 1-D float arrays x, y.", pure=True)
 def saxpy(alpha: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return alpha * x + y
 
@@ -154,7 +154,7 @@ def _saxpy_gpu(alpha: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return result
 
 
-@kernel("sum", description="Sum of a 1-D float array, accumulated in float64, as a Python float.")
+@kernel("sum", description="Sum of a 1-D float array, accumulated in float64, as a Python float.", pure=True)
 def sum_(x: np.ndarray) -> float:
     """Sum of `x` as a Python float, accumulated in float64 for float32 input too.
 
@@ -219,7 +219,7 @@ _SHIFT_A, _SHIFT_B, _SHIFT_C, _SHIFT_53 = (np.uint64(s) for s in (30, 27, 31, 11
 _UNIT = 1.0 / 2.0**53
 
 
-@kernel("mc_pi", description="Estimate pi from `samples` random points in the unit square.")
+@kernel("mc_pi", description="Estimate pi from `samples` random points in the unit square.", pure=True)
 def mc_pi(samples: int, seed: int) -> float:
     """4 * (share of points inside the quarter circle), drawn with NumPy's default Generator.
 

@@ -36,7 +36,9 @@ def _float_matrices(kernel: str, **arrays: object) -> tuple[np.ndarray, ...]:
 # -- matmul -------------------------------------------------------------------------------
 
 
-@kernel("matmul", description="Matrix product a @ b of 2-D float arrays (m, k) and (k, n).", complexity="cubic")
+@kernel(
+    "matmul", description="Matrix product a @ b of 2-D float arrays (m, k) and (k, n).", complexity="cubic", pure=True
+)
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b in the inputs' dtype (float32 products accumulate in float32, as SGEMM does).
 
@@ -81,6 +83,7 @@ _REFERENCE_BLOCK_BYTES = 1 << 25  # the reference's broadcast temporary: 32 MiB 
     "pairwise_distances",
     description="Euclidean distances between the rows of x (n, d) and of y (m, d): an (n, m) array.",
     complexity="quadratic",
+    pure=True,
 )
 def pairwise_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """``d[i, j] = sqrt(sum_k (x[i, k] - y[j, k])**2)``, in the inputs' dtype.

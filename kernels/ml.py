@@ -94,6 +94,7 @@ _REFERENCE_BLOCK = 1024  # rows per vectorised step of kmeans_partial's referenc
     "kmeans_partial",
     description="K-means step on a chunk: per-cluster sums and counts, and the inertia.",
     complexity="quadratic",
+    pure=True,
 )
 def kmeans_partial(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """Assign each row of `x` (n, d) to its nearest centroid (k, d); return the cluster sums.
@@ -150,6 +151,7 @@ kmeans_partial.cpu(ml_cpu.kmeans_partial_numba)
     "linreg_partial",
     description="Normal equations of a chunk: X^T X and X^T y in float64.",
     complexity="quadratic",
+    pure=True,
 )
 def linreg_partial(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(X^T X [d, d], X^T y [d])`` of the rows `x` (n, d) and targets `y` (n,), float64.
@@ -186,6 +188,7 @@ linreg_partial.cpu(ml_cpu.linreg_partial_numba)
     "tree_fit",
     description="Fit one random-forest classification tree (Gini) on a bootstrap sample; return its arrays.",
     complexity="linear",
+    pure=True,
 )
 def tree_fit(x: np.ndarray, y: np.ndarray, seed: int, max_depth: int, n_features_per_split: int) -> Tree:
     """Fit a classification tree on a bootstrap sample of (`x`, `y`), as a random forest does.
@@ -228,6 +231,7 @@ def _tree_fit_cpu(x: np.ndarray, y: np.ndarray, seed: int, max_depth: int, n_fea
     "tree_predict",
     description="Predictions of one fitted tree (tree_fit's arrays) for the rows of x.",
     complexity="linear",
+    pure=True,
 )
 def tree_predict(
     feature: np.ndarray, threshold: np.ndarray, left: np.ndarray, right: np.ndarray, value: np.ndarray, x: np.ndarray
@@ -282,6 +286,7 @@ tree_predict.cpu(ml_trees.predict_numba)
     "mlp_grad",
     description="Loss and gradients of a 1-hidden-layer tanh MLP (softmax cross-entropy), summed.",
     complexity="quadratic",
+    pure=True,
 )
 def mlp_grad(
     w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, x: np.ndarray, y: np.ndarray
@@ -343,6 +348,7 @@ mlp_grad.cpu(ml_cpu.mlp_grad_numba)
     "kmeans_partial_synth",
     description="kmeans_partial on rows of the seeded blobs data set, generated here.",
     complexity="quadratic",
+    pure=True,
 )
 def kmeans_partial_synth(
     seed: int, start: int, rows: int, centers: np.ndarray, spread: float, centroids: np.ndarray
@@ -384,6 +390,7 @@ def _kmeans_synth_gpu(
     "linreg_partial_synth",
     description="linreg_partial on rows of the seeded regression data set, generated here.",
     complexity="quadratic",
+    pure=True,
 )
 def linreg_partial_synth(
     seed: int, start: int, rows: int, coef: np.ndarray, noise_scale: float
@@ -418,6 +425,7 @@ def _linreg_synth_gpu(
     "tree_fit_synth",
     description="tree_fit on the first rows of the seeded teacher data set, plus predictions for the rows after.",
     complexity="linear",
+    pure=True,
 )
 def tree_fit_synth(
     seed: int,
@@ -492,6 +500,7 @@ def _tree_synth_cpu(
     "mlp_grad_synth",
     description="mlp_grad on rows of the seeded teacher data set, generated here.",
     complexity="quadratic",
+    pure=True,
 )
 def mlp_grad_synth(
     w1: np.ndarray,

@@ -228,6 +228,9 @@ class KernelInfo:
     module: str
     complexity: str = "linear"
     """One of `COMPLEXITIES`: how the work grows with the input size."""
+    pure: bool = False
+    """Whether equal arguments always give an equal result (no clock, no unseeded randomness):
+    a job journal may then reuse one result for every task with the same arguments."""
 
 
 class KernelDef:
@@ -238,7 +241,15 @@ class KernelDef:
     ``@kdef.gpu`` and ``@kdef.validator`` attach the rest; `variant` reads them back.
     """
 
-    def __init__(self, name: str, reference: Callable[..., Any], description: str, complexity: str = "linear") -> None:
+    def __init__(
+        self,
+        name: str,
+        reference: Callable[..., Any],
+        description: str,
+        complexity: str = "linear",
+        *,
+        pure: bool = False,
+    ) -> None:
         code = getattr(reference, "__code__", None)
         if code is None:
             raise KernelDefinitionError(f"kernel {name!r}: the reference must be a Python function, not {reference!r}")
@@ -253,6 +264,7 @@ class KernelDef:
         self.name = name
         self.reference = reference
         self.complexity = complexity
+        self.pure = bool(pure)
         self.description = description or (reference.__doc__ or "").strip().split("\n")[0]
         self.module: str = reference.__module__
         varargs = bool(code.co_flags & _CO_VARARGS)
@@ -320,6 +332,7 @@ class KernelDef:
             params=self.params,
             module=self.module,
             complexity=self.complexity,
+            pure=self.pure,
         )
 
     # -- calling ------------------------------------------------------------------------
@@ -380,14 +393,17 @@ _KERNELS: dict[str, KernelDef] = {}
 
 
 def kernel(
-    name: str, *, description: str = "", complexity: str = "linear"
+    name: str, *, description: str = "", complexity: str = "linear", pure: bool = False
 ) -> Callable[[Callable[..., Any]], KernelDef]:
     """Decorator: register the decorated reference function as kernel `name`.
 
     Returns the `KernelDef`, on which ``@<kdef>.cpu``, ``@<kdef>.gpu`` and
     ``@<kdef>.validator`` attach the rest. The description defaults to the docstring's first
     line. `complexity` ("linear", "quadratic" or "cubic" in the input size) feeds the
-    coordinator's automatic backend choice. Re-registering a name from the same module (a
+    coordinator's automatic backend choice. `pure=True` declares that equal arguments always
+    give an equal result (no clock, no unseeded randomness, no host facts): a job journal then
+    keys the kernel's tasks by their arguments alone, so equal tasks share one result, where
+    it otherwise keys each task by its place in the job. Re-registering a name from the same module (a
     reload) replaces it; from another module it is an error, because hosts must agree on
     what a name means.
     """
@@ -398,7 +414,7 @@ def kernel(
         )
 
     def register(reference: Callable[..., Any]) -> KernelDef:
-        kdef = KernelDef(name, reference, description, complexity)
+        kdef = KernelDef(name, reference, description, complexity, pure=pure)
         existing = _KERNELS.get(name)
         if existing is not None and (
             existing.module != kdef.module or existing.reference.__qualname__ != reference.__qualname__

@@ -17,7 +17,9 @@ from .registry import KernelInputError, as_count, as_real, float_array, float_ve
 # -- dot ----------------------------------------------------------------------------------
 
 
-@kernel("dot", description="Dot product of two equal-length 1-D float arrays, in float64, as a Python float.")
+@kernel(
+    "dot", description="Dot product of two equal-length 1-D float arrays, in float64, as a Python float.", pure=True
+)
 def dot(x: np.ndarray, y: np.ndarray) -> float:
     """sum(x * y) as a Python float; products and sums in float64 for float32 input too.
 
@@ -70,7 +72,11 @@ _HIST_MAX_CELLS = 1 << 22  # bound on the CPU variant's per-chunk counts: 32 MiB
 _HIST_MAX_CHUNKS = 64
 
 
-@kernel("histogram", description="Counts of a 1-D float array in `bins` equal bins over [lo, hi], as np.histogram.")
+@kernel(
+    "histogram",
+    description="Counts of a 1-D float array in `bins` equal bins over [lo, hi], as np.histogram.",
+    pure=True,
+)
 def histogram(x: np.ndarray, bins: int, lo: float, hi: float) -> np.ndarray:
     """``np.histogram(x, bins, range=(lo, hi))[0]``: int64 counts, with lo and hi in x's dtype.
 

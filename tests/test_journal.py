@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -10,7 +11,15 @@ import numpy as np
 import pytest
 
 from batuta import Backend, Pool, Task, TaskFailedError, TaskResult, TaskStatus
-from batuta.observers.journal import JOURNAL_FILE, Journal, JournalError, JournalStore, read_journal, task_key
+from batuta.observers.journal import (
+    JOURNAL_FILE,
+    Journal,
+    JournalError,
+    JournalStore,
+    is_pure,
+    read_journal,
+    task_key,
+)
 from batuta.runtime import events as pe
 from batuta.runtime.pool import PoolConfig, local_host
 
@@ -213,3 +222,91 @@ def test_resume_without_a_journal_is_a_usage_error(capsys: pytest.CaptureFixture
 
     assert main(["run", "pi", "--resume"]) == 2
     assert "--resume needs --journal DIR" in capsys.readouterr().err
+
+
+# -- places: equal tasks are not one task --------------------------------------------------
+
+SPIN = Task.kernel("spin", 0.001)  # identical tasks; spin measures time, so it is not pure
+
+
+async def interrupted_run(tmp_path: Path, tasks: list[Task], finished_before_kill: int) -> int:
+    """Submit `tasks` under job "j"; once `finished_before_kill` have succeeded, stop journaling
+    (what a kill -9 then leaves on disk) and abandon the rest. Returns the results journaled."""
+    journal = await Journal.open(tmp_path, job="j", resume=False)
+    async with make_pool() as pool:
+        pool.set_result_store(JournalStore(journal, resume=False))
+        killed = asyncio.Event()
+        succeeded = 0
+
+        def on_event(event: object) -> None:
+            nonlocal succeeded
+            if isinstance(event, pe.TaskFinished) and event.result.is_success() and not killed.is_set():
+                succeeded += 1
+                if succeeded == finished_before_kill:  # the store has just recorded this one
+                    pool.set_result_store(None)
+                    killed.set()
+
+        pool.subscribe(on_event)
+        with pool.job("j"):
+            futures = [pool.submit_nowait(task) for task in tasks]
+        await asyncio.wait_for(killed.wait(), timeout=60)
+        for future in futures:
+            future.cancel()
+    await journal.close()
+    return journal.synced
+
+
+async def resumed_run(tmp_path: Path, tasks: list[Task]) -> tuple[list[TaskResult], int, int]:
+    """Submit `tasks` under job "j" with --resume: (results, restored, submitted to run)."""
+    journal = await Journal.open(tmp_path, job="j", resume=True)
+    async with make_pool() as pool:
+        pool.set_result_store(JournalStore(journal, resume=True))
+        with pool.job("j"):
+            futures = [pool.submit_nowait(task) for task in tasks]
+        results = [await f for f in futures]
+        stats = pool.stats()
+    await journal.close()
+    return results, stats.restored, stats.submitted
+
+
+async def test_identical_tasks_interrupted_resume_only_the_ones_that_ran(tmp_path: Path) -> None:
+    """Issue 13: 200 identical spin tasks killed after 56 resume as 56 restored, 144 run."""
+    assert await interrupted_run(tmp_path, [SPIN] * 200, finished_before_kill=56) == 56
+    results, restored, submitted = await resumed_run(tmp_path, [SPIN] * 200)
+    assert (restored, submitted) == (56, 144)
+    assert all(r.is_success() for r in results) and sum(r.restored for r in results) == 56
+    # and the second run journaled its 144 at the places still open: a third run restores all
+    _, restored, submitted = await resumed_run(tmp_path, [SPIN] * 200)
+    assert (restored, submitted) == (200, 0)
+
+
+async def test_a_pure_kernel_is_still_keyed_by_content(tmp_path: Path) -> None:
+    """noop is pure: one journaled result answers every task with the same arguments."""
+    same = Task.kernel("noop", np.arange(3))
+    assert await interrupted_run(tmp_path, [same], finished_before_kill=1) == 1
+    results, restored, submitted = await resumed_run(tmp_path, [same] * 3 + [Task.kernel("noop", 1)])
+    assert (restored, submitted) == (3, 1)
+    assert [r.restored for r in results] == [True, True, True, False]
+    assert all(r.value.tolist() == [0, 1, 2] for r in results[:3])
+
+
+async def test_a_changed_task_at_a_journaled_place_runs_again_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = [Task.kernel("spin", 0.001 * (i + 1)) for i in range(4)]
+    assert await interrupted_run(tmp_path, first, finished_before_kill=4) == 4
+    changed = [first[0], Task.kernel("spin", 0.0005), first[2], Task.kernel("spin", 0.0006)]
+    with caplog.at_level(logging.WARNING, logger="batuta.observers.journal"):
+        results, restored, submitted = await resumed_run(tmp_path, changed)
+    assert (restored, submitted) == (2, 2)
+    assert [r.restored for r in results] == [True, False, True, False]
+    warnings = [r.getMessage() for r in caplog.records if "is not the one journaled there" in r.getMessage()]
+    assert len(warnings) == 1 and "task 1 of job 'j'" in warnings[0]
+
+
+def test_only_kernels_registered_pure_here_are_pure() -> None:
+    assert is_pure(Task.kernel("noop", 1)) and is_pure(Task.kernel("kmeans_partial", np.zeros((2, 2)), 1))
+    assert not is_pure(Task.kernel("spin", 0.1))  # a timing probe
+    assert not is_pure(Task.kernel("test_raise", "x"))  # registered on the hosts only (tests.support)
+    assert not is_pure(Task.kernel("no.such.module:thing"))  # unknown here: assume not
+    assert not is_pure(Task.binary("/bin/true"))

@@ -59,6 +59,28 @@ def test_library_kernels_are_registered_with_all_three_backends_and_their_comple
     assert kernels.info("noop").complexity == "linear"  # the default
 
 
+def test_the_built_ins_that_are_pure_say_so() -> None:
+    """`pure` (equal arguments, equal result) lets a job journal share results by content."""
+    pure = {
+        name for name in kernels.names() if kernels.info(name).pure and kernels.info(name).module.startswith("batuta.")
+    }
+    assert pure == {
+        "noop", "vadd", "saxpy", "sum", "mc_pi", "dot", "histogram", "matmul", "pairwise_distances",
+        "kmeans_partial", "linreg_partial", "tree_fit", "tree_predict", "mlp_grad",
+        "kmeans_partial_synth", "linreg_partial_synth", "tree_fit_synth", "mlp_grad_synth",
+    }  # fmt: skip
+    assert not kernels.info("spin").pure  # it measures time
+
+    @kernels.kernel("test_declared_pure", pure=True)
+    def declared(x: object) -> object:
+        return x
+
+    try:
+        assert kernels.info("test_declared_pure").pure
+    finally:
+        kernels.unregister("test_declared_pure")
+
+
 def test_unknown_complexity_is_a_definition_error() -> None:
     with pytest.raises(KernelDefinitionError, match="complexity 'exponential' is not one of linear, quadratic, cubic"):
 

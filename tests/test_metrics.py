@@ -8,11 +8,15 @@ against the heartbeats the pool published.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import math
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -311,6 +315,7 @@ def free_port() -> int:
 
 SCRAPING_JOB = """
 import asyncio
+import io
 import urllib.request
 
 from batuta import Task
@@ -371,3 +376,131 @@ def test_batuta_run_says_which_port_it_picked(tmp_path: Path, capsys: pytest.Cap
     assert json.loads(captured.out)["result"] == "ok"  # stdout stays JSON only
     assert main(["run", str(job), "--metrics-bind", "0.0.0.0"]) == 2
     assert "--metrics-bind 0.0.0.0 needs --metrics-port PORT" in capsys.readouterr().err
+
+
+# -- after the job: --metrics-linger, --metrics-textfile ---------------------------------------
+
+SHORT_JOB = """
+from batuta import Task
+
+
+async def main(pool):
+    for i in range(20):
+        await pool.run(Task.kernel("noop", i))
+    for _ in range(2):
+        await pool.submit(Task.kernel("spin", 60.0))  # still running when the job returns
+    return "done"
+"""
+SHORT_JOB_FINAL = {  # what a scrape must read once the job is over (the close cancels the spins)
+    ("noop", "succeeded"): 20.0,
+    ("spin", "cancelled"): 2.0,
+    ("submitted", "any"): 22.0,
+}
+
+
+def final_task_counts(families: dict[str, list[Sample]]) -> dict[tuple[str, str], float]:
+    """Task counts by (kernel, outcome), and the pool's submitted count (read from the pool at scrape time)."""
+    counts = {
+        (s.labels["kernel"], s.labels["outcome"]): s.value
+        for s in families["batuta_tasks"]
+        if s.name == "batuta_tasks_total"
+    }
+    counts["submitted", "any"] = value(families, "batuta_tasks_submitted", "batuta_tasks_submitted_total")
+    return counts
+
+
+def test_metrics_linger_serves_the_final_counts_after_the_job_until_ctrl_c(tmp_path: Path) -> None:
+    """A job shorter than a scrape interval: its last counts are still there to scrape after it ended."""
+    job = tmp_path / "short.py"
+    job.write_text(SHORT_JOB)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    argv = [sys.executable, "-m", "batuta", "run", str(job), "--json", "-q"]
+    argv += ["--metrics-port", str(port), "--metrics-linger", "600"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        assert proc.stdout is not None
+        summary = json.loads(proc.stdout.readline())  # printed once the job and its pool are over
+        assert summary["ok"] and summary["result"] == "done"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            families = parse(response.read())
+        assert final_task_counts(families) == SHORT_JOB_FINAL
+        proc.send_signal(signal.SIGINT)  # Ctrl-C ends the linger early, and the run still succeeded
+        assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with socket.socket() as again:
+        assert again.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_metrics_textfile_gets_the_final_counts_in_one_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from batuta.cli import main
+
+    job = tmp_path / "short.py"
+    job.write_text(SHORT_JOB)
+    folder = tmp_path / "textfile"
+    folder.mkdir()
+    target = folder / "batuta.prom"
+    target.write_text("an older run's numbers\n")
+    renames: list[tuple[Path, str]] = []
+    real_replace = os.replace
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if Path(dst) == target:  # what the collector would read at the instant of the rename
+            renames.append((Path(src), Path(src).read_text()))
+            assert target.read_text() == "an older run's numbers\n"  # untouched until then
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    assert main(["run", str(job), "--json", "-q", "--metrics-textfile", str(target)]) == 0  # no --metrics-port
+    assert json.loads(capsys.readouterr().out)["ok"]
+    assert len(renames) == 1 and renames[0][0].parent == folder and renames[0][1] == target.read_text()
+    assert final_task_counts(parse(target.read_bytes())) == SHORT_JOB_FINAL
+    assert sorted(p.name for p in folder.iterdir()) == ["batuta.prom"]  # no temporary file left
+
+
+def test_bad_linger_or_textfile_is_a_one_line_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from batuta.cli import main
+
+    job = tmp_path / "never.py"
+    job.write_text("async def main(pool):\n    raise AssertionError('must not run')\n")
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    cases = {
+        ("--metrics-port", "0", "--metrics-linger", "-1"): "--metrics-linger -1.0 is not a number of seconds >= 0",
+        ("--metrics-port", "0", "--metrics-linger", "inf"): "--metrics-linger inf is not a number of seconds >= 0",
+        ("--metrics-port", "0", "--metrics-linger", "soon"): "--metrics-linger: invalid float value: 'soon'",
+        ("--metrics-linger", "5"): "--metrics-linger 5 needs --metrics-port PORT",
+        ("--metrics-textfile", str(tmp_path / "missing" / "b.prom")): "No such file or directory",
+        ("--metrics-textfile", str(not_a_folder / "b.prom")): "Not a directory",
+        ("--metrics-textfile", str(tmp_path)): "it is a folder",
+    }
+    for options, expected in cases.items():
+        assert main(["run", str(job), *options]) == 2, options
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1 and err.startswith("batuta: error: "), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "never.py"]  # no probe left behind
+
+
+def test_on_a_terminal_the_linger_says_so_once_then_stops_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batuta.jobs._run import linger_metrics
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    exporter = MetricsExporter(idle_pool())
+    address = exporter.serve(0)
+    exporter.freeze()
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    linger_metrics(exporter, 0.0, say=True)
+    url = f"http://127.0.0.1:{address[1]}/metrics"
+    assert terminal.getvalue() == f"batuta: serving the final metrics at {url} for 0 s; Ctrl-C ends it\n"
+    assert exporter.address is None
+    with socket.socket() as again:
+        assert again.connect_ex(address) != 0

@@ -7,8 +7,12 @@ is closed on every way out, Ctrl-C included.
 
 The observers ride along here too: a `PoolLogObserver` always (failures, retries and host
 changes go to the `batuta` logger, with the job as log context), a Prometheus exporter when
-`metrics_port` is given, and with `journal` a journal as the pool's result store plus the job's checkpoints
-(`batuta.observers.journal`, `batuta.observers.checkpoint.job_checkpoints`).
+`metrics_port` or `metrics_textfile` is given, and with `journal` a journal as the pool's result store plus
+the job's checkpoints (`batuta.observers.journal`, `batuta.observers.checkpoint.job_checkpoints`).
+When the job is over the exporter keeps the pool's final numbers (`MetricsExporter.freeze`),
+writes them to `metrics_textfile`, and with `metrics_linger` goes on serving them: the caller
+gets it in `RunOutcome.metrics` and ends it with `linger_metrics`, so that a job shorter than
+the scrape interval is still scraped once it has ended.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
+import os
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -43,10 +50,15 @@ OnUpdate = Callable[[RunTracker], None]
 
 @dataclass(frozen=True, slots=True)
 class RunOutcome:
-    """The summary, and the job's traceback (from its own frames on) when its `main` raised."""
+    """The summary, and the job's traceback (from its own frames on) when its `main` raised.
+
+    `metrics` is the exporter still serving the job's final numbers, where `metrics_linger`
+    asked for it: the caller ends it, with `linger_metrics`.
+    """
 
     summary: RunSummary
     traceback: str | None = None
+    metrics: MetricsExporter | None = None
 
 
 def make_pool(*, workers: int | None, seed: int | None, cluster: ClusterConfig | None) -> Pool:
@@ -78,6 +90,8 @@ async def run_job(
     metrics_port: int | None = None,
     metrics_bind: str = "127.0.0.1",
     on_metrics: Callable[[tuple[str, int]], None] | None = None,
+    metrics_textfile: str | Path | None = None,
+    metrics_linger: float = 0.0,
 ) -> RunOutcome:
     """Run `job` on the hosts of `cluster`, or on a local pool of `workers` CPU slots.
 
@@ -86,10 +100,13 @@ async def run_job(
     caller printing JSON keeps its stdout clean. `journal` names the folder of the job
     journal and checkpoints, and `resume` reuses what it holds (see `batuta.observers.journal`);
     `metrics_port` serves Prometheus metrics on `metrics_bind` while the job runs, and
-    `on_metrics` is told the (address, port) it got.
+    `on_metrics` is told the (address, port) it got. `metrics_textfile` receives the final
+    metrics in Prometheus text format (atomically), and `metrics_linger` seconds of serving
+    them after the job are left to the caller (see `RunOutcome.metrics`).
     """
     if resume and journal is None:
         raise UsageError("--resume needs --journal DIR: the journal is what a run resumes from")
+    check_metrics_end(port=metrics_port, textfile=metrics_textfile, linger=metrics_linger)
     pool = make_pool(workers=workers, seed=seed, cluster=cluster)
     tracker = RunTracker()
 
@@ -109,9 +126,10 @@ async def run_job(
     exporter: MetricsExporter | None = None
     run_journal: Journal | None = None
     logger = PoolLogObserver(pool).attach()
+    keep_serving = False
     try:
         # Both can fail on the user's input (a busy port, an unusable folder): before any agent starts.
-        if metrics_port is not None:
+        if metrics_port is not None or metrics_textfile is not None:
             exporter = start_metrics(pool, metrics_port, metrics_bind)
             if on_metrics is not None and exporter.address is not None:
                 on_metrics(exporter.address)
@@ -139,21 +157,29 @@ async def run_job(
             restored = pool.stats().restored
             if restored:
                 log.info("%d task result(s) restored from the journal", restored, extra={"job": job.name})
+        keep_serving = exporter is not None and exporter.address is not None and metrics_linger > 0
     finally:
         logger.close()
-        if exporter is not None:
-            exporter.close()
-        if run_journal is not None:
-            await run_journal.close()
+        try:
+            if run_journal is not None:
+                await run_journal.close()
+        finally:
+            if exporter is not None:
+                _final_metrics(exporter, metrics_textfile)
+                if not keep_serving:
+                    exporter.close()
     summary = tracker.summary(job=job.name, wall_s=wall_s, result=value, error=error)
-    return RunOutcome(summary=summary, traceback=job_traceback)
+    return RunOutcome(summary=summary, traceback=job_traceback, metrics=exporter if keep_serving else None)
 
 
-def start_metrics(pool: Pool, port: int, bind: str) -> MetricsExporter:
-    """Export `pool`'s metrics on bind:port; a port or address that cannot be used is a UsageError."""
+def start_metrics(pool: Pool, port: int | None, bind: str) -> MetricsExporter:
+    """Export `pool`'s metrics on bind:port (with no port, only count them, for a textfile);
+    a port or address that cannot be used is a UsageError."""
     from batuta.observers.metrics import MetricsExporter  # prometheus-client: only when metrics are asked for
 
     exporter = MetricsExporter(pool).attach()
+    if port is None:
+        return exporter
     try:
         exporter.serve(port, bind)
     except OSError as exc:
@@ -161,6 +187,58 @@ def start_metrics(pool: Pool, port: int, bind: str) -> MetricsExporter:
         why = f"cannot serve metrics on {bind}:{port}: {exc.strerror or exc}"
         raise UsageError(f"{why}; pick another --metrics-port or --metrics-bind") from None
     return exporter
+
+
+def check_metrics_end(*, port: int | None, textfile: str | Path | None, linger: float) -> None:
+    """What happens to the metrics after the job is sound: a UsageError names what is not.
+
+    The textfile's folder is tried by creating (and removing) a file there, so that a job
+    never runs for an hour to fail at writing its numbers.
+    """
+    if not 0 <= linger < math.inf:  # also NaN
+        raise UsageError(f"--metrics-linger {linger} is not a number of seconds >= 0; pass e.g. 30")
+    if linger > 0 and port is None:
+        raise UsageError(f"--metrics-linger {linger:g} needs --metrics-port PORT: it keeps that server up")
+    if textfile is None:
+        return
+    target = Path(textfile)
+    fix = "pass a file in a writable folder, e.g. /var/lib/node_exporter/textfile/batuta.prom"
+    if target.is_dir():
+        raise UsageError(f"cannot write --metrics-textfile {str(target)!r}: it is a folder; {fix}")
+    probe = target.with_name(f".{target.name}.{os.getpid()}.probe")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write --metrics-textfile {str(target)!r}: {exc.strerror or exc}; {fix}") from None
+
+
+def linger_metrics(exporter: MetricsExporter, seconds: float, *, say: bool = False) -> None:
+    """Keep serving the job's final metrics for `seconds` (Ctrl-C ends it early), then stop.
+
+    Blocking: call it once the event loop is gone; scrapes read the frozen snapshot. With
+    `say` (a terminal), one line on stderr tells why the command has not returned yet.
+    """
+    sys.stdout.flush()  # what was printed before (the summary) is out before the wait
+    if say and exporter.url is not None:
+        print(f"batuta: serving the final metrics at {exporter.url} for {seconds:g} s; Ctrl-C ends it", file=sys.stderr)
+    try:
+        time.sleep(seconds)
+    except KeyboardInterrupt:
+        log.debug("metrics linger ended early by Ctrl-C")
+    finally:
+        exporter.close()
+
+
+def _final_metrics(exporter: MetricsExporter, textfile: str | Path | None) -> None:
+    """Freeze the exporter on the pool's final numbers; write them to `textfile` if given."""
+    exporter.freeze()
+    if textfile is None:
+        return
+    try:
+        exporter.write_textfile(textfile)
+    except OSError as exc:  # checked before the job ran: the disk filled up, the folder went away
+        log.error("cannot write the final metrics to %s: %s", textfile, exc.strerror or exc)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""The job journal: each succeeded task's result, durably, under a deterministic key.
+"""The job journal: each succeeded task's result, durably, under a key naming what it did.
 
 `batuta run JOB --journal DIR` gives the pool a `JournalStore` (the pool's `ResultStore`
 hook), which records every task that succeeds into `DIR/journal.bin`.
@@ -7,31 +7,48 @@ key is in it is not run again: `submit()` hands back an already-resolved future 
 journaled result. Together with the job's own checkpoints (`DIR/checkpoints`, see
 `batuta.observers.checkpoint.job_checkpoints`), a job killed at any moment resumes where it was.
 
-**Task keys.** `Task.key` when the caller set one; otherwise
+**Task keys.** `Task.key` when the caller set one. For a kernel registered `pure=True`
+(equal arguments give an equal result: `batuta.kernels.registry.kernel`), the content key
 
-    "<job>/<kernel name or binary path>/<hash>"
+    "<job>/<kernel name>/<hash>"
 
-where `<job>` is the job's name as given to `batuta run` (for a job file, the path as typed:
-resume with the same spelling), and `<hash>` is the first 128
-bits (hex) of a SHA-256 over a canonical, type-tagged encoding of what the task computes:
-the kernel name and its arguments (NumPy arrays by dtype, shape and bytes; floats by their
-IEEE bits; ints, str, bytes, None, bools, lists, tuples and dicts by value and type), or a
-binary's path, arguments, environment and working directory, plus the backend asked for
-(`Backend.CPU` and `Backend.GPU` results may differ in the last bits). The same job
-submitting the same computation gets the same key in every run and on every coordinator
-of the same byte order, so
-a deterministic kernel's journaled result is exactly the result a rerun would give. A
-kernel that is not deterministic (unseeded randomness, the clock) should set `Task.key`.
-Hashing reads every argument byte: for arguments of many megabytes per task, setting
-`Task.key` also saves that time.
+so every task with those arguments shares one journaled result, whatever its place. For any
+other task (a binary, a kernel that is not known here to be pure, such as `spin`, which
+measures time) the key is its place in the job as well:
+
+    "<job>/<kernel name or binary path>/<hash>#<pool job>:<n>"
+
+where `<n>` counts the tasks submitted under `pool.job(<pool job>)` in this run, from 0 (every
+task counts, restored or not, whatever its key). Two hundred identical tasks are two hundred
+places: a run killed after 56 of them resumes with exactly 56 restored. The hash is a check:
+when the n-th task of a resumed run computes something else than the journaled n-th (the
+job changed, or it submits from concurrent coroutines in another order), it is not restored
+but runs again, with one warning per pool job. A job resuming from a checkpoint submits
+fewer tasks than the run it resumes, so its places shift: its non-pure tasks run again
+(its pure ones, such as the shipped workloads' kernels, are still restored).
+
+In both forms `<job>` is the job's name as given to `batuta run` (for a job file, the path
+as typed: resume with the same spelling), and `<hash>` is the first 128 bits (hex) of a
+SHA-256 over a canonical, type-tagged encoding of what the task computes: the kernel name
+and its arguments (NumPy arrays by dtype, shape and bytes; floats by their IEEE bits; ints,
+str, bytes, None, bools, lists, tuples and dicts by value and type), or a binary's path,
+arguments, environment and working directory, plus the backend asked for (`Backend.CPU` and
+`Backend.GPU` results may differ in the last bits). The same job submitting the same
+computation gets the same hash in every run and on every coordinator of the same byte
+order, so a pure kernel's journaled result is the result a rerun would give. A kernel whose
+result depends on more than its arguments (the clock, unseeded randomness, the host) must
+not be declared pure. Hashing reads every argument byte: for arguments of many megabytes
+per task, setting `Task.key` saves that time (such a task is keyed by it alone: the caller
+vouches that equal keys mean equal results).
 
 **What is journaled.** Succeeded results only: a task that failed, timed out or was lost
 is run again on resume. Restored results are marked `restored` and keep the host, slot,
 timings and attempts of the run that produced them.
 
 **File format.** `b"BATUTAJ1"`, then records `length: u32 LE | crc32: u32 LE | payload`,
-where the payload is the record (key and result fields) in the state-tree encoding of
-`batuta.observers.checkpoint.encode_tree` (msgpack plus raw array buffers; no pickle). Records are
+where the payload is the record (key, place for a place key, result fields) in the
+state-tree encoding of `batuta.observers.checkpoint.encode_tree` (msgpack plus raw array
+buffers; no pickle). Records are
 appended in batches from a worker thread, with one fsync per batch, so the event loop never
 waits on the disk; a result is durable once its batch is synced. A crash mid-append leaves
 a torn last record: opening the journal drops it (with a warning) and truncates the file
@@ -48,8 +65,9 @@ import logging
 import os
 import struct
 import zlib
+from collections import defaultdict, deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -59,9 +77,6 @@ from batuta.errors import UsageError
 from batuta.observers.checkpoint import SUFFIX as CHECKPOINT_SUFFIX
 from batuta.observers.checkpoint import CheckpointError, CheckpointManager, decode_tree, encode_tree
 
-if TYPE_CHECKING:
-    pass
-
 log = logging.getLogger("batuta.observers.journal")
 
 MAGIC = b"BATUTAJ1"
@@ -69,6 +84,8 @@ JOURNAL_FILE = "journal.bin"
 CHECKPOINT_DIR = "checkpoints"
 _RECORD = struct.Struct("<II")  # payload length, crc32 of the payload
 _MAX_RECORD = 1 << 31
+
+Place = tuple[str, int]  # (pool job, n): the n-th task submitted under pool.job(<pool job>)
 
 
 class JournalError(UsageError):
@@ -92,6 +109,32 @@ def task_key(task: Task, job: str) -> str:
         what = call.path
         _feed(digest, ("binary", call.path, call.args, dict(call.env), call.cwd))
     return f"{job}/{what}/{digest.hexdigest()[:32]}"
+
+
+def place_key(content_key: str, place: Place) -> str:
+    """The key of a task that is not pure: its content key and its place in the job."""
+    job, n = place
+    return f"{content_key}#{job}:{n}"
+
+
+_KNOWN_PURITY: dict[str, bool] = {}
+
+
+def is_pure(task: Task) -> bool:
+    """Whether `task` is a kernel registered here with `pure=True`; unknown kernels are not."""
+    call = task.call
+    if not isinstance(call, KernelCall):
+        return False
+    pure = _KNOWN_PURITY.get(call.name)
+    if pure is None:
+        from batuta.kernels import registry  # the built-ins import no numba: cheap, once
+
+        try:
+            pure = registry.info(call.name).pure
+        except Exception:  # registered only on the hosts (or not at all): assume not
+            return False  # not cached: a module loaded later may register it
+        _KNOWN_PURITY[call.name] = pure
+    return pure
 
 
 def _feed(h: Any, v: Any, depth: int = 0) -> None:
@@ -143,9 +186,11 @@ def _feed(h: Any, v: Any, depth: int = 0) -> None:
 # -- records -------------------------------------------------------------------------------
 
 
-def _encode_record(key: str, r: TaskResult) -> bytes:
+def _encode_record(key: str, r: TaskResult, place: Place | None = None) -> bytes:
     record = {
         "key": key,
+        "place_job": place[0] if place is not None else None,
+        "place": place[1] if place is not None else None,
         "task_id": r.task_id,
         "name": r.name,
         "status": r.status.value,
@@ -166,7 +211,7 @@ def _encode_record(key: str, r: TaskResult) -> bytes:
     return b"".join(encode_tree(record, where=f"result of {key!r}"))  # one copy: later mutation can't leak in
 
 
-def _decode_record(payload: memoryview) -> tuple[str, TaskResult]:
+def _decode_record(payload: memoryview) -> tuple[str, TaskResult, Place | None]:
     d = decode_tree(payload, copy=True)
     backend = d["backend"]
     result = TaskResult(
@@ -187,16 +232,25 @@ def _decode_record(payload: memoryview) -> tuple[str, TaskResult]:
         backend_reason=d["backend_reason"],
         job=d["job"],
     )
-    return str(d["key"]), result
+    n = d.get("place")  # absent in journals from before places
+    place = (str(d["place_job"]), int(n)) if n is not None else None
+    return str(d["key"]), result, place
 
 
 def read_journal(path: Path) -> tuple[dict[str, TaskResult], int, int]:
     """(results by key, bytes of good records incl. the magic, file size). Blocking."""
+    entries, _places, good, size = _read_journal(path)
+    return entries, good, size
+
+
+def _read_journal(path: Path) -> tuple[dict[str, TaskResult], dict[Place, str], int, int]:
+    """read_journal, plus the key journaled at each place."""
     data = path.read_bytes()
     if data[: len(MAGIC)] != MAGIC:
         raise JournalError(f"{path} is not a batuta journal (bad magic); pass another --journal folder")
     view = memoryview(data)
     entries: dict[str, TaskResult] = {}
+    places: dict[Place, str] = {}
     offset = len(MAGIC)
     while offset + _RECORD.size <= len(data):
         length, crc = _RECORD.unpack_from(data, offset)
@@ -207,13 +261,15 @@ def read_journal(path: Path) -> tuple[dict[str, TaskResult], int, int]:
         if zlib.crc32(payload) != crc:
             break
         try:
-            key, result = _decode_record(payload)
+            key, result, place = _decode_record(payload)
         except Exception as exc:  # a record that passes its CRC but not the decoder: stop trusting here
             log.warning("journal %s: unreadable record at byte %d (%s)", path, offset, exc)
             break
         entries[key] = result
+        if place is not None:
+            places[place] = key
         offset = end
-    return entries, offset, len(data)
+    return entries, places, offset, len(data)
 
 
 class Journal:
@@ -223,12 +279,20 @@ class Journal:
     on the event loop; `close()` (or `flush()`) waits until everything recorded is synced.
     """
 
-    def __init__(self, directory: Path, job: str, entries: dict[str, TaskResult], file: Any) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        job: str,
+        entries: dict[str, TaskResult],
+        file: Any,
+        places: dict[Place, str] | None = None,
+    ) -> None:
         self.directory = directory
         self.path = directory / JOURNAL_FILE
         self.job = job
         self.checkpoints = CheckpointManager(directory / CHECKPOINT_DIR)
         self._entries = entries  # what the journal held when opened: resume looks these up
+        self._places = places or {}  # the key journaled at each place, as opened
         self._file = file
         self._pending: list[bytes] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -242,8 +306,8 @@ class Journal:
     async def open(cls, directory: str | os.PathLike[str], *, job: str, resume: bool) -> Journal:
         """Open (or create) the journal in `directory`; without `resume`, start it over."""
         folder = Path(directory)
-        entries, file = await asyncio.to_thread(_open_sync, folder, resume)
-        journal = cls(folder, job, entries, file)
+        entries, places, file = await asyncio.to_thread(_open_sync, folder, resume)
+        journal = cls(folder, job, entries, file, places)
         if not resume:
             await asyncio.to_thread(_discard_checkpoints, journal.checkpoints)
         return journal
@@ -252,23 +316,29 @@ class Journal:
         return len(self._entries)
 
     def key_for(self, task: Task) -> str:
+        """The task's content key (`task_key`): `Task.key`, or from job, kernel and arguments."""
         return task_key(task, self.job)
 
     def get(self, key: str) -> TaskResult | None:
         """The journaled result for `key`, from the journal as it was opened."""
         return self._entries.get(key)
 
+    def key_at(self, place: Place) -> str | None:
+        """The key journaled at `place` (pool job, n), from the journal as it was opened."""
+        return self._places.get(place)
+
     # -- recording ------------------------------------------------------------------------
 
-    def record(self, key: str, result: TaskResult) -> None:
-        """Journal `result` under `key` if it succeeded. On the loop: encodes, then queues."""
+    def record(self, key: str, result: TaskResult, place: Place | None = None) -> None:
+        """Journal `result` under `key` (at `place`, for a place key) if it succeeded.
+        On the loop: encodes, then queues."""
         if not result.is_success():
             return
         if self._file is None:
             log.warning("journal %s is closed: task %d (%s) not journaled", self.path, result.task_id, key)
             return
         try:
-            payload = _encode_record(key, result)
+            payload = _encode_record(key, result, place)
         except (CheckpointError, ValueError, TypeError) as exc:
             log.warning("journal: not recording task %d (%s): %s", result.task_id, key, exc)
             return
@@ -316,15 +386,16 @@ class Journal:
             raise JournalError(f"journal {self.path}: a write failed: {self._error}")
 
 
-def _open_sync(folder: Path, resume: bool) -> tuple[dict[str, TaskResult], Any]:
+def _open_sync(folder: Path, resume: bool) -> tuple[dict[str, TaskResult], dict[Place, str], Any]:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise JournalError(f"cannot use {str(folder)!r} as a journal folder: {exc.strerror or exc}") from None
     path = folder / JOURNAL_FILE
     entries: dict[str, TaskResult] = {}
+    places: dict[Place, str] = {}
     if resume and path.exists():
-        entries, good, size = read_journal(path)
+        entries, places, good, size = _read_journal(path)
         if good < size:
             log.warning(
                 "journal %s: dropped a torn or corrupt tail of %d bytes at byte %d (a crash mid-write)",
@@ -347,7 +418,7 @@ def _open_sync(folder: Path, resume: bool) -> tuple[dict[str, TaskResult], Any]:
         os.replace(tmp, path)
     file = open(path, "ab")  # noqa: SIM115 - lives as long as the journal
     _fsync_dir(folder)
-    return entries, file
+    return entries, places, file
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -376,17 +447,71 @@ def _discard_checkpoints(manager: CheckpointManager) -> None:
 class JournalStore:
     """The pool's `ResultStore` over a journal: `pool.set_result_store(JournalStore(j, resume=True))`.
 
-    Every succeeded task is recorded under its key; with `resume`, a submitted task whose
-    key is already journaled resolves at once with that result (marked `restored`) and does
-    not run. The pool counts those in `stats().restored` and still tells its observers.
+    Every succeeded task is recorded under its key (see the module docstring: content keys for
+    pure kernels and `Task.key`, place keys for the rest); with `resume`, a submitted task
+    whose key is already journaled resolves at once with that result (marked `restored`) and
+    does not run. The pool counts those in `stats().restored` and still tells its observers.
+
+    Places come from counting `lookup` calls per pool job: the pool asks once per submitted
+    task, in submission order. `record` does not learn which submission it finishes, so the
+    places handed out for each (pool job, content) wait in a queue and a finished task takes
+    the oldest: tasks with equal content are interchangeable, and each succeeded one marks
+    exactly one of their places done.
     """
 
     def __init__(self, journal: Journal, *, resume: bool) -> None:
         self._journal = journal
         self._resume = resume
+        self._submitted: dict[str, int] = defaultdict(int)  # tasks looked up, per pool job
+        self._waiting: dict[tuple[str, str], deque[int]] = {}  # places not yet recorded, by (pool job, content)
+        self._warned: set[str] = set()  # pool jobs already warned about a changed task
 
     def lookup(self, task: Task, job: str) -> TaskResult | None:
-        return self._journal.get(self._journal.key_for(task)) if self._resume else None
+        n = self._submitted[job]
+        self._submitted[job] = n + 1
+        content = self._journal.key_for(task)
+        if task.key is not None or is_pure(task):
+            return self._journal.get(content) if self._resume else None
+        if self._resume:
+            key = place_key(content, (job, n))
+            kept = self._journal.get(key)
+            if kept is not None:
+                return kept  # restored: it never runs, so it waits for no record
+            self._warn_if_changed(job, n, key)
+        self._waiting.setdefault((job, content), deque()).append(n)
+        return None
 
     def record(self, task: Task, job: str, result: TaskResult) -> None:
-        self._journal.record(self._journal.key_for(task), result)
+        content = self._journal.key_for(task)
+        if task.key is not None or is_pure(task):
+            self._journal.record(content, result)
+            return
+        n = self._forget(job, content)
+        if n is None:  # submitted before this store was set: no place to journal it at
+            log.debug("journal: task %d (%s) has no place in job %r; not journaled", result.task_id, content, job)
+            return
+        self._journal.record(place_key(content, (job, n)), result, (job, n))
+
+    def _forget(self, job: str, content: str) -> int | None:
+        """Take the oldest place waiting for this content, or None."""
+        waiting = self._waiting.get((job, content))
+        if not waiting:
+            return None
+        n = waiting.popleft()
+        if not waiting:
+            del self._waiting[(job, content)]
+        return n
+
+    def _warn_if_changed(self, job: str, n: int, key: str) -> None:
+        journaled = self._journal.key_at((job, n))
+        if journaled is None or job in self._warned:
+            return
+        self._warned.add(job)
+        log.warning(
+            "journal: task %d of job %r is not the one journaled there (%s, now %s): "
+            "the job changed or submits in another order, so it and other changed tasks run again",
+            n,
+            job,
+            journaled,
+            key,
+        )

@@ -3,6 +3,8 @@
     exporter = MetricsExporter(pool).attach()
     host, port = exporter.serve(9464)          # http://127.0.0.1:9464/metrics
     ...
+    exporter.freeze()                          # the job is over: keep its final numbers
+    exporter.write_textfile("batuta.prom")     # for node-exporter's textfile collector
     exporter.close()
 
 Two kinds of metric, by where their numbers live:
@@ -47,6 +49,11 @@ Metric names (prefix `batuta_`):
 | `gpu_busy_seconds_total` | counter | host, gpu |
 | `event_observer_errors_total` | counter | |
 
+After `freeze()` (the job is over) every scrape and `render()` sees the pool as it was then:
+a short job's last counts stay readable for as long as the server is kept (`batuta run
+--metrics-linger`), and `write_textfile` writes them where node-exporter's textfile collector
+reads, replacing the file in one rename so that the collector never reads half of it.
+
 A GPU reading that is unknown (NVML could not say) is left out, not reported as 0; a host
 that goes down takes its CPU and GPU gauges with it. `gpu_busy_seconds_total` integrates
 utilization over time: each heartbeat's utilization (NVML's "busy share of the last sample
@@ -60,9 +67,11 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
@@ -177,6 +186,7 @@ class MetricsExporter:
         self._server: WSGIServer | None = None
         self.address: tuple[str, int] | None = None  # (address, port) once serving
         self._thread: threading.Thread | None = None
+        self._frozen = False  # after freeze(): scrapes read the final snapshot, never the pool
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -217,9 +227,46 @@ class MetricsExporter:
         if thread is not None:
             thread.join(timeout=5.0)
 
+    @property
+    def url(self) -> str | None:
+        """Where a scrape goes (`http://address:port/metrics`), while serving."""
+        if self.address is None:
+            return None
+        host, port = self.address
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}/metrics"
+
+    def freeze(self) -> None:
+        """Stop following the pool and keep the numbers it has now, for later scrapes.
+
+        Call on the pool's loop once the job is over (after the pool closed, so that tasks
+        cancelled by the close are counted too). Idempotent.
+        """
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if not self._frozen:
+            self._take_snapshot()
+            self._frozen = True
+
     def render(self) -> bytes:
         """The exposition text a scrape would get now."""
         return generate_latest(self.registry)
+
+    def write_textfile(self, path: str | os.PathLike[str]) -> None:
+        """Write `render()` to `path` atomically: into a temporary file in the same folder,
+        synced, then renamed over `path`. Raises OSError (the temporary file is removed)."""
+        target = Path(path)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # no .prom: the collector skips it
+        try:
+            with open(partial, "wb") as f:
+                f.write(self.render())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                partial.unlink()
+            raise
 
     def _capture_loop(self) -> None:
         if self._loop is None:
@@ -313,6 +360,8 @@ class MetricsExporter:
 
     def _snapshot(self) -> _Snapshot:
         """A fresh snapshot from the loop if it answers in time, else the previous one."""
+        if self._frozen:
+            return self._last
         loop = self._loop
         if loop is None:
             try:
