@@ -21,7 +21,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, NoReturn
 
@@ -247,9 +247,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     if not args.peer_timeout > 0:
         raise UsageError(f"--peer-timeout {args.peer_timeout}: expected a positive number of seconds")
     if not 0 < args.client_hello_timeout < float("inf"):
-        raise UsageError(
-            f"--client-hello-timeout {args.client_hello_timeout}: expected a positive number of seconds"
-        )
+        raise UsageError(f"--client-hello-timeout {args.client_hello_timeout}: expected a positive number of seconds")
     if args.max_handshakes_per_source < 1:
         raise UsageError(f"--max-handshakes-per-source {args.max_handshakes_per_source}: expected 1 or more")
     options = WorkerOptions(
@@ -605,6 +603,8 @@ def _cmd_tui(args: argparse.Namespace) -> int:
     from batuta.jobs._run import make_pool
 
     cluster = _load_cluster(args.cluster) if args.cluster else None
+    if cluster is not None:  # the screen owns the terminal: no passphrase prompt under it (ssh-add the key)
+        cluster = replace(cluster, ssh=replace(cluster.ssh, ask_passphrase=False))
     pool = make_pool(workers=args.workers, seed=args.seed, cluster=cluster)
     if cluster is not None:
         count = len(cluster.host_names)

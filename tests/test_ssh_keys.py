@@ -294,3 +294,25 @@ async def test_an_encrypted_identity_file_asks_on_the_terminal_once_per_process(
             await ssh.open_ssh_stream(target, ["true"], _settings(hosts))
         with pytest.raises(SSHKeyLockedError, match="ssh-add"):  # a full-screen app asks nothing
             await ssh.open_ssh_stream(target, ["true"], _settings(hosts, ask_passphrase=False))
+
+
+def test_the_dashboard_never_prompts_for_a_passphrase(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`batuta tui` owns the terminal, so its SSH hosts get `ask_passphrase=False`."""
+    import batuta.jobs._run as job_run
+    from batuta.cli import main
+    from batuta.errors import BatutaError
+    from batuta.runtime.cluster import ClusterConfig
+
+    seen: list[ClusterConfig] = []
+
+    def make_pool(**options: object) -> None:
+        assert isinstance(options["cluster"], ClusterConfig)
+        seen.append(options["cluster"])
+        raise BatutaError("stop here")
+
+    monkeypatch.setattr(job_run, "make_pool", make_pool)
+    cluster = tmp_path / "cluster.toml"
+    cluster.write_text('[[hosts]]\naddress = "10.0.0.1"\nidentity_file = "id_locked"\n')
+    assert main(["tui", "--cluster", str(cluster)]) == 1
+    (config,) = seen
+    assert config.ssh.ask_passphrase is False
