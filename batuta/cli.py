@@ -21,7 +21,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, NoReturn
 
@@ -198,6 +198,21 @@ def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="drop a coordinator whose link went silent for about this long (default: 20)",
     )
     parser.add_argument(
+        "--client-hello-timeout",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="drop a connection that has not started its TLS handshake this long after connecting "
+        "(default: 2; a TLS client starts at once)",
+    )
+    parser.add_argument(
+        "--max-handshakes-per-source",
+        type=_int,
+        default=8,
+        metavar="N",
+        help="connections from one address in their TLS handshake at once; more are refused (default: 8)",
+    )
+    parser.add_argument(
         "--log-level",
         type=str.lower,
         choices=("debug", "info", "warning", "error"),
@@ -231,6 +246,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     agent = parse_agent_args(agent_argv)  # the agent's own checks, before anything listens
     if not args.peer_timeout > 0:
         raise UsageError(f"--peer-timeout {args.peer_timeout}: expected a positive number of seconds")
+    if not 0 < args.client_hello_timeout < float("inf"):
+        raise UsageError(f"--client-hello-timeout {args.client_hello_timeout}: expected a positive number of seconds")
+    if args.max_handshakes_per_source < 1:
+        raise UsageError(f"--max-handshakes-per-source {args.max_handshakes_per_source}: expected 1 or more")
     options = WorkerOptions(
         cert=Path(args.cert).expanduser(),
         key=Path(args.key).expanduser(),
@@ -242,6 +261,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         kernel_modules=agent.kernel_modules,
         name=args.name,
         peer_timeout=args.peer_timeout,
+        client_hello_timeout=args.client_hello_timeout,
+        max_handshakes_per_source=args.max_handshakes_per_source,
     )
     setup = configure(level=args.log_level)
     try:
@@ -600,6 +621,8 @@ def _cmd_tui(args: argparse.Namespace) -> int:
     from batuta.jobs._run import make_pool
 
     cluster = _load_cluster(args.cluster) if args.cluster else None
+    if cluster is not None:  # the screen owns the terminal: no passphrase prompt under it (ssh-add the key)
+        cluster = replace(cluster, ssh=replace(cluster.ssh, ask_passphrase=False))
     pool = make_pool(workers=args.workers, seed=args.seed, cluster=cluster)
     if cluster is not None:
         count = len(cluster.host_names)

@@ -28,7 +28,7 @@ import pytest
 
 from batuta.agent.daemon import WorkerDaemon, WorkerOptions, check_key_file
 from batuta.core.task import KernelCall, Task, TaskStatus
-from batuta.errors import AgentError, ConfigError, TransportError
+from batuta.errors import ConfigError, TransportError
 from batuta.protocol.codec import encode_message
 from batuta.protocol.connection import NEED_DATA, Connection, Role
 from batuta.protocol.messages import PROTOCOL_VERSION, Error, Hello, Run, Started, TaskRequest, Welcome
@@ -36,6 +36,7 @@ from batuta.runtime.cluster import build_pool, parse_cluster
 from batuta.runtime.remote import RemoteExecutor
 from batuta.transport.certs import CLIENT, SERVER, Issued, init_certs, issue, new_ca, write_private, write_public
 from batuta.transport.tls import (
+    TLSBusyError,
     TLSRefusedError,
     TLSSettings,
     TLSVerifyError,
@@ -335,17 +336,18 @@ async def test_second_coordinator_is_refused_with_a_protocol_error_while_one_is_
     _, port = daemon.address
     first = await executor_for(pki, port)
     try:
-        stream = await open_tls_stream("127.0.0.1", port, settings(pki))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(settings(pki)))
         conn = Connection(Role.COORDINATOR)
-        conn.receive_data(await stream.read())
-        error = conn.next_event()
-        assert isinstance(error, Error) and "busy" in error.message and "one coordinator at a time" in error.message
-        await stream.close()
-        with pytest.raises(AgentError, match="busy"):
+        conn.receive_data(await asyncio.wait_for(reader.read(65536), WAIT_S))
+        error = conn.next_event()  # the protocol's own Error, which any coordinator understands
+        assert isinstance(error, Error) and error.message.startswith("worker busy: ")
+        assert "one coordinator at a time" in error.message
+        writer.close()
+        with pytest.raises(TLSBusyError, match="worker busy"):
             await (
                 RemoteExecutor.builder()
                 .add_workers([f"127.0.0.1:{port}"])
-                .tls(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
+                .tls(ca=pki.ca, cert=pki.client_cert, key=pki.client_key, busy_timeout=0)
                 .relaunch(max_relaunches=0, backoff=0.1)
                 .build()
             )

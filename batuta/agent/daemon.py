@@ -24,12 +24,22 @@ least invasive way, and also the sturdiest:
   parent-death signal, so nothing outlives the agent; the daemon never leaves orphans.
 
 One coordinator at a time: while a session is active, a second connection that passes the
-TLS handshake gets one protocol `Error` frame ("worker busy ...") and is closed; an
-unauthenticated one never gets a byte. The coordinator's pool treats that Error like any
-refused start and retries with backoff. A peer that vanishes without a FIN (a cut cable) is
-found by TCP keepalive and `TCP_USER_TIMEOUT` (`--peer-timeout`), so a dead coordinator
-does not hold the worker forever. A coordinator that completes the handshake but sends
-nothing within `welcome_timeout` is dropped too.
+TLS handshake gets one protocol `Error` frame ("worker busy: ...") and is closed; an
+unauthenticated one never gets a byte. The coordinator retries a busy worker with backoff
+(`TLSSettings.busy_timeout`). Once the active coordinator's connection has ended, the
+session is only cleaning up (its agent killing its work and exiting, a fraction of a
+second): a coordinator that connects then waits for that to finish instead of being
+refused, so coordinators that follow each other at once are all served. A peer that
+vanishes without a FIN (a cut cable) is found by TCP keepalive and `TCP_USER_TIMEOUT`
+(`--peer-timeout`), so a dead coordinator does not hold the worker forever. A coordinator
+that completes the handshake but sends nothing within `welcome_timeout` is dropped too.
+
+Before authentication, a connection costs the worker a handshake slot, so those are
+guarded: at most `MAX_HANDSHAKING` in all and `max_handshakes_per_source` from one address
+(one source cannot take every slot), and a client must start its handshake (a TLS client
+sends its ClientHello at once) within `client_hello_timeout`, so idle connections are shed
+in seconds. Refusals are logged per source address, a few per interval and then one line
+counting the rest (`RefusalLog`), so a flood of connections cannot flood the log too.
 
 Key material: only paths travel in argv; OpenSSL reads the key file itself. Nothing here
 logs certificates' contents beyond the peer's subject name.
@@ -45,6 +55,7 @@ import signal
 import socket
 import ssl
 import stat
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -56,6 +67,7 @@ from batuta.transport.base import StreamClosedError
 from batuta.transport.local import agent_command
 from batuta.transport.tls import (
     DEFAULT_PORT,
+    WORKER_BUSY,
     ServerTLSStream,
     TLSHandshakeError,
     format_address,
@@ -68,6 +80,10 @@ log = logging.getLogger("batuta.agent.daemon")
 READ_CHUNK = 256 * 1024
 MAX_HANDSHAKING = 64  # unauthenticated connections in their TLS handshake at once
 AGENT_EXIT_TIMEOUT = 5.0  # after EOF on its stdin, before SIGTERM
+# The longest a session takes to end once its coordinator has gone: the agent's exit with
+# its escalation, its last words, the TLS close (see `_end_session`), and a margin.
+SESSION_END_WAIT_S = AGENT_EXIT_TIMEOUT + 2.0 + 2.0 + 2.0 + 2.0 + 1.0
+OTHER_SOURCES = "other addresses"  # where RefusalLog counts sources past its limit
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
@@ -86,6 +102,10 @@ class WorkerOptions:
     name: str | None = None
     python: str | None = None  # the agent's interpreter; None: this one
     handshake_timeout: float = 10.0  # TLS handshake, per connection
+    client_hello_timeout: float = 2.0  # a client's first handshake bytes, after it connected
+    max_handshakes_per_source: int = 8  # connections in their handshake from one address at once
+    refusal_log_burst: int = 5  # refusals logged per source address and interval...
+    refusal_log_interval: float = 30.0  # ...before the rest are only counted, in one line at its end
     welcome_timeout: float = 30.0  # first bytes from an authenticated coordinator
     peer_timeout: float = 20.0  # a silent or vanished peer is dropped after about this long
     agent_env: dict[str, str] = field(default_factory=dict)
@@ -101,7 +121,8 @@ class WorkerStats:
     """Counters, for logs and tests."""
 
     sessions: int = 0  # coordinator sessions served (agent started)
-    refused_tls: int = 0  # connections whose TLS handshake failed (no cert, wrong CA, expired, plaintext)
+    refused_tls: int = 0  # connections refused before or in their TLS handshake (full, no cert, wrong CA, ...)
+    refused_full: int = 0  # of those: refused unread, too many handshakes (in all or from the address)
     refused_busy: int = 0  # authenticated connections refused because a session was active
     agent_exit_codes: list[int | None] = field(default_factory=list)
 
@@ -114,6 +135,63 @@ class _Session:
         self.subject = subject
         self.started = time.monotonic()
         self.agent: asyncio.subprocess.Process | None = None
+        self.ending = False  # the coordinator's side is over; only the agent's clean-up is left
+
+
+@dataclass(slots=True)
+class _RefusalWindow:
+    started: float
+    count: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
+class RefusalLog:
+    """WARNING lines for refused connections, rate-limited per source address.
+
+    The first `burst` refusals from an address within `interval` seconds are logged as they
+    happen; the rest are only counted, and when the interval ends one line sums them up
+    ("N more refused from ADDR in the last Ts"). A flood of connections then costs at most
+    `burst + 1` lines per address and interval instead of one per connection. At most
+    `max_sources` addresses are tracked at once; refusals from further ones share one entry.
+    """
+
+    def __init__(self, logger: logging.Logger, *, burst: int, interval: float, max_sources: int = 256) -> None:
+        self._log = logger
+        self._burst = burst
+        self._interval = interval
+        self._max_sources = max_sources
+        self._windows: dict[str, _RefusalWindow] = {}
+
+    def refused(self, source: str, message: str, *args: object) -> None:
+        """Log `message % args` unless `source` has used up its lines for this interval."""
+        if source not in self._windows and len(self._windows) >= self._max_sources:
+            source = OTHER_SOURCES
+        window = self._windows.get(source)
+        if window is None:
+            window = _RefusalWindow(started=time.monotonic())
+            with contextlib.suppress(RuntimeError):  # no running loop: summed up at close()
+                loop = asyncio.get_running_loop()
+                window.timer = loop.call_later(self._interval, self._end_window, source)
+            self._windows[source] = window
+        window.count += 1
+        if window.count <= self._burst:
+            self._log.warning(message, *args)
+
+    def _end_window(self, source: str) -> None:
+        window = self._windows.pop(source, None)
+        if window is None:
+            return
+        if window.timer is not None:
+            window.timer.cancel()
+        unlogged = window.count - self._burst
+        if unlogged > 0:
+            elapsed = max(1.0, time.monotonic() - window.started)
+            self._log.warning("%d more refused from %s in the last %.0fs", unlogged, source, elapsed)
+
+    def close(self) -> None:
+        """Sum up every open interval now (the daemon is stopping)."""
+        for source in list(self._windows):
+            self._end_window(source)
 
 
 class WorkerDaemon:
@@ -128,6 +206,8 @@ class WorkerDaemon:
         self._acceptor: asyncio.Task[None] | None = None
         self._active: _Session | None = None
         self._handshaking = 0
+        self._handshaking_from: dict[str, int] = {}  # by source address (host part)
+        self.refusals = RefusalLog(log, burst=options.refusal_log_burst, interval=options.refusal_log_interval)
         self._connections: set[asyncio.Task[None]] = set()
         self._closed = asyncio.Event()
         self._idle = asyncio.Event()
@@ -150,6 +230,11 @@ class WorkerDaemon:
     @property
     def busy(self) -> bool:
         return self._active is not None
+
+    @property
+    def handshakes_in_progress(self) -> int:
+        """Connections accepted and not yet authenticated (each holds a handshake slot)."""
+        return self._handshaking
 
     async def start(self) -> None:
         """Bind the listening socket. Raises OSError (address in use, no permission)."""
@@ -192,6 +277,7 @@ class WorkerDaemon:
         for task in list(self._connections):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self.refusals.close()
         self._closed.set()
 
     async def _accept_loop(self, sock: socket.socket) -> None:
@@ -215,7 +301,7 @@ class WorkerDaemon:
         try:
             tls = await self._handshake(conn)
             if tls is not None:
-                await self._serve_connection(tls, _format_peer(conn))
+                await self._serve_connection(tls, _format_peer(conn), _source(conn))
         except asyncio.CancelledError:
             _drop(tls, conn)
             raise
@@ -227,36 +313,52 @@ class WorkerDaemon:
         """TLS on an accepted socket; None after logging why it was refused (the client got
         a TLS alert saying so, where the handshake got far enough to send one)."""
         peer = _format_peer(conn)
+        source = _source(conn)
+        limit = self.options.max_handshakes_per_source
+        full = ""
         if self._handshaking >= MAX_HANDSHAKING:
-            log.warning("refused %s: %d TLS handshakes already in progress", peer, MAX_HANDSHAKING)
+            full = f"{MAX_HANDSHAKING} TLS handshakes already in progress"
+        elif self._handshaking_from.get(source, 0) >= limit:
+            full = f"{limit} TLS handshakes from {source} already in progress"
+        if full:
             self.stats.refused_tls += 1
-            conn.close()
+            self.stats.refused_full += 1
+            self.refusals.refused(source, "refused %s: %s", peer, full)
+            _reset(conn)
             return None
         tune_socket(conn, keepalive_s=self.options.peer_timeout)
         tls = ServerTLSStream(conn, self._context)
         self._handshaking += 1
+        self._handshaking_from[source] = self._handshaking_from.get(source, 0) + 1
         try:
-            await tls.handshake(self.options.handshake_timeout)
+            await tls.handshake(self.options.handshake_timeout, first_bytes_timeout=self.options.client_hello_timeout)
         except (TLSHandshakeError, TimeoutError, OSError) as exc:
             self.stats.refused_tls += 1
             reason = "no handshake in time" if isinstance(exc, TimeoutError) else str(exc)
-            log.warning("refused %s: TLS handshake failed: %s", peer, reason)
+            self.refusals.refused(source, "refused %s: TLS handshake failed: %s", peer, reason)
             tls.abort()
             return None
         finally:
             self._handshaking -= 1
+            left = self._handshaking_from.pop(source) - 1
+            if left:
+                self._handshaking_from[source] = left
         return tls
 
-    async def _serve_connection(self, tls: ServerTLSStream, peer: str) -> None:
+    async def _serve_connection(self, tls: ServerTLSStream, peer: str, source: str) -> None:
         subject = _subject(tls.peer_certificate())
+        if self._active is not None and self._active.ending:
+            # The previous coordinator has gone and its agent is winding down: this one is
+            # next, not refused (it may well be the same user's next command).
+            await self.wait_idle(SESSION_END_WAIT_S)
         if self._active is not None:
             self.stats.refused_busy += 1
             active = self._active
             message = (
-                f"worker {self.options.name or os.uname().nodename} is busy: another coordinator "
-                f"({active.subject} from {active.peer}) is connected; a worker serves one coordinator at a time"
+                f"{WORKER_BUSY}: {self.options.name or os.uname().nodename} serves another coordinator "
+                f"({active.subject} from {active.peer}); a worker serves one coordinator at a time"
             )
-            log.warning("refused %s (%s): busy with %s", peer, subject, active.peer)
+            self.refusals.refused(source, "refused %s (%s): busy with %s", peer, subject, active.peer)
             await _send_and_close(tls, encode_message(Error(message=message)))
             return
         session = _Session(peer, subject)
@@ -295,6 +397,7 @@ class WorkerDaemon:
             done, _ = await asyncio.wait({inbound, outbound}, return_when=asyncio.FIRST_COMPLETED)
             why = "agent ended the session" if outbound in done else inbound.result()
         finally:
+            session.ending = True
             try:
                 code = await _end_session(agent, inbound, outbound, tls)
             except asyncio.CancelledError:  # cancelled while cleaning up: no waiting, no leftovers
@@ -397,6 +500,21 @@ def _drop(tls: ServerTLSStream | None, conn: socket.socket) -> None:
         tls.abort()
     else:
         conn.close()
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close at once with a reset: no TIME_WAIT left here by a flood of refused connections."""
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+def _source(conn: socket.socket) -> str:
+    """The peer's address without its port: what per-source limits and log limits count by."""
+    try:
+        return str(conn.getpeername()[0])
+    except OSError:
+        return "?"
 
 
 def _format_peer(conn: socket.socket) -> str:

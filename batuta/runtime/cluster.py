@@ -291,7 +291,7 @@ _HOST_KEYS = (
     "transport",
 )
 _TLS_HOST_KEYS = ("name", "address", "port", "tags", "transport")  # the worker's command line sets the rest
-_TLS_KEYS = ("ca", "cert", "key", "server_name", "connect_timeout", "hello_timeout")
+_TLS_KEYS = ("ca", "cert", "key", "server_name", "connect_timeout", "hello_timeout", "busy_timeout")
 _DEFAULT_KEYS = tuple(k for k in _HOST_KEYS if k not in ("name", "address"))
 _LOCAL_KEYS = ("enabled", "name", "python", "slots", "gpus", "env", "tags", "kernel_modules")
 _LOCAL_INHERITS = ("env", "tags", "kernel_modules")  # from [defaults]: what runs, not where
@@ -563,6 +563,10 @@ class _Reader:
         for key in ("connect_timeout", "hello_timeout"):
             if key in table:
                 fields[key] = self._seconds((*path, key), table[key])
+        if "busy_timeout" in table:  # 0 is allowed: try a busy or full worker once
+            value = table["busy_timeout"]
+            zero = value == 0 and not isinstance(value, bool)
+            fields["busy_timeout"] = 0.0 if zero else self._seconds((*path, "busy_timeout"), value)
         return TLSSettings(**fields)
 
     def _transport(self, path: FieldPath, value: Any) -> str:

@@ -13,8 +13,10 @@ Each worker is a `HostSpec` whose `launch()` opens a fresh mutual-TLS connection
 `batuta worker` daemon, so everything the pool does for SSH hosts holds here too:
 heartbeats and liveness, requeueing a lost host's work, and reconnecting with backoff (the
 pool's relaunch calls `launch()` again). A worker whose certificate fails verification, or
-which refuses ours, is retired at once (`TransportError.retryable` is False); a busy worker
-(one coordinator at a time) is retried with backoff like any refused start.
+which refuses ours, is retired at once (`TransportError.retryable` is False). A busy worker
+(it serves one coordinator at a time) or a full one (too many connections in their TLS
+handshake) is retried by each launch with backoff for `busy_timeout` seconds (default 30)
+before the launch fails with a message that says which it was.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from batuta.transport.tls import (
     DEFAULT_PORT,
     TLSSettings,
     client_context,
+    connect_worker,
     format_address,
-    open_tls_stream,
     split_address,
 )
 
@@ -50,14 +52,15 @@ def tls_host(
     """A `HostSpec` whose `launch()` connects to the worker daemon at `host:port` over TLS.
 
     The SSL context is built on the first launch and kept (certificates are read once);
-    each launch and relaunch is a new connection, and so a new agent on the worker.
+    each launch and relaunch is a new connection, and so a new agent on the worker. A busy or
+    full worker is retried for `settings.busy_timeout` seconds (`connect_worker`).
     """
     contexts: list[Any] = []
 
     async def launch() -> ByteStream:
         if not contexts:
             contexts.append(client_context(settings))
-        return await open_tls_stream(host, port, settings, name=name, context=contexts[0])
+        return await connect_worker(host, port, settings, name=name, context=contexts[0])
 
     return HostSpec(name=name, launch=launch, tags=tags, check_versions=check_versions)
 
@@ -139,10 +142,14 @@ class RemoteExecutorBuilder:
         server_name: str | None = None,
         connect_timeout: float = 10.0,
         hello_timeout: float = 30.0,
+        busy_timeout: float = 30.0,
     ) -> RemoteExecutorBuilder:
         """The CA that signed the workers' certificates, and this coordinator's certificate and
         key (paths; `batuta certs init` makes all three). `server_name`: check the workers'
-        certificates against this name instead of the dialled address."""
+        certificates against this name instead of the dialled address. `busy_timeout`: how long
+        to keep retrying a worker that is busy with another coordinator, or full (0: try once)."""
+        if not 0 <= busy_timeout < float("inf"):
+            raise UsageError(f"busy_timeout {busy_timeout}: expected a number of seconds >= 0")
         self._tls = TLSSettings(
             ca=Path(ca).expanduser(),
             cert=Path(cert).expanduser(),
@@ -150,6 +157,7 @@ class RemoteExecutorBuilder:
             server_name=server_name,
             connect_timeout=connect_timeout,
             hello_timeout=hello_timeout,
+            busy_timeout=busy_timeout,
         )
         return self
 

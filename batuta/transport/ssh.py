@@ -13,14 +13,21 @@ files named in `SSHSettings.config_files`) supplies aliases, users, ports, ident
 host-key policy and timeout, rather than by asyncssh's own tunnel code (which would check
 them against other known_hosts and skip trust-on-first-use). Agent forwarding is off.
 
+An `identity_file` whose key is encrypted is handled as OpenSSH handles `ssh -i`: if
+ssh-agent (`SSH_AUTH_SOCK`, or the config's `IdentityAgent`) holds the same key (matched by
+its public key, from `PATH.pub` or the key file's own cleartext header), the agent's copy
+signs and the file is never decrypted. Otherwise the passphrase is asked for on the
+controlling terminal (never taken from argv or the environment), once per key and process;
+with no terminal, the connection fails with a one-line error saying to `ssh-add` the key.
+
 Extra environment for the agent travels as an `env KEY=VALUE` prefix of the remote command:
 OpenSSH servers silently drop `env` requests for names outside `AcceptEnv`, and there is
 no reply to tell us. Values therefore pass through the remote shell's argv for an instant
 (the shell `exec`s `env`, which `exec`s Python) and are never written to our logs, ours or
 asyncssh's. They are not a place for secrets.
 
-asyncssh is imported here and nowhere else; its errors become `SSHError` subclasses at
-this edge.
+asyncssh is imported here and in `ssh_keys` (encrypted identity files) and nowhere else;
+its errors become `SSHError` subclasses at this edge.
 """
 
 from __future__ import annotations
@@ -44,6 +51,13 @@ import asyncssh
 
 from batuta.errors import TransportError
 from batuta.transport.base import Buffer, StderrTail, StreamClosedError, log_stderr_line
+from batuta.transport.ssh_keys import (
+    EncryptedIdentity,
+    PassphraseRefused,
+    agent_holds,
+    encrypted_identity,
+    unlock_on_terminal,
+)
 
 log = logging.getLogger("batuta.transport.ssh")
 
@@ -81,6 +95,10 @@ class HostKeyError(SSHError):
         self.changed = changed
 
 
+class SSHKeyLockedError(SSHAuthError):
+    """The identity file is encrypted, no ssh-agent holds it, and no passphrase could be asked for."""
+
+
 # -- settings -----------------------------------------------------------------------------
 
 
@@ -98,6 +116,10 @@ class SSHSettings:
     config_files: tuple[Path, ...] | None = None
     connect_timeout: float = 10.0
     trust_on_first_use: bool = False
+    # Ask on the terminal for the passphrase of an encrypted identity file that no ssh-agent
+    # holds. A full-screen app that owns the terminal turns this off (the error then says
+    # to `ssh-add` the key).
+    ask_passphrase: bool = True
 
     def config_paths(self) -> list[str]:
         if self.config_files is not None:
@@ -446,14 +468,18 @@ class _Resolved:
     user: str
     proxy_jump: str | None
     known_hosts_paths: list[str] = field(default_factory=list)
+    encrypted: EncryptedIdentity | None = None  # an identity_file that needs its passphrase or an agent
 
     @property
     def where(self) -> str:
         return f"{self.user}@{self.host}:{self.port}"
 
 
-def _resolve(target: SSHTarget, settings: SSHSettings) -> _Resolved:
-    """Build the one options object for `target` (reads ssh config and keys: run in a thread)."""
+def _resolve(target: SSHTarget, settings: SSHSettings, unlocked: asyncssh.SSHKey | None = None) -> _Resolved:
+    """Build the one options object for `target` (reads ssh config and keys: run in a thread).
+
+    `unlocked`: the identity file's key, decrypted with its passphrase (see `_unlock`).
+    """
     kwargs: dict[str, Any] = {
         "config": settings.config_paths(),
         "host": target.host,
@@ -467,8 +493,18 @@ def _resolve(target: SSHTarget, settings: SSHSettings) -> _Resolved:
         kwargs["port"] = target.port
     if target.user is not None:
         kwargs["username"] = target.user
-    if target.identity_file is not None:
+    encrypted = None
+    if unlocked is not None:
+        kwargs["client_keys"] = [unlocked]
+    elif target.identity_file is not None:
         kwargs["client_keys"] = [str(target.identity_file)]
+        encrypted = encrypted_identity(target.identity_file)
+        if encrypted is not None:
+            # Skip the file rather than fail on it; the agent's copy of the key signs instead
+            # (`_unlock` checks there is one). Offer that key only, as `ssh -i` offers it first.
+            kwargs["ignore_encrypted"] = True
+            if encrypted.public_key is not None:
+                kwargs["agent_identities"] = [encrypted.public_key]
     options = asyncssh.SSHClientConnectionOptions(**kwargs)
     if settings.known_hosts is not None:
         paths = [str(settings.known_hosts)]
@@ -485,7 +521,44 @@ def _resolve(target: SSHTarget, settings: SSHSettings) -> _Resolved:
         user=str(options.username),
         proxy_jump=jump,
         known_hosts_paths=paths,
+        encrypted=encrypted,
     )
+
+
+# -- encrypted identity files -------------------------------------------------------------
+
+
+async def _unlock(resolved: _Resolved, settings: SSHSettings) -> _Resolved:
+    """`resolved` as is if ssh-agent holds its encrypted identity; else re-resolved with the key
+    decrypted by a passphrase typed on the terminal. Raises SSHKeyLockedError or SSHAuthError."""
+    encrypted = resolved.encrypted
+    assert encrypted is not None
+    target = resolved.target
+    agent_path = resolved.options.agent_path or ""
+    agent_state = "no ssh-agent is running (SSH_AUTH_SOCK is not set)"
+    if agent_path:
+        held = await agent_holds(agent_path, encrypted.public_key, settings.connect_timeout)
+        if held is None:
+            agent_state = f"the ssh-agent at {agent_path} did not answer"
+        elif held:
+            log.info("host %s: %s is encrypted; signing with ssh-agent's copy", target.label, encrypted.path)
+            return resolved
+        elif encrypted.public_key is None:
+            agent_state = f"{encrypted.path}.pub is missing, so ssh-agent's copy cannot be found"
+        else:
+            agent_state = "ssh-agent does not hold it"
+    try:
+        key = unlock_on_terminal(encrypted, target.label) if settings.ask_passphrase else None
+    except PassphraseRefused as exc:
+        raise SSHAuthError(f"host {target.label}: {exc}") from None
+    if key is None:
+        raise SSHKeyLockedError(
+            f"host {target.label}: identity file {encrypted.path} is encrypted and {agent_state}; "
+            f"load it with `ssh-add {encrypted.path}` (batuta asks for a passphrase only on a terminal, "
+            "never from arguments or the environment)"
+        )
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, functools.partial(_resolve, target, settings, key))
 
 
 def _split_hop(hop: str, behind: str = "") -> SSHTarget:
@@ -533,6 +606,8 @@ async def connect_ssh(
         ) from exc
     except (ValueError, asyncssh.Error) as exc:
         raise SSHConnectError(f"host {target.label}: bad ssh settings: {exc}") from exc
+    if resolved.encrypted is not None:
+        resolved = await _unlock(resolved, settings)
 
     jumps: list[asyncssh.SSHClientConnection] = []
     try:

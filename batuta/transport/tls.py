@@ -17,6 +17,12 @@ Errors become `TLSError` subclasses at this edge. `retryable` is False where try
 cannot help (a certificate refused either way, unreadable key files), so the pool retires
 such a host at once instead of reconnecting with backoff. Key files are read by OpenSSL
 from their paths; their contents never pass through Python strings, logs or argv.
+
+A worker serves one coordinator at a time and limits connections in their handshake, so it
+may turn us away for a while: "busy" (its protocol Error, `TLSBusyError`) or "full" (it
+dropped the connection before the TLS handshake, `TLSFullError`). `connect_worker` retries
+both with backoff for `TLSSettings.busy_timeout` seconds before giving up with a message
+that says which it was and what to do.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batuta.errors import TransportError
+from batuta.protocol.codec import FrameDecoder, ProtocolError
+from batuta.protocol.messages import Error
 from batuta.transport.base import Buffer, StreamClosedError
 
 log = logging.getLogger("batuta.transport.tls")
@@ -38,6 +46,11 @@ log = logging.getLogger("batuta.transport.tls")
 READ_CHUNK = 256 * 1024
 DEFAULT_PORT = 9443
 WRITE_HIGH_WATER = 4 * 1024 * 1024
+WORKER_BUSY = "worker busy"  # how a worker's Error frame starts when another coordinator has it
+BUSY_FRAME_LIMIT = 64 * 1024  # a busy Error frame is small; a larger first frame is a Hello
+RETRY_FIRST_DELAY_S = 0.1  # backoff for a busy or full worker: doubles each try...
+RETRY_MAX_DELAY_S = 2.0  # ...up to this
+RETRY_MAX_ATTEMPTS = 100  # and never more tries than this, whatever busy_timeout says
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -69,6 +82,15 @@ class TLSRefusedError(TLSError):
     retryable = False
 
 
+class TLSBusyError(TLSConnectError):
+    """The worker serves another coordinator (one at a time); retried until busy_timeout."""
+
+
+class TLSFullError(TLSConnectError):
+    """The worker dropped the connection before the TLS handshake: it had too many connections
+    in their handshake (from our address, or in all). Retried until busy_timeout."""
+
+
 # -- settings and contexts ----------------------------------------------------------------
 
 
@@ -80,7 +102,8 @@ class TLSSettings:
     coordinator's client certificate and its private key (PEM, unencrypted, mode 0600).
     `server_name`: the name to check the worker's certificate against; None means the
     address that is dialled. `hello_timeout`: how long a worker may take, after the TLS
-    handshake, to start its agent and send the first bytes.
+    handshake, to start its agent and send the first bytes. `busy_timeout`: how long to keep
+    retrying, with backoff, a worker that is busy with another coordinator or full (0: try once).
     """
 
     ca: Path
@@ -89,6 +112,7 @@ class TLSSettings:
     server_name: str | None = None
     connect_timeout: float = 10.0
     hello_timeout: float = 30.0
+    busy_timeout: float = 30.0
 
 
 def _load_chain(context: ssl.SSLContext, cert: Path, key: Path, ca: Path, who: str) -> None:
@@ -324,6 +348,8 @@ async def open_tls_stream(
         raise TLSConnectError(
             f"{_who(label, where)}: connection refused; is `batuta worker --bind ...:{port}` running there?"
         ) from None
+    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+        raise _dropped(label, where) from None
     except socket.gaierror as exc:
         raise TLSConnectError(f"host {label}: cannot resolve {host!r} ({exc.strerror}); check the address") from None
     except OSError as exc:
@@ -341,6 +367,9 @@ async def open_tls_stream(
             f"{_who(label, where)}: the worker accepted the {version} session but sent nothing within "
             f"{settings.hello_timeout:g}s; check its log"
         ) from None
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+        stream.kill()
+        first = b""  # the same as a plain close, below
     except ssl.SSLError as exc:
         stream.kill()
         raise _handshake_error(label, where, exc) from None
@@ -354,8 +383,78 @@ async def open_tls_stream(
         raise TLSConnectError(
             f"{_who(label, where)}: the worker closed the {version} session before saying hello; check its log"
         )
+    busy = _busy_message(first)
+    if busy is not None:
+        stream.kill()
+        raise TLSBusyError(f"{_who(label, where)}: {busy}")
     log.info("%s: %s session up", _who(label, where), version)
     return TLSStream(reader, writer, description=f"tls {where} ({version})", first=first)
+
+
+def _busy_message(first: bytes) -> str | None:
+    """The worker's "busy" Error, if that is what its first bytes are; None for anything else
+    (its Hello, another Error), which the session then reads as usual."""
+    decoder = FrameDecoder(max_frame_bytes=BUSY_FRAME_LIMIT)
+    try:
+        decoder.feed(first)
+        message = decoder.next_message()
+    except ProtocolError:
+        return None
+    if isinstance(message, Error) and message.message.startswith(WORKER_BUSY):
+        return message.message
+    return None
+
+
+def _dropped(label: str, where: str) -> TLSFullError:
+    return TLSFullError(f"{_who(label, where)}: the worker closed the connection before the TLS handshake")
+
+
+async def connect_worker(
+    host: str,
+    port: int,
+    settings: TLSSettings,
+    *,
+    name: str = "",
+    context: ssl.SSLContext | None = None,
+) -> TLSStream:
+    """`open_tls_stream`, retrying a busy or full worker with backoff for `settings.busy_timeout`.
+
+    The delay starts at 0.1 s and doubles up to 2 s; at most `RETRY_MAX_ATTEMPTS` tries. When
+    the time is up, raises TLSBusyError or TLSFullError saying how long it tried and what to do;
+    every other error is raised at once, as `open_tls_stream` raised it.
+    """
+    label = name or format_address(host, port)
+    where = format_address(host, port)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    delay = RETRY_FIRST_DELAY_S
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await open_tls_stream(host, port, settings, name=name, context=context)
+        except (TLSBusyError, TLSFullError) as exc:
+            elapsed = loop.time() - started
+            left = settings.busy_timeout - elapsed
+            if left <= 0 or attempt >= RETRY_MAX_ATTEMPTS:
+                raise _gave_up(exc, label, where, attempt, elapsed, settings.busy_timeout) from None
+            log.info("%s; trying again in %.1fs", exc, min(delay, left))
+            await asyncio.sleep(min(delay, left))  # backoff, not synchronisation
+            delay = min(delay * 2, RETRY_MAX_DELAY_S)
+
+
+def _gave_up(
+    exc: TLSBusyError | TLSFullError, label: str, where: str, attempts: int, elapsed: float, busy_timeout: float
+) -> TLSConnectError:
+    tried = "" if attempts == 1 else f" ({attempts} tries in {elapsed:.1f}s)"
+    wait = "raise busy_timeout in [tls] to wait longer" if busy_timeout > 0 else "set busy_timeout in [tls] to wait"
+    if isinstance(exc, TLSBusyError):
+        return TLSBusyError(f"{exc}{tried}; try again when it is done, or {wait}")
+    return TLSFullError(
+        f"{_who(label, where)}: the worker was full: it closed the connection before the TLS handshake{tried}, "
+        "as it does when too many connections (from this address, or in all) sit in their handshake; "
+        f"its log names the sources it refused: stop or block them, or {wait}"
+    )
 
 
 def _who(label: str, where: str) -> str:
@@ -385,7 +484,7 @@ def _handshake_error(label: str, where: str, exc: ssl.SSLError) -> TLSError:
     if "WRONG VERSION NUMBER" in text or "RECORD LAYER" in text or "PACKET LENGTH" in text:
         return TLSVerifyError(f"{_who(label, where)}: the peer does not speak TLS ({reason}); is it a batuta worker?")
     if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
-        return TLSConnectError(f"{_who(label, where)}: the worker closed the connection during the handshake")
+        return _dropped(label, where)
     return TLSVerifyError(f"{_who(label, where)}: TLS handshake failed: {reason}")
 
 
@@ -442,9 +541,24 @@ class ServerTLSStream:
         self._incoming.write(data)
         return True
 
-    async def handshake(self, timeout: float) -> None:
-        """Complete the server handshake. Raises TLSHandshakeError (alert sent) or TimeoutError."""
+    async def handshake(self, timeout: float, *, first_bytes_timeout: float | None = None) -> None:
+        """Complete the server handshake within `timeout`. Raises TLSHandshakeError (alert sent
+        where there was a handshake to send it in) or TimeoutError.
+
+        `first_bytes_timeout`: how long the client may take to send anything at all. A TLS
+        client sends its ClientHello as soon as it has connected, so a connection that stays
+        silent is not one, and is dropped long before `timeout`.
+        """
         async with asyncio.timeout(timeout):
+            if first_bytes_timeout is not None:
+                try:
+                    async with asyncio.timeout(first_bytes_timeout):
+                        if not await self._fill():
+                            raise TLSHandshakeError("the client closed the connection before the handshake")
+                except TimeoutError:
+                    raise TLSHandshakeError(
+                        f"the client sent nothing within {first_bytes_timeout:g}s of connecting (not a TLS client?)"
+                    ) from None
             while True:
                 try:
                     self._tls.do_handshake()
