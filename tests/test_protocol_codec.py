@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from batuta.core.objects import ObjectRef
-from batuta.core.task import BinaryCall, KernelCall
+from batuta.core.task import BinaryCall, KernelCall, Outcome
 from batuta.protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -124,20 +124,20 @@ def sample_messages() -> list[Message]:
         Started(task_ids=(1, 2, 3)),
         Done(
             results=(
-                TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", value=(np.ones((2, 3)), 7), run_s=0.25),
+                TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, value=(np.ones((2, 3)), 7), run_s=0.25),
                 TaskOutcome(
                     task_id=2,
                     slot=1,
                     attempt=3,
-                    status="error",
+                    status=Outcome.ERROR,
                     stdout=b"out\x00",
                     stderr=b"err",
                     exit_code=-9,
                     error="ZeroDivisionError: division by zero",
                 ),
-                TaskOutcome(task_id=3, slot=0, attempt=1, status="timeout"),
-                TaskOutcome(task_id=4, slot=0, attempt=1, status="cancelled"),
-                TaskOutcome(task_id=5, slot=0, attempt=1, status="crashed", exit_code=139),
+                TaskOutcome(task_id=3, slot=0, attempt=1, status=Outcome.TIMEOUT),
+                TaskOutcome(task_id=4, slot=0, attempt=1, status=Outcome.CANCELLED),
+                TaskOutcome(task_id=5, slot=0, attempt=1, status=Outcome.CRASHED, exit_code=139),
             )
         ),
         StealBack(slot=2, task_ids=(10, 11)),
@@ -281,13 +281,13 @@ def test_decoded_collections_have_the_dataclass_types() -> None:
 
 def test_lists_and_tuples_keep_their_type_at_every_depth() -> None:
     value: Any = ([1, (2, [3, ()])], [], (), {"a": (1,), "b": [1]}, [[[]]])
-    msg = Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", value=value),))
+    msg = Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, value=value),))
     assert_same(one(encode_message(msg)).results[0].value, value)
 
 
 def test_numbers_at_the_edges() -> None:
     value = [0, -1, 2**63 - 1, -(2**63), 2**64 - 1, 0.0, -0.0, float("inf"), float("nan"), 1e308, True, False]
-    msg = Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", value=value),))
+    msg = Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, value=value),))
     assert_same(one(encode_message(msg)).results[0].value, value)
 
 
@@ -385,7 +385,7 @@ def some_array(dtype: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 
 
 def value_round_trip(value: Any) -> Any:
-    msg = Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", value=value),))
+    msg = Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, value=value),))
     decoded = one(encode_message(msg))
     assert isinstance(decoded, Done)
     return decoded.results[0].value
@@ -438,7 +438,7 @@ def test_large_arrays_decode_as_aligned_views_into_the_frame() -> None:
 
 def test_large_frame_received_in_pieces_is_decoded_once_complete() -> None:
     arr = np.arange(LARGE_FRAME_BYTES // 4, dtype=np.float64)
-    frame = encode_message(Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", value=arr),)))
+    frame = encode_message(Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, value=arr),)))
     tail = encode_message(Bye())
     decoder = FrameDecoder()
     step = 100_003
@@ -476,8 +476,8 @@ def test_numpy_scalars_round_trip_with_their_dtype() -> None:
 def outcome_with(value: Any) -> Done:
     return Done(
         results=(
-            TaskOutcome(task_id=1, slot=0, attempt=1, status="ok"),
-            TaskOutcome(task_id=2, slot=0, attempt=1, status="ok", value=value),
+            TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK),
+            TaskOutcome(task_id=2, slot=0, attempt=1, status=Outcome.OK, value=value),
         )
     )
 
@@ -538,17 +538,30 @@ def test_too_deep_and_self_referencing_values_are_refused() -> None:
     [
         (TaskOutcome(task_id=1, slot=0, attempt=1, status="weird"), "Done.results[0].status: unknown status 'weird'"),
         (
-            TaskOutcome(task_id=-1, slot=0, attempt=1, status="ok"),
+            TaskOutcome(task_id=1, slot=0, attempt=1, status="ok"),
+            "Done.results[0].status: expected an Outcome, got str",
+        ),
+        (
+            TaskOutcome(task_id=-1, slot=0, attempt=1, status=Outcome.OK),
             "Done.results[0].task_id: expected an int >= 0, got int -1",
         ),
-        (TaskOutcome(task_id=1, slot=0, attempt=0, status="ok"), "Done.results[0].attempt: expected an int >= 1"),
-        (TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", run_s=float("nan")), "run_s: expected a finite number"),
-        (TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", stdout="text"), "stdout: expected bytes, got str"),  # type: ignore[arg-type]
+        (TaskOutcome(task_id=1, slot=0, attempt=0, status=Outcome.OK), "Done.results[0].attempt: expected an int >= 1"),
         (
-            TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", error="\udcff"),
+            TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, run_s=float("nan")),
+            "run_s: expected a finite number",
+        ),
+        (
+            TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, stdout="text"),
+            "stdout: expected bytes, got str",
+        ),  # type: ignore[arg-type]
+        (
+            TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, error="\udcff"),
             "Done.results[0].error: str is not valid UTF-8",
         ),
-        (TaskOutcome(task_id=True, slot=0, attempt=1, status="ok"), "task_id: expected an int >= 0, got bool True"),
+        (
+            TaskOutcome(task_id=True, slot=0, attempt=1, status=Outcome.OK),
+            "task_id: expected an int >= 0, got bool True",
+        ),
     ],
 )
 def test_bad_fields_are_local_errors_naming_the_field(msg: TaskOutcome, words: str) -> None:
@@ -612,7 +625,7 @@ def test_bad_message_level_fields_on_send() -> None:
 
 def test_non_message_cannot_be_encoded() -> None:
     with pytest.raises(LocalProtocolError, match=r"not a batuta\.protocol message"):
-        encode_message(TaskOutcome(task_id=1, slot=0, attempt=1, status="ok"))  # type: ignore[arg-type]
+        encode_message(TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK))  # type: ignore[arg-type]
 
 
 def test_frame_over_the_limit_is_refused_on_send() -> None:

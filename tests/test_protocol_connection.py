@@ -8,7 +8,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from batuta.core.task import KernelCall
+from batuta.core.task import KernelCall, Outcome
 from batuta.protocol import (
     CLOSED,
     NEED_DATA,
@@ -91,7 +91,7 @@ def run_of(*task_ids: int) -> Run:
 def done_of(*task_ids: int) -> Done:
     return Done(
         results=tuple(
-            TaskOutcome(task_id=i, slot=i % 2, attempt=1, status="ok", value=i * 2, run_s=1e-4) for i in task_ids
+            TaskOutcome(task_id=i, slot=i % 2, attempt=1, status=Outcome.OK, value=i * 2, run_s=1e-4) for i in task_ids
         )
     )
 
@@ -419,7 +419,7 @@ def test_repr_and_raw_frames_match_encode_message() -> None:
 
 def test_end_of_stream_inside_a_large_frame_is_a_remote_error() -> None:
     agent, coordinator = handshake()
-    big = Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", value=np.zeros(300_000)),))
+    big = Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, value=np.zeros(300_000)),))
     frame = agent.send(big)
     coordinator.receive_data(frame[: len(frame) // 2])
     assert coordinator.next_event() is NEED_DATA

@@ -6,7 +6,7 @@ import pytest
 
 from batuta.core import events as ev
 from batuta.core.scheduler import Scheduler, SchedulerConfig, SchedulerError
-from batuta.core.task import TaskStatus
+from batuta.core.task import Outcome, TaskStatus
 from tests.scheduler_sim import Sim
 
 
@@ -179,7 +179,7 @@ def test_task_that_kills_every_worker_fails_after_max_attempts() -> None:
     for _ in range(3):
         slot_id = next(s for s, f in sim.slots.items() if any(t == poison for t, _ in f.queue))
         sim.start(slot_id)
-        sim.finish(slot_id, outcome="crashed")
+        sim.finish(slot_id, outcome=Outcome.CRASHED)
         sim.deliver(slot_id)
     [res] = sim.resolved[poison]
     assert res.status is TaskStatus.LOST and res.attempts == 3
@@ -193,7 +193,7 @@ def test_kernel_error_is_final_not_retried() -> None:
     sim = sim_with("a")
     task = sim.submit()
     sim.start("a")
-    sim.finish("a", outcome="error")
+    sim.finish("a", outcome=Outcome.ERROR)
     sim.deliver("a")
     assert sim.status_of(task) is TaskStatus.FAILED
     assert sim.resolved[task][0].attempts == 1
@@ -208,8 +208,8 @@ def test_late_and_duplicate_results_are_dropped_and_counted() -> None:
     finished = sim.slots[slot_id].outbox[-1]
     sim.deliver(slot_id)
     sim.handle(finished)  # the same result again
-    sim.handle(ev.TaskFinished(task_id=task, slot_id="b" if slot_id == "a" else "a", attempt=1, outcome="ok"))
-    sim.handle(ev.TaskFinished(task_id=999, slot_id="a", attempt=1, outcome="ok"))
+    sim.handle(ev.TaskFinished(task_id=task, slot_id="b" if slot_id == "a" else "a", attempt=1, outcome=Outcome.OK))
+    sim.handle(ev.TaskFinished(task_id=999, slot_id="a", attempt=1, outcome=Outcome.OK))
     assert sim.sched.stats.dropped_results == 3
     assert len(sim.resolved[task]) == 1
 
@@ -222,7 +222,7 @@ def test_result_from_an_earlier_attempt_is_dropped() -> None:
     sim.lose("a")
     sim.rejoin("a")  # the task is resent as attempt 2
     assert sim.slots["a"].queue == [(task, 2)]
-    sim.handle(ev.TaskFinished(task_id=task, slot_id="a", attempt=1, outcome="ok"))
+    sim.handle(ev.TaskFinished(task_id=task, slot_id="a", attempt=1, outcome=Outcome.OK))
     assert task not in sim.resolved and sim.sched.stats.dropped_results == 1
 
 

@@ -31,3 +31,16 @@ def test_a_failure_names_the_slot_once() -> None:
         task_id=7, name="noop", status=TaskStatus.FAILED, error="boom", host="gpu1", slot="gpu1/3", attempts=1
     )
     assert result.describe_failure() == "task 7 (noop) failed on gpu1/3 after 1 attempt(s): boom"
+
+
+def test_an_outcome_ends_the_task_unless_the_worker_crashed() -> None:
+    from batuta.core.task import Outcome, TaskStatus
+
+    # the values are the wire's (TaskOutcome.status): changing one needs a new PROTOCOL_VERSION
+    assert {o.value: o.final_status() for o in Outcome} == {
+        "ok": TaskStatus.SUCCEEDED,
+        "error": TaskStatus.FAILED,
+        "timeout": TaskStatus.TIMED_OUT,
+        "cancelled": TaskStatus.CANCELLED,
+        "crashed": None,  # only the attempt is lost: the scheduler retries, or resolves LOST
+    }

@@ -48,11 +48,10 @@ from batuta.agent.supervisor import SlotSupervisor
 from batuta.agent.telemetry import TelemetrySource, package_versions
 from batuta.agent.threads import BLAS_THREADS_ENV, budget_env, limit_loaded_blas, slot_share
 from batuta.core.objects import refs_in
-from batuta.core.task import KernelCall
+from batuta.core.task import KernelCall, Outcome
 from batuta.protocol.connection import CLOSED, NEED_DATA, Connection, Role
 from batuta.protocol.errors import LocalProtocolError, RemoteProtocolError
 from batuta.protocol.messages import (
-    OUTCOME_ERROR,
     PROTOCOL_VERSION,
     Bye,
     Cancel,
@@ -248,7 +247,7 @@ class Agent:
                         task_id=outcome.task_id,
                         slot=outcome.slot,
                         attempt=outcome.attempt,
-                        status=OUTCOME_ERROR,
+                        status=Outcome.ERROR,
                         error=f"the task's outcome cannot be sent to the coordinator: {exc}"[:500],
                         run_s=outcome.run_s,
                     )
@@ -334,7 +333,7 @@ class Agent:
                         task_id=request.task_id,
                         slot=request.slot,
                         attempt=request.attempt,
-                        status=OUTCOME_ERROR,
+                        status=Outcome.ERROR,
                         error=problem,
                     )
                 )

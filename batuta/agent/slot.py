@@ -48,12 +48,9 @@ from batuta.agent.execute import (
     run_binary,
 )
 from batuta.core.objects import refs_in, replace_refs
-from batuta.core.task import KernelCall
+from batuta.core.task import KernelCall, Outcome
 from batuta.protocol.codec import FrameDecoder, encode_message
 from batuta.protocol.messages import (
-    OUTCOME_CANCELLED,
-    OUTCOME_ERROR,
-    OUTCOME_OK,
     Cancel,
     Done,
     Drop,
@@ -168,7 +165,7 @@ class SlotWorker:
                         task_id=request.task_id,
                         slot=request.slot,
                         attempt=request.attempt,
-                        status=OUTCOME_CANCELLED,
+                        status=Outcome.CANCELLED,
                         error="cancelled before it started",
                     )
                 )
@@ -182,12 +179,12 @@ class SlotWorker:
         try:
             frame = encode_message(Done(results=(outcome,)))
         except Exception as exc:
-            what = "result" if outcome.status == OUTCOME_OK else "outcome"
+            what = "result" if outcome.status is Outcome.OK else "outcome"
             replacement = TaskOutcome(
                 task_id=outcome.task_id,
                 slot=outcome.slot,
                 attempt=outcome.attempt,
-                status=OUTCOME_ERROR,
+                status=Outcome.ERROR,
                 error=one_line(f"the task's {what} cannot be sent to the coordinator: {describe_exception(exc)}"),
                 run_s=outcome.run_s,
             )
@@ -242,7 +239,7 @@ class SlotWorker:
                             task_id=request.task_id,
                             slot=request.slot,
                             attempt=request.attempt,
-                            status=OUTCOME_ERROR,
+                            status=Outcome.ERROR,
                             error=f"slot {self._slot} was not sent object(s) {', '.join(map(str, missing))}",
                         )
                     call = KernelCall(name=call.name, args=replace_refs(call.args, self._objects))  # type: ignore[arg-type]
@@ -256,7 +253,7 @@ class SlotWorker:
                 task_id=request.task_id,
                 slot=request.slot,
                 attempt=request.attempt,
-                status=OUTCOME_ERROR,
+                status=Outcome.ERROR,
                 error=f"slot {self._slot} failed to run the task: {describe_exception(exc)}",
             )
 

@@ -62,14 +62,10 @@ from typing import Any, Protocol
 from batuta.agent.execute import describe_exit, print_error
 from batuta.agent.spawn import SlotProcess, spawn_slot
 from batuta.core.objects import refs_in
-from batuta.core.task import KernelCall
+from batuta.core.task import KernelCall, Outcome
 from batuta.protocol.codec import FrameDecoder, encode_message, encode_message_parts
 from batuta.protocol.errors import LocalProtocolError
 from batuta.protocol.messages import (
-    OUTCOME_CANCELLED,
-    OUTCOME_CRASHED,
-    OUTCOME_ERROR,
-    OUTCOME_TIMEOUT,
     SLOT_DOWN,
     SLOT_RESTARTING,
     SLOT_UP,
@@ -304,7 +300,7 @@ class SlotSupervisor:
                     batch.remove(request)
                     self._held.pop(request.task_id, None)
                     self._events.task_finished(
-                        self._outcome(request, OUTCOME_ERROR, f"object {object_id} is not on this host", 0.0)
+                        self._outcome(request, Outcome.ERROR, f"object {object_id} is not on this host", 0.0)
                     )
                     break
                 parts += encode_message_parts(Put(object_id=object_id, value=self._objects[object_id]))
@@ -332,7 +328,7 @@ class SlotSupervisor:
                 batch.remove(request)
                 self._held.pop(request.task_id, None)
                 self._events.task_finished(
-                    self._outcome(request, OUTCOME_ERROR, f"cannot pass the task to its slot: {exc}", 0.0)
+                    self._outcome(request, Outcome.ERROR, f"cannot pass the task to its slot: {exc}", 0.0)
                 )
         return parts
 
@@ -444,7 +440,7 @@ class SlotSupervisor:
                 wanted.discard(request.task_id)
                 self._held.pop(request.task_id, None)
                 self._events.task_finished(
-                    self._outcome(request, OUTCOME_CANCELLED, "cancelled before it started", 0.0)
+                    self._outcome(request, Outcome.CANCELLED, "cancelled before it started", 0.0)
                 )
             else:
                 kept.append(request)
@@ -480,10 +476,10 @@ class SlotSupervisor:
         run_s = self._loop.time() - self._head_started_at
         if task_id in self._cancel_requested:
             self._cancel_requested.discard(task_id)
-            status, error = OUTCOME_CANCELLED, "cancelled while running; its processes were killed"
+            status, error = Outcome.CANCELLED, "cancelled while running; its processes were killed"
             reason = f"killed to cancel task {task_id}"
         else:
-            status = OUTCOME_TIMEOUT
+            status = Outcome.TIMEOUT
             error = f"timed out after {head.timeout:g} s; its processes were killed"
             reason = f"killed task {task_id} at its {head.timeout:g} s timeout"
         self._events.task_finished(self._outcome(head, status, error, run_s))
@@ -513,9 +509,9 @@ class SlotSupervisor:
             run_s = self._loop.time() - self._head_started_at
             if head.task_id in self._cancel_requested:
                 self._cancel_requested.discard(head.task_id)
-                outcome = self._outcome(head, OUTCOME_CANCELLED, f"cancelled; {reason}", run_s)
+                outcome = self._outcome(head, Outcome.CANCELLED, f"cancelled; {reason}", run_s)
             else:
-                outcome = self._outcome(head, OUTCOME_CRASHED, f"{reason} while running it", run_s)
+                outcome = self._outcome(head, Outcome.CRASHED, f"{reason} while running it", run_s)
             self._events.task_finished(outcome)
         if not head_running:
             # Died before it was ready, or while idle: a failed start, which backs off.
@@ -546,7 +542,7 @@ class SlotSupervisor:
                 self._cancel_requested.discard(request.task_id)
                 self._held.pop(request.task_id, None)
                 self._events.task_finished(
-                    self._outcome(request, OUTCOME_CANCELLED, "cancelled before it started", 0.0)
+                    self._outcome(request, Outcome.CANCELLED, "cancelled before it started", 0.0)
                 )
             else:
                 self.queue.appendleft(request)
@@ -571,7 +567,7 @@ class SlotSupervisor:
             )
         )
 
-    def _outcome(self, request: TaskRequest, status: str, error: str, run_s: float) -> TaskOutcome:
+    def _outcome(self, request: TaskRequest, status: Outcome, error: str, run_s: float) -> TaskOutcome:
         return TaskOutcome(
             task_id=request.task_id,
             slot=request.slot,

@@ -9,17 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from batuta.core.task import CAP_CPU, TaskStatus
+from batuta.core.task import CAP_CPU, Outcome, TaskStatus
 
 SlotId = str
 HostId = str
-
-# Outcome names as host agents report them (mirrors the wire's outcome statuses).
-FINISHED_OK = "ok"
-FINISHED_ERROR = "error"
-FINISHED_TIMEOUT = "timeout"
-FINISHED_CANCELLED = "cancelled"
-FINISHED_CRASHED = "crashed"
 
 
 # -- events ---------------------------------------------------------------------------------
@@ -81,12 +74,12 @@ class TaskStarted:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskFinished:
-    """The agent reports how a task ended. `outcome` is one of the FINISHED_* names."""
+    """The agent reports how an attempt of a task ended."""
 
     task_id: int
     slot_id: SlotId
     attempt: int
-    outcome: str
+    outcome: Outcome
     run_s: float = 0.0
     reason: str = ""
 

@@ -42,11 +42,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from batuta.core.events import (
-    FINISHED_CANCELLED,
-    FINISHED_CRASHED,
-    FINISHED_ERROR,
-    FINISHED_OK,
-    FINISHED_TIMEOUT,
     AbortTasks,
     CancelRequested,
     Event,
@@ -72,7 +67,7 @@ from batuta.core.events import (
     TaskSubmitted,
     TimerFired,
 )
-from batuta.core.task import CAP_CPU, CAP_GPU, TaskStatus
+from batuta.core.task import CAP_CPU, CAP_GPU, Outcome, TaskStatus
 
 
 class SchedulerError(Exception):
@@ -183,14 +178,6 @@ class SlotView:
     steals_out: int
     completed: int
     mean_run_s: float | None
-
-
-_STATUS_OF_OUTCOME = {
-    FINISHED_OK: TaskStatus.SUCCEEDED,
-    FINISHED_ERROR: TaskStatus.FAILED,
-    FINISHED_TIMEOUT: TaskStatus.TIMED_OUT,
-    FINISHED_CANCELLED: TaskStatus.CANCELLED,
-}
 
 
 class Scheduler:
@@ -420,15 +407,13 @@ class Scheduler:
             del self._tasks[entry.task_id]
             self._refill(slot)
             return
-        if ev.outcome == FINISHED_CRASHED:
+        status = ev.outcome.final_status()
+        if status is None:  # the worker crashed under it: the attempt is lost, not the task
             self._note(entry, f"crashed on {slot.slot_id}")
             self._retry_or_lose(entry, slot, ev.reason or "worker process died")
         else:
-            status = _STATUS_OF_OUTCOME.get(ev.outcome)
-            if status is None:
-                raise SchedulerError(f"unknown outcome {ev.outcome!r} for task {ev.task_id}")
             slot.completed += 1
-            if ev.outcome in (FINISHED_OK, FINISHED_ERROR):
+            if ev.outcome is Outcome.OK or ev.outcome is Outcome.ERROR:
                 self._observe_run_time(slot, ev.run_s)
             self._resolve(entry, status, ev.reason, slot_id=slot.slot_id)
         self._refill(slot)

@@ -47,6 +47,34 @@ class TaskStatus(enum.Enum):
     UNSCHEDULABLE = "unschedulable"  # no slot can ever run it (e.g. GPU task, no GPU)
 
 
+class Outcome(enum.Enum):
+    """How one attempt of a task ended on its slot, as the host agent reports it.
+
+    The agent sends its value on the wire (`TaskOutcome.status`) and the scheduler decides
+    the task's `TaskStatus` from it. An outcome is per attempt, a status per task (LOST and
+    UNSCHEDULABLE are no attempt's outcome): `final_status` is the one map between them.
+    """
+
+    OK = "ok"
+    ERROR = "error"  # kernel raised, binary exited non-zero, unknown kernel, bad input
+    TIMEOUT = "timeout"  # the agent killed it at its timeout
+    CANCELLED = "cancelled"
+    CRASHED = "crashed"  # the worker process died under it (counts as a lost attempt)
+
+    def final_status(self) -> TaskStatus | None:
+        """The task's status when this attempt ends it; None for CRASHED, which ends only the
+        attempt (the scheduler runs the task again, or resolves it LOST after `max_attempts`)."""
+        return _FINAL_STATUS.get(self)
+
+
+_FINAL_STATUS: dict[Outcome, TaskStatus] = {
+    Outcome.OK: TaskStatus.SUCCEEDED,
+    Outcome.ERROR: TaskStatus.FAILED,
+    Outcome.TIMEOUT: TaskStatus.TIMED_OUT,
+    Outcome.CANCELLED: TaskStatus.CANCELLED,
+}
+
+
 # Capabilities a slot offers and a task requires. Tags from the cluster file add more.
 CAP_CPU = "cpu"
 CAP_GPU = "gpu"

@@ -27,12 +27,6 @@ from batuta.protocol.connection import (
 )
 from batuta.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from batuta.protocol.messages import (
-    OUTCOME_CANCELLED,
-    OUTCOME_CRASHED,
-    OUTCOME_ERROR,
-    OUTCOME_OK,
-    OUTCOME_STATUSES,
-    OUTCOME_TIMEOUT,
     PROTOCOL_VERSION,
     SLOT_DOWN,
     SLOT_RESTARTING,
@@ -64,12 +58,6 @@ __all__ = [
     "CLOSED",
     "DEFAULT_MAX_FRAME_BYTES",
     "NEED_DATA",
-    "OUTCOME_CANCELLED",
-    "OUTCOME_CRASHED",
-    "OUTCOME_ERROR",
-    "OUTCOME_OK",
-    "OUTCOME_STATUSES",
-    "OUTCOME_TIMEOUT",
     "PROTOCOL_VERSION",
     "SLOT_DOWN",
     "SLOT_RESTARTING",

@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from batuta.core.task import Backend, BinaryCall, KernelCall
+from batuta.core.task import Backend, BinaryCall, KernelCall, Outcome
 from batuta.protocol._fields import (
     Invalid,
     bytes_,
@@ -42,7 +42,6 @@ from batuta.protocol._fields import (
 from batuta.protocol._values import OobWriter, decode_args, decode_value, encode_args, encode_value
 from batuta.protocol.errors import LocalProtocolError, RemoteProtocolError
 from batuta.protocol.messages import (
-    OUTCOME_STATUSES,
     SLOT_DOWN,
     SLOT_RESTARTING,
     SLOT_UP,
@@ -95,6 +94,17 @@ CALL_BINARY = 1
 
 _BACKENDS = frozenset(b.value for b in Backend if b is not Backend.AUTO)
 _SLOT_STATES = frozenset({SLOT_UP, SLOT_RESTARTING, SLOT_DOWN})
+_OUTCOME_OF_VALUE: dict[str, Outcome] = {outcome.value: outcome for outcome in Outcome}
+_OUTCOME_VALUES = frozenset(_OUTCOME_OF_VALUE)
+
+
+def _outcome_value(status: Any) -> str:
+    """The wire form of a TaskOutcome's status: its Outcome's string value."""
+    if type(status) is Outcome:
+        return status.value
+    if isinstance(status, str) and status not in _OUTCOME_VALUES:
+        choice(status, ".status", _OUTCOME_VALUES, "status")  # raises: unknown status 'x' (known: ...)
+    raise expected(".status", "an Outcome", status)
 
 
 def _slot_setters(cls: type) -> tuple[Callable[[object, Any], None], ...]:
@@ -222,7 +232,7 @@ def _enc_done(m: Done, oob: OobWriter) -> list[Any]:
             uint(o.task_id, ".task_id"),
             uint(o.slot, ".slot"),
             posint(o.attempt, ".attempt"),
-            choice(o.status, ".status", OUTCOME_STATUSES, "status"),
+            _outcome_value(o.status),
             value,
             bytes_(o.stdout, ".stdout"),
             bytes_(o.stderr, ".stderr"),
@@ -425,12 +435,10 @@ def _dec_outcome(w: Any) -> TaskOutcome:
     _TO_TASK_ID(out, task_id if type(task_id) is int and task_id >= 0 else uint(task_id, ".task_id"))
     _TO_SLOT(out, slot if type(slot) is int and slot >= 0 else uint(slot, ".slot"))
     _TO_ATTEMPT(out, attempt if type(attempt) is int and attempt >= 1 else posint(attempt, ".attempt"))
-    _TO_STATUS(
-        out,
-        status
-        if type(status) is str and status in OUTCOME_STATUSES
-        else choice(status, ".status", OUTCOME_STATUSES, "status"),
-    )
+    outcome = _OUTCOME_OF_VALUE.get(status) if type(status) is str else None
+    if outcome is None:
+        choice(status, ".status", _OUTCOME_VALUES, "status")  # raises, naming what came instead
+    _TO_STATUS(out, outcome)
     try:
         _TO_VALUE(out, decode_value(value, 0))
     except Invalid as exc:

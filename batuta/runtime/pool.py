@@ -55,13 +55,6 @@ SUBMIT_BATCH = 1024  # most submissions held back for one scheduling pass
 # The job label of tasks submitted from the current context (see `Pool.job`).
 _current_job: ContextVar[str] = ContextVar("batuta_job", default="")
 
-_OUTCOME_STATUS = {
-    m.OUTCOME_OK: TaskStatus.SUCCEEDED,
-    m.OUTCOME_ERROR: TaskStatus.FAILED,
-    m.OUTCOME_TIMEOUT: TaskStatus.TIMED_OUT,
-    m.OUTCOME_CANCELLED: TaskStatus.CANCELLED,
-}
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PoolConfig:
