@@ -164,7 +164,7 @@ def test_lost_slot_requeues_and_counts_only_started_attempts() -> None:
     sim.start("a")
     sim.deliver("a")
     sim.lose("a", reason="host unreachable")
-    requeued = {i.task_id: i for i in sim.instructions if isinstance(i, ev.TaskRequeued)}
+    requeued = {i.task_id: i for i in sim.instructions if isinstance(i, ev.AnnounceRequeue)}
     assert set(requeued) == {ids[0], ids[2]}
     assert requeued[ids[0]].attempts == 1 and requeued[ids[2]].attempts == 0
     sim.run_to_completion()
@@ -208,8 +208,10 @@ def test_late_and_duplicate_results_are_dropped_and_counted() -> None:
     finished = sim.slots[slot_id].outbox[-1]
     sim.deliver(slot_id)
     sim.handle(finished)  # the same result again
-    sim.handle(ev.TaskFinished(task_id=task, slot_id="b" if slot_id == "a" else "a", attempt=1, outcome=Outcome.OK))
-    sim.handle(ev.TaskFinished(task_id=999, slot_id="a", attempt=1, outcome=Outcome.OK))
+    sim.handle(
+        ev.TaskOutcomeReported(task_id=task, slot_id="b" if slot_id == "a" else "a", attempt=1, outcome=Outcome.OK)
+    )
+    sim.handle(ev.TaskOutcomeReported(task_id=999, slot_id="a", attempt=1, outcome=Outcome.OK))
     assert sim.sched.stats.dropped_results == 3
     assert len(sim.resolved[task]) == 1
 
@@ -222,7 +224,7 @@ def test_result_from_an_earlier_attempt_is_dropped() -> None:
     sim.lose("a")
     sim.rejoin("a")  # the task is resent as attempt 2
     assert sim.slots["a"].queue == [(task, 2)]
-    sim.handle(ev.TaskFinished(task_id=task, slot_id="a", attempt=1, outcome=Outcome.OK))
+    sim.handle(ev.TaskOutcomeReported(task_id=task, slot_id="a", attempt=1, outcome=Outcome.OK))
     assert task not in sim.resolved and sim.sched.stats.dropped_results == 1
 
 
@@ -293,9 +295,9 @@ def test_drain_moves_queued_work_away_and_reports_when_empty() -> None:
     ids = [sim.submit() for _ in range(6)]
     sim.start("x/0")
     sim.handle(ev.HostDrainRequested(host_id="x"))
-    assert not any(isinstance(i, ev.HostDrained) for i in sim.instructions)
+    assert not any(isinstance(i, ev.AnnounceDrained) for i in sim.instructions)
     sim.run_to_completion()
-    assert any(isinstance(i, ev.HostDrained) and i.host_id == "x" for i in sim.instructions)
+    assert any(isinstance(i, ev.AnnounceDrained) and i.host_id == "x" for i in sim.instructions)
     sim.assert_each_resolved_once()
     ran_on_x = [t for t in ids if sim.resolved[t][0].slot_id == "x/0"]
     assert ran_on_x == [ids[0]]  # only the task already in x's window when the drain began

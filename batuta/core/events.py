@@ -2,7 +2,9 @@
 
 The runtime turns what it hears from host agents and users into events, feeds them to
 `Scheduler.handle(event, now)`, and carries out the instructions that come back. Both are
-frozen, slotted, keyword-only dataclasses: plain facts, cheap to build, safe to log.
+frozen, slotted, keyword-only dataclasses: plain facts, cheap to build, safe to log. What
+an agent says is an event named for the report (`TaskStartReported`), so that no name here
+repeats one of the runtime's own events for observers (`batuta.runtime.events`).
 """
 
 from __future__ import annotations
@@ -65,16 +67,16 @@ class HostLost:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TaskStarted:
-    """The agent reports the task began running on its slot."""
+class TaskStartReported:
+    """The slot's agent reported that the task began running there (a `Started` message)."""
 
     task_id: int
     slot_id: SlotId
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TaskFinished:
-    """The agent reports how an attempt of a task ended."""
+class TaskOutcomeReported:
+    """The slot's agent reported how an attempt of the task ended there (a `TaskOutcome`)."""
 
     task_id: int
     slot_id: SlotId
@@ -134,8 +136,8 @@ Event = (
     | HostExpected
     | SlotLost
     | HostLost
-    | TaskStarted
-    | TaskFinished
+    | TaskStartReported
+    | TaskOutcomeReported
     | StealBackAnswered
     | CancelRequested
     | TimerFired
@@ -176,7 +178,7 @@ class AbortTasks:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ResolveTask:
-    """The task's final status is decided. Issued exactly once per task id."""
+    """Resolve the task with its final status. Issued exactly once per task id."""
 
     task_id: int
     status: TaskStatus
@@ -186,8 +188,8 @@ class ResolveTask:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TaskRequeued:
-    """A task went back to the queue (its slot was lost); informational, for observers."""
+class AnnounceRequeue:
+    """Tell observers a task went back to the queue (its slot was lost); it runs nowhere now."""
 
     task_id: int
     slot_id: SlotId
@@ -196,10 +198,10 @@ class TaskRequeued:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class HostDrained:
-    """A host asked to drain has no work left."""
+class AnnounceDrained:
+    """Tell observers that a host asked to drain has no work left."""
 
     host_id: HostId
 
 
-Instruction = SendTasks | RequestStealBack | AbortTasks | ResolveTask | TaskRequeued | HostDrained
+Instruction = SendTasks | RequestStealBack | AbortTasks | ResolveTask | AnnounceRequeue | AnnounceDrained

@@ -43,9 +43,10 @@ from dataclasses import dataclass, field
 
 from batuta.core.events import (
     AbortTasks,
+    AnnounceDrained,
+    AnnounceRequeue,
     CancelRequested,
     Event,
-    HostDrained,
     HostDrainRequested,
     HostExpected,
     HostId,
@@ -61,9 +62,8 @@ from batuta.core.events import (
     SlotJoined,
     SlotLost,
     StealBackAnswered,
-    TaskFinished,
-    TaskRequeued,
-    TaskStarted,
+    TaskOutcomeReported,
+    TaskStartReported,
     TaskSubmitted,
     TimerFired,
 )
@@ -210,8 +210,8 @@ class Scheduler:
         self._now = 0.0
         self._handlers: dict[type, Callable[[object], None]] = {
             TaskSubmitted: self._on_submitted,  # type: ignore[dict-item]
-            TaskStarted: self._on_started,  # type: ignore[dict-item]
-            TaskFinished: self._on_finished,  # type: ignore[dict-item]
+            TaskStartReported: self._on_start_reported,  # type: ignore[dict-item]
+            TaskOutcomeReported: self._on_outcome_reported,  # type: ignore[dict-item]
             SlotJoined: self._on_slot_joined,  # type: ignore[dict-item]
             HostExpected: self._on_host_expected,  # type: ignore[dict-item]
             SlotLost: self._on_slot_lost,  # type: ignore[dict-item]
@@ -372,7 +372,7 @@ class Scheduler:
         self._lose_slot(slot, ev.reason, ev.retired)
         self._after_capacity_change()
 
-    def _on_started(self, ev: TaskStarted) -> None:
+    def _on_start_reported(self, ev: TaskStartReported) -> None:
         entry = self._tasks.get(ev.task_id)
         if entry is None or entry.place is not Place.WINDOW or entry.slot is None:
             return
@@ -384,7 +384,7 @@ class Scheduler:
             deadline = self._now + entry.timeout + self.config.timeout_grace
             heapq.heappush(self._deadlines, (deadline, entry.task_id, entry.attempts))
 
-    def _on_finished(self, ev: TaskFinished) -> None:
+    def _on_outcome_reported(self, ev: TaskOutcomeReported) -> None:
         entry = self._tasks.get(ev.task_id)
         slot = entry.slot if entry is not None else None
         if (
@@ -734,7 +734,7 @@ class Scheduler:
     def _requeue(self, entry: _Entry, slot: _Slot, reason: str) -> None:
         entry.steal_refused = False
         self._out.append(
-            TaskRequeued(task_id=entry.task_id, slot_id=slot.slot_id, attempts=entry.attempts, reason=reason)
+            AnnounceRequeue(task_id=entry.task_id, slot_id=slot.slot_id, attempts=entry.attempts, reason=reason)
         )
         self._note(entry, f"requeued: {reason}")
         klass = self._class_of(entry.requires)
@@ -858,7 +858,7 @@ class Scheduler:
             if slot.host_id == host_id and (slot.window or slot.deque):
                 return
         self._draining.discard(host_id)
-        self._out.append(HostDrained(host_id=host_id))
+        self._out.append(AnnounceDrained(host_id=host_id))
 
     def _note(self, entry: _Entry, what: str) -> None:
         if self._story is not None:

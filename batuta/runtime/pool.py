@@ -647,7 +647,7 @@ class Pool:
                     slot_id = f"{host}/{outcome.slot}"
                     outcomes[outcome.task_id] = (outcome, slot_id)
                     events.append(
-                        ev.TaskFinished(
+                        ev.TaskOutcomeReported(
                             task_id=outcome.task_id,
                             slot_id=slot_id,
                             attempt=outcome.attempt,
@@ -662,7 +662,7 @@ class Pool:
                     if pending is None or pending.slot_id is None or not pending.slot_id.startswith(host + "/"):
                         continue
                     pending.started_at = now
-                    events.append(ev.TaskStarted(task_id=task_id, slot_id=pending.slot_id))
+                    events.append(ev.TaskStartReported(task_id=task_id, slot_id=pending.slot_id))
                     if publish:
                         self.events.publish(
                             pe.TaskStarted(
@@ -744,9 +744,9 @@ class Pool:
             elif isinstance(ins, ev.AbortTasks):
                 session, _index = self._slot_of[ins.slot_id]
                 session.send(m.Cancel(task_ids=ins.task_ids))
-            elif isinstance(ins, ev.TaskRequeued):
+            elif isinstance(ins, ev.AnnounceRequeue):
                 self._on_requeued(ins)
-            elif isinstance(ins, ev.HostDrained):
+            elif isinstance(ins, ev.AnnounceDrained):
                 self._publish_host_state(ins.host_id, "drained", "no work left")
         if resolved and not self._space.is_set() and self._scheduler.can_accept():
             self._space.set()
@@ -870,7 +870,7 @@ class Pool:
         loop = self._loop or asyncio.get_running_loop()
         loop.call_soon(callback, future)
 
-    def _on_requeued(self, ins: ev.TaskRequeued) -> None:
+    def _on_requeued(self, ins: ev.AnnounceRequeue) -> None:
         pending = self._pending.get(ins.task_id)
         if pending is not None:
             pending.slot_id = None
