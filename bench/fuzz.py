@@ -71,8 +71,8 @@ from batuta.protocol.messages import (
     Put,
     Run,
     Shutdown,
+    SlotChanged,
     SlotInfo,
-    SlotState,
     Started,
     StealBack,
     StealBackReply,
@@ -232,7 +232,7 @@ def _wrong_direction(rnd: random.Random) -> bytes:
             Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK),)),
             Started(task_ids=(1,)),
             StealBackReply(slot=0, returned=(), refused=()),
-            SlotState(slot=0, state="up"),
+            SlotChanged(slot=0, state="up"),
             Heartbeat(seq=0, cpu_percent=0.0, memory_used=0, memory_total=0),
             Bye(reason="x"),
         ]

@@ -28,7 +28,7 @@ from batuta.protocol.messages import (
     Put,
     Run,
     Shutdown,
-    SlotState,
+    SlotChanged,
     StealBack,
     StealBackReply,
 )
@@ -229,7 +229,7 @@ async def test_unsendable_result_is_an_error_not_a_crash(start_agent: StartAgent
     bad, pid = await agent.outcomes_for([1, 2])
     assert bad.status == Outcome.ERROR and "cannot be sent" in (bad.error or "")
     assert pid.status == Outcome.OK
-    assert agent.of_type(SlotState) == []  # the slot did not restart
+    assert agent.of_type(SlotChanged) == []  # the slot did not restart
 
 
 @BOTH_SPAWN_MODES
@@ -311,7 +311,7 @@ async def test_timeout_kills_a_binary_and_its_child(start_agent: StartAgent, tmp
     assert await still_alive([child_pid, *(p.pid for p in shell)]) == []
     after = await agent.outcome(2)
     assert (after.status, after.value) == (Outcome.OK, "after")
-    states = [(s.slot, s.state) for s in agent.of_type(SlotState)]
+    states = [(s.slot, s.state) for s in agent.of_type(SlotChanged)]
     assert states[:2] == [(0, SLOT_RESTARTING), (0, SLOT_UP)]
 
 
@@ -400,10 +400,10 @@ async def test_killed_slot_crashes_its_task_and_comes_back(start_agent: StartAge
     assert "signal 9" in (crashed.error or "") and "slot 0" in (crashed.error or "")
     rest = await agent.outcomes_for([2, 3, 4, 5])
     assert [o.status for o in rest] == [Outcome.OK] * 4
-    await agent.message(SlotState, lambda s: s.state == SLOT_UP)
-    states = [(s.slot, s.state) for s in agent.of_type(SlotState)]
+    await agent.message(SlotChanged, lambda s: s.state == SLOT_UP)
+    states = [(s.slot, s.state) for s in agent.of_type(SlotChanged)]
     assert states == [(0, SLOT_RESTARTING), (0, SLOT_UP)]
-    assert "signal 9" in agent.of_type(SlotState)[0].reason
+    assert "signal 9" in agent.of_type(SlotChanged)[0].reason
     assert agent.slot_process(0).pid != victim.pid
     assert all(count == 1 for count in agent.outcome_count.values())
 

@@ -1,5 +1,5 @@
 """`SlotSupervisor` against a slot the test plays itself: the supervisor's pipes lead to the
-test, which reads the `Run`/`Cancel` frames it is fed and answers with `SlotState`/`Done`.
+test, which reads the `Run`/`Cancel` frames it is fed and answers with `SlotChanged`/`Done`.
 
 That pins down the rules of `supervisor.py` exactly -- feed depth, when a start is inferred,
 what steal-back returns, where a fed task's cancel goes, what "down" means -- without the
@@ -32,8 +32,8 @@ from batuta.protocol.messages import (
     Done,
     Message,
     Run,
+    SlotChanged,
     SlotInfo,
-    SlotState,
     TaskOutcome,
     TaskRequest,
 )
@@ -45,7 +45,7 @@ class Recorder:
 
     started: list[int] = field(default_factory=list)
     finished: list[TaskOutcome] = field(default_factory=list)
-    states: list[SlotState] = field(default_factory=list)
+    states: list[SlotChanged] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def task_started(self, task_id: int) -> None:
@@ -56,7 +56,7 @@ class Recorder:
         self.finished.append(outcome)
         self.changed.set()
 
-    def slot_changed(self, state: SlotState) -> None:
+    def slot_changed(self, state: SlotChanged) -> None:
         self.states.append(state)
         self.changed.set()
 
@@ -97,7 +97,7 @@ class FakeSlot:
         os.write(self.frames_out, encode_message(message))
 
     def ready(self) -> None:
-        self.send(SlotState(slot=0, state=SLOT_UP))
+        self.send(SlotChanged(slot=0, state=SLOT_UP))
 
     def done(self, task_id: int, run_s: float = 1e-5, status: Outcome = Outcome.OK) -> None:
         self.send(Done(results=(TaskOutcome(task_id=task_id, slot=0, attempt=1, status=status, run_s=run_s),)))

@@ -35,8 +35,8 @@ from batuta.protocol import (
     RemoteProtocolError,
     Run,
     Shutdown,
+    SlotChanged,
     SlotInfo,
-    SlotState,
     Started,
     StealBack,
     StealBackReply,
@@ -146,9 +146,9 @@ def sample_messages() -> list[Message]:
         Put(object_id=3, value=np.arange(10.0)),
         Put(object_id=4, value={"k": (1, "two", [np.float32(3)])}),
         Drop(object_ids=(3, 4)),
-        SlotState(slot=1, state="restarting", reason="worker died (SIGSEGV)"),
-        SlotState(slot=1, state="up"),
-        SlotState(slot=1, state="down", reason="gave up after 5 restarts"),
+        SlotChanged(slot=1, state="restarting", reason="worker died (SIGSEGV)"),
+        SlotChanged(slot=1, state="up"),
+        SlotChanged(slot=1, state="down", reason="gave up after 5 restarts"),
         Heartbeat(
             seq=99,
             cpu_percent=37.5,
@@ -299,7 +299,7 @@ def test_int_fields_from_subclasses_are_normalised() -> None:
 
     msg = Started(task_ids=(np.int64(3).item(), 4))
     assert one(encode_message(msg)) == Started(task_ids=(3, 4))
-    state = one(encode_message(SlotState(slot=Slot.FIRST, state="up")))
+    state = one(encode_message(SlotChanged(slot=Slot.FIRST, state="up")))
     assert type(state.slot) is int
     beat = one(encode_message(Heartbeat(seq=1, cpu_percent=np.float64(12.5), memory_used=1, memory_total=2)))
     assert type(beat.cpu_percent) is float
@@ -597,7 +597,7 @@ def test_bad_message_level_fields_on_send() -> None:
             "call.env['A']: expected a str",
         ),
         (Run(tasks=WRONG["tasks"]), "Run.tasks[0]: expected a TaskRequest, got int 1"),
-        (SlotState(slot=0, state="sleeping"), "SlotState.state: unknown slot state 'sleeping'"),
+        (SlotChanged(slot=0, state="sleeping"), "SlotChanged.state: unknown slot state 'sleeping'"),
         (Welcome(protocol=1, heartbeat_interval=-1), "heartbeat_interval: expected a number > 0"),
         (Started(task_ids=(1, -2)), "Started.task_ids[1]: expected an int >= 0"),
         (
@@ -799,7 +799,11 @@ MALFORMED: list[tuple[str, bytes, str]] = [
         ),
         "Run.tasks[0].task_id: expected an int >= 0, got a tuple marker",
     ),
-    ("bad slot state", raw_frame([TAGS[SlotState], 0, "zombie", ""]), "SlotState.state: unknown slot state 'zombie'"),
+    (
+        "bad slot state",
+        raw_frame([TAGS[SlotChanged], 0, "zombie", ""]),
+        "SlotChanged.state: unknown slot state 'zombie'",
+    ),
     (
         "bad gpu sample",
         raw_frame([TAGS[Heartbeat], 1, 1.0, 1, 1, [[0, "hot", None, None, None, None]], ""]),

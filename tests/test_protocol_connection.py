@@ -30,8 +30,8 @@ from batuta.protocol import (
     Role,
     Run,
     Shutdown,
+    SlotChanged,
     SlotInfo,
-    SlotState,
     Started,
     StealBack,
     StealBackReply,
@@ -110,7 +110,7 @@ def test_handshake_then_run_and_done_both_ways() -> None:
     steal = StealBack(slot=1, task_ids=(3,))
     assert deliver(coordinator, agent, steal, Cancel(task_ids=(4,))) == [steal, Cancel(task_ids=(4,))]
     reply = StealBackReply(slot=1, returned=(3,), refused=())
-    slot_state = SlotState(slot=0, state="restarting", reason="died")
+    slot_state = SlotChanged(slot=0, state="restarting", reason="died")
     assert deliver(agent, coordinator, reply, slot_state, beat) == [reply, slot_state, beat]
 
 
@@ -199,7 +199,7 @@ def test_direction_table_matches_the_messages_docstring() -> None:
         "Started",
         "Done",
         "StealBackReply",
-        "SlotState",
+        "SlotChanged",
         "Heartbeat",
         "Bye",
         "Error",
@@ -212,7 +212,7 @@ AGENT_EXAMPLES: list[Message] = [
     Started(task_ids=(1,)),
     done_of(1),
     StealBackReply(slot=0, returned=(), refused=()),
-    SlotState(slot=0, state="up"),
+    SlotChanged(slot=0, state="up"),
     Heartbeat(seq=0, cpu_percent=0.0, memory_used=0, memory_total=0),
     Bye(),
 ]

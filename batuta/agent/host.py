@@ -5,7 +5,7 @@ What it does, in the order a session goes:
 1. Send `Hello`, then spawn the slot processes (CPU slots `0..N-1`, then one GPU slot per
    selected GPU; see `spawn.py`) without waiting for them to be ready; wait for `Welcome` (or
    `Error`: print it, exit 1). Nothing but an `Error` may go out before `Welcome`, so a
-   `SlotState` from that time waits for it. Heartbeats start with `Welcome`, one at once,
+   `SlotChanged` from that time waits for it. Heartbeats start with `Welcome`, one at once,
    then every `heartbeat_interval`.
 2. Serve: `Run` queues tasks on their slots (`supervisor.py` has the rules for feeding,
    Started inference, timeouts, cancel, steal-back, slot death and restarts); `StealBack`
@@ -65,8 +65,8 @@ from batuta.protocol.messages import (
     Put,
     Run,
     Shutdown,
+    SlotChanged,
     SlotInfo,
-    SlotState,
     Started,
     StealBack,
     StealBackReply,
@@ -178,7 +178,7 @@ class Agent:
         self._finished_ids.add(outcome.task_id)
         self._schedule_flush()
 
-    def slot_changed(self, state: SlotState) -> None:
+    def slot_changed(self, state: SlotChanged) -> None:
         self._emit(state)
 
     # -- writing ------------------------------------------------------------------------
@@ -311,7 +311,7 @@ class Agent:
 
     def _on_welcome(self, welcome: Welcome) -> None:
         self._welcomed = True
-        self._schedule_flush()  # SlotState changes that happened during the handshake
+        self._schedule_flush()  # SlotChanged changes that happened during the handshake
         self._heartbeat_interval = max(0.05, float(welcome.heartbeat_interval))
         assert self._loop is not None
         self._heartbeat_due = self._loop.time()

@@ -8,7 +8,7 @@ message classes as the coordinator link (no pickle):
     agent -> slot:  Run(tasks)         queue these, run them in order
                     Cancel(task_ids)   drop these if not started yet (answered "cancelled")
                     Shutdown()         exit now (EOF on stdin does the same)
-    slot -> agent:  SlotState(up)      sent once, when the loop is ready to take tasks;
+    slot -> agent:  SlotChanged(up)      sent once, when the loop is ready to take tasks;
                                        the agent infers the first task's start from it
                     Done((outcome,))   one frame per finished task, several per write
 
@@ -57,7 +57,7 @@ from batuta.protocol.messages import (
     Put,
     Run,
     Shutdown,
-    SlotState,
+    SlotChanged,
     TaskOutcome,
     TaskRequest,
 )
@@ -258,7 +258,7 @@ class SlotWorker:
             )
 
     def run(self) -> int:
-        self._send(encode_message(SlotState(slot=self._slot, state="up")))
+        self._send(encode_message(SlotChanged(slot=self._slot, state="up")))
         while not self._eof:
             if not self._waiting:
                 self._flush()

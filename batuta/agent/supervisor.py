@@ -21,7 +21,7 @@ Timeout and cancel of the running task. Whatever the pipe already holds is read 
 the slot's whole process group is SIGKILLed (binaries and their children die with it), the
 task is answered "timeout" (error "timed out after N s; ...") or "cancelled", the other fed
 tasks go back to the front of `queue`, and a new slot process starts at once, announced
-like any restart: `SlotState("restarting", reason)`, then `SlotState("up")` when it is ready.
+like any restart: `SlotChanged("restarting", reason)`, then `SlotChanged("up")` when it is ready.
 
 Cancel of other tasks. A queued task is removed and answered "cancelled" at once. A fed task
 that is not running is marked and a `Cancel` goes down the pipe: the slot skips it, answering
@@ -35,17 +35,17 @@ process reaped. The head, if it had started, is answered "crashed" (error "slot 
 process (pid P) killed by signal 9 (SIGKILL) while running it", or "exited with code C");
 the other fed tasks go back to the front of `queue` in order (they never started, so the
 coordinator's attempt counts are untouched); marked cancels among them are answered
-"cancelled". `SlotState("restarting", reason)` is sent and a new process started;
-`SlotState("up")` follows when it is ready.
+"cancelled". `SlotChanged("restarting", reason)` is sent and a new process started;
+`SlotChanged("up")` follows when it is ready.
 
 A slot that dies before it becomes ready, or while idle, has *failed to start*. Restarts
 back off (0, 0.05, 0.2, 0.5, 1 s); after `MAX_FAILED_STARTS` (6) failures in a row the slot
-is given up: `SlotState("down", reason)`. Down is final for this agent's lifetime, and it
+is given up: `SlotChanged("down", reason)`. Down is final for this agent's lifetime, and it
 means: every task the coordinator sent to this slot that has not been answered by then --
 and any it sends later -- is handed back *unanswered*, as if returned by a steal-back. The
 coordinator requeues them elsewhere without counting an attempt; only a task that was
 running when a process died is ever answered "crashed". A result always goes out before a
-`SlotState` that follows it, so the coordinator never reclaims a task that is also answered.
+`SlotChanged` that follows it, so the coordinator never reclaims a task that is also answered.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ from batuta.protocol.messages import (
     Drop,
     Put,
     Run,
+    SlotChanged,
     SlotInfo,
-    SlotState,
     TaskOutcome,
     TaskRequest,
 )
@@ -99,7 +99,7 @@ class SlotEvents(Protocol):
 
     def task_finished(self, outcome: TaskOutcome) -> None: ...
 
-    def slot_changed(self, state: SlotState) -> None: ...
+    def slot_changed(self, state: SlotChanged) -> None: ...
 
 
 def kill_group(pid: int) -> None:
@@ -151,7 +151,7 @@ class SlotSupervisor:
         self._writer: FdWriter | None = None
         self._decoder = FrameDecoder()
         self._ready = False
-        self._announce_up = False  # send SlotState "up" when the current process is ready
+        self._announce_up = False  # send SlotChanged "up" when the current process is ready
         self._failed_starts = 0
         self._restart_timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -362,7 +362,7 @@ class SlotSupervisor:
                 if isinstance(message, Done):
                     for outcome in message.results:
                         self._on_outcome(outcome)
-                elif isinstance(message, SlotState) and message.state == SLOT_UP:
+                elif isinstance(message, SlotChanged) and message.state == SLOT_UP:
                     self._on_ready()
                 else:
                     raise ValueError(f"unexpected {type(message).__name__}")
@@ -379,7 +379,7 @@ class SlotSupervisor:
         self.state = SLOT_UP
         if self._announce_up:
             self._announce_up = False
-            self._events.slot_changed(SlotState(slot=self.index, state=SLOT_UP))
+            self._events.slot_changed(SlotChanged(slot=self.index, state=SLOT_UP))
         if self.fed and self._head_started_at is None:
             self._start_head()
 
@@ -551,7 +551,7 @@ class SlotSupervisor:
         self._announce_up = True
         if self.state != SLOT_RESTARTING:
             self.state = SLOT_RESTARTING
-            self._events.slot_changed(SlotState(slot=self.index, state=SLOT_RESTARTING, reason=reason))
+            self._events.slot_changed(SlotChanged(slot=self.index, state=SLOT_RESTARTING, reason=reason))
 
     def _give_up(self, reason: str) -> None:
         self.state = SLOT_DOWN
@@ -560,7 +560,7 @@ class SlotSupervisor:
         self._held.clear()
         self._cancel_requested.clear()
         self._events.slot_changed(
-            SlotState(
+            SlotChanged(
                 slot=self.index,
                 state=SLOT_DOWN,
                 reason=f"gave up after {self._failed_starts} failed starts: {reason}",

@@ -86,6 +86,8 @@ class Place(enum.IntEnum):
 
 
 class SlotState(enum.Enum):
+    """Whether the scheduler may send a slot work (its value is `SlotView.state`)."""
+
     UP = "up"
     DRAINING = "draining"
     LOST = "lost"

@@ -58,8 +58,8 @@ from batuta.protocol.messages import (
     Put,
     Run,
     Shutdown,
+    SlotChanged,
     SlotInfo,
-    SlotState,
     Started,
     StealBack,
     StealBackReply,
@@ -79,7 +79,7 @@ TAGS: dict[type, int] = {
     StealBack: 6,
     StealBackReply: 7,
     Cancel: 8,
-    SlotState: 9,
+    SlotChanged: 9,
     Heartbeat: 10,
     Shutdown: 11,
     Bye: 12,
@@ -268,9 +268,9 @@ def _enc_cancel(m: Cancel, oob: OobWriter) -> list[Any]:
     return [TAGS[Cancel], ids(m.task_ids, ".task_ids")]
 
 
-def _enc_slot_state(m: SlotState, oob: OobWriter) -> list[Any]:
+def _enc_slot_changed(m: SlotChanged, oob: OobWriter) -> list[Any]:
     return [
-        TAGS[SlotState],
+        TAGS[SlotChanged],
         uint(m.slot, ".slot"),
         choice(m.state, ".state", _SLOT_STATES, "slot state"),
         str_(m.reason, ".reason"),
@@ -325,7 +325,7 @@ _ENCODERS: dict[type, Callable[[Any, OobWriter], list[Any]]] = {
     Cancel: _enc_cancel,
     Put: _enc_put,
     Drop: _enc_drop,
-    SlotState: _enc_slot_state,
+    SlotChanged: _enc_slot_changed,
     Heartbeat: _enc_heartbeat,
     Shutdown: _enc_shutdown,
     Bye: _enc_bye,
@@ -483,8 +483,8 @@ def _dec_cancel(w: list[Any]) -> Cancel:
     return Cancel(task_ids=tuple(ids(w[1], ".task_ids")))
 
 
-def _dec_slot_state(w: list[Any]) -> SlotState:
-    return SlotState(
+def _dec_slot_changed(w: list[Any]) -> SlotChanged:
+    return SlotChanged(
         slot=uint(w[1], ".slot"),
         state=choice(w[2], ".state", _SLOT_STATES, "slot state"),
         reason=str_(w[3], ".reason"),
@@ -538,7 +538,7 @@ _DECODER_FNS: list[tuple[type, Callable[[list[Any]], Message]]] = [
     (Cancel, _dec_cancel),
     (Put, _dec_put),
     (Drop, _dec_drop),
-    (SlotState, _dec_slot_state),
+    (SlotChanged, _dec_slot_changed),
     (Heartbeat, _dec_heartbeat),
     (Shutdown, _dec_shutdown),
     (Bye, _dec_bye),

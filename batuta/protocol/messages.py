@@ -3,7 +3,7 @@
 Small frozen dataclasses, validated by the codec when decoded. Direction is part of each
 message's meaning; `connection.py` holds the table of who may send what in which state.
 
-    agent -> coordinator: Hello, Started, Done, StealBackReply, SlotState, Heartbeat, Bye, Error
+    agent -> coordinator: Hello, Started, Done, StealBackReply, SlotChanged, Heartbeat, Bye, Error
     coordinator -> agent: Welcome, Run, StealBack, Cancel, Put, Drop, Shutdown, Error
 
 Every message is encoded as a msgpack array `[tag, field, field, ...]` (see `codec.py`), so
@@ -168,7 +168,7 @@ SLOT_DOWN = "down"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SlotState:
+class SlotChanged:
     """A slot's worker process changed state (died and is restarting, gave up, came back)."""
 
     slot: int
@@ -232,7 +232,7 @@ Message = (
     | Put
     | Drop
     | Cancel
-    | SlotState
+    | SlotChanged
     | Heartbeat
     | Shutdown
     | Bye

@@ -686,7 +686,7 @@ class Pool:
             elif kind is m.Heartbeat:
                 if publish:
                     self.events.publish(self._telemetry_event(session, msg, now))  # type: ignore[arg-type]
-            elif kind is m.SlotState:
+            elif kind is m.SlotChanged:
                 events.extend(self._slot_state_events(session, msg, now))  # type: ignore[arg-type]
             elif kind is m.Bye:
                 log.info("host %s says bye: %s", host, msg.reason)  # type: ignore[union-attr]
@@ -888,7 +888,7 @@ class Pool:
                     )
                 )
 
-    def _slot_state_events(self, session: HostSession, msg: m.SlotState, now: float) -> list[ev.Event]:
+    def _slot_state_events(self, session: HostSession, msg: m.SlotChanged, now: float) -> list[ev.Event]:
         slot_id = f"{session.name}/{msg.slot}"
         if self.events.active:
             self.events.publish(
