@@ -178,7 +178,7 @@ def test_the_check_sees_a_planted_crossing(tmp_path: Path) -> None:
         "batuta/core/bad.py": "import time\nfrom batuta.runtime.pool import Pool\nx = random.random()\n",
         "batuta/protocol/bad.py": "from ..agent import main\n",
         "batuta/agent/bad.py": "def f():\n    from textual.app import App\n",
-        "kernels/bad.py": "from batuta.errors import KernelError\n",
+        "kernels/bad.py": "from batuta.errors import BatutaError\n",
         "tui/bad.py": "from batuta.core.task import Task\nfrom batuta import Pool\n",
         "batuta/core/good.py": "import random\nrng = random.Random(0)\nfrom batuta.errors import TaskError\n",
     }

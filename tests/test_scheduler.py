@@ -7,6 +7,7 @@ import pytest
 from batuta.core import events as ev
 from batuta.core.scheduler import Scheduler, SchedulerConfig, SchedulerError
 from batuta.core.task import Outcome, TaskStatus
+from batuta.errors import BatutaError
 from tests.scheduler_sim import Sim
 
 
@@ -277,6 +278,15 @@ def test_backpressure_bounds_queued_tasks() -> None:
     assert not sched.can_accept()
     with pytest.raises(SchedulerError, match="full"):
         sched.handle(ev.TaskSubmitted(task_id=99), now=0.0)
+
+
+def test_misuse_by_the_driver_is_a_batuta_error() -> None:
+    sched = Scheduler()
+    sched.handle(ev.HostExpected(host_id="h", slot_capabilities=(frozenset({"cpu"}),)), now=0.0)
+    sched.handle(ev.TaskSubmitted(task_id=1), now=0.0)
+    with pytest.raises(BatutaError, match="task id 1 submitted twice") as caught:
+        sched.handle(ev.TaskSubmitted(task_id=1), now=0.0)
+    assert isinstance(caught.value, SchedulerError)
 
 
 def test_pause_holds_new_work_and_resume_releases_it() -> None:

@@ -44,3 +44,18 @@ def test_an_outcome_ends_the_task_unless_the_worker_crashed() -> None:
         "cancelled": TaskStatus.CANCELLED,
         "crashed": None,  # only the attempt is lost: the scheduler retries, or resolves LOST
     }
+
+
+def test_unwrap_says_when_no_slot_can_run_the_task() -> None:
+    from batuta import TaskFailedError, TaskResult, TaskStatus
+    from batuta.errors import NoCapableSlotError
+
+    why = "no slot offers gpu (the cluster offers: cpu); add such a host or change the task's backend"
+    unschedulable = TaskResult(task_id=3, name="vadd", status=TaskStatus.UNSCHEDULABLE, error=why)
+    with pytest.raises(NoCapableSlotError, match="no slot offers gpu") as caught:
+        unschedulable.unwrap()
+    assert isinstance(caught.value, TaskFailedError) and caught.value.result is unschedulable
+    failed = TaskResult(task_id=4, name="vadd", status=TaskStatus.FAILED, error="boom")
+    with pytest.raises(TaskFailedError) as caught:
+        failed.unwrap()
+    assert not isinstance(caught.value, NoCapableSlotError)

@@ -68,9 +68,10 @@ from batuta.core.events import (
     TimerFired,
 )
 from batuta.core.task import CAP_CPU, CAP_GPU, Outcome, TaskStatus
+from batuta.errors import BatutaError
 
 
-class SchedulerError(Exception):
+class SchedulerError(BatutaError):
     """The driver misused the scheduler (a bug in the caller, not in a peer)."""
 
 

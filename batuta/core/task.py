@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Self
 
-from batuta.errors import TaskError, TaskFailedError
+from batuta.errors import NoCapableSlotError, TaskError, TaskFailedError
 
 
 class Backend(enum.Enum):
@@ -345,10 +345,12 @@ class TaskResult:
         return self.status is TaskStatus.SUCCEEDED
 
     def unwrap(self) -> Any:
-        """The value, or `TaskFailedError` naming the task, where it ran and why it failed."""
+        """The value, or `TaskFailedError` naming the task, where it ran and why it failed
+        (`NoCapableSlotError`, a TaskFailedError, when no slot of the cluster can run it)."""
         if self.is_success():
             return self.value
-        raise TaskFailedError(self.describe_failure(), result=self)
+        error = NoCapableSlotError if self.status is TaskStatus.UNSCHEDULABLE else TaskFailedError
+        raise error(self.describe_failure(), result=self)
 
     def describe_failure(self) -> str:
         # slot ids already start with their host ("gpu1/3"); older or hand-made results may not
