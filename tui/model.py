@@ -19,10 +19,9 @@ import itertools
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Protocol
 
 from batuta.runtime import events as pe
-from batuta.runtime.views import Backend, TaskResult, TaskStatus
+from batuta.runtime.views import Backend, HostView, SlotView, TaskResult, TaskStatus
 
 from .alerts import Alert, evaluate_alerts
 from .histogram import LogHistogram
@@ -73,46 +72,6 @@ _CANCELLED = TaskStatus.CANCELLED
 FAILED_STATUSES = frozenset({TaskStatus.FAILED, TaskStatus.TIMED_OUT, TaskStatus.LOST, TaskStatus.UNSCHEDULABLE})
 RAN_STATUSES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.TIMED_OUT})
 LATENCY_DIMENSIONS = ("kernel", "backend", "host")
-
-
-class SlotLike(Protocol):
-    """What the model reads from `Pool.slots()` (the scheduler's `SlotView`), duck-typed."""
-
-    @property
-    def slot_id(self) -> str: ...
-    @property
-    def host_id(self) -> str: ...
-    @property
-    def capabilities(self) -> frozenset[str]: ...
-    @property
-    def state(self) -> str: ...
-    @property
-    def deque_depth(self) -> int: ...
-    @property
-    def in_flight(self) -> int: ...
-    @property
-    def window_limit(self) -> int: ...
-    @property
-    def steals_in(self) -> int: ...
-    @property
-    def steals_out(self) -> int: ...
-    @property
-    def completed(self) -> int: ...
-    @property
-    def mean_run_s(self) -> float | None: ...
-
-
-class HostLike(Protocol):
-    """What the model reads from `Pool.hosts()` (`HostView`), duck-typed."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def state(self) -> str: ...
-    @property
-    def gpus(self) -> tuple[str, ...]: ...
-    @property
-    def cpu_count(self) -> int: ...
 
 
 class Versions:
@@ -375,7 +334,7 @@ class DashboardModel:
 
     # -- what the app tells the model -------------------------------------------------------
 
-    def update_slots(self, views: Iterable[SlotLike]) -> None:
+    def update_slots(self, views: Iterable[SlotView]) -> None:
         """Take a fresh `Pool.slots()` snapshot (polled: the scheduler publishes no slot events)."""
         rows = {
             v.slot_id: SlotRow(
@@ -406,7 +365,7 @@ class DashboardModel:
                 host.slot_ids = tuple(r.slot_id for r in rows.values() if r.host == host.name)
         self.versions.slots += 1
 
-    def seed_hosts(self, views: Iterable[HostLike]) -> None:
+    def seed_hosts(self, views: Iterable[HostView]) -> None:
         """Learn hosts that came up before the model subscribed (from `Pool.hosts()`)."""
         now = self.clock()
         for view in views:
