@@ -19,6 +19,7 @@ import itertools
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from batuta.runtime import events as pe
 from batuta.runtime.views import Backend, HostView, SlotView, TaskResult, TaskStatus
@@ -74,6 +75,14 @@ RAN_STATUSES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.TI
 LATENCY_DIMENSIONS = ("kernel", "backend", "host")
 
 
+_E = TypeVar("_E")
+
+
+def _handler(kind: type[_E], handler: Callable[[_E], None]) -> tuple[type, Callable[[Any], None]]:
+    """One entry of an event dispatch table, `handler` checked to take events of type `kind`."""
+    return kind, handler
+
+
 class Versions:
     """One counter per screen section; a panel redraws when a counter it watches moved.
 
@@ -123,14 +132,16 @@ class DashboardModel:
         self._last_half_second: int | None = None
         self._last_alert_second: int | None = None
         self._inbox: list[object] = []
-        self._handlers: dict[type, Callable[[object], None]] = {  # the rarer events (see `_fold`)
-            pe.TaskRequeued: self._on_requeued,  # type: ignore[dict-item]
-            pe.HostUp: self._on_host_up,  # type: ignore[dict-item]
-            pe.HostStateChanged: self._on_host_state,  # type: ignore[dict-item]
-            pe.HostDown: self._on_host_down,  # type: ignore[dict-item]
-            pe.HostTelemetry: self._on_telemetry,  # type: ignore[dict-item]
-            pe.SlotStateChanged: self._on_slot_state,  # type: ignore[dict-item]
-        }
+        self._handlers: dict[type, Callable[[Any], None]] = dict(  # the rarer events (see `_fold`)
+            [
+                _handler(pe.TaskRequeued, self._on_requeued),
+                _handler(pe.HostUp, self._on_host_up),
+                _handler(pe.HostStateChanged, self._on_host_state),
+                _handler(pe.HostDown, self._on_host_down),
+                _handler(pe.HostTelemetry, self._on_telemetry),
+                _handler(pe.SlotStateChanged, self._on_slot_state),
+            ]
+        )
 
     # -- feeding ----------------------------------------------------------------------------
 
@@ -178,17 +189,16 @@ class DashboardModel:
         handlers = self._handlers
         tasks = 0
         for event in events:
-            kind = type(event)
-            if kind is pe.TaskFinished:
-                result = event.result  # type: ignore[attr-defined]
-                at = event.at  # type: ignore[attr-defined]
+            if type(event) is pe.TaskFinished:
+                result = event.result
+                at = event.at
                 job = jobs.get(result.job or NO_JOB) or self._job(result.job)
                 if running.pop(result.task_id, None) is not None:
                     job.running -= 1
                 status = result.status
                 if status is _SUCCEEDED:
                     job.succeeded += 1
-                    host = self.hosts.get(result.host)
+                    host = self.hosts.get(result.host) if result.host else None
                     if host is not None:
                         host.done += 1
                     if self._attempts:
@@ -216,22 +226,22 @@ class DashboardModel:
                     meter.add(at)
                 if result.slot is not None:
                     pending.append(result)
-                recent.append(event)  # type: ignore[arg-type]
+                recent.append(event)
                 tasks += 1
-            elif kind is pe.TaskQueued:
-                job = jobs.get(event.job or NO_JOB) or self._job(event.job)  # type: ignore[attr-defined]
+            elif type(event) is pe.TaskQueued:
+                job = jobs.get(event.job or NO_JOB) or self._job(event.job)
                 job.submitted += 1
                 if job.started_at is None:
-                    job.started_at = event.at  # type: ignore[attr-defined]
+                    job.started_at = event.at
                 tasks += 1
-            elif kind is pe.TaskStarted:
-                task_id = event.task_id  # type: ignore[attr-defined]
+            elif type(event) is pe.TaskStarted:
+                task_id = event.task_id
                 if task_id not in running:
-                    (jobs.get(event.job or NO_JOB) or self._job(event.job)).running += 1  # type: ignore[attr-defined]
-                running[task_id] = event  # type: ignore[assignment]
+                    (jobs.get(event.job or NO_JOB) or self._job(event.job)).running += 1
+                running[task_id] = event
                 tasks += 1
             else:
-                handler = handlers.get(kind)
+                handler = handlers.get(type(event))
                 if handler is not None:
                     handler(event)
         if tasks:

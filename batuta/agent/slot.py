@@ -242,7 +242,7 @@ class SlotWorker:
                             status=Outcome.ERROR,
                             error=f"slot {self._slot} was not sent object(s) {', '.join(map(str, missing))}",
                         )
-                    call = KernelCall(name=call.name, args=replace_refs(call.args, self._objects))  # type: ignore[arg-type]
+                    call = KernelCall(name=call.name, args=replace_refs(call.args, self._objects))
                 outcome = self._kernels.run(request, call)
                 self._last_kernel, self._last_run_s = call.name, outcome.run_s
                 return outcome

@@ -40,6 +40,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from batuta.core.events import (
     AbortTasks,
@@ -183,6 +184,14 @@ class SlotView:
     mean_run_s: float | None
 
 
+_E = TypeVar("_E")
+
+
+def _handler(kind: type[_E], handler: Callable[[_E], None]) -> tuple[type, Callable[[Any], None]]:
+    """One entry of the dispatch table, `handler` checked to take events of type `kind`."""
+    return kind, handler
+
+
 class Scheduler:
     """Sans-I/O work-stealing scheduler. Feed events, carry out the returned instructions."""
 
@@ -211,22 +220,24 @@ class Scheduler:
             deque(maxlen=self.config.story_length) if self.config.story_length > 0 else None
         )
         self._now = 0.0
-        self._handlers: dict[type, Callable[[object], None]] = {
-            TaskSubmitted: self._on_submitted,  # type: ignore[dict-item]
-            TaskStartReported: self._on_start_reported,  # type: ignore[dict-item]
-            TaskOutcomeReported: self._on_outcome_reported,  # type: ignore[dict-item]
-            SlotJoined: self._on_slot_joined,  # type: ignore[dict-item]
-            HostExpected: self._on_host_expected,  # type: ignore[dict-item]
-            SlotLost: self._on_slot_lost,  # type: ignore[dict-item]
-            HostLost: self._on_host_lost,  # type: ignore[dict-item]
-            StealBackAnswered: self._on_steal_back_answered,  # type: ignore[dict-item]
-            CancelRequested: self._on_cancel,  # type: ignore[dict-item]
-            TimerFired: self._on_timer,  # type: ignore[dict-item]
-            SchedulingPaused: self._on_paused,  # type: ignore[dict-item]
-            SchedulingResumed: self._on_resumed,  # type: ignore[dict-item]
-            HostDrainRequested: self._on_drain,  # type: ignore[dict-item]
-            RoundTripMeasured: self._on_round_trip,  # type: ignore[dict-item]
-        }
+        self._handlers: dict[type, Callable[[Any], None]] = dict(
+            [
+                _handler(TaskSubmitted, self._on_submitted),
+                _handler(TaskStartReported, self._on_start_reported),
+                _handler(TaskOutcomeReported, self._on_outcome_reported),
+                _handler(SlotJoined, self._on_slot_joined),
+                _handler(HostExpected, self._on_host_expected),
+                _handler(SlotLost, self._on_slot_lost),
+                _handler(HostLost, self._on_host_lost),
+                _handler(StealBackAnswered, self._on_steal_back_answered),
+                _handler(CancelRequested, self._on_cancel),
+                _handler(TimerFired, self._on_timer),
+                _handler(SchedulingPaused, self._on_paused),
+                _handler(SchedulingResumed, self._on_resumed),
+                _handler(HostDrainRequested, self._on_drain),
+                _handler(RoundTripMeasured, self._on_round_trip),
+            ]
+        )
 
     # -- public API -------------------------------------------------------------------------
 
