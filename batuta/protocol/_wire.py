@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from batuta.core.task import Backend, BinaryCall, KernelCall, Outcome
 from batuta.protocol._fields import (
@@ -98,10 +98,9 @@ _OUTCOME_OF_VALUE: dict[str, Outcome] = {outcome.value: outcome for outcome in O
 _OUTCOME_VALUES = frozenset(_OUTCOME_OF_VALUE)
 
 
-def _outcome_value(status: Any) -> str:
-    """The wire form of a TaskOutcome's status: its Outcome's string value."""
-    if type(status) is Outcome:
-        return status.value
+def _refuse_status(status: Any) -> NoReturn:
+    """Refuse a TaskOutcome status that is not an Outcome: the wire carries its string
+    value, but the sender names the outcome itself (`Outcome.OK`, not "ok")."""
     if isinstance(status, str) and status not in _OUTCOME_VALUES:
         choice(status, ".status", _OUTCOME_VALUES, "status")  # raises: unknown status 'x' (known: ...)
     raise expected(".status", "an Outcome", status)
@@ -228,11 +227,12 @@ def _enc_done(m: Done, oob: OobWriter) -> list[Any]:
             value = encode_value(o.value, oob, 0)
         except Invalid as exc:
             raise exc.at(".value") from None
+        status = o.status
         return [
             uint(o.task_id, ".task_id"),
             uint(o.slot, ".slot"),
             posint(o.attempt, ".attempt"),
-            _outcome_value(o.status),
+            status._value_ if type(status) is Outcome else _refuse_status(status),  # _value_: .value, minus its cost
             value,
             bytes_(o.stdout, ".stdout"),
             bytes_(o.stderr, ".stderr"),
