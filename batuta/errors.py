@@ -35,12 +35,9 @@ class PoolClosedError(BatutaError):
     """The pool was used after it was closed, or closed while the call waited."""
 
 
-class NoCapableSlotError(TaskError):
-    """No slot in the cluster can run the task (for example a GPU task and no GPU)."""
-
-
-class KernelError(BatutaError):
-    """A kernel is unknown, or was called with invalid inputs."""
+class NoCapableSlotError(TaskFailedError):
+    """Raised by `TaskResult.unwrap()` for an UNSCHEDULABLE task: no slot in the cluster can
+    run it (for example a GPU task and no GPU), so changing the cluster or the task is the fix."""
 
 
 class TransportError(BatutaError):

@@ -55,7 +55,7 @@ import psutil
 from batuta.kernels import registry
 
 from batuta.core.objects import ObjectRef
-from batuta.core.task import BinaryCall, KernelCall
+from batuta.core.task import BinaryCall, KernelCall, Outcome
 from batuta.protocol.codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_message
 from batuta.protocol.connection import CLOSED, NEED_DATA, Connection, Role
 from batuta.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -71,8 +71,8 @@ from batuta.protocol.messages import (
     Put,
     Run,
     Shutdown,
+    SlotChanged,
     SlotInfo,
-    SlotState,
     Started,
     StealBack,
     StealBackReply,
@@ -229,10 +229,10 @@ def _wrong_direction(rnd: random.Random) -> bytes:
                 cpu_count=1,
                 slots=(SlotInfo(slot=0, capabilities=("cpu",)),),
             ),
-            Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status="ok"),)),
+            Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK),)),
             Started(task_ids=(1,)),
             StealBackReply(slot=0, returned=(), refused=()),
-            SlotState(slot=0, state="up"),
+            SlotChanged(slot=0, state="up"),
             Heartbeat(seq=0, cpu_percent=0.0, memory_used=0, memory_total=0),
             Bye(reason="x"),
         ]

@@ -16,7 +16,7 @@ import platform
 import time
 from collections.abc import Callable
 
-from batuta.core.task import KernelCall
+from batuta.core.task import KernelCall, Outcome
 from batuta.protocol import (
     PROTOCOL_VERSION,
     Connection,
@@ -69,7 +69,7 @@ def main() -> None:
     )
     done = Done(
         results=tuple(
-            TaskOutcome(task_id=i, slot=i % 2, attempt=1, status="ok", value=1, run_s=1e-5) for i in range(BATCH)
+            TaskOutcome(task_id=i, slot=i % 2, attempt=1, status=Outcome.OK, value=1, run_s=1e-5) for i in range(BATCH)
         )
     )
     run_frame = encode_message(run)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from batuta.core import events as ev
 from batuta.core.scheduler import Scheduler
-from batuta.core.task import TaskStatus
+from batuta.core.task import Outcome, TaskStatus
 
 
 @dataclass
@@ -66,13 +66,17 @@ class Sim:
             if tid == task_id:
                 del slot.queue[i]
                 slot.outbox.append(
-                    ev.TaskFinished(task_id=tid, slot_id=slot.slot_id, attempt=attempt, outcome="cancelled")
+                    ev.TaskOutcomeReported(
+                        task_id=tid, slot_id=slot.slot_id, attempt=attempt, outcome=Outcome.CANCELLED
+                    )
                 )
                 return
         if slot.running and slot.running[0] == task_id:
             tid, attempt = slot.running
             slot.running = None
-            slot.outbox.append(ev.TaskFinished(task_id=tid, slot_id=slot.slot_id, attempt=attempt, outcome="cancelled"))
+            slot.outbox.append(
+                ev.TaskOutcomeReported(task_id=tid, slot_id=slot.slot_id, attempt=attempt, outcome=Outcome.CANCELLED)
+            )
 
     # -- cluster actions ------------------------------------------------------------------------
 
@@ -107,17 +111,17 @@ class Sim:
         if not slot.up or slot.running is not None or not slot.queue:
             return None
         slot.running = slot.queue.pop(0)
-        slot.outbox.append(ev.TaskStarted(task_id=slot.running[0], slot_id=slot_id))
+        slot.outbox.append(ev.TaskStartReported(task_id=slot.running[0], slot_id=slot_id))
         return slot.running[0]
 
-    def finish(self, slot_id: str, outcome: str = "ok", run_s: float = 0.01) -> int | None:
+    def finish(self, slot_id: str, outcome: Outcome = Outcome.OK, run_s: float = 0.01) -> int | None:
         slot = self.slots[slot_id]
         if not slot.up or slot.running is None:
             return None
         task_id, attempt = slot.running
         slot.running = None
         slot.outbox.append(
-            ev.TaskFinished(task_id=task_id, slot_id=slot_id, attempt=attempt, outcome=outcome, run_s=run_s)
+            ev.TaskOutcomeReported(task_id=task_id, slot_id=slot_id, attempt=attempt, outcome=outcome, run_s=run_s)
         )
         return task_id
 

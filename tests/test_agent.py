@@ -16,12 +16,8 @@ import pytest
 
 from batuta.agent.telemetry import fake_gpu_sample
 from batuta.core.objects import ObjectRef
+from batuta.core.task import Outcome
 from batuta.protocol.messages import (
-    OUTCOME_CANCELLED,
-    OUTCOME_CRASHED,
-    OUTCOME_ERROR,
-    OUTCOME_OK,
-    OUTCOME_TIMEOUT,
     SLOT_RESTARTING,
     SLOT_UP,
     Bye,
@@ -32,7 +28,7 @@ from batuta.protocol.messages import (
     Put,
     Run,
     Shutdown,
-    SlotState,
+    SlotChanged,
     StealBack,
     StealBackReply,
 )
@@ -154,8 +150,8 @@ async def test_kernels_run(start_agent: StartAgent) -> None:
         )
     )
     one, two, three = await agent.outcomes_for([1, 2, 3])
-    assert (one.status, one.value, one.slot, one.attempt) == (OUTCOME_OK, 42, 0, 1)
-    assert two.status == OUTCOME_OK and two.value >= 0.01 and two.run_s >= 0.01
+    assert (one.status, one.value, one.slot, one.attempt) == (Outcome.OK, 42, 0, 1)
+    assert two.status == Outcome.OK and two.value >= 0.01 and two.run_s >= 0.01
     assert three.value == (1, [2.5, "x"], {"k": b"v"})
 
 
@@ -175,20 +171,20 @@ async def test_binaries_run_with_output_exit_code_env_and_cwd(start_agent: Start
         )
     )
     echo, exit3, err, envcwd, missing, killed = await agent.outcomes_for(range(1, 7))
-    assert (echo.status, echo.stdout, echo.exit_code) == (OUTCOME_OK, b"hello world\n", 0)
-    assert (exit3.status, exit3.exit_code) == (OUTCOME_ERROR, 3)
+    assert (echo.status, echo.stdout, echo.exit_code) == (Outcome.OK, b"hello world\n", 0)
+    assert (exit3.status, exit3.exit_code) == (Outcome.ERROR, 3)
     assert "exited with code 3" in (exit3.error or "")
-    assert (err.status, err.stderr, err.stdout) == (OUTCOME_OK, b"oops\n", b"")
+    assert (err.status, err.stderr, err.stdout) == (Outcome.OK, b"oops\n", b"")
     assert envcwd.stdout == f"bar\n{tmp_path}\n".encode()
-    assert missing.status == OUTCOME_ERROR and "/no/such/binary" in (missing.error or "")
-    assert killed.status == OUTCOME_ERROR and "SIGKILL" in (killed.error or "")
+    assert missing.status == Outcome.ERROR and "/no/such/binary" in (missing.error or "")
+    assert killed.status == Outcome.ERROR and "SIGKILL" in (killed.error or "")
 
 
 async def test_binary_output_is_capped(start_agent: StartAgent) -> None:
     agent = await start_agent("--slots", "1", "--gpus", "none")
     agent.send(Run(tasks=(binary_task(1, "/bin/sh", "-c", "head -c 3000000 /dev/zero"),)))
     outcome = await agent.outcome(1)
-    assert outcome.status == OUTCOME_OK
+    assert outcome.status == Outcome.OK
     assert outcome.stdout.startswith(b"\0" * (1 << 20))
     assert b"truncated" in outcome.stdout[1 << 20 :]
     assert len(outcome.stdout) < (1 << 20) + 200
@@ -198,9 +194,9 @@ async def test_unknown_kernel_is_an_error_and_the_agent_keeps_working(start_agen
     agent = await start_agent("--slots", "1", "--gpus", "none")
     agent.send(Run(tasks=(kernel_task(1, "no_such_kernel"), kernel_task(2, "noop", 7))))
     unknown, after = await agent.outcomes_for([1, 2])
-    assert unknown.status == OUTCOME_ERROR
+    assert unknown.status == Outcome.ERROR
     assert "no_such_kernel" in (unknown.error or "")
-    assert (after.status, after.value) == (OUTCOME_OK, 7)
+    assert (after.status, after.value) == (Outcome.OK, 7)
 
 
 async def test_kernel_exception_is_an_error_with_traceback(start_agent: StartAgent, kernel_env: dict[str, str]) -> None:
@@ -217,10 +213,10 @@ async def test_kernel_exception_is_an_error_with_traceback(start_agent: StartAge
         )
     )
     boom, bad_input, after = await agent.outcomes_for([1, 2, 3])
-    assert (boom.status, boom.error) == (OUTCOME_ERROR, "ValueError: bad input")
+    assert (boom.status, boom.error) == (Outcome.ERROR, "ValueError: bad input")
     assert b"Traceback" in boom.stderr and b"raise ValueError" in boom.stderr
-    assert bad_input.status == OUTCOME_ERROR and "KernelInputError" in (bad_input.error or "")
-    assert after.status == OUTCOME_OK
+    assert bad_input.status == Outcome.ERROR and "KernelInputError" in (bad_input.error or "")
+    assert after.status == Outcome.OK
 
 
 async def test_unsendable_result_is_an_error_not_a_crash(start_agent: StartAgent, kernel_env: dict[str, str]) -> None:
@@ -231,9 +227,9 @@ async def test_unsendable_result_is_an_error_not_a_crash(start_agent: StartAgent
         Run(tasks=(kernel_task(1, "test_unsendable", backend="scalar"), kernel_task(2, "test_pid", backend="scalar")))
     )
     bad, pid = await agent.outcomes_for([1, 2])
-    assert bad.status == OUTCOME_ERROR and "cannot be sent" in (bad.error or "")
-    assert pid.status == OUTCOME_OK
-    assert agent.of_type(SlotState) == []  # the slot did not restart
+    assert bad.status == Outcome.ERROR and "cannot be sent" in (bad.error or "")
+    assert pid.status == Outcome.OK
+    assert agent.of_type(SlotChanged) == []  # the slot did not restart
 
 
 @BOTH_SPAWN_MODES
@@ -246,7 +242,7 @@ async def test_kernel_printing_to_stdout_does_not_corrupt_the_stream(
     agent.send(Run(tasks=(kernel_task(1, "test_print", "hello from a kernel", backend="scalar"),)))
     agent.send(Run(tasks=(kernel_task(2, "noop", 5),)))
     printed, after = await agent.outcomes_for([1, 2])
-    assert (printed.status, printed.value) == (OUTCOME_OK, "hello from a kernel")
+    assert (printed.status, printed.value) == (Outcome.OK, "hello from a kernel")
     assert after.value == 5
     assert agent.protocol_error is None
     await agent.wait_for(lambda: b"raw write to fd 1" in agent.stderr, what="print on stderr")
@@ -257,7 +253,7 @@ async def test_run_for_a_slot_the_agent_lacks_is_an_error(start_agent: StartAgen
     agent = await start_agent("--slots", "1", "--gpus", "none")
     agent.send(Run(tasks=(kernel_task(1, "noop", 1, slot=5),)))
     outcome = await agent.outcome(1)
-    assert outcome.status == OUTCOME_ERROR and "no slot 5" in (outcome.error or "")
+    assert outcome.status == Outcome.ERROR and "no slot 5" in (outcome.error or "")
 
 
 async def test_objects_put_on_the_agent_replace_their_refs_and_a_missing_one_is_an_error(
@@ -269,13 +265,13 @@ async def test_objects_put_on_the_agent_replace_their_refs_and_a_missing_one_is_
     agent.send(Run(tasks=(kernel_task(2, "sum", {"x": [ObjectRef(4)]}, backend="cpu"),)))
     agent.send(Run(tasks=(kernel_task(3, "sum", ObjectRef(5), backend="cpu"),)))
     present, nested, missing = await agent.outcomes_for([1, 2, 3])
-    assert present.status == OUTCOME_OK and present.value == np.arange(4000.0).sum()
-    assert nested.status == OUTCOME_ERROR and "dict" in (nested.error or "")  # the value arrived, in place
-    assert missing.status == OUTCOME_ERROR and "object(s) 5 are not on this host" in (missing.error or "")
+    assert present.status == Outcome.OK and present.value == np.arange(4000.0).sum()
+    assert nested.status == Outcome.ERROR and "dict" in (nested.error or "")  # the value arrived, in place
+    assert missing.status == Outcome.ERROR and "object(s) 5 are not on this host" in (missing.error or "")
     agent.send(Drop(object_ids=(4,)))  # as the coordinator does: once no task names it
     agent.send(Run(tasks=(kernel_task(4, "sum", ObjectRef(4), backend="cpu"),)))
     dropped = await agent.outcome(4)
-    assert dropped.status == OUTCOME_ERROR and "object(s) 4 are not on this host" in (dropped.error or "")
+    assert dropped.status == Outcome.ERROR and "object(s) 4 are not on this host" in (dropped.error or "")
     assert agent.protocol_error is None
 
 
@@ -309,13 +305,13 @@ async def test_timeout_kills_a_binary_and_its_child(start_agent: StartAgent, tmp
     child_pid = int(await _read_fifo_line(fifo))
     shell = [p for p in agent.descendants() if p.name() == "sh"]
     timed_out = await agent.outcome(1)
-    assert timed_out.status == OUTCOME_TIMEOUT
+    assert timed_out.status == Outcome.TIMEOUT
     assert "0.5 s" in (timed_out.error or "")
     assert timed_out.run_s >= 0.5
     assert await still_alive([child_pid, *(p.pid for p in shell)]) == []
     after = await agent.outcome(2)
-    assert (after.status, after.value) == (OUTCOME_OK, "after")
-    states = [(s.slot, s.state) for s in agent.of_type(SlotState)]
+    assert (after.status, after.value) == (Outcome.OK, "after")
+    states = [(s.slot, s.state) for s in agent.of_type(SlotChanged)]
     assert states[:2] == [(0, SLOT_RESTARTING), (0, SLOT_UP)]
 
 
@@ -324,7 +320,7 @@ async def test_timeout_kills_a_long_kernel(start_agent: StartAgent) -> None:
     agent.send(Run(tasks=(kernel_task(1, "spin", 30.0, timeout=0.3), kernel_task(2, "noop", 2))))
     t0 = time.monotonic()
     timed_out = await agent.outcome(1)
-    assert timed_out.status == OUTCOME_TIMEOUT
+    assert timed_out.status == Outcome.TIMEOUT
     assert time.monotonic() - t0 < 10
     assert (await agent.outcome(2)).value == 2
 
@@ -336,12 +332,12 @@ async def test_cancel_queued_running_and_unknown(start_agent: StartAgent) -> Non
     await agent.started_task(1)
     agent.send(Cancel(task_ids=(2, 999)))
     queued = await agent.outcome(2)
-    assert queued.status == OUTCOME_CANCELLED
+    assert queued.status == Outcome.CANCELLED
     assert 1 not in agent.outcomes
     spinner_pid = agent.slot_process(0).pid
     agent.send(Cancel(task_ids=(1,)))
     running = await agent.outcome(1)
-    assert running.status == OUTCOME_CANCELLED
+    assert running.status == Outcome.CANCELLED
     assert await still_alive([spinner_pid]) == []
     assert (await agent.outcome(3)).value == 3
     assert 999 not in agent.outcomes
@@ -357,8 +353,8 @@ async def test_cancel_of_fed_tasks_behind_the_running_one(start_agent: StartAgen
     await agent.started_task(100)
     agent.send(Cancel(task_ids=tuple(range(101, 111))))
     cancelled = await agent.outcomes_for(range(101, 111))
-    assert {o.status for o in cancelled} == {OUTCOME_CANCELLED}
-    assert (await agent.outcome(100)).status == OUTCOME_OK  # the running task was left alone
+    assert {o.status for o in cancelled} == {Outcome.CANCELLED}
+    assert (await agent.outcome(100)).status == Outcome.OK  # the running task was left alone
 
 
 async def test_steal_back_returns_unstarted_and_refuses_the_running(start_agent: StartAgent) -> None:
@@ -371,8 +367,8 @@ async def test_steal_back_returns_unstarted_and_refuses_the_running(start_agent:
     assert reply.returned == (3, 4)
     assert set(reply.refused) == {1, 77}
     agent.send(Cancel(task_ids=(1,)))
-    assert (await agent.outcome(1)).status == OUTCOME_CANCELLED
-    assert (await agent.outcome(2)).status == OUTCOME_OK
+    assert (await agent.outcome(1)).status == Outcome.CANCELLED
+    assert (await agent.outcome(2)).status == Outcome.OK
     # Returned tasks are never answered.
     agent.send(Run(tasks=(kernel_task(5, "noop", 5),)))
     await agent.outcome(5)
@@ -400,14 +396,14 @@ async def test_killed_slot_crashes_its_task_and_comes_back(start_agent: StartAge
     victim = agent.slot_process(0)
     victim.send_signal(signal.SIGKILL)
     crashed = await agent.outcome(1)
-    assert crashed.status == OUTCOME_CRASHED
+    assert crashed.status == Outcome.CRASHED
     assert "signal 9" in (crashed.error or "") and "slot 0" in (crashed.error or "")
     rest = await agent.outcomes_for([2, 3, 4, 5])
-    assert [o.status for o in rest] == [OUTCOME_OK] * 4
-    await agent.message(SlotState, lambda s: s.state == SLOT_UP)
-    states = [(s.slot, s.state) for s in agent.of_type(SlotState)]
+    assert [o.status for o in rest] == [Outcome.OK] * 4
+    await agent.message(SlotChanged, lambda s: s.state == SLOT_UP)
+    states = [(s.slot, s.state) for s in agent.of_type(SlotChanged)]
     assert states == [(0, SLOT_RESTARTING), (0, SLOT_UP)]
-    assert "signal 9" in agent.of_type(SlotState)[0].reason
+    assert "signal 9" in agent.of_type(SlotChanged)[0].reason
     assert agent.slot_process(0).pid != victim.pid
     assert all(count == 1 for count in agent.outcome_count.values())
 
@@ -546,5 +542,5 @@ async def test_throughput_of_trivial_tasks(start_agent: StartAgent) -> None:
         agent.send(Run(tasks=tuple(kernel_task(i, "noop", i, slot=i % 2) for i in chunk)))
     outcomes = await agent.outcomes_for(ids, timeout=120)
     elapsed = time.perf_counter() - t0
-    assert all(o.status == OUTCOME_OK and o.value == o.task_id for o in outcomes)
+    assert all(o.status == Outcome.OK and o.value == o.task_id for o in outcomes)
     print(f"\nagent throughput: {count} noop tasks through 2 slots in {elapsed:.3f} s = {count / elapsed:,.0f} tasks/s")

@@ -10,7 +10,8 @@ import pytest
 
 from batuta.agent.main import _visible
 from batuta.agent.telemetry import SystemTelemetry
-from batuta.protocol.messages import OUTCOME_OK, GpuInfo, Run
+from batuta.core.task import Outcome
+from batuta.protocol.messages import GpuInfo, Run
 from tests.test_agent_harness import StartAgent, binary_task, kernel_task, start_agent
 
 __all__ = ["start_agent"]
@@ -78,7 +79,7 @@ async def test_real_gpus_are_reported_sampled_and_pinned(start_agent: StartAgent
     if gpu_slots:
         agent.send(Run(tasks=(binary_task(1, "/bin/sh", "-c", "echo $CUDA_VISIBLE_DEVICES", slot=gpu_slots[0].slot),)))
         outcome = await agent.outcome(1)
-        assert outcome.status == OUTCOME_OK
+        assert outcome.status == Outcome.OK
         assert outcome.stdout.decode().strip() == visible[0].uuid
 
 
@@ -96,7 +97,7 @@ async def test_cuda_in_a_gpu_slot_sees_only_its_gpu(start_agent: StartAgent, tmp
     )
     for slot, gpu in zip(gpu_slots, visible, strict=True):
         outcome = await agent.outcome(slot.slot)
-        assert outcome.status == OUTCOME_OK, outcome.error
+        assert outcome.status == Outcome.OK, outcome.error
         status, count, name, uuid = outcome.value
         print(f"\nslot {slot.slot}: cuInit={status}, {count} device(s): {name} {uuid}")
         assert (status, count, name) == (0, 1, gpu.name)

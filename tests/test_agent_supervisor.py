@@ -1,5 +1,5 @@
 """`SlotSupervisor` against a slot the test plays itself: the supervisor's pipes lead to the
-test, which reads the `Run`/`Cancel` frames it is fed and answers with `SlotState`/`Done`.
+test, which reads the `Run`/`Cancel` frames it is fed and answers with `SlotChanged`/`Done`.
 
 That pins down the rules of `supervisor.py` exactly -- feed depth, when a start is inferred,
 what steal-back returns, where a fed task's cancel goes, what "down" means -- without the
@@ -22,13 +22,9 @@ import pytest
 
 from batuta.agent import supervisor
 from batuta.agent.supervisor import SlotSupervisor
-from batuta.core.task import KernelCall
+from batuta.core.task import KernelCall, Outcome
 from batuta.protocol.codec import FrameDecoder, encode_message
 from batuta.protocol.messages import (
-    OUTCOME_CANCELLED,
-    OUTCOME_CRASHED,
-    OUTCOME_OK,
-    OUTCOME_TIMEOUT,
     SLOT_DOWN,
     SLOT_RESTARTING,
     SLOT_UP,
@@ -36,8 +32,8 @@ from batuta.protocol.messages import (
     Done,
     Message,
     Run,
+    SlotChanged,
     SlotInfo,
-    SlotState,
     TaskOutcome,
     TaskRequest,
 )
@@ -49,7 +45,7 @@ class Recorder:
 
     started: list[int] = field(default_factory=list)
     finished: list[TaskOutcome] = field(default_factory=list)
-    states: list[SlotState] = field(default_factory=list)
+    states: list[SlotChanged] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def task_started(self, task_id: int) -> None:
@@ -60,7 +56,7 @@ class Recorder:
         self.finished.append(outcome)
         self.changed.set()
 
-    def slot_changed(self, state: SlotState) -> None:
+    def slot_changed(self, state: SlotChanged) -> None:
         self.states.append(state)
         self.changed.set()
 
@@ -101,9 +97,9 @@ class FakeSlot:
         os.write(self.frames_out, encode_message(message))
 
     def ready(self) -> None:
-        self.send(SlotState(slot=0, state=SLOT_UP))
+        self.send(SlotChanged(slot=0, state=SLOT_UP))
 
-    def done(self, task_id: int, run_s: float = 1e-5, status: str = OUTCOME_OK) -> None:
+    def done(self, task_id: int, run_s: float = 1e-5, status: Outcome = Outcome.OK) -> None:
         self.send(Done(results=(TaskOutcome(task_id=task_id, slot=0, attempt=1, status=status, run_s=run_s),)))
 
     def close(self) -> None:
@@ -244,15 +240,15 @@ async def test_cancel_of_a_fed_task_goes_to_the_slot(bench: Bench) -> None:
     fake.send(
         Done(
             results=(
-                TaskOutcome(task_id=3, slot=0, attempt=1, status=OUTCOME_CANCELLED),
-                TaskOutcome(task_id=4, slot=0, attempt=1, status=OUTCOME_CANCELLED),
+                TaskOutcome(task_id=3, slot=0, attempt=1, status=Outcome.CANCELLED),
+                TaskOutcome(task_id=4, slot=0, attempt=1, status=Outcome.CANCELLED),
             )
         )
     )
     await events.until(lambda: events.outcome(4) is not None)
     fake.done(2)
     await events.until(lambda: events.outcome(2) is not None)
-    assert [o.status for o in events.finished] == [OUTCOME_OK, OUTCOME_CANCELLED, OUTCOME_CANCELLED, OUTCOME_OK]
+    assert [o.status for o in events.finished] == [Outcome.OK, Outcome.CANCELLED, Outcome.CANCELLED, Outcome.OK]
 
 
 async def test_timeout_kills_restarts_and_refeeds(bench: Bench) -> None:
@@ -265,7 +261,7 @@ async def test_timeout_kills_restarts_and_refeeds(bench: Bench) -> None:
     first.done(1, run_s=1e-5)
     enqueue(slot, 2, 3, timeout=0.2)
     await events.until(lambda: events.outcome(2) is not None)
-    assert events.outcome(2).status == OUTCOME_TIMEOUT  # type: ignore[union-attr]
+    assert events.outcome(2).status == Outcome.TIMEOUT  # type: ignore[union-attr]
     assert first.proc.wait(10) == -signal.SIGKILL
     assert [(s.state, "timeout" in s.reason) for s in events.states] == [(SLOT_RESTARTING, True)]
     second = bench.fake
@@ -290,7 +286,7 @@ async def test_death_crashes_the_running_task_and_requeues_the_rest(bench: Bench
     first.close()  # the process "died": its pipes close
     await events.until(lambda: events.outcome(2) is not None)
     crashed = events.outcome(2)
-    assert crashed is not None and crashed.status == OUTCOME_CRASHED
+    assert crashed is not None and crashed.status == Outcome.CRASHED
     assert "slot 0" in (crashed.error or "")
     second = bench.fake
     assert second is not first and second.fed_ids() == [[3, 4]]

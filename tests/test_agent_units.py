@@ -27,7 +27,7 @@ from batuta.agent.telemetry import (
     package_versions,
 )
 from batuta.errors import UsageError
-from batuta.protocol.messages import GpuInfo, SlotInfo, SlotState, TaskOutcome
+from batuta.protocol.messages import GpuInfo, SlotChanged, SlotInfo, TaskOutcome
 from batuta.transport.fdio import PIPE_BYTES, FdReader, FdWriter, widen_pipe
 
 # -- options ------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ class _NoEvents:
 
     def task_finished(self, outcome: TaskOutcome) -> None: ...
 
-    def slot_changed(self, state: SlotState) -> None: ...
+    def slot_changed(self, state: SlotChanged) -> None: ...
 
 
 @pytest.mark.parametrize(

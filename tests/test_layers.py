@@ -38,7 +38,7 @@ def test_the_check_sees_a_planted_crossing(tmp_path: Path) -> None:
         "batuta/jobs/bad.py": "from batuta import Pool, Task\nfrom batuta.cli import main\n",
         "batuta/errors.py": "from batuta.runtime import events\n",
         "batuta/loose.py": "X = 1\n",
-        "kernels/bad.py": "from batuta.errors import KernelError\n",
+        "kernels/bad.py": "from batuta.errors import BatutaError\n",
         "tui/bad.py": "from batuta.core.task import Task\nfrom batuta import Pool\nfrom batuta import Task\n",
         "batuta/core/good.py": "import random\nrng = random.Random(0)\nfrom batuta.errors import TaskError\n",
     }

@@ -30,9 +30,9 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[m.Message]:
     messages: list[m.Message] = []
     original = HostSession.send
 
-    def spy(self: HostSession, message: m.Message) -> None:
+    def spy(self: HostSession, message: m.Message, nbytes: int = 0) -> None:
         messages.append(message)
-        original(self, message)
+        original(self, message, nbytes)
 
     monkeypatch.setattr(HostSession, "send", spy)
     return messages

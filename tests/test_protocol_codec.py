@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from batuta.core.objects import ObjectRef
-from batuta.core.task import BinaryCall, KernelCall
+from batuta.core.task import BinaryCall, KernelCall, Outcome
 from batuta.protocol import (
     TAGS,
     Bye,
@@ -28,7 +28,7 @@ from batuta.protocol import (
     Message,
     Put,
     Run,
-    SlotState,
+    SlotChanged,
     Started,
     TaskOutcome,
     TaskRequest,
@@ -92,13 +92,13 @@ def test_decoded_collections_have_the_dataclass_types() -> None:
 
 def test_lists_and_tuples_keep_their_type_at_every_depth() -> None:
     value: Any = ([1, (2, [3, ()])], [], (), {"a": (1,), "b": [1]}, [[[]]])
-    msg = Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", value=value),))
+    msg = Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, value=value),))
     assert_same(one(encode_message(msg)).results[0].value, value)
 
 
 def test_numbers_at_the_edges() -> None:
     value = [0, -1, 2**63 - 1, -(2**63), 2**64 - 1, 0.0, -0.0, float("inf"), float("nan"), 1e308, True, False]
-    msg = Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", value=value),))
+    msg = Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, value=value),))
     assert_same(one(encode_message(msg)).results[0].value, value)
 
 
@@ -110,7 +110,7 @@ def test_int_fields_from_subclasses_are_normalised() -> None:
 
     msg = Started(task_ids=(np.int64(3).item(), 4))
     assert one(encode_message(msg)) == Started(task_ids=(3, 4))
-    state = one(encode_message(SlotState(slot=Slot.FIRST, state="up")))
+    state = one(encode_message(SlotChanged(slot=Slot.FIRST, state="up")))
     assert type(state.slot) is int
     beat = one(encode_message(Heartbeat(seq=1, cpu_percent=np.float64(12.5), memory_used=1, memory_total=2)))
     assert type(beat.cpu_percent) is float
@@ -196,7 +196,7 @@ def some_array(dtype: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 
 
 def value_round_trip(value: Any) -> Any:
-    msg = Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", value=value),))
+    msg = Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, value=value),))
     decoded = one(encode_message(msg))
     assert isinstance(decoded, Done)
     return decoded.results[0].value
@@ -249,7 +249,7 @@ def test_large_arrays_decode_as_aligned_views_into_the_frame() -> None:
 
 def test_large_frame_received_in_pieces_is_decoded_once_complete() -> None:
     arr = np.arange(LARGE_FRAME_BYTES // 4, dtype=np.float64)
-    frame = encode_message(Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", value=arr),)))
+    frame = encode_message(Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, value=arr),)))
     tail = encode_message(Bye())
     decoder = FrameDecoder()
     step = 100_003

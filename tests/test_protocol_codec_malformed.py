@@ -26,7 +26,7 @@ from batuta.protocol import (
     Hello,
     Put,
     RemoteProtocolError,
-    SlotState,
+    SlotChanged,
     encode_message,
 )
 from batuta.protocol._values import ALIGN, EXT_ARRAY, EXT_ARRAY_OOB, EXT_SCALAR, EXT_TUPLE
@@ -199,7 +199,11 @@ MALFORMED: list[tuple[str, bytes, str]] = [
         ),
         "Run.tasks[0].task_id: expected an int >= 0, got a tuple marker",
     ),
-    ("bad slot state", raw_frame([TAGS[SlotState], 0, "zombie", ""]), "SlotState.state: unknown slot state 'zombie'"),
+    (
+        "bad slot state",
+        raw_frame([TAGS[SlotChanged], 0, "zombie", ""]),
+        "SlotChanged.state: unknown slot state 'zombie'",
+    ),
     (
         "bad gpu sample",
         raw_frame([TAGS[Heartbeat], 1, 1.0, 1, 1, [[0, "hot", None, None, None, None]], ""]),

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from batuta.core.task import BinaryCall, KernelCall
+from batuta.core.task import BinaryCall, KernelCall, Outcome
 from batuta.protocol import (
     Done,
     GpuSample,
@@ -21,8 +21,8 @@ from batuta.protocol import (
     Hello,
     LocalProtocolError,
     Run,
+    SlotChanged,
     SlotInfo,
-    SlotState,
     Started,
     TaskOutcome,
     TaskRequest,
@@ -37,8 +37,8 @@ from batuta.protocol import (
 def outcome_with(value: Any) -> Done:
     return Done(
         results=(
-            TaskOutcome(task_id=1, slot=0, attempt=1, status="ok"),
-            TaskOutcome(task_id=2, slot=0, attempt=1, status="ok", value=value),
+            TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK),
+            TaskOutcome(task_id=2, slot=0, attempt=1, status=Outcome.OK, value=value),
         )
     )
 
@@ -99,17 +99,30 @@ def test_too_deep_and_self_referencing_values_are_refused() -> None:
     [
         (TaskOutcome(task_id=1, slot=0, attempt=1, status="weird"), "Done.results[0].status: unknown status 'weird'"),
         (
-            TaskOutcome(task_id=-1, slot=0, attempt=1, status="ok"),
+            TaskOutcome(task_id=1, slot=0, attempt=1, status="ok"),
+            "Done.results[0].status: expected an Outcome, got str",
+        ),
+        (
+            TaskOutcome(task_id=-1, slot=0, attempt=1, status=Outcome.OK),
             "Done.results[0].task_id: expected an int >= 0, got int -1",
         ),
-        (TaskOutcome(task_id=1, slot=0, attempt=0, status="ok"), "Done.results[0].attempt: expected an int >= 1"),
-        (TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", run_s=float("nan")), "run_s: expected a finite number"),
-        (TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", stdout="text"), "stdout: expected bytes, got str"),  # type: ignore[arg-type]
+        (TaskOutcome(task_id=1, slot=0, attempt=0, status=Outcome.OK), "Done.results[0].attempt: expected an int >= 1"),
         (
-            TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", error="\udcff"),
+            TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, run_s=float("nan")),
+            "run_s: expected a finite number",
+        ),
+        (
+            TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, stdout="text"),
+            "stdout: expected bytes, got str",
+        ),  # type: ignore[arg-type]
+        (
+            TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, error="\udcff"),
             "Done.results[0].error: str is not valid UTF-8",
         ),
-        (TaskOutcome(task_id=True, slot=0, attempt=1, status="ok"), "task_id: expected an int >= 0, got bool True"),
+        (
+            TaskOutcome(task_id=True, slot=0, attempt=1, status=Outcome.OK),
+            "task_id: expected an int >= 0, got bool True",
+        ),
     ],
 )
 def test_bad_fields_are_local_errors_naming_the_field(msg: TaskOutcome, words: str) -> None:
@@ -145,7 +158,7 @@ def test_bad_message_level_fields_on_send() -> None:
             "call.env['A']: expected a str",
         ),
         (Run(tasks=WRONG["tasks"]), "Run.tasks[0]: expected a TaskRequest, got int 1"),
-        (SlotState(slot=0, state="sleeping"), "SlotState.state: unknown slot state 'sleeping'"),
+        (SlotChanged(slot=0, state="sleeping"), "SlotChanged.state: unknown slot state 'sleeping'"),
         (Welcome(protocol=1, heartbeat_interval=-1), "heartbeat_interval: expected a number > 0"),
         (Started(task_ids=(1, -2)), "Started.task_ids[1]: expected an int >= 0"),
         (
@@ -173,7 +186,7 @@ def test_bad_message_level_fields_on_send() -> None:
 
 def test_non_message_cannot_be_encoded() -> None:
     with pytest.raises(LocalProtocolError, match=r"not a batuta\.protocol message"):
-        encode_message(TaskOutcome(task_id=1, slot=0, attempt=1, status="ok"))  # type: ignore[arg-type]
+        encode_message(TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK))  # type: ignore[arg-type]
 
 
 def test_frame_over_the_limit_is_refused_on_send() -> None:

@@ -8,7 +8,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from batuta.core.task import KernelCall
+from batuta.core.task import KernelCall, Outcome
 from batuta.protocol import (
     CLOSED,
     NEED_DATA,
@@ -30,8 +30,8 @@ from batuta.protocol import (
     Role,
     Run,
     Shutdown,
+    SlotChanged,
     SlotInfo,
-    SlotState,
     Started,
     StealBack,
     StealBackReply,
@@ -91,7 +91,7 @@ def run_of(*task_ids: int) -> Run:
 def done_of(*task_ids: int) -> Done:
     return Done(
         results=tuple(
-            TaskOutcome(task_id=i, slot=i % 2, attempt=1, status="ok", value=i * 2, run_s=1e-4) for i in task_ids
+            TaskOutcome(task_id=i, slot=i % 2, attempt=1, status=Outcome.OK, value=i * 2, run_s=1e-4) for i in task_ids
         )
     )
 
@@ -110,7 +110,7 @@ def test_handshake_then_run_and_done_both_ways() -> None:
     steal = StealBack(slot=1, task_ids=(3,))
     assert deliver(coordinator, agent, steal, Cancel(task_ids=(4,))) == [steal, Cancel(task_ids=(4,))]
     reply = StealBackReply(slot=1, returned=(3,), refused=())
-    slot_state = SlotState(slot=0, state="restarting", reason="died")
+    slot_state = SlotChanged(slot=0, state="restarting", reason="died")
     assert deliver(agent, coordinator, reply, slot_state, beat) == [reply, slot_state, beat]
 
 
@@ -199,7 +199,7 @@ def test_direction_table_matches_the_messages_docstring() -> None:
         "Started",
         "Done",
         "StealBackReply",
-        "SlotState",
+        "SlotChanged",
         "Heartbeat",
         "Bye",
         "Error",
@@ -212,7 +212,7 @@ AGENT_EXAMPLES: list[Message] = [
     Started(task_ids=(1,)),
     done_of(1),
     StealBackReply(slot=0, returned=(), refused=()),
-    SlotState(slot=0, state="up"),
+    SlotChanged(slot=0, state="up"),
     Heartbeat(seq=0, cpu_percent=0.0, memory_used=0, memory_total=0),
     Bye(),
 ]
@@ -419,7 +419,7 @@ def test_repr_and_raw_frames_match_encode_message() -> None:
 
 def test_end_of_stream_inside_a_large_frame_is_a_remote_error() -> None:
     agent, coordinator = handshake()
-    big = Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", value=np.zeros(300_000)),))
+    big = Done(results=(TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, value=np.zeros(300_000)),))
     frame = agent.send(big)
     coordinator.receive_data(frame[: len(frame) // 2])
     assert coordinator.next_event() is NEED_DATA

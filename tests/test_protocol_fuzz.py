@@ -19,6 +19,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from batuta.core.task import Outcome
 from batuta.protocol import (
     TAGS,
     Connection,
@@ -45,7 +46,9 @@ VALID = [encode_message(m) for m in sample_messages()] + [
     encode_message(
         Done(
             results=(
-                TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", value=(np.arange(300.0), np.ones(2, ">i4"))),
+                TaskOutcome(
+                    task_id=1, slot=0, attempt=1, status=Outcome.OK, value=(np.arange(300.0), np.ones(2, ">i4"))
+                ),
             )
         )
     )
@@ -239,7 +242,8 @@ _values = st.recursive(
 @given(st.lists(_values, max_size=4), st.lists(st.integers(0, 100_000), max_size=3))
 def test_valid_values_round_trip(values: list[Any], cuts: list[int]) -> None:
     msgs = [
-        Done(results=(TaskOutcome(task_id=i, slot=0, attempt=1, status="ok", value=v),)) for i, v in enumerate(values)
+        Done(results=(TaskOutcome(task_id=i, slot=0, attempt=1, status=Outcome.OK, value=v),))
+        for i, v in enumerate(values)
     ]
     decoded = decode_everything(encode_messages(msgs), cuts, limit=1 << 28)
     assert len(decoded) == len(msgs)

@@ -6,7 +6,8 @@ import pytest
 
 from batuta.core import events as ev
 from batuta.core.scheduler import Scheduler, SchedulerConfig, SchedulerError
-from batuta.core.task import TaskStatus
+from batuta.core.task import Outcome, TaskStatus
+from batuta.errors import BatutaError
 from tests.scheduler_sim import Sim
 
 
@@ -164,7 +165,7 @@ def test_lost_slot_requeues_and_counts_only_started_attempts() -> None:
     sim.start("a")
     sim.deliver("a")
     sim.lose("a", reason="host unreachable")
-    requeued = {i.task_id: i for i in sim.instructions if isinstance(i, ev.TaskRequeued)}
+    requeued = {i.task_id: i for i in sim.instructions if isinstance(i, ev.AnnounceRequeue)}
     assert set(requeued) == {ids[0], ids[2]}
     assert requeued[ids[0]].attempts == 1 and requeued[ids[2]].attempts == 0
     sim.run_to_completion()
@@ -179,7 +180,7 @@ def test_task_that_kills_every_worker_fails_after_max_attempts() -> None:
     for _ in range(3):
         slot_id = next(s for s, f in sim.slots.items() if any(t == poison for t, _ in f.queue))
         sim.start(slot_id)
-        sim.finish(slot_id, outcome="crashed")
+        sim.finish(slot_id, outcome=Outcome.CRASHED)
         sim.deliver(slot_id)
     [res] = sim.resolved[poison]
     assert res.status is TaskStatus.LOST and res.attempts == 3
@@ -193,7 +194,7 @@ def test_kernel_error_is_final_not_retried() -> None:
     sim = sim_with("a")
     task = sim.submit()
     sim.start("a")
-    sim.finish("a", outcome="error")
+    sim.finish("a", outcome=Outcome.ERROR)
     sim.deliver("a")
     assert sim.status_of(task) is TaskStatus.FAILED
     assert sim.resolved[task][0].attempts == 1
@@ -208,8 +209,10 @@ def test_late_and_duplicate_results_are_dropped_and_counted() -> None:
     finished = sim.slots[slot_id].outbox[-1]
     sim.deliver(slot_id)
     sim.handle(finished)  # the same result again
-    sim.handle(ev.TaskFinished(task_id=task, slot_id="b" if slot_id == "a" else "a", attempt=1, outcome="ok"))
-    sim.handle(ev.TaskFinished(task_id=999, slot_id="a", attempt=1, outcome="ok"))
+    sim.handle(
+        ev.TaskOutcomeReported(task_id=task, slot_id="b" if slot_id == "a" else "a", attempt=1, outcome=Outcome.OK)
+    )
+    sim.handle(ev.TaskOutcomeReported(task_id=999, slot_id="a", attempt=1, outcome=Outcome.OK))
     assert sim.sched.stats.dropped_results == 3
     assert len(sim.resolved[task]) == 1
 
@@ -222,7 +225,7 @@ def test_result_from_an_earlier_attempt_is_dropped() -> None:
     sim.lose("a")
     sim.rejoin("a")  # the task is resent as attempt 2
     assert sim.slots["a"].queue == [(task, 2)]
-    sim.handle(ev.TaskFinished(task_id=task, slot_id="a", attempt=1, outcome="ok"))
+    sim.handle(ev.TaskOutcomeReported(task_id=task, slot_id="a", attempt=1, outcome=Outcome.OK))
     assert task not in sim.resolved and sim.sched.stats.dropped_results == 1
 
 
@@ -277,6 +280,15 @@ def test_backpressure_bounds_queued_tasks() -> None:
         sched.handle(ev.TaskSubmitted(task_id=99), now=0.0)
 
 
+def test_misuse_by_the_driver_is_a_batuta_error() -> None:
+    sched = Scheduler()
+    sched.handle(ev.HostExpected(host_id="h", slot_capabilities=(frozenset({"cpu"}),)), now=0.0)
+    sched.handle(ev.TaskSubmitted(task_id=1), now=0.0)
+    with pytest.raises(BatutaError, match="task id 1 submitted twice") as caught:
+        sched.handle(ev.TaskSubmitted(task_id=1), now=0.0)
+    assert isinstance(caught.value, SchedulerError)
+
+
 def test_pause_holds_new_work_and_resume_releases_it() -> None:
     sim = sim_with("a")
     sim.handle(ev.SchedulingPaused())
@@ -293,9 +305,9 @@ def test_drain_moves_queued_work_away_and_reports_when_empty() -> None:
     ids = [sim.submit() for _ in range(6)]
     sim.start("x/0")
     sim.handle(ev.HostDrainRequested(host_id="x"))
-    assert not any(isinstance(i, ev.HostDrained) for i in sim.instructions)
+    assert not any(isinstance(i, ev.AnnounceDrained) for i in sim.instructions)
     sim.run_to_completion()
-    assert any(isinstance(i, ev.HostDrained) and i.host_id == "x" for i in sim.instructions)
+    assert any(isinstance(i, ev.AnnounceDrained) and i.host_id == "x" for i in sim.instructions)
     sim.assert_each_resolved_once()
     ran_on_x = [t for t in ids if sim.resolved[t][0].slot_id == "x/0"]
     assert ran_on_x == [ids[0]]  # only the task already in x's window when the drain began

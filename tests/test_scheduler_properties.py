@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from batuta.core import events as ev
 from batuta.core.scheduler import Scheduler, SchedulerConfig
+from batuta.core.task import Outcome
 from tests.scheduler_sim import Sim
 
 SLOTS = {"a": ("cpu",), "b": ("cpu",), "c": ("cpu", "gpu"), "g": ("gpu",)}
@@ -20,7 +21,11 @@ SLOTS = {"a": ("cpu",), "b": ("cpu",), "c": ("cpu", "gpu"), "g": ("gpu",)}
 actions = st.one_of(
     st.tuples(st.just("submit"), st.integers(0, 3), st.sampled_from([("cpu",), ("gpu",)]), st.booleans()),
     st.tuples(st.just("start"), st.sampled_from(sorted(SLOTS))),
-    st.tuples(st.just("finish"), st.sampled_from(sorted(SLOTS)), st.sampled_from(["ok", "ok", "error", "crashed"])),
+    st.tuples(
+        st.just("finish"),
+        st.sampled_from(sorted(SLOTS)),
+        st.sampled_from([Outcome.OK, Outcome.OK, Outcome.ERROR, Outcome.CRASHED]),
+    ),
     st.tuples(st.just("answer"), st.sampled_from(sorted(SLOTS))),
     st.tuples(st.just("deliver"), st.sampled_from(sorted(SLOTS))),
     st.tuples(st.just("lose"), st.sampled_from(sorted(SLOTS))),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from batuta.core import events as ev
 from batuta.core.scheduler import Scheduler, SchedulerConfig
-from batuta.core.task import CAP_CPU, CAP_GPU, TaskStatus
+from batuta.core.task import CAP_CPU, CAP_GPU, Outcome, TaskStatus
 
 
 def scheduler_with_cpu_slot(window: int = 2) -> Scheduler:
@@ -28,7 +28,7 @@ def test_shutdown_cancels_every_unresolved_task_once_and_then_places_nothing() -
     # what the hosts still say while they are shut down: no sends, no second resolution
     late = sched.handle_many(
         [
-            ev.TaskFinished(task_id=0, slot_id="h/0", attempt=1, outcome=ev.FINISHED_OK),
+            ev.TaskOutcomeReported(task_id=0, slot_id="h/0", attempt=1, outcome=Outcome.OK),
             ev.SlotJoined(slot_id="h/1", host_id="h", capabilities=frozenset({CAP_CPU})),
             ev.TaskSubmitted(task_id=9),
             ev.TimerFired(),
@@ -45,7 +45,7 @@ def test_a_finishing_report_carries_its_payload_to_the_resolution() -> None:
     sched.handle(ev.TaskSubmitted(task_id=1), 0.0)
     payload = object()
     out = sched.handle(
-        ev.TaskFinished(task_id=1, slot_id="h/0", attempt=1, outcome=ev.FINISHED_OK, payload=payload), 1.0
+        ev.TaskOutcomeReported(task_id=1, slot_id="h/0", attempt=1, outcome=Outcome.OK, payload=payload), 1.0
     )
     (resolved,) = [i for i in out if isinstance(i, ev.ResolveTask)]
     assert resolved.status is TaskStatus.SUCCEEDED and resolved.payload is payload

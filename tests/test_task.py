@@ -31,3 +31,31 @@ def test_a_failure_names_the_slot_once() -> None:
         task_id=7, name="noop", status=TaskStatus.FAILED, error="boom", host="gpu1", slot="gpu1/3", attempts=1
     )
     assert result.describe_failure() == "task 7 (noop) failed on gpu1/3 after 1 attempt(s): boom"
+
+
+def test_an_outcome_ends_the_task_unless_the_worker_crashed() -> None:
+    from batuta.core.task import Outcome, TaskStatus
+
+    # the values are the wire's (TaskOutcome.status): changing one needs a new PROTOCOL_VERSION
+    assert {o.value: o.final_status() for o in Outcome} == {
+        "ok": TaskStatus.SUCCEEDED,
+        "error": TaskStatus.FAILED,
+        "timeout": TaskStatus.TIMED_OUT,
+        "cancelled": TaskStatus.CANCELLED,
+        "crashed": None,  # only the attempt is lost: the scheduler retries, or resolves LOST
+    }
+
+
+def test_unwrap_says_when_no_slot_can_run_the_task() -> None:
+    from batuta import TaskFailedError, TaskResult, TaskStatus
+    from batuta.errors import NoCapableSlotError
+
+    why = "no slot offers gpu (the cluster offers: cpu); add such a host or change the task's backend"
+    unschedulable = TaskResult(task_id=3, name="vadd", status=TaskStatus.UNSCHEDULABLE, error=why)
+    with pytest.raises(NoCapableSlotError, match="no slot offers gpu") as caught:
+        unschedulable.unwrap()
+    assert isinstance(caught.value, TaskFailedError) and caught.value.result is unschedulable
+    failed = TaskResult(task_id=4, name="vadd", status=TaskStatus.FAILED, error="boom")
+    with pytest.raises(TaskFailedError) as caught:
+        failed.unwrap()
+    assert not isinstance(caught.value, NoCapableSlotError)

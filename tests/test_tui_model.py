@@ -17,10 +17,11 @@ from batuta.tui.histogram import LogHistogram, bucket_of
 from batuta.tui.logbridge import LogBridge
 from batuta.tui.model import HISTORY_S, DashboardModel
 from batuta.tui.render import Palette
-from batuta.tui.replay import SyntheticCluster, SyntheticSlot, replay
+from batuta.tui.replay import SyntheticCluster, replay
 
 from batuta import Backend, TaskResult, TaskStatus
 from batuta.runtime import events as pe
+from batuta.runtime.views import SlotView
 
 PLAIN = Palette.plain()
 
@@ -277,8 +278,8 @@ def test_alerts_for_lost_hosts_full_and_hot_gpus_and_failures() -> None:
     assert not any(a.key == "tasks-failing" for a in model.alerts)
 
 
-def slot(slot_id: str, depth: int, in_flight: int) -> SyntheticSlot:
-    return SyntheticSlot(
+def slot(slot_id: str, depth: int, in_flight: int) -> SlotView:
+    return SlotView(
         slot_id=slot_id,
         host_id=slot_id.split("/")[0],
         capabilities=frozenset({"cpu"}),

@@ -12,15 +12,17 @@ from typing import TYPE_CHECKING
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 if TYPE_CHECKING:
-    from .app import BatutaApp, PaletteCommand
+    from .app import PaletteCommand
 
 
 class BatutaCommands(Provider):
     """Start a workload or a job file, cancel a job, pause/resume, drain a host, help."""
 
     def _commands(self) -> list[PaletteCommand]:
-        app: BatutaApp = self.app  # type: ignore[assignment]
-        return app.palette_commands()
+        from .app import BatutaApp  # here: app.py imports this module
+
+        app = self.app  # Textual types it App[object]; only BatutaApp has these commands
+        return app.palette_commands() if isinstance(app, BatutaApp) else []
 
     async def discover(self) -> Hits:
         for command in self._commands():

@@ -19,10 +19,10 @@ import itertools
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Protocol
+from typing import Any, TypeVar
 
 from batuta.runtime import events as pe
-from batuta.runtime.views import Backend, TaskResult, TaskStatus
+from batuta.runtime.views import Backend, HostView, SlotView, TaskResult, TaskStatus
 
 from .alerts import Alert, evaluate_alerts
 from .histogram import LogHistogram
@@ -75,44 +75,12 @@ RAN_STATUSES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.TI
 LATENCY_DIMENSIONS = ("kernel", "backend", "host")
 
 
-class SlotLike(Protocol):
-    """What the model reads from `Pool.slots()` (the scheduler's `SlotView`), duck-typed."""
-
-    @property
-    def slot_id(self) -> str: ...
-    @property
-    def host_id(self) -> str: ...
-    @property
-    def capabilities(self) -> frozenset[str]: ...
-    @property
-    def state(self) -> str: ...
-    @property
-    def deque_depth(self) -> int: ...
-    @property
-    def in_flight(self) -> int: ...
-    @property
-    def window_limit(self) -> int: ...
-    @property
-    def steals_in(self) -> int: ...
-    @property
-    def steals_out(self) -> int: ...
-    @property
-    def completed(self) -> int: ...
-    @property
-    def mean_run_s(self) -> float | None: ...
+_E = TypeVar("_E")
 
 
-class HostLike(Protocol):
-    """What the model reads from `Pool.hosts()` (`HostView`), duck-typed."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def state(self) -> str: ...
-    @property
-    def gpus(self) -> tuple[str, ...]: ...
-    @property
-    def cpu_count(self) -> int: ...
+def _handler(kind: type[_E], handler: Callable[[_E], None]) -> tuple[type, Callable[[Any], None]]:
+    """One entry of an event dispatch table, `handler` checked to take events of type `kind`."""
+    return kind, handler
 
 
 class Versions:
@@ -164,14 +132,16 @@ class DashboardModel:
         self._last_half_second: int | None = None
         self._last_alert_second: int | None = None
         self._inbox: list[object] = []
-        self._handlers: dict[type, Callable[[object], None]] = {  # the rarer events (see `_fold`)
-            pe.TaskRequeued: self._on_requeued,  # type: ignore[dict-item]
-            pe.HostUp: self._on_host_up,  # type: ignore[dict-item]
-            pe.HostStateChanged: self._on_host_state,  # type: ignore[dict-item]
-            pe.HostDown: self._on_host_down,  # type: ignore[dict-item]
-            pe.HostTelemetry: self._on_telemetry,  # type: ignore[dict-item]
-            pe.SlotStateChanged: self._on_slot_state,  # type: ignore[dict-item]
-        }
+        self._handlers: dict[type, Callable[[Any], None]] = dict(  # the rarer events (see `_fold`)
+            [
+                _handler(pe.TaskRequeued, self._on_requeued),
+                _handler(pe.HostUp, self._on_host_up),
+                _handler(pe.HostStateChanged, self._on_host_state),
+                _handler(pe.HostDown, self._on_host_down),
+                _handler(pe.HostTelemetry, self._on_telemetry),
+                _handler(pe.SlotStateChanged, self._on_slot_state),
+            ]
+        )
 
     # -- feeding ----------------------------------------------------------------------------
 
@@ -219,17 +189,16 @@ class DashboardModel:
         handlers = self._handlers
         tasks = 0
         for event in events:
-            kind = type(event)
-            if kind is pe.TaskFinished:
-                result = event.result  # type: ignore[attr-defined]
-                at = event.at  # type: ignore[attr-defined]
+            if type(event) is pe.TaskFinished:
+                result = event.result
+                at = event.at
                 job = jobs.get(result.job or NO_JOB) or self._job(result.job)
                 if running.pop(result.task_id, None) is not None:
                     job.running -= 1
                 status = result.status
                 if status is _SUCCEEDED:
                     job.succeeded += 1
-                    host = self.hosts.get(result.host)
+                    host = self.hosts.get(result.host) if result.host else None
                     if host is not None:
                         host.done += 1
                     if self._attempts:
@@ -257,22 +226,22 @@ class DashboardModel:
                     meter.add(at)
                 if result.slot is not None:
                     pending.append(result)
-                recent.append(event)  # type: ignore[arg-type]
+                recent.append(event)
                 tasks += 1
-            elif kind is pe.TaskQueued:
-                job = jobs.get(event.job or NO_JOB) or self._job(event.job)  # type: ignore[attr-defined]
+            elif type(event) is pe.TaskQueued:
+                job = jobs.get(event.job or NO_JOB) or self._job(event.job)
                 job.submitted += 1
                 if job.started_at is None:
-                    job.started_at = event.at  # type: ignore[attr-defined]
+                    job.started_at = event.at
                 tasks += 1
-            elif kind is pe.TaskStarted:
-                task_id = event.task_id  # type: ignore[attr-defined]
+            elif type(event) is pe.TaskStarted:
+                task_id = event.task_id
                 if task_id not in running:
-                    (jobs.get(event.job or NO_JOB) or self._job(event.job)).running += 1  # type: ignore[attr-defined]
-                running[task_id] = event  # type: ignore[assignment]
+                    (jobs.get(event.job or NO_JOB) or self._job(event.job)).running += 1
+                running[task_id] = event
                 tasks += 1
             else:
-                handler = handlers.get(kind)
+                handler = handlers.get(type(event))
                 if handler is not None:
                     handler(event)
         if tasks:
@@ -375,7 +344,7 @@ class DashboardModel:
 
     # -- what the app tells the model -------------------------------------------------------
 
-    def update_slots(self, views: Iterable[SlotLike]) -> None:
+    def update_slots(self, views: Iterable[SlotView]) -> None:
         """Take a fresh `Pool.slots()` snapshot (polled: the scheduler publishes no slot events)."""
         rows = {
             v.slot_id: SlotRow(
@@ -406,7 +375,7 @@ class DashboardModel:
                 host.slot_ids = tuple(r.slot_id for r in rows.values() if r.host == host.name)
         self.versions.slots += 1
 
-    def seed_hosts(self, views: Iterable[HostLike]) -> None:
+    def seed_hosts(self, views: Iterable[HostView]) -> None:
         """Learn hosts that came up before the model subscribed (from `Pool.hosts()`)."""
         now = self.clock()
         for view in views:

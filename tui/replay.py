@@ -4,9 +4,9 @@ The load benchmark needs 64 hosts and 5,000 task events a second, the snapshot t
 the same screen on every run, and the screenshots need a big cluster on a small machine.
 None of that should start real agents, so this module produces what a pool would publish
 (`HostUp`, `HostTelemetry`, `TaskQueued`, `TaskStarted`, `TaskFinished`, `TaskRequeued`)
-from `random.Random(seed)` and the instants the caller passes in, plus slot views shaped
-like `Pool.slots()`. It never reads a clock: the same seed and the same instants give the
-same events, byte for byte.
+from `random.Random(seed)` and the instants the caller passes in, plus the `SlotView`s that
+`Pool.slots()` would give. It never reads a clock: the same seed and the same instants give
+the same events, byte for byte.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from batuta.runtime import events as pe
-from batuta.runtime.views import Backend, TaskResult, TaskStatus
+from batuta.runtime.views import Backend, SlotView, TaskResult, TaskStatus
 
 KERNELS = (("spin", "cpu"), ("vadd", "gpu"), ("saxpy", "gpu"), ("mc_pi", "cpu"), ("kmeans_step", "gpu"))
 JOBS = ("kmeans", "demo", "pi")
@@ -40,25 +40,8 @@ FAILURES = {  # kernel -> (error, stderr) of its simulated failures
 GIB = 2**30
 
 
-@dataclass(frozen=True, slots=True)
-class SyntheticSlot:
-    """Shaped like the scheduler's `SlotView` (what `Pool.slots()` returns)."""
-
-    slot_id: str
-    host_id: str
-    capabilities: frozenset[str]
-    state: str
-    deque_depth: int
-    in_flight: int
-    window_limit: int
-    steals_in: int
-    steals_out: int
-    completed: int
-    mean_run_s: float | None
-
-
 @dataclass(slots=True)
-class _SlotState:
+class _SimulatedSlot:
     slot_id: str
     host: str
     kind: str
@@ -86,8 +69,8 @@ class SyntheticCluster:
     failure_rate: float = 0.01
     requeue_rate: float = 0.005
     rng: random.Random = field(init=False)
-    _slots: list[_SlotState] = field(init=False)
-    _by_kind: dict[str, list[_SlotState]] = field(init=False)
+    _slots: list[_SimulatedSlot] = field(init=False)
+    _by_kind: dict[str, list[_SimulatedSlot]] = field(init=False)
     _heap: list[tuple[float, int, object]] = field(init=False)
     _order: itertools.count[int] = field(init=False)
     _ids: itertools.count[int] = field(init=False)
@@ -102,9 +85,9 @@ class SyntheticCluster:
         self._slots = []
         for host in self.host_names():
             for index in range(self.slots_per_host):
-                self._slots.append(_SlotState(f"{host}/{index}", host, "cpu"))
+                self._slots.append(_SimulatedSlot(f"{host}/{index}", host, "cpu"))
             for gpu in range(self._gpu_count(host)):
-                self._slots.append(_SlotState(f"{host}/{self.slots_per_host + gpu}", host, "gpu"))
+                self._slots.append(_SimulatedSlot(f"{host}/{self.slots_per_host + gpu}", host, "gpu"))
         self._by_kind = {kind: [s for s in self._slots if s.kind == kind] for kind in ("cpu", "gpu")}
 
     # -- hosts ------------------------------------------------------------------------------
@@ -170,14 +153,14 @@ class SyntheticCluster:
             power=None if (host_number == 1 and index == 0) else round(90 + utilization * 5.5, 1),
         )
 
-    def slot_views(self, now: float) -> list[SyntheticSlot]:
+    def slot_views(self, now: float) -> list[SlotView]:
         """Slot views as `Pool.slots()` would give them at `now`."""
         views = []
         for slot in self._slots:
             rng = random.Random(f"batuta-sim-slot:{self.seed}:{slot.slot_id}:{int(now * 2)}")
             busy = slot.busy_until > now
             views.append(
-                SyntheticSlot(
+                SlotView(
                     slot_id=slot.slot_id,
                     host_id=slot.host,
                     capabilities=frozenset({slot.kind}),

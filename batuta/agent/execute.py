@@ -24,10 +24,8 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from batuta.core.task import BinaryCall, KernelCall
+from batuta.core.task import BinaryCall, KernelCall, Outcome
 from batuta.protocol.messages import (
-    OUTCOME_ERROR,
-    OUTCOME_OK,
     TaskOutcome,
     TaskRequest,
 )
@@ -93,7 +91,7 @@ class KernelRunner:
         registry = self._load()
         started = time.perf_counter()
         if registry is None:
-            return _outcome(request, OUTCOME_ERROR, error=self._registry_error, run_s=0.0)
+            return _outcome(request, Outcome.ERROR, error=self._registry_error, run_s=0.0)
         try:
             value = registry.run(call.name, request.backend, call.args)
         except registry.UnknownKernelError as exc:
@@ -102,20 +100,20 @@ class KernelRunner:
                 text = f"unknown kernel {call.name!r}: {text}"
             if self._module_errors:
                 text = one_line(f"{text} ({'; '.join(self._module_errors)})")
-            return _outcome(request, OUTCOME_ERROR, error=text, run_s=time.perf_counter() - started)
+            return _outcome(request, Outcome.ERROR, error=text, run_s=time.perf_counter() - started)
         except BaseException as exc:  # SystemExit in a kernel must not end the slot
             run_s = time.perf_counter() - started
             return _outcome(
                 request,
-                OUTCOME_ERROR,
+                Outcome.ERROR,
                 error=describe_exception(exc),
                 stderr=traceback.format_exc().encode("utf-8", "replace"),
                 run_s=run_s,
             )
-        return _outcome(request, OUTCOME_OK, value=value, run_s=time.perf_counter() - started)
+        return _outcome(request, Outcome.OK, value=value, run_s=time.perf_counter() - started)
 
 
-def _outcome(request: TaskRequest, status: str, run_s: float, **fields: Any) -> TaskOutcome:
+def _outcome(request: TaskRequest, status: Outcome, run_s: float, **fields: Any) -> TaskOutcome:
     return TaskOutcome(
         task_id=request.task_id,
         slot=request.slot,
@@ -177,7 +175,7 @@ def run_binary(request: TaskRequest, call: BinaryCall, base_env: Mapping[str, st
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
         return _outcome(
             request,
-            OUTCOME_ERROR,
+            Outcome.ERROR,
             error=f"cannot start {call.path!r}: {describe_exception(exc)}",
             run_s=time.perf_counter() - started,
         )
@@ -214,10 +212,10 @@ def run_binary(request: TaskRequest, call: BinaryCall, base_env: Mapping[str, st
     stdout = buffers[stdout_fd].value("stdout")
     stderr = buffers[stderr_fd].value("stderr")
     if returncode == 0:
-        return _outcome(request, OUTCOME_OK, stdout=stdout, stderr=stderr, exit_code=0, run_s=run_s)
+        return _outcome(request, Outcome.OK, stdout=stdout, stderr=stderr, exit_code=0, run_s=run_s)
     return _outcome(
         request,
-        OUTCOME_ERROR,
+        Outcome.ERROR,
         stdout=stdout,
         stderr=stderr,
         exit_code=returncode,

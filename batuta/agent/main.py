@@ -7,7 +7,7 @@ error or a refused session, 2 for bad arguments, 128 + N after signal N.
 
 Start-up is on the clock (a cluster of agents must be ready in well under a second), so
 this imports only what the agent itself needs: no numba, no kernel registry, and slot
-processes are spawned without waiting for each other (see `host.py`).
+processes are spawned without waiting for each other (see `agent.py`).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
 
-    from batuta.agent.host import Agent
+    from batuta.agent.agent import Agent
     from batuta.agent.telemetry import open_telemetry
 
     try:

@@ -8,7 +8,7 @@ message classes as the coordinator link (no pickle):
     agent -> slot:  Run(tasks)         queue these, run them in order
                     Cancel(task_ids)   drop these if not started yet (answered "cancelled")
                     Shutdown()         exit now (EOF on stdin does the same)
-    slot -> agent:  SlotState(up)      sent once, when the loop is ready to take tasks;
+    slot -> agent:  SlotChanged(up)      sent once, when the loop is ready to take tasks;
                                        the agent infers the first task's start from it
                     Done((outcome,))   one frame per finished task, several per write
 
@@ -48,19 +48,16 @@ from batuta.agent.execute import (
     run_binary,
 )
 from batuta.core.objects import refs_in, replace_refs
-from batuta.core.task import KernelCall
+from batuta.core.task import KernelCall, Outcome
 from batuta.protocol.codec import FrameDecoder, encode_message
 from batuta.protocol.messages import (
-    OUTCOME_CANCELLED,
-    OUTCOME_ERROR,
-    OUTCOME_OK,
     Cancel,
     Done,
     Drop,
     Put,
     Run,
     Shutdown,
-    SlotState,
+    SlotChanged,
     TaskOutcome,
     TaskRequest,
 )
@@ -168,7 +165,7 @@ class SlotWorker:
                         task_id=request.task_id,
                         slot=request.slot,
                         attempt=request.attempt,
-                        status=OUTCOME_CANCELLED,
+                        status=Outcome.CANCELLED,
                         error="cancelled before it started",
                     )
                 )
@@ -182,12 +179,12 @@ class SlotWorker:
         try:
             frame = encode_message(Done(results=(outcome,)))
         except Exception as exc:
-            what = "result" if outcome.status == OUTCOME_OK else "outcome"
+            what = "result" if outcome.status is Outcome.OK else "outcome"
             replacement = TaskOutcome(
                 task_id=outcome.task_id,
                 slot=outcome.slot,
                 attempt=outcome.attempt,
-                status=OUTCOME_ERROR,
+                status=Outcome.ERROR,
                 error=one_line(f"the task's {what} cannot be sent to the coordinator: {describe_exception(exc)}"),
                 run_s=outcome.run_s,
             )
@@ -242,10 +239,10 @@ class SlotWorker:
                             task_id=request.task_id,
                             slot=request.slot,
                             attempt=request.attempt,
-                            status=OUTCOME_ERROR,
+                            status=Outcome.ERROR,
                             error=f"slot {self._slot} was not sent object(s) {', '.join(map(str, missing))}",
                         )
-                    call = KernelCall(name=call.name, args=replace_refs(call.args, self._objects))  # type: ignore[arg-type]
+                    call = KernelCall(name=call.name, args=replace_refs(call.args, self._objects))
                 outcome = self._kernels.run(request, call)
                 self._last_kernel, self._last_run_s = call.name, outcome.run_s
                 return outcome
@@ -256,12 +253,12 @@ class SlotWorker:
                 task_id=request.task_id,
                 slot=request.slot,
                 attempt=request.attempt,
-                status=OUTCOME_ERROR,
+                status=Outcome.ERROR,
                 error=f"slot {self._slot} failed to run the task: {describe_exception(exc)}",
             )
 
     def run(self) -> int:
-        self._send(encode_message(SlotState(slot=self._slot, state="up")))
+        self._send(encode_message(SlotChanged(slot=self._slot, state="up")))
         while not self._eof:
             if not self._waiting:
                 self._flush()

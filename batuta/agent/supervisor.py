@@ -21,7 +21,7 @@ Timeout and cancel of the running task. Whatever the pipe already holds is read 
 the slot's whole process group is SIGKILLed (binaries and their children die with it), the
 task is answered "timeout" (error "timed out after N s; ...") or "cancelled", the other fed
 tasks go back to the front of `queue`, and a new slot process starts at once, announced
-like any restart: `SlotState("restarting", reason)`, then `SlotState("up")` when it is ready.
+like any restart: `SlotChanged("restarting", reason)`, then `SlotChanged("up")` when it is ready.
 
 Cancel of other tasks. A queued task is removed and answered "cancelled" at once. A fed task
 that is not running is marked and a `Cancel` goes down the pipe: the slot skips it, answering
@@ -35,17 +35,17 @@ process reaped. The head, if it had started, is answered "crashed" (error "slot 
 process (pid P) killed by signal 9 (SIGKILL) while running it", or "exited with code C");
 the other fed tasks go back to the front of `queue` in order (they never started, so the
 coordinator's attempt counts are untouched); marked cancels among them are answered
-"cancelled". `SlotState("restarting", reason)` is sent and a new process started;
-`SlotState("up")` follows when it is ready.
+"cancelled". `SlotChanged("restarting", reason)` is sent and a new process started;
+`SlotChanged("up")` follows when it is ready.
 
 A slot that dies before it becomes ready, or while idle, has *failed to start*. Restarts
 back off (0, 0.05, 0.2, 0.5, 1 s); after `MAX_FAILED_STARTS` (6) failures in a row the slot
-is given up: `SlotState("down", reason)`. Down is final for this agent's lifetime, and it
+is given up: `SlotChanged("down", reason)`. Down is final for this agent's lifetime, and it
 means: every task the coordinator sent to this slot that has not been answered by then --
 and any it sends later -- is handed back *unanswered*, as if returned by a steal-back. The
 coordinator requeues them elsewhere without counting an attempt; only a task that was
 running when a process died is ever answered "crashed". A result always goes out before a
-`SlotState` that follows it, so the coordinator never reclaims a task that is also answered.
+`SlotChanged` that follows it, so the coordinator never reclaims a task that is also answered.
 """
 
 from __future__ import annotations
@@ -62,14 +62,10 @@ from typing import Any, Protocol
 from batuta.agent.execute import describe_exit, print_error
 from batuta.agent.spawn import SlotProcess, spawn_slot
 from batuta.core.objects import refs_in
-from batuta.core.task import KernelCall
+from batuta.core.task import KernelCall, Outcome
 from batuta.protocol.codec import FrameDecoder, encode_message, encode_message_parts
 from batuta.protocol.errors import LocalProtocolError
 from batuta.protocol.messages import (
-    OUTCOME_CANCELLED,
-    OUTCOME_CRASHED,
-    OUTCOME_ERROR,
-    OUTCOME_TIMEOUT,
     SLOT_DOWN,
     SLOT_RESTARTING,
     SLOT_UP,
@@ -78,8 +74,8 @@ from batuta.protocol.messages import (
     Drop,
     Put,
     Run,
+    SlotChanged,
     SlotInfo,
-    SlotState,
     TaskOutcome,
     TaskRequest,
 )
@@ -103,7 +99,7 @@ class SlotEvents(Protocol):
 
     def task_finished(self, outcome: TaskOutcome) -> None: ...
 
-    def slot_changed(self, state: SlotState) -> None: ...
+    def slot_changed(self, state: SlotChanged) -> None: ...
 
 
 def kill_group(pid: int) -> None:
@@ -155,7 +151,7 @@ class SlotSupervisor:
         self._writer: FdWriter | None = None
         self._decoder = FrameDecoder()
         self._ready = False
-        self._announce_up = False  # send SlotState "up" when the current process is ready
+        self._announce_up = False  # send SlotChanged "up" when the current process is ready
         self._failed_starts = 0
         self._restart_timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -304,7 +300,7 @@ class SlotSupervisor:
                     batch.remove(request)
                     self._held.pop(request.task_id, None)
                     self._events.task_finished(
-                        self._outcome(request, OUTCOME_ERROR, f"object {object_id} is not on this host", 0.0)
+                        self._outcome(request, Outcome.ERROR, f"object {object_id} is not on this host", 0.0)
                     )
                     break
                 parts += encode_message_parts(Put(object_id=object_id, value=self._objects[object_id]))
@@ -332,7 +328,7 @@ class SlotSupervisor:
                 batch.remove(request)
                 self._held.pop(request.task_id, None)
                 self._events.task_finished(
-                    self._outcome(request, OUTCOME_ERROR, f"cannot pass the task to its slot: {exc}", 0.0)
+                    self._outcome(request, Outcome.ERROR, f"cannot pass the task to its slot: {exc}", 0.0)
                 )
         return parts
 
@@ -366,7 +362,7 @@ class SlotSupervisor:
                 if isinstance(message, Done):
                     for outcome in message.results:
                         self._on_outcome(outcome)
-                elif isinstance(message, SlotState) and message.state == SLOT_UP:
+                elif isinstance(message, SlotChanged) and message.state == SLOT_UP:
                     self._on_ready()
                 else:
                     raise ValueError(f"unexpected {type(message).__name__}")
@@ -383,7 +379,7 @@ class SlotSupervisor:
         self.state = SLOT_UP
         if self._announce_up:
             self._announce_up = False
-            self._events.slot_changed(SlotState(slot=self.index, state=SLOT_UP))
+            self._events.slot_changed(SlotChanged(slot=self.index, state=SLOT_UP))
         if self.fed and self._head_started_at is None:
             self._start_head()
 
@@ -444,7 +440,7 @@ class SlotSupervisor:
                 wanted.discard(request.task_id)
                 self._held.pop(request.task_id, None)
                 self._events.task_finished(
-                    self._outcome(request, OUTCOME_CANCELLED, "cancelled before it started", 0.0)
+                    self._outcome(request, Outcome.CANCELLED, "cancelled before it started", 0.0)
                 )
             else:
                 kept.append(request)
@@ -480,10 +476,10 @@ class SlotSupervisor:
         run_s = self._loop.time() - self._head_started_at
         if task_id in self._cancel_requested:
             self._cancel_requested.discard(task_id)
-            status, error = OUTCOME_CANCELLED, "cancelled while running; its processes were killed"
+            status, error = Outcome.CANCELLED, "cancelled while running; its processes were killed"
             reason = f"killed to cancel task {task_id}"
         else:
-            status = OUTCOME_TIMEOUT
+            status = Outcome.TIMEOUT
             error = f"timed out after {head.timeout:g} s; its processes were killed"
             reason = f"killed task {task_id} at its {head.timeout:g} s timeout"
         self._events.task_finished(self._outcome(head, status, error, run_s))
@@ -513,9 +509,9 @@ class SlotSupervisor:
             run_s = self._loop.time() - self._head_started_at
             if head.task_id in self._cancel_requested:
                 self._cancel_requested.discard(head.task_id)
-                outcome = self._outcome(head, OUTCOME_CANCELLED, f"cancelled; {reason}", run_s)
+                outcome = self._outcome(head, Outcome.CANCELLED, f"cancelled; {reason}", run_s)
             else:
-                outcome = self._outcome(head, OUTCOME_CRASHED, f"{reason} while running it", run_s)
+                outcome = self._outcome(head, Outcome.CRASHED, f"{reason} while running it", run_s)
             self._events.task_finished(outcome)
         if not head_running:
             # Died before it was ready, or while idle: a failed start, which backs off.
@@ -546,7 +542,7 @@ class SlotSupervisor:
                 self._cancel_requested.discard(request.task_id)
                 self._held.pop(request.task_id, None)
                 self._events.task_finished(
-                    self._outcome(request, OUTCOME_CANCELLED, "cancelled before it started", 0.0)
+                    self._outcome(request, Outcome.CANCELLED, "cancelled before it started", 0.0)
                 )
             else:
                 self.queue.appendleft(request)
@@ -555,7 +551,7 @@ class SlotSupervisor:
         self._announce_up = True
         if self.state != SLOT_RESTARTING:
             self.state = SLOT_RESTARTING
-            self._events.slot_changed(SlotState(slot=self.index, state=SLOT_RESTARTING, reason=reason))
+            self._events.slot_changed(SlotChanged(slot=self.index, state=SLOT_RESTARTING, reason=reason))
 
     def _give_up(self, reason: str) -> None:
         self.state = SLOT_DOWN
@@ -564,14 +560,14 @@ class SlotSupervisor:
         self._held.clear()
         self._cancel_requested.clear()
         self._events.slot_changed(
-            SlotState(
+            SlotChanged(
                 slot=self.index,
                 state=SLOT_DOWN,
                 reason=f"gave up after {self._failed_starts} failed starts: {reason}",
             )
         )
 
-    def _outcome(self, request: TaskRequest, status: str, error: str, run_s: float) -> TaskOutcome:
+    def _outcome(self, request: TaskRequest, status: Outcome, error: str, run_s: float) -> TaskOutcome:
         return TaskOutcome(
             task_id=request.task_id,
             slot=request.slot,

@@ -2,24 +2,19 @@
 
 The runtime turns what it hears from host agents and users into events, feeds them to
 `Scheduler.handle(event, now)`, and carries out the instructions that come back. Both are
-frozen, slotted, keyword-only dataclasses: plain facts, cheap to build, safe to log.
+frozen, slotted, keyword-only dataclasses: plain facts, cheap to build, safe to log. What
+an agent says is an event named for the report (`TaskStartReported`), so that no name here
+repeats one of the runtime's own events for observers (`batuta.runtime.events`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from batuta.core.task import CAP_CPU, TaskStatus
+from batuta.core.task import CAP_CPU, Outcome, TaskStatus
 
 SlotId = str
 HostId = str
-
-# Outcome names as host agents report them (mirrors the wire's outcome statuses).
-FINISHED_OK = "ok"
-FINISHED_ERROR = "error"
-FINISHED_TIMEOUT = "timeout"
-FINISHED_CANCELLED = "cancelled"
-FINISHED_CRASHED = "crashed"
 
 
 # -- events ---------------------------------------------------------------------------------
@@ -72,21 +67,21 @@ class HostLost:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TaskStarted:
-    """The agent reports the task began running on its slot."""
+class TaskStartReported:
+    """The slot's agent reported that the task began running there (a `Started` message)."""
 
     task_id: int
     slot_id: SlotId
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TaskFinished:
-    """The agent reports how a task ended. `outcome` is one of the FINISHED_* names."""
+class TaskOutcomeReported:
+    """The slot's agent reported how an attempt of the task ended there (a `TaskOutcome`)."""
 
     task_id: int
     slot_id: SlotId
     attempt: int
-    outcome: str
+    outcome: Outcome
     run_s: float = 0.0
     reason: str = ""
     payload: object = None  # what the agent sent (value, output); carried to ResolveTask, never read
@@ -149,8 +144,8 @@ Event = (
     | HostExpected
     | SlotLost
     | HostLost
-    | TaskStarted
-    | TaskFinished
+    | TaskStartReported
+    | TaskOutcomeReported
     | StealBackAnswered
     | CancelRequested
     | TimerFired
@@ -192,7 +187,7 @@ class AbortTasks:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ResolveTask:
-    """The task's final status is decided. Issued exactly once per task id."""
+    """Resolve the task with its final status. Issued exactly once per task id."""
 
     task_id: int
     status: TaskStatus
@@ -203,8 +198,8 @@ class ResolveTask:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TaskRequeued:
-    """A task went back to the queue (its slot was lost); informational, for observers."""
+class AnnounceRequeue:
+    """Tell observers a task went back to the queue (its slot was lost); it runs nowhere now."""
 
     task_id: int
     slot_id: SlotId
@@ -213,10 +208,10 @@ class TaskRequeued:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class HostDrained:
-    """A host asked to drain has no work left."""
+class AnnounceDrained:
+    """Tell observers that a host asked to drain has no work left."""
 
     host_id: HostId
 
 
-Instruction = SendTasks | RequestStealBack | AbortTasks | ResolveTask | TaskRequeued | HostDrained
+Instruction = SendTasks | RequestStealBack | AbortTasks | ResolveTask | AnnounceRequeue | AnnounceDrained

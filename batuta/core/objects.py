@@ -13,6 +13,7 @@ task by what it computes on, not by a number that changes from run to run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,34 +32,36 @@ class ObjectRef:
 
 def refs_in(value: object, depth: int = 0) -> list[ObjectRef]:
     """Every ObjectRef inside `value` (arguments: tuples, lists and dict values), in order."""
-    kind = type(value)
-    if kind is ObjectRef:
-        return [value]  # type: ignore[list-item]
+    if type(value) is ObjectRef:
+        return [value]
     if depth > 32:
         return []
-    if kind is tuple or kind is list:
+    if type(value) is tuple or type(value) is list:
         found: list[ObjectRef] = []
-        for item in value:  # type: ignore[attr-defined]
+        for item in value:
             t = type(item)
             if t is ObjectRef or t is tuple or t is list or t is dict:
                 found += refs_in(item, depth + 1)
         return found
-    if kind is dict:
-        return [ref for item in value.values() for ref in refs_in(item, depth + 1)]  # type: ignore[attr-defined]
+    if type(value) is dict:
+        return [ref for item in value.values() for ref in refs_in(item, depth + 1)]
     return []
 
 
-def replace_refs(value: object, lookup: dict[int, object], depth: int = 0) -> object:
-    """`value` with each ObjectRef replaced by `lookup[ref.object_id]` (KeyError if absent)."""
-    kind = type(value)
-    if kind is ObjectRef:
-        return lookup[value.object_id]  # type: ignore[attr-defined]
+def replace_refs(args: tuple[Any, ...], lookup: dict[int, object]) -> tuple[Any, ...]:
+    """A kernel's `args` with each ObjectRef inside replaced by `lookup[ref.object_id]` (KeyError if absent)."""
+    return tuple(_replaced(item, lookup, 1) for item in args)
+
+
+def _replaced(value: object, lookup: dict[int, object], depth: int) -> object:
+    if type(value) is ObjectRef:
+        return lookup[value.object_id]
     if depth > 32:
         return value
-    if kind is tuple:
-        return tuple(replace_refs(item, lookup, depth + 1) for item in value)  # type: ignore[attr-defined]
-    if kind is list:
-        return [replace_refs(item, lookup, depth + 1) for item in value]  # type: ignore[attr-defined]
-    if kind is dict:
-        return {key: replace_refs(item, lookup, depth + 1) for key, item in value.items()}  # type: ignore[attr-defined]
+    if type(value) is tuple:
+        return tuple(_replaced(item, lookup, depth + 1) for item in value)
+    if type(value) is list:
+        return [_replaced(item, lookup, depth + 1) for item in value]
+    if type(value) is dict:
+        return {key: _replaced(item, lookup, depth + 1) for key, item in value.items()}
     return value

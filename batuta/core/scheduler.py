@@ -40,17 +40,14 @@ import random
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from batuta.core.events import (
-    FINISHED_CANCELLED,
-    FINISHED_CRASHED,
-    FINISHED_ERROR,
-    FINISHED_OK,
-    FINISHED_TIMEOUT,
     AbortTasks,
+    AnnounceDrained,
+    AnnounceRequeue,
     CancelRequested,
     Event,
-    HostDrained,
     HostDrainRequested,
     HostExpected,
     HostId,
@@ -67,16 +64,16 @@ from batuta.core.events import (
     SlotJoined,
     SlotLost,
     StealBackAnswered,
-    TaskFinished,
-    TaskRequeued,
-    TaskStarted,
+    TaskOutcomeReported,
+    TaskStartReported,
     TaskSubmitted,
     TimerFired,
 )
-from batuta.core.task import CAP_CPU, CAP_GPU, TaskStatus
+from batuta.core.task import CAP_CPU, CAP_GPU, Outcome, TaskStatus
+from batuta.errors import BatutaError
 
 
-class SchedulerError(Exception):
+class SchedulerError(BatutaError):
     """The driver misused the scheduler (a bug in the caller, not in a peer)."""
 
 
@@ -92,6 +89,8 @@ class Place(enum.IntEnum):
 
 
 class SlotState(enum.Enum):
+    """Whether the scheduler may send a slot work (its value is `SlotView.state`)."""
+
     UP = "up"
     DRAINING = "draining"
     LOST = "lost"
@@ -186,12 +185,13 @@ class SlotView:
     mean_run_s: float | None
 
 
-_STATUS_OF_OUTCOME = {
-    FINISHED_OK: TaskStatus.SUCCEEDED,
-    FINISHED_ERROR: TaskStatus.FAILED,
-    FINISHED_TIMEOUT: TaskStatus.TIMED_OUT,
-    FINISHED_CANCELLED: TaskStatus.CANCELLED,
-}
+_E = TypeVar("_E")
+_OK, _ERROR = Outcome.OK, Outcome.ERROR  # module globals: an enum's class attributes are slower to reach
+
+
+def _handler(kind: type[_E], handler: Callable[[_E], None]) -> tuple[type, Callable[[Any], None]]:
+    """One entry of the dispatch table, `handler` checked to take events of type `kind`."""
+    return kind, handler
 
 
 class Scheduler:
@@ -222,23 +222,25 @@ class Scheduler:
             deque(maxlen=self.config.story_length) if self.config.story_length > 0 else None
         )
         self._now = 0.0
-        self._handlers: dict[type, Callable[[object], None]] = {
-            TaskSubmitted: self._on_submitted,  # type: ignore[dict-item]
-            TaskStarted: self._on_started,  # type: ignore[dict-item]
-            TaskFinished: self._on_finished,  # type: ignore[dict-item]
-            SlotJoined: self._on_slot_joined,  # type: ignore[dict-item]
-            HostExpected: self._on_host_expected,  # type: ignore[dict-item]
-            SlotLost: self._on_slot_lost,  # type: ignore[dict-item]
-            HostLost: self._on_host_lost,  # type: ignore[dict-item]
-            StealBackAnswered: self._on_steal_back_answered,  # type: ignore[dict-item]
-            CancelRequested: self._on_cancel,  # type: ignore[dict-item]
-            TimerFired: self._on_timer,  # type: ignore[dict-item]
-            SchedulingPaused: self._on_paused,  # type: ignore[dict-item]
-            SchedulingResumed: self._on_resumed,  # type: ignore[dict-item]
-            HostDrainRequested: self._on_drain,  # type: ignore[dict-item]
-            RoundTripMeasured: self._on_round_trip,  # type: ignore[dict-item]
-            ShutdownRequested: self._on_shutdown,  # type: ignore[dict-item]
-        }
+        self._handlers: dict[type, Callable[[Any], None]] = dict(
+            [
+                _handler(TaskSubmitted, self._on_submitted),
+                _handler(TaskStartReported, self._on_start_reported),
+                _handler(TaskOutcomeReported, self._on_outcome_reported),
+                _handler(SlotJoined, self._on_slot_joined),
+                _handler(HostExpected, self._on_host_expected),
+                _handler(SlotLost, self._on_slot_lost),
+                _handler(HostLost, self._on_host_lost),
+                _handler(StealBackAnswered, self._on_steal_back_answered),
+                _handler(CancelRequested, self._on_cancel),
+                _handler(TimerFired, self._on_timer),
+                _handler(SchedulingPaused, self._on_paused),
+                _handler(SchedulingResumed, self._on_resumed),
+                _handler(HostDrainRequested, self._on_drain),
+                _handler(RoundTripMeasured, self._on_round_trip),
+                _handler(ShutdownRequested, self._on_shutdown),
+            ]
+        )
         self._shut_down = False
         self._offered: frozenset[str] = frozenset()
         self._offered_epoch = -1
@@ -256,7 +258,7 @@ class Scheduler:
         handlers = self._handlers
         for event in events:
             if self._shut_down:
-                if isinstance(event, TaskFinished):
+                if isinstance(event, TaskOutcomeReported):
                     self.stats.dropped_results += 1
                 continue
             handlers[type(event)](event)
@@ -402,7 +404,7 @@ class Scheduler:
         self._lose_slot(slot, ev.reason, ev.retired)
         self._after_capacity_change()
 
-    def _on_started(self, ev: TaskStarted) -> None:
+    def _on_start_reported(self, ev: TaskStartReported) -> None:
         entry = self._tasks.get(ev.task_id)
         if entry is None or entry.place is not Place.WINDOW or entry.slot is None:
             return
@@ -414,7 +416,7 @@ class Scheduler:
             deadline = self._now + entry.timeout + self.config.timeout_grace
             heapq.heappush(self._deadlines, (deadline, entry.task_id, entry.attempts))
 
-    def _on_finished(self, ev: TaskFinished) -> None:
+    def _on_outcome_reported(self, ev: TaskOutcomeReported) -> None:
         entry = self._tasks.get(ev.task_id)
         slot = entry.slot if entry is not None else None
         if (
@@ -437,15 +439,13 @@ class Scheduler:
             del self._tasks[entry.task_id]
             self._refill(slot)
             return
-        if ev.outcome == FINISHED_CRASHED:
+        status = ev.outcome.final_status()
+        if status is None:  # the worker crashed under it: the attempt is lost, not the task
             self._note(entry, f"crashed on {slot.slot_id}")
             self._retry_or_lose(entry, slot, ev.reason or "worker process died")
         else:
-            status = _STATUS_OF_OUTCOME.get(ev.outcome)
-            if status is None:
-                raise SchedulerError(f"unknown outcome {ev.outcome!r} for task {ev.task_id}")
             slot.completed += 1
-            if ev.outcome in (FINISHED_OK, FINISHED_ERROR):
+            if ev.outcome is _OK or ev.outcome is _ERROR:
                 self._observe_run_time(slot, ev.run_s)
             self._resolve(entry, status, ev.reason, slot_id=slot.slot_id, payload=ev.payload)
         self._refill(slot)
@@ -786,7 +786,7 @@ class Scheduler:
     def _requeue(self, entry: _Entry, slot: _Slot, reason: str) -> None:
         entry.steal_refused = False
         self._out.append(
-            TaskRequeued(task_id=entry.task_id, slot_id=slot.slot_id, attempts=entry.attempts, reason=reason)
+            AnnounceRequeue(task_id=entry.task_id, slot_id=slot.slot_id, attempts=entry.attempts, reason=reason)
         )
         self._note(entry, f"requeued: {reason}")
         klass = self._class_of(entry.requires)
@@ -912,7 +912,7 @@ class Scheduler:
             if slot.host_id == host_id and (slot.window or slot.deque):
                 return
         self._draining.discard(host_id)
-        self._out.append(HostDrained(host_id=host_id))
+        self._out.append(AnnounceDrained(host_id=host_id))
 
     def _note(self, entry: _Entry, what: str) -> None:
         if self._story is not None:

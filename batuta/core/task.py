@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Self
 
-from batuta.errors import TaskError, TaskFailedError
+from batuta.errors import NoCapableSlotError, TaskError, TaskFailedError
 
 
 class Backend(enum.Enum):
@@ -45,6 +45,34 @@ class TaskStatus(enum.Enum):
     CANCELLED = "cancelled"
     LOST = "lost"  # its worker or host died on every attempt
     UNSCHEDULABLE = "unschedulable"  # no slot can ever run it (e.g. GPU task, no GPU)
+
+
+class Outcome(enum.Enum):
+    """How one attempt of a task ended on its slot, as the host agent reports it.
+
+    The agent sends its value on the wire (`TaskOutcome.status`) and the scheduler decides
+    the task's `TaskStatus` from it. An outcome is per attempt, a status per task (LOST and
+    UNSCHEDULABLE are no attempt's outcome): `final_status` is the one map between them.
+    """
+
+    OK = "ok"
+    ERROR = "error"  # kernel raised, binary exited non-zero, unknown kernel, bad input
+    TIMEOUT = "timeout"  # the agent killed it at its timeout
+    CANCELLED = "cancelled"
+    CRASHED = "crashed"  # the worker process died under it (counts as a lost attempt)
+
+    def final_status(self) -> TaskStatus | None:
+        """The task's status when this attempt ends it; None for CRASHED, which ends only the
+        attempt (the scheduler runs the task again, or resolves it LOST after `max_attempts`)."""
+        return _FINAL_STATUS.get(self._value_)  # by value: a str hashes faster than a member
+
+
+_FINAL_STATUS: dict[str, TaskStatus] = {
+    Outcome.OK.value: TaskStatus.SUCCEEDED,
+    Outcome.ERROR.value: TaskStatus.FAILED,
+    Outcome.TIMEOUT.value: TaskStatus.TIMED_OUT,
+    Outcome.CANCELLED.value: TaskStatus.CANCELLED,
+}
 
 
 # Capabilities a slot offers and a task requires. Tags from the cluster file add more.
@@ -318,10 +346,12 @@ class TaskResult:
         return self.status is TaskStatus.SUCCEEDED
 
     def unwrap(self) -> Any:
-        """The value, or `TaskFailedError` naming the task, where it ran and why it failed."""
+        """The value, or `TaskFailedError` naming the task, where it ran and why it failed
+        (`NoCapableSlotError`, a TaskFailedError, when no slot of the cluster can run it)."""
         if self.is_success():
             return self.value
-        raise TaskFailedError(self.describe_failure(), result=self)
+        error = NoCapableSlotError if self.status is TaskStatus.UNSCHEDULABLE else TaskFailedError
+        raise error(self.describe_failure(), result=self)
 
     def describe_failure(self) -> str:
         # slot ids already start with their host ("gpu1/3"); older or hand-made results may not

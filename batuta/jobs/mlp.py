@@ -119,7 +119,8 @@ async def run_mlp(
                 f"checkpoint {last.name!r} was saved by an MLP run with other settings; resume with the same "
                 "ones, or start afresh without --resume"
             )
-        params = tuple(np.asarray(w, dtype=np.float64) for w in last.state["params"])  # type: ignore[assignment]
+        w1, b1, w2, b2 = (np.asarray(w, dtype=np.float64) for w in last.state["params"])
+        params = (w1, b1, w2, b2)
         losses, first = [float(v) for v in last.state["losses"]], int(last.state["step"]) + 1
     started = time.perf_counter()
     tasks = 0

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
-from batuta.core.task import Backend, BinaryCall, KernelCall
+from batuta.core.task import Backend, BinaryCall, KernelCall, Outcome
 from batuta.protocol._fields import (
     Invalid,
     bytes_,
@@ -42,7 +42,6 @@ from batuta.protocol._fields import (
 from batuta.protocol._values import OobWriter, decode_args, decode_value, encode_args, encode_value
 from batuta.protocol.errors import LocalProtocolError, RemoteProtocolError
 from batuta.protocol.messages import (
-    OUTCOME_STATUSES,
     SLOT_DOWN,
     SLOT_RESTARTING,
     SLOT_UP,
@@ -59,8 +58,8 @@ from batuta.protocol.messages import (
     Put,
     Run,
     Shutdown,
+    SlotChanged,
     SlotInfo,
-    SlotState,
     Started,
     StealBack,
     StealBackReply,
@@ -80,7 +79,7 @@ TAGS: dict[type, int] = {
     StealBack: 6,
     StealBackReply: 7,
     Cancel: 8,
-    SlotState: 9,
+    SlotChanged: 9,
     Heartbeat: 10,
     Shutdown: 11,
     Bye: 12,
@@ -95,6 +94,16 @@ CALL_BINARY = 1
 
 _BACKENDS = frozenset(b.value for b in Backend if b is not Backend.AUTO)
 _SLOT_STATES = frozenset({SLOT_UP, SLOT_RESTARTING, SLOT_DOWN})
+_OUTCOME_OF_VALUE: dict[str, Outcome] = {outcome.value: outcome for outcome in Outcome}
+_OUTCOME_VALUES = frozenset(_OUTCOME_OF_VALUE)
+
+
+def _refuse_status(status: Any) -> NoReturn:
+    """Refuse a TaskOutcome status that is not an Outcome: the wire carries its string
+    value, but the sender names the outcome itself (`Outcome.OK`, not "ok")."""
+    if isinstance(status, str) and status not in _OUTCOME_VALUES:
+        choice(status, ".status", _OUTCOME_VALUES, "status")  # raises: unknown status 'x' (known: ...)
+    raise expected(".status", "an Outcome", status)
 
 
 def _slot_setters(cls: type) -> tuple[Callable[[object, Any], None], ...]:
@@ -218,11 +227,12 @@ def _enc_done(m: Done, oob: OobWriter) -> list[Any]:
             value = encode_value(o.value, oob, 0)
         except Invalid as exc:
             raise exc.at(".value") from None
+        status = o.status
         return [
             uint(o.task_id, ".task_id"),
             uint(o.slot, ".slot"),
             posint(o.attempt, ".attempt"),
-            choice(o.status, ".status", OUTCOME_STATUSES, "status"),
+            status._value_ if type(status) is Outcome else _refuse_status(status),  # _value_: .value, minus its cost
             value,
             bytes_(o.stdout, ".stdout"),
             bytes_(o.stderr, ".stderr"),
@@ -258,9 +268,9 @@ def _enc_cancel(m: Cancel, oob: OobWriter) -> list[Any]:
     return [TAGS[Cancel], ids(m.task_ids, ".task_ids")]
 
 
-def _enc_slot_state(m: SlotState, oob: OobWriter) -> list[Any]:
+def _enc_slot_changed(m: SlotChanged, oob: OobWriter) -> list[Any]:
     return [
-        TAGS[SlotState],
+        TAGS[SlotChanged],
         uint(m.slot, ".slot"),
         choice(m.state, ".state", _SLOT_STATES, "slot state"),
         str_(m.reason, ".reason"),
@@ -315,7 +325,7 @@ _ENCODERS: dict[type, Callable[[Any, OobWriter], list[Any]]] = {
     Cancel: _enc_cancel,
     Put: _enc_put,
     Drop: _enc_drop,
-    SlotState: _enc_slot_state,
+    SlotChanged: _enc_slot_changed,
     Heartbeat: _enc_heartbeat,
     Shutdown: _enc_shutdown,
     Bye: _enc_bye,
@@ -425,12 +435,10 @@ def _dec_outcome(w: Any) -> TaskOutcome:
     _TO_TASK_ID(out, task_id if type(task_id) is int and task_id >= 0 else uint(task_id, ".task_id"))
     _TO_SLOT(out, slot if type(slot) is int and slot >= 0 else uint(slot, ".slot"))
     _TO_ATTEMPT(out, attempt if type(attempt) is int and attempt >= 1 else posint(attempt, ".attempt"))
-    _TO_STATUS(
-        out,
-        status
-        if type(status) is str and status in OUTCOME_STATUSES
-        else choice(status, ".status", OUTCOME_STATUSES, "status"),
-    )
+    outcome = _OUTCOME_OF_VALUE.get(status) if type(status) is str else None
+    if outcome is None:
+        choice(status, ".status", _OUTCOME_VALUES, "status")  # raises, naming what came instead
+    _TO_STATUS(out, outcome)
     try:
         _TO_VALUE(out, decode_value(value, 0))
     except Invalid as exc:
@@ -475,8 +483,8 @@ def _dec_cancel(w: list[Any]) -> Cancel:
     return Cancel(task_ids=tuple(ids(w[1], ".task_ids")))
 
 
-def _dec_slot_state(w: list[Any]) -> SlotState:
-    return SlotState(
+def _dec_slot_changed(w: list[Any]) -> SlotChanged:
+    return SlotChanged(
         slot=uint(w[1], ".slot"),
         state=choice(w[2], ".state", _SLOT_STATES, "slot state"),
         reason=str_(w[3], ".reason"),
@@ -530,7 +538,7 @@ _DECODER_FNS: list[tuple[type, Callable[[list[Any]], Message]]] = [
     (Cancel, _dec_cancel),
     (Put, _dec_put),
     (Drop, _dec_drop),
-    (SlotState, _dec_slot_state),
+    (SlotChanged, _dec_slot_changed),
     (Heartbeat, _dec_heartbeat),
     (Shutdown, _dec_shutdown),
     (Bye, _dec_bye),

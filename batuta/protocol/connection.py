@@ -9,7 +9,7 @@ whatever `send()` returns.
       |  Hello  -------------------------->  |   AWAIT_HELLO   -> AWAIT_WELCOME
       |  <-------------------- Welcome       |   AWAIT_WELCOME -> READY
       |  Started, Done, StealBackReply,  ->  |   READY: AGENT_SENDS
-      |  SlotState, Heartbeat, Bye           |
+      |  SlotChanged, Heartbeat, Bye           |
       |  <- Run, StealBack, Cancel,         |   READY: COORDINATOR_SENDS
       |     Put, Drop, Shutdown              |
       |  Error (either side, at any time) <->|
@@ -47,7 +47,7 @@ from batuta.protocol.messages import (
     Put,
     Run,
     Shutdown,
-    SlotState,
+    SlotChanged,
     Started,
     StealBack,
     StealBackReply,
@@ -106,7 +106,7 @@ class ConnectionState(enum.Enum):
 
 # -- the rules ---------------------------------------------------------------------------------
 
-AGENT_SENDS: Final[frozenset[type]] = frozenset({Started, Done, StealBackReply, SlotState, Heartbeat, Bye, Error})
+AGENT_SENDS: Final[frozenset[type]] = frozenset({Started, Done, StealBackReply, SlotChanged, Heartbeat, Bye, Error})
 COORDINATOR_SENDS: Final[frozenset[type]] = frozenset({Run, StealBack, Cancel, Put, Drop, Shutdown, Error})
 
 TRANSITIONS: Final[dict[tuple[Phase, Role], dict[type, Phase]]] = {

@@ -3,7 +3,7 @@
 Small frozen dataclasses, validated by the codec when decoded. Direction is part of each
 message's meaning; `connection.py` holds the table of who may send what in which state.
 
-    agent -> coordinator: Hello, Started, Done, StealBackReply, SlotState, Heartbeat, Bye, Error
+    agent -> coordinator: Hello, Started, Done, StealBackReply, SlotChanged, Heartbeat, Bye, Error
     coordinator -> agent: Welcome, Run, StealBack, Cancel, Put, Drop, Shutdown, Error
 
 Every message is encoded as a msgpack array `[tag, field, field, ...]` (see `codec.py`), so
@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from batuta.core.task import BinaryCall, KernelCall
+from batuta.core.task import BinaryCall, KernelCall, Outcome
 
 PROTOCOL_VERSION = 2  # 2: Put, Drop and object references
 
@@ -95,23 +95,16 @@ class Started:
     task_ids: tuple[int, ...]
 
 
-# Outcome statuses on the wire.
-OUTCOME_OK = "ok"
-OUTCOME_ERROR = "error"  # kernel raised, binary exited non-zero, unknown kernel, bad input
-OUTCOME_TIMEOUT = "timeout"  # the agent killed it at its timeout
-OUTCOME_CANCELLED = "cancelled"
-OUTCOME_CRASHED = "crashed"  # the worker process died under it (counts as a lost attempt)
-OUTCOME_STATUSES = frozenset({OUTCOME_OK, OUTCOME_ERROR, OUTCOME_TIMEOUT, OUTCOME_CANCELLED, OUTCOME_CRASHED})
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskOutcome:
-    """How one task ended on its slot. `run_s` is wall time on the slot, in seconds."""
+    """How one task ended on its slot. `run_s` is wall time on the slot, in seconds.
+
+    `status` travels as the outcome's string value ("ok", "error", ...)."""
 
     task_id: int
     slot: int
     attempt: int
-    status: str
+    status: Outcome
     value: Any = None
     stdout: bytes = b""
     stderr: bytes = b""
@@ -175,7 +168,7 @@ SLOT_DOWN = "down"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SlotState:
+class SlotChanged:
     """A slot's worker process changed state (died and is restarting, gave up, came back)."""
 
     slot: int
@@ -239,7 +232,7 @@ Message = (
     | Put
     | Drop
     | Cancel
-    | SlotState
+    | SlotChanged
     | Heartbeat
     | Shutdown
     | Bye

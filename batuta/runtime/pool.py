@@ -472,7 +472,7 @@ class Pool:
             if isinstance(msg, m.Done):
                 for outcome in msg.results:
                     events.append(
-                        ev.TaskFinished(
+                        ev.TaskOutcomeReported(
                             task_id=outcome.task_id,
                             slot_id=f"{host}/{outcome.slot}",
                             attempt=outcome.attempt,
@@ -493,7 +493,7 @@ class Pool:
             elif isinstance(msg, m.Heartbeat):
                 if publish:
                     self.events.publish(telemetry_event(session, msg, now))
-            elif isinstance(msg, m.SlotState):
+            elif isinstance(msg, m.SlotChanged):
                 events.extend(self._slot_state_events(session, msg, now))
             elif isinstance(msg, m.Bye):
                 log.info("host %s says bye: %s", host, msg.reason)
@@ -508,7 +508,7 @@ class Pool:
             if pending is None or pending.slot_id is None or not pending.slot_id.startswith(host + "/"):
                 continue
             pending.started_at = now
-            events.append(ev.TaskStarted(task_id=task_id, slot_id=pending.slot_id))
+            events.append(ev.TaskStartReported(task_id=task_id, slot_id=pending.slot_id))
             if publish:
                 self.events.publish(
                     pe.TaskStarted(
@@ -582,9 +582,9 @@ class Pool:
             elif isinstance(ins, ev.AbortTasks):
                 session, _index = self._slot_of[ins.slot_id]
                 session.send(m.Cancel(task_ids=ins.task_ids))
-            elif isinstance(ins, ev.TaskRequeued):
+            elif isinstance(ins, ev.AnnounceRequeue):
                 self._on_requeued(ins)
-            elif isinstance(ins, ev.HostDrained):
+            elif isinstance(ins, ev.AnnounceDrained):
                 self.host_state_changed(ins.host_id, "drained", "no work left")
         if resolved and not self._space.is_set() and self._scheduler.can_accept() and not self._over_budget():
             self._space.set()
@@ -715,7 +715,7 @@ class Pool:
         loop = self._loop or asyncio.get_running_loop()
         loop.call_soon(callback, future)
 
-    def _on_requeued(self, ins: ev.TaskRequeued) -> None:
+    def _on_requeued(self, ins: ev.AnnounceRequeue) -> None:
         pending = self._pending.get(ins.task_id)
         if pending is not None:
             pending.slot_id = None
@@ -733,7 +733,7 @@ class Pool:
                     )
                 )
 
-    def _slot_state_events(self, session: HostSession, msg: m.SlotState, now: float) -> list[ev.Event]:
+    def _slot_state_events(self, session: HostSession, msg: m.SlotChanged, now: float) -> list[ev.Event]:
         slot_id = f"{session.name}/{msg.slot}"
         if self.events.active:
             self.events.publish(

@@ -11,6 +11,7 @@ with room to spare, so streaming costs no throughput.
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING
@@ -18,9 +19,16 @@ from typing import TYPE_CHECKING
 from batuta.errors import UsageError
 
 if TYPE_CHECKING:
+    from batuta.core.task import Task
     from batuta.runtime.pool import Pool, TaskFuture
 
-_END = object()
+
+class _End(enum.Enum):
+    """Marks the end of the tasks (an enum member, so that `is` tells the type checker too)."""
+
+    END = enum.auto()
+
+
 MIN_WINDOW = 1024  # keeps a pool that is still starting (no slots yet) busy once they join
 
 
@@ -30,7 +38,7 @@ def default_window(pool: Pool) -> int:
     return max(MIN_WINDOW, 4 * pool.config.scheduler.max_window * pool.slot_count)
 
 
-async def as_completed(pool: Pool, tasks: Iterable[object], window: int | None = None) -> AsyncIterator[TaskFuture]:
+async def as_completed(pool: Pool, tasks: Iterable[Task], window: int | None = None) -> AsyncIterator[TaskFuture]:
     """Submit `tasks` lazily, at most `window` unresolved at a time; yield each future as it
     finishes. Leaving the loop early (break, exception, cancellation) cancels the tasks still
     unresolved and submits no more; wrap the call in `contextlib.aclosing` to have that
@@ -53,11 +61,11 @@ async def as_completed(pool: Pool, tasks: Iterable[object], window: int | None =
         while True:
             limit = window if window is not None else default_window(pool)
             while not exhausted and len(unresolved) + len(finished) < limit:
-                task = next(source, _END)
-                if task is _END:
+                task = next(source, _End.END)
+                if task is _End.END:
                     exhausted = True
                     break
-                future = await pool.submit(task)  # type: ignore[arg-type]  # submit names a non-Task
+                future = await pool.submit(task)  # a non-Task is refused there, by name
                 unresolved[future.task_id] = future
                 future.add_done_callback(on_done)
             if finished:

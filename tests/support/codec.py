@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from batuta.core.objects import ObjectRef
-from batuta.core.task import BinaryCall, KernelCall
+from batuta.core.task import BinaryCall, KernelCall, Outcome
 from batuta.protocol import (
     PROTOCOL_VERSION,
     TAGS,
@@ -35,8 +35,8 @@ from batuta.protocol import (
     RemoteProtocolError,
     Run,
     Shutdown,
+    SlotChanged,
     SlotInfo,
-    SlotState,
     Started,
     StealBack,
     StealBackReply,
@@ -128,20 +128,20 @@ def sample_messages() -> list[Message]:
         Started(task_ids=(1, 2, 3)),
         Done(
             results=(
-                TaskOutcome(task_id=1, slot=0, attempt=1, status="ok", value=(np.ones((2, 3)), 7), run_s=0.25),
+                TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, value=(np.ones((2, 3)), 7), run_s=0.25),
                 TaskOutcome(
                     task_id=2,
                     slot=1,
                     attempt=3,
-                    status="error",
+                    status=Outcome.ERROR,
                     stdout=b"out\x00",
                     stderr=b"err",
                     exit_code=-9,
                     error="ZeroDivisionError: division by zero",
                 ),
-                TaskOutcome(task_id=3, slot=0, attempt=1, status="timeout"),
-                TaskOutcome(task_id=4, slot=0, attempt=1, status="cancelled"),
-                TaskOutcome(task_id=5, slot=0, attempt=1, status="crashed", exit_code=139),
+                TaskOutcome(task_id=3, slot=0, attempt=1, status=Outcome.TIMEOUT),
+                TaskOutcome(task_id=4, slot=0, attempt=1, status=Outcome.CANCELLED),
+                TaskOutcome(task_id=5, slot=0, attempt=1, status=Outcome.CRASHED, exit_code=139),
             )
         ),
         StealBack(slot=2, task_ids=(10, 11)),
@@ -150,9 +150,9 @@ def sample_messages() -> list[Message]:
         Put(object_id=3, value=np.arange(10.0)),
         Put(object_id=4, value={"k": (1, "two", [np.float32(3)])}),
         Drop(object_ids=(3, 4)),
-        SlotState(slot=1, state="restarting", reason="worker died (SIGSEGV)"),
-        SlotState(slot=1, state="up"),
-        SlotState(slot=1, state="down", reason="gave up after 5 restarts"),
+        SlotChanged(slot=1, state="restarting", reason="worker died (SIGSEGV)"),
+        SlotChanged(slot=1, state="up"),
+        SlotChanged(slot=1, state="down", reason="gave up after 5 restarts"),
         Heartbeat(
             seq=99,
             cpu_percent=37.5,

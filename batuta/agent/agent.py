@@ -5,7 +5,7 @@ What it does, in the order a session goes:
 1. Send `Hello`, then spawn the slot processes (CPU slots `0..N-1`, then one GPU slot per
    selected GPU; see `spawn.py`) without waiting for them to be ready; wait for `Welcome` (or
    `Error`: print it, exit 1). Nothing but an `Error` may go out before `Welcome`, so a
-   `SlotState` from that time waits for it. Heartbeats start with `Welcome`, one at once,
+   `SlotChanged` from that time waits for it. Heartbeats start with `Welcome`, one at once,
    then every `heartbeat_interval`.
 2. Serve: `Run` queues tasks on their slots (`supervisor.py` has the rules for feeding,
    Started inference, timeouts, cancel, steal-back, slot death and restarts); `StealBack`
@@ -48,11 +48,10 @@ from batuta.agent.supervisor import SlotSupervisor
 from batuta.agent.telemetry import TelemetrySource, package_versions
 from batuta.agent.threads import BLAS_THREADS_ENV, budget_env, limit_loaded_blas, slot_share
 from batuta.core.objects import refs_in
-from batuta.core.task import KernelCall
+from batuta.core.task import KernelCall, Outcome
 from batuta.protocol.connection import CLOSED, NEED_DATA, Connection, Role
 from batuta.protocol.errors import LocalProtocolError, RemoteProtocolError
 from batuta.protocol.messages import (
-    OUTCOME_ERROR,
     PROTOCOL_VERSION,
     Bye,
     Cancel,
@@ -66,8 +65,8 @@ from batuta.protocol.messages import (
     Put,
     Run,
     Shutdown,
+    SlotChanged,
     SlotInfo,
-    SlotState,
     Started,
     StealBack,
     StealBackReply,
@@ -179,7 +178,7 @@ class Agent:
         self._finished_ids.add(outcome.task_id)
         self._schedule_flush()
 
-    def slot_changed(self, state: SlotState) -> None:
+    def slot_changed(self, state: SlotChanged) -> None:
         self._emit(state)
 
     # -- writing ------------------------------------------------------------------------
@@ -248,7 +247,7 @@ class Agent:
                         task_id=outcome.task_id,
                         slot=outcome.slot,
                         attempt=outcome.attempt,
-                        status=OUTCOME_ERROR,
+                        status=Outcome.ERROR,
                         error=f"the task's outcome cannot be sent to the coordinator: {exc}"[:500],
                         run_s=outcome.run_s,
                     )
@@ -312,7 +311,7 @@ class Agent:
 
     def _on_welcome(self, welcome: Welcome) -> None:
         self._welcomed = True
-        self._schedule_flush()  # SlotState changes that happened during the handshake
+        self._schedule_flush()  # SlotChanged changes that happened during the handshake
         self._heartbeat_interval = max(0.05, float(welcome.heartbeat_interval))
         assert self._loop is not None
         self._heartbeat_due = self._loop.time()
@@ -334,7 +333,7 @@ class Agent:
                         task_id=request.task_id,
                         slot=request.slot,
                         attempt=request.attempt,
-                        status=OUTCOME_ERROR,
+                        status=Outcome.ERROR,
                         error=problem,
                     )
                 )
