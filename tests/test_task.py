@@ -31,3 +31,18 @@ def test_a_failure_names_the_slot_once() -> None:
         task_id=7, name="noop", status=TaskStatus.FAILED, error="boom", host="gpu1", slot="gpu1/3", attempts=1
     )
     assert result.describe_failure() == "task 7 (noop) failed on gpu1/3 after 1 attempt(s): boom"
+
+
+def test_retry_false_is_one_attempt_in_every_spelling() -> None:
+    once = [
+        Task.binary("/bin/true", retry=False),
+        Task.kernel("noop", 1, retry=False),
+        Task.kernel("noop", 1, retry=False, max_attempts=1),
+        Task.builder().binary("/bin/true").retry(False).build(),
+        Task.kernel("noop", 1, max_attempts=1),
+    ]
+    assert [(t.max_attempts, t.retry) for t in once] == [(1, False)] * len(once)
+    assert (Task.binary("/bin/true").max_attempts, Task.binary("/bin/true").retry) == (3, True)
+    assert Task.kernel("noop", max_attempts=5).max_attempts == 5
+    with pytest.raises(TaskError, match=r"retry=False means one attempt; drop max_attempts=4"):
+        Task.kernel("noop", retry=False, max_attempts=4)
