@@ -534,6 +534,36 @@ def test_progress_bar_draws_on_a_terminal(tmp_path: Path) -> None:
     assert "9 tasks: 9 succeeded, 0 failed" in done.stdout
 
 
+AGENT_KILLING_JOB = """\
+import psutil
+from batuta import Task
+
+async def main(pool):
+    assert (await pool.run(Task.kernel("noop", 1))).is_success()
+    [agent] = [p for p in psutil.Process().children() if "batuta.agent" in " ".join(p.cmdline())]
+    agent.kill()  # the local host is lost; the pool relaunches it and the job goes on
+    values = await pool.map("noop", range(4))
+    return len(values)
+"""
+
+
+@needs_runtime
+def test_a_host_lost_during_the_run_is_in_the_summary_and_strict_fails_it(tmp_path: Path) -> None:
+    write(tmp_path, "job.py", AGENT_KILLING_JOB)
+    done = batuta("run", "job.py", "-w", "1", "--json", "--strict", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 1, done.stderr  # every task succeeded, but a host was lost
+    summary = json.loads(done.stdout)
+    assert (summary["result"], summary["failed"], summary["ok"]) == (4, 0, True)
+    [local] = summary["hosts"]
+    assert (local["host"], local["state"], local["losses"]) == ("local", "up", 1)
+    assert local["reason"]  # why it was lost
+    assert summary["hosts_failed"] == ["local"]
+    relaxed = batuta("run", "job.py", "-w", "1", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert relaxed.returncode == 0, relaxed.stderr
+    [row] = [line for line in relaxed.stdout.splitlines() if line.startswith("local ")]
+    assert "lost once, back up: " in row
+
+
 # -- a host refused on a real SSH cluster (network namespaces) ----------------------------
 
 
