@@ -4,8 +4,10 @@
 at every connection, so it must not pay for argparse help text, the runtime, rich or NumPy.
 Every other command imports what it needs when it runs.
 
-Exit codes: 0 success; 1 the work failed (a task failed, the job raised, a host could not be
-reached); 2 the command line, a job file or a configuration is wrong; 130 interrupted.
+Exit codes: 0 success; 1 the work failed (a task failed, the job raised; with `run --strict`
+also a host refused, unreachable or lost; `cluster status` and `stack`: a host could not be
+reached); 2 the command line, a job file or a configuration is wrong; 3 `batuta run` could
+start no host at all, so nothing ran; 130 interrupted.
 Every error is one line on stderr that names the thing and the fix; a job's own traceback
 is the one exception, printed because it is the job author's best clue.
 
@@ -19,10 +21,8 @@ import argparse
 import contextlib
 import logging
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from types import TracebackType
 from typing import TYPE_CHECKING, NoReturn
 
 from batuta._version import __version__
@@ -30,8 +30,7 @@ from batuta.core.task import MAX_SLOTS
 from batuta.errors import BatutaError, UsageError
 
 if TYPE_CHECKING:
-    from batuta.jobs._run import RunOutcome
-    from batuta.jobs._summary import RunTracker
+    from batuta.jobs import RunOutcome, RunSummary
     from batuta.runtime.cluster import ClusterConfig
     from batuta.runtime.probe import HostReport
 
@@ -39,6 +38,7 @@ PROG = "batuta"
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-def _print_error(exc: BaseException) -> None:
+def _print_error(exc: BaseException | str) -> None:
     message = " ".join(str(exc).split()) or type(exc).__name__
     print(f"{PROG}: error: {message}", file=sys.stderr)
 
@@ -350,6 +350,11 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the summary as one JSON object on stdout (the job's prints go to stderr)",
     )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 when a host was refused, unreachable or lost during the run, even if every task succeeded",
+    )
     _add_observer_arguments(parser)
 
 
@@ -431,9 +436,12 @@ def _metrics_url(address: tuple[str, int]) -> str:
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}/metrics"
 
 
-def _configure_logging(args: argparse.Namespace, *, console: bool = True) -> Callable[[], None]:
+def _configure_logging(
+    args: argparse.Namespace, *, console: bool = True, console_filter: Callable[[logging.LogRecord], bool] | None = None
+) -> Callable[[], None]:
     """Install `--log-*` on the `batuta` logger; returns what undoes it. Without `console`
-    (the dashboard owns the terminal) only `--log-file` is written, if given."""
+    (the dashboard owns the terminal) only `--log-file` is written, if given. `console_filter`
+    keeps records off the console alone (the file still gets them)."""
     from batuta.observers.logs import configure
 
     if not console and not args.log_file:
@@ -442,6 +450,10 @@ def _configure_logging(args: argparse.Namespace, *, console: bool = True) -> Cal
         setup = configure(level=args.log_level, fmt=args.log_format, file=args.log_file, console=console)
     except ValueError as exc:
         raise UsageError(f"{exc}; check --log-file") from None
+    if console_filter is not None:
+        for handler in setup.handlers:
+            if not isinstance(handler, logging.FileHandler):
+                handler.addFilter(console_filter)
     return setup.close
 
 
@@ -455,10 +467,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _check_metrics_arguments(args)
     job = load_job(args.job)
     cluster = _load_cluster(args.cluster) if args.cluster else None
-    from batuta.jobs._run import run_job  # the runtime: only once the job is known to be sound
+    from batuta.jobs import HostsUnreachableError, ProgressBar, drop_summarised, run_job  # the runtime, now
 
-    progress = _ProgressBar(job.name) if _wants_progress(args) else None
-    close_logging = _configure_logging(args)
+    progress = ProgressBar(job.name) if _wants_progress(args) else None
+    close_logging = _configure_logging(args, console_filter=drop_summarised)  # the summary has the failures
     try:
         with progress if progress is not None else contextlib.nullcontext():
             outcome = asyncio.run(
@@ -478,14 +490,34 @@ def _cmd_run(args: argparse.Namespace) -> int:
                     metrics_linger=args.metrics_linger,
                 )
             )
+    except HostsUnreachableError as exc:
+        check = f"; 'batuta stack check -c {args.cluster}' checks every host and says what to fix"
+        _print_error(f"{exc}{check if args.cluster else ''}")
+        return EXIT_UNREACHABLE
     finally:
         close_logging()
     _report(outcome, as_json=args.json, quiet=args.quiet)
+    summary = outcome.summary
+    if summary.interrupted:
+        print(_interrupted_note(summary, args), file=sys.stderr)
+        return EXIT_INTERRUPTED
     if outcome.metrics is not None:  # --metrics-linger, once the summary is out
-        from batuta.jobs._run import linger_metrics
+        from batuta.jobs import linger_metrics
 
         linger_metrics(outcome.metrics, args.metrics_linger, say=not args.quiet and sys.stderr.isatty())
-    return EXIT_OK if outcome.summary.ok else EXIT_FAILED
+    if not summary.ok or (args.strict and summary.failed_hosts):
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _interrupted_note(summary: RunSummary, args: argparse.Namespace) -> str:
+    """One line: what the interrupt left done, and how to go on from there."""
+    done = summary.tasks - summary.unfinished
+    note = f"{PROG}: interrupted: {done} of {summary.tasks} tasks finished, {summary.unfinished} cancelled; "
+    again = f"{PROG} run {args.job}" + (f" --cluster {args.cluster}" if args.cluster else "")
+    if args.journal:
+        return note + f"'{again} --journal {args.journal} --resume' runs only what is not done"
+    return note + f"with '--journal DIR' a run can be resumed ('{again} --journal DIR', then '--resume')"
 
 
 def _announce_metrics(address: tuple[str, int]) -> None:
@@ -508,61 +540,15 @@ def _report(outcome: RunOutcome, *, as_json: bool, quiet: bool) -> None:
             print(summary.result)
         if not quiet:
             print("\n".join(summary.text_lines()))
-        else:
-            for line in summary.failures:
-                print(f"{PROG}: failed: {line}", file=sys.stderr)
+        else:  # no summary: each failure cause once, and each host that failed, on stderr
+            for line in summary.failure_lines():
+                print(f"{PROG}: {line}", file=sys.stderr)
+            for host in summary.failed_hosts:
+                print(f"{PROG}: host {host.host} {host.fate()}", file=sys.stderr)
     if outcome.traceback:
         sys.stderr.write(outcome.traceback)
     if summary.error:
         print(f"{PROG}: error: {summary.error}", file=sys.stderr)
-
-
-class _ProgressBar:
-    """A rich progress bar on stderr: total = tasks submitted so far, done, failed, rate."""
-
-    def __init__(self, job_name: str) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("[red]{task.fields[failed]} failed"),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-        )
-        self._task_id = self._progress.add_task(job_name, total=None, failed=0, rate="")
-        self._first_update: float | None = None
-
-    def __enter__(self) -> _ProgressBar:
-        self._progress.start()
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self._progress.stop()
-
-    def update(self, tracker: RunTracker) -> None:
-        """Called on the event loop for each queued or finished task; cheap, never blocks."""
-        now = time.perf_counter()
-        if self._first_update is None:
-            self._first_update = now
-        elapsed = now - self._first_update
-        rate = f"{tracker.finished / elapsed:,.0f} tasks/s" if elapsed > 0.2 else ""
-        self._progress.update(
-            self._task_id,
-            total=tracker.submitted,
-            completed=tracker.finished,
-            failed=tracker.failed,
-            rate=rate,
-        )
 
 
 def _add_pool_arguments(parser: argparse.ArgumentParser, *, cluster_help: str) -> None:
@@ -618,7 +604,7 @@ def _cmd_tui(args: argparse.Namespace) -> int:
     _check_metrics_arguments(args)
     for spec in args.job:
         load_job(spec)  # every job-file error is found before the screen takes over the terminal
-    from batuta.jobs._run import make_pool
+    from batuta.jobs import make_pool, start_metrics
 
     cluster = _load_cluster(args.cluster) if args.cluster else None
     if cluster is not None:  # the screen owns the terminal: no passphrase prompt under it (ssh-add the key)
@@ -629,7 +615,6 @@ def _cmd_tui(args: argparse.Namespace) -> int:
         label = f"{Path(args.cluster).name} ({count} host{'s' if count != 1 else ''})"
     else:
         label = "local (embedded)"
-    from batuta.jobs._run import start_metrics
     from batuta.observers.logs import PoolLogObserver
     from batuta.tui.app import BatutaApp
 

@@ -46,12 +46,14 @@ noop.cpu(noop.reference)
 def spin(seconds: float) -> float:
     # Burns CPU rather than sleeping, so a spinning slot looks busy to the OS and to CPU
     # accounting, as a real kernel would. perf_counter costs well under a microsecond.
+    # The loop tests the very value it returns: comparing the clock with a deadline
+    # (start + seconds) instead lets rounding return 0.0019999999999527063 for 0.002.
     clock = time.perf_counter
-    start = now = clock()
-    end = start + seconds
-    while now < end:
-        now = clock()
-    return now - start
+    start = clock()
+    spun = 0.0
+    while spun < seconds:
+        spun = clock() - start
+    return spun
 
 
 spin.cpu(spin.reference)

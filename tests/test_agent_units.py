@@ -282,7 +282,10 @@ def test_descriptions() -> None:
     assert describe_exit(-signal.SIGKILL) == "killed by signal 9 (SIGKILL)"
     assert describe_exception(ValueError("bad\ninput")) == "ValueError: bad input"
     assert describe_exception(KeyError()) == "KeyError"
-    assert len(one_line("x" * 2000)) == 500
+    long = "TypeError: " + "x" * 2000 + "; fix it like this"
+    assert len(one_line(long)) == 1000
+    assert one_line(long).startswith("TypeError: x") and one_line(long).endswith("x; fix it like this")
+    assert " … " in one_line(long)
 
 
 def test_capped_buffer_keeps_the_head_and_counts_the_rest() -> None:

@@ -16,14 +16,16 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from batuta import TaskResult, TaskStatus
 from batuta._version import __version__
-from batuta.jobs import JobError, load_job
-from batuta.jobs._summary import RunTracker, percentile
+from batuta.jobs import JobError, RunTracker, load_job
+from batuta.jobs._summary import percentile
+from tests.support.hosts import TestHosts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -226,9 +228,59 @@ def test_tracker_counts_each_task_once() -> None:
     summary = tracker.summary(job="j", wall_s=2.0, result=None, error=None).to_json()
     assert (summary["tasks"], summary["succeeded"], summary["failed"], summary["unfinished"]) == (3, 1, 1, 1)
     assert summary["latency_s"]["p50"] == pytest.approx(0.375)  # mean of 0.75 (ok) and 0.0 (bad)
-    assert summary["failures"] == [bad.describe_failure()]
+    assert summary["failures"] == [
+        {"status": "failed", "reason": "ZeroDivisionError: x", "count": 1, "first": "task 2 (boom)"}
+    ]
     assert summary["ok"] is False
     assert summary["tasks_per_s"] == 1.0
+
+
+def failed(task_id: int, host: str, error: str, status: TaskStatus = TaskStatus.FAILED) -> TaskResult:
+    return TaskResult(task_id=task_id, name="k", status=status, error=error, host=host, slot=f"{host}/0", attempts=1)
+
+
+def test_tracker_groups_failures_by_cause_and_keeps_each_reason_whole() -> None:
+    tracker = RunTracker()
+    hint = "unknown kernel 'k'; ... or name it 'module:kernel'" + " (a long hint)" * 40
+    for task_id in range(12):
+        tracker.task_finished(failed(task_id, "h1" if task_id % 2 else "h2", f"UnknownKernelError: {hint}"))
+    tracker.task_finished(failed(12, "h1", "lost with h1", TaskStatus.LOST))
+    summary = tracker.summary(job="j", wall_s=1.0, result=None, error=None)
+    assert summary.failures == [
+        f"12 tasks failed: UnknownKernelError: {hint} (first: task 0 (k) on h2/0)",
+        "1 task lost: lost with h1 (first: task 12 (k) on h1/0)",
+    ]
+    assert summary.text_lines()[-2:] == summary.failures  # in the text once, whole
+
+
+def test_tracker_reports_each_hosts_share_and_fate() -> None:
+    tracker = RunTracker()
+    for name in ("h1", "h2", "h3", "h4"):
+        tracker.host_up(name) if name != "h4" else None
+    for task_id, (host, seconds) in enumerate([("h1", 0.1), ("h1", 0.3), ("h2", 2.0)]):
+        tracker.task_finished(
+            TaskResult(task_id=task_id, name="k", status=TaskStatus.SUCCEEDED, host=host, duration=seconds)
+        )
+    tracker.task_finished(failed(9, "h2", "ValueError: bad"))
+    tracker.host_down("h2", "no heartbeat for 8.1s")
+    tracker.host_up("h2")  # relaunched: back up, but it was lost once
+    tracker.host_state_changed("h3", "suspected", "no heartbeat for 3.2s")
+    tracker.host_state_changed("h3", "up", "heard from again")  # a passing suspicion is no failure
+    tracker.host_state_changed("h4", "retired", "host h4 (10.0.0.4:22): HOST KEY CHANGED: refused")
+    tracker.hosts_known(["h1", "h2", "h3", "h4", "h5"])  # h5: never heard of, never up
+    summary = tracker.summary(job="j", wall_s=1.0, result=None, error=None)
+    hosts = {h["host"]: h for h in summary.to_json()["hosts"]}
+    assert (hosts["h1"]["tasks"], hosts["h1"]["failed"]) == (2, 0)
+    assert hosts["h1"]["run_time_s"] == {"p50": pytest.approx(0.2), "p95": pytest.approx(0.29)}
+    assert (hosts["h2"]["tasks"], hosts["h2"]["failed"], hosts["h2"]["losses"]) == (2, 1, 1)
+    assert (hosts["h2"]["state"], hosts["h2"]["reason"]) == ("up", "no heartbeat for 8.1s")
+    assert (hosts["h3"]["state"], hosts["h3"]["reason"]) == ("up", None)
+    assert (hosts["h4"]["state"], hosts["h5"]["state"]) == ("retired", "unreachable")
+    assert "never came up" in hosts["h5"]["reason"]
+    assert summary.to_json()["hosts_failed"] == ["h2", "h4", "h5"]
+    text = "\n".join(summary.host_lines())
+    assert "lost once, back up: no heartbeat for 8.1s" in text
+    assert "retired: host h4 (10.0.0.4:22): HOST KEY CHANGED: refused" in text
 
 
 # -- real runs (need the runtime) --------------------------------------------------------
@@ -261,6 +313,10 @@ def test_run_json_counts_what_the_job_submitted(tmp_path: Path) -> None:
     assert summary["run_time_s"]["p50"] >= 0.001
     assert summary["latency_s"]["p99"] >= summary["run_time_s"]["p50"]
     assert "a line the job prints" in done.stderr
+    [host] = summary["hosts"]
+    assert (host["host"], host["state"], host["reason"], host["tasks"], host["failed"]) == ("local", "up", None, 9, 0)
+    assert host["run_time_s"]["p95"] >= host["run_time_s"]["p50"] >= 0.001
+    assert summary["hosts_failed"] == []
 
 
 @needs_runtime
@@ -283,7 +339,50 @@ def test_run_text_summary(tmp_path: Path) -> None:
     assert "done" in out.splitlines()
     assert "10 tasks: 9 succeeded, 1 failed" in out
     assert "latency (queue + run)  p50" in out
-    assert "failed: task" in out
+    assert f"1 task failed: {sys.executable} exited with code 3 (first: task 10 (python) on local/" in out
+    lines = out.splitlines()
+    host_header, local = lines[lines.index(next(line for line in lines if line.startswith("host "))) :][:2]
+    assert host_header.split() == ["host", "tasks", "failed", "run", "p50", "run", "p95"]
+    assert local.split()[:3] == ["local", "10", "1"]
+
+
+UNKNOWN_KERNEL_JOB = """\
+from batuta import Task
+
+async def main(pool):
+    futures = [await pool.submit(Task.kernel("no_such_kernel_here", i)) for i in range(12)]
+    return sum([(await future).is_success() for future in futures])
+"""
+HINT_END = "or name it 'module:kernel'"
+
+
+@needs_runtime
+@pytest.mark.parametrize("quiet", [False, True], ids=["summary", "quiet"])
+def test_one_cause_is_printed_once_with_its_whole_hint(tmp_path: Path, quiet: bool) -> None:
+    write(tmp_path, "job.py", UNKNOWN_KERNEL_JOB)
+    done = batuta("run", "job.py", "-w", "2", *(["-q"] if quiet else []), cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 1, done.stderr
+    both = done.stdout + done.stderr
+    assert both.count("unknown kernel 'no_such_kernel_here'") == 1, both
+    assert both.count(HINT_END) == 1, both
+    [line] = [line for line in both.splitlines() if "unknown kernel" in line]
+    assert line.startswith(("12 tasks failed: UnknownKernelError:", "batuta: 12 tasks failed: UnknownKernelError:"))
+    assert f"{HINT_END} (first: task " in line
+    assert "WARNING" not in done.stderr  # the log leaves failed tasks to the summary
+
+
+@needs_runtime
+def test_no_host_started_exits_3_in_one_line(tmp_path: Path) -> None:
+    """Distinct from 1 (the work failed) and 2 (bad input): nothing could run at all."""
+    write(tmp_path, "job.py", "async def main(pool):\n    return 1\n")
+    write(tmp_path, "cluster.toml", '[local]\npython = "/nonexistent/bin/python3"\n')
+    done = batuta("run", "job.py", "-c", "cluster.toml", "--json", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == ""
+    [last] = done.stderr.splitlines()
+    assert last.startswith("batuta: error: no host could be started, so nothing ran: ")
+    assert "/nonexistent/bin/python3" in last
+    assert last.endswith("'batuta stack check -c cluster.toml' checks every host and says what to fix")
 
 
 @needs_runtime
@@ -308,44 +407,86 @@ def test_builtin_jobs_run(tmp_path: Path, name: str) -> None:
     assert summary["result"].startswith("pi ~ 3.14")
 
 
-@needs_runtime
-def test_ctrl_c_closes_the_pool_and_exits_130(tmp_path: Path) -> None:
-    marker = tmp_path / "started"
-    write(
-        tmp_path,
-        "job.py",
-        f"""\
-        import asyncio, pathlib
-        from batuta import Task
+PROGRESS_JOB = """\
+from batuta import Task
 
-        async def main(pool):
-            await pool.run(Task.kernel("spin", 0.001))
-            pathlib.Path({str(marker)!r}).touch()
-            await asyncio.sleep(60)
-        """,
-    )
+async def main(pool):
+    futures = [await pool.submit(Task.kernel("spin", 0.05)) for _ in range(400)]
+    for done, future in enumerate(futures, 1):
+        await future
+        print(f"finished {done}", flush=True)
+"""
+
+
+def wait_for_line(process: subprocess.Popen[str], needle: str, timeout: float) -> list[str]:
+    """The lines `process` wrote to stdout up to the first one equal to `needle`, read in a
+    thread (so that the wait is bounded even if the process stops writing)."""
+    import queue
+    import threading
+
+    assert process.stdout is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+    stream = process.stdout
+
+    def read() -> None:
+        for line in stream:
+            lines.put(line.rstrip("\n"))
+            if line.rstrip("\n") == needle:
+                return
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=remaining)
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        if line == needle:
+            return seen
+    raise AssertionError(f"{needle!r} never came within {timeout} s; got {seen[-5:]}")
+
+
+@needs_runtime
+@pytest.mark.parametrize("with_journal", [False, True], ids=["no-journal", "journal"])
+def test_ctrl_c_prints_what_finished_and_how_to_resume_then_exits_130(tmp_path: Path, with_journal: bool) -> None:
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it (agents included)."""
+    write(tmp_path, "job.py", PROGRESS_JOB)
+    journal = ["--journal", str(tmp_path / "journal")] if with_journal else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "batuta", "run", "job.py", "-w", "1"],
+        [sys.executable, "-m", "batuta", "run", "job.py", "-w", "1", *journal],
         cwd=tmp_path,
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         stdin=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), "the job never started"
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=30)
+        wait_for_line(process, "finished 3", RUN_TIMEOUT_S)
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     assert process.returncode == 130, stderr
-    assert stderr.rstrip().splitlines()[-1] == "batuta: interrupted"
+    note = stderr.rstrip().splitlines()
+    assert len(note) == 1, stderr  # one line: no warning per cancelled task, no traceback
+    finished = int(note[0].split("interrupted: ")[1].split(" of ")[0])
+    assert finished >= 3
+    assert note[0].startswith(f"batuta: interrupted: {finished} of 400 tasks finished, {400 - finished} cancelled; ")
+    if with_journal:
+        resume = f"'batuta run job.py --journal {tmp_path / 'journal'} --resume'"
+        assert note[0].endswith(f"{resume} runs only what is not done")
+    else:
+        assert "with '--journal DIR' a run can be resumed" in note[0]
+    assert f"400 tasks: {finished} succeeded, 0 failed, {400 - finished} cancelled by the interrupt" in stdout
 
 
 @needs_runtime
@@ -391,3 +532,84 @@ def test_progress_bar_draws_on_a_terminal(tmp_path: Path) -> None:
     assert "9/9" in drawn
     assert "0 failed" in drawn
     assert "9 tasks: 9 succeeded, 0 failed" in done.stdout
+
+
+AGENT_KILLING_JOB = """\
+import psutil
+from batuta import Task
+
+async def main(pool):
+    assert (await pool.run(Task.kernel("noop", 1))).is_success()
+    [agent] = [p for p in psutil.Process().children() if "batuta.agent" in " ".join(p.cmdline())]
+    agent.kill()  # the local host is lost; the pool relaunches it and the job goes on
+    values = await pool.map("noop", range(4))
+    return len(values)
+"""
+
+
+@needs_runtime
+def test_a_host_lost_during_the_run_is_in_the_summary_and_strict_fails_it(tmp_path: Path) -> None:
+    write(tmp_path, "job.py", AGENT_KILLING_JOB)
+    done = batuta("run", "job.py", "-w", "1", "--json", "--strict", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 1, done.stderr  # every task succeeded, but a host was lost
+    summary = json.loads(done.stdout)
+    assert (summary["result"], summary["failed"], summary["ok"]) == (4, 0, True)
+    [local] = summary["hosts"]
+    assert (local["host"], local["state"], local["losses"]) == ("local", "up", 1)
+    assert local["reason"]  # why it was lost
+    assert summary["hosts_failed"] == ["local"]
+    relaxed = batuta("run", "job.py", "-w", "1", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert relaxed.returncode == 0, relaxed.stderr
+    [row] = [line for line in relaxed.stdout.splitlines() if line.startswith("local ")]
+    assert "lost once, back up: " in row
+
+
+# -- a host refused on a real SSH cluster (network namespaces) ----------------------------
+
+
+@needs_runtime
+def test_a_refused_host_is_in_the_summary_and_strict_fails_the_run(
+    tmp_path: Path, ssh_hosts: Callable[..., TestHosts]
+) -> None:
+    """host0 healthy; host1's host key changed (a machine in the middle, maybe): the run
+    succeeds on host0 alone, the summary names host1 and why, and --strict exits 1."""
+    hosts = ssh_hosts(2)
+    hosts[1].regenerate_host_key()  # known_hosts keeps the old key
+    write(tmp_path, "job.py", COUNTING_JOB.format(extra="pass"))
+    (tmp_path / "cluster.toml").write_text(
+        textwrap.dedent(
+            f"""\
+            [defaults]
+            python = "{sys.executable}"
+            gpus = "none"
+            slots = 2
+            env = {{ PYTHONPATH = "{REPO_ROOT}" }}
+
+            [ssh]
+            known_hosts = "{hosts.known_hosts}"
+            config = "{hosts.ssh_config}"
+            connect_timeout = 5
+
+            [[hosts]]
+            address = "host0"
+
+            [[hosts]]
+            address = "host1"
+            """
+        )
+    )
+    done = batuta("run", "job.py", "-c", "cluster.toml", "--json", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr  # the work itself succeeded
+    summary = json.loads(done.stdout)
+    assert (summary["succeeded"], summary["failed"]) == (9, 0)
+    hosts_by_name = {h["host"]: h for h in summary["hosts"]}
+    assert (hosts_by_name["host0"]["state"], hosts_by_name["host0"]["tasks"]) == ("up", 9)
+    refused = hosts_by_name["host1"]
+    assert (refused["state"], refused["tasks"]) == ("retired", 0)
+    assert "HOST KEY CHANGED" in refused["reason"] and "machine in the middle" in refused["reason"]
+    assert summary["hosts_failed"] == ["host1"]
+
+    strict = batuta("run", "job.py", "-c", "cluster.toml", "--strict", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert strict.returncode == 1, strict.stderr
+    [row] = [line for line in strict.stdout.splitlines() if line.startswith("host1 ")]
+    assert row.split()[1:3] == ["0", "0"] and "retired: host host1" in row and "HOST KEY CHANGED" in row

@@ -160,6 +160,32 @@ async def test_kill_9_of_the_agent_requeues_and_relaunches() -> None:
         assert new_agent.pid != agent.pid
 
 
+async def test_a_task_not_safe_to_repeat_fails_with_its_agent_and_never_runs_again(tmp_path: Path) -> None:
+    """A retry=False binary that appends a line to a file: kill -9 of the agent while it runs
+    makes it LOST, and the relaunched agent never runs it a second time."""
+    ran = tmp_path / "ran"
+    script = "import pathlib, sys, time; pathlib.Path(sys.argv[1]).open('a').write('ran\\n'); time.sleep(60)"
+    async with make_pool(slots=1, relaunch_backoff=0.1) as pool:
+        future = await pool.submit(Task.binary(sys.executable, "-c", script, str(ran), retry=False))
+        for _ in range(600):  # bounded: at most 30 s for the binary to write its line
+            if ran.exists() and ran.read_text():
+                break
+            await asyncio.sleep(0.05)
+        assert ran.read_text() == "ran\n", "the binary never started"
+        [agent] = agent_pids()
+        agent.kill()
+        result = await asyncio.wait_for(future, 60)
+        assert result.status is TaskStatus.LOST, result.describe_failure()
+        assert result.attempts == 1 and result.host == "local"
+        after = await asyncio.wait_for(pool.run(Task.kernel("noop", 7)), 60)  # the relaunched agent works
+        assert after.value == 7 and after.attempts == 1
+        assert ran.read_text() == "ran\n"
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(ran) in (p.info["cmdline"] or [])]
+    for process in leftovers:  # the binary outlives a SIGKILLed agent: stop it by PID
+        process.kill()
+    psutil.wait_procs(leftovers, timeout=10)
+
+
 async def test_stopped_agent_is_declared_lost_and_replaced() -> None:
     async with make_pool(heartbeat_interval=0.2, suspect_after=0.6, lost_after=1.5, relaunch_backoff=0.1) as pool:
         states: list[str] = []

@@ -174,6 +174,29 @@ def test_lost_slot_requeues_and_counts_only_started_attempts() -> None:
     assert sim.resolved[ids[2]][0].attempts == 1
 
 
+def test_task_not_safe_to_repeat_is_lost_with_its_slot_even_before_a_start_arrives() -> None:
+    """retry=False (max_attempts=1): the agent may have started what the scheduler has not
+    seen start (its Started can be on the way), so the loss fails the task; nothing reruns it."""
+    sim = sim_with("a", "b", config=SchedulerConfig(initial_window=2))
+    once = [sim.submit(max_attempts=1) for _ in range(4)]  # a: once[0], once[2]; b: once[1], once[3]
+    repeatable = sim.submit()
+    sim.start("a")
+    sim.deliver("a")  # once[0] seen to start; once[2] sent there, no start seen
+    sim.lose("a", reason="host unreachable")
+    sim.sched.validate()
+    requeued = {i.task_id for i in sim.instructions if isinstance(i, ev.TaskRequeued)}
+    assert not requeued & {once[0], once[2]}
+    for task in (once[0], once[2]):
+        [res] = sim.resolved[task]
+        assert res.status is TaskStatus.LOST and res.attempts == 1 and res.slot_id == "a"
+    assert sim.resolved[once[2]][0].reason.startswith("may have run on h0; not retried because retry=False")
+    sim.run_to_completion()
+    sim.assert_each_resolved_once()
+    assert [sim.status_of(t) for t in (once[1], once[3], repeatable)] == [TaskStatus.SUCCEEDED] * 3
+    sent_again = [t for i in sim.instructions if isinstance(i, ev.SendTasks) and i.slot_id == "b" for t in i.task_ids]
+    assert once[0] not in sent_again and once[2] not in sent_again
+
+
 def test_task_that_kills_every_worker_fails_after_max_attempts() -> None:
     sim = sim_with("a", "b")
     poison = sim.submit(max_attempts=3)

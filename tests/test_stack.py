@@ -181,6 +181,29 @@ def test_every_builtin_kernel_has_a_seeded_sample_its_reference_accepts() -> Non
         assert first.compare(want, kernels.reference(name, again.args)) == "", name  # seeded: same inputs
 
 
+@pytest.mark.parametrize("origin", [0.5, 1234.5678, 987654.321])
+def test_spin_and_its_conformance_check_agree_for_every_duration(
+    origin: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clock ticking 1 µs per reading, from origins where `start + seconds` rounds: a
+    deadline-based spin returned 0.0019999999999527063 for 0.002 about one run in two here."""
+    import itertools
+    import time
+
+    from batuta import kernels
+
+    for step in range(1, 301):
+        seconds = step * 1e-5
+        ticks = itertools.count()
+        monkeypatch.setattr(time, "perf_counter", lambda ticks=ticks: origin + next(ticks) * 1e-6)
+        spun = kernels.reference("spin", (seconds,))
+        assert conformance._spun(seconds)(spun, spun) == "", (origin, seconds, spun)
+    monkeypatch.undo()
+    gate_sample = conformance.sample("spin")
+    assert gate_sample is not None
+    assert gate_sample.compare(kernels.reference("spin", gate_sample.args), None) == ""
+
+
 def test_comparison_tolerances() -> None:
     close = conformance._close
     a = np.linspace(0.0, 1.0, 11)

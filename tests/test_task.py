@@ -59,3 +59,18 @@ def test_unwrap_says_when_no_slot_can_run_the_task() -> None:
     with pytest.raises(TaskFailedError) as caught:
         failed.unwrap()
     assert not isinstance(caught.value, NoCapableSlotError)
+
+
+def test_retry_false_is_one_attempt_in_every_spelling() -> None:
+    once = [
+        Task.binary("/bin/true", retry=False),
+        Task.kernel("noop", 1, retry=False),
+        Task.kernel("noop", 1, retry=False, max_attempts=1),
+        Task.builder().binary("/bin/true").retry(False).build(),
+        Task.kernel("noop", 1, max_attempts=1),
+    ]
+    assert [(t.max_attempts, t.retry) for t in once] == [(1, False)] * len(once)
+    assert (Task.binary("/bin/true").max_attempts, Task.binary("/bin/true").retry) == (3, True)
+    assert Task.kernel("noop", max_attempts=5).max_attempts == 5
+    with pytest.raises(TaskError, match=r"retry=False means one attempt; drop max_attempts=4"):
+        Task.kernel("noop", retry=False, max_attempts=4)

@@ -254,6 +254,36 @@ def test_a_host_without_gpus_says_so() -> None:
     assert "● up" in lines[0] and "42%" in lines[0] and "0.5s" in lines[0]
 
 
+NO_BATUTA = (
+    "agent exited before saying hello: /opt/venvs/batuta/bin/python3: Error while finding module "
+    "specification for 'batuta.agent' (ModuleNotFoundError: No module named 'batuta')"
+)
+
+
+@pytest.mark.parametrize("width", [60, 118])
+def test_a_lost_hosts_reason_shows_whole_under_it_cause_included(width: int) -> None:
+    model = DashboardModel(clock=Clock(101.0))
+    model.apply(host_up())
+    model.apply(pe.HostDown(host="h1", reason=NO_BATUTA, at=100.6))
+    lines = render.node_lines(model, 101.0, PLAIN, width)
+    assert "○ lost" in lines[0].plain and "hello" not in lines[0].plain
+    under = [line.plain for line in lines[1:] if line.plain.startswith(("   └ ", "     "))]
+    assert all(len(line) <= width for line in under), under  # wrapped: the panel crops nothing
+    assert under[0].startswith("   └ agent exited before saying hello")
+    assert " ".join(line[5:] for line in under) == NO_BATUTA
+
+
+def test_a_reason_too_long_for_the_panel_loses_its_middle_not_its_cause() -> None:
+    model = DashboardModel(clock=Clock(101.0))
+    model.apply(host_up())
+    reason = f"agent exited before saying hello: {'/very/deep' * 200}/python3: No module named 'batuta'"
+    model.apply(pe.HostStateChanged(host="h1", state="retired", reason=reason, at=100.6))
+    under = [line.plain for line in render.node_lines(model, 101.0, PLAIN, 80)[1:]]
+    assert 1 < len(under) <= render.REASON_LINES
+    assert under[0].startswith("   └ agent exited before saying hello")
+    assert under[-1].endswith("No module named 'batuta'") and " … " in "".join(under)
+
+
 # -- alerts -----------------------------------------------------------------------------------
 
 

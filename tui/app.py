@@ -31,6 +31,7 @@ from textual.worker import Worker, get_current_worker
 
 from batuta.jobs import JobError, builtin_job_names, load_job
 
+from . import render
 from .commands import BatutaCommands
 from .logbridge import LogBridge
 from .model import DashboardModel
@@ -66,10 +67,11 @@ class PaletteCommand:
     run: Callable[[], object]
 
 
-def _one_line(text: str, limit: int = 160) -> str:
+def _one_line(text: str, limit: int = 400) -> str:
+    """First line and last (a traceback's verdict), cut in the middle: the cause comes last."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    line = lines[0] if lines else ""
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+    line = f"{lines[0]} … {lines[-1]}" if len(lines) > 1 else (lines[0] if lines else "")
+    return render.keep_ends(line, limit)
 
 
 class BatutaApp(App[None]):

@@ -13,6 +13,7 @@ in their style's meta, which Textual dispatches for any rendered segment.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Protocol
@@ -88,6 +89,31 @@ def fit(text: str, width: int, *, right: bool = False) -> str:
     if len(text) > width:
         return text[: width - 1] + "…" if width > 1 else text[:width]
     return text.rjust(width) if right else text.ljust(width)
+
+
+def keep_ends(text: str, limit: int) -> str:
+    """`text` in at most `limit` characters, cut in the middle (…): a reason's start says what
+    happened and its end why, or what to do ("No module named 'batuta'"); both must show."""
+    if len(text) <= limit:
+        return text
+    marker = " … "
+    room = max(limit - len(marker), 2)
+    head = room // 2
+    return text[:head] + marker + text[len(text) - (room - head) :]
+
+
+def wrap_keeping_ends(text: str, width: int, max_lines: int) -> list[str]:
+    """`text` on at most `max_lines` lines of `width` cells: wrapped, and when it needs more
+    lines than that, cut in the middle first (`keep_ends`), never at the end."""
+    width = max(width, 12)
+    text = " ".join(text.split())
+    budget = width * max_lines
+    for _ in range(64):  # bounded: each round shortens the text by a quarter line
+        lines = textwrap.wrap(keep_ends(text, budget), width, break_on_hyphens=False) or [""]
+        if len(lines) <= max_lines:
+            return lines
+        budget -= max(width // 4, 1)
+    return textwrap.wrap(keep_ends(text, width), width)[:1]
 
 
 def hbar(fraction: float | None, width: int, fill: Style, empty: Style) -> Text:
@@ -271,15 +297,29 @@ class Rows(Protocol):
     def __getitem__(self, index: int) -> Text: ...
 
 
+REASON_INDENT = 5  # "   └ ", as the GPU lines under a host
+REASON_LINES = 4  # at most, for why a host is not up; a longer reason loses its middle
+
+
+@dataclass(frozen=True, slots=True)
+class _ReasonLine:
+    text: str
+    first: bool
+
+
 class NodeRows:
-    """The nodes panel's lines, drawn on demand: one per host, one per GPU or 'no GPU'."""
+    """The nodes panel's lines, drawn on demand: one per host, then why it is not up (wrapped,
+    never cut at the end: the cause comes last), then one per GPU or 'no GPU'."""
 
     def __init__(self, model: DashboardModel, now: float, p: Palette, width: int) -> None:
         self._busy = model.busy_slots()
         self._now, self._p, self._width = now, p, width
-        self._entries: list[tuple[HostRow, GpuRow | None]] = []
+        self._entries: list[tuple[HostRow, GpuRow | _ReasonLine | None]] = []
         for host in model.hosts.values():
             self._entries.append((host, None))
+            if host.reason and host.state != "up":
+                lines = wrap_keeping_ends(host.reason, width - REASON_INDENT, REASON_LINES)
+                self._entries.extend((host, _ReasonLine(text, i == 0)) for i, text in enumerate(lines))
             if host.gpus:
                 self._entries.extend((host, gpu) for gpu in sorted(host.gpus.values(), key=lambda g: g.index))
             elif host.telemetry_seen or host.gpu_status:
@@ -293,6 +333,10 @@ class NodeRows:
         p = self._p
         if gpu is None:
             return _host_line(host, self._busy, self._now, p)
+        if isinstance(gpu, _ReasonLine):
+            line = Text("   └ " if gpu.first else " " * REASON_INDENT, p.dim, no_wrap=True)
+            line.append(gpu.text, p.bad if host.state in ("lost", "retired") else p.warn)
+            return line
         if gpu is _NO_GPU:
             line = Text("   └ ", p.dim, no_wrap=True, overflow="ellipsis")
             line.append("no GPU", p.label)
@@ -338,9 +382,7 @@ def _host_line(host: HostRow, busy: dict[str, int], now: float, p: Palette) -> T
     )
     if host.failed:
         out.append(f"  {fmt.count(host.failed)} failed", p.bad)
-    if host.reason and host.state != "up":
-        out.append(f"  {host.reason}", p.dim)
-    return out
+    return out  # why it is not up: on the lines below (NodeRows), whole
 
 
 def _gpu_line(gpu: GpuRow, now: float, p: Palette, width: int) -> Text:

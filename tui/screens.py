@@ -20,6 +20,7 @@ from textual.widgets.option_list import Option
 
 from . import format as fmt
 from .model import FailedTask
+from .render import keep_ends
 
 HELP = """\
 # batuta dashboard
@@ -155,10 +156,11 @@ class FailuresScreen(ModalScreen[int | None]):
 
     @staticmethod
     def _prompt(failed: FailedTask, width: int = 92) -> str:
-        """One line per failure (cut to `width`: an option list wraps long prompts)."""
+        """One line per failure (an option list wraps long prompts), cut in the middle of the
+        error when too long: its end is the hint, and the whole of it is one enter away."""
         r = failed.result
         line = f"#{r.task_id:<7} {r.name:<12} {r.job or '-':<10} {r.slot or '-':<11} {r.status.value}: {r.error or ''}"
-        return line if len(line) <= width else line[: width - 1] + "…"
+        return keep_ends(line, width)
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         self.dismiss(int(event.option.id) if event.option.id is not None else None)

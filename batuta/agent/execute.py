@@ -31,13 +31,19 @@ from batuta.protocol.messages import (
 )
 
 OUTPUT_CAP = 1024 * 1024  # bytes kept of a binary's stdout, and of its stderr
-_ERROR_TEXT_CAP = 500  # characters of an error line
+_ERROR_TEXT_CAP = 1000  # characters of an error line
 
 
 def one_line(text: str, limit: int = _ERROR_TEXT_CAP) -> str:
-    """`text` squeezed to one line of at most `limit` characters (errors end up in tables)."""
+    """`text` squeezed to one line of at most `limit` characters, cut in the middle: an error's
+    type comes first and its hint ("..., or name it 'module:kernel'") last, and both matter."""
     line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+    if len(line) <= limit:
+        return line
+    marker = " … "
+    head = (limit - len(marker)) // 2
+    tail = limit - len(marker) - head
+    return line[:head] + marker + line[-tail:]
 
 
 def describe_exception(exc: BaseException) -> str:

@@ -756,6 +756,11 @@ class Scheduler:
                 continue
             if entry.started:
                 self._retry_or_lose(entry, slot, f"{slot.slot_id} lost: {reason}")
+            elif entry.max_attempts == 1:
+                # Its Started may still have been on the way: a task not safe to repeat is
+                # lost here, never requeued as "never started" and run a second time.
+                why = f"may have run on {slot.host_id}; not retried because retry=False ({slot.slot_id} lost: {reason})"
+                self._resolve(entry, TaskStatus.LOST, why, slot_id=slot.slot_id)
             else:
                 entry.attempts -= 1  # it never started there
                 self._requeue(entry, slot, f"{slot.slot_id} lost before it started: {reason}")

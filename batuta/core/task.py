@@ -79,6 +79,7 @@ _FINAL_STATUS: dict[str, TaskStatus] = {
 CAP_CPU = "cpu"
 CAP_GPU = "gpu"
 MAX_SLOTS = 1024  # slots one agent runs (a process each); the builder, cluster file, CLI and agent check it
+DEFAULT_MAX_ATTEMPTS = 3
 _NO_TAGS: frozenset[str] = frozenset()  # shared: a million queued tasks need not own one each
 
 
@@ -109,6 +110,10 @@ class Task:
 
     `max_attempts` counts attempts lost to infrastructure (a worker or host that died under
     the task); a kernel that raises, or a binary that exits non-zero, is not retried.
+    Execution is at least once: a task whose host is lost mid-run runs again elsewhere,
+    though its caller sees one result. `max_attempts=1` (`retry=False` in the constructors)
+    marks a task not safe to repeat: a loss then fails it as LOST, even when the host may
+    only have queued it, instead of running it a second time.
     `timeout` is run time in seconds, not counting time in queues; the work is killed when it
     runs out. `requires` adds capability tags (from the cluster file) a slot must offer.
     """
@@ -117,7 +122,7 @@ class Task:
     backend: Backend = Backend.AUTO
     priority: Priority = Priority.NORMAL
     timeout: float | None = None
-    max_attempts: int = 3
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
     name: str = ""
     requires: frozenset[str] = frozenset()
     key: str | None = None  # a stable key chosen by the caller (journals, resume)
@@ -167,18 +172,19 @@ class Task:
         backend: Backend = Backend.AUTO,
         priority: Priority = Priority.NORMAL,
         timeout: float | None = None,
-        max_attempts: int = 3,
+        max_attempts: int | None = None,
         requires: Iterable[str] = (),
         key: str | None = None,
         label: str = "",
+        retry: bool = True,
     ) -> Task:
-        """A task that runs the registered kernel `name` on `args`."""
+        """A task that runs the registered kernel `name` on `args`; `retry=False`: never run it twice."""
         return cls(
             call=KernelCall(name=name, args=tuple(args)),
             backend=backend,
             priority=priority,
             timeout=timeout,
-            max_attempts=max_attempts,
+            max_attempts=_attempts(max_attempts, retry),
             requires=frozenset(requires) if requires else _NO_TAGS,
             key=key,
             name=label,
@@ -193,18 +199,19 @@ class Task:
         cwd: str | None = None,
         priority: Priority = Priority.NORMAL,
         timeout: float | None = None,
-        max_attempts: int = 3,
+        max_attempts: int | None = None,
         requires: Iterable[str] = (),
         key: str | None = None,
         label: str = "",
+        retry: bool = True,
     ) -> Task:
-        """A task that runs the executable `path` with `args` on a host."""
+        """A task that runs the executable `path` with `args` on a host; `retry=False`: never run it twice."""
         return cls(
             call=BinaryCall(path=str(path), args=tuple(args), env=dict(env or {}), cwd=cwd),
             backend=Backend.CPU,
             priority=priority,
             timeout=timeout,
-            max_attempts=max_attempts,
+            max_attempts=_attempts(max_attempts, retry),
             requires=frozenset(requires) if requires else _NO_TAGS,
             key=key,
             name=label,
@@ -222,6 +229,20 @@ class Task:
     @property
     def is_kernel(self) -> bool:
         return isinstance(self.call, KernelCall)
+
+    @property
+    def retry(self) -> bool:
+        """Whether a loss may run the task again: False for `retry=False` (`max_attempts=1`)."""
+        return self.max_attempts > 1
+
+
+def _attempts(max_attempts: int | None, retry: bool) -> int:
+    """`max_attempts` from the constructors' two spellings of one setting."""
+    if retry:
+        return DEFAULT_MAX_ATTEMPTS if max_attempts is None else max_attempts
+    if max_attempts not in (None, 1):
+        raise TaskError(f"retry=False means one attempt; drop max_attempts={max_attempts!r} or keep retry=True")
+    return 1
 
 
 def _basename(path: str) -> str:
@@ -277,6 +298,11 @@ class TaskBuilder:
 
     def max_attempts(self, attempts: int) -> Self:
         self._options["max_attempts"] = attempts
+        return self
+
+    def retry(self, allowed: bool) -> Self:
+        """`.retry(False)`: not safe to run twice (one attempt; a lost host fails it)."""
+        self._options["max_attempts"] = _attempts(self._options.get("max_attempts"), allowed)
         return self
 
     def requires(self, *tags: str) -> Self:

@@ -2,12 +2,70 @@
 
 A job is an `async def main(pool)`: a built-in one is a public module in this folder
 (`batuta run demo`), a user's is a `.py` file (`batuta run ./my_job.py`). Modules whose
-names start with `_` are the machinery, not jobs. Importing this package is cheap; the
-runtime is imported only by `batuta.jobs._run`, when a job actually runs.
+names start with `_` are the machinery, not jobs; what the command line and the dashboard
+use of them is exported here. Importing this package is cheap: the runner (and with it the
+runtime) is imported on first use of one of its names, when a job actually runs.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from batuta.jobs._load import Job, JobError, builtin_job_names, load_job
 
-__all__ = ["Job", "JobError", "builtin_job_names", "load_job"]
+if TYPE_CHECKING:
+    from batuta.jobs._progress import ProgressBar
+    from batuta.jobs._run import (
+        HostsUnreachableError,
+        RunOutcome,
+        drop_summarised,
+        linger_metrics,
+        make_pool,
+        run_job,
+        start_metrics,
+    )
+    from batuta.jobs._summary import HostSummary, RunSummary, RunTracker
+
+# name -> the private module that defines it, imported on first use (see __getattr__)
+_LAZY = {
+    "ProgressBar": "batuta.jobs._progress",
+    "HostsUnreachableError": "batuta.jobs._run",
+    "RunOutcome": "batuta.jobs._run",
+    "drop_summarised": "batuta.jobs._run",
+    "linger_metrics": "batuta.jobs._run",
+    "make_pool": "batuta.jobs._run",
+    "run_job": "batuta.jobs._run",
+    "start_metrics": "batuta.jobs._run",
+    "HostSummary": "batuta.jobs._summary",
+    "RunSummary": "batuta.jobs._summary",
+    "RunTracker": "batuta.jobs._summary",
+}
+
+__all__ = [
+    "HostSummary",
+    "HostsUnreachableError",
+    "Job",
+    "JobError",
+    "ProgressBar",
+    "RunOutcome",
+    "RunSummary",
+    "RunTracker",
+    "builtin_job_names",
+    "drop_summarised",
+    "linger_metrics",
+    "load_job",
+    "make_pool",
+    "run_job",
+    "start_metrics",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'batuta.jobs' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value

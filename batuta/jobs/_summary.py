@@ -1,8 +1,15 @@
-"""What a job run did, counted from its tasks: totals, failures, throughput and latency percentiles.
+"""What a job run did, counted from its tasks and hosts: totals, failures by cause, each host's
+share and fate, throughput and latency percentiles.
 
-Pure bookkeeping with no I/O and no event loop: the runner feeds it each task as it is queued
-and each `TaskResult` as it ends, and asks for a `RunSummary` at the end. The command line
-prints that summary as text or JSON; a TUI can show the same numbers.
+Pure bookkeeping with no I/O and no event loop: the runner feeds it each task as it is queued,
+each `TaskResult` as it ends and each host's changes, and asks for a `RunSummary` at the end.
+The command line prints that summary as text or JSON; a TUI can show the same numbers.
+
+Failures are grouped by cause (status and reason): a thousand tasks failing the same way are
+one line, "1000 tasks failed: <reason>", and the reason is never cut. A host's fate says
+whether it was up throughout, lost during the run (and maybe back), refused for good
+("retired": a changed host key, a rejected login) or never reached; `--strict` fails a run
+for any host that was not up throughout.
 """
 
 from __future__ import annotations
@@ -10,18 +17,27 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from batuta import TaskResult, TaskStatus
 
-FAILURES_KEPT = 5  # failure lines kept for the summary: the first few tell the story
+CAUSES_KEPT = 5  # distinct failure causes kept for the summary: the first few tell the story
 PERCENTILES = (50, 95, 99)
+HOST_PERCENTILES = (50, 95)
 
 FAILED_STATUSES = frozenset({TaskStatus.FAILED, TaskStatus.TIMED_OUT, TaskStatus.LOST, TaskStatus.UNSCHEDULABLE})
 # Tasks that got a slot and ran to an end there: their times say something about the pool.
 RAN_STATUSES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.TIMED_OUT})
+
+HOST_UP = "up"
+HOST_LOST = "lost"  # was up, then lost (and not back by the end)
+HOST_RETIRED = "retired"  # refused for good: the pool will not try it again
+HOST_UNREACHABLE = "unreachable"  # never came up during the run
+# A host in one of these states at the end, or lost at any time, makes `--strict` fail.
+HOST_FAILED_STATES = frozenset({HOST_LOST, HOST_RETIRED, HOST_UNREACHABLE})
+NEVER_UP_REASON = "never came up during the run; the log (batuta.runtime.pool) has its start errors"
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -42,22 +58,64 @@ def one_line(text: str) -> str:
     return lines[0] if lines else ""
 
 
-def failure_line(result: TaskResult) -> str:
-    """One line for a failed task, from `describe_failure()`."""
-    return one_line(result.describe_failure())
+def failure_cause(result: TaskResult) -> str:
+    """Why a task did not succeed, without which task it was: what identical failures share."""
+    why = result.error or (f"exit code {result.exit_code}" if result.exit_code else result.status.value)
+    return one_line(why)
+
+
+def _where(result: TaskResult) -> str:
+    """ "task 3 (spin) on gpu1/0": the task of a failure group that stands for the rest."""
+    slot = result.slot or ""
+    if result.host and not slot.startswith(f"{result.host}/"):
+        slot = f"{result.host}/{slot or '?'}"
+    return f"task {result.task_id} ({result.name})" + (f" on {slot}" if slot else "")
+
+
+def _tasks(count: int) -> str:
+    return f"{count} task{'s' if count != 1 else ''}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FailureGroup:
+    """Tasks that ended the same way for the same reason, and the first of them."""
+
+    status: str
+    reason: str
+    count: int
+    first: str  # "task 3 (spin) on gpu1/0"
+
+    def line(self) -> str:
+        return f"{_tasks(self.count)} {self.status.replace('_', ' ')}: {self.reason} (first: {self.first})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "reason": self.reason, "count": self.count, "first": self.first}
+
+
+@dataclass(slots=True)
+class _Host:
+    state: str = HOST_UNREACHABLE
+    reason: str = ""
+    was_up: bool = False
+    losses: int = 0
+    tasks: int = 0
+    failed: int = 0
+    run_times: list[float] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class RunTracker:
-    """Counts a run's tasks; each task id is counted once, however often it is requeued."""
+    """Counts a run's tasks and follows its hosts; each task id is counted once, however often
+    it is requeued."""
 
     queued_ids: set[int] = field(default_factory=set)
     finished_ids: set[int] = field(default_factory=set)
     statuses: Counter[TaskStatus] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)  # queue wait + run time, seconds
     run_times: list[float] = field(default_factory=list)
-    failure_lines: list[str] = field(default_factory=list)
+    causes: dict[tuple[str, str], list[Any]] = field(default_factory=dict)  # (status, reason) -> [count, first]
     restored: int = 0  # answered from the journal (--resume), not run: no latency sample
+    hosts: dict[str, _Host] = field(default_factory=dict)
 
     def task_queued(self, task_id: int) -> None:
         self.queued_ids.add(task_id)
@@ -73,8 +131,59 @@ class RunTracker:
         elif result.status in RAN_STATUSES:
             self.latencies.append(result.queue_wait + result.duration)
             self.run_times.append(result.duration)
-        if result.status in FAILED_STATUSES and len(self.failure_lines) < FAILURES_KEPT:
-            self.failure_lines.append(failure_line(result))
+        if result.host and not result.restored and result.status is not TaskStatus.CANCELLED:
+            host = self._host(result.host)
+            host.tasks += 1
+            if result.status in FAILED_STATUSES:
+                host.failed += 1
+            if result.status in RAN_STATUSES:
+                host.run_times.append(result.duration)
+        if result.status in FAILED_STATUSES:
+            key = (result.status.value, failure_cause(result))
+            group = self.causes.get(key)
+            if group is not None:
+                group[0] += 1
+            elif len(self.causes) < CAUSES_KEPT:
+                self.causes[key] = [1, _where(result)]
+
+    # -- hosts: fed from the pool's HostUp, HostDown and HostStateChanged events --------------
+
+    def host_up(self, name: str) -> None:
+        self.host_state_changed(name, HOST_UP, "")
+
+    def host_down(self, name: str, reason: str) -> None:
+        """The host's agent went away: lost if it had been up, else it failed to come up."""
+        host = self._host(name)
+        if host.was_up:
+            host.losses += 1
+            host.state = HOST_LOST
+        else:
+            host.state = HOST_UNREACHABLE
+        host.reason = reason
+
+    def host_state_changed(self, name: str, state: str, reason: str) -> None:
+        host = self._host(name)
+        if state == HOST_UP:
+            host.state, host.was_up = HOST_UP, True
+            if not host.losses:  # a late start or a passing suspicion is no longer news
+                host.reason = ""
+        elif state == HOST_RETIRED or host.state != HOST_RETIRED:
+            host.state, host.reason = state, reason
+
+    def hosts_known(self, names: Iterable[str]) -> None:
+        """Every host of the pool: those never heard of still appear, as never reached."""
+        for name in names:
+            host = self._host(name)
+            if not host.was_up and host.state == HOST_UNREACHABLE and not host.reason:
+                host.reason = NEVER_UP_REASON
+
+    def _host(self, name: str) -> _Host:
+        host = self.hosts.get(name)
+        if host is None:
+            host = self.hosts[name] = _Host()
+        return host
+
+    # -- totals ------------------------------------------------------------------------------
 
     @property
     def submitted(self) -> int:
@@ -96,7 +205,9 @@ class RunTracker:
     def cancelled(self) -> int:
         return self.statuses[TaskStatus.CANCELLED]
 
-    def summary(self, *, job: str, wall_s: float, result: Any, error: str | None) -> RunSummary:
+    def summary(
+        self, *, job: str, wall_s: float, result: Any, error: str | None, interrupted: bool = False
+    ) -> RunSummary:
         """Freeze the counts into a summary of the run of `job` that took `wall_s` seconds."""
         return RunSummary(
             job=job,
@@ -109,15 +220,70 @@ class RunTracker:
             wall_s=wall_s,
             latency_s=_percentiles(self.latencies),
             run_time_s=_percentiles(self.run_times),
-            failures=list(self.failure_lines),
+            failure_groups=[
+                FailureGroup(status=status, reason=reason, count=count, first=first)
+                for (status, reason), (count, first) in self.causes.items()
+            ],
+            hosts=[
+                HostSummary(
+                    host=name,
+                    state=h.state,
+                    reason=h.reason,
+                    losses=h.losses,
+                    tasks=h.tasks,
+                    failed=h.failed,
+                    run_time_s=_percentiles(h.run_times, HOST_PERCENTILES),
+                )
+                for name, h in self.hosts.items()
+            ],
             result=result,
             error=error,
+            interrupted=interrupted,
         )
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
+def _percentiles(values: list[float], qs: Sequence[int] = PERCENTILES) -> dict[str, float]:
     ordered = sorted(values)
-    return {f"p{q}": percentile(ordered, q) for q in PERCENTILES}
+    return {f"p{q}": percentile(ordered, q) for q in qs}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostSummary:
+    """One host over the run: how it ended, why, and the tasks that ended there."""
+
+    host: str
+    state: str  # up, lost, retired, unreachable (or suspected, draining, drained)
+    reason: str  # why it is not up, or why it was lost; "" when it was up throughout
+    losses: int  # times it was lost while up
+    tasks: int  # tasks that ended there (run, failed there or lost with it)
+    failed: int
+    run_time_s: dict[str, float]  # p50 and p95 of the run times there
+
+    @property
+    def failed_host(self) -> bool:
+        """Refused, unreachable or lost at some point: what `--strict` fails a run for."""
+        return self.state in HOST_FAILED_STATES or self.losses > 0
+
+    def fate(self) -> str:
+        """ "retired: host key changed ...", "lost twice, back up: ..." or "" for a healthy host."""
+        if not self.failed_host and not self.reason:
+            return ""
+        state = self.state
+        if self.losses and state not in (HOST_LOST, HOST_RETIRED):
+            times = "once" if self.losses == 1 else f"{self.losses} times"
+            state = f"lost {times}, back {state}"
+        return f"{state}: {self.reason}" if self.reason else state
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "state": self.state,
+            "reason": self.reason or None,
+            "losses": self.losses,
+            "tasks": self.tasks,
+            "failed": self.failed,
+            "run_time_s": _json_floats(self.run_time_s),
+        }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -129,18 +295,30 @@ class RunSummary:
     succeeded: int
     failed: int
     cancelled: int
-    unfinished: int  # submitted but not ended when main returned and the pool closed
+    unfinished: int  # submitted but not ended when main returned (or was interrupted) and the pool closed
     restored: int = 0  # of `succeeded`: taken from the journal, not run again
     wall_s: float
     latency_s: dict[str, float]
     run_time_s: dict[str, float]
-    failures: list[str]
+    failure_groups: list[FailureGroup] = field(default_factory=list)
+    hosts: list[HostSummary] = field(default_factory=list)
     result: Any = None  # what the job's main returned
     error: str | None = None  # one line when the job's main raised
+    interrupted: bool = False  # Ctrl-C (SIGINT) stopped the job; unfinished tasks were cancelled
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.failed == 0
+        return self.error is None and self.failed == 0 and not self.interrupted
+
+    @property
+    def failed_hosts(self) -> list[HostSummary]:
+        """Hosts refused, never reached, or lost during the run (`--strict` exits 1 for any)."""
+        return [h for h in self.hosts if h.failed_host]
+
+    @property
+    def failures(self) -> list[str]:
+        """One line per failure cause, with how many tasks it took."""
+        return [group.line() for group in self.failure_groups]
 
     @property
     def tasks_per_s(self) -> float:
@@ -152,6 +330,7 @@ class RunSummary:
         return {
             "job": self.job,
             "ok": self.ok,
+            "interrupted": self.interrupted,
             "tasks": self.tasks,
             "succeeded": self.succeeded,
             "failed": self.failed,
@@ -162,35 +341,60 @@ class RunSummary:
             "tasks_per_s": round(self.tasks_per_s, 3),
             "latency_s": _json_floats(self.latency_s),
             "run_time_s": _json_floats(self.run_time_s),
-            "failures": self.failures,
+            "failures": [group.to_json() for group in self.failure_groups],
+            "failures_not_shown": self.failed - sum(group.count for group in self.failure_groups),
+            "hosts": [host.to_json() for host in self.hosts],
+            "hosts_failed": [host.host for host in self.failed_hosts],
             "result": _json_value(self.result),
             "error": self.error,
         }
 
     def text_lines(self) -> list[str]:
-        """The summary for a terminal, a few short lines."""
+        """The summary for a terminal: totals, latency, one line per host and per failure cause."""
         counts = f"{self.tasks} tasks: {self.succeeded} succeeded, {self.failed} failed"
         if self.restored:
             counts += f" ({self.restored} restored from the journal)"
         if self.cancelled:
             counts += f", {self.cancelled} cancelled"
         if self.unfinished:
-            counts += f", {self.unfinished} unfinished"
+            counts += f", {self.unfinished} {'cancelled by the interrupt' if self.interrupted else 'unfinished'}"
         lines = [
             f"{counts} in {self.wall_s:.2f} s ({self.tasks_per_s:,.1f} tasks/s)",
             f"latency (queue + run)  {_ms_row(self.latency_s)}",
             f"run time               {_ms_row(self.run_time_s)}",
         ]
-        lines += [f"failed: {line}" for line in self.failures]
-        if self.failed > len(self.failures):
-            lines.append(f"... and {self.failed - len(self.failures)} more failed task(s)")
+        lines += self.host_lines()
+        lines += self.failure_lines()
+        return lines
+
+    def host_lines(self) -> list[str]:
+        """A small table: tasks, failures and run time per host, then how each troubled host fared."""
+        if not self.hosts:
+            return []
+        width = max(4, *(len(h.host) for h in self.hosts))
+        lines = [f"{'host':<{width}}  {'tasks':>6}  {'failed':>6}  {'run p50':>10}  {'run p95':>10}"]
+        for h in self.hosts:
+            p50, p95 = (_ms(h.run_time_s[k]) for k in ("p50", "p95"))
+            row = f"{h.host:<{width}}  {h.tasks:>6}  {h.failed:>6}  {p50:>10}  {p95:>10}"
+            fate = h.fate()
+            lines.append(f"{row}  {fate}" if fate else row)
+        return lines
+
+    def failure_lines(self) -> list[str]:
+        """ "12 tasks failed: <reason> (first: ...)", one per cause, then a count of the rest."""
+        lines = list(self.failures)
+        rest = self.failed - sum(group.count for group in self.failure_groups)
+        if rest > 0:
+            lines.append(f"... and {_tasks(rest)} more failed for other reasons (--log-file FILE keeps every failure)")
         return lines
 
 
+def _ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1e3:,.1f} ms"
+
+
 def _ms_row(values: dict[str, float]) -> str:
-    return "  ".join(
-        f"{name} {'-' if math.isnan(seconds) else f'{seconds * 1e3:,.1f} ms'}" for name, seconds in values.items()
-    )
+    return "  ".join(f"{name} {_ms(seconds)}" for name, seconds in values.items())
 
 
 def _json_floats(values: dict[str, float]) -> dict[str, float | None]:
