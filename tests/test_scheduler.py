@@ -184,7 +184,7 @@ def test_task_not_safe_to_repeat_is_lost_with_its_slot_even_before_a_start_arriv
     sim.deliver("a")  # once[0] seen to start; once[2] sent there, no start seen
     sim.lose("a", reason="host unreachable")
     sim.sched.validate()
-    requeued = {i.task_id for i in sim.instructions if isinstance(i, ev.TaskRequeued)}
+    requeued = {i.task_id for i in sim.instructions if isinstance(i, ev.AnnounceRequeue)}
     assert not requeued & {once[0], once[2]}
     for task in (once[0], once[2]):
         [res] = sim.resolved[task]

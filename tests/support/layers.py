@@ -39,7 +39,7 @@ LAYER_OF_PATH: list[tuple[str, str]] = [
     ("batuta/stack/", "stack"),
     ("batuta/jobs/", "jobs"),
     ("batuta/__init__.py", "facade"),
-    ("batuta/cli.py", "cli"),
+    ("batuta/cli/", "cli"),
     ("batuta/__main__.py", "cli"),
 ]
 # Layer of an imported module, by its dotted name (first match wins). What is left of

@@ -1,0 +1,85 @@
+"""What every `batuta` command shares: the exit codes, the one-line error, argument types."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from batuta.core.task import MAX_SLOTS
+
+if TYPE_CHECKING:
+    from batuta.runtime.cluster import ClusterConfig
+
+PROG = "batuta"
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_INTERRUPTED = 130
+
+
+def print_error(exc: BaseException | str) -> None:
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; pass a count of 1 or more, e.g. 2") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too few; pass a count of 1 or more, e.g. 2")
+    return value
+
+
+def slot_count(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_SLOTS:
+        raise argparse.ArgumentTypeError(f"{value} is too many; one agent runs at most {MAX_SLOTS} slots")
+    return value
+
+
+def integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number, e.g. 0") from None
+
+
+def port(text: str) -> int:
+    value = integer(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port; pass 0 to 65535, e.g. 9464")
+    return value
+
+
+def has_terminal() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def load_cluster(path: str) -> ClusterConfig:
+    from batuta.runtime.cluster import load_cluster
+
+    return load_cluster(path)
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, e.g. 30") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds, e.g. 30")
+    return value
+
+
+def gigabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB, e.g. 2") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of GiB >= 0, e.g. 2")
+    return value

@@ -1,0 +1,374 @@
+"""The commands about hosts: `agent`, `worker`, `certs`, `cluster`, `stack`, `version`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from typing import TYPE_CHECKING
+
+from batuta._version import __version__
+from batuta.errors import UsageError
+
+if TYPE_CHECKING:
+    from batuta.runtime.probe import HostReport
+
+from batuta.cli._common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    PROG,
+    gigabytes,
+    load_cluster,
+    positive_int,
+    positive_seconds,
+)
+
+# -- batuta agent ------------------------------------------------------------------------
+
+
+def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("agent_args", nargs=argparse.REMAINDER, help="passed to the agent")
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    return run_agent(list(args.agent_args))
+
+
+def run_agent(argv: list[str]) -> int:
+    """Hand over to the host agent, importing nothing else first (it must start fast)."""
+    try:
+        from batuta.agent.main import main as agent_main
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("batuta.agent.main", "batuta.agent"):
+            raise
+        print(
+            f"{PROG}: error: this install has no host agent (batuta.agent.main); reinstall batuta",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    try:
+        return int(agent_main(argv) or EXIT_OK)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+# -- batuta worker -----------------------------------------------------------------------
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bind",
+        default="127.0.0.1:9443",
+        metavar="HOST:PORT",
+        help="address to listen on (default: 127.0.0.1:9443, this machine only; "
+        "use 0.0.0.0:9443 or a specific address to accept coordinators from the network)",
+    )
+    parser.add_argument("--cert", required=True, metavar="FILE", help="the worker's certificate (server.pem)")
+    parser.add_argument("--key", required=True, metavar="FILE", help="its private key (server.key, mode 0600)")
+    parser.add_argument(
+        "--ca", required=True, metavar="FILE", help="the CA whose client certificates are accepted (ca.pem)"
+    )
+    parser.add_argument("--slots", type=int, metavar="N", help="CPU worker slots (default: one per core)")
+    parser.add_argument("--gpus", default="auto", metavar="auto|none|0,1", help="GPU slots (default: auto)")
+    parser.add_argument(
+        "--kernel-module", action="append", default=[], metavar="MOD", help="kernel module to load (repeatable)"
+    )
+    parser.add_argument("--name", help="host name the agent reports (default: hostname)")
+    parser.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="drop a coordinator whose link went silent for about this long (default: 20)",
+    )
+    parser.add_argument(
+        "--client-hello-timeout",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="drop a connection that has not started its TLS handshake this long after connecting "
+        "(default: 2; a TLS client starts at once)",
+    )
+    parser.add_argument(
+        "--max-handshakes-per-source",
+        type=int,
+        default=8,
+        metavar="N",
+        help="connections from one address in their TLS handshake at once; more are refused (default: 8)",
+    )
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        metavar="LEVEL",
+        help="debug, info (default), warning or error",
+    )
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Serve coordinators over mutual TLS until SIGTERM or Ctrl-C."""
+    import asyncio
+    from pathlib import Path
+
+    from batuta.agent.daemon import WorkerOptions, check_key_file, run_worker
+    from batuta.agent.options import parse_args as parse_agent_args
+    from batuta.observers.logs import configure
+    from batuta.transport.tls import TLSConfigError, split_address
+
+    try:
+        host, port = split_address(args.bind)
+    except ValueError as exc:
+        raise UsageError(f"--bind: {exc}") from None
+    agent_argv = ["--stdio", "--gpus", args.gpus]
+    if args.slots is not None:
+        agent_argv += ["--slots", str(args.slots)]
+    for module in args.kernel_module:
+        agent_argv += ["--kernel-module", module]
+    if args.name is not None:
+        agent_argv += ["--name", args.name]
+    agent = parse_agent_args(agent_argv)  # the agent's own checks, before anything listens
+    if not args.peer_timeout > 0:
+        raise UsageError(f"--peer-timeout {args.peer_timeout}: expected a positive number of seconds")
+    if not 0 < args.client_hello_timeout < float("inf"):
+        raise UsageError(f"--client-hello-timeout {args.client_hello_timeout}: expected a positive number of seconds")
+    if args.max_handshakes_per_source < 1:
+        raise UsageError(f"--max-handshakes-per-source {args.max_handshakes_per_source}: expected 1 or more")
+    options = WorkerOptions(
+        cert=Path(args.cert).expanduser(),
+        key=Path(args.key).expanduser(),
+        ca=Path(args.ca).expanduser(),
+        host=host,
+        port=port,
+        slots=args.slots,
+        gpus=args.gpus,
+        kernel_modules=agent.kernel_modules,
+        name=args.name,
+        peer_timeout=args.peer_timeout,
+        client_hello_timeout=args.client_hello_timeout,
+        max_handshakes_per_source=args.max_handshakes_per_source,
+    )
+    setup = configure(level=args.log_level)
+    try:
+        warning = check_key_file(options.key)
+        if warning:
+            print(f"{PROG} worker: warning: {warning}", file=sys.stderr)
+        return asyncio.run(run_worker(options))
+    except TLSConfigError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.bind}: {exc.strerror or exc}; pick another --bind") from None
+    finally:
+        setup.close()
+
+
+# -- batuta certs ------------------------------------------------------------------------
+
+
+def add_certs_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="certs_action", metavar="ACTION", title="actions")
+    init = actions.add_parser(
+        "init",
+        help="create a private CA, a worker (server) certificate and a coordinator (client) certificate",
+    )
+    init.add_argument("directory", metavar="DIR", help="folder to write into (created with mode 0700)")
+    init.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name or address coordinators dial the worker by (repeatable; default: localhost and 127.0.0.1)",
+    )
+    init.add_argument("--days", type=positive_int, default=825, metavar="N", help="certificate lifetime in days")
+    init.add_argument("--force", action="store_true", help="replace certificates and keys already in DIR")
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    if args.certs_action != "init":
+        raise UsageError("'batuta certs' needs an action: 'batuta certs init DIR [--host NAME ...]'")
+    from batuta.transport.certs import DEFAULT_HOSTS, describe, init_certs
+
+    paths = init_certs(args.directory, hosts=args.host or DEFAULT_HOSTS, days=args.days, force=args.force)
+    for cert in (paths.ca_cert, paths.server_cert, paths.client_cert):
+        print(describe(cert))
+    print(f"keys (mode 0600): {paths.ca_key}, {paths.server_key}, {paths.client_key}")
+    print(
+        f"worker:      {PROG} worker --bind 127.0.0.1:9443 --cert {paths.server_cert} --key {paths.server_key} "
+        f"--ca {paths.ca_cert}\n"
+        f"coordinator: [tls] ca = {str(paths.ca_cert)!r}, cert = {str(paths.client_cert)!r}, "
+        f"key = {str(paths.client_key)!r}\n"
+        f"keep {paths.ca_key.name} off the workers; copy only server.pem, server.key and ca.pem there"
+    )
+    return EXIT_OK
+
+
+# -- batuta version ----------------------------------------------------------------------
+
+
+def add_version_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser  # no options
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    import platform
+
+    print(f"{PROG} {__version__} (Python {platform.python_version()}, {sys.platform})")
+    return EXIT_OK
+
+
+# -- batuta cluster status ---------------------------------------------------------------
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="cluster_action", metavar="ACTION", title="actions")
+    status = actions.add_parser("status", help="reach every host and show its state, slots, GPUs and versions")
+    status.add_argument("-c", "--cluster", metavar="FILE", required=True, help="the cluster file (TOML)")
+    status.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    status.add_argument("--timeout", type=float, default=30.0, metavar="S", help="seconds to wait for each host")
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    if args.cluster_action != "status":
+        raise UsageError("'batuta cluster' needs an action: 'batuta cluster status --cluster FILE'")
+    import asyncio
+    import json
+
+    from batuta.runtime.cluster import host_specs
+    from batuta.runtime.probe import probe_hosts
+
+    cluster = load_cluster(args.cluster)
+    reports = asyncio.run(probe_hosts(host_specs(cluster), timeout=args.timeout))
+    if args.json:
+        print(json.dumps({"cluster": str(args.cluster), "hosts": [_report_dict(r) for r in reports]}))
+    else:
+        _print_host_table(reports)
+    return EXIT_OK if all(r.ok for r in reports) else EXIT_FAILED
+
+
+def _report_dict(report: HostReport) -> dict[str, object]:
+    hello = report.hello
+    return {
+        "host": report.name,
+        "state": "up" if report.ok else "unreachable",
+        "ready_s": round(report.ready_s, 3) if report.ready_s is not None else None,
+        "cpu_slots": report.cpu_slots,
+        "gpu_slots": report.gpu_slots,
+        "gpus": [g.name for g in hello.gpus] if hello else [],
+        "cores": hello.cpu_count if hello else None,
+        "hostname": hello.hostname if hello else None,
+        "python": hello.python_version if hello else None,
+        "batuta": hello.batuta_version if hello else None,
+        "error": report.error,
+    }
+
+
+def _print_host_table(reports: list[HostReport]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for column in ("HOST", "STATE", "SLOTS cpu/gpu", "GPUS", "CORES", "PYTHON", "BATUTA", "READY"):
+        table.add_column(column)
+    for report in reports:
+        row = _report_dict(report)
+        ready = f"{row['ready_s'] * 1000:.0f} ms" if isinstance(row["ready_s"], float) else "-"
+        gpus = (", ".join(row["gpus"]) or "no GPU") if report.ok else "-"  # type: ignore[arg-type]
+        state = "[green]up[/]" if report.ok else "[red]unreachable[/]"
+        table.add_row(
+            report.name,
+            state,
+            f"{row['cpu_slots']}/{row['gpu_slots']}",
+            gpus,
+            str(row["cores"] or "-"),
+            str(row["python"] or "-"),
+            str(row["batuta"] or "-"),
+            ready,
+        )
+    console = Console()
+    console.print(table)
+    for report in reports:
+        if report.error:
+            console.print(f"{report.name}: {report.error}", markup=False, highlight=False)
+
+
+# -- batuta stack versions | check | gate ------------------------------------------------
+
+
+def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="stack_action", metavar="ACTION", title="actions")
+    helps = {
+        "versions": "component versions on every node, differences from the coordinator marked",
+        "check": "is every node reachable, matched and fit to take work (exit 1 on an error)",
+        "gate": "check, plus the cluster file's [policy] and every kernel against its reference",
+    }
+    for action, text in helps.items():
+        sub = actions.add_parser(action, help=text, description=text)
+        sub.add_argument(
+            "-c", "--cluster", metavar="FILE", help="the cluster file (TOML); default: the embedded local agent"
+        )
+        sub.add_argument(
+            "--format", choices=("text", "json", "markdown"), default="text", help="output format (default: text)"
+        )
+        sub.add_argument(
+            "--timeout",
+            type=positive_seconds,
+            default=60.0,
+            metavar="S",
+            help="seconds for each node's agent to start, and for each task there (default: 60)",
+        )
+        sub.add_argument(
+            "--log-level",
+            type=str.lower,
+            choices=("debug", "info", "warning", "error", "critical"),
+            default="error",
+            metavar="LEVEL",
+            help="log to stderr from this level (default: error; findings already say what is wrong)",
+        )
+        if action == "versions":
+            continue
+        sub.add_argument("--strict", action="store_true", help="warnings fail too (exit 1)")
+        sub.add_argument("-q", "--quiet", action="store_true", help="print only the verdict")
+        sub.add_argument(
+            "--min-disk-gb",
+            type=gigabytes,
+            metavar="GB",
+            help="free disk below this is an error, below twice it a warning (default: [policy], else 2)",
+        )
+        sub.add_argument(
+            "--min-memory-gb",
+            type=gigabytes,
+            metavar="GB",
+            help="available memory below this is an error, below twice it a warning (default: [policy], else 1)",
+        )
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    """Versions, health or the gate verdict of every node; stdout holds the report alone."""
+    import os
+
+    if args.stack_action is None:
+        raise UsageError("'batuta stack' needs an action: versions, check or gate (e.g. 'batuta stack check -c FILE')")
+    from batuta.observers.logs import configure
+    from batuta.stack.report import render
+    from batuta.stack.survey import EMBEDDED, StackOptions, run_stack
+
+    cluster = load_cluster(args.cluster) if args.cluster else None
+    options = StackOptions(
+        timeout=args.timeout,
+        strict=getattr(args, "strict", False),
+        min_free_disk_gb=getattr(args, "min_disk_gb", None),
+        min_free_memory_gb=getattr(args, "min_memory_gb", None),
+    )
+    logging_setup = configure(level=args.log_level, fmt="text", stream=sys.stderr)
+    try:
+        report = run_stack(args.stack_action, cluster, source=args.cluster or EMBEDDED, options=options)
+    finally:
+        logging_setup.close()
+    color = args.format == "text" and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    try:
+        print(render(report, args.format, color=color, quiet=getattr(args, "quiet", False)), flush=True)
+    except BrokenPipeError:  # `batuta stack versions | head`: the reader left early, which is fine
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return report.exit_code

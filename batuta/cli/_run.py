@@ -1,0 +1,321 @@
+"""The commands that coordinate: `run` (headless) and `tui` (the dashboard)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from batuta.errors import UsageError
+
+if TYPE_CHECKING:
+    from batuta.jobs import RunOutcome, RunSummary
+
+from batuta.cli._common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    PROG,
+    has_terminal,
+    load_cluster,
+    port,
+    print_error,
+    slot_count,
+)
+
+# -- batuta run --------------------------------------------------------------------------
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    from batuta.jobs import builtin_job_names
+
+    parser.add_argument(
+        "job",
+        metavar="JOB",
+        help="a .py file defining 'async def main(pool)', or a built-in job: " + ", ".join(builtin_job_names()),
+    )
+    _add_pool_arguments(parser, cluster_help="run on the hosts of this cluster file (TOML) instead of locally")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the summary as one JSON object on stdout (the job's prints go to stderr)",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 when a host was refused, unreachable or lost during the run, even if every task succeeded",
+    )
+    _add_observer_arguments(parser)
+
+
+def _add_observer_arguments(parser: argparse.ArgumentParser) -> None:
+    """`batuta run`'s metrics, logging and journal options (see batuta.observers.metrics, .logs, .journal)."""
+    observe = parser.add_argument_group("metrics, logs and journal")
+    _add_metrics_and_log_arguments(observe, log_to="stderr")
+    observe.add_argument(
+        "--metrics-linger",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --metrics-port: serve the final metrics this long after the job (default: 0; Ctrl-C ends it)",
+    )
+    observe.add_argument(
+        "--metrics-textfile",
+        metavar="PATH",
+        help="write the final metrics to PATH (Prometheus text, replaced atomically) for node-exporter",
+    )
+    observe.add_argument(
+        "--journal",
+        metavar="DIR",
+        help="record each succeeded task's result (and the job's checkpoints) in DIR; starts it over",
+    )
+    observe.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --journal: reuse its results and checkpoints, running only what is not done",
+    )
+
+
+def _add_metrics_and_log_arguments(group: argparse._ArgumentGroup, *, log_to: str) -> None:
+    """--metrics-port/--metrics-bind and --log-*: shared by `run` and `tui`."""
+    group.add_argument(
+        "--metrics-port",
+        type=port,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port while the pool runs (0 picks a free one)",
+    )
+    group.add_argument(
+        "--metrics-bind",
+        metavar="ADDR",
+        help="address the metrics server listens on (default: 127.0.0.1, this machine only)",
+    )
+    group.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="log lines as text or JSON (default: text)"
+    )
+    group.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=("debug", "info", "warning", "error", "critical"),
+        default="warning",
+        metavar="LEVEL",
+        help="debug, info, warning (default), error or critical",
+    )
+    where = "also append" if log_to == "stderr" else "append (the screen has its own log panel)"
+    group.add_argument("--log-file", metavar="FILE", help=f"{where} the log to FILE")
+
+
+def _check_metrics_arguments(args: argparse.Namespace) -> None:
+    if args.metrics_bind is not None and args.metrics_port is None:
+        raise UsageError(f"--metrics-bind {args.metrics_bind} needs --metrics-port PORT (0 picks a free one)")
+    args.metrics_bind = args.metrics_bind or "127.0.0.1"
+
+
+def _metrics_url(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}/metrics"
+
+
+def _configure_logging(
+    args: argparse.Namespace, *, console: bool = True, console_filter: Callable[[logging.LogRecord], bool] | None = None
+) -> Callable[[], None]:
+    """Install `--log-*` on the `batuta` logger; returns what undoes it. Without `console`
+    (the dashboard owns the terminal) only `--log-file` is written, if given. `console_filter`
+    keeps records off the console alone (the file still gets them)."""
+    from batuta.observers.logs import configure
+
+    if not console and not args.log_file:
+        return lambda: None
+    try:
+        setup = configure(level=args.log_level, fmt=args.log_format, file=args.log_file, console=console)
+    except ValueError as exc:
+        raise UsageError(f"{exc}; check --log-file") from None
+    if console_filter is not None:
+        for handler in setup.handlers:
+            if not isinstance(handler, logging.FileHandler):
+                handler.addFilter(console_filter)
+    return setup.close
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Load the job (every job-file error is found before a pool starts), run it, report."""
+    import asyncio
+
+    from batuta.jobs import load_job
+
+    _check_pool_arguments(args)
+    _check_metrics_arguments(args)
+    job = load_job(args.job)
+    cluster = load_cluster(args.cluster) if args.cluster else None
+    from batuta.jobs import HostsUnreachableError, ProgressBar, drop_summarised, run_job  # the runtime, now
+
+    progress = ProgressBar(job.name) if _wants_progress(args) else None
+    close_logging = _configure_logging(args, console_filter=drop_summarised)  # the summary has the failures
+    try:
+        with progress if progress is not None else contextlib.nullcontext():
+            outcome = asyncio.run(
+                run_job(
+                    job,
+                    workers=args.workers,
+                    seed=args.seed,
+                    cluster=cluster,
+                    on_update=progress.update if progress else None,
+                    job_stdout=sys.stderr if args.json else None,
+                    journal=args.journal,
+                    resume=args.resume,
+                    metrics_port=args.metrics_port,
+                    metrics_bind=args.metrics_bind,
+                    on_metrics=None if args.quiet else _announce_metrics,
+                    metrics_textfile=args.metrics_textfile,
+                    metrics_linger=args.metrics_linger,
+                )
+            )
+    except HostsUnreachableError as exc:
+        check = f"; 'batuta stack check -c {args.cluster}' checks every host and says what to fix"
+        print_error(f"{exc}{check if args.cluster else ''}")
+        return EXIT_UNREACHABLE
+    finally:
+        close_logging()
+    _report(outcome, as_json=args.json, quiet=args.quiet)
+    summary = outcome.summary
+    if summary.interrupted:
+        print(_interrupted_note(summary, args), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if outcome.metrics is not None:  # --metrics-linger, once the summary is out
+        from batuta.jobs import linger_metrics
+
+        linger_metrics(outcome.metrics, args.metrics_linger, say=not args.quiet and sys.stderr.isatty())
+    if not summary.ok or (args.strict and summary.failed_hosts):
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _interrupted_note(summary: RunSummary, args: argparse.Namespace) -> str:
+    """One line: what the interrupt left done, and how to go on from there."""
+    done = summary.tasks - summary.unfinished
+    note = f"{PROG}: interrupted: {done} of {summary.tasks} tasks finished, {summary.unfinished} cancelled; "
+    again = f"{PROG} run {args.job}" + (f" --cluster {args.cluster}" if args.cluster else "")
+    if args.journal:
+        return note + f"'{again} --journal {args.journal} --resume' runs only what is not done"
+    return note + f"with '--journal DIR' a run can be resumed ('{again} --journal DIR', then '--resume')"
+
+
+def _announce_metrics(address: tuple[str, int]) -> None:
+    print(f"{PROG}: serving metrics at {_metrics_url(address)}", file=sys.stderr, flush=True)
+
+
+def _wants_progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _report(outcome: RunOutcome, *, as_json: bool, quiet: bool) -> None:
+    """The job's value and the summary on stdout; the job's traceback and error on stderr."""
+    import json
+
+    summary = outcome.summary
+    if as_json:
+        print(json.dumps(summary.to_json()))
+    else:
+        if summary.result is not None:
+            print(summary.result)
+        if not quiet:
+            print("\n".join(summary.text_lines()))
+        else:  # no summary: each failure cause once, and each host that failed, on stderr
+            for line in summary.failure_lines():
+                print(f"{PROG}: {line}", file=sys.stderr)
+            for host in summary.failed_hosts:
+                print(f"{PROG}: host {host.host} {host.fate()}", file=sys.stderr)
+    if outcome.traceback:
+        sys.stderr.write(outcome.traceback)
+    if summary.error:
+        print(f"{PROG}: error: {summary.error}", file=sys.stderr)
+
+
+def _add_pool_arguments(parser: argparse.ArgumentParser, *, cluster_help: str) -> None:
+    """--cluster, --workers and --seed: which pool a command coordinates (`run`, `tui`)."""
+    parser.add_argument("-c", "--cluster", metavar="FILE", help=cluster_help)
+    parser.add_argument(
+        "-w",
+        "--workers",
+        type=slot_count,
+        metavar="N",
+        help="CPU worker slots in the local pool (default: one per core)",
+    )
+    parser.add_argument("--seed", type=int, metavar="N", help="seed for the scheduler's random choices")
+
+
+def _check_pool_arguments(args: argparse.Namespace) -> None:
+    if args.cluster and args.workers:
+        raise UsageError("--workers sizes the local pool; with --cluster set 'slots' per host in the cluster file")
+
+
+# -- batuta tui --------------------------------------------------------------------------
+
+
+def add_tui_arguments(parser: argparse.ArgumentParser) -> None:
+    from batuta.jobs import builtin_job_names
+
+    _add_pool_arguments(parser, cluster_help="coordinate the hosts of this cluster file (TOML), not this machine")
+    parser.add_argument(
+        "-j",
+        "--job",
+        action="append",
+        default=[],
+        metavar="JOB",
+        help="start this job once the pool is up (repeatable): a .py file or a built-in job: "
+        + ", ".join(builtin_job_names()),
+    )
+    _add_metrics_and_log_arguments(parser.add_argument_group("metrics and logs"), log_to="file")
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    """The dashboard, with the coordinator inside it: local pool by default, SSH hosts with --cluster."""
+    from pathlib import Path
+
+    from batuta.jobs import load_job
+
+    _check_pool_arguments(args)
+    _check_metrics_arguments(args)
+    for spec in args.job:
+        load_job(spec)  # every job-file error is found before the screen takes over the terminal
+    from batuta.jobs import make_pool, start_metrics
+
+    cluster = load_cluster(args.cluster) if args.cluster else None
+    if cluster is not None:  # the screen owns the terminal: no passphrase prompt under it (ssh-add the key)
+        cluster = replace(cluster, ssh=replace(cluster.ssh, ask_passphrase=False))
+    pool = make_pool(workers=args.workers, seed=args.seed, cluster=cluster)
+    if cluster is not None:
+        count = len(cluster.host_names)
+        label = f"{Path(args.cluster).name} ({count} host{'s' if count != 1 else ''})"
+    else:
+        label = "local (embedded)"
+    from batuta.observers.logs import PoolLogObserver
+    from batuta.tui.app import BatutaApp
+
+    exporter = None
+    close_logging: Callable[[], None] = lambda: None  # noqa: E731
+    observer = None
+    try:  # a busy port or an unwritable log file is a usage error before the screen takes over
+        if args.metrics_port is not None:
+            exporter = start_metrics(pool, args.metrics_port, args.metrics_bind)
+        close_logging = _configure_logging(args, console=False)
+        observer = PoolLogObserver(pool).attach() if args.log_file else None
+        if not has_terminal():
+            raise UsageError("batuta tui needs a terminal on stdin and stdout; for a headless run use 'batuta run JOB'")
+        app = BatutaApp(pool, cluster_label=label, start_jobs=args.job)
+        if exporter is not None and exporter.address is not None:  # the log panel says where
+            url = _metrics_url(exporter.address)
+            app.model.add_log(logging.INFO, "batuta.observers.metrics", f"serving metrics at {url}")
+        app.run()
+    finally:
+        if observer is not None:
+            observer.close()
+        close_logging()
+        if exporter is not None:
+            exporter.close()
+    return EXIT_OK
