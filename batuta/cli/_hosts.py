@@ -273,7 +273,8 @@ def _print_host_table(reports: list[HostReport]) -> None:
     for report in reports:
         row = _report_dict(report)
         ready = f"{row['ready_s'] * 1000:.0f} ms" if isinstance(row["ready_s"], float) else "-"
-        gpus = (", ".join(row["gpus"]) or "no GPU") if report.ok else "-"  # type: ignore[arg-type]
+        gpu_names = [g.name for g in report.hello.gpus] if report.hello else []
+        gpus = (", ".join(gpu_names) or "no GPU") if report.ok else "-"
         state = "[green]up[/]" if report.ok else "[red]unreachable[/]"
         table.add_row(
             report.name,

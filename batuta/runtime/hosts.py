@@ -187,6 +187,8 @@ class HostSupervisor:
 
     def _launch_failed(self, session: HostSession, exc: BaseException) -> None:
         retryable = not (isinstance(exc, TransportError) and not exc.retryable)
+        if retryable:  # observers hear why (a retired host is announced by Retire instead)
+            self._pool.host_state_changed(session.name, "unreachable", str(exc) or repr(exc))
         self._handle(lv.LaunchFailed(host_id=session.name, reason=str(exc) or repr(exc), retryable=retryable))
 
     def _arm_timer(self) -> None:
