@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from batuta.core import events as ev
-from batuta.core.scheduler import Scheduler, SchedulerConfig, SchedulerError
+from batuta.core.scheduler import InvariantViolation, Scheduler, SchedulerConfig, SchedulerError
 from batuta.core.task import Outcome, TaskStatus
 from batuta.errors import BatutaError
 from tests.scheduler_sim import Sim
@@ -363,3 +363,18 @@ def test_seeded_victim_choice_is_reproducible() -> None:
         return sim.instructions
 
     assert run(7) == run(7)
+
+
+def test_validate_catches_a_task_in_two_places_and_a_counter_off_by_one() -> None:
+    sim = sim_with("a", "b", config=SchedulerConfig(initial_window=1, min_window=1, story_length=1000))
+    task_id = sim.submit()
+    sim.sched.validate()
+    assert sim.sched.where(task_id) == ("window", "a")
+    entry = sim.sched._slots["a"].window[task_id]
+    sim.sched._slots["b"].deque.append(entry)  # corrupt: the task is now in two places
+    sim.sched._queued += 1
+    with pytest.raises(InvariantViolation, match=rf"task {task_id} in window of a and in deque of b \(story: .*queued"):
+        sim.sched.validate()
+    sim.sched._slots["b"].deque.clear()  # corrupt: only the counter is wrong now
+    with pytest.raises(InvariantViolation, match=r"queued counter 1 != 0 \+ 0"):
+        sim.sched.validate()

@@ -28,20 +28,22 @@ clocks. Rules (Blumofe & Leiserson, adapted to a coordinator that sees every slo
 * Capability matching. A task's `requires` must be a subset of a slot's capabilities; a
   task that no joined slot (up or expected back) can ever run resolves UNSCHEDULABLE.
 
-Time arrives as `now`; randomness from a `random.Random(seed)` owned by the instance.
+Time arrives as `now`; randomness from a `random.Random(seed)` owned by the instance. The
+records the scheduler keeps are in `placement.py`, the stealing in `stealing.py`, and the
+checks of `validate()` in `invariants.py`; their public names are importable from here too.
 """
 
 from __future__ import annotations
 
-import enum
 import heapq
 import math
 import random
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
+from batuta.core import invariants
 from batuta.core.events import (
     AbortTasks,
     AnnounceDrained,
@@ -53,7 +55,6 @@ from batuta.core.events import (
     HostId,
     HostLost,
     Instruction,
-    RequestStealBack,
     ResolveTask,
     RoundTripMeasured,
     SchedulingPaused,
@@ -69,121 +70,32 @@ from batuta.core.events import (
     TaskSubmitted,
     TimerFired,
 )
+from batuta.core.placement import (
+    CapabilityClass,
+    InvariantViolation,
+    Place,
+    SchedulerConfig,
+    SchedulerError,
+    SchedulerStats,
+    SlotRecord,
+    SlotState,
+    SlotView,
+    TaskEntry,
+)
+from batuta.core.stealing import end_steal_back, on_steal_back_answered, steal_from_deque, try_steal_back
 from batuta.core.task import CAP_CPU, CAP_GPU, Outcome, TaskStatus
-from batuta.errors import BatutaError
 
-
-class SchedulerError(BatutaError):
-    """The driver misused the scheduler (a bug in the caller, not in a peer)."""
-
-
-class InvariantViolation(SchedulerError):
-    """`validate()` found the state inconsistent; the message tells the story."""
-
-
-class Place(enum.IntEnum):
-    INJECTOR = 0
-    DEQUE = 1
-    WINDOW = 2
-    GONE = 3  # resolved and no longer occupying anything
-
-
-class SlotState(enum.Enum):
-    """Whether the scheduler may send a slot work (its value is `SlotView.state`)."""
-
-    UP = "up"
-    DRAINING = "draining"
-    LOST = "lost"
-    RETIRED = "retired"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SchedulerConfig:
-    min_window: int = 2
-    max_window: int = 64
-    initial_window: int = 4
-    default_round_trip: float = 0.001  # seconds, until the runtime measures it
-    grab_max: int = 256  # most tasks a slot moves from the injector into its deque at once
-    max_queued: int = 1_000_000  # tasks in injector + deques before submission must wait
-    timeout_grace: float = 5.0  # backstop beyond an agent's own timeout enforcement
-    story_length: int = 0  # >0 keeps a ring of recent transitions for error messages
-    run_time_smoothing: float = 0.2  # weight of the newest run time in the moving average
-
-
-@dataclass(slots=True, eq=False)
-class _Entry:
-    task_id: int
-    priority: int
-    requires: frozenset[str]
-    timeout: float | None
-    max_attempts: int
-    seq: int
-    attempts: int = 0
-    place: Place = Place.INJECTOR
-    slot: _Slot | None = None
-    token: int = 0  # invalidates stale injector heap items
-    started: bool = False
-    resolved: bool = False  # a zombie: resolved but the agent still holds it
-    steal_pending: bool = False
-    steal_refused: bool = False  # the agent refused it (it started), or it was stolen back once
-    reasons: list[str] | None = None
-
-
-@dataclass(slots=True, eq=False)
-class _Slot:
-    slot_id: SlotId
-    host_id: HostId
-    capabilities: frozenset[str]
-    state: SlotState = SlotState.UP
-    deque: deque[_Entry] = field(default_factory=deque)
-    window: dict[int, _Entry] = field(default_factory=dict)  # insertion order = send order
-    window_limit: int = 4
-    mean_run_s: float | None = None
-    steal_backs_pending: int = 0
-    steals_in: int = 0
-    steals_out: int = 0
-    completed: int = 0
-
-
-@dataclass(slots=True, eq=False)
-class _Class:
-    """Tasks that need the same capabilities share an injector heap."""
-
-    requires: frozenset[str]
-    heap: list[tuple[int, int, int, _Entry]] = field(default_factory=list)
-    live: int = 0
-    runnable: bool = False  # cached: can some slot (present or expected) ever run it?
-    runnable_epoch: int = -1
-
-
-@dataclass(slots=True)
-class SchedulerStats:
-    submitted: int = 0
-    resolved: int = 0
-    steals: int = 0  # deque-to-deque steals
-    steal_backs_requested: int = 0
-    steal_backs_returned: int = 0
-    steal_backs_refused: int = 0
-    retries: int = 0
-    dropped_results: int = 0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SlotView:
-    """A read-only snapshot of one slot, for observers (TUI, metrics)."""
-
-    slot_id: SlotId
-    host_id: HostId
-    capabilities: frozenset[str]
-    state: str
-    deque_depth: int
-    in_flight: int
-    window_limit: int
-    steals_in: int
-    steals_out: int
-    completed: int
-    mean_run_s: float | None
-
+# placement.py's public names, re-exported: callers import them from the scheduler
+__all__ = [
+    "InvariantViolation",
+    "Place",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerError",
+    "SchedulerStats",
+    "SlotState",
+    "SlotView",
+]
 
 _E = TypeVar("_E")
 _OK, _ERROR = Outcome.OK, Outcome.ERROR  # module globals: an enum's class attributes are slower to reach
@@ -201,23 +113,23 @@ class Scheduler:
         self.config = config or SchedulerConfig()
         self.stats = SchedulerStats()
         self._rng = random.Random(seed)
-        self._tasks: dict[int, _Entry] = {}
-        self._slots: dict[SlotId, _Slot] = {}
-        self._classes: dict[frozenset[str], _Class] = {}
-        self._hungry: dict[SlotId, _Slot] = {}  # UP slots with room in their window
+        self._tasks: dict[int, TaskEntry] = {}
+        self._slots: dict[SlotId, SlotRecord] = {}
+        self._classes: dict[frozenset[str], CapabilityClass] = {}
+        self._hungry: dict[SlotId, SlotRecord] = {}  # UP slots with room in their window
         self._round_trip: dict[HostId, float] = {}
         self._draining: set[HostId] = set()
         self._deadlines: list[tuple[float, int, int]] = []  # (deadline, task_id, attempt)
         # task id -> the slot that asked for it back (None once that thief was lost); an
         # entry stays here until the agent answers, whatever happens to the thief meanwhile
-        self._steal_thief: dict[int, _Slot | None] = {}
+        self._steal_thief: dict[int, SlotRecord | None] = {}
         self._expected: dict[HostId, tuple[frozenset[str], ...]] = {}
         self._seq = 0
         self._capability_epoch = 0  # bumped when the set of slots that may run work changes
         self._queued = 0  # live tasks in injector + deques
         self._paused = False
         self._out: list[Instruction] = []
-        self._sends: dict[SlotId, list[_Entry]] = {}
+        self._sends: dict[SlotId, list[TaskEntry]] = {}
         self._story: deque[tuple[float, int, str]] | None = (
             deque(maxlen=self.config.story_length) if self.config.story_length > 0 else None
         )
@@ -231,7 +143,7 @@ class Scheduler:
                 _handler(HostExpected, self._on_host_expected),
                 _handler(SlotLost, self._on_slot_lost),
                 _handler(HostLost, self._on_host_lost),
-                _handler(StealBackAnswered, self._on_steal_back_answered),
+                _handler(StealBackAnswered, partial(on_steal_back_answered, self)),
                 _handler(CancelRequested, self._on_cancel),
                 _handler(TimerFired, self._on_timer),
                 _handler(SchedulingPaused, self._on_paused),
@@ -348,7 +260,7 @@ class Scheduler:
             raise SchedulerError(f"scheduler is full ({self.config.max_queued} queued); wait for can_accept()")
         self.stats.submitted += 1
         self._seq += 1
-        entry = _Entry(
+        entry = TaskEntry(
             task_id=ev.task_id,
             priority=int(ev.priority),
             requires=ev.requires,
@@ -368,7 +280,7 @@ class Scheduler:
     def _on_slot_joined(self, ev: SlotJoined) -> None:
         slot = self._slots.get(ev.slot_id)
         if slot is None:
-            slot = _Slot(
+            slot = SlotRecord(
                 slot_id=ev.slot_id,
                 host_id=ev.host_id,
                 capabilities=frozenset(ev.capabilities),
@@ -432,7 +344,7 @@ class Scheduler:
         entry.place = Place.GONE
         entry.slot = None
         if entry.steal_pending:  # it finished before the agent saw our steal-back request
-            thief = self._end_steal_back(entry)
+            thief = end_steal_back(self, entry)
             if thief is not None and thief is not slot:
                 self._refill(thief)
         if entry.resolved:  # the agent confirmed a cancel or a backstop timeout
@@ -449,44 +361,6 @@ class Scheduler:
                 self._observe_run_time(slot, ev.run_s)
             self._resolve(entry, status, ev.reason, slot_id=slot.slot_id, payload=ev.payload)
         self._refill(slot)
-
-    def _on_steal_back_answered(self, ev: StealBackAnswered) -> None:
-        victim = self._slots.get(ev.slot_id)
-        for task_id in ev.refused:
-            entry = self._tasks.get(task_id)
-            if entry is not None and entry.steal_pending and entry.slot is victim:
-                thief = self._end_steal_back(entry)
-                entry.steal_refused = True
-                self.stats.steal_backs_refused += 1
-                if thief is not None:
-                    self._refill(thief)
-        for task_id in ev.returned:
-            entry = self._tasks.get(task_id)
-            if entry is None or not entry.steal_pending or entry.slot is not victim:
-                continue  # the victim was lost meanwhile and the task already moved on
-            assert victim is not None
-            thief = self._end_steal_back(entry)
-            del victim.window[task_id]
-            entry.attempts -= 1  # it never started
-            entry.slot = None
-            self.stats.steal_backs_returned += 1
-            if entry.resolved:  # cancelled while the steal was in flight
-                entry.place = Place.GONE
-                del self._tasks[task_id]
-                continue
-            entry.steal_refused = True  # moved once by steal-back this attempt; never bounce it
-            if thief is not None and thief.state is SlotState.UP and entry.requires <= thief.capabilities:
-                victim.steals_out += 1
-                thief.steals_in += 1
-                self._push_deque_front(thief, entry)
-                self._note(entry, f"stolen back from {victim.slot_id} by {thief.slot_id}")
-                self._fill(thief)
-            else:
-                klass = self._class_of(entry.requires)
-                self._push_injector(entry, klass)
-                self._feed_hungry(klass)
-        if victim is not None:
-            self._refill(victim)
 
     def _on_cancel(self, ev: CancelRequested) -> None:
         entry = self._tasks.get(ev.task_id)
@@ -571,7 +445,7 @@ class Scheduler:
 
     # -- placement --------------------------------------------------------------------------
 
-    def _feed_hungry(self, klass: _Class) -> None:
+    def _feed_hungry(self, klass: CapabilityClass) -> None:
         """Offer new work in `klass` to slots with room, round robin."""
         if self._paused or not self._hungry:
             return
@@ -585,7 +459,7 @@ class Scheduler:
                     del self._hungry[slot.slot_id]
                     self._hungry[slot.slot_id] = slot
 
-    def _refill(self, slot: _Slot) -> None:
+    def _refill(self, slot: SlotRecord) -> None:
         if slot.state is SlotState.UP:
             if len(slot.window) < slot.window_limit:
                 self._hungry[slot.slot_id] = slot
@@ -593,7 +467,7 @@ class Scheduler:
         elif slot.state is SlotState.DRAINING:
             self._check_drained(slot.host_id)
 
-    def _fill(self, slot: _Slot) -> None:
+    def _fill(self, slot: SlotRecord) -> None:
         """Top up the slot's window from its deque, the injector, and by stealing."""
         if self._paused or slot.state is not SlotState.UP:
             return
@@ -611,9 +485,9 @@ class Scheduler:
         if len(window) >= slot.window_limit:
             self._hungry.pop(slot.slot_id, None)
         elif not window and slot.steal_backs_pending == 0:
-            self._try_steal_back(slot)
+            try_steal_back(self, slot)
 
-    def _next_for(self, slot: _Slot) -> _Entry | None:
+    def _next_for(self, slot: SlotRecord) -> TaskEntry | None:
         """Own deque first (unless the injector has higher priority), then injector, then steal."""
         own = slot.deque
         best_class = self._best_injector_class(slot)
@@ -627,9 +501,9 @@ class Scheduler:
             if own:
                 self._queued -= 1
                 return own.popleft()
-        return self._steal_from_deque(slot)
+        return steal_from_deque(self, slot)
 
-    def _pop_injector(self, klass: _Class) -> _Entry | None:
+    def _pop_injector(self, klass: CapabilityClass) -> TaskEntry | None:
         heap = klass.heap
         while heap:
             _neg, _seq, token, entry = heapq.heappop(heap)
@@ -639,8 +513,8 @@ class Scheduler:
                 return entry
         return None
 
-    def _best_injector_class(self, slot: _Slot) -> _Class | None:
-        best: _Class | None = None
+    def _best_injector_class(self, slot: SlotRecord) -> CapabilityClass | None:
+        best: CapabilityClass | None = None
         best_priority = -(1 << 62)
         for klass in self._classes.values():
             if klass.live and klass.requires <= slot.capabilities:
@@ -649,7 +523,7 @@ class Scheduler:
                     best, best_priority = klass, priority
         return best
 
-    def _head_priority(self, klass: _Class) -> int:
+    def _head_priority(self, klass: CapabilityClass) -> int:
         heap = klass.heap
         while heap:
             neg_priority, _seq, token, entry = heap[0]
@@ -658,7 +532,7 @@ class Scheduler:
             heapq.heappop(heap)
         return -(1 << 62)
 
-    def _grab(self, slot: _Slot, klass: _Class) -> None:
+    def _grab(self, slot: SlotRecord, klass: CapabilityClass) -> None:
         """Move a fair share of the class's injector tasks into the slot's deque."""
         eligible = sum(1 for s in self._slots.values() if s.state is SlotState.UP and klass.requires <= s.capabilities)
         count = min(klass.live // max(eligible, 1) + 1, self.config.grab_max, klass.live)
@@ -673,68 +547,9 @@ class Scheduler:
             slot.deque.append(entry)
             count -= 1
 
-    def _steal_from_deque(self, thief: _Slot) -> _Entry | None:
-        caps = thief.capabilities
-        victims = [
-            s
-            for s in self._slots.values()
-            if s is not thief and s.deque and any(e.requires <= caps for e in _head(s.deque))
-        ]
-        if not victims:
-            return None
-        victim = victims[self._rng.randrange(len(victims))] if len(victims) > 1 else victims[0]
-        for i, entry in enumerate(_head(victim.deque)):
-            if entry.requires <= caps:
-                del victim.deque[i]
-                self._queued -= 1
-                victim.steals_out += 1
-                thief.steals_in += 1
-                self.stats.steals += 1
-                self._note(entry, f"stolen from {victim.slot_id} by {thief.slot_id}")
-                return entry
-        return None  # unreachable: the victim was chosen for holding such an entry
-
-    def _try_steal_back(self, thief: _Slot) -> None:
-        caps = thief.capabilities
-        candidates: list[tuple[_Slot, list[_Entry]]] = []
-        for victim in self._slots.values():
-            if victim is thief or victim.state is SlotState.LOST or not victim.window:
-                continue
-            stealable = [
-                e
-                for e in victim.window.values()
-                if not e.started
-                and not e.resolved
-                and not e.steal_pending
-                and not e.steal_refused
-                and e.requires <= caps
-            ]
-            # An idle victim would start its only task itself; taking it just moves the wait.
-            busy = len(stealable) < len(victim.window)
-            if len(stealable) >= 2 or (stealable and busy):
-                candidates.append((victim, stealable))
-        if not candidates:
-            return
-        victim, stealable = candidates[self._rng.randrange(len(candidates))]
-        take = stealable[len(stealable) // 2 :]  # the newest half, at least one
-        take = take[: thief.window_limit]
-        for entry in take:
-            entry.steal_pending = True
-            self._steal_thief[entry.task_id] = thief
-        thief.steal_backs_pending += len(take)
-        self.stats.steal_backs_requested += len(take)
-        self._out.append(RequestStealBack(slot_id=victim.slot_id, task_ids=tuple(e.task_id for e in take)))
-
-    def _end_steal_back(self, entry: _Entry) -> _Slot | None:
-        entry.steal_pending = False
-        thief = self._steal_thief.pop(entry.task_id, None)
-        if thief is not None:
-            thief.steal_backs_pending -= 1
-        return thief
-
     # -- loss, retry, resolution ------------------------------------------------------------
 
-    def _lose_slot(self, slot: _Slot, reason: str, retired: bool) -> None:
+    def _lose_slot(self, slot: SlotRecord, reason: str, retired: bool) -> None:
         if slot.state in (SlotState.LOST, SlotState.RETIRED):
             if retired:
                 slot.state = SlotState.RETIRED
@@ -749,7 +564,7 @@ class Scheduler:
             del slot.window[entry.task_id]
             entry.slot = None
             if entry.steal_pending:
-                self._end_steal_back(entry)
+                end_steal_back(self, entry)
             if entry.resolved:
                 entry.place = Place.GONE
                 del self._tasks[entry.task_id]
@@ -772,7 +587,7 @@ class Scheduler:
         if slot.host_id in self._draining:
             self._check_drained(slot.host_id)
 
-    def _retry_or_lose(self, entry: _Entry, slot: _Slot, reason: str) -> None:
+    def _retry_or_lose(self, entry: TaskEntry, slot: SlotRecord, reason: str) -> None:
         if entry.reasons is None:
             entry.reasons = []
         entry.reasons.append(reason)
@@ -788,7 +603,7 @@ class Scheduler:
         self.stats.retries += 1
         self._requeue(entry, slot, reason)
 
-    def _requeue(self, entry: _Entry, slot: _Slot, reason: str) -> None:
+    def _requeue(self, entry: TaskEntry, slot: SlotRecord, reason: str) -> None:
         entry.steal_refused = False
         self._out.append(
             AnnounceRequeue(task_id=entry.task_id, slot_id=slot.slot_id, attempts=entry.attempts, reason=reason)
@@ -798,7 +613,7 @@ class Scheduler:
         self._push_injector(entry, klass)
         self._feed_hungry(klass)
 
-    def _requeue_deque(self, slot: _Slot) -> None:
+    def _requeue_deque(self, slot: SlotRecord) -> None:
         while slot.deque:
             entry = slot.deque.popleft()
             self._queued -= 1
@@ -813,7 +628,7 @@ class Scheduler:
         for slot in list(self._hungry.values()):
             self._fill(slot)
 
-    def _fail_unschedulable(self, klass: _Class) -> None:
+    def _fail_unschedulable(self, klass: CapabilityClass) -> None:
         heap, klass.heap = klass.heap, []
         for _neg, _seq, token, entry in heap:
             if entry.place is Place.INJECTOR and entry.token == token:
@@ -824,7 +639,7 @@ class Scheduler:
 
     def _resolve(
         self,
-        entry: _Entry,
+        entry: TaskEntry,
         status: TaskStatus,
         reason: str,
         *,
@@ -856,13 +671,13 @@ class Scheduler:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _class_of(self, requires: frozenset[str]) -> _Class:
+    def _class_of(self, requires: frozenset[str]) -> CapabilityClass:
         klass = self._classes.get(requires)
         if klass is None:
-            klass = self._classes[requires] = _Class(requires=requires)
+            klass = self._classes[requires] = CapabilityClass(requires=requires)
         return klass
 
-    def _can_ever_run(self, klass: _Class) -> bool:
+    def _can_ever_run(self, klass: CapabilityClass) -> bool:
         if klass.runnable_epoch != self._capability_epoch:
             klass.runnable = any(
                 klass.requires <= s.capabilities for s in self._slots.values() if s.state is not SlotState.RETIRED
@@ -870,14 +685,14 @@ class Scheduler:
             klass.runnable_epoch = self._capability_epoch
         return klass.runnable
 
-    def _unschedulable_reason(self, entry: _Entry) -> str:
+    def _unschedulable_reason(self, entry: TaskEntry) -> str:
         offered = sorted({c for s in self._slots.values() if s.state is not SlotState.RETIRED for c in s.capabilities})
         need = ", ".join(sorted(entry.requires)) or "nothing"
         have = ", ".join(offered) or "no slots at all"
         fix = "the task's backend" if entry.requires <= {CAP_CPU, CAP_GPU} else "the task's requires= (or its backend)"
         return f"no slot offers {need} (the cluster offers: {have}); add such a host or change {fix}"
 
-    def _push_injector(self, entry: _Entry, klass: _Class) -> None:
+    def _push_injector(self, entry: TaskEntry, klass: CapabilityClass) -> None:
         entry.place = Place.INJECTOR
         entry.slot = None
         entry.token += 1
@@ -885,13 +700,13 @@ class Scheduler:
         self._queued += 1
         heapq.heappush(klass.heap, (-entry.priority, entry.seq, entry.token, entry))
 
-    def _push_deque_front(self, slot: _Slot, entry: _Entry) -> None:
+    def _push_deque_front(self, slot: SlotRecord, entry: TaskEntry) -> None:
         entry.place = Place.DEQUE
         entry.slot = slot
         slot.deque.appendleft(entry)
         self._queued += 1
 
-    def _observe_run_time(self, slot: _Slot, run_s: float) -> None:
+    def _observe_run_time(self, slot: SlotRecord, run_s: float) -> None:
         run_s = max(run_s, 1e-6)
         if slot.mean_run_s is None:
             slot.mean_run_s = run_s
@@ -900,7 +715,7 @@ class Scheduler:
             slot.mean_run_s = (1 - w) * slot.mean_run_s + w * run_s
         self._resize_window(slot)
 
-    def _resize_window(self, slot: _Slot) -> None:
+    def _resize_window(self, slot: SlotRecord) -> None:
         cfg = self.config
         if slot.mean_run_s is None:
             return
@@ -919,7 +734,7 @@ class Scheduler:
         self._draining.discard(host_id)
         self._out.append(AnnounceDrained(host_id=host_id))
 
-    def _note(self, entry: _Entry, what: str) -> None:
+    def _note(self, entry: TaskEntry, what: str) -> None:
         if self._story is not None:
             self._story.append((self._now, entry.task_id, what))
 
@@ -943,64 +758,5 @@ class Scheduler:
     # -- invariants -------------------------------------------------------------------------
 
     def validate(self) -> None:
-        """Check that every task is in exactly one place and the counters agree."""
-        seen: dict[int, str] = {}
-
-        def place(entry: _Entry, where: str) -> None:
-            if entry.task_id in seen:
-                self._violation(entry, f"in {seen[entry.task_id]} and in {where}")
-            seen[entry.task_id] = where
-            if self._tasks.get(entry.task_id) is not entry:
-                self._violation(entry, f"in {where} but not tracked")
-
-        injector_live = 0
-        for klass in self._classes.values():
-            live = 0
-            for _neg, _seq, token, entry in klass.heap:
-                if entry.place is Place.INJECTOR and entry.token == token:
-                    place(entry, "injector")
-                    live += 1
-                    if entry.resolved:
-                        self._violation(entry, "resolved but queued in the injector")
-            if live != klass.live:
-                raise InvariantViolation(f"class {sorted(klass.requires)} counts {klass.live} live, has {live}")
-            injector_live += live
-        deque_total = 0
-        for slot in self._slots.values():
-            for entry in slot.deque:
-                place(entry, f"deque of {slot.slot_id}")
-                deque_total += 1
-                if entry.place is not Place.DEQUE or entry.slot is not slot:
-                    self._violation(entry, f"in deque of {slot.slot_id} but marked {entry.place.name}")
-                if entry.resolved:
-                    self._violation(entry, "resolved but queued in a deque")
-            for task_id, entry in slot.window.items():
-                place(entry, f"window of {slot.slot_id}")
-                if task_id != entry.task_id or entry.place is not Place.WINDOW or entry.slot is not slot:
-                    self._violation(entry, f"in window of {slot.slot_id} but marked {entry.place.name}")
-                if not entry.requires <= slot.capabilities:
-                    self._violation(entry, f"needs {sorted(entry.requires)} but sits on {slot.slot_id}")
-            if slot.state in (SlotState.LOST, SlotState.RETIRED) and (slot.window or slot.deque):
-                raise InvariantViolation(f"lost slot {slot.slot_id} still holds tasks")
-        if injector_live + deque_total != self._queued:
-            raise InvariantViolation(f"queued counter {self._queued} != {injector_live} + {deque_total}")
-        for task_id, entry in self._tasks.items():
-            if task_id not in seen:
-                self._violation(entry, f"tracked as {entry.place.name} but in no place")
-        pending = sum(s.steal_backs_pending for s in self._slots.values())
-        tracked = sum(1 for thief in self._steal_thief.values() if thief is not None)
-        if pending != tracked:
-            raise InvariantViolation(f"{pending} steal-backs pending by count, {tracked} tracked")
-        for task_id in self._steal_thief:
-            stolen = self._tasks.get(task_id)
-            if stolen is None or not stolen.steal_pending or stolen.place is not Place.WINDOW:
-                raise InvariantViolation(f"steal-back of task {task_id} tracked but the task is not in a window")
-
-    def _violation(self, entry: _Entry, what: str) -> None:
-        story = "; ".join(f"{t:.6f} {w}" for t, _i, w in self.story(entry.task_id)) or "no story kept"
-        raise InvariantViolation(f"task {entry.task_id} {what} (story: {story})")
-
-
-def _head(queue: deque[_Entry], limit: int = 16) -> list[_Entry]:
-    """The oldest few entries of a deque (thieves look no further, to stay O(1))."""
-    return [queue[i] for i in range(min(limit, len(queue)))]
+        """Check that every task is in exactly one place and the counters agree (see invariants.py)."""
+        invariants.validate(self)

@@ -1,0 +1,79 @@
+"""The scheduler's invariant checker: every live task in exactly one place, every counter right.
+
+`Scheduler.validate()` calls `validate(scheduler)`. It lives apart from the scheduler because
+it is no part of scheduling: it only reads the scheduler's state (its private tables, as a
+friend of the class) and raises `InvariantViolation` with the task's story when that state
+contradicts the rules in `batuta.core.scheduler`'s docstring. Tests and fuzzers call it after
+every event; the runtime never does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NoReturn
+
+from batuta.core.placement import InvariantViolation, Place, SlotState, TaskEntry
+
+if TYPE_CHECKING:
+    from batuta.core.scheduler import Scheduler
+
+
+def validate(scheduler: Scheduler) -> None:
+    """Check that every task is in exactly one place and the counters agree."""
+    tasks = scheduler._tasks
+    seen: dict[int, str] = {}
+
+    def place(entry: TaskEntry, where: str) -> None:
+        if entry.task_id in seen:
+            _violation(scheduler, entry, f"in {seen[entry.task_id]} and in {where}")
+        seen[entry.task_id] = where
+        if tasks.get(entry.task_id) is not entry:
+            _violation(scheduler, entry, f"in {where} but not tracked")
+
+    injector_live = 0
+    for klass in scheduler._classes.values():
+        live = 0
+        for _neg, _seq, token, entry in klass.heap:
+            if entry.place is Place.INJECTOR and entry.token == token:
+                place(entry, "injector")
+                live += 1
+                if entry.resolved:
+                    _violation(scheduler, entry, "resolved but queued in the injector")
+        if live != klass.live:
+            raise InvariantViolation(f"class {sorted(klass.requires)} counts {klass.live} live, has {live}")
+        injector_live += live
+    deque_total = 0
+    for slot in scheduler._slots.values():
+        for entry in slot.deque:
+            place(entry, f"deque of {slot.slot_id}")
+            deque_total += 1
+            if entry.place is not Place.DEQUE or entry.slot is not slot:
+                _violation(scheduler, entry, f"in deque of {slot.slot_id} but marked {entry.place.name}")
+            if entry.resolved:
+                _violation(scheduler, entry, "resolved but queued in a deque")
+        for task_id, entry in slot.window.items():
+            place(entry, f"window of {slot.slot_id}")
+            if task_id != entry.task_id or entry.place is not Place.WINDOW or entry.slot is not slot:
+                _violation(scheduler, entry, f"in window of {slot.slot_id} but marked {entry.place.name}")
+            if not entry.requires <= slot.capabilities:
+                _violation(scheduler, entry, f"needs {sorted(entry.requires)} but sits on {slot.slot_id}")
+        if slot.state in (SlotState.LOST, SlotState.RETIRED) and (slot.window or slot.deque):
+            raise InvariantViolation(f"lost slot {slot.slot_id} still holds tasks")
+    if injector_live + deque_total != scheduler._queued:
+        raise InvariantViolation(f"queued counter {scheduler._queued} != {injector_live} + {deque_total}")
+    for task_id, entry in tasks.items():
+        if task_id not in seen:
+            _violation(scheduler, entry, f"tracked as {entry.place.name} but in no place")
+    steal_thief = scheduler._steal_thief
+    pending = sum(s.steal_backs_pending for s in scheduler._slots.values())
+    tracked = sum(1 for thief in steal_thief.values() if thief is not None)
+    if pending != tracked:
+        raise InvariantViolation(f"{pending} steal-backs pending by count, {tracked} tracked")
+    for task_id in steal_thief:
+        stolen = tasks.get(task_id)
+        if stolen is None or not stolen.steal_pending or stolen.place is not Place.WINDOW:
+            raise InvariantViolation(f"steal-back of task {task_id} tracked but the task is not in a window")
+
+
+def _violation(scheduler: Scheduler, entry: TaskEntry, what: str) -> NoReturn:
+    story = "; ".join(f"{t:.6f} {w}" for t, _i, w in scheduler.story(entry.task_id)) or "no story kept"
+    raise InvariantViolation(f"task {entry.task_id} {what} (story: {story})")

@@ -1,0 +1,137 @@
+"""Work stealing for the scheduler: taking from a victim's deque, and asking its agent for tasks back.
+
+Two of the rules in `batuta.core.scheduler`'s docstring live here, as functions of the
+scheduler whose state they move (they read and write its tables as friends of the class):
+
+* `steal_from_deque`: a slot that found nothing in its own deque or the injector takes the
+  oldest task it can run from the deque of a victim drawn with the scheduler's seeded RNG.
+  Only the head of a deque is searched, so a steal stays O(1) whatever the deque's length.
+* `try_steal_back`, `on_steal_back_answered`, `end_steal_back`: a slot that found nothing
+  at all asks a victim's agent to give back the newest half of the tasks in its window not
+  known to have started, and the tasks move only when the agent answers.
+
+They are apart from the scheduler so that its module holds the event handlers and the
+filling of windows, and this one the victims, thieves and steal-back bookkeeping.
+`steal_from_deque` is on the fill path: like the scheduler's own methods it is one call per
+look, with no layer of its own in between.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+from batuta.core.events import RequestStealBack, StealBackAnswered
+from batuta.core.placement import Place, SlotRecord, SlotState, TaskEntry
+
+if TYPE_CHECKING:
+    from batuta.core.scheduler import Scheduler
+
+def steal_from_deque(scheduler: Scheduler, thief: SlotRecord) -> TaskEntry | None:
+    """Take the oldest task `thief` can run from a random victim's deque, if any holds one."""
+    caps = thief.capabilities
+    victims = [
+        s
+        for s in scheduler._slots.values()
+        if s is not thief and s.deque and any(e.requires <= caps for e in _head(s.deque))
+    ]
+    if not victims:
+        return None
+    victim = victims[scheduler._rng.randrange(len(victims))] if len(victims) > 1 else victims[0]
+    for i, entry in enumerate(_head(victim.deque)):
+        if entry.requires <= caps:
+            del victim.deque[i]
+            scheduler._queued -= 1
+            victim.steals_out += 1
+            thief.steals_in += 1
+            scheduler.stats.steals += 1
+            scheduler._note(entry, f"stolen from {victim.slot_id} by {thief.slot_id}")
+            return entry
+    return None  # unreachable: the victim was chosen for holding such an entry
+
+
+def try_steal_back(scheduler: Scheduler, thief: SlotRecord) -> None:
+    """Ask a random busy victim's agent for the newest half of its unstarted tasks."""
+    caps = thief.capabilities
+    candidates: list[tuple[SlotRecord, list[TaskEntry]]] = []
+    for victim in scheduler._slots.values():
+        if victim is thief or victim.state is SlotState.LOST or not victim.window:
+            continue
+        stealable = [
+            e
+            for e in victim.window.values()
+            if not e.started
+            and not e.resolved
+            and not e.steal_pending
+            and not e.steal_refused
+            and e.requires <= caps
+        ]
+        # An idle victim would start its only task itself; taking it just moves the wait.
+        busy = len(stealable) < len(victim.window)
+        if len(stealable) >= 2 or (stealable and busy):
+            candidates.append((victim, stealable))
+    if not candidates:
+        return
+    victim, stealable = candidates[scheduler._rng.randrange(len(candidates))]
+    take = stealable[len(stealable) // 2 :]  # the newest half, at least one
+    take = take[: thief.window_limit]
+    for entry in take:
+        entry.steal_pending = True
+        scheduler._steal_thief[entry.task_id] = thief
+    thief.steal_backs_pending += len(take)
+    scheduler.stats.steal_backs_requested += len(take)
+    scheduler._out.append(RequestStealBack(slot_id=victim.slot_id, task_ids=tuple(e.task_id for e in take)))
+
+
+def on_steal_back_answered(scheduler: Scheduler, ev: StealBackAnswered) -> None:
+    """Move what the agent gave back to its thief (or the injector); keep what it refused."""
+    victim = scheduler._slots.get(ev.slot_id)
+    for task_id in ev.refused:
+        entry = scheduler._tasks.get(task_id)
+        if entry is not None and entry.steal_pending and entry.slot is victim:
+            thief = end_steal_back(scheduler, entry)
+            entry.steal_refused = True
+            scheduler.stats.steal_backs_refused += 1
+            if thief is not None:
+                scheduler._refill(thief)
+    for task_id in ev.returned:
+        entry = scheduler._tasks.get(task_id)
+        if entry is None or not entry.steal_pending or entry.slot is not victim:
+            continue  # the victim was lost meanwhile and the task already moved on
+        assert victim is not None
+        thief = end_steal_back(scheduler, entry)
+        del victim.window[task_id]
+        entry.attempts -= 1  # it never started
+        entry.slot = None
+        scheduler.stats.steal_backs_returned += 1
+        if entry.resolved:  # cancelled while the steal was in flight
+            entry.place = Place.GONE
+            del scheduler._tasks[task_id]
+            continue
+        entry.steal_refused = True  # moved once by steal-back this attempt; never bounce it
+        if thief is not None and thief.state is SlotState.UP and entry.requires <= thief.capabilities:
+            victim.steals_out += 1
+            thief.steals_in += 1
+            scheduler._push_deque_front(thief, entry)
+            scheduler._note(entry, f"stolen back from {victim.slot_id} by {thief.slot_id}")
+            scheduler._fill(thief)
+        else:
+            klass = scheduler._class_of(entry.requires)
+            scheduler._push_injector(entry, klass)
+            scheduler._feed_hungry(klass)
+    if victim is not None:
+        scheduler._refill(victim)
+
+
+def end_steal_back(scheduler: Scheduler, entry: TaskEntry) -> SlotRecord | None:
+    """The steal-back of `entry` is over (answered, finished or lost): release its thief."""
+    entry.steal_pending = False
+    thief = scheduler._steal_thief.pop(entry.task_id, None)
+    if thief is not None:
+        thief.steal_backs_pending -= 1
+    return thief
+
+
+def _head(queue: deque[TaskEntry], limit: int = 16) -> list[TaskEntry]:
+    """The oldest few entries of a deque (thieves look no further, to stay O(1))."""
+    return [queue[i] for i in range(min(limit, len(queue)))]
