@@ -613,3 +613,26 @@ def test_a_refused_host_is_in_the_summary_and_strict_fails_the_run(
     assert strict.returncode == 1, strict.stderr
     [row] = [line for line in strict.stdout.splitlines() if line.startswith("host1 ")]
     assert row.split()[1:3] == ["0", "0"] and "retired: host host1" in row and "HOST KEY CHANGED" in row
+
+
+def test_a_job_that_raises_with_work_in_flight_closes_the_pool_without_a_traceback(tmp_path: Path) -> None:
+    """Closing used to resolve pending tasks behind the scheduler's back, and the next result
+    crashed the host reader ('reader failed ... KeyError') every time a job was interrupted."""
+    job = write(
+        tmp_path,
+        "raises.py",
+        """
+        from batuta import Task
+
+
+        async def main(pool):
+            futures = [await pool.submit(Task.kernel("noop", i)) for i in range(20_000)]
+            await futures[100]  # results are streaming in
+            raise RuntimeError("the job gave up")
+        """,
+    )
+    done = batuta("run", str(job), "--workers", "2", cwd=tmp_path, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "raised RuntimeError: the job gave up" in done.stderr
+    assert "reader failed" not in done.stderr and "KeyError" not in done.stderr, done.stderr
+    assert done.stderr.count("Traceback") == 1  # the job's own, the author's best clue
