@@ -93,6 +93,7 @@ def _result_dict(result: HostInstalled) -> dict[str, object]:
         "python": result.python or None,
         "venv_python": result.venv_python or None,
         "seconds": result.seconds,
+        "pushed_bytes": result.pushed_bytes,
         "error": result.error or None,
         "note": result.note or None,
     }
@@ -103,11 +104,13 @@ def _print_summary(results: list[HostInstalled], notes: list[str]) -> None:
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    for column in ("HOST", "PYTHON", "PATH", "SECONDS", "RESULT"):
+    for column in ("HOST", "PYTHON", "PATH", "PUSHED", "SECONDS", "RESULT"):
         table.add_column(column)
     for result in results:
         verdict = "[green]ok[/]" if result.ok else "[red]failed[/]"
-        table.add_row(result.host, result.python or "-", result.path or "-", f"{result.seconds:.1f}", verdict)
+        pushed = f"{result.pushed_bytes / 1e6:.1f} MB" if result.pushed_bytes else "-"
+        row = (result.host, result.python or "-", result.path or "-", pushed, f"{result.seconds:.1f}", verdict)
+        table.add_row(*row)
     console = Console()
     console.print(table)
     for result in results:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batuta.errors import InstallError, TransportError
+from batuta.errors import BatutaError, InstallError
 from batuta.runtime import wheels
 from batuta.transport.ssh import SSHSettings, SSHTarget
 from batuta.transport.ssh_exec import CommandResult, SSHHost
@@ -242,6 +242,7 @@ class HostInstalled:
     python: str = ""  # the host's Python version
     venv_python: str = ""  # the environment's interpreter, on the host
     seconds: float = 0.0
+    pushed_bytes: int = 0  # copied to the host by this run (wheels already there are not sent again)
     error: str = ""
     note: str = ""
 
@@ -307,7 +308,7 @@ class Installer:
         self._jobs = asyncio.Semaphore(jobs)
         self._release: wheels.Release | None = None
         self._build_lock = asyncio.Lock()
-        self._wheelhouses: dict[tuple[str, str, str], asyncio.Task[Path]] = {}
+        self._wheelhouses: dict[tuple[str, str, str], Path] = {}
 
     def _progress(self, host: str, step: str, detail: str = "", done: int = 0, total: int = 0) -> None:
         if self.on_progress is not None:
@@ -327,14 +328,14 @@ class Installer:
         return [batuta_wheel, pip_wheel]
 
     async def _wheelhouse(self, facts: HostFacts) -> Path:
+        release = await self.release()
         key = (facts.minor, facts.glibc, facts.machine)
-        task = self._wheelhouses.get(key)
-        if task is None or (task.done() and task.exception() is not None):
-            release = await self.release()
-            build = wheels.wheelhouse(release, facts.minor, facts.glibc, facts.machine, self.cache)
-            task = asyncio.ensure_future(build)
-            self._wheelhouses[key] = task
-        return await asyncio.shield(task)
+        async with self._build_lock:  # hosts that need the same one wait for the first to build it
+            if key not in self._wheelhouses:
+                self._wheelhouses[key] = await wheels.wheelhouse(
+                    release, facts.minor, facts.glibc, facts.machine, self.cache
+                )
+            return self._wheelhouses[key]
 
     # -- every host -----------------------------------------------------------------------
 
@@ -349,8 +350,11 @@ class Installer:
             try:
                 async with await SSHHost.connect(host.target, self.settings) as ssh:
                     result = await self.install(ssh, host)
-            except (InstallError, TransportError) as exc:
-                result = HostInstalled(host=host.name, ok=False, error=str(exc))
+            except (BatutaError, OSError) as exc:
+                result = HostInstalled(host=host.name, ok=False, error=str(exc) or repr(exc))
+            except Exception as exc:  # a bug here must not cost the other hosts their results
+                log.exception("host %s: install failed", host.name)
+                result = HostInstalled(host=host.name, ok=False, error=f"internal error: {exc!r}")
             seconds = round(time.perf_counter() - start, 2)
             done = HostInstalled(
                 host=result.host,
@@ -359,6 +363,7 @@ class Installer:
                 python=result.python,
                 venv_python=result.venv_python,
                 seconds=seconds,
+                pushed_bytes=result.pushed_bytes,
                 error=result.error,
                 note=host.note or result.note,
             )
@@ -397,13 +402,13 @@ class Installer:
             return self._result(host, facts, "already")
         base = await self._base_wheels()
         base_dir = f"{facts.cache}/wheels/batuta-{release.version}-{release.digest[:16]}"
-        await self._push(ssh, host, base, base_dir, "pushing batuta")
+        pushed = await self._push(ssh, host, base, base_dir, "pushing batuta")
         fallback = ""
         if not self.offline:
             args = _install_args(facts, release, base[1].name, [base_dir], offline=False)
             result = await self._run_install(ssh, host, {**args, "cleanup": [base_dir]})
             if result.exit_status == 0:
-                return self._result(host, facts, "index")
+                return self._result(host, facts, "index", pushed=pushed)
             if result.exit_status not in (EXIT_NO_INDEX, EXIT_INDEX_FAILED):
                 raise InstallError(f"host {host.name}: {_reason(result)}")
             fallback = _reason(result)
@@ -418,17 +423,25 @@ class Installer:
         self._progress(host.name, "downloading", f"wheels for Python {facts.minor} ({facts.machine})")
         house = await self._wheelhouse(facts)
         house_dir = f"{facts.cache}/wheels/{house.name}"
-        await self._push(ssh, host, wheels.wheel_files(house), house_dir, "pushing wheelhouse")
+        pushed += await self._push(ssh, host, wheels.wheel_files(house), house_dir, "pushing wheelhouse")
         args = _install_args(facts, release, base[1].name, [base_dir, house_dir], offline=True)
         result = await self._run_install(ssh, host, {**args, "cleanup": [base_dir, house_dir]})
         if result.exit_status != 0:
             raise InstallError(f"host {host.name}: {_reason(result)}")
         note = f"{fallback}; installed from a wheelhouse pushed over SSH" if fallback else ""
-        return self._result(host, facts, "wheelhouse", note=note)
+        return self._result(host, facts, "wheelhouse", note=note, pushed=pushed)
 
-    def _result(self, host: InstallTarget, facts: HostFacts, path: str, note: str = "") -> HostInstalled:
+    def _result(
+        self, host: InstallTarget, facts: HostFacts, path: str, *, note: str = "", pushed: int = 0
+    ) -> HostInstalled:
         return HostInstalled(
-            host=host.name, ok=True, path=path, python=facts.python, venv_python=facts.venv_python, note=note
+            host=host.name,
+            ok=True,
+            path=path,
+            python=facts.python,
+            venv_python=facts.venv_python,
+            pushed_bytes=pushed,
+            note=note,
         )
 
     async def probe(self, ssh: SSHHost, host: InstallTarget, release: wheels.Release) -> HostFacts:
@@ -458,10 +471,12 @@ class Installer:
             )
         return facts
 
-    async def _push(self, ssh: SSHHost, host: InstallTarget, files: list[Path], remote_dir: str, step: str) -> None:
+    async def _push(self, ssh: SSHHost, host: InstallTarget, files: list[Path], remote_dir: str, step: str) -> int:
+        """Copy `files` to the host (those not there yet); the bytes sent."""
         total = sum(f.stat().st_size for f in files)
         self._progress(host.name, step, remote_dir, 0, total)
-        await ssh.put(files, remote_dir, on_bytes=lambda done: self._progress(host.name, step, "", done, total))
+        sent = await ssh.put(files, remote_dir, on_bytes=lambda done: self._progress(host.name, step, "", done, total))
+        return sum(f.stat().st_size for f in files if f.name in sent)
 
     async def _run_install(self, ssh: SSHHost, host: InstallTarget, args: dict[str, Any]) -> CommandResult:
         def on_line(line: str) -> None:
