@@ -42,7 +42,7 @@ from batuta._version import __version__
 from batuta.errors import InstallError
 
 PIP_TIMEOUT_S = 900.0  # one pip run on the coordinator (a wheelhouse download is ~100 MB)
-SOURCE_SUFFIXES = (".py", ".tcss", ".toml", ".md", ".cfg", ".txt")
+SOURCE_SUFFIXES = (".py", ".tcss")  # what the package is made of (docs left out: editing them changes nothing)
 SOURCE_FOLDERS = ("batuta", "tui", "kernels")  # pyproject.toml's package-dir
 MIN_GLIBC_MINOR = {"x86_64": 5, "i686": 5}  # manylinux1 is glibc 2.5; other arches start at 2.17
 LEGACY_MANYLINUX = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
@@ -123,7 +123,7 @@ def source_digest() -> str:
         dist = metadata.distribution("batuta")
         record = dist.read_text("RECORD") or ""
         return digest_of([dist.version.encode(), record.encode()])
-    files = [root / "pyproject.toml", root / "README.md"]
+    files = [root / "pyproject.toml"]
     for folder in SOURCE_FOLDERS:
         files += sorted(
             p
