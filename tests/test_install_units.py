@@ -96,3 +96,31 @@ def test_install_without_a_cluster_file_or_ssh_hosts_is_a_usage_error(
     assert "no SSH hosts to install on" in err and "a TLS worker is installed by its owner" in err
     assert "nothing to install" in err  # the local host
     assert main(["cluster", "install", "-c", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_the_bootstrap_launcher_starts_only_this_releases_finished_environment(tmp_path: Path) -> None:
+    """No marker, or a marker of another build: exit 75 saying so, before any byte on stdout
+    (the coordinator then installs); this release's marker: exec that environment's python."""
+    import subprocess
+    import sys
+
+    from batuta.runtime.install import EXIT_NOT_INSTALLED, MARKER, NOT_INSTALLED, bootstrap_launcher, marker_text
+
+    release = wheels.Release(version="0.1.0", digest="d" * 64, pins=("numpy==2.0.0",))
+    argv = bootstrap_launcher(["python3", "-c", "import sys; print(sys.executable)"], release)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home"), "XDG_CACHE_HOME": str(tmp_path)}
+
+    def launch() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+
+    gone = launch()
+    assert (gone.returncode, gone.stdout, gone.stderr.strip()) == (EXIT_NOT_INSTALLED, "", NOT_INSTALLED)
+    venv = tmp_path / "batuta" / "venv" / "0.1.0-py3.12"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    other = wheels.Release(version="0.1.0", digest="e" * 64, pins=release.pins)
+    (venv / MARKER).write_text(marker_text(other))  # built from other sources: not this release
+    assert launch().returncode == EXIT_NOT_INSTALLED
+    (venv / MARKER).write_text(marker_text(release))
+    started = launch()
+    assert (started.returncode, started.stdout.strip()) == (0, f"{venv}/bin/python")

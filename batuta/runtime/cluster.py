@@ -64,13 +64,12 @@ from batuta._version import __version__
 from batuta.core.backend import BackendThresholds
 from batuta.core.task import CAP_CPU, CAP_GPU, MAX_SLOTS
 from batuta.errors import ConfigError
-from batuta.runtime.install import Installer, InstallTarget, agent_launcher
+from batuta.runtime.install import Installer, InstallTarget, agent_launcher, launch_bootstrapped
 from batuta.runtime.pool import Pool, PoolConfig, local_host
 from batuta.runtime.session import HostSpec
 from batuta.transport.base import ByteStream
 from batuta.transport.local import agent_command
 from batuta.transport.ssh import SSHSettings, SSHTarget, open_ssh_stream
-from batuta.transport.ssh_exec import SSHHost
 from batuta.transport.tls import DEFAULT_PORT as TLS_DEFAULT_PORT
 from batuta.transport.tls import TLSSettings
 
@@ -193,9 +192,9 @@ def ssh_host(
     `<python> -m batuta.agent --stdio --gpus G [--slots N] [--kernel-module M] --name NAME`.
     Without an explicit `python`, that is the environment `batuta cluster install` made on the
     host if there is one, else python3 (`install.agent_launcher`). With `bootstrap = true` (and
-    no explicit `python`) the launch first checks the host on the same connection and installs
-    batuta there when needed (`installer`, shared by a cluster's hosts so that the coordinator
-    builds wheels once).
+    no explicit `python`) it is this release's environment, and when the host has none the
+    launch installs it and starts again (`install.launch_bootstrapped`; `installer` is shared
+    by a cluster's hosts so that the coordinator builds wheels once).
     """
     settings = ssh or SSHSettings()
 
@@ -216,12 +215,7 @@ def ssh_host(
     async def launch() -> ByteStream:
         if not bootstrap or shared is None:
             return await open_ssh_stream(target, argv, settings, env=env)
-        remote = await SSHHost.connect(target, settings)
-        try:
-            python = await shared.ensure(remote, install_target)
-            return await remote.open_stream(argv_for(python), env=env)
-        finally:
-            await remote.close()  # a no-op once the agent's stream owns the connection
+        return await launch_bootstrapped(shared, install_target, argv_for(DEFAULT_PYTHON), env)
 
     return HostSpec(
         name=host.name,

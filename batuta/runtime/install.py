@@ -39,7 +39,8 @@ from typing import Any
 
 from batuta.errors import BatutaError, InstallError
 from batuta.runtime import wheels
-from batuta.transport.ssh import SSHSettings, SSHTarget
+from batuta.transport.base import Buffer, ByteStream
+from batuta.transport.ssh import SSHSettings, SSHTarget, open_ssh_stream
 from batuta.transport.ssh_exec import CommandResult, SSHHost
 
 log = logging.getLogger("batuta.runtime.install")
@@ -194,7 +195,7 @@ version, why = batuta_version()
 if version != want["batuta"]:
     finish(1, ok=False, error="the new environment does not import batuta %s: %s" % (want["batuta"], why or version))
 with open(marker + ".tmp", "w") as f:
-    json.dump(want, f)
+    f.write(a["marker_text"])
 os.replace(marker + ".tmp", marker)
 for folder in a["cleanup"]:
     shutil.rmtree(folder, ignore_errors=True)
@@ -209,6 +210,106 @@ LAUNCHER = (
     'for v in "$c"/%s-py3.*; do [ -f "$v/' + MARKER + '" ] && p="$v/bin/python"; done; '
     'exec "$p" "$@"'
 )
+
+
+# The agent's launcher with `bootstrap = true`: this release's environment (its marker holds
+# exactly `marker_text`), else exit EXIT_NOT_INSTALLED saying NOT_INSTALLED, before any
+# protocol byte, so that the coordinator installs and launches again. No python runs for the
+# check: on the way to an agent, it costs no more than the `sh` that reads one file.
+BOOTSTRAP_LAUNCHER = (
+    'c="${XDG_CACHE_HOME:-$HOME/.cache}/batuta/venv"; want=%s; '
+    'for v in "$c"/%s-py3.*; do got=; '
+    'if [ -f "$v/' + MARKER + '" ]; then IFS= read -r got < "$v/' + MARKER + '"; fi; '
+    'if [ "$got" = "$want" ] && [ -x "$v/bin/python" ]; then exec "$v/bin/python" "$@"; fi; done; '
+    "echo %s >&2; exit %d"
+)
+NOT_INSTALLED = "batuta bootstrap: this batuta is not installed here"
+EXIT_NOT_INSTALLED = 75
+FIRST_WORDS_TIMEOUT_S = 120.0  # for a bootstrapped agent's first bytes (Hello), before the session's own timeout
+
+
+def marker_text(release: wheels.Release) -> str:
+    """The marker file's one line: what was installed (compared byte for byte by the launcher)."""
+    fields = {"batuta": release.version, "pins": release.pins_digest, "source": release.digest}
+    return json.dumps(fields, sort_keys=True, separators=(",", ":")) + "\n"
+
+
+def bootstrap_launcher(agent_argv: Sequence[str], release: wheels.Release) -> list[str]:
+    """`agent_argv` started by `BOOTSTRAP_LAUNCHER` from `release`'s environment."""
+    script = BOOTSTRAP_LAUNCHER % (
+        shlex.quote(marker_text(release).rstrip("\n")),
+        shlex.quote(release.version),
+        shlex.quote(NOT_INSTALLED),
+        EXIT_NOT_INSTALLED,
+    )
+    return ["sh", "-c", script, "batuta-agent", *agent_argv[1:]]
+
+
+async def launch_bootstrapped(
+    installer: Installer,
+    host: InstallTarget,
+    agent_argv: Sequence[str],
+    env: Mapping[str, str] | None,
+) -> ByteStream:
+    """Start the agent from this release's environment on `host`, installing it first when
+    the launcher says it is not there (then launching once more)."""
+    release = await installer.release()
+    for attempt in range(2):
+        argv = bootstrap_launcher(agent_argv, release)
+        stream = await open_ssh_stream(host.target, argv, installer.settings, env=env)
+        try:
+            first = await asyncio.wait_for(stream.read(), FIRST_WORDS_TIMEOUT_S)
+        except TimeoutError:
+            return stream  # silent so far: the session's handshake timeout decides
+        except BaseException:
+            stream.kill()
+            raise
+        if first:
+            return FirstBytes(stream, first)
+        said = await stream.last_words(1.0)
+        if NOT_INSTALLED not in said or attempt:
+            return stream  # ended for its own reasons: the session reports its last words
+        await stream.close()
+        async with await SSHHost.connect(host.target, installer.settings) as remote:
+            await installer.ensure(remote, host)
+    raise AssertionError("unreachable: the second launch returns")
+
+
+class FirstBytes:
+    """A `ByteStream` whose first bytes were already read (to tell an agent from a launcher
+    that found nothing installed): `read` gives them back first."""
+
+    def __init__(self, stream: ByteStream, first: bytes) -> None:
+        self._stream = stream
+        self._first = first
+
+    @property
+    def description(self) -> str:
+        return self._stream.description
+
+    async def read(self) -> bytes:
+        if self._first:
+            data, self._first = self._first, b""
+            return data
+        return await self._stream.read()
+
+    def write(self, data: bytes) -> None:
+        self._stream.write(data)
+
+    def write_parts(self, parts: Sequence[Buffer]) -> None:
+        self._stream.write_parts(parts)
+
+    async def drain(self) -> None:
+        await self._stream.drain()
+
+    async def close(self, timeout: float = 2.0) -> None:
+        await self._stream.close(timeout)
+
+    def kill(self) -> None:
+        self._stream.kill()
+
+    async def last_words(self, timeout: float) -> str:
+        return await self._stream.last_words(timeout)
 
 
 def agent_launcher(agent_argv: Sequence[str], version: str) -> list[str]:
@@ -522,7 +623,8 @@ def _install_args(
         "requirements": [f"batuta=={release.version}", *release.pins],
         "offline": offline,
         "index_probe": probe,
-        "marker": {"batuta": release.version, "source": release.digest, "pins": release.pins_digest},
+        "marker": json.loads(marker_text(release)),
+        "marker_text": marker_text(release),
         "cleanup": [],
         "lock_timeout": LOCK_TIMEOUT_S,
         "pip_timeout": INSTALL_TIMEOUT_S,
