@@ -8,7 +8,6 @@ each failure in full. Exit status 0 when every SSH host has batuta, 1 when one f
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +41,8 @@ def add_install_arguments(actions: Any) -> None:
 
 
 def cmd_cluster_install(args: argparse.Namespace) -> int:
+    import asyncio
+
     from batuta.runtime.install import Installer
 
     cluster = load_cluster(args.cluster)
@@ -143,23 +144,21 @@ class _LineView:
 
 
 class _LiveView:
-    """Progress on a terminal: one rich progress line per host."""
+    """Progress on a terminal: one rich line per host (its step; bytes while pushing)."""
 
     def __init__(self, targets: list[InstallTarget]) -> None:
-        from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.fields[host]:<16}", markup=False),
+            SpinnerColumn(finished_text="[green]✓[/]"),
+            TextColumn("{task.fields[host]}", markup=False),
             TextColumn("{task.description}", markup=False),
-            BarColumn(),
-            DownloadColumn(),
+            TextColumn("{task.fields[size]}", markup=False),
             TimeElapsedColumn(),
-            transient=False,
         )
         width = max((len(t.name) for t in targets), default=4)
         self._tasks = {
-            t.name: self._progress.add_task("waiting", host=t.name.ljust(width), total=None) for t in targets
+            t.name: self._progress.add_task("waiting", host=t.name.ljust(width), size="", total=None) for t in targets
         }
 
     def __enter__(self) -> _LiveView:
@@ -173,10 +172,12 @@ class _LiveView:
         task = self._tasks.get(event.host)
         if task is None:
             return
-        text = event.step + (f" {event.detail}" if event.detail else "")
         if event.total:
-            self._progress.update(task, description=event.step, total=event.total, completed=event.done)
-        elif event.step in ("done", "failed"):
-            self._progress.update(task, description=text[:60], total=1, completed=1)
+            size = f"{event.done / 1e6:.1f}/{event.total / 1e6:.1f} MB"
+            self._progress.update(task, description=event.step, size=size)
+            return
+        text = (event.step + (f" ({event.detail})" if event.detail else ""))[:70]
+        if event.step in ("done", "failed"):
+            self._progress.update(task, description=text, size="", total=1, completed=1)
         else:
-            self._progress.update(task, description=text[:60], total=None, completed=0)
+            self._progress.update(task, description=text, size="")

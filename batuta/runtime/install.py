@@ -22,7 +22,9 @@ environment by the next run, while the wheels already pushed are kept and not se
 
 `agent_launcher` is how an SSH host without an explicit `python` starts its agent: the
 installed environment's python when there is one, else `python3`. With `bootstrap = true`,
-`ensure_installed` runs on connect, on the connection the agent then uses.
+`launch_bootstrapped` starts the agent from this release's environment (`sh` compares the
+marker, no Python runs first) and, only when the launcher says there is none, installs as
+above and launches again.
 """
 
 from __future__ import annotations
