@@ -52,3 +52,8 @@ class TransportError(BatutaError):
 
 class AgentError(BatutaError):
     """A host agent refused the session or failed to start."""
+
+
+class InstallError(AgentError):
+    """batuta could not be installed on a host (`batuta cluster install`, or `bootstrap = true`
+    on connect), so no agent can start there."""

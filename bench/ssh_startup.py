@@ -133,7 +133,9 @@ def cluster_text(hosts: TestHosts, slots: int) -> str:
     return "\n".join(parts)
 
 
-async def batuta_start(hosts: TestHosts, slots: int) -> dict[str, Any]:
+async def batuta_start(hosts: TestHosts, slots: int, text: str | None = None) -> dict[str, Any]:
+    """Cold start of a pool over `hosts` (the cluster file `text`, default `cluster_text`)
+    until a task has finished on every slot; timings."""
     from batuta import Task
     from batuta.runtime import events as pe
     from batuta.runtime.cluster import host_specs, parse_cluster
@@ -148,7 +150,7 @@ async def batuta_start(hosts: TestHosts, slots: int) -> dict[str, Any]:
     def since() -> float:
         return round(time.perf_counter() - t0, 4)
 
-    cluster = parse_cluster(cluster_text(hosts, slots), source="bench/ssh_startup.py")
+    cluster = parse_cluster(text or cluster_text(hosts, slots), source="bench/ssh_startup.py")
 
     def timed(spec: HostSpec) -> HostSpec:  # the same launch, with a clock on it
         async def launch() -> Any:

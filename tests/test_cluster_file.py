@@ -7,6 +7,7 @@ found), the field and the fix. No SSH here: `ssh_host` is only built, never laun
 from __future__ import annotations
 
 import asyncio
+import sys
 import textwrap
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def test_minimal_file_one_host_everything_else_default() -> None:
     )
     (host,) = cluster.hosts
     assert host == ClusterHost(name="10.0.0.5", address="10.0.0.5")
-    assert host.python == "python3" and host.gpus == "auto" and host.slots is None
+    assert host.python is None and host.gpus == "auto" and host.slots is None and not host.bootstrap
     assert cluster.local is None
     assert cluster.ssh == SSHSettings()
     assert cluster.pool == PoolConfig()
@@ -391,6 +392,64 @@ def test_launch_of_an_unreachable_host_is_a_transport_error(tmp_path: Path) -> N
         asyncio.run(asyncio.wait_for(spec.launch(), 10))
     assert "host gone (nobody@127.0.0.1:1)" in str(info.value)
     assert "connection refused" in str(info.value)
+
+
+def test_bootstrap_is_read_from_defaults_and_hosts_and_refused_on_tls_hosts() -> None:
+    cluster = parse(
+        """
+        [defaults]
+        bootstrap = true
+
+        [[hosts]]
+        address = "a"
+
+        [[hosts]]
+        address = "b"
+        bootstrap = false
+
+        [[hosts]]
+        address = "w"
+        transport = "tls"
+
+        [tls]
+        ca = "ca.pem"
+        cert = "c.pem"
+        key = "c.key"
+        """
+    )
+    assert [h.bootstrap for h in cluster.hosts] == [True, False, False]  # [defaults] never reach a tls host
+    assert "hosts[0].bootstrap: expected true or false" in error_of('[[hosts]]\naddress = "a"\nbootstrap = "yes"\n')
+    refused = error_of('[[hosts]]\naddress = "w"\ntransport = "tls"\nbootstrap = true\n')
+    assert "hosts[0].bootstrap: a tls worker is installed by its owner" in refused
+
+
+def test_a_host_without_python_starts_the_installed_environment_else_python3(tmp_path: Path) -> None:
+    """The launcher picks `<cache>/batuta/venv/<version>-py3.X/bin/python` once its marker is
+    written (an unfinished environment has none), else python3."""
+    import subprocess
+
+    from batuta._version import __version__
+    from batuta.runtime.install import MARKER, agent_launcher
+
+    argv = agent_launcher(["python3", "-m", "batuta.agent", "--stdio"], __version__)
+    assert argv[:2] == ["sh", "-c"] and argv[3:] == ["batuta-agent", "-m", "batuta.agent", "--stdio"]
+    shown = [*argv[:3], "batuta-agent", "-c", "import sys; print(sys.executable, sys.argv[1:])", "x"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text('#!/bin/sh\necho "python3 $*"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path / "home"), "XDG_CACHE_HOME": str(tmp_path)}
+
+    def started() -> str:
+        return subprocess.run(shown, env=env, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+
+    assert started() == "python3 -c import sys; print(sys.executable, sys.argv[1:]) x"
+    venv = tmp_path / "batuta" / "venv" / f"{__version__}-py3.99"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    assert started().startswith("python3 ")  # no marker yet: an unfinished install is not used
+    (venv / MARKER).write_text("{}")
+    assert started() == f"{venv}/bin/python ['x']"
 
 
 def test_backend_thresholds_come_from_the_pool_table() -> None:

@@ -13,6 +13,7 @@ import pty
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from batuta.errors import AgentError, ConfigError
 from batuta.runtime.cluster import POLICY_COMPONENTS, PolicyConfig, parse_cluster
 from batuta.runtime.pool import local_host
 from batuta.stack import conformance, report, versions
+from batuta.stack.check import batuta_finding, python_finding
 from batuta.stack.gate import conformance_findings, effective_policy, policy_findings
 from batuta.stack.model import (
     COORDINATOR,
@@ -30,6 +32,7 @@ from batuta.stack.model import (
     HEALTHY,
     ROLE_LOCAL,
     ROLE_SSH,
+    ROLE_TLS,
     WARNING,
     Finding,
     KernelResult,
@@ -130,7 +133,7 @@ def test_policy_table_is_read_and_checked() -> None:
     # the defaults, with the file's rules on top; "any" drops a rule
     assert effective_policy(cluster.policy) == {
         "batuta": "exact",
-        "python": "minor",
+        "python": "major",
         "numba": "minor",
         "llvmlite": "minor",
     }
@@ -262,6 +265,34 @@ def test_unreachable_findings_name_the_cause_and_the_fix() -> None:
     assert agent.check == "agent"
     assert agent.message.endswith("the agent said: sh: 1: /opt/py/bin/python: not found")
     assert "/opt/py/bin/python -m batuta version" in agent.suggestion
+    # a host on the default python (no `python` in the file): the fix is `batuta cluster install`
+    default = replace(target(), python="", cluster_file="lab.toml")
+    bare = unreachable_finding(
+        default, AgentError("host gpu1: agent exited before saying hello"), ["No module named batuta"]
+    )
+    assert bare.suggestion == "put the coordinator's batuta there: batuta cluster install --cluster lab.toml"
+
+
+def test_version_findings_name_cluster_install_never_pip_install_batuta() -> None:
+    other = batuta_finding(replace(target(), python="", cluster_file="lab.toml"), "0.0.9", "0.1.0")
+    assert other.severity == ERROR
+    assert other.suggestion == "put the coordinator's batuta there: batuta cluster install --cluster lab.toml"
+    explicit = batuta_finding(replace(target(), cluster_file="lab.toml"), "0.0.9", "0.1.0")
+    assert explicit.suggestion == (
+        "remove python = '/opt/py/bin/python' for gpu1 from the cluster file, then "
+        "batuta cluster install --cluster lab.toml"
+    )
+    tls = batuta_finding(target(ROLE_TLS), "0.0.9", "0.1.0")
+    assert "`batuta worker`" in tls.suggestion
+    assert all("pip install" not in f.suggestion for f in (other, explicit, tls))
+
+
+def test_another_python_minor_is_healthy() -> None:
+    """The pool takes a host on another Python minor (the wire is msgpack), so check does too."""
+    same = python_finding(target(), "3.11.2", "3.11.7")
+    other = python_finding(target(), "3.12.1", "3.11.7")
+    assert (same.severity, other.severity) == (HEALTHY, HEALTHY)
+    assert other.message.startswith("Python 3.12.1, the coordinator 3.11.7 (another minor works")
 
 
 # -- the report ----------------------------------------------------------------------------

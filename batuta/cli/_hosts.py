@@ -23,6 +23,7 @@ from batuta.cli._common import (
     positive_int,
     positive_seconds,
 )
+from batuta.cli._install import add_install_arguments, cmd_cluster_install
 
 # -- batuta agent ------------------------------------------------------------------------
 
@@ -226,11 +227,17 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     status.add_argument("-c", "--cluster", metavar="FILE", required=True, help="the cluster file (TOML)")
     status.add_argument("--json", action="store_true", help="one JSON object on stdout")
     status.add_argument("--timeout", type=float, default=30.0, metavar="S", help="seconds to wait for each host")
+    add_install_arguments(actions)
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
+    if args.cluster_action == "install":
+        return cmd_cluster_install(args)
     if args.cluster_action != "status":
-        raise UsageError("'batuta cluster' needs an action: 'batuta cluster status --cluster FILE'")
+        raise UsageError(
+            "'batuta cluster' needs an action: 'batuta cluster status --cluster FILE' "
+            "or 'batuta cluster install --cluster FILE'"
+        )
     import asyncio
     import json
 

@@ -60,9 +60,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from batuta._version import __version__
 from batuta.core.backend import BackendThresholds
 from batuta.core.task import CAP_CPU, CAP_GPU, MAX_SLOTS
 from batuta.errors import ConfigError
+from batuta.runtime.install import Installer, InstallTarget, agent_launcher, launch_bootstrapped
 from batuta.runtime.pool import Pool, PoolConfig, local_host
 from batuta.runtime.session import HostSpec
 from batuta.transport.base import ByteStream
@@ -89,13 +91,16 @@ class ClusterHost:
     port: int | None = None  # None: the ssh config's Port, else 22
     user: str | None = None  # None: the ssh config's User, else the local user name
     identity_file: Path | None = None  # None: the ssh config's IdentityFile, else the defaults
-    python: str = DEFAULT_PYTHON  # the remote interpreter that has batuta installed
+    # the remote interpreter that has batuta installed; None: the environment that
+    # `batuta cluster install` made there if there is one, else python3
+    python: str | None = None
     slots: int | None = None  # CPU worker slots; None: one per remote CPU
     gpus: str = "auto"  # "auto", "none" or NVML indices "0,1"
     env: Mapping[str, str] = field(default_factory=dict)  # not for secrets: see module doc
     tags: frozenset[str] = frozenset()
     kernel_modules: tuple[str, ...] = ()
     transport: str = "ssh"  # "ssh", or "tls" for a `batuta worker` daemon (see the module doc)
+    bootstrap: bool = False  # install batuta on connect when needed (batuta.runtime.install)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -174,23 +179,43 @@ def expected_capabilities(slots: int | None, gpus: str) -> tuple[frozenset[str],
     return cpu + (frozenset({CAP_GPU}),) * gpu_count
 
 
-def ssh_host(host: ClusterHost, ssh: SSHSettings | None = None, *, check_versions: bool = True) -> HostSpec:
+def ssh_host(
+    host: ClusterHost,
+    ssh: SSHSettings | None = None,
+    *,
+    check_versions: bool = True,
+    installer: Installer | None = None,
+) -> HostSpec:
     """A `HostSpec` whose `launch()` connects over SSH and starts the agent on `host`.
 
     Each launch (and relaunch) opens a fresh connection with one channel running
     `<python> -m batuta.agent --stdio --gpus G [--slots N] [--kernel-module M] --name NAME`.
+    Without an explicit `python`, that is the environment `batuta cluster install` made on the
+    host if there is one, else python3 (`install.agent_launcher`). With `bootstrap = true` (and
+    no explicit `python`) it is this release's environment, and when the host has none the
+    launch installs it and starts again (`install.launch_bootstrapped`; `installer` is shared
+    by a cluster's hosts so that the coordinator builds wheels once).
     """
     settings = ssh or SSHSettings()
-    argv = agent_command(
-        slots=host.slots, gpus=host.gpus, kernel_modules=host.kernel_modules, name=host.name, python=host.python
-    )
+
+    def argv_for(python: str | None) -> list[str]:
+        return agent_command(
+            slots=host.slots, gpus=host.gpus, kernel_modules=host.kernel_modules, name=host.name, python=python
+        )
+
+    argv = argv_for(host.python) if host.python else agent_launcher(argv_for(DEFAULT_PYTHON), __version__)
     target = SSHTarget(
         host=host.address, port=host.port, user=host.user, identity_file=host.identity_file, name=host.name
     )
     env = dict(host.env) or None
+    bootstrap = host.bootstrap and host.python is None
+    shared = installer or (Installer(settings) if bootstrap else None)
+    install_target = InstallTarget(name=host.name, target=target, env=dict(host.env))
 
     async def launch() -> ByteStream:
-        return await open_ssh_stream(target, argv, settings, env=env)
+        if not bootstrap or shared is None:
+            return await open_ssh_stream(target, argv, settings, env=env)
+        return await launch_bootstrapped(shared, install_target, argv_for(DEFAULT_PYTHON), env)
 
     return HostSpec(
         name=host.name,
@@ -224,12 +249,13 @@ def host_specs(cluster: ClusterConfig) -> list[HostSpec]:
         )
         expected = expected_capabilities(local.slots, local.gpus) if local.slots is not None else None
         specs.append(replace(spec, expected_capabilities=expected or spec.expected_capabilities, tags=local.tags))
+    installer = Installer(cluster.ssh) if any(h.bootstrap for h in cluster.hosts) else None
     for host in cluster.hosts:
         if host.transport == "tls":
             assert cluster.tls is not None  # the reader refuses tls hosts without [tls]
             specs.append(worker_host(host, cluster.tls))
         else:
-            specs.append(ssh_host(host, cluster.ssh))
+            specs.append(ssh_host(host, cluster.ssh, installer=installer))
     return specs
 
 
@@ -289,6 +315,7 @@ _HOST_KEYS = (
     "tags",
     "kernel_modules",
     "transport",
+    "bootstrap",
 )
 _TLS_HOST_KEYS = ("name", "address", "port", "tags", "transport")  # the worker's command line sets the rest
 _TLS_KEYS = ("ca", "cert", "key", "server_name", "connect_timeout", "hello_timeout", "busy_timeout")
@@ -421,6 +448,11 @@ class _Reader:
         fields.update(own)
         if fields.get("transport") == "tls":
             for key in entry:
+                if key == "bootstrap":
+                    raise self.error(
+                        (*path, key),
+                        "a tls worker is installed by its owner (batuta cluster install and bootstrap work over SSH)",
+                    )
                 if key not in _TLS_HOST_KEYS:
                     raise self.error(
                         (*path, key),
@@ -449,6 +481,7 @@ class _Reader:
             "tags": self._tags,
             "kernel_modules": self._modules,
             "transport": self._transport,
+            "bootstrap": self._bool,
         }
         return {key: check((*path, key), table[key]) for key, check in checkers.items() if key in table}
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import platform
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -205,7 +204,8 @@ class HostSession:
                         reason = (
                             f"agent exited before saying hello: {said}"
                             if said
-                            else "agent exited before saying hello (is batuta installed for that python?)"
+                            else "agent exited before saying hello (is batuta installed for that python? "
+                            "`batuta cluster install --cluster FILE` puts it there)"
                         )
                     break
         except ProtocolError as exc:
@@ -249,19 +249,15 @@ class HostSession:
         self.listener.host_messages(self, batch)
 
     def _check_hello(self, hello: m.Hello) -> str:
+        """Why the agent is refused, or "". Only batuta's version must match: every message is
+        msgpack with its own schema (no pickle), so the host's Python minor may differ."""
         if not self.spec.check_versions:
             return ""
         if hello.batuta_version != __version__:
             return (
                 f"host {self.name} runs batuta {hello.batuta_version}, the coordinator {__version__}; "
-                f"install batuta=={__version__} there"
-            )
-        ours = ".".join(platform.python_version_tuple()[:2])
-        theirs = ".".join(hello.python_version.split(".")[:2])
-        if theirs != ours:
-            return (
-                f"host {self.name} runs Python {hello.python_version}, the coordinator {platform.python_version()}; "
-                f"point the host's 'python' at a Python {ours} with batuta {__version__} installed"
+                f"put this batuta there with `batuta cluster install --cluster FILE` "
+                f"(or point the host's 'python' at an interpreter with batuta {__version__})"
             )
         return ""
 

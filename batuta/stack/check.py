@@ -5,7 +5,7 @@ tasks, then turns what it saw into findings, each healthy, warning or error with
 suggestion:
 
     ssh / agent   reachable (host key verified, for SSH) and how long the agent took to say hello
-    python        same major.minor as the coordinator (the runtime refuses others)
+    python        3.11 or newer; another minor than the coordinator's is fine (the wire is msgpack)
     batuta        the same version as the coordinator (the runtime refuses others)
     numba         imports, compiles a fresh function and runs it correctly
     cuda, nvml    where the cluster file declares GPUs, or the agent found some: a CUDA kernel
@@ -86,7 +86,7 @@ def _gib(count: float) -> str:
 
 
 def _pip(target: NodeTarget, requirement: str) -> str:
-    python = target.python or "python"
+    python = target.python or "python3"
     return f"{python} -m pip install '{requirement}'"
 
 
@@ -108,14 +108,8 @@ def python_finding(target: NodeTarget, theirs: str, ours: str) -> Finding:
     if release(theirs)[:2] == release(ours)[:2]:
         message = f"Python {theirs}, the coordinator {ours} (same minor version)"
         return Finding(node=node, check="python", severity=HEALTHY, message=message)
-    minor = ".".join(str(n) for n in release(ours)[:2])
-    return Finding(
-        node=node,
-        check="python",
-        severity=ERROR,
-        message=f"Python {theirs}, the coordinator {ours}: the pool refuses this node",
-        suggestion=f"point 'python' for {node} in the cluster file at a Python {minor} with batuta installed",
-    )
+    message = f"Python {theirs}, the coordinator {ours} (another minor works: tasks travel as msgpack, not pickle)"
+    return Finding(node=node, check="python", severity=HEALTHY, message=message)
 
 
 def batuta_finding(target: NodeTarget, theirs: str, ours: str) -> Finding:
@@ -127,7 +121,7 @@ def batuta_finding(target: NodeTarget, theirs: str, ours: str) -> Finding:
         check="batuta",
         severity=ERROR,
         message=f"batuta {theirs}, the coordinator {ours}: the pool refuses this node",
-        suggestion=f"install the coordinator's batuta there: {_pip(target, f'batuta=={ours}')}",
+        suggestion=target.install_fix(ours),
     )
 
 
@@ -333,7 +327,7 @@ def check_findings(
                 check="facts",
                 severity=ERROR,
                 message=f"cannot read the node's disk, memory and NVML facts: {facts.info_error}",
-                suggestion=f"install the coordinator's batuta there: {_pip(target, f'batuta=={ours_batuta}')}",
+                suggestion=target.install_fix(str(ours_batuta)),
             )
         )
     else:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from batuta._version import __version__
 from batuta.core.task import Task, TaskResult, TaskStatus
 from batuta.errors import AgentError, BatutaError, TransportError
 from batuta.protocol import messages as m
@@ -46,8 +47,20 @@ class NodeTarget:
     role: str  # ROLE_LOCAL, ROLE_SSH or ROLE_TLS
     spec: HostSpec
     gpus: str = "auto"  # as in the cluster file: "auto", "none" or indices "0,1"
-    python: str = ""  # the interpreter the file names ("" for the coordinator's own)
+    python: str = ""  # the interpreter the file names ("": the default, see `ClusterHost.python`)
     address: str = ""  # where it is reached ("" for a local agent)
+    cluster_file: str = ""  # the cluster file it comes from, for suggestions
+
+    def install_fix(self, version: str) -> str:
+        """How to give this node the coordinator's batuta `version`, in one line."""
+        if self.role == ROLE_TLS:
+            return f"install batuta {version} where `batuta worker` runs on {self.name} (its owner does)"
+        if self.role == ROLE_LOCAL:
+            return f"reinstall batuta {version} for {self.python or 'the coordinator'}"
+        install = f"batuta cluster install --cluster {self.cluster_file or 'FILE'}"
+        if self.python:
+            return f"remove python = {self.python!r} for {self.name} from the cluster file, then {install}"
+        return f"put the coordinator's batuta there: {install}"
 
     @property
     def declares_gpus(self) -> bool:
@@ -74,8 +87,9 @@ def cluster_targets(cluster: ClusterConfig) -> list[NodeTarget]:
                 role=ROLE_TLS if getattr(host, "transport", "ssh") == "tls" else ROLE_SSH,
                 spec=replace(spec, check_versions=False),
                 gpus=host.gpus,
-                python=host.python,
+                python=host.python or "",
                 address=host.address,
+                cluster_file=cluster.source,
             )
         )
     return targets
@@ -214,6 +228,8 @@ def unreachable_finding(target: NodeTarget, exc: BaseException, stderr: list[str
     what, fix = split_fix(text)
     if said:
         what = f"{what}; the agent said: {said[-1]}"
+    if not fix and target.role == ROLE_SSH and not target.python:
+        fix = target.install_fix(__version__)
     python = target.python or sys.executable
     fix = fix or f"check that {python} on {name} runs and has batuta installed: {python} -m batuta version"
     return Finding(node=name, check="agent", severity=ERROR, message=what, suggestion=fix)

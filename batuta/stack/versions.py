@@ -37,12 +37,12 @@ GPUS = "gpus"
 COMPONENTS = ("batuta", "python", *PACKAGES, DRIVER, CUDA_DRIVER, GPUS)
 
 # The policy `stack gate` applies when the cluster file has no [policy] table (and under it,
-# for components it does not name): what the runtime needs (batuta exact, Python minor, as
-# the handshake enforces) and what changes compiled code (numba and llvmlite minor, NumPy's
-# ABI major).
+# for components it does not name): what the runtime needs (batuta exact, as the handshake
+# enforces; Python 3 of any minor, since the wire is msgpack) and what changes compiled code
+# (numba and llvmlite minor, NumPy's ABI major).
 DEFAULT_POLICY: Mapping[str, str] = {
     "batuta": "exact",
-    "python": "minor",
+    "python": "major",
     "numpy": "major",
     "numba": "minor",
     "llvmlite": "minor",

@@ -26,8 +26,9 @@ no reply to tell us. Values therefore pass through the remote shell's argv for a
 (the shell `exec`s `env`, which `exec`s Python) and are never written to our logs, ours or
 asyncssh's. They are not a place for secrets.
 
-asyncssh is imported here and in `ssh_keys` (encrypted identity files) and nowhere else;
-its errors become `SSHError` subclasses at this edge.
+asyncssh is imported here, in `ssh_keys` (encrypted identity files) and in `ssh_exec`
+(commands and SFTP copies for `batuta cluster install`) and nowhere else; its errors become
+`SSHError` subclasses at this edge.
 """
 
 from __future__ import annotations
@@ -732,9 +733,24 @@ async def open_ssh_stream(
     Raises HostKeyError, SSHAuthError, SSHConnectError or SSHError.
     """
     settings = settings or SSHSettings()
+    conn, jumps, where = await connect_ssh(target, settings)
+    return await stream_on(conn, jumps, where, target, argv, settings, env=env)
+
+
+async def stream_on(
+    conn: asyncssh.SSHClientConnection,
+    jumps: Sequence[asyncssh.SSHClientConnection],
+    where: str,
+    target: SSHTarget,
+    argv: Sequence[str],
+    settings: SSHSettings,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> SSHStream:
+    """Run `argv` on a new channel of `conn` (from `connect_ssh`), which the stream then owns:
+    closing the stream closes `conn` and `jumps`, and so does a failure to start it."""
     command = remote_command(argv, env)
     shown = redacted_command(argv, env)
-    conn, jumps, where = await connect_ssh(target, settings)
     description = f"ssh {where}" + (f" via {len(jumps)} jump host{'s' if len(jumps) > 1 else ''}" if jumps else "")
     log.info("host %s: %s: starting %s", target.label, description, shown)
     try:
