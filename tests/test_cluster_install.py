@@ -192,7 +192,7 @@ def test_a_bare_host_gets_batuta_from_the_wheelhouse_runs_a_task_and_a_second_in
     cluster = write_cluster(tmp_path / "cluster.toml", hosts, 0, python, cache)
 
     code, report = install(cluster, coordinator_cache)
-    assert code == 0, report
+    assert code == 0, [h.get("error") for h in report["hosts"]]
     (host,) = report["hosts"]
     venv = venv_of(cache, python)
     assert (host["host"], host["ok"], host["path"]) == ("h0", True, "wheelhouse")

@@ -298,6 +298,7 @@ async def test_an_encrypted_identity_file_asks_on_the_terminal_once_per_process(
 
 def test_the_dashboard_never_prompts_for_a_passphrase(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`batuta tui` owns the terminal, so its SSH hosts get `ask_passphrase=False`."""
+    import batuta.jobs
     import batuta.jobs._run as job_run
     from batuta.cli import main
     from batuta.errors import BatutaError
@@ -310,6 +311,9 @@ def test_the_dashboard_never_prompts_for_a_passphrase(tmp_path: Path, monkeypatc
         seen.append(options["cluster"])
         raise BatutaError("stop here")
 
+    # `batuta.jobs` exports it lazily and keeps what it first hands out: patch that name too,
+    # first, so that what the undo puts back is the real one
+    monkeypatch.setattr(batuta.jobs, "make_pool", make_pool)
     monkeypatch.setattr(job_run, "make_pool", make_pool)
     cluster = tmp_path / "cluster.toml"
     cluster.write_text('[[hosts]]\naddress = "10.0.0.1"\nidentity_file = "id_locked"\n')
