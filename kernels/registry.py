@@ -38,7 +38,7 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -61,6 +61,7 @@ __all__ = [
     "as_real",
     "float_array",
     "float_vectors",
+    "forget_modules",
     "info",
     "jit",
     "kernel",
@@ -432,6 +433,17 @@ def kernel(
 def unregister(name: str) -> None:
     """Remove kernel `name` (for tests and interactive reloads). Unknown names are ignored."""
     _KERNELS.pop(name, None)
+
+
+def forget_modules(modules: Iterable[str]) -> list[str]:
+    """Unregister every kernel that these modules registered, and return their names: the
+    agent calls this when it replaces the user's code, so that a kernel deleted from a module
+    is unknown afterwards instead of running from the old copy."""
+    gone = set(modules)
+    names = sorted(name for name, kdef in _KERNELS.items() if kdef.module in gone)
+    for name in names:
+        del _KERNELS[name]
+    return names
 
 
 def lookup(name: str) -> KernelDef:

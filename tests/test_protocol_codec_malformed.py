@@ -178,21 +178,26 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ),
     (
         "timestamp ext",
-        raw_frame(None, packed=msgpack.packb(run_wire([1, 0, 1, [0, "k", [msgpack.Timestamp(1, 0)]], None, "cpu", ""]))),
+        raw_frame(
+            None, packed=msgpack.packb(run_wire([1, 0, 1, [0, "k", [msgpack.Timestamp(1, 0)]], None, "cpu", ""]))
+        ),
         "call.args[0]: unexpected msgpack.ext.Timestamp",
     ),
     (
         "tuple mark alone",
         raw_frame(
             None,
-            packed=msgpack.packb(run_wire([1, 0, 1, [0, "k", [[1, msgpack.ExtType(EXT_TUPLE, b"")]]], None, "cpu", ""])),
+            packed=msgpack.packb(
+                run_wire([1, 0, 1, [0, "k", [[1, msgpack.ExtType(EXT_TUPLE, b"")]]], None, "cpu", ""])
+            ),
         ),
         "call.args[0][1]: tuple marker outside the first slot",
     ),
     (
         "tuple mark with payload",
         raw_frame(
-            None, packed=msgpack.packb(run_wire([1, 0, 1, [0, "k", [[msgpack.ExtType(EXT_TUPLE, b"x")]]], None, "cpu", ""]))
+            None,
+            packed=msgpack.packb(run_wire([1, 0, 1, [0, "k", [[msgpack.ExtType(EXT_TUPLE, b"x")]]], None, "cpu", ""])),
         ),
         "tuple marker with a payload",
     ),

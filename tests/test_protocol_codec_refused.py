@@ -193,7 +193,7 @@ def test_bad_message_level_fields_on_send() -> None:
         (CodeLoaded(digest="nope"), "CodeLoaded.digest: expected a sha256 digest"),
         (
             Run(tasks=(TaskRequest(task_id=1, slot=0, attempt=1, call=KernelCall(name="k"), code="abc"),)),
-            "Run.tasks[0].code: expected a sha256 digest (64 lowercase hex digits) or \"\"",
+            'Run.tasks[0].code: expected a sha256 digest (64 lowercase hex digits) or ""',
         ),
     ]
     for msg, words in cases:

@@ -3,8 +3,8 @@
 A message is `[tag, field1, field2, ...]` with `TAGS[type]` and the fields in dataclass order
 (`messages.py`). Nested records (TaskRequest, TaskOutcome, SlotInfo, GpuInfo, GpuSample) are
 arrays of their fields, without a tag; a call is `[0, name, args]` (KernelCall) or
-`[1, path, args, env, cwd]` (BinaryCall); a CodeFile is `[path, bytes]`. Field counts are fixed. Kernel arguments and results
-are values (`_values.py`).
+`[1, path, args, env, cwd]` (BinaryCall); a CodeFile is `[path, bytes]`. Field counts are
+fixed. Kernel arguments and results are values (`_values.py`).
 
 `to_wire()` raises LocalProtocolError and `from_wire()` RemoteProtocolError, both naming the
 field at fault (`Done.results[3].status: unknown status 'weird'`). The same validators
