@@ -40,9 +40,9 @@ import json
 import os
 import random
 import selectors
+import shutil
 import signal
 import struct
-import shutil
 import subprocess
 import sys
 import tempfile
