@@ -277,7 +277,9 @@ class CodeCollector:
         import sys
 
         self.spec = spec
-        self._search = list(sys.path if search_path is None else search_path)
+        # kernel_modules are found where the job files are first, as the job itself finds them
+        job_folders = [str(Path(job).expanduser().resolve().parent) for job in spec.job_files]
+        self._search = job_folders + list(sys.path if search_path is None else search_path)
         self._common: dict[str, _Source] = {}
         self._load: list[str] = []  # modules the hosts import, in order
         self._bundles: dict[tuple[str, ...], m.Code | None] = {}
@@ -335,6 +337,7 @@ class CodeCollector:
         job_file = job_file.expanduser().resolve()
         root = job_file.parent
         imports, _ = _scan(job_file)
+        modules: list[str] = []
         for name in imports:
             found = _local_module(name, root)
             if found is None or self._excluded(found[0], job_file):
@@ -342,7 +345,11 @@ class CodeCollector:
             path, module = found
             top = module.split(".")[0]
             self._add(self._common, _Source(name=top, path=path, why=f"imported by {job_file.name}"))
-            if module not in self._load and self._registers_kernels(self._common[top], root):
+            if module not in modules and self._registers_kernels(self._common[top], root):
+                modules.append(module)
+        # `from pkg.sub import kern` names pkg.sub and pkg.sub.kern: importing the latter imports both
+        for module in modules:
+            if module not in self._load and not any(other.startswith(module + ".") for other in modules):
                 self._load.append(module)
 
     def _registers_kernels(self, source: _Source, root: Path) -> bool:
