@@ -19,6 +19,7 @@ A cluster file is TOML (see `examples/cluster.toml` for every key, documented):
 
     [pool]
     heartbeat_interval = 1.0
+    max_code_mb = 16           # the most of the user's code sent to a host (runtime/code.py)
 
     [policy]                   # what `batuta stack gate` holds every node to
     batuta = "exact"           # exact, minor (same x.y), major (same x) or any
