@@ -7,8 +7,10 @@ accident.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -17,9 +19,12 @@ from pathlib import Path
 import pytest
 
 from batuta.core.task import Task, TaskStatus
+from batuta.protocol import messages as m
 from batuta.protocol.messages import code_digest
 from batuta.runtime.code import CodeCollector, CodeError, CodeSpec
 from batuta.runtime.pool import Pool
+from batuta.runtime.session import HostSession
+from tests.test_pool import agent_pids
 
 KERNELS = """\
 import os
@@ -216,6 +221,33 @@ async def test_a_local_pool_ships_the_job_files_modules_and_results_name_the_dig
     async with pool:
         result = await pool.run(Task.kernel("cs_value", 4))
     assert (result.status, result.value, result.code) == (TaskStatus.SUCCEEDED, 141, expected.digest)
+
+
+async def test_a_relaunched_agent_is_sent_the_code_again_before_any_task(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[m.Message] = []
+    original = HostSession.send
+
+    def spy(self: HostSession, message: m.Message, nbytes: int = 0) -> None:
+        sent.append(message)
+        original(self, message, nbytes)
+
+    monkeypatch.setattr(HostSession, "send", spy)
+    builder = Pool.builder().cpu_workers(1).gpu_workers("none").job_file(project / "my_job.py")
+    async with builder.relaunch(max_relaunches=5, backoff=0.1).build() as pool:
+        first = await pool.run(Task.kernel("cs_pid"))
+        [agent] = agent_pids()
+        os.kill(agent.pid, signal.SIGKILL)
+        again = await asyncio.wait_for(pool.run(Task.kernel("cs_value", 4, max_attempts=5)), 60)
+    assert first.is_success() and again.is_success(), (first.error, again.error)
+    assert (again.value, again.code) == (141, first.code)
+    kinds = [type(message).__name__ for message in sent if not isinstance(message, m.Cancel | m.StealBack)]
+    welcomes = [i for i, kind in enumerate(kinds) if kind == "Welcome"]
+    assert len(welcomes) == 2
+    for at in welcomes:  # each agent hears Code right after Welcome, before any Run
+        assert kinds[at + 1] == "Code"
+    assert [message.digest for message in sent if isinstance(message, m.Code)] == [first.code, first.code]
 
 
 async def test_a_pool_with_no_code_to_ship_names_none() -> None:
