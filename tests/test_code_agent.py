@@ -196,12 +196,15 @@ async def test_a_package_with_submodules_and_data(start_agent: StartAgent, cache
 
 async def test_tasks_naming_code_the_agent_was_never_sent_are_refused(start_agent: StartAgent) -> None:
     agent = await start_agent("--slots", "1", "--gpus", "none", "--name", "h1")
-    agent.send(Run(tasks=(TaskRequest(task_id=1, slot=0, attempt=1, call=KernelCall(name="noop"), code="a" * 64),)))
-    refused = await agent.outcome(1)
-    assert refused.status is Outcome.ERROR
-    assert refused.error == (
-        "task 1 must run with code aaaaaaaaaaaa, but host h1 has code none: not run, so that no task runs stale code"
-    )
+    for task_id, args in ((1, ()), (2, (7,))):  # with arguments or without
+        call = KernelCall(name="noop", args=args)
+        agent.send(Run(tasks=(TaskRequest(task_id=task_id, slot=0, attempt=1, call=call, code="a" * 64),)))
+        refused = await agent.outcome(task_id)
+        assert refused.status is Outcome.ERROR
+        assert refused.error == (
+            f"task {task_id} must run with code aaaaaaaaaaaa, but host h1 has code none: not run, "
+            "so that no task runs stale code"
+        )
 
 
 # -- the cache, without processes ----------------------------------------------------------

@@ -10,10 +10,11 @@ What it does, in the order a session goes:
 2. Serve: `Code` (the user's modules, right after Welcome) is written to the cache, imported
    here and answered with `CodeLoaded`; the slots are replaced by ones with that code (see
    `code.py` and `supervisor.py`). A task whose `code` digest is not the one loaded is
-   answered "error" and not run. `Run` queues tasks on their slots (`supervisor.py` has the rules for feeding,
-   Started inference, timeouts, cancel, steal-back, slot death and restarts); `StealBack`
-   answers at once with what was still queued; `Cancel` answers each held task "cancelled"
-   (a task already fed to its slot when the slot gets to it); unknown ids are ignored.
+   answered "error" and not run. `Run` queues tasks on their slots (`supervisor.py` has the
+   rules for feeding, Started inference, timeouts, cancel, steal-back, slot death and
+   restarts); `StealBack` answers at once with what was still queued; `Cancel` answers each
+   held task "cancelled" (a task already fed to its slot when the slot gets to it); unknown
+   ids are ignored.
 3. End: `Shutdown` kills all work and slots, sends the results it already has, says `Bye`,
    exits 0; killed tasks are not answered. EOF on stdin (the
    coordinator closed the stream, its SSH channel died, or it was killed) kills everything
@@ -343,9 +344,9 @@ class Agent:
                 if slot is None
                 else None
             )
-            if request.code != digest:
+            if slot is not None and request.code != digest:
                 problem = stale_error(request, self._code.current, f"host {self._host_name} has")
-            if slot is not None and isinstance(request.call, KernelCall) and request.call.args:
+            elif slot is not None and isinstance(request.call, KernelCall) and request.call.args:
                 problem = self._missing_objects(request.call)
             if slot is None or problem is not None:
                 self.task_finished(
