@@ -317,3 +317,11 @@ def test_batuta_run_code_errors_are_one_line_and_exit_2(project: Path, tmp_path:
     assert done.stderr.strip().splitlines() == [
         f"batuta: error: --module {tmp_path / 'nope.py'}: no such file or folder; give a .py file or a package folder"
     ]
+
+
+def test_batuta_tui_refuses_a_bad_module_before_the_screen_takes_over(tmp_path: Path) -> None:
+    done = batuta("tui", "--workers", "1", "--module", str(tmp_path / "nope.py"), cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"batuta: error: --module {tmp_path / 'nope.py'}: no such file or folder; give a .py file or a package folder"
+    ]

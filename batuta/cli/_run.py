@@ -298,6 +298,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
         cluster = replace(cluster, ssh=replace(cluster.ssh, ask_passphrase=False))
     job_files = [job.origin for job in jobs if job.origin != "built-in"]  # their own modules ship to the hosts
     pool = make_pool(workers=args.workers, seed=args.seed, cluster=cluster, job_files=job_files, modules=args.module)
+    pool.prepare_code()  # a bad --module or too much code is a usage error before the screen takes over
     if cluster is not None:
         count = len(cluster.host_names)
         label = f"{Path(args.cluster).name} ({count} host{'s' if count != 1 else ''})"

@@ -38,6 +38,7 @@ import importlib.util
 import os
 import re
 import site
+import sys
 import sysconfig
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -274,8 +275,6 @@ class CodeCollector:
     name different ones). Raises CodeError (a UsageError) for what cannot be shipped."""
 
     def __init__(self, spec: CodeSpec, *, search_path: Sequence[str] | None = None) -> None:
-        import sys
-
         self.spec = spec
         # kernel_modules are found where the job files are first, as the job itself finds them
         job_folders = [str(Path(job).expanduser().resolve().parent) for job in spec.job_files]

@@ -152,7 +152,8 @@ class Pool:
         """
         if self._started:
             raise UsageError("pool already started")
-        self._ship_code()  # a CodeError (bad --module, over the limit) before any host starts
+        if not self._code_of:
+            self.prepare_code()  # a CodeError (bad --module, over the limit) before any host starts
         self._started = True
         self._loop = asyncio.get_running_loop()
         for spec in self._specs:
@@ -165,9 +166,11 @@ class Pool:
             await self.close()
             raise
 
-    def _ship_code(self) -> None:
-        """Collect the user's code (runtime/code.py) once: each session sends its host's
-        bundle right after Welcome, and every task sent there names its digest."""
+    def prepare_code(self) -> None:
+        """Collect the user's code to ship (runtime/code.py): each session sends its host's
+        bundle right after every Welcome, and every task sent there names its digest. `start()`
+        does this unless it was done before (to find a `CodeError` early: a bad --module path,
+        too much code)."""
         collector = CodeCollector(self.config.code)
         for spec in self._specs:
             code = collector.bundle(spec.kernel_modules)
