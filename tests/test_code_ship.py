@@ -325,3 +325,11 @@ def test_batuta_tui_refuses_a_bad_module_before_the_screen_takes_over(tmp_path: 
     assert done.stderr.strip().splitlines() == [
         f"batuta: error: --module {tmp_path / 'nope.py'}: no such file or folder; give a .py file or a package folder"
     ]
+
+
+def test_the_code_limit_is_bounded_by_what_one_frame_carries() -> None:
+    from batuta.errors import UsageError
+
+    for bad in (0, 256 * 2**20, 1.5):
+        with pytest.raises(UsageError, match=r"give a number of bytes from 1 to 255 MiB"):
+            Pool.builder().code_limit(bad)  # type: ignore[arg-type]

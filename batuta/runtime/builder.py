@@ -14,7 +14,7 @@ from batuta.core.backend import BackendThresholds
 from batuta.core.scheduler import SchedulerConfig
 from batuta.core.task import CAP_CPU, MAX_SLOTS
 from batuta.errors import UsageError
-from batuta.runtime.code import CodeSpec
+from batuta.runtime.code import MAX_CODE_MB, CodeSpec
 from batuta.runtime.session import HostSpec
 from batuta.transport.local import agent_command, open_local_agent
 
@@ -91,8 +91,8 @@ class PoolBuilder:
 
     def code_limit(self, nbytes: int) -> PoolBuilder:
         """The most bytes of the user's code one host may be sent (default 16 MiB)."""
-        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 1:
-            raise UsageError(f"code_limit({nbytes!r}): give a positive number of bytes")
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or not 1 <= nbytes <= MAX_CODE_MB * 2**20:
+            raise UsageError(f"code_limit({nbytes!r}): give a number of bytes from 1 to {MAX_CODE_MB} MiB")
         self._config = replace(self._config, code=replace(self._config.code, max_bytes=nbytes))
         return self
 

@@ -64,7 +64,7 @@ from typing import Any
 from batuta.core.backend import BackendThresholds
 from batuta.core.task import CAP_CPU, CAP_GPU, MAX_SLOTS
 from batuta.errors import ConfigError
-from batuta.runtime.code import CodeSpec
+from batuta.runtime.code import MAX_CODE_MB, CodeSpec
 from batuta.runtime.pool import Pool, PoolConfig, local_host
 from batuta.runtime.session import HostSpec
 from batuta.transport.base import ByteStream
@@ -518,8 +518,10 @@ class _Reader:
             fields["thresholds"] = BackendThresholds(**sizes)
         if "max_code_mb" in table:  # the most of the user's code shipped to one host
             value = table["max_code_mb"]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 2**12:
-                raise self.error((*path, "max_code_mb"), f"expected a number of MiB in (0, 4096), got {_shown(value)}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_CODE_MB:
+                raise self.error(
+                    (*path, "max_code_mb"), f"expected a number of MiB in (0, {MAX_CODE_MB}], got {_shown(value)}"
+                )
             fields["code"] = CodeSpec(max_bytes=int(value * 2**20))
         config = PoolConfig(**fields)
         if config.suspect_after > config.lost_after:

@@ -48,6 +48,7 @@ from batuta.errors import UsageError
 from batuta.protocol import messages as m
 
 DEFAULT_MAX_CODE_BYTES = 16 * 2**20
+MAX_CODE_MB = 255  # the most the limit may be raised to: a bundle travels in one frame (256 MiB at most)
 IGNORE_FILE = ".batutaignore"
 MiB = 2**20
 
