@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,8 +94,9 @@ def project(tmp_path: Path) -> Path:
     return folder
 
 
-def paths_of(code: object) -> list[str]:
-    return sorted(f.path for f in code.files)  # type: ignore[attr-defined]
+def paths_of(code: m.Code | None) -> list[str]:
+    assert code is not None
+    return sorted(f.path for f in code.files)
 
 
 def test_the_job_files_local_imports_ship_and_only_kernel_modules_are_imported(project: Path) -> None:
@@ -161,7 +163,8 @@ def test_kernel_modules_ship_when_they_are_the_users_files_not_when_installed(pr
     assert "unrelated.py" in paths_of(code)  # found beside the job file
     assert code.modules == ("cs_kernels", "unrelated")  # the others are imported by name, as before
     assert not any(p.startswith(("numpy/", "batuta/", "kernels/")) for p in paths_of(code))
-    assert collector.bundle(()) is not None and collector.bundle(()).digest != code.digest  # type: ignore[union-attr]
+    common = collector.bundle(())
+    assert common is not None and common.digest != code.digest
 
 
 def test_nothing_to_ship_is_no_bundle() -> None:
@@ -330,6 +333,7 @@ def test_batuta_tui_refuses_a_bad_module_before_the_screen_takes_over(tmp_path: 
 def test_the_code_limit_is_bounded_by_what_one_frame_carries() -> None:
     from batuta.errors import UsageError
 
-    for bad in (0, 256 * 2**20, 1.5):
+    bad_limits: list[Any] = [0, 256 * 2**20, 1.5]
+    for bad in bad_limits:
         with pytest.raises(UsageError, match=r"give a number of bytes from 1 to 255 MiB"):
-            Pool.builder().code_limit(bad)  # type: ignore[arg-type]
+            Pool.builder().code_limit(bad)
