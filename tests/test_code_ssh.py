@@ -28,7 +28,7 @@ VERSION = {version}
 
 @kernel("cs_whoami")
 def cs_whoami():
-    return [VERSION, os.getpid()]
+    return [VERSION, os.getpid(), __file__]
 
 
 cs_whoami.cpu(cs_whoami.reference)
@@ -60,7 +60,7 @@ async def main(pool):
     for tag in ("h0", "h1"):  # one task on each host
         who = await pool.run(Task.kernel("cs_whoami", requires=[tag]))
         value = await pool.run(Task.kernel("cs_pkg_value", 7, requires=[tag]))
-        ran.append([who.host, who.value[0], who.value[1], value.value, who.code])
+        ran.append([who.host, who.value[0], who.value[1], value.value, who.code, who.value[2]])
     return ran
 """
 
@@ -120,8 +120,9 @@ def test_kernels_beside_the_job_run_on_two_hosts_and_an_edit_runs_new_code(
     assert [row[:2] + row[3:4] for row in first["result"]] == [["host0", 1, 42], ["host1", 1, 42]]
     digest = first["result"][0][4]
     assert len(digest) == 64 and first["result"][1][4] == digest
-    for host in hosts:  # each host holds the bundle in its own cache, under its digest
+    for host, row in zip(hosts, first["result"], strict=True):  # each imported it from its own cache
         bundle = host.dir / "cache" / "batuta" / "code" / digest
+        assert row[5] == str(bundle / "cs_kernels.py")
         assert (bundle / "cs_kernels.py").read_text() == KERNELS.format(version=1)
         assert (bundle / "cs_shippkg" / "sub" / "consts.py").is_file()
 
