@@ -475,7 +475,8 @@ def _unknown_message(name: object) -> str:
     return (
         f"unknown kernel {name!r}{hint}; known: {', '.join(known)}; to add one, decorate a "
         f"function with @kernel({name!r}) (from batuta.kernels import kernel) in a module the "
-        "agents import: kernel_modules in the cluster file or Pool.builder().kernel_modules([...]), "
+        "job file imports from its folder (batuta run sends it to every host), or one named with "
+        "--module PATH, kernel_modules in the cluster file or Pool.builder().modules([...]), "
         "or name it 'module:kernel'"
     )
 
