@@ -3,8 +3,9 @@
 A real `python -m batuta.agent --stdio` process gets the handshake, then frames of these
 kinds (each drawn from a seeded `random.Random`):
 
-    valid      a well-formed Run / Cancel / StealBack / Put / Drop with random content (object
-               refs included, to objects put or never put)
+    valid      a well-formed Run / Cancel / StealBack / Put / Drop / Code with random content
+               (object refs included, to objects put or never put; code bundles that import,
+               fail to parse or import a missing package; tasks naming those digests or none)
     mutated    a valid frame with bytes flipped, inserted, deleted, cut or spliced
     garbage    random bytes, with or without a plausible length prefix
     header     a length prefix over the limit, or zero
@@ -22,7 +23,8 @@ expect, a malformed frame from the agent), `hangs` (no answer or no exit within 
 
 Frames that would make the agent run something outside a small allowlist (a real kernel
 with random arguments, a binary other than /bin/true and /bin/echo, `module:kernel` names
-that import modules) are not sent and are counted as `skipped`.
+that import modules, a Code bundle other than the few harmless ones below) are not sent and
+are counted as `skipped`. The agents keep what Code writes in a temporary cache folder.
 
     python bench/fuzz.py [--frames 100000] [--seed 0] [--slots 2]
 
@@ -38,10 +40,12 @@ import json
 import os
 import random
 import selectors
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +67,9 @@ from batuta.protocol.messages import (
     PROTOCOL_VERSION,
     Bye,
     Cancel,
+    Code,
+    CodeFile,
+    CodeLoaded,
     Done,
     Drop,
     Error,
@@ -79,6 +86,7 @@ from batuta.protocol.messages import (
     TaskOutcome,
     TaskRequest,
     Welcome,
+    code_digest,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -90,6 +98,27 @@ SAFE_BINARIES = frozenset({"/bin/true", "/bin/echo"})
 MAX_SPIN_S = 0.02  # per frame, so probes come back quickly
 MAX_TASKS_PER_FRAME = 256
 KNOWN_KERNELS = frozenset(registry.names())
+
+
+def _bundle(files: dict[str, bytes], modules: tuple[str, ...]) -> Code:
+    entries = tuple(CodeFile(path=path, data=data) for path, data in files.items())
+    return Code(digest=code_digest(entries, modules), modules=modules, files=entries)
+
+
+# The only user code the fuzzer ships: harmless to import, or failing to (a syntax error, a
+# missing package, a module that is not there). A decoded Code is sent only if it is one of
+# these (the codec checks each digest against its files, so no mutation passes as one).
+CODE_BUNDLES = (
+    _bundle({"fz_a.py": b"VALUE = 1\n"}, ("fz_a",)),
+    _bundle(
+        {"pkg/__init__.py": b"", "pkg/fz_b.py": b"VALUE = 2\n", "pkg/data/blob.bin": bytes(range(256))},
+        ("pkg.fz_b",),
+    ),
+    _bundle({"fz_c.py": b"VALUE = (\n"}, ("fz_c",)),
+    _bundle({"fz_d.py": b"import fuzz_missing_package_xyz\n"}, ("fz_d", "fz_nowhere")),
+)
+SAFE_DIGESTS = frozenset(code.digest for code in CODE_BUNDLES)
+TASK_CODES = ("", "", *sorted(SAFE_DIGESTS))  # what tasks name: no code, or one of the bundles
 
 
 # -- frames -------------------------------------------------------------------------------
@@ -143,11 +172,15 @@ def _task(rnd: random.Random, task_id: int, slots: int) -> TaskRequest:
     timeout = rnd.choice([None, None, None, 0.001, 0.5, 30.0])
     backend = rnd.choice(["cpu", "cpu", "scalar", "gpu"])
     return TaskRequest(task_id=task_id, slot=slot, attempt=rnd.randrange(1, 4), call=call, timeout=timeout,
-                       backend=backend)  # fmt: skip
+                       backend=backend, code=rnd.choice(TASK_CODES))  # fmt: skip
 
 
-def valid_message(rnd: random.Random, slots: int, next_id: list[int]) -> Run | Cancel | StealBack | Put | Drop:
+def valid_message(
+    rnd: random.Random, slots: int, next_id: list[int]
+) -> Run | Cancel | StealBack | Put | Drop | Code:
     roll = rnd.random()
+    if roll < 0.04:
+        return rnd.choice(CODE_BUNDLES)
     if roll < 0.06:
         return Put(object_id=rnd.choice([1, 2, 3]), value=_value(rnd))
     if roll < 0.08:
@@ -194,7 +227,7 @@ def _wire_body(rnd: random.Random) -> bytes:
     if rnd.random() < 0.3:
         body = msgpack.packb(_plain(rnd))
     else:
-        tag = rnd.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 99, -1])
+        tag = rnd.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 99, -1])
         body = msgpack.packb([tag, *(_plain(rnd) for _ in range(rnd.randrange(5)))])
     return struct.pack(">I", len(body)) + body
 
@@ -235,6 +268,7 @@ def _wrong_direction(rnd: random.Random) -> bytes:
             SlotChanged(slot=0, state="up"),
             Heartbeat(seq=0, cpu_percent=0.0, memory_used=0, memory_total=0),
             Bye(reason="x"),
+            CodeLoaded(digest=CODE_BUNDLES[0].digest),
         ]
     )
     return encode_message(message)
@@ -271,6 +305,8 @@ def make_frame(rnd: random.Random, kind: str, slots: int, next_id: list[int]) ->
 
 def is_safe(message: Any) -> bool:
     """Whether the agent may run what `message` asks without side effects we do not want."""
+    if isinstance(message, Code):
+        return message.digest in SAFE_DIGESTS
     if not isinstance(message, Run):
         return True
     if len(message.tasks) > MAX_TASKS_PER_FRAME:
@@ -339,11 +375,12 @@ class Stats:
 class AgentSession:
     """One agent process, driven synchronously: bounded waits on its pipes, never a block."""
 
-    def __init__(self, slots: int, stats: Stats, *, timeout: float) -> None:
+    def __init__(self, slots: int, stats: Stats, *, timeout: float, cache: str) -> None:
         self.stats = stats
         self.timeout = timeout
         env = dict(os.environ)
         env.setdefault("NUMBA_DISABLE_JIT", "0")
+        env["XDG_CACHE_HOME"] = cache  # where Code bundles are written
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "batuta.agent", "--stdio", "--slots", str(slots), "--gpus", "none"],
             stdin=subprocess.PIPE,
@@ -622,7 +659,7 @@ class Fuzzer:
         self.session: AgentSession | None = None
         self._spare: AgentSession | None = None
         self._since_probe = 0
-
+        self.cache = tempfile.mkdtemp(prefix="batuta-fuzz-cache-")
     def frames(self, rnd: random.Random, kinds: list[str], next_id: list[int] | None = None) -> None:
         """Send one frame of each kind in `kinds` (random content from `rnd`). Task ids count
         up from `next_id[0]` if given (so what is drawn depends on `rnd` alone, as hypothesis
@@ -657,12 +694,13 @@ class Fuzzer:
             self._spare.handshake()
             self._spare.finish("ok")
             self._spare = None
+        shutil.rmtree(self.cache, ignore_errors=True)
 
     def _start(self) -> AgentSession:
         # The next agent starts while this one is fuzzed: on two cores that halves the cost
         # of a session, which is mostly the agent's start-up.
-        session = self._spare or AgentSession(self.slots, self.stats, timeout=self.timeout)
-        self._spare = AgentSession(self.slots, self.stats, timeout=self.timeout)
+        session = self._spare or AgentSession(self.slots, self.stats, timeout=self.timeout, cache=self.cache)
+        self._spare = AgentSession(self.slots, self.stats, timeout=self.timeout, cache=self.cache)
         session.handshake()
         self.session = session
         return session

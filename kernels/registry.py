@@ -38,7 +38,7 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -61,6 +61,7 @@ __all__ = [
     "as_real",
     "float_array",
     "float_vectors",
+    "forget_modules",
     "info",
     "jit",
     "kernel",
@@ -434,6 +435,17 @@ def unregister(name: str) -> None:
     _KERNELS.pop(name, None)
 
 
+def forget_modules(modules: Iterable[str]) -> list[str]:
+    """Unregister every kernel that these modules registered, and return their names: the
+    agent calls this when it replaces the user's code, so that a kernel deleted from a module
+    is unknown afterwards instead of running from the old copy."""
+    gone = set(modules)
+    names = sorted(name for name, kdef in _KERNELS.items() if kdef.module in gone)
+    for name in names:
+        del _KERNELS[name]
+    return names
+
+
 def lookup(name: str) -> KernelDef:
     """The kernel registered as `name`, or as ``"module:name"`` (importing the module)."""
     kdef = _KERNELS.get(name)
@@ -463,7 +475,8 @@ def _unknown_message(name: object) -> str:
     return (
         f"unknown kernel {name!r}{hint}; known: {', '.join(known)}; to add one, decorate a "
         f"function with @kernel({name!r}) (from batuta.kernels import kernel) in a module the "
-        "agents import: kernel_modules in the cluster file or Pool.builder().kernel_modules([...]), "
+        "job file imports from its folder (batuta run sends it to every host), or one named with "
+        "--module PATH, kernel_modules in the cluster file or Pool.builder().modules([...]), "
         "or name it 'module:kernel'"
     )
 

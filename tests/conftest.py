@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,19 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def repo_root() -> Path:
     """The checkout's root folder (where pyproject.toml is)."""
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """batuta's cache folder for this session (XDG_CACHE_HOME, inherited by every agent the
+    tests start here): the user's code that pools ship (batuta/agent/code.py) lands there, not
+    in ~/.cache, so nothing is found there by accident and nothing is left behind. SSH test
+    hosts get one folder each (tests/support/sshd.py)."""
+    folder = tmp_path_factory.mktemp("xdg-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(folder))
+    yield folder
+    patch.undo()
 
 
 # Real SSH hosts in network namespaces (tests/support/hosts.py): the `ssh_hosts` fixture.

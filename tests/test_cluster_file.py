@@ -319,6 +319,9 @@ def test_more_slots_than_an_agent_runs() -> None:
         ("[pool]\nsuspect_after = 9\nlost_after = 8", "pool.suspect_after", "before it is lost"),
         ("[pool]\nheartbeat_interval = 5", "pool.heartbeat_interval", "not below suspect_after"),
         ("[pool]\nseed = 1.5", "pool.seed", "whole number"),
+        ("[pool]\nmax_code_mb = 0", "pool.max_code_mb", "expected a number of MiB in (0, 255], got 0"),
+        ("[pool]\nmax_code_mb = 300", "pool.max_code_mb", "expected a number of MiB in (0, 255], got 300"),
+        ('[pool]\nmax_code_mb = "16"', "pool.max_code_mb", "expected a number of MiB"),
         ('ssh = "x"', "ssh", "expected a table"),
         ('hosts = "n1"', "hosts", "[[hosts]]"),
     ],
@@ -455,3 +458,9 @@ def test_a_host_without_python_starts_the_installed_environment_else_python3(tmp
 def test_backend_thresholds_come_from_the_pool_table() -> None:
     cluster = parse_cluster('[pool]\nscalar_below = 10\ngpu_above = 500\n\n[[hosts]]\naddress = "a"\n')
     assert cluster.pool.thresholds.scalar_below == 10 and cluster.pool.thresholds.gpu_above == 500
+
+
+def test_the_code_size_limit_comes_from_the_pool_table() -> None:
+    cluster = parse_cluster('[pool]\nmax_code_mb = 2.5\n\n[[hosts]]\naddress = "a"\n')
+    assert cluster.pool.code.max_bytes == int(2.5 * 2**20)
+    assert parse_cluster('[[hosts]]\naddress = "a"\n').pool.code.max_bytes == 16 * 2**20

@@ -20,6 +20,9 @@ from batuta.protocol import (
     TAGS,
     Bye,
     Cancel,
+    Code,
+    CodeFile,
+    CodeLoaded,
     Done,
     FrameDecoder,
     Heartbeat,
@@ -27,6 +30,7 @@ from batuta.protocol import (
     Put,
     RemoteProtocolError,
     SlotChanged,
+    code_digest,
     encode_message,
 )
 from batuta.protocol._values import ALIGN, EXT_ARRAY, EXT_ARRAY_OOB, EXT_SCALAR, EXT_TUPLE
@@ -102,100 +106,105 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("results not array", raw_frame([TAGS[Done], 5]), "Done.results: expected an array, got int 5"),
     (
         "negative id",
-        raw_frame(run_wire([-1, 0, 1, [0, "k", []], None, "cpu"])),
+        raw_frame(run_wire([-1, 0, 1, [0, "k", []], None, "cpu", ""])),
         "Run.tasks[0].task_id: expected an int >= 0, got int -1",
     ),
     (
         "bool id",
-        raw_frame(run_wire([True, 0, 1, [0, "k", []], None, "cpu"])),
+        raw_frame(run_wire([True, 0, 1, [0, "k", []], None, "cpu", ""])),
         "Run.tasks[0].task_id: expected an int >= 0, got bool True",
     ),
     (
         "attempt 0",
-        raw_frame(run_wire([1, 0, 0, [0, "k", []], None, "cpu"])),
+        raw_frame(run_wire([1, 0, 0, [0, "k", []], None, "cpu", ""])),
         "Run.tasks[0].attempt: expected an int >= 1",
     ),
     (
         "unknown backend",
-        raw_frame(run_wire([1, 0, 1, [0, "k", []], None, "tpu"])),
+        raw_frame(run_wire([1, 0, 1, [0, "k", []], None, "tpu", ""])),
         "Run.tasks[0].backend: unknown backend 'tpu'",
     ),
     (
         "negative timeout",
-        raw_frame(run_wire([1, 0, 1, [0, "k", []], -1.0, "cpu"])),
+        raw_frame(run_wire([1, 0, 1, [0, "k", []], -1.0, "cpu", ""])),
         "Run.tasks[0].timeout: expected a number > 0",
     ),
     (
         "nan timeout",
-        raw_frame(run_wire([1, 0, 1, [0, "k", []], float("nan"), "cpu"])),
+        raw_frame(run_wire([1, 0, 1, [0, "k", []], float("nan"), "cpu", ""])),
         "timeout: expected a finite number",
     ),
     (
         "unknown call kind",
-        raw_frame(run_wire([1, 0, 1, [7, "k", []], None, "cpu"])),
+        raw_frame(run_wire([1, 0, 1, [7, "k", []], None, "cpu", ""])),
         "Run.tasks[0].call: unknown call kind 7",
     ),
     (
         "short kernel call",
-        raw_frame(run_wire([1, 0, 1, [0, "k"], None, "cpu"])),
+        raw_frame(run_wire([1, 0, 1, [0, "k"], None, "cpu", ""])),
         "Run.tasks[0].call: KernelCall needs 2 fields, got 1",
     ),
     (
         "empty kernel name",
-        raw_frame(run_wire([1, 0, 1, [0, "", []], None, "cpu"])),
+        raw_frame(run_wire([1, 0, 1, [0, "", []], None, "cpu", ""])),
         "Run.tasks[0].call.name: expected a non-empty str",
     ),
     (
         "args not array",
-        raw_frame(run_wire([1, 0, 1, [0, "k", 5], None, "cpu"])),
+        raw_frame(run_wire([1, 0, 1, [0, "k", 5], None, "cpu", ""])),
         "Run.tasks[0].call.args: expected an array",
     ),
     (
         "binary arg not str",
-        raw_frame(run_wire([1, 0, 1, [1, "/bin/x", ["a", 2], {}, None], None, "cpu"])),
+        raw_frame(run_wire([1, 0, 1, [1, "/bin/x", ["a", 2], {}, None], None, "cpu", ""])),
         "Run.tasks[0].call.args[1]: expected a str, got int 2",
     ),
     (
         "binary env not str",
-        raw_frame(run_wire([1, 0, 1, [1, "/bin/x", [], {"A": 1}, None], None, "cpu"])),
+        raw_frame(run_wire([1, 0, 1, [1, "/bin/x", [], {"A": 1}, None], None, "cpu", ""])),
         "call.env['A']: expected a str",
     ),
     (
         "bytes map key",
-        raw_frame(run_wire([1, 0, 1, [0, "k", [{b"k": 1}]], None, "cpu"])),
+        raw_frame(run_wire([1, 0, 1, [0, "k", [{b"k": 1}]], None, "cpu", ""])),
         "Run.tasks[0].call.args[0]: map keys must be str",
     ),
     (
         "value of unknown ext",
         raw_frame(
-            None, packed=msgpack.packb(run_wire([1, 0, 1, [0, "k", [1, msgpack.ExtType(42, b"zz")]], None, "cpu"]))
+            None, packed=msgpack.packb(run_wire([1, 0, 1, [0, "k", [1, msgpack.ExtType(42, b"zz")]], None, "cpu", ""]))
         ),
         "Run.tasks[0].call.args[1]: unknown ext type 42",
     ),
     (
         "timestamp ext",
-        raw_frame(None, packed=msgpack.packb(run_wire([1, 0, 1, [0, "k", [msgpack.Timestamp(1, 0)]], None, "cpu"]))),
+        raw_frame(
+            None, packed=msgpack.packb(run_wire([1, 0, 1, [0, "k", [msgpack.Timestamp(1, 0)]], None, "cpu", ""]))
+        ),
         "call.args[0]: unexpected msgpack.ext.Timestamp",
     ),
     (
         "tuple mark alone",
         raw_frame(
             None,
-            packed=msgpack.packb(run_wire([1, 0, 1, [0, "k", [[1, msgpack.ExtType(EXT_TUPLE, b"")]]], None, "cpu"])),
+            packed=msgpack.packb(
+                run_wire([1, 0, 1, [0, "k", [[1, msgpack.ExtType(EXT_TUPLE, b"")]]], None, "cpu", ""])
+            ),
         ),
         "call.args[0][1]: tuple marker outside the first slot",
     ),
     (
         "tuple mark with payload",
         raw_frame(
-            None, packed=msgpack.packb(run_wire([1, 0, 1, [0, "k", [[msgpack.ExtType(EXT_TUPLE, b"x")]]], None, "cpu"]))
+            None,
+            packed=msgpack.packb(run_wire([1, 0, 1, [0, "k", [[msgpack.ExtType(EXT_TUPLE, b"x")]]], None, "cpu", ""])),
         ),
         "tuple marker with a payload",
     ),
     (
         "ext in an int field",
         raw_frame(
-            None, packed=msgpack.packb(run_wire([msgpack.ExtType(EXT_TUPLE, b""), 0, 1, [0, "k", []], None, "cpu"]))
+            None, packed=msgpack.packb(run_wire([msgpack.ExtType(EXT_TUPLE, b""), 0, 1, [0, "k", []], None, "cpu", ""]))
         ),
         "Run.tasks[0].task_id: expected an int >= 0, got a tuple marker",
     ),
@@ -217,7 +226,7 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("bad id list", raw_frame([TAGS[Cancel], [1, "2"]]), "Cancel.task_ids[1]: expected an int >= 0, got str '2'"),
     (
         "deep value",
-        raw_frame(run_wire([1, 0, 1, [0, "k", [_nest(40)]], None, "cpu"])),
+        raw_frame(run_wire([1, 0, 1, [0, "k", [_nest(40)]], None, "cpu", ""])),
         "Run.tasks[0].call.args[0]" + "[0]" * 31 + ": nested deeper than 32 levels",
     ),
     ("very deep msgpack", raw_frame(None, packed=b"\x91" * 5000 + b"\x00"), "nests too deeply"),
@@ -269,6 +278,55 @@ MALFORMED += [
         _value_frame(_array_ext(b"<f8", (1,), struct.pack(">Q", 0), EXT_ARRAY_OOB)),
         "out-of-band array in a frame without out-of-band buffers",
     ),
+]
+
+
+def _code_frame(files: list[Any], modules: list[Any] | None = None, digest: Any = None) -> bytes:
+    """A Code frame around hand-made file records; its digest is right unless given."""
+    modules = modules if modules is not None else []
+    if digest is None:
+        good = [
+            CodeFile(path=f[0], data=f[1])
+            for f in files
+            if isinstance(f, list) and len(f) == 2 and isinstance(f[0], str) and isinstance(f[1], bytes)
+        ]
+        digest = code_digest(good, [m for m in modules if isinstance(m, str)])
+    return raw_frame([TAGS[Code], digest, modules, files])
+
+
+_SRC = [["mykernels.py", b"X = 1\n"]]
+MALFORMED += [
+    ("code absolute path", _code_frame([["/etc/passwd", b"x"]]), "Code.files[0].path: expected a relative"),
+    ("code dotdot", _code_frame([["a/../../x.py", b"x"]]), "Code.files[0].path: expected a path without"),
+    ("code dotdot alone", _code_frame([["..", b"x"]]), "without empty, '.' or '..' parts"),
+    ("code dot part", _code_frame([["./x.py", b"x"]]), "without empty, '.' or '..' parts"),
+    ("code empty part", _code_frame([["a//x.py", b"x"]]), "without empty, '.' or '..' parts"),
+    ("code trailing slash", _code_frame([["pkg/", b"x"]]), "without empty, '.' or '..' parts"),
+    ("code empty path", _code_frame([["", b"x"]]), "expected a relative path of 1 to 1024 characters"),
+    ("code long path", _code_frame([["a" * 1025, b"x"]]), "expected a relative path of 1 to 1024 characters"),
+    ("code backslash", _code_frame([["..\\x.py", b"x"]]), "expected a relative '/'-separated path"),
+    ("code nul", _code_frame([["x\x00.py", b"x"]]), "expected a relative '/'-separated path"),
+    ("code path not str", _code_frame([[b"x.py", b"x"]]), "Code.files[0].path: expected a str, got bytes"),
+    ("code data not bytes", _code_frame([["x.py", "text"]]), "Code.files[0].data: expected bytes, got str"),
+    ("code short file", _code_frame([["x.py"]]), "Code.files[0]: CodeFile needs 2 fields, got 1"),
+    ("code file not array", _code_frame(["x.py"]), "Code.files[0]: expected a CodeFile array, got str"),
+    ("code files not array", raw_frame([TAGS[Code], "0" * 64, [], {}]), "Code.files: expected an array, got dict"),
+    ("code twice", _code_frame([["x.py", b"1"], ["x.py", b"2"]]), "Code.files[1]: path 'x.py' appears twice"),
+    ("code bad module", _code_frame(_SRC, ["my-kernels"]), "Code.modules[0]: expected a dotted module name"),
+    ("code module dots", _code_frame(_SRC, ["a..b"]), "Code.modules[0]: expected a dotted module name"),
+    ("code module not str", _code_frame(_SRC, [7]), "Code.modules[0]: expected a str, got int 7"),
+    ("code digest not hex", _code_frame(_SRC, digest="z" * 64), "Code.digest: expected a sha256 digest"),
+    ("code digest upper", _code_frame(_SRC, digest="A" * 64), "Code.digest: expected a sha256 digest"),
+    ("code digest short", _code_frame(_SRC, digest="ab"), "Code.digest: expected a sha256 digest"),
+    ("code digest empty", _code_frame(_SRC, digest=""), "Code.digest: expected a sha256 digest"),
+    ("code digest wrong", _code_frame(_SRC, digest="0" * 64), "Code.digest: does not match the files and modules"),
+    ("code short", raw_frame([TAGS[Code], "0" * 64, []]), "Code needs 3 fields, got 2"),
+    ("code loaded bad digest", raw_frame([TAGS[CodeLoaded], 5, {}]), "CodeLoaded.digest: expected a sha256"),
+    ("code loaded bad errors", raw_frame([TAGS[CodeLoaded], "0" * 64, {"m": 1}]), "CodeLoaded.errors['m']"),
+    ("code loaded bad module", raw_frame([TAGS[CodeLoaded], "0" * 64, {"1m": "x"}]), "expected a dotted module"),
+    ("task bad code", raw_frame(run_wire([1, 0, 1, [0, "k", []], None, "cpu", "x"])), "Run.tasks[0].code"),
+    ("task code not str", raw_frame(run_wire([1, 0, 1, [0, "k", []], None, "cpu", None])), "Run.tasks[0].code"),
+    ("task short", raw_frame(run_wire([1, 0, 1, [0, "k", []], None, "cpu"])), "TaskRequest needs 7 fields, got 6"),
 ]
 
 

@@ -15,6 +15,9 @@ import pytest
 
 from batuta.core.task import BinaryCall, KernelCall, Outcome
 from batuta.protocol import (
+    Code,
+    CodeFile,
+    CodeLoaded,
     Done,
     GpuSample,
     Heartbeat,
@@ -28,6 +31,7 @@ from batuta.protocol import (
     TaskRequest,
     Welcome,
     check_value,
+    code_digest,
     encode_message,
 )
 
@@ -135,6 +139,11 @@ WRONG: dict[str, Any] = {"str": "k", "env": {"A": 1}, "tasks": [1], "caps": ("cp
 """Values of the wrong type for a field, typed Any so the type checker lets the tests try them."""
 
 
+def _code(path: str, *, modules: tuple[str, ...] = (), digest: str | None = None) -> Code:
+    files = (CodeFile(path=path, data=b"X = 1\n"),)
+    return Code(digest=digest or code_digest(files, modules), modules=modules, files=files)
+
+
 def test_bad_message_level_fields_on_send() -> None:
     cases: list[tuple[Any, str]] = [
         (
@@ -176,6 +185,15 @@ def test_bad_message_level_fields_on_send() -> None:
         (
             Heartbeat(seq=1, cpu_percent=1, memory_used=1, memory_total=1, gpus=(GpuSample(index=0, power=-5.0),)),
             "Heartbeat.gpus[0].power: expected a number >= 0",
+        ),
+        (_code("../x.py"), "Code.files[0].path: expected a path without empty, '.' or '..' parts"),
+        (_code("/abs.py"), "Code.files[0].path: expected a relative '/'-separated path"),
+        (_code("x.py", modules=("x-y",)), "Code.modules[0]: expected a dotted module name"),
+        (_code("x.py", digest="0" * 64), "Code.digest: does not match the files and modules"),
+        (CodeLoaded(digest="nope"), "CodeLoaded.digest: expected a sha256 digest"),
+        (
+            Run(tasks=(TaskRequest(task_id=1, slot=0, attempt=1, call=KernelCall(name="k"), code="abc"),)),
+            'Run.tasks[0].code: expected a sha256 digest (64 lowercase hex digits) or ""',
         ),
     ]
     for msg, words in cases:

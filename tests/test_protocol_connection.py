@@ -196,6 +196,7 @@ def test_agent_may_send_an_error_instead_of_hello() -> None:
 
 def test_direction_table_matches_the_messages_docstring() -> None:
     assert {t.__name__ for t in AGENT_SENDS} == {
+        "CodeLoaded",
         "Started",
         "Done",
         "StealBackReply",
@@ -204,7 +205,16 @@ def test_direction_table_matches_the_messages_docstring() -> None:
         "Bye",
         "Error",
     }
-    assert {t.__name__ for t in COORDINATOR_SENDS} == {"Run", "StealBack", "Cancel", "Put", "Drop", "Shutdown", "Error"}
+    assert {t.__name__ for t in COORDINATOR_SENDS} == {
+        "Code",
+        "Run",
+        "StealBack",
+        "Cancel",
+        "Put",
+        "Drop",
+        "Shutdown",
+        "Error",
+    }
     assert set(TRANSITIONS) == {(phase, role) for phase in Phase for role in Role}
 
 

@@ -52,3 +52,26 @@ def test_the_own_kernel_example_registers_a_kernel_the_agents_run(tmp_path: Path
     done = run(driver, tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[:2] == ["38.0", "38.0"], done.stdout
+
+
+def test_the_own_kernels_walkthrough_runs_and_an_edit_gives_new_results(tmp_path: Path) -> None:
+    """The walkthrough of "Your own kernels on a cluster", on the local agent: the module beside
+    the job is sent to it, and after an edit the same command gives the new result from new code."""
+    (tmp_path / "mykernels.py").write_text(block_with("# mykernels.py"))
+    (tmp_path / "my_job.py").write_text(block_with("# my_job.py"))
+    elsewhere = tmp_path / "elsewhere"  # not the job's folder: nothing is found through the working directory
+    elsewhere.mkdir()
+
+    def batuta_run() -> str:
+        command = [sys.executable, "-m", "batuta", "run", str(tmp_path / "my_job.py"), "--workers", "1", "-q"]
+        done = subprocess.run(command, cwd=elsewhere, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    first = batuta_run()
+    assert re.fullmatch(r"total 499874805\.0, code [0-9a-f]{12}", first), first
+    source = (tmp_path / "mykernels.py").read_text()
+    (tmp_path / "mykernels.py").write_text(source.replace("np.clip(x, lo, hi)", "np.clip(x, lo, hi - 100)"))
+    second = batuta_run()
+    assert re.fullmatch(r"total 399919855\.0, code [0-9a-f]{12}", second), second
+    assert second[-12:] != first[-12:]

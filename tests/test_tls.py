@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -33,6 +34,7 @@ from batuta.protocol.codec import encode_message
 from batuta.protocol.connection import NEED_DATA, Connection, Role
 from batuta.protocol.messages import PROTOCOL_VERSION, Error, Hello, Run, Started, TaskRequest, Welcome
 from batuta.runtime.cluster import build_pool, parse_cluster
+from batuta.runtime.code import CodeCollector, CodeSpec
 from batuta.runtime.remote import RemoteExecutor
 from batuta.transport.certs import CLIENT, SERVER, Issued, init_certs, issue, new_ca, write_private, write_public
 from batuta.transport.tls import (
@@ -438,6 +440,24 @@ async def test_cluster_file_tls_hosts_run_tasks(pki: Pki, daemon: WorkerDaemon) 
     async with build_pool(cluster) as pool:
         result = await pool.run(Task.kernel("noop", 9))
         assert result.value == 9 and result.host == "w1"
+
+
+async def test_a_tls_worker_is_sent_the_users_code_like_any_host(
+    pki: Pki, daemon: WorkerDaemon, tmp_path: Path
+) -> None:
+    module = tmp_path / "cs_tls_kernels.py"
+    module.write_text(
+        "from batuta import kernel\n\n\n@kernel('cs_tls')\ndef cs_tls(x):\n    return x + 0.5\n\n\n"
+        "cs_tls.cpu(cs_tls.reference)\n"
+    )
+    _, port = daemon.address
+    cluster = parse_cluster(_cluster_text(pki, port))
+    code = CodeSpec(modules=(module,))
+    expected = CodeCollector(code).bundle()
+    assert expected is not None
+    async with build_pool(dataclasses.replace(cluster, pool=dataclasses.replace(cluster.pool, code=code))) as pool:
+        result = await pool.run(Task.kernel("cs_tls", 2))
+    assert (result.status, result.value, result.host, result.code) == (TaskStatus.SUCCEEDED, 2.5, "w1", expected.digest)
 
 
 def test_cluster_file_tls_mistakes_name_the_fix(pki: Pki) -> None:

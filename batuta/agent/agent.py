@@ -7,10 +7,14 @@ What it does, in the order a session goes:
    `Error`: print it, exit 1). Nothing but an `Error` may go out before `Welcome`, so a
    `SlotChanged` from that time waits for it. Heartbeats start with `Welcome`, one at once,
    then every `heartbeat_interval`.
-2. Serve: `Run` queues tasks on their slots (`supervisor.py` has the rules for feeding,
-   Started inference, timeouts, cancel, steal-back, slot death and restarts); `StealBack`
-   answers at once with what was still queued; `Cancel` answers each held task "cancelled"
-   (a task already fed to its slot when the slot gets to it); unknown ids are ignored.
+2. Serve: `Code` (the user's modules, right after Welcome) is written to the cache, imported
+   here and answered with `CodeLoaded`; the slots are replaced by ones with that code (see
+   `code.py` and `supervisor.py`). A task whose `code` digest is not the one loaded is
+   answered "error" and not run. `Run` queues tasks on their slots (`supervisor.py` has the
+   rules for feeding, Started inference, timeouts, cancel, steal-back, slot death and
+   restarts); `StealBack` answers at once with what was still queued; `Cancel` answers each
+   held task "cancelled" (a task already fed to its slot when the slot gets to it); unknown
+   ids are ignored.
 3. End: `Shutdown` kills all work and slots, sends the results it already has, says `Bye`,
    exits 0; killed tasks are not answered. EOF on stdin (the
    coordinator closed the stream, its SSH channel died, or it was killed) kills everything
@@ -41,6 +45,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from batuta._version import __version__
+from batuta.agent.code import CodeLoader, stale_error
 from batuta.agent.execute import print_error
 from batuta.agent.options import AgentOptions
 from batuta.agent.spawn import SlotProcess, preload_for_fork, spawn_mode
@@ -55,6 +60,8 @@ from batuta.protocol.messages import (
     PROTOCOL_VERSION,
     Bye,
     Cancel,
+    Code,
+    CodeLoaded,
     Done,
     Drop,
     Error,
@@ -142,6 +149,8 @@ class Agent:
         self._gpus = gpus
         self._gpu_slots = gpu_slots
         self._conn = Connection(Role.AGENT)
+        self._host_name = options.name or os.uname().nodename
+        self._code = CodeLoader(self._host_name)
         self._spawn_mode = spawn_mode()
         self._slots: dict[int, SlotSupervisor] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -299,6 +308,8 @@ class Agent:
                 self._objects.pop(object_id, None)
             for slot in self._slots.values():
                 slot.drop_objects(message.object_ids)
+        elif isinstance(message, Code):
+            self._on_code(message)
         elif isinstance(message, Welcome):
             self._on_welcome(message)
         elif isinstance(message, Shutdown):
@@ -317,7 +328,15 @@ class Agent:
         self._heartbeat_due = self._loop.time()
         self._heartbeat()
 
+    def _on_code(self, code: Code) -> None:
+        """Install and import the user's code, answer what happened, give the slots the code."""
+        loaded = self._code.load(code)  # import failures go back in CodeLoaded: the coordinator logs them
+        self._emit(CodeLoaded(digest=loaded.digest, errors=dict(loaded.errors)))
+        for slot in self._slots.values():
+            slot.use_code(loaded)
+
     def _on_run(self, run: Run) -> None:
+        digest = self._code.current.digest
         for request in run.tasks:
             slot = self._slots.get(request.slot)
             problem = (
@@ -325,7 +344,9 @@ class Agent:
                 if slot is None
                 else None
             )
-            if slot is not None and isinstance(request.call, KernelCall) and request.call.args:
+            if slot is not None and request.code != digest:
+                problem = stale_error(request, self._code.current, f"host {self._host_name} has")
+            elif slot is not None and isinstance(request.call, KernelCall) and request.call.args:
                 problem = self._missing_objects(request.call)
             if slot is None or problem is not None:
                 self.task_finished(
@@ -407,12 +428,11 @@ class Agent:
     # -- start and stop -----------------------------------------------------------------
 
     def _hello(self, slots: list[SlotInfo]) -> Hello:
-        uname = os.uname()
         return Hello(
             protocol=PROTOCOL_VERSION,
             batuta_version=__version__,
             python_version="{}.{}.{}".format(*sys.version_info[:3]),
-            hostname=self._options.name or uname.nodename,
+            hostname=self._host_name,
             pid=os.getpid(),
             cpu_count=os.cpu_count() or 1,
             slots=tuple(slots),
@@ -491,6 +511,7 @@ class Agent:
                 loop=self._loop,
                 spawn_mode=self._spawn_mode,
                 objects=self._objects,
+                code=self._code.current,
             )
             self._slots[info.slot] = slot
             slot.start()

@@ -14,6 +14,7 @@ or an SSH start-up benchmark, should not pay that on every slot.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import select
 import signal
@@ -22,13 +23,16 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batuta.core.task import BinaryCall, KernelCall, Outcome
 from batuta.protocol.messages import (
     TaskOutcome,
     TaskRequest,
 )
+
+if TYPE_CHECKING:
+    from batuta.agent.code import SlotCode
 
 OUTPUT_CAP = 1024 * 1024  # bytes kept of a binary's stdout, and of its stderr
 _ERROR_TEXT_CAP = 1000  # characters of an error line
@@ -65,13 +69,16 @@ def describe_exit(returncode: int) -> str:
 
 
 class KernelRunner:
-    """Runs kernels through the registry, importing it (and `--kernel-module`s) on first use."""
+    """Runs kernels through the registry, importing it, the user's shipped modules (`code`,
+    see `batuta/agent/code.py`) and the `--kernel-module`s on first use."""
 
-    def __init__(self, kernel_modules: tuple[str, ...] = ()) -> None:
+    def __init__(self, kernel_modules: tuple[str, ...] = (), code: SlotCode | None = None) -> None:
         self._kernel_modules = kernel_modules
+        self._code = code
         self._registry: Any = None
         self._registry_error: str | None = None
         self._module_errors: list[str] = []
+        self._code_errors: list[str] = []  # "importing mymod failed: SyntaxError at mymod.py line 3: ..."
 
     def _load(self) -> Any:
         if self._registry is not None or self._registry_error is not None:
@@ -82,7 +89,10 @@ class KernelRunner:
             self._registry_error = f"kernel registry unavailable: {describe_exception(exc)}"
             traceback.print_exc()
             return None
+        shipped = self._import_code()
         for module in self._kernel_modules:
+            if module in shipped:
+                continue
             try:
                 registry.load_module(module)
             except Exception as exc:
@@ -92,6 +102,27 @@ class KernelRunner:
                 traceback.print_exc()
         self._registry = registry
         return registry
+
+    def _import_code(self) -> tuple[str, ...]:
+        """Import the shipped modules (a forked slot has them from the agent already: then this
+        only notes the agent's failures); returns their names."""
+        code = self._code
+        if code is None or not code.modules:
+            return ()
+        from batuta.agent.code import describe_import_failure
+
+        if code.directory is not None and code.directory not in sys.path:
+            sys.path.insert(0, code.directory)  # an exec'd slot; a forked one has the agent's path
+        for module in code.modules:
+            error = code.errors.get(module)
+            if error is None:
+                try:
+                    importlib.import_module(module)
+                except (Exception, SystemExit) as exc:  # the user's module must not end the slot
+                    error = describe_import_failure(exc, code.directory)
+            if error is not None:
+                self._code_errors.append(f"importing {module} failed: {error}")
+        return code.modules
 
     def run(self, request: TaskRequest, call: KernelCall) -> TaskOutcome:
         registry = self._load()
@@ -104,7 +135,11 @@ class KernelRunner:
             text = describe_exception(exc)
             if repr(call.name) not in text and call.name not in text:
                 text = f"unknown kernel {call.name!r}: {text}"
-            if self._module_errors:
+            if self._code_errors:  # the likely cause, said first and whole
+                host = self._code.host if self._code is not None and self._code.host else "this host"
+                text = f"kernel {call.name!r} is unknown on host {host}: {'; '.join(self._code_errors)}"
+                text = one_line(f"{text} ({'; '.join(self._module_errors)})" if self._module_errors else text)
+            elif self._module_errors:
                 text = one_line(f"{text} ({'; '.join(self._module_errors)})")
             return _outcome(request, Outcome.ERROR, error=text, run_s=time.perf_counter() - started)
         except BaseException as exc:  # SystemExit in a kernel must not end the slot

@@ -20,6 +20,11 @@ that is not obviously as quick as the last one (the same kernel, under 50 us), s
 never wait behind a long task. That keeps trivial tasks at tens of thousands per second
 without delaying a lone result.
 
+Every task names the digest of the user's code it must run with (`TaskRequest.code`, see
+`batuta/agent/code.py`); a slot whose code has another digest answers it "error" and runs
+nothing: the agent replaces a slot whose code changed, so this is the last guard against
+stale code, not the usual path.
+
 Each result is encoded on its own as soon as it exists, so a value the codec cannot encode
 (or one over the frame limit) turns into an "error" outcome for that task alone.
 
@@ -41,6 +46,7 @@ import time
 from collections import deque
 from types import FrameType
 
+from batuta.agent.code import SlotCode, stale_error
 from batuta.agent.execute import (
     KernelRunner,
     describe_exception,
@@ -106,8 +112,17 @@ def _arm_parent_death(agent_pid: int) -> None:
 class SlotWorker:
     """The slot's loop: read tasks, run them in order, write results in batches."""
 
-    def __init__(self, *, slot: int, frames_in: int, frames_out: int, kernel_modules: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        *,
+        slot: int,
+        frames_in: int,
+        frames_out: int,
+        kernel_modules: tuple[str, ...],
+        code: SlotCode | None = None,
+    ) -> None:
         self._slot = slot
+        self._code = code if code is not None else SlotCode()
         self._in = frames_in
         self._out = frames_out
         self._decoder = FrameDecoder()
@@ -117,7 +132,7 @@ class SlotWorker:
         self._eof = False
         self._poller = select.poll()
         self._poller.register(frames_in, select.POLLIN)
-        self._kernels = KernelRunner(kernel_modules)
+        self._kernels = KernelRunner(kernel_modules, self._code)
         self._last_kernel = ""  # name and run time of the last task, for `_likely_quick`
         self._last_run_s = 0.0
         self._env = dict(os.environ)
@@ -227,8 +242,20 @@ class SlotWorker:
         call = request.call
         return isinstance(call, KernelCall) and call.name == self._last_kernel and self._last_run_s < _QUICK_S
 
+    def _stale(self, request: TaskRequest) -> TaskOutcome:
+        code = self._code
+        return TaskOutcome(
+            task_id=request.task_id,
+            slot=request.slot,
+            attempt=request.attempt,
+            status=Outcome.ERROR,
+            error=stale_error(request, code, f"slot {self._slot} on host {code.host or '?'} has"),
+        )
+
     def _run_one(self, request: TaskRequest) -> TaskOutcome:
         call = request.call
+        if request.code != self._code.digest:
+            return self._stale(request)
         try:
             if isinstance(call, KernelCall):
                 refs = refs_in(call.args)
@@ -275,8 +302,9 @@ class SlotWorker:
         return 0
 
 
-def _parse(argv: list[str]) -> tuple[int, int, tuple[str, ...]]:
+def _parse(argv: list[str]) -> tuple[int, int, tuple[str, ...], SlotCode]:
     slot, agent_pid, modules = -1, 0, []
+    digest, directory, code_modules, host = "", None, [], ""
     args = iter(argv)
     for arg in args:
         if arg == "--slot":
@@ -285,11 +313,20 @@ def _parse(argv: list[str]) -> tuple[int, int, tuple[str, ...]]:
             agent_pid = int(next(args))
         elif arg == "--kernel-module":
             modules.append(next(args))
+        elif arg == "--code-digest":
+            digest = next(args)
+        elif arg == "--code-dir":
+            directory = next(args)
+        elif arg == "--code-module":
+            code_modules.append(next(args))
+        elif arg == "--host":
+            host = next(args)
         else:
             raise SystemExit(f"batuta slot: unknown argument {arg!r}")
     if slot < 0:
         raise SystemExit("batuta slot: --slot N is required")
-    return slot, agent_pid, tuple(modules)
+    code = SlotCode(digest=digest, directory=directory, modules=tuple(code_modules), host=host)
+    return slot, agent_pid, tuple(modules), code
 
 
 def _name_process(slot: int) -> None:
@@ -304,17 +341,25 @@ def _name_process(slot: int) -> None:
             pass
 
 
-def serve(*, slot: int, frames_in: int, frames_out: int, kernel_modules: tuple[str, ...], agent_pid: int) -> int:
+def serve(
+    *,
+    slot: int,
+    frames_in: int,
+    frames_out: int,
+    kernel_modules: tuple[str, ...],
+    agent_pid: int,
+    code: SlotCode | None = None,
+) -> int:
     """Run slot `slot` on the given frame fds until EOF; shared by the fork and exec paths."""
     _name_process(slot)
     _arm_parent_death(agent_pid)
-    worker = SlotWorker(slot=slot, frames_in=frames_in, frames_out=frames_out, kernel_modules=kernel_modules)
+    worker = SlotWorker(slot=slot, frames_in=frames_in, frames_out=frames_out, kernel_modules=kernel_modules, code=code)
     return worker.run()
 
 
 def main(argv: list[str]) -> int:
     """Entry point of an exec-started slot process; started by the agent, not by people."""
-    slot, agent_pid, modules = _parse(argv)
+    slot, agent_pid, modules, code = _parse(argv)
     frames_in, frames_out = _claim_stdio()
     return serve(
         slot=slot,
@@ -322,6 +367,7 @@ def main(argv: list[str]) -> int:
         frames_out=frames_out,
         kernel_modules=modules,
         agent_pid=agent_pid,
+        code=code,
     )
 
 

@@ -30,8 +30,12 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from batuta.transport.fdio import widen_pipe
+
+if TYPE_CHECKING:
+    from batuta.agent.code import SlotCode
 
 SPAWN_ENV = "BATUTA_SLOT_SPAWN"
 
@@ -102,8 +106,11 @@ def spawn_slot(
     env: dict[str, str],
     kernel_modules: tuple[str, ...],
     mode: str,
+    code: SlotCode,
 ) -> tuple[SlotProcess, int, int]:
-    """Start slot `slot`; returns (process, fd to write frames to, fd to read frames from).
+    """Start slot `slot` to run the user's `code`; returns (process, fd to write frames to, fd
+    to read frames from). A forked slot inherits the agent's imports of that code; an exec'd
+    one is told where it is and imports it itself.
 
     Raises OSError if no process could be started.
     """
@@ -113,9 +120,9 @@ def spawn_slot(
     widen_pipe(from_child)
     try:
         if mode == "fork":
-            proc: SlotProcess = _fork(slot, env, kernel_modules, child_in, child_out)
+            proc: SlotProcess = _fork(slot, env, kernel_modules, code, child_in, child_out)
         else:
-            proc = _exec(slot, env, kernel_modules, child_in, child_out)
+            proc = _exec(slot, env, kernel_modules, code, child_in, child_out)
     except BaseException:
         os.close(to_child)
         os.close(from_child)
@@ -127,8 +134,9 @@ def spawn_slot(
 
 
 def _exec(
-    slot: int, env: dict[str, str], kernel_modules: tuple[str, ...], child_in: int, child_out: int
+    slot: int, env: dict[str, str], kernel_modules: tuple[str, ...], code: SlotCode, child_in: int, child_out: int
 ) -> subprocess.Popen[bytes]:
+
     command = [
         sys.executable,
         "-m",
@@ -140,6 +148,7 @@ def _exec(
     ]
     for module in kernel_modules:
         command += ["--kernel-module", module]
+    command += code.arguments()
     return subprocess.Popen(
         command,
         stdin=child_in,
@@ -153,7 +162,7 @@ def _exec(
 
 
 def _fork(
-    slot: int, env: dict[str, str], kernel_modules: tuple[str, ...], child_in: int, child_out: int
+    slot: int, env: dict[str, str], kernel_modules: tuple[str, ...], code: SlotCode, child_in: int, child_out: int
 ) -> ForkedProcess:
     agent_pid = os.getpid()
     # Buffered text would otherwise be written twice, once by each process.
@@ -162,16 +171,16 @@ def _fork(
             stream.flush()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child, which leaves by os._exit
-        code = 70
+        exit_code = 70
         try:
-            code = _forked_child(slot, env, kernel_modules, child_in, child_out, agent_pid)
+            exit_code = _forked_child(slot, env, kernel_modules, code, child_in, child_out, agent_pid)
         except BaseException:
             with contextlib.suppress(BaseException):
                 traceback.print_exc()
         finally:
             with contextlib.suppress(BaseException):
                 sys.stderr.flush()
-            os._exit(code)
+            os._exit(exit_code)
     return ForkedProcess(pid)
 
 
@@ -179,6 +188,7 @@ def _forked_child(
     slot: int,
     env: dict[str, str],
     kernel_modules: tuple[str, ...],
+    code: SlotCode,
     child_in: int,
     child_out: int,
     agent_pid: int,
@@ -220,4 +230,5 @@ def _forked_child(
         frames_out=frames_out,
         kernel_modules=kernel_modules,
         agent_pid=agent_pid,
+        code=code,
     )

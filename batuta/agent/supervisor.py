@@ -38,6 +38,14 @@ coordinator's attempt counts are untouched); marked cancels among them are answe
 "cancelled". `SlotChanged("restarting", reason)` is sent and a new process started;
 `SlotChanged("up")` follows when it is ready.
 
+The user's code. Every task names the digest of the code it must run with; the slot process
+was started with one (`SlotCode`, see `code.py`). When the agent loads other code (`use_code`),
+tasks still queued for the old code are answered "error" (they can never run here now), and
+the process is replaced by one started with the new code: at once when no task is fed to it,
+otherwise as soon as the fed tasks (sent for the old code, which that process has) are done.
+Nothing new is fed to a process with other code, so no slot ever runs a task with code
+other than the one it names. The replacement is not a restart: no SlotChanged.
+
 A slot that dies before it becomes ready, or while idle, has *failed to start*. Restarts
 back off (0, 0.05, 0.2, 0.5, 1 s); after `MAX_FAILED_STARTS` (6) failures in a row the slot
 is given up: `SlotChanged("down", reason)`. Down is final for this agent's lifetime, and it
@@ -59,6 +67,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
+from batuta.agent.code import SlotCode, stale_error
 from batuta.agent.execute import describe_exit, print_error
 from batuta.agent.spawn import SlotProcess, spawn_slot
 from batuta.core.objects import refs_in
@@ -126,8 +135,11 @@ class SlotSupervisor:
         loop: asyncio.AbstractEventLoop,
         spawn_mode: str = "fork",
         objects: Mapping[int, object] | None = None,
+        code: SlotCode | None = None,
     ) -> None:
         self.info = info
+        self._code = code if code is not None else SlotCode()  # what tasks must name, from now on
+        self._proc_code = self._code  # what the current process was started with
         self._objects: Mapping[int, object] = objects if objects is not None else {}  # the agent's store
         self._sent_objects: set[int] = set()  # ids the current slot process holds
         self.index = info.slot
@@ -196,12 +208,14 @@ class SlotSupervisor:
                 env=self._env,
                 kernel_modules=self._kernel_modules,
                 mode=self._spawn_mode,
+                code=self._code,
             )
         except OSError as exc:
             self._failed_starts += 1
             self._after_death(f"could not start a worker process for slot {self.index}: {exc}")
             return
         self._proc = proc
+        self._proc_code = self._code
         self._decoder = FrameDecoder()
         self._sent_objects = set()  # a new process holds nothing yet
         self._ready = False
@@ -248,6 +262,36 @@ class SlotSupervisor:
             kill_group(proc.pid)
         return proc
 
+    # -- the user's code --------------------------------------------------------------------
+
+    def use_code(self, code: SlotCode) -> None:
+        """From now on tasks must name `code`: refuse the queued ones that name other code,
+        and replace the process (now if it is idle, else once its fed tasks are done)."""
+        self._code = code
+        digest = code.digest
+        if any(request.code != digest for request in self.queue):
+            kept: deque[TaskRequest] = deque()
+            for request in self.queue:
+                if request.code == digest:
+                    kept.append(request)
+                else:
+                    self._refuse_stale(request)
+            self.queue = kept
+        self._replace_if_idle()
+
+    def _refuse_stale(self, request: TaskRequest) -> None:
+        self._held.pop(request.task_id, None)
+        error = stale_error(request, self._code, f"host {self._code.host or '?'} now has")
+        self._events.task_finished(self._outcome(request, Outcome.ERROR, error, 0.0))
+
+    def _replace_if_idle(self) -> None:
+        """Start a process with the current code in place of one with other code, if no task
+        is fed to it (a running task finishes with the code it was sent for)."""
+        if self._proc is None or self._closed or self.fed or self._proc_code.digest == self._code.digest:
+            return  # nothing to replace (a pending restart spawns with the current code), or not yet
+        self._detach_process()
+        self._spawn()
+
     # -- feeding --------------------------------------------------------------------------
 
     def enqueue(self, request: TaskRequest) -> None:
@@ -262,11 +306,24 @@ class SlotSupervisor:
         writer = self._writer
         if writer is None or not self.queue:
             return
+        digest = self._code.digest
+        if self._proc_code.digest != digest:  # other code in this process: never feed it new tasks
+            self._replace_if_idle()
+            return
         room = self.depth() - len(self.fed)
         if room <= 0:
             return
         was_idle = not self.fed
-        batch = [self.queue.popleft() for _ in range(min(room, len(self.queue)))]
+        batch: list[TaskRequest] = []
+        queue = self.queue
+        while queue and len(batch) < room:
+            request = queue.popleft()
+            if request.code == digest:
+                batch.append(request)
+            else:  # sent for code this host no longer has (requeued after a crash, say)
+                self._refuse_stale(request)
+        if not batch:
+            return
         puts = self._puts_for(batch)  # may answer (and remove) a task whose object is gone
         if not batch:
             writer.write_parts(puts)
@@ -411,6 +468,8 @@ class SlotSupervisor:
             self._head_started_at = None
             if self.fed and self._ready:
                 self._start_head()
+        if not self.fed and self._proc_code.digest != self._code.digest:
+            self._replace_if_idle()
 
     # -- steal-back and cancel ------------------------------------------------------------
 

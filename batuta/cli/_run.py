@@ -173,6 +173,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     on_metrics=None if args.quiet else _announce_metrics,
                     metrics_textfile=args.metrics_textfile,
                     metrics_linger=args.metrics_linger,
+                    modules=args.module,
                 )
             )
     except HostsUnreachableError as exc:
@@ -247,6 +248,14 @@ def _add_pool_arguments(parser: argparse.ArgumentParser, *, cluster_help: str) -
         help="CPU worker slots in the local pool (default: one per core)",
     )
     parser.add_argument("--seed", type=int, metavar="N", help="seed for the scheduler's random choices")
+    parser.add_argument(
+        "--module",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="ship this .py file or package folder to every host and import it there (repeatable); "
+        "the modules beside a job file that it imports ship without it",
+    )
 
 
 def _check_pool_arguments(args: argparse.Namespace) -> None:
@@ -281,14 +290,15 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
     _check_pool_arguments(args)
     _check_metrics_arguments(args)
-    for spec in args.job:
-        load_job(spec)  # every job-file error is found before the screen takes over the terminal
+    jobs = [load_job(spec) for spec in args.job]  # every job-file error is found before the screen takes over
     from batuta.jobs import make_pool, start_metrics
 
     cluster = load_cluster(args.cluster) if args.cluster else None
     if cluster is not None:  # the screen owns the terminal: no passphrase prompt under it (ssh-add the key)
         cluster = replace(cluster, ssh=replace(cluster.ssh, ask_passphrase=False))
-    pool = make_pool(workers=args.workers, seed=args.seed, cluster=cluster)
+    job_files = [job.origin for job in jobs if job.origin != "built-in"]  # their own modules ship to the hosts
+    pool = make_pool(workers=args.workers, seed=args.seed, cluster=cluster, job_files=job_files, modules=args.module)
+    pool.prepare_code()  # a bad --module or too much code is a usage error before the screen takes over
     if cluster is not None:
         count = len(cluster.host_names)
         label = f"{Path(args.cluster).name} ({count} host{'s' if count != 1 else ''})"

@@ -367,6 +367,7 @@ class TaskResult:
     job: str = ""  # the job it was submitted under (`Pool.job(name)`), if any
     restored: bool = False  # answered from a result store (a journal), not run again
     device: str = ""  # the GPU a GPU slot ran it on, with its capacity: "NVIDIA H200 (132 SMs)"
+    code: str = ""  # digest of the user's code it ran with (shipped to its host); "" when none
 
     def is_success(self) -> bool:
         return self.status is TaskStatus.SUCCEEDED

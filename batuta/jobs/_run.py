@@ -30,7 +30,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -77,15 +77,32 @@ class RunOutcome:
     metrics: MetricsExporter | None = None
 
 
-def make_pool(*, workers: int | None, seed: int | None, cluster: ClusterConfig | None) -> Pool:
-    """The pool `batuta run` and `batuta tui` coordinate: the cluster's hosts, or a local one."""
+def make_pool(
+    *,
+    workers: int | None,
+    seed: int | None,
+    cluster: ClusterConfig | None,
+    job_files: Sequence[str | Path] = (),
+    modules: Sequence[str | Path] = (),
+) -> Pool:
+    """The pool `batuta run` and `batuta tui` coordinate: the cluster's hosts, or a local one.
+    The user's code ships to every host (batuta/runtime/code.py): the modules of each job
+    file's folder that it imports, and `modules` (.py files and package folders)."""
     if cluster is not None:
         from batuta.runtime.cluster import build_pool  # asyncssh: only when SSH hosts are asked for
 
+        pool_config = cluster.pool
         if seed is not None:
-            cluster = dataclasses.replace(cluster, pool=dataclasses.replace(cluster.pool, seed=seed))
-        return build_pool(cluster)
-    builder = Pool.builder()
+            pool_config = dataclasses.replace(pool_config, seed=seed)
+        code = dataclasses.replace(
+            pool_config.code,
+            job_files=tuple(Path(f) for f in job_files),
+            modules=tuple(Path(p) for p in modules),
+        )
+        return build_pool(dataclasses.replace(cluster, pool=dataclasses.replace(pool_config, code=code)))
+    builder = Pool.builder().modules(modules)
+    for job_file in job_files:
+        builder = builder.job_file(job_file)
     if workers is not None:
         builder = builder.cpu_workers(workers)
     if seed is not None:
@@ -108,6 +125,7 @@ async def run_job(
     on_metrics: Callable[[tuple[str, int]], None] | None = None,
     metrics_textfile: str | Path | None = None,
     metrics_linger: float = 0.0,
+    modules: Sequence[str | Path] = (),
 ) -> RunOutcome:
     """Run `job` on the hosts of `cluster`, or on a local pool of `workers` CPU slots.
 
@@ -118,12 +136,14 @@ async def run_job(
     `metrics_port` serves Prometheus metrics on `metrics_bind` while the job runs, and
     `on_metrics` is told the (address, port) it got. `metrics_textfile` receives the final
     metrics in Prometheus text format (atomically), and `metrics_linger` seconds of serving
-    them after the job are left to the caller (see `RunOutcome.metrics`).
+    them after the job are left to the caller (see `RunOutcome.metrics`). The job file's own
+    modules and `modules` ship to every host (see `make_pool`).
     """
     if resume and journal is None:
         raise UsageError("--resume needs --journal DIR: the journal is what a run resumes from")
     check_metrics_end(port=metrics_port, textfile=metrics_textfile, linger=metrics_linger)
-    pool = make_pool(workers=workers, seed=seed, cluster=cluster)
+    job_files = [job.origin] if job.origin != "built-in" else []
+    pool = make_pool(workers=workers, seed=seed, cluster=cluster, job_files=job_files, modules=modules)
     tracker = RunTracker()
 
     def on_event(event: PoolEvent) -> None:

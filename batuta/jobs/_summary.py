@@ -101,6 +101,7 @@ class _Host:
     tasks: int = 0
     failed: int = 0
     run_times: list[float] = field(default_factory=list)
+    code: str = ""  # digest of the user's code its tasks ran with
 
 
 @dataclass(slots=True)
@@ -138,6 +139,7 @@ class RunTracker:
                 host.failed += 1
             if result.status in RAN_STATUSES:
                 host.run_times.append(result.duration)
+            host.code = result.code or host.code
         if result.status in FAILED_STATUSES:
             key = (result.status.value, failure_cause(result))
             group = self.causes.get(key)
@@ -233,6 +235,7 @@ class RunTracker:
                     tasks=h.tasks,
                     failed=h.failed,
                     run_time_s=_percentiles(h.run_times, HOST_PERCENTILES),
+                    code=h.code,
                 )
                 for name, h in self.hosts.items()
             ],
@@ -258,6 +261,7 @@ class HostSummary:
     tasks: int  # tasks that ended there (run, failed there or lost with it)
     failed: int
     run_time_s: dict[str, float]  # p50 and p95 of the run times there
+    code: str = ""  # digest of the user's code its tasks ran with ("" when none was shipped)
 
     @property
     def failed_host(self) -> bool:
@@ -283,6 +287,7 @@ class HostSummary:
             "tasks": self.tasks,
             "failed": self.failed,
             "run_time_s": _json_floats(self.run_time_s),
+            "code": self.code or None,
         }
 
 

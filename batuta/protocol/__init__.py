@@ -33,6 +33,9 @@ from batuta.protocol.messages import (
     SLOT_UP,
     Bye,
     Cancel,
+    Code,
+    CodeFile,
+    CodeLoaded,
     Done,
     Drop,
     Error,
@@ -52,6 +55,7 @@ from batuta.protocol.messages import (
     TaskOutcome,
     TaskRequest,
     Welcome,
+    code_digest,
 )
 
 __all__ = [
@@ -65,6 +69,9 @@ __all__ = [
     "TAGS",
     "Bye",
     "Cancel",
+    "Code",
+    "CodeFile",
+    "CodeLoaded",
     "Connection",
     "ConnectionState",
     "Done",
@@ -94,6 +101,7 @@ __all__ = [
     "TaskRequest",
     "Welcome",
     "check_value",
+    "code_digest",
     "encode_message",
     "encode_messages",
 ]

@@ -25,10 +25,13 @@ __all__ = [
     "bytes_",
     "check_len",
     "choice",
+    "code_path",
     "describe",
+    "digest",
     "expected",
     "float_",
     "ids",
+    "module_name",
     "name",
     "opt_float",
     "opt_int",
@@ -42,6 +45,10 @@ __all__ = [
     "strs",
     "uint",
 ]
+
+DIGEST_CHARS = 64  # a sha256 in hex
+MAX_PATH_CHARS = 1024  # a relative path of the user's code
+MAX_MODULE_CHARS = 256
 
 INT_MIN = -(1 << 63)
 INT_MAX = (1 << 63) - 1
@@ -187,6 +194,42 @@ def bytes_(x: Any, field: str) -> bytes:
     if isinstance(x, (bytes, bytearray)):
         return bytes(x)
     raise expected(field, "bytes", x)
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def digest(x: Any, field: str, *, empty: bool = False) -> str:
+    """A sha256 in lowercase hex (a code digest); "" too when `empty`."""
+    if type(x) is str and ((len(x) == DIGEST_CHARS and _HEX.issuperset(x)) or (empty and not x)):
+        return x
+    what = "a sha256 digest (64 lowercase hex digits)" + (' or ""' if empty else "")
+    if isinstance(x, str):
+        raise Invalid(field, f"expected {what}, got {describe(str(x))}")
+    raise expected(field, what, x)
+
+
+def code_path(x: Any, field: str) -> str:
+    """A relative path of a file of the user's code, '/'-separated: not absolute, no '..' or
+    '.' part, no empty part, no backslash or NUL, at most MAX_PATH_CHARS characters. The agent
+    writes it under its cache folder, so these rules are what keep it there."""
+    path = str_(x, field)
+    if not path or len(path) > MAX_PATH_CHARS:
+        raise Invalid(field, f"expected a relative path of 1 to {MAX_PATH_CHARS} characters, got {describe(path)}")
+    if path.startswith("/") or "\\" in path or "\0" in path:
+        raise Invalid(field, f"expected a relative '/'-separated path, got {describe(path)}")
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            raise Invalid(field, f"expected a path without empty, '.' or '..' parts, got {describe(path)}")
+    return path
+
+
+def module_name(x: Any, field: str) -> str:
+    """A dotted module name ("pkg.sub"), each part an identifier."""
+    text = str_(x, field)
+    if 0 < len(text) <= MAX_MODULE_CHARS and all(part.isidentifier() for part in text.split(".")):
+        return text
+    raise Invalid(field, f"expected a dotted module name, got {describe(text)}")
 
 
 def choice(x: Any, field: str, allowed: frozenset[str], what: str) -> str:

@@ -3,8 +3,8 @@
 A message is `[tag, field1, field2, ...]` with `TAGS[type]` and the fields in dataclass order
 (`messages.py`). Nested records (TaskRequest, TaskOutcome, SlotInfo, GpuInfo, GpuSample) are
 arrays of their fields, without a tag; a call is `[0, name, args]` (KernelCall) or
-`[1, path, args, env, cwd]` (BinaryCall). Field counts are fixed. Kernel arguments and results
-are values (`_values.py`).
+`[1, path, args, env, cwd]` (BinaryCall); a CodeFile is `[path, bytes]`. Field counts are
+fixed. Kernel arguments and results are values (`_values.py`).
 
 `to_wire()` raises LocalProtocolError and `from_wire()` RemoteProtocolError, both naming the
 field at fault (`Done.results[3].status: unknown status 'weird'`). The same validators
@@ -23,10 +23,13 @@ from batuta.protocol._fields import (
     bytes_,
     check_len,
     choice,
+    code_path,
     describe,
+    digest,
     expected,
     float_,
     ids,
+    module_name,
     name,
     opt_float,
     opt_int,
@@ -34,6 +37,7 @@ from batuta.protocol._fields import (
     opt_uint,
     posint,
     records,
+    seq,
     str_,
     str_map,
     strs,
@@ -47,6 +51,9 @@ from batuta.protocol.messages import (
     SLOT_UP,
     Bye,
     Cancel,
+    Code,
+    CodeFile,
+    CodeLoaded,
     Done,
     Drop,
     Error,
@@ -66,9 +73,10 @@ from batuta.protocol.messages import (
     TaskOutcome,
     TaskRequest,
     Welcome,
+    code_digest,
 )
 
-__all__ = ["CALL_BINARY", "CALL_KERNEL", "TAGS", "from_wire", "to_wire"]
+__all__ = ["CALL_BINARY", "CALL_KERNEL", "MAX_CODE_FILES", "MAX_CODE_MODULES", "TAGS", "from_wire", "to_wire"]
 
 TAGS: dict[type, int] = {
     Hello: 1,
@@ -86,11 +94,16 @@ TAGS: dict[type, int] = {
     Error: 13,
     Put: 14,
     Drop: 15,
+    Code: 16,
+    CodeLoaded: 17,
 }
 """Message tags on the wire. Stable: changing one needs a new PROTOCOL_VERSION."""
 
 CALL_KERNEL = 0
 CALL_BINARY = 1
+
+MAX_CODE_FILES = 10_000  # files in one Code message
+MAX_CODE_MODULES = 1_000  # modules it names, and failures a CodeLoaded reports
 
 _BACKENDS = frozenset(b.value for b in Backend if b is not Backend.AUTO)
 _SLOT_STATES = frozenset({SLOT_UP, SLOT_RESTARTING, SLOT_DOWN})
@@ -119,7 +132,7 @@ def _slot_setters(cls: type) -> tuple[Callable[[object, Any], None], ...]:
 
 
 _new = object.__new__
-_TR_TASK_ID, _TR_SLOT, _TR_ATTEMPT, _TR_CALL, _TR_TIMEOUT, _TR_BACKEND = _slot_setters(TaskRequest)
+_TR_TASK_ID, _TR_SLOT, _TR_ATTEMPT, _TR_CALL, _TR_TIMEOUT, _TR_BACKEND, _TR_CODE = _slot_setters(TaskRequest)
 _KC_NAME, _KC_ARGS = _slot_setters(KernelCall)
 (
     _TO_TASK_ID,
@@ -184,6 +197,62 @@ def _enc_welcome(m: Welcome, oob: OobWriter) -> list[Any]:
     ]
 
 
+def _code_files(x: Any, field: str, record: Callable[[Any], Any]) -> list[Any]:
+    """The files of a Code message: at most MAX_CODE_FILES, each path once."""
+    count = len(seq(x, field))
+    if count > MAX_CODE_FILES:
+        raise Invalid(field, f"at most {MAX_CODE_FILES} files, got {count}")
+    files = records(record, x, field)
+    seen: set[str] = set()
+    for i, entry in enumerate(files):
+        path = entry[0] if type(entry) is list else entry.path
+        if path in seen:
+            raise Invalid(f"{field}[{i}]", f"path {path!r} appears twice")
+        seen.add(path)
+    return files
+
+
+def _code_modules(x: Any, field: str) -> list[str]:
+    items = seq(x, field)
+    if len(items) > MAX_CODE_MODULES:
+        raise Invalid(field, f"at most {MAX_CODE_MODULES} modules, got {len(items)}")
+    return [module_name(item, f"{field}[{i}]") for i, item in enumerate(items)]
+
+
+def _check_code_digest(sent: str, files: Any, modules: list[str]) -> str:
+    actual = code_digest(files, modules)
+    if sent != actual:
+        raise Invalid(".digest", f"does not match the files and modules (they give {actual}, not {sent})")
+    return sent
+
+
+def _enc_code_file(f: Any) -> list[Any]:
+    if type(f) is not CodeFile:
+        raise expected("", "a CodeFile", f)
+    return [code_path(f.path, ".path"), bytes_(f.data, ".data")]
+
+
+def _enc_code(m: Code, oob: OobWriter) -> list[Any]:
+    sent = digest(m.digest, ".digest")
+    modules = _code_modules(m.modules, ".modules")
+    files = _code_files(m.files, ".files", _enc_code_file)
+    _check_code_digest(sent, m.files, modules)
+    return [TAGS[Code], sent, modules, files]
+
+
+def _enc_code_loaded(m: CodeLoaded, oob: OobWriter) -> list[Any]:
+    return [TAGS[CodeLoaded], digest(m.digest, ".digest"), _code_errors(m.errors, ".errors")]
+
+
+def _code_errors(x: Any, field: str) -> dict[str, str]:
+    errors = str_map(x, field)
+    if len(errors) > MAX_CODE_MODULES:
+        raise Invalid(field, f"at most {MAX_CODE_MODULES} modules, got {len(errors)}")
+    for key in errors:
+        module_name(key, f"{field}[{key!r}]")
+    return errors
+
+
 def _enc_call(call: Any, oob: OobWriter) -> list[Any]:
     if type(call) is KernelCall:
         return [CALL_KERNEL, name(call.name, ".call.name"), encode_args(call.args, oob, ".call.args")]
@@ -210,6 +279,7 @@ def _enc_run(m: Run, oob: OobWriter) -> list[Any]:
             _enc_call(t.call, oob),
             None if timeout is None else float_(timeout, ".timeout", positive=True),
             choice(t.backend, ".backend", _BACKENDS, "backend"),
+            digest(t.code, ".code", empty=True),
         ]
 
     return [TAGS[Run], records(task, m.tasks, ".tasks")]
@@ -317,6 +387,8 @@ def _enc_error(m: Error, oob: OobWriter) -> list[Any]:
 _ENCODERS: dict[type, Callable[[Any, OobWriter], list[Any]]] = {
     Hello: _enc_hello,
     Welcome: _enc_welcome,
+    Code: _enc_code,
+    CodeLoaded: _enc_code_loaded,
     Run: _enc_run,
     Started: _enc_started,
     Done: _enc_done,
@@ -380,6 +452,24 @@ def _dec_welcome(w: list[Any]) -> Welcome:
     )
 
 
+def _dec_code_file(w: Any) -> CodeFile:
+    path, data = check_len(w, 2, "CodeFile")
+    return CodeFile(path=code_path(path, ".path"), data=bytes_(data, ".data"))
+
+
+def _dec_code(w: list[Any]) -> Code:
+    _, sent, modules, files = w
+    sent = digest(sent, ".digest")
+    module_names = _code_modules(modules, ".modules")
+    code_files = _code_files(files, ".files", _dec_code_file)
+    _check_code_digest(sent, code_files, module_names)
+    return Code(digest=sent, modules=tuple(module_names), files=tuple(code_files))
+
+
+def _dec_code_loaded(w: list[Any]) -> CodeLoaded:
+    return CodeLoaded(digest=digest(w[1], ".digest"), errors=_code_errors(w[2], ".errors"))
+
+
 def _dec_call(w: Any) -> KernelCall | BinaryCall:
     if type(w) is list and len(w) == 3 and w[0] == CALL_KERNEL and type(w[0]) is int:
         call = _new(KernelCall)
@@ -403,9 +493,9 @@ def _dec_call(w: Any) -> KernelCall | BinaryCall:
 
 
 def _dec_task_request(w: Any) -> TaskRequest:
-    if type(w) is not list or len(w) != 6:
-        check_len(w, 6, "TaskRequest")
-    task_id, slot, attempt, call, timeout, backend = w
+    if type(w) is not list or len(w) != 7:
+        check_len(w, 7, "TaskRequest")
+    task_id, slot, attempt, call, timeout, backend, code = w
     task = _new(TaskRequest)
     _TR_TASK_ID(task, task_id if type(task_id) is int and task_id >= 0 else uint(task_id, ".task_id"))
     _TR_SLOT(task, slot if type(slot) is int and slot >= 0 else uint(slot, ".slot"))
@@ -416,6 +506,7 @@ def _dec_task_request(w: Any) -> TaskRequest:
         task,
         backend if backend in _BACKENDS and type(backend) is str else choice(backend, ".backend", _BACKENDS, "backend"),
     )
+    _TR_CODE(task, code if code == "" else digest(code, ".code", empty=True))
     return task
 
 
@@ -530,6 +621,8 @@ def _dec_error(w: list[Any]) -> Error:
 _DECODER_FNS: list[tuple[type, Callable[[list[Any]], Message]]] = [
     (Hello, _dec_hello),
     (Welcome, _dec_welcome),
+    (Code, _dec_code),
+    (CodeLoaded, _dec_code_loaded),
     (Run, _dec_run),
     (Started, _dec_started),
     (Done, _dec_done),

@@ -8,9 +8,10 @@ whatever `send()` returns.
     agent                              coordinator
       |  Hello  -------------------------->  |   AWAIT_HELLO   -> AWAIT_WELCOME
       |  <-------------------- Welcome       |   AWAIT_WELCOME -> READY
-      |  Started, Done, StealBackReply,  ->  |   READY: AGENT_SENDS
-      |  SlotChanged, Heartbeat, Bye           |
-      |  <- Run, StealBack, Cancel,         |   READY: COORDINATOR_SENDS
+      |  CodeLoaded, Started, Done,      ->  |   READY: AGENT_SENDS
+      |  StealBackReply, SlotChanged,        |
+      |  Heartbeat, Bye                      |
+      |  <- Code, Run, StealBack, Cancel,   |   READY: COORDINATOR_SENDS
       |     Put, Drop, Shutdown              |
       |  Error (either side, at any time) <->|
 
@@ -38,6 +39,8 @@ from batuta.protocol.messages import (
     PROTOCOL_VERSION,
     Bye,
     Cancel,
+    Code,
+    CodeLoaded,
     Done,
     Drop,
     Error,
@@ -106,8 +109,10 @@ class ConnectionState(enum.Enum):
 
 # -- the rules ---------------------------------------------------------------------------------
 
-AGENT_SENDS: Final[frozenset[type]] = frozenset({Started, Done, StealBackReply, SlotChanged, Heartbeat, Bye, Error})
-COORDINATOR_SENDS: Final[frozenset[type]] = frozenset({Run, StealBack, Cancel, Put, Drop, Shutdown, Error})
+AGENT_SENDS: Final[frozenset[type]] = frozenset(
+    {CodeLoaded, Started, Done, StealBackReply, SlotChanged, Heartbeat, Bye, Error}
+)
+COORDINATOR_SENDS: Final[frozenset[type]] = frozenset({Code, Run, StealBack, Cancel, Put, Drop, Shutdown, Error})
 
 TRANSITIONS: Final[dict[tuple[Phase, Role], dict[type, Phase]]] = {
     (Phase.AWAIT_HELLO, Role.AGENT): {Hello: Phase.AWAIT_WELCOME, Error: Phase.AWAIT_HELLO},

@@ -3,8 +3,8 @@
 Small frozen dataclasses, validated by the codec when decoded. Direction is part of each
 message's meaning; `connection.py` holds the table of who may send what in which state.
 
-    agent -> coordinator: Hello, Started, Done, StealBackReply, SlotChanged, Heartbeat, Bye, Error
-    coordinator -> agent: Welcome, Run, StealBack, Cancel, Put, Drop, Shutdown, Error
+    agent -> coordinator: Hello, CodeLoaded, Started, Done, StealBackReply, SlotChanged, Heartbeat, Bye, Error
+    coordinator -> agent: Welcome, Code, Run, StealBack, Cancel, Put, Drop, Shutdown, Error
 
 Every message is encoded as a msgpack array `[tag, field, field, ...]` (see `codec.py`), so
 fields are positional on the wire; their order here is the wire order.
@@ -12,12 +12,14 @@ fields are positional on the wire; their order here is the wire order.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from batuta.core.task import BinaryCall, KernelCall, Outcome
 
-PROTOCOL_VERSION = 2  # 2: Put, Drop and object references
+PROTOCOL_VERSION = 3  # 2: Put, Drop and object references; 3: Code, CodeLoaded, TaskRequest.code
 
 
 # -- handshake ------------------------------------------------------------------------------
@@ -66,12 +68,59 @@ class Welcome:
     heartbeat_interval: float
 
 
+# -- the user's code ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CodeFile:
+    """One file of the user's code: a relative path ("mypkg/sub.py", never absolute, never
+    "..") and its bytes, as read on the coordinator."""
+
+    path: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Code:
+    """The user's own modules, as source: the agent writes `files` under its cache directory
+    (one folder per `digest`), puts that folder first on the import path of itself and of
+    every slot, and imports `modules` in order. Sent right after Welcome, before any Run;
+    every TaskRequest then names the digest it must run with. `digest` is `code_digest(files,
+    modules)`: the codec checks it both ways, so a bundle is always what its name says."""
+
+    digest: str
+    modules: tuple[str, ...]
+    files: tuple[CodeFile, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CodeLoaded:
+    """The agent's answer to Code: the digest it now runs, and for each module that failed to
+    import, one line saying why ("SyntaxError at mymod.py line 3: invalid syntax"). Empty
+    `errors`: every module imported."""
+
+    digest: str
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+def code_digest(files: Iterable[CodeFile], modules: Iterable[str]) -> str:
+    """The content address of a bundle: sha256 over its entries (relative path, sha256 of
+    the bytes) sorted by path, then the module names in import order. Hex, 64 characters."""
+    outer = hashlib.sha256(b"batuta-code-1\0")
+    for path, data in sorted((f.path, f.data) for f in files):
+        outer.update(b"f" + path.encode("utf-8", "surrogatepass") + b"\0" + hashlib.sha256(data).digest())
+    for module in modules:
+        outer.update(b"m" + module.encode("utf-8", "surrogatepass") + b"\0")
+    return outer.hexdigest()
+
+
 # -- work -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskRequest:
-    """One task sent to a slot. `attempt` starts at 1."""
+    """One task sent to a slot. `attempt` starts at 1. `code` is the digest of the user's code
+    the task must run with ("" when none was shipped): a slot with other code refuses it."""
 
     task_id: int
     slot: int
@@ -79,6 +128,7 @@ class TaskRequest:
     call: KernelCall | BinaryCall
     timeout: float | None = None
     backend: str = "cpu"
+    code: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -224,6 +274,8 @@ class Error:
 Message = (
     Hello
     | Welcome
+    | Code
+    | CodeLoaded
     | Run
     | Started
     | Done

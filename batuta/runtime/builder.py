@@ -1,18 +1,20 @@
 """Building a pool: `PoolConfig`, the seed's fluent `PoolBuilder`, and `local_host`.
 
-    pool = Pool.builder().cpu_workers(4).gpu_workers("none").seed(7).build()
+pool = Pool.builder().cpu_workers(4).gpu_workers("none").seed(7).build()
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batuta.core.backend import BackendThresholds
 from batuta.core.scheduler import SchedulerConfig
 from batuta.core.task import CAP_CPU, MAX_SLOTS
 from batuta.errors import UsageError
+from batuta.runtime.code import MAX_CODE_MB, CodeSpec
 from batuta.runtime.session import HostSpec
 from batuta.transport.local import agent_command, open_local_agent
 
@@ -37,6 +39,7 @@ class PoolConfig:
     send_budget: int = 256 * 2**20
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     thresholds: BackendThresholds = field(default_factory=BackendThresholds)
+    code: CodeSpec = field(default_factory=CodeSpec)  # the user's code to ship (runtime/code.py)
 
 
 class PoolBuilder:
@@ -66,8 +69,31 @@ class PoolBuilder:
         return self
 
     def kernel_modules(self, modules: Iterable[str]) -> PoolBuilder:
-        """Modules the agents import so that their `@kernel` functions are registered."""
+        """Modules the agents import so that their `@kernel` functions are registered. Those
+        that are the user's own files here (not installed) travel to every host."""
         self._kernel_modules = list(modules)
+        return self
+
+    def modules(self, paths: Iterable[str | Path]) -> PoolBuilder:
+        """The user's code to ship to every host and import there: .py files and package
+        folders (with what they import from their folders); see batuta/runtime/code.py."""
+        code = self._config.code
+        added = tuple(Path(p) for p in paths)
+        self._config = replace(self._config, code=replace(code, modules=code.modules + added))
+        return self
+
+    def job_file(self, path: str | Path) -> PoolBuilder:
+        """Ship the modules of `path`'s folder that this job file imports (what `batuta run`
+        does for its job)."""
+        code = self._config.code
+        self._config = replace(self._config, code=replace(code, job_files=(*code.job_files, Path(path))))
+        return self
+
+    def code_limit(self, nbytes: int) -> PoolBuilder:
+        """The most bytes of the user's code one host may be sent (default 16 MiB)."""
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or not 1 <= nbytes <= MAX_CODE_MB * 2**20:
+            raise UsageError(f"code_limit({nbytes!r}): give a number of bytes from 1 to {MAX_CODE_MB} MiB")
+        self._config = replace(self._config, code=replace(self._config.code, max_bytes=nbytes))
         return self
 
     def host(self, spec: HostSpec) -> PoolBuilder:
@@ -159,4 +185,9 @@ def local_host(
     async def launch() -> Any:
         return await open_local_agent(argv, env=env, name=name)
 
-    return HostSpec(name=name, launch=launch, expected_capabilities=(frozenset({CAP_CPU}),))
+    return HostSpec(
+        name=name,
+        launch=launch,
+        expected_capabilities=(frozenset({CAP_CPU}),),
+        kernel_modules=tuple(kernel_modules),
+    )

@@ -19,6 +19,7 @@ A cluster file is TOML (see `examples/cluster.toml` for every key, documented):
 
     [pool]
     heartbeat_interval = 1.0
+    max_code_mb = 16           # the most of the user's code sent to a host (runtime/code.py)
 
     [policy]                   # what `batuta stack gate` holds every node to
     batuta = "exact"           # exact, minor (same x.y), major (same x) or any
@@ -64,6 +65,7 @@ from batuta._version import __version__
 from batuta.core.backend import BackendThresholds
 from batuta.core.task import CAP_CPU, CAP_GPU, MAX_SLOTS
 from batuta.errors import ConfigError
+from batuta.runtime.code import MAX_CODE_MB, CodeSpec
 from batuta.runtime.install import Installer, InstallTarget, agent_launcher, launch_bootstrapped
 from batuta.runtime.pool import Pool, PoolConfig, local_host
 from batuta.runtime.session import HostSpec
@@ -223,6 +225,7 @@ def ssh_host(
         expected_capabilities=expected_capabilities(host.slots, host.gpus),
         tags=host.tags,
         check_versions=check_versions,
+        kernel_modules=host.kernel_modules,
     )
 
 
@@ -231,7 +234,8 @@ def worker_host(host: ClusterHost, tls: TLSSettings, *, check_versions: bool = T
     from batuta.runtime.remote import tls_host
 
     port = host.port if host.port is not None else TLS_DEFAULT_PORT
-    return tls_host(host.name, host.address, port, tls, tags=host.tags, check_versions=check_versions)
+    spec = tls_host(host.name, host.address, port, tls, tags=host.tags, check_versions=check_versions)
+    return replace(spec, kernel_modules=host.kernel_modules)
 
 
 def host_specs(cluster: ClusterConfig) -> list[HostSpec]:
@@ -333,6 +337,7 @@ _POOL_KEYS = (
     "start_timeout",
     "scalar_below",
     "gpu_above",
+    "max_code_mb",
 )
 _TOP_KEYS = ("hosts", "defaults", "local", "ssh", "pool", "policy", "tls")
 
@@ -544,6 +549,13 @@ class _Reader:
         sizes = {key: self._count((*path, key), table[key]) for key in ("scalar_below", "gpu_above") if key in table}
         if sizes:
             fields["thresholds"] = BackendThresholds(**sizes)
+        if "max_code_mb" in table:  # the most of the user's code shipped to one host
+            value = table["max_code_mb"]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_CODE_MB:
+                raise self.error(
+                    (*path, "max_code_mb"), f"expected a number of MiB in (0, {MAX_CODE_MB}], got {_shown(value)}"
+                )
+            fields["code"] = CodeSpec(max_bytes=int(value * 2**20))
         config = PoolConfig(**fields)
         if config.suspect_after > config.lost_after:
             raise self.error(

@@ -36,6 +36,7 @@ from batuta.protocol.errors import LocalProtocolError
 from batuta.runtime import events as pe
 from batuta.runtime import mapping, stream
 from batuta.runtime.builder import PoolBuilder, PoolConfig, local_host
+from batuta.runtime.code import CodeCollector
 from batuta.runtime.future import ResultStore, TaskFuture
 from batuta.runtime.hosts import HostSupervisor, telemetry_event
 from batuta.runtime.objects import ObjectTable
@@ -50,6 +51,7 @@ SUBMIT_BATCH = 1024  # most submissions held back for one scheduling pass
 
 # The job label of tasks submitted from the current context (see `Pool.job`).
 _current_job: ContextVar[str] = ContextVar("batuta_job", default="")
+
 
 @functools.lru_cache(maxsize=1024)
 def _superlinear(kernel_name: str) -> bool:
@@ -112,6 +114,7 @@ class Pool:
         self._device_of: dict[str, str] = {}  # GPU slot id -> "name (N SMs)"
         self._restored = 0
         self._objects = ObjectTable()
+        self._code_of: dict[str, str] = {}  # host -> digest of the user's code it runs
         # Submissions of one loop turn reach the scheduler together (see `_handle`): one
         # scheduling pass and one Run per slot for a burst, instead of one each per task.
         self._submitted: list[ev.Event] = []
@@ -149,6 +152,8 @@ class Pool:
         """
         if self._started:
             raise UsageError("pool already started")
+        if not self._code_of:
+            self.prepare_code()  # a CodeError (bad --module, over the limit) before any host starts
         self._started = True
         self._loop = asyncio.get_running_loop()
         for spec in self._specs:
@@ -160,6 +165,17 @@ class Pool:
         except BaseException:
             await self.close()
             raise
+
+    def prepare_code(self) -> None:
+        """Collect the user's code to ship (runtime/code.py): each session sends its host's
+        bundle right after every Welcome, and every task sent there names its digest. `start()`
+        does this unless it was done before (to find a `CodeError` early: a bad --module path,
+        too much code)."""
+        collector = CodeCollector(self.config.code)
+        for spec in self._specs:
+            code = collector.bundle(spec.kernel_modules)
+            self._hosts.sessions[spec.name].code = code
+            self._code_of[spec.name] = code.digest if code is not None else ""
 
     async def close(self) -> None:
         """Stop every host; tasks not yet resolved resolve as CANCELLED ("pool closed").
@@ -495,6 +511,9 @@ class Pool:
                     self.events.publish(telemetry_event(session, msg, now))
             elif isinstance(msg, m.SlotChanged):
                 events.extend(self._slot_state_events(session, msg, now))
+            elif isinstance(msg, m.CodeLoaded):
+                for module, error in msg.errors.items():  # its tasks fail saying so; the rest run
+                    log.warning("host %s: importing %s failed: %s", host, module, error)
             elif isinstance(msg, m.Bye):
                 log.info("host %s says bye: %s", host, msg.reason)
             elif isinstance(msg, m.Error):
@@ -595,6 +614,7 @@ class Pool:
         so that flow control can stop between the parts."""
         session, index = self._slot_of[ins.slot_id]
         limit = session.high_water
+        code = session.code_digest
         requests: list[m.TaskRequest] = []
         nbytes = 0
         for task_id, attempt in zip(ins.task_ids, ins.attempts, strict=True):
@@ -616,6 +636,7 @@ class Pool:
                     call=task.call,
                     timeout=task.timeout,
                     backend=pending._choice.backend.value,
+                    code=code,
                 )
             )
             nbytes += pending._nbytes
@@ -682,6 +703,7 @@ class Pool:
             backend_reason=pending._choice.reason,
             job=pending.job,
             device=self._device_of.get(slot_id, "") if slot_id else "",
+            code=self._code_of.get(host, "") if host else "",
         )
         if pending._object_ids:
             self._send_drops(self._objects.release(pending._object_ids))

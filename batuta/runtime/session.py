@@ -39,6 +39,7 @@ class HostSpec:
     expected_capabilities: tuple[frozenset[str], ...] = ()  # what its slots will offer, if known
     tags: frozenset[str] = frozenset()  # extra capabilities every slot of this host offers
     check_versions: bool = True
+    kernel_modules: tuple[str, ...] = ()  # what it imports by name; the pool ships those that are the user's
 
 
 @dataclass(slots=True)
@@ -75,6 +76,7 @@ class HostSession:
     handshake_timeout: float = 30.0
     high_water: int = 16 * 2**20
     budget: SendBudget = field(default_factory=SendBudget)
+    code: m.Code | None = None  # the user's code, sent right after every Welcome (see runtime/code.py)
     hello: m.Hello | None = None
     generation: int = 0  # bumps at each (re)launch, so stale callbacks are ignored
     unflushed_bytes: int = 0  # written since the stream last drained
@@ -97,6 +99,11 @@ class HostSession:
     @property
     def description(self) -> str:
         return self._stream.description if self._stream is not None else self.spec.name
+
+    @property
+    def code_digest(self) -> str:
+        """The digest every task sent to this host names ("" when no code is shipped)."""
+        return self.code.digest if self.code is not None else ""
 
     @property
     def congested(self) -> bool:
@@ -240,6 +247,8 @@ class HostSession:
             self.hello = first
             self._open = True
             self.send(m.Welcome(protocol=m.PROTOCOL_VERSION, heartbeat_interval=self.heartbeat_interval))
+            if self.code is not None:  # in the same write, before any Run: tasks name its digest
+                self.send(self.code, sum(len(f.data) for f in self.code.files))
             self.listener.host_ready(self)
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)

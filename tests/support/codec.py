@@ -22,6 +22,9 @@ from batuta.protocol import (
     TAGS,
     Bye,
     Cancel,
+    Code,
+    CodeFile,
+    CodeLoaded,
     Done,
     Drop,
     Error,
@@ -43,9 +46,11 @@ from batuta.protocol import (
     TaskOutcome,
     TaskRequest,
     Welcome,
+    code_digest,
 )
 
 __all__ = [
+    "DIGEST",
     "GOOD_TASK",
     "assert_same",
     "decode_all",
@@ -55,6 +60,15 @@ __all__ = [
     "run_wire",
     "sample_messages",
 ]
+
+
+SAMPLE_FILES = (
+    CodeFile(path="mykernels.py", data=b"from batuta import kernel\n"),
+    CodeFile(path="mypkg/__init__.py", data=b""),
+    CodeFile(path="mypkg/data/table.bin", data=bytes(range(256))),
+)
+SAMPLE_MODULES = ("mykernels", "mypkg.sub")
+DIGEST = code_digest(SAMPLE_FILES, SAMPLE_MODULES)
 
 
 def sample_messages() -> list[Message]:
@@ -107,6 +121,7 @@ def sample_messages() -> list[Message]:
                     ),
                     timeout=12.5,
                     backend="gpu",
+                    code=DIGEST,
                 ),
                 TaskRequest(
                     task_id=7,
@@ -170,6 +185,10 @@ def sample_messages() -> list[Message]:
         Shutdown(),
         Bye(reason="shutdown requested"),
         Error(message="Run.tasks[0].slot: expected an int >= 0, got int -1"),
+        Code(digest=DIGEST, modules=SAMPLE_MODULES, files=SAMPLE_FILES),
+        Code(digest=code_digest((), ()), modules=(), files=()),
+        CodeLoaded(digest=DIGEST, errors={"mykernels": "SyntaxError at mykernels.py line 3: invalid syntax"}),
+        CodeLoaded(digest=DIGEST),
     ]
 
 
@@ -235,4 +254,4 @@ def run_wire(task: list[Any]) -> list[Any]:
     return [TAGS[Run], [task]]
 
 
-GOOD_TASK = [1, 0, 1, [0, "noop", [1]], None, "cpu"]
+GOOD_TASK = [1, 0, 1, [0, "noop", [1]], None, "cpu", ""]

@@ -81,7 +81,10 @@ def wait_banner(address: str, port: int, deadline: float, proc: subprocess.Popen
 
 
 def sshd_config(run: TestHosts, host: TestHost) -> str:
-    setenv = " ".join(f'"{k}={v}"' for k, v in run.env.items())
+    # Each host its own cache folder (where agents keep the user's shipped code), unless the
+    # run says otherwise: the hosts share this machine's file system, and must not share that.
+    env = {"XDG_CACHE_HOME": str(host.dir / "cache"), **run.env}
+    setenv = " ".join(f'"{k}={v}"' for k, v in env.items())
     return f"""\
 # batuta test host {host.name} ({host.netns}), run {run.run_id}; written by tests/support/hosts.py
 ListenAddress {host.address}
@@ -110,7 +113,7 @@ MaxStartups 256
 MaxSessions 64
 LogLevel INFO
 Subsystem sftp internal-sftp
-# No AcceptEnv: clients cannot set variables. SetEnv gives sessions the tests' PATH.
+# No AcceptEnv: clients cannot set variables. SetEnv gives sessions the tests' PATH and a cache folder.
 SetEnv {setenv}
 """
 

@@ -1,0 +1,283 @@
+"""The user's code on a host: written under batuta's cache folder, put first on the import path,
+imported by the agent and by every slot.
+
+The coordinator sends a `Code` message (paths and bytes, no pickle) right after `Welcome`.
+`CodeLoader.load` then:
+
+1. writes the files to `<cache>/code/<digest>/` (`cache_root()`: `$XDG_CACHE_HOME/batuta`, else
+   `~/.cache/batuta`): into a fresh temporary folder beside it first, renamed into place in
+   one step, so no agent ever imports half a bundle. A folder already there under that
+   digest is reused, not rewritten, once its files are checked against the digest (one that
+   does not match, corrupted or edited by hand, is replaced);
+2. takes the previous bundle off `sys.path` and out of `sys.modules` and the kernel
+   registry (a kernel deleted from a module must be unknown, not run from the old copy);
+3. puts the folder first on `sys.path` and imports the bundle's modules, in order. A module
+   that fails is recorded with one line saying why ("SyntaxError at mymod.py line 3: invalid
+   syntax"), and never takes the agent down: tasks of its kernels fail with that line, the
+   others run;
+4. prunes old bundles, keeping the `KEEP_BUNDLES` most recently used.
+
+Slots see the result as a `SlotCode`: forked ones inherit the agent's imports, exec'd ones
+get the folder and module names on their command line and import them themselves. Every
+task names the digest it must run with; a slot with another digest refuses it (`slot.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batuta.agent.execute import one_line
+from batuta.protocol.messages import Code, TaskRequest
+
+CODE_FOLDER = "code"  # under the cache root: one folder per digest
+KEEP_BUNDLES = 8  # most recently used bundles kept on a host
+TEMP_PREFIX = ".tmp-"  # bundles being written (and what an agent killed mid-write left)
+STALE_TEMP_S = 3600.0  # a temporary folder this old is left over from a dead agent
+
+
+def cache_root(environ: Mapping[str, str] | None = None) -> Path:
+    """batuta's cache folder on this host: `$XDG_CACHE_HOME/batuta`, else `~/.cache/batuta`
+    (the XDG base directory rule: a relative XDG_CACHE_HOME is ignored)."""
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_CACHE_HOME", "")
+    if not base or not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "batuta"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlotCode:
+    """The user's code as a slot runs it: every task it takes must name `digest`.
+
+    `directory` is the bundle's folder (None when nothing was shipped, or it could not be
+    written), `modules` what to import, `errors` why a module failed in the agent (module ->
+    one line), `host` the name the agent reports, for error messages."""
+
+    digest: str = ""
+    directory: str | None = None
+    modules: tuple[str, ...] = ()
+    errors: Mapping[str, str] = field(default_factory=dict)
+    host: str = ""
+
+    def arguments(self) -> list[str]:
+        """This as the command line of an exec'd slot (`slot.py` reads it back). The agent's
+        import errors are left out: the slot meets them again when it imports."""
+        argv = ["--code-digest", self.digest, "--host", self.host]
+        if self.directory is not None:
+            argv += ["--code-dir", self.directory]
+        for module in self.modules:
+            argv += ["--code-module", module]
+        return argv
+
+
+def short_digest(digest: str) -> str:
+    """A digest as people read it: its first 12 hex digits ("none" when no code was shipped)."""
+    return digest[:12] if digest else "none"
+
+
+def stale_error(request: TaskRequest, code: SlotCode, holder: str) -> str:
+    """Why a task that names other code than `code` is not run; `holder` says who has `code`
+    ("host gpu1 now has", "slot 2 on host gpu1 has")."""
+    return (
+        f"task {request.task_id} must run with code {short_digest(request.code)}, but {holder} code "
+        f"{short_digest(code.digest)}: not run, so that no task runs stale code"
+    )
+
+
+def install(code: Code, root: Path) -> Path:
+    """The folder holding `code`'s files under `root`, written now or reused. Raises OSError."""
+    base = root / CODE_FOLDER
+    final = base / code.digest
+    if final.is_dir():
+        if _holds(final, code):
+            with contextlib.suppress(OSError):
+                os.utime(final)  # recently used: the last one pruning removes
+            return final
+        _remove(final, base)  # not what the digest says: write it again
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{code.digest[:16]}-", dir=base))
+    try:
+        for entry in code.files:
+            target = temp.joinpath(*entry.path.split("/"))  # the codec allows no '..', no absolute path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "xb") as out:  # "x": nothing there is overwritten
+                out.write(entry.data)
+        try:
+            os.rename(temp, final)
+        except OSError:
+            if final.is_dir() and _holds(final, code):  # another agent on this host wrote it first
+                shutil.rmtree(temp, ignore_errors=True)
+                return final
+            raise
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return final
+
+
+def _holds(folder: Path, code: Code) -> bool:
+    """Whether `folder` has `code`'s files with their bytes (the codec checked that those
+    give the digest; other files, such as the __pycache__ that imports write, do not matter)."""
+    for entry in code.files:
+        path = folder.joinpath(*entry.path.split("/"))
+        try:
+            if path.is_symlink() or not path.is_file() or path.stat().st_size != len(entry.data):
+                return False
+            if path.read_bytes() != entry.data:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _remove(folder: Path, base: Path) -> None:
+    """Move a folder aside (one rename, so no agent sees it half gone), then delete it."""
+    aside = base / f"{TEMP_PREFIX}old-{folder.name[:16]}-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        os.rename(folder, aside)
+    except OSError:
+        aside = folder
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def prune(root: Path, keep: int = KEEP_BUNDLES, *, now: float | None = None) -> list[str]:
+    """Remove all but the `keep` most recently used bundles, and temporary folders left by
+    agents that died writing one; returns the names removed."""
+    base = root / CODE_FOLDER
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return []
+    now = time.time() if now is None else now
+    bundles: list[tuple[float, str]] = []
+    removed: list[str] = []
+    for entry in entries:
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            mtime = entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if entry.name.startswith(TEMP_PREFIX):
+            if now - mtime > STALE_TEMP_S:
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(entry.name)
+        elif not entry.name.startswith("."):
+            bundles.append((mtime, entry.name))
+    bundles.sort(reverse=True)
+    for _, name in bundles[keep:]:
+        _remove(base / name, base)
+        removed.append(name)
+    return removed
+
+
+def describe_import_failure(exc: BaseException, directory: str | None) -> str:
+    """One line saying why a module of the bundle failed to import, naming the user's file and
+    line (relative to the bundle) where there is one:
+
+        SyntaxError at mymod.py line 3: invalid syntax
+        ModuleNotFoundError at mymod.py line 2: No module named 'scipy' (install it on this host)
+    """
+    name = type(exc).__name__
+    if isinstance(exc, SyntaxError):
+        where = _where(exc.filename, exc.lineno, directory)
+        return one_line(f"{name}{where}: {exc.msg}")
+    where = ""
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        where = _where(frame.filename, frame.lineno, directory)
+        if where:
+            break
+    message = str(exc) or name
+    hint = ""
+    if isinstance(exc, ModuleNotFoundError) and exc.name and not _in_bundle(exc.name, directory):
+        hint = f" (install {exc.name.split('.')[0]!r} for this host's Python, or ship it with --module)"
+    return one_line(f"{name}{where}: {message}{hint}")
+
+
+def _where(filename: str | None, lineno: int | None, directory: str | None) -> str:
+    """' at mymod.py line 3' for a file of the bundle, '' for any other."""
+    if not filename or not directory:
+        return ""
+    prefix = directory.rstrip(os.sep) + os.sep
+    if not filename.startswith(prefix):
+        return ""
+    relative = filename[len(prefix) :]
+    return f" at {relative} line {lineno}" if lineno else f" at {relative}"
+
+
+def _in_bundle(module: str, directory: str | None) -> bool:
+    if not directory:
+        return False
+    top = Path(directory) / module.split(".")[0]
+    return top.with_suffix(".py").is_file() or (top / "__init__.py").is_file()
+
+
+class CodeLoader:
+    """The agent's side of the user's code: which bundle it runs, and its import state."""
+
+    def __init__(self, host: str, root: Path | None = None) -> None:
+        self.host = host
+        self.root = cache_root() if root is None else root
+        self.current = SlotCode(host=host)
+
+    def load(self, code: Code) -> SlotCode:
+        """Install `code` and import its modules here; returns what the slots must run with.
+        Never raises for the user's faults: a module that cannot be written or imported is
+        recorded in `errors`."""
+        if code.digest == self.current.digest:
+            return self.current
+        self._unload()
+        try:
+            folder = install(code, self.root)
+        except OSError as exc:
+            why = one_line(f"cannot write the code under {self.root / CODE_FOLDER}: {type(exc).__name__}: {exc}")
+            self.current = SlotCode(
+                digest=code.digest, modules=code.modules, errors=dict.fromkeys(code.modules, why), host=self.host
+            )
+            return self.current
+        directory = str(folder)
+        sys.path.insert(0, directory)
+        importlib.invalidate_caches()
+        errors: dict[str, str] = {}
+        for module in code.modules:
+            try:
+                importlib.import_module(module)
+            except (Exception, SystemExit) as exc:  # the user's module must not end the agent
+                errors[module] = describe_import_failure(exc, directory)
+        self.current = SlotCode(
+            digest=code.digest, directory=directory, modules=code.modules, errors=errors, host=self.host
+        )
+        prune(self.root)
+        return self.current
+
+    def _unload(self) -> None:
+        """Forget the current bundle: off the import path, out of the module table, and its
+        kernels out of the registry."""
+        directory = self.current.directory
+        if directory is None:
+            return
+        with contextlib.suppress(ValueError):
+            sys.path.remove(directory)
+        prefix = directory.rstrip(os.sep) + os.sep
+        gone = [
+            name
+            for name, module in list(sys.modules.items())
+            if (getattr(module, "__file__", None) or "").startswith(prefix)
+        ]
+        for name in gone:
+            del sys.modules[name]
+        registry = sys.modules.get("batuta.kernels.registry")
+        if registry is not None:
+            registry.forget_modules(gone)
+        importlib.invalidate_caches()
+        self.current = SlotCode(host=self.host)

@@ -1,0 +1,454 @@
+"""The user's code that travels to every host, as source: which files, read as bytes, named by a digest.
+
+What ships, collected on the coordinator when a pool starts (one snapshot per pool, so every
+host of a run, relaunched or not, runs the same code):
+
+* the job file's own modules: the modules of its folder that it imports, found by reading its
+  imports with `ast`, and recursively those that they import from their folder. A module is
+  `name.py`, a package a folder `name/` with an `__init__.py`, shipped whole;
+* the modules named in `kernel_modules` (cluster file, `Pool.builder().kernel_modules`) that
+  resolve here to files outside site-packages, the standard library and batuta itself (a
+  module installed there is the host's own business: it is imported there by name, as before);
+  a dotted name ships its whole top-level package;
+* the paths given with `--module PATH` (`batuta run`, `batuta tui`) or
+  `Pool.builder().modules(paths)`: a `.py` file or a package folder.
+
+Files are read as bytes (no pickle: a bundle is paths and bytes). Left out: `__pycache__`,
+`*.pyc`, files and folders whose names start with a dot, and what the globs of a
+`.batutaignore` in a package's folder match (gitignore-like: `*` within a name, `**` across
+folders, a leading `/` anchors at the package, a trailing `/` matches folders only; no `!`).
+A bundle over the size limit (16 MiB unless told) is a `UsageError` naming its biggest files.
+
+The hosts import the named modules, the job's own imports that register kernels (their code,
+or what they import from their folder, calls `kernel(...)`), and every `--module`. The rest
+is shipped, so that those modules can import it, but not imported by itself: a helper that
+reads the coordinator's files at import time does not fail on every host.
+
+The bundle is a `protocol.messages.Code`: its digest is sha256 over its sorted (path,
+sha256(bytes)) entries and the module names, so a file changed between two runs is a new
+digest, and every task names the digest it must run with.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib.machinery
+import importlib.util
+import os
+import re
+import site
+import sys
+import sysconfig
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from batuta.errors import UsageError
+from batuta.protocol import messages as m
+
+DEFAULT_MAX_CODE_BYTES = 16 * 2**20
+MAX_CODE_MB = 255  # the most the limit may be raised to: a bundle travels in one frame (256 MiB at most)
+IGNORE_FILE = ".batutaignore"
+MiB = 2**20
+
+
+class CodeError(UsageError):
+    """The user's code cannot be shipped (a bad --module path, a bundle over the limit). Exit code 2."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CodeSpec:
+    """Where the code to ship comes from, as the user named it (see the module docstring)."""
+
+    job_files: tuple[Path, ...] = ()
+    modules: tuple[Path, ...] = ()  # --module PATH: .py files and package folders
+    max_bytes: int = DEFAULT_MAX_CODE_BYTES
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Source:
+    """One top-level module to ship: `name` (its import name) at `path` (a .py file or a
+    package folder), and why it ships (for error messages)."""
+
+    name: str
+    path: Path
+    why: str
+
+
+# -- what is installed (the host's business) ----------------------------------------------
+
+
+@functools.cache
+def _installed_roots() -> tuple[str, ...]:
+    """Folders whose modules are installed, not the user's: site-packages, the standard
+    library, and batuta's own packages (an editable install lives in a checkout)."""
+    roots: set[str] = set()
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        path = sysconfig.get_paths().get(key)
+        if path:
+            roots.add(path)
+    roots.update(site.getsitepackages())
+    user_site = site.getusersitepackages()
+    if isinstance(user_site, str):
+        roots.add(user_site)
+    for package in ("batuta", "batuta.kernels", "batuta.tui"):
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.origin:
+            roots.add(os.path.dirname(spec.origin))
+    return tuple(sorted(os.path.realpath(r) + os.sep for r in roots))
+
+
+def _is_installed(path: Path, roots: tuple[str, ...]) -> bool:
+    real = os.path.realpath(path) + (os.sep if path.is_dir() else "")
+    return any(real.startswith(root) for root in roots)
+
+
+# -- reading imports ----------------------------------------------------------------------
+
+_PARSED: dict[tuple[str, int, int], tuple[tuple[str, ...], bool]] = {}
+"""(path, size, mtime_ns) -> (absolute imports, registers kernels): pools started one after
+another in one process (tests, a dashboard) do not parse the same files again."""
+
+
+def _scan(path: Path) -> tuple[tuple[str, ...], bool]:
+    """The absolute module names a Python file imports (`from a.b import c` gives `a.b` and
+    `a.b.c`), and whether it calls `kernel(...)` (registers kernels). A file that does not
+    parse imports nothing here: it still ships, and its syntax error is reported by the host
+    that imports it, naming the file and line."""
+    try:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        return (), False
+    cached = _PARSED.get(key)
+    if cached is not None:
+        return cached
+    names: list[str] = []
+    registers = False
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (SyntaxError, ValueError, OSError):
+        tree = None
+    if tree is not None:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.extend(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.append(node.module)
+                names.extend(f"{node.module}.{alias.name}" for alias in node.names if alias.name != "*")
+            elif isinstance(node, ast.Call):
+                func = node.func
+                if (isinstance(func, ast.Name) and func.id == "kernel") or (
+                    isinstance(func, ast.Attribute) and func.attr == "kernel"
+                ):
+                    registers = True
+    result = (tuple(dict.fromkeys(names)), registers)
+    if len(_PARSED) > 4096:
+        _PARSED.clear()
+    _PARSED[key] = result
+    return result
+
+
+def _local_module(name: str, root: Path) -> tuple[Path, str] | None:
+    """Where `name` ("a.b.c") lives in `root`, if its top level does: (the top-level .py file
+    or package folder, the longest dotted prefix of `name` that is a module there)."""
+    parts = name.split(".")
+    top = parts[0]
+    if not top.isidentifier():
+        return None
+    package = root / top
+    if (package / "__init__.py").is_file():
+        module, here = top, package
+        for part in parts[1:]:
+            if (here / part / "__init__.py").is_file():
+                here, module = here / part, f"{module}.{part}"
+            elif (here / f"{part}.py").is_file():
+                module = f"{module}.{part}"
+                break
+            else:
+                break
+        return package, module
+    single = root / f"{top}.py"
+    if single.is_file():
+        return single, top
+    return None
+
+
+def _python_files(source: _Source) -> list[Path]:
+    if source.path.is_file():
+        return [source.path]
+    return [path for rel, path in _files(source) if rel.endswith(".py")]
+
+
+# -- .batutaignore ------------------------------------------------------------------------
+
+
+class _Ignore:
+    """The globs of a package's `.batutaignore`, matched against paths relative to it."""
+
+    def __init__(self, lines: Iterable[str]) -> None:
+        self._rules: list[tuple[re.Pattern[str], bool]] = []  # (regex, folders only)
+        for raw in lines:
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            folders_only = line.endswith("/")
+            line = line.rstrip("/")
+            anchored = line.startswith("/") or "/" in line
+            line = line.lstrip("/")
+            if not line:
+                continue
+            pattern = _glob_regex(line)
+            self._rules.append((re.compile(pattern if anchored else f"(?:.*/)?{pattern}"), folders_only))
+
+    @classmethod
+    def of(cls, folder: Path) -> _Ignore:
+        try:
+            return cls((folder / IGNORE_FILE).read_text(encoding="utf-8").splitlines())
+        except (OSError, UnicodeDecodeError):
+            return cls(())
+
+    def matches(self, relative: str, *, folder: bool) -> bool:
+        return any(regex.fullmatch(relative) for regex, folders_only in self._rules if folder or not folders_only)
+
+
+def _glob_regex(glob: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(glob):
+        char = glob[i]
+        if glob.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+            continue
+        if glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif char == "[":
+            end = glob.find("]", i + 1)
+            if end == -1:
+                out.append(re.escape(char))
+            else:
+                out.append(f"[{glob[i + 1 : end].replace(chr(92), chr(92) * 2)}]")
+                i = end
+        else:
+            out.append(re.escape(char))
+        i += 1
+    return "".join(out)
+
+
+def _files(source: _Source) -> list[tuple[str, Path]]:
+    """(path in the bundle, file here) for every file `source` ships, sorted."""
+    if source.path.is_file():
+        return [(source.path.name, source.path)]
+    ignore = _Ignore.of(source.path)
+    found: list[tuple[str, Path]] = []
+    for folder, dirnames, filenames in os.walk(source.path):
+        here = Path(folder)
+        relative_folder = here.relative_to(source.path).as_posix()
+        prefix = "" if relative_folder == "." else relative_folder + "/"
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not d.startswith(".") and d != "__pycache__" and not ignore.matches(prefix + d, folder=True)
+        )
+        for filename in sorted(filenames):
+            relative = prefix + filename
+            if filename.startswith(".") or filename.endswith((".pyc", ".pyo")):
+                continue
+            if ignore.matches(relative, folder=False):
+                continue
+            found.append((f"{source.name}/{relative}", here / filename))
+    return found
+
+
+# -- collecting ---------------------------------------------------------------------------
+
+
+class CodeCollector:
+    """Collects what `spec` ships once, then a bundle per set of `kernel_modules` (hosts may
+    name different ones). Raises CodeError (a UsageError) for what cannot be shipped."""
+
+    def __init__(self, spec: CodeSpec, *, search_path: Sequence[str] | None = None) -> None:
+        self.spec = spec
+        # kernel_modules are found where the job files are first, as the job itself finds them
+        job_folders = [str(Path(job).expanduser().resolve().parent) for job in spec.job_files]
+        self._search = job_folders + list(sys.path if search_path is None else search_path)
+        self._common: dict[str, _Source] = {}
+        self._load: list[str] = []  # modules the hosts import, in order
+        self._bundles: dict[tuple[str, ...], m.Code | None] = {}
+        for path in spec.modules:
+            source = self._module_path(path)
+            self._add(self._common, source)
+            self._load.append(source.name)
+        for job in spec.job_files:
+            self._job(job)
+        self._close(self._common)
+
+    def bundle(self, kernel_modules: Sequence[str] = ()) -> m.Code | None:
+        """The Code message for a host that names `kernel_modules`; None when nothing ships."""
+        key = tuple(kernel_modules)
+        if key not in self._bundles:
+            sources = dict(self._common)
+            load = list(self._load)
+            extra: dict[str, _Source] = {}
+            for name in kernel_modules:
+                source = self._kernel_module(name)
+                if source is not None:
+                    self._add(extra, source)
+                    load.append(name)
+            if extra:
+                for source in extra.values():
+                    self._add(sources, source)
+                self._close(sources)
+            self._bundles[key] = self._build(sources, load)
+        return self._bundles[key]
+
+    # -- finding sources
+
+    def _module_path(self, path: Path) -> _Source:
+        shown = str(path)
+        path = path.expanduser()
+        if not path.exists():
+            raise CodeError(f"--module {shown}: no such file or folder; give a .py file or a package folder")
+        path = path.resolve()
+        if path.is_dir():
+            if not (path / "__init__.py").is_file():
+                raise CodeError(
+                    f"--module {shown}: the folder has no __init__.py, so it is not a package; "
+                    "add one, or give its .py files one by one"
+                )
+            name = path.name
+        elif path.suffix == ".py":
+            name = path.stem
+        else:
+            raise CodeError(f"--module {shown}: not a .py file or a package folder")
+        if not name.isidentifier():
+            raise CodeError(f"--module {shown}: {name!r} is not a valid module name; rename it")
+        return _Source(name=name, path=path, why=f"--module {shown}")
+
+    def _job(self, job_file: Path) -> None:
+        job_file = job_file.expanduser().resolve()
+        root = job_file.parent
+        imports, _ = _scan(job_file)
+        modules: list[str] = []
+        for name in imports:
+            found = _local_module(name, root)
+            if found is None or self._excluded(found[0], job_file):
+                continue
+            path, module = found
+            top = module.split(".")[0]
+            self._add(self._common, _Source(name=top, path=path, why=f"imported by {job_file.name}"))
+            if module not in modules and self._registers_kernels(self._common[top], root):
+                modules.append(module)
+        # `from pkg.sub import kern` names pkg.sub and pkg.sub.kern: importing the latter imports both
+        for module in modules:
+            if module not in self._load and not any(other.startswith(module + ".") for other in modules):
+                self._load.append(module)
+
+    def _registers_kernels(self, source: _Source, root: Path) -> bool:
+        """Whether `source`, or a module of its folder that it imports (at any depth), calls
+        kernel(...): then the hosts import it, so that its kernels are registered there."""
+        seen: set[Path] = set()
+        todo = [source]
+        while todo:
+            current = todo.pop()
+            for file in _python_files(current):
+                if file in seen:
+                    continue
+                seen.add(file)
+                imports, registers = _scan(file)
+                if registers:
+                    return True
+                for name in imports:
+                    found = _local_module(name, root)
+                    if found is not None and not self._excluded(found[0], None):
+                        todo.append(_Source(name=name.split(".")[0], path=found[0], why=""))
+        return False
+
+    def _kernel_module(self, name: str) -> _Source | None:
+        """The source of a `kernel_modules` name, if it resolves here outside what is installed."""
+        top = name.split(".")[0]
+        if top == "batuta":
+            return None
+        try:
+            spec = importlib.machinery.PathFinder.find_spec(top, self._search)
+        except (ImportError, ValueError, OSError):
+            return None
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            return None  # not found here, a namespace package, or an extension module
+        origin = Path(spec.origin)
+        path = origin.parent if spec.submodule_search_locations is not None else origin
+        if _is_installed(path, _installed_roots()):
+            return None
+        return _Source(name=top, path=path, why=f"kernel_modules {name!r}")
+
+    def _excluded(self, path: Path, job_file: Path | None) -> bool:
+        return path == job_file or path.name == "batuta" or _is_installed(path, _installed_roots())
+
+    def _close(self, sources: dict[str, _Source]) -> None:
+        """Add what the sources import from their own folders, until nothing new turns up."""
+        todo = list(sources.values())
+        while todo:
+            source = todo.pop()
+            root = source.path.parent
+            for file in _python_files(source):
+                for name in _scan(file)[0]:
+                    found = _local_module(name, root)
+                    if found is None or self._excluded(found[0], None):
+                        continue
+                    top = name.split(".")[0]
+                    if top in sources:
+                        continue
+                    added = _Source(name=top, path=found[0], why=f"imported by {file.name}")
+                    self._add(sources, added)
+                    todo.append(added)
+
+    @staticmethod
+    def _add(sources: dict[str, _Source], source: _Source) -> None:
+        known = sources.get(source.name)
+        if known is None:
+            sources[source.name] = source
+        elif known.path != source.path:
+            raise CodeError(
+                f"two different modules named {source.name!r} would ship: {known.path} ({known.why}) "
+                f"and {source.path} ({source.why}); rename one of them"
+            )
+
+    # -- building
+
+    def _build(self, sources: dict[str, _Source], load: list[str]) -> m.Code | None:
+        if not sources:
+            return None
+        entries: list[tuple[str, Path]] = []
+        for source in sources.values():
+            entries.extend(_files(source))
+        sizes: list[tuple[int, str]] = []
+        for relative, path in entries:
+            try:
+                sizes.append((path.stat().st_size, relative))
+            except OSError as exc:
+                raise CodeError(f"cannot read {path} to ship it: {exc.strerror or exc}") from None
+        total = sum(size for size, _ in sizes)
+        if total > self.spec.max_bytes:
+            biggest = ", ".join(f"{rel} ({size / MiB:.1f} MiB)" for size, rel in sorted(sizes, reverse=True)[:3])
+            raise CodeError(
+                f"the code to ship to the hosts is {total / MiB:.1f} MiB, over the {self.spec.max_bytes / MiB:g} MiB "
+                f"limit; the biggest files: {biggest}; list what the hosts do not need in a {IGNORE_FILE} in the "
+                "package's folder, or raise the limit (max_code_mb in the cluster file's [pool], "
+                "or Pool.builder().code_limit(bytes))"
+            )
+        files: list[m.CodeFile] = []
+        for relative, path in entries:
+            try:
+                files.append(m.CodeFile(path=relative, data=path.read_bytes()))
+            except OSError as exc:
+                raise CodeError(f"cannot read {path} to ship it: {exc.strerror or exc}") from None
+        modules = tuple(dict.fromkeys(load))
+        return m.Code(digest=m.code_digest(files, modules), modules=modules, files=tuple(files))

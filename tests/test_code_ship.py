@@ -1,0 +1,339 @@
+"""What of the user's code ships (batuta/runtime/code.py), and a local pool and `batuta run` that ship it.
+
+The collector is tested on folders made here; the pools are real (a local agent started by
+the pool), with the cache folder of the session (tests/conftest.py), so nothing is found by
+accident.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batuta.core.task import Task, TaskStatus
+from batuta.protocol import messages as m
+from batuta.protocol.messages import code_digest
+from batuta.runtime.code import CodeCollector, CodeError, CodeSpec
+from batuta.runtime.pool import Pool
+from batuta.runtime.session import HostSession
+from tests.test_pool import agent_pids
+
+KERNELS = """\
+import os
+from batuta import kernel
+from cs_helpers import offset
+
+VERSION = {version}
+
+
+@kernel("cs_value", pure=True)
+def cs_value(x):
+    return x * 10 + VERSION + offset()
+
+
+cs_value.cpu(cs_value.reference)
+
+
+@kernel("cs_pid")
+def cs_pid():
+    return os.getpid()
+
+
+cs_pid.cpu(cs_pid.reference)
+"""
+
+JOB = """\
+from batuta import Task
+import cs_kernels
+from cs_reader import unused  # a helper: shipped, not imported on the hosts
+import numpy
+
+
+async def main(pool):
+    result = await pool.run(Task.kernel("cs_value", 4))
+    return f"{result.status.value} {result.value} {result.code}"
+"""
+
+
+def write(folder: Path, files: dict[str, str | bytes]) -> None:
+    for name, data in files.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, bytes):
+            path.write_bytes(data)
+        else:
+            path.write_text(textwrap.dedent(data))
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A job file beside its modules, and things that must not ship."""
+    folder = tmp_path / "project"
+    write(
+        folder,
+        {
+            "my_job.py": JOB,
+            "cs_kernels.py": KERNELS.format(version=1),
+            "cs_helpers.py": "def offset():\n    return 100\n",
+            # reads a file beside it that only the coordinator has: importing it on a host would fail
+            "cs_reader.py": "import os\n\nunused = open(os.path.join(os.path.dirname(__file__), 'local.txt')).read()\n",
+            "local.txt": "coordinator only",
+            "unrelated.py": "X = 1\n",  # not imported: not shipped
+            "__pycache__/cs_kernels.cpython-311.pyc": b"\x00",
+        },
+    )
+    return folder
+
+
+def paths_of(code: m.Code | None) -> list[str]:
+    assert code is not None
+    return sorted(f.path for f in code.files)
+
+
+def test_the_job_files_local_imports_ship_and_only_kernel_modules_are_imported(project: Path) -> None:
+    code = CodeCollector(CodeSpec(job_files=(project / "my_job.py",))).bundle()
+    assert code is not None
+    # cs_helpers ships because cs_kernels imports it; numpy and batuta are installed; the job itself stays
+    assert paths_of(code) == ["cs_helpers.py", "cs_kernels.py", "cs_reader.py"]
+    assert code.modules == ("cs_kernels",)  # cs_reader registers no kernel: not imported on the hosts
+    assert code.digest == code_digest(code.files, code.modules)
+    assert {f.path: f.data for f in code.files}["cs_kernels.py"] == (project / "cs_kernels.py").read_bytes()
+
+
+def test_a_changed_file_is_a_new_digest_and_the_same_files_the_same_one(project: Path) -> None:
+    spec = CodeSpec(job_files=(project / "my_job.py",))
+    first = CodeCollector(spec).bundle()
+    again = CodeCollector(spec).bundle()
+    (project / "cs_helpers.py").write_text("def offset():\n    return 200\n")
+    changed = CodeCollector(spec).bundle()
+    assert first is not None and again is not None and changed is not None
+    assert first.digest == again.digest != changed.digest
+
+
+def test_packages_ship_whole_without_caches_hidden_files_or_what_batutaignore_lists(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        {
+            "job.py": "from cs_pkg.sub import kern\n\nasync def main(pool):\n    return 1\n",
+            "cs_pkg/__init__.py": "",
+            "cs_pkg/util.py": "X = 1\n",
+            "cs_pkg/sub/__init__.py": "",
+            "cs_pkg/sub/kern.py": "from batuta import kernel\n\n@kernel('k')\ndef k():\n    return 1\n",
+            "cs_pkg/sub/table.txt": "14",
+            "cs_pkg/.batutaignore": "# big things the hosts do not need\n*.npy\n/scratch/\nsub/**/*.tmp\n",
+            "cs_pkg/weights.npy": b"\x00" * 100,
+            "cs_pkg/sub/deep/x.npy": b"\x00",
+            "cs_pkg/sub/deep/y.tmp": b"\x00",
+            "cs_pkg/sub/deep/keep.dat": b"\x01",
+            "cs_pkg/scratch/notes.txt": "scratch",
+            "cs_pkg/sub/scratch/kept.txt": "only the package's own /scratch/ is ignored",
+            "cs_pkg/.git/config": "hidden",
+            "cs_pkg/.env": "SECRET=1",
+            "cs_pkg/sub/__pycache__/kern.cpython-311.pyc": b"\x00",
+            "cs_pkg/sub/kern.pyc": b"\x00",
+        },
+    )
+    code = CodeCollector(CodeSpec(job_files=(tmp_path / "job.py",))).bundle()
+    assert code is not None
+    assert paths_of(code) == [
+        "cs_pkg/__init__.py",
+        "cs_pkg/sub/__init__.py",
+        "cs_pkg/sub/deep/keep.dat",
+        "cs_pkg/sub/kern.py",
+        "cs_pkg/sub/scratch/kept.txt",
+        "cs_pkg/sub/table.txt",
+        "cs_pkg/util.py",
+    ]
+    assert code.modules == ("cs_pkg.sub.kern",)
+
+
+def test_kernel_modules_ship_when_they_are_the_users_files_not_when_installed(project: Path) -> None:
+    collector = CodeCollector(CodeSpec(job_files=(project / "my_job.py",)))
+    code = collector.bundle(("unrelated", "numpy", "batuta.kernels.basic", "not_anywhere_xyz"))
+    assert code is not None
+    assert "unrelated.py" in paths_of(code)  # found beside the job file
+    assert code.modules == ("cs_kernels", "unrelated")  # the others are imported by name, as before
+    assert not any(p.startswith(("numpy/", "batuta/", "kernels/")) for p in paths_of(code))
+    common = collector.bundle(())
+    assert common is not None and common.digest != code.digest
+
+
+def test_nothing_to_ship_is_no_bundle() -> None:
+    assert CodeCollector(CodeSpec()).bundle(("numpy",)) is None
+
+
+def test_module_paths_a_file_or_a_package_and_the_errors(tmp_path: Path) -> None:
+    write(tmp_path, {"lib/cs_one.py": "import cs_two\n", "lib/cs_two.py": "", "pkgdir/cs_p/__init__.py": ""})
+    code = CodeCollector(CodeSpec(modules=(tmp_path / "lib" / "cs_one.py", tmp_path / "pkgdir" / "cs_p"))).bundle()
+    assert code is not None
+    assert paths_of(code) == ["cs_one.py", "cs_p/__init__.py", "cs_two.py"]
+    assert code.modules == ("cs_one", "cs_p")  # named on purpose: imported whether or not they register kernels
+    (tmp_path / "not-a-name.py").write_text("")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "data.txt").write_text("")
+    for path, words in [
+        (tmp_path / "missing.py", "no such file or folder; give a .py file or a package folder"),
+        (tmp_path / "plain", "the folder has no __init__.py, so it is not a package"),
+        (tmp_path / "data.txt", "not a .py file or a package folder"),
+        (tmp_path / "not-a-name.py", "'not-a-name' is not a valid module name; rename it"),
+    ]:
+        with pytest.raises(CodeError) as info:
+            CodeCollector(CodeSpec(modules=(path,)))
+        assert str(info.value) == f"--module {path}: {words}" or words in str(info.value)
+
+
+def test_two_modules_with_one_name_are_refused(tmp_path: Path) -> None:
+    write(tmp_path, {"a/cs_same.py": "", "b/cs_same.py": ""})
+    with pytest.raises(CodeError, match=r"two different modules named 'cs_same' would ship: .*; rename one of them"):
+        CodeCollector(CodeSpec(modules=(tmp_path / "a" / "cs_same.py", tmp_path / "b" / "cs_same.py")))
+
+
+def test_a_bundle_over_the_limit_names_its_biggest_files_and_the_fix(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        {"cs_big/__init__.py": "", "cs_big/a.bin": b"\x00" * 3000, "cs_big/b.bin": b"\x00" * 2000, "cs_big/c.py": ""},
+    )
+    with pytest.raises(CodeError) as info:
+        CodeCollector(CodeSpec(modules=(tmp_path / "cs_big",), max_bytes=4096)).bundle()
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("the code to ship to the hosts is 0.0 MiB, over the 0.00390625 MiB limit; ")
+    assert "the biggest files: cs_big/a.bin (0.0 MiB), cs_big/b.bin (0.0 MiB), cs_big/c.py (0.0 MiB)" in message
+    assert message.endswith(
+        "list what the hosts do not need in a .batutaignore in the package's folder, or raise the limit "
+        "(max_code_mb in the cluster file's [pool], or Pool.builder().code_limit(bytes))"
+    )
+
+
+# -- a local pool -------------------------------------------------------------------------
+
+
+async def test_a_local_pool_ships_the_job_files_modules_and_results_name_the_digest(project: Path) -> None:
+    expected = CodeCollector(CodeSpec(job_files=(project / "my_job.py",))).bundle()
+    assert expected is not None
+    pool = Pool.builder().cpu_workers(1).gpu_workers("none").job_file(project / "my_job.py").build()
+    async with pool:
+        result = await pool.run(Task.kernel("cs_value", 4))
+    assert (result.status, result.value, result.code) == (TaskStatus.SUCCEEDED, 141, expected.digest)
+
+
+async def test_a_relaunched_agent_is_sent_the_code_again_before_any_task(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[m.Message] = []
+    original = HostSession.send
+
+    def spy(self: HostSession, message: m.Message, nbytes: int = 0) -> None:
+        sent.append(message)
+        original(self, message, nbytes)
+
+    monkeypatch.setattr(HostSession, "send", spy)
+    builder = Pool.builder().cpu_workers(1).gpu_workers("none").job_file(project / "my_job.py")
+    async with builder.relaunch(max_relaunches=5, backoff=0.1).build() as pool:
+        first = await pool.run(Task.kernel("cs_pid"))
+        [agent] = agent_pids()
+        os.kill(agent.pid, signal.SIGKILL)
+        again = await asyncio.wait_for(pool.run(Task.kernel("cs_value", 4, max_attempts=5)), 60)
+    assert first.is_success() and again.is_success(), (first.error, again.error)
+    assert (again.value, again.code) == (141, first.code)
+    kinds = [type(message).__name__ for message in sent if not isinstance(message, m.Cancel | m.StealBack)]
+    welcomes = [i for i, kind in enumerate(kinds) if kind == "Welcome"]
+    assert len(welcomes) == 2
+    for at in welcomes:  # each agent hears Code right after Welcome, before any Run
+        assert kinds[at + 1] == "Code"
+    assert [message.digest for message in sent if isinstance(message, m.Code)] == [first.code, first.code]
+
+
+async def test_a_pool_with_no_code_to_ship_names_none() -> None:
+    async with Pool.builder().cpu_workers(1).gpu_workers("none").build() as pool:
+        result = await pool.run(Task.kernel("noop", 3))
+    assert (result.status, result.value, result.code) == (TaskStatus.SUCCEEDED, 3, "")
+
+
+async def test_code_over_the_limit_stops_the_pool_before_any_host_starts(tmp_path: Path) -> None:
+    write(tmp_path, {"cs_big.py": "X = 1\n" * 100})
+    pool = Pool.builder().cpu_workers(1).gpu_workers("none").modules([tmp_path / "cs_big.py"]).code_limit(10).build()
+    with pytest.raises(CodeError, match="over the"):
+        await pool.start()
+    assert pool.hosts()[0].state != "up"
+
+
+# -- batuta run ---------------------------------------------------------------------------
+
+
+def batuta(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "batuta", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_batuta_run_ships_the_job_files_modules_and_module_paths(project: Path, tmp_path: Path) -> None:
+    write(
+        tmp_path / "elsewhere",
+        {
+            "cs_extra.py": """\
+                from batuta import kernel
+
+                @kernel("cs_extra")
+                def cs_extra():
+                    return "extra"
+
+                cs_extra.cpu(cs_extra.reference)
+            """
+        },
+    )
+    (project / "job2.py").write_text(
+        "from batuta import Task\n\n"
+        "async def main(pool):\n"
+        "    a = await pool.run(Task.kernel('cs_extra'))\n"
+        "    return a.value\n"
+    )
+    done = batuta(
+        "run", str(project / "job2.py"), "--workers", "1", "--json",
+        "--module", str(tmp_path / "elsewhere" / "cs_extra.py"),
+        cwd=tmp_path,  # not the job's folder, nor the module's: nothing is found through the working directory
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["result"] == "extra"
+
+
+def test_batuta_run_code_errors_are_one_line_and_exit_2(project: Path, tmp_path: Path) -> None:
+    done = batuta(
+        "run", str(project / "my_job.py"), "--workers", "1", "--module", str(tmp_path / "nope.py"), cwd=tmp_path
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"batuta: error: --module {tmp_path / 'nope.py'}: no such file or folder; give a .py file or a package folder"
+    ]
+
+
+def test_batuta_tui_refuses_a_bad_module_before_the_screen_takes_over(tmp_path: Path) -> None:
+    done = batuta("tui", "--workers", "1", "--module", str(tmp_path / "nope.py"), cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"batuta: error: --module {tmp_path / 'nope.py'}: no such file or folder; give a .py file or a package folder"
+    ]
+
+
+def test_the_code_limit_is_bounded_by_what_one_frame_carries() -> None:
+    from batuta.errors import UsageError
+
+    bad_limits: list[Any] = [0, 256 * 2**20, 1.5]
+    for bad in bad_limits:
+        with pytest.raises(UsageError, match=r"give a number of bytes from 1 to 255 MiB"):
+            Pool.builder().code_limit(bad)
