@@ -177,6 +177,35 @@ def _local_module(name: str, root: Path) -> tuple[Path, str] | None:
     return None
 
 
+def _local_names(root: Path) -> frozenset[str]:
+    """The top-level module names `_local_module` can find in `root`: `name.py` files and
+    package folders."""
+    names: set[str] = set()
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return frozenset()
+    for entry in entries:
+        if entry.name.endswith(".py") and entry.name[:-3].isidentifier():
+            names.add(entry.name[:-3])
+        elif entry.name.isidentifier() and os.path.isfile(os.path.join(entry.path, "__init__.py")):
+            names.add(entry.name)
+    return frozenset(names)
+
+
+def _mentions(file: Path, names: Iterable[str]) -> bool:
+    """Whether `file`'s text contains one of `names` at all: a file that does not cannot import
+    them, and is not parsed (parsing is most of collecting a big package)."""
+    wanted = [name.encode() for name in names]
+    if not wanted:
+        return False
+    try:
+        data = file.read_bytes()
+    except OSError:
+        return False
+    return any(name in data for name in wanted)
+
+
 def _python_files(source: _Source) -> list[Path]:
     if source.path.is_file():
         return [source.path]
@@ -397,10 +426,15 @@ class CodeCollector:
     def _close(self, sources: dict[str, _Source]) -> None:
         """Add what the sources import from their own folders, until nothing new turns up."""
         todo = list(sources.values())
+        local: dict[Path, frozenset[str]] = {}
         while todo:
             source = todo.pop()
             root = source.path.parent
+            if root not in local:
+                local[root] = _local_names(root)
             for file in _python_files(source):
+                if not _mentions(file, local[root] - sources.keys()):
+                    continue  # names no module of its folder that is not shipped yet: no need to parse it
                 for name in _scan(file)[0]:
                     found = _local_module(name, root)
                     if found is None or self._excluded(found[0], None):
