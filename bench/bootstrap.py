@@ -14,10 +14,31 @@ any clock starts (they are cached; building them needs the package index here).
 - ssh_startup_ready_s: today's figure from bench/ssh_startup.py in the same run: the agent
   started with an explicit `python` (the coordinator's own interpreter, shared file system).
 
-cached and ssh_startup runs alternate, and medians are reported. The last line printed is
-one JSON object with those keys, `cached_vs_ssh_startup` (ratio) and details.
+cached and ssh_startup runs alternate, and medians are reported.
 
-    python bench/bootstrap.py [--repeats 3] [--hosts 4] [--slots 2]
+Then the user's code (batuta/runtime/code.py), on the same hosts started the ssh_startup way
+but each with its own empty cache folder, so no host finds a bundle that another wrote:
+
+- ship_module_ms: a generated package of SHIP_MODULES plain-Python modules, 200 KB in all,
+  one of them registering a `@kernel` (`sb_probe`); its `__init__` imports every module.
+  It is given to a new pool as `Pool.builder().modules([package])`, with a digest no host
+  has seen. The figure is the pool collecting it (reading the files, the digest:
+  `prepare_code()`) plus, over the hosts, the longest time from the session queueing `Code`
+  (right after `Welcome`, in the same write; the SSH connect and the agent's start come
+  before and are not counted) to reading that host's `CodeLoaded`: the agent has written the
+  files under its cache and imported the package (compiling its 200 KB of source). Not
+  timed, but checked before the figure counts: a task of `sb_probe` then runs on every host
+  and returns the package's version.
+- reship_after_edit_ms: the same measure on the next pool, after one module of the package
+  was edited (a new digest; every host still holds the previous one: the whole bundle
+  travels again, there is no delta).
+
+Medians over the repeats; each repeat ships a version no host has seen. `--ship-only` skips
+the bare install and the cached/ssh_startup comparison (their keys are then absent), to
+iterate on the shipping figures. The last line printed is one JSON object with every key,
+`cached_vs_ssh_startup` (ratio) and details.
+
+    python bench/bootstrap.py [--repeats 3] [--hosts 4] [--slots 2] [--ship-only]
 """
 
 from __future__ import annotations
@@ -130,11 +151,159 @@ async def prepare(python: Path) -> dict[str, Any]:
     return {"prepare_s": round(time.perf_counter() - t0, 2), "wheelhouse_mb": round(size / 1e6, 1), "python": facts[0]}
 
 
+# -- the user's code ----------------------------------------------------------------------
+
+SHIP_MODULES = 5  # sb_pkg/__init__.py, kernels.py (the @kernel), version.py, and filler modules
+SHIP_BYTES = 200_000  # the package, all files together
+SHIP_KERNEL = "sb_probe"
+SHIP_TIMEOUT_S = 120.0
+SHIP_ROUNDS = 20  # rounds of tasks until each host has run one
+
+
+def write_package(folder: Path, version: str) -> Path:
+    """The package to ship: SHIP_BYTES of plain Python in SHIP_MODULES modules; `kernels.py`
+    registers SHIP_KERNEL, which returns `version.VERSION` (so a task shows which code ran)."""
+    package = folder / "sb_pkg"
+    package.mkdir(parents=True, exist_ok=True)
+    fixed = {
+        "__init__.py": "",  # importing the package imports every module (written below)
+        "version.py": f"VERSION = {version!r}\n",
+        "kernels.py": (
+            "from batuta.kernels import kernel\n\nfrom sb_pkg import version\n\n\n"
+            f"@kernel({SHIP_KERNEL!r}, description='the shipped package version and x')\n"
+            f"def {SHIP_KERNEL}(x):\n    return f'{{version.VERSION}}:{{x}}'\n\n\n"
+            f"{SHIP_KERNEL}.cpu({SHIP_KERNEL}.reference)\n"
+        ),
+    }
+    fillers = [f"helpers_{i}.py" for i in range(SHIP_MODULES - len(fixed))]
+    room = SHIP_BYTES - sum(len(text) for text in fixed.values())
+    for name in fillers:  # plain functions, the bulk of a real package
+        lines: list[str] = [f'"""Filler module {name}: plain Python functions."""\n']
+        size = len(lines[0])
+        n = 0
+        while size < room // len(fillers):
+            body = f"    return [v * scale + {n} for v in values if v > {n % 7}]\n"
+            line = f"\n\ndef step_{n}(values, scale={n}):\n{body}"
+            lines.append(line)
+            size += len(line)
+            n += 1
+        fixed[name] = "".join(lines)
+    modules = ", ".join(name.removesuffix(".py") for name in sorted(fixed) if name != "__init__.py")
+    fixed["__init__.py"] = f"from sb_pkg import {modules}  # noqa: F401 - a package imports its modules\n"
+    for name, text in fixed.items():
+        (package / name).write_text(text)
+    return package
+
+
+def ship_text(hosts: TestHosts, slots: int, folder: Path) -> str:
+    """ssh_startup's cluster file, each host with its own (empty) cache folder."""
+    out: list[str] = []
+    host = iter(hosts)
+    for line in cluster_text(hosts, slots).split("\n"):
+        out.append(line)
+        if line.startswith("port = "):
+            cache = folder / f"{next(host).name}-ship-cache"
+            out.append(f'env = {{ XDG_CACHE_HOME = "{cache}" }}')
+    return "\n".join(out)
+
+
+async def ship_once(hosts: TestHosts, text: str, package: Path, version: str) -> dict[str, Any]:
+    """One pool start shipping `package`: the figure (see the module docstring) and its parts."""
+    from dataclasses import replace
+
+    from batuta import Task
+    from batuta.protocol import messages as m
+    from batuta.runtime.cluster import host_specs, parse_cluster
+    from batuta.runtime.code import CodeSpec
+    from batuta.runtime.pool import Pool
+    from batuta.runtime.session import HostSession
+
+    queued: dict[str, float] = {}
+    loaded: dict[str, float] = {}
+    errors: dict[str, dict[str, str]] = {}
+    every_host_loaded = asyncio.Event()
+
+    class ShipTimedPool(Pool):
+        def host_ready(self, session: HostSession) -> None:  # right after Welcome and Code are queued
+            if session.code is not None:
+                queued[session.name] = time.perf_counter()
+            super().host_ready(session)
+
+        def host_messages(self, session: HostSession, messages: list[m.Message]) -> None:
+            for message in messages:
+                if isinstance(message, m.CodeLoaded) and session.name not in loaded:
+                    loaded[session.name] = time.perf_counter()
+                    errors[session.name] = dict(message.errors)
+                    if len(loaded) == len(hosts):
+                        every_host_loaded.set()
+            super().host_messages(session, messages)
+
+    cluster = parse_cluster(text, source="bench/bootstrap.py")
+    pool = ShipTimedPool(host_specs(cluster), replace(cluster.pool, code=CodeSpec(modules=(package,))))
+    t0 = time.perf_counter()
+    pool.prepare_code()
+    collect_s = time.perf_counter() - t0
+    ran_on: set[str] = set()
+    async with asyncio.timeout(SHIP_TIMEOUT_S):
+        async with pool:
+            await every_host_loaded.wait()
+            for _ in range(SHIP_ROUNDS):
+                tasks = [pool.run(Task.kernel(SHIP_KERNEL, i)) for i in range(4 * len(hosts))]
+                for i, r in enumerate(await asyncio.gather(*tasks)):
+                    if r.value != f"{version}:{i}":  # the new code ran, not an old copy
+                        raise SystemExit(f"{SHIP_KERNEL} on {r.host}: {r.status.value} {r.value!r} {r.error}")
+                    ran_on.add(r.host or "")
+                if ran_on >= {h.name for h in hosts}:
+                    break
+    if any(errors.values()) or not ran_on >= {h.name for h in hosts}:
+        raise SystemExit(f"shipping failed: import errors {errors}, ran on {sorted(ran_on)}")
+    per_host = {name: loaded[name] - queued[name] for name in loaded}
+    return {
+        "ship_ms": (collect_s + max(per_host.values())) * 1000,
+        "collect_ms": collect_s * 1000,
+        "code_to_loaded_ms": {name: round(v * 1000, 1) for name, v in sorted(per_host.items())},
+        "bundle_bytes": sum(f.stat().st_size for f in package.iterdir() if f.is_file()),
+    }
+
+
+def measure_shipping(hosts: TestHosts, slots: int, folder: Path, repeats: int) -> dict[str, Any]:
+    """ship_module_ms and reship_after_edit_ms, medians over `repeats` (module docstring)."""
+    text = ship_text(hosts, slots, folder)
+    first: list[dict[str, Any]] = []
+    edited: list[dict[str, Any]] = []
+    for index in range(repeats):
+        project = folder / f"ship-{index}"
+        version = f"{os.getpid()}-{index}-a"  # a digest no host has seen
+        package = write_package(project, version)
+        first.append(asyncio.run(ship_once(hosts, text, package, version)))
+        settle(hosts)
+        version = version[:-1] + "b"
+        (package / "version.py").write_text(f"VERSION = {version!r}\n")  # the edit: one file
+        edited.append(asyncio.run(ship_once(hosts, text, package, version)))
+        settle(hosts)
+        print(
+            f"ship {index + 1}: first {first[-1]['ship_ms']:.1f} ms, after an edit {edited[-1]['ship_ms']:.1f} ms",
+            flush=True,
+        )
+    return {
+        "ship_module_ms": round(statistics.median(r["ship_ms"] for r in first), 1),
+        "reship_after_edit_ms": round(statistics.median(r["ship_ms"] for r in edited), 1),
+        "ship_bundle_bytes": first[0]["bundle_bytes"],
+        "ship_collect_ms_median": round(statistics.median(r["collect_ms"] for r in first + edited), 2),
+        "ship_module_runs_ms": [round(r["ship_ms"], 1) for r in first],
+        "reship_after_edit_runs_ms": [round(r["ship_ms"], 1) for r in edited],
+        "ship_code_to_loaded_ms": [r["code_to_loaded_ms"] for r in first + edited],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hosts", type=int, default=4)
     parser.add_argument("--slots", type=int, default=2, help="worker processes per host")
+    parser.add_argument(
+        "--ship-only", action="store_true", help="only the shipping figures: no bare install, no cached/ssh_startup"
+    )
     args = parser.parse_args()
     if not 1 <= args.repeats <= 10 or not 1 <= args.hosts <= 16:
         parser.error("--repeats must be 1..10 and --hosts 1..16")
@@ -143,40 +312,53 @@ def main() -> None:
     quiet_logs()
     folder = Path(tempfile.mkdtemp(prefix="batuta-bootstrap-"))
     load_start = os.getloadavg()[0]
-    try:
-        python = bare_python(folder)
-        prepared = asyncio.run(prepare(python))
-        print(f"prepared in {prepared['prepare_s']} s: wheelhouse {prepared['wheelhouse_mb']} MB", flush=True)
-        with TestHosts(args.hosts) as hosts:
-            text = bootstrap_text(hosts, args.slots, folder, python)
-            cpu0 = busy_cpu_s()
-            bare = asyncio.run(batuta_start(hosts, args.slots, text))
-            bare_cpu = busy_cpu_s() - cpu0
-            settle(hosts)
-            print(f"bare to ready: {bare['ready_s']:.2f} s, {bare_cpu:.1f} CPU-s", flush=True)
-            cached: list[dict[str, Any]] = []
-            today: list[dict[str, Any]] = []
-            for index in range(args.repeats):
-                cached.append(asyncio.run(batuta_start(hosts, args.slots, text)))
-                settle(hosts)
-                today.append(asyncio.run(batuta_start(hosts, args.slots, cluster_text(hosts, args.slots))))
-                settle(hosts)
-                print(
-                    f"run {index + 1}: cached {cached[-1]['ready_s']:.3f} s, ssh_startup {today[-1]['ready_s']:.3f} s",
-                    flush=True,
-                )
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    cached_s = statistics.median(r["ready_s"] for r in cached)
-    today_s = statistics.median(r["ready_s"] for r in today)
-    result = {
+    result: dict[str, Any] = {
         "hosts": args.hosts,
         "slots_per_host": args.slots,
         "repeats": args.repeats,
         "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
+    }
+    try:
+        if not args.ship_only:
+            python = bare_python(folder)
+            prepared = asyncio.run(prepare(python))
+            print(f"prepared in {prepared['prepare_s']} s: wheelhouse {prepared['wheelhouse_mb']} MB", flush=True)
+        with TestHosts(args.hosts) as hosts:
+            if not args.ship_only:
+                result.update(measure_install(hosts, args.slots, folder, python, args.repeats, prepared))
+            result.update(measure_shipping(hosts, args.slots, folder, args.repeats))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    result["load_average_1m"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
+    print(json.dumps(result))
+
+
+def measure_install(
+    hosts: TestHosts, slots: int, folder: Path, python: Path, repeats: int, prepared: dict[str, Any]
+) -> dict[str, Any]:
+    """bare_to_ready_s, then cached_ready_s alternated with ssh_startup_ready_s (module docstring)."""
+    text = bootstrap_text(hosts, slots, folder, python)
+    cpu0 = busy_cpu_s()
+    bare = asyncio.run(batuta_start(hosts, slots, text))
+    bare_cpu = busy_cpu_s() - cpu0
+    settle(hosts)
+    print(f"bare to ready: {bare['ready_s']:.2f} s, {bare_cpu:.1f} CPU-s", flush=True)
+    cached: list[dict[str, Any]] = []
+    today: list[dict[str, Any]] = []
+    for index in range(repeats):
+        cached.append(asyncio.run(batuta_start(hosts, slots, text)))
+        settle(hosts)
+        today.append(asyncio.run(batuta_start(hosts, slots, cluster_text(hosts, slots))))
+        settle(hosts)
+        print(
+            f"run {index + 1}: cached {cached[-1]['ready_s']:.3f} s, ssh_startup {today[-1]['ready_s']:.3f} s",
+            flush=True,
+        )
+    cached_s = statistics.median(r["ready_s"] for r in cached)
+    today_s = statistics.median(r["ready_s"] for r in today)
+    return {
         "host_python": prepared["python"],
-        "load_average_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],
         "wheelhouse_mb": prepared["wheelhouse_mb"],
         "bare_to_ready_s": round(bare["ready_s"], 3),
         "bare_to_ready_cpu_s": round(bare_cpu, 2),
@@ -188,7 +370,6 @@ def main() -> None:
         "cached_runs_s": [round(r["ready_s"], 4) for r in cached],
         "ssh_startup_runs_s": [round(r["ready_s"], 4) for r in today],
     }
-    print(json.dumps(result))
 
 
 if __name__ == "__main__":

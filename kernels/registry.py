@@ -67,6 +67,7 @@ __all__ = [
     "kernel",
     "load_module",
     "lookup",
+    "module_of",
     "names",
     "prange",
     "reference",
@@ -479,6 +480,13 @@ def _unknown_message(name: object) -> str:
         "--module PATH, kernel_modules in the cluster file or Pool.builder().modules([...]), "
         "or name it 'module:kernel'"
     )
+
+
+def module_of(name: str) -> str | None:
+    """The module that registered kernel `name` here, or None if none did. Imports nothing,
+    unlike `lookup` (a ``"module:name"`` stays unknown until its module is loaded)."""
+    kdef = _KERNELS.get(name)
+    return kdef.module if kdef is not None else None
 
 
 def names() -> list[str]:

@@ -22,7 +22,7 @@ import pytest
 from batuta.core.task import Task, TaskStatus
 from batuta.protocol import messages as m
 from batuta.protocol.messages import code_digest
-from batuta.runtime.code import CodeCollector, CodeError, CodeSpec
+from batuta.runtime.code import CodeCollector, CodeError, CodeSpec, ShippedCode
 from batuta.runtime.pool import Pool
 from batuta.runtime.session import HostSession
 from tests.test_pool import agent_pids
@@ -337,3 +337,23 @@ def test_the_code_limit_is_bounded_by_what_one_frame_carries() -> None:
     for bad in bad_limits:
         with pytest.raises(UsageError, match=r"give a number of bytes from 1 to 255 MiB"):
             Pool.builder().code_limit(bad)
+
+
+def test_only_the_users_kernels_are_keyed_by_the_code_digest(project: Path, tmp_path: Path) -> None:
+    """What a journal keys by the code (ShippedCode): the user's kernels and those unknown here,
+    not built-ins, not kernels of installed modules, not binaries, and nothing without code."""
+    code = CodeCollector(CodeSpec(job_files=(project / "my_job.py",))).bundle()
+    assert code is not None
+    shipped = ShippedCode([code, code])
+    assert shipped.digest == code.digest
+    assert shipped.digest_for(Task.kernel("cs_value", 1).call) == code.digest  # registered on the hosts only
+    assert shipped.digest_for(Task.kernel("cs_kernels:cs_value", 1).call) == code.digest
+    assert shipped.digest_for(Task.kernel("noop", 1).call) == ""
+    assert shipped.digest_for(Task.kernel("json:dumps", 1).call) == ""  # the standard library's, not the user's
+    assert shipped.digest_for(Task.binary("/bin/true").call) == ""
+    assert ShippedCode([None]).digest_for(Task.kernel("cs_value", 1).call) == ""
+    write(tmp_path / "other", {"cs_other.py": "X = 2\n"})
+    other = CodeCollector(CodeSpec(modules=(tmp_path / "other" / "cs_other.py",))).bundle()
+    assert other is not None
+    both = ShippedCode([code, other, None])  # hosts naming different kernel_modules: one digest over both
+    assert both.digest not in ("", code.digest, other.digest) and both.digest == ShippedCode([other, code]).digest

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from batuta.kernels import registry
 
 from batuta import Backend, Pool, Task, TaskFailedError, TaskResult, TaskStatus
 from batuta.observers.journal import (
@@ -310,3 +313,92 @@ def test_only_kernels_registered_pure_here_are_pure() -> None:
     assert not is_pure(Task.kernel("test_raise", "x"))  # registered on the hosts only (tests.support)
     assert not is_pure(Task.kernel("no.such.module:thing"))  # unknown here: assume not
     assert not is_pure(Task.binary("/bin/true"))
+
+
+# -- the user's shipped code: an edit means new results, never stale ones ---------------------
+
+USER_KERNELS = """\
+from batuta import kernel
+
+VERSION = {version}
+
+
+@kernel("jr_place", description="10 x plus the module's version; not pure: keyed by place")
+def jr_place(x):
+    return x * 10 + VERSION
+
+
+jr_place.cpu(jr_place.reference)
+
+
+@kernel("jr_pure", description="100 x plus the module's version", pure=True)
+def jr_pure(x):
+    return x * 100 + VERSION
+
+
+jr_pure.cpu(jr_pure.reference)
+"""
+
+USER_TASKS = [
+    Task.kernel("jr_place", 1),
+    Task.kernel("jr_place", 2),
+    Task.kernel("jr_pure", 3),
+    Task.kernel("jr_place", 4, key="mine"),
+    Task.kernel("noop", 5),  # built in: its key names no code
+]
+
+
+async def run_user_kernels(module: Path, journal_dir: Path, *, resume: bool) -> list[TaskResult]:
+    """USER_TASKS on a local pool that ships `module`, journaled in `journal_dir`."""
+    journal = await Journal.open(journal_dir, job="j", resume=resume)
+    async with Pool.builder().cpu_workers(1).gpu_workers("none").modules([module]).build() as pool:
+        pool.set_result_store(JournalStore(journal, resume=resume))
+        futures = [pool.submit_nowait(task) for task in USER_TASKS]
+        results = [await future for future in futures]
+    await journal.close()
+    assert all(r.is_success() for r in results), [r.error for r in results]
+    return results
+
+
+@pytest.mark.parametrize("imported_here", [False, True], ids=["on-the-hosts-only", "imported-here-too"])
+async def test_an_edited_user_module_runs_its_tasks_again_on_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, imported_here: bool
+) -> None:
+    """Without the edit every task is restored; after it, the user's kernels' tasks run again
+    with the new code (their values change) while the built-in one is still restored."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    module = folder / "jr_kernels.py"
+    module.write_text(USER_KERNELS.format(version=1))
+    if imported_here:  # as `batuta run` does when the job imports it: registered here, jr_pure known pure
+        monkeypatch.syspath_prepend(str(folder))
+        importlib.import_module("jr_kernels")
+        assert is_pure(Task.kernel("jr_pure", 3))
+    try:
+        journal_dir = tmp_path / "journal"
+        first = await run_user_kernels(module, journal_dir, resume=False)
+        assert [r.value for r in first] == [11, 21, 301, 41, 5]
+        again = await run_user_kernels(module, journal_dir, resume=True)
+        assert [(r.value, r.restored) for r in again] == [(r.value, True) for r in first]
+
+        module.write_text(USER_KERNELS.format(version=2))
+        edited = await run_user_kernels(module, journal_dir, resume=True)
+        expected = [(12, False), (22, False), (302, False), (42, False), (5, True)]
+        assert [(r.value, r.restored) for r in edited] == expected
+        assert len({r.code for r in edited[:4]} | {first[0].code}) == 2  # ran with the new digest
+        # and journaled under the new code's keys: resuming again restores them all
+        settled = await run_user_kernels(module, journal_dir, resume=True)
+        assert [(r.value, r.restored) for r in settled] == [(r.value, True) for r in edited]
+    finally:
+        if imported_here:
+            registry.forget_modules(["jr_kernels"])
+            sys.modules.pop("jr_kernels", None)
+
+
+def test_keys_name_the_code_digest_only_when_given() -> None:
+    task = Task.kernel("jr_place", 1)
+    plain = task_key(task, "j")
+    coded = task_key(task, "j", "ab" * 32)
+    assert coded.startswith("j/jr_place@" + "ab" * 8 + "/") and coded != plain != task_key(task, "j", "cd" * 32)
+    assert task_key(Task.kernel("noop", 1, key="mine"), "j", "ab" * 32) == "mine@" + "ab" * 8
+    assert task_key(Task.kernel("noop", 1, key="mine"), "j") == "mine"

@@ -41,6 +41,14 @@ not be declared pure. Hashing reads every argument byte: for arguments of many m
 per task, setting `Task.key` saves that time (such a task is keyed by it alone: the caller
 vouches that equal keys mean equal results).
 
+**The user's code.** A task whose kernel comes from the user's code that the pool ships to
+the hosts (`batuta.runtime.code.ShippedCode`: any kernel but the built-ins, those that
+modules installed here register, and binaries) has that code's digest in its key: the
+kernel name reads `<kernel name>@<first 16 hex digits of the digest>` and the hash covers
+the whole digest; a `Task.key` becomes `<key>@<16 hex digits>`. Editing a shipped file
+makes a new digest, so those tasks run again on resume, with the new code, instead of
+being restored with the old code's results. Built-in kernels keep their keys.
+
 **What is journaled.** Succeeded results only: a task that failed, timed out or was lost
 is run again on resume. Restored results are marked `restored` and keep the host, slot,
 timings and attempts of the run that produced them.
@@ -85,6 +93,7 @@ CHECKPOINT_DIR = "checkpoints"
 _RECORD = struct.Struct("<II")  # payload length, crc32 of the payload
 _MAX_RECORD = 1 << 31
 
+CODE_CHARS = 16  # of the code digest shown in a key (the hash covers all of it)
 Place = tuple[str, int]  # (pool job, n): the n-th task submitted under pool.job(<pool job>)
 
 
@@ -95,15 +104,17 @@ class JournalError(UsageError):
 # -- keys ----------------------------------------------------------------------------------
 
 
-def task_key(task: Task, job: str) -> str:
-    """The task's journal key: `task.key`, or one derived from job, kernel and arguments."""
+def task_key(task: Task, job: str, code: str = "") -> str:
+    """The task's journal key: `task.key`, or one derived from job, kernel and arguments;
+    with `code` (the digest of the user's code its kernel comes from), that digest too."""
     if task.key is not None:
-        return task.key
+        return f"{task.key}@{code[:CODE_CHARS]}" if code else task.key
     digest = hashlib.sha256()
     call = task.call
     if isinstance(call, KernelCall):
-        what = call.name
-        _feed(digest, ("kernel", call.name, call.args, task.backend.value))
+        what = f"{call.name}@{code[:CODE_CHARS]}" if code else call.name
+        computes: tuple[Any, ...] = ("kernel", call.name, call.args, task.backend.value)
+        _feed(digest, (*computes, code) if code else computes)  # built-in kernels keep their keys
     else:
         assert isinstance(call, BinaryCall)
         what = call.path
@@ -315,9 +326,10 @@ class Journal:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def key_for(self, task: Task) -> str:
-        """The task's content key (`task_key`): `Task.key`, or from job, kernel and arguments."""
-        return task_key(task, self.job)
+    def key_for(self, task: Task, code: str = "") -> str:
+        """The task's content key (`task_key`): `Task.key`, or from job, kernel and arguments;
+        and the digest of the user's code its kernel comes from, if it does."""
+        return task_key(task, self.job, code)
 
     def get(self, key: str) -> TaskResult | None:
         """The journaled result for `key`, from the journal as it was opened."""
@@ -466,10 +478,10 @@ class JournalStore:
         self._waiting: dict[tuple[str, str], deque[int]] = {}  # places not yet recorded, by (pool job, content)
         self._warned: set[str] = set()  # pool jobs already warned about a changed task
 
-    def lookup(self, task: Task, job: str) -> TaskResult | None:
+    def lookup(self, task: Task, job: str, *, code: str = "") -> TaskResult | None:
         n = self._submitted[job]
         self._submitted[job] = n + 1
-        content = self._journal.key_for(task)
+        content = self._journal.key_for(task, code)
         if task.key is not None or is_pure(task):
             return self._journal.get(content) if self._resume else None
         if self._resume:
@@ -481,8 +493,8 @@ class JournalStore:
         self._waiting.setdefault((job, content), deque()).append(n)
         return None
 
-    def record(self, task: Task, job: str, result: TaskResult) -> None:
-        content = self._journal.key_for(task)
+    def record(self, task: Task, job: str, result: TaskResult, *, code: str = "") -> None:
+        content = self._journal.key_for(task, code)
         if task.key is not None or is_pure(task):
             self._journal.record(content, result)
             return
@@ -509,7 +521,7 @@ class JournalStore:
         self._warned.add(job)
         log.warning(
             "journal: task %d of job %r is not the one journaled there (%s, now %s): "
-            "the job changed or submits in another order, so it and other changed tasks run again",
+            "the job or its code changed, or it submits in another order, so it and other changed tasks run again",
             n,
             job,
             journaled,

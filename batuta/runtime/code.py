@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
 import importlib.machinery
 import importlib.util
 import os
@@ -44,6 +45,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from batuta.core.task import BinaryCall, KernelCall
 from batuta.errors import UsageError
 from batuta.protocol import messages as m
 
@@ -173,6 +175,35 @@ def _local_module(name: str, root: Path) -> tuple[Path, str] | None:
     if single.is_file():
         return single, top
     return None
+
+
+def _local_names(root: Path) -> frozenset[str]:
+    """The top-level module names `_local_module` can find in `root`: `name.py` files and
+    package folders."""
+    names: set[str] = set()
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return frozenset()
+    for entry in entries:
+        if entry.name.endswith(".py") and entry.name[:-3].isidentifier():
+            names.add(entry.name[:-3])
+        elif entry.name.isidentifier() and os.path.isfile(os.path.join(entry.path, "__init__.py")):
+            names.add(entry.name)
+    return frozenset(names)
+
+
+def _mentions(file: Path, names: Iterable[str]) -> bool:
+    """Whether `file`'s text contains one of `names` at all: a file that does not cannot import
+    them, and is not parsed (parsing is most of collecting a big package)."""
+    wanted = [name.encode() for name in names]
+    if not wanted:
+        return False
+    try:
+        data = file.read_bytes()
+    except OSError:
+        return False
+    return any(name in data for name in wanted)
 
 
 def _python_files(source: _Source) -> list[Path]:
@@ -395,10 +426,15 @@ class CodeCollector:
     def _close(self, sources: dict[str, _Source]) -> None:
         """Add what the sources import from their own folders, until nothing new turns up."""
         todo = list(sources.values())
+        local: dict[Path, frozenset[str]] = {}
         while todo:
             source = todo.pop()
             root = source.path.parent
+            if root not in local:
+                local[root] = _local_names(root)
             for file in _python_files(source):
+                if not _mentions(file, local[root] - sources.keys()):
+                    continue  # names no module of its folder that is not shipped yet: no need to parse it
                 for name in _scan(file)[0]:
                     found = _local_module(name, root)
                     if found is None or self._excluded(found[0], None):
@@ -452,3 +488,53 @@ class CodeCollector:
                 raise CodeError(f"cannot read {path} to ship it: {exc.strerror or exc}") from None
         modules = tuple(dict.fromkeys(load))
         return m.Code(digest=m.code_digest(files, modules), modules=modules, files=tuple(files))
+
+
+# -- which tasks run it -------------------------------------------------------------------
+
+
+class ShippedCode:
+    """The digest of what a pool ships, and which tasks' results depend on it: a job journal
+    keys those tasks by it (`ResultStore`), so that after an edit they run again instead of
+    resuming with results of the old code. One digest for the pool: every host's bundle's
+    digest, or a sha256 over them when hosts name different `kernel_modules`."""
+
+    def __init__(self, bundles: Iterable[m.Code | None] = ()) -> None:
+        digests = sorted({bundle.digest for bundle in bundles if bundle is not None})
+        if len(digests) > 1:
+            self.digest = hashlib.sha256("\0".join(digests).encode()).hexdigest()
+        else:
+            self.digest = digests[0] if digests else ""
+        self._installed: dict[str, bool] = {}  # module -> batuta's own or installed here
+
+    def digest_for(self, call: KernelCall | BinaryCall) -> str:
+        """The digest a task's result depends on: the code's for a kernel of the user's modules
+        or one not registered here (only the hosts know where it comes from: assume the user's);
+        none ("") for a binary, a built-in kernel and one that a module installed here registers."""
+        if not self.digest or not isinstance(call, KernelCall):
+            return ""
+        from batuta.kernels import registry  # imported by the pool already; no numba
+
+        module = registry.module_of(call.name) or call.name.rpartition(":")[0]  # "module:kernel" not yet loaded
+        if not module:
+            return self.digest
+        installed = self._installed.get(module)
+        if installed is None:
+            installed = self._installed[module] = _installed_module(module)
+        return "" if installed else self.digest
+
+
+def _installed_module(module: str) -> bool:
+    """Whether `module` is batuta's own or lives here in site-packages or the standard library
+    (without importing it: a "module:kernel" name is looked up where the job would find it)."""
+    if module.split(".")[0] == "batuta":
+        return True
+    loaded = sys.modules.get(module)
+    origin = getattr(loaded, "__file__", None) if loaded is not None else None
+    if origin is None:
+        try:
+            spec = importlib.machinery.PathFinder.find_spec(module.split(".")[0], sys.path)
+        except (ImportError, ValueError, OSError):
+            return False
+        origin = spec.origin if spec is not None else None
+    return origin is not None and _is_installed(Path(origin), _installed_roots())

@@ -23,12 +23,14 @@ class ResultStore(Protocol):
 
     `lookup` is asked at submission: a hit resolves the task at once without running it.
     `record` is told every succeeded result. Both run on the event loop: keep them quick
-    and hand slow I/O to a thread.
+    and hand slow I/O to a thread. `code` is the digest of the user's shipped code that the
+    task's kernel comes from (`runtime.code.ShippedCode`), "" for built-in kernels and
+    binaries: a store must key by it, so that a result of old code is never handed back.
     """
 
-    def lookup(self, task: Task, job: str) -> TaskResult | None: ...
+    def lookup(self, task: Task, job: str, *, code: str) -> TaskResult | None: ...
 
-    def record(self, task: Task, job: str, result: TaskResult) -> None: ...
+    def record(self, task: Task, job: str, result: TaskResult, *, code: str) -> None: ...
 
 
 class TaskFuture:
@@ -42,6 +44,7 @@ class TaskFuture:
     __slots__ = (
         "_callbacks",
         "_choice",
+        "_code",
         "_nbytes",
         "_object_ids",
         "_pool",
@@ -69,6 +72,7 @@ class TaskFuture:
         self._callbacks: list[Callable[[TaskFuture], None]] | None = None
         self._object_ids: tuple[int, ...] = ()  # pool.put objects its arguments name
         self._nbytes = 0  # what its arguments' arrays add to a frame (flow control)
+        self._code = ""  # the code digest its ResultStore key names (see ResultStore)
 
     def __await__(self) -> Generator[Any, None, TaskResult]:
         if self._result is None:

@@ -36,7 +36,7 @@ from batuta.protocol.errors import LocalProtocolError
 from batuta.runtime import events as pe
 from batuta.runtime import mapping, stream
 from batuta.runtime.builder import PoolBuilder, PoolConfig, local_host
-from batuta.runtime.code import CodeCollector
+from batuta.runtime.code import CodeCollector, ShippedCode
 from batuta.runtime.future import ResultStore, TaskFuture
 from batuta.runtime.hosts import HostSupervisor, telemetry_event
 from batuta.runtime.objects import ObjectTable
@@ -115,6 +115,7 @@ class Pool:
         self._restored = 0
         self._objects = ObjectTable()
         self._code_of: dict[str, str] = {}  # host -> digest of the user's code it runs
+        self._shipped = ShippedCode()  # the journal keys the user's kernels by its digest
         # Submissions of one loop turn reach the scheduler together (see `_handle`): one
         # scheduling pass and one Run per slot for a burst, instead of one each per task.
         self._submitted: list[ev.Event] = []
@@ -176,6 +177,7 @@ class Pool:
             code = collector.bundle(spec.kernel_modules)
             self._hosts.sessions[spec.name].code = code
             self._code_of[spec.name] = code.digest if code is not None else ""
+        self._shipped = ShippedCode(session.code for session in self._hosts.sessions.values())
 
     async def close(self) -> None:
         """Stop every host; tasks not yet resolved resolve as CANCELLED ("pool closed").
@@ -245,7 +247,8 @@ class Pool:
         future._nbytes = nbytes
         self._burst_bytes += nbytes
         if self._store is not None:
-            kept = self._store.lookup(task, job)
+            future._code = self._shipped.digest_for(task.call)
+            kept = self._store.lookup(task, job, code=future._code)
             if kept is not None:
                 return self._restore(future, replace(kept, task_id=task_id, job=job, restored=True))
         if isinstance(task.call, KernelCall) and task.call.args:
@@ -710,7 +713,7 @@ class Pool:
         if status is TaskStatus.SUCCEEDED:
             self._succeeded += 1
             if self._store is not None:
-                self._store.record(pending.task, pending.job, result)
+                self._store.record(pending.task, pending.job, result, code=pending._code)
         else:
             self._failed += 1
         pending._resolve(result)
