@@ -276,6 +276,7 @@ class KernelDef:
         self._min_args = code.co_argcount - len(reference.__defaults__ or ())
         self._max_args: int | None = None if varargs else code.co_argcount
         self._validator: Callable[..., tuple[Any, ...] | None] | None = None
+        self._sample: Callable[[np.random.Generator], tuple[Any, ...]] | None = None
         self._runners: dict[str, Callable[..., Any]] = {"scalar": reference}
         self._check: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = self._build_check()
 
@@ -306,6 +307,22 @@ class KernelDef:
         self._validator = fn
         self._check = self._build_check()
         return fn
+
+    def sample(self, fn: F) -> F:
+        """Attach a sample input for `batuta stack gate`: called with a seeded
+        ``numpy.random.Generator``, it returns the args of one small call. The gate runs the
+        kernel with them on every backend of every node and compares each answer with the
+        reference's on the coordinator; a kernel without a sample is skipped there."""
+        if self._sample is not None:
+            raise KernelDefinitionError(f"kernel {self.name!r} already has a sample")
+        if not callable(fn):
+            raise KernelDefinitionError(f"kernel {self.name!r}: the sample must be callable")
+        self._sample = fn
+        return fn
+
+    def sample_args(self, rng: np.random.Generator) -> tuple[Any, ...] | None:
+        """The args of the attached sample (None without one)."""
+        return None if self._sample is None else tuple(self._sample(rng))
 
     def _attach(self, backend: str, fn: F) -> F:
         if backend in self._runners:

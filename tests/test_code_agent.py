@@ -278,3 +278,44 @@ def test_a_slot_refuses_a_task_for_other_code_even_if_the_agent_let_it_through()
             os.close(fd)
     assert outcome.status is Outcome.ERROR
     assert outcome.error is not None and "but slot 2 on host h1 has code bbbbbbbbbbbb: not run" in outcome.error
+
+
+def test_module_source_digest_covers_the_source_files_and_nothing_else(tmp_path: Path) -> None:
+    """The digest `batuta stack` compares across hosts: it changes with any .py file of the
+    module (a package's submodules too), not with caches or dot files, and is "" for a module
+    that has no source there."""
+    from batuta.agent.code import module_source_digest
+
+    (tmp_path / "single.py").write_text("X = 1\n")
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "deep.py").write_text("Y = 1\n")
+    path = [str(tmp_path)]
+    single, whole = module_source_digest("single", path), module_source_digest("pkg.sub.deep", path)
+    assert len(single) == 64 and len(whole) == 64 and single != whole
+    assert module_source_digest("pkg", path) == whole  # a dotted name: its whole top-level package
+    (package / "__pycache__").mkdir()
+    (package / "__pycache__" / "x.pyc").write_bytes(b"\0")
+    (package / ".hidden.py").write_text("Z = 1\n")
+    assert module_source_digest("pkg", path) == whole
+    (package / "sub" / "deep.py").write_text("Y = 2\n")
+    assert module_source_digest("pkg", path) != whole
+    (tmp_path / "single.py").write_text("X = 2\n")
+    assert module_source_digest("single", path) != single
+    assert module_source_digest("absent_module", path) == ""
+    assert module_source_digest("sys", path) == ""  # built in: no source to compare
+
+
+async def test_the_hello_names_each_kernel_modules_source_digest(start_agent: StartAgent, tmp_path: Path) -> None:
+    from batuta.agent.code import module_source_digest
+
+    (tmp_path / "hostkernels.py").write_text("X = 1\n")
+    agent = await start_agent(
+        "--slots", "0", "--gpus", "none", "--kernel-module", "hostkernels", "--kernel-module", "not_here",
+        env={"PYTHONPATH": str(tmp_path)},
+    )  # fmt: skip
+    assert agent.hello is not None
+    assert agent.hello.modules == {"hostkernels": module_source_digest("hostkernels", [str(tmp_path)]), "not_here": ""}
+    assert agent.hello.modules["hostkernels"]

@@ -78,7 +78,7 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("unknown tag", raw_frame([99, "x"]), "unknown message tag 99"),
     ("bool tag", raw_frame([True, "x"]), "message tag must be an int, got bool True"),
     ("str tag", raw_frame(["Bye", "x"]), "message tag must be an int"),
-    ("too few fields", raw_frame([TAGS[Hello], 1, "v"]), "Hello needs 9 fields, got 2"),
+    ("too few fields", raw_frame([TAGS[Hello], 1, "v"]), "Hello needs 9 or 10 fields, got 2"),
     ("too many fields", raw_frame([TAGS[Bye], "", ""]), "Bye needs 1 fields, got 2"),
     ("bad utf-8", raw_frame(None, packed=b"\x92\x0c\xa2\xff\xfe"), "not UTF-8"),
     (
@@ -295,6 +295,7 @@ def _code_frame(files: list[Any], modules: list[Any] | None = None, digest: Any 
 
 
 _SRC = [["mykernels.py", b"X = 1\n"]]
+_HELLO = [TAGS[Hello], 4, "0.1.0", "3.11.7", "h", 1, 1, [], [], {"numpy": "2"}]  # an agent before protocol 4
 MALFORMED += [
     ("code absolute path", _code_frame([["/etc/passwd", b"x"]]), "Code.files[0].path: expected a relative"),
     ("code dotdot", _code_frame([["a/../../x.py", b"x"]]), "Code.files[0].path: expected a path without"),
@@ -327,7 +328,23 @@ MALFORMED += [
     ("task bad code", raw_frame(run_wire([1, 0, 1, [0, "k", []], None, "cpu", "x"])), "Run.tasks[0].code"),
     ("task code not str", raw_frame(run_wire([1, 0, 1, [0, "k", []], None, "cpu", None])), "Run.tasks[0].code"),
     ("task short", raw_frame(run_wire([1, 0, 1, [0, "k", []], None, "cpu"])), "TaskRequest needs 7 fields, got 6"),
+    ("hello long", raw_frame([*_HELLO, {}, 1]), "Hello needs 9 or 10 fields, got 11"),
+    ("hello modules not map", raw_frame([*_HELLO, []]), "Hello.modules: expected a map of str to str"),
+    ("hello module digest", raw_frame([*_HELLO, {"m": "abc"}]), "Hello.modules['m']: expected a sha256 digest"),
+    ("hello module not str", raw_frame([*_HELLO, {"m": 5}]), "Hello.modules['m']: expected a str, got int 5"),
+    ("hello module name", raw_frame([*_HELLO, {"my-mod": ""}]), "Hello.modules['my-mod']: expected a dotted module"),
+    ("hello module key", raw_frame([*_HELLO, {b"m": ""}]), "Hello.modules: expected str keys, got key bytes"),
+    ("hello many modules", raw_frame([*_HELLO, {f"m{i}": "" for i in range(1001)}]), "at most 1000 modules"),
 ]
+
+
+def test_hello_without_modules_is_read_as_empty() -> None:
+    """An agent before protocol 4 sends no Hello.modules: its Hello is still read (so the
+    coordinator can tell it that its batuta differs), with no module digests."""
+    decoder = FrameDecoder()
+    decoder.feed(raw_frame(_HELLO))
+    hello = decoder.next_message()
+    assert isinstance(hello, Hello) and hello.modules == {} and hello.packages == {"numpy": "2"}
 
 
 def _oob_frame(exts: list[msgpack.ExtType], region: bytes, *, body_len_delta: int = 0) -> bytes:

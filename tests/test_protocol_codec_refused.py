@@ -192,6 +192,19 @@ def test_bad_message_level_fields_on_send() -> None:
         (_code("x.py", digest="0" * 64), "Code.digest: does not match the files and modules"),
         (CodeLoaded(digest="nope"), "CodeLoaded.digest: expected a sha256 digest"),
         (
+            Hello(
+                protocol=1,
+                batuta_version="",
+                python_version="",
+                hostname="",
+                pid=1,
+                cpu_count=1,
+                slots=(),
+                modules={"mykernels": "ABC"},
+            ),
+            "Hello.modules['mykernels']: expected a sha256 digest (64 lowercase hex digits) or \"\"",
+        ),
+        (
             Run(tasks=(TaskRequest(task_id=1, slot=0, attempt=1, call=KernelCall(name="k"), code="abc"),)),
             'Run.tasks[0].code: expected a sha256 digest (64 lowercase hex digits) or ""',
         ),

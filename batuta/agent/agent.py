@@ -45,7 +45,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from batuta._version import __version__
-from batuta.agent.code import CodeLoader, stale_error
+from batuta.agent.code import CodeLoader, module_source_digest, stale_error
 from batuta.agent.execute import print_error
 from batuta.agent.options import AgentOptions
 from batuta.agent.spawn import SlotProcess, preload_for_fork, spawn_mode
@@ -438,6 +438,7 @@ class Agent:
             slots=tuple(slots),
             gpus=self._gpus,
             packages=package_versions(),
+            modules={name: module_source_digest(name) for name in self._options.kernel_modules},
         )
 
     def _fail(self, message: str, *, send_error: bool) -> None:

@@ -25,7 +25,9 @@ task names the digest it must run with; a slot with another digest refuses it (`
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
+import importlib.machinery
 import os
 import shutil
 import sys
@@ -78,6 +80,46 @@ class SlotCode:
         for module in self.modules:
             argv += ["--code-module", module]
         return argv
+
+
+def module_source_digest(name: str, search_path: list[str] | None = None) -> str:
+    """sha256 of the source of module `name` as `search_path` (default: `sys.path`) finds it,
+    without importing anything: for a dotted name, of its whole top-level package, as the
+    coordinator ships one. Hashed: the `.py` files (outside `__pycache__` and dot folders),
+    each as its path relative to the module's folder and the sha256 of its bytes, sorted.
+    "" when no source is found (not there, built in, or compiled only). The agent reports it
+    for each `--kernel-module` in its Hello, and `batuta stack` computes the coordinator's own
+    with this same function, so the two compare."""
+    top = name.split(".")[0]
+    try:
+        spec = importlib.machinery.PathFinder.find_spec(top, search_path)
+    except (ImportError, ValueError, OSError):
+        return ""
+    if spec is None:
+        return ""
+    files: list[tuple[str, Path]] = []
+    if spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            root = Path(location)
+            for folder, dirnames, filenames in os.walk(root):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
+                for filename in filenames:
+                    if filename.endswith(".py") and not filename.startswith("."):
+                        path = Path(folder) / filename
+                        files.append((path.relative_to(root).as_posix(), path))
+    elif spec.origin and spec.origin.endswith(".py"):
+        files.append((os.path.basename(spec.origin), Path(spec.origin)))
+    if not files:
+        return ""
+    outer = hashlib.sha256(b"batuta-module-1\0")
+    try:
+        for relative, path in sorted(files):
+            outer.update(
+                relative.encode("utf-8", "surrogateescape") + b"\0" + hashlib.sha256(path.read_bytes()).digest()
+            )
+    except OSError:
+        return ""
+    return outer.hexdigest()
 
 
 def short_digest(digest: str) -> str:

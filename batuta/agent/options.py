@@ -15,6 +15,9 @@ from typing import NoReturn
 
 from batuta.core.task import MAX_SLOTS
 from batuta.errors import UsageError
+from batuta.protocol._fields import MAX_MODULE_CHARS
+
+MAX_KERNEL_MODULES = 1_000  # the protocol's MAX_CODE_MODULES: Hello.modules holds one digest each
 
 PROG = "batuta agent"
 
@@ -105,8 +108,10 @@ def parse_args(argv: list[str]) -> AgentOptions:
     if slots > MAX_SLOTS:
         raise UsageError(f"--slots {slots}: at most {MAX_SLOTS} slots per agent")
     for module in namespace.kernel_module:
-        if not module or not all(part.isidentifier() for part in module.split(".")):
+        if not module or len(module) > MAX_MODULE_CHARS or not all(part.isidentifier() for part in module.split(".")):
             raise UsageError(f"--kernel-module {module!r}: expected a dotted module name")
+    if len(namespace.kernel_module) > MAX_KERNEL_MODULES:  # each one's digest goes in the Hello
+        raise UsageError(f"--kernel-module: at most {MAX_KERNEL_MODULES} modules")
     if namespace.name is not None and not namespace.name.strip():
         raise UsageError("--name: expected a non-empty host name")
     return AgentOptions(

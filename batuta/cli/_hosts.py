@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from batuta._version import __version__
@@ -333,6 +334,14 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
             metavar="LEVEL",
             help="log to stderr from this level (default: error; findings already say what is wrong)",
         )
+        sub.add_argument(
+            "--module",
+            action="append",
+            default=[],
+            metavar="PATH",
+            help="ship this .py file or package folder to every node and import it there, as `batuta run` does "
+            "(repeatable); `gate` also checks its kernels that have a sample",
+        )
         if action == "versions":
             continue
         sub.add_argument("--strict", action="store_true", help="warnings fail too (exit 1)")
@@ -367,6 +376,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
         strict=getattr(args, "strict", False),
         min_free_disk_gb=getattr(args, "min_disk_gb", None),
         min_free_memory_gb=getattr(args, "min_memory_gb", None),
+        modules=tuple(Path(path) for path in args.module),
     )
     logging_setup = configure(level=args.log_level, fmt="text", stream=sys.stderr)
     try:

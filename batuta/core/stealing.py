@@ -27,6 +27,7 @@ from batuta.core.placement import Place, SlotRecord, SlotState, TaskEntry
 if TYPE_CHECKING:
     from batuta.core.scheduler import Scheduler
 
+
 def steal_from_deque(scheduler: Scheduler, thief: SlotRecord) -> TaskEntry | None:
     """Take the oldest task `thief` can run from a random victim's deque, if any holds one."""
     caps = thief.capabilities
@@ -60,11 +61,7 @@ def try_steal_back(scheduler: Scheduler, thief: SlotRecord) -> None:
         stealable = [
             e
             for e in victim.window.values()
-            if not e.started
-            and not e.resolved
-            and not e.steal_pending
-            and not e.steal_refused
-            and e.requires <= caps
+            if not e.started and not e.resolved and not e.steal_pending and not e.steal_refused and e.requires <= caps
         ]
         # An idle victim would start its only task itself; taking it just moves the wait.
         busy = len(stealable) < len(victim.window)

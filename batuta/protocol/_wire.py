@@ -186,6 +186,7 @@ def _enc_hello(m: Hello, oob: OobWriter) -> list[Any]:
         records(_enc_slot_info, m.slots, ".slots"),
         records(_enc_gpu_info, m.gpus, ".gpus"),
         str_map(m.packages, ".packages"),
+        _module_digests(m.modules, ".modules"),
     ]
 
 
@@ -242,6 +243,17 @@ def _enc_code(m: Code, oob: OobWriter) -> list[Any]:
 
 def _enc_code_loaded(m: CodeLoaded, oob: OobWriter) -> list[Any]:
     return [TAGS[CodeLoaded], digest(m.digest, ".digest"), _code_errors(m.errors, ".errors")]
+
+
+def _module_digests(x: Any, field: str) -> dict[str, str]:
+    """Hello.modules: at most MAX_CODE_MODULES module names, each to a sha256 digest or ""."""
+    digests = str_map(x, field)
+    if len(digests) > MAX_CODE_MODULES:
+        raise Invalid(field, f"at most {MAX_CODE_MODULES} modules, got {len(digests)}")
+    for key, value in digests.items():
+        module_name(key, f"{field}[{key!r}]")
+        digest(value, f"{field}[{key!r}]", empty=True)
+    return digests
 
 
 def _code_errors(x: Any, field: str) -> dict[str, str]:
@@ -430,7 +442,7 @@ def _dec_gpu_info(w: Any) -> GpuInfo:
 
 
 def _dec_hello(w: list[Any]) -> Hello:
-    _, protocol, batuta_version, python_version, hostname, pid, cpu_count, slots, gpus, pkgs = w
+    _, protocol, batuta_version, python_version, hostname, pid, cpu_count, slots, gpus, pkgs, *rest = w
     return Hello(
         protocol=uint(protocol, ".protocol"),
         batuta_version=str_(batuta_version, ".batuta_version"),
@@ -441,6 +453,7 @@ def _dec_hello(w: list[Any]) -> Hello:
         slots=tuple(records(_dec_slot_info, slots, ".slots")),
         gpus=tuple(records(_dec_gpu_info, gpus, ".gpus")),
         packages=str_map(pkgs, ".packages"),
+        modules=_module_digests(rest[0], ".modules") if rest else {},
     )
 
 
@@ -637,10 +650,15 @@ _DECODER_FNS: list[tuple[type, Callable[[list[Any]], Message]]] = [
     (Bye, _dec_bye),
     (Error, _dec_error),
 ]
-_DECODERS: dict[int, tuple[type, int, Callable[[list[Any]], Message]]] = {
-    TAGS[cls]: (cls, len(dataclasses.fields(cls)), fn) for cls, fn in _DECODER_FNS
+_OPTIONAL_TRAILING: dict[type, int] = {Hello: 1}
+"""Trailing fields an older agent leaves out: Hello.modules (protocol 4). A Hello is read from
+any agent, so that the coordinator can tell one of another batuta version what to do."""
+
+_DECODERS: dict[int, tuple[type, int, int, Callable[[list[Any]], Message]]] = {
+    TAGS[cls]: (cls, len(dataclasses.fields(cls)) - _OPTIONAL_TRAILING.get(cls, 0), len(dataclasses.fields(cls)), fn)
+    for cls, fn in _DECODER_FNS
 }
-"""tag -> (message class, field count, decoder)."""
+"""tag -> (message class, fewest fields, most fields, decoder)."""
 
 
 def to_wire(msg: Message, oob: OobWriter) -> list[Any]:
@@ -664,9 +682,10 @@ def from_wire(w: Any) -> Message:
         if type(tag) is int:
             raise RemoteProtocolError(f"unknown message tag {tag}")
         raise RemoteProtocolError(f"message tag must be an int, got {describe(tag)}")
-    cls, count, decoder = entry
-    if len(w) != count + 1:
-        raise RemoteProtocolError(f"{cls.__name__} needs {count} fields, got {len(w) - 1}")
+    cls, fewest, most, decoder = entry
+    if not fewest + 1 <= len(w) <= most + 1:
+        needs = f"{most}" if fewest == most else f"{fewest} or {most}"
+        raise RemoteProtocolError(f"{cls.__name__} needs {needs} fields, got {len(w) - 1}")
     try:
         return decoder(w)
     except Invalid as exc:

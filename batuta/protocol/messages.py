@@ -19,7 +19,7 @@ from typing import Any
 
 from batuta.core.task import BinaryCall, KernelCall, Outcome
 
-PROTOCOL_VERSION = 3  # 2: Put, Drop and object references; 3: Code, CodeLoaded, TaskRequest.code
+PROTOCOL_VERSION = 4  # 2: Put, Drop and object references; 3: Code, CodeLoaded, TaskRequest.code; 4: Hello.modules
 
 
 # -- handshake ------------------------------------------------------------------------------
@@ -58,6 +58,10 @@ class Hello:
     slots: tuple[SlotInfo, ...]
     gpus: tuple[GpuInfo, ...] = ()
     packages: dict[str, str] = field(default_factory=dict)  # name -> version, for `stack versions`
+    modules: dict[str, str] = field(default_factory=dict)
+    """Each `--kernel-module` -> sha256 of its source files as this host's import path finds
+    them (`agent.code.module_source_digest`), "" where it finds none: `batuta stack` compares
+    them across hosts. Absent from the Hello of agents before protocol 4 (read as empty)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

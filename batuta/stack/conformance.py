@@ -5,7 +5,9 @@ elements big (small enough for numba's CUDA simulator, big enough to cross a blo
 and a comparison. The reference result is computed on the coordinator, so a node whose
 NumPy, numba or GPU disagrees with it shows up, on the "scalar" backend (the node's NumPy)
 as well as "cpu" (numba) and "gpu" (numba-cuda). GPU backends are skipped on nodes without
-GPU slots, and kernels without a sample (user kernels) are skipped, both saying so.
+GPU slots, and kernels without a sample are skipped, both saying so. A user's kernel gives
+its sample with ``@<kernel>.sample`` (`kernels/registry.py`): a function of a seeded NumPy
+generator that returns the args of one small call.
 
 Tolerances: integer results must be equal; floating-point results within a relative 1e-6
 (summation order differs between backends; the inputs are float64); `mc_pi`, whose backends
@@ -168,11 +170,17 @@ _BUILDERS: dict[str, Callable[[np.random.Generator], Sample]] = {
 
 
 def sample(name: str) -> Sample | None:
-    """The seeded sample of kernel `name` (the same on every call), or None if it has none."""
+    """The seeded sample of kernel `name` (the same on every call), or None if it has none:
+    a built-in's from `_BUILDERS`, a user kernel's from its ``@<kernel>.sample`` function.
+    Raises what that function raised."""
+    rng = np.random.default_rng(_SEED + zlib.crc32(name.encode()))
     build = _BUILDERS.get(name)
-    if build is None:
-        return None
-    return build(np.random.default_rng(_SEED + zlib.crc32(name.encode())))
+    if build is not None:
+        return build(rng)
+    from batuta.kernels import registry
+
+    args = registry.lookup(name).sample_args(rng)
+    return Sample(args) if args is not None else None
 
 
 def kernels_to_check() -> list[tuple[str, tuple[str, ...]]]:
@@ -201,13 +209,18 @@ async def run_conformance(session: NodeSession, *, timeout: float) -> list[Kerne
     results: list[KernelResult] = []
     planned: list[_Planned] = []
     for name, backends in kernels_to_check():
-        found = sample(name)
-        if found is None:
+        try:
+            found = sample(name)
+        except Exception as exc:  # the user's sample function failed: say so, run nothing
+            detail = f"its sample failed on the coordinator: {type(exc).__name__}: {exc}"
             results.extend(
-                KernelResult(
-                    node=node, kernel=name, backend=b, status="skip", detail="no sample inputs for this kernel"
-                )
-                for b in backends
+                KernelResult(node=node, kernel=name, backend=b, status="error", detail=detail) for b in backends
+            )
+            continue
+        if found is None:
+            detail = "no sample inputs (a function of a seeded rng returning its args, decorated @<kernel>.sample)"
+            results.extend(
+                KernelResult(node=node, kernel=name, backend=b, status="skip", detail=detail) for b in backends
             )
             continue
         try:

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from batuta._version import __version__
@@ -101,9 +102,11 @@ def embedded_targets() -> list[NodeTarget]:
     return [NodeTarget(name="local", role=ROLE_LOCAL, spec=spec)]
 
 
-def stack_pool_config(base: PoolConfig, timeout: float) -> PoolConfig:
-    """`base` (the cluster's [pool]) for a short-lived check: no relaunches, bounded start."""
-    return replace(base, max_relaunches=0, start_timeout=min(base.start_timeout, timeout))
+def stack_pool_config(base: PoolConfig, timeout: float, modules: tuple[Path, ...] = ()) -> PoolConfig:
+    """`base` (the cluster's [pool]) for a short-lived check: no relaunches, bounded start;
+    `modules` (`--module PATH`) ship to every node as they do for `batuta run`."""
+    code = replace(base.code, modules=tuple(modules))
+    return replace(base, max_relaunches=0, start_timeout=min(base.start_timeout, timeout), code=code)
 
 
 # -- one node's session -------------------------------------------------------------------
@@ -116,11 +119,20 @@ class _NodePool(Pool):
         super().__init__([spec], config)
         self.hello: m.Hello | None = None
         self.where = ""
+        self.code_sent: m.Code | None = None  # the user's code sent after Welcome (None: nothing shipped)
+        self.code_loaded: m.CodeLoaded | None = None  # the agent's answer to it
 
     def host_ready(self, session: HostSession) -> None:
         self.hello = session.hello
         self.where = session.description
+        self.code_sent = session.code
         super().host_ready(session)
+
+    def host_messages(self, session: HostSession, messages: list[m.Message]) -> None:
+        for message in messages:  # the agent answers Code before any task's result
+            if isinstance(message, m.CodeLoaded):
+                self.code_loaded = message
+        super().host_messages(session, messages)
 
 
 @dataclass(eq=False)
@@ -133,6 +145,14 @@ class NodeSession:
     ready_s: float  # from launch to the agent's Hello
     connect_s: float | None  # of that, until the stream was open (SSH connected, command started)
     where: str
+
+    @property
+    def code_sent(self) -> m.Code | None:
+        return self.pool.code_sent
+
+    @property
+    def code_loaded(self) -> m.CodeLoaded | None:
+        return self.pool.code_loaded
 
     @property
     def gpu_slots(self) -> int:

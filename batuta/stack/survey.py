@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from batuta.errors import BatutaError
+from batuta.protocol import messages as m
 from batuta.runtime.cluster import ClusterConfig
 from batuta.runtime.pool import PoolConfig
 from batuta.stack.check import (
@@ -25,6 +27,15 @@ from batuta.stack.check import (
     Thresholds,
     check_findings,
     gather_facts,
+)
+from batuta.stack.code import (
+    CodePlan,
+    code_findings,
+    coordinator_import_findings,
+    import_on_coordinator,
+    module_findings,
+    node_versions,
+    plan_code,
 )
 from batuta.stack.conformance import run_conformance
 from batuta.stack.gate import conformance_findings, effective_policy, policy_findings
@@ -54,6 +65,7 @@ class StackOptions:
     strict: bool = False  # warnings fail `check` and `gate` too
     min_free_disk_gb: float | None = None
     min_free_memory_gb: float | None = None
+    modules: tuple[Path, ...] = ()  # --module PATH: shipped to every node, as `batuta run` does
 
 
 def thresholds_for(cluster: ClusterConfig | None, options: StackOptions) -> Thresholds:
@@ -84,11 +96,14 @@ async def survey(command: str, cluster: ClusterConfig | None, *, source: str, op
     if command not in COMMANDS:
         raise ValueError(f"command must be one of {', '.join(COMMANDS)}, not {command!r}")
     targets = cluster_targets(cluster) if cluster is not None else embedded_targets()
-    config = stack_pool_config(cluster.pool if cluster is not None else PoolConfig(), options.timeout)
-    ours = coordinator_versions()
+    config = stack_pool_config(cluster.pool if cluster is not None else PoolConfig(), options.timeout, options.modules)
+    plan = plan_code(config.code, targets)  # a bad --module is a usage error before any node starts
+    import_errors = import_on_coordinator(plan, config.code) if command == "gate" else {}
+    ours = coordinator_versions() | plan.coordinator_versions()
     coordinator = NodeReport(name=COORDINATOR, role=COORDINATOR, reachable=True, where=platform.node(), versions=ours)
     policy = effective_policy(cluster.policy if cluster is not None else None) if command == "gate" else {}
     thresholds = thresholds_for(cluster, options)
+    hellos: dict[str, m.Hello] = {}
     with keep_agent_stderr([t.name for t in targets]) as stderr:
         nodes = await asyncio.gather(
             *(
@@ -101,16 +116,32 @@ async def survey(command: str, cluster: ClusterConfig | None, *, source: str, op
                     thresholds=thresholds,
                     timeout=options.timeout,
                     stderr=stderr[target.name],
+                    plan=plan,
+                    hellos=hellos,
                 )
                 for target in targets
             )
         )
+    by_module = module_findings(plan, hellos)  # a copy is odd only next to the others
+    nodes = [
+        replace(
+            node,
+            findings=(
+                *node.findings,
+                *by_module.get(node.name, ()),
+                *coordinator_import_findings(node.name, import_errors),  # gate only: empty otherwise
+            ),
+        )
+        if node.reachable
+        else node
+        for node in nodes
+    ]
     return StackReport(
         command=command,
         source=source,
         coordinator=coordinator,
         nodes=tuple(nodes),
-        components=COMPONENTS,
+        components=COMPONENTS + plan.rows,
         policy=policy,
         strict=options.strict,
     )
@@ -126,6 +157,8 @@ async def _survey_node(
     thresholds: Thresholds,
     timeout: float,
     stderr: list[str],
+    plan: CodePlan,
+    hellos: dict[str, m.Hello],
 ) -> NodeReport:
     try:
         return await _survey_reachable(
@@ -137,6 +170,8 @@ async def _survey_node(
             thresholds=thresholds,
             timeout=timeout,
             stderr=stderr,
+            plan=plan,
+            hellos=hellos,
         )
     except Exception as exc:  # a bug here must cost one node's report, not the command
         log.exception("stack %s: node %s", command, target.name)
@@ -162,6 +197,8 @@ async def _survey_reachable(
     thresholds: Thresholds,
     timeout: float,
     stderr: list[str],
+    plan: CodePlan,
+    hellos: dict[str, m.Hello],
 ) -> NodeReport:
     try:
         session = await open_node(target, config)
@@ -181,10 +218,13 @@ async def _survey_reachable(
         if facts.info is not None:  # drivers: from the Hello where the agent reports them, else NVML there
             for component, value in driver_versions(facts.info.get("nvml")).items():
                 versions[component] = versions.get(component) or value
+        versions.update(node_versions(plan, target.name, session.code_loaded, session.hello))
+        hellos[target.name] = session.hello
         findings: list[Finding] = []
         kernels: tuple[KernelResult, ...] = ()
         if command != "versions":
             findings += check_findings(session, facts, coordinator, thresholds)
+        findings += code_findings(target.name, session.code_sent, session.code_loaded)
         if command == "gate":
             findings += policy_findings(target.name, versions, coordinator, policy)
             results = await run_conformance(session, timeout=timeout)

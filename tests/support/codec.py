@@ -87,6 +87,7 @@ def sample_messages() -> list[Message]:
             ),
             gpus=(GpuInfo(index=0, name="NVIDIA H100", uuid="GPU-1234", memory_total=80 << 30, compute_units=132),),
             packages={"numpy": "2.4.6", "numba": "0.61.0"},
+            modules={"hostkernels": "ab" * 32, "site_pkg.sub": ""},
         ),
         Hello(
             protocol=PROTOCOL_VERSION,
