@@ -22,6 +22,7 @@ from batuta.protocol import messages as m
 from batuta.runtime import events as pe
 from batuta.runtime.session import HostSession, HostSpec, SendBudget
 from batuta.runtime.views import HostView
+from batuta.runtime.wakeup import WakeupTimer
 
 log = logging.getLogger("batuta.runtime.hosts")
 
@@ -66,8 +67,7 @@ class HostSupervisor:
             for spec in specs
         }
         self._launches: dict[str, asyncio.Task[None]] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer = WakeupTimer(lambda: self._handle(lv.ClockTicked()))
         self._closed = False
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -96,9 +96,7 @@ class HostSupervisor:
         """Stop liveness and every session (Shutdown, EOF, then the transport's escalation)."""
         self._closed = True
         self._liveness.handle(lv.PoolClosed(), self._clock())
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.close()
         launches = list(self._launches.values())
         for task in launches:
             task.cancel()
@@ -153,7 +151,7 @@ class HostSupervisor:
 
     def _handle(self, event: lv.Event) -> None:
         self._execute(self._liveness.handle(event, self._clock()))
-        self._arm_timer()
+        self._timer.arm(self._liveness.next_wakeup())
 
     def _execute(self, instructions: list[lv.Instruction]) -> None:
         for ins in instructions:
@@ -190,23 +188,6 @@ class HostSupervisor:
         if retryable:  # observers hear why (a retired host is announced by Retire instead)
             self._pool.host_state_changed(session.name, "unreachable", str(exc) or repr(exc))
         self._handle(lv.LaunchFailed(host_id=session.name, reason=str(exc) or repr(exc), retryable=retryable))
-
-    def _arm_timer(self) -> None:
-        wake = self._liveness.next_wakeup()
-        if wake == self._timer_at:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_at = wake
-        if wake is not None and not self._closed:
-            self._timer = asyncio.get_running_loop().call_at(wake, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        if not self._closed:
-            self._handle(lv.ClockTicked())
 
 
 def telemetry_event(session: HostSession, hb: m.Heartbeat, now: float) -> pe.HostTelemetry:

@@ -42,6 +42,7 @@ from batuta.runtime.hosts import HostSupervisor, telemetry_event
 from batuta.runtime.objects import ObjectTable
 from batuta.runtime.session import HostSession, HostSpec, SendBudget
 from batuta.runtime.views import HostView, PoolStats, SlotView
+from batuta.runtime.wakeup import WakeupTimer
 
 __all__ = ["Pool", "PoolBuilder", "PoolConfig", "ResultStore", "TaskFuture", "local_host"]
 
@@ -103,8 +104,7 @@ class Pool:
         self._pending: dict[int, TaskFuture] = {}
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer = WakeupTimer(lambda: self._handle([ev.TimerFired()]))
         self._space = asyncio.Event()
         self._started = False
         self._closed = False
@@ -188,9 +188,7 @@ class Pool:
         if self._closed:
             return
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.close()
         self._handle([ev.ShutdownRequested(reason="pool closed before the task finished")])
         self._space.set()
         await self._hosts.close()
@@ -610,7 +608,8 @@ class Pool:
                 self.host_state_changed(ins.host_id, "drained", "no work left")
         if resolved and not self._space.is_set() and self._scheduler.can_accept() and not self._over_budget():
             self._space.set()
-        self._arm_timer()
+        if self._loop is not None:
+            self._timer.arm(self._scheduler.next_wakeup())
 
     def _send_tasks(self, ins: ev.SendTasks) -> None:
         """One Run per slot and turn; cut where its arrays reach the session's high-water mark,
@@ -774,20 +773,3 @@ class Pool:
             if view is not None and view.state in ("lost", "retired"):
                 return [ev.SlotJoined(slot_id=slot_id, host_id=session.name, capabilities=view.capabilities)]
         return []
-
-    def _arm_timer(self) -> None:
-        wake = self._scheduler.next_wakeup()
-        if wake == self._timer_at:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_at = wake
-        if wake is not None and self._loop is not None and not self._closed:
-            self._timer = self._loop.call_at(wake, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        if not self._closed:
-            self._handle([ev.TimerFired()])
