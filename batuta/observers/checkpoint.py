@@ -270,11 +270,12 @@ def write_checkpoint(path: Path, name: str, state: dict[str, Any]) -> int:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return size + _DIGEST_BYTES
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in `directory` durable (the folder's own entry)."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -438,7 +439,7 @@ class CheckpointManager:
                 removed.append(info.name)
         self._remove_orphaned_temporaries()
         if removed:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             log.info("removed %d checkpoint(s) from %s", len(removed), self.directory)
         return removed
 

@@ -83,7 +83,7 @@ from batuta.core.objects import ObjectRef
 from batuta.core.task import Backend, BinaryCall, KernelCall, Task, TaskResult, TaskStatus
 from batuta.errors import UsageError
 from batuta.observers.checkpoint import SUFFIX as CHECKPOINT_SUFFIX
-from batuta.observers.checkpoint import CheckpointError, CheckpointManager, decode_tree, encode_tree
+from batuta.observers.checkpoint import CheckpointError, CheckpointManager, decode_tree, encode_tree, fsync_dir
 
 log = logging.getLogger("batuta.observers.journal")
 
@@ -429,16 +429,8 @@ def _open_sync(folder: Path, resume: bool) -> tuple[dict[str, TaskResult], dict[
             os.fsync(f.fileno())
         os.replace(tmp, path)
     file = open(path, "ab")  # noqa: SIM115 - lives as long as the journal
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return entries, places, file
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _discard_checkpoints(manager: CheckpointManager) -> None:
