@@ -552,12 +552,16 @@ class Pool:
         elif self.events.active:
             self.events.publish(pe.HostDown(host=host, reason=reason, at=self._now()))
         self._handle([ev.HostLost(host_id=host, reason=reason, retired=retired)])
+        self._wake_submitters()  # its unread bytes left the send budget with it
 
     def host_state_changed(self, host: str, state: str, reason: str) -> None:
         if self.events.active:
             self.events.publish(pe.HostStateChanged(host=host, state=state, reason=reason, at=self._now()))
 
     def host_writable(self, session: HostSession) -> None:
+        self._wake_submitters()
+
+    def _wake_submitters(self) -> None:
         if not self._over_budget() and not self._space.is_set() and self._scheduler.can_accept():
             self._space.set()
 
