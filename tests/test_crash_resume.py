@@ -78,6 +78,9 @@ def kill_when(proc: subprocess.Popen[str], condition: Callable[[dict[str, Any]],
                 assert proc.poll() is None, "the job ended before it could be interrupted"
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(timeout=10)
+                for rest in proc.stderr:  # what it logged before it died: the condition keeps count
+                    if rest.startswith('{"ts"'):
+                        condition(json.loads(rest))
                 return descendants
         raise AssertionError(f"the run ended (exit {proc.wait()}) before the kill condition was met")
     finally:
@@ -110,7 +113,8 @@ def test_kill_9_mid_kmeans_then_resume_gives_identical_centroids(tmp_path: Path)
         first = CheckpointManager(journal / "checkpoints", create=False).list()[0]
         return len(state_of(journal, first.name)["params"]["bounds"])
 
-    descendants = kill_when(killed, MidIteration(chunks_per_iteration))
+    mid_iteration = MidIteration(chunks_per_iteration)
+    descendants = kill_when(killed, mid_iteration)
     assert killed.returncode == -signal.SIGKILL
     assert descendants, "the coordinator had no agent to orphan"
     _gone, alive = psutil.wait_procs(descendants, timeout=15)
@@ -131,7 +135,11 @@ def test_kill_9_mid_kmeans_then_resume_gives_identical_centroids(tmp_path: Path)
     assert reference["ok"] and resumed["ok"], "the job checks itself against a single-process reference"
     assert without_timing(resumed["result"]) == without_timing(reference["result"])
     restored = restored_count(records)
-    assert restored >= 1, "results journaled after the last checkpoint were not reused"
+    # Results synced past the last checkpoint on disk (the kill can land after one more
+    # checkpoint than the condition saw: then there may be none to reuse).
+    durable_after = mid_iteration.synced - resume_at * chunks
+    if durable_after > 0:
+        assert restored >= 1, f"{durable_after} results journaled after the last checkpoint were not reused"
     assert resumed["restored"] == restored
     # every task from the checkpoint on was submitted again; the journaled ones did not run
     assert resumed["tasks"] == (ITERATIONS - resume_at) * chunks
