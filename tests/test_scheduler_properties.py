@@ -42,9 +42,13 @@ actions = st.one_of(
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
-@given(st.lists(actions, max_size=120), st.integers(0, 3))
-def test_random_interleavings_never_lose_or_duplicate(steps: list[tuple], seed: int) -> None:
-    config = SchedulerConfig(initial_window=2, min_window=1, max_window=4, timeout_grace=1.0, story_length=500)
+@given(st.lists(actions, max_size=120), st.integers(0, 3), st.sampled_from([16, 1, 2]))
+def test_random_interleavings_never_lose_or_duplicate(steps: list[tuple], seed: int, probes: int) -> None:
+    # probes 16: thieves look at all 4 slots; 1 and 2: they draw victims from the samples, as
+    # in a cluster larger than `steal_probes`
+    config = SchedulerConfig(
+        initial_window=2, min_window=1, max_window=4, timeout_grace=1.0, story_length=500, steal_probes=probes
+    )
     sim = Sim(Scheduler(config, seed=seed))
     for slot_id, caps in SLOTS.items():
         sim.add_slot(slot_id, host_id=f"host-{slot_id}", caps=caps)

@@ -40,6 +40,13 @@ def validate(scheduler: Scheduler) -> None:
                     _violation(scheduler, entry, "resolved but queued in the injector")
         if live != klass.live:
             raise InvariantViolation(f"class {sorted(klass.requires)} counts {klass.live} live, has {live}")
+        eligible = sum(
+            1 for s in scheduler._slots.values() if s.state is SlotState.UP and klass.requires <= s.capabilities
+        )
+        if eligible != klass.eligible:
+            raise InvariantViolation(
+                f"class {sorted(klass.requires)} counts {klass.eligible} eligible slots, has {eligible}"
+            )
         injector_live += live
     deque_total = 0
     for slot in scheduler._slots.values():
@@ -58,6 +65,15 @@ def validate(scheduler: Scheduler) -> None:
                 _violation(scheduler, entry, f"needs {sorted(entry.requires)} but sits on {slot.slot_id}")
         if slot.state in (SlotState.LOST, SlotState.RETIRED) and (slot.window or slot.deque):
             raise InvariantViolation(f"lost slot {slot.slot_id} still holds tasks")
+    for host_id, slots in scheduler._host_slots.items():
+        for slot in slots:
+            if slot.host_id != host_id or scheduler._slots.get(slot.slot_id) is not slot:
+                raise InvariantViolation(f"slot {slot.slot_id} listed under host {host_id} but is on {slot.host_id}")
+    if sum(len(slots) for slots in scheduler._host_slots.values()) != len(scheduler._slots):
+        raise InvariantViolation("the per-host lists of slots do not hold every slot exactly once")
+    for slot in scheduler._slots.values():
+        if slot.deque and slot not in scheduler._deque_holders:
+            raise InvariantViolation(f"slot {slot.slot_id} holds a deque but thieves cannot find it")
     if injector_live + deque_total != scheduler._queued:
         raise InvariantViolation(f"queued counter {scheduler._queued} != {injector_live} + {deque_total}")
     for task_id, entry in tasks.items():

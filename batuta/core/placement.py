@@ -8,6 +8,8 @@ scheduler, its work stealing (`batuta.core.stealing`) and its invariant checker
   window, or gone) and the slot that holds it;
 * `SlotRecord`, one per slot that ever joined: its deque, its window, its `SlotState`;
 * `CapabilityClass`, the injector heap shared by tasks that need the same capabilities;
+* `SlotSample`, a set of slots drawn from at random in O(1), where thieves look for victims;
+* `HungrySlots`, the UP slots with room in their window, grouped by capabilities;
 * what callers see: `SchedulerConfig`, `SchedulerStats`, the `SlotView` snapshot, and the
   errors `SchedulerError` and `InvariantViolation`.
 
@@ -18,7 +20,8 @@ directly: they are on every hot path, so they carry no methods or properties of 
 from __future__ import annotations
 
 import enum
-from collections import deque
+import random
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from batuta.core.events import HostId, SlotId
@@ -60,6 +63,9 @@ class SchedulerConfig:
     timeout_grace: float = 5.0  # backstop beyond an agent's own timeout enforcement
     story_length: int = 0  # >0 keeps a ring of recent transitions for error messages
     run_time_smoothing: float = 0.2  # weight of the newest run time in the moving average
+    # victims a thief looks at: every slot in a cluster of at most this many, else this many
+    # drawn at random among those that may hold work (see batuta.core.stealing)
+    steal_probes: int = 16
 
 
 @dataclass(slots=True, eq=False)
@@ -108,8 +114,92 @@ class CapabilityClass:
     requires: frozenset[str]
     heap: list[tuple[int, int, int, TaskEntry]] = field(default_factory=list)
     live: int = 0
+    eligible: int = 0  # UP slots whose capabilities cover `requires` (kept by the scheduler, never scanned)
     runnable: bool = False  # cached: can some slot (present or expected) ever run it?
     runnable_epoch: int = -1
+
+
+class SlotSample:
+    """Slots that may hold something to steal, for O(1) random draws (rayon's victim probing).
+
+    Members are added when they gain work; removal is lazy: a thief that draws a slot with
+    nothing left removes it (`discard`), so no path that empties a deque or a window has to
+    remember this index, and the cost of the cleanup is paid once per member by the draws.
+    """
+
+    __slots__ = ("_members", "_position")
+
+    def __init__(self) -> None:
+        self._members: list[SlotRecord] = []
+        self._position: dict[SlotId, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __contains__(self, slot: SlotRecord) -> bool:
+        return slot.slot_id in self._position
+
+    def add(self, slot: SlotRecord) -> None:
+        if slot.slot_id not in self._position:
+            self._position[slot.slot_id] = len(self._members)
+            self._members.append(slot)
+
+    def discard(self, slot: SlotRecord) -> None:
+        index = self._position.pop(slot.slot_id, None)
+        if index is None:
+            return
+        last = self._members.pop()
+        if last is not slot:  # move the last member into the hole
+            self._members[index] = last
+            self._position[last.slot_id] = index
+
+    def draw(self, rng: random.Random) -> SlotRecord:
+        """One member at random (the caller checks that there is one)."""
+        members = self._members
+        return members[rng.randrange(len(members))] if len(members) > 1 else members[0]
+
+    def clear(self) -> None:
+        self._members.clear()
+        self._position.clear()
+
+
+class HungrySlots:
+    """UP slots with room in their window, grouped by their capabilities, each group in
+    round-robin order, so that offering a task looks only at slots that could run it."""
+
+    __slots__ = ("_count", "_groups")
+
+    def __init__(self) -> None:
+        self._groups: dict[frozenset[str], OrderedDict[SlotId, SlotRecord]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, slot: SlotRecord) -> None:
+        """Make `slot` hungry; one that already is keeps its turn."""
+        group = self._groups.get(slot.capabilities)
+        if group is None:
+            group = self._groups[slot.capabilities] = OrderedDict()
+        if slot.slot_id not in group:
+            group[slot.slot_id] = slot
+            self._count += 1
+
+    def discard(self, slot: SlotRecord) -> None:
+        group = self._groups.get(slot.capabilities)
+        if group is not None and group.pop(slot.slot_id, None) is not None:
+            self._count -= 1
+
+    def groups_for(self, requires: frozenset[str]) -> list[OrderedDict[SlotId, SlotRecord]]:
+        """The groups whose slots can run tasks that need `requires` (there are few groups)."""
+        return [group for caps, group in self._groups.items() if group and requires <= caps]
+
+    def snapshot(self) -> list[SlotRecord]:
+        return [slot for group in self._groups.values() for slot in group.values()]
+
+    def clear(self) -> None:
+        self._groups.clear()
+        self._count = 0
 
 
 @dataclass(slots=True)

@@ -72,12 +72,14 @@ from batuta.core.events import (
 )
 from batuta.core.placement import (
     CapabilityClass,
+    HungrySlots,
     InvariantViolation,
     Place,
     SchedulerConfig,
     SchedulerError,
     SchedulerStats,
     SlotRecord,
+    SlotSample,
     SlotState,
     SlotView,
     TaskEntry,
@@ -115,8 +117,13 @@ class Scheduler:
         self._rng = random.Random(seed)
         self._tasks: dict[int, TaskEntry] = {}
         self._slots: dict[SlotId, SlotRecord] = {}
+        self._host_slots: dict[HostId, list[SlotRecord]] = {}  # so per-host events touch only that host
+        # where thieves probe for victims in a large cluster (see stealing.py): slots whose
+        # deque, or whose window, has held work since they were last found empty
+        self._deque_holders = SlotSample()
+        self._window_holders = SlotSample()
         self._classes: dict[frozenset[str], CapabilityClass] = {}
-        self._hungry: dict[SlotId, SlotRecord] = {}  # UP slots with room in their window
+        self._hungry = HungrySlots()  # UP slots with room in their window
         self._round_trip: dict[HostId, float] = {}
         self._draining: set[HostId] = set()
         self._deadlines: list[tuple[float, int, int]] = []  # (deadline, task_id, attempt)
@@ -284,18 +291,23 @@ class Scheduler:
                 slot_id=ev.slot_id,
                 host_id=ev.host_id,
                 capabilities=frozenset(ev.capabilities),
+                state=SlotState.LOST,  # not up until `_set_state` below counts it
                 window_limit=self.config.initial_window,
             )
             self._slots[ev.slot_id] = slot
+            self._host_slots.setdefault(ev.host_id, []).append(slot)
         else:
             if slot.state is SlotState.UP:
                 raise SchedulerError(f"slot {ev.slot_id} joined twice without being lost")
             slot.capabilities = frozenset(ev.capabilities)
-            slot.host_id = ev.host_id
-        slot.state = SlotState.DRAINING if ev.host_id in self._draining else SlotState.UP
+            if slot.host_id != ev.host_id:
+                self._host_slots[slot.host_id].remove(slot)
+                self._host_slots.setdefault(ev.host_id, []).append(slot)
+                slot.host_id = ev.host_id
+        self._set_state(slot, SlotState.DRAINING if ev.host_id in self._draining else SlotState.UP)
         self._capability_epoch += 1
         if slot.state is SlotState.UP:
-            self._hungry[slot.slot_id] = slot
+            self._hungry.add(slot)
             self._fill(slot)
 
     def _on_host_expected(self, ev: HostExpected) -> None:
@@ -305,7 +317,7 @@ class Scheduler:
     def _on_host_lost(self, ev: HostLost) -> None:
         if ev.retired and self._expected.pop(ev.host_id, None) is not None:
             self._capability_epoch += 1
-        for slot in [s for s in self._slots.values() if s.host_id == ev.host_id]:
+        for slot in list(self._host_slots.get(ev.host_id, ())):
             self._lose_slot(slot, ev.reason, ev.retired)
         self._after_capacity_change()
 
@@ -402,19 +414,19 @@ class Scheduler:
 
     def _on_resumed(self, _ev: SchedulingResumed) -> None:
         self._paused = False
-        for slot in list(self._hungry.values()):
+        for slot in self._hungry.snapshot():
             self._fill(slot)
 
     def _on_drain(self, ev: HostDrainRequested) -> None:
         self._draining.add(ev.host_id)
-        for slot in self._slots.values():
-            if slot.host_id != ev.host_id or slot.state is not SlotState.UP:
+        for slot in self._host_slots.get(ev.host_id, ()):
+            if slot.state is not SlotState.UP:
                 continue
-            slot.state = SlotState.DRAINING
-            self._hungry.pop(slot.slot_id, None)
+            self._set_state(slot, SlotState.DRAINING)
+            self._hungry.discard(slot)
             self._requeue_deque(slot)
         self._check_drained(ev.host_id)
-        for slot in list(self._hungry.values()):
+        for slot in self._hungry.snapshot():
             self._fill(slot)
 
     def _on_shutdown(self, ev: ShutdownRequested) -> None:
@@ -432,6 +444,8 @@ class Scheduler:
             klass.live = 0
         self._queued = 0
         self._hungry.clear()
+        self._deque_holders.clear()
+        self._window_holders.clear()
         self._sends.clear()
         self._deadlines.clear()
         self._steal_thief.clear()
@@ -439,9 +453,8 @@ class Scheduler:
 
     def _on_round_trip(self, ev: RoundTripMeasured) -> None:
         self._round_trip[ev.host_id] = max(0.0, ev.seconds)
-        for slot in self._slots.values():
-            if slot.host_id == ev.host_id:
-                self._resize_window(slot)
+        for slot in self._host_slots.get(ev.host_id, ()):
+            self._resize_window(slot)
 
     # -- placement --------------------------------------------------------------------------
 
@@ -449,20 +462,22 @@ class Scheduler:
         """Offer new work in `klass` to slots with room, round robin."""
         if self._paused or not self._hungry:
             return
-        for slot in list(self._hungry.values()):
-            if klass.live == 0:
-                return
-            if klass.requires <= slot.capabilities:
+        for group in self._hungry.groups_for(klass.requires):
+            for _ in range(len(group)):  # each slot looked at once, from the front
+                if klass.live == 0:
+                    return
+                if not group:
+                    break
+                slot_id, slot = next(iter(group.items()))
                 self._fill(slot)
                 # rotate, so that a trickle of submissions spreads over the slots
-                if slot.slot_id in self._hungry:
-                    del self._hungry[slot.slot_id]
-                    self._hungry[slot.slot_id] = slot
+                if slot_id in group:
+                    group.move_to_end(slot_id)
 
     def _refill(self, slot: SlotRecord) -> None:
         if slot.state is SlotState.UP:
             if len(slot.window) < slot.window_limit:
-                self._hungry[slot.slot_id] = slot
+                self._hungry.add(slot)
             self._fill(slot)
         elif slot.state is SlotState.DRAINING:
             self._check_drained(slot.host_id)
@@ -482,8 +497,10 @@ class Scheduler:
             entry.started = False
             window[entry.task_id] = entry
             self._sends.setdefault(slot.slot_id, []).append(entry)
+        if window:
+            self._window_holders.add(slot)
         if len(window) >= slot.window_limit:
-            self._hungry.pop(slot.slot_id, None)
+            self._hungry.discard(slot)
         elif not window and slot.steal_backs_pending == 0:
             try_steal_back(self, slot)
 
@@ -534,8 +551,7 @@ class Scheduler:
 
     def _grab(self, slot: SlotRecord, klass: CapabilityClass) -> None:
         """Move a fair share of the class's injector tasks into the slot's deque."""
-        eligible = sum(1 for s in self._slots.values() if s.state is SlotState.UP and klass.requires <= s.capabilities)
-        count = min(klass.live // max(eligible, 1) + 1, self.config.grab_max, klass.live)
+        count = min(klass.live // max(klass.eligible, 1) + 1, self.config.grab_max, klass.live)
         heap = klass.heap
         while count > 0 and heap:
             _neg, _seq, token, entry = heapq.heappop(heap)
@@ -546,18 +562,20 @@ class Scheduler:
             entry.slot = slot
             slot.deque.append(entry)
             count -= 1
+        if slot.deque:
+            self._deque_holders.add(slot)
 
     # -- loss, retry, resolution ------------------------------------------------------------
 
     def _lose_slot(self, slot: SlotRecord, reason: str, retired: bool) -> None:
         if slot.state in (SlotState.LOST, SlotState.RETIRED):
             if retired:
-                slot.state = SlotState.RETIRED
+                self._set_state(slot, SlotState.RETIRED)
                 self._capability_epoch += 1
             return
-        slot.state = SlotState.RETIRED if retired else SlotState.LOST
+        self._set_state(slot, SlotState.RETIRED if retired else SlotState.LOST)
         self._capability_epoch += 1
-        self._hungry.pop(slot.slot_id, None)
+        self._hungry.discard(slot)
         self._sends.pop(slot.slot_id, None)
         self._requeue_deque(slot)
         for entry in list(slot.window.values()):
@@ -625,7 +643,7 @@ class Scheduler:
         for klass in self._classes.values():
             if klass.live and not self._can_ever_run(klass):
                 self._fail_unschedulable(klass)
-        for slot in list(self._hungry.values()):
+        for slot in self._hungry.snapshot():
             self._fill(slot)
 
     def _fail_unschedulable(self, klass: CapabilityClass) -> None:
@@ -674,8 +692,20 @@ class Scheduler:
     def _class_of(self, requires: frozenset[str]) -> CapabilityClass:
         klass = self._classes.get(requires)
         if klass is None:
-            klass = self._classes[requires] = CapabilityClass(requires=requires)
+            # the one scan of the slots for this class; `_set_state` keeps the count after
+            eligible = sum(1 for s in self._slots.values() if s.state is SlotState.UP and requires <= s.capabilities)
+            klass = self._classes[requires] = CapabilityClass(requires=requires, eligible=eligible)
         return klass
+
+    def _set_state(self, slot: SlotRecord, state: SlotState) -> None:
+        """Move `slot` to `state`, keeping each class's count of UP slots that can run it."""
+        was_up = slot.state is SlotState.UP
+        slot.state = state
+        if was_up != (state is SlotState.UP):
+            delta = -1 if was_up else 1
+            for klass in self._classes.values():
+                if klass.requires <= slot.capabilities:
+                    klass.eligible += delta
 
     def _can_ever_run(self, klass: CapabilityClass) -> bool:
         if klass.runnable_epoch != self._capability_epoch:
@@ -704,6 +734,7 @@ class Scheduler:
         entry.place = Place.DEQUE
         entry.slot = slot
         slot.deque.appendleft(entry)
+        self._deque_holders.add(slot)
         self._queued += 1
 
     def _observe_run_time(self, slot: SlotRecord, run_s: float) -> None:
@@ -723,13 +754,13 @@ class Scheduler:
         wanted = 1 + math.ceil(round_trip / slot.mean_run_s)
         slot.window_limit = max(cfg.min_window, min(cfg.max_window, wanted))
         if slot.state is SlotState.UP and len(slot.window) < slot.window_limit:
-            self._hungry[slot.slot_id] = slot
+            self._hungry.add(slot)
 
     def _check_drained(self, host_id: HostId) -> None:
         if host_id not in self._draining:
             return
-        for slot in self._slots.values():
-            if slot.host_id == host_id and (slot.window or slot.deque):
+        for slot in self._host_slots.get(host_id, ()):
+            if slot.window or slot.deque:
                 return
         self._draining.discard(host_id)
         self._out.append(AnnounceDrained(host_id=host_id))

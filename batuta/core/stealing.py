@@ -5,7 +5,11 @@ scheduler whose state they move (they read and write its tables as friends of th
 
 * `steal_from_deque`: a slot that found nothing in its own deque or the injector takes the
   oldest task it can run from the deque of a victim drawn with the scheduler's seeded RNG.
-  Only the head of a deque is searched, so a steal stays O(1) whatever the deque's length.
+  Only the head of a deque is searched, so a steal stays O(1) whatever the deque's length;
+  in a cluster of more than `SchedulerConfig.steal_probes` slots only that many random
+  victims are looked at (rayon and crossbeam probe a few random victims too), so a steal
+  stays O(1) whatever the number of slots as well. Victims are drawn from `SlotSample`s of
+  the slots that may hold work, so probes rarely land on idle slots.
 * `try_steal_back`, `on_steal_back_answered`, `end_steal_back`: a slot that found nothing
   at all asks a victim's agent to give back the newest half of the tasks in its window not
   known to have started, and the tasks move only when the agent answers.
@@ -31,14 +35,30 @@ if TYPE_CHECKING:
 def steal_from_deque(scheduler: Scheduler, thief: SlotRecord) -> TaskEntry | None:
     """Take the oldest task `thief` can run from a random victim's deque, if any holds one."""
     caps = thief.capabilities
-    victims = [
-        s
-        for s in scheduler._slots.values()
-        if s is not thief and s.deque and any(e.requires <= caps for e in _head(s.deque))
-    ]
-    if not victims:
-        return None
-    victim = victims[scheduler._rng.randrange(len(victims))] if len(victims) > 1 else victims[0]
+    victim: SlotRecord | None = None
+    probes = scheduler.config.steal_probes
+    if len(scheduler._slots) <= probes:
+        victims = [
+            s
+            for s in scheduler._slots.values()
+            if s is not thief and s.deque and any(e.requires <= caps for e in _head(s.deque))
+        ]
+        if not victims:
+            return None
+        victim = victims[scheduler._rng.randrange(len(victims))] if len(victims) > 1 else victims[0]
+    else:
+        holders = scheduler._deque_holders
+        for _ in range(probes):
+            if not holders:
+                return None
+            candidate = holders.draw(scheduler._rng)
+            if not candidate.deque:
+                holders.discard(candidate)  # emptied since it joined the sample
+            elif candidate is not thief and any(e.requires <= caps for e in _head(candidate.deque)):
+                victim = candidate
+                break
+        if victim is None:
+            return None
     for i, entry in enumerate(_head(victim.deque)):
         if entry.requires <= caps:
             del victim.deque[i]
@@ -54,22 +74,36 @@ def steal_from_deque(scheduler: Scheduler, thief: SlotRecord) -> TaskEntry | Non
 def try_steal_back(scheduler: Scheduler, thief: SlotRecord) -> None:
     """Ask a random busy victim's agent for the newest half of its unstarted tasks."""
     caps = thief.capabilities
-    candidates: list[tuple[SlotRecord, list[TaskEntry]]] = []
-    for victim in scheduler._slots.values():
-        if victim is thief or victim.state is SlotState.LOST or not victim.window:
-            continue
-        stealable = [
-            e
-            for e in victim.window.values()
-            if not e.started and not e.resolved and not e.steal_pending and not e.steal_refused and e.requires <= caps
-        ]
-        # An idle victim would start its only task itself; taking it just moves the wait.
-        busy = len(stealable) < len(victim.window)
-        if len(stealable) >= 2 or (stealable and busy):
-            candidates.append((victim, stealable))
-    if not candidates:
-        return
-    victim, stealable = candidates[scheduler._rng.randrange(len(candidates))]
+    chosen: tuple[SlotRecord, list[TaskEntry]] | None = None
+    probes = scheduler.config.steal_probes
+    if len(scheduler._slots) <= probes:
+        candidates: list[tuple[SlotRecord, list[TaskEntry]]] = []
+        for victim in scheduler._slots.values():
+            if victim is not thief and victim.state is not SlotState.LOST:
+                stealable = _stealable(victim, caps)
+                if stealable is not None:
+                    candidates.append((victim, stealable))
+        if not candidates:
+            return
+        chosen = candidates[scheduler._rng.randrange(len(candidates))]
+    else:
+        holders = scheduler._window_holders
+        for _ in range(probes):
+            if not holders:
+                return
+            victim = holders.draw(scheduler._rng)
+            if _stealable(victim, None) is None:
+                # nothing any thief could take: out of the sample until `_fill` sends it more
+                # (the only way a window gains stealable tasks), so idle thieves stop finding it
+                holders.discard(victim)
+            elif victim is not thief and victim.state is not SlotState.LOST:
+                stealable = _stealable(victim, caps)
+                if stealable is not None:
+                    chosen = (victim, stealable)
+                    break
+        if chosen is None:
+            return
+    victim, stealable = chosen
     take = stealable[len(stealable) // 2 :]  # the newest half, at least one
     take = take[: thief.window_limit]
     for entry in take:
@@ -78,6 +112,26 @@ def try_steal_back(scheduler: Scheduler, thief: SlotRecord) -> None:
     thief.steal_backs_pending += len(take)
     scheduler.stats.steal_backs_requested += len(take)
     scheduler._out.append(RequestStealBack(slot_id=victim.slot_id, task_ids=tuple(e.task_id for e in take)))
+
+
+def _stealable(victim: SlotRecord, caps: frozenset[str] | None) -> list[TaskEntry] | None:
+    """The tasks a thief with `caps` (None: any thief) may ask back from `victim`'s window,
+    oldest first, or None if asking would not help. A window holds at most `max_window` tasks,
+    so this is bounded."""
+    if not victim.window:
+        return None
+    stealable = [
+        e
+        for e in victim.window.values()
+        if not e.started
+        and not e.resolved
+        and not e.steal_pending
+        and not e.steal_refused
+        and (caps is None or e.requires <= caps)
+    ]
+    # An idle victim would start its only task itself; taking it just moves the wait.
+    busy = len(stealable) < len(victim.window)
+    return stealable if len(stealable) >= 2 or (stealable and busy) else None
 
 
 def on_steal_back_answered(scheduler: Scheduler, ev: StealBackAnswered) -> None:
