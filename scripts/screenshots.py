@@ -16,6 +16,7 @@ Screens, at 160x50 unless noted:
   command-palette    ctrl+p, listing the workloads and actions
   help               the help screen
   cluster-64-hosts   64 simulated hosts (batuta.tui.replay, seed 0): what a big cluster looks like
+  cluster-256-hosts  256 simulated hosts, 1,120 GPUs: the compact nodes panel
 With --gpu-real, the live screens are named `*-gpu-real` and a GPU workload (Monte Carlo pi on
 the GPU slots) runs beside the demo so the utilisation history has something to show.
 """
@@ -173,11 +174,11 @@ async def live_run(out: Path, size: tuple[int, int], ingest: Path, gpu_real: boo
         await pilot.pause(0.3)
 
 
-async def cluster_screen(out: Path, seed: int, made: list[Path]) -> None:
-    """64 simulated hosts from the seeded replay: a minute of telemetry and tasks."""
+async def cluster_screen(out: Path, seed: int, made: list[Path], hosts: int = 64, gpus_per_host: int = 2) -> None:
+    """`hosts` simulated hosts from the seeded replay: a minute of telemetry and tasks."""
     start = 10_000.0
-    model = DashboardModel(clock=lambda: start + 60, cluster_label="cluster.toml (64 hosts, simulated)")
-    cluster = SyntheticCluster(hosts=64, gpus_per_host=2, seed=seed)
+    model = DashboardModel(clock=lambda: start + 60, cluster_label=f"cluster.toml ({hosts} hosts, simulated)")
+    cluster = SyntheticCluster(hosts=hosts, gpus_per_host=gpus_per_host, seed=seed)
     replay(model.apply, cluster, start, start + 60, 3000)
     model.update_slots(cluster.slot_views(start + 60))
     model.set_status("running")
@@ -192,7 +193,7 @@ async def cluster_screen(out: Path, seed: int, made: list[Path]) -> None:
         await pilot.pause(0.5)
         app.sync_now()
         await pilot.pause(0.3)
-        save(app, out, "cluster-64-hosts", made)
+        save(app, out, f"cluster-{hosts}-hosts", made)
 
 
 async def main_async(args: argparse.Namespace) -> list[Path]:
@@ -206,6 +207,7 @@ async def main_async(args: argparse.Namespace) -> list[Path]:
     await live_screens(out, args.gpu_real, args.seed, made)
     if not args.gpu_real:
         await cluster_screen(out, args.seed, made)
+        await cluster_screen(out, args.seed, made, hosts=256, gpus_per_host=5)
     return made
 
 

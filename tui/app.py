@@ -91,6 +91,7 @@ class BatutaApp(App[None]):
         Binding("k", "cycle_latency('kernel')", "Latency kernel", show=False),
         Binding("b", "cycle_latency('backend')", "Latency backend", show=False),
         Binding("o", "cycle_latency('host')", "Latency host", show=False),
+        Binding("g", "toggle_gpu_rows", "GPU rows", show=False),
         Binding("question_mark,f1", "help", "Help"),
         Binding("q", "quit", "Quit"),
     ]
@@ -402,6 +403,9 @@ class BatutaApp(App[None]):
         value = self.model.cycle_latency_filter(dimension)
         self.notify(f"latency: {dimension} {value or 'all'}", timeout=2)
         self.sync_now()
+
+    def action_toggle_gpu_rows(self) -> None:
+        self.query_one(NodesPanel).toggle_gpu_rows()
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

@@ -309,17 +309,27 @@ class _ReasonLine:
 
 class NodeRows:
     """The nodes panel's lines, drawn on demand: one per host, then why it is not up (wrapped,
-    never cut at the end: the cause comes last), then one per GPU or 'no GPU'."""
+    never cut at the end: the cause comes last), then one per GPU or 'no GPU'.
 
-    def __init__(self, model: DashboardModel, now: float, p: Palette, width: int) -> None:
+    `compact` (a cluster whose lines do not fit the panel): one line per host, its GPUs drawn
+    as one cell each at the end of it, and the hosts that are not up first, so that a lost
+    host among 256 is on screen without scrolling."""
+
+    def __init__(self, model: DashboardModel, now: float, p: Palette, width: int, *, compact: bool = False) -> None:
         self._busy = model.busy_slots()
         self._now, self._p, self._width = now, p, width
+        self._compact = compact
         self._entries: list[tuple[HostRow, GpuRow | _ReasonLine | None]] = []
-        for host in model.hosts.values():
+        hosts = list(model.hosts.values())
+        if compact:  # stable sort: trouble first, then the order hosts were listed in
+            hosts.sort(key=lambda h: h.state not in _TROUBLE_STATES)
+        for host in hosts:
             self._entries.append((host, None))
             if host.reason and host.state != "up":
                 lines = wrap_keeping_ends(host.reason, width - REASON_INDENT, REASON_LINES)
                 self._entries.extend((host, _ReasonLine(text, i == 0)) for i, text in enumerate(lines))
+            if compact:
+                continue
             if host.gpus:
                 self._entries.extend((host, gpu) for gpu in sorted(host.gpus.values(), key=lambda g: g.index))
             elif host.telemetry_seen or host.gpu_status:
@@ -332,6 +342,8 @@ class NodeRows:
         host, gpu = self._entries[index]
         p = self._p
         if gpu is None:
+            if self._compact and host.gpus:  # the cells at one column on every line, then failures
+                return _host_line(host, self._busy, self._now, p, gpu_cells=_gpu_cells(host, p, self._width - _CELLS_AT - 14))
             return _host_line(host, self._busy, self._now, p)
         if isinstance(gpu, _ReasonLine):
             line = Text("   └ " if gpu.first else " " * REASON_INDENT, p.dim, no_wrap=True)
@@ -346,6 +358,64 @@ class NodeRows:
 
 
 _NO_GPU = GpuRow(index=-1, name="no GPU")
+_CELLS_AT = sum(c.width + 1 for c in NODE_COLUMNS)  # where a compact host line's GPU cells start
+_TROUBLE_STATES = frozenset({"suspected", "lost", "retired", "starting", "restarting"})
+HOT_C = 85  # °C from which a GPU's temperature is drawn as a problem
+FULL_MEMORY = 0.9  # fraction of a GPU's memory from which it is drawn as a problem
+
+
+def _gpu_trouble(gpu: GpuRow) -> bool:
+    fraction = gpu.memory_fraction
+    return (gpu.temperature is not None and gpu.temperature >= HOT_C) or (fraction is not None and fraction > FULL_MEMORY)
+
+
+def _gpu_cells(host: HostRow, p: Palette, room: int) -> Text:
+    """A compact host line's GPUs: one cell each, its height the utilization (`·` unread),
+    drawn as a problem when the card is hot or its memory nearly full; then their mean."""
+    gpus = sorted(host.gpus.values(), key=lambda g: g.index)
+    out = Text("  GPU ", p.dim, no_wrap=True)
+    room = max(room, 16)
+    readings = [g.utilization for g in gpus if g.utilization is not None]
+    mean = f" {sum(readings) / len(readings):3.0f}%" if readings else "   ?%"
+    cells = max(1, room - out.cell_len - len(mean))
+    shown = gpus if len(gpus) <= cells else gpus[: max(0, cells - 3)]
+    for gpu in shown:
+        if gpu.utilization is None:
+            out.append("·", p.dim)
+        else:
+            level = max(1, min(8, math.ceil(gpu.utilization / 100 * 8)))
+            out.append(BLOCKS[level], p.bad if _gpu_trouble(gpu) else p.spark)
+    if len(shown) < len(gpus):
+        out.append(f"+{len(gpus) - len(shown)}", p.dim)
+    out.append(mean, p.text if readings else p.dim)
+    return out
+
+
+def nodes_summary(model: DashboardModel, p: Palette) -> Text:
+    """The line over a large cluster's table: hosts by state, busy slots, and its GPUs at a
+    glance (mean utilization, how many are idle, hot, or nearly out of memory)."""
+    states: dict[str, int] = {}
+    for host in model.hosts.values():
+        states[host.state] = states.get(host.state, 0) + 1
+    out = Text(f" {len(model.hosts)} hosts: ", p.label, no_wrap=True, overflow="ellipsis")
+    order = sorted(states, key=lambda state: (state != "up", state))
+    for i, state in enumerate(order):
+        if i:
+            out.append(" · ", p.dim)
+        out.append(f"{states[state]} {state}", _state_style(state, p))
+    busy = len(model.busy_slots())
+    out.append(f"   slots {busy}/{model.slot_count()} busy", p.text)
+    gpus = [gpu for host in model.hosts.values() for gpu in host.gpus.values()]
+    if gpus:
+        readings = [g.utilization for g in gpus if g.utilization is not None]
+        out.append(f"   {len(gpus)} GPUs", p.label)
+        if readings:
+            out.append(f": mean {sum(readings) / len(readings):.0f}%", p.text)
+            idle = sum(1 for u in readings if u < 5)
+            out.append(f" · {idle} idle", p.text)
+        trouble = sum(1 for g in gpus if _gpu_trouble(g))
+        out.append(f" · {trouble} hot or full", p.bad if trouble else p.text)
+    return out
 
 
 def node_lines(model: DashboardModel, now: float, p: Palette, width: int) -> list[Text]:
@@ -354,7 +424,7 @@ def node_lines(model: DashboardModel, now: float, p: Palette, width: int) -> lis
     return [rows[i] for i in range(len(rows))]
 
 
-def _host_line(host: HostRow, busy: dict[str, int], now: float, p: Palette) -> Text:
+def _host_line(host: HostRow, busy: dict[str, int], now: float, p: Palette, *, gpu_cells: Text | None = None) -> Text:
     icon = STATE_ICONS.get(host.state, "◌")
     if host.cpu_percent is None:
         cpu: Cell = ("?", p.dim)
@@ -380,6 +450,8 @@ def _host_line(host: HostRow, busy: dict[str, int], now: float, p: Palette) -> T
             (fmt.age(age), age_style),
         ],
     )
+    if gpu_cells is not None:
+        out.append_text(gpu_cells)
     if host.failed:
         out.append(f"  {fmt.count(host.failed)} failed", p.bad)
     return out  # why it is not up: on the lines below (NodeRows), whole

@@ -36,6 +36,7 @@ The coordinator runs inside this app: closing it stops the pool and its host age
 | `n` | drain a host: it gets no new work and shows *drained* once idle |
 | `f` | failed tasks: pick one for attempts, hosts, error and stderr |
 | `k` `b` `o` | latency histograms: cycle the kernel, backend or host shown |
+| `g` | nodes: a line per GPU, or a line per host with its GPUs as cells |
 | `ctrl+p` | command palette: every action above, searchable |
 | `?` `f1` | this help |
 | `q` | quit |
@@ -45,7 +46,9 @@ alert, the latency filter labels, footer keys, and scroll any long panel.
 
 **Panels.** *Nodes*: one line per host (state, CPU, memory, busy/total slots, tasks done,
 heartbeat age) and one per GPU (utilisation over the last 60 s, memory, temperature,
-power; `?` is a reading NVML could not take). *Jobs*: progress of the tasks submitted so
+power; `?` is a reading NVML could not take). In a cluster of 16 hosts or more whose
+lines do not fit, a summary line comes first and each host takes one line, its GPUs drawn as one cell each, hosts
+not up first (`g` switches). *Jobs*: progress of the tasks submitted so
 far, counts by state, rate and ETA. *Slots*: each worker slot's deque depth, tasks in
 flight against its window, and work-stealing traffic. *Latency*: log-scale histograms of
 queue wait and run time with p50, p95 and p99 marked. *Task stream*: tasks running now,

@@ -89,6 +89,11 @@ class _Synced:
         clock = int(now / self.ticking) if self.ticking and self.is_ticking() else 0
         return (*(getattr(versions, name) for name in self.sections), size, self.app.theme, clock)
 
+    def invalidate(self) -> None:
+        """Draw again at the next frame even if the model did not move (a view setting did)."""
+        self._signature = None
+        self._drawn_at = -1e18
+
     def needs_draw(self, now: float, size: Size) -> bool:
         """True (and the new signature remembered) when the panel should redraw now."""
         signature = self.signature(now, size)
@@ -165,6 +170,9 @@ class LinesPanel(_Synced, ScrollView):
         return strip
 
 
+COMPACT_FROM_HOSTS = 16  # hosts from which the nodes panel turns compact when its lines do not fit
+
+
 class NodesPanel(LinesPanel):
     """One line per host (state, CPU, memory, slots, tasks done, heartbeat), one per GPU."""
 
@@ -172,11 +180,27 @@ class NodesPanel(LinesPanel):
     heavy = True
     min_interval = 1.0  # telemetry arrives once a second
 
+    gpu_rows: bool | None = None  # one line per GPU: None = when they fit; `g` toggles
+
     def build(self, now: float, palette: Palette, width: int, height: int) -> tuple[list[Text], render.Rows]:
         body = render.NodeRows(self.model, now, palette, width)
         if not len(body):
             return [render.node_header(palette)], [Text(" waiting for hosts…", palette.dim)]
-        return [render.node_header(palette)], body
+        if self.gpu_rows is not None:
+            expanded = self.gpu_rows
+        else:  # a few hosts scroll fine; in a large cluster a line per GPU buries the hosts
+            expanded = len(self.model.hosts) < COMPACT_FROM_HOSTS or len(body) + 1 <= height
+        if expanded:
+            return [render.node_header(palette)], body
+        # too many lines to see at once: a summary on top, one line per host, trouble first
+        compact = render.NodeRows(self.model, now, palette, width, compact=True)
+        return [render.nodes_summary(self.model, palette), render.node_header(palette)], compact
+
+    def toggle_gpu_rows(self) -> None:
+        """Switch between a line per GPU and a line per host (from the mode shown now)."""
+        shown_expanded = len(self._header) == 1
+        self.gpu_rows = not shown_expanded
+        self.invalidate()
 
     def subtitle(self, now: float) -> str:
         gpus = sum(len(h.gpus) for h in self.model.hosts.values())
