@@ -343,7 +343,8 @@ class NodeRows:
         p = self._p
         if gpu is None:
             if self._compact and host.gpus:  # the cells at one column on every line, then failures
-                return _host_line(host, self._busy, self._now, p, gpu_cells=_gpu_cells(host, p, self._width - _CELLS_AT - 14))
+                cells = _gpu_cells(host, p, self._width - _CELLS_AT - 14)
+                return _host_line(host, self._busy, self._now, p, gpu_cells=cells)
             return _host_line(host, self._busy, self._now, p)
         if isinstance(gpu, _ReasonLine):
             line = Text("   └ " if gpu.first else " " * REASON_INDENT, p.dim, no_wrap=True)
@@ -366,7 +367,8 @@ FULL_MEMORY = 0.9  # fraction of a GPU's memory from which it is drawn as a prob
 
 def _gpu_trouble(gpu: GpuRow) -> bool:
     fraction = gpu.memory_fraction
-    return (gpu.temperature is not None and gpu.temperature >= HOT_C) or (fraction is not None and fraction > FULL_MEMORY)
+    hot = gpu.temperature is not None and gpu.temperature >= HOT_C
+    return hot or (fraction is not None and fraction > FULL_MEMORY)
 
 
 def _gpu_cells(host: HostRow, p: Palette, room: int) -> Text:
