@@ -22,7 +22,7 @@ from rich.style import Style
 from rich.text import Text
 
 from . import format as fmt
-from .alerts import ERROR
+from .alerts import ERROR, GPU_HOT_C, GPU_MEMORY_ALERT_FRACTION
 from .histogram import BUCKETS_PER_DECADE, DECADES, LogHistogram, bucket_of
 from .model import (
     FAILED_STATUSES,
@@ -361,14 +361,12 @@ class NodeRows:
 _NO_GPU = GpuRow(index=-1, name="no GPU")
 _CELLS_AT = sum(c.width + 1 for c in NODE_COLUMNS)  # where a compact host line's GPU cells start
 _TROUBLE_STATES = frozenset({"suspected", "lost", "retired", "starting", "restarting"})
-HOT_C = 85  # °C from which a GPU's temperature is drawn as a problem
-FULL_MEMORY = 0.9  # fraction of a GPU's memory from which it is drawn as a problem
 
 
 def _gpu_trouble(gpu: GpuRow) -> bool:
     fraction = gpu.memory_fraction
-    hot = gpu.temperature is not None and gpu.temperature >= HOT_C
-    return hot or (fraction is not None and fraction > FULL_MEMORY)
+    hot = gpu.temperature is not None and gpu.temperature >= GPU_HOT_C
+    return hot or (fraction is not None and fraction > GPU_MEMORY_ALERT_FRACTION)
 
 
 def _gpu_cells(host: HostRow, p: Palette, room: int) -> Text:
@@ -470,11 +468,11 @@ def _gpu_line(gpu: GpuRow, now: float, p: Palette, width: int) -> Text:
     out.append(fit(fmt.percent(gpu.utilization), 5, right=True), p.dim if gpu.utilization is None else p.text)
     out.append("   mem ", p.dim)
     fraction = gpu.memory_fraction
-    full = fraction is not None and fraction > 0.9
+    full = fraction is not None and fraction > GPU_MEMORY_ALERT_FRACTION
     out.append_text(hbar(fraction, 6, p.bad if full else p.bar, p.bar_empty))
     memory = f"{fmt.gib(gpu.memory_used)}/{fmt.gib(gpu.memory_total)} GiB"
     out.append(fit(memory, 15, right=True), p.dim if gpu.memory_used is None else (p.bad if full else p.text))
-    hot = gpu.temperature is not None and gpu.temperature >= 85
+    hot = gpu.temperature is not None and gpu.temperature >= GPU_HOT_C
     temperature = "? °C" if gpu.temperature is None else f"{gpu.temperature:.0f} °C"
     out.append(fit(temperature, 8, right=True), p.dim if gpu.temperature is None else (p.bad if hot else p.text))
     power = "? W" if gpu.power is None else f"{gpu.power:.0f} W"
