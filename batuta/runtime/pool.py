@@ -4,7 +4,8 @@ The pool is the thin shell of the dask worker-state-machine pattern: it turns wh
 agents say into scheduler events, runs the scheduler's instructions (send, steal back,
 abort, resolve), keeps each task's payload and future, and publishes events for observers.
 Every placement decision is the core's; whether a host is alive is `core.liveness`'s, driven
-by `runtime.hosts`. The future and the builder live beside it (`future.py`, `builder.py`).
+by `runtime.hosts`. The future and the builder live beside it (`future.py`, `builder.py`),
+and so does the reading of what hosts say (`inbound.py`).
 
     async with Pool.builder().cpu_workers(4).build() as pool:
         result = await pool.run(Task.kernel("vadd", a, b))
@@ -34,11 +35,11 @@ from batuta.protocol import messages as m
 from batuta.protocol.codec import check_value
 from batuta.protocol.errors import LocalProtocolError
 from batuta.runtime import events as pe
-from batuta.runtime import mapping, stream
+from batuta.runtime import inbound, mapping, stream
 from batuta.runtime.builder import PoolBuilder, PoolConfig, local_host
 from batuta.runtime.code import CodeCollector, ShippedCode
 from batuta.runtime.future import ResultStore, TaskFuture
-from batuta.runtime.hosts import HostSupervisor, telemetry_event
+from batuta.runtime.hosts import HostSupervisor
 from batuta.runtime.objects import ObjectTable
 from batuta.runtime.session import HostSession, HostSpec, SendBudget
 from batuta.runtime.views import HostView, PoolStats, SlotView
@@ -481,67 +482,7 @@ class Pool:
         self._handle(joined)
 
     def host_messages(self, session: HostSession, messages: list[m.Message]) -> None:
-        events: list[ev.Event] = []
-        publish = self.events.active
-        now = self._now()
-        host = session.name
-        for msg in messages:
-            if isinstance(msg, m.Done):
-                for outcome in msg.results:
-                    events.append(
-                        ev.TaskOutcomeReported(
-                            task_id=outcome.task_id,
-                            slot_id=f"{host}/{outcome.slot}",
-                            attempt=outcome.attempt,
-                            outcome=outcome.status,
-                            run_s=outcome.run_s,
-                            reason=outcome.error or "",
-                            payload=outcome,
-                        )
-                    )
-            elif isinstance(msg, m.Started):
-                events.extend(self._started_events(host, msg.task_ids, now, publish))
-            elif isinstance(msg, m.StealBackReply):
-                events.append(
-                    ev.StealBackAnswered(
-                        slot_id=f"{host}/{msg.slot}", returned=tuple(msg.returned), refused=tuple(msg.refused)
-                    )
-                )
-            elif isinstance(msg, m.Heartbeat):
-                if publish:
-                    self.events.publish(telemetry_event(session, msg, now))
-            elif isinstance(msg, m.SlotChanged):
-                events.extend(self._slot_state_events(session, msg, now))
-            elif isinstance(msg, m.CodeLoaded):
-                for module, error in msg.errors.items():  # its tasks fail saying so; the rest run
-                    log.warning("host %s: importing %s failed: %s", host, module, error)
-            elif isinstance(msg, m.Bye):
-                log.info("host %s says bye: %s", host, msg.reason)
-            elif isinstance(msg, m.Error):
-                log.error("host %s reports a protocol error: %s", host, msg.message)
-        self._handle(events)
-
-    def _started_events(self, host: str, task_ids: Iterable[int], now: float, publish: bool) -> list[ev.Event]:
-        events: list[ev.Event] = []
-        for task_id in task_ids:
-            pending = self._pending.get(task_id)
-            if pending is None or pending.slot_id is None or not pending.slot_id.startswith(host + "/"):
-                continue
-            pending.started_at = now
-            events.append(ev.TaskStartReported(task_id=task_id, slot_id=pending.slot_id))
-            if publish:
-                self.events.publish(
-                    pe.TaskStarted(
-                        task_id=task_id,
-                        name=pending.task.name,
-                        host=host,
-                        slot=pending.slot_id,
-                        attempt=self._scheduler.attempts(task_id),
-                        at=now,
-                        job=pending.job,
-                    )
-                )
-        return events
+        self._handle(inbound.events_from(self, session, messages))
 
     def host_lost(self, host: str, reason: str, *, retired: bool) -> None:
         """Liveness decided: the host is lost (relaunched later) or retired (never again)."""
@@ -598,7 +539,7 @@ class Pool:
             if isinstance(ins, ev.SendTasks):
                 self._send_tasks(ins)
             elif isinstance(ins, ev.ResolveTask):
-                self._resolve(ins)
+                inbound.resolve(self, ins)
                 resolved = True
             elif isinstance(ins, ev.RequestStealBack):
                 session, index = self._slot_of[ins.slot_id]
@@ -647,24 +588,6 @@ class Pool:
             )
             nbytes += pending._nbytes
         session.send(m.Run(tasks=tuple(requests)), nbytes)
-
-    def _resolve(self, ins: ev.ResolveTask) -> None:
-        outcome = ins.payload
-        if isinstance(outcome, m.TaskOutcome):  # decided by the agent's report: it carries the value
-            self._finish(
-                ins.task_id,
-                ins.status,
-                reason=outcome.error or ins.reason or None,
-                slot_id=ins.slot_id,
-                attempts=ins.attempts,
-                value=outcome.value,
-                stdout=outcome.stdout,
-                stderr=outcome.stderr,
-                exit_code=outcome.exit_code,
-                run_s=outcome.run_s,
-            )
-        else:
-            self._finish(ins.task_id, ins.status, reason=ins.reason or None, slot_id=ins.slot_id, attempts=ins.attempts)
 
     def _finish(
         self,
@@ -760,20 +683,3 @@ class Pool:
                         job=pending.job,
                     )
                 )
-
-    def _slot_state_events(self, session: HostSession, msg: m.SlotChanged, now: float) -> list[ev.Event]:
-        slot_id = f"{session.name}/{msg.slot}"
-        if self.events.active:
-            self.events.publish(
-                pe.SlotStateChanged(host=session.name, slot=slot_id, state=msg.state, reason=msg.reason, at=now)
-            )
-        if slot_id not in self._slot_of:
-            return []
-        if msg.state == m.SLOT_DOWN:
-            return [ev.SlotLost(slot_id=slot_id, reason=msg.reason or "worker process gave up")]
-        if msg.state == m.SLOT_UP:
-            views = {v.slot_id: v for v in self._scheduler.slots()}
-            view = views.get(slot_id)
-            if view is not None and view.state in ("lost", "retired"):
-                return [ev.SlotJoined(slot_id=slot_id, host_id=session.name, capabilities=view.capabilities)]
-        return []
