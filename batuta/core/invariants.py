@@ -58,6 +58,10 @@ def validate(scheduler: Scheduler) -> None:
                 _violation(scheduler, entry, f"needs {sorted(entry.requires)} but sits on {slot.slot_id}")
         if slot.state in (SlotState.LOST, SlotState.RETIRED) and (slot.window or slot.deque):
             raise InvariantViolation(f"lost slot {slot.slot_id} still holds tasks")
+    for task_id, entry in scheduler._deps.waiting.items():
+        place(entry, "waiting")
+        if task_id != entry.task_id or entry.place is not Place.WAITING or entry.unmet <= 0 or entry.resolved:
+            _violation(scheduler, entry, f"waiting but marked {entry.place.name}, {entry.unmet} unmet")
     if injector_live + deque_total != scheduler._queued:
         raise InvariantViolation(f"queued counter {scheduler._queued} != {injector_live} + {deque_total}")
     for task_id, entry in tasks.items():

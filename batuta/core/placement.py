@@ -38,6 +38,7 @@ class Place(enum.IntEnum):
     DEQUE = 1
     WINDOW = 2
     GONE = 3  # resolved and no longer occupying anything
+    WAITING = 4  # for upstream tasks or kept objects (see deps.py); in no queue
 
 
 class SlotState(enum.Enum):
@@ -60,6 +61,8 @@ class SchedulerConfig:
     timeout_grace: float = 5.0  # backstop beyond an agent's own timeout enforcement
     story_length: int = 0  # >0 keeps a ring of recent transitions for error messages
     run_time_smoothing: float = 0.2  # weight of the newest run time in the moving average
+    locality_min_bytes: int = 1 << 20  # kept input bytes on one host that make it the task's home
+    locality_slack: int = 4  # a home deque longer than this may be stolen from by other hosts
 
 
 @dataclass(slots=True, eq=False)
@@ -81,6 +84,10 @@ class TaskEntry:
     steal_pending: bool = False
     steal_refused: bool = False  # the agent refused it (it started), or it was stolen back once
     reasons: list[str] | None = None
+    keep_as: int = 0  # the object its result is kept as (deps.py)
+    reads: tuple[int, ...] = ()  # kept objects it reads
+    unmet: int = 0  # upstream tasks and objects it still waits for
+    home: HostId | None = None  # the host holding its inputs, when queued there for locality
 
 
 @dataclass(slots=True, eq=False)

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, TypeVar
 
-from batuta.core import invariants
+from batuta.core import deps, invariants
 from batuta.core.events import (
     AbortTasks,
     AnnounceDrained,
@@ -55,6 +55,7 @@ from batuta.core.events import (
     HostId,
     HostLost,
     Instruction,
+    ObjectReleased,
     ResolveTask,
     RoundTripMeasured,
     SchedulingPaused,
@@ -151,11 +152,13 @@ class Scheduler:
                 _handler(HostDrainRequested, self._on_drain),
                 _handler(RoundTripMeasured, self._on_round_trip),
                 _handler(ShutdownRequested, self._on_shutdown),
+                _handler(ObjectReleased, partial(deps.on_released, self)),
             ]
         )
         self._shut_down = False
         self._offered: frozenset[str] = frozenset()
         self._offered_epoch = -1
+        self._deps = deps.DependencyTable()
 
     # -- public API -------------------------------------------------------------------------
 
@@ -192,6 +195,11 @@ class Scheduler:
     @property
     def unresolved(self) -> int:
         return sum(1 for e in self._tasks.values() if not e.resolved)
+
+    @property
+    def waiting(self) -> int:
+        """Tasks waiting for upstream tasks or kept objects (see `deps.py`)."""
+        return len(self._deps.waiting)
 
     @property
     def paused(self) -> bool:
@@ -273,6 +281,10 @@ class Scheduler:
         if not self._can_ever_run(klass):
             self._resolve(entry, TaskStatus.UNSCHEDULABLE, self._unschedulable_reason(entry))
             return
+        if (ev.after or ev.reads or ev.keep_as) and (deps.on_submitted(self, entry, ev) or ev.reads):
+            if entry.place is not Place.WAITING and not entry.resolved:
+                deps.place_ready(self, entry)  # where its inputs are
+            return
         self._push_injector(entry, klass)
         self._note(entry, "queued")
         self._feed_hungry(klass)
@@ -303,6 +315,8 @@ class Scheduler:
         self._capability_epoch += 1
 
     def _on_host_lost(self, ev: HostLost) -> None:
+        if self._deps.objects:  # first: its tasks requeued below must see their inputs gone
+            deps.on_host_lost(self, ev.host_id, ev.reason)
         if ev.retired and self._expected.pop(ev.host_id, None) is not None:
             self._capability_epoch += 1
         for slot in [s for s in self._slots.values() if s.host_id == ev.host_id]:
@@ -359,6 +373,8 @@ class Scheduler:
             slot.completed += 1
             if ev.outcome is _OK or ev.outcome is _ERROR:
                 self._observe_run_time(slot, ev.run_s)
+            if entry.keep_as:
+                deps.on_kept(self, entry, ev.kept_bytes)
             self._resolve(entry, status, ev.reason, slot_id=slot.slot_id, payload=ev.payload)
         self._refill(slot)
 
@@ -421,8 +437,10 @@ class Scheduler:
         """Resolve everything as cancelled, in submission order, and forget every placement:
         the hosts are being shut down, so nothing is aborted or stolen back."""
         for entry in sorted((e for e in self._tasks.values() if not e.resolved), key=lambda e: e.task_id):
-            self._resolve(entry, TaskStatus.CANCELLED, ev.reason)
+            if not entry.resolved:  # its upstream's cancellation may have resolved it meanwhile
+                self._resolve(entry, TaskStatus.CANCELLED, ev.reason)
         self._tasks = {}
+        self._deps = deps.DependencyTable()
         for slot in self._slots.values():
             slot.deque.clear()
             slot.window.clear()
@@ -609,6 +627,8 @@ class Scheduler:
             AnnounceRequeue(task_id=entry.task_id, slot_id=slot.slot_id, attempts=entry.attempts, reason=reason)
         )
         self._note(entry, f"requeued: {reason}")
+        if entry.reads and deps.park_if_unready(self, entry):
+            return
         klass = self._class_of(entry.requires)
         self._push_injector(entry, klass)
         self._feed_hungry(klass)
@@ -618,7 +638,8 @@ class Scheduler:
             entry = slot.deque.popleft()
             self._queued -= 1
             entry.slot = None
-            self._push_injector(entry, self._class_of(entry.requires))
+            if not (entry.reads and deps.park_if_unready(self, entry)):
+                self._push_injector(entry, self._class_of(entry.requires))
 
     def _after_capacity_change(self) -> None:
         """After a loss: feed survivors, and fail work nothing can ever run again."""
@@ -668,6 +689,9 @@ class Scheduler:
                 payload=payload,
             )
         )
+        if self._deps.active:  # after its own ResolveTask: its dependents' follow
+            slot = self._slots.get(slot_id) if slot_id is not None else None
+            deps.on_resolved(self, entry, status, reason, slot.host_id if slot is not None else None)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -695,6 +719,7 @@ class Scheduler:
     def _push_injector(self, entry: TaskEntry, klass: CapabilityClass) -> None:
         entry.place = Place.INJECTOR
         entry.slot = None
+        entry.home = None
         entry.token += 1
         klass.live += 1
         self._queued += 1

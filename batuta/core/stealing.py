@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
+from batuta.core.deps import may_steal
 from batuta.core.events import RequestStealBack, StealBackAnswered
 from batuta.core.placement import Place, SlotRecord, SlotState, TaskEntry
 
@@ -29,18 +30,22 @@ if TYPE_CHECKING:
 
 
 def steal_from_deque(scheduler: Scheduler, thief: SlotRecord) -> TaskEntry | None:
-    """Take the oldest task `thief` can run from a random victim's deque, if any holds one."""
+    """Take the oldest task `thief` can run from a random victim's deque, if any holds one
+    (a task queued where its inputs are only from a long deque: `deps.may_steal`)."""
     caps = thief.capabilities
+    slack = scheduler.config.locality_slack
     victims = [
         s
         for s in scheduler._slots.values()
-        if s is not thief and s.deque and any(e.requires <= caps for e in _head(s.deque))
+        if s is not thief
+        and s.deque
+        and any(e.requires <= caps and may_steal(e, thief, len(s.deque), slack) for e in _head(s.deque))
     ]
     if not victims:
         return None
     victim = victims[scheduler._rng.randrange(len(victims))] if len(victims) > 1 else victims[0]
     for i, entry in enumerate(_head(victim.deque)):
-        if entry.requires <= caps:
+        if entry.requires <= caps and may_steal(entry, thief, len(victim.deque), slack):
             del victim.deque[i]
             scheduler._queued -= 1
             victim.steals_out += 1
@@ -61,7 +66,12 @@ def try_steal_back(scheduler: Scheduler, thief: SlotRecord) -> None:
         stealable = [
             e
             for e in victim.window.values()
-            if not e.started and not e.resolved and not e.steal_pending and not e.steal_refused and e.requires <= caps
+            if not e.started
+            and not e.resolved
+            and not e.steal_pending
+            and not e.steal_refused
+            and e.requires <= caps
+            and (e.home is None or e.home == thief.host_id)  # sent where its inputs are: stays
         ]
         # An idle victim would start its only task itself; taking it just moves the wait.
         busy = len(stealable) < len(victim.window)
