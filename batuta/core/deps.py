@@ -31,7 +31,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from batuta.core.events import HostId, ObjectReleased, RecomputeObject, TaskSubmitted
+from batuta.core.events import HostId, ObjectLost, ObjectReleased, RecomputeObject, TaskSubmitted
 from batuta.core.placement import Place, SlotRecord, SlotState, TaskEntry
 from batuta.core.task import TaskStatus
 
@@ -139,6 +139,10 @@ def place_ready(s: Scheduler, entry: TaskEntry) -> None:
     s._queued += 1
     s._note(entry, f"queued at {home.slot_id}, where its inputs are")
     s._refill(home)
+    if len(home.deque) > s.config.locality_slack:  # a backlog there: idle slots elsewhere may take some
+        for slot in list(s._hungry.values()):
+            if slot is not home:
+                s._fill(slot)
 
 
 def home_slot(s: Scheduler, entry: TaskEntry) -> SlotRecord | None:
@@ -233,13 +237,23 @@ def on_released(s: Scheduler, ev: ObjectReleased) -> None:
         del s._deps.kept_by[record.producer]
 
 
+def on_lost(s: Scheduler, ev: ObjectLost) -> None:
+    """The runtime cannot make the object again: its readers fail, naming it."""
+    record = s._deps.objects.get(ev.object_id)
+    if record is not None and record.state is not ObjectState.FAILED:
+        s._deps.kept_by.pop(record.producer, None)
+        _fail_object(s, record, f"input object {ev.object_id} is lost: {ev.reason}", TaskStatus.LOST)
+
+
 def _satisfy(s: Scheduler, entry: TaskEntry) -> None:
     if entry.resolved or entry.place is not Place.WAITING:
         return
     entry.unmet -= 1
     if entry.unmet == 0:
         del s._deps.waiting[entry.task_id]
-        place_ready(s, entry)
+        # an object it found ready at submission may have been lost since: look again
+        if not (entry.reads and _park_or_fail(s, entry)):
+            place_ready(s, entry)
 
 
 def _fail_object(s: Scheduler, record: ObjectRecord, why: str, status: TaskStatus) -> None:

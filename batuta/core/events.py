@@ -153,6 +153,14 @@ class ObjectReleased:
     object_id: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ObjectLost:
+    """A kept object cannot be made again (its lineage is gone): the tasks reading it fail."""
+
+    object_id: int
+    reason: str
+
+
 Event = (
     TaskSubmitted
     | SlotJoined
@@ -170,6 +178,7 @@ Event = (
     | ShutdownRequested
     | RoundTripMeasured
     | ObjectReleased
+    | ObjectLost
 )
 
 

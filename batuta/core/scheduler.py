@@ -55,6 +55,7 @@ from batuta.core.events import (
     HostId,
     HostLost,
     Instruction,
+    ObjectLost,
     ObjectReleased,
     ResolveTask,
     RoundTripMeasured,
@@ -153,6 +154,7 @@ class Scheduler:
                 _handler(RoundTripMeasured, self._on_round_trip),
                 _handler(ShutdownRequested, self._on_shutdown),
                 _handler(ObjectReleased, partial(deps.on_released, self)),
+                _handler(ObjectLost, partial(deps.on_lost, self)),
             ]
         )
         self._shut_down = False

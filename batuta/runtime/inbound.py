@@ -33,6 +33,9 @@ def events_from(pool: Pool, session: HostSession, messages: list[m.Message]) -> 
     for msg in messages:
         if isinstance(msg, m.Done):
             for outcome in msg.results:
+                if pool._data.is_fetch(outcome.task_id):  # a Fetch answered like a task result
+                    pool._data.fetched(outcome)
+                    continue
                 events.append(
                     ev.TaskOutcomeReported(
                         task_id=outcome.task_id,
@@ -42,6 +45,7 @@ def events_from(pool: Pool, session: HostSession, messages: list[m.Message]) -> 
                         run_s=outcome.run_s,
                         reason=outcome.error or "",
                         payload=outcome,
+                        kept_bytes=_kept_bytes(outcome),
                     )
                 )
         elif isinstance(msg, m.Started):
@@ -65,6 +69,14 @@ def events_from(pool: Pool, session: HostSession, messages: list[m.Message]) -> 
         elif isinstance(msg, m.Error):
             log.error("host %s reports a protocol error: %s", host, msg.message)
     return events
+
+
+def _kept_bytes(outcome: m.TaskOutcome) -> int:
+    """The bytes a kept result holds on its host, from the agent's `(ref, nbytes, shape, dtype)`."""
+    value = outcome.value
+    if type(value) is tuple and len(value) == 4 and type(value[1]) is int:
+        return value[1]
+    return 0
 
 
 def started_events(pool: Pool, host: str, task_ids: Iterable[int], now: float, publish: bool) -> list[ev.Event]:

@@ -38,9 +38,10 @@ from batuta.runtime import events as pe
 from batuta.runtime import inbound, mapping, stream
 from batuta.runtime.builder import PoolBuilder, PoolConfig, local_host
 from batuta.runtime.code import CodeCollector, ShippedCode
+from batuta.runtime.dataplane import DataPlane, Prepared
 from batuta.runtime.future import ResultStore, TaskFuture
 from batuta.runtime.hosts import HostSupervisor
-from batuta.runtime.objects import ObjectTable
+from batuta.runtime.objects import KeptObject, ObjectTable
 from batuta.runtime.session import HostSession, HostSpec, SendBudget
 from batuta.runtime.views import HostView, PoolStats, SlotView
 from batuta.runtime.wakeup import WakeupTimer
@@ -115,6 +116,7 @@ class Pool:
         self._device_of: dict[str, str] = {}  # GPU slot id -> "name (N SMs)"
         self._restored = 0
         self._objects = ObjectTable()
+        self._data = DataPlane(self)
         self._code_of: dict[str, str] = {}  # host -> digest of the user's code it runs
         self._shipped = ShippedCode()  # the journal keys the user's kernels by its digest
         # Submissions of one loop turn reach the scheduler together (see `_handle`): one
@@ -196,14 +198,20 @@ class Pool:
 
     # -- submitting -------------------------------------------------------------------------
 
-    async def submit(self, task: Task) -> TaskFuture:
+    async def submit(self, task: Task, *, keep: bool = False) -> TaskFuture:
         """Queue a task; waits while the pool holds `max_queued` tasks, or while more than
-        `send_budget` bytes wait for hosts that are slow to read them (backpressure)."""
+        `send_budget` bytes wait for hosts that are slow to read them (backpressure).
+
+        `keep=True` leaves the result on the host that made it: the future's value is an
+        `ObjectRef` (shape, dtype, nbytes, host) to pass to other tasks, which then run there
+        if they can; `await pool.get(ref)` fetches it, `pool.drop(ref)` frees it. A task whose
+        arguments name an unfinished `TaskFuture` (or a kept ref) waits for it, and fails
+        (or is cancelled) with its upstream, naming it."""
         while not self._scheduler.can_accept(len(self._submitted) + 1) or self._over_budget():
             self._check_open()
             self._space.clear()
             await self._space.wait()
-        future = self.submit_nowait(task)
+        future = self.submit_nowait(task, keep=keep)
         if self._burst_bytes >= self.config.send_high_water:
             # A burst of big arguments: place it and let the sessions write it now, so that
             # the next submission sees whether the hosts keep up (their flushes are queued).
@@ -212,11 +220,14 @@ class Pool:
             await asyncio.sleep(0)
         return future
 
-    def submit_nowait(self, task: Task) -> TaskFuture:
-        """Queue a task now; raises UsageError if the pool is full (see `submit`)."""
+    def submit_nowait(self, task: Task, *, keep: bool = False, _remake: KeptObject | None = None) -> TaskFuture:
+        """Queue a task now; raises UsageError if the pool is full (see `submit`). `_remake`:
+        a kept object lost with its host, whose recorded task runs again (lineage)."""
         self._check_open()
         if not isinstance(task, Task):
             raise UsageError(f"submit() takes a batuta.Task, not {type(task).__name__}")
+        prepared = self._data.prepare(task) if _remake is None else Prepared(task, reads=_remake.reads)
+        call = prepared.task.call
         if not self._scheduler.can_accept(len(self._submitted) + 1):
             raise UsageError(
                 f"the pool holds max_queued={self.config.scheduler.max_queued} tasks; "
@@ -225,9 +236,9 @@ class Pool:
         loop = self._loop
         assert loop is not None
         nbytes = 0
-        if isinstance(task.call, KernelCall) and task.call.args:
+        if isinstance(call, KernelCall) and call.args:
             try:  # refuse here what the wire cannot carry, rather than failing a whole batch later
-                nbytes = check_value(task.call.args, where=f"task {task.name!r} arguments")
+                nbytes = check_value(call.args, where=f"task {task.name!r} arguments")
             except LocalProtocolError as exc:
                 raise UsageError(str(exc)) from None
         choice = select_backend(
@@ -244,16 +255,22 @@ class Pool:
         job = _current_job.get()
         future = TaskFuture(self, task_id, task, choice, job, now)
         future._nbytes = nbytes
+        future._call = call
         self._burst_bytes += nbytes
-        if self._store is not None:
+        plain = _remake is None and not keep and prepared.task is task
+        if self._store is not None and plain:
             future._code = self._shipped.digest_for(task.call)
             kept = self._store.lookup(task, job, code=future._code)
             if kept is not None:
                 return self._restore(future, replace(kept, task_id=task_id, job=job, restored=True))
-        if isinstance(task.call, KernelCall) and task.call.args:
-            refs = refs_in(task.call.args)
+        if isinstance(call, KernelCall) and call.args:
+            refs = refs_in(call.args)
             if refs:
                 future._object_ids = self._objects.acquire(refs, task.name)
+        if _remake is not None:
+            future._keep = _remake.object_id
+        elif keep:
+            future._keep = self._objects.keep(prepared.task, job, future, prepared.reads, prepared.after)
         self._pending[task_id] = future
         if self.events.active:
             self.events.publish(
@@ -264,8 +281,13 @@ class Pool:
                     at=now,
                     backend_reason=choice.reason,
                     job=job,
+                    waiting_on=self._data.waiting_on(prepared),
                 )
             )
+        if prepared.failed is not None:  # an upstream ended badly before this was submitted
+            status, reason = prepared.failed
+            self._finish(task_id, status, reason=reason)
+            return future
         self._submitted.append(
             ev.TaskSubmitted(
                 task_id=task_id,
@@ -273,6 +295,9 @@ class Pool:
                 requires=requires,
                 timeout=task.timeout,
                 max_attempts=task.max_attempts,
+                after=prepared.after,
+                reads=prepared.reads,
+                keep_as=future._keep,
             )
         )
         if len(self._submitted) == 1:
@@ -308,11 +333,13 @@ class Pool:
         priority: Priority = Priority.NORMAL,
         timeout: float | None = None,
         max_attempts: int = 3,
+        keep: bool = False,
     ) -> list[Any]:
         """Run `kernel` once per item (a tuple of args, or one arg) and return values in order.
 
         Fails fast: the first failed task cancels the rest and raises TaskFailedError with
         its result. For coarse granularity pass chunks, not elements (see `map_chunked`).
+        `keep=True`: the values are ObjectRefs to results left where they were made.
         """
         tasks = (
             Task.kernel(
@@ -325,7 +352,7 @@ class Pool:
             )
             for item in items
         )
-        return await mapping.map_tasks(self, tasks)
+        return await mapping.map_tasks(self, tasks, keep=keep)
 
     async def map_chunked(
         self,
@@ -355,16 +382,30 @@ class Pool:
         return self._objects.put(value)
 
     def drop(self, ref: ObjectRef) -> None:
-        """Release a `put` value, here and on the hosts, once no unresolved task names it."""
+        """Release a `put` value or a kept result, here and on every host holding it, once
+        no unresolved task names it."""
         if not isinstance(ref, ObjectRef):
             raise UsageError(f"pool.drop takes the ObjectRef that pool.put returned, not {type(ref).__name__}")
         self._send_drops(self._objects.drop(ref))
 
-    def _send_drops(self, drops: dict[str, tuple[int, ...]]) -> None:
+    async def get(self, ref: ObjectRef) -> Any:
+        """The value of a kept result (`keep=True`), fetched from a host that holds it; it waits
+        for the value to be made (or made again after its host was lost). A put value is
+        returned as it is. Raises ObjectLostError when it can no longer be had."""
+        if not isinstance(ref, ObjectRef):
+            raise UsageError(f"pool.get takes an ObjectRef (from keep=True or pool.put), not {type(ref).__name__}")
+        self._check_open()
+        return await self._data.get(ref)
+
+    def _send_drops(self, dropped: tuple[dict[str, tuple[int, ...]], list[int]]) -> None:
+        drops, forgotten = dropped
         for host, object_ids in drops.items():
             session = self._hosts.sessions.get(host)
             if session is not None:
                 session.send(m.Drop(object_ids=object_ids))
+        if forgotten:  # the scheduler never makes them again; on the next turn (we may be in _handle)
+            released: list[ev.Event] = [ev.ObjectReleased(object_id=i) for i in forgotten]
+            self._call_later(lambda: self._handle(released))
 
     def set_result_store(self, store: ResultStore | None) -> None:
         """Consult `store` before running each task and record every success in it."""
@@ -437,6 +478,9 @@ class Pool:
             retries=s.retries,
             dropped_results=s.dropped_results,
             restored=self._restored,
+            waiting=self._scheduler.waiting,
+            relayed_bytes=self._objects.relayed_bytes,
+            fetched_bytes=self._objects.fetched_bytes,
         )
 
     def slots(self) -> list[SlotView]:
@@ -492,6 +536,8 @@ class Pool:
             self.host_state_changed(host, "retired", reason)
         elif self.events.active:
             self.events.publish(pe.HostDown(host=host, reason=reason, at=self._now()))
+        self._data.host_lost(host)  # its fetches end; its objects are gone with its agent
+        self._objects.host_reset(host)
         self._handle([ev.HostLost(host_id=host, reason=reason, retired=retired)])
         self._wake_submitters()  # its unread bytes left the send budget with it
 
@@ -535,6 +581,13 @@ class Pool:
 
     def _execute(self, instructions: list[ev.Instruction]) -> None:
         resolved = False
+        if self._objects.in_use and len(instructions) > 1:
+            # resolutions first: a task sent in this batch may read a value resolved in it
+            # (not those of tasks sent in it: a cancel of a task just sent resolves it too)
+            sent = {t for i in instructions if isinstance(i, ev.SendTasks) for t in i.task_ids}
+            first = [i for i in instructions if isinstance(i, ev.ResolveTask) and i.task_id not in sent]
+            if first:
+                instructions = first + [i for i in instructions if not any(i is f for f in first)]
         for ins in instructions:
             if isinstance(ins, ev.SendTasks):
                 self._send_tasks(ins)
@@ -551,6 +604,8 @@ class Pool:
                 self._on_requeued(ins)
             elif isinstance(ins, ev.AnnounceDrained):
                 self.host_state_changed(ins.host_id, "drained", "no work left")
+            elif isinstance(ins, ev.RecomputeObject):
+                self._remake(ins)
         if resolved and not self._space.is_set() and self._scheduler.can_accept() and not self._over_budget():
             self._space.set()
         if self._loop is not None:
@@ -566,28 +621,30 @@ class Pool:
         nbytes = 0
         for task_id, attempt in zip(ins.task_ids, ins.attempts, strict=True):
             pending = self._pending[task_id]
-            if pending._object_ids:  # the values go first, in the same write as the Run
-                for put, put_bytes in self._objects.puts_for(session.name, pending._object_ids):
-                    session.send(put, put_bytes)
             pending.slot_id = ins.slot_id
             pending.started_at = None
+            task = pending.task
+            request = m.TaskRequest(
+                task_id=task_id,
+                slot=index,
+                attempt=attempt,
+                call=pending._call,
+                timeout=task.timeout,
+                backend=pending._choice.backend.value,
+                code=code,
+                keep=pending._keep,
+            )
+            # the values go first, in the same write as the Run; kept values this host lacks
+            # are relayed first, and the Run waits for them (dataplane.py)
+            if pending._object_ids and not self._data.send(session, ins.slot_id, pending, request):
+                continue
             if requests and nbytes + pending._nbytes > limit:
                 session.send(m.Run(tasks=tuple(requests)), nbytes)
                 requests, nbytes = [], 0
-            task = pending.task
-            requests.append(
-                m.TaskRequest(
-                    task_id=task_id,
-                    slot=index,
-                    attempt=attempt,
-                    call=task.call,
-                    timeout=task.timeout,
-                    backend=pending._choice.backend.value,
-                    code=code,
-                )
-            )
+            requests.append(request)
             nbytes += pending._nbytes
-        session.send(m.Run(tasks=tuple(requests)), nbytes)
+        if requests:
+            session.send(m.Run(tasks=tuple(requests)), nbytes)
 
     def _finish(
         self,
@@ -611,6 +668,9 @@ class Pool:
             # so a burst of a million queued tasks does not hold its peak for the pool's life
             self._pending = {}
         now = self._now()
+        if pending._keep:
+            status, value, reason = self._kept_result(pending, status, value, reason, slot_id)
+        self._objects.task_finished(task_id, value, status is TaskStatus.SUCCEEDED)
         started = pending.started_at if pending.started_at is not None else now - run_s
         queue_wait = max(0.0, started - pending.submitted_at) if slot_id else max(0.0, now - pending.submitted_at)
         host = slot_id.split("/", 1)[0] if slot_id else None
@@ -645,6 +705,56 @@ class Pool:
         pending._resolve(result)
         if self.events.active:
             self.events.publish(pe.TaskFinished(result=result, at=now))
+
+    def _kept_result(
+        self, pending: TaskFuture, status: TaskStatus, value: Any, reason: str | None, slot_id: str | None
+    ) -> tuple[TaskStatus, Any, str | None]:
+        """A kept task's (status, value, reason): its value is the ObjectRef to what its host kept."""
+        object_id = pending._keep
+        if status is not TaskStatus.SUCCEEDED or slot_id is None:
+            self._objects.kept_lost(object_id, f"its producer, task {pending.task_id}, {status.value}: {reason}")
+            return status, None, reason
+        if not (type(value) is tuple and len(value) == 4 and type(value[0]) is ObjectRef and type(value[1]) is int):
+            why = f"the agent reported a kept result as {type(value).__name__}, not (ref, nbytes, shape, dtype)"
+            self._objects.kept_lost(object_id, why)
+            return TaskStatus.FAILED, None, why
+        _ref, nbytes, shape, dtype = value
+        host = slot_id.split("/", 1)[0]
+        size = 1
+        for n in shape if type(shape) is tuple else ():
+            size *= int(n)
+        ref = ObjectRef(
+            object_id,
+            digest=f"kept-{object_id}",
+            nbytes=nbytes,
+            size=size if shape else 0,
+            shape=tuple(shape) if type(shape) is tuple else (),
+            dtype=dtype if type(dtype) is str else "",
+            host=host,
+        )
+        self._objects.kept_made(object_id, host, ref)
+        return status, ref, reason
+
+    def _remake(self, ins: ev.RecomputeObject) -> None:
+        """Run a lost kept object's recorded task again, as a new task (lineage)."""
+        kept = self._objects.kept(ins.object_id)
+        if kept is None or self._closed:
+            return
+        try:
+            kept.producer = self.submit_nowait(kept.task, _remake=kept)
+        except UsageError as exc:  # an input of its own was dropped meanwhile: it cannot be remade
+            why = f"lost ({ins.reason}) and cannot be made again: {exc}"
+            self._objects.kept_lost(ins.object_id, why)
+            lost: list[ev.Event] = [ev.ObjectLost(object_id=ins.object_id, reason=why)]
+            self._call_later(lambda: self._handle(lost))
+            return
+        log.info(
+            "object %d %s: running task %d again as %d", ins.object_id, ins.reason, ins.task_id, kept.producer.task_id
+        )
+
+    def _call_later(self, callback: Callable[[], None]) -> None:
+        loop = self._loop or asyncio.get_running_loop()
+        loop.call_soon(callback)
 
     def _restore(self, future: TaskFuture, result: TaskResult) -> TaskFuture:
         future._resolve(result)
