@@ -176,13 +176,12 @@ def test_random_pipelines_under_faults_resolve_each_task_once_and_never_hang(ste
         elif kind == "cancel":
             if sim.submitted:
                 sim.handle(ev.CancelRequested(task_id=sim.submitted[step[1] % len(sim.submitted)]))
-        elif kind == "release":
+        elif kind == "release" and objects:
             # as the pool does: only an object that no unresolved task reads is released
-            if objects:
-                object_id = objects[step[1] % len(objects)]
-                readers = [t for t, reads in sim.reads_of.items() if object_id in reads and t not in sim.resolved]
-                if not readers:
-                    sim.handle(ev.ObjectReleased(object_id=object_id))
+            object_id = objects[step[1] % len(objects)]
+            readers = [t for t, reads in sim.reads_of.items() if object_id in reads and t not in sim.resolved]
+            if not readers:
+                sim.handle(ev.ObjectReleased(object_id=object_id))
         sim.sched.validate()
         for task_id, resolutions in sim.resolved.items():
             assert len(resolutions) == 1, f"task {task_id} resolved twice: {resolutions}"
