@@ -7,7 +7,6 @@ step to one side only). Loaded into the agents with --kernel-module.
 from __future__ import annotations
 
 import numpy as np
-
 from batuta.kernels import kernel
 
 
