@@ -30,6 +30,7 @@ from batuta.core.task import KernelCall, Outcome, Task, TaskStatus
 from batuta.errors import ObjectLostError, UsageError
 from batuta.protocol import messages as m
 from batuta.runtime.future import TaskFuture
+from batuta.runtime.objects import lineage_digest
 from batuta.runtime.session import HostSession
 
 if TYPE_CHECKING:
@@ -148,9 +149,15 @@ class DataPlane:
             return value
         if future._keep:
             reads.append(future._keep)
-            return ObjectRef(future._keep)
+            kept = objects.kept(future._keep)
+            return ObjectRef(future._keep, digest=kept.digest if kept is not None else "")
         after.append(future.task_id)
-        return ObjectRef(objects.fed_object(future.task_id))
+        digest = f"fed:{self.digest_of(future._call, future)}" if self._pool._store is not None else ""
+        return ObjectRef(objects.fed_object(future.task_id), digest=digest)
+
+    @staticmethod
+    def digest_of(call: Any, future: TaskFuture) -> str:
+        return lineage_digest(call, future._choice.backend.value)
 
     def waiting_on(self, prepared: Prepared) -> tuple[int, ...]:
         """The unfinished tasks whose results a prepared task needs (for observers)."""

@@ -46,6 +46,7 @@ class TaskFuture:
         "_callbacks",
         "_choice",
         "_code",
+        "_journal_task",
         "_keep",
         "_nbytes",
         "_object_ids",
@@ -77,6 +78,7 @@ class TaskFuture:
         self._code = ""  # the code digest its ResultStore key names (see ResultStore)
         self._call: KernelCall | BinaryCall = task.call  # as sent: futures among its arguments replaced
         self._keep = 0  # the object its result is kept as (keep=True), 0 when it comes back
+        self._journal_task = task  # what the ResultStore keys it by (futures among its arguments replaced)
 
     def __await__(self) -> Generator[Any, None, TaskResult]:
         if self._result is None:

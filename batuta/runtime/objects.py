@@ -27,6 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from batuta.core.backend import element_count
 from batuta.core.objects import ObjectRef
 from batuta.core.task import Task
@@ -50,6 +52,37 @@ def _nbytes_of(value: Any) -> int:
     return sum(memoryview(part).nbytes for part in parts)
 
 
+def lineage_digest(call: Any, backend: str) -> str:
+    """A name for what `call` computes, stable from run to run: its kernel (or binary) and
+    arguments, refs by their own digests. A kept value's ref carries it, so that a job
+    journal keys the tasks that read the value by how it was made (`observers/journal.py`)."""
+    h = hashlib.sha256(b"batuta-lineage-1\0" + backend.encode() + b"\0")
+    _feed(h, getattr(call, "name", getattr(call, "path", "")), 0)
+    _feed(h, getattr(call, "args", ()), 0)
+    return h.hexdigest()[:32]
+
+
+def _feed(h: Any, value: Any, depth: int) -> None:
+    t = type(value)
+    if t is ObjectRef:
+        h.update(b"r" + value.digest.encode() + b"\0")
+    elif isinstance(value, np.ndarray) and not value.dtype.hasobject:
+        h.update(b"a%s%r" % (value.dtype.str.encode(), value.shape))
+        h.update(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+    elif (t is tuple or t is list) and depth < 64:
+        h.update(b"%s%d:" % (b"t" if t is tuple else b"l", len(value)))
+        for item in value:
+            _feed(h, item, depth + 1)
+    elif t is dict and depth < 64:
+        h.update(b"d%d:" % len(value))
+        for key in sorted(value, key=str):
+            _feed(h, key, depth + 1)
+            _feed(h, value[key], depth + 1)
+    else:
+        text = repr(value).encode("utf-8", "surrogatepass")
+        h.update(b"v%s%d:" % (t.__name__.encode(), len(text)) + text)
+
+
 @dataclass(slots=True, eq=False)
 class KeptObject:
     """A kept result: how it was made (to make it again) and what it turned out to be."""
@@ -62,6 +95,8 @@ class KeptObject:
     lost: str = ""  # why it can never be had again (its producer failed, or lost too often)
     reads: tuple[int, ...] = ()  # the objects its producer reads
     after: tuple[int, ...] = ()
+    digest: str = ""  # its lineage digest (see `lineage_digest`), when a journal needs one
+    restored: bool = False  # known from a resumed run's journal, made nowhere yet: made on demand
 
 
 class ObjectTable:
@@ -100,12 +135,22 @@ class ObjectTable:
 
     # -- kept and fed objects ----------------------------------------------------------------
 
-    def keep(self, task: Task, job: str, producer: TaskFuture, reads: tuple[int, ...], after: tuple[int, ...]) -> int:
+    def keep(
+        self,
+        task: Task,
+        job: str,
+        producer: TaskFuture,
+        reads: tuple[int, ...],
+        after: tuple[int, ...],
+        digest: str = "",
+    ) -> KeptObject:
         """A new kept object, made by `producer` running `task`."""
         object_id = next(self._ids)
-        self._kept[object_id] = KeptObject(object_id, task, job, producer, reads=reads, after=after)
+        kept = self._kept[object_id] = KeptObject(
+            object_id, task, job, producer, reads=reads, after=after, digest=digest
+        )
         self._users[object_id] = 0
-        return object_id
+        return kept
 
     @property
     def in_use(self) -> bool:
@@ -140,7 +185,9 @@ class ObjectTable:
     def task_finished(self, task_id: int, value: Any, succeeded: bool) -> None:
         """Fill the fed object of `task_id`, if a task names its value."""
         object_id = self._fed.pop(task_id, None)
-        if object_id is not None and succeeded and object_id in self._users:
+        if object_id is not None and not self._users.get(object_id, 1):  # its readers were all restored
+            self._forget([object_id])
+        elif object_id is not None and succeeded and object_id in self._users:
             self._values[object_id] = value
             try:
                 self._nbytes[object_id] = _nbytes_of(value)

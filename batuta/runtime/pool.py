@@ -35,13 +35,13 @@ from batuta.protocol import messages as m
 from batuta.protocol.codec import check_value
 from batuta.protocol.errors import LocalProtocolError
 from batuta.runtime import events as pe
-from batuta.runtime import inbound, mapping, stream
+from batuta.runtime import inbound, kept, mapping, stream
 from batuta.runtime.builder import PoolBuilder, PoolConfig, local_host
 from batuta.runtime.code import CodeCollector, ShippedCode
 from batuta.runtime.dataplane import DataPlane, Prepared
 from batuta.runtime.future import ResultStore, TaskFuture
 from batuta.runtime.hosts import HostSupervisor
-from batuta.runtime.objects import KeptObject, ObjectTable
+from batuta.runtime.objects import KeptObject, ObjectTable, lineage_digest
 from batuta.runtime.session import HostSession, HostSpec, SendBudget
 from batuta.runtime.views import HostView, PoolStats, SlotView
 from batuta.runtime.wakeup import WakeupTimer
@@ -257,12 +257,22 @@ class Pool:
         future._nbytes = nbytes
         future._call = call
         self._burst_bytes += nbytes
-        plain = _remake is None and not keep and prepared.task is task
-        if self._store is not None and plain:
+        digest = ""
+        if self._store is not None and _remake is None:
             future._code = self._shipped.digest_for(task.call)
-            kept = self._store.lookup(task, job, code=future._code)
-            if kept is not None:
-                return self._restore(future, replace(kept, task_id=task_id, job=job, restored=True))
+            future._journal_task = prepared.task
+            if keep:  # keyed by how it is made: readers in a resumed run make it again on demand
+                digest = lineage_digest(call, backend.value)
+                future._journal_task = replace(prepared.task, key=f"kept:{digest}")
+            journaled = self._store.lookup(future._journal_task, job, code=future._code)
+            if journaled is not None:
+                if keep:
+                    journaled = kept.restored_kept(self, future, prepared, journaled, digest)
+                return self._restore(future, replace(journaled, task_id=task_id, job=job, restored=True))
+        for object_id in prepared.reads:
+            restored = self._objects.kept(object_id)
+            if restored is not None and restored.restored:
+                kept.remake_restored(self, restored)
         if isinstance(call, KernelCall) and call.args:
             refs = refs_in(call.args)
             if refs:
@@ -270,7 +280,8 @@ class Pool:
         if _remake is not None:
             future._keep = _remake.object_id
         elif keep:
-            future._keep = self._objects.keep(prepared.task, job, future, prepared.reads, prepared.after)
+            made = self._objects.keep(prepared.task, job, future, prepared.reads, prepared.after, digest)
+            future._keep = made.object_id
         self._pending[task_id] = future
         if self.events.active:
             self.events.publish(
@@ -395,6 +406,9 @@ class Pool:
         if not isinstance(ref, ObjectRef):
             raise UsageError(f"pool.get takes an ObjectRef (from keep=True or pool.put), not {type(ref).__name__}")
         self._check_open()
+        restored = self._objects.kept(ref.object_id)
+        if restored is not None and restored.restored:  # from a resumed run's journal: make it now
+            kept.remake_restored(self, restored)
         return await self._data.get(ref)
 
     def _send_drops(self, dropped: tuple[dict[str, tuple[int, ...]], list[int]]) -> None:
@@ -605,7 +619,7 @@ class Pool:
             elif isinstance(ins, ev.AnnounceDrained):
                 self.host_state_changed(ins.host_id, "drained", "no work left")
             elif isinstance(ins, ev.RecomputeObject):
-                self._remake(ins)
+                kept.remake(self, ins)
         if resolved and not self._space.is_set() and self._scheduler.can_accept() and not self._over_budget():
             self._space.set()
         if self._loop is not None:
@@ -669,7 +683,7 @@ class Pool:
             self._pending = {}
         now = self._now()
         if pending._keep:
-            status, value, reason = self._kept_result(pending, status, value, reason, slot_id)
+            status, value, reason = kept.kept_result(self, pending, status, value, reason, slot_id)
         self._objects.task_finished(task_id, value, status is TaskStatus.SUCCEEDED)
         started = pending.started_at if pending.started_at is not None else now - run_s
         queue_wait = max(0.0, started - pending.submitted_at) if slot_id else max(0.0, now - pending.submitted_at)
@@ -699,58 +713,12 @@ class Pool:
         if status is TaskStatus.SUCCEEDED:
             self._succeeded += 1
             if self._store is not None:
-                self._store.record(pending.task, pending.job, result, code=pending._code)
+                self._store.record(pending._journal_task, pending.job, kept.journaled(result), code=pending._code)
         else:
             self._failed += 1
         pending._resolve(result)
         if self.events.active:
             self.events.publish(pe.TaskFinished(result=result, at=now))
-
-    def _kept_result(
-        self, pending: TaskFuture, status: TaskStatus, value: Any, reason: str | None, slot_id: str | None
-    ) -> tuple[TaskStatus, Any, str | None]:
-        """A kept task's (status, value, reason): its value is the ObjectRef to what its host kept."""
-        object_id = pending._keep
-        if status is not TaskStatus.SUCCEEDED or slot_id is None:
-            self._objects.kept_lost(object_id, f"its producer, task {pending.task_id}, {status.value}: {reason}")
-            return status, None, reason
-        if not (type(value) is tuple and len(value) == 4 and type(value[0]) is ObjectRef and type(value[1]) is int):
-            why = f"the agent reported a kept result as {type(value).__name__}, not (ref, nbytes, shape, dtype)"
-            self._objects.kept_lost(object_id, why)
-            return TaskStatus.FAILED, None, why
-        _ref, nbytes, shape, dtype = value
-        host = slot_id.split("/", 1)[0]
-        size = 1
-        for n in shape if type(shape) is tuple else ():
-            size *= int(n)
-        ref = ObjectRef(
-            object_id,
-            digest=f"kept-{object_id}",
-            nbytes=nbytes,
-            size=size if shape else 0,
-            shape=tuple(shape) if type(shape) is tuple else (),
-            dtype=dtype if type(dtype) is str else "",
-            host=host,
-        )
-        self._objects.kept_made(object_id, host, ref)
-        return status, ref, reason
-
-    def _remake(self, ins: ev.RecomputeObject) -> None:
-        """Run a lost kept object's recorded task again, as a new task (lineage)."""
-        kept = self._objects.kept(ins.object_id)
-        if kept is None or self._closed:
-            return
-        try:
-            kept.producer = self.submit_nowait(kept.task, _remake=kept)
-        except UsageError as exc:  # an input of its own was dropped meanwhile: it cannot be remade
-            why = f"lost ({ins.reason}) and cannot be made again: {exc}"
-            self._objects.kept_lost(ins.object_id, why)
-            lost: list[ev.Event] = [ev.ObjectLost(object_id=ins.object_id, reason=why)]
-            self._call_later(lambda: self._handle(lost))
-            return
-        log.info(
-            "object %d %s: running task %d again as %d", ins.object_id, ins.reason, ins.task_id, kept.producer.task_id
-        )
 
     def _call_later(self, callback: Callable[[], None]) -> None:
         loop = self._loop or asyncio.get_running_loop()
