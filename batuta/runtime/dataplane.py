@@ -157,7 +157,7 @@ class DataPlane:
 
     @staticmethod
     def digest_of(call: Any, future: TaskFuture) -> str:
-        return lineage_digest(call, future._choice.backend.value)
+        return lineage_digest(call, future.task.backend.value)
 
     def waiting_on(self, prepared: Prepared) -> tuple[int, ...]:
         """The unfinished tasks whose results a prepared task needs (for observers)."""

@@ -242,7 +242,7 @@ class Pool:
             except LocalProtocolError as exc:
                 raise UsageError(str(exc)) from None
         choice = select_backend(
-            task.call,
+            call,  # kept refs among the arguments count by their elements
             task.backend,
             gpu_available=self._scheduler.offers(CAP_GPU),
             quadratic=isinstance(task.call, KernelCall) and _superlinear(task.call.name),
@@ -262,7 +262,7 @@ class Pool:
             future._code = self._shipped.digest_for(task.call)
             future._journal_task = prepared.task
             if keep:  # keyed by how it is made: readers in a resumed run make it again on demand
-                digest = lineage_digest(call, backend.value)
+                digest = lineage_digest(call, task.backend.value)  # as asked: AUTO's choice may vary by run
                 future._journal_task = replace(prepared.task, key=f"kept:{digest}")
             journaled = self._store.lookup(future._journal_task, job, code=future._code)
             if journaled is not None:
