@@ -178,7 +178,7 @@ class Agent:
             else default_cap(memory_total)
         )
         # what the coordinator put here (pool.put) and results kept here (keep=True)
-        self._objects = ObjectStore(cap, cache_root())
+        self._objects = ObjectStore(cap, cache_root(), on_spill=self._spilled)
         self._keep_as: dict[int, int] = {}  # task id -> the object id its result is kept as
         self._killed: list[SlotProcess] = []  # slot processes to reap at exit
 
@@ -221,6 +221,12 @@ class Agent:
             error=outcome.error,
             run_s=outcome.run_s,
         )
+
+    def _spilled(self, object_id: int) -> None:
+        """An object went to disk: slot processes holding a copy drop it (the cap bounds them
+        too); a slot that needs it again gets it from the store."""
+        for slot in self._slots.values():
+            slot.drop_objects((object_id,))
 
     def _on_fetch(self, fetch: Fetch) -> None:
         """Send an object back as the result of request `fetch.request_id` (see `Fetch`)."""

@@ -8,7 +8,9 @@ least recently used values past that to its own folder under batuta's cache
 (`<cache>/objects/<pid>-<n>`): arrays as `.npy` files read back memory-mapped (a slot gets
 them without the agent ever holding them whole again), other values as one codec frame.
 The folder is removed when the store closes, and folders of agents that died without
-closing are removed by the next store on that host.
+closing are removed by the next store on that host. A slot process that made a kept value
+keeps a copy for its own next tasks; when the value spills, the slots drop their copies
+too (`on_spill`), so that the cap bounds them as well.
 
 The cap defaults to `DEFAULT_FRACTION` of the host's RAM; `--object-memory` (bytes, or a
 percentage of RAM such as `25%`) or `BATUTA_OBJECT_MEMORY` set it.
@@ -20,7 +22,7 @@ import contextlib
 import itertools
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +92,10 @@ class ObjectStore(Mapping[int, object]):
     """Objects by id; a Mapping, so a slot's supervisor reads it like the dict it was.
     Not thread-safe: the agent calls it from its event loop."""
 
-    def __init__(self, cap_bytes: int, root: Path) -> None:
+    def __init__(self, cap_bytes: int, root: Path, on_spill: Callable[[int], None] | None = None) -> None:
         self.cap_bytes = max(0, cap_bytes)
         self._root = root
+        self._on_spill = on_spill  # told each object spilled: the slots drop their copies too
         self._folder: Path | None = None
         self._memory: dict[int, Any] = {}  # in insertion/use order: the oldest spill first
         self._nbytes: dict[int, int] = {}  # every object, in memory or spilled
@@ -179,6 +182,8 @@ class ObjectStore(Mapping[int, object]):
                 self.memory_bytes += nbytes
                 return
             self.spilled_bytes += nbytes
+            if self._on_spill is not None:
+                self._on_spill(object_id)
 
     def _write(self, object_id: int, value: Any) -> Path:
         folder = self._spill_folder()
