@@ -601,7 +601,8 @@ class Pool:
             sent = {t for i in instructions if isinstance(i, ev.SendTasks) for t in i.task_ids}
             first = [i for i in instructions if isinstance(i, ev.ResolveTask) and i.task_id not in sent]
             if first:
-                instructions = first + [i for i in instructions if not any(i is f for f in first)]
+                moved = {id(i) for i in first}
+                instructions = first + [i for i in instructions if id(i) not in moved]
         for ins in instructions:
             if isinstance(ins, ev.SendTasks):
                 self._send_tasks(ins)
