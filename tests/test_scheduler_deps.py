@@ -73,6 +73,17 @@ def test_a_reader_is_queued_on_the_host_holding_its_input_and_other_hosts_do_not
     assert sim.status_of(made) is TaskStatus.SUCCEEDED
 
 
+def test_a_reader_goes_to_the_very_slot_that_made_its_input_when_it_is_about_as_free() -> None:
+    sim = Sim(Scheduler(SchedulerConfig(initial_window=1, min_window=1, max_window=1), seed=0))
+    sim.add_slot("a0", host_id="a")
+    sim.add_slot("a1", host_id="a", caps=("cpu", "t"))  # the producer can only run here
+    sim.add_slot("b0", host_id="b")
+    sim.submit(keep_as=7, requires=("cpu", "t"))
+    assert run_one(sim, "a1") is not None
+    reader = sim.submit(reads=(7,))
+    assert sim.sched.where(reader) == ("window", "a1")  # not a0, first of the idle slots there
+
+
 def test_a_long_home_deque_lets_idle_hosts_take_work() -> None:
     sim = sim_with({"a0": "a", "b0": "b"}, initial_window=1, min_window=1, max_window=1, locality_slack=2)
     sim.submit(keep_as=7)

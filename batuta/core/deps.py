@@ -31,7 +31,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from batuta.core.events import HostId, ObjectLost, ObjectReleased, RecomputeObject, TaskSubmitted
+from batuta.core.events import HostId, ObjectLost, ObjectReleased, RecomputeObject, SlotId, TaskSubmitted
 from batuta.core.placement import Place, SlotRecord, SlotState, TaskEntry
 from batuta.core.task import TaskStatus
 
@@ -54,6 +54,7 @@ class ObjectRecord:
     max_attempts: int
     state: ObjectState = ObjectState.PENDING
     host: HostId | None = None
+    slot_id: SlotId | None = None  # the slot that made it: its process keeps a copy too
     nbytes: int = 0
     runs: int = 1  # producer runs so far (the first, then one per loss)
     reason: str = ""
@@ -146,12 +147,16 @@ def place_ready(s: Scheduler, entry: TaskEntry) -> None:
 
 
 def home_slot(s: Scheduler, entry: TaskEntry) -> SlotRecord | None:
-    """The least loaded up slot that can run `entry` on the host with most of its bytes."""
+    """The least loaded up slot that can run `entry` on the host with most of its bytes; the
+    slot that made most of them if it is about as free (its process already holds them)."""
     by_host: dict[HostId, int] = {}
+    by_slot: dict[SlotId, int] = {}
     for object_id in entry.reads:
         record = s._deps.objects.get(object_id)
         if record is not None and record.host is not None:
             by_host[record.host] = by_host.get(record.host, 0) + record.nbytes
+            if record.slot_id is not None:
+                by_slot[record.slot_id] = by_slot.get(record.slot_id, 0) + record.nbytes
     if not by_host:
         return None
     host, nbytes = max(by_host.items(), key=lambda item: item[1])
@@ -164,7 +169,11 @@ def home_slot(s: Scheduler, entry: TaskEntry) -> SlotRecord | None:
     ]
     if not slots:
         return None
-    return min(slots, key=lambda slot: len(slot.deque) + len(slot.window))
+    least = min(slots, key=lambda slot: len(slot.deque) + len(slot.window))
+    maker = max(slots, key=lambda slot: by_slot.get(slot.slot_id, 0))
+    if by_slot.get(maker.slot_id) and len(maker.deque) + len(maker.window) <= len(least.deque) + len(least.window) + 1:
+        return maker
+    return least
 
 
 def may_steal(entry: TaskEntry, thief: SlotRecord, victim_depth: int, slack: int) -> bool:
@@ -179,16 +188,17 @@ def on_kept(s: Scheduler, entry: TaskEntry, nbytes: int) -> None:
         record.nbytes = nbytes
 
 
-def on_resolved(s: Scheduler, entry: TaskEntry, status: TaskStatus, reason: str, host: HostId | None) -> None:
+def on_resolved(s: Scheduler, entry: TaskEntry, status: TaskStatus, reason: str, slot: SlotRecord | None) -> None:
     """`entry` resolved: wake or fail what waits for it and for the object it keeps."""
     table = s._deps
     table.waiting.pop(entry.task_id, None)
     object_id = table.kept_by.pop(entry.task_id, 0)
     record = table.objects.get(object_id) if object_id else None
     if record is not None and record.producer == entry.task_id:
-        if status is TaskStatus.SUCCEEDED and host is not None:
+        if status is TaskStatus.SUCCEEDED and slot is not None:
             record.state = ObjectState.READY
-            record.host = host
+            record.host = slot.host_id
+            record.slot_id = slot.slot_id
             readers, record.readers = record.readers, []
             for reader in readers:
                 _satisfy(s, reader)
@@ -211,7 +221,7 @@ def on_host_lost(s: Scheduler, host: HostId, reason: str) -> None:
     for record in list(s._deps.objects.values()):
         if record.state is not ObjectState.READY or record.host != host:
             continue
-        record.host = None
+        record.host = record.slot_id = None
         if record.runs >= record.max_attempts:
             why = (
                 f"input object {record.object_id} was lost with host {host} ({reason}) after its producer "

@@ -692,8 +692,7 @@ class Scheduler:
             )
         )
         if self._deps.active:  # after its own ResolveTask: its dependents' follow
-            slot = self._slots.get(slot_id) if slot_id is not None else None
-            deps.on_resolved(self, entry, status, reason, slot.host_id if slot is not None else None)
+            deps.on_resolved(self, entry, status, reason, self._slots.get(slot_id) if slot_id is not None else None)
 
     # -- helpers ----------------------------------------------------------------------------
 
