@@ -28,6 +28,9 @@ clocks. Rules (Blumofe & Leiserson, adapted to a coordinator that sees every slo
 * Capability matching. A task's `requires` must be a subset of a slot's capabilities; a
   task that no joined slot (up or expected back) can ever run resolves UNSCHEDULABLE.
 
+* Dependencies. A task naming unfinished upstream tasks or kept objects *waits* in no
+  queue until they are there; it then goes to the host holding its bytes (`deps.py`).
+
 Time arrives as `now`; randomness from a `random.Random(seed)` owned by the instance. The
 records the scheduler keeps are in `placement.py`, the stealing in `stealing.py`, and the
 checks of `validate()` in `invariants.py`; their public names are importable from here too.
