@@ -226,3 +226,23 @@ async def test_kill_9_of_a_host_holding_kept_values_reruns_their_producers(tmp_p
         assert len(fills) == 6 + on_lost  # each value lost with its host was made again, once
         rerun = await pool.get((await seconds[0]).value)
         np.testing.assert_array_equal(rerun, np.full(N, 0.0) * 2.0 + 1.0)
+
+
+async def test_a_value_relayed_from_a_lost_host_is_made_again_there_and_then_relayed(tmp_path: Path) -> None:
+    async with two_host_pool(tags=True) as pool:
+        gate_file = tmp_path / "open"
+        gate = await pool.submit(
+            Task.kernel("test_gate", str(gate_file), 1, 60.0, backend=Backend.CPU, requires=["on-b"])
+        )
+        made = await (await pool.submit(fill(5.0, requires=["on-a"]), keep=True))
+        assert made.is_success() and made.host == "a"
+        use = await pool.submit(stage(made.value, 3.0, gate, requires=["on-b"]))
+        down = asyncio.Event()
+        pool.subscribe(lambda e: down.set() if isinstance(e, pe.HostDown) and e.host == "a" else None)
+        os.kill(_agent_of("a"), signal.SIGKILL)
+        await asyncio.wait_for(down.wait(), 30)
+        gate_file.write_text("open")
+        result = await asyncio.wait_for(use.asyncio_future(), 120)
+        assert result.is_success(), result.error
+        assert result.host == "b"
+        np.testing.assert_array_equal(result.value, np.full(N, 5.0) * 3.0 + 1.0)
