@@ -31,6 +31,11 @@ class TaskFailedError(TaskError):
         self.result = result
 
 
+class ObjectLostError(TaskError):
+    """A kept value (`keep=True`) can no longer be had: its producer failed, or the hosts
+    holding it were lost more often than its producer's `max_attempts` allows."""
+
+
 class PoolClosedError(BatutaError):
     """The pool was used after it was closed, or closed while the call waited."""
 

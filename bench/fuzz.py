@@ -3,7 +3,7 @@
 A real `python -m batuta.agent --stdio` process gets the handshake, then frames of these
 kinds (each drawn from a seeded `random.Random`):
 
-    valid      a well-formed Run / Cancel / StealBack / Put / Drop / Code with random content
+    valid      a well-formed Run / Cancel / StealBack / Put / Drop / Fetch / Code with random content
                (object refs included, to objects put or never put; code bundles that import,
                fail to parse or import a missing package; tasks naming those digests or none)
     mutated    a valid frame with bytes flipped, inserted, deleted, cut or spliced
@@ -73,6 +73,7 @@ from batuta.protocol.messages import (
     Done,
     Drop,
     Error,
+    Fetch,
     Heartbeat,
     Hello,
     Put,
@@ -171,13 +172,14 @@ def _task(rnd: random.Random, task_id: int, slots: int) -> TaskRequest:
         call = KernelCall(name="noop", args=(rnd.randbytes(rnd.randrange(1, 4096)),))
     timeout = rnd.choice([None, None, None, 0.001, 0.5, 30.0])
     backend = rnd.choice(["cpu", "cpu", "scalar", "gpu"])
+    keep = rnd.choice([0, 0, 0, 0, 1 << 20, rnd.randrange(1, 1 << 40)])  # a kept result, now and then
     return TaskRequest(task_id=task_id, slot=slot, attempt=rnd.randrange(1, 4), call=call, timeout=timeout,
-                       backend=backend, code=rnd.choice(TASK_CODES))  # fmt: skip
+                       backend=backend, code=rnd.choice(TASK_CODES), keep=keep)  # fmt: skip
 
 
 def valid_message(
     rnd: random.Random, slots: int, next_id: list[int]
-) -> Run | Cancel | StealBack | Put | Drop | Code:
+) -> Run | Cancel | StealBack | Put | Drop | Fetch | Code:
     roll = rnd.random()
     if roll < 0.04:
         return rnd.choice(CODE_BUNDLES)
@@ -185,6 +187,8 @@ def valid_message(
         return Put(object_id=rnd.choice([1, 2, 3]), value=_value(rnd))
     if roll < 0.08:
         return Drop(object_ids=tuple(rnd.choice([1, 2, 3, 99]) for _ in range(rnd.randrange(3))))
+    if roll < 0.1:  # a kept or put object, or one this agent never had; answered like a result
+        return Fetch(object_id=rnd.choice([1, 2, 3, 1 << 20, 99]), request_id=(1 << 50) + rnd.randrange(1 << 20))
     if roll < 0.7:
         count = rnd.choice([1, 1, 2, 3, 8, 32])
         tasks = []

@@ -35,6 +35,8 @@ class Sim:
         self.resolved: dict[int, list[ev.ResolveTask]] = {}
         self.instructions: list[ev.Instruction] = []
         self.submitted: list[int] = []
+        self.remade: list[ev.RecomputeObject] = []
+        self.reads_of: dict[int, tuple[int, ...]] = {}  # lineage re-runs asked for (each submitted at once)
         self._next_id = 0
 
     # -- feeding the scheduler ----------------------------------------------------------------
@@ -60,6 +62,9 @@ class Sim:
                     self._abort(slot, task_id)
             elif isinstance(ins, ev.ResolveTask):
                 self.resolved.setdefault(ins.task_id, []).append(ins)
+            elif isinstance(ins, ev.RecomputeObject):  # as the pool does: the recorded task, again
+                self.remade.append(ins)
+                self.submit(keep_as=ins.object_id, reads=self.reads_of.get(ins.task_id, ()))
 
     def _abort(self, slot: FakeSlot, task_id: int) -> None:
         for i, (tid, attempt) in enumerate(slot.queue):
@@ -91,10 +96,14 @@ class Sim:
         requires: tuple[str, ...] = ("cpu",),
         timeout: float | None = None,
         max_attempts: int = 3,
+        after: tuple[int, ...] = (),
+        reads: tuple[int, ...] = (),
+        keep_as: int = 0,
     ) -> int:
         task_id = self._next_id
         self._next_id += 1
         self.submitted.append(task_id)
+        self.reads_of[task_id] = reads
         self.handle(
             ev.TaskSubmitted(
                 task_id=task_id,
@@ -102,6 +111,9 @@ class Sim:
                 requires=frozenset(requires),
                 timeout=timeout,
                 max_attempts=max_attempts,
+                after=after,
+                reads=reads,
+                keep_as=keep_as,
             )
         )
         return task_id
@@ -114,14 +126,18 @@ class Sim:
         slot.outbox.append(ev.TaskStartReported(task_id=slot.running[0], slot_id=slot_id))
         return slot.running[0]
 
-    def finish(self, slot_id: str, outcome: Outcome = Outcome.OK, run_s: float = 0.01) -> int | None:
+    def finish(
+        self, slot_id: str, outcome: Outcome = Outcome.OK, run_s: float = 0.01, kept_bytes: int = 4 << 20
+    ) -> int | None:
         slot = self.slots[slot_id]
         if not slot.up or slot.running is None:
             return None
         task_id, attempt = slot.running
         slot.running = None
         slot.outbox.append(
-            ev.TaskOutcomeReported(task_id=task_id, slot_id=slot_id, attempt=attempt, outcome=outcome, run_s=run_s)
+            ev.TaskOutcomeReported(
+                task_id=task_id, slot_id=slot_id, attempt=attempt, outcome=outcome, run_s=run_s, kept_bytes=kept_bytes
+            )
         )
         return task_id
 
@@ -149,6 +165,17 @@ class Sim:
         slot.steal_requests.clear()
         slot.outbox.clear()
         self.handle(ev.SlotLost(slot_id=slot_id, reason=reason, retired=retired))
+
+    def lose_host(self, host_id: str, reason: str = "killed") -> None:
+        """Every slot of the host stops, and the objects its agent kept are gone with it."""
+        for slot in self.slots.values():
+            if slot.host_id == host_id:
+                slot.up = False
+                slot.queue.clear()
+                slot.running = None
+                slot.steal_requests.clear()
+                slot.outbox.clear()
+        self.handle(ev.HostLost(host_id=host_id, reason=reason))
 
     def rejoin(self, slot_id: str) -> None:
         slot = self.slots[slot_id]

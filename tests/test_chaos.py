@@ -244,3 +244,35 @@ def test_cluster_status_reports_every_host(cluster_hosts: TestHosts, tmp_path: P
     cut_row = next(line for line in done.stdout.splitlines() if line.startswith(cluster_hosts[1].name))
     assert "no GPU" not in cut_row  # what an unreachable host has is unknown, not "none"
     assert any("no GPU" in line for line in done.stdout.splitlines() if line.startswith(cluster_hosts[0].name))
+
+
+async def test_kill_9_of_a_host_holding_kept_values_mid_pipeline(cluster_hosts: TestHosts, tmp_path: Path) -> None:
+    """Kept results on the killed host are made again from their recorded tasks (lineage); the
+    tasks that read them wait, then run, and every chain's result is the undisturbed one."""
+    async with build_pool(load_cluster(cluster_file(cluster_hosts, tmp_path))) as pool:
+        fills: list[str | None] = []
+        lost = asyncio.Event()
+        pool.subscribe(
+            lambda e: (
+                fills.append(e.result.host) if isinstance(e, pe.TaskFinished) and e.result.name == "test_fill" else None
+            )
+        )
+        gate_file = tmp_path / "open"  # the namespaces share the file system
+        gate = await pool.submit(Task.kernel("test_gate", str(gate_file), 1, WAIT_S))
+        n = 300_000
+        firsts = [await pool.submit(Task.kernel("test_fill", n, float(i)), keep=True) for i in range(8)]
+        made = [await asyncio.wait_for(f.asyncio_future(), WAIT_S) for f in firsts]
+        assert all(r.is_success() for r in made), [r.error for r in made]
+        seconds = [await pool.submit(Task.kernel("test_stage", f, 2.0, gate), keep=True) for f in firsts]
+        finals = [await pool.submit(Task.kernel("sum", s)) for s in seconds]
+        victim = next(h for h in cluster_hosts if h.name == made[0].host)
+        pool.subscribe(lambda e: lost.set() if isinstance(e, pe.HostDown) and e.host == victim.name else None)
+        agent_of(victim).kill()
+        await asyncio.wait_for(lost.wait(), WAIT_S)
+        gate_file.write_text("open")
+        totals = await asyncio.wait_for(asyncio.gather(*(f.asyncio_future() for f in finals)), WAIT_S)
+        for i, total in enumerate(totals):
+            assert total.is_success(), total.error
+            assert total.value == pytest.approx(n * (i * 2.0 + 1.0))  # identical to an undisturbed run
+        on_victim = sum(1 for r in made if r.host == victim.name)
+        assert on_victim >= 1 and len(fills) == 8 + on_victim  # each lost value made again, once

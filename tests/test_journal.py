@@ -402,3 +402,35 @@ def test_keys_name_the_code_digest_only_when_given() -> None:
     assert coded.startswith("j/jr_place@" + "ab" * 8 + "/") and coded != plain != task_key(task, "j", "cd" * 32)
     assert task_key(Task.kernel("noop", 1, key="mine"), "j", "ab" * 32) == "mine@" + "ab" * 8
     assert task_key(Task.kernel("noop", 1, key="mine"), "j") == "mine"
+
+
+# -- kept results and dependencies ----------------------------------------------------------
+
+
+async def run_pipeline(tmp_path: Path, *, resume: bool, chains: int, finals: int) -> tuple[list[float], int]:
+    """`chains` chains of fill -> stage (both kept) -> sum; only the first `finals` get their sum."""
+    async with make_pool() as pool:
+        journal = await Journal.open(tmp_path, job="pipe", resume=resume)
+        pool.set_result_store(JournalStore(journal, resume=resume))
+        totals = []
+        for i in range(chains):
+            first = await pool.submit(Task.kernel("test_fill", 100_000, float(i)), keep=True)
+            second = await pool.submit(Task.kernel("test_stage", first, 2.0), keep=True)
+            if i < finals:
+                total = await (await pool.submit(Task.kernel("sum", second)))
+                assert total.is_success(), total.error
+                totals.append(total.value)
+        await journal.close()
+        return totals, pool.stats().submitted
+
+
+async def test_a_resumed_pipeline_restores_kept_results_and_makes_only_what_a_new_task_reads(
+    tmp_path: Path,
+) -> None:
+    first_run, ran = await run_pipeline(tmp_path, resume=False, chains=3, finals=2)
+    assert ran == 3 * 2 + 2
+    second_run, ran_again = await run_pipeline(tmp_path, resume=True, chains=3, finals=3)
+    # chains 0 and 1 are restored whole; chain 2's sum is new, so its two kept inputs are made again
+    assert ran_again == 3
+    assert second_run[:2] == first_run
+    assert second_run[2] == pytest.approx(100_000 * (2.0 * 2 + 1))

@@ -504,3 +504,25 @@ def test_on_a_terminal_the_linger_says_so_once_then_stops_serving(monkeypatch: p
     assert exporter.address is None
     with socket.socket() as again:
         assert again.connect_ex(address) != 0
+
+
+def test_host_object_store_gauges_follow_the_heartbeats() -> None:
+    exporter = MetricsExporter(idle_pool())
+    exporter.on_event(
+        pe.HostTelemetry(
+            host="h",
+            cpu_percent=10.0,
+            memory_used=1,
+            memory_total=2,
+            gpus=(),
+            gpu_status="",
+            at=1.0,
+            objects=3,
+            object_bytes=300,
+            spilled_bytes=120,
+        )
+    )
+    families = parse(exporter.render())
+    assert value(families, "batuta_host_objects", host="h") == 3
+    assert value(families, "batuta_host_object_bytes", host="h") == 300
+    assert value(families, "batuta_host_object_spilled_bytes", host="h") == 120

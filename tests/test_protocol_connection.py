@@ -212,6 +212,7 @@ def test_direction_table_matches_the_messages_docstring() -> None:
         "Cancel",
         "Put",
         "Drop",
+        "Fetch",
         "Shutdown",
         "Error",
     }

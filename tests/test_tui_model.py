@@ -419,3 +419,46 @@ def test_queued_events_fold_the_same_as_applied_ones() -> None:
     assert [r.task_id for r in queued.stream(20)] == [r.task_id for r in direct.stream(20)]
     assert queued.latency()[1].counts == direct.latency()[1].counts
     assert list(queued.failures) == list(direct.failures)
+
+
+def test_tasks_waiting_on_upstream_tasks_show_as_waiting_in_their_job() -> None:
+    model = DashboardModel(clock=Clock(101.0))
+    model.apply(host_up())
+    model.apply_many(
+        [
+            pe.TaskQueued(task_id=1, name="make", backend="cpu", at=100.0, job="pipe"),
+            pe.TaskQueued(task_id=2, name="step", backend="cpu", at=100.0, job="pipe", waiting_on=(1,)),
+            pe.TaskQueued(task_id=3, name="step", backend="cpu", at=100.0, job="pipe", waiting_on=(2,)),
+        ]
+    )
+    pipe = model.jobs["pipe"]
+    assert (pipe.submitted, pipe.waiting, pipe.queued) == (3, 2, 1)
+    assert "2 waiting on upstream" in render._job_line(pipe, 101.0, PLAIN, render.JOB_COLUMNS).plain
+    model.apply_many(
+        [
+            pe.TaskStarted(task_id=2, name="step", host="h1", slot="h1/0", attempt=1, at=100.5, job="pipe"),
+            pe.TaskFinished(result=result(3, TaskStatus.FAILED, job="pipe", error="upstream task 2 failed"), at=100.6),
+        ]
+    )
+    assert (pipe.waiting, pipe.running, pipe.failed) == (0, 1, 1)
+    assert "waiting" not in render._job_line(pipe, 101.0, PLAIN, render.JOB_COLUMNS).plain
+
+
+def test_a_host_with_objects_shows_their_bytes_and_what_spilled() -> None:
+    model = DashboardModel(clock=Clock(101.0))
+    model.apply(host_up())
+    reading = telemetry("h1", 100.5, gpu_status="none")
+    model.apply(
+        pe.HostTelemetry(
+            **{
+                **{f: getattr(reading, f) for f in reading.__dataclass_fields__},
+                "objects": 3,
+                "object_bytes": 3 * 2**30,
+                "spilled_bytes": 2**30,
+            }
+        )
+    )
+    row = model.hosts["h1"]
+    assert (row.objects, row.object_bytes, row.spilled_bytes) == (3, 3 * 2**30, 2**30)
+    line = render.node_lines(model, 101.0, PLAIN, 200)[0].plain
+    assert "3 obj 3.0 GiB, 1.0 GiB spilled" in line

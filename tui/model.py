@@ -116,6 +116,7 @@ class DashboardModel:
         self.slots: dict[str, SlotRow] = {}
         self.running: dict[int, pe.TaskStarted] = {}  # insertion order is start order
         self.recent: deque[pe.TaskFinished | pe.TaskRequeued] = deque(maxlen=RECENT_KEPT)
+        self.waiting: dict[int, JobRow] = {}  # task id -> its job, while it waits for upstream tasks
         self.failures: OrderedDict[int, FailedTask] = OrderedDict()
         self.alerts: list[Alert] = []
         self.logs: deque[LogLine] = deque(maxlen=LOGS_KEPT)
@@ -195,6 +196,8 @@ class DashboardModel:
                 job = jobs.get(result.job or NO_JOB) or self._job(result.job)
                 if running.pop(result.task_id, None) is not None:
                     job.running -= 1
+                if self.waiting:
+                    self._stop_waiting(result.task_id)
                 status = result.status
                 if status is _SUCCEEDED:
                     job.succeeded += 1
@@ -231,11 +234,16 @@ class DashboardModel:
             elif type(event) is pe.TaskQueued:
                 job = jobs.get(event.job or NO_JOB) or self._job(event.job)
                 job.submitted += 1
+                if event.waiting_on:  # shown as waiting until it starts or ends
+                    job.waiting += 1
+                    self.waiting[event.task_id] = job
                 if job.started_at is None:
                     job.started_at = event.at
                 tasks += 1
             elif type(event) is pe.TaskStarted:
                 task_id = event.task_id
+                if self.waiting:
+                    self._stop_waiting(task_id)
                 if task_id not in running:
                     (jobs.get(event.job or NO_JOB) or self._job(event.job)).running += 1
                 running[task_id] = event
@@ -248,6 +256,11 @@ class DashboardModel:
             self.versions.tasks += tasks
         if len(pending) >= LATENCY_BATCH:
             self._fold_latency()
+
+    def _stop_waiting(self, task_id: int) -> None:
+        job = self.waiting.pop(task_id, None)
+        if job is not None:
+            job.waiting -= 1
 
     def _job(self, name: str) -> JobRow:
         key = name or NO_JOB
@@ -326,6 +339,7 @@ class DashboardModel:
         row.memory_used = event.memory_used
         row.memory_total = event.memory_total
         row.gpu_status = event.gpu_status
+        row.objects, row.object_bytes, row.spilled_bytes = event.objects, event.object_bytes, event.spilled_bytes
         row.last_heard = event.at
         row.telemetry_seen = True
         gpus = row.gpus

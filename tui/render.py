@@ -454,6 +454,9 @@ def _host_line(host: HostRow, busy: dict[str, int], now: float, p: Palette, *, g
         out.append_text(gpu_cells)
     if host.failed:
         out.append(f"  {fmt.count(host.failed)} failed", p.bad)
+    if host.objects:
+        spilled = f", {fmt.gib(host.spilled_bytes)} GiB spilled" if host.spilled_bytes else ""
+        out.append(f"  {fmt.count(host.objects)} obj {fmt.gib(host.object_bytes)} GiB{spilled}", p.dim)
     return out  # why it is not up: on the lines below (NodeRows), whole
 
 
@@ -544,6 +547,8 @@ def _job_line(job: JobRow, now: float, p: Palette, columns: Sequence[Column]) ->
             *tail,
         ],
     )
+    if job.waiting:
+        out.append(f"  {fmt.count(job.waiting)} waiting on upstream", p.dim)
     if job.message:
         out.append(f"  {job.message}", p.bad if job.state == "failed" else p.dim)
     return out

@@ -128,6 +128,9 @@ class HostRow:
     memory_used: int | None = None
     memory_total: int | None = None
     gpu_status: str = ""  # why there is no GPU data ("no NVIDIA driver"); "" when there is
+    objects: int = 0  # in its agent's object store (put and kept values)
+    object_bytes: int = 0
+    spilled_bytes: int = 0  # of those bytes, on its disk past the store's memory cap
     gpus: dict[int, GpuRow] = field(default_factory=dict)
     last_heard: float | None = None
     telemetry_seen: bool = False
@@ -152,6 +155,7 @@ class JobRow:
     failed: int = 0
     cancelled: int = 0
     retried: int = 0
+    waiting: int = 0  # submitted, waiting for upstream tasks' results (not yet queued to run)
     started_at: float | None = None
     ended_at: float | None = None
     meter: RateMeter = field(default_factory=lambda: RateMeter(RATE_WINDOW_S * 2 + 2))
@@ -162,7 +166,7 @@ class JobRow:
 
     @property
     def queued(self) -> int:
-        return max(0, self.submitted - self.running - self.finished)
+        return max(0, self.submitted - self.running - self.finished - self.waiting)
 
     @property
     def progress(self) -> float:

@@ -45,14 +45,15 @@ from collections.abc import Iterable
 from typing import Any
 
 from batuta._version import __version__
-from batuta.agent.code import CodeLoader, module_source_digest, stale_error
+from batuta.agent.code import CodeLoader, cache_root, module_source_digest, stale_error
 from batuta.agent.execute import print_error
+from batuta.agent.objects import ObjectStore, default_cap, host_memory, parse_object_memory
 from batuta.agent.options import AgentOptions
 from batuta.agent.spawn import SlotProcess, preload_for_fork, spawn_mode
 from batuta.agent.supervisor import SlotSupervisor
 from batuta.agent.telemetry import TelemetrySource, package_versions
 from batuta.agent.threads import BLAS_THREADS_ENV, budget_env, limit_loaded_blas, slot_share
-from batuta.core.objects import refs_in
+from batuta.core.objects import ObjectRef, refs_in
 from batuta.core.task import KernelCall, Outcome
 from batuta.protocol.connection import CLOSED, NEED_DATA, Connection, Role
 from batuta.protocol.errors import LocalProtocolError, RemoteProtocolError
@@ -65,6 +66,7 @@ from batuta.protocol.messages import (
     Done,
     Drop,
     Error,
+    Fetch,
     GpuInfo,
     Heartbeat,
     Hello,
@@ -169,7 +171,15 @@ class Agent:
         self._outbox: list[Message | _DoneBatch] = []
         self._flush_scheduled = False
         self._touched: set[SlotSupervisor] = set()  # slots whose queue changed in this read
-        self._objects: dict[int, object] = {}  # what the coordinator put here (pool.put)
+        memory_total = host_memory()
+        cap = (
+            parse_object_memory(options.object_memory, memory_total)
+            if options.object_memory
+            else default_cap(memory_total)
+        )
+        # what the coordinator put here (pool.put) and results kept here (keep=True)
+        self._objects = ObjectStore(cap, cache_root(), on_spill=self._spilled)
+        self._keep_as: dict[int, int] = {}  # task id -> the object id its result is kept as
         self._killed: list[SlotProcess] = []  # slot processes to reap at exit
 
     # -- SlotEvents ---------------------------------------------------------------------
@@ -179,6 +189,9 @@ class Agent:
         self._schedule_flush()
 
     def task_finished(self, outcome: TaskOutcome) -> None:
+        keep = self._keep_as.pop(outcome.task_id, 0) if self._keep_as else 0
+        if keep and outcome.status is Outcome.OK:
+            outcome = self._kept(keep, outcome)
         last = self._outbox[-1] if self._outbox else None
         if not isinstance(last, _DoneBatch):
             last = _DoneBatch()
@@ -189,6 +202,51 @@ class Agent:
 
     def slot_changed(self, state: SlotChanged) -> None:
         self._emit(state)
+
+    def _kept(self, object_id: int, outcome: TaskOutcome) -> TaskOutcome:
+        """Keep the result here as `object_id`; the coordinator hears what it is, not its bytes."""
+        value = outcome.value
+        nbytes = self._objects.put(object_id, value)
+        shape = tuple(int(n) for n in getattr(value, "shape", ()))
+        dtype = str(getattr(getattr(value, "dtype", None), "str", "") or "")
+        return TaskOutcome(
+            task_id=outcome.task_id,
+            slot=outcome.slot,
+            attempt=outcome.attempt,
+            status=outcome.status,
+            value=(ObjectRef(object_id), nbytes, shape, dtype),
+            stdout=outcome.stdout,
+            stderr=outcome.stderr,
+            exit_code=outcome.exit_code,
+            error=outcome.error,
+            run_s=outcome.run_s,
+        )
+
+    def _spilled(self, object_id: int) -> None:
+        """An object went to disk: slot processes holding a copy drop it (the cap bounds them
+        too); a slot that needs it again gets it from the store."""
+        for slot in self._slots.values():
+            slot.drop_objects((object_id,))
+
+    def _on_fetch(self, fetch: Fetch) -> None:
+        """Send an object back as the result of request `fetch.request_id` (see `Fetch`)."""
+        if fetch.object_id in self._objects:
+            outcome = TaskOutcome(
+                task_id=fetch.request_id,
+                slot=0,
+                attempt=1,
+                status=Outcome.OK,
+                value=self._objects[fetch.object_id],
+            )
+        else:
+            outcome = TaskOutcome(
+                task_id=fetch.request_id,
+                slot=0,
+                attempt=1,
+                status=Outcome.ERROR,
+                error=f"object {fetch.object_id} is not on host {self._host_name} (dropped, or the agent restarted)",
+            )
+        self.task_finished(outcome)
 
     # -- writing ------------------------------------------------------------------------
 
@@ -302,10 +360,12 @@ class Agent:
         elif isinstance(message, Cancel):
             self._on_cancel(message.task_ids)
         elif isinstance(message, Put):
-            self._objects[message.object_id] = message.value
+            self._objects.put(message.object_id, message.value)
+        elif isinstance(message, Fetch):
+            self._on_fetch(message)
         elif isinstance(message, Drop):
             for object_id in message.object_ids:
-                self._objects.pop(object_id, None)
+                self._objects.discard(object_id)
             for slot in self._slots.values():
                 slot.drop_objects(message.object_ids)
         elif isinstance(message, Code):
@@ -359,6 +419,8 @@ class Agent:
                     )
                 )
                 continue
+            if request.keep:
+                self._keep_as[request.task_id] = request.keep
             slot.enqueue(request)
             self._touched.add(slot)
 
@@ -380,6 +442,8 @@ class Agent:
             refused = tuple(message.task_ids)
         else:
             returned, refused = slot.steal_back(message.task_ids)
+            for task_id in returned:
+                self._keep_as.pop(task_id, None)
             # Room in the queue does not change feeding; nothing to pump.
         self._emit(StealBackReply(slot=message.slot, returned=returned, refused=refused))
 
@@ -406,6 +470,7 @@ class Agent:
             _warn(f"telemetry failed: {exc}")
             sample = None
         if sample is not None:
+            objects, object_bytes, spilled_bytes = self._objects.stats()
             self._emit(
                 Heartbeat(
                     seq=self._heartbeat_seq,
@@ -414,6 +479,9 @@ class Agent:
                     memory_total=sample.memory_total,
                     gpus=sample.gpus,
                     gpu_status=sample.gpu_status,
+                    objects=objects,
+                    object_bytes=object_bytes,
+                    spilled_bytes=spilled_bytes,
                 )
             )
             self._heartbeat_seq += 1
@@ -555,6 +623,7 @@ class Agent:
                 loop.remove_signal_handler(signum)
             self.stop_slots()
             self.reap(self._killed)
+            self._objects.close()
             if self._reader is not None:
                 self._reader.close()
             if self._writer is not None:

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import NoReturn
 
+from batuta.agent.objects import parse_object_memory
 from batuta.core.task import MAX_SLOTS
 from batuta.errors import UsageError
 from batuta.protocol._fields import MAX_MODULE_CHARS
@@ -38,6 +39,7 @@ class AgentOptions:
     gpus: GpuSelection
     kernel_modules: tuple[str, ...] = ()
     name: str | None = None
+    object_memory: str | None = None  # the object store's memory cap (see agent/objects.py)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -94,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="import this module's kernels into the registry in every slot (repeatable)",
     )
     parser.add_argument("--name", default=None, help="host name to report (default: hostname)")
+    parser.add_argument(
+        "--object-memory",
+        default=None,
+        metavar="BYTES|PCT%",
+        help="memory for put and kept objects before they spill to disk (default: 30%% of RAM, "
+        "or $BATUTA_OBJECT_MEMORY)",
+    )
     return parser
 
 
@@ -112,6 +121,8 @@ def parse_args(argv: list[str]) -> AgentOptions:
             raise UsageError(f"--kernel-module {module!r}: expected a dotted module name")
     if len(namespace.kernel_module) > MAX_KERNEL_MODULES:  # each one's digest goes in the Hello
         raise UsageError(f"--kernel-module: at most {MAX_KERNEL_MODULES} modules")
+    if namespace.object_memory is not None:
+        parse_object_memory(namespace.object_memory, 0)  # refuse a bad value here, with its fix
     if namespace.name is not None and not namespace.name.strip():
         raise UsageError("--name: expected a non-empty host name")
     return AgentOptions(
@@ -119,4 +130,5 @@ def parse_args(argv: list[str]) -> AgentOptions:
         gpus=_parse_gpus(namespace.gpus),
         kernel_modules=tuple(namespace.kernel_module),
         name=namespace.name,
+        object_memory=namespace.object_memory,
     )

@@ -272,6 +272,8 @@ class SlotWorker:
                     call = KernelCall(name=call.name, args=replace_refs(call.args, self._objects))
                 outcome = self._kernels.run(request, call)
                 self._last_kernel, self._last_run_s = call.name, outcome.run_s
+                if request.keep and outcome.status is Outcome.OK:  # this slot's next tasks read it here
+                    self._objects[request.keep] = outcome.value
                 return outcome
             self._last_kernel = ""
             return run_binary(request, call, self._env)

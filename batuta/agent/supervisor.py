@@ -443,7 +443,7 @@ class SlotSupervisor:
     def _on_outcome(self, outcome: TaskOutcome) -> None:
         task_id = outcome.task_id
         if self.fed and self.fed[0].task_id == task_id:
-            self.fed.popleft()
+            request = self.fed.popleft()
             was_head = True
         else:
             # Only a task the slot skipped after our Cancel finishes out of order.
@@ -454,6 +454,8 @@ class SlotSupervisor:
             else:
                 return  # not ours (cannot happen with a well-behaved slot)
             was_head = False
+        if request.keep and outcome.status is Outcome.OK:
+            self._sent_objects.add(request.keep)  # the slot process kept its own result too
         self._held.pop(task_id, None)
         self._cancel_requested.discard(task_id)
         self._failed_starts = 0

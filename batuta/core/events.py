@@ -22,13 +22,20 @@ HostId = str
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskSubmitted:
-    """A user submitted a task. `requires` are the capabilities a slot must offer."""
+    """A user submitted a task. `requires` are the capabilities a slot must offer.
+
+    Dependencies (see `deps.py`): `after`, unresolved tasks whose success it waits for;
+    `reads`, kept objects it reads (it waits until they exist, and runs where they are);
+    `keep_as`, the object its result is kept as on the host that makes it (0: none)."""
 
     task_id: int
     priority: int = 1
     requires: frozenset[str] = frozenset({CAP_CPU})
     timeout: float | None = None
     max_attempts: int = 3
+    after: tuple[int, ...] = ()
+    reads: tuple[int, ...] = ()
+    keep_as: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,6 +92,7 @@ class TaskOutcomeReported:
     run_s: float = 0.0
     reason: str = ""
     payload: object = None  # what the agent sent (value, output); carried to ResolveTask, never read
+    kept_bytes: int = 0  # the bytes of the result it kept on its host (TaskSubmitted.keep_as)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -138,6 +146,21 @@ class RoundTripMeasured:
     seconds: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ObjectReleased:
+    """The runtime dropped a kept object: no task reads it any more, and it is never remade."""
+
+    object_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ObjectLost:
+    """A kept object cannot be made again (its lineage is gone): the tasks reading it fail."""
+
+    object_id: int
+    reason: str
+
+
 Event = (
     TaskSubmitted
     | SlotJoined
@@ -154,6 +177,8 @@ Event = (
     | HostDrainRequested
     | ShutdownRequested
     | RoundTripMeasured
+    | ObjectReleased
+    | ObjectLost
 )
 
 
@@ -214,4 +239,16 @@ class AnnounceDrained:
     host_id: HostId
 
 
-Instruction = SendTasks | RequestStealBack | AbortTasks | ResolveTask | AnnounceRequeue | AnnounceDrained
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecomputeObject:
+    """A kept object was lost with its host: submit the task that made it (`task_id`) again,
+    as a new task with the same `keep_as=object_id` (lineage)."""
+
+    object_id: int
+    task_id: int
+    reason: str
+
+
+Instruction = (
+    SendTasks | RequestStealBack | AbortTasks | ResolveTask | AnnounceRequeue | AnnounceDrained | RecomputeObject
+)

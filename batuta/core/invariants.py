@@ -74,6 +74,10 @@ def validate(scheduler: Scheduler) -> None:
     for slot in scheduler._slots.values():
         if slot.deque and slot not in scheduler._deque_holders:
             raise InvariantViolation(f"slot {slot.slot_id} holds a deque but thieves cannot find it")
+    for task_id, entry in scheduler._deps.waiting.items():
+        place(entry, "waiting")
+        if task_id != entry.task_id or entry.place is not Place.WAITING or entry.unmet <= 0 or entry.resolved:
+            _violation(scheduler, entry, f"waiting but marked {entry.place.name}, {entry.unmet} unmet")
     if injector_live + deque_total != scheduler._queued:
         raise InvariantViolation(f"queued counter {scheduler._queued} != {injector_live} + {deque_total}")
     for task_id, entry in tasks.items():

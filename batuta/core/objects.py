@@ -8,6 +8,11 @@ the agent substitutes it into every task for its slots. Dask calls this `scatter
 
 `digest` identifies the content (a hash of its encoding), so that a job journal keys a
 task by what it computes on, not by a number that changes from run to run.
+
+A task submitted with `keep=True` resolves to an ObjectRef too: its value stays on the host
+that made it, and the ref says what it is (`shape`, `dtype`, `nbytes`) and where it was made
+(`host`). Passing it to another task runs that task there if it can; `pool.get(ref)` fetches
+the value. A kept ref's digest names how it was made (the producing task), not its bytes.
 """
 
 from __future__ import annotations
@@ -24,10 +29,14 @@ class ObjectRef:
     digest: str = field(default="", compare=False)
     nbytes: int = field(default=0, compare=False)
     size: int = field(default=0, compare=False)  # array elements inside: Backend.AUTO sizes by it
+    shape: tuple[int, ...] = field(default=(), compare=False)  # of a kept array ((): not an array)
+    dtype: str = field(default="", compare=False)  # of a kept array, numpy's `dtype.str`
+    host: str = field(default="", compare=False)  # a kept value: the host that made it ("": put)
 
     def __repr__(self) -> str:
         size = f", {self.nbytes:,} bytes" if self.nbytes else ""
-        return f"ObjectRef({self.object_id}{size})"
+        where = f" on {self.host}" if self.host else ""
+        return f"ObjectRef({self.object_id}{size}{where})"
 
 
 def refs_in(value: object, depth: int = 0) -> list[ObjectRef]:

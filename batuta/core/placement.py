@@ -41,6 +41,7 @@ class Place(enum.IntEnum):
     DEQUE = 1
     WINDOW = 2
     GONE = 3  # resolved and no longer occupying anything
+    WAITING = 4  # for upstream tasks or kept objects (see deps.py); in no queue
 
 
 class SlotState(enum.Enum):
@@ -66,6 +67,8 @@ class SchedulerConfig:
     # victims a thief looks at: every slot in a cluster of at most this many, else this many
     # drawn at random among those that may hold work (see batuta.core.stealing)
     steal_probes: int = 16
+    locality_min_bytes: int = 1 << 20  # kept input bytes on one host that make it the task's home
+    locality_slack: int = 4  # a home deque longer than this may be stolen from by other hosts
 
 
 @dataclass(slots=True, eq=False)
@@ -87,6 +90,10 @@ class TaskEntry:
     steal_pending: bool = False
     steal_refused: bool = False  # the agent refused it (it started), or it was stolen back once
     reasons: list[str] | None = None
+    keep_as: int = 0  # the object its result is kept as (deps.py)
+    reads: tuple[int, ...] = ()  # kept objects it reads
+    unmet: int = 0  # upstream tasks and objects it still waits for
+    home: HostId | None = None  # the host holding its inputs, when queued there for locality
 
 
 @dataclass(slots=True, eq=False)

@@ -28,6 +28,9 @@ clocks. Rules (Blumofe & Leiserson, adapted to a coordinator that sees every slo
 * Capability matching. A task's `requires` must be a subset of a slot's capabilities; a
   task that no joined slot (up or expected back) can ever run resolves UNSCHEDULABLE.
 
+* Dependencies. A task naming unfinished upstream tasks or kept objects *waits* in no
+  queue until they are there; it then goes to the host holding its bytes (`deps.py`).
+
 Time arrives as `now`; randomness from a `random.Random(seed)` owned by the instance. The
 records the scheduler keeps are in `placement.py`, the stealing in `stealing.py`, and the
 checks of `validate()` in `invariants.py`; their public names are importable from here too.
@@ -43,7 +46,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, TypeVar
 
-from batuta.core import invariants
+from batuta.core import deps, invariants
 from batuta.core.events import (
     AbortTasks,
     AnnounceDrained,
@@ -55,6 +58,8 @@ from batuta.core.events import (
     HostId,
     HostLost,
     Instruction,
+    ObjectLost,
+    ObjectReleased,
     ResolveTask,
     RoundTripMeasured,
     SchedulingPaused,
@@ -158,11 +163,14 @@ class Scheduler:
                 _handler(HostDrainRequested, self._on_drain),
                 _handler(RoundTripMeasured, self._on_round_trip),
                 _handler(ShutdownRequested, self._on_shutdown),
+                _handler(ObjectReleased, partial(deps.on_released, self)),
+                _handler(ObjectLost, partial(deps.on_lost, self)),
             ]
         )
         self._shut_down = False
         self._offered: frozenset[str] = frozenset()
         self._offered_epoch = -1
+        self._deps = deps.DependencyTable()
 
     # -- public API -------------------------------------------------------------------------
 
@@ -199,6 +207,11 @@ class Scheduler:
     @property
     def unresolved(self) -> int:
         return sum(1 for e in self._tasks.values() if not e.resolved)
+
+    @property
+    def waiting(self) -> int:
+        """Tasks waiting for upstream tasks or kept objects (see `deps.py`)."""
+        return len(self._deps.waiting)
 
     @property
     def paused(self) -> bool:
@@ -280,6 +293,10 @@ class Scheduler:
         if not self._can_ever_run(klass):
             self._resolve(entry, TaskStatus.UNSCHEDULABLE, self._unschedulable_reason(entry))
             return
+        if (ev.after or ev.reads or ev.keep_as) and (deps.on_submitted(self, entry, ev) or ev.reads):
+            if entry.place is not Place.WAITING and not entry.resolved:
+                deps.place_ready(self, entry)  # where its inputs are
+            return
         self._push_injector(entry, klass)
         self._note(entry, "queued")
         self._feed_hungry(klass)
@@ -315,6 +332,8 @@ class Scheduler:
         self._capability_epoch += 1
 
     def _on_host_lost(self, ev: HostLost) -> None:
+        if self._deps.objects:  # first: its tasks requeued below must see their inputs gone
+            deps.on_host_lost(self, ev.host_id, ev.reason)
         if ev.retired and self._expected.pop(ev.host_id, None) is not None:
             self._capability_epoch += 1
         for slot in list(self._host_slots.get(ev.host_id, ())):
@@ -371,6 +390,8 @@ class Scheduler:
             slot.completed += 1
             if ev.outcome is _OK or ev.outcome is _ERROR:
                 self._observe_run_time(slot, ev.run_s)
+            if entry.keep_as:
+                deps.on_kept(self, entry, ev.kept_bytes)
             self._resolve(entry, status, ev.reason, slot_id=slot.slot_id, payload=ev.payload)
         self._refill(slot)
 
@@ -433,8 +454,10 @@ class Scheduler:
         """Resolve everything as cancelled, in submission order, and forget every placement:
         the hosts are being shut down, so nothing is aborted or stolen back."""
         for entry in sorted((e for e in self._tasks.values() if not e.resolved), key=lambda e: e.task_id):
-            self._resolve(entry, TaskStatus.CANCELLED, ev.reason)
+            if not entry.resolved:  # its upstream's cancellation may have resolved it meanwhile
+                self._resolve(entry, TaskStatus.CANCELLED, ev.reason)
         self._tasks = {}
+        self._deps = deps.DependencyTable()
         for slot in self._slots.values():
             slot.deque.clear()
             slot.window.clear()
@@ -627,6 +650,8 @@ class Scheduler:
             AnnounceRequeue(task_id=entry.task_id, slot_id=slot.slot_id, attempts=entry.attempts, reason=reason)
         )
         self._note(entry, f"requeued: {reason}")
+        if entry.reads and deps.park_if_unready(self, entry):
+            return
         klass = self._class_of(entry.requires)
         self._push_injector(entry, klass)
         self._feed_hungry(klass)
@@ -636,7 +661,8 @@ class Scheduler:
             entry = slot.deque.popleft()
             self._queued -= 1
             entry.slot = None
-            self._push_injector(entry, self._class_of(entry.requires))
+            if not (entry.reads and deps.park_if_unready(self, entry)):
+                self._push_injector(entry, self._class_of(entry.requires))
 
     def _after_capacity_change(self) -> None:
         """After a loss: feed survivors, and fail work nothing can ever run again."""
@@ -686,6 +712,8 @@ class Scheduler:
                 payload=payload,
             )
         )
+        if self._deps.active:  # after its own ResolveTask: its dependents' follow
+            deps.on_resolved(self, entry, status, reason, self._slots.get(slot_id) if slot_id is not None else None)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -725,6 +753,7 @@ class Scheduler:
     def _push_injector(self, entry: TaskEntry, klass: CapabilityClass) -> None:
         entry.place = Place.INJECTOR
         entry.slot = None
+        entry.home = None
         entry.token += 1
         klass.live += 1
         self._queued += 1

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
+from batuta.core.deps import may_steal
 from batuta.core.events import RequestStealBack, StealBackAnswered
 from batuta.core.placement import Place, SlotRecord, SlotState, TaskEntry
 
@@ -33,15 +34,19 @@ if TYPE_CHECKING:
 
 
 def steal_from_deque(scheduler: Scheduler, thief: SlotRecord) -> TaskEntry | None:
-    """Take the oldest task `thief` can run from a random victim's deque, if any holds one."""
+    """Take the oldest task `thief` can run from a random victim's deque, if any holds one
+    (a task queued where its inputs are only from a long deque: `deps.may_steal`)."""
     caps = thief.capabilities
+    slack = scheduler.config.locality_slack
     victim: SlotRecord | None = None
     probes = scheduler.config.steal_probes
     if len(scheduler._slots) <= probes:
         victims = [
             s
             for s in scheduler._slots.values()
-            if s is not thief and s.deque and any(e.requires <= caps for e in _head(s.deque))
+            if s is not thief
+            and s.deque
+            and any(e.requires <= caps and may_steal(e, thief, len(s.deque), slack) for e in _head(s.deque))
         ]
         if not victims:
             return None
@@ -54,13 +59,15 @@ def steal_from_deque(scheduler: Scheduler, thief: SlotRecord) -> TaskEntry | Non
             candidate = holders.draw(scheduler._rng)
             if not candidate.deque:
                 holders.discard(candidate)  # emptied since it joined the sample
-            elif candidate is not thief and any(e.requires <= caps for e in _head(candidate.deque)):
+            elif candidate is not thief and any(
+                e.requires <= caps and may_steal(e, thief, len(candidate.deque), slack) for e in _head(candidate.deque)
+            ):
                 victim = candidate
                 break
         if victim is None:
             return None
     for i, entry in enumerate(_head(victim.deque)):
-        if entry.requires <= caps:
+        if entry.requires <= caps and may_steal(entry, thief, len(victim.deque), slack):
             del victim.deque[i]
             scheduler._queued -= 1
             victim.steals_out += 1
@@ -73,14 +80,13 @@ def steal_from_deque(scheduler: Scheduler, thief: SlotRecord) -> TaskEntry | Non
 
 def try_steal_back(scheduler: Scheduler, thief: SlotRecord) -> None:
     """Ask a random busy victim's agent for the newest half of its unstarted tasks."""
-    caps = thief.capabilities
     chosen: tuple[SlotRecord, list[TaskEntry]] | None = None
     probes = scheduler.config.steal_probes
     if len(scheduler._slots) <= probes:
         candidates: list[tuple[SlotRecord, list[TaskEntry]]] = []
         for victim in scheduler._slots.values():
             if victim is not thief and victim.state is not SlotState.LOST:
-                stealable = _stealable(victim, caps)
+                stealable = _stealable(victim, thief)
                 if stealable is not None:
                     candidates.append((victim, stealable))
         if not candidates:
@@ -97,7 +103,7 @@ def try_steal_back(scheduler: Scheduler, thief: SlotRecord) -> None:
                 # (the only way a window gains stealable tasks), so idle thieves stop finding it
                 holders.discard(victim)
             elif victim is not thief and victim.state is not SlotState.LOST:
-                stealable = _stealable(victim, caps)
+                stealable = _stealable(victim, thief)
                 if stealable is not None:
                     chosen = (victim, stealable)
                     break
@@ -114,10 +120,10 @@ def try_steal_back(scheduler: Scheduler, thief: SlotRecord) -> None:
     scheduler._out.append(RequestStealBack(slot_id=victim.slot_id, task_ids=tuple(e.task_id for e in take)))
 
 
-def _stealable(victim: SlotRecord, caps: frozenset[str] | None) -> list[TaskEntry] | None:
-    """The tasks a thief with `caps` (None: any thief) may ask back from `victim`'s window,
-    oldest first, or None if asking would not help. A window holds at most `max_window` tasks,
-    so this is bounded."""
+def _stealable(victim: SlotRecord, thief: SlotRecord | None) -> list[TaskEntry] | None:
+    """The tasks `thief` (None: any thief) may ask back from `victim`'s window, oldest first,
+    or None if asking would not help. A window holds at most `max_window` tasks, so this is
+    bounded. A task sent to the host where its inputs are stays there (`home`)."""
     if not victim.window:
         return None
     stealable = [
@@ -127,7 +133,7 @@ def _stealable(victim: SlotRecord, caps: frozenset[str] | None) -> list[TaskEntr
         and not e.resolved
         and not e.steal_pending
         and not e.steal_refused
-        and (caps is None or e.requires <= caps)
+        and (thief is None or (e.requires <= thief.capabilities and (e.home is None or e.home == thief.host_id)))
     ]
     # An idle victim would start its only task itself; taking it just moves the wait.
     busy = len(stealable) < len(victim.window)

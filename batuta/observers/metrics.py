@@ -35,13 +35,15 @@ Metric names (prefix `batuta_`):
 | `tasks_submitted_total` | counter | |
 | `steals_total`, `steal_backs_total` | counter | |
 | `task_retries_total`, `dropped_results_total` | counter | |
-| `queue_depth`, `tasks_in_flight` | gauge | |
+| `queue_depth`, `tasks_in_flight`, `tasks_waiting` | gauge | |
+| `object_relayed_bytes_total`, `object_fetched_bytes_total` | counter | |
 | `slot_queue_depth`, `slot_in_flight` | gauge | host, slot |
 | `slots` | gauge | state |
 | `host_up` | gauge | host |
 | `host_state` | gauge (1 for the current state) | host, state |
 | `host_cpu_utilization_ratio` | gauge | host |
 | `host_memory_used_bytes`, `host_memory_total_bytes` | gauge | host |
+| `host_objects`, `host_object_bytes`, `host_object_spilled_bytes` | gauge | host |
 | `gpu_info` | gauge (always 1) | host, gpu, name |
 | `gpu_utilization_ratio` | gauge | host, gpu |
 | `gpu_memory_used_bytes`, `gpu_memory_total_bytes` | gauge | host, gpu |
@@ -126,6 +128,9 @@ class _HostReading:
     cpu_percent: float
     memory_used: int
     memory_total: int
+    objects: int = 0
+    object_bytes: int = 0
+    spilled_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -318,7 +323,14 @@ class MetricsExporter:
 
     def _telemetry(self, event: pe.HostTelemetry) -> None:
         host = event.host
-        self._host_readings[host] = _HostReading(event.cpu_percent, event.memory_used, event.memory_total)
+        self._host_readings[host] = _HostReading(
+            event.cpu_percent,
+            event.memory_used,
+            event.memory_total,
+            event.objects,
+            event.object_bytes,
+            event.spilled_bytes,
+        )
         for g in event.gpus:
             key = (host, str(g.index))
             self._gpus[key] = _GpuState(
@@ -425,9 +437,14 @@ def _pool_families(s: _Snapshot) -> Iterable[Metric]:
             ("steal_backs", "Tasks taken back from a slot's in-flight window (agent-confirmed).", stats.steal_backs),
             ("task_retries", "Task attempts requeued after their worker or host was lost.", stats.retries),
             ("dropped_results", "Late or duplicate results dropped (each task resolves once).", stats.dropped_results),
+            ("object_relayed_bytes", "Kept values moved to another host through the coordinator.", stats.relayed_bytes),
+            ("object_fetched_bytes", "Kept values fetched to the coordinator with pool.get.", stats.fetched_bytes),
         ):
             yield CounterMetricFamily(_name(short), doc, value=value)
         yield GaugeMetricFamily(_name("queue_depth"), "Tasks queued, not yet sent to a host.", value=stats.queued)
+        yield GaugeMetricFamily(
+            _name("tasks_waiting"), "Tasks waiting for upstream tasks or kept values.", value=stats.waiting
+        )
         yield GaugeMetricFamily(
             _name("tasks_in_flight"), "Tasks sent to a slot and not yet finished.", value=stats.in_flight
         )
@@ -464,13 +481,24 @@ def _host_families(s: _Snapshot) -> Iterable[Metric]:
     cpu = GaugeMetricFamily(_name("host_cpu_utilization_ratio"), "Host CPU utilization, 0 to 1.", labels=("host",))
     used = GaugeMetricFamily(_name("host_memory_used_bytes"), "Host memory in use.", labels=("host",))
     total = GaugeMetricFamily(_name("host_memory_total_bytes"), "Host memory installed.", labels=("host",))
+    objects = GaugeMetricFamily(_name("host_objects"), "Objects in the host agent's store.", labels=("host",))
+    object_bytes = GaugeMetricFamily(_name("host_object_bytes"), "Bytes of those objects.", labels=("host",))
+    spilled = GaugeMetricFamily(
+        _name("host_object_spilled_bytes"), "Of those bytes, on the host's disk (past its cap).", labels=("host",)
+    )
     for host, reading in s.host_readings.items():
         cpu.add_metric((host,), reading.cpu_percent / 100.0)
         used.add_metric((host,), reading.memory_used)
         total.add_metric((host,), reading.memory_total)
+        objects.add_metric((host,), reading.objects)
+        object_bytes.add_metric((host,), reading.object_bytes)
+        spilled.add_metric((host,), reading.spilled_bytes)
     yield cpu
     yield used
     yield total
+    yield objects
+    yield object_bytes
+    yield spilled
 
 
 def _gpu_families(s: _Snapshot) -> Iterable[Metric]:

@@ -57,6 +57,7 @@ from batuta.protocol.messages import (
     Done,
     Drop,
     Error,
+    Fetch,
     GpuInfo,
     GpuSample,
     Heartbeat,
@@ -96,6 +97,7 @@ TAGS: dict[type, int] = {
     Drop: 15,
     Code: 16,
     CodeLoaded: 17,
+    Fetch: 18,
 }
 """Message tags on the wire. Stable: changing one needs a new PROTOCOL_VERSION."""
 
@@ -132,7 +134,7 @@ def _slot_setters(cls: type) -> tuple[Callable[[object, Any], None], ...]:
 
 
 _new = object.__new__
-_TR_TASK_ID, _TR_SLOT, _TR_ATTEMPT, _TR_CALL, _TR_TIMEOUT, _TR_BACKEND, _TR_CODE = _slot_setters(TaskRequest)
+_TR_TASK_ID, _TR_SLOT, _TR_ATTEMPT, _TR_CALL, _TR_TIMEOUT, _TR_BACKEND, _TR_CODE, _TR_KEEP = _slot_setters(TaskRequest)
 _KC_NAME, _KC_ARGS = _slot_setters(KernelCall)
 (
     _TO_TASK_ID,
@@ -292,6 +294,7 @@ def _enc_run(m: Run, oob: OobWriter) -> list[Any]:
             None if timeout is None else float_(timeout, ".timeout", positive=True),
             choice(t.backend, ".backend", _BACKENDS, "backend"),
             digest(t.code, ".code", empty=True),
+            *((uint(t.keep, ".keep"),) if t.keep else ()),
         ]
 
     return [TAGS[Run], records(task, m.tasks, ".tasks")]
@@ -342,6 +345,10 @@ def _enc_put(m: Put, oob: OobWriter) -> list[Any]:
     return [TAGS[Put], uint(m.object_id, ".object_id"), value]
 
 
+def _enc_fetch(m: Fetch, oob: OobWriter) -> list[Any]:
+    return [TAGS[Fetch], uint(m.object_id, ".object_id"), uint(m.request_id, ".request_id")]
+
+
 def _enc_drop(m: Drop, oob: OobWriter) -> list[Any]:
     return [TAGS[Drop], ids(m.object_ids, ".object_ids")]
 
@@ -381,6 +388,9 @@ def _enc_heartbeat(m: Heartbeat, oob: OobWriter) -> list[Any]:
         uint(m.memory_total, ".memory_total"),
         records(_enc_gpu_sample, m.gpus, ".gpus"),
         str_(m.gpu_status, ".gpu_status"),
+        uint(m.objects, ".objects"),
+        uint(m.object_bytes, ".object_bytes"),
+        uint(m.spilled_bytes, ".spilled_bytes"),
     ]
 
 
@@ -409,6 +419,7 @@ _ENCODERS: dict[type, Callable[[Any, OobWriter], list[Any]]] = {
     Cancel: _enc_cancel,
     Put: _enc_put,
     Drop: _enc_drop,
+    Fetch: _enc_fetch,
     SlotChanged: _enc_slot_changed,
     Heartbeat: _enc_heartbeat,
     Shutdown: _enc_shutdown,
@@ -506,10 +517,15 @@ def _dec_call(w: Any) -> KernelCall | BinaryCall:
 
 
 def _dec_task_request(w: Any) -> TaskRequest:
+    keep = 0
+    if type(w) is list and len(w) == 8:  # TaskRequest.keep, sent only when set
+        *w, keep = w
+        keep = uint(keep, ".keep")
     if type(w) is not list or len(w) != 7:
         check_len(w, 7, "TaskRequest")
     task_id, slot, attempt, call, timeout, backend, code = w
     task = _new(TaskRequest)
+    _TR_KEEP(task, keep)
     _TR_TASK_ID(task, task_id if type(task_id) is int and task_id >= 0 else uint(task_id, ".task_id"))
     _TR_SLOT(task, slot if type(slot) is int and slot >= 0 else uint(slot, ".slot"))
     _TR_ATTEMPT(task, attempt if type(attempt) is int and attempt >= 1 else posint(attempt, ".attempt"))
@@ -579,6 +595,10 @@ def _dec_put(w: list[Any]) -> Put:
     return Put(object_id=uint(w[1], ".object_id"), value=value)
 
 
+def _dec_fetch(w: list[Any]) -> Fetch:
+    return Fetch(object_id=uint(w[1], ".object_id"), request_id=uint(w[2], ".request_id"))
+
+
 def _dec_drop(w: list[Any]) -> Drop:
     return Drop(object_ids=tuple(ids(w[1], ".object_ids")))
 
@@ -608,7 +628,9 @@ def _dec_gpu_sample(w: Any) -> GpuSample:
 
 
 def _dec_heartbeat(w: list[Any]) -> Heartbeat:
-    _, seq, cpu_percent, memory_used, memory_total, gpus, gpu_status = w
+    _, seq, cpu_percent, memory_used, memory_total, gpus, gpu_status, *objects = w
+    counts = [uint(x, f".{n}") for x, n in zip(objects, ("objects", "object_bytes", "spilled_bytes"), strict=False)]
+    counts += [0] * (3 - len(counts))
     return Heartbeat(
         seq=uint(seq, ".seq"),
         cpu_percent=float_(cpu_percent, ".cpu_percent", minimum=0.0),
@@ -616,6 +638,9 @@ def _dec_heartbeat(w: list[Any]) -> Heartbeat:
         memory_total=uint(memory_total, ".memory_total"),
         gpus=tuple(records(_dec_gpu_sample, gpus, ".gpus")),
         gpu_status=str_(gpu_status, ".gpu_status"),
+        objects=counts[0],
+        object_bytes=counts[1],
+        spilled_bytes=counts[2],
     )
 
 
@@ -644,14 +669,16 @@ _DECODER_FNS: list[tuple[type, Callable[[list[Any]], Message]]] = [
     (Cancel, _dec_cancel),
     (Put, _dec_put),
     (Drop, _dec_drop),
+    (Fetch, _dec_fetch),
     (SlotChanged, _dec_slot_changed),
     (Heartbeat, _dec_heartbeat),
     (Shutdown, _dec_shutdown),
     (Bye, _dec_bye),
     (Error, _dec_error),
 ]
-_OPTIONAL_TRAILING: dict[type, int] = {Hello: 1}
-"""Trailing fields an older agent leaves out: Hello.modules (protocol 4). A Hello is read from
+_OPTIONAL_TRAILING: dict[type, int] = {Hello: 1, Heartbeat: 3}
+"""Trailing fields an older agent leaves out: Hello.modules (protocol 4), Heartbeat's object
+counts. A Hello is read from
 any agent, so that the coordinator can tell one of another batuta version what to do."""
 
 _DECODERS: dict[int, tuple[type, int, int, Callable[[list[Any]], Message]]] = {

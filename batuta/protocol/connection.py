@@ -12,7 +12,7 @@ whatever `send()` returns.
       |  StealBackReply, SlotChanged,        |
       |  Heartbeat, Bye                      |
       |  <- Code, Run, StealBack, Cancel,   |   READY: COORDINATOR_SENDS
-      |     Put, Drop, Shutdown              |
+      |     Put, Drop, Fetch, Shutdown       |
       |  Error (either side, at any time) <->|
 
 `Bye`, `Shutdown` and `Error` are each their sender's last message: afterwards that side
@@ -44,6 +44,7 @@ from batuta.protocol.messages import (
     Done,
     Drop,
     Error,
+    Fetch,
     Heartbeat,
     Hello,
     Message,
@@ -112,7 +113,7 @@ class ConnectionState(enum.Enum):
 AGENT_SENDS: Final[frozenset[type]] = frozenset(
     {CodeLoaded, Started, Done, StealBackReply, SlotChanged, Heartbeat, Bye, Error}
 )
-COORDINATOR_SENDS: Final[frozenset[type]] = frozenset({Code, Run, StealBack, Cancel, Put, Drop, Shutdown, Error})
+COORDINATOR_SENDS: Final[frozenset[type]] = frozenset({Code, Run, StealBack, Cancel, Put, Drop, Fetch, Shutdown, Error})
 
 TRANSITIONS: Final[dict[tuple[Phase, Role], dict[type, Phase]]] = {
     (Phase.AWAIT_HELLO, Role.AGENT): {Hello: Phase.AWAIT_WELCOME, Error: Phase.AWAIT_HELLO},

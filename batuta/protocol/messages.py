@@ -4,7 +4,7 @@ Small frozen dataclasses, validated by the codec when decoded. Direction is part
 message's meaning; `connection.py` holds the table of who may send what in which state.
 
     agent -> coordinator: Hello, CodeLoaded, Started, Done, StealBackReply, SlotChanged, Heartbeat, Bye, Error
-    coordinator -> agent: Welcome, Code, Run, StealBack, Cancel, Put, Drop, Shutdown, Error
+    coordinator -> agent: Welcome, Code, Run, StealBack, Cancel, Put, Drop, Fetch, Shutdown, Error
 
 Every message is encoded as a msgpack array `[tag, field, field, ...]` (see `codec.py`), so
 fields are positional on the wire; their order here is the wire order.
@@ -124,7 +124,11 @@ def code_digest(files: Iterable[CodeFile], modules: Iterable[str]) -> str:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskRequest:
     """One task sent to a slot. `attempt` starts at 1. `code` is the digest of the user's code
-    the task must run with ("" when none was shipped): a slot with other code refuses it."""
+    the task must run with ("" when none was shipped): a slot with other code refuses it.
+    `keep` (> 0): keep the value on this host as object `keep` (`pool.submit(task, keep=True)`)
+    and report in its place the tuple `(ObjectRef(keep), nbytes, shape, dtype)` (shape and
+    dtype of an array, `()` and `""` otherwise). Sent only when set, so older agents read
+    every other request."""
 
     task_id: int
     slot: int
@@ -133,6 +137,7 @@ class TaskRequest:
     timeout: float | None = None
     backend: str = "cpu"
     code: str = ""
+    keep: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -208,6 +213,17 @@ class Drop:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Fetch:
+    """Send object `object_id` (kept or put here) back: the answer is a Done holding one
+    TaskOutcome with `task_id=request_id`, slot 0, attempt 1, status ok and the value (or
+    status error and why), so that a fetched value travels exactly like a task's result.
+    The coordinator draws `request_id` from its task ids, so it names no task."""
+
+    object_id: int
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Cancel:
     """Drop these tasks if queued, kill them if running; each is answered by a `cancelled` outcome."""
 
@@ -252,6 +268,9 @@ class Heartbeat:
     memory_total: int
     gpus: tuple[GpuSample, ...] = ()
     gpu_status: str = ""  # why there is no GPU data ("no NVIDIA driver"), empty when there is
+    objects: int = 0  # objects in the agent's store (put and kept), in memory or spilled
+    object_bytes: int = 0  # their bytes, wherever they are
+    spilled_bytes: int = 0  # of which on local disk (past the store's memory cap)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -287,6 +306,7 @@ Message = (
     | StealBackReply
     | Put
     | Drop
+    | Fetch
     | Cancel
     | SlotChanged
     | Heartbeat

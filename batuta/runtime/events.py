@@ -27,6 +27,7 @@ class TaskQueued:
     at: float
     backend_reason: str = ""
     job: str = ""
+    waiting_on: tuple[int, ...] = ()  # unfinished upstream tasks whose results it needs first
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,6 +106,9 @@ class HostTelemetry:
     gpus: tuple[GpuReading, ...]
     gpu_status: str
     at: float
+    objects: int = 0  # in the host agent's object store (put and kept values)
+    object_bytes: int = 0
+    spilled_bytes: int = 0  # of those bytes, on the host's disk past its memory cap
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from batuta.core.backend import BackendChoice
-from batuta.core.task import Task, TaskResult
+from batuta.core.task import BinaryCall, KernelCall, Task, TaskResult
 
 if TYPE_CHECKING:
     from batuta.runtime.pool import Pool
@@ -42,9 +42,12 @@ class TaskFuture:
     """
 
     __slots__ = (
+        "_call",
         "_callbacks",
         "_choice",
         "_code",
+        "_journal_task",
+        "_keep",
         "_nbytes",
         "_object_ids",
         "_pool",
@@ -73,6 +76,9 @@ class TaskFuture:
         self._object_ids: tuple[int, ...] = ()  # pool.put objects its arguments name
         self._nbytes = 0  # what its arguments' arrays add to a frame (flow control)
         self._code = ""  # the code digest its ResultStore key names (see ResultStore)
+        self._call: KernelCall | BinaryCall = task.call  # as sent: futures among its arguments replaced
+        self._keep = 0  # the object its result is kept as (keep=True), 0 when it comes back
+        self._journal_task = task  # what the ResultStore keys it by (futures among its arguments replaced)
 
     def __await__(self) -> Generator[Any, None, TaskResult]:
         if self._result is None:

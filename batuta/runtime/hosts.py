@@ -212,4 +212,7 @@ def telemetry_event(session: HostSession, hb: m.Heartbeat, now: float) -> pe.Hos
         ),
         gpu_status=hb.gpu_status,
         at=now,
+        objects=hb.objects,
+        object_bytes=hb.object_bytes,
+        spilled_bytes=hb.spilled_bytes,
     )

@@ -14,10 +14,11 @@ if TYPE_CHECKING:
     from batuta.runtime.pool import Pool
 
 
-async def map_tasks(pool: Pool, tasks: Iterable[Task]) -> list[Any]:
+async def map_tasks(pool: Pool, tasks: Iterable[Task], *, keep: bool = False) -> list[Any]:
     """Submit `tasks` and return their values in order. The first failed task cancels the
     rest (those not yet submitted are never submitted) and raises TaskFailedError with its
-    result; a caller that gives up waiting cancels every task."""
+    result; a caller that gives up waiting cancels every task. `keep`: values are ObjectRefs
+    to results left on the hosts that made them (see `Pool.submit`)."""
     futures: list[TaskFuture] = []
     failure: list[TaskResult] = []
 
@@ -29,7 +30,7 @@ async def map_tasks(pool: Pool, tasks: Iterable[Task]) -> list[Any]:
                 other.cancel()
 
     for task in tasks:
-        future = await pool.submit(task)
+        future = await pool.submit(task, keep=keep)
         future.add_done_callback(on_done)
         futures.append(future)
         if failure:

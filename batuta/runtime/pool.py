@@ -4,7 +4,8 @@ The pool is the thin shell of the dask worker-state-machine pattern: it turns wh
 agents say into scheduler events, runs the scheduler's instructions (send, steal back,
 abort, resolve), keeps each task's payload and future, and publishes events for observers.
 Every placement decision is the core's; whether a host is alive is `core.liveness`'s, driven
-by `runtime.hosts`. The future and the builder live beside it (`future.py`, `builder.py`).
+by `runtime.hosts`. The future and the builder live beside it (`future.py`, `builder.py`),
+and so does the reading of what hosts say (`inbound.py`).
 
     async with Pool.builder().cpu_workers(4).build() as pool:
         result = await pool.run(Task.kernel("vadd", a, b))
@@ -34,12 +35,13 @@ from batuta.protocol import messages as m
 from batuta.protocol.codec import check_value
 from batuta.protocol.errors import LocalProtocolError
 from batuta.runtime import events as pe
-from batuta.runtime import mapping, stream
+from batuta.runtime import inbound, kept, mapping, stream
 from batuta.runtime.builder import PoolBuilder, PoolConfig, local_host
 from batuta.runtime.code import CodeCollector, ShippedCode
+from batuta.runtime.dataplane import DataPlane, Prepared
 from batuta.runtime.future import ResultStore, TaskFuture
-from batuta.runtime.hosts import HostSupervisor, telemetry_event
-from batuta.runtime.objects import ObjectTable
+from batuta.runtime.hosts import HostSupervisor
+from batuta.runtime.objects import KeptObject, ObjectTable, lineage_digest
 from batuta.runtime.session import HostSession, HostSpec, SendBudget
 from batuta.runtime.views import HostView, PoolStats, SlotView
 from batuta.runtime.wakeup import WakeupTimer
@@ -114,6 +116,7 @@ class Pool:
         self._device_of: dict[str, str] = {}  # GPU slot id -> "name (N SMs)"
         self._restored = 0
         self._objects = ObjectTable()
+        self._data = DataPlane(self)
         self._code_of: dict[str, str] = {}  # host -> digest of the user's code it runs
         self._shipped = ShippedCode()  # the journal keys the user's kernels by its digest
         # Submissions of one loop turn reach the scheduler together (see `_handle`): one
@@ -195,14 +198,20 @@ class Pool:
 
     # -- submitting -------------------------------------------------------------------------
 
-    async def submit(self, task: Task) -> TaskFuture:
+    async def submit(self, task: Task, *, keep: bool = False) -> TaskFuture:
         """Queue a task; waits while the pool holds `max_queued` tasks, or while more than
-        `send_budget` bytes wait for hosts that are slow to read them (backpressure)."""
+        `send_budget` bytes wait for hosts that are slow to read them (backpressure).
+
+        `keep=True` leaves the result on the host that made it: the future's value is an
+        `ObjectRef` (shape, dtype, nbytes, host) to pass to other tasks, which then run there
+        if they can; `await pool.get(ref)` fetches it, `pool.drop(ref)` frees it. A task whose
+        arguments name an unfinished `TaskFuture` (or a kept ref) waits for it, and fails
+        (or is cancelled) with its upstream, naming it."""
         while not self._scheduler.can_accept(len(self._submitted) + 1) or self._over_budget():
             self._check_open()
             self._space.clear()
             await self._space.wait()
-        future = self.submit_nowait(task)
+        future = self.submit_nowait(task, keep=keep)
         if self._burst_bytes >= self.config.send_high_water:
             # A burst of big arguments: place it and let the sessions write it now, so that
             # the next submission sees whether the hosts keep up (their flushes are queued).
@@ -211,11 +220,14 @@ class Pool:
             await asyncio.sleep(0)
         return future
 
-    def submit_nowait(self, task: Task) -> TaskFuture:
-        """Queue a task now; raises UsageError if the pool is full (see `submit`)."""
+    def submit_nowait(self, task: Task, *, keep: bool = False, _remake: KeptObject | None = None) -> TaskFuture:
+        """Queue a task now; raises UsageError if the pool is full (see `submit`). `_remake`:
+        a kept object lost with its host, whose recorded task runs again (lineage)."""
         self._check_open()
         if not isinstance(task, Task):
             raise UsageError(f"submit() takes a batuta.Task, not {type(task).__name__}")
+        prepared = self._data.prepare(task) if _remake is None else Prepared(task, reads=_remake.reads)
+        call = prepared.task.call
         if not self._scheduler.can_accept(len(self._submitted) + 1):
             raise UsageError(
                 f"the pool holds max_queued={self.config.scheduler.max_queued} tasks; "
@@ -224,13 +236,13 @@ class Pool:
         loop = self._loop
         assert loop is not None
         nbytes = 0
-        if isinstance(task.call, KernelCall) and task.call.args:
+        if isinstance(call, KernelCall) and call.args:
             try:  # refuse here what the wire cannot carry, rather than failing a whole batch later
-                nbytes = check_value(task.call.args, where=f"task {task.name!r} arguments")
+                nbytes = check_value(call.args, where=f"task {task.name!r} arguments")
             except LocalProtocolError as exc:
                 raise UsageError(str(exc)) from None
         choice = select_backend(
-            task.call,
+            call,  # kept refs among the arguments count by their elements
             task.backend,
             gpu_available=self._scheduler.offers(CAP_GPU),
             quadratic=isinstance(task.call, KernelCall) and _superlinear(task.call.name),
@@ -243,16 +255,33 @@ class Pool:
         job = _current_job.get()
         future = TaskFuture(self, task_id, task, choice, job, now)
         future._nbytes = nbytes
+        future._call = call
         self._burst_bytes += nbytes
-        if self._store is not None:
+        digest = ""
+        if self._store is not None and _remake is None:
             future._code = self._shipped.digest_for(task.call)
-            kept = self._store.lookup(task, job, code=future._code)
-            if kept is not None:
-                return self._restore(future, replace(kept, task_id=task_id, job=job, restored=True))
-        if isinstance(task.call, KernelCall) and task.call.args:
-            refs = refs_in(task.call.args)
+            future._journal_task = prepared.task
+            if keep:  # keyed by how it is made: readers in a resumed run make it again on demand
+                digest = lineage_digest(call, task.backend.value)  # as asked: AUTO's choice may vary by run
+                future._journal_task = replace(prepared.task, key=f"kept:{digest}")
+            journaled = self._store.lookup(future._journal_task, job, code=future._code)
+            if journaled is not None:
+                if keep:
+                    journaled = kept.restored_kept(self, future, prepared, journaled, digest)
+                return self._restore(future, replace(journaled, task_id=task_id, job=job, restored=True))
+        for object_id in prepared.reads:
+            restored = self._objects.kept(object_id)
+            if restored is not None and restored.restored:
+                kept.remake_restored(self, restored)
+        if isinstance(call, KernelCall) and call.args:
+            refs = refs_in(call.args)
             if refs:
                 future._object_ids = self._objects.acquire(refs, task.name)
+        if _remake is not None:
+            future._keep = _remake.object_id
+        elif keep:
+            made = self._objects.keep(prepared.task, job, future, prepared.reads, prepared.after, digest)
+            future._keep = made.object_id
         self._pending[task_id] = future
         if self.events.active:
             self.events.publish(
@@ -263,8 +292,13 @@ class Pool:
                     at=now,
                     backend_reason=choice.reason,
                     job=job,
+                    waiting_on=self._data.waiting_on(prepared),
                 )
             )
+        if prepared.failed is not None:  # an upstream ended badly before this was submitted
+            status, reason = prepared.failed
+            self._finish(task_id, status, reason=reason)
+            return future
         self._submitted.append(
             ev.TaskSubmitted(
                 task_id=task_id,
@@ -272,6 +306,9 @@ class Pool:
                 requires=requires,
                 timeout=task.timeout,
                 max_attempts=task.max_attempts,
+                after=prepared.after,
+                reads=prepared.reads,
+                keep_as=future._keep,
             )
         )
         if len(self._submitted) == 1:
@@ -307,11 +344,13 @@ class Pool:
         priority: Priority = Priority.NORMAL,
         timeout: float | None = None,
         max_attempts: int = 3,
+        keep: bool = False,
     ) -> list[Any]:
         """Run `kernel` once per item (a tuple of args, or one arg) and return values in order.
 
         Fails fast: the first failed task cancels the rest and raises TaskFailedError with
         its result. For coarse granularity pass chunks, not elements (see `map_chunked`).
+        `keep=True`: the values are ObjectRefs to results left where they were made.
         """
         tasks = (
             Task.kernel(
@@ -324,7 +363,7 @@ class Pool:
             )
             for item in items
         )
-        return await mapping.map_tasks(self, tasks)
+        return await mapping.map_tasks(self, tasks, keep=keep)
 
     async def map_chunked(
         self,
@@ -354,16 +393,33 @@ class Pool:
         return self._objects.put(value)
 
     def drop(self, ref: ObjectRef) -> None:
-        """Release a `put` value, here and on the hosts, once no unresolved task names it."""
+        """Release a `put` value or a kept result, here and on every host holding it, once
+        no unresolved task names it."""
         if not isinstance(ref, ObjectRef):
             raise UsageError(f"pool.drop takes the ObjectRef that pool.put returned, not {type(ref).__name__}")
         self._send_drops(self._objects.drop(ref))
 
-    def _send_drops(self, drops: dict[str, tuple[int, ...]]) -> None:
+    async def get(self, ref: ObjectRef) -> Any:
+        """The value of a kept result (`keep=True`), fetched from a host that holds it; it waits
+        for the value to be made (or made again after its host was lost). A put value is
+        returned as it is. Raises ObjectLostError when it can no longer be had."""
+        if not isinstance(ref, ObjectRef):
+            raise UsageError(f"pool.get takes an ObjectRef (from keep=True or pool.put), not {type(ref).__name__}")
+        self._check_open()
+        restored = self._objects.kept(ref.object_id)
+        if restored is not None and restored.restored:  # from a resumed run's journal: make it now
+            kept.remake_restored(self, restored)
+        return await self._data.get(ref)
+
+    def _send_drops(self, dropped: tuple[dict[str, tuple[int, ...]], list[int]]) -> None:
+        drops, forgotten = dropped
         for host, object_ids in drops.items():
             session = self._hosts.sessions.get(host)
             if session is not None:
                 session.send(m.Drop(object_ids=object_ids))
+        if forgotten:  # the scheduler never makes them again; on the next turn (we may be in _handle)
+            released: list[ev.Event] = [ev.ObjectReleased(object_id=i) for i in forgotten]
+            self._call_later(lambda: self._handle(released))
 
     def set_result_store(self, store: ResultStore | None) -> None:
         """Consult `store` before running each task and record every success in it."""
@@ -436,6 +492,9 @@ class Pool:
             retries=s.retries,
             dropped_results=s.dropped_results,
             restored=self._restored,
+            waiting=self._scheduler.waiting,
+            relayed_bytes=self._objects.relayed_bytes,
+            fetched_bytes=self._objects.fetched_bytes,
         )
 
     def slots(self) -> list[SlotView]:
@@ -481,67 +540,7 @@ class Pool:
         self._handle(joined)
 
     def host_messages(self, session: HostSession, messages: list[m.Message]) -> None:
-        events: list[ev.Event] = []
-        publish = self.events.active
-        now = self._now()
-        host = session.name
-        for msg in messages:
-            if isinstance(msg, m.Done):
-                for outcome in msg.results:
-                    events.append(
-                        ev.TaskOutcomeReported(
-                            task_id=outcome.task_id,
-                            slot_id=f"{host}/{outcome.slot}",
-                            attempt=outcome.attempt,
-                            outcome=outcome.status,
-                            run_s=outcome.run_s,
-                            reason=outcome.error or "",
-                            payload=outcome,
-                        )
-                    )
-            elif isinstance(msg, m.Started):
-                events.extend(self._started_events(host, msg.task_ids, now, publish))
-            elif isinstance(msg, m.StealBackReply):
-                events.append(
-                    ev.StealBackAnswered(
-                        slot_id=f"{host}/{msg.slot}", returned=tuple(msg.returned), refused=tuple(msg.refused)
-                    )
-                )
-            elif isinstance(msg, m.Heartbeat):
-                if publish:
-                    self.events.publish(telemetry_event(session, msg, now))
-            elif isinstance(msg, m.SlotChanged):
-                events.extend(self._slot_state_events(session, msg, now))
-            elif isinstance(msg, m.CodeLoaded):
-                for module, error in msg.errors.items():  # its tasks fail saying so; the rest run
-                    log.warning("host %s: importing %s failed: %s", host, module, error)
-            elif isinstance(msg, m.Bye):
-                log.info("host %s says bye: %s", host, msg.reason)
-            elif isinstance(msg, m.Error):
-                log.error("host %s reports a protocol error: %s", host, msg.message)
-        self._handle(events)
-
-    def _started_events(self, host: str, task_ids: Iterable[int], now: float, publish: bool) -> list[ev.Event]:
-        events: list[ev.Event] = []
-        for task_id in task_ids:
-            pending = self._pending.get(task_id)
-            if pending is None or pending.slot_id is None or not pending.slot_id.startswith(host + "/"):
-                continue
-            pending.started_at = now
-            events.append(ev.TaskStartReported(task_id=task_id, slot_id=pending.slot_id))
-            if publish:
-                self.events.publish(
-                    pe.TaskStarted(
-                        task_id=task_id,
-                        name=pending.task.name,
-                        host=host,
-                        slot=pending.slot_id,
-                        attempt=self._scheduler.attempts(task_id),
-                        at=now,
-                        job=pending.job,
-                    )
-                )
-        return events
+        self._handle(inbound.events_from(self, session, messages))
 
     def host_lost(self, host: str, reason: str, *, retired: bool) -> None:
         """Liveness decided: the host is lost (relaunched later) or retired (never again)."""
@@ -551,6 +550,8 @@ class Pool:
             self.host_state_changed(host, "retired", reason)
         elif self.events.active:
             self.events.publish(pe.HostDown(host=host, reason=reason, at=self._now()))
+        self._data.host_lost(host)  # its fetches end; its objects are gone with its agent
+        self._objects.host_reset(host)
         self._handle([ev.HostLost(host_id=host, reason=reason, retired=retired)])
         self._wake_submitters()  # its unread bytes left the send budget with it
 
@@ -594,11 +595,19 @@ class Pool:
 
     def _execute(self, instructions: list[ev.Instruction]) -> None:
         resolved = False
+        if self._objects.in_use and len(instructions) > 1:
+            # resolutions first: a task sent in this batch may read a value resolved in it
+            # (not those of tasks sent in it: a cancel of a task just sent resolves it too)
+            sent = {t for i in instructions if isinstance(i, ev.SendTasks) for t in i.task_ids}
+            first = [i for i in instructions if isinstance(i, ev.ResolveTask) and i.task_id not in sent]
+            if first:
+                moved = {id(i) for i in first}
+                instructions = first + [i for i in instructions if id(i) not in moved]
         for ins in instructions:
             if isinstance(ins, ev.SendTasks):
                 self._send_tasks(ins)
             elif isinstance(ins, ev.ResolveTask):
-                self._resolve(ins)
+                inbound.resolve(self, ins)
                 resolved = True
             elif isinstance(ins, ev.RequestStealBack):
                 session, index = self._slot_of[ins.slot_id]
@@ -610,6 +619,8 @@ class Pool:
                 self._on_requeued(ins)
             elif isinstance(ins, ev.AnnounceDrained):
                 self.host_state_changed(ins.host_id, "drained", "no work left")
+            elif isinstance(ins, ev.RecomputeObject):
+                kept.remake(self, ins)
         if resolved and not self._space.is_set() and self._scheduler.can_accept() and not self._over_budget():
             self._space.set()
         if self._loop is not None:
@@ -625,46 +636,30 @@ class Pool:
         nbytes = 0
         for task_id, attempt in zip(ins.task_ids, ins.attempts, strict=True):
             pending = self._pending[task_id]
-            if pending._object_ids:  # the values go first, in the same write as the Run
-                for put, put_bytes in self._objects.puts_for(session.name, pending._object_ids):
-                    session.send(put, put_bytes)
             pending.slot_id = ins.slot_id
             pending.started_at = None
+            task = pending.task
+            request = m.TaskRequest(
+                task_id=task_id,
+                slot=index,
+                attempt=attempt,
+                call=pending._call,
+                timeout=task.timeout,
+                backend=pending._choice.backend.value,
+                code=code,
+                keep=pending._keep,
+            )
+            # the values go first, in the same write as the Run; kept values this host lacks
+            # are relayed first, and the Run waits for them (dataplane.py)
+            if pending._object_ids and not self._data.send(session, ins.slot_id, pending, request):
+                continue
             if requests and nbytes + pending._nbytes > limit:
                 session.send(m.Run(tasks=tuple(requests)), nbytes)
                 requests, nbytes = [], 0
-            task = pending.task
-            requests.append(
-                m.TaskRequest(
-                    task_id=task_id,
-                    slot=index,
-                    attempt=attempt,
-                    call=task.call,
-                    timeout=task.timeout,
-                    backend=pending._choice.backend.value,
-                    code=code,
-                )
-            )
+            requests.append(request)
             nbytes += pending._nbytes
-        session.send(m.Run(tasks=tuple(requests)), nbytes)
-
-    def _resolve(self, ins: ev.ResolveTask) -> None:
-        outcome = ins.payload
-        if isinstance(outcome, m.TaskOutcome):  # decided by the agent's report: it carries the value
-            self._finish(
-                ins.task_id,
-                ins.status,
-                reason=outcome.error or ins.reason or None,
-                slot_id=ins.slot_id,
-                attempts=ins.attempts,
-                value=outcome.value,
-                stdout=outcome.stdout,
-                stderr=outcome.stderr,
-                exit_code=outcome.exit_code,
-                run_s=outcome.run_s,
-            )
-        else:
-            self._finish(ins.task_id, ins.status, reason=ins.reason or None, slot_id=ins.slot_id, attempts=ins.attempts)
+        if requests:
+            session.send(m.Run(tasks=tuple(requests)), nbytes)
 
     def _finish(
         self,
@@ -688,6 +683,9 @@ class Pool:
             # so a burst of a million queued tasks does not hold its peak for the pool's life
             self._pending = {}
         now = self._now()
+        if pending._keep:
+            status, value, reason = kept.kept_result(self, pending, status, value, reason, slot_id)
+        self._objects.task_finished(task_id, value, status is TaskStatus.SUCCEEDED)
         started = pending.started_at if pending.started_at is not None else now - run_s
         queue_wait = max(0.0, started - pending.submitted_at) if slot_id else max(0.0, now - pending.submitted_at)
         host = slot_id.split("/", 1)[0] if slot_id else None
@@ -716,12 +714,16 @@ class Pool:
         if status is TaskStatus.SUCCEEDED:
             self._succeeded += 1
             if self._store is not None:
-                self._store.record(pending.task, pending.job, result, code=pending._code)
+                self._store.record(pending._journal_task, pending.job, kept.journaled(result), code=pending._code)
         else:
             self._failed += 1
         pending._resolve(result)
         if self.events.active:
             self.events.publish(pe.TaskFinished(result=result, at=now))
+
+    def _call_later(self, callback: Callable[[], None]) -> None:
+        loop = self._loop or asyncio.get_running_loop()
+        loop.call_soon(callback)
 
     def _restore(self, future: TaskFuture, result: TaskResult) -> TaskFuture:
         future._resolve(result)
@@ -760,20 +762,3 @@ class Pool:
                         job=pending.job,
                     )
                 )
-
-    def _slot_state_events(self, session: HostSession, msg: m.SlotChanged, now: float) -> list[ev.Event]:
-        slot_id = f"{session.name}/{msg.slot}"
-        if self.events.active:
-            self.events.publish(
-                pe.SlotStateChanged(host=session.name, slot=slot_id, state=msg.state, reason=msg.reason, at=now)
-            )
-        if slot_id not in self._slot_of:
-            return []
-        if msg.state == m.SLOT_DOWN:
-            return [ev.SlotLost(slot_id=slot_id, reason=msg.reason or "worker process gave up")]
-        if msg.state == m.SLOT_UP:
-            views = {v.slot_id: v for v in self._scheduler.slots()}
-            view = views.get(slot_id)
-            if view is not None and view.state in ("lost", "retired"):
-                return [ev.SlotJoined(slot_id=slot_id, host_id=session.name, capabilities=view.capabilities)]
-        return []

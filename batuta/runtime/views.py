@@ -27,6 +27,9 @@ class PoolStats:
     retries: int
     dropped_results: int
     restored: int = 0  # answered from the result store without running
+    waiting: int = 0  # for upstream tasks or kept values (see core/deps.py)
+    relayed_bytes: int = 0  # kept values moved to another host through the coordinator
+    fetched_bytes: int = 0  # kept values fetched with pool.get
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -28,6 +28,7 @@ from batuta.protocol import (
     Done,
     Drop,
     Error,
+    Fetch,
     FrameDecoder,
     GpuInfo,
     GpuSample,
@@ -138,6 +139,7 @@ def sample_messages() -> list[Message]:
                     attempt=1,
                     call=KernelCall(name="sum", args=(ObjectRef(3), [ObjectRef(2**64 - 1)])),
                 ),
+                TaskRequest(task_id=10, slot=0, attempt=2, call=KernelCall(name="noop", args=()), keep=17),
             )
         ),
         Run(tasks=()),
@@ -166,6 +168,7 @@ def sample_messages() -> list[Message]:
         Put(object_id=3, value=np.arange(10.0)),
         Put(object_id=4, value={"k": (1, "two", [np.float32(3)])}),
         Drop(object_ids=(3, 4)),
+        Fetch(object_id=17, request_id=2**40),
         SlotChanged(slot=1, state="restarting", reason="worker died (SIGSEGV)"),
         SlotChanged(slot=1, state="up"),
         SlotChanged(slot=1, state="down", reason="gave up after 5 restarts"),
@@ -182,6 +185,9 @@ def sample_messages() -> list[Message]:
             ),
         ),
         Heartbeat(seq=0, cpu_percent=0.0, memory_used=0, memory_total=0, gpu_status="no NVIDIA driver"),
+        Heartbeat(
+            seq=1, cpu_percent=1.0, memory_used=1, memory_total=2, objects=3, object_bytes=1 << 34, spilled_bytes=5
+        ),
         Shutdown(reason="coordinator closing"),
         Shutdown(),
         Bye(reason="shutdown requested"),

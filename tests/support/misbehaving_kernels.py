@@ -84,3 +84,38 @@ def test_threads() -> tuple[str, int]:
 
 
 test_threads.cpu(test_threads.reference)
+
+
+@kernel("test_fill", description="An array of `n` float64 values, all `value` (a producer for pipelines).")
+def test_fill(n: int, value: float) -> object:
+    import numpy as np
+
+    return np.full(int(n), float(value))
+
+
+test_fill.cpu(test_fill.reference)
+
+
+@kernel("test_stage", description="`x * k + 1`, a new array (one stage of a pipeline); extra args are ignored.")
+def test_stage(x: object, k: float, *_ignored: object) -> object:
+    import numpy as np
+
+    return np.asarray(x) * float(k) + 1.0
+
+
+test_stage.cpu(test_stage.reference)
+
+
+@kernel("test_gate", description="Wait (at most `limit` seconds) until the file `path` exists, then return `value`.")
+def test_gate(path: str, value: int, limit: float = 60.0) -> int:
+    import time
+
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {limit}s")
+        time.sleep(0.01)
+    return value
+
+
+test_gate.cpu(test_gate.reference)

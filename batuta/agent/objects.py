@@ -1,0 +1,234 @@
+"""The agent's object store: `pool.put` values and kept results, capped in memory, spilled to disk.
+
+The coordinator puts values here (`Put`) and tasks sent with `keep` leave their results here
+(`TaskRequest.keep`): a consumer on this host reads them without the bytes leaving it, and
+the coordinator fetches one only when asked (`Fetch`). Kept results of a long pipeline can
+outgrow the host's memory, so the store holds at most `cap_bytes` in memory and writes the
+least recently used values past that to its own folder under batuta's cache
+(`<cache>/objects/<pid>-<n>`): arrays as `.npy` files read back memory-mapped (a slot gets
+them without the agent ever holding them whole again), other values as one codec frame.
+The folder is removed when the store closes, and folders of agents that died without
+closing are removed by the next store on that host. A slot process that made a kept value
+keeps a copy for its own next tasks; when the value spills, the slots drop their copies
+too (`on_spill`), so that the cap bounds them as well.
+
+The cap defaults to `DEFAULT_FRACTION` of the host's RAM; `--object-memory` (bytes, or a
+percentage of RAM such as `25%`) or `BATUTA_OBJECT_MEMORY` set it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from batuta.errors import UsageError
+from batuta.protocol.codec import FrameDecoder, encode_message_parts
+from batuta.protocol.messages import Put
+
+OBJECT_MEMORY_ENV = "BATUTA_OBJECT_MEMORY"
+DEFAULT_FRACTION = 0.3  # of the host's RAM, when neither the option nor the variable says
+_NO_LIMIT = 1 << 62  # a spilled frame is this host's own file, not a peer's message
+_FOLDERS = itertools.count()  # several stores in one process (tests) get one folder each
+
+
+def parse_object_memory(text: str, memory_total: int) -> int:
+    """`--object-memory`: a number of bytes (`4000000000`, `4G`, `512M`) or a share of RAM
+    (`25%`). Raises UsageError naming the value and the forms it takes."""
+    value = text.strip().upper()
+    try:
+        if value.endswith("%"):
+            share = float(value[:-1])
+            if not 0 < share <= 100:
+                raise ValueError
+            return int(memory_total * share / 100)
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(value[-1:], 1)
+        number = float(value[:-1] if scale > 1 else value)
+        if number < 0:
+            raise ValueError
+        return int(number * scale)
+    except ValueError:
+        raise UsageError(
+            f"--object-memory {text!r}: expected bytes (like 4G or 512M) or a share of RAM (like 25%)"
+        ) from None
+
+
+def host_memory() -> int:
+    """This host's RAM in bytes (0 if unknown)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except Exception:  # no psutil here: the cap falls back to a fixed size
+        return 0
+
+
+def default_cap(memory_total: int, environ: Mapping[str, str] | None = None) -> int:
+    env = os.environ if environ is None else environ
+    if env.get(OBJECT_MEMORY_ENV):
+        return parse_object_memory(env[OBJECT_MEMORY_ENV], memory_total)
+    return int(memory_total * DEFAULT_FRACTION) if memory_total else 4 << 30
+
+
+def value_nbytes(value: Any) -> int:
+    """What `value` costs in memory: an array's bytes, else its encoded size."""
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    try:
+        return sum(
+            memoryview(p).nbytes for p in encode_message_parts(Put(object_id=0, value=value), max_frame_bytes=_NO_LIMIT)
+        )
+    except Exception:  # not encodable here: it came over the wire, so this is only a guess
+        return 0
+
+
+class ObjectStore(Mapping[int, object]):
+    """Objects by id; a Mapping, so a slot's supervisor reads it like the dict it was.
+    Not thread-safe: the agent calls it from its event loop."""
+
+    def __init__(self, cap_bytes: int, root: Path, on_spill: Callable[[int], None] | None = None) -> None:
+        self.cap_bytes = max(0, cap_bytes)
+        self._root = root
+        self._on_spill = on_spill  # told each object spilled: the slots drop their copies too
+        self._folder: Path | None = None
+        self._memory: dict[int, Any] = {}  # in insertion/use order: the oldest spill first
+        self._nbytes: dict[int, int] = {}  # every object, in memory or spilled
+        self._spilled: dict[int, Path] = {}
+        self.memory_bytes = 0
+        self.spilled_bytes = 0
+
+    # -- Mapping --------------------------------------------------------------------------
+
+    def __getitem__(self, object_id: int) -> object:
+        value = self._memory.get(object_id, _MISSING)
+        if value is not _MISSING:
+            # used again: it is the last to spill (dict order is the LRU order)
+            del self._memory[object_id]
+            self._memory[object_id] = value
+            return value
+        path = self._spilled.get(object_id)
+        if path is None:
+            raise KeyError(object_id)
+        return _load(path)
+
+    def __contains__(self, object_id: object) -> bool:
+        return object_id in self._nbytes
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._nbytes)
+
+    def __len__(self) -> int:
+        return len(self._nbytes)
+
+    # -- changes --------------------------------------------------------------------------
+
+    def put(self, object_id: int, value: Any) -> int:
+        """Keep `value` as `object_id` (replacing any); spill past the cap. Returns its bytes."""
+        self.discard(object_id)
+        nbytes = value_nbytes(value)
+        self._memory[object_id] = value
+        self._nbytes[object_id] = nbytes
+        self.memory_bytes += nbytes
+        self._spill_past_cap()
+        return nbytes
+
+    def discard(self, object_id: int) -> None:
+        nbytes = self._nbytes.pop(object_id, None)
+        if nbytes is None:
+            return
+        if self._memory.pop(object_id, _MISSING) is not _MISSING:
+            self.memory_bytes -= nbytes
+        path = self._spilled.pop(object_id, None)
+        if path is not None:
+            self.spilled_bytes -= nbytes
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def nbytes(self, object_id: int) -> int:
+        return self._nbytes.get(object_id, 0)
+
+    def stats(self) -> tuple[int, int, int]:
+        """(objects, their bytes, of which spilled to disk)."""
+        return len(self._nbytes), self.memory_bytes + self.spilled_bytes, self.spilled_bytes
+
+    def close(self) -> None:
+        """Forget everything and remove the spill folder."""
+        self._memory.clear()
+        self._nbytes.clear()
+        self._spilled.clear()
+        self.memory_bytes = self.spilled_bytes = 0
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+    # -- spilling -------------------------------------------------------------------------
+
+    def _spill_past_cap(self) -> None:
+        while self.memory_bytes > self.cap_bytes and self._memory:
+            object_id = next(iter(self._memory))
+            value = self._memory.pop(object_id)
+            nbytes = self._nbytes[object_id]
+            self.memory_bytes -= nbytes
+            try:
+                self._spilled[object_id] = self._write(object_id, value)
+            except OSError:  # a full disk keeps it in memory, over the cap, rather than lose it
+                self._memory[object_id] = value
+                self.memory_bytes += nbytes
+                return
+            self.spilled_bytes += nbytes
+            if self._on_spill is not None:
+                self._on_spill(object_id)
+
+    def _write(self, object_id: int, value: Any) -> Path:
+        folder = self._spill_folder()
+        if isinstance(value, np.ndarray) and not value.dtype.hasobject:
+            path = folder / f"{object_id}.npy"
+            np.save(path, value, allow_pickle=False)
+            return path
+        path = folder / f"{object_id}.frame"
+        with open(path, "wb") as out:
+            for part in encode_message_parts(Put(object_id=object_id, value=value), max_frame_bytes=_NO_LIMIT):
+                out.write(part)
+        return path
+
+    def _spill_folder(self) -> Path:
+        if self._folder is None:
+            base = self._root / "objects"
+            base.mkdir(parents=True, exist_ok=True)
+            _remove_dead_agents_folders(base)
+            self._folder = base / f"{os.getpid()}-{next(_FOLDERS)}"
+            self._folder.mkdir(mode=0o700, exist_ok=True)
+        return self._folder
+
+
+_MISSING = object()
+
+
+def _load(path: Path) -> object:
+    if path.suffix == ".npy":
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    decoder = FrameDecoder(max_frame_bytes=max(path.stat().st_size, 1 << 20))
+    decoder.feed(path.read_bytes())
+    message = decoder.next_message()
+    assert isinstance(message, Put)
+    return message.value
+
+
+def _remove_dead_agents_folders(base: Path) -> None:
+    """Spill folders of agents on this host that died without closing their store."""
+    for folder in base.iterdir():
+        pid_text = folder.name.split("-", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # alive, someone else's: leave it
+            continue

@@ -1,0 +1,302 @@
+"""Tasks that feed tasks: dependencies, kept objects, locality and lineage, for the scheduler.
+
+A task may name, at submission, upstream tasks it must wait for (`TaskSubmitted.after`:
+their values come back through the coordinator) and kept objects it reads
+(`TaskSubmitted.reads`: results left on the host that made them, `keep_as`). Until every
+one is there it is *waiting* (`Place.WAITING`): in no queue, sent nowhere. The rules:
+
+* Readiness. An upstream task is there when it succeeded; an object when its producer
+  succeeded and the host holding it is up. A task can only name tasks and objects that
+  already exist, so the graph has no cycles by construction.
+* Failure. An upstream task or producer that ends in any other way resolves every waiting
+  dependent at once: CANCELLED after a cancelled upstream, FAILED otherwise, with a reason
+  naming the upstream task (and the object). Dependents of dependents follow, in order.
+* Locality. A ready task that reads at least `locality_min_bytes` of kept objects goes to
+  the deque of the least loaded slot of the host holding most of those bytes (its *home*),
+  not to the injector. A slot of another host steals it only from a deque longer than
+  `locality_slack` (the bytes would wait longer than they take to move), and never by
+  steal-back. With no slot up there, it goes to the injector: the runtime moves the bytes.
+* Lineage. A host lost with kept objects on it: each object's producer is run again
+  (`RecomputeObject`: the runtime submits the recorded task again with the same
+  `keep_as`), at most `max_attempts` times over the object's life, after which its readers
+  fail. A requeued reader whose objects are missing waits again instead of running.
+
+Like `stealing.py`, these are functions of the scheduler whose state they move; the
+dependency tables live in `DependencyTable`, one per scheduler.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import TYPE_CHECKING
+
+from batuta.core.events import HostId, ObjectLost, ObjectReleased, RecomputeObject, SlotId, TaskSubmitted
+from batuta.core.placement import Place, SlotRecord, SlotState, TaskEntry
+from batuta.core.task import TaskStatus
+
+if TYPE_CHECKING:
+    from batuta.core.scheduler import Scheduler
+
+
+class ObjectState(enum.Enum):
+    PENDING = "pending"  # its producer has not finished (or runs again)
+    READY = "ready"  # on `host`
+    FAILED = "failed"  # its producer failed, or it was lost more often than allowed
+
+
+@dataclass(slots=True, eq=False)
+class ObjectRecord:
+    """One kept object: who makes it, where it is, and the waiting tasks that read it."""
+
+    object_id: int
+    producer: int
+    max_attempts: int
+    state: ObjectState = ObjectState.PENDING
+    host: HostId | None = None
+    slot_id: SlotId | None = None  # the slot that made it: its process keeps a copy too
+    nbytes: int = 0
+    runs: int = 1  # producer runs so far (the first, then one per loss)
+    reason: str = ""
+    readers: list[TaskEntry] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class DependencyTable:
+    objects: dict[int, ObjectRecord] = field(default_factory=dict)
+    kept_by: dict[int, int] = field(default_factory=dict)  # producer task id -> object id
+    waiters: dict[int, list[TaskEntry]] = field(default_factory=dict)  # upstream task id -> dependents
+    waiting: dict[int, TaskEntry] = field(default_factory=dict)
+    failing: list[tuple[TaskEntry, TaskStatus, str]] = field(default_factory=list)
+    cascading: bool = False
+
+    @property
+    def active(self) -> bool:
+        return bool(self.kept_by or self.waiters or self.waiting)
+
+
+def on_submitted(s: Scheduler, entry: TaskEntry, ev: TaskSubmitted) -> bool:
+    """Register what `entry` makes and needs; True when it was parked or resolved here."""
+    table = s._deps
+    if ev.keep_as:
+        entry.keep_as = ev.keep_as
+        table.kept_by[entry.task_id] = ev.keep_as
+        record = table.objects.get(ev.keep_as)
+        if record is None:
+            table.objects[ev.keep_as] = ObjectRecord(ev.keep_as, entry.task_id, max(1, ev.max_attempts))
+        else:  # a run again after a loss (RecomputeObject): its readers keep waiting
+            record.producer = entry.task_id
+            record.state = ObjectState.PENDING
+    entry.reads = ev.reads
+    for upstream_id in ev.after:
+        upstream = s._tasks.get(upstream_id)
+        if upstream is not None and not upstream.resolved:
+            table.waiters.setdefault(upstream_id, []).append(entry)
+            entry.unmet += 1
+    return _park_or_fail(s, entry)
+
+
+def park_if_unready(s: Scheduler, entry: TaskEntry) -> bool:
+    """Before requeueing `entry`: park it again if an object it reads went missing."""
+    return bool(entry.reads) and _park_or_fail(s, entry)
+
+
+def _park_or_fail(s: Scheduler, entry: TaskEntry) -> bool:
+    table = s._deps
+    for object_id in entry.reads:
+        record = table.objects.get(object_id)
+        if record is None or record.state is ObjectState.READY:
+            continue  # a put value, or released: nothing to wait for here
+        if record.state is ObjectState.FAILED:
+            _fail(s, entry, TaskStatus.FAILED, record.reason)
+            return True
+        if entry not in record.readers:
+            record.readers.append(entry)
+            entry.unmet += 1
+    if entry.unmet:
+        entry.place = Place.WAITING
+        entry.slot = None
+        table.waiting[entry.task_id] = entry
+        s._note(entry, f"waiting for {entry.unmet} input(s)")
+        return True
+    return False
+
+
+def place_ready(s: Scheduler, entry: TaskEntry) -> None:
+    """Queue a task whose inputs are all there: its home slot's deque, else the injector."""
+    klass = s._class_of(entry.requires)
+    if not s._can_ever_run(klass):
+        s._resolve(entry, TaskStatus.UNSCHEDULABLE, s._unschedulable_reason(entry))
+        return
+    home = home_slot(s, entry) if entry.reads else None
+    if home is None:
+        s._push_injector(entry, klass)
+        s._feed_hungry(klass)
+        return
+    entry.place = Place.DEQUE
+    entry.slot = home
+    entry.home = home.host_id
+    home.deque.append(entry)
+    s._deque_holders.add(home)
+    s._queued += 1
+    s._note(entry, f"queued at {home.slot_id}, where its inputs are")
+    s._refill(home)
+    excess = len(home.deque) - s.config.locality_slack
+    if excess > 0:  # a backlog there: as many idle slots elsewhere as it is long may take some
+        for group in s._hungry.groups_for(entry.requires):
+            for slot in list(islice(group.values(), excess + 1)):
+                if slot is not home:
+                    s._fill(slot)
+
+
+def home_slot(s: Scheduler, entry: TaskEntry) -> SlotRecord | None:
+    """The least loaded up slot that can run `entry` on the host with most of its bytes; the
+    slot that made most of them if it is about as free (its process already holds them)."""
+    by_host: dict[HostId, int] = {}
+    by_slot: dict[SlotId, int] = {}
+    for object_id in entry.reads:
+        record = s._deps.objects.get(object_id)
+        if record is not None and record.host is not None:
+            by_host[record.host] = by_host.get(record.host, 0) + record.nbytes
+            if record.slot_id is not None:
+                by_slot[record.slot_id] = by_slot.get(record.slot_id, 0) + record.nbytes
+    if not by_host:
+        return None
+    host, nbytes = max(by_host.items(), key=lambda item: item[1])
+    if nbytes < s.config.locality_min_bytes:
+        return None
+    slots = [
+        slot
+        for slot in s._host_slots.get(host, ())
+        if slot.state is SlotState.UP and entry.requires <= slot.capabilities
+    ]
+    if not slots:
+        return None
+    least = min(slots, key=lambda slot: len(slot.deque) + len(slot.window))
+    maker = max(slots, key=lambda slot: by_slot.get(slot.slot_id, 0))
+    if by_slot.get(maker.slot_id) and len(maker.deque) + len(maker.window) <= len(least.deque) + len(least.window) + 1:
+        return maker
+    return least
+
+
+def may_steal(entry: TaskEntry, thief: SlotRecord, victim_depth: int, slack: int) -> bool:
+    """Whether `thief` may take `entry` from a deque `victim_depth` long (locality rule)."""
+    return entry.home is None or entry.home == thief.host_id or victim_depth > slack
+
+
+def on_kept(s: Scheduler, entry: TaskEntry, nbytes: int) -> None:
+    """The producer's report said how many bytes its kept result holds."""
+    record = s._deps.objects.get(entry.keep_as)
+    if record is not None and record.producer == entry.task_id:
+        record.nbytes = nbytes
+
+
+def on_resolved(s: Scheduler, entry: TaskEntry, status: TaskStatus, reason: str, slot: SlotRecord | None) -> None:
+    """`entry` resolved: wake or fail what waits for it and for the object it keeps."""
+    table = s._deps
+    table.waiting.pop(entry.task_id, None)
+    object_id = table.kept_by.pop(entry.task_id, 0)
+    record = table.objects.get(object_id) if object_id else None
+    if record is not None and record.producer == entry.task_id:
+        if status is TaskStatus.SUCCEEDED and slot is not None:
+            record.state = ObjectState.READY
+            record.host = slot.host_id
+            record.slot_id = slot.slot_id
+            readers, record.readers = record.readers, []
+            for reader in readers:
+                _satisfy(s, reader)
+        else:
+            why = f"input object {object_id}: its producer, task {entry.task_id}, {status.value}: {reason}"
+            _fail_object(s, record, why, status)
+    dependents = table.waiters.pop(entry.task_id, None)
+    if dependents:
+        if status is TaskStatus.SUCCEEDED:
+            for dependent in dependents:
+                _satisfy(s, dependent)
+        else:
+            failed = TaskStatus.CANCELLED if status is TaskStatus.CANCELLED else TaskStatus.FAILED
+            for dependent in dependents:
+                _fail(s, dependent, failed, f"upstream task {entry.task_id} {status.value}: {reason}")
+
+
+def on_host_lost(s: Scheduler, host: HostId, reason: str) -> None:
+    """Objects on `host` are gone: run their producers again, or fail their readers."""
+    for record in list(s._deps.objects.values()):
+        if record.state is not ObjectState.READY or record.host != host:
+            continue
+        record.host = record.slot_id = None
+        if record.runs >= record.max_attempts:
+            why = (
+                f"input object {record.object_id} was lost with host {host} ({reason}) after its producer "
+                f"ran {record.runs} time(s) (max_attempts={record.max_attempts})"
+            )
+            _fail_object(s, record, why, TaskStatus.LOST)
+            continue
+        record.runs += 1
+        record.state = ObjectState.PENDING
+        s._out.append(
+            RecomputeObject(
+                object_id=record.object_id,
+                task_id=record.producer,
+                reason=f"lost with host {host}: {reason}",
+            )
+        )
+
+
+def on_released(s: Scheduler, ev: ObjectReleased) -> None:
+    """The runtime forgot the object: nothing reads it any more, so it is never remade."""
+    record = s._deps.objects.pop(ev.object_id, None)
+    if record is not None and s._deps.kept_by.get(record.producer) == ev.object_id:
+        del s._deps.kept_by[record.producer]
+
+
+def on_lost(s: Scheduler, ev: ObjectLost) -> None:
+    """The runtime cannot make the object again: its readers fail, naming it."""
+    record = s._deps.objects.get(ev.object_id)
+    if record is not None and record.state is not ObjectState.FAILED:
+        s._deps.kept_by.pop(record.producer, None)
+        _fail_object(s, record, f"input object {ev.object_id} is lost: {ev.reason}", TaskStatus.LOST)
+
+
+def _satisfy(s: Scheduler, entry: TaskEntry) -> None:
+    if entry.resolved or entry.place is not Place.WAITING:
+        return
+    entry.unmet -= 1
+    if entry.unmet == 0:
+        del s._deps.waiting[entry.task_id]
+        # an object it found ready at submission may have been lost since: look again
+        if not (entry.reads and _park_or_fail(s, entry)):
+            place_ready(s, entry)
+
+
+def _fail_object(s: Scheduler, record: ObjectRecord, why: str, status: TaskStatus) -> None:
+    record.state = ObjectState.FAILED
+    record.reason = why
+    readers, record.readers = record.readers, []
+    failed = TaskStatus.CANCELLED if status is TaskStatus.CANCELLED else TaskStatus.FAILED
+    for reader in readers:
+        _fail(s, reader, failed, why)
+
+
+def _fail(s: Scheduler, entry: TaskEntry, status: TaskStatus, reason: str) -> None:
+    """Resolve a dependent; dependents of dependents follow in order, without recursion."""
+    table = s._deps
+    table.failing.append((entry, status, reason))
+    if table.cascading:
+        return
+    table.cascading = True
+    try:
+        while table.failing:
+            doomed, doomed_status, why = table.failing.pop(0)
+            if doomed.resolved:
+                continue
+            if doomed.place is Place.WAITING:
+                doomed.place = Place.GONE
+            s._resolve(doomed, doomed_status, why)
+    finally:
+        table.cascading = False
+
+
+def reset(s: Scheduler) -> None:
+    s._deps = DependencyTable()

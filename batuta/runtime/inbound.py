@@ -1,0 +1,140 @@
+"""What host agents say, translated: their messages as scheduler events, and the scheduler's
+resolutions as futures resolved with what the agents sent.
+
+Apart from `pool.py` so that the pool holds submission, instructions and views, and this
+module the reading of each message kind. The functions are the pool's friends: they read
+its tables (pending futures, slots, event bus) as `stealing.py` reads the scheduler's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from batuta.core import events as ev
+from batuta.protocol import messages as m
+from batuta.runtime import events as pe
+from batuta.runtime.hosts import telemetry_event
+from batuta.runtime.session import HostSession
+
+if TYPE_CHECKING:
+    from batuta.runtime.pool import Pool
+
+log = logging.getLogger("batuta.runtime.pool")
+
+
+def events_from(pool: Pool, session: HostSession, messages: list[m.Message]) -> list[ev.Event]:
+    """The scheduler events in what `session`'s agent said; telemetry and logs on the way."""
+    events: list[ev.Event] = []
+    publish = pool.events.active
+    now = pool._now()
+    host = session.name
+    for msg in messages:
+        if isinstance(msg, m.Done):
+            for outcome in msg.results:
+                if pool._data.is_fetch(outcome.task_id):  # a Fetch answered like a task result
+                    pool._data.fetched(outcome)
+                    continue
+                events.append(
+                    ev.TaskOutcomeReported(
+                        task_id=outcome.task_id,
+                        slot_id=f"{host}/{outcome.slot}",
+                        attempt=outcome.attempt,
+                        outcome=outcome.status,
+                        run_s=outcome.run_s,
+                        reason=outcome.error or "",
+                        payload=outcome,
+                        kept_bytes=_kept_bytes(outcome),
+                    )
+                )
+        elif isinstance(msg, m.Started):
+            events.extend(started_events(pool, host, msg.task_ids, now, publish))
+        elif isinstance(msg, m.StealBackReply):
+            events.append(
+                ev.StealBackAnswered(
+                    slot_id=f"{host}/{msg.slot}", returned=tuple(msg.returned), refused=tuple(msg.refused)
+                )
+            )
+        elif isinstance(msg, m.Heartbeat):
+            if publish:
+                pool.events.publish(telemetry_event(session, msg, now))
+        elif isinstance(msg, m.SlotChanged):
+            events.extend(slot_state_events(pool, session, msg, now))
+        elif isinstance(msg, m.CodeLoaded):
+            for module, error in msg.errors.items():  # its tasks fail saying so; the rest run
+                log.warning("host %s: importing %s failed: %s", host, module, error)
+        elif isinstance(msg, m.Bye):
+            log.info("host %s says bye: %s", host, msg.reason)
+        elif isinstance(msg, m.Error):
+            log.error("host %s reports a protocol error: %s", host, msg.message)
+    return events
+
+
+def _kept_bytes(outcome: m.TaskOutcome) -> int:
+    """The bytes a kept result holds on its host, from the agent's `(ref, nbytes, shape, dtype)`."""
+    value = outcome.value
+    if type(value) is tuple and len(value) == 4 and type(value[1]) is int:
+        return value[1]
+    return 0
+
+
+def started_events(pool: Pool, host: str, task_ids: Iterable[int], now: float, publish: bool) -> list[ev.Event]:
+    events: list[ev.Event] = []
+    for task_id in task_ids:
+        pending = pool._pending.get(task_id)
+        if pending is None or pending.slot_id is None or not pending.slot_id.startswith(host + "/"):
+            continue
+        pending.started_at = now
+        events.append(ev.TaskStartReported(task_id=task_id, slot_id=pending.slot_id))
+        if publish:
+            pool.events.publish(
+                pe.TaskStarted(
+                    task_id=task_id,
+                    name=pending.task.name,
+                    host=host,
+                    slot=pending.slot_id,
+                    attempt=pool._scheduler.attempts(task_id),
+                    at=now,
+                    job=pending.job,
+                )
+            )
+    return events
+
+
+def resolve(pool: Pool, ins: ev.ResolveTask) -> None:
+    """Resolve the task's future as the scheduler decided, with the value its agent sent, if any."""
+    outcome = ins.payload
+    if isinstance(outcome, m.TaskOutcome):  # decided by the agent's report: it carries the value
+        pool._finish(
+            ins.task_id,
+            ins.status,
+            reason=outcome.error or ins.reason or None,
+            slot_id=ins.slot_id,
+            attempts=ins.attempts,
+            value=outcome.value,
+            stdout=outcome.stdout,
+            stderr=outcome.stderr,
+            exit_code=outcome.exit_code,
+            run_s=outcome.run_s,
+        )
+    else:
+        pool._finish(ins.task_id, ins.status, reason=ins.reason or None, slot_id=ins.slot_id, attempts=ins.attempts)
+
+
+def slot_state_events(pool: Pool, session: HostSession, msg: m.SlotChanged, now: float) -> list[ev.Event]:
+    slot_id = f"{session.name}/{msg.slot}"
+    if pool.events.active:
+        pool.events.publish(
+            pe.SlotStateChanged(host=session.name, slot=slot_id, state=msg.state, reason=msg.reason, at=now)
+        )
+    if slot_id not in pool._slot_of:
+        return []
+    if msg.state == m.SLOT_DOWN:
+        return [ev.SlotLost(slot_id=slot_id, reason=msg.reason or "worker process gave up")]
+    if msg.state == m.SLOT_UP:
+        views = {v.slot_id: v for v in pool._scheduler.slots()}
+        view = views.get(slot_id)
+        if view is not None and view.state in ("lost", "retired"):
+            return [ev.SlotJoined(slot_id=slot_id, host_id=session.name, capabilities=view.capabilities)]
+    return []

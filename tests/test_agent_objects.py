@@ -1,0 +1,104 @@
+"""The agent's object store: its memory cap, spilling to batuta's cache folder, and cleanup;
+and, over a real agent, kept results past the cap spilled, reported and still served."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from batuta import ObjectRef, Task
+from batuta.agent.objects import ObjectStore, default_cap, parse_object_memory
+from batuta.core.task import Backend
+from batuta.errors import UsageError
+from batuta.runtime import events as pe
+from batuta.runtime.builder import PoolConfig, local_host
+from batuta.runtime.pool import Pool
+from tests.test_pool import REPO, TEST_KERNELS
+
+
+def test_values_past_the_cap_spill_oldest_first_and_come_back_equal(tmp_path: Path) -> None:
+    store = ObjectStore(1_000_000, tmp_path)
+    arrays = {i: np.full(100_000, float(i)) for i in range(1, 4)}  # 800 kB each
+    for object_id, array in arrays.items():
+        store.put(object_id, array)
+    store.put(9, {"k": (1, "two", [np.float32(3)])})
+    count, total, spilled = store.stats()
+    assert count == 4 and spilled >= 2 * 800_000 and store.memory_bytes <= 1_000_000
+    assert total == store.memory_bytes + spilled
+    folder = next((tmp_path / "objects").iterdir())
+    assert sorted(p.name for p in folder.iterdir()) == ["1.npy", "2.npy"]  # the oldest two
+    for object_id, array in arrays.items():
+        np.testing.assert_array_equal(store[object_id], array)
+    assert store[9] == {"k": (1, "two", [np.float32(3)])}
+    store.discard(1)
+    assert not (folder / "1.npy").exists() and 1 not in store and store.stats()[2] == spilled - 800_000
+    store.close()
+    assert not folder.exists() and len(store) == 0
+
+
+def test_a_non_array_value_spills_as_a_frame(tmp_path: Path) -> None:
+    store = ObjectStore(0, tmp_path)
+    value = (np.arange(5), "label", {"nested": [1.5, None]})
+    store.put(4, value)
+    assert store.stats()[2] > 0 and store.memory_bytes == 0
+    again = store[4]
+    assert isinstance(again, tuple) and np.array_equal(again[0], np.arange(5)) and again[1:] == value[1:]
+    store.close()
+
+
+def test_a_dead_agents_spill_folder_is_removed_by_the_next_store(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "objects" / f"{int(dead.stdout)}-0"
+    stale.mkdir(parents=True)
+    (stale / "1.npy").write_bytes(b"left over")
+    store = ObjectStore(0, tmp_path)
+    store.put(1, np.ones(10))
+    assert not stale.exists()
+    store.close()
+
+
+def test_the_cap_takes_bytes_or_a_share_of_ram_and_refuses_anything_else() -> None:
+    assert parse_object_memory("25%", 8 << 30) == 2 << 30
+    assert parse_object_memory("512M", 0) == 512 << 20 and parse_object_memory("1000", 0) == 1000
+    assert default_cap(10 << 30, {}) == 3 << 30  # 30% of RAM by default
+    assert default_cap(10 << 30, {"BATUTA_OBJECT_MEMORY": "1G"}) == 1 << 30
+    with pytest.raises(UsageError, match=r"--object-memory 'lots': expected bytes \(like 4G or 512M\)"):
+        parse_object_memory("lots", 0)
+    with pytest.raises(UsageError, match="share of RAM"):
+        parse_object_memory("250%", 1 << 30)
+
+
+async def test_kept_results_past_the_cap_spill_are_reported_and_still_served(tmp_path: Path) -> None:
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "BATUTA_OBJECT_MEMORY": "3M",
+        "XDG_CACHE_HOME": str(tmp_path),
+    }
+    host = local_host(1, gpus="none", kernel_modules=[TEST_KERNELS], env=env, name="capped")
+    n = 250_000  # 2 MB each: from the second on, the store is over its 3 MB cap
+    async with Pool([host], PoolConfig(heartbeat_interval=0.1)) as pool:
+        spilled = asyncio.Event()
+        seen: list[pe.HostTelemetry] = []
+
+        def on_event(event: pe.PoolEvent) -> None:
+            if isinstance(event, pe.HostTelemetry) and event.objects == 4:  # every kept value is in
+                seen.append(event)
+                spilled.set()
+
+        pool.subscribe(on_event)
+        refs: list[ObjectRef] = await pool.map("test_fill", [(n, float(i)) for i in range(4)], keep=True)
+        await asyncio.wait_for(spilled.wait(), 30)  # the next heartbeat reports them
+        report = seen[-1]
+        assert report.objects == 4 and report.object_bytes == 4 * n * 8 and report.spilled_bytes >= 2 * n * 8
+        assert list((tmp_path / "batuta" / "objects").iterdir())  # under batuta's cache folder
+        for i, ref in enumerate(refs):
+            np.testing.assert_array_equal(await pool.get(ref), np.full(n, float(i)))
+        staged = await pool.run(Task.kernel("sum", refs[0], backend=Backend.CPU))  # a spilled input
+        assert staged.is_success() and staged.value == 0.0
+    assert not any((tmp_path / "batuta" / "objects").iterdir())  # removed when the agent exits

@@ -1,0 +1,248 @@
+"""Results kept where they were made (`keep=True`), `pool.get` / `pool.drop` of them, and tasks
+that name other tasks' futures: waiting, locality, relays, failure and lineage re-runs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from batuta import ObjectRef, Pool, Task, TaskStatus
+from batuta.core.task import Backend
+from batuta.errors import UsageError
+from batuta.protocol import messages as m
+from batuta.runtime import events as pe
+from batuta.runtime.builder import PoolConfig, local_host
+from batuta.runtime.session import HostSession
+from tests.test_pool import REPO, TEST_KERNELS, agent_pids
+
+N = 300_000  # float64 elements: 2.4 MB, over the scheduler's locality threshold
+
+
+def two_host_pool(slots: int = 1, tags: bool = False, **config: object) -> Pool:
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    hosts = []
+    for name in ("a", "b"):
+        spec = local_host(slots, gpus="none", kernel_modules=[TEST_KERNELS], env=env, name=name)
+        if tags:
+            spec = replace(spec, tags=frozenset({f"on-{name}"}))
+        hosts.append(spec)
+    return Pool(hosts, PoolConfig(**config))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[Pool]:
+    async with two_host_pool() as p:
+        yield p
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, m.Message]]:
+    """Every message the coordinator queues for an agent, with the host, in order."""
+    messages: list[tuple[str, m.Message]] = []
+    original = HostSession.send
+
+    def spy(self: HostSession, message: m.Message, nbytes: int = 0) -> None:
+        messages.append((self.name, message))
+        original(self, message, nbytes)
+
+    monkeypatch.setattr(HostSession, "send", spy)
+    return messages
+
+
+def fill(value: float, n: int = N, **options: object) -> Task:
+    return Task.kernel("test_fill", n, value, backend=Backend.CPU, **options)  # type: ignore[arg-type]
+
+
+def stage(x: object, k: float, *extra: object, **options: object) -> Task:
+    return Task.kernel("test_stage", x, k, *extra, backend=Backend.CPU, **options)  # type: ignore[arg-type]
+
+
+# -- keep, get, drop ----------------------------------------------------------------------------
+
+
+async def test_a_kept_result_is_a_ref_that_says_what_and_where_and_get_fetches_it(
+    pool: Pool, sent: list[tuple[str, m.Message]]
+) -> None:
+    result = await (await pool.submit(fill(2.5), keep=True))
+    assert result.is_success(), result.error
+    ref = result.value
+    assert isinstance(ref, ObjectRef)
+    assert ref.shape == (N,) and ref.dtype == "<f8" and ref.nbytes == N * 8 and ref.host == result.host
+    runs = [msg for _, msg in sent if isinstance(msg, m.Run)]
+    assert runs[0].tasks[0].keep == ref.object_id
+    value = await pool.get(ref)
+    np.testing.assert_array_equal(value, np.full(N, 2.5))
+    fetches = [(host, msg) for host, msg in sent if isinstance(msg, m.Fetch)]
+    assert fetches == [(ref.host, m.Fetch(object_id=ref.object_id, request_id=fetches[0][1].request_id))]
+    pool.drop(ref)
+    assert (ref.host, m.Drop(object_ids=(ref.object_id,))) in sent
+    with pytest.raises(UsageError, match=f"object {ref.object_id} is not in this pool"):
+        await pool.get(ref)
+
+
+async def test_map_keep_returns_refs_in_order(pool: Pool) -> None:
+    refs = await pool.map("test_fill", [(1000, float(i)) for i in range(6)], keep=True)
+    assert all(isinstance(r, ObjectRef) for r in refs)
+    values = await asyncio.gather(*(pool.get(r) for r in refs))
+    for i, value in enumerate(values):
+        np.testing.assert_array_equal(value, np.full(1000, float(i)))
+
+
+# -- tasks that feed tasks ----------------------------------------------------------------------
+
+
+async def test_a_consumer_runs_where_its_kept_input_is_and_no_bytes_move(
+    pool: Pool, sent: list[tuple[str, m.Message]]
+) -> None:
+    producers = [await pool.submit(fill(float(i)), keep=True) for i in range(8)]
+    consumers = [await pool.submit(stage(p, 2.0), keep=True) for p in producers]
+    finals = [await pool.submit(Task.kernel("sum", c, backend=Backend.CPU)) for c in consumers]
+    for i, (p, c, f) in enumerate(zip(producers, consumers, finals, strict=True)):
+        made, used, total = await p, await c, await f
+        assert made.is_success() and used.is_success() and total.is_success(), (used.error, total.error)
+        assert used.host == made.host and total.host == used.host  # locality, by TaskResult.host
+        assert total.value == pytest.approx(N * (i * 2.0 + 1.0))
+    assert {(await p).host for p in producers} == {"a", "b"}  # both hosts worked
+    assert not [msg for _, msg in sent if isinstance(msg, m.Fetch)]  # nothing went through here
+    assert not [msg for _, msg in sent if isinstance(msg, m.Put)]
+
+
+async def test_a_future_that_is_not_kept_feeds_its_value_and_the_consumer_waits() -> None:
+    async with two_host_pool() as pool:
+        first = await pool.submit(Task.kernel("test_echo_after", 7, 0.2, backend=Backend.CPU))
+        second = await pool.submit(Task.kernel("test_stage", np.arange(4.0), first, backend=Backend.CPU))
+        assert pool.stats().waiting == 1 or first.done()  # stats(): submissions reach the scheduler
+        assert pool._scheduler.where(second.task_id) == ("waiting", None) or first.done()
+        result = await second
+        assert result.is_success(), result.error
+        np.testing.assert_array_equal(result.value, np.arange(4.0) * 7 + 1)
+
+
+async def test_a_value_another_host_needs_is_relayed_once_through_the_coordinator(
+    sent: list[tuple[str, m.Message]],
+) -> None:
+    async with two_host_pool(tags=True) as pool:
+        ref_task = await pool.submit(
+            Task.kernel("test_fill", N, 3.0, backend=Backend.CPU, requires=["on-a"]), keep=True
+        )
+        ref = (await ref_task).value
+        assert ref.host == "a"
+        uses = [
+            await pool.submit(Task.kernel("test_stage", ref, float(k), backend=Backend.CPU, requires=["on-b"]))
+            for k in range(3)
+        ]
+        for k, use in enumerate(uses):
+            result = await use
+            assert result.is_success(), result.error
+            assert result.host == "b"
+            np.testing.assert_array_equal(result.value, np.full(N, 3.0) * k + 1)
+        fetches = [(host, msg) for host, msg in sent if isinstance(msg, m.Fetch)]
+        puts_to_b = [msg for host, msg in sent if isinstance(msg, m.Put) and host == "b"]
+        assert [host for host, _ in fetches] == ["a"] and len(puts_to_b) == 1  # once per host
+        assert pool.stats().relayed_bytes == N * 8
+
+
+async def test_a_failed_upstream_fails_its_dependents_naming_it(pool: Pool) -> None:
+    bad = await pool.submit(Task.kernel("test_raise", "boom", backend=Backend.CPU), keep=True)
+    child = await pool.submit(stage(bad, 2.0))
+    grandchild = await pool.submit(stage(child, 2.0))
+    assert (await bad).status is TaskStatus.FAILED
+    failed = await child
+    assert failed.status is TaskStatus.FAILED
+    assert f"task {bad.task_id}" in (failed.error or "") and "boom" in (failed.error or "")
+    assert (await grandchild).status is TaskStatus.FAILED
+    assert f"upstream task {child.task_id}" in ((await grandchild).error or "")
+    late = await pool.submit(stage(bad, 3.0))  # naming it after it failed: fails at once
+    assert (await late).status is TaskStatus.FAILED and f"upstream task {bad.task_id}" in ((await late).error or "")
+
+
+async def test_a_cancelled_upstream_cancels_its_dependents(tmp_path: Path) -> None:
+    async with two_host_pool() as pool:
+        gate = await pool.submit(Task.kernel("test_gate", str(tmp_path / "never"), 1, 30.0, backend=Backend.CPU))
+        child = await pool.submit(stage(np.ones(3), 1.0, gate))
+        grandchild = await pool.submit(stage(child, 1.0))
+        gate.cancel()
+        assert (await gate).status is TaskStatus.CANCELLED
+        result = await child
+        assert result.status is TaskStatus.CANCELLED and f"upstream task {gate.task_id}" in (result.error or "")
+        assert (await grandchild).status is TaskStatus.CANCELLED
+        assert pool._scheduler.waiting == 0
+
+
+async def test_the_dashboard_sees_waiting_tasks(tmp_path: Path) -> None:
+    async with two_host_pool() as pool:
+        waiting: list[tuple[int, tuple[int, ...]]] = []
+        pool.subscribe(lambda e: waiting.append((e.task_id, e.waiting_on)) if isinstance(e, pe.TaskQueued) else None)
+        gate_file = tmp_path / "open"
+        gate = await pool.submit(Task.kernel("test_gate", str(gate_file), 1, 30.0, backend=Backend.CPU))
+        child = await pool.submit(stage(np.ones(3), 1.0, gate))
+        pool.stats()  # submissions reach the scheduler
+        assert waiting == [(gate.task_id, ()), (child.task_id, (gate.task_id,))]
+        assert pool.stats().waiting == 1
+        gate_file.write_text("open")
+        assert (await child).is_success()
+
+
+# -- lineage ------------------------------------------------------------------------------------
+
+
+def _agent_of(host: str) -> int:
+    return next(p.pid for p in agent_pids() if f"--name {host}" in " ".join(p.cmdline()))
+
+
+async def test_kill_9_of_a_host_holding_kept_values_reruns_their_producers(tmp_path: Path) -> None:
+    async with two_host_pool(slots=2) as pool:
+        fills: list[str | None] = []
+        pool.subscribe(
+            lambda e: (
+                fills.append(e.result.host) if isinstance(e, pe.TaskFinished) and e.result.name == "test_fill" else None
+            )
+        )
+        gate_file = tmp_path / "open"
+        gate = await pool.submit(Task.kernel("test_gate", str(gate_file), 1, 60.0, backend=Backend.CPU))
+        firsts = [await pool.submit(fill(float(i)), keep=True) for i in range(6)]
+        made = [await f for f in firsts]
+        seconds = [await pool.submit(stage(f, 2.0, gate), keep=True) for f in firsts]
+        finals = [await pool.submit(Task.kernel("sum", s, backend=Backend.CPU)) for s in seconds]
+        lost_host = made[0].host
+        assert lost_host is not None
+        os.kill(_agent_of(lost_host), signal.SIGKILL)
+        down = asyncio.Event()
+        pool.subscribe(lambda e: down.set() if isinstance(e, pe.HostDown) and e.host == lost_host else None)
+        await asyncio.wait_for(down.wait(), 30)
+        gate_file.write_text("open")
+        totals = [await asyncio.wait_for(f.asyncio_future(), 120) for f in finals]
+        for i, total in enumerate(totals):
+            assert total.is_success(), total.error
+            assert total.value == pytest.approx(N * (i * 2.0 + 1.0))  # identical to an undisturbed run
+        on_lost = sum(1 for r in made if r.host == lost_host)
+        assert len(fills) == 6 + on_lost  # each value lost with its host was made again, once
+        rerun = await pool.get((await seconds[0]).value)
+        np.testing.assert_array_equal(rerun, np.full(N, 0.0) * 2.0 + 1.0)
+
+
+async def test_a_value_relayed_from_a_lost_host_is_made_again_there_and_then_relayed(tmp_path: Path) -> None:
+    async with two_host_pool(tags=True) as pool:
+        gate_file = tmp_path / "open"
+        gate = await pool.submit(
+            Task.kernel("test_gate", str(gate_file), 1, 60.0, backend=Backend.CPU, requires=["on-b"])
+        )
+        made = await (await pool.submit(fill(5.0, requires=["on-a"]), keep=True))
+        assert made.is_success() and made.host == "a"
+        use = await pool.submit(stage(made.value, 3.0, gate, requires=["on-b"]))
+        down = asyncio.Event()
+        pool.subscribe(lambda e: down.set() if isinstance(e, pe.HostDown) and e.host == "a" else None)
+        os.kill(_agent_of("a"), signal.SIGKILL)
+        await asyncio.wait_for(down.wait(), 30)
+        gate_file.write_text("open")
+        result = await asyncio.wait_for(use.asyncio_future(), 120)
+        assert result.is_success(), result.error
+        assert result.host == "b"
+        np.testing.assert_array_equal(result.value, np.full(N, 5.0) * 3.0 + 1.0)
