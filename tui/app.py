@@ -91,6 +91,7 @@ class BatutaApp(App[None]):
         Binding("k", "cycle_latency('kernel')", "Latency kernel", show=False),
         Binding("b", "cycle_latency('backend')", "Latency backend", show=False),
         Binding("o", "cycle_latency('host')", "Latency host", show=False),
+        Binding("x", "detach", "Detach", show=False),
         Binding("question_mark,f1", "help", "Help"),
         Binding("q", "quit", "Quit"),
     ]
@@ -402,6 +403,15 @@ class BatutaApp(App[None]):
         value = self.model.cycle_latency_filter(dimension)
         self.notify(f"latency: {dimension} {value or 'all'}", timeout=2)
         self.sync_now()
+
+    def action_detach(self) -> None:
+        """Here the dashboard is the coordinator (see tui/attach.py for the attached one)."""
+        self.notify(
+            "this dashboard is the coordinator: closing it ends the job; start with 'batuta tui --serve' "
+            "to detach and re-attach",
+            severity="warning",
+            timeout=10,
+        )
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
