@@ -112,6 +112,7 @@ def _free_name(base: str) -> str:
     """`base`, or `base-2`, `base-3`, … : the first name no running coordinator has."""
     from batuta.runtime import serve_paths
 
+    base = Path(base).stem if base.endswith(".py") else base
     stem = "".join(c if c.isalnum() or c in "._-" else "-" for c in base).strip(".-_")[:56] or "job"
     for number in range(1, 1000):
         name = stem if number == 1 else f"{stem}-{number}"
@@ -181,6 +182,8 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
     print("\n".join(summary.text_lines()), file=sys.stderr)
     if summary.error:
         print(f"{PROG}: error: {summary.error}", file=sys.stderr)
+    if summary.interrupted:
+        return EXIT_INTERRUPTED
     return EXIT_OK if summary.ok else EXIT_FAILED
 
 

@@ -146,6 +146,7 @@ class CoordinatorServer:
         self._slot_signature: object = None
         self._paused = False
         self._handlers: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
         self.dropped_items = 0  # over every viewer, ever
 
     # -- life -------------------------------------------------------------------------------
@@ -200,19 +201,28 @@ class CoordinatorServer:
         for task in self._tasks:
             task.cancel()
         bye = w.frame(["bye", reason])
+        writer_tasks = []
         for viewer in list(self._viewers.values()):
             with contextlib.suppress(Exception):
-                if not viewer.resync and viewer.queued_bytes < self._buffer_bytes:
+                if not viewer.resync:
                     for data, _count in viewer.queue:
                         viewer.writer.write(data)
                     viewer.writer.write(bye)
-                viewer.writer.close()
             if viewer.task is not None:
                 viewer.task.cancel()
-        for task in [*self._tasks, *self._handlers]:
-            task.cancel()
+                writer_tasks.append(viewer.task)
+        for writer in list(self._writers):  # their handlers read EOF and return
+            with contextlib.suppress(Exception):
+                writer.close()
+        for task in [*self._tasks, *writer_tasks]:
             with contextlib.suppress(BaseException):
                 await task
+        if self._handlers:  # a viewer that reads nothing never takes its bye: cut it off
+            await asyncio.wait(list(self._handlers), timeout=2.0)
+        for writer in list(self._writers):
+            writer.transport.abort()
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=2.0)
         self._viewers.clear()
         with contextlib.suppress(FileNotFoundError):
             if self._servers:
@@ -236,7 +246,8 @@ class CoordinatorServer:
         return [viewer.stats for viewer in self._viewers.values()]
 
     def info(self) -> dict[str, Any]:
-        """One coordinator as `batuta ps` lists it."""
+        """One coordinator as `batuta ps` lists it (what happened until now: flushed first)."""
+        self.flush()
         history = self.history
         return {
             "name": self.name,
@@ -297,7 +308,7 @@ class CoordinatorServer:
             if viewer.resync:  # it gets a fresh snapshot once it drains, which holds these too
                 viewer.stats.dropped_items += count
                 self.dropped_items += count
-            elif viewer.queued_bytes + len(data) > limit:
+            elif viewer.queue and viewer.queued_bytes + len(data) > limit:
                 dropped = count + sum(c for _d, c in viewer.queue)
                 viewer.stats.dropped_items += dropped
                 self.dropped_items += dropped
@@ -338,6 +349,7 @@ class CoordinatorServer:
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
+        self._writers.add(writer)
         peer = str(writer.get_extra_info("peername") or "the unix socket")
         viewer: _Viewer | None = None
         try:
@@ -346,7 +358,7 @@ class CoordinatorServer:
                 log.warning("refused a viewer running as uid %d: this coordinator serves uid %d only", uid, os.getuid())
                 writer.write(w.frame(["bye", f"this coordinator serves uid {os.getuid()} only"]))
                 return
-            writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+            writer.transport.set_write_buffer_limits(high=min(WRITE_HIGH_WATER, self._buffer_bytes))
             frames = w.FrameReader(w.VIEWER_FRAME_LIMIT)
             request = await asyncio.wait_for(_next_message(reader, frames), FIRST_REQUEST_TIMEOUT_S)
             if request is None:
@@ -390,6 +402,7 @@ class CoordinatorServer:
                 log.debug("viewer %d detached", viewer.stats.viewer_id)
             with contextlib.suppress(Exception):
                 writer.close()
+            self._writers.discard(writer)
             if task is not None:
                 self._handlers.discard(task)
 

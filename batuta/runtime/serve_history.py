@@ -253,7 +253,7 @@ class ViewerHistory:
                 for name, t in self.job_totals.items()
             ],
             "host_counts": [[host, done, failed] for host, (done, failed) in self.host_counts.items()],
-            "throughput": sorted(self.throughput.items()),
+            "throughput": [[s, c] for s, c in sorted(self.throughput.items())],
             "latency": [[*key, queue.to_wire(), run.to_wire()] for key, (queue, run) in self.latency.items()],
             "failures": list(self.failures.values()),
             "running": list(self.running_compacted.values()),
