@@ -30,7 +30,7 @@ from batuta.runtime import events as pe
 from batuta.runtime import serve_wire as w
 from batuta.runtime.serve_client import Connection, Target, connect
 
-from .app import BatutaApp, PaletteCommand
+from .app import BatutaApp, FrameListener, PaletteCommand
 from .histogram import BUCKET_COUNT, LogHistogram
 from .model import NO_JOB, DashboardModel
 from .rows import JobRow
@@ -187,13 +187,22 @@ class AttachedApp(BatutaApp):
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("x", "detach", "Detach")]  # merged with the app's
 
-    def __init__(self, target: Target, *, certs: Path | None = None, refresh_hz: float = 12.0) -> None:
+    def __init__(
+        self,
+        target: Target,
+        *,
+        certs: Path | None = None,
+        refresh_hz: float = 12.0,
+        frame_listener: FrameListener | None = None,
+    ) -> None:
+        """Watch the coordinator at `target`; `frame_listener` as for `BatutaApp` (bench/attach.py)."""
         self._offset = 0.0
         super().__init__(
             None,
             model=DashboardModel(clock=self._clock, cluster_label=target.label),
             attach_logging=False,
             refresh_hz=refresh_hz,
+            frame_listener=frame_listener,
         )
         self.target = target
         self.certs = certs
