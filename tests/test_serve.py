@@ -33,7 +33,7 @@ from batuta.tui.replay import SyntheticCluster, replay
 
 from batuta import Pool
 from batuta.cli import main as cli_main
-from batuta.errors import UsageError, ViewerProtocolError
+from batuta.errors import ServeError, UsageError, ViewerProtocolError
 from batuta.runtime import serve_paths
 from batuta.runtime import serve_wire as w
 from batuta.runtime.serve import CoordinatorServer
@@ -459,7 +459,8 @@ def test_a_served_run_is_listed_by_ps_and_ended_by_stop(
     [
         (["stop", "nobody-here"], "no coordinator at"),
         (["stop", "me@gpu1:"], "write user@host:NAME"),
-        (["tui", "--attach", "x", "--cluster", "c.toml"], "drop --cluster"),
+        (["tui", "--attach", "x", "--cluster", "c.toml"], "--cluster only lends its [ssh] settings"),
+        (["tui", "--attach", "x", "-j", "demo"], "drop --workers/-j/--module"),
         (["run", "demo", "--name", "x"], "--name only applies to a served run; add --serve"),
         (["run", "demo", "--serve", "--serve-bind", "127.0.0.1:0"], "--serve-bind needs --serve-certs DIR"),
         (["run", "demo", "--serve", "--name", "a/b"], "coordinator name 'a/b' is not usable"),
@@ -503,3 +504,25 @@ def test_serve_job_keeps_a_finished_coordinator_visible_then_exits(runtime_dir: 
     asyncio.run(main())
     assert seen and seen[0]["state"] == "done" and "succeeded" in seen[0]["summary"]
     assert not serve_paths.socket_path("lingering").exists()  # it exited after its linger
+
+
+async def test_a_viewer_attaches_over_ssh_by_name_with_the_clusters_host_key_rules(
+    runtime_dir: Path, ssh_hosts: Any
+) -> None:
+    from batuta.transport.ssh import SSHSettings
+
+    hosts = ssh_hosts(1, env={"XDG_RUNTIME_DIR": str(runtime_dir)})  # the remote shell finds the same folder
+    settings = SSHSettings(config_files=(hosts.ssh_config,), known_hosts=hosts.known_hosts)
+    async with served_pool() as (pool, server):
+        viewer = Viewer(await connect(parse_target(f"{hosts[0].name}:t"), ssh=settings))
+        await until(lambda: viewer.snapshots == 1, "the snapshot over SSH")
+        await run_noops(pool, 300)
+        await until(lambda: viewer.succeeded() == 300, "every task over SSH")
+        await viewer.close()
+        await until(lambda: server.viewers() == [], "the SSH viewer to be forgotten")
+        # an unknown host key is refused, as for the cluster's hosts
+        empty = runtime_dir / "known_hosts"
+        empty.write_text("")
+        strict = SSHSettings(config_files=(hosts.ssh_config,), known_hosts=empty)
+        with pytest.raises(ServeError, match="cannot reach"):
+            await connect(parse_target(f"{hosts[0].name}:t"), ssh=strict)

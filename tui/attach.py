@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from textual.binding import Binding, BindingType
 
@@ -34,6 +34,9 @@ from .app import BatutaApp, FrameListener, PaletteCommand
 from .histogram import BUCKET_COUNT, LogHistogram
 from .model import NO_JOB, DashboardModel
 from .rows import JobRow
+
+if TYPE_CHECKING:
+    from batuta.runtime.serve_client import SSHSettings
 
 log = logging.getLogger("batuta.tui.attach")
 
@@ -192,6 +195,7 @@ class AttachedApp(BatutaApp):
         target: Target,
         *,
         certs: Path | None = None,
+        ssh: SSHSettings | None = None,
         refresh_hz: float = 12.0,
         frame_listener: FrameListener | None = None,
     ) -> None:
@@ -206,6 +210,7 @@ class AttachedApp(BatutaApp):
         )
         self.target = target
         self.certs = certs
+        self.ssh = ssh
         self.connection: Connection | None = None
         self.info: dict[str, Any] = {}
         self.snapshots = 0  # how many snapshots were restored (1 + the resyncs)
@@ -229,7 +234,7 @@ class AttachedApp(BatutaApp):
         """Connect, attach, and fold what the coordinator sends until it ends or we leave."""
         model = self.model
         try:
-            self.connection = connection = await connect(self.target, certs=self.certs)
+            self.connection = connection = await connect(self.target, certs=self.certs, ssh=self.ssh)
             await connection.send(["attach", w.VERSION])
             while True:
                 message = await connection.receive()

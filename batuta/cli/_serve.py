@@ -341,10 +341,8 @@ def cmd_tui_attached(args: argparse.Namespace) -> int:
 
     if args.attach is not None and args.serve:
         raise UsageError("--attach watches a running coordinator and --serve starts one; pass one of them")
-    if args.attach is not None and (args.cluster or args.workers or args.job or args.module):
-        raise UsageError(
-            "--attach watches a coordinator that has its own hosts and job; drop --cluster/--workers/-j/--module"
-        )
+    if args.attach is not None and (args.workers or args.job or args.module):
+        raise UsageError("--attach watches a coordinator that has its own hosts and job; drop --workers/-j/--module")
     if args.name and not args.serve:
         raise UsageError("--name names the coordinator --serve starts; to attach to one by name, pass --attach NAME")
     if args.serve:
@@ -354,11 +352,20 @@ def cmd_tui_attached(args: argparse.Namespace) -> int:
     else:
         target_text = args.attach
     target = parse_target(target_text)
+    ssh = None
+    if args.attach is not None and args.cluster:
+        if target.ssh_host is None:
+            raise UsageError("with --attach, --cluster only lends its [ssh] settings to user@host:NAME; drop it")
+        from dataclasses import replace
+
+        from batuta.cli._common import load_cluster
+
+        ssh = replace(load_cluster(args.cluster).ssh, ask_passphrase=False)  # the screen owns the terminal
     if not has_terminal():
         raise UsageError("batuta tui needs a terminal on stdin and stdout; 'batuta ps' lists coordinators without one")
     from batuta.tui.attach import AttachedApp
 
-    app = AttachedApp(target, certs=Path(args.certs).expanduser() if args.certs else None)
+    app = AttachedApp(target, certs=Path(args.certs).expanduser() if args.certs else None, ssh=ssh)
     app.run()
     if app.ended and app.model.status == "failed":
         print(f"{PROG}: error: {app.ended}", file=sys.stderr)

@@ -23,11 +23,14 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batuta.errors import ServeError, TransportError, UsageError, ViewerProtocolError
 from batuta.runtime import serve_paths
 from batuta.runtime import serve_wire as w
+
+if TYPE_CHECKING:
+    from batuta.transport.ssh import SSHSettings
 
 CONNECT_TIMEOUT_S = 10.0
 READ_CHUNK = 256 * 1024
@@ -129,10 +132,16 @@ class Connection:
             self._on_close = None
 
 
-async def connect(target: Target, *, certs: Path | None = None, timeout: float = CONNECT_TIMEOUT_S) -> Connection:
-    """Open a stream to the coordinator at `target`; ServeError says why it could not."""
+async def connect(
+    target: Target, *, certs: Path | None = None, ssh: SSHSettings | None = None, timeout: float = CONNECT_TIMEOUT_S
+) -> Connection:
+    """Open a stream to the coordinator at `target`; ServeError says why it could not.
+
+    `ssh`: how SSH hosts are reached (a cluster file's [ssh] table: known_hosts, ssh config,
+    trust on first use); by default ~/.ssh/config and ~/.ssh/known_hosts, unknown keys refused.
+    """
     if target.ssh_host is not None:
-        return await _connect_ssh(target, timeout)
+        return await _connect_ssh(target, ssh, timeout)
     if target.tls is not None:
         return await _connect_tls(target, certs, timeout)
     assert target.path is not None
@@ -171,12 +180,12 @@ async def _connect_tls(target: Target, certs: Path | None, timeout: float) -> Co
     return Connection(reader, writer, target.label)
 
 
-async def _connect_ssh(target: Target, timeout: float) -> Connection:
+async def _connect_ssh(target: Target, ssh: SSHSettings | None, timeout: float) -> Connection:
     """The remote socket over SSH; the remote runtime folder is asked of the remote shell."""
     from batuta.transport.ssh import SSHSettings, SSHTarget, connect_ssh
 
     assert target.ssh_host is not None
-    settings = SSHSettings(connect_timeout=timeout, ask_passphrase=False)
+    settings = ssh if ssh is not None else SSHSettings(connect_timeout=timeout, ask_passphrase=False)
     try:
         conn, jumps, _where = await connect_ssh(SSHTarget(host=target.ssh_host, user=target.ssh_user), settings)
     except TransportError as exc:
@@ -208,7 +217,8 @@ async def _remote_runtime_dir(conn: Any) -> str:
         'then echo "$XDG_RUNTIME_DIR/batuta"; else echo "/tmp/batuta-$(id -u)"; fi'
     )
     result = await conn.run(f"sh -c {shlex.quote(script)}", check=True)
-    folder = str(result.stdout).strip()
+    out = result.stdout
+    folder = (out.decode(errors="replace") if isinstance(out, bytes) else str(out)).strip()
     if not folder.startswith("/"):
         raise ServeError(f"the remote shell gave {folder!r} as its runtime folder")
     return folder
