@@ -526,3 +526,30 @@ async def test_a_viewer_attaches_over_ssh_by_name_with_the_clusters_host_key_rul
         strict = SSHSettings(config_files=(hosts.ssh_config,), known_hosts=empty)
         with pytest.raises(ServeError, match="cannot reach"):
             await connect(parse_target(f"{hosts[0].name}:t"), ssh=strict)
+
+
+async def test_serve_bind_takes_mutual_tls_only(runtime_dir: Path, tmp_path: Path) -> None:
+    import ssl
+
+    from batuta.transport.certs import init_certs
+    from batuta.transport.tls import server_context
+
+    paths = init_certs(tmp_path / "certs", hosts=["127.0.0.1"])
+    context = server_context(cert=paths.server_cert, key=paths.server_key, ca=paths.ca_cert)
+    async with served_pool(tls_bind=("127.0.0.1", 0), tls_context=context) as (pool, server):
+        assert server.tls_address is not None
+        host, port = server.tls_address
+        viewer = Viewer(await connect(parse_target(f"tls://{host}:{port}"), certs=paths.directory))
+        await until(lambda: viewer.snapshots == 1, "the snapshot over TLS")
+        await run_noops(pool, 100)
+        await until(lambda: viewer.succeeded() == 100, "every task over TLS")
+        await viewer.close()
+        # a client without a certificate gets no further than the handshake
+        anonymous = ssl.create_default_context(cafile=str(paths.ca_cert))
+        reader, writer = await asyncio.open_connection(host, port, ssl=anonymous)
+        writer.write(w.frame(["info"]))
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            data = await asyncio.wait_for(reader.read(), 30)
+            if not data:
+                raise ConnectionResetError("closed without an answer")
+        writer.close()
