@@ -12,8 +12,9 @@ counted the detail it skipped; the log panel says so).
 Pause, cancel and drain are sent to the coordinator, which answers in a line shown as a
 notification. Quitting or detaching (`x`) closes only this viewer: the job goes on.
 
-Event times are the coordinator's loop clock; the model's clock is this machine's monotonic
-clock plus the offset measured at hello, so ages and rates read right across machines.
+Event times are the coordinator's loop clock (monotonic); the model's clock is this machine's
+monotonic clock, plus, over SSH or TLS, the offset estimated at hello, so ages and rates read
+right across machines.
 """
 
 from __future__ import annotations
@@ -235,6 +236,7 @@ class AttachedApp(BatutaApp):
         model = self.model
         try:
             self.connection = connection = await connect(self.target, certs=self.certs, ssh=self.ssh)
+            sent = time.monotonic()
             await connection.send(["attach", w.VERSION])
             while True:
                 message = await connection.receive()
@@ -257,7 +259,10 @@ class AttachedApp(BatutaApp):
                     self.sync_now()
                 elif tag == "hello" and len(message) == 3:
                     self.info = w.want_map(message[2], "hello.info")
-                    self._offset = w.want_float(self.info.get("now"), "hello.now") - time.monotonic()
+                    now = w.want_float(self.info.get("now"), "hello.now")
+                    # a local socket shares this machine's monotonic clock; across machines, the
+                    # hello's time stood halfway through the round trip (within half of it)
+                    self._offset = 0.0 if self.target.path is not None else now - (sent + time.monotonic()) / 2
                     label = w.want_str(self.info.get("label", ""), "hello.label")
                     model.cluster_label = f"{self.info.get('name', '?')} · {label}"
                     self.title = f"batuta · {self.info.get('name', '?')}"

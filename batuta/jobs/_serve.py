@@ -6,8 +6,8 @@ then done, failed or cancelled with the run's one-line summary. A finished coord
 stays listening for `linger_s` seconds, so that `batuta ps` and a late `batuta tui --attach`
 still see how it ended, then closes and removes its socket. `stop()` (a viewer's or `batuta
 stop`'s request) cancels the job's tasks and its `main`, the pool closes (its hosts are
-released) and the coordinator exits without lingering; `cancel_job` does the same for the
-job but keeps the finished coordinator visible for its linger.
+released) and the coordinator exits without lingering; SIGTERM does the same. `cancel_job`
+does it for the job but keeps the finished coordinator visible for its linger.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -104,6 +105,8 @@ async def serve_job(
         if on_listening is not None:
             on_listening(server)
 
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread: no signals
+        loop.add_signal_handler(signal.SIGTERM, controls.stop)  # `kill`, a Slurm time limit: end as `batuta stop` does
     run_task = controls.run_task = asyncio.create_task(run_job(job, on_pool=serve, **run_options), name=job.name)
     try:
         try:
@@ -143,6 +146,8 @@ async def serve_job(
                 await asyncio.wait_for(controls.stopping.wait(), linger_s)
         return outcome
     finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(signal.SIGTERM)
         for server in servers:
             await server.close(f"the coordinator of job {job.name} ended")
 

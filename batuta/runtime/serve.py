@@ -143,6 +143,7 @@ class CoordinatorServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._unsubscribe: Callable[[], None] | None = None
         self._log_handler: _LogToViewers | None = None
+        self._saved_log_level = logging.NOTSET
         self._slot_signature: object = None
         self._paused = False
         self._handlers: set[asyncio.Task[None]] = set()
@@ -183,7 +184,11 @@ class CoordinatorServer:
             self.tls_address = tls_server.sockets[0].getsockname()[:2]
         self._unsubscribe = self.pool.subscribe(self._pending.append)
         self._log_handler = _LogToViewers(self)
-        logging.getLogger("batuta").addHandler(self._log_handler)
+        logger = logging.getLogger("batuta")
+        self._saved_log_level = logger.level
+        if logger.getEffectiveLevel() > logging.INFO:  # the viewers' log panel shows INFO, as a local dashboard's does
+            logger.setLevel(logging.INFO)  # (the console's handlers hold to their own levels)
+        logger.addHandler(self._log_handler)
         self._tasks.append(asyncio.create_task(self._flush_forever(), name="serve flush"))
         self._tasks.append(asyncio.create_task(self._poll_forever(), name="serve slot poll"))
 
@@ -194,7 +199,9 @@ class CoordinatorServer:
             self._unsubscribe()
             self._unsubscribe = None
         if self._log_handler is not None:
-            logging.getLogger("batuta").removeHandler(self._log_handler)
+            logger = logging.getLogger("batuta")
+            logger.removeHandler(self._log_handler)
+            logger.setLevel(self._saved_log_level)
             self._log_handler = None
         for server in self._servers:
             server.close()
