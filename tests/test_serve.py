@@ -435,7 +435,8 @@ def test_a_served_run_is_listed_by_ps_and_ended_cleanly(
             assert cli_main(["stop", "forever"]) == 0
             assert "forever stopped" in capsys.readouterr().out
         assert child.wait(timeout=60) == 130  # the run was interrupted: its tasks were cancelled
-        assert "cancelled by the interrupt" in child.stderr.read()
+        summary = child.stderr.read()
+        assert re.search(r"tasks: \d+ succeeded, 0 failed", summary), summary[-600:]  # a cancelled count if some ran
         assert not serve_paths.socket_path("forever").exists()
     finally:
         if child.poll() is None:

@@ -11,10 +11,8 @@ a Slurm batch script, tests).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -141,6 +139,8 @@ def _tls(args: argparse.Namespace) -> tuple[tuple[str, int] | None, Any]:
 
 def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
     """`batuta run JOB --serve`: in the background (spawned), or here with --foreground."""
+    import asyncio
+
     from batuta.runtime import serve_paths
 
     name = serve_paths.check_name(args.name) if args.name else _free_name(job.name)
@@ -216,6 +216,9 @@ def _child_argv(args: argparse.Namespace, name: str) -> list[str]:
 
 def _spawn(args: argparse.Namespace, name: str) -> int:
     """Start the served coordinator in a new session; return once it answers on its socket."""
+    import asyncio
+    import subprocess
+
     from batuta.runtime import serve_paths
     from batuta.runtime.serve_client import Target, ask_info
 
@@ -259,6 +262,8 @@ def _spawn(args: argparse.Namespace, name: str) -> int:
 
 def cmd_ps(args: argparse.Namespace) -> int:
     """List this user's coordinators; remove the sockets that crashed ones left behind."""
+    import asyncio
+
     from batuta.runtime import serve_paths
     from batuta.runtime.serve_client import Target, ask_info
 
@@ -307,6 +312,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     """Ask a coordinator to cancel its tasks, release its hosts and exit; wait until it has."""
+    import asyncio
+
     from batuta.runtime.serve_client import ask_control, parse_target
 
     target = parse_target(args.target)
