@@ -138,3 +138,26 @@ async def test_attaching_to_nothing_says_so_on_screen(runtime_dir: Path) -> None
         await until(pilot, lambda: app.ended, "the connection to fail")
         assert app.model.status == "failed"
         assert "no coordinator at" in app.ended and "batuta ps" in app.ended
+
+
+async def test_two_dashboards_at_once_see_the_same_job(runtime_dir: Path) -> None:
+    pool = Pool.builder().cpu_workers(2).seed(0).build()
+    server = CoordinatorServer(pool, name="two", job="spin", controls=_Controls(pool), flush_s=0.02)
+    await server.start()
+    try:
+        await pool.start()
+        server.set_state("running")
+        first, second = AttachedApp(Target(path=server.path)), AttachedApp(Target(path=server.path))
+        async with first.run_test(size=SIZE) as pilot1, second.run_test(size=SIZE) as pilot2:
+            await until(pilot1, lambda: first.snapshots and second.snapshots, "both snapshots")
+            with pool.job("spin"):
+                await pool.map("noop", range(600))
+            for pilot, app in ((pilot1, first), (pilot2, second)):
+                await until(pilot, lambda app=app: app.model.totals.succeeded == 600, "each view to count 600")
+                await until(pilot, lambda app=app: "spin" in screen_text(app), "the job on each screen")
+            await pilot2.press("p")  # one view pauses; the other sees it
+            await until(pilot1, lambda: first.model.paused, "the other view to show the pause")
+            assert len(server.viewers()) == 2
+    finally:
+        await server.close()
+        await pool.close()
