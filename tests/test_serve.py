@@ -364,9 +364,11 @@ async def test_controls_from_a_viewer_pause_resume_drain_and_answer_bad_requests
         await until(lambda: not pool.paused, "the pool to resume")
         await connection.control("drain_host", "no-such-host")
         await connection.control("cancel_job", "spin")
-        await until(lambda: len(replies) == 4, "four replies")
-        assert [r[2] for r in replies] == [True, True, False, True]
+        await connection.control("drain_host", "local")
+        await until(lambda: len(replies) == 5, "five replies")
+        assert [r[2] for r in replies] == [True, True, False, True, True]
         assert "no host named 'no-such-host'" in replies[2][3]
+        await until(lambda: server.history.host_state.get("local", [0, "", ""])[2] == "drained", "the host drained")
         assert server.controls is not None and server.controls.cancelled == ["spin"]  # type: ignore[attr-defined]
         await connection.close()
         reader.cancel()
