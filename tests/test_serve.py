@@ -453,6 +453,8 @@ def test_a_served_run_is_listed_by_ps_and_ended_cleanly(
         (["stop", "me@gpu1:"], "write user@host:NAME"),
         (["tui", "--attach", "x", "--cluster", "c.toml"], "--cluster only lends its [ssh] settings"),
         (["tui", "--attach", "x", "-j", "demo"], "drop --workers/-j/--module"),
+        (["tui", "--serve"], "pass exactly one -j JOB"),
+        (["tui", "--name", "x"], "--name is for --serve"),
         (["run", "demo", "--name", "x"], "--name only applies to a served run; add --serve"),
         (["run", "demo", "--serve", "--serve-bind", "127.0.0.1:0"], "--serve-bind needs --serve-certs DIR"),
         (["run", "demo", "--serve", "--name", "a/b"], "coordinator name 'a/b' is not usable"),
