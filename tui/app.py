@@ -91,9 +91,9 @@ class BatutaApp(App[None]):
         Binding("k", "cycle_latency('kernel')", "Latency kernel", show=False),
         Binding("b", "cycle_latency('backend')", "Latency backend", show=False),
         Binding("o", "cycle_latency('host')", "Latency host", show=False),
-        Binding("x", "detach", "Detach", show=False),
         Binding("question_mark,f1", "help", "Help"),
         Binding("q", "quit", "Quit"),
+        Binding("x", "detach", "Detach", show=False),
     ]
 
     def __init__(
@@ -399,11 +399,6 @@ class BatutaApp(App[None]):
             return
         self.push_screen(TaskDetailScreen(failed))
 
-    def action_cycle_latency(self, dimension: str) -> None:
-        value = self.model.cycle_latency_filter(dimension)
-        self.notify(f"latency: {dimension} {value or 'all'}", timeout=2)
-        self.sync_now()
-
     def action_detach(self) -> None:
         """Here the dashboard is the coordinator (see tui/attach.py for the attached one)."""
         self.notify(
@@ -412,6 +407,11 @@ class BatutaApp(App[None]):
             severity="warning",
             timeout=10,
         )
+
+    def action_cycle_latency(self, dimension: str) -> None:
+        value = self.model.cycle_latency_filter(dimension)
+        self.notify(f"latency: {dimension} {value or 'all'}", timeout=2)
+        self.sync_now()
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
