@@ -159,9 +159,7 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
                 tls_bind=tls_bind,
                 tls_context=tls_context,
                 cluster_label=label,
-                on_listening=lambda server: print(
-                    f"{PROG}: serving job {job.name} as {name} on {server.path}", file=sys.stderr, flush=True
-                ),
+                on_listening=_announce,
                 workers=args.workers,
                 seed=args.seed,
                 cluster=cluster,
@@ -185,6 +183,11 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
     if summary.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+def _announce(server: Any) -> None:
+    tls = f" and tls://{server.tls_address[0]}:{server.tls_address[1]}" if server.tls_address else ""
+    print(f"{PROG}: serving job {server.job} as {server.name} on {server.path}{tls}", file=sys.stderr, flush=True)
 
 
 def _child_argv(args: argparse.Namespace, name: str) -> list[str]:
