@@ -210,6 +210,23 @@ def test_a_restored_snapshot_shows_what_a_model_open_from_the_start_shows() -> N
     assert set(restored.running) == set(live.running)
 
 
+def test_the_history_stays_bounded_however_long_the_job() -> None:
+    from batuta.runtime import serve_history as sh
+
+    history = ViewerHistory()
+    cluster = SyntheticCluster(hosts=4, seed=5, failure_rate=0.2)
+    batch: list[Any] = []
+    replay(lambda event: batch.append(w.encode_item(event)), cluster, T0, T0 + 300, 600)  # type: ignore[arg-type]
+    history.record(batch)
+    assert history.finished > 50_000
+    assert len(history.raw) == sh.RAW_TASK_ITEMS
+    assert len(history.failures) == sh.FAILURES_KEPT
+    assert all(len(beats) <= sh.TELEMETRY_KEPT for beats in history.telemetry.values())
+    assert len(history.throughput) <= sh.THROUGHPUT_KEPT_S
+    assert all(len(t.meter) <= sh.JOB_METER_KEPT_S for t in history.job_totals.values())
+    assert len(history.running) + len(history.running_compacted) < 100  # only what runs now
+
+
 # -- the socket ---------------------------------------------------------------------------------
 
 
