@@ -62,3 +62,12 @@ class AgentError(BatutaError):
 class InstallError(AgentError):
     """batuta could not be installed on a host (`batuta cluster install`, or `bootstrap = true`
     on connect), so no agent can start there."""
+
+
+class ServeError(BatutaError):
+    """A served coordinator (`batuta run --serve`) could not be reached, listened on, or
+    spoke out of turn to a viewer (`batuta tui --attach`, `batuta ps`, `batuta stop`)."""
+
+
+class ViewerProtocolError(ServeError):
+    """A frame between a coordinator and a viewer was malformed; names the field."""

@@ -94,6 +94,7 @@ class BatutaApp(App[None]):
         Binding("g", "toggle_gpu_rows", "GPU rows", show=False),
         Binding("question_mark,f1", "help", "Help"),
         Binding("q", "quit", "Quit"),
+        Binding("x", "detach", "Detach", show=False),
     ]
 
     def __init__(
@@ -398,6 +399,15 @@ class BatutaApp(App[None]):
             self.notify(f"task {task_id} is not among the recent failures", severity="warning")
             return
         self.push_screen(TaskDetailScreen(failed))
+
+    def action_detach(self) -> None:
+        """Here the dashboard is the coordinator (see tui/attach.py for the attached one)."""
+        self.notify(
+            "this dashboard is the coordinator: closing it ends the job; start with 'batuta tui --serve' "
+            "to detach and re-attach",
+            severity="warning",
+            timeout=10,
+        )
 
     def action_cycle_latency(self, dimension: str) -> None:
         value = self.model.cycle_latency_filter(dimension)

@@ -107,10 +107,24 @@ class DashboardModel:
     def __init__(self, *, clock: Clock = time.monotonic, cluster_label: str = "local") -> None:
         self.clock = clock
         self.cluster_label = cluster_label
+        self.versions = Versions()
+        self._init_state()
+        self._handlers: dict[type, Callable[[Any], None]] = dict(  # the rarer events (see `_fold`)
+            [
+                _handler(pe.TaskRequeued, self._on_requeued),
+                _handler(pe.HostUp, self._on_host_up),
+                _handler(pe.HostStateChanged, self._on_host_state),
+                _handler(pe.HostDown, self._on_host_down),
+                _handler(pe.HostTelemetry, self._on_telemetry),
+                _handler(pe.SlotStateChanged, self._on_slot_state),
+            ]
+        )
+
+    def _init_state(self) -> None:
+        """Everything folded from events, empty (`reset` calls it again)."""
         self.status = "starting"  # starting | running | failed | closed
         self.status_detail = ""
         self.paused = False
-        self.versions = Versions()
         self.hosts: dict[str, HostRow] = {}
         self.jobs: dict[str, JobRow] = {}
         self.slots: dict[str, SlotRow] = {}
@@ -133,16 +147,6 @@ class DashboardModel:
         self._last_half_second: int | None = None
         self._last_alert_second: int | None = None
         self._inbox: list[object] = []
-        self._handlers: dict[type, Callable[[Any], None]] = dict(  # the rarer events (see `_fold`)
-            [
-                _handler(pe.TaskRequeued, self._on_requeued),
-                _handler(pe.HostUp, self._on_host_up),
-                _handler(pe.HostStateChanged, self._on_host_state),
-                _handler(pe.HostDown, self._on_host_down),
-                _handler(pe.HostTelemetry, self._on_telemetry),
-                _handler(pe.SlotStateChanged, self._on_slot_state),
-            ]
-        )
 
     # -- feeding ----------------------------------------------------------------------------
 
@@ -442,6 +446,33 @@ class DashboardModel:
             )
         )
         self.versions.logs += 1
+
+    # -- an attached dashboard (batuta/tui/attach.py) rebuilds the model from a snapshot ---
+
+    def reset(self) -> None:
+        """Forget everything folded so far (the clock, label and handlers stay); every panel redraws."""
+        inbox = self._inbox  # subscribers hold its `append`: keep the list, empty
+        self._init_state()
+        inbox.clear()
+        self._inbox = inbox
+        self.versions.bump_all()
+
+    def restore_job(self, row: JobRow) -> None:
+        self.jobs[row.name] = row
+        self.versions.jobs += 1
+
+    def restore_host_counts(self, host: str, done: int, failed: int) -> None:
+        row = self._host(host)
+        row.done += done
+        row.failed += failed
+
+    def restore_latency(self, key: tuple[str, str, str], queue: LogHistogram, run: LogHistogram) -> None:
+        self._latency[key] = (queue, run)
+        self.versions.latency += 1
+
+    def restore_failure(self, result: TaskResult, at: float) -> None:
+        """A failure whose task events are no longer kept: listed, not counted again."""
+        self._record_failure(result, at)
 
     # -- time -------------------------------------------------------------------------------
 

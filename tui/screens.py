@@ -37,6 +37,7 @@ The coordinator runs inside this app: closing it stops the pool and its host age
 | `f` | failed tasks: pick one for attempts, hosts, error and stderr |
 | `k` `b` `o` | latency histograms: cycle the kernel, backend or host shown |
 | `g` | nodes: a line per GPU, or a line per host with its GPUs as cells |
+| `x` | detach from a coordinator attached with `--attach` (it keeps running) |
 | `ctrl+p` | command palette: every action above, searchable |
 | `?` `f1` | this help |
 | `q` | quit |

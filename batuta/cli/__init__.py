@@ -53,6 +53,7 @@ from batuta.cli._run import (
     cmd_run,
     cmd_tui,
 )
+from batuta.cli._serve import add_ps_arguments, add_stop_arguments, cmd_ps, cmd_stop
 from batuta.errors import BatutaError, UsageError
 
 
@@ -124,6 +125,8 @@ def _parse(args: list[str]) -> argparse.Namespace | int:
 COMMANDS: list[Command] = [
     Command("run", "run a job file or a built-in job on a local pool or a cluster", add_run_arguments, cmd_run),
     Command("tui", "the live dashboard, coordinating a local pool or a cluster", add_tui_arguments, cmd_tui),
+    Command("ps", "list the served coordinators of this user (batuta run --serve)", add_ps_arguments, cmd_ps),
+    Command("stop", "end a served coordinator: its tasks cancelled, its hosts released", add_stop_arguments, cmd_stop),
     Command("cluster", "look at the hosts of a cluster file", add_cluster_arguments, cmd_cluster),
     Command("stack", "versions, health and a CI gate for every node", add_stack_arguments, cmd_stack),
     Command("agent", "run the host agent (started by the coordinator on each host)", add_agent_arguments, cmd_agent),

@@ -52,6 +52,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="exit 1 when a host was refused, unreachable or lost during the run, even if every task succeeded",
     )
     _add_observer_arguments(parser)
+    from batuta.cli._serve import add_serve_run_arguments
+
+    add_serve_run_arguments(parser)
 
 
 def _add_observer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,12 +149,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Load the job (every job-file error is found before a pool starts), run it, report."""
     import asyncio
 
+    from batuta.cli._serve import check_serve_arguments, cmd_run_served
     from batuta.jobs import load_job
 
     _check_pool_arguments(args)
     _check_metrics_arguments(args)
+    check_serve_arguments(args)
     job = load_job(args.job)
     cluster = load_cluster(args.cluster) if args.cluster else None
+    if args.serve:
+        close_logging = _configure_logging(args)
+        try:
+            return cmd_run_served(args, job, cluster)
+        finally:
+            close_logging()
     from batuta.jobs import HostsUnreachableError, ProgressBar, drop_summarised, run_job  # the runtime, now
 
     progress = ProgressBar(job.name) if _wants_progress(args) else None
@@ -280,6 +291,9 @@ def add_tui_arguments(parser: argparse.ArgumentParser) -> None:
         + ", ".join(builtin_job_names()),
     )
     _add_metrics_and_log_arguments(parser.add_argument_group("metrics and logs"), log_to="file")
+    from batuta.cli._serve import add_attach_arguments
+
+    add_attach_arguments(parser)
 
 
 def cmd_tui(args: argparse.Namespace) -> int:
@@ -290,6 +304,12 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
     _check_pool_arguments(args)
     _check_metrics_arguments(args)
+    if args.attach is not None or args.serve:
+        from batuta.cli._serve import cmd_tui_attached
+
+        return cmd_tui_attached(args)
+    if args.name or args.certs:
+        raise UsageError("--name is for --serve and --certs for --attach tls://...; add the one you meant")
     jobs = [load_job(spec) for spec in args.job]  # every job-file error is found before the screen takes over
     from batuta.jobs import make_pool, start_metrics
 

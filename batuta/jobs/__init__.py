@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         run_job,
         start_metrics,
     )
+    from batuta.jobs._serve import serve_job
     from batuta.jobs._summary import HostSummary, RunSummary, RunTracker
 
 # name -> the private module that defines it, imported on first use (see __getattr__)
@@ -36,6 +37,7 @@ _LAZY = {
     "make_pool": "batuta.jobs._run",
     "run_job": "batuta.jobs._run",
     "start_metrics": "batuta.jobs._run",
+    "serve_job": "batuta.jobs._serve",
     "HostSummary": "batuta.jobs._summary",
     "RunSummary": "batuta.jobs._summary",
     "RunTracker": "batuta.jobs._summary",
@@ -56,6 +58,7 @@ __all__ = [
     "load_job",
     "make_pool",
     "run_job",
+    "serve_job",
     "start_metrics",
 ]
 

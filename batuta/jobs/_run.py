@@ -30,7 +30,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -126,6 +126,7 @@ async def run_job(
     metrics_textfile: str | Path | None = None,
     metrics_linger: float = 0.0,
     modules: Sequence[str | Path] = (),
+    on_pool: Callable[[Pool], Awaitable[None]] | None = None,
 ) -> RunOutcome:
     """Run `job` on the hosts of `cluster`, or on a local pool of `workers` CPU slots.
 
@@ -137,7 +138,8 @@ async def run_job(
     `on_metrics` is told the (address, port) it got. `metrics_textfile` receives the final
     metrics in Prometheus text format (atomically), and `metrics_linger` seconds of serving
     them after the job are left to the caller (see `RunOutcome.metrics`). The job file's own
-    modules and `modules` ship to every host (see `make_pool`).
+    modules and `modules` ship to every host (see `make_pool`). `on_pool(pool)` is awaited
+    once the pool is built, before it starts (`batuta run --serve` puts its viewer server there).
     """
     if resume and journal is None:
         raise UsageError("--resume needs --journal DIR: the journal is what a run resumes from")
@@ -145,6 +147,8 @@ async def run_job(
     job_files = [job.origin] if job.origin != "built-in" else []
     pool = make_pool(workers=workers, seed=seed, cluster=cluster, job_files=job_files, modules=modules)
     tracker = RunTracker()
+    if on_pool is not None:
+        await on_pool(pool)
 
     def on_event(event: PoolEvent) -> None:
         if isinstance(event, TaskQueued):

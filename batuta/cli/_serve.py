@@ -1,0 +1,412 @@
+"""Served coordinators: `batuta run JOB --serve`, `batuta ps`, `batuta stop`, `batuta tui --attach`.
+
+`batuta run JOB --serve` checks everything the foreground run would (the job file, the
+cluster file, the name), then starts the same command with `--foreground` in a new session
+(no terminal, stdin closed, stdout and stderr to NAME.log beside the socket) and returns as
+soon as the coordinator answers on its socket, printing how to attach and stop it. Closing
+every terminal leaves it running. `--foreground` runs the served coordinator here (systemd,
+a Slurm batch script, tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from batuta.cli._common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, PROG, positive_seconds
+from batuta.errors import ServeError, UsageError
+
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 120.0
+DEFAULT_LINGER_S = 600.0
+
+
+# -- arguments --------------------------------------------------------------------------------
+
+
+def add_serve_run_arguments(parser: argparse.ArgumentParser) -> None:
+    serve = parser.add_argument_group("serving (detach from the terminal, attach dashboards)")
+    serve.add_argument(
+        "--serve",
+        action="store_true",
+        help="run in the background, outliving this terminal; watch with 'batuta tui --attach', end with 'batuta stop'",
+    )
+    serve.add_argument("--name", metavar="NAME", help="with --serve: the coordinator's name (default: the job's)")
+    serve.add_argument(
+        "--foreground", action="store_true", help="with --serve: stay in this terminal (systemd, Slurm batch scripts)"
+    )
+    serve.add_argument(
+        "--serve-linger",
+        type=_seconds_or_zero,
+        default=DEFAULT_LINGER_S,
+        metavar="SECONDS",
+        help=f"with --serve: a finished job stays listed by 'batuta ps' this long (default: {DEFAULT_LINGER_S:g})",
+    )
+    serve.add_argument(
+        "--serve-bind",
+        metavar="ADDR:PORT",
+        help="with --serve: also listen on TCP, mutual TLS only (needs --serve-certs; viewers attach with tls://ADDR:PORT)",
+    )
+    serve.add_argument(
+        "--serve-certs",
+        metavar="DIR",
+        help="a 'batuta certs init' folder: server.pem, server.key and ca.pem for --serve-bind",
+    )
+
+
+def add_attach_arguments(parser: argparse.ArgumentParser) -> None:
+    attach = parser.add_argument_group("attaching to a served coordinator")
+    attach.add_argument(
+        "--attach",
+        nargs="?",
+        const="",
+        metavar="TARGET",
+        help="watch a served coordinator: NAME, a socket path, user@host:NAME (over SSH) or tls://HOST:PORT; "
+        "alone: the only one running here",
+    )
+    attach.add_argument(
+        "--serve",
+        action="store_true",
+        help="start the -j job as a served coordinator and attach to it; 'x' detaches, the job goes on",
+    )
+    attach.add_argument("--name", metavar="NAME", help="with --serve: the coordinator's name (default: the job's)")
+    attach.add_argument("--certs", metavar="DIR", help="with --attach tls://...: client.pem, client.key and ca.pem")
+
+
+def add_ps_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="one JSON object per coordinator, one a line")
+
+
+def add_stop_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="NAME", help="the coordinator to end (see 'batuta ps'), or its socket path")
+    parser.add_argument("--certs", metavar="DIR", help="for tls://HOST:PORT: client.pem, client.key and ca.pem")
+
+
+def _seconds_or_zero(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else positive_seconds(text)
+
+
+# -- batuta run JOB --serve ------------------------------------------------------------------
+
+
+def check_serve_arguments(args: argparse.Namespace) -> None:
+    for flag, value in (("--name", args.name), ("--foreground", args.foreground), ("--serve-bind", args.serve_bind)):
+        if value and not args.serve:
+            raise UsageError(f"{flag} only applies to a served run; add --serve")
+    if args.serve_bind and not args.serve_certs:
+        raise UsageError("--serve-bind needs --serve-certs DIR (a 'batuta certs init' folder): TCP is mutual TLS only")
+    if args.serve_certs and not args.serve_bind:
+        raise UsageError(
+            "--serve-certs is for --serve-bind ADDR:PORT; without it the coordinator serves its socket only"
+        )
+
+
+def _free_name(base: str) -> str:
+    """`base`, or `base-2`, `base-3`, … : the first name no running coordinator has."""
+    from batuta.runtime import serve_paths
+
+    base = Path(base).stem if base.endswith(".py") else base
+    stem = "".join(c if c.isalnum() or c in "._-" else "-" for c in base).strip(".-_")[:56] or "job"
+    for number in range(1, 1000):
+        name = stem if number == 1 else f"{stem}-{number}"
+        path = serve_paths.socket_path(name)
+        if not path.exists() or serve_paths.is_stale(path):
+            return name
+    raise UsageError(f"too many coordinators named {stem}-N; pass --name NAME")
+
+
+def _tls(args: argparse.Namespace) -> tuple[tuple[str, int] | None, Any]:
+    if not args.serve_bind:
+        return None, None
+    from batuta.transport.tls import TLSError, server_context, split_address
+
+    try:
+        address = split_address(args.serve_bind)
+    except ValueError as exc:
+        raise UsageError(f"--serve-bind {args.serve_bind}: {exc}; write ADDR:PORT, e.g. 127.0.0.1:9470") from None
+    certs = Path(args.serve_certs).expanduser()
+    try:
+        context = server_context(cert=certs / "server.pem", key=certs / "server.key", ca=certs / "ca.pem")
+    except TLSError as exc:
+        raise UsageError(f"--serve-certs {certs}: {exc}") from None
+    return address, context
+
+
+def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
+    """`batuta run JOB --serve`: in the background (spawned), or here with --foreground."""
+    import asyncio
+
+    from batuta.runtime import serve_paths
+
+    name = serve_paths.check_name(args.name) if args.name else _free_name(job.name)
+    tls_bind, tls_context = _tls(args)
+    if not args.foreground:
+        return _spawn(args, name)
+    from batuta.jobs import serve_job
+
+    label = f"{Path(args.cluster).name}" if args.cluster else "local"
+    try:
+        outcome = asyncio.run(
+            serve_job(
+                job,
+                name=name,
+                linger_s=args.serve_linger,
+                tls_bind=tls_bind,
+                tls_context=tls_context,
+                cluster_label=label,
+                on_listening=_announce,
+                workers=args.workers,
+                seed=args.seed,
+                cluster=cluster,
+                journal=args.journal,
+                resume=args.resume,
+                metrics_port=args.metrics_port,
+                metrics_bind=args.metrics_bind,
+                metrics_textfile=args.metrics_textfile,
+                modules=args.module,
+            )
+        )
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    if outcome is None:
+        print(f"{PROG}: {name} stopped before its job started", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    summary = outcome.summary
+    print("\n".join(summary.text_lines()), file=sys.stderr)
+    if summary.error:
+        print(f"{PROG}: error: {summary.error}", file=sys.stderr)
+    if summary.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+def _announce(server: Any) -> None:
+    tls = f" and tls://{server.tls_address[0]}:{server.tls_address[1]}" if server.tls_address else ""
+    print(f"{PROG}: serving job {server.job} as {server.name} on {server.path}{tls}", file=sys.stderr, flush=True)
+
+
+def _child_argv(args: argparse.Namespace, name: str) -> list[str]:
+    """The same run, in the foreground, under `name`."""
+    argv = [sys.executable, "-m", "batuta", "run", args.job, "--serve", "--foreground", "--name", name]
+    options: list[tuple[str, Any]] = [
+        ("--cluster", args.cluster),
+        ("--workers", args.workers),
+        ("--seed", args.seed),
+        ("--journal", args.journal),
+        ("--metrics-port", args.metrics_port),
+        ("--metrics-textfile", args.metrics_textfile),
+        ("--log-file", args.log_file),
+        ("--serve-bind", args.serve_bind),
+        ("--serve-certs", args.serve_certs),
+    ]
+    for flag, value in options:
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.metrics_port is not None:
+        argv += ["--metrics-bind", args.metrics_bind]
+    for module in args.module:
+        argv += ["--module", module]
+    if args.resume:
+        argv.append("--resume")
+    argv += ["--log-format", args.log_format, "--log-level", args.log_level, "--serve-linger", str(args.serve_linger)]
+    return argv
+
+
+def _spawn(args: argparse.Namespace, name: str) -> int:
+    """Start the served coordinator in a new session; return once it answers on its socket."""
+    import asyncio
+    import subprocess
+
+    from batuta.runtime import serve_paths
+    from batuta.runtime.serve_client import Target, ask_info
+
+    path = serve_paths.socket_path(name)
+    log_path = path.with_suffix(".log")
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as log_file:
+        child = subprocess.Popen(
+            _child_argv(args, name),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # no terminal: closing this one (SIGHUP) does not reach it
+            close_fds=True,
+        )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+            print(
+                f"{PROG}: error: the served coordinator exited at start ({child.returncode}): {tail[0]}",
+                file=sys.stderr,
+            )
+            return child.returncode or EXIT_FAILED
+        if path.exists():
+            try:
+                asyncio.run(ask_info(Target(path=path), timeout=2.0))
+            except ServeError:
+                pass
+            else:
+                print(f"{PROG}: serving job {args.job} as {name} (pid {child.pid}); log: {log_path}")
+                print(f"{PROG}: watch it with '{PROG} tui --attach {name}', end it with '{PROG} stop {name}'")
+                return EXIT_OK
+        time.sleep(0.1)  # waiting on another process's socket: nothing to wait on but time
+    print(f"{PROG}: error: {name} did not answer within {START_TIMEOUT_S:g} s; see {log_path}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+# -- batuta ps ---------------------------------------------------------------------------------
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    """List this user's coordinators; remove the sockets that crashed ones left behind."""
+    import asyncio
+
+    from batuta.runtime import serve_paths
+    from batuta.runtime.serve_client import Target, ask_info
+
+    rows: list[dict[str, Any]] = []
+    for path in serve_paths.listed_sockets():
+        name = serve_paths.name_of(path)
+        if serve_paths.is_stale(path):
+            path.unlink(missing_ok=True)
+            rows.append(
+                {
+                    "name": name,
+                    "state": "stale",
+                    "socket": str(path),
+                    "summary": "its coordinator is gone (crashed or killed); the socket was removed",
+                }
+            )
+            continue
+        try:
+            rows.append(asyncio.run(ask_info(Target(path=path))))
+        except (ServeError, TimeoutError) as exc:
+            rows.append({"name": name, "state": "unreachable", "socket": str(path), "summary": str(exc)})
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, sort_keys=True))
+        return EXIT_OK
+    if not rows:
+        print(f"no coordinators; start one with '{PROG} run JOB --serve'")
+        return EXIT_OK
+    print(f"{'NAME':<20} {'JOB':<14} {'STATE':<11} {'HOSTS':>5} {'PROGRESS':>17} {'STARTED':<16} SOCKET")
+    for row in rows:
+        started = row.get("started")
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(started)) if isinstance(started, int | float) else "-"
+        progress = f"{row.get('finished', 0):,}/{row.get('submitted', 0):,}" if "submitted" in row else "-"
+        hosts = f"{row.get('hosts_up', 0)}/{row.get('hosts', 0)}" if "hosts" in row else "-"
+        print(
+            f"{row['name']:<20} {row.get('job', '-')!s:<14} {row['state']:<11} {hosts:>5} {progress:>17} "
+            f"{when:<16} {row['socket']}"
+        )
+        if row.get("summary"):
+            print(f"{'':<20} {row['summary']}")
+    return EXIT_OK
+
+
+# -- batuta stop -----------------------------------------------------------------------------
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Ask a coordinator to cancel its tasks, release its hosts and exit; wait until it has."""
+    import asyncio
+
+    from batuta.runtime.serve_client import ask_control, parse_target
+
+    target = parse_target(args.target)
+    certs = Path(args.certs).expanduser() if args.certs else None
+    try:
+        ok, text = asyncio.run(ask_control(target, "stop", certs=certs))
+    except ServeError as exc:
+        raise UsageError(f"{exc}") from None
+    if not ok:
+        print(f"{PROG}: error: {text}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{PROG}: {text}")
+    if target.path is None:
+        return EXIT_OK
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while target.path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)  # another process removes its socket as it exits: nothing else to wait on
+    if target.path.exists():
+        print(f"{PROG}: error: {target.label} still runs after {STOP_TIMEOUT_S:g} s", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{PROG}: {target.label} stopped")
+    return EXIT_OK
+
+
+# -- batuta tui --attach / --serve --------------------------------------------------------------
+
+
+def cmd_tui_attached(args: argparse.Namespace) -> int:
+    """The dashboard on a served coordinator (started here first with --serve)."""
+    from batuta.cli._common import has_terminal
+    from batuta.runtime.serve_client import parse_target
+
+    if args.attach is not None and args.serve:
+        raise UsageError("--attach watches a running coordinator and --serve starts one; pass one of them")
+    if args.attach is not None and (args.workers or args.job or args.module):
+        raise UsageError("--attach watches a coordinator that has its own hosts and job; drop --workers/-j/--module")
+    if args.name and not args.serve:
+        raise UsageError("--name names the coordinator --serve starts; to attach to one by name, pass --attach NAME")
+    if args.serve:
+        if len(args.job) != 1:
+            raise UsageError("--serve runs one job as a served coordinator: pass exactly one -j JOB")
+        target_text = _serve_for_tui(args)
+    else:
+        target_text = args.attach
+    target = parse_target(target_text)
+    ssh = None
+    if args.attach is not None and args.cluster:
+        if target.ssh_host is None:
+            raise UsageError("with --attach, --cluster only lends its [ssh] settings to user@host:NAME; drop it")
+        from dataclasses import replace
+
+        from batuta.cli._common import load_cluster
+
+        ssh = replace(load_cluster(args.cluster).ssh, ask_passphrase=False)  # the screen owns the terminal
+    if not has_terminal():
+        raise UsageError("batuta tui needs a terminal on stdin and stdout; 'batuta ps' lists coordinators without one")
+    from batuta.tui.attach import AttachedApp
+
+    app = AttachedApp(target, certs=Path(args.certs).expanduser() if args.certs else None, ssh=ssh)
+    app.run()
+    if app.ended and app.model.status == "failed":
+        print(f"{PROG}: error: {app.ended}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _serve_for_tui(args: argparse.Namespace) -> str:
+    from batuta.jobs import load_job
+    from batuta.runtime import serve_paths
+
+    job = load_job(args.job[0])
+    name = serve_paths.check_name(args.name) if args.name else _free_name(job.name)
+    run_args = argparse.Namespace(
+        job=args.job[0],
+        cluster=args.cluster,
+        workers=args.workers,
+        seed=args.seed,
+        journal=None,
+        metrics_port=args.metrics_port,
+        metrics_bind=args.metrics_bind,
+        metrics_textfile=None,
+        log_file=args.log_file,
+        serve_bind=None,
+        serve_certs=None,
+        module=args.module,
+        resume=False,
+        log_format=args.log_format,
+        log_level=args.log_level,
+        serve_linger=DEFAULT_LINGER_S,
+    )
+    if _spawn(run_args, name) != EXIT_OK:
+        raise ServeError(f"the served coordinator {name} did not start")
+    return name

@@ -1,0 +1,81 @@
+"""Where served coordinators listen: one Unix socket per coordinator, in a folder only its user can enter.
+
+The folder is `$XDG_RUNTIME_DIR/batuta` (a per-user tmpfs on systemd machines, cleared at
+logout and reboot) or, without one, `/tmp/batuta-UID`. It is created mode 0700 and refused
+when another user owns it or others may enter it: a socket there is reachable by its owner
+alone, on top of the socket's own mode 0600 and the coordinator's peer-credential check.
+A coordinator is named by its socket: NAME.sock.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import stat
+from pathlib import Path
+
+from batuta.errors import ServeError, UsageError
+
+SUFFIX = ".sock"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def runtime_dir(*, create: bool = True) -> Path:
+    """This user's folder of coordinator sockets (created 0700 when `create`)."""
+    base = os.environ.get("XDG_RUNTIME_DIR", "")
+    folder = Path(base) / "batuta" if base and Path(base).is_dir() else Path(f"/tmp/batuta-{os.getuid()}")
+    if create:
+        try:
+            folder.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise ServeError(
+                f"cannot create {folder}: {exc.strerror or exc}; set XDG_RUNTIME_DIR to a folder of yours"
+            ) from None
+    if folder.exists():
+        info = folder.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise ServeError(
+                f"{folder} is not a folder that only you can enter (owner uid {info.st_uid}, mode "
+                f"{stat.S_IMODE(info.st_mode):o}); remove it, or set XDG_RUNTIME_DIR to a folder of yours"
+            )
+    return folder
+
+
+def check_name(name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise UsageError(
+            f"coordinator name {name!r} is not usable; use up to 64 letters, digits, '.', '_' or '-', e.g. kmeans-1"
+        )
+    return name
+
+
+def socket_path(name: str) -> Path:
+    return runtime_dir() / f"{check_name(name)}{SUFFIX}"
+
+
+def listed_sockets() -> list[Path]:
+    """Every coordinator socket in this user's folder, by name."""
+    folder = runtime_dir(create=False)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.endswith(SUFFIX))
+
+
+def is_stale(path: Path) -> bool:
+    """True when nothing listens on the socket at `path` (its coordinator died without removing it)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2.0)
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return True
+    except OSError:
+        return False  # in use, or not ours to judge (permission): leave it alone
+    finally:
+        probe.close()
+    return False
+
+
+def name_of(path: Path) -> str:
+    return path.name.removesuffix(SUFFIX)

@@ -1,0 +1,566 @@
+"""Served coordinators (batuta/runtime/serve*.py, batuta/jobs/_serve.py, batuta/cli/_serve.py).
+
+A real local pool runs noop tasks while viewers attach over the Unix socket: two at once,
+one that stops reading, one killed with SIGKILL, one running as another uid. The snapshot
+a late viewer restores is checked against a model fed every event from the start. Waits
+are on conditions with bounded timeouts, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from batuta.tui.attach import apply_items, restore
+from batuta.tui.histogram import bucket_of as dashboard_bucket_of
+from batuta.tui.model import DashboardModel
+from batuta.tui.replay import SyntheticCluster, replay
+
+from batuta import Pool
+from batuta.cli import main as cli_main
+from batuta.errors import ServeError, UsageError, ViewerProtocolError
+from batuta.runtime import serve_paths
+from batuta.runtime import serve_wire as w
+from batuta.runtime.serve import CoordinatorServer
+from batuta.runtime.serve_client import Connection, Target, ask_info, connect, parse_target
+from batuta.runtime.serve_history import RAW_TASK_ITEMS, ViewerHistory, bucket_of
+
+T0 = 1000.0
+
+
+@pytest.fixture
+def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private XDG_RUNTIME_DIR with a short path (Unix socket paths are limited to 108 bytes)."""
+    folder = Path(tempfile.mkdtemp(prefix="bt"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(folder))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+async def until(predicate: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class _Stop:
+    def __init__(self) -> None:
+        self.stopped = False
+        self.cancelled: list[str] = []
+
+    def cancel_job(self, name: str) -> int:
+        self.cancelled.append(name)
+        return 0
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+@contextlib.asynccontextmanager
+async def served_pool(**options: Any) -> AsyncIterator[tuple[Pool, CoordinatorServer]]:
+    pool = Pool.builder().cpu_workers(2).seed(0).build()
+    server = CoordinatorServer(pool, name="t", job="spin", controls=_Stop(), flush_s=0.02, **options)
+    await server.start()
+    try:
+        await pool.start()
+        server.set_state("running")
+        yield pool, server
+    finally:
+        await server.close()
+        await pool.close()
+
+
+async def run_noops(pool: Pool, count: int) -> None:
+    with pool.job("spin"):
+        results = await pool.map("noop", range(count))
+    assert len(results) == count
+
+
+class Viewer:
+    """A headless viewer: a model fed from the stream, as tui/attach.py feeds it."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.model = DashboardModel(clock=time.monotonic)
+        self.snapshots = 0
+        self.ended = asyncio.Event()
+        self.task = asyncio.create_task(self._follow())
+
+    async def _follow(self) -> None:
+        await self.connection.send(["attach", w.VERSION])
+        while (message := await self.connection.receive()) is not None:
+            if message[0] == "snapshot":
+                restore(self.model, message[1])
+                self.snapshots += 1
+            elif message[0] == "events":
+                apply_items(self.model, w.decode_items(message[1], "events"))
+                self.model.drain()
+        self.ended.set()
+
+    def succeeded(self) -> int:
+        self.model.drain()
+        return self.model.totals.succeeded
+
+    async def close(self) -> None:
+        await self.connection.close()
+        self.task.cancel()
+        with contextlib.suppress(BaseException):
+            await self.task
+
+
+# -- the wire and the history -------------------------------------------------------------------
+
+
+def test_history_buckets_are_the_dashboards() -> None:
+    for exponent in range(-80, 40):
+        seconds = 10 ** (exponent / 10)
+        assert bucket_of(seconds) == dashboard_bucket_of(seconds), seconds
+    assert bucket_of(0.0) == dashboard_bucket_of(0.0)
+
+
+@pytest.mark.parametrize(
+    ("wire", "named"),
+    [
+        ([w.STARTED, 1, "noop", 7, "h/0", 1, 2.0, ""], "events[0].host: expected str, got int"),
+        ([w.FINISHED, 1, "noop", "weird", None, 0.1, 0.1, "h", "h/0", 1, "cpu", "", b"", 2.0], "unknown status"),
+        ([99, 1], "unknown item kind 99"),
+        ([w.QUEUED, 1, "noop"], "expected 7 fields, got 3"),
+    ],
+)
+def test_malformed_items_are_refused_naming_the_field(wire: list[Any], named: str) -> None:
+    with pytest.raises(ViewerProtocolError, match=re.escape(named)):
+        w.decode_items([wire], "events")
+
+
+def test_frames_refuse_oversized_and_non_message_payloads() -> None:
+    reader = w.FrameReader(w.VIEWER_FRAME_LIMIT)
+    reader.feed((w.VIEWER_FRAME_LIMIT + 1).to_bytes(4, "big"))
+    with pytest.raises(ViewerProtocolError, match="outside"):
+        reader.next()
+    reader = w.FrameReader(w.VIEWER_FRAME_LIMIT)
+    reader.feed(w.frame([1, 2]))  # a message must start with its tag
+    with pytest.raises(ViewerProtocolError, match="starting with its tag"):
+        reader.next()
+    with pytest.raises(ViewerProtocolError, match="unknown request 'exec'"):
+        w.decode_request(["exec", "rm -rf /"])
+
+
+def test_a_restored_snapshot_shows_what_a_model_open_from_the_start_shows() -> None:
+    """10,000+ tasks through the compacting history, restored: every panel's numbers agree."""
+    seconds = 40.0
+    live = DashboardModel(clock=lambda: T0 + seconds)
+    history = ViewerHistory()
+    cluster = SyntheticCluster(hosts=6, seed=3)
+    batch: list[Any] = []
+
+    def both(event: object) -> None:
+        live.apply(event)
+        batch.append(w.encode_item(event))  # type: ignore[arg-type]  # replay feeds pool events only
+
+    replay(both, cluster, T0, T0 + seconds, 800)
+    history.record(batch)
+    assert len(batch) > 3 * RAW_TASK_ITEMS  # most of it was compacted
+    restored = DashboardModel(clock=lambda: T0 + seconds)
+    frames = w.FrameReader(w.COORDINATOR_FRAME_LIMIT)
+    frames.feed(w.frame(["snapshot", history.snapshot()]))  # through the wire, as a viewer gets it
+    message = frames.next()
+    assert message is not None
+    restore(restored, message[1])
+
+    assert restored.totals == live.totals
+    assert live.totals.succeeded > 10_000
+    for name, job in live.jobs.items():
+        other = restored.jobs[name]
+        assert (other.submitted, other.running, other.succeeded, other.failed, other.retried) == (
+            job.submitted,
+            job.running,
+            job.succeeded,
+            job.failed,
+            job.retried,
+        )
+        assert other.meter.series(T0 + seconds) == job.meter.series(T0 + seconds)
+    assert restored.throughput.series(T0 + seconds) == live.throughput.series(T0 + seconds)
+    for name, host in live.hosts.items():
+        other_host = restored.hosts[name]
+        assert (other_host.done, other_host.failed, other_host.state) == (host.done, host.failed, host.state)
+        for index, gpu in host.gpus.items():
+            assert other_host.gpus[index].utilization_history(T0 + seconds) == gpu.utilization_history(T0 + seconds)
+    queue, run = live.latency()
+    queue2, run2 = restored.latency()
+    assert (queue2.counts, run2.counts, run2.total) == (queue.counts, run.counts, run.total)
+    assert list(restored.failures) == list(live.failures)
+    assert restored.stream(40) == live.stream(40)
+    assert set(restored.running) == set(live.running)
+
+
+def test_the_history_stays_bounded_however_long_the_job() -> None:
+    from batuta.runtime import serve_history as sh
+
+    history = ViewerHistory()
+    cluster = SyntheticCluster(hosts=4, seed=5, failure_rate=0.2)
+    batch: list[Any] = []
+    replay(lambda event: batch.append(w.encode_item(event)), cluster, T0, T0 + 300, 600)  # type: ignore[arg-type]
+    history.record(batch)
+    assert history.finished > 50_000
+    assert len(history.raw) == sh.RAW_TASK_ITEMS
+    assert len(history.failures) == sh.FAILURES_KEPT
+    assert all(len(beats) <= sh.TELEMETRY_KEPT for beats in history.telemetry.values())
+    assert len(history.throughput) <= sh.THROUGHPUT_KEPT_S
+    assert all(len(t.meter) <= sh.JOB_METER_KEPT_S for t in history.job_totals.values())
+    assert len(history.running) + len(history.running_compacted) < 100  # only what runs now
+
+
+# -- the socket ---------------------------------------------------------------------------------
+
+
+async def test_the_socket_is_owner_only(runtime_dir: Path) -> None:
+    async with served_pool() as (_pool, server):
+        mode = stat.S_IMODE(server.path.stat().st_mode)
+        folder_mode = stat.S_IMODE(server.path.parent.stat().st_mode)
+        assert (mode, folder_mode) == (0o600, 0o700)
+        assert server.path.parent == runtime_dir / "batuta"
+    assert not server.path.exists()  # removed on close
+
+
+NOBODY_CONNECTS = """
+import os, socket, sys
+os.setgid({gid}); os.setuid({uid})
+probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    probe.connect({path!r})
+except PermissionError:
+    print("permission denied"); sys.exit(0)
+print("answered:", probe.recv(4096)[4:])  # the coordinator speaks first to a stranger: goodbye
+"""
+
+
+def _as_nobody(path: Path) -> str:
+    nobody = pwd.getpwnam("nobody")
+    script = NOBODY_CONNECTS.format(uid=nobody.pw_uid, gid=nobody.pw_gid, path=str(path))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    return done.stdout.strip()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="switching to another uid needs root")
+async def test_another_user_cannot_connect(runtime_dir: Path) -> None:
+    async with served_pool() as (_pool, server):
+        assert await asyncio.to_thread(_as_nobody, server.path) == "permission denied"
+        # with the folder and socket opened up by mistake, the peer-credential check still refuses
+        os.chmod(runtime_dir, 0o755)
+        os.chmod(server.path.parent, 0o777)
+        os.chmod(server.path, 0o777)
+        answer = await asyncio.to_thread(_as_nobody, server.path)
+        assert "bye" in answer and f"serves uid {os.getuid()} only" in answer
+        assert server.viewers() == []
+
+
+# -- viewers ------------------------------------------------------------------------------------
+
+
+async def test_two_viewers_see_every_task_and_a_late_one_sees_the_history(runtime_dir: Path) -> None:
+    async with served_pool() as (pool, server):
+        first = Viewer(await connect(Target(path=server.path)))
+        second = Viewer(await connect(Target(path=server.path)))
+        await until(lambda: len(server.viewers()) == 2, "two viewers")
+        await run_noops(pool, 400)
+        await until(lambda: first.succeeded() == 400 and second.succeeded() == 400, "both viewers to count 400")
+        late = Viewer(await connect(Target(path=server.path)))
+        await until(lambda: late.snapshots == 1, "the late viewer's snapshot")
+        assert late.succeeded() == 400
+        assert late.model.jobs["spin"].succeeded == 400
+        for viewer in (first, second, late):
+            await viewer.close()
+        await until(lambda: server.viewers() == [], "the viewers to be forgotten")
+        assert server.dropped_items == 0
+
+
+async def test_a_viewer_that_stops_reading_never_slows_the_coordinator(runtime_dir: Path) -> None:
+    async with served_pool(viewer_buffer_bytes=16 * 1024) as (pool, server):
+        stuck = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.connect(str(server.path))
+        stuck.sendall(w.frame(["attach", w.VERSION]))  # and then never reads
+        reading = Viewer(await connect(Target(path=server.path)))
+        await until(lambda: len(server.viewers()) == 2, "both viewers")
+        stuck_id = min(s.viewer_id for s in server.viewers())
+        await run_noops(pool, 12_000)  # the coordinator finishes every task while one viewer reads nothing
+        await until(lambda: reading.succeeded() == 12_000, "the reading viewer to count every task")
+        server.flush()
+        stuck_stats = next(s for s in server.viewers() if s.viewer_id == stuck_id)
+        assert stuck_stats.dropped_items > 0  # counted, not buffered without bound
+        # once it reads again it is sent merged state: a fresh snapshot with the right totals
+        stuck.setblocking(False)
+        caught_up = DashboardModel(clock=time.monotonic)  # folds what the stuck socket receives from now on
+        frames = w.FrameReader(w.COORDINATOR_FRAME_LIMIT)
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + 30
+        while caught_up.totals.succeeded != 12_000:
+            assert time.monotonic() < deadline, "the stuck viewer never caught up"
+            frames.feed(await loop.sock_recv(stuck, 1 << 20))
+            while (message := frames.next()) is not None:
+                if message[0] == "snapshot":
+                    restore(caught_up, message[1])
+                elif message[0] == "events":
+                    apply_items(caught_up, w.decode_items(message[1], "events"))
+                    caught_up.drain()
+        stuck.close()
+        await reading.close()
+
+
+VIEWER_SCRIPT = """
+import asyncio, sys
+from batuta.runtime import serve_wire as w
+from batuta.runtime.serve_client import Target, connect
+from pathlib import Path
+
+async def main():
+    connection = await connect(Target(path=Path(sys.argv[1])))
+    await connection.send(["attach", w.VERSION])
+    while (message := await connection.receive()) is not None:
+        if message[0] == "snapshot":
+            print("attached", flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_viewer_killed_with_sigkill_is_forgotten_and_the_job_goes_on(runtime_dir: Path) -> None:
+    async with served_pool() as (pool, server):
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", VIEWER_SCRIPT, str(server.path), stdout=asyncio.subprocess.PIPE
+        )
+        try:
+            assert child.stdout is not None
+            assert await asyncio.wait_for(child.stdout.readline(), 30) == b"attached\n"
+            work = asyncio.create_task(run_noops(pool, 2000))
+            await until(lambda: server.history.finished > 100, "tasks to run while the viewer watches")
+            child.send_signal(signal.SIGKILL)
+            await asyncio.wait_for(child.wait(), 30)
+            await until(lambda: server.viewers() == [], "the killed viewer to be forgotten")
+            await asyncio.wait_for(work, 60)
+            server.flush()
+            assert server.history.finished == 2000
+        finally:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+
+
+async def test_controls_from_a_viewer_pause_resume_drain_and_answer_bad_requests(runtime_dir: Path) -> None:
+    async with served_pool() as (pool, server):
+        connection = await connect(Target(path=server.path))
+        await connection.send(["attach", w.VERSION])
+        replies: list[list[Any]] = []
+
+        async def read() -> None:
+            while (message := await connection.receive()) is not None:
+                if message[0] == "reply":
+                    replies.append(message)
+
+        reader = asyncio.create_task(read())
+        await connection.control("pause")
+        await until(lambda: pool.paused, "the pool to pause")
+        await connection.control("resume")
+        await until(lambda: not pool.paused, "the pool to resume")
+        await connection.control("drain_host", "no-such-host")
+        await connection.control("cancel_job", "spin")
+        await connection.control("drain_host", "local")
+        await until(lambda: len(replies) == 5, "five replies")
+        assert [r[2] for r in replies] == [True, True, False, True, True]
+        assert "no host named 'no-such-host'" in replies[2][3]
+        await until(lambda: server.history.host_state.get("local", [0, "", ""])[2] == "drained", "the host drained")
+        assert server.controls is not None and server.controls.cancelled == ["spin"]  # type: ignore[attr-defined]
+        await connection.close()
+        reader.cancel()
+
+
+async def test_a_malformed_request_is_refused_and_the_coordinator_goes_on(runtime_dir: Path) -> None:
+    async with served_pool() as (pool, server):
+        reader, writer = await asyncio.open_unix_connection(str(server.path))
+        writer.write(w.frame(["control", 1, "format_disk", ""]))
+        frames = w.FrameReader(w.COORDINATOR_FRAME_LIMIT)
+        frames.feed(await asyncio.wait_for(reader.read(), 30))
+        bye = frames.next()
+        assert bye is not None and bye[0] == "bye" and "unknown action 'format_disk'" in bye[1]
+        writer.close()
+        await run_noops(pool, 10)
+        info = await ask_info(Target(path=server.path))
+        assert (info["state"], info["finished"]) == ("running", 10)
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def test_ps_reports_and_removes_a_stale_socket(runtime_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = serve_paths.runtime_dir()
+    crashed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    crashed.bind(str(folder / "crashed.sock"))  # bound, then its process "died": nothing listens
+    crashed.close()
+    assert cli_main(["ps"]) == 0
+    out = capsys.readouterr().out
+    assert "crashed" in out and "stale" in out and "the socket was removed" in out
+    assert not (folder / "crashed.sock").exists()
+    assert cli_main(["ps"]) == 0
+    assert "no coordinators" in capsys.readouterr().out
+
+
+JOB = """\
+from batuta import Task
+
+
+async def main(pool):
+    for round in range(100_000):
+        await pool.map("noop", range(20))
+"""
+
+
+@pytest.mark.parametrize("how", ["batuta stop", "SIGTERM"])
+def test_a_served_run_is_listed_by_ps_and_ended_cleanly(
+    runtime_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str
+) -> None:
+    job = tmp_path / "forever.py"
+    job.write_text(JOB)
+    command = [sys.executable, "-m", "batuta", "run", str(job), "--serve", "--foreground", "--name", "forever"]
+    child = subprocess.Popen([*command, "--workers", "2"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stderr is not None
+        assert "forever.py as forever on" in child.stderr.readline()
+        deadline = time.monotonic() + 60
+        while asyncio.run(ask_info(parse_target("forever")))["finished"] == 0:  # until tasks run
+            assert time.monotonic() < deadline, "no task finished"
+        assert cli_main(["ps"]) == 0
+        out = capsys.readouterr().out
+        assert "forever" in out and "running" in out and "1/1" in out
+        if how == "SIGTERM":
+            child.send_signal(signal.SIGTERM)
+        else:
+            assert cli_main(["stop", "forever"]) == 0
+            assert "forever stopped" in capsys.readouterr().out
+        assert child.wait(timeout=60) == 130  # the run was interrupted: its tasks were cancelled
+        summary = child.stderr.read()
+        assert re.search(r"tasks: \d+ succeeded, 0 failed", summary), summary[-600:]  # a cancelled count if some ran
+        assert not serve_paths.socket_path("forever").exists()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["stop", "nobody-here"], "no coordinator at"),
+        (["stop", "me@gpu1:"], "write user@host:NAME"),
+        (["tui", "--attach", "x", "--cluster", "c.toml"], "--cluster only lends its [ssh] settings"),
+        (["tui", "--attach", "x", "-j", "demo"], "drop --workers/-j/--module"),
+        (["tui", "--serve"], "pass exactly one -j JOB"),
+        (["tui", "--name", "x"], "--name is for --serve"),
+        (["run", "demo", "--name", "x"], "--name only applies to a served run; add --serve"),
+        (["run", "demo", "--serve", "--serve-bind", "127.0.0.1:0"], "--serve-bind needs --serve-certs DIR"),
+        (["run", "demo", "--serve", "--name", "a/b"], "coordinator name 'a/b' is not usable"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_fix(
+    runtime_dir: Path, argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1
+
+
+def test_attach_targets_parse() -> None:
+    assert parse_target("me@gpu1:train").ssh_host == "gpu1"
+    assert parse_target("me@gpu1:train").remote == "train"
+    assert parse_target("gpu1:/run/user/1000/batuta/x.sock").remote == "/run/user/1000/batuta/x.sock"
+    assert parse_target("tls://10.0.0.5:9470").tls == ("10.0.0.5", 9470)
+    assert parse_target("./x.sock").path == Path("x.sock")
+    with pytest.raises(UsageError, match="not usable"):
+        parse_target("me@gpu1:bad*name")
+
+
+def test_serve_job_keeps_a_finished_coordinator_visible_then_exits(runtime_dir: Path) -> None:
+    from batuta.jobs import load_job, serve_job
+
+    job = load_job("demo")
+    seen: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        def listening(server: CoordinatorServer) -> None:
+            async def watch() -> None:
+                await until(lambda: server.state == "done", "the job to finish", timeout=120)
+                seen.append(await ask_info(Target(path=server.path)))
+
+            asyncio.get_running_loop().create_task(watch())
+
+        outcome = await serve_job(job, name="lingering", linger_s=0.5, on_listening=listening, workers=2)
+        assert outcome is not None and outcome.summary.ok
+
+    asyncio.run(main())
+    assert seen and seen[0]["state"] == "done" and "succeeded" in seen[0]["summary"]
+    assert not serve_paths.socket_path("lingering").exists()  # it exited after its linger
+
+
+async def test_a_viewer_attaches_over_ssh_by_name_with_the_clusters_host_key_rules(
+    runtime_dir: Path, ssh_hosts: Any
+) -> None:
+    from batuta.transport.ssh import SSHSettings
+
+    hosts = ssh_hosts(1, env={"XDG_RUNTIME_DIR": str(runtime_dir)})  # the remote shell finds the same folder
+    settings = SSHSettings(config_files=(hosts.ssh_config,), known_hosts=hosts.known_hosts)
+    async with served_pool() as (pool, server):
+        viewer = Viewer(await connect(parse_target(f"{hosts[0].name}:t"), ssh=settings))
+        await until(lambda: viewer.snapshots == 1, "the snapshot over SSH")
+        await run_noops(pool, 300)
+        await until(lambda: viewer.succeeded() == 300, "every task over SSH")
+        await viewer.close()
+        await until(lambda: server.viewers() == [], "the SSH viewer to be forgotten")
+        # an unknown host key is refused, as for the cluster's hosts
+        empty = runtime_dir / "known_hosts"
+        empty.write_text("")
+        strict = SSHSettings(config_files=(hosts.ssh_config,), known_hosts=empty)
+        with pytest.raises(ServeError, match="cannot reach"):
+            await connect(parse_target(f"{hosts[0].name}:t"), ssh=strict)
+
+
+async def test_serve_bind_takes_mutual_tls_only(runtime_dir: Path, tmp_path: Path) -> None:
+    import ssl
+
+    from batuta.transport.certs import init_certs
+    from batuta.transport.tls import server_context
+
+    paths = init_certs(tmp_path / "certs", hosts=["127.0.0.1"])
+    context = server_context(cert=paths.server_cert, key=paths.server_key, ca=paths.ca_cert)
+    async with served_pool(tls_bind=("127.0.0.1", 0), tls_context=context) as (pool, server):
+        assert server.tls_address is not None
+        host, port = server.tls_address
+        viewer = Viewer(await connect(parse_target(f"tls://{host}:{port}"), certs=paths.directory))
+        await until(lambda: viewer.snapshots == 1, "the snapshot over TLS")
+        await run_noops(pool, 100)
+        await until(lambda: viewer.succeeded() == 100, "every task over TLS")
+        await viewer.close()
+        # a client without a certificate gets no further than the handshake
+        anonymous = ssl.create_default_context(cafile=str(paths.ca_cert))
+        reader, writer = await asyncio.open_connection(host, port, ssl=anonymous)
+        writer.write(w.frame(["info"]))
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            data = await asyncio.wait_for(reader.read(), 30)
+            if not data:
+                raise ConnectionResetError("closed without an answer")
+        writer.close()
