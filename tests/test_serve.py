@@ -34,6 +34,7 @@ from batuta.tui.replay import SyntheticCluster, replay
 from batuta import Pool
 from batuta.cli import main as cli_main
 from batuta.errors import ServeError, UsageError, ViewerProtocolError
+from batuta.runtime import events as pe
 from batuta.runtime import serve_paths
 from batuta.runtime import serve_wire as w
 from batuta.runtime.serve import CoordinatorServer
@@ -141,12 +142,30 @@ def test_history_buckets_are_the_dashboards() -> None:
         ([w.STARTED, 1, "noop", 7, "h/0", 1, 2.0, ""], "events[0].host: expected str, got int"),
         ([w.FINISHED, 1, "noop", "weird", None, 0.1, 0.1, "h", "h/0", 1, "cpu", "", b"", 2.0], "unknown status"),
         ([99, 1], "unknown item kind 99"),
-        ([w.QUEUED, 1, "noop"], "expected 7 fields, got 3"),
+        ([w.QUEUED, 1, "noop"], "expected 8 fields, got 3"),
     ],
 )
 def test_malformed_items_are_refused_naming_the_field(wire: list[Any], named: str) -> None:
     with pytest.raises(ViewerProtocolError, match=re.escape(named)):
         w.decode_items([wire], "events")
+
+
+def test_data_plane_fields_reach_viewers() -> None:
+    """What the job flow and the nodes panel show of dependencies and object stores."""
+    queued = pe.TaskQueued(task_id=3, name="vadd", backend="cpu", at=1.0, job="j", waiting_on=(1, 2))
+    beat = pe.HostTelemetry(
+        host="h",
+        cpu_percent=5.0,
+        memory_used=1,
+        memory_total=2,
+        gpus=(),
+        gpu_status="",
+        at=1.0,
+        objects=4,
+        object_bytes=1 << 30,
+        spilled_bytes=1 << 20,
+    )
+    assert w.decode_items([w.encode_item(queued), w.encode_item(beat)], "events") == [queued, beat]
 
 
 def test_frames_refuse_oversized_and_non_message_payloads() -> None:

@@ -233,11 +233,19 @@ def encode_result(result: TaskResult, at: float) -> list[Any]:
 
 def encode_item(item: pe.PoolEvent | Note) -> list[Any]:
     """A pool event or coordinator note as a wire array (see the module docstring)."""
-    kind = type(item)
-    if kind is pe.TaskFinished:
-        return encode_result(item.result, item.at)  # type: ignore[union-attr]  # narrowed by the `type(...) is` above
+    if type(item) is pe.TaskFinished:  # the most frequent item first, by exact type
+        return encode_result(item.result, item.at)
     if isinstance(item, pe.TaskQueued):
-        return [QUEUED, item.task_id, item.name, item.backend, item.at, item.backend_reason, item.job]
+        return [
+            QUEUED,
+            item.task_id,
+            item.name,
+            item.backend,
+            item.at,
+            item.backend_reason,
+            item.job,
+            list(item.waiting_on),
+        ]
     if isinstance(item, pe.TaskStarted):
         return [STARTED, item.task_id, item.name, item.host, item.slot, item.attempt, item.at, item.job]
     if isinstance(item, pe.TaskRequeued):
@@ -270,6 +278,9 @@ def encode_item(item: pe.PoolEvent | Note) -> list[Any]:
             gpus,
             item.gpu_status,
             item.at,
+            item.objects,
+            item.object_bytes,
+            item.spilled_bytes,
         ]
     if isinstance(item, pe.SlotStateChanged):
         return [SLOT_STATE, item.host, item.slot, item.state, item.reason, item.at]
@@ -283,7 +294,7 @@ def encode_item(item: pe.PoolEvent | Note) -> list[Any]:
         return [PAUSED, item.paused]
     if isinstance(item, SlotsPolled):
         return [SLOTS, [_encode_slot(v) for v in item.views]]
-    raise TypeError(f"not a pool event or coordinator note: {kind.__name__}")
+    raise TypeError(f"not a pool event or coordinator note: {type(item).__name__}")
 
 
 def _encode_slot(v: SlotView) -> list[Any]:
@@ -306,7 +317,7 @@ def _encode_slot(v: SlotView) -> list[Any]:
 
 
 def _dec_queued(w: list[Any], at: str) -> pe.TaskQueued:
-    want_list(w, at, 7)
+    want_list(w, at, 8)
     return pe.TaskQueued(
         task_id=want_int(w[1], f"{at}.task_id"),
         name=want_str(w[2], f"{at}.name"),
@@ -314,6 +325,9 @@ def _dec_queued(w: list[Any], at: str) -> pe.TaskQueued:
         at=want_float(w[4], f"{at}.at"),
         backend_reason=want_str(w[5], f"{at}.backend_reason"),
         job=want_str(w[6], f"{at}.job"),
+        waiting_on=tuple(
+            want_int(t, f"{at}.waiting_on[{i}]") for i, t in enumerate(want_list(w[7], f"{at}.waiting_on"))
+        ),
     )
 
 
@@ -416,7 +430,7 @@ def _dec_gpu(w: object, at: str) -> pe.GpuReading:
 
 
 def _dec_telemetry(w: list[Any], at: str) -> pe.HostTelemetry:
-    want_list(w, at, 8)
+    want_list(w, at, 11)
     gpus = tuple(_dec_gpu(g, f"{at}.gpus[{i}]") for i, g in enumerate(want_list(w[5], f"{at}.gpus")))
     return pe.HostTelemetry(
         host=want_str(w[1], f"{at}.host"),
@@ -426,6 +440,9 @@ def _dec_telemetry(w: list[Any], at: str) -> pe.HostTelemetry:
         gpus=gpus,
         gpu_status=want_str(w[6], f"{at}.gpu_status"),
         at=want_float(w[7], f"{at}.at"),
+        objects=want_int(w[8], f"{at}.objects"),
+        object_bytes=want_int(w[9], f"{at}.object_bytes"),
+        spilled_bytes=want_int(w[10], f"{at}.spilled_bytes"),
     )
 
 
