@@ -25,7 +25,10 @@ What it does, in the order a session goes:
 Outgoing messages are collected during one pass of the event loop and written with one
 `send_many` call (scheduled with `call_soon`): `Started` ids first, without those whose
 result goes out in the same write, then everything else in the order it happened, with
-consecutive results merged into `Done` frames.
+consecutive results merged into `Done` frames. Large result arrays stream
+(`protocol/chunks.py`): their chunks go out while the stdout pipe holds less than
+`CHUNK_HIGH_WATER` bytes, and each write of messages goes in between, so heartbeats and other
+results are never stuck behind a large value.
 
 A `Run` for a slot this agent does not have is answered with an "error" outcome per task.
 A `Run` for a slot that is down is not answered: "down" already handed every task of that
@@ -84,6 +87,7 @@ from batuta.transport.fdio import FdReader, FdWriter
 
 DONE_MAX_RESULTS = 1024  # results per Done frame
 DONE_MAX_BYTES = 32 * 1024 * 1024  # estimated payload per Done frame, well under the frame limit
+CHUNK_HIGH_WATER = 8 * 2**20  # chunk bytes queued on stdout before the agent waits for it to drain
 DRAIN_TIMEOUT_S = 5.0  # how long a Bye or Error may take to reach the coordinator at exit
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -168,6 +172,7 @@ class Agent:
         self._finished_ids: set[int] = set()
         self._outbox: list[Message | _DoneBatch] = []
         self._flush_scheduled = False
+        self._chunk_pump: asyncio.Task[None] | None = None  # waits for stdout to drain, then sends more chunks
         self._touched: set[SlotSupervisor] = set()  # slots whose queue changed in this read
         self._objects: dict[int, object] = {}  # what the coordinator put here (pool.put)
         self._killed: list[SlotProcess] = []  # slot processes to reap at exit
@@ -225,11 +230,27 @@ class Agent:
             return
         try:  # the usual path: a vectored write, result arrays not joined into one bytes first
             self._writer.write_parts(self._conn.send_many_parts(messages))
-            return
         except LocalProtocolError:
             data = self._encode_one_by_one(messages)
-        if data:
-            self._writer.write(data)
+            if data:
+                self._writer.write(data)
+        self._send_chunks()
+
+    def _send_chunks(self) -> None:
+        """Write chunks of streaming results while stdout holds less than CHUNK_HIGH_WATER;
+        past it, wait for the pipe to drain (a task), then go on."""
+        writer, conn = self._writer, self._conn
+        if writer is None or self._chunk_pump is not None or self._stopping:
+            return
+        while conn.streaming and writer.buffered < CHUNK_HIGH_WATER and not writer.failed:
+            writer.write_parts(conn.next_chunk_parts(CHUNK_HIGH_WATER))
+        if conn.streaming and not writer.failed and self._loop is not None:
+            self._chunk_pump = self._loop.create_task(self._await_drain(writer))
+
+    async def _await_drain(self, writer: FdWriter) -> None:
+        await writer.drain()
+        self._chunk_pump = None
+        self._send_chunks()
 
     def _encode_one_by_one(self, messages: list[Message]) -> bytes | None:
         """The slow path after a batch failed to encode: send what can be sent, turn a result
@@ -452,6 +473,9 @@ class Agent:
         self._stopping = True
         if self._heartbeat_timer is not None:
             self._heartbeat_timer.cancel()
+        if self._chunk_pump is not None:
+            self._chunk_pump.cancel()
+            self._chunk_pump = None
         if self._reader is not None:
             self._reader.stop()
         self.stop_slots()

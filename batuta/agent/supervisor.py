@@ -72,7 +72,8 @@ from batuta.agent.execute import describe_exit, print_error
 from batuta.agent.spawn import SlotProcess, spawn_slot
 from batuta.core.objects import refs_in
 from batuta.core.task import KernelCall, Outcome
-from batuta.protocol.codec import FrameDecoder, encode_message, encode_message_parts
+from batuta.protocol.chunks import OutgoingStreams
+from batuta.protocol.codec import FrameDecoder, encode_message, encode_streamed_parts
 from batuta.protocol.errors import LocalProtocolError
 from batuta.protocol.messages import (
     SLOT_DOWN,
@@ -162,6 +163,7 @@ class SlotSupervisor:
         self._reader: FdReader | None = None
         self._writer: FdWriter | None = None
         self._decoder = FrameDecoder()
+        self._to_slot = OutgoingStreams()  # large arrays go down the pipe as chunks, right behind their frame
         self._ready = False
         self._announce_up = False  # send SlotChanged "up" when the current process is ready
         self._failed_starts = 0
@@ -217,6 +219,7 @@ class SlotSupervisor:
         self._proc = proc
         self._proc_code = self._code
         self._decoder = FrameDecoder()
+        self._to_slot = OutgoingStreams()  # a new pipe numbers its streams from 0
         self._sent_objects = set()  # a new process holds nothing yet
         self._ready = False
         self._reader = FdReader(self._loop, from_slot, self._on_slot_data)
@@ -329,7 +332,7 @@ class SlotSupervisor:
             writer.write_parts(puts)
             return
         try:
-            parts = encode_message_parts(Run(tasks=tuple(batch)))
+            parts = encode_streamed_parts(Run(tasks=tuple(batch)), self._to_slot)
         except LocalProtocolError:
             parts = self._encode_one_by_one(batch)
         self.fed.extend(batch)
@@ -360,7 +363,7 @@ class SlotSupervisor:
                         self._outcome(request, Outcome.ERROR, f"object {object_id} is not on this host", 0.0)
                     )
                     break
-                parts += encode_message_parts(Put(object_id=object_id, value=self._objects[object_id]))
+                parts += encode_streamed_parts(Put(object_id=object_id, value=self._objects[object_id]), self._to_slot)
                 self._sent_objects.add(object_id)
         return parts
 
@@ -380,7 +383,7 @@ class SlotSupervisor:
         parts: list[Any] = []
         for request in list(batch):
             try:
-                parts += encode_message_parts(Run(tasks=(request,)))
+                parts += encode_streamed_parts(Run(tasks=(request,)), self._to_slot)
             except LocalProtocolError as exc:
                 batch.remove(request)
                 self._held.pop(request.task_id, None)

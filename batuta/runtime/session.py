@@ -19,6 +19,7 @@ from typing import Protocol
 from batuta._version import __version__
 from batuta.errors import AgentError, TransportError
 from batuta.protocol import messages as m
+from batuta.protocol.chunks import DEFAULT_STREAM_MIN_BYTES
 from batuta.protocol.codec import encode_message
 from batuta.protocol.connection import CLOSED, NEED_DATA, Connection, Role
 from batuta.protocol.errors import ProtocolError
@@ -68,6 +69,12 @@ class HostSession:
     writer waits for `drain()` before encoding more. Messages queued meanwhile wait as
     objects (their arrays are the caller's own), so a host that stops reading holds at most
     about `high_water` encoded bytes here, not everything sent to it.
+
+    Arrays of `stream_min_bytes` or more stream (`protocol/chunks.py`): their frame goes out
+    with the others, their chunks (views of the caller's array) fill what is left of each
+    write up to `high_water`, and every drain lets the messages queued meanwhile go first. So
+    heartbeat answers, other tasks and their arrays keep moving during a transfer of any
+    size, and the bytes in flight stay bounded by `high_water`, not by the value.
     """
 
     spec: HostSpec
@@ -75,6 +82,7 @@ class HostSession:
     heartbeat_interval: float
     handshake_timeout: float = 30.0
     high_water: int = 16 * 2**20
+    stream_min_bytes: int = DEFAULT_STREAM_MIN_BYTES
     budget: SendBudget = field(default_factory=SendBudget)
     code: m.Code | None = None  # the user's code, sent right after every Welcome (see runtime/code.py)
     hello: m.Hello | None = None
@@ -121,7 +129,9 @@ class HostSession:
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._stream = await self.spec.launch()
-        self._conn = Connection(Role.COORDINATOR)
+        if self._conn is not None:
+            self._conn.discard_transfers()
+        self._conn = Connection(Role.COORDINATOR, stream_min_bytes=self.stream_min_bytes)
         self._reader = asyncio.create_task(self._read_loop(self.generation), name=f"read-{self.name}")
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), self.handshake_timeout)
@@ -146,7 +156,10 @@ class HostSession:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if not self._outbox or self._conn is None or self._stream is None or self._drainer is not None:
+        conn = self._conn
+        if conn is None or self._stream is None or self._drainer is not None:
+            return
+        if not self._outbox and not conn.streaming:
             return
         room = self.high_water - self.unflushed_bytes
         take, estimate = 0, 0
@@ -158,13 +171,19 @@ class HostSession:
         batch = self._outbox[:take]
         del self._outbox[:take], self._outbox_bytes[:take]
         try:
-            parts = self._conn.send_many_parts(batch)
+            parts = conn.send_many_parts(batch) if batch else []
+            written = sum(memoryview(part).nbytes for part in parts)
+            if conn.streaming and not self._outbox and written < room:
+                # chunks of what is streaming fill the rest of this write
+                chunks = conn.next_chunk_parts(room - written)
+                written += sum(memoryview(part).nbytes for part in chunks)
+                parts += chunks
             self._stream.write_parts(parts)
         except (ProtocolError, TransportError) as exc:
             self._fail(f"cannot send to {self.description}: {exc}")
             return
-        self.unflushed_bytes += sum(memoryview(part).nbytes for part in parts)
-        if self.unflushed_bytes >= self.high_water or self._outbox:
+        self.unflushed_bytes += written
+        if self.unflushed_bytes >= self.high_water or self._outbox or conn.streaming:
             # wait for the host to take it; what is still queued goes out after
             self._congested = self.unflushed_bytes
             self.budget.congested_bytes += self._congested
@@ -294,6 +313,8 @@ class HostSession:
 
     def kill(self) -> None:
         self._outbox, self._outbox_bytes = [], []
+        if self._conn is not None:
+            self._conn.discard_transfers()  # partial arrays freed, unsent chunks forgotten
         if self._drainer is not None:
             self._drainer.cancel()
             self._end_congestion()
