@@ -114,6 +114,16 @@ class HostSession:
         return self.code.digest if self.code is not None else ""
 
     @property
+    def receiving_bytes(self) -> int:
+        """Bytes allocated for streamed arrays from this host still arriving."""
+        return self._conn.receiving_bytes if self._conn is not None else 0
+
+    @property
+    def sending_bytes(self) -> int:
+        """Bytes of streamed arrays to this host not yet written."""
+        return self._conn.outgoing.pending_bytes if self._conn is not None else 0
+
+    @property
     def congested(self) -> bool:
         """The writer is waiting for the host to take what was written (flow control)."""
         return self._drainer is not None

@@ -1,0 +1,119 @@
+"""Values of any size over a real SSH link (tests/support/hosts.py namespace hosts).
+
+A value over the old 256 MiB frame limit goes to an SSH host as a put and comes back as a
+result, both ways as streams of chunks; meanwhile the host's heartbeats keep arriving (some
+while the result is half received), another task completes, and liveness never suspects
+the host. The 8 GiB variant runs only where memory allows (marked slow, skipped otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from batuta.core.task import Task, TaskStatus
+from batuta.protocol.codec import DEFAULT_MAX_FRAME_BYTES
+from batuta.runtime import events as pe
+from batuta.runtime.cluster import ClusterHost, ssh_host
+from batuta.runtime.pool import Pool, PoolConfig
+from batuta.runtime.session import HostSession
+from tests.support.hosts import TestHosts
+from tests.test_ssh_transport import settings_for
+
+REPO = Path(__file__).resolve().parents[1]
+WAIT_S = 600.0  # hundreds of megabytes through sshd on a loaded 2-core box
+
+
+def _pool(hosts: TestHosts) -> Pool:
+    host = hosts[0]
+    cluster_host = ClusterHost(
+        name=host.name,
+        address=host.name,
+        python=sys.executable,
+        slots=2,
+        gpus="none",
+        env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+        kernel_modules=("tests.support.transfer_kernels",),
+    )
+    return Pool([ssh_host(cluster_host, settings_for(hosts))], PoolConfig(heartbeat_interval=0.25))
+
+
+class Watch:
+    """What the pool said during the transfer: heartbeats (and whether a result was then
+    half received), task completions, host state changes."""
+
+    def __init__(self, session: HostSession) -> None:
+        self.session = session
+        self.heartbeats = 0
+        self.heartbeats_mid_transfer = 0
+        self.finished: list[str] = []
+        self.states: list[str] = []
+
+    def __call__(self, event: object) -> None:
+        if isinstance(event, pe.HostTelemetry):
+            self.heartbeats += 1
+            if self.session.receiving_bytes > 0:
+                self.heartbeats_mid_transfer += 1
+        elif isinstance(event, pe.TaskFinished):
+            self.finished.append(event.result.name)
+        elif isinstance(event, pe.HostStateChanged):
+            self.states.append(event.state)
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    async with asyncio.timeout(WAIT_S):
+        while not condition():
+            await asyncio.sleep(0.005)
+    assert condition(), what
+
+
+async def _move_both_ways(hosts: TestHosts, value: np.ndarray) -> None:
+    async with asyncio.timeout(WAIT_S), _pool(hosts) as pool:
+        (session,) = pool._hosts.sessions.values()
+        watch = Watch(session)
+        pool.subscribe(watch)
+        ref = pool.put(value)
+        big = await pool.submit(Task.kernel("test_reversed", ref))
+        await _until(lambda: session.sending_bytes > 0, "the put began streaming")
+        small = await pool.run(Task.kernel("noop", 5))  # its Run and its result overtake the transfer
+        assert small.value == 5 and not big.done()
+        await _until(lambda: session.receiving_bytes > 0 or big.done(), "the result began streaming")
+        result = await big
+        assert result.status is TaskStatus.SUCCEEDED, result.error
+        assert result.value.shape == value.shape and result.value.dtype == value.dtype
+        assert np.array_equal(result.value[:: 1 << 16], value[::-1][:: 1 << 16])
+        assert result.value[0] == value[-1] and result.value[-1] == value[0]
+        assert watch.finished[:2] == ["noop", "test_reversed"]
+        assert watch.heartbeats_mid_transfer > 0  # heartbeats came between the result's chunks
+        assert "suspected" not in watch.states and "lost" not in watch.states, watch.states
+        assert session.receiving_bytes == 0 and session.sending_bytes == 0
+
+
+async def test_a_value_over_the_old_frame_limit_goes_to_an_ssh_host_and_back(
+    ssh_hosts: Callable[..., TestHosts],
+) -> None:
+    hosts = ssh_hosts(1)
+    count = DEFAULT_MAX_FRAME_BYTES // 8 + 4096  # just over 256 MiB of float64
+    await _move_both_ways(hosts, np.arange(count, dtype=np.float64))
+
+
+EIGHT_GIB = 8 * 2**30
+
+
+@pytest.mark.slow
+async def test_an_8_gib_value_goes_to_an_ssh_host_and_back(ssh_hosts: Callable[..., TestHosts]) -> None:
+    # The coordinator, the agent and the slot each hold the value and its reversed copy at
+    # some point: about five copies at the peak, more than most test machines have.
+    needed = 5 * EIGHT_GIB + 2 * 2**30
+    available = psutil.virtual_memory().available
+    if available < needed:
+        pytest.skip(f"needs {needed / 2**30:.0f} GiB of free memory, this machine has {available / 2**30:.1f} GiB")
+    hosts = ssh_hosts(1)
+    value = np.arange(EIGHT_GIB // 8, dtype=np.float64)
+    await _move_both_ways(hosts, value)
