@@ -295,6 +295,20 @@ class Agent:
             return
         try:
             self._conn.receive_data(data)
+        except RemoteProtocolError as exc:
+            self._fail(f"protocol error from the coordinator: {exc}", send_error=True)
+            return
+        self._take_messages()
+
+    def _on_received(self, nbytes: int) -> None:
+        """Bytes read straight into a large frame's buffer or a streamed array."""
+        if self._stopping:
+            return
+        self._conn.received(nbytes)
+        self._take_messages()
+
+    def _take_messages(self) -> None:
+        try:
             while True:
                 event = self._conn.next_event()
                 if event is NEED_DATA:
@@ -568,7 +582,13 @@ class Agent:
                     limit_loaded_blas(slot_share(len(cpu_infos)))
             self._spawn_slots(cpu_infos, [cpu_env] * len(cpu_infos))
             self._spawn_slots(gpu_infos, [{**base_env, **env} for _, env in self._gpu_slots])
-            self._reader = FdReader(loop, self._frames_in, self._on_input)
+            self._reader = FdReader(
+                loop,
+                self._frames_in,
+                self._on_input,
+                receive_buffer=self._conn.receive_buffer,
+                on_received=self._on_received,
+            )
 
             code = await self._exit
             with contextlib.suppress(asyncio.TimeoutError):

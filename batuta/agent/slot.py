@@ -149,6 +149,20 @@ class SlotWorker:
         """Read what is there (or block for it when `wait`), then take in every whole frame."""
         if not wait and not self._poller.poll(0):
             return
+        into = self._decoder.receive_buffer()  # a large frame or a streamed array: read straight into it
+        if into is not None:
+            try:
+                count = os.readv(self._in, [into])
+            except InterruptedError:
+                return
+            except OSError:
+                count = 0
+            if not count:
+                self._eof = True
+                return
+            self._decoder.received(count)
+            self._take_messages()
+            return
         try:
             data = os.read(self._in, _READ_CHUNK)
         except InterruptedError:
@@ -159,6 +173,9 @@ class SlotWorker:
             self._eof = True
             return
         self._decoder.feed(data)
+        self._take_messages()
+
+    def _take_messages(self) -> None:
         while (message := self._decoder.next_message()) is not None:
             if isinstance(message, Run):
                 self._waiting.extend(message.tasks)

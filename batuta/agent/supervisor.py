@@ -222,7 +222,14 @@ class SlotSupervisor:
         self._to_slot = OutgoingStreams()  # a new pipe numbers its streams from 0
         self._sent_objects = set()  # a new process holds nothing yet
         self._ready = False
-        self._reader = FdReader(self._loop, from_slot, self._on_slot_data)
+        decoder = self._decoder
+        self._reader = FdReader(
+            self._loop,
+            from_slot,
+            self._on_slot_data,
+            receive_buffer=decoder.receive_buffer,
+            on_received=self._on_slot_received,
+        )
         self._writer = FdWriter(self._loop, to_slot)
         self.pump()
 
@@ -412,11 +419,19 @@ class SlotSupervisor:
 
     # -- what the slot process says -------------------------------------------------------
 
+    def _on_slot_received(self, nbytes: int) -> None:
+        """Bytes read straight into a large result frame or a streamed result array."""
+        self._decoder.received(nbytes)
+        self._take_results()
+
     def _on_slot_data(self, data: bytes) -> None:
         if not data:
             self._on_process_exit()
             return
         self._decoder.feed(data)
+        self._take_results()
+
+    def _take_results(self) -> None:
         try:
             while (message := self._decoder.next_message()) is not None:
                 if isinstance(message, Done):

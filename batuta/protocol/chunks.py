@@ -260,6 +260,10 @@ class StreamAssembler:
         """Messages arrived but not yet delivered."""
         return len(self._pending)
 
+    def held_messages(self) -> list[Message]:
+        """Messages arrived but not yet delivered (waiting for chunks, or behind one that is)."""
+        return [entry.message for entry in self._pending]
+
     def ext_hook(self, code: int, data: bytes) -> object:
         """msgpack ext_hook: allocates a streamed array; every other ext goes to `decode_ext`.
         Never raises (see `decode_ext`)."""

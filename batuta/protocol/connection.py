@@ -230,6 +230,11 @@ class Connection:
         """Bytes allocated for arrays still arriving (what a lost link frees)."""
         return self._decoder.streams.open_bytes
 
+    @property
+    def expected_stream_id(self) -> int:
+        """The id the peer's next streamed array must have."""
+        return self._decoder.streams.next_id
+
     def next_chunk_parts(self, budget: int) -> list[Any]:
         """Chunk frames worth about `budget` bytes, at least one if any wait (see `chunks.py`)."""
         return self.outgoing.next_chunk_parts(budget)
@@ -255,6 +260,17 @@ class Connection:
             self._decoder.feed(data)
         else:
             self._eof = True
+
+    def receive_buffer(self) -> memoryview | None:
+        """Memory the next bytes belong in (a large frame's buffer, a streamed array), for a
+        reader that can read into it; None: pass bytes to `receive_data()` instead."""
+        if self._local_error is not None or self._remote_error is not None or self._eof:
+            return None
+        return self._decoder.receive_buffer()
+
+    def received(self, nbytes: int) -> None:
+        """`nbytes` were read into the start of what `receive_buffer()` returned."""
+        self._decoder.received(nbytes)
 
     def next_event(self) -> Message | Sentinel:
         """The next message from the peer, `NEED_DATA` or `CLOSED`.

@@ -8,7 +8,10 @@ copied again with every frame queued behind it, which made shipping arrays to a 
 CPU-bound in that copy). These two small classes register the fd with the loop directly,
 write straight through when the pipe has room (the common case), keep a queue of
 memoryviews only for what the pipe refused, and hand every read chunk to a callback (`b""`
-meaning end of file).
+meaning end of file). A reader given `receive_buffer` reads straight into the memory it
+offers (a large frame's buffer, a streamed array: see `FrameDecoder.receive_buffer`) and
+reports how much with `on_received`, so that a large value is not read into a bytes object
+first and copied again.
 """
 
 from __future__ import annotations
@@ -37,7 +40,10 @@ def widen_pipe(fd: int, size: int = PIPE_BYTES) -> None:
 
 
 class FdReader:
-    """Calls `on_data(chunk)` for each chunk read from `fd`, and `on_data(b"")` once at EOF."""
+    """Calls `on_data(chunk)` for each chunk read from `fd`, and `on_data(b"")` once at EOF.
+
+    With `receive_buffer` and `on_received`: whenever `receive_buffer()` offers memory, the
+    read goes into it and `on_received(n)` is called instead of `on_data`."""
 
     def __init__(
         self,
@@ -46,10 +52,14 @@ class FdReader:
         on_data: Callable[[bytes], None],
         *,
         chunk_size: int = READ_CHUNK,
+        receive_buffer: Callable[[], memoryview | None] | None = None,
+        on_received: Callable[[int], None] | None = None,
     ) -> None:
         self._loop = loop
         self._fd = fd
         self._on_data = on_data
+        self._receive_buffer = receive_buffer
+        self._on_received = on_received
         self._chunk_size = chunk_size
         self._active = True
         self._closed = False
@@ -67,6 +77,21 @@ class FdReader:
         """Read one chunk and deliver it. False when nothing was there or the reader stopped."""
         if not self._active:
             return False
+        if self._receive_buffer is not None and self._on_received is not None:
+            view = self._receive_buffer()
+            if view is not None:
+                try:
+                    count = os.readv(self._fd, [view])
+                except (BlockingIOError, InterruptedError):
+                    return False
+                except OSError:
+                    count = 0
+                if count:
+                    self._on_received(count)
+                    return True
+                self.stop()
+                self._on_data(b"")
+                return False
         try:
             data = os.read(self._fd, self._chunk_size)
         except (BlockingIOError, InterruptedError):
