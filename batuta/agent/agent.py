@@ -51,6 +51,7 @@ from batuta._version import __version__
 from batuta.agent.code import CodeLoader, module_source_digest, stale_error
 from batuta.agent.execute import print_error
 from batuta.agent.options import AgentOptions
+from batuta.agent.shm import SharedArena
 from batuta.agent.spawn import SlotProcess, preload_for_fork, spawn_mode
 from batuta.agent.supervisor import SlotSupervisor
 from batuta.agent.telemetry import TelemetrySource, package_versions
@@ -152,7 +153,9 @@ class Agent:
         self._frames_out = frames_out
         self._gpus = gpus
         self._gpu_slots = gpu_slots
-        self._conn = Connection(Role.AGENT)
+        # large frames and streamed arrays land in shared memory, which slots map (shm.py)
+        self._arena = SharedArena()
+        self._conn = Connection(Role.AGENT, allocate=self._arena.allocate)
         self._host_name = options.name or os.uname().nodename
         self._code = CodeLoader(self._host_name)
         self._spawn_mode = spawn_mode()
@@ -551,6 +554,7 @@ class Agent:
                 spawn_mode=self._spawn_mode,
                 objects=self._objects,
                 code=self._code.current,
+                locate=self._arena.locate,
             )
             self._slots[info.slot] = slot
             slot.start()

@@ -54,6 +54,7 @@ from batuta.agent.execute import (
     one_line,
     run_binary,
 )
+from batuta.agent.shm import SharedMapper
 from batuta.core.objects import refs_in, replace_refs
 from batuta.core.task import KernelCall, Outcome
 from batuta.protocol.chunks import OutgoingStreams
@@ -123,12 +124,14 @@ class SlotWorker:
         frames_out: int,
         kernel_modules: tuple[str, ...],
         code: SlotCode | None = None,
+        agent_pid: int = 0,
     ) -> None:
         self._slot = slot
         self._code = code if code is not None else SlotCode()
         self._in = frames_in
         self._out = frames_out
-        self._decoder = FrameDecoder()
+        # task arguments in the agent's shared memory are mapped, not read from the pipe (shm.py)
+        self._decoder = FrameDecoder(shared=SharedMapper(agent_pid).array if agent_pid else None)
         self._waiting: deque[TaskRequest] = deque()  # TaskRequests received, not yet run
         self._results: list[Any] = []  # buffers of encoded Done frames not yet written (arrays not copied)
         self._result_count = 0  # results in `_results`
@@ -385,7 +388,14 @@ def serve(
     """Run slot `slot` on the given frame fds until EOF; shared by the fork and exec paths."""
     _name_process(slot)
     _arm_parent_death(agent_pid)
-    worker = SlotWorker(slot=slot, frames_in=frames_in, frames_out=frames_out, kernel_modules=kernel_modules, code=code)
+    worker = SlotWorker(
+        slot=slot,
+        frames_in=frames_in,
+        frames_out=frames_out,
+        kernel_modules=kernel_modules,
+        code=code,
+        agent_pid=agent_pid,
+    )
     return worker.run()
 
 

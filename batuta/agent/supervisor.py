@@ -64,7 +64,7 @@ import os
 import signal
 import subprocess
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from batuta.agent.code import SlotCode, stale_error
@@ -137,6 +137,7 @@ class SlotSupervisor:
         spawn_mode: str = "fork",
         objects: Mapping[int, object] | None = None,
         code: SlotCode | None = None,
+        locate: Callable[[Any], bytes | None] | None = None,
     ) -> None:
         self.info = info
         self._code = code if code is not None else SlotCode()  # what tasks must name, from now on
@@ -164,6 +165,7 @@ class SlotSupervisor:
         self._writer: FdWriter | None = None
         self._decoder = FrameDecoder()
         self._to_slot = OutgoingStreams()  # large arrays go down the pipe as chunks, right behind their frame
+        self._locate = locate  # task arguments in the agent's shared memory go as references to it (shm.py)
         self._ready = False
         self._announce_up = False  # send SlotChanged "up" when the current process is ready
         self._failed_starts = 0
@@ -339,7 +341,7 @@ class SlotSupervisor:
             writer.write_parts(puts)
             return
         try:
-            parts = encode_streamed_parts(Run(tasks=tuple(batch)), self._to_slot)
+            parts = encode_streamed_parts(Run(tasks=tuple(batch)), self._to_slot, locate=self._locate)
         except LocalProtocolError:
             parts = self._encode_one_by_one(batch)
         self.fed.extend(batch)
@@ -390,7 +392,7 @@ class SlotSupervisor:
         parts: list[Any] = []
         for request in list(batch):
             try:
-                parts += encode_streamed_parts(Run(tasks=(request,)), self._to_slot)
+                parts += encode_streamed_parts(Run(tasks=(request,)), self._to_slot, locate=self._locate)
             except LocalProtocolError as exc:
                 batch.remove(request)
                 self._held.pop(request.task_id, None)

@@ -14,6 +14,8 @@ Array and scalar ext payloads::
     EXT_SCALAR: dtype_len | dtype | raw bytes (itemsize)
 
     EXT_ARRAY_STREAM: dtype_len | dtype | ndim | shape | stream id: uint64 BE
+    EXT_ARRAY_SHARED: dtype_len | dtype | ndim | shape | locator (agent to slot only: see
+                      batuta/agent/shm.py; every other link refuses it)
 
 Byte order is kept (`>i4` comes back `>i4`). Arrays travel in C order: a Fortran-ordered or
 strided array arrives C-contiguous with the same values. Arrays of `OOB_MIN_BYTES` or more
@@ -51,6 +53,7 @@ __all__ = [
     "ALIGN",
     "EXT_ARRAY",
     "EXT_ARRAY_OOB",
+    "EXT_ARRAY_SHARED",
     "EXT_ARRAY_STREAM",
     "EXT_REF",
     "EXT_SCALAR",
@@ -67,6 +70,7 @@ __all__ = [
     "decode_value",
     "encode_args",
     "encode_value",
+    "parse_shared_ext",
     "parse_stream_ext",
 ]
 
@@ -87,6 +91,7 @@ EXT_SCALAR = 3
 EXT_TUPLE = 4
 EXT_REF = 5  # an ObjectRef: 8 bytes of object id
 EXT_ARRAY_STREAM = 6  # an array whose bytes follow as the chunks of one stream
+EXT_ARRAY_SHARED = 7  # an array in shared memory the receiver maps (agent to slot)
 
 _U64 = struct.Struct(">Q")
 _SHAPES = tuple(struct.Struct(f">{n}Q") for n in range(MAX_NDIM + 1))
@@ -116,10 +121,17 @@ class OobWriter:
     next stream id from `first_stream_id` on and joins `streamed`, for the caller to send as
     chunks after the frame (and to commit the ids only once the frame is sure to go)."""
 
-    __slots__ = ("buffers", "first_stream_id", "size", "stream_min_bytes", "streamed")
+    __slots__ = ("buffers", "first_stream_id", "locate", "size", "stream_min_bytes", "streamed")
 
-    def __init__(self, *, stream_min_bytes: int | None = None, first_stream_id: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        stream_min_bytes: int | None = None,
+        first_stream_id: int = 0,
+        locate: Callable[[np.ndarray], bytes | None] | None = None,
+    ) -> None:
         self.buffers: list[tuple[int, np.ndarray]] = []
+        self.locate = locate  # where an array lies in shared memory the receiver can map, if it does
         self.size = 0  # bytes of the buffer region so far
         self.stream_min_bytes = stream_min_bytes
         self.first_stream_id = first_stream_id
@@ -164,6 +176,10 @@ def _encode_array(arr: np.ndarray, oob: OobWriter) -> msgpack.ExtType:
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)
     header = bytes((len(key),)) + key + bytes((arr.ndim,)) + _SHAPES[arr.ndim].pack(*arr.shape)
+    if oob.locate is not None and arr.nbytes >= OOB_MIN_BYTES:
+        locator = oob.locate(arr.reshape(-1).view(np.uint8))
+        if locator is not None:
+            return msgpack.ExtType(EXT_ARRAY_SHARED, header + locator)
     stream_min = oob.stream_min_bytes
     if stream_min is not None and arr.nbytes >= stream_min and arr.nbytes:
         stream_id = oob.first_stream_id + len(oob.streamed)
@@ -293,6 +309,12 @@ def parse_stream_ext(data: bytes) -> tuple[np.dtype[Any], tuple[int, ...], int]:
     return dtype, shape, _U64.unpack_from(data, pos)[0]
 
 
+def parse_shared_ext(data: bytes) -> tuple[np.dtype[Any], tuple[int, ...], bytes]:
+    """(dtype, shape, locator) of an EXT_ARRAY_SHARED payload; ValueError if malformed."""
+    dtype, shape, pos = _parse_header(data, True)
+    return dtype, shape, bytes(data[pos:])
+
+
 def check_bools(arr: np.ndarray) -> None:
     """ValueError if a bool array holds bytes other than 0 and 1 (NumPy would misread them)."""
     _check_bools(arr)
@@ -333,6 +355,8 @@ def decode_ext(code: int, data: bytes) -> object:
             return Malformed("out-of-band array in a frame without out-of-band buffers")
         if code == EXT_ARRAY_STREAM:
             return Malformed("streamed array on a link that does not stream")
+        if code == EXT_ARRAY_SHARED:
+            return Malformed("shared-memory array on a link without shared memory")
         return Malformed(f"unknown ext type {code}")
     except Exception as exc:  # whatever numpy says about a hostile payload, it is a protocol error
         return Malformed(f"bad ext {code} payload: {exc}")

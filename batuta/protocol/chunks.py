@@ -39,7 +39,15 @@ import numpy as np
 from batuta.core.objects import refs_in
 from batuta.core.task import KernelCall
 from batuta.protocol._fields import Malformed
-from batuta.protocol._values import EXT_ARRAY_STREAM, aligned_empty, check_bools, decode_ext, parse_stream_ext
+from batuta.protocol._values import (
+    EXT_ARRAY_SHARED,
+    EXT_ARRAY_STREAM,
+    aligned_empty,
+    check_bools,
+    decode_ext,
+    parse_shared_ext,
+    parse_stream_ext,
+)
 from batuta.protocol.errors import RemoteProtocolError
 from batuta.protocol.messages import (
     Bye,
@@ -235,10 +243,18 @@ class StreamAssembler:
     data goes and `filled` says it arrived. Complete messages wait in `ready`.
     """
 
-    __slots__ = ("_open", "_pending", "_staged", "max_value_bytes", "next_id", "ready")
+    __slots__ = ("_allocate", "_open", "_pending", "_shared", "_staged", "max_value_bytes", "next_id", "ready")
 
-    def __init__(self, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> None:
+    def __init__(
+        self,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        *,
+        allocate: Allocator = aligned_empty,
+        shared: SharedArrays | None = None,
+    ) -> None:
         self.max_value_bytes = max_value_bytes
+        self._allocate = allocate  # where received arrays live (the agent's: shared memory)
+        self._shared = shared  # maps EXT_ARRAY_SHARED arrays (a slot's link only)
         self.next_id = 0
         self.ready: deque[Message] = deque()
         self._open: dict[int, _Incoming] = {}
@@ -267,6 +283,11 @@ class StreamAssembler:
     def ext_hook(self, code: int, data: bytes) -> object:
         """msgpack ext_hook: allocates a streamed array; every other ext goes to `decode_ext`.
         Never raises (see `decode_ext`)."""
+        if code == EXT_ARRAY_SHARED and self._shared is not None:
+            try:
+                return self._shared(*parse_shared_ext(data))
+            except (ValueError, OSError) as exc:
+                return Malformed(f"bad shared-memory array: {exc}")
         if code != EXT_ARRAY_STREAM:
             return decode_ext(code, data)
         try:
@@ -284,7 +305,7 @@ class StreamAssembler:
         if len(self._open) + len(self._staged) >= MAX_OPEN_STREAMS:
             return Malformed(f"more than {MAX_OPEN_STREAMS} streams unfinished at once")
         try:
-            flat = aligned_empty(nbytes)
+            flat = self._allocate(nbytes)
         except (MemoryError, ValueError) as exc:
             return Malformed(f"cannot allocate {nbytes} bytes for a streamed array: {type(exc).__name__}")
         array = flat.view(dtype).reshape(shape)
@@ -359,4 +380,8 @@ class StreamAssembler:
         self._pending = held
 
 
-StreamHook = Callable[[int, bytes], object]
+Allocator = Callable[[int], np.ndarray]
+"""Returns an uninitialised, aligned uint8 buffer of the given size."""
+
+SharedArrays = Callable[[np.dtype[Any], tuple[int, ...], bytes], np.ndarray]
+"""Maps a shared-memory array from its dtype, shape and locator; ValueError if it cannot."""

@@ -44,7 +44,15 @@ import numpy as np
 
 from batuta.protocol._values import ALIGN, OOB_MIN_BYTES, OobReader, OobWriter, aligned_empty, check_value
 from batuta.protocol._wire import TAGS, from_wire, to_wire
-from batuta.protocol.chunks import CHUNK_MARK, CHUNK_PREFIX, DEFAULT_MAX_VALUE_BYTES, OutgoingStreams, StreamAssembler
+from batuta.protocol.chunks import (
+    CHUNK_MARK,
+    CHUNK_PREFIX,
+    DEFAULT_MAX_VALUE_BYTES,
+    Allocator,
+    OutgoingStreams,
+    SharedArrays,
+    StreamAssembler,
+)
 from batuta.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from batuta.protocol.messages import Message
 
@@ -76,6 +84,9 @@ _OOB_MARK = 0xCE  # msgpack's uint32 marker, which starts an out-of-band payload
 _OOB_BODY = 4 + _OOB_PREFIX.size  # where an out-of-band frame's message body starts
 _FRAME_LIMIT = (1 << 32) - 1  # what a uint32 length can say
 
+Locator = Callable[[np.ndarray], "bytes | None"]
+"""Where a flat uint8 array lies in shared memory the receiver can map (see `_values.OobWriter`)."""
+
 
 # -- frames: encoding ------------------------------------------------------------------------
 
@@ -106,15 +117,21 @@ def _find_unencodable(value: Any, path: str, depth: int = 0) -> str | None:
 
 
 def _frame_parts(
-    msg: Message, max_frame_bytes: int, streams: OutgoingStreams | None = None, staged: list[Any] | None = None
+    msg: Message,
+    max_frame_bytes: int,
+    streams: OutgoingStreams | None = None,
+    staged: list[Any] | None = None,
+    locate: Locator | None = None,
 ) -> list[Any]:
     """The pieces of one frame, to be joined: header, body and any out-of-band buffers. With
-    `streams`, large arrays are staged (appended to `staged`) instead, for the caller to commit."""
+    `streams`, large arrays are staged (appended to `staged`) instead, for the caller to commit;
+    with `locate`, arrays in shared memory go as references to it."""
     if streams is None:
-        oob = OobWriter()
+        oob = OobWriter(locate=locate)
     else:
         assert staged is not None
-        oob = OobWriter(stream_min_bytes=streams.stream_min_bytes, first_stream_id=streams.next_id + len(staged))
+        first = streams.next_id + len(staged)
+        oob = OobWriter(stream_min_bytes=streams.stream_min_bytes, first_stream_id=first, locate=locate)
     wire = to_wire(msg, oob)
     message_name = type(msg).__name__
     try:
@@ -172,7 +189,11 @@ def encode_messages(msgs: Iterable[Message], *, max_frame_bytes: int = DEFAULT_M
 
 
 def encode_messages_parts(
-    msgs: Iterable[Message], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, streams: OutgoingStreams | None = None
+    msgs: Iterable[Message],
+    *,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    streams: OutgoingStreams | None = None,
+    locate: Locator | None = None,
 ) -> list[Any]:
     """Several frames as buffers for one vectored write (see `encode_message_parts`).
 
@@ -185,15 +206,16 @@ def encode_messages_parts(
         return parts
     staged: list[Any] = []
     for msg in msgs:
-        parts += _frame_parts(msg, max_frame_bytes, streams, staged)
+        parts += _frame_parts(msg, max_frame_bytes, streams, staged, locate)
     streams.commit(staged)
     return parts
 
 
-def encode_streamed_parts(msg: Message, streams: OutgoingStreams) -> list[Any]:
+def encode_streamed_parts(msg: Message, streams: OutgoingStreams, *, locate: Locator | None = None) -> list[Any]:
     """`msg`'s frame followed at once by the chunks of every stream `streams` has open: for a
-    pipe to a local process, where nothing needs to overtake them. Raises LocalProtocolError."""
-    parts = encode_messages_parts((msg,), streams=streams)
+    pipe to a local process, where nothing needs to overtake them. With `locate`, arrays in
+    shared memory go as references to it (`batuta/agent/shm.py`). Raises LocalProtocolError."""
+    parts = encode_messages_parts((msg,), streams=streams, locate=locate)
     return parts + streams.all_chunk_parts()
 
 
@@ -276,10 +298,26 @@ class FrameDecoder:
     be trusted: every later `next_message()` raises again.
     """
 
-    __slots__ = ("_big", "_big_fill", "_buf", "_failure", "_max", "_sink", "_sink_fill", "_sink_stream", "_streams")
+    __slots__ = (
+        "_allocate",
+        "_big",
+        "_big_fill",
+        "_buf",
+        "_failure",
+        "_max",
+        "_sink",
+        "_sink_fill",
+        "_sink_stream",
+        "_streams",
+    )
 
     def __init__(
-        self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, *, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+        self,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        *,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        allocate: Allocator = aligned_empty,
+        shared: SharedArrays | None = None,
     ) -> None:
         if not 1 <= max_frame_bytes <= _FRAME_LIMIT:
             raise ValueError(f"max_frame_bytes must be in [1, {_FRAME_LIMIT}], not {max_frame_bytes}")
@@ -290,7 +328,8 @@ class FrameDecoder:
         self._sink: np.ndarray | None = None  # where the data of the chunk being received goes
         self._sink_fill = 0
         self._sink_stream = 0
-        self._streams = StreamAssembler(max_value_bytes)
+        self._allocate = allocate  # buffers of large frames (the agent's: shared memory)
+        self._streams = StreamAssembler(max_value_bytes, allocate=allocate, shared=shared)
         self._failure: str | None = None
 
     @property
@@ -403,7 +442,7 @@ class FrameDecoder:
             if have < total:
                 if total >= LARGE_FRAME_BYTES:
                     # Receive the rest straight into the frame's own buffer: no regrowth, one copy.
-                    frame = aligned_empty(total)
+                    frame = self._allocate(total)
                     with memoryview(buf) as view:
                         frame[:have] = view
                     buf.clear()
@@ -411,7 +450,7 @@ class FrameDecoder:
                     self._big_fill = have
                 return None
             if buf[4] == _OOB_MARK:
-                frame = aligned_empty(total)
+                frame = self._allocate(total)
                 with memoryview(buf) as view:
                     frame[:] = view[:total]
                 del buf[:total]

@@ -38,7 +38,8 @@ import enum
 from collections.abc import Iterable
 from typing import Any, Final
 
-from batuta.protocol.chunks import DEFAULT_CHUNK_BYTES, DEFAULT_STREAM_MIN_BYTES, OutgoingStreams
+from batuta.protocol._values import aligned_empty
+from batuta.protocol.chunks import DEFAULT_CHUNK_BYTES, DEFAULT_STREAM_MIN_BYTES, Allocator, OutgoingStreams
 from batuta.protocol.codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_messages_parts
 from batuta.protocol.errors import LocalProtocolError, RemoteProtocolError
 from batuta.protocol.messages import (
@@ -182,6 +183,7 @@ class Connection:
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         stream_min_bytes: int = DEFAULT_STREAM_MIN_BYTES,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        allocate: Allocator = aligned_empty,
     ) -> None:
         if not isinstance(role, Role):
             raise TypeError(f"role must be a Role, not {role!r}")
@@ -191,7 +193,7 @@ class Connection:
         self.outgoing = OutgoingStreams(stream_min_bytes=stream_min_bytes, chunk_bytes=chunk_bytes)
         self.peer_hello: Hello | None = None  # the agent's Hello, on the coordinator
         self.peer_welcome: Welcome | None = None  # the coordinator's Welcome, on the agent
-        self._decoder = FrameDecoder(max_frame_bytes)
+        self._decoder = FrameDecoder(max_frame_bytes, allocate=allocate)  # the agent's: shared memory
         self._phase = Phase.AWAIT_HELLO
         self._finished: dict[Role, str] = {}  # role -> name of the last message it sent
         self._eof = False
