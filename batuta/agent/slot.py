@@ -54,7 +54,7 @@ from batuta.agent.execute import (
     one_line,
     run_binary,
 )
-from batuta.agent.shm import SharedMapper
+from batuta.agent.shm import SharedReader
 from batuta.core.objects import refs_in, replace_refs
 from batuta.core.task import KernelCall, Outcome
 from batuta.protocol.chunks import OutgoingStreams
@@ -130,8 +130,8 @@ class SlotWorker:
         self._code = code if code is not None else SlotCode()
         self._in = frames_in
         self._out = frames_out
-        # task arguments in the agent's shared memory are mapped, not read from the pipe (shm.py)
-        self._decoder = FrameDecoder(shared=SharedMapper(agent_pid).array if agent_pid else None)
+        # task arguments in the agent's shared memory are read from there, not from the pipe (shm.py)
+        self._decoder = FrameDecoder(shared=SharedReader(agent_pid).array if agent_pid else None)
         self._waiting: deque[TaskRequest] = deque()  # TaskRequests received, not yet run
         self._results: list[Any] = []  # buffers of encoded Done frames not yet written (arrays not copied)
         self._result_count = 0  # results in `_results`

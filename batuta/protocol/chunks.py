@@ -146,7 +146,7 @@ class OutgoingStreams:
     def commit(self, flats: list[np.ndarray]) -> None:
         """The staged arrays (flat uint8 views) of frames now sent, in stream-id order."""
         for flat in flats:
-            view = memoryview(flat).cast("B")  # type: ignore[arg-type]  # numpy's buffer protocol is not in its stubs
+            view = flat.data.cast("B")
             self._open.append(_Outgoing(self.next_id, view))
             self.next_id += 1
             self.pending_bytes += len(view)
@@ -196,23 +196,21 @@ def _object_ids_named(run: Run) -> set[int]:
 def waits_for(later: Message, earlier: Message) -> bool:
     """Whether `later` must be delivered after `earlier` when both arrived and `earlier` is
     still incomplete (or itself waiting). Everything else may overtake (see module doc)."""
-    kind, before = type(later), type(earlier)
-    if kind in _LAST_WORDS:
+    if isinstance(later, _LAST_WORDS):
         return True
-    if kind is Run:
-        assert isinstance(later, Run)
-        if before is Code:
+    if isinstance(later, Run):
+        if isinstance(earlier, Code):
             return True
-        return before is Put and earlier.object_id in _object_ids_named(later)  # type: ignore[union-attr]
-    if kind is Drop:
-        return before is Put and earlier.object_id in later.object_ids  # type: ignore[union-attr]
-    if kind is Cancel or kind is StealBack:
-        if before is not Run:
+        return isinstance(earlier, Put) and earlier.object_id in _object_ids_named(later)
+    if isinstance(later, Drop):
+        return isinstance(earlier, Put) and earlier.object_id in later.object_ids
+    if isinstance(later, Cancel | StealBack):
+        if not isinstance(earlier, Run):
             return False
-        wanted = set(later.task_ids)  # type: ignore[union-attr]
-        return any(task.task_id in wanted for task in earlier.tasks)  # type: ignore[union-attr]
-    if kind is SlotChanged:
-        return before is Done and any(o.slot == later.slot for o in earlier.results)  # type: ignore[union-attr]
+        wanted = set(later.task_ids)
+        return any(task.task_id in wanted for task in earlier.tasks)
+    if isinstance(later, SlotChanged):
+        return isinstance(earlier, Done) and any(o.slot == later.slot for o in earlier.results)
     return False
 
 

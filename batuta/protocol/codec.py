@@ -358,9 +358,9 @@ class FrameDecoder:
         """The memory the next bytes of the stream belong in, if it is a large frame's buffer
         or a stream's array; None when they go through `feed()`."""
         if self._sink is not None and self._sink_fill < len(self._sink):
-            return memoryview(self._sink[self._sink_fill :])  # type: ignore[arg-type]  # numpy's buffer protocol
+            return self._sink[self._sink_fill :].data
         if self._big is not None and self._big_fill < len(self._big):
-            return memoryview(self._big[self._big_fill :])  # type: ignore[arg-type]
+            return self._big[self._big_fill :].data
         return None
 
     def received(self, nbytes: int) -> None:

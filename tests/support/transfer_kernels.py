@@ -28,12 +28,3 @@ def test_arange(n: int) -> np.ndarray:
 
 
 test_arange.cpu(test_arange.reference)
-
-
-@kernel("test_shared_mappings", description="How many of the agent's shared-memory mappings this slot has mapped now.")
-def test_shared_mappings(x: np.ndarray) -> int:
-    with open("/proc/self/maps") as maps:
-        return sum(1 for line in maps if "batuta-shm-" in line)
-
-
-test_shared_mappings.cpu(test_shared_mappings.reference)
