@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from batuta import Task
-from batuta.agent.shm import SHARED_MIN_BYTES, SharedArena, SharedReader
+from batuta.agent.shm import REUSE_MAX_BYTES, SHARED_MIN_BYTES, SharedArena, SharedReader
 from batuta.core.task import KernelCall
 from batuta.protocol import FrameDecoder, RemoteProtocolError, Run, TaskRequest
 from batuta.protocol.chunks import OutgoingStreams
@@ -44,6 +44,26 @@ def test_an_argument_in_shared_memory_travels_as_a_reference_and_arrives_as_the_
     assert np.array_equal(received, np.arange(1000.0))
     received[0] = -1.0  # the slot's own array: a kernel may change its argument
     assert value[0] == 0.0 and not np.shares_memory(received, value)
+
+
+def test_a_mapping_too_large_to_be_reused_is_mapped_by_the_slot_not_copied() -> None:
+    arena = SharedArena()
+    buffer = arena.allocate(REUSE_MAX_BYTES + 1)
+    value = buffer[:8000].view(np.float64)
+    value[:] = np.arange(1000.0)
+    data = _frame(encode_streamed_parts(_run(value), OutgoingStreams(), locate=arena.locate))
+    decoder = FrameDecoder(shared=SharedReader(os.getpid()).array)
+    decoder.feed(data)
+    run = decoder.next_message()
+    assert isinstance(run, Run) and isinstance(run.tasks[0].call, KernelCall)
+    (received,) = run.tasks[0].call.args
+    value[5] = 42.0  # a page the slot has not written is the agent's page: mapped, not copied
+    assert received[5] == 42.0 and np.array_equal(received[:5], np.arange(5.0))
+    received[6] = -1.0  # and what the slot writes stays its own (copy-on-write)
+    assert value[6] == 6.0
+    del buffer, value
+    gc.collect()
+    assert arena.live == 0 and arena.free == 0  # never reused: no one rewrites what a slot maps
 
 
 def test_a_mapping_is_reused_once_its_last_reference_is_gone() -> None:

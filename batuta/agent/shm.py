@@ -9,8 +9,11 @@ the pipe's two (into the pipe, out of it) and the wake-ups in between. The slot'
 its own, as before: a kernel may keep or change its arguments.
 
 Fresh memfd pages cost about seven times an anonymous allocation (the kernel allocates
-and zeroes shmem pages), so a mapping whose last reference is gone goes back to a free list
-(up to `FREE_BYTES`) and the next frame of its size class is received into it. A task's
+and zeroes shmem pages), so a mapping of up to `REUSE_MAX_BYTES` whose last reference is
+gone goes back to a free list (up to `FREE_BYTES`) and the next frame of its size class is
+received into it. A larger mapping is never reused, so the slot maps it (copy-on-write)
+instead of reading it: a value of gigabytes is then in the host's memory once, and a kernel
+that keeps its argument keeps pages nobody will rewrite. A task's
 request references its arguments until the slot has answered it, by which time the slot has
 read them; Put values go down the pipe (an object may be dropped before the slot reads its
 Put). A memfd has no name in any file system, so nothing outlives the agent, however it
@@ -34,16 +37,17 @@ import numpy as np
 
 from batuta.protocol._values import aligned_empty
 
-__all__ = ["FREE_BYTES", "SHARED_MIN_BYTES", "SharedArena", "SharedReader"]
+__all__ = ["FREE_BYTES", "REUSE_MAX_BYTES", "SHARED_MIN_BYTES", "SharedArena", "SharedReader"]
 
 SHARED_MIN_BYTES = 1 << 20
 """Buffers at least this large are allocated in shared memory (smaller ones are not worth a
 memfd: they cross the pipe quickly)."""
 
 SIZE_CLASS = 1 << 20  # mappings are whole multiples of this, so that they can be reused
+REUSE_MAX_BYTES = 64 * 2**20  # larger mappings are never reused: slots map them instead of reading
 FREE_BYTES = 256 * 2**20  # unreferenced mappings kept for reuse, at most
 
-_LOCATOR = struct.Struct(">IIQQQ")  # agent pid, fd, serial, offset, mapping size
+_LOCATOR = struct.Struct(">IIQQQ?")  # agent pid, fd, serial, offset, mapping size, whether to map it
 _NAME = "batuta-shm-"
 
 
@@ -122,7 +126,7 @@ class SharedArena:
 
     def _release(self, entry: _Mapping) -> None:
         self._live.pop(entry.start, None)
-        if self._free_bytes + entry.size <= self._free_limit:
+        if entry.size <= REUSE_MAX_BYTES and self._free_bytes + entry.size <= self._free_limit:
             self._free.setdefault(entry.size, []).append(entry)
             self._free_bytes += entry.size
             return
@@ -137,12 +141,14 @@ class SharedArena:
         address = flat.__array_interface__["data"][0]
         for start, entry in self._live.items():
             if start <= address and address + flat.nbytes <= entry.end:
-                return _LOCATOR.pack(self._pid, entry.fd, entry.serial, address - start, entry.size)
+                mapped = entry.size > REUSE_MAX_BYTES  # never rewritten: the slot may map it
+                return _LOCATOR.pack(self._pid, entry.fd, entry.serial, address - start, entry.size, mapped)
         return None
 
 
 class SharedReader:
-    """The slot's side: reads what a locator names (only from its own agent) into an array."""
+    """The slot's side: reads what a locator names (only from its own agent) into an array of
+    its own, or maps it copy-on-write where the agent never reuses the mapping."""
 
     def __init__(self, agent_pid: int, allocate: Callable[[int], np.ndarray] = aligned_empty) -> None:
         self._agent_pid = agent_pid
@@ -152,7 +158,7 @@ class SharedReader:
         """The array a locator names, as an array of the slot's own; ValueError saying why not."""
         if len(locator) != _LOCATOR.size:
             raise ValueError(f"a shared-memory locator is {_LOCATOR.size} bytes, not {len(locator)}")
-        pid, fd, serial, offset, size = _LOCATOR.unpack(locator)
+        pid, fd, serial, offset, size, mapped = _LOCATOR.unpack(locator)
         if pid != self._agent_pid:
             raise ValueError(f"shared memory of pid {pid}, not of this slot's agent ({self._agent_pid})")
         nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
@@ -166,6 +172,12 @@ class SharedReader:
             name = os.readlink(f"/proc/self/fd/{own}")
             if not name.startswith(f"/memfd:{_NAME}{serial} "):
                 raise ValueError(f"fd {fd} of the agent is not shared memory {serial} ({name!r})")
+            if mapped:
+                if os.fstat(own).st_size != size:
+                    raise ValueError(f"shared memory {serial} is not {size} bytes")
+                mapping = mmap.mmap(own, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                flat = np.frombuffer(mapping, dtype=np.uint8, count=nbytes, offset=offset)
+                return flat.view(dtype).reshape(shape)
             flat = self._allocate(nbytes)
             view = flat.data
             done = 0
