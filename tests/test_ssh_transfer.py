@@ -66,6 +66,8 @@ class Watch:
             self.finished.append(event.result.name)
         elif isinstance(event, pe.HostStateChanged):
             self.states.append(event.state)
+        elif isinstance(event, pe.HostDown):
+            self.states.append("lost")
 
 
 async def _until(condition: Callable[[], bool], what: str) -> None:
@@ -94,9 +96,11 @@ async def _move_both_ways(hosts: TestHosts, value: np.ndarray) -> None:
         assert watch.finished[:2] == ["noop", "test_reversed"]
         assert watch.heartbeats_mid_transfer > 0  # heartbeats came between the result's chunks
         assert "suspected" not in watch.states and "lost" not in watch.states, watch.states
+        assert result.attempts == 1
         assert session.receiving_bytes == 0 and session.sending_bytes == 0
 
 
+@pytest.mark.timeout(WAIT_S + 60)  # pytest-timeout's own limit would interrupt the pool mid-transfer
 async def test_a_value_over_the_old_frame_limit_goes_to_an_ssh_host_and_back(
     ssh_hosts: Callable[..., TestHosts],
 ) -> None:
@@ -109,6 +113,7 @@ EIGHT_GIB = 8 * 2**30
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3 * WAIT_S + 60)
 async def test_an_8_gib_argument_goes_to_an_ssh_host_with_heartbeats_on_time(
     ssh_hosts: Callable[..., TestHosts], tmp_path: Path
 ) -> None:
@@ -143,3 +148,4 @@ async def test_an_8_gib_argument_goes_to_an_ssh_host_with_heartbeats_on_time(
         assert result.value == ("<f8", (count,), float(count * (count - 1) // 2), float(count - 1))
         assert watch.heartbeats > 0 and watch.finished[:2] == ["noop", "test_fingerprint"]
         assert "suspected" not in watch.states and "lost" not in watch.states, watch.states
+        assert result.attempts == 1

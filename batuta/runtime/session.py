@@ -339,7 +339,12 @@ class HostSession:
             with contextlib.suppress(Exception):
                 if self._drainer is None:
                     self._flush()
-                self._stream.write(self._conn.send(m.Shutdown(reason="coordinator closing")))
+                if self._conn.streaming:
+                    # a transfer still under way is abandoned, not written out whole here:
+                    # the end of the stream tells the agent (a Shutdown would wait behind it)
+                    self._conn.discard_transfers()
+                else:
+                    self._stream.write(self._conn.send(m.Shutdown(reason="coordinator closing")))
         self._open = False
         if self._drainer is not None:
             self._drainer.cancel()
