@@ -3,13 +3,14 @@
 A value over the old 256 MiB frame limit goes to an SSH host as a put and comes back as a
 result, both ways as streams of chunks; meanwhile the host's heartbeats keep arriving (some
 while the result is half received), another task completes, and liveness never suspects
-the host. The 8 GiB variant (an argument, in; its fingerprint, out) runs only where memory
-and disk allow (marked slow, skipped otherwise).
+the host. The 8 GiB variant (an argument, in; its fingerprint, out) is marked slow and runs
+when asked (BATUTA_TEST_8_GIB=1) and memory and disk allow; it skips saying why otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -119,6 +120,8 @@ async def test_an_8_gib_argument_goes_to_an_ssh_host_with_heartbeats_on_time(
 ) -> None:
     # The value is a memory-mapped .npy (the coordinator streams it from the page cache);
     # the agent receives it into shared memory that the slot maps: about 8 GiB in all.
+    if os.environ.get("BATUTA_TEST_8_GIB") != "1":
+        pytest.skip("moves 8 GiB through memory and disk: set BATUTA_TEST_8_GIB=1 to run it")
     needed = EIGHT_GIB + 4 * 2**30
     available = psutil.virtual_memory().available
     if available < needed:
