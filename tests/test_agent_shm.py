@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,8 +26,8 @@ def _run(value: np.ndarray) -> Run:
     return Run(tasks=(TaskRequest(task_id=1, slot=0, attempt=1, call=KernelCall(name="k", args=(value,))),))
 
 
-def _frame(parts: list[object]) -> bytes:
-    return b"".join(bytes(memoryview(part).cast("B")) for part in parts)  # type: ignore[arg-type]
+def _frame(parts: list[Any]) -> bytes:
+    return b"".join(bytes(memoryview(part).cast("B")) for part in parts)
 
 
 def test_an_argument_in_shared_memory_travels_as_a_reference_and_arrives_as_the_slots_own() -> None:

@@ -14,12 +14,13 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from batuta import Pool, Task, TaskStatus
-from batuta.protocol.chunks import DEFAULT_STREAM_MIN_BYTES
+from batuta.protocol.chunks import DEFAULT_CHUNK_BYTES, DEFAULT_STREAM_MIN_BYTES
 from batuta.runtime.builder import PoolConfig, local_host
 from batuta.runtime.session import HostSession
 from tests.test_pool import REPO, agent_pids
@@ -28,10 +29,10 @@ KERNELS = "tests.support.transfer_kernels"
 WAIT_S = 120.0  # a loaded 2-core box moving hundreds of megabytes through pipes
 
 
-def make_pool(slots: int = 2, **config: object) -> Pool:
+def make_pool(slots: int = 2, **config: Any) -> Pool:
     env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     host = local_host(slots, gpus="none", kernel_modules=[KERNELS], env=env)
-    return Pool([host], PoolConfig(**config))  # type: ignore[arg-type]
+    return Pool([host], PoolConfig(**config))
 
 
 @pytest.fixture
@@ -110,3 +111,25 @@ async def test_a_link_cut_while_a_put_streams_sends_it_again_to_the_relaunched_a
     assert not conn.streaming  # nothing of the old link's transfer is kept
     assert result.status is TaskStatus.SUCCEEDED, result.error
     assert result.value == ("<f8", (count,), float(count * (count - 1) // 2), float(count - 1))
+
+
+async def test_what_a_session_writes_at_once_is_bounded_by_its_high_water_mark_not_the_value(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count = 12 * DEFAULT_STREAM_MIN_BYTES // 8
+    session = session_of(pool)
+    stream = session._stream
+    assert stream is not None
+    writes: list[int] = []
+    write_parts = stream.write_parts
+
+    def record(parts: Any) -> None:
+        writes.append(sum(memoryview(part).nbytes for part in parts))
+        write_parts(parts)
+
+    monkeypatch.setattr(stream, "write_parts", record)  # a spy on this one stream
+    value = np.arange(count, dtype=np.float64)
+    result = await asyncio.wait_for(pool.run(Task.kernel("test_fingerprint", value)), WAIT_S)
+    assert result.value == ("<f8", (count,), float(count * (count - 1) // 2), float(count - 1))
+    assert sum(writes) > value.nbytes  # it all went through this stream...
+    assert max(writes) <= session.high_water + DEFAULT_CHUNK_BYTES + 4096  # ...a bounded piece at a time

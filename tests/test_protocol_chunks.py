@@ -21,6 +21,7 @@ from batuta.core.task import KernelCall, Outcome
 from batuta.protocol import (
     CLOSED,
     NEED_DATA,
+    PROTOCOL_VERSION,
     TAGS,
     Cancel,
     Connection,
@@ -28,6 +29,7 @@ from batuta.protocol import (
     Drop,
     FrameDecoder,
     Heartbeat,
+    Hello,
     LocalProtocolError,
     Message,
     Put,
@@ -35,6 +37,7 @@ from batuta.protocol import (
     Role,
     Run,
     SlotChanged,
+    SlotInfo,
     Started,
     TaskOutcome,
     TaskRequest,
@@ -183,13 +186,19 @@ def test_a_batch_that_fails_to_encode_commits_no_stream() -> None:
 def _pair() -> tuple[Connection, Connection]:
     coordinator = Connection(Role.COORDINATOR, stream_min_bytes=MIN, chunk_bytes=CHUNK)
     agent = Connection(Role.AGENT, stream_min_bytes=MIN, chunk_bytes=CHUNK)
-    from tests.support.codec import sample_messages
-
-    hello = next(msg for msg in sample_messages() if type(msg).__name__ == "Hello")
+    hello = Hello(
+        protocol=PROTOCOL_VERSION,
+        batuta_version="0",
+        python_version="3.11.0",
+        hostname="h",
+        pid=1,
+        cpu_count=2,
+        slots=(SlotInfo(slot=0, capabilities=("cpu",)), SlotInfo(slot=1, capabilities=("cpu",))),
+    )
     coordinator.receive_data(agent.send(hello))
     assert coordinator.next_event() == hello
-    agent.receive_data(coordinator.send(Welcome(protocol=hello.protocol, heartbeat_interval=1.0)))
-    agent.next_event()
+    agent.receive_data(coordinator.send(Welcome(protocol=PROTOCOL_VERSION, heartbeat_interval=1.0)))
+    assert isinstance(agent.next_event(), Welcome)
     return coordinator, agent
 
 
@@ -336,10 +345,11 @@ def test_a_malformed_transfer_is_refused_naming_what_was_wrong(case: str, data: 
 
 
 def test_a_streamed_array_on_a_link_that_does_not_stream_is_named() -> None:
+    from batuta.protocol._fields import Malformed
     from batuta.protocol._values import decode_ext
 
     malformed = decode_ext(EXT_ARRAY_STREAM, b"")
-    assert "does not stream" in malformed.reason  # type: ignore[attr-defined]
+    assert isinstance(malformed, Malformed) and "does not stream" in malformed.reason
 
 
 def test_a_decoder_after_an_error_frees_what_it_allocated() -> None:
