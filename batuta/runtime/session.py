@@ -219,11 +219,24 @@ class HostSession:
     async def _read_loop(self, generation: int) -> None:
         assert self._stream is not None and self._conn is not None
         stream, conn = self._stream, self._conn
+        # a stream that can read into memory it is given (a pipe) fills large frames and
+        # streamed arrays directly: no stream buffer, no bytes object, one copy
+        read_into: Callable[[memoryview], Awaitable[int]] | None = getattr(stream, "read_into", None)
         reason = "agent closed the stream"
         try:
             while True:
-                data = await stream.read()
-                conn.receive_data(data)
+                into = conn.receive_buffer() if read_into is not None else None
+                if into is not None and read_into is not None:
+                    count = await read_into(into)
+                    ended = not count
+                    if ended:
+                        conn.receive_data(b"")
+                    else:
+                        conn.received(count)
+                else:
+                    data = await stream.read()
+                    ended = not data
+                    conn.receive_data(data)
                 batch: list[m.Message] = []
                 while True:
                     event = conn.next_event()
@@ -234,7 +247,7 @@ class HostSession:
                     if generation != self.generation:
                         return
                     self._dispatch(batch)
-                if not data or event is CLOSED:
+                if ended or event is CLOSED:
                     if self.hello is None:
                         said = await stream.last_words(LAST_WORDS_WAIT_S)
                         reason = (

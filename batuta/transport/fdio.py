@@ -123,6 +123,74 @@ class FdReader:
                 os.close(self._fd)
 
 
+class FdPull:
+    """Reads from `fd` when asked (`await read(n)`, `await read_into(view)`), for a caller
+    that pulls: it waits for the fd to become readable only when nothing is there, and reads
+    into the caller's memory when given some (a large frame's buffer, a streamed array)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        self._loop = loop
+        self._fd = fd
+        self._closed = False
+        self._waiter: asyncio.Future[None] | None = None
+        os.set_blocking(fd, False)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _readable(self) -> None:
+        self._waiter = self._loop.create_future()
+        self._loop.add_reader(self._fd, self._wake)
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+            if not self._closed:
+                self._loop.remove_reader(self._fd)
+
+    async def read(self, size: int = READ_CHUNK) -> bytes:
+        """Up to `size` bytes; b"" at end of file (or once the fd broke or was closed)."""
+        while not self._closed:
+            try:
+                data = os.read(self._fd, size)
+            except (BlockingIOError, InterruptedError):
+                await self._readable()
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self.close()  # end of file: nothing more will come
+            return data
+        return b""
+
+    async def read_into(self, view: memoryview) -> int:
+        """Bytes read into the start of `view`; 0 at end of file."""
+        while not self._closed:
+            try:
+                count = os.readv(self._fd, [view])
+            except (BlockingIOError, InterruptedError):
+                await self._readable()
+                continue
+            except OSError:
+                count = 0
+            if not count:
+                self.close()
+            return count
+        return 0
+
+    def close(self) -> None:
+        """Close the fd; a read waiting on it returns end of file."""
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                self._loop.remove_reader(self._fd)
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._wake()
+
+
 class FdWriter:
     """Writes bytes to `fd` without blocking; buffers what the pipe cannot take yet.
 
