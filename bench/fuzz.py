@@ -6,7 +6,11 @@ kinds (each drawn from a seeded `random.Random`):
     valid      a well-formed Run / Cancel / StealBack / Put / Drop / Fetch / Code with random content
                (object refs included, to objects put or never put; code bundles that import,
                fail to parse or import a missing package; tasks naming those digests or none)
-    mutated    a valid frame with bytes flipped, inserted, deleted, cut or spliced
+    stream     a valid Put or Run whose arrays stream: the frame, then its chunk frames
+               (protocol/chunks.py), stream ids continuing the session's
+    mutated    a valid or streamed frame with bytes flipped, inserted, deleted, cut or spliced
+    chunk      a chunk frame for a stream never announced, finished or at a wrong offset, or
+               a frame whose streamed-array ext is malformed
     garbage    random bytes, with or without a plausible length prefix
     header     a length prefix over the limit, or zero
     body       a frame whose msgpack body is a random value, or a message array whose
@@ -52,15 +56,19 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its helpers beside it
 
 import msgpack
 import numpy as np
 import psutil
+from _fuzz_bytes import mutate, wire_body
 from batuta.kernels import registry
 
 from batuta.core.objects import ObjectRef
 from batuta.core.task import BinaryCall, KernelCall, Outcome
-from batuta.protocol.codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_message
+from batuta.protocol._values import EXT_ARRAY_STREAM
+from batuta.protocol.chunks import OutgoingStreams, chunk_frame
+from batuta.protocol.codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_message, encode_streamed_parts
 from batuta.protocol.connection import CLOSED, NEED_DATA, Connection, Role
 from batuta.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from batuta.protocol.messages import (
@@ -91,9 +99,11 @@ from batuta.protocol.messages import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-KINDS = ("valid", "mutated", "garbage", "header", "body", "direction")
-BAD_KINDS = KINDS[1:]
-BAD_WEIGHTS = (50, 10, 8, 17, 15)  # among frames that are not drawn valid
+KINDS = ("valid", "stream", "mutated", "garbage", "header", "body", "direction", "chunk")
+BAD_KINDS = KINDS[2:]
+BAD_WEIGHTS = (50, 10, 8, 17, 15, 10)  # among frames that are not drawn valid
+STREAMED_SHARE = 0.1  # of well-formed frames, those whose arrays stream
+STREAM_MIN_BYTES = 64  # the fuzzer streams small arrays, so that many chunks stay cheap
 PROBE_BASE = 1 << 60  # probe task ids; fuzzed ids stay far below
 SAFE_BINARIES = frozenset({"/bin/true", "/bin/echo"})
 MAX_SPIN_S = 0.02  # per frame, so probes come back quickly
@@ -203,56 +213,6 @@ def valid_message(
     return StealBack(slot=rnd.choice([0, 1, slots, 99]), task_ids=ids)
 
 
-def _mutate(rnd: random.Random, frame: bytes) -> bytes:
-    data = bytearray(frame)
-    for _ in range(rnd.randrange(1, 4)):
-        op = rnd.randrange(6)
-        pos = rnd.randrange(len(data) + 1)
-        if op == 0 and data:  # flip a bit
-            pos = min(pos, len(data) - 1)
-            data[pos] ^= 1 << rnd.randrange(8)
-        elif op == 1:  # insert
-            data[pos:pos] = rnd.randbytes(rnd.randrange(1, 8))
-        elif op == 2 and data:  # delete
-            del data[pos : pos + rnd.randrange(1, 8)]
-        elif op == 3:  # cut (keeping a byte: an empty write would mean nothing, or EOF to a model)
-            data = data[: max(1, pos)]
-        elif op == 4 and data:  # set an interesting byte
-            pos = min(pos, len(data) - 1)
-            data[pos] = rnd.choice([0x00, 0xFF, 0x7F, 0x80, 0xC1, 0xCE, 0xDC, 0xDD, 0xDE, 0xDF, 0xC7])
-        else:  # rewrite the length prefix to match (so the body's mutation is what is judged)
-            if len(data) >= 4:
-                data[:4] = struct.pack(">I", len(data) - 4)
-    return bytes(data)
-
-
-def _wire_body(rnd: random.Random) -> bytes:
-    """A frame whose body is random msgpack: a bare value, or a tagged array of wrong fields."""
-    if rnd.random() < 0.3:
-        body = msgpack.packb(_plain(rnd))
-    else:
-        tag = rnd.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 99, -1])
-        body = msgpack.packb([tag, *(_plain(rnd) for _ in range(rnd.randrange(5)))])
-    return struct.pack(">I", len(body)) + body
-
-
-def _plain(rnd: random.Random, depth: int = 0) -> Any:
-    pick = rnd.randrange(8 if depth < 3 else 5)
-    if pick == 0:
-        return rnd.randint(-(2**40), 2**64 - 1)
-    if pick == 1:
-        return rnd.random()
-    if pick == 2:
-        return "".join(chr(rnd.randrange(32, 127)) for _ in range(rnd.randrange(8)))
-    if pick == 3:
-        return rnd.choice([None, True, False, b"\x00\x01"])
-    if pick == 4:
-        return msgpack.ExtType(rnd.randrange(0, 128), rnd.randbytes(rnd.randrange(12)))
-    if pick in (5, 6):
-        return [_plain(rnd, depth + 1) for _ in range(rnd.randrange(5))]
-    return {str(rnd.randrange(9)): _plain(rnd, depth + 1) for _ in range(rnd.randrange(3))}
-
-
 def _wrong_direction(rnd: random.Random) -> bytes:
     message = rnd.choice(
         [
@@ -287,19 +247,69 @@ def valid_frame(rnd: random.Random, slots: int, next_id: list[int]) -> bytes:
             continue
 
 
-def make_frame(rnd: random.Random, kind: str, slots: int, next_id: list[int]) -> bytes:
-    """One frame (or frame-like bytes) of `kind`."""
+def _streamed_array(rnd: random.Random) -> np.ndarray:
+    dtype = rnd.choice(["<f8", ">i4", "u1", "?", "<c16"])
+    count = rnd.randrange(STREAM_MIN_BYTES, 4 * STREAM_MIN_BYTES)
+    values = np.frombuffer(rnd.randbytes(count * np.dtype(dtype).itemsize), dtype=dtype).copy()
+    return values.astype(bool) if dtype == "?" else values
+
+
+def streamed_frame(rnd: random.Random, slots: int, next_id: list[int], streams: OutgoingStreams) -> bytes:
+    """A valid Put or Run whose arrays stream: its frame followed by all its chunks."""
+    streams.chunk_bytes = rnd.choice([1, 7, 64, 1000])
+    if rnd.random() < 0.5:
+        message: Put | Run = Put(object_id=rnd.choice([1, 2, 3]), value=(_streamed_array(rnd), _value(rnd)))
+    else:
+        next_id[0] += 1
+        task = _task(rnd, next_id[0], slots)
+        call = KernelCall(name="noop", args=(_streamed_array(rnd), *(_value(rnd) for _ in range(rnd.randrange(2)))))
+        message = Run(tasks=(TaskRequest(task_id=task.task_id, slot=task.slot, attempt=1, call=call, code=task.code),))
+    try:
+        parts = encode_streamed_parts(message, streams)
+    except LocalProtocolError:  # a random extra argument the wire cannot carry
+        return valid_frame(rnd, slots, next_id)
+    return b"".join(bytes(memoryview(part).cast("B")) for part in parts)
+
+
+def _bad_chunk(rnd: random.Random, streams: OutgoingStreams) -> bytes:
+    """A chunk for a stream that is not open, or a streamed-array ext that is malformed."""
+    if rnd.random() < 0.6:
+        stream_id = rnd.choice([streams.next_id, streams.next_id + 1, max(0, streams.next_id - 1), 2**64 - 1])
+        data = rnd.randbytes(rnd.randrange(0, 32))
+        frame = b"".join(bytes(p) for p in chunk_frame(stream_id, rnd.choice([0, 1, 2**63]), memoryview(data)))
+        return frame
+    shape = rnd.choice([(0,), (4,), (1 << 40,), (2, 3)])
+    header = b"\x03<f8" + bytes((len(shape),)) + struct.pack(f">{len(shape)}Q", *shape)
+    stream_id = rnd.choice([streams.next_id, streams.next_id + 5])
+    ext = msgpack.ExtType(EXT_ARRAY_STREAM, header + struct.pack(">Q", stream_id)[: rnd.choice([8, 8, 3])])
+    body = msgpack.packb([14, rnd.choice([1, 2, 3]), ext])  # a Put
+    return struct.pack(">I", len(body)) + body
+
+
+def make_frame(
+    rnd: random.Random, kind: str, slots: int, next_id: list[int], streams: OutgoingStreams | None = None
+) -> bytes:
+    """One frame (or frame-like bytes) of `kind`. `streams` numbers streamed arrays: pass one
+    per agent session, so that its stream ids continue (a fresh one starts at 0)."""
+    if streams is None:
+        streams = OutgoingStreams(stream_min_bytes=STREAM_MIN_BYTES)
     if kind == "valid":
         return valid_frame(rnd, slots, next_id)
+    if kind == "stream":
+        return streamed_frame(rnd, slots, next_id, streams)
+    if kind == "chunk":
+        return _bad_chunk(rnd, streams)
     if kind == "mutated":
-        return _mutate(rnd, valid_frame(rnd, slots, next_id))
+        if rnd.random() < STREAMED_SHARE:
+            return mutate(rnd, streamed_frame(rnd, slots, next_id, streams))
+        return mutate(rnd, valid_frame(rnd, slots, next_id))
     if kind == "garbage":
         junk = rnd.randbytes(rnd.randrange(1, 64))
         return struct.pack(">I", len(junk)) + junk if rnd.random() < 0.5 else junk
     if kind == "header":
         return struct.pack(">I", rnd.choice([0, DEFAULT_MAX_FRAME_BYTES + 1, 2**32 - 1]))
     if kind == "body":
-        return _wire_body(rnd)
+        return wire_body(rnd)
     if kind == "direction":
         return _wrong_direction(rnd)
     if kind == "shutdown":
@@ -405,6 +415,7 @@ class AgentSession:
         self.stderr = bytearray()
         self.pending = bytearray()
         self.next_id = [0]
+        self.streams = OutgoingStreams(stream_min_bytes=STREAM_MIN_BYTES)  # what the fuzzer streams to it
         self.descendants: set[int] = set()
         self.ended = False
         self.model = Connection(Role.AGENT)
@@ -526,11 +537,16 @@ class AgentSession:
                     break
         except RemoteProtocolError:
             verdict = "fatal"
-        if verdict == "ok" and self.model_frames.buffered_bytes:
-            verdict = "partial"
+        if verdict == "ok" and (self.model_frames.buffered_bytes or self.model.receiving_bytes):
+            verdict = "partial"  # a frame or a streamed array cut short: EOF must end the agent
         self._send(frame)
         self.stats.frames += 1
         return verdict
+
+    @property
+    def expected_stream_id(self) -> int:
+        """The stream id the agent (as its model says) expects next."""
+        return self.model.expected_stream_id
 
     def probe(self) -> bool:
         """A noop task on slot 0 must come back: the agent is still serving."""
@@ -664,16 +680,18 @@ class Fuzzer:
         self._spare: AgentSession | None = None
         self._since_probe = 0
         self.cache = tempfile.mkdtemp(prefix="batuta-fuzz-cache-")
+
     def frames(self, rnd: random.Random, kinds: list[str], next_id: list[int] | None = None) -> None:
         """Send one frame of each kind in `kinds` (random content from `rnd`). Task ids count
         up from `next_id[0]` if given (so what is drawn depends on `rnd` alone, as hypothesis
         needs), else from the session's own counter."""
         for kind in kinds:
             session = self.session or self._start()
-            frame = make_frame(rnd, kind, self.slots, session.next_id if next_id is None else next_id)
+            session.streams.next_id = session.expected_stream_id  # after a mutated stream, say
+            frame = make_frame(rnd, kind, self.slots, session.next_id if next_id is None else next_id, session.streams)
             if not frame:
                 continue
-            if not is_safe(_decode_quietly(frame)):
+            if not all(is_safe(message) for message in _decode_quietly(frame, session.expected_stream_id)):
                 self.stats.skipped += 1
                 continue
             self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
@@ -710,19 +728,25 @@ class Fuzzer:
         return session
 
 
-def _decode_quietly(frame: bytes) -> Any:
+def _decode_quietly(frame: bytes, first_stream_id: int = 0) -> list[Any]:
+    """The messages in `frame`, those still waiting for chunks included (they may complete
+    later, and must be safe to run too)."""
     decoder = FrameDecoder()
+    decoder.streams.next_id = first_stream_id
     decoder.feed(frame)
-    try:
-        return decoder.next_message()
-    except RemoteProtocolError:
-        return None
+    messages: list[Any] = []
+    with contextlib.suppress(RemoteProtocolError):
+        while (message := decoder.next_message()) is not None:
+            messages.append(message)
+    return messages + decoder.streams.held_messages()
 
 
 def choose_kinds(rnd: random.Random, count: int, bad_fraction: float) -> list[str]:
     """`count` frame kinds: valid ones, and a `bad_fraction` of the others (most end a session)."""
     return [
-        "valid" if rnd.random() >= bad_fraction else rnd.choices(BAD_KINDS, weights=BAD_WEIGHTS)[0]
+        ("stream" if rnd.random() < STREAMED_SHARE else "valid")
+        if rnd.random() >= bad_fraction
+        else rnd.choices(BAD_KINDS, weights=BAD_WEIGHTS)[0]
         for _ in range(count)
     ]
 

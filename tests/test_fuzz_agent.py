@@ -58,7 +58,8 @@ HELLO = Hello(
 @given(rnd=st.randoms(use_true_random=False), kinds=st.lists(KIND, min_size=1, max_size=12), cut=st.integers(1, 97))
 def test_agent_connection_yields_messages_or_protocol_errors(rnd: random.Random, kinds: list[str], cut: int) -> None:
     agent = fuzz._agent_model(HELLO)
-    data = b"".join(fuzz.make_frame(rnd, kind, 2, [0]) for kind in kinds)
+    streams = fuzz.OutgoingStreams(stream_min_bytes=fuzz.STREAM_MIN_BYTES)  # stream ids go on across frames
+    data = b"".join(fuzz.make_frame(rnd, kind, 2, [0], streams) for kind in kinds)
     start = time.monotonic()
     try:
         for offset in range(0, len(data), cut):  # split anywhere: frames arrive in pieces
@@ -105,7 +106,7 @@ def test_real_agent_survives_random_and_mutated_frames(fuzzer: object) -> None:
         rnd=st.randoms(use_true_random=False),
         # Well-formed frames, then at most one bad one (most end the session: a restart each).
         kinds=st.tuples(st.integers(1, 10), st.none() | st.sampled_from(fuzz.BAD_KINDS)).map(
-            lambda drawn: ["valid"] * drawn[0] + ([drawn[1]] if drawn[1] else [])
+            lambda drawn: ["valid", "stream"] * (drawn[0] // 2) + ([drawn[1]] if drawn[1] else [])
         ),
     )
     def property(rnd: random.Random, kinds: list[str]) -> None:

@@ -107,13 +107,6 @@ async def test_a_restarted_slot_process_gets_the_value_again(pool: Pool) -> None
     assert all(r.is_success() and r.value == pytest.approx(499_500.0) for r in results), [r.error for r in results]
 
 
-def test_a_value_over_the_frame_limit_is_refused_at_put_with_the_fix() -> None:
-    from batuta.runtime.objects import ObjectTable
-
-    with pytest.raises(UsageError, match=r"exceeds the 268435456-byte limit; put the value in parts"):
-        ObjectTable().put(np.zeros(300 * 1024 * 1024, dtype=np.uint8))  # calloc: no memory is touched
-
-
 async def test_a_burst_of_submissions_goes_to_a_slot_in_one_run(pool: Pool, sent: list[m.Message]) -> None:
     """Submissions of one loop turn are scheduled together: the first Run to a hungry slot
     carries a window's worth of tasks, not one task per message."""

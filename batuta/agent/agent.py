@@ -25,7 +25,10 @@ What it does, in the order a session goes:
 Outgoing messages are collected during one pass of the event loop and written with one
 `send_many` call (scheduled with `call_soon`): `Started` ids first, without those whose
 result goes out in the same write, then everything else in the order it happened, with
-consecutive results merged into `Done` frames.
+consecutive results merged into `Done` frames. Large result arrays stream
+(`protocol/chunks.py`): their chunks go out while the stdout pipe holds less than
+`CHUNK_HIGH_WATER` bytes, and each write of messages goes in between, so heartbeats and other
+results are never stuck behind a large value.
 
 A `Run` for a slot this agent does not have is answered with an "error" outcome per task.
 A `Run` for a slot that is down is not answered: "down" already handed every task of that
@@ -49,6 +52,7 @@ from batuta.agent.code import CodeLoader, cache_root, module_source_digest, stal
 from batuta.agent.execute import print_error
 from batuta.agent.objects import ObjectStore, default_cap, host_memory, parse_object_memory
 from batuta.agent.options import AgentOptions
+from batuta.agent.shm import SharedArena
 from batuta.agent.spawn import SlotProcess, preload_for_fork, spawn_mode
 from batuta.agent.supervisor import SlotSupervisor
 from batuta.agent.telemetry import TelemetrySource, package_versions
@@ -86,6 +90,7 @@ from batuta.transport.fdio import FdReader, FdWriter
 
 DONE_MAX_RESULTS = 1024  # results per Done frame
 DONE_MAX_BYTES = 32 * 1024 * 1024  # estimated payload per Done frame, well under the frame limit
+CHUNK_HIGH_WATER = 8 * 2**20  # chunk bytes queued on stdout before the agent waits for it to drain
 DRAIN_TIMEOUT_S = 5.0  # how long a Bye or Error may take to reach the coordinator at exit
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -150,7 +155,9 @@ class Agent:
         self._frames_out = frames_out
         self._gpus = gpus
         self._gpu_slots = gpu_slots
-        self._conn = Connection(Role.AGENT)
+        # large frames and streamed arrays land in shared memory, which slots map (shm.py)
+        self._arena = SharedArena()
+        self._conn = Connection(Role.AGENT, allocate=self._arena.allocate)
         self._host_name = options.name or os.uname().nodename
         self._code = CodeLoader(self._host_name)
         self._spawn_mode = spawn_mode()
@@ -170,6 +177,7 @@ class Agent:
         self._finished_ids: set[int] = set()
         self._outbox: list[Message | _DoneBatch] = []
         self._flush_scheduled = False
+        self._chunk_pump: asyncio.Task[None] | None = None  # waits for stdout to drain, then sends more chunks
         self._touched: set[SlotSupervisor] = set()  # slots whose queue changed in this read
         memory_total = host_memory()
         cap = (
@@ -283,11 +291,27 @@ class Agent:
             return
         try:  # the usual path: a vectored write, result arrays not joined into one bytes first
             self._writer.write_parts(self._conn.send_many_parts(messages))
-            return
         except LocalProtocolError:
             data = self._encode_one_by_one(messages)
-        if data:
-            self._writer.write(data)
+            if data:
+                self._writer.write(data)
+        self._send_chunks()
+
+    def _send_chunks(self) -> None:
+        """Write chunks of streaming results while stdout holds less than CHUNK_HIGH_WATER;
+        past it, wait for the pipe to drain (a task), then go on."""
+        writer, conn = self._writer, self._conn
+        if writer is None or self._chunk_pump is not None or self._stopping:
+            return
+        while conn.streaming and writer.buffered < CHUNK_HIGH_WATER and not writer.failed:
+            writer.write_parts(conn.next_chunk_parts(CHUNK_HIGH_WATER))
+        if conn.streaming and not writer.failed and self._loop is not None:
+            self._chunk_pump = self._loop.create_task(self._await_drain(writer))
+
+    async def _await_drain(self, writer: FdWriter) -> None:
+        await writer.drain()
+        self._chunk_pump = None
+        self._send_chunks()
 
     def _encode_one_by_one(self, messages: list[Message]) -> bytes | None:
         """The slow path after a batch failed to encode: send what can be sent, turn a result
@@ -332,6 +356,20 @@ class Agent:
             return
         try:
             self._conn.receive_data(data)
+        except RemoteProtocolError as exc:
+            self._fail(f"protocol error from the coordinator: {exc}", send_error=True)
+            return
+        self._take_messages()
+
+    def _on_received(self, nbytes: int) -> None:
+        """Bytes read straight into a large frame's buffer or a streamed array."""
+        if self._stopping:
+            return
+        self._conn.received(nbytes)
+        self._take_messages()
+
+    def _take_messages(self) -> None:
+        try:
             while True:
                 event = self._conn.next_event()
                 if event is NEED_DATA:
@@ -520,6 +558,9 @@ class Agent:
         self._stopping = True
         if self._heartbeat_timer is not None:
             self._heartbeat_timer.cancel()
+        if self._chunk_pump is not None:
+            self._chunk_pump.cancel()
+            self._chunk_pump = None
         if self._reader is not None:
             self._reader.stop()
         self.stop_slots()
@@ -581,6 +622,7 @@ class Agent:
                 spawn_mode=self._spawn_mode,
                 objects=self._objects,
                 code=self._code.current,
+                locate=self._arena.locate,
             )
             self._slots[info.slot] = slot
             slot.start()
@@ -612,7 +654,13 @@ class Agent:
                     limit_loaded_blas(slot_share(len(cpu_infos)))
             self._spawn_slots(cpu_infos, [cpu_env] * len(cpu_infos))
             self._spawn_slots(gpu_infos, [{**base_env, **env} for _, env in self._gpu_slots])
-            self._reader = FdReader(loop, self._frames_in, self._on_input)
+            self._reader = FdReader(
+                loop,
+                self._frames_in,
+                self._on_input,
+                receive_buffer=self._conn.receive_buffer,
+                on_received=self._on_received,
+            )
 
             code = await self._exit
             with contextlib.suppress(asyncio.TimeoutError):

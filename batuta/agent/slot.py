@@ -45,6 +45,7 @@ import sys
 import time
 from collections import deque
 from types import FrameType
+from typing import Any
 
 from batuta.agent.code import SlotCode, stale_error
 from batuta.agent.execute import (
@@ -53,9 +54,11 @@ from batuta.agent.execute import (
     one_line,
     run_binary,
 )
+from batuta.agent.shm import SharedReader
 from batuta.core.objects import refs_in, replace_refs
 from batuta.core.task import KernelCall, Outcome
-from batuta.protocol.codec import FrameDecoder, encode_message
+from batuta.protocol.chunks import OutgoingStreams
+from batuta.protocol.codec import FrameDecoder, encode_message, encode_streamed_parts
 from batuta.protocol.messages import (
     Cancel,
     Done,
@@ -72,6 +75,7 @@ _BATCH_MAX_RESULTS = 64
 _BATCH_MAX_AGE_S = 0.001
 _QUICK_S = 50e-6  # a task this short may run while results wait to be batched
 _READ_CHUNK = 256 * 1024
+_IOV_MAX = 1024  # buffers one writev takes on Linux
 
 
 def _claim_stdio() -> tuple[int, int]:
@@ -120,14 +124,18 @@ class SlotWorker:
         frames_out: int,
         kernel_modules: tuple[str, ...],
         code: SlotCode | None = None,
+        agent_pid: int = 0,
     ) -> None:
         self._slot = slot
         self._code = code if code is not None else SlotCode()
         self._in = frames_in
         self._out = frames_out
-        self._decoder = FrameDecoder()
+        # task arguments in the agent's shared memory are read from there, not from the pipe (shm.py)
+        self._decoder = FrameDecoder(shared=SharedReader(agent_pid).array if agent_pid else None)
         self._waiting: deque[TaskRequest] = deque()  # TaskRequests received, not yet run
-        self._results: list[bytes] = []  # encoded Done frames not yet written
+        self._results: list[Any] = []  # buffers of encoded Done frames not yet written (arrays not copied)
+        self._result_count = 0  # results in `_results`
+        self._streams = OutgoingStreams()  # large result arrays go as chunks right behind their frame
         self._oldest_result_at = 0.0
         self._eof = False
         self._poller = select.poll()
@@ -144,6 +152,20 @@ class SlotWorker:
         """Read what is there (or block for it when `wait`), then take in every whole frame."""
         if not wait and not self._poller.poll(0):
             return
+        into = self._decoder.receive_buffer()  # a large frame or a streamed array: read straight into it
+        if into is not None:
+            try:
+                count = os.readv(self._in, [into])
+            except InterruptedError:
+                return
+            except OSError:
+                count = 0
+            if not count:
+                self._eof = True
+                return
+            self._decoder.received(count)
+            self._take_messages()
+            return
         try:
             data = os.read(self._in, _READ_CHUNK)
         except InterruptedError:
@@ -154,6 +176,9 @@ class SlotWorker:
             self._eof = True
             return
         self._decoder.feed(data)
+        self._take_messages()
+
+    def _take_messages(self) -> None:
         while (message := self._decoder.next_message()) is not None:
             if isinstance(message, Run):
                 self._waiting.extend(message.tasks)
@@ -192,7 +217,7 @@ class SlotWorker:
 
     def _add_result(self, outcome: TaskOutcome) -> None:
         try:
-            frame = encode_message(Done(results=(outcome,)))
+            frame = encode_streamed_parts(Done(results=(outcome,)), self._streams)
         except Exception as exc:
             what = "result" if outcome.status is Outcome.OK else "outcome"
             replacement = TaskOutcome(
@@ -203,31 +228,41 @@ class SlotWorker:
                 error=one_line(f"the task's {what} cannot be sent to the coordinator: {describe_exception(exc)}"),
                 run_s=outcome.run_s,
             )
-            frame = encode_message(Done(results=(replacement,)))
+            frame = encode_streamed_parts(Done(results=(replacement,)), self._streams)
         if not self._results:
             self._oldest_result_at = time.perf_counter()
-        self._results.append(frame)
+        self._results += frame
+        self._result_count += 1
 
-    def _send(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
+    def _send(self, parts: list[Any]) -> None:
+        """Write the buffers in order with vectored writes, from where they lie (a result's
+        arrays are not joined into one bytes object first)."""
+        views = [memoryview(part).cast("B") for part in parts if len(part)]
+        while views:
             try:
-                written = os.write(self._out, view)
+                written = os.writev(self._out, views[:_IOV_MAX])
             except InterruptedError:
                 continue
             except OSError:
                 # The agent is gone; nothing left to do for anyone.
                 self._eof = True
                 return
-            view = view[written:]
+            done = 0
+            while done < len(views) and written >= len(views[done]):
+                written -= len(views[done])
+                done += 1
+            del views[:done]
+            if views and written:
+                views[0] = views[0][written:]
 
     def _flush(self) -> None:
         if self._results:
-            frames, self._results = self._results, []
-            self._send(b"".join(frames))
+            parts, self._results = self._results, []
+            self._result_count = 0
+            self._send(parts)
 
     def _should_flush(self) -> bool:
-        count = len(self._results)
+        count = self._result_count
         return (
             count >= len(self._waiting)
             or count >= _BATCH_MAX_RESULTS
@@ -287,7 +322,7 @@ class SlotWorker:
             )
 
     def run(self) -> int:
-        self._send(encode_message(SlotChanged(slot=self._slot, state="up")))
+        self._send([encode_message(SlotChanged(slot=self._slot, state="up"))])
         while not self._eof:
             if not self._waiting:
                 self._flush()
@@ -355,7 +390,14 @@ def serve(
     """Run slot `slot` on the given frame fds until EOF; shared by the fork and exec paths."""
     _name_process(slot)
     _arm_parent_death(agent_pid)
-    worker = SlotWorker(slot=slot, frames_in=frames_in, frames_out=frames_out, kernel_modules=kernel_modules, code=code)
+    worker = SlotWorker(
+        slot=slot,
+        frames_in=frames_in,
+        frames_out=frames_out,
+        kernel_modules=kernel_modules,
+        code=code,
+        agent_pid=agent_pid,
+    )
     return worker.run()
 
 

@@ -64,7 +64,7 @@ import os
 import signal
 import subprocess
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from batuta.agent.code import SlotCode, stale_error
@@ -72,7 +72,8 @@ from batuta.agent.execute import describe_exit, print_error
 from batuta.agent.spawn import SlotProcess, spawn_slot
 from batuta.core.objects import refs_in
 from batuta.core.task import KernelCall, Outcome
-from batuta.protocol.codec import FrameDecoder, encode_message, encode_message_parts
+from batuta.protocol.chunks import OutgoingStreams
+from batuta.protocol.codec import FrameDecoder, encode_message, encode_streamed_parts
 from batuta.protocol.errors import LocalProtocolError
 from batuta.protocol.messages import (
     SLOT_DOWN,
@@ -136,6 +137,7 @@ class SlotSupervisor:
         spawn_mode: str = "fork",
         objects: Mapping[int, object] | None = None,
         code: SlotCode | None = None,
+        locate: Callable[[Any], bytes | None] | None = None,
     ) -> None:
         self.info = info
         self._code = code if code is not None else SlotCode()  # what tasks must name, from now on
@@ -162,6 +164,8 @@ class SlotSupervisor:
         self._reader: FdReader | None = None
         self._writer: FdWriter | None = None
         self._decoder = FrameDecoder()
+        self._to_slot = OutgoingStreams()  # large arrays go down the pipe as chunks, right behind their frame
+        self._locate = locate  # task arguments in the agent's shared memory go as references to it (shm.py)
         self._ready = False
         self._announce_up = False  # send SlotChanged "up" when the current process is ready
         self._failed_starts = 0
@@ -217,9 +221,17 @@ class SlotSupervisor:
         self._proc = proc
         self._proc_code = self._code
         self._decoder = FrameDecoder()
+        self._to_slot = OutgoingStreams()  # a new pipe numbers its streams from 0
         self._sent_objects = set()  # a new process holds nothing yet
         self._ready = False
-        self._reader = FdReader(self._loop, from_slot, self._on_slot_data)
+        decoder = self._decoder
+        self._reader = FdReader(
+            self._loop,
+            from_slot,
+            self._on_slot_data,
+            receive_buffer=decoder.receive_buffer,
+            on_received=self._on_slot_received,
+        )
         self._writer = FdWriter(self._loop, to_slot)
         self.pump()
 
@@ -329,7 +341,7 @@ class SlotSupervisor:
             writer.write_parts(puts)
             return
         try:
-            parts = encode_message_parts(Run(tasks=tuple(batch)))
+            parts = encode_streamed_parts(Run(tasks=tuple(batch)), self._to_slot, locate=self._locate)
         except LocalProtocolError:
             parts = self._encode_one_by_one(batch)
         self.fed.extend(batch)
@@ -360,7 +372,7 @@ class SlotSupervisor:
                         self._outcome(request, Outcome.ERROR, f"object {object_id} is not on this host", 0.0)
                     )
                     break
-                parts += encode_message_parts(Put(object_id=object_id, value=self._objects[object_id]))
+                parts += encode_streamed_parts(Put(object_id=object_id, value=self._objects[object_id]), self._to_slot)
                 self._sent_objects.add(object_id)
         return parts
 
@@ -380,7 +392,7 @@ class SlotSupervisor:
         parts: list[Any] = []
         for request in list(batch):
             try:
-                parts += encode_message_parts(Run(tasks=(request,)))
+                parts += encode_streamed_parts(Run(tasks=(request,)), self._to_slot, locate=self._locate)
             except LocalProtocolError as exc:
                 batch.remove(request)
                 self._held.pop(request.task_id, None)
@@ -409,11 +421,19 @@ class SlotSupervisor:
 
     # -- what the slot process says -------------------------------------------------------
 
+    def _on_slot_received(self, nbytes: int) -> None:
+        """Bytes read straight into a large result frame or a streamed result array."""
+        self._decoder.received(nbytes)
+        self._take_results()
+
     def _on_slot_data(self, data: bytes) -> None:
         if not data:
             self._on_process_exit()
             return
         self._decoder.feed(data)
+        self._take_results()
+
+    def _take_results(self) -> None:
         try:
             while (message := self._decoder.next_message()) is not None:
                 if isinstance(message, Done):

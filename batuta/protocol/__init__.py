@@ -1,9 +1,10 @@
 """Protocol: sans-I/O framing and codec for the coordinator <-> host agent byte stream.
 
 `messages` holds the message dataclasses, `codec` turns them into length-prefixed msgpack
-frames and back (`encode_message`, `FrameDecoder`), and `connection` is the h11-style state
-machine over one stream (`Connection`: `receive_data`, `next_event`, `send`). Nothing here
-touches a socket or an event loop.
+frames and back (`encode_message`, `FrameDecoder`), `chunks` streams large arrays behind their
+frame as chunk frames (`OutgoingStreams`, `StreamAssembler`), and `connection` is the
+h11-style state machine over one stream (`Connection`: `receive_data`, `next_event`, `send`,
+`next_chunk_parts`). Nothing here touches a socket or an event loop.
 """
 
 from __future__ import annotations

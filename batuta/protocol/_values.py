@@ -13,17 +13,23 @@ Array and scalar ext payloads::
 
     EXT_SCALAR: dtype_len | dtype | raw bytes (itemsize)
 
+    EXT_ARRAY_STREAM: dtype_len | dtype | ndim | shape | stream id: uint64 BE
+    EXT_ARRAY_SHARED: dtype_len | dtype | ndim | shape | locator (agent to slot only: see
+                      batuta/agent/shm.py; every other link refuses it)
+
 Byte order is kept (`>i4` comes back `>i4`). Arrays travel in C order: a Fortran-ordered or
 strided array arrives C-contiguous with the same values. Arrays of `OOB_MIN_BYTES` or more
 travel out-of-band (see `codec.py`) and decode as views into the received frame; smaller ones
-travel inside the ext and decode as (writable) copies.
+travel inside the ext and decode as (writable) copies. When the sender streams, arrays of
+its `stream_min_bytes` or more travel after the frame as chunks (`chunks.py`), and decode
+as arrays the receiver allocated from the ext and fills as the chunks arrive.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
@@ -47,6 +53,8 @@ __all__ = [
     "ALIGN",
     "EXT_ARRAY",
     "EXT_ARRAY_OOB",
+    "EXT_ARRAY_SHARED",
+    "EXT_ARRAY_STREAM",
     "EXT_REF",
     "EXT_SCALAR",
     "EXT_TUPLE",
@@ -55,12 +63,15 @@ __all__ = [
     "OobReader",
     "OobWriter",
     "aligned_empty",
+    "check_bools",
     "check_value",
     "decode_args",
     "decode_ext",
     "decode_value",
     "encode_args",
     "encode_value",
+    "parse_shared_ext",
+    "parse_stream_ext",
 ]
 
 ALIGN = 64
@@ -79,6 +90,8 @@ EXT_ARRAY_OOB = 2
 EXT_SCALAR = 3
 EXT_TUPLE = 4
 EXT_REF = 5  # an ObjectRef: 8 bytes of object id
+EXT_ARRAY_STREAM = 6  # an array whose bytes follow as the chunks of one stream
+EXT_ARRAY_SHARED = 7  # an array in shared memory the receiver maps (agent to slot)
 
 _U64 = struct.Struct(">Q")
 _SHAPES = tuple(struct.Struct(f">{n}Q") for n in range(MAX_NDIM + 1))
@@ -102,13 +115,27 @@ _VALUE_TYPES = (
 
 
 class OobWriter:
-    """Collects the arrays a message sends out-of-band and assigns their aligned offsets."""
+    """Collects the arrays a message sends out-of-band and assigns their aligned offsets.
 
-    __slots__ = ("buffers", "size")
+    With `stream_min_bytes`, arrays at least that large are streamed instead: each gets the
+    next stream id from `first_stream_id` on and joins `streamed`, for the caller to send as
+    chunks after the frame (and to commit the ids only once the frame is sure to go)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("buffers", "first_stream_id", "locate", "size", "stream_min_bytes", "streamed")
+
+    def __init__(
+        self,
+        *,
+        stream_min_bytes: int | None = None,
+        first_stream_id: int = 0,
+        locate: Callable[[np.ndarray], bytes | None] | None = None,
+    ) -> None:
         self.buffers: list[tuple[int, np.ndarray]] = []
+        self.locate = locate  # where an array lies in shared memory the receiver can map, if it does
         self.size = 0  # bytes of the buffer region so far
+        self.stream_min_bytes = stream_min_bytes
+        self.first_stream_id = first_stream_id
+        self.streamed: list[np.ndarray] = []  # flat uint8 views, stream ids in order
 
     def add(self, flat: np.ndarray) -> int:
         offset = -(-self.size // ALIGN) * ALIGN
@@ -149,6 +176,15 @@ def _encode_array(arr: np.ndarray, oob: OobWriter) -> msgpack.ExtType:
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)
     header = bytes((len(key),)) + key + bytes((arr.ndim,)) + _SHAPES[arr.ndim].pack(*arr.shape)
+    if oob.locate is not None and arr.nbytes >= OOB_MIN_BYTES:
+        locator = oob.locate(arr.reshape(-1).view(np.uint8))
+        if locator is not None:
+            return msgpack.ExtType(EXT_ARRAY_SHARED, header + locator)
+    stream_min = oob.stream_min_bytes
+    if stream_min is not None and arr.nbytes >= stream_min and arr.nbytes:
+        stream_id = oob.first_stream_id + len(oob.streamed)
+        oob.streamed.append(arr.reshape(-1).view(np.uint8))
+        return msgpack.ExtType(EXT_ARRAY_STREAM, header + _U64.pack(stream_id))
     if arr.nbytes >= OOB_MIN_BYTES:
         offset = oob.add(arr.reshape(-1).view(np.uint8))
         return msgpack.ExtType(EXT_ARRAY_OOB, header + _U64.pack(offset))
@@ -265,6 +301,25 @@ def _parse_header(data: bytes, with_shape: bool) -> tuple[np.dtype[Any], tuple[i
     return dtype, _SHAPES[ndim].unpack_from(data, key_end + 1), end
 
 
+def parse_stream_ext(data: bytes) -> tuple[np.dtype[Any], tuple[int, ...], int]:
+    """(dtype, shape, stream id) of an EXT_ARRAY_STREAM payload; ValueError if malformed."""
+    dtype, shape, pos = _parse_header(data, True)
+    if len(data) != pos + 8:
+        raise ValueError("expected an 8-byte stream id after the shape")
+    return dtype, shape, _U64.unpack_from(data, pos)[0]
+
+
+def parse_shared_ext(data: bytes) -> tuple[np.dtype[Any], tuple[int, ...], bytes]:
+    """(dtype, shape, locator) of an EXT_ARRAY_SHARED payload; ValueError if malformed."""
+    dtype, shape, pos = _parse_header(data, True)
+    return dtype, shape, bytes(data[pos:])
+
+
+def check_bools(arr: np.ndarray) -> None:
+    """ValueError if a bool array holds bytes other than 0 and 1 (NumPy would misread them)."""
+    _check_bools(arr)
+
+
 def _check_bools(arr: np.ndarray) -> None:
     if arr.dtype.kind == "b" and arr.size and arr.view(np.uint8).max() > 1:
         raise ValueError("bool data holds bytes other than 0 and 1")
@@ -298,6 +353,10 @@ def decode_ext(code: int, data: bytes) -> object:
             return ObjectRef(_U64.unpack(data)[0])
         if code == EXT_ARRAY_OOB:
             return Malformed("out-of-band array in a frame without out-of-band buffers")
+        if code == EXT_ARRAY_STREAM:
+            return Malformed("streamed array on a link that does not stream")
+        if code == EXT_ARRAY_SHARED:
+            return Malformed("shared-memory array on a link without shared memory")
         return Malformed(f"unknown ext type {code}")
     except Exception as exc:  # whatever numpy says about a hostile payload, it is a protocol error
         return Malformed(f"bad ext {code} payload: {exc}")
@@ -310,16 +369,17 @@ class OobReader:
     arrays never share memory.
     """
 
-    __slots__ = ("cursor", "frame", "region")
+    __slots__ = ("cursor", "fallback", "frame", "region")
 
-    def __init__(self, frame: np.ndarray, region: int) -> None:
+    def __init__(self, frame: np.ndarray, region: int, fallback: Callable[[int, bytes], object] = decode_ext) -> None:
         self.frame = frame
         self.region = region
         self.cursor = region
+        self.fallback = fallback  # for every other ext
 
     def hook(self, code: int, data: bytes) -> object:
         if code != EXT_ARRAY_OOB:
-            return decode_ext(code, data)
+            return self.fallback(code, data)
         try:
             dtype, shape, pos = _parse_header(data, True)
             if len(data) != pos + 8:

@@ -20,6 +20,10 @@ Frame layout (integers in headers are big-endian)::
   position after the body; buffers follow in the order of their exts, without overlap, and
   the last one ends the frame.
 
+A link that streams sends arrays of its `stream_min_bytes` or more after the frame, as chunk
+frames (payloads starting 0xcf; see `chunks.py`): the frame's size no longer depends on them,
+so values of any size travel.
+
 The message array is described in `_wire.py`; values (kernel arguments and results) and the
 array and scalar ext formats in `_values.py`. No pickle anywhere.
 
@@ -38,8 +42,17 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from batuta.protocol._values import ALIGN, OOB_MIN_BYTES, OobReader, OobWriter, aligned_empty, check_value, decode_ext
+from batuta.protocol._values import ALIGN, OOB_MIN_BYTES, OobReader, OobWriter, aligned_empty, check_value
 from batuta.protocol._wire import TAGS, from_wire, to_wire
+from batuta.protocol.chunks import (
+    CHUNK_MARK,
+    CHUNK_PREFIX,
+    DEFAULT_MAX_VALUE_BYTES,
+    Allocator,
+    OutgoingStreams,
+    SharedArrays,
+    StreamAssembler,
+)
 from batuta.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from batuta.protocol.messages import Message
 
@@ -56,6 +69,7 @@ __all__ = [
     "check_value",
     "encode_message",
     "encode_messages",
+    "encode_streamed_parts",
 ]
 
 DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024
@@ -69,6 +83,9 @@ _OOB_PREFIX = struct.Struct(">BI")
 _OOB_MARK = 0xCE  # msgpack's uint32 marker, which starts an out-of-band payload
 _OOB_BODY = 4 + _OOB_PREFIX.size  # where an out-of-band frame's message body starts
 _FRAME_LIMIT = (1 << 32) - 1  # what a uint32 length can say
+
+Locator = Callable[[np.ndarray], "bytes | None"]
+"""Where a flat uint8 array lies in shared memory the receiver can map (see `_values.OobWriter`)."""
 
 
 # -- frames: encoding ------------------------------------------------------------------------
@@ -99,9 +116,22 @@ def _find_unencodable(value: Any, path: str, depth: int = 0) -> str | None:
     return None
 
 
-def _frame_parts(msg: Message, max_frame_bytes: int) -> list[Any]:
-    """The pieces of one frame, to be joined: header, body and any out-of-band buffers."""
-    oob = OobWriter()
+def _frame_parts(
+    msg: Message,
+    max_frame_bytes: int,
+    streams: OutgoingStreams | None = None,
+    staged: list[Any] | None = None,
+    locate: Locator | None = None,
+) -> list[Any]:
+    """The pieces of one frame, to be joined: header, body and any out-of-band buffers. With
+    `streams`, large arrays are staged (appended to `staged`) instead, for the caller to commit;
+    with `locate`, arrays in shared memory go as references to it."""
+    if streams is None:
+        oob = OobWriter(locate=locate)
+    else:
+        assert staged is not None
+        first = streams.next_id + len(staged)
+        oob = OobWriter(stream_min_bytes=streams.stream_min_bytes, first_stream_id=first, locate=locate)
     wire = to_wire(msg, oob)
     message_name = type(msg).__name__
     try:
@@ -109,6 +139,8 @@ def _frame_parts(msg: Message, max_frame_bytes: int) -> list[Any]:
     except Exception as exc:  # msgpack's own refusal, e.g. a str with lone surrogates
         where = _find_unencodable(msg, message_name)
         raise LocalProtocolError(where or f"cannot encode {message_name}: {exc}") from None
+    if staged is not None:
+        staged += oob.streamed
     if not oob.buffers:
         _check_size(message_name, len(body), max_frame_bytes)
         return [_HEADER.pack(len(body)), body]
@@ -156,12 +188,35 @@ def encode_messages(msgs: Iterable[Message], *, max_frame_bytes: int = DEFAULT_M
     return b"".join(encode_messages_parts(msgs, max_frame_bytes=max_frame_bytes))
 
 
-def encode_messages_parts(msgs: Iterable[Message], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> list[Any]:
-    """Several frames as buffers for one vectored write (see `encode_message_parts`)."""
+def encode_messages_parts(
+    msgs: Iterable[Message],
+    *,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    streams: OutgoingStreams | None = None,
+    locate: Locator | None = None,
+) -> list[Any]:
+    """Several frames as buffers for one vectored write (see `encode_message_parts`).
+
+    With `streams`, large arrays are left out of the frames and committed to `streams` (only
+    if every message encodes), whose chunks the caller then sends after these frames."""
     parts: list[Any] = []
+    if streams is None:
+        for msg in msgs:
+            parts += _frame_parts(msg, max_frame_bytes)
+        return parts
+    staged: list[Any] = []
     for msg in msgs:
-        parts += _frame_parts(msg, max_frame_bytes)
+        parts += _frame_parts(msg, max_frame_bytes, streams, staged, locate)
+    streams.commit(staged)
     return parts
+
+
+def encode_streamed_parts(msg: Message, streams: OutgoingStreams, *, locate: Locator | None = None) -> list[Any]:
+    """`msg`'s frame followed at once by the chunks of every stream `streams` has open: for a
+    pipe to a local process, where nothing needs to overtake them. With `locate`, arrays in
+    shared memory go as references to it (`batuta/agent/shm.py`). Raises LocalProtocolError."""
+    parts = encode_messages_parts((msg,), streams=streams, locate=locate)
+    return parts + streams.all_chunk_parts()
 
 
 # -- frames: decoding ------------------------------------------------------------------------
@@ -196,22 +251,32 @@ def _unpack(data: Any, size: int, ext_hook: Callable[[int, bytes], object]) -> A
         raise RemoteProtocolError(f"frame body is not valid msgpack: {exc}") from None
 
 
-def _decode_frame(frame: np.ndarray) -> Message:
+def _decode_frame(frame: np.ndarray, ext_hook: Callable[[int, bytes], object]) -> Message:
     """Decode a whole frame held in its own aligned buffer (out-of-band or large)."""
     total = len(frame)
     if frame[4] != _OOB_MARK:
-        return from_wire(_unpack(frame[4:], total - 4, decode_ext))
+        return from_wire(_unpack(frame[4:], total - 4, ext_hook))
     if total < _OOB_BODY:
         raise RemoteProtocolError(f"out-of-band frame of {total - 4} bytes is too short")
     body_len = int.from_bytes(frame[5:_OOB_BODY].tobytes(), "big")
     body_end = _OOB_BODY + body_len
     if body_end > total:
         raise RemoteProtocolError(f"out-of-band frame announces a {body_len}-byte body but holds {total - _OOB_BODY}")
-    reader = OobReader(frame, -(-body_end // ALIGN) * ALIGN)
+    reader = OobReader(frame, -(-body_end // ALIGN) * ALIGN, ext_hook)
     msg = from_wire(_unpack(frame[_OOB_BODY:body_end], body_len, reader.hook))
     if reader.cursor != total:
         raise RemoteProtocolError(f"out-of-band frame has {total - reader.cursor} stray bytes after its last buffer")
     return msg
+
+
+def _fill(target: np.ndarray, fill: int, data: bytes | bytearray | memoryview) -> tuple[int, memoryview]:
+    """Copy the start of `data` into `target` from `fill` on: (bytes taken, the rest of data)."""
+    view = memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    take = min(len(target) - fill, len(view))
+    target[fill : fill + take] = view[:take]
+    return take, view[take:]
 
 
 class FrameDecoder:
@@ -220,22 +285,51 @@ class FrameDecoder:
     Small frames are decoded straight from one growing buffer. A frame of
     `LARGE_FRAME_BYTES` or more is copied, as its bytes arrive, into a buffer of its own
     (allocated once, aligned), and out-of-band frames are decoded from such a buffer, so
-    their arrays are aligned views that keep that buffer alive and nothing else.
+    their arrays are aligned views that keep that buffer alive and nothing else. A chunk
+    frame's data is copied, as it arrives, straight into the array its stream fills (see
+    `chunks.py`); a message with streamed arrays comes out once they are complete.
+
+    `receive_buffer()` offers the memory the next bytes will land in when that is a large
+    frame's buffer or a stream's array, so that a reader can read into it (`received(n)`)
+    instead of handing over bytes to be copied there.
 
     The length prefix is checked as soon as it arrives, so an oversized frame is refused
     before any of it is buffered. After a protocol error the stream's framing can no longer
     be trusted: every later `next_message()` raises again.
     """
 
-    __slots__ = ("_big", "_big_fill", "_buf", "_failure", "_max")
+    __slots__ = (
+        "_allocate",
+        "_big",
+        "_big_fill",
+        "_buf",
+        "_failure",
+        "_max",
+        "_sink",
+        "_sink_fill",
+        "_sink_stream",
+        "_streams",
+    )
 
-    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(
+        self,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        *,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        allocate: Allocator = aligned_empty,
+        shared: SharedArrays | None = None,
+    ) -> None:
         if not 1 <= max_frame_bytes <= _FRAME_LIMIT:
             raise ValueError(f"max_frame_bytes must be in [1, {_FRAME_LIMIT}], not {max_frame_bytes}")
         self._max = max_frame_bytes
         self._buf = bytearray()
         self._big: np.ndarray | None = None  # the large frame being received, header included
         self._big_fill = 0
+        self._sink: np.ndarray | None = None  # where the data of the chunk being received goes
+        self._sink_fill = 0
+        self._sink_stream = 0
+        self._allocate = allocate  # buffers of large frames (the agent's: shared memory)
+        self._streams = StreamAssembler(max_value_bytes, allocate=allocate, shared=shared)
         self._failure: str | None = None
 
     @property
@@ -244,20 +338,48 @@ class FrameDecoder:
 
     @property
     def buffered_bytes(self) -> int:
-        """Bytes received but not yet returned as messages."""
-        return len(self._buf) + (self._big_fill if self._big is not None else 0)
+        """Bytes received but not yet returned as messages (streams' arrays not counted)."""
+        big = self._big_fill if self._big is not None else 0
+        return len(self._buf) + big + (self._sink_fill if self._sink is not None else 0)
+
+    @property
+    def streams(self) -> StreamAssembler:
+        """The streams being received (`open_streams`, `open_bytes`, `held`)."""
+        return self._streams
+
+    def discard(self) -> None:
+        """Free everything partly received: frames, streams' arrays, held messages."""
+        self._buf = bytearray()
+        self._big = None
+        self._sink = None
+        self._streams.clear()
+
+    def receive_buffer(self) -> memoryview | None:
+        """The memory the next bytes of the stream belong in, if it is a large frame's buffer
+        or a stream's array; None when they go through `feed()`."""
+        if self._sink is not None and self._sink_fill < len(self._sink):
+            return self._sink[self._sink_fill :].data
+        if self._big is not None and self._big_fill < len(self._big):
+            return self._big[self._big_fill :].data
+        return None
+
+    def received(self, nbytes: int) -> None:
+        """`nbytes` were read into the start of what `receive_buffer()` returned."""
+        if self._sink is not None and self._sink_fill < len(self._sink):
+            self._sink_fill += nbytes
+        elif self._big is not None:
+            self._big_fill += nbytes
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append received bytes. Never raises on content; `next_message()` judges it."""
+        sink = self._sink
+        if sink is not None and self._sink_fill < len(sink):
+            take, data = _fill(sink, self._sink_fill, data)
+            self._sink_fill += take
         big = self._big
         if big is not None and self._big_fill < len(big):
-            view = memoryview(data)
-            if view.format != "B" or view.ndim != 1:
-                view = view.cast("B")
-            take = min(len(big) - self._big_fill, len(view))
-            big[self._big_fill : self._big_fill + take] = view[:take]
+            take, data = _fill(big, self._big_fill, data)
             self._big_fill += take
-            data = view[take:]
         if len(data):
             self._buf += data
 
@@ -273,49 +395,94 @@ class FrameDecoder:
             return self._next()
         except RemoteProtocolError as exc:
             self._failure = str(exc)
+            self._streams.reject()
             raise
         except Exception as exc:  # nothing but a protocol error may escape a hostile stream
             self._failure = f"cannot decode frame: {type(exc).__name__}: {exc}"
+            self._streams.reject()
             raise RemoteProtocolError(self._failure) from exc
 
     def _next(self) -> Message | None:
-        big = self._big
-        if big is not None:
-            if self._big_fill < len(big):
+        streams = self._streams
+        while True:
+            if streams.ready:
+                return streams.ready.popleft()
+            sink = self._sink
+            if sink is not None:
+                if self._sink_fill < len(sink):
+                    return None
+                self._sink = None
+                streams.filled(self._sink_stream, len(sink))
+                continue
+            big = self._big
+            if big is not None:
+                if self._big_fill < len(big):
+                    return None
+                self._big = None
+                message = streams.accept(_decode_frame(big, streams.ext_hook))
+                if message is not None:
+                    return message
+                continue
+            buf = self._buf
+            have = len(buf)
+            if have < 4:
                 return None
-            self._big = None
-            return _decode_frame(big)
-        buf = self._buf
-        have = len(buf)
-        if have < 4:
-            return None
-        (size,) = _HEADER.unpack_from(buf)
-        if size > self._max:
-            raise RemoteProtocolError(f"frame of {size} bytes exceeds the {self._max}-byte limit")
-        if size == 0:
-            raise RemoteProtocolError("empty frame (length 0)")
-        total = size + 4
-        if have < total:
-            if total >= LARGE_FRAME_BYTES:
-                # Receive the rest straight into the frame's own buffer: no regrowth, one copy.
-                frame = aligned_empty(total)
+            (size,) = _HEADER.unpack_from(buf)
+            if size > self._max:
+                raise RemoteProtocolError(f"frame of {size} bytes exceeds the {self._max}-byte limit")
+            if size == 0:
+                raise RemoteProtocolError("empty frame (length 0)")
+            if have < 5:
+                return None
+            if buf[4] == CHUNK_MARK:
+                if not self._start_chunk(size):
+                    return None
+                continue
+            total = size + 4
+            if have < total:
+                if total >= LARGE_FRAME_BYTES:
+                    # Receive the rest straight into the frame's own buffer: no regrowth, one copy.
+                    frame = self._allocate(total)
+                    with memoryview(buf) as view:
+                        frame[:have] = view
+                    buf.clear()
+                    self._big = frame
+                    self._big_fill = have
+                return None
+            if buf[4] == _OOB_MARK:
+                frame = self._allocate(total)
                 with memoryview(buf) as view:
-                    frame[:have] = view
-                buf.clear()
-                self._big = frame
-                self._big_fill = have
-            return None
-        if buf[4] == _OOB_MARK:
-            frame = aligned_empty(total)
-            with memoryview(buf) as view:
-                frame[:] = view[:total]
-            del buf[:total]
-            return _decode_frame(frame)
+                    frame[:] = view[:total]
+                del buf[:total]
+                message = streams.accept(_decode_frame(frame, streams.ext_hook))
+            else:
+                with memoryview(buf) as view:
+                    body = view[4:total]
+                    try:
+                        wire = _unpack(body, size, streams.ext_hook)
+                    finally:
+                        body.release()
+                del buf[:total]
+                message = streams.accept(from_wire(wire))
+            if message is not None:
+                return message
+
+    def _start_chunk(self, size: int) -> bool:
+        """A chunk frame's header is at the start of the buffer: point its data at its
+        stream's array (taking what the buffer already holds). False until the header is in."""
+        buf = self._buf
+        prefix = CHUNK_PREFIX.size
+        if size <= prefix:
+            raise RemoteProtocolError(f"chunk frame of {size} bytes has no data (its header alone is {prefix})")
+        if len(buf) < 4 + prefix:
+            return False
+        _, stream_id, offset = CHUNK_PREFIX.unpack_from(buf, 4)
+        length = size - prefix
+        sink = self._streams.sink(stream_id, offset, length)
+        start = 4 + prefix
         with memoryview(buf) as view:
-            body = view[4:total]
-            try:
-                wire = _unpack(body, size, decode_ext)
-            finally:
-                body.release()
-        del buf[:total]
-        return from_wire(wire)
+            take = min(length, len(buf) - start)
+            sink[:take] = view[start : start + take]
+        del buf[: start + take]
+        self._sink, self._sink_fill, self._sink_stream = sink, take, stream_id
+        return True

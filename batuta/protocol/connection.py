@@ -25,6 +25,11 @@ for good: every later call raises, except that after the peer's fault this side 
 send one `Error` to say why it is hanging up. A message whose *content* cannot be encoded
 (an unsupported value, a frame over the limit) raises `LocalProtocolError` before anything
 changes, and the connection stays usable.
+
+Large arrays stream (`chunks.py`): `send_many_parts()` returns the frames without them, and
+the writer asks `next_chunk_parts()` for their chunks as its flow control allows, so that
+other messages go out between them; `send()` and `send_many()` return every chunk at once.
+A stream cut short by the end of the stream is the peer's fault like a frame cut short.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ import enum
 from collections.abc import Iterable
 from typing import Any, Final
 
+from batuta.protocol._values import aligned_empty
+from batuta.protocol.chunks import DEFAULT_CHUNK_BYTES, DEFAULT_STREAM_MIN_BYTES, Allocator, OutgoingStreams
 from batuta.protocol.codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_messages_parts
 from batuta.protocol.errors import LocalProtocolError, RemoteProtocolError
 from batuta.protocol.messages import (
@@ -170,15 +177,24 @@ class Connection:
     for the rules and for what happens after an error.
     """
 
-    def __init__(self, role: Role, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        stream_min_bytes: int = DEFAULT_STREAM_MIN_BYTES,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        allocate: Allocator = aligned_empty,
+    ) -> None:
         if not isinstance(role, Role):
             raise TypeError(f"role must be a Role, not {role!r}")
         self.role = role
         self.their_role = Role.AGENT if role is Role.COORDINATOR else Role.COORDINATOR
         self.max_frame_bytes = max_frame_bytes
+        self.outgoing = OutgoingStreams(stream_min_bytes=stream_min_bytes, chunk_bytes=chunk_bytes)
         self.peer_hello: Hello | None = None  # the agent's Hello, on the coordinator
         self.peer_welcome: Welcome | None = None  # the coordinator's Welcome, on the agent
-        self._decoder = FrameDecoder(max_frame_bytes)
+        self._decoder = FrameDecoder(max_frame_bytes, allocate=allocate)  # the agent's: shared memory
         self._phase = Phase.AWAIT_HELLO
         self._finished: dict[Role, str] = {}  # role -> name of the last message it sent
         self._eof = False
@@ -208,6 +224,30 @@ class Connection:
         return self._local_error or self._remote_error
 
     @property
+    def streaming(self) -> bool:
+        """Whether chunks of sent messages wait to be sent (`next_chunk_parts`)."""
+        return self.outgoing.active
+
+    @property
+    def receiving_bytes(self) -> int:
+        """Bytes allocated for arrays still arriving (what a lost link frees)."""
+        return self._decoder.streams.open_bytes
+
+    @property
+    def expected_stream_id(self) -> int:
+        """The id the peer's next streamed array must have."""
+        return self._decoder.streams.next_id
+
+    def next_chunk_parts(self, budget: int) -> list[Any]:
+        """Chunk frames worth about `budget` bytes, at least one if any wait (see `chunks.py`)."""
+        return self.outgoing.next_chunk_parts(budget)
+
+    def discard_transfers(self) -> None:
+        """The link is gone: forget unsent chunks and free arrays only partly received."""
+        self.outgoing.clear()
+        self._decoder.discard()
+
+    @property
     def can_send(self) -> bool:
         """Whether this side may still send something (it has not sent its last message)."""
         return self._local_error is None and self.role not in self._finished
@@ -223,6 +263,17 @@ class Connection:
             self._decoder.feed(data)
         else:
             self._eof = True
+
+    def receive_buffer(self) -> memoryview | None:
+        """Memory the next bytes belong in (a large frame's buffer, a streamed array), for a
+        reader that can read into it; None: pass bytes to `receive_data()` instead."""
+        if self._local_error is not None or self._remote_error is not None or self._eof:
+            return None
+        return self._decoder.receive_buffer()
+
+    def received(self, nbytes: int) -> None:
+        """`nbytes` were read into the start of what `receive_buffer()` returned."""
+        self._decoder.received(nbytes)
 
     def next_event(self) -> Message | Sentinel:
         """The next message from the peer, `NEED_DATA` or `CLOSED`.
@@ -241,6 +292,9 @@ class Connection:
                 pending = self._decoder.buffered_bytes
                 if pending:
                     raise RemoteProtocolError(f"stream closed inside a frame ({pending} bytes of it received)")
+                unfinished = self._decoder.streams.open_streams
+                if unfinished:
+                    raise RemoteProtocolError(f"stream closed with {unfinished} streamed array(s) unfinished")
                 self._closed = True
                 return CLOSED
             self._receive(msg)
@@ -281,7 +335,10 @@ class Connection:
     def send_many(self, msgs: Iterable[Message]) -> bytes:
         """The bytes for several messages, for one write. All of them are checked first:
         if any may not be sent, nothing is and the state does not move."""
-        return b"".join(self.send_many_parts(msgs))
+        parts = self.send_many_parts(msgs)
+        if self.outgoing.active:
+            parts += self.outgoing.all_chunk_parts()
+        return b"".join(parts)
 
     def send_many_parts(self, msgs: Iterable[Message]) -> list[Any]:
         """`send_many` as buffers for a vectored write (`ByteStream.write_parts`): arrays are
@@ -302,7 +359,7 @@ class Connection:
         except _Refused as exc:
             self._local_error = str(exc)
             raise LocalProtocolError(self._local_error) from None
-        data = encode_messages_parts(msgs, max_frame_bytes=self.max_frame_bytes)
+        data = encode_messages_parts(msgs, max_frame_bytes=self.max_frame_bytes, streams=self.outgoing)
         self._phase, self._finished = phase, finished
         return data
 

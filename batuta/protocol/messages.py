@@ -19,7 +19,9 @@ from typing import Any
 
 from batuta.core.task import BinaryCall, KernelCall, Outcome
 
-PROTOCOL_VERSION = 4  # 2: Put, Drop and object references; 3: Code, CodeLoaded, TaskRequest.code; 4: Hello.modules
+PROTOCOL_VERSION = 5
+"""2: Put, Drop and object references; 3: Code, CodeLoaded, TaskRequest.code; 4: Hello.modules;
+5: streamed arrays and chunk frames (`chunks.py`)."""
 
 
 # -- handshake ------------------------------------------------------------------------------

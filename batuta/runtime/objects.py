@@ -34,7 +34,8 @@ from batuta.core.objects import ObjectRef
 from batuta.core.task import Task
 from batuta.errors import UsageError
 from batuta.protocol import messages as m
-from batuta.protocol.codec import encode_message_parts
+from batuta.protocol.chunks import OutgoingStreams
+from batuta.protocol.codec import encode_messages_parts
 from batuta.protocol.errors import LocalProtocolError
 
 if TYPE_CHECKING:
@@ -48,8 +49,9 @@ def _elements_of(value: Any) -> int:
 
 
 def _nbytes_of(value: Any) -> int:
-    parts = encode_message_parts(m.Put(object_id=0, value=value), max_frame_bytes=1 << 62)
-    return sum(memoryview(part).nbytes for part in parts)
+    streams = OutgoingStreams()  # as `put` encodes it: large arrays as chunks (views, not copies)
+    parts = encode_messages_parts((m.Put(object_id=0, value=value),), streams=streams)
+    return sum(memoryview(part).nbytes for part in (*parts, *streams.all_chunk_parts()))
 
 
 def lineage_digest(call: Any, backend: str) -> str:
@@ -116,15 +118,17 @@ class ObjectTable:
 
     def put(self, value: Any) -> ObjectRef:
         """Keep `value`; raises UsageError if it could not travel as a kernel argument."""
+        streams = OutgoingStreams()  # large arrays stream: a value of any size can be put
         try:
-            parts = encode_message_parts(m.Put(object_id=0, value=value))
+            parts = encode_messages_parts((m.Put(object_id=0, value=value),), streams=streams)
         except LocalProtocolError as exc:
             if "exceeds the" in str(exc):  # the frame limit: say what to do about a put
                 raise UsageError(f"pool.put: {str(exc).split(':')[0]}; put the value in parts") from None
             raise UsageError(f"pool.put: {exc}") from None
         digest = hashlib.sha256()  # with SHA extensions, twice blake2b's speed
         nbytes = 0
-        for part in parts:
+        # a memory-mapped array is read chunk by chunk here, never whole
+        for part in (*parts, *streams.all_chunk_parts()):
             digest.update(part)
             nbytes += memoryview(part).nbytes
         object_id = next(self._ids)

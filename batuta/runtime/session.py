@@ -19,6 +19,7 @@ from typing import Protocol
 from batuta._version import __version__
 from batuta.errors import AgentError, TransportError
 from batuta.protocol import messages as m
+from batuta.protocol.chunks import DEFAULT_STREAM_MIN_BYTES
 from batuta.protocol.codec import encode_message
 from batuta.protocol.connection import CLOSED, NEED_DATA, Connection, Role
 from batuta.protocol.errors import ProtocolError
@@ -68,6 +69,12 @@ class HostSession:
     writer waits for `drain()` before encoding more. Messages queued meanwhile wait as
     objects (their arrays are the caller's own), so a host that stops reading holds at most
     about `high_water` encoded bytes here, not everything sent to it.
+
+    Arrays of `stream_min_bytes` or more stream (`protocol/chunks.py`): their frame goes out
+    with the others, their chunks (views of the caller's array) fill what is left of each
+    write up to `high_water`, and every drain lets the messages queued meanwhile go first. So
+    heartbeat answers, other tasks and their arrays keep moving during a transfer of any
+    size, and the bytes in flight stay bounded by `high_water`, not by the value.
     """
 
     spec: HostSpec
@@ -75,6 +82,7 @@ class HostSession:
     heartbeat_interval: float
     handshake_timeout: float = 30.0
     high_water: int = 16 * 2**20
+    stream_min_bytes: int = DEFAULT_STREAM_MIN_BYTES
     budget: SendBudget = field(default_factory=SendBudget)
     code: m.Code | None = None  # the user's code, sent right after every Welcome (see runtime/code.py)
     hello: m.Hello | None = None
@@ -106,6 +114,16 @@ class HostSession:
         return self.code.digest if self.code is not None else ""
 
     @property
+    def receiving_bytes(self) -> int:
+        """Bytes allocated for streamed arrays from this host still arriving."""
+        return self._conn.receiving_bytes if self._conn is not None else 0
+
+    @property
+    def sending_bytes(self) -> int:
+        """Bytes of streamed arrays to this host not yet written."""
+        return self._conn.outgoing.pending_bytes if self._conn is not None else 0
+
+    @property
     def congested(self) -> bool:
         """The writer is waiting for the host to take what was written (flow control)."""
         return self._drainer is not None
@@ -121,7 +139,9 @@ class HostSession:
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._stream = await self.spec.launch()
-        self._conn = Connection(Role.COORDINATOR)
+        if self._conn is not None:
+            self._conn.discard_transfers()
+        self._conn = Connection(Role.COORDINATOR, stream_min_bytes=self.stream_min_bytes)
         self._reader = asyncio.create_task(self._read_loop(self.generation), name=f"read-{self.name}")
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), self.handshake_timeout)
@@ -146,7 +166,10 @@ class HostSession:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if not self._outbox or self._conn is None or self._stream is None or self._drainer is not None:
+        conn = self._conn
+        if conn is None or self._stream is None or self._drainer is not None:
+            return
+        if not self._outbox and not conn.streaming:
             return
         room = self.high_water - self.unflushed_bytes
         take, estimate = 0, 0
@@ -158,13 +181,19 @@ class HostSession:
         batch = self._outbox[:take]
         del self._outbox[:take], self._outbox_bytes[:take]
         try:
-            parts = self._conn.send_many_parts(batch)
+            parts = conn.send_many_parts(batch) if batch else []
+            written = sum(memoryview(part).nbytes for part in parts)
+            if conn.streaming and not self._outbox and written < room:
+                # chunks of what is streaming fill the rest of this write
+                chunks = conn.next_chunk_parts(room - written)
+                written += sum(memoryview(part).nbytes for part in chunks)
+                parts += chunks
             self._stream.write_parts(parts)
         except (ProtocolError, TransportError) as exc:
             self._fail(f"cannot send to {self.description}: {exc}")
             return
-        self.unflushed_bytes += sum(memoryview(part).nbytes for part in parts)
-        if self.unflushed_bytes >= self.high_water or self._outbox:
+        self.unflushed_bytes += written
+        if self.unflushed_bytes >= self.high_water or self._outbox or conn.streaming:
             # wait for the host to take it; what is still queued goes out after
             self._congested = self.unflushed_bytes
             self.budget.congested_bytes += self._congested
@@ -190,11 +219,24 @@ class HostSession:
     async def _read_loop(self, generation: int) -> None:
         assert self._stream is not None and self._conn is not None
         stream, conn = self._stream, self._conn
+        # a stream that can read into memory it is given (a pipe) fills large frames and
+        # streamed arrays directly: no stream buffer, no bytes object, one copy
+        read_into: Callable[[memoryview], Awaitable[int]] | None = getattr(stream, "read_into", None)
         reason = "agent closed the stream"
         try:
             while True:
-                data = await stream.read()
-                conn.receive_data(data)
+                into = conn.receive_buffer() if read_into is not None else None
+                if into is not None and read_into is not None:
+                    count = await read_into(into)
+                    ended = not count
+                    if ended:
+                        conn.receive_data(b"")
+                    else:
+                        conn.received(count)
+                else:
+                    data = await stream.read()
+                    ended = not data
+                    conn.receive_data(data)
                 batch: list[m.Message] = []
                 while True:
                     event = conn.next_event()
@@ -205,7 +247,7 @@ class HostSession:
                     if generation != self.generation:
                         return
                     self._dispatch(batch)
-                if not data or event is CLOSED:
+                if ended or event is CLOSED:
                     if self.hello is None:
                         said = await stream.last_words(LAST_WORDS_WAIT_S)
                         reason = (
@@ -294,6 +336,8 @@ class HostSession:
 
     def kill(self) -> None:
         self._outbox, self._outbox_bytes = [], []
+        if self._conn is not None:
+            self._conn.discard_transfers()  # partial arrays freed, unsent chunks forgotten
         if self._drainer is not None:
             self._drainer.cancel()
             self._end_congestion()
@@ -308,7 +352,12 @@ class HostSession:
             with contextlib.suppress(Exception):
                 if self._drainer is None:
                     self._flush()
-                self._stream.write(self._conn.send(m.Shutdown(reason="coordinator closing")))
+                if self._conn.streaming:
+                    # a transfer still under way is abandoned, not written out whole here:
+                    # the end of the stream tells the agent (a Shutdown would wait behind it)
+                    self._conn.discard_transfers()
+                else:
+                    self._stream.write(self._conn.send(m.Shutdown(reason="coordinator closing")))
         self._open = False
         if self._drainer is not None:
             self._drainer.cancel()

@@ -62,6 +62,30 @@ class ByteStream(Protocol):
         ...
 
 
+COALESCE_BELOW = 64 * 1024
+"""Buffers smaller than this are joined with their neighbours before an encrypting write."""
+
+
+def coalesced(parts: Sequence[Buffer], below: int = COALESCE_BELOW) -> list[Buffer]:
+    """`parts` for a stream that copies (and encrypts) each write into packets of its own:
+    runs of small buffers (frame headers, small messages) joined into one write, so that
+    they share packets; large ones (arrays, chunks) passed as they are, so that they are
+    not copied into a joined bytes object first."""
+    out: list[Buffer] = []
+    run: list[Buffer] = []
+    for part in parts:
+        if memoryview(part).nbytes >= below:
+            if run:
+                out.append(b"".join(run))
+                run = []
+            out.append(part)
+        else:
+            run.append(part)
+    if run:
+        out.append(b"".join(run))
+    return out
+
+
 class StreamClosedError(TransportError):
     """Writing to a stream whose far side has gone away."""
 

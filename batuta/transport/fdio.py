@@ -8,7 +8,10 @@ copied again with every frame queued behind it, which made shipping arrays to a 
 CPU-bound in that copy). These two small classes register the fd with the loop directly,
 write straight through when the pipe has room (the common case), keep a queue of
 memoryviews only for what the pipe refused, and hand every read chunk to a callback (`b""`
-meaning end of file).
+meaning end of file). A reader given `receive_buffer` reads straight into the memory it
+offers (a large frame's buffer, a streamed array: see `FrameDecoder.receive_buffer`) and
+reports how much with `on_received`, so that a large value is not read into a bytes object
+first and copied again.
 """
 
 from __future__ import annotations
@@ -37,7 +40,10 @@ def widen_pipe(fd: int, size: int = PIPE_BYTES) -> None:
 
 
 class FdReader:
-    """Calls `on_data(chunk)` for each chunk read from `fd`, and `on_data(b"")` once at EOF."""
+    """Calls `on_data(chunk)` for each chunk read from `fd`, and `on_data(b"")` once at EOF.
+
+    With `receive_buffer` and `on_received`: whenever `receive_buffer()` offers memory, the
+    read goes into it and `on_received(n)` is called instead of `on_data`."""
 
     def __init__(
         self,
@@ -46,10 +52,14 @@ class FdReader:
         on_data: Callable[[bytes], None],
         *,
         chunk_size: int = READ_CHUNK,
+        receive_buffer: Callable[[], memoryview | None] | None = None,
+        on_received: Callable[[int], None] | None = None,
     ) -> None:
         self._loop = loop
         self._fd = fd
         self._on_data = on_data
+        self._receive_buffer = receive_buffer
+        self._on_received = on_received
         self._chunk_size = chunk_size
         self._active = True
         self._closed = False
@@ -67,6 +77,21 @@ class FdReader:
         """Read one chunk and deliver it. False when nothing was there or the reader stopped."""
         if not self._active:
             return False
+        if self._receive_buffer is not None and self._on_received is not None:
+            view = self._receive_buffer()
+            if view is not None:
+                try:
+                    count = os.readv(self._fd, [view])
+                except (BlockingIOError, InterruptedError):
+                    return False
+                except OSError:
+                    count = 0
+                if count:
+                    self._on_received(count)
+                    return True
+                self.stop()
+                self._on_data(b"")
+                return False
         try:
             data = os.read(self._fd, self._chunk_size)
         except (BlockingIOError, InterruptedError):
@@ -96,6 +121,74 @@ class FdReader:
             self._closed = True
             with contextlib.suppress(OSError):
                 os.close(self._fd)
+
+
+class FdPull:
+    """Reads from `fd` when asked (`await read(n)`, `await read_into(view)`), for a caller
+    that pulls: it waits for the fd to become readable only when nothing is there, and reads
+    into the caller's memory when given some (a large frame's buffer, a streamed array)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        self._loop = loop
+        self._fd = fd
+        self._closed = False
+        self._waiter: asyncio.Future[None] | None = None
+        os.set_blocking(fd, False)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _readable(self) -> None:
+        self._waiter = self._loop.create_future()
+        self._loop.add_reader(self._fd, self._wake)
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+            if not self._closed:
+                self._loop.remove_reader(self._fd)
+
+    async def read(self, size: int = READ_CHUNK) -> bytes:
+        """Up to `size` bytes; b"" at end of file (or once the fd broke or was closed)."""
+        while not self._closed:
+            try:
+                data = os.read(self._fd, size)
+            except (BlockingIOError, InterruptedError):
+                await self._readable()
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self.close()  # end of file: nothing more will come
+            return data
+        return b""
+
+    async def read_into(self, view: memoryview) -> int:
+        """Bytes read into the start of `view`; 0 at end of file."""
+        while not self._closed:
+            try:
+                count = os.readv(self._fd, [view])
+            except (BlockingIOError, InterruptedError):
+                await self._readable()
+                continue
+            except OSError:
+                count = 0
+            if not count:
+                self.close()
+            return count
+        return 0
+
+    def close(self) -> None:
+        """Close the fd; a read waiting on it returns end of file."""
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                self._loop.remove_reader(self._fd)
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._wake()
 
 
 class FdWriter:

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 from batuta.errors import TransportError
 from batuta.transport.base import Buffer, StderrTail, StreamClosedError, forward_stderr, wait_for_exit
-from batuta.transport.fdio import FdWriter, widen_pipe
+from batuta.transport.fdio import FdPull, FdWriter, widen_pipe
 
 log = logging.getLogger("batuta.transport.local")
 
@@ -49,22 +49,24 @@ class LocalStream:
     Writes go through an `FdWriter` on a pipe of our own rather than asyncio's pipe
     transport, which copies every frame it cannot write at once into one growing bytearray
     (see batuta/transport/fdio.py): arrays sent to a local agent would spend more CPU in
-    that copy than anywhere else.
+    that copy than anywhere else. Reads come from a pipe of our own too (`FdPull`), so that
+    a large result is read straight into the array it decodes into (`read_into`), not into
+    a stream buffer, then a bytes object, then the array.
     """
 
     def __init__(
         self,
         process: asyncio.subprocess.Process,
         stdin: FdWriter,
+        stdout: FdPull,
         stderr_task: asyncio.Task[None],
         stderr_tail: StderrTail,
     ) -> None:
         self._process = process
         self._stderr_task = stderr_task
         self._stderr_tail = stderr_tail
-        assert process.stdout is not None
         self._stdin = stdin
-        self._stdout = process.stdout
+        self._stdout = stdout
 
     @property
     def description(self) -> str:
@@ -75,10 +77,11 @@ class LocalStream:
         return self._process.pid
 
     async def read(self) -> bytes:
-        try:
-            return await self._stdout.read(READ_CHUNK)
-        except (ConnectionError, OSError):
-            return b""
+        return await self._stdout.read(READ_CHUNK)
+
+    async def read_into(self, view: memoryview) -> int:
+        """Read into `view` (the decoder's buffer); 0 at end of stream."""
+        return await self._stdout.read_into(view)
 
     def write(self, data: bytes) -> None:
         if self._stdin.failed or self._stdin.closed:
@@ -105,6 +108,7 @@ class LocalStream:
                 await wait_for_exit(self._process, timeout)
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(self._stderr_task, timeout)
+        self._stdout.close()
 
     async def last_words(self, timeout: float) -> str:
         return await self._stderr_tail.last(timeout)
@@ -125,25 +129,31 @@ async def open_local_agent(
     child_env = dict(os.environ)
     if env:
         child_env.update(env)
-    stdin_read, stdin_write = os.pipe()  # both close-on-exec; the child gets its end as fd 0
+    stdin_read, stdin_write = os.pipe()  # all close-on-exec; the child gets its ends as fds 0 and 1
+    stdout_read, stdout_write = os.pipe()
     widen_pipe(stdin_write)
+    widen_pipe(stdout_write)
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,
             stdin=stdin_read,
-            stdout=asyncio.subprocess.PIPE,
+            stdout=stdout_write,
             stderr=asyncio.subprocess.PIPE,
             env=child_env,
             limit=READ_CHUNK,
         )
     except OSError as exc:
         os.close(stdin_write)
+        os.close(stdout_read)
         raise TransportError(f"cannot start the local agent ({argv[0]}): {exc}") from exc
     finally:
         os.close(stdin_read)
-    stdin = FdWriter(asyncio.get_running_loop(), stdin_write)
+        os.close(stdout_write)
+    loop = asyncio.get_running_loop()
+    stdin = FdWriter(loop, stdin_write)
+    stdout = FdPull(loop, stdout_read)
     tail = StderrTail()
     stderr_task = asyncio.create_task(
         forward_stderr(process.stderr, log, f"{name} agent[{process.pid}]", tail), name=f"stderr-{name}"
     )
-    return LocalStream(process, stdin, stderr_task, tail)
+    return LocalStream(process, stdin, stdout, stderr_task, tail)

@@ -46,12 +46,12 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncssh
 
 from batuta.errors import TransportError
-from batuta.transport.base import Buffer, StderrTail, StreamClosedError, log_stderr_line
+from batuta.transport.base import Buffer, StderrTail, StreamClosedError, coalesced, log_stderr_line
 from batuta.transport.ssh_keys import (
     EncryptedIdentity,
     PassphraseRefused,
@@ -185,15 +185,19 @@ class SSHStream:
             return b""
 
     def write(self, data: bytes) -> None:
+        self._write(data)
+
+    def _write(self, data: Buffer) -> None:
         if self._stdin.is_closing():
             raise StreamClosedError(f"{self._description}: stream closed")
         try:
-            self._stdin.write(data)
+            self._stdin.write(cast(bytes, data))  # asyncssh copies any buffer into its own bytearray
         except (asyncssh.Error, OSError) as exc:
             raise StreamClosedError(f"{self._description}: {exc}") from exc
 
     def write_parts(self, parts: Sequence[Buffer]) -> None:
-        self.write(b"".join(parts))  # the channel copies into its own buffer (and encrypts) anyway
+        for data in coalesced(parts):  # the channel copies each write into its own buffer: no join first
+            self._write(data)
 
     async def last_words(self, timeout: float) -> str:
         return await self._stderr_tail.last(timeout)

@@ -39,7 +39,7 @@ from pathlib import Path
 from batuta.errors import TransportError
 from batuta.protocol.codec import FrameDecoder, ProtocolError
 from batuta.protocol.messages import Error
-from batuta.transport.base import Buffer, StreamClosedError
+from batuta.transport.base import Buffer, StreamClosedError, coalesced
 
 log = logging.getLogger("batuta.transport.tls")
 
@@ -249,6 +249,9 @@ class TLSStream:
             return b""
 
     def write(self, data: bytes) -> None:
+        self._write(data)
+
+    def _write(self, data: Buffer) -> None:
         if self._writer.is_closing():
             raise StreamClosedError(f"{self._description}: stream closed")
         self._writer.write(data)
@@ -257,7 +260,8 @@ class TLSStream:
         return ""  # a TLS worker's stderr stays on its own machine (its log)
 
     def write_parts(self, parts: Sequence[Buffer]) -> None:
-        self.write(b"".join(parts))  # the channel copies into its own buffer (and encrypts) anyway
+        for data in coalesced(parts):  # the transport copies each write into its own buffer: no join first
+            self._write(data)
 
     async def drain(self) -> None:
         try:
