@@ -253,6 +253,28 @@ async def test_a_relaunched_agent_is_sent_the_code_again_before_any_task(
     assert [message.digest for message in sent if isinstance(message, m.Code)] == [first.code, first.code]
 
 
+async def test_ship_puts_new_code_into_a_running_pool_and_an_edit_replaces_it(project: Path) -> None:
+    """`Pool.ship`: the job file's modules reach a pool started without them; after an edit the
+    next ship runs the new code on the same agent (its slots replaced), never the old one."""
+    async with Pool.builder().cpu_workers(2).gpu_workers("none").build() as pool:
+        before = await pool.run(Task.kernel("cs_value", 4))
+        assert before.status is TaskStatus.FAILED and "cs_value" in (before.error or "")
+        with pytest.raises(CodeError, match="no such file or folder"):
+            await pool.ship([project / "missing.py"])
+        shipped = await pool.ship(job_files=[project / "my_job.py"])
+        assert (shipped.hosts, shipped.errors, shipped.unchanged) == (("local",), {}, False)
+        first = await pool.run(Task.kernel("cs_value", 4))
+        assert (first.status, first.value, first.code) == (TaskStatus.SUCCEEDED, 141, shipped.digest)
+        assert (await pool.ship(job_files=[project / "my_job.py"])).unchanged  # the same code: nothing sent
+
+        write(project, {"cs_kernels.py": KERNELS.format(version=2)})
+        edited = await pool.ship(job_files=[project / "my_job.py"])
+        assert edited.digest != shipped.digest and edited.hosts == ("local",)
+        results = await asyncio.gather(*(pool.run(Task.kernel("cs_value", i)) for i in range(8)))
+    assert {(r.status, r.code) for r in results} == {(TaskStatus.SUCCEEDED, edited.digest)}
+    assert [r.value for r in results] == [i * 10 + 102 for i in range(8)]  # every slot runs the new code
+
+
 async def test_a_pool_with_no_code_to_ship_names_none() -> None:
     async with Pool.builder().cpu_workers(1).gpu_workers("none").build() as pool:
         result = await pool.run(Task.kernel("noop", 3))

@@ -35,6 +35,7 @@ task names the digest it must run with; a slot with another digest refuses it (`
 
 from __future__ import annotations
 
+import _imp
 import contextlib
 import hashlib
 import importlib
@@ -292,43 +293,48 @@ class BundleLoader(importlib.machinery.SourceFileLoader):
         source = self.get_data(source_path)
         key = importlib.util.source_hash(source)
         own = importlib.util.cache_from_source(source_path)
-        code = _read_pyc(own, key)
-        if code is None:
+        found = _read_pyc(own, key)
+        if found is None:
             for earlier in _earlier_pycs(source_path):
-                code = _read_pyc(earlier, key)
-                if code is not None:
+                found = _read_pyc(earlier, key)
+                if found is not None:
+                    _write_pyc(own, found[1])  # as it is: the file name is put right on every load
                     break
-            if code is None:
-                code = self.source_to_code(source, source_path)
-            _write_pyc(own, key, _with_filename(code, source_path))
-        return _with_filename(code, source_path)
+        if found is None:
+            code = self.source_to_code(source, source_path)
+            _write_pyc(own, _pyc_header(key) + marshal.dumps(code))
+            return code
+        code = found[0]
+        # what the interpreter's own loader does with every pyc: the code names this file (its
+        # tracebacks and import errors), not the bundle the pyc was compiled in
+        _imp._fix_co_filename(code, source_path)  # type: ignore[attr-defined]  # typeshed's _imp stub lacks it
+        return code
 
 
-def _read_pyc(path: str, key: bytes) -> types.CodeType | None:
-    """The code in a checked-hash pyc at `path` whose source hash is `key`, else None."""
+def _pyc_header(key: bytes) -> bytes:
+    return importlib.util.MAGIC_NUMBER + CHECKED_HASH_PYC.to_bytes(4, "little") + key
+
+
+def _read_pyc(path: str, key: bytes) -> tuple[types.CodeType, bytes] | None:
+    """The code in a checked-hash pyc at `path` whose source hash is `key`, and the file's
+    bytes; None if there is none."""
     try:
         with open(path, "rb") as file:
             data = file.read()
     except OSError:
         return None
-    if (
-        len(data) < 16
-        or data[:4] != importlib.util.MAGIC_NUMBER
-        or int.from_bytes(data[4:8], "little") != CHECKED_HASH_PYC
-        or data[8:16] != key
-    ):
+    if len(data) < 16 or data[:16] != _pyc_header(key):
         return None
     try:
-        code = marshal.loads(data[16:])
+        code = marshal.loads(memoryview(data)[16:])
     except (EOFError, ValueError, TypeError):
         return None
-    return code if isinstance(code, types.CodeType) else None
+    return (code, data) if isinstance(code, types.CodeType) else None
 
 
-def _write_pyc(path: str, key: bytes, code: types.CodeType) -> None:
-    """Write a checked-hash pyc in one rename (two agents of a host may share the cache); a
-    cache that cannot be written only costs a compile next time."""
-    data = importlib.util.MAGIC_NUMBER + CHECKED_HASH_PYC.to_bytes(4, "little") + key + marshal.dumps(code)
+def _write_pyc(path: str, data: bytes) -> None:
+    """Write a pyc in one rename (two agents of a host may share the cache); a cache that
+    cannot be written only costs a compile next time."""
     temp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
@@ -362,15 +368,6 @@ def _bundle_and_path(source_path: str) -> tuple[str | None, str]:
         if parts[index - 1] == CODE_FOLDER and len(parts[index]) == 64:  # <cache>/code/<sha256 hex>/...
             return os.sep.join(parts[: index + 1]), os.sep.join(parts[index + 1 :])
     return None, ""
-
-
-def _with_filename(code: types.CodeType, filename: str) -> types.CodeType:
-    """`code` naming `filename` (tracebacks and import errors name the file of this bundle,
-    not the bundle its pyc came from), nested code objects included."""
-    if code.co_filename == filename:
-        return code
-    consts = tuple(_with_filename(c, filename) if isinstance(c, types.CodeType) else c for c in code.co_consts)
-    return code.replace(co_filename=filename, co_consts=consts)
 
 
 _HOOKED: set[str] = set()  # the bundle folders' bases whose path hook this process has

@@ -21,6 +21,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from batuta.core import events as ev
@@ -36,11 +37,12 @@ from batuta.protocol.errors import LocalProtocolError
 from batuta.runtime import events as pe
 from batuta.runtime import mapping, stream
 from batuta.runtime.builder import PoolBuilder, PoolConfig, local_host
-from batuta.runtime.code import CodeCollector, ShippedCode
+from batuta.runtime.code import CodeCollector, CodeSpec, ShippedCode
 from batuta.runtime.future import ResultStore, TaskFuture
 from batuta.runtime.hosts import HostSupervisor, telemetry_event
 from batuta.runtime.objects import ObjectTable
 from batuta.runtime.session import HostSession, HostSpec, SendBudget
+from batuta.runtime.shipping import CodeAcks, CodeShipped, with_code
 from batuta.runtime.views import HostView, PoolStats, SlotView
 from batuta.runtime.wakeup import WakeupTimer
 
@@ -116,6 +118,7 @@ class Pool:
         self._objects = ObjectTable()
         self._code_of: dict[str, str] = {}  # host -> digest of the user's code it runs
         self._shipped = ShippedCode()  # the journal keys the user's kernels by its digest
+        self._acks = CodeAcks()  # hosts `ship` waits for
         # Submissions of one loop turn reach the scheduler together (see `_handle`): one
         # scheduling pass and one Run per slot for a burst, instead of one each per task.
         self._submitted: list[ev.Event] = []
@@ -167,17 +170,29 @@ class Pool:
             await self.close()
             raise
 
-    def prepare_code(self) -> None:
+    def prepare_code(self, code: CodeSpec | None = None) -> None:
         """Collect the user's code to ship (runtime/code.py): each session sends its host's
         bundle right after every Welcome, and every task sent there names its digest. `start()`
         does this unless it was done before (to find a `CodeError` early: a bad --module path,
-        too much code)."""
-        collector = CodeCollector(self.config.code)
-        for spec in self._specs:
-            code = collector.bundle(spec.kernel_modules)
-            self._hosts.sessions[spec.name].code = code
-            self._code_of[spec.name] = code.digest if code is not None else ""
+        too much code). `code`: what to ship from now on (`ship`), kept once it is collected."""
+        collector = CodeCollector(code or self.config.code)
+        bundles = {spec.name: collector.bundle(spec.kernel_modules) for spec in self._specs}  # all, or none
+        self.config = replace(self.config, code=code or self.config.code)
+        for name, bundle in bundles.items():
+            self._hosts.sessions[name].code = bundle
+            self._code_of[name] = bundle.digest if bundle is not None else ""
         self._shipped = ShippedCode(session.code for session in self._hosts.sessions.values())
+
+    async def ship(self, modules: Iterable[str | Path] = (), *, job_files: Iterable[str | Path] = ()) -> CodeShipped:
+        """Add `modules` (.py files, package folders) and `job_files` (the modules of their folder
+        that they import) to the code this pool ships, and ship it to every host now; returns
+        once each host sent it loaded it (runtime/shipping.py). Raises CodeError (a bad path, too
+        much code) before anything changes. Tasks a host holds for the previous code and has not
+        started are answered "error" (no task runs stale code): ship between jobs."""
+        self._check_open()
+        before = dict(self._code_of)
+        self.prepare_code(with_code(self.config.code, modules, job_files))
+        return await self._acks.send(self._hosts.sessions, before, self._shipped.digest)
 
     async def close(self) -> None:
         """Stop every host; tasks not yet resolved resolve as CANCELLED ("pool closed").
@@ -189,6 +204,7 @@ class Pool:
             return
         self._closed = True
         self._timer.close()
+        self._acks.close()
         self._handle([ev.ShutdownRequested(reason="pool closed before the task finished")])
         self._space.set()
         await self._hosts.close()
@@ -513,6 +529,7 @@ class Pool:
             elif isinstance(msg, m.SlotChanged):
                 events.extend(self._slot_state_events(session, msg, now))
             elif isinstance(msg, m.CodeLoaded):
+                self._acks.loaded(host, msg)
                 for module, error in msg.errors.items():  # its tasks fail saying so; the rest run
                     log.warning("host %s: importing %s failed: %s", host, module, error)
             elif isinstance(msg, m.Bye):
@@ -547,6 +564,7 @@ class Pool:
         """Liveness decided: the host is lost (relaunched later) or retired (never again)."""
         if self._closed:
             return
+        self._acks.gone(host)
         if retired:
             self.host_state_changed(host, "retired", reason)
         elif self.events.active:
