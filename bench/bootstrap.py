@@ -37,8 +37,8 @@ start-up is over, and not counted), then SHIP_QUIET_S later:
   bytecode of the files that did not change, see batuta/agent/code.py).
 
 Medians over the repeats. `--ship-only` skips the bare install and the cached/ssh_startup
-comparison (their keys are then absent), to iterate on the shipping figures. The last line printed is one JSON object with every key,
-`cached_vs_ssh_startup` (ratio) and details.
+comparison (their keys are then absent), to iterate on the shipping figures. The last line
+printed is one JSON object with every key, `cached_vs_ssh_startup` (ratio) and details.
 
     python bench/bootstrap.py [--repeats 3] [--hosts 4] [--slots 2] [--ship-only]
 """
