@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -29,7 +28,7 @@ from batuta.core.backend import select_backend
 from batuta.core.liveness import LivenessConfig
 from batuta.core.objects import ObjectRef, refs_in
 from batuta.core.scheduler import Scheduler
-from batuta.core.task import CAP_CPU, CAP_GPU, Backend, KernelCall, Priority, Task, TaskResult, TaskStatus
+from batuta.core.task import CAP_GPU, Backend, KernelCall, Priority, Task, TaskResult, TaskStatus
 from batuta.errors import PoolClosedError, UsageError
 from batuta.protocol import messages as m
 from batuta.protocol.codec import check_value
@@ -37,12 +36,13 @@ from batuta.protocol.errors import LocalProtocolError
 from batuta.runtime import events as pe
 from batuta.runtime import mapping, stream
 from batuta.runtime.builder import PoolBuilder, PoolConfig, local_host
-from batuta.runtime.code import CodeCollector, CodeSpec, ShippedCode
+from batuta.runtime.code import CodeSpec, ShippedCode
 from batuta.runtime.future import ResultStore, TaskFuture
 from batuta.runtime.hosts import HostSupervisor, telemetry_event
 from batuta.runtime.objects import ObjectTable
+from batuta.runtime.requirements import requirements, superlinear
 from batuta.runtime.session import HostSession, HostSpec, SendBudget
-from batuta.runtime.shipping import CodeAcks, CodeShipped, with_code
+from batuta.runtime.shipping import CodeAcks, CodeShipped, collect, with_code
 from batuta.runtime.views import HostView, PoolStats, SlotView
 from batuta.runtime.wakeup import WakeupTimer
 
@@ -54,23 +54,6 @@ SUBMIT_BATCH = 1024  # most submissions held back for one scheduling pass
 
 # The job label of tasks submitted from the current context (see `Pool.job`).
 _current_job: ContextVar[str] = ContextVar("batuta_job", default="")
-
-
-@functools.lru_cache(maxsize=1024)
-def _superlinear(kernel_name: str) -> bool:
-    """Whether the registry marks the kernel O(n^2) or worse (the seed's GPU rule)."""
-    from batuta.kernels import registry
-
-    try:
-        return registry.info(kernel_name).complexity in ("quadratic", "cubic")
-    except Exception:  # unknown here (a module only the hosts load): no GPU by guess
-        return False
-
-
-@functools.lru_cache(maxsize=256)
-def _requirements(backend: Backend, tags: frozenset[str]) -> frozenset[str]:
-    """The capabilities a task needs; interned, since most tasks share a handful of sets."""
-    return frozenset({CAP_GPU if backend is Backend.GPU else CAP_CPU, *tags})
 
 
 class Pool:
@@ -175,8 +158,7 @@ class Pool:
         bundle right after every Welcome, and every task sent there names its digest. `start()`
         does this unless it was done before (to find a `CodeError` early: a bad --module path,
         too much code). `code`: what to ship from now on (`ship`), kept once it is collected."""
-        collector = CodeCollector(code or self.config.code)
-        bundles = {spec.name: collector.bundle(spec.kernel_modules) for spec in self._specs}  # all, or none
+        bundles = collect(code or self.config.code, self._specs)  # all, or a CodeError
         self.config = replace(self.config, code=code or self.config.code)
         for name, bundle in bundles.items():
             self._hosts.sessions[name].code = bundle
@@ -185,14 +167,25 @@ class Pool:
 
     async def ship(self, modules: Iterable[str | Path] = (), *, job_files: Iterable[str | Path] = ()) -> CodeShipped:
         """Add `modules` (.py files, package folders) and `job_files` (the modules of their folder
-        that they import) to the code this pool ships, and ship it to every host now; returns
-        once each host sent it loaded it (runtime/shipping.py). Raises CodeError (a bad path, too
-        much code) before anything changes. Tasks a host holds for the previous code and has not
-        started are answered "error" (no task runs stale code): ship between jobs."""
+        that they import) to the code this pool ships, and ship it to every host now, once the
+        tasks already on the hosts are done; returns once each host loaded it (see
+        runtime/shipping.py). Raises CodeError (a bad path, too much code) before that."""
         self._check_open()
-        before = dict(self._code_of)
-        self.prepare_code(with_code(self.config.code, modules, job_files))
-        return await self._acks.send(self._hosts.sessions, before, self._shipped.digest)
+        code = with_code(self.config.code, modules, job_files)
+        if {n: b.digest if b else "" for n, b in collect(code, self._specs).items()} == self._code_of:
+            return CodeShipped(digest=self._shipped.digest, unchanged=True)
+        async with self._acks.one_at_a_time:
+            was_paused = self.paused
+            self.pause()  # nothing more goes out for the old code; what is out finishes with it
+            try:
+                await self._acks.until(lambda: not any(p.slot_id for p in self._pending.values()))
+                self._check_open()
+                before = dict(self._code_of)
+                self.prepare_code(with_code(self.config.code, modules, job_files))
+                return await self._acks.send(self._hosts.sessions, before, self._shipped.digest)
+            finally:
+                if not was_paused and not self._closed:
+                    self.resume()
 
     async def close(self) -> None:
         """Stop every host; tasks not yet resolved resolve as CANCELLED ("pool closed").
@@ -249,11 +242,11 @@ class Pool:
             task.call,
             task.backend,
             gpu_available=self._scheduler.offers(CAP_GPU),
-            quadratic=isinstance(task.call, KernelCall) and _superlinear(task.call.name),
+            quadratic=isinstance(task.call, KernelCall) and superlinear(task.call.name),
             thresholds=self.config.thresholds,
         )
         backend = choice.backend
-        requires = _requirements(backend, task.requires)
+        requires = requirements(backend, task.requires)
         task_id = next(self._ids)
         now = loop.time()
         job = _current_job.get()
@@ -738,6 +731,7 @@ class Pool:
         else:
             self._failed += 1
         pending._resolve(result)
+        self._acks.check()
         if self.events.active:
             self.events.publish(pe.TaskFinished(result=result, at=now))
 
@@ -765,6 +759,7 @@ class Pool:
         pending = self._pending.get(ins.task_id)
         if pending is not None:
             pending.slot_id = None
+            self._acks.check()
             pending.started_at = None
             if self.events.active:
                 self.events.publish(

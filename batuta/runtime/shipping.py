@@ -6,6 +6,12 @@ new one at once to every host that is up (a host that is relaunching gets it aft
 `Welcome`, like any other). The hosts replace their slots as for any new code (see
 batuta/agent/code.py and supervisor.py); tasks submitted after `ship` name the new digest.
 
+New code goes out only once the hosts hold no task of the old code (a task queued there for
+the old code would be refused, "error", when the new code arrives: no task runs stale code):
+`ship` pauses the scheduling, waits until every task sent to a host has come back (finished,
+or handed back and queued here again), ships, and resumes. Tasks not sent yet run with the
+new code. So `ship` may wait for a long task that runs when it is called.
+
 `CodeAcks` waits for each host's `CodeLoaded` of the new digest: `ship` returns once every
 host it sent the code to has written it and imported its modules, or was lost meanwhile
 (liveness bounds how long a silent host is waited for).
@@ -14,13 +20,13 @@ host it sent the code to has written it and imported its modules, or was lost me
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from batuta.protocol import messages as m
-from batuta.runtime.code import CodeSpec
-from batuta.runtime.session import HostSession
+from batuta.runtime.code import CodeCollector, CodeSpec
+from batuta.runtime.session import HostSession, HostSpec
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,12 +55,40 @@ def with_code(spec: CodeSpec, modules: Iterable[str | Path], job_files: Iterable
     )
 
 
+def collect(code: CodeSpec, hosts: Sequence[HostSpec]) -> dict[str, m.Code | None]:
+    """Each host's bundle of `code` (hosts name their own `kernel_modules`); raises CodeError."""
+    collector = CodeCollector(code)
+    return {spec.name: collector.bundle(spec.kernel_modules) for spec in hosts}
+
+
 class CodeAcks:
     """Hosts whose `CodeLoaded` of a digest someone waits for (at most one digest per host:
     a newer wait ends the older one, whose code the host no longer runs)."""
 
     def __init__(self) -> None:
         self._waiting: dict[str, tuple[str, asyncio.Future[Mapping[str, str] | None]]] = {}
+        self._idle: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []  # (condition, its waiter)
+        self.one_at_a_time = asyncio.Lock()  # ships of one pool, in turn (each pauses and resumes)
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        """Return once `condition()` holds: now, or at a `check()` (the pool calls it whenever
+        a task comes back from a host), or when the pool closes."""
+        if condition():
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._idle.append((condition, future))
+        await future
+
+    def check(self) -> None:
+        if self._idle:
+            waiting, self._idle = self._idle, []
+            for condition, future in waiting:
+                if future.done():
+                    continue
+                if condition():
+                    future.set_result(None)
+                else:
+                    self._idle.append((condition, future))
 
     def expect(self, host: str, digest: str) -> asyncio.Future[Mapping[str, str] | None]:
         """A future for `host`'s import errors once it loaded `digest`; None if it was lost."""
@@ -93,3 +127,7 @@ class CodeAcks:
     def close(self) -> None:
         for host in list(self._waiting):
             self.gone(host)
+        for _, future in self._idle:
+            if not future.done():
+                future.set_result(None)
+        self._idle = []
