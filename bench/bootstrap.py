@@ -26,9 +26,10 @@ start-up is over, and not counted), then SHIP_QUIET_S later:
   module, one of them registering a `@kernel` (`sb_probe`); every file names the repeat's
   version, so no host has its bytecode either. `ship` returns when every host has answered
   `CodeLoaded` for the new digest: the pool collected the files and sent them; the agent wrote
-  them under its cache, imported the package (compiling its 200 KB: the bulk of the figure),
-  and replaced its idle slots by forks of itself that have it, before answering. So it spans
-  the ship call to every host having the code loaded and slots able to run a task on it.
+  them under its cache and imported the package (compiling its 200 KB: the bulk of the
+  figure), answered, and then, before it reads anything else (a task for the new code is
+  handled after), replaces its idle slots by forks of itself that have it. So it spans the
+  ship call to every host having the code loaded and taking tasks for it.
   Then, not in the figure but checked: tasks of `sb_probe` run until every host has returned
   the new version under the new digest (`ship_then_task_on_every_host_ms` reports that time,
   from the same ship call).
