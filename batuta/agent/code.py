@@ -298,7 +298,7 @@ class BundleLoader(importlib.machinery.SourceFileLoader):
             for earlier in _earlier_pycs(source_path):
                 found = _read_pyc(earlier, key)
                 if found is not None:
-                    _write_pyc(own, found[1])  # as it is: the file name is put right on every load
+                    _write_pyc(own, found[1], linked=earlier)  # as it is: the file name is set on each load
                     break
         if found is None:
             code = self.source_to_code(source, source_path)
@@ -332,18 +332,28 @@ def _read_pyc(path: str, key: bytes) -> tuple[types.CodeType, bytes] | None:
     return (code, data) if isinstance(code, types.CodeType) else None
 
 
-def _write_pyc(path: str, data: bytes) -> None:
-    """Write a pyc in one rename (two agents of a host may share the cache); a cache that
-    cannot be written only costs a compile next time."""
+def _write_pyc(path: str, data: bytes, *, linked: str | None = None) -> None:
+    """Write a pyc (`data`, or a hard link to `linked`, the same bytes: nothing to copy) in one
+    rename (two agents of a host may share the cache); a cache that cannot be written only
+    costs a compile next time."""
     temp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        with open(temp, "wb") as file:
-            file.write(data)
+        if not (linked is not None and _linked(linked, temp)):
+            with open(temp, "wb") as file:
+                file.write(data)
         os.replace(temp, path)
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(temp)
+
+
+def _linked(source: str, target: str) -> bool:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed there: the caller writes a copy
+        return False
+    return True
 
 
 def _earlier_pycs(source_path: str) -> list[str]:
