@@ -16,27 +16,30 @@ any clock starts (they are cached; building them needs the package index here).
 
 cached and ssh_startup runs alternate, and medians are reported.
 
-Then the user's code (batuta/runtime/code.py), on the same hosts started the ssh_startup way
-but each with its own empty cache folder, so no host finds a bundle that another wrote:
+Then the user's code (batuta/runtime/code.py), shipped into a running pool with `Pool.ship`.
+Per repeat, one pool on the same hosts started the ssh_startup way, without the package, each
+host with a new empty cache folder; once every slot is up and has run a task (the agents'
+start-up is over, and not counted), then SHIP_QUIET_S later:
 
-- ship_module_ms: a generated package of SHIP_MODULES plain-Python modules, 200 KB in all,
-  one of them registering a `@kernel` (`sb_probe`); its `__init__` imports every module.
-  It is given to a new pool as `Pool.builder().modules([package])`, with a digest no host
-  has seen. The figure is the pool collecting it (reading the files, the digest:
-  `prepare_code()`) plus, over the hosts, the longest time from the session queueing `Code`
-  (right after `Welcome`, in the same write; the SSH connect and the agent's start come
-  before and are not counted) to reading that host's `CodeLoaded`: the agent has written the
-  files under its cache and imported the package (compiling its 200 KB of source). Not
-  timed, but checked before the figure counts: a task of `sb_probe` then runs on every host
-  and returns the package's version.
-- reship_after_edit_ms: the same measure on the next pool, after one module of the package
-  was edited (a new digest; every host still holds the previous one: the whole bundle
-  travels again, there is no delta).
+- ship_module_ms: `await pool.ship([package])`, from the call to its return. The package is
+  generated: SHIP_MODULES plain-Python modules, 200 KB in all, its `__init__` importing every
+  module, one of them registering a `@kernel` (`sb_probe`); every file names the repeat's
+  version, so no host has its bytecode either. `ship` returns when every host has answered
+  `CodeLoaded` for the new digest: the pool collected the files and sent them; the agent wrote
+  them under its cache and imported the package (compiling its 200 KB: the bulk of the
+  figure), answered, and then, before it reads anything else (a task for the new code is
+  handled after), replaces its idle slots by forks of itself that have it. So it spans the
+  ship call to every host having the code loaded and taking tasks for it.
+  Then, not in the figure but checked: tasks of `sb_probe` run until every host has returned
+  the new version under the new digest (`ship_then_task_on_every_host_ms` reports that time,
+  from the same ship call).
+- reship_after_edit_ms: the same, in the same pool, after one module of the package was
+  edited (a new digest: the whole bundle travels again, there is no delta; the hosts reuse the
+  bytecode of the files that did not change, see batuta/agent/code.py).
 
-Medians over the repeats; each repeat ships a version no host has seen. `--ship-only` skips
-the bare install and the cached/ssh_startup comparison (their keys are then absent), to
-iterate on the shipping figures. The last line printed is one JSON object with every key,
-`cached_vs_ssh_startup` (ratio) and details.
+Medians over the repeats. `--ship-only` skips the bare install and the cached/ssh_startup
+comparison (their keys are then absent), to iterate on the shipping figures. The last line
+printed is one JSON object with every key, `cached_vs_ssh_startup` (ratio) and details.
 
     python bench/bootstrap.py [--repeats 3] [--hosts 4] [--slots 2] [--ship-only]
 """
@@ -178,7 +181,7 @@ def write_package(folder: Path, version: str) -> Path:
     fillers = [f"helpers_{i}.py" for i in range(SHIP_MODULES - len(fixed))]
     room = SHIP_BYTES - sum(len(text) for text in fixed.values())
     for name in fillers:  # plain functions, the bulk of a real package
-        lines: list[str] = [f'"""Filler module {name}: plain Python functions."""\n']
+        lines: list[str] = [f'"""Filler module {name} of version {version}: plain Python functions."""\n']
         size = len(lines[0])
         n = 0
         while size < room // len(fillers):
@@ -195,91 +198,92 @@ def write_package(folder: Path, version: str) -> Path:
     return package
 
 
-def ship_text(hosts: TestHosts, slots: int, folder: Path) -> str:
-    """ssh_startup's cluster file, each host with its own (empty) cache folder."""
+def ship_text(hosts: TestHosts, slots: int, folder: Path, index: int) -> str:
+    """ssh_startup's cluster file, each host with its own cache folder, a new one per repeat."""
     out: list[str] = []
     host = iter(hosts)
     for line in cluster_text(hosts, slots).split("\n"):
         out.append(line)
         if line.startswith("port = "):
-            cache = folder / f"{next(host).name}-ship-cache"
+            cache = folder / f"{next(host).name}-ship-cache-{index}"
             out.append(f'env = {{ XDG_CACHE_HOME = "{cache}" }}')
     return "\n".join(out)
 
 
-async def ship_once(hosts: TestHosts, text: str, package: Path, version: str) -> dict[str, Any]:
-    """One pool start shipping `package`: the figure (see the module docstring) and its parts."""
-    from dataclasses import replace
-
+async def ship_into_pool(hosts: TestHosts, slots: int, text: str, package: Path, version: str) -> dict[str, Any]:
+    """One pool, started without the package: ship it, then edit one module and ship again
+    (see the module docstring for what is timed)."""
     from batuta import Task
     from batuta.protocol import messages as m
     from batuta.runtime.cluster import host_specs, parse_cluster
-    from batuta.runtime.code import CodeSpec
     from batuta.runtime.pool import Pool
     from batuta.runtime.session import HostSession
 
-    queued: dict[str, float] = {}
     loaded: dict[str, float] = {}
-    errors: dict[str, dict[str, str]] = {}
-    every_host_loaded = asyncio.Event()
 
     class ShipTimedPool(Pool):
-        def host_ready(self, session: HostSession) -> None:  # right after Welcome and Code are queued
-            if session.code is not None:
-                queued[session.name] = time.perf_counter()
-            super().host_ready(session)
-
         def host_messages(self, session: HostSession, messages: list[m.Message]) -> None:
             for message in messages:
-                if isinstance(message, m.CodeLoaded) and session.name not in loaded:
+                if isinstance(message, m.CodeLoaded):
                     loaded[session.name] = time.perf_counter()
-                    errors[session.name] = dict(message.errors)
-                    if len(loaded) == len(hosts):
-                        every_host_loaded.set()
             super().host_messages(session, messages)
 
+    async def ship(pool: Pool, want: str) -> dict[str, Any]:
+        loaded.clear()
+        t0 = time.perf_counter()
+        shipped = await pool.ship([package])
+        shipped_s = time.perf_counter() - t0
+        if shipped.errors or sorted(shipped.hosts) != sorted(h.name for h in hosts):
+            raise SystemExit(f"shipping failed: {shipped}")
+        ran_on: set[str] = set()
+        for _ in range(SHIP_ROUNDS):  # until every host has run a task of the new code
+            tasks = [pool.run(Task.kernel(SHIP_KERNEL, i)) for i in range(4 * len(hosts))]
+            for i, r in enumerate(await asyncio.gather(*tasks)):
+                if r.value != f"{want}:{i}" or r.code != shipped.digest:  # the new code ran, not an old copy
+                    raise SystemExit(f"{SHIP_KERNEL} on {r.host}: {r.status.value} {r.value!r} {r.error}")
+                ran_on.add(r.host or "")
+            if ran_on >= {h.name for h in hosts}:
+                break
+        else:
+            raise SystemExit(f"{SHIP_KERNEL} ran only on {sorted(ran_on)}")
+        return {
+            "ship_ms": shipped_s * 1000,
+            "task_on_every_host_ms": (time.perf_counter() - t0) * 1000,
+            "code_loaded_ms": {name: round((at - t0) * 1000, 1) for name, at in sorted(loaded.items())},
+        }
+
     cluster = parse_cluster(text, source="bench/bootstrap.py")
-    pool = ShipTimedPool(host_specs(cluster), replace(cluster.pool, code=CodeSpec(modules=(package,))))
-    t0 = time.perf_counter()
-    pool.prepare_code()
-    collect_s = time.perf_counter() - t0
-    ran_on: set[str] = set()
+    pool = ShipTimedPool(host_specs(cluster), cluster.pool)
     async with asyncio.timeout(SHIP_TIMEOUT_S):
         async with pool:
-            await every_host_loaded.wait()
-            for _ in range(SHIP_ROUNDS):
-                tasks = [pool.run(Task.kernel(SHIP_KERNEL, i)) for i in range(4 * len(hosts))]
-                for i, r in enumerate(await asyncio.gather(*tasks)):
-                    if r.value != f"{version}:{i}":  # the new code ran, not an old copy
-                        raise SystemExit(f"{SHIP_KERNEL} on {r.host}: {r.status.value} {r.value!r} {r.error}")
-                    ran_on.add(r.host or "")
-                if ran_on >= {h.name for h in hosts}:
+            for _ in range(SHIP_ROUNDS):  # every slot up and the agents' start-up done
+                await asyncio.gather(*(pool.run(Task.kernel("noop", i)) for i in range(4 * len(hosts))))
+                if pool.slot_count == len(hosts) * slots:
                     break
-    if any(errors.values()) or not ran_on >= {h.name for h in hosts}:
-        raise SystemExit(f"shipping failed: import errors {errors}, ran on {sorted(ran_on)}")
-    per_host = {name: loaded[name] - queued[name] for name in loaded}
-    return {
-        "ship_ms": (collect_s + max(per_host.values())) * 1000,
-        "collect_ms": collect_s * 1000,
-        "code_to_loaded_ms": {name: round(v * 1000, 1) for name, v in sorted(per_host.items())},
-        "bundle_bytes": sum(f.stat().st_size for f in package.iterdir() if f.is_file()),
-    }
+            await asyncio.sleep(SHIP_QUIET_S)
+            first = await ship(pool, version)
+            edited_version = version[:-1] + "b"
+            (package / "version.py").write_text(f"VERSION = {edited_version!r}\n")  # the edit: one file
+            await asyncio.sleep(SHIP_QUIET_S)
+            edited = await ship(pool, edited_version)
+    first["bundle_bytes"] = sum(f.stat().st_size for f in package.iterdir() if f.is_file())
+    return {"first": first, "edited": edited}
+
+
+SHIP_QUIET_S = 0.5  # after the pool is up and between the ships: the agents' start-up and slot forks are over
 
 
 def measure_shipping(hosts: TestHosts, slots: int, folder: Path, repeats: int) -> dict[str, Any]:
     """ship_module_ms and reship_after_edit_ms, medians over `repeats` (module docstring)."""
-    text = ship_text(hosts, slots, folder)
     first: list[dict[str, Any]] = []
     edited: list[dict[str, Any]] = []
     for index in range(repeats):
-        project = folder / f"ship-{index}"
-        version = f"{os.getpid()}-{index}-a"  # a digest no host has seen
-        package = write_package(project, version)
-        first.append(asyncio.run(ship_once(hosts, text, package, version)))
-        settle(hosts)
-        version = version[:-1] + "b"
-        (package / "version.py").write_text(f"VERSION = {version!r}\n")  # the edit: one file
-        edited.append(asyncio.run(ship_once(hosts, text, package, version)))
+        text = ship_text(hosts, slots, folder, index)
+        version = f"{os.getpid()}-{index}-a"  # in every file: a digest, and bytecode, no host has seen
+        package = write_package(folder / f"ship-{index}", version)
+        run = asyncio.run(ship_into_pool(hosts, slots, text, package, version))
+        first.append(run["first"])
+        edited.append(run["edited"])
         settle(hosts)
         print(
             f"ship {index + 1}: first {first[-1]['ship_ms']:.1f} ms, after an edit {edited[-1]['ship_ms']:.1f} ms",
@@ -289,10 +293,11 @@ def measure_shipping(hosts: TestHosts, slots: int, folder: Path, repeats: int) -
         "ship_module_ms": round(statistics.median(r["ship_ms"] for r in first), 1),
         "reship_after_edit_ms": round(statistics.median(r["ship_ms"] for r in edited), 1),
         "ship_bundle_bytes": first[0]["bundle_bytes"],
-        "ship_collect_ms_median": round(statistics.median(r["collect_ms"] for r in first + edited), 2),
         "ship_module_runs_ms": [round(r["ship_ms"], 1) for r in first],
         "reship_after_edit_runs_ms": [round(r["ship_ms"], 1) for r in edited],
-        "ship_code_to_loaded_ms": [r["code_to_loaded_ms"] for r in first + edited],
+        "ship_then_task_on_every_host_ms": round(statistics.median(r["task_on_every_host_ms"] for r in first), 1),
+        "reship_then_task_on_every_host_ms": round(statistics.median(r["task_on_every_host_ms"] for r in edited), 1),
+        "ship_code_loaded_ms": [r["code_loaded_ms"] for r in first + edited],
     }
 
 

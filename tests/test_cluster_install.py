@@ -9,14 +9,19 @@ folder used as its cache) and pushes it over SFTP.
     host0  /usr/bin/python3 (or a fresh venv without batuta): install, a task, install again
     host1  the same Python: an install killed while pip runs, then run again
     host2  another Python minor (3.12 from pyenv, if this machine has it): bootstrap = true
+    host0  again, with `index_url` naming a simple index that a `python -m http.server` serves
+           from the coordinator's wheelhouse on the root side of host0's link: the index path
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
+import re
+import select
 import signal
 import subprocess
 import sys
@@ -112,8 +117,11 @@ def host_bin(folder: Path, python: Path) -> Path:
     return folder
 
 
-def write_cluster(path: Path, hosts: TestHosts, index: int, python: Path, cache: Path, extra: str = "") -> Path:
-    """One host of `hosts`, whose python3 is `python` and whose cache folder is `cache`."""
+def write_cluster(
+    path: Path, hosts: TestHosts, index: int, python: Path, cache: Path, extra: str = "", env: str = ""
+) -> Path:
+    """One host of `hosts`, whose python3 is `python` and whose cache folder is `cache`; `extra`
+    goes into [defaults], `env` (", NAME = \"value\"") into the host's environment."""
     bin_dir = host_bin(path.parent / f"bin{index}", python)
     host = hosts[index]
     path.write_text(
@@ -129,7 +137,7 @@ def write_cluster(path: Path, hosts: TestHosts, index: int, python: Path, cache:
             [[hosts]]
             name = "h{index}"
             address = "{host.address}"
-            env = {{ XDG_CACHE_HOME = "{cache}", PATH = "{bin_dir}:/usr/bin:/bin" }}
+            env = {{ XDG_CACHE_HOME = "{cache}", PATH = "{bin_dir}:/usr/bin:/bin"{env} }}
 
             [ssh]
             known_hosts = "{hosts.known_hosts}"
@@ -275,3 +283,92 @@ def test_a_host_on_another_python_minor_is_bootstrapped_on_connect_and_runs_task
     ran_on, _, value = asyncio.run(run_vadd(cluster))
     assert ran_on == "h2"
     assert (venv / MARKER).stat().st_mtime_ns == marker_stamp
+
+
+# -- the package-index path -------------------------------------------------------------------
+
+SERVER_START_TIMEOUT_S = 30.0
+
+
+def simple_index(root: Path, files: list[Path]) -> Path:
+    """A PEP 503 simple index of the wheels `files`: `root/simple/<project>/<wheel>`, whose
+    folder listing (http.server's) is the page of links pip reads for a project."""
+    for wheel in files:
+        folder = root / "simple" / wheels.normalized(wheel.name.split("-")[0])
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / wheel.name).symlink_to(wheel)
+    return root
+
+
+@contextlib.contextmanager
+def http_server(folder: Path, address: str, access_log: list[str]) -> Iterator[int]:
+    """`python -m http.server` serving `folder` on `address` (an ephemeral port, yielded);
+    stopped by its PID after, its access log (stderr) appended to `access_log`."""
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", address, "--directory", str(folder)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=folder,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], SERVER_START_TIMEOUT_S)
+        line = proc.stdout.readline() if ready else ""
+        found = re.search(r" port (\d+) ", line)
+        assert found, f"http.server did not say where it listens: {line!r}"
+        yield int(found.group(1))
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            _, err = proc.communicate(timeout=30)
+        access_log.extend(err.splitlines())
+
+
+def test_a_host_that_reaches_a_package_index_installs_from_it_not_from_a_pushed_wheelhouse(
+    hosts: TestHosts, coordinator_cache: Path, tmp_path: Path
+) -> None:
+    python = bare_python(tmp_path)
+    facts = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import os, platform, sys; print('%d.%d' % sys.version_info[:2], "
+            "os.confstr('CS_GNU_LIBC_VERSION').split()[1], platform.machine())",
+        ],
+        **_text(),
+    ).stdout.split()
+    release = wheels.current_release()
+    house = asyncio.run(wheels.wheelhouse(release, facts[0], facts[1], facts[2], coordinator_cache / "batuta"))
+    served = wheels.wheel_files(house)
+    index = simple_index(tmp_path / "index", served)
+    cache = tmp_path / "host0-index-cache"
+    access_log: list[str] = []
+    with http_server(index, hosts[0].root_address, access_log) as port:
+        url = f"http://{hosts[0].root_address}:{port}/simple/"
+        # the hosts share this machine's files: its pip configuration (find-links, local
+        # mirrors) and pip's cache would answer for wheels the index must serve
+        no_cache = ', PIP_NO_CACHE_DIR = "1", PIP_CONFIG_FILE = "/dev/null"'
+        cluster = write_cluster(
+            tmp_path / "cluster.toml", hosts, 0, python, cache, extra=f'index_url = "{url}"', env=no_cache
+        )
+        code, report = install(cluster, coordinator_cache)
+    assert code == 0, [h.get("error") for h in report["hosts"]]
+    (host,) = report["hosts"]
+    assert (host["ok"], host["path"], host["note"]) == (True, "index", None)
+    base = [
+        asyncio.run(wheels.batuta_wheel(release, coordinator_cache / "batuta")),
+        wheels.pip_wheel(coordinator_cache / "batuta"),
+    ]
+    assert host["pushed_bytes"] == sum(p.stat().st_size for p in base)  # batuta and pip only: no wheelhouse
+    fetched = {
+        m.group(1) for line in access_log if (m := re.search(r'"GET /simple/[^/]+/([^ ]+\.whl) HTTP/[\d.]+" 200', line))
+    }
+    assert fetched == {wheel.name for wheel in served}, "\n".join(access_log)  # every dependency came from the index
+    venv = venv_of(cache, python)
+    assert json.loads((venv / MARKER).read_text())["batuta"] == __version__
+    done = subprocess.run([f"{venv}/bin/python", "-c", "import batuta.agent.main, numba; print('ok')"], **_text())
+    assert done.stdout.strip() == "ok", done.stderr

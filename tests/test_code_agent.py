@@ -7,8 +7,11 @@ that ran the task says, not a guess from the process table.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -255,6 +258,58 @@ def test_an_unwritable_cache_is_an_import_error_for_each_module_not_a_crash(tmp_
     loaded_code = loader.load(code)
     assert loaded_code.digest == code.digest and loaded_code.directory is None
     assert loaded_code.errors["m"].startswith(f"cannot write the code under {blocker / CODE_FOLDER}: ")
+
+
+def test_each_file_compiles_once_per_host_and_an_edit_compiles_only_what_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytecode is kept beside the bundle as checked-hash pycs (even with PYTHONDONTWRITEBYTECODE),
+    reused by a new bundle for the files it did not change, and names the new bundle's files."""
+    import batuta.agent.code as host_code
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    monkeypatch.setattr(sys, "path_hooks", list(sys.path_hooks))
+    monkeypatch.setattr(sys, "path_importer_cache", dict(sys.path_importer_cache))
+    monkeypatch.setattr(host_code, "_HOOKED", set())
+    compiled: list[str] = []
+    compile_source = host_code.BundleLoader.source_to_code
+
+    def counting(self: host_code.BundleLoader, data: bytes, path: str) -> types.CodeType:
+        compiled.append(Path(path).name)
+        return compile_source(self, data, path)
+
+    monkeypatch.setattr(host_code.BundleLoader, "source_to_code", counting)
+    files: dict[str, str | bytes] = {
+        "cs_bc/__init__.py": "from cs_bc import big, ver  # noqa: F401\n",
+        "cs_bc/big.py": "def fail():\n    raise ValueError('from big')\n",
+        "cs_bc/ver.py": "V = 1\n",
+    }
+    first = bundle(files, ("cs_bc",))
+    edited = bundle({**files, "cs_bc/ver.py": "V = 2\n"}, ("cs_bc",))
+    try:
+        loader = CodeLoader("h1", root=tmp_path)
+        assert loader.load(first).errors == {}
+        assert sorted(compiled) == ["__init__.py", "big.py", "ver.py"]
+        pyc = importlib.util.cache_from_source(str(tmp_path / CODE_FOLDER / first.digest / "cs_bc" / "big.py"))
+        header = Path(pyc).read_bytes()[:16]
+        assert header[:4] == importlib.util.MAGIC_NUMBER and int.from_bytes(header[4:8], "little") == 0b11
+
+        compiled.clear()
+        now = loader.load(edited)
+        assert now.errors == {} and compiled == ["ver.py"]  # the others come from the first bundle's pycs
+        assert sys.modules["cs_bc.ver"].V == 2
+        big_file = sys.modules["cs_bc.big"].fail.__code__.co_filename
+        assert big_file == str(tmp_path / CODE_FOLDER / edited.digest / "cs_bc" / "big.py")
+
+        compiled.clear()
+        again = CodeLoader("h1", root=tmp_path)  # a new agent on the same host
+        loader._unload()
+        assert again.load(first).errors == {} and compiled == []
+        assert sys.modules["cs_bc.ver"].V == 1
+        again._unload()
+    finally:
+        for name in [name for name in sys.modules if name == "cs_bc" or name.startswith("cs_bc.")]:
+            del sys.modules[name]
 
 
 def test_a_slot_refuses_a_task_for_other_code_even_if_the_agent_let_it_through() -> None:

@@ -253,6 +253,71 @@ async def test_a_relaunched_agent_is_sent_the_code_again_before_any_task(
     assert [message.digest for message in sent if isinstance(message, m.Code)] == [first.code, first.code]
 
 
+async def test_ship_puts_new_code_into_a_running_pool_and_an_edit_replaces_it(project: Path) -> None:
+    """`Pool.ship`: the job file's modules reach a pool started without them; after an edit the
+    next ship runs the new code on the same agent (its slots replaced), never the old one."""
+    async with Pool.builder().cpu_workers(2).gpu_workers("none").build() as pool:
+        before = await pool.run(Task.kernel("cs_value", 4))
+        assert before.status is TaskStatus.FAILED and "cs_value" in (before.error or "")
+        with pytest.raises(CodeError, match="no such file or folder"):
+            await pool.ship([project / "missing.py"])
+        shipped = await pool.ship(job_files=[project / "my_job.py"])
+        assert (shipped.hosts, shipped.errors, shipped.unchanged) == (("local",), {}, False)
+        first = await pool.run(Task.kernel("cs_value", 4))
+        assert (first.status, first.value, first.code) == (TaskStatus.SUCCEEDED, 141, shipped.digest)
+        assert (await pool.ship(job_files=[project / "my_job.py"])).unchanged  # the same code: nothing sent
+
+        write(project, {"cs_kernels.py": KERNELS.format(version=2)})
+        edited = await pool.ship(job_files=[project / "my_job.py"])
+        assert edited.digest != shipped.digest and edited.hosts == ("local",)
+        results = await asyncio.gather(*(pool.run(Task.kernel("cs_value", i)) for i in range(8)))
+    assert {(r.status, r.code) for r in results} == {(TaskStatus.SUCCEEDED, edited.digest)}
+    assert [r.value for r in results] == [i * 10 + 102 for i in range(8)]  # every slot runs the new code
+
+
+BLOCK = """\
+from batuta import kernel
+
+
+@kernel("cs_block")
+def cs_block(fifo):
+    with open(fifo) as released:  # returns once the test writes a line to the FIFO
+        return released.readline().strip()
+
+
+cs_block.cpu(cs_block.reference)
+"""
+
+
+async def test_ship_waits_for_the_tasks_on_the_hosts_so_none_is_refused_as_stale(project: Path, tmp_path: Path) -> None:
+    """A task running and others queued on the host for the old code: `ship` pauses, lets them
+    finish with the code they were sent for, then ships and resumes."""
+    write(project, {"cs_block.py": BLOCK})
+    fifo = tmp_path / "release"
+    os.mkfifo(fifo)
+    pool = Pool.builder().cpu_workers(1).gpu_workers("none").modules([project / "cs_block.py"]).build()
+    async with pool:
+        first = await pool.submit(Task.kernel("cs_block", str(fifo)))
+        queued = [await pool.submit(Task.kernel("noop", i)) for i in range(6)]
+        writer = await asyncio.wait_for(asyncio.to_thread(open, fifo, "w"), 60)  # cs_block runs now
+        shipping = asyncio.create_task(pool.ship(job_files=[project / "my_job.py"]))
+        await asyncio.sleep(0)  # one turn: ship runs until it waits for the hosts' tasks
+        assert pool.paused and not shipping.done()
+        with writer:
+            writer.write("released\n")
+        results = [await first] + [await future for future in queued]
+        shipped = await asyncio.wait_for(shipping, 60)
+        assert not pool.paused
+        after = await pool.run(Task.kernel("cs_value", 4))
+    assert [(r.status, r.value) for r in results] == [(TaskStatus.SUCCEEDED, "released")] + [
+        (TaskStatus.SUCCEEDED, i) for i in range(6)
+    ]
+    old_code = results[0].code
+    assert shipped.digest != old_code and {r.code for r in results} <= {old_code, shipped.digest}
+    assert any(r.code == old_code for r in results[1:])  # some were on the host, for the old code, when ship began
+    assert (after.status, after.value, after.code) == (TaskStatus.SUCCEEDED, 141, shipped.digest)
+
+
 async def test_a_pool_with_no_code_to_ship_names_none() -> None:
     async with Pool.builder().cpu_workers(1).gpu_workers("none").build() as pool:
         result = await pool.run(Task.kernel("noop", 3))

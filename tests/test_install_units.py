@@ -98,6 +98,44 @@ def test_install_without_a_cluster_file_or_ssh_hosts_is_a_usage_error(
     assert main(["cluster", "install", "-c", str(tmp_path / "missing.toml")]) == 2
 
 
+def test_an_index_url_must_be_an_http_url_and_holds_no_credentials_on_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = "s3cr3t-token"
+    cluster = tmp_path / "cluster.toml"
+    cluster.write_text(f'[defaults]\nindex_url = "ftp://ci:{secret}@mirror/simple/"\n[[hosts]]\naddress = "n1"\n')
+    assert main(["cluster", "install", "-c", str(cluster)]) == 2
+    err = capsys.readouterr().err
+    assert "index_url" in err and "expected the http:// or https:// URL of a simple index" in err
+    assert secret not in err and len(err.strip().splitlines()) == 1
+
+    cluster.write_text('[defaults]\nindex_url = "https://mirror.example/simple/"\n[[hosts]]\naddress = "n1"\n')
+    url = f"https://ci:{secret}@mirror.example/simple/"
+    assert main(["cluster", "install", "-c", str(cluster), "--index-url", url]) == 2
+    err = capsys.readouterr().err
+    assert "--index-url: the URL holds credentials" in err and "put index_url in the cluster file" in err
+    assert secret not in err
+    assert main(["cluster", "install", "-c", str(cluster), "--index-url", "mirror.example/simple"]) == 2
+    assert "--index-url: expected the http:// or https:// URL" in capsys.readouterr().err
+
+
+def test_the_index_url_reaches_install_targets_and_the_command_line_one_wins(tmp_path: Path) -> None:
+    from batuta.cli._install import install_targets
+    from batuta.runtime.cluster import load_cluster
+
+    cluster = tmp_path / "cluster.toml"
+    cluster.write_text(
+        '[defaults]\nindex_url = "https://a.example/simple/"\n'
+        '[[hosts]]\naddress = "n1"\n'
+        '[[hosts]]\naddress = "n2"\nindex_url = "http://10.0.0.9:8080/simple/"\n'
+    )
+    config = load_cluster(cluster)
+    targets, _ = install_targets(config)
+    assert [t.index_url for t in targets] == ["https://a.example/simple/", "http://10.0.0.9:8080/simple/"]
+    targets, _ = install_targets(config, index_url="https://b.example/simple/")
+    assert {t.index_url for t in targets} == {"https://b.example/simple/"}
+
+
 def test_the_bootstrap_launcher_starts_only_this_releases_finished_environment(tmp_path: Path) -> None:
     """No marker, or a marker of another build: exit 75 saying so, before any byte on stdout
     (the coordinator then installs); this release's marker: exec that environment's python."""

@@ -253,6 +253,58 @@ async def test_job_file_from_the_palette_and_its_failure_in_detail(tmp_path: Pat
         assert "exited with code 3" in text and "flaky_job" in text
 
 
+SHIPPED_JOB = """\
+from batuta import Task
+import tui_ship_kernels
+
+
+async def main(pool):
+    results = [await pool.run(Task.kernel("tui_ship_probe", i)) for i in range(4)]
+    return " ".join(f"{r.status.value}:{r.value}" for r in results)
+"""
+
+SHIPPED_KERNELS = """\
+from batuta import kernel
+
+VERSION = {version}
+
+
+@kernel("tui_ship_probe")
+def tui_ship_probe(x):
+    return x + 100 * VERSION
+
+
+tui_ship_probe.cpu(tui_ship_probe.reference)
+"""
+
+
+async def test_a_job_file_started_in_the_running_pool_ships_its_modules_and_an_edit_runs_new_code(
+    tmp_path: Path,
+) -> None:
+    """`r` on a job file whose kernels live beside it: the pool (started without them) gets them
+    before the job's tasks, and after an edit the next run gets the new code on every slot."""
+    job_file = tmp_path / "ship_job.py"
+    job_file.write_text(SHIPPED_JOB)
+    (tmp_path / "tui_ship_kernels.py").write_text(SHIPPED_KERNELS.format(version=1))
+    app = BatutaApp(local_pool())
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.model.status == "running", "the pool to start")
+        jobs = app.model.jobs
+        for version, label in ((1, "ship_job"), (2, "ship_job-2")):
+            (tmp_path / "tui_ship_kernels.py").write_text(SHIPPED_KERNELS.format(version=version))
+            await pilot.press("r")
+            await until(pilot, lambda: isinstance(app.screen, PickerScreen), "the job picker")
+            await pilot.press("end", "enter")  # the last choice: a job file
+            await until(pilot, lambda: isinstance(app.screen, JobFileScreen), "the job-file prompt")
+            app.screen.query_one(Input).value = str(job_file)
+            await pilot.press("enter")
+            await until(
+                pilot, lambda label=label: label in jobs and jobs[label].state == "done", f"{label} to finish", 60
+            )
+            expected = " ".join(f"succeeded:{i + 100 * version}" for i in range(4))
+            assert jobs[label].message == expected
+
+
 async def test_a_bad_job_file_is_a_notification_not_a_crash(tmp_path: Path) -> None:
     bad = tmp_path / "broken.py"
     bad.write_text("def main(pool):\n    return 1\n")  # not async

@@ -29,6 +29,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer
 from textual.worker import Worker, get_current_worker
 
+from batuta.errors import BatutaError
 from batuta.jobs import JobError, builtin_job_names, load_job
 
 from . import render
@@ -284,6 +285,15 @@ class BatutaApp(App[None]):
             self.notify(str(exc), title="cannot run job", severity="error", timeout=15)
             return
         await self._pool_ready.wait()
+        if job.origin != "built-in":  # its own modules go to every host first, never a stale copy
+            try:
+                shipped = await pool.ship(job_files=[job.origin])
+            except BatutaError as exc:  # a CodeError (too much code), or the pool closed meanwhile
+                self.notify(_one_line(str(exc)), title="cannot run job", severity="error", timeout=15)
+                return
+            for host, errors in shipped.errors.items():
+                failures = "; ".join(f"{module}: {error}" for module, error in errors.items())
+                self.notify(_one_line(failures), title=f"host {host} cannot import the job's code", severity="error")
         label = self._label_for(job.name, job.origin)
         self.model.job_started(label, job.origin)
         self._job_workers[label] = get_current_worker()

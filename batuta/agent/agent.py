@@ -430,6 +430,9 @@ class Agent:
         """Install and import the user's code, answer what happened, give the slots the code."""
         loaded = self._code.load(code)  # import failures go back in CodeLoaded: the coordinator logs them
         self._emit(CodeLoaded(digest=loaded.digest, errors=dict(loaded.errors)))
+        # Out now, not after the slots are replaced: nothing this agent reads next (a Run for
+        # the new code) is handled before the loop below has forked them.
+        self._flush()
         for slot in self._slots.values():
             slot.use_code(loaded)
 

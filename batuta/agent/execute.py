@@ -109,10 +109,10 @@ class KernelRunner:
         code = self._code
         if code is None or not code.modules:
             return ()
-        from batuta.agent.code import describe_import_failure
+        from batuta.agent.code import describe_import_failure, use_bundle
 
         if code.directory is not None and code.directory not in sys.path:
-            sys.path.insert(0, code.directory)  # an exec'd slot; a forked one has the agent's path
+            use_bundle(code.directory)  # an exec'd slot (it finds the agent's pycs); a forked one has the agent's path
         for module in code.modules:
             error = code.errors.get(module)
             if error is None:

@@ -37,6 +37,12 @@ def add_install_arguments(actions: Any) -> None:
         action="store_true",
         help="do not try the package index from the hosts: push a wheelhouse to each (built here once)",
     )
+    install.add_argument(
+        "--index-url",
+        metavar="URL",
+        help="the package index (PEP 503 simple) the hosts install from, instead of index_url in the cluster "
+        "file or pip's own; no credentials here (argv is visible to every user): put those in the cluster file",
+    )
     install.add_argument("--json", action="store_true", help="one JSON object on stdout, no progress")
 
 
@@ -46,7 +52,9 @@ def cmd_cluster_install(args: argparse.Namespace) -> int:
     from batuta.runtime.install import Installer
 
     cluster = load_cluster(args.cluster)
-    targets, notes = install_targets(cluster)
+    if args.index_url is not None:
+        check_index_url_argument(args.index_url)
+    targets, notes = install_targets(cluster, index_url=args.index_url)
     if not targets:
         raise UsageError(f"{args.cluster}: no SSH hosts to install on ({'; '.join(notes) or 'none listed'})")
     live = has_terminal() and not args.json
@@ -61,8 +69,26 @@ def cmd_cluster_install(args: argparse.Namespace) -> int:
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
 
 
-def install_targets(cluster: ClusterConfig) -> tuple[list[InstallTarget], list[str]]:
-    """The cluster's SSH hosts as install targets, and a note for each host left out."""
+def check_index_url_argument(url: str) -> None:
+    """--index-url: a simple index's URL, without credentials (a command line is public)."""
+    from urllib.parse import urlsplit
+
+    from batuta.runtime.install import index_url_problem
+
+    problem = index_url_problem(url)
+    if problem:
+        raise UsageError(f"--index-url: {problem}")
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        raise UsageError(
+            "--index-url: the URL holds credentials, and a command line is visible to every user of this "
+            "machine; put index_url in the cluster file's [defaults] instead (or give pip a netrc on the hosts)"
+        )
+
+
+def install_targets(cluster: ClusterConfig, *, index_url: str | None = None) -> tuple[list[InstallTarget], list[str]]:
+    """The cluster's SSH hosts as install targets, and a note for each host left out;
+    `index_url` (--index-url) replaces the hosts' own."""
     from batuta.runtime.install import InstallTarget
     from batuta.transport.ssh import SSHTarget
 
@@ -82,7 +108,11 @@ def install_targets(cluster: ClusterConfig) -> tuple[list[InstallTarget], list[s
             if host.python
             else ""
         )
-        targets.append(InstallTarget(name=host.name, target=target, env=dict(host.env), note=note))
+        targets.append(
+            InstallTarget(
+                name=host.name, target=target, env=dict(host.env), note=note, index_url=index_url or host.index_url
+            )
+        )
     return targets, notes
 
 

@@ -66,7 +66,7 @@ from batuta.core.backend import BackendThresholds
 from batuta.core.task import CAP_CPU, CAP_GPU, MAX_SLOTS
 from batuta.errors import ConfigError
 from batuta.runtime.code import MAX_CODE_MB, CodeSpec
-from batuta.runtime.install import Installer, InstallTarget, agent_launcher, launch_bootstrapped
+from batuta.runtime.install import Installer, InstallTarget, agent_launcher, index_url_problem, launch_bootstrapped
 from batuta.runtime.pool import Pool, PoolConfig, local_host
 from batuta.runtime.session import HostSpec
 from batuta.transport.base import ByteStream
@@ -103,6 +103,7 @@ class ClusterHost:
     kernel_modules: tuple[str, ...] = ()
     transport: str = "ssh"  # "ssh", or "tls" for a `batuta worker` daemon (see the module doc)
     bootstrap: bool = False  # install batuta on connect when needed (batuta.runtime.install)
+    index_url: str | None = None  # the package index `cluster install` and bootstrap use there
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -212,7 +213,7 @@ def ssh_host(
     env = dict(host.env) or None
     bootstrap = host.bootstrap and host.python is None
     shared = installer or (Installer(settings) if bootstrap else None)
-    install_target = InstallTarget(name=host.name, target=target, env=dict(host.env))
+    install_target = InstallTarget(name=host.name, target=target, env=dict(host.env), index_url=host.index_url)
 
     async def launch() -> ByteStream:
         if not bootstrap or shared is None:
@@ -320,6 +321,7 @@ _HOST_KEYS = (
     "kernel_modules",
     "transport",
     "bootstrap",
+    "index_url",
 )
 _TLS_HOST_KEYS = ("name", "address", "port", "tags", "transport")  # the worker's command line sets the rest
 _TLS_KEYS = ("ca", "cert", "key", "server_name", "connect_timeout", "hello_timeout", "busy_timeout")
@@ -487,6 +489,7 @@ class _Reader:
             "kernel_modules": self._modules,
             "transport": self._transport,
             "bootstrap": self._bool,
+            "index_url": self._index_url,
         }
         return {key: check((*path, key), table[key]) for key, check in checkers.items() if key in table}
 
@@ -688,6 +691,13 @@ class _Reader:
         if not value > 0 or value == float("inf"):
             raise self.error(path, f"expected a positive number of seconds, got {value}")
         return float(value)
+
+    def _index_url(self, path: FieldPath, value: Any) -> str:
+        url = self._string(path, value)
+        problem = index_url_problem(url)
+        if problem:
+            raise self.error(path, problem)
+        return url
 
     def _bool(self, path: FieldPath, value: Any) -> bool:
         if not isinstance(value, bool):

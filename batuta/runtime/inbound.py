@@ -62,6 +62,7 @@ def events_from(pool: Pool, session: HostSession, messages: list[m.Message]) -> 
         elif isinstance(msg, m.SlotChanged):
             events.extend(slot_state_events(pool, session, msg, now))
         elif isinstance(msg, m.CodeLoaded):
+            pool._acks.loaded(host, msg)
             for module, error in msg.errors.items():  # its tasks fail saying so; the rest run
                 log.warning("host %s: importing %s failed: %s", host, module, error)
         elif isinstance(msg, m.Bye):

@@ -34,6 +34,7 @@ import json
 import logging
 import shlex
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,7 +95,9 @@ if facts["marker"] is not None:
 print(json.dumps(facts))
 """
 
-# Run by the host's python3 with one JSON argument (see `_install_args`). Prints "step NAME
+# Run by the host's python3 with one JSON argument (see `_install_args`), after a first line
+# `INDEX_URL = '...'` (the host's `index_url`, "" for pip's own) that comes with it on stdin,
+# never in argv: a URL may hold credentials. Prints "step NAME
 # [detail]" lines, pip's own output, and last one JSON object; exits 0, EXIT_NO_INDEX,
 # EXIT_INDEX_FAILED, or 1.
 INSTALL = r"""
@@ -132,6 +135,12 @@ def run(argv, timeout):
     return done.returncode, out
 
 pip = [a["python"], a["pip"], "--disable-pip-version-check", "--no-input"]
+if INDEX_URL:  # set above this script by the coordinator (stdin, never argv: it may hold credentials)
+    from urllib.parse import urlsplit
+    os.environ["PIP_INDEX_URL"] = INDEX_URL
+    where = urlsplit(INDEX_URL)
+    if where.scheme == "http":  # asked for in plain HTTP: pip ignores such an index unless trusted
+        os.environ["PIP_TRUSTED_HOST"] = where.hostname + (":%d" % where.port if where.port else "")
 if not a["offline"]:
     say("probing", "the package index")
     scratch = tempfile.mkdtemp(prefix="batuta-probe-")
@@ -386,6 +395,7 @@ class InstallTarget:
     target: SSHTarget
     env: Mapping[str, str] = field(default_factory=dict)
     note: str = ""
+    index_url: str | None = None  # the package index pip uses there (PEP 503); None: pip's own setting
 
 
 # -- the coordinator's shared state ---------------------------------------------------------
@@ -592,13 +602,27 @@ class Installer:
             elif line.startswith("Installing collected"):
                 self._progress(host.name, "pip", "installing")
 
+        script = f"INDEX_URL = {host.index_url or ''!r}\n{INSTALL}"
         return await ssh.run(
             ["python3", "-", json.dumps(args)],
             env=host.env,
-            input=INSTALL.encode(),
+            input=script.encode(),
             timeout=INSTALL_TIMEOUT_S + LOCK_TIMEOUT_S,
             on_line=on_line,
         )
+
+
+def index_url_problem(url: str) -> str:
+    """Why `url` cannot be the package index the hosts install from, or "". The URL itself is
+    not repeated: it may hold credentials."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
+    except ValueError:  # a port that is not a number
+        usable = False
+    if not usable or any(c.isspace() for c in url):
+        return "expected the http:// or https:// URL of a simple index (PEP 503), like https://pypi.example.org/simple/"
+    return ""
 
 
 def installed(facts: HostFacts, release: wheels.Release) -> bool:

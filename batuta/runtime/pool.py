@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from batuta.core import events as ev
@@ -29,7 +29,7 @@ from batuta.core.backend import select_backend
 from batuta.core.liveness import LivenessConfig
 from batuta.core.objects import ObjectRef, refs_in
 from batuta.core.scheduler import Scheduler
-from batuta.core.task import CAP_CPU, CAP_GPU, Backend, KernelCall, Priority, Task, TaskResult, TaskStatus
+from batuta.core.task import CAP_GPU, Backend, KernelCall, Priority, Task, TaskResult, TaskStatus
 from batuta.errors import PoolClosedError, UsageError
 from batuta.protocol import messages as m
 from batuta.protocol.codec import check_value
@@ -37,12 +37,14 @@ from batuta.protocol.errors import LocalProtocolError
 from batuta.runtime import events as pe
 from batuta.runtime import inbound, kept, mapping, stream
 from batuta.runtime.builder import PoolBuilder, PoolConfig, local_host
-from batuta.runtime.code import CodeCollector, ShippedCode
+from batuta.runtime.code import CodeSpec, ShippedCode
 from batuta.runtime.dataplane import DataPlane, Prepared
 from batuta.runtime.future import ResultStore, TaskFuture
 from batuta.runtime.hosts import HostSupervisor
 from batuta.runtime.objects import KeptObject, ObjectTable, lineage_digest
+from batuta.runtime.requirements import requirements, superlinear
 from batuta.runtime.session import HostSession, HostSpec, SendBudget
+from batuta.runtime.shipping import CodeAcks, CodeShipped, collect, with_code
 from batuta.runtime.views import HostView, PoolStats, SlotView
 from batuta.runtime.wakeup import WakeupTimer
 
@@ -54,23 +56,6 @@ SUBMIT_BATCH = 1024  # most submissions held back for one scheduling pass
 
 # The job label of tasks submitted from the current context (see `Pool.job`).
 _current_job: ContextVar[str] = ContextVar("batuta_job", default="")
-
-
-@functools.lru_cache(maxsize=1024)
-def _superlinear(kernel_name: str) -> bool:
-    """Whether the registry marks the kernel O(n^2) or worse (the seed's GPU rule)."""
-    from batuta.kernels import registry
-
-    try:
-        return registry.info(kernel_name).complexity in ("quadratic", "cubic")
-    except Exception:  # unknown here (a module only the hosts load): no GPU by guess
-        return False
-
-
-@functools.lru_cache(maxsize=256)
-def _requirements(backend: Backend, tags: frozenset[str]) -> frozenset[str]:
-    """The capabilities a task needs; interned, since most tasks share a handful of sets."""
-    return frozenset({CAP_GPU if backend is Backend.GPU else CAP_CPU, *tags})
 
 
 class Pool:
@@ -119,6 +104,7 @@ class Pool:
         self._data = DataPlane(self)
         self._code_of: dict[str, str] = {}  # host -> digest of the user's code it runs
         self._shipped = ShippedCode()  # the journal keys the user's kernels by its digest
+        self._acks = CodeAcks()  # hosts `ship` waits for
         # Submissions of one loop turn reach the scheduler together (see `_handle`): one
         # scheduling pass and one Run per slot for a burst, instead of one each per task.
         self._submitted: list[ev.Event] = []
@@ -170,17 +156,39 @@ class Pool:
             await self.close()
             raise
 
-    def prepare_code(self) -> None:
+    def prepare_code(self, code: CodeSpec | None = None) -> None:
         """Collect the user's code to ship (runtime/code.py): each session sends its host's
         bundle right after every Welcome, and every task sent there names its digest. `start()`
         does this unless it was done before (to find a `CodeError` early: a bad --module path,
-        too much code)."""
-        collector = CodeCollector(self.config.code)
-        for spec in self._specs:
-            code = collector.bundle(spec.kernel_modules)
-            self._hosts.sessions[spec.name].code = code
-            self._code_of[spec.name] = code.digest if code is not None else ""
+        too much code). `code`: what to ship from now on (`ship`), kept once it is collected."""
+        bundles = collect(code or self.config.code, self._specs)  # all, or a CodeError
+        self.config = replace(self.config, code=code or self.config.code)
+        for name, bundle in bundles.items():
+            self._hosts.sessions[name].code = bundle
+            self._code_of[name] = bundle.digest if bundle is not None else ""
         self._shipped = ShippedCode(session.code for session in self._hosts.sessions.values())
+
+    async def ship(self, modules: Iterable[str | Path] = (), *, job_files: Iterable[str | Path] = ()) -> CodeShipped:
+        """Add `modules` (.py files, package folders) and `job_files` (the modules of their folder
+        that they import) to the code this pool ships, and ship it to every host now, once the
+        tasks already on the hosts are done; returns once each host loaded it (see
+        runtime/shipping.py). Raises CodeError (a bad path, too much code) before that."""
+        self._check_open()
+        code = with_code(self.config.code, modules, job_files)
+        if {n: b.digest if b else "" for n, b in collect(code, self._specs).items()} == self._code_of:
+            return CodeShipped(digest=self._shipped.digest, unchanged=True)
+        async with self._acks.one_at_a_time:
+            was_paused = self.paused
+            self.pause()  # nothing more goes out for the old code; what is out finishes with it
+            try:
+                await self._acks.until(lambda: not any(p.slot_id for p in self._pending.values()))
+                self._check_open()
+                before = dict(self._code_of)
+                self.prepare_code(with_code(self.config.code, modules, job_files))
+                return await self._acks.send(self._hosts.sessions, before, self._shipped.digest)
+            finally:
+                if not was_paused and not self._closed:
+                    self.resume()
 
     async def close(self) -> None:
         """Stop every host; tasks not yet resolved resolve as CANCELLED ("pool closed").
@@ -192,6 +200,7 @@ class Pool:
             return
         self._closed = True
         self._timer.close()
+        self._acks.close()
         self._handle([ev.ShutdownRequested(reason="pool closed before the task finished")])
         self._space.set()
         await self._hosts.close()
@@ -245,11 +254,11 @@ class Pool:
             call,  # kept refs among the arguments count by their elements
             task.backend,
             gpu_available=self._scheduler.offers(CAP_GPU),
-            quadratic=isinstance(task.call, KernelCall) and _superlinear(task.call.name),
+            quadratic=isinstance(task.call, KernelCall) and superlinear(task.call.name),
             thresholds=self.config.thresholds,
         )
         backend = choice.backend
-        requires = _requirements(backend, task.requires)
+        requires = requirements(backend, task.requires)
         task_id = next(self._ids)
         now = loop.time()
         job = _current_job.get()
@@ -546,6 +555,7 @@ class Pool:
         """Liveness decided: the host is lost (relaunched later) or retired (never again)."""
         if self._closed:
             return
+        self._acks.gone(host)
         if retired:
             self.host_state_changed(host, "retired", reason)
         elif self.events.active:
@@ -718,6 +728,7 @@ class Pool:
         else:
             self._failed += 1
         pending._resolve(result)
+        self._acks.check()
         if self.events.active:
             self.events.publish(pe.TaskFinished(result=result, at=now))
 
@@ -749,6 +760,7 @@ class Pool:
         pending = self._pending.get(ins.task_id)
         if pending is not None:
             pending.slot_id = None
+            self._acks.check()
             pending.started_at = None
             if self.events.active:
                 self.events.publish(

@@ -124,6 +124,11 @@ class HostSession:
         return self._conn.outgoing.pending_bytes if self._conn is not None else 0
 
     @property
+    def is_open(self) -> bool:
+        """Handshake done, stream not failed, not closing: what `send` queues goes out."""
+        return self._open
+
+    @property
     def congested(self) -> bool:
         """The writer is waiting for the host to take what was written (flow control)."""
         return self._drainer is not None
