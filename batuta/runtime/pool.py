@@ -18,7 +18,7 @@ import contextlib
 import functools
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import replace
 from typing import Any
@@ -120,6 +120,7 @@ class Pool:
         # scheduling pass and one Run per slot for a burst, instead of one each per task.
         self._submitted: list[ev.Event] = []
         self._burst_bytes = 0  # argument bytes of those submissions
+        self._closers: list[Callable[[], Awaitable[None]]] = []  # see `add_closer`
 
     # -- construction -----------------------------------------------------------------------
 
@@ -192,6 +193,16 @@ class Pool:
         self._handle([ev.ShutdownRequested(reason="pool closed before the task finished")])
         self._space.set()
         await self._hosts.close()
+        for closer in self._closers:
+            try:
+                await closer()
+            except Exception:  # one failing closer must not keep the others from running
+                log.exception("closing the pool: %r failed", closer)
+
+    def add_closer(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Await `closer()` when the pool closes, after its hosts: what came with them and
+        outlives no pool (an allocation's batch job, runtime/allocation.py)."""
+        self._closers.append(closer)
 
     # -- submitting -------------------------------------------------------------------------
 
