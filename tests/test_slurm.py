@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from batuta import Task
-from batuta.core.task import TaskStatus
 from batuta.agent import dial
+from batuta.core.task import TaskStatus
 from batuta.errors import ConfigError, UsageError
 from batuta.runtime import events as pe
 from batuta.runtime.allocation import CREDENTIALS, Allocation
@@ -154,8 +157,30 @@ async def test_closing_the_pool_cancels_the_job(slurm_env: SlurmCluster, tmp_pat
 async def test_sbatch_refusing_the_options_is_one_error(slurm_env: SlurmCluster, tmp_path: Path) -> None:
     text = allocation_file(tmp_path, nodes=1, extra='sbatch = ["--partition=nosuchpartition"]')
     pool = build_pool(parse_cluster(text))
-    with pytest.raises(AllocationError, match=r"sbatch refused the allocation \(with --partition=nosuchpartition\): .*Invalid partition"):
+    refused = r"sbatch refused the allocation \(with --partition=nosuchpartition\): .*Invalid partition"
+    with pytest.raises(AllocationError, match=refused):
         await pool.start()
+
+
+def test_batuta_alloc_runs_a_job_on_the_nodes_and_cancels_the_job(slurm_env: SlurmCluster, tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "batuta", "alloc", "slurm", "pi", "--nodes", "2", "--time", "5", "--slots", "1"]
+    argv += ["--gpus", "none", "--directory", str(tmp_path), "--poll-interval", "0.2", "--json"]
+    argv += ["--", "--partition=debug", "--job-name=cli-test"]
+    done = subprocess.run(argv, env=slurm_env.env, capture_output=True, text=True, timeout=WAIT_S, check=False)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert summary["failed"] == 0
+    (script,) = tmp_path.glob("*/batch.sh")  # one allocation, submitted once
+    assert not list(tmp_path.glob(f"*/{CREDENTIALS}"))
+
+
+def test_batuta_alloc_mistakes_are_one_line_and_exit_2() -> None:
+    argv = [sys.executable, "-m", "batuta", "alloc", "slurm", "pi", "--nodes", "2", "--time", "soon"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=WAIT_S, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "batuta: error: time 'soon' is not a Slurm time limit; write minutes (30), H:MM:SS (1:00:00) or D-H (1-0)"
+    ]
 
 
 # -- no Slurm needed --------------------------------------------------------------------------
@@ -199,7 +224,8 @@ def test_time_limits_read_as_slurm_reads_them() -> None:
 def test_the_batch_script_runs_one_step_task_per_node(tmp_path: Path) -> None:
     script = batch_script(name="batuta-x", nodes=3, time="10", output=tmp_path / "o", step=["py", "-m", "m", "a b"])
     assert "#SBATCH --nodes=3" in script and "#SBATCH --time=10" in script
-    assert script.splitlines()[-1] == "exec srun --nodes=3 --ntasks=3 --ntasks-per-node=1 --kill-on-bad-exit=0 py -m m 'a b'"
+    srun = "exec srun --nodes=3 --ntasks=3 --ntasks-per-node=1 --kill-on-bad-exit=0 py -m m 'a b'"
+    assert script.splitlines()[-1] == srun
 
 
 def test_a_node_reads_only_private_credentials(tmp_path: Path) -> None:

@@ -151,7 +151,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_pool_arguments(args)
     _check_metrics_arguments(args)
     job = load_job(args.job)
-    cluster = load_cluster(args.cluster) if args.cluster else None
+    # `batuta alloc` passes the cluster it built (a file's, plus its allocation)
+    cluster = getattr(args, "cluster_config", None) or (load_cluster(args.cluster) if args.cluster else None)
     from batuta.jobs import HostsUnreachableError, ProgressBar, drop_summarised, run_job  # the runtime, now
 
     progress = ProgressBar(job.name) if _wants_progress(args) else None
