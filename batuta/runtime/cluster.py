@@ -351,6 +351,7 @@ _POOL_KEYS = (
     "max_relaunches",
     "relaunch_backoff",
     "start_timeout",
+    "max_parallel_starts",
     "scalar_below",
     "gpu_above",
     "max_code_mb",
@@ -568,6 +569,9 @@ class _Reader:
             fields["seed"] = self._int((*path, "seed"), table["seed"])
         if "max_relaunches" in table:
             fields["max_relaunches"] = self._count((*path, "max_relaunches"), table["max_relaunches"])
+        if "max_parallel_starts" in table:
+            parallel = self._count((*path, "max_parallel_starts"), table["max_parallel_starts"])
+            fields["max_parallel_starts"] = max(1, parallel)
         # Backend.AUTO's size thresholds (the seed's table), in elements
         sizes = {key: self._count((*path, key), table[key]) for key in ("scalar_below", "gpu_above") if key in table}
         if sizes:

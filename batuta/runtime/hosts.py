@@ -48,6 +48,7 @@ class HostSupervisor:
         liveness: lv.LivenessConfig,
         heartbeat_interval: float,
         start_timeout: float,
+        max_parallel_starts: int = 64,
         send_high_water: int,
         send_budget: SendBudget,
         clock: Callable[[], float],
@@ -67,6 +68,9 @@ class HostSupervisor:
             for spec in specs
         }
         self._launches: dict[str, asyncio.Task[Any]] = {}
+        # At most this many (re)launches at once: SSH connections are opened in parallel,
+        # within a bound. Hosts that join later wait for their node, not for a turn here.
+        self._start_turns = asyncio.Semaphore(max(1, max_parallel_starts))
         self._timer = WakeupTimer(lambda: self._handle(lv.ClockTicked()))
         self._closed = False
 
@@ -86,7 +90,7 @@ class HostSupervisor:
         if not sessions:
             await self._first_joined(joining)
             return
-        results = await asyncio.gather(*(s.start() for s in sessions), return_exceptions=True)
+        results = await asyncio.gather(*(self._bounded_start(s) for s in sessions), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if len(errors) == len(sessions):
             first = errors[0]
@@ -98,6 +102,10 @@ class HostSupervisor:
                 if not (isinstance(result, TransportError) and not result.retryable):
                     log.warning("host %s failed to start: %s; retrying in the background", session.name, result)
                 self._launch_failed(session, result)
+
+    async def _bounded_start(self, session: HostSession) -> None:
+        async with self._start_turns:
+            await session.start()
 
     def _join(self, session: HostSession) -> asyncio.Task[BaseException | None]:
         """Launch a host that joins later, in the background; the task returns its error."""
@@ -214,7 +222,10 @@ class HostSupervisor:
     def _relaunch(self, session: HostSession, attempt: int) -> None:
         async def launch() -> None:
             try:
-                await session.start()
+                if session.spec.joins_later:
+                    await session.start()
+                else:
+                    await self._bounded_start(session)
             except (AgentError, TransportError, OSError) as exc:
                 log.warning("host %s relaunch %d failed: %s", session.name, attempt, exc)
                 self._launch_failed(session, exc)

@@ -96,6 +96,7 @@ class Pool:
             ),
             heartbeat_interval=self.config.heartbeat_interval,
             start_timeout=self.config.start_timeout,
+            max_parallel_starts=self.config.max_parallel_starts,
             send_high_water=self.config.send_high_water,
             send_budget=self._budget,
             clock=self._now,

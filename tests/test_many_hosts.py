@@ -1,0 +1,59 @@
+"""Many hosts: launches (SSH connections) are opened in parallel, at most `max_parallel_starts`
+at once, and every host is still launched."""
+
+from __future__ import annotations
+
+from batuta import Task
+from batuta.errors import TransportError
+from batuta.runtime.builder import PoolConfig, local_host
+from batuta.runtime.cluster import parse_cluster
+from batuta.runtime.pool import Pool
+from batuta.runtime.session import HostSpec
+from batuta.transport.base import ByteStream
+
+
+class Unreachable(TransportError):
+    retryable = False  # retired at once: each host is launched exactly once here
+
+
+class LaunchCounter:
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.most = 0
+        self.launched: list[str] = []
+
+    def spec(self, name: str) -> HostSpec:
+        async def launch() -> ByteStream:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+            self.launched.append(name)
+            try:
+                for _ in range(5):  # stay in flight for a few loop turns, as a connection would
+                    await _yield()
+            finally:
+                self.in_flight -= 1
+            raise Unreachable(f"host {name}: unreachable (test)")
+
+        return HostSpec(name=name, launch=launch)
+
+
+async def _yield() -> None:
+    import asyncio
+
+    await asyncio.sleep(0)
+
+
+async def test_hosts_start_in_parallel_within_the_bound() -> None:
+    for limit, expected in ((3, 3), (64, 12)):
+        counter = LaunchCounter()
+        specs = [*(counter.spec(f"h{i}") for i in range(12)), local_host(1, gpus="none", name="real")]
+        async with Pool(specs, PoolConfig(max_parallel_starts=limit)) as pool:
+            assert (await pool.run(Task.kernel("noop", 1))).value == 1
+            assert sorted(counter.launched) == sorted(f"h{i}" for i in range(12))
+            assert counter.most == expected
+            assert {h.name for h in pool.hosts() if h.state == "retired"} == {f"h{i}" for i in range(12)}
+
+
+def test_the_cluster_file_sets_the_bound() -> None:
+    text = '[pool]\nmax_parallel_starts = 8\n[[hosts]]\nname = "a"\naddress = "10.0.0.1"\n'
+    assert parse_cluster(text).pool.max_parallel_starts == 8
