@@ -30,10 +30,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import json
 import logging
 import os
 import platform
+import pstats
 import time
 from dataclasses import dataclass
 
@@ -58,6 +60,7 @@ class Measured:
     load_lag_p99_ms: float
     tasks_per_s: float
     telemetry_per_s: float
+    load_cpu_fraction: float  # coordinator CPU over wall time while the tasks ran
 
 
 class LagMonitor:
@@ -111,7 +114,7 @@ async def probe_fit(max_parallel_starts: int) -> tuple[int, float]:
     return int(available * MEMORY_SHARE / per_host), per_host
 
 
-async def measure(hosts: int, tasks: int, idle_s: float, max_parallel_starts: int) -> Measured:
+async def measure(hosts: int, tasks: int, idle_s: float, max_parallel_starts: int, profile: str = "") -> Measured:
     pool = pool_of(hosts, max_parallel_starts)
     telemetry = 0
 
@@ -142,7 +145,10 @@ async def measure(hosts: int, tasks: int, idle_s: float, max_parallel_starts: in
         idle_lag = await lag.stop()
 
         lag.start()
-        begun = time.perf_counter()
+        profiler = cProfile.Profile() if profile else None
+        if profiler is not None:
+            profiler.enable()
+        begun, cpu_before = time.perf_counter(), time.process_time()
         values = []
         # Streamed (the way to run many tasks): submitting a whole list at once would hold the
         # loop for the burst, and the lag measured would be the caller's, not the coordinator's.
@@ -151,16 +157,21 @@ async def measure(hosts: int, tasks: int, idle_s: float, max_parallel_starts: in
             async for future in finished:
                 values.append(future.result().value)
         rate = tasks / (time.perf_counter() - begun)
+        load_cpu = (time.process_time() - cpu_before) / (time.perf_counter() - begun)
+        if profiler is not None:
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("cumulative").dump_stats(profile)
         load_lag = await lag.stop()
         assert sorted(values) == list(range(tasks))
-    return Measured(hosts, start_s, idle_cpu, idle_lag, load_lag, rate, telemetry_rate)
+    return Measured(hosts, start_s, idle_cpu, idle_lag, load_lag, rate, telemetry_rate, load_cpu)
 
 
 def report(m: Measured) -> None:
     print(
         f"{m.hosts} hosts: up in {m.start_s:.1f}s; idle: coordinator {100 * m.idle_cpu_fraction:.1f}% of a core, "
         f"loop lag p99 {m.idle_lag_p99_ms:.1f} ms, {m.telemetry_per_s:.0f} telemetry events/s; "
-        f"load: {m.tasks_per_s:,.0f} tasks/s, loop lag p99 {m.load_lag_p99_ms:.1f} ms",
+        f"load: {m.tasks_per_s:,.0f} tasks/s, loop lag p99 {m.load_lag_p99_ms:.1f} ms, "
+        f"coordinator {100 * m.load_cpu_fraction:.0f}% of a core",
         flush=True,
     )
 
@@ -171,7 +182,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     print(f"{per_host / 2**20:.0f} MiB per host (PSS); {fit} fit in {MEMORY_SHARE:.0%} of free memory", flush=True)
     baseline = await measure(args.baseline_hosts, args.tasks, args.idle_s, args.max_parallel_starts)
     report(baseline)
-    big = await measure(hosts, args.tasks, args.idle_s, args.max_parallel_starts)
+    big = await measure(hosts, args.tasks, args.idle_s, args.max_parallel_starts, args.profile)
     report(big)
     return {
         "hosts": big.hosts,
@@ -182,6 +193,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "load_loop_lag_p99_ms": round(big.load_lag_p99_ms, 2),
         "start_s": round(big.start_s, 1),
         "telemetry_per_s": round(big.telemetry_per_s, 1),
+        "load_cpu_fraction": round(big.load_cpu_fraction, 3),
         "hosts_fit": fit,
         "mib_per_host": round(per_host / 2**20, 1),
         "baseline_hosts": baseline.hosts,
@@ -201,6 +213,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--idle-s", type=float, default=10.0)
     parser.add_argument("--max-parallel-starts", type=int, default=64)
+    parser.add_argument("--profile", default="", metavar="FILE", help="cProfile the big pool's load phase into FILE")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     print(json.dumps(asyncio.run(run(args))))

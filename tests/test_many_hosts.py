@@ -3,12 +3,17 @@ at once, and every host is still launched."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from batuta import Task
 from batuta.errors import TransportError
+from batuta.runtime import events as pe
 from batuta.runtime.builder import PoolConfig, local_host
 from batuta.runtime.cluster import parse_cluster
 from batuta.runtime.pool import Pool
 from batuta.runtime.session import HostSpec
+from batuta.runtime.stream import FILL_TURN
 from batuta.transport.base import ByteStream
 
 
@@ -38,8 +43,6 @@ class LaunchCounter:
 
 
 async def _yield() -> None:
-    import asyncio
-
     await asyncio.sleep(0)
 
 
@@ -57,3 +60,18 @@ async def test_hosts_start_in_parallel_within_the_bound() -> None:
 def test_the_cluster_file_sets_the_bound() -> None:
     text = '[pool]\nmax_parallel_starts = 8\n[[hosts]]\nname = "a"\naddress = "10.0.0.1"\n'
     assert parse_cluster(text).pool.max_parallel_starts == 8
+
+
+async def test_filling_a_large_window_gives_the_loop_turns() -> None:
+    """With hundreds of slots the default window is tens of thousands of tasks: filling it
+    must not hold the loop (heartbeats, results) for the whole burst."""
+    async with Pool.local(1, gpu_workers="none") as pool:
+        queued: list[int] = []
+        pool.subscribe(lambda event: queued.append(1) if isinstance(event, pe.TaskQueued) else None)
+        seen_at: list[int] = []
+        asyncio.get_running_loop().call_soon(lambda: seen_at.append(len(queued)))
+        tasks = (Task.kernel("noop", i) for i in range(3 * FILL_TURN))
+        async with contextlib.aclosing(pool.as_completed(tasks, window=3 * FILL_TURN)) as finished:
+            values = [future.result().value async for future in finished]
+        assert sorted(values) == list(range(3 * FILL_TURN))
+        assert seen_at == [FILL_TURN]  # the loop's turn came after one turn's worth, not all
