@@ -15,8 +15,9 @@ For each pool (the baseline, then the big one), after every host is up:
 * load: `--tasks` trivial tasks (`noop`) streamed through `pool.as_completed` (at most its
   default window unresolved): tasks/s, and event-loop lag meanwhile.
 
-The stand-in hosts run at nice 19 once they are up (`--no-nice` keeps them level): on a
-cluster each host has its own cores, while here 512 processes share the coordinator's.
+Once they are up, the stand-in hosts move off the coordinator's core (it keeps core 0, they
+get the others, at nice 19; `--together` leaves them): on a cluster each host has its own
+cores, while here 512 processes would share the coordinator's.
 An observer is subscribed, as the dashboard or the metrics server would be, so that every
 heartbeat becomes a telemetry event. The last line is one JSON object: `hosts`,
 `tasks_per_s`, `loop_lag_p99_ms` (the worse of idle and load), `idle_cpu_fraction`, and the
@@ -97,12 +98,18 @@ def pool_of(hosts: int, max_parallel_starts: int) -> Pool:
     return Pool(specs, PoolConfig(max_parallel_starts=max_parallel_starts, start_timeout=300.0))
 
 
-def renice_hosts() -> None:
-    """Every agent and slot below this process to nice 19: on a cluster each host has its own
-    cores, here they share the coordinator's, and 512 runnable stand-ins would otherwise
-    measure the machine's scheduler rather than the coordinator."""
+def set_hosts_apart() -> None:
+    """On a cluster each host has its own cores; here 512 stand-ins share the coordinator's,
+    and under load they would measure the machine's scheduler rather than the coordinator.
+    So the coordinator keeps core 0 and every agent and slot below it goes to the other
+    cores, at nice 19 (slots forked later inherit both)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return
+    os.sched_setaffinity(0, {cores[0]})
     for child in psutil.Process().children(recursive=True):
         try:
+            child.cpu_affinity(cores[1:])
             child.nice(19)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -128,7 +135,7 @@ async def probe_fit(max_parallel_starts: int) -> tuple[int, float]:
 
 
 async def measure(
-    hosts: int, tasks: int, idle_s: float, max_parallel_starts: int, *, nice: bool, profile: str = ""
+    hosts: int, tasks: int, idle_s: float, max_parallel_starts: int, *, apart: bool, profile: str = ""
 ) -> Measured:
     pool = pool_of(hosts, max_parallel_starts)
     telemetry = 0
@@ -147,8 +154,8 @@ async def measure(
                 await asyncio.sleep(0.2)  # polling the hosts' states while they start
         start_s = time.perf_counter() - started
         await pool.map("noop", list(range(2 * hosts)))  # every slot forked and warm
-        if nice:
-            renice_hosts()
+        if apart:
+            set_hosts_apart()
         await asyncio.sleep(2.0)  # let the start-up settle before the idle window
 
         # CPU first, without the lag monitor (its 100 wake-ups a second cost CPU themselves)
@@ -198,11 +205,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     hosts = min(args.hosts, fit)
     print(f"{per_host / 2**20:.0f} MiB per host (PSS); {fit} fit in {MEMORY_SHARE:.0%} of free memory", flush=True)
     baseline = await measure(
-        args.baseline_hosts, args.tasks, args.idle_s, args.max_parallel_starts, nice=not args.no_nice
+        args.baseline_hosts, args.tasks, args.idle_s, args.max_parallel_starts, apart=not args.together
     )
     report(baseline)
     big = await measure(
-        hosts, args.tasks, args.idle_s, args.max_parallel_starts, nice=not args.no_nice, profile=args.profile
+        hosts, args.tasks, args.idle_s, args.max_parallel_starts, apart=not args.together, profile=args.profile
     )
     report(big)
     return {
@@ -222,7 +229,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "baseline_loop_lag_p99_ms": round(max(baseline.idle_lag_p99_ms, baseline.load_lag_p99_ms), 2),
         "baseline_idle_cpu_fraction": round(baseline.idle_cpu_fraction, 4),
         "tasks": args.tasks,
-        "hosts_niced": not args.no_nice,
+        "hosts_apart": not args.together,
         "load_average_1m": round(os.getloadavg()[0], 1),
         "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
@@ -236,7 +243,9 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--idle-s", type=float, default=10.0)
     parser.add_argument("--max-parallel-starts", type=int, default=64)
-    parser.add_argument("--no-nice", action="store_true", help="leave the stand-in hosts at the coordinator's priority")
+    parser.add_argument(
+        "--together", action="store_true", help="leave the stand-in hosts on the coordinator's cores and priority"
+    )
     parser.add_argument("--profile", default="", metavar="FILE", help="cProfile the big pool's load phase into FILE")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)

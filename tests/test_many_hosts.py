@@ -75,3 +75,35 @@ async def test_filling_a_large_window_gives_the_loop_turns() -> None:
             values = [future.result().value async for future in finished]
         assert sorted(values) == list(range(3 * FILL_TURN))
         assert seen_at == [FILL_TURN]  # the loop's turn came after one turn's worth, not all
+
+
+async def test_hosts_that_join_later_do_not_hold_the_start() -> None:
+    """An allocation's nodes (`joins_later`): the pool starts with its other hosts, and each
+    joins when its launch returns."""
+    gate = asyncio.Event()
+    node = local_host(1, gpus="none", name="node-0")
+
+    async def launch_when_started() -> ByteStream:
+        await gate.wait()  # the node's job has not started yet
+        stream: ByteStream = await node.launch()
+        return stream
+
+    joiner = HostSpec(name="node-0", launch=launch_when_started, joins_later=True)
+    pool = Pool([local_host(1, gpus="none", name="here"), joiner])
+    up: list[str] = []
+    joined = asyncio.Event()
+
+    def on_event(event: pe.PoolEvent) -> None:
+        if isinstance(event, pe.HostUp):
+            up.append(event.host)
+            if event.host == "node-0":
+                joined.set()
+
+    pool.subscribe(on_event)
+    async with pool:
+        assert up == ["here"]
+        assert (await pool.run(Task.kernel("noop", 1))).host == "here"
+        gate.set()
+        async with asyncio.timeout(60):
+            await joined.wait()
+        assert {h.name: h.state for h in pool.hosts()} == {"here": "up", "node-0": "up"}

@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 
 from batuta.agent.dial import parse_greeting
-from batuta.errors import UsageError
 from batuta.runtime import slurm
 from batuta.runtime.allocation_config import AllocationConfig
 from batuta.runtime.session import HostSpec, Launcher
@@ -136,7 +135,7 @@ class Allocation:
             self._submitting.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._submitting
-        if self.job_id is not None and self.state != slurm.ENDED:
+        if self.job_id is not None and self.state not in slurm.FINAL_STATES:
             problem = await slurm.cancel(self.job_id)
             if problem:
                 log.warning("allocation %s: scancel %s: %s", self.config.name, self.job_id, problem)
@@ -227,7 +226,7 @@ class Allocation:
         try:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
-            raise UsageError(
+            raise slurm.AllocationError(
                 f"allocation {self.config.name}: cannot create {directory}: {exc.strerror}; set directory "
                 "to a folder on a file system the nodes share"
             ) from None
@@ -276,8 +275,9 @@ class Allocation:
             if state != self.state:
                 log.info("allocation %s: job %s is %s", self.config.name, self.job_id, state)
                 self.state = state
-            if state == slurm.ENDED:
-                self._end(f"allocation {self.config.name}: job {self.job_id} ended{self._output_hint()}")
+            if state in slurm.FINAL_STATES:
+                how = "" if state == slurm.ENDED else f" ({state})"
+                self._end(f"allocation {self.config.name}: job {self.job_id} ended{how}{self._output_hint()}")
                 return
 
     def _end(self, why: str) -> None:

@@ -20,6 +20,22 @@ from batuta.errors import TransportError, UsageError
 
 COMMAND_TIMEOUT_S = 30.0
 ENDED = "ENDED"  # what `job_state` says of a job squeue no longer lists
+# States after which no node of the job joins any more (COMPLETING: its steps are being ended)
+FINAL_STATES = frozenset(
+    {
+        ENDED,
+        "COMPLETING",
+        "COMPLETED",
+        "CANCELLED",
+        "FAILED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "PREEMPTED",
+        "OUT_OF_MEMORY",
+        "BOOT_FAIL",
+        "DEADLINE",
+    }
+)
 
 # Slurm's --time forms: MIN, MIN:SEC, H:MIN:SEC, D-H, D-H:MIN, D-H:MIN:SEC
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
