@@ -72,9 +72,11 @@ class SlurmCluster:
         return subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
 
     def jobs(self) -> list[str]:
-        """Ids of the jobs the controller still lists (pending, running or completing)."""
-        done = self.run("squeue", "-h", "-o", "%i")
-        return done.stdout.split()
+        """Ids of the jobs still pending or running (not cancelled, completing or done)."""
+        done = self.run("squeue", "-h", "-o", "%i %T")
+        active = {"PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "REQUEUED", "RESIZING"}
+        rows = [line.split() for line in done.stdout.splitlines()]
+        return [row[0] for row in rows if len(row) == 2 and row[1] in active]
 
     def wait_nodes_idle(self, timeout: float = START_TIMEOUT_S) -> None:
         """Until both nodes report idle (registered and free), or fail naming the logs."""
