@@ -26,6 +26,7 @@ from batuta.agent import dial
 from batuta.core.task import TaskStatus
 from batuta.errors import ConfigError, UsageError
 from batuta.runtime import events as pe
+from batuta.runtime import slurm as slurm_module
 from batuta.runtime.allocation import CREDENTIALS, Allocation
 from batuta.runtime.allocation_config import AllocationConfig
 from batuta.runtime.cluster import build_pool, parse_cluster
@@ -238,10 +239,16 @@ def test_a_node_reads_only_private_credentials(tmp_path: Path) -> None:
     assert dial.parse_greeting(b"GET / HTTP/1.1\r\n") is None
 
 
-async def test_a_stranger_without_the_allocations_certificate_is_refused(tmp_path: Path) -> None:
+async def test_a_stranger_without_the_allocations_certificate_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def no_sbatch(script: Path, options: object) -> str:
+        raise AllocationError("not submitted (test)")  # never a real job from this test
+
+    monkeypatch.setattr(slurm_module, "submit", no_sbatch)
     allocation = Allocation(AllocationConfig(nodes=1, time="5", directory=tmp_path))
-    with contextlib.suppress(Exception):
-        await allocation.submit()  # sbatch may be absent here; the listener is up either way
+    with pytest.raises(AllocationError, match="not submitted"):
+        await allocation.submit()  # the listener is up before sbatch is asked
     try:
         assert allocation.address is not None
         import ssl
