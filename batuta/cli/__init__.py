@@ -1,4 +1,4 @@
-"""The `batuta` command: `batuta run JOB`, `batuta agent`, `batuta version`.
+"""The `batuta` command: `batuta run JOB`, `batuta alloc slurm JOB`, `batuta agent`, `batuta version`.
 
 `batuta agent ...` is dispatched before the parser is even built: it is started on every host
 at every connection, so it must not pay for argparse help text, the runtime, rich or NumPy.
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from batuta._version import __version__
+from batuta.cli._alloc import add_alloc_arguments, cmd_alloc, split_sbatch_options
 from batuta.cli._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -63,9 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["agent"]:
         return run_agent(args[1:])
     try:
+        args, sbatch_options = split_sbatch_options(args)
         parsed = _parse(args)
         if isinstance(parsed, int):
             return parsed
+        if sbatch_options:
+            parsed.sbatch_options = sbatch_options
         handler: Callable[[argparse.Namespace], int] = parsed.handler
         return handler(parsed)
     except KeyboardInterrupt:
@@ -124,6 +128,7 @@ def _parse(args: list[str]) -> argparse.Namespace | int:
 
 COMMANDS: list[Command] = [
     Command("run", "run a job file or a built-in job on a local pool or a cluster", add_run_arguments, cmd_run),
+    Command("alloc", "run a job on the nodes of a batch allocation (Slurm)", add_alloc_arguments, cmd_alloc),
     Command("tui", "the live dashboard, coordinating a local pool or a cluster", add_tui_arguments, cmd_tui),
     Command("ps", "list the served coordinators of this user (batuta run --serve)", add_ps_arguments, cmd_ps),
     Command("stop", "end a served coordinator: its tasks cancelled, its hosts released", add_stop_arguments, cmd_stop),

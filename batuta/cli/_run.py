@@ -156,7 +156,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_metrics_arguments(args)
     check_serve_arguments(args)
     job = load_job(args.job)
-    cluster = load_cluster(args.cluster) if args.cluster else None
+    # `batuta alloc` passes the cluster it built (a file's, plus its allocation)
+    cluster = getattr(args, "cluster_config", None) or (load_cluster(args.cluster) if args.cluster else None)
     if args.serve:
         close_logging = _configure_logging(args)
         try:

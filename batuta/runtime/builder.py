@@ -33,6 +33,9 @@ class PoolConfig:
     max_relaunches: int = 5  # consecutive failed relaunches before a host is retired
     relaunch_backoff: float = 0.5  # first delay; doubles each time, capped at 30 s
     start_timeout: float = 60.0
+    # Hosts launched at once (SSH connections opened in parallel); the rest wait their turn,
+    # so starting hundreds of hosts does not open hundreds of connections in one burst.
+    max_parallel_starts: int = 64
     # Flow control: a session writes at most `send_high_water` bytes before it waits for its
     # host to take them; submissions wait while hosts hold more than `send_budget` unread.
     send_high_water: int = 16 * 2**20

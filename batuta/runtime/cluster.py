@@ -47,6 +47,9 @@ and the worker's own command line sets its slots, GPUs and kernel modules:
     cert = "certs/client.pem"
     key = "certs/client.key"
 
+`[[allocations]]` tables ask a batch scheduler (Slurm) for nodes that join the pool as they
+start (batuta/runtime/allocation_config.py documents the keys; a file may have only those).
+
 Environment values (`env`) reach the remote agent through the remote command line, so they
 are for settings such as `OMP_NUM_THREADS`, never for secrets.
 """
@@ -65,6 +68,7 @@ from batuta._version import __version__
 from batuta.core.backend import BackendThresholds
 from batuta.core.task import CAP_CPU, CAP_GPU, MAX_SLOTS
 from batuta.errors import ConfigError
+from batuta.runtime.allocation_config import AllocationConfig, read_allocations
 from batuta.runtime.code import MAX_CODE_MB, CodeSpec
 from batuta.runtime.install import Installer, InstallTarget, agent_launcher, index_url_problem, launch_bootstrapped
 from batuta.runtime.pool import Pool, PoolConfig, local_host
@@ -165,11 +169,13 @@ class ClusterConfig:
     source: str = "<cluster>"
     tls: TLSSettings | None = None  # the [tls] table, for hosts with transport = "tls"
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    allocations: tuple[AllocationConfig, ...] = ()  # [[allocations]]: nodes from a batch scheduler
 
     @property
     def host_names(self) -> list[str]:
         local = [self.local.name] if self.local is not None else []
-        return local + [h.name for h in self.hosts]
+        allocated = [name for allocation in self.allocations for name in allocation.host_names]
+        return local + [h.name for h in self.hosts] + allocated
 
 
 # -- turning it into a pool ---------------------------------------------------------------
@@ -265,8 +271,18 @@ def host_specs(cluster: ClusterConfig) -> list[HostSpec]:
 
 
 def build_pool(cluster: ClusterConfig) -> Pool:
-    """A (not yet started) `Pool` over every host in the cluster file, with its `[pool]` knobs."""
-    return Pool(host_specs(cluster), cluster.pool)
+    """A (not yet started) `Pool` over every host in the cluster file, with its `[pool]` knobs.
+    Its allocations are submitted when the pool starts and cancelled when it closes."""
+    if not cluster.allocations:
+        return Pool(host_specs(cluster), cluster.pool)
+    from batuta.runtime.allocation import Allocation
+
+    allocations = [Allocation(config) for config in cluster.allocations]
+    specs = host_specs(cluster) + [spec for allocation in allocations for spec in allocation.host_specs()]
+    pool = Pool(specs, cluster.pool)
+    for allocation in allocations:
+        pool.add_closer(allocation.close)
+    return pool
 
 
 # -- reading the file ---------------------------------------------------------------------
@@ -337,11 +353,12 @@ _POOL_KEYS = (
     "max_relaunches",
     "relaunch_backoff",
     "start_timeout",
+    "max_parallel_starts",
     "scalar_below",
     "gpu_above",
     "max_code_mb",
 )
-_TOP_KEYS = ("hosts", "defaults", "local", "ssh", "pool", "policy", "tls")
+_TOP_KEYS = ("hosts", "defaults", "local", "ssh", "pool", "policy", "tls", "allocations")
 
 
 class _Reader:
@@ -414,8 +431,14 @@ class _Reader:
         local = self._local(data.get("local"), merged_defaults)
         if local is not None:
             self._unique(local.name, ("local", "name"), seen)
-        if not hosts and local is None:
-            raise ConfigError(f"{self._source}: no hosts: add a [[hosts]] table with an address, or local = true")
+        allocations = read_allocations(data["allocations"], self) if "allocations" in data else ()
+        for index, allocation in enumerate(allocations):
+            for name in allocation.host_names:
+                self._unique(name, ("allocations", index, "name"), seen)
+        if not hosts and local is None and not allocations:
+            raise ConfigError(
+                f"{self._source}: no hosts: add a [[hosts]] table with an address, local = true, or [[allocations]]"
+            )
         tls = self._tls(self._table(data, ("tls",))) if "tls" in data else None
         if tls is None:
             for index, host in enumerate(hosts):
@@ -432,6 +455,7 @@ class _Reader:
             source=self._source,
             tls=tls,
             policy=self._policy(self._table(data, ("policy",))),
+            allocations=allocations,
         )
 
     def _host(self, entry: dict[str, Any], path: FieldPath, defaults: dict[str, Any]) -> ClusterHost:
@@ -548,6 +572,9 @@ class _Reader:
             fields["seed"] = self._int((*path, "seed"), table["seed"])
         if "max_relaunches" in table:
             fields["max_relaunches"] = self._count((*path, "max_relaunches"), table["max_relaunches"])
+        if "max_parallel_starts" in table:
+            parallel = self._count((*path, "max_parallel_starts"), table["max_parallel_starts"])
+            fields["max_parallel_starts"] = max(1, parallel)
         # Backend.AUTO's size thresholds (the seed's table), in elements
         sizes = {key: self._count((*path, key), table[key]) for key in ("scalar_below", "gpu_above") if key in table}
         if sizes:

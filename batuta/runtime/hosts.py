@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from batuta.core import liveness as lv
 from batuta.errors import AgentError, TransportError
@@ -48,6 +48,7 @@ class HostSupervisor:
         liveness: lv.LivenessConfig,
         heartbeat_interval: float,
         start_timeout: float,
+        max_parallel_starts: int = 64,
         send_high_water: int,
         send_budget: SendBudget,
         clock: Callable[[], float],
@@ -66,7 +67,10 @@ class HostSupervisor:
             )
             for spec in specs
         }
-        self._launches: dict[str, asyncio.Task[None]] = {}
+        self._launches: dict[str, asyncio.Task[Any]] = {}
+        # At most this many (re)launches at once: SSH connections are opened in parallel,
+        # within a bound. Hosts that join later wait for their node, not for a turn here.
+        self._start_turns = asyncio.Semaphore(max(1, max_parallel_starts))
         self._timer = WakeupTimer(lambda: self._handle(lv.ClockTicked()))
         self._closed = False
 
@@ -74,12 +78,19 @@ class HostSupervisor:
 
     async def start(self) -> None:
         """Launch every host concurrently; returns once each has answered or failed. Hosts
-        that failed are relaunched in the background; raises the first error if none is up."""
+        that failed are relaunched in the background; raises the first error if none is up.
+
+        Hosts that join later (an allocation's nodes) are launched in the background and not
+        waited for, unless there is no other host: then until the first of them is up."""
         now = self._clock()
         for name in self.sessions:
             self._liveness.handle(lv.HostAdded(host_id=name), now)
-        sessions = list(self.sessions.values())
-        results = await asyncio.gather(*(s.start() for s in sessions), return_exceptions=True)
+        sessions = [s for s in self.sessions.values() if not s.spec.joins_later]
+        joining = [self._join(s) for s in self.sessions.values() if s.spec.joins_later]
+        if not sessions:
+            await self._first_joined(joining)
+            return
+        results = await asyncio.gather(*(self._bounded_start(s) for s in sessions), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if len(errors) == len(sessions):
             first = errors[0]
@@ -91,6 +102,43 @@ class HostSupervisor:
                 if not (isinstance(result, TransportError) and not result.retryable):
                     log.warning("host %s failed to start: %s; retrying in the background", session.name, result)
                 self._launch_failed(session, result)
+
+    async def _bounded_start(self, session: HostSession) -> None:
+        async with self._start_turns:
+            await session.start()
+
+    def _join(self, session: HostSession) -> asyncio.Task[BaseException | None]:
+        """Launch a host that joins later, in the background; the task returns its error."""
+
+        async def join() -> BaseException | None:
+            try:
+                await session.start()
+                return None
+            except (AgentError, TransportError, OSError) as exc:
+                self._launch_failed(session, exc)
+                return exc
+            finally:
+                self._launches.pop(session.name, None)
+
+        task = asyncio.create_task(join(), name=f"join-{session.name}")
+        self._launches[session.name] = task
+        return task
+
+    async def _first_joined(self, joining: list[asyncio.Task[BaseException | None]]) -> None:
+        """Until one of `joining` is up; raises the first error if none came up."""
+        errors: list[BaseException] = []
+        pending = set(joining)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                error = task.result()
+                if error is None:
+                    return
+                errors.append(error)
+        first = errors[0]
+        if isinstance(first, AgentError | TransportError):
+            raise first
+        raise AgentError(f"no host could be started: {first!r}") from first
 
     async def close(self) -> None:
         """Stop liveness and every session (Shutdown, EOF, then the transport's escalation)."""
@@ -174,7 +222,10 @@ class HostSupervisor:
     def _relaunch(self, session: HostSession, attempt: int) -> None:
         async def launch() -> None:
             try:
-                await session.start()
+                if session.spec.joins_later:
+                    await session.start()
+                else:
+                    await self._bounded_start(session)
             except (AgentError, TransportError, OSError) as exc:
                 log.warning("host %s relaunch %d failed: %s", session.name, attempt, exc)
                 self._launch_failed(session, exc)

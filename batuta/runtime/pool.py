@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import replace
 from pathlib import Path
@@ -83,6 +83,7 @@ class Pool:
             ),
             heartbeat_interval=self.config.heartbeat_interval,
             start_timeout=self.config.start_timeout,
+            max_parallel_starts=self.config.max_parallel_starts,
             send_high_water=self.config.send_high_water,
             send_budget=self._budget,
             clock=self._now,
@@ -109,6 +110,7 @@ class Pool:
         # scheduling pass and one Run per slot for a burst, instead of one each per task.
         self._submitted: list[ev.Event] = []
         self._burst_bytes = 0  # argument bytes of those submissions
+        self._closers: list[Callable[[], Awaitable[None]]] = []  # see `add_closer`
 
     # -- construction -----------------------------------------------------------------------
 
@@ -204,6 +206,16 @@ class Pool:
         self._handle([ev.ShutdownRequested(reason="pool closed before the task finished")])
         self._space.set()
         await self._hosts.close()
+        for closer in self._closers:
+            try:
+                await closer()
+            except Exception:  # one failing closer must not keep the others from running
+                log.exception("closing the pool: %r failed", closer)
+
+    def add_closer(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Await `closer()` when the pool closes, after its hosts: what came with them and
+        outlives no pool (an allocation's batch job, runtime/allocation.py)."""
+        self._closers.append(closer)
 
     # -- submitting -------------------------------------------------------------------------
 

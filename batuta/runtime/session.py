@@ -41,6 +41,7 @@ class HostSpec:
     tags: frozenset[str] = frozenset()  # extra capabilities every slot of this host offers
     check_versions: bool = True
     kernel_modules: tuple[str, ...] = ()  # what it imports by name; the pool ships those that are the user's
+    joins_later: bool = False  # an allocation's node: the pool starts without waiting for it (runtime/allocation.py)
 
 
 @dataclass(slots=True)

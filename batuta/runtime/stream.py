@@ -30,6 +30,10 @@ class _End(enum.Enum):
 
 
 MIN_WINDOW = 1024  # keeps a pool that is still starting (no slots yet) busy once they join
+# Filling a window gives the loop a turn after this many submissions: with hundreds of slots
+# the default window is tens of thousands of tasks, and submitting them all in one turn
+# would hold heartbeats, results and every other host's bytes for the whole burst.
+FILL_TURN = 1024
 
 
 def default_window(pool: Pool) -> int:
@@ -60,7 +64,11 @@ async def as_completed(pool: Pool, tasks: Iterable[Task], window: int | None = N
     try:
         while True:
             limit = window if window is not None else default_window(pool)
+            filled = 0
             while not exhausted and len(unresolved) + len(finished) < limit:
+                if filled and filled % FILL_TURN == 0:
+                    await asyncio.sleep(0)  # a turn for the loop (see FILL_TURN), not a wait
+                filled += 1
                 task = next(source, _End.END)
                 if task is _End.END:
                     exhausted = True

@@ -1,0 +1,300 @@
+"""A batch allocation's nodes as pool hosts: they join as they start, and leave when it ends.
+
+`Allocation` gives the pool one `HostSpec` per node (`NAME-0` ... `NAME-{N-1}`), marked
+`joins_later`: the pool does not wait for them to start (a job may queue for a while), and
+each joins when its node dials in. The first launch of any of them submits the job:
+
+1. A CA is made for this allocation alone, in memory (its key is never written), with a
+   server certificate for the coordinator's listener (naming `advertise`) and one client
+   certificate for the nodes. The listener's key goes to a private temporary folder just
+   long enough for OpenSSL to load it; the nodes' certificate, key and the CA go to one file
+   created 0600 in the allocation's folder (shared with the nodes), whose path, never its
+   contents, is in the batch script.
+2. The listener binds `bind` (a TLS server that requires a client certificate from that
+   CA), so the nodes can dial it before the job is submitted.
+3. sbatch submits the script (batuta/runtime/slurm.py); each node's step runs
+   `batuta.agent.dial`, which connects, names its node (index and name), and relays to a
+   fresh agent. The stream goes to the host session waiting for that index; its launch
+   returns and the handshake proceeds as for any host.
+
+While the job lives, squeue is asked every `poll_interval` seconds. When a node's
+connection ends (scancel, the time limit, the node failing) the pool's liveness finds the
+stream closed and requeues the node's tasks, as for any lost host; the relaunch then waits
+for that node to dial again and, once the job has ended, fails as not retryable: the host is
+retired with the reason ("allocation slurm: job 42 ended"). `close()` (the pool's own
+close) cancels a job still running, closes the listener and deletes the credentials file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from batuta.agent.dial import parse_greeting
+from batuta.runtime import slurm
+from batuta.runtime.allocation_config import AllocationConfig
+from batuta.runtime.session import HostSpec, Launcher
+from batuta.transport.base import ByteStream
+from batuta.transport.certs import CLIENT, SERVER, issue, new_ca, write_private, write_public
+from batuta.transport.tls import READ_CHUNK, TLSStream, format_address, server_context, split_address, tune_socket
+
+log = logging.getLogger("batuta.runtime.allocation")
+
+GREETING_TIMEOUT_S = 10.0  # a node that connected says which it is at once
+HANDSHAKE_TIMEOUT_S = 10.0
+CERT_MARGIN = dt.timedelta(hours=1)  # certificates outlive the time limit by this much
+CREDENTIALS = "node-credentials.pem"
+
+
+class Allocation:
+    """One batch job whose nodes dial this coordinator. Use its `host_specs()` in a pool and
+    `close()` it when the pool closes (`Pool.add_closer`)."""
+
+    def __init__(self, config: AllocationConfig) -> None:
+        self.config = config
+        self.job_id: str | None = None
+        self.state = "not submitted"
+        self.address: tuple[str, int] | None = None  # where the listener listens, once it does
+        self.directory: Path | None = None
+        self._submitting: asyncio.Task[None] | None = None
+        self._server: asyncio.Server | None = None
+        self._waiting: dict[int, asyncio.Future[ByteStream]] = {}
+        self._arrived: dict[int, ByteStream] = {}
+        self._joined: dict[int, str] = {}  # index -> node name, as the nodes said
+        self._ended: str | None = None  # why no more nodes will join
+        self._poller: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- the pool's side ----------------------------------------------------------------------
+
+    def host_specs(self) -> list[HostSpec]:
+        """One host per node; each launch waits for its node to dial in."""
+        config = self.config
+        return [
+            HostSpec(
+                name=name,
+                launch=self._launcher(index),
+                tags=config.tags,
+                kernel_modules=config.kernel_modules,
+                joins_later=True,
+            )
+            for index, name in enumerate(config.host_names)
+        ]
+
+    def _launcher(self, index: int) -> Launcher:
+        async def launch() -> ByteStream:
+            return await self.node_stream(index)
+
+        return launch
+
+    async def node_stream(self, index: int) -> ByteStream:
+        """The stream of node `index` once it has dialled in; submits the job first if that
+        has not been done. Raises AllocationError (not retryable) once the job has ended."""
+        await self.submit()
+        stream = self._arrived.pop(index, None)
+        if stream is not None:
+            return stream
+        if self._ended is not None:
+            raise slurm.AllocationError(self._ended)
+        future: asyncio.Future[ByteStream] = asyncio.get_running_loop().create_future()
+        self._waiting[index] = future
+        try:
+            return await future
+        finally:
+            if self._waiting.get(index) is future:
+                del self._waiting[index]
+
+    async def submit(self) -> None:
+        """Make the certificates, start the listener and submit the job (once; every launch
+        awaits the same submission, and its failure)."""
+        if self._closed:
+            raise slurm.AllocationError(f"allocation {self.config.name}: closed")
+        if self._submitting is None:
+            self._submitting = asyncio.create_task(self._submit(), name=f"submit-{self.config.name}")
+        await asyncio.shield(self._submitting)
+
+    async def close(self) -> None:
+        """Cancel the job if it still runs, stop listening, delete the nodes' credentials."""
+        if self._closed:
+            return
+        self._closed = True
+        self._end(f"allocation {self.config.name}: the pool closed")
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        if self._submitting is not None and not self._submitting.done():
+            self._submitting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._submitting
+        if self.job_id is not None and self.state not in slurm.FINAL_STATES:
+            problem = await slurm.cancel(self.job_id)
+            if problem:
+                log.warning("allocation %s: scancel %s: %s", self.config.name, self.job_id, problem)
+        if self._server is not None:
+            self._server.close()
+        for stream in self._arrived.values():
+            stream.kill()
+        self._arrived.clear()
+        if self.directory is not None:
+            with contextlib.suppress(OSError):
+                (self.directory / CREDENTIALS).unlink()
+
+    # -- submitting ---------------------------------------------------------------------------
+
+    async def _submit(self) -> None:
+        config = self.config
+        host, port = split_address(config.bind, 0)
+        advertise = config.advertise or host
+        directory = self._make_directory()
+        not_after = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=config.time_limit_s) + CERT_MARGIN
+        ca = new_ca(f"batuta allocation {config.name}", not_after=not_after + CERT_MARGIN)
+        server = issue(ca, SERVER, f"batuta coordinator {config.name}", hosts=[advertise], not_after=not_after)
+        node = issue(ca, CLIENT, f"batuta node {config.name}", not_after=not_after)
+        private = Path(tempfile.mkdtemp(prefix="batuta-listener-"))
+        try:  # OpenSSL reads the listener's key from a file: one that lives only for this
+            write_public(private / "ca.pem", ca.cert_pem())
+            write_public(private / "server.pem", server.cert_pem())
+            write_private(private / "server.key", server.key_pem())
+            context = server_context(cert=private / "server.pem", key=private / "server.key", ca=private / "ca.pem")
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
+        credentials = directory / CREDENTIALS
+        write_private(credentials, node.cert_pem() + ca.cert_pem() + node.key_pem(), overwrite=True)
+        try:
+            self._server = await asyncio.start_server(
+                self._on_node, host, port, ssl=context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S, limit=READ_CHUNK
+            )
+        except OSError as exc:
+            raise slurm.AllocationError(
+                f"allocation {config.name}: cannot listen on {config.bind}: {exc.strerror}; set bind to an "
+                "address of this machine that the nodes reach"
+            ) from None
+        bound = self._server.sockets[0].getsockname()
+        self.address = (bound[0], int(bound[1]))
+        dial = format_address(advertise, self.address[1])
+        step = [
+            config.python or sys.executable,
+            "-m",
+            "batuta.agent.dial",
+            "--connect",
+            dial,
+            "--server-name",
+            advertise,
+            "--credentials",
+            str(credentials),
+            "--gpus",
+            config.gpus,
+        ]
+        if config.slots is not None:
+            step += ["--slots", str(config.slots)]
+        for module in config.kernel_modules:
+            step += ["--kernel-module", module]
+        script = directory / "batch.sh"
+        text = slurm.batch_script(
+            name=f"batuta-{config.name}",
+            nodes=config.nodes,
+            time=config.time,
+            output=directory / "slurm-%j.out",
+            step=step,
+        )
+        write_public(script, text.encode(), overwrite=True)
+        self.job_id = await slurm.submit(script, config.sbatch_options)
+        self.state = "PENDING"
+        log.info(
+            "allocation %s: job %s submitted (%d nodes, %s); listening on %s",
+            config.name,
+            self.job_id,
+            config.nodes,
+            config.time,
+            format_address(*self.address),
+        )
+        self._poller = asyncio.create_task(self._poll(), name=f"squeue-{config.name}")
+
+    def _make_directory(self) -> Path:
+        base = self.config.directory or Path("~/.batuta/allocations").expanduser()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        directory = base / f"{self.config.name}-{stamp}-{os.getpid()}"
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise slurm.AllocationError(
+                f"allocation {self.config.name}: cannot create {directory}: {exc.strerror}; set directory "
+                "to a folder on a file system the nodes share"
+            ) from None
+        self.directory = directory
+        return directory
+
+    # -- nodes dialling in --------------------------------------------------------------------
+
+    async def _on_node(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        where = format_address(str(peer[0]), int(peer[1])) if peer else "?"
+        try:
+            line = await asyncio.wait_for(reader.readline(), GREETING_TIMEOUT_S)
+        except (TimeoutError, ValueError, ConnectionError, OSError) as exc:
+            log.warning("allocation %s: %s connected but did not name its node (%s)", self.config.name, where, exc)
+            writer.close()
+            return
+        greeting = parse_greeting(line)
+        if greeting is None or greeting[0] >= self.config.nodes or self._closed:
+            log.warning("allocation %s: refused %s: not one of its nodes (%r)", self.config.name, where, line[:80])
+            writer.close()
+            return
+        index, name = greeting
+        tune_socket(writer.get_extra_info("socket"), keepalive_s=10.0)
+        stream = TLSStream(reader, writer, description=f"slurm node {name} (job {self.job_id}, {where})")
+        self._joined[index] = name
+        log.info("allocation %s: node %d (%s) dialled in from %s", self.config.name, index, name, where)
+        waiting = self._waiting.pop(index, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(stream)
+            return
+        old = self._arrived.pop(index, None)
+        if old is not None:  # the same node again: the newer connection is the one that counts
+            old.kill()
+        self._arrived[index] = stream
+
+    # -- the job's life -------------------------------------------------------------------------
+
+    async def _poll(self) -> None:
+        assert self.job_id is not None
+        while True:
+            await asyncio.sleep(self.config.poll_interval)  # squeue is asked at this pace, by design
+            state = await slurm.job_state(self.job_id)
+            if state is None:
+                continue
+            if state != self.state:
+                log.info("allocation %s: job %s is %s", self.config.name, self.job_id, state)
+                self.state = state
+            if state in slurm.FINAL_STATES:
+                how = "" if state == slurm.ENDED else f" ({state})"
+                self._end(f"allocation {self.config.name}: job {self.job_id} ended{how}{self._output_hint()}")
+                return
+
+    def _end(self, why: str) -> None:
+        if self._ended is None:
+            self._ended = why
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(slurm.AllocationError(self._ended))
+        self._waiting.clear()
+
+    def _output_hint(self) -> str:
+        if self.directory is None or self.job_id is None:
+            return ""
+        output = self.directory / f"slurm-{self.job_id}.out"
+        try:
+            lines = [line.strip() for line in output.read_text(errors="replace").splitlines() if line.strip()]
+        except OSError:
+            return ""
+        return f" (its output {output}: {lines[-1][:200]})" if lines else ""
+

@@ -1,0 +1,183 @@
+"""What one batch allocation asks for, and the cluster file's `[[allocations]]` tables.
+
+    [[allocations]]
+    kind = "slurm"                 # the only kind so far
+    name = "gpu"                   # its hosts are gpu-0, gpu-1, ... (default: "slurm")
+    nodes = 4
+    time = "2:00:00"               # Slurm's --time
+    bind = "10.0.0.5:9500"         # where the coordinator listens for its nodes (default 127.0.0.1:0)
+    advertise = "login1"           # the name nodes dial, in the listener's certificate (default: bind's host)
+    sbatch = ["--partition=gpu", "--gres=gpu:4"]
+    slots = 32                     # per node (default: its cores)
+    gpus = "auto"
+    directory = "~/batuta-jobs"    # on a file system the nodes share: script, credentials, output
+
+The checks reuse the cluster file reader's (so errors name the file, line and field the
+same way); see batuta/runtime/cluster.py. Building the allocation is
+batuta/runtime/allocation.py's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from batuta.errors import ConfigError, UsageError
+from batuta.runtime.slurm import time_limit_seconds
+from batuta.transport.tls import split_address
+
+KINDS = ("slurm",)
+DEFAULT_NAME = "slurm"
+DEFAULT_BIND = "127.0.0.1:0"
+DEFAULT_POLL_S = 5.0
+MAX_NODES = 4096
+
+FieldPath = tuple[str | int, ...]
+_KEYS = (
+    "kind",
+    "name",
+    "nodes",
+    "time",
+    "bind",
+    "advertise",
+    "sbatch",
+    "slots",
+    "gpus",
+    "python",
+    "directory",
+    "poll_interval",
+    "kernel_modules",
+    "tags",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AllocationConfig:
+    """One allocation: `nodes` nodes for `time`, each running one agent that dials `bind`.
+
+    `name` prefixes its hosts (`NAME-0` ... `NAME-{nodes-1}`, by the node's place in the
+    job). `advertise`: the address the nodes dial and the listener's certificate names
+    (default: `bind`'s host; required when that is a wildcard). `python`: the interpreter on
+    the nodes (default: this one, for a shared file system). `directory`: where the batch
+    script, the nodes' credentials (0600) and the job's output go; it must be on a file
+    system the nodes share (default: ~/.batuta/allocations). `poll_interval`: how often
+    squeue is asked whether the job still runs.
+    """
+
+    kind: str = "slurm"
+    name: str = DEFAULT_NAME
+    nodes: int
+    time: str
+    bind: str = DEFAULT_BIND
+    advertise: str | None = None
+    sbatch_options: tuple[str, ...] = ()
+    slots: int | None = None
+    gpus: str = "auto"
+    python: str | None = None
+    directory: Path | None = None
+    poll_interval: float = DEFAULT_POLL_S
+    kernel_modules: tuple[str, ...] = ()
+    tags: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise UsageError(f"allocation kind {self.kind!r} is not supported; use one of: {', '.join(KINDS)}")
+        if not 1 <= self.nodes <= MAX_NODES:
+            raise UsageError(f"an allocation needs 1 to {MAX_NODES} nodes, not {self.nodes}")
+        time_limit_seconds(self.time)
+        try:
+            host, _port = split_address(self.bind, 0)
+        except ValueError as exc:
+            raise UsageError(f"allocation {self.name}: bind {exc}") from None
+        if host in ("0.0.0.0", "::", "") and not self.advertise:
+            raise UsageError(
+                f"allocation {self.name}: bind {self.bind} listens on every address, so nodes cannot know "
+                "which to dial; set advertise to the name or address they reach this machine at"
+            )
+
+    @property
+    def host_names(self) -> list[str]:
+        return [f"{self.name}-{index}" for index in range(self.nodes)]
+
+    @property
+    def time_limit_s(self) -> int:
+        return time_limit_seconds(self.time)
+
+
+class FieldChecks(Protocol):
+    """The cluster file reader's checks (batuta/runtime/cluster.py `_Reader`)."""
+
+    def error(self, path: FieldPath, message: str) -> ConfigError: ...
+    def _known_keys(self, table: dict[str, Any], path: FieldPath, allowed: tuple[str, ...]) -> None: ...
+    def _string(self, path: FieldPath, value: Any) -> str: ...
+    def _host_name(self, path: FieldPath, value: Any) -> str: ...
+    def _count(self, path: FieldPath, value: Any) -> int: ...
+    def _slots(self, path: FieldPath, value: Any) -> int: ...
+    def _gpus(self, path: FieldPath, value: Any) -> str: ...
+    def _path(self, path: FieldPath, value: Any) -> Path: ...
+    def _seconds(self, path: FieldPath, value: Any) -> float: ...
+    def _tags(self, path: FieldPath, value: Any) -> frozenset[str]: ...
+    def _modules(self, path: FieldPath, value: Any) -> tuple[str, ...]: ...
+    def _string_list(self, path: FieldPath, value: Any) -> list[str]: ...
+
+
+def read_allocations(value: Any, reader: FieldChecks) -> tuple[AllocationConfig, ...]:
+    """The `[[allocations]]` array, checked; errors name the file, line and field."""
+    if not isinstance(value, list):
+        raise reader.error(("allocations",), "expected an array of tables: write each as an [[allocations]] table")
+    allocations = []
+    names: set[str] = set()
+    for index, entry in enumerate(value):
+        path: FieldPath = ("allocations", index)
+        if not isinstance(entry, dict):
+            raise reader.error(path, "expected a table with kind, nodes and time; write it as [[allocations]]")
+        allocation = _allocation(entry, path, reader)
+        if allocation.name in names:
+            raise reader.error((*path, "name"), f'duplicate allocation name {allocation.name!r}; set name = "..."')
+        names.add(allocation.name)
+        allocations.append(allocation)
+    return tuple(allocations)
+
+
+def _allocation(table: dict[str, Any], path: FieldPath, reader: FieldChecks) -> AllocationConfig:
+    reader._known_keys(table, path, _KEYS)
+    for key in ("kind", "nodes", "time"):
+        if key not in table:
+            example = {"kind": '"slurm"', "nodes": "2", "time": '"1:00:00"'}[key]
+            raise reader.error(path, f"missing {key}; add {key} = {example}")
+    kind = reader._string((*path, "kind"), table["kind"])
+    if kind not in KINDS:
+        raise reader.error((*path, "kind"), f"{kind!r} is not supported; expected one of: {', '.join(KINDS)}")
+    nodes = reader._count((*path, "nodes"), table["nodes"])
+    if not 1 <= nodes <= MAX_NODES:
+        raise reader.error((*path, "nodes"), f"expected 1 to {MAX_NODES} nodes, got {nodes}")
+    fields: dict[str, Any] = {"kind": kind, "nodes": nodes, "time": reader._string((*path, "time"), table["time"])}
+    try:
+        time_limit_seconds(fields["time"])
+    except UsageError as exc:
+        raise reader.error((*path, "time"), str(exc)) from None
+    if "name" in table:
+        fields["name"] = reader._host_name((*path, "name"), table["name"])
+    for key in ("bind", "advertise", "python"):
+        if key in table:
+            fields[key] = reader._string((*path, key), table[key])
+    if "sbatch" in table:
+        fields["sbatch_options"] = tuple(reader._string_list((*path, "sbatch"), table["sbatch"]))
+    if "slots" in table:
+        fields["slots"] = reader._slots((*path, "slots"), table["slots"]) or None
+    if "gpus" in table:
+        fields["gpus"] = reader._gpus((*path, "gpus"), table["gpus"])
+    if "directory" in table:
+        fields["directory"] = reader._path((*path, "directory"), table["directory"])
+    if "poll_interval" in table:
+        fields["poll_interval"] = reader._seconds((*path, "poll_interval"), table["poll_interval"])
+    if "kernel_modules" in table:
+        fields["kernel_modules"] = reader._modules((*path, "kernel_modules"), table["kernel_modules"])
+    if "tags" in table:
+        fields["tags"] = reader._tags((*path, "tags"), table["tags"])
+    try:
+        return AllocationConfig(**fields)
+    except UsageError as exc:
+        key = "bind" if "bind" in str(exc) else "nodes"
+        raise reader.error((*path, key), str(exc)) from None

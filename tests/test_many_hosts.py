@@ -1,0 +1,109 @@
+"""Many hosts: launches (SSH connections) are opened in parallel, at most `max_parallel_starts`
+at once, and every host is still launched."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from batuta import Task
+from batuta.errors import TransportError
+from batuta.runtime import events as pe
+from batuta.runtime.builder import PoolConfig, local_host
+from batuta.runtime.cluster import parse_cluster
+from batuta.runtime.pool import Pool
+from batuta.runtime.session import HostSpec
+from batuta.runtime.stream import FILL_TURN
+from batuta.transport.base import ByteStream
+
+
+class Unreachable(TransportError):
+    retryable = False  # retired at once: each host is launched exactly once here
+
+
+class LaunchCounter:
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.most = 0
+        self.launched: list[str] = []
+
+    def spec(self, name: str) -> HostSpec:
+        async def launch() -> ByteStream:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+            self.launched.append(name)
+            try:
+                for _ in range(5):  # stay in flight for a few loop turns, as a connection would
+                    await _yield()
+            finally:
+                self.in_flight -= 1
+            raise Unreachable(f"host {name}: unreachable (test)")
+
+        return HostSpec(name=name, launch=launch)
+
+
+async def _yield() -> None:
+    await asyncio.sleep(0)
+
+
+async def test_hosts_start_in_parallel_within_the_bound() -> None:
+    for limit, expected in ((3, 3), (64, 12)):
+        counter = LaunchCounter()
+        specs = [*(counter.spec(f"h{i}") for i in range(12)), local_host(1, gpus="none", name="real")]
+        async with Pool(specs, PoolConfig(max_parallel_starts=limit)) as pool:
+            assert (await pool.run(Task.kernel("noop", 1))).value == 1
+            assert sorted(counter.launched) == sorted(f"h{i}" for i in range(12))
+            assert counter.most == expected
+            assert {h.name for h in pool.hosts() if h.state == "retired"} == {f"h{i}" for i in range(12)}
+
+
+def test_the_cluster_file_sets_the_bound() -> None:
+    text = '[pool]\nmax_parallel_starts = 8\n[[hosts]]\nname = "a"\naddress = "10.0.0.1"\n'
+    assert parse_cluster(text).pool.max_parallel_starts == 8
+
+
+async def test_filling_a_large_window_gives_the_loop_turns() -> None:
+    """With hundreds of slots the default window is tens of thousands of tasks: filling it
+    must not hold the loop (heartbeats, results) for the whole burst."""
+    async with Pool.local(1, gpu_workers="none") as pool:
+        queued: list[int] = []
+        pool.subscribe(lambda event: queued.append(1) if isinstance(event, pe.TaskQueued) else None)
+        seen_at: list[int] = []
+        asyncio.get_running_loop().call_soon(lambda: seen_at.append(len(queued)))
+        tasks = (Task.kernel("noop", i) for i in range(3 * FILL_TURN))
+        async with contextlib.aclosing(pool.as_completed(tasks, window=3 * FILL_TURN)) as finished:
+            values = [future.result().value async for future in finished]
+        assert sorted(values) == list(range(3 * FILL_TURN))
+        assert seen_at == [FILL_TURN]  # the loop's turn came after one turn's worth, not all
+
+
+async def test_hosts_that_join_later_do_not_hold_the_start() -> None:
+    """An allocation's nodes (`joins_later`): the pool starts with its other hosts, and each
+    joins when its launch returns."""
+    gate = asyncio.Event()
+    node = local_host(1, gpus="none", name="node-0")
+
+    async def launch_when_started() -> ByteStream:
+        await gate.wait()  # the node's job has not started yet
+        stream: ByteStream = await node.launch()
+        return stream
+
+    joiner = HostSpec(name="node-0", launch=launch_when_started, joins_later=True)
+    pool = Pool([local_host(1, gpus="none", name="here"), joiner])
+    up: list[str] = []
+    joined = asyncio.Event()
+
+    def on_event(event: pe.PoolEvent) -> None:
+        if isinstance(event, pe.HostUp):
+            up.append(event.host)
+            if event.host == "node-0":
+                joined.set()
+
+    pool.subscribe(on_event)
+    async with pool:
+        assert up == ["here"]
+        assert (await pool.run(Task.kernel("noop", 1))).host == "here"
+        gate.set()
+        async with asyncio.timeout(60):
+            await joined.wait()
+        assert {h.name: h.state for h in pool.hosts()} == {"here": "up", "node-0": "up"}

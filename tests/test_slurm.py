@@ -1,0 +1,266 @@
+"""Slurm allocations: nodes that a real (single-machine) Slurm starts dial the coordinator,
+join the pool, run tasks, and leave when the job is cancelled, their tasks requeued.
+
+The real-Slurm tests start munged, slurmctld and two slurmd (`n1`, `n2`) under a temporary
+folder (tests/support/slurm.py) and skip, saying so, only when the Slurm binaries are absent.
+The rest (the cluster file's `[[allocations]]`, the batch script, the node's credentials
+and greeting) need no Slurm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from batuta import Task
+from batuta.agent import dial
+from batuta.core.task import TaskStatus
+from batuta.errors import ConfigError, UsageError
+from batuta.runtime import events as pe
+from batuta.runtime import slurm as slurm_module
+from batuta.runtime.allocation import CREDENTIALS, Allocation
+from batuta.runtime.allocation_config import AllocationConfig
+from batuta.runtime.cluster import build_pool, parse_cluster
+from batuta.runtime.pool import Pool
+from batuta.runtime.slurm import AllocationError, batch_script, time_limit_seconds
+from tests.support.slurm import SlurmCluster, slurm_cluster
+
+WAIT_S = 90.0
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    with slurm_cluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def slurm_env(slurm: SlurmCluster, monkeypatch: pytest.MonkeyPatch) -> SlurmCluster:
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    return slurm
+
+
+def allocation_file(tmp_path: Path, *, nodes: int = 2, extra: str = "") -> str:
+    return f"""
+[[allocations]]
+kind = "slurm"
+nodes = {nodes}
+time = "5"
+slots = 1
+gpus = "none"
+directory = "{tmp_path}"
+poll_interval = 0.2
+{extra}
+"""
+
+
+class Recorder:
+    """Every pool event, and a bounded wait for a condition on them."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.events: list[pe.PoolEvent] = []
+        self._changed = asyncio.Event()
+        pool.subscribe(self._on_event)
+
+    def _on_event(self, event: pe.PoolEvent) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    def of(self, kind: type) -> list:  # type: ignore[type-arg]
+        return [e for e in self.events if isinstance(e, kind)]
+
+    async def until(self, condition: Callable[[], bool], what: str) -> None:
+        async with asyncio.timeout(WAIT_S):
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+
+
+def _allocation_of(pool: Pool) -> Allocation:
+    (closer,) = pool._closers
+    allocation = closer.__self__  # type: ignore[attr-defined]
+    assert isinstance(allocation, Allocation)
+    return allocation
+
+
+async def test_an_allocation_runs_tasks_on_both_nodes_and_requeues_them_when_cancelled(
+    slurm_env: SlurmCluster, tmp_path: Path
+) -> None:
+    cluster = parse_cluster(allocation_file(tmp_path))
+    pool = build_pool(cluster)
+    record = Recorder(pool)
+    async with pool:
+        allocation = _allocation_of(pool)
+        await record.until(lambda: len(record.of(pe.HostUp)) == 2, "both nodes up")
+        assert {e.host for e in record.of(pe.HostUp)} == {"slurm-0", "slurm-1"}
+        assert {h.description.split()[2] for h in pool.hosts()} == {"n1", "n2"}
+
+        # The credentials reached the job as a 0600 file, never through argv or the script.
+        assert allocation.directory is not None
+        credentials = allocation.directory / CREDENTIALS
+        assert stat.S_IMODE(os.stat(credentials).st_mode) == 0o600
+        script = (allocation.directory / "batch.sh").read_text()
+        assert "PRIVATE KEY" not in script and str(credentials) in script
+
+        results = await asyncio.wait_for(pool.map("noop", list(range(40))), WAIT_S)
+        assert results == list(range(40))
+        futures = [await pool.submit(Task.kernel("spin", 0.05, label=f"short{i}")) for i in range(20)]
+        hosts = {(await f).host for f in futures}
+        assert hosts == {"slurm-0", "slurm-1"}
+
+        # Two long tasks, one on each node; then the allocation is cancelled under them.
+        long = [await pool.submit(Task.kernel("spin", 60.0, label=f"long{i}", max_attempts=5)) for i in range(2)]
+        long_ids = {f.task_id for f in long}
+        await record.until(
+            lambda: {e.host for e in record.of(pe.TaskStarted) if e.task_id in long_ids} == {"slurm-0", "slurm-1"},
+            "long tasks started on both nodes",
+        )
+        assert allocation.job_id is not None
+        done = await asyncio.to_thread(slurm_env.run, "scancel", allocation.job_id)
+        assert done.returncode == 0, done.stderr
+
+        await record.until(
+            lambda: {e.task_id for e in record.of(pe.TaskRequeued)} >= long_ids, "the long tasks requeued"
+        )
+        retired = lambda: {  # noqa: E731
+            e.host for e in record.of(pe.HostStateChanged) if e.state == "retired"
+        }
+        await record.until(lambda: retired() == {"slurm-0", "slurm-1"}, "both nodes retired")
+        reasons = {e.reason for e in record.of(pe.HostStateChanged) if e.state == "retired"}
+        assert all(f"job {allocation.job_id} ended" in reason for reason in reasons), reasons
+        assert all(state == "retired" for state in (h.state for h in pool.hosts()))
+        results_after = [await asyncio.wait_for(f, WAIT_S) for f in long]
+        assert all(r.status is not TaskStatus.SUCCEEDED for r in results_after)  # no node is left to run them
+    assert allocation.job_id not in await asyncio.to_thread(slurm_env.jobs)
+    assert not credentials.exists()  # the pool's close removed them
+
+
+async def test_closing_the_pool_cancels_the_job(slurm_env: SlurmCluster, tmp_path: Path) -> None:
+    pool = build_pool(parse_cluster(allocation_file(tmp_path, nodes=1)))
+    async with pool:
+        allocation = _allocation_of(pool)
+        assert (await pool.run(Task.kernel("noop", 3))).value == 3
+        assert allocation.job_id in await asyncio.to_thread(slurm_env.jobs)
+    async with asyncio.timeout(WAIT_S):
+        while allocation.job_id in await asyncio.to_thread(slurm_env.jobs):
+            await asyncio.sleep(0.2)  # polling squeue, the only way to see the job leave
+
+
+async def test_sbatch_refusing_the_options_is_one_error(slurm_env: SlurmCluster, tmp_path: Path) -> None:
+    text = allocation_file(tmp_path, nodes=1, extra='sbatch = ["--partition=nosuchpartition"]')
+    pool = build_pool(parse_cluster(text))
+    refused = r"sbatch refused the allocation \(with --partition=nosuchpartition\): .*Invalid partition"
+    with pytest.raises(AllocationError, match=refused):
+        await pool.start()
+
+
+def test_batuta_alloc_runs_a_job_on_the_nodes_and_cancels_the_job(slurm_env: SlurmCluster, tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "batuta", "alloc", "slurm", "pi", "--nodes", "2", "--time", "5", "--slots", "1"]
+    argv += ["--gpus", "none", "--directory", str(tmp_path), "--poll-interval", "0.2", "--json"]
+    argv += ["--", "--partition=debug", "--job-name=cli-test"]
+    done = subprocess.run(argv, env=slurm_env.env, capture_output=True, text=True, timeout=WAIT_S, check=False)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert summary["failed"] == 0
+    assert len(list(tmp_path.glob("*/batch.sh"))) == 1  # one allocation, submitted once
+    assert not list(tmp_path.glob(f"*/{CREDENTIALS}"))
+
+
+def test_batuta_alloc_mistakes_are_one_line_and_exit_2() -> None:
+    argv = [sys.executable, "-m", "batuta", "alloc", "slurm", "pi", "--nodes", "2", "--time", "soon"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=WAIT_S, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "batuta: error: time 'soon' is not a Slurm time limit; write minutes (30), H:MM:SS (1:00:00) or D-H (1-0)"
+    ]
+
+
+# -- no Slurm needed --------------------------------------------------------------------------
+
+
+def test_allocations_in_the_cluster_file_are_checked(tmp_path: Path) -> None:
+    cluster = parse_cluster(allocation_file(tmp_path) + 'sbatch = ["--partition=debug"]\n')
+    (allocation,) = cluster.allocations
+    assert allocation.nodes == 2 and allocation.slots == 1 and allocation.sbatch_options == ("--partition=debug",)
+    assert cluster.host_names == ["slurm-0", "slurm-1"]
+    mistakes = {
+        "nodez = 2": "allocations[0].nodez: unknown key; did you mean 'nodes'?",
+        'time = "soon"': "is not a Slurm time limit",
+        'bind = "0.0.0.0:9000"': "set advertise",
+        'kind = "pbs"': "'pbs' is not supported",
+    }
+    for line, message in mistakes.items():
+        key = line.split()[0]
+        text = "\n".join(
+            entry for entry in allocation_file(tmp_path).splitlines() if not entry.startswith(key.rstrip("z") + " ")
+        )
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("?", r"\?")):
+            parse_cluster(text + "\n" + line + "\n")
+    with pytest.raises(ConfigError, match="missing nodes"):
+        parse_cluster('[[allocations]]\nkind = "slurm"\ntime = "5"\n')
+
+
+def test_time_limits_read_as_slurm_reads_them() -> None:
+    assert time_limit_seconds("30") == 1800
+    assert time_limit_seconds("1:30") == 90
+    assert time_limit_seconds("1:00:00") == 3600
+    assert time_limit_seconds("2-0") == 2 * 86400
+    assert time_limit_seconds("1-2:03:04") == 86400 + 2 * 3600 + 3 * 60 + 4
+    for bad in ("0", "", "1h", "-1"):
+        with pytest.raises(UsageError):
+            time_limit_seconds(bad)
+    with pytest.raises(UsageError, match="1 to"):
+        AllocationConfig(nodes=0, time="5")
+
+
+def test_the_batch_script_runs_one_step_task_per_node(tmp_path: Path) -> None:
+    script = batch_script(name="batuta-x", nodes=3, time="10", output=tmp_path / "o", step=["py", "-m", "m", "a b"])
+    assert "#SBATCH --nodes=3" in script and "#SBATCH --time=10" in script
+    srun = "exec srun --nodes=3 --ntasks=3 --ntasks-per-node=1 --kill-on-bad-exit=0 py -m m 'a b'"
+    assert script.splitlines()[-1] == srun
+
+
+def test_a_node_reads_only_private_credentials(tmp_path: Path) -> None:
+    path = tmp_path / "creds.pem"
+    path.write_bytes(b"x")
+    path.chmod(0o644)
+    with pytest.raises(dial.DialError, match=r"can be read by others \(mode 0644\)"):
+        dial.client_context(path)
+    assert dial.parse_greeting(dial.greeting(3, "node 7")) == (3, "node_7")
+    assert dial.parse_greeting(b"GET / HTTP/1.1\r\n") is None
+
+
+async def test_a_stranger_without_the_allocations_certificate_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def no_sbatch(script: Path, options: object) -> str:
+        raise AllocationError("not submitted (test)")  # never a real job from this test
+
+    monkeypatch.setattr(slurm_module, "submit", no_sbatch)
+    allocation = Allocation(AllocationConfig(nodes=1, time="5", directory=tmp_path))
+    with pytest.raises(AllocationError, match="not submitted"):
+        await allocation.submit()  # the listener is up before sbatch is asked
+    try:
+        assert allocation.address is not None
+        import ssl
+
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        reader, writer = await asyncio.open_connection(*allocation.address, ssl=context)
+        writer.write(dial.greeting(0, "intruder"))
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            assert await asyncio.wait_for(reader.read(), WAIT_S) == b""
+        writer.close()
+        assert not allocation._arrived and not allocation._joined
+    finally:
+        await allocation.close()
