@@ -21,7 +21,8 @@ import pytest
 
 from batuta._version import __version__
 from batuta.errors import AgentError, ConfigError
-from batuta.runtime.cluster import POLICY_COMPONENTS, PolicyConfig, parse_cluster
+from batuta.runtime.cluster import parse_cluster
+from batuta.runtime.policy import POLICY_COMPONENTS, PolicyConfig
 from batuta.runtime.pool import local_host
 from batuta.stack import conformance, report, versions
 from batuta.stack.check import batuta_finding, python_finding

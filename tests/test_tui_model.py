@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from batuta.tui import render
+from batuta.tui import render, render_nodes
 from batuta.tui.alerts import GPU_HOT_C, IMBALANCE_DEPTH, IMBALANCE_HOLD_S
 from batuta.tui.histogram import LogHistogram, bucket_of
 from batuta.tui.logbridge import LogBridge
@@ -239,7 +239,7 @@ def test_unknown_gpu_fields_show_as_unknown_without_hiding_the_rest() -> None:
     model = DashboardModel(clock=Clock(101.0))
     model.apply(host_up())
     model.apply(telemetry("h1", 100.5, gpus=(gpu(power=None, temperature=None),)))
-    lines = [line.plain for line in render.node_lines(model, 101.0, PLAIN, 140)]
+    lines = [line.plain for line in render_nodes.node_lines(model, 101.0, PLAIN, 140)]
     gpu_line = lines[1]
     assert "? W" in gpu_line and "? °C" in gpu_line
     assert "50%" in gpu_line and "40.0/80.0 GiB" in gpu_line
@@ -249,7 +249,7 @@ def test_a_host_without_gpus_says_so() -> None:
     model = DashboardModel(clock=Clock(101.0))
     model.apply(host_up())
     model.apply(telemetry("h1", 100.5, gpu_status="NVML not installed (pip install nvidia-ml-py)"))
-    lines = [line.plain for line in render.node_lines(model, 101.0, PLAIN, 140)]
+    lines = [line.plain for line in render_nodes.node_lines(model, 101.0, PLAIN, 140)]
     assert "no GPU" in lines[1] and "NVML not installed" in lines[1]
     assert "● up" in lines[0] and "42%" in lines[0] and "0.5s" in lines[0]
 
@@ -265,7 +265,7 @@ def test_a_lost_hosts_reason_shows_whole_under_it_cause_included(width: int) -> 
     model = DashboardModel(clock=Clock(101.0))
     model.apply(host_up())
     model.apply(pe.HostDown(host="h1", reason=NO_BATUTA, at=100.6))
-    lines = render.node_lines(model, 101.0, PLAIN, width)
+    lines = render_nodes.node_lines(model, 101.0, PLAIN, width)
     assert "○ lost" in lines[0].plain and "hello" not in lines[0].plain
     under = [line.plain for line in lines[1:] if line.plain.startswith(("   └ ", "     "))]
     assert all(len(line) <= width for line in under), under  # wrapped: the panel crops nothing
@@ -278,8 +278,8 @@ def test_a_reason_too_long_for_the_panel_loses_its_middle_not_its_cause() -> Non
     model.apply(host_up())
     reason = f"agent exited before saying hello: {'/very/deep' * 200}/python3: No module named 'batuta'"
     model.apply(pe.HostStateChanged(host="h1", state="retired", reason=reason, at=100.6))
-    under = [line.plain for line in render.node_lines(model, 101.0, PLAIN, 80)[1:]]
-    assert 1 < len(under) <= render.REASON_LINES
+    under = [line.plain for line in render_nodes.node_lines(model, 101.0, PLAIN, 80)[1:]]
+    assert 1 < len(under) <= render_nodes.REASON_LINES
     assert under[0].startswith("   └ agent exited before saying hello")
     assert under[-1].endswith("No module named 'batuta'") and " … " in "".join(under)
 
@@ -460,5 +460,5 @@ def test_a_host_with_objects_shows_their_bytes_and_what_spilled() -> None:
     )
     row = model.hosts["h1"]
     assert (row.objects, row.object_bytes, row.spilled_bytes) == (3, 3 * 2**30, 2**30)
-    line = render.node_lines(model, 101.0, PLAIN, 200)[0].plain
+    line = render_nodes.node_lines(model, 101.0, PLAIN, 200)[0].plain
     assert "3 obj 3.0 GiB, 1.0 GiB spilled" in line

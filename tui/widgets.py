@@ -30,7 +30,7 @@ from textual.widgets import RichLog
 
 from batuta._version import __version__
 
-from . import render
+from . import render, render_nodes
 from .model import DashboardModel, Versions
 from .render import Palette
 
@@ -183,18 +183,18 @@ class NodesPanel(LinesPanel):
     gpu_rows: bool | None = None  # one line per GPU: None = when they fit; `g` toggles
 
     def build(self, now: float, palette: Palette, width: int, height: int) -> tuple[list[Text], render.Rows]:
-        body = render.NodeRows(self.model, now, palette, width)
+        body = render_nodes.NodeRows(self.model, now, palette, width)
         if not len(body):
-            return [render.node_header(palette)], [Text(" waiting for hosts…", palette.dim)]
+            return [render_nodes.node_header(palette)], [Text(" waiting for hosts…", palette.dim)]
         if self.gpu_rows is not None:
             expanded = self.gpu_rows
         else:  # a few hosts scroll fine; in a large cluster a line per GPU buries the hosts
             expanded = len(self.model.hosts) < COMPACT_FROM_HOSTS or len(body) + 1 <= height
         if expanded:
-            return [render.node_header(palette)], body
+            return [render_nodes.node_header(palette)], body
         # too many lines to see at once: a summary on top, one line per host, trouble first
-        compact = render.NodeRows(self.model, now, palette, width, compact=True)
-        return [render.nodes_summary(self.model, palette), render.node_header(palette)], compact
+        compact = render_nodes.NodeRows(self.model, now, palette, width, compact=True)
+        return [render_nodes.nodes_summary(self.model, palette), render_nodes.node_header(palette)], compact
 
     def toggle_gpu_rows(self) -> None:
         """Switch between a line per GPU and a line per host (from the mode shown now)."""

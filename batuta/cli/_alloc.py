@@ -21,9 +21,7 @@ def add_alloc_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
     alloc = parser.add_argument_group("the allocation (options after -- go to sbatch)")
     alloc.add_argument("--nodes", type=positive_int, required=True, metavar="N", help="nodes to ask for")
-    alloc.add_argument(
-        "--time", required=True, metavar="LIMIT", help="Slurm time limit: minutes (30), H:MM:SS or D-H"
-    )
+    alloc.add_argument("--time", required=True, metavar="LIMIT", help="Slurm time limit: minutes (30), H:MM:SS or D-H")
     alloc.add_argument(
         "--bind",
         default="127.0.0.1:0",
@@ -33,7 +31,9 @@ def add_alloc_arguments(parser: argparse.ArgumentParser) -> None:
     alloc.add_argument("--advertise", metavar="NAME", help="the name or address the nodes dial (default: bind's)")
     alloc.add_argument("--slots", type=slot_count, metavar="N", help="CPU slots per node (default: its cores)")
     alloc.add_argument("--gpus", default="auto", help="GPU slots per node: auto, none or indices (default: auto)")
-    alloc.add_argument("--name", default="slurm", help="prefix of the nodes' host names (default: slurm)")
+    alloc.add_argument(
+        "--node-prefix", default="slurm", metavar="PREFIX", help="prefix of the nodes' host names (default: slurm)"
+    )
     alloc.add_argument(
         "--directory",
         metavar="DIR",
@@ -58,7 +58,7 @@ def cmd_alloc(args: argparse.Namespace) -> int:
         raise UsageError("--workers sizes a local pool; an allocation's nodes take --slots")
     config = AllocationConfig(
         kind=args.kind,
-        name=args.name,
+        name=args.node_prefix,
         nodes=args.nodes,
         time=args.time,
         bind=args.bind,

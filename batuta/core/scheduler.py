@@ -46,11 +46,10 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, TypeVar
 
-from batuta.core import deps, invariants
+from batuta.core import deps, invariants, recovery
 from batuta.core.events import (
     AbortTasks,
     AnnounceDrained,
-    AnnounceRequeue,
     CancelRequested,
     Event,
     HostDrainRequested,
@@ -337,15 +336,15 @@ class Scheduler:
         if ev.retired and self._expected.pop(ev.host_id, None) is not None:
             self._capability_epoch += 1
         for slot in list(self._host_slots.get(ev.host_id, ())):
-            self._lose_slot(slot, ev.reason, ev.retired)
-        self._after_capacity_change()
+            recovery.lose_slot(self, slot, ev.reason, ev.retired)
+        recovery.after_capacity_change(self)
 
     def _on_slot_lost(self, ev: SlotLost) -> None:
         slot = self._slots.get(ev.slot_id)
         if slot is None:
             return
-        self._lose_slot(slot, ev.reason, ev.retired)
-        self._after_capacity_change()
+        recovery.lose_slot(self, slot, ev.reason, ev.retired)
+        recovery.after_capacity_change(self)
 
     def _on_start_reported(self, ev: TaskStartReported) -> None:
         entry = self._tasks.get(ev.task_id)
@@ -385,7 +384,7 @@ class Scheduler:
         status = ev.outcome.final_status()
         if status is None:  # the worker crashed under it: the attempt is lost, not the task
             self._note(entry, f"crashed on {slot.slot_id}")
-            self._retry_or_lose(entry, slot, ev.reason or "worker process died")
+            recovery.retry_or_lose(self, entry, slot, ev.reason or "worker process died")
         else:
             slot.completed += 1
             if ev.outcome is _OK or ev.outcome is _ERROR:
@@ -445,7 +444,7 @@ class Scheduler:
                 continue
             self._set_state(slot, SlotState.DRAINING)
             self._hungry.discard(slot)
-            self._requeue_deque(slot)
+            recovery.requeue_deque(self, slot)
         self._check_drained(ev.host_id)
         for slot in self._hungry.snapshot():
             self._fill(slot)
@@ -588,98 +587,7 @@ class Scheduler:
         if slot.deque:
             self._deque_holders.add(slot)
 
-    # -- loss, retry, resolution ------------------------------------------------------------
-
-    def _lose_slot(self, slot: SlotRecord, reason: str, retired: bool) -> None:
-        if slot.state in (SlotState.LOST, SlotState.RETIRED):
-            if retired:
-                self._set_state(slot, SlotState.RETIRED)
-                self._capability_epoch += 1
-            return
-        self._set_state(slot, SlotState.RETIRED if retired else SlotState.LOST)
-        self._capability_epoch += 1
-        self._hungry.discard(slot)
-        self._sends.pop(slot.slot_id, None)
-        self._requeue_deque(slot)
-        for entry in list(slot.window.values()):
-            del slot.window[entry.task_id]
-            entry.slot = None
-            if entry.steal_pending:
-                end_steal_back(self, entry)
-            if entry.resolved:
-                entry.place = Place.GONE
-                del self._tasks[entry.task_id]
-                continue
-            if entry.started:
-                self._retry_or_lose(entry, slot, f"{slot.slot_id} lost: {reason}")
-            elif entry.max_attempts == 1:
-                # Its Started may still have been on the way: a task not safe to repeat is
-                # lost here, never requeued as "never started" and run a second time.
-                why = f"may have run on {slot.host_id}; not retried because retry=False ({slot.slot_id} lost: {reason})"
-                self._resolve(entry, TaskStatus.LOST, why, slot_id=slot.slot_id)
-            else:
-                entry.attempts -= 1  # it never started there
-                self._requeue(entry, slot, f"{slot.slot_id} lost before it started: {reason}")
-        # thieves waiting on steal-backs from this slot get nothing back: let them look again
-        for task_id, thief in self._steal_thief.items():
-            if thief is slot:
-                self._steal_thief[task_id] = None  # returned tasks will go to the injector
-        slot.steal_backs_pending = 0
-        if slot.host_id in self._draining:
-            self._check_drained(slot.host_id)
-
-    def _retry_or_lose(self, entry: TaskEntry, slot: SlotRecord, reason: str) -> None:
-        if entry.reasons is None:
-            entry.reasons = []
-        entry.reasons.append(reason)
-        if entry.attempts >= entry.max_attempts:
-            why = "; ".join(entry.reasons[-3:])
-            self._resolve(
-                entry,
-                TaskStatus.LOST,
-                f"its worker died on all {entry.attempts} attempts (max_attempts={entry.max_attempts}): {why}",
-                slot_id=slot.slot_id,
-            )
-            return
-        self.stats.retries += 1
-        self._requeue(entry, slot, reason)
-
-    def _requeue(self, entry: TaskEntry, slot: SlotRecord, reason: str) -> None:
-        entry.steal_refused = False
-        self._out.append(
-            AnnounceRequeue(task_id=entry.task_id, slot_id=slot.slot_id, attempts=entry.attempts, reason=reason)
-        )
-        self._note(entry, f"requeued: {reason}")
-        if entry.reads and deps.park_if_unready(self, entry):
-            return
-        klass = self._class_of(entry.requires)
-        self._push_injector(entry, klass)
-        self._feed_hungry(klass)
-
-    def _requeue_deque(self, slot: SlotRecord) -> None:
-        while slot.deque:
-            entry = slot.deque.popleft()
-            self._queued -= 1
-            entry.slot = None
-            if not (entry.reads and deps.park_if_unready(self, entry)):
-                self._push_injector(entry, self._class_of(entry.requires))
-
-    def _after_capacity_change(self) -> None:
-        """After a loss: feed survivors, and fail work nothing can ever run again."""
-        for klass in self._classes.values():
-            if klass.live and not self._can_ever_run(klass):
-                self._fail_unschedulable(klass)
-        for slot in self._hungry.snapshot():
-            self._fill(slot)
-
-    def _fail_unschedulable(self, klass: CapabilityClass) -> None:
-        heap, klass.heap = klass.heap, []
-        for _neg, _seq, token, entry in heap:
-            if entry.place is Place.INJECTOR and entry.token == token:
-                klass.live -= 1
-                self._queued -= 1
-                entry.place = Place.GONE
-                self._resolve(entry, TaskStatus.UNSCHEDULABLE, self._unschedulable_reason(entry))
+    # -- resolution -----------------------------------------------------------------------
 
     def _resolve(
         self,

@@ -297,4 +297,3 @@ class Allocation:
         except OSError:
             return ""
         return f" (its output {output}: {lines[-1][:200]})" if lines else ""
-

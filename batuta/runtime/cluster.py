@@ -71,6 +71,7 @@ from batuta.errors import ConfigError
 from batuta.runtime.allocation_config import AllocationConfig, read_allocations
 from batuta.runtime.code import MAX_CODE_MB, CodeSpec
 from batuta.runtime.install import Installer, InstallTarget, agent_launcher, index_url_problem, launch_bootstrapped
+from batuta.runtime.policy import POLICY_COMPONENTS, POLICY_LEVELS, POLICY_THRESHOLDS, PolicyConfig
 from batuta.runtime.pool import Pool, PoolConfig, local_host
 from batuta.runtime.session import HostSpec
 from batuta.transport.base import ByteStream
@@ -121,41 +122,6 @@ class LocalHostConfig:
     env: Mapping[str, str] = field(default_factory=dict)
     tags: frozenset[str] = frozenset()
     kernel_modules: tuple[str, ...] = ()
-
-
-# `[policy]`: version rules of `batuta stack gate`, one level per component, compared with the
-# coordinator's version: "exact", "minor" (same major.minor), "major" (same major) or "any".
-POLICY_LEVELS = ("exact", "minor", "major", "any")
-POLICY_COMPONENTS = (
-    "batuta",
-    "python",
-    "numpy",
-    "numba",
-    "llvmlite",
-    "numba-cuda",
-    "msgpack",
-    "psutil",
-    "asyncssh",
-    "textual",
-    "prometheus-client",
-    "nvidia-ml-py",
-    "nvidia-driver",
-    "cuda-driver",
-)
-POLICY_THRESHOLDS = ("min_free_disk_gb", "min_free_memory_gb")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PolicyConfig:
-    """The `[policy]` table: what `batuta stack check` and `gate` hold every node to.
-
-    `versions` holds only the components the file names (component -> level); the stack
-    commands fill in their defaults for the rest. A threshold of None means the default.
-    """
-
-    versions: Mapping[str, str] = field(default_factory=dict)
-    min_free_disk_gb: float | None = None
-    min_free_memory_gb: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -51,9 +51,7 @@ def time_limit_seconds(text: str) -> int:
     """Seconds in a Slurm time limit ("30", "1:00:00", "2-0"). Raises UsageError."""
     match = _TIME.match(text.strip())
     if not match or text.strip() in ("0", ""):
-        raise UsageError(
-            f"time {text!r} is not a Slurm time limit; write minutes (30), H:MM:SS (1:00:00) or D-H (1-0)"
-        )
+        raise UsageError(f"time {text!r} is not a Slurm time limit; write minutes (30), H:MM:SS (1:00:00) or D-H (1-0)")
     days, first, second, third = match.groups()
     if days is not None:  # D-H, D-H:MIN, D-H:MIN:SEC
         hours, minutes, seconds = int(first), int(second or 0), int(third or 0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from batuta.runtime.cluster import PolicyConfig
+from batuta.runtime.policy import PolicyConfig
 from batuta.stack.model import ERROR, HEALTHY, Finding, KernelResult
 from batuta.stack.versions import DEFAULT_POLICY, describe_level, within
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from batuta._version import __version__
 from batuta.protocol import messages as m
-from batuta.runtime.cluster import POLICY_LEVELS
+from batuta.runtime.policy import POLICY_LEVELS
 
 # Rows of `batuta stack versions`, in order. Package names are distribution names.
 PACKAGES = (

@@ -1,0 +1,123 @@
+"""Losing a slot and what follows: requeues, retries, lost and unschedulable tasks.
+
+The rules are in `batuta.core.scheduler`'s docstring ("Attempts count starts", "Capability
+matching"); these functions carry them out as friends of the scheduler whose tables they
+move, as `stealing.py` does for work stealing, so that the scheduler's module holds the
+event handlers and the filling of windows.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from batuta.core import deps
+from batuta.core.events import AnnounceRequeue
+from batuta.core.placement import CapabilityClass, Place, SlotRecord, SlotState, TaskEntry
+from batuta.core.stealing import end_steal_back
+from batuta.core.task import TaskStatus
+
+if TYPE_CHECKING:
+    from batuta.core.scheduler import Scheduler
+
+
+def lose_slot(scheduler: Scheduler, slot: SlotRecord, reason: str, retired: bool) -> None:
+    """`slot` is gone (lost, or retired for good): its deque goes back to the injector, and
+    each task in its window is requeued, retried, or lost as the attempt rules say."""
+    if slot.state in (SlotState.LOST, SlotState.RETIRED):
+        if retired:
+            scheduler._set_state(slot, SlotState.RETIRED)
+            scheduler._capability_epoch += 1
+        return
+    scheduler._set_state(slot, SlotState.RETIRED if retired else SlotState.LOST)
+    scheduler._capability_epoch += 1
+    scheduler._hungry.discard(slot)
+    scheduler._sends.pop(slot.slot_id, None)
+    requeue_deque(scheduler, slot)
+    for entry in list(slot.window.values()):
+        del slot.window[entry.task_id]
+        entry.slot = None
+        if entry.steal_pending:
+            end_steal_back(scheduler, entry)
+        if entry.resolved:
+            entry.place = Place.GONE
+            del scheduler._tasks[entry.task_id]
+            continue
+        if entry.started:
+            retry_or_lose(scheduler, entry, slot, f"{slot.slot_id} lost: {reason}")
+        elif entry.max_attempts == 1:
+            # Its Started may still have been on the way: a task not safe to repeat is
+            # lost here, never requeued as "never started" and run a second time.
+            why = f"may have run on {slot.host_id}; not retried because retry=False ({slot.slot_id} lost: {reason})"
+            scheduler._resolve(entry, TaskStatus.LOST, why, slot_id=slot.slot_id)
+        else:
+            entry.attempts -= 1  # it never started there
+            requeue(scheduler, entry, slot, f"{slot.slot_id} lost before it started: {reason}")
+    # thieves waiting on steal-backs from this slot get nothing back: let them look again
+    for task_id, thief in scheduler._steal_thief.items():
+        if thief is slot:
+            scheduler._steal_thief[task_id] = None  # returned tasks will go to the injector
+    slot.steal_backs_pending = 0
+    if slot.host_id in scheduler._draining:
+        scheduler._check_drained(slot.host_id)
+
+
+def retry_or_lose(scheduler: Scheduler, entry: TaskEntry, slot: SlotRecord, reason: str) -> None:
+    """A started attempt died under `entry`: run it again, unless that was its last attempt."""
+    if entry.reasons is None:
+        entry.reasons = []
+    entry.reasons.append(reason)
+    if entry.attempts >= entry.max_attempts:
+        why = "; ".join(entry.reasons[-3:])
+        scheduler._resolve(
+            entry,
+            TaskStatus.LOST,
+            f"its worker died on all {entry.attempts} attempts (max_attempts={entry.max_attempts}): {why}",
+            slot_id=slot.slot_id,
+        )
+        return
+    scheduler.stats.retries += 1
+    requeue(scheduler, entry, slot, reason)
+
+
+def requeue(scheduler: Scheduler, entry: TaskEntry, slot: SlotRecord, reason: str) -> None:
+    """Back to the injector (or to waiting, if an input it reads is gone too), announced."""
+    entry.steal_refused = False
+    scheduler._out.append(
+        AnnounceRequeue(task_id=entry.task_id, slot_id=slot.slot_id, attempts=entry.attempts, reason=reason)
+    )
+    scheduler._note(entry, f"requeued: {reason}")
+    if entry.reads and deps.park_if_unready(scheduler, entry):
+        return
+    klass = scheduler._class_of(entry.requires)
+    scheduler._push_injector(entry, klass)
+    scheduler._feed_hungry(klass)
+
+
+def requeue_deque(scheduler: Scheduler, slot: SlotRecord) -> None:
+    """Everything assigned to `slot` and not yet sent goes back to the injector."""
+    while slot.deque:
+        entry = slot.deque.popleft()
+        scheduler._queued -= 1
+        entry.slot = None
+        if not (entry.reads and deps.park_if_unready(scheduler, entry)):
+            scheduler._push_injector(entry, scheduler._class_of(entry.requires))
+
+
+def after_capacity_change(scheduler: Scheduler) -> None:
+    """After a loss: feed survivors, and fail work nothing can ever run again."""
+    for klass in scheduler._classes.values():
+        if klass.live and not scheduler._can_ever_run(klass):
+            fail_unschedulable(scheduler, klass)
+    for slot in scheduler._hungry.snapshot():
+        scheduler._fill(slot)
+
+
+def fail_unschedulable(scheduler: Scheduler, klass: CapabilityClass) -> None:
+    """No slot can ever run `klass` again: resolve its queued tasks as unschedulable."""
+    heap, klass.heap = klass.heap, []
+    for _neg, _seq, token, entry in heap:
+        if entry.place is Place.INJECTOR and entry.token == token:
+            klass.live -= 1
+            scheduler._queued -= 1
+            entry.place = Place.GONE
+            scheduler._resolve(entry, TaskStatus.UNSCHEDULABLE, scheduler._unschedulable_reason(entry))
