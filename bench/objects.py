@@ -1,0 +1,227 @@
+"""Big values to and from SSH hosts: `pool.put` + `pool.get` against Dask's scatter and gather.
+
+4 test hosts (network namespaces, each with a real OpenSSH sshd; see tests/support/hosts.py),
+one worker process per host, the same hosts for both systems, one run:
+
+- put: one float32 array of `--gib` GiB, put once and used by one task on every host (`sum`
+  of it, pinned to each host by a tag), from the put call to the last sum's result. Dask:
+  `client.scatter(array, broadcast=True)`, then one `submit(np.sum, future)` per worker,
+  pinned with `workers=`, from the scatter call to the last result.
+- get: one task on the first host makes an array of `--gib` GiB (`saxpy` of the put array,
+  `keep=True`: it stays there); `await pool.get(ref)` brings it back, timed alone. Dask: the
+  same `submit` on one worker, then `client.gather(future)`, timed alone.
+
+Throughputs count the array's bytes once per host for put (4 copies of it travel) and once for
+get. `coordinator_peak_rss_mib` is this process's peak resident set while batuta moves the
+values (`ru_maxrss`, measured before Dask starts in this process), minus nothing: the put
+array itself is part of it. The array is memory-mapped from a `.npy` file, so batuta reads it
+chunk by chunk; the issue's target is a peak under 1 GiB while moving 4 GiB. This machine
+(23 GiB of RAM, 2 cores) holds 4 copies on the hosts plus the source, so the default is
+1 GiB; `--gib 4` is the issue's size where memory allows.
+
+Targets (issue 15): put_gbps >= dask_scatter_gbps, get_gbps >= dask_gather_gbps,
+coordinator_peak_rss_mib < 1024. The last line is one JSON object.
+
+    python bench/objects.py [--gib 1] [--hosts 4] [--skip-dask]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.ssh_startup import dask_specs, quiet_logs, route_to_scheduler, settle  # noqa: E402
+from tests.support.hosts import TestHosts  # noqa: E402
+
+RUN_TIMEOUT_S = 900.0
+GIB = 1 << 30
+
+
+def cluster_text(hosts: TestHosts) -> str:
+    """One slot per host, each host tagged with its own name so a task can be pinned to it."""
+    parts = [
+        "[defaults]",
+        f'python = "{sys.executable}"',
+        "slots = 1",
+        'gpus = "none"',
+        'user = "root"',
+        f'identity_file = "{hosts.identity_file}"',
+        "",
+    ]
+    for h in hosts:
+        parts += ["[[hosts]]", f'name = "{h.name}"', f'address = "{h.address}"', f"port = {h.port}"]
+        parts += [f'tags = ["{h.name}"]', ""]
+    parts += ["[ssh]", f'known_hosts = "{hosts.known_hosts}"', "config = false", "connect_timeout = 10", ""]
+    return "\n".join(parts)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def batuta_run(hosts: TestHosts, array: np.ndarray) -> dict[str, Any]:
+    from batuta import Task
+    from batuta.runtime.cluster import build_pool, parse_cluster
+
+    pool = build_pool(parse_cluster(cluster_text(hosts), source="bench/objects.py"))
+    names = [h.name for h in hosts]
+    expected = float(np.sum(array[: 1 << 20], dtype=np.float64))  # a spot check, not the whole sum
+    try:
+        async with asyncio.timeout(RUN_TIMEOUT_S):
+            await pool.start()
+            rss_before = peak_rss_mib()
+            start = time.perf_counter()
+            ref = pool.put(array)
+            sums = [await pool.submit(Task.kernel("sum", ref, requires=(name,))) for name in names]
+            results = [await f for f in sums]
+            put_s = time.perf_counter() - start
+            failed = [r for r in results if not r.is_success()]
+            if failed:
+                raise RuntimeError(f"a sum failed: {failed[0].describe_failure()}")
+            made = await pool.submit(Task.kernel("saxpy", 2.0, ref, ref, requires=(names[0],)), keep=True)
+            kept = (await made).unwrap()
+            start = time.perf_counter()
+            back = await pool.get(kept)
+            get_s = time.perf_counter() - start
+            rss_peak = peak_rss_mib()
+            ok = bool(np.array_equal(back[: 1 << 20], 3.0 * array[: 1 << 20]))
+            del back
+            pool.drop(kept)
+            pool.drop(ref)
+    finally:
+        await pool.close()
+    if not ok:
+        raise RuntimeError("batuta fetched a wrong array")
+    spot = float(np.sum(array[: 1 << 20], dtype=np.float64))
+    if spot != expected:
+        raise RuntimeError("the source array changed under the run")
+    nbytes = array.nbytes
+    return {
+        "put_gbps": nbytes * len(names) / put_s / 1e9,
+        "get_gbps": nbytes / get_s / 1e9,
+        "put_s": round(put_s, 3),
+        "get_s": round(get_s, 3),
+        "coordinator_peak_rss_mib": round(rss_peak, 1),
+        "rss_before_put_mib": round(rss_before, 1),
+    }
+
+
+def _make(x: np.ndarray) -> np.ndarray:
+    return (2.0 * x + x).astype(x.dtype)
+
+
+async def dask_run(hosts: TestHosts, array: np.ndarray, scheduler_host: str) -> dict[str, Any]:
+    from distributed import Client, SpecCluster
+
+    workers, scheduler = dask_specs(hosts, 1, scheduler_host)
+    cluster: Any = None
+    client: Any = None
+    try:
+        async with asyncio.timeout(RUN_TIMEOUT_S):
+            cluster = SpecCluster(workers=workers, scheduler=scheduler, asynchronous=True, name="SSHCluster")
+            await cluster
+            client = await Client(cluster, asynchronous=True)
+            await client.wait_for_workers(len(hosts))
+            addresses = sorted(client.scheduler_info()["workers"])
+            start = time.perf_counter()
+            future = await client.scatter(np.asarray(array), broadcast=True)
+            sums = [client.submit(np.sum, future, workers=[a], pure=False) for a in addresses]
+            await client.gather(sums)
+            scatter_s = time.perf_counter() - start
+            made = client.submit(_make, future, workers=[addresses[0]], pure=False)
+            await made  # computed there, not yet moved
+            start = time.perf_counter()
+            back = await client.gather(made)
+            gather_s = time.perf_counter() - start
+            ok = bool(np.array_equal(back[: 1 << 20], 3.0 * array[: 1 << 20]))
+    finally:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
+        if cluster is not None:
+            with contextlib.suppress(Exception):
+                await cluster.close()
+    if not ok:
+        raise RuntimeError("Dask gathered a wrong array")
+    nbytes = array.nbytes
+    return {
+        "dask_scatter_gbps": nbytes * len(hosts) / scatter_s / 1e9,
+        "dask_gather_gbps": nbytes / gather_s / 1e9,
+        "scatter_s": round(scatter_s, 3),
+        "gather_s": round(gather_s, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--gib", type=float, default=1.0, help="size of the array, GiB (the issue's: 4)")
+    parser.add_argument("--hosts", type=int, default=4)
+    parser.add_argument("--skip-dask", action="store_true")
+    args = parser.parse_args()
+    if not 0 < args.gib <= 64:
+        parser.error("--gib must be in (0, 64]")
+    import batuta.runtime.cluster  # noqa: F401
+
+    quiet_logs()
+    count = int(args.gib * GIB) // 4
+    load_start = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="batuta-objects-") as tmp:
+        path = Path(tmp) / "array.npy"
+        source = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(count,))
+        step = 1 << 24
+        rng = np.random.default_rng(0)
+        for i in range(0, count, step):  # written in slices: the file, not this process, holds it
+            source[i : i + step] = rng.random(min(step, count - i), dtype=np.float32)
+        source.flush()
+        del source
+        array = np.load(path, mmap_mode="r")
+        with TestHosts(args.hosts) as hosts:
+            ours = asyncio.run(batuta_run(hosts, array))
+            print(
+                f"batuta: put {ours['put_gbps']:.2f} GB/s, get {ours['get_gbps']:.2f} GB/s, "
+                f"coordinator peak RSS {ours['coordinator_peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
+            theirs: dict[str, Any] = {}
+            if not args.skip_dask:
+                settle(hosts)
+                scheduler_host = route_to_scheduler(hosts)
+                theirs = asyncio.run(dask_run(hosts, array, scheduler_host))
+                scatter, gather = theirs["dask_scatter_gbps"], theirs["dask_gather_gbps"]
+                print(f"Dask: scatter {scatter:.2f} GB/s, gather {gather:.2f} GB/s", flush=True)
+        del array
+    summary = {
+        "put_gbps": round(ours["put_gbps"], 3),
+        "dask_scatter_gbps": round(theirs["dask_scatter_gbps"], 3) if theirs else None,
+        "get_gbps": round(ours["get_gbps"], 3),
+        "dask_gather_gbps": round(theirs["dask_gather_gbps"], 3) if theirs else None,
+        "coordinator_peak_rss_mib": ours["coordinator_peak_rss_mib"],
+        "gib": args.gib,
+        "hosts": args.hosts,
+        "batuta": ours,
+        "dask": theirs,
+        "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "load_at_start": round(load_start, 2),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
