@@ -243,7 +243,8 @@ class Agent:
                 slot=outcome.slot,
                 attempt=outcome.attempt,
                 status=Outcome.ERROR,
-                error=f"slot {outcome.slot} reported kept object {object_id} as {type(value).__name__}, not a descriptor",
+                error=f"slot {outcome.slot} reported kept object {object_id} as {type(value).__name__}, "
+                "not (ref, nbytes, shape, dtype)",
                 run_s=outcome.run_s,
             )
         self._objects.keep_in_slot(object_id, outcome.slot, value[1])
@@ -319,7 +320,7 @@ class Agent:
         if self._objects.slot_of(object_id) is not None:
             self._pull(object_id, fetch.request_id)
             return
-        self._answer_fetch(fetch.request_id, object_id, self._objects[object_id] if object_id in self._objects else _ABSENT)
+        self._answer_fetch(fetch.request_id, object_id, self._objects.get(object_id, _ABSENT))
 
     def _answer_fetch(self, request_id: int, object_id: int, value: Any) -> None:
         if value is not _ABSENT:

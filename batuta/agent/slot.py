@@ -234,7 +234,9 @@ class SlotWorker:
         """Answer the agent's Fetch: the value as a Put, or a Drop when this slot lacks it.
         It goes behind the results already held (their streams were numbered first)."""
         if object_id in self._objects:
-            self._results += encode_streamed_parts(Put(object_id=object_id, value=self._objects[object_id]), self._streams)
+            self._results += encode_streamed_parts(
+                Put(object_id=object_id, value=self._objects[object_id]), self._streams
+            )
         else:
             self._results.append(encode_message(Drop(object_ids=(object_id,))))
         self._flush()
