@@ -209,6 +209,7 @@ class ObjectStore(Mapping[int, object]):
         return object_id in self._lost
 
     def discard(self, object_id: int) -> None:
+        self._lost.discard(object_id)  # dropped or replaced: no longer "lost"
         nbytes = self._nbytes.pop(object_id, None)
         if nbytes is None:
             return
