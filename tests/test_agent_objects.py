@@ -42,6 +42,24 @@ def test_values_past_the_cap_spill_oldest_first_and_come_back_equal(tmp_path: Pa
     assert not folder.exists() and len(store) == 0
 
 
+def test_a_value_kept_in_a_slot_is_fetched_to_spill_and_lost_with_its_slot(tmp_path: Path) -> None:
+    evicted: list[tuple[int, int]] = []
+    spilled: list[int] = []
+    store = ObjectStore(1_000_000, tmp_path, on_spill=spilled.append, on_evict=lambda o, s: evicted.append((o, s)))
+    store.keep_in_slot(1, 0, 800_000)
+    store.keep_in_slot(2, 1, 800_000)  # over the cap: the oldest is asked of its slot, once
+    store.keep_in_slot(3, 1, 100_000)
+    assert evicted == [(1, 0)] and store.stats() == (3, 1_700_000, 0)
+    with pytest.raises(KeyError):
+        store[2]  # its bytes are in slot 1's process
+    value = np.full(100_000, 1.0)
+    store.settle(1, value)  # here now: written to disk, and the slots drop their copies
+    assert spilled == [1] and store.stats() == (3, 1_700_000, 800_000) and store.slot_of(1) is None
+    np.testing.assert_array_equal(store[1], value)
+    assert store.lose_slot(1) == (2, 3) and store.was_lost(2) and 2 not in store
+    assert store.stats() == (1, 800_000, 800_000)
+
+
 def test_a_non_array_value_spills_as_a_frame(tmp_path: Path) -> None:
     store = ObjectStore(0, tmp_path)
     value = (np.arange(5), "label", {"nested": [1.5, None]})
@@ -96,6 +114,7 @@ async def test_kept_results_past_the_cap_spill_are_reported_and_still_served(tmp
         await asyncio.wait_for(spilled.wait(), 30)  # the next heartbeat reports them
         report = seen[-1]
         assert report.objects == 4 and report.object_bytes == 4 * n * 8 and report.spilled_bytes >= 2 * n * 8
+        assert report.slot_object_bytes >= report.spilled_bytes  # spilled values were asked of their slot
         assert list((tmp_path / "batuta" / "objects").iterdir())  # under batuta's cache folder
         for i, ref in enumerate(refs):
             np.testing.assert_array_equal(await pool.get(ref), np.full(n, float(i)))

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from batuta import ObjectRef, Pool, Task, TaskStatus
@@ -246,3 +247,94 @@ async def test_a_value_relayed_from_a_lost_host_is_made_again_there_and_then_rel
         assert result.is_success(), result.error
         assert result.host == "b"
         np.testing.assert_array_equal(result.value, np.full(N, 5.0) * 3.0 + 1.0)
+
+
+# -- kept results live in the slot process that made them ---------------------------------------
+
+
+def one_host_pool(slots: int, **env: str) -> Pool:
+    environ = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **env}
+    host = local_host(slots, gpus="none", kernel_modules=[TEST_KERNELS], env=environ, name="solo")
+    return Pool([host], PoolConfig(heartbeat_interval=0.05))
+
+
+async def _telemetry_after(pool: Pool, condition: Callable[[pe.HostTelemetry], bool]) -> pe.HostTelemetry:
+    """The first heartbeat report that satisfies `condition` (bounded wait)."""
+    seen: asyncio.Future[pe.HostTelemetry] = asyncio.get_running_loop().create_future()
+
+    def on_event(event: pe.PoolEvent) -> None:
+        if isinstance(event, pe.HostTelemetry) and condition(event) and not seen.done():
+            seen.set_result(event)
+
+    pool.subscribe(on_event)
+    return await asyncio.wait_for(seen, 30)
+
+
+def _slot_process(slot: str) -> psutil.Process:
+    """The live worker process of `slot` ("host/N"); slots name themselves batuta-slot-N."""
+    name = f"batuta-slot-{slot.rsplit('/', 1)[1]}"
+    return next(c for a in agent_pids() for c in a.children() if c.name() == name and c.status() != "zombie")
+
+
+async def test_a_chain_of_kept_values_on_one_slot_moves_no_bytes_out_of_it_until_get() -> None:
+    async with one_host_pool(1) as pool:
+        first = await pool.submit(fill(2.0), keep=True)
+        second = await pool.submit(stage(first, 3.0), keep=True)
+        third = await pool.submit(stage(second, 0.5), keep=True)
+        total = await pool.run(Task.kernel("sum", third, backend=Backend.CPU))
+        assert total.is_success(), total.error
+        assert total.value == pytest.approx(N * ((2.0 * 3.0 + 1.0) * 0.5 + 1.0))
+        report = await _telemetry_after(pool, lambda t: t.objects == 3)
+        assert report.object_bytes == 3 * N * 8  # counted against the host's cap, where they are
+        assert report.slot_object_bytes == 0  # not one kept byte left the slot process
+        ref = (await third).value
+        np.testing.assert_array_equal(await pool.get(ref), np.full(N, 4.5))  # asked of the slot
+        moved = await _telemetry_after(pool, lambda t: t.slot_object_bytes > 0)
+        assert moved.slot_object_bytes == N * 8  # that one value, once
+
+
+async def test_a_consumer_on_another_slot_of_the_host_gets_the_kept_value(tmp_path: Path) -> None:
+    async with one_host_pool(2) as pool:
+        gate_file = tmp_path / "open"
+        gate = await pool.submit(Task.kernel("test_gate", str(gate_file), 1, 60.0, backend=Backend.CPU))
+        made = await pool.submit(fill(7.0), keep=True)
+        assert (await made).is_success()
+        # released together when the gate opens: the maker's slot takes two, the other the rest
+        uses = [await pool.submit(stage(made, float(k), gate)) for k in range(4)]
+        gate_file.write_text("open")
+        results = [await u for u in uses]
+        for k, result in enumerate(results):
+            assert result.is_success(), result.error
+            np.testing.assert_array_equal(result.value, np.full(N, 7.0) * k + 1.0)
+        assert len({r.slot for r in results}) == 2
+        handed = await _telemetry_after(pool, lambda t: t.slot_object_bytes > 0)
+        assert handed.slot_object_bytes == N * 8  # handed over through the agent once
+
+
+async def test_killing_the_slot_process_holding_kept_values_reruns_their_producers() -> None:
+    async with one_host_pool(1) as pool:
+        finished: list[str] = []
+        pool.subscribe(lambda e: finished.append(e.result.name) if isinstance(e, pe.TaskFinished) else None)
+        first = await pool.submit(fill(3.0), keep=True)
+        second = await pool.submit(stage(first, 2.0), keep=True)
+        made = await second
+        assert made.is_success() and made.slot is not None
+        restarted = asyncio.Event()
+        pool.subscribe(lambda e: restarted.set() if isinstance(e, pe.SlotStateChanged) and e.state == "up" else None)
+        _slot_process(made.slot).kill()  # the agent lives on; the values in that process do not
+        await asyncio.wait_for(restarted.wait(), 30)
+        total = await asyncio.wait_for(pool.run(Task.kernel("sum", second, backend=Backend.CPU)), 120)
+        assert total.is_success(), total.error
+        assert total.value == pytest.approx(N * (3.0 * 2.0 + 1.0))  # identical to an undisturbed run
+        value = await asyncio.wait_for(pool.get((await second).value), 60)
+        np.testing.assert_array_equal(value, np.full(N, 7.0))
+        assert finished.count("test_fill") == 2 and finished.count("test_stage") == 2  # each made again once
+
+
+async def test_get_of_a_value_whose_slot_died_waits_for_it_to_be_made_again() -> None:
+    async with one_host_pool(1) as pool:
+        made = await (await pool.submit(fill(4.0), keep=True))
+        assert made.is_success() and made.slot is not None
+        _slot_process(made.slot).kill()
+        value = await asyncio.wait_for(pool.get(made.value), 60)  # fails over to lineage, never hangs
+        np.testing.assert_array_equal(value, np.full(N, 4.0))

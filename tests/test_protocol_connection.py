@@ -201,6 +201,7 @@ def test_direction_table_matches_the_messages_docstring() -> None:
         "Done",
         "StealBackReply",
         "SlotChanged",
+        "ObjectsLost",
         "Heartbeat",
         "Bye",
         "Error",

@@ -50,7 +50,7 @@ from typing import Any
 from batuta._version import __version__
 from batuta.agent.code import CodeLoader, cache_root, module_source_digest, stale_error
 from batuta.agent.execute import print_error
-from batuta.agent.objects import ObjectStore, default_cap, host_memory, parse_object_memory
+from batuta.agent.objects import ObjectStore, default_cap, host_memory, parse_object_memory, value_nbytes
 from batuta.agent.options import AgentOptions
 from batuta.agent.shm import SharedArena
 from batuta.agent.spawn import SlotProcess, preload_for_fork, spawn_mode
@@ -75,6 +75,7 @@ from batuta.protocol.messages import (
     Heartbeat,
     Hello,
     Message,
+    ObjectsLost,
     Put,
     Run,
     Shutdown,
@@ -110,6 +111,19 @@ def _outcome_size(outcome: TaskOutcome) -> int:
             item_bytes = getattr(item, "nbytes", None)
             size += item_bytes if isinstance(item_bytes, int) else 16
     return size
+
+
+_ABSENT = object()  # a fetch answered "not here"
+
+
+class _Pull:
+    """An object's bytes asked of the slot that holds them, and the Fetches waiting for them."""
+
+    __slots__ = ("requests", "slot")
+
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+        self.requests: list[int] = []
 
 
 class _DoneBatch:
@@ -186,8 +200,10 @@ class Agent:
             else default_cap(memory_total)
         )
         # what the coordinator put here (pool.put) and results kept here (keep=True)
-        self._objects = ObjectStore(cap, cache_root(), on_spill=self._spilled)
+        self._objects = ObjectStore(cap, cache_root(), on_spill=self._spilled, on_evict=self._evict)
         self._keep_as: dict[int, int] = {}  # task id -> the object id its result is kept as
+        self._pulls: dict[int, _Pull] = {}  # object id -> its bytes asked of the slot holding it
+        self._slot_object_bytes = 0  # kept bytes that crossed a slot's pipe to here (telemetry, tests)
         self._killed: list[SlotProcess] = []  # slot processes to reap at exit
 
     # -- SlotEvents ---------------------------------------------------------------------
@@ -212,23 +228,84 @@ class Agent:
         self._emit(state)
 
     def _kept(self, object_id: int, outcome: TaskOutcome) -> TaskOutcome:
-        """Keep the result here as `object_id`; the coordinator hears what it is, not its bytes."""
+        """The slot kept the result as `object_id` and sent what it is, not its bytes
+        (`(ObjectRef, nbytes, shape, dtype)`, passed on to the coordinator as it came)."""
         value = outcome.value
-        nbytes = self._objects.put(object_id, value)
-        shape = tuple(int(n) for n in getattr(value, "shape", ()))
-        dtype = str(getattr(getattr(value, "dtype", None), "str", "") or "")
-        return TaskOutcome(
-            task_id=outcome.task_id,
-            slot=outcome.slot,
-            attempt=outcome.attempt,
-            status=outcome.status,
-            value=(ObjectRef(object_id), nbytes, shape, dtype),
-            stdout=outcome.stdout,
-            stderr=outcome.stderr,
-            exit_code=outcome.exit_code,
-            error=outcome.error,
-            run_s=outcome.run_s,
-        )
+        if not (
+            type(value) is tuple
+            and len(value) == 4
+            and type(value[0]) is ObjectRef
+            and value[0].object_id == object_id
+            and type(value[1]) is int
+        ):
+            return TaskOutcome(
+                task_id=outcome.task_id,
+                slot=outcome.slot,
+                attempt=outcome.attempt,
+                status=Outcome.ERROR,
+                error=f"slot {outcome.slot} reported kept object {object_id} as {type(value).__name__}, "
+                "not (ref, nbytes, shape, dtype)",
+                run_s=outcome.run_s,
+            )
+        self._objects.keep_in_slot(object_id, outcome.slot, value[1])
+        return outcome
+
+    # -- objects kept in slot processes (SlotKeeper) -------------------------------------
+
+    def _pull(self, object_id: int, request_id: int = 0) -> None:
+        """Ask the slot holding `object_id` for its bytes (once, however many wait)."""
+        pull = self._pulls.get(object_id)
+        if pull is None:
+            slot_index = self._objects.slot_of(object_id)
+            slot = self._slots.get(slot_index) if slot_index is not None else None
+            pull = self._pulls[object_id] = _Pull(slot_index if slot_index is not None else -1)
+            if slot is None or not slot.fetch_object(object_id):
+                self._loop_call(self.object_arrived, pull.slot, object_id, None, False)
+        if request_id:
+            pull.requests.append(request_id)
+
+    def _loop_call(self, *args: Any) -> None:
+        assert self._loop is not None
+        self._loop.call_soon(*args)
+
+    def object_wanted(self, object_id: int) -> None:
+        """A task on another slot names it: fetch it here, then feed that slot."""
+        self._pull(object_id)
+
+    def _evict(self, object_id: int, slot: int) -> None:
+        """The store is past its cap: fetch the object from its slot, to spill it."""
+        self._pull(object_id)
+
+    def object_arrived(self, slot: int, object_id: int, value: Any, present: bool) -> None:
+        """A slot answered a fetch: the value now, or (not `present`) that it lacked it."""
+        pull = self._pulls.pop(object_id, None)
+        if present:
+            self._slot_object_bytes += self._objects.nbytes(object_id) or value_nbytes(value)
+            self._objects.settle(object_id, value)
+        elif self._objects.slot_of(object_id) == slot:  # it was not there: as good as lost
+            self._objects.lose((object_id,))
+            self._emit(ObjectsLost(object_ids=(object_id,), reason=f"slot {slot} no longer held it"))
+        for request_id in pull.requests if pull is not None else ():
+            self._answer_fetch(request_id, object_id, value if present else _ABSENT)
+        for supervisor in self._slots.values():  # tasks held for it are fed (or answered) now
+            supervisor.pump()
+
+    def process_lost(self, slot: int, reason: str) -> None:
+        """Slot `slot`'s process is going: the objects it alone held are lost. The
+        coordinator hears it before any outcome that follows, and makes them again."""
+        lost = self._objects.lose_slot(slot)
+        if lost:
+            self._emit(ObjectsLost(object_ids=lost, reason=reason))
+        for object_id in [i for i, pull in self._pulls.items() if pull.slot == slot]:
+            pull = self._pulls.pop(object_id)
+            for request_id in pull.requests:
+                self._answer_fetch(request_id, object_id, _ABSENT)
+        if lost:  # tasks elsewhere held for them are answered now (not left waiting)
+            self._loop_call(self._pump_all)
+
+    def _pump_all(self) -> None:
+        for supervisor in self._slots.values():
+            supervisor.pump()
 
     def _spilled(self, object_id: int) -> None:
         """An object went to disk: slot processes holding a copy drop it (the cap bounds them
@@ -237,22 +314,25 @@ class Agent:
             slot.drop_objects((object_id,))
 
     def _on_fetch(self, fetch: Fetch) -> None:
-        """Send an object back as the result of request `fetch.request_id` (see `Fetch`)."""
-        if fetch.object_id in self._objects:
-            outcome = TaskOutcome(
-                task_id=fetch.request_id,
-                slot=0,
-                attempt=1,
-                status=Outcome.OK,
-                value=self._objects[fetch.object_id],
-            )
+        """Send an object back as the result of request `fetch.request_id` (see `Fetch`);
+        one a slot holds is asked of that slot first."""
+        object_id = fetch.object_id
+        if self._objects.slot_of(object_id) is not None:
+            self._pull(object_id, fetch.request_id)
+            return
+        self._answer_fetch(fetch.request_id, object_id, self._objects.get(object_id, _ABSENT))
+
+    def _answer_fetch(self, request_id: int, object_id: int, value: Any) -> None:
+        if value is not _ABSENT:
+            outcome = TaskOutcome(task_id=request_id, slot=0, attempt=1, status=Outcome.OK, value=value)
         else:
             outcome = TaskOutcome(
-                task_id=fetch.request_id,
+                task_id=request_id,
                 slot=0,
                 attempt=1,
                 status=Outcome.ERROR,
-                error=f"object {fetch.object_id} is not on host {self._host_name} (dropped, or the agent restarted)",
+                error=f"object {object_id} is not on host {self._host_name} (dropped, lost with a slot's "
+                "process, or the agent restarted)",
             )
         self.task_finished(outcome)
 
@@ -445,17 +525,20 @@ class Agent:
                 if slot is None
                 else None
             )
+            status = Outcome.ERROR
             if slot is not None and request.code != digest:
                 problem = stale_error(request, self._code.current, f"host {self._host_name} has")
             elif slot is not None and isinstance(request.call, KernelCall) and request.call.args:
                 problem = self._missing_objects(request.call)
+                if problem is not None and any(self._objects.was_lost(r.object_id) for r in refs_in(request.call.args)):
+                    status = Outcome.CRASHED  # lost with a slot's process: it runs again once remade
             if slot is None or problem is not None:
                 self.task_finished(
                     TaskOutcome(
                         task_id=request.task_id,
                         slot=request.slot,
                         attempt=request.attempt,
-                        status=Outcome.ERROR,
+                        status=status,
                         error=problem,
                     )
                 )
@@ -523,6 +606,7 @@ class Agent:
                     objects=objects,
                     object_bytes=object_bytes,
                     spilled_bytes=spilled_bytes,
+                    slot_object_bytes=self._slot_object_bytes,
                 )
             )
             self._heartbeat_seq += 1
@@ -626,6 +710,7 @@ class Agent:
                 objects=self._objects,
                 code=self._code.current,
                 locate=self._arena.locate,
+                keeper=self,
             )
             self._slots[info.slot] = slot
             slot.start()

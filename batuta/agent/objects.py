@@ -8,9 +8,17 @@ least recently used values past that to its own folder under batuta's cache
 (`<cache>/objects/<pid>-<n>`): arrays as `.npy` files read back memory-mapped (a slot gets
 them without the agent ever holding them whole again), other values as one codec frame.
 The folder is removed when the store closes, and folders of agents that died without
-closing are removed by the next store on that host. A slot process that made a kept value
-keeps a copy for its own next tasks; when the value spills, the slots drop their copies
-too (`on_spill`), so that the cap bounds them as well.
+closing are removed by the next store on that host.
+
+A kept result stays in the slot process that made it (as Dask keeps a result in its
+worker): the store records only that object N lives in slot S and counts its bytes against
+the cap (`keep_in_slot`). Its bytes leave the slot only on demand, through the agent
+(`agent.py` asks the slot, the slot answers with a `Put`): a `Fetch`, a consumer on another
+slot of this host (the value then stays in the store as well, `settle`), or a spill, which
+asks the slot for it (`on_evict`) and writes it to disk once it is here. A slot process that
+dies loses the values it held (`lose_slot`): the coordinator makes them again from their
+lineage. Values that other slots were given are dropped from them when the value spills
+(`on_spill`), so that the cap bounds their copies as well.
 
 The cap defaults to `DEFAULT_FRACTION` of the host's RAM; `--object-memory` (bytes, or a
 percentage of RAM such as `25%`) or `BATUTA_OBJECT_MEMORY` set it.
@@ -92,21 +100,34 @@ class ObjectStore(Mapping[int, object]):
     """Objects by id; a Mapping, so a slot's supervisor reads it like the dict it was.
     Not thread-safe: the agent calls it from its event loop."""
 
-    def __init__(self, cap_bytes: int, root: Path, on_spill: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        cap_bytes: int,
+        root: Path,
+        on_spill: Callable[[int], None] | None = None,
+        on_evict: Callable[[int, int], None] | None = None,
+    ) -> None:
         self.cap_bytes = max(0, cap_bytes)
         self._root = root
         self._on_spill = on_spill  # told each object spilled: the slots drop their copies too
+        self._on_evict = on_evict  # (object, slot): fetch it from that slot, to spill it
         self._folder: Path | None = None
         self._memory: dict[int, Any] = {}  # in insertion/use order: the oldest spill first
         self._nbytes: dict[int, int] = {}  # every object, in memory or spilled
         self._spilled: dict[int, Path] = {}
-        self.memory_bytes = 0
+        self._in_slot: dict[int, int] = {}  # object -> the slot whose process alone holds it
+        self._evicting: set[int] = set()  # of those, asked for to be spilled
+        self._evicting_bytes = 0
+        self._lost: set[int] = set()  # lost with a slot's process (a task naming one waits for lineage)
+        self.memory_bytes = 0  # in this process or a slot's
         self.spilled_bytes = 0
 
     # -- Mapping --------------------------------------------------------------------------
 
     def __getitem__(self, object_id: int) -> object:
         value = self._memory.get(object_id, _MISSING)
+        if value is _IN_SLOT:
+            raise KeyError(object_id)  # its bytes are in a slot's process (`slot_of`)
         if value is not _MISSING:
             # used again: it is the last to spill (dict order is the LRU order)
             del self._memory[object_id]
@@ -138,10 +159,64 @@ class ObjectStore(Mapping[int, object]):
         self._spill_past_cap()
         return nbytes
 
+    def keep_in_slot(self, object_id: int, slot: int, nbytes: int) -> None:
+        """Object `object_id` (`nbytes`) lives in slot `slot`'s process, which made it."""
+        self.discard(object_id)
+        self._lost.discard(object_id)
+        self._memory[object_id] = _IN_SLOT
+        self._nbytes[object_id] = nbytes
+        self._in_slot[object_id] = slot
+        self.memory_bytes += nbytes
+        self._spill_past_cap()
+
+    def slot_of(self, object_id: int) -> int | None:
+        """The slot whose process alone holds the object, if one does."""
+        return self._in_slot.get(object_id)
+
+    @property
+    def in_slots(self) -> bool:
+        return bool(self._in_slot)
+
+    def settle(self, object_id: int, value: Any) -> None:
+        """A slot sent the bytes of an object it held: keep them here too (or spill them, if
+        that is why they were asked for). Ignored if the object was dropped meanwhile."""
+        if self._in_slot.pop(object_id, None) is None:
+            return
+        nbytes = self._nbytes[object_id]
+        if object_id in self._evicting:
+            self._evicting.discard(object_id)
+            self._evicting_bytes -= nbytes
+            del self._memory[object_id]
+            self.memory_bytes -= nbytes
+            self._spill_one(object_id, value, nbytes)
+            return
+        self._memory[object_id] = value
+        self._spill_past_cap()
+
+    def lose_slot(self, slot: int) -> tuple[int, ...]:
+        """Slot `slot`'s process is gone: forget the objects it alone held; returns them."""
+        return self.lose(tuple(i for i, s in self._in_slot.items() if s == slot))
+
+    def lose(self, object_ids: tuple[int, ...]) -> tuple[int, ...]:
+        """Forget objects whose only copy is gone, remembering that they were lost."""
+        for object_id in object_ids:
+            self.discard(object_id)
+        self._lost.update(object_ids)
+        return object_ids
+
+    def was_lost(self, object_id: int) -> bool:
+        """Whether the object was lost with a slot's process (and not made again since)."""
+        return object_id in self._lost
+
     def discard(self, object_id: int) -> None:
+        self._lost.discard(object_id)  # dropped or replaced: no longer "lost"
         nbytes = self._nbytes.pop(object_id, None)
         if nbytes is None:
             return
+        self._in_slot.pop(object_id, None)
+        if object_id in self._evicting:
+            self._evicting.discard(object_id)
+            self._evicting_bytes -= nbytes
         if self._memory.pop(object_id, _MISSING) is not _MISSING:
             self.memory_bytes -= nbytes
         path = self._spilled.pop(object_id, None)
@@ -162,7 +237,10 @@ class ObjectStore(Mapping[int, object]):
         self._memory.clear()
         self._nbytes.clear()
         self._spilled.clear()
-        self.memory_bytes = self.spilled_bytes = 0
+        self._in_slot.clear()
+        self._evicting.clear()
+        self._lost.clear()
+        self.memory_bytes = self.spilled_bytes = self._evicting_bytes = 0
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
@@ -170,20 +248,35 @@ class ObjectStore(Mapping[int, object]):
     # -- spilling -------------------------------------------------------------------------
 
     def _spill_past_cap(self) -> None:
-        while self.memory_bytes > self.cap_bytes and self._memory:
-            object_id = next(iter(self._memory))
-            value = self._memory.pop(object_id)
-            nbytes = self._nbytes[object_id]
-            self.memory_bytes -= nbytes
-            try:
-                self._spilled[object_id] = self._write(object_id, value)
-            except OSError:  # a full disk keeps it in memory, over the cap, rather than lose it
-                self._memory[object_id] = value
-                self.memory_bytes += nbytes
+        while self.memory_bytes - self._evicting_bytes > self.cap_bytes:
+            object_id = next((i for i in self._memory if i not in self._evicting), None)
+            if object_id is None:
                 return
-            self.spilled_bytes += nbytes
-            if self._on_spill is not None:
-                self._on_spill(object_id)
+            nbytes = self._nbytes[object_id]
+            value = self._memory[object_id]
+            if value is _IN_SLOT:  # its bytes are in a slot: ask for them, spill them when here
+                self._evicting.add(object_id)
+                self._evicting_bytes += nbytes
+                if self._on_evict is not None:
+                    self._on_evict(object_id, self._in_slot[object_id])
+                continue
+            del self._memory[object_id]
+            self.memory_bytes -= nbytes
+            if not self._spill_one(object_id, value, nbytes):
+                return
+
+    def _spill_one(self, object_id: int, value: Any, nbytes: int) -> bool:
+        """Write a value that just left memory to disk; False if the disk refused it."""
+        try:
+            self._spilled[object_id] = self._write(object_id, value)
+        except OSError:  # a full disk keeps it in memory, over the cap, rather than lose it
+            self._memory[object_id] = value
+            self.memory_bytes += nbytes
+            return False
+        self.spilled_bytes += nbytes
+        if self._on_spill is not None:
+            self._on_spill(object_id)
+        return True
 
     def _write(self, object_id: int, value: Any) -> Path:
         folder = self._spill_folder()
@@ -208,6 +301,7 @@ class ObjectStore(Mapping[int, object]):
 
 
 _MISSING = object()
+_IN_SLOT = object()  # in `_memory`: the bytes are in a slot's process (`_in_slot` says which)
 
 
 def _load(path: Path) -> object:

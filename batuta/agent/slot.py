@@ -7,10 +7,19 @@ message classes as the coordinator link (no pickle):
 
     agent -> slot:  Run(tasks)         queue these, run them in order
                     Cancel(task_ids)   drop these if not started yet (answered "cancelled")
+                    Put(id, value)     hold this object for tasks that name it
+                    Drop(ids)          forget these objects
+                    Fetch(id)          send object `id` back (answered Put, or Drop if not held)
                     Shutdown()         exit now (EOF on stdin does the same)
     slot -> agent:  SlotChanged(up)      sent once, when the loop is ready to take tasks;
                                        the agent infers the first task's start from it
                     Done((outcome,))   one frame per finished task, several per write
+                    Put / Drop         the answer to a Fetch
+
+A task sent with `keep` leaves its result here, in `_objects`: the slot's next tasks read it
+in place, and the outcome carries only `(ObjectRef, nbytes, shape, dtype)`, the descriptor
+the coordinator hears. The bytes cross the pipe only when the agent asks (`Fetch`): for a
+`pool.get`, a consumer on another slot, another host, or a spill (see `objects.py`).
 
 Tasks run one at a time on the main thread. Results are batched: after a task, the slot
 looks (without waiting) for more input; while tasks are waiting it keeps finished results
@@ -44,8 +53,11 @@ import signal
 import sys
 import time
 from collections import deque
+from dataclasses import replace
 from types import FrameType
 from typing import Any
+
+import numpy as np
 
 from batuta.agent.code import SlotCode, stale_error
 from batuta.agent.execute import (
@@ -55,14 +67,15 @@ from batuta.agent.execute import (
     run_binary,
 )
 from batuta.agent.shm import SharedReader
-from batuta.core.objects import refs_in, replace_refs
+from batuta.core.objects import ObjectRef, refs_in, replace_refs
 from batuta.core.task import KernelCall, Outcome
 from batuta.protocol.chunks import OutgoingStreams
-from batuta.protocol.codec import FrameDecoder, encode_message, encode_streamed_parts
+from batuta.protocol.codec import FrameDecoder, encode_message, encode_message_parts, encode_streamed_parts
 from batuta.protocol.messages import (
     Cancel,
     Done,
     Drop,
+    Fetch,
     Put,
     Run,
     Shutdown,
@@ -144,7 +157,7 @@ class SlotWorker:
         self._last_kernel = ""  # name and run time of the last task, for `_likely_quick`
         self._last_run_s = 0.0
         self._env = dict(os.environ)
-        self._objects: dict[int, object] = {}  # pool.put values the agent sent this slot
+        self._objects: dict[int, object] = {}  # values the agent sent this slot, and results kept here
 
     # -- input --------------------------------------------------------------------------
 
@@ -189,6 +202,8 @@ class SlotWorker:
             elif isinstance(message, Drop):
                 for object_id in message.object_ids:
                     self._objects.pop(object_id, None)
+            elif isinstance(message, Fetch):
+                self._send_object(message.object_id)
             elif isinstance(message, Shutdown):
                 self._eof = True
                 return
@@ -214,6 +229,17 @@ class SlotWorker:
         self._waiting = kept
 
     # -- output -------------------------------------------------------------------------
+
+    def _send_object(self, object_id: int) -> None:
+        """Answer the agent's Fetch: the value as a Put, or a Drop when this slot lacks it.
+        It goes behind the results already held (their streams were numbered first)."""
+        if object_id in self._objects:
+            self._results += encode_streamed_parts(
+                Put(object_id=object_id, value=self._objects[object_id]), self._streams
+            )
+        else:
+            self._results.append(encode_message(Drop(object_ids=(object_id,))))
+        self._flush()
 
     def _add_result(self, outcome: TaskOutcome) -> None:
         try:
@@ -307,8 +333,8 @@ class SlotWorker:
                     call = KernelCall(name=call.name, args=replace_refs(call.args, self._objects))
                 outcome = self._kernels.run(request, call)
                 self._last_kernel, self._last_run_s = call.name, outcome.run_s
-                if request.keep and outcome.status is Outcome.OK:  # this slot's next tasks read it here
-                    self._objects[request.keep] = outcome.value
+                if request.keep and outcome.status is Outcome.OK:  # it stays here; the agent hears what it is
+                    return self._keep(request.keep, outcome)
                 return outcome
             self._last_kernel = ""
             return run_binary(request, call, self._env)
@@ -320,6 +346,31 @@ class SlotWorker:
                 status=Outcome.ERROR,
                 error=f"slot {self._slot} failed to run the task: {describe_exception(exc)}",
             )
+
+    def _keep(self, object_id: int, outcome: TaskOutcome) -> TaskOutcome:
+        """Hold a kept result here; its outcome carries `(ObjectRef, nbytes, shape, dtype)`.
+        A value that could never be sent on (fetched, relayed, spilled) is an error now,
+        as it would have been when results always crossed the pipe."""
+        value = outcome.value
+        try:
+            if isinstance(value, np.ndarray):
+                if value.dtype.hasobject:
+                    raise ValueError(f"an array of dtype {value.dtype} cannot be sent")
+                nbytes = int(value.nbytes)
+            else:
+                parts = encode_message_parts(Put(object_id=object_id, value=value), max_frame_bytes=1 << 62)
+                nbytes = sum(memoryview(part).nbytes for part in parts)
+        except Exception as exc:
+            return replace(
+                outcome,
+                status=Outcome.ERROR,
+                value=None,
+                error=one_line(f"the task's result cannot be kept: {describe_exception(exc)}"),
+            )
+        self._objects[object_id] = value
+        shape = tuple(int(n) for n in getattr(value, "shape", ()))
+        dtype = str(getattr(getattr(value, "dtype", None), "str", "") or "")
+        return replace(outcome, value=(ObjectRef(object_id), nbytes, shape, dtype))
 
     def run(self) -> int:
         self._send([encode_message(SlotChanged(slot=self._slot, state="up"))])

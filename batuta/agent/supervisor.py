@@ -46,6 +46,14 @@ otherwise as soon as the fed tasks (sent for the old code, which that process ha
 Nothing new is fed to a process with other code, so no slot ever runs a task with code
 other than the one it names. The replacement is not a restart: no SlotChanged.
 
+Kept results. A task sent with `keep` leaves its result in the slot process (`slot.py`);
+the agent's store records where (`objects.py`). A task naming an object that lives in
+another slot's process is not fed until the agent has fetched it from there (`SlotKeeper`).
+Whenever a process goes (death, a kill at timeout or cancel, a code replacement), the agent
+hears it first (`process_lost`), before any outcome that follows, and reports the objects
+lost with it; a queued task naming a lost object is answered "crashed", so the coordinator
+runs it again once the object is made again (lineage).
+
 A slot that dies before it becomes ready, or while idle, has *failed to start*. Restarts
 back off (0, 0.05, 0.2, 0.5, 1 s); after `MAX_FAILED_STARTS` (6) failures in a row the slot
 is given up: `SlotChanged("down", reason)`. Down is final for this agent's lifetime, and it
@@ -64,11 +72,13 @@ import os
 import signal
 import subprocess
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, Protocol
 
 from batuta.agent.code import SlotCode, stale_error
 from batuta.agent.execute import describe_exit, print_error
+from batuta.agent.objects import ObjectStore
 from batuta.agent.spawn import SlotProcess, spawn_slot
 from batuta.core.objects import refs_in
 from batuta.core.task import KernelCall, Outcome
@@ -82,6 +92,7 @@ from batuta.protocol.messages import (
     Cancel,
     Done,
     Drop,
+    Fetch,
     Put,
     Run,
     SlotChanged,
@@ -112,6 +123,16 @@ class SlotEvents(Protocol):
     def slot_changed(self, state: SlotChanged) -> None: ...
 
 
+class SlotKeeper(Protocol):
+    """What a supervisor tells the agent about objects kept in slot processes."""
+
+    def object_wanted(self, object_id: int) -> None: ...
+
+    def object_arrived(self, slot: int, object_id: int, value: Any, present: bool) -> None: ...
+
+    def process_lost(self, slot: int, reason: str) -> None: ...
+
+
 def kill_group(pid: int) -> None:
     """SIGKILL the process group led by `pid` (a slot and every binary it started)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -135,14 +156,16 @@ class SlotSupervisor:
         events: SlotEvents,
         loop: asyncio.AbstractEventLoop,
         spawn_mode: str = "fork",
-        objects: Mapping[int, object] | None = None,
+        objects: ObjectStore | None = None,
         code: SlotCode | None = None,
         locate: Callable[[Any], bytes | None] | None = None,
+        keeper: SlotKeeper | None = None,
     ) -> None:
         self.info = info
         self._code = code if code is not None else SlotCode()  # what tasks must name, from now on
         self._proc_code = self._code  # what the current process was started with
-        self._objects: Mapping[int, object] = objects if objects is not None else {}  # the agent's store
+        self._objects = objects if objects is not None else ObjectStore(0, Path())  # the agent's store
+        self._keeper = keeper
         self._sent_objects: set[int] = set()  # ids the current slot process holds
         self.index = info.slot
         self._env = env
@@ -301,6 +324,7 @@ class SlotSupervisor:
         is fed to it (a running task finishes with the code it was sent for)."""
         if self._proc is None or self._closed or self.fed or self._proc_code.digest == self._code.digest:
             return  # nothing to replace (a pending restart spawns with the current code), or not yet
+        self._lost_process(f"slot {self.index} worker process was replaced to load new code")
         self._detach_process()
         self._spawn()
 
@@ -331,12 +355,18 @@ class SlotSupervisor:
         was_idle = not self.fed
         batch: list[TaskRequest] = []
         queue = self.queue
+        in_slots = self._objects.in_slots
         while queue and len(batch) < room:
-            request = queue.popleft()
-            if request.code == digest:
-                batch.append(request)
-            else:  # sent for code this host no longer has (requeued after a crash, say)
-                self._refuse_stale(request)
+            request = queue[0]
+            if request.code != digest:  # sent for code this host no longer has (requeued after a crash, say)
+                self._refuse_stale(queue.popleft())
+                continue
+            elsewhere = self._in_other_slot(request) if in_slots else None
+            if elsewhere is not None:  # fed once the agent has it (it pumps every slot then)
+                if self._keeper is not None:
+                    self._keeper.object_wanted(elsewhere)
+                break
+            batch.append(queue.popleft())
         if not batch:
             return
         puts = self._puts_for(batch)  # may answer (and remove) a task whose object is gone
@@ -351,6 +381,24 @@ class SlotSupervisor:
         writer.write_parts(puts + parts)
         if was_idle and self.fed and self._ready:
             self._start_head()
+
+    def _in_other_slot(self, request: TaskRequest) -> int | None:
+        """An object `request` names that lives in another slot's process, if any."""
+        call = request.call
+        if not isinstance(call, KernelCall) or not call.args:
+            return None
+        for ref in refs_in(call.args):
+            if ref.object_id not in self._sent_objects and self._objects.slot_of(ref.object_id) is not None:
+                return ref.object_id
+        return None
+
+    def fetch_object(self, object_id: int) -> bool:
+        """Ask the slot process for an object it holds (answered `object_arrived`); False
+        when there is no process to ask."""
+        if self._writer is None or object_id not in self._sent_objects:
+            return False
+        self._writer.write(encode_message(Fetch(object_id=object_id, request_id=0)))
+        return True
 
     def _puts_for(self, batch: list[TaskRequest]) -> list[Any]:
         """Frames that give the slot process the put objects `batch` names and it lacks: each
@@ -371,9 +419,11 @@ class SlotSupervisor:
                 if object_id not in self._objects:
                     batch.remove(request)
                     self._held.pop(request.task_id, None)
-                    self._events.task_finished(
-                        self._outcome(request, Outcome.ERROR, f"object {object_id} is not on this host", 0.0)
-                    )
+                    if self._objects.was_lost(object_id):  # the coordinator runs it again once remade
+                        status, error = Outcome.CRASHED, f"input object {object_id} was lost with a slot's process"
+                    else:
+                        status, error = Outcome.ERROR, f"object {object_id} is not on this host"
+                    self._events.task_finished(self._outcome(request, status, error, 0.0))
                     break
                 parts += encode_streamed_parts(Put(object_id=object_id, value=self._objects[object_id]), self._to_slot)
                 self._sent_objects.add(object_id)
@@ -444,6 +494,12 @@ class SlotSupervisor:
                         self._on_outcome(outcome)
                 elif isinstance(message, SlotChanged) and message.state == SLOT_UP:
                     self._on_ready()
+                elif isinstance(message, Put) and self._keeper is not None:  # a Fetch answered
+                    self._keeper.object_arrived(self.index, message.object_id, message.value, True)
+                elif isinstance(message, Drop) and self._keeper is not None:  # a Fetch it could not answer
+                    for object_id in message.object_ids:
+                        self._sent_objects.discard(object_id)
+                        self._keeper.object_arrived(self.index, object_id, None, False)
                 else:
                     raise ValueError(f"unexpected {type(message).__name__}")
         except Exception as exc:
@@ -566,6 +622,7 @@ class SlotSupervisor:
             status = Outcome.TIMEOUT
             error = f"timed out after {head.timeout:g} s; its processes were killed"
             reason = f"killed task {task_id} at its {head.timeout:g} s timeout"
+        self._lost_process(f"slot {self.index} worker process {reason}")  # before the outcome
         self._events.task_finished(self._outcome(head, status, error, run_s))
         self._detach_process()
         self._requeue_fed()
@@ -585,6 +642,7 @@ class SlotSupervisor:
         except subprocess.TimeoutExpired:
             how = "stopped responding"
         reason = f"slot {self.index} worker process (pid {proc.pid}) {how}"
+        self._lost_process(reason)  # the objects it held are reported before any outcome
         head_running = bool(self.fed) and self._head_started_at is not None
         if head_running:
             head = self.fed.popleft()
@@ -601,6 +659,12 @@ class SlotSupervisor:
             # Died before it was ready, or while idle: a failed start, which backs off.
             self._failed_starts += 1
         self._after_death(reason)
+
+    def _lost_process(self, reason: str) -> None:
+        """The current process goes: what it held goes with it; the agent hears first."""
+        self._sent_objects = set()
+        if self._keeper is not None:
+            self._keeper.process_lost(self.index, reason)
 
     def _after_death(self, reason: str) -> None:
         self._requeue_fed()

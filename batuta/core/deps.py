@@ -16,7 +16,8 @@ one is there it is *waiting* (`Place.WAITING`): in no queue, sent nowhere. The r
   not to the injector. A slot of another host steals it only from a deque longer than
   `locality_slack` (the bytes would wait longer than they take to move), and never by
   steal-back. With no slot up there, it goes to the injector: the runtime moves the bytes.
-* Lineage. A host lost with kept objects on it: each object's producer is run again
+* Lineage. A host lost with kept objects on it, or a slot process that held some
+  (`KeptObjectsLost`): each object's producer is run again
   (`RecomputeObject`: the runtime submits the recorded task again with the same
   `keep_as`), at most `max_attempts` times over the object's life, after which its readers
   fail. A requeued reader whose objects are missing waits again instead of running.
@@ -32,7 +33,15 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import TYPE_CHECKING
 
-from batuta.core.events import HostId, ObjectLost, ObjectReleased, RecomputeObject, SlotId, TaskSubmitted
+from batuta.core.events import (
+    HostId,
+    KeptObjectsLost,
+    ObjectLost,
+    ObjectReleased,
+    RecomputeObject,
+    SlotId,
+    TaskSubmitted,
+)
 from batuta.core.placement import Place, SlotRecord, SlotState, TaskEntry
 from batuta.core.task import TaskStatus
 
@@ -223,25 +232,32 @@ def on_resolved(s: Scheduler, entry: TaskEntry, status: TaskStatus, reason: str,
 def on_host_lost(s: Scheduler, host: HostId, reason: str) -> None:
     """Objects on `host` are gone: run their producers again, or fail their readers."""
     for record in list(s._deps.objects.values()):
-        if record.state is not ObjectState.READY or record.host != host:
-            continue
-        record.host = record.slot_id = None
-        if record.runs >= record.max_attempts:
-            why = (
-                f"input object {record.object_id} was lost with host {host} ({reason}) after its producer "
-                f"ran {record.runs} time(s) (max_attempts={record.max_attempts})"
-            )
-            _fail_object(s, record, why, TaskStatus.LOST)
-            continue
-        record.runs += 1
-        record.state = ObjectState.PENDING
-        s._out.append(
-            RecomputeObject(
-                object_id=record.object_id,
-                task_id=record.producer,
-                reason=f"lost with host {host}: {reason}",
-            )
+        if record.state is ObjectState.READY and record.host == host:
+            _remake(s, record, f"host {host}", reason)
+
+
+def on_kept_lost(s: Scheduler, ev: KeptObjectsLost) -> None:
+    """Objects that lived in a slot's process on a host that stays: as for a lost host."""
+    for object_id in ev.object_ids:
+        record = s._deps.objects.get(object_id)
+        if record is not None and record.state is ObjectState.READY and record.host == ev.host_id:
+            _remake(s, record, f"a slot process of host {ev.host_id}", ev.reason)
+
+
+def _remake(s: Scheduler, record: ObjectRecord, where: str, reason: str) -> None:
+    record.host = record.slot_id = None
+    if record.runs >= record.max_attempts:
+        why = (
+            f"input object {record.object_id} was lost with {where} ({reason}) after its producer "
+            f"ran {record.runs} time(s) (max_attempts={record.max_attempts})"
         )
+        _fail_object(s, record, why, TaskStatus.LOST)
+        return
+    record.runs += 1
+    record.state = ObjectState.PENDING
+    s._out.append(
+        RecomputeObject(object_id=record.object_id, task_id=record.producer, reason=f"lost with {where}: {reason}")
+    )
 
 
 def on_released(s: Scheduler, ev: ObjectReleased) -> None:

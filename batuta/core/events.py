@@ -161,6 +161,16 @@ class ObjectLost:
     reason: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeptObjectsLost:
+    """Kept objects on `host_id` are gone while the host stays (the slot process holding
+    them died): their producers run again (lineage), as for a lost host."""
+
+    host_id: HostId
+    object_ids: tuple[int, ...]
+    reason: str
+
+
 Event = (
     TaskSubmitted
     | SlotJoined
@@ -179,6 +189,7 @@ Event = (
     | RoundTripMeasured
     | ObjectReleased
     | ObjectLost
+    | KeptObjectsLost
 )
 
 

@@ -57,6 +57,7 @@ from batuta.core.events import (
     HostId,
     HostLost,
     Instruction,
+    KeptObjectsLost,
     ObjectLost,
     ObjectReleased,
     ResolveTask,
@@ -164,6 +165,7 @@ class Scheduler:
                 _handler(ShutdownRequested, self._on_shutdown),
                 _handler(ObjectReleased, partial(deps.on_released, self)),
                 _handler(ObjectLost, partial(deps.on_lost, self)),
+                _handler(KeptObjectsLost, partial(deps.on_kept_lost, self)),
             ]
         )
         self._shut_down = False

@@ -63,6 +63,7 @@ from batuta.protocol.messages import (
     Heartbeat,
     Hello,
     Message,
+    ObjectsLost,
     Put,
     Run,
     Shutdown,
@@ -98,6 +99,7 @@ TAGS: dict[type, int] = {
     Code: 16,
     CodeLoaded: 17,
     Fetch: 18,
+    ObjectsLost: 19,
 }
 """Message tags on the wire. Stable: changing one needs a new PROTOCOL_VERSION."""
 
@@ -357,6 +359,10 @@ def _enc_cancel(m: Cancel, oob: OobWriter) -> list[Any]:
     return [TAGS[Cancel], ids(m.task_ids, ".task_ids")]
 
 
+def _enc_objects_lost(m: ObjectsLost, oob: OobWriter) -> list[Any]:
+    return [TAGS[ObjectsLost], ids(m.object_ids, ".object_ids"), str_(m.reason, ".reason")]
+
+
 def _enc_slot_changed(m: SlotChanged, oob: OobWriter) -> list[Any]:
     return [
         TAGS[SlotChanged],
@@ -391,6 +397,7 @@ def _enc_heartbeat(m: Heartbeat, oob: OobWriter) -> list[Any]:
         uint(m.objects, ".objects"),
         uint(m.object_bytes, ".object_bytes"),
         uint(m.spilled_bytes, ".spilled_bytes"),
+        uint(m.slot_object_bytes, ".slot_object_bytes"),
     ]
 
 
@@ -421,6 +428,7 @@ _ENCODERS: dict[type, Callable[[Any, OobWriter], list[Any]]] = {
     Drop: _enc_drop,
     Fetch: _enc_fetch,
     SlotChanged: _enc_slot_changed,
+    ObjectsLost: _enc_objects_lost,
     Heartbeat: _enc_heartbeat,
     Shutdown: _enc_shutdown,
     Bye: _enc_bye,
@@ -607,6 +615,10 @@ def _dec_cancel(w: list[Any]) -> Cancel:
     return Cancel(task_ids=tuple(ids(w[1], ".task_ids")))
 
 
+def _dec_objects_lost(w: list[Any]) -> ObjectsLost:
+    return ObjectsLost(object_ids=tuple(ids(w[1], ".object_ids")), reason=str_(w[2], ".reason"))
+
+
 def _dec_slot_changed(w: list[Any]) -> SlotChanged:
     return SlotChanged(
         slot=uint(w[1], ".slot"),
@@ -629,8 +641,9 @@ def _dec_gpu_sample(w: Any) -> GpuSample:
 
 def _dec_heartbeat(w: list[Any]) -> Heartbeat:
     _, seq, cpu_percent, memory_used, memory_total, gpus, gpu_status, *objects = w
-    counts = [uint(x, f".{n}") for x, n in zip(objects, ("objects", "object_bytes", "spilled_bytes"), strict=False)]
-    counts += [0] * (3 - len(counts))
+    names = ("objects", "object_bytes", "spilled_bytes", "slot_object_bytes")
+    counts = [uint(x, f".{n}") for x, n in zip(objects, names, strict=False)]
+    counts += [0] * (4 - len(counts))
     return Heartbeat(
         seq=uint(seq, ".seq"),
         cpu_percent=float_(cpu_percent, ".cpu_percent", minimum=0.0),
@@ -641,6 +654,7 @@ def _dec_heartbeat(w: list[Any]) -> Heartbeat:
         objects=counts[0],
         object_bytes=counts[1],
         spilled_bytes=counts[2],
+        slot_object_bytes=counts[3],
     )
 
 
@@ -671,12 +685,13 @@ _DECODER_FNS: list[tuple[type, Callable[[list[Any]], Message]]] = [
     (Drop, _dec_drop),
     (Fetch, _dec_fetch),
     (SlotChanged, _dec_slot_changed),
+    (ObjectsLost, _dec_objects_lost),
     (Heartbeat, _dec_heartbeat),
     (Shutdown, _dec_shutdown),
     (Bye, _dec_bye),
     (Error, _dec_error),
 ]
-_OPTIONAL_TRAILING: dict[type, int] = {Hello: 1, Heartbeat: 3}
+_OPTIONAL_TRAILING: dict[type, int] = {Hello: 1, Heartbeat: 4}
 """Trailing fields an older agent leaves out: Hello.modules (protocol 4), Heartbeat's object
 counts. A Hello is read from
 any agent, so that the coordinator can tell one of another batuta version what to do."""

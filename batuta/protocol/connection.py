@@ -10,7 +10,7 @@ whatever `send()` returns.
       |  <-------------------- Welcome       |   AWAIT_WELCOME -> READY
       |  CodeLoaded, Started, Done,      ->  |   READY: AGENT_SENDS
       |  StealBackReply, SlotChanged,        |
-      |  Heartbeat, Bye                      |
+      |  ObjectsLost, Heartbeat, Bye         |
       |  <- Code, Run, StealBack, Cancel,   |   READY: COORDINATOR_SENDS
       |     Put, Drop, Fetch, Shutdown       |
       |  Error (either side, at any time) <->|
@@ -55,6 +55,7 @@ from batuta.protocol.messages import (
     Heartbeat,
     Hello,
     Message,
+    ObjectsLost,
     Put,
     Run,
     Shutdown,
@@ -118,7 +119,7 @@ class ConnectionState(enum.Enum):
 # -- the rules ---------------------------------------------------------------------------------
 
 AGENT_SENDS: Final[frozenset[type]] = frozenset(
-    {CodeLoaded, Started, Done, StealBackReply, SlotChanged, Heartbeat, Bye, Error}
+    {CodeLoaded, Started, Done, StealBackReply, SlotChanged, ObjectsLost, Heartbeat, Bye, Error}
 )
 COORDINATOR_SENDS: Final[frozenset[type]] = frozenset({Code, Run, StealBack, Cancel, Put, Drop, Fetch, Shutdown, Error})
 

@@ -3,7 +3,8 @@
 Small frozen dataclasses, validated by the codec when decoded. Direction is part of each
 message's meaning; `connection.py` holds the table of who may send what in which state.
 
-    agent -> coordinator: Hello, CodeLoaded, Started, Done, StealBackReply, SlotChanged, Heartbeat, Bye, Error
+    agent -> coordinator: Hello, CodeLoaded, Started, Done, StealBackReply, SlotChanged, ObjectsLost,
+                          Heartbeat, Bye, Error
     coordinator -> agent: Welcome, Code, Run, StealBack, Cancel, Put, Drop, Fetch, Shutdown, Error
 
 Every message is encoded as a msgpack array `[tag, field, field, ...]` (see `codec.py`), so
@@ -19,9 +20,9 @@ from typing import Any
 
 from batuta.core.task import BinaryCall, KernelCall, Outcome
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 """2: Put, Drop and object references; 3: Code, CodeLoaded, TaskRequest.code; 4: Hello.modules;
-5: streamed arrays and chunk frames (`chunks.py`)."""
+5: streamed arrays and chunk frames (`chunks.py`); 6: ObjectsLost (kept results live in slots)."""
 
 
 # -- handshake ------------------------------------------------------------------------------
@@ -226,6 +227,16 @@ class Fetch:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ObjectsLost:
+    """Kept results that lived in a slot's worker process are gone with it (it died, was
+    killed at a timeout or cancel, or was replaced for new code): the coordinator makes
+    them again from their lineage. Sent before any outcome that follows from the loss."""
+
+    object_ids: tuple[int, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Cancel:
     """Drop these tasks if queued, kill them if running; each is answered by a `cancelled` outcome."""
 
@@ -271,8 +282,9 @@ class Heartbeat:
     gpus: tuple[GpuSample, ...] = ()
     gpu_status: str = ""  # why there is no GPU data ("no NVIDIA driver"), empty when there is
     objects: int = 0  # objects in the agent's store (put and kept), in memory or spilled
-    object_bytes: int = 0  # their bytes, wherever they are
+    object_bytes: int = 0  # their bytes, wherever they are (a slot's process included)
     spilled_bytes: int = 0  # of which on local disk (past the store's memory cap)
+    slot_object_bytes: int = 0  # kept bytes that crossed a slot's pipe to the agent, in all
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -311,6 +323,7 @@ Message = (
     | Fetch
     | Cancel
     | SlotChanged
+    | ObjectsLost
     | Heartbeat
     | Shutdown
     | Bye

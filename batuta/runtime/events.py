@@ -109,6 +109,7 @@ class HostTelemetry:
     objects: int = 0  # in the host agent's object store (put and kept values)
     object_bytes: int = 0
     spilled_bytes: int = 0  # of those bytes, on the host's disk past its memory cap
+    slot_object_bytes: int = 0  # kept bytes that ever left the slot process that made them
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

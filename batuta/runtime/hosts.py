@@ -266,4 +266,5 @@ def telemetry_event(session: HostSession, hb: m.Heartbeat, now: float) -> pe.Hos
         objects=hb.objects,
         object_bytes=hb.object_bytes,
         spilled_bytes=hb.spilled_bytes,
+        slot_object_bytes=hb.slot_object_bytes,
     )

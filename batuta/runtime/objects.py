@@ -270,6 +270,12 @@ class ObjectTable:
                 missing.append(object_id)
         return puts, missing
 
+    def slot_lost(self, host: str, object_ids: Iterable[int]) -> None:
+        """`host` no longer holds these objects (the slot process holding them died)."""
+        held = self._held.get(host)
+        if held is not None:
+            held.difference_update(object_ids)
+
     def host_reset(self, host: str) -> None:
         """`host` has a fresh agent, holding nothing."""
         self._held.pop(host, None)

@@ -35,6 +35,7 @@ from batuta.protocol import (
     Heartbeat,
     Hello,
     Message,
+    ObjectsLost,
     Put,
     RemoteProtocolError,
     Run,
@@ -188,6 +189,8 @@ def sample_messages() -> list[Message]:
         Heartbeat(
             seq=1, cpu_percent=1.0, memory_used=1, memory_total=2, objects=3, object_bytes=1 << 34, spilled_bytes=5
         ),
+        Heartbeat(seq=2, cpu_percent=1.0, memory_used=1, memory_total=2, objects=1, slot_object_bytes=1 << 33),
+        ObjectsLost(object_ids=(7, 9), reason="slot 0 worker process (pid 12) killed by signal 9 (SIGKILL)"),
         Shutdown(reason="coordinator closing"),
         Shutdown(),
         Bye(reason="shutdown requested"),
