@@ -209,19 +209,6 @@ async def test_short_tasks_get_one_more_fed_behind_them(bench: Bench) -> None:
     assert [t.task_id for t in slot.queue] == [4]
 
 
-async def test_the_last_queued_task_is_never_fed_ahead_so_an_idle_slot_can_take_it(bench: Bench) -> None:
-    """The tail of a job: 2 runs, 3 waits behind it; 3 stays unfed, so steal-back returns it."""
-    slot, events = bench.slot, bench.events
-    slot.start()
-    bench.fake.ready()
-    enqueue(slot, 1, 2, 3)
-    await events.until(lambda: events.started == [1])
-    bench.fake.done(1, run_s=4e-3)  # short: depth 2 would feed 3 behind 2
-    await events.until(lambda: events.started == [1, 2])
-    assert [i for batch in bench.fake.fed_ids() for i in batch] == [1, 2]
-    assert slot.steal_back([3]) == ((3,), ())
-
-
 async def test_steal_back_returns_only_unfed_tasks(bench: Bench) -> None:
     slot, events = bench.slot, bench.events
     slot.start()
@@ -244,7 +231,7 @@ async def test_cancel_of_a_fed_task_goes_to_the_slot(bench: Bench) -> None:
     await events.until(lambda: events.started == [1])
     fake.done(1, run_s=1e-5)
     await events.until(lambda: events.outcome(1) is not None)
-    enqueue(slot, 2, 3, 4, 5)  # 3 and 4 are fed behind 2; 5, the last, stays queued
+    enqueue(slot, 2, 3, 4)
     await events.until(lambda: events.started == [1, 2])
     fake.received()
     slot.cancel([3, 4])
@@ -302,9 +289,7 @@ async def test_death_crashes_the_running_task_and_requeues_the_rest(bench: Bench
     assert crashed is not None and crashed.status == Outcome.CRASHED
     assert "slot 0" in (crashed.error or "")
     second = bench.fake
-    # re-fed to the new process, the last one kept back (stealable) as always
-    assert second is not first and second.fed_ids() == [[3]]
-    assert [t.task_id for t in slot.queue] == [4]
+    assert second is not first and second.fed_ids() == [[3, 4]]
     assert events.outcome(3) is None and events.outcome(4) is None
 
 

@@ -214,8 +214,8 @@ class SlotSupervisor:
         ahead = int(DEPTH_TARGET_S / mean)
         if mean < PREFETCH_BELOW_S:
             # One task waiting in the pipe hides the agent round trip between tasks (tens of
-            # microseconds on a busy host, paid per task) while more are queued behind it; the
-            # last queued task is never fed ahead (see `pump`), so the tail stays stealable.
+            # microseconds on a busy host, paid per task); that beats keeping it stealable
+            # while tasks are short, since at most that one task is committed at the end.
             ahead = max(ahead, 1)
         return 1 + min(MAX_DEPTH - 1, ahead)
 
@@ -346,10 +346,7 @@ class SlotSupervisor:
         if self._proc_code.digest != digest:  # other code in this process: never feed it new tasks
             self._replace_if_idle()
             return
-        # A task fed behind the running one is committed to this slot. The newest queued task
-        # stays unfed, stealable, so that at the end of a job an idle slot elsewhere can ask for
-        # it back instead of waiting for this one to finish the task ahead of it.
-        room = min(self.depth() - len(self.fed), max(0 if self.fed else 1, len(self.queue) - 1))
+        room = self.depth() - len(self.fed)
         if room <= 0:
             return
         was_idle = not self.fed
