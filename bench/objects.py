@@ -5,8 +5,10 @@ one worker process per host, the same hosts for both systems, one run:
 
 - put: one float32 array of `--gib` GiB, put once and used by one task on every host (`sum`
   of it, pinned to each host by a tag), from the put call to the last sum's result. Dask:
-  `client.scatter(array, broadcast=True)`, then one `submit(np.sum, future)` per worker,
-  pinned with `workers=`, from the scatter call to the last result.
+  `client.scatter(array, workers=[w], direct=True)` to each worker, then one
+  `submit(np.sum, future)` on each, from the first scatter call to the last result. Not
+  `scatter(broadcast=True)`: that replicates from worker to worker, and these hosts, like
+  batuta's, are reached by the coordinator but not by each other (the run hangs).
 - get: one task on the first host makes an array of `--gib` GiB (`saxpy` of the put array,
   `keep=True`: it stays there); `await pool.get(ref)` brings it back, timed alone. Dask: the
   same `submit` on one worker, then `client.gather(future)`, timed alone.
@@ -138,13 +140,14 @@ async def dask_run(hosts: TestHosts, array: np.ndarray, scheduler_host: str) -> 
             await cluster
             client = await Client(cluster, asynchronous=True)
             await client.wait_for_workers(len(hosts))
-            addresses = sorted(client.scheduler_info()["workers"])
+            addresses = sorted((await client.scheduler.identity())["workers"])
             start = time.perf_counter()
-            future = await client.scatter(np.asarray(array), broadcast=True)
-            sums = [client.submit(np.sum, future, workers=[a], pure=False) for a in addresses]
+            copies = [await client.scatter(array, workers=[a], direct=True, hash=False) for a in addresses]
+            pairs = zip(copies, addresses, strict=True)
+            sums = [client.submit(np.sum, copy, workers=[a], pure=False) for copy, a in pairs]
             await client.gather(sums)
             scatter_s = time.perf_counter() - start
-            made = client.submit(_make, future, workers=[addresses[0]], pure=False)
+            made = client.submit(_make, copies[0], workers=[addresses[0]], pure=False)
             await made  # computed there, not yet moved
             start = time.perf_counter()
             back = await client.gather(made)
