@@ -92,7 +92,8 @@ async def test_attach_detach_and_reattach_while_the_job_runs(runtime_dir: Path) 
         async with first.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: first.snapshots == 1 and first.model.totals.succeeded >= 500, "tasks on screen")
             await until(pilot, lambda: "spin" in screen_text(first), "the job in the jobs panel")
-            assert first.model.hosts and first.model.slots  # nodes and slots from the coordinator
+            # nodes and slots from the coordinator (slot views are polled twice a second)
+            await until(pilot, lambda: bool(first.model.hosts and first.model.slots), "nodes and slots")
             await pilot.press("x")  # detach
         await _forgotten(server)
 
