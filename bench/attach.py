@@ -47,18 +47,14 @@ from batuta.runtime.serve import CoordinatorServer
 from batuta.runtime.serve_client import Target
 from batuta.runtime.views import SlotView
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.tui_load import percentile  # noqa: E402
+
 SIZE = (160, 50)
 SAMPLE_EVERY = 10
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 # -- the coordinator with history (a child process) ----------------------------------------------

@@ -83,7 +83,6 @@ async def batuta_run(hosts: TestHosts, array: np.ndarray) -> dict[str, Any]:
 
     pool = build_pool(parse_cluster(cluster_text(hosts), source="bench/objects.py"))
     names = [h.name for h in hosts]
-    expected = float(np.sum(array[: 1 << 20], dtype=np.float64))  # a spot check, not the whole sum
     try:
         async with asyncio.timeout(RUN_TIMEOUT_S):
             await pool.start()
@@ -110,9 +109,6 @@ async def batuta_run(hosts: TestHosts, array: np.ndarray) -> dict[str, Any]:
         await pool.close()
     if not ok:
         raise RuntimeError("batuta fetched a wrong array")
-    spot = float(np.sum(array[: 1 << 20], dtype=np.float64))
-    if spot != expected:
-        raise RuntimeError("the source array changed under the run")
     nbytes = array.nbytes
     return {
         "put_gbps": nbytes * len(names) / put_s / 1e9,
