@@ -124,13 +124,15 @@ class KernelRunner:
                 self._code_errors.append(f"importing {module} failed: {error}")
         return code.modules
 
-    def run(self, request: TaskRequest, call: KernelCall) -> TaskOutcome:
+    def run(self, request: TaskRequest, call: KernelCall, *, device_results: bool = False) -> TaskOutcome:
+        """Run `call`; with `device_results` a GPU variant's array result stays a device array
+        (the slot keeps it on the card), else it comes back to host inside the timed run."""
         registry = self._load()
         started = time.perf_counter()
         if registry is None:
             return _outcome(request, Outcome.ERROR, error=self._registry_error, run_s=0.0)
         try:
-            value = registry.run(call.name, request.backend, call.args)
+            value = registry.run(call.name, request.backend, call.args, device_results=device_results)
         except registry.UnknownKernelError as exc:
             text = describe_exception(exc)
             if repr(call.name) not in text and call.name not in text:

@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from batuta.agent.code import SlotCode, stale_error
+from batuta.agent.device_values import DeviceValues, device_nbytes, is_device_array
 from batuta.agent.execute import (
     KernelRunner,
     describe_exception,
@@ -158,6 +159,7 @@ class SlotWorker:
         self._last_run_s = 0.0
         self._env = dict(os.environ)
         self._objects: dict[int, object] = {}  # values the agent sent this slot, and results kept here
+        self._device: DeviceValues | None = None  # their copies on this slot's GPU, made by its first GPU task
 
     # -- input --------------------------------------------------------------------------
 
@@ -198,10 +200,11 @@ class SlotWorker:
             elif isinstance(message, Cancel):
                 self._cancel(message.task_ids)
             elif isinstance(message, Put):
+                self._forget(message.object_id)
                 self._objects[message.object_id] = message.value
             elif isinstance(message, Drop):
                 for object_id in message.object_ids:
-                    self._objects.pop(object_id, None)
+                    self._forget(object_id)
             elif isinstance(message, Fetch):
                 self._send_object(message.object_id)
             elif isinstance(message, Shutdown):
@@ -232,14 +235,55 @@ class SlotWorker:
 
     def _send_object(self, object_id: int) -> None:
         """Answer the agent's Fetch: the value as a Put, or a Drop when this slot lacks it.
-        It goes behind the results already held (their streams were numbered first)."""
+        It goes behind the results already held (their streams were numbered first). A value
+        that lives only on this slot's GPU is copied back to host once, here."""
         if object_id in self._objects:
-            self._results += encode_streamed_parts(
-                Put(object_id=object_id, value=self._objects[object_id]), self._streams
-            )
+            value = self._device.for_host(object_id) if self._device is not None else self._objects[object_id]
+            self._results += encode_streamed_parts(Put(object_id=object_id, value=value), self._streams)
         else:
             self._results.append(encode_message(Drop(object_ids=(object_id,))))
         self._flush()
+
+    def _forget(self, object_id: int) -> None:
+        self._objects.pop(object_id, None)
+        if self._device is not None:
+            self._device.drop(object_id)
+
+    # -- the GPU's copies -----------------------------------------------------------------
+
+    def _gpu(self) -> DeviceValues:
+        """The device cache, made on the first GPU task (numba.cuda is imported then, and
+        only in GPU slots)."""
+        if self._device is None:
+            from batuta.agent import device_values
+            from batuta.kernels.cuda_support import cuda, simulated
+
+            numba_cuda = cuda()
+
+            def read_cap() -> int:
+                free = 0
+                if not simulated():
+                    free = int(numba_cuda.current_context().get_memory_info().free)
+                return device_values.default_cap(free, simulated())
+
+            self._device = DeviceValues(
+                self._objects,
+                upload=numba_cuda.to_device,
+                to_host=lambda device: device.copy_to_host(),
+                read_cap=read_cap,
+            )
+        return self._device
+
+    def _ref_values(self, refs: list[ObjectRef], backend: str) -> dict[int, object]:
+        """What each ref stands for in this task: device copies for a GPU task (uploaded once
+        and cached), host values for any other (a GPU-only value copied back once)."""
+        if backend == "gpu":
+            device = self._gpu()
+            return {ref.object_id: device.for_gpu(ref.object_id) for ref in refs}
+        if self._device is not None:
+            device = self._device
+            return {ref.object_id: device.for_host(ref.object_id) for ref in refs}
+        return self._objects
 
     def _add_result(self, outcome: TaskOutcome) -> None:
         try:
@@ -330,8 +374,11 @@ class SlotWorker:
                             status=Outcome.ERROR,
                             error=f"slot {self._slot} was not sent object(s) {', '.join(map(str, missing))}",
                         )
-                    call = KernelCall(name=call.name, args=replace_refs(call.args, self._objects))
-                outcome = self._kernels.run(request, call)
+                    values = self._ref_values(refs, request.backend)
+                    call = KernelCall(name=call.name, args=replace_refs(call.args, values))
+                # A kept GPU result stays on the card (see `_keep`); any other comes back to host.
+                on_device = bool(request.keep) and request.backend == "gpu"
+                outcome = self._kernels.run(request, call, device_results=on_device)
                 self._last_kernel, self._last_run_s = call.name, outcome.run_s
                 if request.keep and outcome.status is Outcome.OK:  # it stays here; the agent hears what it is
                     return self._keep(request.keep, outcome)
@@ -352,6 +399,23 @@ class SlotWorker:
         A value that could never be sent on (fetched, relayed, spilled) is an error now,
         as it would have been when results always crossed the pipe."""
         value = outcome.value
+        if is_device_array(value):  # a GPU result: it stays on this slot's GPU
+            try:
+                self._gpu().hold(object_id, value)
+            except Exception as exc:
+                return replace(
+                    outcome,
+                    status=Outcome.ERROR,
+                    value=None,
+                    error=one_line(f"the task's result cannot be kept on the GPU: {describe_exception(exc)}"),
+                )
+            shape = tuple(int(n) for n in value.shape)
+            descriptor = (ObjectRef(object_id), device_nbytes(value), shape, np.dtype(value.dtype).str)
+            return replace(outcome, value=descriptor)
+        if isinstance(value, (tuple, list)) and any(is_device_array(item) for item in value):
+            from batuta.kernels import registry
+
+            value = registry.to_host(value)  # only a whole array stays on the device
         try:
             if isinstance(value, np.ndarray):
                 if value.dtype.hasobject:

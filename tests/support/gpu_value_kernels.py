@@ -1,0 +1,85 @@
+"""Kernels that show where their arguments live, for the device-resident value tests.
+
+Loaded into agents with --kernel-module. Their GPU variants use numba.cuda directly (the
+simulator in CI, a real card on a GPU host) and never copy a device argument to the host,
+so a test can tell a cached device copy (same device pointer task after task) from a fresh
+upload (a new pointer), and a result kept on the device from one copied back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from batuta.kernels import kernel
+
+
+def _on_device(x: Any) -> bool:
+    return hasattr(x, "copy_to_host")  # numba's device arrays and the simulator's
+
+
+def _pointer(x: Any) -> int:
+    if hasattr(x, "__cuda_array_interface__"):
+        return int(x.__cuda_array_interface__["data"][0])
+    return int(x._ary.ctypes.data)  # the simulator's FakeCUDAArray holds a NumPy array
+
+
+@kernel("test_where", description="Where x lives: ('device', pointer) or ('host', pointer).")
+def test_where(x: Any) -> tuple[str, int]:
+    return ("host", int(x.ctypes.data))
+
+
+test_where.cpu(test_where.reference)
+
+
+@test_where.gpu
+def _where_gpu(x: Any) -> tuple[str, int]:
+    if _on_device(x):
+        return ("device", _pointer(x))
+    return ("host", int(x.ctypes.data))
+
+
+@kernel("test_scale", description="x * k, on the device when x is there (a device array out).")
+def test_scale(x: np.ndarray, k: float) -> np.ndarray:
+    return np.asarray(x) * k
+
+
+test_scale.cpu(test_scale.reference)
+
+cuda: Any = None  # numba.cuda, bound on first use (the simulator swaps it while a kernel runs)
+_SCALE: list[Any] = []
+
+
+def _scale_kernel(src: Any, factor: float, out: Any) -> None:
+    i = cuda.grid(1)
+    if i < out.size:
+        out[i] = src[i] * factor
+
+
+@test_scale.gpu
+def _scale_gpu(x: Any, k: float) -> Any:
+    global cuda
+    from numba import cuda as numba_cuda
+
+    if not _SCALE:
+        cuda = numba_cuda
+        _SCALE.append(numba_cuda.jit(_scale_kernel))
+    device = x if _on_device(x) else numba_cuda.to_device(np.ascontiguousarray(x))
+    out = numba_cuda.device_array(device.shape, dtype=device.dtype)
+    threads = 32
+    _SCALE[0][(out.size + threads - 1) // threads, threads](device, k, out)
+    return out
+
+
+@kernel("test_total", description="The sum of x (float), on host or device.")
+def test_total(x: Any) -> float:
+    return float(np.asarray(x).sum())
+
+
+test_total.cpu(test_total.reference)
+
+
+@test_total.gpu
+def _total_gpu(x: Any) -> float:
+    host = x.copy_to_host() if hasattr(x, "copy_to_host") else np.asarray(x)
+    return float(host.sum())

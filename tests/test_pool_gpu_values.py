@@ -1,0 +1,94 @@
+"""Device-resident values through a real pool: a local agent with one CPU slot and one fake
+GPU slot running numba's CUDA simulator (on a GPU host, `BATUTA_REAL_GPU=1` runs the same
+tests on the card). Put values are uploaded once and reused, kept GPU results stay on the
+device through a chain, CPU tasks and `pool.get` get them copied back, eviction loses nothing."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from batuta import ObjectRef, Pool, Task
+from batuta.core.task import Backend
+from batuta.runtime.builder import PoolConfig, local_host
+from tests.test_pool import REPO
+
+GPU_KERNELS = "tests.support.gpu_value_kernels"
+REAL_GPU = os.environ.get("BATUTA_REAL_GPU") == "1"
+N = 4096  # float64: 32 KiB
+
+
+def gpu_pool(**env: str) -> Pool:
+    environ = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **env}
+    if not REAL_GPU:
+        environ |= {"BATUTA_FAKE_GPUS": "1", "NUMBA_ENABLE_CUDASIM": "1"}
+    host = local_host(1, gpus="auto", kernel_modules=[GPU_KERNELS], env=environ)
+    return Pool([host], PoolConfig())
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[Pool]:
+    async with gpu_pool() as p:
+        yield p
+
+
+def on_gpu(name: str, *args: object) -> Task:
+    return Task.kernel(name, *args, backend=Backend.GPU)
+
+
+def on_cpu(name: str, *args: object) -> Task:
+    return Task.kernel(name, *args, backend=Backend.CPU)
+
+
+async def value(pool: Pool, task: Task, *, keep: bool = False) -> object:
+    result = await (await pool.submit(task, keep=keep))
+    assert result.is_success(), result.error
+    return result.value
+
+
+async def test_a_put_array_is_uploaded_once_and_every_gpu_task_gets_that_copy(pool: Pool) -> None:
+    x = np.arange(N, dtype=np.float64)
+    ref = pool.put(x)
+    places = [await value(pool, on_gpu("test_where", ref)) for _ in range(3)]
+    assert places[0][0] == "device" and places == [places[0]] * 3  # the same device pointer each time
+    assert await value(pool, on_gpu("test_total", ref)) == x.sum()
+    assert (await value(pool, on_cpu("test_where", ref)))[0] == "host"
+
+
+async def test_a_chain_of_kept_gpu_results_stays_on_the_device_until_get(pool: Pool) -> None:
+    x = np.linspace(0.0, 1.0, N)
+    ref = pool.put(x)
+    first = await value(pool, on_gpu("test_scale", ref, 2.0), keep=True)
+    assert isinstance(first, ObjectRef) and first.shape == (N,) and first.dtype == "<f8" and first.nbytes == N * 8
+    second = await value(pool, on_gpu("test_scale", first, 3.0), keep=True)
+    assert isinstance(second, ObjectRef)
+    where = await value(pool, on_gpu("test_where", second))
+    assert where[0] == "device" and where == await value(pool, on_gpu("test_where", second))
+    np.testing.assert_allclose(await pool.get(second), x * 6.0)
+    np.testing.assert_allclose(await pool.get(first), x * 2.0)
+    # not kept: the result comes back to the host as before
+    np.testing.assert_allclose(await value(pool, on_gpu("test_scale", second, 0.5)), x * 3.0)
+
+
+async def test_a_cpu_task_gets_a_device_resident_value_copied_back(pool: Pool) -> None:
+    x = np.arange(N, dtype=np.float64)
+    ref = pool.put(x)
+    kept = await value(pool, on_gpu("test_scale", ref, 4.0), keep=True)
+    assert await value(pool, on_cpu("test_total", kept)) == (x * 4.0).sum()
+    assert (await value(pool, on_cpu("test_where", kept)))[0] == "host"
+    assert (await value(pool, on_gpu("test_where", kept)))[0] == "device"  # still there too
+
+
+async def test_eviction_under_a_small_cap_loses_no_value() -> None:
+    async with gpu_pool(BATUTA_GPU_CACHE=str(2 * N * 8 + 100)) as pool:  # room for two arrays
+        xs = [np.full(N, float(i)) for i in range(4)]
+        refs = [pool.put(x) for x in xs]
+        kept = [await value(pool, on_gpu("test_scale", r, 10.0), keep=True) for r in refs]
+        for ref, x in zip(refs, xs, strict=True):  # every upload evicts older copies
+            assert await value(pool, on_gpu("test_total", ref)) == x.sum()
+        for ref, x in zip(kept, xs, strict=True):
+            np.testing.assert_array_equal(await pool.get(ref), x * 10.0)
+            assert await value(pool, on_gpu("test_total", ref)) == (x * 10.0).sum()
