@@ -25,6 +25,7 @@ from batuta.protocol import (
     CodeLoaded,
     Done,
     FrameDecoder,
+    GpuCache,
     Heartbeat,
     Hello,
     Put,
@@ -215,8 +216,29 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ),
     (
         "bad gpu sample",
-        raw_frame([TAGS[Heartbeat], 1, 1.0, 1, 1, [[0, "hot", None, None, None, None]], ""]),
+        raw_frame([TAGS[Heartbeat], 1, 1.0, 1, 1, [[0, "hot", None, None, None, None, 0, 0, 0]], ""]),
         "Heartbeat.gpus[0].utilization: expected a number",
+    ),
+    (
+        "gpu sample of protocol 6",
+        raw_frame([TAGS[Heartbeat], 1, 1.0, 1, 1, [[0, None, None, None, None, None]], ""]),
+        "Heartbeat.gpus[0]: GpuSample needs 9 fields, got 6",
+    ),
+    (
+        "negative cached bytes",
+        raw_frame([TAGS[Heartbeat], 1, 1.0, 1, 1, [[0, None, None, None, None, None, 1, -5, 0]], ""]),
+        "Heartbeat.gpus[0].cached_bytes: expected an int >= 0, got int -5",
+    ),
+    ("gpu cache short", raw_frame([TAGS[GpuCache], 0, 1, 2]), "GpuCache needs 4 fields, got 3"),
+    (
+        "gpu cache bytes not an int",
+        raw_frame([TAGS[GpuCache], 0, 1, 2.5, 0]),
+        "GpuCache.nbytes: expected an int >= 0, got float 2.5",
+    ),
+    (
+        "gpu cache negative cap",
+        raw_frame([TAGS[GpuCache], 0, 1, 2, -1]),
+        "GpuCache.cap: expected an int >= 0, got int -1",
     ),
     (
         "bad packages",

@@ -20,6 +20,7 @@ from batuta.protocol import (
     Done,
     Drop,
     Error,
+    GpuCache,
     Heartbeat,
     Hello,
     LocalProtocolError,
@@ -40,7 +41,7 @@ from batuta.protocol import (
     Welcome,
     encode_message,
 )
-from batuta.protocol.connection import AGENT_SENDS, COORDINATOR_SENDS, TRANSITIONS
+from batuta.protocol.connection import AGENT_SENDS, COORDINATOR_SENDS, SLOT_PIPE_ONLY, TRANSITIONS
 
 HELLO = Hello(
     protocol=PROTOCOL_VERSION,
@@ -218,6 +219,18 @@ def test_direction_table_matches_the_messages_docstring() -> None:
         "Error",
     }
     assert set(TRANSITIONS) == {(phase, role) for phase in Phase for role in Role}
+    assert {t.__name__ for t in SLOT_PIPE_ONLY} == {"GpuCache"}
+
+
+def test_a_slot_pipe_message_never_travels_between_agent_and_coordinator() -> None:
+    cache = GpuCache(slot=1, values=2, nbytes=3 << 20, cap=1 << 30)
+    agent, coordinator = handshake()
+    with pytest.raises(LocalProtocolError, match="GpuCache travels only from a slot to its agent"):
+        agent.send(cache)
+    coordinator.receive_data(encode_message(cache))  # an agent that ignores the rules
+    with pytest.raises(RemoteProtocolError, match="GpuCache travels only from a slot to its agent"):
+        coordinator.next_event()
+    assert coordinator.state is ConnectionState.ERROR
 
 
 AGENT_EXAMPLES: list[Message] = [

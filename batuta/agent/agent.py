@@ -55,7 +55,7 @@ from batuta.agent.options import AgentOptions
 from batuta.agent.shm import SharedArena
 from batuta.agent.spawn import SlotProcess, preload_for_fork, spawn_mode
 from batuta.agent.supervisor import SlotSupervisor
-from batuta.agent.telemetry import TelemetrySource, package_versions
+from batuta.agent.telemetry import TelemetrySource, package_versions, with_device_caches
 from batuta.agent.threads import BLAS_THREADS_ENV, budget_env, limit_loaded_blas, slot_share
 from batuta.core.objects import ObjectRef, refs_in
 from batuta.core.task import KernelCall, Outcome
@@ -601,7 +601,7 @@ class Agent:
                     cpu_percent=sample.cpu_percent,
                     memory_used=sample.memory_used,
                     memory_total=sample.memory_total,
-                    gpus=sample.gpus,
+                    gpus=with_device_caches(sample.gpus, self._slots.values()),
                     gpu_status=sample.gpu_status,
                     objects=objects,
                     object_bytes=object_bytes,

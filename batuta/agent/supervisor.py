@@ -54,6 +54,11 @@ hears it first (`process_lost`), before any outcome that follows, and reports th
 lost with it; a queued task naming a lost object is answered "crashed", so the coordinator
 runs it again once the object is made again (lineage).
 
+Device cache. A GPU slot keeps values on its card between tasks and says how many, their
+bytes and its cap in `GpuCache` whenever that changed; the supervisor keeps the latest
+(`gpu_cache`) for the agent's heartbeats, and forgets it whenever the process goes, since the
+card's memory goes with it.
+
 A slot that dies before it becomes ready, or while idle, has *failed to start*. Restarts
 back off (0, 0.05, 0.2, 0.5, 1 s); after `MAX_FAILED_STARTS` (6) failures in a row the slot
 is given up: `SlotChanged("down", reason)`. Down is final for this agent's lifetime, and it
@@ -93,6 +98,7 @@ from batuta.protocol.messages import (
     Done,
     Drop,
     Fetch,
+    GpuCache,
     Put,
     Run,
     SlotChanged,
@@ -167,6 +173,7 @@ class SlotSupervisor:
         self._objects = objects if objects is not None else ObjectStore(0, Path())  # the agent's store
         self._keeper = keeper
         self._sent_objects: set[int] = set()  # ids the current slot process holds
+        self.gpu_cache: GpuCache | None = None  # the current process's device cache, as last reported
         self.index = info.slot
         self._env = env
         self._kernel_modules = kernel_modules
@@ -282,6 +289,7 @@ class SlotSupervisor:
         """Kill the slot's processes for good (agent shutdown); no outcomes are sent.
         Returns the killed process, for the caller to reap."""
         self._closed = True
+        self.gpu_cache = None
         self._cancel_deadline()
         if self._restart_timer is not None:
             self._restart_timer.cancel()
@@ -497,6 +505,10 @@ class SlotSupervisor:
                     for object_id in message.object_ids:
                         self._sent_objects.discard(object_id)
                         self._keeper.object_arrived(self.index, object_id, None, False)
+                elif isinstance(message, GpuCache):  # its device cache changed (a GPU slot)
+                    if message.slot != self.index:
+                        raise ValueError(f"GpuCache names slot {message.slot}")
+                    self.gpu_cache = message
                 else:
                     raise ValueError(f"unexpected {type(message).__name__}")
         except Exception as exc:
@@ -660,6 +672,7 @@ class SlotSupervisor:
     def _lost_process(self, reason: str) -> None:
         """The current process goes: what it held goes with it; the agent hears first."""
         self._sent_objects = set()
+        self.gpu_cache = None  # its device memory is freed with it
         if self._keeper is not None:
             self._keeper.process_lost(self.index, reason)
 

@@ -13,14 +13,15 @@ one NVML field is unsupported never raises: the field becomes None and `gpu_stat
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from batuta.protocol.messages import GpuInfo, GpuSample
+from batuta.protocol.messages import GpuCache, GpuInfo, GpuSample, SlotInfo
 
 FAKE_GPUS_ENV = "BATUTA_FAKE_GPUS"
 
@@ -85,6 +86,44 @@ def open_telemetry(environ: dict[str, str] | None = None) -> TelemetrySource:
             raise ValueError(f"{FAKE_GPUS_ENV}={fake!r}: expected a GPU count >= 0")
         return FakeTelemetry(count)
     return SystemTelemetry()
+
+
+# -- GPU slots' device caches ---------------------------------------------------------------
+
+
+class CachingSlot(Protocol):
+    """A slot as `with_device_caches` reads it (the agent's `SlotSupervisor`)."""
+
+    @property
+    def info(self) -> SlotInfo: ...
+
+    @property
+    def gpu_cache(self) -> GpuCache | None: ...
+
+
+def with_device_caches(gpus: tuple[GpuSample, ...], slots: Iterable[CachingSlot]) -> tuple[GpuSample, ...]:
+    """`gpus` with each GPU's device cache: the latest GpuCache of every slot on that GPU
+    (`SlotInfo.gpu_index`), summed (values, bytes, cap). A GPU whose slots hold a cache but
+    which has no reading of its own (no NVML, the CUDA simulator) gets a sample carrying
+    only the cache, so its bytes are never hidden."""
+    totals: dict[int, tuple[int, int, int]] = {}
+    for slot in slots:
+        cache, index = slot.gpu_cache, slot.info.gpu_index
+        if cache is None or index is None:
+            continue
+        values, nbytes, cap = totals.get(index, (0, 0, 0))
+        totals[index] = (values + cache.values, nbytes + cache.nbytes, cap + cache.cap)
+    if not totals:
+        return gpus
+    samples = []
+    for sample in gpus:
+        total = totals.pop(sample.index, None)
+        if total is not None:
+            sample = dataclasses.replace(sample, cached_values=total[0], cached_bytes=total[1], cache_cap=total[2])
+        samples.append(sample)
+    for index, (values, nbytes, cap) in sorted(totals.items()):
+        samples.append(GpuSample(index=index, cached_values=values, cached_bytes=nbytes, cache_cap=cap))
+    return tuple(samples)
 
 
 # -- the real thing -------------------------------------------------------------------------

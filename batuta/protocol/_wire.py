@@ -58,6 +58,7 @@ from batuta.protocol.messages import (
     Drop,
     Error,
     Fetch,
+    GpuCache,
     GpuInfo,
     GpuSample,
     Heartbeat,
@@ -100,6 +101,7 @@ TAGS: dict[type, int] = {
     CodeLoaded: 17,
     Fetch: 18,
     ObjectsLost: 19,
+    GpuCache: 20,
 }
 """Message tags on the wire. Stable: changing one needs a new PROTOCOL_VERSION."""
 
@@ -382,6 +384,19 @@ def _enc_gpu_sample(g: Any) -> list[Any]:
         opt_uint(g.memory_total, ".memory_total"),
         opt_float(g.temperature, ".temperature"),
         opt_float(g.power, ".power", minimum=0.0),
+        uint(g.cached_values, ".cached_values"),
+        uint(g.cached_bytes, ".cached_bytes"),
+        uint(g.cache_cap, ".cache_cap"),
+    ]
+
+
+def _enc_gpu_cache(m: GpuCache, oob: OobWriter) -> list[Any]:
+    return [
+        TAGS[GpuCache],
+        uint(m.slot, ".slot"),
+        uint(m.values, ".values"),
+        uint(m.nbytes, ".nbytes"),
+        uint(m.cap, ".cap"),
     ]
 
 
@@ -429,6 +444,7 @@ _ENCODERS: dict[type, Callable[[Any, OobWriter], list[Any]]] = {
     Fetch: _enc_fetch,
     SlotChanged: _enc_slot_changed,
     ObjectsLost: _enc_objects_lost,
+    GpuCache: _enc_gpu_cache,
     Heartbeat: _enc_heartbeat,
     Shutdown: _enc_shutdown,
     Bye: _enc_bye,
@@ -628,7 +644,8 @@ def _dec_slot_changed(w: list[Any]) -> SlotChanged:
 
 
 def _dec_gpu_sample(w: Any) -> GpuSample:
-    index, utilization, memory_used, memory_total, temperature, power = check_len(w, 6, "GpuSample")
+    fields = check_len(w, 9, "GpuSample")
+    index, utilization, memory_used, memory_total, temperature, power, cached_values, cached_bytes, cache_cap = fields
     return GpuSample(
         index=uint(index, ".index"),
         utilization=opt_float(utilization, ".utilization", minimum=0.0),
@@ -636,6 +653,18 @@ def _dec_gpu_sample(w: Any) -> GpuSample:
         memory_total=opt_uint(memory_total, ".memory_total"),
         temperature=opt_float(temperature, ".temperature"),
         power=opt_float(power, ".power", minimum=0.0),
+        cached_values=uint(cached_values, ".cached_values"),
+        cached_bytes=uint(cached_bytes, ".cached_bytes"),
+        cache_cap=uint(cache_cap, ".cache_cap"),
+    )
+
+
+def _dec_gpu_cache(w: list[Any]) -> GpuCache:
+    return GpuCache(
+        slot=uint(w[1], ".slot"),
+        values=uint(w[2], ".values"),
+        nbytes=uint(w[3], ".nbytes"),
+        cap=uint(w[4], ".cap"),
     )
 
 
@@ -686,6 +715,7 @@ _DECODER_FNS: list[tuple[type, Callable[[list[Any]], Message]]] = [
     (Fetch, _dec_fetch),
     (SlotChanged, _dec_slot_changed),
     (ObjectsLost, _dec_objects_lost),
+    (GpuCache, _dec_gpu_cache),
     (Heartbeat, _dec_heartbeat),
     (Shutdown, _dec_shutdown),
     (Bye, _dec_bye),

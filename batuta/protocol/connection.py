@@ -52,6 +52,7 @@ from batuta.protocol.messages import (
     Drop,
     Error,
     Fetch,
+    GpuCache,
     Heartbeat,
     Hello,
     Message,
@@ -72,6 +73,7 @@ __all__ = [
     "COORDINATOR_SENDS",
     "ENDS_DIRECTION",
     "NEED_DATA",
+    "SLOT_PIPE_ONLY",
     "TRANSITIONS",
     "Connection",
     "ConnectionState",
@@ -133,6 +135,9 @@ TRANSITIONS: Final[dict[tuple[Phase, Role], dict[type, Phase]]] = {
 }
 """(phase, sender) -> {message type the sender may send: the phase after it}."""
 
+SLOT_PIPE_ONLY: Final[frozenset[type]] = frozenset({GpuCache})
+"""Messages a slot process sends its agent down the slot's pipe: never on this connection."""
+
 ENDS_DIRECTION: Final[frozenset[type]] = frozenset((Bye, Shutdown, Error))
 """After one of these, its sender may send nothing more."""
 
@@ -160,6 +165,8 @@ def _advance(phase: Phase, finished: dict[Role, str], sender: Role, kind: type) 
         raise _Refused(f"the {sender.value} sent {name} after its {finished[sender]}")
     senders = _SENDERS.get(kind)
     if senders is None:
+        if kind in SLOT_PIPE_ONLY:
+            raise _Refused(f"{name} travels only from a slot to its agent, never between agent and coordinator")
         raise _Refused(f"{name} is not a protocol message")
     if sender not in senders:
         (other,) = senders

@@ -6,6 +6,7 @@ message's meaning; `connection.py` holds the table of who may send what in which
     agent -> coordinator: Hello, CodeLoaded, Started, Done, StealBackReply, SlotChanged, ObjectsLost,
                           Heartbeat, Bye, Error
     coordinator -> agent: Welcome, Code, Run, StealBack, Cancel, Put, Drop, Fetch, Shutdown, Error
+    slot -> agent (a slot's pipe only, never on the coordinator's connection): GpuCache
 
 Every message is encoded as a msgpack array `[tag, field, field, ...]` (see `codec.py`), so
 fields are positional on the wire; their order here is the wire order.
@@ -20,9 +21,10 @@ from typing import Any
 
 from batuta.core.task import BinaryCall, KernelCall, Outcome
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 """2: Put, Drop and object references; 3: Code, CodeLoaded, TaskRequest.code; 4: Hello.modules;
-5: streamed arrays and chunk frames (`chunks.py`); 6: ObjectsLost (kept results live in slots)."""
+5: streamed arrays and chunk frames (`chunks.py`); 6: ObjectsLost (kept results live in slots);
+7: GpuSample's device cache fields (a protocol-6 coordinator could not read them)."""
 
 
 # -- handshake ------------------------------------------------------------------------------
@@ -269,6 +271,22 @@ class GpuSample:
     memory_total: int | None = None  # bytes
     temperature: float | None = None  # degrees Celsius
     power: float | None = None  # watts
+    cached_values: int = 0  # values resident in this GPU's device cache, over its slots (GpuCache)
+    cached_bytes: int = 0  # their bytes on the card
+    cache_cap: int = 0  # the cache's cap on this GPU, summed over its slots; 0: no device cache
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GpuCache:
+    """A GPU slot's device cache as it stands now (values uploaded once to the card and kept
+    there): how many values, their bytes, and the cache's cap in bytes. The slot sends it to
+    its agent whenever the cache changed, after a batch of results; it travels on the slot's
+    pipe only, and the agent sums it per GPU into the Heartbeat's `GpuSample`s."""
+
+    slot: int
+    values: int
+    nbytes: int
+    cap: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -324,6 +342,7 @@ Message = (
     | Cancel
     | SlotChanged
     | ObjectsLost
+    | GpuCache
     | Heartbeat
     | Shutdown
     | Bye

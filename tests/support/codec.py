@@ -30,6 +30,7 @@ from batuta.protocol import (
     Error,
     Fetch,
     FrameDecoder,
+    GpuCache,
     GpuInfo,
     GpuSample,
     Heartbeat,
@@ -183,6 +184,7 @@ def sample_messages() -> list[Message]:
                     index=0, utilization=98.0, memory_used=1 << 30, memory_total=80 << 30, temperature=61.0, power=412.5
                 ),
                 GpuSample(index=1),
+                GpuSample(index=2, memory_used=5 << 30, cached_values=3, cached_bytes=3 << 30, cache_cap=40 << 30),
             ),
         ),
         Heartbeat(seq=0, cpu_percent=0.0, memory_used=0, memory_total=0, gpu_status="no NVIDIA driver"),
@@ -190,6 +192,8 @@ def sample_messages() -> list[Message]:
             seq=1, cpu_percent=1.0, memory_used=1, memory_total=2, objects=3, object_bytes=1 << 34, spilled_bytes=5
         ),
         Heartbeat(seq=2, cpu_percent=1.0, memory_used=1, memory_total=2, objects=1, slot_object_bytes=1 << 33),
+        GpuCache(slot=1, values=12, nbytes=(3 << 30) + 17, cap=40 << 30),
+        GpuCache(slot=0, values=0, nbytes=0, cap=0),
         ObjectsLost(object_ids=(7, 9), reason="slot 0 worker process (pid 12) killed by signal 9 (SIGKILL)"),
         Shutdown(reason="coordinator closing"),
         Shutdown(),
