@@ -15,6 +15,10 @@ message classes as the coordinator link (no pickle):
                                        the agent infers the first task's start from it
                     Done((outcome,))   one frame per finished task, several per write
                     Put / Drop         the answer to a Fetch
+                    GpuCache(...)      a GPU slot's device cache, after a batch that changed it
+
+On a GPU slot, GPU tasks get device copies of the values their refs name, uploaded once and
+kept on the card (`device_values.py`), and a kept GPU result stays there as a device array.
 
 A task sent with `keep` leaves its result here, in `_objects`: the slot's next tasks read it
 in place, and the outcome carries only `(ObjectRef, nbytes, shape, dtype)`, the descriptor
@@ -77,6 +81,7 @@ from batuta.protocol.messages import (
     Done,
     Drop,
     Fetch,
+    GpuCache,
     Put,
     Run,
     Shutdown,
@@ -326,6 +331,12 @@ class SlotWorker:
                 views[0] = views[0][written:]
 
     def _flush(self) -> None:
+        device = self._device
+        if device is not None and device.changed:  # the agent reports it per GPU in heartbeats
+            device.changed = False
+            self._results.append(
+                encode_message(GpuCache(slot=self._slot, values=len(device), nbytes=device.nbytes, cap=device.cap))
+            )
         if self._results:
             parts, self._results = self._results, []
             self._result_count = 0
