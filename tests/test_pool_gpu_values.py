@@ -92,3 +92,47 @@ async def test_eviction_under_a_small_cap_loses_no_value() -> None:
         for ref, x in zip(kept, xs, strict=True):
             np.testing.assert_array_equal(await pool.get(ref), x * 10.0)
             assert await value(pool, on_gpu("test_total", ref)) == (x * 10.0).sum()
+
+
+# -- the seed's workloads with their data resident on the GPU slot -----------------------------
+
+
+async def test_kmeans_on_the_gpu_slot_keeps_its_data_there_and_matches_the_reference(pool: Pool) -> None:
+    from batuta.jobs import kmeans
+
+    result = await kmeans.run_kmeans(pool, n=3_000, d=4, k=5, iterations=3, backend=Backend.GPU)
+    assert len(result.bounds) == 1 and result.tasks == 3  # one chunk per GPU slot, put once
+    centroids, inertia = kmeans.reference_of(result)
+    np.testing.assert_allclose(result.centroids, centroids, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(result.inertia, inertia, rtol=1e-9)
+
+
+async def test_mlp_on_the_gpu_slot_matches_full_batch_training(pool: Pool) -> None:
+    from batuta.jobs import mlp
+
+    result = await mlp.run_mlp(pool, n=600, d=6, hidden=8, classes=3, steps=3, backend=Backend.GPU)
+    assert result.data is not None
+    x, y = result.data.rows(0, 600)
+    params, losses = mlp.mlp_reference(x, y, result.initial, 3, mlp.LR)
+    np.testing.assert_allclose(result.losses, losses, rtol=1e-9)
+    for got, want in zip(result.params, params, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+
+
+def test_run_backend_gpu_runs_kmeans_on_the_gpu_slot(tmp_path: object) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if not REAL_GPU:
+        env |= {"BATUTA_FAKE_GPUS": "1", "NUMBA_ENABLE_CUDASIM": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "batuta", "run", "kmeans", "--backend", "gpu", "--workers", "1", "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "within 1e-06 of the reference (GPU, data resident)" in done.stdout + done.stderr

@@ -261,6 +261,12 @@ def _add_pool_arguments(parser: argparse.ArgumentParser, *, cluster_help: str) -
     )
     parser.add_argument("--seed", type=int, metavar="N", help="seed for the scheduler's random choices")
     parser.add_argument(
+        "--backend",
+        choices=("cpu", "gpu", "auto", "scalar"),
+        help="the backend the built-in jobs run their kernels on (default: cpu); with gpu, the ML jobs put "
+        "their data on the GPU slots once and keep it there",
+    )
+    parser.add_argument(
         "--module",
         action="append",
         default=[],
@@ -273,6 +279,10 @@ def _add_pool_arguments(parser: argparse.ArgumentParser, *, cluster_help: str) -
 def _check_pool_arguments(args: argparse.Namespace) -> None:
     if args.cluster and args.workers:
         raise UsageError("--workers sizes the local pool; with --cluster set 'slots' per host in the cluster file")
+    if args.backend is not None:
+        from batuta.jobs import set_job_backend
+
+        set_job_backend(args.backend)
 
 
 # -- batuta tui --------------------------------------------------------------------------

@@ -197,6 +197,7 @@ def _child_argv(args: argparse.Namespace, name: str) -> list[str]:
         ("--cluster", args.cluster),
         ("--workers", args.workers),
         ("--seed", args.seed),
+        ("--backend", args.backend),
         ("--journal", args.journal),
         ("--metrics-port", args.metrics_port),
         ("--metrics-textfile", args.metrics_textfile),

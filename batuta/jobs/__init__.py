@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from batuta.jobs._load import Job, JobError, builtin_job_names, load_job
 
 if TYPE_CHECKING:
+    from batuta.jobs._data import job_backend, set_job_backend
     from batuta.jobs._progress import ProgressBar
     from batuta.jobs._run import (
         HostsUnreachableError,
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 # name -> the private module that defines it, imported on first use (see __getattr__)
 _LAZY = {
     "ProgressBar": "batuta.jobs._progress",
+    "job_backend": "batuta.jobs._data",
+    "set_job_backend": "batuta.jobs._data",
     "HostsUnreachableError": "batuta.jobs._run",
     "RunOutcome": "batuta.jobs._run",
     "drop_summarised": "batuta.jobs._run",
@@ -54,11 +57,13 @@ __all__ = [
     "RunTracker",
     "builtin_job_names",
     "drop_summarised",
+    "job_backend",
     "linger_metrics",
     "load_job",
     "make_pool",
     "run_job",
     "serve_job",
+    "set_job_backend",
     "start_metrics",
 ]
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from batuta.core.task import CAP_CPU
+from batuta.core.task import CAP_CPU, CAP_GPU, Backend
 from batuta.errors import UsageError
 from batuta.kernels import ml_data
 
@@ -34,9 +34,27 @@ Bounds = tuple[tuple[int, int], ...]
 """Chunks as (first row, row count), in row order."""
 
 
+_BACKEND: list[Backend] = [Backend.CPU]
+
+
+def job_backend() -> Backend:
+    """The backend the built-in jobs run their kernels on: `batuta run JOB --backend gpu` (or
+    `batuta tui --backend`) sets it for the process; CPU unless told."""
+    return _BACKEND[0]
+
+
+def set_job_backend(backend: Backend | str) -> None:
+    _BACKEND[0] = Backend(backend)
+
+
 def cpu_slot_count(pool: Pool) -> int:
     """CPU slots of `pool` that are up now (at least 1, so chunk counts stay positive)."""
     return max(1, sum(1 for s in pool.slots() if CAP_CPU in s.capabilities and s.state == "up"))
+
+
+def gpu_slot_count(pool: Pool) -> int:
+    """GPU slots of `pool` that are up now (at least 1)."""
+    return max(1, sum(1 for s in pool.slots() if CAP_GPU in s.capabilities and s.state == "up"))
 
 
 def chunk_bounds(n: int, chunks: int) -> Bounds:
@@ -54,9 +72,13 @@ def chunk_bounds(n: int, chunks: int) -> Bounds:
     return tuple(bounds)
 
 
-def resolve_chunks(pool: Pool, n: int, chunks: int | None) -> Bounds:
-    """The chunks of a job: `chunks` of them, or `TASKS_PER_SLOT` per CPU slot of `pool`."""
-    return chunk_bounds(n, chunks if chunks is not None else TASKS_PER_SLOT * cpu_slot_count(pool))
+def resolve_chunks(pool: Pool, n: int, chunks: int | None, backend: Backend = Backend.CPU) -> Bounds:
+    """The chunks of a job: `chunks` of them, or `TASKS_PER_SLOT` per CPU slot of `pool`; on
+    the GPU backend one per GPU slot (a GPU goes through a chunk in well under a round trip,
+    so more chunks only add round trips)."""
+    if chunks is None:
+        chunks = gpu_slot_count(pool) if backend is Backend.GPU else TASKS_PER_SLOT * cpu_slot_count(pool)
+    return chunk_bounds(n, chunks)
 
 
 def sub_seed(seed: int, stream: int) -> int:
