@@ -5,8 +5,12 @@ device through a chain, CPU tasks and `pool.get` get them copied back, eviction 
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,20 +123,27 @@ async def test_mlp_on_the_gpu_slot_matches_full_batch_training(pool: Pool) -> No
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
 
 
-def test_run_backend_gpu_runs_kmeans_on_the_gpu_slot(tmp_path: object) -> None:
-    import subprocess
-    import sys
+JOB = """
+from batuta.jobs import job_backend, kmeans
 
+
+async def main(pool):
+    result = await kmeans.run_kmeans(pool, n=2_000, d=4, k=4, iterations=2)
+    centroids, _ = kmeans.reference_of(result)
+    assert abs(result.centroids - centroids).max() < 1e-9
+    print("backend", job_backend().value, "chunks", len(result.bounds))
+"""
+
+
+def test_run_backend_gpu_is_the_backend_of_the_built_in_jobs(tmp_path: Path) -> None:
+    job = tmp_path / "small_kmeans.py"
+    job.write_text(JOB)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if not REAL_GPU:
         env |= {"BATUTA_FAKE_GPUS": "1", "NUMBA_ENABLE_CUDASIM": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "batuta", "run", "kmeans", "--backend", "gpu", "--workers", "1", "--quiet"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
+    argv = [sys.executable, "-m", "batuta", "run", str(job), "--backend", "gpu", "--workers", "1", "--json"]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "within 1e-06 of the reference (GPU, data resident)" in done.stdout + done.stderr
+    assert "backend gpu chunks 1" in done.stderr  # with --json the job's prints go to stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["ok"] and summary["succeeded"] == 2, summary
