@@ -137,3 +137,32 @@ def test_an_upload_that_fails_for_room_frees_the_cache_and_tries_once_more() -> 
     values.for_gpu(1)
     assert values.for_gpu(2) is not None and calls == [1, 2, 0]  # the retry came after clearing
     assert 2 in values and 1 not in values and isinstance(objects[3], np.ndarray)
+
+
+def test_a_prefetched_value_is_the_copy_the_task_gets_and_counts_once() -> None:
+    objects: dict[int, object] = {1: arr(1.0), 2: arr(2.0), 3: (1, 2)}
+    values = cache(objects, 10_000)
+    values.prefetch([1, 3, 9])  # a non-array and an unknown id are skipped
+    device = values.for_gpu(1)
+    assert is_device_array(device) and values.uploads == 1 and 1 in values
+    assert values.for_gpu(1) is device
+    values.prefetch([1])  # already there: nothing to do
+    assert values.uploads == 1
+
+
+def test_a_failed_prefetch_is_retried_in_the_task_and_a_dropped_one_is_forgotten() -> None:
+    objects: dict[int, object] = {1: arr(1.0), 2: arr(2.0)}
+    calls: list[float] = []
+
+    def upload(host: np.ndarray) -> FakeDevice:
+        calls.append(float(host[0]))
+        if len(calls) == 1:
+            raise RuntimeError("CUDA_ERROR_LAUNCH_FAILED")
+        return FakeDevice(host)
+
+    values = DeviceValues(objects, upload=upload, to_host=lambda d: d.copy_to_host(), read_cap=lambda: 10_000)
+    values.prefetch([1])
+    assert is_device_array(values.for_gpu(1)) and calls == [1.0, 1.0] and values.uploads == 1
+    values.prefetch([2])
+    values.drop(2)
+    assert 2 not in values and values.for_gpu(2) is not None and values.uploads == 2

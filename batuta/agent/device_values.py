@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -110,6 +111,8 @@ class DeviceValues:
         self._cap: int | None = None
         self._entries: OrderedDict[int, Any] = OrderedDict()  # id -> device array, least recent first
         self._sizes: dict[int, int] = {}
+        self._pending: dict[int, Future[Any]] = {}  # id -> an upload running in the background
+        self._uploader: ThreadPoolExecutor | None = None
         self.nbytes = 0
         self.uploads = 0  # host-to-device copies made (a test and a benchmark read them)
         self.copies_back = 0  # device-to-host copies made
@@ -136,6 +139,16 @@ class DeviceValues:
         if device is not None:
             self._entries.move_to_end(object_id)
             return device
+        pending = self._pending.pop(object_id, None)
+        if pending is not None:
+            try:
+                device = pending.result()
+            except Exception:  # it failed in the background: try again here, where errors are reported
+                device = None
+            if device is not None:
+                self.uploads += 1
+                self._add(object_id, device)
+                return device
         value = self._objects[object_id]
         if is_device_array(value):  # only the case if a caller bypassed `hold`: adopt it
             self._add(object_id, value)
@@ -172,8 +185,31 @@ class DeviceValues:
         self._objects[object_id] = device
         self._add(object_id, device)
 
+    def prefetch(self, object_ids: Iterable[int]) -> None:
+        """Start uploading these values, those not on the card yet, on a background thread: the
+        slot calls it for its next task while the current one runs, so the copies overlap the
+        kernel (GPU slots run with per-thread default streams, so the uploader's copies do not
+        wait for the main thread's kernels). `for_gpu` then waits for the copy, if need be."""
+        for object_id in object_ids:
+            if object_id in self._entries or object_id in self._pending:
+                continue
+            value = self._objects.get(object_id)
+            if not uploadable(value):
+                continue
+            assert isinstance(value, np.ndarray)
+            if value.nbytes > self.cap:
+                continue
+            self._make_room(value.nbytes + self._pending_bytes())
+            if self._uploader is None:
+                self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batuta-upload")
+            self._pending[object_id] = self._uploader.submit(self._upload, value)
+
+    def _pending_bytes(self) -> int:
+        return sum(value.nbytes for i in self._pending if isinstance(value := self._objects.get(i), np.ndarray))
+
     def drop(self, object_id: int) -> None:
         """Forget the device copy of `object_id` (the slot forgets the value itself)."""
+        self._pending.pop(object_id, None)  # an upload under way is left to finish and be freed
         if self._entries.pop(object_id, None) is not None:
             self.nbytes -= self._sizes.pop(object_id)
             self.changed = True

@@ -42,6 +42,9 @@ def _claim_stdio() -> tuple[int, int]:
     return frames_in, frames_out
 
 
+PER_THREAD_STREAM = "NUMBA_CUDA_PER_THREAD_DEFAULT_STREAM"
+
+
 def _visible(gpus: tuple[GpuInfo, ...], visible: str | None) -> tuple[GpuInfo, ...]:
     """The GPUs an unset-or-set `CUDA_VISIBLE_DEVICES` lets this agent use (NVML order)."""
     if visible is None:
@@ -87,7 +90,12 @@ def plan_gpu_slots(
         # A UUID pins the right device whatever order CUDA enumerates in; fake GPUs have no
         # real UUID, so they fall back to the index in PCI order (NVML's order).
         device = gpu.uuid if gpu.uuid.startswith("GPU-") else str(gpu.index)
-        plan.append((gpu, {"CUDA_VISIBLE_DEVICES": device, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}))
+        overrides = {"CUDA_VISIBLE_DEVICES": device, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+        # Each thread its own default stream: the slot's uploader thread copies the next task's
+        # values while the main thread's kernels run (agent/device_values.py), unless the user
+        # chose otherwise.
+        overrides.setdefault(PER_THREAD_STREAM, environ.get(PER_THREAD_STREAM, "1"))
+        plan.append((gpu, overrides))
     return tuple(plan)
 
 

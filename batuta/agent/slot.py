@@ -279,6 +279,15 @@ class SlotWorker:
             )
         return self._device
 
+    def _prefetch(self, request: TaskRequest) -> None:
+        """Start the uploads of the next GPU task's values, so they overlap the task about to run."""
+        call = request.call
+        if request.backend == "gpu" and isinstance(call, KernelCall) and request.code == self._code.digest:
+            refs = refs_in(call.args)
+            if refs:
+                assert self._device is not None
+                self._device.prefetch(ref.object_id for ref in refs if ref.object_id in self._objects)
+
     def _ref_values(self, refs: list[ObjectRef], backend: str) -> dict[int, object]:
         """What each ref stands for in this task: device copies for a GPU task (uploaded once
         and cached), host values for any other (a GPU-only value copied back once)."""
@@ -458,6 +467,8 @@ class SlotWorker:
             if self._results and not self._likely_quick(request):
                 # Held results must not wait behind a task that may run for long.
                 self._flush()
+            if self._device is not None and self._waiting:
+                self._prefetch(self._waiting[0])
             self._add_result(self._run_one(request))
             self._read(wait=False)  # new tasks, and Cancels for tasks we have not begun
             if self._should_flush():
