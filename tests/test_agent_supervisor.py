@@ -30,6 +30,7 @@ from batuta.protocol.messages import (
     SLOT_UP,
     Cancel,
     Done,
+    GpuCache,
     Message,
     Run,
     SlotChanged,
@@ -306,3 +307,20 @@ async def test_repeated_failed_starts_take_the_slot_down(bench: Bench) -> None:
     assert not slot.holds(1) and not slot.holds(2)
     enqueue(slot, 3)
     assert not slot.holds(3)
+
+
+async def test_a_gpu_cache_report_is_kept_until_its_process_goes(bench: Bench) -> None:
+    slot, events = bench.slot, bench.events
+    slot.start()
+    bench.fake.ready()
+    enqueue(slot, 1)
+    await events.until(lambda: events.started == [1])
+    assert slot.gpu_cache is None
+    cache = GpuCache(slot=0, values=2, nbytes=5 << 20, cap=1 << 30)
+    bench.fake.send(cache)  # before its result, on the same pipe: read first
+    bench.fake.done(1)
+    await events.until(lambda: events.outcome(1) is not None)
+    assert slot.gpu_cache == cache
+    bench.fake.send(GpuCache(slot=3, values=1, nbytes=1, cap=1))  # another slot's: the stream is corrupt
+    await events.until(lambda: [s.state for s in events.states] == [SLOT_RESTARTING])
+    assert slot.gpu_cache is None and len(bench.spawned) == 2  # its card memory went with the process

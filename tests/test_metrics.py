@@ -22,6 +22,8 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -29,7 +31,9 @@ from prometheus_client.samples import Sample
 
 from batuta import Backend, Pool, Task, TaskResult, TaskStatus
 from batuta.observers.metrics import DURATION_BUCKETS, MAX_BUSY_GAP_S, MAX_KERNEL_LABELS, MetricsExporter
+from batuta.protocol.messages import GpuInfo, GpuSample, Heartbeat
 from batuta.runtime import events as pe
+from batuta.runtime.hosts import telemetry_event
 from batuta.runtime.pool import PoolConfig, local_host
 
 REPO = Path(__file__).resolve().parents[1]
@@ -295,6 +299,37 @@ def test_busy_seconds_skip_unknowns_and_gaps_and_unknown_gauges_are_absent() -> 
     families = parse(exporter.render())
     assert families["batuta_gpu_utilization_ratio"] == [] and families["batuta_host_cpu_utilization_ratio"] == []
     assert value(families, "batuta_gpu_busy_seconds", "batuta_gpu_busy_seconds_total", gpu="0") == pytest.approx(2.8)
+
+
+def test_gpu_device_caches_are_gauges_from_the_heartbeat_on() -> None:
+    """An agent's heartbeat, through the runtime's telemetry event, into the cache gauges."""
+    hello = SimpleNamespace(gpus=(GpuInfo(index=0, name="H200"), GpuInfo(index=1, name="H200")))
+    session = cast(Any, SimpleNamespace(name="gpu-1", hello=hello))
+    beat = Heartbeat(
+        seq=1,
+        cpu_percent=10.0,
+        memory_used=1,
+        memory_total=2,
+        gpus=(
+            GpuSample(index=0, utilization=80.0, cached_values=3, cached_bytes=(5 << 30) + 7, cache_cap=100 << 30),
+            GpuSample(index=1),  # no GPU slot keeps anything there
+        ),
+    )
+    event = telemetry_event(session, beat, 1.0)
+    assert [(g.cached_values, g.cached_bytes, g.cache_cap) for g in event.gpus] == [
+        (3, (5 << 30) + 7, 100 << 30),
+        (0, 0, 0),
+    ]
+    exporter = MetricsExporter(idle_pool())
+    exporter.on_event(event)
+    families = parse(exporter.render())
+    assert value(families, "batuta_gpu_cached_bytes", host="gpu-1", gpu="0") == (5 << 30) + 7
+    assert value(families, "batuta_gpu_cached_values", host="gpu-1", gpu="0") == 3
+    assert value(families, "batuta_gpu_cached_bytes", host="gpu-1", gpu="1") == 0  # known: nothing kept
+    assert value(families, "batuta_gpu_cached_values", host="gpu-1", gpu="1") == 0
+    exporter.on_event(pe.HostDown(host="gpu-1", reason="gone", at=2.0))
+    families = parse(exporter.render())
+    assert families["batuta_gpu_cached_bytes"] == [] and families["batuta_gpu_cached_values"] == []
 
 
 def test_each_exporter_has_its_own_registry() -> None:

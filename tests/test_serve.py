@@ -143,6 +143,18 @@ def test_history_buckets_are_the_dashboards() -> None:
         ([w.FINISHED, 1, "noop", "weird", None, 0.1, 0.1, "h", "h/0", 1, "cpu", "", b"", 2.0], "unknown status"),
         ([99, 1], "unknown item kind 99"),
         ([w.QUEUED, 1, "noop"], "expected 8 fields, got 3"),
+        (
+            [w.TELEMETRY, "h", 1.0, 1, 2, [[0, "G", None, None, None, None, None]], "", 1.0, 0, 0, 0],
+            "events[0].gpus[0]: expected 10 fields, got 7",
+        ),
+        (
+            [w.TELEMETRY, "h", 1.0, 1, 2, [[0, "G", None, None, None, None, None, 1, -3, 0]], "", 1.0, 0, 0, 0],
+            "events[0].gpus[0].cached_bytes: expected an int >= 0, got -3",
+        ),
+        (
+            [w.TELEMETRY, "h", 1.0, 1, 2, [[0, "G", None, None, None, None, None, 1.5, 3, 0]], "", 1.0, 0, 0, 0],
+            "events[0].gpus[0].cached_values: expected int, got float",
+        ),
     ],
 )
 def test_malformed_items_are_refused_naming_the_field(wire: list[Any], named: str) -> None:
@@ -166,6 +178,32 @@ def test_data_plane_fields_reach_viewers() -> None:
         spilled_bytes=1 << 20,
     )
     assert w.decode_items([w.encode_item(queued), w.encode_item(beat)], "events") == [queued, beat]
+
+
+def test_gpu_device_caches_reach_viewers() -> None:
+    """The bytes a GPU's slots keep on the card, for the nodes panel's GPU rows."""
+    cached = pe.GpuReading(
+        index=1,
+        name="H200",
+        utilization=90.0,
+        memory_used=40 << 30,
+        memory_total=141 << 30,
+        temperature=60.0,
+        power=500.0,
+        cached_values=3,
+        cached_bytes=(12 << 30) + 5,
+        cache_cap=100 << 30,
+    )
+    unread = pe.GpuReading(
+        index=2, name="H200", utilization=None, memory_used=None, memory_total=None, temperature=None, power=None
+    )
+    beat = pe.HostTelemetry(
+        host="h", cpu_percent=5.0, memory_used=1, memory_total=2, gpus=(cached, unread), gpu_status="", at=1.0
+    )
+    reader = w.FrameReader(w.COORDINATOR_FRAME_LIMIT)
+    reader.feed(w.frame(["events", [w.encode_item(beat)]]))  # as the coordinator sends it
+    message = reader.next()
+    assert message is not None and w.decode_items(message[1], "events") == [beat]
 
 
 def test_frames_refuse_oversized_and_non_message_payloads() -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from batuta.tui import format as fmt
 from batuta.tui import render, render_nodes
 from batuta.tui.alerts import GPU_HOT_C, IMBALANCE_DEPTH, IMBALANCE_HOLD_S
 from batuta.tui.histogram import LogHistogram, bucket_of
@@ -18,6 +19,8 @@ from batuta.tui.logbridge import LogBridge
 from batuta.tui.model import HISTORY_S, DashboardModel
 from batuta.tui.render import Palette
 from batuta.tui.replay import SyntheticCluster, replay
+from rich.style import Style
+from rich.text import Text
 
 from batuta import Backend, TaskResult, TaskStatus
 from batuta.runtime import events as pe
@@ -98,6 +101,11 @@ def gpu(index: int = 0, **changes: object) -> pe.GpuReading:
     }
     fields.update(changes)
     return pe.GpuReading(**fields)  # type: ignore[arg-type]
+
+
+def style_at(line: Text, offset: int) -> Style | str:
+    """The style of the span that covers character `offset` of `line`."""
+    return next(span.style for span in reversed(line.spans) if span.start <= offset < span.end)
 
 
 # -- counting ---------------------------------------------------------------------------------
@@ -243,6 +251,46 @@ def test_unknown_gpu_fields_show_as_unknown_without_hiding_the_rest() -> None:
     gpu_line = lines[1]
     assert "? W" in gpu_line and "? °C" in gpu_line
     assert "50%" in gpu_line and "40.0/80.0 GiB" in gpu_line
+
+
+def test_a_gpus_device_cache_shows_next_to_its_memory_dim_when_empty() -> None:
+    model = DashboardModel(clock=Clock(101.0))
+    model.apply(host_up())
+    cached = gpu(0, cached_values=2, cached_bytes=int(1.2 * 2**30), cache_cap=40 * 2**30)
+    model.apply(telemetry("h1", 100.5, gpus=(cached, gpu(1))))
+    row = model.hosts["h1"].gpus[0]
+    assert (row.cached_values, row.cached_bytes, row.cache_cap) == (2, int(1.2 * 2**30), 40 * 2**30)
+    styled = Palette(**{name: Style(color=f"color({i})") for i, name in enumerate(Palette.names())})
+    for width in (108, 118, 160):
+        first, second = render_nodes.node_lines(model, 101.0, styled, width)[1:3]
+        assert "40.0/80.0 GiB  cache  1.2G   60 °C   300 W" in first.plain
+        assert "40.0/80.0 GiB  cache     0   60 °C" in second.plain
+        assert len(first.plain) <= width  # the utilization history makes room for it
+        assert style_at(first, first.plain.index("1.2G")) == styled.text
+        assert style_at(second, second.plain.index("0   60 °C")) == styled.dim
+    narrow = render_nodes.node_lines(model, 101.0, PLAIN, 107)[1].plain
+    assert "cache" not in narrow and narrow.endswith("300 W")  # too narrow for every field: the cache goes first
+
+
+def test_a_compact_host_line_sums_its_gpus_caches_where_there_is_room() -> None:
+    model = DashboardModel(clock=Clock(101.0))
+    model.apply(host_up())
+    caches = (gpu(0, cached_bytes=3 * 2**30), gpu(1, cached_bytes=2**29), gpu(2))
+    model.apply(telemetry("h1", 100.5, gpus=caches))
+    wide = render_nodes.NodeRows(model, 101.0, PLAIN, 158, compact=True)[0].plain
+    assert wide.endswith("GPU ▄▄▄  50%  cache 3.5G"), wide
+    narrow = render_nodes.NodeRows(model, 101.0, PLAIN, 118, compact=True)[0].plain
+    assert "GPU ▄▄▄  50%" in narrow and "cache" not in narrow  # every GPU's cell before the cache
+    assert render_nodes.nodes_summary(model, PLAIN).plain.endswith(" · cache 3.5G")
+
+
+@pytest.mark.parametrize(
+    ("nbytes", "shown"),
+    [(0, "0"), (512, "512B"), (1023, "1023B"), (1024, "1.0K"), (10 * 2**20, "10M"), (1023 * 2**20, "1.0G"),
+     (int(1.25 * 2**30), "1.2G"), (80 * 2**30, "80G"), (5 * 2**40, "5.0T")],
+)  # fmt: skip
+def test_sizes_take_at_most_five_characters(nbytes: int, shown: str) -> None:
+    assert fmt.size(nbytes) == shown
 
 
 def test_a_host_without_gpus_says_so() -> None:

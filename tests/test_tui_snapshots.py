@@ -91,6 +91,9 @@ def small_cluster_model() -> DashboardModel:
         memory_total=80 * 2**30,
         temperature=64.0,
         power=None,
+        cached_values=6,
+        cached_bytes=12 * 2**30,
+        cache_cap=40 * 2**30,
     )
     for second in range(10):
         at = T0 + second
@@ -152,7 +155,7 @@ async def test_main_screen(size: tuple[int, int]) -> None:
 
 async def test_small_cluster_with_a_lost_host_and_no_gpu() -> None:
     text = await draw(small_cluster_model(), (120, 40))
-    assert "no GPU  no NVIDIA driver" in text and "? W" in text and "○ lost" in text
+    assert "no GPU  no NVIDIA driver" in text and "? W" in text and "○ lost" in text and "cache   12G" in text
     check("small_cluster_120x40", text)
 
 

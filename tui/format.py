@@ -69,6 +69,22 @@ def rate(per_second: float) -> str:
     return f"{per_second:,.0f}/s"
 
 
+def size(value: int) -> str:
+    """Bytes in at most five characters, binary units: '0', '512B', '12K', '1.2G', '80G'."""
+    if value <= 0:
+        return "0"
+    if value < 1024:
+        return f"{value}B"
+    scaled = value / 1024
+    for unit in "KMGT":
+        if scaled < 9.95:
+            return f"{scaled:.1f}{unit}"
+        if scaled < 999.5:
+            return f"{scaled:.0f}{unit}"
+        scaled /= 1024
+    return f"{scaled:.0f}P"
+
+
 def gib(value: int | None) -> str:
     return "?" if value is None else f"{value / 2**30:.1f}"
 

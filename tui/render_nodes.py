@@ -105,6 +105,10 @@ class NodeRows:
 
 
 _NO_GPU = GpuRow(index=-1, name="no GPU")
+_GPU_LINE_FIXED = 82  # a GPU line's cells besides its utilization history and its cache
+_GPU_LINE_MARGIN = 3  # cells left free at its end
+_CACHE_CELL = 13  # "  cache " and the bytes, right-aligned in 5
+_HISTORY_MIN, _HISTORY_MAX = 10, 60  # seconds of utilization history shown (one cell each)
 _CELLS_AT = sum(c.width + 1 for c in NODE_COLUMNS)  # where a compact host line's GPU cells start
 _TROUBLE_STATES = frozenset({"suspected", "lost", "retired", "starting", "restarting"})
 
@@ -117,13 +121,18 @@ def _gpu_trouble(gpu: GpuRow) -> bool:
 
 def _gpu_cells(host: HostRow, p: Palette, room: int) -> Text:
     """A compact host line's GPUs: one cell each, its height the utilization (`·` unread),
-    drawn as a problem when the card is hot or its memory nearly full; then their mean."""
+    drawn as a problem when the card is hot or its memory nearly full; then their mean, and
+    the bytes their device caches hold where the line has room for it besides every cell."""
     gpus = sorted(host.gpus.values(), key=lambda g: g.index)
     out = Text("  GPU ", p.dim, no_wrap=True)
     room = max(room, 16)
     readings = [g.utilization for g in gpus if g.utilization is not None]
     mean = f" {sum(readings) / len(readings):3.0f}%" if readings else "   ?%"
-    cells = max(1, room - out.cell_len - len(mean))
+    cached = sum(g.cached_bytes for g in gpus)
+    cache = f"  cache {fmt.size(cached)}"
+    if room - out.cell_len - len(mean) - len(cache) < len(gpus):
+        cache = ""  # the cells come first
+    cells = max(1, room - out.cell_len - len(mean) - len(cache))
     shown = gpus if len(gpus) <= cells else gpus[: max(0, cells - 3)]
     for gpu in shown:
         if gpu.utilization is None:
@@ -134,6 +143,8 @@ def _gpu_cells(host: HostRow, p: Palette, room: int) -> Text:
     if len(shown) < len(gpus):
         out.append(f"+{len(gpus) - len(shown)}", p.dim)
     out.append(mean, p.text if readings else p.dim)
+    if cache:
+        out.append(cache, p.text if cached else p.dim)
     return out
 
 
@@ -161,6 +172,8 @@ def nodes_summary(model: DashboardModel, p: Palette) -> Text:
             out.append(f" · {idle} idle", p.text)
         trouble = sum(1 for g in gpus if _gpu_trouble(g))
         out.append(f" · {trouble} hot or full", p.bad if trouble else p.text)
+        cached = sum(g.cached_bytes for g in gpus)
+        out.append(f" · cache {fmt.size(cached)}", p.text if cached else p.dim)
     return out
 
 
@@ -212,7 +225,11 @@ def _gpu_line(gpu: GpuRow, now: float, p: Palette, width: int) -> Text:
     out.append(fit(f"GPU {gpu.index}", 6), p.label)
     out.append(fit(gpu.name, 16), p.dim)
     out.append(" util ", p.dim)
-    history_width = max(10, min(60, width - 95))
+    # The cache's cell where the line has room for it besides the shortest history; the
+    # history takes what is left.
+    cache = width >= _GPU_LINE_FIXED + _GPU_LINE_MARGIN + _CACHE_CELL + _HISTORY_MIN
+    room = width - _GPU_LINE_FIXED - _GPU_LINE_MARGIN - (_CACHE_CELL if cache else 0)
+    history_width = max(_HISTORY_MIN, min(_HISTORY_MAX, room))
     out.append_text(spark(gpu.utilization_history(now), history_width, 100.0, p.spark, p.dim))
     out.append(fit(fmt.percent(gpu.utilization), 5, right=True), p.dim if gpu.utilization is None else p.text)
     out.append("   mem ", p.dim)
@@ -221,6 +238,9 @@ def _gpu_line(gpu: GpuRow, now: float, p: Palette, width: int) -> Text:
     out.append_text(hbar(fraction, 6, p.bad if full else p.bar, p.bar_empty))
     memory = f"{fmt.gib(gpu.memory_used)}/{fmt.gib(gpu.memory_total)} GiB"
     out.append(fit(memory, 15, right=True), p.dim if gpu.memory_used is None else (p.bad if full else p.text))
+    if cache:
+        out.append("  cache ", p.dim)
+        out.append(fit(fmt.size(gpu.cached_bytes), 5, right=True), p.text if gpu.cached_bytes else p.dim)
     hot = gpu.temperature is not None and gpu.temperature >= GPU_HOT_C
     temperature = "? °C" if gpu.temperature is None else f"{gpu.temperature:.0f} °C"
     out.append(fit(temperature, 8, right=True), p.dim if gpu.temperature is None else (p.bad if hot else p.text))

@@ -143,6 +143,8 @@ class SyntheticCluster:
         temperature = 40 + utilization * 0.35 + rng.uniform(0, 4)
         if host_number == 2:  # the troubled one: hot and nearly out of memory
             memory_fraction, temperature = 0.95, 88.0 + rng.uniform(0, 2)
+        # Even GPUs' device caches fill up, to a size that differs by host; odd ones keep nothing.
+        resident = 0 if index % 2 else min(6 + 3 * (host_number % 4), 1 + seq // 2)
         return pe.GpuReading(
             index=index,
             name=f"Sim H100 {index}",
@@ -151,6 +153,9 @@ class SyntheticCluster:
             memory_total=80 * GIB,
             temperature=round(temperature, 1),
             power=None if (host_number == 1 and index == 0) else round(90 + utilization * 5.5, 1),
+            cached_values=resident,
+            cached_bytes=resident * (3 * GIB // 2),
+            cache_cap=40 * GIB,
         )
 
     def slot_views(self, now: float) -> list[SlotView]:

@@ -77,6 +77,9 @@ class GpuRow:
     memory_total: int | None = None
     temperature: float | None = None
     power: float | None = None
+    cached_values: int = 0  # values its GPU slots keep on the card (their device caches)
+    cached_bytes: int = 0
+    cache_cap: int = 0
     history: deque[float | None] = field(default_factory=lambda: deque(maxlen=HISTORY_S))
     history_second: int | None = None
 
@@ -87,6 +90,9 @@ class GpuRow:
         self.memory_total = reading.memory_total
         self.temperature = reading.temperature
         self.power = reading.power
+        self.cached_values = reading.cached_values
+        self.cached_bytes = reading.cached_bytes
+        self.cache_cap = reading.cache_cap
         second = int(at)
         if self.history_second is not None and second == self.history_second:
             self.history[-1] = reading.utilization

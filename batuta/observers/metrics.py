@@ -48,6 +48,7 @@ Metric names (prefix `batuta_`):
 | `gpu_utilization_ratio` | gauge | host, gpu |
 | `gpu_memory_used_bytes`, `gpu_memory_total_bytes` | gauge | host, gpu |
 | `gpu_temperature_celsius`, `gpu_power_watts` | gauge | host, gpu |
+| `gpu_cached_bytes`, `gpu_cached_values` | gauge | host, gpu |
 | `gpu_busy_seconds_total` | counter | host, gpu |
 | `event_observer_errors_total` | counter | |
 
@@ -61,6 +62,8 @@ that goes down takes its CPU and GPU gauges with it. `gpu_busy_seconds_total` in
 utilization over time: each heartbeat's utilization (NVML's "busy share of the last sample
 period") times the seconds since the previous heartbeat of that GPU, skipping gaps over
 `MAX_BUSY_GAP_S` (a host that was silent that long tells us nothing about the gap).
+`gpu_cached_bytes` and `gpu_cached_values` are what the host's GPU slots keep on that card
+between tasks (their device caches, uploaded once), always known: 0 where nothing is kept.
 """
 
 from __future__ import annotations
@@ -121,6 +124,8 @@ class _GpuState:
     memory_total: int | None = None
     temperature: float | None = None
     power: float | None = None
+    cached_bytes: int = 0  # the GPU slots' device caches on this GPU
+    cached_values: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +345,8 @@ class MetricsExporter:
                 memory_total=g.memory_total,
                 temperature=g.temperature,
                 power=g.power,
+                cached_bytes=g.cached_bytes,
+                cached_values=g.cached_values,
             )
             busy = self._gpu_busy.setdefault(key, 0.0)
             previous = self._gpu_at.get(key)
@@ -510,6 +517,12 @@ def _gpu_families(s: _Snapshot) -> Iterable[Metric]:
         "memory_total": GaugeMetricFamily(_name("gpu_memory_total_bytes"), "GPU memory installed.", labels=labels),
         "temperature": GaugeMetricFamily(_name("gpu_temperature_celsius"), "GPU temperature.", labels=labels),
         "power": GaugeMetricFamily(_name("gpu_power_watts"), "GPU power draw.", labels=labels),
+        "cached_bytes": GaugeMetricFamily(
+            _name("gpu_cached_bytes"), "Bytes of values kept on the GPU by its slots' device caches.", labels=labels
+        ),
+        "cached_values": GaugeMetricFamily(
+            _name("gpu_cached_values"), "Values kept on the GPU by its slots' device caches.", labels=labels
+        ),
     }
     for key, gpu in s.gpus.items():
         info.add_metric((*key, gpu.name), 1.0)

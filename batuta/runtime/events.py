@@ -67,6 +67,9 @@ class GpuReading:
     memory_total: int | None
     temperature: float | None
     power: float | None
+    cached_values: int = 0  # values resident in the GPU slots' device caches on this GPU
+    cached_bytes: int = 0  # their bytes on the card
+    cache_cap: int = 0  # those caches' cap in bytes; 0: no GPU slot reported a device cache
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

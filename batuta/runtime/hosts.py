@@ -258,6 +258,9 @@ def telemetry_event(session: HostSession, hb: m.Heartbeat, now: float) -> pe.Hos
                 memory_total=g.memory_total,
                 temperature=g.temperature,
                 power=g.power,
+                cached_values=g.cached_values,
+                cached_bytes=g.cached_bytes,
+                cache_cap=g.cache_cap,
             )
             for g in hb.gpus
         ),

@@ -34,7 +34,8 @@ from batuta.errors import ViewerProtocolError
 from batuta.runtime import events as pe
 from batuta.runtime.views import Backend, SlotView, TaskResult, TaskStatus
 
-VERSION = 1
+VERSION = 2
+"""2: a GPU reading carries its device cache (cached values, bytes, cap)."""
 HEADER = struct.Struct(">I")
 VIEWER_FRAME_LIMIT = 64 * 1024  # what a viewer may send: requests only
 COORDINATOR_FRAME_LIMIT = 256 * 1024 * 1024  # a snapshot of a big cluster, with room to spare
@@ -166,6 +167,15 @@ def want_int(value: object, where: str) -> int:
     return value
 
 
+def want_count(value: object, where: str) -> int:
+    """An int >= 0: a count, or a size in bytes."""
+    if type(value) is not int:
+        raise _fail(where, "int", value)
+    if value < 0:
+        raise ViewerProtocolError(f"{where}: expected an int >= 0, got {value}")
+    return value
+
+
 def want_bool(value: object, where: str) -> bool:
     if type(value) is not bool:
         raise _fail(where, "bool", value)
@@ -267,7 +277,19 @@ def encode_item(item: pe.PoolEvent | Note) -> list[Any]:
         return [HOST_DOWN, item.host, item.reason, item.at]
     if isinstance(item, pe.HostTelemetry):
         gpus = [
-            [g.index, g.name, g.utilization, g.memory_used, g.memory_total, g.temperature, g.power] for g in item.gpus
+            [
+                g.index,
+                g.name,
+                g.utilization,
+                g.memory_used,
+                g.memory_total,
+                g.temperature,
+                g.power,
+                g.cached_values,
+                g.cached_bytes,
+                g.cache_cap,
+            ]
+            for g in item.gpus
         ]
         return [
             TELEMETRY,
@@ -417,7 +439,7 @@ def _dec_host_down(w: list[Any], at: str) -> pe.HostDown:
 
 
 def _dec_gpu(w: object, at: str) -> pe.GpuReading:
-    w = want_list(w, at, 7)
+    w = want_list(w, at, 10)
     return pe.GpuReading(
         index=want_int(w[0], f"{at}.index"),
         name=want_str(w[1], f"{at}.name"),
@@ -426,6 +448,9 @@ def _dec_gpu(w: object, at: str) -> pe.GpuReading:
         memory_total=opt_int(w[4], f"{at}.memory_total"),
         temperature=opt_float(w[5], f"{at}.temperature"),
         power=opt_float(w[6], f"{at}.power"),
+        cached_values=want_count(w[7], f"{at}.cached_values"),
+        cached_bytes=want_count(w[8], f"{at}.cached_bytes"),
+        cache_cap=want_count(w[9], f"{at}.cache_cap"),
     )
 
 
