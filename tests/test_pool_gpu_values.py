@@ -5,6 +5,7 @@ device through a chain, CPU tasks and `pool.get` get them copied back, eviction 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 
 from batuta import ObjectRef, Pool, Task
 from batuta.core.task import Backend
+from batuta.runtime import events as pe
 from batuta.runtime.builder import PoolConfig, local_host
 from tests.test_pool import REPO
 
@@ -47,6 +49,24 @@ def on_cpu(name: str, *args: object) -> Task:
     return Task.kernel(name, *args, backend=Backend.CPU)
 
 
+async def device_cache(pool: Pool, values: int, timeout: float = 30.0) -> pe.GpuReading:
+    """The first heartbeat's reading of GPU 0 whose device cache holds `values` values."""
+    seen: asyncio.Queue[pe.GpuReading] = asyncio.Queue()
+
+    def on_event(event: object) -> None:
+        if isinstance(event, pe.HostTelemetry) and event.gpus:
+            seen.put_nowait(event.gpus[0])
+
+    unsubscribe = pool.subscribe(on_event)
+    try:
+        async with asyncio.timeout(timeout):
+            while (reading := await seen.get()).cached_values != values:
+                pass
+            return reading
+    finally:
+        unsubscribe()
+
+
 async def value(pool: Pool, task: Task, *, keep: bool = False) -> object:
     result = await (await pool.submit(task, keep=keep))
     assert result.is_success(), result.error
@@ -69,6 +89,9 @@ async def test_a_chain_of_kept_gpu_results_stays_on_the_device_until_get(pool: P
     assert isinstance(first, ObjectRef) and first.shape == (N,) and first.dtype == "<f8" and first.nbytes == N * 8
     second = await value(pool, on_gpu("test_scale", first, 3.0), keep=True)
     assert isinstance(second, ObjectRef)
+    # the put value's copy and both results: the results never went to the host and back
+    reading = await device_cache(pool, 3)
+    assert reading.cached_bytes == 3 * N * 8 and reading.cache_cap > reading.cached_bytes
     where = await value(pool, on_gpu("test_where", second))
     assert where[0] == "device" and where == await value(pool, on_gpu("test_where", second))
     np.testing.assert_allclose(await pool.get(second), x * 6.0)
@@ -96,6 +119,11 @@ async def test_eviction_under_a_small_cap_loses_no_value() -> None:
         for ref, x in zip(kept, xs, strict=True):
             np.testing.assert_array_equal(await pool.get(ref), x * 10.0)
             assert await value(pool, on_gpu("test_total", ref)) == (x * 10.0).sum()
+        reading = await device_cache(pool, 2)  # never more than the cap holds
+        assert reading.cached_bytes == 2 * N * 8 and reading.cache_cap == 2 * N * 8 + 100
+        for ref in refs + kept:
+            pool.drop(ref)
+        await device_cache(pool, 0)  # dropped values leave the card too
 
 
 # -- the seed's workloads with their data resident on the GPU slot -----------------------------
