@@ -6,12 +6,19 @@ kernel modules (`cuda_stream`, `cuda_linalg`) write their kernels as plain modul
 functions and wrap them with `jit_kernels` in a cached ``_kernels()``, so each is wrapped once
 per process, compiled by numba once per signature on its first launch, and cached on disk.
 
-The GPU variants registered in `basic`, `stream` and `linalg` take host NumPy arrays (as
-decoded from the wire) and return host arrays: copy in, launch, copy out, synchronise. They
-run inside `gpu_errors(kernel)`, which turns any CUDA failure (no driver, out of memory, an
-illegal address found at synchronisation) into a `GpuKernelError` naming the kernel, so the
-agent reports it as that task's failure. After an illegal address the CUDA context of the
-process is unusable: the slot process should be restarted, which is the agent's business.
+The GPU variants registered in `basic`, `stream`, `linalg` and `ml` take, for each array
+argument, a host NumPy array (as decoded from the wire; `on_device` uploads it) or a CUDA
+device array (a GPU slot's resident value; used where it is, never copied to the host). They
+launch on the default stream (the per-thread one where the process asks CUDA for that) and
+never synchronise the whole device, so another thread can upload on its own stream
+meanwhile. Array results stay on the device when the caller asked
+``registry.run(..., device_results=True)``; otherwise `finish` copies them to the host, which
+waits for this stream's work only. Reductions to a Python number copy their one value back
+and so wait for their own launch. They run inside `gpu_errors(kernel)`, which turns any CUDA
+failure (no driver, out of memory, an illegal address found at synchronisation) into a
+`GpuKernelError` naming the kernel, so the agent reports it as that task's failure. After an
+illegal address the CUDA context of the process is unusable: the slot process should be
+restarted, which is the agent's business.
 
 Under numba's simulator (``NUMBA_ENABLE_CUDASIM=1``) every CUDA thread is a Python thread, so
 the grid of the streaming kernels shrinks to a few small blocks; the kernels themselves are
@@ -30,7 +37,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from .registry import KernelCallError
+from .registry import KernelCallError, device_results_wanted, is_device_array, to_host
 
 __all__ = [
     "BLOCKS_PER_SM",
@@ -39,9 +46,11 @@ __all__ = [
     "GpuKernelError",
     "GpuUnavailableError",
     "cuda",
+    "finish",
     "gpu_errors",
     "gpu_info",
     "jit_kernels",
+    "on_device",
     "simulated",
     "sm_count",
     "stream_grid",
@@ -189,6 +198,25 @@ def gpu_errors(kernel: str) -> Iterator[Any]:
     except Exception as exc:
         message = " ".join(str(exc).split()) or "no message"
         raise GpuKernelError(f"kernel {kernel!r} on GPU failed: {type(exc).__name__}: {message}") from exc
+
+
+def on_device(numba_cuda: Any, value: Any) -> Any:
+    """`value` on the device: a device array as it is, a host array uploaded (a new array).
+
+    The upload is ``cuda.to_device`` on the default stream; the source is pageable memory,
+    so it has been read when this returns and the caller may reuse it.
+    """
+    return value if is_device_array(value) else numba_cuda.to_device(value)
+
+
+def finish(result: Any) -> Any:
+    """A GPU variant's result as its caller wants it: as it is when device results are wanted
+    (see `registry.device_results_wanted`), else with its device arrays copied to the host.
+
+    Called inside `gpu_errors`, so that a failure found while copying back (an illegal address
+    reported at the copy) names the kernel.
+    """
+    return result if device_results_wanted() else to_host(result)
 
 
 # -- device facts -------------------------------------------------------------------------

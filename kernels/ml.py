@@ -138,7 +138,7 @@ def _check_kmeans(x: object, centroids: object) -> tuple[np.ndarray, np.ndarray]
             "one row per cluster with as many columns as x"
         )
     check_finite("kmeans_partial", "centroids", c)
-    return xs, writable_float64(c)
+    return xs, writable_float64(c, "kmeans_partial", "centroids")
 
 
 kmeans_partial.cpu(ml_cpu.kmeans_partial_numba)
@@ -565,11 +565,11 @@ def _mlp_synth_cpu(
 def _kmeans_gpu(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """One thread per row; sums and counts by atomics, so equal to the reference within rounding."""
     with cuda_support.gpu_errors("kmeans_partial") as cuda:
-        return cuda_ml.kmeans_assign(cuda, x, centroids)
+        return cuda_support.finish(cuda_ml.kmeans_assign(cuda, x, centroids))
 
 
 @linreg_partial.gpu
 def _linreg_gpu(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """16 x 16 shared-memory tiles of [X | y]^T [X | y] over row splits (see `cuda_ml.gram`)."""
     with cuda_support.gpu_errors("linreg_partial") as cuda:
-        return cuda_ml.gram(cuda, x, y)
+        return cuda_support.finish(cuda_ml.gram(cuda, x, y))
