@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from . import cuda_stream
-from .cuda_support import finish, gpu_errors, on_device
+from .cuda_support import GPU_MIN_ELEMENTS, finish, gpu_errors, on_device
 from .registry import (
     KernelInputError,
     as_count,
@@ -72,7 +72,12 @@ def _check_spin(seconds: object) -> tuple[float] | None:
 # -- streaming kernels --------------------------------------------------------------------
 
 
-@kernel("vadd", description="Elementwise a + b of two equal-length 1-D float arrays.", pure=True)
+@kernel(
+    "vadd",
+    description="Elementwise a + b of two equal-length 1-D float arrays.",
+    pure=True,
+    gpu_min_elements=GPU_MIN_ELEMENTS["vadd"],
+)
 def vadd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a + b
 
@@ -112,7 +117,12 @@ def _vadd_gpu(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return finish(out)
 
 
-@kernel("saxpy", description="alpha * x + y for a real scalar alpha and 1-D float arrays x, y.", pure=True)
+@kernel(
+    "saxpy",
+    description="alpha * x + y for a real scalar alpha and 1-D float arrays x, y.",
+    pure=True,
+    gpu_min_elements=GPU_MIN_ELEMENTS["saxpy"],
+)
 def saxpy(alpha: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return alpha * x + y
 
@@ -152,7 +162,12 @@ def _saxpy_gpu(alpha: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return finish(out)
 
 
-@kernel("sum", description="Sum of a 1-D float array, accumulated in float64, as a Python float.", pure=True)
+@kernel(
+    "sum",
+    description="Sum of a 1-D float array, accumulated in float64, as a Python float.",
+    pure=True,
+    gpu_min_elements=GPU_MIN_ELEMENTS["sum"],
+)
 def sum_(x: np.ndarray) -> float:
     """Sum of `x` as a Python float, accumulated in float64 for float32 input too.
 

@@ -41,6 +41,7 @@ from .registry import KernelCallError, device_results_wanted, is_device_array, t
 
 __all__ = [
     "BLOCKS_PER_SM",
+    "GPU_MIN_ELEMENTS",
     "STREAM_THREADS",
     "GpuDeviceInfo",
     "GpuKernelError",
@@ -71,6 +72,30 @@ strides and the cross-block combine, and cheap enough for CI."""
 SIM_SM_COUNT = 2
 
 _LOCK = threading.Lock()
+
+GPU_MIN_ELEMENTS: dict[str, int] = {
+    # Streaming kernels move every byte over PCIe (host inputs): about 25 GB/s of pageable
+    # copies against 5-10 GB/s for one CPU slot's loop, plus ~50-100 us of fixed cost (launch,
+    # allocations, the copy back), so the GPU wins from about a million elements, later for the
+    # reductions, which read 4-8 B an element and return one number.
+    "vadd": 1 << 20,
+    "saxpy": 1 << 20,
+    "sum": 1 << 22,
+    "dot": 1 << 22,
+    "histogram": 1 << 22,
+    # Dense work: the GPU wins once the arithmetic outweighs the fixed cost. matmul at 256^2
+    # (two operands of 65,536) is 33 MFLOP, ~0.3 ms for one core's BLAS against ~0.1 ms on the
+    # card; pairwise distances of 128 x 128 points of 16 coordinates already take the CPU
+    # ~0.3 ms; K-means does rows x k x d, the regression rows x d^2, the MLP rows x hidden x 6.
+    "matmul": 1 << 17,
+    "pairwise_distances": 1 << 12,
+    "kmeans_partial": 1 << 14,
+    "linreg_partial": 1 << 16,
+    "mlp_grad": 1 << 14,
+}
+"""The ``auto`` backend's per-kernel GPU thresholds (``@kernel(gpu_min_elements=...)``),
+reasoned, not yet measured: ``python scripts/gpu_variant_profile.py`` on a GPU host prints the
+crossover of each kernel's GPU and CPU variants to put here."""
 
 
 class GpuUnavailableError(RuntimeError):

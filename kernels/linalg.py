@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import cuda_linalg
-from .cuda_support import finish, gpu_errors, on_device
+from .cuda_support import GPU_MIN_ELEMENTS, finish, gpu_errors, on_device
 from .registry import KernelInputError, float_array, jit, kernel, prange
 
 
@@ -38,7 +38,11 @@ def _float_matrices(kernel: str, **arrays: object) -> tuple[np.ndarray, ...]:
 
 
 @kernel(
-    "matmul", description="Matrix product a @ b of 2-D float arrays (m, k) and (k, n).", complexity="cubic", pure=True
+    "matmul",
+    description="Matrix product a @ b of 2-D float arrays (m, k) and (k, n).",
+    complexity="cubic",
+    pure=True,
+    gpu_min_elements=GPU_MIN_ELEMENTS["matmul"],
 )
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b in the inputs' dtype (float32 products accumulate in float32, as SGEMM does).
@@ -83,6 +87,7 @@ _REFERENCE_BLOCK_BYTES = 1 << 25  # the reference's broadcast temporary: 32 MiB 
     description="Euclidean distances between the rows of x (n, d) and of y (m, d): an (n, m) array.",
     complexity="quadratic",
     pure=True,
+    gpu_min_elements=GPU_MIN_ELEMENTS["pairwise_distances"],
 )
 def pairwise_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """``d[i, j] = sqrt(sum_k (x[i, k] - y[j, k])**2)``, in the inputs' dtype.

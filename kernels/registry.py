@@ -236,6 +236,10 @@ class KernelInfo:
     pure: bool = False
     """Whether equal arguments always give an equal result (no clock, no unseeded randomness):
     a job journal may then reuse one result for every task with the same arguments."""
+    gpu_min_elements: int | None = None
+    """Elements (over the array arguments) from which the GPU variant beats the CPU one, for
+    the ``auto`` backend choice; None: the complexity rule (O(n^2) and worse go to a GPU above
+    the cluster's ``gpu_above``, linear work stays on CPUs)."""
 
 
 class KernelDef:
@@ -254,6 +258,7 @@ class KernelDef:
         complexity: str = "linear",
         *,
         pure: bool = False,
+        gpu_min_elements: int | None = None,
     ) -> None:
         code = getattr(reference, "__code__", None)
         if code is None:
@@ -266,9 +271,14 @@ class KernelDef:
             raise KernelDefinitionError(
                 f"kernel {name!r}: complexity {complexity!r} is not one of {', '.join(COMPLEXITIES)}"
             )
+        if gpu_min_elements is not None and (type(gpu_min_elements) is not int or gpu_min_elements < 0):
+            raise KernelDefinitionError(
+                f"kernel {name!r}: gpu_min_elements must be an int >= 0 or None, not {gpu_min_elements!r}"
+            )
         self.name = name
         self.reference = reference
         self.complexity = complexity
+        self.gpu_min_elements = gpu_min_elements
         self.pure = bool(pure)
         self.description = description or (reference.__doc__ or "").strip().split("\n")[0]
         self.module: str = reference.__module__
@@ -355,6 +365,7 @@ class KernelDef:
             module=self.module,
             complexity=self.complexity,
             pure=self.pure,
+            gpu_min_elements=self.gpu_min_elements,
         )
 
     # -- calling ------------------------------------------------------------------------
@@ -428,7 +439,12 @@ _KERNELS: dict[str, KernelDef] = {}
 
 
 def kernel(
-    name: str, *, description: str = "", complexity: str = "linear", pure: bool = False
+    name: str,
+    *,
+    description: str = "",
+    complexity: str = "linear",
+    pure: bool = False,
+    gpu_min_elements: int | None = None,
 ) -> Callable[[Callable[..., Any]], KernelDef]:
     """Decorator: register the decorated reference function as kernel `name`.
 
@@ -438,9 +454,11 @@ def kernel(
     coordinator's automatic backend choice. `pure=True` declares that equal arguments always
     give an equal result (no clock, no unseeded randomness, no host facts): a job journal then
     keys the kernel's tasks by their arguments alone, so equal tasks share one result, where
-    it otherwise keys each task by its place in the job. Re-registering a name from the same module (a
-    reload) replaces it; from another module it is an error, because hosts must agree on
-    what a name means.
+    it otherwise keys each task by its place in the job. `gpu_min_elements`: from how many
+    elements (over the array arguments) the GPU variant beats the CPU one, which the
+    coordinator's ``auto`` choice then uses instead of the complexity rule. Re-registering a
+    name from the same module (a reload) replaces it; from another module it is an error,
+    because hosts must agree on what a name means.
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise KernelDefinitionError(
@@ -449,7 +467,7 @@ def kernel(
         )
 
     def register(reference: Callable[..., Any]) -> KernelDef:
-        kdef = KernelDef(name, reference, description, complexity, pure=pure)
+        kdef = KernelDef(name, reference, description, complexity, pure=pure, gpu_min_elements=gpu_min_elements)
         existing = _KERNELS.get(name)
         if existing is not None and (
             existing.module != kdef.module or existing.reference.__qualname__ != reference.__qualname__

@@ -12,14 +12,17 @@ import numpy as np
 
 from . import cuda_stream
 from .basic import PARALLEL_MIN_SIZE
-from .cuda_support import finish, gpu_errors, on_device
+from .cuda_support import GPU_MIN_ELEMENTS, finish, gpu_errors, on_device
 from .registry import KernelInputError, as_count, as_real, float_array, float_vectors, jit, kernel, prange
 
 # -- dot ----------------------------------------------------------------------------------
 
 
 @kernel(
-    "dot", description="Dot product of two equal-length 1-D float arrays, in float64, as a Python float.", pure=True
+    "dot",
+    description="Dot product of two equal-length 1-D float arrays, in float64, as a Python float.",
+    pure=True,
+    gpu_min_elements=GPU_MIN_ELEMENTS["dot"],
 )
 def dot(x: np.ndarray, y: np.ndarray) -> float:
     """sum(x * y) as a Python float; products and sums in float64 for float32 input too.
@@ -76,6 +79,7 @@ _HIST_MAX_CHUNKS = 64
     "histogram",
     description="Counts of a 1-D float array in `bins` equal bins over [lo, hi], as np.histogram.",
     pure=True,
+    gpu_min_elements=GPU_MIN_ELEMENTS["histogram"],
 )
 def histogram(x: np.ndarray, bins: int, lo: float, hi: float) -> np.ndarray:
     """``np.histogram(x, bins, range=(lo, hi))[0]``: int64 counts, with lo and hi in x's dtype.
