@@ -33,9 +33,11 @@ from .registry import (
     UnsupportedBackendError,
     as_count,
     as_real,
+    device_results_wanted,
     float_array,
     float_vectors,
     info,
+    is_device_array,
     jit,
     kernel,
     load_module,
@@ -45,6 +47,7 @@ from .registry import (
     reference,
     run,
     same_dtype_and_shape,
+    to_host,
     unregister,
 )
 
@@ -63,9 +66,11 @@ __all__ = [
     "UnsupportedBackendError",
     "as_count",
     "as_real",
+    "device_results_wanted",
     "float_array",
     "float_vectors",
     "info",
+    "is_device_array",
     "jit",
     "kernel",
     "load_module",
@@ -75,5 +80,6 @@ __all__ = [
     "reference",
     "run",
     "same_dtype_and_shape",
+    "to_host",
     "unregister",
 ]

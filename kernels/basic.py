@@ -2,8 +2,8 @@
 
 Every kernel has a NumPy reference (the ``scalar`` backend and the test oracle) and a numba
 CPU variant compiled on first use; vadd, saxpy, sum and mc_pi also have a numba-cuda GPU
-variant (kernels in `cuda_stream`), which takes and returns host arrays: copy in, launch,
-copy out. Array kernels take 1-D, C-contiguous float32 or float64 arrays (see
+variant (kernels in `cuda_stream`), which takes host or device arrays and returns device
+or host arrays (see `cuda_support`). Array kernels take 1-D, C-contiguous float32 or float64 arrays (see
 `registry.float_array`). CPU loops switch to ``prange`` only from `PARALLEL_MIN_SIZE`
 elements: below that, waking the thread pool costs more than it saves.
 """
@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from . import cuda_stream
-from .cuda_support import gpu_errors
+from .cuda_support import GPU_MIN_ELEMENTS, finish, gpu_errors, on_device
 from .registry import (
     KernelInputError,
     as_count,
@@ -72,7 +72,12 @@ def _check_spin(seconds: object) -> tuple[float] | None:
 # -- streaming kernels --------------------------------------------------------------------
 
 
-@kernel("vadd", description="Elementwise a + b of two equal-length 1-D float arrays.", pure=True)
+@kernel(
+    "vadd",
+    description="Elementwise a + b of two equal-length 1-D float arrays.",
+    pure=True,
+    gpu_min_elements=GPU_MIN_ELEMENTS["vadd"],
+)
 def vadd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a + b
 
@@ -108,13 +113,16 @@ def _vadd_cpu(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _vadd_gpu(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     with gpu_errors("vadd") as cuda:
         out = cuda.device_array(a.size, a.dtype)
-        cuda_stream.vadd_device(cuda.to_device(a), cuda.to_device(b), out)
-        result = out.copy_to_host()
-        cuda.synchronize()
-    return result
+        cuda_stream.vadd_device(on_device(cuda, a), on_device(cuda, b), out)
+        return finish(out)
 
 
-@kernel("saxpy", description="alpha * x + y for a real scalar alpha and 1-D float arrays x, y.", pure=True)
+@kernel(
+    "saxpy",
+    description="alpha * x + y for a real scalar alpha and 1-D float arrays x, y.",
+    pure=True,
+    gpu_min_elements=GPU_MIN_ELEMENTS["saxpy"],
+)
 def saxpy(alpha: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return alpha * x + y
 
@@ -150,13 +158,16 @@ def _saxpy_cpu(alpha: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def _saxpy_gpu(alpha: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     with gpu_errors("saxpy") as cuda:
         out = cuda.device_array(x.size, x.dtype)
-        cuda_stream.saxpy_device(alpha, cuda.to_device(x), cuda.to_device(y), out)
-        result = out.copy_to_host()
-        cuda.synchronize()
-    return result
+        cuda_stream.saxpy_device(alpha, on_device(cuda, x), on_device(cuda, y), out)
+        return finish(out)
 
 
-@kernel("sum", description="Sum of a 1-D float array, accumulated in float64, as a Python float.", pure=True)
+@kernel(
+    "sum",
+    description="Sum of a 1-D float array, accumulated in float64, as a Python float.",
+    pure=True,
+    gpu_min_elements=GPU_MIN_ELEMENTS["sum"],
+)
 def sum_(x: np.ndarray) -> float:
     """Sum of `x` as a Python float, accumulated in float64 for float32 input too.
 
@@ -199,8 +210,7 @@ def _sum_cpu(x: np.ndarray) -> float:
 @sum_.gpu
 def _sum_gpu(x: np.ndarray) -> float:
     with gpu_errors("sum") as cuda:
-        total = cuda_stream.sum_device(cuda.to_device(x)).copy_to_host()
-        cuda.synchronize()
+        total = cuda_stream.sum_device(on_device(cuda, x)).copy_to_host()
     return float(total[0])
 
 
@@ -292,7 +302,6 @@ def _mc_pi_cpu(samples: int, seed: int) -> float:
 
 @mc_pi.gpu
 def _mc_pi_gpu(samples: int, seed: int) -> float:
-    with gpu_errors("mc_pi") as cuda:
+    with gpu_errors("mc_pi"):
         hits = cuda_stream.mc_pi_device(samples, seed).copy_to_host()
-        cuda.synchronize()
     return 4.0 * int(hits[0]) / samples

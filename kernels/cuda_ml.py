@@ -3,7 +3,7 @@
 Nothing here imports numba at module import (see `cuda_support`): as in `cuda_stream`, the
 kernels are module-level Python functions naming a ``cuda`` global that `_kernels()` binds
 (through `cuda_support.jit_kernels`) just before the first launch compiles them. The launchers
-take and return host NumPy arrays; `ml`'s GPU variants call them inside
+take host or device arrays and return device arrays; `ml`'s GPU variants call them inside
 `cuda_support.gpu_errors`, which turns CUDA failures into a one-line error naming the kernel.
 
 Under the simulator (``NUMBA_ENABLE_CUDASIM=1``) every CUDA thread is a Python thread, so the
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import cuda_support
-from .cuda_support import jit_kernels
+from .cuda_support import jit_kernels, on_device
 
 cuda: Any = None  # numba.cuda, bound by _kernels() before the kernels compile
 __all__ = ["gram", "kmeans_assign"]
@@ -112,13 +112,36 @@ def _gram_py(x: Any, y: Any, rows_per_split: int, partial: Any) -> None:
         partial[bz, a, b] = acc
 
 
+def _gram_finish_py(partial: Any, xtx: Any, xty: Any) -> None:
+    # One thread per element (a, b) of the augmented (d + 1)^2 Gram matrix: the splits' upper
+    # triangles added in split order (the host did the same before), mirrored below the diagonal.
+    a, b = cuda.grid(2)
+    d = xtx.shape[0]
+    if a > d or b > d:
+        return
+    row, col = (a, b) if a <= b else (b, a)
+    total = 0.0
+    for split in range(partial.shape[0]):
+        total += partial[split, row, col]
+    if a < d and b < d:
+        xtx[a, b] = total
+    elif a < d and b == d:
+        xty[a] = total
+
+
 @functools.cache
 def _kernels() -> SimpleNamespace:
-    return jit_kernels(globals(), {"kmeans_assign": _kmeans_assign_py, "gram": _gram_py})
+    return jit_kernels(
+        globals(), {"kmeans_assign": _kmeans_assign_py, "gram": _gram_py, "gram_finish": _gram_finish_py}
+    )
 
 
-def kmeans_assign(cuda: Any, x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """(sums, counts, inertia) of the rows of `x` against float64 `centroids`, on the GPU."""
+def kmeans_assign(cuda: Any, x: Any, centroids: Any) -> tuple[Any, Any, float]:
+    """(sums, counts, inertia) of the rows of `x` against float64 `centroids`, on the GPU.
+
+    `x` and `centroids` are host or device arrays; sums (k, d) float64 and counts (k,) int64
+    are device arrays, inertia a float (copying it back waits for the launch).
+    """
     n, d = x.shape
     k = centroids.shape[0]
     sums = cuda.to_device(np.zeros((k, d)))
@@ -127,18 +150,17 @@ def kmeans_assign(cuda: Any, x: np.ndarray, centroids: np.ndarray) -> tuple[np.n
     if n:
         threads = _threads(KMEANS_THREADS)
         _kernels().kmeans_assign[math.ceil(n / threads), threads](
-            cuda.to_device(x), cuda.to_device(centroids), sums, counts, inertia
+            on_device(cuda, x), on_device(cuda, centroids), sums, counts, inertia
         )
-    result = sums.copy_to_host(), counts.copy_to_host(), float(inertia.copy_to_host()[0])
-    cuda.synchronize()
-    return result
+    return sums, counts, float(inertia.copy_to_host()[0])
 
 
-def gram(cuda: Any, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(X^T X, X^T y) in float64 on the GPU: tiles over row splits, the splits added on the host.
+def gram(cuda: Any, x: Any, y: Any) -> tuple[Any, Any]:
+    """(X^T X, X^T y) in float64 on the GPU: tiles over row splits, then the splits added in order.
 
-    The number of splits depends on n and d only, and they are added in order, so the result
-    is the same on every run (and on every GPU model).
+    `x` and `y` are host or device arrays; the results are device arrays. The number of
+    splits depends on n and d only, and they are added in order, so the result is the same
+    on every run (and on every GPU model).
     """
     n, d = x.shape
     tiles = math.ceil((d + 1) / GRAM_TILE)
@@ -148,9 +170,9 @@ def gram(cuda: Any, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
     partial = cuda.to_device(np.zeros((splits, d + 1, d + 1)))
     if n:
         _kernels().gram[(tiles, tiles, splits), (GRAM_TILE, GRAM_TILE)](
-            cuda.to_device(x), cuda.to_device(y), rows_per_split, partial
+            on_device(cuda, x), on_device(cuda, y), rows_per_split, partial
         )
-    upper = partial.copy_to_host().sum(axis=0)
-    cuda.synchronize()
-    full = np.triu(upper) + np.triu(upper, 1).T
-    return np.ascontiguousarray(full[:d, :d]), np.ascontiguousarray(full[:d, d])
+    xtx, xty = cuda.device_array((d, d)), cuda.device_array(d)
+    side = math.ceil((d + 1) / GRAM_TILE)
+    _kernels().gram_finish[(side, side), (GRAM_TILE, GRAM_TILE)](partial, xtx, xty)
+    return xtx, xty

@@ -6,12 +6,19 @@ kernel modules (`cuda_stream`, `cuda_linalg`) write their kernels as plain modul
 functions and wrap them with `jit_kernels` in a cached ``_kernels()``, so each is wrapped once
 per process, compiled by numba once per signature on its first launch, and cached on disk.
 
-The GPU variants registered in `basic`, `stream` and `linalg` take host NumPy arrays (as
-decoded from the wire) and return host arrays: copy in, launch, copy out, synchronise. They
-run inside `gpu_errors(kernel)`, which turns any CUDA failure (no driver, out of memory, an
-illegal address found at synchronisation) into a `GpuKernelError` naming the kernel, so the
-agent reports it as that task's failure. After an illegal address the CUDA context of the
-process is unusable: the slot process should be restarted, which is the agent's business.
+The GPU variants registered in `basic`, `stream`, `linalg` and `ml` take, for each array
+argument, a host NumPy array (as decoded from the wire; `on_device` uploads it) or a CUDA
+device array (a GPU slot's resident value; used where it is, never copied to the host). They
+launch on the default stream (the per-thread one where the process asks CUDA for that) and
+never synchronise the whole device, so another thread can upload on its own stream
+meanwhile. Array results stay on the device when the caller asked
+``registry.run(..., device_results=True)``; otherwise `finish` copies them to the host, which
+waits for this stream's work only. Reductions to a Python number copy their one value back
+and so wait for their own launch. They run inside `gpu_errors(kernel)`, which turns any CUDA
+failure (no driver, out of memory, an illegal address found at synchronisation) into a
+`GpuKernelError` naming the kernel, so the agent reports it as that task's failure. After an
+illegal address the CUDA context of the process is unusable: the slot process should be
+restarted, which is the agent's business.
 
 Under numba's simulator (``NUMBA_ENABLE_CUDASIM=1``) every CUDA thread is a Python thread, so
 the grid of the streaming kernels shrinks to a few small blocks; the kernels themselves are
@@ -30,18 +37,21 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-from .registry import KernelCallError
+from .registry import KernelCallError, device_results_wanted, is_device_array, to_host
 
 __all__ = [
     "BLOCKS_PER_SM",
+    "GPU_MIN_ELEMENTS",
     "STREAM_THREADS",
     "GpuDeviceInfo",
     "GpuKernelError",
     "GpuUnavailableError",
     "cuda",
+    "finish",
     "gpu_errors",
     "gpu_info",
     "jit_kernels",
+    "on_device",
     "simulated",
     "sm_count",
     "stream_grid",
@@ -62,6 +72,30 @@ strides and the cross-block combine, and cheap enough for CI."""
 SIM_SM_COUNT = 2
 
 _LOCK = threading.Lock()
+
+GPU_MIN_ELEMENTS: dict[str, int] = {
+    # Streaming kernels move every byte over PCIe (host inputs): about 25 GB/s of pageable
+    # copies against 5-10 GB/s for one CPU slot's loop, plus ~50-100 us of fixed cost (launch,
+    # allocations, the copy back), so the GPU wins from about a million elements, later for the
+    # reductions, which read 4-8 B an element and return one number.
+    "vadd": 1 << 20,
+    "saxpy": 1 << 20,
+    "sum": 1 << 22,
+    "dot": 1 << 22,
+    "histogram": 1 << 22,
+    # Dense work: the GPU wins once the arithmetic outweighs the fixed cost. matmul at 256^2
+    # (two operands of 65,536) is 33 MFLOP, ~0.3 ms for one core's BLAS against ~0.1 ms on the
+    # card; pairwise distances of 128 x 128 points of 16 coordinates already take the CPU
+    # ~0.3 ms; K-means does rows x k x d, the regression rows x d^2, the MLP rows x hidden x 6.
+    "matmul": 1 << 17,
+    "pairwise_distances": 1 << 12,
+    "kmeans_partial": 1 << 14,
+    "linreg_partial": 1 << 16,
+    "mlp_grad": 1 << 14,
+}
+"""The ``auto`` backend's per-kernel GPU thresholds (``@kernel(gpu_min_elements=...)``),
+reasoned, not yet measured: ``python scripts/gpu_variant_profile.py`` on a GPU host prints the
+crossover of each kernel's GPU and CPU variants to put here."""
 
 
 class GpuUnavailableError(RuntimeError):
@@ -189,6 +223,25 @@ def gpu_errors(kernel: str) -> Iterator[Any]:
     except Exception as exc:
         message = " ".join(str(exc).split()) or "no message"
         raise GpuKernelError(f"kernel {kernel!r} on GPU failed: {type(exc).__name__}: {message}") from exc
+
+
+def on_device(numba_cuda: Any, value: Any) -> Any:
+    """`value` on the device: a device array as it is, a host array uploaded (a new array).
+
+    The upload is ``cuda.to_device`` on the default stream; the source is pageable memory,
+    so it has been read when this returns and the caller may reuse it.
+    """
+    return value if is_device_array(value) else numba_cuda.to_device(value)
+
+
+def finish(result: Any) -> Any:
+    """A GPU variant's result as its caller wants it: as it is when device results are wanted
+    (see `registry.device_results_wanted`), else with its device arrays copied to the host.
+
+    Called inside `gpu_errors`, so that a failure found while copying back (an illegal address
+    reported at the copy) names the kernel.
+    """
+    return result if device_results_wanted() else to_host(result)
 
 
 # -- device facts -------------------------------------------------------------------------

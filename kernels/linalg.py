@@ -1,8 +1,9 @@
 """Dense linear algebra: matmul (cubic) and pairwise Euclidean distances (quadratic).
 
 Inputs are 2-D, C-contiguous float32 or float64 arrays of one dtype (see
-`registry.float_array`); results have that dtype. The GPU variants copy in, launch the
-register-tiled kernels of `cuda_linalg`, copy out and synchronise.
+`registry.float_array`); results have that dtype. The GPU variants take host or device
+arrays and launch the register-tiled kernels of `cuda_linalg` (see `cuda_support` for where
+their results go).
 
 The CPU matmul is NumPy's BLAS call, not a numba loop, because BLAS is far faster: on this
 project's 2-core development host (AVX-512, OpenBLAS 0.3.31), NumPy reached 280-335 GFLOP/s in
@@ -16,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import cuda_linalg
-from .cuda_support import gpu_errors
+from .cuda_support import GPU_MIN_ELEMENTS, finish, gpu_errors, on_device
 from .registry import KernelInputError, float_array, jit, kernel, prange
 
 
@@ -37,7 +38,11 @@ def _float_matrices(kernel: str, **arrays: object) -> tuple[np.ndarray, ...]:
 
 
 @kernel(
-    "matmul", description="Matrix product a @ b of 2-D float arrays (m, k) and (k, n).", complexity="cubic", pure=True
+    "matmul",
+    description="Matrix product a @ b of 2-D float arrays (m, k) and (k, n).",
+    complexity="cubic",
+    pure=True,
+    gpu_min_elements=GPU_MIN_ELEMENTS["matmul"],
 )
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b in the inputs' dtype (float32 products accumulate in float32, as SGEMM does).
@@ -68,10 +73,8 @@ def _matmul_cpu(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _matmul_gpu(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     with gpu_errors("matmul") as cuda:
         out = cuda.device_array((a.shape[0], b.shape[1]), a.dtype)
-        cuda_linalg.matmul_device(cuda.to_device(a), cuda.to_device(b), out)
-        result = out.copy_to_host()
-        cuda.synchronize()
-    return result
+        cuda_linalg.matmul_device(on_device(cuda, a), on_device(cuda, b), out)
+        return finish(out)
 
 
 # -- pairwise distances -------------------------------------------------------------------
@@ -84,6 +87,7 @@ _REFERENCE_BLOCK_BYTES = 1 << 25  # the reference's broadcast temporary: 32 MiB 
     description="Euclidean distances between the rows of x (n, d) and of y (m, d): an (n, m) array.",
     complexity="quadratic",
     pure=True,
+    gpu_min_elements=GPU_MIN_ELEMENTS["pairwise_distances"],
 )
 def pairwise_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """``d[i, j] = sqrt(sum_k (x[i, k] - y[j, k])**2)``, in the inputs' dtype.
@@ -136,7 +140,5 @@ def _pairwise_cpu(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def _pairwise_gpu(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     with gpu_errors("pairwise_distances") as cuda:
         out = cuda.device_array((x.shape[0], y.shape[0]), x.dtype)
-        cuda_linalg.pairwise_device(cuda.to_device(x), cuda.to_device(y), out)
-        result = out.copy_to_host()
-        cuda.synchronize()
-    return result
+        cuda_linalg.pairwise_device(on_device(cuda, x), on_device(cuda, y), out)
+        return finish(out)

@@ -61,6 +61,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import cuda_ml, cuda_support, ml_cpu, ml_data, ml_trees
+from .cuda_support import GPU_MIN_ELEMENTS
 from .ml_checks import MAX_CLASSES, check_data, check_finite, check_labels, check_param, writable_float64
 from .ml_data import MAX_UINT64, splitmix64
 from .ml_trees import Tree
@@ -95,6 +96,7 @@ _REFERENCE_BLOCK = 1024  # rows per vectorised step of kmeans_partial's referenc
     description="K-means step on a chunk: per-cluster sums and counts, and the inertia.",
     complexity="quadratic",
     pure=True,
+    gpu_min_elements=GPU_MIN_ELEMENTS["kmeans_partial"],
 )
 def kmeans_partial(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """Assign each row of `x` (n, d) to its nearest centroid (k, d); return the cluster sums.
@@ -138,7 +140,7 @@ def _check_kmeans(x: object, centroids: object) -> tuple[np.ndarray, np.ndarray]
             "one row per cluster with as many columns as x"
         )
     check_finite("kmeans_partial", "centroids", c)
-    return xs, writable_float64(c)
+    return xs, writable_float64(c, "kmeans_partial", "centroids")
 
 
 kmeans_partial.cpu(ml_cpu.kmeans_partial_numba)
@@ -152,6 +154,7 @@ kmeans_partial.cpu(ml_cpu.kmeans_partial_numba)
     description="Normal equations of a chunk: X^T X and X^T y in float64.",
     complexity="quadratic",
     pure=True,
+    gpu_min_elements=GPU_MIN_ELEMENTS["linreg_partial"],
 )
 def linreg_partial(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(X^T X [d, d], X^T y [d])`` of the rows `x` (n, d) and targets `y` (n,), float64.
@@ -287,6 +290,7 @@ tree_predict.cpu(ml_trees.predict_numba)
     description="Loss and gradients of a 1-hidden-layer tanh MLP (softmax cross-entropy), summed.",
     complexity="quadratic",
     pure=True,
+    gpu_min_elements=GPU_MIN_ELEMENTS["mlp_grad"],
 )
 def mlp_grad(
     w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, x: np.ndarray, y: np.ndarray
@@ -565,11 +569,11 @@ def _mlp_synth_cpu(
 def _kmeans_gpu(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """One thread per row; sums and counts by atomics, so equal to the reference within rounding."""
     with cuda_support.gpu_errors("kmeans_partial") as cuda:
-        return cuda_ml.kmeans_assign(cuda, x, centroids)
+        return cuda_support.finish(cuda_ml.kmeans_assign(cuda, x, centroids))
 
 
 @linreg_partial.gpu
 def _linreg_gpu(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """16 x 16 shared-memory tiles of [X | y]^T [X | y] over row splits (see `cuda_ml.gram`)."""
     with cuda_support.gpu_errors("linreg_partial") as cuda:
-        return cuda_ml.gram(cuda, x, y)
+        return cuda_support.finish(cuda_ml.gram(cuda, x, y))

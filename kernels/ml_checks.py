@@ -5,13 +5,21 @@ float32/float64 rows, small float parameters of an exact shape widened to writab
 and integer labels in range. They live here, apart from the kernels, so that `ml` holds the
 kernels themselves and each check is written once. A bad argument raises a one-line
 `KernelInputError` naming the kernel, the argument and the fix.
+
+A GPU variant may get CUDA device arrays (a GPU slot's resident values). Their dtype, shape
+and contiguity are checked as a host array's are, from their interface and without a copy;
+their values are not (finiteness, label range): reading them would copy them to the host,
+which is what keeping them on the device avoids. A device array is never converted either:
+a parameter must already be float64 and labels int64 there.
 """
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import numpy as np
 
-from .registry import KernelInputError, float_array
+from .registry import KernelInputError, float_array, is_device_array
 
 __all__ = ["MAX_CLASSES", "check_data", "check_finite", "check_labels", "check_param", "writable_float64"]
 
@@ -20,8 +28,10 @@ MAX_CLASSES = 4096
 
 
 def check_finite(kernel: str, arg: str, array: np.ndarray) -> None:
-    """Refuse NaN and inf: they have no place in a distance, a split or a loss."""
-    if array.size and not np.isfinite(array).all():
+    """Refuse NaN and inf: they have no place in a distance, a split or a loss.
+
+    A device array is not read (see the module docstring)."""
+    if array.size and not is_device_array(array) and not np.isfinite(array).all():
         raise KernelInputError(
             f"kernel {kernel!r}: argument {arg!r} contains NaN or inf; drop or impute those rows first"
         )
@@ -36,13 +46,21 @@ def check_data(kernel: str, arg: str, value: object) -> np.ndarray:
     return x
 
 
-def writable_float64(array: np.ndarray) -> np.ndarray:
+def writable_float64(array: np.ndarray, kernel: str = "", arg: str = "") -> np.ndarray:
     """`array` as a writable float64 array, copied only when it is not one already.
 
     Arrays decoded from the wire are read-only views, and numba compiles a separate machine
     code for read-only arguments: widening parameters (small) to writable float64 keeps one
     compiled signature per kernel, so a slot warmed on local arrays needs no compile later.
+    A device array must be float64 already (`arg` names it in the error).
     """
+    if is_device_array(array):
+        if array.dtype != np.float64:
+            raise KernelInputError(
+                f"kernel {kernel!r}: argument {arg!r} is a {array.dtype} device array; pass a float64 one "
+                "(device arrays are never converted silently: convert it on the device first)"
+            )
+        return array
     if array.dtype == np.float64 and array.flags.writeable:
         return array
     return np.array(array, dtype=np.float64)
@@ -54,11 +72,23 @@ def check_param(kernel: str, arg: str, value: object, shape: tuple[int, ...]) ->
     if array.shape != shape:
         raise KernelInputError(f"kernel {kernel!r}: argument {arg!r} has shape {array.shape}; expected {shape}")
     check_finite(kernel, arg, array)
-    return writable_float64(array)
+    return writable_float64(array, kernel, arg)
 
 
 def check_labels(kernel: str, arg: str, value: object, n: int, n_classes: int | None = None) -> np.ndarray:
-    """Integer class labels, one per row, in [0, n_classes) (default MAX_CLASSES), as int64."""
+    """Integer class labels, one per row, in [0, n_classes) (default MAX_CLASSES), as int64.
+
+    A device array must be a C-contiguous 1-D int64 one; its range is not checked."""
+    if is_device_array(value):
+        device: Any = value
+        if np.dtype(device.dtype) != np.int64 or device.ndim != 1 or not device.is_c_contiguous():
+            raise KernelInputError(
+                f"kernel {kernel!r}: argument {arg!r} is a {device.ndim}-D {device.dtype} device array; pass a "
+                "C-contiguous 1-D int64 one (device arrays are never converted silently)"
+            )
+        if device.shape[0] != n:
+            raise KernelInputError(f"kernel {kernel!r}: argument {arg!r} has {device.shape[0]} labels for {n} rows")
+        return cast(np.ndarray, device)
     if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu" or value.ndim != 1:
         what = f"a {value.ndim}-D {value.dtype} array" if isinstance(value, np.ndarray) else type(value).__name__
         raise KernelInputError(

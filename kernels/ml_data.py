@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .registry import KernelInputError, as_count, as_real, float_array, jit, prange
+from .registry import KernelInputError, as_count, as_real, float_array, is_device_array, jit, prange
 
 __all__ = [
     "GOLDEN",
@@ -224,6 +224,13 @@ def check_params(kernel: str, arg: str, value: object, ndim: int) -> np.ndarray:
     array = float_array(kernel, arg, value, ndim=ndim)
     if 0 in array.shape:
         raise KernelInputError(f"kernel {kernel!r}: argument {arg!r} has shape {array.shape}; no axis may be empty")
+    if is_device_array(array):  # not read, not converted: see ml_checks
+        if array.dtype != np.float64:
+            raise KernelInputError(
+                f"kernel {kernel!r}: argument {arg!r} is a {array.dtype} device array; pass a float64 one "
+                "(device arrays are never converted silently: convert it on the device first)"
+            )
+        return array
     if not np.isfinite(array).all():
         raise KernelInputError(f"kernel {kernel!r}: argument {arg!r} contains NaN or inf")
     if array.dtype == np.float64 and array.flags.writeable:

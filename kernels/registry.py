@@ -40,7 +40,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -59,10 +59,12 @@ __all__ = [
     "UnsupportedBackendError",
     "as_count",
     "as_real",
+    "device_results_wanted",
     "float_array",
     "float_vectors",
     "forget_modules",
     "info",
+    "is_device_array",
     "jit",
     "kernel",
     "load_module",
@@ -73,6 +75,7 @@ __all__ = [
     "reference",
     "run",
     "same_dtype_and_shape",
+    "to_host",
     "unregister",
 ]
 
@@ -233,6 +236,10 @@ class KernelInfo:
     pure: bool = False
     """Whether equal arguments always give an equal result (no clock, no unseeded randomness):
     a job journal may then reuse one result for every task with the same arguments."""
+    gpu_min_elements: int | None = None
+    """Elements (over the array arguments) from which the GPU variant beats the CPU one, for
+    the ``auto`` backend choice; None: the complexity rule (O(n^2) and worse go to a GPU above
+    the cluster's ``gpu_above``, linear work stays on CPUs)."""
 
 
 class KernelDef:
@@ -251,6 +258,7 @@ class KernelDef:
         complexity: str = "linear",
         *,
         pure: bool = False,
+        gpu_min_elements: int | None = None,
     ) -> None:
         code = getattr(reference, "__code__", None)
         if code is None:
@@ -263,9 +271,14 @@ class KernelDef:
             raise KernelDefinitionError(
                 f"kernel {name!r}: complexity {complexity!r} is not one of {', '.join(COMPLEXITIES)}"
             )
+        if gpu_min_elements is not None and (type(gpu_min_elements) is not int or gpu_min_elements < 0):
+            raise KernelDefinitionError(
+                f"kernel {name!r}: gpu_min_elements must be an int >= 0 or None, not {gpu_min_elements!r}"
+            )
         self.name = name
         self.reference = reference
         self.complexity = complexity
+        self.gpu_min_elements = gpu_min_elements
         self.pure = bool(pure)
         self.description = description or (reference.__doc__ or "").strip().split("\n")[0]
         self.module: str = reference.__module__
@@ -352,6 +365,7 @@ class KernelDef:
             module=self.module,
             complexity=self.complexity,
             pure=self.pure,
+            gpu_min_elements=self.gpu_min_elements,
         )
 
     # -- calling ------------------------------------------------------------------------
@@ -360,14 +374,27 @@ class KernelDef:
         """Check `args` (count, then the validator); return the args to run with."""
         return args if self._check is None else self._check(args)
 
-    def call(self, backend: str, args: tuple[Any, ...]) -> Any:
-        """Validate `args`, then run the `backend` variant on them."""
+    def call(self, backend: str, args: tuple[Any, ...], *, device_results: bool = False) -> Any:
+        """Validate `args`, then run the `backend` variant on them.
+
+        A GPU variant may return device arrays (see `run`): unless `device_results`, they are
+        copied to host NumPy arrays here, so a caller gets host arrays whatever the variant did.
+        """
         runner = self._runners.get(backend)
         if runner is None:
             raise self._backend_error(backend)
         if self._check is not None:
             args = self._check(args)
-        return runner(*args)
+        if backend != "gpu":
+            return runner(*args)
+        if not device_results:
+            return to_host(runner(*args))
+        previous = device_results_wanted()
+        _RESULTS.device = True
+        try:
+            return runner(*args)
+        finally:
+            _RESULTS.device = previous
 
     def _build_check(self) -> Callable[[tuple[Any, ...]], tuple[Any, ...]] | None:
         """The per-call check, or None when there is nothing to check (noop's thin path)."""
@@ -412,7 +439,12 @@ _KERNELS: dict[str, KernelDef] = {}
 
 
 def kernel(
-    name: str, *, description: str = "", complexity: str = "linear", pure: bool = False
+    name: str,
+    *,
+    description: str = "",
+    complexity: str = "linear",
+    pure: bool = False,
+    gpu_min_elements: int | None = None,
 ) -> Callable[[Callable[..., Any]], KernelDef]:
     """Decorator: register the decorated reference function as kernel `name`.
 
@@ -422,9 +454,11 @@ def kernel(
     coordinator's automatic backend choice. `pure=True` declares that equal arguments always
     give an equal result (no clock, no unseeded randomness, no host facts): a job journal then
     keys the kernel's tasks by their arguments alone, so equal tasks share one result, where
-    it otherwise keys each task by its place in the job. Re-registering a name from the same module (a
-    reload) replaces it; from another module it is an error, because hosts must agree on
-    what a name means.
+    it otherwise keys each task by its place in the job. `gpu_min_elements`: from how many
+    elements (over the array arguments) the GPU variant beats the CPU one, which the
+    coordinator's ``auto`` choice then uses instead of the complexity rule. Re-registering a
+    name from the same module (a reload) replaces it; from another module it is an error,
+    because hosts must agree on what a name means.
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise KernelDefinitionError(
@@ -433,7 +467,7 @@ def kernel(
         )
 
     def register(reference: Callable[..., Any]) -> KernelDef:
-        kdef = KernelDef(name, reference, description, complexity, pure=pure)
+        kdef = KernelDef(name, reference, description, complexity, pure=pure, gpu_min_elements=gpu_min_elements)
         existing = _KERNELS.get(name)
         if existing is not None and (
             existing.module != kdef.module or existing.reference.__qualname__ != reference.__qualname__
@@ -516,14 +550,21 @@ def info(name: str) -> KernelInfo:
     return lookup(name).info()
 
 
-def run(name: str, backend: str, args: tuple[Any, ...]) -> Any:
-    """Validate `args` and run kernel `name` on `backend` ("scalar", "cpu" or "gpu")."""
+def run(name: str, backend: str, args: tuple[Any, ...], *, device_results: bool = False) -> Any:
+    """Validate `args` and run kernel `name` on `backend` ("scalar", "cpu" or "gpu").
+
+    On "gpu", array arguments may be host NumPy arrays or CUDA device arrays (see
+    `is_device_array`); a device argument is never copied to the host. The GPU variant's
+    array results (also inside tuple results) are returned as device arrays when
+    `device_results` is true (a GPU slot keeping a result on its card), and as host NumPy
+    arrays otherwise, the default: host in, host out. Scalars are Python numbers either way.
+    """
     kdef = _KERNELS.get(name)
     if kdef is None:
         kdef = lookup(name)
     if type(backend) is not str:  # e.g. an enum whose value is the backend name
         backend = getattr(backend, "value", backend)
-    return kdef.call(backend, args)
+    return kdef.call(backend, args, device_results=device_results)
 
 
 def reference(name: str, args: tuple[Any, ...]) -> Any:
@@ -545,6 +586,89 @@ def load_module(module: str) -> None:
         ) from exc
 
 
+# -- device arrays ------------------------------------------------------------------------
+
+_RESULTS = threading.local()
+"""``device``: whether the GPU variant running on this thread may leave its results on the device."""
+
+
+def device_results_wanted() -> bool:
+    """True while a GPU variant runs for ``run(..., device_results=True)`` on this thread.
+
+    A variant need not look: `run` copies device results to the host when they are not
+    wanted. The built-in variants look so that host-in, host-out calls can take a cheaper
+    path (reused staging buffers, one synchronisation) than device results copied afterwards.
+    """
+    return bool(getattr(_RESULTS, "device", False))
+
+
+def is_device_array(value: object) -> bool:
+    """Whether `value` is a CUDA device array: numba's (also the simulator's fake ones) or
+    anything with ``__cuda_array_interface__`` (CuPy, PyTorch). Imports nothing."""
+    cls = type(value)
+    if cls is np.ndarray:
+        return False
+    return bool(getattr(cls, "__cuda_ndarray__", False)) or hasattr(cls, "__cuda_array_interface__")
+
+
+def to_host(value: Any) -> Any:
+    """`value` with every device array in it copied to a host NumPy array.
+
+    Goes through tuples and lists (a named tuple keeps its type); anything else is returned
+    as it is. numba's device arrays (and the simulator's) are copied with their
+    ``copy_to_host``; other ``__cuda_array_interface__`` objects through a numba view of them.
+    """
+    cls = type(value)
+    if cls is np.ndarray or cls is float or cls is int or value is None:
+        return value
+    if cls is tuple or cls is list or isinstance(value, (tuple, list)):
+        items = [to_host(item) for item in value]
+        if all(new is old for new, old in zip(items, value, strict=True)):
+            return value
+        if isinstance(value, list):
+            return items
+        return cls(*items) if hasattr(value, "_fields") else cls(items)
+    if not is_device_array(value):
+        return value
+    copy = getattr(value, "copy_to_host", None)
+    if copy is None:
+        from .cuda_support import cuda  # only a foreign device array gets here: numba is wanted
+
+        copy = cuda().as_cuda_array(value).copy_to_host
+    return copy()
+
+
+def _device_float_array(kernel: str, arg: str, value: Any, ndim: int) -> Any:
+    """The checks of `float_array` for a device array, read from its interface (no copy)."""
+    if getattr(value, "copy_to_host", None) is None:  # CuPy, PyTorch: a zero-copy numba view
+        from .cuda_support import cuda
+
+        try:
+            value = cuda().as_cuda_array(value)
+        except Exception as exc:
+            raise KernelInputError(
+                f"kernel {kernel!r}: argument {arg!r} is a {type(value).__name__} whose CUDA array interface "
+                f"numba cannot read ({type(exc).__name__}: {' '.join(str(exc).split())}); pass a numba device array"
+            ) from exc
+    dtype = np.dtype(value.dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise KernelInputError(
+            f"kernel {kernel!r}: argument {arg!r} is a {dtype} device array; pass a float32 or float64 one "
+            "(device arrays are never converted silently: convert it on the device first)"
+        )
+    if value.ndim != ndim:
+        raise KernelInputError(
+            f"kernel {kernel!r}: argument {arg!r} is a {value.ndim}-D device array; pass a {ndim}-D one "
+            "(reshape it on the device first)"
+        )
+    if not value.is_c_contiguous():
+        raise KernelInputError(
+            f"kernel {kernel!r}: argument {arg!r} is a strided device array view; pass a C-contiguous one "
+            "(copy it to a contiguous device array first)"
+        )
+    return value
+
+
 # -- validation helpers for kernel authors ------------------------------------------------
 
 
@@ -554,8 +678,15 @@ def float_array(kernel: str, arg: str, value: object, *, ndim: int = 1) -> np.nd
     Non-contiguous arrays are rejected, not copied: a silent copy would hide a cost the caller
     can see and avoid, and arrays that come over the wire are contiguous anyway. Read-only
     arrays (as decoded from the wire without a copy) are accepted.
+
+    A CUDA device array (see `is_device_array`; only GPU variants get them) is checked the
+    same way from its array interface, without a copy, and returned as a numba device array
+    (a zero-copy view where it was another library's); it has the ``dtype``, ``shape``,
+    ``ndim`` and ``size`` of a NumPy array, but its data cannot be read on the host.
     """
     if type(value) is not np.ndarray:
+        if is_device_array(value):
+            return cast(np.ndarray, _device_float_array(kernel, arg, value, ndim))
         if not isinstance(value, np.ndarray):
             raise KernelInputError(
                 f"kernel {kernel!r}: argument {arg!r} is a {type(value).__name__}, not a NumPy "

@@ -2,7 +2,8 @@
 
 Both read their input once and are bound by memory bandwidth, like `basic`'s vadd and sum.
 Arrays are 1-D, C-contiguous float32 or float64 (see `registry.float_array`); the GPU
-variants copy in, launch the kernels of `cuda_stream`, copy out and synchronise.
+variants take host or device arrays and launch the kernels of `cuda_stream` (see
+`cuda_support` for where their results go).
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ import numpy as np
 
 from . import cuda_stream
 from .basic import PARALLEL_MIN_SIZE
-from .cuda_support import gpu_errors
+from .cuda_support import GPU_MIN_ELEMENTS, finish, gpu_errors, on_device
 from .registry import KernelInputError, as_count, as_real, float_array, float_vectors, jit, kernel, prange
 
 # -- dot ----------------------------------------------------------------------------------
 
 
 @kernel(
-    "dot", description="Dot product of two equal-length 1-D float arrays, in float64, as a Python float.", pure=True
+    "dot",
+    description="Dot product of two equal-length 1-D float arrays, in float64, as a Python float.",
+    pure=True,
+    gpu_min_elements=GPU_MIN_ELEMENTS["dot"],
 )
 def dot(x: np.ndarray, y: np.ndarray) -> float:
     """sum(x * y) as a Python float; products and sums in float64 for float32 input too.
@@ -57,8 +61,7 @@ def _dot_cpu(x: np.ndarray, y: np.ndarray) -> float:
 @dot.gpu
 def _dot_gpu(x: np.ndarray, y: np.ndarray) -> float:
     with gpu_errors("dot") as cuda:
-        total = cuda_stream.dot_device(cuda.to_device(x), cuda.to_device(y)).copy_to_host()
-        cuda.synchronize()
+        total = cuda_stream.dot_device(on_device(cuda, x), on_device(cuda, y)).copy_to_host()
     return float(total[0])
 
 
@@ -76,6 +79,7 @@ _HIST_MAX_CHUNKS = 64
     "histogram",
     description="Counts of a 1-D float array in `bins` equal bins over [lo, hi], as np.histogram.",
     pure=True,
+    gpu_min_elements=GPU_MIN_ELEMENTS["histogram"],
 )
 def histogram(x: np.ndarray, bins: int, lo: float, hi: float) -> np.ndarray:
     """``np.histogram(x, bins, range=(lo, hi))[0]``: int64 counts, with lo and hi in x's dtype.
@@ -157,7 +161,5 @@ def _histogram_gpu(x: np.ndarray, bins: int, lo: np.floating, hi: np.floating) -
     with gpu_errors("histogram") as cuda:
         counts = cuda.to_device(np.zeros(bins, np.int64))
         edges = cuda.to_device(_edges(x, bins, lo, hi))
-        cuda_stream.histogram_device(cuda.to_device(x), lo, hi, edges, counts)
-        result = counts.copy_to_host()
-        cuda.synchronize()
-    return result
+        cuda_stream.histogram_device(on_device(cuda, x), lo, hi, edges, counts)
+        return finish(counts)

@@ -267,6 +267,112 @@ def check_device_level_launchers(real: bool) -> None:
     np.testing.assert_array_equal(d_c.copy_to_host(), m @ m.T)
 
 
+# -- device arrays in and out (the contract a GPU slot's resident values rely on) -----------
+
+
+def _device_cases(real: bool) -> list[tuple[str, tuple[object, ...]]]:
+    """One call of every GPU variant, with host arrays, at a size that needs several blocks."""
+    n = 3 * 10**5 + 7 if real else 1001
+    rng = np.random.default_rng(11)
+    a, b = _vectors(n, np.float32, 2)
+    m = rng.standard_normal((130, 17)).astype(np.float32)
+    mt = rng.standard_normal((17, 129)).astype(np.float32)
+    rows = (rng.standard_normal((300, 5)) * 3).astype(np.float32)
+    cases: list[tuple[str, tuple[object, ...]]] = [
+        ("vadd", (a, b)),
+        ("saxpy", (np.float32(1.5), a, b)),
+        ("sum", (a,)),
+        ("dot", (a, b)),
+        ("histogram", (a, 17, -3.0, 3.0)),
+        ("matmul", (m, mt)),
+        ("pairwise_distances", (m[:40], m[:33])),
+        ("kmeans_partial", (rows, rng.standard_normal((4, 5)))),
+        ("linreg_partial", (rows, rng.standard_normal(300).astype(np.float32))),
+    ]
+    return cases
+
+
+def _flat(value: object) -> list[object]:
+    return [item for part in value for item in _flat(part)] if isinstance(value, tuple | list) else [value]
+
+
+@_check
+def check_device_array_inputs_give_the_host_answer(real: bool) -> None:
+    """Every array argument may be a device array: same answer, host results by default."""
+    from numba import cuda
+
+    from batuta import kernels
+
+    for name, args in _device_cases(real):
+        on_host = kernels.run(name, "gpu", args)
+        device_args = tuple(cuda.to_device(arg) if isinstance(arg, np.ndarray) else arg for arg in args)
+        on_device = kernels.run(name, "gpu", device_args)
+        for host_part, device_part in zip(_flat(on_host), _flat(on_device), strict=True):
+            assert type(device_part) is type(host_part), (name, type(device_part))
+            if isinstance(host_part, np.ndarray):
+                assert host_part.dtype == device_part.dtype and host_part.shape == device_part.shape, name
+                np.testing.assert_allclose(device_part, host_part, rtol=1e-12, atol=1e-9, err_msg=name)
+            else:
+                assert abs(float(device_part) - float(host_part)) <= 1e-9 * max(1.0, abs(float(host_part))), name
+        for arg, device_arg in zip(args, device_args, strict=True):  # the inputs were left as they were
+            if isinstance(arg, np.ndarray):
+                np.testing.assert_array_equal(device_arg.copy_to_host(), arg)
+
+
+@_check
+def check_device_results_stay_on_the_device(real: bool) -> None:
+    from batuta import kernels
+
+    for name, args in _device_cases(real):
+        default = kernels.run(name, "gpu", args)
+        kept = kernels.run(name, "gpu", args, device_results=True)
+        for host_part, kept_part in zip(_flat(default), _flat(kept), strict=True):
+            if isinstance(host_part, np.ndarray):
+                assert kernels.is_device_array(kept_part), (name, type(kept_part))
+                assert kept_part.dtype == host_part.dtype and kept_part.shape == host_part.shape, name
+                np.testing.assert_allclose(kernels.to_host(kept_part), host_part, rtol=1e-12, atol=1e-9)
+            else:
+                assert type(kept_part) in (float, int) and not kernels.is_device_array(kept_part), name
+    assert not kernels.device_results_wanted()  # reset after the call
+    kept = kernels.run("vadd", "gpu", (np.ones(3), np.ones(3)), device_results=True)
+    again = kernels.run("vadd", "gpu", (kept, kept), device_results=True)  # a chain: device in, device out
+    np.testing.assert_array_equal(again.copy_to_host(), np.full(3, 4.0))
+
+
+@_check
+def check_device_arrays_are_checked_without_a_copy(real: bool) -> None:
+    from numba import cuda
+
+    from batuta import kernels
+
+    good = cuda.to_device(np.ones(8, np.float32))
+    bad_calls = [
+        ("vadd", (cuda.to_device(np.ones(8, np.int32)), good), "argument 'a' is a int32 device array"),
+        ("vadd", (good, cuda.to_device(np.ones(8))), "argument 'b' is float64 but 'a' is float32"),
+        ("vadd", (good, cuda.to_device(np.ones(9, np.float32))), "argument 'b' has shape (9,)"),
+        ("sum", (cuda.to_device(np.ones((2, 4), np.float32)),), "argument 'x' is a 2-D device array; pass a 1-D"),
+        ("sum", (cuda.to_device(np.ones(16, np.float32))[::2],), "argument 'x' is a strided device array view"),
+        (
+            "matmul",
+            (cuda.to_device(np.ones((4, 4), np.float32)).T, cuda.to_device(np.ones((4, 4), np.float32))),
+            "argument 'a' is a strided device array view",
+        ),
+        (
+            "kmeans_partial",
+            (cuda.to_device(np.ones((5, 2), np.float32)), cuda.to_device(np.ones((2, 2), np.float32))),
+            "argument 'centroids' is a float32 device array; pass a float64 one",
+        ),
+    ]
+    for name, args, expected in bad_calls:
+        try:
+            kernels.run(name, "gpu", args)
+        except kernels.KernelInputError as exc:
+            message = str(exc)
+            assert expected in message and f"'{name}'" in message and "\n" not in message, message
+        else:
+            raise AssertionError(f"{name} accepted {args}")
+
+
 def main() -> None:
     """Run every check; print one JSON object {check: null or its traceback} as the last line."""
     warnings.simplefilter("ignore")  # numba's simulator warns about object mode and overflows
