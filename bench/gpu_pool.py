@@ -132,7 +132,7 @@ async def batuta_side(args: argparse.Namespace, x: np.ndarray, pts: np.ndarray, 
             return [ok(await f) for f in futures]
 
         out["duty_pool_s"], estimates = await atimed(many_pi())
-        assert all(abs(e - np.pi) < 0.01 for e in estimates), estimates[:3]
+        assert all(abs(e - np.pi) < 8 / np.sqrt(samples) for e in estimates), estimates[:3]  # 5 sigma
         # kmeans, data resident
         pts_ref = pool.put(pts)
         centroids = init.copy()
@@ -225,7 +225,7 @@ def cupy_pi(cp: Any, samples: int) -> float:
 
     run()
     seconds, hits = timed(run)
-    assert abs(4.0 * hits / samples - np.pi) < 0.01
+    assert abs(4.0 * hits / samples - np.pi) < 8 / np.sqrt(samples)
     return samples / seconds / 1e9
 
 
@@ -271,7 +271,7 @@ def main() -> int:
     if args.smoke:
         os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
         os.environ.setdefault("BATUTA_FAKE_GPUS", "1")
-        args.gib, args.rows, args.mc_samples, args.tiny = 1 / 1024, 2_000, 1 << 16, 50
+        args.gib, args.rows, args.mc_samples, args.tiny = 1 / 1024, 2_000, 1 << 12, 50
     rng = np.random.default_rng(0)
     x = rng.random(int(args.gib * (1 << 30)) // 4, dtype=np.float32)
     pts = rng.random((args.rows, 16), dtype=np.float32)

@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from batuta.kernels.registry import is_device_array
 
-from batuta.agent.device_values import DeviceValues, default_cap, is_device_array, parse_gpu_cache
+from batuta.agent.device_values import DeviceValues, default_cap, parse_gpu_cache
 from batuta.errors import UsageError
 
 
@@ -21,7 +22,10 @@ class FakeDevice:
         self.shape = host.shape
         self.dtype = host.dtype
         self.nbytes = host.nbytes
-        self.__cuda_array_interface__ = {"data": (self.data.ctypes.data, False), "shape": host.shape}
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        return {"data": (self.data.ctypes.data, False), "shape": self.shape}
 
     def copy_to_host(self) -> np.ndarray:
         return self.data.copy()

@@ -31,18 +31,11 @@ from typing import Any
 import numpy as np
 
 from batuta.errors import UsageError
+from batuta.kernels.registry import is_device_array
 
 GPU_CACHE_ENV = "BATUTA_GPU_CACHE"
 DEFAULT_SHARE = 0.5  # of the card's free memory when the slot first uses it
 SIMULATOR_CAP = 1 << 30
-
-
-def is_device_array(value: object) -> bool:
-    """A CUDA device array: numba's (the CUDA array interface and `copy_to_host`) or the
-    simulator's `FakeCUDAArray` (which lacks the interface). NumPy arrays have neither."""
-    return hasattr(value, "copy_to_host") and (
-        hasattr(value, "__cuda_array_interface__") or type(value).__name__ == "FakeCUDAArray"
-    )
 
 
 def device_nbytes(value: Any) -> int:

@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 
 from batuta.agent.code import SlotCode, stale_error
-from batuta.agent.device_values import DeviceValues, device_nbytes, is_device_array
+from batuta.agent.device_values import DeviceValues, device_nbytes
 from batuta.agent.execute import (
     KernelRunner,
     describe_exception,
@@ -74,6 +74,7 @@ from batuta.agent.execute import (
 from batuta.agent.shm import SharedReader
 from batuta.core.objects import ObjectRef, refs_in, replace_refs
 from batuta.core.task import KernelCall, Outcome
+from batuta.kernels.registry import is_device_array, to_host
 from batuta.protocol.chunks import OutgoingStreams
 from batuta.protocol.codec import FrameDecoder, encode_message, encode_message_parts, encode_streamed_parts
 from batuta.protocol.messages import (
@@ -433,9 +434,7 @@ class SlotWorker:
             descriptor = (ObjectRef(object_id), device_nbytes(value), shape, np.dtype(value.dtype).str)
             return replace(outcome, value=descriptor)
         if isinstance(value, (tuple, list)) and any(is_device_array(item) for item in value):
-            from batuta.kernels import registry
-
-            value = registry.to_host(value)  # only a whole array stays on the device
+            value = to_host(value)  # only a whole array stays on the device
         try:
             if isinstance(value, np.ndarray):
                 if value.dtype.hasobject:
