@@ -204,7 +204,6 @@ def cupy_side(cp: Any, x: np.ndarray, pts: np.ndarray, init: np.ndarray, mc_samp
     sync()
     copy_s, _ = timed(lambda: (cp.copyto(copy, d), sync()))
     out["copy_bandwidth"] = 2 * d.nbytes / copy_s
-    del d, copy
     return out
 
 
