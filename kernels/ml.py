@@ -567,7 +567,8 @@ def _mlp_synth_cpu(
 
 @kmeans_partial.gpu
 def _kmeans_gpu(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """One thread per row; sums and counts by atomics, so equal to the reference within rounding."""
+    """Centroids and per-block sums in shared memory, rows in registers (see `cuda_ml`); the
+    blocks' sums are added with atomics, so equal to the reference within rounding."""
     with cuda_support.gpu_errors("kmeans_partial") as cuda:
         return cuda_support.finish(cuda_ml.kmeans_assign(cuda, x, centroids))
 

@@ -486,9 +486,9 @@ class FakeDevice:  # device functions ask the current device for its compute cap
     compute_capability = (9, 0)
 
 dispatcher.get_current_device = FakeDevice
-from batuta.kernels import cuda_linalg, cuda_stream
+from batuta.kernels import cuda_linalg, cuda_ml, cuda_stream
 
-linalg, stream = cuda_linalg._kernels(), cuda_stream._kernels()
+linalg, stream, ml = cuda_linalg._kernels(), cuda_stream._kernels(), cuda_ml._kernels()
 states = from_dtype(xoroshiro128p_dtype)[::1]
 jobs = []
 for name in ("float32", "float64"):
@@ -501,6 +501,8 @@ for name in ("float32", "float64"):
         (stream.histogram_global, (v, t, t, t, t, v, types.int64[::1])),
         (getattr(linalg, "gemm_" + name), (m, m, m)), (getattr(linalg, "sqdist_" + name), (m, m, m)),
     ]
+    kmeans_sig = (m, types.float64[:, ::1], types.float64[:, ::1], types.int64[::1], types.float64[::1])
+    jobs += [(ml.kmeans_shared16, kmeans_sig), (ml.kmeans_shared32, kmeans_sig)]
 jobs.append((stream.mc_pi, (states, types.int64, types.int64[::1])))
 import os
 ptxas = shutil.which("ptxas") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "ptxas")
@@ -539,7 +541,7 @@ def test_cuda_kernels_compile_for_sm90() -> None:
     if "skip" in found:
         pytest.skip(f"cannot compile CUDA here: {found['skip']}")
     report = found["report"]
-    assert len(report) == 17
+    assert len(report) == 21
     for key, item in report.items():
         assert item["ptx_lines"] > 10, key
         if "ptxas unavailable" not in item["ptxas"]:

@@ -432,6 +432,15 @@ GPU_PROBE = """
         y = rng.standard_normal(n).astype(dtype)
         got, want = kernels.run("linreg_partial", "gpu", (x, y)), kernels.reference("linreg_partial", (x, y))
         record("linreg_partial", got, want)
+    # Each kernel shape: rows of <= 16 and <= 32 features (rows in registers), more features,
+    # and k x d over what shared memory holds (the plain kernel).
+    for features, k in ((3, 7), (d, 5), (16, 64), (20, 9), (40, 3), (30, 70)):
+        x = (rng.standard_normal((n, features)) * 3).astype(np.float32)
+        c = rng.standard_normal((k, features))
+        got = kernels.run("kmeans_partial", "gpu", (x, c))
+        want = kernels.reference("kmeans_partial", (x, c))
+        assert np.array_equal(got[1], want[1]), ("counts", features, k)
+        record(f"kmeans_partial_{{features}}x{{k}}", got, want)
     empty = kernels.run("kmeans_partial", "gpu", (np.zeros((0, d)), np.zeros((2, d))))
     assert empty[1].sum() == 0 and empty[2] == 0.0
     centers = rng.standard_normal((3, d)) * 4
@@ -447,7 +456,10 @@ GPU_PROBE = """
 
 def test_cuda_variants_under_the_simulator() -> None:
     worst = run_python(GPU_PROBE.format(n=40, d=17), {"NUMBA_ENABLE_CUDASIM": "1"})
-    assert set(worst) == {"kmeans_partial", "linreg_partial", "kmeans_partial_synth", "linreg_partial_synth"}
+    kmeans_shapes = {f"kmeans_partial_{shape}" for shape in ("3x7", "17x5", "16x64", "20x9", "40x3", "30x70")}
+    assert set(worst) == {"kmeans_partial", "linreg_partial", "kmeans_partial_synth", "linreg_partial_synth"} | (
+        kmeans_shapes
+    )
     assert all(float(v) < 1e-9 for v in worst.values()), worst
 
 
