@@ -288,6 +288,17 @@ def _device_cases(real: bool) -> list[tuple[str, tuple[object, ...]]]:
         ("pairwise_distances", (m[:40], m[:33])),
         ("kmeans_partial", (rows, rng.standard_normal((4, 5)))),
         ("linreg_partial", (rows, rng.standard_normal(300).astype(np.float32))),
+        (
+            "mlp_grad",
+            (
+                rng.standard_normal((5, 6)),
+                rng.standard_normal(6),
+                rng.standard_normal((6, 3)),
+                rng.standard_normal(3),
+                rows[:50],
+                rng.integers(0, 3, 50),
+            ),
+        ),
     ]
     return cases
 
@@ -486,9 +497,9 @@ class FakeDevice:  # device functions ask the current device for its compute cap
     compute_capability = (9, 0)
 
 dispatcher.get_current_device = FakeDevice
-from batuta.kernels import cuda_linalg, cuda_ml, cuda_stream
+from batuta.kernels import cuda_linalg, cuda_ml, cuda_mlp, cuda_stream
 
-linalg, stream, ml = cuda_linalg._kernels(), cuda_stream._kernels(), cuda_ml._kernels()
+linalg, stream, ml, mlp = cuda_linalg._kernels(), cuda_stream._kernels(), cuda_ml._kernels(), cuda_mlp._kernels()
 states = from_dtype(xoroshiro128p_dtype)[::1]
 jobs = []
 for name in ("float32", "float64"):
@@ -503,6 +514,12 @@ for name in ("float32", "float64"):
     ]
     kmeans_sig = (m, types.float64[:, ::1], types.float64[:, ::1], types.int64[::1], types.float64[::1])
     jobs += [(ml.kmeans_shared16, kmeans_sig), (ml.kmeans_shared32, kmeans_sig)]
+    f64m, f64v = types.float64[:, ::1], types.float64[::1]
+    jobs += [
+        (mlp.mlp_rows, (m, types.int64[::1], f64m, f64v, f64m, f64v, f64m, f64m, f64m, f64v)),
+        (mlp.crossprod, (m, f64m, types.int64, types.float64[:, :, ::1])),
+    ]
+jobs.append((mlp.sum_splits, (types.float64[:, :, ::1], types.float64[:, ::1])))
 jobs.append((stream.mc_pi, (states, types.int64, types.int64[::1])))
 import os
 ptxas = shutil.which("ptxas") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "ptxas")
@@ -541,7 +558,7 @@ def test_cuda_kernels_compile_for_sm90() -> None:
     if "skip" in found:
         pytest.skip(f"cannot compile CUDA here: {found['skip']}")
     report = found["report"]
-    assert len(report) == 21
+    assert len(report) == 26
     for key, item in report.items():
         assert item["ptx_lines"] > 10, key
         if "ptxas unavailable" not in item["ptxas"]:

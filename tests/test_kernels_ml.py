@@ -37,11 +37,11 @@ ML_KERNELS = {
     "linreg_partial": ("scalar", "cpu", "gpu"),
     "tree_fit": ("scalar", "cpu"),
     "tree_predict": ("scalar", "cpu"),
-    "mlp_grad": ("scalar", "cpu"),
+    "mlp_grad": ("scalar", "cpu", "gpu"),
     "kmeans_partial_synth": ("scalar", "cpu", "gpu"),
     "linreg_partial_synth": ("scalar", "cpu", "gpu"),
     "tree_fit_synth": ("scalar", "cpu"),
-    "mlp_grad_synth": ("scalar", "cpu"),
+    "mlp_grad_synth": ("scalar", "cpu", "gpu"),
 }
 
 
@@ -450,6 +450,25 @@ GPU_PROBE = """
     args = (7, 11, n, rng.standard_normal(d), 0.1)
     got, want = kernels.run("linreg_partial_synth", "gpu", args), kernels.reference("linreg_partial_synth", args)
     record("linreg_partial_synth", got, want)
+    h, classes = 20, 4
+    params = (
+        rng.standard_normal((d, h)) * 0.4,
+        rng.standard_normal(h) * 0.1,
+        rng.standard_normal((h, classes)) * 0.4,
+        rng.standard_normal(classes) * 0.1,
+    )
+    for dtype in (np.float32, np.float64):
+        x = rng.standard_normal((n, d)).astype(dtype)
+        labels = rng.integers(0, classes, n)
+        call = (*params, x, labels)
+        got, want = kernels.run("mlp_grad", "gpu", call), kernels.reference("mlp_grad", call)
+        assert all(np.shape(g) == np.shape(w) for g, w in zip(got, want)), "shapes"
+        record("mlp_grad", got, want)
+    args = (*params, 7, 11, n, rng.standard_normal((d, classes)), 0.2)
+    got, want = kernels.run("mlp_grad_synth", "gpu", args), kernels.reference("mlp_grad_synth", args)
+    record("mlp_grad_synth", got, want)
+    empty = kernels.run("mlp_grad", "gpu", (*params, np.zeros((0, d)), np.zeros(0, np.int64)))
+    assert empty[0] == 0.0 and all(not np.any(g) for g in empty[1:])
     print(json.dumps(worst))
 """
 
@@ -457,9 +476,8 @@ GPU_PROBE = """
 def test_cuda_variants_under_the_simulator() -> None:
     worst = run_python(GPU_PROBE.format(n=40, d=17), {"NUMBA_ENABLE_CUDASIM": "1"})
     kmeans_shapes = {f"kmeans_partial_{shape}" for shape in ("3x7", "17x5", "16x64", "20x9", "40x3", "30x70")}
-    assert set(worst) == {"kmeans_partial", "linreg_partial", "kmeans_partial_synth", "linreg_partial_synth"} | (
-        kmeans_shapes
-    )
+    synth = {"kmeans_partial_synth", "linreg_partial_synth", "mlp_grad_synth"}
+    assert set(worst) == {"kmeans_partial", "linreg_partial", "mlp_grad"} | synth | kmeans_shapes
     assert all(float(v) < 1e-9 for v in worst.values()), worst
 
 
