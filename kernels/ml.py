@@ -16,7 +16,8 @@ Each but `tree_predict` also comes as ``<name>_synth``, which takes the recipe o
 rows, generates them where it runs and returns what the plain kernel returns on them: an
 iterative job then ships parameters, not data, every iteration. (`tree_fit_synth` also
 predicts the test rows, so a forest needs one task per tree.) The CUDA kernels live in
-`cuda_ml` and `cuda_mlp`; K-means, the regression and the MLP have GPU variants.
+`cuda_ml` and `cuda_mlp`; K-means, the regression and the MLP have GPU variants, whose
+``*_synth`` forms generate their rows on the device (`cuda_data`, the same bits as `ml_data`).
 
 All arithmetic is float64 whatever the input dtype (float32 input halves what travels and
 is widened exactly), and every result is float64 (integer counts int64). Inputs are checked
@@ -60,7 +61,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import cuda_ml, cuda_mlp, cuda_support, ml_cpu, ml_data, ml_trees
+from . import cuda_data, cuda_ml, cuda_mlp, cuda_support, ml_cpu, ml_data, ml_trees
 from .cuda_support import GPU_MIN_ELEMENTS
 from .ml_checks import MAX_CLASSES, check_data, check_finite, check_labels, check_param, writable_float64
 from .ml_data import MAX_UINT64, splitmix64
@@ -387,7 +388,9 @@ def _kmeans_synth_cpu(
 def _kmeans_synth_gpu(
     seed: int, start: int, rows: int, centers: np.ndarray, spread: float, centroids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    return _kmeans_gpu(ml_data.blobs_numba(np.uint64(seed), start, rows, centers, spread), centroids)
+    with cuda_support.gpu_errors("kmeans_partial_synth") as cuda:  # rows made on the device
+        x = cuda_data.blobs(cuda, seed, start, rows, centers, spread)
+        return cuda_support.finish(cuda_ml.kmeans_assign(cuda, x, centroids))
 
 
 @kernel(
@@ -422,7 +425,9 @@ def _linreg_synth_cpu(
 def _linreg_synth_gpu(
     seed: int, start: int, rows: int, coef: np.ndarray, noise_scale: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    return _linreg_gpu(*ml_data.regression_numba(np.uint64(seed), start, rows, coef, noise_scale))
+    with cuda_support.gpu_errors("linreg_partial_synth") as cuda:
+        x, y = cuda_data.regression(cuda, seed, start, rows, coef, noise_scale)
+        return cuda_support.finish(cuda_ml.gram(cuda, x, y))
 
 
 @kernel(
@@ -602,5 +607,6 @@ def _mlp_synth_gpu(
     weights: np.ndarray,
     noise_scale: float,
 ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    x, y = ml_data.teacher_numba(np.uint64(seed), start, rows, weights, noise_scale)
-    return _mlp_gpu(w1, b1, w2, b2, x, y)
+    with cuda_support.gpu_errors("mlp_grad_synth") as cuda:
+        x, y = cuda_data.teacher(cuda, seed, start, rows, weights, noise_scale)
+        return cuda_support.finish(cuda_mlp.mlp_grad(cuda, w1, b1, w2, b2, x, y))

@@ -520,6 +520,14 @@ for name in ("float32", "float64"):
         (mlp.crossprod, (m, f64m, types.int64, types.float64[:, :, ::1])),
     ]
 jobs.append((mlp.sum_splits, (types.float64[:, :, ::1], types.float64[:, ::1])))
+from batuta.kernels import cuda_data
+f32m, f64m = types.float32[:, ::1], types.float64[:, ::1]
+data = cuda_data._kernels()
+u, i, f = types.uint64, types.int64, types.float64
+jobs += [
+    (data.blobs, (u, i, f64m, f, f32m)), (data.regression, (u, i, types.float64[::1], f, f32m, types.float32[::1])),
+    (data.teacher, (u, i, f64m, f, f32m, types.int64[::1])),
+]
 jobs.append((stream.mc_pi, (states, types.int64, types.int64[::1])))
 import os
 ptxas = shutil.which("ptxas") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "ptxas")
@@ -558,7 +566,7 @@ def test_cuda_kernels_compile_for_sm90() -> None:
     if "skip" in found:
         pytest.skip(f"cannot compile CUDA here: {found['skip']}")
     report = found["report"]
-    assert len(report) == 26
+    assert len(report) == 29
     for key, item in report.items():
         assert item["ptx_lines"] > 10, key
         if "ptxas unavailable" not in item["ptxas"]:

@@ -467,6 +467,20 @@ GPU_PROBE = """
     args = (*params, 7, 11, n, rng.standard_normal((d, classes)), 0.2)
     got, want = kernels.run("mlp_grad_synth", "gpu", args), kernels.reference("mlp_grad_synth", args)
     record("mlp_grad_synth", got, want)
+    # The synth variants make their rows on the device: the same bits as ml_data's.
+    from batuta.kernels import cuda_data, cuda_support, ml_data
+    cuda = cuda_support.cuda()
+    recipe = rng.standard_normal((3, d)) * 4
+    made = cuda_data.blobs(cuda, 5, 2**40, n, recipe, 1.3).copy_to_host()
+    assert np.array_equal(made, ml_data.blobs(5, 2**40, n, recipe, 1.3)), "generated blobs differ"
+    for made, want in (
+        (cuda_data.regression(cuda, 5, 9, n, recipe[0], 0.1), ml_data.regression(5, 9, n, recipe[0], 0.1)),
+        (cuda_data.teacher(cuda, 5, 9, n, recipe.T.copy(), 0.2), ml_data.teacher(5, 9, n, recipe.T.copy(), 0.2)),
+    ):
+        assert all(np.array_equal(m.copy_to_host(), w) for m, w in zip(made, want)), "generated rows differ"
+    on_device = (7, 11, n, cuda.to_device(centers), 1.0, cuda.to_device(rng.standard_normal((4, d))))
+    kept = kernels.run("kmeans_partial_synth", "gpu", on_device, device_results=True)
+    assert kernels.is_device_array(kept[0]) and kernels.is_device_array(kept[1])
     empty = kernels.run("mlp_grad", "gpu", (*params, np.zeros((0, d)), np.zeros(0, np.int64)))
     assert empty[0] == 0.0 and all(not np.any(g) for g in empty[1:])
     print(json.dumps(worst))
