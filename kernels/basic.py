@@ -20,8 +20,10 @@ from .registry import (
     KernelInputError,
     as_count,
     as_real,
+    device_results_wanted,
     float_array,
     float_vectors,
+    is_device_array,
     jit,
     kernel,
     prange,
@@ -112,6 +114,10 @@ def _vadd_cpu(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @vadd.gpu
 def _vadd_gpu(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     with gpu_errors("vadd") as cuda:
+        if not (device_results_wanted() or is_device_array(a) or is_device_array(b)):
+            staged = cuda_stream.vadd_staged(a, b)  # host in, host out: reused buffers, one sync
+            if staged is not None:
+                return staged
         out = cuda.device_array(a.size, a.dtype)
         cuda_stream.vadd_device(on_device(cuda, a), on_device(cuda, b), out)
         return finish(out)
@@ -157,6 +163,10 @@ def _saxpy_cpu(alpha: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 @saxpy.gpu
 def _saxpy_gpu(alpha: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     with gpu_errors("saxpy") as cuda:
+        if not (device_results_wanted() or is_device_array(x) or is_device_array(y)):
+            staged = cuda_stream.saxpy_staged(alpha, x, y)
+            if staged is not None:
+                return staged
         out = cuda.device_array(x.size, x.dtype)
         cuda_stream.saxpy_device(alpha, on_device(cuda, x), on_device(cuda, y), out)
         return finish(out)
@@ -210,6 +220,10 @@ def _sum_cpu(x: np.ndarray) -> float:
 @sum_.gpu
 def _sum_gpu(x: np.ndarray) -> float:
     with gpu_errors("sum") as cuda:
+        if not is_device_array(x):
+            staged = cuda_stream.reduction_staged("sum", (x,))
+            if staged is not None:
+                return staged
         total = cuda_stream.sum_device(on_device(cuda, x)).copy_to_host()
     return float(total[0])
 

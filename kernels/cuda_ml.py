@@ -1,5 +1,13 @@
 """numba-cuda kernels behind the GPU variants of `ml` (K-means assignment, X^T X).
 
+K-means: the issue-16 profile of the first kernel (one thread per row, a global atomic per row
+and feature into k x d sums) was contention: 2M x 16 rows, k = 64, took ~200 ms an iteration
+on an H200. `_kmeans_rows_py` keeps the centroids and each block's sums in shared memory and a
+thread's row in registers, and adds to the global sums once per block: the work is then the
+float64 distances themselves (2M x 64 x 16 subtractions and FMAs, ~0.2-0.3 ms of the card's
+float64 rate). Distances are float64 because the reference's are: float32 ones would move
+rows across near ties and change the counts.
+
 Nothing here imports numba at module import (see `cuda_support`): as in `cuda_stream`, the
 kernels are module-level Python functions naming a ``cuda`` global that `_kernels()` binds
 (through `cuda_support.jit_kernels`) just before the first launch compiles them. The launchers
@@ -26,6 +34,16 @@ cuda: Any = None  # numba.cuda, bound by _kernels() before the kernels compile
 __all__ = ["gram", "kmeans_assign"]
 
 KMEANS_THREADS = 256
+KMEANS_SHARED_CELLS = 2048
+"""k x d up to this many cells: the centroids and the block's sums both fit shared memory
+(2 x 16 KiB of float64), which the fast K-means kernel needs; larger k x d take the plain one."""
+KMEANS_MAX_K = 1024
+KMEANS_ROW_CAPS = (16, 32)
+"""The fast kernel holds a thread's row in a local array of 16 or 32 float64 (registers, with
+the loops over it unrolled); rows of more features take the plain kernel."""
+KMEANS_BLOCKS_PER_SM = 4
+"""Blocks of the fast kernel per SM: each block walks its rows with a grid stride and adds its
+shared sums to the global ones once, so fewer blocks mean fewer global atomics."""
 GRAM_TILE = 16
 """X^T X is computed in 16 x 16 tiles, one thread per element of a tile."""
 GRAM_TARGET_BLOCKS = 1024
@@ -68,6 +86,87 @@ def _kmeans_assign_py(x: Any, centroids: Any, sums: Any, counts: Any, inertia: A
         step //= 2
     if t == 0:
         cuda.atomic.add(inertia, 0, partial[0])
+
+
+def _kmeans_rows_py(x: Any, centroids: Any, sums: Any, counts: Any, inertia: Any, row: Any) -> None:
+    """The fast K-means step, for rows of at most row.size features and k x d that fit shared memory.
+
+    The block copies the centroids (float64) into shared memory and keeps its own sums and
+    counts there. Each thread walks its rows with a grid stride: the row goes into `row`
+    (widened to float64, as the reference widens it), distances to every centroid are summed
+    over features in order from shared memory (ties go to the lowest centroid, as argmin's),
+    and the row is added to the block's sums with shared-memory atomics. At the end each
+    block adds its sums, counts and inertia to the global ones: one global atomic per cell per
+    block instead of one per row and feature, which is what made the plain kernel contend.
+    """
+    cent = cuda.shared.array(KMEANS_SHARED_CELLS, np.float64)
+    block_sums = cuda.shared.array(KMEANS_SHARED_CELLS, np.float64)
+    block_counts = cuda.shared.array(KMEANS_MAX_K, np.int32)
+    partial = cuda.shared.array(KMEANS_THREADS, np.float64)
+    t = cuda.threadIdx.x
+    n = x.shape[0]
+    d = x.shape[1]
+    k = centroids.shape[0]
+    cells = k * d
+    for cell in range(t, cells, cuda.blockDim.x):
+        cent[cell] = centroids[cell // d, cell % d]
+        block_sums[cell] = 0.0
+    for c in range(t, k, cuda.blockDim.x):
+        block_counts[c] = 0
+    cuda.syncthreads()
+    acc = np.float64(0.0)
+    i = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    while i < n:
+        for j in range(row.size):
+            if j < d:
+                row[j] = x[i, j]
+        nearest = 0
+        nearest_dist = np.float64(0.0)
+        for c in range(k):
+            base = c * d
+            dist = np.float64(0.0)
+            for j in range(row.size):
+                if j < d:
+                    diff = row[j] - cent[base + j]
+                    dist += diff * diff
+            if c == 0 or dist < nearest_dist:
+                nearest = c
+                nearest_dist = dist
+        base = nearest * d
+        for j in range(row.size):
+            if j < d:
+                cuda.atomic.add(block_sums, base + j, row[j])
+        cuda.atomic.add(block_counts, nearest, 1)
+        acc += nearest_dist
+        i += stride
+    partial[t] = acc
+    cuda.syncthreads()
+    step = cuda.blockDim.x // 2
+    while step > 0:
+        if t < step:
+            partial[t] += partial[t + step]
+        cuda.syncthreads()
+        step //= 2
+    for cell in range(t, cells, cuda.blockDim.x):
+        if block_sums[cell] != 0.0:
+            cuda.atomic.add(sums, (cell // d, cell % d), block_sums[cell])
+    for c in range(t, k, cuda.blockDim.x):
+        if block_counts[c] != 0:
+            cuda.atomic.add(counts, c, np.int64(block_counts[c]))
+    if t == 0:
+        cuda.atomic.add(inertia, 0, partial[0])
+
+
+kmeans_rows: Any = None  # the force-inlined device version, bound by _kernels()
+
+
+def _kmeans_shared16_py(x: Any, centroids: Any, sums: Any, counts: Any, inertia: Any) -> None:
+    kmeans_rows(x, centroids, sums, counts, inertia, cuda.local.array(16, np.float64))
+
+
+def _kmeans_shared32_py(x: Any, centroids: Any, sums: Any, counts: Any, inertia: Any) -> None:
+    kmeans_rows(x, centroids, sums, counts, inertia, cuda.local.array(32, np.float64))
 
 
 def _gram_py(x: Any, y: Any, rows_per_split: int, partial: Any) -> None:
@@ -132,7 +231,15 @@ def _gram_finish_py(partial: Any, xtx: Any, xty: Any) -> None:
 @functools.cache
 def _kernels() -> SimpleNamespace:
     return jit_kernels(
-        globals(), {"kmeans_assign": _kmeans_assign_py, "gram": _gram_py, "gram_finish": _gram_finish_py}
+        globals(),
+        {
+            "kmeans_assign": _kmeans_assign_py,
+            "kmeans_shared16": _kmeans_shared16_py,
+            "kmeans_shared32": _kmeans_shared32_py,
+            "gram": _gram_py,
+            "gram_finish": _gram_finish_py,
+        },
+        {"kmeans_rows": _kmeans_rows_py},
     )
 
 
@@ -149,9 +256,13 @@ def kmeans_assign(cuda: Any, x: Any, centroids: Any) -> tuple[Any, Any, float]:
     inertia = cuda.to_device(np.zeros(1))
     if n:
         threads = _threads(KMEANS_THREADS)
-        _kernels().kmeans_assign[math.ceil(n / threads), threads](
-            on_device(cuda, x), on_device(cuda, centroids), sums, counts, inertia
-        )
+        args = (on_device(cuda, x), on_device(cuda, centroids), sums, counts, inertia)
+        cap = next((cap for cap in KMEANS_ROW_CAPS if d <= cap), None)
+        if cap is not None and k * d <= KMEANS_SHARED_CELLS and k <= KMEANS_MAX_K:
+            blocks = min(math.ceil(n / threads), cuda_support.sm_count() * KMEANS_BLOCKS_PER_SM)
+            getattr(_kernels(), f"kmeans_shared{cap}")[blocks, threads](*args)
+        else:
+            _kernels().kmeans_assign[math.ceil(n / threads), threads](*args)
     return sums, counts, float(inertia.copy_to_host()[0])
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from .cuda_staging import Stage, launch_and_prepare, stage_for
 from .cuda_support import STREAM_THREADS, jit_kernels, simulated, stream_grid
 from .cuda_support import cuda as _import_cuda
 
@@ -272,6 +273,66 @@ def histogram_device(x: Any, lo: Any, hi: Any, edges: Any, counts: Any) -> None:
     args = (x, dtype(lo), dtype(hi), dtype(hi) - dtype(lo), dtype(bins), edges, counts)
     kernel = _kernels().histogram_shared if bins <= HIST_SHARED_BINS else _kernels().histogram_global
     kernel[stream_grid(x.size)](*args)
+
+
+# -- host in, host out: staged (see `cuda_staging`) ----------------------------------------
+
+
+def vadd_staged(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """a + b for host arrays through this thread's staging buffers; None when not staged."""
+    stage = stage_for(("vadd", a.dtype.str, a.size), (a, b), [((a.size,), a.dtype)])
+    return None if stage is None else stage.run((a, b), _launch_vadd)[0]
+
+
+def _launch_vadd(stage: Stage) -> None:
+    relaunch = stage.memo.get("vadd")
+    if relaunch is not None:
+        relaunch()
+        return
+    a, b = stage.device_inputs
+    (out,) = stage.device_outputs
+    stage.memo["vadd"] = launch_and_prepare(_kernels().vadd, *stream_grid(out.size), (a, b, out))
+
+
+def saxpy_staged(alpha: float, x: np.ndarray, y: np.ndarray) -> np.ndarray | None:
+    """alpha * x + y for host arrays through staging buffers (alpha varies: launched plainly)."""
+    stage = stage_for(("saxpy", x.dtype.str, x.size), (x, y), [((x.size,), x.dtype)])
+    if stage is None:
+        return None
+
+    def launch(stage: Stage) -> None:
+        d_x, d_y = stage.device_inputs
+        saxpy_device(alpha, d_x, d_y, stage.device_outputs[0])
+
+    return stage.run((x, y), launch)[0]
+
+
+def reduction_staged(name: str, arrays: tuple[np.ndarray, ...]) -> float | None:
+    """sum (one array) or dot (two) of host arrays through staging buffers, as a float."""
+    first = arrays[0]
+    stage = stage_for((name, first.dtype.str, first.size), arrays, [((1,), np.dtype(np.float64))])
+    if stage is None:
+        return None
+    return float(stage.run(arrays, _launch_reduction)[0][0])
+
+
+def _launch_reduction(stage: Stage) -> None:
+    relaunches = stage.memo.get("reduce")
+    if relaunches is not None:
+        for relaunch in relaunches:
+            relaunch()
+        return
+    inputs = tuple(stage.device_inputs)
+    (total,) = stage.device_outputs
+    n = inputs[0].size
+    partials = _import_cuda().device_array(stream_grid(n)[0], np.float64)
+    kernels = _kernels()
+    first = kernels.sum_partials if len(inputs) == 1 else kernels.dot_partials
+    threads = stream_grid(1)[1] if simulated() else REDUCE_THREADS
+    stage.memo["reduce"] = (
+        launch_and_prepare(first, *stream_grid(n), (*inputs, partials)),
+        launch_and_prepare(kernels.sum_partials, 1, threads, (partials, total)),
+    )
 
 
 def mc_pi_launch(samples: int) -> tuple[int, int]:

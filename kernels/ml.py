@@ -16,7 +16,8 @@ Each but `tree_predict` also comes as ``<name>_synth``, which takes the recipe o
 rows, generates them where it runs and returns what the plain kernel returns on them: an
 iterative job then ships parameters, not data, every iteration. (`tree_fit_synth` also
 predicts the test rows, so a forest needs one task per tree.) The CUDA kernels live in
-`cuda_ml`.
+`cuda_ml` and `cuda_mlp`; K-means, the regression and the MLP have GPU variants, whose
+``*_synth`` forms generate their rows on the device (`cuda_data`, the same bits as `ml_data`).
 
 All arithmetic is float64 whatever the input dtype (float32 input halves what travels and
 is widened exactly), and every result is float64 (integer counts int64). Inputs are checked
@@ -53,14 +54,14 @@ This module defines the kernels (every one registers here, as ``batuta.kernels.m
 reference, its input check and the variants it attaches. The code behind them lives beside
 it, one subject a module: the shared input checks in `ml_checks`, the numba loops of the
 K-means, regression and MLP CPU variants in `ml_cpu`, the tree algorithms in `ml_trees`, the
-data generators in `ml_data` and the CUDA kernels in `cuda_ml`.
+data generators in `ml_data` and the CUDA kernels in `cuda_ml` and `cuda_mlp`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import cuda_ml, cuda_support, ml_cpu, ml_data, ml_trees
+from . import cuda_data, cuda_ml, cuda_mlp, cuda_support, ml_cpu, ml_data, ml_trees
 from .cuda_support import GPU_MIN_ELEMENTS
 from .ml_checks import MAX_CLASSES, check_data, check_finite, check_labels, check_param, writable_float64
 from .ml_data import MAX_UINT64, splitmix64
@@ -387,7 +388,9 @@ def _kmeans_synth_cpu(
 def _kmeans_synth_gpu(
     seed: int, start: int, rows: int, centers: np.ndarray, spread: float, centroids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    return _kmeans_gpu(ml_data.blobs_numba(np.uint64(seed), start, rows, centers, spread), centroids)
+    with cuda_support.gpu_errors("kmeans_partial_synth") as cuda:  # rows made on the device
+        x = cuda_data.blobs(cuda, seed, start, rows, centers, spread)
+        return cuda_support.finish(cuda_ml.kmeans_assign(cuda, x, centroids))
 
 
 @kernel(
@@ -422,7 +425,9 @@ def _linreg_synth_cpu(
 def _linreg_synth_gpu(
     seed: int, start: int, rows: int, coef: np.ndarray, noise_scale: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    return _linreg_gpu(*ml_data.regression_numba(np.uint64(seed), start, rows, coef, noise_scale))
+    with cuda_support.gpu_errors("linreg_partial_synth") as cuda:
+        x, y = cuda_data.regression(cuda, seed, start, rows, coef, noise_scale)
+        return cuda_support.finish(cuda_ml.gram(cuda, x, y))
 
 
 @kernel(
@@ -567,7 +572,8 @@ def _mlp_synth_cpu(
 
 @kmeans_partial.gpu
 def _kmeans_gpu(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """One thread per row; sums and counts by atomics, so equal to the reference within rounding."""
+    """Centroids and per-block sums in shared memory, rows in registers (see `cuda_ml`); the
+    blocks' sums are added with atomics, so equal to the reference within rounding."""
     with cuda_support.gpu_errors("kmeans_partial") as cuda:
         return cuda_support.finish(cuda_ml.kmeans_assign(cuda, x, centroids))
 
@@ -577,3 +583,30 @@ def _linreg_gpu(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """16 x 16 shared-memory tiles of [X | y]^T [X | y] over row splits (see `cuda_ml.gram`)."""
     with cuda_support.gpu_errors("linreg_partial") as cuda:
         return cuda_support.finish(cuda_ml.gram(cuda, x, y))
+
+
+@mlp_grad.gpu
+def _mlp_gpu(
+    w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, x: np.ndarray, y: np.ndarray
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A thread per row forward and back, then the gradients as summed cross products over
+    row splits (see `cuda_mlp`): equal to the reference within rounding."""
+    with cuda_support.gpu_errors("mlp_grad") as cuda:
+        return cuda_support.finish(cuda_mlp.mlp_grad(cuda, w1, b1, w2, b2, x, y))
+
+
+@mlp_grad_synth.gpu
+def _mlp_synth_gpu(
+    w1: np.ndarray,
+    b1: np.ndarray,
+    w2: np.ndarray,
+    b2: np.ndarray,
+    seed: int,
+    start: int,
+    rows: int,
+    weights: np.ndarray,
+    noise_scale: float,
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    with cuda_support.gpu_errors("mlp_grad_synth") as cuda:
+        x, y = cuda_data.teacher(cuda, seed, start, rows, weights, noise_scale)
+        return cuda_support.finish(cuda_mlp.mlp_grad(cuda, w1, b1, w2, b2, x, y))

@@ -13,7 +13,17 @@ import numpy as np
 from . import cuda_stream
 from .basic import PARALLEL_MIN_SIZE
 from .cuda_support import GPU_MIN_ELEMENTS, finish, gpu_errors, on_device
-from .registry import KernelInputError, as_count, as_real, float_array, float_vectors, jit, kernel, prange
+from .registry import (
+    KernelInputError,
+    as_count,
+    as_real,
+    float_array,
+    float_vectors,
+    is_device_array,
+    jit,
+    kernel,
+    prange,
+)
 
 # -- dot ----------------------------------------------------------------------------------
 
@@ -61,6 +71,10 @@ def _dot_cpu(x: np.ndarray, y: np.ndarray) -> float:
 @dot.gpu
 def _dot_gpu(x: np.ndarray, y: np.ndarray) -> float:
     with gpu_errors("dot") as cuda:
+        if not (is_device_array(x) or is_device_array(y)):
+            staged = cuda_stream.reduction_staged("dot", (x, y))
+            if staged is not None:
+                return staged
         total = cuda_stream.dot_device(on_device(cuda, x), on_device(cuda, y)).copy_to_host()
     return float(total[0])
 

@@ -288,6 +288,17 @@ def _device_cases(real: bool) -> list[tuple[str, tuple[object, ...]]]:
         ("pairwise_distances", (m[:40], m[:33])),
         ("kmeans_partial", (rows, rng.standard_normal((4, 5)))),
         ("linreg_partial", (rows, rng.standard_normal(300).astype(np.float32))),
+        (
+            "mlp_grad",
+            (
+                rng.standard_normal((5, 6)),
+                rng.standard_normal(6),
+                rng.standard_normal((6, 3)),
+                rng.standard_normal(3),
+                rows[:50],
+                rng.integers(0, 3, 50),
+            ),
+        ),
     ]
     return cases
 
@@ -373,6 +384,54 @@ def check_device_arrays_are_checked_without_a_copy(real: bool) -> None:
             raise AssertionError(f"{name} accepted {args}")
 
 
+@_check
+def check_small_host_calls_reuse_their_staging_buffers_safely(real: bool) -> None:
+    """Host in, host out calls of vadd, saxpy, sum and dot go through per-thread staging
+    buffers: repeated calls with new data, and results kept across calls, stay right."""
+    import threading
+
+    from batuta.kernels import cuda_staging
+
+    from batuta import kernels
+
+    cuda_staging.forget_stages()
+    kept = []
+    for round_ in range(4):
+        a, b = _vectors(4096, np.float32, 2, seed=round_)
+        result = kernels.run("vadd", "gpu", (a, b))
+        np.testing.assert_array_equal(result, a + b)
+        kept.append((result, a + b))
+        assert kernels.run("saxpy", "gpu", (float(round_), a, b)).tolist() == (np.float32(round_) * a + b).tolist()
+        assert abs(kernels.run("sum", "gpu", (a,)) - math.fsum(a.tolist())) <= 1e-9 * float(np.abs(a).sum())
+        products = a.astype(np.float64) * b
+        assert abs(kernels.run("dot", "gpu", (a, b)) - math.fsum(products.tolist())) <= 1e-9 * float(
+            np.abs(products).sum()
+        )
+    for result, expected in kept:  # earlier results are not views of the reused buffers
+        np.testing.assert_array_equal(result, expected)
+    stages = cuda_staging._LOCAL.stages
+    assert sorted(key[0] for key in stages) == ["dot", "saxpy", "sum", "vadd"]  # one per kernel and size
+    assert all(stage.memo for key, stage in stages.items() if key[0] != "saxpy")  # launches prepared
+    errors: list[BaseException] = []
+
+    def other_thread() -> None:  # another thread gets its own buffers
+        try:
+            a, b = _vectors(4096, np.float32, 2, seed=99)
+            np.testing.assert_array_equal(kernels.run("vadd", "gpu", (a, b)), a + b)
+            assert len(cuda_staging._LOCAL.stages) == 1
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive() and not errors, errors
+    big = cuda_staging.STAGE_MAX_BYTES // 8 + 1  # over the staging limit: the plain path
+    a, b = _vectors(big, np.float32, 2)
+    np.testing.assert_array_equal(kernels.run("vadd", "gpu", (a, b)), a + b)
+    assert len(stages) == 4
+
+
 def main() -> None:
     """Run every check; print one JSON object {check: null or its traceback} as the last line."""
     warnings.simplefilter("ignore")  # numba's simulator warns about object mode and overflows
@@ -438,9 +497,9 @@ class FakeDevice:  # device functions ask the current device for its compute cap
     compute_capability = (9, 0)
 
 dispatcher.get_current_device = FakeDevice
-from batuta.kernels import cuda_linalg, cuda_stream
+from batuta.kernels import cuda_linalg, cuda_ml, cuda_mlp, cuda_stream
 
-linalg, stream = cuda_linalg._kernels(), cuda_stream._kernels()
+linalg, stream, ml, mlp = cuda_linalg._kernels(), cuda_stream._kernels(), cuda_ml._kernels(), cuda_mlp._kernels()
 states = from_dtype(xoroshiro128p_dtype)[::1]
 jobs = []
 for name in ("float32", "float64"):
@@ -453,6 +512,22 @@ for name in ("float32", "float64"):
         (stream.histogram_global, (v, t, t, t, t, v, types.int64[::1])),
         (getattr(linalg, "gemm_" + name), (m, m, m)), (getattr(linalg, "sqdist_" + name), (m, m, m)),
     ]
+    kmeans_sig = (m, types.float64[:, ::1], types.float64[:, ::1], types.int64[::1], types.float64[::1])
+    jobs += [(ml.kmeans_shared16, kmeans_sig), (ml.kmeans_shared32, kmeans_sig)]
+    f64m, f64v = types.float64[:, ::1], types.float64[::1]
+    jobs += [
+        (mlp.mlp_rows, (m, types.int64[::1], f64m, f64v, f64m, f64v, f64m, f64m, f64m, f64v)),
+        (mlp.crossprod, (m, f64m, types.int64, types.float64[:, :, ::1])),
+    ]
+jobs.append((mlp.sum_splits, (types.float64[:, :, ::1], types.float64[:, ::1])))
+from batuta.kernels import cuda_data
+f32m, f64m = types.float32[:, ::1], types.float64[:, ::1]
+data = cuda_data._kernels()
+u, i, f = types.uint64, types.int64, types.float64
+jobs += [
+    (data.blobs, (u, i, f64m, f, f32m)), (data.regression, (u, i, types.float64[::1], f, f32m, types.float32[::1])),
+    (data.teacher, (u, i, f64m, f, f32m, types.int64[::1])),
+]
 jobs.append((stream.mc_pi, (states, types.int64, types.int64[::1])))
 import os
 ptxas = shutil.which("ptxas") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "ptxas")
@@ -491,7 +566,7 @@ def test_cuda_kernels_compile_for_sm90() -> None:
     if "skip" in found:
         pytest.skip(f"cannot compile CUDA here: {found['skip']}")
     report = found["report"]
-    assert len(report) == 17
+    assert len(report) == 29
     for key, item in report.items():
         assert item["ptx_lines"] > 10, key
         if "ptxas unavailable" not in item["ptxas"]:
@@ -515,6 +590,34 @@ def test_gpu_benchmark_smoke_run() -> None:
     assert found["simulated"] is not REAL_GPU
     assert {"device", "vadd_fraction_of_copy", "matmul_fraction_of_cublas", "copy_reference"} <= set(found)
     assert isinstance(found["stream"]["4097"]["vadd_tbps"], float)  # simulated timings mean nothing
+
+
+@pytest.mark.timeout(300)
+def test_gpu_variant_profile_smoke_run() -> None:
+    """scripts/gpu_variant_profile.py --smoke runs end to end and reports every part."""
+    done = subprocess.run(
+        [sys.executable, "scripts/gpu_variant_profile.py", "--smoke"],
+        cwd=REPO_ROOT,
+        env=_subprocess_env(simulate=not REAL_GPU),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    found = json.loads(done.stdout.splitlines()[-1])
+    assert found["simulated"] is not REAL_GPU
+    assert {"call_staged_host_in_host_out", "launch_prepared", "call_cpu_variant"} <= set(found["vadd_4k_steps_us"])
+    from batuta import kernels
+
+    with_gpu = {name for name in kernels.names() if "gpu" in kernels.info(name).backends}
+    assert with_gpu - set(found["crossover"]) <= {
+        "mc_pi",
+        "kmeans_partial_synth",
+        "linreg_partial_synth",
+        "mlp_grad_synth",
+    }
+    assert found["kmeans"]["batuta_ms_per_iteration"] > 0
 
 
 if __name__ == "__main__":

@@ -37,11 +37,11 @@ ML_KERNELS = {
     "linreg_partial": ("scalar", "cpu", "gpu"),
     "tree_fit": ("scalar", "cpu"),
     "tree_predict": ("scalar", "cpu"),
-    "mlp_grad": ("scalar", "cpu"),
+    "mlp_grad": ("scalar", "cpu", "gpu"),
     "kmeans_partial_synth": ("scalar", "cpu", "gpu"),
     "linreg_partial_synth": ("scalar", "cpu", "gpu"),
     "tree_fit_synth": ("scalar", "cpu"),
-    "mlp_grad_synth": ("scalar", "cpu"),
+    "mlp_grad_synth": ("scalar", "cpu", "gpu"),
 }
 
 
@@ -432,6 +432,15 @@ GPU_PROBE = """
         y = rng.standard_normal(n).astype(dtype)
         got, want = kernels.run("linreg_partial", "gpu", (x, y)), kernels.reference("linreg_partial", (x, y))
         record("linreg_partial", got, want)
+    # Each kernel shape: rows of <= 16 and <= 32 features (rows in registers), more features,
+    # and k x d over what shared memory holds (the plain kernel).
+    for features, k in ((3, 7), (d, 5), (16, 64), (20, 9), (40, 3), (30, 70)):
+        x = (rng.standard_normal((n, features)) * 3).astype(np.float32)
+        c = rng.standard_normal((k, features))
+        got = kernels.run("kmeans_partial", "gpu", (x, c))
+        want = kernels.reference("kmeans_partial", (x, c))
+        assert np.array_equal(got[1], want[1]), ("counts", features, k)
+        record(f"kmeans_partial_{{features}}x{{k}}", got, want)
     empty = kernels.run("kmeans_partial", "gpu", (np.zeros((0, d)), np.zeros((2, d))))
     assert empty[1].sum() == 0 and empty[2] == 0.0
     centers = rng.standard_normal((3, d)) * 4
@@ -441,13 +450,48 @@ GPU_PROBE = """
     args = (7, 11, n, rng.standard_normal(d), 0.1)
     got, want = kernels.run("linreg_partial_synth", "gpu", args), kernels.reference("linreg_partial_synth", args)
     record("linreg_partial_synth", got, want)
+    h, classes = 20, 4
+    params = (
+        rng.standard_normal((d, h)) * 0.4,
+        rng.standard_normal(h) * 0.1,
+        rng.standard_normal((h, classes)) * 0.4,
+        rng.standard_normal(classes) * 0.1,
+    )
+    for dtype in (np.float32, np.float64):
+        x = rng.standard_normal((n, d)).astype(dtype)
+        labels = rng.integers(0, classes, n)
+        call = (*params, x, labels)
+        got, want = kernels.run("mlp_grad", "gpu", call), kernels.reference("mlp_grad", call)
+        assert all(np.shape(g) == np.shape(w) for g, w in zip(got, want)), "shapes"
+        record("mlp_grad", got, want)
+    args = (*params, 7, 11, n, rng.standard_normal((d, classes)), 0.2)
+    got, want = kernels.run("mlp_grad_synth", "gpu", args), kernels.reference("mlp_grad_synth", args)
+    record("mlp_grad_synth", got, want)
+    # The synth variants make their rows on the device: the same bits as ml_data's.
+    from batuta.kernels import cuda_data, cuda_support, ml_data
+    cuda = cuda_support.cuda()
+    recipe = rng.standard_normal((3, d)) * 4
+    made = cuda_data.blobs(cuda, 5, 2**40, n, recipe, 1.3).copy_to_host()
+    assert np.array_equal(made, ml_data.blobs(5, 2**40, n, recipe, 1.3)), "generated blobs differ"
+    for made, want in (
+        (cuda_data.regression(cuda, 5, 9, n, recipe[0], 0.1), ml_data.regression(5, 9, n, recipe[0], 0.1)),
+        (cuda_data.teacher(cuda, 5, 9, n, recipe.T.copy(), 0.2), ml_data.teacher(5, 9, n, recipe.T.copy(), 0.2)),
+    ):
+        assert all(np.array_equal(m.copy_to_host(), w) for m, w in zip(made, want)), "generated rows differ"
+    on_device = (7, 11, n, cuda.to_device(centers), 1.0, cuda.to_device(rng.standard_normal((4, d))))
+    kept = kernels.run("kmeans_partial_synth", "gpu", on_device, device_results=True)
+    assert kernels.is_device_array(kept[0]) and kernels.is_device_array(kept[1])
+    empty = kernels.run("mlp_grad", "gpu", (*params, np.zeros((0, d)), np.zeros(0, np.int64)))
+    assert empty[0] == 0.0 and all(not np.any(g) for g in empty[1:])
     print(json.dumps(worst))
 """
 
 
 def test_cuda_variants_under_the_simulator() -> None:
     worst = run_python(GPU_PROBE.format(n=40, d=17), {"NUMBA_ENABLE_CUDASIM": "1"})
-    assert set(worst) == {"kmeans_partial", "linreg_partial", "kmeans_partial_synth", "linreg_partial_synth"}
+    kmeans_shapes = {f"kmeans_partial_{shape}" for shape in ("3x7", "17x5", "16x64", "20x9", "40x3", "30x70")}
+    synth = {"kmeans_partial_synth", "linreg_partial_synth", "mlp_grad_synth"}
+    assert set(worst) == {"kmeans_partial", "linreg_partial", "mlp_grad"} | synth | kmeans_shapes
     assert all(float(v) < 1e-9 for v in worst.values()), worst
 
 

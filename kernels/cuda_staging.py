@@ -1,0 +1,207 @@
+"""Small host-in, host-out GPU calls made cheap: reused pinned staging buffers, one copy each
+way, a prepared launch and one stream synchronisation.
+
+A 4K-element vadd through numba the plain way (``to_device`` twice, ``device_array``, launch,
+``copy_to_host``) spends its time in host-side bookkeeping and driver calls, not on the card:
+three device allocations, two synchronous pageable copies in, numba's argument typing and
+marshalling at every launch, a synchronous copy out. Here a call whose inputs and outputs fit
+`STAGE_MAX_BYTES` goes through a `Stage`, kept per thread and per (kernel, shapes, dtypes):
+
+- one pinned host buffer and one device buffer hold all the inputs (packed at 256-byte
+  offsets), another pair all the outputs; the inputs are copied into the pinned buffer with
+  NumPy and sent with one asynchronous copy, the outputs come back with one;
+- the kernel is launched through `launch_and_prepare`: the first call launches the ordinary
+  way, later ones re-launch with the argument block numba built for these fixed buffers,
+  skipping its typing and marshalling (where numba's internals are not as expected, or under
+  the simulator, they launch the ordinary way);
+- one synchronisation of this thread's default stream, then the outputs are copied out of
+  the pinned buffer into fresh NumPy arrays (the buffer is reused by the next call).
+
+Everything runs on the default stream (the per-thread one where the process asks for that),
+never the legacy stream by name, and waits for that stream only. A `Stage` is reused only by
+the thread that made it, after its previous call synchronised, so nothing overwrites a buffer
+a copy or a kernel still reads. Calls with device arrays, or whose results stay on the device,
+never come here: those buffers would be handed out.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .cuda_support import cuda, simulated
+from .registry import is_device_array
+
+__all__ = [
+    "STAGE_ALIGN",
+    "STAGE_ENTRIES",
+    "STAGE_MAX_BYTES",
+    "Stage",
+    "forget_stages",
+    "launch_and_prepare",
+    "stage_for",
+]
+
+STAGE_MAX_BYTES = 1 << 22
+"""Calls moving more than this (inputs plus outputs) are not staged: their copies take long
+enough that the bookkeeping does not matter, and pinned memory is a scarce resource."""
+
+STAGE_ENTRIES = 16
+"""Stages kept per thread (least recently used dropped): at most 16 x 2 x 4 MiB pinned."""
+
+STAGE_ALIGN = 256
+"""Offsets of the packed arrays in the staging buffers: cudaMalloc's alignment, so a packed
+array is as aligned as an allocated one (vector loads stay legal)."""
+
+_LOCAL = threading.local()
+
+
+def _packed(specs: Sequence[tuple[tuple[int, ...], np.dtype[Any]]]) -> tuple[list[int], int]:
+    offsets = []
+    total = 0
+    for shape, dtype in specs:
+        offsets.append(total)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        total += -(-max(nbytes, 1) // STAGE_ALIGN) * STAGE_ALIGN
+    return offsets, total
+
+
+class Stage:
+    """Pinned and device buffers for one kind of call, with views of each argument in them."""
+
+    def __init__(
+        self,
+        inputs: Sequence[tuple[tuple[int, ...], np.dtype[Any]]],
+        outputs: Sequence[tuple[tuple[int, ...], np.dtype[Any]]],
+    ) -> None:
+        numba_cuda = cuda()
+        in_offsets, in_bytes = _packed(inputs)
+        out_offsets, out_bytes = _packed(outputs)
+        self.pinned_in = numba_cuda.pinned_array(in_bytes, np.uint8)
+        self.pinned_out = numba_cuda.pinned_array(out_bytes, np.uint8)
+        self.device_in = numba_cuda.device_array(in_bytes, np.uint8)
+        self.device_out = numba_cuda.device_array(out_bytes, np.uint8)
+        self.host_inputs = [_host_view(self.pinned_in, o, s, d) for o, (s, d) in zip(in_offsets, inputs, strict=True)]
+        self.host_outputs = [
+            _host_view(self.pinned_out, o, s, d) for o, (s, d) in zip(out_offsets, outputs, strict=True)
+        ]
+        self.device_inputs = [
+            _device_view(self.device_in, o, s, d) for o, (s, d) in zip(in_offsets, inputs, strict=True)
+        ]
+        self.device_outputs = [
+            _device_view(self.device_out, o, s, d) for o, (s, d) in zip(out_offsets, outputs, strict=True)
+        ]
+        self.stream = numba_cuda.default_stream()
+        self.memo: dict[str, Any] = {}
+        """For the caller: prepared launches, reduction buffers, anything tied to these buffers."""
+
+    def run(self, inputs: Sequence[np.ndarray], launch: Callable[[Stage], None]) -> list[np.ndarray]:
+        """Copy `inputs` in, call `launch(self)` to launch on the device views, copy the outputs
+        back, wait for this stream, and return the outputs as fresh host arrays."""
+        for view, value in zip(self.host_inputs, inputs, strict=True):
+            np.copyto(view, value)
+        self.device_in.copy_to_device(self.pinned_in, stream=self.stream)
+        launch(self)
+        self.device_out.copy_to_host(self.pinned_out, stream=self.stream)
+        self.stream.synchronize()
+        return [view.copy() for view in self.host_outputs]
+
+
+def _host_view(buffer: np.ndarray, offset: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    return buffer[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+def _device_view(buffer: Any, offset: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    view = buffer[offset : offset + nbytes].view(dtype).reshape(shape)
+    if not is_device_array(view):  # the simulator's fake arrays view as NumPy: wrap it again
+        view = type(buffer)(view)
+    return view
+
+
+def stage_for(
+    key: tuple[Any, ...],
+    inputs: Sequence[np.ndarray],
+    outputs: Sequence[tuple[tuple[int, ...], np.dtype[Any]]],
+) -> Stage | None:
+    """This thread's `Stage` for `key` (made on first use), or None when the call is too big
+    or has an empty array (nothing to gain; zero-length device views are not allowed)."""
+    stages: OrderedDict[tuple[Any, ...], Stage] | None = getattr(_LOCAL, "stages", None)
+    if stages is None:
+        stages = _LOCAL.stages = OrderedDict()
+    stage = stages.get(key)
+    if stage is not None:
+        stages.move_to_end(key)
+        return stage
+    specs = [(tuple(a.shape), np.dtype(a.dtype)) for a in inputs]
+    sizes = [int(np.prod(s, dtype=np.int64)) * d.itemsize for s, d in [*specs, *outputs]]
+    if sum(sizes) > STAGE_MAX_BYTES or 0 in sizes:
+        return None
+    stage = Stage(specs, outputs)
+    stages[key] = stage
+    while len(stages) > STAGE_ENTRIES:
+        stages.popitem(last=False)
+    return stage
+
+
+def forget_stages() -> None:
+    """Drop this thread's stages (tests; a slot giving its memory back)."""
+    _LOCAL.stages = OrderedDict()
+
+
+# -- prepared launches --------------------------------------------------------------------
+
+
+def launch_and_prepare(kernel: Any, grid: Any, block: Any, args: tuple[Any, ...]) -> Callable[[], None]:
+    """Launch ``kernel[grid, block](*args)`` now, and return a callable that launches it again
+    on the same arguments, as cheaply as numba allows.
+
+    The arguments must stay alive and unchanged (device arrays: their buffers; the contents
+    may change). On a real GPU the re-launch reuses numba's marshalled argument block and goes
+    straight to the driver; elsewhere, or if numba's internals differ from what this expects,
+    it launches the ordinary way again (configuring anew each time: the simulator's
+    ``kernel[grid, block]`` reconfigures the kernel object itself).
+    """
+    kernel[grid, block](*args)
+
+    def plain() -> None:
+        kernel[grid, block](*args)
+
+    if simulated():
+        return plain
+    try:
+        return _prepared(kernel[grid, block], args)
+    except Exception:  # numba internals changed: the ordinary launch still works
+        return plain
+
+
+def _prepared(configured: Any, args: tuple[Any, ...]) -> Callable[[], None]:
+    from cuda.core import LaunchConfig, launch
+    from numba.cuda._compat import CUDA_CORE_GE_1_0
+
+    dispatcher = configured.dispatcher
+    argtypes = tuple(dispatcher.typeof_pyval(arg) for arg in args)
+    kernel = dispatcher.overloads[argtypes]
+    kernel_args: list[Any] = []
+    writebacks: list[Any] = []
+    for argtype, arg in zip(kernel.argument_types, args, strict=True):
+        kernel._prepare_args(argtype, arg, configured.stream, writebacks, kernel_args)
+    if writebacks or getattr(kernel, "debug", False) or getattr(kernel, "cooperative", False):
+        raise ValueError("not a plain launch")  # host arrays copied back, or debug checks: keep numba's path
+    cooperative = {"is_cooperative" if CUDA_CORE_GE_1_0 else "cooperative_launch": False}
+    config = LaunchConfig(
+        grid=configured.griddim, block=configured.blockdim, shmem_size=configured.sharedmem, **cooperative
+    )
+    handle = kernel._codelibrary.get_cufunc().kernel
+    stream = configured.stream
+    held = (args, kernel_args)  # keeps the buffers the argument block points to alive
+
+    def relaunch() -> None:
+        launch(stream, config, handle, *held[1])
+
+    return relaunch
