@@ -243,7 +243,9 @@ async def ship_into_pool(hosts: TestHosts, slots: int, text: str, package: Path,
         if sorted(shipped.hosts) != sorted(h.name for h in hosts):
             raise SystemExit(f"shipping failed: {shipped}")
         ran_on: set[str] = set()
+        rounds = 0
         for _ in range(SHIP_ROUNDS):  # until every host has run a task of the new code
+            rounds += 1
             tasks = [pool.run(Task.kernel(SHIP_KERNEL, i)) for i in range(4 * len(hosts))]
             for i, r in enumerate(await asyncio.gather(*tasks)):
                 if r.value != f"{want}:{i}" or r.code != shipped.digest:  # the new code ran, not an old copy
@@ -260,6 +262,7 @@ async def ship_into_pool(hosts: TestHosts, slots: int, text: str, package: Path,
             "ship_ms": shipped_s * 1000,
             "imported_ms": (max(loaded.values()) - t0) * 1000,
             "task_on_every_host_ms": task_on_every_host_s * 1000,
+            "task_rounds": rounds,
             "code_stored_ms": {name: round((at - t0) * 1000, 1) for name, at in sorted(stored.items())},
             "code_loaded_ms": {name: round((at - t0) * 1000, 1) for name, at in sorted(loaded.items())},
         }
@@ -313,6 +316,7 @@ def measure_shipping(hosts: TestHosts, slots: int, folder: Path, repeats: int) -
         "reship_imported_ms": round(statistics.median(r["imported_ms"] for r in edited), 1),
         "ship_then_task_on_every_host_ms": round(statistics.median(r["task_on_every_host_ms"] for r in first), 1),
         "reship_then_task_on_every_host_ms": round(statistics.median(r["task_on_every_host_ms"] for r in edited), 1),
+        "ship_task_rounds": [r["task_rounds"] for r in first + edited],
         "ship_code_stored_ms": [r["code_stored_ms"] for r in first + edited],
         "ship_code_loaded_ms": [r["code_loaded_ms"] for r in first + edited],
     }
