@@ -81,17 +81,18 @@ class CodeAnswers:
     `CodeStored`, `loaded` its import errors on its `CodeLoaded`; False and None when it was
     lost before."""
 
-    digest: str
     stored: asyncio.Future[bool]
     loaded: asyncio.Future[Mapping[str, str] | None]
 
 
 class CodeAcks:
-    """Hosts whose answers to a `Code` someone waits for (at most one digest per host: a newer
-    wait ends the older one, whose code the host no longer runs)."""
+    """Hosts whose answers to a `Code` someone waits for, by host and digest. A host answers
+    each Code, in order, so a ship's import errors still come when the next ship has sent
+    other code meanwhile (ships go one at a time, each once the previous one's code is stored,
+    so one digest is never awaited twice from a host)."""
 
     def __init__(self) -> None:
-        self._waiting: dict[str, CodeAnswers] = {}
+        self._waiting: dict[tuple[str, str], CodeAnswers] = {}
         self._idle: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []  # (condition, its waiter)
         self.one_at_a_time = asyncio.Lock()  # ships of one pool, in turn (each pauses and resumes)
 
@@ -117,10 +118,10 @@ class CodeAcks:
 
     def expect(self, host: str, digest: str) -> CodeAnswers:
         """Futures for `host`'s answers to the Code of `digest`."""
-        self.gone(host)
         loop = asyncio.get_running_loop()
-        answers = CodeAnswers(digest=digest, stored=loop.create_future(), loaded=loop.create_future())
-        self._waiting[host] = answers
+        answers = CodeAnswers(stored=loop.create_future(), loaded=loop.create_future())
+        self._resolve(self._waiting.pop((host, digest), None))
+        self._waiting[host, digest] = answers
         return answers
 
     async def send(self, sessions: Mapping[str, HostSession], before: Mapping[str, str], digest: str) -> CodeShipped:
@@ -140,14 +141,13 @@ class CodeAcks:
         )
 
     def stored(self, host: str, message: m.CodeStored) -> None:
-        answers = self._waiting.get(host)
-        if answers is not None and answers.digest == message.digest and not answers.stored.done():
+        answers = self._waiting.get((host, message.digest))
+        if answers is not None and not answers.stored.done():
             answers.stored.set_result(True)
 
     def loaded(self, host: str, message: m.CodeLoaded) -> None:
-        answers = self._waiting.get(host)
-        if answers is not None and answers.digest == message.digest:
-            del self._waiting[host]
+        answers = self._waiting.pop((host, message.digest), None)
+        if answers is not None:
             if not answers.stored.done():
                 answers.stored.set_result(True)
             if not answers.loaded.done():
@@ -155,7 +155,12 @@ class CodeAcks:
 
     def gone(self, host: str) -> None:
         """`host` will not answer (lost, or the pool closed): stop waiting for it."""
-        answers = self._waiting.pop(host, None)
+        for key in [key for key in self._waiting if key[0] == host]:
+            self._resolve(self._waiting.pop(key))
+
+    @staticmethod
+    def _resolve(answers: CodeAnswers | None) -> None:
+        """Answers that will not come: not stored, not loaded."""
         if answers is not None:
             if not answers.stored.done():
                 answers.stored.set_result(False)
@@ -163,7 +168,7 @@ class CodeAcks:
                 answers.loaded.set_result(None)
 
     def close(self) -> None:
-        for host in list(self._waiting):
+        for host in {host for host, _ in self._waiting}:
             self.gone(host)
         for _, future in self._idle:
             if not future.done():
