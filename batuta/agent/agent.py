@@ -508,10 +508,8 @@ class Agent:
         self._heartbeat()
 
     def _on_code(self, code: Code) -> None:
-        """Write the user's code and say so at once (`ship` waits for that, not for the
-        compile), then import it, answer what happened, and give the slots the code. All in
-        this one call: nothing read meanwhile (a Run for the new code) is handled before the
-        slots have it, so a task never meets the old code (see agent/code.py)."""
+        """Write the user's code and say so at once (`ship` waits for that, not for the compile),
+        then import it, answer what happened, give the slots the code: all in this one call."""
         self._code.store(code)
         self._emit(CodeStored(digest=self._code.current.digest))
         self._flush()
