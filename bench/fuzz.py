@@ -78,6 +78,7 @@ from batuta.protocol.messages import (
     Code,
     CodeFile,
     CodeLoaded,
+    CodeStored,
     Done,
     Drop,
     Error,
@@ -232,6 +233,7 @@ def _wrong_direction(rnd: random.Random) -> bytes:
             SlotChanged(slot=0, state="up"),
             Heartbeat(seq=0, cpu_percent=0.0, memory_used=0, memory_total=0),
             Bye(reason="x"),
+            CodeStored(digest=CODE_BUNDLES[0].digest),
             CodeLoaded(digest=CODE_BUNDLES[0].digest),
         ]
     )

@@ -18,7 +18,16 @@ import pytest
 
 from batuta.agent.code import CODE_FOLDER, TEMP_PREFIX, CodeLoader, cache_root, install, prune
 from batuta.core.task import KernelCall, Outcome
-from batuta.protocol.messages import Code, CodeFile, CodeLoaded, Run, SlotChanged, TaskRequest, code_digest
+from batuta.protocol.messages import (
+    Code,
+    CodeFile,
+    CodeLoaded,
+    CodeStored,
+    Run,
+    SlotChanged,
+    TaskRequest,
+    code_digest,
+)
 from tests.test_agent_harness import BOTH_SPAWN_MODES, AgentProcess, StartAgent, start_agent, still_alive
 
 __all__ = ["start_agent"]  # a fixture, imported to be found by pytest
@@ -133,6 +142,44 @@ async def test_tasks_queued_for_old_code_are_refused_when_the_code_changes(
     assert {queued_a.status, queued_b.status} == {Outcome.ERROR}
     assert "must run with code" in (queued_a.error or "") and "now has code" in (queued_a.error or "")
     assert (new.status, new.value[0]) == (Outcome.OK, 2)
+
+
+async def test_code_is_answered_stored_before_the_import_and_a_task_sent_meanwhile_waits_for_it(
+    start_agent: StartAgent, cache: dict[str, str], tmp_path: Path
+) -> None:
+    """`CodeStored` goes out once the files are written, before the import (`ship` waits for
+    that answer only); a task for the new code sent before `CodeLoaded` waits for the import and
+    runs with the new code, and one for the old code is refused: never run with either."""
+    agent = await start_agent("--slots", "1", "--gpus", "none", "--name", "h1", env=cache)
+    first = bundle({"cs_mod.py": KERNELS.format(version=1)}, ("cs_mod",))
+    await loaded(agent, first)
+    agent.send(Run(tasks=(task(1, "cs_whoami", code=first),)))
+    assert (await agent.outcome(1)).value[0] == 1
+    gate = tmp_path / "import-gate"
+    os.mkfifo(gate)
+    gated = KERNELS.format(version=2) + f"\nwith open({str(gate)!r}) as gate:  # importing waits for the test\n"
+    second = bundle({"cs_mod.py": gated + "    gate.readline()\n"}, ("cs_mod",))
+    agent.send(second)
+    await agent.message(CodeStored, lambda m: m.digest == second.digest)
+    assert [answer.digest for answer in agent.of_type(CodeLoaded)] == [first.digest]  # importing: held at the gate
+    agent.send(Run(tasks=(task(2, "cs_whoami", code=second), task(3, "cs_whoami", code=first))))
+    release = os.open(gate, os.O_RDWR)  # never blocks; the module's open returns once it is there
+    try:
+        os.write(release, b"go\n")
+        answer = await agent.message(CodeLoaded, lambda m: m.digest == second.digest)
+        new, stale = await agent.outcomes_for([2, 3])
+    finally:
+        os.close(release)
+    assert answer.errors == {}
+    assert (new.status, new.value[0]) == (Outcome.OK, 2)
+    assert stale.status is Outcome.ERROR and f"but host h1 has code {second.digest[:12]}" in (stale.error or "")
+    kinds = [(type(m).__name__, m.digest) for m in agent.messages if isinstance(m, CodeStored | CodeLoaded)]
+    assert kinds == [
+        ("CodeStored", first.digest),
+        ("CodeLoaded", first.digest),
+        ("CodeStored", second.digest),
+        ("CodeLoaded", second.digest),
+    ]
 
 
 @BOTH_SPAWN_MODES

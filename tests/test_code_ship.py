@@ -262,7 +262,7 @@ async def test_ship_puts_new_code_into_a_running_pool_and_an_edit_replaces_it(pr
         with pytest.raises(CodeError, match="no such file or folder"):
             await pool.ship([project / "missing.py"])
         shipped = await pool.ship(job_files=[project / "my_job.py"])
-        assert (shipped.hosts, shipped.errors, shipped.unchanged) == (("local",), {}, False)
+        assert (shipped.hosts, shipped.unchanged, await shipped.import_errors()) == (("local",), False, {})
         first = await pool.run(Task.kernel("cs_value", 4))
         assert (first.status, first.value, first.code) == (TaskStatus.SUCCEEDED, 141, shipped.digest)
         assert (await pool.ship(job_files=[project / "my_job.py"])).unchanged  # the same code: nothing sent
@@ -273,6 +273,80 @@ async def test_ship_puts_new_code_into_a_running_pool_and_an_edit_replaces_it(pr
         results = await asyncio.gather(*(pool.run(Task.kernel("cs_value", i)) for i in range(8)))
     assert {(r.status, r.code) for r in results} == {(TaskStatus.SUCCEEDED, edited.digest)}
     assert [r.value for r in results] == [i * 10 + 102 for i in range(8)]  # every slot runs the new code
+
+
+async def test_ship_returns_once_the_hosts_stored_the_code_and_import_errors_follow(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ship` returns when every host has the files (the import, the compile, follows): here
+    the host's import of cs_gated waits for the test, and ship has returned meanwhile; a task
+    sent then runs the new code once imported. A module that does not compile is in
+    `import_errors()` and in its kernel's task failure, with the file and line, also when the
+    next ship went out before that import was over."""
+    gate = tmp_path / "import-gate"
+    os.mkfifo(gate)
+    code_sent = asyncio.Event()
+    original = HostSession.send
+
+    def spy(self: HostSession, message: m.Message, nbytes: int = 0) -> None:
+        original(self, message, nbytes)
+        if isinstance(message, m.Code):
+            code_sent.set()
+
+    monkeypatch.setattr(HostSession, "send", spy)
+    write(
+        project,
+        {
+            "cs_gated.py": f"""\
+                from batuta import kernel
+
+                with open({str(gate)!r}) as gate:  # importing waits for the test
+                    WORD = gate.readline().strip()
+
+
+                @kernel("cs_gated")
+                def cs_gated():
+                    return WORD
+
+
+                cs_gated.cpu(cs_gated.reference)
+            """,
+            "cs_broken.py": "from batuta import kernel\n\n\n@kernel('cs_broken_kernel')\ndef k(:\n    pass\n",
+            "cs_more.py": "X = 1\n",
+        },
+    )
+    async with Pool.builder().cpu_workers(1).gpu_workers("none").build() as pool:
+        shipped = await asyncio.wait_for(pool.ship([project / "cs_gated.py"]), 60)  # the host is held at the gate
+        assert shipped.hosts == ("local",)
+        imported = asyncio.ensure_future(shipped.import_errors())
+        result = asyncio.ensure_future(pool.run(Task.kernel("cs_gated")))
+        release = os.open(gate, os.O_RDWR)  # never blocks; the module's open returns once it is there
+        try:
+            os.write(release, b"opened\n")
+            assert await asyncio.wait_for(imported, 60) == {}
+            gated = await asyncio.wait_for(result, 60)
+            assert (gated.status, gated.value, gated.code) == (TaskStatus.SUCCEEDED, "opened", shipped.digest)
+
+            broken = await pool.ship([project / "cs_broken.py"])  # the new bundle imports cs_gated again: held
+            code_sent.clear()
+            shipping_more = asyncio.ensure_future(pool.ship([project / "cs_more.py"]))
+            await asyncio.wait_for(code_sent.wait(), 60)  # out before the host answered how the import went
+            os.write(release, b"again\n")
+            syntax_error = {"local": {"cs_broken": "SyntaxError at cs_broken.py line 5: invalid syntax"}}
+            assert await asyncio.wait_for(broken.import_errors(), 60) == syntax_error
+            more = await asyncio.wait_for(shipping_more, 60)
+            os.write(release, b"more\n")  # for the third bundle's import
+            assert await asyncio.wait_for(more.import_errors(), 60) == syntax_error  # it ships cs_broken too
+            failed = await pool.run(Task.kernel("cs_broken_kernel"))
+            again = await pool.run(Task.kernel("cs_gated"))
+        finally:
+            os.close(release)
+    assert failed.status is TaskStatus.FAILED
+    assert failed.error == (
+        "kernel 'cs_broken_kernel' is unknown on host local: importing cs_broken failed: "
+        "SyntaxError at cs_broken.py line 5: invalid syntax"
+    )
+    assert (again.status, again.value, again.code) == (TaskStatus.SUCCEEDED, "more", more.digest)
 
 
 BLOCK = """\

@@ -197,6 +197,7 @@ def test_agent_may_send_an_error_instead_of_hello() -> None:
 
 def test_direction_table_matches_the_messages_docstring() -> None:
     assert {t.__name__ for t in AGENT_SENDS} == {
+        "CodeStored",
         "CodeLoaded",
         "Started",
         "Done",

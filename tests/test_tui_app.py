@@ -305,6 +305,48 @@ async def test_a_job_file_started_in_the_running_pool_ships_its_modules_and_an_e
             assert jobs[label].message == expected
 
 
+HOST_ONLY_FAILURE = """\
+import sys
+
+from batuta import kernel
+
+if "batuta.agent.agent" in sys.modules:  # only on the hosts: the job file itself imports it here
+    raise ImportError("tui_host_only needs the lab's licence server")
+
+
+@kernel("tui_host_probe")
+def tui_host_probe(x):
+    return x
+
+
+tui_host_probe.cpu(tui_host_probe.reference)
+"""
+
+
+async def test_a_job_whose_module_fails_to_import_on_a_host_runs_and_the_failure_is_notified(
+    tmp_path: Path,
+) -> None:
+    """The hosts import a job's shipped modules after `ship` returns: the job starts, its task
+    of that module's kernel fails, and the host's import error is a notification."""
+    job_file = tmp_path / "host_only_job.py"
+    job_file.write_text(
+        "from batuta import Task\nimport tui_host_only\n\n\nasync def main(pool):\n"
+        "    return (await pool.run(Task.kernel('tui_host_probe', 1))).status.value\n"
+    )
+    (tmp_path / "tui_host_only.py").write_text(HOST_ONLY_FAILURE)
+    app = BatutaApp(local_pool(1))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.model.status == "running", "the pool to start")
+        app.start_job(str(job_file))
+        jobs = app.model.jobs
+        await until(pilot, lambda: "host_only_job" in jobs and jobs["host_only_job"].state == "done", "the job", 60)
+        assert jobs["host_only_job"].message == "failed"
+        expected = "tui_host_only: ImportError at tui_host_only.py line 6: tui_host_only needs the lab's licence server"
+        await until(pilot, lambda: any(str(n.message) == expected for n in app._notifications), "the notification")
+        (notified,) = [n for n in app._notifications if str(n.message) == expected]
+        assert notified.title == "host local cannot import the job's code"
+
+
 async def test_a_bad_job_file_is_a_notification_not_a_crash(tmp_path: Path) -> None:
     bad = tmp_path / "broken.py"
     bad.write_text("def main(pool):\n    return 1\n")  # not async

@@ -52,6 +52,7 @@ from .widgets import (
 
 if TYPE_CHECKING:
     from batuta.runtime.pool import Pool
+    from batuta.runtime.shipping import CodeShipped
 
 log = logging.getLogger("batuta.tui")
 
@@ -276,6 +277,11 @@ class BatutaApp(App[None]):
             label = f"{base}-{number}"
         return label
 
+    async def _report_import_errors(self, shipped: CodeShipped) -> None:
+        for host, errors in (await shipped.import_errors()).items():
+            failures = "; ".join(f"{module}: {error}" for module, error in errors.items())
+            self.notify(_one_line(failures), title=f"host {host} cannot import the job's code", severity="error")
+
     async def _run_job(self, spec: str) -> None:
         pool = self.pool
         assert pool is not None
@@ -291,9 +297,9 @@ class BatutaApp(App[None]):
             except BatutaError as exc:  # a CodeError (too much code), or the pool closed meanwhile
                 self.notify(_one_line(str(exc)), title="cannot run job", severity="error", timeout=15)
                 return
-            for host, errors in shipped.errors.items():
-                failures = "; ".join(f"{module}: {error}" for module, error in errors.items())
-                self.notify(_one_line(failures), title=f"host {host} cannot import the job's code", severity="error")
+            # the hosts import it after `ship` returns (tasks sent meanwhile wait there): the job
+            # starts now, and a module that fails to import is told when the hosts answer
+            self.run_worker(self._report_import_errors(shipped), name=f"imports {spec}", exit_on_error=False)
         label = self._label_for(job.name, job.origin)
         self.model.job_started(label, job.origin)
         self._job_workers[label] = get_current_worker()

@@ -7,9 +7,9 @@ What it does, in the order a session goes:
    `Error`: print it, exit 1). Nothing but an `Error` may go out before `Welcome`, so a
    `SlotChanged` from that time waits for it. Heartbeats start with `Welcome`, one at once,
    then every `heartbeat_interval`.
-2. Serve: `Code` (the user's modules, right after Welcome) is written to the cache, imported
-   here and answered with `CodeLoaded`; the slots are replaced by ones with that code (see
-   `code.py` and `supervisor.py`). A task whose `code` digest is not the one loaded is
+2. Serve: `Code` (the user's modules, right after Welcome) is written to the cache (answered
+   `CodeStored`), imported here and answered with `CodeLoaded`; the slots are replaced by ones with
+   that code (see `code.py` and `supervisor.py`). A task whose `code` digest is not the one loaded is
    answered "error" and not run. `Run` queues tasks on their slots (`supervisor.py` has the
    rules for feeding, Started inference, timeouts, cancel, steal-back, slot death and
    restarts); `StealBack` answers at once with what was still queued; `Cancel` answers each
@@ -67,6 +67,7 @@ from batuta.protocol.messages import (
     Cancel,
     Code,
     CodeLoaded,
+    CodeStored,
     Done,
     Drop,
     Error,
@@ -507,8 +508,12 @@ class Agent:
         self._heartbeat()
 
     def _on_code(self, code: Code) -> None:
-        """Install and import the user's code, answer what happened, give the slots the code."""
-        loaded = self._code.load(code)  # import failures go back in CodeLoaded: the coordinator logs them
+        """Write the user's code and say so at once (`ship` waits for that, not for the compile),
+        then import it, answer what happened, give the slots the code: all in this one call."""
+        self._code.store(code)
+        self._emit(CodeStored(digest=self._code.current.digest))
+        self._flush()
+        loaded = self._code.import_stored()  # import failures go back in CodeLoaded: the coordinator logs them
         self._emit(CodeLoaded(digest=loaded.digest, errors=dict(loaded.errors)))
         # Out now, not after the slots are replaced: nothing this agent reads next (a Run for
         # the new code) is handled before the loop below has forked them.

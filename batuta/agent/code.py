@@ -1,22 +1,29 @@
 """The user's code on a host: written under batuta's cache folder, put first on the import path,
 imported by the agent and by every slot.
 
-The coordinator sends a `Code` message (paths and bytes, no pickle) right after `Welcome`.
-`CodeLoader.load` then:
+The coordinator sends a `Code` message (paths and bytes, no pickle) right after `Welcome`, and
+again for each `Pool.ship`. `CodeLoader.store` then:
 
-1. writes the files to `<cache>/code/<digest>/` (`cache_root()`: `$XDG_CACHE_HOME/batuta`, else
+1. takes the previous bundle off `sys.path` and out of `sys.modules` and the kernel
+   registry (a kernel deleted from a module must be unknown, not run from the old copy);
+2. writes the files to `<cache>/code/<digest>/` (`cache_root()`: `$XDG_CACHE_HOME/batuta`, else
    `~/.cache/batuta`): into a fresh temporary folder beside it first, renamed into place in
    one step, so no agent ever imports half a bundle. A folder already there under that
    digest is reused, not rewritten, once its files are checked against the digest (one that
-   does not match, corrupted or edited by hand, is replaced);
-2. takes the previous bundle off `sys.path` and out of `sys.modules` and the kernel
-   registry (a kernel deleted from a module must be unknown, not run from the old copy);
+   does not match, corrupted or edited by hand, is replaced).
+
+The agent answers `CodeStored` there (a few milliseconds: `ship` waits for that, not for the
+compile), and at once, before it reads another message, `CodeLoader.import_stored`:
+
 3. puts the folder first on `sys.path` and imports the bundle's modules, in order, through
    `BundleLoader` (compiled once per host, see "Bytecode" below). A module that fails is
    recorded with one line saying why ("SyntaxError at mymod.py line 3: invalid syntax"),
    and never takes the agent down: tasks of its kernels fail with that line, the
-   others run;
+   others run. The agent answers `CodeLoaded` with those lines, then replaces its slots;
 4. prunes old bundles, keeping the `KEEP_BUNDLES` most recently used.
+
+Source only crosses the wire, and the host compiles it itself: the coordinator's bytecode
+is never trusted (nor usable: a host may run another Python minor).
 
 Bytecode. Compiling is most of loading a bundle: 200 KB of source is 100-170 ms of CPU, and
 an exec'd slot would pay it again, and every host again after an edit of one file. So the
@@ -51,7 +58,7 @@ import time
 import traceback
 import types
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from batuta.agent.execute import one_line
@@ -418,13 +425,22 @@ class CodeLoader:
         self.host = host
         self.root = cache_root() if root is None else root
         self.current = SlotCode(host=host)
+        self._to_import = False  # `store` wrote a bundle that `import_stored` has not imported yet
 
     def load(self, code: Code) -> SlotCode:
-        """Install `code` and import its modules here; returns what the slots must run with.
-        Never raises for the user's faults: a module that cannot be written or imported is
-        recorded in `errors`."""
+        """Install `code` and import its modules here (`store`, then `import_stored`); returns
+        what the slots must run with."""
+        self.store(code)
+        return self.import_stored()
+
+    def store(self, code: Code) -> None:
+        """The first half of taking `code`: write its files under the cache (or find them there)
+        and forget the previous bundle. Cheap next to `import_stored`, which must follow before
+        any task runs: the agent answers in between, so that the coordinator does not wait for
+        the compile. Never raises for the user's faults: files that cannot be written are
+        recorded in `errors`, for every module."""
         if code.digest == self.current.digest:
-            return self.current
+            return
         self._unload()
         try:
             folder = install(code, self.root)
@@ -433,18 +449,26 @@ class CodeLoader:
             self.current = SlotCode(
                 digest=code.digest, modules=code.modules, errors=dict.fromkeys(code.modules, why), host=self.host
             )
+            return
+        self.current = SlotCode(digest=code.digest, directory=str(folder), modules=code.modules, host=self.host)
+        self._to_import = True
+
+    def import_stored(self) -> SlotCode:
+        """The second half: import the stored bundle's modules here (compiling what no pyc
+        holds), each failure recorded in `errors` with one line, never raised; returns what the
+        slots must run with. Does nothing when nothing new was stored."""
+        if not self._to_import or self.current.directory is None:
             return self.current
-        directory = str(folder)
+        self._to_import = False
+        directory = self.current.directory
         use_bundle(directory)
         errors: dict[str, str] = {}
-        for module in code.modules:
+        for module in self.current.modules:
             try:
                 importlib.import_module(module)
             except (Exception, SystemExit) as exc:  # the user's module must not end the agent
                 errors[module] = describe_import_failure(exc, directory)
-        self.current = SlotCode(
-            digest=code.digest, directory=directory, modules=code.modules, errors=errors, host=self.host
-        )
+        self.current = replace(self.current, errors=errors)
         prune(self.root)
         return self.current
 
@@ -469,3 +493,4 @@ class CodeLoader:
             registry.forget_modules(gone)
         importlib.invalidate_caches()
         self.current = SlotCode(host=self.host)
+        self._to_import = False

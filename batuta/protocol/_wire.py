@@ -54,6 +54,7 @@ from batuta.protocol.messages import (
     Code,
     CodeFile,
     CodeLoaded,
+    CodeStored,
     Done,
     Drop,
     Error,
@@ -102,6 +103,7 @@ TAGS: dict[type, int] = {
     Fetch: 18,
     ObjectsLost: 19,
     GpuCache: 20,
+    CodeStored: 21,
 }
 """Message tags on the wire. Stable: changing one needs a new PROTOCOL_VERSION."""
 
@@ -245,6 +247,10 @@ def _enc_code(m: Code, oob: OobWriter) -> list[Any]:
     files = _code_files(m.files, ".files", _enc_code_file)
     _check_code_digest(sent, m.files, modules)
     return [TAGS[Code], sent, modules, files]
+
+
+def _enc_code_stored(m: CodeStored, oob: OobWriter) -> list[Any]:
+    return [TAGS[CodeStored], digest(m.digest, ".digest")]
 
 
 def _enc_code_loaded(m: CodeLoaded, oob: OobWriter) -> list[Any]:
@@ -432,6 +438,7 @@ _ENCODERS: dict[type, Callable[[Any, OobWriter], list[Any]]] = {
     Hello: _enc_hello,
     Welcome: _enc_welcome,
     Code: _enc_code,
+    CodeStored: _enc_code_stored,
     CodeLoaded: _enc_code_loaded,
     Run: _enc_run,
     Started: _enc_started,
@@ -512,6 +519,10 @@ def _dec_code(w: list[Any]) -> Code:
     code_files = _code_files(files, ".files", _dec_code_file)
     _check_code_digest(sent, code_files, module_names)
     return Code(digest=sent, modules=tuple(module_names), files=tuple(code_files))
+
+
+def _dec_code_stored(w: list[Any]) -> CodeStored:
+    return CodeStored(digest=digest(w[1], ".digest"))
 
 
 def _dec_code_loaded(w: list[Any]) -> CodeLoaded:
@@ -703,6 +714,7 @@ _DECODER_FNS: list[tuple[type, Callable[[list[Any]], Message]]] = [
     (Hello, _dec_hello),
     (Welcome, _dec_welcome),
     (Code, _dec_code),
+    (CodeStored, _dec_code_stored),
     (CodeLoaded, _dec_code_loaded),
     (Run, _dec_run),
     (Started, _dec_started),

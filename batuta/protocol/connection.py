@@ -8,8 +8,8 @@ whatever `send()` returns.
     agent                              coordinator
       |  Hello  -------------------------->  |   AWAIT_HELLO   -> AWAIT_WELCOME
       |  <-------------------- Welcome       |   AWAIT_WELCOME -> READY
-      |  CodeLoaded, Started, Done,      ->  |   READY: AGENT_SENDS
-      |  StealBackReply, SlotChanged,        |
+      |  CodeStored, CodeLoaded, Started,->  |   READY: AGENT_SENDS
+      |  Done, StealBackReply, SlotChanged,  |
       |  ObjectsLost, Heartbeat, Bye         |
       |  <- Code, Run, StealBack, Cancel,   |   READY: COORDINATOR_SENDS
       |     Put, Drop, Fetch, Shutdown       |
@@ -48,6 +48,7 @@ from batuta.protocol.messages import (
     Cancel,
     Code,
     CodeLoaded,
+    CodeStored,
     Done,
     Drop,
     Error,
@@ -121,7 +122,7 @@ class ConnectionState(enum.Enum):
 # -- the rules ---------------------------------------------------------------------------------
 
 AGENT_SENDS: Final[frozenset[type]] = frozenset(
-    {CodeLoaded, Started, Done, StealBackReply, SlotChanged, ObjectsLost, Heartbeat, Bye, Error}
+    {CodeStored, CodeLoaded, Started, Done, StealBackReply, SlotChanged, ObjectsLost, Heartbeat, Bye, Error}
 )
 COORDINATOR_SENDS: Final[frozenset[type]] = frozenset({Code, Run, StealBack, Cancel, Put, Drop, Fetch, Shutdown, Error})
 

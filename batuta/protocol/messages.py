@@ -3,8 +3,8 @@
 Small frozen dataclasses, validated by the codec when decoded. Direction is part of each
 message's meaning; `connection.py` holds the table of who may send what in which state.
 
-    agent -> coordinator: Hello, CodeLoaded, Started, Done, StealBackReply, SlotChanged, ObjectsLost,
-                          Heartbeat, Bye, Error
+    agent -> coordinator: Hello, CodeStored, CodeLoaded, Started, Done, StealBackReply, SlotChanged,
+                          ObjectsLost, Heartbeat, Bye, Error
     coordinator -> agent: Welcome, Code, Run, StealBack, Cancel, Put, Drop, Fetch, Shutdown, Error
     slot -> agent (a slot's pipe only, never on the coordinator's connection): GpuCache
 
@@ -21,10 +21,11 @@ from typing import Any
 
 from batuta.core.task import BinaryCall, KernelCall, Outcome
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 """2: Put, Drop and object references; 3: Code, CodeLoaded, TaskRequest.code; 4: Hello.modules;
 5: streamed arrays and chunk frames (`chunks.py`); 6: ObjectsLost (kept results live in slots);
-7: GpuSample's device cache fields (a protocol-6 coordinator could not read them)."""
+7: GpuSample's device cache fields (a protocol-6 coordinator could not read them);
+8: CodeStored (the agent answers Code before it imports it)."""
 
 
 # -- handshake ------------------------------------------------------------------------------
@@ -103,10 +104,21 @@ class Code:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CodeStored:
+    """The agent's first answer to Code: its files are under the agent's cache, checked against
+    `digest` (written now, or found there), and the agent runs that digest from now on. It
+    imports the modules next, before it reads another message, and says how in CodeLoaded: a
+    task for the new code sent meanwhile waits for that import, and never meets the old code.
+    (`Pool.ship` returns on this answer; compiling the code is the bulk of the import.)"""
+
+    digest: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CodeLoaded:
-    """The agent's answer to Code: the digest it now runs, and for each module that failed to
-    import, one line saying why ("SyntaxError at mymod.py line 3: invalid syntax"). Empty
-    `errors`: every module imported."""
+    """The agent's second answer to Code, after CodeStored: the digest it now runs, and for
+    each module that failed to import, one line saying why ("SyntaxError at mymod.py line 3:
+    invalid syntax"). Empty `errors`: every module imported."""
 
     digest: str
     errors: dict[str, str] = field(default_factory=dict)
@@ -330,6 +342,7 @@ Message = (
     Hello
     | Welcome
     | Code
+    | CodeStored
     | CodeLoaded
     | Run
     | Started

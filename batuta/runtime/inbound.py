@@ -65,6 +65,8 @@ def events_from(pool: Pool, session: HostSession, messages: list[m.Message]) -> 
             pool._objects.slot_lost(host, msg.object_ids)
             log.info("host %s lost kept object(s) %s: %s", host, list(msg.object_ids), msg.reason)
             events.append(ev.KeptObjectsLost(host_id=host, object_ids=tuple(msg.object_ids), reason=msg.reason))
+        elif isinstance(msg, m.CodeStored):
+            pool._acks.stored(host, msg)
         elif isinstance(msg, m.CodeLoaded):
             pool._acks.loaded(host, msg)
             for module, error in msg.errors.items():  # its tasks fail saying so; the rest run

@@ -173,8 +173,10 @@ class Pool:
     async def ship(self, modules: Iterable[str | Path] = (), *, job_files: Iterable[str | Path] = ()) -> CodeShipped:
         """Add `modules` (.py files, package folders) and `job_files` (the modules of their folder
         that they import) to the code this pool ships, and ship it to every host now, once the
-        tasks already on the hosts are done; returns once each host loaded it (see
-        runtime/shipping.py). Raises CodeError (a bad path, too much code) before that."""
+        tasks already on the hosts are done; returns once each host has stored it (the hosts
+        import it right after, and a task sent meanwhile waits there for that; `await
+        shipped.import_errors()` for how the imports went: see runtime/shipping.py). Raises
+        CodeError (a bad path, too much code) before that."""
         self._check_open()
         code = with_code(self.config.code, modules, job_files)
         if {n: b.digest if b else "" for n, b in collect(code, self._specs).items()} == self._code_of:

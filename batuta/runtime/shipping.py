@@ -12,9 +12,14 @@ the old code would be refused, "error", when the new code arrives: no task runs 
 or handed back and queued here again), ships, and resumes. Tasks not sent yet run with the
 new code. So `ship` may wait for a long task that runs when it is called.
 
-`CodeAcks` waits for each host's `CodeLoaded` of the new digest: `ship` returns once every
-host it sent the code to has written it and imported its modules, or was lost meanwhile
-(liveness bounds how long a silent host is waited for).
+Each host answers twice. `CodeStored`: the files are written under its cache and checked
+against the digest, and it runs that digest from now on; `ship` returns once every host it sent
+the code to has said so, or was lost meanwhile (liveness bounds how long a silent host is waited
+for). Then, before it reads anything else, the host imports the code (compiling it: most of
+the work, 80-100 ms of CPU per 200 KB of source) and answers `CodeLoaded` with the modules that
+failed; `CodeShipped.import_errors()` waits for those answers. A task sent meanwhile waits on
+the host for the import, so `ship` returning early costs a task nothing and never lets one
+meet the old code (agent/agent.py `_on_code`). `CodeAcks` keeps both waits.
 """
 
 from __future__ import annotations
@@ -32,14 +37,23 @@ from batuta.runtime.session import HostSession, HostSpec
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CodeShipped:
     """What `Pool.ship` did. `digest`: the pool's code now ("" when nothing ships); `hosts`:
-    those sent new code that loaded it, in order; `errors`: per host, the modules that failed
-    to import there and why (their kernels' tasks fail with that line, the others run);
-    `unchanged`: the code was what the hosts had, nothing was sent."""
+    those sent new code that stored it, in order; `unchanged`: the code was what the hosts had,
+    nothing was sent. `imports`: each of `hosts`' answer once it imported the code (its
+    modules that failed, and why; None if it was lost first): see `import_errors`."""
 
     digest: str
     hosts: tuple[str, ...] = ()
-    errors: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     unchanged: bool = False
+    imports: Mapping[str, asyncio.Future[Mapping[str, str] | None]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    async def import_errors(self) -> dict[str, dict[str, str]]:
+        """Per host, the modules that failed to import there and why (their kernels' tasks fail
+        with that line, the others run; the log says it too), once every host in `hosts` has
+        imported the code or was lost. Empty: every module imported everywhere."""
+        answers = await asyncio.gather(*self.imports.values())
+        return {host: dict(errors) for host, errors in zip(self.imports, answers, strict=True) if errors}
 
 
 def with_code(spec: CodeSpec, modules: Iterable[str | Path], job_files: Iterable[str | Path]) -> CodeSpec:
@@ -61,12 +75,24 @@ def collect(code: CodeSpec, hosts: Sequence[HostSpec]) -> dict[str, m.Code | Non
     return {spec.name: collector.bundle(spec.kernel_modules) for spec in hosts}
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CodeAnswers:
+    """A host's two answers to one `Code` (module docstring): `stored` is True on its
+    `CodeStored`, `loaded` its import errors on its `CodeLoaded`; False and None when it was
+    lost before."""
+
+    stored: asyncio.Future[bool]
+    loaded: asyncio.Future[Mapping[str, str] | None]
+
+
 class CodeAcks:
-    """Hosts whose `CodeLoaded` of a digest someone waits for (at most one digest per host:
-    a newer wait ends the older one, whose code the host no longer runs)."""
+    """Hosts whose answers to a `Code` someone waits for, by host and digest. A host answers
+    each Code, in order, so a ship's import errors still come when the next ship has sent
+    other code meanwhile (ships go one at a time, each once the previous one's code is stored,
+    so one digest is never awaited twice from a host)."""
 
     def __init__(self) -> None:
-        self._waiting: dict[str, tuple[str, asyncio.Future[Mapping[str, str] | None]]] = {}
+        self._waiting: dict[tuple[str, str], CodeAnswers] = {}
         self._idle: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []  # (condition, its waiter)
         self.one_at_a_time = asyncio.Lock()  # ships of one pool, in turn (each pauses and resumes)
 
@@ -90,42 +116,59 @@ class CodeAcks:
                 else:
                     self._idle.append((condition, future))
 
-    def expect(self, host: str, digest: str) -> asyncio.Future[Mapping[str, str] | None]:
-        """A future for `host`'s import errors once it loaded `digest`; None if it was lost."""
-        self.gone(host)
-        future: asyncio.Future[Mapping[str, str] | None] = asyncio.get_running_loop().create_future()
-        self._waiting[host] = (digest, future)
-        return future
+    def expect(self, host: str, digest: str) -> CodeAnswers:
+        """Futures for `host`'s answers to the Code of `digest`."""
+        loop = asyncio.get_running_loop()
+        answers = CodeAnswers(stored=loop.create_future(), loaded=loop.create_future())
+        self._resolve(self._waiting.pop((host, digest), None))
+        self._waiting[host, digest] = answers
+        return answers
 
     async def send(self, sessions: Mapping[str, HostSession], before: Mapping[str, str], digest: str) -> CodeShipped:
-        """Send each open session its code where its digest is not the one in `before`, and
-        wait for their answers; `digest` is the pool's, for the report."""
-        waits: dict[str, asyncio.Future[Mapping[str, str] | None]] = {}
+        """Send each open session its code where its digest is not the one in `before` (all
+        sent before any answer is awaited, so the hosts write and import it side by side), and
+        wait until each has stored it; `digest` is the pool's, for the report."""
+        waits: dict[str, CodeAnswers] = {}
         for name, session in sessions.items():
             code = session.code
             if code is not None and code.digest != before.get(name) and session.is_open:
                 waits[name] = self.expect(name, code.digest)
                 session.send(code, sum(len(f.data) for f in code.files))
-        answers = dict(zip(waits, await asyncio.gather(*waits.values()), strict=True))
-        loaded = {name: errors for name, errors in answers.items() if errors is not None}
-        errors = {name: errors for name, errors in loaded.items() if errors}
-        return CodeShipped(digest=digest, hosts=tuple(loaded), errors=errors, unchanged=not waits)
+        stored = await asyncio.gather(*(answers.stored for answers in waits.values()))
+        hosts = tuple(name for name, ok in zip(waits, stored, strict=True) if ok)
+        return CodeShipped(
+            digest=digest, hosts=hosts, unchanged=not waits, imports={name: waits[name].loaded for name in hosts}
+        )
+
+    def stored(self, host: str, message: m.CodeStored) -> None:
+        answers = self._waiting.get((host, message.digest))
+        if answers is not None and not answers.stored.done():
+            answers.stored.set_result(True)
 
     def loaded(self, host: str, message: m.CodeLoaded) -> None:
-        waiting = self._waiting.get(host)
-        if waiting is not None and waiting[0] == message.digest:
-            del self._waiting[host]
-            if not waiting[1].done():
-                waiting[1].set_result(dict(message.errors))
+        answers = self._waiting.pop((host, message.digest), None)
+        if answers is not None:
+            if not answers.stored.done():
+                answers.stored.set_result(True)
+            if not answers.loaded.done():
+                answers.loaded.set_result(dict(message.errors))
 
     def gone(self, host: str) -> None:
         """`host` will not answer (lost, or the pool closed): stop waiting for it."""
-        waiting = self._waiting.pop(host, None)
-        if waiting is not None and not waiting[1].done():
-            waiting[1].set_result(None)
+        for key in [key for key in self._waiting if key[0] == host]:
+            self._resolve(self._waiting.pop(key))
+
+    @staticmethod
+    def _resolve(answers: CodeAnswers | None) -> None:
+        """Answers that will not come: not stored, not loaded."""
+        if answers is not None:
+            if not answers.stored.done():
+                answers.stored.set_result(False)
+            if not answers.loaded.done():
+                answers.loaded.set_result(None)
 
     def close(self) -> None:
-        for host in list(self._waiting):
+        for host in {host for host, _ in self._waiting}:
             self.gone(host)
         for _, future in self._idle:
             if not future.done():

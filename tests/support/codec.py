@@ -25,6 +25,7 @@ from batuta.protocol import (
     Code,
     CodeFile,
     CodeLoaded,
+    CodeStored,
     Done,
     Drop,
     Error,
@@ -203,6 +204,7 @@ def sample_messages() -> list[Message]:
         Code(digest=code_digest((), ()), modules=(), files=()),
         CodeLoaded(digest=DIGEST, errors={"mykernels": "SyntaxError at mykernels.py line 3: invalid syntax"}),
         CodeLoaded(digest=DIGEST),
+        CodeStored(digest=DIGEST),
     ]
 
 
