@@ -27,7 +27,6 @@ from batuta.runtime.cluster import ClusterHost, build_pool, load_cluster, ssh_ho
 from batuta.runtime.pool import Pool, PoolConfig
 from batuta.transport import ssh
 from batuta.transport.base import StreamClosedError
-from batuta.transport.ssh_ciphers import cpu_has_aes
 from batuta.transport.ssh import (
     HostKeyError,
     SSHConnectError,
@@ -38,6 +37,7 @@ from batuta.transport.ssh import (
     redacted_command,
     remote_command,
 )
+from batuta.transport.ssh_ciphers import cpu_has_aes
 from tests.support.hosts import TestHost, TestHosts
 
 # -- commands -------------------------------------------------------------------------------
