@@ -17,7 +17,6 @@ what does not fit their heaps. Outside glibc (musl, macOS) nothing changes.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import sys
 
@@ -36,7 +35,7 @@ def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the C library already loaded (no ldconfig run to find it)
         libc.mallopt  # noqa: B018 - glibc has it; musl does not
         libc.malloc_trim  # noqa: B018
     except (OSError, AttributeError):
