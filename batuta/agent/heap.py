@@ -20,7 +20,7 @@ import ctypes
 import functools
 import sys
 
-TRIM_BYTES = 1 << 30
+TRIM_BYTES = 256 << 20
 """Free memory at the top of a slot's heap beyond this goes back to the system at once."""
 
 IDLE_TRIM_S = 1.0
