@@ -145,8 +145,9 @@ class OobWriter:
         return offset
 
 
-MAPPED_MIN_BYTES = 1 << 20
-"""Receive buffers at least this large are anonymous mappings of their own (`aligned_empty`)."""
+MAPPED_MIN_BYTES = 32 << 20
+"""Receive buffers at least this large are anonymous mappings of their own (`aligned_empty`):
+glibc maps such allocations afresh anyway, while smaller ones may reuse its freed memory."""
 
 
 def aligned_empty(nbytes: int) -> np.ndarray:
