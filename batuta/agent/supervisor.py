@@ -402,7 +402,7 @@ class SlotSupervisor:
 
     def _puts_for(self, batch: list[TaskRequest]) -> list[tuple[int, Any]]:
         """The put objects `batch` names that the slot process lacks (to send as Puts): each
-        value crosses the pipe once per process, then every task names it by id (as Dask
+        value goes to a process once, then every task names it by id (as Dask
         keeps scattered data in the worker). A task whose object is no longer here (dropped
         while it waited, which the coordinator does not do) is answered "error" and removed."""
         wanted: list[tuple[int, Any]] = []
