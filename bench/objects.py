@@ -14,10 +14,13 @@ one worker process per host, the same hosts for both systems, one run:
   same `submit` on one worker, then `client.gather(future)`, timed alone.
 
 Throughputs count the array's bytes once per host for put (4 copies of it travel) and once for
-get. `coordinator_peak_rss_mib` is this process's peak resident set while batuta moves the
-values (`ru_maxrss`, measured before Dask starts in this process), minus nothing: the put
-array itself is part of it. The array is memory-mapped from a `.npy` file, so batuta reads it
-chunk by chunk; the issue's target is a peak under 1 GiB while moving 4 GiB. This machine
+get. `coordinator_peak_rss_mib` is this process's peak resident set during the put (VmHWM, its
+high-water mark restarted just before with /proc/self/clear_refs, so that writing the source
+file does not count; where that cannot be done, `ru_maxrss` over the whole batuta run),
+minus nothing: the put array's pages, mapped as they are read, are part of it.
+`get_peak_over_value_mib` is what the get's peak adds beyond the fetched value itself. The
+array is memory-mapped from a `.npy` file, so batuta reads it chunk by chunk; the issue's
+target is a peak under 1 GiB while moving 4 GiB. This machine
 (23 GiB of RAM, 2 cores) holds 4 copies on the hosts plus the source, so the default is
 1 GiB; `--gib 4` is the issue's size where memory allows.
 
@@ -74,7 +77,24 @@ def cluster_text(hosts: TestHosts) -> str:
 
 
 def peak_rss_mib() -> float:
+    """This process's resident-set high-water mark (since the last `reset_peak_rss`)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart the high-water mark at the current resident set (Linux: clear_refs 5), so
+    that a peak covers one phase, not the source file's writing before it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 async def batuta_run(hosts: TestHosts, array: np.ndarray) -> dict[str, Any]:
@@ -86,6 +106,7 @@ async def batuta_run(hosts: TestHosts, array: np.ndarray) -> dict[str, Any]:
     try:
         async with asyncio.timeout(RUN_TIMEOUT_S):
             await pool.start()
+            phases = reset_peak_rss()
             rss_before = peak_rss_mib()
             start = time.perf_counter()
             ref = pool.put(array)
@@ -95,12 +116,17 @@ async def batuta_run(hosts: TestHosts, array: np.ndarray) -> dict[str, Any]:
             failed = [r for r in results if not r.is_success()]
             if failed:
                 raise RuntimeError(f"a sum failed: {failed[0].describe_failure()}")
+            put_peak = peak_rss_mib()
             made = await pool.submit(Task.kernel("saxpy", 2.0, ref, ref, requires=(names[0],)), keep=True)
             kept = (await made).unwrap()
+            if phases:
+                reset_peak_rss()
+            get_before = peak_rss_mib()
             start = time.perf_counter()
             back = await pool.get(kept)
             get_s = time.perf_counter() - start
             rss_peak = peak_rss_mib()
+            get_over = rss_peak - get_before - back.nbytes / 2**20
             ok = bool(np.array_equal(back[: 1 << 20], 3.0 * array[: 1 << 20]))
             del back
             pool.drop(kept)
@@ -115,8 +141,10 @@ async def batuta_run(hosts: TestHosts, array: np.ndarray) -> dict[str, Any]:
         "get_gbps": nbytes / get_s / 1e9,
         "put_s": round(put_s, 3),
         "get_s": round(get_s, 3),
-        "coordinator_peak_rss_mib": round(rss_peak, 1),
+        "coordinator_peak_rss_mib": round(max(put_peak, rss_peak) if not phases else put_peak, 1),
         "rss_before_put_mib": round(rss_before, 1),
+        "peak_by_phase": phases,
+        "get_peak_over_value_mib": round(get_over, 1) if phases else None,
     }
 
 

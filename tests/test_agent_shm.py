@@ -126,3 +126,23 @@ async def test_large_arguments_reach_the_slots_through_shared_memory_and_come_ou
         for value, result in zip(values, results, strict=True):
             assert result.is_success(), result.error
             assert result.value == ("<f8", value.shape, float(value.sum()), float(value[-1]))
+
+
+async def test_a_put_value_in_shared_memory_reaches_the_slot_as_a_mapping_not_down_its_pipe() -> None:
+    """A put value the agent received into shared memory travels to the slot with the Run
+    that names it as a reference: one too large to be reused is mapped there, and every
+    task reading it sees the right bytes (the supervisor pins it until the slot has read it)."""
+    big = np.arange((REUSE_MAX_BYTES + SHARED_MIN_BYTES) // 8, dtype=np.float64)
+    small = np.arange(2 * SHARED_MIN_BYTES // 8, dtype=np.float64) * 3.0
+    async with make_pool(slots=1) as pool:
+        refs = [pool.put(big), pool.put(small)]
+        where = await asyncio.wait_for(pool.run(Task.kernel("test_backing", refs[0])), WAIT_S)
+        assert where.is_success(), where.error
+        assert where.value.startswith("/memfd:batuta-shm-")  # the agent's memory, mapped: no copy
+        for _ in range(2):
+            results = await asyncio.wait_for(
+                asyncio.gather(*(pool.run(Task.kernel("test_fingerprint", ref)) for ref in refs)), WAIT_S
+            )
+            for value, result in zip((big, small), results, strict=True):
+                assert result.is_success(), result.error
+                assert result.value == ("<f8", value.shape, float(value.sum()), float(value[-1]))

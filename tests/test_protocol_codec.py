@@ -8,6 +8,7 @@ test_protocol_codec_refused.py, malformed input it receives in test_protocol_cod
 
 from __future__ import annotations
 
+import mmap
 import random
 import struct
 from typing import Any
@@ -36,7 +37,7 @@ from batuta.protocol import (
     encode_message,
     encode_messages,
 )
-from batuta.protocol._values import ALIGN
+from batuta.protocol._values import ALIGN, MAPPED_MIN_BYTES, aligned_empty
 from batuta.protocol.codec import LARGE_FRAME_BYTES
 from tests.support.codec import (
     assert_same,
@@ -245,6 +246,20 @@ def test_large_arrays_decode_as_aligned_views_into_the_frame() -> None:
     assert small.flags.owndata  # small arrays travel inside the body, as copies
     big[0, 0] = -1.0  # writable, and writing touches nothing else
     assert medium[0] == 1
+
+
+def test_large_receive_buffers_are_mappings_of_their_own() -> None:
+    """Large received values land in anonymous mappings (fresh huge pages cost more to fault
+    in than ordinary ones); small ones stay NumPy arrays. Both are aligned and writable."""
+    big = aligned_empty(MAPPED_MIN_BYTES)
+    assert isinstance(big.base, memoryview) and isinstance(big.base.obj, mmap.mmap)
+    assert big.nbytes == MAPPED_MIN_BYTES
+    small = aligned_empty(MAPPED_MIN_BYTES - 1)
+    assert isinstance(small.base, np.ndarray) and small.nbytes == MAPPED_MIN_BYTES - 1
+    for buffer in (big, small):
+        assert buffer.flags.writeable and buffer.__array_interface__["data"][0] % ALIGN == 0
+        buffer[:] = 7
+        assert int(buffer[-1]) == 7
 
 
 def test_large_frame_received_in_pieces_is_decoded_once_complete() -> None:

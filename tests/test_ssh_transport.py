@@ -37,6 +37,7 @@ from batuta.transport.ssh import (
     redacted_command,
     remote_command,
 )
+from batuta.transport.ssh_ciphers import cpu_has_aes
 from tests.support.hosts import TestHost, TestHosts
 
 # -- commands -------------------------------------------------------------------------------
@@ -133,6 +134,36 @@ def test_ssh_config_supplies_alias_user_port_identity_jump_and_known_hosts(tmp_p
 def test_no_config_means_plain_defaults(tmp_path: Path) -> None:
     resolved = ssh._resolve(SSHTarget(host="10.0.0.9"), SSHSettings(config_files=(), known_hosts=tmp_path / "kh"))
     assert (resolved.host, resolved.port, resolved.proxy_jump) == ("10.0.0.9", 22, None)
+
+
+def test_aes_gcm_goes_first_where_the_cpu_has_aes_and_no_config_chose(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = SSHSettings(config_files=(), known_hosts=tmp_path / "kh")
+    monkeypatch.setattr(ssh, "_CPU_HAS_AES", True)
+    offered = [alg.decode() for alg in ssh._resolve(SSHTarget(host="10.0.0.9"), settings).options.encryption_algs]
+    assert offered[:2] == ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
+    assert "chacha20-poly1305@openssh.com" in offered  # still offered, after them
+    monkeypatch.setattr(ssh, "_CPU_HAS_AES", False)
+    offered = [alg.decode() for alg in ssh._resolve(SSHTarget(host="10.0.0.9"), settings).options.encryption_algs]
+    assert offered[0] == "chacha20-poly1305@openssh.com"  # asyncssh's own order
+
+
+def test_a_ciphers_line_in_the_ssh_config_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "config"
+    config.write_text("Host box\n  Ciphers aes256-ctr\n")
+    monkeypatch.setattr(ssh, "_CPU_HAS_AES", True)
+    settings = SSHSettings(config_files=(config,), known_hosts=tmp_path / "kh")
+    assert ssh._resolve(SSHTarget(host="box"), settings).options.encryption_algs == [b"aes256-ctr"]
+
+
+def test_cpu_has_aes_reads_the_cpu_flags(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 aes avx2\n")
+    assert cpu_has_aes(info)
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd evtstrm\nflags\t\t: fpu aesx\n")
+    assert not cpu_has_aes(info)
+    assert not cpu_has_aes(tmp_path / "missing")
 
 
 # -- known_hosts and the host-key policy ----------------------------------------------------

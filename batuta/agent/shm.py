@@ -13,13 +13,14 @@ and zeroes shmem pages), so a mapping of up to `REUSE_MAX_BYTES` whose last refe
 gone goes back to a free list (up to `FREE_BYTES`) and the next frame of its size class is
 received into it. A larger mapping is never reused, so the slot maps it (copy-on-write)
 instead of reading it: a value of gigabytes is then in the host's memory once, and a kernel
-that keeps its argument keeps pages nobody will rewrite. A task's
-request references its arguments until the slot has answered it, by which time the slot has
-read them; Put values go down the pipe (an object may be dropped before the slot reads its
-Put). A memfd has no name in any file system, so nothing outlives the agent, however it
-dies; mappings are not inherited by slots forked later (MADV_DONTFORK). The slot checks that
-the fd it opens is the memfd the reference names (the serial is in its name), so a reused
-fd number is refused, never misread.
+that keeps its argument keeps pages nobody will rewrite. A task's request references its
+arguments until the slot has answered it, by which time the slot has read them. A Put value
+goes the same way when it travels just before a Run that names it (the supervisor pins it
+until the slot has answered every task fed so far: the object may be dropped or spilled
+before the slot reads its Put); a Put on its own goes down the pipe. A memfd has no name in
+any file system, so nothing outlives the agent, however it dies; mappings are not inherited
+by slots forked later (MADV_DONTFORK). The slot checks that the fd it opens is the memfd the
+reference names (the serial is in its name), so a reused fd number is refused, never misread.
 """
 
 from __future__ import annotations

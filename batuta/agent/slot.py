@@ -71,6 +71,7 @@ from batuta.agent.execute import (
     one_line,
     run_binary,
 )
+from batuta.agent.heap import IDLE_TRIM_S, keep_freed_memory, release_freed_memory
 from batuta.agent.shm import SharedReader
 from batuta.core.objects import ObjectRef, refs_in, replace_refs
 from batuta.core.task import KernelCall, Outcome
@@ -166,6 +167,7 @@ class SlotWorker:
         self._env = dict(os.environ)
         self._objects: dict[int, object] = {}  # values the agent sent this slot, and results kept here
         self._device: DeviceValues | None = None  # their copies on this slot's GPU, made by its first GPU task
+        self._ran_since_trim = False  # a task ran since the heap was last trimmed
 
     # -- input --------------------------------------------------------------------------
 
@@ -460,6 +462,9 @@ class SlotWorker:
         while not self._eof:
             if not self._waiting:
                 self._flush()
+                if self._ran_since_trim and not self._poller.poll(int(IDLE_TRIM_S * 1000)):
+                    release_freed_memory()  # idle: what its tasks freed goes back (heap.py)
+                    self._ran_since_trim = False
                 self._read(wait=True)
                 continue
             request = self._waiting.popleft()
@@ -469,6 +474,7 @@ class SlotWorker:
             if self._device is not None and self._waiting:
                 self._prefetch(self._waiting[0])
             self._add_result(self._run_one(request))
+            self._ran_since_trim = True
             self._read(wait=False)  # new tasks, and Cancels for tasks we have not begun
             if self._should_flush():
                 self._flush()
@@ -526,6 +532,7 @@ def serve(
     """Run slot `slot` on the given frame fds until EOF; shared by the fork and exec paths."""
     _name_process(slot)
     _arm_parent_death(agent_pid)
+    keep_freed_memory()
     worker = SlotWorker(
         slot=slot,
         frames_in=frames_in,

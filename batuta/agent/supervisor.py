@@ -174,6 +174,7 @@ class SlotSupervisor:
         self._keeper = keeper
         self._sent_objects: set[int] = set()  # ids the current slot process holds
         self.gpu_cache: GpuCache | None = None  # the current process's device cache, as last reported
+        self._pinned: list[Any] = []  # Put values passed by reference, until the slot has read them
         self.index = info.slot
         self._env = env
         self._kernel_modules = kernel_modules
@@ -253,6 +254,7 @@ class SlotSupervisor:
         self._decoder = FrameDecoder()
         self._to_slot = OutgoingStreams()  # a new pipe numbers its streams from 0
         self._sent_objects = set()  # a new process holds nothing yet
+        self._pinned = []
         self._ready = False
         decoder = self._decoder
         self._reader = FdReader(
@@ -376,8 +378,9 @@ class SlotSupervisor:
             return
         puts = self._puts_for(batch)  # may answer (and remove) a task whose object is gone
         if not batch:
-            writer.write_parts(puts)
+            writer.write_parts(self._put_parts(puts, shared=False))
             return
+        puts = self._put_parts(puts, shared=True)
         try:
             parts = encode_streamed_parts(Run(tasks=tuple(batch)), self._to_slot, locate=self._locate)
         except LocalProtocolError:
@@ -405,14 +408,14 @@ class SlotSupervisor:
         self._writer.write(encode_message(Fetch(object_id=object_id, request_id=0)))
         return True
 
-    def _puts_for(self, batch: list[TaskRequest]) -> list[Any]:
-        """Frames that give the slot process the put objects `batch` names and it lacks: each
-        value crosses the pipe once per process, then every task names it by id (as Dask
+    def _puts_for(self, batch: list[TaskRequest]) -> list[tuple[int, Any]]:
+        """The put objects `batch` names that the slot process lacks (to send as Puts): each
+        value goes to a process once, then every task names it by id (as Dask
         keeps scattered data in the worker). A task whose object is no longer here (dropped
         while it waited, which the coordinator does not do) is answered "error" and removed."""
-        parts: list[Any] = []
+        wanted: list[tuple[int, Any]] = []
         if not self._objects:  # nothing put on this host: a task naming an object was refused at Run
-            return parts
+            return wanted
         for request in list(batch):
             call = request.call
             if not isinstance(call, KernelCall) or not call.args:
@@ -430,8 +433,22 @@ class SlotSupervisor:
                         status, error = Outcome.ERROR, f"object {object_id} is not on this host"
                     self._events.task_finished(self._outcome(request, status, error, 0.0))
                     break
-                parts += encode_streamed_parts(Put(object_id=object_id, value=self._objects[object_id]), self._to_slot)
+                wanted.append((object_id, self._objects[object_id]))
                 self._sent_objects.add(object_id)
+        return wanted
+
+    def _put_parts(self, puts: list[tuple[int, Any]], *, shared: bool) -> list[Any]:
+        """The Put frames for `puts`. With `shared` (they go just before a Run that names them),
+        a value in the agent's shared memory goes as a reference the slot maps or reads
+        (shm.py), not down the pipe: the value is pinned here until every task fed so far is
+        answered, by which time the slot has read the Put (an object may be dropped or spilled
+        meanwhile, and its mapping reused)."""
+        parts: list[Any] = []
+        locate = self._locate if shared else None
+        for object_id, value in puts:
+            parts += encode_streamed_parts(Put(object_id=object_id, value=value), self._to_slot, locate=locate)
+            if locate is not None:
+                self._pinned.append(value)
         return parts
 
     def drop_objects(self, object_ids: Iterable[int]) -> None:
@@ -547,6 +564,8 @@ class SlotSupervisor:
         self._held.pop(task_id, None)
         self._cancel_requested.discard(task_id)
         self._failed_starts = 0
+        if not self.fed:  # every frame written so far was read: pinned Put values are the store's again
+            self._pinned.clear()
         run_s = outcome.run_s
         if self._run_time_mean is None:
             self._run_time_mean = run_s

@@ -28,6 +28,7 @@ as arrays the receiver allocated from the ext and fills as the chunks arrive.
 from __future__ import annotations
 
 import math
+import mmap
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -144,8 +145,21 @@ class OobWriter:
         return offset
 
 
+MAPPED_MIN_BYTES = 32 << 20
+"""Receive buffers at least this large are anonymous mappings of their own (`aligned_empty`):
+glibc maps such allocations afresh anyway, while smaller ones may reuse its freed memory."""
+
+
 def aligned_empty(nbytes: int) -> np.ndarray:
-    """An uninitialised uint8 buffer whose first byte sits on an `ALIGN` boundary."""
+    """An uninitialised uint8 buffer whose first byte sits on an `ALIGN` boundary.
+
+    A large one (`MAPPED_MIN_BYTES`) is an anonymous mapping of its own, unmapped when its
+    last view goes: NumPy asks the kernel for transparent huge pages on large arrays, and
+    faulting in fresh huge pages, which every received value is, cost 3 to 4 times as much
+    per byte as ordinary pages on the 2-core VM the benchmarks run on (18 µs against 4-7 µs
+    per 4 KiB, `bench/RESULTS.md`). A page-aligned mapping is `ALIGN`-aligned as well."""
+    if nbytes >= MAPPED_MIN_BYTES:
+        return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8)
     raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
     skip = -raw.__array_interface__["data"][0] % ALIGN
     return raw[skip : skip + nbytes]

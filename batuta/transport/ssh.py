@@ -49,9 +49,11 @@ from pathlib import Path
 from typing import Any, cast
 
 import asyncssh
+from asyncssh.encryption import get_default_encryption_algs
 
 from batuta.errors import TransportError
 from batuta.transport.base import Buffer, StderrTail, StreamClosedError, coalesced, log_stderr_line
+from batuta.transport.ssh_ciphers import cpu_has_aes, preferred_ciphers
 from batuta.transport.ssh_keys import (
     EncryptedIdentity,
     PassphraseRefused,
@@ -67,6 +69,7 @@ STDERR_CHUNK = 64 * 1024
 DEFAULT_PORT = 22
 MAX_JUMP_DEPTH = 8
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_CPU_HAS_AES = cpu_has_aes()
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -511,6 +514,9 @@ def _resolve(target: SSHTarget, settings: SSHSettings, unlocked: asyncssh.SSHKey
             if encrypted.public_key is not None:
                 kwargs["agent_identities"] = [encrypted.public_key]
     options = asyncssh.SSHClientConnectionOptions(**kwargs)
+    ciphers = preferred_ciphers(options.encryption_algs, get_default_encryption_algs(), _CPU_HAS_AES)
+    if ciphers is not None:  # no Ciphers line in the ssh config: AES-GCM first (ssh_ciphers.py)
+        options = asyncssh.SSHClientConnectionOptions(**kwargs, encryption_algs=ciphers)
     if settings.known_hosts is not None:
         paths = [str(settings.known_hosts)]
     elif isinstance(options.known_hosts, list | tuple) and options.known_hosts:

@@ -86,6 +86,18 @@ def test_threads() -> tuple[str, int]:
 test_threads.cpu(test_threads.reference)
 
 
+@kernel("test_heap", description="Whether a new 64 MiB array lands in this process's heap (not a mapping of its own).")
+def test_heap() -> bool:
+    import numpy as np
+
+    from tests.support.heap import in_heap
+
+    return in_heap(np.empty(64 << 20, dtype=np.uint8))
+
+
+test_heap.cpu(test_heap.reference)
+
+
 @kernel("test_fill", description="An array of `n` float64 values, all `value` (a producer for pipelines).")
 def test_fill(n: int, value: float) -> object:
     import numpy as np

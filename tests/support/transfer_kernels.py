@@ -28,3 +28,13 @@ def test_arange(n: int) -> np.ndarray:
 
 
 test_arange.cpu(test_arange.reference)
+
+
+@kernel("test_backing", description="What holds the argument's first byte: its mapping's name in /proc/self/maps.")
+def test_backing(x: np.ndarray) -> str:
+    from tests.support.heap import backing
+
+    return backing(x)
+
+
+test_backing.cpu(test_backing.reference)
