@@ -11,7 +11,8 @@ with results checked:
 * chain: 10 `saxpy` stages `y = 0.5 * y + x` on the same array, already on the device on both
   sides (after reuse), each stage's result kept on the device (`keep=True`) and named by the
   next, then a `sum` of the last: the one value that comes back. CuPy: an ElementwiseKernel
-  per stage (one launch each) and the same sum.
+  per stage (one launch each) and the same sum. `chain_direct_s`: the same stages called in
+  this process on device arrays, without the pool (the kernels' own share).
 * duty: 32 compute-bound `mc_pi` GPU tasks through the pool against 32 direct calls of the
   same variant in this process; `mc_pi_gsamples_per_s` is the pool's rate, against a CuPy
   Monte Carlo pi (float32 uniforms from `cp.random.default_rng`, counted on the device).
@@ -164,6 +165,25 @@ def update(c: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return new
 
 
+def direct_chain(x: np.ndarray) -> float:
+    """The chain's stages called in this process on device arrays (no pool): the kernels'
+    own time, to tell it from the pool's share of `chain_s`."""
+    from batuta.kernels import registry
+    from numba import cuda
+
+    d = cuda.to_device(x)
+
+    def chain() -> float:
+        y = d
+        for _ in range(STAGES):
+            y = registry.run("saxpy", "gpu", (0.5, y, d), device_results=True)
+        return float(registry.run("sum", "gpu", (y,)))
+
+    chain()
+    seconds, _ = timed(chain)
+    return seconds
+
+
 def direct_pi(samples: int) -> float:
     from batuta.kernels import registry
 
@@ -263,7 +283,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gib", type=float, default=1.0, help="size of the put array (float32)")
     parser.add_argument("--rows", type=int, default=2_000_000, help="K-Means rows (16 columns, k = 64)")
-    parser.add_argument("--mc-samples", type=int, default=1 << 30, help="samples per mc_pi task")
+    parser.add_argument("--mc-samples", type=int, default=1 << 31, help="samples per mc_pi task")
     parser.add_argument("--tiny", type=int, default=20_000, help="4K-element vadd tasks")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; runs under NUMBA_ENABLE_CUDASIM=1")
     args = parser.parse_args()
@@ -278,11 +298,13 @@ def main() -> int:
     cp = cupy_or_none(args.smoke)
     ours = asyncio.run(batuta_side(args, x, pts, init))
     direct_s = direct_pi(args.mc_samples)
+    chain_direct_s = direct_chain(x)
     result: dict[str, Any] = {
         "device": device_name(),
         "gib": args.gib,
         "reuse_s": round(ours["reuse_s"], 4),
         "chain_s": round(ours["chain_s"], 4),
+        "chain_direct_s": round(chain_direct_s, 4),
         "duty_direct_over_pool": round(direct_s / ours["duty_pool_s"], 3),
         "mc_pi_gsamples_per_s": round(DUTY_TASKS * args.mc_samples / ours["duty_pool_s"] / 1e9, 1),
         "kmeans_ms_per_iter": round(1e3 * ours["kmeans_s"] / KMEANS_ITERS, 3),

@@ -170,3 +170,34 @@ def test_a_failed_prefetch_is_retried_in_the_task_and_a_dropped_one_is_forgotten
     values.prefetch([2])
     values.drop(2)
     assert 2 not in values and values.for_gpu(2) is not None and values.uploads == 2
+
+
+class FakeCuda:
+    """numba.cuda's `pinned` and `to_device`, recording what was locked."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.locked: list[int] = []
+
+    def pinned(self, host: np.ndarray) -> Any:
+        import contextlib
+
+        if self.refuse:
+            raise RuntimeError("CUDA_ERROR_NOT_PERMITTED")
+        self.locked.append(host.nbytes)
+        return contextlib.nullcontext()
+
+    def to_device(self, host: np.ndarray) -> FakeDevice:
+        return FakeDevice(host)
+
+
+def test_large_uploads_are_page_locked_first_and_a_refusal_falls_back() -> None:
+    from batuta.agent.device_values import PIN_ABOVE, upload
+
+    cuda = FakeCuda()
+    big = np.zeros(PIN_ABOVE // 8, dtype=np.float64)
+    assert upload(cuda, arr(1.0)).data[0] == 1.0 and cuda.locked == []
+    assert upload(cuda, big).nbytes == PIN_ABOVE and cuda.locked == [PIN_ABOVE]
+    assert upload(cuda, big[::2]).nbytes == PIN_ABOVE // 2 and cuda.locked == [PIN_ABOVE]  # strided: as it is
+    refusing = FakeCuda(refuse=True)
+    assert upload(refusing, big).nbytes == PIN_ABOVE and refusing.locked == []

@@ -51,6 +51,24 @@ def uploadable(value: object) -> bool:
     return isinstance(value, np.ndarray) and not value.dtype.hasobject and value.ndim > 0
 
 
+PIN_ABOVE = 16 << 20
+"""Arrays of this many bytes or more are page-locked for their upload: on the H200 host a
+1 GiB upload took 0.149 s from pageable memory and 0.066 s registered first (0.090 s from
+the agent's shared memory), registration included; small ones are not worth the call."""
+
+
+def upload(numba_cuda: Any, host: np.ndarray) -> Any:
+    """`host` copied to a new device array, from page-locked memory when it is large. A
+    mapping the driver cannot lock (some shared or read-only ones) is copied as it is."""
+    if host.nbytes >= PIN_ABOVE and host.flags.c_contiguous:
+        try:
+            with numba_cuda.pinned(host):
+                return numba_cuda.to_device(host)
+        except Exception:  # the driver refused to lock it: the pageable copy below still works
+            pass
+    return numba_cuda.to_device(host)
+
+
 def parse_gpu_cache(text: str, free_bytes: int) -> int:
     """`BATUTA_GPU_CACHE`: bytes (`8G`, `512M`, `0`) or a share of the card's free memory
     (`40%`). Raises UsageError naming the value and the forms it takes."""

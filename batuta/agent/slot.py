@@ -276,7 +276,7 @@ class SlotWorker:
 
             self._device = DeviceValues(
                 self._objects,
-                upload=numba_cuda.to_device,
+                upload=lambda host: device_values.upload(numba_cuda, host),
                 to_host=lambda device: device.copy_to_host(),
                 read_cap=read_cap,
             )
