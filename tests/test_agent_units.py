@@ -86,9 +86,9 @@ def test_auto_gives_every_gpu_pinned_by_uuid() -> None:
     plan = plan_gpu_slots(GpuSelection(mode="auto"), REAL, "", {})
     assert all(env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" for _, env in plan)
     # per-thread default streams, so the slot's uploader overlaps its kernels; the user's choice wins
-    assert all(env["NUMBA_CUDA_PER_THREAD_DEFAULT_STREAM"] == "1" for _, env in plan)
-    chosen = plan_gpu_slots(GpuSelection(mode="auto"), REAL, "", {"NUMBA_CUDA_PER_THREAD_DEFAULT_STREAM": "0"})
-    assert all(env["NUMBA_CUDA_PER_THREAD_DEFAULT_STREAM"] == "0" for _, env in chosen)
+    assert all(env["CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM"] == "1" for _, env in plan)
+    chosen = plan_gpu_slots(GpuSelection(mode="auto"), REAL, "", {"CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM": "0"})
+    assert all(env["CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM"] == "0" for _, env in chosen)
 
 
 @pytest.mark.parametrize(

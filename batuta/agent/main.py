@@ -42,7 +42,7 @@ def _claim_stdio() -> tuple[int, int]:
     return frames_in, frames_out
 
 
-PER_THREAD_STREAM = "NUMBA_CUDA_PER_THREAD_DEFAULT_STREAM"
+PER_THREAD_STREAM = "CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM"  # numba-cuda on the NVIDIA binding reads this one
 
 
 def _visible(gpus: tuple[GpuInfo, ...], visible: str | None) -> tuple[GpuInfo, ...]:
