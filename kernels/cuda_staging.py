@@ -26,6 +26,8 @@ never come here: those buffers would be handed out.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -98,15 +100,39 @@ class Stage:
         self.stream = numba_cuda.default_stream()
         self.memo: dict[str, Any] = {}
         """For the caller: prepared launches, reduction buffers, anything tied to these buffers."""
+        self.copy_in: Callable[[], object] = functools.partial(
+            self.device_in.copy_to_device, self.pinned_in, stream=self.stream
+        )
+        self.copy_out: Callable[[], object] = functools.partial(
+            self.device_out.copy_to_host, self.pinned_out, stream=self.stream
+        )
+        if not simulated():
+            with contextlib.suppress(Exception):  # numba's internals differ: keep its public copies
+                self.copy_in, self.copy_out = self._driver_copies(in_bytes, out_bytes)
+
+    def _driver_copies(self, in_bytes: int, out_bytes: int) -> tuple[Callable[[], object], Callable[[], object]]:
+        """The two asynchronous copies as driver calls on fixed pointers: numba's
+        ``copy_to_device`` checks and wraps its arguments anew on every call."""
+        from numba.cuda.cudadrv import driver as cuda_driver
+
+        stream = 0  # the default stream, as self.stream is: per-thread where the process asks for it
+        device_in, device_out = cuda_driver.device_pointer(self.device_in), cuda_driver.device_pointer(self.device_out)
+        host_in = cuda_driver.host_pointer(self.pinned_in, readonly=True)
+        host_out = cuda_driver.host_pointer(self.pinned_out)
+        api = cuda_driver.driver
+        return (
+            functools.partial(api.cuMemcpyHtoDAsync, device_in, host_in, in_bytes, stream),
+            functools.partial(api.cuMemcpyDtoHAsync, host_out, device_out, out_bytes, stream),
+        )
 
     def run(self, inputs: Sequence[np.ndarray], launch: Callable[[Stage], None]) -> list[np.ndarray]:
         """Copy `inputs` in, call `launch(self)` to launch on the device views, copy the outputs
         back, wait for this stream, and return the outputs as fresh host arrays."""
         for view, value in zip(self.host_inputs, inputs, strict=True):
             np.copyto(view, value)
-        self.device_in.copy_to_device(self.pinned_in, stream=self.stream)
+        self.copy_in()
         launch(self)
-        self.device_out.copy_to_host(self.pinned_out, stream=self.stream)
+        self.copy_out()
         self.stream.synchronize()
         return [view.copy() for view in self.host_outputs]
 
