@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from . import cuda_support
-from .cuda_support import jit_kernels, on_device
+from .cuda_support import device_view, jit_kernels, on_device
+from .registry import is_device_array
 
 cuda: Any = None  # numba.cuda, bound by _kernels() before the kernels compile
 __all__ = ["gram", "kmeans_assign"]
@@ -243,27 +244,41 @@ def _kernels() -> SimpleNamespace:
     )
 
 
-def kmeans_assign(cuda: Any, x: Any, centroids: Any) -> tuple[Any, Any, float]:
+def kmeans_assign(cuda: Any, x: Any, centroids: Any, *, host_results: bool = False) -> tuple[Any, Any, float]:
     """(sums, counts, inertia) of the rows of `x` against float64 `centroids`, on the GPU.
 
-    `x` and `centroids` are host or device arrays; sums (k, d) float64 and counts (k,) int64
-    are device arrays, inertia a float (copying it back waits for the launch).
+    `x` and `centroids` are host or device arrays. Sums (k, d) float64 and counts (k,) int64
+    are device arrays, or host arrays with `host_results`; inertia is a float (copying it
+    back waits for the launch). An iteration's small arrays travel together: host centroids
+    and the zeroed sums, counts and inertia go up in one copy, and with `host_results` the
+    answers come back in one.
     """
     n, d = x.shape
     k = centroids.shape[0]
-    sums = cuda.to_device(np.zeros((k, d)))
-    counts = cuda.to_device(np.zeros(k, np.int64))
-    inertia = cuda.to_device(np.zeros(1))
+    cells = k * d
+    device_centroids = is_device_array(centroids)
+    start = 0 if device_centroids else cells  # [centroids | sums | counts | inertia], float64 words
+    packed = np.zeros(start + cells + k + 1)
+    if not device_centroids:
+        packed[:cells] = np.asarray(centroids).reshape(-1)
+    buffer = cuda.to_device(packed)
+    sums = device_view(buffer[start : start + cells].reshape(k, d), buffer)
+    counts = device_view(buffer[start + cells : start + cells + k].view(np.int64), buffer)
+    inertia = buffer[start + cells + k :]
     if n:
         threads = _threads(KMEANS_THREADS)
-        args = (on_device(cuda, x), on_device(cuda, centroids), sums, counts, inertia)
+        centroids_on_device = centroids if device_centroids else device_view(buffer[:cells].reshape(k, d), buffer)
+        args = (on_device(cuda, x), centroids_on_device, sums, counts, inertia)
         cap = next((cap for cap in KMEANS_ROW_CAPS if d <= cap), None)
-        if cap is not None and k * d <= KMEANS_SHARED_CELLS and k <= KMEANS_MAX_K:
+        if cap is not None and cells <= KMEANS_SHARED_CELLS and k <= KMEANS_MAX_K:
             blocks = min(math.ceil(n / threads), cuda_support.sm_count() * KMEANS_BLOCKS_PER_SM)
             getattr(_kernels(), f"kmeans_shared{cap}")[blocks, threads](*args)
         else:
             _kernels().kmeans_assign[math.ceil(n / threads), threads](*args)
-    return sums, counts, float(inertia.copy_to_host()[0])
+    if not host_results:
+        return sums, counts, float(inertia.copy_to_host()[0])
+    back = buffer.copy_to_host()[start:]
+    return back[:cells].reshape(k, d), back[cells : cells + k].view(np.int64), float(back[cells + k])
 
 
 def gram(cuda: Any, x: Any, y: Any) -> tuple[Any, Any]:

@@ -35,8 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .cuda_support import cuda, simulated
-from .registry import is_device_array
+from .cuda_support import cuda, device_view, simulated
 
 __all__ = [
     "STAGE_ALIGN",
@@ -144,10 +143,7 @@ def _host_view(buffer: np.ndarray, offset: int, shape: tuple[int, ...], dtype: n
 
 def _device_view(buffer: Any, offset: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    view = buffer[offset : offset + nbytes].view(dtype).reshape(shape)
-    if not is_device_array(view):  # the simulator's fake arrays view as NumPy: wrap it again
-        view = type(buffer)(view)
-    return view
+    return device_view(buffer[offset : offset + nbytes].view(dtype).reshape(shape), buffer)
 
 
 def stage_for(

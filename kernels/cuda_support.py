@@ -47,6 +47,7 @@ __all__ = [
     "GpuKernelError",
     "GpuUnavailableError",
     "cuda",
+    "device_view",
     "finish",
     "gpu_errors",
     "gpu_info",
@@ -232,6 +233,12 @@ def on_device(numba_cuda: Any, value: Any) -> Any:
     so it has been read when this returns and the caller may reuse it.
     """
     return value if is_device_array(value) else numba_cuda.to_device(value)
+
+
+def device_view(view: Any, of: Any) -> Any:
+    """`view` (a slice, reshape or dtype view of device array `of`) as a device array: numba's
+    are already; the simulator's fake arrays give NumPy views, wrapped again here."""
+    return view if is_device_array(view) else type(of)(view)
 
 
 def finish(result: Any) -> Any:
