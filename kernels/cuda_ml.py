@@ -42,9 +42,12 @@ KMEANS_MAX_K = 1024
 KMEANS_ROW_CAPS = (16, 32)
 """The fast kernel holds a thread's row in a local array of 16 or 32 float64 (registers, with
 the loops over it unrolled); rows of more features take the plain kernel."""
-KMEANS_BLOCKS_PER_SM = 4
-"""Blocks of the fast kernel per SM: each block walks its rows with a grid stride and adds its
-shared sums to the global ones once, so fewer blocks mean fewer global atomics."""
+KMEANS_BLOCKS_PER_SM = {16: 3, 32: 1}
+"""Blocks of the fast kernels per SM, by row cap. Their launch bounds make exactly this many
+resident (16-feature rows fit 85 registers a thread; 32-feature ones need about 138, so one
+256-thread block), and the grid is one such wave: each block walks its rows with a grid
+stride, so a second, partial wave would double the time of the rows it holds. Each block
+also adds its shared sums to the global ones once: fewer blocks, fewer global atomics."""
 GRAM_TILE = 16
 """X^T X is computed in 16 x 16 tiles, one thread per element of a tile."""
 GRAM_TARGET_BLOCKS = 1024
@@ -235,8 +238,8 @@ def _kernels() -> SimpleNamespace:
         globals(),
         {
             "kmeans_assign": _kmeans_assign_py,
-            "kmeans_shared16": _kmeans_shared16_py,
-            "kmeans_shared32": _kmeans_shared32_py,
+            "kmeans_shared16": (_kmeans_shared16_py, {"launch_bounds": (KMEANS_THREADS, KMEANS_BLOCKS_PER_SM[16])}),
+            "kmeans_shared32": (_kmeans_shared32_py, {"launch_bounds": (KMEANS_THREADS, KMEANS_BLOCKS_PER_SM[32])}),
             "gram": _gram_py,
             "gram_finish": _gram_finish_py,
         },
@@ -271,7 +274,7 @@ def kmeans_assign(cuda: Any, x: Any, centroids: Any, *, host_results: bool = Fal
         args = (on_device(cuda, x), centroids_on_device, sums, counts, inertia)
         cap = next((cap for cap in KMEANS_ROW_CAPS if d <= cap), None)
         if cap is not None and cells <= KMEANS_SHARED_CELLS and k <= KMEANS_MAX_K:
-            blocks = min(math.ceil(n / threads), cuda_support.sm_count() * KMEANS_BLOCKS_PER_SM)
+            blocks = min(math.ceil(n / threads), cuda_support.sm_count() * KMEANS_BLOCKS_PER_SM[cap])
             getattr(_kernels(), f"kmeans_shared{cap}")[blocks, threads](*args)
         else:
             _kernels().kmeans_assign[math.ceil(n / threads), threads](*args)
