@@ -6,7 +6,7 @@ Run on a GPU host, in one call (about three minutes on an H200)::
     python scripts/gpu_variant_profile.py --cpu-threads 4
     NUMBA_ENABLE_CUDASIM=1 python scripts/gpu_variant_profile.py --smoke   # runs anywhere, times mean nothing
 
-Three parts, each printed as a table on stderr and gathered in the JSON object of the last line:
+Four parts, each printed as a table on stderr and gathered in the JSON object of the last line:
 
 1. ``vadd_4k_steps_us``: microseconds per call of each step of a 4,096-element float32 vadd
    (16 KiB per array): the registry's validation, ``to_device``, ``device_array``, a launch
@@ -22,7 +22,12 @@ Three parts, each printed as a table on stderr and gathered in the JSON object o
    (as ``auto`` counts them: over the array arguments) of the smallest size from which the GPU
    was faster at every larger size measured; null where it never was. Compare them with
    ``kernels/cuda_support.py`` GPU_MIN_ELEMENTS and put the measured ones there.
-3. ``kmeans``: K-means 2M x 16 float32, k = 64, data resident on the device: milliseconds per
+3. ``stream_check`` (real GPU only): whether a second thread's copies wait for the first
+   thread's kernel. ``per_thread_default_streams`` true means the process runs with per-thread
+   default streams (numba-cuda 0.30 with the NVIDIA binding ignores
+   ``NUMBA_CUDA_PER_THREAD_DEFAULT_STREAM``; the variable cuda-python documents is
+   ``CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM=1``, set before CUDA is first imported).
+4. ``kmeans``: K-means 2M x 16 float32, k = 64, data resident on the device: milliseconds per
    iteration of ``kmeans_partial`` on the GPU (issue 16: a few hundred microseconds), the time
    to read the data once at the card's copy bandwidth, and a CuPy version (distances by one
    matrix product, argmin, sums by a one-hot product) where CuPy imports.
@@ -170,6 +175,46 @@ def _cases(smoke: bool) -> dict[str, list[tuple[object, ...]]]:
     return cases
 
 
+def per_thread_stream_check() -> dict[str, Any]:
+    """Whether another thread's copies wait for this thread's kernels (the legacy default
+    stream: they do) or not (per-thread default streams, as a GPU slot's prefetch needs).
+
+    Thread A launches a long mc_pi kernel on its default stream; thread B, meanwhile, copies 32
+    bytes to the device and back on its own. On the legacy stream B waits for A's kernel.
+    """
+    import threading
+
+    import numpy as np
+    from batuta.kernels import cuda_stream, cuda_support
+
+    cuda = cuda_support.cuda()
+    launched, copied = threading.Event(), threading.Event()
+    found: dict[str, Any] = {}
+
+    def kernel_thread() -> None:
+        start = time.perf_counter()
+        hits = cuda_stream.mc_pi_device(4 * 10**10, 1)  # about a second of GPU time on an H200
+        launched.set()
+        copied.wait(timeout=120)
+        hits.copy_to_host()
+        found["kernel_s"] = round(time.perf_counter() - start, 4)
+
+    def copy_thread() -> None:
+        launched.wait(timeout=120)
+        start = time.perf_counter()
+        cuda.to_device(np.ones(4)).copy_to_host()
+        found["other_thread_copy_s"] = round(time.perf_counter() - start, 4)
+        copied.set()
+
+    threads = [threading.Thread(target=kernel_thread), threading.Thread(target=copy_thread)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    found["per_thread_default_streams"] = found.get("other_thread_copy_s", 1.0) < 0.1 * found.get("kernel_s", 0.0)
+    return found
+
+
 def _elements(args: tuple[object, ...]) -> int:
     return sum(int(getattr(arg, "size", 0)) for arg in args if not isinstance(arg, float | int))
 
@@ -292,6 +337,9 @@ def main() -> None:
         "cpu_threads": args.cpu_threads,
         "per_thread_default_stream": os.environ.get("CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM", "0"),
     }
+    if not info.simulated:
+        result["stream_check"] = per_thread_stream_check()
+        print(f"streams: {result['stream_check']}", file=sys.stderr)
     steps = vadd_steps(budget, max_calls)
     for step, us in steps.items():
         print(f"vadd 4K {step:>40}: {us:10.2f} us", file=sys.stderr)
