@@ -21,7 +21,8 @@ Everything runs on the default stream (the per-thread one where the process asks
 never the legacy stream by name, and waits for that stream only. A `Stage` is reused only by
 the thread that made it, after its previous call synchronised, so nothing overwrites a buffer
 a copy or a kernel still reads. Calls with device arrays, or whose results stay on the device,
-never come here: those buffers would be handed out.
+never come here: those buffers would be handed out. Stages belong to the device that was
+current when they were made: a thread that moves to another device calls `forget_stages`.
 """
 
 from __future__ import annotations
