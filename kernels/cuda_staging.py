@@ -7,9 +7,10 @@ three device allocations, two synchronous pageable copies in, numba's argument t
 marshalling at every launch, a synchronous copy out. Here a call whose inputs and outputs fit
 `STAGE_MAX_BYTES` goes through a `Stage`, kept per thread and per (kernel, shapes, dtypes):
 
-- one pinned host buffer and one device buffer hold all the inputs (packed at 256-byte
-  offsets), another pair all the outputs; the inputs are copied into the pinned buffer with
-  NumPy and sent with one asynchronous copy, the outputs come back with one;
+- from the second call of its kind on (`STAGE_AFTER_CALLS`), one pinned host buffer and one
+  device buffer hold all the inputs (packed at 256-byte offsets), another pair all the
+  outputs; the inputs are copied into the pinned buffer with NumPy and sent with one
+  asynchronous copy, the outputs come back with one;
 - the kernel is launched through `launch_and_prepare`: the first call launches the ordinary
   way, later ones re-launch with the argument block numba built for these fixed buffers,
   skipping its typing and marshalling (where numba's internals are not as expected, or under
@@ -39,6 +40,7 @@ import numpy as np
 from .cuda_support import cuda, device_view, simulated
 
 __all__ = [
+    "STAGE_AFTER_CALLS",
     "STAGE_ALIGN",
     "STAGE_ENTRIES",
     "STAGE_MAX_BYTES",
@@ -54,6 +56,10 @@ enough that the bookkeeping does not matter, and pinned memory is a scarce resou
 
 STAGE_ENTRIES = 16
 """Stages kept per thread (least recently used dropped): at most 16 x 2 x 4 MiB pinned."""
+
+STAGE_AFTER_CALLS = 2
+"""A kind of call gets a stage from its second call on: pinned memory costs about a millisecond
+to allocate, so one-off sizes (a last, shorter chunk) take the plain path instead."""
 
 STAGE_ALIGN = 256
 """Offsets of the packed arrays in the staging buffers: cudaMalloc's alignment, so a packed
@@ -161,6 +167,14 @@ def stage_for(
     if stage is not None:
         stages.move_to_end(key)
         return stage
+    seen: OrderedDict[tuple[Any, ...], int] = getattr(_LOCAL, "seen", None) or OrderedDict()
+    _LOCAL.seen = seen
+    calls = seen.pop(key, 0) + 1
+    if calls < STAGE_AFTER_CALLS:
+        seen[key] = calls
+        while len(seen) > 4 * STAGE_ENTRIES:
+            seen.popitem(last=False)
+        return None
     specs = [(tuple(a.shape), np.dtype(a.dtype)) for a in inputs]
     sizes = [int(np.prod(s, dtype=np.int64)) * d.itemsize for s, d in [*specs, *outputs]]
     if sum(sizes) > STAGE_MAX_BYTES or 0 in sizes:
@@ -175,6 +189,7 @@ def stage_for(
 def forget_stages() -> None:
     """Drop this thread's stages (tests; a slot giving its memory back)."""
     _LOCAL.stages = OrderedDict()
+    _LOCAL.seen = OrderedDict()
 
 
 # -- prepared launches --------------------------------------------------------------------

@@ -414,10 +414,12 @@ def check_small_host_calls_reuse_their_staging_buffers_safely(real: bool) -> Non
     assert all(stage.memo for key, stage in stages.items() if key[0] != "saxpy")  # launches prepared
     errors: list[BaseException] = []
 
-    def other_thread() -> None:  # another thread gets its own buffers
+    def other_thread() -> None:  # another thread gets its own buffers, from its second call
         try:
             a, b = _vectors(4096, np.float32, 2, seed=99)
             np.testing.assert_array_equal(kernels.run("vadd", "gpu", (a, b)), a + b)
+            assert not getattr(cuda_staging._LOCAL, "stages", None)
+            np.testing.assert_array_equal(kernels.run("vadd", "gpu", (b, a)), a + b)
             assert len(cuda_staging._LOCAL.stages) == 1
         except BaseException as exc:  # reported below
             errors.append(exc)
