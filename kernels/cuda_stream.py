@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from . import cuda_random
 from .cuda_staging import Stage, launch_and_prepare, stage_for
 from .cuda_support import STREAM_THREADS, jit_kernels, simulated, stream_grid
 from .cuda_support import cuda as _import_cuda
@@ -47,8 +48,8 @@ MC_MAX_BLOCKS = 4096  # 262,144 generators: about one per resident thread of an 
 MC_MIN_SAMPLES_PER_THREAD = 256
 """mc_pi's grid depends on the sample count only, never on the device, so an estimate is the
 same on every GPU model and under the simulator: results are deterministic per (samples, seed).
-Blocks are small (64 threads) so that small sample counts need few generators: numba seeds
-them one after another on the CPU (about 50 ms for 262,144; much slower under the simulator)."""
+Blocks are small (64 threads) so that small sample counts need few generators: each is a
+thread's work to seed (`cuda_random`), and much more under the simulator."""
 
 
 # -- device functions ---------------------------------------------------------------------
@@ -344,15 +345,15 @@ def mc_pi_launch(samples: int) -> tuple[int, int]:
 def mc_pi_device(samples: int, seed: int) -> Any:
     """Points inside the quarter circle out of `samples`: a (1,) int64 device array.
 
-    Generator g (g = global thread index) is xoroshiro128+ seeded by numba's
-    ``create_xoroshiro128p_states(threads, seed)``: stream g starts 2**64 steps after stream
-    g - 1. Thread g draws (x, y) pairs for samples g, g + T, ... where T = blocks * threads.
+    Generator g (g = global thread index) is xoroshiro128+ seeded as numba's
+    ``create_xoroshiro128p_states(threads, seed)`` seeds it: stream g starts 2**64 steps after
+    stream g - 1. The states are made on the device in parallel (`cuda_random`), not one after
+    another on the CPU. Thread g draws (x, y) pairs for samples g, g + T, ... where
+    T = blocks * threads.
     """
     numba_cuda = _import_cuda()
-    from numba.cuda.random import create_xoroshiro128p_states
-
     blocks, threads = mc_pi_launch(samples)
-    states = create_xoroshiro128p_states(blocks * threads, seed=seed)
+    states = cuda_random.seeded_states(blocks * threads, seed)
     hits = numba_cuda.to_device(np.zeros(1, np.int64))
     _kernels().mc_pi[blocks, threads](states, np.int64(samples), hits)
     return hits

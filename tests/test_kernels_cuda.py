@@ -222,6 +222,19 @@ def check_mc_pi(real: bool) -> None:
 
 
 @_check
+def check_mc_pi_states_are_seeded_on_the_device_as_numba_seeds_them(real: bool) -> None:
+    from batuta.kernels import cuda_random
+    from numba.cuda.random import create_xoroshiro128p_states
+
+    # On a GPU, mc_pi's most generators: every bit of the generator's index, so every power.
+    cases = [(1, 5), (7, 20261128), (130, 2**64 - 1)] + ([(262_144, 3), (100_003, 20261128)] if real else [])
+    for n, seed in cases:
+        ours = cuda_random.seeded_states(n, seed).copy_to_host()
+        numbas = create_xoroshiro128p_states(n, seed=seed).copy_to_host()
+        assert np.array_equal(ours["s0"], numbas["s0"]) and np.array_equal(ours["s1"], numbas["s1"]), (n, seed)
+
+
+@_check
 def check_gpu_info(real: bool) -> None:
     from batuta.kernels import cuda_support
 
@@ -531,6 +544,8 @@ jobs += [
     (data.teacher, (u, i, f64m, f, f32m, types.int64[::1])),
 ]
 jobs.append((stream.mc_pi, (states, types.int64, types.int64[::1])))
+from batuta.kernels import cuda_random
+jobs.append((cuda_random._kernels().seed, (types.uint64, types.uint64, types.uint64[:, :, ::1], states)))
 import os
 ptxas = shutil.which("ptxas") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "ptxas")
 report = {}
@@ -568,7 +583,7 @@ def test_cuda_kernels_compile_for_sm90() -> None:
     if "skip" in found:
         pytest.skip(f"cannot compile CUDA here: {found['skip']}")
     report = found["report"]
-    assert len(report) == 29
+    assert len(report) == 30
     for key, item in report.items():
         assert item["ptx_lines"] > 10, key
         if "ptxas unavailable" not in item["ptxas"]:
