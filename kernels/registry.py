@@ -638,7 +638,7 @@ def to_host(value: Any) -> Any:
 
         copy = cuda().as_cuda_array(value).copy_to_host
     host = copy()
-    stream = getattr(value, "stream", 0)
+    stream: Any = getattr(value, "stream", 0)
     if stream:
         stream.synchronize()
     return host
