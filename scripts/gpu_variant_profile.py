@@ -6,7 +6,7 @@ Run on a GPU host, in one call (about three minutes on an H200)::
     python scripts/gpu_variant_profile.py --cpu-threads 4
     NUMBA_ENABLE_CUDASIM=1 python scripts/gpu_variant_profile.py --smoke   # runs anywhere, times mean nothing
 
-Four parts, each printed as a table on stderr and gathered in the JSON object of the last line:
+Five parts, each printed as a table on stderr and gathered in the JSON object of the last line:
 
 1. ``vadd_4k_steps_us``: microseconds per call of each step of a 4,096-element float32 vadd
    (16 KiB per array): the registry's validation, ``to_device``, ``device_array``, a launch
@@ -27,7 +27,9 @@ Four parts, each printed as a table on stderr and gathered in the JSON object of
    default streams (numba-cuda 0.30 with the NVIDIA binding ignores
    ``NUMBA_CUDA_PER_THREAD_DEFAULT_STREAM``; the variable cuda-python documents is
    ``CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM=1``, set before CUDA is first imported).
-4. ``kmeans``: K-means 2M x 16 float32, k = 64, data resident on the device: milliseconds per
+4. ``mc_pi``: G samples/s of the GPU variant at 10**10 samples, and milliseconds to seed its
+   262,144 generators on the device against numba's CPU seeding.
+5. ``kmeans``: K-means 2M x 16 float32, k = 64, data resident on the device: milliseconds per
    iteration of ``kmeans_partial`` on the GPU (issue 16: a few hundred microseconds), the time
    to read the data once at the card's copy bandwidth, and a CuPy version (distances by one
    matrix product, argmin, sums by a one-hot product) where CuPy imports.
@@ -215,6 +217,40 @@ def per_thread_stream_check() -> dict[str, Any]:
     return found
 
 
+def mc_pi_figures(smoke: bool) -> dict[str, Any]:
+    """mc_pi's draw rate through the registered variant, and what seeding its generators costs
+    on the device (`cuda_random`) against numba's sequential CPU seeding."""
+    from batuta.kernels import cuda_random, cuda_support
+    from numba.cuda.random import create_xoroshiro128p_states
+
+    from batuta import kernels
+
+    cuda = cuda_support.cuda()
+    samples = 10**4 if smoke else 10**10
+    generators = 64 if smoke else 1 << 18
+    kernels.run("mc_pi", "gpu", (samples, 1))
+    start = time.perf_counter()
+    kernels.run("mc_pi", "gpu", (samples, 2))
+    seconds = time.perf_counter() - start
+
+    def seed_ours() -> None:
+        cuda_random.seeded_states(generators, 3)
+        cuda.synchronize()
+
+    def seed_numba() -> None:
+        create_xoroshiro128p_states(generators, seed=3)
+        cuda.synchronize()
+
+    budget, calls = (0.0, 0) if smoke else (0.5, 20)
+    return {
+        "samples": samples,
+        "generators": generators,
+        "gsamples_per_s": round(samples / seconds / 1e9, 2),
+        "seed_device_ms": round(per_call_us(seed_ours, budget, calls, None) / 1e3, 3),
+        "seed_numba_cpu_ms": round(per_call_us(seed_numba, budget, calls, None) / 1e3, 3),
+    }
+
+
 def _elements(args: tuple[object, ...]) -> int:
     return sum(int(getattr(arg, "size", 0)) for arg in args if not isinstance(arg, float | int))
 
@@ -345,6 +381,8 @@ def main() -> None:
         print(f"vadd 4K {step:>40}: {us:10.2f} us", file=sys.stderr)
     result["vadd_4k_steps_us"] = steps
     result["crossover"] = crossover(args.smoke, budget, max_calls)
+    result["mc_pi"] = mc_pi_figures(args.smoke)
+    print(f"mc_pi: {result['mc_pi']}", file=sys.stderr)
     result["kmeans"] = kmeans_figures(args.smoke, 1 if args.smoke else 20)
     print(f"kmeans: {result['kmeans']}", file=sys.stderr)
     print(json.dumps(result))
