@@ -47,6 +47,7 @@ __all__ = [
     "Stage",
     "forget_stages",
     "launch_and_prepare",
+    "prepare",
     "stage_for",
 ]
 
@@ -197,25 +198,55 @@ def forget_stages() -> None:
 
 def launch_and_prepare(kernel: Any, grid: Any, block: Any, args: tuple[Any, ...]) -> Callable[[], None]:
     """Launch ``kernel[grid, block](*args)`` now, and return a callable that launches it again
-    on the same arguments, as cheaply as numba allows.
+    on the same arguments, as cheaply as numba allows (see `prepare`), holding the arguments.
 
-    The arguments must stay alive and unchanged (device arrays: their buffers; the contents
-    may change). On a real GPU the re-launch reuses numba's marshalled argument block and goes
-    straight to the driver; elsewhere, or if numba's internals differ from what this expects,
-    it launches the ordinary way again (configuring anew each time: the simulator's
-    ``kernel[grid, block]`` reconfigures the kernel object itself).
+    The arguments must stay unchanged (device arrays: their buffers; the contents may change).
+    Where the launch cannot be prepared it launches the ordinary way again (configuring anew
+    each time: the simulator's ``kernel[grid, block]`` reconfigures the kernel object itself).
     """
     kernel[grid, block](*args)
 
     def plain() -> None:
         kernel[grid, block](*args)
 
+    prepared = prepare(kernel, grid, block, args)
+    return plain if prepared is None else _Holding(prepared, args)
+
+
+class _Holding:
+    """A prepared launch that keeps the buffers its argument block points into alive."""
+
+    __slots__ = ("held", "launch")
+
+    def __init__(self, launch: Callable[[], None], held: tuple[Any, ...]) -> None:
+        self.launch = launch
+        self.held = held
+
+    def __call__(self) -> None:
+        self.launch()
+
+
+def prepare(kernel: Any, grid: Any, block: Any, args: tuple[Any, ...]) -> Callable[[], None] | None:
+    """A callable that launches ``kernel[grid, block](*args)`` again with the argument block
+    numba built for these arguments, straight to the driver: no typing, no marshalling. None
+    where that cannot be done (numba's internals differ from what this expects).
+
+    The kernel must have been launched once with arguments of these types (it is compiled).
+    The callable holds the arguments' addresses, not the arguments: the caller keeps the
+    buffers alive, or calls it only while memory of the same layout is at those addresses
+    (so a cache keyed by device pointers need not pin the arrays). Under the simulator it
+    launches the ordinary way, holding the arguments.
+    """
     if simulated():
+
+        def plain() -> None:
+            kernel[grid, block](*args)
+
         return plain
     try:
         return _prepared(kernel[grid, block], args)
     except Exception:  # numba internals changed: the ordinary launch still works
-        return plain
+        return None
 
 
 def _prepared(configured: Any, args: tuple[Any, ...]) -> Callable[[], None]:
@@ -237,9 +268,8 @@ def _prepared(configured: Any, args: tuple[Any, ...]) -> Callable[[], None]:
     )
     handle = kernel._codelibrary.get_cufunc().kernel
     stream = configured.stream
-    held = (args, kernel_args)  # keeps the buffers the argument block points to alive
 
     def relaunch() -> None:
-        launch(stream, config, handle, *held[1])
+        launch(stream, config, handle, *kernel_args)
 
     return relaunch

@@ -398,6 +398,31 @@ def check_device_arrays_are_checked_without_a_copy(real: bool) -> None:
 
 
 @_check
+def check_repeated_reductions_of_a_resident_array_see_its_current_contents(real: bool) -> None:
+    """sum and dot of device arrays keep a plan per (addresses, size, dtype): repeated calls
+    reuse it, and read what the arrays hold now."""
+    from batuta.kernels import cuda_stream
+    from numba import cuda
+
+    from batuta import kernels
+
+    n = 3 * 10**6 + 1 if real else 1001
+    a, b = _vectors(n, np.float32, 2, seed=7)
+    d_a, d_b = cuda.to_device(a), cuda.to_device(b)
+    for round_ in range(3):
+        host = a + np.float32(round_)
+        d_a.copy_to_device(host)  # new contents at the same address
+        total = kernels.run("sum", "gpu", (d_a,))
+        assert abs(total - math.fsum(host.tolist())) <= 1e-9 * float(np.abs(host).sum()) + 1e-6, round_
+        products = host.astype(np.float64) * b
+        dot = kernels.run("dot", "gpu", (d_a, d_b))
+        assert abs(dot - math.fsum(products.tolist())) <= 1e-9 * float(np.abs(products).sum()), round_
+    plans = cuda_stream._LOCAL.plans
+    assert sorted(key[0] for key in plans if key[1] == n) == ["dot", "sum"]  # one each, reused
+    assert kernels.run("sum", "gpu", (cuda.to_device(np.zeros(0, np.float32)),)) == 0.0
+
+
+@_check
 def check_small_host_calls_reuse_their_staging_buffers_safely(real: bool) -> None:
     """Host in, host out calls of vadd, saxpy, sum and dot go through per-thread staging
     buffers: repeated calls with new data, and results kept across calls, stay right."""
