@@ -87,6 +87,8 @@ def vadd_steps(budget_s: float, max_calls: int) -> dict[str, float]:
     from batuta import kernels
 
     cuda = cuda_support.cuda()
+    info = cuda_support.gpu_info()
+    assert info is not None
     n = 4096
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
@@ -111,6 +113,13 @@ def vadd_steps(budget_s: float, max_calls: int) -> dict[str, float]:
     def t(fn: Callable[[], object], sync: Callable[[], object] | None = None) -> float:
         return per_call_us(fn, budget_s, max_calls, sync)
 
+    def allocate_and_free_1gib() -> None:
+        buffer = cuda.device_array(1 << (10 if info.simulated else 28), np.float32)
+        del buffer
+        pending = getattr(cuda.current_context(), "deallocations", None)  # none in the simulator
+        if pending is not None:
+            pending.clear()  # numba frees in batches: free now (cuMemFree)
+
     steps = {
         "validate": t(lambda: kdef.validate((a, b))),
         "to_device_16KiB": t(lambda: cuda.to_device(a)),
@@ -127,6 +136,9 @@ def vadd_steps(budget_s: float, max_calls: int) -> dict[str, float]:
             lambda: kernels.run("vadd", "gpu", (d_a, d_b), device_results=True), cuda.synchronize
         ),
         "call_cpu_variant": t(lambda: kernels.run("vadd", "cpu", (a, b))),
+        # What a kept GPU result of 1 GiB costs to allocate and free through numba (a chain of
+        # kept results allocates one per stage; CuPy draws from a pool).
+        "device_array_1GiB_alloc_and_free": per_call_us(allocate_and_free_1gib, budget_s, min(max_calls, 50), None),
     }
     assert np.array_equal(kernels.run("vadd", "gpu", (a, b)), a + b), "staged vadd is wrong"
     return steps
