@@ -176,11 +176,16 @@ def _jit(numba_cuda: Any, fn: Callable[..., Any], options: dict[str, Any]) -> An
         return numba_cuda.jit(**{k: v for k, v in options.items() if k != "cache"})(fn)
 
 
+_AVAILABLE: list[bool] = []  # [True] once a device was found usable: it stays so for the process
+
+
 def _require_device() -> Any:
     numba_cuda = cuda()
-    if simulated():
+    if _AVAILABLE or simulated():  # checked once: is_available() costs microseconds per GPU call
         return numba_cuda
-    if not numba_cuda.is_available():
+    if numba_cuda.is_available():
+        _AVAILABLE.append(True)
+    else:
         reason = ""
         with contextlib.suppress(Exception):
             reason = " ".join(str(numba_cuda.cuda_error()).split())
