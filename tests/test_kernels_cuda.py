@@ -417,8 +417,8 @@ def check_repeated_reductions_of_a_resident_array_see_its_current_contents(real:
         products = host.astype(np.float64) * b
         dot = kernels.run("dot", "gpu", (d_a, d_b))
         assert abs(dot - math.fsum(products.tolist())) <= 1e-9 * float(np.abs(products).sum()), round_
-    plans = cuda_stream._LOCAL.plans
-    assert sorted(key[0] for key in plans if key[1] == n) == ["dot", "sum"]  # one each, reused
+    here = cuda_stream._address(d_a)
+    assert sorted(key[0] for key in cuda_stream._LOCAL.plans if key[3] == here) == ["dot", "sum"]  # reused
     assert kernels.run("sum", "gpu", (cuda.to_device(np.zeros(0, np.float32)),)) == 0.0
 
 
