@@ -220,10 +220,11 @@ def _sum_cpu(x: np.ndarray) -> float:
 @sum_.gpu
 def _sum_gpu(x: np.ndarray) -> float:
     with gpu_errors("sum") as cuda:
-        if not is_device_array(x):
-            staged = cuda_stream.reduction_staged("sum", (x,))
-            if staged is not None:
-                return staged
+        if is_device_array(x):
+            return cuda_stream.reduction_device("sum", (x,))
+        staged = cuda_stream.reduction_staged("sum", (x,))
+        if staged is not None:
+            return staged
         total = cuda_stream.sum_device(on_device(cuda, x)).copy_to_host()
     return float(total[0])
 

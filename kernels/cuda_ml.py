@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from . import cuda_support
-from .cuda_support import jit_kernels, on_device
+from .cuda_support import device_view, jit_kernels, on_device
+from .registry import is_device_array
 
 cuda: Any = None  # numba.cuda, bound by _kernels() before the kernels compile
 __all__ = ["gram", "kmeans_assign"]
@@ -41,9 +42,12 @@ KMEANS_MAX_K = 1024
 KMEANS_ROW_CAPS = (16, 32)
 """The fast kernel holds a thread's row in a local array of 16 or 32 float64 (registers, with
 the loops over it unrolled); rows of more features take the plain kernel."""
-KMEANS_BLOCKS_PER_SM = 4
-"""Blocks of the fast kernel per SM: each block walks its rows with a grid stride and adds its
-shared sums to the global ones once, so fewer blocks mean fewer global atomics."""
+KMEANS_BLOCKS_PER_SM = {16: 3, 32: 1}
+"""Blocks of the fast kernels per SM, by row cap. Their launch bounds make exactly this many
+resident (16-feature rows fit 85 registers a thread; 32-feature ones need about 138, so one
+256-thread block), and the grid is one such wave: each block walks its rows with a grid
+stride, so a second, partial wave would double the time of the rows it holds. Each block
+also adds its shared sums to the global ones once: fewer blocks, fewer global atomics."""
 GRAM_TILE = 16
 """X^T X is computed in 16 x 16 tiles, one thread per element of a tile."""
 GRAM_TARGET_BLOCKS = 1024
@@ -234,8 +238,8 @@ def _kernels() -> SimpleNamespace:
         globals(),
         {
             "kmeans_assign": _kmeans_assign_py,
-            "kmeans_shared16": _kmeans_shared16_py,
-            "kmeans_shared32": _kmeans_shared32_py,
+            "kmeans_shared16": (_kmeans_shared16_py, {"launch_bounds": (KMEANS_THREADS, KMEANS_BLOCKS_PER_SM[16])}),
+            "kmeans_shared32": (_kmeans_shared32_py, {"launch_bounds": (KMEANS_THREADS, KMEANS_BLOCKS_PER_SM[32])}),
             "gram": _gram_py,
             "gram_finish": _gram_finish_py,
         },
@@ -243,27 +247,41 @@ def _kernels() -> SimpleNamespace:
     )
 
 
-def kmeans_assign(cuda: Any, x: Any, centroids: Any) -> tuple[Any, Any, float]:
+def kmeans_assign(cuda: Any, x: Any, centroids: Any, *, host_results: bool = False) -> tuple[Any, Any, float]:
     """(sums, counts, inertia) of the rows of `x` against float64 `centroids`, on the GPU.
 
-    `x` and `centroids` are host or device arrays; sums (k, d) float64 and counts (k,) int64
-    are device arrays, inertia a float (copying it back waits for the launch).
+    `x` and `centroids` are host or device arrays. Sums (k, d) float64 and counts (k,) int64
+    are device arrays, or host arrays with `host_results`; inertia is a float (copying it
+    back waits for the launch). An iteration's small arrays travel together: host centroids
+    and the zeroed sums, counts and inertia go up in one copy, and with `host_results` the
+    answers come back in one.
     """
     n, d = x.shape
     k = centroids.shape[0]
-    sums = cuda.to_device(np.zeros((k, d)))
-    counts = cuda.to_device(np.zeros(k, np.int64))
-    inertia = cuda.to_device(np.zeros(1))
+    cells = k * d
+    device_centroids = is_device_array(centroids)
+    start = 0 if device_centroids else cells  # [centroids | sums | counts | inertia], float64 words
+    packed = np.zeros(start + cells + k + 1)
+    if not device_centroids:
+        packed[:cells] = np.asarray(centroids).reshape(-1)
+    buffer = cuda.to_device(packed)
+    sums = device_view(buffer[start : start + cells].reshape(k, d), buffer)
+    counts = device_view(buffer[start + cells : start + cells + k].view(np.int64), buffer)
+    inertia = buffer[start + cells + k :]
     if n:
         threads = _threads(KMEANS_THREADS)
-        args = (on_device(cuda, x), on_device(cuda, centroids), sums, counts, inertia)
+        centroids_on_device = centroids if device_centroids else device_view(buffer[:cells].reshape(k, d), buffer)
+        args = (on_device(cuda, x), centroids_on_device, sums, counts, inertia)
         cap = next((cap for cap in KMEANS_ROW_CAPS if d <= cap), None)
-        if cap is not None and k * d <= KMEANS_SHARED_CELLS and k <= KMEANS_MAX_K:
-            blocks = min(math.ceil(n / threads), cuda_support.sm_count() * KMEANS_BLOCKS_PER_SM)
+        if cap is not None and cells <= KMEANS_SHARED_CELLS and k <= KMEANS_MAX_K:
+            blocks = min(math.ceil(n / threads), cuda_support.sm_count() * KMEANS_BLOCKS_PER_SM[cap])
             getattr(_kernels(), f"kmeans_shared{cap}")[blocks, threads](*args)
         else:
             _kernels().kmeans_assign[math.ceil(n / threads), threads](*args)
-    return sums, counts, float(inertia.copy_to_host()[0])
+    if not host_results:
+        return sums, counts, float(inertia.copy_to_host()[0])
+    back = buffer.copy_to_host()[start:]
+    return back[:cells].reshape(k, d), back[cells : cells + k].view(np.int64), float(back[cells + k])
 
 
 def gram(cuda: Any, x: Any, y: Any) -> tuple[Any, Any]:

@@ -7,9 +7,10 @@ three device allocations, two synchronous pageable copies in, numba's argument t
 marshalling at every launch, a synchronous copy out. Here a call whose inputs and outputs fit
 `STAGE_MAX_BYTES` goes through a `Stage`, kept per thread and per (kernel, shapes, dtypes):
 
-- one pinned host buffer and one device buffer hold all the inputs (packed at 256-byte
-  offsets), another pair all the outputs; the inputs are copied into the pinned buffer with
-  NumPy and sent with one asynchronous copy, the outputs come back with one;
+- from the second call of its kind on (`STAGE_AFTER_CALLS`), one pinned host buffer and one
+  device buffer hold all the inputs (packed at 256-byte offsets), another pair all the
+  outputs; the inputs are copied into the pinned buffer with NumPy and sent with one
+  asynchronous copy, the outputs come back with one;
 - the kernel is launched through `launch_and_prepare`: the first call launches the ordinary
   way, later ones re-launch with the argument block numba built for these fixed buffers,
   skipping its typing and marshalling (where numba's internals are not as expected, or under
@@ -21,11 +22,14 @@ Everything runs on the default stream (the per-thread one where the process asks
 never the legacy stream by name, and waits for that stream only. A `Stage` is reused only by
 the thread that made it, after its previous call synchronised, so nothing overwrites a buffer
 a copy or a kernel still reads. Calls with device arrays, or whose results stay on the device,
-never come here: those buffers would be handed out.
+never come here: those buffers would be handed out. Stages belong to the device that was
+current when they were made: a thread that moves to another device calls `forget_stages`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -33,16 +37,17 @@ from typing import Any
 
 import numpy as np
 
-from .cuda_support import cuda, simulated
-from .registry import is_device_array
+from .cuda_support import cuda, device_view, simulated
 
 __all__ = [
+    "STAGE_AFTER_CALLS",
     "STAGE_ALIGN",
     "STAGE_ENTRIES",
     "STAGE_MAX_BYTES",
     "Stage",
     "forget_stages",
     "launch_and_prepare",
+    "prepare",
     "stage_for",
 ]
 
@@ -52,6 +57,10 @@ enough that the bookkeeping does not matter, and pinned memory is a scarce resou
 
 STAGE_ENTRIES = 16
 """Stages kept per thread (least recently used dropped): at most 16 x 2 x 4 MiB pinned."""
+
+STAGE_AFTER_CALLS = 2
+"""A kind of call gets a stage from its second call on: pinned memory costs about a millisecond
+to allocate, so one-off sizes (a last, shorter chunk) take the plain path instead."""
 
 STAGE_ALIGN = 256
 """Offsets of the packed arrays in the staging buffers: cudaMalloc's alignment, so a packed
@@ -98,15 +107,39 @@ class Stage:
         self.stream = numba_cuda.default_stream()
         self.memo: dict[str, Any] = {}
         """For the caller: prepared launches, reduction buffers, anything tied to these buffers."""
+        self.copy_in: Callable[[], object] = functools.partial(
+            self.device_in.copy_to_device, self.pinned_in, stream=self.stream
+        )
+        self.copy_out: Callable[[], object] = functools.partial(
+            self.device_out.copy_to_host, self.pinned_out, stream=self.stream
+        )
+        if not simulated():
+            with contextlib.suppress(Exception):  # numba's internals differ: keep its public copies
+                self.copy_in, self.copy_out = self._driver_copies(in_bytes, out_bytes)
+
+    def _driver_copies(self, in_bytes: int, out_bytes: int) -> tuple[Callable[[], object], Callable[[], object]]:
+        """The two asynchronous copies as driver calls on fixed pointers: numba's
+        ``copy_to_device`` checks and wraps its arguments anew on every call."""
+        from numba.cuda.cudadrv import driver as cuda_driver
+
+        stream = 0  # the default stream, as self.stream is: per-thread where the process asks for it
+        device_in, device_out = cuda_driver.device_pointer(self.device_in), cuda_driver.device_pointer(self.device_out)
+        host_in = cuda_driver.host_pointer(self.pinned_in, readonly=True)
+        host_out = cuda_driver.host_pointer(self.pinned_out)
+        api = cuda_driver.driver
+        return (
+            functools.partial(api.cuMemcpyHtoDAsync, device_in, host_in, in_bytes, stream),
+            functools.partial(api.cuMemcpyDtoHAsync, host_out, device_out, out_bytes, stream),
+        )
 
     def run(self, inputs: Sequence[np.ndarray], launch: Callable[[Stage], None]) -> list[np.ndarray]:
         """Copy `inputs` in, call `launch(self)` to launch on the device views, copy the outputs
         back, wait for this stream, and return the outputs as fresh host arrays."""
         for view, value in zip(self.host_inputs, inputs, strict=True):
             np.copyto(view, value)
-        self.device_in.copy_to_device(self.pinned_in, stream=self.stream)
+        self.copy_in()
         launch(self)
-        self.device_out.copy_to_host(self.pinned_out, stream=self.stream)
+        self.copy_out()
         self.stream.synchronize()
         return [view.copy() for view in self.host_outputs]
 
@@ -118,10 +151,7 @@ def _host_view(buffer: np.ndarray, offset: int, shape: tuple[int, ...], dtype: n
 
 def _device_view(buffer: Any, offset: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    view = buffer[offset : offset + nbytes].view(dtype).reshape(shape)
-    if not is_device_array(view):  # the simulator's fake arrays view as NumPy: wrap it again
-        view = type(buffer)(view)
-    return view
+    return device_view(buffer[offset : offset + nbytes].view(dtype).reshape(shape), buffer)
 
 
 def stage_for(
@@ -138,6 +168,14 @@ def stage_for(
     if stage is not None:
         stages.move_to_end(key)
         return stage
+    seen: OrderedDict[tuple[Any, ...], int] = getattr(_LOCAL, "seen", None) or OrderedDict()
+    _LOCAL.seen = seen
+    calls = seen.pop(key, 0) + 1
+    if calls < STAGE_AFTER_CALLS:
+        seen[key] = calls
+        while len(seen) > 4 * STAGE_ENTRIES:
+            seen.popitem(last=False)
+        return None
     specs = [(tuple(a.shape), np.dtype(a.dtype)) for a in inputs]
     sizes = [int(np.prod(s, dtype=np.int64)) * d.itemsize for s, d in [*specs, *outputs]]
     if sum(sizes) > STAGE_MAX_BYTES or 0 in sizes:
@@ -152,6 +190,7 @@ def stage_for(
 def forget_stages() -> None:
     """Drop this thread's stages (tests; a slot giving its memory back)."""
     _LOCAL.stages = OrderedDict()
+    _LOCAL.seen = OrderedDict()
 
 
 # -- prepared launches --------------------------------------------------------------------
@@ -159,25 +198,55 @@ def forget_stages() -> None:
 
 def launch_and_prepare(kernel: Any, grid: Any, block: Any, args: tuple[Any, ...]) -> Callable[[], None]:
     """Launch ``kernel[grid, block](*args)`` now, and return a callable that launches it again
-    on the same arguments, as cheaply as numba allows.
+    on the same arguments, as cheaply as numba allows (see `prepare`), holding the arguments.
 
-    The arguments must stay alive and unchanged (device arrays: their buffers; the contents
-    may change). On a real GPU the re-launch reuses numba's marshalled argument block and goes
-    straight to the driver; elsewhere, or if numba's internals differ from what this expects,
-    it launches the ordinary way again (configuring anew each time: the simulator's
-    ``kernel[grid, block]`` reconfigures the kernel object itself).
+    The arguments must stay unchanged (device arrays: their buffers; the contents may change).
+    Where the launch cannot be prepared it launches the ordinary way again (configuring anew
+    each time: the simulator's ``kernel[grid, block]`` reconfigures the kernel object itself).
     """
     kernel[grid, block](*args)
 
     def plain() -> None:
         kernel[grid, block](*args)
 
+    prepared = prepare(kernel, grid, block, args)
+    return plain if prepared is None else _Holding(prepared, args)
+
+
+class _Holding:
+    """A prepared launch that keeps the buffers its argument block points into alive."""
+
+    __slots__ = ("held", "launch")
+
+    def __init__(self, launch: Callable[[], None], held: tuple[Any, ...]) -> None:
+        self.launch = launch
+        self.held = held
+
+    def __call__(self) -> None:
+        self.launch()
+
+
+def prepare(kernel: Any, grid: Any, block: Any, args: tuple[Any, ...]) -> Callable[[], None] | None:
+    """A callable that launches ``kernel[grid, block](*args)`` again with the argument block
+    numba built for these arguments, straight to the driver: no typing, no marshalling. None
+    where that cannot be done (numba's internals differ from what this expects).
+
+    The kernel must have been launched once with arguments of these types (it is compiled).
+    The callable holds the arguments' addresses, not the arguments: the caller keeps the
+    buffers alive, or calls it only while memory of the same layout is at those addresses
+    (so a cache keyed by device pointers need not pin the arrays). Under the simulator it
+    launches the ordinary way, holding the arguments.
+    """
     if simulated():
+
+        def plain() -> None:
+            kernel[grid, block](*args)
+
         return plain
     try:
         return _prepared(kernel[grid, block], args)
     except Exception:  # numba internals changed: the ordinary launch still works
-        return plain
+        return None
 
 
 def _prepared(configured: Any, args: tuple[Any, ...]) -> Callable[[], None]:
@@ -199,9 +268,8 @@ def _prepared(configured: Any, args: tuple[Any, ...]) -> Callable[[], None]:
     )
     handle = kernel._codelibrary.get_cufunc().kernel
     stream = configured.stream
-    held = (args, kernel_args)  # keeps the buffers the argument block points to alive
 
     def relaunch() -> None:
-        launch(stream, config, handle, *held[1])
+        launch(stream, config, handle, *kernel_args)
 
     return relaunch

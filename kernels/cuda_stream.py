@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+from collections import OrderedDict
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from .cuda_staging import Stage, launch_and_prepare, stage_for
+from . import cuda_random
+from .cuda_staging import Stage, launch_and_prepare, prepare, stage_for
 from .cuda_support import STREAM_THREADS, jit_kernels, simulated, stream_grid
 from .cuda_support import cuda as _import_cuda
 
@@ -47,8 +50,8 @@ MC_MAX_BLOCKS = 4096  # 262,144 generators: about one per resident thread of an 
 MC_MIN_SAMPLES_PER_THREAD = 256
 """mc_pi's grid depends on the sample count only, never on the device, so an estimate is the
 same on every GPU model and under the simulator: results are deterministic per (samples, seed).
-Blocks are small (64 threads) so that small sample counts need few generators: numba seeds
-them one after another on the CPU (about 50 ms for 262,144; much slower under the simulator)."""
+Blocks are small (64 threads) so that small sample counts need few generators: each is a
+thread's work to seed (`cuda_random`), and much more under the simulator."""
 
 
 # -- device functions ---------------------------------------------------------------------
@@ -335,6 +338,85 @@ def _launch_reduction(stage: Stage) -> None:
     )
 
 
+# -- reductions of device-resident arrays -------------------------------------------------
+
+REDUCTION_PLANS = 16
+"""Reductions over device arrays kept per thread (least recently used dropped): each holds
+two small device buffers, 8 pinned bytes and two prepared launches, not the arrays."""
+
+_LOCAL = threading.local()
+
+
+def _address(array: Any) -> int:
+    interface = getattr(array, "__cuda_array_interface__", None)
+    if interface is not None:
+        return int(interface["data"][0])
+    return int(array.__array_interface__["data"][0])  # the simulator's fake arrays
+
+
+class _Reduction:
+    """A sum or dot over device arrays at fixed addresses: its buffers and prepared launches.
+
+    Keyed by the arrays' addresses, size and dtype, never holding the arrays (a GPU slot may
+    evict them): a call with the same key reads whatever array is at those addresses now,
+    which has the layout the launches were prepared for.
+    """
+
+    def __init__(self, name: str, arrays: tuple[Any, ...]) -> None:
+        numba_cuda = _import_cuda()
+        kernels = _kernels()
+        blocks, threads = stream_grid(arrays[0].size)
+        finish = stream_grid(1)[1] if simulated() else REDUCE_THREADS
+        first = kernels.sum_partials if name == "sum" else kernels.dot_partials
+        self.partials = numba_cuda.device_array(blocks, np.float64)
+        self.total = numba_cuda.device_array(1, np.float64)
+        self.host = numba_cuda.pinned_array(1, np.float64)
+        self.stream = numba_cuda.default_stream()
+        first[blocks, threads](*arrays, self.partials)
+        kernels.sum_partials[1, finish](self.partials, self.total)
+        self.launches = (
+            prepare(first, blocks, threads, (*arrays, self.partials)),
+            prepare(kernels.sum_partials, 1, finish, (self.partials, self.total)),
+        )
+
+    def read(self) -> float:
+        """The total of the last launches: one 8-byte copy, then this stream's work waited for."""
+        self.total.copy_to_host(self.host, stream=self.stream)
+        self.stream.synchronize()
+        return float(self.host[0])
+
+    def again(self) -> float:
+        for launch in self.launches:
+            assert launch is not None
+            launch()
+        return self.read()
+
+
+def reduction_device(name: str, arrays: tuple[Any, ...]) -> float:
+    """sum (one array) or dot (two) of 1-D device arrays, as a float.
+
+    Repeated reductions of arrays at the same addresses (a GPU slot's resident value, summed
+    by task after task) reuse their buffers and prepared launches: two launches, one 8-byte
+    copy and one wait per call, no allocation and no argument marshalling.
+    """
+    first = arrays[0]
+    key = (name, first.size, np.dtype(first.dtype).str, *(_address(array) for array in arrays))
+    plans: OrderedDict[tuple[Any, ...], _Reduction] | None = getattr(_LOCAL, "plans", None)
+    if plans is None:
+        plans = _LOCAL.plans = OrderedDict()
+    plan = plans.get(key)
+    if plan is not None:
+        plans.move_to_end(key)
+        return plan.again()
+    plan = _Reduction(name, arrays)
+    value = plan.read()
+    if first.size and all(launch is not None for launch in plan.launches):
+        plans[key] = plan
+        while len(plans) > REDUCTION_PLANS:
+            plans.popitem(last=False)
+    return value
+
+
 def mc_pi_launch(samples: int) -> tuple[int, int]:
     """(blocks, threads) of mc_pi for `samples`: a function of the sample count alone."""
     per_block = MC_THREADS * MC_MIN_SAMPLES_PER_THREAD
@@ -344,15 +426,15 @@ def mc_pi_launch(samples: int) -> tuple[int, int]:
 def mc_pi_device(samples: int, seed: int) -> Any:
     """Points inside the quarter circle out of `samples`: a (1,) int64 device array.
 
-    Generator g (g = global thread index) is xoroshiro128+ seeded by numba's
-    ``create_xoroshiro128p_states(threads, seed)``: stream g starts 2**64 steps after stream
-    g - 1. Thread g draws (x, y) pairs for samples g, g + T, ... where T = blocks * threads.
+    Generator g (g = global thread index) is xoroshiro128+ seeded as numba's
+    ``create_xoroshiro128p_states(threads, seed)`` seeds it: stream g starts 2**64 steps after
+    stream g - 1. The states are made on the device in parallel (`cuda_random`), not one after
+    another on the CPU. Thread g draws (x, y) pairs for samples g, g + T, ... where
+    T = blocks * threads.
     """
     numba_cuda = _import_cuda()
-    from numba.cuda.random import create_xoroshiro128p_states
-
     blocks, threads = mc_pi_launch(samples)
-    states = create_xoroshiro128p_states(blocks * threads, seed=seed)
+    states = cuda_random.seeded_states(blocks * threads, seed)
     hits = numba_cuda.to_device(np.zeros(1, np.int64))
     _kernels().mc_pi[blocks, threads](states, np.int64(samples), hits)
     return hits

@@ -47,6 +47,7 @@ __all__ = [
     "GpuKernelError",
     "GpuUnavailableError",
     "cuda",
+    "device_view",
     "finish",
     "gpu_errors",
     "gpu_info",
@@ -175,11 +176,16 @@ def _jit(numba_cuda: Any, fn: Callable[..., Any], options: dict[str, Any]) -> An
         return numba_cuda.jit(**{k: v for k, v in options.items() if k != "cache"})(fn)
 
 
+_AVAILABLE: list[bool] = []  # [True] once a device was found usable: it stays so for the process
+
+
 def _require_device() -> Any:
     numba_cuda = cuda()
-    if simulated():
+    if _AVAILABLE or simulated():  # checked once: is_available() costs microseconds per GPU call
         return numba_cuda
-    if not numba_cuda.is_available():
+    if numba_cuda.is_available():
+        _AVAILABLE.append(True)
+    else:
         reason = ""
         with contextlib.suppress(Exception):
             reason = " ".join(str(numba_cuda.cuda_error()).split())
@@ -232,6 +238,12 @@ def on_device(numba_cuda: Any, value: Any) -> Any:
     so it has been read when this returns and the caller may reuse it.
     """
     return value if is_device_array(value) else numba_cuda.to_device(value)
+
+
+def device_view(view: Any, of: Any) -> Any:
+    """`view` (a slice, reshape or dtype view of device array `of`) as a device array: numba's
+    are already; the simulator's fake arrays give NumPy views, wrapped again here."""
+    return view if is_device_array(view) else type(of)(view)
 
 
 def finish(result: Any) -> Any:

@@ -66,7 +66,7 @@ from .cuda_support import GPU_MIN_ELEMENTS
 from .ml_checks import MAX_CLASSES, check_data, check_finite, check_labels, check_param, writable_float64
 from .ml_data import MAX_UINT64, splitmix64
 from .ml_trees import Tree
-from .registry import KernelInputError, as_count, float_array, kernel
+from .registry import KernelInputError, as_count, device_results_wanted, float_array, kernel
 
 __all__ = [
     "MAX_CLASSES",
@@ -390,7 +390,7 @@ def _kmeans_synth_gpu(
 ) -> tuple[np.ndarray, np.ndarray, float]:
     with cuda_support.gpu_errors("kmeans_partial_synth") as cuda:  # rows made on the device
         x = cuda_data.blobs(cuda, seed, start, rows, centers, spread)
-        return cuda_support.finish(cuda_ml.kmeans_assign(cuda, x, centroids))
+        return cuda_ml.kmeans_assign(cuda, x, centroids, host_results=not device_results_wanted())
 
 
 @kernel(
@@ -575,7 +575,7 @@ def _kmeans_gpu(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.nd
     """Centroids and per-block sums in shared memory, rows in registers (see `cuda_ml`); the
     blocks' sums are added with atomics, so equal to the reference within rounding."""
     with cuda_support.gpu_errors("kmeans_partial") as cuda:
-        return cuda_support.finish(cuda_ml.kmeans_assign(cuda, x, centroids))
+        return cuda_ml.kmeans_assign(cuda, x, centroids, host_results=not device_results_wanted())
 
 
 @linreg_partial.gpu

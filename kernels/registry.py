@@ -617,6 +617,8 @@ def to_host(value: Any) -> Any:
     Goes through tuples and lists (a named tuple keeps its type); anything else is returned
     as it is. numba's device arrays (and the simulator's) are copied with their
     ``copy_to_host``; other ``__cuda_array_interface__`` objects through a numba view of them.
+    A numba array bound to a stream (made with ``stream=``) copies on that stream without
+    waiting: that stream is synchronised before the copy is returned.
     """
     cls = type(value)
     if cls is np.ndarray or cls is float or cls is int or value is None:
@@ -635,7 +637,11 @@ def to_host(value: Any) -> Any:
         from .cuda_support import cuda  # only a foreign device array gets here: numba is wanted
 
         copy = cuda().as_cuda_array(value).copy_to_host
-    return copy()
+    host = copy()
+    stream: Any = getattr(value, "stream", 0)
+    if stream:
+        stream.synchronize()
+    return host
 
 
 def _device_float_array(kernel: str, arg: str, value: Any, ndim: int) -> Any:

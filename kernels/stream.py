@@ -71,6 +71,8 @@ def _dot_cpu(x: np.ndarray, y: np.ndarray) -> float:
 @dot.gpu
 def _dot_gpu(x: np.ndarray, y: np.ndarray) -> float:
     with gpu_errors("dot") as cuda:
+        if is_device_array(x) and is_device_array(y):
+            return cuda_stream.reduction_device("dot", (x, y))
         if not (is_device_array(x) or is_device_array(y)):
             staged = cuda_stream.reduction_staged("dot", (x, y))
             if staged is not None:

@@ -6,7 +6,7 @@ Run on a GPU host, in one call (about three minutes on an H200)::
     python scripts/gpu_variant_profile.py --cpu-threads 4
     NUMBA_ENABLE_CUDASIM=1 python scripts/gpu_variant_profile.py --smoke   # runs anywhere, times mean nothing
 
-Three parts, each printed as a table on stderr and gathered in the JSON object of the last line:
+Five parts, each printed as a table on stderr and gathered in the JSON object of the last line:
 
 1. ``vadd_4k_steps_us``: microseconds per call of each step of a 4,096-element float32 vadd
    (16 KiB per array): the registry's validation, ``to_device``, ``device_array``, a launch
@@ -22,7 +22,14 @@ Three parts, each printed as a table on stderr and gathered in the JSON object o
    (as ``auto`` counts them: over the array arguments) of the smallest size from which the GPU
    was faster at every larger size measured; null where it never was. Compare them with
    ``kernels/cuda_support.py`` GPU_MIN_ELEMENTS and put the measured ones there.
-3. ``kmeans``: K-means 2M x 16 float32, k = 64, data resident on the device: milliseconds per
+3. ``stream_check`` (real GPU only): whether a second thread's copies wait for the first
+   thread's kernel. ``per_thread_default_streams`` true means the process runs with per-thread
+   default streams (numba-cuda 0.30 with the NVIDIA binding ignores
+   ``NUMBA_CUDA_PER_THREAD_DEFAULT_STREAM``; the variable cuda-python documents is
+   ``CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM=1``, set before CUDA is first imported).
+4. ``mc_pi``: G samples/s of the GPU variant at 10**10 samples, and milliseconds to seed its
+   262,144 generators on the device against numba's CPU seeding.
+5. ``kmeans``: K-means 2M x 16 float32, k = 64, data resident on the device: milliseconds per
    iteration of ``kmeans_partial`` on the GPU (issue 16: a few hundred microseconds), the time
    to read the data once at the card's copy bandwidth, and a CuPy version (distances by one
    matrix product, argmin, sums by a one-hot product) where CuPy imports.
@@ -80,6 +87,8 @@ def vadd_steps(budget_s: float, max_calls: int) -> dict[str, float]:
     from batuta import kernels
 
     cuda = cuda_support.cuda()
+    info = cuda_support.gpu_info()
+    assert info is not None
     n = 4096
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
@@ -104,6 +113,13 @@ def vadd_steps(budget_s: float, max_calls: int) -> dict[str, float]:
     def t(fn: Callable[[], object], sync: Callable[[], object] | None = None) -> float:
         return per_call_us(fn, budget_s, max_calls, sync)
 
+    def allocate_and_free_1gib() -> None:
+        buffer = cuda.device_array(1 << (10 if info.simulated else 28), np.float32)
+        del buffer
+        pending = getattr(cuda.current_context(), "deallocations", None)  # none in the simulator
+        if pending is not None:
+            pending.clear()  # numba frees in batches: free now (cuMemFree)
+
     steps = {
         "validate": t(lambda: kdef.validate((a, b))),
         "to_device_16KiB": t(lambda: cuda.to_device(a)),
@@ -120,6 +136,9 @@ def vadd_steps(budget_s: float, max_calls: int) -> dict[str, float]:
             lambda: kernels.run("vadd", "gpu", (d_a, d_b), device_results=True), cuda.synchronize
         ),
         "call_cpu_variant": t(lambda: kernels.run("vadd", "cpu", (a, b))),
+        # What a kept GPU result of 1 GiB costs to allocate and free through numba (a chain of
+        # kept results allocates one per stage; CuPy draws from a pool).
+        "device_array_1GiB_alloc_and_free": per_call_us(allocate_and_free_1gib, budget_s, min(max_calls, 50), None),
     }
     assert np.array_equal(kernels.run("vadd", "gpu", (a, b)), a + b), "staged vadd is wrong"
     return steps
@@ -170,6 +189,80 @@ def _cases(smoke: bool) -> dict[str, list[tuple[object, ...]]]:
     return cases
 
 
+def per_thread_stream_check() -> dict[str, Any]:
+    """Whether another thread's copies wait for this thread's kernels (the legacy default
+    stream: they do) or not (per-thread default streams, as a GPU slot's prefetch needs).
+
+    Thread A launches a long mc_pi kernel on its default stream; thread B, meanwhile, copies 32
+    bytes to the device and back on its own. On the legacy stream B waits for A's kernel.
+    """
+    import threading
+
+    import numpy as np
+    from batuta.kernels import cuda_stream, cuda_support
+
+    cuda = cuda_support.cuda()
+    launched, copied = threading.Event(), threading.Event()
+    found: dict[str, Any] = {}
+
+    def kernel_thread() -> None:
+        start = time.perf_counter()
+        hits = cuda_stream.mc_pi_device(4 * 10**10, 1)  # about a second of GPU time on an H200
+        launched.set()
+        copied.wait(timeout=120)
+        hits.copy_to_host()
+        found["kernel_s"] = round(time.perf_counter() - start, 4)
+
+    def copy_thread() -> None:
+        launched.wait(timeout=120)
+        start = time.perf_counter()
+        cuda.to_device(np.ones(4)).copy_to_host()
+        found["other_thread_copy_s"] = round(time.perf_counter() - start, 4)
+        copied.set()
+
+    threads = [threading.Thread(target=kernel_thread), threading.Thread(target=copy_thread)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    found["per_thread_default_streams"] = found.get("other_thread_copy_s", 1.0) < 0.1 * found.get("kernel_s", 0.0)
+    return found
+
+
+def mc_pi_figures(smoke: bool) -> dict[str, Any]:
+    """mc_pi's draw rate through the registered variant, and what seeding its generators costs
+    on the device (`cuda_random`) against numba's sequential CPU seeding."""
+    from batuta.kernels import cuda_random, cuda_support
+    from numba.cuda.random import create_xoroshiro128p_states
+
+    from batuta import kernels
+
+    cuda = cuda_support.cuda()
+    samples = 10**4 if smoke else 10**10
+    generators = 64 if smoke else 1 << 18
+    kernels.run("mc_pi", "gpu", (samples, 1))
+    start = time.perf_counter()
+    kernels.run("mc_pi", "gpu", (samples, 2))
+    seconds = time.perf_counter() - start
+
+    def seed_ours() -> None:
+        cuda_random.seeded_states(generators, 3)
+        cuda.synchronize()
+
+    def seed_numba() -> None:
+        create_xoroshiro128p_states(generators, seed=3)
+        cuda.synchronize()
+
+    budget, calls = (0.0, 0) if smoke else (0.5, 20)
+    return {
+        "samples": samples,
+        "generators": generators,
+        "gsamples_per_s": round(samples / seconds / 1e9, 2),
+        "seed_device_ms": round(per_call_us(seed_ours, budget, calls, None) / 1e3, 3),
+        "seed_numba_cpu_ms": round(per_call_us(seed_numba, budget, calls, None) / 1e3, 3),
+    }
+
+
 def _elements(args: tuple[object, ...]) -> int:
     return sum(int(getattr(arg, "size", 0)) for arg in args if not isinstance(arg, float | int))
 
@@ -213,18 +306,25 @@ def kmeans_figures(smoke: bool, iters: int) -> dict[str, Any]:
     d_x, d_c = cuda.to_device(x), cuda.to_device(centroids)
     cuda.synchronize()
 
-    def step() -> object:
-        return kernels.run("kmeans_partial", "gpu", (d_x, d_c), device_results=True)
+    def per_iteration_ms(step: Callable[[], object]) -> float:
+        step()
+        start = time.perf_counter()
+        for _ in range(iters):
+            step()  # the inertia is a Python float: each call waits for its own launch
+        return round((time.perf_counter() - start) / iters * 1e3, 3)
 
-    step()
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()  # the inertia is a Python float: each call waits for its own launch
-    per_iter_ms = (time.perf_counter() - start) / iters * 1e3
-    _, counts, _ = kernels.to_host(step())
+    # As a K-means job on a GPU slot runs it: rows resident, new centroids from the host, host
+    # results back; then everything on the device.
+    job = per_iteration_ms(lambda: kernels.run("kmeans_partial", "gpu", (d_x, centroids)))
+    resident = per_iteration_ms(lambda: kernels.run("kmeans_partial", "gpu", (d_x, d_c), device_results=True))
+    _, counts, _ = kernels.run("kmeans_partial", "gpu", (d_x, centroids))
     if smoke:
         assert np.array_equal(counts, kernels.reference("kmeans_partial", (x, centroids))[1]), "K-means is wrong"
-    found: dict[str, Any] = {"shape": [n, d, k], "batuta_ms_per_iteration": round(per_iter_ms, 3)}
+    found: dict[str, Any] = {
+        "shape": [n, d, k],
+        "batuta_ms_per_iteration": job,
+        "batuta_all_on_device_ms_per_iteration": resident,
+    }
     info = cuda_support.gpu_info()
     if info is not None and not info.simulated:
         copy = cuda.device_array_like(d_x)
@@ -285,11 +385,16 @@ def main() -> None:
         "cpu_threads": args.cpu_threads,
         "per_thread_default_stream": os.environ.get("CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM", "0"),
     }
+    if not info.simulated:
+        result["stream_check"] = per_thread_stream_check()
+        print(f"streams: {result['stream_check']}", file=sys.stderr)
     steps = vadd_steps(budget, max_calls)
     for step, us in steps.items():
         print(f"vadd 4K {step:>40}: {us:10.2f} us", file=sys.stderr)
     result["vadd_4k_steps_us"] = steps
     result["crossover"] = crossover(args.smoke, budget, max_calls)
+    result["mc_pi"] = mc_pi_figures(args.smoke)
+    print(f"mc_pi: {result['mc_pi']}", file=sys.stderr)
     result["kmeans"] = kmeans_figures(args.smoke, 1 if args.smoke else 20)
     print(f"kmeans: {result['kmeans']}", file=sys.stderr)
     print(json.dumps(result))

@@ -222,6 +222,19 @@ def check_mc_pi(real: bool) -> None:
 
 
 @_check
+def check_mc_pi_states_are_seeded_on_the_device_as_numba_seeds_them(real: bool) -> None:
+    from batuta.kernels import cuda_random
+    from numba.cuda.random import create_xoroshiro128p_states
+
+    # On a GPU, mc_pi's most generators: every bit of the generator's index, so every power.
+    cases = [(1, 5), (7, 20261128), (130, 2**64 - 1)] + ([(262_144, 3), (100_003, 20261128)] if real else [])
+    for n, seed in cases:
+        ours = cuda_random.seeded_states(n, seed).copy_to_host()
+        numbas = create_xoroshiro128p_states(n, seed=seed).copy_to_host()
+        assert np.array_equal(ours["s0"], numbas["s0"]) and np.array_equal(ours["s1"], numbas["s1"]), (n, seed)
+
+
+@_check
 def check_gpu_info(real: bool) -> None:
     from batuta.kernels import cuda_support
 
@@ -385,6 +398,31 @@ def check_device_arrays_are_checked_without_a_copy(real: bool) -> None:
 
 
 @_check
+def check_repeated_reductions_of_a_resident_array_see_its_current_contents(real: bool) -> None:
+    """sum and dot of device arrays keep a plan per (addresses, size, dtype): repeated calls
+    reuse it, and read what the arrays hold now."""
+    from batuta.kernels import cuda_stream
+    from numba import cuda
+
+    from batuta import kernels
+
+    n = 3 * 10**6 + 1 if real else 1001
+    a, b = _vectors(n, np.float32, 2, seed=7)
+    d_a, d_b = cuda.to_device(a), cuda.to_device(b)
+    for round_ in range(3):
+        host = a + np.float32(round_)
+        d_a.copy_to_device(host)  # new contents at the same address
+        total = kernels.run("sum", "gpu", (d_a,))
+        assert abs(total - math.fsum(host.tolist())) <= 1e-9 * float(np.abs(host).sum()) + 1e-6, round_
+        products = host.astype(np.float64) * b
+        dot = kernels.run("dot", "gpu", (d_a, d_b))
+        assert abs(dot - math.fsum(products.tolist())) <= 1e-9 * float(np.abs(products).sum()), round_
+    here = cuda_stream._address(d_a)
+    assert sorted(key[0] for key in cuda_stream._LOCAL.plans if key[3] == here) == ["dot", "sum"]  # reused
+    assert kernels.run("sum", "gpu", (cuda.to_device(np.zeros(0, np.float32)),)) == 0.0
+
+
+@_check
 def check_small_host_calls_reuse_their_staging_buffers_safely(real: bool) -> None:
     """Host in, host out calls of vadd, saxpy, sum and dot go through per-thread staging
     buffers: repeated calls with new data, and results kept across calls, stay right."""
@@ -414,10 +452,12 @@ def check_small_host_calls_reuse_their_staging_buffers_safely(real: bool) -> Non
     assert all(stage.memo for key, stage in stages.items() if key[0] != "saxpy")  # launches prepared
     errors: list[BaseException] = []
 
-    def other_thread() -> None:  # another thread gets its own buffers
+    def other_thread() -> None:  # another thread gets its own buffers, from its second call
         try:
             a, b = _vectors(4096, np.float32, 2, seed=99)
             np.testing.assert_array_equal(kernels.run("vadd", "gpu", (a, b)), a + b)
+            assert not getattr(cuda_staging._LOCAL, "stages", None)
+            np.testing.assert_array_equal(kernels.run("vadd", "gpu", (b, a)), a + b)
             assert len(cuda_staging._LOCAL.stages) == 1
         except BaseException as exc:  # reported below
             errors.append(exc)
@@ -529,6 +569,8 @@ jobs += [
     (data.teacher, (u, i, f64m, f, f32m, types.int64[::1])),
 ]
 jobs.append((stream.mc_pi, (states, types.int64, types.int64[::1])))
+from batuta.kernels import cuda_random
+jobs.append((cuda_random._kernels().seed, (types.uint64, types.uint64, types.uint64[:, :, ::1], states)))
 import os
 ptxas = shutil.which("ptxas") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "ptxas")
 report = {}
@@ -566,7 +608,7 @@ def test_cuda_kernels_compile_for_sm90() -> None:
     if "skip" in found:
         pytest.skip(f"cannot compile CUDA here: {found['skip']}")
     report = found["report"]
-    assert len(report) == 29
+    assert len(report) == 30
     for key, item in report.items():
         assert item["ptx_lines"] > 10, key
         if "ptxas unavailable" not in item["ptxas"]:

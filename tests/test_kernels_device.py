@@ -34,6 +34,7 @@ class FakeDeviceArray:
         self.size = host.size
         self.contiguous = contiguous
         self.copies = 0
+        self.stream: Any = 0  # numba's: 0, or the stream the array is bound to
 
     def is_c_contiguous(self) -> bool:
         return self.contiguous
@@ -91,6 +92,19 @@ def test_to_host_copies_device_arrays_inside_tuples_and_lists_and_keeps_the_rest
     assert type(pair) is Pair and isinstance(pair.left, np.ndarray) and pair.right == 5
     untouched = (host, 1)
     assert kernels.to_host(untouched) is untouched  # nothing to copy: the same object back
+
+
+def test_to_host_waits_for_the_stream_an_array_is_bound_to() -> None:
+    class Stream:
+        synchronized = 0
+
+        def synchronize(self) -> None:
+            self.synchronized += 1
+
+    device = FakeDeviceArray(np.ones(2))
+    device.stream = Stream()
+    kernels.to_host(device)
+    assert device.stream.synchronized == 1
 
 
 def test_gpu_results_are_host_arrays_unless_device_results_are_asked_for(device_kernel: str) -> None:
