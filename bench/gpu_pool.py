@@ -13,15 +13,16 @@ with results checked:
   next, then a `sum` of the last: the one value that comes back. CuPy: an ElementwiseKernel
   per stage (one launch each) and the same sum. `chain_direct_s`: the same stages called in
   this process on device arrays, without the pool (the kernels' own share).
-* duty: 32 compute-bound `mc_pi` GPU tasks through the pool against 32 direct calls of the
-  same variant in this process; `mc_pi_gsamples_per_s` is the pool's rate, against a CuPy
+* duty: 32 compute-bound `mc_pi` GPU tasks (`--mc-samples`, 2^34: about 50 ms each) through
+  the pool against 32 direct calls of the same variant in this process; `mc_pi_gsamples_per_s` is the pool's rate, against a CuPy
   Monte Carlo pi (float32 uniforms from `cp.random.default_rng`, counted on the device).
 * kmeans: 2M x 16 float32, k = 64, 10 iterations, data resident on both sides (a warm-up
   iteration uploads batuta's). batuta: one `kmeans_partial` GPU task per iteration, the
   centroid update here as `batuta run kmeans` does it. CuPy: distances by one matrix product,
   argmin, sums by a one-hot matrix product, counts by bincount; its time per iteration is
   printed next to the time to read the data once at the card's device-copy bandwidth.
-* tiny: `--tiny` 4K-element float32 `vadd` GPU tasks through the slot (tasks per second).
+* tiny: `--tiny` 4K-element float32 `vadd` GPU tasks through the slot (tasks per second), and
+  `tiny_direct_calls_per_s`, the same variant called in this process.
 
 The last line is one JSON object: `reuse_ratio_vs_cupy`, `chain_ratio_vs_cupy`,
 `duty_direct_over_pool`, `mc_pi_gsamples_per_s`, `cupy_mc_pi_gsamples_per_s`,
@@ -184,6 +185,18 @@ def direct_chain(x: np.ndarray) -> float:
     return seconds
 
 
+def direct_tiny(count: int) -> float:
+    """Calls per second of the 4K-element vadd GPU variant in this process, host arrays in
+    and out (the variant's own share of `tiny_gpu_tasks_per_s`)."""
+    from batuta.kernels import registry
+
+    a = np.arange(4096, dtype=np.float32)
+    for _ in range(10):
+        registry.run("vadd", "gpu", (a, a))
+    seconds, _ = timed(lambda: [registry.run("vadd", "gpu", (a, a)) for _ in range(count)])
+    return count / seconds
+
+
 def direct_pi(samples: int) -> float:
     from batuta.kernels import registry
 
@@ -283,7 +296,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gib", type=float, default=1.0, help="size of the put array (float32)")
     parser.add_argument("--rows", type=int, default=2_000_000, help="K-Means rows (16 columns, k = 64)")
-    parser.add_argument("--mc-samples", type=int, default=1 << 31, help="samples per mc_pi task")
+    parser.add_argument(
+        "--mc-samples",
+        type=int,
+        default=1 << 34,
+        help="samples per mc_pi task (2^34: about 50 ms on an H200, compute-bound as the issue's 2^31 were "
+        "with the kernel of then)",
+    )
     parser.add_argument("--tiny", type=int, default=20_000, help="4K-element vadd tasks")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; runs under NUMBA_ENABLE_CUDASIM=1")
     args = parser.parse_args()
@@ -299,6 +318,7 @@ def main() -> int:
     ours = asyncio.run(batuta_side(args, x, pts, init))
     direct_s = direct_pi(args.mc_samples)
     chain_direct_s = direct_chain(x)
+    tiny_direct = direct_tiny(args.tiny)
     result: dict[str, Any] = {
         "device": device_name(),
         "gib": args.gib,
@@ -309,6 +329,7 @@ def main() -> int:
         "mc_pi_gsamples_per_s": round(DUTY_TASKS * args.mc_samples / ours["duty_pool_s"] / 1e9, 1),
         "kmeans_ms_per_iter": round(1e3 * ours["kmeans_s"] / KMEANS_ITERS, 3),
         "tiny_gpu_tasks_per_s": round(args.tiny / ours["tiny_s"]),
+        "tiny_direct_calls_per_s": round(tiny_direct),
     }
     if cp is not None:
         theirs = cupy_side(cp, x, pts, init, args.mc_samples)
