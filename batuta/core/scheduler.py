@@ -10,6 +10,11 @@ clocks. Rules (Blumofe & Leiserson, adapted to a coordinator that sees every slo
   deque, unless the injector holds strictly higher priority work; a fair share of the
   injector (`live / eligible slots + 1`, capped) moved into its deque; the oldest eligible
   task of a victim's deque, the victim drawn with the seeded RNG.
+* The tail. While fewer than `tail_tasks_per_slot` tasks per up slot of the same capabilities
+  wait in the injector and deques, a slot that already holds a task gets no more: the last
+  tasks go to whichever slot frees first, as from a shared queue, instead of waiting behind
+  a running task (the agent feeds a short task to the slot process behind the running one,
+  where no steal-back can reach it). A lone slot of its kind always fills its window.
 * Steal-back. A slot that found nothing at all asks the agent of a random victim to give
   back the newest half of the tasks in that victim's window not known to have started. Only
   the agent knows what has started, so the steal is transactional: tasks move only when the
@@ -139,6 +144,7 @@ class Scheduler:
         self._seq = 0
         self._capability_epoch = 0  # bumped when the set of slots that may run work changes
         self._queued = 0  # live tasks in injector + deques
+        self._up_by_caps: dict[frozenset[str], int] = {}  # UP slots by their capabilities (`_in_tail`)
         self._paused = False
         self._out: list[Instruction] = []
         self._sends: dict[SlotId, list[TaskEntry]] = {}
@@ -512,7 +518,7 @@ class Scheduler:
             return
         window = slot.window
         while len(window) < slot.window_limit:
-            entry = self._next_for(slot)
+            entry = self._next_for(slot, ahead=bool(window))
             if entry is None:
                 break
             entry.place = Place.WINDOW
@@ -523,13 +529,20 @@ class Scheduler:
             self._sends.setdefault(slot.slot_id, []).append(entry)
         if window:
             self._window_holders.add(slot)
-        if len(window) >= slot.window_limit:
-            self._hungry.discard(slot)
+        if len(window) >= slot.window_limit or (window and self._in_tail(slot)):
+            self._hungry.discard(slot)  # full, or full enough for now: its next result makes it hungry again
         elif not window and slot.steal_backs_pending == 0:
             try_steal_back(self, slot)
 
-    def _next_for(self, slot: SlotRecord) -> TaskEntry | None:
-        """Own deque first (unless the injector has higher priority), then injector, then steal."""
+    def _next_for(self, slot: SlotRecord, *, ahead: bool) -> TaskEntry | None:
+        """Own deque first (unless the injector has higher priority), then injector, then steal.
+
+        `ahead`: the slot already holds a task, so this one would wait behind it. Near the end
+        of the work (`_in_tail`) nothing is sent ahead: the last tasks wait here for whichever
+        slot frees first, as a shared queue hands them out, instead of behind a running task.
+        """
+        if ahead and self._in_tail(slot):
+            return None
         own = slot.deque
         best_class = self._best_injector_class(slot)
         if own and (best_class is None or self._head_priority(best_class) <= own[0].priority):
@@ -543,6 +556,15 @@ class Scheduler:
                 self._queued -= 1
                 return own.popleft()
         return steal_from_deque(self, slot)
+
+    def _in_tail(self, slot: SlotRecord) -> bool:
+        """Fewer tasks wait here (injector and deques) than `tail_tasks_per_slot` for each up
+        slot like this one, and there is another such slot to give them to. Counted against
+        slots of the same capabilities, so that a lone GPU slot in a CPU cluster keeps its
+        window full of GPU work."""
+        per_slot = self.config.tail_tasks_per_slot
+        alike = self._up_by_caps.get(slot.capabilities, 0)
+        return per_slot > 0 and alike > 1 and self._queued < per_slot * alike
 
     def _pop_injector(self, klass: CapabilityClass) -> TaskEntry | None:
         heap = klass.heap
@@ -641,6 +663,7 @@ class Scheduler:
         slot.state = state
         if was_up != (state is SlotState.UP):
             delta = -1 if was_up else 1
+            self._up_by_caps[slot.capabilities] = self._up_by_caps.get(slot.capabilities, 0) + delta
             for klass in self._classes.values():
                 if klass.requires <= slot.capabilities:
                     klass.eligible += delta
