@@ -65,6 +65,21 @@ def test_windows_fill_ahead_while_enough_tasks_wait_and_a_lone_slot_always() -> 
     lone.sched.validate()
 
 
+def test_slots_held_back_by_the_tail_fill_up_once_enough_work_waits() -> None:
+    """A burst that starts as a tail (the first submissions of an idle pool) does not leave
+    each slot one task deep until its first result: once two tasks per slot wait, the slots
+    held back fill their windows (a stopped host then congests its session, test_pool_flow)."""
+    sim = sim_with("a", "b", config=SchedulerConfig(initial_window=4, min_window=4))
+    for _ in range(3):
+        sim.submit()
+    assert len(sim.slots["a"].queue) == 1 and len(sim.slots["b"].queue) == 1
+    for _ in range(9):
+        sim.submit()
+    assert len(sim.slots["a"].queue) == 4 and len(sim.slots["b"].queue) == 4
+    assert sim.sched.queued == 4
+    sim.sched.validate()
+
+
 def test_every_task_runs_once_and_resolves_succeeded() -> None:
     sim = sim_with("a", "b", "c")
     for _ in range(50):

@@ -145,6 +145,7 @@ class Scheduler:
         self._capability_epoch = 0  # bumped when the set of slots that may run work changes
         self._queued = 0  # live tasks in injector + deques
         self._up_by_caps: dict[frozenset[str], int] = {}  # UP slots by their capabilities (`_in_tail`)
+        self._tail_waiting: dict[SlotId, SlotRecord] = {}  # held back by the tail, oldest first
         self._paused = False
         self._out: list[Instruction] = []
         self._sends: dict[SlotId, list[TaskEntry]] = {}
@@ -474,6 +475,7 @@ class Scheduler:
             klass.live = 0
         self._queued = 0
         self._hungry.clear()
+        self._tail_waiting.clear()
         self._deque_holders.clear()
         self._window_holders.clear()
         self._sends.clear()
@@ -490,6 +492,8 @@ class Scheduler:
 
     def _feed_hungry(self, klass: CapabilityClass) -> None:
         """Offer new work in `klass` to slots with room, round robin."""
+        if self._tail_waiting and not self._paused:
+            self._end_tail_waits()
         if self._paused or not self._hungry:
             return
         for group in self._hungry.groups_for(klass.requires):
@@ -516,6 +520,7 @@ class Scheduler:
         """Top up the slot's window from its deque, the injector, and by stealing."""
         if self._paused or slot.state is not SlotState.UP:
             return
+        self._tail_waiting.pop(slot.slot_id, None)
         window = slot.window
         while len(window) < slot.window_limit:
             entry = self._next_for(slot, ahead=bool(window))
@@ -529,8 +534,13 @@ class Scheduler:
             self._sends.setdefault(slot.slot_id, []).append(entry)
         if window:
             self._window_holders.add(slot)
-        if len(window) >= slot.window_limit or (window and self._in_tail(slot)):
-            self._hungry.discard(slot)  # full, or full enough for now: its next result makes it hungry again
+        if len(window) >= slot.window_limit:
+            self._hungry.discard(slot)
+        elif window and self._in_tail(slot):
+            # full enough for now: hungry again at its next result, or once enough work waits
+            # (`_feed_hungry`), rather than offered every submission only to refuse it
+            self._hungry.discard(slot)
+            self._tail_waiting[slot.slot_id] = slot
         elif not window and slot.steal_backs_pending == 0:
             try_steal_back(self, slot)
 
@@ -556,6 +566,20 @@ class Scheduler:
                 self._queued -= 1
                 return own.popleft()
         return steal_from_deque(self, slot)
+
+    def _end_tail_waits(self) -> None:
+        """Enough work waits again: the slots the tail held back fill their windows, in the
+        order they were held back, until the work left is a tail again (so a trickle at the
+        threshold wakes one slot per task, never all of them)."""
+        waiting = self._tail_waiting
+        while waiting:
+            slot = next(iter(waiting.values()))
+            if slot.state is SlotState.UP and self._in_tail(slot):
+                return
+            del waiting[slot.slot_id]
+            if slot.state is SlotState.UP:
+                self._hungry.add(slot)
+                self._fill(slot)
 
     def _in_tail(self, slot: SlotRecord) -> bool:
         """Fewer tasks wait here (injector and deques) than `tail_tasks_per_slot` for each up
