@@ -13,7 +13,9 @@ For each pool (the baseline, then the big one), after every host is up:
   process only; the agents are other processes); then `--idle-s` more for the event-loop
   lag (a 10 ms sleeper's overshoot, every sample kept; measured apart, as it costs CPU);
 * load: `--tasks` trivial tasks (`noop`) streamed through `pool.as_completed` (at most its
-  default window unresolved): tasks/s, and event-loop lag meanwhile.
+  default window unresolved): tasks/s, and event-loop lag meanwhile; the coordinator's CPU
+  and the time its thread was runnable but waiting for a core (`load_cpu_wait_fraction`),
+  which tells a coordinator starved by the stand-ins from one busy with its own work.
 
 Once they are up, the stand-in hosts move off the coordinator's core (it keeps core 0, they
 get the others, at nice 19; `--together` leaves them): on a cluster each host has its own
@@ -64,6 +66,8 @@ class Measured:
     tasks_per_s: float
     telemetry_per_s: float
     load_cpu_fraction: float  # coordinator CPU over wall time while the tasks ran
+    load_cpu_wait_fraction: float  # the loop's thread runnable but waiting for a core, over wall time
+    load_lag_samples: int  # lag probes that woke during the load (few: the loop's iterations were long)
 
 
 class LagMonitor:
@@ -91,6 +95,16 @@ class LagMonitor:
             before = clock()
             await asyncio.sleep(LAG_INTERVAL_S)
             self.samples.append(max(0.0, clock() - before - LAG_INTERVAL_S))
+
+
+def runqueue_wait_s() -> float:
+    """Seconds this thread has been runnable but waiting for a core (Linux schedstat; 0 where
+    absent): under load it tells a coordinator starved of CPU from one busy with its own work."""
+    try:
+        with open("/proc/thread-self/schedstat") as stat:
+            return int(stat.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def pool_of(hosts: int, max_parallel_starts: int) -> Pool:
@@ -172,7 +186,7 @@ async def measure(
         profiler = cProfile.Profile() if profile else None
         if profiler is not None:
             profiler.enable()
-        begun, cpu_before = time.perf_counter(), time.process_time()
+        begun, cpu_before, wait_before = time.perf_counter(), time.process_time(), runqueue_wait_s()
         values = []
         # Streamed (the way to run many tasks): submitting a whole list at once would hold the
         # loop for the burst, and the lag measured would be the caller's, not the coordinator's.
@@ -182,12 +196,16 @@ async def measure(
                 values.append(future.result().value)
         rate = tasks / (time.perf_counter() - begun)
         load_cpu = (time.process_time() - cpu_before) / (time.perf_counter() - begun)
+        load_wait = (runqueue_wait_s() - wait_before) / (time.perf_counter() - begun)
+        lag_samples = len(lag.samples)
         if profiler is not None:
             profiler.disable()
             pstats.Stats(profiler).sort_stats("cumulative").dump_stats(profile)
         load_lag = await lag.stop()
         assert sorted(values) == list(range(tasks))
-    return Measured(hosts, start_s, idle_cpu, idle_lag, load_lag, rate, telemetry_rate, load_cpu)
+    return Measured(
+        hosts, start_s, idle_cpu, idle_lag, load_lag, rate, telemetry_rate, load_cpu, load_wait, lag_samples
+    )
 
 
 def report(m: Measured) -> None:
@@ -195,7 +213,8 @@ def report(m: Measured) -> None:
         f"{m.hosts} hosts: up in {m.start_s:.1f}s; idle: coordinator {100 * m.idle_cpu_fraction:.1f}% of a core, "
         f"loop lag p99 {m.idle_lag_p99_ms:.1f} ms, {m.telemetry_per_s:.0f} telemetry events/s; "
         f"load: {m.tasks_per_s:,.0f} tasks/s, loop lag p99 {m.load_lag_p99_ms:.1f} ms, "
-        f"coordinator {100 * m.load_cpu_fraction:.0f}% of a core",
+        f"coordinator {100 * m.load_cpu_fraction:.0f}% of a core, "
+        f"waiting for one {100 * m.load_cpu_wait_fraction:.0f}% of the time ({m.load_lag_samples} lag samples)",
         flush=True,
     )
 
@@ -222,6 +241,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "start_s": round(big.start_s, 1),
         "telemetry_per_s": round(big.telemetry_per_s, 1),
         "load_cpu_fraction": round(big.load_cpu_fraction, 3),
+        "load_cpu_wait_fraction": round(big.load_cpu_wait_fraction, 3),
+        "load_lag_samples": big.load_lag_samples,
         "hosts_fit": fit,
         "mib_per_host": round(per_host / 2**20, 1),
         "baseline_hosts": baseline.hosts,

@@ -23,11 +23,60 @@ def sim_with(*slots: str, config: SchedulerConfig | None = None, seed: int = 0) 
 
 
 def test_submissions_fill_windows_round_robin_then_queue() -> None:
-    sim = sim_with("a", "b", config=SchedulerConfig(initial_window=2))
+    sim = sim_with("a", "b", config=SchedulerConfig(initial_window=2, tail_tasks_per_slot=0))  # windows, not the tail
     ids = [sim.submit() for _ in range(6)]
     assert [t for t, _ in sim.slots["a"].queue] == [ids[0], ids[2]]
     assert [t for t, _ in sim.slots["b"].queue] == [ids[1], ids[3]]
     assert sim.sched.queued == 2
+    sim.sched.validate()
+
+
+def test_the_last_tasks_wait_for_whichever_slot_frees_first() -> None:
+    """The tail (fewer than `tail_tasks_per_slot` queued per slot): a slot holding a task is
+    sent no more, so the last tasks go where a shared queue would send them, not behind a
+    running task that may be long (issue 17, bench/imbalance.py)."""
+    sim = sim_with("a", "b", config=SchedulerConfig(initial_window=4))
+    ids = [sim.submit() for _ in range(3)]
+    assert [t for t, _ in sim.slots["a"].queue] == [ids[0]]
+    assert [t for t, _ in sim.slots["b"].queue] == [ids[1]]
+    assert sim.sched.queued == 1  # ids[2] waits here, committed to neither
+    for slot_id in ("a", "b"):
+        sim.start(slot_id)
+        sim.deliver(slot_id)
+    sim.finish("b")  # b frees first: the last task is b's, though a's window had room for it
+    sim.deliver("b")
+    assert [t for t, _ in sim.slots["b"].queue] == [ids[2]] and sim.slots["a"].queue == []
+    sim.sched.validate()
+
+
+def test_windows_fill_ahead_while_enough_tasks_wait_and_a_lone_slot_always() -> None:
+    backlog = sim_with("a", "b", config=SchedulerConfig(initial_window=4, min_window=4))
+    for _ in range(20):
+        backlog.submit()
+    backlog.start("a")
+    backlog.finish("a")
+    backlog.deliver("a")  # a's first result: it refills from a backlog of 18, 4 deep
+    assert len(backlog.slots["a"].queue) == 4
+    lone = sim_with("a", config=SchedulerConfig(initial_window=4))
+    for _ in range(3):
+        lone.submit()
+    assert len(lone.slots["a"].queue) == 3  # no other slot to keep them for
+    backlog.sched.validate()
+    lone.sched.validate()
+
+
+def test_slots_held_back_by_the_tail_fill_up_once_enough_work_waits() -> None:
+    """A burst that starts as a tail (the first submissions of an idle pool) does not leave
+    each slot one task deep until its first result: once two tasks per slot wait, the slots
+    held back fill their windows (a stopped host then congests its session, test_pool_flow)."""
+    sim = sim_with("a", "b", config=SchedulerConfig(initial_window=4, min_window=4))
+    for _ in range(3):
+        sim.submit()
+    assert len(sim.slots["a"].queue) == 1 and len(sim.slots["b"].queue) == 1
+    for _ in range(9):
+        sim.submit()
+    assert len(sim.slots["a"].queue) == 4 and len(sim.slots["b"].queue) == 4
+    assert sim.sched.queued == 4
     sim.sched.validate()
 
 
@@ -160,7 +209,7 @@ def test_refused_tasks_are_not_asked_for_again() -> None:
 
 
 def test_lost_slot_requeues_and_counts_only_started_attempts() -> None:
-    sim = sim_with("a", "b", config=SchedulerConfig(initial_window=2))
+    sim = sim_with("a", "b", config=SchedulerConfig(initial_window=2, tail_tasks_per_slot=0))  # windows, not the tail
     ids = [sim.submit() for _ in range(4)]
     sim.start("a")
     sim.deliver("a")
@@ -177,7 +226,7 @@ def test_lost_slot_requeues_and_counts_only_started_attempts() -> None:
 def test_task_not_safe_to_repeat_is_lost_with_its_slot_even_before_a_start_arrives() -> None:
     """retry=False (max_attempts=1): the agent may have started what the scheduler has not
     seen start (its Started can be on the way), so the loss fails the task; nothing reruns it."""
-    sim = sim_with("a", "b", config=SchedulerConfig(initial_window=2))
+    sim = sim_with("a", "b", config=SchedulerConfig(initial_window=2, tail_tasks_per_slot=0))  # windows, not the tail
     once = [sim.submit(max_attempts=1) for _ in range(4)]  # a: once[0], once[2]; b: once[1], once[3]
     repeatable = sim.submit()
     sim.start("a")

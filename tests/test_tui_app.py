@@ -22,7 +22,13 @@ from pathlib import Path
 import pytest
 from batuta.tui.app import BatutaApp
 from batuta.tui.model import DashboardModel
-from batuta.tui.pace import FLOOD_EVENTS_PER_S, PACE_WINDOW_S, SATURATED_REFRESH_HZ, RefreshPace
+from batuta.tui.pace import (
+    FLOOD_EVENTS_PER_S,
+    PACE_WINDOW_S,
+    POOL_FLOOD_EVENTS_PER_S,
+    SATURATED_REFRESH_HZ,
+    RefreshPace,
+)
 from batuta.tui.replay import SyntheticCluster, replay
 from batuta.tui.screens import FailuresScreen, HelpScreen, JobFileScreen, PickerScreen, TaskDetailScreen
 from batuta.tui.snapshot import screen_text
@@ -452,6 +458,24 @@ def test_refresh_slows_while_the_pool_floods_and_recovers() -> None:
     later = start + 3.0  # a quiet window: back to a frame at every tick
     assert pace.frame_due(later, 10) and not pace.saturated
     assert pace.frame_due(later + 0.01, 0)
+
+
+def test_a_pool_on_the_apps_loop_floods_it_at_a_lower_rate() -> None:
+    """Frames drawn at every tick slow a pool of short tasks down; if the flood threshold were a
+    rate such a slowed pool stays under, the refresh would never slow (the dashboard's pool took
+    the h200's coordinator_throughput_ratio from 1.25 to 0.63). An app with its pool on its loop
+    sees a flood at the lower rate; a dashboard fed from elsewhere keeps the higher one."""
+    between = (POOL_FLOOD_EVENTS_PER_S + FLOOD_EVENTS_PER_S) / 2
+    events = int(between * PACE_WINDOW_S)  # over one window
+    with_pool, fed = RefreshPace(POOL_FLOOD_EVENTS_PER_S), RefreshPace()
+    start = time.perf_counter()
+    assert with_pool.frame_due(start, 0) and fed.frame_due(start, 0)  # the test's thread is idle: never busy
+    assert not with_pool.frame_due(start + PACE_WINDOW_S, events) and with_pool.saturated
+    assert fed.frame_due(start + PACE_WINDOW_S, events) and not fed.saturated
+
+    pool = Pool.local(2, gpu_workers="none")  # built, never started: the app picks its pace from it
+    assert BatutaApp(pool, own_pool=False)._pace.flood_events_per_s == POOL_FLOOD_EVENTS_PER_S
+    assert BatutaApp(model=DashboardModel())._pace.flood_events_per_s == FLOOD_EVENTS_PER_S
 
 
 def _free_port() -> int:

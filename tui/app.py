@@ -36,7 +36,7 @@ from . import render
 from .commands import BatutaCommands
 from .logbridge import LogBridge
 from .model import DashboardModel
-from .pace import RefreshPace
+from .pace import FLOOD_EVENTS_PER_S, POOL_FLOOD_EVENTS_PER_S, RefreshPace
 from .screens import FailuresScreen, HelpScreen, JobFileScreen, PickerScreen, TaskDetailScreen
 from .widgets import (
     AlertsPanel,
@@ -132,7 +132,8 @@ class BatutaApp(App[None]):
         self._pool_unsubscribe: Callable[[], None] | None = None
         self._pool_ready = asyncio.Event()
         self._polled_at = -1e18
-        self._pace = RefreshPace()
+        # a pool on this loop floods it at a lower rate than a dashboard fed from elsewhere (see RefreshPace)
+        self._pace = RefreshPace(POOL_FLOOD_EVENTS_PER_S if pool is not None else FLOOD_EVENTS_PER_S)
         self._job_workers: dict[str, Worker[None]] = {}
         self._dash_panels: list[SummaryBar | NodesPanel | LogPanel] = []
         self.frames = 0  # refreshes that redrew at least one panel

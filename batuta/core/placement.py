@@ -69,6 +69,10 @@ class SchedulerConfig:
     steal_probes: int = 16
     locality_min_bytes: int = 1 << 20  # kept input bytes on one host that make it the task's home
     locality_slack: int = 4  # a home deque longer than this may be stolen from by other hosts
+    # the tail: while fewer tasks than this per up slot (of the same capabilities) wait in the
+    # injector and deques, a slot already holding a task is sent no more; the last ones go to
+    # whichever slot frees first, as from a shared queue, not behind a running task (0: off)
+    tail_tasks_per_slot: int = 2
 
 
 @dataclass(slots=True, eq=False)

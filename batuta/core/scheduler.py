@@ -10,6 +10,11 @@ clocks. Rules (Blumofe & Leiserson, adapted to a coordinator that sees every slo
   deque, unless the injector holds strictly higher priority work; a fair share of the
   injector (`live / eligible slots + 1`, capped) moved into its deque; the oldest eligible
   task of a victim's deque, the victim drawn with the seeded RNG.
+* The tail. While fewer than `tail_tasks_per_slot` tasks per up slot of the same capabilities
+  wait in the injector and deques, a slot that already holds a task gets no more: the last
+  tasks go to whichever slot frees first, as from a shared queue, instead of waiting behind
+  a running task (the agent feeds a short task to the slot process behind the running one,
+  where no steal-back can reach it). A lone slot of its kind always fills its window.
 * Steal-back. A slot that found nothing at all asks the agent of a random victim to give
   back the newest half of the tasks in that victim's window not known to have started. Only
   the agent knows what has started, so the steal is transactional: tasks move only when the
@@ -139,6 +144,8 @@ class Scheduler:
         self._seq = 0
         self._capability_epoch = 0  # bumped when the set of slots that may run work changes
         self._queued = 0  # live tasks in injector + deques
+        self._up_by_caps: dict[frozenset[str], int] = {}  # UP slots by their capabilities (`_in_tail`)
+        self._tail_waiting: dict[SlotId, SlotRecord] = {}  # held back by the tail, oldest first
         self._paused = False
         self._out: list[Instruction] = []
         self._sends: dict[SlotId, list[TaskEntry]] = {}
@@ -468,6 +475,7 @@ class Scheduler:
             klass.live = 0
         self._queued = 0
         self._hungry.clear()
+        self._tail_waiting.clear()
         self._deque_holders.clear()
         self._window_holders.clear()
         self._sends.clear()
@@ -484,6 +492,8 @@ class Scheduler:
 
     def _feed_hungry(self, klass: CapabilityClass) -> None:
         """Offer new work in `klass` to slots with room, round robin."""
+        if self._tail_waiting and not self._paused:
+            self._end_tail_waits()
         if self._paused or not self._hungry:
             return
         for group in self._hungry.groups_for(klass.requires):
@@ -510,9 +520,10 @@ class Scheduler:
         """Top up the slot's window from its deque, the injector, and by stealing."""
         if self._paused or slot.state is not SlotState.UP:
             return
+        self._tail_waiting.pop(slot.slot_id, None)
         window = slot.window
         while len(window) < slot.window_limit:
-            entry = self._next_for(slot)
+            entry = self._next_for(slot, ahead=bool(window))
             if entry is None:
                 break
             entry.place = Place.WINDOW
@@ -525,11 +536,23 @@ class Scheduler:
             self._window_holders.add(slot)
         if len(window) >= slot.window_limit:
             self._hungry.discard(slot)
+        elif window and self._in_tail(slot):
+            # full enough for now: hungry again at its next result, or once enough work waits
+            # (`_feed_hungry`), rather than offered every submission only to refuse it
+            self._hungry.discard(slot)
+            self._tail_waiting[slot.slot_id] = slot
         elif not window and slot.steal_backs_pending == 0:
             try_steal_back(self, slot)
 
-    def _next_for(self, slot: SlotRecord) -> TaskEntry | None:
-        """Own deque first (unless the injector has higher priority), then injector, then steal."""
+    def _next_for(self, slot: SlotRecord, *, ahead: bool) -> TaskEntry | None:
+        """Own deque first (unless the injector has higher priority), then injector, then steal.
+
+        `ahead`: the slot already holds a task, so this one would wait behind it. Near the end
+        of the work (`_in_tail`) nothing is sent ahead: the last tasks wait here for whichever
+        slot frees first, as a shared queue hands them out, instead of behind a running task.
+        """
+        if ahead and self._in_tail(slot):
+            return None
         own = slot.deque
         best_class = self._best_injector_class(slot)
         if own and (best_class is None or self._head_priority(best_class) <= own[0].priority):
@@ -543,6 +566,29 @@ class Scheduler:
                 self._queued -= 1
                 return own.popleft()
         return steal_from_deque(self, slot)
+
+    def _end_tail_waits(self) -> None:
+        """Enough work waits again: the slots the tail held back fill their windows, in the
+        order they were held back, until the work left is a tail again (so a trickle at the
+        threshold wakes one slot per task, never all of them)."""
+        waiting = self._tail_waiting
+        while waiting:
+            slot = next(iter(waiting.values()))
+            if slot.state is SlotState.UP and self._in_tail(slot):
+                return
+            del waiting[slot.slot_id]
+            if slot.state is SlotState.UP:
+                self._hungry.add(slot)
+                self._fill(slot)
+
+    def _in_tail(self, slot: SlotRecord) -> bool:
+        """Fewer tasks wait here (injector and deques) than `tail_tasks_per_slot` for each up
+        slot like this one, and there is another such slot to give them to. Counted against
+        slots of the same capabilities, so that a lone GPU slot in a CPU cluster keeps its
+        window full of GPU work."""
+        per_slot = self.config.tail_tasks_per_slot
+        alike = self._up_by_caps.get(slot.capabilities, 0)
+        return per_slot > 0 and alike > 1 and self._queued < per_slot * alike
 
     def _pop_injector(self, klass: CapabilityClass) -> TaskEntry | None:
         heap = klass.heap
@@ -641,6 +687,7 @@ class Scheduler:
         slot.state = state
         if was_up != (state is SlotState.UP):
             delta = -1 if was_up else 1
+            self._up_by_caps[slot.capabilities] = self._up_by_caps.get(slot.capabilities, 0) + delta
             for klass in self._classes.values():
                 if klass.requires <= slot.capabilities:
                     klass.eligible += delta

@@ -21,6 +21,7 @@ from batuta.errors import AgentError, TransportError
 from batuta.protocol import messages as m
 from batuta.runtime import events as pe
 from batuta.runtime.session import HostSession, HostSpec, SendBudget
+from batuta.runtime.turns import LoopTurns
 from batuta.runtime.views import HostView
 from batuta.runtime.wakeup import WakeupTimer
 
@@ -51,6 +52,7 @@ class HostSupervisor:
         max_parallel_starts: int = 64,
         send_high_water: int,
         send_budget: SendBudget,
+        turns: LoopTurns,
         clock: Callable[[], float],
     ) -> None:
         self._pool = pool
@@ -64,6 +66,7 @@ class HostSupervisor:
                 handshake_timeout=start_timeout,
                 high_water=send_high_water,
                 budget=send_budget,
+                turns=turns,
             )
             for spec in specs
         }

@@ -45,6 +45,7 @@ from batuta.runtime.objects import KeptObject, ObjectTable, lineage_digest
 from batuta.runtime.requirements import requirements, superlinear
 from batuta.runtime.session import HostSession, HostSpec, SendBudget
 from batuta.runtime.shipping import CodeAcks, CodeShipped, collect, with_code
+from batuta.runtime.turns import LoopTurns
 from batuta.runtime.views import HostView, PoolStats, SlotView
 from batuta.runtime.wakeup import WakeupTimer
 
@@ -72,6 +73,7 @@ class Pool:
         self._specs = list(hosts)
         self._scheduler = Scheduler(self.config.scheduler, seed=self.config.seed)
         self._budget = SendBudget()
+        self._turns = LoopTurns()  # the inbound work of one loop iteration, over all hosts (turns.py)
         self._hosts = HostSupervisor(
             self._specs,
             self,
@@ -86,6 +88,7 @@ class Pool:
             max_parallel_starts=self.config.max_parallel_starts,
             send_high_water=self.config.send_high_water,
             send_budget=self._budget,
+            turns=self._turns,
             clock=self._now,
         )
         self._slot_of: dict[str, tuple[HostSession, int]] = {}

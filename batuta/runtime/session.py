@@ -23,6 +23,7 @@ from batuta.protocol.chunks import DEFAULT_STREAM_MIN_BYTES
 from batuta.protocol.codec import encode_message
 from batuta.protocol.connection import CLOSED, NEED_DATA, Connection, Role
 from batuta.protocol.errors import ProtocolError
+from batuta.runtime.turns import LoopTurns
 from batuta.transport.base import ByteStream
 
 log = logging.getLogger("batuta.runtime.session")
@@ -85,6 +86,7 @@ class HostSession:
     high_water: int = 16 * 2**20
     stream_min_bytes: int = DEFAULT_STREAM_MIN_BYTES
     budget: SendBudget = field(default_factory=SendBudget)
+    turns: LoopTurns = field(default_factory=LoopTurns)  # shared by a pool's sessions: inbound work per loop iteration
     code: m.Code | None = None  # the user's code, sent right after every Welcome (see runtime/code.py)
     hello: m.Hello | None = None
     generation: int = 0  # bumps at each (re)launch, so stale callbacks are ignored
@@ -250,6 +252,8 @@ class HostSession:
                         break
                     batch.append(event)
                 if batch:
+                    while self.turns.spent():  # this loop iteration did enough: the next one handles it
+                        await self.turns.next_turn()
                     if generation != self.generation:
                         return
                     self._dispatch(batch)

@@ -30,9 +30,10 @@ class _End(enum.Enum):
 
 
 MIN_WINDOW = 1024  # keeps a pool that is still starting (no slots yet) busy once they join
-# Filling a window gives the loop a turn after this many submissions: with hundreds of slots
-# the default window is tens of thousands of tasks, and submitting them all in one turn
-# would hold heartbeats, results and every other host's bytes for the whole burst.
+# Filling a window, or handing finished futures to the caller, gives the loop a turn after
+# this many, or sooner once the iteration's budget is spent (`runtime/turns.py`): with
+# hundreds of slots the default window is tens of thousands of tasks, and submitting them all
+# in one turn would hold heartbeats, results and every other host's bytes for the burst.
 FILL_TURN = 1024
 
 
@@ -54,6 +55,7 @@ async def as_completed(pool: Pool, tasks: Iterable[Task], window: int | None = N
     unresolved: dict[int, TaskFuture] = {}
     wake = asyncio.Event()
     exhausted = False
+    turns = pool._turns  # the loop iteration's budget, shared with the hosts' readers (turns.py)
 
     def on_done(future: TaskFuture) -> None:
         # a future resolves once, so this runs once per task (TaskFuture's contract)
@@ -66,7 +68,7 @@ async def as_completed(pool: Pool, tasks: Iterable[Task], window: int | None = N
             limit = window if window is not None else default_window(pool)
             filled = 0
             while not exhausted and len(unresolved) + len(finished) < limit:
-                if filled and filled % FILL_TURN == 0:
+                if filled and (filled % FILL_TURN == 0 or turns.spent()):
                     await asyncio.sleep(0)  # a turn for the loop (see FILL_TURN), not a wait
                 filled += 1
                 task = next(source, _End.END)
@@ -77,7 +79,11 @@ async def as_completed(pool: Pool, tasks: Iterable[Task], window: int | None = N
                 unresolved[future.task_id] = future
                 future.add_done_callback(on_done)
             if finished:
+                handed = 0
                 while finished:
+                    if handed and (handed % FILL_TURN == 0 or turns.spent()):
+                        await asyncio.sleep(0)  # the caller's work on each future counts too
+                    handed += 1
                     yield finished.popleft()
                 continue
             if exhausted and not unresolved:
