@@ -112,12 +112,13 @@ def pool_of(hosts: int, max_parallel_starts: int) -> Pool:
     return Pool(specs, PoolConfig(max_parallel_starts=max_parallel_starts, start_timeout=300.0))
 
 
-def set_hosts_apart() -> None:
+def set_hosts_apart(cores: list[int]) -> None:
     """On a cluster each host has its own cores; here 512 stand-ins share the coordinator's,
     and under load they would measure the machine's scheduler rather than the coordinator.
-    So the coordinator keeps core 0 and every agent and slot below it goes to the other
-    cores, at nice 19 (slots forked later inherit both)."""
-    cores = sorted(os.sched_getaffinity(0))
+    So the coordinator keeps the first of `cores` and every agent and slot below it goes to
+    the others, at nice 19 (slots forked later inherit both). `cores` is what the process
+    had at start: the coordinator's own affinity is one core once this has run, and agents
+    it starts later inherit that (`run` gives it back before the next pool starts)."""
     if len(cores) < 2:
         return
     os.sched_setaffinity(0, {cores[0]})
@@ -149,7 +150,7 @@ async def probe_fit(max_parallel_starts: int) -> tuple[int, float]:
 
 
 async def measure(
-    hosts: int, tasks: int, idle_s: float, max_parallel_starts: int, *, apart: bool, profile: str = ""
+    hosts: int, tasks: int, idle_s: float, max_parallel_starts: int, *, apart: bool, cores: list[int], profile: str = ""
 ) -> Measured:
     pool = pool_of(hosts, max_parallel_starts)
     telemetry = 0
@@ -169,7 +170,7 @@ async def measure(
         start_s = time.perf_counter() - started
         await pool.map("noop", list(range(2 * hosts)))  # every slot forked and warm
         if apart:
-            set_hosts_apart()
+            set_hosts_apart(cores)
         await asyncio.sleep(2.0)  # let the start-up settle before the idle window
 
         # CPU first, without the lag monitor (its 100 wake-ups a second cost CPU themselves)
@@ -223,12 +224,18 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     fit, per_host = await probe_fit(args.max_parallel_starts)
     hosts = min(args.hosts, fit)
     print(f"{per_host / 2**20:.0f} MiB per host (PSS); {fit} fit in {MEMORY_SHARE:.0%} of free memory", flush=True)
+    cores = sorted(os.sched_getaffinity(0))
+    apart = not args.together
     baseline = await measure(
-        args.baseline_hosts, args.tasks, args.idle_s, args.max_parallel_starts, apart=not args.together
+        args.baseline_hosts, args.tasks, args.idle_s, args.max_parallel_starts, apart=apart, cores=cores
     )
     report(baseline)
+    # The baseline left this process on one core; agents started now would inherit it, and
+    # set_hosts_apart could not move them off it (before this, the big pool's stand-ins all
+    # shared the coordinator's one core, on the h200 too)
+    os.sched_setaffinity(0, cores)
     big = await measure(
-        hosts, args.tasks, args.idle_s, args.max_parallel_starts, apart=not args.together, profile=args.profile
+        hosts, args.tasks, args.idle_s, args.max_parallel_starts, apart=apart, cores=cores, profile=args.profile
     )
     report(big)
     return {
