@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from batuta.agent.objects import parse_amount
 from batuta.errors import UsageError
 from batuta.kernels.registry import is_device_array
 
@@ -72,18 +73,8 @@ def upload(numba_cuda: Any, host: np.ndarray) -> Any:
 def parse_gpu_cache(text: str, free_bytes: int) -> int:
     """`BATUTA_GPU_CACHE`: bytes (`8G`, `512M`, `0`) or a share of the card's free memory
     (`40%`). Raises UsageError naming the value and the forms it takes."""
-    value = text.strip().upper()
     try:
-        if value.endswith("%"):
-            share = float(value[:-1])
-            if not 0 <= share <= 100:
-                raise ValueError
-            return int(free_bytes * share / 100)
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(value[-1:], 1)
-        number = float(value[:-1] if scale > 1 else value)
-        if number < 0:
-            raise ValueError
-        return int(number * scale)
+        return parse_amount(text, free_bytes, zero_share=True)
     except ValueError:
         raise UsageError(
             f"{GPU_CACHE_ENV}={text!r}: expected bytes (like 8G or 512M, 0 for no cache) or a share of "

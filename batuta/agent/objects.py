@@ -46,21 +46,27 @@ _NO_LIMIT = 1 << 62  # a spilled frame is this host's own file, not a peer's mes
 _FOLDERS = itertools.count()  # several stores in one process (tests) get one folder each
 
 
+def parse_amount(text: str, total: int, *, zero_share: bool = False) -> int:
+    """Bytes (`4000000000`, `4G`, `512M`) or a share of `total` (`25%`; `0%` only with
+    `zero_share`). Raises ValueError for anything else; callers name their option."""
+    value = text.strip().upper()
+    if value.endswith("%"):
+        share = float(value[:-1])
+        if not (0 <= share <= 100 if zero_share else 0 < share <= 100):
+            raise ValueError(text)
+        return int(total * share / 100)
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(value[-1:], 1)
+    number = float(value[:-1] if scale > 1 else value)
+    if number < 0:
+        raise ValueError(text)
+    return int(number * scale)
+
+
 def parse_object_memory(text: str, memory_total: int) -> int:
     """`--object-memory`: a number of bytes (`4000000000`, `4G`, `512M`) or a share of RAM
     (`25%`). Raises UsageError naming the value and the forms it takes."""
-    value = text.strip().upper()
     try:
-        if value.endswith("%"):
-            share = float(value[:-1])
-            if not 0 < share <= 100:
-                raise ValueError
-            return int(memory_total * share / 100)
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(value[-1:], 1)
-        number = float(value[:-1] if scale > 1 else value)
-        if number < 0:
-            raise ValueError
-        return int(number * scale)
+        return parse_amount(text, memory_total)
     except ValueError:
         raise UsageError(
             f"--object-memory {text!r}: expected bytes (like 4G or 512M) or a share of RAM (like 25%)"

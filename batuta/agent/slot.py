@@ -426,12 +426,7 @@ class SlotWorker:
             try:
                 self._gpu().hold(object_id, value)
             except Exception as exc:
-                return replace(
-                    outcome,
-                    status=Outcome.ERROR,
-                    value=None,
-                    error=one_line(f"the task's result cannot be kept on the GPU: {describe_exception(exc)}"),
-                )
+                return _unkept(outcome, f"the task's result cannot be kept on the GPU: {describe_exception(exc)}")
             shape = tuple(int(n) for n in value.shape)
             descriptor = (ObjectRef(object_id), device_nbytes(value), shape, np.dtype(value.dtype).str)
             return replace(outcome, value=descriptor)
@@ -446,12 +441,7 @@ class SlotWorker:
                 parts = encode_message_parts(Put(object_id=object_id, value=value), max_frame_bytes=1 << 62)
                 nbytes = sum(memoryview(part).nbytes for part in parts)
         except Exception as exc:
-            return replace(
-                outcome,
-                status=Outcome.ERROR,
-                value=None,
-                error=one_line(f"the task's result cannot be kept: {describe_exception(exc)}"),
-            )
+            return _unkept(outcome, f"the task's result cannot be kept: {describe_exception(exc)}")
         self._objects[object_id] = value
         shape = tuple(int(n) for n in getattr(value, "shape", ()))
         dtype = str(getattr(getattr(value, "dtype", None), "str", "") or "")
@@ -479,6 +469,11 @@ class SlotWorker:
             if self._should_flush():
                 self._flush()
         return 0
+
+
+def _unkept(outcome: TaskOutcome, error: str) -> TaskOutcome:
+    """`outcome` turned into the error of a result that could not be kept."""
+    return replace(outcome, status=Outcome.ERROR, value=None, error=one_line(error))
 
 
 def _parse(argv: list[str]) -> tuple[int, int, tuple[str, ...], SlotCode]:
