@@ -19,7 +19,7 @@ with results checked:
   uniforms from `cp.random.default_rng`, counted on the device).
 * kmeans: 2M x 16 float32, k = 64, 10 iterations, data resident on both sides (a warm-up
   iteration uploads batuta's). batuta: one `kmeans_partial` GPU task per iteration, the
-  centroid update here as `batuta run kmeans` does it. CuPy: distances by one matrix product,
+  centroid update here with `batuta run kmeans`'s own `update`. CuPy: distances by one matrix product,
   argmin, sums by a one-hot matrix product, counts by bincount; its time per iteration is
   printed next to the time to read the data once at the card's device-copy bandwidth.
 * tiny: `--tiny` 4K-element float32 `vadd` GPU tasks through the slot (tasks per second), and
@@ -88,6 +88,7 @@ def ok(result: Any) -> Any:
 async def batuta_side(args: argparse.Namespace, x: np.ndarray, pts: np.ndarray, init: np.ndarray) -> dict[str, Any]:
     from batuta import Pool, Task
     from batuta.core.task import Backend
+    from batuta.jobs import kmeans as kmeans_job
 
     gpu, cpu = Backend.GPU, Backend.CPU
     out: dict[str, Any] = {}
@@ -144,8 +145,8 @@ async def batuta_side(args: argparse.Namespace, x: np.ndarray, pts: np.ndarray, 
         async def kmeans() -> np.ndarray:
             c = centroids.copy()
             for _ in range(KMEANS_ITERS):
-                sums_, counts, _inertia = await run(Task.kernel("kmeans_partial", pts_ref, c, backend=gpu))
-                c = update(c, np.asarray(sums_), np.asarray(counts))
+                partial = await run(Task.kernel("kmeans_partial", pts_ref, c, backend=gpu))
+                c = kmeans_job.update(c, [partial])[0]  # the centroid step of `batuta run kmeans`
             return c
 
         out["kmeans_s"], out["kmeans_centroids"] = await atimed(kmeans())
@@ -156,15 +157,6 @@ async def batuta_side(args: argparse.Namespace, x: np.ndarray, pts: np.ndarray, 
         out["tiny_s"], results = await atimed(pool.map("vadd", items, backend=gpu))
         np.testing.assert_array_equal(results[-1], a + a)
     return out
-
-
-def update(c: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """The centroid step of `batuta run kmeans`: the mean of each cluster's rows; a centroid
-    that lost all its rows stays put."""
-    new = c.copy()
-    have = counts > 0
-    new[have] = (sums[have] / counts[have, None]).astype(c.dtype)
-    return new
 
 
 def direct_chain(x: np.ndarray) -> float:
