@@ -303,6 +303,8 @@ def main() -> int:
         os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
         os.environ.setdefault("BATUTA_FAKE_GPUS", "1")
         args.gib, args.rows, args.mc_samples, args.tiny = 1 / 1024, 2_000, 1 << 12, 50
+    # the direct calls in this process use the allocator a GPU slot gets (agent/main.py)
+    os.environ.setdefault("NUMBA_CUDA_MEMORY_MANAGER", "batuta.kernels.cuda_memory")
     rng = np.random.default_rng(0)
     x = rng.random(int(args.gib * (1 << 30)) // 4, dtype=np.float32)
     pts = rng.random((args.rows, 16), dtype=np.float32)

@@ -91,6 +91,13 @@ def test_auto_gives_every_gpu_pinned_by_uuid() -> None:
     assert all(env["CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM"] == "0" for _, env in chosen)
 
 
+def test_gpu_slots_get_the_pooled_allocator_unless_the_user_chose_one() -> None:
+    plan = plan_gpu_slots(GpuSelection(mode="auto"), REAL, "", {})
+    assert [env["NUMBA_CUDA_MEMORY_MANAGER"] for _, env in plan] == ["batuta.kernels.cuda_memory"] * 2
+    chosen = plan_gpu_slots(GpuSelection(mode="auto"), REAL, "", {"NUMBA_CUDA_MEMORY_MANAGER": "rmm.allocators.numba"})
+    assert {env["NUMBA_CUDA_MEMORY_MANAGER"] for _, env in chosen} == {"rmm.allocators.numba"}
+
+
 @pytest.mark.parametrize(
     ("visible", "expected"),
     [

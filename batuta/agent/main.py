@@ -43,6 +43,8 @@ def _claim_stdio() -> tuple[int, int]:
 
 
 PER_THREAD_STREAM = "CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM"  # numba-cuda on the NVIDIA binding reads this one
+MEMORY_MANAGER = "NUMBA_CUDA_MEMORY_MANAGER"
+POOLED_MEMORY_MANAGER = "batuta.kernels.cuda_memory"  # named, not imported: it imports numba's driver
 
 
 def _visible(gpus: tuple[GpuInfo, ...], visible: str | None) -> tuple[GpuInfo, ...]:
@@ -95,6 +97,10 @@ def plan_gpu_slots(
         # values while the main thread's kernels run (agent/device_values.py), unless the user
         # chose otherwise.
         overrides.setdefault(PER_THREAD_STREAM, environ.get(PER_THREAD_STREAM, "1"))
+        # Device memory from CUDA's stream-ordered pool, not a cuMemAlloc per array and a
+        # device-wide synchronisation per free (kernels/cuda_memory.py), unless the user chose
+        # a manager (RMM, or numba's "default").
+        overrides[MEMORY_MANAGER] = environ.get(MEMORY_MANAGER, POOLED_MEMORY_MANAGER)
         plan.append((gpu, overrides))
     return tuple(plan)
 
