@@ -81,10 +81,11 @@ def _oom(exc: CudaAPIError) -> bool:
     return bool(exc.code == binding.CUresult.CUDA_ERROR_OUT_OF_MEMORY)
 
 
-def _pool_free_finalizer(ptr: Any, size: int) -> Callable[[], None]:
+def _pool_free_finalizer(allocations: Any, key: int, ptr: Any, size: int) -> Callable[[], None]:
     """The free of one pooled allocation, run when numba drops its last reference to it."""
 
     def free() -> None:
+        allocations.pop(key, None)
         try:
             _driver.driver.cuMemFreeAsync(ptr, binding.CU_STREAM_LEGACY)
         except Exception:  # the context is gone (interpreter exit): its memory went with it
@@ -139,7 +140,11 @@ class PooledMemoryManager(NumbaCUDAMemoryManager):
             ptr = _driver.driver.cuMemAllocAsync(size, binding.CU_STREAM_PER_THREAD)
         _count("allocations")
         ctx = weakref.proxy(self.context)
-        memory = AutoFreePointer(ctx, ptr, size, finalizer=_pool_free_finalizer(ptr, size))
+        key = int(ptr)
+        memory = AutoFreePointer(ctx, ptr, size, finalizer=_pool_free_finalizer(self.allocations, key, ptr, size))
+        # numba hands out weak proxies of the pointer (`own()`): the manager holds the one strong
+        # reference until the last proxy is gone and the finalizer takes it out
+        self.allocations[key] = memory
         return memory.own()
 
     def trim(self) -> None:
