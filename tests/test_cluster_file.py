@@ -355,11 +355,13 @@ def test_load_cluster_names_the_path(tmp_path: Path) -> None:
 
 
 def test_expected_capabilities_follow_declared_slots_and_gpus() -> None:
-    cpu, gpu = frozenset({CAP_CPU}), frozenset({CAP_GPU})
+    cpu = frozenset({CAP_CPU})
     assert expected_capabilities(3, "none") == (cpu, cpu, cpu)
-    assert expected_capabilities(1, "0,2") == (cpu, gpu, gpu)
+    # each GPU's slot also offers its own name, so a task can ask for GPU 2 of a host
+    gpu0, gpu1, gpu2 = (frozenset({CAP_GPU, f"gpu:{i}"}) for i in range(3))
+    assert expected_capabilities(1, "0,2") == (cpu, gpu0, gpu2)
     assert expected_capabilities(None, "auto") == (cpu,)  # unknown: at least a CPU slot
-    assert expected_capabilities(0, "1") == (gpu,)
+    assert expected_capabilities(0, "1") == (gpu1,)
 
 
 def test_ssh_host_spec_and_pool(tmp_path: Path) -> None:

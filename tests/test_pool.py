@@ -15,6 +15,7 @@ import pytest
 
 import batuta
 from batuta import Backend, Pool, Task, TaskFailedError, TaskStatus
+from batuta.core.task import gpu_capability
 from batuta.runtime import events as pe
 from batuta.runtime.pool import PoolConfig, local_host
 
@@ -369,6 +370,20 @@ async def test_auto_sends_big_quadratic_work_to_a_gpu_slot_and_says_why() -> Non
     assert big.slot == "local/1" and big.device.startswith("Fake GPU 0 (")  # the fake GPU's slot
     assert small.backend is Backend.SCALAR and small.device == ""
     assert linear.backend is Backend.CPU and linear.is_success()
+
+
+async def test_each_gpu_of_a_host_can_be_asked_for_by_its_index() -> None:
+    env = {"BATUTA_FAKE_GPUS": "2", "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(REPO)}
+    async with Pool([local_host(1, gpus="auto", env=env)], PoolConfig()) as pool:
+        x = np.ones(64, dtype=np.float32)
+        asked = (1, 0, 1)
+        results = [
+            await pool.run(Task.kernel("sum", x, backend=Backend.GPU, requires=[gpu_capability(i)])) for i in asked
+        ]
+        nowhere = await pool.run(Task.kernel("sum", x, backend=Backend.GPU, requires=[gpu_capability(2)]))
+    assert [r.device.split(" (")[0] for r in results] == [f"Fake GPU {i}" for i in asked]
+    assert [r.value for r in results] == [64.0] * 3
+    assert nowhere.status is TaskStatus.UNSCHEDULABLE and "gpu:2" in (nowhere.error or "")
 
 
 def test_a_pool_of_more_slots_than_an_agent_runs_is_refused_up_front() -> None:

@@ -418,6 +418,20 @@ def test_fake_gpus_under_the_simulator_are_warnings_and_strict_fails_them() -> N
     assert stack("check", "--strict", "--quiet", env=env).returncode == 1
 
 
+def test_gate_checks_every_gpu_of_a_node_on_its_own_slot() -> None:
+    env = {"BATUTA_FAKE_GPUS": "2", "NUMBA_ENABLE_CUDASIM": "1"}
+    done = stack("gate", "--format", "json", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (node,) = json.loads(done.stdout)["nodes"]
+    cuda = [f["message"] for f in node["findings"] if f["check"] == "cuda"]
+    assert [m.split(":")[0] for m in cuda] == ["GPU 0", "GPU 1"] and all("simulator" in m for m in cuda)
+    gpu_checks = [f for f in node["findings"] if f["check"].startswith("kernels gpu")]
+    assert [f["check"] for f in gpu_checks] == ["kernels gpu:0", "kernels gpu:1"]
+    assert all(f["severity"] == HEALTHY for f in gpu_checks)
+    ran = {(k["kernel"], k["backend"]): k["status"] for k in node["kernels"]}
+    assert ran[("vadd", "gpu:0")] == ran[("vadd", "gpu:1")] == "pass" and ("vadd", "gpu") not in ran
+
+
 def test_thresholds_from_the_command_line() -> None:
     done = stack("check", "--min-disk-gb", "1e9", "--min-memory-gb", "0", "--format", "json")
     assert done.returncode == 1, done.stdout + done.stderr

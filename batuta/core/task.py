@@ -78,6 +78,17 @@ _FINAL_STATUS: dict[str, TaskStatus] = {
 # Capabilities a slot offers and a task requires. Tags from the cluster file add more.
 CAP_CPU = "cpu"
 CAP_GPU = "gpu"
+
+
+def gpu_capability(index: int) -> str:
+    """The capability a host's GPU slot for its GPU `index` offers besides "gpu": "gpu:0", ...
+
+    With several GPUs in a host, `requires=[gpu_capability(1)]` runs a task on GPU 1's slot
+    (the stack's per-GPU checks do); the index is the host's (NVML's) GPU number.
+    """
+    return f"{CAP_GPU}:{index}"
+
+
 MAX_SLOTS = 1024  # slots one agent runs (a process each); the builder, cluster file, CLI and agent check it
 DEFAULT_MAX_ATTEMPTS = 3
 _NO_TAGS: frozenset[str] = frozenset()  # shared: a million queued tasks need not own one each

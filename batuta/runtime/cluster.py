@@ -66,7 +66,7 @@ from typing import Any
 
 from batuta._version import __version__
 from batuta.core.backend import BackendThresholds
-from batuta.core.task import CAP_CPU, CAP_GPU, MAX_SLOTS
+from batuta.core.task import CAP_CPU, CAP_GPU, MAX_SLOTS, gpu_capability
 from batuta.errors import ConfigError
 from batuta.runtime.allocation_config import AllocationConfig, read_allocations
 from batuta.runtime.code import MAX_CODE_MB, CodeSpec
@@ -150,8 +150,9 @@ class ClusterConfig:
 def expected_capabilities(slots: int | None, gpus: str) -> tuple[frozenset[str], ...]:
     """What a host's slots will offer, as far as the file says (unknown counts: one CPU slot)."""
     cpu = (frozenset({CAP_CPU}),) * (1 if slots is None else slots)
-    gpu_count = len(gpus.split(",")) if gpus not in ("auto", "none") else 0
-    return cpu + (frozenset({CAP_GPU}),) * gpu_count
+    if gpus in ("auto", "none"):
+        return cpu
+    return cpu + tuple(frozenset({CAP_GPU, gpu_capability(int(i))}) for i in gpus.split(","))
 
 
 def ssh_host(

@@ -29,7 +29,7 @@ from batuta.core.backend import select_backend
 from batuta.core.liveness import LivenessConfig
 from batuta.core.objects import ObjectRef, refs_in
 from batuta.core.scheduler import Scheduler
-from batuta.core.task import CAP_GPU, Backend, KernelCall, Priority, Task, TaskResult, TaskStatus
+from batuta.core.task import CAP_GPU, Backend, KernelCall, Priority, Task, TaskResult, TaskStatus, gpu_capability
 from batuta.errors import PoolClosedError, UsageError
 from batuta.protocol import messages as m
 from batuta.protocol.codec import check_value
@@ -544,6 +544,8 @@ class Pool:
             slot_id = f"{session.name}/{info.slot}"
             self._slot_of[slot_id] = (session, info.slot)
             capabilities = frozenset(info.capabilities) | session.spec.tags
+            if info.gpu_index is not None:  # each GPU's slot can be asked for by name
+                capabilities |= {gpu_capability(info.gpu_index)}
             joined.append(ev.SlotJoined(slot_id=slot_id, host_id=session.name, capabilities=capabilities))
             if CAP_GPU in info.capabilities:
                 gpu = next((g for g in hello.gpus if g.index == info.gpu_index), None)

@@ -9,7 +9,7 @@ suggestion:
     batuta        the same version as the coordinator (the runtime refuses others)
     numba         imports, compiles a fresh function and runs it correctly
     cuda, nvml    where the cluster file declares GPUs, or the agent found some: a CUDA kernel
-                  compiles and runs on a GPU slot, NVML answers with a driver
+                  compiles and runs on each GPU's slot, NVML answers with a driver
     disk, memory  free space and available memory above the thresholds
 
 The functions here are pure (facts in, findings out) apart from `check_node`, which runs
@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from batuta.core.task import Backend, Task, TaskResult, TaskStatus
+from batuta.core.task import Backend, Task, TaskResult, TaskStatus, gpu_capability
 from batuta.stack import node_kernels
 from batuta.stack.model import ERROR, HEALTHY, ROLE_SSH, ROLE_TLS, WARNING, Finding
 from batuta.stack.nodes import NodeSession, NodeTarget, result_error, value_of
@@ -51,7 +51,7 @@ class NodeFacts:
     info: Mapping[str, Any] | None
     info_error: str = ""
     numba: TaskResult | None = None
-    cuda: TaskResult | None = None
+    cuda: Mapping[int, TaskResult] | None = None  # by GPU index: the smoke test run on each GPU's slot
 
 
 async def gather_facts(session: NodeSession, *, timeout: float, with_smoke: bool) -> NodeFacts:
@@ -63,18 +63,20 @@ async def gather_facts(session: NodeSession, *, timeout: float, with_smoke: bool
         runs["numba"] = session.run(
             Task.kernel(node_kernels.NUMBA_SMOKE, _SMOKE_N, backend=Backend.CPU), timeout=timeout
         )
-        if session.gpu_slots:
-            runs["cuda"] = session.run(
-                Task.kernel(node_kernels.CUDA_SMOKE, _SMOKE_N, backend=Backend.GPU), timeout=timeout
+        for index in session.gpu_indices:  # every GPU, each on its own slot
+            smoke = Task.kernel(
+                node_kernels.CUDA_SMOKE, _SMOKE_N, backend=Backend.GPU, requires=[gpu_capability(index)]
             )
+            runs[f"cuda {index}"] = session.run(smoke, timeout=timeout)
     done = dict(zip(runs, await asyncio.gather(*runs.values()), strict=True))
+    cuda = {index: done[f"cuda {index}"] for index in session.gpu_indices if f"cuda {index}" in done}
     info_result: TaskResult = done["info"]
     info = value_of(info_result)
     return NodeFacts(
         info=info if isinstance(info, dict) else None,
         info_error="" if isinstance(info, dict) else result_error(info_result),
         numba=done.get("numba"),
-        cuda=done.get("cuda"),
+        cuda=cuda or None,
     )
 
 
@@ -204,48 +206,54 @@ def gpu_findings(session: NodeSession, facts: NodeFacts) -> list[Finding]:
             )
         )
         return found
-    result = facts.cuda
+    if not facts.cuda:
+        found.append(_cuda_finding(target, None, None, several=False))
+        return found
+    several = len(facts.cuda) > 1
+    found.extend(_cuda_finding(target, index, result, several=several) for index, result in sorted(facts.cuda.items()))
+    return found
+
+
+def _cuda_finding(target: NodeTarget, index: int | None, result: TaskResult | None, *, several: bool) -> Finding:
+    """What the CUDA smoke test on GPU `index`'s slot says (named by GPU where a node has several)."""
+    node = target.name
+    gpu = f"GPU {index}: " if several else ""
     if result is None or result.status is not TaskStatus.SUCCEEDED:
         why = result_error(result) if result is not None else "not run"
-        found.append(
-            Finding(
-                node=node,
-                check="cuda",
-                severity=ERROR,
-                message=f"CUDA cannot compile and run a kernel: {why}",
-                suggestion=f"check the driver (nvidia-smi) and numba-cuda on {node}: {_pip(target, 'numba-cuda')}",
-            )
+        return Finding(
+            node=node,
+            check="cuda",
+            severity=ERROR,
+            message=f"{gpu}CUDA cannot compile and run a kernel: {why}",
+            suggestion=f"check the driver (nvidia-smi) and numba-cuda on {node}: {_pip(target, 'numba-cuda')}",
         )
-        return found
     value = result.value if isinstance(result.value, dict) else {}
     expected = float(sum(2.0 * i for i in range(_SMOKE_N)))
     seconds = float(value.get("compile_run_s") or 0.0)
     if value.get("value") != expected:
-        found.append(
-            Finding(
-                node=node,
-                check="cuda",
-                severity=ERROR,
-                message=f"a CUDA kernel returned {value.get('value')!r}, expected {expected}",
-                suggestion=f"check the GPU and driver of {node} (nvidia-smi -q; dmesg for Xid errors)",
-            )
+        return Finding(
+            node=node,
+            check="cuda",
+            severity=ERROR,
+            message=f"{gpu}a CUDA kernel returned {value.get('value')!r}, expected {expected}",
+            suggestion=f"check the GPU and driver of {node} (nvidia-smi -q; dmesg for Xid errors)",
         )
-    elif value.get("simulator"):
-        found.append(
-            Finding(
-                node=node,
-                check="cuda",
-                severity=WARNING,
-                message=f"CUDA kernels run under numba's simulator ({node_kernels.CUDASIM_ENV}=1), not on a GPU",
-                suggestion=f"unset {node_kernels.CUDASIM_ENV} in {node}'s env to use its GPUs",
-            )
+    if value.get("simulator"):
+        return Finding(
+            node=node,
+            check="cuda",
+            severity=WARNING,
+            message=f"{gpu}CUDA kernels run under numba's simulator ({node_kernels.CUDASIM_ENV}=1), not on a GPU",
+            suggestion=f"unset {node_kernels.CUDASIM_ENV} in {node}'s env to use its GPUs",
         )
-    else:
-        capability = value.get("compute_capability")
-        device = f"{value.get('device')}" + (f" (compute {capability})" if capability else "")
-        message = f"CUDA compiles and runs a kernel on {device} ({seconds:.2f} s)"
-        found.append(Finding(node=node, check="cuda", severity=HEALTHY, message=message))
-    return found
+    capability = value.get("compute_capability")
+    device = f"{value.get('device')}" + (f" (compute {capability})" if capability else "")
+    return Finding(
+        node=node,
+        check="cuda",
+        severity=HEALTHY,
+        message=f"{gpu}CUDA compiles and runs a kernel on {device} ({seconds:.2f} s)",
+    )
 
 
 def _wanted(minimum_gb: float) -> str:

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from batuta.core.task import Backend, Task, TaskStatus
-from batuta.stack.model import KernelResult
+from batuta.core.task import Backend, Task, TaskStatus, gpu_capability
+from batuta.stack.model import KernelResult, backend_order
 from batuta.stack.nodes import NodeSession, result_error
 
 RTOL = 1e-6
@@ -198,9 +198,15 @@ def kernels_to_check() -> list[tuple[str, tuple[str, ...]]]:
 @dataclass(frozen=True, slots=True)
 class _Planned:
     name: str
-    backend: str
+    backend: str  # "scalar", "cpu", "gpu", or "gpu:N" on a node of several GPUs (each is checked)
     sample: Sample
     want: Any
+
+
+def _gpu_labels(session: NodeSession) -> list[str]:
+    """The GPU backends to check on `session`'s node: "gpu", or one "gpu:N" per GPU where it has several."""
+    indices = session.gpu_indices
+    return [gpu_capability(i) for i in indices] if len(indices) > 1 else ["gpu"]
 
 
 async def run_conformance(session: NodeSession, *, timeout: float) -> list[KernelResult]:
@@ -241,11 +247,18 @@ async def run_conformance(session: NodeSession, *, timeout: float) -> list[Kerne
                     )
                 )
                 continue
-            planned.append(_Planned(name, backend, found, want))
+            if backend == "gpu":
+                planned.extend(_Planned(name, label, found, want) for label in _gpu_labels(session))
+            else:
+                planned.append(_Planned(name, backend, found, want))
 
     async def run_one(plan: _Planned) -> KernelResult:
         started = time.perf_counter()
-        task = Task.kernel(plan.name, *plan.sample.args, backend=Backend(plan.backend), label=f"stack:{plan.name}")
+        backend, _, index = plan.backend.partition(":")
+        requires = [plan.backend] if index else []  # "gpu:N": that GPU's slot
+        task = Task.kernel(
+            plan.name, *plan.sample.args, backend=Backend(backend), requires=requires, label=f"stack:{plan.name}"
+        )
         result = await session.run(task, timeout=timeout)
         seconds = result.duration or (time.perf_counter() - started)
         if result.status is not TaskStatus.SUCCEEDED:
@@ -272,6 +285,5 @@ async def run_conformance(session: NodeSession, *, timeout: float) -> list[Kerne
 
     results.extend(await asyncio.gather(*(run_one(p) for p in planned)))
     order = {name: i for i, (name, _) in enumerate(kernels_to_check())}
-    backend_order = {"scalar": 0, "cpu": 1, "gpu": 2}
-    results.sort(key=lambda r: (order.get(r.kernel, len(order)), backend_order.get(r.backend, 3)))
+    results.sort(key=lambda r: (order.get(r.kernel, len(order)), backend_order(r.backend)))
     return results

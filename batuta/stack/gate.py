@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from batuta.runtime.policy import PolicyConfig
-from batuta.stack.model import ERROR, HEALTHY, Finding, KernelResult
+from batuta.stack.model import ERROR, HEALTHY, Finding, KernelResult, backend_order
 from batuta.stack.versions import DEFAULT_POLICY, describe_level, within
 
 _SHOWN_FAILURES = 4
@@ -59,7 +59,9 @@ def policy_findings(
 def conformance_findings(node: str, results: list[KernelResult]) -> list[Finding]:
     """One finding per backend: how many kernels matched, which did not, what was skipped."""
     found = []
-    for backend in ("scalar", "cpu", "gpu"):
+    # "gpu:N" where a node has several GPUs: each is reported on its own
+    backends = sorted({r.backend for r in results}, key=backend_order)
+    for backend in backends:
         mine = [r for r in results if r.backend == backend]
         if not mine:
             continue

@@ -181,3 +181,9 @@ class StackReport:
         if self.command == "gate":
             data["policy"] = dict(self.policy)
         return data
+
+
+def backend_order(backend: str) -> tuple[int, int]:
+    """How kernel results sort by backend: scalar, cpu, gpu, then gpu:0, gpu:1, ... in GPU order."""
+    kind, _, index = backend.partition(":")
+    return ({"scalar": 0, "cpu": 1, "gpu": 2}.get(kind, 3), int(index) if index.isdigit() else -1)

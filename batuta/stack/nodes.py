@@ -158,6 +158,13 @@ class NodeSession:
     def gpu_slots(self) -> int:
         return sum(1 for s in self.hello.slots if "gpu" in s.capabilities)
 
+    @property
+    def gpu_indices(self) -> tuple[int, ...]:
+        """The host's GPU numbers that have a slot (a task asks for one with `gpu_capability`)."""
+        return tuple(
+            sorted({s.gpu_index for s in self.hello.slots if "gpu" in s.capabilities and s.gpu_index is not None})
+        )
+
     async def run(self, task: Task, *, timeout: float) -> TaskResult:
         """Run `task` once (no retries) with `timeout` seconds of run time; never raises for
         a task that failed, timed out or was lost: the result says so.
