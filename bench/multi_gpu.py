@@ -1,0 +1,198 @@
+"""Several GPUs in one host: the same jobs on one GPU slot and on all of them (issue 19).
+
+One local agent per run, with one CPU slot and either one GPU slot (`gpu_workers="0"`) or one
+per visible GPU (`"auto"`), each pinned to its own card. Both runs do the same work:
+
+* mc_pi: `--mc-tasks` Monte Carlo pi tasks of `--mc-samples` samples each on the GPU backend
+  (2^34 samples is about 50 ms on an H200: compute-bound), submitted at once.
+  `mc_pi_speedup`: the one-GPU time over the all-GPU time. Target: at least 0.9 x GPUs.
+* kmeans: 2M x 16 float32 points, k = 64, `--iterations` Lloyd iterations. The points are
+  put once as one chunk per GPU of the larger run (the same chunks in both runs, so the
+  arithmetic is the same); each iteration maps `kmeans_partial` over the chunks on the GPU
+  backend and moves the centroids with `batuta run kmeans`'s own update. A warm-up
+  iteration uploads the chunks to the cards first (on the all-GPU run, each chunk lands on
+  the GPU whose slot first ran it; a chunk read on another GPU is uploaded there too).
+  `kmeans_speedup`: one-GPU time over all-GPU time. Target: at least 0.8 x GPUs. The
+  centroids of both runs must agree (within float32 rounding).
+* `min_gpu_util`: NVML's utilization of every card, sampled every 50 ms in this process
+  during the all-GPU mc_pi run; the mean of each card's samples, the lowest of them
+  (target above 0.8: every card busy at once). None where NVML cannot be read.
+
+On a machine with one GPU both runs use the same card and the speedups are about 1: the
+script still runs, which is what `--smoke` (numba's simulator, two fake GPUs, tiny sizes)
+checks in CI's reach. The last line is one JSON object: `gpus`, `mc_pi_speedup`,
+`kmeans_speedup`, `min_gpu_util`, with the times behind them.
+
+    python bench/multi_gpu.py              # on a host with several GPUs
+    python bench/multi_gpu.py --smoke      # two simulated GPUs, tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout
+
+import numpy as np  # noqa: E402
+
+K, D = 64, 16
+POLL_S = 0.05
+
+
+def ok(result: Any) -> Any:
+    assert result.is_success(), result.error
+    return result.value
+
+
+class Utilization:
+    """NVML utilization of every GPU, sampled on a thread while `with` is open."""
+
+    def __init__(self) -> None:
+        self.samples: dict[int, list[int]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._nvml: Any = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception as exc:  # no driver, the simulator, a VM without NVML
+            print(f"NVML not readable ({type(exc).__name__}: {exc}): min_gpu_util is null", file=sys.stderr)
+            self._nvml = None
+
+    def _poll(self) -> None:
+        for _ in range(100_000):  # bounded: 100,000 x 50 ms
+            for index, handle in enumerate(self._handles):
+                rate = self._nvml.nvmlDeviceGetUtilizationRates(handle)
+                self.samples.setdefault(index, []).append(int(rate.gpu))
+            if self._stop.wait(POLL_S):
+                return
+
+    def __enter__(self) -> Utilization:
+        if self._nvml is not None:
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def lowest_mean(self) -> float | None:
+        """The mean utilization of the least busy card, 0-1 (the first and last sample dropped:
+        the run starts and ends between them)."""
+        means = [float(np.mean(s[1:-1] or s)) / 100 for s in self.samples.values() if s]
+        return round(min(means), 3) if means else None
+
+
+async def one_run(gpus: str, args: argparse.Namespace, chunks: list[np.ndarray], init: np.ndarray) -> dict[str, Any]:
+    """mc_pi and K-Means on a pool of `gpus` GPU slots; times and the final centroids."""
+    from batuta import Pool, Task
+    from batuta.core.task import Backend
+    from batuta.jobs import kmeans as kmeans_job
+
+    gpu = Backend.GPU
+    out: dict[str, Any] = {}
+    async with Pool.local(1, gpu_workers=gpus) as pool:
+        # warm: every slot imports numba.cuda and compiles mc_pi
+        warm_samples = min(args.mc_samples, 1 << 20)
+        warm = [await pool.submit(Task.kernel("mc_pi", warm_samples, s, backend=gpu)) for s in range(16)]
+        for future in warm:
+            ok(await future)
+        utilization = Utilization()
+        with utilization:
+            started = time.perf_counter()
+            futures = [
+                await pool.submit(Task.kernel("mc_pi", args.mc_samples, seed, backend=gpu))
+                for seed in range(args.mc_tasks)
+            ]
+            estimates = [ok(await f) for f in futures]
+            out["mc_pi_s"] = time.perf_counter() - started
+        out["min_gpu_util"] = utilization.lowest_mean()
+        standard_error = np.sqrt(np.pi * (4 - np.pi) / (args.mc_samples * args.mc_tasks))
+        assert abs(float(np.mean(estimates)) - np.pi) < 6 * standard_error + 1e-6, estimates[:3]
+        refs = [pool.put(chunk) for chunk in chunks]
+
+        async def iteration(centroids: np.ndarray) -> np.ndarray:
+            futures = [await pool.submit(Task.kernel("kmeans_partial", ref, centroids, backend=gpu)) for ref in refs]
+            partials = [ok(await f) for f in futures]
+            return np.asarray(kmeans_job.update(centroids, partials)[0])
+
+        await iteration(init)  # uploads the chunks to the cards
+        started = time.perf_counter()
+        centroids = init
+        for _ in range(args.iterations):
+            centroids = await iteration(centroids)
+        out["kmeans_s"] = time.perf_counter() - started
+        out["centroids"] = centroids
+        for ref in refs:
+            pool.drop(ref)
+    return out
+
+
+def visible_gpus(smoke: bool) -> int:
+    if smoke:
+        return int(os.environ.get("BATUTA_FAKE_GPUS", "2"))
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetCount())
+    except Exception:
+        from numba import cuda
+
+        return len(cuda.gpus)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--mc-tasks", type=int, default=64)
+    parser.add_argument("--mc-samples", type=int, default=1 << 34)
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--smoke", action="store_true", help="two simulated GPUs, tiny sizes")
+    args = parser.parse_args()
+    if args.smoke:
+        os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+        os.environ.setdefault("BATUTA_FAKE_GPUS", "2")
+        args.mc_tasks, args.mc_samples, args.rows, args.iterations = 4, 1 << 12, 2_000, 2
+    gpus = visible_gpus(args.smoke)
+    rng = np.random.default_rng(0)
+    pts = rng.random((args.rows, D), dtype=np.float32)
+    init = pts[rng.choice(args.rows, K, replace=False)].copy()
+    chunks = [np.ascontiguousarray(c) for c in np.array_split(pts, max(1, gpus))]
+    one = asyncio.run(one_run("0", args, chunks, init))
+    every = asyncio.run(one_run("auto", args, chunks, init))
+    np.testing.assert_allclose(one["centroids"], every["centroids"], rtol=1e-4, atol=1e-5)
+    result = {
+        "gpus": gpus,
+        "mc_pi_speedup": round(one["mc_pi_s"] / every["mc_pi_s"], 3),
+        "kmeans_speedup": round(one["kmeans_s"] / every["kmeans_s"], 3),
+        "min_gpu_util": every["min_gpu_util"],
+        "mc_pi_s_one": round(one["mc_pi_s"], 4),
+        "mc_pi_s_all": round(every["mc_pi_s"], 4),
+        "kmeans_s_one": round(one["kmeans_s"], 4),
+        "kmeans_s_all": round(every["kmeans_s"], 4),
+        "min_gpu_util_one": one["min_gpu_util"],
+        "mc_tasks": args.mc_tasks,
+        "mc_samples": args.mc_samples,
+        "rows": args.rows,
+        "iterations": args.iterations,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
