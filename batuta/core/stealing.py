@@ -123,7 +123,8 @@ def try_steal_back(scheduler: Scheduler, thief: SlotRecord) -> None:
 def _stealable(victim: SlotRecord, thief: SlotRecord | None) -> list[TaskEntry] | None:
     """The tasks `thief` (None: any thief) may ask back from `victim`'s window, oldest first,
     or None if asking would not help. A window holds at most `max_window` tasks, so this is
-    bounded. A task sent to the host where its inputs are stays there (`home`)."""
+    bounded. A task sent to the host where its inputs are stays there (`home`); one fed ahead of
+    its inputs (`feedahead.py`) stays until they are made, and so do their producers."""
     if not victim.window:
         return None
     stealable = [
@@ -133,6 +134,7 @@ def _stealable(victim: SlotRecord, thief: SlotRecord | None) -> list[TaskEntry] 
         and not e.resolved
         and not e.steal_pending
         and not e.steal_refused
+        and not e.unmet  # fed ahead of inputs still to be made there: it could run nowhere sooner
         and (thief is None or (e.requires <= thief.capabilities and (e.home is None or e.home == thief.host_id)))
     ]
     # An idle victim would start its only task itself; taking it just moves the wait.
