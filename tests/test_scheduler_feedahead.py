@@ -25,7 +25,7 @@ class ObjectSim(Sim):
         self.held: dict[str, set[int]] = {}  # slot -> objects its process holds
         self.ever_made: set[int] = set()
 
-    def submit(self, *, keep_as: int = 0, **kwargs: object) -> int:  # type: ignore[override]
+    def submit(self, *, keep_as: int = 0, **kwargs: object) -> int:
         task_id = self._next_id
         self.keep_of[task_id] = keep_as
         return super().submit(keep_as=keep_as, **kwargs)  # type: ignore[arg-type]
@@ -83,6 +83,12 @@ def step(sim: Sim, slot_id: str, outcome: Outcome = Outcome.OK) -> int | None:
     task_id = sim.finish(slot_id, outcome=outcome)
     sim.deliver(slot_id)
     return task_id
+
+
+def slot_of(sim: Sim, task_id: int) -> str:
+    where = sim.sched.where(task_id)
+    assert where is not None and where[0] == "window" and where[1] is not None
+    return where[1]
 
 
 def sends(sim: Sim) -> list[ev.SendTasks]:
@@ -187,7 +193,7 @@ def test_a_producer_whose_worker_crashed_runs_again_and_its_dependent_waits_for_
 def test_a_dependent_whose_producer_ran_again_elsewhere_goes_there_after_its_void_attempt() -> None:
     sim = object_sim({"a0": "a", "b0": "b"}, initial_window=2, min_window=2, max_window=2, tail_tasks_per_slot=0)
     made = sim.submit(keep_as=1)
-    slot_id = sim.sched.where(made)[1]  # type: ignore[index]
+    slot_id = slot_of(sim, made)
     other = "b0" if slot_id == "a0" else "a0"
     reader = sim.submit(reads=(1,))
     assert sim.sched.where(reader) == ("window", slot_id)
@@ -232,7 +238,7 @@ def test_a_fed_ahead_dependent_is_not_stolen_back_until_its_input_is_made_and_th
 def test_a_lost_host_sends_a_fed_ahead_chain_back_to_waiting_and_then_behind_the_rerun() -> None:
     sim = object_sim({"a0": "a", "b0": "b"})
     made = sim.submit(keep_as=1, max_attempts=3)
-    slot_id = sim.sched.where(made)[1]  # type: ignore[index]
+    slot_id = slot_of(sim, made)
     lost_host = sim.slots[slot_id].host_id
     reader = sim.submit(reads=(1,), keep_as=2)
     last = sim.submit(reads=(2,))
@@ -251,7 +257,7 @@ def test_a_lost_host_sends_a_fed_ahead_chain_back_to_waiting_and_then_behind_the
 def test_a_chain_on_a_value_lost_with_its_host_waits_for_the_remake_then_follows_it() -> None:
     sim = object_sim({"a0": "a", "b0": "b"})
     made = sim.submit(keep_as=1, max_attempts=3)
-    slot_id = sim.sched.where(made)[1]  # type: ignore[index]
+    slot_id = slot_of(sim, made)
     step(sim, slot_id)
     sim.lose_host(sim.slots[slot_id].host_id)
     [remake] = sim.remade
