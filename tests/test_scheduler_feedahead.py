@@ -117,6 +117,20 @@ def test_a_chain_goes_to_its_producers_slot_at_once_and_each_stage_reads_what_th
     assert sim.sched.stats.fed_ahead_returned == 0
 
 
+def test_a_chain_longer_than_the_window_is_fed_in_as_the_window_frees() -> None:
+    sim = object_sim({"a0": "a"}, initial_window=2, min_window=2, max_window=2)
+    stages = [sim.submit(keep_as=1)] + [sim.submit(reads=(i,), keep_as=i + 1) for i in range(1, 6)]
+    assert [sim.sched.where(t) for t in stages] == [("window", "a0")] * 2 + [("waiting", None)] * 4
+    for done in range(1, 6):
+        step(sim, "a0")
+        # each result frees a place, taken by the next stage at once, behind the one making its input
+        assert sim.sched.where(stages[done + 1] if done + 1 < len(stages) else stages[-1]) == ("window", "a0")
+        sim.sched.validate()
+    step(sim, "a0")
+    assert all(sim.status_of(t) is TaskStatus.SUCCEEDED for t in stages)
+    assert sim.sched.stats.fed_ahead == 5
+
+
 def test_what_keeps_a_dependent_waiting_an_upstream_value_other_capabilities_a_full_window_or_off() -> None:
     sim = object_sim({"a0": "a"}, initial_window=2, min_window=2, max_window=2)
     made = sim.submit(keep_as=1)

@@ -49,6 +49,10 @@ other than the one it names. The replacement is not a restart: no SlotChanged.
 Kept results. A task sent with `keep` leaves its result in the slot process (`slot.py`);
 the agent's store records where (`objects.py`). A task naming an object that lives in
 another slot's process is not fed until the agent has fetched it from there (`SlotKeeper`).
+A task may name an object that a task ahead of it on this slot will keep (the coordinator
+fed it ahead, `core/feedahead.py`): nothing is sent for it, the slot process has it by the
+time it runs the task; if that producer made nothing, the slot answers the task "error"
+(the coordinator has resolved it already, or takes the answer for no result and sends it again).
 Whenever a process goes (death, a kill at timeout or cancel, a code replacement), the agent
 hears it first (`process_lost`), before any outcome that follows, and reports the objects
 lost with it; a queued task naming a lost object is answered "crashed", so the coordinator
@@ -207,6 +211,11 @@ class SlotSupervisor:
 
     def holds(self, task_id: int) -> bool:
         return task_id in self._held
+
+    def makes(self, object_id: int) -> bool:
+        """Whether a task this slot holds (fed or queued) keeps its result as `object_id`: a
+        task sent behind it may name that object before it exists (fed ahead)."""
+        return any(r.keep == object_id for r in self.fed) or any(r.keep == object_id for r in self.queue)
 
     @property
     def pid(self) -> int | None:
@@ -416,14 +425,17 @@ class SlotSupervisor:
         wanted: list[tuple[int, Any]] = []
         if not self._objects:  # nothing put on this host: a task naming an object was refused at Run
             return wanted
+        ahead = {r.keep for r in self.fed if r.keep}  # kept by tasks the process runs first
         for request in list(batch):
             call = request.call
+            if request.keep:
+                ahead.add(request.keep)  # for the tasks behind it (it cannot read its own)
             if not isinstance(call, KernelCall) or not call.args:
                 continue
             for ref in refs_in(call.args):
                 object_id = ref.object_id
-                if object_id in self._sent_objects:
-                    continue
+                if object_id in self._sent_objects or (object_id in ahead and object_id != request.keep):
+                    continue  # the process holds it, or will once the task making it ran
                 if object_id not in self._objects:
                     batch.remove(request)
                     self._held.pop(request.task_id, None)

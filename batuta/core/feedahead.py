@@ -14,8 +14,9 @@ if they had been made long before. The rules:
   values come back through the coordinator) whose producers sit, unanswered and not being
   stolen back, in the window of one up slot that can run it, and whose own inputs are on
   that slot's host or made there (a producer whose Run the runtime holds while it relays an
-  input would be overtaken by its dependent). It is fed when it starts waiting, and when a
-  producer enters a window (`follow`), recursively down a chain, while the window has room.
+  input would be overtaken by its dependent). It is fed when it starts waiting, when a
+  producer enters a window (`follow`), recursively down a chain, and when the window holding
+  its producers gains room (`follow_window`): a chain longer than the window flows through it.
 * In the window. The dependent counts its producers' results still to come in `unmet`, as
   while it waited; it stays among their objects' readers, so their ends reach it. A producer
   with a dependent behind it is not stolen back, and the dependent is not while its inputs
@@ -62,6 +63,15 @@ def follow(s: Scheduler, slot: SlotRecord, producer: TaskEntry) -> None:
             return
         if reader.place is Place.WAITING and not reader.resolved:
             try_feed(s, reader)
+
+
+def follow_window(s: Scheduler, slot: SlotRecord) -> None:
+    """`slot`'s window has room: feed ahead the waiting readers of what its tasks make."""
+    for producer in list(slot.window.values()):
+        if len(slot.window) >= slot.window_limit:
+            return
+        if producer.keep_as and not producer.resolved:
+            follow(s, slot, producer)
 
 
 def try_feed(s: Scheduler, entry: TaskEntry) -> bool:

@@ -543,6 +543,8 @@ class Scheduler:
             self._sends.setdefault(slot.slot_id, []).append(entry)
             if entry.keep_as and self._deps.waiting:
                 feedahead.follow(self, slot, entry)  # its waiting readers, right behind it
+        if self._deps.waiting and window and len(window) < slot.window_limit:
+            feedahead.follow_window(self, slot)  # readers of what it makes that found no room before
         if window:
             self._window_holders.add(slot)
         if len(window) >= slot.window_limit:
