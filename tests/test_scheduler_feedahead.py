@@ -249,6 +249,30 @@ def test_a_fed_ahead_dependent_is_not_stolen_back_until_its_input_is_made_and_th
     sim.assert_each_resolved_once()
 
 
+def test_a_producer_taken_back_by_an_idle_slot_takes_its_fed_ahead_dependent_along() -> None:
+    sim = object_sim({"a0": "a"})
+    busy = sim.submit()
+    made = sim.submit(keep_as=1)
+    reader = sim.submit(reads=(1,))
+    assert sim.start("a0") == busy
+    sim.deliver("a0")
+    sim.add_slot("a1", host_id="a")  # idle: asks for the producer, waiting behind a running task
+    [request] = [i for i in sim.instructions if isinstance(i, ev.RequestStealBack)]
+    assert request.task_ids == (made,)  # not the reader: it could run nowhere sooner
+    sim.answer_steals("a0")
+    sim.deliver("a0")
+    assert sim.sched.where(made) == ("window", "a1") and sim.sched.where(reader) == ("window", "a0")
+    sim.sched.validate()
+    sim.finish("a0")
+    sim.deliver("a0")
+    assert step(sim, "a0") == reader  # void there: "error", its input is made on a1
+    assert reader not in sim.resolved and sim.sched.where(reader) == ("window", "a1")  # behind it again
+    sim.run_to_completion()
+    assert sim.status_of(reader) is TaskStatus.SUCCEEDED and sim.resolved[reader][0].slot_id == "a1"
+    assert sim.sched.stats.fed_ahead == 2 and sim.sched.stats.fed_ahead_returned == 1
+    sim.assert_each_resolved_once()
+
+
 def test_a_lost_host_sends_a_fed_ahead_chain_back_to_waiting_and_then_behind_the_rerun() -> None:
     sim = object_sim({"a0": "a", "b0": "b"})
     made = sim.submit(keep_as=1, max_attempts=3)

@@ -18,21 +18,24 @@ if they had been made long before. The rules:
   producer enters a window (`follow`), recursively down a chain, and when the window holding
   its producers gains room (`follow_window`): a chain longer than the window flows through it.
 * In the window. The dependent counts its producers' results still to come in `unmet`, as
-  while it waited; it stays among their objects' readers, so their ends reach it. A producer
-  with a dependent behind it is not stolen back, and the dependent is not while its inputs
-  are still to come (it could run nowhere sooner). `SendTasks.made_ahead` names the objects
-  made there, so that the runtime does not try to send or fetch them.
+  while it waited; it stays among their objects' readers, so their ends reach it. It is not
+  stolen back while its inputs are still to come (it could run nowhere sooner); a producer
+  still is, as any task (an idle slot elsewhere takes it), and the dependents behind it are
+  then void (below) and follow it. `SendTasks.made_ahead` names the objects made there, so
+  that the runtime does not try to send or fetch them.
 * A producer succeeds: the dependent's `unmet` drops; at zero it is a task like any other.
 * A producer fails, is cancelled or times out: the dependent resolves as if it had waited
   (`deps.py`: FAILED or CANCELLED, naming the producer) and stays in its window as a zombie
   until its agent answers for it. The agent answers by itself when the value was never made
   there (the slot finds no such object); a producer resolved here while still at its agent
   (a cancel, a backstop timeout) may still make it, so the dependent is aborted then.
-* A producer's attempt ends without a result (its worker crashed, it came back unrun): it is
+* A producer's attempt ends without a result (its worker crashed, a steal-back took it): it is
   requeued, and the dependents behind it are *void*: their attempt there cannot have its
   input. Whatever the agent reports for a void attempt, or for any dependent whose inputs
   are still to come, is not its result (`retract`): the dependent goes back to waiting (or,
-  if its inputs are all there by now, to a queue), its attempt not counted unless it started.
+  if its inputs are all there by now, to a queue), its attempt not counted unless it started,
+  and is fed ahead again behind the producers' next runs. (One answered while its producers
+  were still running there, which an agent does only if it refused the task, just waits.)
 * Its slot is lost: like any task in the window (`recovery.py`); requeued, it waits for its
   inputs again, and may be fed ahead once more behind their producers' next attempts.
 
@@ -139,8 +142,6 @@ def _feed(s: Scheduler, slot: SlotRecord, entry: TaskEntry, pending: list[int], 
     slot.window[entry.task_id] = entry
     s._sends.setdefault(slot.slot_id, []).append(entry)
     s._made_ahead.setdefault(slot.slot_id, set()).update(pending)
-    for producer in producers:
-        producer.steal_refused = True  # stays where its dependent waits for it (reset if requeued)
     s.stats.fed_ahead += 1
     s._window_holders.add(slot)
     if len(slot.window) >= slot.window_limit:
@@ -166,12 +167,14 @@ def retract(s: Scheduler, entry: TaskEntry, slot: SlotRecord) -> None:
     s.stats.fed_ahead_returned += 1
     if not entry.started:
         entry.attempts -= 1  # it never ran: as a task returned by a steal-back
-    entry.void = False
+    void, entry.void = entry.void, False
     s._note(entry, f"back from {slot.slot_id} unrun: its inputs never got there")
     if entry.keep_as:
         void_behind(s, slot, entry)  # what it was to make for the tasks behind it was not made
     if deps.park_if_unready(s, entry):
-        if entry.place is Place.WAITING:
+        # behind its producers' next runs; one answered before its producers had ended there
+        # (an agent that refused it) waits for their results as any dependent, not to bounce
+        if void and entry.place is Place.WAITING:
             try_feed(s, entry)
         return
     deps.place_ready(s, entry)
