@@ -26,8 +26,8 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from batuta.core.deps import may_steal
-from batuta.core.feedahead import void_behind
 from batuta.core.events import RequestStealBack, StealBackAnswered
+from batuta.core.feedahead import void_behind
 from batuta.core.placement import Place, SlotRecord, SlotState, TaskEntry
 
 if TYPE_CHECKING:
