@@ -29,9 +29,9 @@ if they had been made long before. The rules:
   until its agent answers for it. The agent answers by itself when the value was never made
   there (the slot finds no such object); a producer resolved here while still at its agent
   (a cancel, a backstop timeout) may still make it, so the dependent is aborted then.
-* A producer's attempt ends without a result (its worker crashed, a steal-back took it): it is
-  requeued, and the dependents behind it are *void*: their attempt there cannot have its
-  input. Whatever the agent reports for a void attempt, or for any dependent whose inputs
+* A producer's attempt there ends without a result (its worker crashed: it is requeued; or
+  a steal-back took it to another slot): the dependents behind it are *void*, their attempt
+  there cannot have its input. Whatever the agent reports for a void attempt, or for any dependent whose inputs
   are still to come, is not its result (`retract`): the dependent goes back to waiting (or,
   if its inputs are all there by now, to a queue), its attempt not counted unless it started,
   and is fed ahead again behind the producers' next runs. (One answered while its producers
