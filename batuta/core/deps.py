@@ -3,7 +3,9 @@
 A task may name, at submission, upstream tasks it must wait for (`TaskSubmitted.after`:
 their values come back through the coordinator) and kept objects it reads
 (`TaskSubmitted.reads`: results left on the host that made them, `keep_as`). Until every
-one is there it is *waiting* (`Place.WAITING`): in no queue, sent nowhere. The rules:
+one is there it is *waiting* (`Place.WAITING`): in no queue, sent nowhere, unless the
+objects it still lacks are being made in one slot, which it is then sent to behind their
+producers (`feedahead.py`; it stays among their readers there, and fails with them). The rules:
 
 * Readiness. An upstream task is there when it succeeded; an object when its producer
   succeeded and the host holding it is up. A task can only name tasks and objects that
