@@ -12,6 +12,8 @@ import numpy as np
 
 from batuta import ObjectRef, Pool, Task, TaskStatus
 from batuta.runtime.future import TaskFuture
+from tests.test_pool_deps import N as DEPS_N
+from tests.test_pool_deps import fill, stage, two_host_pool
 from tests.test_pool_gpu_values import N, gpu_pool, on_cpu, on_gpu, value
 
 STAGES = 6
@@ -80,3 +82,20 @@ async def test_a_failing_producer_fails_the_stages_fed_behind_it_naming_it_and_t
         futures, total = await chain(pool, ref, on_gpu, 2)
         good = await total
         assert good.is_success() and good.value == (x * 4.0).sum()
+
+
+async def test_a_stage_fed_ahead_that_also_reads_a_value_from_another_host_gets_both() -> None:
+    async with two_host_pool(tags=True) as pool:
+        other = await (await pool.submit(fill(5.0, requires=["on-b"]), keep=True))
+        assert other.value.host == "b"
+        before = pool.stats()
+        made = await pool.submit(fill(3.0, requires=["on-a"]), keep=True)
+        # behind `made` on host a at once; its Run waits there only for the relay of `other`
+        both = await pool.submit(stage(made, 2.0, other.value, requires=["on-a"]))
+        result = await both
+        assert result.is_success(), result.error
+        assert result.host == "a"
+        np.testing.assert_array_equal(result.value, np.full(DEPS_N, 7.0))
+        after = pool.stats()
+        assert after.fed_ahead - before.fed_ahead == 1
+        assert after.relayed_bytes - before.relayed_bytes == DEPS_N * 8  # `other` only: `made` never moved

@@ -189,7 +189,7 @@ class DataPlane:
             session.send(put, put_bytes)
         if not missing:
             return True
-        held = _HeldRun(session, slot_id, request, future._nbytes, future._object_ids, set(missing))
+        held = _HeldRun(session, slot_id, request, future._nbytes, ids, set(missing))
         for object_id in missing:
             self._held.setdefault(object_id, []).append(held)
             if object_id not in self._relaying:
