@@ -12,7 +12,9 @@ with results checked:
   sides (after reuse), each stage's result kept on the device (`keep=True`) and named by the
   next, then a `sum` of the last: the one value that comes back. CuPy: an ElementwiseKernel
   per stage (one launch each) and the same sum. `chain_direct_s`: the same stages called in
-  this process on device arrays, without the pool (the kernels' own share).
+  this process on device arrays, without the pool (the kernels' own share). `chain_fed_ahead`:
+  the stages (and the sum) sent to the slot behind the stage making their input, without
+  waiting for its result to reach the coordinator (10 when every one was).
 * duty: 32 compute-bound `mc_pi` GPU tasks (`--mc-samples`, 2^34: about 50 ms each) through
   the pool against 32 direct calls of the same variant in this process;
   `mc_pi_gsamples_per_s` is the pool's rate, against a CuPy Monte Carlo pi (float32
@@ -121,7 +123,9 @@ async def batuta_side(args: argparse.Namespace, x: np.ndarray, pts: np.ndarray, 
             return float(total)
 
         await chain()  # warm: compiles nothing new, but allocates the device buffers once
+        fed_before = pool.stats().fed_ahead
         out["chain_s"], total = await atimed(chain())
+        out["chain_fed_ahead"] = pool.stats().fed_ahead - fed_before  # STAGES when no stage waited
         factor = sum(0.5**i for i in range(STAGES + 1))  # y_10 = (1 + 0.5 + ... + 0.5^10) x
         assert abs(total - factor * want) <= 1e-5 * abs(factor * want), (total, factor * want)
         pool.drop(ref)
@@ -320,6 +324,7 @@ def main() -> int:
         "reuse_s": round(ours["reuse_s"], 4),
         "chain_s": round(ours["chain_s"], 4),
         "chain_direct_s": round(chain_direct_s, 4),
+        "chain_fed_ahead": ours["chain_fed_ahead"],
         "duty_direct_over_pool": round(direct_s / ours["duty_pool_s"], 3),
         "mc_pi_gsamples_per_s": round(DUTY_TASKS * args.mc_samples / ours["duty_pool_s"] / 1e9, 1),
         "kmeans_ms_per_iter": round(1e3 * ours["kmeans_s"] / KMEANS_ITERS, 3),

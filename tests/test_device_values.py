@@ -201,3 +201,13 @@ def test_large_uploads_are_page_locked_first_and_a_refusal_falls_back() -> None:
     assert upload(cuda, big[::2]).nbytes == PIN_ABOVE // 2 and cuda.locked == [PIN_ABOVE]  # strided: as it is
     refusing = FakeCuda(refuse=True)
     assert upload(refusing, big).nbytes == PIN_ABOVE and refusing.locked == []
+
+
+def test_an_input_still_to_be_made_by_the_task_ahead_is_not_prefetched_and_its_kept_result_is_served() -> None:
+    objects: dict[int, object] = {1: arr(1.0)}
+    values = cache(objects, 10_000)
+    values.prefetch([1, 7])  # 7: kept by the running task, fed ahead to the next (core/feedahead.py)
+    assert 7 not in values and values.for_gpu(1) is not None and values.uploads == 1
+    made = FakeDevice(arr(7.0))
+    values.hold(7, made)  # the task ahead kept its result on the device
+    assert values.for_gpu(7) is made and values.uploads == 1  # that very array, no upload

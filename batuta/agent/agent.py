@@ -534,7 +534,7 @@ class Agent:
             if slot is not None and request.code != digest:
                 problem = stale_error(request, self._code.current, f"host {self._host_name} has")
             elif slot is not None and isinstance(request.call, KernelCall) and request.call.args:
-                problem = self._missing_objects(request.call)
+                problem = self._missing_objects(request.call, slot)
                 if problem is not None and any(self._objects.was_lost(r.object_id) for r in refs_in(request.call.args)):
                     status = Outcome.CRASHED  # lost with a slot's process: it runs again once remade
             if slot is None or problem is not None:
@@ -553,10 +553,11 @@ class Agent:
             slot.enqueue(request)
             self._touched.add(slot)
 
-    def _missing_objects(self, call: KernelCall) -> str | None:
-        """Why a task cannot run here, if it names an object this host does not hold. (The
-        slot's supervisor sends the values to the slot process, which substitutes them.)"""
-        missing = sorted({ref.object_id for ref in refs_in(call.args) if ref.object_id not in self._objects})
+    def _missing_objects(self, call: KernelCall, slot: SlotSupervisor) -> str | None:
+        """Why a task cannot run here, if it names an object this host does not hold and no task
+        ahead of it on its slot makes (fed ahead). The supervisor sends values to the slot."""
+        missing = sorted({r.object_id for r in refs_in(call.args) if r.object_id not in self._objects})
+        missing = [object_id for object_id in missing if not slot.makes(object_id)]
         if not missing:
             return None
         return (

@@ -461,6 +461,8 @@ class SlotWorker:
             if self._results and not self._likely_quick(request):
                 # Held results must not wait behind a task that may run for long.
                 self._flush()
+            if request.keep:  # it makes this object (again): nothing behind it may read an old one
+                self._forget(request.keep)
             if self._device is not None and self._waiting:
                 self._prefetch(self._waiting[0])
             self._add_result(self._run_one(request))

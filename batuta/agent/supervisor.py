@@ -49,6 +49,10 @@ other than the one it names. The replacement is not a restart: no SlotChanged.
 Kept results. A task sent with `keep` leaves its result in the slot process (`slot.py`);
 the agent's store records where (`objects.py`). A task naming an object that lives in
 another slot's process is not fed until the agent has fetched it from there (`SlotKeeper`).
+A task may name an object that a task ahead of it on this slot will keep (the coordinator
+fed it ahead, `core/feedahead.py`): nothing is sent for it, the slot process has it by the
+time it runs the task; if that producer made nothing, the slot answers the task "error"
+(the coordinator has resolved it already, or takes the answer for no result and sends it again).
 Whenever a process goes (death, a kill at timeout or cancel, a code replacement), the agent
 hears it first (`process_lost`), before any outcome that follows, and reports the objects
 lost with it; a queued task naming a lost object is answered "crashed", so the coordinator
@@ -207,6 +211,11 @@ class SlotSupervisor:
 
     def holds(self, task_id: int) -> bool:
         return task_id in self._held
+
+    def makes(self, object_id: int) -> bool:
+        """Whether a task this slot holds (fed or queued) keeps its result as `object_id`: a
+        task sent behind it may name that object before it exists (fed ahead)."""
+        return any(r.keep == object_id for r in self.fed) or any(r.keep == object_id for r in self.queue)
 
     @property
     def pid(self) -> int | None:
@@ -414,28 +423,37 @@ class SlotSupervisor:
         keeps scattered data in the worker). A task whose object is no longer here (dropped
         while it waited, which the coordinator does not do) is answered "error" and removed."""
         wanted: list[tuple[int, Any]] = []
-        if not self._objects:  # nothing put on this host: a task naming an object was refused at Run
-            return wanted
+        ahead = {r.keep for r in self.fed if r.keep}  # kept by tasks the process runs first (fed ahead)
         for request in list(batch):
             call = request.call
-            if not isinstance(call, KernelCall) or not call.args:
+            named = self._objects and isinstance(call, KernelCall) and call.args  # (none here: refused at Run)
+            if named and not self._put_refs(request, ahead, wanted):
+                batch.remove(request)  # answered
                 continue
-            for ref in refs_in(call.args):
-                object_id = ref.object_id
-                if object_id in self._sent_objects:
-                    continue
-                if object_id not in self._objects:
-                    batch.remove(request)
-                    self._held.pop(request.task_id, None)
-                    if self._objects.was_lost(object_id):  # the coordinator runs it again once remade
-                        status, error = Outcome.CRASHED, f"input object {object_id} was lost with a slot's process"
-                    else:
-                        status, error = Outcome.ERROR, f"object {object_id} is not on this host"
-                    self._events.task_finished(self._outcome(request, status, error, 0.0))
-                    break
-                wanted.append((object_id, self._objects[object_id]))
-                self._sent_objects.add(object_id)
+            if request.keep:  # the process makes it (again) now: the tasks behind read that one
+                ahead.add(request.keep)
+                self._sent_objects.discard(request.keep)
         return wanted
+
+    def _put_refs(self, request: TaskRequest, ahead: set[int], wanted: list[tuple[int, Any]]) -> bool:
+        """Add to `wanted` the objects `request` names that the process lacks; False when one
+        is not here (the task is then answered and removed from the batch)."""
+        assert isinstance(request.call, KernelCall)
+        for ref in refs_in(request.call.args):
+            object_id = ref.object_id
+            if object_id in self._sent_objects or object_id in ahead:
+                continue  # the process holds it, or will once the task ahead making it ran
+            if object_id not in self._objects:
+                self._held.pop(request.task_id, None)
+                if self._objects.was_lost(object_id):  # the coordinator runs it again once remade
+                    status, error = Outcome.CRASHED, f"input object {object_id} was lost with a slot's process"
+                else:
+                    status, error = Outcome.ERROR, f"object {object_id} is not on this host"
+                self._events.task_finished(self._outcome(request, status, error, 0.0))
+                return False
+            wanted.append((object_id, self._objects[object_id]))
+            self._sent_objects.add(object_id)
+        return True
 
     def _put_parts(self, puts: list[tuple[int, Any]], *, shared: bool) -> list[Any]:
         """The Put frames for `puts`. With `shared` (they go just before a Run that names them),

@@ -3,7 +3,9 @@
 A task may name, at submission, upstream tasks it must wait for (`TaskSubmitted.after`:
 their values come back through the coordinator) and kept objects it reads
 (`TaskSubmitted.reads`: results left on the host that made them, `keep_as`). Until every
-one is there it is *waiting* (`Place.WAITING`): in no queue, sent nowhere. The rules:
+one is there it is *waiting* (`Place.WAITING`): in no queue, sent nowhere, unless the
+objects it still lacks are being made in one slot, which it is then sent to behind their
+producers (`feedahead.py`; it stays among their readers there, and fails with them). The rules:
 
 * Readiness. An upstream task is there when it succeeded; an object when its producer
   succeeded and the host holding it is up. A task can only name tasks and objects that
@@ -34,6 +36,7 @@ from itertools import islice
 from typing import TYPE_CHECKING
 
 from batuta.core.events import (
+    AbortTasks,
     HostId,
     KeptObjectsLost,
     ObjectLost,
@@ -276,7 +279,12 @@ def on_lost(s: Scheduler, ev: ObjectLost) -> None:
 
 
 def _satisfy(s: Scheduler, entry: TaskEntry) -> None:
-    if entry.resolved or entry.place is not Place.WAITING:
+    if entry.resolved:
+        return
+    if entry.place is Place.WINDOW and entry.unmet:  # fed ahead of it (feedahead.py): nothing to place
+        entry.unmet -= 1
+        return
+    if entry.place is not Place.WAITING:
         return
     entry.unmet -= 1
     if entry.unmet == 0:
@@ -307,11 +315,33 @@ def _fail(s: Scheduler, entry: TaskEntry, status: TaskStatus, reason: str) -> No
             doomed, doomed_status, why = table.failing.pop(0)
             if doomed.resolved:
                 continue
+            if doomed.place is Place.WINDOW and doomed.slot is not None:  # fed ahead (feedahead.py)
+                _fail_fed_ahead(s, doomed, doomed_status, why)
+                continue
             if doomed.place is Place.WAITING:
                 doomed.place = Place.GONE
             s._resolve(doomed, doomed_status, why)
     finally:
         table.cascading = False
+
+
+def _fail_fed_ahead(s: Scheduler, entry: TaskEntry, status: TaskStatus, reason: str) -> None:
+    """Resolve a task fed ahead of an input that will never be made (feedahead.py): a zombie
+    in its window until its agent answers, which it does by itself when the value was never
+    made there. Aborted there only if a producer was resolved here while still at the agent
+    (cancelled, or a backstop timeout): that one may yet make the value."""
+    slot = entry.slot
+    assert slot is not None
+    abort = False
+    for object_id in entry.reads:
+        record = s._deps.objects.get(object_id)
+        producer = s._tasks.get(record.producer) if record is not None else None
+        if producer is not None and producer.resolved and producer.place is Place.WINDOW and not producer.void:
+            abort = True
+    entry.void = True  # it makes nothing there either: the agent answers its own dependents there
+    if abort and slot.state is SlotState.UP:
+        s._out.append(AbortTasks(slot_id=slot.slot_id, task_ids=(entry.task_id,)))
+    s._resolve(entry, status, reason, keep=True)
 
 
 def reset(s: Scheduler) -> None:

@@ -198,11 +198,14 @@ Event = (
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SendTasks:
-    """Send these tasks to the slot's host, in order; `attempts[i]` is task i's attempt number."""
+    """Send these tasks to the slot's host, in order; `attempts[i]` is task i's attempt number.
+    `made_ahead`: kept objects some of them read that tasks sent to this slot before them will
+    make there (fed ahead, `feedahead.py`): the runtime neither sends nor fetches those."""
 
     slot_id: SlotId
     task_ids: tuple[int, ...]
     attempts: tuple[int, ...]
+    made_ahead: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

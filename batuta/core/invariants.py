@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NoReturn
 
-from batuta.core.placement import InvariantViolation, Place, SlotState, TaskEntry
+from batuta.core.deps import ObjectState
+from batuta.core.placement import InvariantViolation, Place, SlotRecord, SlotState, TaskEntry
 
 if TYPE_CHECKING:
     from batuta.core.scheduler import Scheduler
@@ -65,6 +66,7 @@ def validate(scheduler: Scheduler) -> None:
                 _violation(scheduler, entry, f"needs {sorted(entry.requires)} but sits on {slot.slot_id}")
         if slot.state in (SlotState.LOST, SlotState.RETIRED) and (slot.window or slot.deque):
             raise InvariantViolation(f"lost slot {slot.slot_id} still holds tasks")
+        _check_fed_ahead(scheduler, slot)
     for host_id, slots in scheduler._host_slots.items():
         for slot in slots:
             if slot.host_id != host_id or scheduler._slots.get(slot.slot_id) is not slot:
@@ -98,6 +100,35 @@ def validate(scheduler: Scheduler) -> None:
         stolen = tasks.get(task_id)
         if stolen is None or not stolen.steal_pending or stolen.place is not Place.WINDOW:
             raise InvariantViolation(f"steal-back of task {task_id} tracked but the task is not in a window")
+
+
+def _check_fed_ahead(scheduler: Scheduler, slot: SlotRecord) -> None:
+    """A task in `slot`'s window whose inputs are still to come was fed ahead (feedahead.py):
+    unless its attempt is void, each such input's producer is ahead of it in the same window,
+    and it counts exactly those inputs."""
+    order = {task_id: i for i, task_id in enumerate(slot.window)}
+    objects = scheduler._deps.objects
+    for entry in slot.window.values():
+        if not entry.unmet or entry.resolved:
+            continue
+        pending = [
+            objects[o]
+            for o in entry.reads
+            if o in objects and objects[o].state is ObjectState.PENDING and entry in objects[o].readers
+        ]
+        if len(pending) != entry.unmet:
+            _violation(scheduler, entry, f"in a window counting {entry.unmet} unmet inputs, {len(pending)} pending")
+        if entry.void:
+            continue
+        for record in pending:
+            producer = scheduler._tasks.get(record.producer)
+            if (
+                producer is None
+                or producer.slot is not slot
+                or order.get(producer.task_id, len(order)) > order[entry.task_id]
+            ):
+                what = f"object {record.object_id}'s producer is not ahead of it"
+                _violation(scheduler, entry, f"fed ahead on {slot.slot_id}, but {what}")
 
 
 def _violation(scheduler: Scheduler, entry: TaskEntry, what: str) -> NoReturn:

@@ -73,6 +73,10 @@ class SchedulerConfig:
     # injector and deques, a slot already holding a task is sent no more; the last ones go to
     # whichever slot frees first, as from a shared queue, not behind a running task (0: off)
     tail_tasks_per_slot: int = 2
+    # feed-ahead: a dependent whose only missing inputs are kept results of tasks already sent
+    # to one slot goes to that slot at once, behind them, instead of waiting for their results
+    # to reach the coordinator (see batuta.core.feedahead)
+    feed_ahead: bool = True
 
 
 @dataclass(slots=True, eq=False)
@@ -98,6 +102,9 @@ class TaskEntry:
     reads: tuple[int, ...] = ()  # kept objects it reads
     unmet: int = 0  # upstream tasks and objects it still waits for
     home: HostId | None = None  # the host holding its inputs, when queued there for locality
+    # fed ahead (feedahead.py), and a producer ahead of it there ended without making its input:
+    # whatever this attempt reports is not its result
+    void: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -223,6 +230,8 @@ class SchedulerStats:
     steal_backs_refused: int = 0
     retries: int = 0
     dropped_results: int = 0
+    fed_ahead: int = 0  # dependents sent behind the tasks making their inputs (feedahead.py)
+    fed_ahead_returned: int = 0  # of those, back from their slot unrun: a producer's attempt failed there
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

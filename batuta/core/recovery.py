@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from batuta.core import deps
+from batuta.core import deps, feedahead
 from batuta.core.events import AnnounceRequeue
 from batuta.core.placement import CapabilityClass, Place, SlotRecord, SlotState, TaskEntry
 from batuta.core.stealing import end_steal_back
@@ -32,6 +32,7 @@ def lose_slot(scheduler: Scheduler, slot: SlotRecord, reason: str, retired: bool
     scheduler._capability_epoch += 1
     scheduler._hungry.discard(slot)
     scheduler._sends.pop(slot.slot_id, None)
+    scheduler._made_ahead.pop(slot.slot_id, None)
     requeue_deque(scheduler, slot)
     for entry in list(slot.window.values()):
         del slot.window[entry.task_id]
@@ -87,6 +88,8 @@ def requeue(scheduler: Scheduler, entry: TaskEntry, slot: SlotRecord, reason: st
     )
     scheduler._note(entry, f"requeued: {reason}")
     if entry.reads and deps.park_if_unready(scheduler, entry):
+        if entry.place is Place.WAITING:  # behind its inputs' producers' next attempts, if it may
+            feedahead.try_feed(scheduler, entry)
         return
     klass = scheduler._class_of(entry.requires)
     scheduler._push_injector(entry, klass)

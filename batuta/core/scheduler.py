@@ -34,7 +34,8 @@ clocks. Rules (Blumofe & Leiserson, adapted to a coordinator that sees every slo
   task that no joined slot (up or expected back) can ever run resolves UNSCHEDULABLE.
 
 * Dependencies. A task naming unfinished upstream tasks or kept objects *waits* in no
-  queue until they are there; it then goes to the host holding its bytes (`deps.py`).
+  queue until they are there; it then goes to the host holding its bytes (`deps.py`), or,
+  when they are being made in one slot, to that slot at once, behind them (`feedahead.py`).
 
 Time arrives as `now`; randomness from a `random.Random(seed)` owned by the instance. The
 records the scheduler keeps are in `placement.py`, the stealing in `stealing.py`, and the
@@ -51,7 +52,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, TypeVar
 
-from batuta.core import deps, invariants, recovery
+from batuta.core import deps, feedahead, invariants, recovery
 from batuta.core.events import (
     AbortTasks,
     AnnounceDrained,
@@ -149,6 +150,7 @@ class Scheduler:
         self._paused = False
         self._out: list[Instruction] = []
         self._sends: dict[SlotId, list[TaskEntry]] = {}
+        self._made_ahead: dict[SlotId, set[int]] = {}  # objects the sends' fed-ahead tasks read
         self._story: deque[tuple[float, int, str]] | None = (
             deque(maxlen=self.config.story_length) if self.config.story_length > 0 else None
         )
@@ -302,7 +304,9 @@ class Scheduler:
             self._resolve(entry, TaskStatus.UNSCHEDULABLE, self._unschedulable_reason(entry))
             return
         if (ev.after or ev.reads or ev.keep_as) and (deps.on_submitted(self, entry, ev) or ev.reads):
-            if entry.place is not Place.WAITING and not entry.resolved:
+            if entry.place is Place.WAITING:
+                feedahead.try_feed(self, entry)  # behind its inputs' producers, if they are in one window
+            elif not entry.resolved:
                 deps.place_ready(self, entry)  # where its inputs are
             return
         self._push_injector(entry, klass)
@@ -391,8 +395,12 @@ class Scheduler:
             self._refill(slot)
             return
         status = ev.outcome.final_status()
-        if status is None:  # the worker crashed under it: the attempt is lost, not the task
+        if entry.unmet or entry.void:  # fed ahead, and its inputs never got there: not its result
+            feedahead.retract(self, entry, slot)
+        elif status is None:  # the worker crashed under it: the attempt is lost, not the task
             self._note(entry, f"crashed on {slot.slot_id}")
+            if entry.keep_as:
+                feedahead.void_behind(self, slot, entry)
             recovery.retry_or_lose(self, entry, slot, ev.reason or "worker process died")
         else:
             slot.completed += 1
@@ -479,6 +487,7 @@ class Scheduler:
         self._deque_holders.clear()
         self._window_holders.clear()
         self._sends.clear()
+        self._made_ahead.clear()
         self._deadlines.clear()
         self._steal_thief.clear()
         self._shut_down = True
@@ -529,9 +538,13 @@ class Scheduler:
             entry.place = Place.WINDOW
             entry.slot = slot
             entry.attempts += 1
-            entry.started = False
+            entry.started = entry.void = False
             window[entry.task_id] = entry
             self._sends.setdefault(slot.slot_id, []).append(entry)
+            if entry.keep_as and self._deps.waiting:
+                feedahead.follow(self, slot, entry)  # its waiting readers, right behind it
+        if self._deps.waiting and window and len(window) < slot.window_limit:
+            feedahead.follow_window(self, slot)  # readers of what it makes that found no room before
         if window:
             self._window_holders.add(slot)
         if len(window) >= slot.window_limit:
@@ -762,10 +775,12 @@ class Scheduler:
                     slot_id=slot_id,
                     task_ids=tuple(e.task_id for e in entries),
                     attempts=tuple(e.attempts for e in entries),
+                    made_ahead=tuple(sorted(self._made_ahead.get(slot_id, ()))),
                 )
                 for slot_id, entries in self._sends.items()
             ]
             self._sends = {}
+            self._made_ahead.clear()
             # sends go first: a ResolveTask in the same batch never concerns a task just sent
             out, self._out = sends + self._out, []
             return out

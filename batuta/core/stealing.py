@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from batuta.core.deps import may_steal
 from batuta.core.events import RequestStealBack, StealBackAnswered
+from batuta.core.feedahead import void_behind
 from batuta.core.placement import Place, SlotRecord, SlotState, TaskEntry
 
 if TYPE_CHECKING:
@@ -123,7 +124,8 @@ def try_steal_back(scheduler: Scheduler, thief: SlotRecord) -> None:
 def _stealable(victim: SlotRecord, thief: SlotRecord | None) -> list[TaskEntry] | None:
     """The tasks `thief` (None: any thief) may ask back from `victim`'s window, oldest first,
     or None if asking would not help. A window holds at most `max_window` tasks, so this is
-    bounded. A task sent to the host where its inputs are stays there (`home`)."""
+    bounded. A task sent to the host where its inputs are stays there (`home`); one fed ahead of
+    its inputs (`feedahead.py`) stays until they are made."""
     if not victim.window:
         return None
     stealable = [
@@ -133,11 +135,15 @@ def _stealable(victim: SlotRecord, thief: SlotRecord | None) -> list[TaskEntry] 
         and not e.resolved
         and not e.steal_pending
         and not e.steal_refused
+        and not e.unmet  # fed ahead of inputs still to be made there: it could run nowhere sooner
         and (thief is None or (e.requires <= thief.capabilities and (e.home is None or e.home == thief.host_id)))
     ]
-    # An idle victim would start its only task itself; taking it just moves the wait.
-    busy = len(stealable) < len(victim.window)
-    return stealable if len(stealable) >= 2 or (stealable and busy) else None
+    if len(stealable) != 1:
+        return stealable or None
+    # An idle victim would start its only task itself; taking it just moves the wait. (Tasks fed
+    # ahead behind it wait for it, and keep no one busy.)
+    behind = sum(1 for e in victim.window.values() if e.unmet and not e.started and not e.resolved)
+    return stealable if 1 + behind < len(victim.window) else None
 
 
 def on_steal_back_answered(scheduler: Scheduler, ev: StealBackAnswered) -> None:
@@ -166,6 +172,8 @@ def on_steal_back_answered(scheduler: Scheduler, ev: StealBackAnswered) -> None:
             del scheduler._tasks[task_id]
             continue
         entry.steal_refused = True  # moved once by steal-back this attempt; never bounce it
+        if entry.keep_as:  # what it was to make there for the tasks fed ahead behind it (feedahead.py)
+            void_behind(scheduler, victim, entry)
         if thief is not None and thief.state is SlotState.UP and entry.requires <= thief.capabilities:
             victim.steals_out += 1
             thief.steals_in += 1

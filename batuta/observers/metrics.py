@@ -34,7 +34,7 @@ Metric names (prefix `batuta_`):
 | `task_queue_wait_seconds` | histogram | backend |
 | `tasks_submitted_total` | counter | |
 | `steals_total`, `steal_backs_total` | counter | |
-| `task_retries_total`, `dropped_results_total` | counter | |
+| `task_retries_total`, `dropped_results_total`, `tasks_fed_ahead_total` | counter | |
 | `queue_depth`, `tasks_in_flight`, `tasks_waiting` | gauge | |
 | `object_relayed_bytes_total`, `object_fetched_bytes_total` | counter | |
 | `slot_queue_depth`, `slot_in_flight` | gauge | host, slot |
@@ -444,6 +444,7 @@ def _pool_families(s: _Snapshot) -> Iterable[Metric]:
             ("steal_backs", "Tasks taken back from a slot's in-flight window (agent-confirmed).", stats.steal_backs),
             ("task_retries", "Task attempts requeued after their worker or host was lost.", stats.retries),
             ("dropped_results", "Late or duplicate results dropped (each task resolves once).", stats.dropped_results),
+            ("tasks_fed_ahead", "Tasks sent behind the tasks making their kept inputs.", stats.fed_ahead),
             ("object_relayed_bytes", "Kept values moved to another host through the coordinator.", stats.relayed_bytes),
             ("object_fetched_bytes", "Kept values fetched to the coordinator with pool.get.", stats.fetched_bytes),
         ):

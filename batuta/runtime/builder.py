@@ -151,8 +151,10 @@ class PoolBuilder:
         return self
 
     def window(self, *, min_window: int | None = None, max_window: int | None = None) -> PoolBuilder:
-        changes = {k: v for k, v in (("min_window", min_window), ("max_window", max_window)) if v is not None}
-        self._scheduler = replace(self._scheduler, **changes)
+        if min_window is not None:
+            self._scheduler = replace(self._scheduler, min_window=min_window)
+        if max_window is not None:
+            self._scheduler = replace(self._scheduler, max_window=max_window)
         return self
 
     def scheduler(self, config: SchedulerConfig) -> PoolBuilder:

@@ -172,15 +172,24 @@ class DataPlane:
 
     # -- sending -----------------------------------------------------------------------------
 
-    def send(self, session: HostSession, slot_id: str, future: TaskFuture, request: m.TaskRequest) -> bool:
+    def send(
+        self,
+        session: HostSession,
+        slot_id: str,
+        future: TaskFuture,
+        request: m.TaskRequest,
+        made_ahead: tuple[int, ...],
+    ) -> bool:
         """Send `session` the objects `future`'s task names; False when the Run must wait
-        for kept values to be relayed (it is then held here and sent when they arrive)."""
-        puts, missing = self._pool._objects.puts_for(session.name, future._object_ids)
+        for kept values to be relayed (it is then held here and sent when they arrive).
+        `made_ahead`: objects tasks sent to that slot before it make there (fed ahead)."""
+        ids = tuple(i for i in future._object_ids if i not in made_ahead) if made_ahead else future._object_ids
+        puts, missing = self._pool._objects.puts_for(session.name, ids)
         for put, put_bytes in puts:
             session.send(put, put_bytes)
         if not missing:
             return True
-        held = _HeldRun(session, slot_id, request, future._nbytes, future._object_ids, set(missing))
+        held = _HeldRun(session, slot_id, request, future._nbytes, ids, set(missing))
         for object_id in missing:
             self._held.setdefault(object_id, []).append(held)
             if object_id not in self._relaying:

@@ -517,6 +517,7 @@ class Pool:
             steal_backs=s.steal_backs_returned,
             retries=s.retries,
             dropped_results=s.dropped_results,
+            fed_ahead=s.fed_ahead,
             restored=self._restored,
             waiting=self._scheduler.waiting,
             relayed_bytes=self._objects.relayed_bytes,
@@ -680,7 +681,7 @@ class Pool:
             )
             # the values go first, in the same write as the Run; kept values this host lacks
             # are relayed first, and the Run waits for them (dataplane.py)
-            if pending._object_ids and not self._data.send(session, ins.slot_id, pending, request):
+            if pending._object_ids and not self._data.send(session, ins.slot_id, pending, request, ins.made_ahead):
                 continue
             if requests and nbytes + pending._nbytes > limit:
                 session.send(m.Run(tasks=tuple(requests)), nbytes)

@@ -30,6 +30,7 @@ class PoolStats:
     waiting: int = 0  # for upstream tasks or kept values (see core/deps.py)
     relayed_bytes: int = 0  # kept values moved to another host through the coordinator
     fetched_bytes: int = 0  # kept values fetched with pool.get
+    fed_ahead: int = 0  # tasks sent behind the tasks making their kept inputs (core/feedahead.py)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
