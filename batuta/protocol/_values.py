@@ -120,9 +120,12 @@ class OobWriter:
 
     With `stream_min_bytes`, arrays at least that large are streamed instead: each gets the
     next stream id from `first_stream_id` on and joins `streamed`, for the caller to send as
-    chunks after the frame (and to commit the ids only once the frame is sure to go)."""
+    chunks after the frame (and to commit the ids only once the frame is sure to go).
 
-    __slots__ = ("buffers", "first_stream_id", "locate", "size", "stream_min_bytes", "streamed")
+    With `measure`, nothing is encoded: arrays are checked and their out-of-band bytes
+    counted in `size`, and the encoder returns None for each (see `check_value`)."""
+
+    __slots__ = ("buffers", "first_stream_id", "locate", "measure", "size", "stream_min_bytes", "streamed")
 
     def __init__(
         self,
@@ -130,8 +133,10 @@ class OobWriter:
         stream_min_bytes: int | None = None,
         first_stream_id: int = 0,
         locate: Callable[[np.ndarray], bytes | None] | None = None,
+        measure: bool = False,
     ) -> None:
         self.buffers: list[tuple[int, np.ndarray]] = []
+        self.measure = measure
         self.locate = locate  # where an array lies in shared memory the receiver can map, if it does
         self.size = 0  # bytes of the buffer region so far
         self.stream_min_bytes = stream_min_bytes
@@ -143,6 +148,10 @@ class OobWriter:
         self.buffers.append((offset, flat))
         self.size = offset + flat.nbytes
         return offset
+
+    def count(self, nbytes: int) -> None:
+        """Count a buffer of `nbytes` as `add` would place it, without keeping it (`measure`)."""
+        self.size = -(-self.size // ALIGN) * ALIGN + nbytes
 
 
 MAPPED_MIN_BYTES = 32 << 20
@@ -179,7 +188,7 @@ def _dtype_key(dtype: np.dtype[Any], what: str) -> bytes:
     return key
 
 
-def _encode_array(arr: np.ndarray, oob: OobWriter) -> msgpack.ExtType:
+def _encode_array(arr: np.ndarray, oob: OobWriter) -> msgpack.ExtType | None:
     if type(arr) is not np.ndarray:
         if isinstance(arr, np.ma.MaskedArray):
             raise Invalid("", "a masked array cannot be sent (its mask would be lost)")
@@ -187,6 +196,10 @@ def _encode_array(arr: np.ndarray, oob: OobWriter) -> msgpack.ExtType:
     key = _dtype_key(arr.dtype, "an array")
     if arr.ndim > MAX_NDIM:
         raise Invalid("", f"an array of {arr.ndim} dimensions cannot be sent (at most {MAX_NDIM})")
+    if oob.measure:  # checked: count what it adds to a frame, and build nothing
+        if arr.nbytes >= OOB_MIN_BYTES:
+            oob.count(arr.nbytes)
+        return None
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)
     header = bytes((len(key),)) + key + bytes((arr.ndim,)) + _SHAPES[arr.ndim].pack(*arr.shape)
@@ -278,9 +291,10 @@ def check_value(value: Any, where: str = "value") -> int:
     return the bytes its arrays add to a frame (what flow control needs to know of it).
 
     The runtime can call this when a task is submitted, so that a bad argument fails at the
-    call site instead of failing the whole batch it would have been sent in.
+    call site instead of failing the whole batch it would have been sent in. It walks the
+    value as the encoder does, with the same checks, but copies and builds no array data.
     """
-    oob = OobWriter()
+    oob = OobWriter(measure=True)
     try:
         encode_value(value, oob, 0)
     except Invalid as exc:
