@@ -14,8 +14,14 @@ Start-up and a warm-up round are not timed; the last result of each side is chec
 the wall-clock rates, CPU time per task: `coordinator_cpu_us_per_task` (this process,
 every thread: submitting, encoding, reading results), `agent_cpu_us_per_task` and
 `slots_cpu_us_per_task` (the local agent and its slot processes, from /proc): CPU time, which
-a shared, noisy machine disturbs less than wall time. With `--backend gpu`, also
+a shared, noisy machine disturbs less than wall time. `*_busy` is that CPU time over the wall
+time: near 1.0, that process is what limits the rate. With `--backend gpu`, also
 `direct_calls_per_s`: the GPU variant called in this process, without the pool.
+
+`--round-trip S` sets the scheduler's assumed round trip (`SchedulerConfig.default_round_trip`,
+1 ms), which sizes each slot's window: 1 + round trip / mean run time tasks in flight. A GPU
+vadd of about 35 us gets about 30; if a larger value raises the GPU rate, the one slot's
+window, not the CPU work per task, is what limits it.
 
 The last line printed is one JSON object: `tasks_per_s`, `ppe_tasks_per_s`, `ratio_vs_ppe`,
 the CPU figures above. Target (issue 16): `tasks_per_s` >= 5,000 with `--backend gpu` on the
@@ -23,6 +29,7 @@ GPU host.
 
     python bench/small_tasks.py [--tasks 20000] [--workers 2] [--elements 4096]
     python bench/small_tasks.py --backend gpu          # on a GPU host
+    python bench/small_tasks.py --backend gpu --round-trip 0.004
 """
 
 from __future__ import annotations
@@ -94,16 +101,24 @@ class ProcessCpu:
         return time.process_time(), seconds(self.agents), seconds(self.slots)
 
 
-async def batuta_side(tasks: int, workers: int, elements: int, gpu: bool) -> dict[str, float]:
+async def batuta_side(
+    tasks: int, workers: int, elements: int, gpu: bool, round_trip: float | None
+) -> dict[str, float]:
+    from dataclasses import replace
+
     from batuta import Pool
+    from batuta.core.placement import SchedulerConfig
     from batuta.core.task import Backend
 
     a = np.arange(elements, dtype=np.float32)
     items = [(a, a)] * tasks
     backend = Backend.GPU if gpu else Backend.CPU
-    pool = Pool.local(1, gpu_workers="auto") if gpu else Pool.local(workers, gpu_workers="none")
+    builder = Pool.builder().cpu_workers(1 if gpu else workers).gpu_workers("auto" if gpu else "none")
+    if round_trip is not None:
+        builder.scheduler(replace(SchedulerConfig(), default_round_trip=round_trip))
+    pool = builder.build()
     async with pool:
-        await pool.map("vadd", items[:WARM], backend=backend)  # imports, compiles, warms the path
+        await pool.map("vadd", items[: min(WARM, tasks)], backend=backend)  # imports, compiles, warms the path
         cpu = ProcessCpu()
         before = cpu.sample()
         start = time.perf_counter()
@@ -111,19 +126,18 @@ async def batuta_side(tasks: int, workers: int, elements: int, gpu: bool) -> dic
         elapsed = time.perf_counter() - start
         after = cpu.sample()
     np.testing.assert_array_equal(values[-1], a + a)
-    per_task = [(b - a_) / tasks * 1e6 for a_, b in zip(before, after, strict=True)]
-    return {
-        "tasks_per_s": tasks / elapsed,
-        "coordinator_cpu_us_per_task": per_task[0],
-        "agent_cpu_us_per_task": per_task[1],
-        "slots_cpu_us_per_task": per_task[2],
-    }
+    cpu_s = [b - a_ for a_, b in zip(before, after, strict=True)]
+    figures = {"tasks_per_s": tasks / elapsed}
+    for name, seconds in zip(("coordinator", "agent", "slots"), cpu_s, strict=True):
+        figures[f"{name}_cpu_us_per_task"] = seconds / tasks * 1e6
+        figures[f"{name}_busy"] = seconds / elapsed
+    return figures
 
 
 def ppe_side(tasks: int, workers: int, elements: int) -> dict[str, float]:
     a = np.arange(elements, dtype=np.float32)
     with concurrent.futures.ProcessPoolExecutor(workers) as ex:
-        list(ex.map(vadd, [a] * WARM, [a] * WARM))
+        list(ex.map(vadd, [a] * min(WARM, tasks), [a] * min(WARM, tasks)))
         cpu_before = time.process_time()
         start = time.perf_counter()
         futures = [ex.submit(vadd, a, a) for _ in range(tasks)]
@@ -153,11 +167,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="CPU slots, and the executor's processes")
     parser.add_argument("--elements", type=int, default=4096, help="float32 elements per array")
     parser.add_argument("--backend", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--round-trip", type=float, default=None, help="the scheduler's assumed round trip, s")
     parser.add_argument("--skip-ppe", action="store_true")
     args = parser.parse_args()
     gpu = args.backend == "gpu"
 
-    ours = asyncio.run(batuta_side(args.tasks, args.workers, args.elements, gpu))
+    ours = asyncio.run(batuta_side(args.tasks, args.workers, args.elements, gpu, args.round_trip))
     print(
         f"batuta ({args.backend}): {ours['tasks_per_s']:,.0f} tasks/s; CPU us/task: "
         f"coordinator {ours['coordinator_cpu_us_per_task']:.1f}, agent {ours['agent_cpu_us_per_task']:.1f}, "
@@ -166,12 +181,13 @@ def main() -> None:
     )
     summary: dict[str, Any] = {
         "tasks": args.tasks,
-        "workers": 1 if gpu else args.workers,
+        "workers": args.workers,
         "elements": args.elements,
         "backend": args.backend,
         "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
-        **{key: round(value, 1) for key, value in ours.items()},
+        "round_trip": args.round_trip,
+        **{key: round(value, 3 if key.endswith("_busy") else 1) for key, value in ours.items()},
     }
     if not args.skip_ppe:
         ppe = ppe_side(args.tasks, args.workers, args.elements)
