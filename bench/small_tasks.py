@@ -101,9 +101,7 @@ class ProcessCpu:
         return time.process_time(), seconds(self.agents), seconds(self.slots)
 
 
-async def batuta_side(
-    tasks: int, workers: int, elements: int, gpu: bool, round_trip: float | None
-) -> dict[str, float]:
+async def batuta_side(tasks: int, workers: int, elements: int, gpu: bool, round_trip: float | None) -> dict[str, float]:
     from dataclasses import replace
 
     from batuta import Pool
