@@ -15,7 +15,9 @@ the wall-clock rates, CPU time per task: `coordinator_cpu_us_per_task` (this pro
 every thread: submitting, encoding, reading results), `agent_cpu_us_per_task` and
 `slots_cpu_us_per_task` (the local agent and its slot processes, from /proc): CPU time, which
 a shared, noisy machine disturbs less than wall time. `*_busy` is that CPU time over the wall
-time: near 1.0, that process is what limits the rate. With `--backend gpu`, also
+time: near 1.0, that process is what limits the rate. `slot_run_us`: the median time the
+kernel itself takes in its slot (`TaskResult.duration`, untimed tasks after the timed ones),
+to set against the period, 1e6 / `tasks_per_s`. With `--backend gpu`, also
 `direct_calls_per_s`: the GPU variant called in this process, without the pool.
 
 `--round-trip S` sets the scheduler's assumed round trip (`SchedulerConfig.default_round_trip`,
@@ -104,7 +106,7 @@ class ProcessCpu:
 async def batuta_side(tasks: int, workers: int, elements: int, gpu: bool, round_trip: float | None) -> dict[str, float]:
     from dataclasses import replace
 
-    from batuta import Pool
+    from batuta import Pool, Task
     from batuta.core.placement import SchedulerConfig
     from batuta.core.task import Backend
 
@@ -123,9 +125,12 @@ async def batuta_side(tasks: int, workers: int, elements: int, gpu: bool, round_
         values = await pool.map("vadd", items, backend=backend)
         elapsed = time.perf_counter() - start
         after = cpu.sample()
+        # untimed: the kernel's own time in the slot (TaskResult.duration), against the period
+        futures = [await pool.submit(Task.kernel("vadd", a, a, backend=backend)) for _ in range(min(WARM, tasks))]
+        durations = [(await future).duration for future in futures]
     np.testing.assert_array_equal(values[-1], a + a)
     cpu_s = [b - a_ for a_, b in zip(before, after, strict=True)]
-    figures = {"tasks_per_s": tasks / elapsed}
+    figures = {"tasks_per_s": tasks / elapsed, "slot_run_us": float(np.median(durations)) * 1e6}
     for name, seconds in zip(("coordinator", "agent", "slots"), cpu_s, strict=True):
         figures[f"{name}_cpu_us_per_task"] = seconds / tasks * 1e6
         figures[f"{name}_busy"] = seconds / elapsed
