@@ -223,6 +223,7 @@ async def test_backpressure_makes_submit_wait() -> None:
 
 async def test_map_and_map_chunked(pool: Pool) -> None:
     assert await pool.map("noop", range(10)) == list(range(10))
+    assert await pool.map("noop", []) == []  # nothing to wait for: returns at once
     x = np.linspace(0, 1, 25_000, dtype=np.float64)
     sums = await pool.map_chunked("sum", x, chunk_size=10_000)
     assert len(sums) == 3

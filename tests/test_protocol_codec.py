@@ -34,10 +34,11 @@ from batuta.protocol import (
     TaskOutcome,
     TaskRequest,
     Welcome,
+    check_value,
     encode_message,
     encode_messages,
 )
-from batuta.protocol._values import ALIGN, MAPPED_MIN_BYTES, aligned_empty
+from batuta.protocol._values import ALIGN, MAPPED_MIN_BYTES, OobWriter, aligned_empty, encode_value
 from batuta.protocol.codec import LARGE_FRAME_BYTES
 from tests.support.codec import (
     assert_same,
@@ -303,3 +304,39 @@ def test_a_large_put_travels_out_of_band_and_refs_decode_as_refs() -> None:
     call = KernelCall(name="sum", args=(ObjectRef(7, digest="ab", nbytes=400_000), {"w": ObjectRef(8)}))
     [run] = decode_all(encode_message(Run(tasks=(TaskRequest(task_id=1, slot=0, attempt=1, call=call),))))
     assert run.tasks[0].call.args == (ObjectRef(7), {"w": ObjectRef(8)})  # ids travel; digests stay home
+
+
+def test_check_value_counts_the_out_of_band_bytes_the_encoder_adds() -> None:
+    """`check_value` measures without encoding: its count is the encoder's own buffer region."""
+    base = np.arange(600, dtype=np.float64).reshape(20, 30)
+    value = (
+        np.ones(4096, dtype=np.float32),
+        [base[::2, ::3], {"x": np.arange(5, dtype=np.int8)}],  # strided (made contiguous), and small (in-band)
+        np.asfortranarray(base),
+        np.ones(333, dtype=">i4"),  # 1332 bytes: out-of-band, and the next buffer starts aligned
+        np.float32(1.5),
+        "text",
+    )
+    oob = OobWriter()
+    encode_value(value, oob, 0)
+    assert check_value(value) == oob.size > 0
+    assert check_value((1, 2.0, "x", np.arange(5, dtype=np.int8))) == 0  # nothing out-of-band
+
+
+def test_array_headers_made_and_read_before_still_say_each_arrays_own_dtype_and_shape() -> None:
+    """The encoder and the out-of-band reader keep the headers they made and read (small array
+    tasks repeat the same few): a bounded table, and a header seen before means the same."""
+    from batuta.protocol import _values
+
+    for rounds in range(2):
+        for length in range(300, 300 + _values._CACHED_HEADERS + 10):  # more shapes than either table keeps
+            for dtype in ("<i4", ">i4"):  # equal shapes, byte orders told apart
+                arr = np.arange(length, dtype=dtype)
+                back = value_round_trip(arr)
+                assert back.dtype.str == dtype and back.shape == (length,), (rounds, length, dtype)
+                np.testing.assert_array_equal(back, arr)
+        assert len(_values._HEADERS) <= _values._CACHED_HEADERS
+        assert len(_values._PARSED) <= _values._CACHED_HEADERS
+    square = value_round_trip(np.ones((40, 40), dtype=np.float32))  # same bytes as a 1600-element row
+    assert square.shape == (40, 40)
+    assert value_round_trip(np.ones(1600, dtype=np.float32)).shape == (1600,)

@@ -120,9 +120,12 @@ class OobWriter:
 
     With `stream_min_bytes`, arrays at least that large are streamed instead: each gets the
     next stream id from `first_stream_id` on and joins `streamed`, for the caller to send as
-    chunks after the frame (and to commit the ids only once the frame is sure to go)."""
+    chunks after the frame (and to commit the ids only once the frame is sure to go).
 
-    __slots__ = ("buffers", "first_stream_id", "locate", "size", "stream_min_bytes", "streamed")
+    With `measure`, nothing is encoded: arrays are checked and their out-of-band bytes
+    counted in `size`, and the encoder returns None for each (see `check_value`)."""
+
+    __slots__ = ("buffers", "first_stream_id", "locate", "measure", "size", "stream_min_bytes", "streamed")
 
     def __init__(
         self,
@@ -130,8 +133,10 @@ class OobWriter:
         stream_min_bytes: int | None = None,
         first_stream_id: int = 0,
         locate: Callable[[np.ndarray], bytes | None] | None = None,
+        measure: bool = False,
     ) -> None:
         self.buffers: list[tuple[int, np.ndarray]] = []
+        self.measure = measure
         self.locate = locate  # where an array lies in shared memory the receiver can map, if it does
         self.size = 0  # bytes of the buffer region so far
         self.stream_min_bytes = stream_min_bytes
@@ -143,6 +148,10 @@ class OobWriter:
         self.buffers.append((offset, flat))
         self.size = offset + flat.nbytes
         return offset
+
+    def count(self, nbytes: int) -> None:
+        """Count a buffer of `nbytes` as `add` would place it, without keeping it (`measure`)."""
+        self.size = -(-self.size // ALIGN) * ALIGN + nbytes
 
 
 MAPPED_MIN_BYTES = 32 << 20
@@ -179,30 +188,65 @@ def _dtype_key(dtype: np.dtype[Any], what: str) -> bytes:
     return key
 
 
-def _encode_array(arr: np.ndarray, oob: OobWriter) -> msgpack.ExtType:
+# Small array tasks encode the same few (dtype, shape) headers again and again, and read
+# them back: both directions keep what they made, up to `_CACHED_HEADERS` each (then start over).
+_CACHED_HEADERS = 256
+_HEADERS: dict[tuple[np.dtype[Any], tuple[int, ...]], bytes] = {}
+_PARSED: dict[bytes, tuple[np.dtype[Any], tuple[int, ...], int]] = {}  # EXT_ARRAY_OOB header -> dtype, shape, nbytes
+
+
+def _ext(code: int, payload: bytes) -> msgpack.ExtType:
+    """`msgpack.ExtType(code, payload)` without the checks of its constructor, which hold here
+    (an int code in range, a bytes payload): a tenth of a small array's encoding otherwise."""
+    return tuple.__new__(msgpack.ExtType, (code, payload))
+
+
+def _array_header(arr: np.ndarray) -> bytes:
+    """dtype_len | dtype | ndim | shape: refused (Invalid) as the format cannot say it."""
+    cache_key = (arr.dtype, arr.shape)
+    header = _HEADERS.get(cache_key)
+    if header is None:
+        key = _dtype_key(arr.dtype, "an array")
+        if arr.ndim > MAX_NDIM:
+            raise Invalid("", f"an array of {arr.ndim} dimensions cannot be sent (at most {MAX_NDIM})")
+        header = bytes((len(key),)) + key + bytes((arr.ndim,)) + _SHAPES[arr.ndim].pack(*arr.shape)
+        if len(_HEADERS) >= _CACHED_HEADERS:
+            _HEADERS.clear()
+        _HEADERS[cache_key] = header
+    return header
+
+
+def _flat_bytes(arr: np.ndarray) -> np.ndarray:
+    """A C-contiguous array's bytes as a flat uint8 view."""
+    return arr.view(np.uint8) if arr.ndim == 1 else arr.reshape(-1).view(np.uint8)
+
+
+def _encode_array(arr: np.ndarray, oob: OobWriter) -> msgpack.ExtType | None:
     if type(arr) is not np.ndarray:
         if isinstance(arr, np.ma.MaskedArray):
             raise Invalid("", "a masked array cannot be sent (its mask would be lost)")
         arr = arr.view(np.ndarray)  # memmap, matrix...: send the data
-    key = _dtype_key(arr.dtype, "an array")
-    if arr.ndim > MAX_NDIM:
-        raise Invalid("", f"an array of {arr.ndim} dimensions cannot be sent (at most {MAX_NDIM})")
+    header = _array_header(arr)
+    nbytes = arr.nbytes
+    if oob.measure:  # checked: count what it adds to a frame, and build nothing
+        if nbytes >= OOB_MIN_BYTES:
+            oob.count(nbytes)
+        return None
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)
-    header = bytes((len(key),)) + key + bytes((arr.ndim,)) + _SHAPES[arr.ndim].pack(*arr.shape)
-    if oob.locate is not None and arr.nbytes >= OOB_MIN_BYTES:
-        locator = oob.locate(arr.reshape(-1).view(np.uint8))
+    if oob.locate is not None and nbytes >= OOB_MIN_BYTES:
+        locator = oob.locate(_flat_bytes(arr))
         if locator is not None:
-            return msgpack.ExtType(EXT_ARRAY_SHARED, header + locator)
+            return _ext(EXT_ARRAY_SHARED, header + locator)
     stream_min = oob.stream_min_bytes
-    if stream_min is not None and arr.nbytes >= stream_min and arr.nbytes:
+    if stream_min is not None and nbytes >= stream_min and nbytes:
         stream_id = oob.first_stream_id + len(oob.streamed)
-        oob.streamed.append(arr.reshape(-1).view(np.uint8))
-        return msgpack.ExtType(EXT_ARRAY_STREAM, header + _U64.pack(stream_id))
-    if arr.nbytes >= OOB_MIN_BYTES:
-        offset = oob.add(arr.reshape(-1).view(np.uint8))
-        return msgpack.ExtType(EXT_ARRAY_OOB, header + _U64.pack(offset))
-    return msgpack.ExtType(EXT_ARRAY, header + arr.tobytes())
+        oob.streamed.append(_flat_bytes(arr))
+        return _ext(EXT_ARRAY_STREAM, header + _U64.pack(stream_id))
+    if nbytes >= OOB_MIN_BYTES:
+        offset = oob.add(_flat_bytes(arr))
+        return _ext(EXT_ARRAY_OOB, header + _U64.pack(offset))
+    return _ext(EXT_ARRAY, header + arr.tobytes())
 
 
 def encode_value(v: Any, oob: OobWriter, depth: int) -> Any:
@@ -278,9 +322,10 @@ def check_value(value: Any, where: str = "value") -> int:
     return the bytes its arrays add to a frame (what flow control needs to know of it).
 
     The runtime can call this when a task is submitted, so that a bad argument fails at the
-    call site instead of failing the whole batch it would have been sent in.
+    call site instead of failing the whole batch it would have been sent in. It walks the
+    value as the encoder does, with the same checks, but copies and builds no array data.
     """
-    oob = OobWriter()
+    oob = OobWriter(measure=True)
     try:
         encode_value(value, oob, 0)
     except Invalid as exc:
@@ -395,11 +440,18 @@ class OobReader:
         if code != EXT_ARRAY_OOB:
             return self.fallback(code, data)
         try:
-            dtype, shape, pos = _parse_header(data, True)
-            if len(data) != pos + 8:
-                raise ValueError("expected an 8-byte offset after the shape")
-            offset = _U64.unpack_from(data, pos)[0]
-            nbytes = math.prod(shape) * dtype.itemsize
+            header = data[:-8]
+            parsed = _PARSED.get(header)
+            if parsed is None:
+                dtype, shape, pos = _parse_header(data, True)
+                if len(data) != pos + 8:
+                    raise ValueError("expected an 8-byte offset after the shape")
+                parsed = (dtype, shape, math.prod(shape) * dtype.itemsize)
+                if len(_PARSED) >= _CACHED_HEADERS:
+                    _PARSED.clear()
+                _PARSED[header] = parsed
+            dtype, shape, nbytes = parsed
+            offset = _U64.unpack_from(data, len(header))[0]
             start = self.region + offset
             if offset % ALIGN:
                 raise ValueError(f"buffer offset {offset} is not a multiple of {ALIGN}")
@@ -408,7 +460,9 @@ class OobReader:
             if start + nbytes > len(self.frame):
                 raise ValueError(f"buffer of {nbytes} bytes at offset {offset} runs past the frame")
             self.cursor = start + nbytes
-            arr = self.frame[start : start + nbytes].view(dtype).reshape(shape)
+            arr = self.frame[start : start + nbytes].view(dtype)
+            if len(shape) != 1:
+                arr = arr.reshape(shape)
             _check_bools(arr)
             return arr
         except Exception as exc:  # see decode_ext

@@ -18,32 +18,46 @@ async def map_tasks(pool: Pool, tasks: Iterable[Task], *, keep: bool = False) ->
     """Submit `tasks` and return their values in order. The first failed task cancels the
     rest (those not yet submitted are never submitted) and raises TaskFailedError with its
     result; a caller that gives up waiting cancels every task. `keep`: values are ObjectRefs
-    to results left on the hosts that made them (see `Pool.submit`)."""
+    to results left on the hosts that made them (see `Pool.submit`).
+
+    One count and one asyncio future for the whole map, not one asyncio future per task
+    gathered: for small tasks that per-task machinery was a share of the coordinator's work."""
     futures: list[TaskFuture] = []
     failure: list[TaskResult] = []
+    all_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    unresolved = 0
+    submitting = True
 
     def on_done(done: TaskFuture) -> None:
+        nonlocal unresolved
+        unresolved -= 1
         result = done.result()
         if not result.is_success() and not failure:
             failure.append(result)
             for other in futures:
                 other.cancel()
+        if not unresolved and not submitting and not all_done.done():
+            all_done.set_result(None)
 
     for task in tasks:
         future = await pool.submit(task, keep=keep)
+        unresolved += 1
         future.add_done_callback(on_done)
         futures.append(future)
         if failure:
             break
+    submitting = False
+    if not unresolved:
+        all_done.set_result(None)
     try:
-        results = await asyncio.gather(*(f.asyncio_future() for f in futures))
+        await all_done
     except asyncio.CancelledError:  # our caller gave up: so do the tasks
         for future in futures:
             pool.cancel(future.task_id)
         raise
     if failure:
         raise TaskFailedError(failure[0].describe_failure(), result=failure[0])
-    return [r.value for r in results]
+    return [future.result().value for future in futures]
 
 
 def chunks(arrays: Sequence[Any], chunk_size: int, extra_args: tuple[Any, ...]) -> list[tuple[Any, ...]]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import itertools
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -279,16 +280,26 @@ class FdWriter:
             return None
 
     def _on_writable(self) -> None:
-        while self._pending:
-            head = self._pending[0]
-            written = self._try_write(head)
-            if written is None:
+        pending = self._pending
+        while pending:
+            # One writev for all that waits, not a write per buffer: a frame's arrays are
+            # buffers of their own, and a syscall is dear in a sandboxed VM (gVisor).
+            views = list(itertools.islice(pending, IOV_MAX))
+            try:
+                written = os.writev(self._fd, views)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fail(exc)
                 return
             self._pending_bytes -= written
-            if written < len(head):
-                self._pending[0] = head[written:]
-                return
-            self._pending.popleft()
+            for view in views:
+                if written < len(view):
+                    if written:
+                        pending[0] = view[written:]
+                    return  # the pipe is full
+                written -= len(view)
+                pending.popleft()
         self._stop_watching()
         self._wake_drained()
 
