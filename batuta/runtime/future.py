@@ -54,6 +54,7 @@ class TaskFuture:
         "_result",
         "_waiter",
         "job",
+        "sent_at",
         "slot_id",
         "started_at",
         "submitted_at",
@@ -70,6 +71,7 @@ class TaskFuture:
         self.submitted_at = now
         self.slot_id: str | None = None
         self.started_at: float | None = None
+        self.sent_at: float | None = None  # when its Run last went out (the host's round trip)
         self._result: TaskResult | None = None
         self._waiter: asyncio.Future[TaskResult] | None = None
         self._callbacks: list[Callable[[TaskFuture], None]] | None = None

@@ -36,6 +36,11 @@ def events_from(pool: Pool, session: HostSession, messages: list[m.Message]) -> 
                 if pool._data.is_fetch(outcome.task_id):  # a Fetch answered like a task result
                     pool._data.fetched(outcome)
                     continue
+                pending = pool._pending.get(outcome.task_id)
+                if pending is not None and pending.sent_at is not None:
+                    round_trip = session.round_trip.sample(pending.sent_at, now, outcome.run_s)
+                    if round_trip is not None:  # windows are sized to hide it
+                        events.append(ev.RoundTripMeasured(host_id=host, seconds=round_trip))
                 events.append(
                     ev.TaskOutcomeReported(
                         task_id=outcome.task_id,

@@ -664,10 +664,11 @@ class Pool:
         code = session.code_digest
         requests: list[m.TaskRequest] = []
         nbytes = 0
+        now = self._now()
         for task_id, attempt in zip(ins.task_ids, ins.attempts, strict=True):
             pending = self._pending[task_id]
             pending.slot_id = ins.slot_id
-            pending.started_at = None
+            pending.started_at, pending.sent_at = None, now
             task = pending.task
             request = m.TaskRequest(
                 task_id=task_id,

@@ -23,6 +23,7 @@ from batuta.protocol.chunks import DEFAULT_STREAM_MIN_BYTES
 from batuta.protocol.codec import encode_message
 from batuta.protocol.connection import CLOSED, NEED_DATA, Connection, Role
 from batuta.protocol.errors import ProtocolError
+from batuta.runtime.round_trip import RoundTripMeter
 from batuta.runtime.turns import LoopTurns
 from batuta.transport.base import ByteStream
 
@@ -87,6 +88,7 @@ class HostSession:
     stream_min_bytes: int = DEFAULT_STREAM_MIN_BYTES
     budget: SendBudget = field(default_factory=SendBudget)
     turns: LoopTurns = field(default_factory=LoopTurns)  # shared by a pool's sessions: inbound work per loop iteration
+    round_trip: RoundTripMeter = field(default_factory=RoundTripMeter)  # estimated from its results (round_trip.py)
     code: m.Code | None = None  # the user's code, sent right after every Welcome (see runtime/code.py)
     hello: m.Hello | None = None
     generation: int = 0  # bumps at each (re)launch, so stale callbacks are ignored
