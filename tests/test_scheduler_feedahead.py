@@ -131,6 +131,24 @@ def test_a_chain_longer_than_the_window_is_fed_in_as_the_window_frees() -> None:
     assert sim.sched.stats.fed_ahead == 5
 
 
+def test_a_chain_fills_the_window_past_its_limit_but_readers_sharing_a_value_do_not() -> None:
+    # window sized for the round trip: 2; a chain's stages can run nowhere sooner, so up to
+    # max_window go behind each other at once (no round trip per stage on a GPU)
+    sim = object_sim({"a0": "a", "b0": "b"}, initial_window=2, min_window=2, max_window=5)
+    stages = [sim.submit(keep_as=1)] + [sim.submit(reads=(i,), keep_as=i + 1) for i in range(1, 7)]
+    home = slot_of(sim, stages[0])
+    assert [sim.sched.where(t) for t in stages] == [("window", home)] * 5 + [("waiting", None)] * 2
+    sim.sched.validate()
+    # a value read by several tasks: they keep to the window's limit, the others wait for it
+    # and then spread (the other host may take them once it is made)
+    sim2 = object_sim({"a0": "a", "b0": "b"}, initial_window=2, min_window=2, max_window=5)
+    made = sim2.submit(keep_as=1)
+    readers = [sim2.submit(reads=(1,)) for _ in range(4)]
+    there = slot_of(sim2, made)
+    assert [sim2.sched.where(t) for t in readers] == [("window", there)] + [("waiting", None)] * 3
+    sim2.sched.validate()
+
+
 def test_what_keeps_a_dependent_waiting_an_upstream_value_other_capabilities_a_full_window_or_off() -> None:
     sim = object_sim({"a0": "a"}, initial_window=2, min_window=2, max_window=2)
     made = sim.submit(keep_as=1)

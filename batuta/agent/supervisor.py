@@ -358,16 +358,23 @@ class SlotSupervisor:
 
     def pump(self) -> None:
         """Feed the slot process up to its depth; start the head if the slot is idle."""
+        for _ in range(len(self.queue)):  # each pass feeds, or answers at least one task
+            if not self._pump_once():
+                return
+
+    def _pump_once(self) -> bool:
+        """One pass of `pump`; True when every task it took was answered here (its input gone,
+        as behind a failed producer fed ahead) and more wait: the next ones need a pass too."""
         writer = self._writer
         if writer is None or not self.queue:
-            return
+            return False
         digest = self._code.digest
         if self._proc_code.digest != digest:  # other code in this process: never feed it new tasks
             self._replace_if_idle()
-            return
+            return False
         room = self.depth() - len(self.fed)
         if room <= 0:
-            return
+            return False
         was_idle = not self.fed
         batch: list[TaskRequest] = []
         queue = self.queue
@@ -384,11 +391,11 @@ class SlotSupervisor:
                 break
             batch.append(queue.popleft())
         if not batch:
-            return
+            return False
         puts = self._puts_for(batch)  # may answer (and remove) a task whose object is gone
         if not batch:
             writer.write_parts(self._put_parts(puts, shared=False))
-            return
+            return bool(self.queue)
         puts = self._put_parts(puts, shared=True)
         try:
             parts = encode_streamed_parts(Run(tasks=tuple(batch)), self._to_slot, locate=self._locate)
@@ -398,6 +405,7 @@ class SlotSupervisor:
         writer.write_parts(puts + parts)
         if was_idle and self.fed and self._ready:
             self._start_head()
+        return False
 
     def _in_other_slot(self, request: TaskRequest) -> int | None:
         """An object `request` names that lives in another slot's process, if any."""

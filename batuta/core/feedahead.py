@@ -17,6 +17,12 @@ if they had been made long before. The rules:
   input would be overtaken by its dependent). It is fed when it starts waiting, when a
   producer enters a window (`follow`), recursively down a chain, and when the window holding
   its producers gains room (`follow_window`): a chain longer than the window flows through it.
+* Room. A dependent that is the only reader of every input it waits for (a stage of a chain)
+  may fill the window up to `max_window`, past the limit sized for the round trip: it can
+  run nowhere else sooner, so committing it costs no balance, and a chain of short GPU
+  stages then queues on the card without a round trip per window's worth. Readers that
+  share an input (a fan-out) keep to the window's limit, so that the others wait for the
+  value and spread over the cluster.
 * In the window. The dependent counts its producers' results still to come in `unmet`, as
   while it waited; it stays among their objects' readers, so their ends reach it. It is not
   stolen back while its inputs are still to come (it could run nowhere sooner); a producer
@@ -62,7 +68,7 @@ def follow(s: Scheduler, slot: SlotRecord, producer: TaskEntry) -> None:
     if record is None or record.producer != producer.task_id:
         return
     for reader in list(record.readers):
-        if len(slot.window) >= slot.window_limit:
+        if len(slot.window) >= s.config.max_window:
             return
         if reader.place is Place.WAITING and not reader.resolved:
             try_feed(s, reader)
@@ -71,7 +77,7 @@ def follow(s: Scheduler, slot: SlotRecord, producer: TaskEntry) -> None:
 def follow_window(s: Scheduler, slot: SlotRecord) -> None:
     """`slot`'s window has room: feed ahead the waiting readers of what its tasks make."""
     for producer in list(slot.window.values()):
-        if len(slot.window) >= slot.window_limit:
+        if len(slot.window) >= s.config.max_window:
             return
         if producer.keep_as and not producer.resolved:
             follow(s, slot, producer)
@@ -106,13 +112,21 @@ def try_feed(s: Scheduler, entry: TaskEntry) -> bool:
         slot is None
         or len(pending) != entry.unmet  # it also waits for an upstream's value (`after`)
         or slot.state is not SlotState.UP
-        or len(slot.window) >= slot.window_limit
+        or len(slot.window) >= _room(s, slot, pending)
         or not entry.requires <= slot.capabilities
         or not all(_inputs_there(s, producer, slot) for producer in producers)
     ):
         return False
     _feed(s, slot, entry, pending, producers)
     return True
+
+
+def _room(s: Scheduler, slot: SlotRecord, pending: list[int]) -> int:
+    """How full `slot`'s window may be for a dependent waiting for `pending` there (see Room)."""
+    objects = s._deps.objects
+    if all(len(objects[object_id].readers) == 1 for object_id in pending):
+        return s.config.max_window  # a chain's stage: nobody else waits for these values
+    return slot.window_limit
 
 
 def _inputs_there(s: Scheduler, producer: TaskEntry, slot: SlotRecord) -> bool:
