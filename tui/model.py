@@ -676,10 +676,9 @@ class DashboardModel:
         cache = self._latency_cache
         if cache is not None and len(by_key) > LATENCY_MERGE_KEYS and cache[0][0] == self.versions.latency - 1:
             # many histograms: the batch goes into the merged view too, which is then still current
-            (_version, *wanted), (queue, run) = cache
-            kernel_wanted, backend_wanted, host_wanted = wanted
-            for (kernel, backend, host), (queue_waits, durations) in groups.items():
-                if kernel_wanted in (None, kernel) and backend_wanted in (None, backend) and host_wanted in (None, host):
+            (_version, *wanted), (queue, run) = cache  # wanted: (kernel, backend, host), as the keys
+            for key, (queue_waits, durations) in groups.items():
+                if all(want in (None, have) for want, have in zip(wanted, key, strict=True)):
                     queue.add_many(queue_waits)
                     run.add_many(durations)
             self._latency_cache = ((self.versions.latency, *wanted), cache[1])
