@@ -14,7 +14,7 @@ import pytest
 from batuta.tui import format as fmt
 from batuta.tui import render, render_nodes
 from batuta.tui.alerts import GPU_HOT_C, IMBALANCE_DEPTH, IMBALANCE_HOLD_S
-from batuta.tui.histogram import LogHistogram, bucket_of
+from batuta.tui.histogram import ARRAY_FROM, LogHistogram, bucket_of
 from batuta.tui.logbridge import LogBridge
 from batuta.tui.model import HISTORY_S, INBOX_FOLD_AT, LATENCY_MERGE_KEYS, DashboardModel
 from batuta.tui.render import Palette
@@ -212,6 +212,19 @@ def test_merged_histograms_equal_merging_them_one_by_one() -> None:
     assert (merged.counts, merged.sums) == (one_by_one.counts, one_by_one.sums)
     assert (merged.sum_s, merged.max_s) == (one_by_one.sum_s, one_by_one.max_s)
     assert LogHistogram.merged([]).total == 0
+
+
+def test_a_long_batch_counts_as_adding_its_values_one_by_one() -> None:
+    """Batches of `ARRAY_FROM` values and more are counted with numpy; the buckets must agree."""
+    values = [1e-6 * 1.37**i for i in range(120)] * 3 + [0.0, -1.0, 5e-7, 1e-6, 1e-3, 0.1, 1e4]
+    assert len(values) >= ARRAY_FROM
+    one_by_one, batched = LogHistogram(), LogHistogram()
+    for value in values:
+        one_by_one.add(value)
+    batched.add_many(values)
+    assert (batched.counts, batched.total, batched.max_s) == (one_by_one.counts, one_by_one.total, one_by_one.max_s)
+    assert batched.sums == pytest.approx(one_by_one.sums) and batched.sum_s == pytest.approx(one_by_one.sum_s)
+    assert [batched.percentile(q) for q in (50, 99)] == pytest.approx([one_by_one.percentile(q) for q in (50, 99)])
 
 
 def test_latency_over_many_histograms_stays_current_as_batches_arrive() -> None:
