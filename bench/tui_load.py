@@ -31,7 +31,8 @@ Two parts, one process, one run each; the last line printed is one JSON object.
 Targets (issue 5): fps >= 10, cpu_fraction <= 0.25, p99_event_to_screen_ms <= 200,
 coordinator_throughput_ratio >= 0.9.
 
-    python bench/tui_load.py [--seconds 20] [--hosts 64] [--rate 5000] [--tasks 20000]
+    python bench/tui_load.py [--seconds 20] [--hosts 64] [--rate 5000] [--tasks 20000] [--repeat 3]
+                             [--breakdown]
 """
 
 from __future__ import annotations
@@ -156,15 +157,49 @@ async def noop_rate(pool: Pool, tasks: int) -> tuple[float, float]:
     return tasks / (time.perf_counter() - start), (time.thread_time() - cpu) / tasks * 1e6
 
 
-async def coordinator_run(tasks: int, repeat: int) -> dict[str, Any]:
-    """Part 2: trivial-task throughput of a real local pool, headless and with the app attached."""
+async def folded_rate(pool: Pool, tasks: int) -> tuple[float, float]:
+    """`noop_rate` with a bare view-model subscribed and drained at the app's 12 Hz (no Textual)."""
+    model = DashboardModel()
+    unsubscribe = pool.subscribe(model.inbox)
+    stop = asyncio.Event()
+
+    async def drain() -> None:
+        while not stop.is_set():
+            await asyncio.sleep(1 / 12)
+            model.drain()
+
+    drainer = asyncio.create_task(drain())
+    try:
+        return await noop_rate(pool, tasks)
+    finally:
+        stop.set()
+        await drainer
+        unsubscribe()
+
+
+async def coordinator_run(tasks: int, repeat: int, breakdown: bool) -> dict[str, Any]:
+    """Part 2: trivial-task throughput of a real local pool, headless and with the app attached.
+
+    With `breakdown`, two more sides a repeat split the attached cost: a subscriber that does
+    nothing (what the pool spends building and publishing its events) and a bare view-model
+    (that plus the folding); the rest of the attached side's cost is Textual's.
+    """
     headless: list[tuple[float, float]] = []
     attached: list[tuple[float, float]] = []
+    subscribed: list[tuple[float, float]] = []
+    folded: list[tuple[float, float]] = []
     async with Pool.local(2, gpu_workers="none") as pool:
         await noop_rate(pool, 2000)  # warm-up: slots forked, windows grown
         for _ in range(repeat):
             gc.collect()  # each side starts with no garbage of the other's (an app's start-up leaves much)
             headless.append(await noop_rate(pool, tasks))
+            if breakdown:
+                unsubscribe = pool.subscribe(lambda event: None)
+                gc.collect()
+                subscribed.append(await noop_rate(pool, tasks))
+                unsubscribe()
+                gc.collect()
+                folded.append(await folded_rate(pool, tasks))
             app = BatutaApp(pool, pool_started=True, own_pool=False, cluster_label="local (embedded)")
             async with app.run_test(size=SIZE) as pilot:
                 # steady state first: the first heartbeat's telemetry adds the host's GPU line,
@@ -185,6 +220,14 @@ async def coordinator_run(tasks: int, repeat: int) -> dict[str, Any]:
         "headless_cpu_us_per_task": statistics.median(h[1] for h in headless),
         "attached_cpu_us_per_task": statistics.median(a[1] for a in attached),
         "attached_frames": frames,
+        "breakdown_cpu_us_per_task": {
+            "headless": statistics.median(h[1] for h in headless),
+            "a subscriber that does nothing": statistics.median(r[1] for r in subscribed),
+            "the view-model, no Textual": statistics.median(r[1] for r in folded),
+            "the app": statistics.median(a[1] for a in attached),
+        }
+        if breakdown
+        else None,
     }
 
 
@@ -200,7 +243,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     # still holds the app for a few turns after it exits, so let those run before collecting
     await asyncio.sleep(0.1)
     gc.collect()
-    coordinator = await coordinator_run(args.tasks, args.repeat)
+    coordinator = await coordinator_run(args.tasks, args.repeat, args.breakdown)
     print(
         f"coordinator: {coordinator['headless_tasks_per_s']:,.0f} tasks/s headless, "
         f"{coordinator['attached_tasks_per_s']:,.0f} with the app attached; the loop thread's CPU per task "
@@ -219,6 +262,11 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=20_000, help="noop tasks per throughput run")
     parser.add_argument("--repeat", type=int, default=1, help="throughput runs (median ratio); the issue asks for 1")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time the pool with a do-nothing subscriber and with a bare view-model (where attaching costs)",
+    )
     args = parser.parse_args()
     results = asyncio.run(main_async(args))
     load, coordinator = results["load"], results["coordinator"]
@@ -238,6 +286,8 @@ def main() -> None:
         "attached_tasks_per_s": round(coordinator["attached_tasks_per_s"], 1),
         "headless_cpu_us_per_task": round(coordinator["headless_cpu_us_per_task"], 1),
         "attached_cpu_us_per_task": round(coordinator["attached_cpu_us_per_task"], 1),
+        "breakdown_cpu_us_per_task": coordinator["breakdown_cpu_us_per_task"]
+        and {k: round(v, 1) for k, v in coordinator["breakdown_cpu_us_per_task"].items()},
         "size": f"{SIZE[0]}x{SIZE[1]}",
         "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),

@@ -677,10 +677,13 @@ class DashboardModel:
         if cache is not None and len(by_key) > LATENCY_MERGE_KEYS and cache[0][0] == self.versions.latency - 1:
             # many histograms: the batch goes into the merged view too, which is then still current
             (_version, *wanted), (queue, run) = cache  # wanted: (kernel, backend, host), as the keys
-            for key, (queue_waits, durations) in groups.items():
-                if all(want in (None, have) for want, have in zip(wanted, key, strict=True)):
-                    queue.add_many(queue_waits)
-                    run.add_many(durations)
+            chosen = [
+                pair
+                for key, pair in groups.items()
+                if all(want in (None, have) for want, have in zip(wanted, key, strict=True))
+            ]
+            queue.add_many([value for waits, _runs in chosen for value in waits])  # one batch, not one a key
+            run.add_many([value for _waits, runs in chosen for value in runs])
             self._latency_cache = ((self.versions.latency, *wanted), cache[1])
 
     def latency(self) -> tuple[LogHistogram, LogHistogram]:
