@@ -14,9 +14,9 @@ import pytest
 from batuta.tui import format as fmt
 from batuta.tui import render, render_nodes
 from batuta.tui.alerts import GPU_HOT_C, IMBALANCE_DEPTH, IMBALANCE_HOLD_S
-from batuta.tui.histogram import LogHistogram, bucket_of
+from batuta.tui.histogram import ARRAY_FROM, LogHistogram, bucket_of
 from batuta.tui.logbridge import LogBridge
-from batuta.tui.model import HISTORY_S, DashboardModel
+from batuta.tui.model import HISTORY_S, INBOX_FOLD_AT, LATENCY_MERGE_KEYS, DashboardModel
 from batuta.tui.render import Palette
 from batuta.tui.replay import SyntheticCluster, replay
 from rich.style import Style
@@ -196,6 +196,57 @@ def test_histogram_percentiles_land_in_the_right_buckets() -> None:
     assert LogHistogram().percentile(50) is None
     merged = LogHistogram.merged([hist, hist])
     assert merged.total == 200 and merged.max_s == 5.0
+
+
+def test_merged_histograms_equal_merging_them_one_by_one() -> None:
+    parts = []
+    for seed in range(40):
+        part = LogHistogram()
+        part.add_many([((seed * 7 + i) % 97 + 1) * 1e-4 for i in range(seed % 9 * 3)])  # some stay empty
+        parts.append(part)
+    one_by_one = LogHistogram()
+    for part in parts:
+        one_by_one.merge(part)
+    merged = LogHistogram.merged(parts)
+    assert merged.total == one_by_one.total > 0
+    assert (merged.counts, merged.sums) == (one_by_one.counts, one_by_one.sums)
+    assert (merged.sum_s, merged.max_s) == (one_by_one.sum_s, one_by_one.max_s)
+    assert LogHistogram.merged([]).total == 0
+
+
+def test_a_long_batch_counts_as_adding_its_values_one_by_one() -> None:
+    """Batches of `ARRAY_FROM` values and more are counted with numpy; the buckets must agree."""
+    values = [1e-6 * 1.37**i for i in range(120)] * 3 + [0.0, -1.0, 5e-7, 1e-6, 1e-3, 0.1, 1e4]
+    assert len(values) >= ARRAY_FROM
+    one_by_one, batched = LogHistogram(), LogHistogram()
+    for value in values:
+        one_by_one.add(value)
+    batched.add_many(values)
+    assert (batched.counts, batched.total, batched.max_s) == (one_by_one.counts, one_by_one.total, one_by_one.max_s)
+    assert batched.sums == pytest.approx(one_by_one.sums) and batched.sum_s == pytest.approx(one_by_one.sum_s)
+    assert [batched.percentile(q) for q in (50, 99)] == pytest.approx([one_by_one.percentile(q) for q in (50, 99)])
+
+
+def test_latency_over_many_histograms_stays_current_as_batches_arrive() -> None:
+    """Past `LATENCY_MERGE_KEYS` histograms the shown view is kept and added to, not re-merged:
+    it must read the same as one merged afresh, and a filter change must rebuild it."""
+    events: list[object] = []
+    replay(events.append, SyntheticCluster(hosts=12, seed=2), 10.0, 14.0, 3000)
+    kept, fresh = DashboardModel(clock=Clock(14.0)), DashboardModel(clock=Clock(14.0))
+    half = len(events) // 2
+    kept.apply_many(events[:half])
+    queue, run = kept.latency()
+    kept.apply_many(events[half:])
+    fresh.apply_many(events)
+    assert kept.latency() == (queue, run)  # the same view, brought up to date
+    assert len(kept.latency_choices()["host"]) == 12 and len(kept._latency) > LATENCY_MERGE_KEYS
+    fresh_queue, fresh_run = fresh.latency()
+    assert (run.counts, queue.counts, run.total) == (fresh_run.counts, fresh_queue.counts, fresh_run.total)
+    assert run.sum_s == pytest.approx(fresh_run.sum_s) and run.max_s == fresh_run.max_s
+    kept.set_latency_filter("host", "node03")
+    fresh.set_latency_filter("host", "node03")
+    assert kept.latency()[1].counts == fresh.latency()[1].counts
+    assert 0 < kept.latency()[1].total < run.total
 
 
 def test_latency_filter_selects_by_kernel_backend_and_host() -> None:
@@ -467,6 +518,37 @@ def test_queued_events_fold_the_same_as_applied_ones() -> None:
     assert [r.task_id for r in queued.stream(20)] == [r.task_id for r in direct.stream(20)]
     assert queued.latency()[1].counts == direct.latency()[1].counts
     assert list(queued.failures) == list(direct.failures)
+
+
+def test_the_inbox_folds_events_in_batches_as_they_arrive_and_drain_counts_them() -> None:
+    """Events must not wait for a frame to be folded (held that long, thousands of them cost
+    the collector more than the folding does); `drain` still counts every one for the pace."""
+    events: list[object] = []
+    replay(events.append, SyntheticCluster(hosts=2, seed=3), 10.0, 11.0, 600)
+    tasks = [e for e in events if isinstance(e, pe.TaskQueued | pe.TaskStarted | pe.TaskFinished)]
+    model = DashboardModel(clock=Clock(11.0))
+    for event in tasks[: INBOX_FOLD_AT - 1]:
+        model.inbox(event)
+    assert model.totals.submitted == 0  # less than a batch: queued
+    model.inbox(tasks[INBOX_FOLD_AT - 1])
+    assert model.totals.submitted == sum(isinstance(e, pe.TaskQueued) for e in tasks[:INBOX_FOLD_AT]) > 0
+    for event in tasks[INBOX_FOLD_AT : INBOX_FOLD_AT + 5]:
+        model.inbox(event)
+    assert model.drain() == INBOX_FOLD_AT + 5
+    assert model.drain() == 0
+
+
+def test_synthetic_slot_views_depend_only_on_the_instant_and_the_slots() -> None:
+    def cluster() -> SyntheticCluster:
+        made = SyntheticCluster(hosts=4, seed=1)
+        made.task_events(10.0, 11.0, 1000)
+        return made
+
+    first = cluster()
+    views = first.slot_views(11.0)
+    assert views == first.slot_views(11.0) == cluster().slot_views(11.0)
+    assert any(v.in_flight for v in views) and any(not v.in_flight for v in views)
+    assert views != first.slot_views(11.5)
 
 
 def test_tasks_waiting_on_upstream_tasks_show_as_waiting_in_their_job() -> None:

@@ -3,8 +3,8 @@
 The pool and the app share one asyncio loop, so nothing here may block: the pool starts in
 a worker from `on_mount` (the screen is up at once, saying "starting hosts…"), jobs run as
 workers, job files load in a thread, and the pool's events reach the screen only through
-the view-model: the bus hands each event to `DashboardModel.inbox` (a list append), and
-each frame folds the batch in (`drain`, no Textual). A timer at
+the view-model: the bus hands each event to `DashboardModel.inbox` (queued, folded a few
+dozen at a time), and each frame folds the rest in (`drain`, no Textual). A timer at
 `refresh_hz` asks each panel to redraw if its part of the model moved; scheduler views that
 have no events (slot deques, steals) are polled on the same timer at `slot_poll_s`.
 
@@ -170,7 +170,7 @@ class BatutaApp(App[None]):
             self._log_bridge.attach()
         pool = self.pool
         if pool is not None:
-            self._pool_unsubscribe = pool.subscribe(self.model.inbox)  # folded once per frame
+            self._pool_unsubscribe = pool.subscribe(self.model.inbox)  # folded in batches
             if self._pool_started:
                 self.model.seed_hosts(pool.hosts())
                 self.model.set_status("running")

@@ -15,11 +15,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+import numpy as np
+
 LOW_S = 1e-6  # lower edge of the first bucket: one microsecond
 DECADES = 9  # 1 us .. 1000 s
 BUCKETS_PER_DECADE = 5
 BUCKET_COUNT = DECADES * BUCKETS_PER_DECADE
 _LOG_LOW = math.log10(LOW_S)
+# A batch this long is counted with numpy: about 80 ns a value against 400 in the loop, once
+# its fixed cost (some 20 us) is paid. A pool of short tasks with the dashboard attached
+# fills the histograms with a thousand values a tick, two a task, on the coordinator's loop.
+ARRAY_FROM = 256
 
 
 def bucket_of(seconds: float) -> int:
@@ -65,6 +71,9 @@ class LogHistogram:
 
     def add_many(self, values: Iterable[float]) -> None:
         """Count many durations: `add` in one tight loop (the model folds batches of results)."""
+        if isinstance(values, list) and len(values) >= ARRAY_FROM:
+            self._add_array(np.array(values, dtype=np.float64))
+            return
         counts, sums = self.counts, self.sums
         log10 = math.log10
         last = BUCKET_COUNT - 1
@@ -91,6 +100,21 @@ class LogHistogram:
         self.sum_s += total_s
         self.max_s = max_s
 
+    def _add_array(self, values: np.ndarray) -> None:
+        """`add_many` for a long batch, vectorised: the same buckets, sums and maximum."""
+        index = np.zeros(len(values), dtype=np.intp)
+        above = values > LOW_S
+        if above.any():
+            positions = ((np.log10(values[above]) - _LOG_LOW) * BUCKETS_PER_DECADE).astype(np.intp)
+            index[above] = np.minimum(positions, BUCKET_COUNT - 1)
+            self.max_s = max(self.max_s, float(values[above].max()))
+        counted = np.bincount(index, minlength=BUCKET_COUNT).tolist()
+        summed = np.bincount(index, weights=np.where(values > 0, values, 0.0), minlength=BUCKET_COUNT).tolist()
+        self.counts = [count + more for count, more in zip(self.counts, counted, strict=True)]
+        self.sums = [total + more for total, more in zip(self.sums, summed, strict=True)]
+        self.total += len(values)
+        self.sum_s += math.fsum(summed)
+
     def merge(self, other: LogHistogram) -> None:
         """Add `other`'s counts into this one (the edges are shared, so this is exact)."""
         counts, sums = self.counts, self.sums
@@ -104,10 +128,17 @@ class LogHistogram:
 
     @classmethod
     def merged(cls, parts: Iterable[LogHistogram]) -> LogHistogram:
-        """A new histogram holding the sum of `parts`."""
+        """A new histogram holding the sum of `parts`: the same as merging them one by one,
+        summed a bucket at a time over all parts (a cluster of 256 hosts has a thousand
+        (kernel, backend, host) histograms, and a loop over each one's buckets took 45 ms)."""
+        parts = list(parts)
         out = cls()
-        for part in parts:
-            out.merge(part)
+        if parts:
+            out.counts = [sum(column) for column in zip(*[part.counts for part in parts], strict=True)]
+            out.sums = [sum(column, 0.0) for column in zip(*[part.sums for part in parts], strict=True)]
+            out.total = sum(part.total for part in parts)
+            out.sum_s = sum((part.sum_s for part in parts), 0.0)
+            out.max_s = max(part.max_s for part in parts)
         return out
 
     def percentile(self, q: float) -> float | None:

@@ -1,10 +1,11 @@
 """The dashboard's view-model: the runtime's events folded into what the screen shows.
 
 No Textual here (harlequin's rule: the core is shared with headless users and tested
-without a terminal). The app subscribes `DashboardModel.inbox` to the pool's event bus, a
-list append on the coordinator's loop; each tick of the app's timer `drain`s the list,
-folding a batch of events in (counters, a dict entry per running task; the latency
-histograms a batch per kernel, backend and host) and drawing nothing. Each panel then
+without a terminal). The app subscribes `DashboardModel.inbox` to the pool's event bus: it
+queues each event on the coordinator's loop and folds them a few dozen at a time
+(counters, a dict entry per running task), and each tick of the app's timer `drain`s the
+rest (and fills the latency histograms, a batch per kernel, backend and host), drawing
+nothing. Each panel then
 redraws only when the `Versions` counter of its sections moved since it last drew: that is
 the coalescing that keeps a flood of task events from reaching the terminal one by one.
 
@@ -63,10 +64,15 @@ RECENT_KEPT = 300  # finished tasks kept for the task stream
 FAILURES_KEPT = 200  # failed tasks kept for the detail view
 ATTEMPT_LOGS_KEPT = 5_000  # tasks whose earlier attempts (requeues) are remembered
 LATENCY_BATCH = 20_000  # finished tasks held before the histograms are filled anyway
+# Up to this many (kernel, backend, host) histograms the latency view is merged afresh when
+# read; beyond, each batch is added to the merged view as well (re-merging a thousand, at
+# 256 hosts, cost 20-45 ms at each redraw of the panel)
+LATENCY_MERGE_KEYS = 32
 LOGS_KEPT = 1_000
+INBOX_FOLD_AT = 64  # queued events are folded as soon as this many wait (see `inbox`)
 FAILURE_WINDOW_S = 60.0  # "failing tasks" looks this far back
 NO_JOB = "(no job)"
-_BACKEND_NAMES: dict[Backend | None, str] = {backend: backend.value for backend in Backend}
+_BACKEND_NAMES_BY_ID: dict[int, str] = {id(backend): backend.value for backend in Backend}  # members are singletons
 _SUCCEEDED = TaskStatus.SUCCEEDED
 _CANCELLED = TaskStatus.CANCELLED
 
@@ -147,6 +153,7 @@ class DashboardModel:
         self._last_half_second: int | None = None
         self._last_alert_second: int | None = None
         self._inbox: list[object] = []
+        self._folded_early = 0  # events folded by `_receive` since the last `drain`
 
     # -- feeding ----------------------------------------------------------------------------
 
@@ -159,26 +166,42 @@ class DashboardModel:
 
     @property
     def inbox(self) -> Callable[[object], None]:
-        """A bus subscriber that only queues the event (a list append, tens of nanoseconds).
+        """A bus subscriber that queues the event and folds the queue every `INBOX_FOLD_AT`.
 
         The pool calls its subscribers synchronously for every task event, on the loop it
-        schedules from; queueing there and folding the batch in `drain()` once per frame
-        keeps the coordinator's own loop turns as short as they are without a dashboard.
+        schedules from. Folding a few dozen at a time keeps that cheap (one batch, not a
+        call per event) and keeps the events young: held until the next frame (thousands,
+        tens of milliseconds), they outlived the collector's young generations, were promoted
+        to the old one and freed there all at once, which made the collector run about a
+        quarter more often and its full collections come twice as often. That was the
+        largest part of what an attached dashboard cost a pool of short tasks
+        (bench/RESULTS.md, `bench/tui_load.py`).
         """
-        return self._inbox.append
+        return self._receive
+
+    def _receive(self, event: object) -> None:
+        inbox = self._inbox
+        inbox.append(event)
+        if len(inbox) >= INBOX_FOLD_AT:
+            self._folded_early += len(inbox)
+            self._fold(inbox)
+            inbox.clear()
 
     def drain(self) -> int:
-        """Fold every queued event in (the app calls this each tick); returns how many.
+        """Fold every queued event in (the app calls this each tick); returns how many were
+        folded since the last drain, queued ones included.
 
         The latency histograms are filled here too, a tick's worth at a time: a short pause
         of the loop each tick rather than a long one whenever the latency panel redraws,
         which would leave the hosts' slots without work for as long.
         """
         inbox = self._inbox
-        count = len(inbox)
-        if count:
+        count = len(inbox) + self._folded_early
+        self._folded_early = 0
+        if inbox:
             self._fold(inbox)
             inbox.clear()
+        if self._latency_pending:
             self._fold_latency()
         return count
 
@@ -451,10 +474,7 @@ class DashboardModel:
 
     def reset(self) -> None:
         """Forget everything folded so far (the clock, label and handlers stay); every panel redraws."""
-        inbox = self._inbox  # subscribers hold its `append`: keep the list, empty
         self._init_state()
-        inbox.clear()
-        self._inbox = inbox
         self.versions.bump_all()
 
     def restore_job(self, row: JobRow) -> None:
@@ -615,47 +635,72 @@ class DashboardModel:
 
     def _fold_latency(self) -> None:
         """Put the finished tasks waiting in `_latency_pending` into the histograms, a batch
-        per (kernel, backend, host)."""
+        per (kernel, backend, host).
+
+        Enum members hash in Python (`Enum.__hash__`), twice per task here once, so statuses
+        are compared by identity and backends named through their `id`; and results mostly
+        come in runs of one kernel on one host, so a run reuses the previous lookup.
+        """
         pending = self._latency_pending
         if not pending:
             return
         self._latency_pending = []
-        groups: dict[tuple[str, str, str], list[TaskResult]] = {}
+        groups: dict[tuple[str, str, str], tuple[list[float], list[float]]] = {}
         ran = RAN_STATUSES
-        backend_names = _BACKEND_NAMES
+        backend_names = _BACKEND_NAMES_BY_ID
+        last: tuple[str, object, str | None] | None = None
+        waits: list[float] = []
+        runs: list[float] = []
         for result in pending:
-            if result.status in ran:
-                key = (result.name, backend_names.get(result.backend, "?"), result.host or "?")
+            status = result.status
+            if status is not _SUCCEEDED and status not in ran:
+                continue
+            name, backend, host = result.name, result.backend, result.host
+            if last is None or name != last[0] or backend is not last[1] or host != last[2]:
+                last = (name, backend, host)
+                key = (name, backend_names.get(id(backend), "?"), host or "?")
                 group = groups.get(key)
                 if group is None:
-                    groups[key] = [result]
-                else:
-                    group.append(result)
+                    group = groups[key] = ([], [])
+                waits, runs = group
+            waits.append(result.queue_wait)
+            runs.append(result.duration)
         by_key = self._latency
-        for key, group in groups.items():
+        for key, (queue_waits, durations) in groups.items():
             pair = by_key.get(key)
             if pair is None:
                 pair = by_key[key] = (LogHistogram(), LogHistogram())
-            pair[0].add_many([r.queue_wait for r in group])
-            pair[1].add_many([r.duration for r in group])
+            pair[0].add_many(queue_waits)
+            pair[1].add_many(durations)
         self.versions.latency += 1
+        cache = self._latency_cache
+        if cache is not None and len(by_key) > LATENCY_MERGE_KEYS and cache[0][0] == self.versions.latency - 1:
+            # many histograms: the batch goes into the merged view too, which is then still current
+            (_version, *wanted), (queue, run) = cache  # wanted: (kernel, backend, host), as the keys
+            chosen = [
+                pair
+                for key, pair in groups.items()
+                if all(want in (None, have) for want, have in zip(wanted, key, strict=True))
+            ]
+            queue.add_many([value for waits, _runs in chosen for value in waits])  # one batch, not one a key
+            run.add_many([value for _waits, runs in chosen for value in runs])
+            self._latency_cache = ((self.versions.latency, *wanted), cache[1])
 
     def latency(self) -> tuple[LogHistogram, LogHistogram]:
-        """(queue wait, run time) histograms of the tasks the latency filter selects."""
+        """(queue wait, run time) histograms of the tasks the latency filter selects (the
+        model's own: read them now, they keep counting)."""
         self._fold_latency()
         wanted = self.latency_filter
         cache_key = (self.versions.latency, wanted.kernel, wanted.backend, wanted.host)
         if self._latency_cache is not None and self._latency_cache[0] == cache_key:
             return self._latency_cache[1]
-        queue = LogHistogram()
-        run = LogHistogram()
-        for (kernel, backend, host), (queue_part, run_part) in self._latency.items():
-            if wanted.kernel not in (None, kernel) or wanted.backend not in (None, backend):
-                continue
-            if wanted.host not in (None, host):
-                continue
-            queue.merge(queue_part)
-            run.merge(run_part)
+        chosen = [
+            pair
+            for (kernel, backend, host), pair in self._latency.items()
+            if wanted.kernel in (None, kernel) and wanted.backend in (None, backend) and wanted.host in (None, host)
+        ]
+        queue = LogHistogram.merged(pair[0] for pair in chosen)
+        run = LogHistogram.merged(pair[1] for pair in chosen)
         self._latency_cache = (cache_key, (queue, run))
         return queue, run
 
