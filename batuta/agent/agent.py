@@ -494,8 +494,9 @@ class Agent:
             self._on_code(message)
         elif isinstance(message, Welcome):
             self._on_welcome(message)
-        elif isinstance(message, DataLink) and self._data_link is None:  # arrays beside this channel
-            self._data_link = AgentDataLink(message, self._conn, self._take_messages, self._fail, _warn)
+        elif isinstance(message, DataLink):  # arrays beside this channel (the first offer only)
+            if self._data_link is None:
+                self._data_link = AgentDataLink(message, self._conn, self._take_messages, self._fail, _warn)
         elif isinstance(message, Shutdown):
             self._finish(EXIT_OK, bye=Bye(reason=message.reason or "shutdown requested"))
         elif isinstance(message, Error):
