@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from batuta.core.task import Task, TaskStatus
+from batuta.errors import ConfigError
 from batuta.runtime import events as pe
 from batuta.runtime.cluster import ClusterHost, parse_cluster, ssh_host
 from batuta.runtime.datalink import SessionLink
@@ -26,7 +27,6 @@ from batuta.runtime.pool import Pool, PoolConfig
 from batuta.runtime.session import HostSession
 from batuta.transport import bulk
 from batuta.transport.bulk import DataLinkError, DataLinkSetting, parse_data_link
-from batuta.errors import ConfigError
 from tests.support.hosts import TestHosts
 from tests.test_ssh_transport import settings_for
 
@@ -90,11 +90,10 @@ async def test_values_go_and_come_back_over_the_data_link_byte_for_byte(
         await _until(lambda: len(heartbeats) >= 2, "heartbeats still come over the channel")
         listener = link._listener
         loop = asyncio.get_running_loop()
+        host = link._where.rsplit(":", 1)[0]
         with pytest.raises(DataLinkError, match="refused the token"):  # used up: each direction once
-            role = bulk.ROLE_AGENT_SENDS
-            await loop.run_in_executor(
-                None, bulk.dial, link._where.rsplit(":", 1)[0], listener.port, link._token, listener.fingerprint, role, 5.0
-            )
+            args = (host, listener.port, link._token, listener.fingerprint, bulk.ROLE_AGENT_SENDS, 5.0)
+            await loop.run_in_executor(None, bulk.dial, *args)
 
 
 @pytest.mark.timeout(WAIT_S + 60)
