@@ -11,6 +11,7 @@ relaunched host and succeeds.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -96,18 +97,26 @@ async def test_values_go_and_come_back_over_the_data_link_byte_for_byte(
             await loop.run_in_executor(None, bulk.dial, *args)
 
 
+@pytest.mark.parametrize("link", [None, DataLinkSetting(host="192.0.2.1")], ids=["off", "unbindable"])
 @pytest.mark.timeout(WAIT_S + 60)
-async def test_without_the_setting_nothing_listens_and_values_use_the_channel(
-    ssh_hosts: Callable[..., TestHosts],
+async def test_without_a_listener_values_use_the_channel(
+    ssh_hosts: Callable[..., TestHosts], link: DataLinkSetting | None, caplog: pytest.LogCaptureFixture
 ) -> None:
     hosts = ssh_hosts(1)
     value = _random(40 * MIB, seed=2)
-    async with asyncio.timeout(WAIT_S), _pool(hosts, None) as pool:
+    caplog.set_level(logging.WARNING, "batuta.runtime.datalink")
+    async with asyncio.timeout(WAIT_S), _pool(hosts, link) as pool:
         (session,) = pool._hosts.sessions.values()
         result = await pool.run(Task.kernel("test_reversed", value))
         assert result.status is TaskStatus.SUCCEEDED, result.error
         assert np.array_equal(result.value, value[::-1])
         assert session.data_link is None and pool._hosts.data_links.listeners == []
+    said = [r.getMessage() for r in caplog.records]
+    if link is None:
+        assert said == []  # nothing to say: nothing was asked for
+    else:  # an address of no interface here (TEST-NET-1): said once, and why
+        assert said == ["host host0: no data link: cannot listen on 192.0.2.1:0: Cannot assign requested address; "
+                        "big values go over the SSH channel"]  # fmt: skip
 
 
 @pytest.mark.timeout(WAIT_S + 60)

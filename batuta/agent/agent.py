@@ -454,7 +454,7 @@ class Agent:
 
     def _take_messages(self) -> None:
         try:
-            while True:
+            while not self._stopping:  # a data link may call this after the end (agent/datalink.py)
                 event = self._conn.next_event()
                 if event is NEED_DATA:
                     break

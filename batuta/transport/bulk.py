@@ -73,6 +73,7 @@ _HEADER = struct.Struct(">QQ")  # stream id, length
 HANDSHAKE_TIMEOUT_S = 10.0  # TLS handshake and greeting, either side
 ANNOUNCE_TIMEOUT_S = 300.0  # a stream's bytes arrived; its frame on the channel must follow within this
 RECV_PIECE = 1 << 20  # the most one recv_into asks for (OpenSSL hands out one record per call anyway)
+SEND_PIECE = 1 << 28  # the most one write hands OpenSSL (ssl's writes were once limited to 2 GiB)
 MAX_HANDSHAKES = 32  # connections in their handshake at once, per listener; more are dropped
 KEEPALIVE_S = 30.0
 
@@ -223,7 +224,8 @@ class BulkSender:
                         return
                     stream_id, view = self._queue.popleft()
                 self._sock.tls.sendall(_HEADER.pack(stream_id, len(view)))
-                self._sock.tls.sendall(view)  # the GIL is released while OpenSSL encrypts and writes
+                for start in range(0, len(view), SEND_PIECE):  # the GIL is released while OpenSSL encrypts
+                    self._sock.tls.sendall(view[start : start + SEND_PIECE])
                 with self._ready:
                     self.sent_bytes += len(view)
                     self.pending_bytes = sum(len(v) for _, v in self._queue)
