@@ -151,6 +151,30 @@ async def test_a_cut_data_connection_mid_transfer_ends_the_session_and_the_task_
         assert session.data_link is not first  # the relaunched session has a link of its own
 
 
+@pytest.mark.timeout(WAIT_S + 60)
+async def test_a_cut_while_a_result_comes_back_neither_hangs_nor_drops_the_task(
+    ssh_hosts: Callable[..., TestHosts],
+) -> None:
+    hosts = ssh_hosts(1)
+    count = 32 * MIB  # a 256 MiB float64 result
+    async with asyncio.timeout(WAIT_S), _pool(hosts, DataLinkSetting()) as pool:
+        (session,) = pool._hosts.sessions.values()
+        await _until(lambda: session.data_link is not None and _link(session).directions == 2, "the link came up")
+        first = _link(session)
+        downs: list[str] = []
+        pool.subscribe(lambda e: downs.append(e.reason) if isinstance(e, pe.HostDown) else None)
+        future = await pool.submit(Task.kernel("test_arange", count))
+        await _until(lambda: first._receiver.expected > 0 or future.done(), "the result began to come back")
+        sock = first._receiver._sock
+        assert sock is not None
+        sock.abort()  # the cable is cut (mid-result, or between streams if it was quicker)
+        result = await future
+        assert result.status is TaskStatus.SUCCEEDED, result.error
+        assert result.value.shape == (count,) and result.value[-1] == count - 1 and result.value[12345] == 12345
+        await _until(lambda: first._closed and bool(downs), "the session ended with its link")
+        assert first._receiver.expected == 0 and session.receiving_bytes == 0  # nothing half-received is held
+
+
 async def test_a_wrong_token_or_another_certificate_gets_nothing() -> None:
     listener = bulk.DataListener("127.0.0.1", 0)
     listener.start()

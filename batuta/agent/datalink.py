@@ -49,7 +49,7 @@ class AgentDataLink:
         self._sender: BulkSender | None = None
         # From now on the coordinator may move a stream's bytes to the link: learn of every
         # stream it announces (those below its first id are forgotten once that is known).
-        self._receiver = BulkReceiver("coordinator")
+        self._receiver = BulkReceiver("coordinator", eof_fails=False)
         conn.incoming.on_open = self._receiver.expect
         for role in (ROLE_AGENT_RECEIVES, ROLE_AGENT_SENDS):
             dialled = self._loop.run_in_executor(

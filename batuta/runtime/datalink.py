@@ -64,7 +64,7 @@ class SessionLink:
         self._closed = False
         # Streams the agent announces from now on may come over the link: the receiver
         # learns of each (and forgets those below the agent's first id once it is known).
-        self._receiver = BulkReceiver(session.name)
+        self._receiver = BulkReceiver(session.name, eof_fails=True)
         conn.incoming.on_open = self._receiver.expect
         self._sender: BulkSender | None = None
         self._timer: asyncio.TimerHandle | None = self._loop.call_later(DIAL_WAIT_S, self._dial_timed_out)

@@ -247,11 +247,14 @@ class BulkReceiver:
     hook of the channel's `StreamAssembler`), from before the link is up: streams below the
     sender's first id come over the channel and are forgotten here once that id is known.
     `on_filled(stream_id, nbytes)` runs on the loop once a stream's bytes are all in;
-    `on_failed(reason)` if the link breaks part-way or the peer breaks its rules.
+    `on_failed(reason)` if the link breaks part-way or the peer breaks its rules, and, with
+    `eof_fails`, if the peer closes the connection between streams (the coordinator's view:
+    an agent closes its end only when it is going, and its next value would find no link).
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, eof_fails: bool) -> None:
         self._name = name
+        self._eof_fails = eof_fails
         self._sinks: dict[int, np.ndarray] = {}
         self._first: int | None = None  # the sender's first stream id, once read
         self._cond = threading.Condition()
@@ -329,6 +332,8 @@ class BulkReceiver:
             while True:
                 header = _recv_exact(tls, _HEADER.size)
                 if header is None:
+                    if self._eof_fails and not self._closed:
+                        _call(loop, on_failed, "the other end closed its data connection")
                     return  # the peer closed between streams: its channel says why
                 stream_id, length = _HEADER.unpack(header)
                 if stream_id <= last:
