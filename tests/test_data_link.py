@@ -97,6 +97,34 @@ async def test_values_go_and_come_back_over_the_data_link_byte_for_byte(
             await loop.run_in_executor(None, bulk.dial, *args)
 
 
+@pytest.mark.timeout(WAIT_S + 60)
+async def test_heartbeats_keep_coming_while_a_result_comes_over_the_link(
+    ssh_hosts: Callable[..., TestHosts],
+) -> None:
+    hosts = ssh_hosts(1)
+    count = 32 * MIB  # a 256 MiB float64 result
+    async with asyncio.timeout(WAIT_S), _pool(hosts, DataLinkSetting()) as pool:
+        (session,) = pool._hosts.sessions.values()
+        await _until(lambda: session.data_link is not None and _link(session).directions == 2, "the link came up")
+        link = _link(session)
+        mid_transfer: list[bool] = []
+        states: list[str] = []
+
+        def watch(event: object) -> None:
+            if isinstance(event, pe.HostTelemetry):
+                mid_transfer.append(session.receiving_bytes > 0)
+            elif isinstance(event, pe.HostStateChanged):
+                states.append(event.state)
+
+        pool.subscribe(watch)
+        result = await pool.run(Task.kernel("test_arange", count))
+        assert result.status is TaskStatus.SUCCEEDED, result.error
+        assert result.value.shape == (count,) and result.value[-1] == count - 1
+        assert link._receiver.received_bytes >= count * 8  # it came over the link
+        assert any(mid_transfer)  # heartbeats came while the result was half received
+        assert "suspected" not in states and result.attempts == 1
+
+
 @pytest.mark.parametrize("link", [None, DataLinkSetting(host="192.0.2.1")], ids=["off", "unbindable"])
 @pytest.mark.timeout(WAIT_S + 60)
 async def test_without_a_listener_values_use_the_channel(
