@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 
 from batuta.core.task import Task, TaskStatus
 from batuta.errors import ConfigError
+from batuta.protocol.codec import FrameDecoder
+from batuta.protocol.errors import RemoteProtocolError
 from batuta.runtime import events as pe
 from batuta.runtime.cluster import ClusterHost, parse_cluster, ssh_host
 from batuta.runtime.datalink import SessionLink
@@ -245,3 +249,20 @@ def test_the_setting_is_off_ssh_or_an_address() -> None:
         parse_cluster(text, source="c.toml")
     cluster = parse_cluster(text.replace("nowhere", "ssh"), source="c.toml")
     assert cluster.ssh.data_link == DataLinkSetting()
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        (["h", 0, b"t" * 32, b"f" * 32], "DataLink.port: must be a TCP port (1 to 65535), got 0"),
+        (["h", 5, b"t" * 5, b"f" * 32], "DataLink.token: must be 32 bytes, got 5"),
+        (["h", 5, b"t" * 32, "f"], "DataLink.fingerprint: expected bytes, got str 'f'"),
+    ],
+)
+def test_a_malformed_data_link_message_is_refused_naming_the_field(fields: list[object], problem: str) -> None:
+    body = msgpack.packb([23, *fields])
+    decoder = FrameDecoder()
+    decoder.feed(struct.pack(">I", len(body)) + body)
+    with pytest.raises(RemoteProtocolError) as caught:
+        decoder.next_message()
+    assert str(caught.value) == problem

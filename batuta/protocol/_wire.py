@@ -717,8 +717,7 @@ def _dec_heartbeat(w: list[Any]) -> Heartbeat:
 
 
 def _dec_data_link(w: list[Any]) -> DataLink:
-    port, token, fingerprint = (_link_field(w[i], f".{f}") for i, f in enumerate(_LINK_FIELDS, 2))
-    return DataLink(host=str_(w[1], ".host"), port=port, token=token, fingerprint=fingerprint)
+    return DataLink(host=str_(w[1], ".host"), **{f: _link_field(w[i], f".{f}") for i, f in enumerate(_LINK_FIELDS, 2)})
 
 
 def _dec_shutdown(w: list[Any]) -> Shutdown:
