@@ -25,6 +25,7 @@ from batuta.core.task import Task, TaskStatus
 from batuta.errors import ConfigError
 from batuta.protocol.codec import FrameDecoder
 from batuta.protocol.errors import RemoteProtocolError
+from batuta.runtime import datalink
 from batuta.runtime import events as pe
 from batuta.runtime.cluster import ClusterHost, parse_cluster, ssh_host
 from batuta.runtime.datalink import SessionLink
@@ -149,6 +150,32 @@ async def test_without_a_listener_values_use_the_channel(
     else:  # an address of no interface here (TEST-NET-1): said once, and why
         assert said == ["host host0: no data link: cannot listen on 192.0.2.1:0: Cannot assign requested address; "
                         "big values go over the SSH channel"]  # fmt: skip
+
+
+@pytest.mark.timeout(WAIT_S + 60)
+async def test_an_agent_that_cannot_dial_back_keeps_its_values_on_the_channel(
+    ssh_hosts: Callable[..., TestHosts], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The listener binds the coordinator's 127.0.0.1, which the host, in its own network
+    # namespace, cannot reach: its dial is refused there, and the coordinator stops waiting.
+    monkeypatch.setattr(datalink, "DIAL_WAIT_S", 1.0)
+    caplog.set_level(logging.WARNING)
+    hosts = ssh_hosts(1)
+    value = _random(40 * MIB, seed=4)
+    async with asyncio.timeout(WAIT_S), _pool(hosts, DataLinkSetting(host="127.0.0.1")) as pool:
+        (session,) = pool._hosts.sessions.values()
+        await _until(lambda: session.data_link is not None, "the link was offered")
+        link = _link(session)
+        await _until(lambda: any("did not dial" in r.getMessage() for r in caplog.records), "the coordinator gave up")
+        result = await pool.run(Task.kernel("test_reversed", value))
+        assert result.status is TaskStatus.SUCCEEDED, result.error
+        assert np.array_equal(result.value, value[::-1])
+        assert link.directions == 0 and link._receiver.received_bytes == 0  # all of it over the channel
+        assert session.connection is not None and session.connection.incoming.on_open is None
+        assert link._receiver.expected == 0  # nothing announced is kept for a link that never came
+    said = [r.getMessage() for r in caplog.records if "data link" in r.getMessage()]
+    assert sum("did not dial" in line for line in said) == 1, said  # once
+    assert any("cannot connect to 127.0.0.1" in line for line in said), said  # and the agent's own why
 
 
 @pytest.mark.timeout(WAIT_S + 60)
