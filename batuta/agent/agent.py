@@ -208,7 +208,7 @@ class Agent:
         self._pulls: dict[int, _Pull] = {}  # object id -> its bytes asked of the slot holding it
         self._slot_object_bytes = 0  # kept bytes that crossed a slot's pipe to here (telemetry, tests)
         self._killed: list[SlotProcess] = []  # slot processes to reap at exit
-        self._data_link: AgentDataLink | None = None  # agent/datalink.py
+        self._data_link = AgentDataLink(self._conn, self._take_messages, self._fail, _warn)  # big arrays
 
     # -- SlotEvents ---------------------------------------------------------------------
 
@@ -494,9 +494,8 @@ class Agent:
             self._on_code(message)
         elif isinstance(message, Welcome):
             self._on_welcome(message)
-        elif isinstance(message, DataLink):  # arrays beside this channel (the first offer only)
-            if self._data_link is None:
-                self._data_link = AgentDataLink(message, self._conn, self._take_messages, self._fail, _warn)
+        elif isinstance(message, DataLink):  # big arrays beside this channel (agent/datalink.py)
+            self._data_link.offered(message)
         elif isinstance(message, Shutdown):
             self._finish(EXIT_OK, bye=Bye(reason=message.reason or "shutdown requested"))
         elif isinstance(message, Error):

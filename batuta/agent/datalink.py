@@ -36,21 +36,29 @@ Warn = Callable[[str], None]
 
 
 class AgentDataLink:
-    """Both directions of one agent's data link."""
+    """Both directions of one agent's data link, once the coordinator offers one."""
 
-    def __init__(self, offer: DataLink, conn: Connection, deliver: Deliver, fail: Fail, warn: Warn) -> None:
+    def __init__(self, conn: Connection, deliver: Deliver, fail: Fail, warn: Warn) -> None:
         self._conn = conn
         self._deliver = deliver
         self._fail = fail
         self._warn = warn
-        self._where = format_address(offer.host, offer.port)
-        self._loop = asyncio.get_running_loop()
+        self._where = ""
+        self._offered = False
         self._closed = False
         self._sender: BulkSender | None = None
+        self._receiver = BulkReceiver("coordinator", eof_fails=False)
+
+    def offered(self, offer: DataLink) -> None:
+        """Dial the listener `offer` names (the first offer only: one link a session)."""
+        if self._offered:
+            return
+        self._offered = True
+        self._where = format_address(offer.host, offer.port)
+        self._loop = asyncio.get_running_loop()
         # From now on the coordinator may move a stream's bytes to the link: learn of every
         # stream it announces (those below its first id are forgotten once that is known).
-        self._receiver = BulkReceiver("coordinator", eof_fails=False)
-        conn.incoming.on_open = self._receiver.expect
+        self._conn.incoming.on_open = self._receiver.expect
         for role in (ROLE_AGENT_RECEIVES, ROLE_AGENT_SENDS):
             dialled = self._loop.run_in_executor(
                 None, dial, offer.host, offer.port, offer.token, offer.fingerprint, role, HANDSHAKE_TIMEOUT_S
