@@ -37,7 +37,7 @@ def wire_body(rnd: random.Random) -> bytes:
     if rnd.random() < 0.3:
         body = msgpack.packb(_plain(rnd))
     else:
-        tag = rnd.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 99, -1])
+        tag = rnd.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 23, 99, -1])
         body = msgpack.packb([tag, *(_plain(rnd) for _ in range(rnd.randrange(5)))])
     return struct.pack(">I", len(body)) + body
 

@@ -5,7 +5,9 @@ kinds (each drawn from a seeded `random.Random`):
 
     valid      a well-formed Run / Cancel / StealBack / Put / Drop / Fetch / Code with random content
                (object refs included, to objects put or never put; code bundles that import,
-               fail to parse or import a missing package; tasks naming those digests or none)
+               fail to parse or import a missing package; tasks naming those digests or none),
+               now and then a DataLink to a closed loopback port (the agent's dial fails, it
+               says so and keeps serving over its pipe)
     stream     a valid Put or Run whose arrays stream: the frame, then its chunk frames
                (protocol/chunks.py), stream ids continuing the session's
     mutated    a valid or streamed frame with bytes flipped, inserted, deleted, cut or spliced
@@ -79,6 +81,7 @@ from batuta.protocol.messages import (
     CodeFile,
     CodeLoaded,
     CodeStored,
+    DataLink,
     Done,
     Drop,
     Error,
@@ -190,8 +193,10 @@ def _task(rnd: random.Random, task_id: int, slots: int) -> TaskRequest:
 
 def valid_message(
     rnd: random.Random, slots: int, next_id: list[int]
-) -> Run | Cancel | StealBack | Put | Drop | Fetch | Code:
+) -> Run | Cancel | StealBack | Put | Drop | Fetch | Code | DataLink:
     roll = rnd.random()
+    if roll < 0.005:  # port 1 on loopback: refused at once, nothing else is ever contacted
+        return DataLink(host="127.0.0.1", port=1, token=rnd.randbytes(32), fingerprint=rnd.randbytes(32))
     if roll < 0.04:
         return rnd.choice(CODE_BUNDLES)
     if roll < 0.06:

@@ -24,10 +24,15 @@ target is a peak under 1 GiB while moving 4 GiB. This machine
 (23 GiB of RAM, 2 cores) holds 4 copies on the hosts plus the source, so the default is
 1 GiB; `--gib 4` is the issue's size where memory allows.
 
+`--data-link on` (the default) sets `[ssh] data_link = "ssh"`: big values travel over TLS
+connections each agent dials back to the coordinator (transport/bulk.py), beside the SSH
+channel; `off` keeps them on the channel; `both` runs batuta twice, the channel first, and
+reports the data link's figures at the top with the channel's under "channel".
+
 Targets (issue 15): put_gbps >= dask_scatter_gbps, get_gbps >= dask_gather_gbps,
 coordinator_peak_rss_mib < 1024. The last line is one JSON object.
 
-    python bench/objects.py [--gib 1] [--hosts 4] [--skip-dask]
+    python bench/objects.py [--gib 1] [--hosts 4] [--data-link on|off|both] [--skip-dask]
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ RUN_TIMEOUT_S = 900.0
 GIB = 1 << 30
 
 
-def cluster_text(hosts: TestHosts) -> str:
+def cluster_text(hosts: TestHosts, data_link: bool = False) -> str:
     """One slot per host, each host tagged with its own name so a task can be pinned to it."""
     parts = [
         "[defaults]",
@@ -72,7 +77,8 @@ def cluster_text(hosts: TestHosts) -> str:
     for h in hosts:
         parts += ["[[hosts]]", f'name = "{h.name}"', f'address = "{h.address}"', f"port = {h.port}"]
         parts += [f'tags = ["{h.name}"]', ""]
-    parts += ["[ssh]", f'known_hosts = "{hosts.known_hosts}"', "config = false", "connect_timeout = 10", ""]
+    parts += ["[ssh]", f'known_hosts = "{hosts.known_hosts}"', "config = false", "connect_timeout = 10"]
+    parts += ['data_link = "ssh"', ""] if data_link else [""]
     return "\n".join(parts)
 
 
@@ -97,15 +103,16 @@ def reset_peak_rss() -> bool:
     return True
 
 
-async def batuta_run(hosts: TestHosts, array: np.ndarray) -> dict[str, Any]:
+async def batuta_run(hosts: TestHosts, array: np.ndarray, data_link: bool) -> dict[str, Any]:
     from batuta import Task
     from batuta.runtime.cluster import build_pool, parse_cluster
 
-    pool = build_pool(parse_cluster(cluster_text(hosts), source="bench/objects.py"))
+    pool = build_pool(parse_cluster(cluster_text(hosts, data_link), source="bench/objects.py"))
     names = [h.name for h in hosts]
     try:
         async with asyncio.timeout(RUN_TIMEOUT_S):
             await pool.start()
+            links_up = await wait_for_links(pool, len(names)) if data_link else 0
             phases = reset_peak_rss()
             rss_before = peak_rss_mib()
             start = time.perf_counter()
@@ -145,7 +152,23 @@ async def batuta_run(hosts: TestHosts, array: np.ndarray) -> dict[str, Any]:
         "rss_before_put_mib": round(rss_before, 1),
         "peak_by_phase": phases,
         "get_peak_over_value_mib": round(get_over, 1) if phases else None,
+        "data_link": data_link,
+        "links_up": links_up,
     }
+
+
+async def wait_for_links(pool: Any, count: int) -> int:
+    """Until every host's data link has both directions up (they come up right after the
+    handshake, so a put is not timed over the channel by accident); how many did."""
+    sessions = list(pool._hosts.sessions.values())
+
+    def up() -> int:
+        return sum(1 for s in sessions if s.data_link is not None and s.data_link.directions == 2)
+
+    async with asyncio.timeout(30):
+        while up() < count:
+            await asyncio.sleep(0.01)
+    return up()
 
 
 def _make(x: np.ndarray) -> np.ndarray:
@@ -200,6 +223,7 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=1.0, help="size of the array, GiB (the issue's: 4)")
     parser.add_argument("--hosts", type=int, default=4)
     parser.add_argument("--skip-dask", action="store_true")
+    parser.add_argument("--data-link", choices=("on", "off", "both"), default="on", help="[ssh] data_link (see above)")
     args = parser.parse_args()
     if not 0 < args.gib <= 64:
         parser.error("--gib must be in (0, 64]")
@@ -219,12 +243,18 @@ def main() -> None:
         del source
         array = np.load(path, mmap_mode="r")
         with TestHosts(args.hosts) as hosts:
-            ours = asyncio.run(batuta_run(hosts, array))
-            print(
-                f"batuta: put {ours['put_gbps']:.2f} GB/s, get {ours['get_gbps']:.2f} GB/s, "
-                f"coordinator peak RSS {ours['coordinator_peak_rss_mib']:.0f} MiB",
-                flush=True,
-            )
+            channel: dict[str, Any] = {}
+            for run, link in enumerate({"on": [True], "off": [False], "both": [False, True]}[args.data_link]):
+                if run:
+                    settle(hosts)  # the previous run's agents gone
+                ours = asyncio.run(batuta_run(hosts, array, link))
+                print(
+                    f"batuta ({'data link' if link else 'SSH channel'}): put {ours['put_gbps']:.2f} GB/s, "
+                    f"get {ours['get_gbps']:.2f} GB/s, coordinator peak RSS {ours['coordinator_peak_rss_mib']:.0f} MiB",
+                    flush=True,
+                )
+                if not link and args.data_link == "both":
+                    channel = ours
             theirs: dict[str, Any] = {}
             if not args.skip_dask:
                 settle(hosts)
@@ -241,7 +271,9 @@ def main() -> None:
         "coordinator_peak_rss_mib": ours["coordinator_peak_rss_mib"],
         "gib": args.gib,
         "hosts": args.hosts,
+        "data_link": args.data_link != "off",
         "batuta": ours,
+        "channel": channel,
         "dask": theirs,
         "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),

@@ -359,3 +359,49 @@ def test_a_decoder_after_an_error_frees_what_it_allocated() -> None:
         decoder.next_message()
     decoder.discard()
     assert decoder.streams.open_bytes == 0
+
+
+# -- a data link beside the stream (transport/bulk.py): the hooks, without sockets -------------
+
+
+def test_with_a_divert_a_stream_leaves_whole_and_its_frame_alone_goes_on_the_stream() -> None:
+    streams = _streams()
+    diverted: list[tuple[int, memoryview]] = []
+    frame = _join(encode_messages_parts((_put(),), streams=streams))
+    assert streams.active  # the first Put's array streams as chunks, as before
+    streams.divert = lambda stream_id, view: diverted.append((stream_id, view))
+    second = Put(object_id=5, value=np.arange(100.0))  # 800 bytes: streamed
+    later = _join(encode_messages_parts((second,), streams=streams))
+    assert [stream_id for stream_id, _ in diverted] == [2] and streams.next_id == 3  # after the first Put's two
+    assert bytes(diverted[0][1]) == second.value.tobytes()  # the caller's own bytes, whole
+    assert streams.pending_bytes == 400 + 308  # only the first Put's chunks wait here
+    assert len(later) < 100 and CHUNK_MARK not in later[4:5] and frame
+
+
+def test_a_stream_filled_elsewhere_delivers_its_message_and_the_hooks_see_every_stream() -> None:
+    sender, decoder = _streams(), FrameDecoder()
+    announced: dict[int, np.ndarray] = {}
+    decoder.streams.on_open = announced.__setitem__
+    put = Put(object_id=5, value=(np.arange(100.0), "x"))
+    sender.divert = lambda stream_id, view: None  # its bytes go "elsewhere": the test copies them
+    decoder.feed(_join(encode_messages_parts((put, _run(ObjectRef(5)), _run(1, task_id=2)), streams=sender)))
+    assert isinstance(decoder.next_message(), Run)  # the task not naming the Put overtakes it
+    assert decoder.next_message() is None and list(announced) == [0]
+    announced[0][:] = np.frombuffer(put.value[0].tobytes(), dtype=np.uint8)
+    assert decoder.streams.filled_elsewhere(0, 800)
+    arrived = decoder.next_message()
+    assert isinstance(arrived, Put) and np.array_equal(arrived.value[0], put.value[0])
+    assert isinstance(decoder.next_message(), Run) and decoder.streams.open_streams == 0
+    decoder.discard()
+    assert not decoder.streams.filled_elsewhere(0, 800)  # a link's late word about a stream gone
+
+
+def test_a_stream_with_bytes_from_the_stream_too_or_a_wrong_length_is_the_peers_fault() -> None:
+    for first_chunk in (True, False):
+        sender, decoder = _streams(), FrameDecoder()
+        decoder.feed(_join(encode_messages_parts((Put(object_id=5, value=np.arange(100.0)),), streams=sender)))
+        if first_chunk:
+            decoder.feed(_join(sender.next_chunk_parts(1)))
+        assert decoder.next_message() is None
+        with pytest.raises(RemoteProtocolError, match="both over the channel and the data link, or with a wrong"):
+            decoder.streams.filled_elsewhere(0, 800 if first_chunk else 799)

@@ -216,6 +216,7 @@ def test_direction_table_matches_the_messages_docstring() -> None:
         "Put",
         "Drop",
         "Fetch",
+        "DataLink",
         "Shutdown",
         "Error",
     }

@@ -49,6 +49,7 @@ from typing import Any
 
 from batuta._version import __version__
 from batuta.agent.code import CodeLoader, cache_root, module_source_digest, stale_error
+from batuta.agent.datalink import AgentDataLink
 from batuta.agent.execute import print_error
 from batuta.agent.objects import ObjectStore, default_cap, host_memory, parse_object_memory, value_nbytes
 from batuta.agent.options import AgentOptions
@@ -68,6 +69,7 @@ from batuta.protocol.messages import (
     Code,
     CodeLoaded,
     CodeStored,
+    DataLink,
     Done,
     Drop,
     Error,
@@ -206,6 +208,7 @@ class Agent:
         self._pulls: dict[int, _Pull] = {}  # object id -> its bytes asked of the slot holding it
         self._slot_object_bytes = 0  # kept bytes that crossed a slot's pipe to here (telemetry, tests)
         self._killed: list[SlotProcess] = []  # slot processes to reap at exit
+        self._data_link = AgentDataLink(self._conn, self._take_messages, self._fail, _warn)  # big arrays
 
     # -- SlotEvents ---------------------------------------------------------------------
 
@@ -451,7 +454,7 @@ class Agent:
 
     def _take_messages(self) -> None:
         try:
-            while True:
+            while not self._stopping:  # a data link may call this after the end (agent/datalink.py)
                 event = self._conn.next_event()
                 if event is NEED_DATA:
                     break
@@ -491,6 +494,8 @@ class Agent:
             self._on_code(message)
         elif isinstance(message, Welcome):
             self._on_welcome(message)
+        elif isinstance(message, DataLink):  # big arrays beside this channel (agent/datalink.py)
+            self._data_link.offered(message)
         elif isinstance(message, Shutdown):
             self._finish(EXIT_OK, bye=Bye(reason=message.reason or "shutdown requested"))
         elif isinstance(message, Error):

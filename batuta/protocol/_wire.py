@@ -55,6 +55,7 @@ from batuta.protocol.messages import (
     CodeFile,
     CodeLoaded,
     CodeStored,
+    DataLink,
     Done,
     Drop,
     Error,
@@ -104,6 +105,7 @@ TAGS: dict[type, int] = {
     ObjectsLost: 19,
     GpuCache: 20,
     CodeStored: 21,
+    DataLink: 23,
 }
 """Message tags on the wire. Stable: changing one needs a new PROTOCOL_VERSION."""
 
@@ -112,6 +114,7 @@ CALL_BINARY = 1
 
 MAX_CODE_FILES = 10_000  # files in one Code message
 MAX_CODE_MODULES = 1_000  # modules it names, and failures a CodeLoaded reports
+DATA_LINK_SECRET_BYTES, _LINK_FIELDS = 32, ("port", "token", "fingerprint")  # token and fingerprint: 32 bytes
 
 _BACKENDS = frozenset(b.value for b in Backend if b is not Backend.AUTO)
 _SLOT_STATES = frozenset({SLOT_UP, SLOT_RESTARTING, SLOT_DOWN})
@@ -422,6 +425,20 @@ def _enc_heartbeat(m: Heartbeat, oob: OobWriter) -> list[Any]:
     ]
 
 
+def _link_field(x: Any, field: str) -> Any:  # a DataLink's port, token or fingerprint
+    if field == ".port" and not 1 <= uint(x, field) <= 65535:
+        raise Invalid(field, f"must be a TCP port (1 to 65535), got {x}")
+    if field == ".port":
+        return x
+    if len(bytes_(x, field)) != DATA_LINK_SECRET_BYTES:
+        raise Invalid(field, f"must be {DATA_LINK_SECRET_BYTES} bytes, got {len(x)}")
+    return bytes(x)
+
+
+def _enc_data_link(m: DataLink, oob: OobWriter) -> list[Any]:
+    return [TAGS[DataLink], str_(m.host, ".host"), *(_link_field(getattr(m, f), f".{f}") for f in _LINK_FIELDS)]
+
+
 def _enc_shutdown(m: Shutdown, oob: OobWriter) -> list[Any]:
     return [TAGS[Shutdown], str_(m.reason, ".reason")]
 
@@ -453,6 +470,7 @@ _ENCODERS: dict[type, Callable[[Any, OobWriter], list[Any]]] = {
     ObjectsLost: _enc_objects_lost,
     GpuCache: _enc_gpu_cache,
     Heartbeat: _enc_heartbeat,
+    DataLink: _enc_data_link,
     Shutdown: _enc_shutdown,
     Bye: _enc_bye,
     Error: _enc_error,
@@ -698,6 +716,10 @@ def _dec_heartbeat(w: list[Any]) -> Heartbeat:
     )
 
 
+def _dec_data_link(w: list[Any]) -> DataLink:
+    return DataLink(host=str_(w[1], ".host"), **{f: _link_field(w[i], f".{f}") for i, f in enumerate(_LINK_FIELDS, 2)})
+
+
 def _dec_shutdown(w: list[Any]) -> Shutdown:
     return Shutdown(reason=str_(w[1], ".reason"))
 
@@ -729,6 +751,7 @@ _DECODER_FNS: list[tuple[type, Callable[[list[Any]], Message]]] = [
     (ObjectsLost, _dec_objects_lost),
     (GpuCache, _dec_gpu_cache),
     (Heartbeat, _dec_heartbeat),
+    (DataLink, _dec_data_link),
     (Shutdown, _dec_shutdown),
     (Bye, _dec_bye),
     (Error, _dec_error),

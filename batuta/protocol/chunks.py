@@ -123,7 +123,7 @@ class OutgoingStreams:
     behind a huge one.
     """
 
-    __slots__ = ("_open", "chunk_bytes", "next_id", "pending_bytes", "stream_min_bytes")
+    __slots__ = ("_open", "chunk_bytes", "divert", "next_id", "pending_bytes", "stream_min_bytes")
 
     def __init__(
         self, *, stream_min_bytes: int = DEFAULT_STREAM_MIN_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -137,6 +137,9 @@ class OutgoingStreams:
         self.next_id = 0
         self.pending_bytes = 0  # bytes of committed streams not yet handed out as chunks
         self._open: deque[_Outgoing] = deque()
+        # A data link beside the channel (`transport/bulk.py`): committed streams go to it,
+        # whole, instead of becoming chunk frames here.
+        self.divert: Callable[[int, memoryview], None] | None = None
 
     @property
     def active(self) -> bool:
@@ -147,6 +150,10 @@ class OutgoingStreams:
         """The staged arrays (flat uint8 views) of frames now sent, in stream-id order."""
         for flat in flats:
             view = flat.data.cast("B")
+            if self.divert is not None:
+                self.divert(self.next_id, view)
+                self.next_id += 1
+                continue
             self._open.append(_Outgoing(self.next_id, view))
             self.next_id += 1
             self.pending_bytes += len(view)
@@ -241,7 +248,17 @@ class StreamAssembler:
     data goes and `filled` says it arrived. Complete messages wait in `ready`.
     """
 
-    __slots__ = ("_allocate", "_open", "_pending", "_shared", "_staged", "max_value_bytes", "next_id", "ready")
+    __slots__ = (
+        "_allocate",
+        "_open",
+        "_pending",
+        "_shared",
+        "_staged",
+        "max_value_bytes",
+        "next_id",
+        "on_open",
+        "ready",
+    )
 
     def __init__(
         self,
@@ -258,6 +275,9 @@ class StreamAssembler:
         self._open: dict[int, _Incoming] = {}
         self._pending: list[_Entry] = []  # arrived, not yet delivered, in arrival order
         self._staged: list[tuple[np.ndarray, np.ndarray]] = []  # (array, flat) of the frame being decoded
+        # A data link beside the channel (`transport/bulk.py`) is told of every stream
+        # announced (id, flat array), and says when one is filled (`filled_elsewhere`).
+        self.on_open: Callable[[int, np.ndarray], None] | None = None
 
     @property
     def open_streams(self) -> int:
@@ -323,6 +343,8 @@ class StreamAssembler:
         entry = _Entry(message, len(staged))
         for array, flat in staged:
             self._open[self.next_id] = _Incoming(array, flat, entry)
+            if self.on_open is not None:
+                self.on_open(self.next_id, flat)
             self.next_id += 1
         staged.clear()
         self._pending.append(entry)
@@ -360,6 +382,20 @@ class StreamAssembler:
         stream.entry.remaining -= 1
         if not stream.entry.remaining:
             self._release()
+
+    def filled_elsewhere(self, stream_id: int, length: int) -> bool:
+        """A data link wrote all of stream `stream_id` (`length` bytes) into its array. False
+        if the stream is not open (the link was cleared meanwhile); RemoteProtocolError if it
+        already had bytes from the channel or the length is not the stream's."""
+        stream = self._open.get(stream_id)
+        if stream is None:
+            return False
+        if stream.filled or length != stream.flat.nbytes:
+            raise RemoteProtocolError(
+                f"stream {stream_id} came both over the channel and the data link, or with a wrong length"
+            )
+        self.filled(stream_id, length)
+        return True
 
     def clear(self) -> None:
         """Free every partial array and held message (the link is gone)."""

@@ -12,7 +12,8 @@ whatever `send()` returns.
       |  Done, StealBackReply, SlotChanged,  |
       |  ObjectsLost, Heartbeat, Bye         |
       |  <- Code, Run, StealBack, Cancel,   |   READY: COORDINATOR_SENDS
-      |     Put, Drop, Fetch, Shutdown       |
+      |     Put, Drop, Fetch, DataLink,     |
+      |     Shutdown                         |
       |  Error (either side, at any time) <->|
 
 `Bye`, `Shutdown` and `Error` are each their sender's last message: afterwards that side
@@ -39,7 +40,13 @@ from collections.abc import Iterable
 from typing import Any, Final
 
 from batuta.protocol._values import aligned_empty
-from batuta.protocol.chunks import DEFAULT_CHUNK_BYTES, DEFAULT_STREAM_MIN_BYTES, Allocator, OutgoingStreams
+from batuta.protocol.chunks import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_STREAM_MIN_BYTES,
+    Allocator,
+    OutgoingStreams,
+    StreamAssembler,
+)
 from batuta.protocol.codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_messages_parts
 from batuta.protocol.errors import LocalProtocolError, RemoteProtocolError
 from batuta.protocol.messages import (
@@ -49,6 +56,7 @@ from batuta.protocol.messages import (
     Code,
     CodeLoaded,
     CodeStored,
+    DataLink,
     Done,
     Drop,
     Error,
@@ -124,7 +132,9 @@ class ConnectionState(enum.Enum):
 AGENT_SENDS: Final[frozenset[type]] = frozenset(
     {CodeStored, CodeLoaded, Started, Done, StealBackReply, SlotChanged, ObjectsLost, Heartbeat, Bye, Error}
 )
-COORDINATOR_SENDS: Final[frozenset[type]] = frozenset({Code, Run, StealBack, Cancel, Put, Drop, Fetch, Shutdown, Error})
+COORDINATOR_SENDS: Final[frozenset[type]] = frozenset(
+    {Code, Run, StealBack, Cancel, Put, Drop, Fetch, DataLink, Shutdown, Error}
+)
 
 TRANSITIONS: Final[dict[tuple[Phase, Role], dict[type, Phase]]] = {
     (Phase.AWAIT_HELLO, Role.AGENT): {Hello: Phase.AWAIT_WELCOME, Error: Phase.AWAIT_HELLO},
@@ -241,6 +251,11 @@ class Connection:
     def receiving_bytes(self) -> int:
         """Bytes allocated for arrays still arriving (what a lost link frees)."""
         return self._decoder.streams.open_bytes
+
+    @property
+    def incoming(self) -> StreamAssembler:
+        """The peer's streams being received (a data link fills some of them: `transport/bulk.py`)."""
+        return self._decoder.streams
 
     @property
     def expected_stream_id(self) -> int:

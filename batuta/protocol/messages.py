@@ -5,7 +5,7 @@ message's meaning; `connection.py` holds the table of who may send what in which
 
     agent -> coordinator: Hello, CodeStored, CodeLoaded, Started, Done, StealBackReply, SlotChanged,
                           ObjectsLost, Heartbeat, Bye, Error
-    coordinator -> agent: Welcome, Code, Run, StealBack, Cancel, Put, Drop, Fetch, Shutdown, Error
+    coordinator -> agent: Welcome, Code, Run, StealBack, Cancel, Put, Drop, Fetch, DataLink, Shutdown, Error
     slot -> agent (a slot's pipe only, never on the coordinator's connection): GpuCache
 
 Every message is encoded as a msgpack array `[tag, field, field, ...]` (see `codec.py`), so
@@ -21,13 +21,14 @@ from typing import Any
 
 from batuta.core.task import BinaryCall, KernelCall, Outcome
 
-PROTOCOL_VERSION = 9
+PROTOCOL_VERSION = 10
 """2: Put, Drop and object references; 3: Code, CodeLoaded, TaskRequest.code; 4: Hello.modules;
 5: streamed arrays and chunk frames (`chunks.py`); 6: ObjectsLost (kept results live in slots);
 7: GpuSample's device cache fields (a protocol-6 coordinator could not read them);
 8: CodeStored (the agent answers Code before it imports it); 9: a task in a Run may name an
 object that a task sent to its slot before it keeps, not made yet (fed ahead,
-`core/feedahead.py`): the agent takes it (a protocol-8 agent refused it as absent)."""
+`core/feedahead.py`): the agent takes it (a protocol-8 agent refused it as absent);
+10: DataLink (streamed arrays over TLS connections the agent dials back)."""
 
 
 # -- handshake ------------------------------------------------------------------------------
@@ -320,6 +321,22 @@ class Heartbeat:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DataLink:
+    """Dial the coordinator's data listener at `host`:`port` (`transport/bulk.py`): streamed
+    arrays then travel there, beside this channel. The listener's certificate must have the
+    SHA-256 `fingerprint`; `token` (one-time, this session's) proves the dialler is this agent.
+    Both are secrets of this channel: they never appear in argv or logs."""
+
+    host: str
+    port: int
+    token: bytes
+    fingerprint: bytes
+
+    def __repr__(self) -> str:  # never the token in a log or a traceback
+        return f"DataLink(host={self.host!r}, port={self.port})"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Shutdown:
     """Stop: kill running work, stop the slots, say Bye and exit."""
 
@@ -359,6 +376,7 @@ Message = (
     | ObjectsLost
     | GpuCache
     | Heartbeat
+    | DataLink
     | Shutdown
     | Bye
     | Error

@@ -20,6 +20,7 @@ from batuta.core import liveness as lv
 from batuta.errors import AgentError, TransportError
 from batuta.protocol import messages as m
 from batuta.runtime import events as pe
+from batuta.runtime.datalink import DataLinks
 from batuta.runtime.session import HostSession, HostSpec, SendBudget
 from batuta.runtime.turns import LoopTurns
 from batuta.runtime.views import HostView
@@ -76,6 +77,7 @@ class HostSupervisor:
         self._start_turns = asyncio.Semaphore(max(1, max_parallel_starts))
         self._timer = WakeupTimer(lambda: self._handle(lv.ClockTicked()))
         self._closed = False
+        self.data_links = DataLinks()  # listens only if a host's spec asks for a data link
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -155,6 +157,7 @@ class HostSupervisor:
         for task in launches:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.data_links.close()
 
     # -- views ------------------------------------------------------------------------------
 
@@ -180,6 +183,7 @@ class HostSupervisor:
 
     def host_ready(self, session: HostSession) -> None:
         self._handle(lv.HostReady(host_id=session.name))
+        self.data_links.offer(session)
         self._pool.host_ready(session)
 
     def host_messages(self, session: HostSession, messages: list[m.Message]) -> None:

@@ -26,6 +26,7 @@ from batuta.protocol.errors import ProtocolError
 from batuta.runtime.round_trip import RoundTripMeter
 from batuta.runtime.turns import LoopTurns
 from batuta.transport.base import ByteStream
+from batuta.transport.bulk import DataLinkSetting
 
 log = logging.getLogger("batuta.runtime.session")
 LAST_WORDS_WAIT_S = 1.0  # for an agent's stderr to end after its stdout did, when it dies at start-up
@@ -44,6 +45,7 @@ class HostSpec:
     check_versions: bool = True
     kernel_modules: tuple[str, ...] = ()  # what it imports by name; the pool ships those that are the user's
     joins_later: bool = False  # an allocation's node: the pool starts without waiting for it (runtime/allocation.py)
+    data_link: DataLinkSetting | None = None  # big arrays beside the stream (runtime/datalink.py); None: off
 
 
 @dataclass(slots=True)
@@ -52,6 +54,12 @@ class SendBudget:
     sessions; `Pool.submit` waits while it is over the pool's `send_budget`."""
 
     congested_bytes: int = 0
+
+
+class SideLink(Protocol):
+    """Something that lives as long as one session's stream (its data link)."""
+
+    def close(self) -> None: ...
 
 
 class HostListener(Protocol):
@@ -104,6 +112,7 @@ class HostSession:
     _open: bool = False  # handshake done, stream not failed, not closing
     _closing: bool = False
     _ready: asyncio.Future[None] | None = None
+    data_link: SideLink | None = None  # closed with the stream
 
     @property
     def name(self) -> str:
@@ -127,6 +136,14 @@ class HostSession:
     def sending_bytes(self) -> int:
         """Bytes of streamed arrays to this host not yet written."""
         return self._conn.outgoing.pending_bytes if self._conn is not None else 0
+
+    @property
+    def stream(self) -> ByteStream | None:
+        return self._stream
+
+    @property
+    def connection(self) -> Connection | None:
+        return self._conn
 
     @property
     def is_open(self) -> bool:
@@ -282,6 +299,22 @@ class HostSession:
         if generation == self.generation:
             self._fail(reason)
 
+    def take_ready(self) -> None:
+        """Deliver the messages whose streamed arrays a data link completed (the reader
+        only looks when bytes arrive on the stream)."""
+        conn = self._conn
+        if conn is None or not self._open:
+            return
+        batch: list[m.Message] = []
+        try:
+            while (event := conn.next_event()) is not NEED_DATA and event is not CLOSED:
+                batch.append(event)
+        except ProtocolError as exc:
+            self._fail(f"protocol error: {exc}")
+            return
+        if batch:
+            self._dispatch(batch)
+
     def _dispatch(self, batch: list[m.Message]) -> None:
         if self.hello is None:
             first = batch[0]
@@ -347,6 +380,7 @@ class HostSession:
         self.kill()
 
     def kill(self) -> None:
+        self._close_link()
         self._outbox, self._outbox_bytes = [], []
         if self._conn is not None:
             self._conn.discard_transfers()  # partial arrays freed, unsent chunks forgotten
@@ -356,6 +390,11 @@ class HostSession:
         if self._stream is not None:
             with contextlib.suppress(Exception):
                 self._stream.kill()
+
+    def _close_link(self) -> None:
+        link, self.data_link = self.data_link, None
+        if link is not None:
+            link.close()
 
     async def close(self, timeout: float = 2.0) -> None:
         """Orderly: what is queued, then Shutdown, then EOF, then the transport's own escalation."""
@@ -371,6 +410,7 @@ class HostSession:
                 else:
                     self._stream.write(self._conn.send(m.Shutdown(reason="coordinator closing")))
         self._open = False
+        self._close_link()
         if self._drainer is not None:
             self._drainer.cancel()
             self._end_congestion()

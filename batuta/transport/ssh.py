@@ -53,6 +53,7 @@ from asyncssh.encryption import get_default_encryption_algs
 
 from batuta.errors import TransportError
 from batuta.transport.base import Buffer, StderrTail, StreamClosedError, coalesced, log_stderr_line
+from batuta.transport.bulk import DataLinkSetting
 from batuta.transport.ssh_ciphers import cpu_has_aes, preferred_ciphers
 from batuta.transport.ssh_keys import (
     EncryptedIdentity,
@@ -124,6 +125,7 @@ class SSHSettings:
     # holds. A full-screen app that owns the terminal turns this off (the error then says
     # to `ssh-add` the key).
     ask_passphrase: bool = True
+    data_link: DataLinkSetting | None = None  # `data_link`: big arrays beside the channel (bulk.py)
 
     def config_paths(self) -> list[str]:
         if self.config_files is not None:
@@ -175,6 +177,11 @@ class SSHStream:
     @property
     def description(self) -> str:
         return self._description
+
+    @property
+    def local_address(self) -> str | None:  # ours on the host's connection (None behind jump hosts: the hop's)
+        sockname = None if self._jumps else self._conn.get_extra_info("sockname")
+        return str(sockname[0]) if sockname else None
 
     @property
     def exit_status(self) -> int | None:

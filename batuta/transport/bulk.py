@@ -1,0 +1,574 @@
+"""A data link beside a host's channel: big arrays over TLS sockets the agent dials back.
+
+An SSH channel moves bytes through asyncssh, which encrypts 32 KiB packets in Python: a few
+hundred MB/s at best, on the event loop. The data link carries the *data* of streamed arrays
+(`protocol/chunks.py`) instead, over two TLS connections per host, one per direction, each
+driven by a thread of its own with a blocking socket: `sendall` of the array's memoryview and
+`recv_into` straight into the array the receiver allocated for it, with the GIL released
+while OpenSSL encrypts. Frames, heartbeats and small values stay on the channel.
+
+Who dials whom: no port is opened on a worker. The coordinator listens (`DataListener`, on
+an address the cluster file opts into) and tells each agent, over its already authenticated
+channel, where to dial, a one-time token and the SHA-256 fingerprint of the listener's
+certificate (a fresh self-signed one per listener, never written anywhere but a private
+temporary file while it loads). The agent verifies the certificate against that fingerprint
+before it sends anything, then proves it is that session's agent with the token. Nothing
+secret is ever in argv.
+
+On each connection, after TLS (`dial` / the listener)::
+
+    agent -> coordinator: MAGIC (8) | token (32) | role (1: b"U" agent sends, b"D" agent receives)
+    coordinator -> agent: b"\\x01" (accepted; a refused dialler is simply disconnected)
+
+then, from the sending side only::
+
+    first stream id (uint64) | { stream id (uint64) | length (uint64) | data (length) }*
+
+The first id says from which stream on the sender uses the link: every stream it announces
+from then on travels here, in id order, each whole. The receiver (`BulkReceiver`) learns of
+streams as their frames arrive on the channel (`expect`) and reads each one's bytes into
+its array; a stream's bytes may arrive before its frame, so the reader waits (bounded) for
+the frame. A link that fails mid-stream says so (`on_failed`); the session then ends like a
+lost link, and its tasks are requeued (nothing resumes half a value).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import ssl
+import struct
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from batuta.errors import TransportError
+from batuta.transport.tls import format_address, split_address, tune_socket
+
+log = logging.getLogger("batuta.transport.bulk")
+
+MAGIC = b"BATDATA1"
+TOKEN_BYTES = 32
+ROLE_AGENT_SENDS = b"U"
+ROLE_AGENT_RECEIVES = b"D"
+ACCEPTED = b"\x01"
+_GREETING = len(MAGIC) + TOKEN_BYTES + 1
+_FIRST = struct.Struct(">Q")
+_HEADER = struct.Struct(">QQ")  # stream id, length
+
+HANDSHAKE_TIMEOUT_S = 10.0  # TLS handshake and greeting, either side
+ANNOUNCE_TIMEOUT_S = 300.0  # a stream's bytes arrived; its frame on the channel must follow within this
+RECV_PIECE = 1 << 20  # the most one recv_into asks for (OpenSSL hands out one record per call anyway)
+SEND_PIECE = 1 << 28  # the most one write hands OpenSSL (ssl's writes were once limited to 2 GiB)
+MAX_HANDSHAKES = 32  # connections in their handshake at once, per listener; more are dropped
+KEEPALIVE_S = 30.0
+
+
+class DataLinkError(TransportError):
+    """The data link could not be set up, or broke."""
+
+
+# -- the setting ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DataLinkSetting:
+    """Where the coordinator's data listener binds. `host` "" means the local address of each
+    host's SSH connection (the address that host reaches us at); `port` 0 means any free one."""
+
+    host: str = ""
+    port: int = 0
+
+    @property
+    def follows_ssh(self) -> bool:
+        return not self.host
+
+
+def parse_data_link(text: str) -> DataLinkSetting | None:
+    """The cluster file's `[ssh] data_link`: "off" (None), "ssh", or "ADDRESS[:PORT]".
+    Raises ValueError with the fix."""
+    value = text.strip()
+    if value in ("", "off"):
+        return None
+    if value == "ssh":
+        return DataLinkSetting()
+    try:
+        host, port = split_address(value, 0)
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f'expected "off", "ssh" or a local IP address with an optional port ("10.0.0.5", '
+            f'"10.0.0.5:7000"), got {value!r}'
+        ) from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range (0-65535)")
+    return DataLinkSetting(host=host, port=port)
+
+
+# -- sockets --------------------------------------------------------------------------------
+
+
+def _recv_exact(sock: ssl.SSLSocket, count: int) -> bytes | None:
+    """`count` bytes, or None if the peer closed cleanly before the first; raises OSError
+    (or ConnectionError on a close part-way)."""
+    out = bytearray(count)
+    view = memoryview(out)
+    got = 0
+    while got < count:
+        n = sock.recv_into(view[got:], count - got)
+        if not n:
+            if got == 0:
+                return None
+            raise ConnectionError(f"closed {got} bytes into a {count}-byte header")
+        got += n
+    return bytes(out)
+
+
+class _Socket:
+    """A TLS socket and a second handle on the same connection, to abort it from any thread
+    (a shutdown wakes a thread blocked in it) without touching the TLS object's state. The
+    thread that uses the socket closes it; anyone else only aborts it."""
+
+    def __init__(self, tls: ssl.SSLSocket, handle: socket.socket) -> None:
+        self.tls = tls
+        self._handle = handle
+        self._aborted = False
+        self._lock = threading.Lock()
+
+    def abort(self) -> None:
+        with self._lock:
+            if self._aborted:
+                return
+            self._aborted = True
+        with contextlib.suppress(OSError):
+            self._handle.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Abort, then free both descriptors (only from the thread that uses the socket)."""
+        self.abort()
+        with contextlib.suppress(OSError):
+            self._handle.close()
+        with contextlib.suppress(OSError):
+            self.tls.close()
+
+
+# -- one direction: sending -----------------------------------------------------------------
+
+
+class BulkSender:
+    """Sends streams' bytes, in the order given, from a thread of its own.
+
+    `send(stream_id, view)` is called on the event loop, right where the stream would have
+    queued its chunks: the view is the caller's array (never copied). `on_failed(reason)` is
+    called on the loop if the socket fails; nothing is sent after that.
+    """
+
+    def __init__(
+        self,
+        sock: _Socket,
+        first_stream_id: int,
+        loop: asyncio.AbstractEventLoop,
+        on_failed: Callable[[str], None],
+        name: str,
+    ) -> None:
+        self._sock = sock
+        self._loop = loop
+        self._on_failed = on_failed
+        self._queue: deque[tuple[int, memoryview]] = deque()
+        self._ready = threading.Condition()
+        self._closed = False
+        self.pending_bytes = 0  # queued or being written (read on the loop, for telemetry)
+        self.sent_bytes = 0
+        self._first = first_stream_id
+        self._thread = threading.Thread(target=self._run, name=f"bulk-send-{name}", daemon=True)
+        self._thread.start()
+
+    def send(self, stream_id: int, view: memoryview) -> None:
+        with self._ready:
+            if self._closed:
+                return
+            self._queue.append((stream_id, view))
+            self.pending_bytes += len(view)
+            self._ready.notify()
+
+    def close(self) -> None:
+        """Stop now: what is queued is dropped, a write under way is cut."""
+        with self._ready:
+            self._closed = True
+            self._queue.clear()
+            self._ready.notify()
+        self._sock.abort()
+
+    def _run(self) -> None:
+        try:
+            self._sock.tls.sendall(_FIRST.pack(self._first))
+            while True:
+                with self._ready:
+                    while not self._queue and not self._closed:
+                        self._ready.wait()
+                    if self._closed:
+                        return
+                    stream_id, view = self._queue.popleft()
+                self._sock.tls.sendall(_HEADER.pack(stream_id, len(view)))
+                for start in range(0, len(view), SEND_PIECE):  # the GIL is released while OpenSSL encrypts
+                    self._sock.tls.sendall(view[start : start + SEND_PIECE])
+                with self._ready:
+                    self.sent_bytes += len(view)
+                    self.pending_bytes = sum(len(v) for _, v in self._queue)
+                del view
+        except (OSError, ValueError) as exc:
+            if not self._closed:
+                _call(self._loop, self._on_failed, f"sending: {exc}")
+        finally:
+            self._sock.close()
+
+
+# -- one direction: receiving ---------------------------------------------------------------
+
+
+class BulkReceiver:
+    """Receives streams' bytes into the arrays the channel's frames announced.
+
+    `expect(stream_id, flat)` is called on the loop for every stream the peer announces (a
+    hook of the channel's `StreamAssembler`), from before the link is up: streams below the
+    sender's first id come over the channel and are forgotten here once that id is known.
+    `on_filled(stream_id, nbytes)` runs on the loop once a stream's bytes are all in;
+    `on_failed(reason)` if the link breaks part-way or the peer breaks its rules, and, with
+    `eof_fails`, if the peer closes the connection between streams (the coordinator's view:
+    an agent closes its end only when it is going, and its next value would find no link).
+    """
+
+    def __init__(self, name: str, *, eof_fails: bool) -> None:
+        self._name = name
+        self._eof_fails = eof_fails
+        self._sinks: dict[int, np.ndarray] = {}
+        self._first: int | None = None  # the sender's first stream id, once read
+        self._cond = threading.Condition()
+        self._closed = False
+        self._sock: _Socket | None = None
+        self._thread: threading.Thread | None = None
+        self.received_bytes = 0
+
+    @property
+    def expected(self) -> int:
+        """Streams announced whose bytes are still to come here."""
+        return len(self._sinks)
+
+    def expect(self, stream_id: int, flat: np.ndarray) -> None:
+        with self._cond:
+            if self._closed or (self._first is not None and stream_id < self._first):
+                return
+            self._sinks[stream_id] = flat
+            self._cond.notify_all()
+
+    def start(
+        self,
+        sock: _Socket,
+        loop: asyncio.AbstractEventLoop,
+        on_filled: Callable[[int, int], None],
+        on_failed: Callable[[str], None],
+    ) -> None:
+        with self._cond:
+            if self._closed:
+                sock.close()
+                return
+            self._sock = sock
+        self._thread = threading.Thread(
+            target=self._run, args=(sock, loop, on_filled, on_failed), name=f"bulk-recv-{self._name}", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._sinks.clear()
+            self._cond.notify_all()
+            sock = self._sock
+        if sock is not None:
+            sock.abort()  # its thread closes it
+
+    def _sink(self, stream_id: int) -> np.ndarray | None:
+        """The array stream `stream_id` fills, once its frame arrived (None: closed)."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: self._closed or stream_id in self._sinks, ANNOUNCE_TIMEOUT_S)
+            if self._closed:
+                return None
+            if not ok:
+                raise _Broken(f"stream {stream_id}'s bytes came, its frame did not within {ANNOUNCE_TIMEOUT_S:g}s")
+            return self._sinks.pop(stream_id)
+
+    def _run(
+        self,
+        sock: _Socket,
+        loop: asyncio.AbstractEventLoop,
+        on_filled: Callable[[int, int], None],
+        on_failed: Callable[[str], None],
+    ) -> None:
+        tls = sock.tls
+        try:
+            first = _recv_exact(tls, _FIRST.size)
+            if first is None:
+                return
+            (first_id,) = _FIRST.unpack(first)
+            with self._cond:
+                self._first = first_id
+                for stream_id in [s for s in self._sinks if s < first_id]:
+                    del self._sinks[stream_id]  # came over the channel
+            last = first_id - 1
+            while True:
+                header = _recv_exact(tls, _HEADER.size)
+                if header is None:
+                    if self._eof_fails and not self._closed:
+                        _call(loop, on_failed, "the other end closed its data connection")
+                    return  # the peer closed between streams: its channel says why
+                stream_id, length = _HEADER.unpack(header)
+                if stream_id <= last:
+                    raise _Broken(f"stream {stream_id} after stream {last} (ids must rise)")
+                last = stream_id
+                flat = self._sink(stream_id)
+                if flat is None:
+                    return
+                if length != flat.nbytes:
+                    raise _Broken(f"stream {stream_id} is {flat.nbytes} bytes, the link sent {length}")
+                view = flat.data.cast("B")
+                got = 0
+                while got < length:
+                    n = tls.recv_into(view[got:], min(length - got, RECV_PIECE))
+                    if not n:
+                        raise ConnectionError(f"closed {got} bytes into stream {stream_id} ({length} bytes)")
+                    got += n
+                del view, flat
+                self.received_bytes += length
+                _call(loop, on_filled, stream_id, length)
+        except _Broken as exc:
+            _call(loop, on_failed, str(exc))
+        except (OSError, ValueError) as exc:
+            if not self._closed:
+                _call(loop, on_failed, f"receiving: {exc}")
+        finally:
+            sock.close()
+
+
+class _Broken(Exception):
+    """The peer broke the data link's rules."""
+
+
+def _call(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to tell
+        loop.call_soon_threadsafe(fn, *args)
+
+
+# -- the coordinator's listener -------------------------------------------------------------
+
+
+def _server_context() -> tuple[ssl.SSLContext, bytes]:
+    """A TLS server context with a fresh self-signed certificate, and its SHA-256 fingerprint.
+    The key exists only in this process (and, while OpenSSL loads it, in a 0600 file of a
+    0700 temporary folder that is removed at once)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from batuta.transport.certs import SERVER, issue, new_ca
+
+    ca = new_ca("batuta data link")
+    leaf = issue(ca, SERVER, "batuta data link", hosts=["batuta-data-link"])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.options |= ssl.OP_NO_COMPRESSION
+    with tempfile.TemporaryDirectory(prefix="batuta-data-") as folder:
+        cert_path, key_path = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+        cert_path.write_bytes(leaf.cert_pem())
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(leaf.key_pem())
+        context.load_cert_chain(certfile=str(cert_path), keyfile=str(key_path))
+    fingerprint = hashlib.sha256(leaf.cert.public_bytes(serialization.Encoding.DER)).digest()
+    return context, fingerprint
+
+
+Accepted = Callable[[str, _Socket], Callable[[], None] | None]
+"""Told of a dialler that presented a known token: (role, socket). Returns what starts the
+link's use of the socket once the dialler has its answer, or None to refuse it."""
+
+
+class DataListener:
+    """One listening socket of the coordinator's data links, with its certificate.
+
+    `expect(token, on_accepted)` registers a session's one-time token; a dialler that
+    presents it (with a role not yet taken) is handed to `on_accepted` on the loop, and one
+    with any other token is disconnected. `forget(token)` withdraws it.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.bind_host = host
+        self._context, self.fingerprint = _server_context()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(64)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        self.port: int = sock.getsockname()[1]
+        self._expected: dict[bytes, Accepted] = {}
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bulk-handshake")
+        self._acceptor: asyncio.Task[None] | None = None
+        self.refused = 0  # diallers turned away (wrong token, role taken, bad greeting)
+
+    @property
+    def where(self) -> str:
+        return format_address(self.bind_host, self.port)
+
+    def start(self) -> None:
+        self._acceptor = asyncio.get_running_loop().create_task(self._accept(), name=f"data-listener-{self.where}")
+
+    def expect(self, token: bytes, on_accepted: Accepted) -> None:
+        self._expected[token] = on_accepted
+
+    def forget(self, token: bytes) -> None:
+        self._expected.pop(token, None)
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._sock)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:
+                log.warning("data listener %s: accept failed: %s", self.where, exc)
+                await asyncio.sleep(0.1)  # EMFILE and the like: do not spin
+                continue
+            if len(self._handshakes) >= MAX_HANDSHAKES:
+                conn.close()
+                continue
+            task = loop.create_task(self._serve(conn))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        peer = "?"
+        with contextlib.suppress(OSError):
+            peer = format_address(*conn.getpeername()[:2])
+        try:
+            sock, token, role = await loop.run_in_executor(self._executor, self._handshake, conn)
+        except (OSError, ValueError, DataLinkError) as exc:
+            self.refused += 1
+            log.warning("data listener %s: refused %s: %s", self.where, peer, exc)
+            return
+        on_accepted = self._expected.get(token)
+        start = on_accepted(role.decode("ascii"), sock) if on_accepted is not None else None
+        if start is None:
+            self.refused += 1
+            sock.close()
+            log.warning("data listener %s: refused %s: unknown token or role already taken", self.where, peer)
+            return
+        try:
+            await loop.run_in_executor(self._executor, sock.tls.sendall, ACCEPTED)
+        except OSError:
+            sock.abort()  # the link's thread meets the failure when it uses the socket, and says so
+        start()  # only now: the sending side's first bytes must follow the answer
+
+    def _handshake(self, conn: socket.socket) -> tuple[_Socket, bytes, bytes]:
+        conn.setblocking(True)
+        conn.settimeout(HANDSHAKE_TIMEOUT_S)
+        handle = conn.dup()
+        try:
+            tls = self._context.wrap_socket(conn, server_side=True)
+        except (OSError, ValueError) as exc:
+            handle.close()
+            conn.close()
+            raise DataLinkError(f"TLS handshake failed: {exc}") from None
+        sock = _Socket(tls, handle)
+        try:
+            greeting = _recv_exact(tls, _GREETING)
+            if greeting is None or greeting[: len(MAGIC)] != MAGIC:
+                raise DataLinkError("not a batuta data link greeting")
+            role = greeting[-1:]
+            if role not in (ROLE_AGENT_SENDS, ROLE_AGENT_RECEIVES):
+                raise DataLinkError(f"unknown role {role!r}")
+            tls.settimeout(None)
+            tune_socket(tls, keepalive_s=KEEPALIVE_S)
+        except BaseException:
+            sock.close()
+            raise
+        return sock, greeting[len(MAGIC) : -1], role
+
+    async def close(self) -> None:
+        self._expected.clear()
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._acceptor
+        for task in list(self._handshakes):
+            task.cancel()
+        self._sock.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def new_token() -> bytes:
+    return secrets.token_bytes(TOKEN_BYTES)
+
+
+# -- the agent's side -----------------------------------------------------------------------
+
+
+def dial(host: str, port: int, token: bytes, fingerprint: bytes, role: bytes, timeout: float) -> _Socket:
+    """Connect to a coordinator's data listener (blocking: run it in a thread), check its
+    certificate against `fingerprint` before sending anything, present `token` and `role`,
+    and wait for the answer. Raises DataLinkError saying what failed."""
+    where = format_address(host, port)
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise DataLinkError(f"cannot connect to {where}: {exc.strerror or exc}") from None
+    handle = raw.dup()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the certificate is pinned by its fingerprint instead
+    try:
+        tls = context.wrap_socket(raw)
+    except (OSError, ValueError) as exc:
+        handle.close()
+        raw.close()
+        raise DataLinkError(f"TLS handshake with {where} failed: {exc}") from None
+    sock = _Socket(tls, handle)
+    try:
+        der = tls.getpeercert(binary_form=True) or b""
+        if not hmac.compare_digest(hashlib.sha256(der).digest(), fingerprint):
+            raise DataLinkError(
+                f"{where} presented a certificate other than the one the coordinator named; not sending the token"
+            )
+        tls.sendall(MAGIC + token + role)
+        answer = _recv_exact(tls, 1)
+        if answer != ACCEPTED:
+            raise DataLinkError(f"{where} refused the token")
+        tls.settimeout(None)
+        tune_socket(tls, keepalive_s=KEEPALIVE_S)
+    except DataLinkError:
+        sock.close()
+        raise
+    except (OSError, ValueError) as exc:
+        sock.close()
+        raise DataLinkError(f"{where}: {exc}") from None
+    return sock

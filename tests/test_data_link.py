@@ -1,0 +1,295 @@
+"""The data link beside the SSH channel (transport/bulk.py, runtime/datalink.py, agent/datalink.py).
+
+Real SSH namespace hosts (tests/support/hosts.py): with `[ssh] data_link = "ssh"` a put value
+and a task's result travel over the agent's dial-back TLS connections, byte for byte, while
+heartbeats keep coming over the channel; without the setting nothing listens and values use
+the channel; a dialler with a wrong token, or a listener with another certificate, gets
+nothing; a data connection cut mid-transfer ends the session, and the task runs again on the
+relaunched host and succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from batuta.core.task import Task, TaskStatus
+from batuta.errors import ConfigError
+from batuta.protocol.codec import FrameDecoder
+from batuta.protocol.errors import RemoteProtocolError
+from batuta.runtime import datalink
+from batuta.runtime import events as pe
+from batuta.runtime.cluster import ClusterHost, parse_cluster, ssh_host
+from batuta.runtime.datalink import SessionLink
+from batuta.runtime.pool import Pool, PoolConfig
+from batuta.runtime.session import HostSession
+from batuta.transport import bulk
+from batuta.transport.bulk import DataLinkError, DataLinkSetting, parse_data_link
+from tests.support.hosts import TestHosts
+from tests.test_ssh_transport import settings_for
+
+REPO = Path(__file__).resolve().parents[1]
+WAIT_S = 300.0
+MIB = 2**20
+
+
+def _pool(hosts: TestHosts, link: DataLinkSetting | None) -> Pool:
+    host = hosts[0]
+    cluster_host = ClusterHost(
+        name=host.name,
+        address=host.name,
+        python=sys.executable,
+        slots=1,
+        gpus="none",
+        env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+        kernel_modules=("tests.support.transfer_kernels",),
+    )
+    return Pool([ssh_host(cluster_host, settings_for(hosts, data_link=link))], PoolConfig(heartbeat_interval=0.25))
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    async with asyncio.timeout(WAIT_S):
+        while not condition():
+            await asyncio.sleep(0.005)
+    assert condition(), what
+
+
+def _link(session: HostSession) -> SessionLink:
+    link = session.data_link
+    assert isinstance(link, SessionLink), link
+    return link
+
+
+def _random(nbytes: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 2**63, nbytes // 8, dtype=np.int64)
+
+
+@pytest.mark.timeout(WAIT_S + 60)
+async def test_values_go_and_come_back_over_the_data_link_byte_for_byte(
+    ssh_hosts: Callable[..., TestHosts],
+) -> None:
+    hosts = ssh_hosts(1)
+    value = _random(48 * MIB, seed=1)  # over the 32 MiB streaming threshold
+    async with asyncio.timeout(WAIT_S), _pool(hosts, DataLinkSetting()) as pool:
+        (session,) = pool._hosts.sessions.values()
+        await _until(lambda: session.data_link is not None and _link(session).directions == 2, "the link came up")
+        link = _link(session)
+        heartbeats: list[bool] = []
+        pool.subscribe(lambda e: heartbeats.append(True) if isinstance(e, pe.HostTelemetry) else None)
+        ref = pool.put(value)
+        made = await pool.submit(Task.kernel("test_reversed", ref), keep=True)
+        kept = (await made).unwrap()
+        back = await pool.get(kept)
+        assert back.dtype == value.dtype and np.array_equal(back, value[::-1])
+        assert link._sender is not None and link._sender.sent_bytes >= value.nbytes  # the put went over the link
+        assert link._receiver.received_bytes >= value.nbytes  # and the fetched result came back over it
+        assert session.connection is not None and session.connection.incoming.open_streams == 0
+        assert link._receiver.expected == 0  # nothing announced is left waiting
+        await _until(lambda: len(heartbeats) >= 2, "heartbeats still come over the channel")
+        listener = link._listener
+        loop = asyncio.get_running_loop()
+        host = link._where.rsplit(":", 1)[0]
+        with pytest.raises(DataLinkError, match="refused the token"):  # used up: each direction once
+            args = (host, listener.port, link._token, listener.fingerprint, bulk.ROLE_AGENT_SENDS, 5.0)
+            await loop.run_in_executor(None, bulk.dial, *args)
+
+
+@pytest.mark.timeout(WAIT_S + 60)
+async def test_heartbeats_keep_coming_while_a_result_comes_over_the_link(
+    ssh_hosts: Callable[..., TestHosts],
+) -> None:
+    hosts = ssh_hosts(1)
+    count = 32 * MIB  # a 256 MiB float64 result
+    async with asyncio.timeout(WAIT_S), _pool(hosts, DataLinkSetting()) as pool:
+        (session,) = pool._hosts.sessions.values()
+        await _until(lambda: session.data_link is not None and _link(session).directions == 2, "the link came up")
+        link = _link(session)
+        mid_transfer: list[bool] = []
+        states: list[str] = []
+
+        def watch(event: object) -> None:
+            if isinstance(event, pe.HostTelemetry):
+                mid_transfer.append(session.receiving_bytes > 0)
+            elif isinstance(event, pe.HostStateChanged):
+                states.append(event.state)
+
+        pool.subscribe(watch)
+        result = await pool.run(Task.kernel("test_arange", count))
+        assert result.status is TaskStatus.SUCCEEDED, result.error
+        assert result.value.shape == (count,) and result.value[-1] == count - 1
+        assert link._receiver.received_bytes >= count * 8  # it came over the link
+        assert any(mid_transfer)  # heartbeats came while the result was half received
+        assert "suspected" not in states and result.attempts == 1
+
+
+@pytest.mark.parametrize("link", [None, DataLinkSetting(host="192.0.2.1")], ids=["off", "unbindable"])
+@pytest.mark.timeout(WAIT_S + 60)
+async def test_without_a_listener_values_use_the_channel(
+    ssh_hosts: Callable[..., TestHosts], link: DataLinkSetting | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    hosts = ssh_hosts(1)
+    value = _random(40 * MIB, seed=2)
+    caplog.set_level(logging.WARNING, "batuta.runtime.datalink")
+    async with asyncio.timeout(WAIT_S), _pool(hosts, link) as pool:
+        (session,) = pool._hosts.sessions.values()
+        result = await pool.run(Task.kernel("test_reversed", value))
+        assert result.status is TaskStatus.SUCCEEDED, result.error
+        assert np.array_equal(result.value, value[::-1])
+        assert session.data_link is None and pool._hosts.data_links.listeners == []
+    said = [r.getMessage() for r in caplog.records]
+    if link is None:
+        assert said == []  # nothing to say: nothing was asked for
+    else:  # an address of no interface here (TEST-NET-1): said once, and why
+        assert said == ["host host0: no data link: cannot listen on 192.0.2.1:0: Cannot assign requested address; "
+                        "big values go over the SSH channel"]  # fmt: skip
+
+
+@pytest.mark.timeout(WAIT_S + 60)
+async def test_an_agent_that_cannot_dial_back_keeps_its_values_on_the_channel(
+    ssh_hosts: Callable[..., TestHosts], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The listener binds the coordinator's 127.0.0.1, which the host, in its own network
+    # namespace, cannot reach: its dial is refused there, and the coordinator stops waiting.
+    monkeypatch.setattr(datalink, "DIAL_WAIT_S", 1.0)
+    caplog.set_level(logging.WARNING)
+    hosts = ssh_hosts(1)
+    value = _random(40 * MIB, seed=4)
+    async with asyncio.timeout(WAIT_S), _pool(hosts, DataLinkSetting(host="127.0.0.1")) as pool:
+        (session,) = pool._hosts.sessions.values()
+        await _until(lambda: session.data_link is not None, "the link was offered")
+        link = _link(session)
+        await _until(lambda: any("did not dial" in r.getMessage() for r in caplog.records), "the coordinator gave up")
+        result = await pool.run(Task.kernel("test_reversed", value))
+        assert result.status is TaskStatus.SUCCEEDED, result.error
+        assert np.array_equal(result.value, value[::-1])
+        assert link.directions == 0 and link._receiver.received_bytes == 0  # all of it over the channel
+        assert session.connection is not None and session.connection.incoming.on_open is None
+        assert link._receiver.expected == 0  # nothing announced is kept for a link that never came
+    said = [r.getMessage() for r in caplog.records if "data link" in r.getMessage()]
+    assert sum("did not dial" in line for line in said) == 1, said  # once
+    assert any("cannot connect to 127.0.0.1" in line for line in said), said  # and the agent's own why
+
+
+@pytest.mark.timeout(WAIT_S + 60)
+async def test_a_cut_data_connection_mid_transfer_ends_the_session_and_the_task_runs_again(
+    ssh_hosts: Callable[..., TestHosts],
+) -> None:
+    hosts = ssh_hosts(1)
+    value = _random(256 * MIB, seed=3)
+    async with asyncio.timeout(WAIT_S), _pool(hosts, DataLinkSetting()) as pool:
+        (session,) = pool._hosts.sessions.values()
+        await _until(lambda: session.data_link is not None and _link(session).directions == 2, "the link came up")
+        first = _link(session)
+        states: list[str] = []
+
+        def watch(event: object) -> None:
+            if isinstance(event, pe.HostStateChanged):
+                states.append(event.state)
+            elif isinstance(event, pe.HostDown):
+                states.append("down")
+
+        pool.subscribe(watch)
+        future = await pool.submit(Task.kernel("test_fingerprint", value))
+        sender = first._sender
+        assert sender is not None
+        await _until(lambda: sender.sent_bytes > 0 or sender.pending_bytes > 0, "the value began to go")
+        sender._sock.abort()  # the cable is cut
+        result = await future
+        assert result.status is TaskStatus.SUCCEEDED, result.error
+        assert result.value == ("<i8", value.shape, float(value.sum(dtype=np.float64)), float(value[-1]))
+        assert "down" in states and states[-1] == "up", states  # it went with the session, ran after the relaunch
+        assert first._closed and first._receiver.expected == 0  # the old link let go of everything
+        assert session.data_link is not first  # the relaunched session has a link of its own
+
+
+@pytest.mark.timeout(WAIT_S + 60)
+async def test_a_cut_while_a_result_comes_back_neither_hangs_nor_drops_the_task(
+    ssh_hosts: Callable[..., TestHosts],
+) -> None:
+    hosts = ssh_hosts(1)
+    count = 32 * MIB  # a 256 MiB float64 result
+    async with asyncio.timeout(WAIT_S), _pool(hosts, DataLinkSetting()) as pool:
+        (session,) = pool._hosts.sessions.values()
+        await _until(lambda: session.data_link is not None and _link(session).directions == 2, "the link came up")
+        first = _link(session)
+        downs: list[str] = []
+        pool.subscribe(lambda e: downs.append(e.reason) if isinstance(e, pe.HostDown) else None)
+        future = await pool.submit(Task.kernel("test_arange", count))
+        await _until(lambda: first._receiver.expected > 0 or future.done(), "the result began to come back")
+        sock = first._receiver._sock
+        assert sock is not None
+        sock.abort()  # the cable is cut (mid-result, or between streams if it was quicker)
+        result = await future
+        assert result.status is TaskStatus.SUCCEEDED, result.error
+        assert result.value.shape == (count,) and result.value[-1] == count - 1 and result.value[12345] == 12345
+        await _until(lambda: first._closed and bool(downs), "the session ended with its link")
+        assert first._receiver.expected == 0 and session.receiving_bytes == 0  # nothing half-received is held
+
+
+async def test_a_wrong_token_or_another_certificate_gets_nothing() -> None:
+    listener = bulk.DataListener("127.0.0.1", 0)
+    listener.start()
+    token = bulk.new_token()
+    accepted: list[str] = []
+
+    def on_accepted(role: str, sock: bulk._Socket) -> Callable[[], None]:
+        accepted.append(role)
+        return sock.close
+
+    listener.expect(token, on_accepted)
+    loop = asyncio.get_running_loop()
+
+    async def dial(token: bytes, fingerprint: bytes, role: bytes = bulk.ROLE_AGENT_SENDS) -> bulk._Socket:
+        return await loop.run_in_executor(None, bulk.dial, "127.0.0.1", listener.port, token, fingerprint, role, 5.0)
+
+    try:
+        with pytest.raises(DataLinkError, match="refused the token"):
+            await dial(bulk.new_token(), listener.fingerprint)
+        assert listener.refused == 1 and accepted == []
+        with pytest.raises(DataLinkError, match="certificate other than"):
+            await dial(token, b"\0" * 32)  # checked before the token is sent: it never leaves
+        assert accepted == []
+        sock = await dial(token, listener.fingerprint)
+        sock.close()
+        assert accepted == ["U"]
+    finally:
+        await listener.close()
+
+
+def test_the_setting_is_off_ssh_or_an_address() -> None:
+    assert parse_data_link("off") is None
+    assert parse_data_link("ssh") == DataLinkSetting()
+    assert parse_data_link("10.0.0.5:7000") == DataLinkSetting(host="10.0.0.5", port=7000)
+    assert parse_data_link("[::1]") == DataLinkSetting(host="::1", port=0)
+    with pytest.raises(ValueError, match='expected "off", "ssh" or a local IP address'):
+        parse_data_link("myhost")
+    text = '[[hosts]]\nname = "a"\naddress = "10.0.0.1"\n[ssh]\ndata_link = "nowhere"\n'
+    with pytest.raises(ConfigError, match=r"ssh.data_link: expected"):
+        parse_cluster(text, source="c.toml")
+    cluster = parse_cluster(text.replace("nowhere", "ssh"), source="c.toml")
+    assert cluster.ssh.data_link == DataLinkSetting()
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        (["h", 0, b"t" * 32, b"f" * 32], "DataLink.port: must be a TCP port (1 to 65535), got 0"),
+        (["h", 5, b"t" * 5, b"f" * 32], "DataLink.token: must be 32 bytes, got 5"),
+        (["h", 5, b"t" * 32, "f"], "DataLink.fingerprint: expected bytes, got str 'f'"),
+    ],
+)
+def test_a_malformed_data_link_message_is_refused_naming_the_field(fields: list[object], problem: str) -> None:
+    body = msgpack.packb([23, *fields])
+    decoder = FrameDecoder()
+    decoder.feed(struct.pack(">I", len(body)) + body)
+    with pytest.raises(RemoteProtocolError) as caught:
+        decoder.next_message()
+    assert str(caught.value) == problem
