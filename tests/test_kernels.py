@@ -425,7 +425,9 @@ def test_importing_kernels_and_running_the_probes_does_not_import_numba() -> Non
 
 
 def test_kernels_folder_imports_nothing_above_it() -> None:
-    """The bottom layer: no batuta/tui imports, only relative ones, and no numba at import time."""
+    """The bottom layer: no batuta/tui imports, only relative ones, and no numba at import time
+    (but in cuda_memory.py, the allocator plugin that only numba imports, when it makes a GPU
+    slot's CUDA context: nothing of batuta imports it)."""
     for path in KERNELS_DIR.glob("*.py"):
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
@@ -438,8 +440,19 @@ def test_kernels_folder_imports_nothing_above_it() -> None:
             for module in modules:
                 top = module.split(".")[0]
                 assert top not in {"batuta", "tui", "kernels"}, f"{path.name}: imports {module}"
-                if top == "numba":
+                if top == "numba" and path.name != "cuda_memory.py":
                     assert node not in tree.body, f"{path.name}: imports numba at import time"
+
+
+def test_only_numba_imports_the_allocator_plugin() -> None:
+    """kernels/cuda_memory.py imports numba's driver: the agent names it in a GPU slot's
+    NUMBA_CUDA_MEMORY_MANAGER, and no module of batuta imports it."""
+    for folder in ("batuta", "tui", "kernels"):
+        for path in (KERNELS_DIR.parent / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import | ast.ImportFrom) else []
+                module = node.module or "" if isinstance(node, ast.ImportFrom) else ""
+                assert not any("cuda_memory" in n for n in [module, *names]), f"{path}: imports cuda_memory"
 
 
 CACHE_PROBE = textwrap.dedent(
