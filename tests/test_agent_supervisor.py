@@ -22,6 +22,7 @@ import pytest
 
 from batuta.agent import supervisor
 from batuta.agent.supervisor import SlotSupervisor
+from batuta.core.objects import ObjectRef
 from batuta.core.task import KernelCall, Outcome
 from batuta.protocol.codec import FrameDecoder, encode_message
 from batuta.protocol.messages import (
@@ -208,6 +209,26 @@ async def test_short_tasks_get_one_more_fed_behind_them(bench: Bench) -> None:
     await events.until(lambda: events.started == [1, 2])
     assert [i for batch in bench.fake.fed_ids() for i in batch] == [1, 2, 3]
     assert [t.task_id for t in slot.queue] == [4]
+
+
+async def test_a_chains_next_stages_are_fed_past_the_depth(bench: Bench) -> None:
+    slot, events = bench.slot, bench.events
+    slot.start()
+    bench.fake.ready()
+    x = ObjectRef(1)
+    chain = [TaskRequest(task_id=1, slot=0, attempt=1, call=KernelCall(name="noop", args=(x,)), keep=11)] + [
+        TaskRequest(task_id=i, slot=0, attempt=1, call=KernelCall(name="noop", args=(ObjectRef(9 + i),)), keep=10 + i)
+        for i in range(2, 5)
+    ]
+    slot._sent_objects.add(1)  # the process holds the chain's input
+    for request in [*chain, task(5)]:
+        slot.enqueue(request)
+    slot.pump()
+    await events.until(lambda: events.started == [1])
+    # depth 1 (no run time known yet), but each stage reads what the one before it keeps: all
+    # go to the process at once; the unrelated task behind them waits here, stealable
+    assert [i for batch in bench.fake.fed_ids() for i in batch] == [1, 2, 3, 4]
+    assert [t.task_id for t in slot.queue] == [5]
 
 
 async def test_steal_back_returns_only_unfed_tasks(bench: Bench) -> None:

@@ -379,7 +379,7 @@ class SlotSupervisor:
         batch: list[TaskRequest] = []
         queue = self.queue
         in_slots = self._objects.in_slots
-        while queue and len(batch) < room:
+        while queue and (len(batch) < room or self._follows(queue[0], batch)):
             request = queue[0]
             if request.code != digest:  # sent for code this host no longer has (requeued after a crash, say)
                 self._refuse_stale(queue.popleft())
@@ -406,6 +406,17 @@ class SlotSupervisor:
         if was_idle and self.fed and self._ready:
             self._start_head()
         return False
+
+    def _follows(self, request: TaskRequest, batch: list[TaskRequest]) -> bool:
+        """Whether `request` reads what a task fed ahead of it keeps (a chain's next stage,
+        fed ahead by the coordinator): it goes to the process past the feed depth, up to
+        `MAX_DEPTH`, since it can run nowhere sooner, and a GPU slot then launches a chain's
+        stages back to back instead of waiting for this agent between them."""
+        call = request.call
+        if len(self.fed) + len(batch) >= MAX_DEPTH or not isinstance(call, KernelCall) or not call.args:
+            return False
+        ahead = {r.keep for r in self.fed if r.keep} | {r.keep for r in batch if r.keep}
+        return bool(ahead) and any(ref.object_id in ahead for ref in refs_in(call.args))
 
     def _in_other_slot(self, request: TaskRequest) -> int | None:
         """An object `request` names that lives in another slot's process, if any."""
