@@ -415,8 +415,11 @@ class SlotSupervisor:
         call = request.call
         if len(self.fed) + len(batch) >= MAX_DEPTH or not isinstance(call, KernelCall) or not call.args:
             return False
+        named = [ref.object_id for ref in refs_in(call.args)]
+        if not named:  # the common case: arrays and scalars, nothing kept
+            return False
         ahead = {r.keep for r in self.fed if r.keep} | {r.keep for r in batch if r.keep}
-        return bool(ahead) and any(ref.object_id in ahead for ref in refs_in(call.args))
+        return any(object_id in ahead for object_id in named)
 
     def _in_other_slot(self, request: TaskRequest) -> int | None:
         """An object `request` names that lives in another slot's process, if any."""
