@@ -10,7 +10,9 @@ with results checked:
   once, then 20 `sum(dtype=float64)`.
 * chain: 10 `saxpy` stages `y = 0.5 * y + x` on the same array, already on the device on both
   sides (after reuse), each stage's result kept on the device (`keep=True`) and named by the
-  next, then a `sum` of the last: the one value that comes back. CuPy: an ElementwiseKernel
+  next, then a `sum` of the last: the one value that comes back; the stages' results are
+  dropped after each chain (untimed), as CuPy frees each stage's array, so the timed chain's
+  results come from the slot's device memory pool as CuPy's do from its. CuPy: an ElementwiseKernel
   per stage (one launch each) and the same sum. `chain_direct_s`: the same stages called in
   this process on device arrays, without the pool (the kernels' own share). `chain_fed_ahead`:
   the stages (and the sum) sent to the slot behind the stage making their input, without
@@ -115,17 +117,26 @@ async def batuta_side(args: argparse.Namespace, x: np.ndarray, pts: np.ndarray, 
         assert all(abs(v - want) <= 1e-6 * abs(want) + 1e-3 for v in values), (values[:3], want)
         # chain (x is on the card now)
 
-        async def chain() -> float:
+        async def chain() -> tuple[float, list[Any]]:
             y: Any = ref
+            stages = []
             for _ in range(STAGES):
                 y = await pool.submit(Task.kernel("saxpy", 0.5, y, ref, backend=gpu), keep=True)
+                stages.append(y)
             total = ok(await (await pool.submit(Task.kernel("sum", y, backend=gpu))))
-            return float(total)
+            return float(total), stages
 
-        await chain()  # warm: compiles nothing new, but allocates the device buffers once
+        async def drop(stages: list[Any]) -> None:
+            # the stages' kept results, dropped once read, as CuPy frees each stage's array: their
+            # device memory goes back to the slot's pool for the next chain's stages
+            for stage in stages:
+                pool.drop(ok(await stage))
+
+        await drop((await chain())[1])  # warm: compiles nothing new; its buffers stay pooled
         fed_before = pool.stats().fed_ahead
-        out["chain_s"], total = await atimed(chain())
+        out["chain_s"], (total, stages) = await atimed(chain())
         out["chain_fed_ahead"] = pool.stats().fed_ahead - fed_before  # STAGES when no stage waited
+        await drop(stages)
         factor = sum(0.5**i for i in range(STAGES + 1))  # y_10 = (1 + 0.5 + ... + 0.5^10) x
         assert abs(total - factor * want) <= 1e-5 * abs(factor * want), (total, factor * want)
         pool.drop(ref)
