@@ -134,22 +134,36 @@ class FdPull:
         self._fd = fd
         self._closed = False
         self._waiter: asyncio.Future[None] | None = None
+        self._watching = False  # registered with the loop as a reader
+        self._idle_wakes = 0  # wake-ups since the last wait with nobody waiting
         os.set_blocking(fd, False)
 
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
+        if waiter is None:
+            # Readable while nobody waits. Once is normal: the loop polls again before the woken
+            # reader has read. Twice in a row, the reader is busy elsewhere: stop watching, or
+            # the loop would be woken for this pipe at every turn until it reads.
+            self._idle_wakes += 1
+            if self._idle_wakes >= 2:
+                self._loop.remove_reader(self._fd)
+                self._watching = False
+        elif not waiter.done():
             waiter.set_result(None)
 
     async def _readable(self) -> None:
         self._waiter = self._loop.create_future()
-        self._loop.add_reader(self._fd, self._wake)
+        self._idle_wakes = 0
+        if not self._watching:
+            # The fd stays watched across reads: a reader that reads, drains and waits again
+            # (a heartbeat, a batch of results) costs no epoll_ctl pair a message, which is
+            # most of an idle coordinator's cost per host under gVisor.
+            self._loop.add_reader(self._fd, self._wake)
+            self._watching = True
         try:
             await self._waiter
         finally:
             self._waiter = None
-            if not self._closed:
-                self._loop.remove_reader(self._fd)
 
     async def read(self, size: int = READ_CHUNK) -> bytes:
         """Up to `size` bytes; b"" at end of file (or once the fd broke or was closed)."""
@@ -185,11 +199,14 @@ class FdPull:
         """Close the fd; a read waiting on it returns end of file."""
         if not self._closed:
             self._closed = True
+            self._watching = False
             with contextlib.suppress(OSError, ValueError, RuntimeError):
                 self._loop.remove_reader(self._fd)
             with contextlib.suppress(OSError):
                 os.close(self._fd)
-            self._wake()
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
 
 class FdWriter:
