@@ -135,10 +135,12 @@ async def test_clicking_a_failed_task_in_the_stream_opens_its_details() -> None:
             return app.screen.get_style_at(x, y).meta.get("@click")
 
         # A click is hit-tested against the last composed frame: one that lands while a
-        # relayout is pending can miss (seen under load), so a bounded few are allowed.
-        for _ in range(3):
+        # relayout is pending can miss, or hit another widget (both seen under load), so a
+        # bounded few are allowed; the detail view must open from one of them.
+        for _ in range(5):
             await until(pilot, link_under_mouse, "the layout to settle with the link in place")
-            assert await pilot.click("#stream", offset=offset)
+            if not await pilot.click("#stream", offset=offset):
+                continue  # the frame it was tested against had the stream elsewhere
             with contextlib.suppress(AssertionError):
                 await until(pilot, lambda: isinstance(app.screen, TaskDetailScreen), "the task detail view", 5.0)
             if isinstance(app.screen, TaskDetailScreen):
