@@ -28,10 +28,12 @@ from typing import Any
 import numpy as np
 
 from . import cuda_support
+from .cuda_device import block_sum_py
 from .cuda_support import device_view, jit_kernels, on_device
 from .registry import is_device_array
 
 cuda: Any = None  # numba.cuda, bound by _kernels() before the kernels compile
+block_sum: Any = None  # the force-inlined device version (cuda_device.py), bound by _kernels()
 __all__ = ["gram", "kmeans_assign"]
 
 KMEANS_THREADS = 256
@@ -80,16 +82,9 @@ def _kmeans_assign_py(x: Any, centroids: Any, sums: Any, counts: Any, inertia: A
         for j in range(d):
             cuda.atomic.add(sums, (nearest, j), x[i, j] + 0.0)
         cuda.atomic.add(counts, nearest, 1)
-    partial[t] = nearest_dist
-    cuda.syncthreads()
-    step = cuda.blockDim.x // 2
-    while step > 0:
-        if t < step:
-            partial[t] += partial[t + step]
-        cuda.syncthreads()
-        step //= 2
+    total = block_sum(partial, nearest_dist)
     if t == 0:
-        cuda.atomic.add(inertia, 0, partial[0])
+        cuda.atomic.add(inertia, 0, total)
 
 
 def _kmeans_rows_py(x: Any, centroids: Any, sums: Any, counts: Any, inertia: Any, row: Any) -> None:
@@ -144,14 +139,7 @@ def _kmeans_rows_py(x: Any, centroids: Any, sums: Any, counts: Any, inertia: Any
         cuda.atomic.add(block_counts, nearest, 1)
         acc += nearest_dist
         i += stride
-    partial[t] = acc
-    cuda.syncthreads()
-    step = cuda.blockDim.x // 2
-    while step > 0:
-        if t < step:
-            partial[t] += partial[t + step]
-        cuda.syncthreads()
-        step //= 2
+    total = block_sum(partial, acc)  # its last barrier also orders the block's atomics above
     for cell in range(t, cells, cuda.blockDim.x):
         if block_sums[cell] != 0.0:
             cuda.atomic.add(sums, (cell // d, cell % d), block_sums[cell])
@@ -159,7 +147,7 @@ def _kmeans_rows_py(x: Any, centroids: Any, sums: Any, counts: Any, inertia: Any
         if block_counts[c] != 0:
             cuda.atomic.add(counts, c, np.int64(block_counts[c]))
     if t == 0:
-        cuda.atomic.add(inertia, 0, partial[0])
+        cuda.atomic.add(inertia, 0, total)
 
 
 kmeans_rows: Any = None  # the force-inlined device version, bound by _kernels()
@@ -243,7 +231,7 @@ def _kernels() -> SimpleNamespace:
             "gram": _gram_py,
             "gram_finish": _gram_finish_py,
         },
-        {"kmeans_rows": _kmeans_rows_py},
+        {"kmeans_rows": _kmeans_rows_py, "block_sum": block_sum_py},
     )
 
 

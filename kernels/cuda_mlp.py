@@ -29,9 +29,11 @@ from typing import Any
 import numpy as np
 
 from . import cuda_support
+from .cuda_device import block_sum_py
 from .cuda_support import jit_kernels, on_device
 
 cuda: Any = None  # numba.cuda, bound by _kernels() before the kernels compile
+block_sum: Any = None  # the force-inlined device version (cuda_device.py), bound by _kernels()
 __all__ = ["mlp_grad"]
 
 MLP_THREADS = 128
@@ -81,16 +83,9 @@ def _mlp_rows_py(
                 acc += dlogits[i, q] * w2[jh, q]
             value = hidden[i, jh]
             dhidden[i, jh] = acc * (1.0 - value * value)
-    partial[t] = row_loss
-    cuda.syncthreads()
-    step = cuda.blockDim.x // 2
-    while step > 0:
-        if t < step:
-            partial[t] += partial[t + step]
-        cuda.syncthreads()
-        step //= 2
+    total = block_sum(partial, row_loss)
     if t == 0:
-        cuda.atomic.add(loss, 0, partial[0])
+        cuda.atomic.add(loss, 0, total)
 
 
 def _crossprod_py(a: Any, b: Any, rows_per_split: int, partial: Any) -> None:
@@ -142,7 +137,11 @@ def _sum_splits_py(partial: Any, out: Any) -> None:
 
 @functools.cache
 def _kernels() -> SimpleNamespace:
-    return jit_kernels(globals(), {"mlp_rows": _mlp_rows_py, "crossprod": _crossprod_py, "sum_splits": _sum_splits_py})
+    return jit_kernels(
+        globals(),
+        {"mlp_rows": _mlp_rows_py, "crossprod": _crossprod_py, "sum_splits": _sum_splits_py},
+        {"block_sum": block_sum_py},
+    )
 
 
 def _crossprod_ones(numba_cuda: Any, a: Any, b: Any) -> Any:

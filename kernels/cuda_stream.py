@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from . import cuda_random
+from .cuda_device import block_sum_py
 from .cuda_staging import Stage, launch_and_prepare, prepare, stage_for
 from .cuda_support import STREAM_THREADS, jit_kernels, simulated, stream_grid
 from .cuda_support import cuda as _import_cuda
@@ -55,24 +56,6 @@ thread's work to seed (`cuda_random`), and much more under the simulator."""
 
 
 # -- device functions ---------------------------------------------------------------------
-
-
-def _block_sum_py(buf: Any, value: Any) -> Any:
-    """Sum of `value` over the block's threads (blockDim.x a power of two <= buf.size).
-
-    Every thread gets the total. Call once per kernel: the buffer is not reusable without
-    another barrier.
-    """
-    t = cuda.threadIdx.x
-    buf[t] = value
-    cuda.syncthreads()
-    width = cuda.blockDim.x // 2
-    while width > 0:
-        if t < width:
-            buf[t] += buf[t + width]
-        cuda.syncthreads()
-        width //= 2
-    return buf[0]
 
 
 def _bin_index_py(v: Any, lo: Any, span: Any, bins_real: Any, edges: Any) -> int:
@@ -214,7 +197,7 @@ def _kernels() -> SimpleNamespace:
             "histogram_global": _histogram_global,
             "mc_pi": _mc_pi,
         },
-        {"block_sum": _block_sum_py, "bin_index": _bin_index_py},
+        {"block_sum": block_sum_py, "bin_index": _bin_index_py},
     )
 
 

@@ -161,6 +161,7 @@ def jit_kernels(
     if not sim:
         module_globals.update(gpu_constants or {})
     for name, fn in (device_functions or {}).items():
+        fn.__globals__["cuda"] = numba_cuda  # one from a shared module (`cuda_device`) reads its own
         module_globals[name] = numba_cuda.jit(device=True, **({} if sim else {"forceinline": True}))(fn)
     wrapped: dict[str, Any] = {}
     for name, spec in kernels.items():
