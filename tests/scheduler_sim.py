@@ -99,6 +99,7 @@ class Sim:
         after: tuple[int, ...] = (),
         reads: tuple[int, ...] = (),
         keep_as: int = 0,
+        puts: tuple[tuple[int, int], ...] = (),
     ) -> int:
         task_id = self._next_id
         self._next_id += 1
@@ -114,6 +115,7 @@ class Sim:
                 after=after,
                 reads=reads,
                 keep_as=keep_as,
+                puts=puts,
             )
         )
         return task_id

@@ -18,6 +18,15 @@ producers (`feedahead.py`; it stays among their readers there, and fails with th
   not to the injector. A slot of another host steals it only from a deque longer than
   `locality_slack` (the bytes would wait longer than they take to move), and never by
   steal-back. With no slot up there, it goes to the injector: the runtime moves the bytes.
+* Put values on GPUs. A put value is at the coordinator and reaches each host once, so no
+  task waits for one; but a GPU slot keeps a copy of what its tasks read on its card
+  (`agent/device_values.py`), and a task on another GPU uploads it again over PCIe. So the
+  slots whose GPU tasks read a put value are remembered (`ObjectRecord.copies`, a hint: an
+  evicted copy or a restarted slot costs one upload), and a GPU task that reads at least
+  `locality_min_bytes` of put values, with no kept inputs to follow, is queued at the least
+  loaded slot holding the most of them (its `home_slot`); another slot, of that host too,
+  takes it only from a deque longer than `locality_slack`. CPU tasks are placed as before:
+  every slot of a host reads a put value from the agent's shared memory alike.
 * Lineage. A host lost with kept objects on it, or a slot process that held some
   (`KeptObjectsLost`): each object's producer is run again
   (`RecomputeObject`: the runtime submits the recorded task again with the same
@@ -46,7 +55,7 @@ from batuta.core.events import (
     TaskSubmitted,
 )
 from batuta.core.placement import Place, SlotRecord, SlotState, TaskEntry
-from batuta.core.task import TaskStatus
+from batuta.core.task import CAP_GPU, TaskStatus
 
 if TYPE_CHECKING:
     from batuta.core.scheduler import Scheduler
@@ -72,6 +81,11 @@ class ObjectRecord:
     runs: int = 1  # producer runs so far (the first, then one per loss)
     reason: str = ""
     readers: list[TaskEntry] = field(default_factory=list)
+    copies: list[SlotId] = field(default_factory=list)  # a put value's: GPU slots that read it, newest last
+
+
+MAX_COPIES = 16  # remembered per put value (the newest): more GPUs than a host has
+PUT = 0  # a put value's producer: none, it was put
 
 
 @dataclass(slots=True)
@@ -91,6 +105,11 @@ class DependencyTable:
 def on_submitted(s: Scheduler, entry: TaskEntry, ev: TaskSubmitted) -> bool:
     """Register what `entry` makes and needs; True when it was parked or resolved here."""
     table = s._deps
+    if ev.puts:
+        entry.puts = tuple(object_id for object_id, _ in ev.puts)
+        for object_id, nbytes in ev.puts:
+            if object_id not in table.objects:
+                table.objects[object_id] = ObjectRecord(object_id, PUT, 1, ObjectState.READY, nbytes=nbytes)
     if ev.keep_as:
         entry.keep_as = ev.keep_as
         table.kept_by[entry.task_id] = ev.keep_as
@@ -142,6 +161,9 @@ def place_ready(s: Scheduler, entry: TaskEntry) -> None:
         s._resolve(entry, TaskStatus.UNSCHEDULABLE, s._unschedulable_reason(entry))
         return
     home = home_slot(s, entry) if entry.reads else None
+    if home is None and entry.puts and on_gpu(entry.requires):
+        home = copy_slot(s, entry)
+        entry.home_slot = home.slot_id if home is not None else None
     if home is None:
         s._push_injector(entry, klass)
         s._feed_hungry(klass)
@@ -192,9 +214,37 @@ def home_slot(s: Scheduler, entry: TaskEntry) -> SlotRecord | None:
     return least
 
 
+def on_gpu(requires: frozenset[str]) -> bool:
+    """Whether a task with these requirements runs on a GPU (`gpu`, or one card's `gpu:N`)."""
+    return any(cap == CAP_GPU or cap.startswith(f"{CAP_GPU}:") for cap in requires)
+
+
+def copy_slot(s: Scheduler, entry: TaskEntry) -> SlotRecord | None:
+    """The up slot that can run `entry` holding the most bytes of its put values on its card,
+    the least loaded of those holding as many; None under `locality_min_bytes`."""
+    by_slot: dict[SlotId, int] = {}
+    for object_id in entry.puts:
+        record = s._deps.objects.get(object_id)
+        if record is not None:
+            for slot_id in record.copies:
+                by_slot[slot_id] = by_slot.get(slot_id, 0) + record.nbytes
+    best: SlotRecord | None = None
+    best_key = (0, 0)
+    for slot_id, nbytes in by_slot.items():
+        slot = s._slots.get(slot_id)
+        if slot is None or slot.state is not SlotState.UP or not entry.requires <= slot.capabilities:
+            continue
+        key = (nbytes, -(len(slot.deque) + len(slot.window)))
+        if nbytes >= s.config.locality_min_bytes and (best is None or key > best_key):
+            best, best_key = slot, key
+    return best
+
+
 def may_steal(entry: TaskEntry, thief: SlotRecord, victim_depth: int, slack: int) -> bool:
     """Whether `thief` may take `entry` from a deque `victim_depth` long (locality rule)."""
-    return entry.home is None or entry.home == thief.host_id or victim_depth > slack
+    if victim_depth > slack or entry.home is None:
+        return True
+    return entry.home == thief.host_id and (entry.home_slot is None or entry.home_slot == thief.slot_id)
 
 
 def on_kept(s: Scheduler, entry: TaskEntry, nbytes: int) -> None:
@@ -210,6 +260,8 @@ def on_resolved(s: Scheduler, entry: TaskEntry, status: TaskStatus, reason: str,
     table.waiting.pop(entry.task_id, None)
     object_id = table.kept_by.pop(entry.task_id, 0)
     record = table.objects.get(object_id) if object_id else None
+    if entry.puts and status is TaskStatus.SUCCEEDED and slot is not None and on_gpu(entry.requires):
+        _note_copies(s, entry, slot.slot_id)
     if record is not None and record.producer == entry.task_id:
         if status is TaskStatus.SUCCEEDED and slot is not None:
             record.state = ObjectState.READY
@@ -234,9 +286,25 @@ def on_resolved(s: Scheduler, entry: TaskEntry, status: TaskStatus, reason: str,
 
 def on_host_lost(s: Scheduler, host: HostId, reason: str) -> None:
     """Objects on `host` are gone: run their producers again, or fail their readers."""
+    lost_slots = {slot.slot_id for slot in s._host_slots.get(host, ())}
     for record in list(s._deps.objects.values()):
         if record.state is ObjectState.READY and record.host == host:
             _remake(s, record, f"host {host}", reason)
+        elif record.copies:  # a put value's copies on that host's cards went with it
+            record.copies = [slot_id for slot_id in record.copies if slot_id not in lost_slots]
+
+
+def _note_copies(s: Scheduler, entry: TaskEntry, slot_id: SlotId) -> None:
+    """A GPU task that read put values succeeded on `slot_id`: its card now holds them."""
+    for object_id in entry.puts:
+        record = s._deps.objects.get(object_id)
+        if record is None or record.producer != PUT:
+            continue
+        if slot_id in record.copies:
+            record.copies.remove(slot_id)
+        record.copies.append(slot_id)
+        if len(record.copies) > MAX_COPIES:
+            del record.copies[0]
 
 
 def on_kept_lost(s: Scheduler, ev: KeptObjectsLost) -> None:

@@ -26,7 +26,9 @@ class TaskSubmitted:
 
     Dependencies (see `deps.py`): `after`, unresolved tasks whose success it waits for;
     `reads`, kept objects it reads (it waits until they exist, and runs where they are);
-    `keep_as`, the object its result is kept as on the host that makes it (0: none)."""
+    `keep_as`, the object its result is kept as on the host that makes it (0: none);
+    `puts`, the put values it reads, each with its size in bytes (never waited for: they are
+    at the coordinator, but a GPU task prefers a slot that already holds a copy on its card)."""
 
     task_id: int
     priority: int = 1
@@ -36,6 +38,7 @@ class TaskSubmitted:
     after: tuple[int, ...] = ()
     reads: tuple[int, ...] = ()
     keep_as: int = 0
+    puts: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -303,7 +303,9 @@ class Scheduler:
         if not self._can_ever_run(klass):
             self._resolve(entry, TaskStatus.UNSCHEDULABLE, self._unschedulable_reason(entry))
             return
-        if (ev.after or ev.reads or ev.keep_as) and (deps.on_submitted(self, entry, ev) or ev.reads):
+        if (ev.after or ev.reads or ev.keep_as or ev.puts) and (
+            deps.on_submitted(self, entry, ev) or ev.reads or ev.puts
+        ):
             if entry.place is Place.WAITING:
                 feedahead.try_feed(self, entry)  # behind its inputs' producers, if they are in one window
             elif not entry.resolved:
@@ -681,7 +683,7 @@ class Scheduler:
                 payload=payload,
             )
         )
-        if self._deps.active:  # after its own ResolveTask: its dependents' follow
+        if self._deps.active or entry.puts:  # after its own ResolveTask: its dependents follow
             deps.on_resolved(self, entry, status, reason, self._slots.get(slot_id) if slot_id is not None else None)
 
     # -- helpers ----------------------------------------------------------------------------
@@ -723,7 +725,7 @@ class Scheduler:
     def _push_injector(self, entry: TaskEntry, klass: CapabilityClass) -> None:
         entry.place = Place.INJECTOR
         entry.slot = None
-        entry.home = None
+        entry.home = entry.home_slot = None
         entry.token += 1
         klass.live += 1
         self._queued += 1

@@ -136,7 +136,7 @@ def _stealable(victim: SlotRecord, thief: SlotRecord | None) -> list[TaskEntry] 
         and not e.steal_pending
         and not e.steal_refused
         and not e.unmet  # fed ahead of inputs still to be made there: it could run nowhere sooner
-        and (thief is None or (e.requires <= thief.capabilities and (e.home is None or e.home == thief.host_id)))
+        and (thief is None or (e.requires <= thief.capabilities and may_steal(e, thief, 0, 0)))
     ]
     if len(stealable) != 1:
         return stealable or None

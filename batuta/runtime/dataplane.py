@@ -69,6 +69,7 @@ class Prepared:
     task: Task
     after: tuple[int, ...] = ()
     reads: tuple[int, ...] = ()
+    puts: tuple[tuple[int, int], ...] = ()  # put values among them, with their sizes (core/deps.py)
     failed: tuple[TaskStatus, str] | None = None  # an upstream that already ended badly
 
 
@@ -90,15 +91,17 @@ class DataPlane:
             return Prepared(task)
         after: list[int] = []
         reads: list[int] = []
+        puts: dict[int, int] = {}
         failed: list[tuple[TaskStatus, str]] = []
-        args = tuple(self._replaced(item, after, reads, failed, 1) for item in call.args)
+        args = tuple(self._replaced(item, after, reads, failed, 1, puts) for item in call.args)
         if not after and not reads and not failed and args == call.args:
-            return Prepared(task)
+            return Prepared(task, puts=tuple(puts.items())) if puts else Prepared(task)
         prepared = replace(task, call=KernelCall(name=call.name, args=args)) if args is not call.args else task
         return Prepared(
             prepared,
             after=tuple(dict.fromkeys(after)),
             reads=tuple(dict.fromkeys(reads)),
+            puts=tuple(puts.items()),
             failed=failed[0] if failed else None,
         )
 
@@ -109,21 +112,24 @@ class DataPlane:
         reads: list[int],
         failed: list[tuple[TaskStatus, str]],
         depth: int,
+        puts: dict[int, int],
     ) -> Any:
         if isinstance(value, TaskFuture):
             return self._from_future(value, after, reads, failed)
         if type(value) is ObjectRef:
             if self._pool._objects.kept(value.object_id) is not None:
                 reads.append(value.object_id)
+            else:
+                puts[value.object_id] = value.nbytes
             return value
         if depth > 32:
             return value
         if type(value) is tuple:
-            return tuple(self._replaced(item, after, reads, failed, depth + 1) for item in value)
+            return tuple(self._replaced(item, after, reads, failed, depth + 1, puts) for item in value)
         if type(value) is list:
-            return [self._replaced(item, after, reads, failed, depth + 1) for item in value]
+            return [self._replaced(item, after, reads, failed, depth + 1, puts) for item in value]
         if type(value) is dict:
-            return {key: self._replaced(item, after, reads, failed, depth + 1) for key, item in value.items()}
+            return {key: self._replaced(item, after, reads, failed, depth + 1, puts) for key, item in value.items()}
         return value
 
     def _from_future(

@@ -335,6 +335,7 @@ class Pool:
                 after=prepared.after,
                 reads=prepared.reads,
                 keep_as=future._keep,
+                puts=prepared.puts,
             )
         )
         if len(self._submitted) == 1:
