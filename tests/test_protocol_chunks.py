@@ -434,7 +434,8 @@ def test_an_aborted_stream_forgets_its_message_and_releases_what_waited_behind_i
     sender.divert = lambda stream_id, view: None  # its bytes would come over a data link
     done = Done(results=(TaskOutcome(task_id=7, slot=0, attempt=1, status=Outcome.OK, value=np.arange(100.0)),))
     down = SlotChanged(slot=0, state="down", reason="gave up")  # waits for slot 0's results
-    other = Done(results=(TaskOutcome(task_id=8, slot=0, attempt=1, status=Outcome.OK, value=(np.ones(50), np.ones(50))),))
+    pair = (np.ones(50), np.ones(50))  # two streams of one message
+    other = Done(results=(TaskOutcome(task_id=8, slot=0, attempt=1, status=Outcome.OK, value=pair),))
     decoder.feed(_join(encode_messages_parts((done, other, down), streams=sender)))
     assert decoder.next_message() is None and decoder.streams.open_streams == 3
     assert decoder.streams.abort(0)  # the first Done's source died part-way
