@@ -676,6 +676,8 @@ class Agent:
     def stop_slots(self) -> list[SlotProcess]:
         """Kill every slot's process group; returns the processes to reap."""
         killed = []
+        for pipe in self._pipes.values():
+            pipe.abort()  # values still being forwarded never come whole now
         for slot in self._slots.values():
             proc = slot.close()
             if proc is not None:
