@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import struct
 import sys
 from collections.abc import Callable
@@ -33,6 +35,7 @@ from batuta.runtime.pool import Pool, PoolConfig
 from batuta.runtime.session import HostSession
 from batuta.transport import bulk
 from batuta.transport.bulk import DataLinkError, DataLinkSetting, parse_data_link
+from batuta.transport.growing import Growing
 from tests.support.hosts import TestHosts
 from tests.test_ssh_transport import settings_for
 
@@ -293,3 +296,113 @@ def test_a_malformed_data_link_message_is_refused_naming_the_field(fields: list[
     with pytest.raises(RemoteProtocolError) as caught:
         decoder.next_message()
     assert str(caught.value) == problem
+
+
+async def test_a_growing_stream_goes_as_it_fills_and_an_aborted_one_is_never_handed_on() -> None:
+    # One direction of a link over loopback TLS: the agent's sender, the coordinator's receiver.
+    listener = bulk.DataListener("127.0.0.1", 0)
+    listener.start()
+    token = bulk.new_token()
+    loop = asyncio.get_running_loop()
+    receiver = bulk.BulkReceiver("test", eof_fails=False)
+    filled: list[tuple[int, int]] = []
+    aborted: list[int] = []
+    failed: list[str] = []
+
+    def on_accepted(role: str, sock: bulk._Socket) -> Callable[[], None]:
+        return lambda: receiver.start(sock, loop, lambda *a: filled.append(a), failed.append, aborted.append)
+
+    listener.expect(token, on_accepted)
+    args = ("127.0.0.1", listener.port, token, listener.fingerprint, bulk.ROLE_AGENT_SENDS, 5.0)
+    sock = await loop.run_in_executor(None, bulk.dial, *args)
+    sender = bulk.BulkSender(sock, 0, loop, failed.append, "test")
+    source = _random(8 * MIB, seed=5).view(np.uint8)
+    targets = [np.zeros(source.nbytes, dtype=np.uint8) for _ in range(3)]
+    try:
+        for stream_id, target in enumerate(targets):
+            receiver.expect(stream_id, target)
+        growing = Growing(source.nbytes)
+        sender.send(0, source.data, growing)
+        growing.advance(3 * MIB)  # the rest of the array is not there yet
+        await _until(lambda: receiver.received_bytes == 3 * MIB, "the filled part came at once")
+        assert filled == [] and np.array_equal(targets[0][: 3 * MIB], source[: 3 * MIB])
+        growing.advance(source.nbytes)
+        await _until(lambda: filled == [(0, source.nbytes)], "the stream was handed on once whole")
+        assert np.array_equal(targets[0], source) and receiver.growing_streams == 1
+
+        dying = Growing(source.nbytes)
+        sender.send(1, source.data, dying)
+        dying.advance(MIB)
+        await _until(lambda: receiver.received_bytes == source.nbytes + MIB, "a piece of the second came")
+        dying.abort()  # its source died part-way
+        await _until(lambda: aborted == [1], "the receiver was told")
+        sender.send(2, source.data)  # the link goes on: a whole array after it
+        await _until(lambda: len(filled) == 2, "the next stream came")
+        assert filled[1] == (2, source.nbytes) and np.array_equal(targets[2], source)
+        assert receiver.aborted_streams == 1 and receiver.expected == 0 and failed == []
+        assert sender.sent_bytes == 2 * source.nbytes + MIB  # what went of the aborted one, no more
+    finally:
+        sender.close()
+        receiver.close()
+        await listener.close()
+
+
+async def test_a_growing_stream_on_a_side_that_never_expects_one_breaks_the_link() -> None:
+    listener = bulk.DataListener("127.0.0.1", 0)
+    listener.start()
+    token = bulk.new_token()
+    loop = asyncio.get_running_loop()
+    receiver = bulk.BulkReceiver("test", eof_fails=False)  # the agent's: the coordinator never aborts
+    failed: list[str] = []
+
+    def on_accepted(role: str, sock: bulk._Socket) -> Callable[[], None]:
+        return lambda: receiver.start(sock, loop, lambda *a: None, failed.append)
+
+    listener.expect(token, on_accepted)
+    args = ("127.0.0.1", listener.port, token, listener.fingerprint, bulk.ROLE_AGENT_SENDS, 5.0)
+    sock = await loop.run_in_executor(None, bulk.dial, *args)
+    sender = bulk.BulkSender(sock, 0, loop, lambda reason: None, "test")
+    try:
+        receiver.expect(0, np.zeros(MIB, dtype=np.uint8))
+        growing = Growing(MIB)
+        growing.advance(MIB)
+        sender.send(0, np.ones(MIB, dtype=np.uint8).data, growing)
+        await _until(lambda: bool(failed), "the receiver refused it")
+        assert failed == ["stream 0 came as pieces, which this direction never sends"]
+    finally:
+        sender.close()
+        receiver.close()
+        await listener.close()
+
+
+@pytest.mark.timeout(WAIT_S + 60)
+async def test_a_kept_result_is_forwarded_while_it_arrives_and_a_slot_killed_mid_way_reruns_it(
+    ssh_hosts: Callable[..., TestHosts],
+) -> None:
+    hosts = ssh_hosts(1)
+    count = 32 * MIB  # a 256 MiB float64 result, kept in the slot's process
+    async with asyncio.timeout(WAIT_S), _pool(hosts, DataLinkSetting()) as pool:
+        (session,) = pool._hosts.sessions.values()
+        await _until(lambda: session.data_link is not None and _link(session).directions == 2, "the link came up")
+        receiver = _link(session)._receiver
+        conn = session.connection
+        assert conn is not None
+        kept = (await (await pool.submit(Task.kernel("test_arange", count), keep=True))).unwrap()
+        back = await pool.get(kept)
+        assert back.shape == (count,) and back[-1] == count - 1 and back[12345] == 12345
+        # it went while the slot was still sending it to the agent: as a growing stream
+        assert receiver.growing_streams == 1 and receiver.aborted_streams == 0
+        assert conn.incoming.open_streams == 0 and conn.incoming.held == 0
+
+        again = (await (await pool.submit(Task.kernel("test_arange", count + 1), keep=True))).unwrap()
+        pid = (await pool.run(Task.kernel("test_slot_pid"))).unwrap()  # one slot: the process holding it
+        started = receiver.received_bytes
+        getting = asyncio.ensure_future(pool.get(again))
+        await _until(lambda: receiver.received_bytes > started or getting.done(), "its first piece came")
+        os.kill(pid, signal.SIGKILL)  # the slot dies mid-way through sending it
+        value = await getting
+        assert value.shape == (count + 1,) and value[-1] == count and value[12345] == 12345  # made again
+        assert receiver.aborted_streams == 1  # the half that came was forgotten, never handed on
+        assert receiver.growing_streams == 3  # the aborted one, then the re-made value, forwarded again
+        assert conn.incoming.open_streams == 0 and conn.incoming.held == 0 and receiver.expected == 0
+        assert session.connection is conn  # the session lived on: only that value was lost

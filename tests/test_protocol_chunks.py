@@ -405,3 +405,43 @@ def test_a_stream_with_bytes_from_the_stream_too_or_a_wrong_length_is_the_peers_
         assert decoder.next_message() is None
         with pytest.raises(RemoteProtocolError, match="both over the channel and the data link, or with a wrong"):
             decoder.streams.filled_elsewhere(0, 800 if first_chunk else 799)
+
+
+def test_the_hooks_see_a_put_while_it_waits_and_each_chunk_as_it_fills() -> None:
+    sender, decoder = _streams(), FrameDecoder()
+    held: list[tuple[Message, list[int]]] = []
+    progress: list[tuple[int, int]] = []
+    decoder.streams.on_held = lambda message, opened: held.append((message, [i for i, _ in opened]))
+    decoder.streams.on_progress = lambda stream_id, filled: progress.append((stream_id, filled))
+    put = Put(object_id=5, value=np.arange(100.0))  # 800 bytes: 8 chunks of 100
+    data = _join(encode_messages_parts((put,), streams=sender))
+    decoder.feed(data)
+    assert decoder.next_message() is None
+    assert len(held) == 1 and held[0][1] == [0] and isinstance(held[0][0], Put)  # before any byte of it
+    partial = held[0][0].value
+    for step in range(8):
+        decoder.feed(_join(sender.next_chunk_parts(1)))
+        message = decoder.next_message()
+        assert progress[-1] == (0, 100 * (step + 1))
+        assert np.array_equal(partial.view(np.uint8)[: 100 * (step + 1)], put.value.view(np.uint8)[: 100 * (step + 1)])
+        assert (message is None) == (step < 7)
+    assert message is not None and message.value is partial  # the array the hooks saw, now whole
+    assert len(held) == 1 and len(progress) == 8
+
+
+def test_an_aborted_stream_forgets_its_message_and_releases_what_waited_behind_it() -> None:
+    sender, decoder = _streams(), FrameDecoder()
+    sender.divert = lambda stream_id, view: None  # its bytes would come over a data link
+    done = Done(results=(TaskOutcome(task_id=7, slot=0, attempt=1, status=Outcome.OK, value=np.arange(100.0)),))
+    down = SlotChanged(slot=0, state="down", reason="gave up")  # waits for slot 0's results
+    pair = (np.ones(50), np.ones(50))  # two streams of one message
+    other = Done(results=(TaskOutcome(task_id=8, slot=0, attempt=1, status=Outcome.OK, value=pair),))
+    decoder.feed(_join(encode_messages_parts((done, other, down), streams=sender)))
+    assert decoder.next_message() is None and decoder.streams.open_streams == 3
+    assert decoder.streams.abort(0)  # the first Done's source died part-way
+    assert decoder.next_message() is None  # the other Done still waits for its bytes, the SlotChanged for it
+    assert decoder.streams.abort(1)  # one of the other's two streams: all of it goes
+    assert decoder.streams.open_streams == 0 and decoder.streams.held == 0
+    assert decoder.next_message() == down  # and what waited behind them goes on
+    assert not decoder.streams.abort(2) and not decoder.streams.filled_elsewhere(2, 400)  # late words find nothing
+    assert decoder.next_message() is None

@@ -47,12 +47,16 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
+
 from batuta._version import __version__
 from batuta.agent.code import CodeLoader, cache_root, module_source_digest, stale_error
 from batuta.agent.datalink import AgentDataLink
 from batuta.agent.execute import print_error
+from batuta.agent.forward import Forwarded, PipeWatch
 from batuta.agent.objects import ObjectStore, default_cap, host_memory, parse_object_memory, value_nbytes
 from batuta.agent.options import AgentOptions
+from batuta.agent.outbox import DoneBatch, Item, outbox_messages
 from batuta.agent.shm import SharedArena
 from batuta.agent.spawn import SlotProcess, preload_for_fork, spawn_mode
 from batuta.agent.supervisor import SlotSupervisor
@@ -60,6 +64,7 @@ from batuta.agent.telemetry import TelemetrySource, package_versions, with_devic
 from batuta.agent.threads import BLAS_THREADS_ENV, budget_env, limit_loaded_blas, slot_share
 from batuta.core.objects import ObjectRef, refs_in
 from batuta.core.task import KernelCall, Outcome
+from batuta.protocol.chunks import StreamAssembler
 from batuta.protocol.connection import CLOSED, NEED_DATA, Connection, Role
 from batuta.protocol.errors import LocalProtocolError, RemoteProtocolError
 from batuta.protocol.messages import (
@@ -91,29 +96,12 @@ from batuta.protocol.messages import (
     Welcome,
 )
 from batuta.transport.fdio import FdReader, FdWriter
+from batuta.transport.growing import Growing
 
-DONE_MAX_RESULTS = 1024  # results per Done frame
-DONE_MAX_BYTES = 32 * 1024 * 1024  # estimated payload per Done frame, well under the frame limit
 CHUNK_HIGH_WATER = 8 * 2**20  # chunk bytes queued on stdout before the agent waits for it to drain
 DRAIN_TIMEOUT_S = 5.0  # how long a Bye or Error may take to reach the coordinator at exit
 EXIT_OK = 0
 EXIT_ERROR = 1
-
-
-def _outcome_size(outcome: TaskOutcome) -> int:
-    """A rough size of an outcome on the wire, to keep Done frames from growing unbounded."""
-    size = 64 + len(outcome.stdout) + len(outcome.stderr) + len(outcome.error or "")
-    value = outcome.value
-    nbytes = getattr(value, "nbytes", None)
-    if isinstance(nbytes, int):
-        size += nbytes
-    elif isinstance(value, (bytes, str)):
-        size += len(value)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            item_bytes = getattr(item, "nbytes", None)
-            size += item_bytes if isinstance(item_bytes, int) else 16
-    return size
 
 
 _ABSENT = object()  # a fetch answered "not here"
@@ -122,35 +110,12 @@ _ABSENT = object()  # a fetch answered "not here"
 class _Pull:
     """An object's bytes asked of the slot that holds them, and the Fetches waiting for them."""
 
-    __slots__ = ("requests", "slot")
+    __slots__ = ("forwarded", "requests", "slot")
 
     def __init__(self, slot: int) -> None:
         self.slot = slot
         self.requests: list[int] = []
-
-
-class _DoneBatch:
-    """Consecutive results waiting to go out, merged into as few Done frames as allowed."""
-
-    __slots__ = ("results",)
-
-    def __init__(self) -> None:
-        self.results: list[TaskOutcome] = []
-
-    def frames(self) -> list[Done]:
-        frames: list[Done] = []
-        chunk: list[TaskOutcome] = []
-        size = 0
-        for outcome in self.results:
-            item = _outcome_size(outcome)
-            if chunk and (len(chunk) >= DONE_MAX_RESULTS or size + item > DONE_MAX_BYTES):
-                frames.append(Done(results=tuple(chunk)))
-                chunk, size = [], 0
-            chunk.append(outcome)
-            size += item
-        if chunk:
-            frames.append(Done(results=tuple(chunk)))
-        return frames
+        self.forwarded: list[int] = []  # requests answered while the value arrives (forward.py)
 
 
 class Agent:
@@ -192,7 +157,7 @@ class Agent:
         # The outbox of one loop pass: Started ids, and messages or result batches in order.
         self._started: list[int] = []
         self._finished_ids: set[int] = set()
-        self._outbox: list[Message | _DoneBatch] = []
+        self._outbox: list[Item] = []
         self._flush_scheduled = False
         self._chunk_pump: asyncio.Task[None] | None = None  # waits for stdout to drain, then sends more chunks
         self._touched: set[SlotSupervisor] = set()  # slots whose queue changed in this read
@@ -207,6 +172,7 @@ class Agent:
         self._keep_as: dict[int, int] = {}  # task id -> the object id its result is kept as
         self._pulls: dict[int, _Pull] = {}  # object id -> its bytes asked of the slot holding it
         self._slot_object_bytes = 0  # kept bytes that crossed a slot's pipe to here (telemetry, tests)
+        self._pipes: dict[int, PipeWatch] = {}  # slot -> its current process's pipe (forward.py)
         self._killed: list[SlotProcess] = []  # slot processes to reap at exit
         self._data_link = AgentDataLink(self._conn, self._take_messages, self._fail, _warn)  # big arrays
 
@@ -221,8 +187,8 @@ class Agent:
         if keep and outcome.status is Outcome.OK:
             outcome = self._kept(keep, outcome)
         last = self._outbox[-1] if self._outbox else None
-        if not isinstance(last, _DoneBatch):
-            last = _DoneBatch()
+        if not isinstance(last, DoneBatch):
+            last = DoneBatch()
             self._outbox.append(last)
         last.results.append(outcome)
         self._finished_ids.add(outcome.task_id)
@@ -272,6 +238,24 @@ class Agent:
         assert self._loop is not None
         self._loop.call_soon(*args)
 
+    def pipe_opened(self, slot: int, streams: StreamAssembler) -> None:
+        """A slot's new process: watch its pipe for fetched values to forward as they arrive."""
+        self._pipes[slot] = PipeWatch(slot, streams, self._arriving)
+
+    def _arriving(self, slot: int, put: Put, flats: list[np.ndarray], growing: list[Growing]) -> bool:
+        """A slot's answer to a Fetch began to come: answer the Fetches now if the data link
+        can send its arrays as they fill (forward.py). Whether it does."""
+        pull = self._pulls.get(put.object_id)
+        if pull is None or not pull.requests or pull.slot != slot or not self._data_link.forwards(flats):
+            return False
+        for request_id in pull.requests:
+            outcome = TaskOutcome(task_id=request_id, slot=0, attempt=1, status=Outcome.OK, value=put.value)
+            self._outbox.append(Forwarded(Done(results=(outcome,)), flats, growing))
+        pull.forwarded += pull.requests
+        pull.requests = []
+        self._schedule_flush()
+        return True
+
     def object_wanted(self, object_id: int) -> None:
         """A task on another slot names it: fetch it here, then feed that slot."""
         self._pull(object_id)
@@ -300,9 +284,11 @@ class Agent:
         lost = self._objects.lose_slot(slot)
         if lost:
             self._emit(ObjectsLost(object_ids=lost, reason=reason))
+        if slot in self._pipes:
+            self._pipes.pop(slot).abort()  # what it was still sending never comes
         for object_id in [i for i, pull in self._pulls.items() if pull.slot == slot]:
             pull = self._pulls.pop(object_id)
-            for request_id in pull.requests:
+            for request_id in pull.forwarded + pull.requests:  # forwarded ones again: aborted
                 self._answer_fetch(request_id, object_id, _ABSENT)
         if lost:  # tasks elsewhere held for them are answered now (not left waiting)
             self._loop_call(self._pump_all)
@@ -363,22 +349,20 @@ class Agent:
             ids = tuple(t for t in self._started if t not in finished)
             if ids:
                 messages.append(Started(task_ids=ids))
-        for item in self._outbox:
-            if isinstance(item, _DoneBatch):
-                messages.extend(item.frames())
-            else:
-                messages.append(item)
+        more, growing = outbox_messages(self._outbox, forwarding=self._data_link.sending)
+        messages += more
         self._started = []
         self._finished_ids = set()
         self._outbox = []
         if not messages or self._writer is None:
             return
-        try:  # the usual path: a vectored write, result arrays not joined into one bytes first
-            self._writer.write_parts(self._conn.send_many_parts(messages))
-        except LocalProtocolError:
-            data = self._encode_one_by_one(messages)
-            if data:
-                self._writer.write(data)
+        with self._data_link.growing(growing):  # arrays still arriving go piece by piece
+            try:  # the usual path: a vectored write, result arrays not joined into one bytes first
+                self._writer.write_parts(self._conn.send_many_parts(messages))
+            except LocalProtocolError:
+                data = self._encode_one_by_one(messages)
+                if data:
+                    self._writer.write(data)
         self._send_chunks()
 
     def _send_chunks(self) -> None:
@@ -675,14 +659,8 @@ class Agent:
 
     def _flush_for_exit(self) -> None:
         self._flush_scheduled = True  # no more scheduled flushes
-        messages: list[Message] = []
-        for item in self._outbox:
-            if not self._welcomed and not isinstance(item, Error):
-                continue  # before Welcome only an Error may go out
-            if isinstance(item, _DoneBatch):
-                messages.extend(item.frames())
-            else:
-                messages.append(item)
+        outbox: list[Item] = [m for m in self._outbox if self._welcomed or isinstance(m, Error)]
+        messages, _ = outbox_messages(outbox, forwarding=False)  # before Welcome only an Error may go out
         self._outbox = []
         if not messages or self._writer is None:
             return
@@ -698,6 +676,8 @@ class Agent:
     def stop_slots(self) -> list[SlotProcess]:
         """Kill every slot's process group; returns the processes to reap."""
         killed = []
+        for pipe in self._pipes.values():
+            pipe.abort()  # values still being forwarded never come whole now
         for slot in self._slots.values():
             proc = slot.close()
             if proc is not None:

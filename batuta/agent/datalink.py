@@ -12,9 +12,12 @@ is never resumed, and the coordinator requeues what it had sent here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+import numpy as np
 
 from batuta.protocol.connection import Connection
 from batuta.protocol.errors import RemoteProtocolError
@@ -28,6 +31,7 @@ from batuta.transport.bulk import (
     DataLinkError,
     dial,
 )
+from batuta.transport.growing import Growing
 from batuta.transport.tls import format_address
 
 Deliver = Callable[[], None]  # take the messages the link completed (Agent._take_messages)
@@ -48,6 +52,31 @@ class AgentDataLink:
         self._closed = False
         self._sender: BulkSender | None = None
         self._receiver = BulkReceiver("coordinator", eof_fails=False)
+        self._growing: dict[tuple[int, int], Growing] = {}  # (address, bytes) of arrays still arriving
+
+    @property
+    def sending(self) -> bool:
+        """Whether streamed arrays from here go over the link now."""
+        return self._sender is not None and not self._closed and self._conn.outgoing.divert is not None
+
+    def forwards(self, flats: list[np.ndarray]) -> bool:
+        """Whether arrays still being filled can go now (`agent/forward.py`): the link sends,
+        and each is large enough to be streamed, never copied into its frame half-filled."""
+        return self.sending and all(f.nbytes >= self._conn.outgoing.stream_min_bytes for f in flats)
+
+    @contextlib.contextmanager
+    def growing(self, arrays: list[tuple[np.ndarray, Growing]]) -> Iterator[None]:
+        """While messages are encoded: these arrays, if they stream, go piece by piece."""
+        self._growing = {(_address(flat), flat.nbytes): growing for flat, growing in arrays}
+        try:
+            yield
+        finally:
+            self._growing = {}
+
+    def _divert(self, stream_id: int, view: memoryview) -> None:
+        assert self._sender is not None
+        growing = self._growing.get((_address(view), len(view))) if self._growing else None
+        self._sender.send(stream_id, view, growing)
 
     def offered(self, offer: DataLink) -> None:
         """Dial the listener `offer` names (the first offer only: one link a session)."""
@@ -80,10 +109,10 @@ class AgentDataLink:
             sock.close()
             return
         if receives:
-            self._receiver.start(sock, self._loop, self._filled, self._failed)
+            self._receiver.start(sock, self._loop, self._filled, self._failed)  # the coordinator never aborts
         else:
             self._sender = BulkSender(sock, self._conn.outgoing.next_id, self._loop, self._failed, "coordinator")
-            self._conn.outgoing.divert = self._sender.send
+            self._conn.outgoing.divert = self._divert
 
     def _filled(self, stream_id: int, nbytes: int) -> None:
         if self._closed:
@@ -109,3 +138,7 @@ class AgentDataLink:
         self._receiver.close()
         if self._sender is not None:
             self._sender.close()
+
+
+def _address(buffer: np.ndarray | memoryview) -> int:
+    return int(np.frombuffer(buffer, dtype=np.uint8).__array_interface__["data"][0])

@@ -91,7 +91,7 @@ from batuta.agent.objects import ObjectStore
 from batuta.agent.spawn import SlotProcess, spawn_slot
 from batuta.core.objects import refs_in
 from batuta.core.task import KernelCall, Outcome
-from batuta.protocol.chunks import OutgoingStreams
+from batuta.protocol.chunks import OutgoingStreams, StreamAssembler
 from batuta.protocol.codec import FrameDecoder, encode_message, encode_streamed_parts
 from batuta.protocol.errors import LocalProtocolError
 from batuta.protocol.messages import (
@@ -141,6 +141,8 @@ class SlotKeeper(Protocol):
     def object_arrived(self, slot: int, object_id: int, value: Any, present: bool) -> None: ...
 
     def process_lost(self, slot: int, reason: str) -> None: ...
+
+    def pipe_opened(self, slot: int, streams: StreamAssembler) -> None: ...  # a new process's pipe
 
 
 def kill_group(pid: int) -> None:
@@ -266,6 +268,8 @@ class SlotSupervisor:
         self._pinned = []
         self._ready = False
         decoder = self._decoder
+        if self._keeper is not None:  # fetched values are forwarded while they arrive (forward.py)
+            self._keeper.pipe_opened(self.index, decoder.streams)
         self._reader = FdReader(
             self._loop,
             from_slot,

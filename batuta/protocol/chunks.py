@@ -256,7 +256,9 @@ class StreamAssembler:
         "_staged",
         "max_value_bytes",
         "next_id",
+        "on_held",
         "on_open",
+        "on_progress",
         "ready",
     )
 
@@ -278,6 +280,11 @@ class StreamAssembler:
         # A data link beside the channel (`transport/bulk.py`) is told of every stream
         # announced (id, flat array), and says when one is filled (`filled_elsewhere`).
         self.on_open: Callable[[int, np.ndarray], None] | None = None
+        # Whoever forwards values while they arrive (`agent/forward.py`) is told of each
+        # message that waits for its streams (with their ids and arrays) and how far each
+        # stream is filled, chunk by chunk.
+        self.on_held: Callable[[Message, list[tuple[int, np.ndarray]]], None] | None = None
+        self.on_progress: Callable[[int, int], None] | None = None
 
     @property
     def open_streams(self) -> int:
@@ -341,13 +348,17 @@ class StreamAssembler:
         if not staged and not self._pending:
             return message  # the usual case: nothing streamed, nothing held
         entry = _Entry(message, len(staged))
+        opened: list[tuple[int, np.ndarray]] = []
         for array, flat in staged:
             self._open[self.next_id] = _Incoming(array, flat, entry)
             if self.on_open is not None:
                 self.on_open(self.next_id, flat)
+            opened.append((self.next_id, flat))
             self.next_id += 1
         staged.clear()
         self._pending.append(entry)
+        if opened and self.on_held is not None:
+            self.on_held(message, opened)
         self._release()
         return self.ready.popleft() if self.ready else None
 
@@ -373,12 +384,16 @@ class StreamAssembler:
         stream = self._open[stream_id]
         stream.filled += length
         if stream.filled < stream.flat.nbytes:
+            if self.on_progress is not None:
+                self.on_progress(stream_id, stream.filled)
             return
         del self._open[stream_id]
         try:
             check_bools(stream.array)
         except ValueError as exc:
             raise RemoteProtocolError(f"{type(stream.entry.message).__name__}: streamed array: {exc}") from None
+        if self.on_progress is not None:  # a forwarded array's last piece goes once it passed the check
+            self.on_progress(stream_id, stream.filled)
         stream.entry.remaining -= 1
         if not stream.entry.remaining:
             self._release()
@@ -395,6 +410,21 @@ class StreamAssembler:
                 f"stream {stream_id} came both over the channel and the data link, or with a wrong length"
             )
         self.filled(stream_id, length)
+        return True
+
+    def abort(self, stream_id: int) -> bool:
+        """The sender gave up on stream `stream_id` part-way (its source died): forget it and
+        the message that announced it, which is never delivered (the sender answers it again);
+        messages held behind that one go on. False if the stream is not open."""
+        stream = self._open.pop(stream_id, None)
+        if stream is None:
+            return False
+        entry = stream.entry
+        for other in [i for i, s in self._open.items() if s.entry is entry]:
+            del self._open[other]  # its other streams' bytes, if any come, find nothing open
+        if entry in self._pending:
+            self._pending.remove(entry)
+            self._release()
         return True
 
     def clear(self) -> None:

@@ -21,14 +21,16 @@ from typing import Any
 
 from batuta.core.task import BinaryCall, KernelCall, Outcome
 
-PROTOCOL_VERSION = 10
+PROTOCOL_VERSION = 11
 """2: Put, Drop and object references; 3: Code, CodeLoaded, TaskRequest.code; 4: Hello.modules;
 5: streamed arrays and chunk frames (`chunks.py`); 6: ObjectsLost (kept results live in slots);
 7: GpuSample's device cache fields (a protocol-6 coordinator could not read them);
 8: CodeStored (the agent answers Code before it imports it); 9: a task in a Run may name an
 object that a task sent to its slot before it keeps, not made yet (fed ahead,
 `core/feedahead.py`): the agent takes it (a protocol-8 agent refused it as absent);
-10: DataLink (streamed arrays over TLS connections the agent dials back)."""
+10: DataLink (streamed arrays over TLS connections the agent dials back); 11: a data link's
+growing streams (a fetched value forwarded while it arrives, in pieces, abortable:
+`transport/bulk.py`; a protocol-10 coordinator would misread the length)."""
 
 
 # -- handshake ------------------------------------------------------------------------------

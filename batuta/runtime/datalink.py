@@ -14,7 +14,10 @@ agent that did not dial) is logged once per host and reason.
 
 A data link that breaks while the session lives ends the session (`HostSession.kill`), as a
 lost stream would: its tasks are requeued and the host relaunched; half a value is never
-resumed. A session that ends closes its link (`HostSession.data_link`).
+resumed. A value the agent forwards while it still arrives from a slot, whose slot dies
+part-way, is aborted on the link alone: its message is forgotten and the agent answers it
+again (an error; `pool.get` then waits for the value's lineage to make it again).
+A session that ends closes its link (`HostSession.data_link`).
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ class SessionLink:
             return
         name = self._session.name
         if role == ROLE_AGENT_SENDS.decode():
-            self._receiver.start(sock, self._loop, self._filled, self._failed)
+            self._receiver.start(sock, self._loop, self._filled, self._failed, self._aborted)
         else:
             self._sender = BulkSender(sock, self._conn.outgoing.next_id, self._loop, self._failed, name)
             self._conn.outgoing.divert = self._sender.send
@@ -114,6 +117,15 @@ class SessionLink:
             return
         if done:
             self._session.take_ready()
+
+    def _aborted(self, stream_id: int) -> None:
+        """The agent gave up a value it forwarded while it arrived (its slot died part-way):
+        the message that named it is forgotten, never delivered; the agent answers it again
+        on the stream (`agent/forward.py`)."""
+        if self._closed:
+            return
+        if self._conn.incoming.abort(stream_id):
+            self._session.take_ready()  # what waited behind it goes on
 
     def _failed(self, reason: str) -> None:
         if self._closed:

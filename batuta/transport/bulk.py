@@ -24,6 +24,16 @@ then, from the sending side only::
 
     first stream id (uint64) | { stream id (uint64) | length (uint64) | data (length) }*
 
+A stream whose array is still being filled when it is sent (`transport/growing.py`: a
+value the agent forwards while it arrives from a slot) has `GROWING` set in its length and
+comes as pieces, each as soon as it is filled::
+
+    { piece length (uint64) | data (piece length) }*    until the lengths add up to length
+
+or, if its source died part-way, a piece length of `ABORTED` instead of the next piece:
+the receiver then forgets the stream and the message that announced it (`on_aborted`),
+and never hands half an array on; the sender answers that message again on the channel.
+
 The first id says from which stream on the sender uses the link: every stream it announces
 from then on travels here, in id order, each whole. The receiver (`BulkReceiver`) learns of
 streams as their frames arrive on the channel (`expect`) and reads each one's bytes into
@@ -57,6 +67,7 @@ from typing import Any
 import numpy as np
 
 from batuta.errors import TransportError
+from batuta.transport.growing import Growing
 from batuta.transport.tls import format_address, split_address, tune_socket
 
 log = logging.getLogger("batuta.transport.bulk")
@@ -69,6 +80,9 @@ ACCEPTED = b"\x01"
 _GREETING = len(MAGIC) + TOKEN_BYTES + 1
 _FIRST = struct.Struct(">Q")
 _HEADER = struct.Struct(">QQ")  # stream id, length
+_PIECE = struct.Struct(">Q")  # a growing stream's piece length
+GROWING = 1 << 63  # in a stream's length: its bytes come as pieces, as they are filled
+ABORTED = (1 << 64) - 1  # as a piece length: the rest of the stream never comes
 
 HANDSHAKE_TIMEOUT_S = 10.0  # TLS handshake and greeting, either side
 ANNOUNCE_TIMEOUT_S = 300.0  # a stream's bytes arrived; its frame on the channel must follow within this
@@ -76,6 +90,8 @@ RECV_PIECE = 1 << 20  # the most one recv_into asks for (OpenSSL hands out one r
 SEND_PIECE = 1 << 28  # the most one write hands OpenSSL (ssl's writes were once limited to 2 GiB)
 MAX_HANDSHAKES = 32  # connections in their handshake at once, per listener; more are dropped
 KEEPALIVE_S = 30.0
+GROWING_POLL_S = 1.0  # a sender waiting for a growing array looks at its own state this often
+GROWING_STALL_S = 300.0  # a growing array that gains nothing for this long breaks the link
 
 
 class DataLinkError(TransportError):
@@ -173,8 +189,9 @@ class BulkSender:
     """Sends streams' bytes, in the order given, from a thread of its own.
 
     `send(stream_id, view)` is called on the event loop, right where the stream would have
-    queued its chunks: the view is the caller's array (never copied). `on_failed(reason)` is
-    called on the loop if the socket fails; nothing is sent after that.
+    queued its chunks: the view is the caller's array (never copied); with `growing`, the
+    array is still being filled and goes piece by piece as it is (module doc).
+    `on_failed(reason)` is called on the loop if the socket fails; nothing is sent after that.
     """
 
     def __init__(
@@ -188,7 +205,8 @@ class BulkSender:
         self._sock = sock
         self._loop = loop
         self._on_failed = on_failed
-        self._queue: deque[tuple[int, memoryview]] = deque()
+        self._queue: deque[tuple[int, memoryview, Growing | None]] = deque()
+        self._current: Growing | None = None  # the growing array being sent (close wakes it)
         self._ready = threading.Condition()
         self._closed = False
         self.pending_bytes = 0  # queued or being written (read on the loop, for telemetry)
@@ -197,11 +215,11 @@ class BulkSender:
         self._thread = threading.Thread(target=self._run, name=f"bulk-send-{name}", daemon=True)
         self._thread.start()
 
-    def send(self, stream_id: int, view: memoryview) -> None:
+    def send(self, stream_id: int, view: memoryview, growing: Growing | None = None) -> None:
         with self._ready:
             if self._closed:
                 return
-            self._queue.append((stream_id, view))
+            self._queue.append((stream_id, view, growing))
             self.pending_bytes += len(view)
             self._ready.notify()
 
@@ -211,6 +229,9 @@ class BulkSender:
             self._closed = True
             self._queue.clear()
             self._ready.notify()
+            current = self._current
+        if current is not None:
+            current.abort()  # wakes the thread waiting for it; the link is going anyway
         self._sock.abort()
 
     def _run(self) -> None:
@@ -222,19 +243,52 @@ class BulkSender:
                         self._ready.wait()
                     if self._closed:
                         return
-                    stream_id, view = self._queue.popleft()
-                self._sock.tls.sendall(_HEADER.pack(stream_id, len(view)))
-                for start in range(0, len(view), SEND_PIECE):  # the GIL is released while OpenSSL encrypts
-                    self._sock.tls.sendall(view[start : start + SEND_PIECE])
+                    stream_id, view, growing = self._queue.popleft()
+                    self._current = growing
+                if growing is None:
+                    self._sock.tls.sendall(_HEADER.pack(stream_id, len(view)))
+                    for start in range(0, len(view), SEND_PIECE):  # the GIL is released while OpenSSL encrypts
+                        self._sock.tls.sendall(view[start : start + SEND_PIECE])
+                    sent = len(view)
+                else:
+                    sent = self._send_growing(stream_id, view, growing)
+                    if sent < 0:
+                        return
                 with self._ready:
-                    self.sent_bytes += len(view)
-                    self.pending_bytes = sum(len(v) for _, v in self._queue)
-                del view
+                    self._current = None
+                    self.sent_bytes += sent
+                    self.pending_bytes = sum(len(v) for _, v, _ in self._queue)
+                del view, growing
         except (OSError, ValueError) as exc:
             if not self._closed:
                 _call(self._loop, self._on_failed, f"sending: {exc}")
         finally:
             self._sock.close()
+
+    def _send_growing(self, stream_id: int, view: memoryview, growing: Growing) -> int:
+        """Send a growing array's bytes as they are filled; how many went (-1: closed)."""
+        tls = self._sock.tls
+        tls.sendall(_HEADER.pack(stream_id, len(view) | GROWING))
+        sent = 0
+        waited = 0.0
+        while sent < len(view):
+            filled = growing.wait_beyond(sent, GROWING_POLL_S)
+            if self._closed:
+                return -1
+            if filled < 0:
+                tls.sendall(_PIECE.pack(ABORTED))
+                return sent
+            if filled == sent:
+                waited += GROWING_POLL_S
+                if waited >= GROWING_STALL_S:
+                    raise TimeoutError(f"stream {stream_id} gained nothing for {GROWING_STALL_S:g}s")
+                continue
+            waited = 0.0
+            end = min(filled, sent + SEND_PIECE)
+            tls.sendall(_PIECE.pack(end - sent))
+            tls.sendall(view[sent:end])
+            sent = end
+        return sent
 
 
 # -- one direction: receiving ---------------------------------------------------------------
@@ -247,9 +301,11 @@ class BulkReceiver:
     hook of the channel's `StreamAssembler`), from before the link is up: streams below the
     sender's first id come over the channel and are forgotten here once that id is known.
     `on_filled(stream_id, nbytes)` runs on the loop once a stream's bytes are all in;
-    `on_failed(reason)` if the link breaks part-way or the peer breaks its rules, and, with
-    `eof_fails`, if the peer closes the connection between streams (the coordinator's view:
-    an agent closes its end only when it is going, and its next value would find no link).
+    `on_aborted(stream_id)` once a growing stream's sender said the rest never comes (a side
+    that never expects that passes None: it is then the peer's fault); `on_failed(reason)`
+    if the link breaks part-way or the peer breaks its rules, and, with `eof_fails`, if the
+    peer closes the connection between streams (the coordinator's view: an agent closes its
+    end only when it is going, and its next value would find no link).
     """
 
     def __init__(self, name: str, *, eof_fails: bool) -> None:
@@ -261,7 +317,10 @@ class BulkReceiver:
         self._closed = False
         self._sock: _Socket | None = None
         self._thread: threading.Thread | None = None
-        self.received_bytes = 0
+        self._on_aborted: Callable[[int], None] | None = None
+        self.received_bytes = 0  # a growing stream's counted piece by piece
+        self.growing_streams = 0  # streams that came while their sender was still filling them
+        self.aborted_streams = 0  # of those, streams whose sender gave up part-way
 
     @property
     def expected(self) -> int:
@@ -281,12 +340,14 @@ class BulkReceiver:
         loop: asyncio.AbstractEventLoop,
         on_filled: Callable[[int, int], None],
         on_failed: Callable[[str], None],
+        on_aborted: Callable[[int], None] | None = None,
     ) -> None:
         with self._cond:
             if self._closed:
                 sock.close()
                 return
             self._sock = sock
+        self._on_aborted = on_aborted
         self._thread = threading.Thread(
             target=self._run, args=(sock, loop, on_filled, on_failed), name=f"bulk-recv-{self._name}", daemon=True
         )
@@ -336,6 +397,8 @@ class BulkReceiver:
                         _call(loop, on_failed, "the other end closed its data connection")
                     return  # the peer closed between streams: its channel says why
                 stream_id, length = _HEADER.unpack(header)
+                growing = bool(length & GROWING)
+                length &= ~GROWING
                 if stream_id <= last:
                     raise _Broken(f"stream {stream_id} after stream {last} (ids must rise)")
                 last = stream_id
@@ -345,14 +408,17 @@ class BulkReceiver:
                 if length != flat.nbytes:
                     raise _Broken(f"stream {stream_id} is {flat.nbytes} bytes, the link sent {length}")
                 view = flat.data.cast("B")
-                got = 0
-                while got < length:
-                    n = tls.recv_into(view[got:], min(length - got, RECV_PIECE))
-                    if not n:
-                        raise ConnectionError(f"closed {got} bytes into stream {stream_id} ({length} bytes)")
-                    got += n
-                del view, flat
-                self.received_bytes += length
+                if growing:
+                    complete = self._receive_growing(tls, stream_id, view)
+                    del view, flat
+                    if not complete:
+                        assert self._on_aborted is not None  # else _receive_growing raised
+                        _call(loop, self._on_aborted, stream_id)
+                        continue
+                else:
+                    self._receive(tls, stream_id, view, 0, length)
+                    del view, flat
+                    self.received_bytes += length
                 _call(loop, on_filled, stream_id, length)
         except _Broken as exc:
             _call(loop, on_failed, str(exc))
@@ -361,6 +427,40 @@ class BulkReceiver:
                 _call(loop, on_failed, f"receiving: {exc}")
         finally:
             sock.close()
+
+    @staticmethod
+    def _receive(tls: ssl.SSLSocket, stream_id: int, view: memoryview, start: int, end: int) -> None:
+        got = start
+        while got < end:
+            n = tls.recv_into(view[got:], min(end - got, RECV_PIECE))
+            if not n:
+                raise ConnectionError(f"closed {got} bytes into stream {stream_id} ({len(view)} bytes)")
+            got += n
+
+    def _receive_growing(self, tls: ssl.SSLSocket, stream_id: int, view: memoryview) -> bool:
+        """A growing stream's pieces into its array; False if its sender aborted it."""
+        if self._on_aborted is None:
+            raise _Broken(f"stream {stream_id} came as pieces, which this direction never sends")
+        length = len(view)
+        got = 0
+        with self._cond:
+            self.growing_streams += 1
+        while got < length:
+            piece = _recv_exact(tls, _PIECE.size)
+            if piece is None:
+                raise ConnectionError(f"closed {got} bytes into stream {stream_id} ({length} bytes)")
+            (count,) = _PIECE.unpack(piece)
+            if count == ABORTED:
+                with self._cond:
+                    self.aborted_streams += 1
+                return False
+            if count == 0 or got + count > length:
+                raise _Broken(f"a piece of {count} bytes at {got} of stream {stream_id} ({length} bytes)")
+            self._receive(tls, stream_id, view, got, got + count)
+            got += count
+            with self._cond:
+                self.received_bytes += count
+        return True
 
 
 class _Broken(Exception):

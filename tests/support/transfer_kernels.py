@@ -38,3 +38,13 @@ def test_backing(x: np.ndarray) -> str:
 
 
 test_backing.cpu(test_backing.reference)
+
+
+@kernel("test_slot_pid", description="The pid of the slot process that runs it.")
+def test_slot_pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+test_slot_pid.cpu(test_slot_pid.reference)
