@@ -15,7 +15,9 @@ For each pool (the baseline, then the big one), after every host is up:
 * load: `--tasks` trivial tasks (`noop`) streamed through `pool.as_completed` (at most its
   default window unresolved): tasks/s, and event-loop lag meanwhile; the coordinator's CPU
   and the time its thread was runnable but waiting for a core (`load_cpu_wait_fraction`),
-  which tells a coordinator starved by the stand-ins from one busy with its own work.
+  which tells a coordinator starved by the stand-ins from one busy with its own work; and
+  the garbage collector's pauses meanwhile (`load_gc_pause_max_ms`, the longest, and
+  `load_gc_collections`, how many of each generation: gc.callbacks, cheap).
 
 Once they are up, the stand-in hosts move off the coordinator's core (it keeps core 0, they
 get the others, at nice 19; `--together` leaves them): on a cluster each host has its own
@@ -36,6 +38,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import gc
 import json
 import logging
 import os
@@ -68,6 +71,8 @@ class Measured:
     load_cpu_fraction: float  # coordinator CPU over wall time while the tasks ran
     load_cpu_wait_fraction: float  # the loop's thread runnable but waiting for a core, over wall time
     load_lag_samples: int  # lag probes that woke during the load (few: the loop's iterations were long)
+    load_gc_pause_max_ms: float  # the longest garbage collection during the load
+    load_gc_collections: tuple[int, int, int]  # collections of generations 0, 1 and 2 during the load
 
 
 class LagMonitor:
@@ -95,6 +100,29 @@ class LagMonitor:
             before = clock()
             await asyncio.sleep(LAG_INTERVAL_S)
             self.samples.append(max(0.0, clock() - before - LAG_INTERVAL_S))
+
+
+class GcPauses:
+    """Every garbage collection's pause (gc.callbacks) while recording: a full collection walks
+    the whole heap and the event loop waits meanwhile, so it shows in the lag."""
+
+    def __init__(self) -> None:
+        self.longest_s = 0.0
+        self.collections = [0, 0, 0]
+        self._began = 0.0
+
+    def start(self) -> None:
+        gc.callbacks.append(self._observe)
+
+    def stop(self) -> None:
+        gc.callbacks.remove(self._observe)
+
+    def _observe(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+            return
+        self.longest_s = max(self.longest_s, time.perf_counter() - self._began)
+        self.collections[info["generation"]] += 1
 
 
 def runqueue_wait_s() -> float:
@@ -189,6 +217,8 @@ async def measure(
             profiler.enable()
         begun, cpu_before, wait_before = time.perf_counter(), time.process_time(), runqueue_wait_s()
         values = []
+        pauses = GcPauses()
+        pauses.start()
         # Streamed (the way to run many tasks): submitting a whole list at once would hold the
         # loop for the burst, and the lag measured would be the caller's, not the coordinator's.
         stream = pool.as_completed(Task.kernel("noop", i) for i in range(tasks))
@@ -199,13 +229,25 @@ async def measure(
         load_cpu = (time.process_time() - cpu_before) / (time.perf_counter() - begun)
         load_wait = (runqueue_wait_s() - wait_before) / (time.perf_counter() - begun)
         lag_samples = len(lag.samples)
+        pauses.stop()
         if profiler is not None:
             profiler.disable()
             pstats.Stats(profiler).sort_stats("cumulative").dump_stats(profile)
         load_lag = await lag.stop()
         assert sorted(values) == list(range(tasks))
     return Measured(
-        hosts, start_s, idle_cpu, idle_lag, load_lag, rate, telemetry_rate, load_cpu, load_wait, lag_samples
+        hosts,
+        start_s,
+        idle_cpu,
+        idle_lag,
+        load_lag,
+        rate,
+        telemetry_rate,
+        load_cpu,
+        load_wait,
+        lag_samples,
+        1000 * pauses.longest_s,
+        (pauses.collections[0], pauses.collections[1], pauses.collections[2]),
     )
 
 
@@ -215,7 +257,9 @@ def report(m: Measured) -> None:
         f"loop lag p99 {m.idle_lag_p99_ms:.1f} ms, {m.telemetry_per_s:.0f} telemetry events/s; "
         f"load: {m.tasks_per_s:,.0f} tasks/s, loop lag p99 {m.load_lag_p99_ms:.1f} ms, "
         f"coordinator {100 * m.load_cpu_fraction:.0f}% of a core, "
-        f"waiting for one {100 * m.load_cpu_wait_fraction:.0f}% of the time ({m.load_lag_samples} lag samples)",
+        f"waiting for one {100 * m.load_cpu_wait_fraction:.0f}% of the time ({m.load_lag_samples} lag samples), "
+        f"longest collection {m.load_gc_pause_max_ms:.1f} ms "
+        f"({'/'.join(map(str, m.load_gc_collections))} of generations 0/1/2)",
         flush=True,
     )
 
@@ -250,6 +294,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "load_cpu_fraction": round(big.load_cpu_fraction, 3),
         "load_cpu_wait_fraction": round(big.load_cpu_wait_fraction, 3),
         "load_lag_samples": big.load_lag_samples,
+        "load_gc_pause_max_ms": round(big.load_gc_pause_max_ms, 1),
+        "load_gc_collections": list(big.load_gc_collections),
         "hosts_fit": fit,
         "mib_per_host": round(per_host / 2**20, 1),
         "baseline_hosts": baseline.hosts,

@@ -112,6 +112,19 @@ async def test_budgeted_work_is_cut_into_loop_iterations() -> None:
     assert turns.deferred == 3  # b waited one iteration, c two
 
 
+async def test_the_scheduling_pass_of_a_turns_submissions_counts_in_the_budget() -> None:
+    """The pass that places a turn's submissions must run when it comes, but its time is the
+    iteration's too: a reader after it in the same iteration finds the budget spent (here a
+    budget of nothing), not a fresh one."""
+    async with Pool.local(1, gpu_workers="none") as pool:
+        pool._turns.budget_s = 0.0
+        seen: list[bool] = []
+        future = pool.submit_nowait(Task.kernel("noop", 1))  # its pass runs at the next iteration
+        asyncio.get_running_loop().call_soon(lambda: seen.append(pool._turns.spent()))  # after the pass
+        assert (await future).value == 1
+        assert seen == [True]
+
+
 async def test_hosts_that_join_later_do_not_hold_the_start() -> None:
     """An allocation's nodes (`joins_later`): the pool starts with its other hosts, and each
     joins when its launch returns."""

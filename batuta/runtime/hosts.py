@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from batuta.core import liveness as lv
 from batuta.errors import AgentError, TransportError
 from batuta.protocol import messages as m
+from batuta.runtime import collector
 from batuta.runtime import events as pe
 from batuta.runtime.datalink import DataLinks
 from batuta.runtime.session import HostSession, HostSpec, SendBudget
@@ -77,6 +78,7 @@ class HostSupervisor:
         self._start_turns = asyncio.Semaphore(max(1, max_parallel_starts))
         self._timer = WakeupTimer(lambda: self._handle(lv.ClockTicked()))
         self._closed = False
+        self._holds_collector = False  # the server collector policy, held while up (collector.py)
         self.data_links = DataLinks()  # listens only if a host's spec asks for a data link
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -94,19 +96,22 @@ class HostSupervisor:
         joining = [self._join(s) for s in self.sessions.values() if s.spec.joins_later]
         if not sessions:
             await self._first_joined(joining)
-            return
-        results = await asyncio.gather(*(self._bounded_start(s) for s in sessions), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if len(errors) == len(sessions):
-            first = errors[0]
-            if isinstance(first, AgentError | TransportError):
-                raise first
-            raise AgentError(f"no host could be started: {first!r}") from first
-        for session, result in zip(sessions, results, strict=True):
-            if isinstance(result, BaseException):
-                if not (isinstance(result, TransportError) and not result.retryable):
-                    log.warning("host %s failed to start: %s; retrying in the background", session.name, result)
-                self._launch_failed(session, result)
+        else:
+            results = await asyncio.gather(*(self._bounded_start(s) for s in sessions), return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if len(errors) == len(sessions):
+                first = errors[0]
+                if isinstance(first, AgentError | TransportError):
+                    raise first
+                raise AgentError(f"no host could be started: {first!r}") from first
+            for session, result in zip(sessions, results, strict=True):
+                if isinstance(result, BaseException):
+                    if not (isinstance(result, TransportError) and not result.retryable):
+                        log.warning("host %s failed to start: %s; retrying in the background", session.name, result)
+                    self._launch_failed(session, result)
+        if not self._closed and not self._holds_collector:  # start-up's heap is made: freeze it
+            self._holds_collector = True
+            collector.POLICY.hold()
 
     async def _bounded_start(self, session: HostSession) -> None:
         async with self._start_turns:
@@ -158,6 +163,9 @@ class HostSupervisor:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.data_links.close()
+        if self._holds_collector:
+            self._holds_collector = False
+            collector.POLICY.release()
 
     # -- views ------------------------------------------------------------------------------
 

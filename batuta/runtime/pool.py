@@ -339,7 +339,7 @@ class Pool:
             )
         )
         if len(self._submitted) == 1:
-            loop.call_soon(self._handle, [])  # this turn's submissions, together
+            loop.call_soon(self._turns.run, self._handle, [])  # this turn's submissions, together (turns.py)
         elif len(self._submitted) >= SUBMIT_BATCH:
             self._handle([])  # a long burst: schedule in batches, not all at the turn's end
         return future

@@ -11,12 +11,18 @@ Each reader asks `spent()` before it handles a batch: once this iteration has do
 `budget_s` of such work, the reader waits for the next iteration (`next_turn`), where it
 goes first (the loop's ready queue is first in, first out), and timers run in between. The
 work is the same; it is cut into iterations no longer than about the budget plus one batch.
+
+Work that must run when it comes (the scheduling pass of a turn's submissions: placed in one
+pass, in order) goes through `run`: it is not deferred, but its time counts, so the readers
+after it in the same iteration wait for the next one sooner.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from typing import Any
 
 TURN_BUDGET_S = 0.01
 
@@ -38,6 +44,11 @@ class LoopTurns:
             asyncio.get_running_loop().call_soon(self._next_iteration)
             return False
         return now - self._began >= self.budget_s
+
+    def run(self, callback: Callable[..., None], *args: Any) -> None:
+        """`callback(*args)` now, its time counted in this iteration's budget."""
+        self.spent()
+        callback(*args)
 
     async def next_turn(self) -> None:
         """Wait for the next loop iteration (timers run before it)."""
