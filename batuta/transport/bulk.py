@@ -182,9 +182,10 @@ def _recv_exact(sock: socket.socket, count: int) -> bytes | None:
 
 
 class _Socket:
-    """A TLS socket and a second handle on the same connection, to abort it from any thread
-    (a shutdown wakes a thread blocked in it) without touching the TLS object's state. The
-    thread that uses the socket closes it; anyone else only aborts it."""
+    """A TLS (or, without encryption, plain) socket and a second handle on the same
+    connection, to abort it from any thread (a shutdown wakes a thread blocked in it) without
+    touching the TLS object's state. The thread that uses the socket closes it; anyone else
+    only aborts it."""
 
     def __init__(self, conn: socket.socket, handle: socket.socket) -> None:
         self.conn = conn
