@@ -196,7 +196,8 @@ def valid_message(
 ) -> Run | Cancel | StealBack | Put | Drop | Fetch | Code | DataLink:
     roll = rnd.random()
     if roll < 0.005:  # port 1 on loopback: refused at once, nothing else is ever contacted
-        return DataLink(host="127.0.0.1", port=1, token=rnd.randbytes(32), fingerprint=rnd.randbytes(32))
+        return DataLink(host="127.0.0.1", port=1, token=rnd.randbytes(32), fingerprint=rnd.randbytes(32),
+                        encryption=rnd.choice(("tls", "none")))  # fmt: skip
     if roll < 0.04:
         return rnd.choice(CODE_BUNDLES)
     if roll < 0.06:

@@ -13,7 +13,9 @@ Each round makes a fresh kept result of `--mib` MiB on the host (`saxpy` of a pu
 their sum means the hops run one after the other. Medians over `--rounds`; the last line is
 one JSON object.
 
-    python bench/get_hops.py [--mib 256] [--rounds 5]
+`--encryption none` makes the link plain TCP (`[ssh] data_link_encryption = "none"`).
+
+    python bench/get_hops.py [--mib 256] [--rounds 5] [--encryption tls|none]
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ from tests.support.hosts import TestHosts  # noqa: E402
 RUN_TIMEOUT_S = 600.0
 
 
-async def measure(hosts: TestHosts, mib: int, rounds: int) -> dict[str, Any]:
+async def measure(hosts: TestHosts, mib: int, rounds: int, encrypted: bool = True) -> dict[str, Any]:
     from batuta import Task
     from batuta.runtime.cluster import build_pool, parse_cluster
 
-    pool = build_pool(parse_cluster(cluster_text(hosts, data_link=True), source="bench/get_hops.py"))
+    text = cluster_text(hosts, data_link=True, encrypted=encrypted)
+    pool = build_pool(parse_cluster(text, source="bench/get_hops.py"))
     first: list[float] = []
     second: list[float] = []
     try:
@@ -80,6 +83,7 @@ async def measure(hosts: TestHosts, mib: int, rounds: int) -> dict[str, Any]:
         "first_gbps": round(mib * 2**20 / statistics.median(first) / 1e9, 3),
         "second_gbps": round(mib * 2**20 / statistics.median(second) / 1e9, 3),
         "growing_streams": growing,
+        "encryption": "tls" if encrypted else "none",
         "load_at_start": round(os.getloadavg()[0], 2),
     }
 
@@ -88,10 +92,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--encryption", choices=("tls", "none"), default="tls")
     args = parser.parse_args()
     quiet_logs()
     with TestHosts(1) as hosts:
-        print(json.dumps(asyncio.run(measure(hosts, args.mib, args.rounds))))
+        print(json.dumps(asyncio.run(measure(hosts, args.mib, args.rounds, args.encryption == "tls"))))
 
 
 if __name__ == "__main__":

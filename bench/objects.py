@@ -24,15 +24,24 @@ target is a peak under 1 GiB while moving 4 GiB. This machine
 (23 GiB of RAM, 2 cores) holds 4 copies on the hosts plus the source, so the default is
 1 GiB; `--gib 4` is the issue's size where memory allows.
 
-`--data-link on` (the default) sets `[ssh] data_link = "ssh"`: big values travel over TLS
+`--data-link on` (the default) sets `[ssh] data_link = "ssh"`: big values travel over
 connections each agent dials back to the coordinator (transport/bulk.py), beside the SSH
-channel; `off` keeps them on the channel; `both` runs batuta twice, the channel first, and
-reports the data link's figures at the top with the channel's under "channel".
+channel; `off` keeps them on the channel; `both` runs batuta over the channel first too, and
+reports its figures under "channel".
+
+`--encryption` says which data links run: `tls` (`[ssh] data_link_encryption = "tls"`, the
+default setting), `none` (plain TCP, both ends proving the token: transport/linkauth.py), or
+`both` (this option's default: none first, so that it gains nothing from pages the other run
+left mapped; then TLS). The top-level put_gbps/get_gbps are the "none" run's where there is
+one: like for like with Dask, whose default comm (tcp://) is plain TCP too;
+`tls_put_gbps`/`tls_get_gbps` are the TLS run's (its whole figures under "tls").
+`encryption` says which run the top-level figures are.
 
 Targets (issue 15): put_gbps >= dask_scatter_gbps, get_gbps >= dask_gather_gbps,
 coordinator_peak_rss_mib < 1024. The last line is one JSON object.
 
-    python bench/objects.py [--gib 1] [--hosts 4] [--data-link on|off|both] [--skip-dask]
+    python bench/objects.py [--gib 1] [--hosts 4] [--data-link on|off|both] [--encryption tls|none|both]
+                            [--skip-dask]
 """
 
 from __future__ import annotations
@@ -63,7 +72,7 @@ RUN_TIMEOUT_S = 900.0
 GIB = 1 << 30
 
 
-def cluster_text(hosts: TestHosts, data_link: bool = False) -> str:
+def cluster_text(hosts: TestHosts, data_link: bool = False, encrypted: bool = True) -> str:
     """One slot per host, each host tagged with its own name so a task can be pinned to it."""
     parts = [
         "[defaults]",
@@ -78,7 +87,8 @@ def cluster_text(hosts: TestHosts, data_link: bool = False) -> str:
         parts += ["[[hosts]]", f'name = "{h.name}"', f'address = "{h.address}"', f"port = {h.port}"]
         parts += [f'tags = ["{h.name}"]', ""]
     parts += ["[ssh]", f'known_hosts = "{hosts.known_hosts}"', "config = false", "connect_timeout = 10"]
-    parts += ['data_link = "ssh"', ""] if data_link else [""]
+    parts += ['data_link = "ssh"', f'data_link_encryption = "{"tls" if encrypted else "none"}"'] if data_link else []
+    parts += [""]
     return "\n".join(parts)
 
 
@@ -103,11 +113,11 @@ def reset_peak_rss() -> bool:
     return True
 
 
-async def batuta_run(hosts: TestHosts, array: np.ndarray, data_link: bool) -> dict[str, Any]:
+async def batuta_run(hosts: TestHosts, array: np.ndarray, data_link: bool, encrypted: bool) -> dict[str, Any]:
     from batuta import Task
     from batuta.runtime.cluster import build_pool, parse_cluster
 
-    pool = build_pool(parse_cluster(cluster_text(hosts, data_link), source="bench/objects.py"))
+    pool = build_pool(parse_cluster(cluster_text(hosts, data_link, encrypted), source="bench/objects.py"))
     names = [h.name for h in hosts]
     try:
         async with asyncio.timeout(RUN_TIMEOUT_S):
@@ -153,6 +163,7 @@ async def batuta_run(hosts: TestHosts, array: np.ndarray, data_link: bool) -> di
         "peak_by_phase": phases,
         "get_peak_over_value_mib": round(get_over, 1) if phases else None,
         "data_link": data_link,
+        "encryption": ("tls" if encrypted else "none") if data_link else None,
         "links_up": links_up,
     }
 
@@ -224,6 +235,9 @@ def main() -> None:
     parser.add_argument("--hosts", type=int, default=4)
     parser.add_argument("--skip-dask", action="store_true")
     parser.add_argument("--data-link", choices=("on", "off", "both"), default="on", help="[ssh] data_link (see above)")
+    parser.add_argument(
+        "--encryption", choices=("tls", "none", "both"), default="both", help="[ssh] data_link_encryption (see above)"
+    )
     args = parser.parse_args()
     if not 0 < args.gib <= 64:
         parser.error("--gib must be in (0, 64]")
@@ -242,19 +256,22 @@ def main() -> None:
         source.flush()
         del source
         array = np.load(path, mmap_mode="r")
+        encryptions = {"tls": [True], "none": [False], "both": [False, True]}[args.encryption]
+        runs = [(True, encrypted) for encrypted in encryptions] if args.data_link != "off" else []
+        runs = ([(False, True)] if args.data_link != "on" else []) + runs
         with TestHosts(args.hosts) as hosts:
-            channel: dict[str, Any] = {}
-            for run, link in enumerate({"on": [True], "off": [False], "both": [False, True]}[args.data_link]):
+            measured: dict[str, dict[str, Any]] = {}  # "channel", "tls", "none"
+            for run, (link, encrypted) in enumerate(runs):
                 if run:
                     settle(hosts)  # the previous run's agents gone
-                ours = asyncio.run(batuta_run(hosts, array, link))
+                ours = asyncio.run(batuta_run(hosts, array, link, encrypted))
+                kind = ("tls" if encrypted else "none") if link else "channel"
+                measured[kind] = ours
                 print(
-                    f"batuta ({'data link' if link else 'SSH channel'}): put {ours['put_gbps']:.2f} GB/s, "
+                    f"batuta ({f'data link, {kind}' if link else 'SSH channel'}): put {ours['put_gbps']:.2f} GB/s, "
                     f"get {ours['get_gbps']:.2f} GB/s, coordinator peak RSS {ours['coordinator_peak_rss_mib']:.0f} MiB",
                     flush=True,
                 )
-                if not link and args.data_link == "both":
-                    channel = ours
             theirs: dict[str, Any] = {}
             if not args.skip_dask:
                 settle(hosts)
@@ -263,17 +280,23 @@ def main() -> None:
                 scatter, gather = theirs["dask_scatter_gbps"], theirs["dask_gather_gbps"]
                 print(f"Dask: scatter {scatter:.2f} GB/s, gather {gather:.2f} GB/s", flush=True)
         del array
+    top = next(kind for kind in ("none", "tls", "channel") if kind in measured)
+    ours, tls = measured[top], measured.get("tls", {})
     summary = {
         "put_gbps": round(ours["put_gbps"], 3),
         "dask_scatter_gbps": round(theirs["dask_scatter_gbps"], 3) if theirs else None,
         "get_gbps": round(ours["get_gbps"], 3),
         "dask_gather_gbps": round(theirs["dask_gather_gbps"], 3) if theirs else None,
+        "tls_put_gbps": round(tls["put_gbps"], 3) if tls else None,
+        "tls_get_gbps": round(tls["get_gbps"], 3) if tls else None,
         "coordinator_peak_rss_mib": ours["coordinator_peak_rss_mib"],
         "gib": args.gib,
         "hosts": args.hosts,
         "data_link": args.data_link != "off",
+        "encryption": top if top != "channel" else None,
         "batuta": ours,
-        "channel": channel,
+        "tls": tls,
+        "channel": measured.get("channel", {}),
         "dask": theirs,
         "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),

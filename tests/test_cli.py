@@ -154,6 +154,16 @@ async def main(pool):
             "--workers: 5000 is too many; one agent runs at most 1024 slots",
             id="workers-too-many",
         ),
+        pytest.param(
+            {
+                "job.py": "async def main(pool):\n    pass\n",
+                "cluster.toml": '[[hosts]]\naddress = "10.0.0.1"\n[ssh]\ndata_link_encryption = "off"\n',
+            },
+            ["run", "job.py", "-c", "cluster.toml"],
+            'ssh.data_link_encryption: expected "tls" (the default) or "none" (plain TCP, for private networks), '
+            "got 'off'",
+            id="data-link-encryption",
+        ),
         pytest.param({}, ["run"], "required: JOB", id="no-job"),
         pytest.param({}, [], "no command given", id="no-command"),
         pytest.param({}, ["frobnicate"], "invalid choice: 'frobnicate'", id="unknown-command"),

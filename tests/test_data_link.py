@@ -284,9 +284,14 @@ def test_the_setting_is_off_ssh_or_an_address() -> None:
 @pytest.mark.parametrize(
     ("fields", "problem"),
     [
-        (["h", 0, b"t" * 32, b"f" * 32], "DataLink.port: must be a TCP port (1 to 65535), got 0"),
-        (["h", 5, b"t" * 5, b"f" * 32], "DataLink.token: must be 32 bytes, got 5"),
-        (["h", 5, b"t" * 32, "f"], "DataLink.fingerprint: expected bytes, got str 'f'"),
+        (["h", 0, b"t" * 32, b"f" * 32, "tls"], "DataLink.port: must be a TCP port (1 to 65535), got 0"),
+        (["h", 5, b"t" * 5, b"f" * 32, "tls"], "DataLink.token: must be 32 bytes, got 5"),
+        (["h", 5, b"t" * 32, "f", "tls"], "DataLink.fingerprint: expected bytes, got str 'f'"),
+        (
+            ["h", 5, b"t" * 32, b"f" * 32, "aes"],
+            "DataLink.encryption: unknown data link encryption 'aes' (known: none, tls)",
+        ),
+        (["h", 5, b"t" * 32, b"f" * 32], "DataLink needs 5 fields, got 4"),  # a protocol-11 coordinator's
     ],
 )
 def test_a_malformed_data_link_message_is_refused_naming_the_field(fields: list[object], problem: str) -> None:

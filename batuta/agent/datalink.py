@@ -3,7 +3,8 @@
 On `DataLink` the agent dials the named listener twice, in threads: one connection for what
 it sends (results, fetched values), one for what it receives (put values, relayed inputs).
 Each checks the listener's certificate against the fingerprint the message carried before it
-presents the token. A direction that comes up carries every streamed array from then on; one
+presents the token (without encryption, the listener must prove it holds the token instead:
+`transport/linkauth.py`). A direction that comes up carries every streamed array from then on; one
 that cannot be set up is reported on stderr (the coordinator logs it) and that direction
 stays on the channel. A link that breaks once up ends the agent with an Error: half a value
 is never resumed, and the coordinator requeues what it had sent here.
@@ -89,8 +90,9 @@ class AgentDataLink:
         # stream it announces (those below its first id are forgotten once that is known).
         self._conn.incoming.on_open = self._receiver.expect
         for role in (ROLE_AGENT_RECEIVES, ROLE_AGENT_SENDS):
+            dialling = functools.partial(dial, encrypted=offer.encryption != "none")
             dialled = self._loop.run_in_executor(
-                None, dial, offer.host, offer.port, offer.token, offer.fingerprint, role, HANDSHAKE_TIMEOUT_S
+                None, dialling, offer.host, offer.port, offer.token, offer.fingerprint, role, HANDSHAKE_TIMEOUT_S
             )
             dialled.add_done_callback(functools.partial(self._dialled, role))
 

@@ -46,6 +46,7 @@ from batuta.protocol._fields import (
 from batuta.protocol._values import OobWriter, decode_args, decode_value, encode_args, encode_value
 from batuta.protocol.errors import LocalProtocolError, RemoteProtocolError
 from batuta.protocol.messages import (
+    DATA_LINK_ENCRYPTIONS,
     SLOT_DOWN,
     SLOT_RESTARTING,
     SLOT_UP,
@@ -114,7 +115,7 @@ CALL_BINARY = 1
 
 MAX_CODE_FILES = 10_000  # files in one Code message
 MAX_CODE_MODULES = 1_000  # modules it names, and failures a CodeLoaded reports
-DATA_LINK_SECRET_BYTES, _LINK_FIELDS = 32, ("port", "token", "fingerprint")  # token and fingerprint: 32 bytes
+DATA_LINK_SECRET_BYTES, _LINK_FIELDS = 32, ("port", "token", "fingerprint", "encryption")  # secrets: 32 bytes
 
 _BACKENDS = frozenset(b.value for b in Backend if b is not Backend.AUTO)
 _SLOT_STATES = frozenset({SLOT_UP, SLOT_RESTARTING, SLOT_DOWN})
@@ -425,14 +426,14 @@ def _enc_heartbeat(m: Heartbeat, oob: OobWriter) -> list[Any]:
     ]
 
 
-def _link_field(x: Any, field: str) -> Any:  # a DataLink's port, token or fingerprint
+def _link_field(x: Any, field: str) -> Any:  # a DataLink's port, token, fingerprint or encryption
+    if field == ".encryption":
+        return choice(x, field, DATA_LINK_ENCRYPTIONS, "data link encryption")
     if field == ".port" and not 1 <= uint(x, field) <= 65535:
         raise Invalid(field, f"must be a TCP port (1 to 65535), got {x}")
-    if field == ".port":
-        return x
-    if len(bytes_(x, field)) != DATA_LINK_SECRET_BYTES:
+    if field != ".port" and len(bytes_(x, field)) != DATA_LINK_SECRET_BYTES:
         raise Invalid(field, f"must be {DATA_LINK_SECRET_BYTES} bytes, got {len(x)}")
-    return bytes(x)
+    return x if field == ".port" else bytes(x)
 
 
 def _enc_data_link(m: DataLink, oob: OobWriter) -> list[Any]:
@@ -757,9 +758,8 @@ _DECODER_FNS: list[tuple[type, Callable[[list[Any]], Message]]] = [
     (Error, _dec_error),
 ]
 _OPTIONAL_TRAILING: dict[type, int] = {Hello: 1, Heartbeat: 4}
-"""Trailing fields an older agent leaves out: Hello.modules (protocol 4), Heartbeat's object
-counts. A Hello is read from
-any agent, so that the coordinator can tell one of another batuta version what to do."""
+"""Trailing fields an older agent leaves out: Hello.modules (protocol 4), Heartbeat's object counts.
+A Hello is read from any agent, so that the coordinator can tell one of another batuta version what to do."""
 
 _DECODERS: dict[int, tuple[type, int, int, Callable[[list[Any]], Message]]] = {
     TAGS[cls]: (cls, len(dataclasses.fields(cls)) - _OPTIONAL_TRAILING.get(cls, 0), len(dataclasses.fields(cls)), fn)

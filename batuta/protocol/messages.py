@@ -21,7 +21,7 @@ from typing import Any
 
 from batuta.core.task import BinaryCall, KernelCall, Outcome
 
-PROTOCOL_VERSION = 11
+PROTOCOL_VERSION = 12
 """2: Put, Drop and object references; 3: Code, CodeLoaded, TaskRequest.code; 4: Hello.modules;
 5: streamed arrays and chunk frames (`chunks.py`); 6: ObjectsLost (kept results live in slots);
 7: GpuSample's device cache fields (a protocol-6 coordinator could not read them);
@@ -30,7 +30,11 @@ object that a task sent to its slot before it keeps, not made yet (fed ahead,
 `core/feedahead.py`): the agent takes it (a protocol-8 agent refused it as absent);
 10: DataLink (streamed arrays over TLS connections the agent dials back); 11: a data link's
 growing streams (a fetched value forwarded while it arrives, in pieces, abortable:
-`transport/bulk.py`; a protocol-10 coordinator would misread the length)."""
+`transport/bulk.py`; a protocol-10 coordinator would misread the length); 12: DataLink.encryption
+("none": plain TCP connections, both ends proven by an HMAC of the token; an older agent would
+dial TLS and be refused)."""
+
+DATA_LINK_ENCRYPTIONS = frozenset({"tls", "none"})  # DataLink.encryption
 
 
 # -- handshake ------------------------------------------------------------------------------
@@ -327,15 +331,18 @@ class DataLink:
     """Dial the coordinator's data listener at `host`:`port` (`transport/bulk.py`): streamed
     arrays then travel there, beside this channel. The listener's certificate must have the
     SHA-256 `fingerprint`; `token` (one-time, this session's) proves the dialler is this agent.
-    Both are secrets of this channel: they never appear in argv or logs."""
+    Both are secrets of this channel: they never appear in argv or logs. `encryption` "none":
+    the connections are plain TCP (no certificate: `fingerprint` is unused), and each end
+    proves it knows the token by an HMAC over both ends' nonces, never sending it."""
 
     host: str
     port: int
     token: bytes
     fingerprint: bytes
+    encryption: str = "tls"
 
     def __repr__(self) -> str:  # never the token in a log or a traceback
-        return f"DataLink(host={self.host!r}, port={self.port})"
+        return f"DataLink(host={self.host!r}, port={self.port}, encryption={self.encryption!r})"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -75,7 +75,7 @@ from batuta.runtime.policy import POLICY_COMPONENTS, POLICY_LEVELS, POLICY_THRES
 from batuta.runtime.pool import Pool, PoolConfig, local_host
 from batuta.runtime.session import HostSpec
 from batuta.transport.base import ByteStream
-from batuta.transport.bulk import parse_data_link
+from batuta.transport.bulk import parse_data_link, parse_data_link_encryption
 from batuta.transport.local import agent_command
 from batuta.transport.ssh import SSHSettings, SSHTarget, open_ssh_stream
 from batuta.transport.tls import DEFAULT_PORT as TLS_DEFAULT_PORT
@@ -313,7 +313,7 @@ _TLS_KEYS = ("ca", "cert", "key", "server_name", "connect_timeout", "hello_timeo
 _DEFAULT_KEYS = tuple(k for k in _HOST_KEYS if k not in ("name", "address"))
 _LOCAL_KEYS = ("enabled", "name", "python", "slots", "gpus", "env", "tags", "kernel_modules")
 _LOCAL_INHERITS = ("env", "tags", "kernel_modules")  # from [defaults]: what runs, not where
-_SSH_KEYS = ("known_hosts", "config", "connect_timeout", "trust_on_first_use", "data_link")
+_SSH_KEYS = ("known_hosts", "config", "connect_timeout", "trust_on_first_use", "data_link", "data_link_encryption")
 _POOL_KEYS = (
     "seed",
     "heartbeat_interval",
@@ -528,11 +528,13 @@ class _Reader:
             fields["connect_timeout"] = self._seconds((*path, "connect_timeout"), table["connect_timeout"])
         if "trust_on_first_use" in table:
             fields["trust_on_first_use"] = self._bool((*path, "trust_on_first_use"), table["trust_on_first_use"])
-        if "data_link" in table:  # off, "ssh" or an address: transport/bulk.py
-            try:
-                fields["data_link"] = parse_data_link(self._string((*path, "data_link"), table["data_link"]))
+        for key, parse in (("data_link", parse_data_link), ("data_link_encryption", parse_data_link_encryption)):
+            try:  # off, "ssh" or an address; "tls" or "none" (plain TCP): transport/bulk.py
+                fields[key] = parse(self._string((*path, key), table[key])) if key in table else fields.get(key)
             except ValueError as exc:
-                raise self.error((*path, "data_link"), str(exc)) from None
+                raise self.error((*path, key), str(exc)) from None
+        if fields.pop("data_link_encryption") is False and fields["data_link"] is not None:
+            fields["data_link"] = replace(fields["data_link"], encrypted=False)
         return SSHSettings(**fields)
 
     def _pool(self, table: dict[str, Any]) -> PoolConfig:

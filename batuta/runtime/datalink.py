@@ -9,8 +9,10 @@ own; until it does, or if it never does, that direction's arrays use the stream 
 
 Listeners are opened on first use, one per address: the local address of each host's SSH
 connection (`data_link = "ssh"`), or the configured one. Nothing listens unless the cluster
-file asks. Why a host is left on its stream (no address, a listener that cannot bind, an
-agent that did not dial) is logged once per host and reason.
+file asks. With `data_link_encryption = "none"` the listener speaks plain TCP (both ends
+still prove the token: `transport/linkauth.py`) and the offer says so. Why a host is left on
+its stream (no address, a listener that cannot bind, an agent that did not dial) is logged
+once per host and reason.
 
 A data link that breaks while the session lives ends the session (`HostSession.kill`), as a
 lost stream would: its tasks are requeued and the host relaunched; half a value is never
@@ -180,7 +182,7 @@ class DataLinks:
     """A pool's data listeners and the offers made on them."""
 
     def __init__(self) -> None:
-        self._listeners: dict[tuple[str, int], DataListener] = {}
+        self._listeners: dict[tuple[str, int, bool], DataListener] = {}  # (bind, port, encrypted)
         self._said: set[tuple[str, str]] = set()  # (host, reason) already logged
         self._closed = False
 
@@ -206,21 +208,27 @@ class DataLinks:
         token = new_token()
         link = SessionLink(session, conn, listener, token, advertised)
         session.data_link = link
-        session.send(m.DataLink(host=advertised, port=listener.port, token=token, fingerprint=listener.fingerprint))
+        encryption = "tls" if listener.encrypted else "none"
+        offer = m.DataLink(
+            host=advertised, port=listener.port, token=token, fingerprint=listener.fingerprint, encryption=encryption
+        )
+        session.send(offer)
 
     def _listener(self, host_name: str, bind: str, setting: DataLinkSetting) -> DataListener | None:
-        key = (bind, setting.port)
+        key = (bind, setting.port, setting.encrypted)
         listener = self._listeners.get(key)
         if listener is not None:
             return listener
         try:
-            listener = DataListener(bind, setting.port)
+            listener = DataListener(bind, setting.port, encrypted=setting.encrypted)
         except OSError as exc:
-            self._once(host_name, f"bind {key}", f"cannot listen on {format_address(*key)}: {exc.strerror or exc}")
+            where = format_address(bind, setting.port)
+            self._once(host_name, f"bind {key}", f"cannot listen on {where}: {exc.strerror or exc}")
             return None
         listener.start()
         self._listeners[key] = listener
-        log.info("data link listener on %s (TLS, one-time tokens over each host's channel)", listener.where)
+        how = "TLS" if setting.encrypted else "plain TCP, NOT encrypted (data_link_encryption = none)"
+        log.info("data link listener on %s (%s, one-time tokens over each host's channel)", listener.where, how)
         return listener
 
     def _once(self, host: str, kind: str, why: str) -> None:

@@ -13,7 +13,10 @@ channel, where to dial, a one-time token and the SHA-256 fingerprint of the list
 certificate (a fresh self-signed one per listener, never written anywhere but a private
 temporary file while it loads). The agent verifies the certificate against that fingerprint
 before it sends anything, then proves it is that session's agent with the token. Nothing
-secret is ever in argv.
+secret is ever in argv. With `data_link_encryption = "none"` (a network the user trusts) the
+connections are plain TCP instead, with no certificate: each end proves it holds the token
+by an HMAC over both ends' nonces, without sending it (`linkauth.py`), and then the same
+role, answer and streams follow, unencrypted.
 
 On each connection, after TLS (`dial` / the listener)::
 
@@ -68,6 +71,16 @@ import numpy as np
 
 from batuta.errors import TransportError
 from batuta.transport.growing import Growing
+from batuta.transport.linkauth import (
+    NONCE_BYTES,
+    PLAIN_MAGIC,
+    PROOF_BYTES,
+    agent_proof,
+    coordinator_proof,
+    find_token,
+    new_nonce,
+    proves_coordinator,
+)
 from batuta.transport.tls import format_address, split_address, tune_socket
 
 log = logging.getLogger("batuta.transport.bulk")
@@ -104,10 +117,13 @@ class DataLinkError(TransportError):
 @dataclass(frozen=True, slots=True)
 class DataLinkSetting:
     """Where the coordinator's data listener binds. `host` "" means the local address of each
-    host's SSH connection (the address that host reaches us at); `port` 0 means any free one."""
+    host's SSH connection (the address that host reaches us at); `port` 0 means any free one.
+    `encrypted` False: plain TCP, authenticated both ways but neither secret nor protected
+    from change on the wire (`data_link_encryption = "none"`, `linkauth.py`)."""
 
     host: str = ""
     port: int = 0
+    encrypted: bool = True
 
     @property
     def follows_ssh(self) -> bool:
@@ -135,10 +151,21 @@ def parse_data_link(text: str) -> DataLinkSetting | None:
     return DataLinkSetting(host=host, port=port)
 
 
+ENCRYPTIONS = {"tls": True, "none": False}  # `data_link_encryption` -> DataLinkSetting.encrypted
+
+
+def parse_data_link_encryption(text: str) -> bool:
+    """The cluster file's `[ssh] data_link_encryption`: "tls" (True) or "none". Raises
+    ValueError with the fix."""
+    if text.strip() not in ENCRYPTIONS:
+        raise ValueError(f'expected "tls" (the default) or "none" (plain TCP, for private networks), got {text!r}')
+    return ENCRYPTIONS[text.strip()]
+
+
 # -- sockets --------------------------------------------------------------------------------
 
 
-def _recv_exact(sock: ssl.SSLSocket, count: int) -> bytes | None:
+def _recv_exact(sock: socket.socket, count: int) -> bytes | None:
     """`count` bytes, or None if the peer closed cleanly before the first; raises OSError
     (or ConnectionError on a close part-way)."""
     out = bytearray(count)
@@ -155,12 +182,13 @@ def _recv_exact(sock: ssl.SSLSocket, count: int) -> bytes | None:
 
 
 class _Socket:
-    """A TLS socket and a second handle on the same connection, to abort it from any thread
-    (a shutdown wakes a thread blocked in it) without touching the TLS object's state. The
-    thread that uses the socket closes it; anyone else only aborts it."""
+    """A TLS (or, without encryption, plain) socket and a second handle on the same
+    connection, to abort it from any thread (a shutdown wakes a thread blocked in it) without
+    touching the TLS object's state. The thread that uses the socket closes it; anyone else
+    only aborts it."""
 
-    def __init__(self, tls: ssl.SSLSocket, handle: socket.socket) -> None:
-        self.tls = tls
+    def __init__(self, conn: socket.socket, handle: socket.socket) -> None:
+        self.conn = conn
         self._handle = handle
         self._aborted = False
         self._lock = threading.Lock()
@@ -179,7 +207,7 @@ class _Socket:
         with contextlib.suppress(OSError):
             self._handle.close()
         with contextlib.suppress(OSError):
-            self.tls.close()
+            self.conn.close()
 
 
 # -- one direction: sending -----------------------------------------------------------------
@@ -236,7 +264,7 @@ class BulkSender:
 
     def _run(self) -> None:
         try:
-            self._sock.tls.sendall(_FIRST.pack(self._first))
+            self._sock.conn.sendall(_FIRST.pack(self._first))
             while True:
                 with self._ready:
                     while not self._queue and not self._closed:
@@ -246,9 +274,9 @@ class BulkSender:
                     stream_id, view, growing = self._queue.popleft()
                     self._current = growing
                 if growing is None:
-                    self._sock.tls.sendall(_HEADER.pack(stream_id, len(view)))
+                    self._sock.conn.sendall(_HEADER.pack(stream_id, len(view)))
                     for start in range(0, len(view), SEND_PIECE):  # the GIL is released while OpenSSL encrypts
-                        self._sock.tls.sendall(view[start : start + SEND_PIECE])
+                        self._sock.conn.sendall(view[start : start + SEND_PIECE])
                     sent = len(view)
                 else:
                     sent = self._send_growing(stream_id, view, growing)
@@ -267,8 +295,8 @@ class BulkSender:
 
     def _send_growing(self, stream_id: int, view: memoryview, growing: Growing) -> int:
         """Send a growing array's bytes as they are filled; how many went (-1: closed)."""
-        tls = self._sock.tls
-        tls.sendall(_HEADER.pack(stream_id, len(view) | GROWING))
+        conn = self._sock.conn
+        conn.sendall(_HEADER.pack(stream_id, len(view) | GROWING))
         sent = 0
         waited = 0.0
         while sent < len(view):
@@ -276,7 +304,7 @@ class BulkSender:
             if self._closed:
                 return -1
             if filled < 0:
-                tls.sendall(_PIECE.pack(ABORTED))
+                conn.sendall(_PIECE.pack(ABORTED))
                 return sent
             if filled == sent:
                 waited += GROWING_POLL_S
@@ -285,8 +313,8 @@ class BulkSender:
                 continue
             waited = 0.0
             end = min(filled, sent + SEND_PIECE)
-            tls.sendall(_PIECE.pack(end - sent))
-            tls.sendall(view[sent:end])
+            conn.sendall(_PIECE.pack(end - sent))
+            conn.sendall(view[sent:end])
             sent = end
         return sent
 
@@ -379,9 +407,9 @@ class BulkReceiver:
         on_filled: Callable[[int, int], None],
         on_failed: Callable[[str], None],
     ) -> None:
-        tls = sock.tls
+        conn = sock.conn
         try:
-            first = _recv_exact(tls, _FIRST.size)
+            first = _recv_exact(conn, _FIRST.size)
             if first is None:
                 return
             (first_id,) = _FIRST.unpack(first)
@@ -391,7 +419,7 @@ class BulkReceiver:
                     del self._sinks[stream_id]  # came over the channel
             last = first_id - 1
             while True:
-                header = _recv_exact(tls, _HEADER.size)
+                header = _recv_exact(conn, _HEADER.size)
                 if header is None:
                     if self._eof_fails and not self._closed:
                         _call(loop, on_failed, "the other end closed its data connection")
@@ -409,14 +437,14 @@ class BulkReceiver:
                     raise _Broken(f"stream {stream_id} is {flat.nbytes} bytes, the link sent {length}")
                 view = flat.data.cast("B")
                 if growing:
-                    complete = self._receive_growing(tls, stream_id, view)
+                    complete = self._receive_growing(conn, stream_id, view)
                     del view, flat
                     if not complete:
                         assert self._on_aborted is not None  # else _receive_growing raised
                         _call(loop, self._on_aborted, stream_id)
                         continue
                 else:
-                    self._receive(tls, stream_id, view, 0, length)
+                    self._receive(conn, stream_id, view, 0, length)
                     del view, flat
                     self.received_bytes += length
                 _call(loop, on_filled, stream_id, length)
@@ -429,15 +457,15 @@ class BulkReceiver:
             sock.close()
 
     @staticmethod
-    def _receive(tls: ssl.SSLSocket, stream_id: int, view: memoryview, start: int, end: int) -> None:
+    def _receive(conn: socket.socket, stream_id: int, view: memoryview, start: int, end: int) -> None:
         got = start
         while got < end:
-            n = tls.recv_into(view[got:], min(end - got, RECV_PIECE))
+            n = conn.recv_into(view[got:], min(end - got, RECV_PIECE))
             if not n:
                 raise ConnectionError(f"closed {got} bytes into stream {stream_id} ({len(view)} bytes)")
             got += n
 
-    def _receive_growing(self, tls: ssl.SSLSocket, stream_id: int, view: memoryview) -> bool:
+    def _receive_growing(self, conn: socket.socket, stream_id: int, view: memoryview) -> bool:
         """A growing stream's pieces into its array; False if its sender aborted it."""
         if self._on_aborted is None:
             raise _Broken(f"stream {stream_id} came as pieces, which this direction never sends")
@@ -446,7 +474,7 @@ class BulkReceiver:
         with self._cond:
             self.growing_streams += 1
         while got < length:
-            piece = _recv_exact(tls, _PIECE.size)
+            piece = _recv_exact(conn, _PIECE.size)
             if piece is None:
                 raise ConnectionError(f"closed {got} bytes into stream {stream_id} ({length} bytes)")
             (count,) = _PIECE.unpack(piece)
@@ -456,7 +484,7 @@ class BulkReceiver:
                 return False
             if count == 0 or got + count > length:
                 raise _Broken(f"a piece of {count} bytes at {got} of stream {stream_id} ({length} bytes)")
-            self._receive(tls, stream_id, view, got, got + count)
+            self._receive(conn, stream_id, view, got, got + count)
             got += count
             with self._cond:
                 self.received_bytes += count
@@ -509,12 +537,18 @@ class DataListener:
 
     `expect(token, on_accepted)` registers a session's one-time token; a dialler that
     presents it (with a role not yet taken) is handed to `on_accepted` on the loop, and one
-    with any other token is disconnected. `forget(token)` withdraws it.
+    with any other token is disconnected. `forget(token)` withdraws it. Without `encrypted`
+    the connections are plain TCP and the token is proven, never sent (`linkauth.py`); there
+    is no certificate then, and `fingerprint` is zeros.
     """
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, *, encrypted: bool = True) -> None:
         self.bind_host = host
-        self._context, self.fingerprint = _server_context()
+        self.encrypted = encrypted
+        self._context: ssl.SSLContext | None = None  # None: plain TCP
+        self.fingerprint = bytes(TOKEN_BYTES)
+        if encrypted:
+            self._context, self.fingerprint = _server_context()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -569,8 +603,9 @@ class DataListener:
         peer = "?"
         with contextlib.suppress(OSError):
             peer = format_address(*conn.getpeername()[:2])
+        tokens = list(self._expected)  # an agent dials once offered: its token is registered by now
         try:
-            sock, token, role = await loop.run_in_executor(self._executor, self._handshake, conn)
+            sock, token, role = await loop.run_in_executor(self._executor, self._handshake, conn, tokens)
         except (OSError, ValueError, DataLinkError) as exc:
             self.refused += 1
             log.warning("data listener %s: refused %s: %s", self.where, peer, exc)
@@ -583,35 +618,39 @@ class DataListener:
             log.warning("data listener %s: refused %s: unknown token or role already taken", self.where, peer)
             return
         try:
-            await loop.run_in_executor(self._executor, sock.tls.sendall, ACCEPTED)
+            await loop.run_in_executor(self._executor, sock.conn.sendall, ACCEPTED)
         except OSError:
             sock.abort()  # the link's thread meets the failure when it uses the socket, and says so
         start()  # only now: the sending side's first bytes must follow the answer
 
-    def _handshake(self, conn: socket.socket) -> tuple[_Socket, bytes, bytes]:
+    def _handshake(self, conn: socket.socket, tokens: list[bytes]) -> tuple[_Socket, bytes, bytes]:
         conn.setblocking(True)
         conn.settimeout(HANDSHAKE_TIMEOUT_S)
         handle = conn.dup()
+        if self._context is None:
+            sock = _Socket(conn, handle)
+        else:
+            try:
+                tls = self._context.wrap_socket(conn, server_side=True)
+            except (OSError, ValueError) as exc:
+                handle.close()
+                conn.close()
+                raise DataLinkError(f"TLS handshake failed: {exc}") from None
+            sock = _Socket(tls, handle)
         try:
-            tls = self._context.wrap_socket(conn, server_side=True)
-        except (OSError, ValueError) as exc:
-            handle.close()
-            conn.close()
-            raise DataLinkError(f"TLS handshake failed: {exc}") from None
-        sock = _Socket(tls, handle)
-        try:
-            greeting = _recv_exact(tls, _GREETING)
-            if greeting is None or greeting[: len(MAGIC)] != MAGIC:
-                raise DataLinkError("not a batuta data link greeting")
-            role = greeting[-1:]
-            if role not in (ROLE_AGENT_SENDS, ROLE_AGENT_RECEIVES):
-                raise DataLinkError(f"unknown role {role!r}")
-            tls.settimeout(None)
-            tune_socket(tls, keepalive_s=KEEPALIVE_S)
+            if self._context is None:
+                token, role = _prove_plain_to_agent(sock.conn, tokens)
+            else:
+                greeting = _recv_exact(sock.conn, _GREETING)
+                if greeting is None or greeting[: len(MAGIC)] != MAGIC:
+                    raise DataLinkError("not a batuta data link greeting")
+                token, role = greeting[len(MAGIC) : -1], _role(greeting[-1:])
+            sock.conn.settimeout(None)
+            tune_socket(sock.conn, keepalive_s=KEEPALIVE_S)
         except BaseException:
             sock.close()
             raise
-        return sock, greeting[len(MAGIC) : -1], role
+        return sock, token, role
 
     async def close(self) -> None:
         self._expected.clear()
@@ -629,19 +668,63 @@ def new_token() -> bytes:
     return secrets.token_bytes(TOKEN_BYTES)
 
 
+def _role(role: bytes) -> bytes:
+    if role not in (ROLE_AGENT_SENDS, ROLE_AGENT_RECEIVES):
+        raise DataLinkError(f"unknown role {role!r}")
+    return role
+
+
+def _prove_plain_to_agent(conn: socket.socket, tokens: list[bytes]) -> tuple[bytes, bytes]:
+    """The coordinator's side of an unencrypted link's handshake (`linkauth.py`): the token
+    the dialler proved it holds among `tokens`, and its role."""
+    greeting = _recv_exact(conn, len(PLAIN_MAGIC) + 1 + NONCE_BYTES)
+    if greeting is None or greeting[: len(PLAIN_MAGIC)] != PLAIN_MAGIC:
+        raise DataLinkError("not a greeting of a batuta data link without encryption (a TLS dialler?)")
+    role = _role(greeting[len(PLAIN_MAGIC) : len(PLAIN_MAGIC) + 1])
+    agent_nonce, nonce = greeting[len(PLAIN_MAGIC) + 1 :], new_nonce()
+    conn.sendall(nonce)
+    proof = _recv_exact(conn, PROOF_BYTES)
+    token = find_token(tokens, proof, role, agent_nonce, nonce) if proof is not None else None
+    if token is None:
+        raise DataLinkError("its proof matches no offered token (a wrong token or HMAC)")
+    conn.sendall(coordinator_proof(token, role, agent_nonce, nonce))
+    return token, role
+
+
+def _prove_plain_to_coordinator(conn: socket.socket, token: bytes, role: bytes, where: str) -> None:
+    """The agent's side: prove `token` without sending it, and check that the listener holds
+    it too before anything else is sent (`linkauth.py`)."""
+    agent_nonce = new_nonce()
+    conn.sendall(PLAIN_MAGIC + role + agent_nonce)
+    coordinator_nonce = _recv_exact(conn, NONCE_BYTES)
+    if coordinator_nonce is None:
+        raise DataLinkError(f"{where} refused the token")
+    conn.sendall(agent_proof(token, role, agent_nonce, coordinator_nonce))
+    proof = _recv_exact(conn, PROOF_BYTES)
+    if proof is None:
+        raise DataLinkError(f"{where} refused the token")
+    if not proves_coordinator(proof, token, role, agent_nonce, coordinator_nonce):
+        raise DataLinkError(f"{where} did not prove it holds the token (a wrong HMAC): not the coordinator")
+
+
 # -- the agent's side -----------------------------------------------------------------------
 
 
-def dial(host: str, port: int, token: bytes, fingerprint: bytes, role: bytes, timeout: float) -> _Socket:
+def dial(
+    host: str, port: int, token: bytes, fingerprint: bytes, role: bytes, timeout: float, *, encrypted: bool = True
+) -> _Socket:
     """Connect to a coordinator's data listener (blocking: run it in a thread), check its
     certificate against `fingerprint` before sending anything, present `token` and `role`,
-    and wait for the answer. Raises DataLinkError saying what failed."""
+    and wait for the answer. Without `encrypted`: plain TCP, and both ends prove the token
+    instead (`linkauth.py`). Raises DataLinkError saying what failed."""
     where = format_address(host, port)
     try:
         raw = socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:
         raise DataLinkError(f"cannot connect to {where}: {exc.strerror or exc}") from None
     handle = raw.dup()
+    if not encrypted:
+        return _handshaken(_Socket(raw, handle), where, lambda: _prove_plain_to_coordinator(raw, token, role, where))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.check_hostname = False
@@ -652,19 +735,27 @@ def dial(host: str, port: int, token: bytes, fingerprint: bytes, role: bytes, ti
         handle.close()
         raw.close()
         raise DataLinkError(f"TLS handshake with {where} failed: {exc}") from None
-    sock = _Socket(tls, handle)
-    try:
+
+    def greet() -> None:
         der = tls.getpeercert(binary_form=True) or b""
         if not hmac.compare_digest(hashlib.sha256(der).digest(), fingerprint):
             raise DataLinkError(
                 f"{where} presented a certificate other than the one the coordinator named; not sending the token"
             )
         tls.sendall(MAGIC + token + role)
-        answer = _recv_exact(tls, 1)
+
+    return _handshaken(_Socket(tls, handle), where, greet)
+
+
+def _handshaken(sock: _Socket, where: str, greet: Callable[[], None]) -> _Socket:
+    """`sock` once `greet` presented the token and the listener accepted it."""
+    try:
+        greet()
+        answer = _recv_exact(sock.conn, 1)
         if answer != ACCEPTED:
             raise DataLinkError(f"{where} refused the token")
-        tls.settimeout(None)
-        tune_socket(tls, keepalive_s=KEEPALIVE_S)
+        sock.conn.settimeout(None)
+        tune_socket(sock.conn, keepalive_s=KEEPALIVE_S)
     except DataLinkError:
         sock.close()
         raise

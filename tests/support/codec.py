@@ -198,6 +198,7 @@ def sample_messages() -> list[Message]:
         GpuCache(slot=0, values=0, nbytes=0, cap=0),
         ObjectsLost(object_ids=(7, 9), reason="slot 0 worker process (pid 12) killed by signal 9 (SIGKILL)"),
         DataLink(host="10.0.0.1", port=40001, token=bytes(range(32)), fingerprint=bytes(range(32, 64))),
+        DataLink(host="10.0.0.2", port=7000, token=bytes(range(32)), fingerprint=bytes(32), encryption="none"),
         Shutdown(reason="coordinator closing"),
         Shutdown(),
         Bye(reason="shutdown requested"),
