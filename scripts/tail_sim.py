@@ -36,6 +36,7 @@ class Agent:
 
     slot_id: str
     queue: list[Fed] = field(default_factory=list)
+    tail: set[int] = field(default_factory=set)  # queued tail tasks: fed only to an idle slot
     fed: list[Fed] = field(default_factory=list)
     mean_run_s: float | None = None
     running: bool = False
@@ -55,7 +56,9 @@ def lognormal(count: int, seed: int, median: float = 0.004, sigma: float = 1.0) 
     return [float(x) for x in median * rng.lognormal(0.0, sigma, count)]
 
 
-def batuta_makespan(durations: list[float], workers: int, rtt: float, handoff: float, config: SchedulerConfig) -> float:
+def batuta_makespan(
+    durations: list[float], workers: int, rtt: float, handoff: float, config: SchedulerConfig, honour_tail: bool = True
+) -> float:
     sched = Scheduler(config, seed=0)
     agents = {f"s{i}": Agent(f"s{i}") for i in range(workers)}
     timeline: list[tuple[float, int, str, tuple[object, ...]]] = []
@@ -67,7 +70,8 @@ def batuta_makespan(durations: list[float], workers: int, rtt: float, handoff: f
     def carry_out(instructions: list[ev.Instruction], t: float) -> None:
         for ins in instructions:
             if isinstance(ins, ev.SendTasks):
-                at(t + rtt / 2, "run", ins.slot_id, tuple(zip(ins.task_ids, ins.attempts, strict=True)))
+                sent = tuple(zip(ins.task_ids, ins.attempts, strict=True))
+                at(t + rtt / 2, "run", ins.slot_id, sent, ins.tail if honour_tail else ())
             elif isinstance(ins, ev.RequestStealBack):
                 at(t + rtt / 2, "steal", ins.slot_id, ins.task_ids)
 
@@ -79,6 +83,8 @@ def batuta_makespan(durations: list[float], workers: int, rtt: float, handoff: f
 
     def feed(agent: Agent, t: float) -> None:
         while agent.queue and len(agent.fed) < agent.depth():
+            if agent.fed and agent.queue[0][0] in agent.tail:
+                break  # a tail task waits, stealable, until the slot is idle
             agent.fed.append(agent.queue.pop(0))
         if agent.fed and not agent.running:
             start_head(agent, t + handoff)
@@ -95,6 +101,7 @@ def batuta_makespan(durations: list[float], workers: int, rtt: float, handoff: f
         agent = agents[str(args[0])]
         if kind == "run":
             agent.queue.extend(args[1])  # type: ignore[arg-type]
+            agent.tail.update(args[2])  # type: ignore[arg-type]
             feed(agent, t)
         elif kind == "steal":
             queued = {task_id for task_id, _ in agent.queue}
@@ -136,8 +143,11 @@ def main() -> None:
     parser.add_argument("--rtt", type=float, default=0.0004, help="coordinator round trip, seconds")
     parser.add_argument("--handoff", type=float, default=0.00005, help="agent to slot, for an unfed task")
     parser.add_argument("--tail-tasks-per-slot", type=int, default=SchedulerConfig().tail_tasks_per_slot)
+    parser.add_argument("--tail-unfed-tasks-per-slot", type=int, default=SchedulerConfig().tail_unfed_tasks_per_slot)
     args = parser.parse_args()
-    config = SchedulerConfig(tail_tasks_per_slot=args.tail_tasks_per_slot)
+    config = SchedulerConfig(
+        tail_tasks_per_slot=args.tail_tasks_per_slot, tail_unfed_tasks_per_slot=args.tail_unfed_tasks_per_slot
+    )
     batuta, shared = [], []
     for seed in range(args.seeds):
         durations = lognormal(args.tasks, seed)
@@ -152,6 +162,7 @@ def main() -> None:
                 "seeds": args.seeds,
                 "rtt": args.rtt,
                 "tail_tasks_per_slot": args.tail_tasks_per_slot,
+                "tail_unfed_tasks_per_slot": args.tail_unfed_tasks_per_slot,
                 "batuta_over_lower_bound": round(statistics.fmean(batuta), 4),
                 "shared_queue_over_lower_bound": round(statistics.fmean(shared), 4),
             }

@@ -8,7 +8,9 @@ the mean being an exponentially weighted average (weight 0.2) of the slot's rece
 times; the depth is 1 until the first result. Long tasks are therefore fed one at a time,
 so all but the running one stay stealable; trivial tasks are fed up to 32 deep, so the slot
 never waits on the agent. A fed task counts as started for steal-back: only tasks still in
-`queue` are returned.
+`queue` are returned. A *tail* task (`TaskRequest.tail`, sent near the end of the work behind
+a task the slot holds: `core/tailfeed.py`) is fed only to an idle slot process, whatever the
+depth, so that it stays stealable while the task ahead of it runs.
 
 Started inference. The slot runs fed tasks in order, so the *head* of `fed` is the one
 running. A task becomes the head, and is reported in `Started`, when it is fed to an idle
@@ -381,6 +383,8 @@ class SlotSupervisor:
         in_slots = self._objects.in_slots
         while queue and (len(batch) < room or self._follows(queue[0], batch)):
             request = queue[0]
+            if request.tail and (self.fed or batch):  # stealable until the slot is idle (core/tailfeed.py)
+                break
             if request.code != digest:  # sent for code this host no longer has (requeued after a crash, say)
                 self._refuse_stale(queue.popleft())
                 continue

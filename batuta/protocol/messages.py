@@ -21,14 +21,15 @@ from typing import Any
 
 from batuta.core.task import BinaryCall, KernelCall, Outcome
 
-PROTOCOL_VERSION = 10
+PROTOCOL_VERSION = 11
 """2: Put, Drop and object references; 3: Code, CodeLoaded, TaskRequest.code; 4: Hello.modules;
 5: streamed arrays and chunk frames (`chunks.py`); 6: ObjectsLost (kept results live in slots);
 7: GpuSample's device cache fields (a protocol-6 coordinator could not read them);
 8: CodeStored (the agent answers Code before it imports it); 9: a task in a Run may name an
 object that a task sent to its slot before it keeps, not made yet (fed ahead,
 `core/feedahead.py`): the agent takes it (a protocol-8 agent refused it as absent);
-10: DataLink (streamed arrays over TLS connections the agent dials back)."""
+10: DataLink (streamed arrays over TLS connections the agent dials back); 11: TaskRequest.tail
+(a protocol-10 agent refused a request of 9 fields)."""
 
 
 # -- handshake ------------------------------------------------------------------------------
@@ -148,7 +149,9 @@ class TaskRequest:
     `keep` (> 0): keep the value on this host as object `keep` (`pool.submit(task, keep=True)`)
     and report in its place the tuple `(ObjectRef(keep), nbytes, shape, dtype)` (shape and
     dtype of an array, `()` and `""` otherwise). Sent only when set, so older agents read
-    every other request."""
+    every other request. `tail`: sent near the end of the work behind a task the slot already
+    holds (`core/tailfeed.py`): the agent feeds it to the slot process only once that is idle,
+    so that a steal-back can still take it meanwhile (sent only when set, after `keep`)."""
 
     task_id: int
     slot: int
@@ -158,6 +161,7 @@ class TaskRequest:
     backend: str = "cpu"
     code: str = ""
     keep: int = 0
+    tail: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
