@@ -80,6 +80,70 @@ def test_slots_held_back_by_the_tail_fill_up_once_enough_work_waits() -> None:
     sim.sched.validate()
 
 
+def test_tasks_sent_behind_another_near_the_end_are_tail_tasks() -> None:
+    """While fewer than `tail_unfed_tasks_per_slot` (4) tasks per slot wait, a task sent to a
+    slot already holding one is a tail task (`SendTasks.tail`: its agent keeps it unfed,
+    stealable, `tailfeed.py`); one sent to an empty slot, or while more wait, is not."""
+    sim = sim_with("a", "b", config=SchedulerConfig(initial_window=2, min_window=2))
+    out = sim.sched.handle_many([ev.TaskSubmitted(task_id=i) for i in range(16)], now=1.0)
+    sim._apply(out)
+    sim.submitted += range(16)
+    # a burst handled one submission at a time: the windows' second tasks went while few waited
+    assert [(s.task_ids, s.tail) for s in sends(out)] == [((0, 2), (2,)), ((1, 5), (5,))]
+    tails = []
+    for _ in range(6):
+        for slot_id in ("a", "b"):
+            sim.start(slot_id)
+            sim.finish(slot_id)
+            before = len(sim.instructions)
+            queued = sim.sched.queued
+            sim.deliver(slot_id)
+            if queued < 4:
+                continue  # the tail rule: nothing more is sent behind a task
+            [send] = sends(sim.instructions[before:])  # the window's one free place, refilled
+            tails.append((queued, send.tail == send.task_ids))
+    # (tasks waiting before the send, a tail task?): sent behind the slot's other task, it is
+    # a tail task exactly when fewer than 4 per slot wait once it has gone
+    assert tails == [
+        (12, False),
+        (11, False),
+        (10, False),
+        (9, False),
+        (8, True),
+        (7, True),
+        (6, True),
+        (5, True),
+        (4, True),
+    ]
+    off = sim_with("a", "b", config=SchedulerConfig(initial_window=2, min_window=2, tail_unfed_tasks_per_slot=0))
+    assert all(
+        s.tail == () for s in sends(off.sched.handle_many([ev.TaskSubmitted(task_id=i) for i in range(16)], 1.0))
+    )
+
+
+def test_an_idle_slot_steals_back_a_tail_task_from_behind_a_long_one() -> None:
+    """The tail task behind a long-running task is what the agent still holds unfed: an idle
+    slot asks for it back and runs it; every task resolves once."""
+    sim = sim_with("a", "b", config=SchedulerConfig(initial_window=2, min_window=2))
+    for _ in range(16):
+        sim.submit()
+    [behind_a] = [s.tail for s in sends(sim.instructions) if s.slot_id == "a" and s.tail]
+    sim.start("a")  # runs long; its tail task waits at its agent
+    sim.deliver("a")
+    ran_on_b = []
+    for _ in range(40):
+        ran_on_b.append(sim.start("b"))
+        sim.finish("b")
+        sim.deliver("b")
+        sim.answer_steals("a")
+        sim.deliver("a")
+    assert behind_a[0] in ran_on_b
+    assert sim.sched.stats.steal_backs_returned == 1
+    sim.run_to_completion()
+    sim.assert_each_resolved_once()
+    sim.sched.validate()
+
+
 def test_every_task_runs_once_and_resolves_succeeded() -> None:
     sim = sim_with("a", "b", "c")
     for _ in range(50):
