@@ -9,7 +9,8 @@ seconds; against a shared queue with no per-task cost at all (which favours it).
 makespan is divided by max(total work / workers, longest task), averaged over `--seeds`.
 
     python scripts/tail_sim.py [--workers 2] [--tasks 300] [--seeds 20] [--rtt 0.0004]
-                               [--tail-tasks-per-slot 2]
+                               [--workload lognormal|growing] [--tail-tasks-per-slot 2]
+                               [--tail-unfed-tasks-per-slot 4]  (0: no tail tasks, as before)
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ class Agent:
 def lognormal(count: int, seed: int, median: float = 0.004, sigma: float = 1.0) -> list[float]:
     rng = np.random.default_rng(seed)  # as bench/imbalance.py draws them
     return [float(x) for x in median * rng.lognormal(0.0, sigma, count)]
+
+
+def growing(count: int, seed: int, median: float = 0.004) -> list[float]:
+    """Cost proportional to the index, as bench/imbalance.py's growing workload draws it."""
+    rng = np.random.default_rng(seed)
+    base = np.arange(1, count + 1, dtype=float)
+    base *= median * count / base.sum()
+    return [float(x) for x in base * rng.uniform(0.9, 1.1, count)]
 
 
 def batuta_makespan(
@@ -142,6 +151,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--rtt", type=float, default=0.0004, help="coordinator round trip, seconds")
     parser.add_argument("--handoff", type=float, default=0.00005, help="agent to slot, for an unfed task")
+    parser.add_argument("--workload", choices=("lognormal", "growing"), default="lognormal")
     parser.add_argument("--tail-tasks-per-slot", type=int, default=SchedulerConfig().tail_tasks_per_slot)
     parser.add_argument("--tail-unfed-tasks-per-slot", type=int, default=SchedulerConfig().tail_unfed_tasks_per_slot)
     args = parser.parse_args()
@@ -150,13 +160,14 @@ def main() -> None:
     )
     batuta, shared = [], []
     for seed in range(args.seeds):
-        durations = lognormal(args.tasks, seed)
+        durations = lognormal(args.tasks, seed) if args.workload == "lognormal" else growing(args.tasks, seed)
         bound = max(sum(durations) / args.workers, max(durations))
         batuta.append(batuta_makespan(durations, args.workers, args.rtt, args.handoff, config) / bound)
         shared.append(shared_queue_makespan(durations, args.workers) / bound)
     print(
         json.dumps(
             {
+                "workload": args.workload,
                 "workers": args.workers,
                 "tasks": args.tasks,
                 "seeds": args.seeds,
