@@ -100,6 +100,7 @@ def batuta_makespan(
 
     for slot_id in agents:
         carry_out(sched.handle(ev.SlotJoined(slot_id=slot_id, host_id="h", capabilities=frozenset({"cpu"})), 0.0), 0.0)
+    sched.handle(ev.RoundTripMeasured(host_id="h", seconds=rtt), 0.0)  # as the runtime measures it
     carry_out(sched.handle_many([ev.TaskSubmitted(task_id=i) for i in range(len(durations))], 0.0), 0.0)
     end = 0.0
     while timeline:

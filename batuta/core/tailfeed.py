@@ -8,11 +8,14 @@ last tasks are long, one slot then runs its fed task after a long one while the 
 which a shared queue never does.
 
 So while fewer than `SchedulerConfig.tail_unfed_tasks_per_slot` tasks per up slot of the same
-capabilities wait here (injector and deques), a task sent to a slot that already holds one is
-a *tail* task (`SendTasks.tail`, `TaskRequest.tail` on the wire): its agent keeps it in its
+capabilities wait here (injector and deques), a task sent to a slot that already holds one,
+whose tasks take at least a round trip to its host (`sent_as_tail`), is a *tail* task (`SendTasks.tail`, `TaskRequest.tail` on the wire): its agent keeps it in its
 own queue until the slot process has nothing else fed, so a steal-back from an idle slot can
 still take it. Only these last few sends pay the hand-off from agent to slot process between
-tasks that the feed-ahead otherwise hides; every task before them is fed as usual.
+tasks that the feed-ahead otherwise hides; every task before them is fed as usual, and so
+is every task of a slot whose tasks are shorter than a round trip (no steal-back could run
+one sooner, and a stream of them kept near the threshold would pay a hand-off each). Until a
+slot's run time is known its agent feeds one task at a time anyway.
 
 The flag is advice to the agent, not state the scheduler relies on: a task is placed, stolen
 back and resolved exactly as any other whether its agent honours it or not.
@@ -30,7 +33,11 @@ if TYPE_CHECKING:
 
 def sent_as_tail(s: Scheduler, slot: SlotRecord) -> bool:
     """Whether a task sent now to `slot`, behind one it holds, is a tail task (see above):
-    few tasks wait per up slot like this one, and there is another such slot to take it."""
+    few tasks wait per up slot like this one, there is another such slot to take it, and the
+    slot's tasks take at least a round trip to its host (a steal-back costs one: for shorter
+    tasks it could not end sooner than the slot runs it, while the hand-offs would cost)."""
     per_slot = s.config.tail_unfed_tasks_per_slot
     alike = s._up_by_caps.get(slot.capabilities, 0)
-    return per_slot > 0 and alike > 1 and s._queued < per_slot * alike
+    if per_slot <= 0 or alike < 2 or s._queued >= per_slot * alike or slot.mean_run_s is None:
+        return False
+    return slot.mean_run_s >= s._round_trip.get(slot.host_id, s.config.default_round_trip)
