@@ -9,13 +9,14 @@ which a shared queue never does.
 
 So while fewer than `SchedulerConfig.tail_unfed_tasks_per_slot` tasks per up slot of the same
 capabilities wait here (injector and deques), a task sent to a slot that already holds one,
-whose tasks take at least a round trip to its host (`sent_as_tail`), is a *tail* task (`SendTasks.tail`, `TaskRequest.tail` on the wire): its agent keeps it in its
-own queue until the slot process has nothing else fed, so a steal-back from an idle slot can
-still take it. Only these last few sends pay the hand-off from agent to slot process between
-tasks that the feed-ahead otherwise hides; every task before them is fed as usual, and so
-is every task of a slot whose tasks are shorter than a round trip (no steal-back could run
-one sooner, and a stream of them kept near the threshold would pay a hand-off each). Until a
-slot's run time is known its agent feeds one task at a time anyway.
+whose tasks take at least a round trip to its host (`sent_as_tail`), is a *tail* task
+(`SendTasks.tail`, `TaskRequest.tail` on the wire): its agent keeps it in its own queue until
+the slot process has nothing else fed, so a steal-back from an idle slot can still take it.
+Only these last few sends pay the hand-off from agent to slot process between tasks that the
+feed-ahead otherwise hides; every task before them is fed as usual, and so is every task of
+a slot whose tasks are shorter than a round trip (no steal-back could run one sooner, and a
+stream of them kept near the threshold would pay a hand-off each). Until a slot's run time
+is known its agent feeds one task at a time anyway.
 
 The flag is advice to the agent, not state the scheduler relies on: a task is placed, stolen
 back and resolved exactly as any other whether its agent honours it or not.
