@@ -187,8 +187,9 @@ def _task(rnd: random.Random, task_id: int, slots: int) -> TaskRequest:
     timeout = rnd.choice([None, None, None, 0.001, 0.5, 30.0])
     backend = rnd.choice(["cpu", "cpu", "scalar", "gpu"])
     keep = rnd.choice([0, 0, 0, 0, 1 << 20, rnd.randrange(1, 1 << 40)])  # a kept result, now and then
+    tail = rnd.random() < 0.2  # fed to the slot process only once it is idle (core/tailfeed.py)
     return TaskRequest(task_id=task_id, slot=slot, attempt=rnd.randrange(1, 4), call=call, timeout=timeout,
-                       backend=backend, code=rnd.choice(TASK_CODES), keep=keep)  # fmt: skip
+                       backend=backend, code=rnd.choice(TASK_CODES), keep=keep, tail=tail)  # fmt: skip
 
 
 def valid_message(

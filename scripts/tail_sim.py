@@ -9,7 +9,8 @@ seconds; against a shared queue with no per-task cost at all (which favours it).
 makespan is divided by max(total work / workers, longest task), averaged over `--seeds`.
 
     python scripts/tail_sim.py [--workers 2] [--tasks 300] [--seeds 20] [--rtt 0.0004]
-                               [--tail-tasks-per-slot 2]
+                               [--workload lognormal|growing] [--tail-tasks-per-slot 2]
+                               [--tail-unfed-tasks-per-slot 4]  (0: no tail tasks, as before)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Agent:
 
     slot_id: str
     queue: list[Fed] = field(default_factory=list)
+    tail: set[int] = field(default_factory=set)  # queued tail tasks: fed only to an idle slot
     fed: list[Fed] = field(default_factory=list)
     mean_run_s: float | None = None
     running: bool = False
@@ -55,7 +57,17 @@ def lognormal(count: int, seed: int, median: float = 0.004, sigma: float = 1.0) 
     return [float(x) for x in median * rng.lognormal(0.0, sigma, count)]
 
 
-def batuta_makespan(durations: list[float], workers: int, rtt: float, handoff: float, config: SchedulerConfig) -> float:
+def growing(count: int, seed: int, median: float = 0.004) -> list[float]:
+    """Cost proportional to the index, as bench/imbalance.py's growing workload draws it."""
+    rng = np.random.default_rng(seed)
+    base = np.arange(1, count + 1, dtype=float)
+    base *= median * count / base.sum()
+    return [float(x) for x in base * rng.uniform(0.9, 1.1, count)]
+
+
+def batuta_makespan(
+    durations: list[float], workers: int, rtt: float, handoff: float, config: SchedulerConfig, honour_tail: bool = True
+) -> float:
     sched = Scheduler(config, seed=0)
     agents = {f"s{i}": Agent(f"s{i}") for i in range(workers)}
     timeline: list[tuple[float, int, str, tuple[object, ...]]] = []
@@ -67,7 +79,8 @@ def batuta_makespan(durations: list[float], workers: int, rtt: float, handoff: f
     def carry_out(instructions: list[ev.Instruction], t: float) -> None:
         for ins in instructions:
             if isinstance(ins, ev.SendTasks):
-                at(t + rtt / 2, "run", ins.slot_id, tuple(zip(ins.task_ids, ins.attempts, strict=True)))
+                sent = tuple(zip(ins.task_ids, ins.attempts, strict=True))
+                at(t + rtt / 2, "run", ins.slot_id, sent, ins.tail if honour_tail else ())
             elif isinstance(ins, ev.RequestStealBack):
                 at(t + rtt / 2, "steal", ins.slot_id, ins.task_ids)
 
@@ -79,12 +92,15 @@ def batuta_makespan(durations: list[float], workers: int, rtt: float, handoff: f
 
     def feed(agent: Agent, t: float) -> None:
         while agent.queue and len(agent.fed) < agent.depth():
+            if agent.fed and agent.queue[0][0] in agent.tail:
+                break  # a tail task waits, stealable, until the slot is idle
             agent.fed.append(agent.queue.pop(0))
         if agent.fed and not agent.running:
             start_head(agent, t + handoff)
 
     for slot_id in agents:
         carry_out(sched.handle(ev.SlotJoined(slot_id=slot_id, host_id="h", capabilities=frozenset({"cpu"})), 0.0), 0.0)
+    sched.handle(ev.RoundTripMeasured(host_id="h", seconds=rtt), 0.0)  # as the runtime measures it
     carry_out(sched.handle_many([ev.TaskSubmitted(task_id=i) for i in range(len(durations))], 0.0), 0.0)
     end = 0.0
     while timeline:
@@ -95,6 +111,7 @@ def batuta_makespan(durations: list[float], workers: int, rtt: float, handoff: f
         agent = agents[str(args[0])]
         if kind == "run":
             agent.queue.extend(args[1])  # type: ignore[arg-type]
+            agent.tail.update(args[2])  # type: ignore[arg-type]
             feed(agent, t)
         elif kind == "steal":
             queued = {task_id for task_id, _ in agent.queue}
@@ -135,23 +152,29 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--rtt", type=float, default=0.0004, help="coordinator round trip, seconds")
     parser.add_argument("--handoff", type=float, default=0.00005, help="agent to slot, for an unfed task")
+    parser.add_argument("--workload", choices=("lognormal", "growing"), default="lognormal")
     parser.add_argument("--tail-tasks-per-slot", type=int, default=SchedulerConfig().tail_tasks_per_slot)
+    parser.add_argument("--tail-unfed-tasks-per-slot", type=int, default=SchedulerConfig().tail_unfed_tasks_per_slot)
     args = parser.parse_args()
-    config = SchedulerConfig(tail_tasks_per_slot=args.tail_tasks_per_slot)
+    config = SchedulerConfig(
+        tail_tasks_per_slot=args.tail_tasks_per_slot, tail_unfed_tasks_per_slot=args.tail_unfed_tasks_per_slot
+    )
     batuta, shared = [], []
     for seed in range(args.seeds):
-        durations = lognormal(args.tasks, seed)
+        durations = lognormal(args.tasks, seed) if args.workload == "lognormal" else growing(args.tasks, seed)
         bound = max(sum(durations) / args.workers, max(durations))
         batuta.append(batuta_makespan(durations, args.workers, args.rtt, args.handoff, config) / bound)
         shared.append(shared_queue_makespan(durations, args.workers) / bound)
     print(
         json.dumps(
             {
+                "workload": args.workload,
                 "workers": args.workers,
                 "tasks": args.tasks,
                 "seeds": args.seeds,
                 "rtt": args.rtt,
                 "tail_tasks_per_slot": args.tail_tasks_per_slot,
+                "tail_unfed_tasks_per_slot": args.tail_unfed_tasks_per_slot,
                 "batuta_over_lower_bound": round(statistics.fmean(batuta), 4),
                 "shared_queue_over_lower_bound": round(statistics.fmean(shared), 4),
             }

@@ -53,6 +53,7 @@ class Sim:
             if isinstance(ins, ev.SendTasks):
                 slot = self.slots[ins.slot_id]
                 assert slot.up, f"sent to lost slot {ins.slot_id}"
+                assert set(ins.tail) <= set(ins.task_ids), f"tail tasks {ins.tail} not among those sent"
                 slot.queue.extend(zip(ins.task_ids, ins.attempts, strict=True))
             elif isinstance(ins, ev.RequestStealBack):
                 self.slots[ins.slot_id].steal_requests.append(ins.task_ids)

@@ -375,6 +375,26 @@ async def test_steal_back_returns_unstarted_and_refuses_the_running(start_agent:
     assert 3 not in agent.outcomes and 4 not in agent.outcomes
 
 
+async def test_tail_tasks_stay_stealable_behind_a_running_task(start_agent: StartAgent) -> None:
+    """Tail tasks (`core/tailfeed.py`) wait at the agent, not in the slot process, while a task
+    runs: a steal-back takes them even after short tasks raised the feed depth, and the one
+    left runs once the slot is idle. Each task is answered once; the returned one never."""
+    agent = await start_agent("--slots", "1", "--gpus", "none")
+    agent.send(Run(tasks=(kernel_task(1, "noop", 1),)))
+    assert (await agent.outcome(1)).status == Outcome.OK  # a microsecond task: the depth goes up
+    agent.send(Run(tasks=(kernel_task(2, "spin", 30.0), *(kernel_task(i, "noop", i, tail=True) for i in (3, 4)))))
+    await agent.started_task(2)
+    agent.send(StealBack(slot=0, task_ids=(3,)))
+    reply = await agent.message(StealBackReply)
+    assert (reply.returned, reply.refused) == ((3,), ())
+    agent.send(Cancel(task_ids=(2,)))
+    assert (await agent.outcome(2)).status == Outcome.CANCELLED
+    assert (await agent.outcome(4)).status == Outcome.OK
+    agent.send(Run(tasks=(kernel_task(5, "noop", 5),)))
+    await agent.outcome(5)
+    assert 3 not in agent.outcomes
+
+
 # -- failures -----------------------------------------------------------------------------
 
 

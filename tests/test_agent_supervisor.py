@@ -211,6 +211,35 @@ async def test_short_tasks_get_one_more_fed_behind_them(bench: Bench) -> None:
     assert [t.task_id for t in slot.queue] == [4]
 
 
+async def test_tail_tasks_wait_unfed_until_the_slot_is_idle_and_stay_stealable(bench: Bench) -> None:
+    """A task sent as a tail task (`core/tailfeed.py`) is not fed behind the running one,
+    whatever the depth: a steal-back still takes it; one left is fed once the slot is idle,
+    and each task is answered once."""
+    slot, events = bench.slot, bench.events
+    slot.start()
+    fake = bench.fake
+    fake.ready()
+    enqueue(slot, 1)
+    await events.until(lambda: events.started == [1])
+    fake.done(1, run_s=4e-3)  # short tasks: depth 2, one fed behind the running one
+    await events.until(lambda: events.outcome(1) is not None)
+    enqueue(slot, 2)
+    for task_id in (3, 4):
+        slot.enqueue(TaskRequest(task_id=task_id, slot=0, attempt=1, call=KernelCall(name="noop"), tail=True))
+    slot.pump()
+    await events.until(lambda: events.started == [1, 2])
+    assert [i for batch in fake.fed_ids() for i in batch] == [1, 2]  # 3 and 4 wait here
+    assert [t.task_id for t in slot.queue] == [3, 4]
+    assert slot.steal_back([4]) == ((4,), ())  # an idle slot elsewhere takes it back
+    fake.done(2, run_s=4e-3)
+    await events.until(lambda: events.started == [1, 2, 3])
+    assert fake.fed_ids() == [[3]]  # fed alone, to the idle process
+    fake.done(3, run_s=4e-3)
+    await events.until(lambda: events.outcome(3) is not None)
+    assert sorted(o.task_id for o in events.finished) == [1, 2, 3]
+    assert not slot.holds(4) and not slot.queue and not slot.fed
+
+
 async def test_a_chains_next_stages_are_fed_past_the_depth(bench: Bench) -> None:
     slot, events = bench.slot, bench.events
     slot.start()

@@ -352,6 +352,8 @@ MALFORMED += [
     ("task bad code", raw_frame(run_wire([1, 0, 1, [0, "k", []], None, "cpu", "x"])), "Run.tasks[0].code"),
     ("task code not str", raw_frame(run_wire([1, 0, 1, [0, "k", []], None, "cpu", None])), "Run.tasks[0].code"),
     ("task short", raw_frame(run_wire([1, 0, 1, [0, "k", []], None, "cpu"])), "TaskRequest needs 7 fields, got 6"),
+    ("task tail not bool", raw_frame(run_wire([1, 0, 1, [0, "k", []], None, "cpu", "", 0, 1])), "Run.tasks[0].tail"),
+    ("task long", raw_frame(run_wire([1, 0, 1, [0, "k", []], None, "cpu", "", 0, True, 1])), "TaskRequest needs 7"),
     ("hello long", raw_frame([*_HELLO, {}, 1]), "Hello needs 9 or 10 fields, got 11"),
     ("hello modules not map", raw_frame([*_HELLO, []]), "Hello.modules: expected a map of str to str"),
     ("hello module digest", raw_frame([*_HELLO, {"m": "abc"}]), "Hello.modules['m']: expected a sha256 digest"),

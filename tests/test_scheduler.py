@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from batuta.core import events as ev
@@ -77,6 +79,82 @@ def test_slots_held_back_by_the_tail_fill_up_once_enough_work_waits() -> None:
         sim.submit()
     assert len(sim.slots["a"].queue) == 4 and len(sim.slots["b"].queue) == 4
     assert sim.sched.queued == 4
+    sim.sched.validate()
+
+
+def warmed(config: SchedulerConfig) -> Sim:
+    """Slots "a" and "b", each with one task of 0.01 s done: their run times are known."""
+    sim = sim_with("a", "b", config=config)
+    for _ in range(2):
+        sim.submit()
+    for slot_id in ("a", "b"):
+        sim.start(slot_id)
+        sim.finish(slot_id)
+        sim.deliver(slot_id)
+    return sim
+
+
+def run_round(sim: Sim) -> list[tuple[int, bool]]:
+    """Each slot finishes a task: (tasks waiting before its refill, whether the task sent behind
+    its other one is a tail task), for the refills that send one."""
+    tails = []
+    for slot_id in ("a", "b"):
+        sim.start(slot_id)
+        sim.finish(slot_id)
+        before = len(sim.instructions)
+        queued = sim.sched.queued
+        sim.deliver(slot_id)
+        for send in sends(sim.instructions[before:]):
+            tails.append((queued, send.tail == send.task_ids))
+    return tails
+
+
+def test_tasks_sent_behind_another_near_the_end_are_tail_tasks() -> None:
+    """While fewer than `tail_unfed_tasks_per_slot` (4) tasks per slot wait, a task sent to a
+    slot already holding one is a tail task (`SendTasks.tail`: its agent keeps it unfed,
+    stealable, `tailfeed.py`); one sent to an empty slot, or while more wait, is not."""
+    sim = warmed(SchedulerConfig(initial_window=2, min_window=2))
+    out = sim.sched.handle_many([ev.TaskSubmitted(task_id=i) for i in range(2, 18)], now=1.0)
+    sim._apply(out)
+    sim.submitted += range(2, 18)
+    # a burst handled one submission at a time: the windows' second tasks went while few waited
+    assert [(s.task_ids, s.tail) for s in sends(out)] == [((2, 4), (4,)), ((3, 7), (7,))]
+    tails = [refill for _ in range(6) for refill in run_round(sim)]
+    # sent behind the slot's other task: a tail task exactly when fewer than 4 per slot wait
+    # once it has gone; under 2 per slot (the tail rule) only to an empty slot, and not as one
+    assert tails == [(12, False), (11, False), (10, False), (9, False)] + [(n, True) for n in (8, 7, 6, 5, 4)] + [
+        (3, False)
+    ]
+    for off in (SchedulerConfig(tail_unfed_tasks_per_slot=0), SchedulerConfig(default_round_trip=0.02)):
+        # off, or tasks (0.01 s) shorter than the round trip: a steal-back could not run them sooner
+        sim = warmed(replace(off, initial_window=2, min_window=2))
+        for _ in range(16):
+            sim.submit()
+        tails = [refill for _ in range(6) for refill in run_round(sim)]
+        assert {4, 5, 6, 7} <= {n for n, _ in tails} and not any(tail for _, tail in tails)
+        assert all(s.tail == () for s in sends(sim.instructions))
+
+
+def test_an_idle_slot_steals_back_a_tail_task_from_behind_a_long_one() -> None:
+    """The tail task behind a long-running task is what the agent still holds unfed: an idle
+    slot asks for it back and runs it; every task resolves once."""
+    sim = warmed(SchedulerConfig(initial_window=2, min_window=2))
+    for _ in range(16):
+        sim.submit()
+    [behind_a] = [s.tail for s in sends(sim.instructions) if s.slot_id == "a" and s.tail]
+    sim.start("a")  # runs long; its tail task waits at its agent
+    sim.deliver("a")
+    ran_on_b = []
+    for _ in range(40):
+        ran_on_b.append(sim.start("b"))
+        sim.finish("b")
+        sim.deliver("b")
+        sim.answer_steals("a")
+        sim.deliver("a")
+    assert behind_a[0] in ran_on_b
+    assert sim.sched.stats.steal_backs_returned == 1
+    sim.run_to_completion()
+    sim.assert_each_resolved_once()
     sim.sched.validate()
 
 

@@ -8,7 +8,8 @@ the mean being an exponentially weighted average (weight 0.2) of the slot's rece
 times; the depth is 1 until the first result. Long tasks are therefore fed one at a time,
 so all but the running one stay stealable; trivial tasks are fed up to 32 deep, so the slot
 never waits on the agent. A fed task counts as started for steal-back: only tasks still in
-`queue` are returned.
+`queue` are returned. A *tail* task (`TaskRequest.tail`, `core/tailfeed.py`) is fed only to
+an idle slot process, whatever the depth: it stays stealable while the task ahead of it runs.
 
 Started inference. The slot runs fed tasks in order, so the *head* of `fed` is the one
 running. A task becomes the head, and is reported in `Started`, when it is fed to an idle
@@ -58,10 +59,9 @@ hears it first (`process_lost`), before any outcome that follows, and reports th
 lost with it; a queued task naming a lost object is answered "crashed", so the coordinator
 runs it again once the object is made again (lineage).
 
-Device cache. A GPU slot keeps values on its card between tasks and says how many, their
-bytes and its cap in `GpuCache` whenever that changed; the supervisor keeps the latest
-(`gpu_cache`) for the agent's heartbeats, and forgets it whenever the process goes, since the
-card's memory goes with it.
+Device cache. A GPU slot keeps values on its card between tasks and reports their count, bytes
+and cap in `GpuCache` whenever they change; the supervisor keeps the latest (`gpu_cache`) for
+the agent's heartbeats and forgets it whenever the process goes (the card's memory goes too).
 
 A slot that dies before it becomes ready, or while idle, has *failed to start*. Restarts
 back off (0, 0.05, 0.2, 0.5, 1 s); after `MAX_FAILED_STARTS` (6) failures in a row the slot
@@ -230,12 +230,10 @@ class SlotSupervisor:
             return INITIAL_DEPTH
         if mean <= 0.0:
             return MAX_DEPTH
-        ahead = int(DEPTH_TARGET_S / mean)
-        if mean < PREFETCH_BELOW_S:
-            # One task waiting in the pipe hides the agent round trip between tasks (tens of
-            # microseconds on a busy host, paid per task); that beats keeping it stealable
-            # while tasks are short, since at most that one task is committed at the end.
-            ahead = max(ahead, 1)
+        # One task waiting in the pipe hides the agent round trip between tasks (tens of
+        # microseconds on a busy host, paid per task); that beats keeping it stealable while
+        # tasks are short, since at most that one task is committed at the end.
+        ahead = max(int(DEPTH_TARGET_S / mean), 1 if mean < PREFETCH_BELOW_S else 0)
         return 1 + min(MAX_DEPTH - 1, ahead)
 
     # -- process lifecycle ----------------------------------------------------------------
@@ -385,6 +383,8 @@ class SlotSupervisor:
         in_slots = self._objects.in_slots
         while queue and (len(batch) < room or self._follows(queue[0], batch)):
             request = queue[0]
+            if request.tail and (self.fed or batch):  # stealable until the slot is idle (core/tailfeed.py)
+                break
             if request.code != digest:  # sent for code this host no longer has (requeued after a crash, say)
                 self._refuse_stale(queue.popleft())
                 continue
@@ -573,8 +573,7 @@ class SlotSupervisor:
                 else:
                     raise ValueError(f"unexpected {type(message).__name__}")
         except Exception as exc:
-            # The slot's stream is corrupt (something wrote to its frame fd): the process is
-            # no longer trustworthy, so treat it as dead.
+            # a corrupt stream (something wrote to its frame fd): the process is untrustworthy
             print_error(f"batuta agent: slot {self.index} sent a bad frame ({exc}); restarting it")
             self._on_process_exit()
             return

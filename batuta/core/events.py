@@ -209,6 +209,7 @@ class SendTasks:
     task_ids: tuple[int, ...]
     attempts: tuple[int, ...]
     made_ahead: tuple[int, ...] = ()
+    tail: tuple[int, ...] = ()  # tail tasks (`tailfeed.py`): fed to the slot process only once it is idle
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -153,6 +153,7 @@ def _feed(s: Scheduler, slot: SlotRecord, entry: TaskEntry, pending: list[int], 
     entry.attempts += 1
     entry.started = False
     entry.void = False
+    entry.tail = False  # it could run nowhere sooner: nothing to keep stealable
     slot.window[entry.task_id] = entry
     s._sends.setdefault(slot.slot_id, []).append(entry)
     s._made_ahead.setdefault(slot.slot_id, set()).update(pending)

@@ -73,6 +73,10 @@ class SchedulerConfig:
     # injector and deques, a slot already holding a task is sent no more; the last ones go to
     # whichever slot frees first, as from a shared queue, not behind a running task (0: off)
     tail_tasks_per_slot: int = 2
+    # tail tasks: while fewer tasks than this per up slot wait, a task sent behind another is
+    # marked `tail` and its agent feeds it to the slot process only once that is idle, so that
+    # a steal-back can still take it (see batuta.core.tailfeed; 0: off)
+    tail_unfed_tasks_per_slot: int = 4
     # feed-ahead: a dependent whose only missing inputs are kept results of tasks already sent
     # to one slot goes to that slot at once, behind them, instead of waiting for their results
     # to reach the coordinator (see batuta.core.feedahead)
@@ -107,6 +111,7 @@ class TaskEntry:
     # fed ahead (feedahead.py), and a producer ahead of it there ended without making its input:
     # whatever this attempt reports is not its result
     void: bool = False
+    tail: bool = False  # its current attempt was sent as a tail task (tailfeed.py)
 
 
 @dataclass(slots=True, eq=False)

@@ -14,7 +14,8 @@ clocks. Rules (Blumofe & Leiserson, adapted to a coordinator that sees every slo
   wait in the injector and deques, a slot that already holds a task gets no more: the last
   tasks go to whichever slot frees first, as from a shared queue, instead of waiting behind
   a running task (the agent feeds a short task to the slot process behind the running one,
-  where no steal-back can reach it). A lone slot of its kind always fills its window.
+  where no steal-back can reach it; the sends just before go as *tail* tasks, `tailfeed.py`).
+  A lone slot of its kind always fills its window.
 * Steal-back. A slot that found nothing at all asks the agent of a random victim to give
   back the newest half of the tasks in that victim's window not known to have started. Only
   the agent knows what has started, so the steal is transactional: tasks move only when the
@@ -96,6 +97,7 @@ from batuta.core.placement import (
     TaskEntry,
 )
 from batuta.core.stealing import end_steal_back, on_steal_back_answered, steal_from_deque, try_steal_back
+from batuta.core.tailfeed import sent_as_tail
 from batuta.core.task import CAP_CPU, CAP_GPU, Outcome, TaskStatus
 
 # placement.py's public names, re-exported: callers import them from the scheduler
@@ -303,9 +305,8 @@ class Scheduler:
         if not self._can_ever_run(klass):
             self._resolve(entry, TaskStatus.UNSCHEDULABLE, self._unschedulable_reason(entry))
             return
-        if (ev.after or ev.reads or ev.keep_as or ev.puts) and (
-            deps.on_submitted(self, entry, ev) or ev.reads or ev.puts
-        ):
+        linked = ev.after or ev.reads or ev.keep_as or ev.puts
+        if linked and (deps.on_submitted(self, entry, ev) or ev.reads or ev.puts):
             if entry.place is Place.WAITING:
                 feedahead.try_feed(self, entry)  # behind its inputs' producers, if they are in one window
             elif not entry.resolved:
@@ -534,13 +535,14 @@ class Scheduler:
         self._tail_waiting.pop(slot.slot_id, None)
         window = slot.window
         while len(window) < slot.window_limit:
-            entry = self._next_for(slot, ahead=bool(window))
+            entry = self._next_for(slot, ahead=(ahead := bool(window)))
             if entry is None:
                 break
             entry.place = Place.WINDOW
             entry.slot = slot
             entry.attempts += 1
             entry.started = entry.void = False
+            entry.tail = ahead and sent_as_tail(self, slot)
             window[entry.task_id] = entry
             self._sends.setdefault(slot.slot_id, []).append(entry)
             if entry.keep_as and self._deps.waiting:
@@ -778,6 +780,7 @@ class Scheduler:
                     task_ids=tuple(e.task_id for e in entries),
                     attempts=tuple(e.attempts for e in entries),
                     made_ahead=tuple(sorted(self._made_ahead.get(slot_id, ()))),
+                    tail=tuple(e.task_id for e in entries if e.tail),
                 )
                 for slot_id, entries in self._sends.items()
             ]

@@ -124,6 +124,13 @@ def uint(x: Any, field: str) -> int:
     raise expected(field, "an int >= 0", x)
 
 
+def flag(x: Any, field: str) -> bool:
+    """A msgpack boolean (not an int that would pass as one)."""
+    if type(x) is bool:
+        return x
+    raise expected(field, "a boolean", x)
+
+
 def posint(x: Any, field: str) -> int:
     """An int in [1, 2**64)."""
     if type(x) is int and 1 <= x <= UINT_MAX:

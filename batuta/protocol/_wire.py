@@ -27,6 +27,7 @@ from batuta.protocol._fields import (
     describe,
     digest,
     expected,
+    flag,
     float_,
     ids,
     module_name,
@@ -132,19 +133,18 @@ def _refuse_status(status: Any) -> NoReturn:
 
 
 def _slot_setters(cls: type) -> tuple[Callable[[object, Any], None], ...]:
-    """The slot setters of a frozen, slotted dataclass, in field order.
-
-    Decoding builds hundreds of TaskRequests or TaskOutcomes per frame; the generated frozen
-    `__init__` costs about three times as much as setting the slots directly. The messages
-    have no `__post_init__` (the codec is their validation), which this checks.
-    """
+    """The slot setters of a frozen, slotted dataclass, in field order. Decoding builds hundreds of
+    TaskRequests or TaskOutcomes per frame; the generated frozen `__init__` costs about three times
+    as much as setting slots. The messages have no `__post_init__` (the codec validates), as checked."""
     if hasattr(cls, "__post_init__") or "__slots__" not in cls.__dict__:
         raise TypeError(f"{cls.__name__}: fast construction needs slots and no __post_init__")
     return tuple(cls.__dict__[f.name].__set__ for f in dataclasses.fields(cls))
 
 
 _new = object.__new__
-_TR_TASK_ID, _TR_SLOT, _TR_ATTEMPT, _TR_CALL, _TR_TIMEOUT, _TR_BACKEND, _TR_CODE, _TR_KEEP = _slot_setters(TaskRequest)
+_TR_TASK_ID, _TR_SLOT, _TR_ATTEMPT, _TR_CALL, _TR_TIMEOUT, _TR_BACKEND, _TR_CODE, _TR_KEEP, _TR_TAIL = _slot_setters(
+    TaskRequest
+)
 _KC_NAME, _KC_ARGS = _slot_setters(KernelCall)
 (
     _TO_TASK_ID,
@@ -308,7 +308,7 @@ def _enc_run(m: Run, oob: OobWriter) -> list[Any]:
             None if timeout is None else float_(timeout, ".timeout", positive=True),
             choice(t.backend, ".backend", _BACKENDS, "backend"),
             digest(t.code, ".code", empty=True),
-            *((uint(t.keep, ".keep"),) if t.keep else ()),
+            *((uint(t.keep, ".keep"), True) if t.tail else (uint(t.keep, ".keep"),) if t.keep else ()),
         ]
 
     return [TAGS[Run], records(task, m.tasks, ".tasks")]
@@ -571,15 +571,15 @@ def _dec_call(w: Any) -> KernelCall | BinaryCall:
 
 
 def _dec_task_request(w: Any) -> TaskRequest:
-    keep = 0
-    if type(w) is list and len(w) == 8:  # TaskRequest.keep, sent only when set
-        *w, keep = w
-        keep = uint(keep, ".keep")
+    keep, tail = 0, False
+    if type(w) is list and len(w) in (8, 9):  # TaskRequest.keep, then .tail: sent only when set
+        keep, tail, w = uint(w[7], ".keep"), len(w) == 9 and flag(w[8], ".tail"), w[:7]
     if type(w) is not list or len(w) != 7:
         check_len(w, 7, "TaskRequest")
     task_id, slot, attempt, call, timeout, backend, code = w
     task = _new(TaskRequest)
     _TR_KEEP(task, keep)
+    _TR_TAIL(task, tail)
     _TR_TASK_ID(task, task_id if type(task_id) is int and task_id >= 0 else uint(task_id, ".task_id"))
     _TR_SLOT(task, slot if type(slot) is int and slot >= 0 else uint(slot, ".slot"))
     _TR_ATTEMPT(task, attempt if type(attempt) is int and attempt >= 1 else posint(attempt, ".attempt"))

@@ -21,7 +21,7 @@ from typing import Any
 
 from batuta.core.task import BinaryCall, KernelCall, Outcome
 
-PROTOCOL_VERSION = 12
+PROTOCOL_VERSION = 13
 """2: Put, Drop and object references; 3: Code, CodeLoaded, TaskRequest.code; 4: Hello.modules;
 5: streamed arrays and chunk frames (`chunks.py`); 6: ObjectsLost (kept results live in slots);
 7: GpuSample's device cache fields (a protocol-6 coordinator could not read them);
@@ -32,7 +32,7 @@ object that a task sent to its slot before it keeps, not made yet (fed ahead,
 growing streams (a fetched value forwarded while it arrives, in pieces, abortable:
 `transport/bulk.py`; a protocol-10 coordinator would misread the length); 12: DataLink.encryption
 ("none": plain TCP connections, both ends proven by an HMAC of the token; an older agent would
-dial TLS and be refused)."""
+dial TLS and be refused); 13: TaskRequest.tail (a protocol-12 agent refused a request of 9 fields)."""
 
 DATA_LINK_ENCRYPTIONS = frozenset({"tls", "none"})  # DataLink.encryption
 
@@ -154,7 +154,9 @@ class TaskRequest:
     `keep` (> 0): keep the value on this host as object `keep` (`pool.submit(task, keep=True)`)
     and report in its place the tuple `(ObjectRef(keep), nbytes, shape, dtype)` (shape and
     dtype of an array, `()` and `""` otherwise). Sent only when set, so older agents read
-    every other request."""
+    every other request. `tail`: sent near the end of the work behind a task the slot already
+    holds (`core/tailfeed.py`): the agent feeds it to the slot process only once that is idle,
+    so that a steal-back can still take it meanwhile (sent only when set, after `keep`)."""
 
     task_id: int
     slot: int
@@ -164,6 +166,7 @@ class TaskRequest:
     backend: str = "cpu"
     code: str = ""
     keep: int = 0
+    tail: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

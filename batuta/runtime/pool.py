@@ -680,6 +680,7 @@ class Pool:
                 backend=pending._choice.backend.value,
                 code=code,
                 keep=pending._keep,
+                tail=bool(ins.tail) and task_id in ins.tail,  # kept stealable at its agent (core/tailfeed.py)
             )
             # the values go first, in the same write as the Run; kept values this host lacks
             # are relayed first, and the Run waits for them (dataplane.py)

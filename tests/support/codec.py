@@ -144,6 +144,7 @@ def sample_messages() -> list[Message]:
                     call=KernelCall(name="sum", args=(ObjectRef(3), [ObjectRef(2**64 - 1)])),
                 ),
                 TaskRequest(task_id=10, slot=0, attempt=2, call=KernelCall(name="noop", args=()), keep=17),
+                TaskRequest(task_id=11, slot=1, attempt=1, call=KernelCall(name="noop", args=()), tail=True),
             )
         ),
         Run(tasks=()),
