@@ -24,7 +24,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-TURN_BUDGET_S = 0.01
+# An iteration runs its budget, then the scheduling pass of what was submitted meanwhile and the
+# last reader's batch, and the lag probe waits up to two iterations (its timer, then its task's
+# wake-up): 128 local hosts on ci-2core, alternated, load lag p99 51 and 42 ms at 10 ms, 36 and
+# 31 at 5, 35 and 23 at 3, with no loss of throughput (12,300-15,900 tasks/s).
+TURN_BUDGET_S = 0.003
 
 
 class LoopTurns:
