@@ -4,10 +4,9 @@ A real `python -m batuta.agent --stdio` process gets the handshake, then frames 
 kinds (each drawn from a seeded `random.Random`):
 
     valid      a well-formed Run / Cancel / StealBack / Put / Drop / Fetch / Code with random content
-               (object refs included, to objects put or never put; code bundles that import,
-               fail to parse or import a missing package; tasks naming those digests or none),
-               now and then a DataLink to a closed loopback port (the agent's dial fails, it
-               says so and keeps serving over its pipe)
+               (refs to objects put or never put; code that imports, fails to parse or imports
+               a missing package; tasks naming those digests or none), now and then a DataLink
+               to a closed loopback port (the dial fails; the agent keeps serving)
     stream     a valid Put or Run whose arrays stream: the frame, then its chunk frames
                (protocol/chunks.py), stream ids continuing the session's
     mutated    a valid or streamed frame with bytes flipped, inserted, deleted, cut or spliced
@@ -27,14 +26,13 @@ counted: `crashes` (a traceback, "agent failed", an exit or an Error the model d
 expect, a malformed frame from the agent), `hangs` (no answer or no exit within the bound),
 `orphans` (a slot or child process alive after the agent exited).
 
-Frames that would make the agent run something outside a small allowlist (a real kernel
-with random arguments, a binary other than /bin/true and /bin/echo, `module:kernel` names
-that import modules, a Code bundle other than the few harmless ones below) are not sent and
-are counted as `skipped`. The agents keep what Code writes in a temporary cache folder.
+Frames that would make the agent run something outside a small allowlist (a real kernel with
+random arguments, a binary other than /bin/true and /bin/echo, `module:kernel` names that
+import modules, a Code bundle other than the few harmless ones below) are not sent: `skipped`.
+The agents keep what Code writes in a temporary cache folder.
 
-    python bench/fuzz.py [--frames 100000] [--seed 0] [--slots 2]
+    python bench/fuzz.py [--frames 100000] [--seed 0] [--slots 2]   # last line: one JSON object
 
-The last line printed is one JSON object: frames, crashes, hangs, orphans, sessions, ...
 `tests/test_fuzz_agent.py` runs the same driver briefly under hypothesis.
 """
 
@@ -120,9 +118,8 @@ def _bundle(files: dict[str, bytes], modules: tuple[str, ...]) -> Code:
     return Code(digest=code_digest(entries, modules), modules=modules, files=entries)
 
 
-# The only user code the fuzzer ships: harmless to import, or failing to (a syntax error, a
-# missing package, a module that is not there). A decoded Code is sent only if it is one of
-# these (the codec checks each digest against its files, so no mutation passes as one).
+# The only user code the fuzzer ships: harmless to import, or failing to (a syntax error, a missing
+# package, a module that is not there). A decoded Code is sent only if it is one of these.
 CODE_BUNDLES = (
     _bundle({"fz_a.py": b"VALUE = 1\n"}, ("fz_a",)),
     _bundle(
@@ -187,9 +184,8 @@ def _task(rnd: random.Random, task_id: int, slots: int) -> TaskRequest:
     timeout = rnd.choice([None, None, None, 0.001, 0.5, 30.0])
     backend = rnd.choice(["cpu", "cpu", "scalar", "gpu"])
     keep = rnd.choice([0, 0, 0, 0, 1 << 20, rnd.randrange(1, 1 << 40)])  # a kept result, now and then
-    tail = rnd.random() < 0.2  # fed to the slot process only once it is idle (core/tailfeed.py)
     return TaskRequest(task_id=task_id, slot=slot, attempt=rnd.randrange(1, 4), call=call, timeout=timeout,
-                       backend=backend, code=rnd.choice(TASK_CODES), keep=keep, tail=tail)  # fmt: skip
+                       backend=backend, code=rnd.choice(TASK_CODES), keep=keep, tail=rnd.random() < 0.2)  # fmt: skip
 
 
 def valid_message(
@@ -728,8 +724,7 @@ class Fuzzer:
         shutil.rmtree(self.cache, ignore_errors=True)
 
     def _start(self) -> AgentSession:
-        # The next agent starts while this one is fuzzed: on two cores that halves the cost
-        # of a session, which is mostly the agent's start-up.
+        # the next agent starts while this one is fuzzed: a session is mostly the agent's start-up
         session = self._spare or AgentSession(self.slots, self.stats, timeout=self.timeout, cache=self.cache)
         self._spare = AgentSession(self.slots, self.stats, timeout=self.timeout, cache=self.cache)
         session.handshake()
