@@ -105,7 +105,7 @@ class DependencyTable:
 def on_submitted(s: Scheduler, entry: TaskEntry, ev: TaskSubmitted) -> bool:
     """Register what `entry` makes and needs; True when it was parked or resolved here."""
     table = s._deps
-    if ev.puts:
+    if ev.puts and on_gpu(ev.requires):  # only a GPU task's placement follows put values
         entry.puts = tuple(object_id for object_id, _ in ev.puts)
         for object_id, nbytes in ev.puts:
             if object_id not in table.objects:
@@ -161,7 +161,7 @@ def place_ready(s: Scheduler, entry: TaskEntry) -> None:
         s._resolve(entry, TaskStatus.UNSCHEDULABLE, s._unschedulable_reason(entry))
         return
     home = home_slot(s, entry) if entry.reads else None
-    if home is None and entry.puts and on_gpu(entry.requires):
+    if home is None and entry.puts:
         home = copy_slot(s, entry)
         entry.home_slot = home.slot_id if home is not None else None
     if home is None:
@@ -260,7 +260,7 @@ def on_resolved(s: Scheduler, entry: TaskEntry, status: TaskStatus, reason: str,
     table.waiting.pop(entry.task_id, None)
     object_id = table.kept_by.pop(entry.task_id, 0)
     record = table.objects.get(object_id) if object_id else None
-    if entry.puts and status is TaskStatus.SUCCEEDED and slot is not None and on_gpu(entry.requires):
+    if entry.puts and status is TaskStatus.SUCCEEDED and slot is not None:
         _note_copies(s, entry, slot.slot_id)
     if record is not None and record.producer == entry.task_id:
         if status is TaskStatus.SUCCEEDED and slot is not None:

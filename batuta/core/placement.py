@@ -107,7 +107,7 @@ class TaskEntry:
     unmet: int = 0  # upstream tasks and objects it still waits for
     home: HostId | None = None  # the host holding its inputs, when queued there for locality
     home_slot: SlotId | None = None  # the GPU slot holding copies of its put values (deps.py)
-    puts: tuple[int, ...] = ()  # put values it reads (deps.py)
+    puts: tuple[int, ...] = ()  # put values a GPU task reads (deps.py)
     # fed ahead (feedahead.py), and a producer ahead of it there ended without making its input:
     # whatever this attempt reports is not its result
     void: bool = False

@@ -305,8 +305,8 @@ class Scheduler:
         if not self._can_ever_run(klass):
             self._resolve(entry, TaskStatus.UNSCHEDULABLE, self._unschedulable_reason(entry))
             return
-        linked = ev.after or ev.reads or ev.keep_as or ev.puts
-        if linked and (deps.on_submitted(self, entry, ev) or ev.reads or ev.puts):
+        linked = ev.after or ev.reads or ev.keep_as or (ev.puts and deps.on_gpu(ev.requires))
+        if linked and (deps.on_submitted(self, entry, ev) or ev.reads or entry.puts):
             if entry.place is Place.WAITING:
                 feedahead.try_feed(self, entry)  # behind its inputs' producers, if they are in one window
             elif not entry.resolved:
