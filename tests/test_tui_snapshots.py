@@ -22,7 +22,7 @@ from batuta.tui.model import DashboardModel
 from batuta.tui.replay import SyntheticCluster, replay
 from batuta.tui.screens import TaskDetailScreen
 from batuta.tui.snapshot import screen_text
-from batuta.tui.widgets import LogPanel
+from batuta.tui.widgets import JobsPanel, LogPanel
 
 from batuta import Backend, TaskResult, TaskStatus
 from batuta.runtime import events as pe
@@ -151,6 +151,23 @@ async def draw(model: DashboardModel, size: tuple[int, int], then: Callable[[Bat
 @pytest.mark.parametrize("size", [(160, 50), (120, 40)], ids=["160x50", "120x40"])
 async def test_main_screen(size: tuple[int, int]) -> None:
     check(f"main_{size[0]}x{size[1]}", await draw(seeded_cluster_model(), size))
+
+
+async def test_panels_drawn_beside_a_scrollbar_are_whole_once_it_goes() -> None:
+    """A panel that shows a scrollbar cuts its lines a column short; once the scrollbar goes
+    (a transient layout, a terminal resize) the lines must be cut again at the full width (a
+    cached line once kept the old width: the last column lost a character, as under CI load)."""
+    model = seeded_cluster_model()
+    app = BatutaApp(model=model, cluster_label=model.cluster_label, attach_logging=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        panel = app.query_one(JobsPanel)
+        for overflow in ("scroll", "auto"):
+            panel.styles.overflow_y = overflow
+            await pilot.pause()
+            app.sync_now()
+            await pilot.pause()
+        text = screen_text(app)
+    check("main_120x40", text)
 
 
 async def test_small_cluster_with_a_lost_host_and_no_gpu() -> None:

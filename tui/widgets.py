@@ -120,6 +120,7 @@ class LinesPanel(_Synced, ScrollView):
         self._header: list[Text] = []
         self._body: render.Rows = []
         self._strips: dict[int, Strip] = {}
+        self._strips_width = 0  # the width the cached strips were cropped to
         self._base_style = Style.null()
         self._now = 0.0
 
@@ -134,7 +135,10 @@ class LinesPanel(_Synced, ScrollView):
         """Redraw if the model moved since the last draw; returns whether it did."""
         if not self.is_mounted or not self.size.area:
             return False
-        if not self.needs_draw(now, self.size):
+        # the region without scrollbars: one appearing or going (a transient layout, a resize)
+        # changes the width the lines are cut to while the widget's size stays the same
+        region = self.scrollable_content_region
+        if not self.needs_draw(now, region.size):
             return False
         self._now = now
         self._base_style = self.rich_style
@@ -154,6 +158,9 @@ class LinesPanel(_Synced, ScrollView):
 
     def render_line(self, y: int) -> Strip:
         width = self.scrollable_content_region.width
+        if width != self._strips_width:  # strips cut to another width would leave a column blank
+            self._strips.clear()
+            self._strips_width = width
         base = self._base_style
         header = self._header
         if y < len(header):
