@@ -164,6 +164,16 @@ async def main(pool):
             "got 'off'",
             id="data-link-encryption",
         ),
+        pytest.param(
+            {
+                "job.py": "async def main(pool):\n    pass\n",
+                "cluster.toml": '[[hosts]]\naddress = "10.0.0.1"\n[ssh]\ndata_link_encryption = "none"\n',
+            },
+            ["run", "job.py", "-c", "cluster.toml"],
+            'ssh.data_link_encryption: "none" applies to data links, and data_link is off: set data_link = "ssh" '
+            "(or an address) as well, or remove data_link_encryption",
+            id="plain-data-link-without-a-link",
+        ),
         pytest.param({}, ["run"], "required: JOB", id="no-job"),
         pytest.param({}, [], "no command given", id="no-command"),
         pytest.param({}, ["frobnicate"], "invalid choice: 'frobnicate'", id="unknown-command"),

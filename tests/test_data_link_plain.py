@@ -67,6 +67,15 @@ def test_the_setting_is_tls_or_none() -> None:
         assert "\n" not in str(caught.value)
     with pytest.raises(ConfigError, match=r'ssh.data_link_encryption: expected "tls" \(the default\) or "none"'):
         parse_cluster(text + 'data_link_encryption = "plain"\n', source="c.toml")
+    # "none" without a data link would silently change nothing: refused, naming both fixes
+    linkless = text.replace('data_link = "ssh"\n', "")
+    assert parse_cluster(linkless + 'data_link_encryption = "tls"\n', source="c.toml").ssh.data_link is None
+    with pytest.raises(ConfigError) as caught:
+        parse_cluster(linkless + 'data_link_encryption = "none"\n', source="c.toml")
+    assert str(caught.value) == (
+        'c.toml:5: ssh.data_link_encryption: "none" applies to data links, and data_link is off: '
+        'set data_link = "ssh" (or an address) as well, or remove data_link_encryption'
+    )
 
 
 # -- over loopback --------------------------------------------------------------------------

@@ -533,7 +533,13 @@ class _Reader:
                 fields[key] = parse(self._string((*path, key), table[key])) if key in table else fields.get(key)
             except ValueError as exc:
                 raise self.error((*path, key), str(exc)) from None
-        if fields.pop("data_link_encryption") is False and fields["data_link"] is not None:
+        if fields.pop("data_link_encryption") is False:
+            if fields["data_link"] is None:  # plain links asked for, but no link: a mistake, not a no-op
+                raise self.error(
+                    (*path, "data_link_encryption"),
+                    '"none" applies to data links, and data_link is off: set data_link = "ssh" '
+                    "(or an address) as well, or remove data_link_encryption",
+                )
             fields["data_link"] = replace(fields["data_link"], encrypted=False)
         return SSHSettings(**fields)
 
