@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+_PYTEST_PID = os.getpid()
+
+
+def _interrupted(signum: int, frame: FrameType | None) -> None:
+    if os.getpid() != _PYTEST_PID:  # a child forked by a test: die as SIGTERM means there
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise KeyboardInterrupt(f"stopped by signal {signum} (SIGTERM)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run stopped by SIGTERM (a CI job's timeout, `kill`) ends as Ctrl-C does: pytest runs
+    the fixtures' finalisers, which stop by PID the sshd, agents and Slurm daemons they started
+    and remove their namespaces. By default SIGTERM ends the process on the spot and leaves
+    them running until a later run sweeps them up."""
+    signal.signal(signal.SIGTERM, _interrupted)
 
 
 @pytest.fixture(scope="session")
