@@ -18,6 +18,9 @@ get. `coordinator_peak_rss_mib` is this process's peak resident set during the p
 high-water mark restarted just before with /proc/self/clear_refs, so that writing the source
 file does not count; where that cannot be done, `ru_maxrss` over the whole batuta run),
 minus nothing: the put array's pages, mapped as they are read, are part of it.
+`coordinator_peak_anon_mib` leaves them out: the peak of the process's anonymous resident
+memory (RssAnon, sampled every 5 ms during the put), i.e. what batuta itself holds while it
+sends; the source file's pages are the page cache's, which the kernel takes back under pressure.
 `get_peak_over_value_mib` is what the get's peak adds beyond the fetched value itself. The
 array is memory-mapped from a `.npy` file, so batuta reads it chunk by chunk; the issue's
 target is a peak under 1 GiB while moving 4 GiB. This machine
@@ -55,6 +58,7 @@ import platform
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -113,6 +117,41 @@ def reset_peak_rss() -> bool:
     return True
 
 
+class AnonPeak:
+    """The peak of this process's anonymous resident memory (RssAnon: its own buffers, not the
+    pages of a mapped file, which VmHWM counts), sampled every `interval` seconds by a thread."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.peak_mib = 0.0
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="anon-peak", daemon=True)
+
+    @staticmethod
+    def now_mib() -> float:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return float("nan")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mib = max(self.peak_mib, self.now_mib())
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mib = max(self.peak_mib, self.now_mib())
+
+
 async def batuta_run(hosts: TestHosts, array: np.ndarray, data_link: bool, encrypted: bool) -> dict[str, Any]:
     from batuta import Task
     from batuta.runtime.cluster import build_pool, parse_cluster
@@ -126,9 +165,10 @@ async def batuta_run(hosts: TestHosts, array: np.ndarray, data_link: bool, encry
             phases = reset_peak_rss()
             rss_before = peak_rss_mib()
             start = time.perf_counter()
-            ref = pool.put(array)
-            sums = [await pool.submit(Task.kernel("sum", ref, requires=(name,))) for name in names]
-            results = [await f for f in sums]
+            with AnonPeak() as anon:
+                ref = pool.put(array)
+                sums = [await pool.submit(Task.kernel("sum", ref, requires=(name,))) for name in names]
+                results = [await f for f in sums]
             put_s = time.perf_counter() - start
             failed = [r for r in results if not r.is_success()]
             if failed:
@@ -160,6 +200,7 @@ async def batuta_run(hosts: TestHosts, array: np.ndarray, data_link: bool, encry
         "get_s": round(get_s, 3),
         "coordinator_peak_rss_mib": round(max(put_peak, rss_peak) if not phases else put_peak, 1),
         "rss_before_put_mib": round(rss_before, 1),
+        "coordinator_peak_anon_mib": round(anon.peak_mib, 1),
         "peak_by_phase": phases,
         "get_peak_over_value_mib": round(get_over, 1) if phases else None,
         "data_link": data_link,
@@ -290,6 +331,7 @@ def main() -> None:
         "tls_put_gbps": round(tls["put_gbps"], 3) if tls else None,
         "tls_get_gbps": round(tls["get_gbps"], 3) if tls else None,
         "coordinator_peak_rss_mib": ours["coordinator_peak_rss_mib"],
+        "coordinator_peak_anon_mib": ours["coordinator_peak_anon_mib"],
         "gib": args.gib,
         "hosts": args.hosts,
         "data_link": args.data_link != "off",

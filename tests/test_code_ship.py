@@ -392,6 +392,42 @@ async def test_ship_waits_for_the_tasks_on_the_hosts_so_none_is_refused_as_stale
     assert (after.status, after.value, after.code) == (TaskStatus.SUCCEEDED, 141, shipped.digest)
 
 
+SLOW_IMPORT = """\
+import time
+from batuta import kernel
+
+time.sleep(2.0)  # a module that takes long to import (torch, a long compile at import)
+
+
+@kernel("cs_slow_value", pure=True)
+def cs_slow_value(x):
+    return x + 1
+
+
+cs_slow_value.cpu(cs_slow_value.reference)
+"""
+
+
+async def test_a_long_import_of_the_users_code_keeps_the_host_alive(tmp_path: Path) -> None:
+    """The agent imports the shipped modules on a thread: one that takes longer than the
+    host's `lost_after` must not get the host lost (it was, and relaunched, and lost again,
+    for ever); the task sent meanwhile still waits for it (its kernel exists only then)."""
+    write(tmp_path, {"cs_slow.py": SLOW_IMPORT})
+    builder = (
+        Pool.builder()
+        .cpu_workers(1)
+        .gpu_workers("none")
+        .modules([tmp_path / "cs_slow.py"])
+        .heartbeat_interval(0.1)
+        .liveness(suspect_after=0.4, lost_after=0.8)
+    )
+    async with builder.build() as pool:
+        [agent] = agent_pids()
+        result = await asyncio.wait_for(pool.run(Task.kernel("cs_slow_value", 1)), 60)
+        assert agent_pids() == [agent]  # never lost, never relaunched
+    assert (result.status, result.value, result.attempts) == (TaskStatus.SUCCEEDED, 2, 1), result.error
+
+
 async def test_a_pool_with_no_code_to_ship_names_none() -> None:
     async with Pool.builder().cpu_workers(1).gpu_workers("none").build() as pool:
         result = await pool.run(Task.kernel("noop", 3))

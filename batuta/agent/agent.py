@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from batuta._version import __version__
-from batuta.agent.code import CodeLoader, cache_root, module_source_digest, stale_error
+from batuta.agent.code import CodeLoader, SlotCode, cache_root, module_source_digest, stale_error
 from batuta.agent.datalink import AgentDataLink
 from batuta.agent.execute import print_error
 from batuta.agent.forward import Forwarded, PipeWatch
@@ -150,6 +150,7 @@ class Agent:
         self._exit: asyncio.Future[int] | None = None
         self._welcomed = False
         self._stopping = False
+        self._importing = False  # the user's code imports on a thread; messages after it wait
         self._heartbeat_interval = 1.0
         self._heartbeat_seq = 0
         self._heartbeat_timer: asyncio.TimerHandle | None = None
@@ -438,7 +439,9 @@ class Agent:
 
     def _take_messages(self) -> None:
         try:
-            while not self._stopping:  # a data link may call this after the end (agent/datalink.py)
+            # a data link may call this after the end (agent/datalink.py); while the user's
+            # code imports, what follows its Code waits (a Run may need it)
+            while not self._stopping and not self._importing:
                 event = self._conn.next_event()
                 if event is NEED_DATA:
                     break
@@ -498,12 +501,34 @@ class Agent:
 
     def _on_code(self, code: Code) -> None:
         """Write the user's code and say so at once (`ship` waits for that, not for the compile),
-        then import it, answer what happened, give the slots the code: all in this one call."""
+        then import it, answer what happened and give the slots the code, before any later
+        message is handled. The import runs on a thread: a module that imports torch or
+        compiles kernels for half a minute must not stop the heartbeats (the coordinator would
+        take the host for lost, relaunch it and lose it again, for ever)."""
         self._code.store(code)
         self._emit(CodeStored(digest=self._code.current.digest))
         self._flush()
-        loaded = self._code.import_stored()  # import failures go back in CodeLoaded: the coordinator logs them
-        self._emit(CodeLoaded(digest=loaded.digest, errors=dict(loaded.errors)))
+        if not self._code.import_pending:
+            self._code_imported(self._code.current)
+            return
+        assert self._loop is not None
+        self._importing = True
+        imported = self._loop.run_in_executor(None, self._code.import_stored)
+        imported.add_done_callback(self._on_imported)
+
+    def _on_imported(self, imported: asyncio.Future[SlotCode]) -> None:
+        self._importing = False
+        if self._stopping or imported.cancelled():
+            return
+        exc = imported.exception()
+        if exc is not None:  # import_stored records the user's failures; this is batuta's own
+            self._fail(f"agent failed importing the code: {type(exc).__name__}: {exc}", send_error=True)
+            return
+        self._code_imported(imported.result())
+        self._take_messages()  # those that waited for it
+
+    def _code_imported(self, loaded: SlotCode) -> None:
+        self._emit(CodeLoaded(digest=loaded.digest, errors=dict(loaded.errors)))  # the coordinator logs errors
         # Out now, not after the slots are replaced: nothing this agent reads next (a Run for
         # the new code) is handled before the loop below has forked them.
         self._flush()

@@ -13,7 +13,8 @@ again for each `Pool.ship`. `CodeLoader.store` then:
    does not match, corrupted or edited by hand, is replaced).
 
 The agent answers `CodeStored` there (a few milliseconds: `ship` waits for that, not for the
-compile), and at once, before it reads another message, `CodeLoader.import_stored`:
+compile), and at once, before it handles another message, `CodeLoader.import_stored` (on a
+thread, so that its heartbeats go on through a long import):
 
 3. puts the folder first on `sys.path` and imports the bundle's modules, in order, through
    `BundleLoader` (compiled once per host, see "Bytecode" below). A module that fails is
@@ -452,6 +453,11 @@ class CodeLoader:
             return
         self.current = SlotCode(digest=code.digest, directory=str(folder), modules=code.modules, host=self.host)
         self._to_import = True
+
+    @property
+    def import_pending(self) -> bool:
+        """Whether `store` wrote a bundle that `import_stored` has yet to import."""
+        return self._to_import and self.current.directory is not None
 
     def import_stored(self) -> SlotCode:
         """The second half: import the stored bundle's modules here (compiling what no pyc
