@@ -56,7 +56,7 @@ from batuta.agent.execute import print_error
 from batuta.agent.forward import Forwarded, PipeWatch
 from batuta.agent.objects import ObjectStore, default_cap, host_memory, parse_object_memory, value_nbytes
 from batuta.agent.options import AgentOptions
-from batuta.agent.outbox import DoneBatch, Item, outbox_messages
+from batuta.agent.outbox import DoneBatch, Item, encode_one_by_one, outbox_messages
 from batuta.agent.shm import SharedArena
 from batuta.agent.spawn import SlotProcess, preload_for_fork, spawn_mode
 from batuta.agent.supervisor import SlotSupervisor
@@ -361,7 +361,7 @@ class Agent:
             try:  # the usual path: a vectored write, result arrays not joined into one bytes first
                 self._writer.write_parts(self._conn.send_many_parts(messages))
             except LocalProtocolError:
-                data = self._encode_one_by_one(messages)
+                data = encode_one_by_one(self._conn, messages, fail=self._fail, warn=_warn)
                 if data:
                     self._writer.write(data)
         self._send_chunks()
@@ -381,38 +381,6 @@ class Agent:
         await writer.drain()
         self._chunk_pump = None
         self._send_chunks()
-
-    def _encode_one_by_one(self, messages: list[Message]) -> bytes | None:
-        """The slow path after a batch failed to encode: send what can be sent, turn a result
-        that cannot be encoded into an "error" outcome (slots check theirs, so this is a
-        last line of defence), and stop only if the connection itself refuses."""
-        chunks: list[bytes] = []
-        for message in messages:
-            try:
-                chunks.append(self._conn.send(message))
-                continue
-            except LocalProtocolError as exc:
-                if not self._conn.can_send:
-                    self._fail(f"agent bug: {exc}", send_error=False)
-                    return None
-                problem = str(exc)
-            if not isinstance(message, Done):
-                _warn(f"dropped an unsendable {type(message).__name__}: {problem}")
-                continue
-            for outcome in message.results:
-                try:
-                    chunks.append(self._conn.send(Done(results=(outcome,))))
-                except LocalProtocolError as exc:
-                    replacement = TaskOutcome(
-                        task_id=outcome.task_id,
-                        slot=outcome.slot,
-                        attempt=outcome.attempt,
-                        status=Outcome.ERROR,
-                        error=f"the task's outcome cannot be sent to the coordinator: {exc}"[:500],
-                        run_s=outcome.run_s,
-                    )
-                    chunks.append(self._conn.send(Done(results=(replacement,))))
-        return b"".join(chunks)
 
     def _on_write_error(self, exc: OSError) -> None:
         # The coordinator's end of our stdout is gone; its end of stdin will follow.

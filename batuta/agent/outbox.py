@@ -8,10 +8,14 @@ a Done of its own so that the coordinator can forget it alone if its source dies
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from batuta.agent.forward import Forwarded
-from batuta.protocol.messages import Done, Message, TaskOutcome
+from batuta.protocol.connection import Connection
+from batuta.protocol.errors import LocalProtocolError
+from batuta.protocol.messages import Done, Message, Outcome, TaskOutcome
 from batuta.transport.growing import Growing
 
 DONE_MAX_RESULTS = 1024  # results per Done frame
@@ -78,3 +82,38 @@ def outbox_messages(outbox: list[Item], *, forwarding: bool) -> tuple[list[Messa
         else:
             messages.append(item)
     return messages, growing
+
+
+def encode_one_by_one(
+    conn: Connection, messages: list[Message], *, fail: Callable[..., None], warn: Callable[[str], None]
+) -> bytes | None:
+    """The slow path after a batch failed to encode: send what can be sent, turn a result
+    that cannot be encoded into an "error" outcome (slots check theirs, so this is a
+    last line of defence), and stop (`fail`) only if the connection itself refuses."""
+    chunks: list[bytes] = []
+    for message in messages:
+        try:
+            chunks.append(conn.send(message))
+            continue
+        except LocalProtocolError as exc:
+            if not conn.can_send:
+                fail(f"agent bug: {exc}", send_error=False)
+                return None
+            problem = str(exc)
+        if not isinstance(message, Done):
+            warn(f"dropped an unsendable {type(message).__name__}: {problem}")
+            continue
+        for outcome in message.results:
+            try:
+                chunks.append(conn.send(Done(results=(outcome,))))
+            except LocalProtocolError as exc:
+                replacement = TaskOutcome(
+                    task_id=outcome.task_id,
+                    slot=outcome.slot,
+                    attempt=outcome.attempt,
+                    status=Outcome.ERROR,
+                    error=f"the task's outcome cannot be sent to the coordinator: {exc}"[:500],
+                    run_s=outcome.run_s,
+                )
+                chunks.append(conn.send(Done(results=(replacement,))))
+    return b"".join(chunks)
