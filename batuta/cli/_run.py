@@ -210,8 +210,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _interrupted_note(summary: RunSummary, args: argparse.Namespace) -> str:
     """One line: what the interrupt left done, and how to go on from there."""
-    done = summary.tasks - summary.unfinished
-    note = f"{PROG}: interrupted: {done} of {summary.tasks} tasks finished, {summary.unfinished} cancelled; "
+    # cancelled: those the agents answered "cancelled" before the pool closed (an interrupt
+    # that reached the coordinator alone), and those no one answered (it reached them too)
+    cancelled = summary.cancelled + summary.unfinished
+    note = (
+        f"{PROG}: interrupted: {summary.tasks - cancelled} of {summary.tasks} tasks finished, {cancelled} cancelled; "
+    )
     again = f"{PROG} run {args.job}" + (f" --cluster {args.cluster}" if args.cluster else "")
     if args.journal:
         return note + f"'{again} --journal {args.journal} --resume' runs only what is not done"
