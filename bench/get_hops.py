@@ -6,12 +6,12 @@ Each round makes a fresh kept result of `--mib` MiB on the host (`saxpy` of a pu
 - `first_s`: the get that asks the slot for it: slot to agent down the slot's pipe, agent to
   coordinator over the data link (overlapped when the agent forwards it while it arrives:
   `agent/forward.py`; the coordinator's receiver counts it in `growing_streams`);
-- `second_s`: the same get again, which the agent now answers from its own store: the data
-  link hop alone.
+- `second_s`: the same get again. Until 2026-12-04 the agent kept a fetched value in its own
+  store, so this was the data link hop alone; now it keeps none (the host would hold the
+  value twice), and the second get asks the slot again: a repeat of the first, with the
+  memory the first one freed.
 
-`first_s` close to `second_s` means the pipe hop is hidden behind the link; `first_s` near
-their sum means the hops run one after the other. Medians over `--rounds`; the last line is
-one JSON object.
+Medians over `--rounds`; the last line is one JSON object.
 
 `--encryption none` makes the link plain TCP (`[ssh] data_link_encryption = "none"`).
 

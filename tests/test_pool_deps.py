@@ -291,6 +291,11 @@ async def test_a_chain_of_kept_values_on_one_slot_moves_no_bytes_out_of_it_until
         np.testing.assert_array_equal(await pool.get(ref), np.full(N, 4.5))  # asked of the slot
         moved = await _telemetry_after(pool, lambda t: t.slot_object_bytes > 0)
         assert moved.slot_object_bytes == N * 8  # that one value, once
+        # the agent kept no copy of it (the host would hold it twice, counted once): a second
+        # get asks the slot again
+        np.testing.assert_array_equal(await pool.get(ref), np.full(N, 4.5))
+        again = await _telemetry_after(pool, lambda t: t.slot_object_bytes > N * 8)
+        assert again.slot_object_bytes == 2 * N * 8
 
 
 async def test_a_consumer_on_another_slot_of_the_host_gets_the_kept_value(tmp_path: Path) -> None:

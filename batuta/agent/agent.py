@@ -110,12 +110,13 @@ _ABSENT = object()  # a fetch answered "not here"
 class _Pull:
     """An object's bytes asked of the slot that holds them, and the Fetches waiting for them."""
 
-    __slots__ = ("forwarded", "requests", "slot")
+    __slots__ = ("forwarded", "local", "requests", "slot")
 
     def __init__(self, slot: int) -> None:
         self.slot = slot
         self.requests: list[int] = []
         self.forwarded: list[int] = []  # requests answered while the value arrives (forward.py)
+        self.local = False  # wanted here too (a task on another slot, a spill), not only fetched
 
 
 class Agent:
@@ -224,7 +225,8 @@ class Agent:
     # -- objects kept in slot processes (SlotKeeper) -------------------------------------
 
     def _pull(self, object_id: int, request_id: int = 0) -> None:
-        """Ask the slot holding `object_id` for its bytes (once, however many wait)."""
+        """Ask the slot holding `object_id` for its bytes (once, however many wait): for the
+        coordinator's Fetch `request_id`, or (0) for this host's own use."""
         pull = self._pulls.get(object_id)
         if pull is None:
             slot_index = self._objects.slot_of(object_id)
@@ -234,6 +236,8 @@ class Agent:
                 self._loop_call(self.object_arrived, pull.slot, object_id, None, False)
         if request_id:
             pull.requests.append(request_id)
+        else:
+            pull.local = True
 
     def _loop_call(self, *args: Any) -> None:
         assert self._loop is not None
@@ -270,7 +274,10 @@ class Agent:
         pull = self._pulls.pop(object_id, None)
         if present:
             self._slot_object_bytes += self._objects.nbytes(object_id) or value_nbytes(value)
-            self._objects.settle(object_id, value)
+            if pull is None or pull.local:
+                self._objects.settle(object_id, value)
+            # else only fetched: the slot keeps it, and this host one copy, not two (the store
+            # would count it once; a later get asks the slot again, as a Dask worker sends its own)
         elif self._objects.slot_of(object_id) == slot:  # it was not there: as good as lost
             self._objects.lose((object_id,))
             self._emit(ObjectsLost(object_ids=(object_id,), reason=f"slot {slot} no longer held it"))
