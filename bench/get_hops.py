@@ -3,9 +3,10 @@
 Each round makes a fresh kept result of `--mib` MiB on the host (`saxpy` of a put array,
 `keep=True`: it stays in the slot's process) and fetches it twice:
 
-- `first_s`: the get that asks the slot for it: slot to agent down the slot's pipe, agent to
-  coordinator over the data link (overlapped when the agent forwards it while it arrives:
-  `agent/forward.py`; the coordinator's receiver counts it in `growing_streams`);
+- `first_s`: the get that asks the slot for it: lent by the slot, read from its memory by the
+  agent while the data link sends it (`agent/lend.py`; before, slot to agent down the slot's
+  pipe, then agent to coordinator, overlapped: `agent/forward.py`); the coordinator's
+  receiver counts it in `growing_streams`;
 - `second_s`: the same get again. Until 2026-12-04 the agent kept a fetched value in its own
   store, so this was the data link hop alone; now it keeps none (the host would hold the
   value twice), and the second get asks the slot again: a repeat of the first, with the

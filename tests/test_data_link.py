@@ -413,3 +413,47 @@ async def test_a_kept_result_is_forwarded_while_it_arrives_and_a_slot_killed_mid
         assert receiver.growing_streams == 3  # the aborted one, then the re-made value, forwarded again
         assert conn.incoming.open_streams == 0 and conn.incoming.held == 0 and receiver.expected == 0
         assert session.connection is conn  # the session lived on: only that value was lost
+
+
+def _high_water_mib(pid: int) -> float:
+    """A process's peak resident set so far (VmHWM), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+@pytest.mark.timeout(WAIT_S + 60)
+async def test_a_kept_result_fetched_over_the_link_is_lent_never_copied_to_the_agent(
+    ssh_hosts: Callable[..., TestHosts],
+) -> None:
+    """agent/lend.py: the agent reads the value from the slot process's memory while the link
+    sends it; not one byte of it crosses the slot's pipe, and the agent's peak memory does
+    not grow by the value (it once received a whole copy first)."""
+    hosts = ssh_hosts(1)
+    count = 32 * MIB  # a 256 MiB float64 result, kept in the slot's process
+    async with asyncio.timeout(WAIT_S), _pool(hosts, DataLinkSetting()) as pool:
+        (session,) = pool._hosts.sessions.values()
+        await _until(lambda: session.data_link is not None and _link(session).directions == 2, "the link came up")
+        reports: list[pe.HostTelemetry] = []
+        pool.subscribe(lambda e: reports.append(e) if isinstance(e, pe.HostTelemetry) else None)
+        kept = (await (await pool.submit(Task.kernel("test_arange", count), keep=True))).unwrap()
+        slot_pid = (await pool.run(Task.kernel("test_slot_pid"))).unwrap()
+        agent_pid = _parent(slot_pid)  # the agent forked it
+        before = _high_water_mib(agent_pid)
+        back = await pool.get(kept)
+        assert back.shape == (count,) and np.array_equal(back[:: 1 << 16], np.arange(0, count, 1 << 16))
+        assert back[-1] == count - 1
+        grew = _high_water_mib(agent_pid) - before
+        assert grew < 64, f"the agent's peak grew by {grew:.0f} MiB for a 256 MiB get"
+        heard = len(reports)
+        await _until(lambda: len(reports) > heard, "a heartbeat after the get")
+        assert reports[-1].slot_object_bytes == 0  # nothing came down the slot's pipe
+        assert _link(session)._receiver.growing_streams == 1
+
+
+def _parent(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("PPid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no parent for pid {pid}")

@@ -8,9 +8,11 @@ What it does, in the order a session goes:
    `SlotChanged` from that time waits for it. Heartbeats start with `Welcome`, one at once,
    then every `heartbeat_interval`.
 2. Serve: `Code` (the user's modules, right after Welcome) is written to the cache (answered
-   `CodeStored`), imported here and answered with `CodeLoaded`; the slots are replaced by ones with
-   that code (see `code.py` and `supervisor.py`). A task whose `code` digest is not the one loaded is
-   answered "error" and not run. `Run` queues tasks on their slots (`supervisor.py` has the
+   `CodeStored`), imported here (on a thread, the heartbeats going on; later messages wait)
+   and answered with `CodeLoaded`; the slots are replaced by ones with that code (see
+   `code.py` and `supervisor.py`). A task whose `code` digest is not the one loaded is
+   answered "error" and not run. `Put`, `Drop` and `Fetch` go to the object store, and for
+   objects kept in slot processes to `keeper.py`. `Run` queues tasks on their slots (`supervisor.py` has the
    rules for feeding, Started inference, timeouts, cancel, steal-back, slot death and
    restarts); `StealBack` answers at once with what was still queued; `Cancel` answers each
    held task "cancelled" (a task already fed to its slot when the slot gets to it); unknown
@@ -47,14 +49,12 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
-
 from batuta._version import __version__
 from batuta.agent.code import CodeLoader, SlotCode, cache_root, module_source_digest, stale_error
 from batuta.agent.datalink import AgentDataLink
 from batuta.agent.execute import print_error
-from batuta.agent.forward import Forwarded, PipeWatch
-from batuta.agent.objects import ObjectStore, default_cap, host_memory, parse_object_memory, value_nbytes
+from batuta.agent.keeper import Keeper
+from batuta.agent.objects import ObjectStore, default_cap, host_memory, parse_object_memory
 from batuta.agent.options import AgentOptions
 from batuta.agent.outbox import DoneBatch, Item, encode_one_by_one, outbox_messages
 from batuta.agent.shm import SharedArena
@@ -64,7 +64,6 @@ from batuta.agent.telemetry import TelemetrySource, package_versions, with_devic
 from batuta.agent.threads import BLAS_THREADS_ENV, budget_env, limit_loaded_blas, slot_share
 from batuta.core.objects import ObjectRef, refs_in
 from batuta.core.task import KernelCall, Outcome
-from batuta.protocol.chunks import StreamAssembler
 from batuta.protocol.connection import CLOSED, NEED_DATA, Connection, Role
 from batuta.protocol.errors import LocalProtocolError, RemoteProtocolError
 from batuta.protocol.messages import (
@@ -75,7 +74,6 @@ from batuta.protocol.messages import (
     CodeLoaded,
     CodeStored,
     DataLink,
-    Done,
     Drop,
     Error,
     Fetch,
@@ -83,7 +81,6 @@ from batuta.protocol.messages import (
     Heartbeat,
     Hello,
     Message,
-    ObjectsLost,
     Put,
     Run,
     Shutdown,
@@ -96,27 +93,11 @@ from batuta.protocol.messages import (
     Welcome,
 )
 from batuta.transport.fdio import FdReader, FdWriter
-from batuta.transport.growing import Growing
 
 CHUNK_HIGH_WATER = 8 * 2**20  # chunk bytes queued on stdout before the agent waits for it to drain
 DRAIN_TIMEOUT_S = 5.0  # how long a Bye or Error may take to reach the coordinator at exit
 EXIT_OK = 0
 EXIT_ERROR = 1
-
-
-_ABSENT = object()  # a fetch answered "not here"
-
-
-class _Pull:
-    """An object's bytes asked of the slot that holds them, and the Fetches waiting for them."""
-
-    __slots__ = ("forwarded", "local", "requests", "slot")
-
-    def __init__(self, slot: int) -> None:
-        self.slot = slot
-        self.requests: list[int] = []
-        self.forwarded: list[int] = []  # requests answered while the value arrives (forward.py)
-        self.local = False  # wanted here too (a task on another slot, a spill), not only fetched
 
 
 class Agent:
@@ -170,13 +151,23 @@ class Agent:
             else default_cap(memory_total)
         )
         # what the coordinator put here (pool.put) and results kept here (keep=True)
-        self._objects = ObjectStore(cap, cache_root(), on_spill=self._spilled, on_evict=self._evict)
+        self._keeper: Keeper  # made below, with the store
+        spilled, evict = (lambda i: self._keeper.spilled(i)), (lambda i, n: self._keeper.evict(i, n))
+        self._objects = ObjectStore(cap, cache_root(), on_spill=spilled, on_evict=evict)
         self._keep_as: dict[int, int] = {}  # task id -> the object id its result is kept as
-        self._pulls: dict[int, _Pull] = {}  # object id -> its bytes asked of the slot holding it
-        self._slot_object_bytes = 0  # kept bytes that crossed a slot's pipe to here (telemetry, tests)
-        self._pipes: dict[int, PipeWatch] = {}  # slot -> its current process's pipe (forward.py)
         self._killed: list[SlotProcess] = []  # slot processes to reap at exit
         self._data_link = AgentDataLink(self._conn, self._take_messages, self._fail, _warn)  # big arrays
+        self._keeper = Keeper(  # objects kept in slot processes, and the Fetches for them
+            objects=self._objects,
+            slots=self._slots,
+            data_link=self._data_link,
+            host_name=self._host_name,
+            emit=self._emit,
+            forward=self._emit,
+            finished=self.task_finished,
+            call_soon=lambda *args: self._loop.call_soon(*args) if self._loop is not None else None,
+            call_soon_threadsafe=lambda *args: self._loop.call_soon_threadsafe(*args) if self._loop else None,
+        )
 
     # -- SlotEvents ---------------------------------------------------------------------
 
@@ -222,122 +213,10 @@ class Agent:
         self._objects.keep_in_slot(object_id, outcome.slot, value[1])
         return outcome
 
-    # -- objects kept in slot processes (SlotKeeper) -------------------------------------
-
-    def _pull(self, object_id: int, request_id: int = 0) -> None:
-        """Ask the slot holding `object_id` for its bytes (once, however many wait): for the
-        coordinator's Fetch `request_id`, or (0) for this host's own use."""
-        pull = self._pulls.get(object_id)
-        if pull is None:
-            slot_index = self._objects.slot_of(object_id)
-            slot = self._slots.get(slot_index) if slot_index is not None else None
-            pull = self._pulls[object_id] = _Pull(slot_index if slot_index is not None else -1)
-            if slot is None or not slot.fetch_object(object_id):
-                self._loop_call(self.object_arrived, pull.slot, object_id, None, False)
-        if request_id:
-            pull.requests.append(request_id)
-        else:
-            pull.local = True
-
-    def _loop_call(self, *args: Any) -> None:
-        assert self._loop is not None
-        self._loop.call_soon(*args)
-
-    def pipe_opened(self, slot: int, streams: StreamAssembler) -> None:
-        """A slot's new process: watch its pipe for fetched values to forward as they arrive."""
-        self._pipes[slot] = PipeWatch(slot, streams, self._arriving)
-
-    def _arriving(self, slot: int, put: Put, flats: list[np.ndarray], growing: list[Growing]) -> bool:
-        """A slot's answer to a Fetch began to come: answer the Fetches now if the data link
-        can send its arrays as they fill (forward.py). Whether it does."""
-        pull = self._pulls.get(put.object_id)
-        if pull is None or not pull.requests or pull.slot != slot or not self._data_link.forwards(flats):
-            return False
-        for request_id in pull.requests:
-            outcome = TaskOutcome(task_id=request_id, slot=0, attempt=1, status=Outcome.OK, value=put.value)
-            self._outbox.append(Forwarded(Done(results=(outcome,)), flats, growing))
-        pull.forwarded += pull.requests
-        pull.requests = []
-        self._schedule_flush()
-        return True
-
-    def object_wanted(self, object_id: int) -> None:
-        """A task on another slot names it: fetch it here, then feed that slot."""
-        self._pull(object_id)
-
-    def _evict(self, object_id: int, slot: int) -> None:
-        """The store is past its cap: fetch the object from its slot, to spill it."""
-        self._pull(object_id)
-
-    def object_arrived(self, slot: int, object_id: int, value: Any, present: bool) -> None:
-        """A slot answered a fetch: the value now, or (not `present`) that it lacked it."""
-        pull = self._pulls.pop(object_id, None)
-        if present:
-            self._slot_object_bytes += self._objects.nbytes(object_id) or value_nbytes(value)
-            if pull is None or pull.local:
-                self._objects.settle(object_id, value)
-            # else only fetched: the slot keeps it, and this host one copy, not two (the store
-            # would count it once; a later get asks the slot again, as a Dask worker sends its own)
-        elif self._objects.slot_of(object_id) == slot:  # it was not there: as good as lost
-            self._objects.lose((object_id,))
-            self._emit(ObjectsLost(object_ids=(object_id,), reason=f"slot {slot} no longer held it"))
-        for request_id in pull.requests if pull is not None else ():
-            self._answer_fetch(request_id, object_id, value if present else _ABSENT)
-        for supervisor in self._slots.values():  # tasks held for it are fed (or answered) now
-            supervisor.pump()
-
-    def process_lost(self, slot: int, reason: str) -> None:
-        """Slot `slot`'s process is going: the objects it alone held are lost. The
-        coordinator hears it before any outcome that follows, and makes them again."""
-        lost = self._objects.lose_slot(slot)
-        if lost:
-            self._emit(ObjectsLost(object_ids=lost, reason=reason))
-        if slot in self._pipes:
-            self._pipes.pop(slot).abort()  # what it was still sending never comes
-        for object_id in [i for i, pull in self._pulls.items() if pull.slot == slot]:
-            pull = self._pulls.pop(object_id)
-            for request_id in pull.forwarded + pull.requests:  # forwarded ones again: aborted
-                self._answer_fetch(request_id, object_id, _ABSENT)
-        if lost:  # tasks elsewhere held for them are answered now (not left waiting)
-            self._loop_call(self._pump_all)
-
-    def _pump_all(self) -> None:
-        for supervisor in self._slots.values():
-            supervisor.pump()
-
-    def _spilled(self, object_id: int) -> None:
-        """An object went to disk: slot processes holding a copy drop it (the cap bounds them
-        too); a slot that needs it again gets it from the store."""
-        for slot in self._slots.values():
-            slot.drop_objects((object_id,))
-
-    def _on_fetch(self, fetch: Fetch) -> None:
-        """Send an object back as the result of request `fetch.request_id` (see `Fetch`);
-        one a slot holds is asked of that slot first."""
-        object_id = fetch.object_id
-        if self._objects.slot_of(object_id) is not None:
-            self._pull(object_id, fetch.request_id)
-            return
-        self._answer_fetch(fetch.request_id, object_id, self._objects.get(object_id, _ABSENT))
-
-    def _answer_fetch(self, request_id: int, object_id: int, value: Any) -> None:
-        if value is not _ABSENT:
-            outcome = TaskOutcome(task_id=request_id, slot=0, attempt=1, status=Outcome.OK, value=value)
-        else:
-            outcome = TaskOutcome(
-                task_id=request_id,
-                slot=0,
-                attempt=1,
-                status=Outcome.ERROR,
-                error=f"object {object_id} is not on host {self._host_name} (dropped, lost with a slot's "
-                "process, or the agent restarted)",
-            )
-        self.task_finished(outcome)
-
     # -- writing ------------------------------------------------------------------------
 
-    def _emit(self, message: Message) -> None:
-        self._outbox.append(message)
+    def _emit(self, item: Item) -> None:
+        self._outbox.append(item)
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
@@ -446,12 +325,11 @@ class Agent:
         elif isinstance(message, Put):
             self._objects.put(message.object_id, message.value)
         elif isinstance(message, Fetch):
-            self._on_fetch(message)
+            self._keeper.fetch(message)
         elif isinstance(message, Drop):
             for object_id in message.object_ids:
                 self._objects.discard(object_id)
-            for slot in self._slots.values():
-                slot.drop_objects(message.object_ids)
+            self._keeper.drop(message.object_ids)
         elif isinstance(message, Code):
             self._on_code(message)
         elif isinstance(message, Welcome):
@@ -601,7 +479,7 @@ class Agent:
                     objects=objects,
                     object_bytes=object_bytes,
                     spilled_bytes=spilled_bytes,
-                    slot_object_bytes=self._slot_object_bytes,
+                    slot_object_bytes=self._keeper.slot_object_bytes,
                 )
             )
             self._heartbeat_seq += 1
@@ -676,8 +554,7 @@ class Agent:
     def stop_slots(self) -> list[SlotProcess]:
         """Kill every slot's process group; returns the processes to reap."""
         killed = []
-        for pipe in self._pipes.values():
-            pipe.abort()  # values still being forwarded never come whole now
+        self._keeper.abort_pipes()
         for slot in self._slots.values():
             proc = slot.close()
             if proc is not None:
@@ -701,7 +578,7 @@ class Agent:
                 objects=self._objects,
                 code=self._code.current,
                 locate=self._arena.locate,
-                keeper=self,
+                keeper=self._keeper,
             )
             self._slots[info.slot] = slot
             slot.start()

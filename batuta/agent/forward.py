@@ -15,6 +15,10 @@ forgets that Done without handing anything on, and the agent answers the Fetch a
 error, after reporting the objects lost (`ObjectsLost`), so `pool.get` waits for the value's
 lineage to make it again. A Forwarded Done that has not gone out when that happens is
 dropped (`Forwarded.sendable`).
+
+Over a data link the agent first asks the slot to lend the value instead (`lend.py`): its
+arrays are then forwarded the same way, as growing arrays whose pieces are read from the
+slot's memory rather than from arrays of the agent's.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ closing are removed by the next store on that host.
 A kept result stays in the slot process that made it (as Dask keeps a result in its
 worker): the store records only that object N lives in slot S and counts its bytes against
 the cap (`keep_in_slot`). Its bytes leave the slot only on demand, through the agent
-(`agent.py` asks the slot, the slot answers with a `Put`): a `Fetch` (passed on to the
-coordinator; the value stays in the slot alone, so that the host holds it once), a consumer
+(`keeper.py` asks the slot, the slot answers with a `Put`): a `Fetch` (passed on to the
+coordinator, or lent, read from the slot's memory, when the data link sends: `lend.py`; the
+value stays in the slot alone, so that the host holds it once), a consumer
 on another slot of this host (the value then stays in the store as well, `settle`), or a
 spill, which asks the slot for it (`on_evict`) and writes it to disk once it is here. A slot process that
 dies loses the values it held (`lose_slot`): the coordinator makes them again from their

@@ -9,7 +9,8 @@ message classes as the coordinator link (no pickle):
                     Cancel(task_ids)   drop these if not started yet (answered "cancelled")
                     Put(id, value)     hold this object for tasks that name it
                     Drop(ids)          forget these objects
-                    Fetch(id)          send object `id` back (answered Put, or Drop if not held)
+                    Fetch(id, lend)    send object `id` back (answered Put, or Drop if not held;
+                                       with `lend`, large arrays by address: lend.py)
                     Shutdown()         exit now (EOF on stdin does the same)
     slot -> agent:  SlotChanged(up)      sent once, when the loop is ready to take tasks;
                                        the agent infers the first task's start from it
@@ -72,6 +73,7 @@ from batuta.agent.execute import (
     run_binary,
 )
 from batuta.agent.heap import IDLE_TRIM_S, keep_freed_memory, release_freed_memory
+from batuta.agent.lend import lend_locator
 from batuta.agent.shm import SharedReader
 from batuta.core.objects import ObjectRef, refs_in, replace_refs
 from batuta.core.task import KernelCall, Outcome
@@ -214,7 +216,7 @@ class SlotWorker:
                 for object_id in message.object_ids:
                     self._forget(object_id)
             elif isinstance(message, Fetch):
-                self._send_object(message.object_id)
+                self._send_object(message.object_id, lend=message.lend)
             elif isinstance(message, Shutdown):
                 self._eof = True
                 return
@@ -241,13 +243,16 @@ class SlotWorker:
 
     # -- output -------------------------------------------------------------------------
 
-    def _send_object(self, object_id: int) -> None:
+    def _send_object(self, object_id: int, *, lend: bool = False) -> None:
         """Answer the agent's Fetch: the value as a Put, or a Drop when this slot lacks it.
         It goes behind the results already held (their streams were numbered first). A value
-        that lives only on this slot's GPU is copied back to host once, here."""
+        that lives only on this slot's GPU is copied back to host once, here. With `lend`,
+        a host value's large arrays go as references to this process's memory, which the
+        agent reads while it forwards them (`lend.py`): the value stays here as it is."""
         if object_id in self._objects:
             value = self._device.for_host(object_id) if self._device is not None else self._objects[object_id]
-            self._results += encode_streamed_parts(Put(object_id=object_id, value=value), self._streams)
+            locate = lend_locator(value, self._streams.stream_min_bytes) if lend and self._device is None else None
+            self._results += encode_streamed_parts(Put(object_id=object_id, value=value), self._streams, locate=locate)
         else:
             self._results.append(encode_message(Drop(object_ids=(object_id,))))
         self._flush()

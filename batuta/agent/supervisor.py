@@ -435,12 +435,12 @@ class SlotSupervisor:
                 return ref.object_id
         return None
 
-    def fetch_object(self, object_id: int) -> bool:
-        """Ask the slot process for an object it holds (answered `object_arrived`); False
-        when there is no process to ask."""
+    def fetch_object(self, object_id: int, *, lend: bool = False) -> bool:
+        """Ask the slot process for an object it holds (answered `object_arrived`), or to lend
+        it (`lend.py`); False when there is no process to ask."""
         if self._writer is None or object_id not in self._sent_objects:
             return False
-        self._writer.write(encode_message(Fetch(object_id=object_id, request_id=0)))
+        self._writer.write(encode_message(Fetch(object_id=object_id, request_id=0, lend=lend)))
         return True
 
     def _puts_for(self, batch: list[TaskRequest]) -> list[tuple[int, Any]]:

@@ -4,7 +4,7 @@ A message is `[tag, field1, field2, ...]` with `TAGS[type]` and the fields in da
 (`messages.py`). Nested records (TaskRequest, TaskOutcome, SlotInfo, GpuInfo, GpuSample) are
 arrays of their fields, without a tag; a call is `[0, name, args]` (KernelCall) or
 `[1, path, args, env, cwd]` (BinaryCall); a CodeFile is `[path, bytes]`. Field counts are
-fixed. Kernel arguments and results are values (`_values.py`).
+fixed but for optional trailing fields. Kernel arguments and results are values (`_values.py`).
 
 `to_wire()` raises LocalProtocolError and `from_wire()` RemoteProtocolError, both naming the
 field at fault (`Done.results[3].status: unknown status 'weird'`). The same validators
@@ -160,8 +160,7 @@ _KC_NAME, _KC_ARGS = _slot_setters(KernelCall)
 ) = _slot_setters(TaskOutcome)
 
 
-# -- messages: encoders ----------------------------------------------------------------------
-# Each returns the message's wire array; nested records are arrays without a tag.
+# -- messages: encoders (each returns the message's wire array; records are untagged arrays) --
 
 
 def _enc_slot_info(s: Any) -> list[Any]:
@@ -360,7 +359,7 @@ def _enc_put(m: Put, oob: OobWriter) -> list[Any]:
 
 
 def _enc_fetch(m: Fetch, oob: OobWriter) -> list[Any]:
-    return [TAGS[Fetch], uint(m.object_id, ".object_id"), uint(m.request_id, ".request_id")]
+    return [TAGS[Fetch], uint(m.object_id, ".object_id"), uint(m.request_id, ".request_id"), *(True,) * m.lend]
 
 
 def _enc_drop(m: Drop, oob: OobWriter) -> list[Any]:
@@ -650,7 +649,8 @@ def _dec_put(w: list[Any]) -> Put:
 
 
 def _dec_fetch(w: list[Any]) -> Fetch:
-    return Fetch(object_id=uint(w[1], ".object_id"), request_id=uint(w[2], ".request_id"))
+    lend = len(w) == 4 and flag(w[3], ".lend")
+    return Fetch(object_id=uint(w[1], ".object_id"), request_id=uint(w[2], ".request_id"), lend=lend)
 
 
 def _dec_drop(w: list[Any]) -> Drop:
@@ -757,8 +757,8 @@ _DECODER_FNS: list[tuple[type, Callable[[list[Any]], Message]]] = [
     (Bye, _dec_bye),
     (Error, _dec_error),
 ]
-_OPTIONAL_TRAILING: dict[type, int] = {Hello: 1, Heartbeat: 4}
-"""Trailing fields an older agent leaves out: Hello.modules (protocol 4), Heartbeat's object counts.
+_OPTIONAL_TRAILING: dict[type, int] = {Hello: 1, Heartbeat: 4, Fetch: 1}
+"""Trailing fields left out: Hello.modules (protocol 4), Heartbeat's object counts, Fetch.lend.
 A Hello is read from any agent, so that the coordinator can tell one of another batuta version what to do."""
 
 _DECODERS: dict[int, tuple[type, int, int, Callable[[list[Any]], Message]]] = {

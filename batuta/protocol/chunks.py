@@ -252,7 +252,6 @@ class StreamAssembler:
         "_allocate",
         "_open",
         "_pending",
-        "_shared",
         "_staged",
         "max_value_bytes",
         "next_id",
@@ -260,6 +259,7 @@ class StreamAssembler:
         "on_open",
         "on_progress",
         "ready",
+        "shared",
     )
 
     def __init__(
@@ -271,7 +271,9 @@ class StreamAssembler:
     ) -> None:
         self.max_value_bytes = max_value_bytes
         self._allocate = allocate  # where received arrays live (the agent's: shared memory)
-        self._shared = shared  # maps EXT_ARRAY_SHARED arrays (a slot's link only)
+        # maps EXT_ARRAY_SHARED arrays: on a slot's pipe only, where the agent's memory is
+        # shared with the slot (shm.py), and a slot lends its own to the agent (lend.py)
+        self.shared = shared
         self.next_id = 0
         self.ready: deque[Message] = deque()
         self._open: dict[int, _Incoming] = {}
@@ -308,9 +310,9 @@ class StreamAssembler:
     def ext_hook(self, code: int, data: bytes) -> object:
         """msgpack ext_hook: allocates a streamed array; every other ext goes to `decode_ext`.
         Never raises (see `decode_ext`)."""
-        if code == EXT_ARRAY_SHARED and self._shared is not None:
+        if code == EXT_ARRAY_SHARED and self.shared is not None:
             try:
-                return self._shared(*parse_shared_ext(data))
+                return self.shared(*parse_shared_ext(data))
             except (ValueError, OSError) as exc:
                 return Malformed(f"bad shared-memory array: {exc}")
         if code != EXT_ARRAY_STREAM:

@@ -246,10 +246,13 @@ class Fetch:
     """Send object `object_id` (kept or put here) back: the answer is a Done holding one
     TaskOutcome with `task_id=request_id`, slot 0, attempt 1, status ok and the value (or
     status error and why), so that a fetched value travels exactly like a task's result.
-    The coordinator draws `request_id` from its task ids, so it names no task."""
+    The coordinator draws `request_id` from its task ids, so it names no task. `lend` (agent
+    to slot only, sent only when set): answer with the value's large arrays as references to
+    the slot's own memory, which the agent reads while it forwards them (`agent/lend.py`)."""
 
     object_id: int
     request_id: int
+    lend: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -312,10 +312,15 @@ class BulkSender:
                     raise TimeoutError(f"stream {stream_id} gained nothing for {GROWING_STALL_S:g}s")
                 continue
             waited = 0.0
-            end = min(filled, sent + SEND_PIECE)
-            conn.sendall(_PIECE.pack(end - sent))
-            conn.sendall(view[sent:end])
-            sent = end
+            try:  # before its length goes out: a piece that cannot be had ends the stream
+                data = growing.piece(view, sent, min(filled, sent + SEND_PIECE))
+            except OSError:
+                growing.abort()
+                conn.sendall(_PIECE.pack(ABORTED))
+                return sent
+            conn.sendall(_PIECE.pack(len(data)))
+            conn.sendall(data)
+            sent += len(data)
         return sent
 
 

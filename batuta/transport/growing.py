@@ -6,6 +6,8 @@ instead of after the whole value, so the two hops overlap. The data link's sendi
 (`transport/bulk.py`) sends what is filled so far and waits for more; the event loop says
 how far the array is filled (`advance`), or that its source died part-way (`abort`), in which
 case the link tells the receiver so and the receiver forgets the message that named it.
+A lent array (`agent/lend.py`) is a growing array all there at once whose pieces the
+sending thread reads from elsewhere (`piece`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ class Growing:
         with self._cond:
             self.aborted = True
             self._cond.notify_all()
+
+    def piece(self, view: memoryview, start: int, end: int) -> memoryview:
+        """The bytes to send for `start:end` of the array (fewer, for a source that reads its
+        bytes from elsewhere: `agent/lend.py`); OSError if they cannot be had."""
+        return view[start:end]
 
     def wait_beyond(self, sent: int, timeout: float) -> int:
         """How far the array is filled once it is beyond `sent` bytes, or aborted (-1), or
