@@ -174,6 +174,7 @@ def sample_messages() -> list[Message]:
         Put(object_id=4, value={"k": (1, "two", [np.float32(3)])}),
         Drop(object_ids=(3, 4)),
         Fetch(object_id=17, request_id=2**40),
+        Fetch(object_id=17, request_id=0, lend=True),
         SlotChanged(slot=1, state="restarting", reason="worker died (SIGSEGV)"),
         SlotChanged(slot=1, state="up"),
         SlotChanged(slot=1, state="down", reason="gave up after 5 restarts"),
