@@ -33,6 +33,7 @@ is read would be read half changed; kept values are not meant to be changed in p
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import struct
@@ -215,7 +216,7 @@ class Lender:
         key = id(lend)
         self._lends[key] = lend
         for source in lend.sources:
-            source.claim(lambda ok: self._call(self._one_ended, key, ok))
+            source.claim(lambda ok: self._notify(key, ok))
 
     @staticmethod
     def release(arrays: list[tuple[np.ndarray, Lent]]) -> None:
@@ -243,6 +244,11 @@ class Lender:
                 source.abort()
         self._pass_drops()
         return [(lend.object_id, lend.requests) for lend in lost]
+
+    def _notify(self, key: int, ok: bool) -> None:
+        """From the thread that ended a lent array: on to the loop (gone at the agent's exit)."""
+        with contextlib.suppress(RuntimeError):
+            self._call(self._one_ended, key, ok)
 
     def _one_ended(self, key: int, ok: bool) -> None:
         lend = self._lends.get(key)
