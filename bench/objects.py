@@ -101,15 +101,21 @@ def cluster_text(hosts: TestHosts, data_link: bool = False, encrypted: bool = Tr
     return "\n".join(parts)
 
 
-def peak_rss_mib() -> float:
-    """This process's resident-set high-water mark (since the last `reset_peak_rss`)."""
+def _status_mib(field: str) -> float | None:
+    """A memory figure of this process from /proc/self/status (`VmHWM`, `RssAnon`), MiB."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
+
+
+def peak_rss_mib() -> float:
+    """This process's resident-set high-water mark (since the last `reset_peak_rss`)."""
+    peak = _status_mib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def reset_peak_rss() -> bool:
@@ -134,13 +140,8 @@ class AnonPeak:
 
     @staticmethod
     def now_mib() -> float:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return float("nan")
+        anon = _status_mib("RssAnon")
+        return anon if anon is not None else float("nan")
 
     def _run(self) -> None:
         while not self._stop.is_set():

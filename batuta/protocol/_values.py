@@ -14,8 +14,9 @@ Array and scalar ext payloads::
     EXT_SCALAR: dtype_len | dtype | raw bytes (itemsize)
 
     EXT_ARRAY_STREAM: dtype_len | dtype | ndim | shape | stream id: uint64 BE
-    EXT_ARRAY_SHARED: dtype_len | dtype | ndim | shape | locator (agent to slot only: see
-                      batuta/agent/shm.py; every other link refuses it)
+    EXT_ARRAY_SHARED: dtype_len | dtype | ndim | shape | locator (on a slot's pipe only:
+                      agent to slot, batuta/agent/shm.py; slot to agent, a lent array,
+                      batuta/agent/lend.py; every other link refuses it)
 
 Byte order is kept (`>i4` comes back `>i4`). Arrays travel in C order: a Fortran-ordered or
 strided array arrives C-contiguous with the same values. Arrays of `OOB_MIN_BYTES` or more
@@ -92,7 +93,7 @@ EXT_SCALAR = 3
 EXT_TUPLE = 4
 EXT_REF = 5  # an ObjectRef: 8 bytes of object id
 EXT_ARRAY_STREAM = 6  # an array whose bytes follow as the chunks of one stream
-EXT_ARRAY_SHARED = 7  # an array in shared memory the receiver maps (agent to slot)
+EXT_ARRAY_SHARED = 7  # an array in the sender's memory: shared (agent to slot) or lent (slot to agent)
 
 _U64 = struct.Struct(">Q")
 _SHAPES = tuple(struct.Struct(f">{n}Q") for n in range(MAX_NDIM + 1))
