@@ -12,11 +12,11 @@ What it does, in the order a session goes:
    and answered with `CodeLoaded`; the slots are replaced by ones with that code (see
    `code.py` and `supervisor.py`). A task whose `code` digest is not the one loaded is
    answered "error" and not run. `Put`, `Drop` and `Fetch` go to the object store, and for
-   objects kept in slot processes to `keeper.py`. `Run` queues tasks on their slots (`supervisor.py` has the
-   rules for feeding, Started inference, timeouts, cancel, steal-back, slot death and
-   restarts); `StealBack` answers at once with what was still queued; `Cancel` answers each
-   held task "cancelled" (a task already fed to its slot when the slot gets to it); unknown
-   ids are ignored.
+   objects kept in slot processes to `keeper.py`. `Run` queues tasks on their slots
+   (`supervisor.py` has the rules for feeding, Started inference, timeouts, cancel,
+   steal-back, slot death and restarts); `StealBack` answers at once with what was still
+   queued; `Cancel` answers each held task "cancelled" (a task already fed to its slot when
+   the slot gets to it); unknown ids are ignored.
 3. End: `Shutdown` kills all work and slots, sends the results it already has, says `Bye`,
    exits 0; killed tasks are not answered. EOF on stdin (the
    coordinator closed the stream, its SSH channel died, or it was killed) kills everything
@@ -166,7 +166,9 @@ class Agent:
             forward=self._emit,
             finished=self.task_finished,
             call_soon=lambda *args: self._loop.call_soon(*args) if self._loop is not None else None,
-            call_soon_threadsafe=lambda *args: self._loop.call_soon_threadsafe(*args) if self._loop else None,
+            call_soon_threadsafe=lambda *args: (
+                self._loop.call_soon_threadsafe(*args) if self._loop is not None else None
+            ),
         )
 
     # -- SlotEvents ---------------------------------------------------------------------
