@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from batuta import ObjectRef, Pool, Task
-from batuta.core.task import Backend
+from batuta.core.task import Backend, TaskStatus
 from batuta.runtime import events as pe
 from batuta.runtime.builder import PoolConfig, local_host
 from tests.test_pool import REPO
@@ -175,3 +175,18 @@ def test_run_backend_gpu_is_the_backend_of_the_built_in_jobs(tmp_path: Path) -> 
     assert "backend gpu chunks 1" in done.stderr  # with --json the job's prints go to stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["ok"] and summary["succeeded"] == 2, summary
+
+
+@pytest.mark.skipif(not REAL_GPU, reason="set BATUTA_REAL_GPU=1 on a host with a GPU")
+async def test_a_gpu_task_out_of_device_memory_fails_alone_and_its_slot_lives_on(pool: Pool) -> None:
+    """On a real card: a kernel that asks for more than the card has free fails with CUDA's
+    out-of-memory error, in its one attempt, and the slot process lives on with its cached
+    values (a GPU slot forked from the agent died of SIGSEGV there instead)."""
+    ref = pool.put(np.ones(1 << 30 >> 3, dtype=np.float64))
+    assert (await value(pool, on_gpu("test_where", ref)))[0] == "device"
+    pid, free = await value(pool, on_gpu("test_grab", 0))  # type: ignore[misc]
+    failed = await (await pool.submit(on_gpu("test_grab", free + (2 << 30))))
+    assert failed.status is TaskStatus.FAILED and failed.attempts == 1, (failed.status, failed.attempts)
+    assert failed.error is not None and "CUDA_ERROR_OUT_OF_MEMORY" in failed.error, failed.error
+    assert (await value(pool, on_gpu("test_grab", 0)))[0] == pid  # the same process
+    assert (await value(pool, on_gpu("test_where", ref)))[0] == "device"

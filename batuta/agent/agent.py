@@ -570,13 +570,17 @@ class Agent:
     def _spawn_slots(self, infos: list[SlotInfo], envs: list[dict[str, str]]) -> None:
         assert self._loop is not None
         for info, env in zip(infos, envs, strict=True):
+            # A GPU slot is a fresh process, never a fork of this one: the agent reads NVML for
+            # its heartbeats, and on the H200 a CUDA out-of-memory error in a child forked after
+            # that was a SIGSEGV (the slot died, its device values with it), not an error.
+            gpu = "gpu" in info.capabilities
             slot = SlotSupervisor(
                 info=info,
                 env=env,
                 kernel_modules=self._options.kernel_modules,
                 events=self,
                 loop=self._loop,
-                spawn_mode=self._spawn_mode,
+                spawn_mode="exec" if gpu else self._spawn_mode,
                 objects=self._objects,
                 code=self._code.current,
                 locate=self._arena.locate,

@@ -83,3 +83,25 @@ test_total.cpu(test_total.reference)
 def _total_gpu(x: Any) -> float:
     host = x.copy_to_host() if hasattr(x, "copy_to_host") else np.asarray(x)
     return float(host.sum())
+
+
+@kernel("test_grab", description="Allocate `nbytes` on the device (GPU), give it back; (pid, free memory before).")
+def test_grab(nbytes: int) -> tuple[int, int]:
+    return (0, 0)
+
+
+test_grab.cpu(test_grab.reference)
+
+
+@test_grab.gpu
+def _grab_gpu(nbytes: int) -> tuple[int, int]:
+    """With nbytes 0, only the slot's pid and free memory (numba's figure, its pool included)."""
+    import os
+
+    from numba import cuda as numba_cuda
+
+    free = int(numba_cuda.current_context().get_memory_info().free)
+    if nbytes:
+        block = numba_cuda.device_array(nbytes, dtype=np.uint8)
+        del block
+    return (os.getpid(), free)
