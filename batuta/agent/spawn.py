@@ -16,7 +16,9 @@ itself at fork; without this, every slot would draw the same "random" numbers), 
 the same `serve()` as the exec path. It never returns into the agent's stack: it leaves by
 `os._exit`.
 
-`BATUTA_SLOT_SPAWN=exec` selects the exec path (also the only path off Linux).
+`BATUTA_SLOT_SPAWN=exec` selects the exec path (also the only path off Linux). GPU slots
+always take it (`agent.py`): the agent reads NVML for its heartbeats, and CUDA in a child
+forked after that crashed (SIGSEGV) on an out-of-memory error instead of raising it.
 """
 
 from __future__ import annotations
