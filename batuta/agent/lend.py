@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from batuta.protocol._values import aligned_empty
+from batuta.protocol.chunks import SharedArrays
 from batuta.transport.growing import Growing
 
 __all__ = ["LENT", "PIECE_BYTES", "Lender", "Lent", "lend_locator"]
@@ -175,7 +176,7 @@ class Lender:
         self._drops: set[int] = set()
         self.works = True  # False once the host refused a read: lend no more
 
-    def arrays_hook(self, slot: int, pid: Callable[[], int | None]) -> Callable[..., np.ndarray]:
+    def arrays_hook(self, slot: int, pid: Callable[[], int | None]) -> SharedArrays:
         """The slot pipe decoder's `shared` hook: a lent array as a placeholder (never
         written), its source kept for `take`. ValueError for a locator that is not a lend
         by this slot's current process (the decoder then fails the frame)."""
