@@ -6,8 +6,9 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -16,6 +17,7 @@ import pytest
 import batuta
 from batuta import Backend, Pool, Task, TaskFailedError, TaskStatus
 from batuta.core.task import gpu_capability
+from batuta.protocol import messages as m
 from batuta.runtime import events as pe
 from batuta.runtime.pool import PoolConfig, local_host
 
@@ -219,6 +221,30 @@ async def test_backpressure_makes_submit_wait() -> None:
             pool.submit_nowait(Task.kernel("noop", 5))  # without waiting: refused, not queued
         pool.resume()
         assert [(await f).value for f in held] == [0, 1, 2, 3]
+
+
+async def test_a_burst_into_an_idle_pool_sends_its_first_tasks_while_the_rest_is_submitted(pool: Pool) -> None:
+    """The hosts start on a burst while it is submitted (the 1st, 2nd, 4th... task goes out at
+    once), not when the submitting loop first waits for something: placed and written before
+    the next submission."""
+    (session,) = pool._hosts.sessions.values()
+    conn = session._conn
+    assert conn is not None
+    written: list[tuple[int, ...]] = []  # the task ids of each Run written to the agent
+    send_many_parts = conn.send_many_parts
+
+    def recording(messages: Iterable[m.Message]) -> list[Any]:
+        messages = tuple(messages)
+        written.extend(tuple(t.task_id for t in msg.tasks) for msg in messages if isinstance(msg, m.Run))
+        return send_many_parts(messages)
+
+    conn.send_many_parts = recording  # type: ignore[method-assign,assignment]
+    first = await pool.submit(Task.kernel("noop", 0))
+    assert written == [(first.task_id,)]
+    second = await pool.submit(Task.kernel("noop", 1))
+    assert written == [(first.task_id,), (second.task_id,)]
+    futures = [first, second] + [await pool.submit(Task.kernel("noop", i)) for i in range(2, 300)]
+    assert [(await f).value for f in futures] == list(range(300))
 
 
 async def test_map_and_map_chunked(pool: Pool) -> None:

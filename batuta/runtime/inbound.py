@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from batuta.core import events as ev
+from batuta.core.task import CAP_GPU, gpu_capability
 from batuta.protocol import messages as m
 from batuta.runtime import events as pe
 from batuta.runtime.hosts import telemetry_event
@@ -22,6 +23,38 @@ if TYPE_CHECKING:
     from batuta.runtime.pool import Pool
 
 log = logging.getLogger("batuta.runtime.pool")
+
+
+def joined_events(pool: Pool, session: HostSession) -> list[ev.Event]:
+    """The slots of a host that said hello, as scheduler events; `HostUp` on the way."""
+    hello = session.hello
+    assert hello is not None
+    joined: list[ev.Event] = []
+    for info in hello.slots:
+        slot_id = f"{session.name}/{info.slot}"
+        pool._slot_of[slot_id] = (session, info.slot)
+        capabilities = frozenset(info.capabilities) | session.spec.tags
+        if info.gpu_index is not None:  # each GPU's slot can be asked for by name
+            capabilities |= {gpu_capability(info.gpu_index)}
+        joined.append(ev.SlotJoined(slot_id=slot_id, host_id=session.name, capabilities=capabilities))
+        if CAP_GPU in info.capabilities:
+            gpu = next((g for g in hello.gpus if g.index == info.gpu_index), None)
+            if gpu is not None:
+                # the seed's GpuExecutor: device name and capacity (compute units)
+                pool._device_of[slot_id] = f"{gpu.name} ({gpu.compute_units} SMs)"
+    if pool.events.active:
+        pool.events.publish(
+            pe.HostUp(
+                host=session.name,
+                slots=tuple(f"{session.name}/{i.slot}" for i in hello.slots),
+                gpus=tuple(g.name for g in hello.gpus),
+                cpu_count=hello.cpu_count,
+                batuta_version=hello.batuta_version,
+                python_version=hello.python_version,
+                at=pool._now(),
+            )
+        )
+    return joined
 
 
 def events_from(pool: Pool, session: HostSession, messages: list[m.Message]) -> list[ev.Event]:

@@ -29,7 +29,7 @@ from batuta.core.backend import select_backend
 from batuta.core.liveness import LivenessConfig
 from batuta.core.objects import ObjectRef, refs_in
 from batuta.core.scheduler import Scheduler
-from batuta.core.task import CAP_GPU, Backend, KernelCall, Priority, Task, TaskResult, TaskStatus, gpu_capability
+from batuta.core.task import CAP_GPU, Backend, KernelCall, Priority, Task, TaskResult, TaskStatus
 from batuta.errors import PoolClosedError, UsageError
 from batuta.protocol import messages as m
 from batuta.protocol.codec import check_value
@@ -45,7 +45,7 @@ from batuta.runtime.objects import KeptObject, ObjectTable, lineage_digest
 from batuta.runtime.requirements import requirements, superlinear
 from batuta.runtime.session import HostSession, HostSpec, SendBudget
 from batuta.runtime.shipping import CodeAcks, CodeShipped, collect, with_code
-from batuta.runtime.turns import LoopTurns
+from batuta.runtime.turns import LoopTurns, sends_early
 from batuta.runtime.views import HostView, PoolStats, SlotView
 from batuta.runtime.wakeup import WakeupTimer
 
@@ -73,6 +73,7 @@ class Pool:
         self._specs = list(hosts)
         self._scheduler = Scheduler(self.config.scheduler, seed=self.config.seed)
         self._budget = SendBudget()
+        self._burst_count = 0  # submissions since the pool was last idle (`submit`)
         self._turns = LoopTurns()  # the inbound work of one loop iteration, over all hosts (turns.py)
         self._hosts = HostSupervisor(
             self._specs,
@@ -237,10 +238,14 @@ class Pool:
             self._check_open()
             self._space.clear()
             await self._space.wait()
+        if not self._pending:  # a burst into an idle pool begins
+            self._burst_count = 0
         future = self.submit_nowait(task, keep=keep)
-        if self._burst_bytes >= self.config.send_high_water:
-            # A burst of big arguments: place it and let the sessions write it now, so that
-            # the next submission sees whether the hosts keep up (their flushes are queued).
+        self._burst_count += 1
+        if self._burst_bytes >= self.config.send_high_water or self._turns.spent() or sends_early(self._burst_count):
+            # Place what was submitted and let the sessions write it now (their flushes are
+            # queued): the next submission sees whether the hosts keep up, the hosts start while
+            # the rest is submitted, and the results that came meanwhile are read.
             self._burst_bytes = 0
             self._handle([])
             await asyncio.sleep(0)
@@ -538,36 +543,8 @@ class Pool:
     # -- what the host supervisor reports (runtime.hosts.PoolSide) ----------------------------
 
     def host_ready(self, session: HostSession) -> None:
-        hello = session.hello
-        assert hello is not None
         self._objects.host_reset(session.name)  # a new agent process: its object store is empty
-        joined: list[ev.Event] = []
-        for info in hello.slots:
-            slot_id = f"{session.name}/{info.slot}"
-            self._slot_of[slot_id] = (session, info.slot)
-            capabilities = frozenset(info.capabilities) | session.spec.tags
-            if info.gpu_index is not None:  # each GPU's slot can be asked for by name
-                capabilities |= {gpu_capability(info.gpu_index)}
-            joined.append(ev.SlotJoined(slot_id=slot_id, host_id=session.name, capabilities=capabilities))
-            if CAP_GPU in info.capabilities:
-                gpu = next((g for g in hello.gpus if g.index == info.gpu_index), None)
-                if gpu is not None:
-                    # the seed's GpuExecutor: device name and capacity (compute units)
-                    self._device_of[slot_id] = f"{gpu.name} ({gpu.compute_units} SMs)"
-        if self.events.active:
-            now = self._now()
-            self.events.publish(
-                pe.HostUp(
-                    host=session.name,
-                    slots=tuple(f"{session.name}/{i.slot}" for i in hello.slots),
-                    gpus=tuple(g.name for g in hello.gpus),
-                    cpu_count=hello.cpu_count,
-                    batuta_version=hello.batuta_version,
-                    python_version=hello.python_version,
-                    at=now,
-                )
-            )
-        self._handle(joined)
+        self._handle(inbound.joined_events(self, session))
 
     def host_messages(self, session: HostSession, messages: list[m.Message]) -> None:
         self._handle(inbound.events_from(self, session, messages))
