@@ -286,6 +286,22 @@ async def test_started_is_reported_and_omitted_when_done_comes_in_the_same_write
     assert agent.started.count(1) == 1 and agent.started.count(2) <= 1
 
 
+async def test_a_result_of_a_slot_busy_with_its_next_task_is_reported_while_that_task_runs(
+    start_agent: StartAgent,
+) -> None:
+    """The reports of a busy slot may wait a little to go out together (`outbox.Flusher`), but
+    they go by themselves: no other message has to come along (heartbeats are a minute apart here)."""
+    agent = await start_agent("--slots", "1", "--gpus", "none")
+    agent.send(Run(tasks=(kernel_task(1, "spin", 0.01),)))
+    assert (await agent.outcome(1)).status == Outcome.OK  # a task under 20 ms: the next one is fed behind it
+    agent.send(Run(tasks=(kernel_task(2, "spin", 0.01), kernel_task(3, "spin", 30.0))))
+    assert (await agent.outcome(2)).status == Outcome.OK  # its slot busy with the next for long: it may wait
+    await agent.started_task(3)
+    assert 3 not in agent.outcomes
+    agent.send(Cancel(task_ids=(3,)))
+    assert (await agent.outcome(3)).status == Outcome.CANCELLED
+
+
 # -- timeouts, cancel, steal-back ---------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from batuta.agent import supervisor
 from batuta.agent.execute import OUTPUT_CAP, _CappedBuffer, describe_exception, describe_exit, one_line
 from batuta.agent.main import plan_gpu_slots
 from batuta.agent.options import GpuSelection, parse_args
+from batuta.agent.outbox import Flusher
 from batuta.agent.spawn import spawn_mode
 from batuta.agent.telemetry import (
     FakeTelemetry,
@@ -29,6 +30,45 @@ from batuta.agent.telemetry import (
 from batuta.errors import UsageError
 from batuta.protocol.messages import GpuInfo, SlotChanged, SlotInfo, TaskOutcome
 from batuta.transport.fdio import PIPE_BYTES, FdReader, FdWriter, widen_pipe
+
+# -- when the outbox goes out ---------------------------------------------------------------
+
+
+async def test_flusher_writes_at_the_end_of_the_pass_and_lets_what_may_wait_wait() -> None:
+    loop = asyncio.get_running_loop()
+    writes: list[int] = []
+
+    def flush() -> None:
+        flusher.began()
+        writes.append(len(writes))
+
+    flusher = Flusher(flush, delay_s=60.0)
+    flusher.soon(loop, wait=True)  # a busy slot's result: may wait
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert writes == [] and flusher.planned
+    flusher.soon(loop)  # something that may not wait takes it along, at the end of this pass
+    flusher.soon(loop, wait=True)
+    flusher.soon(loop)
+    await asyncio.sleep(0)
+    assert writes == [0] and not flusher.planned  # one write; the waiting one's timer is gone
+    flusher.stop()
+    flusher.soon(loop)
+    flusher.soon(loop, wait=True)
+    await asyncio.sleep(0)
+    assert writes == [0] and not flusher.planned
+
+    went = loop.create_future()
+
+    def flush_alone() -> None:
+        alone.began()
+        went.set_result(True)
+
+    alone = Flusher(flush_alone, delay_s=0.001)
+    alone.soon(loop, wait=True)  # with nothing else coming, it goes by itself
+    await asyncio.wait_for(went, 10.0)
+    assert not alone.planned
+
 
 # -- options ------------------------------------------------------------------------------
 

@@ -27,7 +27,11 @@ What it does, in the order a session goes:
 Outgoing messages are collected during one pass of the event loop and written with one
 `send_many` call (scheduled with `call_soon`): `Started` ids first, without those whose
 result goes out in the same write, then everything else in the order it happened, with
-consecutive results merged into `Done` frames. Large result arrays stream
+consecutive results merged into `Done` frames. Two kinds may wait up to `REPORT_DELAY_S`
+for more to join them (`outbox.Flusher`, which says why): `Started`, and the result of a
+slot with work in hand for a while (it is not waiting for the coordinator); anything else
+(a result that leaves its slot idle, a heartbeat, a steal-back answer, a fetched value)
+goes at the end of the pass and takes them along. Large result arrays stream
 (`protocol/chunks.py`): their chunks go out while the stdout pipe holds less than
 `CHUNK_HIGH_WATER` bytes, and each write of messages goes in between, so heartbeats and other
 results are never stuck behind a large value.
@@ -56,7 +60,7 @@ from batuta.agent.execute import print_error
 from batuta.agent.keeper import Keeper
 from batuta.agent.objects import ObjectStore, default_cap, host_memory, parse_object_memory
 from batuta.agent.options import AgentOptions
-from batuta.agent.outbox import DoneBatch, Item, encode_one_by_one, outbox_messages
+from batuta.agent.outbox import WAIT_IF_BUSY_FOR_S, DoneBatch, Flusher, Item, encode_one_by_one, outbox_messages
 from batuta.agent.shm import SharedArena
 from batuta.agent.spawn import SlotProcess, preload_for_fork, spawn_mode
 from batuta.agent.supervisor import SlotSupervisor
@@ -141,7 +145,7 @@ class Agent:
         self._started: list[int] = []
         self._finished_ids: set[int] = set()
         self._outbox: list[Item] = []
-        self._flush_scheduled = False
+        self._flusher = Flusher(self._flush)
         self._chunk_pump: asyncio.Task[None] | None = None  # waits for stdout to drain, then sends more chunks
         self._touched: set[SlotSupervisor] = set()  # slots whose queue changed in this read
         memory_total = host_memory()
@@ -164,7 +168,7 @@ class Agent:
             host_name=self._host_name,
             emit=self._emit,
             forward=self._emit,
-            finished=self.task_finished,
+            finished=self._add_result,  # a Fetch answered: at once
             call_soon=lambda *args: self._loop.call_soon(*args) if self._loop is not None else None,
             call_soon_threadsafe=lambda *args: (
                 self._loop.call_soon_threadsafe(*args) if self._loop is not None else None
@@ -175,9 +179,14 @@ class Agent:
 
     def task_started(self, task_id: int) -> None:
         self._started.append(task_id)
-        self._schedule_flush()
+        self._schedule_flush(wait=True)
 
     def task_finished(self, outcome: TaskOutcome) -> None:
+        slot = self._slots.get(outcome.slot)  # busy for a while: not waiting for the coordinator
+        self._add_result(outcome, wait=slot is not None and slot.busy_for() >= WAIT_IF_BUSY_FOR_S)
+
+    def _add_result(self, outcome: TaskOutcome, *, wait: bool = False) -> None:
+        """Queue an outcome; `wait`: it may wait a little for others to join it (`Flusher`)."""
         keep = self._keep_as.pop(outcome.task_id, 0) if self._keep_as else 0
         if keep and outcome.status is Outcome.OK:
             outcome = self._kept(keep, outcome)
@@ -187,7 +196,7 @@ class Agent:
             self._outbox.append(last)
         last.results.append(outcome)
         self._finished_ids.add(outcome.task_id)
-        self._schedule_flush()
+        self._schedule_flush(wait=wait)
 
     def slot_changed(self, state: SlotChanged) -> None:
         self._emit(state)
@@ -221,13 +230,12 @@ class Agent:
         self._outbox.append(item)
         self._schedule_flush()
 
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled and self._loop is not None:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+    def _schedule_flush(self, *, wait: bool = False) -> None:
+        if self._loop is not None:
+            self._flusher.soon(self._loop, wait=wait)
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        self._flusher.began()
         if not self._welcomed:
             # Before Welcome the agent may send nothing but Error; a slot that restarted
             # meanwhile is reported once the session is accepted.
@@ -538,7 +546,7 @@ class Agent:
             self._exit.set_result(code)
 
     def _flush_for_exit(self) -> None:
-        self._flush_scheduled = True  # no more scheduled flushes
+        self._flusher.stop()
         outbox: list[Item] = [m for m in self._outbox if self._welcomed or isinstance(m, Error)]
         messages, _ = outbox_messages(outbox, forwarding=False)  # before Welcome only an Error may go out
         self._outbox = []

@@ -8,6 +8,7 @@ a Done of its own so that the coordinator can forget it alone if its source dies
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import numpy as np
@@ -18,6 +19,20 @@ from batuta.protocol.errors import LocalProtocolError
 from batuta.protocol.messages import Done, Message, Outcome, TaskOutcome
 from batuta.transport.growing import Growing
 
+# A report sent the moment a slot finishes wakes the coordinator on the core of that slot, on
+# a host whose cores are all busy: Linux runs a process woken through a pipe on the writer's
+# core, so the agent, then the coordinator, then the agent again (the next Run) ran there
+# before the slot's next task could start. Seen with `perf sched` on 2 cores: 200-300 us
+# between two tasks of a slot (a shared queue's: 60-90). A report that waits this long goes
+# out while the slots compute, with the results of other slots finished meanwhile; alternated
+# on ci-2core, the median time between two tasks of a slot fell from 310-336 to 144-187 us and
+# imbalance.py went from 1.055/1.060 to 1.042/1.044 (lognormal) and 1.073/1.084 to 1.061/1.062
+# (growing cost); trivial tasks a second did not change. Dask's workers batch what they tell
+# the scheduler likewise (every 2 ms). Only a slot with more work in hand than
+# `WAIT_IF_BUSY_FOR_S` lets its result wait: one that would run dry before the coordinator's
+# answer came (trivial tasks fed in dozens) must be heard at once.
+REPORT_DELAY_S = 0.0005
+WAIT_IF_BUSY_FOR_S = 2 * REPORT_DELAY_S
 DONE_MAX_RESULTS = 1024  # results per Done frame
 DONE_MAX_BYTES = 32 * 1024 * 1024  # estimated payload per Done frame, well under the frame limit
 
@@ -63,6 +78,50 @@ class DoneBatch:
 
 
 Item = Message | DoneBatch | Forwarded
+
+
+class Flusher:
+    """When the agent writes its outbox: at the end of this loop pass (`soon()`), or within
+    `delay_s` for reports that may wait for others to join them (`soon(wait=True)`: a result
+    of a slot with work in hand for `WAIT_IF_BUSY_FOR_S`, a Started); whatever may not wait
+    takes those along. `flush` must call `began()` first."""
+
+    def __init__(self, flush: Callable[[], None], delay_s: float = REPORT_DELAY_S) -> None:
+        self._flush = flush
+        self.delay_s = delay_s
+        self._now = False  # a flush is queued for the end of this pass
+        self._timer: asyncio.TimerHandle | None = None  # one that may wait
+        self._stopped = False
+
+    @property
+    def planned(self) -> bool:
+        return self._now or self._timer is not None
+
+    def soon(self, loop: asyncio.AbstractEventLoop, *, wait: bool = False) -> None:
+        if self._now or self._stopped:
+            return
+        if wait:
+            if self._timer is None:
+                self._timer = loop.call_later(self.delay_s, self._flush)
+            return
+        self._cancel_timer()
+        self._now = True
+        loop.call_soon(self._flush)
+
+    def began(self) -> None:
+        """The flush runs now: what was planned is done by it."""
+        self._now = False
+        self._cancel_timer()
+
+    def stop(self) -> None:
+        """No more flushes (the agent writes its last words itself)."""
+        self._stopped = True
+        self._cancel_timer()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def outbox_messages(outbox: list[Item], *, forwarding: bool) -> tuple[list[Message], list[tuple[np.ndarray, Growing]]]:

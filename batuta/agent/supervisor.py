@@ -223,6 +223,10 @@ class SlotSupervisor:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    def busy_for(self) -> float:
+        """About how long the tasks held for the slot keep it busy: 0 until a run time is known."""
+        return (len(self.fed) + len(self.queue)) * (self._run_time_mean or 0.0)
+
     def depth(self) -> int:
         """How many tasks to keep fed to the slot process."""
         mean = self._run_time_mean
@@ -609,11 +613,8 @@ class SlotSupervisor:
         self._failed_starts = 0
         if not self.fed:  # every frame written so far was read: pinned Put values are the store's again
             self._pinned.clear()
-        run_s = outcome.run_s
-        if self._run_time_mean is None:
-            self._run_time_mean = run_s
-        else:
-            self._run_time_mean += RUN_TIME_WEIGHT * (run_s - self._run_time_mean)
+        mean, run_s = self._run_time_mean, outcome.run_s
+        self._run_time_mean = run_s if mean is None else mean + RUN_TIME_WEIGHT * (run_s - mean)
         self._events.task_finished(outcome)
         if was_head:
             self._cancel_deadline()
