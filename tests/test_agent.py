@@ -289,9 +289,15 @@ async def test_started_is_reported_and_omitted_when_done_comes_in_the_same_write
 async def test_a_result_of_a_slot_busy_with_its_next_task_is_reported_while_that_task_runs(
     start_agent: StartAgent,
 ) -> None:
-    """The reports of a busy slot may wait a little to go out together (`outbox.Flusher`), but
-    they go by themselves: no other message has to come along (heartbeats are a minute apart here)."""
-    agent = await start_agent("--slots", "1", "--gpus", "none")
+    """On a host with a slot on every core (one core here: the agent's affinity), the reports of
+    a busy slot may wait a little to go out together (`outbox.Flusher`), but they go by
+    themselves: no other message has to come along (heartbeats are a minute apart here)."""
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})  # the agent inherits it
+    try:
+        agent = await start_agent("--slots", "1", "--gpus", "none")
+    finally:
+        os.sched_setaffinity(0, cores)
     agent.send(Run(tasks=(kernel_task(1, "spin", 0.01),)))
     assert (await agent.outcome(1)).status == Outcome.OK  # a task under 20 ms: the next one is fed behind it
     agent.send(Run(tasks=(kernel_task(2, "spin", 0.01), kernel_task(3, "spin", 30.0))))

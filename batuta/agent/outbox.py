@@ -30,7 +30,8 @@ from batuta.transport.growing import Growing
 # (growing cost); trivial tasks a second did not change. Dask's workers batch what they tell
 # the scheduler likewise (every 2 ms). Only a slot with more work in hand than
 # `WAIT_IF_BUSY_FOR_S` lets its result wait: one that would run dry before the coordinator's
-# answer came (trivial tasks fed in dozens) must be heard at once.
+# answer came (trivial tasks fed in dozens) must be heard at once. And only on a host with
+# no core to spare (agent.py): with one, the work runs there, and waiting only delays it.
 REPORT_DELAY_S = 0.0005
 WAIT_IF_BUSY_FOR_S = 2 * REPORT_DELAY_S
 DONE_MAX_RESULTS = 1024  # results per Done frame

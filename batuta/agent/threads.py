@@ -24,6 +24,14 @@ NUMBA_THREADS_ENV = "NUMBA_NUM_THREADS"
 BLAS_THREADS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a cpuset or `taskset` narrows it)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def slot_share(cpu_slots: int, cores: int | None = None) -> int:
     """Threads per CPU slot: the cores divided among the slots, at least one."""
     total = cores if cores is not None else (os.cpu_count() or 1)
