@@ -9,23 +9,27 @@ one worker process per host, the same hosts for both systems, one run:
   `submit(np.sum, future)` on each, from the first scatter call to the last result. Not
   `scatter(broadcast=True)`: that replicates from worker to worker, and these hosts, like
   batuta's, are reached by the coordinator but not by each other (the run hangs).
-- get: one task on the first host makes an array of `--gib` GiB (`saxpy` of the put array,
-  `keep=True`: it stays there); `await pool.get(ref)` brings it back, timed alone. Dask: the
-  same `submit` on one worker, then `client.gather(future)`, timed alone.
+- get: the put value is dropped everywhere (Dask: its futures cancelled), then one task on
+  the first host makes an array of `--gib` GiB from its length alone (`objects_make` in
+  `bench/_objects_kernels.py`, `keep=True`: it stays there);
+  `await pool.get(ref)` brings it back, timed alone. Dask: the same function submitted to one
+  worker, then `client.gather(future)`, timed alone. The put copies are gone by then, so that
+  the issue's 4 GiB fits a machine that holds the 4 copies but not 4 copies and a result
+  (it was once the put array's `saxpy`, which needed them).
 
 Throughputs count the array's bytes once per host for put (4 copies of it travel) and once for
 get. `coordinator_peak_rss_mib` is this process's peak resident set during the put (VmHWM, its
 high-water mark restarted just before with /proc/self/clear_refs, so that writing the source
 file does not count; where that cannot be done, `ru_maxrss` over the whole batuta run),
-minus nothing: the put array's pages, mapped as they are read, are part of it.
-`coordinator_peak_anon_mib` leaves them out: the peak of the process's anonymous resident
-memory (RssAnon, sampled every 5 ms during the put), i.e. what batuta itself holds while it
-sends; the source file's pages are the page cache's, which the kernel takes back under pressure.
-`get_peak_over_value_mib` is what the get's peak adds beyond the fetched value itself. The
-array is memory-mapped from a `.npy` file, so batuta reads it chunk by chunk; the issue's
-target is a peak under 1 GiB while moving 4 GiB. This machine
-(23 GiB of RAM, 2 cores) holds 4 copies on the hosts plus the source, so the default is
-1 GiB; `--gib 4` is the issue's size where memory allows.
+minus nothing: the put array's pages, mapped as they are read, count in it while they stay mapped (batuta
+unmaps each piece of a memory-mapped file once it has sent or hashed it:
+transport/dropbehind.py). `coordinator_peak_anon_mib` leaves file pages out: the peak of the
+process's anonymous resident memory (RssAnon, sampled every 5 ms during the put), i.e. what
+batuta itself holds while it sends. `get_peak_over_value_mib` is what the get's peak adds
+beyond the fetched value itself. The array is memory-mapped from a `.npy` file, so batuta
+reads it chunk by chunk; the issue's target is a peak under 1 GiB while moving 4 GiB. The
+default is 1 GiB; `--gib 4` is the issue's size (4 copies on the hosts, then one result and
+its fetched copy: about 17 GiB of memory at the put's peak).
 
 `--data-link on` (the default) sets `[ssh] data_link = "ssh"`: big values travel over
 connections each agent dials back to the coordinator (transport/bulk.py), beside the SSH
@@ -74,6 +78,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench._objects_kernels import values as object_values  # noqa: E402
 from bench.ssh_startup import dask_specs, quiet_logs, route_to_scheduler, settle  # noqa: E402
 from tests.support.hosts import TestHosts  # noqa: E402
 
@@ -90,6 +95,8 @@ def cluster_text(hosts: TestHosts, data_link: bool = False, encrypted: bool = Tr
         'gpus = "none"',
         'user = "root"',
         f'identity_file = "{hosts.identity_file}"',
+        'kernel_modules = ["bench._objects_kernels"]',
+        f'env = {{ PYTHONPATH = "{ROOT}" }}',  # the hosts share this machine's files: bench imports there
         "",
     ]
     for h in hosts:
@@ -158,7 +165,8 @@ class AnonPeak:
         self.peak_mib = max(self.peak_mib, self.now_mib())
 
 
-async def batuta_run(hosts: TestHosts, array: np.ndarray, data_link: bool, encrypted: bool) -> dict[str, Any]:
+async def batuta_run(hosts: TestHosts, path: Path, data_link: bool, encrypted: bool) -> dict[str, Any]:
+    array = np.load(path, mmap_mode="r")  # a mapping of its own: none of its pages mapped yet
     from batuta import Task
     from batuta.runtime.cluster import build_pool, parse_cluster
 
@@ -180,7 +188,8 @@ async def batuta_run(hosts: TestHosts, array: np.ndarray, data_link: bool, encry
             if failed:
                 raise RuntimeError(f"a sum failed: {failed[0].describe_failure()}")
             put_peak = peak_rss_mib()
-            made = await pool.submit(Task.kernel("saxpy", 2.0, ref, ref, requires=(names[0],)), keep=True)
+            pool.drop(ref)  # the hosts free their copies before the result is made
+            made = await pool.submit(Task.kernel("objects_make", array.size, requires=(names[0],)), keep=True)
             kept = (await made).unwrap()
             if phases:
                 reset_peak_rss()
@@ -190,10 +199,9 @@ async def batuta_run(hosts: TestHosts, array: np.ndarray, data_link: bool, encry
             get_s = time.perf_counter() - start
             rss_peak = peak_rss_mib()
             get_over = rss_peak - get_before - back.nbytes / 2**20
-            ok = bool(np.array_equal(back[: 1 << 20], 3.0 * array[: 1 << 20]))
+            ok = _checked(back)
             del back
             pool.drop(kept)
-            pool.drop(ref)
     finally:
         await pool.close()
     if not ok:
@@ -229,11 +237,26 @@ async def wait_for_links(pool: Any, count: int) -> int:
     return up()
 
 
-def _make(x: np.ndarray) -> np.ndarray:
-    return (2.0 * x + x).astype(x.dtype)
+def _dask_make(n: int) -> np.ndarray:
+    """`bench/_objects_kernels.make`, written out here: Dask sends this script's functions by
+    value, and its workers cannot import `bench` (registering the module with cloudpickle to
+    send it by value left the task pending for good on these hosts)."""
+    out = np.empty(n, dtype=np.float32)
+    for start in range(0, n, 1 << 24):
+        stop = min(start + (1 << 24), n)
+        out[start:stop] = (np.arange(start, stop, dtype=np.int64) % 65521).astype(np.float32) * np.float32(0.5)
+    return out
 
 
-async def dask_run(hosts: TestHosts, array: np.ndarray, scheduler_host: str) -> dict[str, Any]:
+def _checked(back: np.ndarray) -> bool:
+    """A fetched result is `objects_make`'s: its length, and its first and last million."""
+    n, head = back.size, min(back.size, 1 << 20)
+    first = np.array_equal(back[:head], object_values(0, head))
+    return bool(first and np.array_equal(back[n - head :], object_values(n - head, n)))
+
+
+async def dask_run(hosts: TestHosts, path: Path, scheduler_host: str) -> dict[str, Any]:
+    array = np.load(path, mmap_mode="r")  # its own mapping: the pages Dask maps go with it
     from distributed import Client, SpecCluster
 
     workers, scheduler = dask_specs(hosts, 1, scheduler_host)
@@ -252,12 +275,15 @@ async def dask_run(hosts: TestHosts, array: np.ndarray, scheduler_host: str) -> 
             sums = [client.submit(np.sum, copy, workers=[a], pure=False) for copy, a in pairs]
             await client.gather(sums)
             scatter_s = time.perf_counter() - start
-            made = client.submit(_make, copies[0], workers=[addresses[0]], pure=False)
+            await client.cancel([*copies, *sums])  # the workers free their copies, as batuta's drop
+            del copies, sums
+            made = client.submit(_dask_make, array.size, workers=[addresses[0]], pure=False)
             await made  # computed there, not yet moved
             start = time.perf_counter()
             back = await client.gather(made)
             gather_s = time.perf_counter() - start
-            ok = bool(np.array_equal(back[: 1 << 20], 3.0 * array[: 1 << 20]))
+            ok = _checked(back)
+            del back
     finally:
         if client is not None:
             with contextlib.suppress(Exception):
@@ -276,8 +302,8 @@ async def dask_run(hosts: TestHosts, array: np.ndarray, scheduler_host: str) -> 
     }
 
 
-def _dask(hosts: TestHosts, array: np.ndarray) -> dict[str, Any]:
-    theirs = asyncio.run(dask_run(hosts, array, route_to_scheduler(hosts)))
+def _dask(hosts: TestHosts, path: Path) -> dict[str, Any]:
+    theirs = asyncio.run(dask_run(hosts, path, route_to_scheduler(hosts)))
     scatter, gather = theirs["dask_scatter_gbps"], theirs["dask_gather_gbps"]
     print(f"Dask: scatter {scatter:.2f} GB/s, gather {gather:.2f} GB/s", flush=True)
     return theirs
@@ -310,19 +336,18 @@ def main() -> None:
             source[i : i + step] = rng.random(min(step, count - i), dtype=np.float32)
         source.flush()
         del source
-        array = np.load(path, mmap_mode="r")
         encryptions = {"tls": [True], "none": [False], "both": [False, True]}[args.encryption]
         runs = [(True, encrypted) for encrypted in encryptions] if args.data_link != "off" else []
         runs = ([(False, True)] if args.data_link != "on" else []) + runs
         with TestHosts(args.hosts) as hosts:
             theirs: dict[str, Any] = {}
             if args.dask_first and not args.skip_dask:
-                theirs = _dask(hosts, array)
+                theirs = _dask(hosts, path)
             measured: dict[str, dict[str, Any]] = {}  # "channel", "tls", "none"
             for run, (link, encrypted) in enumerate(runs):
                 if run or theirs:
                     settle(hosts)  # the previous run's agents gone
-                ours = asyncio.run(batuta_run(hosts, array, link, encrypted))
+                ours = asyncio.run(batuta_run(hosts, path, link, encrypted))
                 kind = ("tls" if encrypted else "none") if link else "channel"
                 measured[kind] = ours
                 print(
@@ -332,8 +357,7 @@ def main() -> None:
                 )
             if not args.skip_dask and not args.dask_first:
                 settle(hosts)
-                theirs = _dask(hosts, array)
-        del array
+                theirs = _dask(hosts, path)
     top = next(kind for kind in ("none", "tls", "channel") if kind in measured)
     ours, tls = measured[top], measured.get("tls", {})
     summary = {

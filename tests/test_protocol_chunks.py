@@ -169,6 +169,39 @@ def test_streams_take_turns_so_a_small_value_does_not_wait_for_a_huge_one() -> N
     assert [stream_id for _, _, stream_id, _ in headers] == [0, 1, 0, 1, 0]
 
 
+def test_behind_hears_only_of_chunks_an_earlier_ask_handed_out() -> None:
+    """`behind` (transport/dropbehind.py on a session) may unmap what it is told of: never a
+    chunk not yet written, i.e. one handed out by this very ask, nor any by all_chunk_parts."""
+    told: dict[int, list[int]] = {}
+
+    class Behind:
+        def __init__(self, view: memoryview) -> None:
+            self.calls = told.setdefault(len(view), [])
+
+        def done(self, sent: int) -> None:
+            self.calls.append(sent)
+
+    streams = _streams()
+    streams.behind = Behind
+    encode_messages_parts((Put(object_id=1, value=np.zeros(5 * CHUNK, np.uint8)),), streams=streams)
+    encode_messages_parts((Put(object_id=2, value=np.zeros(MIN, np.uint8)),), streams=streams)
+    big, small = told[5 * CHUNK], told[MIN]
+    streams.next_chunk_parts(3 * CHUNK)  # taking turns: big 0, small 0, big 1
+    assert big == [0] and small == [0]
+    streams.next_chunk_parts(2 * CHUNK)  # small 1, big 2: told of what the first ask gave
+    assert (big[-1], small[-1]) == (2 * CHUNK, CHUNK)
+    streams.written()  # the writer drained
+    assert (big[-1], small[-1]) == (3 * CHUNK, 2 * CHUNK)
+    while streams.active:
+        streams.next_chunk_parts(CHUNK)
+    streams.written()
+    assert big[-1] == 5 * CHUNK and small[-1] == MIN and big == sorted(big)
+    whole: list[int] = told.setdefault(7 * CHUNK, [])
+    encode_messages_parts((Put(object_id=3, value=np.zeros(7 * CHUNK, np.uint8)),), streams=streams)
+    streams.all_chunk_parts()  # written right after, by the caller: nothing to drop yet
+    assert whole == []
+
+
 def test_a_batch_that_fails_to_encode_commits_no_stream() -> None:
     streams = _streams()
     good = Put(object_id=1, value=np.zeros(MIN, np.uint8))

@@ -32,7 +32,7 @@ from __future__ import annotations
 import struct
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -104,13 +104,20 @@ def chunk_frame(stream_id: int, offset: int, data: memoryview) -> list[Any]:
 # -- sending ---------------------------------------------------------------------------------
 
 
-class _Outgoing:
-    __slots__ = ("data", "sent", "stream_id")
+class Behind(Protocol):
+    """Told how much of a stream has been written (transport/dropbehind.py's DropBehind)."""
 
-    def __init__(self, stream_id: int, data: memoryview) -> None:
+    def done(self, sent: int) -> None: ...
+
+
+class _Outgoing:
+    __slots__ = ("behind", "data", "sent", "stream_id")
+
+    def __init__(self, stream_id: int, data: memoryview, behind: Behind | None) -> None:
         self.stream_id = stream_id
         self.data = data
         self.sent = 0
+        self.behind = behind
 
 
 class OutgoingStreams:
@@ -123,7 +130,7 @@ class OutgoingStreams:
     behind a huge one.
     """
 
-    __slots__ = ("_open", "chunk_bytes", "divert", "next_id", "pending_bytes", "stream_min_bytes")
+    __slots__ = ("_ended", "_open", "behind", "chunk_bytes", "divert", "next_id", "pending_bytes", "stream_min_bytes")
 
     def __init__(
         self, *, stream_min_bytes: int = DEFAULT_STREAM_MIN_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -140,6 +147,12 @@ class OutgoingStreams:
         # A data link beside the channel (`transport/bulk.py`): committed streams go to it,
         # whole, instead of becoming chunk frames here.
         self.divert: Callable[[int, memoryview], None] | None = None
+        # A writer that asks for chunks only once it has written the last ones (a socket's,
+        # which drains between writes) may set this: each stream's `behind` is told, at every
+        # ask, how much of it went before, so that a memory-mapped file is not kept mapped
+        # as it is sent (`transport/dropbehind.py`).
+        self.behind: Callable[[memoryview], Behind] | None = None
+        self._ended: list[_Outgoing] = []  # handed out whole, since the last ask
 
     @property
     def active(self) -> bool:
@@ -154,12 +167,24 @@ class OutgoingStreams:
                 self.divert(self.next_id, view)
                 self.next_id += 1
                 continue
-            self._open.append(_Outgoing(self.next_id, view))
+            self._open.append(_Outgoing(self.next_id, view, self.behind(view) if self.behind is not None else None))
             self.next_id += 1
             self.pending_bytes += len(view)
 
     def next_chunk_parts(self, budget: int) -> list[Any]:
         """Chunk frames worth about `budget` bytes of data (at least one chunk, if any wait)."""
+        self.written()  # what earlier asks handed out
+        return self._chunk_parts(budget, drop_later=True)
+
+    def written(self) -> None:
+        """Every chunk handed out so far has been written (the writer drained): tell the
+        streams' `behind`."""
+        for stream in (*self._ended, *self._open):
+            if stream.behind is not None:
+                stream.behind.done(stream.sent)
+        self._ended.clear()
+
+    def _chunk_parts(self, budget: int, *, drop_later: bool) -> list[Any]:
         parts: list[Any] = []
         taken = 0
         streams = self._open
@@ -172,19 +197,23 @@ class OutgoingStreams:
             taken += end - start
             if end < len(stream.data):
                 streams.append(stream)
+            elif drop_later and stream.behind is not None:  # at the next ask
+                self._ended.append(stream)
         self.pending_bytes -= taken
         return parts
 
     def all_chunk_parts(self) -> list[Any]:
-        """Every chunk still to send, for a writer that sends them right behind their frame."""
+        """Every chunk still to send, for a writer that sends them right behind their frame
+        (none of them is written yet, so none is dropped behind)."""
         parts: list[Any] = []
         while self._open:
-            parts += self.next_chunk_parts(self.pending_bytes)
+            parts += self._chunk_parts(self.pending_bytes, drop_later=False)
         return parts
 
     def clear(self) -> None:
         """Forget the unsent chunks (the link is gone); the arrays are the callers' again."""
         self._open.clear()
+        self._ended.clear()
         self.pending_bytes = 0
 
 

@@ -37,6 +37,7 @@ from batuta.protocol import messages as m
 from batuta.protocol.chunks import OutgoingStreams
 from batuta.protocol.codec import encode_messages_parts
 from batuta.protocol.errors import LocalProtocolError
+from batuta.transport.dropbehind import DropBehind
 
 if TYPE_CHECKING:
     from batuta.runtime.future import TaskFuture
@@ -119,6 +120,7 @@ class ObjectTable:
     def put(self, value: Any) -> ObjectRef:
         """Keep `value`; raises UsageError if it could not travel as a kernel argument."""
         streams = OutgoingStreams()  # large arrays stream: a value of any size can be put
+        streams.behind = DropBehind  # hashed, a memory-mapped file's pages are not kept mapped
         try:
             parts = encode_messages_parts((m.Put(object_id=0, value=value),), streams=streams)
         except LocalProtocolError as exc:
@@ -127,10 +129,16 @@ class ObjectTable:
             raise UsageError(f"pool.put: {exc}") from None
         digest = hashlib.sha256()  # with SHA extensions, twice blake2b's speed
         nbytes = 0
-        # a memory-mapped array is read chunk by chunk here, never whole
-        for part in (*parts, *streams.all_chunk_parts()):
+        # a memory-mapped array is read chunk by chunk here, never whole: each ask for chunks
+        # drops what the last one gave (chunks.py's `behind`)
+        for part in parts:
             digest.update(part)
             nbytes += memoryview(part).nbytes
+        while streams.active:
+            for part in streams.next_chunk_parts(streams.chunk_bytes):
+                digest.update(part)
+                nbytes += memoryview(part).nbytes
+        streams.written()
         object_id = next(self._ids)
         self._values[object_id] = value
         self._nbytes[object_id] = nbytes

@@ -27,6 +27,7 @@ from batuta.runtime.round_trip import RoundTripMeter
 from batuta.runtime.turns import LoopTurns
 from batuta.transport.base import ByteStream
 from batuta.transport.bulk import DataLinkSetting
+from batuta.transport.dropbehind import DropBehind
 
 log = logging.getLogger("batuta.runtime.session")
 LAST_WORDS_WAIT_S = 1.0  # for an agent's stderr to end after its stdout did, when it dies at start-up
@@ -169,6 +170,7 @@ class HostSession:
         if self._conn is not None:
             self._conn.discard_transfers()
         self._conn = Connection(Role.COORDINATOR, stream_min_bytes=self.stream_min_bytes)
+        self._conn.outgoing.behind = DropBehind  # _flush asks for more chunks once the last write drained
         self._reader = asyncio.create_task(self._read_loop(self.generation), name=f"read-{self.name}")
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), self.handshake_timeout)
@@ -239,6 +241,8 @@ class HostSession:
             return
         self._end_congestion()
         self.unflushed_bytes = 0
+        if self._conn is not None:
+            self._conn.outgoing.written()
         self._flush()
         if self._drainer is None:
             self.listener.host_writable(self)

@@ -70,6 +70,7 @@ from typing import Any
 import numpy as np
 
 from batuta.errors import TransportError
+from batuta.transport.dropbehind import DropBehind
 from batuta.transport.growing import Growing
 from batuta.transport.linkauth import (
     NONCE_BYTES,
@@ -275,8 +276,11 @@ class BulkSender:
                     self._current = growing
                 if growing is None:
                     self._sock.conn.sendall(_HEADER.pack(stream_id, len(view)))
-                    for start in range(0, len(view), SEND_PIECE):  # the GIL is released while OpenSSL encrypts
-                        self._sock.conn.sendall(view[start : start + SEND_PIECE])
+                    behind = DropBehind(view)  # a memory-mapped file is not kept mapped (dropbehind.py)
+                    piece = behind.piece(SEND_PIECE)
+                    for start in range(0, len(view), piece):  # the GIL is released while OpenSSL encrypts
+                        self._sock.conn.sendall(view[start : start + piece])
+                        behind.done(min(start + piece, len(view)))
                     sent = len(view)
                 else:
                     sent = self._send_growing(stream_id, view, growing)
