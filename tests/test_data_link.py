@@ -269,6 +269,23 @@ async def test_a_wrong_token_or_another_certificate_gets_nothing() -> None:
         await listener.close()
 
 
+def test_a_sessions_bytes_still_to_send_count_its_data_links() -> None:
+    """What the data link's sender has queued is the host's too (it once counted only the
+    channel's chunks, so a host receiving a put over its link looked idle)."""
+    from batuta.runtime.session import HostSpec
+
+    class Link:
+        sending_bytes = 5 * MIB
+
+        def close(self) -> None:
+            pass
+
+    session = HostSession(spec=HostSpec(name="h", launch=None), listener=None, heartbeat_interval=1.0)  # type: ignore[arg-type]
+    assert session.sending_bytes == 0
+    session.data_link = Link()
+    assert session.sending_bytes == 5 * MIB
+
+
 def test_the_setting_is_off_ssh_or_an_address() -> None:
     assert parse_data_link("off") is None
     assert parse_data_link("ssh") == DataLinkSetting()

@@ -62,6 +62,9 @@ class SideLink(Protocol):
 
     def close(self) -> None: ...
 
+    @property
+    def sending_bytes(self) -> int: ...
+
 
 class HostListener(Protocol):
     """What a session reports to (the pool). Every call happens on the event loop."""
@@ -135,8 +138,9 @@ class HostSession:
 
     @property
     def sending_bytes(self) -> int:
-        """Bytes of streamed arrays to this host not yet written."""
-        return self._conn.outgoing.pending_bytes if self._conn is not None else 0
+        """Bytes of streamed arrays to this host not yet written, on the channel or its data link."""
+        linked = self.data_link.sending_bytes if self.data_link is not None else 0
+        return linked + (self._conn.outgoing.pending_bytes if self._conn is not None else 0)
 
     @property
     def stream(self) -> ByteStream | None:
