@@ -112,12 +112,16 @@ def test_the_maps_line_decides() -> None:
         "7f0010000000-7f0020000000 r--p 00000000 fd:01 1234 /data/a.npy\n"
         "7f0020000000-7f0030000000 rw-s 00000000 00:01 99 /dev/zero (deleted)\n"
         "7f0030000000-7f0040000000 rw-p 00000000 00:00 0\n"
+        "7f0040000000-7f0050000000 rw-s 00000000 00:05 7 /dev/nvidiactl\n"
+        "7f0050000000-7f0060000000 rw-s 00000000 00:1a 8 /dev/shm/batch.npy\n"
     )
     assert in_shared_file_mapping(0x7F0000001000, 1 << 20, maps)
     assert not in_shared_file_mapping(0x7F000FFFF000, 1 << 20, maps)  # runs past the mapping
     assert not in_shared_file_mapping(0x7F0010001000, 1 << 20, maps)  # private
-    assert in_shared_file_mapping(0x7F0020001000, 1 << 20, maps)  # shared memory: a file too
+    assert not in_shared_file_mapping(0x7F0020001000, 1 << 20, maps)  # a device's (shared anonymous)
     assert not in_shared_file_mapping(0x7F0030001000, 1 << 20, maps)  # anonymous
+    assert not in_shared_file_mapping(0x7F0040001000, 1 << 20, maps)  # a driver's
+    assert in_shared_file_mapping(0x7F0050001000, 1 << 20, maps)  # a shared-memory file
 
 
 @pytest.mark.parametrize("link", [True, False], ids=["data-link", "channel"])

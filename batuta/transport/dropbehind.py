@@ -12,7 +12,8 @@ fault, never a read from disk.
 Only for shared mappings of a file (`s` in /proc/self/maps, with a path): there the pages
 belong to the file and nothing is lost, dirty ones included (the kernel carries their dirty
 bit over to the page cache). Never for private mappings (a copy-on-write memmap, mode "c",
-or any anonymous memory): `MADV_DONTNEED` would throw their contents away.
+or any anonymous memory): `MADV_DONTNEED` would throw their contents away; nor for a
+device's mapping (/dev/..., but for /dev/shm files), whose driver decides what it means.
 """
 
 from __future__ import annotations
@@ -66,8 +67,14 @@ def in_shared_file_mapping(start: int, length: int, maps: str | None = None) -> 
         lo, _, hi = fields[0].partition("-")
         if int(lo, 16) <= start and end <= int(hi, 16):
             perms, inode, path = fields[1], fields[4], fields[5]
-            return perms[3:4] == "s" and inode != "0" and path.startswith("/")
+            return perms[3:4] == "s" and inode != "0" and _is_file(path)
     return False
+
+
+def _is_file(path: str) -> bool:
+    """A path in /proc/self/maps that names a file whose pages outlive the mapping: a regular
+    file or a shared-memory one, not a device (a driver's mapping, a GPU's pinned memory)."""
+    return path.startswith("/") and (not path.startswith("/dev/") or path.startswith("/dev/shm/"))
 
 
 class DropBehind:
