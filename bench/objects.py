@@ -21,15 +21,15 @@ Throughputs count the array's bytes once per host for put (4 copies of it travel
 get. `coordinator_peak_rss_mib` is this process's peak resident set during the put (VmHWM, its
 high-water mark restarted just before with /proc/self/clear_refs, so that writing the source
 file does not count; where that cannot be done, `ru_maxrss` over the whole batuta run),
-minus nothing: the put array's pages, mapped as they are read, count in it while they stay mapped (batuta
-unmaps each piece of a memory-mapped file once it has sent or hashed it:
+minus nothing: the put array's pages, mapped as they are read, count in it while they stay
+mapped (batuta unmaps each piece of a memory-mapped file once it has sent or hashed it:
 transport/dropbehind.py). `coordinator_peak_anon_mib` leaves file pages out: the peak of the
 process's anonymous resident memory (RssAnon, sampled every 5 ms during the put), i.e. what
 batuta itself holds while it sends. `get_peak_over_value_mib` is what the get's peak adds
 beyond the fetched value itself. The array is memory-mapped from a `.npy` file, so batuta
 reads it chunk by chunk; the issue's target is a peak under 1 GiB while moving 4 GiB. The
-default is 1 GiB; `--gib 4` is the issue's size (4 copies on the hosts, then one result and
-its fetched copy: about 17 GiB of memory at the put's peak).
+default is 1 GiB; `--gib 4` is the issue's size (4 copies on the hosts during the put, about
+17 GiB of memory at its peak; then one result and its fetched copy).
 
 `--data-link on` (the default) sets `[ssh] data_link = "ssh"`: big values travel over
 connections each agent dials back to the coordinator (transport/bulk.py), beside the SSH
