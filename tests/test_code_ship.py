@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -165,6 +166,23 @@ def test_kernel_modules_ship_when_they_are_the_users_files_not_when_installed(pr
     assert not any(p.startswith(("numpy/", "batuta/", "kernels/")) for p in paths_of(code))
     common = collector.bundle(())
     assert common is not None and common.digest != code.digest
+
+
+def test_a_kernel_module_in_a_folder_without_init_is_not_shipped_and_says_why(
+    project: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write(project, {"cs_tools/cs_kern.py": "X = 1\n"})  # a namespace package: no __init__.py
+    collector = CodeCollector(CodeSpec(job_files=(project / "my_job.py",)))
+    with caplog.at_level(logging.WARNING, logger="batuta.runtime.code"):
+        code = collector.bundle(("cs_tools.cs_kern",))
+    assert code is not None and not any(p.startswith("cs_tools/") for p in paths_of(code))
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "kernel_modules 'cs_tools.cs_kern' is not shipped" in warning
+    assert str(project / "cs_tools") in warning and "add an __init__.py to ship it" in warning
+    write(project, {"cs_tools/__init__.py": ""})
+    caplog.clear()
+    shipped = CodeCollector(CodeSpec(job_files=(project / "my_job.py",))).bundle(("cs_tools.cs_kern",))
+    assert "cs_tools/cs_kern.py" in paths_of(shipped) and not caplog.records  # the fix it names works
 
 
 def test_nothing_to_ship_is_no_bundle() -> None:

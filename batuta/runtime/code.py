@@ -36,6 +36,7 @@ import functools
 import hashlib
 import importlib.machinery
 import importlib.util
+import logging
 import os
 import re
 import site
@@ -49,6 +50,7 @@ from batuta.core.task import BinaryCall, KernelCall
 from batuta.errors import UsageError
 from batuta.protocol import messages as m
 
+log = logging.getLogger("batuta.runtime.code")
 DEFAULT_MAX_CODE_BYTES = 16 * 2**20
 MAX_CODE_MB = 255  # the most the limit may be raised to: a bundle travels in one frame (256 MiB at most)
 IGNORE_FILE = ".batutaignore"
@@ -412,8 +414,24 @@ class CodeCollector:
             spec = importlib.machinery.PathFinder.find_spec(top, self._search)
         except (ImportError, ValueError, OSError):
             return None
+        if spec is not None and spec.origin is None and spec.submodule_search_locations:
+            # A folder without __init__.py: not a package batuta ships (as --module says of
+            # one). Installed, the hosts' business; the user's own, they fail with "No module
+            # named" unless they have it, so say why here, where the fix is.
+            locations = [Path(p) for p in spec.submodule_search_locations]
+            if all(_is_installed(p, _installed_roots()) for p in locations):
+                return None
+            folders = ", ".join(map(str, locations))
+            log.warning(
+                "kernel_modules %r is not shipped: %r here is a folder without __init__.py (%s); "
+                "add an __init__.py to ship it from here, or make it importable on every host",
+                name,
+                top,
+                folders,
+            )
+            return None
         if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-            return None  # not found here, a namespace package, or an extension module
+            return None  # not found here, or an extension module
         origin = Path(spec.origin)
         path = origin.parent if spec.submodule_search_locations is not None else origin
         if _is_installed(path, _installed_roots()):
