@@ -12,6 +12,12 @@ workload), plus the rest. `--repeat N` runs batuta and the shared queue alternat
 the same durations and reports the medians (each run's ratio in the `*_runs` lists): one run
 on a shared machine is within the noise of the 1% differences at stake.
 
+`--work cpu` makes each task use its duration in CPU time of its own thread (`burn`) instead
+of waiting for it on the wall clock (`spin`), in batuta and in the peers alike. With `spin`, CPU
+that another process (a coordinator, an agent, a manager thread) takes from a worker in the
+middle of a task costs that task nothing, since it ends at its wall-clock deadline anyway; only
+what lands between two tasks shows. With `burn`, as with a real kernel, all of it shows.
+
 Target (issue 2): makespan_over_lower_bound <= 1.10, clearly below round robin. Issue 17:
 `makespan_over_lower_bound` <= `shared_queue_over_lower_bound`, and the same for `growing_*`.
 """
@@ -36,10 +42,30 @@ def spin(seconds: float) -> float:
     return seconds
 
 
+def burn(seconds: float) -> float:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+    return seconds
+
+
+PEER_WORK = {"wall": spin, "cpu": burn}
+KERNEL = {"wall": "spin", "cpu": "burn"}
+
+
 def spin_all(durations: list[float]) -> float:
     for d in durations:
         spin(d)
     return sum(durations)
+
+
+def burn_all(durations: list[float]) -> float:
+    for d in durations:
+        burn(d)
+    return sum(durations)
+
+
+PEER_WORK_ALL = {"wall": spin_all, "cpu": burn_all}
 
 
 def lognormal_durations(count: int, median: float, sigma: float, seed: int) -> list[float]:
@@ -59,13 +85,14 @@ def lower_bound(durations: list[float], workers: int) -> float:
     return max(sum(durations) / workers, max(durations))
 
 
-async def batuta_makespan(durations: list[float], workers: int) -> tuple[float, dict[str, int]]:
+async def batuta_makespan(durations: list[float], workers: int, work: str) -> tuple[float, dict[str, int]]:
     from batuta import Pool, Task
 
+    kernel = KERNEL[work]
     async with Pool.local(workers, gpu_workers="none") as pool:
-        await pool.map("spin", [0.001] * (4 * workers))  # warm the slots
+        await pool.map(kernel, [0.001] * (4 * workers))  # warm the slots
         start = time.perf_counter()
-        futures = [await pool.submit(Task.kernel("spin", d)) for d in durations]
+        futures = [await pool.submit(Task.kernel(kernel, d)) for d in durations]
         for fut in futures:
             result = await fut
             assert result.is_success(), result.error
@@ -74,23 +101,23 @@ async def batuta_makespan(durations: list[float], workers: int) -> tuple[float, 
     return elapsed, {"steals": stats.steals, "steal_backs": stats.steal_backs}
 
 
-def shared_queue_makespan(durations: list[float], workers: int) -> float:
+def shared_queue_makespan(durations: list[float], workers: int, work: str) -> float:
     with concurrent.futures.ProcessPoolExecutor(workers) as ex:
-        list(ex.map(spin, [0.001] * (4 * workers)))
+        list(ex.map(PEER_WORK[work], [0.001] * (4 * workers)))
         start = time.perf_counter()
-        list(ex.map(spin, durations))
+        list(ex.map(PEER_WORK[work], durations))
         return time.perf_counter() - start
 
 
-def static_makespan(parts: list[list[float]]) -> float:
+def static_makespan(parts: list[list[float]], work: str) -> float:
     with concurrent.futures.ProcessPoolExecutor(len(parts)) as ex:
-        list(ex.map(spin, [0.001] * (4 * len(parts))))
+        list(ex.map(PEER_WORK[work], [0.001] * (4 * len(parts))))
         start = time.perf_counter()
-        list(ex.map(spin_all, parts))
+        list(ex.map(PEER_WORK_ALL[work], parts))
         return time.perf_counter() - start
 
 
-def measure(durations: list[float], workers: int, repeat: int) -> dict[str, object]:
+def measure(durations: list[float], workers: int, repeat: int, work: str) -> dict[str, object]:
     """Batuta and the shared queue alternated `repeat` times on the same durations (so that a
     busy spell on a shared machine hits both alike), the static splits once; the medians, and
     each run's ratio in `*_runs` lists."""
@@ -99,13 +126,13 @@ def measure(durations: list[float], workers: int, repeat: int) -> dict[str, obje
     shared_runs: list[float] = []
     steal_runs: list[dict[str, int]] = []
     for _ in range(repeat):
-        batuta, steals = asyncio.run(batuta_makespan(durations, workers))
+        batuta, steals = asyncio.run(batuta_makespan(durations, workers, work))
         batuta_runs.append(round(batuta / bound, 3))
         steal_runs.append(steals)
-        shared_runs.append(round(shared_queue_makespan(durations, workers) / bound, 3))
-    round_robin = static_makespan([durations[w::workers] for w in range(workers)])
+        shared_runs.append(round(shared_queue_makespan(durations, workers, work) / bound, 3))
+    round_robin = static_makespan([durations[w::workers] for w in range(workers)], work)
     size = -(-len(durations) // workers)
-    contiguous = static_makespan([durations[i : i + size] for i in range(0, len(durations), size)])
+    contiguous = static_makespan([durations[i : i + size] for i in range(0, len(durations), size)], work)
     return {
         "lower_bound_s": round(bound, 4),
         "batuta_over_lower_bound": round(statistics.median(batuta_runs), 3),
@@ -130,13 +157,21 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=1, help="alternate batuta and the shared queue this many times; report medians"
     )
+    parser.add_argument(
+        "--work",
+        choices=sorted(KERNEL),
+        default="wall",
+        help="wall: tasks wait on the wall clock (spin, the default); cpu: tasks use their duration in CPU time (burn)",
+    )
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error(f"--repeat must be at least 1, got {args.repeat}")
 
-    lognormal = measure(lognormal_durations(args.tasks, args.median, args.sigma, args.seed), args.workers, args.repeat)
+    lognormal = measure(
+        lognormal_durations(args.tasks, args.median, args.sigma, args.seed), args.workers, args.repeat, args.work
+    )
     print("lognormal:", lognormal, flush=True)
-    growing = measure(growing_durations(args.tasks, args.median, args.seed), args.workers, args.repeat)
+    growing = measure(growing_durations(args.tasks, args.median, args.seed), args.workers, args.repeat, args.work)
     print("growing:", growing, flush=True)
     print(
         json.dumps(
@@ -145,6 +180,7 @@ def main() -> None:
                 "workers": args.workers,
                 "cpus": os.cpu_count(),
                 "repeat": args.repeat,
+                "work": args.work,
                 "makespan_over_lower_bound": lognormal["batuta_over_lower_bound"],
                 "round_robin_over_lower_bound": lognormal["round_robin_over_lower_bound"],
                 "shared_queue_over_lower_bound": lognormal["shared_queue_over_lower_bound"],

@@ -1,4 +1,4 @@
-"""Built-in kernels: scheduler probes (noop, spin) and small streaming/Monte Carlo kernels.
+"""Built-in kernels: scheduler probes (noop, spin, burn) and small streaming/Monte Carlo kernels.
 
 Every kernel has a NumPy reference (the ``scalar`` backend and the test oracle) and a numba
 CPU variant compiled on first use; vadd, saxpy, sum and mc_pi also have a numba-cuda GPU
@@ -68,6 +68,37 @@ def _check_spin(seconds: object) -> tuple[float] | None:
     value = as_real("spin", "seconds", seconds, finite=True)
     if value < 0:
         raise KernelInputError(f"kernel 'spin': argument 'seconds' must be >= 0, got {value}")
+    return (value,)
+
+
+@kernel(
+    "burn",
+    description="Use `seconds` of this thread's CPU time; return the CPU seconds used. Unlike spin, "
+    "a task preempted for a while ends that much later, as real work does.",
+)
+def burn(seconds: float) -> float:
+    # `spin` waits on the wall clock, so CPU taken from a spinning slot by another process
+    # (the coordinator, the agent) costs its task nothing; `burn` counts only the CPU its own
+    # thread got, so every microsecond taken from it shows in the makespan, as it would for a
+    # real kernel. thread_time is a syscall (about 0.4 us on a 2-core VM), not the vDSO.
+    clock = time.thread_time
+    start = clock()
+    used = 0.0
+    while used < seconds:
+        used = clock() - start
+    return used
+
+
+burn.cpu(burn.reference)
+
+
+@burn.validator
+def _check_burn(seconds: object) -> tuple[float] | None:
+    if type(seconds) is float and 0.0 <= seconds < float("inf"):
+        return None
+    value = as_real("burn", "seconds", seconds, finite=True)
+    if value < 0:
+        raise KernelInputError(f"kernel 'burn': argument 'seconds' must be >= 0, got {value}")
     return (value,)
 
 

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from batuta.kernels import (
 from batuta import kernels
 
 KERNELS_DIR = Path(kernels.__file__).parent
-BUILTINS = ["mc_pi", "noop", "saxpy", "spin", "sum", "vadd"]
+BUILTINS = ["burn", "mc_pi", "noop", "saxpy", "spin", "sum", "vadd"]
 DTYPES = [np.float32, np.float64]
 BACKENDS = ["scalar", "cpu"]
 # Empty, tiny, around the serial/parallel switch, and a size no chunk size divides.
@@ -65,7 +66,7 @@ def test_builtins_are_registered_with_scalar_and_cpu_backends() -> None:
     for name in BUILTINS:
         found = kernels.info(name)
         assert found.name == name
-        cpu_only = name in ("noop", "spin")  # scheduler probes: nothing to gain on a GPU
+        cpu_only = name in ("noop", "spin", "burn")  # scheduler probes: nothing to gain on a GPU
         assert found.backends == (("scalar", "cpu") if cpu_only else ("scalar", "cpu", "gpu"))
         assert found.description
         assert found.module == "batuta.kernels.basic"
@@ -295,6 +296,27 @@ def test_spin_burns_cpu_for_the_requested_time(backend: str) -> None:
     assert kernels.run("spin", backend, (np.float32(0.001),)) >= 0.001 - 1e-9
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_burn_counts_its_own_cpu_time_not_the_wall_clock(backend: str) -> None:
+    # Two threads burning 0.1 s each take turns on the GIL, so together they need at least
+    # 0.2 s of wall time; spin, which waits on the wall clock, would end both at about 0.1 s.
+    # This is what makes burn charge a task for CPU another process takes from it.
+    requested = 0.1
+    used: list[float] = []
+    threads = [
+        threading.Thread(target=lambda: used.append(kernels.run("burn", backend, (requested,)))) for _ in range(2)
+    ]
+    wall_before = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    wall = time.perf_counter() - wall_before
+    assert len(used) == 2 and all(u >= requested for u in used)
+    assert wall >= 2 * requested * 0.95
+    assert kernels.run("burn", backend, (0,)) >= 0.0
+
+
 def _splitmix64_stream(seed: int, count: int) -> list[int]:
     """SplitMix64 in plain Python: the generator the CPU variant of mc_pi is specified to use."""
     mask, state, out = (1 << 64) - 1, seed, []
@@ -372,6 +394,8 @@ BAD_CALLS = [
     ("spin", (math.nan,), "argument 'seconds' must be finite"),
     ("spin", (math.inf,), "argument 'seconds' must be finite"),
     ("spin", ("1",), "argument 'seconds' must be a real number"),
+    ("burn", (-1.0,), "argument 'seconds' must be >= 0"),
+    ("burn", (math.inf,), "argument 'seconds' must be finite"),
     ("mc_pi", (0, 1), "argument 'samples' must be >= 1"),
     ("mc_pi", (1000.0, 1), "argument 'samples' must be an int"),
     ("mc_pi", (1000, -1), "argument 'seed' must be >= 0"),

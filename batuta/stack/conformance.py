@@ -95,11 +95,12 @@ _SPIN_SLACK_S = 5.0  # a busy node may deschedule the spinning slot; longer than
 
 
 def _spun(seconds: float) -> Compare:
-    """`spin` returns the elapsed time its own loop compared with `seconds`: never less, exactly."""
+    """`spin` and `burn` return the time (wall or CPU) their own loop compared with `seconds`:
+    never less, exactly."""
 
     def compare(got: Any, want: Any) -> str:
         if not isinstance(got, float | np.floating) or not seconds <= float(got) < seconds + _SPIN_SLACK_S:
-            return f"spun {got!r} s, expected at least {seconds} s and under {seconds + _SPIN_SLACK_S:g} s"
+            return f"ran {got!r} s, expected at least {seconds} s and under {seconds + _SPIN_SLACK_S:g} s"
         return ""
 
     return compare
@@ -147,6 +148,7 @@ def _tree_predict(rng: np.random.Generator) -> Sample:
 _BUILDERS: dict[str, Callable[[np.random.Generator], Sample]] = {
     "noop": lambda rng: Sample((42,)),
     "spin": lambda rng: Sample((0.002,), _spun(0.002)),
+    "burn": lambda rng: Sample((0.002,), _spun(0.002)),
     "vadd": lambda rng: Sample(tuple(_vectors(rng, 1000, 2))),
     "saxpy": lambda rng: Sample((1.5, *_vectors(rng, 1000, 2))),
     "sum": lambda rng: Sample(tuple(_vectors(rng, 1000, 1))),
