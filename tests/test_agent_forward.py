@@ -70,6 +70,7 @@ def test_the_outbox_marks_growing_arrays_and_never_writes_a_forwarded_value_it_m
     outbox.append(_forwarded([dead], [flat]))
     messages, marked = outbox_messages(outbox, forwarding=True)
     assert [type(m).__name__ for m in messages] == ["Heartbeat", "Done", "Done", "Done"]  # the dead one dropped
+    assert isinstance(messages[1], Done)
     assert [task.task_id for task in messages[1].results] == [9]  # a Done of its own, not merged
     assert len(marked) == 1 and marked[0][1] is growing and marked[0][0] is flat  # the whole one goes as usual
     messages, marked = outbox_messages(outbox, forwarding=False)  # no data link: none of them goes

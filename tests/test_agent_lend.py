@@ -65,7 +65,7 @@ def test_a_lent_put_decodes_to_placeholders_whose_sources_read_the_arrays() -> N
     assert lender.take(0) == []
     source.claim(ended.append)
     got, pieces = bytearray(), 0
-    view = memoryview(placeholder)
+    view = placeholder.data
     while len(got) < source.nbytes:
         assert source.wait_beyond(len(got), 0.0) == source.nbytes and not source.complete
         piece = source.piece(view, len(got), source.nbytes)

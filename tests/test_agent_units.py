@@ -29,6 +29,7 @@ from batuta.agent.telemetry import (
 )
 from batuta.errors import UsageError
 from batuta.protocol.messages import GpuInfo, SlotChanged, SlotInfo, TaskOutcome
+from batuta.transport.base import Buffer
 from batuta.transport.fdio import PIPE_BYTES, FdReader, FdWriter, widen_pipe
 
 # -- when the outbox goes out ---------------------------------------------------------------
@@ -261,7 +262,7 @@ async def test_fd_writer_write_parts_sends_the_parts_in_order_across_partial_wri
     rng = np.random.default_rng(count)
     sizes = rng.integers(0, 4096, size=count)
     sizes[0] = 0  # empty parts are skipped
-    parts: list[bytes | memoryview | np.ndarray] = [rng.bytes(int(n)) for n in sizes]
+    parts: list[Buffer] = [rng.bytes(int(n)) for n in sizes]
     parts.append(np.arange(300_000, dtype=np.float64).view(np.uint8))  # an array, more than a pipe holds
     parts.append(memoryview(b"tail"))
     payload = b"".join(bytes(memoryview(p).cast("B")) for p in parts)

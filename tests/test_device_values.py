@@ -73,7 +73,7 @@ def test_a_device_only_value_is_copied_back_before_eviction_and_for_cpu_tasks() 
     assert 5 not in values and 6 in values and values.copies_back == 1
     values.for_gpu(1)  # evicts 6, which lives only on the device: copied back first
     assert 6 not in values and 1 in values
-    assert isinstance(objects[6], np.ndarray) and objects[6][0] == 8.0  # type: ignore[index]
+    assert isinstance(objects[6], np.ndarray) and objects[6][0] == 8.0
     assert values.copies_back == 2
 
 

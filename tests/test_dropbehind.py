@@ -18,7 +18,9 @@ import pytest
 
 from batuta.core.task import Task
 from batuta.runtime.cluster import ClusterHost, ssh_host
+from batuta.runtime.datalink import SessionLink
 from batuta.runtime.pool import Pool, PoolConfig
+from batuta.runtime.session import HostSession
 from batuta.transport import dropbehind
 from batuta.transport.bulk import DataLinkSetting
 from batuta.transport.dropbehind import DropBehind, in_shared_file_mapping
@@ -50,6 +52,12 @@ def _file(tmp_path: Path, mib: int) -> tuple[Path, np.ndarray]:
     path = tmp_path / "values.npy"
     np.save(path, values)
     return path, values
+
+
+def _link(session: HostSession) -> SessionLink:
+    """The session's data link: a coordinator's, which counts its directions and has a sender."""
+    assert isinstance(session.data_link, SessionLink)
+    return session.data_link
 
 
 def _send(view: memoryview, piece: int) -> int:
@@ -100,7 +108,7 @@ def test_private_and_anonymous_memory_are_never_dropped(tmp_path: Path) -> None:
     assert _send(view, 1 << 28) == 1  # sent whole, as before
     assert (private[::4096] == -1.0).all()
     anonymous = values.copy()
-    view = memoryview(anonymous.view(np.uint8))
+    view = anonymous.view(np.uint8).data
     assert not DropBehind(view).enabled
     _send(view, 1 << 28)
     assert np.array_equal(anonymous, values)
@@ -149,7 +157,7 @@ async def test_a_put_of_a_memory_mapped_file_to_an_ssh_host_leaves_it_unmapped(
     async with asyncio.timeout(WAIT_S), Pool([ssh_host(host, settings)], PoolConfig()) as pool:
         (session,) = pool._hosts.sessions.values()
         async with asyncio.timeout(WAIT_S):
-            while link and (session.data_link is None or session.data_link.directions < 2):
+            while link and (session.data_link is None or _link(session).directions < 2):
                 await asyncio.sleep(0.005)
         print("before put", _mapped_mib(path), file=sys.stderr)
         ref = pool.put(mapped)
@@ -157,7 +165,7 @@ async def test_a_put_of_a_memory_mapped_file_to_an_ssh_host_leaves_it_unmapped(
         print("after put", _mapped_mib(path), file=sys.stderr)
         dtype, shape, total, last = (await pool.run(Task.kernel("test_fingerprint", ref))).unwrap()
         assert (dtype, tuple(shape), total, last) == ("<f8", values.shape, float(values.sum()), values[-1])
-        sender = session.data_link._sender if session.data_link is not None else None  # type: ignore[attr-defined]
+        sender = _link(session)._sender if session.data_link is not None else None
         assert (sender is not None and sender.sent_bytes >= values.nbytes) == link
         left = _mapped_mib(path)
         assert left < (1 if link else 17), f"the put left {left:.0f} MiB of the file mapped in the coordinator"

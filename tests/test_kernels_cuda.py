@@ -317,7 +317,7 @@ def _device_cases(real: bool) -> list[tuple[str, tuple[object, ...]]]:
     return cases
 
 
-def _flat(value: object) -> list[object]:
+def _flat(value: Any) -> list[Any]:
     return [item for part in value for item in _flat(part)] if isinstance(value, tuple | list) else [value]
 
 
@@ -330,7 +330,9 @@ def check_device_array_inputs_give_the_host_answer(real: bool) -> None:
 
     for name, args in _device_cases(real):
         on_host = kernels.run(name, "gpu", args)
-        device_args = tuple(cuda.to_device(arg) if isinstance(arg, np.ndarray) else arg for arg in args)
+        device_args: tuple[Any, ...] = tuple(
+            cuda.to_device(arg) if isinstance(arg, np.ndarray) else arg for arg in args
+        )
         on_device = kernels.run(name, "gpu", device_args)
         for host_part, device_part in zip(_flat(on_host), _flat(on_device), strict=True):
             assert type(device_part) is type(host_part), (name, type(device_part))

@@ -123,7 +123,12 @@ def test_the_variant_is_told_whether_device_results_are_wanted(device_kernel: st
     kdef = kernels.lookup(device_kernel)
     original = kdef.variant("gpu")
     assert original is not None
-    kdef._runners["gpu"] = lambda a: (wanted.append(kernels.device_results_wanted()), original(a))[1]
+
+    def told(a: Any) -> Any:
+        wanted.append(kernels.device_results_wanted())
+        return original(a)
+
+    kdef._runners["gpu"] = told
     kernels.run(device_kernel, "gpu", (np.ones(2),))
     kernels.run(device_kernel, "gpu", (np.ones(2),), device_results=True)
     assert wanted == [False, True]

@@ -10,7 +10,7 @@ import numpy as np
 import psutil
 import pytest
 
-from batuta import Pool, Task, TaskStatus
+from batuta import Pool, Task, TaskResult, TaskStatus
 from batuta.core.scheduler import SchedulerConfig
 from batuta.runtime import events as pe
 
@@ -70,7 +70,7 @@ async def test_a_host_that_stops_reading_bounds_what_the_coordinator_holds() -> 
         assert (await pool.run(Task.kernel("noop", 1))).value == 1
         (agent,) = agent_processes()
         session = pool._hosts.sessions["local"]
-        submitted: list[asyncio.Future[object]] = []
+        submitted: list[asyncio.Future[TaskResult]] = []
 
         async def submit_all() -> None:
             for i in range(400):  # 200 MiB of arguments if nothing pushed back
@@ -91,5 +91,5 @@ async def test_a_host_that_stops_reading_bounds_what_the_coordinator_holds() -> 
             agent.send_signal(signal.SIGCONT)
         await asyncio.wait_for(submitter, WAIT_S)
         results = await asyncio.wait_for(asyncio.gather(*submitted), WAIT_S)
-        assert [r.value for r in results] == [float(i) * (size // 8) for i in range(400)]  # type: ignore[attr-defined]
+        assert [r.value for r in results] == [float(i) * (size // 8) for i in range(400)]
         assert pool._budget.congested_bytes == 0

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ async def device_cache(pool: Pool, values: int, timeout: float = 30.0) -> pe.Gpu
         unsubscribe()
 
 
-async def value(pool: Pool, task: Task, *, keep: bool = False) -> object:
+async def value(pool: Pool, task: Task, *, keep: bool = False) -> Any:
     result = await (await pool.submit(task, keep=keep))
     assert result.is_success(), result.error
     return result.value
@@ -184,7 +185,7 @@ async def test_a_gpu_task_out_of_device_memory_fails_alone_and_its_slot_lives_on
     values (a GPU slot forked from the agent died of SIGSEGV there instead)."""
     ref = pool.put(np.ones(1 << 30 >> 3, dtype=np.float64))
     assert (await value(pool, on_gpu("test_where", ref)))[0] == "device"
-    pid, free = await value(pool, on_gpu("test_grab", 0))  # type: ignore[misc]
+    pid, free = await value(pool, on_gpu("test_grab", 0))
     failed = await (await pool.submit(on_gpu("test_grab", free + (2 << 30))))
     assert failed.status is TaskStatus.FAILED and failed.attempts == 1, (failed.status, failed.attempts)
     assert failed.error is not None and "CUDA_ERROR_OUT_OF_MEMORY" in failed.error, failed.error

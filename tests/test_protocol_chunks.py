@@ -112,7 +112,7 @@ def _run(*args: Any, task_id: int = 1) -> Run:
 
 
 def test_a_streamed_value_decodes_the_same_split_at_every_byte() -> None:
-    messages = [_put(), _done(), Heartbeat(seq=1, cpu_percent=1.0, memory_used=1, memory_total=2)]
+    messages: list[Message] = [_put(), _done(), Heartbeat(seq=1, cpu_percent=1.0, memory_used=1, memory_total=2)]
     data, boundaries = _wire(*messages)
     assert len(boundaries) > 10  # the arrays did go as chunks
     whole = _decode(data, [])
@@ -122,7 +122,7 @@ def test_a_streamed_value_decodes_the_same_split_at_every_byte() -> None:
 
 
 def test_a_streamed_value_decodes_the_same_fed_byte_by_byte_and_at_each_chunk_boundary() -> None:
-    messages = [_put(), _done()]
+    messages: list[Message] = [_put(), _done()]
     data, boundaries = _wire(*messages)
     assert_same(_decode(data, list(range(1, len(data)))), messages)
     assert_same(_decode(data, boundaries[1:]), messages)
@@ -131,6 +131,7 @@ def test_a_streamed_value_decodes_the_same_fed_byte_by_byte_and_at_each_chunk_bo
 
 def test_streamed_arrays_arrive_as_writable_arrays_of_their_own_dtype_and_shape() -> None:
     (put,) = _decode(_wire(_put())[0], [])
+    assert isinstance(put, Put)
     first, second, small, _ = put.value
     assert second.dtype == np.dtype(">i4") and second.shape == (7, 11)
     assert first.flags.writeable and first.flags.c_contiguous
@@ -158,6 +159,7 @@ def test_a_memory_mapped_array_streams_without_being_read_whole(tmp_path: Any) -
     parts = streams.all_chunk_parts()
     assert all(np.shares_memory(np.frombuffer(p, dtype=np.uint8), mapped) for p in parts[1::2])
     (put,) = _decode(_join(header + parts), [])
+    assert isinstance(put, Put)
     assert np.array_equal(put.value, np.arange(10_000, dtype=np.float64))
 
 
@@ -210,7 +212,7 @@ def test_a_batch_that_fails_to_encode_commits_no_stream() -> None:
     assert streams.next_id == 0 and not streams.active
     parts = encode_streamed_parts(good, streams)
     (put,) = _decode(_join(parts), [])  # the receiver expects stream 0: it gets it
-    assert put.value.nbytes == MIN
+    assert isinstance(put, Put) and put.value.nbytes == MIN
 
 
 # -- what overtakes a transfer, and what waits for it --------------------------------------------
@@ -458,7 +460,7 @@ def test_the_hooks_see_a_put_while_it_waits_and_each_chunk_as_it_fills() -> None
         assert progress[-1] == (0, 100 * (step + 1))
         assert np.array_equal(partial.view(np.uint8)[: 100 * (step + 1)], put.value.view(np.uint8)[: 100 * (step + 1)])
         assert (message is None) == (step < 7)
-    assert message is not None and message.value is partial  # the array the hooks saw, now whole
+    assert isinstance(message, Put) and message.value is partial  # the array the hooks saw, now whole
     assert len(held) == 1 and len(progress) == 8
 
 

@@ -303,6 +303,7 @@ def test_a_large_put_travels_out_of_band_and_refs_decode_as_refs() -> None:
     assert isinstance(put, Put) and put.object_id == 7 and np.array_equal(put.value, value)
     call = KernelCall(name="sum", args=(ObjectRef(7, digest="ab", nbytes=400_000), {"w": ObjectRef(8)}))
     [run] = decode_all(encode_message(Run(tasks=(TaskRequest(task_id=1, slot=0, attempt=1, call=call),))))
+    assert isinstance(run, Run)
     assert run.tasks[0].call.args == (ObjectRef(7), {"w": ObjectRef(8)})  # ids travel; digests stay home
 
 

@@ -100,10 +100,13 @@ def test_too_deep_and_self_referencing_values_are_refused() -> None:
 
 @pytest.mark.parametrize(
     ("msg", "words"),
-    [
-        (TaskOutcome(task_id=1, slot=0, attempt=1, status="weird"), "Done.results[0].status: unknown status 'weird'"),
+    [  # the ignored arg-types are the wrong types these cases send on purpose
         (
-            TaskOutcome(task_id=1, slot=0, attempt=1, status="ok"),
+            TaskOutcome(task_id=1, slot=0, attempt=1, status="weird"),  # type: ignore[arg-type]
+            "Done.results[0].status: unknown status 'weird'",
+        ),
+        (
+            TaskOutcome(task_id=1, slot=0, attempt=1, status="ok"),  # type: ignore[arg-type]
             "Done.results[0].status: expected an Outcome, got str",
         ),
         (
@@ -116,9 +119,9 @@ def test_too_deep_and_self_referencing_values_are_refused() -> None:
             "run_s: expected a finite number",
         ),
         (
-            TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, stdout="text"),
+            TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, stdout="text"),  # type: ignore[arg-type]
             "stdout: expected bytes, got str",
-        ),  # type: ignore[arg-type]
+        ),
         (
             TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, error="\udcff"),
             "Done.results[0].error: str is not valid UTF-8",

@@ -273,7 +273,7 @@ def test_the_history_stays_bounded_however_long_the_job() -> None:
     history = ViewerHistory()
     cluster = SyntheticCluster(hosts=4, seed=5, failure_rate=0.2)
     batch: list[Any] = []
-    replay(lambda event: batch.append(w.encode_item(event)), cluster, T0, T0 + 300, 600)  # type: ignore[arg-type]
+    replay(lambda event: batch.append(w.encode_item(event)), cluster, T0, T0 + 300, 600)
     history.record(batch)
     assert history.finished > 50_000
     assert len(history.raw) == sh.RAW_TASK_ITEMS

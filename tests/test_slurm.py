@@ -75,7 +75,7 @@ class Recorder:
         self.events.append(event)
         self._changed.set()
 
-    def of(self, kind: type) -> list:  # type: ignore[type-arg]
+    def of(self, kind: type) -> list:
         return [e for e in self.events if isinstance(e, kind)]
 
     async def until(self, condition: Callable[[], bool], what: str) -> None:

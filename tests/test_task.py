@@ -56,9 +56,9 @@ def test_unwrap_says_when_no_slot_can_run_the_task() -> None:
         unschedulable.unwrap()
     assert isinstance(caught.value, TaskFailedError) and caught.value.result is unschedulable
     failed = TaskResult(task_id=4, name="vadd", status=TaskStatus.FAILED, error="boom")
-    with pytest.raises(TaskFailedError) as caught:
+    with pytest.raises(TaskFailedError) as raised:
         failed.unwrap()
-    assert not isinstance(caught.value, NoCapableSlotError)
+    assert not isinstance(raised.value, NoCapableSlotError)
 
 
 def test_retry_false_is_one_attempt_in_every_spelling() -> None:

@@ -306,9 +306,11 @@ async def test_a_job_file_started_in_the_running_pool_ships_its_modules_and_an_e
             await until(pilot, lambda: isinstance(app.screen, JobFileScreen), "the job-file prompt")
             app.screen.query_one(Input).value = str(job_file)
             await pilot.press("enter")
-            await until(
-                pilot, lambda label=label: label in jobs and jobs[label].state == "done", f"{label} to finish", 60
-            )
+
+            def finished(label: str = label) -> bool:
+                return label in jobs and jobs[label].state == "done"
+
+            await until(pilot, finished, f"{label} to finish", 60)
             expected = " ".join(f"succeeded:{i + 100 * version}" for i in range(4))
             assert jobs[label].message == expected
 

@@ -153,9 +153,13 @@ async def test_two_dashboards_at_once_see_the_same_job(runtime_dir: Path) -> Non
             await until(pilot1, lambda: first.snapshots and second.snapshots, "both snapshots")
             with pool.job("spin"):
                 await pool.map("noop", range(600))
+
+            async def sees_the_job(pilot: object, app: AttachedApp) -> None:
+                await until(pilot, lambda: app.model.totals.succeeded == 600, "each view to count 600")
+                await until(pilot, lambda: "spin" in screen_text(app), "the job on each screen")
+
             for pilot, app in ((pilot1, first), (pilot2, second)):
-                await until(pilot, lambda app=app: app.model.totals.succeeded == 600, "each view to count 600")
-                await until(pilot, lambda app=app: "spin" in screen_text(app), "the job on each screen")
+                await sees_the_job(pilot, app)
             await pilot2.press("p")  # one view pauses; the other sees it
             await until(pilot1, lambda: first.model.paused, "the other view to show the pause")
             assert len(server.viewers()) == 2

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import replace
 from pathlib import Path
@@ -355,7 +355,7 @@ class Pool:
 
     execute = run
 
-    def as_completed(self, tasks: Iterable[Task], *, window: int | None = None) -> AsyncIterator[TaskFuture]:
+    def as_completed(self, tasks: Iterable[Task], *, window: int | None = None) -> AsyncGenerator[TaskFuture, None]:
         """Stream `tasks` (any iterable, even endless) with at most `window` unresolved at once,
         yielding each TaskFuture as it finishes: memory bounded by the window, not the list.
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from typing import TYPE_CHECKING
 
 from batuta.errors import UsageError
@@ -43,7 +43,9 @@ def default_window(pool: Pool) -> int:
     return max(MIN_WINDOW, 4 * pool.config.scheduler.max_window * pool.slot_count)
 
 
-async def as_completed(pool: Pool, tasks: Iterable[Task], window: int | None = None) -> AsyncIterator[TaskFuture]:
+async def as_completed(
+    pool: Pool, tasks: Iterable[Task], window: int | None = None
+) -> AsyncGenerator[TaskFuture, None]:
     """Submit `tasks` lazily, at most `window` unresolved at a time; yield each future as it
     finishes. Leaving the loop early (break, exception, cancellation) cancels the tasks still
     unresolved and submits no more; wrap the call in `contextlib.aclosing` to have that
