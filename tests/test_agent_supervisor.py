@@ -249,7 +249,7 @@ async def test_a_chains_next_stages_are_fed_past_the_depth(bench: Bench) -> None
         TaskRequest(task_id=i, slot=0, attempt=1, call=KernelCall(name="noop", args=(ObjectRef(9 + i),)), keep=10 + i)
         for i in range(2, 5)
     ]
-    slot._sent_objects.add(1)  # the process holds the chain's input
+    slot._values.held.add(1)  # the process holds the chain's input
     for request in [*chain, task(5)]:
         slot.enqueue(request)
     slot.pump()

@@ -48,8 +48,10 @@ Nothing new is fed to a process with other code, so no slot ever runs a task wit
 other than the one it names. The replacement is not a restart: no SlotChanged.
 
 Kept results. A task sent with `keep` leaves its result in the slot process (`slot.py`);
-the agent's store records where (`objects.py`). A task naming an object that lives in
-another slot's process is not fed until the agent has fetched it from there (`SlotKeeper`).
+the agent's store records where (`objects.py`), and each slot what its process holds
+(`slot_values.py`, which also encodes the Puts, Runs and Drops sent to it). A task naming
+an object that lives in another slot's process is not fed until the agent has fetched it
+from there (`SlotKeeper`).
 A task may name an object that a task ahead of it on this slot will keep (the coordinator
 fed it ahead, `core/feedahead.py`): nothing is sent for it, the slot process has it by the
 time it runs the task; if that producer made nothing, the slot answers the task "error"
@@ -88,12 +90,12 @@ from typing import Any, Protocol
 from batuta.agent.code import SlotCode, stale_error
 from batuta.agent.execute import describe_exit, print_error
 from batuta.agent.objects import ObjectStore
+from batuta.agent.slot_values import SlotValues
 from batuta.agent.spawn import SlotProcess, spawn_slot
 from batuta.core.objects import refs_in
 from batuta.core.task import KernelCall, Outcome
-from batuta.protocol.chunks import OutgoingStreams, StreamAssembler
-from batuta.protocol.codec import FrameDecoder, encode_message, encode_streamed_parts
-from batuta.protocol.errors import LocalProtocolError
+from batuta.protocol.chunks import StreamAssembler
+from batuta.protocol.codec import FrameDecoder, encode_message
 from batuta.protocol.messages import (
     SLOT_DOWN,
     SLOT_RESTARTING,
@@ -104,7 +106,6 @@ from batuta.protocol.messages import (
     Fetch,
     GpuCache,
     Put,
-    Run,
     SlotChanged,
     SlotInfo,
     TaskOutcome,
@@ -178,9 +179,8 @@ class SlotSupervisor:
         self._proc_code = self._code  # what the current process was started with
         self._objects = objects if objects is not None else ObjectStore(0, Path())  # the agent's store
         self._keeper = keeper
-        self._sent_objects: set[int] = set()  # ids the current slot process holds
+        self._values = SlotValues(self._objects, locate)  # what the current process holds of them
         self.gpu_cache: GpuCache | None = None  # the current process's device cache, as last reported
-        self._pinned: list[Any] = []  # Put values passed by reference, until the slot has read them
         self.index = info.slot
         self._env = env
         self._kernel_modules = kernel_modules
@@ -201,8 +201,6 @@ class SlotSupervisor:
         self._reader: FdReader | None = None
         self._writer: FdWriter | None = None
         self._decoder = FrameDecoder()
-        self._to_slot = OutgoingStreams()  # large arrays go down the pipe as chunks, right behind their frame
-        self._locate = locate  # task arguments in the agent's shared memory go as references to it (shm.py)
         self._ready = False
         self._announce_up = False  # send SlotChanged "up" when the current process is ready
         self._failed_starts = 0
@@ -265,9 +263,7 @@ class SlotSupervisor:
         self._proc = proc
         self._proc_code = self._code
         self._decoder = FrameDecoder()
-        self._to_slot = OutgoingStreams()  # a new pipe numbers its streams from 0
-        self._sent_objects = set()  # a new process holds nothing yet
-        self._pinned = []
+        self._values.new_process()
         self._ready = False
         decoder = self._decoder
         if self._keeper is not None:  # fetched values are forwarded while they arrive (forward.py)
@@ -392,7 +388,7 @@ class SlotSupervisor:
             if request.code != digest:  # sent for code this host no longer has (requeued after a crash, say)
                 self._refuse_stale(queue.popleft())
                 continue
-            elsewhere = self._in_other_slot(request) if in_slots else None
+            elsewhere = self._values.in_other_slot(request) if in_slots else None
             if elsewhere is not None:  # fed once the agent has it (it pumps every slot then)
                 if self._keeper is not None:
                     self._keeper.object_wanted(elsewhere)
@@ -400,15 +396,13 @@ class SlotSupervisor:
             batch.append(queue.popleft())
         if not batch:
             return False
-        puts = self._puts_for(batch)  # may answer (and remove) a task whose object is gone
+        values = self._values
+        puts = values.wanted(batch, self.fed, self._refuse)  # may answer (and remove) a task whose object is gone
         if not batch:
-            writer.write_parts(self._put_parts(puts, shared=False))
+            writer.write_parts(values.put_parts(puts, shared=False))
             return bool(self.queue)
-        puts = self._put_parts(puts, shared=True)
-        try:
-            parts = encode_streamed_parts(Run(tasks=tuple(batch)), self._to_slot, locate=self._locate)
-        except LocalProtocolError:
-            parts = self._encode_one_by_one(batch)
+        puts = values.put_parts(puts, shared=True)
+        parts = values.run_parts(batch, self._refuse)
         self.fed.extend(batch)
         writer.write_parts(puts + parts)
         if was_idle and self.fed and self._ready:
@@ -429,100 +423,24 @@ class SlotSupervisor:
         ahead = {r.keep for r in self.fed if r.keep} | {r.keep for r in batch if r.keep}
         return any(object_id in ahead for object_id in named)
 
-    def _in_other_slot(self, request: TaskRequest) -> int | None:
-        """An object `request` names that lives in another slot's process, if any."""
-        call = request.call
-        if not isinstance(call, KernelCall) or not call.args:
-            return None
-        for ref in refs_in(call.args):
-            if ref.object_id not in self._sent_objects and self._objects.slot_of(ref.object_id) is not None:
-                return ref.object_id
-        return None
-
     def fetch_object(self, object_id: int, *, lend: bool = False) -> bool:
         """Ask the slot process for an object it holds (answered `object_arrived`), or to lend
         it (`lend.py`); False when there is no process to ask."""
-        if self._writer is None or object_id not in self._sent_objects:
+        if self._writer is None or object_id not in self._values.held:
             return False
         self._writer.write(encode_message(Fetch(object_id=object_id, request_id=0, lend=lend)))
         return True
 
-    def _puts_for(self, batch: list[TaskRequest]) -> list[tuple[int, Any]]:
-        """The put objects `batch` names that the slot process lacks (to send as Puts): each
-        value goes to a process once, then every task names it by id (as Dask
-        keeps scattered data in the worker). A task whose object is no longer here (dropped
-        while it waited, which the coordinator does not do) is answered "error" and removed."""
-        wanted: list[tuple[int, Any]] = []
-        ahead = {r.keep for r in self.fed if r.keep}  # kept by tasks the process runs first (fed ahead)
-        for request in list(batch):
-            call = request.call
-            named = self._objects and isinstance(call, KernelCall) and call.args  # (none here: refused at Run)
-            if named and not self._put_refs(request, ahead, wanted):
-                batch.remove(request)  # answered
-                continue
-            if request.keep:  # the process makes it (again) now: the tasks behind read that one
-                ahead.add(request.keep)
-                self._sent_objects.discard(request.keep)
-        return wanted
-
-    def _put_refs(self, request: TaskRequest, ahead: set[int], wanted: list[tuple[int, Any]]) -> bool:
-        """Add to `wanted` the objects `request` names that the process lacks; False when one
-        is not here (the task is then answered and removed from the batch)."""
-        assert isinstance(request.call, KernelCall)
-        for ref in refs_in(request.call.args):
-            object_id = ref.object_id
-            if object_id in self._sent_objects or object_id in ahead:
-                continue  # the process holds it, or will once the task ahead making it ran
-            if object_id not in self._objects:
-                self._held.pop(request.task_id, None)
-                if self._objects.was_lost(object_id):  # the coordinator runs it again once remade
-                    status, error = Outcome.CRASHED, f"input object {object_id} was lost with a slot's process"
-                else:
-                    status, error = Outcome.ERROR, f"object {object_id} is not on this host"
-                self._events.task_finished(self._outcome(request, status, error, 0.0))
-                return False
-            wanted.append((object_id, self._objects[object_id]))
-            self._sent_objects.add(object_id)
-        return True
-
-    def _put_parts(self, puts: list[tuple[int, Any]], *, shared: bool) -> list[Any]:
-        """The Put frames for `puts`. With `shared` (they go just before a Run that names them),
-        a value in the agent's shared memory goes as a reference the slot maps or reads
-        (shm.py), not down the pipe: the value is pinned here until every task fed so far is
-        answered, by which time the slot has read the Put (an object may be dropped or spilled
-        meanwhile, and its mapping reused)."""
-        parts: list[Any] = []
-        locate = self._locate if shared else None
-        for object_id, value in puts:
-            parts += encode_streamed_parts(Put(object_id=object_id, value=value), self._to_slot, locate=locate)
-            if locate is not None:
-                self._pinned.append(value)
-        return parts
-
     def drop_objects(self, object_ids: Iterable[int]) -> None:
         """The agent forgot these objects: so does the slot process, if it holds them."""
-        held = tuple(i for i in object_ids if i in self._sent_objects)
-        if not held:
-            return
-        self._sent_objects.difference_update(held)
-        if self._writer is not None:
-            self._writer.write(encode_message(Drop(object_ids=held)))
+        frame = self._values.drop_frame(object_ids)
+        if frame is not None and self._writer is not None:
+            self._writer.write(frame)
 
-    def _encode_one_by_one(self, batch: list[TaskRequest]) -> list[Any]:
-        """A batch too big for one frame goes as one frame per task; a task that cannot be
-        re-encoded at all (it came in one frame, so this should not happen) is answered
-        "error" and removed from `batch`."""
-        parts: list[Any] = []
-        for request in list(batch):
-            try:
-                parts += encode_streamed_parts(Run(tasks=(request,)), self._to_slot, locate=self._locate)
-            except LocalProtocolError as exc:
-                batch.remove(request)
-                self._held.pop(request.task_id, None)
-                self._events.task_finished(
-                    self._outcome(request, Outcome.ERROR, f"cannot pass the task to its slot: {exc}", 0.0)
-                )
-        return parts
+    def _refuse(self, request: TaskRequest, status: Outcome, error: str) -> None:
+        """Answer a task taken from the queue that cannot be sent to the process (`SlotValues`)."""
+        self._held.pop(request.task_id, None)
+        self._events.task_finished(self._outcome(request, status, error, 0.0))
 
     def _start_head(self) -> None:
         head = self.fed[0]
@@ -568,7 +486,7 @@ class SlotSupervisor:
                     self._keeper.object_arrived(self.index, message.object_id, message.value, True)
                 elif isinstance(message, Drop) and self._keeper is not None:  # a Fetch it could not answer
                     for object_id in message.object_ids:
-                        self._sent_objects.discard(object_id)
+                        self._values.held.discard(object_id)
                         self._keeper.object_arrived(self.index, object_id, None, False)
                 elif isinstance(message, GpuCache):  # its device cache changed (a GPU slot)
                     if message.slot != self.index:
@@ -607,12 +525,12 @@ class SlotSupervisor:
                 return  # not ours (cannot happen with a well-behaved slot)
             was_head = False
         if request.keep and outcome.status is Outcome.OK:
-            self._sent_objects.add(request.keep)  # the slot process kept its own result too
+            self._values.held.add(request.keep)  # the slot process kept its own result too
         self._held.pop(task_id, None)
         self._cancel_requested.discard(task_id)
         self._failed_starts = 0
-        if not self.fed:  # every frame written so far was read: pinned Put values are the store's again
-            self._pinned.clear()
+        if not self.fed:  # every frame written so far was read
+            self._values.all_read()
         mean, run_s = self._run_time_mean, outcome.run_s
         self._run_time_mean = run_s if mean is None else mean + RUN_TIME_WEIGHT * (run_s - mean)
         self._events.task_finished(outcome)
@@ -734,7 +652,7 @@ class SlotSupervisor:
 
     def _lost_process(self, reason: str) -> None:
         """The current process goes: what it held goes with it; the agent hears first."""
-        self._sent_objects = set()
+        self._values.held = set()
         self.gpu_cache = None  # its device memory is freed with it
         if self._keeper is not None:
             self._keeper.process_lost(self.index, reason)
