@@ -359,6 +359,34 @@ def test_each_file_compiles_once_per_host_and_an_edit_compiles_only_what_changed
             del sys.modules[name]
 
 
+def test_a_namespace_package_is_imported_and_unloaded_with_its_bundle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Folders without __init__.py (namespace packages, at the top or inside a package) import
+    from a bundle, and leave the module table with it: the next bundle's edit is what runs."""
+    import batuta.agent.code as host_code
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "path_hooks", list(sys.path_hooks))
+    monkeypatch.setattr(sys, "path_importer_cache", dict(sys.path_importer_cache))
+    monkeypatch.setattr(host_code, "_HOOKED", set())
+    files: dict[str, str | bytes] = {"cs_ns/kern.py": "V = 1\n", "cs_np/__init__.py": "", "cs_np/deep/k.py": "W = 1\n"}
+    first = bundle(files, ("cs_ns.kern", "cs_np.deep.k"))
+    edited = bundle({**files, "cs_ns/kern.py": "V = 2\n", "cs_np/deep/k.py": "W = 2\n"}, ("cs_ns.kern", "cs_np.deep.k"))
+    try:
+        loader = CodeLoader("h1", root=tmp_path)
+        assert loader.load(first).errors == {}
+        assert (sys.modules["cs_ns.kern"].V, sys.modules["cs_np.deep.k"].W) == (1, 1)
+        assert sys.modules["cs_ns"].__file__ is None  # a namespace package indeed
+        assert loader.load(edited).errors == {}
+        assert (sys.modules["cs_ns.kern"].V, sys.modules["cs_np.deep.k"].W) == (2, 2)
+        loader._unload()
+        assert not [name for name in sys.modules if name.split(".")[0] in ("cs_ns", "cs_np")]
+    finally:
+        for name in [name for name in sys.modules if name.split(".")[0] in ("cs_ns", "cs_np")]:
+            del sys.modules[name]
+
+
 def test_a_slot_refuses_a_task_for_other_code_even_if_the_agent_let_it_through() -> None:
     """The slot's own check: the last guard, behind the agent's and the supervisor's."""
     from batuta.agent.code import SlotCode

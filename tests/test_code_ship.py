@@ -168,21 +168,47 @@ def test_kernel_modules_ship_when_they_are_the_users_files_not_when_installed(pr
     assert common is not None and common.digest != code.digest
 
 
-def test_a_kernel_module_in_a_folder_without_init_is_not_shipped_and_says_why(
-    project: Path, caplog: pytest.LogCaptureFixture
+def test_a_kernel_module_in_a_folder_without_init_ships_as_a_namespace_package(
+    project: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     write(project, {"cs_tools/cs_kern.py": "X = 1\n"})  # a namespace package: no __init__.py
     collector = CodeCollector(CodeSpec(job_files=(project / "my_job.py",)))
     with caplog.at_level(logging.WARNING, logger="batuta.runtime.code"):
         code = collector.bundle(("cs_tools.cs_kern",))
+    assert "cs_tools/cs_kern.py" in paths_of(code) and code is not None
+    assert code.modules == ("cs_kernels", "cs_tools.cs_kern") and not caplog.records
+    # split over two folders of the path, it cannot arrive as it runs here: not shipped, and why
+    write(tmp_path / "other", {"cs_tools/cs_more.py": "Y = 2\n"})
+    split = CodeCollector(CodeSpec(job_files=(project / "my_job.py",)), search_path=[str(tmp_path / "other")])
+    with caplog.at_level(logging.WARNING, logger="batuta.runtime.code"):
+        code = split.bundle(("cs_tools.cs_kern",))
     assert code is not None and not any(p.startswith("cs_tools/") for p in paths_of(code))
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert "kernel_modules 'cs_tools.cs_kern' is not shipped" in warning
-    assert str(project / "cs_tools") in warning and "add an __init__.py to ship it" in warning
-    write(project, {"cs_tools/__init__.py": ""})
-    caplog.clear()
-    shipped = CodeCollector(CodeSpec(job_files=(project / "my_job.py",))).bundle(("cs_tools.cs_kern",))
-    assert "cs_tools/cs_kern.py" in paths_of(shipped) and not caplog.records  # the fix it names works
+    assert "kernel_modules 'cs_tools.cs_kern' is not shipped: the namespace package 'cs_tools'" in warning
+    assert str(project / "cs_tools") in warning and str(tmp_path / "other" / "cs_tools") in warning
+    assert "add an __init__.py to the one to ship" in warning
+
+
+def test_a_job_importing_from_folders_without_init_ships_them(tmp_path: Path) -> None:
+    """Namespace packages, as Python imports them: at the top of the job's folder or inside a
+    package, but never a folder that an installed module of the same name shadows."""
+    write(
+        tmp_path,
+        {
+            "job.py": "from cs_ns import kern\nimport cs_pk.sub.more\nimport numpy\n",
+            "cs_ns/kern.py": "from batuta import kernel\nfrom cs_ns.tools import helper\n\nkernel('k')(helper)\n",
+            "cs_ns/tools/helper.py": "def helper():\n    return 1\n",
+            "cs_ns/notes.txt": "shipped with the folder",
+            "cs_pk/__init__.py": "",
+            "cs_pk/sub/more.py": "from batuta import kernel\n\n@kernel('m')\ndef m():\n    return 2\n",
+            "numpy/fake.py": "X = 1\n",  # `import numpy` is the installed one: this folder is nobody's
+        },
+    )
+    code = CodeCollector(CodeSpec(job_files=(tmp_path / "job.py",))).bundle()
+    assert paths_of(code) == [
+        "cs_ns/kern.py", "cs_ns/notes.txt", "cs_ns/tools/helper.py", "cs_pk/__init__.py", "cs_pk/sub/more.py"
+    ]  # fmt: skip
+    assert code is not None and code.modules == ("cs_ns.kern", "cs_pk.sub.more")
 
 
 def test_nothing_to_ship_is_no_bundle() -> None:
@@ -196,17 +222,31 @@ def test_module_paths_a_file_or_a_package_and_the_errors(tmp_path: Path) -> None
     assert paths_of(code) == ["cs_one.py", "cs_p/__init__.py", "cs_two.py"]
     assert code.modules == ("cs_one", "cs_p")  # named on purpose: imported whether or not they register kernels
     (tmp_path / "not-a-name.py").write_text("")
-    (tmp_path / "plain").mkdir()
     (tmp_path / "data.txt").write_text("")
     for path, words in [
         (tmp_path / "missing.py", "no such file or folder; give a .py file or a package folder"),
-        (tmp_path / "plain", "the folder has no __init__.py, so it is not a package"),
         (tmp_path / "data.txt", "not a .py file or a package folder"),
         (tmp_path / "not-a-name.py", "'not-a-name' is not a valid module name; rename it"),
     ]:
         with pytest.raises(CodeError) as info:
             CodeCollector(CodeSpec(modules=(path,)))
         assert str(info.value) == f"--module {path}: {words}" or words in str(info.value)
+
+
+def test_a_module_path_without_init_ships_whole_and_its_kernel_modules_are_imported(tmp_path: Path) -> None:
+    kernel_file = "from batuta import kernel\n\n@kernel('{0}')\ndef {0}():\n    return 1\n"
+    write(
+        tmp_path / "lib",
+        {
+            "cs_plain/a.py": kernel_file.format("cs_a"),
+            "cs_plain/run_me.py": "raise SystemExit('a script: never imported on the hosts')\n",
+            "cs_plain/deep/b.py": kernel_file.format("cs_b"),
+            "cs_plain/deep/__init__.py": "",
+        },
+    )
+    code = CodeCollector(CodeSpec(modules=(tmp_path / "lib" / "cs_plain",))).bundle()
+    assert paths_of(code) == ["cs_plain/a.py", "cs_plain/deep/__init__.py", "cs_plain/deep/b.py", "cs_plain/run_me.py"]
+    assert code is not None and code.modules == ("cs_plain.a", "cs_plain.deep.b")
 
 
 def test_two_modules_with_one_name_are_refused(tmp_path: Path) -> None:
@@ -503,6 +543,23 @@ def test_batuta_run_ships_the_job_files_modules_and_module_paths(project: Path, 
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["result"] == "extra"
+
+
+def test_batuta_run_ships_kernels_from_a_folder_without_init(tmp_path: Path) -> None:
+    """The layout many projects have: kernels in a subfolder with no __init__.py."""
+    write(
+        tmp_path / "proj",
+        {
+            "cs_helpers/kern.py": "import numpy as np\nfrom batuta import kernel\n\n"
+            "@kernel('cs_twice')\ndef cs_twice(x):\n    return 2 * x\n\ncs_twice.cpu(cs_twice.reference)\n",
+            "job.py": "import numpy as np\nfrom cs_helpers import kern  # noqa: F401\nfrom batuta import Task\n\n"
+            "async def main(pool):\n"
+            "    return (await pool.run(Task.kernel('cs_twice', np.arange(3.0)))).unwrap().tolist()\n",
+        },
+    )
+    done = batuta("run", str(tmp_path / "proj" / "job.py"), "--workers", "1", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["result"] == [0.0, 2.0, 4.0]
 
 
 def test_batuta_run_code_errors_are_one_line_and_exit_2(project: Path, tmp_path: Path) -> None:

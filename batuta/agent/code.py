@@ -282,11 +282,22 @@ def _where(filename: str | None, lineno: int | None, directory: str | None) -> s
     return f" at {relative} line {lineno}" if lineno else f" at {relative}"
 
 
+def _loaded_from(module: object, prefix: str) -> bool:
+    """Whether `module` came from the folder `prefix`: its file is there, or, for a namespace
+    package (no file), every folder of its path is."""
+    file = getattr(module, "__file__", None)
+    if file:
+        return str(file).startswith(prefix)
+    spec = getattr(module, "__spec__", None)
+    locations = list(getattr(spec, "submodule_search_locations", None) or ())
+    return bool(locations) and all(str(location).startswith(prefix) for location in locations)
+
+
 def _in_bundle(module: str, directory: str | None) -> bool:
     if not directory:
         return False
     top = Path(directory) / module.split(".")[0]
-    return top.with_suffix(".py").is_file() or (top / "__init__.py").is_file()
+    return top.with_suffix(".py").is_file() or top.is_dir()  # a package, or a namespace package
 
 
 # -- bytecode ------------------------------------------------------------------------------
@@ -484,14 +495,11 @@ class CodeLoader:
         directory = self.current.directory
         if directory is None:
             return
+        prefix = directory.rstrip(os.sep) + os.sep
+        # before the folder leaves sys.path: a namespace package's path is recomputed from it
+        gone = [name for name, module in list(sys.modules.items()) if _loaded_from(module, prefix)]
         with contextlib.suppress(ValueError):
             sys.path.remove(directory)
-        prefix = directory.rstrip(os.sep) + os.sep
-        gone = [
-            name
-            for name, module in list(sys.modules.items())
-            if (getattr(module, "__file__", None) or "").startswith(prefix)
-        ]
         for name in gone:
             del sys.modules[name]
         registry = sys.modules.get("batuta.kernels.registry")

@@ -5,13 +5,16 @@ host of a run, relaunched or not, runs the same code):
 
 * the job file's own modules: the modules of its folder that it imports, found by reading its
   imports with `ast`, and recursively those that they import from their folder. A module is
-  `name.py`, a package a folder `name/` with an `__init__.py`, shipped whole;
+  `name.py`, a package a folder `name/`, shipped whole: with an `__init__.py`, or without one
+  (a namespace package, as Python imports one when no regular module of that name is found);
 * the modules named in `kernel_modules` (cluster file, `Pool.builder().kernel_modules`) that
   resolve here to files outside site-packages, the standard library and batuta itself (a
   module installed there is the host's own business: it is imported there by name, as before);
   a dotted name ships its whole top-level package;
 * the paths given with `--module PATH` (`batuta run`, `batuta tui`) or
-  `Pool.builder().modules(paths)`: a `.py` file or a package folder.
+  `Pool.builder().modules(paths)`: a `.py` file or a package folder (a folder without an
+  `__init__.py` ships as a namespace package, and the hosts import those of its modules that
+  register kernels: importing the folder itself would run nothing).
 
 Files are read as bytes (no pickle: a bundle is paths and bytes). Left out: `__pycache__`,
 `*.pyc`, files and folders whose names start with a dot, and what the globs of a
@@ -156,32 +159,55 @@ def _scan(path: Path) -> tuple[tuple[str, ...], bool]:
 
 def _local_module(name: str, root: Path) -> tuple[Path, str] | None:
     """Where `name` ("a.b.c") lives in `root`, if its top level does: (the top-level .py file
-    or package folder, the longest dotted prefix of `name` that is a module there)."""
+    or package folder, the longest dotted prefix of `name` that is a module there). Found as
+    Python's import finds it from `root`: in a folder, a package (`part/__init__.py`) before a
+    module (`part.py`) before a namespace portion (a folder `part/` without `__init__.py`);
+    and a top-level namespace package only when no regular module of that name is found
+    anywhere on the path (an installed `numpy` wins over a folder `numpy/` here)."""
     parts = name.split(".")
     top = parts[0]
-    if not top.isidentifier():
+    if not top.isidentifier() or top == "__pycache__":
         return None
     package = root / top
-    if (package / "__init__.py").is_file():
+    single = root / f"{top}.py"
+    if (package / "__init__.py").is_file() or (
+        not single.is_file() and package.is_dir() and _namespace_from(top, root)
+    ):
         module, here = top, package
         for part in parts[1:]:
+            if not part.isidentifier() or part == "__pycache__":
+                break
             if (here / part / "__init__.py").is_file():
                 here, module = here / part, f"{module}.{part}"
             elif (here / f"{part}.py").is_file():
                 module = f"{module}.{part}"
                 break
+            elif (here / part).is_dir():  # a namespace sub-package, inside a package or another one
+                here, module = here / part, f"{module}.{part}"
             else:
                 break
         return package, module
-    single = root / f"{top}.py"
     if single.is_file():
         return single, top
     return None
 
 
+def _namespace_from(top: str, root: Path) -> bool:
+    """Whether `import top` from a job in `root` gives the namespace package of which the
+    folder `root/top` (no `__init__.py`) is a part, rather than a regular module found
+    elsewhere on the path."""
+    try:
+        spec = importlib.machinery.PathFinder.find_spec(top, [str(root), *sys.path])
+    except (ImportError, ValueError, OSError):
+        return False
+    if spec is None or spec.origin not in (None, "namespace") or not spec.submodule_search_locations:
+        return False
+    return str(root / top) in list(spec.submodule_search_locations)
+
+
 def _local_names(root: Path) -> frozenset[str]:
-    """The top-level module names `_local_module` can find in `root`: `name.py` files and
-    package folders."""
+    """The top-level names `_local_module` may find in `root`: `name.py` files and folders
+    (packages, or namespace packages: which folders are is settled when one is imported)."""
     names: set[str] = set()
     try:
         entries = list(os.scandir(root))
@@ -190,7 +216,7 @@ def _local_names(root: Path) -> frozenset[str]:
     for entry in entries:
         if entry.name.endswith(".py") and entry.name[:-3].isidentifier():
             names.add(entry.name[:-3])
-        elif entry.name.isidentifier() and os.path.isfile(os.path.join(entry.path, "__init__.py")):
+        elif entry.name.isidentifier() and entry.name != "__pycache__" and entry.is_dir():
             names.add(entry.name)
     return frozenset(names)
 
@@ -206,6 +232,24 @@ def _mentions(file: Path, names: Iterable[str]) -> bool:
     except OSError:
         return False
     return any(name in data for name in wanted)
+
+
+def _is_namespace(source: _Source) -> bool:
+    return source.path.is_dir() and not (source.path / "__init__.py").is_file()
+
+
+def _namespace_kernel_modules(source: _Source) -> list[str]:
+    """The dotted names of a namespace package's modules that register kernels, for the hosts
+    to import (the package itself has no code to run)."""
+    modules: list[str] = []
+    for relative, path in _files(source):
+        if relative.endswith(".py") and _scan(path)[1]:
+            parts = relative[: -len(".py")].split("/")
+            if parts[-1] == "__init__":
+                parts.pop()
+            if all(part.isidentifier() for part in parts):
+                modules.append(".".join(parts))
+    return modules
 
 
 def _python_files(source: _Source) -> list[Path]:
@@ -319,7 +363,7 @@ class CodeCollector:
         for path in spec.modules:
             source = self._module_path(path)
             self._add(self._common, source)
-            self._load.append(source.name)
+            self._load.extend(_namespace_kernel_modules(source) if _is_namespace(source) else [source.name])
         for job in spec.job_files:
             self._job(job)
         self._close(self._common)
@@ -352,12 +396,7 @@ class CodeCollector:
             raise CodeError(f"--module {shown}: no such file or folder; give a .py file or a package folder")
         path = path.resolve()
         if path.is_dir():
-            if not (path / "__init__.py").is_file():
-                raise CodeError(
-                    f"--module {shown}: the folder has no __init__.py, so it is not a package; "
-                    "add one, or give its .py files one by one"
-                )
-            name = path.name
+            name = path.name  # a folder without __init__.py ships as a namespace package
         elif path.suffix == ".py":
             name = path.stem
         else:
@@ -414,20 +453,23 @@ class CodeCollector:
             spec = importlib.machinery.PathFinder.find_spec(top, self._search)
         except (ImportError, ValueError, OSError):
             return None
-        if spec is not None and spec.origin is None and spec.submodule_search_locations:
-            # A folder without __init__.py: not a package batuta ships (as --module says of
-            # one). Installed, the hosts' business; the user's own, they fail with "No module
-            # named" unless they have it, so say why here, where the fix is.
-            locations = [Path(p) for p in spec.submodule_search_locations]
-            if all(_is_installed(p, _installed_roots()) for p in locations):
+        if spec is not None and spec.origin in (None, "namespace") and spec.submodule_search_locations:
+            # A namespace package: folders without __init__.py, possibly several. Installed,
+            # the hosts' business; the user's own ships when it is one folder. One split over
+            # several folders would arrive merged into one, which is not what runs here: the
+            # hosts would fail with "No module named", so say why here, where the fix is.
+            roots = _installed_roots()
+            locations = [Path(p) for p in spec.submodule_search_locations if not _is_installed(Path(p), roots)]
+            if not locations:
                 return None
-            folders = ", ".join(map(str, locations))
+            if len(locations) == 1:
+                return _Source(name=top, path=locations[0], why=f"kernel_modules {name!r}")
             log.warning(
-                "kernel_modules %r is not shipped: %r here is a folder without __init__.py (%s); "
-                "add an __init__.py to ship it from here, or make it importable on every host",
+                "kernel_modules %r is not shipped: the namespace package %r here is split over several folders "
+                "(%s); add an __init__.py to the one to ship, or make it importable on every host",
                 name,
                 top,
-                folders,
+                ", ".join(map(str, locations)),
             )
             return None
         if spec is None or not spec.origin or not spec.origin.endswith(".py"):
