@@ -233,6 +233,26 @@ def test_module_paths_a_file_or_a_package_and_the_errors(tmp_path: Path) -> None
         assert str(info.value) == f"--module {path}: {words}" or words in str(info.value)
 
 
+def test_a_folder_without_init_that_only_the_job_uses_stays_here(tmp_path: Path) -> None:
+    """A plain folder of the job's own (a loader beside its data) registers no kernel: it ships
+    only when the hosts' code imports it, so its data never counts against the limit."""
+    loader = "import os\n\ndef load():\n    return os.path.join(os.path.dirname(__file__), 'big.npy')\n"
+    write(
+        tmp_path,
+        {
+            "job.py": "from cs_data.loader import load\nimport cs_kern\n",
+            "cs_data/loader.py": loader,
+            "cs_data/big.npy": b"\x00" * 5000,
+            "cs_kern.py": "from batuta import kernel\n\nkernel('k')(len)\n",
+        },
+    )
+    code = CodeCollector(CodeSpec(job_files=(tmp_path / "job.py",), max_bytes=4096)).bundle()
+    assert paths_of(code) == ["cs_kern.py"]  # and no "over the limit" error for the data
+    (tmp_path / "cs_kern.py").write_text("from batuta import kernel\nfrom cs_data import loader\n\nkernel('k')(len)\n")
+    code = CodeCollector(CodeSpec(job_files=(tmp_path / "job.py",))).bundle()
+    assert paths_of(code) == ["cs_data/big.npy", "cs_data/loader.py", "cs_kern.py"]  # the kernels need it now
+
+
 def test_a_module_path_without_init_ships_whole_and_its_kernel_modules_are_imported(tmp_path: Path) -> None:
     kernel_file = "from batuta import kernel\n\n@kernel('{0}')\ndef {0}():\n    return 1\n"
     write(

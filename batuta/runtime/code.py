@@ -6,7 +6,9 @@ host of a run, relaunched or not, runs the same code):
 * the job file's own modules: the modules of its folder that it imports, found by reading its
   imports with `ast`, and recursively those that they import from their folder. A module is
   `name.py`, a package a folder `name/`, shipped whole: with an `__init__.py`, or without one
-  (a namespace package, as Python imports one when no regular module of that name is found);
+  (a namespace package, as Python imports one when no regular module of that name is found;
+  one that registers no kernel ships only when a shipped module imports it, since a plain
+  folder that only the job imports is often its data, beside a loader that runs here);
 * the modules named in `kernel_modules` (cluster file, `Pool.builder().kernel_modules`) that
   resolve here to files outside site-packages, the standard library and batuta itself (a
   module installed there is the host's own business: it is imported there by name, as before);
@@ -416,8 +418,15 @@ class CodeCollector:
                 continue
             path, module = found
             top = module.split(".")[0]
-            self._add(self._common, _Source(name=top, path=path, why=f"imported by {job_file.name}"))
-            if module not in modules and self._registers_kernels(self._common[top], root):
+            source = _Source(name=top, path=path, why=f"imported by {job_file.name}")
+            registers = self._registers_kernels(source, root)
+            if not registers and _is_namespace(source):
+                # A plain folder the job imports that registers no kernel is often the job's own
+                # (a loader beside its data files): it ships only if the hosts' code imports it
+                # (`_close`), so that its data never counts against the limit for nothing.
+                continue
+            self._add(self._common, source)
+            if module not in modules and registers:
                 modules.append(module)
         # `from pkg.sub import kern` names pkg.sub and pkg.sub.kern: importing the latter imports both
         for module in modules:
