@@ -5,9 +5,12 @@ durations) with a kernel that returns when it started and ended and in which pro
 monotonic clock is shared by every process of the machine), through `Pool.local` and
 ProcessPoolExecutor, and splits each makespan over its lower bound into: the wait before the
 first task, the time workers stood still between two tasks (by phase: the first quarter of
-the tasks by index, then the rest), and the idle workers at the end.
+the tasks by index, then the rest; and again by the task before the gap, shorter than
+`--short-ms` or not: after a short one the next task may not have arrived yet), and the idle
+workers at the end.
 
     python scripts/timeline.py [--workload growing|lognormal] [--workers 16] [--tasks 2400] [--repeat 3]
+                               [--short-ms 1.5]
 """
 
 from __future__ import annotations
@@ -59,7 +62,9 @@ def shared_spans(durations: list[float], workers: int) -> tuple[float, list[Span
     return start, [(i, a, b, p) for i, (a, b, p) in enumerate(values)]
 
 
-def breakdown(start: float, spans: list[Span], durations: list[float], bound: float) -> dict[str, float]:
+def breakdown(
+    start: float, spans: list[Span], durations: list[float], bound: float, short_s: float = 0.0015
+) -> dict[str, float]:
     """Each part as a fraction of the lower bound, summed over workers and divided by their
     count, so that with the bound at total work / workers they add up to makespan / bound - 1:
     waits before the first task, gaps between tasks, idle workers at the end, and `overrun`,
@@ -69,7 +74,7 @@ def breakdown(start: float, spans: list[Span], durations: list[float], bound: fl
         by_worker.setdefault(span[3], []).append(span)
     end = max(s[2] for s in spans)
     quarter = len(spans) // 4
-    first_wait = early_gaps = late_gaps = end_idle = 0.0
+    first_wait = early_gaps = late_gaps = end_idle = after_short = 0.0
     gaps: list[float] = []
     for worker_spans in by_worker.values():
         worker_spans.sort(key=lambda s: s[1])
@@ -81,6 +86,8 @@ def breakdown(start: float, spans: list[Span], durations: list[float], bound: fl
                 early_gaps += gap
             else:
                 late_gaps += gap
+            if before[2] - before[1] < short_s:
+                after_short += gap
         end_idle += end - worker_spans[-1][2]
     n = len(by_worker)
     overrun = sum(s[2] - s[1] for s in spans) - sum(durations)
@@ -89,6 +96,8 @@ def breakdown(start: float, spans: list[Span], durations: list[float], bound: fl
         "first_wait": round(first_wait / n / bound, 4),
         "gaps_first_quarter": round(early_gaps / n / bound, 4),
         "gaps_rest": round(late_gaps / n / bound, 4),
+        "gaps_after_short": round(after_short / n / bound, 4),
+        "gaps_after_long": round((early_gaps + late_gaps - after_short) / n / bound, 4),
         "idle_at_end": round(end_idle / n / bound, 4),
         "overrun": round(overrun / n / bound, 4),
         "gap_p50_us": round(statistics.median(gaps) * 1e6, 1),
@@ -103,6 +112,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--tasks", type=int, default=2400)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--short-ms", type=float, default=1.5, help="a task shorter than this is short")
     args = parser.parse_args()
     imbalance = _imbalance()
     if args.workload == "growing":
@@ -110,10 +120,11 @@ def main() -> None:
     else:
         durations = imbalance.lognormal_durations(args.tasks, 0.004, 1.0, 0)
     bound = imbalance.lower_bound(durations, args.workers)
+    short = args.short_ms / 1000
     rows: dict[str, list[dict[str, float]]] = {"batuta": [], "shared_queue": []}
     for _ in range(args.repeat):
-        rows["batuta"].append(breakdown(*asyncio.run(batuta_spans(durations, args.workers)), durations, bound))
-        rows["shared_queue"].append(breakdown(*shared_spans(durations, args.workers), durations, bound))
+        rows["batuta"].append(breakdown(*asyncio.run(batuta_spans(durations, args.workers)), durations, bound, short))
+        rows["shared_queue"].append(breakdown(*shared_spans(durations, args.workers), durations, bound, short))
     for name, runs in rows.items():
         for run in runs:
             print(name, json.dumps(run))
