@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
+import batuta.core.task as task_module
 from batuta import Backend, Task
 from batuta.core.task import TaskError
 
@@ -74,3 +77,15 @@ def test_retry_false_is_one_attempt_in_every_spelling() -> None:
     assert Task.kernel("noop", max_attempts=5).max_attempts == 5
     with pytest.raises(TaskError, match=r"retry=False means one attempt; drop max_attempts=4"):
         Task.kernel("noop", retry=False, max_attempts=4)
+
+
+def test_kernel_arguments_by_name_are_refused_with_the_way_to_pass_them() -> None:
+    with pytest.raises(TaskError) as info:
+        Task.kernel("saxpy", 2.0, x=1, y=2)  # type: ignore[arg-type]  # what mypy says too
+    assert str(info.value) == (
+        "Task.kernel('saxpy', x=..., y=...): a kernel's arguments go by position, in the order its function "
+        "takes them (Task.kernel('saxpy', a, b, ...)); Task.kernel's own keywords are backend, priority, "
+        "timeout, max_attempts, requires, key, label, retry"
+    )
+    options = [p.name for p in inspect.signature(Task.kernel).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    assert options == list(task_module._KERNEL_OPTIONS)  # the message names every option, and only those

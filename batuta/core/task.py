@@ -13,9 +13,21 @@ import enum
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Self
+from typing import Any, Never, Self
 
 from batuta.errors import NoCapableSlotError, TaskError, TaskFailedError
+
+# Task.kernel's keyword-only options, named by the error for kernel arguments given by name
+# (tests/test_task.py keeps the two in step)
+_KERNEL_OPTIONS = ("backend", "priority", "timeout", "max_attempts", "requires", "key", "label", "retry")
+
+
+def _named_kernel_args(name: str, named: Mapping[str, object]) -> str:
+    given = ", ".join(f"{key}=..." for key in named)
+    return (
+        f"Task.kernel({name!r}, {given}): a kernel's arguments go by position, in the order its function "
+        f"takes them (Task.kernel({name!r}, a, b, ...)); Task.kernel's own keywords are {', '.join(_KERNEL_OPTIONS)}"
+    )
 
 
 class Backend(enum.Enum):
@@ -188,8 +200,12 @@ class Task:
         key: str | None = None,
         label: str = "",
         retry: bool = True,
+        **named: Never,
     ) -> Task:
-        """A task that runs the registered kernel `name` on `args`; `retry=False`: never run it twice."""
+        """A task that runs the registered kernel `name` on `args`; `retry=False`: never run it twice.
+        The kernel's arguments go by position: the keywords are the task's options."""
+        if named:
+            raise TaskError(_named_kernel_args(name, named))
         return cls(
             call=KernelCall(name=name, args=tuple(args)),
             backend=backend,
