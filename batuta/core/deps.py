@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import TYPE_CHECKING
 
+from batuta.core import injector
 from batuta.core.events import (
     AbortTasks,
     HostId,
@@ -165,7 +166,7 @@ def place_ready(s: Scheduler, entry: TaskEntry) -> None:
         home = copy_slot(s, entry)
         entry.home_slot = home.slot_id if home is not None else None
     if home is None:
-        s._push_injector(entry, klass)
+        injector.push(s, entry, klass)
         s._feed_hungry(klass)
         return
     entry.place = Place.DEQUE

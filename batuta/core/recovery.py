@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from batuta.core import deps, feedahead
+from batuta.core import deps, feedahead, injector
 from batuta.core.events import AnnounceRequeue
 from batuta.core.placement import CapabilityClass, Place, SlotRecord, SlotState, TaskEntry
 from batuta.core.stealing import end_steal_back
@@ -92,7 +92,7 @@ def requeue(scheduler: Scheduler, entry: TaskEntry, slot: SlotRecord, reason: st
             feedahead.try_feed(scheduler, entry)
         return
     klass = scheduler._class_of(entry.requires)
-    scheduler._push_injector(entry, klass)
+    injector.push(scheduler, entry, klass)
     scheduler._feed_hungry(klass)
 
 
@@ -103,7 +103,7 @@ def requeue_deque(scheduler: Scheduler, slot: SlotRecord) -> None:
         scheduler._queued -= 1
         entry.slot = None
         if not (entry.reads and deps.park_if_unready(scheduler, entry)):
-            scheduler._push_injector(entry, scheduler._class_of(entry.requires))
+            injector.push(scheduler, entry, scheduler._class_of(entry.requires))
 
 
 def after_capacity_change(scheduler: Scheduler) -> None:

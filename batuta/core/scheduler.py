@@ -39,8 +39,9 @@ clocks. Rules (Blumofe & Leiserson, adapted to a coordinator that sees every slo
   when they are being made in one slot, to that slot at once, behind them (`feedahead.py`).
 
 Time arrives as `now`; randomness from a `random.Random(seed)` owned by the instance. The
-records the scheduler keeps are in `placement.py`, the stealing in `stealing.py`, and the
-checks of `validate()` in `invariants.py`; their public names are importable from here too.
+records the scheduler keeps are in `placement.py`, the injector's heaps in `injector.py`, the
+stealing in `stealing.py`, and the checks of `validate()` in `invariants.py`; their public names
+are importable from here too.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, TypeVar
 
-from batuta.core import deps, feedahead, invariants, recovery
+from batuta.core import deps, feedahead, injector, invariants, recovery
 from batuta.core.events import (
     AbortTasks,
     AnnounceDrained,
@@ -312,7 +313,7 @@ class Scheduler:
             elif not entry.resolved:
                 deps.place_ready(self, entry)  # where its inputs are
             return
-        self._push_injector(entry, klass)
+        injector.push(self, entry, klass)
         self._note(entry, "queued")
         self._feed_hungry(klass)
 
@@ -571,14 +572,14 @@ class Scheduler:
         if ahead and self._in_tail(slot):
             return None
         own = slot.deque
-        best_class = self._best_injector_class(slot)
-        if own and (best_class is None or self._head_priority(best_class) <= own[0].priority):
+        best_class = injector.best_class(self, slot)
+        if own and (best_class is None or injector.head_priority(best_class) <= own[0].priority):
             self._queued -= 1
             return own.popleft()
         if best_class is not None:
             if own:  # the injector holds strictly more urgent work: take just that task
-                return self._pop_injector(best_class)
-            self._grab(slot, best_class)
+                return injector.pop(self, best_class)
+            injector.grab(self, slot, best_class)
             if own:
                 self._queued -= 1
                 return own.popleft()
@@ -606,51 +607,6 @@ class Scheduler:
         per_slot = self.config.tail_tasks_per_slot
         alike = self._up_by_caps.get(slot.capabilities, 0)
         return per_slot > 0 and alike > 1 and self._queued < per_slot * alike
-
-    def _pop_injector(self, klass: CapabilityClass) -> TaskEntry | None:
-        heap = klass.heap
-        while heap:
-            _neg, _seq, token, entry = heapq.heappop(heap)
-            if entry.place is Place.INJECTOR and entry.token == token:
-                klass.live -= 1
-                self._queued -= 1
-                return entry
-        return None
-
-    def _best_injector_class(self, slot: SlotRecord) -> CapabilityClass | None:
-        best: CapabilityClass | None = None
-        best_priority = -(1 << 62)
-        for klass in self._classes.values():
-            if klass.live and klass.requires <= slot.capabilities:
-                priority = self._head_priority(klass)
-                if priority > best_priority:
-                    best, best_priority = klass, priority
-        return best
-
-    def _head_priority(self, klass: CapabilityClass) -> int:
-        heap = klass.heap
-        while heap:
-            neg_priority, _seq, token, entry = heap[0]
-            if entry.place is Place.INJECTOR and entry.token == token:
-                return -neg_priority
-            heapq.heappop(heap)
-        return -(1 << 62)
-
-    def _grab(self, slot: SlotRecord, klass: CapabilityClass) -> None:
-        """Move a fair share of the class's injector tasks into the slot's deque."""
-        count = min(klass.live // max(klass.eligible, 1) + 1, self.config.grab_max, klass.live)
-        heap = klass.heap
-        while count > 0 and heap:
-            _neg, _seq, token, entry = heapq.heappop(heap)
-            if entry.place is not Place.INJECTOR or entry.token != token:
-                continue
-            klass.live -= 1
-            entry.place = Place.DEQUE
-            entry.slot = slot
-            slot.deque.append(entry)
-            count -= 1
-        if slot.deque:
-            self._deque_holders.add(slot)
 
     # -- resolution -----------------------------------------------------------------------
 
@@ -723,15 +679,6 @@ class Scheduler:
         have = ", ".join(offered) or "no slots at all"
         fix = "the task's backend" if entry.requires <= {CAP_CPU, CAP_GPU} else "the task's requires= (or its backend)"
         return f"no slot offers {need} (the cluster offers: {have}); add such a host or change {fix}"
-
-    def _push_injector(self, entry: TaskEntry, klass: CapabilityClass) -> None:
-        entry.place = Place.INJECTOR
-        entry.slot = None
-        entry.home = entry.home_slot = None
-        entry.token += 1
-        klass.live += 1
-        self._queued += 1
-        heapq.heappush(klass.heap, (-entry.priority, entry.seq, entry.token, entry))
 
     def _push_deque_front(self, slot: SlotRecord, entry: TaskEntry) -> None:
         entry.place = Place.DEQUE

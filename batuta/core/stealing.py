@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
+from batuta.core import injector
 from batuta.core.deps import may_steal
 from batuta.core.events import RequestStealBack, StealBackAnswered
 from batuta.core.feedahead import void_behind
@@ -182,7 +183,7 @@ def on_steal_back_answered(scheduler: Scheduler, ev: StealBackAnswered) -> None:
             scheduler._fill(thief)
         else:
             klass = scheduler._class_of(entry.requires)
-            scheduler._push_injector(entry, klass)
+            injector.push(scheduler, entry, klass)
             scheduler._feed_hungry(klass)
     if victim is not None:
         scheduler._refill(victim)
