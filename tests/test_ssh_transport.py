@@ -25,7 +25,7 @@ from batuta.core.task import Task, TaskStatus
 from batuta.errors import AgentError
 from batuta.runtime.cluster import ClusterHost, build_pool, load_cluster, ssh_host
 from batuta.runtime.pool import Pool, PoolConfig
-from batuta.transport import ssh
+from batuta.transport import ssh, ssh_known_hosts
 from batuta.transport.base import StreamClosedError
 from batuta.transport.ssh import (
     HostKeyError,
@@ -193,15 +193,15 @@ def test_host_key_policy_unknown_changed_and_trust_on_first_use() -> None:
     new = asyncssh.generate_private_key("ssh-ed25519").convert_to_public()
     known = asyncssh.import_known_hosts(f"[10.0.0.1]:2222 {old.export_public_key().decode()}")
 
-    strict = ssh._HostKeyPolicy(known, trust_on_first_use=False)
+    strict = ssh_known_hosts.HostKeyPolicy(known, trust_on_first_use=False)
     assert not strict.validate_host_public_key("10.0.0.2", "10.0.0.2", 2222, new)
     assert strict.verdict == "unknown"
 
-    tofu = ssh._HostKeyPolicy(known, trust_on_first_use=True)
+    tofu = ssh_known_hosts.HostKeyPolicy(known, trust_on_first_use=True)
     assert tofu.validate_host_public_key("10.0.0.2", "10.0.0.2", 2222, new)
     assert tofu.learned == ("10.0.0.2", 2222, new)
 
-    changed = ssh._HostKeyPolicy(known, trust_on_first_use=True)
+    changed = ssh_known_hosts.HostKeyPolicy(known, trust_on_first_use=True)
     assert not changed.validate_host_public_key("10.0.0.1", "10.0.0.1", 2222, new)
     assert changed.verdict == "changed" and changed.learned is None
 
@@ -210,7 +210,7 @@ def test_known_hosts_cache_rereads_changed_files_and_skips_bad_lines(tmp_path: P
     key = asyncssh.generate_private_key("ssh-ed25519").convert_to_public()
     path = tmp_path / "known_hosts"
     path.write_text("this is not a known_hosts line\n")
-    files = ssh._KnownHostsFiles()
+    files = ssh_known_hosts.KnownHostsFiles()
     first = files.load([str(path)])
     assert first.match("10.0.0.1", "10.0.0.1", None)[0] == []
     assert files.load([str(path)]) is first  # unchanged: not parsed again
