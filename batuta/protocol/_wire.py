@@ -8,7 +8,8 @@ fixed but for optional trailing fields. Kernel arguments and results are values 
 
 `to_wire()` raises LocalProtocolError and `from_wire()` RemoteProtocolError, both naming the
 field at fault (`Done.results[3].status: unknown status 'weird'`). The same validators
-(`_fields.py`) run both ways, so whatever encodes also decodes.
+(`_fields.py`) run both ways, so whatever encodes also decodes. The tags are in `_tags.py`, the
+Code messages' encoders and decoders in `_wire_code.py`.
 """
 
 from __future__ import annotations
@@ -23,14 +24,12 @@ from batuta.protocol._fields import (
     bytes_,
     check_len,
     choice,
-    code_path,
     describe,
     digest,
     expected,
     flag,
     float_,
     ids,
-    module_name,
     name,
     opt_float,
     opt_int,
@@ -38,13 +37,24 @@ from batuta.protocol._fields import (
     opt_uint,
     posint,
     records,
-    seq,
     str_,
     str_map,
     strs,
     uint,
 )
+from batuta.protocol._tags import CALL_BINARY, CALL_KERNEL, TAGS
 from batuta.protocol._values import OobWriter, decode_args, decode_value, encode_args, encode_value
+from batuta.protocol._wire_code import (
+    MAX_CODE_FILES,
+    MAX_CODE_MODULES,
+    dec_code,
+    dec_code_loaded,
+    dec_code_stored,
+    enc_code,
+    enc_code_loaded,
+    enc_code_stored,
+    module_digests,
+)
 from batuta.protocol.errors import LocalProtocolError, RemoteProtocolError
 from batuta.protocol.messages import (
     DATA_LINK_ENCRYPTIONS,
@@ -54,7 +64,6 @@ from batuta.protocol.messages import (
     Bye,
     Cancel,
     Code,
-    CodeFile,
     CodeLoaded,
     CodeStored,
     DataLink,
@@ -80,42 +89,11 @@ from batuta.protocol.messages import (
     TaskOutcome,
     TaskRequest,
     Welcome,
-    code_digest,
 )
 
 __all__ = ["CALL_BINARY", "CALL_KERNEL", "MAX_CODE_FILES", "MAX_CODE_MODULES", "TAGS", "from_wire", "to_wire"]
 
-TAGS: dict[type, int] = {
-    Hello: 1,
-    Welcome: 2,
-    Run: 3,
-    Started: 4,
-    Done: 5,
-    StealBack: 6,
-    StealBackReply: 7,
-    Cancel: 8,
-    SlotChanged: 9,
-    Heartbeat: 10,
-    Shutdown: 11,
-    Bye: 12,
-    Error: 13,
-    Put: 14,
-    Drop: 15,
-    Code: 16,
-    CodeLoaded: 17,
-    Fetch: 18,
-    ObjectsLost: 19,
-    GpuCache: 20,
-    CodeStored: 21,
-    DataLink: 23,
-}
-"""Message tags on the wire. Stable: changing one needs a new PROTOCOL_VERSION."""
 
-CALL_KERNEL = 0
-CALL_BINARY = 1
-
-MAX_CODE_FILES = 10_000  # files in one Code message
-MAX_CODE_MODULES = 1_000  # modules it names, and failures a CodeLoaded reports
 DATA_LINK_SECRET_BYTES, _LINK_FIELDS = 32, ("port", "token", "fingerprint", "encryption")  # secrets: 32 bytes
 
 _BACKENDS = frozenset(b.value for b in Backend if b is not Backend.AUTO)
@@ -197,7 +175,7 @@ def _enc_hello(m: Hello, oob: OobWriter) -> list[Any]:
         records(_enc_slot_info, m.slots, ".slots"),
         records(_enc_gpu_info, m.gpus, ".gpus"),
         str_map(m.packages, ".packages"),
-        _module_digests(m.modules, ".modules"),
+        module_digests(m.modules, ".modules"),
     ]
 
 
@@ -207,77 +185,6 @@ def _enc_welcome(m: Welcome, oob: OobWriter) -> list[Any]:
         uint(m.protocol, ".protocol"),
         float_(m.heartbeat_interval, ".heartbeat_interval", positive=True),
     ]
-
-
-def _code_files(x: Any, field: str, record: Callable[[Any], Any]) -> list[Any]:
-    """The files of a Code message: at most MAX_CODE_FILES, each path once."""
-    count = len(seq(x, field))
-    if count > MAX_CODE_FILES:
-        raise Invalid(field, f"at most {MAX_CODE_FILES} files, got {count}")
-    files = records(record, x, field)
-    seen: set[str] = set()
-    for i, entry in enumerate(files):
-        path = entry[0] if type(entry) is list else entry.path
-        if path in seen:
-            raise Invalid(f"{field}[{i}]", f"path {path!r} appears twice")
-        seen.add(path)
-    return files
-
-
-def _code_modules(x: Any, field: str) -> list[str]:
-    items = seq(x, field)
-    if len(items) > MAX_CODE_MODULES:
-        raise Invalid(field, f"at most {MAX_CODE_MODULES} modules, got {len(items)}")
-    return [module_name(item, f"{field}[{i}]") for i, item in enumerate(items)]
-
-
-def _check_code_digest(sent: str, files: Any, modules: list[str]) -> str:
-    actual = code_digest(files, modules)
-    if sent != actual:
-        raise Invalid(".digest", f"does not match the files and modules (they give {actual}, not {sent})")
-    return sent
-
-
-def _enc_code_file(f: Any) -> list[Any]:
-    if type(f) is not CodeFile:
-        raise expected("", "a CodeFile", f)
-    return [code_path(f.path, ".path"), bytes_(f.data, ".data")]
-
-
-def _enc_code(m: Code, oob: OobWriter) -> list[Any]:
-    sent = digest(m.digest, ".digest")
-    modules = _code_modules(m.modules, ".modules")
-    files = _code_files(m.files, ".files", _enc_code_file)
-    _check_code_digest(sent, m.files, modules)
-    return [TAGS[Code], sent, modules, files]
-
-
-def _enc_code_stored(m: CodeStored, oob: OobWriter) -> list[Any]:
-    return [TAGS[CodeStored], digest(m.digest, ".digest")]
-
-
-def _enc_code_loaded(m: CodeLoaded, oob: OobWriter) -> list[Any]:
-    return [TAGS[CodeLoaded], digest(m.digest, ".digest"), _code_errors(m.errors, ".errors")]
-
-
-def _module_digests(x: Any, field: str) -> dict[str, str]:
-    """Hello.modules: at most MAX_CODE_MODULES module names, each to a sha256 digest or ""."""
-    digests = str_map(x, field)
-    if len(digests) > MAX_CODE_MODULES:
-        raise Invalid(field, f"at most {MAX_CODE_MODULES} modules, got {len(digests)}")
-    for key, value in digests.items():
-        module_name(key, f"{field}[{key!r}]")
-        digest(value, f"{field}[{key!r}]", empty=True)
-    return digests
-
-
-def _code_errors(x: Any, field: str) -> dict[str, str]:
-    errors = str_map(x, field)
-    if len(errors) > MAX_CODE_MODULES:
-        raise Invalid(field, f"at most {MAX_CODE_MODULES} modules, got {len(errors)}")
-    for key in errors:
-        module_name(key, f"{field}[{key!r}]")
-    return errors
 
 
 def _enc_call(call: Any, oob: OobWriter) -> list[Any]:
@@ -454,9 +361,9 @@ def _enc_error(m: Error, oob: OobWriter) -> list[Any]:
 _ENCODERS: dict[type, Callable[[Any, OobWriter], list[Any]]] = {
     Hello: _enc_hello,
     Welcome: _enc_welcome,
-    Code: _enc_code,
-    CodeStored: _enc_code_stored,
-    CodeLoaded: _enc_code_loaded,
+    Code: enc_code,
+    CodeStored: enc_code_stored,
+    CodeLoaded: enc_code_loaded,
     Run: _enc_run,
     Started: _enc_started,
     Done: _enc_done,
@@ -513,7 +420,7 @@ def _dec_hello(w: list[Any]) -> Hello:
         slots=tuple(records(_dec_slot_info, slots, ".slots")),
         gpus=tuple(records(_dec_gpu_info, gpus, ".gpus")),
         packages=str_map(pkgs, ".packages"),
-        modules=_module_digests(rest[0], ".modules") if rest else {},
+        modules=module_digests(rest[0], ".modules") if rest else {},
     )
 
 
@@ -523,28 +430,6 @@ def _dec_welcome(w: list[Any]) -> Welcome:
         protocol=uint(protocol, ".protocol"),
         heartbeat_interval=float_(heartbeat_interval, ".heartbeat_interval", positive=True),
     )
-
-
-def _dec_code_file(w: Any) -> CodeFile:
-    path, data = check_len(w, 2, "CodeFile")
-    return CodeFile(path=code_path(path, ".path"), data=bytes_(data, ".data"))
-
-
-def _dec_code(w: list[Any]) -> Code:
-    _, sent, modules, files = w
-    sent = digest(sent, ".digest")
-    module_names = _code_modules(modules, ".modules")
-    code_files = _code_files(files, ".files", _dec_code_file)
-    _check_code_digest(sent, code_files, module_names)
-    return Code(digest=sent, modules=tuple(module_names), files=tuple(code_files))
-
-
-def _dec_code_stored(w: list[Any]) -> CodeStored:
-    return CodeStored(digest=digest(w[1], ".digest"))
-
-
-def _dec_code_loaded(w: list[Any]) -> CodeLoaded:
-    return CodeLoaded(digest=digest(w[1], ".digest"), errors=_code_errors(w[2], ".errors"))
 
 
 def _dec_call(w: Any) -> KernelCall | BinaryCall:
@@ -736,9 +621,9 @@ def _dec_error(w: list[Any]) -> Error:
 _DECODER_FNS: list[tuple[type, Callable[[list[Any]], Message]]] = [
     (Hello, _dec_hello),
     (Welcome, _dec_welcome),
-    (Code, _dec_code),
-    (CodeStored, _dec_code_stored),
-    (CodeLoaded, _dec_code_loaded),
+    (Code, dec_code),
+    (CodeStored, dec_code_stored),
+    (CodeLoaded, dec_code_loaded),
     (Run, _dec_run),
     (Started, _dec_started),
     (Done, _dec_done),
