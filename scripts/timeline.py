@@ -6,11 +6,13 @@ monotonic clock is shared by every process of the machine), through `Pool.local`
 ProcessPoolExecutor, and splits each makespan over its lower bound into: the wait before the
 first task, the time workers stood still between two tasks (by phase: the first quarter of
 the tasks by index, then the rest; and again by the task before the gap, shorter than
-`--short-ms` or not: after a short one the next task may not have arrived yet), and the idle
-workers at the end.
+`--short-ms` or not: after a short one the next task may not have arrived yet), the idle
+workers at the end, and the overrun: the tasks' own time beyond their durations. With `--work
+cpu` the tasks burn CPU time (as `imbalance.py --work cpu`), so CPU that other processes take
+from a worker mid-task shows there, where with `wall` (the default) it costs nothing.
 
     python scripts/timeline.py [--workload growing|lognormal] [--workers 16] [--tasks 2400] [--repeat 3]
-                               [--short-ms 1.5]
+                               [--work wall|cpu] [--short-ms 1.5]
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _timeline_kernels import spin_t  # noqa: E402  (the peers run the same function)
+from _timeline_kernels import burn_t, spin_t  # noqa: E402  (the peers run the same functions)
 
 Span = tuple[int, float, float, int]  # (task index, start, end, pid)
 
@@ -42,23 +44,27 @@ def _imbalance() -> ModuleType:
     return module
 
 
-async def batuta_spans(durations: list[float], workers: int) -> tuple[float, list[Span]]:
+KERNELS = {"wall": spin_t, "cpu": burn_t}  # bench/imbalance.py's --work: wait on the clock, or burn CPU time
+
+
+async def batuta_spans(durations: list[float], workers: int, work: str) -> tuple[float, list[Span]]:
     from batuta import Pool, Task
 
     pool = Pool.builder().cpu_workers(workers).gpu_workers("none").modules([HERE / "_timeline_kernels.py"]).build()
     async with pool:
-        await pool.map("spin_t", [(0.001,)] * (4 * workers))
+        name = KERNELS[work].__name__
+        await pool.map(name, [(0.001,)] * (4 * workers))
         start = time.perf_counter()
-        futures = [await pool.submit(Task.kernel("spin_t", d)) for d in durations]
+        futures = [await pool.submit(Task.kernel(name, d)) for d in durations]
         values = [(await fut).unwrap() for fut in futures]
     return start, [(i, float(a), float(b), int(p)) for i, (a, b, p) in enumerate(values)]
 
 
-def shared_spans(durations: list[float], workers: int) -> tuple[float, list[Span]]:
+def shared_spans(durations: list[float], workers: int, work: str) -> tuple[float, list[Span]]:
     with concurrent.futures.ProcessPoolExecutor(workers) as ex:
-        list(ex.map(spin_t, [0.001] * (4 * workers)))
+        list(ex.map(KERNELS[work], [0.001] * (4 * workers)))
         start = time.perf_counter()
-        values = list(ex.map(spin_t, durations))
+        values = list(ex.map(KERNELS[work], durations))
     return start, [(i, a, b, p) for i, (a, b, p) in enumerate(values)]
 
 
@@ -112,6 +118,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--tasks", type=int, default=2400)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--work", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--short-ms", type=float, default=1.5, help="a task shorter than this is short")
     args = parser.parse_args()
     imbalance = _imbalance()
@@ -122,14 +129,15 @@ def main() -> None:
     bound = imbalance.lower_bound(durations, args.workers)
     short = args.short_ms / 1000
     rows: dict[str, list[dict[str, float]]] = {"batuta": [], "shared_queue": []}
+    n, work = args.workers, args.work
     for _ in range(args.repeat):
-        rows["batuta"].append(breakdown(*asyncio.run(batuta_spans(durations, args.workers)), durations, bound, short))
-        rows["shared_queue"].append(breakdown(*shared_spans(durations, args.workers), durations, bound, short))
+        rows["batuta"].append(breakdown(*asyncio.run(batuta_spans(durations, n, work)), durations, bound, short))
+        rows["shared_queue"].append(breakdown(*shared_spans(durations, n, work), durations, bound, short))
     for name, runs in rows.items():
         for run in runs:
             print(name, json.dumps(run))
     medians = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in rows.items()}
-    print(json.dumps({"workload": args.workload, "workers": args.workers, "tasks": args.tasks, **medians}))
+    print(json.dumps({"workload": args.workload, "work": work, "workers": n, "tasks": args.tasks, **medians}))
 
 
 if __name__ == "__main__":
