@@ -61,14 +61,19 @@ def spin(seconds: float) -> float:
 spin.cpu(spin.reference)
 
 
-@spin.validator
-def _check_spin(seconds: object) -> tuple[float] | None:
+def _check_seconds(kernel_name: str, seconds: object) -> tuple[float] | None:
+    """spin's and burn's one argument: a finite number of seconds, >= 0."""
     if type(seconds) is float and 0.0 <= seconds < float("inf"):
         return None  # the common case, kept cheap
-    value = as_real("spin", "seconds", seconds, finite=True)
+    value = as_real(kernel_name, "seconds", seconds, finite=True)
     if value < 0:
-        raise KernelInputError(f"kernel 'spin': argument 'seconds' must be >= 0, got {value}")
+        raise KernelInputError(f"kernel {kernel_name!r}: argument 'seconds' must be >= 0, got {value}")
     return (value,)
+
+
+@spin.validator
+def _check_spin(seconds: object) -> tuple[float] | None:
+    return _check_seconds("spin", seconds)
 
 
 @kernel(
@@ -94,12 +99,7 @@ burn.cpu(burn.reference)
 
 @burn.validator
 def _check_burn(seconds: object) -> tuple[float] | None:
-    if type(seconds) is float and 0.0 <= seconds < float("inf"):
-        return None
-    value = as_real("burn", "seconds", seconds, finite=True)
-    if value < 0:
-        raise KernelInputError(f"kernel 'burn': argument 'seconds' must be >= 0, got {value}")
-    return (value,)
+    return _check_seconds("burn", seconds)
 
 
 # -- streaming kernels --------------------------------------------------------------------
