@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import functools
 import json
 import os
 import statistics
@@ -53,19 +54,11 @@ PEER_WORK = {"wall": spin, "cpu": burn}
 KERNEL = {"wall": "spin", "cpu": "burn"}
 
 
-def spin_all(durations: list[float]) -> float:
+def work_all(work: str, durations: list[float]) -> float:
+    """One static share: each duration in turn, spun or burnt."""
     for d in durations:
-        spin(d)
+        PEER_WORK[work](d)
     return sum(durations)
-
-
-def burn_all(durations: list[float]) -> float:
-    for d in durations:
-        burn(d)
-    return sum(durations)
-
-
-PEER_WORK_ALL = {"wall": spin_all, "cpu": burn_all}
 
 
 def lognormal_durations(count: int, median: float, sigma: float, seed: int) -> list[float]:
@@ -113,7 +106,7 @@ def static_makespan(parts: list[list[float]], work: str) -> float:
     with concurrent.futures.ProcessPoolExecutor(len(parts)) as ex:
         list(ex.map(PEER_WORK[work], [0.001] * (4 * len(parts))))
         start = time.perf_counter()
-        list(ex.map(PEER_WORK_ALL[work], parts))
+        list(ex.map(functools.partial(work_all, work), parts))
         return time.perf_counter() - start
 
 
