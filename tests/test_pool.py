@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +47,29 @@ async def pool() -> AsyncIterator[Pool]:
         yield p
 
 
+def living(procs: Iterable[psutil.Process], test: Callable[[psutil.Process], bool]) -> list[psutil.Process]:
+    """The processes among `procs` that pass `test`, skipping any that end while it is asked:
+    short-lived children (a compiler, a probe) come and go while a test looks."""
+    found = []
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
+            if test(proc):
+                found.append(proc)
+    return found
+
+
+def children(proc: psutil.Process) -> list[psutil.Process]:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return proc.children()
+    return []
+
+
 def agent_pids() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children() if "batuta.agent" in " ".join(p.cmdline())]
+    return living(psutil.Process().children(), lambda p: "batuta.agent" in " ".join(p.cmdline()))
 
 
 def slot_pids() -> list[psutil.Process]:
-    return [c for a in agent_pids() for c in a.children() if "python" in c.name()]
+    return [c for a in agent_pids() for c in living(children(a), lambda c: "python" in c.name())]
 
 
 async def test_kernel_tasks_return_correct_values(pool: Pool) -> None:

@@ -21,7 +21,7 @@ from batuta.protocol import messages as m
 from batuta.runtime import events as pe
 from batuta.runtime.builder import PoolConfig, local_host
 from batuta.runtime.session import HostSession
-from tests.test_pool import REPO, TEST_KERNELS, agent_pids
+from tests.test_pool import REPO, TEST_KERNELS, agent_pids, children, living
 
 N = 300_000  # float64 elements: 2.4 MB, over the scheduler's locality threshold
 
@@ -273,7 +273,13 @@ async def _telemetry_after(pool: Pool, condition: Callable[[pe.HostTelemetry], b
 def _slot_process(slot: str) -> psutil.Process:
     """The live worker process of `slot` ("host/N"); slots name themselves batuta-slot-N."""
     name = f"batuta-slot-{slot.rsplit('/', 1)[1]}"
-    return next(c for a in agent_pids() for c in a.children() if c.name() == name and c.status() != "zombie")
+
+    def is_slot(proc: psutil.Process) -> bool:
+        return proc.name() == name and proc.status() != psutil.STATUS_ZOMBIE
+
+    alive = [c for a in agent_pids() for c in living(children(a), is_slot)]
+    assert alive, f"no process named {name} among the agents' children"
+    return alive[0]
 
 
 async def test_a_chain_of_kept_values_on_one_slot_moves_no_bytes_out_of_it_until_get() -> None:

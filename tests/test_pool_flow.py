@@ -7,18 +7,14 @@ import logging
 import signal
 
 import numpy as np
-import psutil
 import pytest
 
 from batuta import Pool, Task, TaskResult, TaskStatus
 from batuta.core.scheduler import SchedulerConfig
 from batuta.runtime import events as pe
+from tests.test_pool import agent_pids
 
 WAIT_S = 60.0
-
-
-def agent_processes() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children() if "batuta.agent" in " ".join(p.cmdline())]
 
 
 async def wait_until(condition: object, what: str, timeout: float = WAIT_S) -> None:
@@ -68,7 +64,7 @@ async def test_a_host_that_stops_reading_bounds_what_the_coordinator_holds() -> 
     )
     async with pool:
         assert (await pool.run(Task.kernel("noop", 1))).value == 1
-        (agent,) = agent_processes()
+        (agent,) = agent_pids()
         session = pool._hosts.sessions["local"]
         submitted: list[asyncio.Future[TaskResult]] = []
 
