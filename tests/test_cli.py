@@ -580,9 +580,15 @@ AGENT_KILLING_JOB = """\
 import psutil
 from batuta import Task
 
+def is_agent(proc):
+    try:
+        return "batuta.agent" in " ".join(proc.cmdline())
+    except psutil.NoSuchProcess:  # a short-lived child that ended while asked
+        return False
+
 async def main(pool):
     assert (await pool.run(Task.kernel("noop", 1))).is_success()
-    [agent] = [p for p in psutil.Process().children() if "batuta.agent" in " ".join(p.cmdline())]
+    [agent] = [p for p in psutil.Process().children() if is_agent(p)]
     agent.kill()  # the local host is lost; the pool relaunches it and the job goes on
     values = await pool.map("noop", range(4))
     return len(values)
