@@ -12,8 +12,8 @@
     gpus = "auto"
     directory = "~/batuta-jobs"    # on a file system the nodes share: script, credentials, output
 
-The checks reuse the cluster file reader's (so errors name the file, line and field the
-same way); see batuta/runtime/cluster.py. Building the allocation is
+The checks are the cluster file reader's (batuta/runtime/toml_fields.py), so errors name the
+file, line and field the same way. Building the allocation is
 batuta/runtime/allocation.py's.
 """
 
@@ -21,10 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from batuta.errors import ConfigError, UsageError
+from batuta.errors import UsageError
 from batuta.runtime.slurm import time_limit_seconds
+from batuta.runtime.toml_fields import FieldPath, FieldReader
 from batuta.transport.tls import split_address
 
 KINDS = ("slurm",)
@@ -33,7 +34,6 @@ DEFAULT_BIND = "127.0.0.1:0"
 DEFAULT_POLL_S = 5.0
 MAX_NODES = 4096
 
-FieldPath = tuple[str | int, ...]
 _KEYS = (
     "kind",
     "name",
@@ -105,24 +105,7 @@ class AllocationConfig:
         return time_limit_seconds(self.time)
 
 
-class FieldChecks(Protocol):
-    """The cluster file reader's checks (batuta/runtime/cluster.py `_Reader`)."""
-
-    def error(self, path: FieldPath, message: str) -> ConfigError: ...
-    def _known_keys(self, table: dict[str, Any], path: FieldPath, allowed: tuple[str, ...]) -> None: ...
-    def _string(self, path: FieldPath, value: Any) -> str: ...
-    def _host_name(self, path: FieldPath, value: Any) -> str: ...
-    def _count(self, path: FieldPath, value: Any) -> int: ...
-    def _slots(self, path: FieldPath, value: Any) -> int: ...
-    def _gpus(self, path: FieldPath, value: Any) -> str: ...
-    def _path(self, path: FieldPath, value: Any) -> Path: ...
-    def _seconds(self, path: FieldPath, value: Any) -> float: ...
-    def _tags(self, path: FieldPath, value: Any) -> frozenset[str]: ...
-    def _modules(self, path: FieldPath, value: Any) -> tuple[str, ...]: ...
-    def _string_list(self, path: FieldPath, value: Any) -> list[str]: ...
-
-
-def read_allocations(value: Any, reader: FieldChecks) -> tuple[AllocationConfig, ...]:
+def read_allocations(value: Any, reader: FieldReader) -> tuple[AllocationConfig, ...]:
     """The `[[allocations]]` array, checked; errors name the file, line and field."""
     if not isinstance(value, list):
         raise reader.error(("allocations",), "expected an array of tables: write each as an [[allocations]] table")
@@ -140,7 +123,7 @@ def read_allocations(value: Any, reader: FieldChecks) -> tuple[AllocationConfig,
     return tuple(allocations)
 
 
-def _allocation(table: dict[str, Any], path: FieldPath, reader: FieldChecks) -> AllocationConfig:
+def _allocation(table: dict[str, Any], path: FieldPath, reader: FieldReader) -> AllocationConfig:
     reader._known_keys(table, path, _KEYS)
     for key in ("kind", "nodes", "time"):
         if key not in table:

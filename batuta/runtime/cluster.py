@@ -56,7 +56,6 @@ are for settings such as `OMP_NUM_THREADS`, never for secrets.
 
 from __future__ import annotations
 
-import difflib
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -66,7 +65,7 @@ from typing import Any
 
 from batuta._version import __version__
 from batuta.core.backend import BackendThresholds
-from batuta.core.task import CAP_CPU, CAP_GPU, MAX_SLOTS, gpu_capability
+from batuta.core.task import CAP_CPU, CAP_GPU, gpu_capability
 from batuta.errors import ConfigError
 from batuta.runtime.allocation_config import AllocationConfig, read_allocations
 from batuta.runtime.code import MAX_CODE_MB, CodeSpec
@@ -74,6 +73,7 @@ from batuta.runtime.install import Installer, InstallTarget, agent_launcher, ind
 from batuta.runtime.policy import POLICY_COMPONENTS, POLICY_LEVELS, POLICY_THRESHOLDS, PolicyConfig
 from batuta.runtime.pool import Pool, PoolConfig, local_host
 from batuta.runtime.session import HostSpec
+from batuta.runtime.toml_fields import HOST_NAME, FieldPath, FieldReader, field_name, shown
 from batuta.transport.base import ByteStream
 from batuta.transport.bulk import parse_data_link, parse_data_link_encryption
 from batuta.transport.local import agent_command
@@ -82,9 +82,6 @@ from batuta.transport.tls import DEFAULT_PORT as TLS_DEFAULT_PORT
 from batuta.transport.tls import TLSSettings
 
 DEFAULT_PYTHON = "python3"
-HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 
 
 # -- the model ----------------------------------------------------------------------------
@@ -282,16 +279,6 @@ def parse_cluster(text: str, *, source: str = "cluster.toml", base_dir: Path | N
     return _Reader(text, source, base_dir or Path.cwd()).cluster(data)
 
 
-FieldPath = tuple[str | int, ...]
-
-
-def _field_name(path: FieldPath) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-    return out
-
-
 _HOST_KEYS = (
     "name",
     "address",
@@ -330,53 +317,8 @@ _POOL_KEYS = (
 _TOP_KEYS = ("hosts", "defaults", "local", "ssh", "pool", "policy", "tls", "allocations")
 
 
-class _Reader:
-    """Walks the parsed TOML, checking each value and remembering where errors point."""
-
-    def __init__(self, text: str, source: str, base_dir: Path) -> None:
-        self._lines = text.splitlines()
-        self._source = source
-        self._base_dir = base_dir
-
-    # -- errors, with the line they are on --
-
-    def error(self, path: FieldPath, message: str) -> ConfigError:
-        line = self._line_of(path)
-        where = f"{self._source}:{line}" if line else self._source
-        name = _field_name(path)
-        return ConfigError(f"{where}: {name}: {message}" if name else f"{where}: {message}")
-
-    def _line_of(self, path: FieldPath) -> int | None:
-        """Best effort: the line of `path`'s key (or of its nearest enclosing key or table)."""
-        for end in range(len(path), 0, -1):
-            line = self._find(path[:end])
-            if line:
-                return line
-        return None
-
-    def _find(self, path: FieldPath) -> int | None:
-        table: FieldPath = ()
-        counts: dict[tuple[str, ...], int] = {}
-        for number, raw in enumerate(self._lines, 1):
-            line = raw.strip()
-            if line.startswith("[["):
-                name = _header(line[2:].split("]]", 1)[0])
-                counts[name] = counts.get(name, -1) + 1
-                table = (*name, counts[name])
-                if table == path or name == path:  # an element, or the array itself (its first)
-                    return number
-                continue
-            if line.startswith("["):
-                table = _header(line[1:].split("]", 1)[0])
-                if table == path:
-                    return number
-                continue
-            match = re.match(r"""\s*("[^"]*"|'[^']*'|[A-Za-z0-9_\-]+)\s*=""", line)
-            if match and (*table, match[1].strip("\"'")) == path:
-                return number
-        return None
-
-    # -- the document --
+class _Reader(FieldReader):
+    """The cluster file's tables, each value checked by `FieldReader`'s checks."""
 
     def cluster(self, data: dict[str, Any]) -> ClusterConfig:
         self._known_keys(data, (), _TOP_KEYS)
@@ -493,7 +435,7 @@ class _Reader:
         if value is True:
             value = {}
         if not isinstance(value, dict):
-            raise self.error(path, f"expected true, false or a [local] table, got {_shown(value)}")
+            raise self.error(path, f"expected true, false or a [local] table, got {shown(value)}")
         self._known_keys(value, path, _LOCAL_KEYS)
         if "enabled" in value and not self._bool((*path, "enabled"), value["enabled"]):
             return None
@@ -565,7 +507,7 @@ class _Reader:
             value = table["max_code_mb"]
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_CODE_MB:
                 raise self.error(
-                    (*path, "max_code_mb"), f"expected a number of MiB in (0, {MAX_CODE_MB}], got {_shown(value)}"
+                    (*path, "max_code_mb"), f"expected a number of MiB in (0, {MAX_CODE_MB}], got {shown(value)}"
                 )
             fields["code"] = CodeSpec(max_bytes=int(value * 2**20))
         config = PoolConfig(**fields)
@@ -595,7 +537,7 @@ class _Reader:
             if level not in POLICY_LEVELS:
                 raise self.error(
                     (*path, key),
-                    f"expected one of {', '.join(repr(v) for v in POLICY_LEVELS)}, got {_shown(value)}; "
+                    f"expected one of {', '.join(repr(v) for v in POLICY_LEVELS)}, got {shown(value)}; "
                     f'for example {key} = "minor"',
                 )
             versions[key] = level
@@ -604,7 +546,7 @@ class _Reader:
             if key in table:
                 value = table[key]
                 if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
-                    raise self.error((*path, key), f"expected a number of GiB >= 0, got {_shown(value)}")
+                    raise self.error((*path, key), f"expected a number of GiB >= 0, got {shown(value)}")
                 fields[key] = float(value)
         return PolicyConfig(**fields)
 
@@ -628,78 +570,10 @@ class _Reader:
 
     def _transport(self, path: FieldPath, value: Any) -> str:
         if value not in ("ssh", "tls"):
-            raise self.error(path, f'expected "ssh" or "tls", got {_shown(value)}')
+            raise self.error(path, f'expected "ssh" or "tls", got {shown(value)}')
         return str(value)
 
     # -- structure checks --
-
-    def _table(self, data: dict[str, Any], path: FieldPath) -> dict[str, Any]:
-        value = data.get(str(path[-1]), {})
-        if not isinstance(value, dict):
-            raise self.error(path, f"expected a table ([{_field_name(path)}]), got {_shown(value)}")
-        return value
-
-    def _known_keys(self, table: dict[str, Any], path: FieldPath, allowed: tuple[str, ...]) -> None:
-        for key in table:
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-                hint = f"did you mean {close[0]!r}?" if close else "expected one of " + ", ".join(allowed)
-                raise self.error((*path, key), f"unknown key; {hint}")
-
-    def _unique(self, name: str, path: FieldPath, seen: dict[str, FieldPath]) -> None:
-        if name in seen:
-            raise self.error(
-                path,
-                f"duplicate host name {name!r} (also {_field_name(seen[name][:-1])}); "
-                'host names must be unique: set name = "..."',
-            )
-        seen[name] = path
-
-    # -- value checks: each returns the checked value or raises with the fix --
-
-    def _string(self, path: FieldPath, value: Any) -> str:
-        if not isinstance(value, str):
-            raise self.error(path, f'expected a string, got {_shown(value)}; write {path[-1]} = "..."')
-        if not value.strip():
-            raise self.error(path, "must not be empty")
-        return value
-
-    def _host_name(self, path: FieldPath, value: Any) -> str:
-        name = self._string(path, value)
-        if not HOST_NAME.match(name):
-            raise self.error(path, f"{name!r}: use letters, digits, '.', '_' and '-' (no spaces or '/')")
-        return name
-
-    def _int(self, path: FieldPath, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            fix = f"; write {path[-1]} = {value.strip()}" if isinstance(value, str) and value.strip().isdigit() else ""
-            raise self.error(path, f"expected a whole number, got {_shown(value)}{fix}")
-        return value
-
-    def _count(self, path: FieldPath, value: Any) -> int:
-        number = self._int(path, value)
-        if number < 0:
-            raise self.error(path, f"expected a whole number >= 0, got {number}")
-        return number
-
-    def _slots(self, path: FieldPath, value: Any) -> int:
-        number = self._count(path, value)
-        if number > MAX_SLOTS:
-            raise self.error(path, f"{number} is more than the {MAX_SLOTS} slots one agent runs; split the host")
-        return number
-
-    def _port(self, path: FieldPath, value: Any) -> int:
-        number = self._int(path, value)
-        if not 1 <= number <= 65535:
-            raise self.error(path, f"expected a port number from 1 to 65535, got {number}")
-        return number
-
-    def _seconds(self, path: FieldPath, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.error(path, f"expected a number of seconds, got {_shown(value)}")
-        if not value > 0 or value == float("inf"):
-            raise self.error(path, f"expected a positive number of seconds, got {value}")
-        return float(value)
 
     def _index_url(self, path: FieldPath, value: Any) -> str:
         url = self._string(path, value)
@@ -708,82 +582,15 @@ class _Reader:
             raise self.error(path, problem)
         return url
 
-    def _bool(self, path: FieldPath, value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise self.error(path, f"expected true or false, got {_shown(value)}")
-        return value
-
-    def _path(self, path: FieldPath, value: Any) -> Path:
-        text = self._string(path, value)
-        candidate = Path(text).expanduser()
-        return candidate if candidate.is_absolute() else self._base_dir / candidate
-
-    def _gpus(self, path: FieldPath, value: Any) -> str:
-        if isinstance(value, str):
-            text = value.strip().lower()
-            if text in ("auto", "all"):
-                return "auto"
-            if text in ("none", ""):
-                return "none"
-            parts = [p.strip() for p in text.split(",")]
-            if all(p.isdigit() for p in parts):
-                return ",".join(str(int(p)) for p in dict.fromkeys(parts))
-        elif isinstance(value, list) and value:
-            if all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
-                return ",".join(str(i) for i in dict.fromkeys(value))
-        elif isinstance(value, list):
-            return "none"
-        elif isinstance(value, bool):
-            return "auto" if value else "none"
-        elif isinstance(value, int):
+    def _unique(self, name: str, path: FieldPath, seen: dict[str, FieldPath]) -> None:
+        if name in seen:
             raise self.error(
                 path,
-                f'gpus = {value} is ambiguous; write GPU indices (gpus = [0, 1]), "auto" or "none"',
+                f"duplicate host name {name!r} (also {field_name(seen[name][:-1])}); "
+                'host names must be unique: set name = "..."',
             )
-        raise self.error(path, f'expected "auto", "none" or a list of GPU indices like [0, 1], got {_shown(value)}')
-
-    def _env(self, path: FieldPath, value: Any) -> dict[str, str]:
-        if not isinstance(value, dict):
-            raise self.error(path, f'expected a table like {{ OMP_NUM_THREADS = "1" }}, got {_shown(value)}')
-        env: dict[str, str] = {}
-        for key, item in value.items():
-            if not ENV_NAME.match(key):
-                raise self.error((*path, key), "not a valid environment variable name (letters, digits, _)")
-            if not isinstance(item, str):
-                raise self.error((*path, key), f'expected a string, got {_shown(item)}; write {key} = "{item}"')
-            env[key] = item
-        return env
-
-    def _tags(self, path: FieldPath, value: Any) -> frozenset[str]:
-        items = self._string_list(path, value)
-        for index, tag in enumerate(items):
-            if any(c.isspace() for c in tag):
-                raise self.error((*path, index), f"tag {tag!r} must not contain spaces")
-        return frozenset(items)
-
-    def _modules(self, path: FieldPath, value: Any) -> tuple[str, ...]:
-        items = self._string_list(path, value)
-        for index, module in enumerate(items):
-            if not MODULE_NAME.match(module):
-                raise self.error((*path, index), f"{module!r} is not a dotted module name like mypkg.kernels")
-        return tuple(items)
-
-    def _string_list(self, path: FieldPath, value: Any) -> list[str]:
-        if not isinstance(value, list):
-            raise self.error(path, f'expected a list of strings like ["a", "b"], got {_shown(value)}')
-        return [self._string((*path, i), item) for i, item in enumerate(value)]
-
-
-def _header(text: str) -> tuple[str, ...]:
-    return tuple(part.strip().strip("\"'") for part in text.split("."))
+        seen[name] = path
 
 
 def _merge_unique(first: tuple[str, ...], second: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys((*first, *second)))
-
-
-def _shown(value: Any) -> str:
-    kinds = {str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "a table"}
-    kind = kinds.get(type(value), type(value).__name__)
-    text = repr(value)
-    return f"{text[:40]}… ({kind})" if len(text) > 40 else f"{text} ({kind})"
