@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import asyncssh
+import numpy as np
 import psutil
 import pytest
 
@@ -378,6 +379,13 @@ async def test_agent_over_ssh_runs_a_pool_task_and_leaves_nothing(ssh_hosts: Cal
             result = await pool.run(Task.kernel("noop", 1))
             assert result.status is TaskStatus.SUCCEEDED, result
             assert result.value == 1 and result.host in ("host0", "host1")
+            # arrays out of band in frames: below, at and above where writes stop being joined
+            # (64 KiB), up to where they stream (32 MiB): each went to the channel as an array
+            for n in (1_000, 8_192, 9_000, 1 << 20):
+                a = np.arange(n, dtype=np.float64)
+                summed = await asyncio.wait_for(pool.run(Task.kernel("vadd", a, a)), 60)
+                assert summed.status is TaskStatus.SUCCEEDED, (n, summed)
+                np.testing.assert_array_equal(summed.value, 2 * a)
             views = {v.name: v for v in pool.hosts()}
             assert views["host0"].description.startswith("ssh root@")
             started = {h.name: h.processes() for h in hosts}

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -251,6 +252,10 @@ async def test_remote_executor_runs_tasks_over_mutual_tls(pki: Pki, daemon: Work
         result = await executor.execute(Task.kernel("noop", 41))
         assert result.status is TaskStatus.SUCCEEDED and result.value == 41
         assert await executor.map("noop", [(i,) for i in range(200)]) == list(range(200))
+        a = np.arange(1 << 17, dtype=np.float64)  # 1 MiB: written to the TLS transport as an array
+        summed = await asyncio.wait_for(executor.execute(Task.kernel("vadd", a, a)), WAIT_S)
+        assert summed.status is TaskStatus.SUCCEEDED, summed
+        np.testing.assert_array_equal(summed.value, 2 * a)
         (host,) = executor.pool.hosts()
         assert host.description.startswith(f"tls 127.0.0.1:{port} (TLSv1.")
     assert await daemon.wait_idle(WAIT_S)

@@ -70,15 +70,18 @@ def coalesced(parts: Sequence[Buffer], below: int = COALESCE_BELOW) -> list[Buff
     """`parts` for a stream that copies (and encrypts) each write into packets of its own:
     runs of small buffers (frame headers, small messages) joined into one write, so that
     they share packets; large ones (arrays, chunks) passed as they are, so that they are
-    not copied into a joined bytes object first."""
+    not copied into a joined bytes object first, as flat byte views: a stream's `write` may
+    test a part's truth (asyncssh's `if not data`, ambiguous for an array) or its type
+    (asyncio's transports take only bytes, bytearray and memoryview)."""
     out: list[Buffer] = []
     run: list[Buffer] = []
     for part in parts:
-        if memoryview(part).nbytes >= below:
+        view = memoryview(part)
+        if view.nbytes >= below:
             if run:
                 out.append(b"".join(run))
                 run = []
-            out.append(part)
+            out.append(view.cast("B") if view.format != "B" or view.ndim != 1 else view)
         else:
             run.append(part)
     if run:
