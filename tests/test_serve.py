@@ -505,6 +505,11 @@ def test_a_served_run_is_listed_by_ps_and_ended_cleanly(
         assert cli_main(["ps"]) == 0
         out = capsys.readouterr().out
         assert "forever" in out and "running" in out and "1/1" in out
+        log = serve_paths.socket_path("forever").with_suffix(".log")
+        log.write_text("the running coordinator's log\n")
+        assert cli_main(["run", str(job), "--serve", "--name", "forever"]) == 2  # the name is taken
+        assert "a coordinator named 'forever' is already running" in capsys.readouterr().err
+        assert log.read_text() == "the running coordinator's log\n"  # not wiped by the refused start
         if how == "SIGTERM":
             child.send_signal(signal.SIGTERM)
         else:
@@ -518,6 +523,22 @@ def test_a_served_run_is_listed_by_ps_and_ended_cleanly(
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def test_tui_serve_starts_a_served_coordinator_for_its_job(runtime_dir: Path, tmp_path: Path) -> None:
+    from batuta.cli import build_parser
+    from batuta.cli._serve import _serve_for_tui
+
+    job = tmp_path / "forever.py"
+    job.write_text(JOB)
+    args = build_parser().parse_args(["tui", "--serve", "-j", str(job), "--workers", "1", "--name", "viatui"])
+    assert _serve_for_tui(args) == "viatui"  # then the dashboard attaches to it (needs a terminal)
+    try:
+        info = asyncio.run(ask_info(parse_target("viatui")))
+        assert info["job"] == str(job)
+        os.kill(info["pid"], 0)  # the served coordinator runs apart from this process
+    finally:
+        assert cli_main(["stop", "viatui"]) == 0
 
 
 @pytest.mark.parametrize(

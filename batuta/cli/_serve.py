@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from batuta.cli._common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, PROG, positive_seconds
+from batuta.cli._common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, positive_seconds
 from batuta.errors import ServeError, UsageError
 
 START_TIMEOUT_S = 60.0
@@ -228,6 +228,15 @@ def _spawn(args: argparse.Namespace, name: str) -> int:
 
     path = serve_paths.socket_path(name)
     log_path = path.with_suffix(".log")
+    if (path.exists() or path.is_symlink()) and not serve_paths.is_stale(path):
+        # asked before the log is opened: a second start must not wipe the running one's log,
+        # nor take the running one's answer on the socket for its own
+        print(
+            f"{PROG}: error: a coordinator named {name!r} is already running ({path}); "
+            f"pick another --name, or end it first with '{PROG} stop {name}'",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as log_file:
         child = subprocess.Popen(
@@ -249,10 +258,13 @@ def _spawn(args: argparse.Namespace, name: str) -> int:
             return child.returncode or EXIT_FAILED
         if path.exists():
             try:
-                asyncio.run(ask_info(Target(path=path), timeout=2.0))
+                info = asyncio.run(ask_info(Target(path=path), timeout=2.0))
             except ServeError:
                 pass
             else:
+                if info.get("pid") != child.pid:  # another start of this name won the socket
+                    time.sleep(0.1)
+                    continue
                 print(f"{PROG}: serving job {args.job} as {name} (pid {child.pid}); log: {log_path}")
                 print(f"{PROG}: watch it with '{PROG} tui --attach {name}', end it with '{PROG} stop {name}'")
                 return EXIT_OK
@@ -395,6 +407,7 @@ def _serve_for_tui(args: argparse.Namespace) -> str:
         cluster=args.cluster,
         workers=args.workers,
         seed=args.seed,
+        backend=None,  # the tui has no --backend: the job's own choice
         journal=None,
         metrics_port=args.metrics_port,
         metrics_bind=args.metrics_bind,
