@@ -16,8 +16,9 @@ import psutil
 import pytest
 
 import batuta
-from batuta import Backend, Pool, Task, TaskFailedError, TaskStatus
+from batuta import Backend, Pool, Task, TaskFailedError, TaskResult, TaskStatus
 from batuta.core.task import gpu_capability
+from batuta.errors import UsageError
 from batuta.protocol import messages as m
 from batuta.runtime import events as pe
 from batuta.runtime.pool import PoolConfig, local_host
@@ -278,6 +279,17 @@ async def test_map_fails_fast_with_the_failed_result(pool: Pool) -> None:
     with pytest.raises(TaskFailedError) as info:
         await pool.map("test_raise", ["first failure"])
     assert info.value.result is not None and "first failure" in str(info.value)
+
+
+async def test_a_map_refused_midway_cancels_what_it_submitted(pool: Pool) -> None:
+    finished: list[TaskResult] = []
+    pool.subscribe(lambda e: finished.append(e.result) if isinstance(e, pe.TaskFinished) else None)
+    with pytest.raises(UsageError, match="cannot send a value of type set"):
+        await pool.map("spin", [(300.0,)] * 4 + [({1},)])  # the fifth cannot be sent
+    assert len(finished) == 4 and all(r.status is TaskStatus.CANCELLED for r in finished)
+    assert pool.stats().queued == 0
+    # the two spins that had started were stopped, not left running for nobody: the slots are free
+    assert await asyncio.wait_for(pool.map("noop", range(3)), 120) == [0, 1, 2]
 
 
 async def test_noisy_kernel_does_not_corrupt_the_stream(pool: Pool) -> None:

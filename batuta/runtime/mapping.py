@@ -39,13 +39,18 @@ async def map_tasks(pool: Pool, tasks: Iterable[Task], *, keep: bool = False) ->
         if not unresolved and not submitting and not all_done.done():
             all_done.set_result(None)
 
-    for task in tasks:
-        future = await pool.submit(task, keep=keep)
-        unresolved += 1
-        future.add_done_callback(on_done)
-        futures.append(future)
-        if failure:
-            break
+    try:
+        for task in tasks:
+            future = await pool.submit(task, keep=keep)
+            unresolved += 1
+            future.add_done_callback(on_done)
+            futures.append(future)
+            if failure:
+                break
+    except BaseException:  # a later item refused (a value that cannot be sent), or we were cancelled:
+        for future in futures:  # the map raises, so nobody would ever wait for those submitted
+            pool.cancel(future.task_id)
+        raise
     submitting = False
     if not unresolved:
         all_done.set_result(None)
