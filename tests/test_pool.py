@@ -292,6 +292,21 @@ async def test_a_map_refused_midway_cancels_what_it_submitted(pool: Pool) -> Non
     assert await asyncio.wait_for(pool.map("noop", range(3)), 120) == [0, 1, 2]
 
 
+async def test_modules_in_the_folder_the_pool_starts_in_neither_shadow_nor_leak_into_the_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "signal.py").write_text("raise ImportError('the job folder shadowed the standard library')\n")
+    (tmp_path / "unshipped.py").write_text(
+        "from batuta.kernels.registry import kernel\n\n@kernel('unshipped')\ndef unshipped():\n    return 1\n"
+    )
+    monkeypatch.chdir(tmp_path)  # the agent starts here, as under `batuta run` in a job's folder
+    host = local_host(1, gpus="none", env={"PYTHONPATH": str(REPO)})
+    async with Pool([host], PoolConfig()) as pool:
+        assert (await pool.run(Task.kernel("noop", 7))).value == 7
+        result = await pool.run(Task.kernel("unshipped:unshipped"))
+    assert result.status is TaskStatus.FAILED and "No module named 'unshipped'" in (result.error or "")
+
+
 async def test_noisy_kernel_does_not_corrupt_the_stream(pool: Pool) -> None:
     values = await pool.map("test_print", range(50))
     assert values == list(range(50))

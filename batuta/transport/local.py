@@ -32,8 +32,13 @@ def agent_command(
     name: str | None = None,
     python: str | None = None,
 ) -> list[str]:
-    """The argv that starts a host agent speaking the protocol on stdin/stdout."""
-    argv = [python or sys.executable, "-m", "batuta.agent", "--stdio", "--gpus", gpus]
+    """The argv that starts a host agent speaking the protocol on stdin/stdout.
+
+    `-P`: the folder the agent starts in is not on its import path (`-m` would put it first),
+    so a `signal.py` or `random.py` there (the job's folder on this machine, the login's home
+    over SSH) neither shadows the standard library in the agent nor makes code importable
+    that was never shipped: the hosts import what the coordinator sent (runtime/code.py)."""
+    argv = [python or sys.executable, "-P", "-m", "batuta.agent", "--stdio", "--gpus", gpus]
     if slots is not None:
         argv += ["--slots", str(slots)]
     for module in kernel_modules:
