@@ -470,10 +470,12 @@ def test_ps_reports_and_removes_a_stale_socket(runtime_dir: Path, capsys: pytest
     crashed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     crashed.bind(str(folder / "crashed.sock"))  # bound, then its process "died": nothing listens
     crashed.close()
+    (folder / "notmine.sock").write_text("a file, not a socket")
     assert cli_main(["ps"]) == 0
     out = capsys.readouterr().out
     assert "crashed" in out and "stale" in out and "the socket was removed" in out
     assert not (folder / "crashed.sock").exists()
+    assert (folder / "notmine.sock").exists() and "notmine" not in out  # not a coordinator's: left alone
     assert cli_main(["ps"]) == 0
     assert "no coordinators" in capsys.readouterr().out
 

@@ -59,11 +59,20 @@ def listed_sockets() -> list[Path]:
     folder = runtime_dir(create=False)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.name.endswith(SUFFIX))
+    return sorted(p for p in folder.iterdir() if p.name.endswith(SUFFIX) and _is_socket(p))
+
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(path.lstat().st_mode)
+    except OSError:
+        return False
 
 
 def is_stale(path: Path) -> bool:
     """True when nothing listens on the socket at `path` (its coordinator died without removing it)."""
+    if path.exists() and not _is_socket(path):
+        return False  # a file of another kind (connecting to it is refused too): not ours to remove
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(2.0)
