@@ -175,13 +175,24 @@ def test_batuta_alloc_runs_a_job_on_the_nodes_and_cancels_the_job(slurm_env: Slu
     assert not list(tmp_path.glob(f"*/{CREDENTIALS}"))
 
 
-def test_batuta_alloc_mistakes_are_one_line_and_exit_2() -> None:
-    argv = [sys.executable, "-m", "batuta", "alloc", "slurm", "pi", "--nodes", "2", "--time", "soon"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=WAIT_S, check=False)
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (
+            ["--time", "soon"],
+            "time 'soon' is not a Slurm time limit; write minutes (30), H:MM:SS (1:00:00) or D-H (1-0)",
+        ),
+        # the background start rebuilt a plain `batuta run`: the job ran here, with no allocation
+        (["--time", "5", "--serve"], "batuta alloc --serve cannot start its coordinator in the background yet"),
+    ],
+)
+def test_batuta_alloc_mistakes_are_one_line_and_exit_2(extra: list[str], says: str, tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "batuta", "alloc", "slurm", "pi", "--nodes", "2", *extra]
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=WAIT_S, check=False, env=env)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        "batuta: error: time 'soon' is not a Slurm time limit; write minutes (30), H:MM:SS (1:00:00) or D-H (1-0)"
-    ]
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("batuta: error: ") and says in line
 
 
 # -- no Slurm needed --------------------------------------------------------------------------

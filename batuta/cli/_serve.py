@@ -146,6 +146,11 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
     name = serve_paths.check_name(args.name) if args.name else _free_name(job.name)
     tls_bind, tls_context = _tls(args)
     if not args.foreground:
+        if getattr(args, "cluster_config", None) is not None:  # built by `batuta alloc`: no file to pass on
+            raise UsageError(
+                "batuta alloc --serve cannot start its coordinator in the background yet; add --foreground "
+                "(under nohup or tmux to outlive this terminal)"
+            )
         return _spawn(args, name)
     from batuta.jobs import serve_job
 
