@@ -592,6 +592,18 @@ def test_batuta_run_code_errors_are_one_line_and_exit_2(project: Path, tmp_path:
     ]
 
 
+@pytest.mark.parametrize("given", [".", "", "{project}"])
+def test_module_naming_the_jobs_own_folder_is_refused_with_the_fix(project: Path, given: str) -> None:
+    """Shipped as a package named after the folder, its modules registered their kernels a
+    second time beside the job's own imports of the same files ("already registered")."""
+    module = given.format(project=project)
+    done = batuta("run", "my_job.py", "--workers", "1", "--module", module, cwd=project)
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert "the job's own folder, whose modules the job imports are sent already" in line
+    assert "name the kernel module files (--module kernels.py)" in line
+
+
 def test_batuta_tui_refuses_a_bad_module_before_the_screen_takes_over(tmp_path: Path) -> None:
     done = batuta("tui", "--workers", "1", "--module", str(tmp_path / "nope.py"), cwd=tmp_path)
     assert done.returncode == 2

@@ -397,6 +397,19 @@ class CodeCollector:
         if not path.exists():
             raise CodeError(f"--module {shown}: no such file or folder; give a .py file or a package folder")
         path = path.resolve()
+        jobs_folders = {job.expanduser().resolve().parent for job in self.spec.job_files}
+        if path.is_dir() and (path in jobs_folders or shown == "."):
+            # shipped as a package named after the folder, its modules would register their
+            # kernels a second time beside the job's own `import mykernels` of the same files
+            what = (
+                "the job's own folder, whose modules the job imports are sent already"
+                if path in jobs_folders
+                else ("this folder, which would ship as a package named after it")
+            )
+            raise CodeError(
+                f"--module {shown}: {what}; name the kernel module files (--module kernels.py) "
+                "or a package folder inside it"
+            )
         if path.is_dir():
             name = path.name  # a folder without __init__.py ships as a namespace package
         elif path.suffix == ".py":
