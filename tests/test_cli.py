@@ -480,15 +480,21 @@ def wait_for_line(process: subprocess.Popen[str], needle: str, timeout: float) -
 
 @needs_runtime
 @pytest.mark.parametrize(
-    ("with_journal", "to_group"),
-    [(False, True), (True, True), (False, False)],
-    ids=["no-journal", "journal", "coordinator-only"],
+    ("with_journal", "to_group", "sig"),
+    [
+        (False, True, signal.SIGINT),
+        (True, True, signal.SIGINT),
+        (False, False, signal.SIGINT),
+        (False, False, signal.SIGTERM),
+    ],
+    ids=["no-journal", "journal", "coordinator-only", "sigterm"],
 )
 def test_ctrl_c_prints_what_finished_and_how_to_resume_then_exits_130(
-    tmp_path: Path, with_journal: bool, to_group: bool
+    tmp_path: Path, with_journal: bool, to_group: bool, sig: signal.Signals
 ) -> None:
     """SIGINT to the whole process group, as a terminal's Ctrl-C sends it (agents included),
-    or to the coordinator alone (its agents then answer each task "cancelled")."""
+    or to the coordinator alone (its agents then answer each task "cancelled"); SIGTERM (`kill`,
+    a batch system's end) ends the run the same way, its pool closed (an allocation cancelled)."""
     write(tmp_path, "job.py", PROGRESS_JOB if to_group else MAP_JOB)
     journal = ["--journal", str(tmp_path / "journal")] if with_journal else []
     process = subprocess.Popen(
@@ -504,9 +510,9 @@ def test_ctrl_c_prints_what_finished_and_how_to_resume_then_exits_130(
     try:
         wait_for_line(process, "finished 3", RUN_TIMEOUT_S)
         if to_group:
-            os.killpg(process.pid, signal.SIGINT)
+            os.killpg(process.pid, sig)
         else:
-            process.send_signal(signal.SIGINT)
+            process.send_signal(sig)
         stdout, stderr = process.communicate(timeout=30)
     finally:
         if process.poll() is None:

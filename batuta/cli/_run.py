@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from batuta.errors import UsageError
 
@@ -171,21 +172,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with progress if progress is not None else contextlib.nullcontext():
             outcome = asyncio.run(
-                run_job(
-                    job,
-                    workers=args.workers,
-                    seed=args.seed,
-                    cluster=cluster,
-                    on_update=progress.update if progress else None,
-                    job_stdout=sys.stderr if args.json else None,
-                    journal=args.journal,
-                    resume=args.resume,
-                    metrics_port=args.metrics_port,
-                    metrics_bind=args.metrics_bind,
-                    on_metrics=None if args.quiet else _announce_metrics,
-                    metrics_textfile=args.metrics_textfile,
-                    metrics_linger=args.metrics_linger,
-                    modules=args.module,
+                _sigterm_as_interrupt(
+                    run_job(
+                        job,
+                        workers=args.workers,
+                        seed=args.seed,
+                        cluster=cluster,
+                        on_update=progress.update if progress else None,
+                        job_stdout=sys.stderr if args.json else None,
+                        journal=args.journal,
+                        resume=args.resume,
+                        metrics_port=args.metrics_port,
+                        metrics_bind=args.metrics_bind,
+                        on_metrics=None if args.quiet else _announce_metrics,
+                        metrics_textfile=args.metrics_textfile,
+                        metrics_linger=args.metrics_linger,
+                        modules=args.module,
+                    )
                 )
             )
     except HostsUnreachableError as exc:
@@ -206,6 +209,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not summary.ok or (args.strict and summary.failed_hosts):
         return EXIT_FAILED
     return EXIT_OK
+
+
+T = TypeVar("T")
+
+
+async def _sigterm_as_interrupt(run: Coroutine[Any, Any, T]) -> T:
+    """`run`, which SIGTERM (`kill`, a batch system ending the job) interrupts as Ctrl-C does:
+    the pool closes, so its hosts are released and an allocation cancelled, and the summary
+    says what finished. Without this the process died at once and left them all behind."""
+    import asyncio
+
+    task = asyncio.current_task()
+    if task is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await run
 
 
 def _interrupted_note(summary: RunSummary, args: argparse.Namespace) -> str:
