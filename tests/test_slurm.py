@@ -275,3 +275,21 @@ async def test_a_stranger_without_the_allocations_certificate_is_refused(
         assert not allocation._arrived and not allocation._joined
     finally:
         await allocation.close()
+
+
+def test_stack_on_a_file_of_allocations_alone_has_nothing_to_check_and_says_so(tmp_path: Path) -> None:
+    """It said 'gate: PASS: 0 node(s) healthy' and exited 0: a gate passing over no node."""
+    path = tmp_path / "alloc.toml"
+    path.write_text(allocation_file(tmp_path))
+    for action in ("gate", "check"):
+        done = subprocess.run(
+            [sys.executable, "-m", "batuta", "stack", action, "-c", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=WAIT_S,
+            check=False,
+        )
+        assert done.returncode == 2, done.stdout
+        [line] = done.stderr.strip().splitlines()
+        assert "has only [[allocations]] (slurm), whose nodes exist only while allocated" in line
+        assert "PASS" not in done.stdout

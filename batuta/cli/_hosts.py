@@ -371,6 +371,20 @@ def cmd_stack(args: argparse.Namespace) -> int:
     from batuta.stack.survey import EMBEDDED, StackOptions, run_stack
 
     cluster = load_cluster(args.cluster) if args.cluster else None
+    if cluster is not None and cluster.allocations:
+        # an allocation's nodes exist only while it runs: a verdict over the rest must say so,
+        # and over nothing at all must not read as a pass
+        asked = ", ".join(allocation.name for allocation in cluster.allocations)
+        if not cluster.hosts and cluster.local is None:
+            raise UsageError(
+                f"{args.cluster} has only [[allocations]] ({asked}), whose nodes exist only while allocated, so "
+                "'batuta stack' has no node to check; run a job with 'batuta alloc' (its summary names each "
+                "node's problem), or list hosts in [[hosts]]"
+            )
+        print(
+            f"batuta: note: the nodes of [[allocations]] ({asked}) are not checked: they exist only while allocated",
+            file=sys.stderr,
+        )
     options = StackOptions(
         timeout=args.timeout,
         strict=getattr(args, "strict", False),
