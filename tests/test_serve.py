@@ -548,6 +548,7 @@ def test_tui_serve_starts_a_served_coordinator_for_its_job(runtime_dir: Path, tm
     [
         (["stop", "nobody-here"], "no coordinator at"),
         (["stop", "me@gpu1:"], "write user@host:NAME"),
+        (["stop", "tls://127.0.0.1:9"], "tls://127.0.0.1:9 needs --certs DIR"),  # said "--attach ... needs"
         (["tui", "--attach", "x", "--cluster", "c.toml"], "--cluster only lends its [ssh] settings"),
         (["tui", "--attach", "x", "-j", "demo"], "drop --workers/-j/--module"),
         (["tui", "--serve"], "pass exactly one -j JOB"),

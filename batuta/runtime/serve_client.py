@@ -164,7 +164,7 @@ async def _connect_tls(target: Target, certs: Path | None, timeout: float) -> Co
 
     if certs is None:
         raise UsageError(
-            f"--attach {target.label} needs --certs DIR (client.pem, client.key, ca.pem of 'batuta certs init')"
+            f"{target.label} needs --certs DIR (client.pem, client.key, ca.pem of 'batuta certs init')"
         )
     assert target.tls is not None
     host, port = target.tls
