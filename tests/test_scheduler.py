@@ -226,6 +226,9 @@ def test_expected_host_makes_tasks_wait_until_it_joins() -> None:
     sim.handle(ev.HostLost(host_id="g", reason="gave up relaunching", retired=True))
     late = sim.submit(requires=("gpu",))
     assert sim.status_of(late) is TaskStatus.UNSCHEDULABLE
+    # the slots were there: the reason says they were retired, not to change the backend
+    [res] = sim.resolved[late]
+    assert res.reason.startswith("no slot offers gpu any more: every host that had one was retired")
 
 
 def test_idle_slot_steals_oldest_from_a_victims_deque() -> None:

@@ -293,3 +293,12 @@ def test_stack_on_a_file_of_allocations_alone_has_nothing_to_check_and_says_so(t
         [line] = done.stderr.strip().splitlines()
         assert "has only [[allocations]] (slurm), whose nodes exist only while allocated" in line
         assert "PASS" not in done.stdout
+
+
+def test_an_ended_allocation_is_explained_by_slurms_own_line_when_there_is_one(tmp_path: Path) -> None:
+    allocation = Allocation(parse_cluster(allocation_file(tmp_path)).allocations[0])
+    allocation.directory, allocation.job_id = tmp_path, "10"
+    output = tmp_path / "slurm-10.out"
+    cancelled = "slurmstepd: error: *** JOB 10 ON n1 CANCELLED AT 2026-12-06T07:00:00 DUE TO TIME LIMIT ***"
+    output.write_text(f"{cancelled}\nbatuta dial: node n2 (1): session ended: stopped by a signal\n")
+    assert allocation._output_hint() == f" (its output {output}: {cancelled})"

@@ -678,6 +678,12 @@ class Scheduler:
         need = ", ".join(sorted(entry.requires)) or "nothing"
         have = ", ".join(offered) or "no slots at all"
         fix = "the task's backend" if entry.requires <= {CAP_CPU, CAP_GPU} else "the task's requires= (or its backend)"
+        retired = any(entry.requires <= s.capabilities for s in self._slots.values() if s.state is SlotState.RETIRED)
+        if retired:  # the slots were there (an allocation ended, a host was drained): not a wrong backend
+            return (
+                f"no slot offers {need} any more: every host that had one was retired (the log and the "
+                f"summary say why: an allocation that ended, a host drained); add hosts, or run it again"
+            )
         return f"no slot offers {need} (the cluster offers: {have}); add such a host or change {fix}"
 
     def _push_deque_front(self, slot: SlotRecord, entry: TaskEntry) -> None:

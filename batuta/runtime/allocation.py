@@ -296,4 +296,7 @@ class Allocation:
             lines = [line.strip() for line in output.read_text(errors="replace").splitlines() if line.strip()]
         except OSError:
             return ""
-        return f" (its output {output}: {lines[-1][:200]})" if lines else ""
+        # slurmstepd's own word on the end ("*** JOB 10 ON n1 CANCELLED AT ... DUE TO TIME
+        # LIMIT ***") says more than a node's last line ("session ended: stopped by a signal")
+        said = [line for line in lines if "*** " in line and line.endswith(" ***")] or lines
+        return f" (its output {output}: {said[-1]})" if said else ""

@@ -163,9 +163,7 @@ async def _connect_tls(target: Target, certs: Path | None, timeout: float) -> Co
     from batuta.transport.tls import TLSSettings, client_context
 
     if certs is None:
-        raise UsageError(
-            f"{target.label} needs --certs DIR (client.pem, client.key, ca.pem of 'batuta certs init')"
-        )
+        raise UsageError(f"{target.label} needs --certs DIR (client.pem, client.key, ca.pem of 'batuta certs init')")
     assert target.tls is not None
     host, port = target.tls
     try:
