@@ -89,3 +89,31 @@ async def test_a_host_that_stops_reading_bounds_what_the_coordinator_holds() -> 
         results = await asyncio.wait_for(asyncio.gather(*submitted), WAIT_S)
         assert [r.value for r in results] == [float(i) * (size // 8) for i in range(400)]
         assert pool._budget.congested_bytes == 0
+
+
+async def test_an_unexpected_error_while_sending_loses_the_host_instead_of_hanging_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stream that raised something unforeseen (asyncssh's ValueError on an array) left the
+    session's writer stalled: the task never ran and never failed. Now the host is lost, its
+    tasks requeued, its agent relaunched, and the task runs."""
+    from batuta.transport.local import LocalStream
+
+    pool = Pool.builder().cpu_workers(1).gpu_workers("none").build()
+    async with pool:
+        assert (await pool.run(Task.kernel("noop", 1))).value == 1
+        downs: list[pe.HostDown] = []
+        pool.subscribe(lambda e: downs.append(e) if isinstance(e, pe.HostDown) else None)
+        write_parts = LocalStream.write_parts
+        raised: list[bool] = []
+
+        def once(self: LocalStream, parts: object) -> None:
+            if not raised:
+                raised.append(True)
+                raise ValueError("The truth value of an array is ambiguous")
+            write_parts(self, parts)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(LocalStream, "write_parts", once)
+        result = await asyncio.wait_for(pool.run(Task.kernel("noop", 2)), WAIT_S)
+    assert result.status is TaskStatus.SUCCEEDED and result.value == 2
+    assert raised and [d.reason for d in downs if "ValueError: The truth value" in d.reason]

@@ -225,6 +225,12 @@ class HostSession:
         except (ProtocolError, TransportError) as exc:
             self._fail(f"cannot send to {self.description}: {exc}")
             return
+        except Exception as exc:  # a bug on our side: lose this host (its tasks requeued), never hang it
+            log.exception("sending to %s failed", self.description)
+            self._fail(
+                f"cannot send to {self.description}: {type(exc).__name__}: {exc} (a batuta bug; please report it)"
+            )
+            return
         self.unflushed_bytes += written
         if self.unflushed_bytes >= self.high_water or self._outbox or conn.streaming:
             # wait for the host to take it; what is still queued goes out after
