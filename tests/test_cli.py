@@ -271,6 +271,10 @@ def test_tracker_groups_failures_by_cause_and_keeps_each_reason_whole() -> None:
         "1 task lost: lost with h1 (first: task 12 (k) on h1/0)",
     ]
     assert summary.text_lines()[-2:] == summary.failures  # in the text once, whole
+    assert summary.text_lines()[0].startswith("13 tasks: 0 succeeded, 13 failed")
+    one = RunTracker()
+    one.task_finished(failed(0, "h1", "lost with h1", TaskStatus.LOST))
+    assert one.summary(job="j", wall_s=1.0, result=None, error=None).text_lines()[0].startswith("1 task: ")
 
 
 def test_tracker_reports_each_hosts_share_and_fate() -> None:

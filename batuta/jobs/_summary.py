@@ -356,7 +356,7 @@ class RunSummary:
 
     def text_lines(self) -> list[str]:
         """The summary for a terminal: totals, latency, one line per host and per failure cause."""
-        counts = f"{self.tasks} tasks: {self.succeeded} succeeded, {self.failed} failed"
+        counts = f"{self.tasks} task{'' if self.tasks == 1 else 's'}: {self.succeeded} succeeded, {self.failed} failed"
         if self.restored:
             counts += f" ({self.restored} restored from the journal)"
         if self.cancelled:
