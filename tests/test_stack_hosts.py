@@ -67,8 +67,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path
             f"""\
             #!/bin/sh
             # batuta test: a Python whose batuta calls itself {OLD_VERSION}. It is started as
-            # "<this> -m batuta.agent ARGS": drop "-m batuta.agent" and run the agent patched.
-            shift 2
+            # "<this> -P -m batuta.agent ARGS": drop what comes before ARGS, run the agent patched.
+            while [ $# -gt 0 ] && [ "$1" != batuta.agent ]; do shift; done
+            shift
             exec {sys.executable} -c 'import runpy, batuta._version as v; v.__version__ = "{OLD_VERSION}"; \\
             runpy.run_module("batuta.agent", run_name="__main__", alter_sys=True)' "$@"
             """
