@@ -55,6 +55,15 @@ class TransportError(BatutaError):
     retryable = True
 
 
+class HostConfigError(TransportError):
+    """This machine cannot use what the cluster file says of a host: a key, certificate or CA
+    file it names is missing or unreadable here, or an ssh setting is invalid. Fixed here, not
+    on the host, so never retried; `batuta run` exits 2 (a configuration error) when every host
+    failed so."""
+
+    retryable = False
+
+
 class AgentError(BatutaError):
     """A host agent refused the session or failed to start."""
 

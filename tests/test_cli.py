@@ -409,6 +409,33 @@ def test_no_host_started_exits_3_in_one_line(tmp_path: Path) -> None:
     assert last.endswith("'batuta stack check -c cluster.toml' checks every host and says what to fix")
 
 
+MISSING_KEY_HOST = '[[hosts]]\nname = "far"\naddress = "127.0.0.1"\nidentity_file = "/nonexistent/id_far"\n'
+
+
+@needs_runtime
+@pytest.mark.parametrize("with_local", [False, True], ids=["alone", "with-a-broken-local"])
+def test_an_identity_file_missing_here_is_a_config_error_only_when_every_host_failed_so(
+    tmp_path: Path, with_local: bool
+) -> None:
+    """The key is read on this machine before anything is contacted: fixed in the cluster file
+    (exit 2, naming the field), not on the host. With another host failing otherwise, the run
+    is one that could not reach its hosts (3)."""
+    write(tmp_path, "job.py", "async def main(pool):\n    return 1\n")
+    local = '[local]\npython = "/nonexistent/bin/python3"\n' if with_local else ""
+    write(tmp_path, "cluster.toml", local + MISSING_KEY_HOST)
+    done = batuta("run", "job.py", "-c", "cluster.toml", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == (3 if with_local else 2), done.stderr
+    [last] = done.stderr.splitlines()
+    if with_local:
+        assert "/nonexistent/bin/python3" in last
+        return
+    assert last == (
+        "batuta: error: no host could be started, so nothing ran: host far: cannot read its identity_file "
+        "/nonexistent/id_far: No such file or directory; fix identity_file in the cluster file, or put the "
+        "key there (it is read on this machine, not on the host)"
+    )
+
+
 @needs_runtime
 def test_job_that_raises_exits_1_with_its_traceback(tmp_path: Path) -> None:
     write(tmp_path, "job.py", "async def main(pool):\n    raise ValueError('the job broke')\n")

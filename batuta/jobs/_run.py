@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from batuta import Pool
-from batuta.errors import AgentError, TransportError, UsageError
+from batuta.errors import AgentError, ConfigError, HostConfigError, TransportError, UsageError
 from batuta.jobs._load import Job
 from batuta.jobs._summary import RunSummary, RunTracker, one_line
 from batuta.observers.checkpoint import use_checkpoints
@@ -235,9 +235,12 @@ async def run_job(
 
 
 async def _start(pool: Pool) -> None:
-    """Start every host; none starting is `HostsUnreachableError` (the pool closes itself then)."""
+    """Start every host; none starting is `HostsUnreachableError`, or `ConfigError` when each failed
+    on a file or setting of this machine's (the pool closes itself then)."""
     try:
         await pool.start()
+    except HostConfigError as exc:  # every host failed on a file or setting of this machine's
+        raise ConfigError(f"no host could be started, so nothing ran: {exc}") from exc
     except (AgentError, TransportError) as exc:
         detail = str(exc).removeprefix("no host could be started: ")
         raise HostsUnreachableError(f"no host could be started, so nothing ran: {detail}") from exc

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from batuta.core import liveness as lv
-from batuta.errors import AgentError, TransportError
+from batuta.errors import AgentError, HostConfigError, TransportError
 from batuta.protocol import messages as m
 from batuta.runtime import collector
 from batuta.runtime import events as pe
@@ -100,7 +100,9 @@ class HostSupervisor:
             results = await asyncio.gather(*(self._bounded_start(s) for s in sessions), return_exceptions=True)
             errors = [r for r in results if isinstance(r, BaseException)]
             if len(errors) == len(sessions):
-                first = errors[0]
+                # A configuration error (a key file missing here) is raised only if every host
+                # failed so: then the fix is in the cluster file, not on the hosts.
+                first = next((e for e in errors if not isinstance(e, HostConfigError)), errors[0])
                 if isinstance(first, AgentError | TransportError):
                     raise first
                 raise AgentError(f"no host could be started: {first!r}") from first

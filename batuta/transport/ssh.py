@@ -50,7 +50,7 @@ from typing import Any, cast
 import asyncssh
 from asyncssh.encryption import get_default_encryption_algs
 
-from batuta.errors import TransportError
+from batuta.errors import HostConfigError, TransportError
 from batuta.transport.base import Buffer, StderrTail, StreamClosedError, coalesced, log_stderr_line
 from batuta.transport.bulk import DataLinkSetting
 from batuta.transport.ssh_ciphers import cpu_has_aes, preferred_ciphers
@@ -92,6 +92,11 @@ class SSHAuthError(SSHConnectError):
     """The server refused every key we offered for that user."""
 
     retryable = False
+
+
+class SSHSettingsError(SSHConnectError, HostConfigError):
+    """The host's ssh settings cannot be used here: an identity file (the cluster file's, or an
+    ssh config's IdentityFile) is missing or unreadable, or a setting is invalid."""
 
 
 class HostKeyError(SSHError):
@@ -384,6 +389,21 @@ class _Resolved:
         return f"{self.user}@{self.host}:{self.port}"
 
 
+def _unreadable(target: SSHTarget, exc: OSError) -> str:
+    """The one-line error for a file the host's ssh settings name that cannot be read here."""
+    name = exc.filename or "an ssh file"
+    why = exc.strerror or str(exc)
+    if target.identity_file is not None and str(name) == str(target.identity_file):
+        return (
+            f"host {target.label}: cannot read its identity_file {name}: {why}; fix identity_file in "
+            "the cluster file, or put the key there (it is read on this machine, not on the host)"
+        )
+    return (
+        f"host {target.label}: cannot read {name}: {why}; fix the ssh config line that names it "
+        "(an IdentityFile?) or put the file there"
+    )
+
+
 def _resolve(target: SSHTarget, settings: SSHSettings, unlocked: asyncssh.SSHKey | None = None) -> _Resolved:
     """Build the one options object for `target` (reads ssh config and keys: run in a thread).
 
@@ -486,7 +506,10 @@ def _split_hop(hop: str, behind: str = "") -> SSHTarget:
     elif hop.count(":") == 1:
         host, _, port_text = hop.partition(":")
         if not port_text.isdigit():
-            raise SSHConnectError(f"ProxyJump {hop!r}: port must be a number")
+            raise SSHSettingsError(
+                f"ProxyJump {hop!r}{f' (for {behind})' if behind else ''}: port must be a number; "
+                "fix the ProxyJump line in the ssh config"
+            )
         port = int(port_text)
     else:
         host = hop
@@ -513,11 +536,12 @@ async def connect_ssh(
     try:
         resolved = await loop.run_in_executor(None, functools.partial(_resolve, target, settings))
     except OSError as exc:  # an identity file that is missing or unreadable
-        raise SSHConnectError(
-            f"host {target.label}: cannot read {exc.filename or 'an ssh file'}: {exc.strerror or exc}"
-        ) from exc
+        raise SSHSettingsError(_unreadable(target, exc)) from exc
     except (ValueError, asyncssh.Error) as exc:
-        raise SSHConnectError(f"host {target.label}: bad ssh settings: {exc}") from exc
+        raise SSHSettingsError(
+            f"host {target.label}: bad ssh settings: {exc}; fix the host's entry in the cluster file "
+            "or its Host block in the ssh config"
+        ) from exc
     if resolved.encrypted is not None:
         resolved = await _unlock(resolved, settings)
 

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from batuta.errors import TransportError
+from batuta.errors import HostConfigError, TransportError
 from batuta.protocol.codec import FrameDecoder, ProtocolError
 from batuta.protocol.messages import Error
 from batuta.transport.base import Buffer, StreamClosedError, coalesced
@@ -64,10 +64,8 @@ class TLSConnectError(TLSError):
     """No TLS session: connection refused or reset, timed out, name not resolved (retryable)."""
 
 
-class TLSConfigError(TLSError):
+class TLSConfigError(TLSError, HostConfigError):
     """A CA, certificate or key file is missing, unreadable or does not match (not retryable)."""
-
-    retryable = False
 
 
 class TLSVerifyError(TLSError):
