@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import pwd
 import re
@@ -497,7 +498,7 @@ def test_a_served_run_is_listed_by_ps_and_ended_cleanly(
     job = tmp_path / "forever.py"
     job.write_text(JOB)
     command = [sys.executable, "-m", "batuta", "run", str(job), "--serve", "--foreground", "--name", "forever"]
-    child = subprocess.Popen([*command, "--workers", "2"], stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen([*command, "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert child.stderr is not None
         assert "forever.py as forever on" in child.stderr.readline()
@@ -518,13 +519,53 @@ def test_a_served_run_is_listed_by_ps_and_ended_cleanly(
             assert cli_main(["stop", "forever"]) == 0
             assert "forever stopped" in capsys.readouterr().out
         assert child.wait(timeout=60) == 130  # the run was interrupted: its tasks were cancelled
-        summary = child.stderr.read()
+        assert child.stdout is not None
+        summary = child.stdout.read()  # as `batuta run` prints it
         assert re.search(r"tasks: \d+ succeeded, 0 failed", summary), summary[-600:]  # a cancelled count if some ran
+        assert "interrupted: " in child.stderr.read()
         assert not serve_paths.socket_path("forever").exists()
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+VALUE_JOB = """\
+async def main(pool):
+    print("the job's own output")
+    return "the value"
+"""
+
+
+@pytest.mark.parametrize("flags", [[], ["--json"], ["--quiet"]], ids=["text", "json", "quiet"])
+def test_a_served_run_reports_as_batuta_run_does(runtime_dir: Path, tmp_path: Path, flags: list[str]) -> None:
+    """--json, --quiet (and --strict, --metrics-linger) reach a served run: before, it printed
+    its text summary on stderr whatever was asked."""
+    job = tmp_path / "done.py"
+    job.write_text(VALUE_JOB)
+    command = [sys.executable, "-m", "batuta", "run", str(job), "--serve", "--foreground", "--serve-linger", "0"]
+    done = subprocess.run([*command, "--workers", "1", *flags], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    if flags == ["--json"]:
+        summary = json.loads(done.stdout)  # stdout is the summary's JSON alone
+        assert summary["result"] == "the value" and summary["ok"] is True
+        assert "the job's own output" in done.stderr
+        return
+    lines = done.stdout.splitlines()
+    assert "the job's own output" in lines and "the value" in lines
+    assert any(re.search(r"tasks?: \d+ succeeded", line) for line in lines) is (flags == [])  # the summary
+
+
+def test_a_background_served_run_passes_every_run_option_on(runtime_dir: Path, tmp_path: Path) -> None:
+    from batuta.cli import build_parser
+    from batuta.cli._serve import _child_argv
+
+    argv = ["run", "demo", "--serve", "--strict", "--json", "--quiet", "--metrics-linger", "5", "--resume"]
+    argv += ["--journal", str(tmp_path)]
+    child = _child_argv(build_parser().parse_args(argv), "demo")
+    for flag in ("--strict", "--json", "--quiet", "--resume", "--foreground"):
+        assert flag in child
+    assert child[child.index("--metrics-linger") + 1] == "5.0"
 
 
 def test_tui_serve_starts_a_served_coordinator_for_its_job(runtime_dir: Path, tmp_path: Path) -> None:

@@ -197,6 +197,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_UNREACHABLE
     finally:
         close_logging()
+    return finish_run(outcome, args)
+
+
+def finish_run(outcome: RunOutcome, args: argparse.Namespace) -> int:
+    """The end of `batuta run`, served or not: the report (--json, --quiet), the interrupted
+    note, --metrics-linger, and the exit code (--strict)."""
     _report(outcome, as_json=args.json, quiet=args.quiet)
     summary = outcome.summary
     if summary.interrupted:

@@ -152,6 +152,7 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
                 "(under nohup or tmux to outlive this terminal)"
             )
         return _spawn(args, name)
+    from batuta.cli._run import _announce_metrics, finish_run
     from batuta.jobs import serve_job
 
     label = f"{Path(args.cluster).name}" if args.cluster else "local"
@@ -173,6 +174,9 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
                 metrics_port=args.metrics_port,
                 metrics_bind=args.metrics_bind,
                 metrics_textfile=args.metrics_textfile,
+                metrics_linger=args.metrics_linger,
+                on_metrics=None if args.quiet else _announce_metrics,
+                job_stdout=sys.stderr if args.json else None,  # stdout: the summary's JSON alone
                 modules=args.module,
             )
         )
@@ -181,13 +185,7 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
     if outcome is None:
         print(f"{PROG}: {name} stopped before its job started", file=sys.stderr)
         return EXIT_INTERRUPTED
-    summary = outcome.summary
-    print("\n".join(summary.text_lines()), file=sys.stderr)
-    if summary.error:
-        print(f"{PROG}: error: {summary.error}", file=sys.stderr)
-    if summary.interrupted:
-        return EXIT_INTERRUPTED
-    return EXIT_OK if summary.ok else EXIT_FAILED
+    return finish_run(outcome, args)
 
 
 def _announce(server: Any) -> None:
@@ -215,10 +213,13 @@ def _child_argv(args: argparse.Namespace, name: str) -> list[str]:
             argv += [flag, str(value)]
     if args.metrics_port is not None:
         argv += ["--metrics-bind", args.metrics_bind]
+    if args.metrics_linger:
+        argv += ["--metrics-linger", str(args.metrics_linger)]
     for module in args.module:
         argv += ["--module", module]
-    if args.resume:
-        argv.append("--resume")
+    for flag in ("resume", "strict", "json", "quiet"):
+        if getattr(args, flag):
+            argv.append(f"--{flag}")
     argv += ["--log-format", args.log_format, "--log-level", args.log_level, "--serve-linger", str(args.serve_linger)]
     return argv
 
@@ -272,6 +273,11 @@ def _spawn(args: argparse.Namespace, name: str) -> int:
                     continue
                 print(f"{PROG}: serving job {args.job} as {name} (pid {child.pid}); log: {log_path}")
                 print(f"{PROG}: watch it with '{PROG} tui --attach {name}', end it with '{PROG} stop {name}'")
+                if info.get("tls"):
+                    print(
+                        f"{PROG}: from other machines: '{PROG} tui --attach tls://{info['tls']} --certs DIR' "
+                        "(DIR holding a client certificate of the same CA)"
+                    )
                 return EXIT_OK
         time.sleep(0.1)  # waiting on another process's socket: nothing to wait on but time
     print(f"{PROG}: error: {name} did not answer within {START_TIMEOUT_S:g} s; see {log_path}", file=sys.stderr)
@@ -422,6 +428,10 @@ def _serve_for_tui(args: argparse.Namespace) -> str:
         serve_certs=None,
         module=args.module,
         resume=False,
+        strict=False,
+        json=False,
+        quiet=False,
+        metrics_linger=0.0,
         log_format=args.log_format,
         log_level=args.log_level,
         serve_linger=DEFAULT_LINGER_S,
