@@ -636,6 +636,7 @@ def test_serve_job_keeps_a_finished_coordinator_visible_then_exits(runtime_dir: 
 
     asyncio.run(main())
     assert seen and seen[0]["state"] == "done" and "succeeded" in seen[0]["summary"]
+    assert (seen[0]["hosts"], seen[0]["hosts_up"]) == (1, 0)  # released with the pool: not counted up (was 1/1)
     assert not serve_paths.socket_path("lingering").exists()  # it exited after its linger
 
 

@@ -139,6 +139,7 @@ async def serve_job(
             ended_at=loop.time(),
         )
         server.note(ended)
+        server.hosts_closed(f"released: job {job.name} ended")
         server.set_state(state, line or message)
         log.info("job %s %s: %s", job.name, state, line or message)
         if not controls.stopping.is_set() and linger_s > 0:

@@ -249,6 +249,16 @@ class CoordinatorServer:
         status = {"running": "running", "starting": "starting"}.get(state, "closed")
         self.note(w.StatusChanged(status=status, detail=summary))
 
+    def hosts_closed(self, reason: str) -> None:
+        """The pool closed (the job ended): the hosts still shown up are shown closed. The pool
+        publishes no event for the hosts it lets go, so `batuta ps` and the attached dashboards
+        went on counting them up."""
+        self.flush()
+        at = asyncio.get_running_loop().time()  # the pool's events' clock
+        for host in self.history.hosts_up():
+            self._pending.append(pe.HostStateChanged(host=host, state="closed", reason=reason, at=at))
+        self.flush()
+
     def viewers(self) -> list[ViewerStats]:
         return [viewer.stats for viewer in self._viewers.values()]
 
@@ -264,7 +274,7 @@ class CoordinatorServer:
             "state": self.state,
             "summary": self.summary,
             "hosts": len(history.host_up),
-            "hosts_up": history.hosts_up(),
+            "hosts_up": len(history.hosts_up()),
             "submitted": history.submitted,
             "finished": history.finished,
             "failed": history.failed,
