@@ -571,7 +571,8 @@ class DashboardModel:
         return busy
 
     def slot_count(self) -> int:
-        return sum(len(host.slot_ids) for host in self.hosts.values() if host.state not in ("lost", "retired", "closed"))
+        gone = ("lost", "retired", "closed")
+        return sum(len(host.slot_ids) for host in self.hosts.values() if host.state not in gone)
 
     def stream(self, limit: int) -> list[StreamRow]:
         """The task stream: tasks running now (longest-running first), then the latest endings.
