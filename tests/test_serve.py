@@ -591,6 +591,7 @@ def test_tui_serve_starts_a_served_coordinator_for_its_job(runtime_dir: Path, tm
         (["stop", "me@gpu1:"], "write user@host:NAME"),
         (["stop", "tls://127.0.0.1:9"], "tls://127.0.0.1:9 needs --certs DIR"),  # said "--attach ... needs"
         (["tui", "--attach", "x", "--cluster", "c.toml"], "--cluster only lends its [ssh] settings"),
+        (["stop", "x", "--cluster", "c.toml"], "--cluster only lends its [ssh] settings to user@host:NAME, not "),
         (["tui", "--attach", "x", "-j", "demo"], "drop --workers/-j/--module"),
         (["tui", "--serve"], "pass exactly one -j JOB"),
         (["tui", "--name", "x"], "--name is for --serve"),
@@ -660,6 +661,12 @@ async def test_a_viewer_attaches_over_ssh_by_name_with_the_clusters_host_key_rul
         strict = SSHSettings(config_files=(hosts.ssh_config,), known_hosts=empty)
         with pytest.raises(ServeError, match="cannot reach"):
             await connect(parse_target(f"{hosts[0].name}:t"), ssh=strict)
+        # batuta stop takes the cluster file's [ssh] settings too (it had no --cluster)
+        cluster = runtime_dir / "cluster.toml"
+        ssh = f'[ssh]\nconfig = "{hosts.ssh_config}"\nknown_hosts = "{hosts.known_hosts}"\n'
+        cluster.write_text(f'{ssh}[[hosts]]\naddress = "{hosts[0].name}"\n')  # the cluster the coordinator runs
+        assert await asyncio.to_thread(cli_main, ["stop", f"{hosts[0].name}:t", "-c", str(cluster)]) == 0
+        assert server.controls.stopped
 
 
 async def test_serve_bind_takes_mutual_tls_only(runtime_dir: Path, tmp_path: Path) -> None:

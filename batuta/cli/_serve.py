@@ -85,6 +85,12 @@ def add_ps_arguments(parser: argparse.ArgumentParser) -> None:
 def add_stop_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="NAME", help="the coordinator to end (see 'batuta ps'), or its socket path")
     parser.add_argument("--certs", metavar="DIR", help="for tls://HOST:PORT: client.pem, client.key and ca.pem")
+    parser.add_argument(
+        "-c",
+        "--cluster",
+        metavar="FILE",
+        help="for user@host:NAME: reach the host with this cluster file's [ssh] settings (known_hosts, ssh config)",
+    )
 
 
 def _seconds_or_zero(text: str) -> float:
@@ -345,8 +351,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
     target = parse_target(args.target)
     certs = Path(args.certs).expanduser() if args.certs else None
+    ssh = _lent_ssh(target, args.cluster, ask_passphrase=True)
     try:
-        ok, text = asyncio.run(ask_control(target, "stop", certs=certs))
+        ok, text = asyncio.run(ask_control(target, "stop", certs=certs, ssh=ssh))
     except ServeError as exc:
         raise UsageError(f"{exc}") from None
     if not ok:
@@ -386,15 +393,7 @@ def cmd_tui_attached(args: argparse.Namespace) -> int:
     else:
         target_text = args.attach
     target = parse_target(target_text)
-    ssh = None
-    if args.attach is not None and args.cluster:
-        if target.ssh_host is None:
-            raise UsageError("with --attach, --cluster only lends its [ssh] settings to user@host:NAME; drop it")
-        from dataclasses import replace
-
-        from batuta.cli._common import load_cluster
-
-        ssh = replace(load_cluster(args.cluster).ssh, ask_passphrase=False)  # the screen owns the terminal
+    ssh = _lent_ssh(target, args.cluster, ask_passphrase=False) if args.attach is not None else None
     if not has_terminal():
         raise UsageError("batuta tui needs a terminal on stdin and stdout; 'batuta ps' lists coordinators without one")
     from batuta.tui.attach import AttachedApp
@@ -405,6 +404,19 @@ def cmd_tui_attached(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: {app.ended}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _lent_ssh(target: Any, cluster: str | None, *, ask_passphrase: bool) -> Any:
+    """The [ssh] settings of `cluster` for reaching a user@host:NAME target; None without one."""
+    if not cluster:
+        return None
+    if target.ssh_host is None:
+        raise UsageError(f"--cluster only lends its [ssh] settings to user@host:NAME, not {target.label}; drop it")
+    from dataclasses import replace
+
+    from batuta.cli._common import load_cluster
+
+    return replace(load_cluster(cluster).ssh, ask_passphrase=ask_passphrase)
 
 
 def _serve_for_tui(args: argparse.Namespace) -> str:

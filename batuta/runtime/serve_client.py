@@ -239,10 +239,16 @@ async def ask_info(target: Target, *, certs: Path | None = None, timeout: float 
 
 
 async def ask_control(
-    target: Target, action: str, argument: str = "", *, certs: Path | None = None, timeout: float = 10.0
+    target: Target,
+    action: str,
+    argument: str = "",
+    *,
+    certs: Path | None = None,
+    ssh: SSHSettings | None = None,
+    timeout: float = 10.0,
 ) -> tuple[bool, str]:
     """Send one control request (`batuta stop`) and return the coordinator's (ok, line)."""
-    connection = await connect(target, certs=certs, timeout=timeout)
+    connection = await connect(target, certs=certs, ssh=ssh, timeout=timeout)
     try:
         await connection.control(action, argument)
         message = await asyncio.wait_for(connection.receive(), timeout)
