@@ -666,7 +666,7 @@ async def test_a_viewer_attaches_over_ssh_by_name_with_the_clusters_host_key_rul
         ssh = f'[ssh]\nconfig = "{hosts.ssh_config}"\nknown_hosts = "{hosts.known_hosts}"\n'
         cluster.write_text(f'{ssh}[[hosts]]\naddress = "{hosts[0].name}"\n')  # the cluster the coordinator runs
         assert await asyncio.to_thread(cli_main, ["stop", f"{hosts[0].name}:t", "-c", str(cluster)]) == 0
-        assert server.controls.stopped
+        assert isinstance(server.controls, _Stop) and server.controls.stopped
 
 
 async def test_serve_bind_takes_mutual_tls_only(runtime_dir: Path, tmp_path: Path) -> None:
