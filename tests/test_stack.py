@@ -266,6 +266,10 @@ def test_unreachable_findings_name_the_cause_and_the_fix() -> None:
     assert agent.check == "agent"
     assert agent.message.endswith("the agent said: sh: 1: /opt/py/bin/python: not found")
     assert "/opt/py/bin/python -m batuta version" in agent.suggestion
+    quoted = unreachable_finding(
+        target(), AgentError("host gpu1: agent exited before saying hello: boom"), ["boom"]
+    )  # the error quotes the agent's last line already: said once
+    assert quoted.message == "host gpu1: agent exited before saying hello: boom"
     # a host on the default python (no `python` in the file): the fix is `batuta cluster install`
     default = replace(target(), python="", cluster_file="lab.toml")
     bare = unreachable_finding(

@@ -253,7 +253,7 @@ def unreachable_finding(target: NodeTarget, exc: BaseException, stderr: list[str
         fix = f"check {name}'s entry in the cluster file"
         return Finding(node=name, check="agent", severity=ERROR, message=f"agent refused: {reason}", suggestion=fix)
     what, fix = split_fix(text)
-    if said:
+    if said and said[-1] not in what:  # the error may quote the agent's last line already
         what = f"{what}; the agent said: {said[-1]}"
     if not fix and target.role == ROLE_SSH and not target.python:
         fix = target.install_fix(__version__)
