@@ -270,6 +270,12 @@ def test_unreachable_findings_name_the_cause_and_the_fix() -> None:
         target(), AgentError("host gpu1: agent exited before saying hello: boom"), ["boom"]
     )  # the error quotes the agent's last line already: said once
     assert quoted.message == "host gpu1: agent exited before saying hello: boom"
+    no_numpy = unreachable_finding(  # batuta is there, a dependency of it is not
+        target(),
+        AgentError("host gpu1: agent exited before saying hello"),
+        ["ModuleNotFoundError: No module named 'numpy'"],
+    )
+    assert no_numpy.suggestion.startswith("/opt/py/bin/python on gpu1 lacks numpy, which batuta needs: remove python")
     # a host on the default python (no `python` in the file): the fix is `batuta cluster install`
     default = replace(target(), python="", cluster_file="lab.toml")
     bare = unreachable_finding(

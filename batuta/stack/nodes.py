@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -220,6 +221,9 @@ def split_fix(text: str) -> tuple[str, str]:
     return (what, fix) if sep else (what, "")
 
 
+_MISSING_MODULE = re.compile(r"No module named '([^']+)'")  # a Python import error's words
+
+
 def unreachable_finding(target: NodeTarget, exc: BaseException, stderr: list[str]) -> Finding:
     """The finding for a node whose agent could not be started, naming the likely fix."""
     text = one_line(str(exc)) or type(exc).__name__
@@ -255,9 +259,13 @@ def unreachable_finding(target: NodeTarget, exc: BaseException, stderr: list[str
     what, fix = split_fix(text)
     if said and said[-1] not in what:  # the error may quote the agent's last line already
         what = f"{what}; the agent said: {said[-1]}"
+    python = target.python or sys.executable
+    missing = _MISSING_MODULE.search(f"{text}\n" + "\n".join(said[-3:]))
+    if not fix and missing is not None:  # batuta, or one of its dependencies (numpy, msgpack, ...)
+        fix = f"{target.python or 'the python'} on {name} lacks {missing[1]}, which batuta needs: "
+        fix += target.install_fix(__version__)
     if not fix and target.role == ROLE_SSH and not target.python:
         fix = target.install_fix(__version__)
-    python = target.python or sys.executable
     fix = fix or f"check that {python} on {name} runs and has batuta installed: {python} -m batuta version"
     return Finding(node=name, check="agent", severity=ERROR, message=what, suggestion=fix)
 
