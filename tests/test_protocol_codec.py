@@ -297,6 +297,13 @@ def test_numpy_scalars_round_trip_with_their_dtype() -> None:
         assert type(got) is type(want) and got == want
 
 
+def test_a_python_complex_travels_as_complex128() -> None:
+    """Refused before, while numpy's complex128 (a subclass of complex) went."""
+    [got, [inner]] = value_round_trip([1 - 2j, (3.5j,)])
+    assert type(got) is np.complex128 and isinstance(got, complex) and got == 1 - 2j
+    assert inner == 3.5j
+
+
 def test_a_large_put_travels_out_of_band_and_refs_decode_as_refs() -> None:
     value = np.arange(100_000, dtype=np.float32)
     [put] = decode_all(encode_message(Put(object_id=7, value=value)))

@@ -111,7 +111,7 @@ _DTYPE_KEYS = {dtype: key for key, dtype in _DTYPES.items()}
 del _code, _order
 
 _VALUE_TYPES = (
-    "None, bool, int, float, str, bytes, list, tuple, dict with str keys, "
+    "None, bool, int, float, complex, str, bytes, list, tuple, dict with str keys, "
     "numpy arrays and numpy scalars of bool/int/uint/float/complex dtype, batuta.ObjectRef"
 )
 
@@ -261,6 +261,8 @@ def encode_value(v: Any, oob: OobWriter, depth: int) -> Any:
         return v
     if t is np.ndarray:
         return _encode_array(v, oob)
+    if t is complex:  # as numpy's complex128, a subclass of complex: it arrives equal, and is a complex
+        return encode_value(np.complex128(v), oob, depth)
     if t is tuple or t is list or t is dict:
         if depth >= MAX_VALUE_DEPTH:
             raise Invalid("", f"nested deeper than {MAX_VALUE_DEPTH} levels")
