@@ -229,7 +229,8 @@ async def test_unsendable_result_is_an_error_not_a_crash(start_agent: StartAgent
     bad, pid = await agent.outcomes_for([1, 2])
     assert bad.status == Outcome.ERROR
     assert (bad.error or "").startswith(
-        "the task's result cannot be sent to the coordinator: the value it returned: cannot send a value of type object; "
+        "the task's result cannot be sent to the coordinator: "
+        "the value it returned: cannot send a value of type object; "
     )  # in the kernel's words, not the codec's exception and message field
     assert pid.status == Outcome.OK
     assert agent.of_type(SlotChanged) == []  # the slot did not restart
