@@ -426,6 +426,11 @@ def test_bootstrap_is_read_from_defaults_and_hosts_and_refused_on_tls_hosts() ->
     assert "hosts[0].bootstrap: expected true or false" in error_of('[[hosts]]\naddress = "a"\nbootstrap = "yes"\n')
     refused = error_of('[[hosts]]\naddress = "w"\ntransport = "tls"\nbootstrap = true\n')
     assert "hosts[0].bootstrap: a tls worker is installed by its owner" in refused
+    both = error_of('[[hosts]]\naddress = "a"\nbootstrap = true\npython = "/opt/py/bin/python"\n')
+    assert "hosts[0].bootstrap: bootstrap = true starts the agent from the environment it installs" in both
+    assert both.endswith("keep one of them")  # it was ignored for such a host, silently
+    overridden = parse('[defaults]\nbootstrap = true\n[[hosts]]\naddress = "a"\npython = "/opt/py/bin/python"\n')
+    assert overridden.hosts[0].python == "/opt/py/bin/python"  # a host's own python overrides [defaults]
 
 
 def test_a_host_without_python_starts_the_installed_environment_else_python3(tmp_path: Path) -> None:

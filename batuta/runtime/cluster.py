@@ -426,7 +426,14 @@ class _Reader(FieldReader):
             "bootstrap": self._bool,
             "index_url": self._index_url,
         }
-        return {key: check((*path, key), table[key]) for key, check in checkers.items() if key in table}
+        fields = {key: check((*path, key), table[key]) for key, check in checkers.items() if key in table}
+        if fields.get("bootstrap") and "python" in fields:  # bootstrap was ignored for such a host
+            raise self.error(
+                (*path, "bootstrap"),
+                "bootstrap = true starts the agent from the environment it installs, and python = "
+                f"{fields['python']!r} names another; keep one of them",
+            )
+        return fields
 
     def _local(self, value: Any, defaults: dict[str, Any]) -> LocalHostConfig | None:
         path: FieldPath = ("local",)
