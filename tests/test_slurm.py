@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -173,6 +174,10 @@ def test_batuta_alloc_runs_a_job_on_the_nodes_and_cancels_the_job(slurm_env: Slu
     assert summary["failed"] == 0
     assert len(list(tmp_path.glob("*/batch.sh"))) == 1  # one allocation, submitted once
     assert not list(tmp_path.glob(f"*/{CREDENTIALS}"))
+    # what the allocation is doing, said as it happens (a queued job said nothing)
+    news = [line for line in done.stderr.splitlines() if line.startswith("batuta: allocation slurm: ")]
+    assert re.fullmatch(r"batuta: allocation slurm: job \d+ submitted \(2 nodes, 5\); listening on .+", news[0])
+    assert sum(" dialled in from " in line for line in news) == 2, news
 
 
 @pytest.mark.parametrize(
