@@ -40,6 +40,7 @@ from batuta.runtime.remote import RemoteExecutor
 from batuta.transport.certs import CLIENT, SERVER, Issued, init_certs, issue, new_ca, write_private, write_public
 from batuta.transport.tls import (
     TLSBusyError,
+    TLSConfigError,
     TLSRefusedError,
     TLSSettings,
     TLSVerifyError,
@@ -288,6 +289,25 @@ async def test_bad_client_certificates_are_refused_and_the_daemon_keeps_serving(
     assert _agents() == []  # nothing was started for it
     async with await executor_for(pki, port) as executor:
         assert (await executor.execute(Task.kernel("noop", 1))).value == 1
+
+
+def test_an_expired_certificate_is_refused_where_it_is_loaded_naming_the_date(pki: Pki, tmp_path: Path) -> None:
+    """Said by the side that holds it, at start (`batuta worker` exits 2, the run names the
+    host's file), not only as a failed handshake on the other side."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    with pytest.raises(TLSConfigError, match=r"^tls: certificate .*expired-client\.pem expired on \d{4}-\d\d-\d\d "):
+        client_context(settings(pki, cert=pki.expired_client[0], key=pki.expired_client[1]))
+    ca = Issued(
+        x509.load_pem_x509_certificate(pki.ca.read_bytes()),
+        serialization.load_pem_private_key((pki.ca.parent / "ca.key").read_bytes(), None),  # type: ignore[arg-type]
+    )
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
+    cert, key = _save(issue(ca, SERVER, "w", hosts=["127.0.0.1"], not_before=later), tmp_path, "future")
+    with pytest.raises(TLSConfigError, match=r"is not valid before .* \(is this machine's clock right\?\)"):
+        server_context(cert=cert, key=key, ca=pki.ca)
+    server_context(cert=pki.server_cert, key=pki.server_key, ca=pki.ca)  # a valid one loads
 
 
 async def test_plaintext_client_gets_nothing_and_the_daemon_keeps_serving(pki: Pki, daemon: WorkerDaemon) -> None:

@@ -310,6 +310,21 @@ def _check_host(name: str) -> None:
         raise UsageError(f"certs init: --host {name!r} is neither a DNS name nor an IP address")
 
 
+def validity_problem(path: str | Path, *, now: dt.datetime | None = None) -> str | None:
+    """Why the PEM certificate at `path` is not valid now ("expired on 2026-01-31 12:00 UTC"),
+    or None; None too for a file that does not parse (loading it says why)."""
+    try:
+        cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    now = now or _now()
+    if now > cert.not_valid_after_utc:
+        return f"expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+    if now < cert.not_valid_before_utc:
+        return f"is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (is this machine's clock right?)"
+    return None
+
+
 def describe(path: str | Path) -> str:
     """One line about a certificate file: subject, usages, names, validity (for `certs init`)."""
     cert = x509.load_pem_x509_certificate(Path(path).read_bytes())

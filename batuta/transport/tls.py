@@ -118,6 +118,16 @@ def _load_chain(context: ssl.SSLContext, cert: Path, key: Path, ca: Path, who: s
     for label, path in (("CA certificate", ca), ("certificate", cert), ("key", key)):
         if not Path(path).is_file():
             raise TLSConfigError(f"{who}: {label} {path}: no such file; create one with `batuta certs init DIR`")
+    from batuta.transport.certs import validity_problem  # cryptography: imported where it is needed
+
+    for label, path in (("certificate", cert), ("CA certificate", ca)):
+        # Said here, where the fix is: the peer would only say "certificate expired" at each handshake.
+        problem = validity_problem(path)
+        if problem is not None:
+            raise TLSConfigError(
+                f"{who}: {label} {path} {problem}; make new ones with `batuta certs init DIR` "
+                "and give them to both sides"
+            )
     try:
         context.load_verify_locations(cafile=str(ca))
     except (ssl.SSLError, OSError, ValueError) as exc:
