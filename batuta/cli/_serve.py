@@ -83,7 +83,12 @@ def add_ps_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_stop_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", metavar="NAME", help="the coordinator to end (see 'batuta ps'), or its socket path")
+    parser.add_argument(
+        "target",
+        metavar="NAME",
+        help="the coordinator to end: NAME (see 'batuta ps'), a socket path, user@host:NAME (over SSH) or "
+        "tls://HOST:PORT",
+    )
     parser.add_argument("--certs", metavar="DIR", help="for tls://HOST:PORT: client.pem, client.key and ca.pem")
     parser.add_argument(
         "-c",
