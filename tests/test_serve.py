@@ -568,6 +568,24 @@ def test_a_background_served_run_passes_every_run_option_on(runtime_dir: Path, t
     assert child[child.index("--metrics-linger") + 1] == "5.0"
 
 
+def test_a_background_served_run_with_serve_bind_says_its_tls_address(
+    runtime_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from batuta.transport.certs import init_certs
+
+    paths = init_certs(tmp_path / "certs", hosts=["127.0.0.1"])
+    job = tmp_path / "forever.py"
+    job.write_text(JOB)
+    argv = ["run", str(job), "--serve", "--name", "tlsserved", "--workers", "1"]
+    assert cli_main([*argv, "--serve-bind", "127.0.0.1:0", "--serve-certs", str(paths.directory)]) == 0
+    try:
+        out = capsys.readouterr().out
+        [port] = re.findall(r"'batuta tui --attach tls://127\.0\.0\.1:(\d+) --certs DIR'", out)  # port 0: the real one
+        assert int(port) > 0 and asyncio.run(ask_info(parse_target("tlsserved")))["tls"] == f"127.0.0.1:{port}"
+    finally:
+        assert cli_main(["stop", "tlsserved"]) == 0
+
+
 def test_tui_serve_starts_a_served_coordinator_for_its_job(runtime_dir: Path, tmp_path: Path) -> None:
     from batuta.cli import build_parser
     from batuta.cli._serve import _serve_for_tui
