@@ -133,6 +133,12 @@ async def main(pool):
             "job.py:1: ModuleNotFoundError: No module named 'batuta_no_such_module'",
             id="import-error",
         ),
+        pytest.param(
+            {"job.py": "from . import helpers\n", "helpers.py": ""},
+            ["run", "job.py"],
+            "in no package: import its neighbours by name ('import helpers')",
+            id="relative-import",
+        ),
         pytest.param({"job.txt": "x"}, ["run", "job.txt"], "is not a .py file", id="not-py"),
         pytest.param({}, ["run", "nosuchjob"], "unknown built-in job 'nosuchjob'", id="unknown-builtin"),
         pytest.param({}, ["run", "kmean"], "did you mean 'kmeans'?", id="misspelt-builtin"),

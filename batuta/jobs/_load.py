@@ -103,9 +103,10 @@ def _exec_file(path: Path, shown: str) -> ModuleType:
         where = f"{shown}:{lineno}" if lineno else shown
         what = f"{type(exc).__name__}: {_first_line(str(exc))}"
         if isinstance(exc, ImportError):
-            raise JobError(
-                f"job file {shown!r} failed to import at {where}: {what}; install the missing package or fix the import"
-            ) from exc
+            fix = "install the missing package or fix the import"
+            if "relative import" in str(exc):  # the job file is a top-level module, in no package
+                fix = "a job file runs on its own, in no package: import its neighbours by name ('import helpers')"
+            raise JobError(f"job file {shown!r} failed to import at {where}: {what}; {fix}") from exc
         raise JobError(f"job file {shown!r} raised at import, at {where}: {what}") from exc
     finally:
         _remove_first(sys.path, str(path.parent))
