@@ -727,3 +727,31 @@ def test_a_job_that_raises_with_work_in_flight_closes_the_pool_without_a_traceba
     assert "raised RuntimeError: the job gave up" in done.stderr
     assert "reader failed" not in done.stderr and "KeyError" not in done.stderr, done.stderr
     assert done.stderr.count("Traceback") == 1  # the job's own, the author's best clue
+
+
+@pytest.mark.parametrize(
+    ("flags", "shown"),
+    [([], True), (["--quiet"], False), (["--log-format", "json"], False), (["--log-level", "info"], False)],
+    ids=["default", "quiet", "json-logs", "info-level"],
+)
+def test_what_a_run_waits_on_is_said_on_stderr_at_the_default_level(
+    flags: list[str], shown: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A queued allocation or a host installing batuta said nothing for minutes at the
+    console's level (warnings); their info lines are shown as 'batuta: ...' (at info level
+    the log shows them itself, once)."""
+    import logging
+
+    from batuta.cli import build_parser
+    from batuta.cli._run import NEWS_LOGGERS, _configure_logging
+
+    close = _configure_logging(build_parser().parse_args(["run", "demo", *flags]))
+    try:
+        for name in NEWS_LOGGERS:
+            logging.getLogger(name).info("news from %s", name.rsplit(".", 1)[1])
+        logging.getLogger("batuta.runtime.pool").info("not news")
+    finally:
+        close()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("batuta: ")]
+    assert lines == (["batuta: news from allocation", "batuta: news from install"] if shown else [])
+    assert logging.getLogger(NEWS_LOGGERS[0]).level == logging.NOTSET  # undone

@@ -9,13 +9,9 @@ it is cancelled when the job is done. Everything after `--` goes to sbatch uncha
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
-import sys
-from collections.abc import Iterator
 from dataclasses import replace
 
-from batuta.cli._common import PROG, load_cluster, positive_int, positive_seconds, slot_count
+from batuta.cli._common import load_cluster, positive_int, positive_seconds, slot_count
 from batuta.cli._run import add_run_arguments, cmd_run
 from batuta.errors import UsageError
 
@@ -79,32 +75,7 @@ def cmd_alloc(args: argparse.Namespace) -> int:
     if taken:
         raise UsageError(f"host names {sorted(taken)} are in the cluster file too; pass --name to tell them apart")
     args.cluster_config = replace(cluster, allocations=(*cluster.allocations, config))
-    with _allocation_news(args):
-        return cmd_run(args)
-
-
-@contextlib.contextmanager
-def _allocation_news(args: argparse.Namespace) -> Iterator[None]:
-    """The allocation's progress on stderr (its job submitted, PENDING, RUNNING, each node
-    dialling in, its end): a batch job may wait in the queue for long, and at the console's
-    level (warnings) nothing was said meanwhile. Not with --quiet, JSON logs, or a log level
-    that shows them already."""
-    from batuta.observers.logs import parse_level
-
-    if args.quiet or args.log_format != "text" or parse_level(args.log_level) <= logging.INFO:
-        yield
-        return
-    logger = logging.getLogger("batuta.runtime.allocation")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
-    previous = logger.level
-    logger.setLevel(logging.INFO)  # the batuta logger's own handler still holds to --log-level
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous)
+    return cmd_run(args)  # which says what the allocation does (cli/_run.py's NEWS_LOGGERS)
 
 
 def split_sbatch_options(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from batuta.errors import UsageError
 
@@ -143,7 +143,53 @@ def _configure_logging(
         for handler in setup.handlers:
             if not isinstance(handler, logging.FileHandler):
                 handler.addFilter(console_filter)
-    return setup.close
+    if not console:
+        return setup.close
+    close_news = _show_news(args)
+
+    def close() -> None:
+        close_news()
+        setup.close()
+
+    return close
+
+
+# What a run is doing while it waits, said at info: a batch job queued (`batuta alloc`), batuta
+# installing itself on a host (`bootstrap = true`). At the console's default level (warnings)
+# nothing was said for minutes.
+NEWS_LOGGERS = ("batuta.runtime.allocation", "batuta.runtime.install")
+
+
+class _StderrNow(logging.StreamHandler[TextIO]):
+    """A handler on whatever sys.stderr is when it writes: the progress bar swaps in its own
+    while it draws, and lines written past it would break the bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.setStream(sys.stderr)
+        super().emit(record)
+
+
+def _show_news(args: argparse.Namespace) -> Callable[[], None]:
+    """`NEWS_LOGGERS`' info lines on stderr as 'batuta: ...', unless --quiet, JSON logs, or a
+    log level that shows them anyway; returns what undoes it."""
+    from batuta.observers.logs import parse_level
+
+    if getattr(args, "quiet", False) or args.log_format != "text" or parse_level(args.log_level) <= logging.INFO:
+        return lambda: None
+    handler = _StderrNow(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    loggers = [logging.getLogger(name) for name in NEWS_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.INFO)  # the batuta logger's own handler still holds to --log-level
+        logger.addHandler(handler)
+
+    def undo() -> None:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+
+    return undo
 
 
 def cmd_run(args: argparse.Namespace) -> int:

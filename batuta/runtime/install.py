@@ -494,8 +494,13 @@ class Installer:
             return facts.venv_python
         start = time.perf_counter()
         async with self._jobs:
+            log.info(
+                "host %s: installing batuta %s there (bootstrap = true; the first time takes a minute or so)",
+                host.name,
+                release.version,
+            )
             result = await self.install(ssh, host)
-        log.warning(
+        log.info(
             "host %s: installed batuta %s for Python %s from the %s in %.1f s (bootstrap = true)",
             host.name,
             release.version,
