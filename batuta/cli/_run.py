@@ -230,7 +230,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                         resume=args.resume,
                         metrics_port=args.metrics_port,
                         metrics_bind=args.metrics_bind,
-                        on_metrics=None if args.quiet else _announce_metrics,
+                        on_metrics=None if args.quiet else announce_metrics,
                         metrics_textfile=args.metrics_textfile,
                         metrics_linger=args.metrics_linger,
                         modules=args.module,
@@ -293,7 +293,7 @@ def _interrupted_note(summary: RunSummary, args: argparse.Namespace) -> str:
     return note + f"with '--journal DIR' a run can be resumed ('{again} --journal DIR', then '--resume')"
 
 
-def _announce_metrics(address: tuple[str, int]) -> None:
+def announce_metrics(address: tuple[str, int]) -> None:
     print(f"{PROG}: serving metrics at {_metrics_url(address)}", file=sys.stderr, flush=True)
 
 

@@ -163,7 +163,7 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
                 "(under nohup or tmux to outlive this terminal)"
             )
         return _spawn(args, name)
-    from batuta.cli._run import _announce_metrics, finish_run
+    from batuta.cli._run import announce_metrics, finish_run
     from batuta.jobs import serve_job
 
     label = f"{Path(args.cluster).name}" if args.cluster else "local"
@@ -186,7 +186,7 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
                 metrics_bind=args.metrics_bind,
                 metrics_textfile=args.metrics_textfile,
                 metrics_linger=args.metrics_linger,
-                on_metrics=None if args.quiet else _announce_metrics,
+                on_metrics=None if args.quiet else announce_metrics,
                 job_stdout=sys.stderr if args.json else None,  # stdout: the summary's JSON alone
                 modules=args.module,
             )
