@@ -391,7 +391,7 @@ class _Resolved:
 
 def _unreadable(target: SSHTarget, exc: OSError) -> str:
     """The one-line error for a file the host's ssh settings name that cannot be read here."""
-    name = exc.filename or "an ssh file"
+    name = exc.filename
     why = exc.strerror or str(exc)
     if target.identity_file is not None and str(name) == str(target.identity_file):
         return (
@@ -535,8 +535,10 @@ async def connect_ssh(
     loop = asyncio.get_running_loop()
     try:
         resolved = await loop.run_in_executor(None, functools.partial(_resolve, target, settings))
-    except OSError as exc:  # an identity file that is missing or unreadable
-        raise SSHSettingsError(_unreadable(target, exc)) from exc
+    except OSError as exc:
+        if exc.filename is None:  # not a file (a name lookup while canonicalizing): may pass
+            raise SSHConnectError(f"host {target.label}: {exc.strerror or exc}") from exc
+        raise SSHSettingsError(_unreadable(target, exc)) from exc  # an identity file missing or unreadable
     except (ValueError, asyncssh.Error) as exc:
         raise SSHSettingsError(
             f"host {target.label}: bad ssh settings: {exc}; fix the host's entry in the cluster file "
