@@ -415,6 +415,33 @@ def test_no_host_started_exits_3_in_one_line(tmp_path: Path) -> None:
     assert last.endswith("'batuta stack check -c cluster.toml' checks every host and says what to fix")
 
 
+DIES_AT_IMPORT = """\
+#!/bin/sh
+echo "Traceback (most recent call last):" >&2
+echo '  File "/opt/x/batuta/agent/objects.py", line 39, in <module>' >&2
+echo "    import numpy as np" >&2
+echo "ModuleNotFoundError: No module named 'numpy'" >&2
+exit 1
+"""
+
+
+@needs_runtime
+@pytest.mark.parametrize("level", ["warning", "info"])
+def test_an_agent_that_dies_at_import_is_its_exception_at_the_console_and_whole_at_info(
+    tmp_path: Path, level: str
+) -> None:
+    write(tmp_path, "job.py", "async def main(pool):\n    return 1\n")
+    python = write(tmp_path, "python3", DIES_AT_IMPORT)
+    python.chmod(0o755)
+    write(tmp_path, "cluster.toml", f'[local]\npython = "{python}"\n')
+    done = batuta("run", "job.py", "-c", "cluster.toml", "--log-level", level, cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.splitlines()[-1].startswith("batuta: error: no host could be started")
+    assert "ModuleNotFoundError: No module named 'numpy'" in done.stderr
+    frames = "Traceback (most recent call last)" in done.stderr and "objects.py" in done.stderr
+    assert frames is (level == "info")  # at warning: no traceback on the console before the one-line error
+
+
 MISSING_KEY_HOST = '[[hosts]]\nname = "far"\naddress = "127.0.0.1"\nidentity_file = "/nonexistent/id_far"\n'
 
 

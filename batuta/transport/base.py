@@ -147,8 +147,11 @@ async def _forward_lines(
 
 
 def log_stderr_line(logger: logging.Logger, prefix: str, line: bytes, tail: StderrTail | None) -> None:
-    """One line an agent wrote to stderr: a warning in our log, and the tail's latest."""
+    """One line an agent wrote to stderr: a warning in our log, and the tail's latest. A
+    traceback's heading and frames (indented) go at info: an agent that dies at import is one
+    warning at the console, its exception, and whole in a log file at info."""
     text = line.decode("utf-8", errors="replace").rstrip()
-    logger.warning("%s: %s", prefix, text)
+    detail = text.startswith(("Traceback (most recent call last)", " ", "\t"))
+    logger.log(logging.INFO if detail else logging.WARNING, "%s: %s", prefix, text)
     if tail is not None:
         tail.add(text)
