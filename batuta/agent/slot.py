@@ -79,7 +79,13 @@ from batuta.core.objects import ObjectRef, refs_in, replace_refs
 from batuta.core.task import KernelCall, Outcome
 from batuta.kernels.registry import is_device_array, to_host
 from batuta.protocol.chunks import OutgoingStreams
-from batuta.protocol.codec import FrameDecoder, encode_message, encode_message_parts, encode_streamed_parts
+from batuta.protocol.codec import (
+    FrameDecoder,
+    check_value,
+    encode_message,
+    encode_message_parts,
+    encode_streamed_parts,
+)
 from batuta.protocol.errors import LocalProtocolError
 from batuta.protocol.messages import (
     Cancel,
@@ -95,17 +101,16 @@ from batuta.protocol.messages import (
     TaskRequest,
 )
 
-_RESULT_FIELD = "Done.results[0].value"  # where the codec says a result's value went wrong
 
-
-def _unsendable(exc: Exception) -> str:
-    """Why a result cannot be sent, in the kernel's words: 'the value it returned, at [2]: ...'
-    rather than the codec's exception and message field."""
-    text = str(exc)
-    if not isinstance(exc, LocalProtocolError) or not text.startswith(_RESULT_FIELD):
-        return describe_exception(exc)
-    where, _, why = text.removeprefix(_RESULT_FIELD).partition(": ")
-    return f"the value it returned{f', at {where}' if where else ''}: {why}"
+def _unsendable(outcome: TaskOutcome, exc: Exception) -> str:
+    """Why an outcome cannot be sent: for a value the codec refuses, in the kernel's words
+    ('the value it returned[2]: ...') rather than its message field's."""
+    if outcome.status is Outcome.OK:
+        try:
+            check_value(outcome.value, "the value it returned")
+        except LocalProtocolError as refused:
+            return str(refused)
+    return describe_exception(exc)
 
 
 _BATCH_MAX_RESULTS = 64
@@ -331,7 +336,7 @@ class SlotWorker:
                 slot=outcome.slot,
                 attempt=outcome.attempt,
                 status=Outcome.ERROR,
-                error=one_line(f"the task's {what} cannot be sent to the coordinator: {_unsendable(exc)}"),
+                error=one_line(f"the task's {what} cannot be sent to the coordinator: {_unsendable(outcome, exc)}"),
                 run_s=outcome.run_s,
             )
             frame = encode_streamed_parts(Done(results=(replacement,)), self._streams)
