@@ -461,3 +461,15 @@ async def test_each_gpu_of_a_host_can_be_asked_for_by_its_index() -> None:
 def test_a_pool_of_more_slots_than_an_agent_runs_is_refused_up_front() -> None:
     with pytest.raises(batuta.errors.UsageError, match=r"cpu_workers\(2000\): one agent runs at most 1024 slots"):
         Pool.builder().cpu_workers(2000)
+
+
+def test_window_bounds_are_checked_where_they_are_given() -> None:
+    for bad, match in (
+        ({"min_window": 0}, r"window\(min_window=0\): give a positive number of tasks"),
+        ({"max_window": 2.5}, r"window\(max_window=2.5\): give a positive number of tasks"),
+        ({"min_window": 8, "max_window": 4}, r"min_window=8, max_window=4\): min_window must not exceed max_window"),
+        ({"min_window": 65}, r"min_window=65, max_window=64\)"),
+    ):
+        with pytest.raises(batuta.errors.UsageError, match=match):
+            Pool.builder().window(**bad)
+    Pool.builder().window(min_window=1, max_window=1).build()  # a window of one is allowed

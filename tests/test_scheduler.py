@@ -51,6 +51,25 @@ def test_the_last_tasks_wait_for_whichever_slot_frees_first() -> None:
     sim.sched.validate()
 
 
+def test_a_slot_of_long_tasks_holds_two_behind_the_running_one_by_default() -> None:
+    """Tasks far longer than the round trip want a window of 1 + 1; the default floor of 3
+    keeps a second task on its way while the next one already waits in the slot, so a short
+    task among long ones does not leave the slot idle (issue 17, bench/RESULTS.md session 18)."""
+    sim = sim_with("a", "b")
+    for _ in range(40):
+        sim.submit()
+    for _ in range(3):
+        for slot_id in ("a", "b"):
+            sim.start(slot_id)
+            sim.finish(slot_id, run_s=2.0)
+            sim.deliver(slot_id)
+    for slot_id in ("a", "b"):
+        record = sim.sched._slots[slot_id]
+        assert record.window_limit == 3
+        assert len(sim.slots[slot_id].queue) == 3
+    sim.sched.validate()
+
+
 def test_windows_fill_ahead_while_enough_tasks_wait_and_a_lone_slot_always() -> None:
     backlog = sim_with("a", "b", config=SchedulerConfig(initial_window=4, min_window=4))
     for _ in range(20):

@@ -55,7 +55,12 @@ class SlotState(enum.Enum):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SchedulerConfig:
-    min_window: int = 2
+    # Three, not two: the slot has its next task in hand and one more on its way, so a short
+    # task no longer leaves it idle while the coordinator's next Run crosses the relay. On 16
+    # busy cores that turned issue 17's growing-cost workload from above a shared queue to below
+    # it (`scripts/window_ab.py`, medians: 1.153-1.163 with 2, 1.120 with 3, the shared queue
+    # 1.132-1.136); on 2 cores it took 0.012 off lognormal tasks (bench/RESULTS.md, session 18).
+    min_window: int = 3
     max_window: int = 64
     initial_window: int = 4
     default_round_trip: float = 0.001  # seconds, until the runtime measures it

@@ -151,6 +151,15 @@ class PoolBuilder:
         return self
 
     def window(self, *, min_window: int | None = None, max_window: int | None = None) -> PoolBuilder:
+        """Bounds of the tasks in flight per slot (the window is sized between them to hide the
+        round trip; SchedulerConfig's defaults say why)."""
+        for name, value in (("min_window", min_window), ("max_window", max_window)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise UsageError(f"window({name}={value!r}): give a positive number of tasks")
+        low = self._scheduler.min_window if min_window is None else min_window
+        high = self._scheduler.max_window if max_window is None else max_window
+        if low > high:
+            raise UsageError(f"window(min_window={low}, max_window={high}): min_window must not exceed max_window")
         if min_window is not None:
             self._scheduler = replace(self._scheduler, min_window=min_window)
         if max_window is not None:
