@@ -63,7 +63,7 @@ from pathlib import Path
 
 from batuta.protocol.codec import encode_message
 from batuta.protocol.messages import Error
-from batuta.transport.base import StreamClosedError
+from batuta.transport.base import StreamClosedError, signal_process
 from batuta.transport.local import agent_command
 from batuta.transport.tls import (
     DEFAULT_PORT,
@@ -401,8 +401,7 @@ class WorkerDaemon:
             try:
                 code = await _end_session(agent, inbound, outbound, tls)
             except asyncio.CancelledError:  # cancelled while cleaning up: no waiting, no leftovers
-                with contextlib.suppress(ProcessLookupError):
-                    agent.kill()  # its slots follow by their parent-death signal
+                signal_process(agent, signal.SIGKILL)  # its slots follow by their parent-death signal
                 inbound.cancel()
                 outbound.cancel()
                 tls.abort()
@@ -480,8 +479,7 @@ async def _stop_agent(agent: asyncio.subprocess.Process) -> int | None:
     """Wait for the agent (its stdin is closed), escalating to SIGTERM, then SIGKILL."""
     for signum in (None, signal.SIGTERM, signal.SIGKILL):
         if signum is not None:
-            with contextlib.suppress(ProcessLookupError):
-                agent.send_signal(signum)
+            signal_process(agent, signum)
         try:
             return await asyncio.wait_for(agent.wait(), AGENT_EXIT_TIMEOUT if signum is None else 2.0)
         except TimeoutError:

@@ -41,6 +41,7 @@ import stat
 import sys
 from pathlib import Path
 
+from batuta.transport.base import signal_process
 from batuta.transport.local import agent_command
 from batuta.transport.tls import format_address, split_address, tune_socket
 
@@ -152,8 +153,7 @@ async def relay(
         agent.stdin.close()  # EOF: the agent kills its slots and exits
     for signum in (None, signal.SIGTERM, signal.SIGKILL):
         if signum is not None:
-            with contextlib.suppress(ProcessLookupError):
-                agent.send_signal(signum)
+            signal_process(agent, signum)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(agent.wait(), AGENT_EXIT_TIMEOUT_S if signum is None else 2.0)
             break

@@ -5,6 +5,7 @@ pool = Pool.builder().cpu_workers(4).gpu_workers("none").seed(7).build()
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from batuta.core.backend import BackendThresholds
 from batuta.core.scheduler import SchedulerConfig
 from batuta.core.task import CAP_CPU, MAX_SLOTS
-from batuta.errors import UsageError
+from batuta.errors import HostConfigError, TransportError, UsageError
 from batuta.runtime.code import MAX_CODE_MB, CodeSpec
 from batuta.runtime.session import HostSpec
 from batuta.transport.local import agent_command, open_local_agent
@@ -192,12 +193,25 @@ def local_host(
     python: str | None = None,
     name: str = "local",
     env: dict[str, str] | None = None,
+    python_from: str = "Pool.builder().python()",
 ) -> HostSpec:
-    """A host agent on this machine, started as a subprocess (the embedded default)."""
+    """A host agent on this machine, started as a subprocess (the embedded default).
+    `python_from` says where a `python` was given, for the error when it cannot be run here."""
     argv = agent_command(slots=cpu_workers, gpus=gpus, kernel_modules=kernel_modules, python=python, name=name)
 
     async def launch() -> Any:
-        return await open_local_agent(argv, env=env, name=name)
+        try:
+            return await open_local_agent(argv, env=env, name=name)
+        except TransportError as exc:
+            cause = exc.__cause__
+            if python is None or not isinstance(cause, OSError):
+                raise
+            # The interpreter named cannot be run on this machine: a setting to fix here, as a
+            # missing key file is (exit 2), not a host that failed to come up (3).
+            raise HostConfigError(
+                f"host {name}: cannot run its python {python!r} here: {cause.strerror or cause}; "
+                f"fix {python_from}, or leave it out to run the agent with this Python ({sys.executable})"
+            ) from exc
 
     return HostSpec(
         name=name,

@@ -223,6 +223,7 @@ def host_specs(cluster: ClusterConfig) -> list[HostSpec]:
             python=local.python,
             name=local.name,
             env=dict(local.env) or None,
+            python_from="python in the cluster file's [local] table",
         )
         expected = expected_capabilities(local.slots, local.gpus) if local.slots is not None else None
         specs.append(replace(spec, expected_capabilities=expected or spec.expected_capabilities, tags=local.tags))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Protocol, TypeAlias
@@ -91,6 +92,19 @@ def coalesced(parts: Sequence[Buffer], below: int = COALESCE_BELOW) -> list[Buff
 
 class StreamClosedError(TransportError):
     """Writing to a stream whose far side has gone away."""
+
+
+def signal_process(process: asyncio.subprocess.Process, signum: int) -> None:
+    """Send `signum` to a child started with asyncio, unless it is known to have exited.
+
+    Not `process.send_signal`: its `Popen` polls first (waitpid WNOHANG), and a child that
+    has just exited is reaped there instead of by asyncio's child watcher, which then logs
+    "Unknown child process pid N, will report returncode 255" on the console and reports 255
+    for the real exit code (an agent exiting at start-up, killed on the EOF it caused). A
+    signal to the zombie of a child not yet reaped does nothing."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signum)
 
 
 async def wait_for_exit(process: asyncio.subprocess.Process, timeout: float) -> int | None:

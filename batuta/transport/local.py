@@ -16,7 +16,14 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from batuta.errors import TransportError
-from batuta.transport.base import Buffer, StderrTail, StreamClosedError, forward_stderr, wait_for_exit
+from batuta.transport.base import (
+    Buffer,
+    StderrTail,
+    StreamClosedError,
+    forward_stderr,
+    signal_process,
+    wait_for_exit,
+)
 from batuta.transport.fdio import FdPull, FdWriter, widen_pipe
 
 log = logging.getLogger("batuta.transport.local")
@@ -123,8 +130,7 @@ class LocalStream:
         self._stdin.close()
 
     def _signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self._process.send_signal(signum)
+        signal_process(self._process, signum)
 
 
 async def open_local_agent(
