@@ -216,33 +216,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     progress = ProgressBar(job.name) if _wants_progress(args) else None
     close_logging = _configure_logging(args, console_filter=drop_summarised)  # the summary has the failures
     try:
-        with progress if progress is not None else contextlib.nullcontext():
-            outcome = asyncio.run(
-                _sigterm_as_interrupt(
-                    run_job(
-                        job,
-                        workers=args.workers,
-                        seed=args.seed,
-                        cluster=cluster,
-                        on_update=progress.update if progress else None,
-                        job_stdout=sys.stderr if args.json else None,
-                        journal=args.journal,
-                        resume=args.resume,
-                        metrics_port=args.metrics_port,
-                        metrics_bind=args.metrics_bind,
-                        on_metrics=None if args.quiet else announce_metrics,
-                        metrics_textfile=args.metrics_textfile,
-                        metrics_linger=args.metrics_linger,
-                        modules=args.module,
+        try:
+            with progress if progress is not None else contextlib.nullcontext():
+                outcome = asyncio.run(
+                    _sigterm_as_interrupt(
+                        run_job(
+                            job,
+                            workers=args.workers,
+                            seed=args.seed,
+                            cluster=cluster,
+                            on_update=progress.update if progress else None,
+                            job_stdout=sys.stderr if args.json else None,
+                            journal=args.journal,
+                            resume=args.resume,
+                            metrics_port=args.metrics_port,
+                            metrics_bind=args.metrics_bind,
+                            on_metrics=None if args.quiet else announce_metrics,
+                            metrics_textfile=args.metrics_textfile,
+                            metrics_linger=args.metrics_linger,
+                            modules=args.module,
+                        )
                     )
                 )
-            )
+        finally:
+            close_logging()  # drains the log queue: the one-line error below must be the last line
     except HostsUnreachableError as exc:
         check = f"; 'batuta stack check -c {args.cluster}' checks every host and says what to fix"
         print_error(f"{exc}{check if args.cluster else ''}")
         return EXIT_UNREACHABLE
-    finally:
-        close_logging()
     return finish_run(outcome, args)
 
 
