@@ -10,13 +10,14 @@ with a time bound and its failure is one line naming the command and what Slurm 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import shlex
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 
 from batuta.errors import TransportError, UsageError
+from batuta.transport.base import signal_process
 
 COMMAND_TIMEOUT_S = 30.0
 ENDED = "ENDED"  # what `job_state` says of a job squeue no longer lists
@@ -91,8 +92,7 @@ async def _run(argv: Sequence[str], what: str) -> tuple[int, str, str]:
     try:
         out, err = await asyncio.wait_for(process.communicate(), COMMAND_TIMEOUT_S)
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
+        signal_process(process, signal.SIGKILL)
         await process.wait()
         raise AllocationError(f"{what}: {argv[0]} did not answer within {COMMAND_TIMEOUT_S:g}s") from None
     code = process.returncode if process.returncode is not None else -1

@@ -30,6 +30,7 @@ import io
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import zipfile
@@ -40,6 +41,7 @@ from pathlib import Path
 import batuta._version
 from batuta._version import __version__
 from batuta.errors import InstallError
+from batuta.transport.base import signal_process
 
 PIP_TIMEOUT_S = 900.0  # one pip run on the coordinator (a wheelhouse download is ~100 MB)
 SOURCE_SUFFIXES = (".py", ".tcss")  # what the package is made of (docs left out: editing them changes nothing)
@@ -181,12 +183,11 @@ async def run_pip(args: list[str], *, what: str, timeout: float = PIP_TIMEOUT_S)
     try:
         output, _ = await asyncio.wait_for(process.communicate(), timeout)
     except TimeoutError:
-        process.kill()
+        signal_process(process, signal.SIGKILL)
         await process.wait()
         raise InstallError(f"{what}: pip ran past {timeout:g}s on the coordinator; stopped") from None
     except asyncio.CancelledError:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
+        signal_process(process, signal.SIGKILL)
         raise
     text = output.decode("utf-8", "replace")
     if process.returncode != 0:
