@@ -5,6 +5,7 @@ pool = Pool.builder().cpu_workers(4).gpu_workers("none").seed(7).build()
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -185,6 +186,10 @@ class PoolBuilder:
         return Pool(hosts, replace(self._config, scheduler=self._scheduler))
 
 
+# What exec says of a path that is no program here (missing, not executable, not a binary).
+_NOT_RUNNABLE = frozenset({errno.ENOENT, errno.EACCES, errno.ENOTDIR, errno.ENOEXEC, errno.ELOOP})
+
+
 def local_host(
     cpu_workers: int | None = None,
     *,
@@ -204,8 +209,8 @@ def local_host(
             return await open_local_agent(argv, env=env, name=name)
         except TransportError as exc:
             cause = exc.__cause__
-            if python is None or not isinstance(cause, OSError):
-                raise
+            if python is None or not isinstance(cause, OSError) or cause.errno not in _NOT_RUNNABLE:
+                raise  # out of processes or file descriptors, say: not the setting's fault
             # The interpreter named cannot be run on this machine: a setting to fix here, as a
             # missing key file is (exit 2), not a host that failed to come up (3).
             raise HostConfigError(
