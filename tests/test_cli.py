@@ -411,8 +411,11 @@ def test_no_host_started_exits_3_in_one_line(tmp_path: Path) -> None:
     assert done.returncode == 3, done.stderr
     assert done.stdout == ""
     [last] = done.stderr.splitlines()
-    assert last.startswith("batuta: error: no host could be started, so nothing ran: host local: agent exited before")
-    assert last.endswith("'batuta stack check -c cluster.toml' checks every host and says what to fix")
+    assert last == (
+        "batuta: error: no host could be started, so nothing ran: host local: agent exited before saying hello, "
+        "with nothing on stderr (is batuta installed for /bin/false? `batuta cluster install --cluster FILE` puts "
+        "it there); 'batuta stack check -c cluster.toml' checks every host and says what to fix"
+    )
 
 
 @needs_runtime

@@ -223,4 +223,5 @@ def local_host(
         launch=launch,
         expected_capabilities=(frozenset({CAP_CPU}),),
         kernel_modules=tuple(kernel_modules),
+        python=python or sys.executable,
     )

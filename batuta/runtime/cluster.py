@@ -199,6 +199,7 @@ def ssh_host(
         check_versions=check_versions,
         kernel_modules=host.kernel_modules,
         data_link=settings.data_link,
+        python=f"{host.python} on {host.name}" if host.python else "",  # else picked on the host
     )
 
 

@@ -47,6 +47,7 @@ class HostSpec:
     kernel_modules: tuple[str, ...] = ()  # what it imports by name; the pool ships those that are the user's
     joins_later: bool = False  # an allocation's node: the pool starts without waiting for it (runtime/allocation.py)
     data_link: DataLinkSetting | None = None  # big arrays beside the stream (runtime/datalink.py); None: off
+    python: str = ""  # the interpreter its agent runs with, where known here (for messages); "": unknown
 
 
 @dataclass(slots=True)
@@ -296,7 +297,8 @@ class HostSession:
                         reason = (
                             f"agent exited before saying hello: {said}"
                             if said
-                            else "agent exited before saying hello (is batuta installed for that python? "
+                            else "agent exited before saying hello, with nothing on stderr (is batuta installed for "
+                            f"{self.spec.python or 'that python'}? "
                             "`batuta cluster install --cluster FILE` puts it there)"
                         )
                     break
