@@ -571,8 +571,7 @@ class DashboardModel:
         return busy
 
     def slot_count(self) -> int:
-        gone = ("lost", "retired", "closed")
-        return sum(len(host.slot_ids) for host in self.hosts.values() if host.state not in gone)
+        return sum(len(host.slot_ids) for host in self.hosts.values() if host.state not in pe.HOST_GONE_STATES)
 
     def stream(self, limit: int) -> list[StreamRow]:
         """The task stream: tasks running now (longest-running first), then the latest endings.

@@ -111,7 +111,6 @@ MAX_BUSY_GAP_S = 30.0
 SLOT_STATES = ("up", "draining", "lost", "retired")
 HOST_STATES = ("starting", "up", "suspected", "lost", "draining", "closed")
 _HOST_UP_STATES = frozenset({"up", "draining"})
-_HOST_GONE_STATES = frozenset({"lost", "retired", "closed"})
 _RAN_STATUSES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.TIMED_OUT})
 _NONE = "none"  # label value where a task has no host or backend (it never ran)
 
@@ -291,7 +290,7 @@ class MetricsExporter:
         elif isinstance(event, pe.HostTelemetry):
             self._telemetry(event)
         elif isinstance(event, pe.HostDown) or (
-            isinstance(event, pe.HostStateChanged) and event.state in _HOST_GONE_STATES
+            isinstance(event, pe.HostStateChanged) and event.state in pe.HOST_GONE_STATES
         ):
             self._forget_host(event.host)
 

@@ -83,6 +83,10 @@ class HostUp:
     at: float
 
 
+# A host's states after which it is not up: lost or retired by liveness, closed with its pool.
+HOST_GONE_STATES = frozenset({"lost", "retired", "closed"})
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HostStateChanged:
     """A host became suspected (missed heartbeats), lost, draining, drained or up again."""

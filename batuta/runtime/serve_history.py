@@ -22,12 +22,12 @@ import math
 from collections import OrderedDict, deque
 from typing import Any
 
+from batuta.runtime import events as pe
 from batuta.runtime import serve_wire as w
 
 RAW_TASK_ITEMS = 3_000
 FAILURES_KEPT = 200
 LOGS_KEPT = 1_000
-GONE_STATES = ("lost", "retired", "closed")  # a host's states after which it is not up; closed: with the pool
 TELEMETRY_KEPT = 64  # a minute of heartbeats per host: the GPU sparkline's history
 THROUGHPUT_KEPT_S = 62  # the throughput sparkline's minute, and a little
 JOB_METER_KEPT_S = 14  # the jobs panel's rate window, twice, and a little
@@ -226,7 +226,7 @@ class ViewerHistory:
         up = []
         for host in self.host_up:
             state = self.host_state.get(host)
-            if state is None or (state[0] == w.HOST_STATE and state[2] not in GONE_STATES):
+            if state is None or (state[0] == w.HOST_STATE and state[2] not in pe.HOST_GONE_STATES):
                 up.append(host)
         return up
 
