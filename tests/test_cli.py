@@ -104,6 +104,26 @@ def test_cli_module_imports_nothing_heavy(tmp_path: Path) -> None:
     assert done.stdout.strip() == "[]"
 
 
+def test_local_hosts_and_cluster_files_start_without_asyncssh_or_a_subprocess(tmp_path: Path) -> None:
+    """Every coordinator and agent start pays for its imports: reading a cluster file and
+    starting local hosts import no asyncssh (a tenth of a second; it is imported when a host is
+    reached over SSH), and no import runs a program (`ctypes.util.find_library` runs ldconfig)."""
+    probe = (
+        "import sys\n"
+        "ran = []\n"
+        "spawns = {'subprocess.Popen', 'os.posix_spawn', 'os.exec', 'os.fork', 'os.system'}\n"
+        "sys.addaudithook(lambda event, args: event in spawns and ran.append((event, str(args)[:80])))\n"
+        "import batuta.runtime.cluster, batuta.runtime.pool, batuta.cli._run, batuta.stack.nodes\n"
+        "import batuta.agent.main, batuta.agent.slot\n"
+        "print(ran, 'asyncssh' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[] False"
+
+
 # -- usage errors: exit 2, one line ------------------------------------------------------
 
 SYNTAX_ERROR = """\

@@ -77,7 +77,7 @@ from batuta.runtime.toml_fields import HOST_NAME, FieldPath, FieldReader, field_
 from batuta.transport.base import ByteStream
 from batuta.transport.bulk import parse_data_link, parse_data_link_encryption
 from batuta.transport.local import agent_command
-from batuta.transport.ssh import SSHSettings, SSHTarget, open_ssh_stream
+from batuta.transport.ssh_settings import SSHSettings, SSHTarget
 from batuta.transport.tls import DEFAULT_PORT as TLS_DEFAULT_PORT
 from batuta.transport.tls import TLSSettings
 
@@ -188,6 +188,8 @@ def ssh_host(
 
     async def launch() -> ByteStream:
         if not bootstrap or shared is None:
+            from batuta.transport.ssh import open_ssh_stream  # asyncssh: only once a host is reached
+
             return await open_ssh_stream(target, argv, settings, env=env)
         return await launch_bootstrapped(shared, install_target, argv_for(DEFAULT_PYTHON), env)
 

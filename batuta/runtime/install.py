@@ -38,13 +38,15 @@ import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batuta.errors import BatutaError, InstallError
 from batuta.runtime import wheels
 from batuta.transport.base import Buffer, ByteStream
-from batuta.transport.ssh import SSHSettings, SSHTarget, open_ssh_stream
-from batuta.transport.ssh_exec import CommandResult, SSHHost
+from batuta.transport.ssh_settings import SSHSettings, SSHTarget
+
+if TYPE_CHECKING:  # asyncssh is imported when a host is reached, not with the cluster file
+    from batuta.transport.ssh_exec import CommandResult, SSHHost
 
 log = logging.getLogger("batuta.runtime.install")
 
@@ -264,6 +266,9 @@ async def launch_bootstrapped(
 ) -> ByteStream:
     """Start the agent from this release's environment on `host`, installing it first when
     the launcher says it is not there (then launching once more)."""
+    from batuta.transport.ssh import open_ssh_stream
+    from batuta.transport.ssh_exec import SSHHost
+
     release = await installer.release()
     for attempt in range(2):
         argv = bootstrap_launcher(agent_argv, release)
@@ -457,6 +462,8 @@ class Installer:
         return list(await asyncio.gather(*(self._install_bounded(h) for h in hosts)))
 
     async def _install_bounded(self, host: InstallTarget) -> HostInstalled:
+        from batuta.transport.ssh_exec import SSHHost
+
         async with self._jobs:
             start = time.perf_counter()
             self._progress(host.name, "connecting")

@@ -33,7 +33,7 @@ from batuta.runtime.pool import Pool, PoolConfig, local_host
 from batuta.runtime.session import HostSession, HostSpec
 from batuta.stack.model import ERROR, ROLE_LOCAL, ROLE_SSH, ROLE_TLS, Finding
 from batuta.transport.base import ByteStream
-from batuta.transport.ssh import HostKeyError, SSHAuthError
+from batuta.transport.ssh_settings import HostKeyError, SSHAuthError
 
 STACK_SLOTS = 1  # CPU slots per node while it is checked
 _TRANSPORT_LOGGER = "batuta.transport"

@@ -28,7 +28,8 @@ asyncssh's. They are not a place for secrets.
 
 asyncssh is imported here, in `ssh_keys` (encrypted identity files), `ssh_known_hosts` and
 `ssh_exec` (commands and SFTP copies for `batuta cluster install`) and nowhere else; its errors
-become `SSHError` subclasses at this edge.
+become `SSHError` subclasses at this edge. The settings, targets and those errors live in
+`ssh_settings`, so that reading a cluster file and starting local hosts never import it.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import re
 import shlex
 import socket
@@ -50,9 +50,7 @@ from typing import Any, cast
 import asyncssh
 from asyncssh.encryption import get_default_encryption_algs
 
-from batuta.errors import HostConfigError, TransportError
 from batuta.transport.base import Buffer, StderrTail, StreamClosedError, coalesced, log_stderr_line
-from batuta.transport.bulk import DataLinkSetting
 from batuta.transport.ssh_ciphers import cpu_has_aes, preferred_ciphers
 from batuta.transport.ssh_keys import (
     EncryptedIdentity,
@@ -67,6 +65,16 @@ from batuta.transport.ssh_known_hosts import (
     append_known_host,
     known_hosts_pattern,
 )
+from batuta.transport.ssh_settings import (
+    HostKeyError,
+    SSHAuthError,
+    SSHConnectError,
+    SSHError,
+    SSHKeyLockedError,
+    SSHSettings,
+    SSHSettingsError,
+    SSHTarget,
+)
 
 log = logging.getLogger("batuta.transport.ssh")
 
@@ -75,87 +83,6 @@ STDERR_CHUNK = 64 * 1024
 MAX_JUMP_DEPTH = 8
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _CPU_HAS_AES = cpu_has_aes()
-
-
-# -- errors -------------------------------------------------------------------------------
-
-
-class SSHError(TransportError):
-    """Something between us and a host's agent went wrong at the SSH level."""
-
-
-class SSHConnectError(SSHError):
-    """No SSH session: connection refused, timed out, name not resolved, or closed early."""
-
-
-class SSHAuthError(SSHConnectError):
-    """The server refused every key we offered for that user."""
-
-    retryable = False
-
-
-class SSHSettingsError(SSHConnectError, HostConfigError):
-    """The host's ssh settings cannot be used here: an identity file (the cluster file's, or an
-    ssh config's IdentityFile) is missing or unreadable, or a setting is invalid."""
-
-
-class HostKeyError(SSHError):
-    """The host's key is not in known_hosts (unknown) or does not match it (changed)."""
-
-    retryable = False
-
-    def __init__(self, message: str, *, changed: bool) -> None:
-        super().__init__(message)
-        self.changed = changed
-
-
-class SSHKeyLockedError(SSHAuthError):
-    """The identity file is encrypted, no ssh-agent holds it, and no passphrase could be asked for."""
-
-
-# -- settings -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SSHSettings:
-    """How every SSH host of a cluster is reached (the cluster file's `[ssh]` table).
-
-    `known_hosts`: the file to verify against and to record trusted-on-first-use keys in;
-    None means the ssh config's `UserKnownHostsFile`, else `~/.ssh/known_hosts`.
-    `config_files`: ssh config files; None means `~/.ssh/config` if it is readable, and
-    an empty tuple means none at all.
-    """
-
-    known_hosts: Path | None = None
-    config_files: tuple[Path, ...] | None = None
-    connect_timeout: float = 10.0
-    trust_on_first_use: bool = False
-    # Ask on the terminal for the passphrase of an encrypted identity file that no ssh-agent
-    # holds. A full-screen app that owns the terminal turns this off (the error then says
-    # to `ssh-add` the key).
-    ask_passphrase: bool = True
-    data_link: DataLinkSetting | None = None  # `data_link`: big arrays beside the channel (bulk.py)
-
-    def config_paths(self) -> list[str]:
-        if self.config_files is not None:
-            return [str(p) for p in self.config_files]
-        default = Path("~/.ssh/config").expanduser()
-        return [str(default)] if os.access(default, os.R_OK) else []
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SSHTarget:
-    """One SSH destination. Unset fields come from the ssh config, then OpenSSH's defaults."""
-
-    host: str  # a host name, an address, or an ssh config alias
-    port: int | None = None
-    user: str | None = None
-    identity_file: Path | None = None
-    name: str = ""  # the cluster's name for it, for messages
-
-    @property
-    def label(self) -> str:
-        return self.name or self.host
 
 
 # -- the stream ---------------------------------------------------------------------------
