@@ -250,6 +250,23 @@ def test_expected_host_makes_tasks_wait_until_it_joins() -> None:
     assert res.reason.startswith("no slot offers gpu any more: every host that had one was retired")
 
 
+def test_a_host_up_without_what_it_was_expected_to_offer_fails_the_work_waiting_for_it() -> None:
+    """`slots = 0` on a machine without a GPU: the configuration promised a CPU slot, the host
+    said hello with none. The runtime says what it has (`HostExpected` again, from its hello);
+    the task that waited for the promise resolves, and later ones fail at once."""
+    sim = Sim()
+    sim.handle(ev.HostExpected(host_id="h", slot_capabilities=(frozenset({"cpu"}),)))
+    waiting = sim.submit()
+    gpu_work = sim.submit(requires=("gpu",))
+    assert waiting not in sim.resolved and sim.sched.queued == 1
+    assert sim.status_of(gpu_work) is TaskStatus.UNSCHEDULABLE  # never promised: failed at once
+    sim.handle(ev.HostExpected(host_id="h", slot_capabilities=()))
+    [res] = sim.resolved[waiting]
+    assert res.status is TaskStatus.UNSCHEDULABLE and sim.sched.queued == 0
+    assert res.reason.startswith("no slot offers cpu (the cluster offers: no slots at all)")
+    assert sim.status_of(sim.submit()) is TaskStatus.UNSCHEDULABLE
+
+
 def test_idle_slot_steals_oldest_from_a_victims_deque() -> None:
     config = SchedulerConfig(initial_window=1, min_window=1, max_window=1, story_length=100)
     sim = sim_with("a", config=config)

@@ -557,3 +557,21 @@ def test_declared_gpus_that_are_not_there_are_a_finding(tmp_path: Path) -> None:
     assert (finding["check"], finding["severity"]) == ("gpu", ERROR)
     assert finding["message"].startswith("--gpus 0: no GPU 0 on this host")
     assert "set gpus for local" in finding["suggestion"]
+
+
+def test_a_node_the_file_gives_no_slot_and_that_has_no_gpu_is_an_error(tmp_path: Path) -> None:
+    """It is checked with one CPU slot, so every other check passes: the pool, started from
+    the same file, would run nothing there."""
+    path = tmp_path / "cluster.toml"
+    path.write_text('[local]\nslots = 0\nenv = { BATUTA_FAKE_GPUS = "0" }\n')
+    done = stack("check", "-c", str(path), "--format", "json")
+    assert done.returncode == 1, done.stdout + done.stderr
+    (node,) = json.loads(done.stdout)["nodes"]
+    [finding] = [f for f in node["findings"] if f["severity"] == ERROR]
+    assert finding["check"] == "slots"
+    assert finding["message"] == "slots = 0 and no GPU here: the pool would run nothing on this node"
+    assert finding["suggestion"].startswith("set slots to 1 or more in the [local] table of the cluster file")
+    path.write_text('[local]\nslots = 0\nenv = { BATUTA_FAKE_GPUS = "1" }\n')  # a GPU slot: work can run
+    done = stack("check", "-c", str(path), "--format", "json")
+    (node,) = json.loads(done.stdout)["nodes"]
+    assert "slots" not in [f["check"] for f in node["findings"]], done.stdout

@@ -52,7 +52,10 @@ class SlotJoined:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HostExpected:
-    """A host is configured and starting: tasks it could run wait for it instead of failing."""
+    """A host is configured and starting: tasks it could run wait for it instead of failing.
+
+    Sent again when the host is up, with what its slots offer: from then on that is what it
+    is expected back with, and work only the configuration promised fails as unschedulable."""
 
     host_id: HostId
     slot_capabilities: tuple[frozenset[str], ...]

@@ -346,6 +346,9 @@ class Scheduler:
     def _on_host_expected(self, ev: HostExpected) -> None:
         self._expected[ev.host_id] = tuple(frozenset(c) for c in ev.slot_capabilities)
         self._capability_epoch += 1
+        # The runtime says it again when the host is up, with what its slots do offer: work that
+        # waited for what the configuration promised and the host lacks fails now, not never.
+        recovery.after_capacity_change(self)
 
     def _on_host_lost(self, ev: HostLost) -> None:
         if self._deps.objects:  # first: its tasks requeued below must see their inputs gone

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from batuta import Pool
-from batuta.errors import AgentError, ConfigError, HostConfigError, TransportError, UsageError
+from batuta.errors import AgentError, BatutaError, ConfigError, HostConfigError, TransportError, UsageError
 from batuta.jobs._load import Job
 from batuta.jobs._summary import RunSummary, RunTracker, one_line
 from batuta.observers.checkpoint import use_checkpoints
@@ -203,6 +203,12 @@ async def run_job(
                     why = one_line(str(exc)) or "it awaited a cancelled task"
                     error = f"job {job.name!r} raised CancelledError: {why}"
                     job_traceback = _job_traceback(exc)
+            except BatutaError as exc:
+                # batuta's own errors say what failed and what to do (a task's failure is in the
+                # summary too): where the job met it is all a traceback would add to that.
+                at = _call_site(exc)
+                where = f" at {at}" if at else ""
+                error = f"job {job.name!r} raised {type(exc).__name__}{where}: {one_line(str(exc))}"
             except Exception as exc:
                 error = f"job {job.name!r} raised {type(exc).__name__}: {one_line(str(exc))}"
                 job_traceback = _job_traceback(exc)
@@ -375,6 +381,24 @@ def _stdout_to(stream: TextIO | None) -> Iterator[None]:
         return
     with contextlib.redirect_stdout(stream):
         yield
+
+
+_JOBS_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = _JOBS_DIR.parent
+
+
+def _call_site(exc: BaseException) -> str | None:
+    """'FILE:LINE' of the job's innermost frame in `exc`'s traceback: the job's own code (a
+    built-in job's module counts as the job's), not batuta's, nor this runner's."""
+    site = None
+    for frame, line in traceback.walk_tb(exc.__traceback__):
+        path = Path(frame.f_code.co_filename)
+        ours = (path.parent == _JOBS_DIR and path.name.startswith("_")) or (
+            path.is_relative_to(_PACKAGE_DIR) and path.parent != _JOBS_DIR
+        )
+        if not ours:
+            site = f"{path.name}:{line}"
+    return site
 
 
 def _job_traceback(exc: BaseException) -> str:

@@ -368,15 +368,22 @@ class PoolLogObserver:
         elif isinstance(event, pe.HostDown):
             lg.warning("host %s is down: %s", event.host, event.reason, extra={"host": event.host})
         elif isinstance(event, pe.HostUp):
-            lg.info(
-                "host %s is up: %d slot(s), %d GPU(s), batuta %s, Python %s",
-                event.host,
-                len(event.slots),
-                len(event.gpus),
-                event.batuta_version,
-                event.python_version,
-                extra={"host": event.host},
-            )
+            if not event.slots:  # `slots = 0` where no GPU answered: nothing will ever run there
+                lg.warning(
+                    "host %s is up but offers no slot, so it runs nothing: its slots setting is 0 and it has no GPU",
+                    event.host,
+                    extra={"host": event.host},
+                )
+            else:
+                lg.info(
+                    "host %s is up: %d slot(s), %d GPU(s), batuta %s, Python %s",
+                    event.host,
+                    len(event.slots),
+                    len(event.gpus),
+                    event.batuta_version,
+                    event.python_version,
+                    extra={"host": event.host},
+                )
         elif isinstance(event, pe.SlotStateChanged):
             level = logging.INFO if event.state == "up" else logging.WARNING
             if lg.isEnabledFor(level):

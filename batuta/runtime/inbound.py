@@ -42,6 +42,11 @@ def joined_events(pool: Pool, session: HostSession) -> list[ev.Event]:
             if gpu is not None:
                 # the seed's GpuExecutor: device name and capacity (compute units)
                 pool._device_of[slot_id] = f"{gpu.name} ({gpu.compute_units} SMs)"
+    # From now on the host is expected back with what it has, not with what its configuration
+    # said (`slots = 0` on a machine without a GPU, a GPU index it does not have): tasks that
+    # only it was to run fail as unschedulable instead of waiting for slots that never come.
+    offered = tuple(j.capabilities for j in joined if isinstance(j, ev.SlotJoined))
+    joined.append(ev.HostExpected(host_id=session.name, slot_capabilities=offered))
     if pool.events.active:
         pool.events.publish(
             pe.HostUp(

@@ -25,7 +25,7 @@ from typing import Any
 
 from batuta.core.task import Backend, Task, TaskResult, TaskStatus, gpu_capability
 from batuta.stack import node_kernels
-from batuta.stack.model import ERROR, HEALTHY, ROLE_SSH, ROLE_TLS, WARNING, Finding
+from batuta.stack.model import ERROR, HEALTHY, ROLE_LOCAL, ROLE_SSH, ROLE_TLS, WARNING, Finding
 from batuta.stack.nodes import NodeSession, NodeTarget, result_error, value_of
 from batuta.stack.versions import release
 
@@ -101,6 +101,22 @@ def reach_finding(session: NodeSession) -> Finding:
         message = f"reachable, {verified}; {connected}{ready}"
         return Finding(node=target.name, check=target.role, severity=HEALTHY, message=message)
     return Finding(node=target.name, check="agent", severity=HEALTHY, message=f"local {ready}")
+
+
+def slots_finding(session: NodeSession) -> Finding | None:
+    """An error where the file gives the node no CPU slot and it has no GPU: the pool would
+    run nothing there (it is checked with one CPU slot, so the other checks pass regardless)."""
+    target = session.target
+    if target.slots != 0 or session.gpu_slots:
+        return None
+    table = "the [local] table" if target.role == ROLE_LOCAL else f"host {target.name}'s entry"
+    return Finding(
+        node=target.name,
+        check="slots",
+        severity=ERROR,
+        message="slots = 0 and no GPU here: the pool would run nothing on this node",
+        suggestion=f"set slots to 1 or more in {table} of the cluster file, or leave it out (one per core)",
+    )
 
 
 def python_finding(target: NodeTarget, theirs: str, ours: str) -> Finding:
@@ -327,6 +343,9 @@ def check_findings(
         numba_finding(target, facts.numba, coordinator.get("numba")),
         *gpu_findings(session, facts),
     ]
+    slots = slots_finding(session)
+    if slots is not None:
+        found.insert(1, slots)
     if facts.info is None:
         ours_batuta = coordinator.get("batuta")
         found.append(

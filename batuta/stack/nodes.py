@@ -49,6 +49,7 @@ class NodeTarget:
     role: str  # ROLE_LOCAL, ROLE_SSH or ROLE_TLS
     spec: HostSpec
     gpus: str = "auto"  # as in the cluster file: "auto", "none" or indices "0,1"
+    slots: int | None = None  # CPU slots as in the cluster file (None: one per core); checked with 1
     python: str = ""  # the interpreter the file names ("": the default, see `ClusterHost.python`)
     address: str = ""  # where it is reached ("" for a local agent)
     cluster_file: str = ""  # the cluster file it comes from, for suggestions
@@ -80,15 +81,23 @@ def cluster_targets(cluster: ClusterConfig) -> list[NodeTarget]:
     if local is not None:
         spec = replace(specs.pop(0), check_versions=False)
         targets.append(
-            NodeTarget(name=local.name, role=ROLE_LOCAL, spec=spec, gpus=local.gpus, python=local.python or "")
+            NodeTarget(
+                name=local.name,
+                role=ROLE_LOCAL,
+                spec=spec,
+                gpus=local.gpus,
+                slots=cluster.local.slots if cluster.local is not None else None,
+                python=local.python or "",
+            )
         )
-    for host, spec in zip(hosts, specs, strict=True):
+    for host, configured, spec in zip(hosts, cluster.hosts, specs, strict=True):
         targets.append(
             NodeTarget(
                 name=host.name,
                 role=ROLE_TLS if getattr(host, "transport", "ssh") == "tls" else ROLE_SSH,
                 spec=replace(spec, check_versions=False),
                 gpus=host.gpus,
+                slots=configured.slots,
                 python=host.python or "",
                 address=host.address,
                 cluster_file=cluster.source,
