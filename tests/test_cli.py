@@ -7,6 +7,7 @@ and the job loader are also tested in-process, where a subprocess would add noth
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -203,6 +204,16 @@ async def main(pool):
         pytest.param({}, ["run"], "required: JOB", id="no-job"),
         pytest.param({}, [], "no command given", id="no-command"),
         pytest.param({}, ["frobnicate"], "invalid choice: 'frobnicate'", id="unknown-command"),
+        pytest.param(
+            {}, ["run", "demo", "--bogus"], "unrecognized arguments: --bogus; see 'batuta run --help'", id="run-option"
+        ),
+        pytest.param(
+            {},
+            ["stack", "check", "--bogus", "x"],
+            "unrecognized arguments: --bogus x; see 'batuta stack check --help'",
+            id="stack-check-option",
+        ),
+        pytest.param({}, ["--bogus"], "unrecognized arguments: --bogus; see 'batuta --help'", id="top-option"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(
@@ -481,6 +492,63 @@ def test_an_agent_that_dies_at_import_is_its_exception_at_the_console_and_whole_
     assert frames is (level == "info")  # at warning: no traceback on the console before the one-line error
 
 
+SILENT_WRAPPER = """\
+#!/bin/sh
+sleep 300 &
+echo $! > "$(dirname "$0")/child.pid"
+wait
+"""
+
+
+@needs_runtime
+def test_an_agent_wrapper_that_never_says_hello_is_stopped_with_what_it_started(tmp_path: Path) -> None:
+    """A `[local] python` script whose child held the agent's stderr open: the child outlived
+    the run, and asyncio's transport, never finished, printed 'Exception ignored ... Event loop
+    is closed' after the one-line error. The agent's process group is stopped now."""
+    write(tmp_path, "job.py", "async def main(pool):\n    return 1\n")
+    python = write(tmp_path, "python3", SILENT_WRAPPER)
+    python.chmod(0o755)
+    write(tmp_path, "cluster.toml", f'[local]\npython = "{python}"\n[pool]\nstart_timeout = 2\n')
+    done = batuta("run", "job.py", "-c", "cluster.toml", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    child = int((tmp_path / "child.pid").read_text())
+    try:
+        assert done.returncode == 3, done.stderr
+        [last] = done.stderr.splitlines()
+        assert last.startswith("batuta: error: no host could be started, so nothing ran: host local: agent did not")
+        assert "or give it longer (start_timeout, in the cluster file's [pool] table)" in last, last
+        state = Path(f"/proc/{child}/stat")
+        assert not state.exists() or state.read_text().split(") ")[1].startswith("Z"), "the wrapper's child is alive"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+
+
+@needs_runtime
+def test_text_printed_ahead_of_the_agent_is_shown_and_explained(tmp_path: Path) -> None:
+    """A login banner or a shell startup file that prints: the coordinator read 'Welc' as the
+    length of a frame, and the error was 'frame of 1466264675 bytes exceeds the limit'."""
+    write(tmp_path, "job.py", "async def main(pool):\n    return 1\n")
+    python = write(tmp_path, "python3", f'#!/bin/sh\necho "Welcome to node1!"\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    write(tmp_path, "cluster.toml", f'[local]\npython = "{python}"\n')
+    done = batuta("run", "job.py", "-c", "cluster.toml", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 3, done.stderr
+    [last] = done.stderr.splitlines()
+    began = "host local: protocol error before the agent's hello: its stdout began with text 'Welcome to node1!\\n'"
+    assert began in last, last
+    assert "something printed before the agent started (a login banner, a shell startup file or a wrapper" in last
+
+
+@needs_runtime
+def test_a_kernel_module_that_does_not_import_is_reported_once_per_host_and_the_run_goes_on(tmp_path: Path) -> None:
+    """Each of the four slots printed the same traceback: twenty lines for one missing module."""
+    write(tmp_path, "cluster.toml", '[local]\nslots = 4\nkernel_modules = ["no_such_module_here"]\n')
+    done = batuta("run", "pi", "-c", "cluster.toml", "--quiet", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("pi ~ 3.14")
+    assert done.stderr.count("cannot load kernel module 'no_such_module_here'") == 1, done.stderr
+
+
 MISSING_KEY_HOST = '[[hosts]]\nname = "far"\naddress = "127.0.0.1"\nidentity_file = "/nonexistent/id_far"\n'
 
 
@@ -528,6 +596,23 @@ def test_builtin_jobs_run(tmp_path: Path, name: str) -> None:
     summary = json.loads(done.stdout)
     assert summary["failed"] == 0
     assert summary["result"].startswith("pi ~ 3.14")
+
+
+@needs_runtime
+def test_a_host_up_with_no_slot_for_the_work_fails_it_in_one_line_instead_of_waiting(tmp_path: Path) -> None:
+    """`slots = 0` leaves a machine without a GPU with no slot at all: the job used to wait
+    forever for the CPU slot the configuration seemed to promise. Its tasks fail as
+    unschedulable, and the job's error (batuta's own, complete) comes without a traceback,
+    saying where the job met it."""
+    write(tmp_path, "zero.toml", '[local]\nslots = 0\nenv = { BATUTA_FAKE_GPUS = "0" }\n')  # no GPU, even on one
+    done = batuta("run", "pi", "--cluster", "zero.toml", "--quiet", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("batuta: error: job 'pi' raised TaskFailedError at pi.py:"), last
+    assert "unschedulable after 0 attempt(s): no slot offers cpu (the cluster offers: no slots at all)" in last, last
+    assert last.endswith("add such a host or change the task's backend"), last
+    assert "host local is up but offers no slot, so it runs nothing" in done.stderr, done.stderr
 
 
 PROGRESS_JOB = """\

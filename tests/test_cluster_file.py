@@ -193,7 +193,32 @@ def test_toml_syntax_error_carries_line_and_column() -> None:
         """
     )
     assert message.startswith("cluster.toml:4:")
-    assert "invalid TOML" in message
+    assert "invalid TOML" in message and message.endswith(": 'slots = = 3'")  # the line, as written
+
+
+def test_a_key_given_twice_is_named_with_its_line_and_the_fix() -> None:
+    """tomllib says only 'Cannot overwrite a value (at line 3, column 9)'."""
+    message = error_of("[local]\nslots = 1\nslots = 2\n")
+    assert message == (
+        "cluster.toml:3:10: invalid TOML: Cannot overwrite a value (a key or table given twice: 'slots = 2'); "
+        "keep one of them"
+    )
+
+
+def test_a_folder_or_an_unreadable_file_is_named_with_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError) as folder:
+        load_cluster(tmp_path)
+    assert str(folder.value) == f"{tmp_path}: is a folder, not a cluster file; name the .toml file in it"
+
+    def refused(self: Path, encoding: str | None = None) -> str:  # as a file of mode 000 is, but to root
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    with pytest.raises(ConfigError) as unreadable:
+        load_cluster(tmp_path / "cluster.toml")
+    assert str(unreadable.value) == (
+        f"{tmp_path / 'cluster.toml'}: cannot read it: permission denied; make it readable for this user"
+    )
 
 
 def test_unknown_key_suggests_the_right_one_with_its_line() -> None:

@@ -181,6 +181,18 @@ async def test_not_a_journal_is_a_clear_error(tmp_path: Path) -> None:
         await Journal.open(tmp_path, job="j", resume=True)
 
 
+@pytest.mark.parametrize("where", ["afile", "afile/sub"])
+async def test_a_file_where_the_journal_folder_goes_is_named_with_the_fix(tmp_path: Path, where: str) -> None:
+    """mkdir's own words were 'File exists' and 'Not a directory'."""
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(JournalError) as info:
+        await Journal.open(tmp_path / where, job="j", resume=False)
+    assert str(info.value) == (
+        f"cannot use {str(tmp_path / where)!r} as a journal folder: a file is in the way; "
+        "name a folder (made if missing)"
+    )
+
+
 # -- resume on a real pool -----------------------------------------------------------------
 
 

@@ -72,9 +72,14 @@ class KernelRunner:
     """Runs kernels through the registry, importing it, the user's shipped modules (`code`,
     see `batuta/agent/code.py`) and the `--kernel-module`s on first use."""
 
-    def __init__(self, kernel_modules: tuple[str, ...] = (), code: SlotCode | None = None) -> None:
+    def __init__(
+        self, kernel_modules: tuple[str, ...] = (), code: SlotCode | None = None, *, report: bool = True
+    ) -> None:
         self._kernel_modules = kernel_modules
         self._code = code
+        # Whether a `--kernel-module` that fails to import prints its traceback (to the agent's
+        # log): one slot of a host does, not each of them, the same traceback N times.
+        self._report = report
         self._registry: Any = None
         self._registry_error: str | None = None
         self._module_errors: list[str] = []
@@ -99,7 +104,8 @@ class KernelRunner:
                 # The slot keeps working (other kernels may be fine); the failure is named
                 # in the error of every task that asks for a kernel the registry lacks.
                 self._module_errors.append(f"--kernel-module {module}: {describe_exception(exc)}")
-                traceback.print_exc()
+                if self._report:
+                    traceback.print_exc()
         self._registry = registry
         return registry
 

@@ -182,7 +182,7 @@ class SlotWorker:
         self._eof = False
         self._poller = select.poll()
         self._poller.register(frames_in, select.POLLIN)
-        self._kernels = KernelRunner(kernel_modules, self._code)
+        self._kernels = KernelRunner(kernel_modules, self._code, report=slot == 0)
         self._last_kernel = ""  # name and run time of the last task, for `_likely_quick`
         self._last_run_s = 0.0
         self._env = dict(os.environ)

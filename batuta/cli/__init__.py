@@ -118,11 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _parse(args: list[str]) -> argparse.Namespace | int:
     """Parsed arguments, or the exit code where argparse already did the work (--help)."""
     try:
-        parsed = build_parser().parse_args(args)
+        parsed, extra = build_parser().parse_known_args(args)
     except SystemExit as exc:  # --help and --version print and exit 0
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     if parsed.command is None:
+        if extra:
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)}; see '{PROG} --help'")
         raise UsageError("no command given; try 'batuta run demo', or 'batuta --help' for all")
+    if extra:  # the help that lists the options is the subcommand's, not the top level's
+        action = getattr(parsed, f"{parsed.command}_action", None)  # stack check, cluster install ...
+        command = " ".join(str(word) for word in (PROG, parsed.command, action) if word)
+        raise UsageError(f"unrecognized arguments: {' '.join(extra)}; see '{command} --help'")
     return parsed
 
 

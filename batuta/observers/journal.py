@@ -401,6 +401,10 @@ class Journal:
 def _open_sync(folder: Path, resume: bool) -> tuple[dict[str, TaskResult], dict[Place, str], Any]:
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file of that name, or one on its path
+        raise JournalError(
+            f"cannot use {str(folder)!r} as a journal folder: a file is in the way; name a folder (made if missing)"
+        ) from None
     except OSError as exc:
         raise JournalError(f"cannot use {str(folder)!r} as a journal folder: {exc.strerror or exc}") from None
     path = folder / JOURNAL_FILE

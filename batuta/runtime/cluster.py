@@ -265,6 +265,10 @@ def load_cluster(path: str | Path) -> ClusterConfig:
         text = Path(path).expanduser().read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{source}: no such file; see examples/cluster.toml for a start") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{source}: is a folder, not a cluster file; name the .toml file in it") from None
+    except PermissionError:
+        raise ConfigError(f"{source}: cannot read it: permission denied; make it readable for this user") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{source}: cannot read: {exc}") from None
     return parse_cluster(text, source=source, base_dir=Path(path).expanduser().resolve().parent)
@@ -278,6 +282,14 @@ def parse_cluster(text: str, *, source: str = "cluster.toml", base_dir: Path | N
         where = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
         reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
         if where:
+            line = int(where[1])
+            lines = text.splitlines()
+            shown = lines[line - 1].strip() if 0 < line <= len(lines) else ""
+            if reason.startswith(("Cannot overwrite a value", "Cannot declare")):
+                # tomllib names neither the key nor the line: both, and what it means
+                reason = f"{reason} (a key or table given twice: {shown!r}); keep one of them"
+            elif shown:
+                reason = f"{reason}: {shown!r}"
             raise ConfigError(f"{source}:{where[1]}:{where[2]}: invalid TOML: {reason}") from None
         raise ConfigError(f"{source}: invalid TOML: {reason}") from None
     return _Reader(text, source, base_dir or Path.cwd()).cluster(data)

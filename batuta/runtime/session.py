@@ -31,6 +31,22 @@ from batuta.transport.dropbehind import DropBehind
 
 log = logging.getLogger("batuta.runtime.session")
 LAST_WORDS_WAIT_S = 1.0  # for an agent's stderr to end after its stdout did, when it dies at start-up
+_FIRST_BYTES_SHOWN = 40  # of a stream that did not start with a frame
+
+
+def _not_an_agent(first: bytes, exc: ProtocolError) -> str:
+    """Why a stream failed before the hello, when its first bytes were no frame: most often
+    text printed ahead of the agent (a login banner, a shell startup file, a wrapper script)."""
+    text = first.decode("utf-8", "replace")
+    printable = sum(c.isprintable() or c in "\r\n\t" for c in text) >= 0.9 * len(text)
+    shown = repr(text) if printable else first[:16].hex(" ") + " ..."
+    what = "text" if printable else "bytes"
+    return (
+        f"protocol error before the agent's hello: its stdout began with {what} {shown}, not a batuta frame "
+        f"({exc}); something printed before the agent started (a login banner, a shell startup file or a "
+        "wrapper script): make it print nothing when not interactive, or to stderr"
+    )
+
 
 Launcher = Callable[[], Awaitable[ByteStream]]
 
@@ -183,7 +199,8 @@ class HostSession:
             self.kill()
             raise AgentError(
                 f"host {self.name}: agent did not say hello within {self.handshake_timeout:g}s "
-                f"({self.description}); check that batuta is installed there"
+                f"({self.description}); check that batuta is installed there, or give it longer "
+                f"(start_timeout, in the cluster file's [pool] table)"
             ) from None
 
     def send(self, message: m.Message, nbytes: int = 0) -> None:
@@ -265,6 +282,7 @@ class HostSession:
         # streamed arrays directly: no stream buffer, no bytes object, one copy
         read_into: Callable[[memoryview], Awaitable[int]] | None = getattr(stream, "read_into", None)
         reason = "agent closed the stream"
+        first = b""  # the stream's first bytes, to show when they are not a frame at all
         try:
             while True:
                 into = conn.receive_buffer() if read_into is not None else None
@@ -274,10 +292,12 @@ class HostSession:
                     if ended:
                         conn.receive_data(b"")
                     else:
+                        first = first or bytes(into[: min(count, _FIRST_BYTES_SHOWN)])
                         conn.received(count)
                 else:
                     data = await stream.read()
                     ended = not data
+                    first = first or data[:_FIRST_BYTES_SHOWN]
                     conn.receive_data(data)
                 batch: list[m.Message] = []
                 while True:
@@ -304,6 +324,8 @@ class HostSession:
                     break
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
+            if self.hello is None and first:
+                reason = _not_an_agent(first, exc)
             # the connection refuses use after an error, so encode the goodbye by hand
             with contextlib.suppress(Exception):
                 stream.write(encode_message(m.Error(message=str(exc))))

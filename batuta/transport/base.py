@@ -94,8 +94,9 @@ class StreamClosedError(TransportError):
     """Writing to a stream whose far side has gone away."""
 
 
-def signal_process(process: asyncio.subprocess.Process, signum: int) -> None:
-    """Send `signum` to a child started with asyncio, unless it is known to have exited.
+def signal_process(process: asyncio.subprocess.Process, signum: int, *, group: bool = False) -> None:
+    """Send `signum` to a child started with asyncio, unless it is known to have exited;
+    with `group`, to its whole process group (a child started with `start_new_session`).
 
     Not `process.send_signal`: its `Popen` polls first (waitpid WNOHANG), and a child that
     has just exited is reaped there instead of by asyncio's child watcher, which then logs
@@ -104,7 +105,10 @@ def signal_process(process: asyncio.subprocess.Process, signum: int) -> None:
     signal to the zombie of a child not yet reaped does nothing."""
     if process.returncode is None:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signum)
+            if group:
+                os.killpg(process.pid, signum)
+            else:
+                os.kill(process.pid, signum)
 
 
 async def wait_for_exit(process: asyncio.subprocess.Process, timeout: float) -> int | None:

@@ -111,13 +111,19 @@ class LocalStream:
             raise StreamClosedError(f"{self.description}: the agent stopped reading its stdin")
 
     async def close(self, timeout: float = 2.0) -> None:
-        """EOF first (the agent exits on its own and reaps its slots), then TERM, then KILL."""
+        """EOF first (the agent exits on its own and reaps its slots), then TERM, then KILL;
+        then whatever is left of its process group."""
         self._stdin.close()
         if await wait_for_exit(self._process, timeout) is None:
             self._signal(signal.SIGTERM)
             if await wait_for_exit(self._process, timeout) is None:
                 self._signal(signal.SIGKILL)
                 await wait_for_exit(self._process, timeout)
+        # A `[local] python` that is a script may have left a child behind (holding the stderr
+        # pipe open, so the stderr reader and asyncio's transport would never finish). The
+        # group outlives its leader while a member is left, so its id cannot have been reused.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._process.pid, signal.SIGKILL)
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(self._stderr_task, timeout)
         self._stdout.close()
@@ -130,7 +136,7 @@ class LocalStream:
         self._stdin.close()
 
     def _signal(self, signum: int) -> None:
-        signal_process(self._process, signum)
+        signal_process(self._process, signum, group=True)
 
 
 async def open_local_agent(
@@ -152,6 +158,10 @@ async def open_local_agent(
             stderr=asyncio.subprocess.PIPE,
             env=child_env,
             limit=READ_CHUNK,
+            # Its own process group, so that a signal reaches what a wrapper script around the
+            # agent started too, and Ctrl-C at the terminal reaches the coordinator alone (which
+            # then closes the agent in order). Slots lead groups of their own (spawn.py).
+            start_new_session=True,
         )
     except OSError as exc:
         os.close(stdin_write)
