@@ -223,6 +223,30 @@ def test_a_bare_host_gets_batuta_from_the_wheelhouse_runs_a_task_and_a_second_in
     assert (venv / MARKER).stat().st_mtime_ns == marker_stamp
 
 
+def test_two_hosts_sharing_a_home_folder_install_into_it_at_once(
+    hosts: TestHosts, coordinator_cache: Path, tmp_path: Path
+) -> None:
+    """As on a cluster whose home folders are one NFS export: both hosts copy the same wheels
+    into the same folder at once. A shared `NAME.part` was renamed away under the slower copy
+    ('copying files to ... failed: No such file'), failing one host of two on every cold run."""
+    python = bare_python(tmp_path)
+    cache = tmp_path / "shared-cache"
+    first = write_cluster(tmp_path / "h0.toml", hosts, 0, python, cache).read_text()
+    second = write_cluster(tmp_path / "h1.toml", hosts, 1, python, cache).read_text()
+    both = first + second[second.index("[[hosts]]") : second.index("[ssh]")]
+    cluster = tmp_path / "cluster.toml"
+    cluster.write_text(both)
+
+    code, report = install(cluster, coordinator_cache)
+    assert code == 0, [h.get("error") for h in report["hosts"]]
+    assert sorted((h["host"], h["ok"]) for h in report["hosts"]) == [("h0", True), ("h1", True)]
+    assert {h["path"] for h in report["hosts"]} <= {"wheelhouse", "already"}
+    venv = venv_of(cache, python)
+    assert json.loads((venv / MARKER).read_text())["batuta"] == __version__
+    leftovers = sorted(p.name for p in cache.rglob("*") if ".part" in p.name)
+    assert leftovers == []
+
+
 def test_an_install_killed_while_pip_runs_is_redone_without_pushing_again(
     hosts: TestHosts, coordinator_cache: Path, tmp_path: Path
 ) -> None:

@@ -525,6 +525,23 @@ class Installer:
         facts = await self.probe(ssh, host, release)
         if installed(facts, release):
             return self._result(host, facts, "already")
+        try:
+            return await self._install(ssh, host, release, facts)
+        except (BatutaError, OSError) as failed:
+            # Hosts that share a home folder (NFS) install into the same place at once, under
+            # the environment's lock; the first to finish removes the pushed wheels, maybe from
+            # under another's copy. Where the environment is there now, that host is done too.
+            try:
+                again = await self.probe(ssh, host, release)
+            except (BatutaError, OSError):
+                raise failed from None
+            if installed(again, release):
+                return self._result(host, again, "already")
+            raise
+
+    async def _install(
+        self, ssh: SSHHost, host: InstallTarget, release: wheels.Release, facts: HostFacts
+    ) -> HostInstalled:
         base = await self._base_wheels()
         base_dir = f"{facts.cache}/wheels/batuta-{release.version}-{release.digest[:16]}"
         pushed = await self._push(ssh, host, base, base_dir, "pushing batuta")

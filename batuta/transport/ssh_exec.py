@@ -7,9 +7,11 @@ stdout read line by line as it comes, for progress), `put` copies files with SFT
 `open_stream` finally starts the agent on a channel of the same connection and hands the
 connection to that stream: a host that is checked, or installed, on connect logs in once.
 
-Copies are resumable: a file goes to `NAME.part` and is renamed to `NAME` once complete, so a
-`NAME` that is there (with the right size) is never sent again, and an interrupted copy
-leaves only a `.part` file that the next copy overwrites.
+Copies are resumable: a file goes to `NAME.part-XXXXXXXX` and is renamed to `NAME` once
+complete, so a `NAME` that is there (with the right size) is never sent again, and an
+interrupted copy leaves only a part file (removed by a later copy once it is an hour old).
+The part's name is this copy's own: hosts that share a home folder (NFS, on most clusters)
+copy into the same folder at once, and a shared `NAME.part` was renamed away under the other.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import asyncio
 import contextlib
 import logging
 import posixpath
+import secrets
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +44,7 @@ log = logging.getLogger("batuta.transport.ssh_exec")
 
 OUTPUT_LIMIT = 256 * 1024  # of a command's stdout and stderr kept each (the end of it)
 PART_SUFFIX = ".part"
+STALE_PART_S = 3600.0  # a part file this old is an interrupted copy's, not one under way
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -148,8 +153,15 @@ class SSHHost:
         try:
             async with conn.start_sftp_client() as sftp:
                 await sftp.makedirs(remote_dir, exist_ok=True)
-                there = {str(entry.filename): entry.attrs.size for entry in await sftp.readdir(remote_dir)}
+                entries = await sftp.readdir(remote_dir)
+                there = {str(entry.filename): entry.attrs.size for entry in entries}
                 todo = [f for f in files if there.get(f.name) != f.stat().st_size]
+                now = time.time()
+                for entry in entries:  # interrupted copies' parts; never another host's under way
+                    name, mtime = str(entry.filename), entry.attrs.mtime
+                    if PART_SUFFIX in name and mtime is not None and now - mtime > STALE_PART_S:
+                        with contextlib.suppress(asyncssh.SFTPError):
+                            await sftp.remove(posixpath.join(remote_dir, name))
                 skipped = sum(f.stat().st_size for f in files if f not in todo)
                 copied = 0
 
@@ -159,8 +171,10 @@ class SSHHost:
 
                 for path in todo:
                     final = posixpath.join(remote_dir, path.name)
-                    await sftp.put(str(path), final + PART_SUFFIX, progress_handler=progress)
-                    await sftp.posix_rename(final + PART_SUFFIX, final)
+                    part = f"{final}{PART_SUFFIX}-{secrets.token_hex(4)}"
+                    await sftp.put(str(path), part, progress_handler=progress)
+                    # atomic, and replacing: where another host's copy landed first, the same bytes
+                    await sftp.posix_rename(part, final)
                     copied += path.stat().st_size
                 if on_bytes is not None:
                     on_bytes(skipped + copied)
