@@ -14,6 +14,7 @@ import json
 import os
 import pwd
 import re
+import select
 import shutil
 import signal
 import socket
@@ -554,6 +555,38 @@ def test_a_served_run_reports_as_batuta_run_does(runtime_dir: Path, tmp_path: Pa
     lines = done.stdout.splitlines()
     assert "the job's own output" in lines and "the value" in lines
     assert any(re.search(r"tasks?: \d+ succeeded", line) for line in lines) is (flags == [])  # the summary
+
+
+def test_a_served_runs_value_and_summary_come_out_when_the_job_ends_not_when_the_linger_does(
+    runtime_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In the background they go to its log: they reached it only when the coordinator exited,
+    `batuta stop` or ten minutes of linger after the job had ended."""
+    job = tmp_path / "done.py"
+    job.write_text(VALUE_JOB)
+    command = [sys.executable, "-m", "batuta", "run", str(job), "--serve", "--foreground", "--name", "done"]
+    child = subprocess.Popen([*command, "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert child.stdout is not None
+        out = b""
+        deadline = time.monotonic() + 60
+        while not re.search(rb"tasks?: \d+ succeeded", out) and time.monotonic() < deadline:
+            ready, _, _ = select.select([child.stdout], [], [], deadline - time.monotonic())
+            if ready:
+                chunk = os.read(child.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                out += chunk
+        assert b"the value\n" in out and re.search(rb"tasks?: \d+ succeeded", out), out
+        assert child.poll() is None  # still lingering, for `batuta ps` and a late attach
+        assert asyncio.run(ask_info(parse_target("done")))["state"] == "done"
+        assert cli_main(["stop", "done"]) == 0
+        assert child.wait(timeout=60) == 0
+        assert child.stdout.read() == b""  # nothing more: the report came out once
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
 
 
 def test_a_background_served_run_passes_every_run_option_on(runtime_dir: Path, tmp_path: Path) -> None:

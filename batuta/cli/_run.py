@@ -247,10 +247,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return finish_run(outcome, args)
 
 
-def finish_run(outcome: RunOutcome, args: argparse.Namespace) -> int:
-    """The end of `batuta run`, served or not: the report (--json, --quiet), the interrupted
-    note, --metrics-linger, and the exit code (--strict)."""
+def report_run(outcome: RunOutcome, args: argparse.Namespace) -> None:
+    """The job's value and summary (--json, --quiet), as `batuta run` prints them at its end."""
     _report(outcome, as_json=args.json, quiet=args.quiet)
+    sys.stdout.flush()  # a served job's log is a file: the report is there as soon as it is made
+
+
+def finish_run(outcome: RunOutcome, args: argparse.Namespace, *, reported: bool = False) -> int:
+    """The end of `batuta run`, served or not: the report (unless `reported` already), the
+    interrupted note, --metrics-linger, and the exit code (--strict)."""
+    if not reported:
+        report_run(outcome, args)
     summary = outcome.summary
     if summary.interrupted:
         print(_interrupted_note(summary, args), file=sys.stderr)

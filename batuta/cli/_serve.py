@@ -16,10 +16,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batuta.cli._common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, positive_seconds
 from batuta.errors import ServeError, UsageError
+
+if TYPE_CHECKING:
+    from batuta.jobs import RunOutcome
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 120.0
@@ -163,10 +166,16 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
                 "(under nohup or tmux to outlive this terminal)"
             )
         return _spawn(args, name)
-    from batuta.cli._run import announce_metrics, finish_run
+    from batuta.cli._run import announce_metrics, finish_run, report_run
     from batuta.jobs import serve_job
 
     label = f"{Path(args.cluster).name}" if args.cluster else "local"
+    reported: list[RunOutcome] = []
+
+    def ended(outcome: RunOutcome) -> None:  # at the job's end, not after the linger
+        report_run(outcome, args)
+        reported.append(outcome)
+
     try:
         outcome = asyncio.run(
             serve_job(
@@ -177,6 +186,7 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
                 tls_context=tls_context,
                 cluster_label=label,
                 on_listening=_announce,
+                on_ended=ended,
                 workers=args.workers,
                 seed=args.seed,
                 cluster=cluster,
@@ -196,7 +206,7 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
     if outcome is None:
         print(f"{PROG}: {name} stopped before its job started", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return finish_run(outcome, args)
+    return finish_run(outcome, args, reported=bool(reported))
 
 
 def _announce(server: Any) -> None:

@@ -67,10 +67,12 @@ async def serve_job(
     tls_context: ssl.SSLContext | None = None,
     cluster_label: str = "local",
     on_listening: Callable[[CoordinatorServer], None] | None = None,
+    on_ended: Callable[[RunOutcome], None] | None = None,
     **run_options: Any,
 ) -> RunOutcome | None:
     """Run `job` (see `run_job` for `run_options`) with viewers welcome; returns its outcome
-    (None when it was stopped before its hosts were up)."""
+    (None when it was stopped before its hosts were up). `on_ended` gets the outcome as soon as
+    the job ends, before the linger: the value and summary reach the log then, not at exit."""
     controls = _JobControls(job.name)
     servers: list[CoordinatorServer] = []
     started_at: list[float] = []
@@ -142,6 +144,8 @@ async def serve_job(
         server.hosts_closed(f"released: job {job.name} ended")
         server.set_state(state, line or message)
         log.info("job %s %s: %s", job.name, state, line or message)
+        if on_ended is not None:
+            on_ended(outcome)
         if not controls.stopping.is_set() and linger_s > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(controls.stopping.wait(), linger_s)
