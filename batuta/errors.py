@@ -23,6 +23,11 @@ class TaskError(BatutaError):
     """A task could not be built or did not succeed."""
 
 
+class TaskUsageError(TaskError, UsageError):
+    """A task built from an invalid argument: a TaskError, as every task check has raised, and a
+    UsageError, since the caller's fix is to pass something else (`batuta run` exits 2)."""
+
+
 class TaskFailedError(TaskError):
     """Raised by `TaskResult.unwrap()` and `Pool.map` when a task did not succeed."""
 

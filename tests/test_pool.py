@@ -341,6 +341,11 @@ async def test_submit_after_close_is_a_clear_error() -> None:
 
     with pytest.raises(PoolClosedError, match="closed"):
         await pool.submit(Task.kernel("noop"))
+    from batuta.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^this pool is closed, and a pool starts once: build a new one$"):
+        async with pool:  # said 'pool already started'
+            pass
 
 
 async def test_argument_the_wire_cannot_carry_is_refused_at_submit(pool: Pool) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 import batuta.core.task as task_module
 from batuta import Backend, Task
-from batuta.core.task import TaskError
+from batuta.errors import TaskError
 
 
 @pytest.mark.parametrize(("given", "expected"), [("gpu", Backend.GPU), ("CPU", Backend.CPU), (" auto ", Backend.AUTO)])

@@ -13,9 +13,10 @@ import enum
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import PurePath
 from typing import Any, Never, Self
 
-from batuta.errors import NoCapableSlotError, TaskError, TaskFailedError
+from batuta.errors import NoCapableSlotError, TaskFailedError, TaskUsageError
 
 # Task.kernel's keyword-only options, named by the error for kernel arguments given by name
 # (tests/test_task.py keeps the two in step)
@@ -40,12 +41,49 @@ class Backend(enum.Enum):
 
 
 class Priority(enum.IntEnum):
-    """Higher runs first. Within one priority, tasks run in submission order."""
+    """Higher runs first. Within one priority, tasks run in submission order.
+
+    A task's `priority` may also be given by name, in any case ("high"), or by value (0 to 3).
+    """
 
     LOW = 0
     NORMAL = 1
     HIGH = 2
     CRITICAL = 3
+
+
+_PRIORITY_NAMES = {member.name.lower(): member for member in Priority}
+
+
+def _priority(value: object) -> Priority:
+    """`value` as a Priority: a member, its name in any case, or its value 0 to 3."""
+    if type(value) is Priority:  # the common case, first: a million queued tasks pass here
+        return value
+    if isinstance(value, str):
+        found = _PRIORITY_NAMES.get(value.strip().lower())
+        if found is not None:
+            return found
+    elif isinstance(value, int) and not isinstance(value, bool):  # True is no priority
+        with contextlib.suppress(ValueError):
+            return Priority(value)
+    names = ", ".join(repr(name) for name in _PRIORITY_NAMES)
+    raise TaskUsageError(
+        f"priority {value!r}: expected Priority.LOW, Priority.NORMAL, Priority.HIGH or Priority.CRITICAL "
+        f"(or a name, any case: {names}; or 0 to 3)"
+    )
+
+
+def _backend(value: object) -> Backend:
+    """`value` as a Backend: a member, or its value in any case ("gpu" is as clear as Backend.GPU)."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return Backend(value.strip().lower())
+    if not isinstance(value, Backend):
+        raise TaskUsageError(
+            f"backend {value!r}: expected Backend.CPU, Backend.GPU, Backend.SCALAR or Backend.AUTO "
+            "(or 'cpu', 'gpu', 'scalar', 'auto')"
+        )
+    return value
 
 
 class TaskStatus(enum.Enum):
@@ -147,43 +185,47 @@ class Task:
     timeout: float | None = None
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     name: str = ""
-    requires: frozenset[str] = frozenset()
+    requires: frozenset[str] = _NO_TAGS
     key: str | None = None  # a stable key chosen by the caller (journals, resume)
 
     def __post_init__(self) -> None:
         if isinstance(self.call, KernelCall):
             if not self.call.name or not isinstance(self.call.name, str):
-                raise TaskError("kernel task needs a kernel name: Task.kernel('vadd', a, b)")
+                raise TaskUsageError("kernel task needs a kernel name: Task.kernel('vadd', a, b)")
         elif isinstance(self.call, BinaryCall):
-            if not self.call.path:
-                raise TaskError("binary task needs a path: Task.binary('./process', ...)")
+            if not self.call.path or not isinstance(self.call.path, str):
+                raise TaskUsageError(f"binary task needs a path, not {self.call.path!r}: Task.binary('./process', ...)")
             if not all(isinstance(a, str) for a in self.call.args):
-                raise TaskError(f"binary task {self.call.path!r}: every argument must be a str")
+                raise TaskUsageError(f"binary task {self.call.path!r}: every argument must be a str")
             if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.call.env.items()):
-                raise TaskError(f"binary task {self.call.path!r}: env keys and values must be str")
+                raise TaskUsageError(f"binary task {self.call.path!r}: env keys and values must be str")
+            if self.call.cwd is not None and not isinstance(self.call.cwd, str):
+                raise TaskUsageError(f"binary task {self.call.path!r}: cwd must be a str path, not {self.call.cwd!r}")
         else:
-            raise TaskError(f"task call must be KernelCall or BinaryCall, not {type(self.call).__name__}")
-        if isinstance(self.backend, str):  # "gpu" is as clear as Backend.GPU
-            with contextlib.suppress(ValueError):
-                object.__setattr__(self, "backend", Backend(self.backend.strip().lower()))
-        if not isinstance(self.backend, Backend):
-            raise TaskError(
-                f"backend {self.backend!r}: expected Backend.CPU, Backend.GPU, Backend.SCALAR or Backend.AUTO "
-                "(or 'cpu', 'gpu', 'scalar', 'auto')"
-            )
-        if self.timeout is not None and not (self.timeout > 0 and math.isfinite(self.timeout)):
-            raise TaskError(f"timeout must be a positive number of seconds, not {self.timeout!r}")
-        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
-            raise TaskError(f"max_attempts must be an int >= 1, not {self.max_attempts!r}")
+            raise TaskUsageError(f"task call must be KernelCall or BinaryCall, not {type(self.call).__name__}")
+        if type(self.backend) is not Backend:
+            object.__setattr__(self, "backend", _backend(self.backend))
+        timeout = self.timeout
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf
+        ):
+            raise TaskUsageError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise TaskUsageError(f"max_attempts must be an int >= 1, not {self.max_attempts!r}")
         if isinstance(self.call, BinaryCall) and self.backend is Backend.GPU:
             # Binaries may use a GPU themselves; we only refuse the obviously wrong SCALAR mix.
             pass
+        if not isinstance(self.name, str):
+            raise TaskUsageError(f"label must be a str (the task's name in results and logs), not {self.name!r}")
+        if self.key is not None and not isinstance(self.key, str):
+            raise TaskUsageError(f"key must be a str (a stable key of your choosing) or None, not {self.key!r}")
         if not self.name:
             label = self.call.name if isinstance(self.call, KernelCall) else _basename(self.call.path)
             object.__setattr__(self, "name", label)
-        object.__setattr__(self, "priority", Priority(self.priority))
-        if not isinstance(self.requires, frozenset):
-            object.__setattr__(self, "requires", frozenset(self.requires) if self.requires else _NO_TAGS)
+        if type(self.priority) is not Priority:
+            object.__setattr__(self, "priority", _priority(self.priority))
+        if self.requires is not _NO_TAGS:
+            object.__setattr__(self, "requires", _tags(self.requires))
 
     # -- constructors -------------------------------------------------------------------
 
@@ -196,7 +238,7 @@ class Task:
         priority: Priority = Priority.NORMAL,
         timeout: float | None = None,
         max_attempts: int | None = None,
-        requires: Iterable[str] = (),
+        requires: Iterable[str] = _NO_TAGS,
         key: str | None = None,
         label: str = "",
         retry: bool = True,
@@ -205,14 +247,14 @@ class Task:
         """A task that runs the registered kernel `name` on `args`; `retry=False`: never run it twice.
         The kernel's arguments go by position: the keywords are the task's options."""
         if named:
-            raise TaskError(_named_kernel_args(name, named))
+            raise TaskUsageError(_named_kernel_args(name, named))
         return cls(
             call=KernelCall(name=name, args=tuple(args)),
             backend=backend,
             priority=priority,
             timeout=timeout,
             max_attempts=_attempts(max_attempts, retry),
-            requires=frozenset(requires) if requires else _NO_TAGS,
+            requires=_tags(requires),
             key=key,
             name=label,
         )
@@ -227,19 +269,19 @@ class Task:
         priority: Priority = Priority.NORMAL,
         timeout: float | None = None,
         max_attempts: int | None = None,
-        requires: Iterable[str] = (),
+        requires: Iterable[str] = _NO_TAGS,
         key: str | None = None,
         label: str = "",
         retry: bool = True,
     ) -> Task:
         """A task that runs the executable `path` with `args` on a host; `retry=False`: never run it twice."""
         return cls(
-            call=BinaryCall(path=str(path), args=tuple(args), env=dict(env or {}), cwd=cwd),
+            call=BinaryCall(path=_path_text(path), args=tuple(args), env=dict(env or {}), cwd=_path_text(cwd)),
             backend=Backend.CPU,
             priority=priority,
             timeout=timeout,
             max_attempts=_attempts(max_attempts, retry),
-            requires=frozenset(requires) if requires else _NO_TAGS,
+            requires=_tags(requires),
             key=key,
             name=label,
         )
@@ -265,11 +307,33 @@ class Task:
 
 def _attempts(max_attempts: int | None, retry: bool) -> int:
     """`max_attempts` from the constructors' two spellings of one setting."""
+    if not isinstance(retry, bool):  # retry="no" would be true
+        raise TaskUsageError(f"retry must be True or False, not {retry!r}")
     if retry:
         return DEFAULT_MAX_ATTEMPTS if max_attempts is None else max_attempts
     if max_attempts not in (None, 1):
-        raise TaskError(f"retry=False means one attempt; drop max_attempts={max_attempts!r} or keep retry=True")
+        raise TaskUsageError(f"retry=False means one attempt; drop max_attempts={max_attempts!r} or keep retry=True")
     return 1
+
+
+def _tags(requires: object) -> frozenset[str]:
+    """`requires` as a frozenset of capability tags. A str is refused: taken as an iterable it
+    would require each of its letters, a task no slot can run."""
+    if isinstance(requires, str | bytes):
+        raise TaskUsageError(f"requires={requires!r}: pass a list of capability tags, e.g. requires=[{requires!r}]")
+    if not isinstance(requires, Iterable):
+        raise TaskUsageError(f"requires={requires!r}: pass a list of capability tags, e.g. requires=['gpu']")
+    tags = requires if isinstance(requires, frozenset) else tuple(requires)
+    if not all(isinstance(tag, str) for tag in tags):
+        raise TaskUsageError(f"requires={requires!r}: each capability tag must be a str, like 'gpu' or 'gpu:0'")
+    if isinstance(tags, frozenset):
+        return tags
+    return frozenset(tags) if tags else _NO_TAGS
+
+
+def _path_text(path: Any) -> Any:
+    """A Path as its str; anything else as it is, for Task's checks to name."""
+    return str(path) if isinstance(path, PurePath) else path
 
 
 def _basename(path: str) -> str:
@@ -292,7 +356,7 @@ class TaskBuilder:
         return self
 
     def binary(self, path: str) -> Self:
-        self._binary = str(path)
+        self._binary = _path_text(path)
         return self
 
     def arg(self, value: Any) -> Self:
@@ -300,6 +364,8 @@ class TaskBuilder:
         return self
 
     def args(self, values: Iterable[Any]) -> Self:
+        if isinstance(values, str | bytes):  # taken as an iterable, one argument per character
+            raise TaskUsageError(f"args({values!r}): pass a list of arguments, or .arg({values!r}) for one")
         self._args.extend(values)
         return self
 
@@ -308,7 +374,7 @@ class TaskBuilder:
         return self
 
     def cwd(self, path: str) -> Self:
-        self._cwd = str(path)
+        self._cwd = _path_text(path)
         return self
 
     def backend(self, backend: Backend) -> Self:
@@ -333,7 +399,7 @@ class TaskBuilder:
         return self
 
     def requires(self, *tags: str) -> Self:
-        self._options["requires"] = frozenset(tags)
+        self._options["requires"] = tags  # checked by Task, as Task.kernel's requires= is
         return self
 
     def name(self, label: str) -> Self:
@@ -346,16 +412,16 @@ class TaskBuilder:
 
     def build(self) -> Task:
         if (self._kernel is None) == (self._binary is None):
-            raise TaskError("Task.builder() needs exactly one of .kernel(name) or .binary(path)")
+            raise TaskUsageError("Task.builder() needs exactly one of .kernel(name) or .binary(path)")
         if self._kernel is not None:
             if self._env or self._cwd is not None:
-                raise TaskError(f"kernel task {self._kernel!r}: env and cwd apply to binaries only")
+                raise TaskUsageError(f"kernel task {self._kernel!r}: env and cwd apply to binaries only")
             return Task(call=KernelCall(name=self._kernel, args=tuple(self._args)), **self._options)
         assert self._binary is not None
         options = dict(self._options)
-        backend = options.pop("backend", Backend.CPU)
+        backend = _backend(options.pop("backend", Backend.CPU))
         if backend not in (Backend.CPU, Backend.AUTO):
-            raise TaskError(f"binary task {self._binary!r}: backend must be CPU, not {backend.name}")
+            raise TaskUsageError(f"binary task {self._binary!r}: backend must be CPU, not {backend.name}")
         return Task(
             call=BinaryCall(
                 path=self._binary,

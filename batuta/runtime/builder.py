@@ -6,11 +6,13 @@ pool = Pool.builder().cpu_workers(4).gpu_workers("none").seed(7).build()
 from __future__ import annotations
 
 import errno
+import math
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from batuta.core.backend import BackendThresholds
 from batuta.core.scheduler import SchedulerConfig
@@ -18,6 +20,7 @@ from batuta.core.task import CAP_CPU, MAX_SLOTS
 from batuta.errors import HostConfigError, TransportError, UsageError
 from batuta.runtime.code import MAX_CODE_MB, CodeSpec
 from batuta.runtime.session import HostSpec
+from batuta.runtime.toml_fields import MODULE_NAME, FieldReader
 from batuta.transport.local import agent_command, open_local_agent
 
 if TYPE_CHECKING:
@@ -46,9 +49,31 @@ class PoolConfig:
     thresholds: BackendThresholds = field(default_factory=BackendThresholds)
     code: CodeSpec = field(default_factory=CodeSpec)  # the user's code to ship (runtime/code.py)
 
+    def __post_init__(self) -> None:
+        # Made by hand as well as by the builder: a heartbeat of -1 went to the agent, which
+        # refused its Welcome, and the pool relaunched it forever.
+        for name in ("heartbeat_interval", "suspect_after", "lost_after", "relaunch_backoff", "start_timeout"):
+            positive_seconds("PoolConfig", getattr(self, name), name)
+        _whole("PoolConfig", self.max_relaunches, "max_relaunches", least=0, what="a number of relaunches >= 0")
+        for name in ("max_parallel_starts", "send_high_water", "send_budget"):
+            _whole("PoolConfig", getattr(self, name), name, least=1, what="a positive whole number")
+
 
 class PoolBuilder:
     """Fluent construction mirroring the seed's `Pool::builder().cpu_workers(n).build()`."""
+
+    # Pool.local's keywords besides cpu_workers, gpu_workers and seed: the methods that take one
+    # value and fit a pool of this machine only (the others take keywords, none, or hosts)
+    LOCAL_OPTIONS: ClassVar[tuple[str, ...]] = (
+        "kernel_modules",
+        "modules",
+        "job_file",
+        "code_limit",
+        "python",
+        "heartbeat_interval",
+        "max_queued",
+        "scheduler",
+    )
 
     def __init__(self) -> None:
         self._cpu_workers: int | None = None
@@ -68,22 +93,32 @@ class PoolBuilder:
         self._cpu_workers = count
         return self
 
-    def gpu_workers(self, which: str) -> PoolBuilder:
-        """'auto' (one slot per visible GPU), 'none', or a comma list of GPU indices."""
-        self._gpu_workers = which
+    def gpu_workers(self, which: str | Sequence[int]) -> PoolBuilder:
+        """'auto' (one slot per visible GPU), 'none', or GPU indices: "0,1" or [0, 1], as the
+        cluster file's `gpus` takes them. A bare count (3) is refused: it could mean GPU 3 or
+        three GPUs."""
+        if isinstance(which, int) and not isinstance(which, bool):
+            raise UsageError(f'gpu_workers({which}) is ambiguous: give GPU indices ("0,1" or [0, 1]), "auto" or "none"')
+        # The cluster file's rule, so that a value means the same here as in cluster.toml.
+        given = list(which) if isinstance(which, Sequence) and not isinstance(which, str | bytes) else which
+        self._gpu_workers = _ARGUMENTS._gpus(("gpu_workers",), given)
         return self
 
     def kernel_modules(self, modules: Iterable[str]) -> PoolBuilder:
-        """Modules the agents import so that their `@kernel` functions are registered. Those
-        that are the user's own files here (not installed) travel to every host."""
-        self._kernel_modules = list(modules)
+        """Modules the agents import so that their `@kernel` functions are registered: a list of
+        dotted names. Those that are the user's own files here (not installed) travel to every host."""
+        names = _items("kernel_modules", modules, "module names")
+        for name in names:
+            if not isinstance(name, str) or not MODULE_NAME.match(name):
+                raise UsageError(f"kernel_modules: {name!r} is not a dotted module name like mypkg.kernels")
+        self._kernel_modules = names
         return self
 
     def modules(self, paths: Iterable[str | Path]) -> PoolBuilder:
-        """The user's code to ship to every host and import there: .py files and package
-        folders (with what they import from their folders); see batuta/runtime/code.py."""
+        """The user's code to ship to every host and import there: a list of .py files and
+        package folders (with what they import from their folders); see batuta/runtime/code.py."""
         code = self._config.code
-        added = tuple(Path(p) for p in paths)
+        added = tuple(_path("modules", p) for p in _items("modules", paths, "paths"))
         self._config = replace(self._config, code=replace(code, modules=code.modules + added))
         return self
 
@@ -91,7 +126,7 @@ class PoolBuilder:
         """Ship the modules of `path`'s folder that this job file imports (what `batuta run`
         does for its job)."""
         code = self._config.code
-        self._config = replace(self._config, code=replace(code, job_files=(*code.job_files, Path(path))))
+        self._config = replace(self._config, code=replace(code, job_files=(*code.job_files, _path("job_file", path))))
         return self
 
     def code_limit(self, nbytes: int) -> PoolBuilder:
@@ -102,11 +137,12 @@ class PoolBuilder:
         return self
 
     def host(self, spec: HostSpec) -> PoolBuilder:
-        self._hosts.append(spec)
+        self._hosts.append(_host_spec("host", spec))
         return self
 
     def hosts(self, specs: Iterable[HostSpec]) -> PoolBuilder:
-        self._hosts.extend(specs)
+        given = [_host_spec("hosts", spec) for spec in _items("hosts", specs, "HostSpecs", "local_host(2)")]
+        self._hosts.extend(given)  # all checked before any is added
         return self
 
     def no_local(self) -> PoolBuilder:
@@ -115,25 +151,41 @@ class PoolBuilder:
         return self
 
     def python(self, executable: str) -> PoolBuilder:
-        self._python = executable
+        """The Python that runs the local agent (default: this one)."""
+        _path("python", executable)  # a str or a Path
+        # kept as given, not made a Path: "./python" must keep its "./", or exec searches PATH
+        given = os.fspath(executable)
+        if not given:  # else the agent would quietly run with this Python
+            raise UsageError("python(''): give the path of a Python interpreter, or leave python() out")
+        self._python = given
         return self
 
     def seed(self, seed: int) -> PoolBuilder:
-        self._config = replace(self._config, seed=seed)
+        self._config = replace(self._config, seed=_whole("seed", seed, what="a whole number"))
         return self
 
     def heartbeat_interval(self, seconds: float) -> PoolBuilder:
-        self._config = replace(self._config, heartbeat_interval=seconds)
+        """Seconds between a host's heartbeats; below `liveness(suspect_after=...)` (default 3)."""
+        self._config = replace(self._config, heartbeat_interval=positive_seconds("heartbeat_interval", seconds))
         return self
 
     def liveness(self, *, suspect_after: float, lost_after: float) -> PoolBuilder:
-        if not 0 < suspect_after <= lost_after:
-            raise UsageError("liveness needs 0 < suspect_after <= lost_after")
+        suspect_after = positive_seconds("liveness", suspect_after, "suspect_after")
+        lost_after = positive_seconds("liveness", lost_after, "lost_after")
+        if suspect_after > lost_after:
+            raise UsageError(
+                f"liveness(suspect_after={suspect_after:g}, lost_after={lost_after:g}): "
+                "a host is suspected before it is lost; give suspect_after <= lost_after"
+            )
         self._config = replace(self._config, suspect_after=suspect_after, lost_after=lost_after)
         return self
 
     def relaunch(self, *, max_relaunches: int, backoff: float) -> PoolBuilder:
-        self._config = replace(self._config, max_relaunches=max_relaunches, relaunch_backoff=backoff)
+        """How often a lost host is relaunched before it is retired (0: never), and the first
+        delay in seconds (it doubles each time, up to 30 s)."""
+        count = _whole("relaunch", max_relaunches, "max_relaunches", least=0, what="a whole number of relaunches >= 0")
+        delay = positive_seconds("relaunch", backoff, "backoff")
+        self._config = replace(self._config, max_relaunches=count, relaunch_backoff=delay)
         return self
 
     def flow_control(self, *, high_water: int | None = None, budget: int | None = None) -> PoolBuilder:
@@ -149,7 +201,10 @@ class PoolBuilder:
         return self
 
     def max_queued(self, count: int) -> PoolBuilder:
-        self._scheduler = replace(self._scheduler, max_queued=count)
+        """The most tasks queued before `submit` waits for room (backpressure)."""
+        self._scheduler = replace(
+            self._scheduler, max_queued=_whole("max_queued", count, least=1, what="a positive number of tasks")
+        )
         return self
 
     def window(self, *, min_window: int | None = None, max_window: int | None = None) -> PoolBuilder:
@@ -169,10 +224,19 @@ class PoolBuilder:
         return self
 
     def scheduler(self, config: SchedulerConfig) -> PoolBuilder:
+        if not isinstance(config, SchedulerConfig):
+            raise UsageError(f"scheduler({config!r}): give a batuta.core.scheduler.SchedulerConfig")
         self._scheduler = config
         return self
 
     def build(self) -> Pool:
+        config = self._config
+        if config.heartbeat_interval >= config.suspect_after:  # as the cluster file's [pool] check says
+            raise UsageError(
+                f"heartbeat_interval({config.heartbeat_interval:g}) is not below liveness(suspect_after="
+                f"{config.suspect_after:g}): every host would be suspected between heartbeats; shorten it "
+                "or raise suspect_after"
+            )
         hosts = list(self._hosts)
         if self._local and not any(h.name == "local" for h in hosts):
             hosts.insert(
@@ -184,6 +248,55 @@ class PoolBuilder:
         from batuta.runtime.pool import Pool  # the pool imports this module
 
         return Pool(hosts, replace(self._config, scheduler=self._scheduler))
+
+
+# The cluster file's checks, for the arguments that the cluster file takes too: its errors
+# (a ConfigError, a UsageError) read "Pool.builder(): gpu_workers: <the problem and the fix>".
+_ARGUMENTS = FieldReader("", "Pool.builder()", Path())
+
+
+def _shown(method: str, value: object, keyword: str = "") -> str:
+    """The call as the caller wrote it: `heartbeat_interval(-1)`, `relaunch(backoff=-1)`."""
+    return f"{method}({keyword}={value!r})" if keyword else f"{method}({value!r})"
+
+
+def positive_seconds(method: str, value: object, keyword: str = "") -> float:
+    """`value` as a positive, finite number of seconds (not a bool, not a str); RemoteExecutor's
+    builder checks its timeouts with it too."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise UsageError(f"{_shown(method, value, keyword)}: give a positive number of seconds")
+    return float(value)
+
+
+def _whole(method: str, value: object, keyword: str = "", *, least: int | None = None, what: str) -> int:
+    """`value` as an int of at least `least` (a bool is no int here: True is no count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or (least is not None and value < least):
+        raise UsageError(f"{_shown(method, value, keyword)}: give {what}")
+    return value
+
+
+def _items(method: str, values: object, what: str, example: str = "") -> list[Any]:
+    """`values` as a list. A str or a path is refused: taken as an iterable it would be read
+    one character (or one path part) at a time. The fix shows `example` in a list, or without
+    one, the str or path given."""
+    if isinstance(values, str | bytes | os.PathLike) and not example:
+        example = repr(os.fsdecode(values))
+    if isinstance(values, str | bytes | os.PathLike) or not isinstance(values, Iterable):
+        raise UsageError(f"{_shown(method, values)}: pass a list of {what}, e.g. {method}([{example or '...'}])")
+    return list(values)
+
+
+def _host_spec(method: str, spec: object) -> HostSpec:
+    if not isinstance(spec, HostSpec):
+        raise UsageError(f"{method}: {spec!r} is not a HostSpec; make one with local_host(...) or ssh_host(...)")
+    return spec
+
+
+def _path(method: str, value: object) -> Path:
+    # "" is let through, as Path makes it ".": runtime/code.py says what is wrong with that folder
+    if isinstance(value, str | os.PathLike):
+        return Path(value)
+    raise UsageError(f"{method}: {value!r} is not a path; give a str or a pathlib.Path")
 
 
 # What exec says of a path that is no program here (missing, not executable, not a binary).

@@ -124,8 +124,18 @@ class Pool:
         return PoolBuilder()
 
     @classmethod
-    def local(cls, cpu_workers: int | None = None, *, gpu_workers: str = "auto", seed: int = 0, **options: Any) -> Pool:
-        """A pool on this machine only: one local agent with `cpu_workers` slots (default: cores)."""
+    def local(
+        cls, cpu_workers: int | None = None, *, gpu_workers: str | Sequence[int] = "auto", seed: int = 0, **options: Any
+    ) -> Pool:
+        """A pool on this machine only: one local agent with `cpu_workers` slots (default: cores).
+        `options` are the builder's one-value settings by name (PoolBuilder.LOCAL_OPTIONS):
+        `Pool.local(2, max_queued=1000)` is `Pool.builder().cpu_workers(2).max_queued(1000)`."""
+        for key in options:
+            if key not in PoolBuilder.LOCAL_OPTIONS:  # else getattr would find build, no_local, ...
+                takes = ", ".join(("cpu_workers", "gpu_workers", "seed", *PoolBuilder.LOCAL_OPTIONS))
+                raise UsageError(
+                    f"Pool.local({key}=...): unknown keyword; it takes {takes} (Pool.builder() has the rest)"
+                )
         builder = cls.builder().cpu_workers(cpu_workers).gpu_workers(gpu_workers).seed(seed)
         for key, value in options.items():
             getattr(builder, key)(value)
@@ -146,6 +156,8 @@ class Pool:
         Hosts that fail to start are retried in the background; the pool starts if at least
         one host is up, and raises the first error if none is.
         """
+        if self._closed:
+            raise UsageError("this pool is closed, and a pool starts once: build a new one")
         if self._started:
             raise UsageError("pool already started")
         if not self._code_of:

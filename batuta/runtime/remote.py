@@ -21,12 +21,15 @@ before the launch fails with a message that says which it was.
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from batuta.core.task import Task, TaskResult
 from batuta.errors import UsageError
+from batuta.runtime.builder import positive_seconds
 from batuta.runtime.pool import Pool, PoolBuilder, TaskFuture
 from batuta.runtime.session import HostSpec
 from batuta.transport.base import ByteStream
@@ -113,6 +116,12 @@ class RemoteExecutorBuilder:
 
     def add_worker(self, address: str, *, name: str | None = None) -> RemoteExecutorBuilder:
         """One worker, `host:port` (port 9443 if left out; IPv6 as `[addr]:port`)."""
+        if not isinstance(address, str):
+            raise UsageError(
+                f"add_worker({address!r}): give the worker's address as a str, e.g. '10.0.0.1:{DEFAULT_PORT}'"
+            )
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise UsageError(f"add_worker({address!r}, name={name!r}): give a non-empty str, or leave name out")
         try:
             host, port = split_address(address, DEFAULT_PORT, default_host="")
         except ValueError as exc:
@@ -127,7 +136,7 @@ class RemoteExecutorBuilder:
 
     def add_workers(self, addresses: Iterable[str]) -> RemoteExecutorBuilder:
         """Several workers, each `host:port` (the seed's `.add_workers(&workers)`)."""
-        if isinstance(addresses, str):
+        if isinstance(addresses, str) or not isinstance(addresses, Iterable):
             raise UsageError("add_workers takes a list of 'host:port' strings; use add_worker for one")
         for address in addresses:
             self.add_worker(address)
@@ -148,8 +157,19 @@ class RemoteExecutorBuilder:
         key (paths; `batuta certs init` makes all three). `server_name`: check the workers'
         certificates against this name instead of the dialled address. `busy_timeout`: how long
         to keep retrying a worker that is busy with another coordinator, or full (0: try once)."""
-        if not 0 <= busy_timeout < float("inf"):
-            raise UsageError(f"busy_timeout {busy_timeout}: expected a number of seconds >= 0")
+        for label, path in (("ca", ca), ("cert", cert), ("key", key)):
+            if not isinstance(path, str | os.PathLike) or not os.fspath(path):
+                raise UsageError(f"tls({label}={path!r}): give the path of a PEM file (from `batuta certs init DIR`)")
+        if server_name is not None and (not isinstance(server_name, str) or not server_name.strip()):
+            raise UsageError(f"tls(server_name={server_name!r}): give the name in the workers' certificates, or None")
+        connect_timeout = positive_seconds("tls", connect_timeout, "connect_timeout")
+        hello_timeout = positive_seconds("tls", hello_timeout, "hello_timeout")
+        if (
+            isinstance(busy_timeout, bool)
+            or not isinstance(busy_timeout, int | float)
+            or not 0 <= busy_timeout < math.inf
+        ):
+            raise UsageError(f"tls(busy_timeout={busy_timeout!r}): give a number of seconds >= 0 (0: try once)")
         self._tls = TLSSettings(
             ca=Path(ca).expanduser(),
             cert=Path(cert).expanduser(),
@@ -157,21 +177,27 @@ class RemoteExecutorBuilder:
             server_name=server_name,
             connect_timeout=connect_timeout,
             hello_timeout=hello_timeout,
-            busy_timeout=busy_timeout,
+            busy_timeout=float(busy_timeout),
         )
         return self
 
     def tls_settings(self, settings: TLSSettings) -> RemoteExecutorBuilder:
+        if not isinstance(settings, TLSSettings):
+            raise UsageError(f"tls_settings({settings!r}): give a TLSSettings, or call .tls(ca=..., cert=..., key=...)")
         self._tls = settings
         return self
 
     def check_versions(self, enabled: bool) -> RemoteExecutorBuilder:
         """Refuse workers whose batuta or Python minor version differs (default: on)."""
+        if not isinstance(enabled, bool):  # check_versions("no") would be true
+            raise UsageError(f"check_versions({enabled!r}): give True or False")
         self._check_versions = enabled
         return self
 
     def pool(self, configure: Any) -> RemoteExecutorBuilder:
         """Apply `configure(pool_builder)` for pool knobs (seed, liveness, relaunch, ...)."""
+        if not callable(configure):
+            raise UsageError(f"pool({configure!r}): give a function of the PoolBuilder, e.g. pool(lambda b: b.seed(7))")
         result = configure(self._pool)
         if isinstance(result, PoolBuilder):
             self._pool = result
