@@ -38,6 +38,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout
 
+from _peers import check_dask  # noqa: E402
+
 from bench._chain_kernels import make, reduce_sum, step  # noqa: E402
 
 MODULE = "bench._chain_kernels"
@@ -139,6 +141,7 @@ def main() -> None:
     parser.add_argument("--skip-dask", action="store_true")
     parser.add_argument("--skip-no-keep", action="store_true", help="leave out the slow run without keep")
     args = parser.parse_args()
+    check_dask(parser, args.skip_dask)
     n = int(args.mb * 1e6 / 8)
     batuta_s, through = asyncio.run(batuta_run(args.chains, n, args.window, keep=True))
     print(f"batuta keep=True: {batuta_s:.2f} s ({through:,} bytes through the coordinator)", file=sys.stderr)

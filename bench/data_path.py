@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _peers import check_dask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
@@ -127,6 +128,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-dask", action="store_true")
     args = parser.parse_args()
+    check_dask(parser, args.skip_dask)
     arrays = make_arrays(args.tasks, args.mb)
 
     rates = {"batuta": asyncio.run(batuta_rate(arrays, args.workers))}

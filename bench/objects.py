@@ -78,6 +78,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _peers import check_dask  # noqa: E402
+
 from bench._objects_kernels import values as object_values  # noqa: E402
 from bench.ssh_startup import dask_specs, quiet_logs, route_to_scheduler, settle  # noqa: E402
 from tests.support.hosts import TestHosts  # noqa: E402
@@ -320,6 +322,7 @@ def main() -> None:
         "--encryption", choices=("tls", "none", "both"), default="both", help="[ssh] data_link_encryption (see above)"
     )
     args = parser.parse_args()
+    check_dask(parser, args.skip_dask)
     if not 0 < args.gib <= 64:
         parser.error("--gib must be in (0, 64]")
     import batuta.runtime.cluster  # noqa: F401

@@ -50,6 +50,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _peers import check_dask  # noqa: E402
+
 from tests.support.hosts import TestHost, TestHosts  # noqa: E402
 
 START_TIMEOUT_S = 60.0  # one system's whole start-up, per run
@@ -305,6 +307,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed starts of each system first")
     parser.add_argument("--skip-dask", action="store_true")
     args = parser.parse_args()
+    check_dask(parser, args.skip_dask)
     if not 1 <= args.repeats <= 20 or not 0 <= args.warmup <= 5:
         parser.error("--repeats must be 1..20 and --warmup 0..5")
     imports = {"batuta_coordinator_import_s": round(import_time("import batuta.runtime.cluster"), 3)}

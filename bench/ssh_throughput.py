@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _peers import check_dask  # noqa: E402
+
 from bench.ssh_startup import (  # noqa: E402
     busy_cpu_s,
     cluster_text,
@@ -149,6 +151,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=2, help="worker processes per host")
     parser.add_argument("--skip-dask", action="store_true")
     args = parser.parse_args()
+    check_dask(parser, args.skip_dask)
     if not 1 <= args.tasks <= 1_000_000:
         parser.error("--tasks must be 1..1,000,000")
     import batuta.runtime.cluster  # noqa: F401

@@ -22,6 +22,8 @@ import os
 import platform
 import time
 
+from _peers import check_dask
+
 
 def noop(x: int) -> int:
     return x
@@ -77,6 +79,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-dask", action="store_true")
     args = parser.parse_args()
+    check_dask(parser, args.skip_dask)
 
     batuta = asyncio.run(batuta_rate(args.tasks, args.workers))
     print(f"batuta: {batuta:,.0f} tasks/s", flush=True)
