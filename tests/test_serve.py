@@ -648,6 +648,10 @@ def test_tui_serve_starts_a_served_coordinator_for_its_job(runtime_dir: Path, tm
         (["tui", "--name", "x"], "--name is for --serve"),
         (["run", "demo", "--name", "x"], "--name only applies to a served run; add --serve"),
         (["run", "demo", "--serve", "--serve-bind", "127.0.0.1:0"], "--serve-bind needs --serve-certs DIR"),
+        (  # said "--serve-certs DIR: batuta worker: CA certificate ..."
+            ["run", "demo", "--serve", "--serve-bind", "127.0.0.1:0", "--serve-certs", "/nonexistent"],
+            "error: --serve-certs /nonexistent: CA certificate /nonexistent/ca.pem: no such file; create one with",
+        ),
         (["run", "demo", "--serve", "--name", "a/b"], "coordinator name 'a/b' is not usable"),
     ],
 )

@@ -145,9 +145,11 @@ def _tls(args: argparse.Namespace) -> tuple[tuple[str, int] | None, Any]:
         raise UsageError(f"--serve-bind {args.serve_bind}: {exc}; write ADDR:PORT, e.g. 127.0.0.1:9470") from None
     certs = Path(args.serve_certs).expanduser()
     try:
-        context = server_context(cert=certs / "server.pem", key=certs / "server.key", ca=certs / "ca.pem")
+        context = server_context(
+            cert=certs / "server.pem", key=certs / "server.key", ca=certs / "ca.pem", who=f"--serve-certs {certs}"
+        )
     except TLSError as exc:
-        raise UsageError(f"--serve-certs {certs}: {exc}") from None
+        raise UsageError(str(exc)) from None
     return address, context
 
 

@@ -164,10 +164,11 @@ def client_context(settings: TLSSettings) -> ssl.SSLContext:
     return context
 
 
-def server_context(*, cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
-    """The worker's context: requires a client certificate signed by `ca` (clientAuth)."""
+def server_context(*, cert: Path, key: Path, ca: Path, who: str = "batuta worker") -> ssl.SSLContext:
+    """A listener's context (the worker's; a served coordinator's viewer port): requires a
+    client certificate signed by `ca` (clientAuth). `who` starts its errors."""
     context = _base_context(ssl.PROTOCOL_TLS_SERVER)
-    _load_chain(context, cert, key, ca, "batuta worker")
+    _load_chain(context, cert, key, ca, who)
     return context
 
 
