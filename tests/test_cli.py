@@ -615,6 +615,22 @@ def test_a_host_up_with_no_slot_for_the_work_fails_it_in_one_line_instead_of_wai
     assert "host local is up but offers no slot, so it runs nothing" in done.stderr, done.stderr
 
 
+@needs_runtime
+@pytest.mark.parametrize("name", ["pi", "linreg", "forest"])
+def test_backend_gpu_reaches_every_builtin_job(tmp_path: Path, name: str) -> None:
+    """pi, demo and linreg ran on the CPU whatever --backend said. Without a GPU, a job whose
+    kernels have a GPU variant now fails as unschedulable; forest's have none: it says so."""
+    write(tmp_path, "cpu.toml", '[local]\nslots = 2\nenv = { BATUTA_FAKE_GPUS = "0" }\n')
+    done = batuta("run", name, "-c", "cpu.toml", "--backend", "gpu", "-q", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    if name == "forest":
+        assert done.returncode == 0, done.stderr
+        assert "(on the CPU slots: the tree kernels have no GPU variant)" in done.stdout
+        return
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.rstrip().splitlines()[-1]
+    assert f"job '{name}' raised TaskFailedError at {name}.py:" in last and "no slot offers gpu" in last, last
+
+
 PROGRESS_JOB = """\
 from batuta import Task
 

@@ -13,7 +13,8 @@ import math
 import random
 from typing import TYPE_CHECKING
 
-from batuta import Backend, Task
+from batuta import Task
+from batuta.jobs._data import job_backend
 
 if TYPE_CHECKING:
     from batuta import Pool
@@ -37,7 +38,7 @@ async def main(pool: Pool) -> str:
     durations = spin_durations(SPIN_TASKS, SEED)
     spins = [await pool.submit(Task.kernel("spin", seconds)) for seconds in durations]
     chunks = [(PI_SAMPLES_PER_CHUNK, SEED + i) for i in range(PI_CHUNKS)]
-    estimates = await pool.map("mc_pi", chunks, backend=Backend.CPU)
+    estimates = await pool.map("mc_pi", chunks, backend=job_backend())  # --backend
     results = await asyncio.gather(*spins)
     samples = PI_CHUNKS * PI_SAMPLES_PER_CHUNK
     pi = sum(estimates) / len(estimates)  # equal chunks: the mean is the estimate over all samples

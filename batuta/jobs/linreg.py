@@ -23,7 +23,7 @@ import numpy as np
 
 from batuta import Backend
 from batuta.errors import UsageError
-from batuta.jobs._data import Bounds, Regression, make_regression, positive, resolve_chunks
+from batuta.jobs._data import Bounds, Regression, job_backend, make_regression, positive, resolve_chunks
 
 if TYPE_CHECKING:
     from batuta import Pool
@@ -65,13 +65,15 @@ async def run_linreg(
     chunks: int | None = None,
     x: np.ndarray | None = None,
     y: np.ndarray | None = None,
-    backend: Backend = Backend.CPU,
+    backend: Backend | None = None,
 ) -> LinRegResult:
     """Least squares over the pool: seeded data of `n` rows and `d` features, or the caller's x, y.
 
     `x` (rows, features) and `y` (rows,) must share a float dtype; they are shipped in chunks.
-    `chunks` defaults to a few per CPU slot; `backend` GPU runs the CUDA variant.
+    `chunks` defaults to a few per CPU slot; `backend` (default: the job backend, `--backend`)
+    GPU runs the CUDA variant.
     """
+    backend = backend if backend is not None else job_backend()
     started = time.perf_counter()
     if (x is None) != (y is None):
         raise UsageError("pass both x and y, or neither (for the seeded data set)")

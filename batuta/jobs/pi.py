@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from batuta import Backend
+from batuta.jobs._data import job_backend
 
 if TYPE_CHECKING:
     from batuta import Pool
@@ -22,7 +22,7 @@ SAMPLES_PER_CHUNK = 10_000_000
 
 async def main(pool: Pool) -> str:
     chunks = [(SAMPLES_PER_CHUNK, seed) for seed in range(CHUNKS)]
-    estimates = await pool.map("mc_pi", chunks, backend=Backend.CPU)
+    estimates = await pool.map("mc_pi", chunks, backend=job_backend())  # --backend
     samples = CHUNKS * SAMPLES_PER_CHUNK
     pi = sum(estimates) / len(estimates)
     return f"pi ~ {pi:.6f} (off by {abs(pi - math.pi):.1e}) from {samples:,} samples in {CHUNKS} chunks"
