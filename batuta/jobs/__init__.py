@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from batuta.jobs._data import job_backend, set_job_backend
     from batuta.jobs._progress import ProgressBar
     from batuta.jobs._run import (
+        SUMMARISED,
         HostsUnreachableError,
         RunOutcome,
         drop_summarised,
@@ -34,6 +35,7 @@ _LAZY = {
     "job_backend": "batuta.jobs._data",
     "set_job_backend": "batuta.jobs._data",
     "HostsUnreachableError": "batuta.jobs._run",
+    "SUMMARISED": "batuta.jobs._run",
     "RunOutcome": "batuta.jobs._run",
     "drop_summarised": "batuta.jobs._run",
     "linger_metrics": "batuta.jobs._run",
@@ -47,6 +49,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "SUMMARISED",
     "HostSummary",
     "HostsUnreachableError",
     "Job",

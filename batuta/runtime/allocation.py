@@ -33,12 +33,14 @@ import datetime as dt
 import logging
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from batuta.agent.dial import parse_greeting
+from batuta.errors import ConfigError
 from batuta.runtime import slurm
 from batuta.runtime.allocation_config import AllocationConfig
 from batuta.runtime.session import HostSpec, Launcher
@@ -52,6 +54,25 @@ GREETING_TIMEOUT_S = 10.0  # a node that connected says which it is at once
 HANDSHAKE_TIMEOUT_S = 10.0
 CERT_MARGIN = dt.timedelta(hours=1)  # certificates outlive the time limit by this much
 CREDENTIALS = "node-credentials.pem"
+DEFAULT_DIRECTORY = Path("~/.batuta/allocations")
+
+
+def folder_problem(base: Path) -> str:
+    """Why this process cannot create a folder under `base` ("" when it can), found without
+    creating anything: the nearest part of `base` that exists must be a folder it may write."""
+    for existing in (base, *base.parents):
+        try:
+            mode = existing.stat().st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not there yet: the folder is made with its parents
+        except OSError as exc:
+            return f"cannot look at {existing} for its folder: {exc.strerror}"
+        if not stat.S_ISDIR(mode):
+            return f"cannot create its folder in {base}: {existing} is not a folder"
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return f"cannot create its folder in {base}: {existing} is not writable here"
+        return ""
+    return ""
 
 
 class Allocation:
@@ -59,6 +80,12 @@ class Allocation:
     `close()` it when the pool closes (`Pool.add_closer`)."""
 
     def __init__(self, config: AllocationConfig) -> None:
+        problem = folder_problem(config.directory or DEFAULT_DIRECTORY.expanduser())
+        if problem:  # this machine's own setting: said once, before anything is submitted
+            raise ConfigError(
+                f"allocation {config.name}: {problem}; set {config.directory_setting} to a folder on a file "
+                "system the nodes share"
+            )
         self.config = config
         self.job_id: str | None = None
         self.state = "not submitted"
@@ -220,15 +247,15 @@ class Allocation:
         self._poller = asyncio.create_task(self._poll(), name=f"squeue-{config.name}")
 
     def _make_directory(self) -> Path:
-        base = self.config.directory or Path("~/.batuta/allocations").expanduser()
+        base = self.config.directory or DEFAULT_DIRECTORY.expanduser()
         stamp = time.strftime("%Y%m%d-%H%M%S")
         directory = base / f"{self.config.name}-{stamp}-{os.getpid()}"
         try:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise slurm.AllocationError(
-                f"allocation {self.config.name}: cannot create {directory}: {exc.strerror}; set directory "
-                "to a folder on a file system the nodes share"
+                f"allocation {self.config.name}: cannot create {directory}: {exc.strerror}; set "
+                f"{self.config.directory_setting} to a folder on a file system the nodes share"
             ) from None
         self.directory = directory
         return directory

@@ -13,19 +13,21 @@
     directory = "~/batuta-jobs"    # on a file system the nodes share: script, credentials, output
 
 The checks are the cluster file reader's (batuta/runtime/toml_fields.py), so errors name the
-file, line and field the same way. Building the allocation is
-batuta/runtime/allocation.py's.
+file, line and field the same way. `batuta alloc`'s options go through the very same checks
+(`allocation_from_options`), their errors naming the option instead: a value is refused, or
+read, alike wherever it is written. Building the allocation is batuta/runtime/allocation.py's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batuta.errors import UsageError
+from batuta.errors import ConfigError, UsageError
 from batuta.runtime.slurm import time_limit_seconds
-from batuta.runtime.toml_fields import FieldPath, FieldReader
+from batuta.runtime.toml_fields import FieldPath, FieldReader, field_name
 from batuta.transport.tls import split_address
 
 KINDS = ("slurm",)
@@ -62,7 +64,9 @@ class AllocationConfig:
     the nodes (default: this one, for a shared file system). `directory`: where the batch
     script, the nodes' credentials (0600) and the job's output go; it must be on a file
     system the nodes share (default: ~/.batuta/allocations). `poll_interval`: how often
-    squeue is asked whether the job still runs.
+    squeue is asked whether the job still runs. `directory_setting`: where `directory` is
+    set (`allocations[0].directory in lab.toml`, `--directory`), for the message when this
+    machine cannot make its folder there.
     """
 
     kind: str = "slurm"
@@ -79,6 +83,7 @@ class AllocationConfig:
     poll_interval: float = DEFAULT_POLL_S
     kernel_modules: tuple[str, ...] = ()
     tags: frozenset[str] = frozenset()
+    directory_setting: str = "directory"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -123,6 +128,36 @@ def read_allocations(value: Any, reader: FieldReader) -> tuple[AllocationConfig,
     return tuple(allocations)
 
 
+def allocation_from_options(table: Mapping[str, Any], options: Mapping[str, str]) -> AllocationConfig:
+    """`batuta alloc`'s options, given as an `[[allocations]]` table would give them (`table`,
+    keyed as `_KEYS`), checked by the cluster file's own checks; `options` names the option of
+    each key, and an error names that option (`--gpus: expected "auto", ...`)."""
+    return _allocation(dict(table), (), _OptionReader(options))
+
+
+class _OptionReader(FieldReader):
+    """The cluster file's checks, for values from the command line: an error names the option
+    that gave the value instead of a file, line and field."""
+
+    def __init__(self, options: Mapping[str, str]) -> None:
+        super().__init__("", "the command line", Path.cwd())  # relative paths: from where it was typed
+        self._options = options
+
+    def option(self, path: FieldPath) -> str:
+        key = next((str(part) for part in reversed(path) if isinstance(part, str)), "")
+        return self._options.get(key, key)
+
+    def error(self, path: FieldPath, message: str) -> ConfigError:
+        return ConfigError(f"{self.option(path)}: {message}")
+
+
+def _setting(path: FieldPath, reader: FieldReader) -> str:
+    """How a message names the setting at `path`: its option, or its field and file."""
+    if isinstance(reader, _OptionReader):
+        return reader.option(path)
+    return f"{field_name(path)} in {reader._source}"
+
+
 def _allocation(table: dict[str, Any], path: FieldPath, reader: FieldReader) -> AllocationConfig:
     reader._known_keys(table, path, _KEYS)
     for key in ("kind", "nodes", "time"):
@@ -153,6 +188,7 @@ def _allocation(table: dict[str, Any], path: FieldPath, reader: FieldReader) -> 
         fields["gpus"] = reader._gpus((*path, "gpus"), table["gpus"])
     if "directory" in table:
         fields["directory"] = reader._path((*path, "directory"), table["directory"])
+    fields["directory_setting"] = _setting((*path, "directory"), reader)
     if "poll_interval" in table:
         fields["poll_interval"] = reader._seconds((*path, "poll_interval"), table["poll_interval"])
     if "kernel_modules" in table:

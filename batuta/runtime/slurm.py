@@ -38,8 +38,17 @@ FINAL_STATES = frozenset(
     }
 )
 
-# Slurm's --time forms: MIN, MIN:SEC, H:MIN:SEC, D-H, D-H:MIN, D-H:MIN:SEC
-_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+# Slurm's --time forms (src/common/parse_time.c, time_str2secs): MIN, MIN:SEC, H:MIN:SEC,
+# D-H, D-H:MIN, D-H:MIN:SEC; digits, '-' and ':' only, so no spaces around them either
+_TIME = re.compile(
+    r"(?:(?P<days>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)\Z",
+    re.ASCII,  # Slurm reads 0-9 only; Python's \d alone also takes other scripts' digits
+)
+# What Slurm reads as no limit at all: these words (any case), -1 and a zero duration
+_NO_LIMIT = ("infinite", "unlimited", "-1")
+# time_str2secs adds the fields up in a C int: a longer limit wraps around there
+_MAX_SECONDS = 2**31 - 1
+_FORMS = "write minutes (30), H:MM:SS (1:00:00) or D-H (1-0) (Slurm also reads MM:SS, D-H:MM and D-H:MM:SS)"
 
 
 class AllocationError(TransportError):
@@ -49,17 +58,54 @@ class AllocationError(TransportError):
 
 
 def time_limit_seconds(text: str) -> int:
-    """Seconds in a Slurm time limit ("30", "1:00:00", "2-0"). Raises UsageError."""
-    match = _TIME.match(text.strip())
-    if not match or text.strip() in ("0", ""):
-        raise UsageError(f"time {text!r} is not a Slurm time limit; write minutes (30), H:MM:SS (1:00:00) or D-H (1-0)")
-    days, first, second, third = match.groups()
-    if days is not None:  # D-H, D-H:MIN, D-H:MIN:SEC
-        hours, minutes, seconds = int(first), int(second or 0), int(third or 0)
-        return ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
-    if third is not None:  # H:MIN:SEC
-        return (int(first) * 60 + int(second or 0)) * 60 + int(third)
-    return int(first) * 60 + int(second or 0)  # MIN or MIN:SEC
+    """Seconds in a Slurm time limit ("30", "1:00:00", "2-0"), in exactly the forms sbatch's
+    --time reads. Raises UsageError for anything else, and also for what Slurm would take but
+    is almost surely a slip: a field past its range (minutes or seconds over 59 after the
+    first field, hours over 23 after a day), and no limit at all (zero, UNLIMITED): the nodes'
+    credentials expire with the limit, so an allocation needs one."""
+    if text.strip().lower() in _NO_LIMIT:
+        raise UsageError(
+            f"time {text!r} asks Slurm for no time limit, but an allocation needs one (its nodes' credentials "
+            f"expire with it); {_FORMS}"
+        )
+    if text.strip() != text and text.strip():
+        raise UsageError(f"time {text!r} has spaces around it, which Slurm does not read; write {text.strip()!r}")
+    match = _TIME.match(text)
+    if not match:
+        raise UsageError(f"time {text!r} is not a Slurm time limit; {_FORMS}")
+    field = {key: int(value) for key, value in match.groupdict().items() if value is not None}
+    if "days" in field:  # D-H, D-H:MIN, D-H:MIN:SEC
+        hours, minutes, seconds = field["dh"], field.get("dm", 0), field.get("ds", 0)
+        ranges = [("hours", hours, 23), ("minutes", minutes, 59), ("seconds", seconds, 59)]
+        total = ((field["days"] * 24 + hours) * 60 + minutes) * 60 + seconds
+    elif "c" in field:  # H:MIN:SEC
+        ranges = [("minutes", field["b"], 59), ("seconds", field["c"], 59)]
+        total = (field["a"] * 60 + field["b"]) * 60 + field["c"]
+    else:  # MIN or MIN:SEC
+        ranges = [("seconds", field.get("b", 0), 59)]
+        total = field["a"] * 60 + field.get("b", 0)
+    for unit, value, most in ranges:
+        if value > most:
+            raise UsageError(
+                f"time {text!r} has {value} {unit}, past 0 to {most}; Slurm would read it as "
+                f"{_slurm_form(total)}: write that, or the time you meant"
+            )
+    if total == 0:
+        raise UsageError(
+            f"time {text!r} is zero, which Slurm reads as no time limit, but an allocation needs one (its nodes' "
+            f"credentials expire with it); {_FORMS}"
+        )
+    if total > _MAX_SECONDS:
+        raise UsageError(f"time {text!r} is longer than Slurm can count ({_slurm_form(_MAX_SECONDS)}); ask for less")
+    return total
+
+
+def _slurm_form(seconds: int) -> str:
+    """`seconds` as Slurm writes a time: D-HH:MM:SS, or HH:MM:SS under a day."""
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    clock = f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+    return f"{days}-{clock}" if days else clock
 
 
 def batch_script(*, name: str, nodes: int, time: str, output: Path, step: Sequence[str]) -> str:
@@ -110,7 +156,7 @@ async def submit(script: Path, options: Sequence[str]) -> str:
     job_id = out.strip().split(";")[0]
     if code != 0 or not job_id.isdigit():
         said = _last_line(err) or _last_line(out) or f"exit code {code}"
-        said = said.removeprefix("sbatch: error: ")
+        said = said.removeprefix("sbatch: error: ").removeprefix("sbatch: fatal: ")
         given = f" (with {shlex.join(options)})" if options else ""
         raise AllocationError(f"sbatch refused the allocation{given}: {said}; check the sbatch options")
     return job_id

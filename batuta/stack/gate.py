@@ -10,13 +10,11 @@ kernels is `conformance.run_conformance`'s job.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from batuta.runtime.policy import PolicyConfig
 from batuta.stack.model import ERROR, HEALTHY, Finding, KernelResult, backend_order
 from batuta.stack.versions import DEFAULT_POLICY, describe_level, within
-
-_SHOWN_FAILURES = 4
 
 
 def effective_policy(policy: PolicyConfig | None) -> dict[str, str]:
@@ -81,38 +79,96 @@ def conformance_findings(node: str, results: list[KernelResult]) -> list[Finding
             message = f"{len(ran)} kernel(s) match their NumPy references{skip_note}"
             found.append(Finding(node=node, check=check, severity=HEALTHY, message=message))
             continue
-        shown = _grouped(bad)
-        if all(r.status == "error" for r in bad) and len(bad) == len(ran):
-            suggestion = f"the {backend} backend does not run at all on {node}: see `batuta stack check`"
-        else:
-            suggestion = (
-                f"compare numba/numpy/driver versions of {node} with the coordinator (`batuta stack versions`); "
-                "`--format json` lists every kernel"
-            )
         found.append(
             Finding(
                 node=node,
                 check=check,
                 severity=ERROR,
-                message=f"{len(bad)} of {len(ran)} kernel(s) fail: {shown}",
-                suggestion=suggestion,
+                message=f"{len(bad)} of {len(ran)} kernel(s) fail: {_grouped(bad)}",
+                suggestion=_suggestion(node, backend, bad, whole_backend=len(bad) == len(ran)),
             )
         )
     return found
 
 
 def _grouped(bad: list[KernelResult]) -> str:
-    """Failures that share a reason, named once: "ImportError: ... (dot, sum and 3 more); matmul: ..."."""
+    """Failures that share a reason, named once: "ImportError: ... (dot, sum and 3 more); matmul: ...".
+    Every reason is given: the one that matters may be any of them (the JSON lists every kernel)."""
     by_reason: dict[str, list[str]] = {}
     for result in bad:
         by_reason.setdefault(result.detail or result.status, []).append(result.kernel)
     parts = []
-    for reason, kernels in list(by_reason.items())[:_SHOWN_FAILURES]:
+    for reason, kernels in by_reason.items():
         if len(kernels) == 1:
             parts.append(f"{kernels[0]}: {reason}")
         else:
             names = ", ".join(kernels[:3]) + (f" and {len(kernels) - 3} more" if len(kernels) > 3 else "")
             parts.append(f"{reason} ({names})")
-    if len(by_reason) > _SHOWN_FAILURES:
-        parts.append(f"and {len(by_reason) - _SHOWN_FAILURES} other reason(s)")
     return "; ".join(parts)
+
+
+# How conformance.run_conformance says that a kernel's own code failed on the coordinator,
+# before any node ran it: the user's sample function, or the kernel's reference.
+_SAMPLE_FAILED = "its sample failed on the coordinator"
+_REFERENCE_FAILED = "reference failed on the coordinator"
+
+
+def _suggestion(node: str, backend: str, bad: list[KernelResult], *, whole_backend: bool) -> str:
+    """What to do about `bad`: for the user's kernels, their code (the node is not at fault
+    when the user's sample, reference or variant is wrong); for batuta's own, the node."""
+    from batuta.kernels import registry
+
+    modules = {r.kernel: registry.module_of(r.kernel) or "" for r in bad}
+    users = [r for r in bad if modules[r.kernel] and not modules[r.kernel].startswith("batuta.")]
+    ours = [r for r in bad if r not in users]
+    broken = bool(ours) and whole_backend and all(r.status == "error" for r in bad)
+    if broken:  # the backend itself: what the user's kernels raised there is not their fault
+        users = [r for r in users if r.detail.startswith((_SAMPLE_FAILED, _REFERENCE_FAILED))]
+    faults: dict[str, list[KernelResult]] = {}
+    for result in users:
+        faults.setdefault(_user_fault(result, backend), []).append(result)
+    parts = []
+    for fault, results in faults.items():
+        kernels, where = _names(r.kernel for r in results), _names(modules[r.kernel] for r in results)
+        its = "its" if len({r.kernel for r in results}) == 1 else "their"
+        code = f"{its} reference (the @kernel function)" if backend == "scalar" else f"{its} {backend} variant"
+        decorated = kernels if its == "its" else "<kernel>"
+        parts.append(
+            {
+                "sample": f"fix the sample function (@{decorated}.sample) of {kernels} in {where}: it raised on "
+                "the coordinator",
+                "reference": f"fix the reference (the @kernel function) of {kernels} in {where}, or what {its} "
+                "sample gives it: it raised on the coordinator",
+                "raised": f"fix {kernels} in {where}: {code} raised on {node}",
+                "nondeterministic": f"make the reference (the @kernel function) of {kernels} in {where} give one "
+                f"answer for one input (no unseeded randomness), or compare numpy on {node} with the coordinator's",
+                "differs": f"fix {kernels} in {where}: {code} disagrees with {its} reference (the @kernel function)",
+            }[fault]
+        )
+    if broken:
+        parts.append(f"the {backend} backend does not run at all on {node}: see `batuta stack check`")
+    elif ours:
+        theirs = " (for batuta's kernels)" if users else ""
+        parts.append(
+            f"compare numba/numpy/driver versions of {node} with the coordinator (`batuta stack versions`){theirs}; "
+            "`--format json` lists every kernel"
+        )
+    return "; ".join(parts)
+
+
+def _user_fault(result: KernelResult, backend: str) -> str:
+    """Which code of the user's kernel is at fault (a key of `_suggestion`'s fixes)."""
+    if result.detail.startswith(_SAMPLE_FAILED):
+        return "sample"
+    if result.detail.startswith(_REFERENCE_FAILED):
+        return "reference"
+    if result.status == "error":
+        return "raised"
+    # on "scalar" the node ran the reference itself and got another answer than the coordinator
+    return "nondeterministic" if backend == "scalar" else "differs"
+
+
+def _names(names: Iterable[str]) -> str:
+    """Each distinct name once, all of them: "a", "a and b", "a, b and c"."""
+    unique = list(dict.fromkeys(names))
+    return unique[0] if len(unique) == 1 else f"{', '.join(unique[:-1])} and {unique[-1]}"

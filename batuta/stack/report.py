@@ -3,12 +3,18 @@
 Text is plain aligned columns; colour (ANSI) only when asked for, which the command line does
 only for a terminal and never when NO_COLOR is set. Colour is never the only signal: a
 version that differs from the coordinator's is also starred, a finding's severity is also
-written out. JSON is one object (`StackReport.to_json`), and nothing else goes to stdout.
+written out. A finding is never cut short: on a terminal, one longer than its width goes on
+under its message column, a "; "-separated part (a failing kernel's reason) to a line;
+elsewhere (a pipe, a CI log) each finding stays one line, for grep. JSON is one object
+(`StackReport.to_json`), and nothing else goes to stdout.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
+import textwrap
 from collections.abc import Sequence
 
 from batuta.stack.model import COORDINATOR, ERROR, HEALTHY, WARNING, Finding, NodeReport, StackReport
@@ -22,8 +28,15 @@ _MISSING = "-"
 _UNKNOWN = "?"
 
 
-def render(report: StackReport, fmt: str = "text", *, color: bool = False, quiet: bool = False) -> str:
-    """The report in `fmt` ("text", "json" or "markdown"); with `quiet`, only the verdict."""
+_NARROWEST = 30  # a message column narrower than this is not wrapped: words one to a line say less
+
+
+def render(
+    report: StackReport, fmt: str = "text", *, color: bool = False, quiet: bool = False, width: int | None = None
+) -> str:
+    """The report in `fmt` ("text", "json" or "markdown"); with `quiet`, only the verdict.
+    `width`: the text's, in columns, for wrapping long findings (0: none); by default the
+    terminal's when stdout is one, else no wrapping."""
     if fmt == "json":
         if quiet:
             return json.dumps(
@@ -33,7 +46,7 @@ def render(report: StackReport, fmt: str = "text", *, color: bool = False, quiet
     if fmt == "markdown":
         return _markdown(report, quiet=quiet)
     if fmt == "text":
-        return _Text(color).render(report, quiet=quiet)
+        return _Text(color, _terminal_width() if width is None else width).render(report, quiet=quiet)
     raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
 
 
@@ -76,9 +89,28 @@ def _cell(value: str | None, reachable: bool) -> str:
 # -- text -------------------------------------------------------------------------------
 
 
+def _terminal_width() -> int:
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """`text` in lines of at most `width` (0: one line), every word of it kept: when it does not
+    fit, each "; "-separated part starts a line, and a part longer than `width` is wrapped at
+    spaces (a single longer word overruns rather than being cut)."""
+    if not width or len(text) <= width:
+        return [text]
+    parts = text.split("; ")
+    lines: list[str] = []
+    for index, part in enumerate(parts):
+        part = part + (";" if index < len(parts) - 1 else "")
+        lines += textwrap.wrap(part, width, break_long_words=False, break_on_hyphens=False) or [part]
+    return lines
+
+
 class _Text:
-    def __init__(self, color: bool) -> None:
+    def __init__(self, color: bool, width: int = 0) -> None:
         self.color = color
+        self.width = width
 
     def paint(self, text: str, style: str) -> str:
         return f"{_STYLES[style]}{text}{_RESET}" if self.color and text else text
@@ -145,11 +177,18 @@ class _Text:
         tag = _TAG[finding.severity]
         painted = self.paint(tag.ljust(5), "ok" if finding.severity == HEALTHY else finding.severity)
         subject = f"{finding.node} {finding.check}" if with_node else finding.check.ljust(check_width)
-        first = f"{indent}{painted}  {subject}  {finding.message}"
-        if not finding.suggestion or finding.severity == HEALTHY:
-            return [first]
         pad = " " * (len(indent) + 5 + 2 + len(subject) + 2)
-        return [first, f"{pad}{self.paint('-> ' + finding.suggestion, 'dim')}"]
+        room = self.width - len(pad)
+        room = room if self.width and room >= _NARROWEST else 0
+        message = _wrap(finding.message, room)
+        lines = [f"{indent}{painted}  {subject}  {message[0]}", *(pad + line for line in message[1:])]
+        if not finding.suggestion or finding.severity == HEALTHY:
+            return lines
+        arrow = "-> "
+        suggestion = _wrap(finding.suggestion, room and room - len(arrow))
+        lines.append(f"{pad}{self.paint(arrow + suggestion[0], 'dim')}")
+        lines += [f"{pad}{self.paint(' ' * len(arrow) + line, 'dim')}" for line in suggestion[1:]]
+        return lines
 
 
 # -- markdown ---------------------------------------------------------------------------

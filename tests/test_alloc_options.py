@@ -1,0 +1,211 @@
+"""`batuta alloc`'s options and the cluster file's `[[allocations]]` table: one set of checks.
+
+A value the cluster file refuses is refused on the command line too, with the same reason,
+as one line and exit code 2, before anything is submitted; a problem with the allocation's
+local folder is one such line as well; a refusal by sbatch is said once, not once per node.
+
+No Slurm is started: a stand-in `sbatch` first on PATH records each call (and refuses the
+job, so nothing could ever be queued), which is how "nothing was submitted" is seen.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from batuta.errors import ConfigError, UsageError
+from batuta.runtime.allocation import Allocation
+from batuta.runtime.allocation_config import AllocationConfig
+from batuta.runtime.cluster import build_pool, parse_cluster
+from batuta.runtime.slurm import time_limit_seconds
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUN_TIMEOUT_S = 60
+REFUSAL = "Batch job submission failed: Invalid partition name specified"
+
+
+@pytest.fixture
+def fake_sbatch(tmp_path: Path) -> Path:
+    """A folder whose `sbatch` appends its arguments to `calls` and refuses the job."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    script = folder / "sbatch"
+    script.write_text(f'#!/bin/sh\necho "$@" >> "{folder}/calls"\necho "sbatch: error: {REFUSAL}" >&2\nexit 1\n')
+    script.chmod(0o755)
+    return folder
+
+
+def calls(fake: Path) -> list[str]:
+    record = fake / "calls"
+    return record.read_text().splitlines() if record.exists() else []
+
+
+def batuta(fake: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m batuta ARGS` in `tmp_path`, this checkout's, with the stand-in sbatch."""
+    env = dict(os.environ)
+    env["PATH"] = f"{fake}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    env["XDG_RUNTIME_DIR"] = str(tmp_path)
+    return subprocess.run(
+        [sys.executable, "-m", "batuta", *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def alloc(fake: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`batuta alloc slurm pi --nodes 3 --time 5 --directory TMP/jobs EXTRA...`."""
+    argv = ["alloc", "slurm", "pi", "--nodes", "3", "--time", "5", "--directory", str(tmp_path / "jobs")]
+    return batuta(fake, tmp_path, *argv, *extra)
+
+
+def table(**values: str) -> str:
+    """An `[[allocations]]` table of 3 nodes for 5 minutes, with `values` (TOML) set or replaced."""
+    fields = {"kind": '"slurm"', "nodes": "3", "time": '"5"', **values}
+    return "[[allocations]]\n" + "".join(f"{key} = {value}\n" for key, value in fields.items())
+
+
+# (the option and its value, the same value as the table's key and TOML value, what both say)
+SAME_VALUES = [
+    (["--gpus", "x"], "gpus", '"x"', """expected "auto", "none" or a list of GPU indices like [0, 1], got 'x'"""),
+    (["--node-prefix", "a b"], "name", '"a b"', "'a b': use letters, digits, '.', '_' and '-' (no spaces or '/')"),
+    (["--time", "25:99:99"], "time", '"25:99:99"', "has 99 minutes, past 0 to 59; Slurm would read it as 1-02:40:39"),
+    (["--time", "00:00:00"], "time", '"00:00:00"', "is zero, which Slurm reads as no time limit"),
+    (["--time", "UNLIMITED"], "time", '"UNLIMITED"', "asks Slurm for no time limit"),
+    (["--slots", "-1"], "slots", "-1", "expected a whole number >= 0, got -1"),
+    (["--nodes", "5000"], "nodes", "5000", "expected 1 to 4096 nodes, got 5000"),
+]
+
+
+@pytest.mark.parametrize(
+    ("option", "key", "value", "says"), SAME_VALUES, ids=[" ".join(option) for option, *_ in SAME_VALUES]
+)
+def test_an_option_is_refused_as_its_cluster_file_key_is_and_nothing_is_submitted(
+    option: list[str], key: str, value: str, says: str, fake_sbatch: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError) as in_file:
+        parse_cluster(table(**{key: value}), source="lab.toml")
+    assert says in str(in_file.value)
+    reason = str(in_file.value).split(f".{key}: ", 1)[1]  # after "lab.toml:4: allocations[0].KEY: "
+    done = alloc(fake_sbatch, tmp_path, *option)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [f"batuta: error: {option[0]}: {reason}"]
+    assert calls(fake_sbatch) == []
+
+
+def node_step(folder: Path) -> list[str]:
+    """The command each node runs, from the one batch script written under `folder`."""
+    (script,) = folder.glob("*/batch.sh")
+    (exec_line,) = [line for line in script.read_text().splitlines() if line.startswith("exec ")]
+    return shlex.split(exec_line)
+
+
+def test_values_the_cluster_file_takes_are_taken_and_read_alike_on_the_command_line(
+    fake_sbatch: Path, tmp_path: Path
+) -> None:
+    done = alloc(fake_sbatch, tmp_path, "--gpus", " 1, 0,1", "--slots", "0", "--time", "1-2:03")
+    assert done.returncode == 3 and len(calls(fake_sbatch)) == 1, done.stderr  # taken: sbatch was asked
+    by_options = node_step(tmp_path / "jobs")
+    (tmp_path / "lab.toml").write_text(
+        table(gpus='" 1, 0,1"', slots="0", time='"1-2:03"', directory=f'"{tmp_path / "from-file"}"')
+    )
+    assert batuta(fake_sbatch, tmp_path, "run", "pi", "-c", "lab.toml").returncode == 3
+    by_file = node_step(tmp_path / "from-file")
+    for step in (by_options, by_file):
+        assert step[step.index("--gpus") + 1] == "1,0"  # the same indices, each once
+        assert "--slots" not in step  # 0: each node's cores, as in the file
+    assert "#SBATCH --time=1-2:03" in next((tmp_path / "jobs").glob("*/batch.sh")).read_text()
+
+
+def test_time_limits_are_taken_in_exactly_slurms_forms_with_every_field_in_range() -> None:
+    taken = {
+        "30": 1800,  # minutes
+        "1:30": 90,  # minutes:seconds
+        "90:00": 5400,  # the first field has no upper bound
+        "1:00:00": 3600,
+        "25:00:00": 90000,
+        "2-0": 2 * 86400,  # days-hours
+        "1-2:03": 86400 + 2 * 3600 + 3 * 60,  # days-hours:minutes
+        "1-2:03:04": 86400 + 2 * 3600 + 3 * 60 + 4,
+        "0:30": 30,
+        "0-0:0:1": 1,
+    }
+    for text, seconds in taken.items():
+        assert time_limit_seconds(text) == seconds, text
+    refused = {
+        "1:60": "has 60 seconds, past 0 to 59; Slurm would read it as 00:02:00",
+        "1:60:00": "has 60 minutes",
+        "1-24": "has 24 hours, past 0 to 23; Slurm would read it as 2-00:00:00",
+        "1-0:0:60": "has 60 seconds",
+        "0": "is zero",
+        "0:00": "is zero",
+        "0-0": "is zero",
+        "infinite": "asks Slurm for no time limit",
+        "Unlimited": "asks Slurm for no time limit",
+        "-1": "asks Slurm for no time limit",
+        " 5": "has spaces around it, which Slurm does not read; write '5'",
+        "1-": "is not a Slurm time limit",
+        "1:2:3:4": "is not a Slurm time limit",
+        "\u0663\u0660": "is not a Slurm time limit",  # digits, but not the ASCII ones Slurm reads
+        "99999999": "longer than Slurm can count",
+    }
+    for text, says in refused.items():
+        with pytest.raises(UsageError) as refusal:
+            time_limit_seconds(text)
+        assert says in str(refusal.value), text
+
+
+def test_a_directory_this_machine_cannot_use_is_one_exit_2_line_before_sbatch(
+    fake_sbatch: Path, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    done = alloc(fake_sbatch, tmp_path, "--directory", str(blocker / "jobs"))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"batuta: error: allocation slurm: cannot create its folder in {blocker / 'jobs'}: {blocker} is not a "
+        "folder; set --directory to a folder on a file system the nodes share"
+    ]
+    assert calls(fake_sbatch) == []
+
+
+def test_the_cluster_files_directory_is_checked_by_the_same_rule_naming_its_key(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cluster = parse_cluster(table(directory=f'"{blocker}"'), source="lab.toml")
+    with pytest.raises(ConfigError, match=rf"{blocker} is not a folder; set allocations\[0\].directory in lab.toml"):
+        build_pool(cluster)
+    with pytest.raises(ConfigError, match="set directory to a folder"):
+        Allocation(AllocationConfig(nodes=1, time="5", directory=blocker))
+
+
+def test_an_sbatch_refusal_is_said_once(fake_sbatch: Path, tmp_path: Path) -> None:
+    done = alloc(fake_sbatch, tmp_path, "--gpus", "none")
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.count(REFUSAL) == 1, done.stderr
+    assert done.stderr.splitlines() == [
+        f"batuta: error: no host could be started, so nothing ran: sbatch refused the allocation: {REFUSAL}; "
+        "check the sbatch options"
+    ]
+    assert len(calls(fake_sbatch)) == 1  # one allocation, asked for once
+
+
+def test_a_refusal_beside_other_hosts_is_left_to_the_summary_and_the_log_file(
+    fake_sbatch: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "local.toml").write_text('[local]\nslots = 1\ngpus = "none"\n')
+    log = tmp_path / "run.log"
+    done = alloc(fake_sbatch, tmp_path, "-c", "local.toml", "--log-file", str(log))
+    assert done.returncode == 0, done.stderr
+    assert REFUSAL not in done.stderr  # the summary's host table says it, host by host
+    assert sum(REFUSAL in line and line.split()[0].startswith("slurm-") for line in done.stdout.splitlines()) == 3
+    assert log.read_text().count(REFUSAL) >= 3  # the log file keeps every line
