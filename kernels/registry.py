@@ -582,7 +582,9 @@ def load_module(module: str) -> None:
     except Exception as exc:
         raise KernelModuleError(
             f"cannot load kernel module {module!r}: {type(exc).__name__}: {exc}; make it "
-            "importable on this host (on PYTHONPATH or installed in the agent's environment)"
+            "importable on this host (on PYTHONPATH or installed in the agent's environment), or, "
+            "if it is your own file, put it beside the job or the cluster file, or pass it with "
+            "--module, and it ships"
         ) from exc
 
 

@@ -549,6 +549,25 @@ def test_a_kernel_module_that_does_not_import_is_reported_once_per_host_and_the_
     assert done.stderr.count("cannot load kernel module 'no_such_module_here'") == 1, done.stderr
 
 
+@needs_runtime
+def test_a_kernel_module_beside_the_cluster_file_ships_as_one_beside_the_job_does(tmp_path: Path) -> None:
+    """Relative paths in a cluster file are the file's folder's; its kernel_modules were looked
+    for only beside the job file and on sys.path, and a module beside it was not found."""
+    config, job = tmp_path / "config", tmp_path / "jobs"
+    config.mkdir()
+    job.mkdir()
+    write(
+        config,
+        "beside_the_cluster_file.py",
+        "from batuta import kernel\n\n@kernel('triple')\ndef triple(x):\n    return 3 * x\n",
+    )
+    write(config, "cluster.toml", '[local]\nslots = 1\nkernel_modules = ["beside_the_cluster_file"]\n')
+    write(job, "job.py", "async def main(pool):\n    return sum(await pool.map('triple', [1, 2, 3]))\n")
+    done = batuta("run", "job.py", "-c", str(config / "cluster.toml"), "-q", cwd=job, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "18"
+
+
 MISSING_KEY_HOST = '[[hosts]]\nname = "far"\naddress = "127.0.0.1"\nidentity_file = "/nonexistent/id_far"\n'
 
 

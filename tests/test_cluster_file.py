@@ -25,6 +25,7 @@ from batuta.runtime.cluster import (
     parse_cluster,
     ssh_host,
 )
+from batuta.runtime.code import CodeSpec
 from batuta.runtime.pool import Pool, PoolConfig
 from batuta.transport.ssh import SSHSettings
 
@@ -54,7 +55,8 @@ def test_minimal_file_one_host_everything_else_default() -> None:
     assert host.python is None and host.gpus == "auto" and host.slots is None and not host.bootstrap
     assert cluster.local is None
     assert cluster.ssh == SSHSettings()
-    assert cluster.pool == PoolConfig()
+    # every default, and kernel_modules are also looked for beside the file (its folder)
+    assert cluster.pool == PoolConfig(code=CodeSpec(search_folders=(Path("/etc/batuta"),)))
     assert cluster.source == "cluster.toml"
 
 

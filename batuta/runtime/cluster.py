@@ -533,6 +533,7 @@ class _Reader(FieldReader):
                     (*path, "max_code_mb"), f"expected a number of MiB in (0, {MAX_CODE_MB}], got {shown(value)}"
                 )
             fields["code"] = CodeSpec(max_bytes=int(value * 2**20))
+        fields["code"] = replace(fields.get("code", CodeSpec()), search_folders=(self._base_dir,))
         config = PoolConfig(**fields)
         if config.suspect_after > config.lost_after:
             raise self.error(

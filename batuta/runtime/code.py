@@ -73,6 +73,9 @@ class CodeSpec:
     job_files: tuple[Path, ...] = ()
     modules: tuple[Path, ...] = ()  # --module PATH: .py files and package folders
     max_bytes: int = DEFAULT_MAX_CODE_BYTES
+    # Where `kernel_modules` are looked for after the job files' folders, before sys.path: the
+    # cluster file's folder, as its relative paths are (a mykernels.py beside cluster.toml)
+    search_folders: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -358,7 +361,8 @@ class CodeCollector:
         self.spec = spec
         # kernel_modules are found where the job files are first, as the job itself finds them
         job_folders = [str(Path(job).expanduser().resolve().parent) for job in spec.job_files]
-        self._search = job_folders + list(sys.path if search_path is None else search_path)
+        folders = job_folders + [str(folder) for folder in spec.search_folders]
+        self._search = folders + list(sys.path if search_path is None else search_path)
         self._common: dict[str, _Source] = {}
         self._load: list[str] = []  # modules the hosts import, in order
         self._bundles: dict[tuple[str, ...], m.Code | None] = {}
