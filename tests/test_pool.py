@@ -348,6 +348,16 @@ async def test_submit_after_close_is_a_clear_error() -> None:
             pass
 
 
+async def test_a_bool_mask_of_0_and_255_goes_and_comes_back_and_the_pool_goes_on(pool: Pool) -> None:
+    """Its bytes were sent as they were; the agent refused every Run frame holding it, and the
+    host was relaunched about twice a second for as long as one waited."""
+    mask = np.array([0, 255, 0, 3], dtype=np.uint8).view(bool)
+    result = await asyncio.wait_for(pool.run(Task.kernel("noop", mask)), 60)
+    assert result.is_success(), result.describe_failure()
+    np.testing.assert_array_equal(result.value, [False, True, False, True])
+    assert (await pool.run(Task.kernel("noop", 7))).value == 7
+
+
 async def test_argument_the_wire_cannot_carry_is_refused_at_submit(pool: Pool) -> None:
     from batuta.errors import UsageError
 

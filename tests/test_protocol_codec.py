@@ -40,6 +40,7 @@ from batuta.protocol import (
 )
 from batuta.protocol._values import ALIGN, MAPPED_MIN_BYTES, OobWriter, aligned_empty, encode_value
 from batuta.protocol.codec import LARGE_FRAME_BYTES
+from batuta.protocol.errors import LocalProtocolError
 from tests.support.codec import (
     assert_same,
     decode_all,
@@ -329,6 +330,30 @@ def test_check_value_counts_the_out_of_band_bytes_the_encoder_adds() -> None:
     encode_value(value, oob, 0)
     assert check_value(value) == oob.size > 0
     assert check_value((1, 2.0, "x", np.arange(5, dtype=np.int8))) == 0  # nothing out-of-band
+
+
+def test_a_bool_view_of_bytes_other_than_0_and_1_arrives_as_numpy_reads_it() -> None:
+    """A 0/255 mask viewed as bool: its bytes went as they were, the receiver refused the frame
+    (as it must: NumPy misreads such bools), and the host was lost and relaunched for ever."""
+    mask = np.array([0, 1, 2, 255, 0, 7], dtype=np.uint8).view(bool)
+    for value in (mask, mask[::2], np.tile(mask, 400)):  # small, strided, out-of-band
+        back = value_round_trip(value)
+        assert back.dtype == np.bool_ and back.view(np.uint8).max() <= 1
+        np.testing.assert_array_equal(back, np.asarray(value).view(np.uint8) != 0)
+
+
+def test_check_value_refuses_what_would_not_fit_in_a_frame_and_says_what_travels_instead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """300 MiB of bytes were sent, over the frame limit: the host was lost and the task sent
+    again, for ever. Arrays travel beside the frame; what goes inside it is counted."""
+    import batuta.protocol._values as values
+
+    monkeypatch.setattr(values, "MAX_INBAND_BYTES", 4096)
+    check_value(np.zeros(10**6), "big array")  # streamed beside the frame: fine at any size
+    for value in (b"x" * 5000, "y" * 5000, [1.5] * 1000, [np.arange(4)] * 200):
+        with pytest.raises(LocalProtocolError, match=r"more than one frame carries \(0 MiB\); send bulk data as numpy"):
+            check_value(value, "task 'k' arguments")
 
 
 def test_array_headers_made_and_read_before_still_say_each_arrays_own_dtype_and_shape() -> None:

@@ -80,6 +80,9 @@ ALIGN = 64
 """Out-of-band array buffers start at multiples of this many bytes from the frame's start."""
 
 OOB_MIN_BYTES = 1024
+# What a value may put inside one frame (below the codec's 256 MiB frame limit, leaving room
+# for the rest of the message): more is refused by check_value when the task is submitted.
+MAX_INBAND_BYTES = 192 * 2**20
 """Arrays of at least this many bytes travel out-of-band and decode as views, not copies."""
 
 MAX_VALUE_DEPTH = 32
@@ -126,7 +129,16 @@ class OobWriter:
     With `measure`, nothing is encoded: arrays are checked and their out-of-band bytes
     counted in `size`, and the encoder returns None for each (see `check_value`)."""
 
-    __slots__ = ("buffers", "first_stream_id", "locate", "measure", "size", "stream_min_bytes", "streamed")
+    __slots__ = (
+        "buffers",
+        "first_stream_id",
+        "inband",
+        "locate",
+        "measure",
+        "size",
+        "stream_min_bytes",
+        "streamed",
+    )
 
     def __init__(
         self,
@@ -140,6 +152,7 @@ class OobWriter:
         self.measure = measure
         self.locate = locate  # where an array lies in shared memory the receiver can map, if it does
         self.size = 0  # bytes of the buffer region so far
+        self.inband = 0  # measured: about what travels inside the frame itself (str, bytes, small arrays, items)
         self.stream_min_bytes = stream_min_bytes
         self.first_stream_id = first_stream_id
         self.streamed: list[np.ndarray] = []  # flat uint8 views, stream ids in order
@@ -232,7 +245,13 @@ def _encode_array(arr: np.ndarray, oob: OobWriter) -> msgpack.ExtType | None:
     if oob.measure:  # checked: count what it adds to a frame, and build nothing
         if nbytes >= OOB_MIN_BYTES:
             oob.count(nbytes)
+        else:
+            oob.inband += nbytes + len(header)
         return None
+    if arr.dtype.kind == "b" and arr.size and arr.view(np.uint8).max() > 1:
+        # A bool view of bytes other than 0 and 1 (a 0/255 mask viewed as bool) is True where
+        # they are not 0; sent as they are, the receiver refuses the frame (check_bools).
+        arr = arr.view(np.uint8) != 0
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)
     if oob.locate is not None and nbytes >= OOB_MIN_BYTES:
@@ -257,7 +276,11 @@ def encode_value(v: Any, oob: OobWriter, depth: int) -> Any:
         if INT_MIN <= v <= UINT_MAX:
             return v
         raise Invalid("", f"int {v} does not fit in 64 bits")
-    if t is float or t is str or t is bool or t is bytes or v is None:
+    if t is float or t is bool or v is None:
+        return v
+    if t is str or t is bytes:
+        if oob.measure:
+            oob.inband += len(v)
         return v
     if t is np.ndarray:
         return _encode_array(v, oob)
@@ -302,7 +325,11 @@ def _encode_items(items: Sequence[Any], oob: OobWriter, depth: int) -> list[Any]
         elif t not in _PLAIN_SCALARS:
             break
     else:
+        if oob.measure:  # what the frame carries of a flat run: about 9 bytes an item, and the text
+            oob.inband += 9 * len(items) + sum(len(item) for item in items if type(item) in (str, bytes))
         return list(items)
+    if oob.measure:
+        oob.inband += len(items)
     out: list[Any] = []
     try:
         for item in items:
@@ -333,6 +360,15 @@ def check_value(value: Any, where: str = "value") -> int:
         encode_value(value, oob, 0)
     except Invalid as exc:
         raise LocalProtocolError(exc.describe(where)) from None
+    if oob.inband > MAX_INBAND_BYTES:
+        # Refused here: sent, the frame would be over the receiver's limit, the host would be
+        # lost and the task sent again, for ever (arrays travel beside frames, streamed).
+        raise LocalProtocolError(
+            f"{where}: about {oob.inband / 2**20:,.0f} MiB of str, bytes, small arrays and list items, "
+            f"more than one frame carries ({MAX_INBAND_BYTES // 2**20} MiB); send bulk data as numpy "
+            "arrays (bytes: np.frombuffer(data, np.uint8); many small arrays: one stacked array), "
+            "which travel beside the frame, or pool.put it once"
+        )
     return oob.size
 
 
