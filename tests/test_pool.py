@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -346,6 +346,75 @@ async def test_submit_after_close_is_a_clear_error() -> None:
     with pytest.raises(UsageError, match=r"^this pool is closed, and a pool starts once: build a new one$"):
         async with pool:  # said 'pool already started'
             pass
+
+
+async def test_a_small_array_refilled_after_submit_or_put_does_not_change_what_the_tasks_get(pool: Pool) -> None:
+    """Arrays were read when sent, not when given: refilling one buffer between submits made
+    earlier tasks sum later data (5.0 five times, and a torn 4.35), and a put value changed
+    under its ref while its digest stayed. Up to 1 MiB, a writeable array is copied."""
+    buf = np.empty(100_000)  # 800 kB
+    futures = []
+    for i in range(6):
+        buf[:] = i
+        futures.append(await pool.submit(Task.kernel("sum", buf)))
+    assert [(await f).value / buf.size for f in futures] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+    def refilled() -> Iterator[tuple[np.ndarray]]:
+        for i in range(4):
+            buf[:] = i
+            yield (buf,)
+
+    assert await pool.map("sum", refilled()) == [0.0, 100_000.0, 200_000.0, 300_000.0]
+    ref = pool.put(buf)
+    buf[:] = 42.0
+    assert (await pool.run(Task.kernel("sum", ref))).value == 3 * 100_000.0
+    np.testing.assert_array_equal(await pool.get(ref), np.full(100_000, 3.0))
+
+
+async def test_a_large_array_is_read_only_while_its_tasks_use_it_and_writeable_after() -> None:
+    """Copying large arrays would halve the data path: one is not copied, and a write to it
+    while a task uses it raises instead of changing what the task computes."""
+    big = np.zeros(300_000)  # 2.4 MB
+    async with make_pool() as pool:
+        future = await pool.submit(Task.kernel("sum", big))
+        with pytest.raises(ValueError, match="read-only"):
+            big[:] = 1.0
+        assert (await future).value == 0.0
+        assert big.flags.writeable  # its task is done
+        big[:] = 2.0
+        ref = pool.put(big)
+        with pytest.raises(ValueError, match="read-only"):
+            big[0] = 3.0
+        assert (await pool.run(Task.kernel("sum", ref))).value == 600_000.0
+        pool.drop(ref)
+        assert big.flags.writeable
+        pool.put(big)
+        assert not big.flags.writeable
+    assert big.flags.writeable  # the pool is closed: the caller's again
+
+
+def test_an_array_stays_read_only_until_the_last_task_using_it_is_done() -> None:
+    from batuta.runtime.snapshot import InFlight, read_only, taken
+
+    held = InFlight()
+    big, frozen, small = np.zeros(300_000), np.zeros(300_000), np.arange(4.0)
+    frozen.flags.writeable = False
+    first: list[np.ndarray] = []
+    args = taken((1, frozen, [small, {"k": big}]), first, held)
+    assert args[1] is frozen and args[2][1]["k"] is big and first == [big]  # neither copied
+    assert args[2][0] is not small and np.array_equal(args[2][0], small)  # a small one is
+    held.hold(first)
+    second: list[np.ndarray] = []
+    taken((big,), second, held)  # read-only now, for the first task: one more user
+    held.hold(second)
+    held.release(first)
+    assert not big.flags.writeable
+    held.release(second)
+    assert big.flags.writeable and not frozen.flags.writeable
+    plain = (1, "x", frozen, [frozen])
+    assert taken(plain) is plain  # nothing to copy: the same objects
+    view = read_only(small)
+    assert not view.flags.writeable and small.flags.writeable and taken(view) is view
 
 
 async def test_a_bool_mask_of_0_and_255_goes_and_comes_back_and_the_pool_goes_on(pool: Pool) -> None:

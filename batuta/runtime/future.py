@@ -46,6 +46,7 @@ class TaskFuture:
         "_callbacks",
         "_choice",
         "_code",
+        "_held",
         "_journal_task",
         "_keep",
         "_nbytes",
@@ -77,6 +78,7 @@ class TaskFuture:
         self._callbacks: list[Callable[[TaskFuture], None]] | None = None
         self._object_ids: tuple[int, ...] = ()  # pool.put objects its arguments name
         self._nbytes = 0  # what its arguments' arrays add to a frame (flow control)
+        self._held: list[Any] = []  # its large arguments, read-only until it is done (snapshot.py)
         self._code = ""  # the code digest its ResultStore key names (see ResultStore)
         self._call: KernelCall | BinaryCall = task.call  # as sent: futures among its arguments replaced
         self._keep = 0  # the object its result is kept as (keep=True), 0 when it comes back

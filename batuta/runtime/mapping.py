@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from batuta.core.task import Task, TaskResult
 from batuta.errors import TaskFailedError, UsageError
+from batuta.runtime.snapshot import read_only
 
 if TYPE_CHECKING:
     from batuta.runtime.future import TaskFuture
@@ -74,7 +75,8 @@ def chunks(arrays: Sequence[Any], chunk_size: int, extra_args: tuple[Any, ...]) 
     length = len(arrays[0])
     if any(len(a) != length for a in arrays):
         raise UsageError(f"map_chunked: arrays differ in length ({[len(a) for a in arrays]})")
+    # read-only views: map_chunked awaits its tasks, so its chunks go without a copy (snapshot.py)
     return [
-        tuple(a[start : start + chunk_size] for a in arrays) + tuple(extra_args)
+        tuple(read_only(a[start : start + chunk_size]) for a in arrays) + tuple(extra_args)
         for start in range(0, length, chunk_size)
     ]

@@ -45,6 +45,7 @@ from batuta.runtime.objects import KeptObject, ObjectTable, lineage_digest
 from batuta.runtime.requirements import requirements, superlinear
 from batuta.runtime.session import HostSession, HostSpec, SendBudget
 from batuta.runtime.shipping import CodeAcks, CodeShipped, collect, with_code
+from batuta.runtime.snapshot import InFlight, taken
 from batuta.runtime.turns import LoopTurns, sends_early
 from batuta.runtime.views import HostView, PoolStats, SlotView
 from batuta.runtime.wakeup import WakeupTimer
@@ -100,6 +101,7 @@ class Pool:
         self._space = asyncio.Event()
         self._started = False
         self._closed = False
+        self._in_flight = InFlight()  # large arguments and put values, read-only while used
         self._succeeded = 0
         self._failed = 0
         self._store: ResultStore | None = None
@@ -224,6 +226,7 @@ class Pool:
         self._handle([ev.ShutdownRequested(reason="pool closed before the task finished")])
         self._space.set()
         await self._hosts.close()
+        self._in_flight.release_puts()  # the caller's put arrays are writeable again
         for closer in self._closers:
             try:
                 await closer()
@@ -269,6 +272,10 @@ class Pool:
         self._check_open()
         if not isinstance(task, Task):
             raise UsageError(f"submit() takes a batuta.Task, not {type(task).__name__}")
+        large: list[Any] = []  # the arguments as they are now: copied, or read-only until done (snapshot.py)
+        if isinstance(task.call, KernelCall) and _remake is None:
+            args = taken(task.call.args, large, self._in_flight)
+            task = task if args is task.call.args else replace(task, call=replace(task.call, args=args))
         prepared = self._data.prepare(task) if _remake is None else Prepared(task, reads=_remake.reads)
         call = prepared.task.call
         if not self._scheduler.can_accept(len(self._submitted) + 1):
@@ -325,6 +332,8 @@ class Pool:
         elif keep:
             made = self._objects.keep(prepared.task, job, future, prepared.reads, prepared.after, digest)
             future._keep = made.object_id
+        self._in_flight.hold(large)
+        future._held = large
         self._pending[task_id] = future
         if self.events.active:
             self.events.publish(
@@ -425,16 +434,17 @@ class Pool:
         return await self.map(kernel, mapping.chunks(arrays, chunk_size, extra_args), **options)
 
     def put(self, value: Any) -> ObjectRef:
-        """Keep `value` in the pool and return a ref to pass to kernels in its place.
-
-        Each host receives the value once, with the first task that names it there, instead
-        of with every task (Dask's `scatter`, Ray's `put`): for a matrix that a thousand
-        tasks multiply, or a model that every chunk is scored against. Raises UsageError
-        for a value that could not travel as a kernel argument. Nothing is sent here, so
-        flow control applies where the value travels: at the submission of a task naming it.
-        """
+        """Keep `value` as it is now (copied, or its large arrays read-only until dropped:
+        snapshot.py) and return a ref to pass to kernels in its place. Each host receives it
+        once, with the first task that names it there (Dask's `scatter`, Ray's `put`): for a
+        matrix that a thousand tasks multiply. Raises UsageError for a value that could not
+        travel as a kernel argument; nothing is sent here, so flow control applies at the
+        submission of a task naming it."""
         self._check_open()
-        return self._objects.put(value)
+        large: list[Any] = []
+        ref = self._objects.put(taken(value, large, self._in_flight))
+        self._in_flight.hold_put(ref.object_id, large)
+        return ref
 
     def drop(self, ref: ObjectRef) -> None:
         """Release a `put` value or a kept result, here and on every host holding it, once
@@ -442,6 +452,7 @@ class Pool:
         if not isinstance(ref, ObjectRef):
             raise UsageError(f"pool.drop takes the ObjectRef that pool.put returned, not {type(ref).__name__}")
         self._send_drops(self._objects.drop(ref))
+        self._in_flight.drop_put(ref.object_id)
 
     async def get(self, ref: ObjectRef) -> Any:
         """The value of a kept result (`keep=True`), fetched from a host that holds it; it waits
@@ -700,6 +711,7 @@ class Pool:
         pending = self._pending.pop(task_id, None)
         if pending is None:
             return
+        self._in_flight.release(pending._held)
         if not self._pending:
             # dicts never shrink their tables: start a fresh one whenever the pool runs dry,
             # so a burst of a million queued tasks does not hold its peak for the pool's life
