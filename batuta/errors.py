@@ -69,6 +69,13 @@ class HostConfigError(TransportError):
     retryable = False
 
 
+class HostUnusableError(TransportError):
+    """A host's agent cannot start there until something on the host changes (its Python is
+    too old): never retried, the host is retired at once."""
+
+    retryable = False
+
+
 class AgentError(BatutaError):
     """A host agent refused the session or failed to start."""
 

@@ -568,6 +568,30 @@ def test_a_kernel_module_beside_the_cluster_file_ships_as_one_beside_the_job_doe
     assert done.stdout.strip() == "18"
 
 
+PYTHON_310 = """\
+#!/bin/sh
+echo "Unknown option: -P" >&2
+echo "usage: python3 [option] ... [-c cmd | -m mod | file | -] [arg] ..." >&2
+echo 'Try `python -h'"'"' for more information.' >&2
+exit 2
+"""
+
+
+@needs_runtime
+def test_a_python_older_than_3_11_is_named_as_such_not_by_its_usage_line(tmp_path: Path) -> None:
+    """Ubuntu 22.04's python3 is 3.10: the host was 'unreachable: agent exited before saying
+    hello: Try `python -h' for more information', and relaunched five times."""
+    write(tmp_path, "job.py", "async def main(pool):\n    return 1\n")
+    python = write(tmp_path, "python3", PYTHON_310)
+    python.chmod(0o755)
+    write(tmp_path, "cluster.toml", f'[local]\npython = "{python}"\n')
+    done = batuta("run", "job.py", "-c", "cluster.toml", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 3, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert f"host local: {python} does not know -P, so it is older than Python 3.11, which batuta needs" in last
+    assert done.stderr.count("Unknown option: -P") == 1  # started once, not relaunched
+
+
 MISSING_KEY_HOST = '[[hosts]]\nname = "far"\naddress = "127.0.0.1"\nidentity_file = "/nonexistent/id_far"\n'
 
 
@@ -760,6 +784,32 @@ def test_ctrl_c_prints_what_finished_and_how_to_resume_then_exits_130(
         assert f"{total - finished} cancelled by the interrupt" in stdout
 
 
+def test_the_resume_hint_names_the_modules_the_run_shipped() -> None:
+    """Run as printed without them, every task failed: 'unknown kernel' on every host."""
+    import argparse
+
+    from batuta.cli._run import _interrupted_note
+    from batuta.jobs import RunSummary
+
+    summary = RunSummary(
+        job="job.py",
+        tasks=10,
+        succeeded=4,
+        failed=0,
+        cancelled=6,
+        unfinished=0,
+        wall_s=1.0,
+        latency_s={},
+        run_time_s={},
+    )
+    args = argparse.Namespace(job="job.py", cluster="c.toml", module=["lib/k.py", "pkg"], journal="j")
+    note = _interrupted_note(summary, args)
+    assert note.endswith(
+        "'batuta run job.py --cluster c.toml --module lib/k.py --module pkg --journal j --resume' "
+        "runs only what is not done"
+    )
+
+
 @needs_runtime
 def test_progress_bar_draws_on_a_terminal(tmp_path: Path) -> None:
     """With stderr on a terminal (a pty here), rich draws the bar: done/total and failures."""
@@ -890,6 +940,9 @@ def test_a_refused_host_is_in_the_summary_and_strict_fails_the_run(
     assert strict.returncode == 1, strict.stderr
     [row] = [line for line in strict.stdout.splitlines() if line.startswith("host1 ")]
     assert row.split()[1:3] == ["0", "0"] and "retired: host host1" in row and "HOST KEY CHANGED" in row
+    assert (
+        strict.stderr.splitlines()[-1] == "batuta: --strict: exit 1, as host(s) host1 failed during the run (see above)"
+    )
 
 
 def test_a_job_that_raises_with_work_in_flight_closes_the_pool_without_a_traceback(tmp_path: Path) -> None:

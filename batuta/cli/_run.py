@@ -266,7 +266,11 @@ def finish_run(outcome: RunOutcome, args: argparse.Namespace, *, reported: bool 
         from batuta.jobs import linger_metrics
 
         linger_metrics(outcome.metrics, args.metrics_linger, say=not args.quiet and sys.stderr.isatty())
-    if not summary.ok or (args.strict and summary.failed_hosts):
+    if not summary.ok:
+        return EXIT_FAILED
+    if args.strict and summary.failed_hosts:  # every task succeeded: say why the exit is 1
+        hosts = ", ".join(host.host for host in summary.failed_hosts)
+        print(f"{PROG}: --strict: exit 1, as host(s) {hosts} failed during the run (see above)", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 
@@ -296,6 +300,7 @@ def _interrupted_note(summary: RunSummary, args: argparse.Namespace) -> str:
         f"{PROG}: interrupted: {summary.tasks - cancelled} of {summary.tasks} tasks finished, {cancelled} cancelled; "
     )
     again = f"{PROG} run {args.job}" + (f" --cluster {args.cluster}" if args.cluster else "")
+    again += "".join(f" --module {module}" for module in args.module or ())  # its kernels, shipped again
     if args.journal:
         return note + f"'{again} --journal {args.journal} --resume' runs only what is not done"
     return note + f"with '--journal DIR' a run can be resumed ('{again} --journal DIR', then '--resume')"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from batuta._version import __version__
-from batuta.errors import AgentError, TransportError
+from batuta.errors import AgentError, BatutaError, HostUnusableError, TransportError
 from batuta.protocol import messages as m
 from batuta.protocol.chunks import DEFAULT_STREAM_MIN_BYTES
 from batuta.protocol.codec import encode_message
@@ -32,6 +32,17 @@ from batuta.transport.dropbehind import DropBehind
 log = logging.getLogger("batuta.runtime.session")
 LAST_WORDS_WAIT_S = 1.0  # for an agent's stderr to end after its stdout did, when it dies at start-up
 _FIRST_BYTES_SHOWN = 40  # of a stream that did not start with a frame
+# How CPython ends its refusal of a command-line option. The agent's only interpreter option
+# is -P (new in 3.11), so this is a Python 3.10 or older ("Unknown option: -P" before it).
+_PYTHON_USAGE = "Try `python -h' for more information"
+
+
+def _too_old(python: str) -> str:
+    which = python or "its python3"
+    return (
+        f"{which} does not know -P, so it is older than Python 3.11, which batuta needs; install a newer "
+        "Python there and set python for this host in the cluster file, or set bootstrap = true"
+    )
 
 
 def _not_an_agent(first: bytes, exc: ProtocolError) -> str:
@@ -321,6 +332,9 @@ class HostSession:
                             f"{self.spec.python or 'that python'}? "
                             "`batuta cluster install --cluster FILE` puts it there)"
                         )
+                        if said.startswith(_PYTHON_USAGE):  # the interpreter refused its options: too old
+                            self._fail(_too_old(self.spec.python), HostUnusableError)
+                            return
                     break
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
@@ -395,12 +409,12 @@ class HostSession:
             )
         return ""
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, error: type[BatutaError] = AgentError) -> None:
         if self._stream is None or (not self._open and (self._ready is None or self._ready.done())):
             return  # already failed, closed, or never started
         self._open = False
         if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(AgentError(f"host {self.name}: {reason}"))
+            self._ready.set_exception(error(f"host {self.name}: {reason}"))
             self._ready.exception()  # retrieved here so an unawaited failure is not logged twice
         self.kill()
         if not self._closing:
