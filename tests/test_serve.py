@@ -590,6 +590,27 @@ def test_a_served_runs_value_and_summary_come_out_when_the_job_ends_not_when_the
             child.wait()
 
 
+@pytest.mark.parametrize("where", ["background", "foreground"])
+def test_a_served_run_whose_hosts_cannot_start_says_so_and_exits_3_as_batuta_run_does(
+    runtime_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    """In the background it said 'serving job pi as ...' and exited 0, then vanished (only its
+    log said why); in the foreground it exited 1, not batuta run's 3."""
+    cluster = tmp_path / "cluster.toml"
+    cluster.write_text('[local]\nslots = 1\npython = "/bin/false"\n')
+    argv = ["run", "pi", "-c", str(cluster), "--serve", "--name", "nohost"]
+    if where == "background":
+        assert cli_main(argv) == 3
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("batuta: error: the served coordinator exited at start (3): no host could be started")
+        return
+    done = subprocess.run(
+        [sys.executable, "-m", "batuta", *argv, "--foreground"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.splitlines()[-1].startswith("batuta: error: no host could be started, so nothing ran")
+
+
 def test_a_background_served_run_passes_every_run_option_on(runtime_dir: Path, tmp_path: Path) -> None:
     from batuta.cli import build_parser
     from batuta.cli._serve import _child_argv

@@ -18,7 +18,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batuta.cli._common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, PROG, positive_seconds
+from batuta.cli._common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    PROG,
+    positive_seconds,
+    print_error,
+)
 from batuta.errors import ServeError, UsageError
 
 if TYPE_CHECKING:
@@ -169,7 +178,7 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
             )
         return _spawn(args, name)
     from batuta.cli._run import announce_metrics, finish_run, report_run
-    from batuta.jobs import serve_job
+    from batuta.jobs import HostsUnreachableError, serve_job
 
     label = f"{Path(args.cluster).name}" if args.cluster else "local"
     reported: list[RunOutcome] = []
@@ -205,6 +214,10 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
         )
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except HostsUnreachableError as exc:  # as `batuta run` says it, and its exit code
+        check = f"; 'batuta stack check -c {args.cluster}' checks every host and says what to fix"
+        print_error(f"{exc}{check if args.cluster else ''}")
+        return EXIT_UNREACHABLE
     if outcome is None:
         print(f"{PROG}: {name} stopped before its job started", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -280,8 +293,9 @@ def _spawn(args: argparse.Namespace, name: str) -> int:
     while time.monotonic() < deadline:
         if child.poll() is not None:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+            said = tail[0].removeprefix(f"{PROG}: error: ")  # its own one-line error, said once
             print(
-                f"{PROG}: error: the served coordinator exited at start ({child.returncode}): {tail[0]}",
+                f"{PROG}: error: the served coordinator exited at start ({child.returncode}): {said}",
                 file=sys.stderr,
             )
             return child.returncode or EXIT_FAILED
@@ -292,6 +306,11 @@ def _spawn(args: argparse.Namespace, name: str) -> int:
                 pass
             else:
                 if info.get("pid") != child.pid:  # another start of this name won the socket
+                    time.sleep(0.1)
+                    continue
+                if info.get("state") == "starting" and time.monotonic() < deadline - 0.5:
+                    # its hosts are starting: wait (within the start timeout) to see the job run,
+                    # or the coordinator exit because none could start (said above, exit 3)
                     time.sleep(0.1)
                     continue
                 print(f"{PROG}: serving job {args.job} as {name} (pid {child.pid}); log: {log_path}")
