@@ -18,6 +18,7 @@ from batuta.agent.telemetry import fake_gpu_sample
 from batuta.core.objects import ObjectRef
 from batuta.core.task import Outcome
 from batuta.protocol.messages import (
+    PROTOCOL_VERSION,
     SLOT_RESTARTING,
     SLOT_UP,
     Bye,
@@ -25,12 +26,14 @@ from batuta.protocol.messages import (
     Drop,
     Error,
     Hello,
+    Keepalive,
     Put,
     Run,
     Shutdown,
     SlotChanged,
     StealBack,
     StealBackReply,
+    Welcome,
 )
 from tests.test_agent_harness import (
     BOTH_SPAWN_MODES,
@@ -494,6 +497,25 @@ async def test_stdin_eof_kills_everything_and_exits(start_agent: StartAgent, tmp
     agent.close_stdin()
     assert await agent.exit_code() == 0
     assert await still_alive(everything) == []
+
+
+async def test_an_agent_that_hears_nothing_from_its_coordinator_exits_with_its_slots(
+    start_agent: StartAgent,
+) -> None:
+    """A host cut off by a partition gets no end of stream: its agent and slots ran on after
+    the run (until the link came back). Keepalives keep it; their absence ends it."""
+    agent = await start_agent("--slots", "2", "--gpus", "none", handshake=False)
+    await agent.message(Hello)
+    agent.send(Welcome(protocol=PROTOCOL_VERSION, heartbeat_interval=0.05, silence_limit=1.0))
+    for beats in range(5, 45, 5):  # two seconds of heartbeats, past the limit, and a keepalive each 0.25 s
+        await agent.heartbeats(beats)
+        agent.send(Keepalive())
+    assert agent.proc.returncode is None
+    slots = [p.pid for p in agent.descendants()]
+    assert len(slots) == 2
+    assert await agent.exit_code() == 1  # then silence
+    assert b"nothing from the coordinator for " in agent.stderr and b"it is gone or cut off; exiting" in agent.stderr
+    assert await still_alive(slots) == []
 
 
 async def test_shutdown_says_bye_and_exits_zero(start_agent: StartAgent) -> None:

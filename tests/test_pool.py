@@ -417,6 +417,23 @@ def test_an_array_stays_read_only_until_the_last_task_using_it_is_done() -> None
     assert not view.flags.writeable and small.flags.writeable and taken(view) is view
 
 
+async def test_an_idle_coordinator_keeps_its_agents_with_keepalives() -> None:
+    """Agents exit after `agent_silence_limit` without a word from the coordinator (a host cut
+    off by a partition): an idle pool must still say something, or it would lose them all."""
+    from batuta.runtime import events as pe
+
+    heartbeats: list[float] = []
+    lost: list[str] = []
+    async with make_pool(1, heartbeat_interval=0.05, agent_silence_limit=1.0) as pool:
+        pool.subscribe(lambda e: heartbeats.append(1.0) if isinstance(e, pe.HostTelemetry) else None)
+        pool.subscribe(lambda e: lost.append(e.reason) if isinstance(e, pe.HostDown) else None)
+        async with asyncio.timeout(60):
+            while len(heartbeats) < 60:  # three seconds of an idle pool, three times the limit
+                await asyncio.sleep(0.05)
+        assert (await pool.run(Task.kernel("noop", 5))).value == 5
+    assert lost == []  # the agent never exited: no relaunch
+
+
 async def test_a_bool_mask_of_0_and_255_goes_and_comes_back_and_the_pool_goes_on(pool: Pool) -> None:
     """Its bytes were sent as they were; the agent refused every Run frame holding it, and the
     host was relaunched about twice a second for as long as one waited."""

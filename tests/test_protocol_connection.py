@@ -23,6 +23,7 @@ from batuta.protocol import (
     GpuCache,
     Heartbeat,
     Hello,
+    Keepalive,
     LocalProtocolError,
     Message,
     Phase,
@@ -217,6 +218,7 @@ def test_direction_table_matches_the_messages_docstring() -> None:
         "Drop",
         "Fetch",
         "DataLink",
+        "Keepalive",
         "Shutdown",
         "Error",
     }
@@ -249,6 +251,7 @@ COORDINATOR_EXAMPLES: list[Message] = [
     Cancel(task_ids=(1,)),
     Put(object_id=1, value=2.5),
     Drop(object_ids=(1,)),
+    Keepalive(),
     Shutdown(),
 ]
 

@@ -84,6 +84,7 @@ from batuta.protocol.messages import (
     GpuInfo,
     Heartbeat,
     Hello,
+    Keepalive,
     Message,
     Put,
     Run,
@@ -141,6 +142,8 @@ class Agent:
         self._heartbeat_seq = 0
         self._heartbeat_timer: asyncio.TimerHandle | None = None
         self._heartbeat_due = 0.0
+        self._silence_limit = 0.0  # Welcome's: exit after this long without a byte from the coordinator
+        self._last_heard = time.monotonic()
         # The outbox of one loop pass: Started ids, and messages or result batches in order.
         self._started: list[int] = []
         self._finished_ids: set[int] = set()
@@ -289,6 +292,7 @@ class Agent:
     def _on_input(self, data: bytes) -> None:
         if self._stopping:
             return
+        self._last_heard = time.monotonic()
         try:
             self._conn.receive_data(data)
         except RemoteProtocolError as exc:
@@ -300,6 +304,7 @@ class Agent:
         """Bytes read straight into a large frame's buffer or a streamed array."""
         if self._stopping:
             return
+        self._last_heard = time.monotonic()
         self._conn.received(nbytes)
         self._take_messages()
 
@@ -348,6 +353,8 @@ class Agent:
             self._on_welcome(message)
         elif isinstance(message, DataLink):  # big arrays beside this channel (agent/datalink.py)
             self._data_link.offered(message)
+        elif isinstance(message, Keepalive):
+            pass  # its bytes were the point (`_last_heard`)
         elif isinstance(message, Shutdown):
             self._finish(EXIT_OK, bye=Bye(reason=message.reason or "shutdown requested"))
         elif isinstance(message, Error):
@@ -360,6 +367,7 @@ class Agent:
         self._welcomed = True
         self._schedule_flush()  # SlotChanged changes that happened during the handshake
         self._heartbeat_interval = max(0.05, float(welcome.heartbeat_interval))
+        self._silence_limit = float(welcome.silence_limit)
         assert self._loop is not None
         self._heartbeat_due = self._loop.time()
         self._heartbeat()
@@ -473,6 +481,16 @@ class Agent:
         if self._stopping:
             return
         assert self._loop is not None
+        silent = time.monotonic() - self._last_heard
+        if self._silence_limit and silent > self._silence_limit:
+            # No end of stream comes through a network partition: without this, the agent and
+            # its slots would outlive the run on a host cut off from it (until TCP gave up).
+            _warn(
+                f"nothing from the coordinator for {silent:.0f}s (it sends at least a keepalive well "
+                f"within {self._silence_limit:g}s): it is gone or cut off; exiting"
+            )
+            self._finish(EXIT_ERROR, bye=None)
+            return
         try:
             sample = self._telemetry.sample()
         except Exception as exc:  # telemetry must never take the agent down

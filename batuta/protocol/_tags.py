@@ -16,6 +16,7 @@ from batuta.protocol.messages import (
     GpuCache,
     Heartbeat,
     Hello,
+    Keepalive,
     ObjectsLost,
     Put,
     Run,
@@ -50,6 +51,7 @@ TAGS: dict[type, int] = {
     GpuCache: 20,
     CodeStored: 21,
     DataLink: 23,
+    Keepalive: 24,
 }
 """Message tags on the wire. Stable: changing one needs a new PROTOCOL_VERSION."""
 

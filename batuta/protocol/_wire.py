@@ -76,6 +76,7 @@ from batuta.protocol.messages import (
     GpuSample,
     Heartbeat,
     Hello,
+    Keepalive,
     Message,
     ObjectsLost,
     Put,
@@ -184,6 +185,7 @@ def _enc_welcome(m: Welcome, oob: OobWriter) -> list[Any]:
         TAGS[Welcome],
         uint(m.protocol, ".protocol"),
         float_(m.heartbeat_interval, ".heartbeat_interval", positive=True),
+        float_(m.silence_limit, ".silence_limit", minimum=0.0),
     ]
 
 
@@ -346,6 +348,10 @@ def _enc_data_link(m: DataLink, oob: OobWriter) -> list[Any]:
     return [TAGS[DataLink], str_(m.host, ".host"), *(_link_field(getattr(m, f), f".{f}") for f in _LINK_FIELDS)]
 
 
+def _enc_keepalive(m: Keepalive, oob: OobWriter) -> list[Any]:
+    return [TAGS[Keepalive]]
+
+
 def _enc_shutdown(m: Shutdown, oob: OobWriter) -> list[Any]:
     return [TAGS[Shutdown], str_(m.reason, ".reason")]
 
@@ -378,6 +384,7 @@ _ENCODERS: dict[type, Callable[[Any, OobWriter], list[Any]]] = {
     GpuCache: _enc_gpu_cache,
     Heartbeat: _enc_heartbeat,
     DataLink: _enc_data_link,
+    Keepalive: _enc_keepalive,
     Shutdown: _enc_shutdown,
     Bye: _enc_bye,
     Error: _enc_error,
@@ -425,10 +432,11 @@ def _dec_hello(w: list[Any]) -> Hello:
 
 
 def _dec_welcome(w: list[Any]) -> Welcome:
-    _, protocol, heartbeat_interval = w
+    _, protocol, heartbeat_interval, silence_limit = w
     return Welcome(
         protocol=uint(protocol, ".protocol"),
         heartbeat_interval=float_(heartbeat_interval, ".heartbeat_interval", positive=True),
+        silence_limit=float_(silence_limit, ".silence_limit", minimum=0.0),
     )
 
 
@@ -606,6 +614,10 @@ def _dec_data_link(w: list[Any]) -> DataLink:
     return DataLink(host=str_(w[1], ".host"), **{f: _link_field(w[i], f".{f}") for i, f in enumerate(_LINK_FIELDS, 2)})
 
 
+def _dec_keepalive(w: list[Any]) -> Keepalive:
+    return Keepalive()
+
+
 def _dec_shutdown(w: list[Any]) -> Shutdown:
     return Shutdown(reason=str_(w[1], ".reason"))
 
@@ -638,6 +650,7 @@ _DECODER_FNS: list[tuple[type, Callable[[list[Any]], Message]]] = [
     (GpuCache, _dec_gpu_cache),
     (Heartbeat, _dec_heartbeat),
     (DataLink, _dec_data_link),
+    (Keepalive, _dec_keepalive),
     (Shutdown, _dec_shutdown),
     (Bye, _dec_bye),
     (Error, _dec_error),

@@ -13,7 +13,7 @@ whatever `send()` returns.
       |  ObjectsLost, Heartbeat, Bye         |
       |  <- Code, Run, StealBack, Cancel,   |   READY: COORDINATOR_SENDS
       |     Put, Drop, Fetch, DataLink,     |
-      |     Shutdown                         |
+      |     Keepalive, Shutdown              |
       |  Error (either side, at any time) <->|
 
 `Bye`, `Shutdown` and `Error` are each their sender's last message: afterwards that side
@@ -64,6 +64,7 @@ from batuta.protocol.messages import (
     GpuCache,
     Heartbeat,
     Hello,
+    Keepalive,
     Message,
     ObjectsLost,
     Put,
@@ -133,7 +134,7 @@ AGENT_SENDS: Final[frozenset[type]] = frozenset(
     {CodeStored, CodeLoaded, Started, Done, StealBackReply, SlotChanged, ObjectsLost, Heartbeat, Bye, Error}
 )
 COORDINATOR_SENDS: Final[frozenset[type]] = frozenset(
-    {Code, Run, StealBack, Cancel, Put, Drop, Fetch, DataLink, Shutdown, Error}
+    {Code, Run, StealBack, Cancel, Put, Drop, Fetch, DataLink, Keepalive, Shutdown, Error}
 )
 
 TRANSITIONS: Final[dict[tuple[Phase, Role], dict[type, Phase]]] = {

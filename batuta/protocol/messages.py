@@ -5,7 +5,8 @@ message's meaning; `connection.py` holds the table of who may send what in which
 
     agent -> coordinator: Hello, CodeStored, CodeLoaded, Started, Done, StealBackReply, SlotChanged,
                           ObjectsLost, Heartbeat, Bye, Error
-    coordinator -> agent: Welcome, Code, Run, StealBack, Cancel, Put, Drop, Fetch, DataLink, Shutdown, Error
+    coordinator -> agent: Welcome, Code, Run, StealBack, Cancel, Put, Drop, Fetch, DataLink, Keepalive,
+                          Shutdown, Error
     slot -> agent (a slot's pipe only, never on the coordinator's connection): GpuCache
 
 Every message is encoded as a msgpack array `[tag, field, field, ...]` (see `codec.py`), so
@@ -21,7 +22,7 @@ from typing import Any
 
 from batuta.core.task import BinaryCall, KernelCall, Outcome
 
-PROTOCOL_VERSION = 13
+PROTOCOL_VERSION = 14
 """2: Put, Drop and object references; 3: Code, CodeLoaded, TaskRequest.code; 4: Hello.modules;
 5: streamed arrays and chunk frames (`chunks.py`); 6: ObjectsLost (kept results live in slots);
 7: GpuSample's device cache fields (a protocol-6 coordinator could not read them);
@@ -32,7 +33,8 @@ object that a task sent to its slot before it keeps, not made yet (fed ahead,
 growing streams (a fetched value forwarded while it arrives, in pieces, abortable:
 `transport/bulk.py`; a protocol-10 coordinator would misread the length); 12: DataLink.encryption
 ("none": plain TCP connections, both ends proven by an HMAC of the token; an older agent would
-dial TLS and be refused); 13: TaskRequest.tail (a protocol-12 agent refused a request of 9 fields)."""
+dial TLS and be refused); 13: TaskRequest.tail (a protocol-12 agent refused a request of 9 fields);
+14: Keepalive and Welcome.silence_limit (a protocol-13 agent would refuse both)."""
 
 DATA_LINK_ENCRYPTIONS = frozenset({"tls", "none"})  # DataLink.encryption
 
@@ -81,10 +83,13 @@ class Hello:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Welcome:
-    """The coordinator accepts the agent. The agent sends heartbeats every `heartbeat_interval`."""
+    """The coordinator accepts the agent. The agent sends heartbeats every `heartbeat_interval`,
+    and exits once it has heard nothing from the coordinator for `silence_limit` seconds (0:
+    never); the coordinator sends a `Keepalive` where it would otherwise stay silent that long."""
 
     protocol: int
     heartbeat_interval: float
+    silence_limit: float = 0.0
 
 
 # -- the user's code ------------------------------------------------------------------------
@@ -352,6 +357,13 @@ class DataLink:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Keepalive:
+    """The coordinator is there: sent when it has sent nothing else for a while. A host cut
+    off from its coordinator (a network partition) gets no end of stream; an agent that hears
+    nothing at all for long enough knows it is alone, and exits with its slots."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Shutdown:
     """Stop: kill running work, stop the slots, say Bye and exit."""
 
@@ -392,6 +404,7 @@ Message = (
     | GpuCache
     | Heartbeat
     | DataLink
+    | Keepalive
     | Shutdown
     | Bye
     | Error

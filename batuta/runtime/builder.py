@@ -38,6 +38,11 @@ class PoolConfig:
     max_relaunches: int = 5  # consecutive failed relaunches before a host is retired
     relaunch_backoff: float = 0.5  # first delay; doubles each time, capped at 30 s
     start_timeout: float = 60.0
+    # A host's agent exits after this long without a word from the coordinator (it sends a
+    # keepalive when idle): a host cut off by a network partition does not keep its agent and
+    # slots running for ever. Long, since a job that blocks the coordinator's loop (a long
+    # computation in `main`) is silent too. 0: never.
+    agent_silence_limit: float = 300.0
     # Hosts launched at once (SSH connections opened in parallel); the rest wait their turn,
     # so starting hundreds of hosts does not open hundreds of connections in one burst.
     max_parallel_starts: int = 64
@@ -55,6 +60,9 @@ class PoolConfig:
         for name in ("heartbeat_interval", "suspect_after", "lost_after", "relaunch_backoff", "start_timeout"):
             positive_seconds("PoolConfig", getattr(self, name), name)
         _whole("PoolConfig", self.max_relaunches, "max_relaunches", least=0, what="a number of relaunches >= 0")
+        limit = self.agent_silence_limit
+        if isinstance(limit, bool) or not isinstance(limit, int | float) or not 0 <= limit < math.inf:
+            raise UsageError(f"PoolConfig(agent_silence_limit={limit!r}): give a number of seconds, or 0 for never")
         for name in ("max_parallel_starts", "send_high_water", "send_budget"):
             _whole("PoolConfig", getattr(self, name), name, least=1, what="a positive whole number")
 

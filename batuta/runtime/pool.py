@@ -86,6 +86,7 @@ class Pool:
                 relaunch_backoff=self.config.relaunch_backoff,
             ),
             heartbeat_interval=self.config.heartbeat_interval,
+            silence_limit=self.config.agent_silence_limit,
             start_timeout=self.config.start_timeout,
             max_parallel_starts=self.config.max_parallel_starts,
             send_high_water=self.config.send_high_water,
@@ -435,11 +436,10 @@ class Pool:
 
     def put(self, value: Any) -> ObjectRef:
         """Keep `value` as it is now (copied, or its large arrays read-only until dropped:
-        snapshot.py) and return a ref to pass to kernels in its place. Each host receives it
-        once, with the first task that names it there (Dask's `scatter`, Ray's `put`): for a
-        matrix that a thousand tasks multiply. Raises UsageError for a value that could not
-        travel as a kernel argument; nothing is sent here, so flow control applies at the
-        submission of a task naming it."""
+        snapshot.py); the ref goes to kernels in its place. Each host receives it once, with
+        the first task that names it there (Dask's `scatter`, Ray's `put`). Raises UsageError
+        for a value that could not travel as a kernel argument; nothing is sent here, so flow
+        control applies at the submission of a task naming it."""
         self._check_open()
         large: list[Any] = []
         ref = self._objects.put(taken(value, large, self._in_flight))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -123,6 +124,10 @@ class HostSession:
     spec: HostSpec
     listener: HostListener
     heartbeat_interval: float
+    # The agent exits after this long without a byte from us (Welcome.silence_limit; 0: never):
+    # a host cut off by a partition gets no end of stream. We send a Keepalive where we would
+    # otherwise be silent for a tenth of it (answering a heartbeat, so no timer of our own).
+    silence_limit: float = 0.0
     handshake_timeout: float = 30.0
     high_water: int = 16 * 2**20
     stream_min_bytes: int = DEFAULT_STREAM_MIN_BYTES
@@ -144,6 +149,7 @@ class HostSession:
     _open: bool = False  # handshake done, stream not failed, not closing
     _closing: bool = False
     _ready: asyncio.Future[None] | None = None
+    _written_at: float = 0.0  # time.monotonic() of our last write to the agent
     data_link: SideLink | None = None  # closed with the stream
 
     @property
@@ -251,6 +257,7 @@ class HostSession:
                 written += sum(memoryview(part).nbytes for part in chunks)
                 parts += chunks
             self._stream.write_parts(parts)
+            self._written_at = time.monotonic()
         except (ProtocolError, TransportError) as exc:
             self._fail(f"cannot send to {self.description}: {exc}")
             return
@@ -385,7 +392,13 @@ class HostSession:
                 return
             self.hello = first
             self._open = True
-            self.send(m.Welcome(protocol=m.PROTOCOL_VERSION, heartbeat_interval=self.heartbeat_interval))
+            self.send(
+                m.Welcome(
+                    protocol=m.PROTOCOL_VERSION,
+                    heartbeat_interval=self.heartbeat_interval,
+                    silence_limit=self.silence_limit,
+                )
+            )
             if self.code is not None:  # in the same write, before any Run: tasks name its digest
                 self.send(self.code, sum(len(f.data) for f in self.code.files))
             self.listener.host_ready(self)
@@ -394,6 +407,8 @@ class HostSession:
             batch = batch[1:]
             if not batch:
                 return
+        if self.silence_limit and time.monotonic() - self._written_at > self.silence_limit / 10:
+            self.send(m.Keepalive())  # the agent would take our silence for a partition
         self.listener.host_messages(self, batch)
 
     def _check_hello(self, hello: m.Hello) -> str:

@@ -37,6 +37,7 @@ from batuta.protocol import (
     GpuSample,
     Heartbeat,
     Hello,
+    Keepalive,
     Message,
     ObjectsLost,
     Put,
@@ -104,6 +105,7 @@ def sample_messages() -> list[Message]:
             slots=(),
         ),
         Welcome(protocol=PROTOCOL_VERSION, heartbeat_interval=0.5),
+        Welcome(protocol=PROTOCOL_VERSION, heartbeat_interval=1.0, silence_limit=32.0),
         Run(
             tasks=(
                 TaskRequest(task_id=0, slot=0, attempt=1, call=KernelCall(name="noop", args=(1,))),
@@ -201,6 +203,7 @@ def sample_messages() -> list[Message]:
         ObjectsLost(object_ids=(7, 9), reason="slot 0 worker process (pid 12) killed by signal 9 (SIGKILL)"),
         DataLink(host="10.0.0.1", port=40001, token=bytes(range(32)), fingerprint=bytes(range(32, 64))),
         DataLink(host="10.0.0.2", port=7000, token=bytes(range(32)), fingerprint=bytes(32), encryption="none"),
+        Keepalive(),
         Shutdown(reason="coordinator closing"),
         Shutdown(),
         Bye(reason="shutdown requested"),
