@@ -592,6 +592,34 @@ def test_a_python_older_than_3_11_is_named_as_such_not_by_its_usage_line(tmp_pat
     assert done.stderr.count("Unknown option: -P") == 1  # started once, not relaunched
 
 
+NEWER_AGENT = """\
+import sys
+from batuta.protocol.codec import encode_message
+from batuta.protocol.messages import PROTOCOL_VERSION, Hello, SlotInfo
+
+hello = Hello(protocol=PROTOCOL_VERSION + 1, batuta_version="9.9", python_version="3.11.7", hostname="next",
+              pid=1, cpu_count=1, slots=(SlotInfo(slot=0, capabilities=("cpu",)),))
+sys.stdout.buffer.write(encode_message(hello))
+sys.stdout.flush()
+sys.stdin.read()
+"""
+
+
+@needs_runtime
+def test_an_agent_of_another_protocol_is_named_as_such_not_as_text_ahead_of_the_agent(tmp_path: Path) -> None:
+    """Its Hello is a frame, refused for what it says: not 'something printed before'."""
+    write(tmp_path, "job.py", "async def main(pool):\n    return 1\n")
+    write(tmp_path, "newer.py", NEWER_AGENT)
+    python = write(tmp_path, "python3", f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'newer.py'}\n")
+    python.chmod(0o755)
+    write(tmp_path, "cluster.toml", f'[local]\npython = "{python}"\n')
+    done = batuta("run", "job.py", "-c", "cluster.toml", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 3, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert "agent 'next' speaks protocol" in last and "install the same batuta on both sides" in last, last
+    assert "something printed before" not in last
+
+
 MISSING_KEY_HOST = '[[hosts]]\nname = "far"\naddress = "127.0.0.1"\nidentity_file = "/nonexistent/id_far"\n'
 
 
