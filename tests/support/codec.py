@@ -105,7 +105,6 @@ def sample_messages() -> list[Message]:
             slots=(),
         ),
         Welcome(protocol=PROTOCOL_VERSION, heartbeat_interval=0.5),
-        Welcome(protocol=PROTOCOL_VERSION, heartbeat_interval=1.0, silence_limit=32.0),
         Run(
             tasks=(
                 TaskRequest(task_id=0, slot=0, attempt=1, call=KernelCall(name="noop", args=(1,))),
@@ -204,6 +203,7 @@ def sample_messages() -> list[Message]:
         DataLink(host="10.0.0.1", port=40001, token=bytes(range(32)), fingerprint=bytes(range(32, 64))),
         DataLink(host="10.0.0.2", port=7000, token=bytes(range(32)), fingerprint=bytes(32), encryption="none"),
         Keepalive(),
+        Welcome(protocol=PROTOCOL_VERSION, heartbeat_interval=1.0, silence_limit=32.0),
         Shutdown(reason="coordinator closing"),
         Shutdown(),
         Bye(reason="shutdown requested"),
