@@ -275,6 +275,18 @@ def test_two_modules_with_one_name_are_refused(tmp_path: Path) -> None:
         CodeCollector(CodeSpec(modules=(tmp_path / "a" / "cs_same.py", tmp_path / "b" / "cs_same.py")))
 
 
+@pytest.mark.parametrize("name", ["signal", "types", "json", "batuta"])
+def test_a_module_named_as_one_of_python_or_batuta_is_refused(tmp_path: Path, name: str) -> None:
+    """The hosts had imported theirs (signal, types) before the user's: its kernels never
+    registered, and every task failed as 'unknown kernel' with nothing said of why."""
+    path = tmp_path / f"{name}.py"
+    path.write_text("from batuta import kernel\n")
+    with pytest.raises(CodeError) as info:
+        CodeCollector(CodeSpec(modules=(path,))).bundle()
+    assert str(info.value).startswith(f"{path} (--module {path}) is named {name!r}, as a module of ")
+    assert str(info.value).endswith("which the hosts import instead of it; rename it")
+
+
 def test_a_bundle_over_the_limit_names_its_biggest_files_and_the_fix(tmp_path: Path) -> None:
     write(
         tmp_path,

@@ -534,6 +534,14 @@ class CodeCollector:
 
     @staticmethod
     def _add(sources: dict[str, _Source], source: _Source) -> None:
+        if source.name in sys.stdlib_module_names or source.name == "batuta":
+            # the hosts import their own (the agent has imported many already): its kernels
+            # would never register, and every task would find its kernel unknown
+            raise CodeError(
+                f"{source.path} ({source.why}) is named {source.name!r}, as a module of "
+                f"{'batuta' if source.name == 'batuta' else 'Python itself'} is, which the hosts "
+                "import instead of it; rename it"
+            )
         known = sources.get(source.name)
         if known is None:
             sources[source.name] = source
