@@ -434,6 +434,22 @@ async def test_an_idle_coordinator_keeps_its_agents_with_keepalives() -> None:
     assert lost == []  # the agent never exited: no relaunch
 
 
+async def test_get_of_a_kept_value_lost_more_often_than_its_producer_may_run_says_why() -> None:
+    """It said 'not fetched after 16 tries (last: )', after spinning through them with nothing
+    to wait for, while a task reading the same value was told the reason."""
+    from batuta.errors import ObjectLostError
+
+    async with make_pool(1) as pool:
+        [ref] = await pool.map("test_fill", [(10, 1.0)], keep=True)
+        for _ in range(3):  # each kills the slot that holds the value; each loss remakes it, the third gives up
+            assert (await pool.run(Task.kernel("test_crash", retry=False))).status is TaskStatus.LOST
+        with pytest.raises(ObjectLostError) as info:
+            await asyncio.wait_for(pool.get(ref), 60)
+    said = str(info.value)
+    assert said.startswith(f"object {ref.object_id}: input object {ref.object_id} was lost with a slot process")
+    assert said.endswith("after its producer ran 3 time(s) (max_attempts=3)")
+
+
 async def test_a_bool_mask_of_0_and_255_goes_and_comes_back_and_the_pool_goes_on(pool: Pool) -> None:
     """Its bytes were sent as they were; the agent refused every Run frame holding it, and the
     host was relaunched about twice a second for as long as one waited."""

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 from batuta.core import injector
 from batuta.core.events import (
     AbortTasks,
+    AnnounceObjectLost,
     HostId,
     KeptObjectsLost,
     ObjectLost,
@@ -324,6 +325,7 @@ def _remake(s: Scheduler, record: ObjectRecord, where: str, reason: str) -> None
             f"ran {record.runs} time(s) (max_attempts={record.max_attempts})"
         )
         _fail_object(s, record, why, TaskStatus.LOST)
+        s._out.append(AnnounceObjectLost(object_id=record.object_id, reason=why))
         return
     record.runs += 1
     record.state = ObjectState.PENDING

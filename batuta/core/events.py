@@ -270,6 +270,22 @@ class RecomputeObject:
     reason: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AnnounceObjectLost:
+    """A kept object was lost once more than its producer's attempts allow: it is never made
+    again, and `pool.get` says why (its readers in the scheduler fail with the same reason)."""
+
+    object_id: int
+    reason: str
+
+
 Instruction = (
-    SendTasks | RequestStealBack | AbortTasks | ResolveTask | AnnounceRequeue | AnnounceDrained | RecomputeObject
+    SendTasks
+    | RequestStealBack
+    | AbortTasks
+    | ResolveTask
+    | AnnounceRequeue
+    | AnnounceDrained
+    | RecomputeObject
+    | AnnounceObjectLost
 )

@@ -98,8 +98,12 @@ def remake_restored(pool: Pool, kept: KeptObject) -> None:
     kept.producer = pool.submit_nowait(kept.task, _remake=kept)
 
 
-def remake(pool: Pool, ins: ev.RecomputeObject) -> None:
-    """Run a lost kept object's recorded task again, as a new task (lineage)."""
+def remake(pool: Pool, ins: ev.RecomputeObject | ev.AnnounceObjectLost) -> None:
+    """Run a lost kept object's recorded task again, as a new task (lineage); or, lost more
+    often than its producer's attempts allow, note why it is gone for `pool.get`."""
+    if isinstance(ins, ev.AnnounceObjectLost):
+        pool._objects.kept_lost(ins.object_id, ins.reason)
+        return
     kept = pool._objects.kept(ins.object_id)
     if kept is None or pool._closed:
         return

@@ -650,7 +650,7 @@ class Pool:
                 self._on_requeued(ins)
             elif isinstance(ins, ev.AnnounceDrained):
                 self.host_state_changed(ins.host_id, "drained", "no work left")
-            elif isinstance(ins, ev.RecomputeObject):
+            elif isinstance(ins, ev.RecomputeObject | ev.AnnounceObjectLost):
                 kept.remake(self, ins)
         if resolved and not self._space.is_set() and self._scheduler.can_accept() and not self._over_budget():
             self._space.set()
