@@ -350,7 +350,8 @@ class HostSession:
                             "`batuta cluster install --cluster FILE` puts it there)"
                         )
                         if said.startswith(_PYTHON_USAGE):  # the interpreter refused its options: too old
-                            self._fail(_too_old(self.spec.python), HostUnusableError)
+                            if generation == self.generation:
+                                self._fail(_too_old(self.spec.python), HostUnusableError)
                             return
                     break
         except ProtocolError as exc:
