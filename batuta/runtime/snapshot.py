@@ -7,8 +7,8 @@ loop: fill, submit, fill again) made earlier tasks compute on later data, some o
 
 * A writeable array of up to `COPY_MAX_BYTES` is copied when it is given, as `pickle` would
   have taken it: next to the per-task cost, that copy costs nothing.
-* A larger one is not copied (that would halve the data path's speed: fresh pages, and the
-  event loop copying instead of sending); it is made read-only until every task given it
+* A larger one is not copied (that cut the data path to a fifth of its speed: fresh pages,
+  and the event loop copying instead of sending); it is made read-only until every task given it
   (or, put, until it is dropped) is done, so that a write to it meanwhile raises NumPy's
   "assignment destination is read-only" instead of changing what a task computes. A write
   through another view of its memory is not seen: that stays the caller's to avoid.
