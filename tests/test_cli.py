@@ -91,6 +91,26 @@ def test_console_script_version(tmp_path: Path) -> None:
     assert done.stdout.strip() == f"batuta {__version__}"
 
 
+def test_a_reader_that_leaves_early_is_no_traceback(tmp_path: Path) -> None:
+    """`batuta ps | head -1`: a BrokenPipeError traceback, then another at exit's flush."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # gone before a byte is written: the first write fails
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "batuta", "ps"],
+            cwd=tmp_path,
+            env={**_env(), "XDG_RUNTIME_DIR": str(tmp_path)},
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=ERROR_TIMEOUT_S,
+        )
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert done.returncode == 141
+
+
 def test_cli_module_imports_nothing_heavy(tmp_path: Path) -> None:
     """`batuta agent` starts on every host: importing the CLI must not pull in the coordinator."""
     probe = (

@@ -18,6 +18,7 @@ To add a command, write `add_<name>_arguments(parser)` and `cmd_<name>(args) -> 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import NoReturn
 from batuta._version import __version__
 from batuta.cli._alloc import add_alloc_arguments, cmd_alloc, split_sbatch_options
 from batuta.cli._common import (
+    EXIT_BROKEN_PIPE,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -67,11 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, sbatch_options = split_sbatch_options(args)
         parsed = _parse(args)
         if isinstance(parsed, int):
+            sys.stdout.flush()  # here, where a reader gone early is caught below, not at exit
             return parsed
         if sbatch_options:
             parsed.sbatch_options = sbatch_options
         handler: Callable[[argparse.Namespace], int] = parsed.handler
-        return handler(parsed)
+        code = handler(parsed)
+        sys.stdout.flush()
+        return code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -81,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BatutaError as exc:
         print_error(exc)
         return EXIT_FAILED
+    except BrokenPipeError:  # `batuta ps | head -1`: the reader left; no traceback for that
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # else the flush at exit fails once more
+        return EXIT_BROKEN_PIPE
 
 
 class _Parser(argparse.ArgumentParser):

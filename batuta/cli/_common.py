@@ -17,6 +17,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # as a tool killed by SIGPIPE exits: its reader went away (`| head`)
 
 
 def print_error(exc: BaseException | str) -> None:
