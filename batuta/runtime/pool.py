@@ -333,8 +333,7 @@ class Pool:
         elif keep:
             made = self._objects.keep(prepared.task, job, future, prepared.reads, prepared.after, digest)
             future._keep = made.object_id
-        self._in_flight.hold(large)
-        future._held = large
+        future._held = self._in_flight.hold(large)
         self._pending[task_id] = future
         if self.events.active:
             self.events.publish(

@@ -82,11 +82,13 @@ class InFlight:
             self.release(arrays)
         self._puts.clear()
 
-    def hold(self, arrays: list[np.ndarray]) -> None:
+    def hold(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Make `arrays` read-only until as many `release`s; returns them."""
         for array in arrays:
             _, users = self._held.get(id(array), (array, 0))
             array.flags.writeable = False
             self._held[id(array)] = (array, users + 1)
+        return arrays
 
     def release(self, arrays: list[np.ndarray]) -> None:
         for array in arrays:
