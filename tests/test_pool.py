@@ -450,6 +450,20 @@ async def test_get_of_a_kept_value_lost_more_often_than_its_producer_may_run_say
     assert said.endswith("after its producer ran 3 time(s) (max_attempts=3)")
 
 
+async def test_a_kernel_with_only_its_reference_runs_on_large_inputs_under_auto(tmp_path: Path) -> None:
+    """`auto` picks "cpu" from 1,000 elements; a kernel with only its reference function (the
+    README's own example) failed there: "has no 'cpu' variant; it runs on: scalar"."""
+    module = tmp_path / "ref_only_kernels.py"
+    module.write_text(
+        "from batuta import kernel\n\n@kernel('ref_only_sum')\ndef ref_only_sum(x):\n    return float(x.sum())\n"
+    )
+    async with Pool.builder().cpu_workers(1).gpu_workers("none").modules([module]).build() as pool:
+        small = await pool.run(Task.kernel("ref_only_sum", np.ones(10)))
+        large = await pool.run(Task.kernel("ref_only_sum", np.ones(5000)))
+        explicit = await pool.run(Task.kernel("ref_only_sum", np.ones(5000), backend=Backend.CPU))
+    assert (small.value, large.value, explicit.value) == (10.0, 5000.0, 5000.0), large.error
+
+
 async def test_a_bool_mask_of_0_and_255_goes_and_comes_back_and_the_pool_goes_on(pool: Pool) -> None:
     """Its bytes were sent as they were; the agent refused every Run frame holding it, and the
     host was relaunched about twice a second for as long as one waited."""

@@ -84,6 +84,7 @@ class KernelRunner:
         self._registry_error: str | None = None
         self._module_errors: list[str] = []
         self._code_errors: list[str] = []  # "importing mymod failed: SyntaxError at mymod.py line 3: ..."
+        self._cpu_backend: dict[str, str] = {}  # kernel -> what a "cpu" request runs (`_cpu_or_reference`)
 
     def _load(self) -> Any:
         if self._registry is not None or self._registry_error is not None:
@@ -137,8 +138,11 @@ class KernelRunner:
         started = time.perf_counter()
         if registry is None:
             return _outcome(request, Outcome.ERROR, error=self._registry_error, run_s=0.0)
+        backend = request.backend
+        if backend == "cpu":
+            backend = self._cpu_or_reference(registry, call.name)
         try:
-            value = registry.run(call.name, request.backend, call.args, device_results=device_results)
+            value = registry.run(call.name, backend, call.args, device_results=device_results)
         except registry.UnknownKernelError as exc:
             text = describe_exception(exc)
             if repr(call.name) not in text and call.name not in text:
@@ -160,6 +164,20 @@ class KernelRunner:
                 run_s=run_s,
             )
         return _outcome(request, Outcome.OK, value=value, run_s=time.perf_counter() - started)
+
+    def _cpu_or_reference(self, registry: Any, name: str) -> str:
+        """ "cpu", or "scalar" for a kernel that has only its reference function: plain Python
+        runs on a CPU slot as well, and `auto` picks "cpu" for large inputs without knowing the
+        variants of a kernel the coordinator never imported (a user's, shipped to the hosts)."""
+        found = self._cpu_backend.get(name)
+        if found is None:
+            try:
+                backends = registry.info(name).backends
+            except Exception:  # unknown here: running it says so, with the reason
+                return "cpu"
+            found = "scalar" if "cpu" not in backends and "scalar" in backends else "cpu"
+            self._cpu_backend[name] = found
+        return found
 
 
 def _outcome(request: TaskRequest, status: Outcome, run_s: float, **fields: Any) -> TaskOutcome:
