@@ -241,10 +241,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             close_logging()  # drains the log queue: the one-line error below must be the last line
     except HostsUnreachableError as exc:
-        check = f"; 'batuta stack check -c {args.cluster}' checks every host and says what to fix"
-        print_error(f"{exc}{check if args.cluster else ''}")
-        return EXIT_UNREACHABLE
+        return unreachable(exc, args)
     return finish_run(outcome, args)
+
+
+def unreachable(exc: Exception, args: argparse.Namespace) -> int:
+    """No host could be started (served or not): the one-line error, where to look, exit 3."""
+    check = f"; 'batuta stack check -c {args.cluster}' checks every host and says what to fix"
+    print_error(f"{exc}{check if args.cluster else ''}")
+    return EXIT_UNREACHABLE
 
 
 def report_run(outcome: RunOutcome, args: argparse.Namespace) -> None:

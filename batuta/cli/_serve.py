@@ -22,11 +22,9 @@ from batuta.cli._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_UNREACHABLE,
     EXIT_USAGE,
     PROG,
     positive_seconds,
-    print_error,
 )
 from batuta.errors import ServeError, UsageError
 
@@ -177,7 +175,7 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
                 "(under nohup or tmux to outlive this terminal)"
             )
         return _spawn(args, name)
-    from batuta.cli._run import announce_metrics, finish_run, report_run
+    from batuta.cli._run import announce_metrics, finish_run, report_run, unreachable
     from batuta.jobs import HostsUnreachableError, serve_job
 
     label = f"{Path(args.cluster).name}" if args.cluster else "local"
@@ -215,9 +213,7 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except HostsUnreachableError as exc:  # as `batuta run` says it, and its exit code
-        check = f"; 'batuta stack check -c {args.cluster}' checks every host and says what to fix"
-        print_error(f"{exc}{check if args.cluster else ''}")
-        return EXIT_UNREACHABLE
+        return unreachable(exc, args)
     if outcome is None:
         print(f"{PROG}: {name} stopped before its job started", file=sys.stderr)
         return EXIT_INTERRUPTED
