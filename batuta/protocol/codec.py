@@ -175,6 +175,17 @@ def _check_size(message_name: str, size: int, max_frame_bytes: int) -> None:
         )
 
 
+def starts_a_frame(data: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bool:
+    """Whether `data` (a stream's first bytes, 5 or more) begins as a frame does: a length
+    within the limit, then a message array or the out-of-band mark. Text printed ahead of an
+    agent does not; a frame the receiver refuses for what it says (another protocol) does."""
+    if len(data) < 5:
+        return False
+    (length,) = _HEADER.unpack_from(data)
+    marker = data[4]
+    return 0 < length <= max_frame_bytes and (0x90 <= marker <= 0x9F or marker in (0xDC, 0xDD, _OOB_MARK))
+
+
 def encode_message(msg: Message, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bytes:
     """One complete frame for `msg`, length prefix included. Raises LocalProtocolError."""
     return b"".join(_frame_parts(msg, max_frame_bytes))

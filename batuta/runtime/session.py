@@ -21,7 +21,7 @@ from batuta._version import __version__
 from batuta.errors import AgentError, BatutaError, HostUnusableError, TransportError
 from batuta.protocol import messages as m
 from batuta.protocol.chunks import DEFAULT_STREAM_MIN_BYTES
-from batuta.protocol.codec import DEFAULT_MAX_FRAME_BYTES, encode_message
+from batuta.protocol.codec import encode_message, starts_a_frame
 from batuta.protocol.connection import CLOSED, NEED_DATA, Connection, Role
 from batuta.protocol.errors import ProtocolError
 from batuta.runtime.round_trip import RoundTripMeter
@@ -44,16 +44,6 @@ def _too_old(python: str) -> str:
         f"{which} does not know -P, so it is older than Python 3.11, which batuta needs; install a newer "
         "Python there and set python for this host in the cluster file, or set bootstrap = true"
     )
-
-
-def _frame_start(first: bytes) -> bool:
-    """Whether `first` begins as a frame does (a length below the limit, then a msgpack array
-    or the out-of-band form's 0xce): an agent's Hello refused for what it says (another
-    protocol version) is no text ahead of the agent."""
-    if len(first) < 5:
-        return False
-    length = int.from_bytes(first[:4], "big")
-    return 0 < length <= DEFAULT_MAX_FRAME_BYTES and (0x90 <= first[4] <= 0x9F or first[4] in (0xDC, 0xDD, 0xCE))
 
 
 def _not_an_agent(first: bytes, exc: ProtocolError) -> str:
@@ -356,7 +346,7 @@ class HostSession:
                     break
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
-            if self.hello is None and first and not _frame_start(first):
+            if self.hello is None and first and not starts_a_frame(first):
                 reason = _not_an_agent(first, exc)
             # the connection refuses use after an error, so encode the goodbye by hand
             with contextlib.suppress(Exception):
