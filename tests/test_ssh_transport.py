@@ -470,6 +470,40 @@ async def test_changed_host_key_is_refused_even_with_trust_on_first_use(
     assert host.processes() == []
 
 
+async def test_cluster_status_names_why_a_host_is_not_up(ssh_hosts: Callable[..., TestHosts], client_key: Path) -> None:
+    """A changed host key or a refused login is not "unreachable" (a network fault, with the
+    wrong fix), nor is a host reached whose python cannot run the agent."""
+    from batuta.runtime.probe import probe_hosts
+
+    hosts = ssh_hosts(3)
+    hosts[1].regenerate_host_key()  # known_hosts still has the old key
+    settings = settings_for(hosts)
+
+    def host(name: str, address: str, **given: object) -> ClusterHost:
+        return ClusterHost(
+            name=name, address=address, **{"python": sys.executable, "slots": 1, "gpus": "none", **given}
+        )  # type: ignore[arg-type]
+
+    specs = [
+        ssh_host(host("fine", "host0"), settings),
+        ssh_host(host("rekeyed", "host1"), settings),
+        ssh_host(host("nopython", "host2", python="/nonexistent/bin/python"), settings),
+        ssh_host(
+            host("wrongkey", hosts[2].address, user="root", identity_file=client_key),
+            settings_for(hosts, config_files=()),
+        ),
+    ]
+    async with asyncio.timeout(WAIT_S):
+        reports = await probe_hosts(specs, timeout=10)
+    assert [(r.name, r.state) for r in reports] == [
+        ("fine", "up"),
+        ("rekeyed", "refused"),
+        ("nopython", "unusable"),
+        ("wrongkey", "refused"),
+    ]
+    assert "HOST KEY CHANGED" in (reports[1].error or "")
+
+
 async def test_trust_on_first_use_records_the_key(ssh_hosts: Callable[..., TestHosts], tmp_path: Path) -> None:
     hosts = ssh_hosts(1)
     host = hosts[0]

@@ -258,7 +258,7 @@ def _report_dict(report: HostReport) -> dict[str, object]:
     hello = report.hello
     return {
         "host": report.name,
-        "state": "up" if report.ok else "unreachable",
+        "state": report.state,
         "ready_s": round(report.ready_s, 3) if report.ready_s is not None else None,
         "cpu_slots": report.cpu_slots,
         "gpu_slots": report.gpu_slots,
@@ -283,7 +283,7 @@ def _print_host_table(reports: list[HostReport]) -> None:
         ready = f"{row['ready_s'] * 1000:.0f} ms" if isinstance(row["ready_s"], float) else "-"
         gpu_names = [g.name for g in report.hello.gpus] if report.hello else []
         gpus = (", ".join(gpu_names) or "no GPU") if report.ok else "-"
-        state = "[green]up[/]" if report.ok else "[red]unreachable[/]"
+        state = "[green]up[/]" if report.ok else f"[red]{report.state}[/]"
         table.add_row(
             report.name,
             state,

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from batuta.errors import BatutaError
+from batuta.errors import AgentError, BatutaError, HostConfigError, HostUnusableError
 from batuta.protocol import messages as m
 from batuta.runtime.session import HostSession, HostSpec
 
@@ -22,6 +22,7 @@ from batuta.runtime.session import HostSession, HostSpec
 class HostReport:
     name: str
     ok: bool
+    state: str = "up"  # or what kept it out: see `failed_state`
     ready_s: float | None = None  # from launch to the agent's Hello
     hello: m.Hello | None = None
     error: str | None = None
@@ -51,6 +52,22 @@ class _Listener:
         pass
 
 
+def failed_state(exc: BaseException) -> str:
+    """One word for why a host is not up, so that a changed host key or a refused login is not
+    reported as a network fault ("unreachable") and sent to the wrong fix."""
+    from batuta.transport.ssh_settings import HostKeyError, SSHAuthError, SSHKeyLockedError  # no asyncssh
+
+    if isinstance(exc, SSHKeyLockedError):
+        return "misconfigured"  # our key needs its passphrase here; the host refused nothing
+    if isinstance(exc, (HostKeyError, SSHAuthError)):
+        return "refused"  # it answered, and its key or our login was not accepted
+    if isinstance(exc, HostConfigError):
+        return "misconfigured"  # the cluster file's entry or the ssh settings
+    if isinstance(exc, (HostUnusableError, AgentError)):
+        return "unusable"  # reached, but batuta's agent cannot run there as configured
+    return "unreachable"
+
+
 async def probe_host(spec: HostSpec, *, timeout: float = 30.0) -> HostReport:
     session = HostSession(spec=spec, listener=_Listener(), heartbeat_interval=5.0, handshake_timeout=timeout)
     started = time.perf_counter()
@@ -58,7 +75,7 @@ async def probe_host(spec: HostSpec, *, timeout: float = 30.0) -> HostReport:
         await session.start()
     except (BatutaError, OSError) as exc:
         await session.close(timeout=1.0)
-        return HostReport(name=spec.name, ok=False, error=" ".join(str(exc).split()))
+        return HostReport(name=spec.name, ok=False, state=failed_state(exc), error=" ".join(str(exc).split()))
     ready_s = time.perf_counter() - started
     hello = session.hello
     await session.close(timeout=2.0)
