@@ -16,6 +16,7 @@ import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 import numpy as np
@@ -479,10 +480,10 @@ async def test_cluster_status_names_why_a_host_is_not_up(ssh_hosts: Callable[...
     hosts[1].regenerate_host_key()  # known_hosts still has the old key
     settings = settings_for(hosts)
 
-    def host(name: str, address: str, **given: object) -> ClusterHost:
+    def host(name: str, address: str, **given: Any) -> ClusterHost:
         return ClusterHost(
-            name=name, address=address, **{"python": sys.executable, "slots": 1, "gpus": "none", **given}
-        )  # type: ignore[arg-type]
+            name=name, address=address, python=given.pop("python", sys.executable), slots=1, gpus="none", **given
+        )
 
     specs = [
         ssh_host(host("fine", "host0"), settings),
