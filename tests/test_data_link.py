@@ -371,6 +371,44 @@ async def test_a_growing_stream_goes_as_it_fills_and_an_aborted_one_is_never_han
         await listener.close()
 
 
+async def test_a_stream_its_receiver_could_not_allocate_is_read_and_dropped_and_the_link_goes_on() -> None:
+    """An array the agent could not allocate is announced to the link by its size alone
+    (chunks.py, `Unheld`): its bytes, whole or in pieces, are read and dropped, in step."""
+    listener = bulk.DataListener("127.0.0.1", 0)
+    listener.start()
+    token = bulk.new_token()
+    loop = asyncio.get_running_loop()
+    receiver = bulk.BulkReceiver("test", eof_fails=False)
+    filled: list[tuple[int, int]] = []
+    failed: list[str] = []
+
+    def on_accepted(role: str, sock: bulk._Socket) -> Callable[[], None]:
+        return lambda: receiver.start(sock, loop, lambda *a: filled.append(a), failed.append, lambda _: None)
+
+    listener.expect(token, on_accepted)
+    args = ("127.0.0.1", listener.port, token, listener.fingerprint, bulk.ROLE_AGENT_SENDS, 5.0)
+    sock = await loop.run_in_executor(None, bulk.dial, *args)
+    sender = bulk.BulkSender(sock, 0, loop, failed.append, "test")
+    source = _random(3 * MIB + 5, seed=6).view(np.uint8)  # not a whole number of pieces
+    target = np.zeros(source.nbytes, dtype=np.uint8)
+    try:
+        receiver.expect(0, source.nbytes)  # dropped
+        receiver.expect(1, source.nbytes)  # dropped, arriving in pieces
+        receiver.expect(2, target)
+        sender.send(0, source.data)
+        growing = Growing(source.nbytes)
+        sender.send(1, source.data, growing)
+        growing.advance(source.nbytes)
+        sender.send(2, source.data)
+        await _until(lambda: len(filled) == 3, "all three streams came")
+        assert filled == [(0, source.nbytes), (1, source.nbytes), (2, source.nbytes)] and failed == []
+        assert np.array_equal(target, source) and receiver.expected == 0
+    finally:
+        sender.close()
+        receiver.close()
+        await listener.close()
+
+
 async def test_a_growing_stream_on_a_side_that_never_expects_one_breaks_the_link() -> None:
     listener = bulk.DataListener("127.0.0.1", 0)
     listener.start()

@@ -133,3 +133,38 @@ async def test_what_a_session_writes_at_once_is_bounded_by_its_high_water_mark_n
     assert result.value == ("<f8", (count,), float(count * (count - 1) // 2), float(count - 1))
     assert sum(writes) > value.nbytes  # it all went through this stream...
     assert max(writes) <= session.high_water + DEFAULT_CHUNK_BYTES + 4096  # ...a bounded piece at a time
+
+
+async def test_an_argument_or_put_too_big_for_the_hosts_memory_fails_its_tasks_alone(tmp_path: Path) -> None:
+    """The agent, limited to 1 GB of address space, is sent 1.2 GB: it drops the bytes and
+    fails the tasks that need them, naming host, size and fix. It used to go down on the
+    value, be relaunched, be sent it again and go down again, for ever, taking every other
+    task with it."""
+    import sys
+
+    wrapper = tmp_path / "small-python"
+    wrapper.write_text(f'#!/bin/sh\nulimit -v 1000000\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    host = local_host(1, gpus="none", python=str(wrapper), name="small", env=env)
+    huge = np.zeros(150_000_000)  # 1.2 GB of address space here; calloc'd, so no memory used
+    huge.flags.writeable = False  # sent as it is, not copied at submit
+    async with asyncio.timeout(WAIT_S), Pool([host], PoolConfig(relaunch_backoff=0.1)) as pool:
+        before = [await pool.submit(Task.kernel("sum", np.ones(10))) for _ in range(3)]
+        await before[0]
+        started = [p.pid for p in agent_pids()]
+        too_big = await pool.submit(Task.kernel("sum", huge))
+        ref = pool.put(huge)
+        reads_put = await pool.submit(Task.kernel("sum", ref))
+        after = [await pool.submit(Task.kernel("sum", np.ones(10))) for _ in range(3)]
+        results = [await f for f in [*before, too_big, reads_put, *after]]
+        assert [p.pid for p in agent_pids()] == started and len(started) == 1  # it never went down
+    assert [r.value for r in results] == [10.0] * 3 + [None, None] + [10.0] * 3
+    failed = {"argument": results[3], "put": results[4]}
+    for result in failed.values():
+        assert result.status is TaskStatus.FAILED and result.attempts == 1
+        assert "host small could not hold" in (result.error or "")
+        assert "1,200,000,000 bytes (a float64 array of shape (150000000,))" in (result.error or "")
+        assert "more free memory" in (result.error or "")
+    assert "this task's arguments" in (failed["argument"].error or "")
+    assert "put value" in (failed["put"].error or "")

@@ -415,7 +415,7 @@ def test_with_a_divert_a_stream_leaves_whole_and_its_frame_alone_goes_on_the_str
 
 def test_a_stream_filled_elsewhere_delivers_its_message_and_the_hooks_see_every_stream() -> None:
     sender, decoder = _streams(), FrameDecoder()
-    announced: dict[int, np.ndarray] = {}
+    announced: dict[int, Any] = {}  # an array, or the size of one left unheld (below)
     decoder.streams.on_open = announced.__setitem__
     put = Put(object_id=5, value=(np.arange(100.0), "x"))
     sender.divert = lambda stream_id, view: None  # its bytes go "elsewhere": the test copies them
@@ -480,3 +480,63 @@ def test_an_aborted_stream_forgets_its_message_and_releases_what_waited_behind_i
     assert decoder.next_message() == down  # and what waited behind them goes on
     assert not decoder.streams.abort(2) and not decoder.streams.filled_elsewhere(2, 400)  # late words find nothing
     assert decoder.next_message() is None
+
+
+# -- an array the receiver cannot allocate (out of memory) ------------------------------------
+
+
+def _tight(limit: int) -> Any:
+    """An allocator that refuses more than `limit` bytes, as a host out of memory does."""
+    from batuta.protocol._values import aligned_empty
+
+    def allocate(nbytes: int) -> np.ndarray:
+        if nbytes > limit:
+            raise OSError(12, "Cannot allocate memory")
+        return aligned_empty(nbytes)
+
+    return allocate
+
+
+def test_an_array_the_agent_cannot_allocate_fails_its_message_and_the_stream_stays_in_step() -> None:
+    """Its chunks are read and dropped, the Run or Put comes out with an `Unheld` where the
+    array was, and what follows decodes: the agent answers for it instead of going down."""
+    from batuta.protocol._fields import Unheld, first_unheld
+
+    big = np.arange(100.0)  # 800 bytes, streamed as 8 chunks; the allocator takes 500 at most
+    small = np.arange(40.0)  # 320 bytes, streamed too, and allocated
+    messages: list[Message] = [_run(big, task_id=1), Put(object_id=5, value=("x", [big])), _run(small, task_id=2)]
+    data, cuts = _wire(*messages)
+    out = _decode(data, cuts, allocate=_tight(500), unheld_in=(Run, Put))
+    assert [type(m) for m in out] == [Run, Put, Run]
+    first, put, last = out
+    assert isinstance(first, Run) and isinstance(put, Put) and isinstance(last, Run)
+    unheld = first_unheld(first.tasks[0].call.args)
+    assert isinstance(unheld, Unheld) and unheld.nbytes == 800 and unheld.shape == (100,)
+    assert "800 bytes (a float64 array of shape (100,)): OSError" in unheld.describe()
+    assert isinstance(first_unheld(put.value), Unheld)
+    assert first_unheld(last.tasks[0].call.args) is None
+    assert np.array_equal(last.tasks[0].call.args[0], small)
+
+
+def test_an_array_nobody_answers_for_is_still_the_links_end_naming_the_size() -> None:
+    """Where the receiver was not told it may leave a message's array unheld (a Done on the
+    coordinator, or any message but Run and Put), the allocation failure is a protocol error."""
+    data, cuts = _wire(_done())
+    with pytest.raises(
+        RemoteProtocolError, match=r"Done: cannot allocate 300 bytes \(a bool array of shape \(300,\)\)"
+    ):
+        _decode(data, cuts, allocate=_tight(100), unheld_in=(Run, Put))
+    with pytest.raises(RemoteProtocolError, match="cannot allocate 800 bytes for a streamed array: OSError"):
+        _decode(*_wire(_run(np.arange(100.0))), allocate=_tight(500))
+
+
+def test_an_unheld_stream_over_a_data_link_is_announced_by_its_size_and_completes() -> None:
+    sender, decoder = _streams(), FrameDecoder(allocate=_tight(500), unheld_in=(Run, Put))
+    announced: dict[int, np.ndarray | int] = {}
+    decoder.streams.on_open = announced.__setitem__
+    sender.divert = lambda stream_id, view: None  # its bytes go over the link, which drops them
+    decoder.feed(_join(encode_messages_parts((_run(np.arange(100.0)),), streams=sender)))
+    assert decoder.next_message() is None and announced == {0: 800}
+    assert decoder.streams.filled_elsewhere(0, 800)
+    arrived = decoder.next_message()
+    assert isinstance(arrived, Run) and decoder.streams.open_streams == 0 and decoder.streams.open_bytes == 0

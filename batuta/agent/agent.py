@@ -68,6 +68,7 @@ from batuta.agent.telemetry import TelemetrySource, package_versions, with_devic
 from batuta.agent.threads import BLAS_THREADS_ENV, budget_env, limit_loaded_blas, slot_share, usable_cores
 from batuta.core.objects import ObjectRef, refs_in
 from batuta.core.task import KernelCall, Outcome
+from batuta.protocol._fields import first_unheld
 from batuta.protocol.connection import CLOSED, NEED_DATA, Connection, Role
 from batuta.protocol.errors import LocalProtocolError, RemoteProtocolError
 from batuta.protocol.messages import (
@@ -163,6 +164,8 @@ class Agent:
         spilled, evict = (lambda i: self._keeper.spilled(i)), (lambda i, n: self._keeper.evict(i, n))
         self._objects = ObjectStore(cap, cache_root(), on_spill=spilled, on_evict=evict)
         self._keep_as: dict[int, int] = {}  # task id -> the object id its result is kept as
+        # put values this host could not allocate (out of memory): why, for the tasks that read them
+        self._unheld: dict[int, str] = {}
         self._killed: list[SlotProcess] = []  # slot processes to reap at exit
         self._data_link = AgentDataLink(self._conn, self._take_messages, self._fail, _warn)  # big arrays
         self._keeper = Keeper(  # objects kept in slot processes, and the Fetches for them
@@ -340,12 +343,13 @@ class Agent:
         elif isinstance(message, Cancel):
             self._on_cancel(message.task_ids)
         elif isinstance(message, Put):
-            self._objects.put(message.object_id, message.value)
+            self._on_put(message)
         elif isinstance(message, Fetch):
             self._keeper.fetch(message)
         elif isinstance(message, Drop):
             for object_id in message.object_ids:
                 self._objects.discard(object_id)
+                self._unheld.pop(object_id, None)
             self._keeper.drop(message.object_ids)
         elif isinstance(message, Code):
             self._on_code(message)
@@ -362,6 +366,34 @@ class Agent:
             self._finish(EXIT_ERROR, bye=None)
         else:
             raise RemoteProtocolError(f"unexpected {type(message).__name__} from the coordinator")
+
+    def _on_put(self, put: Put) -> None:
+        unheld = first_unheld(put.value)
+        if unheld is None:
+            self._unheld.pop(put.object_id, None)
+            self._objects.put(put.object_id, put.value)
+            return
+        # Its bytes were read and dropped (chunks.py): the tasks that read it fail here, saying
+        # why, rather than the whole host going down and the value coming again for ever.
+        self._objects.discard(put.object_id)
+        self._unheld[put.object_id] = unheld.describe()
+        _warn(f"could not hold object {put.object_id} in memory: {unheld.describe()}")
+
+    def _unheld_problem(self, call: KernelCall) -> str | None:
+        """Why a task cannot run here if an argument of its, or an object it reads, could not be
+        allocated on this host (out of memory)."""
+        unheld = first_unheld(call.args)
+        if unheld is not None:
+            what = f"this task's arguments in memory: {unheld.describe()}"
+        else:
+            held_not = [r.object_id for r in refs_in(call.args) if r.object_id in self._unheld]
+            if not held_not:
+                return None
+            what = f"put value {held_not[0]} in memory: {self._unheld[held_not[0]]}"
+        return (
+            f"host {self._host_name} could not hold {what}; run it on a host with more free memory "
+            "(requires=[a tag of such hosts]) or pass the array in parts (Pool.map_chunked)"
+        )
 
     def _on_welcome(self, welcome: Welcome) -> None:
         self._welcomed = True
@@ -421,7 +453,7 @@ class Agent:
             if slot is not None and request.code != digest:
                 problem = stale_error(request, self._code.current, f"host {self._host_name} has")
             elif slot is not None and isinstance(request.call, KernelCall) and request.call.args:
-                problem = self._missing_objects(request.call, slot)
+                problem = self._unheld_problem(request.call) or self._missing_objects(request.call, slot)
                 if problem is not None and any(self._objects.was_lost(r.object_id) for r in refs_in(request.call.args)):
                     status = Outcome.CRASHED  # lost with a slot's process: it runs again once remade
             if slot is None or problem is not None:

@@ -84,6 +84,44 @@ class Malformed:
         self.reason = reason
 
 
+class Unheld:
+    """Stands in for a streamed array its receiver could not allocate (out of memory).
+
+    The stream's bytes are read and dropped, so the connection stays in step, and whoever
+    handles the message carrying it answers that message as failed (the agent: a task that
+    cannot run on this host, `agent.py`) instead of the host going down with everything it
+    ran, to be relaunched and sent the same value again, for ever.
+    """
+
+    __slots__ = ("dtype", "nbytes", "reason", "shape")
+
+    def __init__(self, dtype: Any, shape: tuple[int, ...], nbytes: int, reason: str) -> None:
+        self.dtype = dtype
+        self.shape = shape
+        self.nbytes = nbytes
+        self.reason = reason
+
+    def describe(self) -> str:
+        return f"{self.nbytes:,} bytes (a {self.dtype} array of shape {self.shape}): {self.reason}"
+
+
+def first_unheld(value: Any, depth: int = 0) -> Unheld | None:
+    """The first `Unheld` inside a decoded value (its lists, tuples and dicts), if any."""
+    if isinstance(value, Unheld):
+        return value
+    if depth < 64 and isinstance(value, (list, tuple)):
+        for item in value:
+            found = first_unheld(item, depth + 1)
+            if found is not None:
+                return found
+    elif depth < 64 and isinstance(value, dict):
+        for item in value.values():
+            found = first_unheld(item, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
 class TupleMark:
     """The decoded EXT_TUPLE marker: "this array is a tuple". One instance, `TUPLE_MARK`."""
 

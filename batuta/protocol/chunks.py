@@ -18,7 +18,9 @@ reused); a chunk names an announced, unfinished stream, continues it exactly whe
 one ended (`offset`) and does not run past its end; a stream is at most `max_value_bytes`
 and at most `MAX_OPEN_STREAMS` are unfinished at once; a bool array's bytes are 0 or 1.
 The receiver allocates each array from its ext when the frame arrives and writes the chunks
-straight into it.
+straight into it. One it cannot allocate (out of memory) is, for the message types it was
+told it may leave unheld (the agent: Run and Put), an `Unheld` whose chunks are dropped; for
+any other, a RemoteProtocolError.
 
 A message is delivered once all its arrays are complete. Messages do not wait for each
 other, except where the receiver must see one before another (`waits_for`): a task after
@@ -38,7 +40,7 @@ import numpy as np
 
 from batuta.core.objects import refs_in
 from batuta.core.task import KernelCall
-from batuta.protocol._fields import Malformed
+from batuta.protocol._fields import Malformed, Unheld
 from batuta.protocol._values import (
     EXT_ARRAY_SHARED,
     EXT_ARRAY_STREAM,
@@ -251,11 +253,12 @@ def waits_for(later: Message, earlier: Message) -> bool:
 
 
 class _Incoming:
-    __slots__ = ("array", "entry", "filled", "flat")
+    __slots__ = ("array", "entry", "filled", "flat", "size")
 
-    def __init__(self, array: np.ndarray, flat: np.ndarray, entry: _Entry) -> None:
+    def __init__(self, array: np.ndarray | Unheld, flat: np.ndarray | None, entry: _Entry) -> None:
         self.array = array
-        self.flat = flat
+        self.flat = flat  # None: unheld, its bytes are dropped
+        self.size = flat.nbytes if flat is not None else array.nbytes
         self.entry = entry
         self.filled = 0
 
@@ -279,9 +282,11 @@ class StreamAssembler:
 
     __slots__ = (
         "_allocate",
+        "_dropped",
         "_open",
         "_pending",
         "_staged",
+        "_unheld_in",
         "max_value_bytes",
         "next_id",
         "on_held",
@@ -297,8 +302,12 @@ class StreamAssembler:
         *,
         allocate: Allocator = aligned_empty,
         shared: SharedArrays | None = None,
+        unheld_in: tuple[type[Message], ...] = (),
     ) -> None:
         self.max_value_bytes = max_value_bytes
+        # the messages whose receiver answers for an array it could not allocate (`Unheld`)
+        self._unheld_in = unheld_in
+        self._dropped: np.ndarray | None = None  # where an unheld stream's chunks go
         self._allocate = allocate  # where received arrays live (the agent's: shared memory)
         # maps EXT_ARRAY_SHARED arrays: on a slot's pipe only, where the agent's memory is
         # shared with the slot (shm.py), and a slot lends its own to the agent (lend.py)
@@ -307,10 +316,12 @@ class StreamAssembler:
         self.ready: deque[Message] = deque()
         self._open: dict[int, _Incoming] = {}
         self._pending: list[_Entry] = []  # arrived, not yet delivered, in arrival order
-        self._staged: list[tuple[np.ndarray, np.ndarray]] = []  # (array, flat) of the frame being decoded
+        # (array, flat) of the frame being decoded; (Unheld, None) for one not allocated
+        self._staged: list[tuple[np.ndarray | Unheld, np.ndarray | None]] = []
         # A data link beside the channel (`transport/bulk.py`) is told of every stream
         # announced (id, flat array), and says when one is filled (`filled_elsewhere`).
-        self.on_open: Callable[[int, np.ndarray], None] | None = None
+        # An unheld stream is announced with its size alone: the link drops its bytes.
+        self.on_open: Callable[[int, np.ndarray | int], None] | None = None
         # Whoever forwards values while they arrive (`agent/forward.py`) is told of each
         # message that waits for its streams (with their ids and arrays) and how far each
         # stream is filled, chunk by chunk.
@@ -325,7 +336,7 @@ class StreamAssembler:
     @property
     def open_bytes(self) -> int:
         """Bytes allocated for streams not yet complete (what a lost link frees)."""
-        return sum(stream.flat.nbytes for stream in self._open.values())
+        return sum(stream.flat.nbytes for stream in self._open.values() if stream.flat is not None)
 
     @property
     def held(self) -> int:
@@ -362,8 +373,12 @@ class StreamAssembler:
             return Malformed(f"more than {MAX_OPEN_STREAMS} streams unfinished at once")
         try:
             flat = self._allocate(nbytes)
-        except (MemoryError, ValueError) as exc:
-            return Malformed(f"cannot allocate {nbytes} bytes for a streamed array: {type(exc).__name__}")
+        except (MemoryError, OSError, ValueError) as exc:  # OSError: a mapping refused (ENOMEM)
+            if not self._unheld_in:
+                return Malformed(f"cannot allocate {nbytes} bytes for a streamed array: {type(exc).__name__}")
+            unheld = Unheld(dtype, shape, nbytes, f"{type(exc).__name__}: {exc}")
+            self._staged.append((unheld, None))
+            return unheld
         array = flat.view(dtype).reshape(shape)
         self._staged.append((array, flat))
         return array
@@ -378,17 +393,22 @@ class StreamAssembler:
         staged = self._staged
         if not staged and not self._pending:
             return message  # the usual case: nothing streamed, nothing held
+        unheld = next((array for array, flat in staged if flat is None), None)
+        if isinstance(unheld, Unheld) and not isinstance(message, self._unheld_in):
+            staged.clear()
+            raise RemoteProtocolError(f"{type(message).__name__}: cannot allocate {unheld.describe()}")
         entry = _Entry(message, len(staged))
         opened: list[tuple[int, np.ndarray]] = []
         for array, flat in staged:
-            self._open[self.next_id] = _Incoming(array, flat, entry)
+            self._open[self.next_id] = incoming = _Incoming(array, flat, entry)
             if self.on_open is not None:
-                self.on_open(self.next_id, flat)
-            opened.append((self.next_id, flat))
+                self.on_open(self.next_id, flat if flat is not None else incoming.size)
+            if flat is not None:
+                opened.append((self.next_id, flat))
             self.next_id += 1
         staged.clear()
         self._pending.append(entry)
-        if opened and self.on_held is not None:
+        if opened and unheld is None and self.on_held is not None:  # nothing to forward of a failed one
             self.on_held(message, opened)
         self._release()
         return self.ready.popleft() if self.ready else None
@@ -403,28 +423,34 @@ class StreamAssembler:
             raise RemoteProtocolError(f"chunk for stream {stream_id} at offset {offset}, expected {stream.filled}")
         if length < 1:
             raise RemoteProtocolError(f"empty chunk for stream {stream_id}")
-        size = stream.flat.nbytes
+        size = stream.size
         if offset + length > size:
             raise RemoteProtocolError(
                 f"chunk of {length} bytes at offset {offset} runs past stream {stream_id}'s {size} bytes"
             )
+        if stream.flat is None:  # unheld: read, and dropped
+            dropped = self._dropped
+            if dropped is None or dropped.nbytes < length:
+                self._dropped = dropped = np.empty(length, dtype=np.uint8)  # a chunk's size, once
+            return dropped[:length]
         return stream.flat[offset : offset + length]
 
     def filled(self, stream_id: int, length: int) -> None:
         """`length` more bytes of the stream arrived (all of what `sink` gave, in order)."""
         stream = self._open[stream_id]
         stream.filled += length
-        if stream.filled < stream.flat.nbytes:
-            if self.on_progress is not None:
+        if stream.filled < stream.size:
+            if stream.flat is not None and self.on_progress is not None:
                 self.on_progress(stream_id, stream.filled)
             return
         del self._open[stream_id]
-        try:
-            check_bools(stream.array)
-        except ValueError as exc:
-            raise RemoteProtocolError(f"{type(stream.entry.message).__name__}: streamed array: {exc}") from None
-        if self.on_progress is not None:  # a forwarded array's last piece goes once it passed the check
-            self.on_progress(stream_id, stream.filled)
+        if isinstance(stream.array, np.ndarray):  # held
+            try:
+                check_bools(stream.array)
+            except ValueError as exc:
+                raise RemoteProtocolError(f"{type(stream.entry.message).__name__}: streamed array: {exc}") from None
+            if self.on_progress is not None:  # a forwarded array's last piece goes once it passed the check
+                self.on_progress(stream_id, stream.filled)
         stream.entry.remaining -= 1
         if not stream.entry.remaining:
             self._release()
@@ -436,7 +462,7 @@ class StreamAssembler:
         stream = self._open.get(stream_id)
         if stream is None:
             return False
-        if stream.filled or length != stream.flat.nbytes:
+        if stream.filled or length != stream.size:
             raise RemoteProtocolError(
                 f"stream {stream_id} came both over the channel and the data link, or with a wrong length"
             )

@@ -332,6 +332,7 @@ class FrameDecoder:
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         allocate: Allocator = aligned_empty,
         shared: SharedArrays | None = None,
+        unheld_in: tuple[type[Message], ...] = (),
     ) -> None:
         if not 1 <= max_frame_bytes <= _FRAME_LIMIT:
             raise ValueError(f"max_frame_bytes must be in [1, {_FRAME_LIMIT}], not {max_frame_bytes}")
@@ -343,7 +344,7 @@ class FrameDecoder:
         self._sink_fill = 0
         self._sink_stream = 0
         self._allocate = allocate  # buffers of large frames (the agent's: shared memory)
-        self._streams = StreamAssembler(max_value_bytes, allocate=allocate, shared=shared)
+        self._streams = StreamAssembler(max_value_bytes, allocate=allocate, shared=shared, unheld_in=unheld_in)
         self._failure: str | None = None
 
     @property

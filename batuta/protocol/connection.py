@@ -214,7 +214,10 @@ class Connection:
         self.outgoing = OutgoingStreams(stream_min_bytes=stream_min_bytes, chunk_bytes=chunk_bytes)
         self.peer_hello: Hello | None = None  # the agent's Hello, on the coordinator
         self.peer_welcome: Welcome | None = None  # the coordinator's Welcome, on the agent
-        self._decoder = FrameDecoder(max_frame_bytes, allocate=allocate)  # the agent's: shared memory
+        # The agent's arrays live in shared memory; one it cannot allocate fails its task or
+        # its value (`Unheld`), not the connection: the same value would come again for ever.
+        unheld_in = (Run, Put) if role is Role.AGENT else ()
+        self._decoder = FrameDecoder(max_frame_bytes, allocate=allocate, unheld_in=unheld_in)
         self._phase = Phase.AWAIT_HELLO
         self._finished: dict[Role, str] = {}  # role -> name of the last message it sent
         self._eof = False

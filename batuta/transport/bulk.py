@@ -348,7 +348,7 @@ class BulkReceiver:
     def __init__(self, name: str, *, eof_fails: bool) -> None:
         self._name = name
         self._eof_fails = eof_fails
-        self._sinks: dict[int, np.ndarray] = {}
+        self._sinks: dict[int, np.ndarray | int] = {}  # an int: that many bytes, dropped (unheld)
         self._first: int | None = None  # the sender's first stream id, once read
         self._cond = threading.Condition()
         self._closed = False
@@ -364,7 +364,7 @@ class BulkReceiver:
         """Streams announced whose bytes are still to come here."""
         return len(self._sinks)
 
-    def expect(self, stream_id: int, flat: np.ndarray) -> None:
+    def expect(self, stream_id: int, flat: np.ndarray | int) -> None:
         with self._cond:
             if self._closed or (self._first is not None and stream_id < self._first):
                 return
@@ -399,7 +399,7 @@ class BulkReceiver:
         if sock is not None:
             sock.abort()  # its thread closes it
 
-    def _sink(self, stream_id: int) -> np.ndarray | None:
+    def _sink(self, stream_id: int) -> np.ndarray | int | None:
         """The array stream `stream_id` fills, once its frame arrived (None: closed)."""
         with self._cond:
             ok = self._cond.wait_for(lambda: self._closed or stream_id in self._sinks, ANNOUNCE_TIMEOUT_S)
@@ -442,9 +442,12 @@ class BulkReceiver:
                 flat = self._sink(stream_id)
                 if flat is None:
                     return
-                if length != flat.nbytes:
-                    raise _Broken(f"stream {stream_id} is {flat.nbytes} bytes, the link sent {length}")
-                view = flat.data.cast("B")
+                size = flat if isinstance(flat, int) else flat.nbytes
+                if length != size:
+                    raise _Broken(f"stream {stream_id} is {size} bytes, the link sent {length}")
+                # an array its receiver could not allocate: its bytes are read into a piece
+                # of scratch, over and over, and dropped (chunks.py, `Unheld`)
+                view = _Dropped(length) if isinstance(flat, int) else flat.data.cast("B")
                 if growing:
                     complete = self._receive_growing(conn, stream_id, view)
                     del view, flat
@@ -466,7 +469,7 @@ class BulkReceiver:
             sock.close()
 
     @staticmethod
-    def _receive(conn: socket.socket, stream_id: int, view: memoryview, start: int, end: int) -> None:
+    def _receive(conn: socket.socket, stream_id: int, view: memoryview | _Dropped, start: int, end: int) -> None:
         got = start
         while got < end:
             n = conn.recv_into(view[got:], min(end - got, RECV_PIECE))
@@ -474,7 +477,7 @@ class BulkReceiver:
                 raise ConnectionError(f"closed {got} bytes into stream {stream_id} ({len(view)} bytes)")
             got += n
 
-    def _receive_growing(self, conn: socket.socket, stream_id: int, view: memoryview) -> bool:
+    def _receive_growing(self, conn: socket.socket, stream_id: int, view: memoryview | _Dropped) -> bool:
         """A growing stream's pieces into its array; False if its sender aborted it."""
         if self._on_aborted is None:
             raise _Broken(f"stream {stream_id} came as pieces, which this direction never sends")
@@ -498,6 +501,24 @@ class BulkReceiver:
             with self._cond:
                 self.received_bytes += count
         return True
+
+
+class _Dropped:
+    """Stands in for a stream's memoryview where its bytes are to be dropped: every slice is
+    the same scratch buffer, at most `RECV_PIECE` long."""
+
+    __slots__ = ("_length", "_scratch")
+
+    def __init__(self, length: int) -> None:
+        self._length = length
+        self._scratch = memoryview(bytearray(min(length, RECV_PIECE)))
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, part: slice) -> memoryview:
+        start, stop, _ = part.indices(self._length)
+        return self._scratch[: min(stop - start, len(self._scratch))]
 
 
 class _Broken(Exception):
