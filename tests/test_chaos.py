@@ -211,6 +211,27 @@ async def test_coordinator_exit_leaves_no_agent_on_the_hosts(cluster_hosts: Test
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
 
 
+async def test_start_up_says_which_host_it_still_waits_for(
+    cluster_hosts: TestHosts, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host that does not answer holds the first task back for connect_timeout: start-up
+    says so once the others are up, instead of pausing in silence."""
+    path = cluster_file(cluster_hosts, tmp_path)
+    path.write_text(path.read_text().replace("connect_timeout = 3", "connect_timeout = 8"))
+    silent = cluster_hosts[1]
+    silent.cut_link()
+    try:
+        async with asyncio.timeout(WAIT_S), build_pool(load_cluster(path)) as pool:
+            noted = [r.getMessage() for r in caplog.records if "start-up waits for" in r.getMessage()]
+            assert noted == [
+                f"start-up waits for {silent.name} (1 of 2 hosts up): until it answers or gives up "
+                "(connect_timeout in [ssh], start_timeout in [pool])"
+            ]
+            assert await pool.map("test_echo_after", [(1, 0.0)]) == [1]
+    finally:
+        silent.restore_link()
+
+
 def test_cluster_status_reports_every_host(cluster_hosts: TestHosts, tmp_path: Path) -> None:
     import json
     import subprocess

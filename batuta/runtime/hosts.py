@@ -29,6 +29,9 @@ from batuta.runtime.wakeup import WakeupTimer
 
 log = logging.getLogger("batuta.runtime.hosts")
 
+STRAGGLER_NOTE_S = 2.0
+"""Once a host is up, how long start-up waits for the others before saying which it waits for."""
+
 
 class PoolSide(Protocol):
     """What the supervisor tells the pool. Every call happens on the event loop."""
@@ -99,7 +102,14 @@ class HostSupervisor:
         if not sessions:
             await self._first_joined(joining)
         else:
-            results = await asyncio.gather(*(self._bounded_start(s) for s in sessions), return_exceptions=True)
+            starts = [asyncio.ensure_future(self._bounded_start(s)) for s in sessions]
+            try:
+                await _note_stragglers(sessions, starts)
+            except asyncio.CancelledError:
+                for start in starts:
+                    start.cancel()
+                raise
+            results = await asyncio.gather(*starts, return_exceptions=True)
             errors = [r for r in results if isinstance(r, BaseException)]
             if len(errors) == len(sessions):
                 # A configuration error (a key file missing here) is raised only if every host
@@ -258,6 +268,32 @@ class HostSupervisor:
         if retryable:  # observers hear why (a retired host is announced by Retire instead)
             self._pool.host_state_changed(session.name, "unreachable", str(exc) or repr(exc))
         self._handle(lv.LaunchFailed(host_id=session.name, reason=str(exc) or repr(exc), retryable=retryable))
+
+
+async def _note_stragglers(sessions: Sequence[HostSession], starts: Sequence[asyncio.Future[None]]) -> None:
+    """Say which hosts start-up still waits for once one is up and the rest are slow: an
+    address that does not answer waits out connect_timeout, a bootstrap installs batuta, and
+    the first task waits for them all; a pause with nothing said looks like a hang."""
+    pending: set[asyncio.Future[None]] = set(starts)
+    while pending:  # until one is up (or all failed: then the errors speak)
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if any(not start.cancelled() and start.exception() is None for start in done):
+            break
+    if not pending:
+        return
+    _, pending = await asyncio.wait(pending, timeout=STRAGGLER_NOTE_S)
+    if not pending:
+        return
+    waiting = [session.name for session, start in zip(sessions, starts, strict=True) if start in pending]
+    up = sum(1 for start in starts if start.done() and not start.cancelled() and start.exception() is None)
+    log.warning(
+        "start-up waits for %s (%d of %d hosts up): until %s or gives up (connect_timeout in [ssh], "
+        "start_timeout in [pool])",
+        ", ".join(waiting),
+        up,
+        len(starts),
+        "it answers" if len(waiting) == 1 else "each answers",
+    )
 
 
 def telemetry_event(session: HostSession, hb: m.Heartbeat, now: float) -> pe.HostTelemetry:
