@@ -83,8 +83,9 @@ class HostUp:
     at: float
 
 
-# A host's states after which it is not up: lost or retired by liveness, closed with its pool.
-HOST_GONE_STATES = frozenset({"lost", "retired", "closed"})
+# A host's states after which it is not up: lost or retired by liveness, closed with its pool,
+# or unreachable (a launch or a relaunch after a loss failed; it is tried again).
+HOST_GONE_STATES = frozenset({"lost", "retired", "closed", "unreachable"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
