@@ -755,11 +755,12 @@ async def test_a_viewer_attaches_over_ssh_by_name_with_the_clusters_host_key_rul
         strict = SSHSettings(config_files=(hosts.ssh_config,), known_hosts=empty)
         with pytest.raises(ServeError, match="cannot reach"):
             await connect(parse_target(f"{hosts[0].name}:t"), ssh=strict)
-        # batuta stop takes the cluster file's [ssh] settings too (it had no --cluster)
+        # batuta stop takes the cluster file's [ssh] settings too (it had no --cluster), and
+        # reaches a host it names as the cluster does (its address, here an alias of the config)
         cluster = runtime_dir / "cluster.toml"
         ssh = f'[ssh]\nconfig = "{hosts.ssh_config}"\nknown_hosts = "{hosts.known_hosts}"\n'
-        cluster.write_text(f'{ssh}[[hosts]]\naddress = "{hosts[0].name}"\n')  # the cluster the coordinator runs
-        assert await asyncio.to_thread(cli_main, ["stop", f"{hosts[0].name}:t", "-c", str(cluster)]) == 0
+        cluster.write_text(f'{ssh}[[hosts]]\nname = "trainbox"\naddress = "{hosts[0].name}"\n')
+        assert await asyncio.to_thread(cli_main, ["stop", "trainbox:t", "-c", str(cluster)]) == 0
         assert isinstance(server.controls, _Stop) and server.controls.stopped
 
 

@@ -381,9 +381,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
     from batuta.runtime.serve_client import ask_control, parse_target
 
-    target = parse_target(args.target)
+    target, ssh = _lent_ssh(parse_target(args.target), args.cluster, ask_passphrase=True)
     certs = Path(args.certs).expanduser() if args.certs else None
-    ssh = _lent_ssh(target, args.cluster, ask_passphrase=True)
     try:
         ok, text = asyncio.run(ask_control(target, "stop", certs=certs, ssh=ssh))
     except ServeError as exc:
@@ -424,8 +423,9 @@ def cmd_tui_attached(args: argparse.Namespace) -> int:
         target_text = _serve_for_tui(args)
     else:
         target_text = args.attach
-    target = parse_target(target_text)
-    ssh = _lent_ssh(target, args.cluster, ask_passphrase=False) if args.attach is not None else None
+    target, ssh = parse_target(target_text), None
+    if args.attach is not None:
+        target, ssh = _lent_ssh(target, args.cluster, ask_passphrase=False)
     if not has_terminal():
         raise UsageError("batuta tui needs a terminal on stdin and stdout; 'batuta ps' lists coordinators without one")
     from batuta.tui.attach import AttachedApp
@@ -438,17 +438,26 @@ def cmd_tui_attached(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _lent_ssh(target: Any, cluster: str | None, *, ask_passphrase: bool) -> Any:
-    """The [ssh] settings of `cluster` for reaching a user@host:NAME target; None without one."""
+def _lent_ssh(target: Any, cluster: str | None, *, ask_passphrase: bool) -> tuple[Any, Any]:
+    """A user@host:NAME target reached as `cluster` reaches its hosts: its [ssh] settings, and
+    where the host is one of its hosts by name, that entry's address, port, user (unless the
+    target names one) and identity file. The target as given and None without a cluster."""
     if not cluster:
-        return None
+        return target, None
     if target.ssh_host is None:
         raise UsageError(f"--cluster only lends its [ssh] settings to user@host:NAME, not {target.label}; drop it")
     from dataclasses import replace
 
     from batuta.cli._common import load_cluster
+    from batuta.transport.ssh_settings import SSHTarget
 
-    return replace(load_cluster(cluster).ssh, ask_passphrase=ask_passphrase)
+    config = load_cluster(cluster)
+    host = next((h for h in config.hosts if h.name == target.ssh_host), None)
+    if host is not None:
+        user = target.ssh_user or host.user
+        via = SSHTarget(host=host.address, port=host.port, user=user, identity_file=host.identity_file, name=host.name)
+        target = replace(target, ssh_via=via)
+    return target, replace(config.ssh, ask_passphrase=ask_passphrase)
 
 
 def _serve_for_tui(args: argparse.Namespace) -> str:

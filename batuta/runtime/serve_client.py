@@ -31,6 +31,7 @@ from batuta.runtime import serve_wire as w
 
 if TYPE_CHECKING:
     from batuta.transport.ssh import SSHSettings
+    from batuta.transport.ssh_settings import SSHTarget
 
 CONNECT_TIMEOUT_S = 10.0
 READ_CHUNK = 256 * 1024
@@ -46,6 +47,8 @@ class Target:
     ssh_user: str | None = None
     remote: str = ""  # NAME or a socket path on the SSH host
     tls: tuple[str, int] | None = None
+    # how a cluster file reaches `ssh_host` when it names it (address, port, user, identity)
+    ssh_via: SSHTarget | None = None
 
     @property
     def label(self) -> str:
@@ -185,7 +188,8 @@ async def _connect_ssh(target: Target, ssh: SSHSettings | None, timeout: float) 
     assert target.ssh_host is not None
     settings = ssh if ssh is not None else SSHSettings(connect_timeout=timeout, ask_passphrase=False)
     try:
-        conn, jumps, _where = await connect_ssh(SSHTarget(host=target.ssh_host, user=target.ssh_user), settings)
+        via = target.ssh_via or SSHTarget(host=target.ssh_host, user=target.ssh_user)
+        conn, jumps, _where = await connect_ssh(via, settings)
     except TransportError as exc:
         raise ServeError(f"cannot reach {target.label}: {exc}") from None
 
