@@ -313,6 +313,20 @@ async def test_noisy_kernel_does_not_corrupt_the_stream(pool: Pool) -> None:
     assert values == list(range(50))
 
 
+async def test_what_a_kernel_prints_is_in_its_result(pool: Pool) -> None:
+    """Each task's own Python-level output, not its neighbours' (it still goes to the host's
+    log as well); a failing kernel's prints come with its traceback."""
+    results = [await pool.run(Task.kernel("test_print", i)) for i in (3, 4)]
+    assert [(r.stdout, r.stderr) for r in results] == [
+        (b"noise on stdout 3\n", b"noise on stderr 3\n"),
+        (b"noise on stdout 4\n", b"noise on stderr 4\n"),
+    ]
+    assert (await pool.run(Task.kernel("noop", 1))).stdout == b""
+    failed = await pool.run(Task.kernel("test_fail_loudly", "bad input"))
+    assert failed.status is TaskStatus.FAILED and failed.stdout == b"about to fail on bad input\n"
+    assert failed.stderr.startswith(b"Traceback") and b"ValueError: bad input" in failed.stderr
+
+
 async def test_close_resolves_pending_tasks_and_leaves_no_processes() -> None:
     before = descendants()
     pool = make_pool()

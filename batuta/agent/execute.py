@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from batuta.agent.code import SlotCode
 
 OUTPUT_CAP = 1024 * 1024  # bytes kept of a binary's stdout, and of its stderr
+KERNEL_OUTPUT_CAP = 64 * 1024  # of what a kernel prints, per stream: a result, not a log file
 _ERROR_TEXT_CAP = 1000  # characters of an error line
 
 
@@ -85,6 +86,8 @@ class KernelRunner:
         self._module_errors: list[str] = []
         self._code_errors: list[str] = []  # "importing mymod failed: SyntaxError at mymod.py line 3: ..."
         self._cpu_backend: dict[str, str] = {}  # kernel -> what a "cpu" request runs (`_cpu_or_reference`)
+        self._out = _TaskOutput()
+        self._err = _TaskOutput()
 
     def _load(self) -> Any:
         if self._registry is not None or self._registry_error is not None:
@@ -141,6 +144,10 @@ class KernelRunner:
         backend = request.backend
         if backend == "cpu":
             backend = self._cpu_or_reference(registry, call.name)
+        out, err = self._out, self._err
+        out.begin(sys.stdout)
+        err.begin(sys.stderr)
+        sys.stdout, sys.stderr = out, err  # what the kernel prints is its result's too
         try:
             value = registry.run(call.name, backend, call.args, device_results=device_results)
         except registry.UnknownKernelError as exc:
@@ -156,14 +163,19 @@ class KernelRunner:
             return _outcome(request, Outcome.ERROR, error=text, run_s=time.perf_counter() - started)
         except BaseException as exc:  # SystemExit in a kernel must not end the slot
             run_s = time.perf_counter() - started
+            printed = err.end()
             return _outcome(
                 request,
                 Outcome.ERROR,
                 error=describe_exception(exc),
-                stderr=traceback.format_exc().encode("utf-8", "replace"),
+                stdout=out.end(),
+                stderr=printed + traceback.format_exc().encode("utf-8", "replace"),
                 run_s=run_s,
             )
-        return _outcome(request, Outcome.OK, value=value, run_s=time.perf_counter() - started)
+        finally:
+            sys.stdout, sys.stderr = out.echo, err.echo
+        run_s = time.perf_counter() - started
+        return _outcome(request, Outcome.OK, value=value, stdout=out.end(), stderr=err.end(), run_s=run_s)
 
     def _cpu_or_reference(self, registry: Any, name: str) -> str:
         """ "cpu", or "scalar" for a kernel that has only its reference function: plain Python
@@ -178,6 +190,42 @@ class KernelRunner:
             found = "scalar" if "cpu" not in backends and "scalar" in backends else "cpu"
             self._cpu_backend[name] = found
         return found
+
+
+class _TaskOutput:
+    """Stands in for `sys.stdout` or `sys.stderr` while a kernel runs: keeps the first
+    `KERNEL_OUTPUT_CAP` bytes of what it prints for the task's result (`TaskResult.stdout`,
+    `.stderr`) and passes all of it on to the real stream, so that the host's log shows it
+    live as before. Python-level output only: a numba `print` writes to the file descriptor.
+    One per runner, reused: a task that prints nothing costs two assignments."""
+
+    def __init__(self) -> None:
+        self.echo: Any = None
+        self._kept: _CappedBuffer | None = None
+
+    def begin(self, echo: Any) -> None:
+        self.echo = echo
+        self._kept = None
+
+    def end(self) -> bytes:
+        kept, self._kept = self._kept, None
+        return kept.value("output") if kept is not None else b""
+
+    def write(self, text: str) -> int:
+        kept = self._kept
+        if kept is None:
+            kept = self._kept = _CappedBuffer(KERNEL_OUTPUT_CAP)
+        kept.add(text.encode("utf-8", "replace"))
+        if self.echo is not None:
+            self.echo.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.echo is not None:
+            self.echo.flush()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, encoding, isatty...: the real stream's
+        return getattr(self.echo, name)
 
 
 def _outcome(request: TaskRequest, status: Outcome, run_s: float, **fields: Any) -> TaskOutcome:

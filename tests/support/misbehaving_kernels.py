@@ -36,6 +36,12 @@ def test_print(value: int) -> int:
 test_print.cpu(test_print.reference)
 
 
+@kernel("test_fail_loudly", description="Print, then raise ValueError with the given message.")
+def test_fail_loudly(message: str) -> None:
+    print("about to fail on", message)
+    raise ValueError(message)
+
+
 @kernel("test_pid", description="Return the worker process's pid.")
 def test_pid() -> int:
     return os.getpid()
