@@ -340,6 +340,47 @@ def test_lost_slot_requeues_and_counts_only_started_attempts() -> None:
     assert sim.resolved[ids[2]][0].attempts == 1
 
 
+def test_a_task_whose_host_keeps_going_down_before_it_starts_is_lost_not_requeued_for_ever() -> None:
+    """It may be what takes its host down (an argument larger than the host's memory gets
+    the agent killed as it arrives): max_attempts + 2 losses before a start, then LOST; the
+    task that started ahead of it each time is charged its attempts as before."""
+    sim = sim_with("a", config=SchedulerConfig(initial_window=2, tail_tasks_per_slot=0))
+    ahead = sim.submit(max_attempts=9)
+    poison = sim.submit(max_attempts=3)
+    for loss in range(1, 6):
+        assert [t for t, _ in sim.slots["a"].queue] == [ahead, poison]  # both sent there again
+        sim.start("a")
+        sim.deliver("a")  # `ahead` started; `poison` waits behind it
+        sim.lose("a", reason=f"agent killed ({loss})")
+        sim.sched.validate()
+        if loss < 5:
+            assert poison not in sim.resolved
+            sim.rejoin("a")
+    [res] = sim.resolved[poison]
+    assert res.status is TaskStatus.LOST
+    assert res.reason.startswith("its host went down 5 times while it waited there, before it started")
+    assert "(last: a lost: agent killed (5))" in res.reason and "max_attempts=3 allows 5" in res.reason
+    sim.rejoin("a")
+    sim.run_to_completion()
+    sim.assert_each_resolved_once()
+    assert sim.resolved[ahead][0].status is TaskStatus.SUCCEEDED and sim.resolved[ahead][0].attempts == 6
+
+
+def test_retired_slots_are_not_held_against_a_task_that_had_not_started() -> None:
+    """Slots retired for good (drained, an allocation that ended) are not the task's doing."""
+    sim = sim_with(*"abcdef", config=SchedulerConfig(initial_window=2, tail_tasks_per_slot=0))
+    task = sim.submit(max_attempts=1 + 1)  # 4 losses before a start would lose it
+    losses = 0
+    for _ in range(5):
+        holder = next(slot_id for slot_id, slot in sim.slots.items() if any(t == task for t, _ in slot.queue))
+        sim.lose(holder, reason="drained", retired=True)
+        losses += 1
+    assert losses == 5 and task not in sim.resolved
+    sim.run_to_completion()
+    sim.assert_each_resolved_once()
+    assert sim.resolved[task][0].status is TaskStatus.SUCCEEDED
+
+
 def test_task_not_safe_to_repeat_is_lost_with_its_slot_even_before_a_start_arrives() -> None:
     """retry=False (max_attempts=1): the agent may have started what the scheduler has not
     seen start (its Started can be on the way), so the loss fails the task; nothing reruns it."""

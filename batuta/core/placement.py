@@ -107,6 +107,7 @@ class TaskEntry:
     steal_pending: bool = False
     steal_refused: bool = False  # the agent refused it (it started), or it was stolen back once
     reasons: list[str] | None = None
+    unstarted_losses: int = 0  # its slot was lost while it waited there, not yet started (recovery.py)
     keep_as: int = 0  # the object its result is kept as (deps.py)
     reads: tuple[int, ...] = ()  # kept objects it reads
     unmet: int = 0  # upstream tasks and objects it still waits for

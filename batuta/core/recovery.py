@@ -50,6 +50,8 @@ def lose_slot(scheduler: Scheduler, slot: SlotRecord, reason: str, retired: bool
             # lost here, never requeued as "never started" and run a second time.
             why = f"may have run on {slot.host_id}; not retried because retry=False ({slot.slot_id} lost: {reason})"
             scheduler._resolve(entry, TaskStatus.LOST, why, slot_id=slot.slot_id)
+        elif not retired and _lost_too_often_unstarted(scheduler, entry, slot, reason):
+            continue  # resolved there, naming why
         else:
             entry.attempts -= 1  # it never started there
             requeue(scheduler, entry, slot, f"{slot.slot_id} lost before it started: {reason}")
@@ -60,6 +62,31 @@ def lose_slot(scheduler: Scheduler, slot: SlotRecord, reason: str, retired: bool
     slot.steal_backs_pending = 0
     if slot.host_id in scheduler._draining:
         scheduler._check_drained(slot.host_id)
+
+
+UNSTARTED_LOSSES_OVER_ATTEMPTS = 2
+"""A task that has not started may wait through `max_attempts` + this many host losses."""
+
+
+def _lost_too_often_unstarted(scheduler: Scheduler, entry: TaskEntry, slot: SlotRecord, reason: str) -> bool:
+    """Resolve LOST, and say so, a task whose slot went down under it once too often before
+    it started: the task itself may be what brings its host down (an argument the host
+    cannot hold gets its agent killed while it arrives), and requeued without limit it would
+    take down every host it is sent to, for ever. Like Dask's `allowed-failures`, counted for
+    every task waiting there; allowed more than started attempts, since most of those waiting
+    with it are bystanders."""
+    entry.unstarted_losses += 1
+    allowed = entry.max_attempts + UNSTARTED_LOSSES_OVER_ATTEMPTS
+    if entry.unstarted_losses < allowed:
+        return False
+    why = (
+        f"its host went down {entry.unstarted_losses} times while it waited there, before it started "
+        f"(last: {slot.slot_id} lost: {reason}); the task itself may be what brings the host down, "
+        f"such as an argument larger than the host's memory (max_attempts={entry.max_attempts} allows "
+        f"{allowed} such losses)"
+    )
+    scheduler._resolve(entry, TaskStatus.LOST, why, slot_id=slot.slot_id)
+    return True
 
 
 def retry_or_lose(scheduler: Scheduler, entry: TaskEntry, slot: SlotRecord, reason: str) -> None:

@@ -25,8 +25,9 @@ clocks. Rules (Blumofe & Leiserson, adapted to a coordinator that sees every slo
   clamped to [min_window, max_window], per slot, from an exponential moving average.
 * Attempts count starts. A task sent to a slot that is then lost is requeued; if it had
   started, the attempt stands, and after `max_attempts` such losses it resolves LOST with
-  the reasons. A kernel error or a timeout is final: retrying a deterministic failure only
-  wastes the cluster.
+  the reasons. One lost before it started is requeued free, `max_attempts` + 2 times (it
+  may be what takes its host down: `recovery.py`). A kernel error or a timeout is final:
+  retrying a deterministic failure only wastes the cluster.
 * Exactly once. Each task id gets one `ResolveTask`. A result that arrives for a task no
   longer in that slot's window (late, duplicate, or from an earlier attempt) is dropped and
   counted in `stats.dropped_results`. A cancelled or timed-out task stays in its window as a
