@@ -139,9 +139,16 @@ async def test_kill_9_of_a_host_agent(cluster_hosts: TestHosts, tmp_path: Path) 
             killed.append(agent.pid)
             agent.kill()
 
+        downs: list[str] = []
+        pool.subscribe(lambda e: downs.append(e.reason) if isinstance(e, pe.HostDown) else None)
         await run_job_with(pool, 24, 0.2, kill_the_agent)
         assert killed
         assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
+        # how it ended, as sshd told it: the usual cause of a SIGKILL nobody sent is named
+        assert downs == [
+            "the agent was killed by signal 9 (SIGKILL): out of memory on the host (the kernel's OOM killer), "
+            "if no one killed it"
+        ]
 
 
 async def test_sigstop_of_an_agent_beyond_the_heartbeat_timeout(cluster_hosts: TestHosts, tmp_path: Path) -> None:

@@ -327,6 +327,23 @@ async def test_what_a_kernel_prints_is_in_its_result(pool: Pool) -> None:
     assert failed.stderr.startswith(b"Traceback") and b"ValueError: bad input" in failed.stderr
 
 
+async def test_a_local_agent_that_dies_says_how(pool: Pool) -> None:
+    """Its exit, not just "agent closed the stream": a SIGKILL nobody sent is most often the
+    kernel's out-of-memory killer, and the log says so."""
+    downs: list[str] = []
+    pool.subscribe(lambda e: downs.append(e.reason) if isinstance(e, pe.HostDown) else None)
+    [agent] = agent_pids()
+    agent.send_signal(signal.SIGKILL)
+    async with asyncio.timeout(60):
+        while not downs:
+            await asyncio.sleep(0.01)
+    assert downs == [
+        "the agent was killed by signal 9 (SIGKILL): out of memory on the host (the kernel's OOM killer), "
+        "if no one killed it"
+    ]
+    assert (await pool.run(Task.kernel("noop", 3))).value == 3  # on the relaunched agent
+
+
 async def test_close_resolves_pending_tasks_and_leaves_no_processes() -> None:
     before = descendants()
     pool = make_pool()

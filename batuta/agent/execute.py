@@ -17,7 +17,6 @@ import contextlib
 import importlib
 import os
 import select
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from batuta.protocol.messages import (
     TaskOutcome,
     TaskRequest,
 )
+from batuta.transport.base import describe_exit
 
 if TYPE_CHECKING:
     from batuta.agent.code import SlotCode
@@ -55,18 +55,6 @@ def describe_exception(exc: BaseException) -> str:
     """ "ValueError: n must be positive" -- the form every error line takes."""
     message = str(exc)
     return one_line(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
-
-
-def describe_exit(returncode: int) -> str:
-    """A process's exit status in words: "exited with code 3", "killed by signal 9 (SIGKILL)"."""
-    if returncode < 0:
-        number = -returncode
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = "unknown signal"
-        return f"killed by signal {number} ({name})"
-    return f"exited with code {returncode}"
 
 
 class KernelRunner:

@@ -88,7 +88,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from batuta.agent.code import SlotCode, stale_error
-from batuta.agent.execute import describe_exit, print_error
+from batuta.agent.execute import print_error
 from batuta.agent.objects import ObjectStore
 from batuta.agent.slot_values import SlotValues
 from batuta.agent.spawn import SlotProcess, spawn_slot
@@ -111,6 +111,7 @@ from batuta.protocol.messages import (
     TaskOutcome,
     TaskRequest,
 )
+from batuta.transport.base import describe_exit
 from batuta.transport.fdio import FdReader, FdWriter
 
 MAX_DEPTH = 32

@@ -324,6 +324,9 @@ class FirstBytes:
     def kill(self) -> None:
         self._stream.kill()
 
+    async def how_it_ended(self, timeout: float) -> str:
+        return await self._stream.how_it_ended(timeout)
+
     async def last_words(self, timeout: float) -> str:
         return await self._stream.last_words(timeout)
 

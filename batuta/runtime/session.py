@@ -32,6 +32,7 @@ from batuta.transport.dropbehind import DropBehind
 
 log = logging.getLogger("batuta.runtime.session")
 LAST_WORDS_WAIT_S = 1.0  # for an agent's stderr to end after its stdout did, when it dies at start-up
+ENDED_WAIT_S = 0.5  # for an agent whose stream ended to be seen to exit, to say how
 _FIRST_BYTES_SHOWN = 40  # of a stream that did not start with a frame
 # How CPython ends its refusal of a command-line option. The agent's only interpreter option
 # is -P (new in 3.11), so this is a Python 3.10 or older ("Unknown option: -P" before it).
@@ -44,6 +45,16 @@ def _too_old(python: str) -> str:
         f"{which} does not know -P, so it is older than Python 3.11, which batuta needs; install a newer "
         "Python there and set python for this host in the cluster file, or set bootstrap = true"
     )
+
+
+def _ended(how: str) -> str:
+    """Why a host's stream ended, from how its agent's process ended, if known: a SIGKILL
+    nobody here sent is most often the kernel's out-of-memory killer."""
+    if not how:
+        return "agent closed the stream"
+    if "SIGKILL" in how:
+        return f"the agent was {how}: out of memory on the host (the kernel's OOM killer), if no one killed it"
+    return f"the agent was {how}" if how.startswith("killed") else f"the agent {how}"
 
 
 def _not_an_agent(first: bytes, exc: ProtocolError) -> str:
@@ -343,6 +354,8 @@ class HostSession:
                             if generation == self.generation:
                                 self._fail(_too_old(self.spec.python), HostUnusableError)
                             return
+                    elif not self._closing:  # a loss: say how the agent ended, if that can be known
+                        reason = _ended(await stream.how_it_ended(ENDED_WAIT_S))
                     break
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"

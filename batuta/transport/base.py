@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Protocol, TypeAlias
@@ -54,6 +55,11 @@ class ByteStream(Protocol):
 
     def kill(self) -> None:
         """Abandon the stream now (the agent is presumed dead or hung)."""
+        ...
+
+    async def how_it_ended(self, timeout: float) -> str:
+        """How the agent's process ended ("killed by signal 9 (SIGKILL)", "exited with code
+        70"), waiting up to `timeout` for it to end, or "" where that is not known here."""
         ...
 
     async def last_words(self, timeout: float) -> str:
@@ -109,6 +115,18 @@ def signal_process(process: asyncio.subprocess.Process, signum: int, *, group: b
                 os.killpg(process.pid, signum)
             else:
                 os.kill(process.pid, signum)
+
+
+def describe_exit(returncode: int) -> str:
+    """A process's exit status in words: "exited with code 3", "killed by signal 9 (SIGKILL)"."""
+    if returncode < 0:
+        number = -returncode
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = "unknown signal"
+        return f"killed by signal {number} ({name})"
+    return f"exited with code {returncode}"
 
 
 async def wait_for_exit(process: asyncio.subprocess.Process, timeout: float) -> int | None:

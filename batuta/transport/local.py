@@ -20,6 +20,7 @@ from batuta.transport.base import (
     Buffer,
     StderrTail,
     StreamClosedError,
+    describe_exit,
     forward_stderr,
     signal_process,
     wait_for_exit,
@@ -127,6 +128,10 @@ class LocalStream:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(self._stderr_task, timeout)
         self._stdout.close()
+
+    async def how_it_ended(self, timeout: float) -> str:
+        returncode = await wait_for_exit(self._process, timeout)
+        return describe_exit(returncode) if returncode is not None else ""
 
     async def last_words(self, timeout: float) -> str:
         return await self._stderr_tail.last(timeout)

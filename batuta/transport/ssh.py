@@ -40,6 +40,7 @@ import functools
 import logging
 import re
 import shlex
+import signal
 import socket
 import threading
 from collections.abc import Mapping, Sequence
@@ -144,6 +145,17 @@ class SSHStream:
     def write_parts(self, parts: Sequence[Buffer]) -> None:
         for data in coalesced(parts):  # the channel copies each write into its own buffer: no join first
             self._write(data)
+
+    async def how_it_ended(self, timeout: float) -> str:
+        with contextlib.suppress(TimeoutError, asyncssh.Error, OSError):
+            await asyncio.wait_for(self._process.wait_closed(), timeout)
+        killed = self._process.exit_signal  # (name, core dumped, message, language), as sshd said
+        if killed is not None:
+            name = str(killed[0]).upper()
+            number = getattr(signal.Signals, f"SIG{name}", None)
+            return f"killed by signal {int(number)} (SIG{name})" if number is not None else f"killed by SIG{name}"
+        status = self._process.exit_status
+        return f"exited with code {status}" if status is not None and status >= 0 else ""
 
     async def last_words(self, timeout: float) -> str:
         return await self._stderr_tail.last(timeout)

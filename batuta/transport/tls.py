@@ -265,6 +265,9 @@ class TLSStream:
             raise StreamClosedError(f"{self._description}: stream closed")
         self._writer.write(data)
 
+    async def how_it_ended(self, timeout: float) -> str:
+        return ""  # the worker's process is on its own machine
+
     async def last_words(self, timeout: float) -> str:
         return ""  # a TLS worker's stderr stays on its own machine (its log)
 
