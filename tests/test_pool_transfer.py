@@ -10,9 +10,10 @@ own counters (what it is receiving or sending), never sleeps to synchronise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +169,56 @@ async def test_an_argument_or_put_too_big_for_the_hosts_memory_fails_its_tasks_a
         assert "more free memory" in (result.error or "")
     assert "this task's arguments" in (failed["argument"].error or "")
     assert "put value" in (failed["put"].error or "")
+
+
+@contextlib.contextmanager
+def memory_cgroup(name: str, limit: int) -> Iterator[Path]:
+    """A memory cgroup (v2, else v1) capped at `limit` bytes, removed afterwards; skips the
+    test where this machine does not let us make one (not root, no memory controller)."""
+    v2, v1 = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/memory")
+    if (v2 / "cgroup.controllers").is_file() and "memory" in (v2 / "cgroup.subtree_control").read_text():
+        folder, cap = v2 / name, "memory.max"
+    elif (v1 / "memory.limit_in_bytes").is_file():
+        folder, cap = v1 / name, "memory.limit_in_bytes"
+    else:
+        pytest.skip("no memory cgroup controller here")
+    try:
+        folder.mkdir()
+        (folder / cap).write_text(str(limit))
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+        pytest.skip(f"cannot make a memory cgroup here: {exc}")
+    try:
+        yield folder
+    finally:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # empty by now: its processes were stopped with the pool
+
+
+async def test_an_argument_that_gets_the_agent_oom_killed_fails_its_task_and_spares_the_rest(tmp_path: Path) -> None:
+    """The host's memory is capped by a cgroup, not an address-space limit: the agent maps
+    400 MB fine and is killed by the kernel as the pages fill. Each relaunch is sent the same
+    value; after max_attempts + 2 losses before a start the task fails, saying why, and the
+    tasks around it succeed. It used to go on for ever."""
+    import sys
+
+    with memory_cgroup(f"batuta-test-{os.getpid()}", 300 << 20) as cgroup:
+        wrapper = tmp_path / "capped-python"
+        wrapper.write_text(f'#!/bin/sh\necho $$ > {cgroup}/cgroup.procs\nexec "{sys.executable}" "$@"\n')
+        wrapper.chmod(0o755)
+        env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        host = local_host(1, gpus="none", python=str(wrapper), name="capped", env=env)
+        huge = np.zeros(50_000_000)  # 400 MB here without using any (calloc'd pages)
+        huge.flags.writeable = False
+        config = PoolConfig(relaunch_backoff=0.1, max_relaunches=50)
+        async with asyncio.timeout(WAIT_S), Pool([host], config) as pool:
+            before = [await pool.submit(Task.kernel("sum", np.ones(10))) for _ in range(2)]
+            too_big = await pool.submit(Task.kernel("sum", huge))
+            after = [await pool.submit(Task.kernel("sum", np.ones(10))) for _ in range(2)]
+            results = [await f for f in [*before, too_big, *after]]
+    assert [r.value for r in results] == [10.0, 10.0, None, 10.0, 10.0]
+    lost = results[2]
+    assert lost.status is TaskStatus.LOST
+    assert (lost.error or "").startswith("its host went down 5 times while it waited there, before it started")
+    assert "killed by signal 9 (SIGKILL): out of memory on the host" in (lost.error or "")

@@ -287,12 +287,16 @@ class HostSession:
 
     async def _drain(self, generation: int) -> None:
         assert self._stream is not None
+        stream = self._stream
         try:
-            await self._stream.drain()
+            await stream.drain()
         except TransportError as exc:
             if generation == self.generation:
                 self._end_congestion()
-                self._fail(f"cannot send to {self.description}: {exc}")
+                # most often the agent died: how it ended says more than the broken pipe
+                how = "" if self._closing else await stream.how_it_ended(ENDED_WAIT_S)
+                if generation == self.generation:
+                    self._fail(_ended(how) if how else f"cannot send to {self.description}: {exc}")
             return
         if generation != self.generation:
             return
