@@ -124,7 +124,14 @@ class KernelModuleError(KernelCallError, ImportError):
 
 
 class KernelDefinitionError(ValueError):
-    """A kernel was defined wrongly (bad or duplicate name, variant attached twice)."""
+    """A kernel was defined wrongly (bad or duplicate name, variant attached twice).
+
+    `clash`: for a name another module registered already, (name, that kernel, this one),
+    for a host importing shipped code to `contest` the name."""
+
+    def __init__(self, message: str, clash: tuple[str, KernelDef, KernelDef] | None = None) -> None:
+        super().__init__(message)
+        self.clash = clash
 
 
 # -- lazy numba ---------------------------------------------------------------------------
@@ -436,6 +443,8 @@ class KernelDef:
 
 
 _KERNELS: dict[str, KernelDef] = {}
+# a name two modules registered (`register`): the one that held it first, and the other
+_CONTESTED: dict[str, tuple[KernelDef, KernelDef]] = {}
 
 
 def kernel(
@@ -468,13 +477,17 @@ def kernel(
 
     def register(reference: Callable[..., Any]) -> KernelDef:
         kdef = KernelDef(name, reference, description, complexity, pure=pure, gpu_min_elements=gpu_min_elements)
+        contested = _CONTESTED.get(name)
+        if contested is not None:
+            raise KernelDefinitionError(f"{_contested_words(name, *contested)}; pick another name")
         existing = _KERNELS.get(name)
         if existing is not None and (
             existing.module != kdef.module or existing.reference.__qualname__ != reference.__qualname__
         ):
             raise KernelDefinitionError(
                 f"kernel {name!r} is already registered by {existing.module}."
-                f"{existing.reference.__qualname__}; pick another name"
+                f"{existing.reference.__qualname__}; pick another name",
+                clash=(name, existing, kdef) if existing.module != kdef.module else None,
             )
         _KERNELS[name] = kdef
         return kdef
@@ -482,20 +495,45 @@ def kernel(
     return register
 
 
+def contest(name: str, first: KernelDef, second: KernelDef) -> None:
+    """Two modules of the user's shipped code register `name`: neither may run under it. The
+    first to import would win otherwise, and which that is depends on the order a host
+    imports them in: a wrong answer with nothing to show for it. Tasks of `name` fail naming
+    both, until `forget_modules` drops the code (the coordinator's own registry, where a job
+    importing both fails at once, never contests)."""
+    if _KERNELS.get(name) is first:
+        del _KERNELS[name]
+    _CONTESTED[name] = (first, second)
+
+
 def unregister(name: str) -> None:
     """Remove kernel `name` (for tests and interactive reloads). Unknown names are ignored."""
     _KERNELS.pop(name, None)
+    _CONTESTED.pop(name, None)
 
 
 def forget_modules(modules: Iterable[str]) -> list[str]:
     """Unregister every kernel that these modules registered, and return their names: the
     agent calls this when it replaces the user's code, so that a kernel deleted from a module
-    is unknown afterwards instead of running from the old copy."""
+    is unknown afterwards instead of running from the old copy. A name they contested goes
+    back to the module that held it first, if that one stays."""
     gone = set(modules)
     names = sorted(name for name, kdef in _KERNELS.items() if kdef.module in gone)
     for name in names:
         del _KERNELS[name]
+    for name, (first, second) in list(_CONTESTED.items()):
+        if first.module in gone or second.module in gone:
+            del _CONTESTED[name]
+            if first.module not in gone:
+                _KERNELS[name] = first
     return names
+
+
+def _contested_words(name: str, first: KernelDef, second: KernelDef) -> str:
+    return (
+        f"kernel {name!r} is defined by two modules, {first.module}.{first.reference.__qualname__} and "
+        f"{second.module}.{second.reference.__qualname__}, so neither runs under that name"
+    )
 
 
 def lookup(name: str) -> KernelDef:
@@ -503,6 +541,9 @@ def lookup(name: str) -> KernelDef:
     kdef = _KERNELS.get(name)
     if kdef is not None:
         return kdef
+    contested = _CONTESTED.get(name)
+    if contested is not None:
+        raise UnknownKernelError(f"{_contested_words(name, *contested)}; rename one of them")
     if isinstance(name, str) and ":" in name:
         module, _, short = name.rpartition(":")
         load_module(module)

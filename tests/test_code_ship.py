@@ -577,6 +577,58 @@ def test_batuta_run_ships_the_job_files_modules_and_module_paths(project: Path, 
     assert summary["result"] == "extra"
 
 
+def test_a_kernel_name_two_shipped_modules_register_runs_neither(tmp_path: Path) -> None:
+    """The job imports cs_dup_a; --module ships cs_dup_b, which the coordinator never imports,
+    with the same kernel name. The host imported cs_dup_b first and ran its kernel: 101, exit
+    0, a wrong answer with one warning. Now the name runs neither, saying why; the host's
+    other kernels still run."""
+    write(
+        tmp_path / "proj",
+        {
+            "cs_dup_a.py": "from batuta import kernel\n\n@kernel('cs_dup')\ndef cs_dup(x):\n    return x + 1\n",
+            "cs_dup_b.py": "from batuta import kernel\n\n@kernel('cs_dup')\ndef cs_dup(x):\n    return x + 100\n",
+            "job.py": "import cs_dup_a  # noqa: F401\nfrom batuta import Task\n\n"
+            "async def main(pool):\n"
+            "    dup = await pool.run(Task.kernel('cs_dup', 1))\n"
+            "    other = await pool.run(Task.kernel('noop', 2))\n"
+            "    return [dup.status.value, dup.value, dup.error, other.value]\n",
+        },
+    )
+    project = tmp_path / "proj"
+    done = batuta("run", "job.py", "--workers", "1", "--json", "--module", "cs_dup_b.py", cwd=project)
+    status, value, error, other = json.loads(done.stdout)["result"]
+    assert (status, value, other) == ("failed", None, 2), error
+    assert "cs_dup" in error and "already registered by cs_dup_b.cs_dup" in error
+
+
+def test_a_contested_kernel_name_comes_back_to_its_first_module_when_the_code_goes() -> None:
+    from batuta.kernels import registry
+
+    def first(x: int) -> int:
+        return x
+
+    def second(x: int) -> int:
+        return -x
+
+    second.__module__ = "cs_other_module"
+    a = registry.kernel("cs_contested")(first)
+    try:
+        with pytest.raises(registry.KernelDefinitionError) as refused:
+            registry.kernel("cs_contested")(second)
+        clash = refused.value.clash
+        assert clash is not None and clash[0] == "cs_contested" and clash[1] is a
+        assert registry.lookup("cs_contested") is a  # refusing alone contests nothing
+        registry.contest(*clash)
+        with pytest.raises(registry.UnknownKernelError, match=r"defined by two modules, .*first and cs_other_module"):
+            registry.lookup("cs_contested")
+        with pytest.raises(registry.KernelDefinitionError, match="defined by two modules"):
+            registry.kernel("cs_contested")(second)  # nor may a third take it meanwhile
+        registry.forget_modules(["cs_other_module"])
+        assert registry.lookup("cs_contested") is a
+    finally:
+        registry.unregister("cs_contested")
+
+
 def test_batuta_run_ships_kernels_from_a_folder_without_init(tmp_path: Path) -> None:
     """The layout many projects have: kernels in a subfolder with no __init__.py."""
     write(

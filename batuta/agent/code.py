@@ -248,6 +248,15 @@ def prune(root: Path, keep: int = KEEP_BUNDLES, *, now: float | None = None) -> 
     return removed
 
 
+def contest_clash(exc: BaseException) -> None:
+    """A shipped module failed to import because another module registered one of its kernel
+    names: that name runs neither (`registry.contest`), rather than whichever came first."""
+    clash = getattr(exc, "clash", None)
+    registry = sys.modules.get("batuta.kernels.registry")
+    if clash is not None and registry is not None:
+        registry.contest(*clash)
+
+
 def describe_import_failure(exc: BaseException, directory: str | None) -> str:
     """One line saying why a module of the bundle failed to import, naming the user's file and
     line (relative to the bundle) where there is one:
@@ -485,6 +494,7 @@ class CodeLoader:
                 importlib.import_module(module)
             except (Exception, SystemExit) as exc:  # the user's module must not end the agent
                 errors[module] = describe_import_failure(exc, directory)
+                contest_clash(exc)
         self.current = replace(self.current, errors=errors)
         prune(self.root)
         return self.current

@@ -107,7 +107,7 @@ class KernelRunner:
         code = self._code
         if code is None or not code.modules:
             return ()
-        from batuta.agent.code import describe_import_failure, use_bundle
+        from batuta.agent.code import contest_clash, describe_import_failure, use_bundle
 
         if code.directory is not None and code.directory not in sys.path:
             use_bundle(code.directory)  # an exec'd slot (it finds the agent's pycs); a forked one has the agent's path
@@ -118,6 +118,7 @@ class KernelRunner:
                     importlib.import_module(module)
                 except (Exception, SystemExit) as exc:  # the user's module must not end the slot
                     error = describe_import_failure(exc, code.directory)
+                    contest_clash(exc)
             if error is not None:
                 self._code_errors.append(f"importing {module} failed: {error}")
         return code.modules
