@@ -89,6 +89,12 @@ def test_a_user_kernel_whose_code_raised_is_named_with_the_code_that_raised(user
         "n1", results("n1", "gpu", (scale, "error", "TypeError: x"), (total, "error", "y"))
     )
     assert raised.suggestion == f"fix {scale} and {total} in {user_kernels}: their gpu variant raised on n1"
+    slow = "timed out after 10 s; its processes were killed"
+    (timed,) = conformance_findings("n1", results("n1", "cpu", (scale, "error", slow)))
+    assert timed.suggestion == (  # not "raised": it never ended
+        f"make {scale} in {user_kernels} finish sooner on its sample (its cpu variant ran past --timeout on n1), "
+        "or give it longer with --timeout"
+    )
     (other,) = conformance_findings("n1", results("n1", "scalar", (total, "fail", "result: 1.0, expected 2.0")))
     assert other.suggestion.startswith(f"make the reference (the @kernel function) of {total} in {user_kernels} give")
     # where nothing runs on the backend, batuta's kernels neither, what the user's raised is the node's doing

@@ -31,6 +31,7 @@ from batuta.stack.model import KernelResult, backend_order
 from batuta.stack.nodes import NodeSession, result_error
 
 RTOL = 1e-6
+TIMED_OUT = "timed out after"  # how a kernel's result detail begins when it ran past --timeout
 ATOL = 1e-9
 _SEED = 20261128
 _MC_PI_SAMPLES = 20_000
@@ -264,12 +265,15 @@ async def run_conformance(session: NodeSession, *, timeout: float) -> list[Kerne
         result = await session.run(task, timeout=timeout)
         seconds = result.duration or (time.perf_counter() - started)
         if result.status is not TaskStatus.SUCCEEDED:
+            detail = result_error(result)
+            if result.status is TaskStatus.TIMED_OUT and not detail.startswith(TIMED_OUT):
+                detail = f"{TIMED_OUT} {timeout:g} s: {detail}"
             return KernelResult(
                 node=node,
                 kernel=plan.name,
                 backend=plan.backend,
                 status="error",
-                detail=result_error(result),
+                detail=detail,
                 seconds=seconds,
             )
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from batuta.runtime.policy import PolicyConfig
+from batuta.stack.conformance import TIMED_OUT
 from batuta.stack.model import ERROR, HEALTHY, Finding, KernelResult, backend_order
 from batuta.stack.versions import DEFAULT_POLICY, describe_level, within
 
@@ -140,6 +141,8 @@ def _suggestion(node: str, backend: str, bad: list[KernelResult], *, whole_backe
                 "reference": f"fix the reference (the @kernel function) of {kernels} in {where}, or what {its} "
                 "sample gives it: it raised on the coordinator",
                 "raised": f"fix {kernels} in {where}: {code} raised on {node}",
+                "timed out": f"make {kernels} in {where} finish sooner on {its} sample ({code} ran past --timeout "
+                f"on {node}), or give {'it' if its == 'its' else 'them'} longer with --timeout",
                 "nondeterministic": f"make the reference (the @kernel function) of {kernels} in {where} give one "
                 f"answer for one input (no unseeded randomness), or compare numpy on {node} with the coordinator's",
                 "differs": f"fix {kernels} in {where}: {code} disagrees with {its} reference (the @kernel function)",
@@ -162,6 +165,8 @@ def _user_fault(result: KernelResult, backend: str) -> str:
         return "sample"
     if result.detail.startswith(_REFERENCE_FAILED):
         return "reference"
+    if result.status == "error" and result.detail.startswith(TIMED_OUT):
+        return "timed out"
     if result.status == "error":
         return "raised"
     # on "scalar" the node ran the reference itself and got another answer than the coordinator
