@@ -306,7 +306,7 @@ def test_tracker_counts_each_task_once() -> None:
     assert (summary["tasks"], summary["succeeded"], summary["failed"], summary["unfinished"]) == (3, 1, 1, 1)
     assert summary["latency_s"]["p50"] == pytest.approx(0.375)  # mean of 0.75 (ok) and 0.0 (bad)
     assert summary["failures"] == [
-        {"status": "failed", "reason": "ZeroDivisionError: x", "count": 1, "first": "task 2 (boom)"}
+        {"status": "failed", "reason": "ZeroDivisionError: x", "count": 1, "first": "task 2 (boom)", "varied": False}
     ]
     assert summary["ok"] is False
     assert summary["tasks_per_s"] == 1.0
@@ -314,6 +314,22 @@ def test_tracker_counts_each_task_once() -> None:
 
 def failed(task_id: int, host: str, error: str, status: TaskStatus = TaskStatus.FAILED) -> TaskResult:
     return TaskResult(task_id=task_id, name="k", status=status, error=error, host=host, slot=f"{host}/0", attempts=1)
+
+
+def test_a_kernel_failing_on_each_input_in_its_own_words_is_one_cause_not_five() -> None:
+    """ "boom on 0", "boom on 1"... took every place in the summary, and the unknown kernel
+    and the wrong arguments behind them went unsaid ("2 more failed for other reasons")."""
+    tracker = RunTracker()
+    for task_id in range(5):
+        tracker.task_finished(failed(task_id, "h1", f"ValueError: boom on {task_id}"))
+    tracker.task_finished(failed(5, "h1", "UnknownKernelError: unknown kernel 'nope'"))
+    tracker.task_finished(failed(6, "h1", "KernelArgumentError: takes 1 argument, got 2"))
+    summary = tracker.summary(job="j", wall_s=1.0, result=None, error=None)
+    assert summary.failure_lines() == [
+        "5 tasks failed: ValueError: boom on 0 (first: task 0 (k) on h1/0; the others alike, with other values)",
+        "1 task failed: UnknownKernelError: unknown kernel 'nope' (first: task 5 (k) on h1/0)",
+        "1 task failed: KernelArgumentError: takes 1 argument, got 2 (first: task 6 (k) on h1/0)",
+    ]
 
 
 def test_tracker_groups_failures_by_cause_and_keeps_each_reason_whole() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,15 @@ def failure_cause(result: TaskResult) -> str:
     return one_line(why)
 
 
+_VALUES = re.compile(r"-?\d+(?:\.\d+)?(?:e-?\d+)?|'[^']*'|\"[^\"]*\"")  # numbers, quoted strings
+
+
+def _kind_of(cause: str) -> str:
+    """A cause with its values left out ("ValueError: boom on #"): one kernel raising one error
+    about each task's own input is one cause, not one per input crowding the others out."""
+    return _VALUES.sub("#", cause)
+
+
 def _where(result: TaskResult) -> str:
     """ "task 3 (spin) on gpu1/0": the task of a failure group that stands for the rest."""
     slot = result.slot or ""
@@ -81,15 +91,23 @@ class FailureGroup:
     """Tasks that ended the same way for the same reason, and the first of them."""
 
     status: str
-    reason: str
+    reason: str  # the first's
     count: int
     first: str  # "task 3 (spin) on gpu1/0"
+    varied: bool = False  # the others' reasons differ from it in their values only
 
     def line(self) -> str:
-        return f"{_tasks(self.count)} {self.status.replace('_', ' ')}: {self.reason} (first: {self.first})"
+        alike = "; the others alike, with other values" if self.varied else ""
+        return f"{_tasks(self.count)} {self.status.replace('_', ' ')}: {self.reason} (first: {self.first}{alike})"
 
     def to_json(self) -> dict[str, Any]:
-        return {"status": self.status, "reason": self.reason, "count": self.count, "first": self.first}
+        return {
+            "status": self.status,
+            "reason": self.reason,
+            "count": self.count,
+            "first": self.first,
+            "varied": self.varied,
+        }
 
 
 @dataclass(slots=True)
@@ -114,7 +132,8 @@ class RunTracker:
     statuses: Counter[TaskStatus] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)  # queue wait + run time, seconds
     run_times: list[float] = field(default_factory=list)
-    causes: dict[tuple[str, str], list[Any]] = field(default_factory=dict)  # (status, reason) -> [count, first]
+    # (status, kernel, cause without its values) -> [count, first, first's cause, varied]
+    causes: dict[tuple[str, str, str], list[Any]] = field(default_factory=dict)
     restored: int = 0  # answered from the journal (--resume), not run: no latency sample
     hosts: dict[str, _Host] = field(default_factory=dict)
 
@@ -141,12 +160,14 @@ class RunTracker:
                 host.run_times.append(result.duration)
             host.code = result.code or host.code
         if result.status in FAILED_STATUSES:
-            key = (result.status.value, failure_cause(result))
+            cause = failure_cause(result)
+            key = (result.status.value, result.name, _kind_of(cause))
             group = self.causes.get(key)
             if group is not None:
                 group[0] += 1
+                group[3] = group[3] or cause != group[2]
             elif len(self.causes) < CAUSES_KEPT:
-                self.causes[key] = [1, _where(result)]
+                self.causes[key] = [1, _where(result), cause, False]
 
     # -- hosts: fed from the pool's HostUp, HostDown and HostStateChanged events --------------
 
@@ -223,8 +244,8 @@ class RunTracker:
             latency_s=_percentiles(self.latencies),
             run_time_s=_percentiles(self.run_times),
             failure_groups=[
-                FailureGroup(status=status, reason=reason, count=count, first=first)
-                for (status, reason), (count, first) in self.causes.items()
+                FailureGroup(status=status, reason=reason, count=count, first=first, varied=varied)
+                for (status, _, _), (count, first, reason, varied) in self.causes.items()
             ],
             hosts=[
                 HostSummary(
