@@ -6,10 +6,12 @@ The same commands against namespace hosts broken on purpose are in tests/test_st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pty
+import signal
 import subprocess
 import sys
 import textwrap
@@ -575,3 +577,56 @@ def test_a_node_the_file_gives_no_slot_and_that_has_no_gpu_is_an_error(tmp_path:
     done = stack("check", "-c", str(path), "--format", "json")
     (node,) = json.loads(done.stdout)["nodes"]
     assert "slots" not in [f["check"] for f in node["findings"]], done.stdout
+
+
+ENDLESS_IMPORT = (
+    "import threading\nfrom batuta import kernel\n\n@kernel('endless_k')\ndef endless_k(x):\n    return x\n\n"
+    "if '/batuta/code/' in __file__:  # on a host only: the coordinator imports it quickly\n"
+    "    threading.Event().wait()\n"
+)
+
+
+def test_check_does_not_wait_for_ever_on_a_module_whose_import_never_ends(tmp_path: Path) -> None:
+    """Its tasks wait for the import: `--timeout` bounds that wait too, and the finding says
+    where to look. It hung with no output, however small --timeout was."""
+    (tmp_path / "endless.py").write_text(ENDLESS_IMPORT)
+    done = stack("check", "--module", "endless.py", "--timeout", "3", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "importing the shipped code (endless) did not finish within 3 s" in done.stdout
+    assert "move it into a function; or give it longer with --timeout" in done.stdout
+
+
+def test_sigterm_ends_a_check_as_ctrl_c_does_and_stops_its_agent(tmp_path: Path) -> None:
+    """`kill` or `timeout` on a `stack check` left its local agent running, orphaned."""
+    import psutil
+
+    (tmp_path / "endless.py").write_text(ENDLESS_IMPORT)  # holds the check while we look
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    check = subprocess.Popen(
+        [sys.executable, "-m", "batuta", "stack", "check", "--module", "endless.py", "--timeout", "100"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        me = psutil.Process(check.pid)
+        agents: list[psutil.Process] = []
+        for _ in range(600):  # bounded: 60 s for the agent to be up
+            agents = [p for p in me.children(recursive=True) if "batuta.agent" in " ".join(p.cmdline())]
+            if agents:
+                break
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                check.wait(0.1)  # and it must not have ended meanwhile
+            assert check.returncode is None, check.stderr.read() if check.stderr else ""
+        assert agents, "the check started no agent"
+        check.send_signal(signal.SIGTERM)
+        _, stderr = check.communicate(timeout=60)
+    finally:
+        if check.poll() is None:
+            check.kill()
+    assert check.returncode == 130, stderr
+    assert "batuta: interrupted" in stderr
+    _, alive = psutil.wait_procs(agents, timeout=30)
+    assert not alive, [p.pid for p in alive]

@@ -14,6 +14,7 @@ a finding with its fix rather than as a refused connection.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -131,6 +132,7 @@ class _NodePool(Pool):
         self.where = ""
         self.code_sent: m.Code | None = None  # the user's code sent after Welcome (None: nothing shipped)
         self.code_loaded: m.CodeLoaded | None = None  # the agent's answer to it
+        self.code_answered = asyncio.Event()
 
     def host_ready(self, session: HostSession) -> None:
         self.hello = session.hello
@@ -142,6 +144,7 @@ class _NodePool(Pool):
         for message in messages:  # the agent answers Code before any task's result
             if isinstance(message, m.CodeLoaded):
                 self.code_loaded = message
+                self.code_answered.set()
         super().host_messages(session, messages)
 
 
@@ -174,6 +177,15 @@ class NodeSession:
         return tuple(
             sorted({s.gpu_index for s in self.hello.slots if "gpu" in s.capabilities and s.gpu_index is not None})
         )
+
+    async def code_imported(self, timeout: float) -> bool:
+        """Whether the shipped code (if any) was imported there within `timeout` seconds: its
+        tasks wait for that, and a module whose import never ends would hold them for ever."""
+        if self.pool.code_sent is None:
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.pool.code_answered.wait(), timeout)
+        return self.pool.code_loaded is not None
 
     async def run(self, task: Task, *, timeout: float) -> TaskResult:
         """Run `task` once (no retries) with `timeout` seconds of run time; never raises for

@@ -213,6 +213,26 @@ async def _survey_reachable(
             error=finding.message,
         )
     try:
+        if not await session.code_imported(timeout):
+            modules = ", ".join(session.code_sent.modules) if session.code_sent is not None else ""
+            finding = Finding(
+                node=target.name,
+                check="code",
+                severity=ERROR,
+                message=f"importing the shipped code ({modules}) did not finish within {timeout:g} s",
+                suggestion="look for work done at import time in those modules (a loop, a download, a wait) and "
+                "move it into a function; or give it longer with --timeout",
+            )
+            return NodeReport(
+                name=target.name,
+                role=target.role,
+                reachable=True,
+                where=session.where,
+                ready_s=session.ready_s,
+                connect_s=session.connect_s,
+                versions=hello_versions(session.hello),
+                findings=(finding,),
+            )
         facts = await gather_facts(session, timeout=timeout, with_smoke=command != "versions")
         versions = hello_versions(session.hello)
         if facts.info is not None:  # drivers: from the Hello where the agent reports them, else NVML there
