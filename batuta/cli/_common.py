@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from batuta.core.task import MAX_SLOTS
@@ -54,6 +58,25 @@ def port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a TCP port; pass 0 to 65535, e.g. 9464")
     return value
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`) ends the command as Ctrl-C does: the pool it started closes
+    and stops its agents, where the default action left a local agent running, orphaned.
+    For commands with no event loop of their own to install it on (`batuta run` has one)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set signal handlers (a test calling main() from a thread)
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def has_terminal() -> bool:

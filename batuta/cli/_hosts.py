@@ -23,6 +23,7 @@ from batuta.cli._common import (
     load_cluster,
     positive_int,
     positive_seconds,
+    sigterm_as_interrupt,
 )
 from batuta.cli._install import add_install_arguments, cmd_cluster_install
 
@@ -246,7 +247,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     from batuta.runtime.probe import probe_hosts
 
     cluster = load_cluster(args.cluster)
-    reports = asyncio.run(probe_hosts(host_specs(cluster), timeout=args.timeout))
+    with sigterm_as_interrupt():
+        reports = asyncio.run(probe_hosts(host_specs(cluster), timeout=args.timeout))
     if args.json:
         print(json.dumps({"cluster": str(args.cluster), "hosts": [_report_dict(r) for r in reports]}))
     else:
@@ -394,7 +396,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
     )
     logging_setup = configure(level=args.log_level, fmt="text", stream=sys.stderr)
     try:
-        report = run_stack(args.stack_action, cluster, source=args.cluster or EMBEDDED, options=options)
+        with sigterm_as_interrupt():
+            report = run_stack(args.stack_action, cluster, source=args.cluster or EMBEDDED, options=options)
     finally:
         logging_setup.close()
     color = args.format == "text" and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
