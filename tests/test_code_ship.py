@@ -365,6 +365,36 @@ async def test_ship_puts_new_code_into_a_running_pool_and_an_edit_replaces_it(pr
     assert [r.value for r in results] == [i * 10 + 102 for i in range(8)]  # every slot runs the new code
 
 
+async def test_a_host_still_importing_the_users_modules_says_so_in_the_log(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every task there waits for the import: a module doing work at import time held a run
+    with nothing said. The agent says so after BATUTA_IMPORT_NOTE_S (30 s by default), then
+    at twice that, and so on."""
+    gate = tmp_path / "slow-gate"
+    os.mkfifo(gate)
+    monkeypatch.setenv("BATUTA_IMPORT_NOTE_S", "0.2")  # the local agent inherits it
+    write(project, {"cs_slow.py": f"with open({str(gate)!r}) as gate:\n    gate.readline()\n"})
+
+    def noted() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "still importing" in r.getMessage()]
+
+    async with Pool.builder().cpu_workers(1).gpu_workers("none").build() as pool:
+        shipped = await asyncio.wait_for(pool.ship([project / "cs_slow.py"]), 60)
+        async with asyncio.timeout(60):
+            while len(noted()) < 2:
+                await asyncio.sleep(0.05)
+        release = os.open(gate, os.O_RDWR)
+        try:
+            os.write(release, b"go\n")
+            assert await asyncio.wait_for(shipped.import_errors(), 60) == {}
+        finally:
+            os.close(release)
+    first, second = noted()[:2]
+    assert first.endswith("still importing cs_slow after 0.2 s; the tasks sent here wait for it")
+    assert second.endswith("still importing cs_slow after 0.4 s; the tasks sent here wait for it")
+
+
 async def test_ship_returns_once_the_hosts_stored_the_code_and_import_errors_follow(
     project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -102,6 +102,7 @@ from batuta.transport.fdio import FdReader, FdWriter
 
 CHUNK_HIGH_WATER = 8 * 2**20  # chunk bytes queued on stdout before the agent waits for it to drain
 DRAIN_TIMEOUT_S = 5.0  # how long a Bye or Error may take to reach the coordinator at exit
+IMPORT_NOTE_ENV = "BATUTA_IMPORT_NOTE_S"  # seconds before the first "still importing" line (default 30)
 EXIT_OK = 0
 EXIT_ERROR = 1
 
@@ -420,6 +421,19 @@ class Agent:
         self._importing = True
         imported = self._loop.run_in_executor(None, self._code.import_stored)
         imported.add_done_callback(self._on_imported)
+        first = _import_note_s()
+        self._loop.call_later(first, self._still_importing, imported, first)
+
+    def _still_importing(self, imported: asyncio.Future[SlotCode], waited: float) -> None:
+        """Say (in the coordinator's log) that the user's modules are still importing, and
+        again at doubling intervals: every task here waits for them, and a module that does
+        work at import time (a download, a loop, a wait) would hold the run in silence."""
+        if imported.done() or self._stopping:
+            return
+        modules = ", ".join(self._code.current.modules)
+        _warn(f"still importing {modules} after {waited:g} s; the tasks sent here wait for it")
+        assert self._loop is not None
+        self._loop.call_later(waited, self._still_importing, imported, 2 * waited)
 
     def _on_imported(self, imported: asyncio.Future[SlotCode]) -> None:
         self._importing = False
@@ -722,6 +736,16 @@ def _raw_error_frame(message: Error) -> bytes:
         return encode_message(message)
     except Exception:
         return b""
+
+
+def _import_note_s() -> float:
+    """How long the user's modules may import before the log says so (then again at twice
+    that, and so on): 30 s, or `BATUTA_IMPORT_NOTE_S` in the host's environment."""
+    try:
+        seconds = float(os.environ.get(IMPORT_NOTE_ENV, "30"))
+    except ValueError:
+        return 30.0
+    return seconds if 0 < seconds < float("inf") else 30.0
 
 
 def _warn(message: str) -> None:
