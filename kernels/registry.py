@@ -624,8 +624,8 @@ def load_module(module: str) -> None:
         raise KernelModuleError(
             f"cannot load kernel module {module!r}: {type(exc).__name__}: {exc}; make it "
             "importable on this host (on PYTHONPATH or installed in the agent's environment), or, "
-            "if it is your own file, put it beside the job or the cluster file, or pass it with "
-            "--module, and it ships"
+            f"if it is your own file, have the job import it (`import {module.partition('.')[0]}`: "
+            "what the job imports from its folder ships) or pass it with --module"
         ) from exc
 
 

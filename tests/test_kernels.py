@@ -208,6 +208,8 @@ def test_load_module_failure_is_a_clear_import_error() -> None:
     with pytest.raises(KernelModuleError, match="cannot load kernel module 'no_such_kernel_mod'") as caught:
         kernels.load_module("no_such_kernel_mod")
     assert isinstance(caught.value, ImportError)
+    # a file of the user's beside the job that the job does not import does not ship: say so
+    assert "have the job import it (`import no_such_kernel_mod`" in str(caught.value)
     with pytest.raises(KernelModuleError):
         kernels.run("no_such_kernel_mod:thing", "cpu", ())
 
