@@ -369,7 +369,7 @@ class Agent:
             raise RemoteProtocolError(f"unexpected {type(message).__name__} from the coordinator")
 
     def _on_put(self, put: Put) -> None:
-        unheld = first_unheld(put.value)
+        unheld = first_unheld(put.value) if self._conn.incoming.unheld_count else None
         if unheld is None:
             self._unheld.pop(put.object_id, None)
             self._objects.put(put.object_id, put.value)
@@ -383,6 +383,8 @@ class Agent:
     def _unheld_problem(self, call: KernelCall) -> str | None:
         """Why a task cannot run here if an argument of its, or an object it reads, could not be
         allocated on this host (out of memory)."""
+        if not self._conn.incoming.unheld_count:  # the usual case: nothing to look for
+            return None
         unheld = first_unheld(call.args)
         if unheld is not None:
             what = f"this task's arguments in memory: {unheld.describe()}"

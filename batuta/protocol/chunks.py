@@ -294,6 +294,7 @@ class StreamAssembler:
         "on_progress",
         "ready",
         "shared",
+        "unheld_count",
     )
 
     def __init__(
@@ -308,6 +309,7 @@ class StreamAssembler:
         # the messages whose receiver answers for an array it could not allocate (`Unheld`)
         self._unheld_in = unheld_in
         self._dropped: np.ndarray | None = None  # where an unheld stream's chunks go
+        self.unheld_count = 0  # arrays left unheld so far: none, and no message need be searched
         self._allocate = allocate  # where received arrays live (the agent's: shared memory)
         # maps EXT_ARRAY_SHARED arrays: on a slot's pipe only, where the agent's memory is
         # shared with the slot (shm.py), and a slot lends its own to the agent (lend.py)
@@ -378,6 +380,7 @@ class StreamAssembler:
                 return Malformed(f"cannot allocate {nbytes} bytes for a streamed array: {type(exc).__name__}")
             unheld = Unheld(dtype, shape, nbytes, f"{type(exc).__name__}: {exc}")
             self._staged.append((unheld, None))
+            self.unheld_count += 1
             return unheld
         array = flat.view(dtype).reshape(shape)
         self._staged.append((array, flat))
