@@ -31,8 +31,8 @@ from batuta.stack.model import KernelResult, backend_order
 from batuta.stack.nodes import NodeSession, result_error
 
 RTOL = 1e-6
-TIMED_OUT = "timed out after"  # how a kernel's result detail begins when it ran past --timeout
 ATOL = 1e-9
+TIMED_OUT = "timed out after"  # how a kernel's result detail begins when it ran past --timeout
 _SEED = 20261128
 _MC_PI_SAMPLES = 20_000
 
