@@ -499,6 +499,80 @@ def test_ps_reports_and_removes_a_stale_socket(runtime_dir: Path, capsys: pytest
     assert "no coordinators" in capsys.readouterr().out
 
 
+def test_stop_and_ps_name_a_coordinator_that_accepts_but_never_answers(
+    runtime_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a SIGSTOPped one does (the kernel takes the connection): `batuta stop` ended in a
+    TimeoutError traceback after 10 s, and `batuta ps` listed it with an empty reason."""
+    from batuta.runtime import serve_client
+
+    monkeypatch.setattr(serve_client, "CONTROL_TIMEOUT_S", 0.5, raising=False)
+    monkeypatch.setattr(serve_client, "INFO_TIMEOUT_S", 0.5, raising=False)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.bind(str(serve_paths.runtime_dir() / "silent.sock"))
+        silent.listen()  # and never accepts: this process is the "coordinator"
+        assert cli_main(["stop", "silent"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            "batuta: error: silent did not answer within 0.5 s; is it stopped or hung? "
+            f"'kill -CONT {os.getpid()}' resumes a stopped one"
+        )
+        assert cli_main(["ps", "--json"]) == 0
+        (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert row["state"] == "unreachable" and row["summary"].startswith("silent did not answer within 0.5 s")
+
+
+@pytest.mark.parametrize("kind", ["folder", "regular file"])
+def test_stop_on_a_path_that_is_no_socket_says_what_it_is(
+    runtime_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    """It said "the coordinator of ... is gone (stale socket); 'batuta ps' cleans it up"."""
+    path = tmp_path / "somefolder"
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.write_text("notes")
+    assert cli_main(["stop", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == f"batuta: error: {path} is a {kind}, not a coordinator's socket; name a coordinator ('batuta ps' lists them)"
+    )
+    assert path.exists()
+
+
+def test_tui_serve_without_a_terminal_starts_nothing(
+    runtime_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It started the served job, then refused for lack of a terminal, leaving it running."""
+    from batuta.cli import _common
+
+    monkeypatch.setattr(_common, "has_terminal", lambda: False)
+    try:
+        assert cli_main(["tui", "--serve", "-j", "pi", "--name", "noterm", "--workers", "1"]) == 2
+        assert "needs a terminal" in capsys.readouterr().err
+        assert not serve_paths.socket_path("noterm").exists()
+        assert not serve_paths.socket_path("noterm").with_suffix(".log").exists()
+    finally:
+        if serve_paths.socket_path("noterm").exists():
+            cli_main(["stop", "noterm"])
+
+
+def test_tui_serve_with_a_name_taken_says_so_once_and_exits_2(
+    runtime_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As `batuta run --serve` does; it added "the served coordinator pi did not start" and exited 1."""
+    from batuta.cli import _common
+
+    monkeypatch.setattr(_common, "has_terminal", lambda: True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as taken:
+        taken.bind(str(serve_paths.runtime_dir() / "taken.sock"))
+        taken.listen()  # a running coordinator, as far as the start can tell
+        assert cli_main(["tui", "--serve", "-j", "pi", "--name", "taken", "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("batuta: error: a coordinator named 'taken' is already running") and "\n" not in err
+
+
 JOB = """\
 from batuta import Task
 
@@ -658,6 +732,38 @@ def test_a_background_served_run_with_serve_bind_says_its_tls_address(
         assert cli_main(["stop", "tlsserved"]) == 0
 
 
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback here")
+def test_a_served_run_on_ipv6_says_a_tls_address_that_parses_back(
+    runtime_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said tls://::1:PORT, which `--attach` then refused."""
+    from batuta.transport.certs import init_certs
+
+    paths = init_certs(tmp_path / "certs", hosts=["::1"])
+    job = tmp_path / "forever.py"
+    job.write_text(JOB)
+    argv = ["run", str(job), "--serve", "--name", "v6served", "--workers", "1"]
+    assert cli_main([*argv, "--serve-bind", "[::1]:0", "--serve-certs", str(paths.directory)]) == 0
+    try:
+        out = capsys.readouterr().out
+        [address] = re.findall(r"'batuta tui --attach (tls://\S+) --certs DIR'", out)
+        target = parse_target(address)
+        assert target.tls is not None and target.tls[0] == "::1" and target.tls[1] > 0
+        viewer_sees = asyncio.run(ask_info(target, certs=paths.directory))
+        assert viewer_sees["name"] == "v6served"
+    finally:
+        assert cli_main(["stop", "v6served"]) == 0
+
+
 def test_tui_serve_starts_a_served_coordinator_for_its_job(runtime_dir: Path, tmp_path: Path) -> None:
     from batuta.cli import build_parser
     from batuta.cli._serve import _serve_for_tui
@@ -692,6 +798,20 @@ def test_tui_serve_starts_a_served_coordinator_for_its_job(runtime_dir: Path, tm
             "error: --serve-certs /nonexistent: CA certificate /nonexistent/ca.pem: no such file; create one with",
         ),
         (["run", "demo", "--serve", "--name", "a/b"], "coordinator name 'a/b' is not usable"),
+        (["run", "demo", "--serve-linger", "5"], "--serve-linger only applies to a served run; add --serve"),
+        (["run", "demo", "--serve", "--name", ""], "coordinator name '' is not usable"),  # served as demo-2
+        (  # took 9443, a worker's port
+            ["run", "demo", "--serve", "--serve-bind", "127.0.0.1", "--serve-certs", "/nonexistent"],
+            "error: --serve-bind 127.0.0.1: '127.0.0.1' has no port; write HOST:PORT",
+        ),
+        (  # reached the worker on 9443: "a message must be an array starting with its tag"
+            ["stop", "tls://127.0.0.1", "--certs", "/nonexistent"],
+            "error: batuta stop tls://127.0.0.1: '127.0.0.1' has no port; write HOST:PORT",
+        ),
+        (  # said "--attach ...: ... e.g. [::1:9482]:9443"
+            ["stop", "tls://::1:9482"],
+            "error: batuta stop tls://::1:9482: '::1:9482': write an IPv6 address in brackets, e.g. [::1]:9482 ",
+        ),
     ],
 )
 def test_bad_input_is_one_line_naming_the_fix(
@@ -703,6 +823,8 @@ def test_bad_input_is_one_line_naming_the_fix(
 
 
 def test_attach_targets_parse() -> None:
+    assert parse_target("tls://[::1]:9482").tls == ("::1", 9482)
+    assert parse_target("tls://[::1]:9482").label == "tls://[::1]:9482"  # was tls://::1:9482, which does not parse
     assert parse_target("me@gpu1:train").ssh_host == "gpu1"
     assert parse_target("me@gpu1:train").remote == "train"
     assert parse_target("gpu1:/run/user/1000/batuta/x.sock").remote == "/run/user/1000/batuta/x.sock"

@@ -223,6 +223,65 @@ def test_certs_cli(tmp_path: Path) -> None:
     assert ((tmp_path / "c" / "client.key").stat().st_mode & 0o777) == 0o600
 
 
+@pytest.mark.parametrize(
+    ("hosts", "bind"),
+    [(["gpu2.lan", "10.0.0.12"], "gpu2.lan:9443"), (["::1", "gpu2.lan"], "[::1]:9443"), ([], "127.0.0.1:9443")],
+)
+def test_certs_init_tells_the_worker_to_bind_the_first_host(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], hosts: list[str], bind: str
+) -> None:
+    from batuta.cli import main
+
+    argv = ["certs", "init", str(tmp_path / "c")]
+    for host in hosts:
+        argv += ["--host", host]
+    assert main(argv) == 0
+    assert f"batuta worker --bind {bind} --cert " in capsys.readouterr().out
+
+
+def test_certs_init_refuses_leaves_that_outlive_their_ca(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cryptography import x509
+
+    from batuta.cli import main
+
+    assert main(["certs", "init", str(tmp_path / "c"), "--days", "100000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "batuta: error: certs init: --days 100000: at most 3650, the lifetime of the CA that signs them; "
+        "the certificates would not be valid beyond it"
+    )
+    assert not (tmp_path / "c").exists()
+    paths = init_certs(tmp_path / "d", days=3650)  # the most: no later than the CA
+    ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    for leaf in (paths.server_cert, paths.client_cert):
+        assert x509.load_pem_x509_certificate(leaf.read_bytes()).not_valid_after_utc <= ca.not_valid_after_utc
+
+
+def test_a_listener_refuses_a_client_certificate_or_a_leaf_as_its_ca(pki: Pki) -> None:
+    """`batuta worker --cert client.pem` started, and every coordinator then failed with a hint
+    about its own files; `--ca server.pem` was taken too."""
+    with pytest.raises(TLSConfigError, match=r"^batuta worker: certificate .*client\.pem is not a server's: its "):
+        server_context(cert=pki.client_cert, key=pki.client_key, ca=pki.ca)
+    with pytest.raises(TLSConfigError, match=r"^batuta worker: certificate .*ca\.pem is a CA certificate"):
+        server_context(cert=pki.ca, key=pki.dir / "ca.key", ca=pki.ca)
+    with pytest.raises(TLSConfigError, match=r"^batuta worker: CA certificate .*server\.pem holds a certificate that"):
+        server_context(cert=pki.server_cert, key=pki.server_key, ca=pki.server_cert)
+    server_context(cert=pki.server_cert, key=pki.server_key, ca=pki.ca)
+
+
+async def test_stop_at_a_workers_address_says_it_is_a_worker(
+    pki: Pki, daemon: WorkerDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It printed the viewer wire's "a message must be an array starting with its tag"."""
+    from batuta.cli import main
+
+    _, port = daemon.address
+    assert await asyncio.to_thread(main, ["stop", f"tls://127.0.0.1:{port}", "--certs", str(pki.dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"batuta: error: tls://127.0.0.1:{port}: that is a batuta worker, not a served coordinator")
+    assert "\n" not in err
+
+
 def test_contexts_require_tls_1_2_and_certificates(pki: Pki) -> None:
     server = server_context(cert=pki.server_cert, key=pki.server_key, ca=pki.ca)
     client = client_context(settings(pki))
@@ -242,6 +301,19 @@ def test_addresses() -> None:
             split_address(bad)
     with pytest.raises(ValueError, match=r"'9443' looks like a port: write HOST:PORT, e.g. 127.0.0.1:9443"):
         split_address("9443")
+
+
+def test_address_mistakes_get_a_suggestion_that_parses() -> None:
+    """`::1:9482` was told "e.g. [::1:9482]:9443"; a coordinator's address without a port took
+    9443, a worker's."""
+    with pytest.raises(ValueError, match=re.escape("e.g. [::1]:9482 (or [::1:9482]:9443 if all of it")):
+        split_address("::1:9482")
+    assert split_address("[::1]:9482") == ("::1", 9482)
+    with pytest.raises(ValueError, match=re.escape("e.g. [fe80::1]:PORT")):
+        split_address("fe80::1", None)
+    with pytest.raises(ValueError, match=re.escape("'127.0.0.1' has no port; write HOST:PORT, e.g. 127.0.0.1:")):
+        split_address("127.0.0.1", None)
+    assert split_address("127.0.0.1:9470", None) == ("127.0.0.1", 9470)
 
 
 # -- the happy path -----------------------------------------------------------------------

@@ -196,8 +196,13 @@ def cmd_certs(args: argparse.Namespace) -> int:
     for cert in (paths.ca_cert, paths.server_cert, paths.client_cert):
         print(describe(cert))
     print(f"keys (mode 0600): {paths.ca_key}, {paths.server_key}, {paths.client_key}")
+    from batuta.transport.tls import DEFAULT_PORT, format_address
+
+    # the address its certificate names, where coordinators will dial it; without --host the
+    # certificate names this machine, and loopback is the safe default
+    bind = format_address(next((h.strip() for h in args.host if h.strip()), "127.0.0.1"), DEFAULT_PORT)
     print(
-        f"worker:      {PROG} worker --bind 127.0.0.1:9443 --cert {paths.server_cert} --key {paths.server_key} "
+        f"worker:      {PROG} worker --bind {bind} --cert {paths.server_cert} --key {paths.server_key} "
         f"--ca {paths.ca_cert}\n"
         f"coordinator: [tls] ca = {str(paths.ca_cert)!r}, cert = {str(paths.client_cert)!r}, "
         f"key = {str(paths.client_key)!r}\n"

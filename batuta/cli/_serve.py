@@ -22,7 +22,6 @@ from batuta.cli._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_USAGE,
     PROG,
     positive_seconds,
 )
@@ -53,7 +52,7 @@ def add_serve_run_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--serve-linger",
         type=_seconds_or_zero,
-        default=DEFAULT_LINGER_S,
+        default=None,  # None, not the default: so that --serve-linger without --serve is refused
         metavar="SECONDS",
         help=f"with --serve: a finished job stays listed by 'batuta ps' this long (default: {DEFAULT_LINGER_S:g})",
     )
@@ -116,12 +115,22 @@ def _seconds_or_zero(text: str) -> float:
 
 
 def check_serve_arguments(args: argparse.Namespace) -> None:
-    for flag, value in (("--name", args.name), ("--foreground", args.foreground), ("--serve-bind", args.serve_bind)):
+    given = (
+        ("--name", args.name is not None),  # --name '' too: refused below, not taken for "no name"
+        ("--foreground", args.foreground),
+        ("--serve-linger", args.serve_linger is not None),
+        ("--serve-bind", args.serve_bind is not None),
+    )
+    for flag, value in given:
         if value and not args.serve:
             raise UsageError(f"{flag} only applies to a served run; add --serve")
-    if args.serve_bind and not args.serve_certs:
+    if args.name is not None:
+        from batuta.runtime import serve_paths
+
+        serve_paths.check_name(args.name)
+    if args.serve_bind is not None and not args.serve_certs:
         raise UsageError("--serve-bind needs --serve-certs DIR (a 'batuta certs init' folder): TCP is mutual TLS only")
-    if args.serve_certs and not args.serve_bind:
+    if args.serve_certs and args.serve_bind is None:
         raise UsageError(
             "--serve-certs is for --serve-bind ADDR:PORT; without it the coordinator serves its socket only"
         )
@@ -141,15 +150,20 @@ def _free_name(base: str) -> str:
     raise UsageError(f"too many coordinators named {stem}-N; pass --name NAME")
 
 
+def _linger(args: argparse.Namespace) -> float:
+    return DEFAULT_LINGER_S if args.serve_linger is None else float(args.serve_linger)
+
+
 def _tls(args: argparse.Namespace) -> tuple[tuple[str, int] | None, Any]:
-    if not args.serve_bind:
+    if args.serve_bind is None:
         return None, None
     from batuta.transport.tls import TLSError, server_context, split_address
 
     try:
-        address = split_address(args.serve_bind)
+        # no default port: the default (9443) is a worker's, and viewers must be told this one
+        address = split_address(args.serve_bind, None)
     except ValueError as exc:
-        raise UsageError(f"--serve-bind {args.serve_bind}: {exc}; write ADDR:PORT, e.g. 127.0.0.1:9470") from None
+        raise UsageError(f"--serve-bind {args.serve_bind}: {exc}") from None
     certs = Path(args.serve_certs).expanduser()
     try:
         context = server_context(
@@ -166,7 +180,7 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
 
     from batuta.runtime import serve_paths
 
-    name = serve_paths.check_name(args.name) if args.name else _free_name(job.name)
+    name = serve_paths.check_name(args.name) if args.name is not None else _free_name(job.name)
     tls_bind, tls_context = _tls(args)
     if not args.foreground:
         if getattr(args, "cluster_config", None) is not None:  # built by `batuta alloc`: no file to pass on
@@ -190,7 +204,7 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
             serve_job(
                 job,
                 name=name,
-                linger_s=args.serve_linger,
+                linger_s=_linger(args),
                 tls_bind=tls_bind,
                 tls_context=tls_context,
                 cluster_label=label,
@@ -221,7 +235,9 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
 
 
 def _announce(server: Any) -> None:
-    tls = f" and tls://{server.tls_address[0]}:{server.tls_address[1]}" if server.tls_address else ""
+    from batuta.transport.tls import format_address
+
+    tls = f" and tls://{format_address(*server.tls_address)}" if server.tls_address else ""
     print(f"{PROG}: serving job {server.job} as {server.name} on {server.path}{tls}", file=sys.stderr, flush=True)
 
 
@@ -252,12 +268,13 @@ def _child_argv(args: argparse.Namespace, name: str) -> list[str]:
     for flag in ("resume", "strict", "json", "quiet"):
         if getattr(args, flag):
             argv.append(f"--{flag}")
-    argv += ["--log-format", args.log_format, "--log-level", args.log_level, "--serve-linger", str(args.serve_linger)]
+    argv += ["--log-format", args.log_format, "--log-level", args.log_level, "--serve-linger", str(_linger(args))]
     return argv
 
 
 def _spawn(args: argparse.Namespace, name: str) -> int:
-    """Start the served coordinator in a new session; return once it answers on its socket."""
+    """Start the served coordinator in a new session; return once it answers on its socket.
+    UsageError when the name is taken; any other failure is said here, its exit code returned."""
     import asyncio
     import subprocess
 
@@ -269,12 +286,10 @@ def _spawn(args: argparse.Namespace, name: str) -> int:
     if (path.exists() or path.is_symlink()) and not serve_paths.is_stale(path):
         # asked before the log is opened: a second start must not wipe the running one's log,
         # nor take the running one's answer on the socket for its own
-        print(
-            f"{PROG}: error: a coordinator named {name!r} is already running ({path}); "
-            f"pick another --name, or end it first with '{PROG} stop {name}'",
-            file=sys.stderr,
+        raise UsageError(
+            f"a coordinator named {name!r} is already running ({path}); "
+            f"pick another --name, or end it first with '{PROG} stop {name}'"
         )
-        return EXIT_USAGE
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as log_file:
         child = subprocess.Popen(
@@ -312,14 +327,24 @@ def _spawn(args: argparse.Namespace, name: str) -> int:
                 print(f"{PROG}: serving job {args.job} as {name} (pid {child.pid}); log: {log_path}")
                 print(f"{PROG}: watch it with '{PROG} tui --attach {name}', end it with '{PROG} stop {name}'")
                 if info.get("tls"):
+                    tls = f"tls://{_bracketed(info['tls'])}"
                     print(
-                        f"{PROG}: from other machines: '{PROG} tui --attach tls://{info['tls']} --certs DIR' "
+                        f"{PROG}: from other machines: '{PROG} tui --attach {tls} --certs DIR' "
                         "(DIR holding a client certificate of the same CA)"
                     )
                 return EXIT_OK
         time.sleep(0.1)  # waiting on another process's socket: nothing to wait on but time
     print(f"{PROG}: error: {name} did not answer within {START_TIMEOUT_S:g} s; see {log_path}", file=sys.stderr)
     return EXIT_FAILED
+
+
+def _bracketed(address: object) -> str:
+    """A coordinator's "host:port" (as its info says it) as a tls:// target takes it: an IPv6
+    host in brackets ("::1:9482" would not parse back)."""
+    from batuta.transport.tls import format_address
+
+    host, _, port = str(address).rpartition(":")
+    return format_address(host, int(port)) if host and port.isdigit() else str(address)
 
 
 # -- batuta ps ---------------------------------------------------------------------------------
@@ -348,8 +373,9 @@ def cmd_ps(args: argparse.Namespace) -> int:
             continue
         try:
             rows.append(asyncio.run(ask_info(Target(path=path))))
-        except (ServeError, TimeoutError) as exc:
-            rows.append({"name": name, "state": "unreachable", "socket": str(path), "summary": str(exc)})
+        except ServeError as exc:  # a coordinator that does not answer too: ServeError says how long it waited
+            reason = str(exc) or type(exc).__name__
+            rows.append({"name": name, "state": "unreachable", "socket": str(path), "summary": reason})
     if args.json:
         for row in rows:
             print(json.dumps(row, sort_keys=True))
@@ -381,7 +407,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
     from batuta.runtime.serve_client import ask_control, parse_target
 
-    target, ssh = _lent_ssh(parse_target(args.target), args.cluster, ask_passphrase=True)
+    target, ssh = _lent_ssh(parse_target(args.target, f"{PROG} stop"), args.cluster, ask_passphrase=True)
     certs = Path(args.certs).expanduser() if args.certs else None
     try:
         ok, text = asyncio.run(ask_control(target, "stop", certs=certs, ssh=ssh))
@@ -415,19 +441,21 @@ def cmd_tui_attached(args: argparse.Namespace) -> int:
         raise UsageError("--attach watches a running coordinator and --serve starts one; pass one of them")
     if args.attach is not None and (args.workers or args.job or args.module):
         raise UsageError("--attach watches a coordinator that has its own hosts and job; drop --workers/-j/--module")
-    if args.name and not args.serve:
+    if args.name is not None and not args.serve:
         raise UsageError("--name names the coordinator --serve starts; to attach to one by name, pass --attach NAME")
-    if args.serve:
-        if len(args.job) != 1:
-            raise UsageError("--serve runs one job as a served coordinator: pass exactly one -j JOB")
-        target_text = _serve_for_tui(args)
-    else:
-        target_text = args.attach
-    target, ssh = parse_target(target_text), None
+    if args.serve and len(args.job) != 1:
+        raise UsageError("--serve runs one job as a served coordinator: pass exactly one -j JOB")
+    target, ssh = None, None
     if args.attach is not None:
-        target, ssh = _lent_ssh(target, args.cluster, ask_passphrase=False)
+        target, ssh = _lent_ssh(parse_target(args.attach), args.cluster, ask_passphrase=False)
+    # before --serve starts anything: refused afterwards, its coordinator would be left running
     if not has_terminal():
         raise UsageError("batuta tui needs a terminal on stdin and stdout; 'batuta ps' lists coordinators without one")
+    if target is None:  # --serve
+        started = _serve_for_tui(args)
+        if isinstance(started, int):
+            return started
+        target = parse_target(started)
     from batuta.tui.attach import AttachedApp
 
     app = AttachedApp(target, certs=Path(args.certs).expanduser() if args.certs else None, ssh=ssh)
@@ -460,12 +488,14 @@ def _lent_ssh(target: Any, cluster: str | None, *, ask_passphrase: bool) -> tupl
     return target, replace(config.ssh, ask_passphrase=ask_passphrase)
 
 
-def _serve_for_tui(args: argparse.Namespace) -> str:
+def _serve_for_tui(args: argparse.Namespace) -> str | int:
+    """The -j job started as a served coordinator: its name, or the exit code of a start that
+    failed (said already, once: a name already taken is a UsageError)."""
     from batuta.jobs import load_job
     from batuta.runtime import serve_paths
 
     job = load_job(args.job[0])
-    name = serve_paths.check_name(args.name) if args.name else _free_name(job.name)
+    name = serve_paths.check_name(args.name) if args.name is not None else _free_name(job.name)
     run_args = argparse.Namespace(
         job=args.job[0],
         cluster=args.cluster,
@@ -489,6 +519,5 @@ def _serve_for_tui(args: argparse.Namespace) -> str:
         log_level=args.log_level,
         serve_linger=DEFAULT_LINGER_S,
     )
-    if _spawn(run_args, name) != EXIT_OK:
-        raise ServeError(f"the served coordinator {name} did not start")
-    return name
+    code = _spawn(run_args, name)
+    return name if code == EXIT_OK else code

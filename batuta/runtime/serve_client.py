@@ -20,7 +20,9 @@ import contextlib
 import itertools
 import re
 import shlex
-from collections.abc import Callable
+import socket
+import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +36,10 @@ if TYPE_CHECKING:
     from batuta.transport.ssh_settings import SSHTarget
 
 CONNECT_TIMEOUT_S = 10.0
+INFO_TIMEOUT_S = 5.0  # `batuta ps`: one coordinator that does not answer must not hold up the list long
+CONTROL_TIMEOUT_S = 10.0  # `batuta stop`
 READ_CHUNK = 256 * 1024
+OPENING_KEPT = 1024 * 1024  # a worker's Hello is far smaller
 _REMOTE = re.compile(r"(?:(?P<user>[^@/:\s]+)@)?(?P<host>[^@/:\s]+):(?P<where>\S+)")
 
 
@@ -55,12 +60,15 @@ class Target:
         if self.ssh_host is not None:
             return f"{self.ssh_user + '@' if self.ssh_user else ''}{self.ssh_host}:{self.remote}"
         if self.tls is not None:
-            return f"tls://{self.tls[0]}:{self.tls[1]}"
+            from batuta.transport.tls import format_address
+
+            return f"tls://{format_address(*self.tls)}"
         return serve_paths.name_of(self.path) if self.path is not None else "?"
 
 
-def parse_target(text: str | None) -> Target:
-    """A target from the command line (see the module docstring); UsageError names the fix."""
+def parse_target(text: str | None, option: str = "--attach") -> Target:
+    """A target from the command line (see the module docstring); UsageError names the fix.
+    `option`: how the user passed it (`--attach`, `batuta stop`), which starts the errors."""
     if not text:
         running = [p for p in serve_paths.listed_sockets() if not serve_paths.is_stale(p)]
         if len(running) == 1:
@@ -75,14 +83,15 @@ def parse_target(text: str | None) -> Target:
         from batuta.transport.tls import split_address
 
         try:
-            return Target(tls=split_address(text.removeprefix("tls://")))
+            # no default port: the default (9443) is a worker's, never a coordinator's
+            return Target(tls=split_address(text.removeprefix("tls://"), None))
         except ValueError as exc:
-            raise UsageError(f"--attach {text}: {exc}; write tls://HOST:PORT") from None
+            raise UsageError(f"{option} {text}: {exc}") from None
     colon, slash = text.find(":"), text.find("/")
     if colon > 0 and (slash < 0 or colon < slash):
         remote = _REMOTE.fullmatch(text)
         if remote is None:
-            raise UsageError(f"--attach {text!r}: write user@host:NAME or host:/path/to/NAME.sock")
+            raise UsageError(f"{option} {text!r}: write user@host:NAME or host:/path/to/NAME.sock")
         where = remote["where"]
         if not where.startswith("/"):
             serve_paths.check_name(where)
@@ -93,21 +102,45 @@ def parse_target(text: str | None) -> Target:
 
 
 class Connection:
-    """A byte stream to a coordinator, framed; closes whatever carries it (SSH included)."""
+    """A byte stream to a coordinator, framed; closes whatever carries it (SSH included).
 
-    def __init__(self, reader: Any, writer: Any, label: str, on_close: Callable[[], None] | None = None) -> None:
+    `peer_pid`: the coordinator's process over a local socket (its peer credentials), which
+    an error about a coordinator that does not answer names; None over SSH and TLS."""
+
+    def __init__(
+        self,
+        reader: Any,
+        writer: Any,
+        label: str,
+        on_close: Callable[[], None] | None = None,
+        *,
+        peer_pid: int | None = None,
+    ) -> None:
         self.reader = reader
         self.writer = writer
         self.label = label
+        self.peer_pid = peer_pid
         self._frames = w.FrameReader(w.COORDINATOR_FRAME_LIMIT)
         self._on_close = on_close
         self._ids = itertools.count(1)
+        # the first bytes, kept until a message decodes: a peer that is no coordinator
+        # (a batuta worker at a tls:// address) is then named instead of its wire error
+        self._opening: bytearray | None = bytearray()
 
     async def receive(self) -> list[Any] | None:
         """The next message, or None when the coordinator closed the connection."""
         while True:
-            message = self._frames.next()
+            try:
+                message = self._frames.next()
+            except ViewerProtocolError:
+                if self._opening is not None and _is_worker_hello(bytes(self._opening)):
+                    raise ViewerProtocolError(
+                        f"{self.label}: that is a batuta worker, not a served coordinator; use the address "
+                        "the coordinator was given with --serve-bind"
+                    ) from None
+                raise
             if message is not None:
+                self._opening = None
                 return message
             try:
                 data = await self.reader.read(READ_CHUNK)
@@ -115,6 +148,8 @@ class Connection:
                 return None
             if not data:
                 return None
+            if self._opening is not None and len(self._opening) < OPENING_KEPT:
+                self._opening += data[: OPENING_KEPT - len(self._opening)]
             self._frames.feed(data)
 
     async def send(self, message: list[Any]) -> None:
@@ -133,6 +168,41 @@ class Connection:
         if self._on_close is not None:
             self._on_close()
             self._on_close = None
+
+
+def _is_worker_hello(opening: bytes) -> bool:
+    """Whether `opening` starts with what a `batuta worker`'s agent says first (its Hello, or
+    the Error of a worker busy with a coordinator): the agent protocol, not the viewers'."""
+    from batuta.protocol.codec import FrameDecoder
+    from batuta.protocol.errors import ProtocolError
+    from batuta.protocol.messages import Error, Hello
+
+    decoder = FrameDecoder(max_frame_bytes=OPENING_KEPT)
+    try:
+        decoder.feed(opening)
+        message = decoder.next_message()
+    except ProtocolError:
+        return False
+    return isinstance(message, Hello | Error)
+
+
+def _peer_pid(writer: Any) -> int | None:
+    """The pid at the other end of a local socket (SO_PEERCRED, Linux), or None."""
+    sock = writer.get_extra_info("socket")
+    if sock is None or sock.family != socket.AF_UNIX or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid = int(struct.unpack("3i", credentials)[0])
+    return pid or None
+
+
+def _no_answer(connection: Connection, timeout: float) -> ServeError:
+    pid = connection.peer_pid
+    how = f"'kill -CONT {pid}' resumes a stopped one" if pid else "its machine's 'batuta ps' and its log say more"
+    return ServeError(f"{connection.label} did not answer within {timeout:g} s; is it stopped or hung? {how}")
 
 
 async def connect(
@@ -154,12 +224,21 @@ async def connect(
     except FileNotFoundError:
         raise ServeError(f"no coordinator at {path}; 'batuta ps' lists the running ones") from None
     except ConnectionRefusedError:
+        kind = serve_paths.kind_of(path)
+        if kind is not None:  # the kernel refuses a connection to any file that is not a socket
+            raise ServeError(
+                f"{path} is {kind}, not a coordinator's socket; name a coordinator ('batuta ps' lists them)"
+            ) from None
         raise ServeError(f"the coordinator of {path} is gone (stale socket); 'batuta ps' cleans it up") from None
     except PermissionError:
         raise ServeError(f"cannot connect to {path}: permission denied; attach as the user who started it") from None
-    except (OSError, TimeoutError) as exc:
-        raise ServeError(f"cannot connect to {path}: {exc}") from None
-    return Connection(reader, writer, target.label)
+    except TimeoutError:
+        raise ServeError(
+            f"{target.label} did not take the connection within {timeout:g} s; is it stopped or hung?"
+        ) from None
+    except OSError as exc:
+        raise ServeError(f"cannot connect to {path}: {exc.strerror or exc}") from None
+    return Connection(reader, writer, target.label, peer_pid=_peer_pid(writer))
 
 
 async def _connect_tls(target: Target, certs: Path | None, timeout: float) -> Connection:
@@ -176,8 +255,12 @@ async def _connect_tls(target: Target, certs: Path | None, timeout: float) -> Co
         )
     except TransportError as exc:
         raise UsageError(str(exc)) from None
-    except (OSError, TimeoutError) as exc:
-        raise ServeError(f"cannot connect to {target.label}: {exc}") from None
+    except TimeoutError:
+        raise ServeError(
+            f"cannot connect to {target.label}: no TLS session within {timeout:g} s; check the address and the firewall"
+        ) from None
+    except OSError as exc:
+        raise ServeError(f"cannot connect to {target.label}: {exc.strerror or exc}") from None
     return Connection(reader, writer, target.label)
 
 
@@ -229,14 +312,10 @@ async def _remote_runtime_dir(conn: Any) -> str:
 # -- one-shot requests: `batuta ps`, `batuta stop` -------------------------------------------
 
 
-async def ask_info(target: Target, *, certs: Path | None = None, timeout: float = 5.0) -> dict[str, Any]:
+async def ask_info(target: Target, *, certs: Path | None = None, timeout: float | None = None) -> dict[str, Any]:
     """What the coordinator at `target` says about itself (`batuta ps`)."""
-    connection = await connect(target, certs=certs, timeout=timeout)
-    try:
-        await connection.send(["info"])
-        message = await asyncio.wait_for(connection.receive(), timeout)
-    finally:
-        await connection.close()
+    timeout = INFO_TIMEOUT_S if timeout is None else timeout
+    message = await _ask(target, lambda c: c.send(["info"]), certs=certs, ssh=None, timeout=timeout)
     if message is None or message[0] != "info" or len(message) != 2:
         raise ViewerProtocolError(f"{target.label} did not answer 'info'")
     return w.want_map(message[1], "info")
@@ -249,15 +328,32 @@ async def ask_control(
     *,
     certs: Path | None = None,
     ssh: SSHSettings | None = None,
-    timeout: float = 10.0,
+    timeout: float | None = None,
 ) -> tuple[bool, str]:
     """Send one control request (`batuta stop`) and return the coordinator's (ok, line)."""
-    connection = await connect(target, certs=certs, ssh=ssh, timeout=timeout)
-    try:
-        await connection.control(action, argument)
-        message = await asyncio.wait_for(connection.receive(), timeout)
-    finally:
-        await connection.close()
+    timeout = CONTROL_TIMEOUT_S if timeout is None else timeout
+    message = await _ask(target, lambda c: c.control(action, argument), certs=certs, ssh=ssh, timeout=timeout)
     if message is None or message[0] != "reply" or len(message) != 4:
         raise ViewerProtocolError(f"{target.label} did not answer {action!r}")
     return w.want_bool(message[2], "reply.ok"), w.want_str(message[3], "reply.text")
+
+
+async def _ask(
+    target: Target,
+    request: Callable[[Connection], Awaitable[object]],
+    *,
+    certs: Path | None,
+    ssh: SSHSettings | None,
+    timeout: float,
+) -> list[Any] | None:
+    """One request and the first message back; ServeError when none comes within `timeout`
+    (a coordinator stopped with SIGSTOP still takes connections: the kernel queues them)."""
+    connection = await connect(target, certs=certs, ssh=ssh, timeout=timeout)
+    try:
+        async with asyncio.timeout(timeout):
+            await request(connection)
+            return await connection.receive()
+    except TimeoutError:
+        raise _no_answer(connection, timeout) from None
+    finally:
+        await connection.close()

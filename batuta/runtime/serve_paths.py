@@ -69,6 +69,22 @@ def _is_socket(path: Path) -> bool:
         return False
 
 
+def kind_of(path: Path) -> str | None:
+    """What `path` is when it exists and is not a socket ("a folder", "a regular file"), for
+    an error that says so instead of calling it a dead coordinator's socket; else None."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if stat.S_ISSOCK(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return "a special file (a device or a pipe)"
+
+
 def is_stale(path: Path) -> bool:
     """True when nothing listens on the socket at `path` (its coordinator died without removing it)."""
     if path.exists() and not _is_socket(path):

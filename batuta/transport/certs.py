@@ -159,7 +159,8 @@ def issue(
     key = _new_key()
     public = key.public_key()
     start = not_before or _now() - dt.timedelta(minutes=5)
-    end = not_after or start + dt.timedelta(days=days)
+    # no later than the CA's own end: a chain is not valid beyond it, whatever the leaf says
+    end = not_after or min(start + dt.timedelta(days=days), ca.cert.not_valid_after_utc)
     usage = ExtendedKeyUsageOID.SERVER_AUTH if kind == SERVER else ExtendedKeyUsageOID.CLIENT_AUTH
     ca_ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     builder = (
@@ -249,7 +250,8 @@ def init_certs(
     """Create a CA, a server and a client certificate in `directory` (created 0700).
 
     Raises UsageError if any of the six files exists (unless `force`), if `hosts` is empty
-    or holds something that is neither a DNS name nor an IP address, or if `days` < 1.
+    or holds something that is neither a DNS name nor an IP address, or if `days` is not
+    1 to `CA_DAYS`.
     """
     folder = Path(directory).expanduser()
     names = [h.strip() for h in hosts if h.strip()]
@@ -259,6 +261,11 @@ def init_certs(
         _check_host(name)
     if days < 1:
         raise UsageError(f"certs init: --days {days}: expected 1 or more")
+    if days > CA_DAYS:
+        raise UsageError(
+            f"certs init: --days {days}: at most {CA_DAYS}, the lifetime of the CA that signs them; "
+            "the certificates would not be valid beyond it"
+        )
     paths = CertPaths(
         directory=folder,
         ca_cert=folder / "ca.pem",
@@ -323,6 +330,49 @@ def validity_problem(path: str | Path, *, now: dt.datetime | None = None) -> str
     if now < cert.not_valid_before_utc:
         return f"is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (is this machine's clock right?)"
     return None
+
+
+def server_use_problem(path: str | Path) -> str | None:
+    """Why the PEM certificate at `path` cannot be a listener's (a worker's, a served
+    coordinator's): a CA, or an extended key usage without serverAuth (a client.pem). None
+    when it can, or when the file does not parse (loading it says why)."""
+    try:
+        cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if _is_ca(cert):
+        return "is a CA certificate, not a server's"
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return None  # no extended key usage: any use
+    if ExtendedKeyUsageOID.SERVER_AUTH in eku or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in eku:
+        return None
+    usages = ", ".join(_USAGE_NAMES.get(u, u.dotted_string) for u in eku)
+    return f"is not a server's: its extended key usage allows {usages}, not serverAuth"
+
+
+def ca_problem(path: str | Path) -> str | None:
+    """Why the PEM file at `path` cannot be the CA that peers are checked against: it holds a
+    certificate that is not a CA (basicConstraints CA:TRUE), such as a server.pem. None when
+    every certificate in it is a CA, or when it does not parse (loading it says why)."""
+    try:
+        certs = x509.load_pem_x509_certificates(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    for cert in certs:
+        if not _is_ca(cert):
+            common_name = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            named = f" ({common_name[0].value!s})" if common_name else ""
+            return f"holds a certificate that is not a CA{named}: a leaf such as server.pem or client.pem"
+    return None
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
 
 
 def describe(path: str | Path) -> str:

@@ -169,6 +169,22 @@ def server_context(*, cert: Path, key: Path, ca: Path, who: str = "batuta worker
     client certificate signed by `ca` (clientAuth). `who` starts its errors."""
     context = _base_context(ssl.PROTOCOL_TLS_SERVER)
     _load_chain(context, cert, key, ca, who)
+    from batuta.transport.certs import ca_problem, server_use_problem
+
+    # Said here, at start: OpenSSL loads a client.pem or a leaf as the CA without complaint,
+    # and every coordinator would then fail its handshake with a hint about its own files.
+    problem = server_use_problem(cert)
+    if problem is not None:
+        raise TLSConfigError(
+            f"{who}: certificate {cert} {problem}; pass the server.pem (and server.key) of a "
+            "`batuta certs init DIR` folder"
+        )
+    problem = ca_problem(ca)
+    if problem is not None:
+        raise TLSConfigError(
+            f"{who}: CA certificate {ca} {problem}; pass the ca.pem of the `batuta certs init DIR` folder "
+            f"that issued {Path(cert).name}"
+        )
     return context
 
 
@@ -185,29 +201,52 @@ def _reason(exc: BaseException) -> str:
 # -- addresses ----------------------------------------------------------------------------
 
 
-def split_address(text: str, default_port: int = DEFAULT_PORT, *, default_host: str = "127.0.0.1") -> tuple[str, int]:
-    """`host:port`, `[v6addr]:port`, `host` or `:port` as (host, port). Raises ValueError."""
+def split_address(
+    text: str, default_port: int | None = DEFAULT_PORT, *, default_host: str = "127.0.0.1"
+) -> tuple[str, int]:
+    """`host:port`, `[v6addr]:port`, `host` or `:port` as (host, port). Raises ValueError.
+
+    `default_port` None: the port must be written. A served coordinator's has no default:
+    9443 is a worker's, so a coordinator address without one would reach a worker."""
     text = text.strip()
     if not text:
-        raise ValueError("empty address; expected HOST:PORT, e.g. 10.0.0.1:9443")
+        raise ValueError(f"empty address; expected HOST:PORT, e.g. 10.0.0.1:{default_port or 9470}")
     host, port_text = text, ""
     if text.startswith("["):
         inside, sep, rest = text[1:].partition("]")
         if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"{text!r}: expected [IPv6]:PORT, e.g. [::1]:9443")
+            raise ValueError(f"{text!r}: expected [IPv6]:PORT, e.g. [::1]:{default_port or 9470}")
         host, port_text = inside, rest[1:]
     elif text.count(":") == 1:
         host, port_text = text.split(":")
     elif text.count(":") > 1:
-        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [{text}]:{default_port}")
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. {_bracketed(text, default_port)}")
     if host.isdigit() and not port_text:
         raise ValueError(f"{text!r} looks like a port: write HOST:PORT, e.g. 127.0.0.1:{text} (or :{text})")
     host = host or default_host
     if not port_text:
+        if default_port is None:
+            raise ValueError(f"{text!r} has no port; write HOST:PORT, e.g. {format_address(host, 9470)}")
         return host, default_port
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"{text!r}: port {port_text!r} is not a TCP port (0 to 65535)")
     return host, int(port_text)
+
+
+def _bracketed(text: str, default_port: int | None) -> str:
+    """`text`, an IPv6 address without brackets, as it should be written."""
+    import ipaddress
+
+    whole = f"[{text}]:{default_port if default_port is not None else 'PORT'}"
+    head, _, tail = text.rpartition(":")
+    try:
+        ipaddress.IPv6Address(head)
+    except ValueError:
+        return whole
+    if tail.isdigit() and int(tail) <= 65535:
+        # `::1:9482` is an IPv6 address itself, but far more likely ::1 and port 9482
+        return f"[{head}]:{tail} (or {whole} if all of it is the address)"
+    return whole
 
 
 def format_address(host: str, port: int) -> str:
