@@ -911,3 +911,26 @@ async def test_serve_bind_takes_mutual_tls_only(runtime_dir: Path, tmp_path: Pat
             if not data:
                 raise ConnectionResetError("closed without an answer")
         writer.close()
+
+
+async def test_a_coordinator_certificate_that_does_not_name_its_address_is_one_line_with_the_fix(
+    runtime_dir: Path, tmp_path: Path
+) -> None:
+    """As `batuta run` says it of a worker: not OpenSSL's "[SSL: CERTIFICATE_VERIFY_FAILED] ...
+    (_ssl.c:1006)"."""
+    from batuta.transport.certs import init_certs
+    from batuta.transport.tls import server_context
+
+    paths = init_certs(tmp_path / "certs", hosts=["gpu2.lan"])  # not the address dialled
+    context = server_context(cert=paths.server_cert, key=paths.server_key, ca=paths.ca_cert)
+    async with served_pool(tls_bind=("127.0.0.1", 0), tls_context=context) as (_, server):
+        assert server.tls_address is not None
+        host, port = server.tls_address
+        with pytest.raises(ServeError) as refused:
+            await connect(parse_target(f"tls://{host}:{port}"), certs=paths.directory)
+    message = str(refused.value)
+    assert message.startswith(
+        f"cannot connect to tls://127.0.0.1:{port}: the coordinator's certificate is not acceptable"
+    )
+    assert "reissue the coordinator's certificate with `batuta certs init DIR --host 127.0.0.1`" in message
+    assert "_ssl.c" not in message

@@ -242,7 +242,9 @@ async def connect(
 
 
 async def _connect_tls(target: Target, certs: Path | None, timeout: float) -> Connection:
-    from batuta.transport.tls import TLSSettings, client_context
+    import ssl
+
+    from batuta.transport.tls import TLSSettings, client_context, verify_failure
 
     if certs is None:
         raise UsageError(f"{target.label} needs --certs DIR (client.pem, client.key, ca.pem of 'batuta certs init')")
@@ -255,6 +257,14 @@ async def _connect_tls(target: Target, certs: Path | None, timeout: float) -> Co
         )
     except TransportError as exc:
         raise UsageError(str(exc)) from None
+    except ssl.SSLCertVerificationError as exc:  # one line and its fix, as `batuta run` says it of a worker
+        raise ServeError(f"cannot connect to {target.label}: {verify_failure(exc, host, 'coordinator')}") from None
+    except ssl.SSLError as exc:
+        raise ServeError(
+            f"cannot connect to {target.label}: TLS handshake failed ({exc.reason or exc}); check that --certs DIR "
+            "holds a client certificate of the CA the coordinator serves with, and that the address is its "
+            "--serve-bind"
+        ) from None
     except TimeoutError:
         raise ServeError(
             f"cannot connect to {target.label}: no TLS session within {timeout:g} s; check the address and the firewall"

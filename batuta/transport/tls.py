@@ -516,16 +516,23 @@ def _who(label: str, where: str) -> str:
     return f"host {label}" if label == where else f"host {label} ({where})"
 
 
-def _verify_hint(exc: ssl.SSLCertVerificationError, server_name: str) -> str:
+def _verify_hint(exc: ssl.SSLCertVerificationError, server_name: str, whose: str = "worker") -> str:
     message = (exc.verify_message or "").lower()
     if "hostname mismatch" in message or "ip address mismatch" in message:
         return (
-            f"its certificate does not name {server_name!r}; reissue the worker's certificate with "
+            f"its certificate does not name {server_name!r}; reissue the {whose}'s certificate with "
             f"`batuta certs init DIR --host {server_name}` or dial a name it lists"
         )
     if "expired" in message:
-        return "renew the worker's certificate (`batuta certs init`)"
-    return "check that [tls] ca is the CA that signed the worker's certificate"
+        return f"renew the {whose}'s certificate (`batuta certs init`)"
+    ours = "[tls] ca" if whose == "worker" else "the ca.pem of --certs DIR"
+    return f"check that {ours} is the CA that signed the {whose}'s certificate"
+
+
+def verify_failure(exc: ssl.SSLCertVerificationError, server_name: str, whose: str) -> str:
+    """Why a peer's certificate was refused, and what to do, in a line: "the coordinator's
+    certificate is not acceptable: IP address mismatch; ... reissue ... --host 10.0.0.5"."""
+    return f"the {whose}'s certificate is not acceptable: {_reason(exc)}; {_verify_hint(exc, server_name, whose)}"
 
 
 def _handshake_error(label: str, where: str, exc: ssl.SSLError) -> TLSError:
