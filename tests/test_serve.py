@@ -934,3 +934,23 @@ async def test_a_coordinator_certificate_that_does_not_name_its_address_is_one_l
     )
     assert "reissue the coordinator's certificate with `batuta certs init DIR --host 127.0.0.1`" in message
     assert "_ssl.c" not in message
+
+
+def test_a_host_named_in_the_cluster_file_is_reached_by_its_ssh_entry_only(tmp_path: Path) -> None:
+    """`stop gpu1:NAME -c FILE` dials gpu1 as the file's [[hosts]] entry says (address, port,
+    user, key); a TLS worker's entry says where its listener is, not sshd: not used for SSH."""
+    from batuta.cli._serve import _lent_ssh
+
+    cluster = tmp_path / "cluster.toml"
+    cluster.write_text(
+        '[[hosts]]\nname = "gpu1"\naddress = "10.9.9.1"\nport = 2222\nuser = "alice"\n\n'
+        '[[hosts]]\nname = "w1"\naddress = "10.9.9.2"\nport = 9443\ntransport = "tls"\n\n'
+        '[tls]\nca = "ca.pem"\ncert = "client.pem"\nkey = "client.key"\n'
+    )
+    target, settings = _lent_ssh(parse_target("gpu1:run"), str(cluster), ask_passphrase=False)
+    assert target.ssh_via is not None and settings is not None
+    assert (target.ssh_via.host, target.ssh_via.port, target.ssh_via.user) == ("10.9.9.1", 2222, "alice")
+    given, _ = _lent_ssh(parse_target("bob@gpu1:run"), str(cluster), ask_passphrase=False)
+    assert given.ssh_via is not None and given.ssh_via.user == "bob"  # the target's user@ wins
+    worker, _ = _lent_ssh(parse_target("w1:run"), str(cluster), ask_passphrase=False)
+    assert worker.ssh_via is None

@@ -480,7 +480,8 @@ def _lent_ssh(target: Any, cluster: str | None, *, ask_passphrase: bool) -> tupl
     from batuta.transport.ssh_settings import SSHTarget
 
     config = load_cluster(cluster)
-    host = next((h for h in config.hosts if h.name == target.ssh_host), None)
+    # an SSH host's entry only: a TLS worker's port and address are its listener's, not sshd's
+    host = next((h for h in config.hosts if h.name == target.ssh_host and h.transport == "ssh"), None)
     if host is not None:
         user = target.ssh_user or host.user
         via = SSHTarget(host=host.address, port=host.port, user=user, identity_file=host.identity_file, name=host.name)
