@@ -791,6 +791,7 @@ def test_tui_serve_starts_a_served_coordinator_for_its_job(runtime_dir: Path, tm
         (["tui", "--attach", "x", "-j", "demo"], "drop --workers/-j/--module"),
         (["tui", "--serve"], "pass exactly one -j JOB"),
         (["tui", "--name", "x"], "--name is for --serve"),
+        (["tui", "--name", ""], "--name is for --serve"),
         (["run", "demo", "--name", "x"], "--name only applies to a served run; add --serve"),
         (["run", "demo", "--serve", "--serve-bind", "127.0.0.1:0"], "--serve-bind needs --serve-certs DIR"),
         (  # said "--serve-certs DIR: batuta worker: CA certificate ..."

@@ -412,7 +412,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
         from batuta.cli._serve import cmd_tui_attached
 
         return cmd_tui_attached(args)
-    if args.name or args.certs:
+    if args.name is not None or args.certs:  # --name '' too
         raise UsageError("--name is for --serve and --certs for --attach tls://...; add the one you meant")
     jobs = [load_job(spec) for spec in args.job]  # every job-file error is found before the screen takes over
     from batuta.jobs import make_pool, start_metrics
