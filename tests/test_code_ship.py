@@ -676,6 +676,32 @@ def test_batuta_run_ships_kernels_from_a_folder_without_init(tmp_path: Path) -> 
     assert json.loads(done.stdout)["result"] == [0.0, 2.0, 4.0]
 
 
+def test_a_module_file_that_imports_its_own_folder_as_a_package_is_told_to_pass_the_folder(tmp_path: Path) -> None:
+    """`--module helpers/kern.py` where kern.py does `from helpers.util import ...`: shipped as
+    a top-level `kern`, `helpers` was missing on every host and the kernel failed there (the
+    gate blamed its reference); the folder ships whole and works."""
+    write(
+        tmp_path / "proj",
+        {
+            "cs_pkg/util.py": "def twice(x):\n    return 2 * x\n",
+            "cs_pkg/kern.py": "from batuta import kernel\nfrom cs_pkg.util import twice\n\n"
+            "@kernel('cs_pkg_twice')\ndef cs_pkg_twice(x):\n    return twice(x)\n",
+            "job.py": "from batuta import Task\n\nasync def main(pool):\n"
+            "    return (await pool.run(Task.kernel('cs_pkg_twice', 21))).value\n",
+        },
+    )
+    project = tmp_path / "proj"
+    refused = batuta("run", "job.py", "--workers", "1", "--module", "cs_pkg/kern.py", cwd=project)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        "batuta: error: --module cs_pkg/kern.py: it imports cs_pkg (its own folder) as a package, which would not "
+        "ship with it; pass the folder instead: --module cs_pkg"
+    )
+    done = batuta("run", "job.py", "--workers", "1", "--json", "--module", "cs_pkg", cwd=project)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["result"] == 42
+
+
 def test_batuta_run_code_errors_are_one_line_and_exit_2(project: Path, tmp_path: Path) -> None:
     done = batuta(
         "run", str(project / "my_job.py"), "--workers", "1", "--module", str(tmp_path / "nope.py"), cwd=tmp_path

@@ -418,6 +418,16 @@ class CodeCollector:
             name = path.name  # a folder without __init__.py ships as a namespace package
         elif path.suffix == ".py":
             name = path.stem
+            folder = path.parent.name
+            if any(imported.split(".")[0] == folder for imported in _scan(path)[0]) and (
+                _local_module(folder, path.parent) is None
+            ):
+                # it imports its own folder as a package (`from helpers.util import x`): shipped
+                # alone, as a top-level module, that package is missing on every host
+                raise CodeError(
+                    f"--module {shown}: it imports {folder} (its own folder) as a package, which would not "
+                    f"ship with it; pass the folder instead: --module {_folder_of(shown, path)}"
+                )
         else:
             raise CodeError(f"--module {shown}: not a .py file or a package folder")
         if not name.isidentifier():
@@ -616,6 +626,12 @@ class ShippedCode:
         if installed is None:
             installed = self._installed[module] = _installed_module(module)
         return "" if installed else self.digest
+
+
+def _folder_of(shown: str, path: Path) -> str:
+    """The folder of a --module file as the user would write it: relative when they did."""
+    written = Path(shown).parent
+    return str(path.parent) if str(written) in ("", ".") else str(written)
 
 
 def _installed_module(module: str) -> bool:
