@@ -89,6 +89,11 @@ def test_a_user_kernel_whose_code_raised_is_named_with_the_code_that_raised(user
         "n1", results("n1", "gpu", (scale, "error", "TypeError: x"), (total, "error", "y"))
     )
     assert raised.suggestion == f"fix {scale} and {total} in {user_kernels}: their gpu variant raised on n1"
+    missing = "kernel 'scale' is unknown on host n1: importing userk failed: ModuleNotFoundError: No module named 'x'"
+    (unimported,) = conformance_findings("n1", results("n1", "cpu", (scale, "error", missing)))
+    assert unimported.suggestion == (  # not its reference's fault: its module did not import there
+        f"make {user_kernels} import on n1 (the code finding says why it did not); {scale} never ran there"
+    )
     slow = "timed out after 10 s; its processes were killed"
     (timed,) = conformance_findings("n1", results("n1", "cpu", (scale, "error", slow)))
     assert timed.suggestion == (  # not "raised": it never ended

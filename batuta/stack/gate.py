@@ -112,6 +112,9 @@ def _grouped(bad: list[KernelResult]) -> str:
 # before any node ran it: the user's sample function, or the kernel's reference.
 _SAMPLE_FAILED = "its sample failed on the coordinator"
 _REFERENCE_FAILED = "reference failed on the coordinator"
+# How a slot says a kernel is unknown because the user's module did not import there
+# (agent/execute.py): the module is at fault, not the kernel's code.
+_NOT_IMPORTED = "is unknown on host"
 
 
 def _suggestion(node: str, backend: str, bad: list[KernelResult], *, whole_backend: bool) -> str:
@@ -141,6 +144,8 @@ def _suggestion(node: str, backend: str, bad: list[KernelResult], *, whole_backe
                 "reference": f"fix the reference (the @kernel function) of {kernels} in {where}, or what {its} "
                 "sample gives it: it raised on the coordinator",
                 "raised": f"fix {kernels} in {where}: {code} raised on {node}",
+                "not imported": f"make {where} import on {node} (the code finding says why it did not); "
+                f"{kernels} never ran there",
                 "timed out": f"make {kernels} in {where} finish sooner on {its} sample ({code} ran past --timeout "
                 f"on {node}), or give {'it' if its == 'its' else 'them'} longer with --timeout",
                 "nondeterministic": f"make the reference (the @kernel function) of {kernels} in {where} give one "
@@ -167,6 +172,8 @@ def _user_fault(result: KernelResult, backend: str) -> str:
         return "reference"
     if result.status == "error" and result.detail.startswith(TIMED_OUT):
         return "timed out"
+    if result.status == "error" and _NOT_IMPORTED in result.detail:
+        return "not imported"
     if result.status == "error":
         return "raised"
     # on "scalar" the node ran the reference itself and got another answer than the coordinator
