@@ -368,6 +368,7 @@ async def test_a_bad_job_file_is_a_notification_not_a_crash(tmp_path: Path) -> N
         app.start_job(str(bad))
         await until(pilot, lambda: any("not 'async def'" in str(n.message) for n in app._notifications), "the error")
         assert app.is_running and "broken" not in app.model.jobs
+        assert any("cannot run job" in line.message and "not 'async def'" in line.message for line in app.model.logs)
 
 
 @pytest.mark.usefixtures("fake_gpus")
@@ -417,9 +418,11 @@ async def test_a_pool_that_cannot_start_is_reported_on_screen() -> None:
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.model.status == "failed", "the failure")
         await until(pilot, lambda: "pool failed to start" in screen_text(app), "the banner")
-        await pilot.press("d")  # still usable: says why it cannot run a job
-        await pilot.pause(0.2)
-        assert app.is_running
+        await pilot.press("d")  # still usable: says why it cannot run a job (it waited for ever)
+        said = "the pool did not start (host ghost: agent refused the session (test)); quit (q) and fix the cluster"
+        await until(pilot, lambda: any(said in str(n.message) for n in app._notifications), "why no job runs")
+        assert any(said in line.message for line in app.model.logs)  # kept after the toast goes
+        assert app.is_running and not app.model.jobs
 
 
 # -- the command line -------------------------------------------------------------------------
@@ -541,3 +544,63 @@ def test_cli_tui_without_a_terminal_says_so_instead_of_drawing_into_a_file(
     monkeypatch.setattr(BatutaApp, "run", lambda app: pytest.fail("the app must not start"))
     assert cli_main(["tui", "--workers", "1"]) == 2
     assert "batuta tui needs a terminal" in capsys.readouterr().err
+
+
+def test_sigterm_quits_the_dashboard_as_q_does_and_gives_the_terminal_back() -> None:
+    """`kill PID` left the terminal raw (no echo, no line editing) and on the alternate
+    screen, for the user to `reset`; now the app quits as on `q`: exit 0, the screen and the
+    terminal's modes restored, the local agent stopped."""
+    import pty
+    import subprocess
+    import sys
+    import termios
+    import threading
+
+    import psutil
+
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # keep the pty from filling up and blocking the app
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    env = {**os.environ, "TERM": "xterm-256color", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("NO_COLOR", None)
+    app = subprocess.Popen(
+        [sys.executable, "-m", "batuta", "tui", "-w", "1"], stdin=slave, stdout=slave, stderr=slave, env=env
+    )
+    try:
+        me = psutil.Process(app.pid)
+        agents: list[psutil.Process] = []
+        for _ in range(600):  # bounded: 60 s for the pool to be up
+            agents = [p for p in me.children(recursive=True) if "batuta.agent" in " ".join(p.cmdline())]
+            if agents and b"scheduling" in b"".join(chunks):
+                break
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                app.wait(0.1)
+            assert app.returncode is None, b"".join(chunks)[-2000:]
+        assert agents, "the dashboard started no agent"
+        app.send_signal(signal.SIGTERM)
+        assert app.wait(60) == 0
+        after = termios.tcgetattr(slave)
+    finally:
+        if app.poll() is None:
+            app.kill()
+        os.close(slave)
+        reader.join(timeout=10)
+        os.close(master)
+    drawn = b"".join(chunks)
+    assert drawn.rfind(b"\x1b[?1049l") > drawn.rfind(b"\x1b[?1049h") >= 0  # left the alternate screen
+    assert after[3] == before[3]  # lflag: echo and line editing back
+    _, alive = psutil.wait_procs(agents, timeout=30)
+    assert not alive

@@ -15,7 +15,9 @@ snapshot tests, screenshots and the load benchmark).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -131,6 +133,8 @@ class BatutaApp(App[None]):
         self._frame_listener = frame_listener
         self._pool_unsubscribe: Callable[[], None] | None = None
         self._pool_ready = asyncio.Event()
+        self._pool_failed = ""  # why the pool did not start: jobs asked for then are told, not held
+        self._sigterm_handled = False
         self._polled_at = -1e18
         # a pool on this loop floods it at a lower rate than a dashboard fed from elsewhere (see RefreshPace)
         self._pace = RefreshPace(POOL_FLOOD_EVENTS_PER_S if pool is not None else FLOOD_EVENTS_PER_S)
@@ -179,9 +183,21 @@ class BatutaApp(App[None]):
                 self.run_worker(self._start_pool(), name="pool start", group="pool", exit_on_error=False)
         self.set_interval(self._refresh_interval, self._tick, name="dashboard refresh")
         self.call_after_refresh(self._tick)
+        self._quit_on_sigterm()
+
+    def _quit_on_sigterm(self) -> None:
+        """`kill PID` quits as `q` does: the terminal back out of raw mode and the alternate
+        screen, the pool closed (its agents stopped); the default action left the terminal
+        raw, without echo, for the user to `reset`."""
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.exit)
+            self._sigterm_handled = True
 
     async def on_unmount(self) -> None:
         """Stop listening, give the logger back, and close the pool if it is ours."""
+        if self._sigterm_handled:
+            with contextlib.suppress(RuntimeError, ValueError):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
         if self._pool_unsubscribe is not None:
             self._pool_unsubscribe()
             self._pool_unsubscribe = None
@@ -208,7 +224,7 @@ class BatutaApp(App[None]):
             return
         now = model.clock()
         pool = self.pool
-        if pool is not None and self._pool_ready.is_set() and now - self._polled_at >= self._slot_poll_s:
+        if pool is not None and self._pool_running and now - self._polled_at >= self._slot_poll_s:
             self._polled_at = now
             model.update_slots(pool.slots())
             model.set_paused(pool.paused)
@@ -237,6 +253,10 @@ class BatutaApp(App[None]):
         if self._frame_listener is not None:
             self._frame_listener(began, time.perf_counter())
 
+    @property
+    def _pool_running(self) -> bool:
+        return self._pool_ready.is_set() and not self._pool_failed
+
     def sync_now(self) -> None:
         """Redraw whatever moved right away (after an action), without waiting for the timer."""
         self._tick(everything=True)
@@ -254,6 +274,8 @@ class BatutaApp(App[None]):
             self.model.set_status("failed", f"pool failed to start: {detail}")
             log.error("pool failed to start: %s", detail)
             self.notify(detail, title="pool failed to start", severity="error", timeout=30)
+            self._pool_failed = detail
+            self._pool_ready.set()  # wakes the jobs waiting for it, which then say why they cannot run
             return
         self.model.seed_hosts(pool.hosts())
         self.model.set_status("running")
@@ -289,9 +311,15 @@ class BatutaApp(App[None]):
         try:
             job = await asyncio.to_thread(load_job, spec)  # a job file's imports must not stall the loop
         except JobError as exc:
+            log.error("cannot run job %s: %s", spec, _one_line(str(exc)))  # the log keeps it after the toast
             self.notify(str(exc), title="cannot run job", severity="error", timeout=15)
             return
         await self._pool_ready.wait()
+        if self._pool_failed:
+            why = f"the pool did not start ({self._pool_failed}); quit (q) and fix the cluster, then start again"
+            log.error("cannot run job %s: %s", spec, why)
+            self.notify(why, title="cannot run job", severity="error", timeout=15)
+            return
         if job.origin != "built-in":  # its own modules go to every host first, never a stale copy
             try:
                 shipped = await pool.ship(job_files=[job.origin])
@@ -371,7 +399,7 @@ class BatutaApp(App[None]):
 
     def action_toggle_pause(self) -> None:
         pool = self.pool
-        if pool is None or not self._pool_ready.is_set():
+        if pool is None or not self._pool_running:
             self.notify("the pool is not running", severity="warning")
             return
         if pool.paused:
