@@ -243,6 +243,26 @@ async def test_backpressure_makes_submit_wait() -> None:
         assert [(await f).value for f in held] == [0, 1, 2, 3]
 
 
+async def test_pause_starts_nothing_more_even_what_the_agent_holds() -> None:
+    """`p` in the dashboard: "running tasks finish, queued ones wait", also the ones already in
+    the slot's window at the agent (they went on starting, one after another)."""
+    started: list[int] = []
+    async with Pool.builder().cpu_workers(1).gpu_workers("none").window(min_window=4).build() as pool:
+        pool.subscribe(lambda e: started.append(e.task_id) if isinstance(e, pe.TaskStarted) else None)
+        futures = [await pool.submit(Task.kernel("spin", 1.0)) for _ in range(6)]
+        async with asyncio.timeout(60):
+            while not started:
+                await asyncio.sleep(0.01)
+            pool.pause()
+            while pool.stats().in_flight:  # the running one finishes; the rest came back
+                await asyncio.sleep(0.01)
+        assert len(started) <= 2  # the one running at the pause (and one just starting as it came)
+        assert pool.stats().queued == 6 - len(started)
+        pool.resume()
+        results = [await f for f in futures]
+    assert all(r.is_success() for r in results) and len(set(started)) == 6
+
+
 async def test_a_burst_into_an_idle_pool_sends_its_first_tasks_while_the_rest_is_submitted(pool: Pool) -> None:
     """The hosts start on a burst while it is submitted (the 1st, 2nd, 4th... task goes out at
     once), not when the submitting loop first waits for something: placed and written before

@@ -528,6 +528,38 @@ def test_pause_holds_new_work_and_resume_releases_it() -> None:
     assert sim.slots["a"].queue == [(task, 1)]
 
 
+def test_a_users_pause_asks_back_what_the_agents_hold_unstarted_and_nothing_new_starts() -> None:
+    """A window grown on short tasks held dozens of tasks at the agent, which went on starting
+    for long after `p` ("queued ones wait"). With `recall` the unstarted ones come back to the
+    injector until the resume; the running one finishes; `ship`'s pause (no recall) keeps them."""
+    sim = sim_with("a", "b", config=SchedulerConfig(initial_window=4, tail_tasks_per_slot=0))
+    ids = [sim.submit() for _ in range(10)]  # 4 in each window, 2 queued here
+    running = sim.start("a")
+    sim.deliver("a")
+    sim.handle(ev.SchedulingPaused(recall=True))
+    asked = [i for i in sim.instructions if isinstance(i, ev.RequestStealBack)]
+    assert {i.slot_id for i in asked} == {"a", "b"}
+    assert running not in {t for i in asked for t in i.task_ids}  # it started: it finishes
+    sim.answer_steals("a")
+    sim.answer_steals("b")
+    sim.deliver("a")
+    sim.deliver("b")
+    sim.sched.validate()
+    assert sim.slots["a"].queue == [] and sim.slots["b"].queue == []  # nothing left to start
+    assert sim.sched.queued == len(ids) - 1
+    sim.finish("a")
+    sim.deliver("a")
+    assert sim.slots["a"].queue == []  # a slot that ran dry is not fed while paused
+    sim.handle(ev.SchedulingResumed())
+    sim.run_to_completion()
+    sim.assert_each_resolved_once()
+
+    kept = sim_with("a", config=SchedulerConfig(initial_window=4, tail_tasks_per_slot=0))
+    [kept.submit() for _ in range(4)]
+    kept.handle(ev.SchedulingPaused())  # ship's: what is out finishes with the code it was sent for
+    assert not any(isinstance(i, ev.RequestStealBack) for i in kept.instructions)
+
+
 def test_drain_moves_queued_work_away_and_reports_when_empty() -> None:
     sim = sim_with(config=SchedulerConfig(initial_window=1, min_window=1))
     sim.add_slot("x/0", host_id="x")

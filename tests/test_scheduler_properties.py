@@ -32,7 +32,7 @@ actions = st.one_of(
     st.tuples(st.just("rejoin"), st.sampled_from(sorted(SLOTS))),
     st.tuples(st.just("cancel"), st.integers(0, 200)),
     st.tuples(st.just("tick"), st.floats(0.0, 20.0)),
-    st.tuples(st.just("pause"), st.booleans()),
+    st.tuples(st.just("pause"), st.sampled_from(["recall", "keep", "resume"])),  # a user's, ship's, resume
 )
 
 
@@ -79,7 +79,8 @@ def test_random_interleavings_never_lose_or_duplicate(steps: list[tuple], seed: 
             sim.now += step[1]
             sim._apply(sim.sched.handle(ev.TimerFired(), sim.now))
         elif kind == "pause":
-            sim.handle(ev.SchedulingPaused() if step[1] else ev.SchedulingResumed())
+            paused = ev.SchedulingPaused(recall=step[1] == "recall")
+            sim.handle(ev.SchedulingResumed() if step[1] == "resume" else paused)
         sim.sched.validate()
         for task_id, resolutions in sim.resolved.items():
             assert len(resolutions) == 1, f"task {task_id} resolved twice: {resolutions}"

@@ -122,7 +122,10 @@ class TimerFired:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SchedulingPaused:
-    """Stop sending new work (running work continues)."""
+    """Stop sending new work (running work continues); with `recall`, ask the agents back for
+    the tasks they hold that have not started, so that nothing new starts (a user's pause)."""
+
+    recall: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -98,7 +98,13 @@ from batuta.core.placement import (
     SlotView,
     TaskEntry,
 )
-from batuta.core.stealing import end_steal_back, on_steal_back_answered, steal_from_deque, try_steal_back
+from batuta.core.stealing import (
+    end_steal_back,
+    on_steal_back_answered,
+    recall_unstarted,
+    steal_from_deque,
+    try_steal_back,
+)
 from batuta.core.tailfeed import sent_as_tail
 from batuta.core.task import CAP_CPU, CAP_GPU, Outcome, TaskStatus
 
@@ -454,8 +460,12 @@ class Scheduler:
             )
             self._resolve(entry, TaskStatus.TIMED_OUT, reason, slot_id=slot.slot_id, keep=True)
 
-    def _on_paused(self, _ev: SchedulingPaused) -> None:
+    def _on_paused(self, ev: SchedulingPaused) -> None:
         self._paused = True
+        if ev.recall:  # a window may hold dozens of short tasks: they would start for long after
+            for slot in self._slots.values():
+                if slot.state is SlotState.UP and slot.window:
+                    recall_unstarted(self, slot)
 
     def _on_resumed(self, _ev: SchedulingResumed) -> None:
         self._paused = False

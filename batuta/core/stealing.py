@@ -122,6 +122,22 @@ def try_steal_back(scheduler: Scheduler, thief: SlotRecord) -> None:
     scheduler._out.append(RequestStealBack(slot_id=victim.slot_id, task_ids=tuple(e.task_id for e in take)))
 
 
+def recall_unstarted(scheduler: Scheduler, victim: SlotRecord) -> None:
+    """Ask `victim`'s agent back for every task in its window not known to have started (a
+    pause: nothing new may start); what it returns goes to the injector, to wait there for the
+    resume. Tasks fed ahead of inputs still to be made stay (they start only after those)."""
+    take = [
+        e for e in victim.window.values() if not e.started and not e.resolved and not e.steal_pending and not e.unmet
+    ]
+    if not take:
+        return
+    for entry in take:
+        entry.steal_pending = True
+        scheduler._steal_thief[entry.task_id] = None  # no thief: back to the injector
+    scheduler.stats.steal_backs_requested += len(take)
+    scheduler._out.append(RequestStealBack(slot_id=victim.slot_id, task_ids=tuple(e.task_id for e in take)))
+
+
 def _stealable(victim: SlotRecord, thief: SlotRecord | None) -> list[TaskEntry] | None:
     """The tasks `thief` (None: any thief) may ask back from `victim`'s window, oldest first,
     or None if asking would not help. A window holds at most `max_window` tasks, so this is

@@ -202,7 +202,7 @@ class Pool:
             return CodeShipped(digest=self._shipped.digest, unchanged=True)
         async with self._acks.one_at_a_time:
             was_paused = self.paused
-            self.pause()  # nothing more goes out for the old code; what is out finishes with it
+            self.pause(recall=False)  # nothing more goes out for the old code; what is out finishes with it
             try:
                 await self._acks.until(lambda: not any(p.slot_id for p in self._pending.values()))
                 self._check_open()
@@ -509,9 +509,9 @@ class Pool:
 
     # -- control ----------------------------------------------------------------------------
 
-    def pause(self) -> None:
-        """Stop sending new work to hosts; running work continues."""
-        self._handle([ev.SchedulingPaused()])
+    def pause(self, *, recall: bool = True) -> None:
+        """Start nothing more: tasks hosts hold unstarted come back (`recall`); running ones finish."""
+        self._handle([ev.SchedulingPaused(recall=recall)])
 
     def resume(self) -> None:
         self._handle([ev.SchedulingResumed()])
