@@ -560,6 +560,20 @@ def test_a_users_pause_asks_back_what_the_agents_hold_unstarted_and_nothing_new_
     assert not any(isinstance(i, ev.RequestStealBack) for i in kept.instructions)
 
 
+def test_a_drain_is_undone_and_the_host_takes_work_again() -> None:
+    """Draining the only host left its queue stuck for good: the undo gives it work again."""
+    sim = sim_with(config=SchedulerConfig(initial_window=2, tail_tasks_per_slot=0))
+    sim.add_slot("x/0", host_id="x")
+    sim.handle(ev.HostDrainRequested(host_id="x"))
+    waiting = [sim.submit() for _ in range(3)]
+    assert sim.slots["x/0"].queue == [] and sim.sched.queued == 3
+    sim.handle(ev.HostDrainRequested(host_id="x", undo=True))
+    assert [t for t, _ in sim.slots["x/0"].queue] == waiting[:2]  # its window filled again
+    sim.run_to_completion()
+    sim.assert_each_resolved_once()
+    assert all(sim.resolved[t][0].slot_id == "x/0" for t in waiting)
+
+
 def test_drain_moves_queued_work_away_and_reports_when_empty() -> None:
     sim = sim_with(config=SchedulerConfig(initial_window=1, min_window=1))
     sim.add_slot("x/0", host_id="x")

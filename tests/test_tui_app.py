@@ -232,6 +232,16 @@ async def test_pause_resume_and_drain() -> None:
         await pilot.press("enter")
         await until(pilot, lambda: app.model.hosts["local"].state in ("draining", "drained"), "the drain")
         await until(pilot, lambda: "drain" in screen_text(app), "the nodes panel to say so")
+        warned = "the last host that takes work: queued tasks wait until it is undrained (n)"
+        assert any(warned in str(n.message) for n in app._notifications)
+        stuck = await pool.submit(Task.kernel("noop", 2))
+        await pilot.pause(0.3)
+        assert not stuck.done()  # no host takes work: it waits (it waited for ever, no way back)
+        await pilot.press("n")  # the drained host is offered back
+        await until(pilot, lambda: isinstance(app.screen, PickerScreen), "the host picker again")
+        await pilot.press("enter")
+        await until(pilot, stuck.done, "the task to run on the undrained host")
+        assert (await stuck).value == 2 and app.model.hosts["local"].state == "up"
 
 
 @pytest.mark.usefixtures("fake_gpus")

@@ -78,6 +78,10 @@ def _one_line(text: str, limit: int = 400) -> str:
     return render.keep_ends(line, limit)
 
 
+UNDRAIN = "undrain:"  # a drain picker value that gives the host work again
+_DRAINED = ("draining", "drained")
+
+
 class BatutaApp(App[None]):
     """Nodes, job flow, slots, latency, task stream, alerts and log for one pool."""
 
@@ -412,24 +416,40 @@ class BatutaApp(App[None]):
         self.sync_now()
 
     def action_drain_host(self) -> None:
-        hosts = [h.name for h in self.model.hosts.values() if h.state in ("up", "suspected")]
-        if self.pool is None or not hosts:
+        hosts = self.model.hosts.values()
+        choices = [(h.name, h.name) for h in hosts if h.state in ("up", "suspected")]  # (value, label)
+        # a drain is undone the same way: draining the last host must not leave its work stuck
+        choices += [
+            (f"{UNDRAIN}{h.name}", f"{h.name} (undrain: give it work again)") for h in hosts if h.state in _DRAINED
+        ]
+        if self.pool is None or not choices:
             self.notify("no host to drain", severity="warning")
             return
         self.push_screen(
-            PickerScreen("Drain which host? (it gets no new work)", [(name, name) for name in hosts]),
+            PickerScreen("Drain which host? (it gets no new work)", choices),
             lambda host: self.drain_host(host) if host else None,
         )
 
     def drain_host(self, host: str) -> None:
+        """Drain `host`, or undrain it when the picker's value starts with `UNDRAIN`."""
         if self.pool is None:
             return
+        undo = host.startswith(UNDRAIN)
+        host = host.removeprefix(UNDRAIN)
         try:
-            self.pool.drain(host)
+            self.pool.drain(host, undo=undo)
         except Exception as exc:
             self.notify(str(exc), title="cannot drain", severity="error")
             return
-        self.notify(f"draining {host}: no new work goes there")
+        if undo:
+            self.notify(f"{host} takes work again")
+        elif not any(h.state in ("up", "suspected") for h in self.model.hosts.values() if h.name != host):
+            self.notify(
+                f"draining {host}, the last host that takes work: queued tasks wait until it is undrained (n)",
+                severity="warning",
+            )
+        else:
+            self.notify(f"draining {host}: no new work goes there")
         self.sync_now()
 
     def action_show_failures(self) -> None:

@@ -135,9 +135,11 @@ class SchedulingResumed:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HostDrainRequested:
-    """Send the host no more work; tell when its in-flight work is done."""
+    """Send the host no more work; tell when its in-flight work is done. `undo`: give it
+    work again (a drained host, or one still draining)."""
 
     host_id: HostId
+    undo: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -473,6 +473,13 @@ class Scheduler:
             self._fill(slot)
 
     def _on_drain(self, ev: HostDrainRequested) -> None:
+        if ev.undo:
+            self._draining.discard(ev.host_id)
+            for slot in self._host_slots.get(ev.host_id, ()):
+                if slot.state is SlotState.DRAINING:
+                    self._set_state(slot, SlotState.UP)
+                    self._fill(slot)
+            return
         self._draining.add(ev.host_id)
         for slot in self._host_slots.get(ev.host_id, ()):
             if slot.state is not SlotState.UP:

@@ -516,12 +516,12 @@ class Pool:
     def resume(self) -> None:
         self._handle([ev.SchedulingResumed()])
 
-    def drain(self, host: str) -> None:
-        """Send `host` no more work; a HostStateChanged('drained') follows when it is idle."""
+    def drain(self, host: str, *, undo: bool = False) -> None:
+        """Send `host` no more work (HostStateChanged 'drained' once idle), or again with `undo`."""
         if host not in self._hosts.sessions:
             raise UsageError(f"no host named {host!r}; hosts: {', '.join(self._hosts.sessions)}")
-        self.host_state_changed(host, "draining", "drain requested")
-        self._handle([ev.HostDrainRequested(host_id=host)])
+        self.host_state_changed(host, *(("up", "undrained") if undo else ("draining", "drain requested")))
+        self._handle([ev.HostDrainRequested(host_id=host, undo=undo)])
 
     def subscribe(self, callback: pe.Subscriber) -> Callable[[], None]:
         return self.events.subscribe(callback)
