@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -463,6 +464,9 @@ async def test_what_a_job_prints_lands_in_the_log_panel(tmp_path: Path) -> None:
         app.start_job(str(chatty))
         await until(pilot, lambda: "k-means check: bit-identical" in screen_text(app), "the print in the log panel")
         assert any(line.logger == "print" for line in app.model.logs)
+        # a line wider than the panel wraps: its end is on screen too (it was cut at the border)
+        logging.getLogger("batuta.pool").warning("a long line %s and its ENDMARK", " ".join(["word"] * 40))
+        await until(pilot, lambda: "ENDMARK" in screen_text(app), "the end of a long line")
 
 
 def test_refresh_slows_while_the_pool_floods_and_recovers() -> None:

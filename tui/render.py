@@ -584,10 +584,11 @@ LEVEL_NAMES = {10: "DEBUG", 20: "INFO", 30: "WARN", 40: "ERROR", 50: "CRIT"}
 
 
 def log_line(line: LogLine, p: Palette, timestamp: str, width: int = 80) -> Text:
-    """One log record: time, level, logger (without 'batuta.'; left out when narrow), message."""
+    """One log record: time, level, logger (without 'batuta.'; left out when narrow), message.
+    A long one wraps in the panel (a cut-off reason could be read nowhere else on screen)."""
     level = LEVEL_NAMES.get(line.level, str(line.level))
     style = p.bad if line.level >= 40 else p.warn if line.level >= 30 else p.dim
-    out = Text(no_wrap=True, overflow="ellipsis")
+    out = Text(overflow="fold")
     out.append(f"{timestamp} ", p.dim)
     out.append(fit(level, 5), style)
     out.append(" ")

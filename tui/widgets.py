@@ -353,7 +353,7 @@ class LogPanel(RichLog):
     MAX_PER_FRAME = 100
 
     def __init__(self, model: DashboardModel, *, id: str | None = None, capture_print: bool = True) -> None:
-        super().__init__(id=id, max_lines=500, wrap=False, markup=False, highlight=False, auto_scroll=True)
+        super().__init__(id=id, max_lines=500, wrap=True, markup=False, highlight=False, auto_scroll=True)
         self.model = model
         self.border_title = "Log"
         self._seen = 0  # the last log sequence number written
