@@ -592,3 +592,18 @@ def test_a_host_with_objects_shows_their_bytes_and_what_spilled() -> None:
     assert (row.objects, row.object_bytes, row.spilled_bytes) == (3, 3 * 2**30, 2**30)
     line = render_nodes.node_lines(model, 101.0, PLAIN, 200)[0].plain
     assert "3 obj 3.0 GiB, 1.0 GiB spilled" in line
+
+
+def test_an_empty_latency_panel_says_whether_the_filter_or_the_run_is_why() -> None:
+    model = DashboardModel(clock=lambda: 0.0)
+    assert render.latency_empty(model) == "no finished tasks yet"
+    model.latency_filter.kernel = "spin"
+    model.latency_filter.backend = "cpu"
+    assert render.latency_empty(model) == "no finished tasks match kernel spin · backend cpu (k b o change it)"
+
+
+def test_one_host_is_one_host_in_the_summary_line() -> None:
+    model = DashboardModel(clock=lambda: 0.0)
+    up = pe.HostUp(host="h", slots=("h/0",), gpus=(), cpu_count=1, batuta_version="1", python_version="3", at=0.0)
+    model.apply(up)
+    assert render_nodes.nodes_summary(model, PLAIN).plain.startswith(" 1 host: ")

@@ -433,6 +433,12 @@ def _slot_line(slot: SlotRow, deepest: int, running: str, p: Palette, columns: S
 # -- latency --------------------------------------------------------------------------------
 
 
+def latency_empty(model: DashboardModel) -> str:
+    """What an empty latency histogram says: none finished yet, or none that the filter keeps."""
+    chosen = [f"{d} {model.latency_filter.get(d)}" for d in LATENCY_DIMENSIONS if model.latency_filter.get(d)]
+    return f"no finished tasks match {' · '.join(chosen)} (k b o change it)" if chosen else "no finished tasks yet"
+
+
 def latency_filter_line(model: DashboardModel, p: Palette) -> Text:
     """The clickable filter: 'kernel: all ▸  backend: cpu ▸  host: all ▸'."""
     out = Text(no_wrap=True, overflow="ellipsis")
@@ -447,7 +453,9 @@ def latency_filter_line(model: DashboardModel, p: Palette) -> Text:
     return out
 
 
-def histogram_lines(title: str, hist: LogHistogram, p: Palette, width: int, bar_rows: int) -> list[Text]:
+def histogram_lines(
+    title: str, hist: LogHistogram, p: Palette, width: int, bar_rows: int, empty: str = "no finished tasks yet"
+) -> list[Text]:
     """A log-scale histogram in `bar_rows + 3` lines: title with percentiles, bars, axis, labels.
 
     The x axis spans whole decades around the occupied buckets (at least three, so a
@@ -470,7 +478,7 @@ def histogram_lines(title: str, hist: LogHistogram, p: Palette, width: int, bar_
     lines = [head]
     occupied = hist.occupied()
     if occupied is None:
-        lines.append(Text("  no finished tasks yet", p.dim))
+        lines.append(Text(f"  {empty}", p.dim))
         lines.extend(Text("") for _ in range(bar_rows + 1))
         return lines
     first_decade, last_decade = occupied[0] // BUCKETS_PER_DECADE, occupied[1] // BUCKETS_PER_DECADE + 1

@@ -154,7 +154,8 @@ def nodes_summary(model: DashboardModel, p: Palette) -> Text:
     states: dict[str, int] = {}
     for host in model.hosts.values():
         states[host.state] = states.get(host.state, 0) + 1
-    out = Text(f" {len(model.hosts)} hosts: ", p.label, no_wrap=True, overflow="ellipsis")
+    count = len(model.hosts)
+    out = Text(f" {count} host{'s' if count != 1 else ''}: ", p.label, no_wrap=True, overflow="ellipsis")
     order = sorted(states, key=lambda state: (state != "up", state))
     for i, state in enumerate(order):
         if i:

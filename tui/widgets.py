@@ -336,8 +336,9 @@ class LatencyPanel(SummaryBar):
         queue, run = self.model.latency()
         bar_rows = max(1, (height - 1) // 2 - 3)  # each histogram takes bar_rows + 3 lines
         lines = [render.latency_filter_line(self.model, palette)]
-        lines += render.histogram_lines("queue wait", queue, palette, width, bar_rows)
-        lines += render.histogram_lines("run time", run, palette, width, bar_rows)
+        empty = render.latency_empty(self.model)
+        lines += render.histogram_lines("queue wait", queue, palette, width, bar_rows, empty)
+        lines += render.histogram_lines("run time", run, palette, width, bar_rows, empty)
         return Group(*lines)
 
 
