@@ -607,3 +607,13 @@ def test_one_host_is_one_host_in_the_summary_line() -> None:
     up = pe.HostUp(host="h", slots=("h/0",), gpus=(), cpu_count=1, batuta_version="1", python_version="3", at=0.0)
     model.apply(up)
     assert render_nodes.nodes_summary(model, PLAIN).plain.startswith(" 1 host: ")
+
+
+def test_a_stream_row_does_not_say_its_state_twice() -> None:
+    from batuta.tui.rows import StreamRow
+
+    cancelled = StreamRow(7, "spin", "demo", "local/0", "cancelled", 0.0, detail="cancelled")
+    failed = StreamRow(8, "boom", "demo", "local/0", "failed", 0.0, detail="ValueError: no")
+    lines = [line.plain for line in render.stream_lines([cancelled, failed], 1.0, PLAIN)]
+    assert lines[0].rstrip().endswith("cancelled") and "cancelled: cancelled" not in lines[0]
+    assert lines[1].rstrip().endswith("failed: ValueError: no")

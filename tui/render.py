@@ -559,8 +559,9 @@ def stream_lines(rows: Sequence[StreamRow], now: float, p: Palette) -> list[Text
         elif row.state == "succeeded":
             out.append(fmt.duration(row.run_s), p.text)
         else:
-            out.append(row.state.replace("_", " "), style)
-            if row.detail:
+            state = row.state.replace("_", " ")
+            out.append(state, style)
+            if row.detail and row.detail != state:  # not "cancelled: cancelled"
                 out.append(f": {row.detail}", p.dim)
         lines.append(out)
     return lines
