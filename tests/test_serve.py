@@ -784,6 +784,7 @@ def test_tui_serve_starts_a_served_coordinator_for_its_job(runtime_dir: Path, tm
     ("argv", "says"),
     [
         (["stop", "nobody-here"], "no coordinator at"),
+        (["tui", "--attach", "nobody-here"], "no coordinator at"),  # it opened a dashboard to say so
         (["stop", "me@gpu1:"], "write user@host:NAME"),
         (["stop", "tls://127.0.0.1:9"], "tls://127.0.0.1:9 needs --certs DIR"),  # said "--attach ... needs"
         (["tui", "--attach", "x", "--cluster", "c.toml"], "--cluster only lends its [ssh] settings"),

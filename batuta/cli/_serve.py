@@ -448,6 +448,9 @@ def cmd_tui_attached(args: argparse.Namespace) -> int:
     target, ssh = None, None
     if args.attach is not None:
         target, ssh = _lent_ssh(parse_target(args.attach), args.cluster, ask_passphrase=False)
+        if target.path is not None and not (target.path.exists() or target.path.is_symlink()):
+            # said here, as `batuta stop` says it, not in a dashboard opened to say nothing else
+            raise UsageError(f"no coordinator at {target.path}; 'batuta ps' lists the running ones")
     # before --serve starts anything: refused afterwards, its coordinator would be left running
     if not has_terminal():
         raise UsageError("batuta tui needs a terminal on stdin and stdout; 'batuta ps' lists coordinators without one")
