@@ -46,7 +46,7 @@ and MLP kernels are "quadratic" (rows times centroids, features or hidden units)
 kernels "linear". The ``*_synth`` kernels take almost no input, so ``auto`` would pick the
 scalar backend for them: pass the backend explicitly, as the jobs do.
 
-This module imports neither numba nor numba.cuda at import time (see `registry.jit`); the
+This module imports neither numba nor numba.cuda at import time (see `lazyjit.jit`); the
 CUDA variants compile on their first call, on a GPU slot, or under numba's simulator
 (``NUMBA_ENABLE_CUDASIM=1``).
 

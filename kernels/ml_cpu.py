@@ -7,7 +7,7 @@ here, the way the tree kernels' loops live in `ml_trees` and the CUDA ones in `c
 kernels' validators return and give what the references give: in every bit for K-means,
 within rounding for the other two (see `ml`'s docstring for why each accumulates as it does).
 
-The helpers are module-level `jit` functions, compiled on first use (see `registry.LazyJit`).
+The helpers are module-level `jit` functions, compiled on first use (see `lazyjit.LazyJit`).
 """
 
 from __future__ import annotations
