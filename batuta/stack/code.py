@@ -122,6 +122,19 @@ def node_versions(plan: CodePlan, node: str, loaded: m.CodeLoaded | None, hello:
     return versions
 
 
+def import_timeout_finding(node: str, sent: m.Code | None, timeout: float) -> Finding:
+    """The shipped bundle was not imported on `node` within `timeout` seconds."""
+    modules = ", ".join(sent.modules) if sent is not None else ""
+    return Finding(
+        node=node,
+        check="code",
+        severity=ERROR,
+        message=f"importing the shipped code ({modules}) did not finish within {timeout:g} s",
+        suggestion="look for work done at import time in those modules (a loop, a download, a wait) and "
+        "move it into a function; or give it longer with --timeout",
+    )
+
+
 def code_findings(node: str, sent: m.Code | None, loaded: m.CodeLoaded | None) -> list[Finding]:
     """The shipped bundle on one node: loaded, and every module imported (or why not)."""
     if sent is None:

@@ -33,6 +33,7 @@ from batuta.stack.code import (
     code_findings,
     coordinator_import_findings,
     import_on_coordinator,
+    import_timeout_finding,
     module_findings,
     node_versions,
     plan_code,
@@ -213,43 +214,26 @@ async def _survey_reachable(
             error=finding.message,
         )
     try:
-        if not await session.code_imported(timeout):
-            modules = ", ".join(session.code_sent.modules) if session.code_sent is not None else ""
-            finding = Finding(
-                node=target.name,
-                check="code",
-                severity=ERROR,
-                message=f"importing the shipped code ({modules}) did not finish within {timeout:g} s",
-                suggestion="look for work done at import time in those modules (a loop, a download, a wait) and "
-                "move it into a function; or give it longer with --timeout",
-            )
-            return NodeReport(
-                name=target.name,
-                role=target.role,
-                reachable=True,
-                where=session.where,
-                ready_s=session.ready_s,
-                connect_s=session.connect_s,
-                versions=hello_versions(session.hello),
-                findings=(finding,),
-            )
-        facts = await gather_facts(session, timeout=timeout, with_smoke=command != "versions")
         versions = hello_versions(session.hello)
-        if facts.info is not None:  # drivers: from the Hello where the agent reports them, else NVML there
-            for component, value in driver_versions(facts.info.get("nvml")).items():
-                versions[component] = versions.get(component) or value
-        versions.update(node_versions(plan, target.name, session.code_loaded, session.hello))
-        hellos[target.name] = session.hello
         findings: list[Finding] = []
         kernels: tuple[KernelResult, ...] = ()
-        if command != "versions":
-            findings += check_findings(session, facts, coordinator, thresholds)
-        findings += code_findings(target.name, session.code_sent, session.code_loaded)
-        if command == "gate":
-            findings += policy_findings(target.name, versions, coordinator, policy)
-            results = await run_conformance(session, timeout=timeout)
-            findings += conformance_findings(target.name, results)
-            kernels = tuple(results)
+        if not await session.code_imported(timeout):  # its tasks would wait for it: nothing else runs there
+            findings.append(import_timeout_finding(target.name, session.code_sent, timeout))
+        else:
+            facts = await gather_facts(session, timeout=timeout, with_smoke=command != "versions")
+            if facts.info is not None:  # drivers: from the Hello where the agent reports them, else NVML there
+                for component, value in driver_versions(facts.info.get("nvml")).items():
+                    versions[component] = versions.get(component) or value
+            versions.update(node_versions(plan, target.name, session.code_loaded, session.hello))
+            hellos[target.name] = session.hello
+            if command != "versions":
+                findings += check_findings(session, facts, coordinator, thresholds)
+            findings += code_findings(target.name, session.code_sent, session.code_loaded)
+            if command == "gate":
+                findings += policy_findings(target.name, versions, coordinator, policy)
+                results = await run_conformance(session, timeout=timeout)
+                findings += conformance_findings(target.name, results)
+                kernels = tuple(results)
         return NodeReport(
             name=target.name,
             role=target.role,
