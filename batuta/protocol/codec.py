@@ -501,3 +501,14 @@ class FrameDecoder:
         del buf[: start + take]
         self._sink, self._sink_fill, self._sink_stream = sink, take, stream_id
         return True
+
+
+def first_message(data: bytes, max_frame_bytes: int) -> Message | None:
+    """The message `data` (a peer's first bytes) starts with, or None where they do not start
+    with a whole valid frame: who is at the other end (a worker's Hello, its "busy" Error)."""
+    decoder = FrameDecoder(max_frame_bytes)
+    try:
+        decoder.feed(data)
+        return decoder.next_message()
+    except ProtocolError:
+        return None

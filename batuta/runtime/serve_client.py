@@ -173,17 +173,10 @@ class Connection:
 def _is_worker_hello(opening: bytes) -> bool:
     """Whether `opening` starts with what a `batuta worker`'s agent says first (its Hello, or
     the Error of a worker busy with a coordinator): the agent protocol, not the viewers'."""
-    from batuta.protocol.codec import FrameDecoder
-    from batuta.protocol.errors import ProtocolError
+    from batuta.protocol.codec import first_message
     from batuta.protocol.messages import Error, Hello
 
-    decoder = FrameDecoder(max_frame_bytes=OPENING_KEPT)
-    try:
-        decoder.feed(opening)
-        message = decoder.next_message()
-    except ProtocolError:
-        return False
-    return isinstance(message, Hello | Error)
+    return isinstance(first_message(opening, OPENING_KEPT), Hello | Error)
 
 
 def _peer_pid(writer: Any) -> int | None:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batuta.errors import HostConfigError, TransportError
-from batuta.protocol.codec import FrameDecoder, ProtocolError
+from batuta.protocol.codec import first_message
 from batuta.protocol.messages import Error
 from batuta.transport.base import Buffer, StreamClosedError, coalesced
 
@@ -449,12 +449,7 @@ async def open_tls_stream(
 def _busy_message(first: bytes) -> str | None:
     """The worker's "busy" Error, if that is what its first bytes are; None for anything else
     (its Hello, another Error), which the session then reads as usual."""
-    decoder = FrameDecoder(max_frame_bytes=BUSY_FRAME_LIMIT)
-    try:
-        decoder.feed(first)
-        message = decoder.next_message()
-    except ProtocolError:
-        return None
+    message = first_message(first, BUSY_FRAME_LIMIT)
     if isinstance(message, Error) and message.message.startswith(WORKER_BUSY):
         return message.message
     return None
