@@ -11,12 +11,13 @@ relaunched host and succeeds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import msgpack
@@ -322,27 +323,46 @@ def test_a_malformed_data_link_message_is_refused_naming_the_field(fields: list[
     assert str(caught.value) == problem
 
 
-async def test_a_growing_stream_goes_as_it_fills_and_an_aborted_one_is_never_handed_on() -> None:
-    # One direction of a link over loopback TLS: the agent's sender, the coordinator's receiver.
+@contextlib.asynccontextmanager
+async def _one_way_link(
+    filled: Callable[[int, int], None],
+    failed: Callable[[str], None],
+    aborted: Callable[[int], None] | None,
+    sender_failed: Callable[[str], None],
+) -> AsyncIterator[tuple[bulk.BulkReceiver, bulk.BulkSender]]:
+    """One direction of a link over loopback TLS: the agent's sender, the coordinator's
+    receiver (`aborted` None: the agent's receiver, which never hears of an aborted stream)."""
     listener = bulk.DataListener("127.0.0.1", 0)
     listener.start()
     token = bulk.new_token()
     loop = asyncio.get_running_loop()
     receiver = bulk.BulkReceiver("test", eof_fails=False)
-    filled: list[tuple[int, int]] = []
-    aborted: list[int] = []
-    failed: list[str] = []
 
     def on_accepted(role: str, sock: bulk._Socket) -> Callable[[], None]:
-        return lambda: receiver.start(sock, loop, lambda *a: filled.append(a), failed.append, aborted.append)
+        return lambda: receiver.start(sock, loop, filled, failed, aborted)
 
     listener.expect(token, on_accepted)
     args = ("127.0.0.1", listener.port, token, listener.fingerprint, bulk.ROLE_AGENT_SENDS, 5.0)
     sock = await loop.run_in_executor(None, bulk.dial, *args)
-    sender = bulk.BulkSender(sock, 0, loop, failed.append, "test")
+    sender = bulk.BulkSender(sock, 0, loop, sender_failed, "test")
+    try:
+        yield receiver, sender
+    finally:
+        sender.close()
+        receiver.close()
+        await listener.close()
+
+
+async def test_a_growing_stream_goes_as_it_fills_and_an_aborted_one_is_never_handed_on() -> None:
+    filled: list[tuple[int, int]] = []
+    aborted: list[int] = []
+    failed: list[str] = []
     source = _random(8 * MIB, seed=5).view(np.uint8)
     targets = [np.zeros(source.nbytes, dtype=np.uint8) for _ in range(3)]
-    try:
+    async with _one_way_link(lambda *a: filled.append(a), failed.append, aborted.append, failed.append) as (
+        receiver,
+        sender,
+    ):
         for stream_id, target in enumerate(targets):
             receiver.expect(stream_id, target)
         growing = Growing(source.nbytes)
@@ -365,33 +385,19 @@ async def test_a_growing_stream_goes_as_it_fills_and_an_aborted_one_is_never_han
         assert filled[1] == (2, source.nbytes) and np.array_equal(targets[2], source)
         assert receiver.aborted_streams == 1 and receiver.expected == 0 and failed == []
         assert sender.sent_bytes == 2 * source.nbytes + MIB  # what went of the aborted one, no more
-    finally:
-        sender.close()
-        receiver.close()
-        await listener.close()
 
 
 async def test_a_stream_its_receiver_could_not_allocate_is_read_and_dropped_and_the_link_goes_on() -> None:
     """An array the agent could not allocate is announced to the link by its size alone
     (chunks.py, `Unheld`): its bytes, whole or in pieces, are read and dropped, in step."""
-    listener = bulk.DataListener("127.0.0.1", 0)
-    listener.start()
-    token = bulk.new_token()
-    loop = asyncio.get_running_loop()
-    receiver = bulk.BulkReceiver("test", eof_fails=False)
     filled: list[tuple[int, int]] = []
     failed: list[str] = []
-
-    def on_accepted(role: str, sock: bulk._Socket) -> Callable[[], None]:
-        return lambda: receiver.start(sock, loop, lambda *a: filled.append(a), failed.append, lambda _: None)
-
-    listener.expect(token, on_accepted)
-    args = ("127.0.0.1", listener.port, token, listener.fingerprint, bulk.ROLE_AGENT_SENDS, 5.0)
-    sock = await loop.run_in_executor(None, bulk.dial, *args)
-    sender = bulk.BulkSender(sock, 0, loop, failed.append, "test")
     source = _random(3 * MIB + 5, seed=6).view(np.uint8)  # not a whole number of pieces
     target = np.zeros(source.nbytes, dtype=np.uint8)
-    try:
+    async with _one_way_link(lambda *a: filled.append(a), failed.append, lambda _: None, failed.append) as (
+        receiver,
+        sender,
+    ):
         receiver.expect(0, source.nbytes)  # dropped
         receiver.expect(1, source.nbytes)  # dropped, arriving in pieces
         receiver.expect(2, target)
@@ -403,38 +409,18 @@ async def test_a_stream_its_receiver_could_not_allocate_is_read_and_dropped_and_
         await _until(lambda: len(filled) == 3, "all three streams came")
         assert filled == [(0, source.nbytes), (1, source.nbytes), (2, source.nbytes)] and failed == []
         assert np.array_equal(target, source) and receiver.expected == 0
-    finally:
-        sender.close()
-        receiver.close()
-        await listener.close()
 
 
 async def test_a_growing_stream_on_a_side_that_never_expects_one_breaks_the_link() -> None:
-    listener = bulk.DataListener("127.0.0.1", 0)
-    listener.start()
-    token = bulk.new_token()
-    loop = asyncio.get_running_loop()
-    receiver = bulk.BulkReceiver("test", eof_fails=False)  # the agent's: the coordinator never aborts
     failed: list[str] = []
-
-    def on_accepted(role: str, sock: bulk._Socket) -> Callable[[], None]:
-        return lambda: receiver.start(sock, loop, lambda *a: None, failed.append)
-
-    listener.expect(token, on_accepted)
-    args = ("127.0.0.1", listener.port, token, listener.fingerprint, bulk.ROLE_AGENT_SENDS, 5.0)
-    sock = await loop.run_in_executor(None, bulk.dial, *args)
-    sender = bulk.BulkSender(sock, 0, loop, lambda reason: None, "test")
-    try:
+    # the agent's receiver: the coordinator never aborts
+    async with _one_way_link(lambda *a: None, failed.append, None, lambda reason: None) as (receiver, sender):
         receiver.expect(0, np.zeros(MIB, dtype=np.uint8))
         growing = Growing(MIB)
         growing.advance(MIB)
         sender.send(0, np.ones(MIB, dtype=np.uint8).data, growing)
         await _until(lambda: bool(failed), "the receiver refused it")
         assert failed == ["stream 0 came as pieces, which this direction never sends"]
-    finally:
-        sender.close()
-        receiver.close()
-        await listener.close()
 
 
 @pytest.mark.timeout(WAIT_S + 60)
