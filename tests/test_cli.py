@@ -877,27 +877,11 @@ def test_the_resume_hint_names_the_modules_the_run_shipped() -> None:
 @needs_runtime
 def test_progress_bar_draws_on_a_terminal(tmp_path: Path) -> None:
     """With stderr on a terminal (a pty here), rich draws the bar: done/total and failures."""
-    import pty
-    import threading
+    from tests.support.terminal import read_pty
 
     write(tmp_path, "job.py", COUNTING_JOB.format(extra="pass"))
-    master, slave = pty.openpty()
-    chunks: list[bytes] = []
-
-    def drain() -> None:  # keep the pty from filling up and blocking the child
-        while True:
-            try:
-                data = os.read(master, 4096)
-            except OSError:
-                return
-            if not data:
-                return
-            chunks.append(data)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
     env = {**_env(), "TERM": "xterm-256color", "COLUMNS": "120"}
-    try:
+    with read_pty() as (slave, chunks):
         done = subprocess.run(
             [sys.executable, "-m", "batuta", "run", "job.py", "-w", "2"],
             cwd=tmp_path,
@@ -908,10 +892,6 @@ def test_progress_bar_draws_on_a_terminal(tmp_path: Path) -> None:
             text=True,
             timeout=RUN_TIMEOUT_S,
         )
-    finally:
-        os.close(slave)
-        reader.join(timeout=10)
-        os.close(master)
     drawn = b"".join(chunks).decode(errors="replace")
     assert done.returncode == 0, drawn
     assert "9/9" in drawn

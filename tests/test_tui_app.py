@@ -564,55 +564,38 @@ def test_sigterm_quits_the_dashboard_as_q_does_and_gives_the_terminal_back() -> 
     """`kill PID` left the terminal raw (no echo, no line editing) and on the alternate
     screen, for the user to `reset`; now the app quits as on `q`: exit 0, the screen and the
     terminal's modes restored, the local agent stopped."""
-    import pty
     import subprocess
     import sys
     import termios
-    import threading
 
     import psutil
 
-    master, slave = pty.openpty()
-    before = termios.tcgetattr(slave)
-    chunks: list[bytes] = []
+    from tests.support.terminal import read_pty
 
-    def drain() -> None:  # keep the pty from filling up and blocking the app
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:
-                return
-            if not data:
-                return
-            chunks.append(data)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
     env = {**os.environ, "TERM": "xterm-256color", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     env.pop("NO_COLOR", None)
-    app = subprocess.Popen(
-        [sys.executable, "-m", "batuta", "tui", "-w", "1"], stdin=slave, stdout=slave, stderr=slave, env=env
-    )
-    try:
-        me = psutil.Process(app.pid)
-        agents: list[psutil.Process] = []
-        for _ in range(600):  # bounded: 60 s for the pool to be up
-            agents = [p for p in me.children(recursive=True) if "batuta.agent" in " ".join(p.cmdline())]
-            if agents and b"scheduling" in b"".join(chunks):
-                break
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                app.wait(0.1)
-            assert app.returncode is None, b"".join(chunks)[-2000:]
-        assert agents, "the dashboard started no agent"
-        app.send_signal(signal.SIGTERM)
-        assert app.wait(60) == 0
-        after = termios.tcgetattr(slave)
-    finally:
-        if app.poll() is None:
-            app.kill()
-        os.close(slave)
-        reader.join(timeout=10)
-        os.close(master)
+    with read_pty() as (slave, chunks):
+        before = termios.tcgetattr(slave)
+        app = subprocess.Popen(
+            [sys.executable, "-m", "batuta", "tui", "-w", "1"], stdin=slave, stdout=slave, stderr=slave, env=env
+        )
+        try:
+            me = psutil.Process(app.pid)
+            agents: list[psutil.Process] = []
+            for _ in range(600):  # bounded: 60 s for the pool to be up
+                agents = [p for p in me.children(recursive=True) if "batuta.agent" in " ".join(p.cmdline())]
+                if agents and b"scheduling" in b"".join(chunks):
+                    break
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    app.wait(0.1)
+                assert app.returncode is None, b"".join(chunks)[-2000:]
+            assert agents, "the dashboard started no agent"
+            app.send_signal(signal.SIGTERM)
+            assert app.wait(60) == 0
+            after = termios.tcgetattr(slave)
+        finally:
+            if app.poll() is None:
+                app.kill()
     drawn = b"".join(chunks)
     assert drawn.rfind(b"\x1b[?1049l") > drawn.rfind(b"\x1b[?1049h") >= 0  # left the alternate screen
     assert after[3] == before[3]  # lflag: echo and line editing back
