@@ -21,11 +21,14 @@ from batuta.runtime.session import HostSession, HostSpec
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HostReport:
     name: str
-    ok: bool
     state: str = "up"  # or what kept it out: see `failed_state`
     ready_s: float | None = None  # from launch to the agent's Hello
     hello: m.Hello | None = None
     error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "up"
 
     @property
     def cpu_slots(self) -> int:
@@ -75,11 +78,11 @@ async def probe_host(spec: HostSpec, *, timeout: float = 30.0) -> HostReport:
         await session.start()
     except (BatutaError, OSError) as exc:
         await session.close(timeout=1.0)
-        return HostReport(name=spec.name, ok=False, state=failed_state(exc), error=" ".join(str(exc).split()))
+        return HostReport(name=spec.name, state=failed_state(exc), error=" ".join(str(exc).split()))
     ready_s = time.perf_counter() - started
     hello = session.hello
     await session.close(timeout=2.0)
-    return HostReport(name=spec.name, ok=True, ready_s=ready_s, hello=hello)
+    return HostReport(name=spec.name, ready_s=ready_s, hello=hello)
 
 
 async def probe_hosts(specs: Sequence[HostSpec], *, timeout: float = 30.0) -> list[HostReport]:
