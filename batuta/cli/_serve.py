@@ -327,7 +327,7 @@ def _spawn(args: argparse.Namespace, name: str) -> int:
                 print(f"{PROG}: serving job {args.job} as {name} (pid {child.pid}); log: {log_path}")
                 print(f"{PROG}: watch it with '{PROG} tui --attach {name}', end it with '{PROG} stop {name}'")
                 if info.get("tls"):
-                    tls = f"tls://{_bracketed(info['tls'])}"
+                    tls = f"tls://{info['tls']}"
                     print(
                         f"{PROG}: from other machines: '{PROG} tui --attach {tls} --certs DIR' "
                         "(DIR holding a client certificate of the same CA)"
@@ -336,15 +336,6 @@ def _spawn(args: argparse.Namespace, name: str) -> int:
         time.sleep(0.1)  # waiting on another process's socket: nothing to wait on but time
     print(f"{PROG}: error: {name} did not answer within {START_TIMEOUT_S:g} s; see {log_path}", file=sys.stderr)
     return EXIT_FAILED
-
-
-def _bracketed(address: object) -> str:
-    """A coordinator's "host:port" (as its info says it) as a tls:// target takes it: an IPv6
-    host in brackets ("::1:9482" would not parse back)."""
-    from batuta.transport.tls import format_address
-
-    host, _, port = str(address).rpartition(":")
-    return format_address(host, int(port)) if host and port.isdigit() else str(address)
 
 
 # -- batuta ps ---------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from batuta.runtime import serve_paths
 from batuta.runtime import serve_wire as w
 from batuta.runtime.serve_history import ViewerHistory
 from batuta.runtime.views import SlotView
+from batuta.transport.tls import format_address
 
 log = logging.getLogger("batuta.serve")
 
@@ -281,7 +282,7 @@ class CoordinatorServer:
             "viewers": len(self._viewers),
             "dropped": self.dropped_items,
             "socket": str(self.path),
-            "tls": f"{self.tls_address[0]}:{self.tls_address[1]}" if self.tls_address else "",
+            "tls": format_address(*self.tls_address) if self.tls_address else "",  # [v6]:port, as tls:// takes it
         }
 
     # -- the event stream -------------------------------------------------------------------
