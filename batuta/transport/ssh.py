@@ -51,7 +51,14 @@ from typing import Any, cast
 import asyncssh
 from asyncssh.encryption import get_default_encryption_algs
 
-from batuta.transport.base import Buffer, StderrTail, StreamClosedError, coalesced, log_stderr_line
+from batuta.transport.base import (
+    Buffer,
+    StderrTail,
+    StreamClosedError,
+    coalesced,
+    describe_exit,
+    log_stderr_line,
+)
 from batuta.transport.ssh_ciphers import cpu_has_aes, preferred_ciphers
 from batuta.transport.ssh_keys import (
     EncryptedIdentity,
@@ -153,9 +160,9 @@ class SSHStream:
         if killed is not None:
             name = str(killed[0]).upper()
             number = getattr(signal.Signals, f"SIG{name}", None)
-            return f"killed by signal {int(number)} (SIG{name})" if number is not None else f"killed by SIG{name}"
+            return describe_exit(-int(number)) if number is not None else f"killed by SIG{name}"
         status = self._process.exit_status
-        return f"exited with code {status}" if status is not None and status >= 0 else ""
+        return describe_exit(status) if status is not None and status >= 0 else ""
 
     async def last_words(self, timeout: float) -> str:
         return await self._stderr_tail.last(timeout)
