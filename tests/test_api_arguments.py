@@ -46,6 +46,10 @@ def agent_flags(builder: PoolBuilder, monkeypatch: pytest.MonkeyPatch) -> dict[s
         ({"start_timeout": math.nan}, "PoolConfig(start_timeout=nan): give a positive number of seconds"),
         ({"max_relaunches": -1}, "PoolConfig(max_relaunches=-1): give a number of relaunches >= 0"),
         ({"send_budget": 0}, "PoolConfig(send_budget=0): give a positive whole number"),
+        (
+            {"start_wait": -1},
+            "PoolConfig(start_wait=-1): give a number of seconds >= 0, or math.inf to wait for every host",
+        ),
     ],
 )
 def test_a_pool_config_made_by_hand_is_checked_as_the_builder_checks(given: dict[str, Any], said: str) -> None:

@@ -218,23 +218,37 @@ async def test_coordinator_exit_leaves_no_agent_on_the_hosts(cluster_hosts: Test
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
 
 
-async def test_start_up_says_which_host_it_still_waits_for(
+async def test_start_up_goes_on_without_a_silent_host_which_joins_when_it_answers(
     cluster_hosts: TestHosts, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A host that does not answer holds the first task back for connect_timeout: start-up
-    says so once the others are up, instead of pausing in silence."""
+    """A host that does not answer held the first task back for connect_timeout: start-up
+    says which host it waits for once another is up, goes on after start_wait, and the
+    silent host joins the running pool when it answers."""
     path = cluster_file(cluster_hosts, tmp_path)
-    path.write_text(path.read_text().replace("connect_timeout = 3", "connect_timeout = 8"))
-    silent = cluster_hosts[1]
+    text = path.read_text().replace("connect_timeout = 3", "connect_timeout = 60")
+    path.write_text(text.replace("[pool]\n", "[pool]\nstart_wait = 3\n"))
+    silent, other = cluster_hosts[1], cluster_hosts[0]
     silent.cut_link()
     try:
         async with asyncio.timeout(WAIT_S), build_pool(load_cluster(path)) as pool:
-            noted = [r.getMessage() for r in caplog.records if "start-up waits for" in r.getMessage()]
+            noted = [r.getMessage() for r in caplog.records if r.name == "batuta.runtime.hosts"]
             assert noted == [
                 f"start-up waits for {silent.name} (1 of 2 hosts up): until it answers or gives up "
-                "(connect_timeout in [ssh], start_timeout in [pool])"
+                "(connect_timeout in [ssh], start_timeout in [pool]), 1 s more at most: then tasks "
+                "start without it (start_wait in [pool])",
+                f"start-up goes on with 1 of 2 hosts up; {silent.name} joins when it answers (start_wait in [pool])",
             ]
+            states = {view.name: view.state for view in pool.hosts()}
+            assert states == {other.name: "up", silent.name: "starting"}
             assert await pool.map("test_echo_after", [(1, 0.0)]) == [1]
+            joined = asyncio.Event()
+            pool.subscribe(lambda e: joined.set() if isinstance(e, pe.HostUp) and e.host == silent.name else None)
+            silent.restore_link(wait=False)  # its SSH connect's next SYN gets through
+            await joined.wait()
+            assert {view.name: view.state for view in pool.hosts()} == {other.name: "up", silent.name: "up"}
+            done = await asyncio.gather(*[pool.run(Task.kernel("test_echo_after", i, 0.3)) for i in range(8)])
+            assert [r.value for r in done] == list(range(8))
+            assert {r.host for r in done} == {other.name, silent.name}
     finally:
         silent.restore_link()
 

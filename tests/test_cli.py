@@ -364,7 +364,11 @@ def test_tracker_reports_each_hosts_share_and_fate() -> None:
     tracker.host_state_changed("h3", "suspected", "no heartbeat for 3.2s")
     tracker.host_state_changed("h3", "up", "heard from again")  # a passing suspicion is no failure
     tracker.host_state_changed("h4", "retired", "host h4 (10.0.0.4:22): HOST KEY CHANGED: refused")
-    tracker.hosts_known(["h1", "h2", "h3", "h4", "h5"])  # h5: never heard of, never up
+    late = "did not answer within start_wait (5 s); tasks started without it"
+    tracker.host_state_changed("h6", "starting", late)  # start-up went on without it...
+    tracker.host_state_changed("h7", "starting", late)
+    tracker.host_up("h7")  # ...and it joined: no failure
+    tracker.hosts_known(["h1", "h2", "h3", "h4", "h5", "h6", "h7"])  # h5: never heard of, never up
     summary = tracker.summary(job="j", wall_s=1.0, result=None, error=None)
     hosts = {h["host"]: h for h in summary.to_json()["hosts"]}
     assert (hosts["h1"]["tasks"], hosts["h1"]["failed"]) == (2, 0)
@@ -374,7 +378,12 @@ def test_tracker_reports_each_hosts_share_and_fate() -> None:
     assert (hosts["h3"]["state"], hosts["h3"]["reason"]) == ("up", None)
     assert (hosts["h4"]["state"], hosts["h5"]["state"]) == ("retired", "unreachable")
     assert "never came up" in hosts["h5"]["reason"]
-    assert summary.to_json()["hosts_failed"] == ["h2", "h4", "h5"]
+    assert (hosts["h6"]["state"], hosts["h6"]["reason"]) == (
+        "unreachable",
+        f"still starting when the run ended ({late})",
+    )
+    assert (hosts["h7"]["state"], hosts["h7"]["reason"]) == ("up", None)
+    assert summary.to_json()["hosts_failed"] == ["h2", "h4", "h6", "h5"]  # in the order first heard of
     text = "\n".join(summary.host_lines())
     assert "lost once, back up: no heartbeat for 8.1s" in text
     assert "retired: host h4 (10.0.0.4:22): HOST KEY CHANGED: refused" in text

@@ -349,6 +349,8 @@ def test_more_slots_than_an_agent_runs() -> None:
         ("[pool]\nmax_code_mb = 0", "pool.max_code_mb", "expected a number of MiB in (0, 255], got 0"),
         ("[pool]\nmax_code_mb = 300", "pool.max_code_mb", "expected a number of MiB in (0, 255], got 300"),
         ('[pool]\nmax_code_mb = "16"', "pool.max_code_mb", "expected a number of MiB"),
+        ("[pool]\nstart_wait = -1", "pool.start_wait", "expected a number of seconds >= 0 (or inf), got -1"),
+        ('[pool]\nstart_wait = "all"', "pool.start_wait", "expected a number of seconds (or inf), got"),
         ('ssh = "x"', "ssh", "expected a table"),
         ('hosts = "n1"', "hosts", "[[hosts]]"),
     ],

@@ -1,10 +1,16 @@
 """Many hosts: launches (SSH connections) are opened in parallel, at most `max_parallel_starts`
-at once, and every host is still launched."""
+at once, and every host is still launched; start-up waits for a slow one at most `start_wait`
+seconds after another is up, and it joins when it answers."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import math
+from dataclasses import replace
+
+import pytest
 
 from batuta import Task
 from batuta.errors import TransportError
@@ -61,6 +67,59 @@ async def test_hosts_start_in_parallel_within_the_bound() -> None:
 def test_the_cluster_file_sets_the_bound() -> None:
     text = '[pool]\nmax_parallel_starts = 8\n[[hosts]]\nname = "a"\naddress = "10.0.0.1"\n'
     assert parse_cluster(text).pool.max_parallel_starts == 8
+    assert parse_cluster(text.replace("max_parallel_starts = 8", "start_wait = 0")).pool.start_wait == 0
+    assert parse_cluster(text.replace("max_parallel_starts = 8", "start_wait = inf")).pool.start_wait == math.inf
+
+
+def gated(spec: HostSpec, gate: asyncio.Event) -> HostSpec:
+    """`spec`, whose launch waits for `gate`: a host slow to answer (an SSH connect, an install)."""
+
+    async def launch() -> ByteStream:
+        await gate.wait()
+        return await spec.launch()
+
+    return replace(spec, launch=launch)
+
+
+async def test_start_up_goes_on_after_start_wait_and_a_late_host_joins(caplog: pytest.LogCaptureFixture) -> None:
+    gate = asyncio.Event()
+    specs = [local_host(1, gpus="none", name="quick"), gated(local_host(1, gpus="none", name="slow"), gate)]
+    async with Pool(specs, PoolConfig(start_wait=0)) as pool:
+        states: list[tuple[str, str, str]] = []
+        pool.subscribe(
+            lambda e: states.append((e.host, e.state, e.reason)) if isinstance(e, pe.HostStateChanged) else None
+        )
+        assert {h.name: h.state for h in pool.hosts()} == {"quick": "up", "slow": "starting"}
+        said = [
+            r.getMessage() for r in caplog.records if r.name == "batuta.runtime.hosts" and r.levelno == logging.WARNING
+        ]
+        assert said == ["start-up goes on with 1 of 2 hosts up; slow joins when it answers (start_wait in [pool])"]
+        assert (await pool.run(Task.kernel("noop", 1))).host == "quick"
+        joined = asyncio.Event()
+        pool.subscribe(lambda e: joined.set() if isinstance(e, pe.HostUp) and e.host == "slow" else None)
+        gate.set()
+        await asyncio.wait_for(joined.wait(), 60)
+        assert {h.name: h.state for h in pool.hosts()} == {"quick": "up", "slow": "up"}
+        # both slots busy at once: the late host takes its share
+        results = await asyncio.gather(*(pool.run(Task.kernel("spin", 0.2)) for _ in range(4)))
+        assert {r.host for r in results} == {"quick", "slow"}
+
+
+async def test_start_up_waits_for_every_host_with_start_wait_inf() -> None:
+    gate = asyncio.Event()
+    specs = [local_host(1, gpus="none", name="quick"), gated(local_host(1, gpus="none", name="slow"), gate)]
+    pool = Pool.builder().no_local().hosts(specs).start_wait(math.inf).build()
+    entered = asyncio.create_task(pool.__aenter__())
+    seen = asyncio.Event()
+    pool.subscribe(lambda e: seen.set() if isinstance(e, pe.HostUp) and e.host == "quick" else None)
+    await asyncio.wait_for(seen.wait(), 60)
+    assert not entered.done()  # one host up, the other not yet: start-up still waits
+    gate.set()
+    try:
+        await asyncio.wait_for(entered, 60)
+        assert {h.name: h.state for h in pool.hosts()} == {"quick": "up", "slow": "up"}
+    finally:
+        await pool.__aexit__(None, None, None)
 
 
 async def test_filling_a_large_window_gives_the_loop_turns() -> None:

@@ -38,6 +38,11 @@ class PoolConfig:
     max_relaunches: int = 5  # consecutive failed relaunches before a host is retired
     relaunch_backoff: float = 0.5  # first delay; doubles each time, capped at 30 s
     start_timeout: float = 60.0
+    # Once one host is up, how long start-up waits for the others before tasks start on the
+    # hosts that are up; the rest join when they answer (work stealing gives them their share).
+    # An unreachable address otherwise held the first task for connect_timeout, a bootstrap for
+    # its install. math.inf: wait for every host (each still gives up after its timeouts).
+    start_wait: float = 5.0
     # A host's agent exits after this long without a word from the coordinator (it sends a
     # keepalive when idle): a host cut off by a network partition does not keep its agent and
     # slots running for ever. Long, since a job that blocks the coordinator's loop (a long
@@ -60,6 +65,11 @@ class PoolConfig:
         for name in ("heartbeat_interval", "suspect_after", "lost_after", "relaunch_backoff", "start_timeout"):
             positive_seconds("PoolConfig", getattr(self, name), name)
         _whole("PoolConfig", self.max_relaunches, "max_relaunches", least=0, what="a number of relaunches >= 0")
+        wait = self.start_wait
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= math.inf:
+            raise UsageError(
+                f"PoolConfig(start_wait={wait!r}): give a number of seconds >= 0, or math.inf to wait for every host"
+            )
         limit = self.agent_silence_limit
         if isinstance(limit, bool) or not isinstance(limit, int | float) or not 0 <= limit < math.inf:
             raise UsageError(f"PoolConfig(agent_silence_limit={limit!r}): give a number of seconds, or 0 for never")
@@ -194,6 +204,12 @@ class PoolBuilder:
         count = _whole("relaunch", max_relaunches, "max_relaunches", least=0, what="a whole number of relaunches >= 0")
         delay = positive_seconds("relaunch", backoff, "backoff")
         self._config = replace(self._config, max_relaunches=count, relaunch_backoff=delay)
+        return self
+
+    def start_wait(self, seconds: float) -> PoolBuilder:
+        """Once one host is up, seconds to wait for the others before tasks start (they join
+        when they answer); 0: at once; math.inf: wait for every host. Default 5."""
+        self._config = replace(self._config, start_wait=seconds)  # PoolConfig checks it
         return self
 
     def flow_control(self, *, high_water: int | None = None, budget: int | None = None) -> PoolBuilder:

@@ -325,6 +325,7 @@ _POOL_KEYS = (
     "max_relaunches",
     "relaunch_backoff",
     "start_timeout",
+    "start_wait",
     "max_parallel_starts",
     "scalar_below",
     "gpu_above",
@@ -508,6 +509,14 @@ class _Reader(FieldReader):
             fields["data_link"] = replace(fields["data_link"], encrypted=False)
         return SSHSettings(**fields)
 
+    def _wait_seconds(self, path: FieldPath, value: Any) -> float:
+        """Seconds >= 0, or inf (TOML's `inf`): for as long as it takes."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(path, f"expected a number of seconds (or inf), got {shown(value)}")
+        if not value >= 0:
+            raise self.error(path, f"expected a number of seconds >= 0 (or inf), got {value}")
+        return float(value)
+
     def _pool(self, table: dict[str, Any]) -> PoolConfig:
         path: FieldPath = ("pool",)
         self._known_keys(table, path, _POOL_KEYS)
@@ -515,6 +524,8 @@ class _Reader(FieldReader):
         for key in ("heartbeat_interval", "suspect_after", "lost_after", "start_timeout", "relaunch_backoff"):
             if key in table:
                 fields[key] = self._seconds((*path, key), table[key])
+        if "start_wait" in table:  # 0 is allowed: tasks start as soon as one host is up
+            fields["start_wait"] = self._wait_seconds((*path, "start_wait"), table["start_wait"])
         if "seed" in table:
             fields["seed"] = self._int((*path, "seed"), table["seed"])
         if "max_relaunches" in table:

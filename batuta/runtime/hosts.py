@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import math
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from batuta.core import liveness as lv
 from batuta.errors import AgentError, HostConfigError, TransportError
@@ -27,10 +29,14 @@ from batuta.runtime.turns import LoopTurns
 from batuta.runtime.views import HostView
 from batuta.runtime.wakeup import WakeupTimer
 
+if TYPE_CHECKING:
+    from batuta.runtime.builder import PoolConfig
+
 log = logging.getLogger("batuta.runtime.hosts")
 
 STRAGGLER_NOTE_S = 2.0
-"""Once a host is up, how long start-up waits for the others before saying which it waits for."""
+"""Once a host is up, how long start-up waits for the others before saying which it waits for
+(or, where `start_wait` is shorter, before it goes on without them)."""
 
 
 class PoolSide(Protocol):
@@ -50,28 +56,31 @@ class HostSupervisor:
         self,
         specs: Sequence[HostSpec],
         pool: PoolSide,
+        config: PoolConfig,
         *,
-        liveness: lv.LivenessConfig,
-        heartbeat_interval: float,
-        silence_limit: float = 0.0,
-        start_timeout: float,
-        max_parallel_starts: int = 64,
-        send_high_water: int,
         send_budget: SendBudget,
         turns: LoopTurns,
         clock: Callable[[], float],
     ) -> None:
         self._pool = pool
         self._clock = clock
-        self._liveness = lv.HostLiveness(liveness)
+        self._start_wait = config.start_wait
+        self._liveness = lv.HostLiveness(
+            lv.LivenessConfig(
+                suspect_after=config.suspect_after,
+                lost_after=config.lost_after,
+                max_relaunches=config.max_relaunches,
+                relaunch_backoff=config.relaunch_backoff,
+            )
+        )
         self.sessions: dict[str, HostSession] = {
             spec.name: HostSession(
                 spec=spec,
                 listener=self,
-                heartbeat_interval=heartbeat_interval,
-                silence_limit=silence_limit,
-                handshake_timeout=start_timeout,
-                high_water=send_high_water,
+                heartbeat_interval=config.heartbeat_interval,
+                silence_limit=config.agent_silence_limit,
+                handshake_timeout=config.start_timeout,
+                high_water=config.send_high_water,
                 budget=send_budget,
                 turns=turns,
             )
@@ -80,7 +89,7 @@ class HostSupervisor:
         self._launches: dict[str, asyncio.Task[Any]] = {}
         # At most this many (re)launches at once: SSH connections are opened in parallel,
         # within a bound. Hosts that join later wait for their node, not for a turn here.
-        self._start_turns = asyncio.Semaphore(max(1, max_parallel_starts))
+        self._start_turns = asyncio.Semaphore(max(1, config.max_parallel_starts))
         self._timer = WakeupTimer(lambda: self._handle(lv.ClockTicked()))
         self._closed = False
         self._holds_collector = False  # the server collector policy, held while up (collector.py)
@@ -89,8 +98,9 @@ class HostSupervisor:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Launch every host concurrently; returns once each has answered or failed. Hosts
-        that failed are relaunched in the background; raises the first error if none is up.
+        """Launch every host concurrently; returns once one is up and the others have answered,
+        failed, or had `start_wait` seconds more (they join when they answer). Hosts that
+        failed are relaunched in the background; raises the first error if none is up.
 
         Hosts that join later (an allocation's nodes) are launched in the background and not
         waited for, unless there is no other host: then until the first of them is up."""
@@ -102,15 +112,15 @@ class HostSupervisor:
         if not sessions:
             await self._first_joined(joining)
         else:
-            starts = [asyncio.ensure_future(self._bounded_start(s)) for s in sessions]
+            starts = [asyncio.create_task(self._bounded_start(s), name=f"start-{s.name}") for s in sessions]
             try:
-                await _note_stragglers(sessions, starts)
+                await _await_starts(sessions, starts, self._start_wait)
             except asyncio.CancelledError:
                 for start in starts:
                     start.cancel()
                 raise
-            results = await asyncio.gather(*starts, return_exceptions=True)
-            errors = [r for r in results if isinstance(r, BaseException)]
+            ended = [(s, f) for s, f in zip(sessions, starts, strict=True) if f.done()]
+            errors = [e for _, f in ended if (e := f.exception()) is not None]
             if len(errors) == len(sessions):
                 # A configuration error (a key file missing here) is raised only if every host
                 # failed so: then the fix is in the cluster file, not on the hosts.
@@ -118,14 +128,43 @@ class HostSupervisor:
                 if isinstance(first, AgentError | TransportError):
                     raise first
                 raise AgentError(f"no host could be started: {first!r}") from first
-            for session, result in zip(sessions, results, strict=True):
-                if isinstance(result, BaseException):
-                    if not (isinstance(result, TransportError) and not result.retryable):
-                        log.warning("host %s failed to start: %s; retrying in the background", session.name, result)
-                    self._launch_failed(session, result)
+            for session, start in zip(sessions, starts, strict=True):
+                if start.done():
+                    self._start_ended(session, start)
+                else:  # past start_wait: it joins when it answers, as a relaunched host does
+                    self._launches[session.name] = start
+                    start.add_done_callback(functools.partial(self._late_start_ended, session))
+            late = [s.name for s, f in zip(sessions, starts, strict=True) if not f.done()]
+            if late:
+                up = len(sessions) - len(late) - len(errors)
+                log.warning(
+                    "start-up goes on with %d of %d hosts up; %s %s (start_wait in [pool])",
+                    up,
+                    len(sessions),
+                    ", ".join(late),
+                    "joins when it answers" if len(late) == 1 else "join when they answer",
+                )
+                for name in late:
+                    why = f"did not answer within start_wait ({self._start_wait:g} s); tasks started without it"
+                    self._pool.host_state_changed(name, "starting", why)
         if not self._closed and not self._holds_collector:  # start-up's heap is made: freeze it
             self._holds_collector = True
             collector.POLICY.hold()
+
+    def _start_ended(self, session: HostSession, start: asyncio.Future[None]) -> None:
+        """A first start's outcome: a failed one is relaunched in the background."""
+        error = start.exception()
+        if error is None:
+            return
+        if not (isinstance(error, TransportError) and not error.retryable):
+            log.warning("host %s failed to start: %s; retrying in the background", session.name, error)
+        self._launch_failed(session, error)
+
+    def _late_start_ended(self, session: HostSession, start: asyncio.Future[None]) -> None:
+        if self._launches.get(session.name) is start:
+            del self._launches[session.name]
+        if not start.cancelled() and not self._closed:
+            self._start_ended(session, start)
 
     async def _bounded_start(self, session: HostSession) -> None:
         async with self._start_turns:
@@ -270,10 +309,13 @@ class HostSupervisor:
         self._handle(lv.LaunchFailed(host_id=session.name, reason=str(exc) or repr(exc), retryable=retryable))
 
 
-async def _note_stragglers(sessions: Sequence[HostSession], starts: Sequence[asyncio.Future[None]]) -> None:
-    """Say which hosts start-up still waits for once one is up and the rest are slow: an
-    address that does not answer waits out connect_timeout, a bootstrap installs batuta, and
-    the first task waits for them all; a pause with nothing said looks like a hang."""
+async def _await_starts(sessions: Sequence[HostSession], starts: Sequence[asyncio.Future[None]], wait: float) -> None:
+    """Until one host is up (or every start has ended), then up to `wait` seconds for the rest.
+
+    Say which hosts it still waits for, `STRAGGLER_NOTE_S` after one is up: an address that
+    does not answer waits out connect_timeout and a bootstrap installs batuta, and a pause with
+    nothing said looks like a hang. Work stealing gives a host that joins late its share, so
+    the first tasks need not wait for the slowest host."""
     pending: set[asyncio.Future[None]] = set(starts)
     while pending:  # until one is up (or all failed: then the errors speak)
         done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -281,19 +323,26 @@ async def _note_stragglers(sessions: Sequence[HostSession], starts: Sequence[asy
             break
     if not pending:
         return
-    _, pending = await asyncio.wait(pending, timeout=STRAGGLER_NOTE_S)
-    if not pending:
+    note = min(STRAGGLER_NOTE_S, wait)
+    if note > 0:
+        _, pending = await asyncio.wait(pending, timeout=note)
+    if not pending or wait <= note:
         return
     waiting = [session.name for session, start in zip(sessions, starts, strict=True) if start in pending]
     up = sum(1 for start in starts if start.done() and not start.cancelled() and start.exception() is None)
+    names = ", ".join(waiting)
+    them = "it" if len(waiting) == 1 else "them"
+    more = f", {wait - note:g} s more at most: then tasks start without {them} (start_wait in [pool])"
     log.warning(
         "start-up waits for %s (%d of %d hosts up): until %s or gives up (connect_timeout in [ssh], "
-        "start_timeout in [pool])",
-        ", ".join(waiting),
+        "start_timeout in [pool])%s",
+        names,
         up,
         len(starts),
         "it answers" if len(waiting) == 1 else "each answers",
+        "" if math.isinf(wait) else more,
     )
+    await asyncio.wait(pending, timeout=None if math.isinf(wait) else wait - note)
 
 
 def telemetry_event(session: HostSession, hb: m.Heartbeat, now: float) -> pe.HostTelemetry:

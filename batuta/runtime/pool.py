@@ -26,7 +26,6 @@ from typing import Any
 
 from batuta.core import events as ev
 from batuta.core.backend import select_backend
-from batuta.core.liveness import LivenessConfig
 from batuta.core.objects import ObjectRef, refs_in
 from batuta.core.scheduler import Scheduler
 from batuta.core.task import CAP_GPU, Backend, KernelCall, Priority, Task, TaskResult, TaskStatus
@@ -77,22 +76,7 @@ class Pool:
         self._burst_count = 0  # submissions since the pool was last idle (`submit`)
         self._turns = LoopTurns()  # the inbound work of one loop iteration, over all hosts (turns.py)
         self._hosts = HostSupervisor(
-            self._specs,
-            self,
-            liveness=LivenessConfig(
-                suspect_after=self.config.suspect_after,
-                lost_after=self.config.lost_after,
-                max_relaunches=self.config.max_relaunches,
-                relaunch_backoff=self.config.relaunch_backoff,
-            ),
-            heartbeat_interval=self.config.heartbeat_interval,
-            silence_limit=self.config.agent_silence_limit,
-            start_timeout=self.config.start_timeout,
-            max_parallel_starts=self.config.max_parallel_starts,
-            send_high_water=self.config.send_high_water,
-            send_budget=self._budget,
-            turns=self._turns,
-            clock=self._now,
+            self._specs, self, self.config, send_budget=self._budget, turns=self._turns, clock=self._now
         )
         self._slot_of: dict[str, tuple[HostSession, int]] = {}
         self._pending: dict[int, TaskFuture] = {}

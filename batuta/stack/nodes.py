@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import sys
 import time
@@ -117,7 +118,9 @@ def stack_pool_config(base: PoolConfig, timeout: float, modules: tuple[Path, ...
     """`base` (the cluster's [pool]) for a short-lived check: no relaunches, bounded start;
     `modules` (`--module PATH`) ship to every node as they do for `batuta run`."""
     code = replace(base.code, modules=tuple(modules))
-    return replace(base, max_relaunches=0, start_timeout=min(base.start_timeout, timeout), code=code)
+    # Every node is checked: start-up waits for each (until it answers or its timeouts end).
+    start = min(base.start_timeout, timeout)
+    return replace(base, max_relaunches=0, start_timeout=start, start_wait=math.inf, code=code)
 
 
 # -- one node's session -------------------------------------------------------------------
