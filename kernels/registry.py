@@ -111,6 +111,10 @@ class UnknownKernelError(KernelCallError, LookupError):
     """No kernel is registered under the requested name."""
 
 
+class ContestedKernelError(UnknownKernelError):
+    """Two modules define the requested name: it runs under neither (`contest`)."""
+
+
 class KernelInputError(KernelCallError, ValueError):
     """Bad arguments: wrong count, dtype, shape, contiguity or value. Names kernel, argument, fix."""
 
@@ -392,9 +396,14 @@ def kernel(
         if existing is not None and (
             existing.module != kdef.module or existing.reference.__qualname__ != reference.__qualname__
         ):
+            holder = f"{existing.module}.{existing.reference.__qualname__}"
+            taken = (
+                f"one of batuta's built-in kernels ({holder})"
+                if _built_in(existing)
+                else f"already registered by {holder}"
+            )
             raise KernelDefinitionError(
-                f"kernel {name!r} is already registered by {existing.module}."
-                f"{existing.reference.__qualname__}; pick another name",
+                f"kernel {name!r} is {taken}; pick another name",
                 clash=(name, existing, kdef) if existing.module != kdef.module else None,
             )
         _KERNELS[name] = kdef
@@ -437,11 +446,20 @@ def forget_modules(modules: Iterable[str]) -> list[str]:
     return names
 
 
+def _built_in(kdef: KernelDef) -> bool:
+    return kdef.module.split(".", 1)[0] == "batuta"
+
+
 def _contested_words(name: str, first: KernelDef, second: KernelDef) -> str:
-    return (
-        f"kernel {name!r} is defined by two modules, {first.module}.{first.reference.__qualname__} and "
-        f"{second.module}.{second.reference.__qualname__}, so neither runs under that name"
-    )
+    one = f"{first.module}.{first.reference.__qualname__}"
+    other = f"{second.module}.{second.reference.__qualname__}"
+    if _built_in(first):  # the user's module cannot take a built-in's name
+        return f"kernel {name!r} is built into batuta ({one}) and defined again by {other}, so neither runs"
+    return f"kernel {name!r} is defined by two modules, {one} and {other}, so neither runs under that name"
+
+
+def _rename(first: KernelDef, second: KernelDef) -> str:
+    return f"rename {second.module}.{second.reference.__qualname__}" if _built_in(first) else "rename one of them"
 
 
 def lookup(name: str) -> KernelDef:
@@ -451,7 +469,7 @@ def lookup(name: str) -> KernelDef:
         return kdef
     contested = _CONTESTED.get(name)
     if contested is not None:
-        raise UnknownKernelError(f"{_contested_words(name, *contested)}; rename one of them")
+        raise ContestedKernelError(f"{_contested_words(name, *contested)}; {_rename(*contested)}")
     if isinstance(name, str) and ":" in name:
         module, _, short = name.rpartition(":")
         load_module(module)

@@ -4,11 +4,13 @@ taken silently (a str split into letters, a negative count)."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import math
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 import batuta.runtime.builder as builder_module
@@ -312,3 +314,32 @@ def test_every_pool_local_option_is_a_one_value_builder_method() -> None:
     for name in PoolBuilder.LOCAL_OPTIONS:
         parameters = list(inspect.signature(getattr(PoolBuilder, name)).parameters.values())[1:]
         assert [p.kind for p in parameters] == [inspect.Parameter.POSITIONAL_OR_KEYWORD], name
+
+
+def test_a_pool_used_from_a_second_event_loop_says_it_belongs_to_the_first() -> None:
+    """Notebook style: started in one asyncio.run, used in the next, it raised "RuntimeError:
+    Event loop is closed" from deep inside asyncio."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    pool = Pool.local(1, gpu_workers="none")
+    asyncio.run(pool.start())
+    agents = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert agents  # the agent and its slot
+    try:
+        with pytest.raises(UsageError) as info:
+            asyncio.run(pool.submit(Task.kernel("noop", 1)))
+        assert str(info.value).startswith("the pool belongs to the event loop it was started on, which has ended;")
+    finally:  # its loop is gone, so nothing can close it: stop its agent by PID
+        for process in agents:
+            process.kill()
+        psutil.wait_procs(agents, timeout=30)
+
+
+async def test_a_pool_used_from_another_thread_s_loop_says_so() -> None:
+    async with Pool.local(1, gpu_workers="none") as pool:
+
+        def elsewhere() -> None:
+            asyncio.run(pool.submit(Task.kernel("noop", 1)))
+
+        with pytest.raises(UsageError, match="which is another; use it inside one loop"):
+            await asyncio.to_thread(elsewhere)
+        assert (await pool.run(Task.kernel("noop", 1))).value == 1  # still fine on its own loop

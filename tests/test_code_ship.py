@@ -628,7 +628,28 @@ def test_a_kernel_name_two_shipped_modules_register_runs_neither(tmp_path: Path)
     done = batuta("run", "job.py", "--workers", "1", "--json", "--module", "cs_dup_b.py", cwd=project)
     status, value, error, other = json.loads(done.stdout)["result"]
     assert (status, value, other) == ("failed", None, 2), error
-    assert "cs_dup" in error and "already registered by cs_dup_b.cs_dup" in error
+    assert error.startswith(
+        "kernel 'cs_dup' is defined by two modules, cs_dup_b.cs_dup and cs_dup_a.cs_dup, so neither runs under "
+        "that name; rename one of them (importing cs_dup_a failed: KernelDefinitionError at cs_dup_a.py line 3: "
+    ), error
+
+
+def test_a_shipped_kernel_named_like_a_built_in_one_runs_neither_and_says_rename_it(tmp_path: Path) -> None:
+    """A --module file defining `sum`: its tasks failed as "kernel 'sum' is unknown ...: ...
+    already registered by batuta.kernels.basic.sum_", unknown and registered in one line."""
+    write(
+        tmp_path / "proj", {"cs_mysum.py": "from batuta import kernel\n\n@kernel('sum')\ndef mysum(x):\n    return 0\n"}
+    )
+    job = "from batuta import Task\n\nasync def main(pool):\n    return (await pool.run(Task.kernel('sum', [1.0])))"
+    job += ".error\n"
+    (tmp_path / "proj" / "job.py").write_text(job)
+    done = batuta("run", "job.py", "--workers", "1", "--json", "--module", "cs_mysum.py", cwd=tmp_path / "proj")
+    error = json.loads(done.stdout)["result"]
+    assert error == (
+        "kernel 'sum' is built into batuta (batuta.kernels.basic.sum_) and defined again by cs_mysum.mysum, so "
+        "neither runs; rename cs_mysum.mysum (importing cs_mysum failed: KernelDefinitionError at cs_mysum.py "
+        "line 3: kernel 'sum' is one of batuta's built-in kernels (batuta.kernels.basic.sum_); pick another name)"
+    )
 
 
 def test_a_contested_kernel_name_comes_back_to_its_first_module_when_the_code_goes() -> None:
@@ -759,3 +780,32 @@ def test_only_the_users_kernels_are_keyed_by_the_code_digest(project: Path, tmp_
     assert other is not None
     both = ShippedCode([code, other, None])  # hosts naming different kernel_modules: one digest over both
     assert both.digest not in ("", code.digest, other.digest) and both.digest == ShippedCode([other, code]).digest
+
+
+async def test_a_kernel_imported_here_but_not_sent_says_which_file_to_send(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A script imports its kernels from mykernels.py and starts Pool.local() without
+    modules=: the host answered "unknown kernel ... to add one, decorate a function with
+    @kernel", about a function that is decorated; only here is it known where it comes from."""
+    from batuta.kernels import registry
+
+    write(tmp_path, {"cs_unsent.py": "from batuta import kernel\n\n@kernel('cs_unsent')\ndef f(x):\n    return x\n"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import cs_unsent  # noqa: F401
+
+    path = str(tmp_path / "cs_unsent.py")
+    try:
+        async with Pool.local(1, gpu_workers="none") as pool:
+            for name in ("cs_unsent", "cs_unsent:cs_unsent"):
+                result = await pool.run(Task.kernel(name, 1))
+                assert result.error == (
+                    f"kernel {name!r} is unknown on the hosts: here it comes from {path}, which this pool does "
+                    f"not send them; pass Pool.local(..., modules=[{path!r}]) or Pool.builder().modules([...]) "
+                    "(batuta run: --module)"
+                )
+        async with Pool.local(1, gpu_workers="none", modules=[path]) as pool:  # sent: it runs
+            assert (await pool.run(Task.kernel("cs_unsent", 7))).value == 7
+    finally:
+        registry.unregister("cs_unsent")
+        sys.modules.pop("cs_unsent", None)

@@ -444,6 +444,22 @@ async def test_a_large_array_is_read_only_while_its_tasks_use_it_and_writeable_a
     assert big.flags.writeable  # the pool is closed: the caller's again
 
 
+async def test_map_chunked_keeps_its_arrays_read_only_until_it_returns() -> None:
+    """Its chunks are views sent without a copy: a write to the array from another coroutine
+    meanwhile gave some chunks the old values and some the new, in one call's answer."""
+    big = np.ones(2_000_000)
+    async with make_pool() as pool:
+        call = asyncio.ensure_future(pool.map_chunked("vadd", big, big, chunk_size=500_000))
+        await asyncio.sleep(0)  # the call has begun and is waiting for its tasks
+        with pytest.raises(ValueError, match="read-only"):
+            big[:] = 2.0
+        np.testing.assert_array_equal(np.concatenate(await call), np.full(2_000_000, 2.0))
+        assert big.flags.writeable  # it returned: the caller's again (given twice, released twice)
+        small = np.ones(10)
+        assert await pool.map_chunked("sum", small, chunk_size=5) == [5.0, 5.0]
+        assert small.flags.writeable
+
+
 def test_an_array_stays_read_only_until_the_last_task_using_it_is_done() -> None:
     from batuta.runtime.snapshot import InFlight, read_only, taken
 

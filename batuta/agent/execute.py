@@ -143,7 +143,9 @@ class KernelRunner:
             text = describe_exception(exc)
             if repr(call.name) not in text and call.name not in text:
                 text = f"unknown kernel {call.name!r}: {text}"
-            if self._code_errors:  # the likely cause, said first and whole
+            if isinstance(exc, registry.ContestedKernelError):  # it says which modules; the imports say where
+                text = one_line(f"{exc} ({'; '.join(self._code_errors)})" if self._code_errors else str(exc))
+            elif self._code_errors:  # the likely cause, said first and whole
                 host = self._code.host if self._code is not None and self._code.host else "this host"
                 text = f"kernel {call.name!r} is unknown on host {host}: {'; '.join(self._code_errors)}"
                 text = one_line(f"{text} ({'; '.join(self._module_errors)})" if self._module_errors else text)

@@ -610,6 +610,8 @@ class ShippedCode:
         else:
             self.digest = digests[0] if digests else ""
         self._installed: dict[str, bool] = {}  # module -> batuta's own or installed here
+        # the top-level modules the hosts get from us: their files' first folder or name
+        self._sent = {f.path.split("/", 1)[0].removesuffix(".py") for b in bundles if b is not None for f in b.files}
 
     def digest_for(self, call: KernelCall | BinaryCall) -> str:
         """The digest a task's result depends on: the code's for a kernel of the user's modules
@@ -626,6 +628,37 @@ class ShippedCode:
         if installed is None:
             installed = self._installed[module] = _installed_module(module)
         return "" if installed else self.digest
+
+    def unsent(self, call: KernelCall | BinaryCall, error: str | None) -> str | None:
+        """`error`, for a kernel a host did not know, with where it comes from here when that is
+        a file of the user's this pool does not send (a script that imports its kernels from
+        `mykernels.py`, a pool without `modules=`): the host cannot say, it never saw the file."""
+        if error is None or not isinstance(call, KernelCall):
+            return error
+        name = call.name
+        said = (f"unknown kernel {name!r}", f"kernel {name!r} is unknown", "cannot load kernel module")
+        if not any(words in error for words in said):
+            return error
+        from batuta.kernels import registry
+
+        module = registry.module_of(name) or name.rpartition(":")[0]
+        if not module or module.split(".")[0] in self._sent or _installed_module(module):
+            return error
+        path = getattr(sys.modules.get(module), "__file__", None)
+        if path is None:
+            return error
+        # the cause, in place of the host's guesses (it never saw the file)
+        if module == "__main__":
+            return (
+                f"kernel {name!r} is unknown on the hosts: here it is defined in the script being run "
+                f"({path}), which they do not import; put it in a module of its own and send that with "
+                "Pool.local(..., modules=[...]) or Pool.builder().modules([...])"
+            )
+        return (
+            f"kernel {name!r} is unknown on the hosts: here it comes from {path}, which this pool does "
+            f"not send them; pass Pool.local(..., modules=[{path!r}]) or Pool.builder().modules([...]) "
+            "(batuta run: --module)"
+        )
 
 
 def _folder_of(shown: str, path: Path) -> str:

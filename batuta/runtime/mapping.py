@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from batuta.core.task import Task, TaskResult
 from batuta.errors import TaskFailedError, UsageError
-from batuta.runtime.snapshot import read_only
+from batuta.runtime.snapshot import InFlight, read_only
 
 if TYPE_CHECKING:
     from batuta.runtime.future import TaskFuture
@@ -80,3 +83,15 @@ def chunks(arrays: Sequence[Any], chunk_size: int, extra_args: tuple[Any, ...]) 
         tuple(read_only(a[start : start + chunk_size]) for a in arrays) + tuple(extra_args)
         for start in range(0, length, chunk_size)
     ]
+
+
+@contextlib.contextmanager
+def held_read_only(in_flight: InFlight, arrays: Sequence[Any]) -> Iterator[None]:
+    """`map_chunked`'s arrays, read-only while it runs: its chunks are views sent without a
+    copy, and a write to an array meanwhile (from another coroutine) gave some chunks the old
+    values and some the new in one answer."""
+    held = in_flight.hold([a for a in arrays if isinstance(a, np.ndarray) and a.flags.writeable])
+    try:
+        yield
+    finally:
+        in_flight.release(held)

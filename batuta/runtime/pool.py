@@ -40,6 +40,7 @@ from batuta.runtime.code import CodeSpec, ShippedCode
 from batuta.runtime.dataplane import DataPlane, Prepared
 from batuta.runtime.future import ResultStore, TaskFuture
 from batuta.runtime.hosts import HostSupervisor
+from batuta.runtime.loop_owner import check_loop
 from batuta.runtime.objects import KeptObject, ObjectTable, lineage_digest
 from batuta.runtime.requirements import requirements, superlinear
 from batuta.runtime.session import HostSession, HostSpec, SendBudget
@@ -413,9 +414,12 @@ class Pool:
         """Split equally long arrays into chunks of `chunk_size` and map `kernel` over them.
 
         The seed's advice in code: coarse tasks (`items.chunks(10_000)`) amortise the
-        per-task round trip. Returns one value per chunk, in order.
+        per-task round trip. Returns one value per chunk, in order. The arrays are read-only
+        until it returns: the chunks go without a copy, and a write to an array meanwhile
+        (from another coroutine) would give some chunks the old data and some the new.
         """
-        return await self.map(kernel, mapping.chunks(arrays, chunk_size, extra_args), **options)
+        with mapping.held_read_only(self._in_flight, arrays):
+            return await self.map(kernel, mapping.chunks(arrays, chunk_size, extra_args), **options)
 
     def put(self, value: Any) -> ObjectRef:
         """Keep `value` as it is now (copied, or its large arrays read-only until dropped:
@@ -591,6 +595,7 @@ class Pool:
             raise PoolClosedError("the pool is closed; create a new one")
         if not self._started:
             raise PoolClosedError("the pool is not started; use 'async with pool:' or 'await pool.start()'")
+        check_loop(self._loop)
 
     def _over_budget(self) -> bool:
         return self._budget.congested_bytes > self.config.send_budget
@@ -714,7 +719,7 @@ class Pool:
             stdout=stdout,
             stderr=stderr,
             exit_code=exit_code,
-            error=None if status is TaskStatus.SUCCEEDED else reason,
+            error=None if status is TaskStatus.SUCCEEDED else self._shipped.unsent(pending.task.call, reason),
             duration=run_s,
             queue_wait=queue_wait,
             host=host,
