@@ -142,6 +142,7 @@ async def test_timeout_kills_the_work_and_the_pool_goes_on(pool: Pool) -> None:
 
 
 async def test_cancel_a_running_task(pool: Pool) -> None:
+    before = pool.stats()
     fut = await pool.submit(Task.kernel("spin", 30.0))
     started = asyncio.Event()
     pool.subscribe(lambda e: started.set() if isinstance(e, pe.TaskStarted) and e.task_id == fut.task_id else None)
@@ -150,6 +151,8 @@ async def test_cancel_a_running_task(pool: Pool) -> None:
     result = await asyncio.wait_for(fut, 20)
     assert result.status is TaskStatus.CANCELLED
     assert (await pool.run(Task.kernel("noop", 2))).value == 2
+    after = pool.stats()  # a cancelled task is not a failed one
+    assert (after.cancelled, after.failed) == (before.cancelled + 1, before.failed)
 
 
 async def test_killed_worker_slot_is_retried_elsewhere(pool: Pool, tmp_path: Path) -> None:

@@ -41,7 +41,16 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[m.Message]:
 async def test_a_put_value_goes_to_the_host_once_and_every_task_gets_it(pool: Pool, sent: list[m.Message]) -> None:
     x = np.arange(200_000, dtype=np.float64)
     ref = pool.put(x)
-    assert isinstance(ref, ObjectRef) and ref.nbytes >= x.nbytes and ref.size == x.size
+    assert isinstance(ref, ObjectRef) and ref.size == x.size
+    # described as a kept array is (it read shape (), dtype '' and its encoded frame's bytes)
+    assert (ref.nbytes, ref.shape, ref.dtype, repr(ref)) == (
+        x.nbytes,
+        (200_000,),
+        "<f8",
+        "ObjectRef(1, 1,600,000 bytes)",
+    )
+    other = pool.put({"k": [1, 2]})
+    assert (other.shape, other.dtype) == ((), "") and other.nbytes > 0  # not an array: its encoded size
     results = await asyncio.gather(*(pool.run(Task.kernel("sum", ref, backend=Backend.CPU)) for _ in range(40)))
     assert all(r.status is TaskStatus.SUCCEEDED and r.value == pytest.approx(x.sum()) for r in results)
     puts = [msg for msg in sent if isinstance(msg, m.Put)]

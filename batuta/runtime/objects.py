@@ -143,7 +143,12 @@ class ObjectTable:
         self._values[object_id] = value
         self._nbytes[object_id] = nbytes
         self._users[object_id] = 0
-        return ObjectRef(object_id, digest=digest.hexdigest()[:32], nbytes=nbytes, size=_elements_of(value))
+        if isinstance(value, np.ndarray):  # described as a kept array is: shape, dtype and its bytes
+            shape, dtype, size = tuple(int(n) for n in value.shape), value.dtype.str, int(value.nbytes)
+        else:  # other values by their encoded size (what travels)
+            shape, dtype, size = (), "", nbytes
+        digest_text = digest.hexdigest()[:32]
+        return ObjectRef(object_id, digest=digest_text, nbytes=size, size=_elements_of(value), shape=shape, dtype=dtype)
 
     # -- kept and fed objects ----------------------------------------------------------------
 

@@ -90,6 +90,7 @@ class Pool:
         self._in_flight = InFlight()  # large arguments and put values, read-only while used
         self._succeeded = 0
         self._failed = 0
+        self._cancelled = 0
         self._store: ResultStore | None = None
         self._device_of: dict[str, str] = {}  # GPU slot id -> "name (N SMs)"
         self._restored = 0
@@ -527,6 +528,7 @@ class Pool:
             submitted=s.submitted,
             succeeded=self._succeeded,
             failed=self._failed,
+            cancelled=self._cancelled,
             queued=self._scheduler.queued,
             in_flight=self._scheduler.in_flight,
             steals=s.steals,
@@ -737,6 +739,8 @@ class Pool:
             self._succeeded += 1
             if self._store is not None:
                 self._store.record(pending._journal_task, pending.job, kept.journaled(result), code=pending._code)
+        elif status is TaskStatus.CANCELLED:
+            self._cancelled += 1
         else:
             self._failed += 1
         pending._resolve(result)

@@ -19,8 +19,10 @@ __all__ = ["Backend", "HostView", "PoolStats", "Priority", "SlotView", "Task", "
 class PoolStats:
     submitted: int
     succeeded: int
-    failed: int  # every status but SUCCEEDED
+    failed: int  # every status but SUCCEEDED and CANCELLED
     queued: int
+    # tasks on a slot, cancelled ones included until their slot has given them up (a running
+    # kernel is stopped, not abandoned: the slot stays busy until then)
     in_flight: int
     steals: int
     steal_backs: int
@@ -31,6 +33,7 @@ class PoolStats:
     relayed_bytes: int = 0  # kept values moved to another host through the coordinator
     fetched_bytes: int = 0  # kept values fetched with pool.get
     fed_ahead: int = 0  # tasks sent behind the tasks making their kept inputs (core/feedahead.py)
+    cancelled: int = 0  # by fut.cancel(), a job's cancel, a failed map (fail fast) or the pool's close
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
