@@ -17,6 +17,7 @@ import pytest
 from batuta.agent.telemetry import fake_gpu_sample
 from batuta.core.objects import ObjectRef
 from batuta.core.task import Outcome
+from batuta.protocol.codec import encode_message
 from batuta.protocol.messages import (
     PROTOCOL_VERSION,
     SLOT_RESTARTING,
@@ -497,6 +498,17 @@ async def test_stdin_eof_kills_everything_and_exits(start_agent: StartAgent, tmp
     agent.close_stdin()
     assert await agent.exit_code() == 0
     assert await still_alive(everything) == []
+
+
+async def test_a_coordinator_gone_mid_frame_ends_the_agent_as_its_end_of_stream_does(start_agent: StartAgent) -> None:
+    """A Ctrl-C while a value was on its way: the agent said "protocol error from the
+    coordinator: stream closed ..." and exited 1, as if the coordinator had sent garbage."""
+    agent = await start_agent("--slots", "1", "--gpus", "none")
+    frame = encode_message(Run(tasks=(kernel_task(1, "noop", 1),)))
+    agent.send_raw(frame[: len(frame) // 2])
+    agent.close_stdin()
+    assert await agent.exit_code() == 0
+    assert b"protocol error" not in agent.stderr
 
 
 async def test_an_agent_that_hears_nothing_from_its_coordinator_exits_with_its_slots(

@@ -18,10 +18,11 @@ What it does, in the order a session goes:
    queued; `Cancel` answers each held task "cancelled" (a task already fed to its slot when
    the slot gets to it); unknown ids are ignored.
 3. End: `Shutdown` kills all work and slots, sends the results it already has, says `Bye`,
-   exits 0; killed tasks are not answered. EOF on stdin (the
-   coordinator closed the stream, its SSH channel died, or it was killed) kills everything
-   and exits 0 without a word. A protocol error from the coordinator is answered with
-   `Error(message)`, then everything stops and the agent exits 1. SIGTERM, SIGHUP and SIGINT
+   exits 0; killed tasks are not answered. EOF on stdin (the coordinator closed the stream,
+   its SSH channel died, or it was killed) kills everything and exits 0 without a word, also
+   where it cuts a message or a streamed array short (a Ctrl-C during a transfer). A protocol
+   error from the coordinator is answered with `Error(message)`, then everything stops and
+   the agent exits 1. SIGTERM, SIGHUP and SIGINT
    kill everything, say `Bye`, exit 128 + the signal number.
 
 Outgoing messages are collected during one pass of the event loop and written with one
@@ -70,7 +71,7 @@ from batuta.core.objects import ObjectRef, refs_in
 from batuta.core.task import KernelCall, Outcome
 from batuta.protocol._fields import first_unheld
 from batuta.protocol.connection import CLOSED, NEED_DATA, Connection, Role
-from batuta.protocol.errors import LocalProtocolError, RemoteProtocolError
+from batuta.protocol.errors import CutShortError, LocalProtocolError, RemoteProtocolError
 from batuta.protocol.messages import (
     PROTOCOL_VERSION,
     Bye,
@@ -326,6 +327,9 @@ class Agent:
                 self._dispatch(event)
                 if self._stopping:
                     return
+        except CutShortError:  # the coordinator went away mid-transfer (a Ctrl-C): its end, not a fault
+            self._finish(EXIT_OK, bye=None)
+            return
         except RemoteProtocolError as exc:
             self._fail(f"protocol error from the coordinator: {exc}", send_error=True)
             return

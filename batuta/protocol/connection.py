@@ -48,7 +48,7 @@ from batuta.protocol.chunks import (
     StreamAssembler,
 )
 from batuta.protocol.codec import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_messages_parts
-from batuta.protocol.errors import LocalProtocolError, RemoteProtocolError
+from batuta.protocol.errors import CutShortError, LocalProtocolError, RemoteProtocolError
 from batuta.protocol.messages import (
     PROTOCOL_VERSION,
     Bye,
@@ -319,10 +319,10 @@ class Connection:
                     return NEED_DATA
                 pending = self._decoder.buffered_bytes
                 if pending:
-                    raise RemoteProtocolError(f"stream closed inside a frame ({pending} bytes of it received)")
+                    raise CutShortError(f"stream closed inside a frame ({pending} bytes of it received)")
                 unfinished = self._decoder.streams.open_streams
                 if unfinished:
-                    raise RemoteProtocolError(f"stream closed with {unfinished} streamed array(s) unfinished")
+                    raise CutShortError(f"stream closed with {unfinished} streamed array(s) unfinished")
                 self._closed = True
                 return CLOSED
             self._receive(msg)

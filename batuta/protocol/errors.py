@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from batuta.errors import BatutaError
 
-__all__ = ["LocalProtocolError", "ProtocolError", "RemoteProtocolError"]
+__all__ = ["CutShortError", "LocalProtocolError", "ProtocolError", "RemoteProtocolError"]
 
 
 class ProtocolError(BatutaError):
@@ -22,3 +22,9 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent something the protocol forbids (garbage, a wrong message, a bad field)."""
+
+
+class CutShortError(RemoteProtocolError):
+    """The stream ended inside a frame or a streamed array: the peer was killed or closed it
+    mid-transfer (a Ctrl-C while a value was on its way), not a malformed message. An agent
+    takes it as the end of its coordinator, as it takes a clean end of stream."""
