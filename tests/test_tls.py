@@ -260,11 +260,11 @@ def test_certs_init_refuses_leaves_that_outlive_their_ca(tmp_path: Path, capsys:
 def test_a_listener_refuses_a_client_certificate_or_a_leaf_as_its_ca(pki: Pki) -> None:
     """`batuta worker --cert client.pem` started, and every coordinator then failed with a hint
     about its own files; `--ca server.pem` was taken too."""
-    with pytest.raises(TLSConfigError, match=r"^batuta worker: certificate .*client\.pem is not a server's: its "):
+    with pytest.raises(TLSConfigError, match=r"^worker: certificate .*client\.pem is not a server's: its "):
         server_context(cert=pki.client_cert, key=pki.client_key, ca=pki.ca)
-    with pytest.raises(TLSConfigError, match=r"^batuta worker: certificate .*ca\.pem is a CA certificate"):
+    with pytest.raises(TLSConfigError, match=r"^worker: certificate .*ca\.pem is a CA certificate"):
         server_context(cert=pki.ca, key=pki.dir / "ca.key", ca=pki.ca)
-    with pytest.raises(TLSConfigError, match=r"^batuta worker: CA certificate .*server\.pem holds a certificate that"):
+    with pytest.raises(TLSConfigError, match=r"^worker: CA certificate .*server\.pem holds a certificate that"):
         server_context(cert=pki.server_cert, key=pki.server_key, ca=pki.server_cert)
     server_context(cert=pki.server_cert, key=pki.server_key, ca=pki.ca)
 
@@ -633,8 +633,24 @@ def test_worker_binds_loopback_by_default_and_checks_its_arguments(pki: Pki, tmp
     assert main(["worker", "--bind", "127.0.0.1:0", "--slots", "-1", *common]) == 2
     assert main(["worker", "--bind", "127.0.0.1:0", "--cert", str(tmp_path / "none.pem"),
                  "--key", str(pki.server_key), "--ca", str(pki.ca)]) == 2  # fmt: skip
+
     loose = tmp_path / "loose.key"
     loose.write_bytes(b"x")
     os.chmod(loose, 0o644)
     assert "chmod 600" in (check_key_file(loose) or "")
     assert check_key_file(pki.server_key) is None
+
+
+def test_a_worker_given_a_folder_for_a_file_says_which_files_it_holds(
+    pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said "batuta: error: batuta worker: certificate DIR: no such file", prefixed twice."""
+    from batuta.cli import main
+
+    folder = pki.server_cert.parent
+    keys = ["--key", str(pki.server_key), "--ca", str(pki.ca)]
+    assert main(["worker", "--bind", "127.0.0.1:0", "--cert", str(folder), *keys]) == 2
+    assert capsys.readouterr().err == (
+        f"batuta: error: worker: certificate {folder} is a folder; give the file in it (`batuta certs init DIR` "
+        "writes ca.pem, server.pem and server.key for a worker, client.pem and client.key for a coordinator)\n"
+    )

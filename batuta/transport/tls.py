@@ -116,6 +116,11 @@ class TLSSettings:
 def _load_chain(context: ssl.SSLContext, cert: Path, key: Path, ca: Path, who: str) -> None:
     """Load our certificate and key and the CA; file problems become TLSConfigError."""
     for label, path in (("CA certificate", ca), ("certificate", cert), ("key", key)):
+        if Path(path).is_dir():
+            raise TLSConfigError(
+                f"{who}: {label} {path} is a folder; give the file in it (`batuta certs init DIR` writes "
+                "ca.pem, server.pem and server.key for a worker, client.pem and client.key for a coordinator)"
+            )
         if not Path(path).is_file():
             raise TLSConfigError(f"{who}: {label} {path}: no such file; create one with `batuta certs init DIR`")
     from batuta.transport.certs import validity_problem  # cryptography: imported where it is needed
@@ -164,7 +169,7 @@ def client_context(settings: TLSSettings) -> ssl.SSLContext:
     return context
 
 
-def server_context(*, cert: Path, key: Path, ca: Path, who: str = "batuta worker") -> ssl.SSLContext:
+def server_context(*, cert: Path, key: Path, ca: Path, who: str = "worker") -> ssl.SSLContext:
     """A listener's context (the worker's; a served coordinator's viewer port): requires a
     client certificate signed by `ca` (clientAuth). `who` starts its errors."""
     context = _base_context(ssl.PROTOCOL_TLS_SERVER)
