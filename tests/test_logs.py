@@ -197,6 +197,33 @@ async def test_pool_observer_logs_failures_and_host_changes_with_context(capture
     assert any("draining" in s for s in states) and any("drained" in s for s in states)
 
 
+async def test_a_host_that_fails_to_start_is_warned_about_once(captured: ListHandler) -> None:
+    """Each start failure printed two warnings, the runtime's ("failed to start ...; retrying")
+    and the observer's ("is unreachable: ..."): the observer's is INFO now."""
+    from batuta.errors import TransportError
+    from batuta.runtime.session import HostSpec
+    from batuta.transport.base import ByteStream
+
+    async def refused() -> ByteStream:
+        raise TransportError("host far: connection refused (test)")
+
+    specs = [local_host(1, gpus="none"), HostSpec(name="far", launch=refused)]
+    pool = Pool(specs, PoolConfig(relaunch_backoff=30.0))  # no relaunch while the test runs
+    observer = PoolLogObserver(pool).attach()
+    try:
+        async with pool:
+            assert (await pool.run(Task.kernel("noop", 1))).value == 1
+    finally:
+        observer.close()
+    about = [r for r in captured.records if "far" in r.getMessage()]
+    warned = [r for r in about if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warned] == [
+        "host far failed to start: host far: connection refused (test); retrying in the background"
+    ]
+    assert _context(warned[0], "host") == ("far",)
+    assert any(r.name == "batuta.pool" and "is unreachable" in r.getMessage() for r in about)  # at INFO
+
+
 LOGGING_JOB = """
 import logging
 

@@ -157,7 +157,12 @@ class HostSupervisor:
         if error is None:
             return
         if not (isinstance(error, TransportError) and not error.retryable):
-            log.warning("host %s failed to start: %s; retrying in the background", session.name, error)
+            log.warning(
+                "host %s failed to start: %s; retrying in the background",
+                session.name,
+                error,
+                extra={"host": session.name},
+            )
         self._launch_failed(session, error)
 
     def _late_start_ended(self, session: HostSession, start: asyncio.Future[None]) -> None:
@@ -178,6 +183,8 @@ class HostSupervisor:
                 await session.start()
                 return None
             except (AgentError, TransportError, OSError) as exc:
+                if not (isinstance(exc, TransportError) and not exc.retryable):
+                    log.warning("host %s failed to join: %s; retrying", session.name, exc, extra={"host": session.name})
                 self._launch_failed(session, exc)
                 return exc
             finally:
@@ -295,7 +302,7 @@ class HostSupervisor:
                 else:
                     await self._bounded_start(session)
             except (AgentError, TransportError, OSError) as exc:
-                log.warning("host %s relaunch %d failed: %s", session.name, attempt, exc)
+                log.warning("host %s relaunch %d failed: %s", session.name, attempt, exc, extra={"host": session.name})
                 self._launch_failed(session, exc)
             finally:
                 self._launches.pop(session.name, None)
