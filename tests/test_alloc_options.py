@@ -209,3 +209,26 @@ def test_a_refusal_beside_other_hosts_is_left_to_the_summary_and_the_log_file(
     assert REFUSAL not in done.stderr  # the summary's host table says it, host by host
     assert sum(REFUSAL in line and line.split()[0].startswith("slurm-") for line in done.stdout.splitlines()) == 3
     assert log.read_text().count(REFUSAL) >= 3  # the log file keeps every line
+
+
+def test_sbatch_s_own_error_line_is_kept_and_its_help_hint_dropped() -> None:
+    """`-- --bogus-option` said only 'Try "sbatch --help" for more information'."""
+    from batuta.runtime.slurm import _said
+
+    said = "sbatch: unrecognized option '--bogus-option'\nTry \"sbatch --help\" for more information\n"
+    assert _said(said) == "sbatch: unrecognized option '--bogus-option'"
+    assert _said(f"sbatch: error: {REFUSAL}\n") == REFUSAL
+    assert _said("something odd\n") == "something odd"
+
+
+def test_a_node_s_slots_default_to_the_cpus_slurm_gave_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One slot per core of the node ran more slots than the CPUs granted (1 by default)."""
+    from batuta.agent.dial import _slurm_cpus
+
+    for key in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+        monkeypatch.delenv(key, raising=False)
+    assert _slurm_cpus() is None  # outside Slurm: the agent's own default (its cores)
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "3")
+    assert _slurm_cpus() == 3
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")  # --cpus-per-task: the one task's CPUs
+    assert _slurm_cpus() == 8

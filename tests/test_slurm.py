@@ -14,9 +14,11 @@ import contextlib
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -178,6 +180,43 @@ def test_batuta_alloc_runs_a_job_on_the_nodes_and_cancels_the_job(slurm_env: Slu
     news = [line for line in done.stderr.splitlines() if line.startswith("batuta: allocation slurm: ")]
     assert re.fullmatch(r"batuta: allocation slurm: job \d+ submitted \(2 nodes, 5\); listening on .+", news[0])
     assert sum(" dialled in from " in line for line in news) == 2, news
+
+
+@pytest.mark.parametrize("signals", [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM,)])
+def test_an_interrupt_while_the_job_waits_cancels_it_and_says_why_it_waited(
+    slurm_env: SlurmCluster, tmp_path: Path, signals: tuple[signal.Signals, ...]
+) -> None:
+    """Three nodes of a two-node partition: the job pends for ever. It said nothing; a SIGTERM
+    then ended in a traceback, and two SIGINTs (`timeout -s INT` signals the process and its
+    group) interrupted the scancel itself, leaving the job queued and the nodes' key on disk."""
+    argv = [sys.executable, "-m", "batuta", "alloc", "slurm", "pi", "--nodes", "3", "--time", "5", "--slots", "1"]
+    argv += ["--gpus", "none", "--directory", str(tmp_path), "--poll-interval", "0.2"]
+    process = subprocess.Popen(argv, env=slurm_env.env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    deadline = threading.Timer(WAIT_S, process.kill)  # bounds the reading below: its end is EOF
+    deadline.start()
+    try:
+        assert process.stderr is not None
+        seen: list[str] = []
+        for line in process.stderr:
+            seen.append(line)
+            if "Slurm will not start it as asked" in line:
+                break
+        warned = seen[-1]
+        assert "is PENDING (PartitionConfig): Slurm will not start it as asked, as it asks for more than the " in warned
+        job = re.search(r"job (\d+) is PENDING", warned)
+        assert job is not None
+        for signum in signals:
+            process.send_signal(signum)
+        rest = process.communicate(timeout=WAIT_S)[1]
+        assert process.returncode == 130, rest
+        assert "Traceback" not in rest and rest.rstrip().endswith("batuta: interrupted"), rest
+    finally:
+        deadline.cancel()
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=WAIT_S)
+    assert job.group(1) not in slurm_env.jobs()
+    assert not list(tmp_path.glob(f"*/{CREDENTIALS}"))
 
 
 @pytest.mark.parametrize(

@@ -195,7 +195,7 @@ async def run(options: argparse.Namespace) -> int:
     name = options.node_name or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     writer.write(greeting(index, name))
     argv = agent_command(
-        slots=options.slots,
+        slots=options.slots if options.slots is not None else _slurm_cpus(),
         gpus=options.gpus,
         kernel_modules=options.kernel_module,
         name=name,
@@ -206,6 +206,17 @@ async def run(options: argparse.Namespace) -> int:
     return 0
 
 
+def _slurm_cpus() -> int | None:
+    """The CPUs Slurm gave the job on this node (one task per node: all of them are the agent's),
+    for the default slot count: one slot per core of the node ran more slots than the CPUs
+    granted on a node that Slurm shares with other jobs. None outside a Slurm step."""
+    for key in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+        value = os.environ.get(key, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m batuta.agent.dial", description=__doc__.splitlines()[0])
     parser.add_argument("--connect", required=True, metavar="HOST:PORT", help="the coordinator's listener")
@@ -213,7 +224,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--server-name", metavar="NAME", help="the name the coordinator's certificate must carry")
     parser.add_argument("--index", type=int, help="this node's index (default: $SLURM_NODEID)")
     parser.add_argument("--node-name", help="this node's name (default: $SLURMD_NODENAME, else the hostname)")
-    parser.add_argument("--slots", type=int, help="CPU slots (default: one per core)")
+    parser.add_argument(
+        "--slots", type=int, help="CPU slots (default: the CPUs Slurm gave the job here, else one per core)"
+    )
     parser.add_argument("--gpus", default="auto", help="GPU slots: auto, none, or indices")
     parser.add_argument("--kernel-module", action="append", default=[], metavar="MODULE")
     parser.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")

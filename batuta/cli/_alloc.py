@@ -33,7 +33,9 @@ def add_alloc_arguments(parser: argparse.ArgumentParser) -> None:
         help="where this coordinator listens for its nodes (default: 127.0.0.1:0, this machine only)",
     )
     alloc.add_argument("--advertise", metavar="NAME", help="the name or address the nodes dial (default: bind's)")
-    alloc.add_argument("--slots", type=integer, metavar="N", help="CPU slots per node (default, or 0: its cores)")
+    alloc.add_argument(
+        "--slots", type=integer, metavar="N", help="CPU slots per node (default, or 0: the CPUs Slurm gives the job)"
+    )
     alloc.add_argument("--gpus", default="auto", help="GPU slots per node: auto, none or indices (default: auto)")
     alloc.add_argument(
         "--node-prefix", default="slurm", metavar="PREFIX", help="prefix of the nodes' host names (default: slurm)"

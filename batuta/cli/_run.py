@@ -178,6 +178,7 @@ def _show_news(args: argparse.Namespace) -> Callable[[], None]:
         return lambda: None
     handler = _StderrNow(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    handler.addFilter(lambda record: record.levelno < logging.WARNING)  # the console's handler shows those
     loggers = [logging.getLogger(name) for name in NEWS_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -290,10 +291,22 @@ async def _sigterm_as_interrupt(run: Coroutine[Any, Any, T]) -> T:
     import asyncio
 
     task = asyncio.current_task()
+    termed: list[bool] = []
+
+    def on_sigterm() -> None:
+        termed.append(True)
+        if task is not None:
+            task.cancel()
+
     if task is not None:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await run
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        return await run
+    except asyncio.CancelledError:
+        if termed:  # before the job began (hosts starting, an allocation queued): as Ctrl-C there
+            raise KeyboardInterrupt from None
+        raise
 
 
 def _interrupted_note(summary: RunSummary, args: argparse.Namespace) -> str:

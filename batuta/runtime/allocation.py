@@ -28,6 +28,7 @@ close) cancels a job still running, closes the listener and deletes the credenti
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import datetime as dt
 import logging
@@ -98,6 +99,7 @@ class Allocation:
         self._joined: dict[int, str] = {}  # index -> node name, as the nodes said
         self._ended: str | None = None  # why no more nodes will join
         self._poller: asyncio.Task[None] | None = None
+        self._reason = ""  # why the job is in its state, as squeue last said
         self._closed = False
 
     # -- the pool's side ----------------------------------------------------------------------
@@ -166,14 +168,27 @@ class Allocation:
             problem = await slurm.cancel(self.job_id)
             if problem:
                 log.warning("allocation %s: scancel %s: %s", self.config.name, self.job_id, problem)
+        atexit.unregister(self._cancel_at_exit)  # done: nothing left for the exit to do
         if self._server is not None:
             self._server.close()
         for stream in self._arrived.values():
             stream.kill()
         self._arrived.clear()
+        self._forget_credentials()
+
+    def _forget_credentials(self) -> None:
         if self.directory is not None:
             with contextlib.suppress(OSError):
                 (self.directory / CREDENTIALS).unlink()
+
+    def _cancel_at_exit(self) -> None:
+        """At the interpreter's exit, where `close()` did not get to the end: a second Ctrl-C
+        (`timeout -s INT` signals the process and its group: two) raised KeyboardInterrupt
+        while its scancel was on its way, and the job stayed queued with the nodes' key on disk.
+        A plain blocking scancel here, which nothing interrupts any more."""
+        if self.job_id is not None and self.state not in slurm.FINAL_STATES:
+            slurm.cancel_now(self.job_id)
+        self._forget_credentials()
 
     # -- submitting ---------------------------------------------------------------------------
 
@@ -236,6 +251,7 @@ class Allocation:
         write_public(script, text.encode(), overwrite=True)
         self.job_id = await slurm.submit(script, config.sbatch_options)
         self.state = "PENDING"
+        atexit.register(self._cancel_at_exit)
         log.info(
             "allocation %s: job %s submitted (%d nodes, %s); listening on %s",
             config.name,
@@ -296,16 +312,35 @@ class Allocation:
         assert self.job_id is not None
         while True:
             await asyncio.sleep(self.config.poll_interval)  # squeue is asked at this pace, by design
-            state = await slurm.job_state(self.job_id)
-            if state is None:
+            answer = await slurm.job_state(self.job_id)
+            if answer is None:
                 continue
-            if state != self.state:
-                log.info("allocation %s: job %s is %s", self.config.name, self.job_id, state)
-                self.state = state
+            state, reason = answer
+            if (state, reason) != (self.state, self._reason):
+                self._say_state(state, reason)
+                self.state, self._reason = state, reason
             if state in slurm.FINAL_STATES:
                 how = "" if state == slurm.ENDED else f" ({state})"
                 self._end(f"allocation {self.config.name}: job {self.job_id} ended{how}{self._output_hint()}")
                 return
+
+    def _say_state(self, state: str, reason: str) -> None:
+        """ "job 42 is RUNNING"; a pending job says why ("PENDING (Resources)"), and where Slurm
+        will never start it as asked, says so with what to change: it waited in silence."""
+        name, job = self.config.name, self.job_id
+        why = f" ({reason})" if reason and reason != "None" and state == "PENDING" else ""
+        hopeless = slurm.HOPELESS_REASONS.get(reason) if state == "PENDING" else None
+        if hopeless is None:
+            log.info("allocation %s: job %s is %s%s", name, job, state, why)
+            return
+        log.warning(
+            "allocation %s: job %s is PENDING (%s): Slurm will not start it as asked, as %s; stop with "
+            "Ctrl-C and ask for fewer nodes, less time or another partition (sinfo lists them)",
+            name,
+            job,
+            reason,
+            hopeless,
+        )
 
     def _end(self, why: str) -> None:
         if self._ended is None:

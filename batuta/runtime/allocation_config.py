@@ -8,7 +8,7 @@
     bind = "10.0.0.5:9500"         # where the coordinator listens for its nodes (default 127.0.0.1:0)
     advertise = "login1"           # the name nodes dial, in the listener's certificate (default: bind's host)
     sbatch = ["--partition=gpu", "--gres=gpu:4"]
-    slots = 32                     # per node (default: its cores)
+    slots = 32                     # per node (default: the CPUs Slurm gives the job there)
     gpus = "auto"
     directory = "~/batuta-jobs"    # on a file system the nodes share: script, credentials, output
 

@@ -10,10 +10,12 @@ with a time bound and its failure is one line naming the command and what Slurm 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shlex
 import signal
-from collections.abc import Sequence
+import subprocess
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from batuta.errors import TransportError, UsageError
@@ -123,7 +125,12 @@ def batch_script(*, name: str, nodes: int, time: str, output: Path, step: Sequen
     )
 
 
-async def _run(argv: Sequence[str], what: str) -> tuple[int, str, str]:
+async def _run(
+    argv: Sequence[str], what: str, *, on_cancel: Callable[[str], Awaitable[None]] | None = None
+) -> tuple[int, str, str]:
+    """Run a Slurm client command, bounded by COMMAND_TIMEOUT_S. With `on_cancel`, a
+    cancellation while it runs waits for it to end and hands that function what it printed
+    (sbatch: the job it may have queued already), then goes on being a cancellation."""
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,
@@ -135,9 +142,19 @@ async def _run(argv: Sequence[str], what: str) -> tuple[int, str, str]:
         raise AllocationError(f"{what}: {argv[0]} not found; is this a Slurm login node (PATH)?") from None
     except OSError as exc:
         raise AllocationError(f"{what}: cannot run {argv[0]}: {exc.strerror}") from None
+    talk = asyncio.ensure_future(process.communicate())
     try:
-        out, err = await asyncio.wait_for(process.communicate(), COMMAND_TIMEOUT_S)
+        out, err = await asyncio.wait_for(asyncio.shield(talk), COMMAND_TIMEOUT_S)
+    except asyncio.CancelledError:
+        if on_cancel is None:
+            talk.cancel()  # the command itself runs to its end (a scancel still cancels)
+            raise
+        with contextlib.suppress(Exception):
+            done, _ = await asyncio.wait_for(talk, COMMAND_TIMEOUT_S)
+            await on_cancel(done.decode(errors="replace"))
+        raise
     except TimeoutError:
+        talk.cancel()
         signal_process(process, signal.SIGKILL)
         await process.wait()
         raise AllocationError(f"{what}: {argv[0]} did not answer within {COMMAND_TIMEOUT_S:g}s") from None
@@ -150,37 +167,81 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+def _said(text: str) -> str:
+    """What a Slurm command said went wrong: its error lines, not the "Try ... --help" hint
+    after them (sbatch's "unrecognized option '--bogus'" was dropped for that hint)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("Try ")]
+    errors = [line for line in lines if "error:" in line or "fatal:" in line or "unrecognized" in line]
+    said = errors or lines[-1:]
+    return "; ".join(line.removeprefix("sbatch: error: ").removeprefix("sbatch: fatal: ") for line in said)
+
+
 async def submit(script: Path, options: Sequence[str]) -> str:
-    """`sbatch --parsable [options] SCRIPT`; returns the job id. Raises AllocationError."""
-    code, out, err = await _run(["sbatch", "--parsable", *options, str(script)], "sbatch")
+    """`sbatch --parsable [options] SCRIPT`; returns the job id. Raises AllocationError. An
+    interrupt while sbatch runs cancels the job it queued (its id was not known yet, so no one
+    else could)."""
+
+    async def cancel_queued(out: str) -> None:
+        queued = out.strip().split(";")[0]
+        if queued.isdigit():
+            await cancel(queued)
+
+    code, out, err = await _run(["sbatch", "--parsable", *options, str(script)], "sbatch", on_cancel=cancel_queued)
     job_id = out.strip().split(";")[0]
     if code != 0 or not job_id.isdigit():
-        said = _last_line(err) or _last_line(out) or f"exit code {code}"
-        said = said.removeprefix("sbatch: error: ").removeprefix("sbatch: fatal: ")
+        said = _said(err) or _last_line(out) or f"exit code {code}"
         given = f" (with {shlex.join(options)})" if options else ""
         raise AllocationError(f"sbatch refused the allocation{given}: {said}; check the sbatch options")
     return job_id
 
 
-async def job_state(job_id: str) -> str | None:
-    """The job's state as squeue says it (PENDING, RUNNING, COMPLETING...), `ENDED` once squeue
-    no longer lists it, or None when squeue could not be asked (try again later)."""
+# Why a job pends, when Slurm will not start it as it was asked however long it waits
+# (squeue's %r; src/common/slurm_protocol_defs.c job_reason_string)
+HOPELESS_REASONS = {
+    "PartitionConfig": "it asks for more than the partition has (nodes, CPUs or memory)",
+    "PartitionNodeLimit": "it asks for more nodes than the partition allows a job",
+    "PartitionTimeLimit": "its time limit is longer than the partition allows",
+    "BadConstraints": "no node has the features or resources it asks for",
+    "InvalidQOS": "its QOS is not valid for this account or partition",
+    "InvalidAccount": "its account is not valid",
+    "QOSMaxNodePerJobLimit": "it asks for more nodes than its QOS allows a job",
+    "QOSMaxWallDurationPerJobLimit": "its time limit is longer than its QOS allows",
+    "AssocMaxNodesPerJobLimit": "it asks for more nodes than its association allows a job",
+    "AssocMaxWallDurationPerJobLimit": "its time limit is longer than its association allows",
+}
+
+
+async def job_state(job_id: str) -> tuple[str, str] | None:
+    """The job's state as squeue says it (PENDING, RUNNING, COMPLETING...) and why it is in it
+    (its reason: "Resources", "Priority", "None"...), `(ENDED, "")` once squeue no longer lists
+    it, or None when squeue could not be asked (try again later)."""
     try:
-        code, out, err = await _run(["squeue", "-h", "-j", job_id, "-o", "%T"], "squeue")
+        code, out, err = await _run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], "squeue")
     except AllocationError:
         return None
-    state = out.strip()
+    fields = out.split()
     if code == 0:
-        return state.split()[0] if state else ENDED
+        return (fields[0], " ".join(fields[1:])) if fields else (ENDED, "")
     if "invalid job id" in err.lower():
-        return ENDED
+        return (ENDED, "")
     return None
 
 
 async def cancel(job_id: str) -> str:
-    """`scancel JOB`; returns "" or what scancel said when it failed (the job may be gone)."""
+    """`scancel JOB`; returns "" or what scancel said when it failed (the job may be gone).
+    Run from a thread: an interrupt of the coordinator (a second Ctrl-C) cannot stop it
+    halfway, and the loop's shutdown waits for it."""
+    return await asyncio.to_thread(cancel_now, job_id)
+
+
+def cancel_now(job_id: str) -> str:
+    """`scancel JOB`, blocking (bounded by COMMAND_TIMEOUT_S): `cancel`, or at the exit."""
     try:
-        code, _out, err = await _run(["scancel", job_id], "scancel")
-    except AllocationError as exc:
-        return str(exc)
-    return "" if code == 0 else _last_line(err) or f"scancel exit code {code}"
+        done = subprocess.run(
+            ["scancel", job_id], capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False
+        )
+    except FileNotFoundError:
+        return "scancel: not found; is this a Slurm login node (PATH)?"
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"scancel: {exc}"
+    return "" if done.returncode == 0 else _last_line(done.stderr) or f"scancel exit code {done.returncode}"
