@@ -396,3 +396,21 @@ def test_a_host_that_reaches_a_package_index_installs_from_it_not_from_a_pushed_
     assert json.loads((venv / MARKER).read_text())["batuta"] == __version__
     done = subprocess.run([f"{venv}/bin/python", "-c", "import batuta.agent.main, numba; print('ok')"], **_text())
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_cache_folder_the_host_cannot_write_is_named_with_its_cause(
+    hosts: TestHosts, coordinator_cache: Path, tmp_path: Path
+) -> None:
+    """A read-only cache said "copying files to ... failed: .../batuta is not a directory":
+    SFTP says only "Failure", which asyncssh's makedirs reports so."""
+    python = bare_python(tmp_path)
+    cache = Path("/sys/batuta-test-cache")  # sysfs: no folder can be made there, not even by root
+    cluster = write_cluster(tmp_path / "cluster.toml", hosts, 0, python, cache)
+    code, report = install(cluster, coordinator_cache)
+    assert code == 1
+    (host,) = report["hosts"]
+    error = host["error"]
+    assert "is not a directory" not in error and "No such file" not in error, error
+    assert f"cannot create {cache}/batuta/" in error and "/sys/batuta-test-cache" in error, error
+    assert error.endswith("point XDG_CACHE_HOME at a writable folder in the host's env (the cluster file's env = { "
+                          'XDG_CACHE_HOME = "..." }), or make its home writable'), error  # fmt: skip

@@ -214,3 +214,31 @@ async def test_hosts_that_join_later_do_not_hold_the_start() -> None:
         async with asyncio.timeout(60):
             await joined.wait()
         assert {h.name: h.state for h in pool.hosts()} == {"here": "up", "node-0": "up"}
+
+
+async def test_start_up_waits_past_start_wait_for_a_host_installing_batuta(caplog: pytest.LogCaptureFixture) -> None:
+    """A bootstrap host went on installing after start_wait; a short run then ended, stopping
+    the install, and every next run found the host without batuta again."""
+    gate = asyncio.Event()
+    slow = replace(gated(local_host(1, gpus="none", name="slow"), gate), installing=lambda: not gate.is_set())
+    pool = Pool([local_host(1, gpus="none", name="quick"), slow], PoolConfig(start_wait=0))
+    entered = asyncio.create_task(pool.__aenter__())
+    said = asyncio.Event()
+    waits = "start-up waits for slow while batuta installs there (bootstrap = true)"
+
+    class Heard(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() == waits:
+                said.set()
+
+    heard = Heard()
+    logging.getLogger("batuta.runtime.hosts").addHandler(heard)
+    try:
+        await asyncio.wait_for(said.wait(), 60)  # quick is up, start_wait is over: it says why it waits
+        assert not entered.done()
+        gate.set()
+        await asyncio.wait_for(entered, 60)
+        assert {h.name: h.state for h in pool.hosts()} == {"quick": "up", "slow": "up"}
+    finally:
+        logging.getLogger("batuta.runtime.hosts").removeHandler(heard)
+        await pool.__aexit__(None, None, None)

@@ -615,6 +615,25 @@ async def test_an_agent_killed_as_it_exits_is_reaped_by_asyncio_alone(caplog: py
     assert not [r.getMessage() for r in caplog.records if r.name == "asyncio"]
 
 
+async def test_a_python_without_batuta_is_told_the_command_that_installs_it() -> None:
+    """It said "No module named 'batuta'" and nothing else; the fix was only in stack check."""
+    from batuta.errors import AgentError
+    from batuta.runtime.session import HostSpec
+    from batuta.transport.local import open_local_agent
+
+    async def launch() -> Any:
+        # isolated, without site: the python of a host where batuta is not installed
+        return await open_local_agent([sys.executable, "-I", "-S", "-m", "batuta.agent", "--stdio"], name="bare")
+
+    pool = Pool([HostSpec(name="bare", launch=launch)], PoolConfig(max_relaunches=0))
+    with pytest.raises(AgentError) as info:
+        await pool.start()
+    assert "No module named 'batuta'" in str(info.value)
+    assert str(info.value).endswith(
+        "; install it there with `batuta cluster install --cluster FILE`, or set bootstrap = true for the host"
+    )
+
+
 def test_another_python_minor_is_accepted_and_another_batuta_refused() -> None:
     """The wire is msgpack with its own schema, so only batuta's version must match."""
     import platform

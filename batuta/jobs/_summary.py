@@ -38,7 +38,7 @@ HOST_RETIRED = "retired"  # refused for good: the pool will not try it again
 HOST_UNREACHABLE = "unreachable"  # never came up during the run
 HOST_STARTING = "starting"  # past start_wait, still starting: the run went on without it
 # A host in one of these states at the end, or lost at any time, makes `--strict` fail.
-HOST_FAILED_STATES = frozenset({HOST_LOST, HOST_RETIRED, HOST_UNREACHABLE})
+HOST_FAILED_STATES = frozenset({HOST_LOST, HOST_RETIRED, HOST_UNREACHABLE, HOST_STARTING})
 NEVER_UP_REASON = "never came up during the run; the log (batuta.runtime.pool) has its start errors"
 
 
@@ -198,8 +198,8 @@ class RunTracker:
         """Every host of the pool: those never heard of still appear, as never reached."""
         for name in names:
             host = self._host(name)
-            if not host.was_up and host.state == HOST_STARTING:  # at the end: it never came up
-                host.state, host.reason = HOST_UNREACHABLE, f"still starting when the run ended ({host.reason})"
+            if not host.was_up and host.state == HOST_STARTING:  # at the end: it never came up, did nothing
+                host.reason = f"still starting when the run ended ({host.reason})"
             if not host.was_up and host.state == HOST_UNREACHABLE and not host.reason:
                 host.reason = NEVER_UP_REASON
 

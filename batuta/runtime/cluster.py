@@ -56,6 +56,7 @@ are for settings such as `OMP_NUM_THREADS`, never for secrets.
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -202,6 +203,7 @@ def ssh_host(
         kernel_modules=host.kernel_modules,
         data_link=settings.data_link,
         python=f"{host.python} on {host.name}" if host.python else "",  # else picked on the host
+        installing=functools.partial(shared.installing, host.name) if bootstrap and shared else None,
     )
 
 

@@ -317,7 +317,8 @@ class HostSupervisor:
 
 
 async def _await_starts(sessions: Sequence[HostSession], starts: Sequence[asyncio.Future[None]], wait: float) -> None:
-    """Until one host is up (or every start has ended), then up to `wait` seconds for the rest.
+    """Until one host is up (or every start has ended), then up to `wait` seconds for the rest,
+    and for as long as it takes for those installing batuta (bootstrap = true).
 
     Say which hosts it still waits for, `STRAGGLER_NOTE_S` after one is up: an address that
     does not answer waits out connect_timeout and a bootstrap installs batuta, and a pause with
@@ -333,23 +334,40 @@ async def _await_starts(sessions: Sequence[HostSession], starts: Sequence[asynci
     note = min(STRAGGLER_NOTE_S, wait)
     if note > 0:
         _, pending = await asyncio.wait(pending, timeout=note)
-    if not pending or wait <= note:
-        return
+    if pending and wait > note:
+        _note_stragglers(sessions, starts, pending, wait - note)
+        _, pending = await asyncio.wait(pending, timeout=None if math.isinf(wait) else wait - note)
+    installing = [f for s, f in zip(sessions, starts, strict=True) if f in pending and _installing(s)]
+    if installing:  # a run that ended first stopped the install: the next found no batuta there again
+        names = [s.name for s, f in zip(sessions, starts, strict=True) if f in installing]
+        log.warning("start-up waits for %s while batuta installs there (bootstrap = true)", ", ".join(names))
+        await asyncio.wait(installing)
+
+
+def _note_stragglers(
+    sessions: Sequence[HostSession],
+    starts: Sequence[asyncio.Future[None]],
+    pending: set[asyncio.Future[None]],
+    more: float,
+) -> None:
     waiting = [session.name for session, start in zip(sessions, starts, strict=True) if start in pending]
     up = sum(1 for start in starts if start.done() and not start.cancelled() and start.exception() is None)
-    names = ", ".join(waiting)
     them = "it" if len(waiting) == 1 else "them"
-    more = f", {wait - note:g} s more at most: then tasks start without {them} (start_wait in [pool])"
+    then = f", {more:g} s more at most: then tasks start without {them} (start_wait in [pool])"
     log.warning(
         "start-up waits for %s (%d of %d hosts up): until %s or gives up (connect_timeout in [ssh], "
         "start_timeout in [pool])%s",
-        names,
+        ", ".join(waiting),
         up,
         len(starts),
         "it answers" if len(waiting) == 1 else "each answers",
-        "" if math.isinf(wait) else more,
+        "" if math.isinf(more) else then,
     )
-    await asyncio.wait(pending, timeout=None if math.isinf(wait) else wait - note)
+
+
+def _installing(session: HostSession) -> bool:
+    installing = session.spec.installing
+    return installing is not None and installing()
 
 
 def telemetry_event(session: HostSession, hb: m.Heartbeat, now: float) -> pe.HostTelemetry:

@@ -430,6 +430,7 @@ class Installer:
         self._release: wheels.Release | None = None
         self._build_lock = asyncio.Lock()
         self._wheelhouses: dict[tuple[str, str, str], Path] = {}
+        self._installing: set[str] = set()  # hosts whose bootstrap install runs now
 
     def _progress(self, host: str, step: str, detail: str = "", done: int = 0, total: int = 0) -> None:
         if self.on_progress is not None:
@@ -493,6 +494,12 @@ class Installer:
             self._progress(host.name, "done" if done.ok else "failed", done.path or done.error)
             return done
 
+    def installing(self, host: str) -> bool:
+        """Whether `host`'s bootstrap install is under way (or waits its turn): start-up waits
+        for such a host past start_wait, since a run that ended first stopped the install, and
+        the next run found the host without batuta again."""
+        return host in self._installing
+
     # -- one host -------------------------------------------------------------------------
 
     async def ensure(self, ssh: SSHHost, host: InstallTarget) -> str:
@@ -503,13 +510,17 @@ class Installer:
         if installed(facts, release):
             return facts.venv_python
         start = time.perf_counter()
-        async with self._jobs:
-            log.info(
-                "host %s: installing batuta %s there (bootstrap = true; the first time takes a minute or so)",
-                host.name,
-                release.version,
-            )
-            result = await self.install(ssh, host)
+        self._installing.add(host.name)
+        try:
+            async with self._jobs:
+                log.info(
+                    "host %s: installing batuta %s there (bootstrap = true; the first time takes a minute or so)",
+                    host.name,
+                    release.version,
+                )
+                result = await self.install(ssh, host)
+        finally:
+            self._installing.discard(host.name)
         log.info(
             "host %s: installed batuta %s for Python %s from the %s in %.1f s (bootstrap = true)",
             host.name,

@@ -47,6 +47,13 @@ def _too_old(python: str) -> str:
     )
 
 
+def _install_hint(said: str) -> str:
+    """The fix, where the host's python said it has no batuta: the command that puts it there."""
+    if "No module named 'batuta'" not in said and "No module named batuta" not in said:
+        return ""
+    return "; install it there with `batuta cluster install --cluster FILE`, or set bootstrap = true for the host"
+
+
 def _ended(how: str) -> str:
     """Why a host's stream ended, from how its agent's process ended, if known: a SIGKILL
     nobody here sent is most often the kernel's out-of-memory killer."""
@@ -87,6 +94,8 @@ class HostSpec:
     joins_later: bool = False  # an allocation's node: the pool starts without waiting for it (runtime/allocation.py)
     data_link: DataLinkSetting | None = None  # big arrays beside the stream (runtime/datalink.py); None: off
     python: str = ""  # the interpreter its agent runs with, where known here (for messages); "": unknown
+    # True while its launch installs batuta there (bootstrap = true): start-up waits for it past start_wait
+    installing: Callable[[], bool] | None = None
 
 
 @dataclass(slots=True)
@@ -348,7 +357,7 @@ class HostSession:
                     if self.hello is None:
                         said = await stream.last_words(LAST_WORDS_WAIT_S)
                         reason = (
-                            f"agent exited before saying hello: {said}"
+                            f"agent exited before saying hello: {said}{_install_hint(said)}"
                             if said
                             else "agent exited before saying hello, with nothing on stderr (is batuta installed for "
                             f"{self.spec.python or 'that python'}? "

@@ -152,7 +152,12 @@ class SSHHost:
         label = self.target.label
         try:
             async with conn.start_sftp_client() as sftp:
-                await sftp.makedirs(remote_dir, exist_ok=True)
+                try:
+                    await sftp.makedirs(remote_dir, exist_ok=True)
+                except asyncssh.SFTPError as exc:
+                    raise SSHError(
+                        f"host {label} ({self.where}): {await self._why_no_folder(remote_dir, exc)}"
+                    ) from exc
                 entries = await sftp.readdir(remote_dir)
                 there = {str(entry.filename): entry.attrs.size for entry in entries}
                 todo = [f for f in files if there.get(f.name) != f.stat().st_size]
@@ -181,6 +186,20 @@ class SSHHost:
         except (asyncssh.Error, OSError) as exc:
             raise SSHError(f"host {label} ({self.where}): copying files to {remote_dir} failed: {exc}") from exc
         return [f.name for f in todo]
+
+    async def _why_no_folder(self, remote_dir: str, exc: asyncssh.SFTPError) -> str:
+        """Why `remote_dir` cannot be made there. SFTP says only "Failure" for a read-only file
+        system, and asyncssh's makedirs then reports "... is not a directory"; `mkdir -p` there
+        says what it is."""
+        said = ""
+        with contextlib.suppress(SSHError, asyncssh.Error, OSError):
+            done = await self.run(["mkdir", "-p", "--", remote_dir], timeout=self.settings.connect_timeout)
+            said = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
+        reason = said.removeprefix("mkdir: ") or exc.reason or str(exc)
+        return (
+            f"cannot create {remote_dir}: {reason}; point XDG_CACHE_HOME at a writable folder in the host's env "
+            '(the cluster file\'s env = { XDG_CACHE_HOME = "..." }), or make its home writable'
+        )
 
     async def open_stream(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> SSHStream:
         """Start `argv` (the agent) on a new channel; the stream owns the connection from here."""
