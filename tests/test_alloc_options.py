@@ -176,6 +176,12 @@ def test_a_directory_this_machine_cannot_use_is_one_exit_2_line_before_sbatch(
         "folder; set --directory to a folder on a file system the nodes share"
     ]
     assert calls(fake_sbatch) == []
+    # a folder that looks writable but is not (procfs): found only as it is made, still exit 2 (was 3)
+    done = alloc(fake_sbatch, tmp_path, "--directory", "/proc/batuta-nope")
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith("batuta: error: ") and "cannot create /proc/batuta-nope/slurm-" in line, line
+    assert calls(fake_sbatch) == []
 
 
 def test_the_cluster_files_directory_is_checked_by_the_same_rule_naming_its_key(tmp_path: Path) -> None:
@@ -197,6 +203,18 @@ def test_an_sbatch_refusal_is_said_once(fake_sbatch: Path, tmp_path: Path) -> No
         "check the sbatch options"
     ]
     assert len(calls(fake_sbatch)) == 1  # one allocation, asked for once
+
+
+def test_a_file_of_allocations_alone_is_not_sent_to_stack_check_which_has_nothing_to_check(
+    fake_sbatch: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "alloc.toml").write_text(table(directory=f'"{tmp_path / "jobs"}"'))
+    done = batuta(fake_sbatch, tmp_path, "run", "pi", "-c", "alloc.toml")
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"batuta: error: no host could be started, so nothing ran: sbatch refused the allocation: {REFUSAL}; "
+        "check the sbatch options"
+    )
 
 
 def test_a_refusal_beside_other_hosts_is_left_to_the_summary_and_the_log_file(

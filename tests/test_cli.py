@@ -881,6 +881,11 @@ def test_the_resume_hint_names_the_modules_the_run_shipped() -> None:
         "'batuta run job.py --cluster c.toml --module lib/k.py --module pkg --journal j --resume' "
         "runs only what is not done"
     )
+    # batuta alloc: 'batuta run job.py ...' would run here, on no allocation
+    alloc = argparse.Namespace(job="job.py", cluster=None, module=None, journal=None, kind="slurm")
+    assert _interrupted_note(summary, alloc).endswith(
+        "with --journal DIR (before any '--') the same 'batuta alloc' command can be resumed (--resume)"
+    )
 
 
 @needs_runtime

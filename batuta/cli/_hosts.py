@@ -12,6 +12,7 @@ from batuta._version import __version__
 from batuta.errors import UsageError
 
 if TYPE_CHECKING:
+    from batuta.runtime.cluster import ClusterConfig
     from batuta.runtime.probe import HostReport
 
 from batuta.cli._common import (
@@ -252,6 +253,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     from batuta.runtime.probe import probe_hosts
 
     cluster = load_cluster(args.cluster)
+    _allocations_aside(cluster, args.cluster, "'batuta cluster status' has no host to reach")
     with sigterm_as_interrupt():
         reports = asyncio.run(probe_hosts(host_specs(cluster), timeout=args.timeout))
     if args.json:
@@ -259,6 +261,23 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     else:
         _print_host_table(reports)
     return EXIT_OK if all(r.ok for r in reports) else EXIT_FAILED
+
+
+def _allocations_aside(cluster: ClusterConfig, path: str, nothing: str) -> None:
+    """An allocation's nodes exist only while it runs: a report over the other hosts says so,
+    and one over nothing at all is a usage error, not an empty table that reads as a pass."""
+    if not cluster.allocations:
+        return
+    asked = ", ".join(allocation.name for allocation in cluster.allocations)
+    if not cluster.hosts and cluster.local is None:
+        raise UsageError(
+            f"{path} has only [[allocations]] ({asked}), whose nodes exist only while allocated, so {nothing}; "
+            "run a job with 'batuta alloc' (its summary names each node's problem), or list hosts in [[hosts]]"
+        )
+    print(
+        f"batuta: note: the nodes of [[allocations]] ({asked}) are not checked: they exist only while allocated",
+        file=sys.stderr,
+    )
 
 
 def _report_dict(report: HostReport) -> dict[str, object]:
@@ -378,20 +397,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
     from batuta.stack.survey import EMBEDDED, StackOptions, run_stack
 
     cluster = load_cluster(args.cluster) if args.cluster else None
-    if cluster is not None and cluster.allocations:
-        # an allocation's nodes exist only while it runs: a verdict over the rest must say so,
-        # and over nothing at all must not read as a pass
-        asked = ", ".join(allocation.name for allocation in cluster.allocations)
-        if not cluster.hosts and cluster.local is None:
-            raise UsageError(
-                f"{args.cluster} has only [[allocations]] ({asked}), whose nodes exist only while allocated, so "
-                "'batuta stack' has no node to check; run a job with 'batuta alloc' (its summary names each "
-                "node's problem), or list hosts in [[hosts]]"
-            )
-        print(
-            f"batuta: note: the nodes of [[allocations]] ({asked}) are not checked: they exist only while allocated",
-            file=sys.stderr,
-        )
+    if cluster is not None:
+        _allocations_aside(cluster, args.cluster, "'batuta stack' has no node to check")
     options = StackOptions(
         timeout=args.timeout,
         strict=getattr(args, "strict", False),

@@ -11,10 +11,11 @@ from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
-from batuta.errors import UsageError
+from batuta.errors import BatutaError, UsageError
 
 if TYPE_CHECKING:
     from batuta.jobs import RunOutcome, RunSummary
+    from batuta.runtime.cluster import ClusterConfig
 
 from batuta.cli._common import (
     EXIT_FAILED,
@@ -249,8 +250,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 def unreachable(exc: Exception, args: argparse.Namespace) -> int:
     """No host could be started (served or not): the one-line error, where to look, exit 3."""
     check = f"; 'batuta stack check -c {args.cluster}' checks every host and says what to fix"
-    print_error(f"{exc}{check if args.cluster else ''}")
+    cluster = getattr(args, "cluster_config", None) or _loaded(args.cluster)
+    # stack check has nothing to check in allocations alone (it says so, exit 2): no pointer there
+    listed = cluster is not None and (cluster.hosts or cluster.local is not None)
+    print_error(f"{exc}{check if args.cluster and listed else ''}")
     return EXIT_UNREACHABLE
+
+
+def _loaded(path: str | None) -> ClusterConfig | None:
+    if not path:
+        return None
+    try:
+        return load_cluster(path)
+    except BatutaError:
+        return None
 
 
 def report_run(outcome: RunOutcome, args: argparse.Namespace) -> None:
@@ -317,6 +330,10 @@ def _interrupted_note(summary: RunSummary, args: argparse.Namespace) -> str:
     note = (
         f"{PROG}: interrupted: {summary.tasks - cancelled} of {summary.tasks} tasks finished, {cancelled} cancelled; "
     )
+    if getattr(args, "kind", None):  # batuta alloc: its options (and sbatch's after '--') are the user's own
+        if args.journal:
+            return note + "the same 'batuta alloc' command with --resume (before any '--') runs only what is not done"
+        return note + "with --journal DIR (before any '--') the same 'batuta alloc' command can be resumed (--resume)"
     again = f"{PROG} run {args.job}" + (f" --cluster {args.cluster}" if args.cluster else "")
     again += "".join(f" --module {module}" for module in args.module or ())  # its kernels, shipped again
     if args.journal:

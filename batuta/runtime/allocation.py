@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from batuta.agent.dial import parse_greeting
-from batuta.errors import ConfigError
+from batuta.errors import ConfigError, HostConfigError
 from batuta.runtime import slurm
 from batuta.runtime.allocation_config import AllocationConfig
 from batuta.runtime.session import HostSpec, Launcher
@@ -268,8 +268,8 @@ class Allocation:
         directory = base / f"{self.config.name}-{stamp}-{os.getpid()}"
         try:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as exc:
-            raise slurm.AllocationError(
+        except OSError as exc:  # this machine's setting: a configuration error (exit 2), as folder_problem's
+            raise HostConfigError(
                 f"allocation {self.config.name}: cannot create {directory}: {exc.strerror}; set "
                 f"{self.config.directory_setting} to a folder on a file system the nodes share"
             ) from None
