@@ -24,6 +24,7 @@ import traceback
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from batuta.agent.numba_errors import numba_error
 from batuta.core.task import BinaryCall, KernelCall, Outcome
 from batuta.protocol.messages import (
     TaskOutcome,
@@ -155,10 +156,11 @@ class KernelRunner:
         except BaseException as exc:  # SystemExit in a kernel must not end the slot
             run_s = time.perf_counter() - started
             printed = err.end()
+            directory = self._code.directory if self._code is not None else None
             return _outcome(
                 request,
                 Outcome.ERROR,
-                error=describe_exception(exc),
+                error=numba_error(exc, directory) or describe_exception(exc),
                 stdout=out.end(),
                 stderr=printed + traceback.format_exc().encode("utf-8", "replace"),
                 run_s=run_s,

@@ -1,0 +1,58 @@
+"""A numba compile error in one line a person reads (batuta/agent/numba_errors.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from batuta import Pool, Task
+from batuta.agent.numba_errors import numba_error
+
+KERNEL = """\
+import numba
+from batuta import kernel
+
+
+@numba.njit
+def _inner(x):
+    return x + "a"
+
+
+@kernel("ne_typing")
+def ne_typing(x):
+    return _inner(x)
+"""
+
+
+def test_a_typing_error_keeps_its_cause_and_the_users_line_not_the_candidates() -> None:
+    numba = pytest.importorskip("numba")
+    bundle = "/root/.cache/batuta/code/" + "ab" * 32
+    text = (
+        "Failed in nopython mode pipeline (step: nopython frontend)\n"
+        "No implementation of function Function(<built-in function add>) found for signature:\n \n"
+        " >>> add(array(float64, 1d, C), Literal[str](a))\n \nThere are 20 candidate implementations:\n"
+        " - Of which 18 did not match due to:\n Overload of function 'add': File: <numerous>: Line N/A.\n\n"
+        f"During: typing of intrinsic-call at {bundle}/mymod.py (5)\n\n"
+        f'File "../..{bundle}/mymod.py", line 5:\ndef _inner(x):\n    return x + "a"\n    ^\n\n'
+        "During: Pass nopython_type_inference"
+    )
+    said = numba_error(numba.core.errors.TypingError(text))
+    assert said == (
+        "TypingError: No implementation of function Function(<built-in function add>) found for signature: "
+        '>>> add(array(float64, 1d, C), Literal[str](a)) (at mymod.py line 5: return x + "a")'
+    )
+    assert numba_error(ValueError("not numba's")) is None
+
+
+async def test_a_kernel_that_does_not_compile_fails_in_one_short_line(tmp_path: Path) -> None:
+    """It was one line of 1,000 characters: every candidate overload, and the code cache's path."""
+    (tmp_path / "ne_kernels.py").write_text(KERNEL)
+    async with Pool.local(1, gpu_workers="none", modules=[tmp_path / "ne_kernels.py"]) as pool:
+        result = await pool.run(Task.kernel("ne_typing", np.ones(3)))
+    assert result.error == (
+        "TypingError: No implementation of function Function(<built-in function add>) found for signature: "
+        '>>> add(array(float64, 1d, C), Literal[str](a)) (at ne_kernels.py line 7: return x + "a")'
+    )
+    assert b"There are " in result.stderr  # the whole of numba's words stay in the traceback
