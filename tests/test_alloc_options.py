@@ -250,3 +250,23 @@ def test_a_node_s_slots_default_to_the_cpus_slurm_gave_the_job(monkeypatch: pyte
     assert _slurm_cpus() == 3
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")  # --cpus-per-task: the one task's CPUs
     assert _slurm_cpus() == 8
+
+
+@pytest.mark.parametrize(
+    ("option", "fix"),
+    [
+        ("--time=1", "give the time limit as time (--time)"),
+        ("-N2", "give the node count as nodes (--nodes)"),
+        ("--ntasks-per-node=4", "batuta runs one task per node"),
+    ],
+)
+def test_sbatch_options_that_would_undo_batutas_own_are_refused(
+    fake_sbatch: Path, tmp_path: Path, option: str, fix: str
+) -> None:
+    """`-- --time=1` overrode --time silently, while batuta said and used its own value."""
+    done = alloc(fake_sbatch, tmp_path, "--", option)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"batuta: error: the sbatch options after --: {option!r} would override what batuta asks sbatch for; {fix}"
+    ]
+    assert calls(fake_sbatch) == []

@@ -178,7 +178,9 @@ def test_batuta_alloc_runs_a_job_on_the_nodes_and_cancels_the_job(slurm_env: Slu
     assert not list(tmp_path.glob(f"*/{CREDENTIALS}"))
     # what the allocation is doing, said as it happens (a queued job said nothing)
     news = [line for line in done.stderr.splitlines() if line.startswith("batuta: allocation slurm: ")]
-    assert re.fullmatch(r"batuta: allocation slurm: job \d+ submitted \(2 nodes, 5\); listening on .+", news[0])
+    assert re.fullmatch(
+        r"batuta: allocation slurm: job \d+ submitted \(2 nodes for 00:05:00\); listening on .+", news[0]
+    )
     assert sum(" dialled in from " in line for line in news) == 2, news
 
 
@@ -347,3 +349,17 @@ def test_an_ended_allocation_is_explained_by_slurms_own_line_when_there_is_one(t
     cancelled = "slurmstepd: error: *** JOB 10 ON n1 CANCELLED AT 2026-12-06T07:00:00 DUE TO TIME LIMIT ***"
     output.write_text(f"{cancelled}\nbatuta dial: node n2 (1): session ended: stopped by a signal\n")
     assert allocation._output_hint() == f" (its output {output}: {cancelled})"
+
+
+def test_an_allocation_keeps_its_newest_folders_only(tmp_path: Path) -> None:
+    """One folder per run (script, Slurm's output) piled up in ~/.batuta/allocations."""
+    from batuta.runtime.allocation import KEEP_FOLDERS, _prune
+
+    names = [f"slurm-202612{day:02d}-120000-{100 + day}" for day in range(1, 26)]
+    for name in names:
+        (tmp_path / name).mkdir()
+    (tmp_path / names[0] / CREDENTIALS).write_text("")  # the oldest, but a run of it may be going
+    (tmp_path / "other-20261201-120000-1").mkdir()  # another allocation's: not this one's to prune
+    _prune(tmp_path, "slurm", keep=KEEP_FOLDERS)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([names[0], *names[-KEEP_FOLDERS:], "other-20261201-120000-1"])

@@ -22,7 +22,7 @@ from batuta.errors import UsageError
 
 def add_alloc_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("kind", choices=("slurm",), help="the batch scheduler (slurm)")
-    add_run_arguments(parser)
+    add_run_arguments(parser, cluster_help="also run on the hosts of this cluster file (TOML), beside the nodes")
     alloc = parser.add_argument_group("the allocation (options after -- go to sbatch)")
     alloc.add_argument("--nodes", type=integer, required=True, metavar="N", help="nodes to ask for")
     alloc.add_argument("--time", required=True, metavar="LIMIT", help="Slurm time limit: minutes (30), H:MM:SS or D-H")

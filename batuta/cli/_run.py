@@ -33,7 +33,10 @@ from batuta.cli._common import (
 # -- batuta run --------------------------------------------------------------------------
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+def add_run_arguments(
+    parser: argparse.ArgumentParser,
+    cluster_help: str = "run on the hosts of this cluster file (TOML) instead of locally",
+) -> None:
     from batuta.jobs import builtin_job_names
 
     parser.add_argument(
@@ -41,7 +44,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="JOB",
         help="a .py file defining 'async def main(pool)', or a built-in job: " + ", ".join(builtin_job_names()),
     )
-    _add_pool_arguments(parser, cluster_help="run on the hosts of this cluster file (TOML) instead of locally")
+    _add_pool_arguments(parser, cluster_help=cluster_help)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     parser.add_argument(
         "--json",

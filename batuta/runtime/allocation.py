@@ -33,6 +33,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import re
 import shutil
 import stat
 import sys
@@ -56,6 +57,20 @@ HANDSHAKE_TIMEOUT_S = 10.0
 CERT_MARGIN = dt.timedelta(hours=1)  # certificates outlive the time limit by this much
 CREDENTIALS = "node-credentials.pem"
 DEFAULT_DIRECTORY = Path("~/.batuta/allocations")
+KEEP_FOLDERS = 20  # an allocation's folders kept (script and Slurm's output), the newest; one per run piled up
+_FOLDER = re.compile(r"(?P<name>.+)-\d{8}-\d{6}-\d+")  # NAME-YYYYmmdd-HHMMSS-PID (_make_directory)
+
+
+def _prune(base: Path, name: str, *, keep: int) -> None:
+    """Remove all but the `keep` newest of the allocation `name`'s earlier folders under
+    `base`; never one with nodes' credentials in it (a run of it may still be going)."""
+    try:
+        mine = [p for p in base.iterdir() if (m := _FOLDER.fullmatch(p.name)) and m["name"] == name and p.is_dir()]
+    except OSError:
+        return
+    for old in sorted(mine, key=lambda p: p.name, reverse=True)[keep:]:
+        if not (old / CREDENTIALS).exists():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def folder_problem(base: Path) -> str:
@@ -253,11 +268,12 @@ class Allocation:
         self.state = "PENDING"
         atexit.register(self._cancel_at_exit)
         log.info(
-            "allocation %s: job %s submitted (%d nodes, %s); listening on %s",
+            "allocation %s: job %s submitted (%d node%s for %s); listening on %s",
             config.name,
             self.job_id,
             config.nodes,
-            config.time,
+            "" if config.nodes == 1 else "s",
+            slurm.slurm_form(config.time_limit_s),  # "5" said "(2 nodes, 5)": minutes, as Slurm reads it
             format_address(*self.address),
         )
         self._poller = asyncio.create_task(self._poll(), name=f"squeue-{config.name}")
@@ -274,6 +290,7 @@ class Allocation:
                 f"{self.config.directory_setting} to a folder on a file system the nodes share"
             ) from None
         self.directory = directory
+        _prune(base, self.config.name, keep=KEEP_FOLDERS)
         return directory
 
     # -- nodes dialling in --------------------------------------------------------------------

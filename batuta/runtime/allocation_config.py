@@ -128,6 +128,35 @@ def read_allocations(value: Any, reader: FieldReader) -> tuple[AllocationConfig,
     return tuple(allocations)
 
 
+# sbatch options that would undo what batuta writes in the batch script: the node count names
+# the hosts and the time limit bounds the nodes' certificates; one task per node and the
+# output file are how the step and the end are found
+_OWN_OPTIONS = {
+    "--nodes": "give the node count as nodes (--nodes)",
+    "-N": "give the node count as nodes (--nodes)",
+    "--time": "give the time limit as time (--time)",
+    "-t": "give the time limit as time (--time)",
+    "--ntasks": "batuta runs one task per node",
+    "-n": "batuta runs one task per node",
+    "--ntasks-per-node": "batuta runs one task per node",
+    "--output": "batuta writes the output beside the script, where it reads why a job ended",
+    "-o": "batuta writes the output beside the script, where it reads why a job ended",
+}
+
+
+def _batutas_own(options: tuple[str, ...]) -> str:
+    """Why one of `options` may not be given ("" when none): sbatch would take it over the
+    script's own line, silently, while batuta said and used its own value."""
+    for option in options:
+        flag = option.split("=", 1)[0]
+        if flag not in _OWN_OPTIONS and not option.startswith("--") and option[:2] in _OWN_OPTIONS:
+            flag = option[:2]  # -N2, -t30: the value attached
+        fix = _OWN_OPTIONS.get(flag)
+        if fix is not None:
+            return f"{option!r} would override what batuta asks sbatch for; {fix}"
+    return ""
+
+
 def allocation_from_options(table: Mapping[str, Any], options: Mapping[str, str]) -> AllocationConfig:
     """`batuta alloc`'s options, given as an `[[allocations]]` table would give them (`table`,
     keyed as `_KEYS`), checked by the cluster file's own checks; `options` names the option of
@@ -182,6 +211,9 @@ def _allocation(table: dict[str, Any], path: FieldPath, reader: FieldReader) -> 
             fields[key] = reader._string((*path, key), table[key])
     if "sbatch" in table:
         fields["sbatch_options"] = tuple(reader._string_list((*path, "sbatch"), table["sbatch"]))
+        taken = _batutas_own(fields["sbatch_options"])
+        if taken:
+            raise reader.error((*path, "sbatch"), taken)
     if "slots" in table:
         fields["slots"] = reader._slots((*path, "slots"), table["slots"]) or None
     if "gpus" in table:

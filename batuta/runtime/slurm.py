@@ -90,7 +90,7 @@ def time_limit_seconds(text: str) -> int:
         if value > most:
             raise UsageError(
                 f"time {text!r} has {value} {unit}, past 0 to {most}; Slurm would read it as "
-                f"{_slurm_form(total)}: write that, or the time you meant"
+                f"{slurm_form(total)}: write that, or the time you meant"
             )
     if total == 0:
         raise UsageError(
@@ -98,11 +98,11 @@ def time_limit_seconds(text: str) -> int:
             f"credentials expire with it); {_FORMS}"
         )
     if total > _MAX_SECONDS:
-        raise UsageError(f"time {text!r} is longer than Slurm can count ({_slurm_form(_MAX_SECONDS)}); ask for less")
+        raise UsageError(f"time {text!r} is longer than Slurm can count ({slurm_form(_MAX_SECONDS)}); ask for less")
     return total
 
 
-def _slurm_form(seconds: int) -> str:
+def slurm_form(seconds: int) -> str:
     """`seconds` as Slurm writes a time: D-HH:MM:SS, or HH:MM:SS under a day."""
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
