@@ -414,3 +414,23 @@ def test_a_cache_folder_the_host_cannot_write_is_named_with_its_cause(
     assert f"cannot create {cache}/batuta/" in error and "/sys/batuta-test-cache" in error, error
     assert error.endswith("point XDG_CACHE_HOME at a writable folder in the host's env (the cluster file's env = { "
                           'XDG_CACHE_HOME = "..." }), or make its home writable'), error  # fmt: skip
+
+
+def test_an_index_without_the_packages_is_not_called_unreachable(
+    hosts: TestHosts, coordinator_cache: Path, tmp_path: Path
+) -> None:
+    """pip reached the index, which lacked a package: the note said the index was not reachable."""
+    python = bare_python(tmp_path)
+    index = simple_index(tmp_path / "index", [])
+    (index / "simple").mkdir(parents=True)  # an index with no project at all
+    with http_server(index, hosts[1].root_address, []) as port:
+        url = f"http://{hosts[1].root_address}:{port}/simple/"
+        no_cache = ', PIP_NO_CACHE_DIR = "1", PIP_CONFIG_FILE = "/dev/null"'
+        cluster = write_cluster(
+            tmp_path / "cluster.toml", hosts, 1, python, tmp_path / "cache", extra=f'index_url = "{url}"', env=no_cache
+        )
+        code, report = install(cluster, coordinator_cache)
+    assert code == 0, [h.get("error") for h in report["hosts"]]
+    (host,) = report["hosts"]
+    assert (host["ok"], host["path"]) == (True, "wheelhouse")  # it falls back, as for an unreachable one
+    assert host["note"].startswith("the package index this host uses has no "), host["note"]

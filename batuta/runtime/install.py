@@ -153,6 +153,9 @@ if not a["offline"]:
         code, out = 1, "timed out"
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if code != 0 and ("No matching distribution" in out or "Could not find a version" in out):
+        missing = "the package index this host uses has no %s (pip: %s)"
+        finish(3, ok=False, error=missing % (a["index_probe"], tail(out, 1)))
     if code != 0:
         finish(3, ok=False, error="the package index is not reachable from this host (pip: %s)" % tail(out, 1))
 
