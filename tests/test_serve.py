@@ -462,6 +462,11 @@ async def test_controls_from_a_viewer_pause_resume_drain_and_answer_bad_requests
         assert [r[2] for r in replies] == [True, True, False, True, True]
         assert "no host named 'no-such-host'" in replies[2][3]
         await until(lambda: server.history.host_state.get("local", [0, "", ""])[2] == "drained", "the host drained")
+        # an attached dashboard undoes a drain too (it could only drain: the last host's work stuck)
+        await connection.control("undrain_host", "local")
+        await until(lambda: len(replies) == 6, "six replies")
+        assert replies[5][2] is True and replies[5][3] == "local takes work again"
+        await until(lambda: server.history.host_state.get("local", [0, "", ""])[2] == "up", "the host up again")
         assert server.controls is not None and server.controls.cancelled == ["spin"]  # type: ignore[attr-defined]
         await connection.close()
         reader.cancel()

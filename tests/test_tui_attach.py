@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from batuta.tui.attach import AttachedApp
+from batuta.tui.screens import PickerScreen
 from batuta.tui.snapshot import screen_text
 
 from batuta import Pool
@@ -118,6 +119,15 @@ async def test_attach_detach_and_reattach_while_the_job_runs(runtime_dir: Path) 
             await until(pilot, lambda: not pool.paused, "resume from the attached view")
             await pilot.press("c")
             await until(pilot, lambda: controls.cancelled == ["spin"], "cancel from the attached view")
+            await pilot.press("n")
+            await until(pilot, lambda: isinstance(second.screen, PickerScreen), "the host picker")
+            await pilot.press("enter")
+            await until(pilot, lambda: second.model.hosts["local"].state in ("draining", "drained"), "the drain")
+            # the drained host is offered back: an attached view could drain and never undo it
+            await pilot.press("n")
+            await until(pilot, lambda: isinstance(second.screen, PickerScreen), "the host picker again")
+            await pilot.press("enter")
+            await until(pilot, lambda: second.model.hosts["local"].state == "up", "the host to take work again")
             await pilot.press("q")  # quitting an attached view is a detach too
         await _forgotten(server)
     finally:

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -56,6 +56,8 @@ if TYPE_CHECKING:
     from batuta.runtime.pool import Pool
     from batuta.runtime.shipping import CodeShipped
 
+    from .rows import HostRow
+
 log = logging.getLogger("batuta.tui")
 
 FrameListener = Callable[[float, float], None]
@@ -80,6 +82,14 @@ def _one_line(text: str, limit: int = 400) -> str:
 
 UNDRAIN = "undrain:"  # a drain picker value that gives the host work again
 _DRAINED = ("draining", "drained")
+
+
+def drain_choices(hosts: Iterable[HostRow]) -> list[tuple[str, str]]:
+    """The drain picker's (value, label)s: hosts to drain, and drained ones to give work again
+    (a drain is undone the same way: draining the last host must not leave its work stuck)."""
+    choices = [(h.name, h.name) for h in hosts if h.state in ("up", "suspected")]
+    choices += [(f"{UNDRAIN}{h.name}", f"{h.name} (undrain: give it work again)") for h in hosts if h.state in _DRAINED]
+    return choices
 
 
 class BatutaApp(App[None]):
@@ -416,12 +426,7 @@ class BatutaApp(App[None]):
         self.sync_now()
 
     def action_drain_host(self) -> None:
-        hosts = self.model.hosts.values()
-        choices = [(h.name, h.name) for h in hosts if h.state in ("up", "suspected")]  # (value, label)
-        # a drain is undone the same way: draining the last host must not leave its work stuck
-        choices += [
-            (f"{UNDRAIN}{h.name}", f"{h.name} (undrain: give it work again)") for h in hosts if h.state in _DRAINED
-        ]
+        choices = drain_choices(self.model.hosts.values())
         if self.pool is None or not choices:
             self.notify("no host to drain", severity="warning")
             return

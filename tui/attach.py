@@ -310,19 +310,26 @@ class AttachedApp(BatutaApp):
         self.run_worker(self._send("resume" if self.model.paused else "pause"), group="control")
 
     def action_drain_host(self) -> None:
+        from .app import drain_choices
         from .screens import PickerScreen
 
-        hosts = [h.name for h in self.model.hosts.values() if h.state in ("up", "suspected")]
-        if not hosts:
+        choices = drain_choices(self.model.hosts.values())
+        if not choices:
             self.notify("no host to drain", severity="warning")
             return
         self.push_screen(
-            PickerScreen("Drain which host? (it gets no new work)", [(name, name) for name in hosts]),
+            PickerScreen("Drain which host? (it gets no new work)", choices),
             lambda host: self.drain_host(host) if host else None,
         )
 
     def drain_host(self, host: str) -> None:
-        self.run_worker(self._send("drain_host", host), group="control")
+        """Drain `host` on the coordinator, or undrain it (a picker value starting with `UNDRAIN`)."""
+        from .app import UNDRAIN
+
+        if host.startswith(UNDRAIN):
+            self.run_worker(self._send("undrain_host", host.removeprefix(UNDRAIN)), group="control")
+        else:
+            self.run_worker(self._send("drain_host", host), group="control")
 
     def action_stop_coordinator(self) -> None:
         self.run_worker(self._send("stop"), group="control")

@@ -6,7 +6,7 @@ with `tls_bind`, on a TCP address behind mutual TLS (the worker certificates of 
 certs init`, batuta/transport/tls.py). A viewer (`batuta tui --attach`) sends "attach" and
 gets a hello, a snapshot of the bounded history (batuta/runtime/serve_history.py) and then
 every event as it happens; `batuta ps` sends "info"; a viewer or `batuta stop` sends
-"control" (pause, resume, cancel a job, drain a host, stop). The wire is in serve_wire.py.
+"control" (pause, resume, cancel a job, drain or undrain a host, stop). The wire is in serve_wire.py.
 
 The pool's bus calls `_pending.append` and nothing else. Every `flush_s` the batch is
 encoded once, remembered in the history and, as one frame, queued for each viewer: the
@@ -58,7 +58,7 @@ class ServedPool(Protocol):
     def subscribe(self, callback: pe.Subscriber) -> Callable[[], None]: ...
     def pause(self) -> None: ...
     def resume(self) -> None: ...
-    def drain(self, host: str) -> None: ...
+    def drain(self, host: str, *, undo: bool = False) -> None: ...
     def slots(self) -> list[SlotView]: ...
 
 
@@ -450,6 +450,9 @@ class CoordinatorServer:
             elif action == "drain_host":
                 pool.drain(argument)
                 text = f"draining {argument}: no new work goes there"
+            elif action == "undrain_host":
+                pool.drain(argument, undo=True)
+                text = f"{argument} takes work again"
             elif action == "cancel_job":
                 if self.controls is None:
                     raise UsageError("this coordinator has no job to cancel")

@@ -46,7 +46,7 @@ QUEUED, STARTED, REQUEUED, FINISHED = 1, 2, 3, 4
 HOST_UP, HOST_STATE, HOST_DOWN, TELEMETRY, SLOT_STATE = 5, 6, 7, 8, 9
 LOG, JOB, STATUS, PAUSED, SLOTS = 20, 21, 22, 23, 24
 TASK_KINDS = frozenset({QUEUED, STARTED, REQUEUED, FINISHED})
-CONTROL_ACTIONS = frozenset({"pause", "resume", "cancel_job", "drain_host", "stop"})
+CONTROL_ACTIONS = frozenset({"pause", "resume", "cancel_job", "drain_host", "undrain_host", "stop"})
 
 _STATUSES = {status.value: status for status in TaskStatus}
 _BACKENDS = {backend.value: backend for backend in Backend}
