@@ -119,11 +119,24 @@ def test_calling_a_kernel_def_runs_the_reference() -> None:
 def test_invalid_and_duplicate_definitions_are_refused() -> None:
     with pytest.raises(KernelDefinitionError, match="invalid kernel name"):
         kernels.kernel("mod:thing")
-    with pytest.raises(KernelDefinitionError, match="already registered"):
+    with pytest.raises(KernelDefinitionError, match=r"'vadd' is one of batuta's built-in kernels \(batuta"):
 
         @kernels.kernel("vadd")
         def other_vadd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
             return a - b
+
+    def first() -> int:
+        return 1
+
+    def second() -> int:
+        return 2
+
+    kernels.kernel("tk_mine")(first)
+    try:
+        with pytest.raises(KernelDefinitionError, match=r"'tk_mine' is already registered by .*first; pick another"):
+            kernels.kernel("tk_mine")(second)
+    finally:
+        kernels.unregister("tk_mine")
 
     with pytest.raises(KernelDefinitionError, match="already has a 'cpu' variant"):
         basic.vadd.cpu(lambda a, b: a + b)
