@@ -175,6 +175,88 @@ async def test_flipped_bytes_end_the_trusted_part(tmp_path: Path) -> None:
     assert sorted(read_journal(path)[0]) == ["k0", "k1"]
 
 
+async def test_a_journal_folder_is_one_runs_at_a_time(tmp_path: Path) -> None:
+    """Two runs on one journal: the second started over while it read the first's checkpoints,
+    and returned the first run's result as its own."""
+    first = await Journal.open(tmp_path, job="j", resume=False)
+    for resume in (False, True):
+        with pytest.raises(JournalError) as info:
+            await Journal.open(tmp_path, job="j", resume=resume)
+        assert str(info.value) == (
+            f"journal {str(tmp_path)!r} is in use by another run (process {os.getpid()}); wait for it to end, or "
+            "give this run another --journal folder"
+        )
+    await first.close()
+    second = await Journal.open(tmp_path, job="j", resume=True)  # the first ended: its folder is free
+    await second.close()
+
+
+async def test_checkpoints_of_another_job_or_other_code_are_not_resumed_from(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An edited kernel module, or another job file, resumed the loop from the old checkpoint:
+    a result neither the old nor the new code gives."""
+    journal = await Journal.open(tmp_path, job="job.py", resume=False)
+    await journal.bind("code-1")
+    await journal.checkpoints.save("iter_5", {"x": 5})
+    await journal.close()
+    again = await Journal.open(tmp_path, job="job.py", resume=True)
+    await again.bind("code-1")  # the same job and code: its checkpoints stand
+    assert [c.name for c in again.checkpoints.list()] == ["iter_5"]
+    await again.close()
+    for job, code, why in (("job.py", "code-2", "other code"), ("other.py", "code-1", "another job")):
+        reopened = await Journal.open(tmp_path, job=job, resume=True)
+        await reopened.checkpoints.save("iter_5", {"x": 5})
+        with caplog.at_level(logging.WARNING, logger="batuta.observers.journal"):
+            await reopened.bind(code)
+        assert reopened.checkpoints.list() == []
+        assert f"its checkpoints were made by {why}, so they are not used" in caplog.records[-1].getMessage()
+        await reopened.close()
+
+
+async def test_a_failed_write_is_said_once_and_closing_names_the_fix(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk: 230 error lines, then a traceback from close(), and no summary."""
+
+    class FullDisk:
+        def write(self, data: bytes) -> int:
+            raise OSError(28, "No space left on device")
+
+        def flush(self) -> None:
+            raise OSError(28, "No space left on device")
+
+        def fileno(self) -> int:
+            return 0
+
+        def close(self) -> None:
+            raise OSError(28, "No space left on device")
+
+    journal = await Journal.open(tmp_path, job="j", resume=False)
+    journal._file.close()
+    journal._file = FullDisk()
+    with caplog.at_level(logging.WARNING, logger="batuta.observers.journal"):
+        for i in range(20):
+            journal.record(f"k{i}", result(i, i))
+            await asyncio.sleep(0)
+            await journal.flush()
+        with pytest.raises(JournalError) as info:
+            await journal.close()
+    assert str(info.value) == (
+        f"journal {tmp_path / JOURNAL_FILE}: a write failed (No space left on device), so results since were not "
+        "journaled; free the disk and run again with --resume"
+    )
+    assert sum("write failed" in r.getMessage() for r in caplog.records) == 1
+    reopened = await Journal.open(tmp_path, job="j", resume=True)  # closing released the folder
+    await reopened.close()
+
+
+async def test_a_folder_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    """An existing read-only folder gave a 25-line traceback; a missing one, one line."""
+    with pytest.raises(JournalError, match=r"^cannot use '/sys/kernel' as a journal folder: Permission denied$"):
+        await Journal.open("/sys/kernel", job="j", resume=False)  # sysfs: not even root writes there
+
+
 async def test_not_a_journal_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / JOURNAL_FILE).write_bytes(b"something else entirely")
     with pytest.raises(JournalError, match="not a batuta journal"):

@@ -40,7 +40,7 @@ from batuta.errors import AgentError, BatutaError, ConfigError, HostConfigError,
 from batuta.jobs._load import Job
 from batuta.jobs._summary import RunSummary, RunTracker, one_line
 from batuta.observers.checkpoint import use_checkpoints
-from batuta.observers.journal import Journal, JournalStore
+from batuta.observers.journal import Journal, JournalError, JournalStore
 from batuta.observers.logs import PoolLogObserver, log_context
 from batuta.runtime.events import HostDown, HostStateChanged, HostUp, PoolEvent, TaskFinished, TaskQueued
 
@@ -186,6 +186,7 @@ async def run_job(
         await _start(pool)
         try:
             if run_journal is not None:
+                await run_journal.bind(pool.code_digest)  # its checkpoints: this job's, this code's
                 pool.set_result_store(JournalStore(run_journal, resume=resume))
             started = time.perf_counter()
             try:
@@ -231,6 +232,8 @@ async def run_job(
         try:
             if run_journal is not None:
                 await run_journal.close()
+        except JournalError as exc:  # a full disk: the run's error, beside its summary (a traceback had neither)
+            error = error or str(exc)
         finally:
             if exporter is not None:
                 _final_metrics(exporter, metrics_textfile)

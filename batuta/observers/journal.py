@@ -68,7 +68,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
+import json
 import logging
 import os
 import struct
@@ -90,6 +92,8 @@ log = logging.getLogger("batuta.observers.journal")
 MAGIC = b"BATUTAJ1"
 JOURNAL_FILE = "journal.bin"
 CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = ".lock"  # held by the run that has the journal open (`_lock`)
+RUN_FILE = "run.json"  # the job and code the checkpoints were made by (`Journal.bind`)
 _RECORD = struct.Struct("<II")  # payload length, crc32 of the payload
 _MAX_RECORD = 1 << 31
 
@@ -297,6 +301,7 @@ class Journal:
         entries: dict[str, TaskResult],
         file: Any,
         places: dict[Place, str] | None = None,
+        lock: int = -1,
     ) -> None:
         self.directory = directory
         self.path = directory / JOURNAL_FILE
@@ -305,6 +310,7 @@ class Journal:
         self._entries = entries  # what the journal held when opened: resume looks these up
         self._places = places or {}  # the key journaled at each place, as opened
         self._file = file
+        self._lock = lock  # the folder's lock, held until close (`_lock`)
         self._pending: list[bytes] = []
         self._flusher: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
@@ -317,11 +323,39 @@ class Journal:
     async def open(cls, directory: str | os.PathLike[str], *, job: str, resume: bool) -> Journal:
         """Open (or create) the journal in `directory`; without `resume`, start it over."""
         folder = Path(directory)
-        entries, places, file = await asyncio.to_thread(_open_sync, folder, resume)
-        journal = cls(folder, job, entries, file, places)
+        entries, places, file, lock = await asyncio.to_thread(_open_sync, folder, resume)
+        journal = cls(folder, job, entries, file, places, lock)
         if not resume:
             await asyncio.to_thread(_discard_checkpoints, journal.checkpoints)
         return journal
+
+    async def bind(self, code: str) -> None:
+        """The job's checkpoints belong to this job and this code (the digest of what the pool
+        ships): those of another job, or of code edited since, are discarded, saying so. A
+        resumed run took them regardless, and returned the other job's (or old code's) answer
+        from a loop resumed halfway. Tasks need no such care: their keys hold both."""
+        await asyncio.to_thread(self._bind, code)
+
+    def _bind(self, code: str) -> None:
+        run = self.directory / RUN_FILE
+        now = {"job": self.job, "code": code}
+        try:
+            before = json.loads(run.read_text())
+        except (OSError, ValueError):
+            before = None
+        if before != now and self.checkpoints.list():
+            why = "another job" if not isinstance(before, dict) or before.get("job") != self.job else "other code"
+            log.warning(
+                "journal %s: its checkpoints were made by %s, so they are not used: the job's loop starts over "
+                "(task results of unchanged code are still restored)",
+                self.directory,
+                why,
+            )
+            _discard_checkpoints(self.checkpoints, say=False)  # said above, with why
+        if before != now:
+            tmp = run.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(now))
+            os.replace(tmp, run)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -344,7 +378,7 @@ class Journal:
     def record(self, key: str, result: TaskResult, place: Place | None = None) -> None:
         """Journal `result` under `key` (at `place`, for a place key) if it succeeded.
         On the loop: encodes, then queues."""
-        if not result.is_success():
+        if not result.is_success() or self._error is not None:  # after a failed write, said once, nothing more
             return
         if self._file is None:
             log.warning("journal %s is closed: task %d (%s) not journaled", self.path, result.task_id, key)
@@ -386,19 +420,28 @@ class Journal:
             await asyncio.shield(self._flusher)
 
     async def close(self) -> None:
-        """Flush and close. Raises JournalError if some write failed."""
+        """Flush and close, releasing the folder. Raises JournalError if some write failed."""
         await asyncio.sleep(0)  # let done-callbacks already scheduled (tasks just finished) record
         try:
             await self.flush()
         finally:
             if self._file is not None:
-                await asyncio.to_thread(self._file.close)
+                try:
+                    await asyncio.to_thread(self._file.close)
+                except OSError as exc:  # its last buffered bytes: a full disk says so here
+                    self._error = self._error or exc
                 self._file = None
+            if self._lock >= 0:
+                os.close(self._lock)
+                self._lock = -1
         if self._error is not None:
-            raise JournalError(f"journal {self.path}: a write failed: {self._error}")
+            raise JournalError(
+                f"journal {self.path}: a write failed ({_reason(self._error)}), so results since were not journaled; "
+                "free the disk and run again with --resume"
+            )
 
 
-def _open_sync(folder: Path, resume: bool) -> tuple[dict[str, TaskResult], dict[Place, str], Any]:
+def _open_sync(folder: Path, resume: bool) -> tuple[dict[str, TaskResult], dict[Place, str], Any, int]:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # a file of that name, or one on its path
@@ -407,6 +450,43 @@ def _open_sync(folder: Path, resume: bool) -> tuple[dict[str, TaskResult], dict[
         ) from None
     except OSError as exc:
         raise JournalError(f"cannot use {str(folder)!r} as a journal folder: {exc.strerror or exc}") from None
+    lock = _lock(folder)
+    try:
+        entries, places, file = _open_locked(folder, resume)
+    except OSError as exc:  # a folder that exists but cannot be written (read-only, full)
+        os.close(lock)
+        raise JournalError(f"cannot use {str(folder)!r} as a journal folder: {exc.strerror or exc}") from None
+    except BaseException:
+        os.close(lock)
+        raise
+    return entries, places, file, lock
+
+
+def _lock(folder: Path) -> int:
+    """Hold `folder/LOCK_FILE` for this run (released with its fd, or by the kernel when the
+    process dies, even by kill -9): two runs on one journal interleaved their records, and one
+    started over while it read the other's checkpoints, returning the other's result."""
+    path = folder / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise JournalError(f"cannot use {str(folder)!r} as a journal folder: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise JournalError(
+            f"journal {str(folder)!r} is in use by another run (process {holder}); wait for it to end, or give "
+            "this run another --journal folder"
+        ) from None
+    with contextlib.suppress(OSError):  # who holds it, for the message above: a read-only folder still locks
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def _open_locked(folder: Path, resume: bool) -> tuple[dict[str, TaskResult], dict[Place, str], Any]:
     path = folder / JOURNAL_FILE
     entries: dict[str, TaskResult] = {}
     places: dict[Place, str] = {}
@@ -414,7 +494,8 @@ def _open_sync(folder: Path, resume: bool) -> tuple[dict[str, TaskResult], dict[
         entries, places, good, size = _read_journal(path)
         if good < size:
             log.warning(
-                "journal %s: dropped a torn or corrupt tail of %d bytes at byte %d (a crash mid-write)",
+                "journal %s: dropped its last %d bytes, from byte %d on, where a record is torn or corrupt (a crash "
+                "mid-write, or damage to the file): the results after it run again",
                 path,
                 size - good,
                 good,
@@ -437,9 +518,13 @@ def _open_sync(folder: Path, resume: bool) -> tuple[dict[str, TaskResult], dict[
     return entries, places, file
 
 
-def _discard_checkpoints(manager: CheckpointManager) -> None:
+def _reason(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+def _discard_checkpoints(manager: CheckpointManager, *, say: bool = True) -> None:
     stale = manager.list()
-    if stale:
+    if stale and say:
         log.warning("journal: discarding %d checkpoint(s) of an earlier run in %s", len(stale), manager.directory)
     for info in stale:
         with contextlib.suppress(FileNotFoundError):

@@ -518,6 +518,12 @@ class Pool:
     # -- views ------------------------------------------------------------------------------
 
     @property
+    def code_digest(self) -> str:
+        """The digest of the user's code this pool ships ("" when none): what a journal binds
+        its checkpoints to."""
+        return self._shipped.digest
+
+    @property
     def paused(self) -> bool:
         return self._scheduler.paused
 
