@@ -841,6 +841,32 @@ def test_attach_targets_parse() -> None:
         parse_target("me@gpu1:bad*name")
 
 
+def test_a_served_job_that_raised_says_why_in_ps(runtime_dir: Path, tmp_path: Path) -> None:
+    """`batuta ps` showed 'failed' beside '50 tasks: 50 succeeded, 0 failed': the reason was in the log only."""
+    from batuta.jobs import load_job, serve_job
+
+    (tmp_path / "raising.py").write_text(
+        "async def main(pool):\n    await pool.map('noop', range(5))\n    raise RuntimeError('boom at the end')\n"
+    )
+    job = load_job(str(tmp_path / "raising.py"))
+    seen: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        def listening(server: CoordinatorServer) -> None:
+            async def watch() -> None:
+                await until(lambda: server.state == "failed", "the job to fail", timeout=120)
+                seen.append(await ask_info(Target(path=server.path)))
+
+            asyncio.get_running_loop().create_task(watch())
+
+        await serve_job(job, name="raising", linger_s=0.5, on_listening=listening, workers=1)
+
+    asyncio.run(main())
+    assert seen and seen[0]["state"] == "failed"
+    summary = seen[0]["summary"]
+    assert summary.startswith("5 tasks: 5 succeeded, 0 failed") and "RuntimeError: boom at the end" in summary, summary
+
+
 def test_serve_job_keeps_a_finished_coordinator_visible_then_exits(runtime_dir: Path) -> None:
     from batuta.jobs import load_job, serve_job
 

@@ -142,8 +142,10 @@ async def serve_job(
         )
         server.note(ended)
         server.hosts_closed(f"released: job {job.name} ended")
-        server.set_state(state, line or message)
-        log.info("job %s %s: %s", job.name, state, line or message)
+        # a job whose main() raised: its error with the counts ('50 tasks: 50 succeeded' alone read as fine)
+        said = f"{line}; {summary.error}" if line and summary.error else line or message
+        server.set_state(state, said)
+        log.info("job %s %s: %s", job.name, state, said)
         if on_ended is not None:
             on_ended(outcome)
         if not controls.stopping.is_set() and linger_s > 0:
