@@ -205,7 +205,7 @@ def test_a_bare_host_gets_batuta_from_the_wheelhouse_runs_a_task_and_a_second_in
     venv = venv_of(cache, python)
     assert (host["host"], host["ok"], host["path"]) == ("h0", True, "wheelhouse")
     assert host["venv_python"] == f"{venv}/bin/python"
-    assert "package index is not reachable from this host" in host["note"]
+    assert "the package index cannot give this host msgpack==" in host["note"]
     assert host["pushed_bytes"] > 0
     assert json.loads((venv / MARKER).read_text())["batuta"] == __version__
     assert not (cache / "batuta" / "wheels").exists() or not any((cache / "batuta" / "wheels").iterdir())
@@ -416,10 +416,10 @@ def test_a_cache_folder_the_host_cannot_write_is_named_with_its_cause(
                           'XDG_CACHE_HOME = "..." }), or make its home writable'), error  # fmt: skip
 
 
-def test_an_index_without_the_packages_is_not_called_unreachable(
+def test_an_index_without_the_packages_is_not_only_called_unreachable(
     hosts: TestHosts, coordinator_cache: Path, tmp_path: Path
 ) -> None:
-    """pip reached the index, which lacked a package: the note said the index was not reachable."""
+    """pip reached the index, which lacked a package: the note said only that the index was not reachable."""
     python = bare_python(tmp_path)
     index = simple_index(tmp_path / "index", [])
     (index / "simple").mkdir(parents=True)  # an index with no project at all
@@ -433,4 +433,5 @@ def test_an_index_without_the_packages_is_not_called_unreachable(
     assert code == 0, [h.get("error") for h in report["hosts"]]
     (host,) = report["hosts"]
     assert (host["ok"], host["path"]) == (True, "wheelhouse")  # it falls back, as for an unreachable one
-    assert host["note"].startswith("the package index this host uses has no "), host["note"]
+    assert host["note"].startswith("the package index cannot give this host msgpack=="), host["note"]
+    assert ": not reachable from it, or without it (pip: " in host["note"]

@@ -153,11 +153,11 @@ if not a["offline"]:
         code, out = 1, "timed out"
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if code != 0 and ("No matching distribution" in out or "Could not find a version" in out):
-        missing = "the package index this host uses has no %s (pip: %s)"
-        finish(3, ok=False, error=missing % (a["index_probe"], tail(out, 1)))
     if code != 0:
-        finish(3, ok=False, error="the package index is not reachable from this host (pip: %s)" % tail(out, 1))
+        # pip says "No matching distribution" both for an index it cannot reach (with --retries 0,
+        # nothing before it says so) and for one that lacks the package: the words cover both
+        said = "the package index cannot give this host %s: not reachable from it, or without it (pip: %s)"
+        finish(3, ok=False, error=said % (a["index_probe"], tail(out, 1)))
 
 os.makedirs(os.path.dirname(venv), exist_ok=True)
 lock = open(venv + ".lock", "a")
