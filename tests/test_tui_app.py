@@ -601,3 +601,44 @@ def test_sigterm_quits_the_dashboard_as_q_does_and_gives_the_terminal_back() -> 
     assert after[3] == before[3]  # lflag: echo and line editing back
     _, alive = psutil.wait_procs(agents, timeout=30)
     assert not alive
+
+
+def test_text_with_square_brackets_is_shown_as_it_is(tmp_path: Path) -> None:
+    """A job's value '[/tmp/out.npy]' was read as Rich markup by its toast: MarkupError ended the
+    dashboard, and the jobs beside it, with exit code 0 (on a terminal: Pilot's screen did not
+    draw that toast)."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.support.terminal import read_pty
+
+    job = tmp_path / "returns_a_path.py"
+    job.write_text('async def main(pool):\n    return "results saved to [/tmp/out.npy]"\n')
+    env = {**os.environ, "TERM": "xterm-256color", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("NO_COLOR", None)
+    with read_pty() as (slave, chunks):
+        app = subprocess.Popen(
+            [sys.executable, "-m", "batuta", "tui", "-w", "1", "--job", str(job)],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+        )
+        try:
+            me = psutil.Process(app.pid)
+            for _ in range(600):  # bounded: 60 s for the job's toast
+                if b"out.npy" in b"".join(chunks) or app.poll() is not None:
+                    break
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    app.wait(0.1)
+            drawn = b"".join(chunks)
+            assert app.poll() is None and b"MarkupError" not in drawn, drawn[-2000:]
+            agents = me.children(recursive=True)
+            app.send_signal(signal.SIGTERM)
+            assert app.wait(60) == 0
+        finally:
+            if app.poll() is None:
+                app.kill()
+    psutil.wait_procs(agents, timeout=30)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, ClassVar
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
+from textual.notifications import SeverityLevel
 from textual.widgets import Footer
 from textual.worker import Worker, get_current_worker
 
@@ -114,6 +115,20 @@ class BatutaApp(App[None]):
         Binding("q", "quit", "Quit"),
         Binding("x", "detach", "Detach", show=False),
     ]
+
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: SeverityLevel = "information",
+        timeout: float | None = None,
+        markup: bool = False,
+    ) -> None:
+        """A toast whose text is shown as it is. What it says comes from jobs, hosts and errors:
+        read as Rich markup, a job's value '[/tmp/out.npy]' raised MarkupError and ended the
+        dashboard (and its jobs) with exit code 0, and '[ssh]' vanished from a hint."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
 
     def __init__(
         self,

@@ -485,4 +485,4 @@ def cmd_tui(args: argparse.Namespace) -> int:
         close_logging()
         if exporter is not None:
             exporter.close()
-    return EXIT_OK
+    return EXIT_FAILED if app.return_code else EXIT_OK  # a crash (Textual printed why) is no success

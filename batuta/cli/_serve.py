@@ -457,7 +457,7 @@ def cmd_tui_attached(args: argparse.Namespace) -> int:
     if app.ended and app.model.status == "failed":
         print(f"{PROG}: error: {app.ended}", file=sys.stderr)
         return EXIT_FAILED
-    return EXIT_OK
+    return EXIT_FAILED if app.return_code else EXIT_OK  # a crash (Textual printed why) is no success
 
 
 def _lent_ssh(target: Any, cluster: str | None, *, ask_passphrase: bool) -> tuple[Any, Any]:
