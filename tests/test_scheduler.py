@@ -574,6 +574,41 @@ def test_a_drain_is_undone_and_the_host_takes_work_again() -> None:
     assert all(sim.resolved[t][0].slot_id == "x/0" for t in waiting)
 
 
+def test_an_undrained_host_takes_work_submitted_after_the_undo() -> None:
+    """With nothing queued at the undo, its slots were never offered work again: 0 of 308
+    tasks went to the undrained host while the others took them all."""
+    sim = sim_with(config=SchedulerConfig(initial_window=2, tail_tasks_per_slot=0))
+    sim.add_slot("x/0", host_id="x")
+    sim.add_slot("y/0", host_id="y")
+    sim.handle(ev.HostDrainRequested(host_id="x"))
+    sim.handle(ev.HostDrainRequested(host_id="x", undo=True))
+    ids = [sim.submit() for _ in range(4)]
+    assert len(sim.slots["x/0"].queue) == 2  # its window filled at submission, as y's
+    sim.run_to_completion()
+    sim.assert_each_resolved_once()
+    assert {sim.resolved[t][0].slot_id for t in ids} == {"x/0", "y/0"}
+
+
+def test_a_drained_host_stays_drained_through_a_relaunch() -> None:
+    """Its agent killed and relaunched, a drained host came back up and took work again,
+    silently: the drain had been forgotten once it was complete."""
+    sim = sim_with(config=SchedulerConfig(initial_window=2, tail_tasks_per_slot=0))
+    sim.add_slot("x/0", host_id="x")
+    sim.add_slot("y/0", host_id="y")
+    sim.handle(ev.HostDrainRequested(host_id="x"))
+    assert sum(isinstance(i, ev.AnnounceDrained) for i in sim.instructions) == 1
+    sim.handle(ev.HostLost(host_id="x", reason="agent killed", retired=False))
+    sim.add_slot("x/0", host_id="x")  # relaunched: its slot joins again
+    assert sum(isinstance(i, ev.AnnounceDrained) for i in sim.instructions) == 2  # said again: it was "up"
+    ids = [sim.submit() for _ in range(4)]
+    sim.run_to_completion()
+    assert {sim.resolved[t][0].slot_id for t in ids} == {"y/0"}
+    sim.handle(ev.HostDrainRequested(host_id="x", undo=True))  # until undone
+    more = [sim.submit() for _ in range(4)]
+    sim.run_to_completion()
+    assert "x/0" in {sim.resolved[t][0].slot_id for t in more}
+
+
 def test_drain_moves_queued_work_away_and_reports_when_empty() -> None:
     sim = sim_with(config=SchedulerConfig(initial_window=1, min_window=1))
     sim.add_slot("x/0", host_id="x")

@@ -146,7 +146,10 @@ class Scheduler:
         self._classes: dict[frozenset[str], CapabilityClass] = {}
         self._hungry = HungrySlots()  # UP slots with room in their window
         self._round_trip: dict[HostId, float] = {}
+        # hosts drained by request, until undone: kept through a relaunch (its slots rejoin
+        # draining: a kill -9 silently undid a drain), and those whose drain was announced
         self._draining: set[HostId] = set()
+        self._drain_announced: set[HostId] = set()
         self._deadlines: list[tuple[float, int, int]] = []  # (deadline, task_id, attempt)
         # task id -> the slot that asked for it back (None once that thief was lost); an
         # entry stays here until the agent answers, whatever happens to the thief meanwhile
@@ -349,6 +352,8 @@ class Scheduler:
         if slot.state is SlotState.UP:
             self._hungry.add(slot)
             self._fill(slot)
+        else:  # back from a relaunch, still drained: said again (its state was "up" meanwhile)
+            self._check_drained(ev.host_id)
 
     def _on_host_expected(self, ev: HostExpected) -> None:
         self._expected[ev.host_id] = tuple(frozenset(c) for c in ev.slot_capabilities)
@@ -364,6 +369,7 @@ class Scheduler:
             self._capability_epoch += 1
         for slot in list(self._host_slots.get(ev.host_id, ())):
             recovery.lose_slot(self, slot, ev.reason, ev.retired)
+        self._drain_announced.discard(ev.host_id)  # still drained: announced again when it is back
         recovery.after_capacity_change(self)
 
     def _on_slot_lost(self, ev: SlotLost) -> None:
@@ -473,11 +479,13 @@ class Scheduler:
             self._fill(slot)
 
     def _on_drain(self, ev: HostDrainRequested) -> None:
+        self._drain_announced.discard(ev.host_id)
         if ev.undo:
             self._draining.discard(ev.host_id)
             for slot in self._host_slots.get(ev.host_id, ()):
                 if slot.state is SlotState.DRAINING:
                     self._set_state(slot, SlotState.UP)
+                    self._hungry.add(slot)  # else only a queue already waiting ever reached it
                     self._fill(slot)
             return
         self._draining.add(ev.host_id)
@@ -734,12 +742,12 @@ class Scheduler:
             self._hungry.add(slot)
 
     def _check_drained(self, host_id: HostId) -> None:
-        if host_id not in self._draining:
+        if host_id not in self._draining or host_id in self._drain_announced:
             return
         for slot in self._host_slots.get(host_id, ()):
             if slot.window or slot.deque:
                 return
-        self._draining.discard(host_id)
+        self._drain_announced.add(host_id)
         self._out.append(AnnounceDrained(host_id=host_id))
 
     def _note(self, entry: TaskEntry, what: str) -> None:
