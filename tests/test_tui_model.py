@@ -457,6 +457,21 @@ def test_job_rate_and_eta() -> None:
     assert "demo" in lines[0] and "done" in lines[0] and "50%" in lines[0]
 
 
+def test_a_cancelled_job_shows_what_ran_not_a_full_bar() -> None:
+    """Its cancelled tasks counted as finished: a job cancelled before any task ran read 100%."""
+    model = DashboardModel(clock=Clock(100.0))
+    model.job_started("forest", "built-in")
+    for index in range(16):
+        model.apply(pe.TaskQueued(task_id=index, name="tree_fit", backend="cpu", at=100.0, job="forest"))
+    for index in range(4):
+        model.apply(pe.TaskFinished(result=result(index, job="forest"), at=101.0))
+    for index in range(4, 16):
+        model.apply(pe.TaskFinished(result=result(index, TaskStatus.CANCELLED, job="forest"), at=102.0))
+    model.job_ended("forest", "cancelled", "")
+    [line] = [line.plain for line in render.job_lines(model, 103.0, PLAIN, 160)]
+    assert " 25%" in line and "100%" not in line and "12 cancelled, never run" in line
+
+
 def test_log_bridge_forwards_batuta_records_and_stays_bounded() -> None:
     model = DashboardModel(clock=Clock())
     bridge = LogBridge(model)

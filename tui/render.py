@@ -322,8 +322,10 @@ def job_lines(model: DashboardModel, now: float, p: Palette, width: int) -> list
 def _job_line(job: JobRow, now: float, p: Palette, columns: Sequence[Column]) -> Text:
     state_style = {"done": p.ok, "failed": p.bad, "cancelled": p.warn}.get(job.state, p.label)
     bar_width = columns[1].width - 5
-    progress = joined(hbar(job.progress, bar_width, p.ok if job.state == "done" else p.bar, p.bar_empty))
-    progress.append(f"{job.progress:5.0%}")
+    # what ran, of what was submitted: a cancelled job's tasks that never ran filled the bar to 100%
+    fraction = job.progress if job.state == "running" else (job.succeeded + job.failed) / max(1, job.submitted)
+    progress = joined(hbar(fraction, bar_width, p.ok if job.state == "done" else p.bar, p.bar_empty))
+    progress.append(f"{fraction:5.0%}")
     if job.state == "running":
         eta = job.eta(now)
         tail: list[Cell] = [(fmt.rate(job.rate(now)), p.text), (fmt.age(eta) if eta is not None else "-", p.dim)]
@@ -344,6 +346,8 @@ def _job_line(job: JobRow, now: float, p: Palette, columns: Sequence[Column]) ->
     )
     if job.waiting:
         out.append(f"  {fmt.count(job.waiting)} waiting on upstream", p.dim)
+    if job.cancelled and job.state != "running":
+        out.append(f"  {fmt.count(job.cancelled)} cancelled, never run", p.warn)
     if job.message:
         out.append(f"  {job.message}", p.bad if job.state == "failed" else p.dim)
     return out
