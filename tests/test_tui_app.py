@@ -642,3 +642,29 @@ def test_text_with_square_brackets_is_shown_as_it_is(tmp_path: Path) -> None:
             if app.poll() is None:
                 app.kill()
     psutil.wait_procs(agents, timeout=30)
+
+
+async def test_the_host_start_up_waits_for_is_on_screen_while_it_waits() -> None:
+    """Only the hosts that were up showed ('2/2 up'): the one start-up waited for was nowhere."""
+    import math
+    from dataclasses import replace
+
+    from batuta.runtime.pool import PoolConfig, local_host
+    from batuta.transport.base import ByteStream
+
+    gate = asyncio.Event()
+    slow = local_host(1, gpus="none", name="slow")
+
+    async def launch() -> ByteStream:
+        await gate.wait()
+        return await slow.launch()
+
+    specs = [local_host(1, gpus="none", name="quick"), replace(slow, launch=launch)]
+    app = BatutaApp(Pool(specs, PoolConfig(start_wait=math.inf)))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.model.hosts.get("quick") and app.model.hosts["quick"].state == "up", "quick up")
+        assert app.model.hosts["slow"].state == "starting" and app.model.status == "starting"
+        await until(pilot, lambda: "slow" in screen_text(app), "the waited-for host on screen")
+        gate.set()
+        await until(pilot, lambda: app.model.status == "running", "the pool to start")
+        await until(pilot, lambda: app.model.hosts["slow"].state == "up", "slow up")

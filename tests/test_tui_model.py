@@ -405,6 +405,10 @@ def test_alerts_for_lost_hosts_full_and_hot_gpus_and_failures() -> None:
     clock.now = 162.0  # the failure ages out of the one-minute window
     model.tick(162.0)
     assert not any(a.key == "tasks-failing" for a in model.alerts)
+    # its relaunch failed: the panel read "all clear" while the node said unreachable
+    model.apply(pe.HostStateChanged(host="h2", state="unreachable", reason="no SSH session within 5s", at=163.0))
+    model.tick(163.0)
+    assert ("error", "host h2 unreachable") in [(a.severity, a.title) for a in model.alerts]
 
 
 def slot(slot_id: str, depth: int, in_flight: int) -> SlotView:

@@ -50,7 +50,8 @@ def evaluate_alerts(model: DashboardModel, now: float) -> list[Alert]:
 def _host_alerts(model: DashboardModel) -> list[Alert]:
     alerts = []
     for host in model.hosts.values():
-        if host.state in ("lost", "retired"):
+        # "unreachable": a relaunch (or the first start) failed; the panel said "all clear" then
+        if host.state in ("lost", "retired", "unreachable"):
             alerts.append(Alert(f"host-{host.state}:{host.name}", ERROR, f"host {host.name} {host.state}", host.reason))
             continue
         if host.state == "suspected":

@@ -296,6 +296,7 @@ class BatutaApp(App[None]):
         pool = self.pool
         assert pool is not None
         self.model.set_status("starting", "starting hosts…")
+        self.model.seed_hosts(pool.hosts())  # every host, "starting": the one start-up waits for showed nowhere
         try:
             await pool.start()
         except Exception as exc:  # every start failure is shown, none crashes the app
