@@ -279,7 +279,8 @@ class HostSession:
             self._stream.write_parts(parts)
             self._written_at = time.monotonic()
         except (ProtocolError, TransportError) as exc:
-            self._fail(f"cannot send to {self.description}: {exc}")
+            said = str(exc).removeprefix(f"{self.description}: ")  # a stream's error names it already
+            self._fail(f"cannot send to {self.description}: {said}")
             return
         except Exception as exc:  # a bug on our side: lose this host (its tasks requeued), never hang it
             log.exception("sending to %s failed", self.description)
@@ -305,7 +306,8 @@ class HostSession:
                 # most often the agent died: how it ended says more than the broken pipe
                 how = "" if self._closing else await stream.how_it_ended(ENDED_WAIT_S)
                 if generation == self.generation:
-                    self._fail(_ended(how) if how else f"cannot send to {self.description}: {exc}")
+                    said = str(exc).removeprefix(f"{self.description}: ")
+                    self._fail(_ended(how) if how else f"cannot send to {self.description}: {said}")
             return
         if generation != self.generation:
             return
