@@ -636,3 +636,17 @@ def test_a_stream_row_does_not_say_its_state_twice() -> None:
     lines = [line.plain for line in render.stream_lines([cancelled, failed], 1.0, PLAIN)]
     assert lines[0].rstrip().endswith("cancelled") and "cancelled: cancelled" not in lines[0]
     assert lines[1].rstrip().endswith("failed: ValueError: no")
+
+
+def test_the_throughput_peak_is_never_below_the_rate_shown_beside_it() -> None:
+    """A burst in the second still filling read '339/s  peak 57/s'."""
+    clock = Clock(100.0)
+    model = DashboardModel(clock=clock)
+    for index in range(50):  # 50 in the first second
+        model.apply(pe.TaskFinished(result=result(index), at=100.0 + index * 0.01))
+    for index in range(50, 400):  # then a burst, its second not over yet
+        model.apply(pe.TaskFinished(result=result(index), at=101.0 + (index - 50) * 0.0005))
+    line = render.throughput_line(model, 101.2, PLAIN, 120).plain
+    rate = float(line.split("/s")[0].split()[-1].replace(",", ""))
+    peak = float(line.split("peak ")[1].split("/s")[0].replace(",", ""))
+    assert rate > 50 and peak >= rate, line

@@ -251,7 +251,8 @@ def throughput_line(model: DashboardModel, now: float, p: Palette, width: int) -
     """'throughput ▁▂▅▇█▆ 1,234/s  peak 2,000/s (last 60 s)' across `width` cells."""
     series = model.throughput.series(now)[:-1]  # the current second is still filling
     rate = model.throughput.rate(now)
-    peak = max(series) if series else 0
+    # the rate counts the filling second too: a burst read '339/s  peak 57/s' until it ended
+    peak = max(max(series) if series else 0, round(rate))
     label = " throughput "
     tail = f"  {fmt.rate(rate)}  peak {fmt.rate(peak)}  last {len(series)} s "
     room = max(10, width - len(label) - len(tail))
