@@ -650,3 +650,19 @@ def test_the_throughput_peak_is_never_below_the_rate_shown_beside_it() -> None:
     rate = float(line.split("/s")[0].split()[-1].replace(",", ""))
     peak = float(line.split("peak ")[1].split("/s")[0].replace(",", ""))
     assert rate > 50 and peak >= rate, line
+
+
+def test_an_80_column_jobs_panel_keeps_the_failed_count_and_the_state() -> None:
+    """At 80x24 the header stopped at 'DONE  F': the failed count and the job's state were cut."""
+    model = DashboardModel(clock=Clock(100.0))
+    model.job_started("demo", "built-in")
+    for index in range(10):
+        model.apply(pe.TaskQueued(task_id=index, name="spin", backend="cpu", at=100.0, job="demo"))
+    for index in range(10):
+        status = TaskStatus.FAILED if index < 3 else TaskStatus.SUCCEEDED
+        model.apply(pe.TaskFinished(result=result(index, status, job="demo"), at=101.0))
+    model.job_ended("demo", "failed", "")
+    header = render.job_header(PLAIN, 46).plain
+    [line] = [line.plain for line in render.job_lines(model, 102.0, PLAIN, 46)]
+    assert header.split() == ["JOB", "PROGRESS", "DONE", "FAIL", "RATE"]
+    assert line.split()[:5] == ["demo", "━━━━━━", "100%", "7", "3"] and line.split()[5] == "failed", line

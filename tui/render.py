@@ -230,13 +230,14 @@ def summary_line(model: DashboardModel, now: float, p: Palette, version: str) ->
     total_hosts = len(model.hosts)
     busy = len(model.busy_slots())
     totals = model.totals
+    # what a narrow terminal cuts is the end: done and failed come first (at 80 columns they were cut)
     pieces: list[tuple[str, str, Style]] = [
         ("hosts", f"{up}/{total_hosts}", p.ok if up == total_hosts else p.warn),
-        ("busy", f"{busy}/{model.slot_count()}", p.text),
-        ("queued", fmt.count(model.queued_count), p.text),
-        ("running", fmt.count(model.running_count), p.accent),
         ("done", fmt.count(totals.succeeded), p.ok),
         ("failed", fmt.count(totals.failed), p.bad if totals.failed else p.text),
+        ("running", fmt.count(model.running_count), p.accent),
+        ("queued", fmt.count(model.queued_count), p.text),
+        ("busy", f"{busy}/{model.slot_count()}", p.text),
     ]
     if totals.retried:
         pieces.append(("retried", fmt.count(totals.retried), p.warn))
@@ -305,9 +306,23 @@ JOB_COLUMNS_NARROW = (
 )
 
 
+# An 80-column terminal's jobs panel (about 46 cells): what ran, what failed and the state;
+# the narrow layout cut it after DONE there, the failed count and the state with it
+JOB_COLUMNS_TINY = (
+    Column("JOB", 10),
+    Column("PROGRESS", 11),
+    Column("DONE", 6, right=True),
+    Column("FAIL", 5, right=True),
+    Column("RATE", 9, right=True),
+)
+_TINY_CELLS = (0, 1, 4, 5, 7)  # of the wide layout's cells: job, progress, done, failed, rate or state
+
+
 def job_columns(width: int) -> tuple[Column, ...]:
-    wide = sum(c.width + 1 for c in JOB_COLUMNS)
-    return JOB_COLUMNS if width >= wide else JOB_COLUMNS_NARROW
+    if width >= sum(c.width + 1 for c in JOB_COLUMNS):
+        return JOB_COLUMNS
+    # the narrow layout's last cell may be cut (its ETA); below that, whole columns were
+    return JOB_COLUMNS_NARROW if width >= sum(c.width + 1 for c in JOB_COLUMNS_NARROW[:-1]) else JOB_COLUMNS_TINY
 
 
 def job_header(p: Palette, width: int) -> Text:
@@ -332,19 +347,19 @@ def _job_line(job: JobRow, now: float, p: Palette, columns: Sequence[Column]) ->
         tail: list[Cell] = [(fmt.rate(job.rate(now)), p.text), (fmt.age(eta) if eta is not None else "-", p.dim)]
     else:
         tail = [(job.state, state_style), (fmt.age(job.elapsed(now)), p.dim)]
-    out = table_row(
-        columns,
-        [
-            (job.name, state_style),
-            progress,
-            (fmt.count(job.queued), p.text),
-            (fmt.count(job.running), p.accent if job.running else p.text),
-            (fmt.count(job.succeeded), p.ok),
-            (fmt.count(job.failed), p.bad if job.failed else p.dim),
-            (fmt.count(job.retried), p.warn if job.retried else p.dim),
-            *tail,
-        ],
-    )
+    cells: list[Cell] = [
+        (job.name, state_style),
+        progress,
+        (fmt.count(job.queued), p.text),
+        (fmt.count(job.running), p.accent if job.running else p.text),
+        (fmt.count(job.succeeded), p.ok),
+        (fmt.count(job.failed), p.bad if job.failed else p.dim),
+        (fmt.count(job.retried), p.warn if job.retried else p.dim),
+        *tail,
+    ]
+    if columns is JOB_COLUMNS_TINY:
+        cells = [cells[i] for i in _TINY_CELLS]
+    out = table_row(columns, cells)
     if job.waiting:
         out.append(f"  {fmt.count(job.waiting)} waiting on upstream", p.dim)
     if job.cancelled and job.state != "running":
