@@ -204,6 +204,12 @@ async def test_checkpoints_of_another_job_or_other_code_are_not_resumed_from(
     await again.bind("code-1")  # the same job and code: its checkpoints stand
     assert [c.name for c in again.checkpoints.list()] == ["iter_5"]
     await again.close()
+    (tmp_path / "run.json").unlink()  # a journal an older batuta wrote: its checkpoints are kept
+    older = await Journal.open(tmp_path, job="job.py", resume=True)
+    await older.bind("code-9")
+    assert [c.name for c in older.checkpoints.list()] == ["iter_5"]
+    await older.close()
+    (tmp_path / "run.json").write_text('{"job": "job.py", "code": "code-1"}')
     for job, code, why in (("job.py", "code-2", "other code"), ("other.py", "code-1", "another job")):
         reopened = await Journal.open(tmp_path, job=job, resume=True)
         await reopened.checkpoints.save("iter_5", {"x": 5})

@@ -343,7 +343,8 @@ class Journal:
             before = json.loads(run.read_text())
         except (OSError, ValueError):
             before = None
-        if before != now and self.checkpoints.list():
+        # no run.json: a journal an older batuta wrote, whose checkpoints cannot be told apart: kept
+        if before is not None and before != now and self.checkpoints.list():
             why = "another job" if not isinstance(before, dict) or before.get("job") != self.job else "other code"
             log.warning(
                 "journal %s: its checkpoints were made by %s, so they are not used: the job's loop starts over "
