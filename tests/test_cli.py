@@ -478,6 +478,18 @@ def test_one_cause_is_printed_once_with_its_whole_hint(tmp_path: Path, quiet: bo
 
 
 @needs_runtime
+def test_cluster_status_says_a_hosts_error_once(tmp_path: Path) -> None:
+    """The agent's stderr was on the console as well as under the table: each error twice."""
+    fake = write(tmp_path, "python", "#!/bin/sh\necho 'No module named batuta (from the fake python)' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    write(tmp_path, "cluster.toml", f'[local]\npython = "{fake}"\n')
+    done = batuta("cluster", "status", "-c", "cluster.toml", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 1, done.stderr
+    said = " ".join((done.stdout + done.stderr).split())  # the table wraps its error lines
+    assert said.count("No module named batuta (from the fake python)") == 1, said
+
+
+@needs_runtime
 def test_no_host_started_exits_3_in_one_line(tmp_path: Path) -> None:
     """Distinct from 1 (the work failed) and 2 (bad input): nothing could run at all. One
     line: asyncio's "Unknown child process" warning came before it in about one run of four."""

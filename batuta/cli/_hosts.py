@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -254,13 +256,33 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
     cluster = load_cluster(args.cluster)
     _allocations_aside(cluster, args.cluster, "'batuta cluster status' has no host to reach")
-    with sigterm_as_interrupt():
-        reports = asyncio.run(probe_hosts(host_specs(cluster), timeout=args.timeout))
+    specs = host_specs(cluster)
+    with sigterm_as_interrupt(), _agent_stderr_left_to_the_table([spec.name for spec in specs]):
+        reports = asyncio.run(probe_hosts(specs, timeout=args.timeout))
     if args.json:
         print(json.dumps({"cluster": str(args.cluster), "hosts": [_report_dict(r) for r in reports]}))
     else:
         _print_host_table(reports)
     return EXIT_OK if all(r.ok for r in reports) else EXIT_FAILED
+
+
+@contextlib.contextmanager
+def _agent_stderr_left_to_the_table(names: list[str]) -> Iterator[None]:
+    """An agent's stderr (forwarded by the transports as "NAME agent: ...") is in its host's
+    row already, the error under the table: on the console too, each error was said twice."""
+    prefixes = tuple(f"{name} agent{mark}" for name in names for mark in (":", "["))
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(prefixes)
+
+    loggers = [logging.getLogger(name) for name in ("batuta.transport.ssh", "batuta.transport.local")]
+    for logger in loggers:
+        logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(keep)
 
 
 def _allocations_aside(cluster: ClusterConfig, path: str, nothing: str) -> None:
