@@ -860,7 +860,7 @@ def test_ctrl_c_prints_what_finished_and_how_to_resume_then_exits_130(
         f"batuta: interrupted: {finished} of {total} tasks finished, {total - finished} cancelled; "
     )
     if with_journal:
-        resume = f"'batuta run job.py --journal {tmp_path / 'journal'} --resume'"
+        resume = f"'batuta run job.py --workers 1 --journal {tmp_path / 'journal'} --resume'"
         assert note[0].endswith(f"{resume} runs only what is not done")
     else:
         assert "with '--journal DIR' a run can be resumed" in note[0]
@@ -892,6 +892,13 @@ def test_the_resume_hint_names_the_modules_the_run_shipped() -> None:
     assert note.endswith(
         "'batuta run job.py --cluster c.toml --module lib/k.py --module pkg --journal j --resume' "
         "runs only what is not done"
+    )
+    # the options that shape the tasks are named too: '--backend gpu' is in their keys
+    tuned = argparse.Namespace(
+        job="kmeans", cluster=None, module=None, journal="j", workers=2, backend="gpu", seed=None
+    )
+    assert _interrupted_note(summary, tuned).endswith(
+        "'batuta run kmeans --workers 2 --backend gpu --journal j --resume' runs only what is not done"
     )
     # batuta alloc: 'batuta run job.py ...' would run here, on no allocation
     alloc = argparse.Namespace(job="job.py", cluster=None, module=None, journal=None, kind="slurm")

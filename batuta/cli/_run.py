@@ -339,6 +339,10 @@ def _interrupted_note(summary: RunSummary, args: argparse.Namespace) -> str:
         return note + "with --journal DIR (before any '--') the same 'batuta alloc' command can be resumed (--resume)"
     again = f"{PROG} run {args.job}" + (f" --cluster {args.cluster}" if args.cluster else "")
     again += "".join(f" --module {module}" for module in args.module or ())  # its kernels, shipped again
+    # the backend is in the tasks' keys (run again without it, nothing is restored); the rest as given
+    for option in ("workers", "backend", "seed"):
+        if getattr(args, option, None) is not None:
+            again += f" --{option} {getattr(args, option)}"
     if args.journal:
         return note + f"'{again} --journal {args.journal} --resume' runs only what is not done"
     return note + f"with '--journal DIR' a run can be resumed ('{again} --journal DIR', then '--resume')"
