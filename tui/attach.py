@@ -31,7 +31,7 @@ from batuta.runtime import events as pe
 from batuta.runtime import serve_wire as w
 from batuta.runtime.serve_client import Connection, Target, connect
 
-from .app import BatutaApp, FrameListener, PaletteCommand
+from .app import UNDRAIN, BatutaApp, FrameListener, PaletteCommand, drain_choices
 from .histogram import BUCKET_COUNT, LogHistogram
 from .model import NO_JOB, DashboardModel
 from .rows import JobRow
@@ -310,7 +310,6 @@ class AttachedApp(BatutaApp):
         self.run_worker(self._send("resume" if self.model.paused else "pause"), group="control")
 
     def action_drain_host(self) -> None:
-        from .app import drain_choices
         from .screens import PickerScreen
 
         choices = drain_choices(self.model.hosts.values())
@@ -324,8 +323,6 @@ class AttachedApp(BatutaApp):
 
     def drain_host(self, host: str) -> None:
         """Drain `host` on the coordinator, or undrain it (a picker value starting with `UNDRAIN`)."""
-        from .app import UNDRAIN
-
         if host.startswith(UNDRAIN):
             self.run_worker(self._send("undrain_host", host.removeprefix(UNDRAIN)), group="control")
         else:
