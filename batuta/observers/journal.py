@@ -62,6 +62,11 @@ waits on the disk; a result is durable once its batch is synced. A crash mid-app
 a torn last record: opening the journal drops it (with a warning) and truncates the file
 there. Without `--resume` an existing journal, and the checkpoints beside it, are discarded
 (with a warning): the run starts over.
+
+**One run at a time.** The run holds `DIR/.lock` (flock: released with the run, even when it
+is killed); another is refused while it does. `DIR/run.json` names the job and the digest of
+the code the pool ships; a resumed run of another job or other code discards the checkpoints
+(its tasks' keys tell old results apart already).
 """
 
 from __future__ import annotations
@@ -355,8 +360,11 @@ class Journal:
             _discard_checkpoints(self.checkpoints, say=False)  # said above, with why
         if before != now:
             tmp = run.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(now))
-            os.replace(tmp, run)
+            try:
+                tmp.write_text(json.dumps(now))
+                os.replace(tmp, run)
+            except OSError as exc:
+                raise JournalError(f"journal {self.directory}: cannot write {RUN_FILE}: {_reason(exc)}") from None
 
     def __len__(self) -> int:
         return len(self._entries)
