@@ -666,3 +666,16 @@ def test_an_80_column_jobs_panel_keeps_the_failed_count_and_the_state() -> None:
     [line] = [line.plain for line in render.job_lines(model, 102.0, PLAIN, 46)]
     assert header.split() == ["JOB", "PROGRESS", "DONE", "FAIL", "RATE"]
     assert line.split()[:5] == ["demo", "━━━━━━", "100%", "7", "3"] and line.split()[5] == "failed", line
+
+
+def test_a_host_that_is_gone_shows_no_old_readings_as_current() -> None:
+    """An unreachable host's row kept its last CPU, memory and GPU figures (88%, 476 W)."""
+    model = DashboardModel(clock=Clock(101.0))
+    model.apply(host_up("h1"))
+    model.apply(telemetry("h1", 100.5, gpus=(gpu(utilization=88.0),)))
+    live = [line.plain for line in render_nodes.node_lines(model, 101.0, PLAIN, 140)]
+    assert "88%" in " ".join(live)
+    model.apply(pe.HostStateChanged(host="h1", state="unreachable", reason="no SSH session within 5s", at=101.0))
+    gone = [line.plain for line in render_nodes.node_lines(model, 102.0, PLAIN, 140)]
+    assert "88%" not in " ".join(gone) and "%" not in gone[0], gone
+    assert any("GPU 0" in line and "no readings while the host is unreachable" in line for line in gone), gone

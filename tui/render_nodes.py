@@ -101,10 +101,17 @@ class NodeRows:
             line.append("no GPU", p.label)
             line.append(f"  {host.gpu_status or 'none reported'}", p.dim)
             return line
+        if host.state in _GONE:  # its last readings are old: shown as current, they told a lie
+            line = Text("   └ ", p.dim, no_wrap=True, overflow="ellipsis")
+            line.append(fit(f"GPU {gpu.index}", 6), p.label)
+            line.append(fit(gpu.name, 16), p.dim)
+            line.append(f" no readings while the host is {host.state}", p.dim)
+            return line
         return _gpu_line(gpu, self._now, p, self._width)
 
 
 _NO_GPU = GpuRow(index=-1, name="no GPU")
+_GONE = frozenset({"lost", "unreachable", "retired", "closed"})  # states without live readings
 _GPU_LINE_FIXED = 82  # a GPU line's cells besides its utilization history and its cache
 _GPU_LINE_MARGIN = 3  # cells left free at its end
 _CACHE_CELL = 13  # "  cache " and the bytes, right-aligned in 5
@@ -186,12 +193,16 @@ def node_lines(model: DashboardModel, now: float, p: Palette, width: int) -> lis
 
 def _host_line(host: HostRow, busy: dict[str, int], now: float, p: Palette, *, gpu_cells: Text | None = None) -> Text:
     icon = STATE_ICONS.get(host.state, "◌")
-    if host.cpu_percent is None:
-        cpu: Cell = ("?", p.dim)
+    if host.state in _GONE:  # the last readings before it went: not what it does now
+        cpu: Cell = ("-", p.dim)
+    elif host.cpu_percent is None:
+        cpu = ("?", p.dim)
     else:
         cpu = joined(hbar(host.cpu_percent / 100, 5, p.bar, p.bar_empty), (f"{host.cpu_percent:5.0f}%", p.text))
-    if host.memory_used is None or not host.memory_total:
-        memory: Cell = ("?", p.dim)
+    if host.state in _GONE:
+        memory: Cell = ("-", p.dim)
+    elif host.memory_used is None or not host.memory_total:
+        memory = ("?", p.dim)
     else:
         numbers = f"{fmt.gib(host.memory_used)}/{fmt.gib(host.memory_total)}"
         memory = joined(hbar(host.memory_used / host.memory_total, 5, p.bar, p.bar_empty), (f"{numbers:>14}", p.text))
