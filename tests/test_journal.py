@@ -175,6 +175,30 @@ async def test_flipped_bytes_end_the_trusted_part(tmp_path: Path) -> None:
     assert sorted(read_journal(path)[0]) == ["k0", "k1"]
 
 
+async def test_a_damaged_record_in_the_middle_costs_that_result_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Damage in the middle of a long job's journal dropped every result after it."""
+    journal = await Journal.open(tmp_path, job="j", resume=False)
+    for i in range(5):
+        journal.record(f"k{i}", result(i, np.full(50, i)))
+    await journal.close()
+    path = tmp_path / JOURNAL_FILE
+    data = bytearray(path.read_bytes())
+    record = (len(data) - len(b"BATUTAJ1")) // 5  # the records are the same size
+    data[len(b"BATUTAJ1") + 2 * record + 40] ^= 0xFF  # inside k2's payload
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="batuta.observers.journal"):
+        reopened = await Journal.open(tmp_path, job="j", resume=True)
+    assert sorted(reopened.get(f"k{i}") is not None for i in range(5)) == [False, True, True, True, True]
+    assert reopened.get("k2") is None and reopened.get("k4").value.tolist() == [4] * 50  # type: ignore[union-attr]
+    assert any("skipped 1 damaged record" in r.getMessage() for r in caplog.records)
+    reopened.record("k2", result(2, np.full(50, 2)))
+    await reopened.close()
+    entries, good, total = read_journal(path)  # rewritten without the damaged record: all sound
+    assert sorted(entries) == ["k0", "k1", "k2", "k3", "k4"] and good == total
+
+
 async def test_a_journal_folder_is_one_runs_at_a_time(tmp_path: Path) -> None:
     """Two runs on one journal: the second started over while it read the first's checkpoints,
     and returned the first run's result as its own."""

@@ -60,7 +60,9 @@ buffers; no pickle). Records are
 appended in batches from a worker thread, with one fsync per batch, so the event loop never
 waits on the disk; a result is durable once its batch is synced. A crash mid-append leaves
 a torn last record: opening the journal drops it (with a warning) and truncates the file
-there. Without `--resume` an existing journal, and the checkpoints beside it, are discarded
+there. A damaged record in the middle whose length still leads to a sound record is skipped
+(with a warning; the file is rewritten without it): that one result runs again, not all
+after it. Without `--resume` an existing journal, and the checkpoints beside it, are discarded
 (with a warning): the run starts over.
 
 **One run at a time.** The run holds `DIR/.lock` (flock: released with the run, even when it
@@ -259,18 +261,36 @@ def _decode_record(payload: memoryview) -> tuple[str, TaskResult, Place | None]:
 
 def read_journal(path: Path) -> tuple[dict[str, TaskResult], int, int]:
     """(results by key, bytes of good records incl. the magic, file size). Blocking."""
-    entries, _places, good, size = _read_journal(path)
+    entries, _places, good, size, _skipped = _read_journal(path)
     return entries, good, size
 
 
-def _read_journal(path: Path) -> tuple[dict[str, TaskResult], dict[Place, str], int, int]:
-    """read_journal, plus the key journaled at each place."""
+def _valid_at(data: bytes, view: memoryview, offset: int) -> bool:
+    """Whether a whole record with a matching CRC starts at `offset`."""
+    if offset + _RECORD.size > len(data):
+        return False
+    length, crc = _RECORD.unpack_from(data, offset)
+    end = offset + _RECORD.size + length
+    return end <= len(data) and zlib.crc32(view[offset + _RECORD.size : end]) == crc
+
+
+def _read_journal(
+    path: Path,
+) -> tuple[dict[str, TaskResult], dict[Place, str], int, int, list[tuple[int, int]]]:
+    """read_journal, plus the key journaled at each place and the (start, end) of damaged
+    records skipped in the middle.
+
+    A damaged record whose length still leads to a sound one is skipped, so damage in the
+    middle of a long job's journal costs that one result, not every result after it; one
+    that leads nowhere (its length is damaged too, or it is the last: a torn append) ends
+    the trusted part."""
     data = path.read_bytes()
     if data[: len(MAGIC)] != MAGIC:
         raise JournalError(f"{path} is not a batuta journal (bad magic); pass another --journal folder")
     view = memoryview(data)
     entries: dict[str, TaskResult] = {}
     places: dict[Place, str] = {}
+    skipped: list[tuple[int, int]] = []
     offset = len(MAGIC)
     while offset + _RECORD.size <= len(data):
         length, crc = _RECORD.unpack_from(data, offset)
@@ -278,18 +298,24 @@ def _read_journal(path: Path) -> tuple[dict[str, TaskResult], dict[Place, str], 
         if end > len(data):
             break
         payload = view[offset + _RECORD.size : end]
-        if zlib.crc32(payload) != crc:
-            break
-        try:
-            key, result, place = _decode_record(payload)
-        except Exception as exc:  # a record that passes its CRC but not the decoder: stop trusting here
-            log.warning("journal %s: unreadable record at byte %d (%s)", path, offset, exc)
-            break
+        decoded = None
+        if zlib.crc32(payload) == crc:
+            try:
+                decoded = _decode_record(payload)
+            except Exception as exc:  # passes its CRC but not the decoder: skipped or the end, as damage is
+                log.warning("journal %s: unreadable record at byte %d (%s)", path, offset, exc)
+        if decoded is None:
+            if not _valid_at(data, view, end):
+                break
+            skipped.append((offset, end))
+            offset = end
+            continue
+        key, result, place = decoded
         entries[key] = result
         if place is not None:
             places[place] = key
         offset = end
-    return entries, places, offset, len(data)
+    return entries, places, offset, len(data), skipped
 
 
 class Journal:
@@ -500,7 +526,7 @@ def _open_locked(folder: Path, resume: bool) -> tuple[dict[str, TaskResult], dic
     entries: dict[str, TaskResult] = {}
     places: dict[Place, str] = {}
     if resume and path.exists():
-        entries, places, good, size = _read_journal(path)
+        entries, places, good, size, skipped = _read_journal(path)
         if good < size:
             log.warning(
                 "journal %s: dropped its last %d bytes, from byte %d on, where a record is torn or corrupt (a crash "
@@ -509,6 +535,17 @@ def _open_locked(folder: Path, resume: bool) -> tuple[dict[str, TaskResult], dic
                 size - good,
                 good,
             )
+        if skipped:
+            log.warning(
+                "journal %s: skipped %d damaged record(s) before byte %d (the first at byte %d): their results run "
+                "again, the rest resume",
+                path,
+                len(skipped),
+                good,
+                skipped[0][0],
+            )
+            _rewrite_without(path, skipped, good)
+        elif good < size:
             os.truncate(path, good)
         log.info("journal %s: %d result(s) to resume from", path, len(entries))
     elif resume:
@@ -525,6 +562,22 @@ def _open_locked(folder: Path, resume: bool) -> tuple[dict[str, TaskResult], dic
     file = open(path, "ab")  # noqa: SIM115 - lives as long as the journal
     fsync_dir(folder)
     return entries, places, file
+
+
+def _rewrite_without(path: Path, skipped: list[tuple[int, int]], good: int) -> None:
+    """Replace the journal by its sound records up to `good` (renamed into place, synced), so
+    that appends follow sound records and the next resume does not warn again."""
+    data = path.read_bytes()[:good]
+    tmp = path.with_name(f".{JOURNAL_FILE}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        start = 0
+        for begin, end in skipped:
+            f.write(data[start:begin])
+            start = end
+        f.write(data[start:])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _reason(exc: BaseException) -> str:
