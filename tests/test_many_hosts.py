@@ -242,3 +242,40 @@ async def test_start_up_waits_past_start_wait_for_a_host_installing_batuta(caplo
     finally:
         logging.getLogger("batuta.runtime.hosts").removeHandler(heard)
         await pool.__aexit__(None, None, None)
+
+
+async def test_a_run_that_ends_waits_for_an_install_that_began_after_start_up() -> None:
+    """A host whose install began after start_wait (its connect was slow) was not waited for:
+    a short run ended first and stopped the install, and so did every next short run."""
+    gate = asyncio.Event()
+    began = False
+    slow = replace(gated(local_host(1, gpus="none", name="slow"), gate), installing=lambda: began and not gate.is_set())
+    pool = Pool([local_host(1, gpus="none", name="quick"), slow], PoolConfig(start_wait=0))
+    said = asyncio.Event()
+    waits = (
+        "the run has ended; waiting for batuta to finish installing on slow, so that the next run finds it there "
+        "(Ctrl-C stops the install)"
+    )
+
+    class Heard(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() == waits:
+                said.set()
+
+    heard = Heard()
+    logging.getLogger("batuta.runtime.hosts").addHandler(heard)
+    up: list[str] = []
+    pool.subscribe(lambda e: up.append(e.host) if isinstance(e, pe.HostUp) else None)
+    try:
+        async with asyncio.timeout(60):
+            await pool.__aenter__()  # slow is not installing yet: start-up goes on without it
+            assert (await pool.run(Task.kernel("noop", 1))).host == "quick"
+            began = True  # its install is under way now
+            closing = asyncio.create_task(pool.__aexit__(None, None, None))
+            await said.wait()
+            assert not closing.done()
+            gate.set()  # the install ends: the host comes up, then the pool closes
+            await closing
+    finally:
+        logging.getLogger("batuta.runtime.hosts").removeHandler(heard)
+    assert up == ["quick", "slow"]  # the install was not stopped: slow came up before the pool closed

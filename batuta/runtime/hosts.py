@@ -211,7 +211,33 @@ class HostSupervisor:
         raise AgentError(f"no host could be started: {first!r}") from first
 
     async def close(self) -> None:
-        """Stop liveness and every session (Shutdown, EOF, then the transport's escalation)."""
+        """Stop liveness and every session (Shutdown, EOF, then the transport's escalation),
+        once the bootstrap installs under way have ended."""
+        try:
+            await self._installs_ended()
+        finally:  # even when Ctrl-C stops that wait
+            await self._close()
+
+    async def _installs_ended(self) -> None:
+        """Wait for the hosts installing batuta (bootstrap = true) whose start went on past
+        start-up: a run that ended first stopped the install, and every next short run found
+        the host without batuta again."""
+        if self._closed:
+            return
+        installing = {
+            name: task
+            for name, task in self._launches.items()
+            if name in self.sessions and _installing(self.sessions[name])
+        }
+        if installing:
+            log.warning(
+                "the run has ended; waiting for batuta to finish installing on %s, so that the next run finds it "
+                "there (Ctrl-C stops the install)",
+                ", ".join(installing),
+            )
+            await asyncio.wait(installing.values())
+
+    async def _close(self) -> None:
         self._closed = True
         self._liveness.handle(lv.PoolClosed(), self._clock())
         self._timer.close()
