@@ -809,3 +809,29 @@ async def test_a_kernel_imported_here_but_not_sent_says_which_file_to_send(
     finally:
         registry.unregister("cs_unsent")
         sys.modules.pop("cs_unsent", None)
+
+
+async def test_a_sent_module_that_fails_to_import_there_says_why_not_that_it_was_not_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A module imported here and sent, whose import fails on the hosts (a data file left
+    here): every task said it was not sent and to pass --module, which it was."""
+    from batuta.kernels import registry
+
+    source = (
+        "from pathlib import Path\nfrom batuta import kernel\n\n"
+        "VALUE = (Path(__file__).parent / 'cs_data.txt').read_text()\n\n"
+        "@kernel('cs_sent_bad')\ndef f(x):\n    return x\n"
+    )
+    write(tmp_path, {"cs_sent_bad.py": source, "cs_data.txt": "1"})  # a single file travels alone
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import cs_sent_bad  # noqa: F401
+
+    try:
+        async with Pool.local(1, gpu_workers="none", modules=[str(tmp_path / "cs_sent_bad.py")]) as pool:
+            error = (await pool.run(Task.kernel("cs_sent_bad", 1))).error
+        assert error is not None and "importing cs_sent_bad failed: FileNotFoundError" in error, error
+        assert "does not send" not in error
+    finally:
+        registry.unregister("cs_sent_bad")
+        sys.modules.pop("cs_sent_bad", None)

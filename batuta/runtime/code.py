@@ -604,6 +604,7 @@ class ShippedCode:
     digest, or a sha256 over them when hosts name different `kernel_modules`."""
 
     def __init__(self, bundles: Iterable[m.Code | None] = ()) -> None:
+        bundles = list(bundles)  # read twice below: a generator gave no sent modules, blaming the user's setup
         digests = sorted({bundle.digest for bundle in bundles if bundle is not None})
         if len(digests) > 1:
             self.digest = hashlib.sha256("\0".join(digests).encode()).hexdigest()
