@@ -219,6 +219,29 @@ async def test_a_module_that_fails_to_import_fails_its_kernels_not_the_agent(
     assert agent.protocol_error is None and agent.proc.returncode is None
 
 
+async def test_a_bundle_an_agent_runs_is_never_pruned_by_another_run(
+    start_agent: StartAgent, cache: dict[str, str], tmp_path: Path
+) -> None:
+    """Other runs on the host prune the code folder to its 8 newest bundles: a long job's
+    bundle was removed under it, and its tasks failed reading their package's files."""
+    agent = await start_agent("--slots", "1", "--gpus", "none", "--name", "h1", env=cache)
+    root = tmp_path / "cache" / "batuta"
+    first = bundle({"cs_mod.py": KERNELS.format(version=1)}, ("cs_mod",))
+    assert (await loaded(agent, first)).errors == {}
+    agent.send(Run(tasks=(task(1, "cs_whoami", code=first),)))
+    _, first_pid = (await agent.outcome(1)).value
+    assert prune(root, keep=0) == []  # in use by the agent and its slot: kept
+    assert (root / CODE_FOLDER / first.digest / "cs_mod.py").is_file()
+
+    second = bundle({"cs_mod.py": KERNELS.format(version=2)}, ("cs_mod",))
+    assert (await loaded(agent, second)).errors == {}
+    agent.send(Run(tasks=(task(2, "cs_whoami", code=second),)))
+    assert (await agent.outcome(2)).value[0] == 2
+    assert await still_alive([first_pid]) == []  # the slot that ran the first is gone: the first is free
+    assert prune(root, keep=0) == [first.digest]
+    assert sorted(p.name for p in (root / CODE_FOLDER).iterdir()) == [second.digest]
+
+
 async def test_a_package_with_submodules_and_data(start_agent: StartAgent, cache: dict[str, str]) -> None:
     agent = await start_agent("--slots", "1", "--gpus", "none", env=cache)
     code = bundle(

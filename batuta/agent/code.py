@@ -21,7 +21,10 @@ thread, so that its heartbeats go on through a long import):
    recorded with one line saying why ("SyntaxError at mymod.py line 3: invalid syntax"),
    and never takes the agent down: tasks of its kernels fail with that line, the
    others run. The agent answers `CodeLoaded` with those lines, then replaces its slots;
-4. prunes old bundles, keeping the `KEEP_BUNDLES` most recently used.
+4. prunes old bundles, keeping the `KEEP_BUNDLES` most recently used, and any that an agent
+   on the host runs now: the agent holds a shared flock on its bundle's folder (its forked
+   slots inherit it), and pruning removes a folder only under an exclusive one, so another
+   run's prune never takes the files from under a long job's tasks.
 
 Source only crosses the wire, and the host compiles it itself: the coordinator's bytecode
 is never trusted (nor usable: a host may run another Python minor).
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import _imp
 import contextlib
+import fcntl
 import hashlib
 import importlib
 import importlib.abc
@@ -243,9 +247,52 @@ def prune(root: Path, keep: int = KEEP_BUNDLES, *, now: float | None = None) -> 
             bundles.append((mtime, entry.name))
     bundles.sort(reverse=True)
     for _, name in bundles[keep:]:
-        _remove(base / name, base)
-        removed.append(name)
+        if _remove_unused(base / name, base):
+            removed.append(name)
     return removed
+
+
+def _remove_unused(folder: Path, base: Path) -> bool:
+    """Remove `folder` unless an agent runs it (holds it, `hold`); whether it was removed. The
+    exclusive lock is held across the rename, so no agent starts on it meanwhile."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # in use
+        except OSError:
+            pass  # a file system without locks: pruned as before they were used
+        aside = base / f"{TEMP_PREFIX}old-{folder.name[:16]}-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            os.rename(folder, aside)
+        except OSError:
+            return False
+    finally:
+        os.close(fd)
+    shutil.rmtree(aside, ignore_errors=True)
+    return True
+
+
+def hold(folder: Path) -> int | None:
+    """A shared lock on a bundle's folder for as long as the returned fd is open (by the agent
+    and the slots it forks): `prune` leaves it alone. None when the folder was pruned before it
+    was locked (install it again), or the file system has no locks (then it is not held)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # inherited by forked slots
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # a prune holds its exclusive lock for one rename only
+        if os.stat(folder).st_ino == os.fstat(fd).st_ino:  # not renamed aside meanwhile
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 def contest_clash(exc: BaseException) -> None:
@@ -447,6 +494,7 @@ class CodeLoader:
         self.root = cache_root() if root is None else root
         self.current = SlotCode(host=host)
         self._to_import = False  # `store` wrote a bundle that `import_stored` has not imported yet
+        self._held: int | None = None  # the lock on the current bundle's folder (`hold`)
 
     def load(self, code: Code) -> SlotCode:
         """Install `code` and import its modules here (`store`, then `import_stored`); returns
@@ -465,6 +513,10 @@ class CodeLoader:
         self._unload()
         try:
             folder = install(code, self.root)
+            self._held = hold(folder)
+            if self._held is None and not folder.is_dir():  # another run's prune took it just now
+                folder = install(code, self.root)
+                self._held = hold(folder)
         except OSError as exc:
             why = one_line(f"cannot write the code under {self.root / CODE_FOLDER}: {type(exc).__name__}: {exc}")
             self.current = SlotCode(
@@ -502,6 +554,9 @@ class CodeLoader:
     def _unload(self) -> None:
         """Forget the current bundle: off the import path, out of the module table, and its
         kernels out of the registry."""
+        if self._held is not None:  # prunable once the slots forked with it are gone too
+            os.close(self._held)
+            self._held = None
         directory = self.current.directory
         if directory is None:
             return
