@@ -505,6 +505,7 @@ async def test_an_edited_user_module_runs_its_tasks_again_on_resume(
         assert [r.value for r in first] == [11, 21, 301, 41, 5]
         again = await run_user_kernels(module, journal_dir, resume=True)
         assert [(r.value, r.restored) for r in again] == [(r.value, True) for r in first]
+        assert [r.code for r in again] == [r.code for r in first] and first[0].code  # restored: said which code
 
         module.write_text(USER_KERNELS.format(version=2))
         edited = await run_user_kernels(module, journal_dir, resume=True)

@@ -229,6 +229,7 @@ def _encode_record(key: str, r: TaskResult, place: Place | None = None) -> bytes
         "backend": r.backend.value if r.backend is not None else None,
         "backend_reason": r.backend_reason,
         "job": r.job,
+        "code": r.code,
     }
     return b"".join(encode_tree(record, where=f"result of {key!r}"))  # one copy: later mutation can't leak in
 
@@ -253,6 +254,7 @@ def _decode_record(payload: memoryview) -> tuple[str, TaskResult, Place | None]:
         backend=Backend(backend) if backend is not None else None,
         backend_reason=d["backend_reason"],
         job=d["job"],
+        code=d.get("code") or "",  # absent in journals from before it was recorded
     )
     n = d.get("place")  # absent in journals from before places
     place = (str(d["place_job"]), int(n)) if n is not None else None
