@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from batuta.core.task import Task, TaskStatus
+from batuta.core.task import Backend, Task, TaskStatus
 from batuta.protocol import messages as m
 from batuta.protocol.messages import code_digest
-from batuta.runtime.code import CodeCollector, CodeError, CodeSpec, ShippedCode
+from batuta.runtime.code import HOST_PACKAGES, CodeCollector, CodeError, CodeSpec, ShippedCode
 from batuta.runtime.pool import Pool
 from batuta.runtime.session import HostSession
 from tests.test_pool import agent_pids
@@ -275,16 +275,54 @@ def test_two_modules_with_one_name_are_refused(tmp_path: Path) -> None:
         CodeCollector(CodeSpec(modules=(tmp_path / "a" / "cs_same.py", tmp_path / "b" / "cs_same.py")))
 
 
-@pytest.mark.parametrize("name", ["signal", "types", "json", "batuta"])
-def test_a_module_named_as_one_of_python_or_batuta_is_refused(tmp_path: Path, name: str) -> None:
-    """The hosts had imported theirs (signal, types) before the user's: its kernels never
+@pytest.mark.parametrize(
+    ("name", "whose"),
+    [
+        ("signal", "a module of Python itself"),
+        ("json", "a module of Python itself"),
+        ("batuta", "a module of batuta"),
+        ("psutil", "a package batuta runs on"),
+        ("numba", "a package batuta runs on"),
+    ],
+)
+def test_a_module_named_as_one_of_python_batuta_or_its_packages_is_refused(
+    tmp_path: Path, name: str, whose: str
+) -> None:
+    """The hosts had imported theirs (signal, psutil) before the user's: its kernels never
     registered, and every task failed as 'unknown kernel' with nothing said of why."""
     path = tmp_path / f"{name}.py"
     path.write_text("from batuta import kernel\n")
     with pytest.raises(CodeError) as info:
         CodeCollector(CodeSpec(modules=(path,))).bundle()
-    assert str(info.value).startswith(f"{path} (--module {path}) is named {name!r}, as a module of ")
-    assert str(info.value).endswith("which the hosts import instead of it; rename it")
+    assert str(info.value) == (
+        f"{path} (--module {path}) is named {name!r}, as {whose} is, which the hosts import instead of it; rename it"
+    )
+
+
+async def test_the_packages_a_slot_imports_are_all_refused_as_module_names(tmp_path: Path) -> None:
+    """HOST_PACKAGES against what a real slot has imported once a numba kernel ran there."""
+    from batuta.kernels import registry
+
+    source = (
+        "import sys\nfrom batuta import kernel\n\n@kernel('cs_imported')\ndef f(x):\n"
+        "    return sorted({m.split('.')[0] for m in sys.modules})\n"
+    )
+    write(tmp_path, {"cs_imported.py": source})
+    try:
+        async with Pool.local(1, gpu_workers="none", modules=[str(tmp_path / "cs_imported.py")]) as pool:
+            ran = await pool.run(Task.kernel("mc_pi", 1000, 1, backend=Backend.CPU))  # numba compiles it there
+            assert ran.is_success() and ran.backend is Backend.CPU
+            result = await pool.run(Task.kernel("cs_imported", 1))
+        assert result.is_success(), result.error
+        public = {
+            name
+            for name in result.value
+            if not name.startswith("_") and name not in sys.stdlib_module_names and "editable" not in name
+        }
+        assert "numba" in public
+        assert public - {"batuta", "cs_imported", "cython_runtime"} <= HOST_PACKAGES
+    finally:
+        registry.forget_modules(["cs_imported"])
 
 
 def test_a_bundle_over_the_limit_names_its_biggest_files_and_the_fix(tmp_path: Path) -> None:

@@ -59,6 +59,13 @@ log = logging.getLogger("batuta.runtime.code")
 DEFAULT_MAX_CODE_BYTES = 16 * 2**20
 MAX_CODE_MB = 255  # the most the limit may be raised to: a bundle travels in one frame (256 MiB at most)
 IGNORE_FILE = ".batutaignore"
+# What batuta's agents and slots import on a host (at start, or when a kernel first needs it):
+# a shipped module of one of these names is never imported there (the host's own is, or its
+# kernels break batuta's). tests/test_code_ship.py checks a real slot's modules against it.
+HOST_PACKAGES = frozenset(
+    {"numpy", "numba", "llvmlite", "cffi", "pycparser", "msgpack", "psutil", "threadpoolctl", "pynvml"}
+    | {"numba_cuda", "cuda"}  # on a GPU host
+)
 MiB = 2**20
 
 
@@ -544,12 +551,17 @@ class CodeCollector:
 
     @staticmethod
     def _add(sources: dict[str, _Source], source: _Source) -> None:
-        if source.name in sys.stdlib_module_names or source.name == "batuta":
+        if source.name in sys.stdlib_module_names or source.name == "batuta" or source.name in HOST_PACKAGES:
             # the hosts import their own (the agent has imported many already): its kernels
             # would never register, and every task would find its kernel unknown
+            if source.name == "batuta":
+                whose = "as a module of batuta is"
+            elif source.name in HOST_PACKAGES:
+                whose = "as a package batuta runs on is"
+            else:
+                whose = "as a module of Python itself is"
             raise CodeError(
-                f"{source.path} ({source.why}) is named {source.name!r}, as a module of "
-                f"{'batuta' if source.name == 'batuta' else 'Python itself'} is, which the hosts "
+                f"{source.path} ({source.why}) is named {source.name!r}, {whose}, which the hosts "
                 "import instead of it; rename it"
             )
         known = sources.get(source.name)
