@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 from collections.abc import AsyncIterator
 
@@ -90,10 +91,29 @@ async def test_drop_waits_for_the_tasks_that_still_name_it(pool: Pool, sent: lis
 async def test_an_unusable_value_or_ref_is_a_usage_error(pool: Pool) -> None:
     with pytest.raises(UsageError, match=r"pool\.put: .*cannot send a value of type"):
         pool.put(object())
-    with pytest.raises(UsageError, match=r"takes the ObjectRef that pool\.put returned"):
+    with pytest.raises(UsageError, match=r"pool\.drop takes an ObjectRef \(from pool\.put or keep=True\), not str"):
         pool.drop("not a ref")  # type: ignore[arg-type]
-    with pytest.raises(UsageError, match="names object 999"):
+    with pytest.raises(UsageError, match=r"names ObjectRef\(999\), which no pool made"):
         pool.submit_nowait(Task.kernel("sum", ObjectRef(999)))
+
+
+async def test_a_ref_of_another_pool_is_refused_not_read_as_this_pools_object() -> None:
+    """Ids count from 1 in every pool: B ran A's ref with B's object 1 (a wrong answer), got
+    B's value for it, and its drop freed B's own object."""
+    async with make_pool() as a, make_pool() as b:
+        of_a, of_b = a.put(np.full(4, 1.0)), b.put(np.full(4, 1000.0))
+        assert of_a.object_id == of_b.object_id and of_a != of_b
+        kept_a = await (await a.submit(Task.kernel("sum", of_a), keep=True))
+        another = "a value of another pool (its id means another value in this one)"
+        with pytest.raises(UsageError, match=re.escape(f"task 'sum' names {of_a!r}, {another}")):
+            b.submit_nowait(Task.kernel("sum", of_a))
+        for ref in (of_a, kept_a.value):
+            with pytest.raises(UsageError, match=re.escape(f"pool.get names {ref!r}, {another}")):
+                await b.get(ref)
+            with pytest.raises(UsageError, match=re.escape(f"pool.drop names {ref!r}, {another}")):
+                b.drop(ref)
+        assert (await b.run(Task.kernel("sum", of_b))).value == 4000.0  # B's own object is still there
+        assert (await a.run(Task.kernel("sum", of_a))).value == 4.0
 
 
 async def test_a_relaunched_agent_gets_the_value_again() -> None:

@@ -13,6 +13,10 @@ A task submitted with `keep=True` resolves to an ObjectRef too: its value stays 
 that made it, and the ref says what it is (`shape`, `dtype`, `nbytes`) and where it was made
 (`host`). Passing it to another task runs that task there if it can; `pool.get(ref)` fetches
 the value. A kept ref's digest names how it was made (the producing task), not its bytes.
+
+`pool` names the pool that made the ref (0: decoded off the wire, or made by hand). Ids
+count from 1 in every pool, so a pool refuses another pool's refs instead of reading its
+own object of the same id in their place.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class ObjectRef:
     shape: tuple[int, ...] = field(default=(), compare=False)  # of a kept array ((): not an array)
     dtype: str = field(default="", compare=False)  # of a kept array, numpy's `dtype.str`
     host: str = field(default="", compare=False)  # a kept value: the host that made it ("": put)
+    pool: int = field(default=0, repr=False)  # the pool that made it (`ObjectTable.owner`)
 
     def __repr__(self) -> str:
         size = f", {self.nbytes:,} bytes" if self.nbytes else ""

@@ -156,10 +156,10 @@ class DataPlane:
         if future._keep:
             reads.append(future._keep)
             kept = objects.kept(future._keep)
-            return ObjectRef(future._keep, digest=kept.digest if kept is not None else "")
+            return ObjectRef(future._keep, digest=kept.digest if kept is not None else "", pool=objects.owner)
         after.append(future.task_id)
         digest = f"fed:{self.digest_of(future._call, future)}" if self._pool._store is not None else ""
-        return ObjectRef(objects.fed_object(future.task_id), digest=digest)
+        return ObjectRef(objects.fed_object(future.task_id), digest=digest, pool=objects.owner)
 
     @staticmethod
     def digest_of(call: Any, future: TaskFuture) -> str:

@@ -56,6 +56,7 @@ def kept_result(
         shape=tuple(shape) if type(shape) is tuple else (),
         dtype=dtype if type(dtype) is str else "",
         host=host,
+        pool=pool._objects.owner,
     )
     pool._objects.kept_made(object_id, host, ref)
     return status, ref, reason
@@ -88,6 +89,7 @@ def restored_kept(pool: Pool, future: TaskFuture, prepared: Prepared, journaled:
         size=size if shape else 0,
         shape=shape,
         dtype=str(about.get("dtype", "")),
+        pool=pool._objects.owner,
     )
     future._keep = kept.object_id
     return replace(journaled, value=kept.ref)

@@ -102,10 +102,14 @@ class KeptObject:
     restored: bool = False  # known from a resumed run's journal, made nowhere yet: made on demand
 
 
+_OWNERS = itertools.count(1)  # one per ObjectTable in this process: its pool's refs say which
+
+
 class ObjectTable:
     """One pool's objects. Not thread-safe: the pool calls it from its event loop."""
 
     def __init__(self) -> None:
+        self.owner = next(_OWNERS)  # stamped on this pool's refs (ObjectRef.pool)
         self._ids = itertools.count(1)
         self._values: dict[int, Any] = {}  # put values, filled fed values, relayed kept values
         self._nbytes: dict[int, int] = {}  # encoded size of each value's Put
@@ -148,7 +152,31 @@ class ObjectTable:
         else:  # other values by their encoded size (what travels)
             shape, dtype, size = (), "", nbytes
         digest_text = digest.hexdigest()[:32]
-        return ObjectRef(object_id, digest=digest_text, nbytes=size, size=_elements_of(value), shape=shape, dtype=dtype)
+        return ObjectRef(
+            object_id,
+            digest=digest_text,
+            nbytes=size,
+            size=_elements_of(value),
+            shape=shape,
+            dtype=dtype,
+            pool=self.owner,
+        )
+
+    def check(self, ref: ObjectRef, where: str) -> None:
+        """UsageError for a ref this pool did not make (its id names another value here), or
+        for what is no ref at all."""
+        if not isinstance(ref, ObjectRef):
+            raise UsageError(f"{where} takes an ObjectRef (from pool.put or keep=True), not {type(ref).__name__}")
+        if ref.pool == 0:
+            raise UsageError(
+                f"{where} names {ref!r}, which no pool made (made by hand, or read from a result); pass the ref "
+                "that pool.put or a keep=True task gave"
+            )
+        if ref.pool != self.owner:
+            raise UsageError(
+                f"{where} names {ref!r}, a value of another pool (its id means another value in this one); "
+                "pool.put the value in this pool, or pass the value itself"
+            )
 
     # -- kept and fed objects ----------------------------------------------------------------
 
@@ -232,6 +260,8 @@ class ObjectTable:
 
     def acquire(self, refs: Iterable[ObjectRef], task_name: str) -> tuple[int, ...]:
         """Count a task as a user of its refs; UsageError for a ref that is not (or no longer) here."""
+        for ref in refs:
+            self.check(ref, f"task {task_name!r}")
         ids = tuple(dict.fromkeys(ref.object_id for ref in refs))
         for object_id in ids:
             known = object_id in self._values or object_id in self._kept or object_id in self._users

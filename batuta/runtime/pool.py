@@ -437,8 +437,7 @@ class Pool:
     def drop(self, ref: ObjectRef) -> None:
         """Release a `put` value or a kept result, here and on every host holding it, once
         no unresolved task names it."""
-        if not isinstance(ref, ObjectRef):
-            raise UsageError(f"pool.drop takes the ObjectRef that pool.put returned, not {type(ref).__name__}")
+        self._objects.check(ref, "pool.drop")
         self._send_drops(self._objects.drop(ref))
         self._in_flight.drop_put(ref.object_id)
 
@@ -446,9 +445,8 @@ class Pool:
         """The value of a kept result (`keep=True`), fetched from a host that holds it; it waits
         for the value to be made (or made again after its host was lost). A put value is
         returned as it is. Raises ObjectLostError when it can no longer be had."""
-        if not isinstance(ref, ObjectRef):
-            raise UsageError(f"pool.get takes an ObjectRef (from keep=True or pool.put), not {type(ref).__name__}")
         self._check_open()
+        self._objects.check(ref, "pool.get")
         restored = self._objects.kept(ref.object_id)
         if restored is not None and restored.restored:  # from a resumed run's journal: make it now
             kept.remake_restored(self, restored)
