@@ -271,7 +271,13 @@ class SlotWorker:
         if object_id in self._objects:
             value = self._device.for_host(object_id) if self._device is not None else self._objects[object_id]
             locate = lend_locator(value, self._streams.stream_min_bytes) if lend and self._device is None else None
-            self._results += encode_streamed_parts(Put(object_id=object_id, value=value), self._streams, locate=locate)
+            try:
+                parts = encode_streamed_parts(Put(object_id=object_id, value=value), self._streams, locate=locate)
+            except Exception as exc:  # answered as not held (lost: made again), not by ending the slot and all it holds
+                print(f"slot {self._slot}: cannot send object {object_id}: {describe_exception(exc)}", file=sys.stderr)
+                self._forget(object_id)
+                parts = [encode_message(Drop(object_ids=(object_id,)))]
+            self._results += parts
         else:
             self._results.append(encode_message(Drop(object_ids=(object_id,))))
         self._flush()
@@ -457,13 +463,16 @@ class SlotWorker:
         if isinstance(value, (tuple, list)) and any(is_device_array(item) for item in value):
             value = to_host(value)  # only a whole array stays on the device
         try:
+            # as the coordinator would check it: a value kept here that could never be fetched
+            # failed only at its pool.get, which took the slot (and its other kept values) down
+            check_value(value, "the value it returned")
             if isinstance(value, np.ndarray):
-                if value.dtype.hasobject:
-                    raise ValueError(f"an array of dtype {value.dtype} cannot be sent")
                 nbytes = int(value.nbytes)
             else:
                 parts = encode_message_parts(Put(object_id=object_id, value=value), max_frame_bytes=1 << 62)
                 nbytes = sum(memoryview(part).nbytes for part in parts)
+        except LocalProtocolError as exc:  # the codec's words name the part: "the value it returned[0]: ..."
+            return _unkept(outcome, f"the task's result cannot be kept: {exc}")
         except Exception as exc:
             return _unkept(outcome, f"the task's result cannot be kept: {describe_exception(exc)}")
         self._objects[object_id] = value

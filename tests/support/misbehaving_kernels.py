@@ -137,3 +137,17 @@ def test_gate(path: str, value: int, limit: float = 60.0) -> int:
 
 
 test_gate.cpu(test_gate.reference)
+
+
+@kernel("test_unsendable", description="A value the wire cannot carry (`kind`: datetime or record); `ok`: a plain one.")
+def test_unsendable(kind: str) -> object:
+    import numpy as np
+
+    if kind == "datetime":
+        return np.arange(3).astype("datetime64[s]")
+    if kind == "record":
+        return (np.zeros(2, dtype=[("a", "<i4"), ("b", "<f8")]), 1)
+    return np.arange(4.0)
+
+
+test_unsendable.cpu(test_unsendable.reference)
