@@ -97,6 +97,23 @@ async def test_an_unusable_value_or_ref_is_a_usage_error(pool: Pool) -> None:
         pool.submit_nowait(Task.kernel("sum", ObjectRef(999)))
 
 
+async def test_a_put_of_too_much_in_frame_data_says_what_to_do_as_an_argument_would(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 MiB of bytes: as an argument, "send bulk data as numpy arrays"; through pool.put,
+    only "Put frame of ... exceeds the ...-byte limit"."""
+    import batuta.protocol._values as values
+
+    monkeypatch.setattr(values, "MAX_INBAND_BYTES", 1 << 20)
+    with pytest.raises(UsageError) as info:
+        pool.put(b"x" * (2 << 20))
+    assert str(info.value) == (
+        "pool.put: about 2 MiB of str, bytes, small arrays and list items, more than one frame carries (1 MiB); "
+        "send bulk data as numpy arrays (bytes: np.frombuffer(data, np.uint8); many small arrays: one stacked "
+        "array), which travel beside the frame"
+    )
+
+
 async def test_a_ref_of_another_pool_is_refused_not_read_as_this_pools_object() -> None:
     """Ids count from 1 in every pool: B ran A's ref with B's object 1 (a wrong answer), got
     B's value for it, and its drop freed B's own object."""

@@ -348,12 +348,13 @@ def encode_args(args: Any, oob: OobWriter, field: str) -> list[Any]:
         raise exc.at(field) from None
 
 
-def check_value(value: Any, where: str = "value") -> int:
+def check_value(value: Any, where: str = "value", *, or_put: bool = True) -> int:
     """Raise LocalProtocolError if `value` cannot travel as a kernel argument or result;
     return the bytes its arrays add to a frame (what flow control needs to know of it).
 
     The runtime can call this when a task is submitted, so that a bad argument fails at the
-    call site instead of failing the whole batch it would have been sent in. It walks the
+    call site instead of failing the whole batch it would have been sent in. `or_put`: the
+    advice for too much in-frame data names pool.put (not for what is put already). It walks the
     value as the encoder does, with the same checks, but copies and builds no array data.
     """
     oob = OobWriter(measure=True)
@@ -368,7 +369,7 @@ def check_value(value: Any, where: str = "value") -> int:
             f"{where}: about {oob.inband / 2**20:,.0f} MiB of str, bytes, small arrays and list items, "
             f"more than one frame carries ({MAX_INBAND_BYTES // 2**20} MiB); send bulk data as numpy "
             "arrays (bytes: np.frombuffer(data, np.uint8); many small arrays: one stacked array), "
-            "which travel beside the frame, or pool.put it once"
+            f"which travel beside the frame{', or pool.put it once' if or_put else ''}"
         )
     return oob.size
 

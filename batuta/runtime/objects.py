@@ -35,7 +35,7 @@ from batuta.core.task import Task
 from batuta.errors import UsageError
 from batuta.protocol import messages as m
 from batuta.protocol.chunks import OutgoingStreams
-from batuta.protocol.codec import encode_messages_parts
+from batuta.protocol.codec import check_value, encode_messages_parts
 from batuta.protocol.errors import LocalProtocolError
 from batuta.transport.dropbehind import DropBehind
 
@@ -123,6 +123,10 @@ class ObjectTable:
 
     def put(self, value: Any) -> ObjectRef:
         """Keep `value`; raises UsageError if it could not travel as a kernel argument."""
+        try:  # what cannot travel, in the words a task's arguments get (too much str or bytes: what to do)
+            check_value(value, "pool.put", or_put=False)
+        except LocalProtocolError as exc:
+            raise UsageError(str(exc)) from None
         streams = OutgoingStreams()  # large arrays stream: a value of any size can be put
         streams.behind = DropBehind  # hashed, a memory-mapped file's pages are not kept mapped
         try:
