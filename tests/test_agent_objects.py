@@ -15,7 +15,7 @@ import pytest
 from batuta import ObjectRef, Task
 from batuta.agent.objects import ObjectStore, default_cap, parse_object_memory
 from batuta.core.task import Backend
-from batuta.errors import UsageError
+from batuta.errors import AgentError, UsageError
 from batuta.runtime import events as pe
 from batuta.runtime.builder import PoolConfig, local_host
 from batuta.runtime.pool import Pool
@@ -90,6 +90,19 @@ def test_the_cap_takes_bytes_or_a_share_of_ram_and_refuses_anything_else() -> No
         parse_object_memory("lots", 0)
     with pytest.raises(UsageError, match="share of RAM"):
         parse_object_memory("250%", 1 << 30)
+
+
+async def test_a_bad_cap_in_the_environment_is_named_as_the_environment_variable() -> None:
+    """BATUTA_OBJECT_MEMORY=lots was reported as "--object-memory 'lots'", an option nobody gave,
+    behind a Python exception's class name."""
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "BATUTA_OBJECT_MEMORY": "lots"}
+    with pytest.raises(AgentError) as info:
+        async with Pool([local_host(1, gpus="none", env=env)]):
+            pass
+    assert str(info.value).endswith(
+        "agent exited before saying hello: batuta agent: error: BATUTA_OBJECT_MEMORY (in the host's environment, or "
+        "its env in the cluster file) 'lots': expected bytes (like 4G or 512M) or a share of RAM (like 25%)"
+    )
 
 
 async def test_kept_results_past_the_cap_spill_are_reported_and_still_served(tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ from batuta.protocol.codec import FrameDecoder, encode_message_parts
 from batuta.protocol.messages import Put
 
 OBJECT_MEMORY_ENV = "BATUTA_OBJECT_MEMORY"
+ENV_GIVEN = f"{OBJECT_MEMORY_ENV} (in the host's environment, or its env in the cluster file)"
 DEFAULT_FRACTION = 0.3  # of the host's RAM, when neither the option nor the variable says
 _NO_LIMIT = 1 << 62  # a spilled frame is this host's own file, not a peer's message
 _FOLDERS = itertools.count()  # several stores in one process (tests) get one folder each
@@ -64,15 +65,14 @@ def parse_amount(text: str, total: int, *, zero_share: bool = False) -> int:
     return int(number * scale)
 
 
-def parse_object_memory(text: str, memory_total: int) -> int:
-    """`--object-memory`: a number of bytes (`4000000000`, `4G`, `512M`) or a share of RAM
-    (`25%`). Raises UsageError naming the value and the forms it takes."""
+def parse_object_memory(text: str, memory_total: int, *, given: str = "--object-memory") -> int:
+    """`--object-memory` (or what `given` names): a number of bytes (`4000000000`, `4G`,
+    `512M`) or a share of RAM (`25%`). Raises UsageError naming where the value came from,
+    the value and the forms it takes."""
     try:
         return parse_amount(text, memory_total)
     except ValueError:
-        raise UsageError(
-            f"--object-memory {text!r}: expected bytes (like 4G or 512M) or a share of RAM (like 25%)"
-        ) from None
+        raise UsageError(f"{given} {text!r}: expected bytes (like 4G or 512M) or a share of RAM (like 25%)") from None
 
 
 def host_memory() -> int:
@@ -88,7 +88,7 @@ def host_memory() -> int:
 def default_cap(memory_total: int, environ: Mapping[str, str] | None = None) -> int:
     env = os.environ if environ is None else environ
     if env.get(OBJECT_MEMORY_ENV):
-        return parse_object_memory(env[OBJECT_MEMORY_ENV], memory_total)
+        return parse_object_memory(env[OBJECT_MEMORY_ENV], memory_total, given=ENV_GIVEN)
     return int(memory_total * DEFAULT_FRACTION) if memory_total else 4 << 30
 
 
