@@ -425,6 +425,38 @@ def test_run_json_counts_what_the_job_submitted(tmp_path: Path) -> None:
     assert summary["hosts_failed"] == []
 
 
+UNPRINTABLE_JOB = """
+class Value:
+    def __str__(self):
+        raise RuntimeError("no str")
+
+    def __repr__(self):
+        raise RuntimeError("no repr")
+
+
+async def main(pool):
+    return Value()
+"""
+
+
+@needs_runtime
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_a_value_that_cannot_be_printed_still_gets_its_summary(tmp_path: Path, as_json: bool) -> None:
+    """A returned object whose __str__ and __repr__ raise: a traceback and exit 1, no summary,
+    no JSON, after the job had done its work."""
+    write(tmp_path, "job.py", UNPRINTABLE_JOB)
+    done = batuta(
+        "run", "job.py", "--workers", "1", *(["--json"] if as_json else []), cwd=tmp_path, timeout=RUN_TIMEOUT_S
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    shown = "<unprintable Value: RuntimeError in its __str__ and __repr__>"
+    if as_json:
+        assert json.loads(done.stdout)["result"] == shown
+    else:
+        assert done.stdout.splitlines()[0] == shown and "0 tasks" in done.stdout
+
+
 @needs_runtime
 def test_run_with_a_failed_task_exits_1_and_counts_it(tmp_path: Path) -> None:
     write(tmp_path, "job.py", COUNTING_JOB.format(extra=FAILING_TASK))

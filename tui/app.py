@@ -33,7 +33,7 @@ from textual.widgets import Footer
 from textual.worker import Worker, get_current_worker
 
 from batuta.errors import BatutaError
-from batuta.jobs import JobError, builtin_job_names, load_job
+from batuta.jobs import JobError, builtin_job_names, load_job, printable
 
 from . import render
 from .commands import BatutaCommands
@@ -371,12 +371,12 @@ class BatutaApp(App[None]):
             log.info("job %s cancelled", label)
             raise
         except Exception as exc:  # the job's bug is news, not a crash
-            message = f"{type(exc).__name__}: {_one_line(str(exc))}"
+            message = f"{type(exc).__name__}: {_one_line(printable(exc))}"
             self.model.job_ended(label, "failed", message)
             log.warning("job %s failed: %s", label, message)
             self.notify(message, title=f"job {label} failed", severity="error", timeout=10)
         else:
-            message = _one_line(str(value)) if value is not None else ""
+            message = _one_line(printable(value)) if value is not None else ""
             self.model.job_ended(label, "done", message)
             log.info("job %s finished%s", label, f": {message}" if message else "")
             self.notify(message or "finished", title=f"job {label} finished")

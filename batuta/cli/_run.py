@@ -360,12 +360,14 @@ def _report(outcome: RunOutcome, *, as_json: bool, quiet: bool) -> None:
     """The job's value and the summary on stdout; the job's traceback and error on stderr."""
     import json
 
+    from batuta.jobs import printable
+
     summary = outcome.summary
     if as_json:
         print(json.dumps(summary.to_json()))
     else:
         if summary.result is not None:
-            print(summary.result)
+            print(printable(summary.result))
         if not quiet:
             print("\n".join(summary.text_lines()))
         else:  # no summary: each failure cause once, and each host that failed, on stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from batuta.jobs._load import Job, JobError, builtin_job_names, load_job
+from batuta.jobs._text import printable
 
 if TYPE_CHECKING:
     from batuta.jobs._data import job_backend, set_job_backend
@@ -64,6 +65,7 @@ __all__ = [
     "linger_metrics",
     "load_job",
     "make_pool",
+    "printable",
     "run_job",
     "serve_job",
     "set_job_backend",

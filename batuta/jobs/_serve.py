@@ -24,6 +24,7 @@ from typing import Any
 from batuta import Pool
 from batuta.jobs._load import Job
 from batuta.jobs._run import RunOutcome, run_job
+from batuta.jobs._text import printable
 from batuta.runtime import serve_wire as w
 from batuta.runtime.events import HostUp, PoolEvent
 from batuta.runtime.serve import CoordinatorServer
@@ -160,5 +161,5 @@ async def serve_job(
 
 
 def one_line(value: object, limit: int = 200) -> str:
-    text = " ".join(str(value).split())
+    text = " ".join(printable(value).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"

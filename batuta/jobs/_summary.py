@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batuta import TaskResult, TaskStatus
+from batuta.jobs._text import printable
 
 CAUSES_KEPT = 5  # distinct failure causes kept for the summary: the first few tell the story
 PERCENTILES = (50, 95, 99)
@@ -445,4 +446,4 @@ def _json_value(value: Any) -> Any:
             return converted
         except (TypeError, ValueError):
             pass
-    return repr(value)
+    return printable(value)  # repr's fallback: the user's __repr__ may raise too
