@@ -182,6 +182,19 @@ async def test_latency_filter_cycles_by_key_and_by_click() -> None:
         assert model.latency_filter.host == "node01"
 
 
+async def test_textuals_own_toasts_keep_their_markup() -> None:
+    """Toasts shown as plain text (ours) made ctrl+c's read "Press [b]ctrl+q[/b] to quit"."""
+    app = BatutaApp(model=replayed_model())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+c")
+        await until(pilot, lambda: app._notifications, "a notification")
+        (toast,) = list(app._notifications)
+        assert "ctrl+q" in toast.message and toast.markup
+        app.toast("saved to [/tmp/out.npy]")
+        await until(pilot, lambda: len(app._notifications) == 2, "our toast")
+        assert [n.markup for n in app._notifications] == [True, False]
+
+
 async def test_replay_without_a_pool_refuses_to_run_jobs_politely() -> None:
     app = BatutaApp(model=replayed_model())
     async with app.run_test(size=SIZE) as pilot:

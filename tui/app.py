@@ -116,19 +116,14 @@ class BatutaApp(App[None]):
         Binding("x", "detach", "Detach", show=False),
     ]
 
-    def notify(
-        self,
-        message: str,
-        *,
-        title: str = "",
-        severity: SeverityLevel = "information",
-        timeout: float | None = None,
-        markup: bool = False,
+    def toast(
+        self, message: str, *, title: str = "", severity: SeverityLevel = "information", timeout: float | None = None
     ) -> None:
         """A toast whose text is shown as it is. What it says comes from jobs, hosts and errors:
         read as Rich markup, a job's value '[/tmp/out.npy]' raised MarkupError and ended the
-        dashboard (and its jobs) with exit code 0, and '[ssh]' vanished from a hint."""
-        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+        dashboard (and its jobs) with exit code 0, and '[ssh]' vanished from a hint. (`notify`
+        keeps Textual's markup: its own toasts, such as ctrl+c's, are written in it.)"""
+        self.notify(message, title=title, severity=severity, timeout=timeout, markup=False)
 
     def __init__(
         self,
@@ -303,7 +298,7 @@ class BatutaApp(App[None]):
             detail = _one_line(str(exc)) or type(exc).__name__
             self.model.set_status("failed", f"pool failed to start: {detail}")
             log.error("pool failed to start: %s", detail)
-            self.notify(detail, title="pool failed to start", severity="error", timeout=30)
+            self.toast(detail, title="pool failed to start", severity="error", timeout=30)
             self._pool_failed = detail
             self._pool_ready.set()  # wakes the jobs waiting for it, which then say why they cannot run
             return
@@ -318,7 +313,7 @@ class BatutaApp(App[None]):
     def start_job(self, spec: str) -> None:
         """Load and run a built-in job or a job file as a worker; errors become notifications."""
         if self.pool is None:
-            self.notify("this dashboard replays recorded events; it has no pool to run jobs on", severity="warning")
+            self.toast("this dashboard replays recorded events; it has no pool to run jobs on", severity="warning")
             return
         self.run_worker(self._run_job(spec), name=f"job {spec}", group="jobs", exit_on_error=False)
 
@@ -333,7 +328,7 @@ class BatutaApp(App[None]):
     async def _report_import_errors(self, shipped: CodeShipped) -> None:
         for host, errors in (await shipped.import_errors()).items():
             failures = "; ".join(f"{module}: {error}" for module, error in errors.items())
-            self.notify(_one_line(failures), title=f"host {host} cannot import the job's code", severity="error")
+            self.toast(_one_line(failures), title=f"host {host} cannot import the job's code", severity="error")
 
     async def _run_job(self, spec: str) -> None:
         pool = self.pool
@@ -342,19 +337,19 @@ class BatutaApp(App[None]):
             job = await asyncio.to_thread(load_job, spec)  # a job file's imports must not stall the loop
         except JobError as exc:
             log.error("cannot run job %s: %s", spec, _one_line(str(exc)))  # the log keeps it after the toast
-            self.notify(str(exc), title="cannot run job", severity="error", timeout=15)
+            self.toast(str(exc), title="cannot run job", severity="error", timeout=15)
             return
         await self._pool_ready.wait()
         if self._pool_failed:
             why = f"the pool did not start ({self._pool_failed}); quit (q) and fix the cluster, then start again"
             log.error("cannot run job %s: %s", spec, why)
-            self.notify(why, title="cannot run job", severity="error", timeout=15)
+            self.toast(why, title="cannot run job", severity="error", timeout=15)
             return
         if job.origin != "built-in":  # its own modules go to every host first, never a stale copy
             try:
                 shipped = await pool.ship(job_files=[job.origin])
             except BatutaError as exc:  # a CodeError (too much code), or the pool closed meanwhile
-                self.notify(_one_line(str(exc)), title="cannot run job", severity="error", timeout=15)
+                self.toast(_one_line(str(exc)), title="cannot run job", severity="error", timeout=15)
                 return
             # the hosts import it after `ship` returns (tasks sent meanwhile wait there): the job
             # starts now, and a module that fails to import is told when the hosts answer
@@ -374,12 +369,12 @@ class BatutaApp(App[None]):
             message = f"{type(exc).__name__}: {_one_line(printable(exc))}"
             self.model.job_ended(label, "failed", message)
             log.warning("job %s failed: %s", label, message)
-            self.notify(message, title=f"job {label} failed", severity="error", timeout=10)
+            self.toast(message, title=f"job {label} failed", severity="error", timeout=10)
         else:
             message = _one_line(printable(value)) if value is not None else ""
             self.model.job_ended(label, "done", message)
             log.info("job %s finished%s", label, f": {message}" if message else "")
-            self.notify(message or "finished", title=f"job {label} finished")
+            self.toast(message or "finished", title=f"job {label} finished")
         finally:
             self._job_workers.pop(label, None)
             self.sync_now()
@@ -390,7 +385,7 @@ class BatutaApp(App[None]):
         worker = self._job_workers.get(label)
         if worker is not None:
             worker.cancel()
-        self.notify(f"cancelled {count:,} unfinished task{'s' if count != 1 else ''}", title=f"job {label}")
+        self.toast(f"cancelled {count:,} unfinished task{'s' if count != 1 else ''}", title=f"job {label}")
 
     def running_jobs(self) -> list[str]:
         return list(self._job_workers)
@@ -418,7 +413,7 @@ class BatutaApp(App[None]):
     def action_cancel_job(self) -> None:
         running = self.running_jobs()
         if not running:
-            self.notify("no job is running", severity="warning")
+            self.toast("no job is running", severity="warning")
         elif len(running) == 1:
             self.cancel_job(running[0])
         else:
@@ -430,21 +425,21 @@ class BatutaApp(App[None]):
     def action_toggle_pause(self) -> None:
         pool = self.pool
         if pool is None or not self._pool_running:
-            self.notify("the pool is not running", severity="warning")
+            self.toast("the pool is not running", severity="warning")
             return
         if pool.paused:
             pool.resume()
-            self.notify("scheduling resumed")
+            self.toast("scheduling resumed")
         else:
             pool.pause()
-            self.notify("scheduling paused: running tasks finish, queued ones wait")
+            self.toast("scheduling paused: running tasks finish, queued ones wait")
         self.model.set_paused(pool.paused)
         self.sync_now()
 
     def action_drain_host(self) -> None:
         choices = drain_choices(self.model.hosts.values())
         if self.pool is None or not choices:
-            self.notify("no host to drain", severity="warning")
+            self.toast("no host to drain", severity="warning")
             return
         self.push_screen(
             PickerScreen("Drain which host? (it gets no new work)", choices),
@@ -460,17 +455,17 @@ class BatutaApp(App[None]):
         try:
             self.pool.drain(host, undo=undo)
         except Exception as exc:
-            self.notify(str(exc), title="cannot drain", severity="error")
+            self.toast(str(exc), title="cannot drain", severity="error")
             return
         if undo:
-            self.notify(f"{host} takes work again")
+            self.toast(f"{host} takes work again")
         elif not any(h.state in ("up", "suspected") for h in self.model.hosts.values() if h.name != host):
-            self.notify(
+            self.toast(
                 f"draining {host}, the last host that takes work: queued tasks wait until it is undrained (n)",
                 severity="warning",
             )
         else:
-            self.notify(f"draining {host}: no new work goes there")
+            self.toast(f"draining {host}: no new work goes there")
         self.sync_now()
 
     def action_show_failures(self) -> None:
@@ -482,13 +477,13 @@ class BatutaApp(App[None]):
     def action_show_task(self, task_id: int) -> None:
         failed = self.model.failure(task_id)
         if failed is None:
-            self.notify(f"task {task_id} is not among the recent failures", severity="warning")
+            self.toast(f"task {task_id} is not among the recent failures", severity="warning")
             return
         self.push_screen(TaskDetailScreen(failed))
 
     def action_detach(self) -> None:
         """Here the dashboard is the coordinator (see tui/attach.py for the attached one)."""
-        self.notify(
+        self.toast(
             "this dashboard is the coordinator: closing it ends the job; start with 'batuta tui --serve' "
             "to detach and re-attach",
             severity="warning",
@@ -497,7 +492,7 @@ class BatutaApp(App[None]):
 
     def action_cycle_latency(self, dimension: str) -> None:
         value = self.model.cycle_latency_filter(dimension)
-        self.notify(f"latency: {dimension} {value or 'all'}", timeout=2)
+        self.toast(f"latency: {dimension} {value or 'all'}", timeout=2)
         self.sync_now()
 
     def action_toggle_gpu_rows(self) -> None:

@@ -268,7 +268,7 @@ class AttachedApp(BatutaApp):
                     self.title = f"batuta · {self.info.get('name', '?')}"
                 elif tag == "reply" and len(message) == 4:
                     ok, text = w.want_bool(message[2], "reply.ok"), w.want_str(message[3], "reply.text")
-                    self.notify(text, severity="information" if ok else "error", timeout=6)
+                    self.toast(text, severity="information" if ok else "error", timeout=6)
                 elif tag == "bye" and len(message) == 2:
                     self._ended(w.want_str(message[1], "bye.reason"))
                     return
@@ -281,22 +281,22 @@ class AttachedApp(BatutaApp):
         self.ended = why
         self.model.drain()
         self.model.set_status("failed" if failed else "closed", why)
-        self.notify(why, title=f"{self.target.label}", severity="error" if failed else "warning", timeout=30)
+        self.toast(why, title=f"{self.target.label}", severity="error" if failed else "warning", timeout=30)
         self.sync_now()
 
     async def _send(self, action: str, argument: str = "") -> None:
         if self.connection is None or self.ended:
-            self.notify("not attached to a coordinator", severity="warning")
+            self.toast("not attached to a coordinator", severity="warning")
             return
         try:
             await self.connection.control(action, argument)
         except (ConnectionError, OSError) as exc:
-            self.notify(f"cannot reach the coordinator: {exc}", severity="error")
+            self.toast(f"cannot reach the coordinator: {exc}", severity="error")
 
     # -- what the keys do here --------------------------------------------------------------
 
     def start_job(self, spec: str) -> None:
-        self.notify(
+        self.toast(
             "an attached view runs no jobs of its own; start one with 'batuta run JOB --serve'", severity="warning"
         )
 
@@ -314,7 +314,7 @@ class AttachedApp(BatutaApp):
 
         choices = drain_choices(self.model.hosts.values())
         if not choices:
-            self.notify("no host to drain", severity="warning")
+            self.toast("no host to drain", severity="warning")
             return
         self.push_screen(
             PickerScreen("Drain which host? (it gets no new work)", choices),
