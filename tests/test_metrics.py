@@ -444,8 +444,10 @@ def final_task_counts(families: dict[str, list[Sample]]) -> dict[tuple[str, str]
     return counts
 
 
-def test_metrics_linger_serves_the_final_counts_after_the_job_until_ctrl_c(tmp_path: Path) -> None:
-    """A job shorter than a scrape interval: its last counts are still there to scrape after it ended."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_metrics_linger_serves_the_final_counts_after_the_job_until_ctrl_c(tmp_path: Path, stop: int) -> None:
+    """A job shorter than a scrape interval: its last counts are still there to scrape after it
+    ended. Ctrl-C or SIGTERM (a batch system's stop; it killed the command with 143) ends that."""
     job = tmp_path / "short.py"
     job.write_text(SHORT_JOB)
     port = free_port()
@@ -460,7 +462,7 @@ def test_metrics_linger_serves_the_final_counts_after_the_job_until_ctrl_c(tmp_p
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
             families = parse(response.read())
         assert final_task_counts(families) == SHORT_JOB_FINAL
-        proc.send_signal(signal.SIGINT)  # Ctrl-C ends the linger early, and the run still succeeded
+        proc.send_signal(stop)  # ends the linger early, and the run still succeeded
         assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
     finally:
         if proc.poll() is None:
@@ -508,6 +510,7 @@ def test_bad_linger_or_textfile_is_a_one_line_usage_error(tmp_path: Path, capsys
     cases = {
         ("--metrics-port", "0", "--metrics-linger", "-1"): "--metrics-linger -1.0 is not a number of seconds >= 0",
         ("--metrics-port", "0", "--metrics-linger", "inf"): "--metrics-linger inf is not a number of seconds >= 0",
+        ("--metrics-port", "0", "--metrics-linger", "1e12"): "--metrics-linger 1e+12 is more than a week (604800 s)",
         ("--metrics-port", "0", "--metrics-linger", "soon"): "--metrics-linger: invalid float value: 'soon'",
         ("--metrics-linger", "5"): "--metrics-linger 5 needs --metrics-port PORT",
         ("--metrics-textfile", str(tmp_path / "missing" / "b.prom")): "No such file or directory",

@@ -27,7 +27,9 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -325,6 +327,9 @@ def start_metrics(pool: Pool, port: int | None, bind: str) -> MetricsExporter:
     return exporter
 
 
+MAX_LINGER_S = 7 * 24 * 3600.0
+
+
 def check_metrics_end(*, port: int | None, textfile: str | Path | None, linger: float) -> None:
     """What happens to the metrics after the job is sound: a UsageError names what is not.
 
@@ -333,6 +338,11 @@ def check_metrics_end(*, port: int | None, textfile: str | Path | None, linger: 
     """
     if not 0 <= linger < math.inf:  # also NaN
         raise UsageError(f"--metrics-linger {linger} is not a number of seconds >= 0; pass e.g. 30")
+    if linger > MAX_LINGER_S:  # a sleep that long overflowed, after the job had run
+        raise UsageError(
+            f"--metrics-linger {linger:g} is more than a week ({MAX_LINGER_S:g} s); to serve metrics for longer, "
+            "run the job with --serve"
+        )
     if linger > 0 and port is None:
         raise UsageError(f"--metrics-linger {linger:g} needs --metrics-port PORT: it keeps that server up")
     if textfile is None:
@@ -358,12 +368,43 @@ def linger_metrics(exporter: MetricsExporter, seconds: float, *, say: bool = Fal
     sys.stdout.flush()  # what was printed before (the summary) is out before the wait
     if say and exporter.url is not None:
         print(f"batuta: serving the final metrics at {exporter.url} for {seconds:g} s; Ctrl-C ends it", file=sys.stderr)
+    with _signals_end_the_wait() as waiting:
+        try:
+            time.sleep(seconds)
+        finally:
+            waiting.clear()  # from here on a signal is ignored: the server closes whole
+            exporter.close()
+
+
+class _LingerEnded(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _signals_end_the_wait() -> Iterator[threading.Event]:
+    """Ctrl-C or SIGTERM (a batch system's stop) ends the wait, once, and the command exits
+    with the job's code: SIGTERM killed it with 143, and a second Ctrl-C made it 130. The
+    caller clears the event it gets once it no longer waits."""
+    waiting = threading.Event()
+    waiting.set()
+    if threading.current_thread() is not threading.main_thread():
+        with contextlib.suppress(KeyboardInterrupt):
+            yield waiting
+        return
+
+    def end(_signum: int, _frame: object) -> None:
+        if waiting.is_set():
+            waiting.clear()
+            raise _LingerEnded
+
+    previous = {signum: signal.signal(signum, end) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        time.sleep(seconds)
-    except KeyboardInterrupt:
-        log.debug("metrics linger ended early by Ctrl-C")
+        yield waiting
+    except (_LingerEnded, KeyboardInterrupt):
+        log.debug("metrics linger ended early by a signal")
     finally:
-        exporter.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _final_metrics(exporter: MetricsExporter, textfile: str | Path | None) -> None:
