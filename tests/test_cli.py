@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,6 +159,12 @@ async def main(pool):
     [
         pytest.param({}, ["run", "missing.py"], "job file 'missing.py' not found", id="missing-file"),
         pytest.param({"job.py": SYNTAX_ERROR}, ["run", "job.py"], "job.py:2", id="syntax-error"),
+        pytest.param(
+            {"job.py": "import broken_helper\n", "broken_helper.py": SYNTAX_ERROR},
+            ["run", "job.py"],
+            "job file 'job.py' imports a module with a syntax error, at ",
+            id="syntax-error-in-an-import",
+        ),
         pytest.param({"job.py": "x = 1\n"}, ["run", "job.py"], "defines no 'main'", id="no-main"),
         pytest.param(
             {"job.py": "def main(pool):\n    return 1\n"}, ["run", "job.py"], "is not 'async def'", id="sync-main"
@@ -248,6 +255,40 @@ def test_usage_errors_are_one_line_and_exit_2(
     assert lines[0].startswith("batuta: error: ")
     assert expected in lines[0]
     assert done.stdout == ""
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="root without setpriv")
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", "locked/job.py"], "cannot read job file 'locked/job.py': Permission denied; make it, and the"),
+        (["run", "pi", "--module", "locked/job.py"], "--module locked/job.py: cannot be read: Permission denied"),
+    ],
+    ids=["job-file", "module"],
+)
+def test_a_file_in_a_folder_this_user_cannot_enter_is_one_line(tmp_path: Path, args: list[str], expected: str) -> None:
+    """A PermissionError traceback, exit 1 (root is made an ordinary user here by dropping the
+    capabilities that let it read anything)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    write(locked, "job.py", "async def main(pool):\n    pass\n")
+    locked.chmod(0)
+    caps = "-dac_override,-dac_read_search"
+    prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"] if os.geteuid() == 0 else []
+    try:
+        done = subprocess.run(
+            [*prefix, sys.executable, "-m", "batuta", *args],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=ERROR_TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        locked.chmod(0o755)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"batuta: error: {expected}") and len(done.stderr.splitlines()) == 1, done.stderr
 
 
 def test_unknown_builtin_suggests_the_file_beside_it(tmp_path: Path) -> None:

@@ -60,14 +60,24 @@ def load_job(spec: str) -> Job:
     if not looks_like_path and spec in builtins:
         module = importlib.import_module(f"{_BUILTIN_PACKAGE}.{spec}")
         return Job(name=spec, main=_checked_main(module, spec), origin="built-in")
-    if not looks_like_path and not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+        if exists and not is_dir:
+            with open(path, "rb"):  # readable: else "raised at import ... PermissionError"
+                pass
+    except OSError as exc:  # a folder on its path this user cannot enter, or a file it cannot read
+        raise JobError(
+            f"cannot read job file {spec!r}: {exc.strerror or exc}; make it, and the folders above it, readable "
+            "by this user"
+        ) from None
+    if not looks_like_path and not exists:
         close = difflib.get_close_matches(spec, builtins, n=1)
         guess = f"; did you mean {close[0]!r}?" if close else ""
         guess = f"; did you mean './{spec}.py'?" if Path(f"{spec}.py").is_file() else guess
         raise JobError(f"unknown built-in job {spec!r}; {_hint(builtins)}{guess}")
-    if not path.exists():
+    if not exists:
         raise JobError(f"job file {spec!r} not found; {_hint(builtins)}")
-    if path.is_dir():
+    if is_dir:
         raise JobError(f"job file {spec!r} is a directory; {_hint(builtins)}")
     if path.suffix != ".py":
         raise JobError(f"job file {spec!r} is not a .py file; {_hint(builtins)}")
@@ -94,9 +104,11 @@ def _exec_file(path: Path, shown: str) -> ModuleType:
         spec.loader.exec_module(module)
     except SyntaxError as exc:
         sys.modules.pop(module_name, None)
-        filename = shown if exc.filename in (None, str(path)) else exc.filename
-        where = f"{filename}:{exc.lineno}" if exc.lineno else filename
-        raise JobError(f"job file {shown!r} has a syntax error at {where}: {exc.msg}") from exc
+        if exc.filename in (None, str(path)):
+            where = f"{shown}:{exc.lineno}" if exc.lineno else shown
+            raise JobError(f"job file {shown!r} has a syntax error at {where}: {exc.msg}") from exc
+        where = f"{exc.filename}:{exc.lineno}" if exc.lineno else exc.filename
+        raise JobError(f"job file {shown!r} imports a module with a syntax error, at {where}: {exc.msg}") from exc
     except Exception as exc:
         sys.modules.pop(module_name, None)
         lineno = _innermost_lineno_in(exc, path)

@@ -405,7 +405,14 @@ class CodeCollector:
     def _module_path(self, path: Path) -> _Source:
         shown = str(path)
         path = path.expanduser()
-        if not path.exists():
+        try:
+            exists = path.exists()
+        except OSError as exc:  # a folder on its path this user cannot enter
+            raise CodeError(
+                f"--module {shown}: cannot be read: {exc.strerror or exc}; make it, and the folders above it, "
+                "readable by this user"
+            ) from None
+        if not exists:
             raise CodeError(f"--module {shown}: no such file or folder; give a .py file or a package folder")
         path = path.resolve()
         jobs_folders = {job.expanduser().resolve().parent for job in self.spec.job_files}
