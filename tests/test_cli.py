@@ -499,6 +499,21 @@ def test_a_value_that_cannot_be_printed_still_gets_its_summary(tmp_path: Path, a
 
 
 @needs_runtime
+@pytest.mark.parametrize(("code", "rc"), [(3, 1), (0, 0)])
+def test_a_job_that_calls_sys_exit_still_gets_its_summary(tmp_path: Path, code: int, rc: int) -> None:
+    """sys.exit(3) in main ended the command with 3 (batuta's "no host could be started"), and
+    with no summary or JSON."""
+    write(tmp_path, "job.py", f"import sys\n\n\nasync def main(pool):\n    sys.exit({code})\n")
+    done = batuta("run", "job.py", "--workers", "1", "--json", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == rc, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["ok"] is (code == 0)
+    if code:
+        said = f"job 'job.py' called sys.exit({code}) at job.py:5; return from main() instead"
+        assert summary["error"] == said and done.stderr.strip().endswith(f"batuta: error: {said}")
+
+
+@needs_runtime
 def test_run_with_a_failed_task_exits_1_and_counts_it(tmp_path: Path) -> None:
     write(tmp_path, "job.py", COUNTING_JOB.format(extra=FAILING_TASK))
     done = batuta("run", "job.py", "--workers", "2", "--json", cwd=tmp_path, timeout=RUN_TIMEOUT_S)

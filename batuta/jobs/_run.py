@@ -41,6 +41,7 @@ from batuta import Pool
 from batuta.errors import AgentError, BatutaError, ConfigError, HostConfigError, TransportError, UsageError
 from batuta.jobs._load import Job
 from batuta.jobs._summary import RunSummary, RunTracker, one_line
+from batuta.jobs._text import printable
 from batuta.observers.checkpoint import use_checkpoints
 from batuta.observers.journal import Journal, JournalError, JournalStore
 from batuta.observers.logs import PoolLogObserver, log_context
@@ -213,8 +214,13 @@ async def run_job(
                 where = f" at {at}" if at else ""
                 error = f"job {job.name!r} raised {type(exc).__name__}{where}: {one_line(str(exc))}"
             except Exception as exc:
-                error = f"job {job.name!r} raised {type(exc).__name__}: {one_line(str(exc))}"
+                error = f"job {job.name!r} raised {type(exc).__name__}: {one_line(printable(exc))}"
                 job_traceback = _job_traceback(exc)
+            except SystemExit as exc:  # ended the command with its code, and no summary: 3 is batuta's "no host"
+                if exc.code not in (None, 0):
+                    at = _call_site(exc)
+                    where = f" at {at}" if at else ""
+                    error = f"job {job.name!r} called sys.exit({exc.code!r}){where}; return from main() instead"
             finally:
                 wall_s = time.perf_counter() - started
                 # What the pool cancels as it closes is counted as unfinished, not logged task by task.
