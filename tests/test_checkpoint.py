@@ -230,6 +230,18 @@ async def test_all_corrupt_means_no_checkpoint(tmp_path: Path) -> None:
         await manager.load()
 
 
+async def test_cleanup_never_deletes_the_newest_good_checkpoint(tmp_path: Path) -> None:
+    """keep=1 with the newest file corrupt deleted the only good checkpoint, leaving latest() None."""
+    manager = CheckpointManager(tmp_path)
+    await write_three(manager)
+    flip_bytes(manager.list()[-1].path)  # iter_11 no longer reads back
+    assert await manager.cleanup(keep=1) == ["iter_9"]
+    found = await manager.latest()
+    assert found is not None and found.path.name == "iter_10.ckpt"
+    assert await manager.cleanup(keep=1) == [] and await manager.cleanup(older_than=0) == []
+    assert await manager.cleanup(keep=0) == ["iter_10", "iter_11"]  # asked for: none kept
+
+
 async def test_cleanup_keeps_the_newest_and_removes_dead_writers_temporaries(tmp_path: Path) -> None:
     manager = CheckpointManager(tmp_path)
     await write_three(manager)

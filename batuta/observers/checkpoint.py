@@ -413,7 +413,8 @@ class CheckpointManager:
         """Delete checkpoints beyond the newest `keep`, and/or older than `older_than` seconds.
 
         Also removes temporary files left by writers that died mid-save. Returns the names
-        deleted. The newest checkpoint is never deleted by `older_than` alone.
+        deleted. The newest checkpoint is never deleted by `older_than` alone, and the newest
+        that reads back intact (what `latest()` gives) only by `keep=0`.
         """
         if keep is None and older_than is None:
             raise CheckpointError("cleanup() needs keep=N and/or older_than=SECONDS")
@@ -432,6 +433,10 @@ class CheckpointManager:
             for info in infos[:-1]:  # keep the newest, whatever its age
                 if info.mtime_ns < cutoff_ns:
                     doomed[info.name] = info
+        if doomed and keep != 0:  # not the newest that reads back: keep=1 kept a corrupt newer one instead
+            good = self._latest_sync()
+            if good is not None:
+                doomed = {name: info for name, info in doomed.items() if info.path != good.path}
         removed = []
         for info in doomed.values():
             with contextlib.suppress(FileNotFoundError):
