@@ -32,6 +32,7 @@ import functools
 import math
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -120,6 +121,10 @@ def cuda() -> Any:
             f"numba-cuda is not importable ({exc}); install numba-cuda on this host, or run "
             "the kernel on the 'cpu' backend"
         ) from exc
+    if simulated():
+        # The simulator runs uint64 arithmetic that wraps by design (xoroshiro128+) on NumPy
+        # scalars, which warn on every wrap: the host's log filled with them.
+        warnings.filterwarnings("ignore", "overflow encountered in scalar", RuntimeWarning)
     return numba_cuda
 
 

@@ -222,6 +222,19 @@ def check_mc_pi(real: bool) -> None:
 
 
 @_check
+def check_mc_pi_says_nothing_of_its_generators_overflows(real: bool) -> None:
+    # the simulator's uint64 wraps warned on every draw, filling the host's log
+    from batuta.kernels import cuda_support
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()  # each warning shown once, as in a host's slot: but for what batuta's
+        cuda_support.cuda.cache_clear()  # first import of numba.cuda filters out
+        cuda_support.cuda()
+        _run("mc_pi", (500, 3))
+    assert not [w for w in caught if "overflow" in str(w.message)], [str(w.message) for w in caught][:3]
+
+
+@_check
 def check_mc_pi_states_are_seeded_on_the_device_as_numba_seeds_them(real: bool) -> None:
     from batuta.kernels import cuda_random
     from numba.cuda.random import create_xoroshiro128p_states
