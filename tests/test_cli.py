@@ -692,6 +692,7 @@ def test_a_kernel_module_that_does_not_import_is_reported_once_per_host_and_the_
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("pi ~ 3.14")
     assert done.stderr.count("cannot load kernel module 'no_such_module_here'") == 1, done.stderr
+    assert "Traceback" not in done.stderr and "direct cause" not in done.stderr  # one line, not a traceback
 
 
 @needs_runtime

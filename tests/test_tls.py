@@ -641,6 +641,29 @@ def test_worker_binds_loopback_by_default_and_checks_its_arguments(pki: Pki, tmp
     assert check_key_file(pki.server_key) is None
 
 
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        (["--gpus", "7"], "--gpus 7: no GPU 7 on this host"),
+        (["--slots", "0", "--gpus", "none"], "--slots 0 and no GPU slot: this host would offer no slots at all"),
+        (["--kernel-module", "batuta_no_such_module"], "--kernel-module batuta_no_such_module: no such module"),
+    ],
+    ids=["absent-gpu", "no-slots", "missing-module"],
+)
+def test_a_worker_that_could_serve_no_coordinator_refuses_to_start(
+    pki: Pki, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, options: list[str], said: str
+) -> None:
+    """It listened, and every coordinator then failed ("closed the session before saying
+    hello"), the reason in the worker's log alone."""
+    from batuta.cli import main
+
+    monkeypatch.delenv("BATUTA_FAKE_GPUS", raising=False)
+    common = ["--cert", str(pki.server_cert), "--key", str(pki.server_key), "--ca", str(pki.ca)]
+    assert main(["worker", "--bind", "127.0.0.1:0", *options, *common]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"batuta: error: {said}") and len(err.splitlines()) == 1, err
+
+
 def test_a_worker_given_a_folder_for_a_file_says_which_files_it_holds(
     pki: Pki, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -97,8 +97,11 @@ class KernelRunner:
                 # The slot keeps working (other kernels may be fine); the failure is named
                 # in the error of every task that asks for a kernel the registry lacks.
                 self._module_errors.append(f"--kernel-module {module}: {describe_exception(exc)}")
-                if self._report:
-                    traceback.print_exc()
+                if self._report:  # one line for the host's log (a traceback's tail read as several)
+                    cause = exc.__cause__ or exc
+                    frames = [f for f in traceback.extract_tb(cause.__traceback__) if not f.filename.startswith("<")]
+                    where = f" (at {frames[-1].filename} line {frames[-1].lineno})" if frames else ""
+                    print(one_line(f"{exc}{where}"), file=sys.stderr, flush=True)
         self._registry = registry
         return registry
 

@@ -13,6 +13,7 @@ processes are spawned without waiting for each other (see `agent.py`).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import sys
 from collections.abc import Mapping
@@ -105,6 +106,40 @@ def plan_gpu_slots(
     return tuple(plan)
 
 
+def check_offer(options: AgentOptions, gpu_slots: tuple[object, ...]) -> None:
+    """UsageError for an agent that would offer no slot at all."""
+    if options.cpu_slots == 0 and not gpu_slots:
+        raise UsageError("--slots 0 and no GPU slot: this host would offer no slots at all; give --slots N or GPUs")
+
+
+def check_host(options: AgentOptions) -> None:
+    """What the agent checks at its start, and that its kernel modules are there, for `batuta
+    worker` to check before it listens: one that listened with GPUs or modules it did not
+    have failed every coordinator, the reason in its log alone. (An agent started over SSH
+    runs without a missing kernel module, saying so once: its other kernels work.)"""
+    from batuta.agent.telemetry import open_telemetry
+
+    try:
+        telemetry = open_telemetry()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        gpu_slots = plan_gpu_slots(options.gpus, telemetry.gpu_infos(), telemetry.gpu_status(), os.environ)
+    finally:
+        telemetry.close()
+    check_offer(options, gpu_slots)
+    for module in options.kernel_modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package that is missing or fails
+            found = False
+        if not found:
+            raise UsageError(
+                f"--kernel-module {module}: no such module on this host's Python ({sys.executable}); install it "
+                "there, or leave it out"
+            )
+
+
 def _error(message: str) -> None:
     print(f"batuta agent: error: {message}", file=sys.stderr, flush=True)
 
@@ -130,6 +165,7 @@ def main(argv: list[str]) -> int:
     try:
         gpus = telemetry.gpu_infos()
         gpu_slots = plan_gpu_slots(options.gpus, gpus, telemetry.gpu_status(), os.environ)
+        check_offer(options, gpu_slots)
     except UsageError as exc:
         telemetry.close()
         _error(str(exc))

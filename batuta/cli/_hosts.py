@@ -119,6 +119,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from batuta.agent.daemon import WorkerOptions, check_key_file, run_worker
+    from batuta.agent.main import check_host
     from batuta.agent.options import parse_args as parse_agent_args
     from batuta.observers.logs import configure
     from batuta.transport.tls import TLSConfigError, split_address
@@ -135,6 +136,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.name is not None:
         agent_argv += ["--name", args.name]
     agent = parse_agent_args(agent_argv)  # the agent's own checks, before anything listens
+    check_host(agent)  # and what it checks at its start: GPUs that are there, modules it can import
     if not args.peer_timeout > 0:
         raise UsageError(f"--peer-timeout {args.peer_timeout}: expected a positive number of seconds")
     if not 0 < args.client_hello_timeout < float("inf"):
