@@ -228,6 +228,12 @@ async def main(pool):
             "(or an address) as well, or remove data_link_encryption",
             id="plain-data-link-without-a-link",
         ),
+        pytest.param(
+            {"cluster.toml": '[[hosts]]\naddress = "10.0.0.1"\n'},
+            ["cluster", "status", "-c", "cluster.toml", "--timeout", "-1"],
+            "argument --timeout: -1 is not a positive number of seconds",
+            id="status-timeout",
+        ),
         pytest.param({}, ["run"], "required: JOB", id="no-job"),
         pytest.param({}, [], "no command given", id="no-command"),
         pytest.param({}, ["frobnicate"], "invalid choice: 'frobnicate'", id="unknown-command"),

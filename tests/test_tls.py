@@ -645,7 +645,7 @@ def test_worker_binds_loopback_by_default_and_checks_its_arguments(pki: Pki, tmp
     ("options", "said"),
     [
         (["--gpus", "7"], "--gpus 7: no GPU 7 on this host"),
-        (["--slots", "0", "--gpus", "none"], "--slots 0 and no GPU slot: this host would offer no slots at all"),
+        (["--slots", "0", "--gpus", "none"], "--slots 0 and no GPU slot: this worker would offer no slots at all"),
         (["--kernel-module", "batuta_no_such_module"], "--kernel-module batuta_no_such_module: no such module"),
     ],
     ids=["absent-gpu", "no-slots", "missing-module"],

@@ -106,12 +106,6 @@ def plan_gpu_slots(
     return tuple(plan)
 
 
-def check_offer(options: AgentOptions, gpu_slots: tuple[object, ...]) -> None:
-    """UsageError for an agent that would offer no slot at all."""
-    if options.cpu_slots == 0 and not gpu_slots:
-        raise UsageError("--slots 0 and no GPU slot: this host would offer no slots at all; give --slots N or GPUs")
-
-
 def check_host(options: AgentOptions) -> None:
     """What the agent checks at its start, and that its kernel modules are there, for `batuta
     worker` to check before it listens: one that listened with GPUs or modules it did not
@@ -127,7 +121,8 @@ def check_host(options: AgentOptions) -> None:
         gpu_slots = plan_gpu_slots(options.gpus, telemetry.gpu_infos(), telemetry.gpu_status(), os.environ)
     finally:
         telemetry.close()
-    check_offer(options, gpu_slots)
+    if options.cpu_slots == 0 and not gpu_slots:  # (a coordinator's host says it is up with no slot)
+        raise UsageError("--slots 0 and no GPU slot: this worker would offer no slots at all; give --slots N or GPUs")
     for module in options.kernel_modules:
         try:
             found = importlib.util.find_spec(module) is not None
@@ -165,7 +160,6 @@ def main(argv: list[str]) -> int:
     try:
         gpus = telemetry.gpu_infos()
         gpu_slots = plan_gpu_slots(options.gpus, gpus, telemetry.gpu_status(), os.environ)
-        check_offer(options, gpu_slots)
     except UsageError as exc:
         telemetry.close()
         _error(str(exc))

@@ -235,10 +235,19 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="cluster_action", metavar="ACTION", title="actions")
-    status = actions.add_parser("status", help="reach every host and show its state, slots, GPUs and versions")
+    about = "reach every host and show its state, slots, GPUs and versions"
+    status = actions.add_parser(
+        "status", help=about, description=f"{about[0].upper()}{about[1:]} (exit 1 if one is not up)."
+    )
     status.add_argument("-c", "--cluster", metavar="FILE", required=True, help="the cluster file (TOML)")
     status.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    status.add_argument("--timeout", type=float, default=30.0, metavar="S", help="seconds to wait for each host")
+    status.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=30.0,
+        metavar="S",
+        help="seconds to wait for each host (default: 30)",
+    )
     add_install_arguments(actions)
 
 

@@ -23,7 +23,6 @@ from batuta.cli._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     PROG,
-    positive_seconds,
 )
 from batuta.errors import ServeError, UsageError
 
@@ -108,7 +107,13 @@ def add_stop_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _seconds_or_zero(text: str) -> float:
-    return 0.0 if text.strip() in ("0", "0.0") else positive_seconds(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, e.g. 30") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds >= 0, e.g. 30")
+    return value
 
 
 # -- batuta run JOB --serve ------------------------------------------------------------------
