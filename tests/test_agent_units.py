@@ -191,6 +191,8 @@ def test_open_telemetry_selects_by_environment() -> None:
     assert isinstance(open_telemetry({"BATUTA_FAKE_GPUS": "2"}), FakeTelemetry)
     with pytest.raises(ValueError, match="BATUTA_FAKE_GPUS"):
         open_telemetry({"BATUTA_FAKE_GPUS": "lots"})
+    with pytest.raises(ValueError, match=r"BATUTA_FAKE_GPUS='99999': expected a GPU count from 0 to 64"):
+        open_telemetry({"BATUTA_FAKE_GPUS": "99999"})  # one slot process each: the start hung
     real = open_telemetry({})
     try:
         assert isinstance(real, SystemTelemetry)

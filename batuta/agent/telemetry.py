@@ -24,6 +24,7 @@ from typing import Any, Protocol, TypeVar
 from batuta.protocol.messages import GpuCache, GpuInfo, GpuSample, SlotInfo
 
 FAKE_GPUS_ENV = "BATUTA_FAKE_GPUS"
+MAX_FAKE_GPUS = 64  # test GPUs: more than a host has, far fewer than would not start
 
 # Distributions reported in Hello.packages, for `batuta stack versions`.
 REPORTED_PACKAGES = (
@@ -82,8 +83,8 @@ def open_telemetry(environ: dict[str, str] | None = None) -> TelemetrySource:
             count = int(fake)
         except ValueError:
             count = -1
-        if count < 0:
-            raise ValueError(f"{FAKE_GPUS_ENV}={fake!r}: expected a GPU count >= 0")
+        if not 0 <= count <= MAX_FAKE_GPUS:  # one slot process each: 99999 of them never started
+            raise ValueError(f"{FAKE_GPUS_ENV}={fake!r}: expected a GPU count from 0 to {MAX_FAKE_GPUS}")
         return FakeTelemetry(count)
     return SystemTelemetry()
 
