@@ -520,6 +520,22 @@ def test_a_job_that_calls_sys_exit_still_gets_its_summary(tmp_path: Path, code: 
 
 
 @needs_runtime
+def test_json_when_no_host_starts_still_says_each_host_and_why(tmp_path: Path) -> None:
+    """Exit 3 with nothing on stdout: a script reading --json had nothing to parse."""
+    hosts = "".join(f'[[hosts]]\nname = "h{port}"\naddress = "127.0.0.1"\nport = {port}\n' for port in (1, 2))
+    write(tmp_path, "cluster.toml", hosts + "[ssh]\nconnect_timeout = 5\n")
+    done = batuta("run", "pi", "-c", "cluster.toml", "--json", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 3, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["ok"] is False and summary["tasks"] == 0 and summary["hosts_failed"] == ["h1", "h2"]
+    for host, port in zip(summary["hosts"], (1, 2), strict=True):
+        assert (
+            host["state"] == "unreachable" and f"connection refused; is sshd running on port {port}?" in host["reason"]
+        )
+    assert summary["error"].startswith("no host could be started, so nothing ran: host h1 (")
+
+
+@needs_runtime
 def test_run_with_a_failed_task_exits_1_and_counts_it(tmp_path: Path) -> None:
     write(tmp_path, "job.py", COUNTING_JOB.format(extra=FAILING_TASK))
     done = batuta("run", "job.py", "--workers", "2", "--json", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
@@ -591,7 +607,7 @@ def test_no_host_started_exits_3_in_one_line(tmp_path: Path) -> None:
     write(tmp_path, "cluster.toml", '[local]\npython = "/bin/false"\n')
     done = batuta("run", "job.py", "-c", "cluster.toml", "--json", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
     assert done.returncode == 3, done.stderr
-    assert done.stdout == ""
+    assert json.loads(done.stdout)["hosts_failed"] == ["local"]  # --json: the summary, for scripts
     [last] = done.stderr.splitlines()
     assert last == (
         "batuta: error: no host could be started, so nothing ran: host local: agent exited before saying hello, "

@@ -256,6 +256,11 @@ def unreachable(exc: Exception, args: argparse.Namespace) -> int:
     cluster = getattr(args, "cluster_config", None) or _loaded(args.cluster)
     # stack check has nothing to check in allocations alone (it says so, exit 2): no pointer there
     listed = cluster is not None and (cluster.hosts or cluster.local is not None)
+    summary = getattr(exc, "summary", None)
+    if getattr(args, "json", False) and summary is not None:  # a script reads stdout: each host, and why
+        import json
+
+        print(json.dumps(summary.to_json()), flush=True)
     print_error(f"{exc}{check if args.cluster and listed else ''}")
     return EXIT_UNREACHABLE
 

@@ -58,7 +58,10 @@ SUMMARISED = "batuta_summarised"  # log record attribute: the run's summary repo
 
 
 class HostsUnreachableError(AgentError):
-    """No host of the pool could be started, so nothing ran (`batuta run` exits 3)."""
+    """No host of the pool could be started, so nothing ran (`batuta run` exits 3). `summary`:
+    the run's, each host with why it did not start (for --json, whose stdout was empty)."""
+
+    summary: RunSummary | None = None
 
 
 def drop_summarised(record: logging.LogRecord) -> bool:
@@ -186,7 +189,12 @@ async def run_job(
                 on_metrics(exporter.address)
         if journal is not None:
             run_journal = await Journal.open(journal, job=job.name, resume=resume)
-        await _start(pool)
+        try:
+            await _start(pool)
+        except HostsUnreachableError as exc:
+            tracker.hosts_known(host.name for host in pool.hosts())
+            exc.summary = tracker.summary(job=job.name, wall_s=0.0, result=None, error=str(exc), interrupted=False)
+            raise
         try:
             if run_journal is not None:
                 await run_journal.bind(pool.code_digest)  # its checkpoints: this job's, this code's

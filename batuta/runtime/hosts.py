@@ -122,6 +122,8 @@ class HostSupervisor:
             ended = [(s, f) for s, f in zip(sessions, starts, strict=True) if f.done()]
             errors = [e for _, f in ended if (e := f.exception()) is not None]
             if len(errors) == len(sessions):
+                for session, start in ended:  # each host's own reason, for the run's summary (the error names one)
+                    self._pool.host_state_changed(session.name, "unreachable", str(start.exception()))
                 # A configuration error (a key file missing here) is raised only if every host
                 # failed so: then the fix is in the cluster file, not on the hosts.
                 first = next((e for e in errors if not isinstance(e, HostConfigError)), errors[0])
