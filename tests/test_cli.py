@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -90,6 +91,23 @@ def test_console_script_version(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"batuta {__version__}"
+
+
+@pytest.mark.parametrize("args", [["version"], ["run", "pi", "--workers", "1", "--quiet"]], ids=["version", "run"])
+def test_a_closed_stdout_is_no_traceback(tmp_path: Path, args: list[str]) -> None:
+    """`batuta version >&-`: AttributeError: 'NoneType' object has no attribute 'flush'."""
+    command = " ".join([shlex.quote(sys.executable), "-m", "batuta", *args])
+    done = subprocess.run(
+        ["sh", "-c", f"exec {command} >&-"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
 
 
 def test_a_reader_that_leaves_early_is_no_traceback(tmp_path: Path) -> None:

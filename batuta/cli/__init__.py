@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["agent"]:
         return run_agent(args[1:])
+    _null_for_closed_std_fds()
     try:
         args, sbatch_options = split_sbatch_options(args)
         parsed = _parse(args)
@@ -90,6 +91,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # else the flush at exit fails once more
         return EXIT_BROKEN_PIPE
+
+
+def _null_for_closed_std_fds() -> None:
+    """`batuta run JOB >&-`: with fd 1 closed, Python's sys.stdout is None (a traceback at the
+    first print), and the next file opened would take fd 1, where agents and binaries write.
+    /dev/null takes the place of each closed one."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_RDWR)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
 
 
 class _Parser(argparse.ArgumentParser):
