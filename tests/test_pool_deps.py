@@ -166,6 +166,15 @@ async def test_a_value_another_host_needs_is_relayed_once_through_the_coordinato
         assert pool.stats().relayed_bytes == N * 8
 
 
+def test_relayed_bytes_count_the_arrays_inside_a_kept_tuple_or_dict() -> None:
+    """A kept tuple of arrays relayed between hosts added nothing to relayed_bytes."""
+    from batuta.runtime.dataplane import _array_bytes
+
+    a, b = np.zeros(1000), np.zeros(10, dtype=np.int8)
+    assert _array_bytes(a) == 8000
+    assert _array_bytes((a, [b, "text"], {"b": b, "n": 3})) == 8020
+
+
 async def test_a_failed_upstream_fails_its_dependents_naming_it(pool: Pool) -> None:
     bad = await pool.submit(Task.kernel("test_raise", "boom", backend=Backend.CPU), keep=True)
     child = await pool.submit(stage(bad, 2.0))

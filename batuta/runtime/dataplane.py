@@ -332,6 +332,16 @@ class DataPlane:
         raise ObjectLostError(f"object {object_id}: not fetched after {GET_TRIES} tries (last: {last})")
 
 
-def _array_bytes(value: Any) -> int:
+def _array_bytes(value: Any, depth: int = 0) -> int:
+    """The bytes of the arrays in `value`, inside tuples, lists and dicts too (a kept tuple of
+    arrays relayed 16 MiB and counted none)."""
     nbytes = getattr(value, "nbytes", None)
-    return nbytes if isinstance(nbytes, int) else 0
+    if isinstance(nbytes, int):
+        return nbytes
+    if depth > 32:
+        return 0
+    if isinstance(value, (tuple, list)):
+        return sum(_array_bytes(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        return sum(_array_bytes(item, depth + 1) for item in value.values())
+    return 0
