@@ -109,6 +109,14 @@ def node_step(folder: Path) -> list[str]:
     return shlex.split(exec_line)
 
 
+def test_alloc_help_offers_no_local_pool_and_a_bad_count_suggests_a_count(fake_sbatch: Path, tmp_path: Path) -> None:
+    """`alloc --help` listed --workers, which alloc refuses; '--nodes abc' suggested 'e.g. 0'."""
+    assert "--workers" not in batuta(fake_sbatch, tmp_path, "alloc", "--help").stdout
+    done = batuta(fake_sbatch, tmp_path, "alloc", "slurm", "pi", "--nodes", "abc", "--time", "5")
+    assert done.returncode == 2 and "'abc' is not a whole number of nodes, e.g. 2" in done.stderr, done.stderr
+    assert calls(fake_sbatch) == []
+
+
 def test_values_the_cluster_file_takes_are_taken_and_read_alike_on_the_command_line(
     fake_sbatch: Path, tmp_path: Path
 ) -> None:

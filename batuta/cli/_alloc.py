@@ -22,9 +22,11 @@ from batuta.errors import UsageError
 
 def add_alloc_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("kind", choices=("slurm",), help="the batch scheduler (slurm)")
-    add_run_arguments(parser, cluster_help="also run on the hosts of this cluster file (TOML), beside the nodes")
+    add_run_arguments(
+        parser, cluster_help="also run on the hosts of this cluster file (TOML), beside the nodes", local_pool=False
+    )
     alloc = parser.add_argument_group("the allocation (options after -- go to sbatch)")
-    alloc.add_argument("--nodes", type=integer, required=True, metavar="N", help="nodes to ask for")
+    alloc.add_argument("--nodes", type=_nodes, required=True, metavar="N", help="nodes to ask for")
     alloc.add_argument("--time", required=True, metavar="LIMIT", help="Slurm time limit: minutes (30), H:MM:SS or D-H")
     alloc.add_argument(
         "--bind",
@@ -51,6 +53,14 @@ def add_alloc_arguments(parser: argparse.ArgumentParser) -> None:
         "--poll-interval", type=_number, default=5.0, metavar="SECONDS", help="how often squeue is asked"
     )
     parser.set_defaults(sbatch_options=[])
+
+
+def _nodes(text: str) -> int:
+    """Only the conversion, as `_number`."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of nodes, e.g. 2") from None
 
 
 def _number(text: str) -> float:

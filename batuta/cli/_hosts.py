@@ -188,7 +188,9 @@ def add_certs_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="a name or address coordinators dial the worker by (repeatable; default: localhost and 127.0.0.1)",
     )
-    init.add_argument("--days", type=positive_int, default=825, metavar="N", help="certificate lifetime in days")
+    init.add_argument(
+        "--days", type=positive_int, default=825, metavar="N", help="certificate lifetime in days (default: 825)"
+    )
     init.add_argument("--force", action="store_true", help="replace certificates and keys already in DIR")
 
 

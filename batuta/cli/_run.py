@@ -36,7 +36,11 @@ from batuta.cli._common import (
 def add_run_arguments(
     parser: argparse.ArgumentParser,
     cluster_help: str = "run on the hosts of this cluster file (TOML) instead of locally",
+    *,
+    local_pool: bool = True,
 ) -> None:
+    """`run`'s arguments; `local_pool=False` (alloc) leaves --workers out of the help (it is
+    still parsed, to be refused with what to give instead)."""
     from batuta.jobs import builtin_job_names
 
     parser.add_argument(
@@ -44,7 +48,7 @@ def add_run_arguments(
         metavar="JOB",
         help="a .py file defining 'async def main(pool)', or a built-in job: " + ", ".join(builtin_job_names()),
     )
-    _add_pool_arguments(parser, cluster_help=cluster_help)
+    _add_pool_arguments(parser, cluster_help=cluster_help, local_pool=local_pool)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     parser.add_argument(
         "--json",
@@ -386,7 +390,7 @@ def _report(outcome: RunOutcome, *, as_json: bool, quiet: bool) -> None:
         print(f"{PROG}: error: {summary.error}", file=sys.stderr)
 
 
-def _add_pool_arguments(parser: argparse.ArgumentParser, *, cluster_help: str) -> None:
+def _add_pool_arguments(parser: argparse.ArgumentParser, *, cluster_help: str, local_pool: bool = True) -> None:
     """--cluster, --workers and --seed: which pool a command coordinates (`run`, `tui`)."""
     parser.add_argument("-c", "--cluster", metavar="FILE", help=cluster_help)
     parser.add_argument(
@@ -394,7 +398,7 @@ def _add_pool_arguments(parser: argparse.ArgumentParser, *, cluster_help: str) -
         "--workers",
         type=slot_count,
         metavar="N",
-        help="CPU worker slots in the local pool (default: one per core)",
+        help="CPU worker slots in the local pool (default: one per core)" if local_pool else argparse.SUPPRESS,
     )
     parser.add_argument("--seed", type=int, metavar="N", help="seed for the scheduler's random choices")
     parser.add_argument(
