@@ -350,6 +350,38 @@ async def test_what_a_kernel_prints_is_in_its_result(pool: Pool) -> None:
     assert failed.stderr.startswith(b"Traceback") and b"ValueError: bad input" in failed.stderr
 
 
+async def test_what_a_kernel_prints_reaches_the_log_marked_with_its_task_at_info(pool: Pool) -> None:
+    """At WARNING, a chatty kernel's prints buried the console's warnings (and a 100 KB line
+    was one record): they are its result's stdout already."""
+    heard: list[logging.LogRecord] = []
+    both = asyncio.Event()
+
+    class Heard(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "printed: noise on" in record.getMessage():
+                heard.append(record)
+                if len(heard) == 2:
+                    both.set()
+
+    handler = Heard(logging.DEBUG)
+    logger = logging.getLogger("batuta.transport")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        result = await pool.run(Task.kernel("test_print", 5))
+        await asyncio.wait_for(both.wait(), 30)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    said = sorted(record.getMessage().split(": ", 1)[1] for record in heard)
+    assert said == [
+        f"task {result.task_id} printed: noise on stderr 5",
+        f"task {result.task_id} printed: noise on stdout 5",
+    ]
+    assert {record.levelno for record in heard} == {logging.INFO}
+
+
 async def test_a_local_agent_that_dies_says_how(pool: Pool) -> None:
     """Its exit, not just "agent closed the stream": a SIGKILL nobody sent is most often the
     kernel's out-of-memory killer, and the log says so."""

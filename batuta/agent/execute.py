@@ -30,7 +30,7 @@ from batuta.protocol.messages import (
     TaskOutcome,
     TaskRequest,
 )
-from batuta.transport.base import describe_exit
+from batuta.transport.base import describe_exit, printed_prefix
 
 if TYPE_CHECKING:
     from batuta.agent.code import SlotCode
@@ -138,8 +138,8 @@ class KernelRunner:
         if backend == "cpu":
             backend = self._cpu_or_reference(registry, call.name)
         out, err = self._out, self._err
-        out.begin(sys.stdout)
-        err.begin(sys.stderr)
+        out.begin(sys.stdout, request.task_id)
+        err.begin(sys.stderr, request.task_id)
         sys.stdout, sys.stderr = out, err  # what the kernel prints is its result's too
         try:
             value = registry.run(call.name, backend, call.args, device_results=device_results)
@@ -191,19 +191,27 @@ class KernelRunner:
 class _TaskOutput:
     """Stands in for `sys.stdout` or `sys.stderr` while a kernel runs: keeps the first
     `KERNEL_OUTPUT_CAP` bytes of what it prints for the task's result (`TaskResult.stdout`,
-    `.stderr`) and passes all of it on to the real stream, so that the host's log shows it
-    live as before. Python-level output only: a numba `print` writes to the file descriptor.
-    One per runner, reused: a task that prints nothing costs two assignments."""
+    `.stderr`) and passes all of it on to the real stream, line by line, each marked with its
+    task (`printed_prefix`), so that the host's log shows it live as before. Python-level
+    output only: a numba `print` writes to the file descriptor. One per runner, reused: a
+    task that prints nothing costs a few assignments."""
 
     def __init__(self) -> None:
         self.echo: Any = None
         self._kept: _CappedBuffer | None = None
+        self._prefix = ""
+        self._partial = ""  # echoed once its line ends (or the task does)
 
-    def begin(self, echo: Any) -> None:
+    def begin(self, echo: Any, task_id: int) -> None:
         self.echo = echo
         self._kept = None
+        self._prefix = printed_prefix(task_id)
+        self._partial = ""
 
     def end(self) -> bytes:
+        if self._partial and self.echo is not None:
+            self.echo.write(f"{self._prefix}{self._partial}\n")
+        self._partial = ""
         kept, self._kept = self._kept, None
         return kept.value("output") if kept is not None else b""
 
@@ -213,7 +221,9 @@ class _TaskOutput:
             kept = self._kept = _CappedBuffer(KERNEL_OUTPUT_CAP)
         kept.add(text.encode("utf-8", "replace"))
         if self.echo is not None:
-            self.echo.write(text)
+            *lines, self._partial = (self._partial + text).split("\n")
+            if lines:
+                self.echo.write("".join(f"{self._prefix}{line}\n" for line in lines))
         return len(text)
 
     def flush(self) -> None:

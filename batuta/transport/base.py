@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 from collections import deque
 from collections.abc import Sequence
@@ -182,12 +183,26 @@ async def _forward_lines(
         log_stderr_line(logger, prefix, line, tail)
 
 
+def printed_prefix(task_id: int) -> str:
+    """How a host marks each line a kernel printed, in its log: `log_stderr_line` keeps those
+    at info (a kernel's prints are its result's stdout and stderr already; at the console, a
+    chatty kernel buried the warnings)."""
+    return f"task {task_id} printed: "
+
+
+_PRINTED = re.compile(r"task \d+ printed: ")
+MAX_LINE_CHARS = 2000  # of one stderr line in our log; a kernel printing 100 KB on one line made one record of it
+
+
 def log_stderr_line(logger: logging.Logger, prefix: str, line: bytes, tail: StderrTail | None) -> None:
     """One line an agent wrote to stderr: a warning in our log, and the tail's latest. A
     traceback's heading and frames (indented) go at info: an agent that dies at import is one
-    warning at the console, its exception, and whole in a log file at info."""
+    warning at the console, its exception, and whole in a log file at info. So does what a
+    kernel printed (`printed_prefix`)."""
     text = line.decode("utf-8", errors="replace").rstrip()
-    detail = text.startswith(("Traceback (most recent call last)", " ", "\t"))
+    detail = text.startswith(("Traceback (most recent call last)", " ", "\t")) or _PRINTED.match(text) is not None
+    if len(text) > MAX_LINE_CHARS:
+        text = f"{text[:MAX_LINE_CHARS]} … ({len(text) - MAX_LINE_CHARS:,} more characters)"
     logger.log(logging.INFO if detail else logging.WARNING, "%s: %s", prefix, text)
     if tail is not None:
         tail.add(text)
