@@ -653,6 +653,23 @@ def test_a_served_run_reports_as_batuta_run_does(runtime_dir: Path, tmp_path: Pa
     assert any(re.search(r"tasks?: \d+ succeeded", line) for line in lines) is (flags == [])  # the summary
 
 
+def test_a_served_run_leaves_its_failed_tasks_to_the_summary_as_batuta_run_does(
+    runtime_dir: Path, tmp_path: Path
+) -> None:
+    """Each failed task was also a warning on its console, where `batuta run` says each cause once."""
+    job = tmp_path / "fails.py"
+    job.write_text(
+        "from batuta import Task\n\n\nasync def main(pool):\n"
+        "    futures = [await pool.submit(Task.kernel('nope', float(i))) for i in range(5)]\n"
+        "    return sum([(await f).is_success() for f in futures])\n"
+    )
+    command = [sys.executable, "-m", "batuta", "run", str(job), "--serve", "--foreground", "--serve-linger", "0"]
+    done = subprocess.run([*command, "--workers", "1", "-q"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "WARNING batuta.pool" not in done.stderr, done.stderr
+    assert "batuta: 5 tasks failed: UnknownKernelError: unknown kernel 'nope'" in done.stderr
+
+
 def test_a_served_runs_value_and_summary_come_out_when_the_job_ends_not_when_the_linger_does(
     runtime_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

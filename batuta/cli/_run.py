@@ -215,7 +215,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     # `batuta alloc` passes the cluster it built (a file's, plus its allocation)
     cluster = getattr(args, "cluster_config", None) or (load_cluster(args.cluster) if args.cluster else None)
     if args.serve:
-        close_logging = _configure_logging(args)
+        from batuta.jobs import drop_summarised
+
+        # ends with the summary too (here, or in its log): the failures are said there, once each
+        close_logging = _configure_logging(args, console_filter=drop_summarised)
         try:
             return cmd_run_served(args, job, cluster)
         finally:
