@@ -750,8 +750,15 @@ def test_a_background_served_run_with_serve_bind_says_its_tls_address(
         out = capsys.readouterr().out
         [port] = re.findall(r"'batuta tui --attach tls://127\.0\.0\.1:(\d+) --certs DIR'", out)  # port 0: the real one
         assert int(port) > 0 and asyncio.run(ask_info(parse_target("tlsserved")))["tls"] == f"127.0.0.1:{port}"
+        # stopped over TLS, it waits for the coordinator's end, as a stop by name does (it said "stopping")
+        assert cli_main(["stop", f"tls://127.0.0.1:{port}", "--certs", str(paths.directory)]) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == f"batuta: tls://127.0.0.1:{port} stopped"
+        with pytest.raises(ServeError):
+            asyncio.run(ask_info(parse_target("tlsserved")))
     finally:
-        assert cli_main(["stop", "tlsserved"]) == 0
+        left = parse_target("tlsserved").path
+        if left is not None and left.exists():
+            cli_main(["stop", "tlsserved"])
 
 
 def _has_ipv6_loopback() -> bool:

@@ -401,7 +401,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     """Ask a coordinator to cancel its tasks, release its hosts and exit; wait until it has."""
     import asyncio
 
-    from batuta.runtime.serve_client import ask_control, parse_target
+    from batuta.runtime.serve_client import ask_control, parse_target, wait_gone
 
     target, ssh = _lent_ssh(parse_target(args.target, f"{PROG} stop"), args.cluster, ask_passphrase=True)
     certs = Path(args.certs).expanduser() if args.certs else None
@@ -412,8 +412,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if not ok:
         print(f"{PROG}: error: {text}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"{PROG}: {text}")
-    if target.path is None:
+    print(f"{PROG}: {text}", flush=True)
+    if target.path is None:  # over SSH or TLS: until its connection ends
+        if not asyncio.run(wait_gone(target, certs=certs, ssh=ssh, timeout=STOP_TIMEOUT_S)):
+            print(f"{PROG}: error: {target.label} still runs after {STOP_TIMEOUT_S:g} s", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"{PROG}: {target.label} stopped")
         return EXIT_OK
     deadline = time.monotonic() + STOP_TIMEOUT_S
     while target.path.exists() and time.monotonic() < deadline:

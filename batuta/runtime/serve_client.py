@@ -341,6 +341,30 @@ async def ask_control(
     return w.want_bool(message[2], "reply.ok"), w.want_str(message[3], "reply.text")
 
 
+async def wait_gone(target: Target, *, certs: Path | None, ssh: SSHSettings | None, timeout: float) -> bool:
+    """Whether the coordinator at `target` has ended within `timeout` seconds (`batuta stop`
+    over SSH or TLS, where no socket file shows it): attached as a viewer, whose connection
+    ends with the coordinator; one that cannot be reached any more has ended."""
+    try:
+        connection = await connect(target, certs=certs, ssh=ssh, timeout=timeout)
+    except ServeError:
+        return True
+    try:
+        async with asyncio.timeout(timeout):
+            await connection.send(["attach", w.VERSION])
+            for _ in range(1_000_000):  # bounded: a coordinator sends a few messages a second
+                message = await connection.receive()
+                if message is None or message[0] == "bye":
+                    return True
+    except TimeoutError:
+        return False
+    except (ServeError, OSError):
+        return True
+    finally:
+        await connection.close()
+    return False
+
+
 async def _ask(
     target: Target,
     request: Callable[[Connection], Awaitable[object]],
