@@ -67,6 +67,7 @@ class _Stop:
     def __init__(self) -> None:
         self.stopped = False
         self.cancelled: list[str] = []
+        self.on_stop: Callable[[], object] | None = None  # what a real coordinator does then: end
 
     def cancel_job(self, name: str) -> int:
         self.cancelled.append(name)
@@ -74,6 +75,8 @@ class _Stop:
 
     def stop(self) -> None:
         self.stopped = True
+        if self.on_stop is not None:
+            self.on_stop()
 
 
 @contextlib.asynccontextmanager
@@ -939,6 +942,9 @@ async def test_a_viewer_attaches_over_ssh_by_name_with_the_clusters_host_key_rul
         cluster = runtime_dir / "cluster.toml"
         ssh = f'[ssh]\nconfig = "{hosts.ssh_config}"\nknown_hosts = "{hosts.known_hosts}"\n'
         cluster.write_text(f'{ssh}[[hosts]]\nname = "trainbox"\naddress = "{hosts[0].name}"\n')
+        assert isinstance(server.controls, _Stop)
+        ending: list[asyncio.Task[None]] = []  # it waits for the coordinator's end: this one ends when told
+        server.controls.on_stop = lambda: ending.append(asyncio.get_running_loop().create_task(server.close()))
         assert await asyncio.to_thread(cli_main, ["stop", "trainbox:t", "-c", str(cluster)]) == 0
         assert isinstance(server.controls, _Stop) and server.controls.stopped
 
