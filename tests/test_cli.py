@@ -315,6 +315,26 @@ def test_a_file_in_a_folder_this_user_cannot_enter_is_one_line(tmp_path: Path, a
     assert done.stderr.startswith(f"batuta: error: {expected}") and len(done.stderr.splitlines()) == 1, done.stderr
 
 
+def test_cluster_status_says_that_a_host_installs_batuta(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With bootstrap = true, status installed batuta on a bare host in 22 s of silence (batuta
+    run says so)."""
+    import logging
+
+    import batuta.runtime.probe as probe
+    from batuta.cli import main
+
+    async def installing(specs: object, *, timeout: float) -> list[object]:
+        logging.getLogger("batuta.runtime.install").info("host node1: installing batuta there")
+        raise KeyboardInterrupt  # what the probe would have found is not this test's subject
+
+    monkeypatch.setattr(probe, "probe_hosts", installing)
+    write(tmp_path, "cluster.toml", '[[hosts]]\nname = "node1"\naddress = "10.0.0.1"\n')
+    assert main(["cluster", "status", "-c", str(tmp_path / "cluster.toml")]) == 130
+    assert "batuta: host node1: installing batuta there" in capsys.readouterr().err.splitlines()
+
+
 def test_unknown_builtin_suggests_the_file_beside_it(tmp_path: Path) -> None:
     write(tmp_path, "myjob.py", "async def main(pool):\n    pass\n")
     done = batuta("run", "myjob", cwd=tmp_path)

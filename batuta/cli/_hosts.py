@@ -270,8 +270,15 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     cluster = load_cluster(args.cluster)
     _allocations_aside(cluster, args.cluster, "'batuta cluster status' has no host to reach")
     specs = host_specs(cluster)
-    with sigterm_as_interrupt(), _agent_stderr_left_to_the_table([spec.name for spec in specs]):
-        reports = asyncio.run(probe_hosts(specs, timeout=args.timeout))
+    from batuta.cli._run import show_news
+
+    # a host with bootstrap = true installs batuta first: say so, as batuta run does (22 s of silence)
+    close_news = show_news(argparse.Namespace(quiet=False, log_format="text", log_level="warning"))
+    try:
+        with sigterm_as_interrupt(), _agent_stderr_left_to_the_table([spec.name for spec in specs]):
+            reports = asyncio.run(probe_hosts(specs, timeout=args.timeout))
+    finally:
+        close_news()
     if args.json:
         print(json.dumps({"cluster": str(args.cluster), "hosts": [_report_dict(r) for r in reports]}))
     else:

@@ -153,7 +153,7 @@ def _configure_logging(
                 handler.addFilter(console_filter)
     if not console:
         return setup.close
-    close_news = _show_news(args)
+    close_news = show_news(args)
 
     def close() -> None:
         close_news()
@@ -177,7 +177,7 @@ class _StderrNow(logging.StreamHandler[TextIO]):
         super().emit(record)
 
 
-def _show_news(args: argparse.Namespace) -> Callable[[], None]:
+def show_news(args: argparse.Namespace) -> Callable[[], None]:
     """`NEWS_LOGGERS`' info lines on stderr as 'batuta: ...', unless --quiet, JSON logs, or a
     log level that shows them anyway; returns what undoes it."""
     from batuta.observers.logs import parse_level
