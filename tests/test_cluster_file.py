@@ -298,6 +298,13 @@ def test_missing_address_points_at_the_host_table() -> None:
 def test_address_with_user_or_port_is_refused_with_the_fix() -> None:
     message = error_of('[[hosts]]\naddress = "me@n1"\n')
     assert "hosts[0].address" in message and "user = " in message
+    # "cannot resolve '127.0.0.1:29443'" at connect time said nothing of the port key
+    message = error_of('[[hosts]]\naddress = "127.0.0.1:29443"\ntransport = "tls"\n')
+    assert message.endswith(
+        """hosts[0].address: '127.0.0.1:29443' names a port: write address = "127.0.0.1" and port = 29443 instead"""
+    )
+    v6 = parse('[[hosts]]\nname = "v6"\naddress = "fe80::1"\n')
+    assert v6.hosts[0].address == "fe80::1"  # IPv6 has colons of its own
 
 
 def test_duplicate_host_names() -> None:

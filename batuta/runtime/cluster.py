@@ -393,6 +393,12 @@ class _Reader(FieldReader):
         if "address" not in entry:
             raise self.error(path, 'missing address; add address = "<host name, IP or ~/.ssh/config alias>"')
         address = self._string((*path, "address"), entry["address"])
+        host_part, colon, port_part = address.rpartition(":")
+        if colon and host_part and ":" not in host_part and port_part.isdigit():  # not IPv6: two or more
+            raise self.error(
+                (*path, "address"),
+                f'{address!r} names a port: write address = "{host_part}" and port = {port_part} instead',
+            )
         if "@" in address or any(c.isspace() for c in address):
             raise self.error(
                 (*path, "address"),
