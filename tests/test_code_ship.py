@@ -157,6 +157,29 @@ def test_packages_ship_whole_without_caches_hidden_files_or_what_batutaignore_li
     assert code.modules == ("cs_pkg.sub.kern",)
 
 
+def test_a_linked_folder_ships_once_and_a_link_to_nothing_says_so(tmp_path: Path) -> None:
+    """A symlinked folder in a package was left out silently (its files missing on the hosts);
+    a link to nothing failed with 'No such file or directory' about a file that is there."""
+    write(
+        tmp_path,
+        {
+            "job.py": "import cs_links\n\nasync def main(pool):\n    return 1\n",
+            "cs_links/__init__.py": "",
+            "elsewhere/data.txt": "shared",
+        },
+    )
+    (tmp_path / "cs_links" / "shared").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "cs_links" / "again").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere" / "up").symlink_to(tmp_path / "cs_links", target_is_directory=True)  # a cycle
+    code = CodeCollector(CodeSpec(job_files=(tmp_path / "job.py",))).bundle()
+    assert code is not None
+    # each link's path, the cycle (elsewhere/up back to cs_links) not followed
+    assert paths_of(code) == ["cs_links/__init__.py", "cs_links/again/data.txt", "cs_links/shared/data.txt"]
+    (tmp_path / "cs_links" / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    with pytest.raises(CodeError, match=r"gone\.txt to ship it: No such file or directory \(a symbolic link to"):
+        CodeCollector(CodeSpec(job_files=(tmp_path / "job.py",))).bundle()
+
+
 def test_kernel_modules_ship_when_they_are_the_users_files_not_when_installed(project: Path) -> None:
     collector = CodeCollector(CodeSpec(job_files=(project / "my_job.py",)))
     code = collector.bundle(("unrelated", "numpy", "batuta.kernels.basic", "not_anywhere_xyz"))

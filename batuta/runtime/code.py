@@ -338,7 +338,20 @@ def _files(source: _Source) -> list[tuple[str, Path]]:
         return [(source.path.name, source.path)]
     ignore = _Ignore.of(source.path)
     found: list[tuple[str, Path]] = []
-    for folder, dirnames, filenames in os.walk(source.path):
+    # A link to a folder is followed (it was left out, silently), but not one back up the tree.
+    real_of: dict[str, str] = {}
+    for folder, dirnames, filenames in os.walk(source.path, followlinks=True):
+        real = real_of[folder] = os.path.realpath(folder)
+        parent = os.path.dirname(folder)
+        while parent in real_of:  # the folders above it in this walk
+            if real_of[parent] == real:
+                break
+            parent = os.path.dirname(parent)
+        else:
+            parent = ""
+        if parent:  # a cycle: this folder is one above it
+            dirnames[:] = []
+            continue
         here = Path(folder)
         relative_folder = here.relative_to(source.path).as_posix()
         prefix = "" if relative_folder == "." else relative_folder + "/"
@@ -593,7 +606,9 @@ class CodeCollector:
             try:
                 sizes.append((path.stat().st_size, relative))
             except OSError as exc:
-                raise CodeError(f"cannot read {path} to ship it: {exc.strerror or exc}") from None
+                broken = " (a symbolic link to nothing: remove it or list it in .batutaignore)"
+                why = f"{exc.strerror or exc}{broken if path.is_symlink() else ''}"
+                raise CodeError(f"cannot read {path} to ship it: {why}") from None
         total = sum(size for size, _ in sizes)
         if total > self.spec.max_bytes:
             biggest = ", ".join(f"{rel} ({size / MiB:.1f} MiB)" for size, rel in sorted(sizes, reverse=True)[:3])
