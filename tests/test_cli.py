@@ -335,6 +335,29 @@ def test_cluster_status_says_that_a_host_installs_batuta(
     assert "batuta: host node1: installing batuta there" in capsys.readouterr().err.splitlines()
 
 
+def test_sigterm_before_the_run_has_its_own_handling_is_an_interrupt(tmp_path: Path) -> None:
+    """SIGTERM while the job file loads (before the pool and its signal handling exist) killed
+    the command: exit 143 and nothing said, where the README promises 130."""
+    fifo = tmp_path / "loading"
+    os.mkfifo(fifo)
+    write(tmp_path, "job.py", f"import time\n\nopen({str(fifo)!r}, 'w').write('x')\ntime.sleep(60)\n")
+    command = [sys.executable, "-m", "batuta", "run", "job.py", "--workers", "1"]
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    try:
+        with open(fifo) as loading:  # opens once the job file's top level runs
+            assert loading.read() == "x"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=ERROR_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "batuta: interrupted"
+
+
 def test_unknown_builtin_suggests_the_file_beside_it(tmp_path: Path) -> None:
     write(tmp_path, "myjob.py", "async def main(pool):\n    pass\n")
     done = batuta("run", "myjob", cwd=tmp_path)

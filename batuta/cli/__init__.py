@@ -18,9 +18,12 @@ To add a command, write `add_<name>_arguments(parser)` and `cmd_<name>(args) -> 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -66,6 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["agent"]:
         return run_agent(args[1:])
     _null_for_closed_std_fds()
+    with _sigterm_interrupts():
+        return _main(args)
+
+
+def _main(args: list[str]) -> int:
     try:
         args, sbatch_options = split_sbatch_options(args)
         parsed = _parse(args)
@@ -91,6 +99,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # else the flush at exit fails once more
         return EXIT_BROKEN_PIPE
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM is Ctrl-C from the start (each command's own handling takes over once it has
+    its pool or loop): one in the first second killed the command, 143 and nothing said."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _null_for_closed_std_fds() -> None:
