@@ -415,3 +415,28 @@ def test_widen_pipe_gives_a_pipe_a_mebibyte_and_ignores_what_is_not_a_pipe(tmp_p
         os.close(write_end)
     with open(tmp_path / "plain", "wb") as plain:
         widen_pipe(plain.fileno())  # not a pipe: no error, nothing changes
+
+
+def test_an_agents_stderr_is_a_warning_but_for_detail_prints_and_the_bootstrap_note(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Kernel prints and the launcher's "not installed here" (an install follows, saying so)
+    read as faults at the console; a 100 KB line was one record."""
+    import logging
+
+    from batuta.transport.base import MAX_LINE_CHARS, log_stderr_line
+
+    logger = logging.getLogger("batuta.transport.test")
+    lines = [
+        b"something went wrong\n",
+        b"task 7 printed: hello\n",
+        b"batuta bootstrap: this batuta is not installed here\n",
+        b"Traceback (most recent call last):\n",
+        b"x" * (MAX_LINE_CHARS + 5) + b"\n",
+    ]
+    with caplog.at_level(logging.DEBUG, logger="batuta.transport.test"):
+        for line in lines:
+            log_stderr_line(logger, "h1 agent[1]", line, None)
+    levels = [record.levelno for record in caplog.records]
+    assert levels == [logging.WARNING, logging.INFO, logging.INFO, logging.INFO, logging.WARNING]
+    assert caplog.records[-1].getMessage().endswith("x … (5 more characters)")

@@ -239,7 +239,7 @@ BOOTSTRAP_LAUNCHER = (
     'if [ "$got" = "$want" ] && [ -x "$v/bin/python" ]; then exec "$v/bin/python" "$@"; fi; done; '
     "echo %s >&2; exit %d"
 )
-NOT_INSTALLED = "batuta bootstrap: this batuta is not installed here"
+NOT_INSTALLED = "batuta bootstrap: this batuta is not installed here"  # logged at info (transport/base.py)
 EXIT_NOT_INSTALLED = 75
 FIRST_WORDS_TIMEOUT_S = 120.0  # for a bootstrapped agent's first bytes (Hello), before the session's own timeout
 

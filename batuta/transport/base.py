@@ -191,6 +191,10 @@ def printed_prefix(task_id: int) -> str:
 
 
 _PRINTED = re.compile(r"task \d+ printed: ")
+# The bootstrap launcher finding no batuta on the host (runtime/install.py's NOT_INSTALLED):
+# the install that follows says so at once, in better words; as a warning it read as a fault.
+_BOOTSTRAP = "batuta bootstrap: "
+_DETAIL = ("Traceback (most recent call last)", " ", "\t", _BOOTSTRAP)
 MAX_LINE_CHARS = 2000  # of one stderr line in our log; a kernel printing 100 KB on one line made one record of it
 
 
@@ -200,7 +204,10 @@ def log_stderr_line(logger: logging.Logger, prefix: str, line: bytes, tail: Stde
     warning at the console, its exception, and whole in a log file at info. So does what a
     kernel printed (`printed_prefix`)."""
     text = line.decode("utf-8", errors="replace").rstrip()
-    detail = text.startswith(("Traceback (most recent call last)", " ", "\t")) or _PRINTED.match(text) is not None
+    detail = (
+        text.startswith(("Traceback (most recent call last)", " ", "\t", _BOOTSTRAP))
+        or _PRINTED.match(text) is not None
+    )
     if len(text) > MAX_LINE_CHARS:
         text = f"{text[:MAX_LINE_CHARS]} … ({len(text) - MAX_LINE_CHARS:,} more characters)"
     logger.log(logging.INFO if detail else logging.WARNING, "%s: %s", prefix, text)
