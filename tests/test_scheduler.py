@@ -207,6 +207,29 @@ def test_higher_priority_overtakes_queued_work() -> None:
     assert order == [first, high, *low]
 
 
+def test_higher_priority_work_in_another_slots_deque_runs_before_this_ones_lower() -> None:
+    """Two slots, each busy: LOW tasks went into one slot's deque, then HIGH ones into the
+    other's; the first slot ran its LOW deque while the HIGH tasks waited in the other's
+    (39 of 40 LOW tasks started before the last HIGH one)."""
+    sim = sim_with("a", "b", config=SchedulerConfig(initial_window=1, min_window=1, max_window=1))
+    blockers = [sim.submit() for _ in range(2)]
+    low = [sim.submit(priority=0) for _ in range(10)]
+    high = [sim.submit(priority=2) for _ in range(10)]
+    order = []
+    for _ in range(22):
+        for slot in ("a", "b"):
+            if sim.sched.unresolved:
+                sim.start(slot)
+                order.append(sim.finish(slot))
+                sim.deliver(slot)
+    assert set(order[:2]) == set(blockers)
+    ran = [t for t in order if t not in blockers]
+    last_high = max(ran.index(t) for t in high)
+    assert all(ran.index(t) > last_high for t in low[2:]), ran  # at most what was sent before them
+    sim.assert_each_resolved_once()
+    sim.sched.validate()
+
+
 def test_gpu_tasks_only_reach_gpu_slots() -> None:
     sim = sim_with("cpu0")
     sim.add_slot("gpu0", caps=("gpu",))

@@ -175,6 +175,7 @@ def place_ready(s: Scheduler, entry: TaskEntry) -> None:
     entry.home = home.host_id
     home.deque.append(entry)
     s._deque_holders.add(home)
+    s._top_priority = max(s._top_priority, entry.priority)
     s._queued += 1
     s._note(entry, f"queued at {home.slot_id}, where its inputs are")
     s._refill(home)

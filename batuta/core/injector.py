@@ -80,6 +80,7 @@ def grab(scheduler: Scheduler, slot: SlotRecord, klass: CapabilityClass) -> None
         entry.place = Place.DEQUE
         entry.slot = slot
         slot.deque.append(entry)
+        scheduler._top_priority = max(scheduler._top_priority, entry.priority)
         count -= 1
     if slot.deque:
         scheduler._deque_holders.add(slot)

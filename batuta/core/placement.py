@@ -170,6 +170,10 @@ class SlotSample:
     def __contains__(self, slot: SlotRecord) -> bool:
         return slot.slot_id in self._position
 
+    def members(self) -> list[SlotRecord]:
+        """A copy of the members, for a caller that must look at every one."""
+        return list(self._members)
+
     def add(self, slot: SlotRecord) -> None:
         if slot.slot_id not in self._position:
             self._position[slot.slot_id] = len(self._members)

@@ -103,6 +103,7 @@ from batuta.core.stealing import (
     on_steal_back_answered,
     recall_unstarted,
     steal_from_deque,
+    steal_more_urgent,
     try_steal_back,
 )
 from batuta.core.tailfeed import sent_as_tail
@@ -158,6 +159,7 @@ class Scheduler:
         self._seq = 0
         self._capability_epoch = 0  # bumped when the set of slots that may run work changes
         self._queued = 0  # live tasks in injector + deques
+        self._top_priority = 0  # at least the highest priority waiting in a deque (`steal_more_urgent`)
         self._up_by_caps: dict[frozenset[str], int] = {}  # UP slots by their capabilities (`_in_tail`)
         self._tail_waiting: dict[SlotId, SlotRecord] = {}  # held back by the tail, oldest first
         self._paused = False
@@ -312,6 +314,7 @@ class Scheduler:
             seq=self._seq,
         )
         self._tasks[ev.task_id] = entry
+        self._top_priority = max(self._top_priority, entry.priority)
         klass = self._class_of(entry.requires)
         if not self._can_ever_run(klass):
             self._resolve(entry, TaskStatus.UNSCHEDULABLE, self._unschedulable_reason(entry))
@@ -603,6 +606,10 @@ class Scheduler:
         own = slot.deque
         best_class = injector.best_class(self, slot)
         if own and (best_class is None or injector.head_priority(best_class) <= own[0].priority):
+            if own[0].priority < self._top_priority:  # another deque may hold more urgent work
+                urgent = steal_more_urgent(self, slot, own[0].priority)
+                if urgent is not None:
+                    return urgent
             self._queued -= 1
             return own.popleft()
         if best_class is not None:
@@ -720,6 +727,7 @@ class Scheduler:
         entry.slot = slot
         slot.deque.appendleft(entry)
         self._deque_holders.add(slot)
+        self._top_priority = max(self._top_priority, entry.priority)
         self._queued += 1
 
     def _observe_run_time(self, slot: SlotRecord, run_s: float) -> None:

@@ -80,6 +80,34 @@ def steal_from_deque(scheduler: Scheduler, thief: SlotRecord) -> TaskEntry | Non
     return None  # unreachable: the victim was chosen for holding such an entry
 
 
+def steal_more_urgent(scheduler: Scheduler, thief: SlotRecord, below: int) -> TaskEntry | None:
+    """Take the most urgent task of priority over `below` that `thief` can run from the head
+    of any deque: a slot whose own deque held LOW tasks ran them while another slot's deque
+    held HIGH ones. Scans every deque holder, so the scheduler asks only while a task of
+    higher priority may wait in one (`Scheduler._top_priority`), and lowers that mark when
+    none does."""
+    caps = thief.capabilities
+    best: tuple[int, int, SlotRecord, int] | None = None  # (priority, -seq, victim, index)
+    for victim in scheduler._deque_holders.members():
+        if victim is thief or not victim.deque:
+            continue
+        for i, entry in enumerate(_head(victim.deque)):
+            if entry.priority > below and entry.requires <= caps and (best is None or entry.priority > best[0]):
+                best = (entry.priority, -entry.seq, victim, i)
+    if best is None:
+        scheduler._top_priority = below
+        return None
+    _priority, _seq, victim, index = best
+    entry = victim.deque[index]
+    del victim.deque[index]
+    scheduler._queued -= 1
+    victim.steals_out += 1
+    thief.steals_in += 1
+    scheduler.stats.steals += 1
+    scheduler._note(entry, f"taken from {victim.slot_id} by {thief.slot_id}: more urgent than its own")
+    return entry
+
+
 def try_steal_back(scheduler: Scheduler, thief: SlotRecord) -> None:
     """Ask a random busy victim's agent for the newest half of its unstarted tasks."""
     chosen: tuple[SlotRecord, list[TaskEntry]] | None = None
