@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np  # noqa: F401  # BLAS is loaded in this process too, as in a user's
 import pytest
 
-from batuta import Task
+from batuta import Pool, Task
 from batuta.agent.threads import BLAS_THREADS_ENV, budget_env, slot_share
 from tests.test_pool import make_pool
 
@@ -54,3 +55,36 @@ async def test_a_budget_the_user_set_is_kept(monkeypatch: pytest.MonkeyPatch) ->
         result = await pool.run(Task.kernel("test_threads"))
     assert result.is_success(), result.error
     assert tuple(result.value) == ("1", CORES)
+
+
+NUMBA_AT_IMPORT = """
+import numba
+from batuta import kernel
+
+
+@kernel("st_numba_threads")
+def st_numba_threads():
+    from numba.np.ufunc import parallel
+
+    return [numba.get_num_threads(), parallel.NUM_THREADS]
+"""
+
+
+@needs_two_cores
+async def test_a_slot_caps_numba_that_the_agent_imported_with_a_users_module(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A shipped module importing numba made the agent import it before forking its slots:
+    numba had read the agent's thread count, and every slot's parallel loops used every core."""
+    from batuta.kernels import registry
+
+    _clear_budgets(monkeypatch)
+    module = tmp_path / "st_numba_mod.py"
+    module.write_text(NUMBA_AT_IMPORT)
+    try:
+        async with Pool.local(2, gpu_workers="none", modules=[str(module)]) as pool:
+            result = await pool.run(Task.kernel("st_numba_threads"))
+    finally:
+        registry.forget_modules(["st_numba_mod"])
+    assert result.is_success(), result.error
+    assert result.value == [CORES // 2, CORES // 2]

@@ -22,9 +22,10 @@ thread, so that its heartbeats go on through a long import):
    and never takes the agent down: tasks of its kernels fail with that line, the
    others run. The agent answers `CodeLoaded` with those lines, then replaces its slots;
 4. prunes old bundles, keeping the `KEEP_BUNDLES` most recently used, and any that an agent
-   on the host runs now: the agent holds a shared flock on its bundle's folder (its forked
-   slots inherit it), and pruning removes a folder only under an exclusive one, so another
-   run's prune never takes the files from under a long job's tasks.
+   on the host runs now: the agent holds a shared flock on its bundle's folder while that
+   bundle is its own (a forked slot closes the fds it inherits; the agent outlives its
+   slots), and pruning removes a folder only under an exclusive one, so another run's
+   prune never takes the files from under a long job's tasks.
 
 Source only crosses the wire, and the host compiles it itself: the coordinator's bytecode
 is never trusted (nor usable: a host may run another Python minor).
@@ -278,11 +279,11 @@ def _remove_unused(folder: Path, base: Path) -> bool:
 
 
 def hold(folder: Path) -> int | None:
-    """A shared lock on a bundle's folder for as long as the returned fd is open (by the agent
-    and the slots it forks): `prune` leaves it alone. None when the folder was pruned before it
+    """A shared lock on a bundle's folder for as long as the returned fd is open (the agent
+    keeps it while the bundle is its own): `prune` leaves it alone. None when the folder was pruned before it
     was locked (install it again), or the file system has no locks (then it is not held)."""
     try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # inherited by forked slots
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         return None
     try:
@@ -554,7 +555,7 @@ class CodeLoader:
     def _unload(self) -> None:
         """Forget the current bundle: off the import path, out of the module table, and its
         kernels out of the registry."""
-        if self._held is not None:  # prunable once the slots forked with it are gone too
+        if self._held is not None:  # another run may prune it now (its slots are being replaced)
             os.close(self._held)
             self._held = None
         directory = self.current.directory

@@ -34,6 +34,7 @@ import traceback
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from batuta.agent.threads import cap_loaded_numba
 from batuta.transport.fdio import widen_pipe
 
 if TYPE_CHECKING:
@@ -218,6 +219,7 @@ def _forked_child(
     os.dup2(2, 1)
     os.environ.clear()
     os.environ.update(env)
+    cap_loaded_numba(env)  # the agent's numba, if it imported one, counted the agent's threads
     # Only a generator that already exists needs fresh entropy; touching numpy.random here
     # would import it in every slot (7-33 ms each) for tasks that may never use it.
     numpy_random = sys.modules.get("numpy.random")

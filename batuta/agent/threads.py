@@ -48,6 +48,26 @@ def budget_env(base: Mapping[str, str], share: int) -> dict[str, str]:
     return added
 
 
+def cap_loaded_numba(environ: Mapping[str, str]) -> None:
+    """In a forked slot: numba, when the agent imported it already (a user's module that uses
+    it), read `NUMBA_NUM_THREADS` then, in the agent's environment, so every slot's parallel
+    loops ran a thread per core. Its thread count is set again from the slot's environment
+    before its thread pool starts (it starts at the first parallel loop)."""
+    import sys
+
+    config = sys.modules.get("numba.core.config")
+    wanted = environ.get(NUMBA_THREADS_ENV, "")
+    if config is None or not wanted.isdigit() or int(wanted) < 1:
+        return
+    parallel = sys.modules.get("numba.np.ufunc.parallel")
+    if parallel is not None and getattr(parallel, "_is_initialized", False):
+        return  # launched in the agent: too late (numba warns of a fork after that)
+    with contextlib.suppress(Exception):
+        setattr(config, "NUMBA_NUM_THREADS", int(wanted))  # noqa: B010 - modules mypy cannot see into
+        if parallel is not None:
+            setattr(parallel, "NUM_THREADS", int(wanted))  # noqa: B010
+
+
 def limit_loaded_blas(threads: int) -> bool:
     """Cap the BLAS libraries already loaded in this process at `threads`; False if
     threadpoolctl is missing or cannot (the slots then run with the library's default)."""
