@@ -155,6 +155,22 @@ async def test_cancel_a_running_task(pool: Pool) -> None:
     assert (after.cancelled, after.failed) == (before.cancelled + 1, before.failed)
 
 
+async def test_a_cancelled_pool_run_cancels_its_task(pool: Pool) -> None:
+    """`asyncio.wait_for(pool.run(task), 0.3)` gave up the wait and left the task running, with
+    no handle to stop it: the slot stayed busy for its whole run."""
+    before = pool.stats()
+    started = asyncio.Event()
+    pool.subscribe(lambda e: started.set() if isinstance(e, pe.TaskStarted) else None)
+    running = asyncio.create_task(pool.run(Task.kernel("spin", 30.0)))
+    await asyncio.wait_for(started.wait(), 20)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert (await asyncio.wait_for(pool.run(Task.kernel("noop", 3)), 20)).value == 3
+    after = pool.stats()
+    assert after.cancelled == before.cancelled + 1 and after.in_flight == 0
+
+
 async def test_killed_worker_slot_is_retried_elsewhere(pool: Pool, tmp_path: Path) -> None:
     marker = tmp_path / "crashed"
     result = await asyncio.wait_for(pool.run(Task.kernel("test_crash_once", str(marker))), 60)

@@ -261,7 +261,7 @@ class DataPlane:
             outcome=outcome,
             reason=reason,
         )
-        self._pool._call_later(lambda: self._pool._handle([event]))
+        self._pool._call_soon(lambda: self._pool._handle([event]))
 
     # -- answers -----------------------------------------------------------------------------
 

@@ -115,6 +115,6 @@ def remake(pool: Pool, ins: ev.RecomputeObject | ev.AnnounceObjectLost) -> None:
         why = f"lost ({ins.reason}) and cannot be made again: {exc}"
         pool._objects.kept_lost(ins.object_id, why)
         lost: list[ev.Event] = [ev.ObjectLost(object_id=ins.object_id, reason=why)]
-        pool._call_later(lambda: pool._handle(lost))
+        pool._call_soon(lambda: pool._handle(lost))
         return
     log.info("object %d %s: running task %d again as %d", ins.object_id, ins.reason, ins.task_id, kept.producer.task_id)

@@ -357,8 +357,14 @@ class Pool:
         return future
 
     async def run(self, task: Task) -> TaskResult:
-        """Submit and wait: the seed's `executor.execute(task).await`."""
-        return await (await self.submit(task))
+        """Submit and wait: the seed's `executor.execute(task).await`. Cancelled while it waits
+        (`asyncio.wait_for`), it cancels the task: no handle is left to stop it (`submit` gives one)."""
+        future = await self.submit(task)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
 
     execute = run
 
@@ -460,7 +466,7 @@ class Pool:
                 session.send(m.Drop(object_ids=object_ids))
         if forgotten:  # the scheduler never makes them again; on the next turn (we may be in _handle)
             released: list[ev.Event] = [ev.ObjectReleased(object_id=i) for i in forgotten]
-            self._call_later(lambda: self._handle(released))
+            self._call_soon(lambda: self._handle(released))
 
     def set_result_store(self, store: ResultStore | None) -> None:
         """Consult `store` before running each task and record every success in it."""
@@ -752,10 +758,6 @@ class Pool:
         if self.events.active:
             self.events.publish(pe.TaskFinished(result=result, at=now))
 
-    def _call_later(self, callback: Callable[[], None]) -> None:
-        loop = self._loop or asyncio.get_running_loop()
-        loop.call_soon(callback)
-
     def _restore(self, future: TaskFuture, result: TaskResult) -> TaskFuture:
         future._resolve(result)
         self._restored += 1
@@ -772,9 +774,9 @@ class Pool:
         loop = self._loop or asyncio.get_running_loop()
         return loop.create_future()
 
-    def _call_soon(self, callback: Callable[[TaskFuture], None], future: TaskFuture) -> None:
+    def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
         loop = self._loop or asyncio.get_running_loop()
-        loop.call_soon(callback, future)
+        loop.call_soon(callback, *args)
 
     def _on_requeued(self, ins: ev.AnnounceRequeue) -> None:
         pending = self._pending.get(ins.task_id)
