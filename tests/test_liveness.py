@@ -19,6 +19,7 @@ from batuta.core.liveness import (
     PoolClosed,
     Relaunch,
     Retire,
+    Stalled,
     StreamEnded,
 )
 
@@ -46,6 +47,24 @@ def test_silence_suspects_then_loses_and_a_heartbeat_clears_suspicion() -> None:
     lost = machine.handle(ClockTicked(), 12.5)
     assert lost == [MarkLost(host_id="a", reason="no heartbeat for 8.5s (lost after 8s)", relaunch_at=13.0)]
     assert machine.state("a") is Liveness.LOST
+
+
+def test_a_tick_far_past_its_time_is_the_coordinators_own_stall_not_the_hosts_silence() -> None:
+    """A coordinator stopped for 20 s (a suspended laptop, SIGSTOP) woke to its timer before it
+    read the heartbeats waiting in its sockets, and lost every host at once."""
+    machine = up_host()
+    machine.handle(HostAdded(host_id="b"), 0.0)
+    machine.handle(HostReady(host_id="b"), 0.0)
+    machine.handle(MessagesHeard(host_id="b"), 2.0)
+    assert machine.next_wakeup() == 3.0  # "a" suspected then, if still silent
+    assert machine.handle(ClockTicked(), 23.0) == [Stalled(seconds=20.0)]  # 20 s late: we stood still
+    assert machine.state("a") is Liveness.UP and machine.state("b") is Liveness.UP
+    assert machine.handle(MessagesHeard(host_id="a"), 23.1) == []  # the waiting heartbeats are read
+    assert machine.handle(MessagesHeard(host_id="b"), 23.1) == []
+    # a host that stays silent after the stall is judged on the time since: suspected at 3 s
+    assert machine.handle(MessagesHeard(host_id="b"), 25.0) == []
+    assert machine.next_wakeup() == pytest.approx(26.1)
+    assert machine.handle(ClockTicked(), 26.2) == [MarkSuspected(host_id="a", reason="no heartbeat for 3.1s")]
 
 
 def test_ticks_are_idempotent_and_heard_hosts_stay_quiet() -> None:

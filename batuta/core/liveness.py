@@ -115,6 +115,14 @@ class MarkSuspected:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Stalled:
+    """This process stood still for `seconds` (its timer came that late): the hosts' silence
+    of that time is not counted against them."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MarkUp:
     """A suspected host was heard from again, or a relaunched host is ready."""
 
@@ -148,7 +156,7 @@ class Retire:
     reason: str
 
 
-Instruction = MarkSuspected | MarkUp | MarkLost | Relaunch | Retire
+Instruction = MarkSuspected | MarkUp | MarkLost | Relaunch | Retire | Stalled
 
 
 @dataclass(slots=True)
@@ -169,6 +177,7 @@ class HostLiveness:
         self._hosts: dict[HostId, _Host] = {}
         self._closed = False
         self._out: list[Instruction] = []
+        self._due: float | None = None  # the last `next_wakeup()`: a tick far past it is our own stall
 
     # -- public API -------------------------------------------------------------------------
 
@@ -218,7 +227,8 @@ class HostLiveness:
                 wakes.append(host.last_heard + self.config.lost_after)
             elif host.state is Liveness.LOST and host.relaunch_at is not None:
                 wakes.append(host.relaunch_at)
-        return min(wakes, default=None)
+        self._due = min(wakes, default=None)
+        return self._due
 
     # -- transitions ------------------------------------------------------------------------
 
@@ -243,6 +253,15 @@ class HostLiveness:
 
     def _on_tick(self, now: float) -> None:
         config = self.config
+        due, self._due = self._due, None
+        if due is not None and now - due >= config.suspect_after:
+            # The tick comes that late when this process itself stood still (a suspended laptop
+            # or VM, SIGSTOP, a blocked loop): the hosts' heartbeats of that time wait unread in
+            # its sockets. Judged now, every host was lost at once and its work ran again.
+            for host in self._hosts.values():
+                if host.state in (Liveness.UP, Liveness.SUSPECTED):
+                    host.last_heard = max(host.last_heard, now - (due - host.last_heard))
+            self._out.append(Stalled(seconds=now - due))
         for host in self._hosts.values():
             if host.state in (Liveness.UP, Liveness.SUSPECTED):
                 silent = now - host.last_heard

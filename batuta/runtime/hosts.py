@@ -321,6 +321,12 @@ class HostSupervisor:
             elif isinstance(ins, lv.Retire):
                 log.error("host %s cannot be used: %s", ins.host_id, ins.reason)
                 self._pool.host_lost(ins.host_id, ins.reason, retired=True)
+            elif isinstance(ins, lv.Stalled):
+                log.warning(
+                    "the coordinator stood still for %.0f s (a suspended machine, SIGSTOP, a blocked loop): "
+                    "the hosts' silence meanwhile is not held against them",
+                    ins.seconds,
+                )
 
     def _relaunch(self, session: HostSession, attempt: int) -> None:
         async def launch() -> None:
