@@ -420,6 +420,10 @@ def test_task_not_safe_to_repeat_is_lost_with_its_slot_even_before_a_start_arriv
         [res] = sim.resolved[task]
         assert res.status is TaskStatus.LOST and res.attempts == 1 and res.slot_id == "a"
     assert sim.resolved[once[2]][0].reason.startswith("may have run on h0; not retried because retry=False")
+    # the one seen to start was not the task's fault either ("its worker died on all 1 attempts")
+    assert sim.resolved[once[0]][0].reason == (
+        "was running on h0 when it was lost; not retried because retry=False (a lost: host unreachable)"
+    )
     sim.run_to_completion()
     sim.assert_each_resolved_once()
     assert [sim.status_of(t) for t in (once[1], once[3], repeatable)] == [TaskStatus.SUCCEEDED] * 3

@@ -43,7 +43,10 @@ def lose_slot(scheduler: Scheduler, slot: SlotRecord, reason: str, retired: bool
             entry.place = Place.GONE
             del scheduler._tasks[entry.task_id]
             continue
-        if entry.started:
+        if entry.started and entry.max_attempts == 1:  # not "its worker died on all 1 attempts"
+            why = f"was running on {slot.host_id} when it was lost; not retried because retry=False"
+            scheduler._resolve(entry, TaskStatus.LOST, f"{why} ({slot.slot_id} lost: {reason})", slot_id=slot.slot_id)
+        elif entry.started:
             retry_or_lose(scheduler, entry, slot, f"{slot.slot_id} lost: {reason}")
         elif entry.max_attempts == 1:
             # Its Started may still have been on the way: a task not safe to repeat is
