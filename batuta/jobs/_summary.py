@@ -122,6 +122,7 @@ class _Host:
     failed: int = 0
     run_times: list[float] = field(default_factory=list)
     code: str = ""  # digest of the user's code its tasks ran with
+    lost_because: str = ""  # its last loss's cause, said again once it is back up
 
 
 @dataclass(slots=True)
@@ -182,6 +183,7 @@ class RunTracker:
         if host.was_up:
             host.losses += 1
             host.state = HOST_LOST
+            host.lost_because = reason
         else:
             host.state = HOST_UNREACHABLE
         host.reason = reason
@@ -192,6 +194,8 @@ class RunTracker:
             host.state, host.was_up = HOST_UP, True
             if not host.losses:  # a late start or a passing suspicion is no longer news
                 host.reason = ""
+            elif host.lost_because:  # back up: why it was lost, not its last failed relaunch
+                host.reason = host.lost_because
         elif state == HOST_RETIRED or host.state != HOST_RETIRED:
             host.state, host.reason = state, reason
 
