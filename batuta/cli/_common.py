@@ -90,12 +90,21 @@ def load_cluster(path: str) -> ClusterConfig:
 
 
 def positive_seconds(text: str) -> float:
+    return _seconds(text, zero=False)
+
+
+def seconds_or_zero(text: str) -> float:
+    return _seconds(text, zero=True)
+
+
+def _seconds(text: str, *, zero: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, e.g. 30") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds, e.g. 30")
+    if not (value >= 0 if zero else value > 0) or not value < float("inf"):  # NaN fails both
+        what = "a number of seconds >= 0" if zero else "a positive number of seconds"
+        raise argparse.ArgumentTypeError(f"{text} is not {what}, e.g. 30")
     return value
 
 

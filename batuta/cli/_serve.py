@@ -23,6 +23,7 @@ from batuta.cli._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     PROG,
+    seconds_or_zero,
 )
 from batuta.errors import ServeError, UsageError
 
@@ -50,7 +51,7 @@ def add_serve_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--serve-linger",
-        type=_seconds_or_zero,
+        type=seconds_or_zero,
         default=None,  # None, not the default: so that --serve-linger without --serve is refused
         metavar="SECONDS",
         help=f"with --serve: a finished job stays listed by 'batuta ps' this long (default: {DEFAULT_LINGER_S:g})",
@@ -104,16 +105,6 @@ def add_stop_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="for user@host:NAME: reach the host with this cluster file's [ssh] settings (known_hosts, ssh config)",
     )
-
-
-def _seconds_or_zero(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, e.g. 30") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds >= 0, e.g. 30")
-    return value
 
 
 # -- batuta run JOB --serve ------------------------------------------------------------------
