@@ -70,14 +70,20 @@ def steal_from_deque(scheduler: Scheduler, thief: SlotRecord) -> TaskEntry | Non
             return None
     for i, entry in enumerate(_head(victim.deque)):
         if entry.requires <= caps and may_steal(entry, thief, len(victim.deque), slack):
-            del victim.deque[i]
-            scheduler._queued -= 1
-            victim.steals_out += 1
-            thief.steals_in += 1
-            scheduler.stats.steals += 1
-            scheduler._note(entry, f"stolen from {victim.slot_id} by {thief.slot_id}")
-            return entry
+            return _take(scheduler, victim, i, thief, f"stolen from {victim.slot_id} by {thief.slot_id}")
     return None  # unreachable: the victim was chosen for holding such an entry
+
+
+def _take(scheduler: Scheduler, victim: SlotRecord, index: int, thief: SlotRecord, note: str) -> TaskEntry:
+    """Move the task at `index` of `victim`'s deque to `thief`, counted as a steal."""
+    entry = victim.deque[index]
+    del victim.deque[index]
+    scheduler._queued -= 1
+    victim.steals_out += 1
+    thief.steals_in += 1
+    scheduler.stats.steals += 1
+    scheduler._note(entry, note)
+    return entry
 
 
 def steal_more_urgent(scheduler: Scheduler, thief: SlotRecord, below: int) -> TaskEntry | None:
@@ -87,25 +93,18 @@ def steal_more_urgent(scheduler: Scheduler, thief: SlotRecord, below: int) -> Ta
     higher priority may wait in one (`Scheduler._top_priority`), and lowers that mark when
     none does."""
     caps = thief.capabilities
-    best: tuple[int, int, SlotRecord, int] | None = None  # (priority, -seq, victim, index)
+    best: tuple[int, SlotRecord, int] | None = None  # (priority, victim, index): the first most urgent
     for victim in scheduler._deque_holders.members():
         if victim is thief or not victim.deque:
             continue
         for i, entry in enumerate(_head(victim.deque)):
             if entry.priority > below and entry.requires <= caps and (best is None or entry.priority > best[0]):
-                best = (entry.priority, -entry.seq, victim, i)
+                best = (entry.priority, victim, i)
     if best is None:
         scheduler._top_priority = below
         return None
-    _priority, _seq, victim, index = best
-    entry = victim.deque[index]
-    del victim.deque[index]
-    scheduler._queued -= 1
-    victim.steals_out += 1
-    thief.steals_in += 1
-    scheduler.stats.steals += 1
-    scheduler._note(entry, f"taken from {victim.slot_id} by {thief.slot_id}: more urgent than its own")
-    return entry
+    _priority, victim, index = best
+    return _take(scheduler, victim, index, thief, f"taken from {victim.slot_id} by {thief.slot_id}: more urgent")
 
 
 def try_steal_back(scheduler: Scheduler, thief: SlotRecord) -> None:
