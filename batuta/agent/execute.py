@@ -199,18 +199,18 @@ class _TaskOutput:
     def __init__(self) -> None:
         self.echo: Any = None
         self._kept: _CappedBuffer | None = None
-        self._prefix = ""
+        self._task_id = 0
         self._partial = ""  # echoed once its line ends (or the task does)
 
     def begin(self, echo: Any, task_id: int) -> None:
         self.echo = echo
         self._kept = None
-        self._prefix = printed_prefix(task_id)
+        self._task_id = task_id  # its prefix is made only if it prints
         self._partial = ""
 
     def end(self) -> bytes:
         if self._partial and self.echo is not None:
-            self.echo.write(f"{self._prefix}{self._partial}\n")
+            self.echo.write(f"{printed_prefix(self._task_id)}{self._partial}\n")
         self._partial = ""
         kept, self._kept = self._kept, None
         return kept.value("output") if kept is not None else b""
@@ -223,7 +223,8 @@ class _TaskOutput:
         if self.echo is not None:
             *lines, self._partial = (self._partial + text).split("\n")
             if lines:
-                self.echo.write("".join(f"{self._prefix}{line}\n" for line in lines))
+                prefix = printed_prefix(self._task_id)
+                self.echo.write("".join(f"{prefix}{line}\n" for line in lines))
         return len(text)
 
     def flush(self) -> None:
