@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -216,6 +217,24 @@ async def test_hosts_that_join_later_do_not_hold_the_start() -> None:
         assert {h.name: h.state for h in pool.hosts()} == {"here": "up", "node-0": "up"}
 
 
+@contextlib.contextmanager
+def said_by_hosts(message: str) -> Iterator[asyncio.Event]:
+    """An event set when batuta.runtime.hosts logs exactly `message`."""
+    said = asyncio.Event()
+
+    class Heard(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() == message:
+                said.set()
+
+    heard = Heard()
+    logging.getLogger("batuta.runtime.hosts").addHandler(heard)
+    try:
+        yield said
+    finally:
+        logging.getLogger("batuta.runtime.hosts").removeHandler(heard)
+
+
 async def test_start_up_waits_past_start_wait_for_a_host_installing_batuta(caplog: pytest.LogCaptureFixture) -> None:
     """A bootstrap host went on installing after start_wait; a short run then ended, stopping
     the install, and every next run found the host without batuta again."""
@@ -223,24 +242,15 @@ async def test_start_up_waits_past_start_wait_for_a_host_installing_batuta(caplo
     slow = replace(gated(local_host(1, gpus="none", name="slow"), gate), installing=lambda: not gate.is_set())
     pool = Pool([local_host(1, gpus="none", name="quick"), slow], PoolConfig(start_wait=0))
     entered = asyncio.create_task(pool.__aenter__())
-    said = asyncio.Event()
     waits = "start-up waits for slow while batuta installs there (bootstrap = true)"
-
-    class Heard(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.getMessage() == waits:
-                said.set()
-
-    heard = Heard()
-    logging.getLogger("batuta.runtime.hosts").addHandler(heard)
     try:
-        await asyncio.wait_for(said.wait(), 60)  # quick is up, start_wait is over: it says why it waits
+        with said_by_hosts(waits) as said:
+            await asyncio.wait_for(said.wait(), 60)  # quick is up, start_wait is over: it says why it waits
         assert not entered.done()
         gate.set()
         await asyncio.wait_for(entered, 60)
         assert {h.name: h.state for h in pool.hosts()} == {"quick": "up", "slow": "up"}
     finally:
-        logging.getLogger("batuta.runtime.hosts").removeHandler(heard)
         await pool.__aexit__(None, None, None)
 
 
@@ -251,22 +261,13 @@ async def test_a_run_that_ends_waits_for_an_install_that_began_after_start_up() 
     began = False
     slow = replace(gated(local_host(1, gpus="none", name="slow"), gate), installing=lambda: began and not gate.is_set())
     pool = Pool([local_host(1, gpus="none", name="quick"), slow], PoolConfig(start_wait=0))
-    said = asyncio.Event()
     waits = (
         "the run has ended; waiting for batuta to finish installing on slow, so that the next run finds it there "
         "(Ctrl-C stops the install)"
     )
-
-    class Heard(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.getMessage() == waits:
-                said.set()
-
-    heard = Heard()
-    logging.getLogger("batuta.runtime.hosts").addHandler(heard)
     up: list[str] = []
     pool.subscribe(lambda e: up.append(e.host) if isinstance(e, pe.HostUp) else None)
-    try:
+    with said_by_hosts(waits) as said:
         async with asyncio.timeout(60):
             await pool.__aenter__()  # slow is not installing yet: start-up goes on without it
             assert (await pool.run(Task.kernel("noop", 1))).host == "quick"
@@ -276,6 +277,4 @@ async def test_a_run_that_ends_waits_for_an_install_that_began_after_start_up() 
             assert not closing.done()
             gate.set()  # the install ends: the host comes up, then the pool closes
             await closing
-    finally:
-        logging.getLogger("batuta.runtime.hosts").removeHandler(heard)
     assert up == ["quick", "slow"]  # the install was not stopped: slow came up before the pool closed
