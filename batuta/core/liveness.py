@@ -40,7 +40,7 @@ class Liveness(enum.Enum):
 class LivenessConfig:
     suspect_after: float = 3.0  # seconds of silence before a host is suspected
     lost_after: float = 8.0  # seconds of silence before it is lost and its work requeued
-    max_relaunches: int = 5  # consecutive failed relaunches before a host is retired
+    max_relaunches: int = 10  # consecutive failed relaunches before a host is retired: about 2.5 min, a reboot
     relaunch_backoff: float = 0.5  # first delay; doubles with each failure, capped
 
     def __post_init__(self) -> None:
@@ -166,7 +166,8 @@ class _Host:
     last_heard: float = 0.0
     failures: int = 0  # consecutive failed (re)launches
     relaunch_at: float | None = None
-    why: str = ""  # why it was lost: carried into the relaunch and retirement messages
+    why: str = ""  # why it was lost, then why its last relaunch failed: for the retirement message
+    lost_why: str = ""  # why it was lost: the reason a successful relaunch gives
 
 
 class HostLiveness:
@@ -244,12 +245,19 @@ class HostLiveness:
     def _on_ready(self, host_id: HostId, now: float) -> None:
         host = self._hosts.setdefault(host_id, _Host(host_id))
         relaunched = host.state is Liveness.RELAUNCHING
+        failed = host.failures
         host.state = Liveness.UP
         host.last_heard = now
         host.failures = 0
         host.relaunch_at = None
         if relaunched:
-            self._out.append(MarkUp(host_id=host_id, reason=f"relaunched after: {host.why}"))
+            # The loss is what the user wants to read about; the failed tries between say how
+            # long it took (a host that rebooted fails a few relaunches first).
+            reason = f"relaunched after: {host.lost_why or host.why}"
+            if failed:
+                plural = "" if failed == 1 else "es"
+                reason += f" ({failed} failed relaunch{plural} first, the last: {host.why})"
+            self._out.append(MarkUp(host_id=host_id, reason=reason))
 
     def _on_tick(self, now: float) -> None:
         config = self.config
@@ -297,7 +305,7 @@ class HostLiveness:
         host.relaunch_at = now + self._backoff(host.failures)
 
     def _lose(self, host: _Host, reason: str, now: float) -> None:
-        host.why = reason
+        host.why = host.lost_why = reason
         if self.config.max_relaunches == 0:
             host.state = Liveness.LOST
             self._out.append(MarkLost(host_id=host.host_id, reason=reason, relaunch_at=None))

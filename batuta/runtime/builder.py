@@ -35,7 +35,7 @@ class PoolConfig:
     heartbeat_interval: float = 1.0
     suspect_after: float = 3.0  # seconds of silence before a host is suspected
     lost_after: float = 8.0  # seconds of silence before it is lost and its work requeued
-    max_relaunches: int = 5  # consecutive failed relaunches before a host is retired
+    max_relaunches: int = 10  # consecutive failed relaunches before a host is retired: about 2.5 min, a reboot
     relaunch_backoff: float = 0.5  # first delay; doubles each time, capped at 30 s
     start_timeout: float = 60.0
     # Once one host is up, how long start-up waits for the others before tasks start on the
