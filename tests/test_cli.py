@@ -575,7 +575,7 @@ def test_a_job_that_calls_sys_exit_still_gets_its_summary(tmp_path: Path, code: 
     done = batuta("run", "job.py", "--workers", "1", "--json", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
     assert done.returncode == rc, done.stderr
     summary = json.loads(done.stdout)
-    assert summary["ok"] is (code == 0)
+    assert (summary["ok"], summary["exit_code"]) == (code == 0, rc)
     if code:
         said = f"job 'job.py' called sys.exit({code}) at job.py:5; return from main() instead"
         assert summary["error"] == said and done.stderr.strip().endswith(f"batuta: error: {said}")
@@ -590,6 +590,7 @@ def test_json_when_no_host_starts_still_says_each_host_and_why(tmp_path: Path) -
     assert done.returncode == 3, done.stderr
     summary = json.loads(done.stdout)
     assert summary["ok"] is False and summary["tasks"] == 0 and summary["hosts_failed"] == ["h1", "h2"]
+    assert summary["exit_code"] == 3
     for host, port in zip(summary["hosts"], (1, 2), strict=True):
         assert (
             host["state"] == "unreachable" and f"connection refused; is sshd running on port {port}?" in host["reason"]
@@ -1130,7 +1131,8 @@ def test_a_host_lost_during_the_run_is_in_the_summary_and_strict_fails_it(tmp_pa
     done = batuta("run", "job.py", "-w", "1", "--json", "--strict", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
     assert done.returncode == 1, done.stderr  # every task succeeded, but a host was lost
     summary = json.loads(done.stdout)
-    assert (summary["result"], summary["failed"], summary["ok"]) == (4, 0, True)
+    # the job itself succeeded (ok); what the command exits with, --strict included, is exit_code
+    assert (summary["result"], summary["failed"], summary["ok"], summary["exit_code"]) == (4, 0, True, 1)
     [local] = summary["hosts"]
     assert (local["host"], local["state"], local["losses"]) == ("local", "up", 1)
     assert local["reason"]  # why it was lost

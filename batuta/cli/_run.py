@@ -267,7 +267,7 @@ def unreachable(exc: Exception, args: argparse.Namespace) -> int:
     if getattr(args, "json", False) and summary is not None:  # a script reads stdout: each host, and why
         import json
 
-        print(json.dumps(summary.to_json()), flush=True)
+        print(json.dumps({**summary.to_json(), "exit_code": EXIT_UNREACHABLE}), flush=True)
     print_error(f"{exc}{check if args.cluster and listed else ''}")
     return EXIT_UNREACHABLE
 
@@ -283,7 +283,7 @@ def _loaded(path: str | None) -> ClusterConfig | None:
 
 def report_run(outcome: RunOutcome, args: argparse.Namespace) -> None:
     """The job's value and summary (--json, --quiet), as `batuta run` prints them at its end."""
-    _report(outcome, as_json=args.json, quiet=args.quiet)
+    _report(outcome, as_json=args.json, quiet=args.quiet, exit_code=run_exit_code(outcome.summary, strict=args.strict))
     sys.stdout.flush()  # a served job's log is a file: the report is there as soon as it is made
 
 
@@ -300,11 +300,21 @@ def finish_run(outcome: RunOutcome, args: argparse.Namespace, *, reported: bool 
         from batuta.jobs import linger_metrics
 
         linger_metrics(outcome.metrics, args.metrics_linger, say=not args.quiet and sys.stderr.isatty())
-    if not summary.ok:
-        return EXIT_FAILED
-    if args.strict and summary.failed_hosts:  # every task succeeded: say why the exit is 1
+    code = run_exit_code(summary, strict=args.strict)
+    if code == EXIT_FAILED and summary.ok:  # every task succeeded: say why the exit is 1
         hosts = ", ".join(host.host for host in summary.failed_hosts)
         print(f"{PROG}: --strict: exit 1, as host(s) {hosts} failed during the run (see above)", file=sys.stderr)
+    return code
+
+
+def run_exit_code(summary: RunSummary, *, strict: bool) -> int:
+    """What `batuta run` exits with for this summary (also the JSON's `exit_code`, so that a
+    script reading it need not know the flags: `ok` is the job's own, `--strict` aside)."""
+    if summary.interrupted:
+        return EXIT_INTERRUPTED
+    if not summary.ok:
+        return EXIT_FAILED
+    if strict and summary.failed_hosts:
         return EXIT_FAILED
     return EXIT_OK
 
@@ -368,7 +378,7 @@ def _wants_progress(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
-def _report(outcome: RunOutcome, *, as_json: bool, quiet: bool) -> None:
+def _report(outcome: RunOutcome, *, as_json: bool, quiet: bool, exit_code: int) -> None:
     """The job's value and the summary on stdout; the job's traceback and error on stderr."""
     import json
 
@@ -376,7 +386,7 @@ def _report(outcome: RunOutcome, *, as_json: bool, quiet: bool) -> None:
 
     summary = outcome.summary
     if as_json:
-        print(json.dumps(summary.to_json()))
+        print(json.dumps({**summary.to_json(), "exit_code": exit_code}))
     else:
         if summary.result is not None:
             print(printable(summary.result))
