@@ -104,9 +104,9 @@ def test_a_successful_relaunch_marks_up_and_resets_the_backoff() -> None:
     assert machine.handle(ClockTicked(), 1.5) == [Relaunch(host_id="a", attempt=1, reason="kill -9")]
     machine.handle(LaunchFailed(host_id="a", reason="no route"), 1.6)
     assert machine.handle(ClockTicked(), 2.6) == [Relaunch(host_id="a", attempt=2, reason="no route")]
-    assert machine.handle(HostReady(host_id="a"), 2.7) == [MarkUp(
-        host_id="a", reason="relaunched after: kill -9 (1 failed relaunch first, the last: no route)"
-    )]
+    assert machine.handle(HostReady(host_id="a"), 2.7) == [
+        MarkUp(host_id="a", reason="relaunched after: kill -9 (1 failed relaunch first, the last: no route)")
+    ]
     assert machine.state("a") is Liveness.UP
     assert machine.handle(StreamEnded(host_id="a", reason="again"), 5.0) == [
         MarkLost(host_id="a", reason="again", relaunch_at=5.5)  # first delay again, not 2.0
