@@ -15,7 +15,7 @@ import pytest
 import batuta.runtime.builder as builder_module
 from batuta import Pool, Task
 from batuta.core.task import Priority
-from batuta.errors import TaskError, UsageError
+from batuta.errors import TaskError, TaskUsageError, UsageError
 from batuta.runtime.builder import PoolBuilder
 from batuta.runtime.loop_owner import check_loop
 from batuta.runtime.remote import RemoteExecutor, RemoteExecutorBuilder
@@ -292,6 +292,22 @@ def test_requires_keeps_whole_tags() -> None:
     assert Task.kernel("good_k", 1.0, requires=["gpu", "gpu:1"]).requires == {"gpu", "gpu:1"}
     assert Task.builder().kernel("noop").requires("gpu", "avx512").build().requires == {"gpu", "avx512"}
     assert Task.binary("/bin/true", cwd=Path("/tmp")).call.cwd == "/tmp"  # type: ignore[arg-type,union-attr]
+    assert Task.binary("/bin/ls", Path("/tmp")).call.args == ("/tmp",)  # type: ignore[arg-type,union-attr]
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (
+            (["-c", "ls"],),
+            r"^binary task '/bin/sh': argument 1 \(\['-c', 'ls'\]\) is not a str; give each argument on its own: ",
+        ),
+        (("-n", 5), r"^binary task '/bin/sh': argument 2 \(5\) is not a str; pass str\(5\)$"),
+    ],
+)
+def test_a_binary_argument_that_is_not_a_str_is_named_with_the_fix(args: tuple[Any, ...], said: str) -> None:
+    with pytest.raises(TaskUsageError, match=said):
+        Task.binary("/bin/sh", *args)
 
 
 # -- 6: Pool.local's keywords ------------------------------------------------------------------

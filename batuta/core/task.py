@@ -195,8 +195,16 @@ class Task:
         elif isinstance(self.call, BinaryCall):
             if not self.call.path or not isinstance(self.call.path, str):
                 raise TaskUsageError(f"binary task needs a path, not {self.call.path!r}: Task.binary('./process', ...)")
-            if not all(isinstance(a, str) for a in self.call.args):
-                raise TaskUsageError(f"binary task {self.call.path!r}: every argument must be a str")
+            for i, arg in enumerate(self.call.args):
+                if not isinstance(arg, str):
+                    hint = (
+                        f"give each argument on its own: Task.binary({self.call.path!r}, '-c', 'cmd'), not a list"
+                        if isinstance(arg, (list, tuple))
+                        else f"pass str({arg!r})"
+                    )
+                    raise TaskUsageError(
+                        f"binary task {self.call.path!r}: argument {i + 1} ({arg!r}) is not a str; {hint}"
+                    )
             if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.call.env.items()):
                 raise TaskUsageError(f"binary task {self.call.path!r}: env keys and values must be str")
             if self.call.cwd is not None and not isinstance(self.call.cwd, str):
@@ -276,7 +284,9 @@ class Task:
     ) -> Task:
         """A task that runs the executable `path` with `args` on a host; `retry=False`: never run it twice."""
         return cls(
-            call=BinaryCall(path=_path_text(path), args=tuple(args), env=dict(env or {}), cwd=_path_text(cwd)),
+            call=BinaryCall(
+                path=_path_text(path), args=tuple(_path_text(a) for a in args), env=dict(env or {}), cwd=_path_text(cwd)
+            ),
             backend=Backend.CPU,
             priority=priority,
             timeout=timeout,
