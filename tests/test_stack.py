@@ -278,6 +278,10 @@ def test_unreachable_findings_name_the_cause_and_the_fix() -> None:
         ["ModuleNotFoundError: No module named 'numpy'"],
     )
     assert no_numpy.suggestion.startswith("/opt/py/bin/python on gpu1 lacks numpy, which batuta needs: remove python")
+    no_msgpack = unreachable_finding(  # an ImportError raised by hand says it without quotes
+        target(), AgentError("host gpu1: agent exited before saying hello"), ["ImportError: No module named msgpack"]
+    )
+    assert no_msgpack.suggestion.startswith("/opt/py/bin/python on gpu1 lacks msgpack, which batuta needs: ")
     # a host on the default python (no `python` in the file): the fix is `batuta cluster install`
     default = replace(target(), python="", cluster_file="lab.toml")
     bare = unreachable_finding(
@@ -630,3 +634,25 @@ def test_sigterm_ends_a_check_as_ctrl_c_does_and_stops_its_agent(tmp_path: Path)
     assert "batuta: interrupted" in stderr
     _, alive = psutil.wait_procs(agents, timeout=30)
     assert not alive, [p.pid for p in alive]
+
+
+KILLS_ITS_AGENT = (
+    "import os, signal\nfrom batuta import kernel\n\n@kernel('kills_agent_k')\ndef kills_agent_k(x):\n"
+    "    if '/batuta/code/' in __file__:  # on a host only: the coordinator runs the reference too\n"
+    "        os.kill(os.getppid(), signal.SIGKILL)\n"
+    "    return x\n\n@kills_agent_k.sample\ndef _(rng):\n    return (rng.standard_normal(4),)\n"
+)
+
+
+def test_a_node_lost_during_the_gate_is_one_error_that_says_so_not_its_tasks_failures(tmp_path: Path) -> None:
+    """A link cut mid-check was reported as "numba cannot compile and run a kernel" (fix:
+    reinstall numba) and "20 of 20 kernels fail" (no slot offers cpu any more)."""
+    (tmp_path / "killer.py").write_text(KILLS_ITS_AGENT)
+    done = stack("gate", "--module", "killer.py", "--format", "json", "--timeout", "60", cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    (node,) = json.loads(done.stdout)["nodes"]
+    errors = [f for f in node["findings"] if f["severity"] == ERROR]
+    assert [f["check"] for f in errors] == ["agent"], errors
+    assert errors[0]["message"].startswith("lost during the check: "), errors
+    assert errors[0]["suggestion"] == "see why its agent ended (above), then run the check again"
+    assert {"python", "batuta", "numba"} <= {f["check"] for f in node["findings"]}  # what passed before stays

@@ -103,6 +103,32 @@ def reach_finding(session: NodeSession) -> Finding:
     return Finding(node=target.name, check="agent", severity=HEALTHY, message=f"local {ready}")
 
 
+# What the Hello says (checked before any task ran): still true of a node lost afterwards.
+_FROM_HELLO = frozenset({"python", "batuta", "slots", "policy", "code", "modules", ROLE_SSH, ROLE_TLS, "agent"})
+
+
+def lost_findings(session: NodeSession, findings: list[Finding]) -> list[Finding]:
+    """A node lost in the middle of its check: one error that says so, in place of the task
+    failures it caused ("numba cannot compile", "20 of 20 kernels fail", each with a fix
+    that would not help). What the Hello told and what passed before the loss stay."""
+    target = session.target
+    reason = session.lost or "lost"
+    over = {ROLE_SSH: "SSH", ROLE_TLS: "TLS"}.get(target.role)
+    kept = [f for f in findings if f.severity == HEALTHY or f.check in _FROM_HELLO]
+    if over:
+        fix = f"check that {target.name} is up and its network ({over} to {target.address or target.name})"
+    else:  # the local agent: its end says why (killed, out of memory)
+        fix = "see why its agent ended (above)"
+    lost = Finding(
+        node=target.name,
+        check="agent",
+        severity=ERROR,
+        message=f"lost during the check: {reason}; the checks that were still running did not finish",
+        suggestion=f"{fix}, then run the check again",
+    )
+    return [lost, *kept]
+
+
 def slots_finding(session: NodeSession) -> Finding | None:
     """An error where the file gives the node no CPU slot and it has no GPU: the pool would
     run nothing there (it is checked with one CPU slot, so the other checks pass regardless)."""

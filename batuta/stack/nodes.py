@@ -136,6 +136,12 @@ class _NodePool(Pool):
         self.code_sent: m.Code | None = None  # the user's code sent after Welcome (None: nothing shipped)
         self.code_loaded: m.CodeLoaded | None = None  # the agent's answer to it
         self.code_answered = asyncio.Event()
+        self.lost: str | None = None  # why the node was lost during the check, if it was
+
+    def host_lost(self, host: str, reason: str, *, retired: bool) -> None:
+        if self.lost is None:
+            self.lost = reason
+        super().host_lost(host, reason, retired=retired)
 
     def host_ready(self, session: HostSession) -> None:
         self.hello = session.hello
@@ -169,6 +175,11 @@ class NodeSession:
     @property
     def code_loaded(self) -> m.CodeLoaded | None:
         return self.pool.code_loaded
+
+    @property
+    def lost(self) -> str | None:
+        """Why the node was lost during the check (its link, its host), or None."""
+        return self.pool.lost
 
     @property
     def gpu_slots(self) -> int:
@@ -245,7 +256,7 @@ def split_fix(text: str) -> tuple[str, str]:
     return (what, fix) if sep else (what, "")
 
 
-_MISSING_MODULE = re.compile(r"No module named '([^']+)'")  # a Python import error's words
+_MISSING_MODULE = re.compile(r"No module named '?([\w.]+)'?")  # a Python import error's words
 
 
 def unreachable_finding(target: NodeTarget, exc: BaseException, stderr: list[str]) -> Finding:
@@ -286,7 +297,9 @@ def unreachable_finding(target: NodeTarget, exc: BaseException, stderr: list[str
     python = target.python or sys.executable
     missing = _MISSING_MODULE.search(f"{text}\n" + "\n".join(said[-3:]))
     if not fix and missing is not None:  # batuta, or one of its dependencies (numpy, msgpack, ...)
-        fix = f"{target.python or 'the python'} on {name} lacks {missing[1]}, which batuta needs: "
+        lacks = missing[1]
+        if lacks.partition(".")[0] != "batuta":  # `python -m batuta`'s own "No module named batuta"
+            fix = f"{target.python or 'the python'} on {name} lacks {lacks}, which batuta needs: "
         fix += target.install_fix(__version__)
     if not fix and target.role == ROLE_SSH and not target.python:
         fix = target.install_fix(__version__)

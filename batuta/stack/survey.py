@@ -27,6 +27,7 @@ from batuta.stack.check import (
     Thresholds,
     check_findings,
     gather_facts,
+    lost_findings,
 )
 from batuta.stack.code import (
     CodePlan,
@@ -234,6 +235,8 @@ async def _survey_reachable(
                 results = await run_conformance(session, timeout=timeout)
                 findings += conformance_findings(target.name, results)
                 kernels = tuple(results)
+        if session.lost is not None:
+            findings = lost_findings(session, findings)
         return NodeReport(
             name=target.name,
             role=target.role,
