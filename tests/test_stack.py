@@ -282,6 +282,14 @@ def test_unreachable_findings_name_the_cause_and_the_fix() -> None:
         target(), AgentError("host gpu1: agent exited before saying hello"), ["ImportError: No module named msgpack"]
     )
     assert no_msgpack.suggestion.startswith("/opt/py/bin/python on gpu1 lacks msgpack, which batuta needs: ")
+    slow = AgentError(
+        "host gpu1: agent did not say hello within 5s (ssh x); check that batuta is installed there, "
+        "or give it longer (start_timeout, in the cluster file's [pool] table)"
+    )
+    bounded = unreachable_finding(target(), slow, [], by_timeout=True)  # --timeout 5 was the limit
+    assert bounded.message == "host gpu1: agent did not say hello within 5s (ssh x)"
+    assert bounded.suggestion == "check that batuta is installed there, or give it longer with --timeout"
+    assert "start_timeout" in unreachable_finding(target(), slow, []).suggestion  # the file's was
     # a host on the default python (no `python` in the file): the fix is `batuta cluster install`
     default = replace(target(), python="", cluster_file="lab.toml")
     bare = unreachable_finding(
@@ -381,8 +389,9 @@ def test_json_and_quiet() -> None:
 # -- the command, on the embedded local agent ----------------------------------------------
 
 
-def test_embedded_versions_json_is_clean() -> None:
-    done = stack("versions", "--format", "json")
+@pytest.mark.parametrize("flags", [("--format", "json"), ("--json",)])  # --json as run and ps take it
+def test_embedded_versions_json_is_clean(flags: tuple[str, ...]) -> None:
+    done = stack("versions", *flags)
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)  # all of stdout: nothing else is printed there
     assert data["source"] == "embedded"
@@ -453,7 +462,7 @@ def test_thresholds_from_the_command_line() -> None:
     assert done.returncode == 1, done.stdout + done.stderr
     (node,) = json.loads(done.stdout)["nodes"]
     found = {f["check"]: f for f in node["findings"]}
-    assert found["disk"]["severity"] == ERROR and "min_free_disk_gb" in found["disk"]["suggestion"]
+    assert found["disk"]["severity"] == ERROR and found["disk"]["suggestion"].endswith("or lower --min-disk-gb")
     assert found["memory"]["severity"] == HEALTHY
 
 

@@ -384,8 +384,12 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_argument(
             "-c", "--cluster", metavar="FILE", help="the cluster file (TOML); default: the embedded local agent"
         )
-        sub.add_argument(
+        shown = sub.add_mutually_exclusive_group()
+        shown.add_argument(
             "--format", choices=("text", "json", "markdown"), default="text", help="output format (default: text)"
+        )
+        shown.add_argument(  # as `run --json` and `ps --json`
+            "--json", dest="format", action="store_const", const="json", help="the same as --format json"
         )
         sub.add_argument(
             "--timeout",

@@ -42,6 +42,9 @@ class Thresholds:
 
     min_free_disk_gb: float = DEFAULT_MIN_FREE_DISK_GB
     min_free_memory_gb: float = DEFAULT_MIN_FREE_MEMORY_GB
+    # where each came from, for the fix to name: a flag overrides the file
+    disk_setting: str = "min_free_disk_gb in [policy]"
+    memory_setting: str = "min_free_memory_gb in [policy]"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -329,7 +332,7 @@ def disk_finding(node: str, info: Mapping[str, Any], thresholds: Thresholds) -> 
         check="disk",
         severity=severity,
         message=f"{shown} ({_wanted(thresholds.min_free_disk_gb)})",
-        suggestion=f"free space in {tightest['path']} on {node}, or lower min_free_disk_gb in [policy]",
+        suggestion=f"free space in {tightest['path']} on {node}, or lower {thresholds.disk_setting}",
     )
 
 
@@ -353,7 +356,7 @@ def memory_finding(node: str, info: Mapping[str, Any], thresholds: Thresholds) -
         check="memory",
         severity=severity,
         message=f"{shown} ({_wanted(thresholds.min_free_memory_gb)})",
-        suggestion=f"stop what holds memory on {node}, or lower min_free_memory_gb in [policy]",
+        suggestion=f"stop what holds memory on {node}, or lower {thresholds.memory_setting}",
     )
 
 

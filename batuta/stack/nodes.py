@@ -256,13 +256,21 @@ def split_fix(text: str) -> tuple[str, str]:
     return (what, fix) if sep else (what, "")
 
 
+_NO_HELLO = "agent did not say hello within"  # runtime/session.py's words for a start that timed out
 _MISSING_MODULE = re.compile(r"No module named '?([\w.]+)'?")  # a Python import error's words
 
 
-def unreachable_finding(target: NodeTarget, exc: BaseException, stderr: list[str]) -> Finding:
-    """The finding for a node whose agent could not be started, naming the likely fix."""
+def unreachable_finding(
+    target: NodeTarget, exc: BaseException, stderr: list[str], *, by_timeout: bool = False
+) -> Finding:
+    """The finding for a node whose agent could not be started, naming the likely fix;
+    `by_timeout`: the agent's start was bounded by the command's --timeout."""
     text = one_line(str(exc)) or type(exc).__name__
     name = target.name
+    if by_timeout and isinstance(exc, AgentError) and _NO_HELLO in text:
+        what, _ = split_fix(text)
+        fix = "check that batuta is installed there, or give it longer with --timeout"
+        return Finding(node=name, check="agent", severity=ERROR, message=what, suggestion=fix)
     if isinstance(exc, HostKeyError):
         what = text.split("; refused", 1)[0]
         if exc.changed:

@@ -83,6 +83,8 @@ def thresholds_for(cluster: ClusterConfig | None, options: StackOptions) -> Thre
         min_free_memory_gb=pick(
             options.min_free_memory_gb, policy.min_free_memory_gb if policy else None, DEFAULT_MIN_FREE_MEMORY_GB
         ),
+        **({"disk_setting": "--min-disk-gb"} if options.min_free_disk_gb is not None else {}),
+        **({"memory_setting": "--min-memory-gb"} if options.min_free_memory_gb is not None else {}),
     )
 
 
@@ -205,7 +207,8 @@ async def _survey_reachable(
     try:
         session = await open_node(target, config)
     except (BatutaError, OSError) as exc:
-        finding = unreachable_finding(target, exc, stderr)
+        # stack_pool_config bounds the agent's start by --timeout: raising start_timeout alone may not help
+        finding = unreachable_finding(target, exc, stderr, by_timeout=config.start_timeout >= timeout)
         return NodeReport(
             name=target.name,
             role=target.role,
