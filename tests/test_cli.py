@@ -1137,10 +1137,24 @@ def test_a_host_lost_during_the_run_is_in_the_summary_and_strict_fails_it(tmp_pa
     assert (local["host"], local["state"], local["losses"]) == ("local", "up", 1)
     assert local["reason"]  # why it was lost
     assert summary["hosts_failed"] == ["local"]
-    relaxed = batuta("run", "job.py", "-w", "1", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    relaxed = batuta(
+        "run",
+        "job.py",
+        "-w",
+        "1",
+        "--log-file",
+        "log.jsonl",
+        "--log-format",
+        "json",
+        cwd=tmp_path,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert relaxed.returncode == 0, relaxed.stderr
     [row] = [line for line in relaxed.stdout.splitlines() if line.startswith("local ")]
     assert "lost once, back up: " in row
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    [lost] = [r for r in records if r["message"].startswith("host local lost: ")]
+    assert lost.get("host") == "local", lost  # `jq 'select(.host == "local")'` finds the loss itself
 
 
 # -- a host refused on a real SSH cluster (network namespaces) ----------------------------

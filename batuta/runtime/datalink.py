@@ -107,7 +107,12 @@ class SessionLink:
             self._conn.outgoing.divert = self._sender.send
         self._started += 1
         if self._started == 2:
-            log.info("host %s: data link up (%s): big values travel beside the SSH channel", name, self._where)
+            log.info(
+                "host %s: data link up (%s): big values travel beside the SSH channel",
+                name,
+                self._where,
+                extra={"host": name},
+            )
 
     def _filled(self, stream_id: int, nbytes: int) -> None:
         if self._closed:
@@ -235,7 +240,7 @@ class DataLinks:
         if (host, kind) in self._said:
             return
         self._said.add((host, kind))
-        log.warning("host %s: no data link: %s; big values go over the SSH channel", host, why)
+        log.warning("host %s: no data link: %s; big values go over the SSH channel", host, why, extra={"host": host})
 
     @property
     def listeners(self) -> list[DataListener]:

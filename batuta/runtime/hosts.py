@@ -310,16 +310,16 @@ class HostSupervisor:
                 self._pool.host_state_changed(ins.host_id, "suspected", ins.reason)
             elif isinstance(ins, lv.MarkUp):
                 if ins.reason.startswith("relaunched"):
-                    log.info("host %s %s", ins.host_id, ins.reason)
+                    log.info("host %s %s", ins.host_id, ins.reason, extra={"host": ins.host_id})
                 self._pool.host_state_changed(ins.host_id, "up", ins.reason)
             elif isinstance(ins, lv.MarkLost):
-                log.warning("host %s lost: %s", ins.host_id, ins.reason)
+                log.warning("host %s lost: %s", ins.host_id, ins.reason, extra={"host": ins.host_id})
                 self.sessions[ins.host_id].abandon()
                 self._pool.host_lost(ins.host_id, ins.reason, retired=False)
             elif isinstance(ins, lv.Relaunch):
                 self._relaunch(self.sessions[ins.host_id], ins.attempt)
             elif isinstance(ins, lv.Retire):
-                log.error("host %s cannot be used: %s", ins.host_id, ins.reason)
+                log.error("host %s cannot be used: %s", ins.host_id, ins.reason, extra={"host": ins.host_id})
                 self._pool.host_lost(ins.host_id, ins.reason, retired=True)
             elif isinstance(ins, lv.Stalled):
                 log.warning(

@@ -106,18 +106,18 @@ def events_from(pool: Pool, session: HostSession, messages: list[m.Message]) -> 
             events.extend(slot_state_events(pool, session, msg, now))
         elif isinstance(msg, m.ObjectsLost):  # kept in a slot process that died: made again
             pool._objects.slot_lost(host, msg.object_ids)
-            log.info("host %s lost kept object(s) %s: %s", host, list(msg.object_ids), msg.reason)
+            log.info("host %s lost kept object(s) %s: %s", host, list(msg.object_ids), msg.reason, extra={"host": host})
             events.append(ev.KeptObjectsLost(host_id=host, object_ids=tuple(msg.object_ids), reason=msg.reason))
         elif isinstance(msg, m.CodeStored):
             pool._acks.stored(host, msg)
         elif isinstance(msg, m.CodeLoaded):
             pool._acks.loaded(host, msg)
             for module, error in msg.errors.items():  # its tasks fail saying so; the rest run
-                log.warning("host %s: importing %s failed: %s", host, module, error)
+                log.warning("host %s: importing %s failed: %s", host, module, error, extra={"host": host})
         elif isinstance(msg, m.Bye):
-            log.info("host %s says bye: %s", host, msg.reason)
+            log.info("host %s says bye: %s", host, msg.reason, extra={"host": host})
         elif isinstance(msg, m.Error):
-            log.error("host %s reports a protocol error: %s", host, msg.message)
+            log.error("host %s reports a protocol error: %s", host, msg.message, extra={"host": host})
     return events
 
 

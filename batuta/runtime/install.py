@@ -571,7 +571,9 @@ class Installer:
             if result.exit_status not in (EXIT_NO_INDEX, EXIT_INDEX_FAILED):
                 raise InstallError(f"host {host.name}: {_reason(result)}")
             fallback = _reason(result)
-            log.info("host %s: %s; installing from a wheelhouse instead", host.name, fallback)
+            log.info(
+                "host %s: %s; installing from a wheelhouse instead", host.name, fallback, extra={"host": host.name}
+            )
         if not facts.glibc or facts.implementation != "cpython" or facts.system != "Linux":
             why = fallback or "offline install asked for"
             raise InstallError(
