@@ -496,7 +496,12 @@ def test_metrics_textfile_gets_the_final_counts_in_one_rename(
     assert main(["run", str(job), "--json", "-q", "--metrics-textfile", str(target)]) == 0  # no --metrics-port
     assert json.loads(capsys.readouterr().out)["ok"]
     assert len(renames) == 1 and renames[0][0].parent == folder and renames[0][1] == target.read_text()
-    assert final_task_counts(parse(target.read_bytes())) == SHORT_JOB_FINAL
+    final = parse(target.read_bytes())
+    assert final_task_counts(final) == SHORT_JOB_FINAL
+    # the host as it was when the job ended, not "closed" (down, to an alert) after every job
+    assert value(final, "batuta_host_up", host="local") == 1
+    assert value(final, "batuta_host_state", host="local", state="up") == 1
+    assert value(final, "batuta_host_state", host="local", state="closed") == 0
     assert sorted(p.name for p in folder.iterdir()) == ["batuta.prom"]  # no temporary file left
 
 

@@ -34,7 +34,7 @@ Metric names (prefix `batuta_`):
 | `task_queue_wait_seconds` | histogram | backend |
 | `tasks_submitted_total` | counter | |
 | `steals_total`, `steal_backs_total` | counter | |
-| `task_retries_total`, `dropped_results_total`, `tasks_fed_ahead_total` | counter | |
+| `task_retries_total`, `task_requeues_total`, `dropped_results_total`, `tasks_fed_ahead_total` | counter | |
 | `queue_depth`, `tasks_in_flight`, `tasks_waiting` | gauge | |
 | `object_relayed_bytes_total`, `object_fetched_bytes_total` | counter | |
 | `slot_queue_depth`, `slot_in_flight` | gauge | host, slot |
@@ -441,7 +441,13 @@ def _pool_families(s: _Snapshot) -> Iterable[Metric]:
             ("tasks_submitted", "Tasks submitted to the pool.", stats.submitted),
             ("steals", "Deque-to-deque steals by idle slots.", stats.steals),
             ("steal_backs", "Tasks taken back from a slot's in-flight window (agent-confirmed).", stats.steal_backs),
-            ("task_retries", "Task attempts requeued after their worker or host was lost.", stats.retries),
+            ("task_retries", "Started task attempts run again after their worker or host was lost.", stats.retries),
+            (
+                "task_requeues",
+                "Tasks sent back to the queue (the dashboard's REQUEUED): retries, and tasks whose host went "
+                "before they started.",
+                stats.requeues,
+            ),
             ("dropped_results", "Late or duplicate results dropped (each task resolves once).", stats.dropped_results),
             ("tasks_fed_ahead", "Tasks sent behind the tasks making their kept inputs.", stats.fed_ahead),
             ("object_relayed_bytes", "Kept values moved to another host through the coordinator.", stats.relayed_bytes),
