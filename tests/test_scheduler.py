@@ -357,6 +357,8 @@ def test_lost_slot_requeues_and_counts_only_started_attempts() -> None:
     requeued = {i.task_id: i for i in sim.instructions if isinstance(i, ev.AnnounceRequeue)}
     assert set(requeued) == {ids[0], ids[2]}
     assert requeued[ids[0]].attempts == 1 and requeued[ids[2]].attempts == 0
+    # the metrics' two counts: every requeue (the dashboard's REQUEUED), and started attempts run again
+    assert (sim.sched.stats.requeues, sim.sched.stats.retries) == (2, 1)
     sim.run_to_completion()
     sim.assert_each_resolved_once()
     assert sim.resolved[ids[0]][0].attempts == 2

@@ -250,12 +250,12 @@ def test_a_restored_snapshot_shows_what_a_model_open_from_the_start_shows() -> N
     assert live.totals.succeeded > 10_000
     for name, job in live.jobs.items():
         other = restored.jobs[name]
-        assert (other.submitted, other.running, other.succeeded, other.failed, other.retried) == (
+        assert (other.submitted, other.running, other.succeeded, other.failed, other.requeued) == (
             job.submitted,
             job.running,
             job.succeeded,
             job.failed,
-            job.retried,
+            job.requeued,
         )
         assert other.meter.series(T0 + seconds) == job.meter.series(T0 + seconds)
     assert restored.throughput.series(T0 + seconds) == live.throughput.series(T0 + seconds)

@@ -147,7 +147,7 @@ def test_requeue_counts_a_retry_and_keeps_the_attempt_for_the_detail_view() -> N
             ),
         ]
     )
-    assert model.jobs["demo"].retried == 1 and model.totals.retried == 1
+    assert model.jobs["demo"].requeued == 1 and model.totals.requeued == 1
     assert model.running_count == 0
     failed = model.failure(7)
     assert failed is not None

@@ -125,13 +125,13 @@ def restore(model: DashboardModel, wire: object) -> int:
         model.restore_host_counts(host, done, failed)
     for job in jobs:
         _job_changed(model, job)
-    for name, (submitted, succeeded, failed, cancelled, retried), started_at, meter in totals:
+    for name, (submitted, succeeded, failed, cancelled, requeued), started_at, meter in totals:
         row = model.jobs.get(name or NO_JOB) or JobRow(name=name or NO_JOB, state="running")
         row.submitted += submitted
         row.succeeded += succeeded
         row.failed += failed
         row.cancelled += cancelled
-        row.retried += retried
+        row.requeued += requeued
         if started_at is not None and (row.started_at is None or started_at < row.started_at):
             row.started_at = started_at
         for second, count in meter:

@@ -301,7 +301,7 @@ class DashboardModel:
         job = self._job(event.job)
         if self.running.pop(event.task_id, None) is not None:
             job.running -= 1
-        job.retried += 1
+        job.requeued += 1
         self._remember_attempt(
             event.task_id, AttemptRow(event.attempts, event.slot, f"requeued: {event.reason}", event.at)
         )
@@ -549,7 +549,7 @@ class DashboardModel:
             totals.succeeded += job.succeeded
             totals.failed += job.failed
             totals.cancelled += job.cancelled
-            totals.retried += job.retried
+            totals.requeued += job.requeued
         return totals
 
     @property

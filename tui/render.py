@@ -239,8 +239,8 @@ def summary_line(model: DashboardModel, now: float, p: Palette, version: str) ->
         ("queued", fmt.count(model.queued_count), p.text),
         ("busy", f"{busy}/{model.slot_count()}", p.text),
     ]
-    if totals.retried:
-        pieces.append(("retried", fmt.count(totals.retried), p.warn))
+    if totals.requeued:
+        pieces.append(("requeued", fmt.count(totals.requeued), p.warn))
     for label, value, style in pieces:
         out.append(" │ ", p.dim)
         out.append(f"{label} ", p.dim)
@@ -289,7 +289,7 @@ JOB_COLUMNS = (
     Column("RUNNING", 7, right=True),
     Column("DONE", 7, right=True),
     Column("FAILED", 6, right=True),
-    Column("RETRIED", 7, right=True),
+    Column("REQUEUED", 8, right=True),
     Column("RATE", 8, right=True),
     Column("ETA", 7, right=True),
 )
@@ -300,7 +300,7 @@ JOB_COLUMNS_NARROW = (
     Column("RUN", 5, right=True),
     Column("DONE", 6, right=True),
     Column("FAIL", 5, right=True),
-    Column("RETRY", 5, right=True),
+    Column("REQ", 5, right=True),
     Column("RATE", 7, right=True),
     Column("ETA", 6, right=True),
 )
@@ -354,7 +354,7 @@ def _job_line(job: JobRow, now: float, p: Palette, columns: Sequence[Column]) ->
         (fmt.count(job.running), p.accent if job.running else p.text),
         (fmt.count(job.succeeded), p.ok),
         (fmt.count(job.failed), p.bad if job.failed else p.dim),
-        (fmt.count(job.retried), p.warn if job.retried else p.dim),
+        (fmt.count(job.requeued), p.warn if job.requeued else p.dim),
         *tail,
     ]
     if columns is JOB_COLUMNS_TINY:

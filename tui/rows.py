@@ -160,7 +160,7 @@ class JobRow:
     succeeded: int = 0
     failed: int = 0
     cancelled: int = 0
-    retried: int = 0
+    requeued: int = 0
     waiting: int = 0  # submitted, waiting for upstream tasks' results (not yet queued to run)
     started_at: float | None = None
     ended_at: float | None = None
@@ -260,7 +260,7 @@ class Totals:
     succeeded: int = 0
     failed: int = 0
     cancelled: int = 0
-    retried: int = 0
+    requeued: int = 0
 
     @property
     def finished(self) -> int:

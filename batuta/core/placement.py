@@ -245,7 +245,8 @@ class SchedulerStats:
     steal_backs_requested: int = 0
     steal_backs_returned: int = 0
     steal_backs_refused: int = 0
-    retries: int = 0
+    retries: int = 0  # started attempts run again
+    requeues: int = 0  # every return to the queue: those retries, and tasks lost before they started
     dropped_results: int = 0
     fed_ahead: int = 0  # dependents sent behind the tasks making their inputs (feedahead.py)
     fed_ahead_returned: int = 0  # of those, back from their slot unrun: a producer's attempt failed there

@@ -113,6 +113,7 @@ def retry_or_lose(scheduler: Scheduler, entry: TaskEntry, slot: SlotRecord, reas
 def requeue(scheduler: Scheduler, entry: TaskEntry, slot: SlotRecord, reason: str) -> None:
     """Back to the injector (or to waiting, if an input it reads is gone too), announced."""
     entry.steal_refused = False
+    scheduler.stats.requeues += 1
     scheduler._out.append(
         AnnounceRequeue(task_id=entry.task_id, slot_id=slot.slot_id, attempts=entry.attempts, reason=reason)
     )

@@ -544,6 +544,7 @@ class Pool:
             steals=s.steals,
             steal_backs=s.steal_backs_returned,
             retries=s.retries,
+            requeues=s.requeues,
             dropped_results=s.dropped_results,
             fed_ahead=s.fed_ahead,
             restored=self._restored,

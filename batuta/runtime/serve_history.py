@@ -77,10 +77,10 @@ class Buckets:
 class _JobTotals:
     """What a job's compacted events add up to."""
 
-    __slots__ = ("cancelled", "failed", "meter", "retried", "started_at", "submitted", "succeeded")
+    __slots__ = ("cancelled", "failed", "meter", "requeued", "started_at", "submitted", "succeeded")
 
     def __init__(self) -> None:
-        self.submitted = self.succeeded = self.failed = self.cancelled = self.retried = 0
+        self.submitted = self.succeeded = self.failed = self.cancelled = self.requeued = 0
         self.started_at: float | None = None
         self.meter: dict[int, int] = {}
 
@@ -217,7 +217,7 @@ class ViewerHistory:
             if self.running.get(item[1]) is item:
                 self.running_compacted[item[1]] = item
         elif kind == w.REQUEUED:
-            self._job(item[7]).retried += 1
+            self._job(item[7]).requeued += 1
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -249,7 +249,7 @@ class ViewerHistory:
                     t.succeeded,
                     t.failed,
                     t.cancelled,
-                    t.retried,
+                    t.requeued,
                     t.started_at,
                     sorted(t.meter.items()),
                 ]

@@ -26,13 +26,14 @@ class PoolStats:
     in_flight: int
     steals: int
     steal_backs: int
-    retries: int
+    retries: int  # started attempts run again
     dropped_results: int
     restored: int = 0  # answered from the result store without running
     waiting: int = 0  # for upstream tasks or kept values (see core/deps.py)
     relayed_bytes: int = 0  # kept values moved to another host through the coordinator
     fetched_bytes: int = 0  # kept values fetched with pool.get
     fed_ahead: int = 0  # tasks sent behind the tasks making their kept inputs (core/feedahead.py)
+    requeues: int = 0  # every return to the queue: the retries, and tasks whose host went before they started
     cancelled: int = 0  # by fut.cancel(), a job's cancel, a failed map (fail fast) or the pool's close
 
 
