@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from batuta.tui.attach import apply_items, restore
 from batuta.tui.histogram import bucket_of as dashboard_bucket_of
@@ -802,12 +803,14 @@ def test_tui_serve_starts_a_served_coordinator_for_its_job(runtime_dir: Path, tm
 
     job = tmp_path / "forever.py"
     job.write_text(JOB)
-    args = build_parser().parse_args(["tui", "--serve", "-j", str(job), "--workers", "1", "--name", "viatui"])
+    argv = ["tui", "--serve", "-j", str(job), "--workers", "1", "--name", "viatui", "--backend", "scalar"]
+    args = build_parser().parse_args(argv)
     assert _serve_for_tui(args) == "viatui"  # then the dashboard attaches to it (needs a terminal)
     try:
         info = asyncio.run(ask_info(parse_target("viatui")))
         assert info["job"] == str(job)
-        os.kill(info["pid"], 0)  # the served coordinator runs apart from this process
+        command = psutil.Process(info["pid"]).cmdline()  # the served coordinator runs apart from this process
+        assert command[command.index("--backend") + 1] == "scalar"  # the job's backend, as `run` gives it
     finally:
         assert cli_main(["stop", "viatui"]) == 0
 
@@ -819,6 +822,8 @@ def test_tui_serve_starts_a_served_coordinator_for_its_job(runtime_dir: Path, tm
         (["tui", "--attach", "nobody-here"], "no coordinator at"),  # it opened a dashboard to say so
         (["stop", "me@gpu1:"], "write user@host:NAME"),
         (["stop", "tls://127.0.0.1:9"], "tls://127.0.0.1:9 needs --certs DIR"),  # said "--attach ... needs"
+        (["tui", "--attach", "tls://127.0.0.1:9"], "tls://127.0.0.1:9 needs --certs DIR"),  # "attaching..." for ever
+        (["tui", "--attach", "tls://127.0.0.1:9", "--certs", "/nonexistent"], "--certs /nonexistent: no such folder"),
         (["tui", "--attach", "x", "--cluster", "c.toml"], "--cluster only lends its [ssh] settings"),
         (["stop", "x", "--cluster", "c.toml"], "--cluster only lends its [ssh] settings to user@host:NAME, not "),
         (["tui", "--attach", "x", "-j", "demo"], "drop --workers/-j/--module"),

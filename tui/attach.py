@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from textual.binding import Binding, BindingType
 
-from batuta.errors import ServeError, ViewerProtocolError
+from batuta.errors import BatutaError, ViewerProtocolError
 from batuta.runtime import events as pe
 from batuta.runtime import serve_wire as w
 from batuta.runtime.serve_client import Connection, Target, connect
@@ -274,7 +274,7 @@ class AttachedApp(BatutaApp):
                     return
                 else:
                     raise ViewerProtocolError(f"unexpected message {tag!r} from the coordinator")
-        except (ServeError, OSError) as exc:
+        except (BatutaError, OSError) as exc:  # ServeError, and a certificate that cannot be used
             self._ended(str(exc), failed=True)
 
     def _ended(self, why: str, *, failed: bool = False) -> None:

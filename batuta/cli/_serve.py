@@ -442,6 +442,12 @@ def cmd_tui_attached(args: argparse.Namespace) -> int:
         if target.path is not None and not (target.path.exists() or target.path.is_symlink()):
             # said here, as `batuta stop` says it, not in a dashboard opened to say nothing else
             raise UsageError(f"no coordinator at {target.path}; 'batuta ps' lists the running ones")
+        if target.tls is not None and not args.certs:  # as `batuta stop` says it, before any dashboard
+            raise UsageError(
+                f"{target.label} needs --certs DIR (client.pem, client.key, ca.pem of 'batuta certs init')"
+            )
+        if target.tls is not None and not Path(args.certs).expanduser().is_dir():
+            raise UsageError(f"--certs {args.certs}: no such folder; give the one 'batuta certs init' made")
     # before --serve starts anything: refused afterwards, its coordinator would be left running
     if not has_terminal():
         raise UsageError("batuta tui needs a terminal on stdin and stdout; 'batuta ps' lists coordinators without one")
@@ -496,7 +502,7 @@ def _serve_for_tui(args: argparse.Namespace) -> str | int:
         cluster=args.cluster,
         workers=args.workers,
         seed=args.seed,
-        backend=None,  # the tui has no --backend: the job's own choice
+        backend=getattr(args, "backend", None),  # the served run sets it for its job, as `batuta run` does
         journal=None,
         metrics_port=args.metrics_port,
         metrics_bind=args.metrics_bind,
