@@ -50,7 +50,7 @@ def batuta(fake: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProces
     env = dict(os.environ)
     env["PATH"] = f"{fake}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    env["XDG_RUNTIME_DIR"] = str(tmp_path)
+    env["BATUTA_RUNTIME_DIR"] = str(tmp_path / "run")
     return subprocess.run(
         [sys.executable, "-m", "batuta", *args],
         env=env,

@@ -118,7 +118,7 @@ def test_a_reader_that_leaves_early_is_no_traceback(tmp_path: Path) -> None:
         done = subprocess.run(
             [sys.executable, "-m", "batuta", "ps"],
             cwd=tmp_path,
-            env={**_env(), "XDG_RUNTIME_DIR": str(tmp_path)},
+            env={**_env(), "BATUTA_RUNTIME_DIR": str(tmp_path / "run")},
             stdout=write_end,
             stderr=subprocess.PIPE,
             text=True,

@@ -49,9 +49,10 @@ T0 = 1000.0
 
 @pytest.fixture
 def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A private XDG_RUNTIME_DIR with a short path (Unix socket paths are limited to 108 bytes)."""
+    """A private runtime folder, `batuta` in a fresh one, with a short path (Unix socket paths
+    are limited to 108 bytes)."""
     folder = Path(tempfile.mkdtemp(prefix="bt"))
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(folder))
+    monkeypatch.setenv("BATUTA_RUNTIME_DIR", str(folder / "batuta"))
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -493,6 +494,24 @@ async def test_a_malformed_request_is_refused_and_the_coordinator_goes_on(runtim
 # -- the command line ---------------------------------------------------------------------------
 
 
+def test_the_runtime_folder_outlives_the_login_and_refuses_one_others_may_enter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not $XDG_RUNTIME_DIR: logind removes it at logout, and a served job went on unreachable."""
+    monkeypatch.delenv("BATUTA_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert serve_paths.runtime_dir(create=False) == Path(f"/tmp/batuta-{os.getuid()}")
+    opened = tmp_path / "open"
+    opened.mkdir(mode=0o755)
+    opened.chmod(0o755)
+    link = tmp_path / "link"
+    link.symlink_to(opened)
+    for folder, says in ((opened, "is not a folder that only you can enter"), (link, "is a symbolic link")):
+        monkeypatch.setenv("BATUTA_RUNTIME_DIR", str(folder))
+        with pytest.raises(UsageError, match=f"^{folder} {says}.*; remove it.* or set BATUTA_RUNTIME_DIR"):
+            serve_paths.runtime_dir()
+
+
 def test_ps_reports_and_removes_a_stale_socket(runtime_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = serve_paths.runtime_dir()
     crashed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -927,7 +946,9 @@ async def test_a_viewer_attaches_over_ssh_by_name_with_the_clusters_host_key_rul
 ) -> None:
     from batuta.transport.ssh import SSHSettings
 
-    hosts = ssh_hosts(1, env={"XDG_RUNTIME_DIR": str(runtime_dir)})  # the remote shell finds the same folder
+    hosts = ssh_hosts(
+        1, env={"BATUTA_RUNTIME_DIR": str(runtime_dir / "batuta")}
+    )  # the remote shell finds the same folder
     settings = SSHSettings(config_files=(hosts.ssh_config,), known_hosts=hosts.known_hosts)
     async with served_pool() as (pool, server):
         viewer = Viewer(await connect(parse_target(f"{hosts[0].name}:t"), ssh=settings))

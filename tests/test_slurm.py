@@ -234,7 +234,7 @@ def test_an_interrupt_while_the_job_waits_cancels_it_and_says_why_it_waited(
 )
 def test_batuta_alloc_mistakes_are_one_line_and_exit_2(extra: list[str], says: str, tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "batuta", "alloc", "slurm", "pi", "--nodes", "2", *extra]
-    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
+    env = {**os.environ, "BATUTA_RUNTIME_DIR": str(tmp_path / "run")}
     done = subprocess.run(argv, capture_output=True, text=True, timeout=WAIT_S, check=False, env=env)
     assert done.returncode == 2
     [line] = done.stderr.strip().splitlines()

@@ -30,7 +30,7 @@ SIZE = (160, 50)
 @pytest.fixture
 def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     folder = Path(tempfile.mkdtemp(prefix="bt"))  # short: Unix socket paths are limited to 108 bytes
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(folder))
+    monkeypatch.setenv("BATUTA_RUNTIME_DIR", str(folder / "batuta"))
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
 

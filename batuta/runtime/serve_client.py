@@ -300,10 +300,7 @@ async def _connect_ssh(target: Target, ssh: SSHSettings | None, timeout: float) 
 
 async def _remote_runtime_dir(conn: Any) -> str:
     """The SSH user's coordinator folder, by the rule of serve_paths.runtime_dir."""
-    script = (
-        'if [ -n "$XDG_RUNTIME_DIR" ] && [ -d "$XDG_RUNTIME_DIR" ]; '
-        'then echo "$XDG_RUNTIME_DIR/batuta"; else echo "/tmp/batuta-$(id -u)"; fi'
-    )
+    script = 'if [ -n "$BATUTA_RUNTIME_DIR" ]; then echo "$BATUTA_RUNTIME_DIR"; else echo "/tmp/batuta-$(id -u)"; fi'
     result = await conn.run(f"sh -c {shlex.quote(script)}", check=True)
     out = result.stdout
     folder = (out.decode(errors="replace") if isinstance(out, bytes) else str(out)).strip()

@@ -1,10 +1,14 @@
 """Where served coordinators listen: one Unix socket per coordinator, in a folder only its user can enter.
 
-The folder is `$XDG_RUNTIME_DIR/batuta` (a per-user tmpfs on systemd machines, cleared at
-logout and reboot) or, without one, `/tmp/batuta-UID`. It is created mode 0700 and refused
-when another user owns it or others may enter it: a socket there is reachable by its owner
-alone, on top of the socket's own mode 0600 and the coordinator's peer-credential check.
-A coordinator is named by its socket: NAME.sock.
+The folder is `/tmp/batuta-UID`, or `$BATUTA_RUNTIME_DIR` where set. Not `$XDG_RUNTIME_DIR`:
+systemd-logind removes that folder when the user's last session ends, which is the moment a
+served run exists for (started over SSH, then logged out): its socket and log went with it,
+and the job ran on where `batuta ps` and `batuta stop` could no longer find it. tmux keeps its
+sockets in /tmp for the same reason (and systemd-tmpfiles leaves a socket in use alone). The
+folder is created mode 0700 and refused when another user owns it, others may enter it, or it
+is a link: a socket there is reachable by its owner alone, on top of the socket's own mode
+0600 and the coordinator's peer-credential check. A coordinator is named by its socket:
+NAME.sock; its log is NAME.log beside it.
 """
 
 from __future__ import annotations
@@ -15,29 +19,31 @@ import socket
 import stat
 from pathlib import Path
 
-from batuta.errors import ServeError, UsageError
+from batuta.errors import UsageError
 
 SUFFIX = ".sock"
+RUNTIME_DIR_ENV = "BATUTA_RUNTIME_DIR"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def runtime_dir(*, create: bool = True) -> Path:
-    """This user's folder of coordinator sockets (created 0700 when `create`)."""
-    base = os.environ.get("XDG_RUNTIME_DIR", "")
-    folder = Path(base) / "batuta" if base and Path(base).is_dir() else Path(f"/tmp/batuta-{os.getuid()}")
+    """This user's folder of coordinator sockets and logs (created 0700 when `create`)."""
+    chosen = os.environ.get(RUNTIME_DIR_ENV, "")
+    folder = Path(chosen).expanduser() if chosen else Path(f"/tmp/batuta-{os.getuid()}")
+    fix = f"set {RUNTIME_DIR_ENV} to a folder of yours"
     if create:
         try:
             folder.mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
-            raise ServeError(
-                f"cannot create {folder}: {exc.strerror or exc}; set XDG_RUNTIME_DIR to a folder of yours"
-            ) from None
-    if folder.exists():
+            raise UsageError(f"cannot create {folder}: {exc.strerror or exc}; {fix}") from None
+    if folder.exists() or folder.is_symlink():
         info = folder.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            raise UsageError(f"{folder} is a symbolic link, not a folder of yours; remove it, or {fix}")
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-            raise ServeError(
+            raise UsageError(
                 f"{folder} is not a folder that only you can enter (owner uid {info.st_uid}, mode "
-                f"{stat.S_IMODE(info.st_mode):o}); remove it, or set XDG_RUNTIME_DIR to a folder of yours"
+                f"{stat.S_IMODE(info.st_mode):o}); remove it or 'chmod 700' it, or {fix}"
             )
     return folder
 
