@@ -650,6 +650,34 @@ def test_a_served_run_is_listed_by_ps_and_ended_cleanly(
             child.wait()
 
 
+def test_a_start_that_loses_its_picked_name_to_another_takes_the_next_and_wipes_no_log(
+    runtime_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two `batuta run dup.py --serve` at once: both saw `dup` free, the loser's child found it
+    taken, exited 2, and its log file, opened with O_TRUNC, wiped the winner's log."""
+    job = tmp_path / "forever.py"
+    job.write_text(JOB)
+    command = [sys.executable, "-m", "batuta", "run", str(job), "--serve", "--foreground", "--name", "forever"]
+    child = subprocess.Popen([*command, "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stderr is not None
+        assert "forever.py as forever on" in child.stderr.readline()
+        log = serve_paths.socket_path("forever").with_suffix(".log")
+        log.write_text("the running coordinator's log\n")
+        real_is_stale, looks = serve_paths.is_stale, iter([True, True])  # the first looks find `forever` free,
+        monkeypatch.setattr(
+            serve_paths, "is_stale", lambda path: next(looks, None) or real_is_stale(path)
+        )  # as in a race
+        assert cli_main(["run", str(job), "--serve", "--workers", "1"]) == 0  # no --name: one is picked
+        out = capsys.readouterr().out
+        assert "as forever-2 (pid" in out, out
+        assert log.read_text().startswith("the running coordinator's log\n")  # appended to, not wiped
+        assert cli_main(["stop", "forever-2"]) == 0
+    finally:
+        child.kill()
+        child.wait()
+
+
 VALUE_JOB = """\
 async def main(pool):
     print("the job's own output")

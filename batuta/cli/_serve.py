@@ -22,6 +22,7 @@ from batuta.cli._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_USAGE,
     PROG,
     seconds_or_zero,
 )
@@ -184,7 +185,8 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
                 "batuta alloc --serve cannot start its coordinator in the background yet; add --foreground "
                 "(under nohup or tmux to outlive this terminal)"
             )
-        return _spawn(args, name)
+        code, _ = _spawn_named(args, name, free_from=None if args.name is not None else job.name)
+        return code
     from batuta.cli._run import announce_metrics, finish_run, report_run, unreachable
     from batuta.jobs import HostsUnreachableError, serve_job
 
@@ -268,9 +270,36 @@ def _child_argv(args: argparse.Namespace, name: str) -> list[str]:
     return argv
 
 
-def _spawn(args: argparse.Namespace, name: str) -> int:
+def _last_error(log_path: Path, start: int) -> str:
+    """The last error line written to the log from `start` on (another start of the name may
+    write there too), else its last line: why a served coordinator exited at start."""
+    with open(log_path, "rb") as log:
+        log.seek(start)
+        lines = [line for line in log.read().decode(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(f"{PROG}: error: ")]
+    return (errors or lines or ["(no output)"])[-1]
+
+
+_NAME_TAKEN = -1  # _spawn: another start took the name between our look and the child's
+
+
+def _spawn_named(args: argparse.Namespace, name: str, *, free_from: str | None) -> tuple[int, str]:
+    """`_spawn` under `name`; where the name was picked for the user (`free_from`, the job's),
+    one that another start takes meanwhile gives way to the next free one (`kmeans-2`), as a
+    name taken before the look does. (exit code, the name it runs under)."""
+    for _ in range(8):  # bounded: each round, another start must have won a name
+        code = _spawn(args, name, race=free_from is not None)
+        if code != _NAME_TAKEN:
+            return code, name
+        assert free_from is not None
+        name = _free_name(free_from)
+    raise UsageError(f"other coordinators kept taking the name {name!r} as it was chosen; pass --name NAME")
+
+
+def _spawn(args: argparse.Namespace, name: str, *, race: bool = False) -> int:
     """Start the served coordinator in a new session; return once it answers on its socket.
-    UsageError when the name is taken; any other failure is said here, its exit code returned."""
+    UsageError when the name is taken; any other failure is said here, its exit code returned
+    (`race`: `_NAME_TAKEN` when the child found the name taken, said by the caller)."""
     import asyncio
     import subprocess
 
@@ -286,8 +315,14 @@ def _spawn(args: argparse.Namespace, name: str) -> int:
             f"a coordinator named {name!r} is already running ({path}); "
             f"pick another --name, or end it first with '{PROG} stop {name}'"
         )
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as log_file:
+    # Appended to, not truncated: a start that loses the name to another one at this moment
+    # must not wipe the winner's log (nor a crashed run's, rerun under its name); each run's
+    # lines follow a line of their own, so that `tail` shows the latest.
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    ours_from = os.fstat(fd).st_size
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    os.write(fd, f"--- {PROG} run {args.job} --serve as {name}, started {started} ---\n".encode())
+    with os.fdopen(fd, "ab") as log_file:
         child = subprocess.Popen(
             _child_argv(args, name),
             stdin=subprocess.DEVNULL,
@@ -299,8 +334,9 @@ def _spawn(args: argparse.Namespace, name: str) -> int:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if child.poll() is not None:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-            said = tail[0].removeprefix(f"{PROG}: error: ")  # its own one-line error, said once
+            said = _last_error(log_path, ours_from).removeprefix(f"{PROG}: error: ")  # said once
+            if race and child.returncode == EXIT_USAGE and f"named {name!r} is already running" in said:
+                return _NAME_TAKEN
             print(
                 f"{PROG}: error: the served coordinator exited at start ({child.returncode}): {said}",
                 file=sys.stderr,
@@ -520,5 +556,5 @@ def _serve_for_tui(args: argparse.Namespace) -> str | int:
         log_level=args.log_level,
         serve_linger=DEFAULT_LINGER_S,
     )
-    code = _spawn(run_args, name)
+    code, name = _spawn_named(run_args, name, free_from=None if args.name is not None else job.name)
     return name if code == EXIT_OK else code
