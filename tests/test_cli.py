@@ -335,7 +335,8 @@ def test_cluster_status_says_that_a_host_installs_batuta(
     assert "batuta: host node1: installing batuta there" in capsys.readouterr().err.splitlines()
 
 
-def test_sigterm_before_the_run_has_its_own_handling_is_an_interrupt(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_sigterm_before_the_run_has_its_own_handling_is_an_interrupt(tmp_path: Path, sig: signal.Signals) -> None:
     """SIGTERM while the job file loads (before the pool and its signal handling exist) killed
     the command: exit 143 and nothing said, where the README promises 130."""
     fifo = tmp_path / "loading"
@@ -348,7 +349,7 @@ def test_sigterm_before_the_run_has_its_own_handling_is_an_interrupt(tmp_path: P
     try:
         with open(fifo) as loading:  # opens once the job file's top level runs
             assert loading.read() == "x"
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=ERROR_TIMEOUT_S)
     finally:
         if proc.poll() is None:
@@ -992,8 +993,9 @@ def wait_for_line(process: subprocess.Popen[str], needle: str, timeout: float) -
         (True, True, signal.SIGINT),
         (False, False, signal.SIGINT),
         (False, False, signal.SIGTERM),
+        (True, False, signal.SIGHUP),  # its terminal closed: it died at once, pool unclosed, nothing said
     ],
-    ids=["no-journal", "journal", "coordinator-only", "sigterm"],
+    ids=["no-journal", "journal", "coordinator-only", "sigterm", "sighup"],
 )
 def test_ctrl_c_prints_what_finished_and_how_to_resume_then_exits_130(
     tmp_path: Path, with_journal: bool, to_group: bool, sig: signal.Signals

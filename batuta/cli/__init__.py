@@ -30,12 +30,14 @@ from typing import NoReturn
 from batuta._version import __version__
 from batuta.cli._alloc import add_alloc_arguments, cmd_alloc, split_sbatch_options
 from batuta.cli._common import (
+    ENDING_SIGNALS,
     EXIT_BROKEN_PIPE,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     PROG,
+    hung_up,
     print_error,
 )
 from batuta.cli._hosts import (
@@ -103,20 +105,25 @@ def _main(args: list[str]) -> int:
 
 @contextlib.contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM is Ctrl-C from the start (each command's own handling takes over once it has
-    its pool or loop): one in the first second killed the command, 143 and nothing said."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+    """SIGTERM and SIGHUP are Ctrl-C from the start (each command's own handling takes over
+    once it has its pool or loop): one in the first second killed the command, 143 and
+    nothing said. Left alone where the caller set its own (`nohup` ignores SIGHUP)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def interrupt(_signum: int, _frame: object) -> None:
+    def interrupt(signum: int, _frame: object) -> None:
+        hung_up(signum)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+    ours = [signum for signum in ENDING_SIGNALS if signal.getsignal(signum) == signal.SIG_DFL]
+    for signum in ours:
+        signal.signal(signum, interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for signum in ours:
+            signal.signal(signum, signal.SIG_DFL)
 
 
 def _null_for_closed_std_fds() -> None:

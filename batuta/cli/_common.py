@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Iterator
@@ -60,23 +62,46 @@ def port(text: str) -> int:
     return value
 
 
+# Signals that end a command as Ctrl-C does: SIGTERM (`kill`, `timeout`, a batch system's
+# stop) and SIGHUP (its terminal closed, its SSH session dropped), whose default action killed
+# it at once, its pool never closed: hosts not released, an allocation left queued or running.
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def hung_up(signum: int) -> None:
+    """After SIGHUP the terminal is gone: what the command still says (the summary, how to
+    resume) goes to /dev/null rather than fail on it, half-way through closing the pool. A
+    stdout or stderr sent to a file or pipe is kept."""
+    if signum != signal.SIGHUP:
+        return
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            # a terminal once hung up is no tty to isatty (its ioctls fail): a character device
+            if os.isatty(fd) or stat.S_ISCHR(os.fstat(fd).st_mode):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, fd)
+                os.close(devnull)
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (`kill`, `timeout`) ends the command as Ctrl-C does: the pool it started closes
-    and stops its agents, where the default action left a local agent running, orphaned.
-    For commands with no event loop of their own to install it on (`batuta run` has one)."""
+    """SIGTERM and SIGHUP (`ENDING_SIGNALS`) end the command as Ctrl-C does: the pool it
+    started closes and stops its agents, where the default action left a local agent running,
+    orphaned. For commands with no event loop of their own to install it on (`batuta run` has one)."""
     if threading.current_thread() is not threading.main_thread():
         yield  # only the main thread may set signal handlers (a test calling main() from a thread)
         return
 
     def interrupt(signum: int, frame: object) -> None:
+        hung_up(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {signum: signal.signal(signum, interrupt) for signum in ENDING_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def has_terminal() -> bool:

@@ -18,12 +18,14 @@ if TYPE_CHECKING:
     from batuta.runtime.cluster import ClusterConfig
 
 from batuta.cli._common import (
+    ENDING_SIGNALS,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_UNREACHABLE,
     PROG,
     has_terminal,
+    hung_up,
     load_cluster,
     port,
     print_error,
@@ -323,22 +325,28 @@ T = TypeVar("T")
 
 
 async def _sigterm_as_interrupt(run: Coroutine[Any, Any, T]) -> T:
-    """`run`, which SIGTERM (`kill`, a batch system ending the job) interrupts as Ctrl-C does:
-    the pool closes, so its hosts are released and an allocation cancelled, and the summary
-    says what finished. Without this the process died at once and left them all behind."""
+    """`run`, which SIGTERM (`kill`, a batch system ending the job) and SIGHUP (its terminal
+    closed) interrupt as Ctrl-C does: the pool closes, so its hosts are released and an
+    allocation cancelled, and the summary says what finished. Without this the process died
+    at once and left them all behind."""
     import asyncio
 
     task = asyncio.current_task()
     termed: list[bool] = []
 
-    def on_sigterm() -> None:
+    def on_signal(signum: int) -> None:
+        hung_up(signum)
         termed.append(True)
         if task is not None:
             task.cancel()
 
     if task is not None:
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
+        loop = asyncio.get_running_loop()
+        for signum in ENDING_SIGNALS:
+            if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # under nohup: hanging up is not a reason to stop
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                loop.add_signal_handler(signum, on_signal, signum)
     try:
         return await run
     except asyncio.CancelledError:

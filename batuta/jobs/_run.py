@@ -411,7 +411,7 @@ def _signals_end_the_wait() -> Iterator[threading.Event]:
             waiting.clear()
             raise _LingerEnded
 
-    previous = {signum: signal.signal(signum, end) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.signal(signum, end) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield waiting
     except (_LingerEnded, KeyboardInterrupt):
