@@ -281,6 +281,29 @@ async def test_a_failed_write_is_said_once_and_closing_names_the_fix(
     await reopened.close()
 
 
+async def test_a_resume_naming_the_job_file_another_way_takes_the_journals_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`batuta run ./job.py --resume` of a run of `job.py`: its tasks are keyed by the job's
+    name as typed, so every one ran again, and nothing said so."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "job.py").write_text("")
+    (tmp_path / "other.py").write_text("")
+    first = await Journal.open(tmp_path / "J", job="job.py", resume=False)
+    await first.bind("")
+    await first.close()
+    for spelling in ("./job.py", str(tmp_path / "job.py")):
+        again = await Journal.open(tmp_path / "J", job=spelling, resume=True)
+        assert again.job == "job.py", spelling
+        await again.close()
+    with caplog.at_level(logging.WARNING, logger="batuta.observers.journal"):
+        other = await Journal.open(tmp_path / "J", job="other.py", resume=True)
+    assert other.job == "other.py"
+    await other.close()
+    [said] = [r.getMessage() for r in caplog.records]
+    assert said.startswith(f"journal {tmp_path / 'J'} was written by job job.py, not other.py: only its tasks")
+
+
 async def test_a_folder_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
     """An existing read-only folder gave a 25-line traceback; a missing one, one line."""
     with pytest.raises(JournalError, match=r"^cannot use '/sys/kernel' as a journal folder: Permission denied$"):

@@ -203,7 +203,9 @@ async def run_job(
             try:
                 with (
                     _stdout_to(job_stdout),
-                    pool.job(job.name),  # tasks carry the job's name to every observer
+                    # tasks carry the job's name to every observer; resumed, the journal's spelling
+                    # of it (`./job.py` for `job.py`): their places are keyed by it
+                    pool.job(run_journal.job if run_journal is not None else job.name),
                     log_context(job=job.name),
                     use_checkpoints(run_journal.checkpoints if run_journal is not None else None),
                 ):

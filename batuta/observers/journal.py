@@ -28,7 +28,8 @@ fewer tasks than the run it resumes, so its places shift: its non-pure tasks run
 (its pure ones, such as the shipped workloads' kernels, are still restored).
 
 In both forms `<job>` is the job's name as given to `batuta run` (for a job file, the path
-as typed: resume with the same spelling), and `<hash>` is the first 128 bits (hex) of a
+as typed; a resume that names the same file another way takes the journal's spelling,
+`_journaled_name`), and `<hash>` is the first 128 bits (hex) of a
 SHA-256 over a canonical, type-tagged encoding of what the task computes: the kernel name
 and its arguments (NumPy arrays by dtype, shape and bytes; floats by their IEEE bits; ints,
 str, bytes, None, bools, lists, tuples and dicts by value and type), or a binary's path,
@@ -357,6 +358,8 @@ class Journal:
         """Open (or create) the journal in `directory`; without `resume`, start it over."""
         folder = Path(directory)
         entries, places, file, lock = await asyncio.to_thread(_open_sync, folder, resume)
+        if resume:
+            job = _journaled_name(folder, job)
         journal = cls(folder, job, entries, file, places, lock)
         if not resume:
             await asyncio.to_thread(_discard_checkpoints, journal.checkpoints)
@@ -584,6 +587,37 @@ def _rewrite_without(path: Path, skipped: list[tuple[int, int]], good: int) -> N
 
 def _reason(exc: BaseException) -> str:
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+def _journaled_name(folder: Path, job: str) -> str:
+    """The job name a resumed run keys its tasks by: the journal's own where it names the same
+    job file another way (`./job.py`, an absolute path, for `job.py`), since a task's key holds
+    the job's name as typed and every task of the run then ran again, silently. A journal of
+    another job is said once: only its tasks known by content (pure kernels, `Task.key`) are
+    restored."""
+    try:
+        before = json.loads((folder / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return job  # a new journal, or one an older batuta wrote: nothing to compare
+    journaled = before.get("job") if isinstance(before, dict) else None
+    if not isinstance(journaled, str) or journaled == job:
+        return job
+    same = os.path.normpath(journaled) == os.path.normpath(job)
+    if not same:
+        with contextlib.suppress(OSError):
+            same = os.path.samefile(journaled, job)
+    if same:
+        log.info("journal %s: resuming job %s as %s, the name its results were journaled under", folder, job, journaled)
+        return journaled
+    log.warning(
+        "journal %s was written by job %s, not %s: only its tasks known by content (pure kernels, Task.key) "
+        "are restored; resume with 'batuta run %s ...' to restore the rest",
+        folder,
+        journaled,
+        job,
+        journaled,
+    )
+    return job
 
 
 def _discard_checkpoints(manager: CheckpointManager, *, say: bool = True) -> None:
