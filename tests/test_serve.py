@@ -458,8 +458,10 @@ async def test_controls_from_a_viewer_pause_resume_drain_and_answer_bad_requests
         reader = asyncio.create_task(read())
         await connection.control("pause")
         await until(lambda: pool.paused, "the pool to pause")
+        assert server.info()["paused"] is True  # `batuta ps` says so (it said "running")
         await connection.control("resume")
         await until(lambda: not pool.paused, "the pool to resume")
+        assert server.info()["paused"] is False
         await connection.control("drain_host", "no-such-host")
         await connection.control("cancel_job", "spin")
         await connection.control("drain_host", "local")

@@ -412,8 +412,9 @@ def cmd_ps(args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(started)) if isinstance(started, int | float) else "-"
         progress = f"{row.get('finished', 0):,}/{row.get('submitted', 0):,}" if "submitted" in row else "-"
         hosts = f"{row.get('hosts_up', 0)}/{row.get('hosts', 0)}" if "hosts" in row else "-"
+        state = "paused" if row.get("paused") and row["state"] == "running" else row["state"]
         print(
-            f"{row['name']:<20} {row.get('job', '-')!s:<14} {row['state']:<11} {hosts:>5} {progress:>17} "
+            f"{row['name']:<20} {row.get('job', '-')!s:<14} {state:<11} {hosts:>5} {progress:>17} "
             f"{when:<16} {row['socket']}"
         )
         if row.get("summary"):

@@ -273,6 +273,7 @@ class CoordinatorServer:
             "pid": os.getpid(),
             "started": self.started_wall,
             "state": self.state,
+            "paused": self.pool.paused,  # a dashboard's `p`: nothing new starts until one resumes it
             "summary": self.summary,
             "hosts": len(history.host_up),
             "hosts_up": len(history.hosts_up()),
