@@ -1076,6 +1076,11 @@ def test_the_resume_hint_names_the_modules_the_run_shipped() -> None:
     assert _interrupted_note(summary, tuned).endswith(
         "'batuta run kmeans --workers 2 --backend gpu --journal j --resume' runs only what is not done"
     )
+    # a served run: its note is in its log, and the command it gives runs it served again
+    served = argparse.Namespace(job="job.py", cluster=None, module=None, journal="j", serve=True, name="long")
+    assert _interrupted_note(summary, served).endswith(
+        "'batuta run job.py --serve --name long --journal j --resume' runs only what is not done"
+    )
     # batuta alloc: 'batuta run job.py ...' would run here, on no allocation
     alloc = argparse.Namespace(job="job.py", cluster=None, module=None, journal=None, kind="slurm")
     assert _interrupted_note(summary, alloc).endswith(

@@ -368,6 +368,8 @@ def _interrupted_note(summary: RunSummary, args: argparse.Namespace) -> str:
             return note + "the same 'batuta alloc' command with --resume (before any '--') runs only what is not done"
         return note + "with --journal DIR (before any '--') the same 'batuta alloc' command can be resumed (--resume)"
     again = f"{PROG} run {args.job}" + (f" --cluster {args.cluster}" if args.cluster else "")
+    if getattr(args, "serve", False):  # a served run's note is in its log: resumed as it was started
+        again += " --serve" + (f" --name {args.name}" if getattr(args, "name", None) else "")
     again += "".join(f" --module {module}" for module in args.module or ())  # its kernels, shipped again
     # the backend is in the tasks' keys (run again without it, nothing is restored); the rest as given
     for option in ("workers", "backend", "seed"):

@@ -275,7 +275,8 @@ class CoordinatorServer:
             "state": self.state,
             "paused": self.pool.paused,  # a dashboard's `p`: nothing new starts until one resumes it
             "summary": self.summary,
-            "hosts": len(history.host_up),
+            # every host the pool has, those that never came up too (an unreachable one hid in 2/2)
+            "hosts": max(len(history.host_up), len(self.pool.hosts())),
             "hosts_up": len(history.hosts_up()),
             "submitted": history.submitted,
             "finished": history.finished,
