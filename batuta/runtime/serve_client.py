@@ -115,11 +115,13 @@ class Connection:
         on_close: Callable[[], None] | None = None,
         *,
         peer_pid: int | None = None,
+        tls: bool = False,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.label = label
         self.peer_pid = peer_pid
+        self.tls = tls
         self._frames = w.FrameReader(w.COORDINATOR_FRAME_LIMIT)
         self._on_close = on_close
         self._ids = itertools.count(1)
@@ -144,17 +146,35 @@ class Connection:
                 return message
             try:
                 data = await self.reader.read(READ_CHUNK)
-            except (ConnectionError, OSError):
+            except (ConnectionError, OSError) as exc:
+                if self.tls and self._opening is not None:  # before its first message: the handshake's end
+                    raise ServeError(self._refused(exc)) from None
                 return None
             if not data:
+                if self.tls and self._opening is not None and not self._opening:  # closed before a byte
+                    raise ServeError(self._refused(ConnectionResetError("closed before its first message")))
                 return None
             if self._opening is not None and len(self._opening) < OPENING_KEPT:
                 self._opening += data[: OPENING_KEPT - len(self._opening)]
             self._frames.feed(data)
 
     async def send(self, message: list[Any]) -> None:
-        self.writer.write(w.frame(message))
-        await self.writer.drain()
+        try:
+            self.writer.write(w.frame(message))
+            await self.writer.drain()
+        except (ConnectionError, OSError) as exc:  # it was a traceback (ConnectionResetError)
+            raise ServeError(self._refused(exc) if self.tls else f"{self.label} closed the connection: {exc}") from None
+
+    def _refused(self, exc: BaseException) -> str:
+        """Why a TLS coordinator ended the connection before its first message: under TLS 1.3
+        the client's certificate is judged after the client's handshake is done, so a refusal
+        (another CA's certificate) arrives as the first read or write failing."""
+        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        return (
+            f"{self.label} ended the connection as it opened ({reason}): most likely it refused this client's "
+            "certificate; check that --certs DIR holds a client certificate of the CA the coordinator serves "
+            "with (its --serve-certs folder's ca.pem)"
+        )
 
     async def control(self, action: str, argument: str = "") -> int:
         """Send a control request; the reply comes later among the other messages. Returns its id."""
@@ -264,7 +284,7 @@ async def _connect_tls(target: Target, certs: Path | None, timeout: float) -> Co
         ) from None
     except OSError as exc:
         raise ServeError(f"cannot connect to {target.label}: {exc.strerror or exc}") from None
-    return Connection(reader, writer, target.label)
+    return Connection(reader, writer, target.label, tls=True)
 
 
 async def _connect_ssh(target: Target, ssh: SSHSettings | None, timeout: float) -> Connection:
