@@ -239,6 +239,25 @@ def test_certs_init_tells_the_worker_to_bind_the_first_host(
     assert f"batuta worker --bind {bind} --cert " in capsys.readouterr().out
 
 
+def test_certs_init_takes_a_bracketed_address_and_refuses_an_impossible_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--host 10.0.0.300` became the DNS name "10.0.0.300", a mismatch found only at the first
+    handshake; `--host [::1]`, as an address is written with a port, was refused."""
+    from cryptography import x509
+
+    from batuta.cli import main
+
+    assert main(["certs", "init", str(tmp_path / "a"), "--host", "10.0.0.300"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "batuta: error: certs init: --host '10.0.0.300' is not an IP address (each of its four numbers is 0-255)"
+    )
+    assert main(["certs", "init", str(tmp_path / "b"), "--host", "[::1]"]) == 0
+    server = x509.load_pem_x509_certificate((tmp_path / "b" / "server.pem").read_bytes())
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["::1"]
+
+
 def test_certs_init_refuses_leaves_that_outlive_their_ca(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from cryptography import x509
 
@@ -267,6 +286,16 @@ def test_a_listener_refuses_a_client_certificate_or_a_leaf_as_its_ca(pki: Pki) -
     with pytest.raises(TLSConfigError, match=r"^worker: CA certificate .*server\.pem holds a certificate that"):
         server_context(cert=pki.server_cert, key=pki.server_key, ca=pki.server_cert)
     server_context(cert=pki.server_cert, key=pki.server_key, ca=pki.ca)
+
+
+def test_a_coordinator_refuses_a_server_certificate_or_a_leaf_as_its_ca(pki: Pki) -> None:
+    """[tls] cert = server.pem, or ca = client.pem: every worker's handshake failed (exit 3)
+    with OpenSSL's words, "sslv3 alert unsupported certificate", "self-signed certificate"."""
+    with pytest.raises(TLSConfigError, match=r"^tls: certificate .*server\.pem is not a client's: its "):
+        client_context(TLSSettings(ca=pki.ca, cert=pki.server_cert, key=pki.server_key))
+    with pytest.raises(TLSConfigError, match=r"^tls: CA certificate .*client\.pem holds a certificate that is not"):
+        client_context(TLSSettings(ca=pki.client_cert, cert=pki.client_cert, key=pki.client_key))
+    client_context(TLSSettings(ca=pki.ca, cert=pki.client_cert, key=pki.client_key))
 
 
 async def test_stop_at_a_workers_address_says_it_is_a_worker(

@@ -254,7 +254,8 @@ def init_certs(
     1 to `CA_DAYS`.
     """
     folder = Path(directory).expanduser()
-    names = [h.strip() for h in hosts if h.strip()]
+    # `[::1]`, as an address is written with a port, is the address ::1
+    names = [_unbracketed(h.strip()) for h in hosts if h.strip()]
     if not names:
         raise UsageError("certs init: give at least one --host (a name or address the coordinator dials)")
     for name in names:
@@ -302,6 +303,10 @@ def init_certs(
     return paths
 
 
+def _unbracketed(name: str) -> str:
+    return name[1:-1] if name.startswith("[") and name.endswith("]") else name
+
+
 def _check_host(name: str) -> None:
     try:
         ipaddress.ip_address(name)
@@ -309,6 +314,8 @@ def _check_host(name: str) -> None:
     except ValueError:
         pass
     labels = name.rstrip(".").split(".")
+    if all(label.isdigit() for label in labels):  # 10.0.0.300 would be taken as a DNS name, and never match
+        raise UsageError(f"certs init: --host {name!r} is not an IP address (each of its four numbers is 0-255)")
     ok = all(
         0 < len(label) <= 63 and label.replace("-", "").replace("_", "").isalnum() and label.isascii()
         for label in labels
@@ -336,20 +343,31 @@ def server_use_problem(path: str | Path) -> str | None:
     """Why the PEM certificate at `path` cannot be a listener's (a worker's, a served
     coordinator's): a CA, or an extended key usage without serverAuth (a client.pem). None
     when it can, or when the file does not parse (loading it says why)."""
+    return _use_problem(path, ExtendedKeyUsageOID.SERVER_AUTH, "a server's", "serverAuth")
+
+
+def client_use_problem(path: str | Path) -> str | None:
+    """Why the PEM certificate at `path` cannot be a coordinator's ([tls] cert): a CA, or an
+    extended key usage without clientAuth (a server.pem), which every worker would refuse at
+    its handshake with OpenSSL's words only."""
+    return _use_problem(path, ExtendedKeyUsageOID.CLIENT_AUTH, "a client's", "clientAuth")
+
+
+def _use_problem(path: str | Path, usage: x509.ObjectIdentifier, whose: str, usage_name: str) -> str | None:
     try:
         cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
     except (OSError, ValueError):
         return None
     if _is_ca(cert):
-        return "is a CA certificate, not a server's"
+        return f"is a CA certificate, not {whose}"
     try:
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
         return None  # no extended key usage: any use
-    if ExtendedKeyUsageOID.SERVER_AUTH in eku or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in eku:
+    if usage in eku or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in eku:
         return None
     usages = ", ".join(_USAGE_NAMES.get(u, u.dotted_string) for u in eku)
-    return f"is not a server's: its extended key usage allows {usages}, not serverAuth"
+    return f"is not {whose}: its extended key usage allows {usages}, not {usage_name}"
 
 
 def ca_problem(path: str | Path) -> str | None:

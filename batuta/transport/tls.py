@@ -166,6 +166,22 @@ def client_context(settings: TLSSettings) -> ssl.SSLContext:
     context = _base_context(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = True
     _load_chain(context, settings.cert, settings.key, settings.ca, "tls")
+    from batuta.transport.certs import ca_problem, client_use_problem
+
+    # As a listener's are (server_context): a server.pem as [tls] cert, or a leaf as [tls] ca,
+    # loads, and every handshake then fails with words about the other side.
+    problem = client_use_problem(settings.cert)
+    if problem is not None:
+        raise TLSConfigError(
+            f"tls: certificate {settings.cert} {problem}; give the client.pem (and client.key) of a "
+            "`batuta certs init DIR` folder as [tls] cert and key"
+        )
+    problem = ca_problem(settings.ca)
+    if problem is not None:
+        raise TLSConfigError(
+            f"tls: CA certificate {settings.ca} {problem}; give the ca.pem of the `batuta certs init DIR` "
+            f"folder that issued {Path(settings.cert).name} as [tls] ca"
+        )
     return context
 
 
