@@ -28,7 +28,7 @@ import numpy as np
 import psutil
 import pytest
 
-from batuta.agent.daemon import WorkerDaemon, WorkerOptions, check_key_file
+from batuta.agent.daemon import WorkerDaemon, WorkerOptions
 from batuta.core.task import KernelCall, Task, TaskStatus
 from batuta.errors import ConfigError, TransportError
 from batuta.protocol.codec import encode_message
@@ -37,7 +37,17 @@ from batuta.protocol.messages import PROTOCOL_VERSION, Error, Hello, Run, Starte
 from batuta.runtime.cluster import build_pool, parse_cluster
 from batuta.runtime.code import CodeCollector, CodeSpec
 from batuta.runtime.remote import RemoteExecutor
-from batuta.transport.certs import CLIENT, SERVER, Issued, init_certs, issue, new_ca, write_private, write_public
+from batuta.transport.certs import (
+    CLIENT,
+    SERVER,
+    Issued,
+    check_key_file,
+    init_certs,
+    issue,
+    new_ca,
+    write_private,
+    write_public,
+)
 from batuta.transport.tls import (
     TLSBusyError,
     TLSConfigError,
@@ -668,6 +678,20 @@ def test_worker_binds_loopback_by_default_and_checks_its_arguments(pki: Pki, tmp
     os.chmod(loose, 0o644)
     assert "chmod 600" in (check_key_file(loose) or "")
     assert check_key_file(pki.server_key) is None
+
+
+def test_a_coordinators_key_others_may_read_is_warned_about_once(
+    pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`batuta worker --key` warned; [tls] key and --serve-certs's server.key were used silently."""
+    loose = tmp_path / "client.key"
+    loose.write_bytes(pki.client_key.read_bytes())
+    os.chmod(loose, 0o644)
+    with caplog.at_level(logging.WARNING, logger="batuta.transport.tls"):
+        for _ in range(3):  # a context per connection: said once
+            client_context(TLSSettings(ca=pki.ca, cert=pki.client_cert, key=loose))
+    [said] = [r.getMessage() for r in caplog.records]
+    assert said == f"tls: key file {loose} is accessible by others (mode 0644); run `chmod 600 {loose}`"
 
 
 @pytest.mark.parametrize(

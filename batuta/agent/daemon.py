@@ -54,7 +54,6 @@ import os
 import signal
 import socket
 import ssl
-import stat
 import struct
 import sys
 import time
@@ -534,17 +533,6 @@ def _subject(cert: dict[str, object]) -> str:
 
 
 # -- running it as a program --------------------------------------------------------------
-
-
-def check_key_file(path: Path) -> str | None:
-    """A warning if the key file can be read by group or others (as ssh warns), else None."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        return f"key file {path} is accessible by others (mode {stat.S_IMODE(mode):04o}); run `chmod 600 {path}`"
-    return None
 
 
 async def run_worker(options: WorkerOptions, *, ready: asyncio.Future[tuple[str, int]] | None = None) -> int:

@@ -118,10 +118,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import asyncio
     from pathlib import Path
 
-    from batuta.agent.daemon import WorkerOptions, check_key_file, run_worker
+    from batuta.agent.daemon import WorkerOptions, run_worker
     from batuta.agent.main import check_host
     from batuta.agent.options import parse_args as parse_agent_args
     from batuta.observers.logs import configure
+    from batuta.transport.certs import check_key_file
     from batuta.transport.tls import TLSConfigError, split_address
 
     try:

@@ -22,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import ipaddress
+import logging
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,3 +414,26 @@ def describe(path: str | Path) -> str:
     subject = common_name.decode() if isinstance(common_name, bytes) else common_name
     shown = f" for {', '.join(names)}" if names else ""
     return f"{Path(path).name}: {subject} ({usages}){shown}, valid until {cert.not_valid_after_utc:%Y-%m-%d}"
+
+
+def check_key_file(path: str | Path) -> str | None:
+    """A warning if the private key file can be read by group or others (as ssh warns), else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return f"key file {path} is accessible by others (mode {stat.S_IMODE(mode):04o}); run `chmod 600 {path}`"
+    return None
+
+
+_warned_keys: set[str] = set()
+
+
+def warn_loose_key(path: str | Path, log: logging.Logger, who: str) -> None:
+    """Log `check_key_file`'s warning once per file and process (a key is loaded again at
+    every connection: each relaunch of a host, each viewer)."""
+    warning = check_key_file(path)
+    if warning is not None and str(path) not in _warned_keys:
+        _warned_keys.add(str(path))
+        log.warning("%s: %s", who, warning)

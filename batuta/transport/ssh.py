@@ -373,6 +373,9 @@ def _resolve(target: SSHTarget, settings: SSHSettings, unlocked: asyncssh.SSHKey
         kwargs["client_keys"] = [unlocked]
     elif target.identity_file is not None:
         kwargs["client_keys"] = [str(target.identity_file)]
+        from batuta.transport.certs import warn_loose_key
+
+        warn_loose_key(target.identity_file, log, f"host {target.label}: identity_file")  # `ssh -i` refuses it
         encrypted = encrypted_identity(target.identity_file)
         if encrypted is not None:
             # Skip the file rather than fail on it; the agent's copy of the key signs instead

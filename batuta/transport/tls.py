@@ -123,7 +123,9 @@ def _load_chain(context: ssl.SSLContext, cert: Path, key: Path, ca: Path, who: s
             )
         if not Path(path).is_file():
             raise TLSConfigError(f"{who}: {label} {path}: no such file; create one with `batuta certs init DIR`")
-    from batuta.transport.certs import validity_problem  # cryptography: imported where it is needed
+    from batuta.transport.certs import validity_problem, warn_loose_key  # cryptography: imported where needed
+
+    warn_loose_key(key, log, who)  # said where it is loaded, as `batuta worker --key` says it
 
     for label, path in (("certificate", cert), ("CA certificate", ca)):
         # Said here, where the fix is: the peer would only say "certificate expired" at each handshake.
