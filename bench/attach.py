@@ -45,7 +45,7 @@ from batuta import Pool, Task
 from batuta.runtime.events import EventBus, Subscriber, TaskFinished
 from batuta.runtime.serve import CoordinatorServer
 from batuta.runtime.serve_client import Target
-from batuta.runtime.views import SlotView
+from batuta.runtime.views import HostView, SlotView
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -80,11 +80,14 @@ class ReplayPool:
     def resume(self) -> None:
         self.paused = False
 
-    def drain(self, host: str) -> None:
+    def drain(self, host: str, *, undo: bool = False) -> None:
         raise ValueError("a replay has no hosts to drain")
 
     def slots(self) -> list[SlotView]:
         return self.cluster.slot_views(asyncio.get_running_loop().time())
+
+    def hosts(self) -> list[HostView]:
+        return []  # the replay's hosts are known from its events alone
 
 
 async def coordinator_main(path: Path, history_tasks: int) -> None:

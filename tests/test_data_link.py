@@ -238,6 +238,26 @@ async def test_a_cut_while_a_result_comes_back_neither_hangs_nor_drops_the_task(
         assert first._receiver.expected == 0 and session.receiving_bytes == 0  # nothing half-received is held
 
 
+async def test_a_flood_of_refused_diallers_is_a_few_log_lines_per_address(caplog: pytest.LogCaptureFixture) -> None:
+    """Every refused connection was a console warning: a port scan of the listener flooded the terminal."""
+    listener = bulk.DataListener("127.0.0.1", 0)
+    listener.start()
+    loop = asyncio.get_running_loop()
+    try:
+        with caplog.at_level(logging.WARNING, logger="batuta.transport.bulk"):
+            for _ in range(12):
+                with pytest.raises(DataLinkError, match="refused the token"):
+                    await loop.run_in_executor(
+                        None, bulk.dial, "127.0.0.1", listener.port, bulk.new_token(), listener.fingerprint,
+                        bulk.ROLE_AGENT_SENDS, 5.0,
+                    )  # fmt: skip
+            await _until(lambda: listener.refused == 12, "the listener refused them all")
+    finally:
+        await listener.close()
+    refused = [r for r in caplog.records if "refused 127.0.0.1:" in r.getMessage()]
+    assert len(refused) == bulk.REFUSALS_LOGGED < 12
+
+
 async def test_a_wrong_token_or_another_certificate_gets_nothing() -> None:
     listener = bulk.DataListener("127.0.0.1", 0)
     listener.start()

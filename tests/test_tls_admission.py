@@ -17,9 +17,10 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from batuta.agent.daemon import MAX_HANDSHAKING, RefusalLog, WorkerDaemon
+from batuta.agent.daemon import MAX_HANDSHAKING, WorkerDaemon
 from batuta.core.task import Task
 from batuta.runtime.cluster import parse_cluster
+from batuta.transport.refusals import RefusalLog
 from batuta.transport.tls import TLSBusyError, TLSFullError
 from tests.test_tls import WAIT_S, Pki, _cluster_text, executor_for, pki, worker_options
 

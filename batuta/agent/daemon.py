@@ -64,6 +64,7 @@ from batuta.protocol.codec import encode_message
 from batuta.protocol.messages import Error
 from batuta.transport.base import StreamClosedError, signal_process
 from batuta.transport.local import agent_command
+from batuta.transport.refusals import RefusalLog
 from batuta.transport.tls import (
     DEFAULT_PORT,
     WORKER_BUSY,
@@ -82,7 +83,6 @@ AGENT_EXIT_TIMEOUT = 5.0  # after EOF on its stdin, before SIGTERM
 # The longest a session takes to end once its coordinator has gone: the agent's exit with
 # its escalation, its last words, the TLS close (see `_end_session`), and a margin.
 SESSION_END_WAIT_S = AGENT_EXIT_TIMEOUT + 2.0 + 2.0 + 2.0 + 2.0 + 1.0
-OTHER_SOURCES = "other addresses"  # where RefusalLog counts sources past its limit
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
@@ -135,62 +135,6 @@ class _Session:
         self.started = time.monotonic()
         self.agent: asyncio.subprocess.Process | None = None
         self.ending = False  # the coordinator's side is over; only the agent's clean-up is left
-
-
-@dataclass(slots=True)
-class _RefusalWindow:
-    started: float
-    count: int = 0
-    timer: asyncio.TimerHandle | None = None
-
-
-class RefusalLog:
-    """WARNING lines for refused connections, rate-limited per source address.
-
-    The first `burst` refusals from an address within `interval` seconds are logged as they
-    happen; the rest are only counted, and when the interval ends one line sums them up
-    ("N more refused from ADDR in the last Ts"). A flood of connections then costs at most
-    `burst + 1` lines per address and interval instead of one per connection. At most
-    `max_sources` addresses are tracked at once; refusals from further ones share one entry.
-    """
-
-    def __init__(self, logger: logging.Logger, *, burst: int, interval: float, max_sources: int = 256) -> None:
-        self._log = logger
-        self._burst = burst
-        self._interval = interval
-        self._max_sources = max_sources
-        self._windows: dict[str, _RefusalWindow] = {}
-
-    def refused(self, source: str, message: str, *args: object) -> None:
-        """Log `message % args` unless `source` has used up its lines for this interval."""
-        if source not in self._windows and len(self._windows) >= self._max_sources:
-            source = OTHER_SOURCES
-        window = self._windows.get(source)
-        if window is None:
-            window = _RefusalWindow(started=time.monotonic())
-            with contextlib.suppress(RuntimeError):  # no running loop: summed up at close()
-                loop = asyncio.get_running_loop()
-                window.timer = loop.call_later(self._interval, self._end_window, source)
-            self._windows[source] = window
-        window.count += 1
-        if window.count <= self._burst:
-            self._log.warning(message, *args)
-
-    def _end_window(self, source: str) -> None:
-        window = self._windows.pop(source, None)
-        if window is None:
-            return
-        if window.timer is not None:
-            window.timer.cancel()
-        unlogged = window.count - self._burst
-        if unlogged > 0:
-            elapsed = max(1.0, time.monotonic() - window.started)
-            self._log.warning("%d more refused from %s in the last %.0fs", unlogged, source, elapsed)
-
-    def close(self) -> None:
-        """Sum up every open interval now (the daemon is stopping)."""
-        for source in list(self._windows):
-            self._end_window(source)
 
 
 class WorkerDaemon:

@@ -40,7 +40,7 @@ from batuta.runtime import events as pe
 from batuta.runtime import serve_paths
 from batuta.runtime import serve_wire as w
 from batuta.runtime.serve_history import ViewerHistory
-from batuta.runtime.views import SlotView
+from batuta.runtime.views import HostView, SlotView
 from batuta.transport.tls import format_address
 
 log = logging.getLogger("batuta.serve")
@@ -60,6 +60,7 @@ class ServedPool(Protocol):
     def resume(self) -> None: ...
     def drain(self, host: str, *, undo: bool = False) -> None: ...
     def slots(self) -> list[SlotView]: ...
+    def hosts(self) -> list[HostView]: ...
 
 
 class Controls(Protocol):

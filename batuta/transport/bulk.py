@@ -82,6 +82,7 @@ from batuta.transport.linkauth import (
     new_nonce,
     proves_coordinator,
 )
+from batuta.transport.refusals import RefusalLog
 from batuta.transport.tls import format_address, split_address, tune_socket
 
 log = logging.getLogger("batuta.transport.bulk")
@@ -99,6 +100,8 @@ GROWING = 1 << 63  # in a stream's length: its bytes come as pieces, as they are
 ABORTED = (1 << 64) - 1  # as a piece length: the rest of the stream never comes
 
 HANDSHAKE_TIMEOUT_S = 10.0  # TLS handshake and greeting, either side
+REFUSALS_LOGGED = 5  # refused diallers logged per address and interval (as a worker logs them)...
+REFUSAL_LOG_INTERVAL_S = 30.0  # ...the rest counted in one line at its end
 ANNOUNCE_TIMEOUT_S = 300.0  # a stream's bytes arrived; its frame on the channel must follow within this
 RECV_PIECE = 1 << 20  # the most one recv_into asks for (OpenSSL hands out one record per call anyway)
 SEND_PIECE = 1 << 28  # the most one write hands OpenSSL (ssl's writes were once limited to 2 GiB)
@@ -596,6 +599,8 @@ class DataListener:
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="bulk-handshake")
         self._acceptor: asyncio.Task[None] | None = None
         self.refused = 0  # diallers turned away (wrong token, role taken, bad greeting)
+        # a port scan, or anyone dialling in a loop: a few lines per address, then a count
+        self._refusals = RefusalLog(log, burst=REFUSALS_LOGGED, interval=REFUSAL_LOG_INTERVAL_S)
 
     @property
     def where(self) -> str:
@@ -638,14 +643,16 @@ class DataListener:
             sock, token, role = await loop.run_in_executor(self._executor, self._handshake, conn, tokens)
         except (OSError, ValueError, DataLinkError) as exc:
             self.refused += 1
-            log.warning("data listener %s: refused %s: %s", self.where, peer, exc)
+            self._refusals.refused(_host_of(peer), "data listener %s: refused %s: %s", self.where, peer, exc)
             return
         on_accepted = self._expected.get(token)
         start = on_accepted(role.decode("ascii"), sock) if on_accepted is not None else None
         if start is None:
             self.refused += 1
             sock.close()
-            log.warning("data listener %s: refused %s: unknown token or role already taken", self.where, peer)
+            self._refusals.refused(
+                _host_of(peer), "data listener %s: refused %s: unknown token or role already taken", self.where, peer
+            )
             return
         try:
             await loop.run_in_executor(self._executor, sock.conn.sendall, ACCEPTED)
@@ -692,6 +699,7 @@ class DataListener:
             task.cancel()
         self._sock.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._refusals.close()  # what was only counted, said
 
 
 def new_token() -> bytes:
@@ -793,3 +801,9 @@ def _handshaken(sock: _Socket, where: str, greet: Callable[[], None]) -> _Socket
         sock.close()
         raise DataLinkError(f"{where}: {exc}") from None
     return sock
+
+
+def _host_of(peer: str) -> str:
+    """The address of a "host:port" or "[v6]:port" peer: refusals are counted per address."""
+    host, sep, _ = peer.rpartition(":")
+    return host.strip("[]") if sep else peer
