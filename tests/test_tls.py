@@ -730,3 +730,16 @@ def test_a_worker_given_a_folder_for_a_file_says_which_files_it_holds(
         f"batuta: error: worker: certificate {folder} is a folder; give the file in it (`batuta certs init DIR` "
         "writes ca.pem, server.pem and server.key for a worker, client.pem and client.key for a coordinator)\n"
     )
+
+
+def test_a_tls_address_that_answers_with_something_else_is_named_as_such() -> None:
+    """It got the SSH hint (a login banner, a shell startup file) and the bytes as mojibake."""
+    from batuta.protocol.errors import ProtocolError
+    from batuta.runtime.session import _not_an_agent
+
+    said = _not_an_agent(b"\x1d\xfe\xfe\x76\xb3\x9a\x00\x01", ProtocolError("bad frame"), "tls 10.0.0.2:9443")
+    assert said == (
+        "protocol error before the worker's hello: it began with bytes 1d fe fe 76 b3 9a 00 01 ..., not a batuta "
+        "frame (bad frame); is that address a `batuta worker` of the same batuta version, and not another service?"
+    )
+    assert "login banner" in _not_an_agent(b"Welcome!\n", ProtocolError("bad frame"), "ssh node1")

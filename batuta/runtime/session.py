@@ -64,13 +64,20 @@ def _ended(how: str) -> str:
     return f"the agent was {how}" if how.startswith("killed") else f"the agent {how}"
 
 
-def _not_an_agent(first: bytes, exc: ProtocolError) -> str:
+def _not_an_agent(first: bytes, exc: ProtocolError, description: str = "") -> str:
     """Why a stream failed before the hello, when its first bytes were no frame: most often
-    text printed ahead of the agent (a login banner, a shell startup file, a wrapper script)."""
+    text printed ahead of the agent (a login banner, a shell startup file, a wrapper script);
+    at a TLS address, something else than a `batuta worker` listening there."""
     text = first.decode("utf-8", "replace")
-    printable = sum(c.isprintable() or c in "\r\n\t" for c in text) >= 0.9 * len(text)
+    # U+FFFD is printable, and undecodable bytes shown as text were mojibake
+    printable = sum((c.isprintable() and c != "\ufffd") or c in "\r\n\t" for c in text) >= 0.9 * len(text)
     shown = repr(text) if printable else first[:16].hex(" ") + " ..."
     what = "text" if printable else "bytes"
+    if description.startswith("tls "):
+        return (
+            f"protocol error before the worker's hello: it began with {what} {shown}, not a batuta frame ({exc}); "
+            "is that address a `batuta worker` of the same batuta version, and not another service?"
+        )
     return (
         f"protocol error before the agent's hello: its stdout began with {what} {shown}, not a batuta frame "
         f"({exc}); something printed before the agent started (a login banner, a shell startup file or a "
@@ -375,7 +382,7 @@ class HostSession:
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
             if self.hello is None and first and not starts_a_frame(first):
-                reason = _not_an_agent(first, exc)
+                reason = _not_an_agent(first, exc, stream.description)
             # the connection refuses use after an error, so encode the goodbye by hand
             with contextlib.suppress(Exception):
                 stream.write(encode_message(m.Error(message=str(exc))))
