@@ -86,7 +86,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=20.0,
         metavar="S",
-        help="drop a coordinator whose link went silent for about this long (default: 20)",
+        help="drop a coordinator whose link went silent (its machine unreachable) for about this long "
+        "(default: 20); one stopped but on a machine that still answers (Ctrl-Z) is dropped when it has "
+        "sent nothing for its pool's agent_silence_limit (default 300 s)",
     )
     parser.add_argument(
         "--client-hello-timeout",
