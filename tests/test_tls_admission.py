@@ -198,5 +198,8 @@ def test_cluster_file_busy_timeout(pki: Pki) -> None:
     assert default is not None and default.busy_timeout == 30.0
     once = parse_cluster(_cluster_text(pki, 9443) + "busy_timeout = 0\n").tls
     assert once is not None and once.busy_timeout == 0.0
-    with pytest.raises(ConfigError, match=r"tls.busy_timeout: expected a positive number of seconds, got -1"):
+    with pytest.raises(
+        ConfigError,
+        match=r"tls.busy_timeout: expected a number of seconds >= 0 \(0: try a busy or full worker once\), got -1",
+    ):
         parse_cluster(_cluster_text(pki, 9443) + "busy_timeout = -1\n")

@@ -606,9 +606,9 @@ class _Reader(FieldReader):
             if key in table:
                 fields[key] = self._seconds((*path, key), table[key])
         if "busy_timeout" in table:  # 0 is allowed: try a busy or full worker once
-            value = table["busy_timeout"]
-            zero = value == 0 and not isinstance(value, bool)
-            fields["busy_timeout"] = 0.0 if zero else self._seconds((*path, "busy_timeout"), value)
+            fields["busy_timeout"] = self._seconds(
+                (*path, "busy_timeout"), table["busy_timeout"], zero_means="try a busy or full worker once"
+            )
         return TLSSettings(**fields)
 
     def _transport(self, path: FieldPath, value: Any) -> str:

@@ -135,11 +135,15 @@ class FieldReader:
             raise self.error(path, f"expected a port number from 1 to 65535, got {number}")
         return number
 
-    def _seconds(self, path: FieldPath, value: Any) -> float:
+    def _seconds(self, path: FieldPath, value: Any, *, zero_means: str = "") -> float:
+        """A finite number of seconds, > 0; or 0 where it has a meaning of its own (`zero_means`)."""
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.error(path, f"expected a number of seconds, got {shown(value)}")
+        if zero_means and value == 0:
+            return 0.0
         if not value > 0 or value == float("inf"):
-            raise self.error(path, f"expected a positive number of seconds, got {value}")
+            least = f"a number of seconds >= 0 (0: {zero_means})" if zero_means else "a positive number of seconds"
+            raise self.error(path, f"expected {least}, got {value}")
         return float(value)
 
     def _bool(self, path: FieldPath, value: Any) -> bool:
