@@ -910,6 +910,22 @@ def test_bad_input_is_one_line_naming_the_fix(
     assert says in err and len(err.splitlines()) == 1
 
 
+def test_stop_at_a_tls_address_where_nothing_listens_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It gave asyncio's own words: "Connect call failed ('127.0.0.1', 9)"."""
+    from batuta.transport.certs import init_certs
+
+    paths = init_certs(tmp_path / "certs", hosts=["127.0.0.1"])
+    with socket.socket() as unused:  # a port nothing listens on: bound, never listening
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+        assert cli_main(["stop", f"tls://127.0.0.1:{port}", "--certs", str(paths.directory)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"batuta: error: cannot connect to tls://127.0.0.1:{port}: nothing listens there"), err
+    assert "Connect call failed" not in err
+
+
 def test_attach_targets_parse() -> None:
     assert parse_target("tls://[::1]:9482").tls == ("::1", 9482)
     assert parse_target("tls://[::1]:9482").label == "tls://[::1]:9482"  # was tls://::1:9482, which does not parse

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import re
 import shlex
 import socket
@@ -282,8 +283,14 @@ async def _connect_tls(target: Target, certs: Path | None, timeout: float) -> Co
         raise ServeError(
             f"cannot connect to {target.label}: no TLS session within {timeout:g} s; check the address and the firewall"
         ) from None
+    except ConnectionRefusedError:  # asyncio's words: "Connect call failed ('127.0.0.1', 9)"
+        raise ServeError(
+            f"cannot connect to {target.label}: nothing listens there (connection refused); is its coordinator "
+            "running, served with --serve-bind at that address? ('batuta ps' on its machine lists them)"
+        ) from None
     except OSError as exc:
-        raise ServeError(f"cannot connect to {target.label}: {exc.strerror or exc}") from None
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ServeError(f"cannot connect to {target.label}: {why}") from None
     return Connection(reader, writer, target.label, tls=True)
 
 
