@@ -19,7 +19,9 @@ import signal
 import socket
 import ssl
 import sys
+import textwrap
 import time
+import tomllib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,6 +265,14 @@ def test_certs_init_takes_a_bracketed_address_and_refuses_an_impossible_one(
         "batuta: error: certs init: --host '10.0.0.300' is not an IP address (each of its four numbers is 0-255)"
     )
     assert main(["certs", "init", str(tmp_path / "b"), "--host", "[::1]"]) == 0
+    out = capsys.readouterr().out
+    assert "batuta worker --bind [::1]:9443 " in out
+    # the coordinator's part pastes into a cluster file as it is
+    snippet = out.split("coordinator, in its cluster file:\n", 1)[1].split("keep ", 1)[0]
+    tls = tomllib.loads(textwrap.dedent(snippet))["tls"]
+    assert tls == {
+        name: str(tmp_path / "b" / f) for name, f in (("ca", "ca.pem"), ("cert", "client.pem"), ("key", "client.key"))
+    }
     server = x509.load_pem_x509_certificate((tmp_path / "b" / "server.pem").read_bytes())
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["::1"]

@@ -200,7 +200,7 @@ def add_certs_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_certs(args: argparse.Namespace) -> int:
     if args.certs_action != "init":
         raise UsageError("'batuta certs' needs an action: 'batuta certs init DIR [--host NAME ...]'")
-    from batuta.transport.certs import DEFAULT_HOSTS, describe, init_certs
+    from batuta.transport.certs import DEFAULT_HOSTS, describe, init_certs, unbracketed
 
     paths = init_certs(args.directory, hosts=args.host or DEFAULT_HOSTS, days=args.days, force=args.force)
     for cert in (paths.ca_cert, paths.server_cert, paths.client_cert):
@@ -210,12 +210,17 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
     # the address its certificate names, where coordinators will dial it; without --host the
     # certificate names this machine, and loopback is the safe default
-    bind = format_address(next((h.strip() for h in args.host if h.strip()), "127.0.0.1"), DEFAULT_PORT)
+    first = next((unbracketed(h.strip()) for h in args.host if h.strip()), "127.0.0.1")
+    bind = format_address(first, DEFAULT_PORT)
+    # the coordinator's lines as TOML that pastes into a cluster file as it is: absolute
+    # paths, since a cluster file's relative paths are read from the file's own folder
+    import json
+
+    ca, client, key = (json.dumps(str(p.resolve())) for p in (paths.ca_cert, paths.client_cert, paths.client_key))
     print(
         f"worker:      {PROG} worker --bind {bind} --cert {paths.server_cert} --key {paths.server_key} "
         f"--ca {paths.ca_cert}\n"
-        f"coordinator: [tls] ca = {str(paths.ca_cert)!r}, cert = {str(paths.client_cert)!r}, "
-        f"key = {str(paths.client_key)!r}\n"
+        f"coordinator, in its cluster file:\n  [tls]\n  ca = {ca}\n  cert = {client}\n  key = {key}\n"
         f"keep {paths.ca_key.name} off the workers; copy only server.pem, server.key and ca.pem there"
     )
     return EXIT_OK

@@ -257,7 +257,7 @@ def init_certs(
     """
     folder = Path(directory).expanduser()
     # `[::1]`, as an address is written with a port, is the address ::1
-    names = [_unbracketed(h.strip()) for h in hosts if h.strip()]
+    names = [unbracketed(h.strip()) for h in hosts if h.strip()]
     if not names:
         raise UsageError("certs init: give at least one --host (a name or address the coordinator dials)")
     for name in names:
@@ -305,7 +305,8 @@ def init_certs(
     return paths
 
 
-def _unbracketed(name: str) -> str:
+def unbracketed(name: str) -> str:
+    """`[::1]`, as an address is written beside a port, as the address ::1."""
     return name[1:-1] if name.startswith("[") and name.endswith("]") else name
 
 
