@@ -609,6 +609,9 @@ async def test_a_tls_worker_is_sent_the_users_code_like_any_host(
 def test_cluster_file_tls_mistakes_name_the_fix(pki: Pki) -> None:
     with pytest.raises(ConfigError, match=r"hosts\[0\].slots: has no effect on a tls host.*batuta worker --slots"):
         parse_cluster(_cluster_text(pki, 9443, "slots = 4"))
+    # an SSH setting has no worker option to point at (it named `--slots N --gpus ...` for user)
+    with pytest.raises(ConfigError, match=r"hosts\[0\].user: has no effect on a tls host: an SSH setting; a worker"):
+        parse_cluster(_cluster_text(pki, 9443, 'user = "me"'))
     with pytest.raises(ConfigError, match=r"hosts\[0\].transport: a tls host needs a \[tls\] table"):
         parse_cluster(_cluster_text(pki, 9443).split("[tls]")[0])
     with pytest.raises(ConfigError, match='expected "ssh" or "tls"'):

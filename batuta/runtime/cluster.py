@@ -314,6 +314,7 @@ _HOST_KEYS = (
     "index_url",
 )
 _TLS_HOST_KEYS = ("name", "address", "port", "tags", "transport")  # the worker's command line sets the rest
+_WORKER_FLAGS = {"slots": "--slots N", "gpus": "--gpus 0,1", "kernel_modules": "--kernel-module M"}
 _TLS_KEYS = ("ca", "cert", "key", "server_name", "connect_timeout", "hello_timeout", "busy_timeout")
 _DEFAULT_KEYS = tuple(k for k in _HOST_KEYS if k not in ("name", "address"))
 _LOCAL_KEYS = ("enabled", "name", "python", "slots", "gpus", "env", "tags", "kernel_modules")
@@ -421,10 +422,13 @@ class _Reader(FieldReader):
                         "a tls worker is installed by its owner (batuta cluster install and bootstrap work over SSH)",
                     )
                 if key not in _TLS_HOST_KEYS:
+                    flag = _WORKER_FLAGS.get(key)
                     raise self.error(
                         (*path, key),
-                        "has no effect on a tls host: set it on the worker's command line "
-                        "(batuta worker --slots N --gpus ... --kernel-module M)",
+                        f"has no effect on a tls host: set it on the worker's command line (batuta worker {flag})"
+                        if flag is not None
+                        else "has no effect on a tls host: an SSH setting; a worker runs as the user who started "
+                        "it, with that user's python and environment",
                     )
             # [defaults] speak of SSH hosts (user, python, an sshd port): none of it applies here.
             fields = {k: v for k, v in fields.items() if k in ("tags", "transport")}
