@@ -404,11 +404,12 @@ def test_batuta_run_says_which_port_it_picked(tmp_path: Path, capsys: pytest.Cap
 
     job = tmp_path / "scrape_announced.py"
     job.write_text("import asyncio, re, sys, urllib.request\n\nasync def main(pool):\n    return 'ok'\n")
-    assert main(["run", str(job), "--json", "--metrics-port", "0"]) == 0
-    captured = capsys.readouterr()
-    match = re.search(r"batuta: serving metrics at http://127\.0\.0\.1:(\d+)/metrics", captured.err)
-    assert match is not None and int(match.group(1)) > 0, captured.err
-    assert json.loads(captured.out)["result"] == "ok"  # stdout stays JSON only
+    for quiet in ([], ["--quiet"]):  # --quiet too: the port picked is said nowhere else
+        assert main(["run", str(job), "--json", "--metrics-port", "0", *quiet]) == 0
+        captured = capsys.readouterr()
+        match = re.search(r"batuta: serving metrics at http://127\.0\.0\.1:(\d+)/metrics", captured.err)
+        assert match is not None and int(match.group(1)) > 0, captured.err
+        assert json.loads(captured.out)["result"] == "ok"  # stdout stays JSON only
     assert main(["run", str(job), "--metrics-bind", "0.0.0.0"]) == 2
     assert "--metrics-bind 0.0.0.0 needs --metrics-port PORT" in capsys.readouterr().err
 

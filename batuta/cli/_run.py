@@ -245,7 +245,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                             resume=args.resume,
                             metrics_port=args.metrics_port,
                             metrics_bind=args.metrics_bind,
-                            on_metrics=None if args.quiet else announce_metrics,
+                            # quiet, said all the same for a port picked here (0): nowhere else to learn it
+                            on_metrics=None if args.quiet and args.metrics_port != 0 else announce_metrics,
                             metrics_textfile=args.metrics_textfile,
                             metrics_linger=args.metrics_linger,
                             modules=args.module,

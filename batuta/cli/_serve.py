@@ -217,7 +217,7 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
                 metrics_bind=args.metrics_bind,
                 metrics_textfile=args.metrics_textfile,
                 metrics_linger=args.metrics_linger,
-                on_metrics=None if args.quiet else announce_metrics,
+                on_metrics=None if args.quiet and args.metrics_port != 0 else announce_metrics,
                 job_stdout=sys.stderr if args.json else None,  # stdout: the summary's JSON alone
                 modules=args.module,
             )
