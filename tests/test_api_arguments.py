@@ -292,7 +292,7 @@ def test_requires_keeps_whole_tags() -> None:
     assert Task.kernel("good_k", 1.0, requires=["gpu", "gpu:1"]).requires == {"gpu", "gpu:1"}
     assert Task.builder().kernel("noop").requires("gpu", "avx512").build().requires == {"gpu", "avx512"}
     assert Task.binary("/bin/true", cwd=Path("/tmp")).call.cwd == "/tmp"  # type: ignore[arg-type,union-attr]
-    assert Task.binary("/bin/ls", Path("/tmp")).call.args == ("/tmp",)  # type: ignore[arg-type,union-attr]
+    assert Task.binary("/bin/ls", Path("/tmp")).call.args == ("/tmp",)
 
 
 @pytest.mark.parametrize(

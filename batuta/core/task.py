@@ -271,7 +271,7 @@ class Task:
     def binary(
         cls,
         path: str,
-        *args: str,
+        *args: str | PurePath,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         priority: Priority = Priority.NORMAL,
