@@ -609,6 +609,11 @@ async def test_a_tls_worker_is_sent_the_users_code_like_any_host(
 def test_cluster_file_tls_mistakes_name_the_fix(pki: Pki) -> None:
     with pytest.raises(ConfigError, match=r"hosts\[0\].slots: has no effect on a tls host.*batuta worker --slots"):
         parse_cluster(_cluster_text(pki, 9443, "slots = 4"))
+    # one worker listed twice: its second session was refused as "busy with another coordinator" (itself)
+    twice = '\n[[hosts]]\nname = "w2"\naddress = "localhost"\nport = 9443\ntransport = "tls"\n'
+    with pytest.raises(ConfigError, match=r"hosts\[1\].address: w1 is the worker w2 is \(127.0.0.1:9443\); a worker"):
+        parse_cluster(twice + _cluster_text(pki, 9443))
+    assert len(parse_cluster(twice + _cluster_text(pki, 9444)).hosts) == 2  # two workers on one machine
     # an SSH setting has no worker option to point at (it named `--slots N --gpus ...` for user)
     with pytest.raises(ConfigError, match=r"hosts\[0\].user: has no effect on a tls host: an SSH setting; a worker"):
         parse_cluster(_cluster_text(pki, 9443, 'user = "me"'))

@@ -351,12 +351,15 @@ class _Reader(FieldReader):
             raise self.error(("hosts",), "expected an array of tables: write each host as a [[hosts]] table")
         hosts: list[ClusterHost] = []
         seen: dict[str, FieldPath] = {}
+        workers: dict[tuple[str, int], str] = {}  # a tls worker's address: the host that names it
         for index, entry in enumerate(hosts_value):
             path: FieldPath = ("hosts", index)
             if not isinstance(entry, dict):
                 raise self.error(path, "expected a table with name and address; write it as a [[hosts]] table")
             host = self._host(entry, path, merged_defaults)
             self._unique(host.name, (*path, "name"), seen)
+            if host.transport == "tls":
+                self._one_entry_per_worker(host, path, workers)
             hosts.append(host)
 
         local = self._local(data.get("local"), merged_defaults)
@@ -628,6 +631,19 @@ class _Reader(FieldReader):
         if problem:
             raise self.error(path, problem)
         return url
+
+    def _one_entry_per_worker(self, host: ClusterHost, path: FieldPath, workers: dict[tuple[str, int], str]) -> None:
+        """A worker serves one coordinator session at a time: listed twice, the run's second
+        session to it was refused as "busy with another coordinator", which was the run itself."""
+        address = host.address.strip("[]").lower()
+        where = ("127.0.0.1" if address == "localhost" else address, host.port or TLS_DEFAULT_PORT)
+        if where in workers:
+            raise self.error(
+                (*path, "address"),
+                f"{host.name} is the worker {workers[where]} is ({host.address}:{where[1]}); a worker serves "
+                "one coordinator session at a time: list it once (its --slots give it more work at once)",
+            )
+        workers[where] = host.name
 
     def _unique(self, name: str, path: FieldPath, seen: dict[str, FieldPath]) -> None:
         if name in seen:
