@@ -541,11 +541,11 @@ def test_stop_and_ps_name_a_coordinator_that_accepts_but_never_answers(
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
         silent.bind(str(serve_paths.runtime_dir() / "silent.sock"))
         silent.listen()  # and never accepts: this process is the "coordinator"
-        assert cli_main(["stop", "silent"]) == 2
+        assert cli_main(["stop", "silent"]) == 1  # not a usage error: it is there, and stopped or hung
         err = capsys.readouterr().err.strip()
         assert err == (
             "batuta: error: silent did not answer within 0.5 s; is it stopped or hung? "
-            f"'kill -CONT {os.getpid()}' resumes a stopped one"
+            f"'kill -CONT {os.getpid()}' resumes a stopped one (what was asked may still be done when it wakes)"
         )
         assert cli_main(["ps", "--json"]) == 0
         (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

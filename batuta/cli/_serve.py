@@ -429,12 +429,15 @@ def cmd_stop(args: argparse.Namespace) -> int:
     """Ask a coordinator to cancel its tasks, release its hosts and exit; wait until it has."""
     import asyncio
 
-    from batuta.runtime.serve_client import ask_control, parse_target, wait_gone
+    from batuta.runtime.serve_client import NoAnswerError, ask_control, parse_target, wait_gone
 
     target, ssh = _lent_ssh(parse_target(args.target, f"{PROG} stop"), args.cluster, ask_passphrase=True)
     certs = Path(args.certs).expanduser() if args.certs else None
     try:
         ok, text = asyncio.run(ask_control(target, "stop", certs=certs, ssh=ssh))
+    except NoAnswerError as exc:  # there, but stopped or hung: no mistake in the command line
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except ServeError as exc:
         raise UsageError(f"{exc}") from None
     if not ok:

@@ -213,10 +213,18 @@ def _peer_pid(writer: Any) -> int | None:
     return pid or None
 
 
+class NoAnswerError(ServeError):
+    """The coordinator took the connection but did not answer in time (stopped, hung): not a
+    mistake on the command line, and a request it was sent may still be acted on later."""
+
+
 def _no_answer(connection: Connection, timeout: float) -> ServeError:
     pid = connection.peer_pid
     how = f"'kill -CONT {pid}' resumes a stopped one" if pid else "its machine's 'batuta ps' and its log say more"
-    return ServeError(f"{connection.label} did not answer within {timeout:g} s; is it stopped or hung? {how}")
+    return NoAnswerError(
+        f"{connection.label} did not answer within {timeout:g} s; is it stopped or hung? {how} (what was asked "
+        "may still be done when it wakes)"
+    )
 
 
 async def connect(
