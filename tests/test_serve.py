@@ -747,6 +747,8 @@ def test_a_served_runs_value_and_summary_come_out_when_the_job_ends_not_when_the
         assert child.poll() is None  # still lingering, for `batuta ps` and a late attach
         assert asyncio.run(ask_info(parse_target("done")))["state"] == "done"
         assert cli_main(["stop", "done"]) == 0
+        # it said "its tasks are cancelled and its hosts released" of a job long over
+        assert "batuta: stopping done: its job had ended (done); it lingered for ps only" in capsys.readouterr().out
         assert child.wait(timeout=60) == 0
         whole = out + child.stdout.read()  # the rest of the summary, if it was still on its way
         assert whole.count(b"the value\n") == 1 and len(re.findall(rb"tasks?: \d+ succeeded", whole)) == 1, whole

@@ -465,7 +465,10 @@ class CoordinatorServer:
                 if self.controls is None:
                     raise UsageError("this coordinator cannot be stopped from a viewer")
                 self.controls.stop()
-                text = f"stopping {self.name}: its tasks are cancelled and its hosts released"
+                if self.state in ("starting", "running"):
+                    text = f"stopping {self.name}: its tasks are cancelled and its hosts released"
+                else:  # done, failed or cancelled, and lingering for `batuta ps`: nothing runs to cancel
+                    text = f"stopping {self.name}: its job had ended ({self.state}); it lingered for ps only"
         except Exception as exc:  # a bad request is the viewer's news, never the coordinator's end
             log.warning("viewer request %s %r failed: %s", action, argument, exc)
             return ["reply", control.request_id, False, str(exc)]
