@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -487,6 +488,14 @@ async def test_a_malformed_request_is_refused_and_the_coordinator_goes_on(runtim
         frames.feed(await asyncio.wait_for(reader.read(), 30))
         bye = frames.next()
         assert bye is not None and bye[0] == "bye" and "unknown action 'format_disk'" in bye[1]
+        writer.close()
+        # bytes that are no msgpack at all: named, where the reason was left empty ("FormatError: ")
+        reader, writer = await asyncio.open_unix_connection(str(server.path))
+        writer.write(struct.pack(">I", 1) + b"\xc1")
+        frames = w.FrameReader(w.COORDINATOR_FRAME_LIMIT)
+        frames.feed(await asyncio.wait_for(reader.read(), 30))
+        bye = frames.next()
+        assert bye is not None and bye == ["bye", "cannot decode frame: FormatError (not msgpack)"]
         writer.close()
         await run_noops(pool, 10)
         info = await ask_info(Target(path=server.path))

@@ -413,7 +413,9 @@ class FrameDecoder:
             self._streams.reject()
             raise
         except Exception as exc:  # nothing but a protocol error may escape a hostile stream
-            self._failure = f"cannot decode frame: {type(exc).__name__}: {exc}"
+            self._failure = f"cannot decode frame: {type(exc).__name__}" + (
+                f": {exc}" if str(exc) else " (not msgpack)"
+            )
             self._streams.reject()
             raise RemoteProtocolError(self._failure) from exc
 

@@ -410,7 +410,7 @@ class CoordinatorServer:
                 viewer.wake.set()
         except (ViewerProtocolError, TimeoutError) as exc:
             reason = str(exc) if isinstance(exc, ViewerProtocolError) else "no request within 10 s"
-            log.warning("viewer %s refused: %s", peer, reason)
+            log.warning("a viewer on %s was refused: %s", peer, reason)
             with contextlib.suppress(Exception):
                 writer.write(w.frame(["bye", reason]))
         except (ConnectionError, OSError, asyncio.IncompleteReadError):

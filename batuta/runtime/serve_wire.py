@@ -140,7 +140,10 @@ class FrameReader:
             self._failure = str(exc)
             raise
         except Exception as exc:  # nothing but a protocol error may escape a hostile stream
-            self._failure = f"cannot decode frame: {type(exc).__name__}: {exc}"
+            # msgpack's FormatError and ExtraData say nothing of their own: the type is the reason
+            self._failure = f"cannot decode frame: {type(exc).__name__}" + (
+                f": {exc}" if str(exc) else " (not msgpack)"
+            )
             raise ViewerProtocolError(self._failure) from exc
         if not isinstance(message, list) or not message or not isinstance(message[0], str):
             self._failure = "a message must be an array starting with its tag"
