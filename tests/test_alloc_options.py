@@ -134,6 +134,16 @@ def test_values_the_cluster_file_takes_are_taken_and_read_alike_on_the_command_l
     assert "#SBATCH --time=1-2:03" in next((tmp_path / "jobs").glob("*/batch.sh")).read_text()
 
 
+def test_a_controller_sbatch_cannot_reach_is_not_blamed_on_the_options(fake_sbatch: Path, tmp_path: Path) -> None:
+    """It said "sbatch refused the allocation: ...; check the sbatch options", with none given."""
+    unreachable = "Batch job submission failed: Unable to contact slurm controller (connect failure)"
+    (fake_sbatch / "sbatch").write_text(f'#!/bin/sh\necho "sbatch: error: {unreachable}" >&2\nexit 1\n')
+    done = alloc(fake_sbatch, tmp_path)
+    assert done.returncode == 3, done.stderr
+    assert f"sbatch cannot reach Slurm's controller: {unreachable}; run batuta where sbatch works" in done.stderr
+    assert "check the sbatch options" not in done.stderr
+
+
 def test_time_limits_are_taken_in_exactly_slurms_forms_with_every_field_in_range() -> None:
     taken = {
         "30": 1800,  # minutes

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from batuta import Task
 from batuta.agent import dial
@@ -145,6 +147,34 @@ async def test_an_allocation_runs_tasks_on_both_nodes_and_requeues_them_when_can
         assert all(r.status is not TaskStatus.SUCCEEDED for r in results_after)  # no node is left to run them
     assert allocation.job_id not in await asyncio.to_thread(slurm_env.jobs)
     assert not credentials.exists()  # the pool's close removed them
+
+
+async def test_a_node_the_coordinator_lost_dials_again_and_takes_work(slurm_env: SlurmCluster, tmp_path: Path) -> None:
+    """A node's dial made one session: once the coordinator had dropped it (frozen past
+    lost_after, its link cut a while), the node stayed allocated and idle, and the only node
+    of a one-node allocation held the run until the time limit."""
+    pool = build_pool(parse_cluster(allocation_file(tmp_path, nodes=1)))
+    record = Recorder(pool)
+    async with pool:
+        allocation = _allocation_of(pool)
+        assert (await pool.run(Task.kernel("noop", 3))).value == 3
+        # the node's certificate outlives a long wait in the queue (dated from the submission,
+        # it had expired before a job that waited over an hour started)
+        assert allocation.directory is not None
+        node = x509.load_pem_x509_certificate((allocation.directory / CREDENTIALS).read_bytes())
+        assert node.not_valid_after_utc > dt.datetime.now(dt.UTC) + dt.timedelta(days=7)
+        session = pool._hosts.sessions["slurm-0"]
+        assert session._stream is not None
+        session._stream.kill()  # the coordinator's side of the link goes, as after a loss
+        await record.until(lambda: len(record.of(pe.HostUp)) == 2, "the node back, dialled again")
+        result = await asyncio.wait_for(pool.run(Task.kernel("noop", 4)), WAIT_S)
+        assert (result.status, result.value, result.host) == (TaskStatus.SUCCEEDED, 4, "slurm-0")
+        assert allocation.directory is not None
+        said = (allocation.directory / f"slurm-{allocation.job_id}.out").read_text()
+        assert "dialling the coordinator again" in said, said
+    async with asyncio.timeout(WAIT_S):  # and the run's end still ends the job
+        while allocation.job_id in await asyncio.to_thread(slurm_env.jobs):
+            await asyncio.sleep(0.2)  # polling squeue, the only way to see the job leave
 
 
 async def test_closing_the_pool_cancels_the_job(slurm_env: SlurmCluster, tmp_path: Path) -> None:
@@ -282,6 +312,7 @@ def test_time_limits_read_as_slurm_reads_them() -> None:
 def test_the_batch_script_runs_one_step_task_per_node(tmp_path: Path) -> None:
     script = batch_script(name="batuta-x", nodes=3, time="10", output=tmp_path / "o", step=["py", "-m", "m", "a b"])
     assert "#SBATCH --nodes=3" in script and "#SBATCH --time=10" in script
+    assert "#SBATCH --no-requeue" in script  # after a node failure it ran again, the run long over
     srun = "exec srun --nodes=3 --ntasks=3 --ntasks-per-node=1 --kill-on-bad-exit=0 py -m m 'a b'"
     assert script.splitlines()[-1] == srun
 
@@ -349,6 +380,13 @@ def test_an_ended_allocation_is_explained_by_slurms_own_line_when_there_is_one(t
     cancelled = "slurmstepd: error: *** JOB 10 ON n1 CANCELLED AT 2026-12-06T07:00:00 DUE TO TIME LIMIT ***"
     output.write_text(f"{cancelled}\nbatuta dial: node n2 (1): session ended: stopped by a signal\n")
     assert allocation._output_hint() == f" (its output {output}: {cancelled})"
+    # without one, a node's own error, not srun's last line about it
+    missing = "/usr/bin/python3: Error while finding module specification (ModuleNotFoundError: No module named 'x')"
+    output.write_text(f"{missing}\nsrun: error: n1: task 0: Exited with exit code 1\n")
+    assert allocation._output_hint() == f" (its output {output}: {missing})"
+    unreachable = "batuta dial: error: cannot reach the coordinator at nosuch.invalid:4 (Name or service not known)"
+    output.write_text(f"{unreachable}\nsrun: error: n1: task 0: Exited with exit code 1\n")
+    assert allocation._output_hint() == f" (its output {output}: {unreachable})"
 
 
 def test_an_allocation_keeps_its_newest_folders_only(tmp_path: Path) -> None:

@@ -18,12 +18,14 @@ coordinator wrote it for this allocation only). Only its path travels in argv; O
 the key from the file. The coordinator's certificate must be signed by that CA and name
 `--server-name`.
 
-The step ends when the coordinator closes the connection (the agent gets EOF, kills its
-slots and exits), when the agent exits, or on SIGTERM/SIGINT (Slurm's scancel or the end of
-the time limit): the agent's stdin is closed, it is given a bound to exit (then SIGTERM,
-SIGKILL), and the connection is closed, so the coordinator sees the node leave at once and
-requeues its work. Exit codes: 0 once the session ended, 1 when no session could be had,
-2 for bad arguments or credentials.
+A session ends when the coordinator closes the connection (the agent gets EOF, kills its
+slots and exits) or when the agent exits; the node then dials again, with a fresh agent (a
+coordinator that lost it waits for that), until it cannot reach the listener any more (the
+run is over). The step ends on SIGTERM/SIGINT (Slurm's scancel, which the coordinator sends at
+its end, or the end of the time limit): the agent's stdin is closed, it is given a bound to
+exit (then SIGTERM, SIGKILL), and the connection is closed, so the coordinator sees the node
+leave at once and requeues its work. Exit codes: 0 once the sessions ended, 1 when no session
+could be had, 2 for bad arguments or credentials.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ GREETING = "batuta-node 1"  # the first line's prefix; the number is this line's
 CONNECT_ATTEMPTS = 30  # the listener is up before the job is submitted: a few tries suffice
 CONNECT_DELAY_S = 1.0
 AGENT_EXIT_TIMEOUT_S = 5.0
+MAX_SESSIONS = 1000  # sessions one node may have with its coordinator: a bound, far past any real run
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\s*", re.S)
@@ -109,11 +112,14 @@ def client_context(credentials: Path) -> ssl.SSLContext:
 
 
 async def connect(
-    host: str, port: int, context: ssl.SSLContext, server_name: str, timeout: float
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A TLS connection to the coordinator, retried a bounded number of times."""
+    host: str, port: int, context: ssl.SSLContext, server_name: str, timeout: float, stop: asyncio.Event
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """A TLS connection to the coordinator, retried a bounded number of times; None once
+    `stop` is set (scancel, the time limit) while it tries."""
     last = ""
     for attempt in range(CONNECT_ATTEMPTS):
+        if stop.is_set():
+            return None
         try:
             return await asyncio.wait_for(
                 asyncio.open_connection(
@@ -126,7 +132,8 @@ async def connect(
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             last = str(exc) or type(exc).__name__
         if attempt + 1 < CONNECT_ATTEMPTS:
-            await asyncio.sleep(CONNECT_DELAY_S)  # backoff between bounded tries, not synchronisation
+            with contextlib.suppress(TimeoutError):  # backoff between bounded tries, cut short by `stop`
+                await asyncio.wait_for(stop.wait(), CONNECT_DELAY_S)
     raise DialError(f"cannot reach the coordinator at {format_address(host, port)} ({last})")
 
 
@@ -189,11 +196,8 @@ async def run(options: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, stop.set)
-    reader, writer = await connect(host, port, context, options.server_name or host, options.connect_timeout)
-    tune_socket(writer.get_extra_info("socket"), keepalive_s=max(4.0, options.connect_timeout))
     index = options.index if options.index is not None else int(os.environ.get("SLURM_NODEID", "0"))
     name = options.node_name or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-    writer.write(greeting(index, name))
     argv = agent_command(
         slots=options.slots if options.slots is not None else _slurm_cpus(),
         gpus=options.gpus,
@@ -201,8 +205,28 @@ async def run(options: argparse.Namespace) -> int:
         name=name,
         python=sys.executable,
     )
-    why = await relay(reader, writer, argv, stop)
-    print(f"batuta dial: node {name} ({index}): session ended: {why}", file=sys.stderr, flush=True)
+    for session in range(MAX_SESSIONS):
+        try:
+            connected = await connect(host, port, context, options.server_name or host, options.connect_timeout, stop)
+        except DialError:
+            if session == 0:
+                raise  # no session at all: exit 1, saying why
+            print(f"batuta dial: node {name} ({index}): the coordinator is gone; done", file=sys.stderr, flush=True)
+            return 0
+        if connected is None:
+            return 0
+        reader, writer = connected
+        tune_socket(writer.get_extra_info("socket"), keepalive_s=max(4.0, options.connect_timeout))
+        writer.write(greeting(index, name))
+        why = await relay(reader, writer, argv, stop)
+        print(f"batuta dial: node {name} ({index}): session ended: {why}", file=sys.stderr, flush=True)
+        if stop.is_set():
+            return 0
+        # The coordinator lost this node (it was frozen, its link cut for a while) and waits for
+        # it to dial again, as the README says: the node was left allocated and idle, and the
+        # one node of a one-node allocation held the run until its time limit. At the run's
+        # end the coordinator cancels the job (SIGTERM: `stop`), or its listener is gone.
+        print(f"batuta dial: node {name} ({index}): dialling the coordinator again", file=sys.stderr, flush=True)
     return 0
 
 

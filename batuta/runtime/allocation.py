@@ -54,7 +54,14 @@ log = logging.getLogger("batuta.runtime.allocation")
 
 GREETING_TIMEOUT_S = 10.0  # a node that connected says which it is at once
 HANDSHAKE_TIMEOUT_S = 10.0
-CERT_MARGIN = dt.timedelta(hours=1)  # certificates outlive the time limit by this much
+CERT_MARGIN = dt.timedelta(hours=1)  # certificates outlive the time limit by this much...
+# ...and the job's wait in the queue, which may be long: dated from the submission, they had
+# expired before a job that waited more than an hour started. They are this allocation's
+# alone, trusted by its listener only, which lives as long as the run.
+QUEUE_WAIT_ALLOWED = dt.timedelta(days=7)
+# a node's own error line in the job's output: batuta's ("batuta dial: error: ..."), or a
+# Python error ("... (ModuleNotFoundError: No module named 'batuta')"), not srun's about it
+_NODE_ERROR = re.compile(r"batuta[\w ]*: error: |\b[A-Z]\w*(Error|Exception)\b")
 CREDENTIALS = "node-credentials.pem"
 DEFAULT_DIRECTORY = Path("~/.batuta/allocations")
 KEEP_FOLDERS = 20  # an allocation's folders kept (script and Slurm's output), the newest; one per run piled up
@@ -179,7 +186,7 @@ class Allocation:
             self._submitting.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._submitting
-        if self.job_id is not None and self.state not in slurm.FINAL_STATES:
+        if self.job_id is not None and (self.state not in slurm.FINAL_STATES or self.state in slurm.REQUEUEABLE_STATES):
             problem = await slurm.cancel(self.job_id)
             if problem:
                 log.warning("allocation %s: scancel %s: %s", self.config.name, self.job_id, problem)
@@ -201,7 +208,7 @@ class Allocation:
         (`timeout -s INT` signals the process and its group: two) raised KeyboardInterrupt
         while its scancel was on its way, and the job stayed queued with the nodes' key on disk.
         A plain blocking scancel here, which nothing interrupts any more."""
-        if self.job_id is not None and self.state not in slurm.FINAL_STATES:
+        if self.job_id is not None and (self.state not in slurm.FINAL_STATES or self.state in slurm.REQUEUEABLE_STATES):
             slurm.cancel_now(self.job_id)
         self._forget_credentials()
 
@@ -212,7 +219,8 @@ class Allocation:
         host, port = split_address(config.bind, 0)
         advertise = config.advertise or host
         directory = self._make_directory()
-        not_after = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=config.time_limit_s) + CERT_MARGIN
+        limit = dt.timedelta(seconds=config.time_limit_s)
+        not_after = dt.datetime.now(dt.UTC) + QUEUE_WAIT_ALLOWED + limit + CERT_MARGIN
         ca = new_ca(f"batuta allocation {config.name}", not_after=not_after + CERT_MARGIN)
         server = issue(ca, SERVER, f"batuta coordinator {config.name}", hosts=[advertise], not_after=not_after)
         node = issue(ca, CLIENT, f"batuta node {config.name}", not_after=not_after)
@@ -376,6 +384,9 @@ class Allocation:
         except OSError:
             return ""
         # slurmstepd's own word on the end ("*** JOB 10 ON n1 CANCELLED AT ... DUE TO TIME
-        # LIMIT ***") says more than a node's last line ("session ended: stopped by a signal")
-        said = [line for line in lines if "*** " in line and line.endswith(" ***")] or lines
+        # LIMIT ***") says more than a node's last line ("session ended: stopped by a signal");
+        # a node's own error (batuta dial's, or Python's "No module named 'batuta'") more than
+        # srun's last line about it ("srun: error: n1: task 0: Exited with exit code 1")
+        said = [line for line in lines if "*** " in line and line.endswith(" ***")]
+        said = said or [line for line in lines if _NODE_ERROR.search(line)] or lines
         return f" (its output {output}: {said[-1]})" if said else ""

@@ -120,6 +120,9 @@ def batch_script(*, name: str, nodes: int, time: str, output: Path, step: Sequen
         "#SBATCH --ntasks-per-node=1\n"
         f"#SBATCH --time={time}\n"
         f"#SBATCH --output={shlex.quote(str(output))}\n"
+        # Slurm requeues a batch job whose node failed: it ran again after the run had ended,
+        # its nodes dialling a coordinator long gone (and its output overwritten)
+        "#SBATCH --no-requeue\n"
         "# written by batuta for one allocation; its nodes dial the coordinator (batuta/agent/dial.py)\n"
         f"exec {shlex.join(srun)}\n"
     )
@@ -191,9 +194,18 @@ async def submit(script: Path, options: Sequence[str]) -> str:
     if code != 0 or not job_id.isdigit():
         said = _said(err) or _last_line(out) or f"exit code {code}"
         given = f" (with {shlex.join(options)})" if options else ""
+        if any(words in said for words in _NO_CONTROLLER):  # not the options' fault
+            raise AllocationError(
+                f"sbatch cannot reach Slurm's controller: {said}; run batuta where sbatch works (a login node), "
+                "or check SLURM_CONF and that slurmctld is up (scontrol ping)"
+            )
         raise AllocationError(f"sbatch refused the allocation{given}: {said}; check the sbatch options")
     return job_id
 
+
+# What sbatch says when it reaches no controller at all (src/common/slurm_protocol_api.c,
+# src/common/read_config.c): a login node's configuration, not the options
+_NO_CONTROLLER = ("Unable to contact slurm controller", "Could not establish a configuration source")
 
 # Why a job pends, when Slurm will not start it as it was asked however long it waits
 # (squeue's %r; src/common/slurm_protocol_defs.c job_reason_string)
@@ -208,7 +220,12 @@ HOPELESS_REASONS = {
     "QOSMaxWallDurationPerJobLimit": "its time limit is longer than its QOS allows",
     "AssocMaxNodesPerJobLimit": "it asks for more nodes than its association allows a job",
     "AssocMaxWallDurationPerJobLimit": "its time limit is longer than its association allows",
+    "DependencyNeverSatisfied": "a job it depends on (--dependency) ended in a way that will never satisfy it",
 }
+
+# States a job may be requeued from, by Slurm, after its node failed or it was preempted:
+# cancelled at the run's end like a running one, though no node of it joins any more
+REQUEUEABLE_STATES = frozenset({"COMPLETING", "NODE_FAIL", "PREEMPTED"})
 
 
 async def job_state(job_id: str) -> tuple[str, str] | None:
