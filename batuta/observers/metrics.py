@@ -52,7 +52,9 @@ Metric names (prefix `batuta_`):
 | `gpu_busy_seconds_total` | counter | host, gpu |
 | `event_observer_errors_total` | counter | |
 
-After `freeze()` (the job is over) every scrape and `render()` sees the pool as it was then:
+After `freeze()` (the job is over) every scrape and `render()` sees the pool as it was then
+(its hosts as they were when the pool closed, not `closed`: a textfile left for the collector
+would otherwise say every host was down after every job):
 a short job's last counts stay readable for as long as the server is kept (`batuta run
 --metrics-linger`), and `write_textfile` writes them where node-exporter's textfile collector
 reads, replacing the file in one rename so that the collector never reads half of it.
@@ -75,7 +77,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,7 +111,7 @@ MAX_KERNEL_LABELS = 100
 SNAPSHOT_TIMEOUT_S = 2.0
 MAX_BUSY_GAP_S = 30.0
 SLOT_STATES = ("up", "draining", "lost", "retired")
-HOST_STATES = ("starting", "up", "suspected", "lost", "draining", "closed")
+HOST_STATES = ("starting", "up", "suspected", "lost", "relaunching", "retired", "unreachable", "draining", "closed")
 _HOST_UP_STATES = frozenset({"up", "draining"})
 _RAN_STATUSES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.TIMED_OUT})
 _NONE = "none"  # label value where a task has no host or backend (it never ran)
@@ -196,6 +198,7 @@ class MetricsExporter:
         self.address: tuple[str, int] | None = None  # (address, port) once serving
         self._thread: threading.Thread | None = None
         self._frozen = False  # after freeze(): scrapes read the final snapshot, never the pool
+        self._host_states: dict[str, str] = {}  # each host's last state before its pool closed
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -289,10 +292,16 @@ class MetricsExporter:
             self._task_finished(event)
         elif isinstance(event, pe.HostTelemetry):
             self._telemetry(event)
-        elif isinstance(event, pe.HostDown) or (
-            isinstance(event, pe.HostStateChanged) and event.state in pe.HOST_GONE_STATES
-        ):
+        elif isinstance(event, pe.HostUp):
+            self._host_states[event.host] = "up"
+        elif isinstance(event, pe.HostDown):
+            self._host_states[event.host] = "lost"
             self._forget_host(event.host)
+        elif isinstance(event, pe.HostStateChanged):
+            if event.state != "closed":
+                self._host_states[event.host] = event.state
+            if event.state in pe.HOST_GONE_STATES:
+                self._forget_host(event.host)
 
     def _task_finished(self, event: pe.TaskFinished) -> None:
         if self._loop is None:
@@ -364,10 +373,14 @@ class MetricsExporter:
     def _take_snapshot(self) -> _Snapshot:
         """Copy what a scrape needs. Runs on the event loop."""
         pool = self.pool
+        hosts = [
+            replace(view, state=self._host_states.get(view.name, view.state)) if view.state == "closed" else view
+            for view in pool.hosts()
+        ]
         snapshot = _Snapshot(
             stats=pool.stats(),
             slots=pool.slots(),
-            hosts=pool.hosts(),
+            hosts=hosts,
             observer_errors=pool.events.errors,
             host_readings=dict(self._host_readings),
             gpus=dict(self._gpus),
