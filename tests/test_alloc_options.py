@@ -276,6 +276,9 @@ def test_a_node_s_slots_default_to_the_cpus_slurm_gave_the_job(monkeypatch: pyte
         ("--time=1", "give the time limit as time (--time)"),
         ("-N2", "give the node count as nodes (--nodes)"),
         ("--ntasks-per-node=4", "batuta runs one task per node"),
+        # sbatch takes an unambiguous prefix: --out=F replaced the output file batuta reads
+        ("--out=/tmp/x", "batuta writes the output beside the script, where it reads why a job ended"),
+        ("--array=0-1", "each array task would dial in as the same nodes; ask for the nodes with nodes (--nodes)"),
     ],
 )
 def test_sbatch_options_that_would_undo_batutas_own_are_refused(

@@ -141,7 +141,10 @@ _OWN_OPTIONS = {
     "--ntasks-per-node": "batuta runs one task per node",
     "--output": "batuta writes the output beside the script, where it reads why a job ended",
     "-o": "batuta writes the output beside the script, where it reads why a job ended",
+    "--array": "each array task would dial in as the same nodes; ask for the nodes with nodes (--nodes)",
+    "-a": "each array task would dial in as the same nodes; ask for the nodes with nodes (--nodes)",
 }
+_LONG_OWN = [flag for flag in _OWN_OPTIONS if flag.startswith("--")]
 
 
 def _batutas_own(options: tuple[str, ...]) -> str:
@@ -151,6 +154,10 @@ def _batutas_own(options: tuple[str, ...]) -> str:
         flag = option.split("=", 1)[0]
         if flag not in _OWN_OPTIONS and not option.startswith("--") and option[:2] in _OWN_OPTIONS:
             flag = option[:2]  # -N2, -t30: the value attached
+        if flag.startswith("--") and flag not in _OWN_OPTIONS and len(flag) > 3:
+            # sbatch (getopt_long) takes an unambiguous prefix: --out=F is --output=F, --tim=5 --time=5
+            prefixed = [own for own in _LONG_OWN if own.startswith(flag)]
+            flag = prefixed[0] if len(prefixed) == 1 else flag
         fix = _OWN_OPTIONS.get(flag)
         if fix is not None:
             return f"{option!r} would override what batuta asks sbatch for; {fix}"
