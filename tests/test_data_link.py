@@ -35,7 +35,8 @@ from batuta.runtime.datalink import SessionLink
 from batuta.runtime.pool import Pool, PoolConfig
 from batuta.runtime.session import HostSession
 from batuta.transport import bulk
-from batuta.transport.bulk import DataLinkError, DataLinkSetting, parse_data_link
+from batuta.transport.bulk import DataLinkError
+from batuta.transport.datalink_setting import DataLinkSetting, parse_data_link
 from batuta.transport.growing import Growing
 from tests.support.hosts import TestHosts
 from tests.test_ssh_transport import settings_for

@@ -25,7 +25,8 @@ from batuta.errors import ConfigError
 from batuta.runtime import datalink
 from batuta.runtime.cluster import parse_cluster
 from batuta.transport import bulk, linkauth
-from batuta.transport.bulk import DataLinkError, DataLinkSetting, parse_data_link_encryption
+from batuta.transport.bulk import DataLinkError
+from batuta.transport.datalink_setting import DataLinkSetting, parse_data_link_encryption
 from tests.support.hosts import TestHosts
 from tests.test_data_link import MIB, WAIT_S, _link, _pool, _random, _until
 

@@ -22,7 +22,7 @@ from batuta.runtime.datalink import SessionLink
 from batuta.runtime.pool import Pool, PoolConfig
 from batuta.runtime.session import HostSession
 from batuta.transport import dropbehind
-from batuta.transport.bulk import DataLinkSetting
+from batuta.transport.datalink_setting import DataLinkSetting
 from batuta.transport.dropbehind import DropBehind, in_shared_file_mapping
 from tests.support.hosts import TestHosts
 from tests.test_ssh_transport import settings_for

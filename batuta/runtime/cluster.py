@@ -76,7 +76,7 @@ from batuta.runtime.pool import Pool, PoolConfig, local_host
 from batuta.runtime.session import HostSpec
 from batuta.runtime.toml_fields import HOST_NAME, FieldPath, FieldReader, field_name, shown
 from batuta.transport.base import ByteStream
-from batuta.transport.bulk import parse_data_link, parse_data_link_encryption
+from batuta.transport.datalink_setting import parse_data_link, parse_data_link_encryption
 from batuta.transport.local import agent_command
 from batuta.transport.ssh_settings import SSHSettings, SSHTarget
 from batuta.transport.tls import DEFAULT_PORT as TLS_DEFAULT_PORT

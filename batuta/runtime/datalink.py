@@ -39,10 +39,10 @@ from batuta.transport.bulk import (
     ROLE_AGENT_SENDS,
     BulkReceiver,
     BulkSender,
-    DataLinkSetting,
     DataListener,
     new_token,
 )
+from batuta.transport.datalink_setting import DataLinkSetting
 from batuta.transport.tls import format_address
 
 log = logging.getLogger("batuta.runtime.datalink")

@@ -27,7 +27,7 @@ from batuta.protocol.errors import ProtocolError
 from batuta.runtime.round_trip import RoundTripMeter
 from batuta.runtime.turns import LoopTurns
 from batuta.transport.base import ByteStream
-from batuta.transport.bulk import DataLinkSetting
+from batuta.transport.datalink_setting import DataLinkSetting
 from batuta.transport.dropbehind import DropBehind
 
 log = logging.getLogger("batuta.runtime.session")

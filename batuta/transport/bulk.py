@@ -51,7 +51,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import logging
 import os
 import secrets
@@ -63,7 +62,6 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +80,8 @@ from batuta.transport.linkauth import (
     new_nonce,
     proves_coordinator,
 )
-from batuta.transport.refusals import RefusalLog
-from batuta.transport.tls import format_address, split_address, tune_socket
+from batuta.transport.refusals import RefusalLog, address_of
+from batuta.transport.tls import format_address, tune_socket
 
 log = logging.getLogger("batuta.transport.bulk")
 
@@ -113,57 +111,6 @@ GROWING_STALL_S = 300.0  # a growing array that gains nothing for this long brea
 
 class DataLinkError(TransportError):
     """The data link could not be set up, or broke."""
-
-
-# -- the setting ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class DataLinkSetting:
-    """Where the coordinator's data listener binds. `host` "" means the local address of each
-    host's SSH connection (the address that host reaches us at); `port` 0 means any free one.
-    `encrypted` False: plain TCP, authenticated both ways but neither secret nor protected
-    from change on the wire (`data_link_encryption = "none"`, `linkauth.py`)."""
-
-    host: str = ""
-    port: int = 0
-    encrypted: bool = True
-
-    @property
-    def follows_ssh(self) -> bool:
-        return not self.host
-
-
-def parse_data_link(text: str) -> DataLinkSetting | None:
-    """The cluster file's `[ssh] data_link`: "off" (None), "ssh", or "ADDRESS[:PORT]".
-    Raises ValueError with the fix."""
-    value = text.strip()
-    if value in ("", "off"):
-        return None
-    if value == "ssh":
-        return DataLinkSetting()
-    try:
-        host, port = split_address(value, 0)
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(
-            f'expected "off", "ssh" or a local IP address with an optional port ("10.0.0.5", '
-            f'"10.0.0.5:7000"), got {value!r}'
-        ) from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} is out of range (0-65535)")
-    return DataLinkSetting(host=host, port=port)
-
-
-ENCRYPTIONS = {"tls": True, "none": False}  # `data_link_encryption` -> DataLinkSetting.encrypted
-
-
-def parse_data_link_encryption(text: str) -> bool:
-    """The cluster file's `[ssh] data_link_encryption`: "tls" (True) or "none". Raises
-    ValueError with the fix."""
-    if text.strip() not in ENCRYPTIONS:
-        raise ValueError(f'expected "tls" (the default) or "none" (plain TCP, for private networks), got {text!r}')
-    return ENCRYPTIONS[text.strip()]
 
 
 # -- sockets --------------------------------------------------------------------------------
@@ -643,7 +590,7 @@ class DataListener:
             sock, token, role = await loop.run_in_executor(self._executor, self._handshake, conn, tokens)
         except (OSError, ValueError, DataLinkError) as exc:
             self.refused += 1
-            self._refusals.refused(_host_of(peer), "data listener %s: refused %s: %s", self.where, peer, exc)
+            self._refusals.refused(address_of(peer), "data listener %s: refused %s: %s", self.where, peer, exc)
             return
         on_accepted = self._expected.get(token)
         start = on_accepted(role.decode("ascii"), sock) if on_accepted is not None else None
@@ -651,7 +598,7 @@ class DataListener:
             self.refused += 1
             sock.close()
             self._refusals.refused(
-                _host_of(peer), "data listener %s: refused %s: unknown token or role already taken", self.where, peer
+                address_of(peer), "data listener %s: refused %s: unknown token or role already taken", self.where, peer
             )
             return
         try:
@@ -801,9 +748,3 @@ def _handshaken(sock: _Socket, where: str, greet: Callable[[], None]) -> _Socket
         sock.close()
         raise DataLinkError(f"{where}: {exc}") from None
     return sock
-
-
-def _host_of(peer: str) -> str:
-    """The address of a "host:port" or "[v6]:port" peer: refusals are counted per address."""
-    host, sep, _ = peer.rpartition(":")
-    return host.strip("[]") if sep else peer

@@ -67,3 +67,9 @@ class RefusalLog:
         """Sum up every open interval now (the daemon is stopping)."""
         for source in list(self._windows):
             self._end_window(source)
+
+
+def address_of(peer: str) -> str:
+    """The address of a "host:port" or "[v6]:port" peer: refusals are counted per address."""
+    host, sep, _ = peer.rpartition(":")
+    return host.strip("[]") if sep else peer

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batuta.errors import HostConfigError, TransportError
-from batuta.transport.bulk import DataLinkSetting
+from batuta.transport.datalink_setting import DataLinkSetting
 
 # -- errors -------------------------------------------------------------------------------
 
