@@ -55,6 +55,7 @@ CONNECT_ATTEMPTS = 30  # the listener is up before the job is submitted: a few t
 CONNECT_DELAY_S = 1.0
 AGENT_EXIT_TIMEOUT_S = 5.0
 MAX_SESSIONS = 1000  # sessions one node may have with its coordinator: a bound, far past any real run
+REFUSALS_BEFORE_GIVING_UP = 3  # sessions in a row the coordinator closes unheard (1, 2, 4 s apart)
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\s*", re.S)
@@ -139,13 +140,15 @@ async def connect(
 
 async def relay(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, agent_argv: list[str], stop: asyncio.Event
-) -> str:
-    """Run the agent and copy bytes both ways until one side ends or `stop` is set; returns why."""
+) -> tuple[str, bool]:
+    """Run the agent and copy bytes both ways until one side ends or `stop` is set; returns why,
+    and whether the coordinator sent anything (a node it refuses hears nothing: it closes)."""
     agent = await asyncio.create_subprocess_exec(
         *agent_argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=READ_CHUNK
     )
     assert agent.stdin is not None and agent.stdout is not None
-    inbound = asyncio.create_task(_copy(reader, agent.stdin), name="dial-in")
+    heard = [0]
+    inbound = asyncio.create_task(_copy(reader, agent.stdin, heard), name="dial-in")
     outbound = asyncio.create_task(_copy(agent.stdout, writer), name="dial-out")
     stopping = asyncio.create_task(stop.wait(), name="dial-stop")
     done, _ = await asyncio.wait({inbound, outbound, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -171,10 +174,10 @@ async def relay(
     with contextlib.suppress(Exception):
         writer.close()
         await asyncio.wait_for(writer.wait_closed(), 2.0)
-    return why
+    return why, heard[0] > 0
 
 
-async def _copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+async def _copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter, counted: list[int] | None = None) -> None:
     while True:
         try:
             data = await source.read(READ_CHUNK)
@@ -182,6 +185,8 @@ async def _copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> Non
             return
         if not data:
             return
+        if counted is not None:
+            counted[0] += len(data)
         try:
             sink.write(data)
             await sink.drain()
@@ -205,7 +210,13 @@ async def run(options: argparse.Namespace) -> int:
         name=name,
         python=sys.executable,
     )
+    unheard = 0  # sessions in a row the coordinator said nothing in: it refuses this node
     for session in range(MAX_SESSIONS):
+        if session:  # a pause before dialling again, longer while the coordinator will not have it
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), CONNECT_DELAY_S * 2**unheard)
+            if stop.is_set():
+                return 0
         try:
             connected = await connect(host, port, context, options.server_name or host, options.connect_timeout, stop)
         except DialError:
@@ -218,9 +229,13 @@ async def run(options: argparse.Namespace) -> int:
         reader, writer = connected
         tune_socket(writer.get_extra_info("socket"), keepalive_s=max(4.0, options.connect_timeout))
         writer.write(greeting(index, name))
-        why = await relay(reader, writer, argv, stop)
+        why, heard = await relay(reader, writer, argv, stop)
         print(f"batuta dial: node {name} ({index}): session ended: {why}", file=sys.stderr, flush=True)
         if stop.is_set():
+            return 0
+        unheard = 0 if heard else unheard + 1
+        if unheard >= REFUSALS_BEFORE_GIVING_UP:  # its run is over (or it never wanted this node)
+            print(f"batuta dial: node {name} ({index}): the coordinator refuses this node; done", file=sys.stderr)
             return 0
         # The coordinator lost this node (it was frozen, its link cut for a while) and waits for
         # it to dial again, as the README says: the node was left allocated and idle, and the
