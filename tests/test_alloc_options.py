@@ -83,6 +83,7 @@ SAME_VALUES = [
     (["--time", "UNLIMITED"], "time", '"UNLIMITED"', "asks Slurm for no time limit"),
     (["--slots", "-1"], "slots", "-1", "expected a whole number >= 0, got -1"),
     (["--nodes", "5000"], "nodes", "5000", "expected 1 to 4096 nodes, got 5000"),
+    (["--poll-interval", "1e-9"], "poll_interval", "1e-9", "at least 0.1 s: squeue is asked at this pace"),
 ]
 
 

@@ -356,7 +356,10 @@ class Allocation:
         why = f" ({reason})" if reason and reason != "None" and state == "PENDING" else ""
         hopeless = slurm.HOPELESS_REASONS.get(reason) if state == "PENDING" else None
         if hopeless is None:
-            log.info("allocation %s: job %s is %s%s", name, job, state, why)
+            if state == slurm.ENDED:  # not a state of Slurm's: squeue no longer lists it
+                log.info("allocation %s: job %s has left Slurm's queue", name, job)
+            else:
+                log.info("allocation %s: job %s is %s%s", name, job, state, why)
             return
         log.warning(
             "allocation %s: job %s is PENDING (%s): Slurm will not start it as asked, as %s; stop with "

@@ -34,6 +34,7 @@ KINDS = ("slurm",)
 DEFAULT_NAME = "slurm"
 DEFAULT_BIND = "127.0.0.1:0"
 DEFAULT_POLL_S = 5.0
+MIN_POLL_S = 0.1
 MAX_NODES = 4096
 
 _KEYS = (
@@ -229,7 +230,10 @@ def _allocation(table: dict[str, Any], path: FieldPath, reader: FieldReader) -> 
         fields["directory"] = reader._path((*path, "directory"), table["directory"])
     fields["directory_setting"] = _setting((*path, "directory"), reader)
     if "poll_interval" in table:
-        fields["poll_interval"] = reader._seconds((*path, "poll_interval"), table["poll_interval"])
+        poll = reader._seconds((*path, "poll_interval"), table["poll_interval"])
+        if poll < MIN_POLL_S:  # 1e-9 ran squeue back to back against the cluster's controller
+            raise reader.error((*path, "poll_interval"), f"at least {MIN_POLL_S:g} s: squeue is asked at this pace")
+        fields["poll_interval"] = poll
     if "kernel_modules" in table:
         fields["kernel_modules"] = reader._modules((*path, "kernel_modules"), table["kernel_modules"])
     if "tags" in table:
