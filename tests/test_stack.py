@@ -268,6 +268,12 @@ def test_unreachable_findings_name_the_cause_and_the_fix() -> None:
     assert agent.check == "agent"
     assert agent.message.endswith("the agent said: sh: 1: /opt/py/bin/python: not found")
     assert "/opt/py/bin/python -m batuta version" in agent.suggestion
+    folder = unreachable_finding(  # python = a folder: its fix was "/opt/py -m batuta version"
+        replace(target(), python="/opt/py"),
+        AgentError("host gpu1: agent exited before saying hello"),
+        ["sh: 1: /opt/py: Permission denied"],
+    )
+    assert folder.suggestion.startswith("python = '/opt/py' is not a Python interpreter on gpu1; name one")
     quoted = unreachable_finding(
         target(), AgentError("host gpu1: agent exited before saying hello: boom"), ["boom"]
     )  # the error quotes the agent's last line already: said once

@@ -303,6 +303,11 @@ def unreachable_finding(
     if said and said[-1] not in what:  # the error may quote the agent's last line already
         what = f"{what}; the agent said: {said[-1]}"
     python = target.python or sys.executable
+    if target.python and any(
+        target.python in line and ("Is a directory" in line or "Permission denied" in line) for line in said
+    ):  # `python = "/opt/venv"`: a folder, or a file that is no program; its fix was "/opt/venv -m batuta version"
+        fix = f"python = {target.python!r} is not a Python interpreter on {name}; name one (such as .../bin/python3)"
+        return Finding(node=name, check="agent", severity=ERROR, message=what, suggestion=fix)
     missing = _MISSING_MODULE.search(f"{text}\n" + "\n".join(said[-3:]))
     if not fix and missing is not None:  # batuta, or one of its dependencies (numpy, msgpack, ...)
         lacks = missing[1]
