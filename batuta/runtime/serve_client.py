@@ -164,7 +164,8 @@ class Connection:
             self.writer.write(w.frame(message))
             await self.writer.drain()
         except (ConnectionError, OSError) as exc:  # it was a traceback (ConnectionResetError)
-            raise ServeError(self._refused(exc) if self.tls else f"{self.label} closed the connection: {exc}") from None
+            opening = self.tls and self._opening is not None  # no message yet: the handshake's end
+            raise ServeError(self._refused(exc) if opening else f"{self.label} closed the connection: {exc}") from None
 
     def _refused(self, exc: BaseException) -> str:
         """Why a TLS coordinator ended the connection before its first message: under TLS 1.3
