@@ -183,6 +183,19 @@ def test_time_limits_are_taken_in_exactly_slurms_forms_with_every_field_in_range
         assert says in str(refusal.value), text
 
 
+def test_a_bind_address_this_machine_cannot_listen_on_is_one_exit_2_line_and_no_folder(
+    fake_sbatch: Path, tmp_path: Path
+) -> None:
+    """It was exit 3 ("no host could be started"), and left an empty allocation folder behind."""
+    done = alloc(fake_sbatch, tmp_path, "--bind", "192.0.2.1:0")  # TEST-NET-1: no interface has it
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith("batuta: error: ") and "allocation slurm: cannot listen on 192.0.2.1:0: " in line, line
+    assert line.endswith("set bind to an address of this machine that the nodes reach"), line
+    assert calls(fake_sbatch) == []
+    assert not (tmp_path / "jobs").exists() or not any((tmp_path / "jobs").iterdir())
+
+
 def test_a_directory_this_machine_cannot_use_is_one_exit_2_line_before_sbatch(
     fake_sbatch: Path, tmp_path: Path
 ) -> None:

@@ -189,7 +189,13 @@ class Allocation:
         if self.job_id is not None and (self.state not in slurm.FINAL_STATES or self.state in slurm.REQUEUEABLE_STATES):
             problem = await slurm.cancel(self.job_id)
             if problem:
-                log.warning("allocation %s: scancel %s: %s", self.config.name, self.job_id, problem)
+                log.warning(
+                    "allocation %s: scancel %s: %s; if squeue still lists it, cancel it yourself: scancel %s",
+                    self.config.name,
+                    self.job_id,
+                    problem,
+                    self.job_id,
+                )
         atexit.unregister(self._cancel_at_exit)  # done: nothing left for the exit to do
         if self._server is not None:
             self._server.close()
@@ -218,7 +224,6 @@ class Allocation:
         config = self.config
         host, port = split_address(config.bind, 0)
         advertise = config.advertise or host
-        directory = self._make_directory()
         limit = dt.timedelta(seconds=config.time_limit_s)
         not_after = dt.datetime.now(dt.UTC) + QUEUE_WAIT_ALLOWED + limit + CERT_MARGIN
         ca = new_ca(f"batuta allocation {config.name}", not_after=not_after + CERT_MARGIN)
@@ -232,17 +237,20 @@ class Allocation:
             context = server_context(cert=private / "server.pem", key=private / "server.key", ca=private / "ca.pem")
         finally:
             shutil.rmtree(private, ignore_errors=True)
-        credentials = directory / CREDENTIALS
-        write_private(credentials, node.cert_pem() + ca.cert_pem() + node.key_pem(), overwrite=True)
         try:
             self._server = await asyncio.start_server(
                 self._on_node, host, port, ssl=context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S, limit=READ_CHUNK
             )
-        except OSError as exc:
-            raise slurm.AllocationError(
-                f"allocation {config.name}: cannot listen on {config.bind}: {exc.strerror}; set bind to an "
+        except OSError as exc:  # this machine's setting, as a folder it cannot make: exit 2, not "no host"
+            raise HostConfigError(
+                # asyncio's strerror is "error while attempting to bind on address (...): ..."
+                f"allocation {config.name}: cannot listen on {config.bind}: "
+                f"{os.strerror(exc.errno) if exc.errno else exc}; set bind to an "
                 "address of this machine that the nodes reach"
             ) from None
+        directory = self._make_directory()  # once listening: a bind that fails leaves no empty folder behind
+        credentials = directory / CREDENTIALS
+        write_private(credentials, node.cert_pem() + ca.cert_pem() + node.key_pem(), overwrite=True)
         bound = self._server.sockets[0].getsockname()
         self.address = (bound[0], int(bound[1]))
         dial = format_address(advertise, self.address[1])
