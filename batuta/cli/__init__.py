@@ -18,27 +18,23 @@ To add a command, write `add_<name>_arguments(parser)` and `cmd_<name>(args) -> 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
 from batuta._version import __version__
 from batuta.cli._alloc import add_alloc_arguments, cmd_alloc, split_sbatch_options
 from batuta.cli._common import (
-    ENDING_SIGNALS,
     EXIT_BROKEN_PIPE,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     PROG,
-    hung_up,
     print_error,
+    sigterm_as_interrupt,
 )
 from batuta.cli._hosts import (
     add_agent_arguments,
@@ -71,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["agent"]:
         return run_agent(args[1:])
     _null_for_closed_std_fds()
-    with _sigterm_interrupts():
+    with sigterm_as_interrupt():
         return _main(args)
 
 
@@ -101,29 +97,6 @@ def _main(args: list[str]) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # else the flush at exit fails once more
         return EXIT_BROKEN_PIPE
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM and SIGHUP are Ctrl-C from the start (each command's own handling takes over
-    once it has its pool or loop): one in the first second killed the command, 143 and
-    nothing said. Left alone where the caller set its own (`nohup` ignores SIGHUP)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, _frame: object) -> None:
-        hung_up(signum)
-        raise KeyboardInterrupt
-
-    ours = [signum for signum in ENDING_SIGNALS if signal.getsignal(signum) == signal.SIG_DFL]
-    for signum in ours:
-        signal.signal(signum, interrupt)
-    try:
-        yield
-    finally:
-        for signum in ours:
-            signal.signal(signum, signal.SIG_DFL)
 
 
 def _null_for_closed_std_fds() -> None:

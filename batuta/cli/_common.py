@@ -85,23 +85,28 @@ def hung_up(signum: int) -> None:
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP (`ENDING_SIGNALS`) end the command as Ctrl-C does: the pool it
-    started closes and stops its agents, where the default action left a local agent running,
-    orphaned. For commands with no event loop of their own to install it on (`batuta run` has one)."""
+    """SIGTERM and SIGHUP (`ENDING_SIGNALS`) end the command as Ctrl-C does, from its first
+    moment (`batuta run` installs its own on its loop once it has one): the pool it started
+    closes and stops its agents, where the default action killed it at once, 143 and nothing
+    said, a local agent left running. Left alone where the caller set its own (`nohup`
+    ignores SIGHUP), and off the main thread, where no handler may be set (a test calling
+    main() from a thread)."""
     if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set signal handlers (a test calling main() from a thread)
+        yield
         return
 
-    def interrupt(signum: int, frame: object) -> None:
+    def interrupt(signum: int, _frame: object) -> None:
         hung_up(signum)
         raise KeyboardInterrupt
 
-    previous = {signum: signal.signal(signum, interrupt) for signum in ENDING_SIGNALS}
+    ours = [signum for signum in ENDING_SIGNALS if signal.getsignal(signum) == signal.SIG_DFL]
+    for signum in ours:
+        signal.signal(signum, interrupt)
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum in ours:
+            signal.signal(signum, signal.SIG_DFL)
 
 
 def has_terminal() -> bool:

@@ -26,7 +26,6 @@ from batuta.cli._common import (
     load_cluster,
     positive_int,
     positive_seconds,
-    sigterm_as_interrupt,
 )
 from batuta.cli._install import add_install_arguments, cmd_cluster_install
 
@@ -283,7 +282,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     # a host with bootstrap = true installs batuta first: say so, as batuta run does (22 s of silence)
     close_news = show_news(argparse.Namespace(quiet=False, log_format="text", log_level="warning"))
     try:
-        with sigterm_as_interrupt(), _agent_stderr_left_to_the_table([spec.name for spec in specs]):
+        with _agent_stderr_left_to_the_table([spec.name for spec in specs]):  # SIGTERM: main()'s interrupt
             reports = asyncio.run(probe_hosts(specs, timeout=args.timeout))
     finally:
         close_news()
@@ -462,8 +461,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
     )
     logging_setup = configure(level=args.log_level, fmt="text", stream=sys.stderr)
     try:
-        with sigterm_as_interrupt():
-            report = run_stack(args.stack_action, cluster, source=args.cluster or EMBEDDED, options=options)
+        report = run_stack(args.stack_action, cluster, source=args.cluster or EMBEDDED, options=options)
     finally:
         logging_setup.close()
     color = args.format == "text" and sys.stdout.isatty() and not os.environ.get("NO_COLOR")

@@ -413,7 +413,9 @@ def _signals_end_the_wait() -> Iterator[threading.Event]:
             waiting.clear()
             raise _LingerEnded
 
-    previous = {signum: signal.signal(signum, end) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    # SIGHUP as the command's own handling takes it: not where `nohup` ignores it
+    ending = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN]
+    previous = {signum: signal.signal(signum, end) for signum in ending}
     try:
         yield waiting
     except (_LingerEnded, KeyboardInterrupt):
