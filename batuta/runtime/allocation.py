@@ -186,15 +186,16 @@ class Allocation:
             self._submitting.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._submitting
-        if self.job_id is not None and (self.state not in slurm.FINAL_STATES or self.state in slurm.REQUEUEABLE_STATES):
-            problem = await slurm.cancel(self.job_id)
+        job = self._job_to_cancel()
+        if job is not None:
+            problem = await slurm.cancel(job)
             if problem:
                 log.warning(
                     "allocation %s: scancel %s: %s; if squeue still lists it, cancel it yourself: scancel %s",
                     self.config.name,
-                    self.job_id,
+                    job,
                     problem,
-                    self.job_id,
+                    job,
                 )
         atexit.unregister(self._cancel_at_exit)  # done: nothing left for the exit to do
         if self._server is not None:
@@ -214,9 +215,16 @@ class Allocation:
         (`timeout -s INT` signals the process and its group: two) raised KeyboardInterrupt
         while its scancel was on its way, and the job stayed queued with the nodes' key on disk.
         A plain blocking scancel here, which nothing interrupts any more."""
-        if self.job_id is not None and (self.state not in slurm.FINAL_STATES or self.state in slurm.REQUEUEABLE_STATES):
-            slurm.cancel_now(self.job_id)
+        job = self._job_to_cancel()
+        if job is not None:
+            slurm.cancel_now(job)
         self._forget_credentials()
+
+    def _job_to_cancel(self) -> str | None:
+        """The job, if it may still run or run again (Slurm requeues from a node failure)."""
+        if self.state in slurm.FINAL_STATES and self.state not in slurm.REQUEUEABLE_STATES:
+            return None
+        return self.job_id
 
     # -- submitting ---------------------------------------------------------------------------
 
