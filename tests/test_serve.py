@@ -622,17 +622,29 @@ async def main(pool):
 """
 
 
+@contextlib.contextmanager
+def served_forever(job: Path, *, workers: int, stdout: int) -> Iterator[subprocess.Popen[str]]:
+    """`batuta run job --serve --foreground --name forever`, `job` holding JOB (it never ends),
+    once it serves; killed afterwards if it still runs."""
+    job.write_text(JOB)
+    command = [sys.executable, "-m", "batuta", "run", str(job), "--serve", "--foreground", "--name", "forever"]
+    child = subprocess.Popen([*command, "--workers", str(workers)], stdout=stdout, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stderr is not None
+        assert "forever.py as forever on" in child.stderr.readline()
+        yield child
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
 @pytest.mark.parametrize("how", ["batuta stop", "SIGTERM"])
 def test_a_served_run_is_listed_by_ps_and_ended_cleanly(
     runtime_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str
 ) -> None:
     job = tmp_path / "forever.py"
-    job.write_text(JOB)
-    command = [sys.executable, "-m", "batuta", "run", str(job), "--serve", "--foreground", "--name", "forever"]
-    child = subprocess.Popen([*command, "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert child.stderr is not None
-        assert "forever.py as forever on" in child.stderr.readline()
+    with served_forever(job, workers=2, stdout=subprocess.PIPE) as child:
         deadline = time.monotonic() + 60
         while asyncio.run(ask_info(parse_target("forever")))["finished"] == 0:  # until tasks run
             assert time.monotonic() < deadline, "no task finished"
@@ -650,15 +662,11 @@ def test_a_served_run_is_listed_by_ps_and_ended_cleanly(
             assert cli_main(["stop", "forever"]) == 0
             assert "forever stopped" in capsys.readouterr().out
         assert child.wait(timeout=60) == 130  # the run was interrupted: its tasks were cancelled
-        assert child.stdout is not None
+        assert child.stdout is not None and child.stderr is not None
         summary = child.stdout.read()  # as `batuta run` prints it
         assert re.search(r"tasks: \d+ succeeded, 0 failed", summary), summary[-600:]  # a cancelled count if some ran
         assert "interrupted: " in child.stderr.read()
         assert not serve_paths.socket_path("forever").exists()
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
 
 
 def test_a_start_that_loses_its_picked_name_to_another_takes_the_next_and_wipes_no_log(
@@ -667,12 +675,7 @@ def test_a_start_that_loses_its_picked_name_to_another_takes_the_next_and_wipes_
     """Two `batuta run dup.py --serve` at once: both saw `dup` free, the loser's child found it
     taken, exited 2, and its log file, opened with O_TRUNC, wiped the winner's log."""
     job = tmp_path / "forever.py"
-    job.write_text(JOB)
-    command = [sys.executable, "-m", "batuta", "run", str(job), "--serve", "--foreground", "--name", "forever"]
-    child = subprocess.Popen([*command, "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        assert child.stderr is not None
-        assert "forever.py as forever on" in child.stderr.readline()
+    with served_forever(job, workers=1, stdout=subprocess.DEVNULL):
         log = serve_paths.socket_path("forever").with_suffix(".log")
         log.write_text("the running coordinator's log\n")
         real_is_stale, looks = serve_paths.is_stale, iter([True, True])  # the first looks find `forever` free,
@@ -684,9 +687,6 @@ def test_a_start_that_loses_its_picked_name_to_another_takes_the_next_and_wipes_
         assert "as forever-2 (pid" in out, out
         assert log.read_text().startswith("the running coordinator's log\n")  # appended to, not wiped
         assert cli_main(["stop", "forever-2"]) == 0
-    finally:
-        child.kill()
-        child.wait()
 
 
 VALUE_JOB = """\
