@@ -825,6 +825,26 @@ def test_a_background_served_run_with_serve_bind_says_its_tls_address(
             cli_main(["stop", "tlsserved"])
 
 
+def test_a_background_served_run_says_where_a_picked_metrics_port_is(
+    runtime_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --metrics-port 0 the port picked was written only to NAME.log."""
+    import urllib.request
+
+    job = tmp_path / "forever.py"
+    job.write_text(JOB)
+    argv = ["run", str(job), "--serve", "--name", "metered", "--workers", "1", "--metrics-port", "0"]
+    assert cli_main(argv) == 0
+    try:
+        out = capsys.readouterr().out
+        [url] = re.findall(r"^batuta: its metrics: (http://127\.0\.0\.1:\d+/metrics)$", out, re.MULTILINE)
+        assert asyncio.run(ask_info(parse_target("metered")))["metrics"] == url
+        with urllib.request.urlopen(url, timeout=10) as scrape:  # loopback: the served job's own exporter
+            assert b"batuta_tasks_submitted_total" in scrape.read()
+    finally:
+        assert cli_main(["stop", "metered"]) == 0
+
+
 def _has_ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:

@@ -130,11 +130,6 @@ def _check_metrics_arguments(args: argparse.Namespace) -> None:
     args.metrics_bind = args.metrics_bind or "127.0.0.1"
 
 
-def _metrics_url(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"http://{'[' + host + ']' if ':' in host else host}:{port}/metrics"
-
-
 def _configure_logging(
     args: argparse.Namespace, *, console: bool = True, console_filter: Callable[[logging.LogRecord], bool] | None = None
 ) -> Callable[[], None]:
@@ -382,7 +377,9 @@ def _interrupted_note(summary: RunSummary, args: argparse.Namespace) -> str:
 
 
 def announce_metrics(address: tuple[str, int]) -> None:
-    print(f"{PROG}: serving metrics at {_metrics_url(address)}", file=sys.stderr, flush=True)
+    from batuta.observers.metrics import metrics_url
+
+    print(f"{PROG}: serving metrics at {metrics_url(address)}", file=sys.stderr, flush=True)
 
 
 def _wants_progress(args: argparse.Namespace) -> bool:
@@ -514,9 +511,8 @@ def cmd_tui(args: argparse.Namespace) -> int:
         if not has_terminal():
             raise UsageError("batuta tui needs a terminal on stdin and stdout; for a headless run use 'batuta run JOB'")
         app = BatutaApp(pool, cluster_label=label, start_jobs=args.job)
-        if exporter is not None and exporter.address is not None:  # the log panel says where
-            url = _metrics_url(exporter.address)
-            app.model.add_log(logging.INFO, "batuta.observers.metrics", f"serving metrics at {url}")
+        if exporter is not None and exporter.url is not None:  # the log panel says where
+            app.model.add_log(logging.INFO, "batuta.observers.metrics", f"serving metrics at {exporter.url}")
         app.run()
     finally:
         if observer is not None:

@@ -358,6 +358,8 @@ def _spawn(args: argparse.Namespace, name: str, *, race: bool = False) -> int:
                     continue
                 print(f"{PROG}: serving job {args.job} as {name} (pid {child.pid}); log: {log_path}")
                 print(f"{PROG}: watch it with '{PROG} tui --attach {name}', end it with '{PROG} stop {name}'")
+                if info.get("metrics"):  # --metrics-port 0: the port it picked is said nowhere else
+                    print(f"{PROG}: its metrics: {info['metrics']}")
                 if info.get("tls"):
                     tls = f"tls://{info['tls']}"
                     print(

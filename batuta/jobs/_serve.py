@@ -78,6 +78,17 @@ async def serve_job(
     servers: list[CoordinatorServer] = []
     started_at: list[float] = []
     loop = asyncio.get_running_loop()
+    told = run_options.get("on_metrics")
+
+    def on_metrics(address: tuple[str, int]) -> None:  # `batuta ps` says it: port 0's pick is found there
+        from batuta.observers.metrics import metrics_url  # prometheus-client: only when metrics are asked for
+
+        for server in servers:
+            server.metrics_url = metrics_url(address)
+        if told is not None:
+            told(address)
+
+    run_options["on_metrics"] = on_metrics
 
     async def serve(pool: Pool) -> None:
         controls.pool = pool

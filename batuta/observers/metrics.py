@@ -242,10 +242,7 @@ class MetricsExporter:
     @property
     def url(self) -> str | None:
         """Where a scrape goes (`http://address:port/metrics`), while serving."""
-        if self.address is None:
-            return None
-        host, port = self.address
-        return f"http://{'[' + host + ']' if ':' in host else host}:{port}/metrics"
+        return None if self.address is None else metrics_url(self.address)
 
     def freeze(self) -> None:
         """Stop following the pool and keep the numbers it has now, for later scrapes.
@@ -441,6 +438,12 @@ class _PoolCollector(Collector):
         yield from _pool_families(s)
         yield from _host_families(s)
         yield from _gpu_families(s)
+
+
+def metrics_url(address: tuple[str, int]) -> str:
+    """`http://address:port/metrics`, an IPv6 address in brackets."""
+    host, port = address
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}/metrics"
 
 
 def _name(short: str) -> str:

@@ -133,6 +133,7 @@ class CoordinatorServer:
         self.summary = ""
         self.started_wall = time.time()
         self.tls_address: tuple[str, int] | None = None
+        self.metrics_url = ""  # where its Prometheus metrics are served, when they are
         self._flush_s = flush_s
         self._slot_poll_s = slot_poll_s
         self._buffer_bytes = viewer_buffer_bytes
@@ -286,6 +287,7 @@ class CoordinatorServer:
             "dropped": self.dropped_items,
             "socket": str(self.path),
             "tls": format_address(*self.tls_address) if self.tls_address else "",  # [v6]:port, as tls:// takes it
+            "metrics": self.metrics_url,  # with --metrics-port 0, the port picked is found here
         }
 
     # -- the event stream -------------------------------------------------------------------
