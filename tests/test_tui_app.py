@@ -449,6 +449,30 @@ async def test_a_pool_that_cannot_start_is_reported_on_screen() -> None:
         assert app.is_running and not app.model.jobs
 
 
+async def test_what_the_pool_holds_is_said_when_the_last_job_ends(tmp_path: Path) -> None:
+    """A dashboard on allocations kept their nodes after its jobs ended, until `q`, and
+    nothing on screen said so."""
+    job = tmp_path / "brief.py"
+    job.write_text("async def main(pool):\n    return 'ok'\n")
+    app = BatutaApp(local_pool(1), held="the pool holds 2 nodes of allocation gpu")
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.model.status == "running", "the pool to start")
+        app.start_job(str(job))
+        said = "no job is running; the pool holds 2 nodes of allocation gpu until you quit (q)"
+        await until(pilot, lambda: any(said in line.message for line in app.model.logs), "what is held")
+
+
+def test_a_dashboard_on_allocations_knows_what_it_holds() -> None:
+    from batuta.cli._run import _held
+    from batuta.runtime.allocation_config import allocation_from_options
+    from batuta.runtime.cluster import ClusterConfig
+
+    config = allocation_from_options({"kind": "slurm", "name": "gpu", "nodes": 2, "time": "1:00:00"}, {})
+    cluster = ClusterConfig(source="t", allocations=(config,))
+    assert _held(cluster) == "the pool holds 2 nodes of allocation gpu (its batch job running)"
+    assert _held(ClusterConfig(source="t")) == "" and _held(None) == ""
+
+
 # -- the command line -------------------------------------------------------------------------
 
 

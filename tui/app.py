@@ -138,10 +138,13 @@ class BatutaApp(App[None]):
         pool_started: bool = False,
         attach_logging: bool = True,
         frame_listener: FrameListener | None = None,
+        held: str = "",
     ) -> None:
         """Show `pool` (started here unless `pool_started`; closed on exit when `own_pool`).
 
-        `start_jobs` run once the pool is up (`batuta tui --job demo`). `frame_listener`,
+        `start_jobs` run once the pool is up (`batuta tui --job demo`). `held` names what the
+        pool holds that costs while idle (a batch allocation's nodes): said when the last
+        running job ends, since nothing else on screen says it. `frame_listener`,
         when given, is called with (perf_counter when a frame's refresh began, perf_counter
         once that frame reached the screen): the load benchmark measures with it.
         """
@@ -155,6 +158,7 @@ class BatutaApp(App[None]):
         self._pool_started = pool_started
         self._log_bridge = LogBridge(self.model) if attach_logging else None
         self._frame_listener = frame_listener
+        self._held = held
         self._pool_unsubscribe: Callable[[], None] | None = None
         self._pool_ready = asyncio.Event()
         self._pool_failed = ""  # why the pool did not start: jobs asked for then are told, not held
@@ -377,6 +381,8 @@ class BatutaApp(App[None]):
             self.toast(message or "finished", title=f"job {label} finished")
         finally:
             self._job_workers.pop(label, None)
+            if self._held and not self._job_workers:
+                log.warning("no job is running; %s until you quit (q)", self._held)
             self.sync_now()
 
     def cancel_job(self, label: str) -> None:

@@ -469,6 +469,20 @@ def add_tui_arguments(parser: argparse.ArgumentParser) -> None:
     add_attach_arguments(parser)
 
 
+def _held(cluster: ClusterConfig | None) -> str:
+    """What a dashboard's pool keeps allocated after its jobs end (its batch allocations'
+    nodes: they stay the user's, counted against their time, until the pool closes)."""
+    allocations = cluster.allocations if cluster is not None else ()
+    if not allocations:
+        return ""
+    nodes = sum(len(allocation.host_names) for allocation in allocations)
+    names = ", ".join(allocation.name for allocation in allocations)
+    return (
+        f"the pool holds {nodes} node{'s' if nodes != 1 else ''} of allocation{'s' if len(allocations) != 1 else ''} "
+        f"{names} (its batch job{'s' if len(allocations) != 1 else ''} running)"
+    )
+
+
 def cmd_tui(args: argparse.Namespace) -> int:
     """The dashboard, with the coordinator inside it: local pool by default, SSH hosts with --cluster."""
     from pathlib import Path
@@ -510,7 +524,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
         observer = PoolLogObserver(pool).attach() if args.log_file else None
         if not has_terminal():
             raise UsageError("batuta tui needs a terminal on stdin and stdout; for a headless run use 'batuta run JOB'")
-        app = BatutaApp(pool, cluster_label=label, start_jobs=args.job)
+        app = BatutaApp(pool, cluster_label=label, start_jobs=args.job, held=_held(cluster))
         if exporter is not None and exporter.url is not None:  # the log panel says where
             app.model.add_log(logging.INFO, "batuta.observers.metrics", f"serving metrics at {exporter.url}")
         app.run()
