@@ -712,6 +712,27 @@ def test_a_coordinators_key_others_may_read_is_warned_about_once(
     assert said == f"tls: key file {loose} is accessible by others (mode 0644); run `chmod 600 {loose}`"
 
 
+def test_a_certificate_its_ca_file_did_not_issue_is_warned_about_once(
+    pki: Pki, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker given the ca.pem of one folder and the server.pem of another started silently;
+    every coordinator's handshake then failed, with words about the coordinator's files."""
+    from batuta.transport import certs
+
+    monkeypatch.setattr(certs, "_warned", set())  # once per process: earlier tests loaded this pair
+    cert, key = pki.other_ca_server
+    with caplog.at_level(logging.WARNING, logger="batuta.transport.tls"):
+        server_context(cert=pki.server_cert, key=pki.server_key, ca=pki.ca)  # one folder's: nothing said
+        assert not caplog.records
+        for _ in range(2):
+            server_context(cert=cert, key=key, ca=pki.ca)
+    [said] = [r.getMessage() for r in caplog.records]
+    assert said == (
+        f"worker: certificate {cert} was not issued by the CA in {pki.ca}; a peer that trusts only that CA "
+        "refuses it (the files of two `batuta certs init` folders mixed?)"
+    )
+
+
 @pytest.mark.parametrize(
     ("options", "said"),
     [

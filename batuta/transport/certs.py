@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -389,6 +390,28 @@ def ca_problem(path: str | Path) -> str | None:
     return None
 
 
+def issuer_problem(cert_path: str | Path, ca_path: str | Path) -> str | None:
+    """Why the certificate at `cert_path` looks mismatched with the CA file at `ca_path`: no
+    CA in it issued the certificate (the ca.pem of one `batuta certs init` folder beside the
+    server.pem of another). None when one did, or when a file does not parse (loading it says
+    why). Two CAs, one for each direction, are a valid setup: this is for a warning only."""
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+        authorities = x509.load_pem_x509_certificates(Path(ca_path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    for authority in authorities:
+        try:
+            cert.verify_directly_issued_by(authority)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return None
+    return (
+        f"certificate {cert_path} was not issued by the CA in {ca_path}; a peer that trusts only that "
+        "CA refuses it (the files of two `batuta certs init` folders mixed?)"
+    )
+
+
 def _is_ca(cert: x509.Certificate) -> bool:
     try:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
@@ -428,13 +451,26 @@ def check_key_file(path: str | Path) -> str | None:
     return None
 
 
-_warned_keys: set[str] = set()
+_warned: set[str] = set()
+
+
+def _warn_once(log: logging.Logger, message: str) -> None:
+    """Certificates and keys are loaded again at every connection (each relaunch of a host,
+    each viewer): what is wrong with them is said once per process."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
 
 
 def warn_loose_key(path: str | Path, log: logging.Logger, who: str) -> None:
-    """Log `check_key_file`'s warning once per file and process (a key is loaded again at
-    every connection: each relaunch of a host, each viewer)."""
+    """Log `check_key_file`'s warning, once."""
     warning = check_key_file(path)
-    if warning is not None and str(path) not in _warned_keys:
-        _warned_keys.add(str(path))
-        log.warning("%s: %s", who, warning)
+    if warning is not None:
+        _warn_once(log, f"{who}: {warning}")
+
+
+def warn_foreign_issuer(cert: str | Path, ca: str | Path, log: logging.Logger, who: str) -> None:
+    """Log `issuer_problem`'s warning, once."""
+    problem = issuer_problem(cert, ca)
+    if problem is not None:
+        _warn_once(log, f"{who}: {problem}")

@@ -123,9 +123,12 @@ def _load_chain(context: ssl.SSLContext, cert: Path, key: Path, ca: Path, who: s
             )
         if not Path(path).is_file():
             raise TLSConfigError(f"{who}: {label} {path}: no such file; create one with `batuta certs init DIR`")
-    from batuta.transport.certs import validity_problem, warn_loose_key  # cryptography: imported where needed
+    from batuta.transport.certs import validity_problem, warn_foreign_issuer, warn_loose_key  # cryptography: here
 
     warn_loose_key(key, log, who)  # said where it is loaded, as `batuta worker --key` says it
+    # A worker started with the ca.pem of another folder than its server.pem's ran silently,
+    # and every coordinator's handshake then failed with words about the coordinator's files.
+    warn_foreign_issuer(cert, ca, log, who)
 
     for label, path in (("certificate", cert), ("CA certificate", ca)):
         # Said here, where the fix is: the peer would only say "certificate expired" at each handshake.
