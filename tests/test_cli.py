@@ -359,6 +359,31 @@ def test_sigterm_before_the_run_has_its_own_handling_is_an_interrupt(tmp_path: P
     assert err.strip().splitlines()[-1] == "batuta: interrupted"
 
 
+def test_ctrl_c_while_the_command_imports_is_an_interrupt_not_a_traceback(tmp_path: Path) -> None:
+    """Ctrl-C in the first tenth of a second (batuta.cli and its modules importing) printed
+    Python's bare KeyboardInterrupt traceback."""
+    interrupt_at_import = (
+        "import sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'batuta.cli':\n"
+        "            raise KeyboardInterrupt  # as SIGINT arriving while it imports\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "sys.argv = ['batuta', 'ps']\n"
+        "import runpy\n"
+        "runpy.run_module('batuta', run_name='__main__')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", interrupt_at_import],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=ERROR_TIMEOUT_S,
+    )
+    assert (proc.returncode, proc.stderr) == (130, "batuta: interrupted\n")
+
+
 def test_unknown_builtin_suggests_the_file_beside_it(tmp_path: Path) -> None:
     write(tmp_path, "myjob.py", "async def main(pool):\n    pass\n")
     done = batuta("run", "myjob", cwd=tmp_path)

@@ -41,6 +41,7 @@ LAYER_OF_PATH: list[tuple[str, str]] = [
     ("batuta/__init__.py", "facade"),
     ("batuta/cli/", "cli"),
     ("batuta/__main__.py", "cli"),
+    ("batuta/_entry.py", "cli"),
 ]
 # Layer of an imported module, by its dotted name (first match wins). What is left of
 # `batuta.*` after the names above is an attribute of the package root: the facade.
@@ -61,6 +62,7 @@ LAYER_OF_MODULE: list[tuple[str, str]] = [
     ("batuta.jobs", "jobs"),
     ("batuta.cli", "cli"),
     ("batuta.__main__", "cli"),
+    ("batuta._entry", "cli"),
     ("textual", "textual"),
     ("batuta", "facade"),
 ]
