@@ -5,6 +5,7 @@ Pure: an `ObjectStore` in memory, frames decoded back with the real decoder.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,28 @@ def test_another_slots_value_is_reported_until_this_process_holds_it() -> None:
     assert values.in_other_slot(request(11)) is None
     values.held.add(4)
     assert values.in_other_slot(request(10, 4)) is None
+
+
+def test_a_kept_value_the_slot_cannot_encode_is_answered_as_not_held(capfd: Any) -> None:
+    """The slot's last guard (values are checked when kept, so none seen reaches it): a Fetch
+    of a value whose encoding fails is a Drop (the pool makes it again) and a line on stderr,
+    not the end of the slot and of every value it holds."""
+    from batuta.agent.slot import SlotWorker
+
+    frames_in, unused_out = os.pipe()
+    results_in, frames_out = os.pipe()
+    try:
+        worker = SlotWorker(slot=3, frames_in=frames_in, frames_out=frames_out, kernel_modules=())
+        worker._objects[5] = object()  # msgpack has no encoding for it
+        worker._objects[6] = np.arange(4.0)
+        worker._send_object(5)
+        worker._send_object(6)
+        os.set_blocking(results_in, False)
+        sent = decode([os.read(results_in, 1 << 16)])
+    finally:
+        for fd in (frames_in, unused_out, results_in, frames_out):
+            os.close(fd)
+    assert sent[0] == Drop(object_ids=(5,))
+    assert isinstance(sent[1], Put) and sent[1].object_id == 6 and np.array_equal(sent[1].value, np.arange(4.0))
+    assert 5 not in worker._objects and 6 in worker._objects
+    assert "slot 3: cannot send object 5: " in capfd.readouterr().err
