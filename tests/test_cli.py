@@ -644,7 +644,8 @@ def test_run_text_summary(tmp_path: Path) -> None:
     assert "done" in out.splitlines()
     assert "10 tasks: 9 succeeded, 1 failed" in out
     assert "latency (queue + run)  p50" in out
-    assert f"1 task failed: {sys.executable} exited with code 3 (first: task 10 (python) on local/" in out
+    program = Path(sys.executable).name  # python, or python3 where pytest was started as such
+    assert f"1 task failed: {sys.executable} exited with code 3 (first: task 10 ({program}) on local/" in out
     lines = out.splitlines()
     host_header, local = lines[lines.index(next(line for line in lines if line.startswith("host "))) :][:2]
     assert host_header.split() == ["host", "tasks", "failed", "run", "p50", "run", "p95"]

@@ -373,6 +373,24 @@ def test_stack_on_a_file_of_allocations_alone_has_nothing_to_check_and_says_so(t
         assert "PASS" not in done.stdout
 
 
+def test_batuta_run_on_allocations_says_why_no_node_started_once(tmp_path: Path) -> None:
+    """`batuta alloc` said it in its last line; `batuta run -c FILE` said it once per node
+    first, as ERROR lines, then again. No sbatch on PATH here: the nodes fail together."""
+    path = tmp_path / "alloc.toml"
+    path.write_text(allocation_file(tmp_path, nodes=3))
+    done = subprocess.run(
+        [sys.executable, "-m", "batuta", "run", "pi", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        check=False,
+        env={**os.environ, "PATH": str(tmp_path)},  # an empty folder: no Slurm commands
+    )
+    assert done.returncode in (2, 3), done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("batuta: error: no host could be started, so nothing ran: ") and "sbatch" in line
+
+
 def test_an_ended_allocation_is_explained_by_slurms_own_line_when_there_is_one(tmp_path: Path) -> None:
     allocation = Allocation(parse_cluster(allocation_file(tmp_path)).allocations[0])
     allocation.directory, allocation.job_id = tmp_path, "10"

@@ -12,12 +12,18 @@ The options are checked as the cluster file's `[[allocations]]` table is, by the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from batuta.cli._common import integer, load_cluster
 from batuta.cli._run import add_run_arguments, cmd_run
 from batuta.errors import UsageError
+
+if TYPE_CHECKING:
+    from batuta.runtime.cluster import ClusterConfig
 
 
 def add_alloc_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,14 +124,24 @@ def cmd_alloc(args: argparse.Namespace) -> int:
             f"host names {sorted(taken)} are in the cluster file too; pass --node-prefix to tell them apart"
         )
     args.cluster_config = replace(cluster, allocations=(*cluster.allocations, config))
+    return cmd_run(args)  # which says what the allocation does (cli/_run.py's NEWS_LOGGERS)
+
+
+@contextlib.contextmanager
+def nodes_summarised(cluster: ClusterConfig | None) -> Iterator[None]:
+    """While a run on `cluster` lasts, its allocations' nodes' retirements are the run's
+    report's to say (`_NodesRetired`); `batuta alloc` and `batuta run -c FILE` alike."""
+    names = {name for allocation in cluster.allocations for name in allocation.host_names} if cluster else set()
+    if not names:
+        yield
+        return
     from batuta.jobs import SUMMARISED  # the mark the run's console filter (drop_summarised) reads
 
-    names = {name for allocation in args.cluster_config.allocations for name in allocation.host_names}
     nodes = _NodesRetired(names, SUMMARISED)
     hosts_log = logging.getLogger("batuta.runtime.hosts")
     hosts_log.addFilter(nodes)
     try:
-        return cmd_run(args)  # which says what the allocation does (cli/_run.py's NEWS_LOGGERS)
+        yield
     finally:
         hosts_log.removeFilter(nodes)
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 from batuta.errors import BatutaError, UsageError
 
 if TYPE_CHECKING:
-    from batuta.jobs import RunOutcome, RunSummary
+    from batuta.jobs import Job, RunOutcome, RunSummary
     from batuta.runtime.cluster import ClusterConfig
 
 from batuta.cli._common import (
@@ -200,9 +200,7 @@ def show_news(args: argparse.Namespace) -> Callable[[], None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Load the job (every job-file error is found before a pool starts), run it, report."""
-    import asyncio
-
-    from batuta.cli._serve import check_serve_arguments, cmd_run_served
+    from batuta.cli._serve import check_serve_arguments
     from batuta.jobs import load_job
 
     _check_pool_arguments(args)
@@ -211,6 +209,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     # `batuta alloc` passes the cluster it built (a file's, plus its allocation)
     cluster = getattr(args, "cluster_config", None) or (load_cluster(args.cluster) if args.cluster else None)
+    from batuta.cli._alloc import nodes_summarised
+
+    with nodes_summarised(cluster):
+        return _run_on(args, job, cluster)
+
+
+def _run_on(args: argparse.Namespace, job: Job, cluster: ClusterConfig | None) -> int:
+    import asyncio
+
+    from batuta.cli._serve import cmd_run_served
+
     if args.serve:
         from batuta.jobs import drop_summarised
 
