@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -308,6 +309,24 @@ def test_requires_keeps_whole_tags() -> None:
 def test_a_binary_argument_that_is_not_a_str_is_named_with_the_fix(args: tuple[Any, ...], said: str) -> None:
     with pytest.raises(TaskUsageError, match=said):
         Task.binary("/bin/sh", *args)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda name: Task.binary("/bin/cat", name),
+        lambda name: Task.binary("/bin/cat", "x", env={"DATA": name}),
+        lambda name: Task.binary("/bin/cat", cwd=name),
+        lambda name: Task.kernel("noop", label=name),
+        lambda name: Task.kernel("noop", key=name),
+    ],
+    ids=["argument", "env", "cwd", "label", "key"],
+)
+def test_text_that_cannot_travel_is_refused_where_the_task_is_made(make: Any) -> None:
+    """A file name that is not UTF-8 (os.fsdecode) was taken, and lost its host when sent."""
+    with pytest.raises(TaskUsageError, match=r"is not valid UTF-8 \(surrogates not allowed at index \d+: a file name"):
+        make(os.fsdecode(b"file_\xff.dat"))
+    assert make("fichier_é.dat") is not None  # valid text beyond ASCII travels
 
 
 # -- 6: Pool.local's keywords ------------------------------------------------------------------

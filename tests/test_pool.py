@@ -321,6 +321,19 @@ async def test_map_fails_fast_with_the_failed_result(pool: Pool) -> None:
     assert info.value.result is not None and "first failure" in str(info.value)
 
 
+async def test_a_file_name_that_is_not_utf8_is_refused_at_submit_and_no_host_is_lost(pool: Pool) -> None:
+    """Such a str (os.fsdecode, os.listdir) was taken, then failed its whole Run: the host
+    session was lost five times over, and tasks queued beside it were lost with it."""
+    name = os.fsdecode(b"data_\xff.npy")
+    running = [await pool.submit(Task.kernel("noop", i)) for i in range(4)]
+    for args in ((name,), ([1, {"file": name}],), ({name: 1},)):
+        with pytest.raises(UsageError, match=r"str is not valid UTF-8 \(surrogates not allowed at index \d+: a file"):
+            await pool.submit(Task.kernel("noop", *args))
+    assert [(await future).value for future in running] == [0, 1, 2, 3]
+    assert pool.stats().requeues == 0
+    assert (await pool.run(Task.kernel("noop", os.fsencode(name)))).value == b"data_\xff.npy"  # the fix it names
+
+
 async def test_a_map_refused_midway_cancels_what_it_submitted(pool: Pool) -> None:
     finished: list[TaskResult] = []
     pool.subscribe(lambda e: finished.append(e.result) if isinstance(e, pe.TaskFinished) else None)

@@ -209,6 +209,16 @@ class Task:
                 raise TaskUsageError(f"binary task {self.call.path!r}: env keys and values must be str")
             if self.call.cwd is not None and not isinstance(self.call.cwd, str):
                 raise TaskUsageError(f"binary task {self.call.path!r}: cwd must be a str path, not {self.call.cwd!r}")
+            texts = [("path", self.call.path), *((f"argument {i + 1}", a) for i, a in enumerate(self.call.args))]
+            texts += [(f"env {k!r}", f"{k}={v}") for k, v in self.call.env.items()]
+            texts += [("cwd", self.call.cwd or "")]
+            for what, text in texts:
+                problem = _not_utf8(text)
+                if problem:
+                    raise TaskUsageError(
+                        f"binary task {self.call.path!r}: {what} ({text!r}) {problem}; batuta sends text as UTF-8: "
+                        "rename the file, or reach it another way (a glob under 'sh -c')"
+                    )
         else:
             raise TaskUsageError(f"task call must be KernelCall or BinaryCall, not {type(self.call).__name__}")
         if type(self.backend) is not Backend:
@@ -227,6 +237,11 @@ class Task:
             raise TaskUsageError(f"label must be a str (the task's name in results and logs), not {self.name!r}")
         if self.key is not None and not isinstance(self.key, str):
             raise TaskUsageError(f"key must be a str (a stable key of your choosing) or None, not {self.key!r}")
+        if not (self.name.isascii() and (self.key is None or self.key.isascii())):  # the usual case: no more
+            for what, text in (("label", self.name), ("key", self.key or "")):
+                problem = _not_utf8(text)
+                if problem:
+                    raise TaskUsageError(f"{what} {text!r} {problem}; give one that is valid text")
         if not self.name:
             label = self.call.name if isinstance(self.call, KernelCall) else _basename(self.call.path)
             object.__setattr__(self, "name", label)
@@ -339,6 +354,18 @@ def _tags(requires: object) -> frozenset[str]:
     if isinstance(tags, frozenset):
         return tags
     return frozenset(tags) if tags else _NO_TAGS
+
+
+def _not_utf8(text: str) -> str:
+    """Why `text` cannot travel (it holds lone surrogates, as `os.fsdecode` makes of a file
+    name that is not UTF-8), or "". Sent, it failed its whole Run and the host session."""
+    if text.isascii():
+        return ""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"is not valid UTF-8 ({exc.reason} at index {exc.start}: a file name in another encoding?)"
+    return ""
 
 
 def _path_text(path: Any) -> Any:

@@ -282,6 +282,8 @@ def encode_value(v: Any, oob: OobWriter, depth: int) -> Any:
     if t is str or t is bytes:
         if oob.measure:
             oob.inband += len(v)
+            if t is str and not v.isascii():  # isascii: a flag of the str, no scan
+                _check_utf8(v)
         return v
     if t is np.ndarray:
         return _encode_array(v, oob)
@@ -295,6 +297,11 @@ def encode_value(v: Any, oob: OobWriter, depth: int) -> Any:
             for key, item in v.items():
                 if type(key) is not str:
                     raise Invalid("", f"dict keys must be str, got key {describe(key)}")
+                if oob.measure and not key.isascii():
+                    try:
+                        _check_utf8(key)
+                    except Invalid as exc:
+                        raise exc.at(f" key {key!r}") from None
                 try:
                     out[key] = encode_value(item, oob, depth + 1)
                 except Invalid as exc:
@@ -317,6 +324,20 @@ def encode_value(v: Any, oob: OobWriter, depth: int) -> Any:
 _PLAIN_SCALARS = frozenset({float, str, bytes, bool, type(None)})
 
 
+def _check_utf8(text: str) -> None:
+    """Refuse, when a value is checked (at submit), a str msgpack cannot write: one holding
+    lone surrogates, as `os.fsdecode` and `os.listdir` make of a file name that is not UTF-8.
+    Found only when its task was sent, it failed the whole Run and the host session with it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise Invalid(
+            "",
+            f"str is not valid UTF-8 ({exc.reason} at index {exc.start}: a file name in another encoding?); "
+            "pass it as bytes (os.fsencode) or as valid text",
+        ) from None
+
+
 def _encode_items(items: Sequence[Any], oob: OobWriter, depth: int) -> list[Any]:
     for item in items:  # fast path: a flat run of scalars goes as it is
         t = type(item)
@@ -328,6 +349,12 @@ def _encode_items(items: Sequence[Any], oob: OobWriter, depth: int) -> list[Any]
     else:
         if oob.measure:  # what the frame carries of a flat run: about 9 bytes an item, and the text
             oob.inband += 9 * len(items) + sum(len(item) for item in items if type(item) in (str, bytes))
+            for index, item in enumerate(items):
+                if type(item) is str and not item.isascii():
+                    try:
+                        _check_utf8(item)
+                    except Invalid as exc:
+                        raise exc.at(f"[{index}]") from None
         return list(items)
     if oob.measure:
         oob.inband += len(items)
