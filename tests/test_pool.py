@@ -155,6 +155,21 @@ async def test_cancel_a_running_task(pool: Pool) -> None:
     assert (after.cancelled, after.failed) == (before.cancelled + 1, before.failed)
 
 
+async def test_asyncio_wait_takes_task_futures_as_it_takes_asyncio_futures(pool: Pool) -> None:
+    """`asyncio.wait(futures)` raised AttributeError: no remove_done_callback. (typeshed types
+    wait's futures as asyncio.Future: hence the ignores.)"""
+    quick = [await pool.submit(Task.kernel("noop", i)) for i in range(3)]
+    slow = await pool.submit(Task.kernel("spin", 30.0))
+    done, pending = await asyncio.wait([*quick, slow], timeout=60, return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+    assert done and done <= set(quick) and slow in pending
+    done, pending = await asyncio.wait(quick, timeout=60)  # type: ignore[type-var]
+    assert done == set(quick) and not pending and not any(f.cancelled() or f.exception() for f in quick)
+    slow.cancel()
+    done, pending = await asyncio.wait([slow], timeout=60, return_when=asyncio.FIRST_EXCEPTION)  # type: ignore[type-var]
+    assert done == {slow} and slow.cancelled() and slow.exception() is None
+    assert not slow._callbacks  # what wait registered, it took away
+
+
 async def test_a_cancelled_pool_run_cancels_its_task(pool: Pool) -> None:
     """`asyncio.wait_for(pool.run(task), 0.3)` gave up the wait and left the task running, with
     no handle to stop it: the slot stayed busy for its whole run."""

@@ -12,7 +12,7 @@ from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from batuta.core.backend import BackendChoice
-from batuta.core.task import BinaryCall, KernelCall, Task, TaskResult
+from batuta.core.task import BinaryCall, KernelCall, Task, TaskResult, TaskStatus
 
 if TYPE_CHECKING:
     from batuta.runtime.pool import Pool
@@ -92,7 +92,8 @@ class TaskFuture:
         return self._result
 
     def asyncio_future(self) -> asyncio.Future[TaskResult]:
-        """An asyncio future for the result (for `asyncio.gather`, `as_completed`, `wait`)."""
+        """An asyncio future for the result (`asyncio.gather`, `as_completed` and `wait` take the
+        TaskFuture itself too)."""
         if self._waiter is None:
             self._waiter = self._pool._new_future()
             if self._result is not None:
@@ -123,6 +124,25 @@ class TaskFuture:
             self._callbacks = [callback]
         else:
             self._callbacks.append(callback)
+
+    def remove_done_callback(self, callback: Callable[[TaskFuture], None]) -> int:
+        """Forget `callback`; returns how many times it was registered (asyncio.wait calls it)."""
+        if not self._callbacks:
+            return 0
+        kept = [registered for registered in self._callbacks if registered != callback]
+        removed = len(self._callbacks) - len(kept)
+        self._callbacks = kept or None
+        return removed
+
+    def cancelled(self) -> bool:
+        """Whether the task ended cancelled (asyncio's futures' question, for asyncio.wait)."""
+        return self._result is not None and self._result.status is TaskStatus.CANCELLED
+
+    def exception(self) -> BaseException | None:
+        """None once done: a task that failed is a result, not an exception (`unwrap()` raises
+        it); before, asyncio.InvalidStateError, as asyncio's futures raise."""
+        self.result()
+        return None
 
     def _resolve(self, result: TaskResult) -> None:
         if self._result is not None:

@@ -18,8 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator, Sequence
-from contextvars import ContextVar
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from batuta.runtime.code import CodeSpec, ShippedCode
 from batuta.runtime.dataplane import DataPlane, Prepared
 from batuta.runtime.future import ResultStore, TaskFuture
 from batuta.runtime.hosts import HostSupervisor
+from batuta.runtime.job_label import current_job, job_label
 from batuta.runtime.loop_owner import check_loop
 from batuta.runtime.objects import KeptObject, ObjectTable, lineage_digest
 from batuta.runtime.requirements import requirements, superlinear
@@ -55,9 +55,6 @@ __all__ = ["Pool", "PoolBuilder", "PoolConfig", "ResultStore", "TaskFuture", "lo
 log = logging.getLogger("batuta.runtime.pool")
 
 SUBMIT_BATCH = 1024  # most submissions held back for one scheduling pass
-
-# The job label of tasks submitted from the current context (see `Pool.job`).
-_current_job: ContextVar[str] = ContextVar("batuta_job", default="")
 
 
 class Pool:
@@ -289,7 +286,7 @@ class Pool:
         requires = requirements(backend, task.requires)
         task_id = next(self._ids)
         now = loop.time()
-        job = _current_job.get()
+        job = current_job.get()
         future = TaskFuture(self, task_id, task, choice, job, now)
         future._nbytes = nbytes
         future._call = call
@@ -443,6 +440,7 @@ class Pool:
     def drop(self, ref: ObjectRef) -> None:
         """Release a `put` value or a kept result, here and on every host holding it, once
         no unresolved task names it."""
+        check_loop(self._loop)
         self._objects.check(ref, "pool.drop")
         self._send_drops(self._objects.drop(ref))
         self._in_flight.drop_put(ref.object_id)
@@ -473,11 +471,11 @@ class Pool:
         self._store = store
 
     def cancel(self, task_id: int) -> None:
+        check_loop(self._loop)  # as every call of the caller's: on the pool's own loop only
         if task_id in self._pending and not self._closed:
             self._handle([ev.CancelRequested(task_id=task_id)])
 
-    @contextlib.contextmanager
-    def job(self, name: str) -> Iterator[str]:
+    def job(self, name: str) -> contextlib.AbstractContextManager[str]:
         """Label every task submitted inside (this coroutine and tasks it spawns) as job `name`.
 
             with pool.job("kmeans"):
@@ -485,16 +483,11 @@ class Pool:
 
         Observers see the label on every event and result; `cancel_job(name)` cancels them all.
         """
-        if not name:
-            raise UsageError("a job needs a non-empty name")
-        token = _current_job.set(name)
-        try:
-            yield name
-        finally:
-            _current_job.reset(token)
+        return job_label(name)
 
     def cancel_job(self, name: str) -> int:
         """Cancel every unresolved task of job `name`; returns how many were asked to cancel."""
+        check_loop(self._loop)
         doomed = [task_id for task_id, pending in self._pending.items() if pending.job == name]
         if doomed and not self._closed:
             self._handle([ev.CancelRequested(task_id=task_id) for task_id in doomed])
@@ -504,13 +497,16 @@ class Pool:
 
     def pause(self, *, recall: bool = True) -> None:
         """Start nothing more: tasks hosts hold unstarted come back (`recall`); running ones finish."""
+        check_loop(self._loop)
         self._handle([ev.SchedulingPaused(recall=recall)])
 
     def resume(self) -> None:
+        check_loop(self._loop)
         self._handle([ev.SchedulingResumed()])
 
     def drain(self, host: str, *, undo: bool = False) -> None:
         """Send `host` no more work (HostStateChanged 'drained' once idle), or again with `undo`."""
+        check_loop(self._loop)
         if host not in self._hosts.sessions:
             raise UsageError(f"no host named {host!r}; hosts: {', '.join(self._hosts.sessions)}")
         self.host_state_changed(host, *(("up", "undrained") if undo else ("draining", "drain requested")))
