@@ -93,14 +93,18 @@ def pairwise_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """``d[i, j] = sqrt(sum_k (x[i, k] - y[j, k])**2)``, in the inputs' dtype.
 
     Computed from differences, not from ``|x|^2 + |y|^2 - 2 x.y``, which cancels badly for
-    near points. The reference and the GPU accumulate in the input dtype, the CPU variant in
-    float64; they agree within about ``d * eps`` relative to each distance (plus
+    near points. The reference and the CPU variant accumulate in float64, the GPU in the
+    input dtype; they agree within about ``d * eps`` relative to each distance (plus
     ``sqrt(d * eps) * max|x, y|`` absolute near zero, where the square root magnifies).
+    float32 on the GPU only: distances whose squares leave float32's range (over about
+    1.8e19, under about 1e-19) come out inf or 0 there; pass float64 for such data.
     """
     out = np.empty((x.shape[0], y.shape[0]), x.dtype)
-    rows = max(1, _REFERENCE_BLOCK_BYTES // max(1, y.nbytes))
+    # In float64 whatever the inputs, as the CPU variant: float32 squares overflowed to inf
+    # from distances of 1.8e19 (4.8e19 fits float32), and AUTO picks this one for small inputs.
+    rows = max(1, _REFERENCE_BLOCK_BYTES // max(1, y.size * 8))
     for start in range(0, x.shape[0], rows):
-        diff = x[start : start + rows, None, :] - y[None, :, :]
+        diff = np.subtract(x[start : start + rows, None, :], y[None, :, :], dtype=np.float64)
         np.sqrt(np.einsum("ijk,ijk->ij", diff, diff), out=out[start : start + rows])
     return out
 

@@ -218,6 +218,18 @@ def test_pairwise_distance_of_a_point_to_itself_is_zero(backend: str) -> None:
     assert np.all(np.diag(kernels.run("pairwise_distances", backend, (x, x))) == 0)
 
 
+@pytest.mark.parametrize("backend", ["scalar", "cpu"])
+@pytest.mark.parametrize("scale", [1e19, 1e-25], ids=["squares-past-float32", "squares-under-float32"])
+def test_float32_distances_whose_squares_leave_float32_are_right_on_the_cpu(backend: str, scale: float) -> None:
+    """The reference (AUTO's pick under 1,000 elements) summed float32 squares: distances of
+    4.8e19 came out inf, and 5e-25 came out 0, where the CPU variant was right."""
+    x = (_matrix(10, 3, np.float64, 8) * scale).astype(np.float32)
+    y = (_matrix(5, 3, np.float64, 9) * scale).astype(np.float32)
+    result = kernels.run("pairwise_distances", backend, (x, y))
+    assert np.all(np.isfinite(result)) and np.all(result > 0)
+    _assert_distances_close(result, x, y)
+
+
 def test_pairwise_reference_works_in_blocks() -> None:
     x, y = _matrix(50, 3, np.float64, 6), _matrix(40, 3, np.float64, 7)
     old = kernels.linalg._REFERENCE_BLOCK_BYTES
