@@ -349,6 +349,20 @@ async def test_a_file_name_that_is_not_utf8_is_refused_at_submit_and_no_host_is_
     assert (await pool.run(Task.kernel("noop", os.fsencode(name)))).value == b"data_\xff.npy"  # the fix it names
 
 
+async def test_a_value_that_holds_itself_is_one_line_not_a_recursion_error(pool: Pool) -> None:
+    """A list holding itself was a RecursionError of some 3,000 lines, from where the
+    arguments are taken at submit (snapshot.py)."""
+    looped: list[Any] = []
+    looped.append(looped)
+    itself: dict[str, Any] = {}
+    itself["me"] = itself
+    with pytest.raises(UsageError, match=r"\]: nested deeper than 32 levels \(or a list or dict that holds itself\)$"):
+        await pool.submit(Task.kernel("noop", looped))
+    with pytest.raises(UsageError, match=r"'\]: nested deeper than 32 levels \(or a list or dict that holds itself\)$"):
+        pool.put(itself)
+    assert (await pool.run(Task.kernel("noop", [[1]]))).value == [[1]]
+
+
 async def test_a_map_refused_midway_cancels_what_it_submitted(pool: Pool) -> None:
     finished: list[TaskResult] = []
     pool.subscribe(lambda e: finished.append(e.result) if isinstance(e, pe.TaskFinished) else None)

@@ -291,7 +291,7 @@ def encode_value(v: Any, oob: OobWriter, depth: int) -> Any:
         return encode_value(np.complex128(v), oob, depth)
     if t is tuple or t is list or t is dict:
         if depth >= MAX_VALUE_DEPTH:
-            raise Invalid("", f"nested deeper than {MAX_VALUE_DEPTH} levels")
+            raise Invalid("", f"nested deeper than {MAX_VALUE_DEPTH} levels (or a list or dict that holds itself)")
         if t is dict:
             out = {}
             for key, item in v.items():

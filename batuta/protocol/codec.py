@@ -42,7 +42,15 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from batuta.protocol._values import ALIGN, OOB_MIN_BYTES, OobReader, OobWriter, aligned_empty, check_value
+from batuta.protocol._values import (
+    ALIGN,
+    MAX_VALUE_DEPTH,
+    OOB_MIN_BYTES,
+    OobReader,
+    OobWriter,
+    aligned_empty,
+    check_value,
+)
 from batuta.protocol._wire import TAGS, from_wire, to_wire
 from batuta.protocol.chunks import (
     CHUNK_MARK,
@@ -60,6 +68,7 @@ __all__ = [
     "ALIGN",
     "DEFAULT_MAX_FRAME_BYTES",
     "LARGE_FRAME_BYTES",
+    "MAX_VALUE_DEPTH",
     "OOB_MIN_BYTES",
     "TAGS",
     "FrameDecoder",

@@ -23,15 +23,19 @@ from typing import Any
 
 import numpy as np
 
+from batuta.protocol.codec import MAX_VALUE_DEPTH
+
 COPY_MAX_BYTES = 1 << 20
 _SCALARS = frozenset({int, float, str, bytes, bool, type(None)})
 
 
-def taken(value: Any, large: list[np.ndarray] | None = None, held: InFlight | None = None) -> Any:
+def taken(value: Any, large: list[np.ndarray] | None = None, held: InFlight | None = None, depth: int = 0) -> Any:
     """`value` with each small writeable array in it (inside tuples, lists and dicts, at any
-    depth) replaced by a copy; the same object where nothing needed one. The large writeable
-    arrays, left in place, are appended to `large` (for `InFlight.hold`), and so are those
-    that `held` made read-only for other tasks."""
+    depth the wire allows) replaced by a copy; the same object where nothing needed one. The
+    large writeable arrays, left in place, are appended to `large` (for `InFlight.hold`), and
+    so are those that `held` made read-only for other tasks."""
+    if depth > MAX_VALUE_DEPTH:  # the check after this refuses it in a line (a list that holds itself)
+        return value
     kind = type(value)
     if kind in _SCALARS:
         return value
@@ -46,12 +50,12 @@ def taken(value: Any, large: list[np.ndarray] | None = None, held: InFlight | No
             large.append(value)
         return value
     if kind is tuple or kind is list:
-        items = [taken(item, large, held) for item in value]
+        items = [taken(item, large, held, depth + 1) for item in value]
         if all(new is old for new, old in zip(items, value, strict=True)):
             return value
         return tuple(items) if kind is tuple else items
     if kind is dict:
-        entries = {key: taken(item, large, held) for key, item in value.items()}
+        entries = {key: taken(item, large, held, depth + 1) for key, item in value.items()}
         if all(entries[key] is item for key, item in value.items()):
             return value
         return entries
