@@ -336,6 +336,12 @@ def test_descriptions() -> None:
     assert describe_exit(-signal.SIGKILL) == "killed by signal 9 (SIGKILL)"
     assert describe_exception(ValueError("bad\ninput")) == "ValueError: bad input"
     assert describe_exception(KeyError()) == "KeyError"
+
+    class Unsayable(Exception):  # a user's exception whose __str__ raises: its type still said
+        def __str__(self) -> str:
+            raise RuntimeError("str fails")
+
+    assert describe_exception(Unsayable()) == "Unsayable: (its str() raised RuntimeError('str fails'))"
     long = "TypeError: " + "x" * 2000 + "; fix it like this"
     assert len(one_line(long)) == 1000
     assert one_line(long).startswith("TypeError: x") and one_line(long).endswith("x; fix it like this")

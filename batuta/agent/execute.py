@@ -54,7 +54,10 @@ def one_line(text: str, limit: int = _ERROR_TEXT_CAP) -> str:
 
 def describe_exception(exc: BaseException) -> str:
     """ "ValueError: n must be positive" -- the form every error line takes."""
-    message = str(exc)
+    try:
+        message = str(exc)
+    except Exception as failed:  # a user's __str__ that raises: the type is still worth saying
+        message = f"(its str() raised {failed!r})"
     return one_line(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
 
 
