@@ -277,3 +277,43 @@ async def test_job_checkpoints_is_set_by_the_runner_only(tmp_path: Path) -> None
 
 async def _read_job_checkpoints() -> CheckpointManager | None:
     return job_checkpoints()
+
+
+async def test_another_programs_ckpt_files_are_never_listed_or_deleted(tmp_path: Path) -> None:
+    """`--journal proj` without --resume deleted every *.ckpt in proj/checkpoints: PyTorch
+    Lightning's files (`epoch=3-step=100.ckpt`, `last.ckpt`) included."""
+    manager = CheckpointManager(tmp_path)
+    theirs = [tmp_path / "epoch=3-step=100.ckpt", tmp_path / "last.ckpt"]
+    for path in theirs:
+        path.write_bytes(b"PK\x03\x04 not ours")
+    await manager.save("it_1", {"x": 1})
+    await manager.save("it_2", {"x": 2})
+    assert [info.name for info in manager.list()] == ["it_1", "it_2"]
+    assert await manager.cleanup(keep=0) == ["it_1", "it_2"]
+    assert all(path.read_bytes() == b"PK\x03\x04 not ours" for path in theirs)
+
+
+def test_a_save_the_disk_refuses_is_one_line_and_leaves_no_temporary(tmp_path: Path) -> None:
+    """A full disk gave a 30-line OSError traceback from the job's save, and the half-written
+    temporary file stayed. (A file size limit stands in for the full disk: the same OSError.)"""
+    script = (
+        "import resource, signal, sys\n"
+        "import numpy as np\n"
+        "from pathlib import Path\n"
+        "from batuta.observers.checkpoint import CheckpointError, write_checkpoint\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an EFBIG error instead of the signal\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
+        "try:\n"
+        "    write_checkpoint(Path(sys.argv[1]) / 'big.ckpt', 'big', {'a': np.zeros(1 << 20)})\n"
+        "except CheckpointError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        f"checkpoint 'big': cannot write {tmp_path / 'big.ckpt'}: File too large; free the disk (or fix the "
+        "folder) and run again with --resume"
+    )
+    assert list(tmp_path.iterdir()) == []

@@ -6,6 +6,7 @@ import asyncio
 import importlib
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -304,6 +305,43 @@ async def test_a_resume_naming_the_job_file_another_way_takes_the_journals_name(
     assert said.startswith(f"journal {tmp_path / 'J'} was written by job job.py, not other.py: only its tasks")
 
 
+async def test_a_resume_clears_what_writes_killed_midway_left(tmp_path: Path) -> None:
+    """A kill during a checkpoint's save, or during the journal's rewrite, left its temporary
+    file (as big as the checkpoint, or the journal) for good: --resume kept it."""
+    first = await Journal.open(tmp_path, job="j", resume=False)
+    await first.checkpoints.save("it_0", {"x": 1})
+    await first.close()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftovers = [
+        tmp_path / "checkpoints" / f".it_1.ckpt.{int(dead.stdout)}.0badc0de.tmp",
+        tmp_path / f".{JOURNAL_FILE}.{int(dead.stdout)}.tmp",
+    ]
+    for path in leftovers:
+        path.write_bytes(b"half of it")
+    again = await Journal.open(tmp_path, job="j", resume=True)
+    assert not any(path.exists() for path in leftovers)
+    assert [info.name for info in again.checkpoints.list()] == ["it_0"]
+    await again.close()
+
+
+async def test_a_journal_two_jobs_ran_by_turns_warns_of_neither(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """run.json names the last job only: resuming a.py after a run of b.py in its folder warned
+    that the journal was b.py's, and told to resume b.py, then restored a.py's tasks."""
+    for job in ("a.py", "b.py"):
+        journal = await Journal.open(tmp_path, job=job, resume=True)
+        await journal.bind("")
+        journal.record(f"{job}/spin/00#{job}:0", result(1, 1), (job, 0))
+        await journal.close()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="batuta.observers.journal"):
+        again = await Journal.open(tmp_path, job="a.py", resume=True)
+    assert again.job == "a.py" and not caplog.records
+    assert again.get("a.py/spin/00#a.py:0") is not None
+    await again.close()
+
+
 async def test_a_folder_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
     """An existing read-only folder gave a 25-line traceback; a missing one, one line."""
     with pytest.raises(JournalError, match=r"^cannot use '/sys/kernel' as a journal folder: Permission denied$"):
@@ -453,6 +491,64 @@ async def test_a_changed_task_at_a_journaled_place_runs_again_with_one_warning(
     assert [r.restored for r in results] == [True, False, True, False]
     warnings = [r.getMessage() for r in caplog.records if "is not the one journaled there" in r.getMessage()]
     assert len(warnings) == 1 and "task 1 of job 'j'" in warnings[0]
+
+
+async def checkpointed_run(
+    tmp_path: Path, *, resume: bool, iterations: int, stop_after: int | None = None
+) -> list[list[bool]]:
+    """The checkpoint pattern of job authors: 4 identical `spin` tasks an iteration (their
+    arguments say nothing of the state, as where the state is kept in a file), a checkpoint
+    after each; resumed, from the newest. With `stop_after`, the last iteration journals only
+    that many results (a kill). Returns, per iteration run, which tasks were restored."""
+    journal = await Journal.open(tmp_path, job="j", resume=resume)
+    store = JournalStore(journal, resume=resume)
+    journal.checkpoints.places = store
+    restored: list[list[bool]] = []
+    async with make_pool() as pool:
+        pool.set_result_store(store)
+        last = await journal.checkpoints.latest()
+        start = int(last.state["iteration"]) + 1 if last is not None else 0
+        with pool.job("j"):
+            for iteration in range(start, start + iterations):
+                if stop_after is not None and iteration == start + iterations - 1:
+                    await interrupted_iteration(pool, stop_after)
+                    break
+                futures = [pool.submit_nowait(SPIN) for _ in range(4)]
+                restored.append([(await f).restored for f in futures])
+                await journal.checkpoints.save(f"it_{iteration}", {"iteration": iteration})
+    await journal.close()
+    return restored
+
+
+async def interrupted_iteration(pool: Pool, journaled: int) -> None:
+    """4 SPIN tasks of which `journaled` reach the journal (the store is taken away as the last
+    of them is recorded: what a kill -9 leaves); the rest are abandoned."""
+    killed = asyncio.Event()
+    succeeded = 0
+
+    def on_event(event: object) -> None:
+        nonlocal succeeded
+        if isinstance(event, pe.TaskFinished) and event.result.is_success() and not killed.is_set():
+            succeeded += 1
+            if succeeded == journaled:
+                pool.set_result_store(None)
+                killed.set()
+
+    unsubscribe = pool.subscribe(on_event)
+    futures = [pool.submit_nowait(SPIN) for _ in range(4)]
+    await asyncio.wait_for(killed.wait(), timeout=60)
+    unsubscribe()
+    for future in futures:
+        future.cancel()
+
+
+async def test_a_job_resumed_from_its_checkpoint_meets_its_own_places(tmp_path: Path) -> None:
+    """A job resumed from its checkpoint at iteration 3 submitted its tasks as tasks 0, 1, 2...
+    again: they met iteration 0's places and, their arguments equal, got iteration 0's results
+    (a wrong answer, silently), and the iteration that was interrupted ran again whole."""
+    await checkpointed_run(tmp_path, resume=False, iterations=4, stop_after=2)  # 0, 1, 2 saved; 3 half done
+    resumed = await checkpointed_run(tmp_path, resume=True, iterations=3)
+    assert [sum(flags) for flags in resumed] == [2, 0, 0]  # iteration 3's two done, nothing of 0 or 1
 
 
 def test_only_kernels_registered_pure_here_are_pure() -> None:

@@ -198,7 +198,9 @@ async def run_job(
         try:
             if run_journal is not None:
                 await run_journal.bind(pool.code_digest)  # its checkpoints: this job's, this code's
-                pool.set_result_store(JournalStore(run_journal, resume=resume))
+                store = JournalStore(run_journal, resume=resume)
+                pool.set_result_store(store)
+                run_journal.checkpoints.places = store  # a checkpoint keeps where the places are
             started = time.perf_counter()
             try:
                 with (

@@ -42,6 +42,16 @@ the folder starts empty. The pattern:
 
 Checkpoints are ordered by when they were written (file modification time, then name), so
 names need not sort; `cleanup(keep=3)` keeps the three newest.
+
+**Places.** Under `--journal`, a task that is not pure is journaled at its place in the job
+(the n-th submitted, `batuta.observers.journal`). A job that resumes from a checkpoint submits
+again from there, so its places would start at 0: the n-th task after the checkpoint met the
+n-th task of the first iteration, and where their arguments were equal (state kept in a file,
+not in the arguments) got that iteration's result back. A checkpoint saved by such a run keeps
+how many tasks each pool job had submitted (the header's `places`); the first one a resumed
+run loads sets its count back there (`PlaceCounts`), so the tasks after it meet their own.
+Only what a file's own header says is trusted: a folder may hold other programs' `.ckpt`
+files (PyTorch Lightning writes `checkpoints/*.ckpt`), which are never deleted here.
 """
 
 from __future__ import annotations
@@ -55,11 +65,11 @@ import os
 import re
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import numpy as np
@@ -111,6 +121,15 @@ class Checkpoint:
     path: Path
     state: dict[str, Any]
     created: float  # seconds since the epoch, as the writer's clock said
+    places: dict[str, int] | None = None  # tasks submitted per pool job when it was saved (see Places)
+
+
+class PlaceCounts(Protocol):
+    """The journal's count of tasks submitted per pool job (`JournalStore`)."""
+
+    def counts(self) -> dict[str, int]: ...
+
+    def restart_at(self, counts: Mapping[str, int], checkpoint: str) -> None: ...
 
 
 # -- the state tree codec (shared with the journal) -----------------------------------------
@@ -244,13 +263,17 @@ def _aligned_empty(nbytes: int) -> np.ndarray:
     return raw[skip : skip + nbytes]
 
 
-def write_checkpoint(path: Path, name: str, state: dict[str, Any]) -> int:
-    """Write `state` to `path` atomically and durably; returns the file's size. Blocking."""
+def write_checkpoint(path: Path, name: str, state: dict[str, Any], *, places: Mapping[str, int] | None = None) -> int:
+    """Write `state` to `path` atomically and durably; returns the file's size. Blocking.
+    Raises CheckpointError for a bad state and for a file that cannot be written (a full disk)."""
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {name!r}: the state must be a dict, not {type(state).__name__}")
     encoder = TreeEncoder()
     tree = encoder.encode(state, "state")
-    header = msgpack.packb({"name": name, "created": time.time(), "state": tree}, use_bin_type=True)
+    fields: dict[str, Any] = {"name": name, "created": time.time(), "state": tree}
+    if places is not None:
+        fields["places"] = dict(places)
+    header = msgpack.packb(fields, use_bin_type=True)
     prefix = _PREFIX.pack(MAGIC, VERSION, len(header)) + header
     parts: list[bytes | memoryview] = [prefix, bytes(-len(prefix) % ALIGN), *encoder.data_parts()]
     digest = hashlib.sha256()
@@ -266,11 +289,19 @@ def write_checkpoint(path: Path, name: str, state: dict[str, Any]) -> int:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:  # said as the journal's own write errors are, not as a traceback
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        why = exc.strerror or str(exc)
+        raise CheckpointError(
+            f"checkpoint {name!r}: cannot write {path}: {why}; free the disk (or fix the folder) and run again "
+            "with --resume"
+        ) from None
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    fsync_dir(path.parent)
     return size + _DIGEST_BYTES
 
 
@@ -308,8 +339,13 @@ def read_checkpoint(path: Path) -> Checkpoint:
     decoder = TreeDecoder(buf[data_start : size - _DIGEST_BYTES])
     try:
         header = decoder.unpack(buf[_PREFIX.size : header_end].data)
+        places = header.get("places")
         return Checkpoint(
-            name=str(header["name"]), path=path, state=dict(header["state"]), created=float(header["created"])
+            name=str(header["name"]),
+            path=path,
+            state=dict(header["state"]),
+            created=float(header["created"]),
+            places={str(job): int(n) for job, n in places.items()} if isinstance(places, dict) else None,
         )
     except CorruptCheckpointError as exc:
         raise CorruptCheckpointError(f"{path}: {exc}") from None
@@ -333,6 +369,7 @@ class CheckpointManager:
 
     def __init__(self, directory: str | os.PathLike[str], *, create: bool = True) -> None:
         self.directory = Path(directory)
+        self.places: PlaceCounts | None = None  # a journaled run's (see Places in the module doc)
         if create:
             self.directory.mkdir(parents=True, exist_ok=True)
         elif not self.directory.is_dir():
@@ -348,7 +385,8 @@ class CheckpointManager:
     async def save(self, name: str, state: dict[str, Any]) -> CheckpointInfo:
         """Write `state` as checkpoint `name`; returns where it went. Never blocks the loop."""
         path = self.path_of(name)
-        size = await asyncio.to_thread(write_checkpoint, path, name, state)
+        places = self.places.counts() if self.places is not None else None  # now: the tasks before the save
+        size = await asyncio.to_thread(write_checkpoint, path, name, state, places=places)
         log.info("checkpoint %s saved (%d bytes) to %s", name, size, path)
         return CheckpointInfo(name=name, path=path, size=size, mtime_ns=path.stat().st_mtime_ns)
 
@@ -368,14 +406,22 @@ class CheckpointManager:
         if not path.exists():
             raise CheckpointError(f"no checkpoint named {name!r} in {str(self.directory)!r}")
         try:
-            return (await asyncio.to_thread(read_checkpoint, path)).state
+            return self._restarting(await asyncio.to_thread(read_checkpoint, path)).state
         except CorruptCheckpointError as exc:
             log.warning("checkpoint file %s is corrupt: %s", path, exc)
             raise
 
     async def latest(self) -> Checkpoint | None:
         """The newest checkpoint that reads back intact, or None if there is none."""
-        return await asyncio.to_thread(self._latest_sync)
+        found = await asyncio.to_thread(self._latest_sync)
+        return self._restarting(found) if found is not None else None
+
+    def _restarting(self, checkpoint: Checkpoint) -> Checkpoint:
+        """A job that loads a checkpoint restarts from it: its tasks take their places again
+        from where the saving run was (see Places in the module doc)."""
+        if self.places is not None and checkpoint.places is not None:
+            self.places.restart_at(checkpoint.places, checkpoint.name)
+        return checkpoint
 
     def _latest_sync(self) -> Checkpoint | None:
         for info in reversed(self.list()):
@@ -393,6 +439,8 @@ class CheckpointManager:
         with os.scandir(self.directory) as entries:
             for entry in entries:
                 if entry.name.startswith(".") or not entry.name.endswith(SUFFIX) or not entry.is_file():
+                    continue
+                if not is_checkpoint_file(entry.path):  # another program's .ckpt: not ours to read or delete
                     continue
                 try:
                     st = entry.stat()
@@ -442,19 +490,31 @@ class CheckpointManager:
             with contextlib.suppress(FileNotFoundError):
                 info.path.unlink()
                 removed.append(info.name)
-        self._remove_orphaned_temporaries()
+        self.remove_orphaned_temporaries()
         if removed:
             fsync_dir(self.directory)
             log.info("removed %d checkpoint(s) from %s", len(removed), self.directory)
         return removed
 
-    def _remove_orphaned_temporaries(self) -> None:
+    def remove_orphaned_temporaries(self) -> None:
+        """Delete the temporary files of saves whose process is gone (killed midway)."""
         with os.scandir(self.directory) as entries:
             for entry in entries:
                 match = _TMP.match(entry.name)
                 if match and not _pid_alive(int(match["pid"])):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(entry.path)
+
+
+def is_checkpoint_file(path: str | os.PathLike[str]) -> bool:
+    """Whether the file at `path` may be one of batuta's checkpoints: it starts with their
+    magic, or with a part of it (a file cut short, empty included, which `latest()` then skips
+    with a warning). A file that starts otherwise is another program's."""
+    try:
+        with open(path, "rb") as f:
+            return MAGIC.startswith(f.read(len(MAGIC)))
+    except OSError:
+        return False
 
 
 def _natural(name: str) -> list[Any]:

@@ -23,9 +23,11 @@ task counts, restored or not, whatever its key). Two hundred identical tasks are
 places: a run killed after 56 of them resumes with exactly 56 restored. The hash is a check:
 when the n-th task of a resumed run computes something else than the journaled n-th (the
 job changed, or it submits from concurrent coroutines in another order), it is not restored
-but runs again, with one warning per pool job. A job resuming from a checkpoint submits
-fewer tasks than the run it resumes, so its places shift: its non-pure tasks run again
-(its pure ones, such as the shipped workloads' kernels, are still restored).
+but runs again, with one warning per pool job. A job resuming from a checkpoint submits again
+from there: the first checkpoint it loads sets the places back to where they were when it was
+saved (`batuta.observers.checkpoint`, Places), so the tasks after it meet their own places
+(without that, the n-th task after the checkpoint met the n-th task of the first iteration,
+and where their arguments were equal got that iteration's result back).
 
 In both forms `<job>` is the job's name as given to `batuta run` (for a job file, the path
 as typed; a resume that names the same file another way takes the journal's spelling,
@@ -84,6 +86,7 @@ import os
 import struct
 import zlib
 from collections import defaultdict, deque
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -359,10 +362,12 @@ class Journal:
         folder = Path(directory)
         entries, places, file, lock = await asyncio.to_thread(_open_sync, folder, resume)
         if resume:
-            job = _journaled_name(folder, job)
+            job = _journaled_name(folder, job, entries)
         journal = cls(folder, job, entries, file, places, lock)
         if not resume:
             await asyncio.to_thread(_discard_checkpoints, journal.checkpoints)
+        else:  # what a save killed midway left (a checkpoint's size, for good): its writer is gone
+            await asyncio.to_thread(journal.checkpoints.remove_orphaned_temporaries)
         return journal
 
     async def bind(self, code: str) -> None:
@@ -528,6 +533,9 @@ def _lock(folder: Path) -> int:
 
 def _open_locked(folder: Path, resume: bool) -> tuple[dict[str, TaskResult], dict[Place, str], Any]:
     path = folder / JOURNAL_FILE
+    for leftover in folder.glob(f".{JOURNAL_FILE}.*.tmp"):  # a rewrite killed midway: we hold the lock now
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
     entries: dict[str, TaskResult] = {}
     places: dict[Place, str] = {}
     if resume and path.exists():
@@ -558,12 +566,7 @@ def _open_locked(folder: Path, resume: bool) -> tuple[dict[str, TaskResult], dic
     if not resume or not path.exists():
         if path.exists() and path.stat().st_size > len(MAGIC):
             log.warning("journal %s: starting over (pass --resume to reuse its results)", path)
-        tmp = path.with_name(f".{JOURNAL_FILE}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(MAGIC)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _replace(path, [MAGIC])
     file = open(path, "ab")  # noqa: SIM115 - lives as long as the journal
     fsync_dir(folder)
     return entries, places, file
@@ -572,24 +575,37 @@ def _open_locked(folder: Path, resume: bool) -> tuple[dict[str, TaskResult], dic
 def _rewrite_without(path: Path, skipped: list[tuple[int, int]], good: int) -> None:
     """Replace the journal by its sound records up to `good` (renamed into place, synced), so
     that appends follow sound records and the next resume does not warn again."""
-    data = path.read_bytes()[:good]
+    data = memoryview(path.read_bytes())[:good]
+    parts, start = [], 0
+    for begin, end in skipped:
+        parts.append(data[start:begin])
+        start = end
+    parts.append(data[start:])
+    _replace(path, parts)
+
+
+def _replace(path: Path, parts: Sequence[bytes | memoryview]) -> None:
+    """Write `parts` as `path`, through a temporary file renamed into place (synced); the
+    temporary file is removed when the write fails (a full disk)."""
     tmp = path.with_name(f".{JOURNAL_FILE}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        start = 0
-        for begin, end in skipped:
-            f.write(data[start:begin])
-            start = end
-        f.write(data[start:])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            for part in parts:
+                f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _reason(exc: BaseException) -> str:
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
-def _journaled_name(folder: Path, job: str) -> str:
+def _journaled_name(folder: Path, job: str, entries: Mapping[str, TaskResult]) -> str:
     """The job name a resumed run keys its tasks by: the journal's own where it names the same
     job file another way (`./job.py`, an absolute path, for `job.py`), since a task's key holds
     the job's name as typed and every task of the run then ran again, silently. A journal of
@@ -609,6 +625,8 @@ def _journaled_name(folder: Path, job: str) -> str:
     if same:
         log.info("journal %s: resuming job %s as %s, the name its results were journaled under", folder, job, journaled)
         return journaled
+    if any(key.startswith(f"{job}/") for key in entries):  # run.json names the last job only
+        return job  # one journal for two jobs, run by turns: this one's results are there too
     log.warning(
         "journal %s was written by job %s, not %s: only its tasks known by content (pure kernels, Task.key) "
         "are restored; resume with 'batuta run %s ...' to restore the rest",
@@ -621,7 +639,7 @@ def _journaled_name(folder: Path, job: str) -> str:
 
 
 def _discard_checkpoints(manager: CheckpointManager, *, say: bool = True) -> None:
-    stale = manager.list()
+    stale = manager.list()  # batuta's only: another program's .ckpt files there are left alone
     if stale and say:
         log.warning("journal: discarding %d checkpoint(s) of an earlier run in %s", len(stale), manager.directory)
     for info in stale:
@@ -656,6 +674,23 @@ class JournalStore:
         self._submitted: dict[str, int] = defaultdict(int)  # tasks looked up, per pool job
         self._waiting: dict[tuple[str, str], deque[int]] = {}  # places not yet recorded, by (pool job, content)
         self._warned: set[str] = set()  # pool jobs already warned about a changed task
+        self._restarted = False  # a checkpoint set the places back (restart_at), as it may once
+
+    def counts(self) -> dict[str, int]:
+        """Tasks submitted so far, per pool job: what a checkpoint saved now keeps."""
+        return dict(self._submitted)
+
+    def restart_at(self, counts: Mapping[str, int], checkpoint: str) -> None:
+        """The job restarts from `checkpoint`, saved when its pool jobs had submitted `counts`:
+        its next tasks take the places the saving run's next tasks took. Only in a resumed run,
+        and only for the first checkpoint it loads (the job's restart; a later load is not one)."""
+        if not self._resume or self._restarted:
+            return
+        self._restarted = True
+        for job, n in counts.items():
+            if n > self._submitted[job]:
+                self._submitted[job] = n
+        log.info("journal: the job restarts from checkpoint %s: its tasks take their places from there", checkpoint)
 
     def lookup(self, task: Task, job: str, *, code: str = "") -> TaskResult | None:
         n = self._submitted[job]
