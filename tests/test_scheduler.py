@@ -391,6 +391,30 @@ def test_a_task_whose_host_keeps_going_down_before_it_starts_is_lost_not_requeue
     assert sim.resolved[ahead][0].status is TaskStatus.SUCCEEDED and sim.resolved[ahead][0].attempts == 6
 
 
+def test_a_host_lost_once_is_one_loss_to_each_task_that_waited_there() -> None:
+    """Its slots were lost one by one: a task requeued from the first was fed to the next,
+    still up, and lost with it again, so that one loss of a host of 8 slots failed a task
+    that had waited there as "went down 5 times" (and counted 8 requeues)."""
+    sim = Sim(Scheduler(SchedulerConfig(initial_window=2, tail_tasks_per_slot=0)))
+    for index in range(8):
+        sim.add_slot(f"big/{index}", host_id="big")
+    sim.add_slot("other/0", host_id="other")
+    for _ in range(9):  # one on every slot, so that the next waits behind one of big's
+        sim.submit()
+    waiting = sim.submit()
+    assert any(t == waiting for t, _ in sim.slots["big/0"].queue)
+    for slot_id in sim.slots:
+        sim.start(slot_id)
+    sim.lose_host("big", reason="no heartbeat for 8.0s")
+    sim.sched.validate()
+    requeued = [i for i in sim.instructions if isinstance(i, ev.AnnounceRequeue) and i.task_id == waiting]
+    assert len(requeued) == 1 and requeued[0].reason == "big/0 lost before it started: no heartbeat for 8.0s"
+    assert waiting not in sim.resolved
+    sim.run_to_completion()
+    sim.assert_each_resolved_once()
+    assert sim.resolved[waiting][0].status is TaskStatus.SUCCEEDED and sim.resolved[waiting][0].slot_id == "other/0"
+
+
 def test_retired_slots_are_not_held_against_a_task_that_had_not_started() -> None:
     """Slots retired for good (drained, an allocation that ended) are not the task's doing."""
     sim = sim_with(*"abcdef", config=SchedulerConfig(initial_window=2, tail_tasks_per_slot=0))

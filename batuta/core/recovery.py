@@ -20,19 +20,35 @@ if TYPE_CHECKING:
     from batuta.core.scheduler import Scheduler
 
 
+def lose_slots(scheduler: Scheduler, slots: list[SlotRecord], reason: str, retired: bool) -> None:
+    """`slots` are gone (lost, or retired for good; a host's, together): each deque goes back
+    to the injector, and each task in their windows is requeued, retried, or lost as the
+    attempt rules say. Every one of them is marked gone before any task is requeued: a task
+    requeued from the first was fed to the next, still up, and lost again with it, so that
+    a host of 8 slots lost a waiting task 8 times in one loss (and failed it as lost)."""
+    gone = []
+    for slot in slots:
+        if slot.state in (SlotState.LOST, SlotState.RETIRED):
+            if retired:
+                scheduler._set_state(slot, SlotState.RETIRED)
+                scheduler._capability_epoch += 1
+            continue
+        scheduler._set_state(slot, SlotState.RETIRED if retired else SlotState.LOST)
+        scheduler._capability_epoch += 1
+        scheduler._hungry.discard(slot)
+        scheduler._sends.pop(slot.slot_id, None)
+        scheduler._made_ahead.pop(slot.slot_id, None)
+        gone.append(slot)
+    for slot in gone:
+        _requeue_from(scheduler, slot, reason, retired)
+
+
 def lose_slot(scheduler: Scheduler, slot: SlotRecord, reason: str, retired: bool) -> None:
-    """`slot` is gone (lost, or retired for good): its deque goes back to the injector, and
-    each task in its window is requeued, retried, or lost as the attempt rules say."""
-    if slot.state in (SlotState.LOST, SlotState.RETIRED):
-        if retired:
-            scheduler._set_state(slot, SlotState.RETIRED)
-            scheduler._capability_epoch += 1
-        return
-    scheduler._set_state(slot, SlotState.RETIRED if retired else SlotState.LOST)
-    scheduler._capability_epoch += 1
-    scheduler._hungry.discard(slot)
-    scheduler._sends.pop(slot.slot_id, None)
-    scheduler._made_ahead.pop(slot.slot_id, None)
+    """`lose_slots` for one slot."""
+    lose_slots(scheduler, [slot], reason, retired)
+
+
+def _requeue_from(scheduler: Scheduler, slot: SlotRecord, reason: str, retired: bool) -> None:
     requeue_deque(scheduler, slot)
     for entry in list(slot.window.values()):
         del slot.window[entry.task_id]

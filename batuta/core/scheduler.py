@@ -370,8 +370,7 @@ class Scheduler:
             deps.on_host_lost(self, ev.host_id, ev.reason)
         if ev.retired and self._expected.pop(ev.host_id, None) is not None:
             self._capability_epoch += 1
-        for slot in list(self._host_slots.get(ev.host_id, ())):
-            recovery.lose_slot(self, slot, ev.reason, ev.retired)
+        recovery.lose_slots(self, list(self._host_slots.get(ev.host_id, ())), ev.reason, ev.retired)
         self._drain_announced.discard(ev.host_id)  # still drained: announced again when it is back
         recovery.after_capacity_change(self)
 
