@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -222,3 +223,46 @@ async def test_an_argument_that_gets_the_agent_oom_killed_fails_its_task_and_spa
     assert lost.status is TaskStatus.LOST
     assert (lost.error or "").startswith("its host went down 5 times while it waited there, before it started")
     assert "killed by signal 9 (SIGKILL): out of memory on the host" in (lost.error or "")
+
+
+class SlowUplink:
+    """A local agent's stream whose bytes from the agent arrive at `rate` bytes a second, as
+    over a slow link (the host's uplink, at 10 Mbit/s, in the report): what the agent sends
+    ahead of its next heartbeat (a large result's chunks) then takes seconds to arrive."""
+
+    read_into = None  # the session then reads through `read`, the throttled way
+
+    def __init__(self, inner: Any, rate: float) -> None:
+        self._inner = inner
+        self._rate = rate
+        self._pending = b""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def read(self) -> bytes:
+        if not self._pending:
+            self._pending = await self._inner.read()
+        piece, self._pending = self._pending[:16384], self._pending[16384:]
+        await asyncio.sleep(len(piece) / self._rate)  # the link's pace, not a wait for anything
+        return piece
+
+
+async def test_a_host_sending_a_large_result_over_a_slow_link_is_not_lost() -> None:
+    """Liveness counted whole messages only: a 4 MB result took four seconds to arrive, its
+    heartbeats behind it, and the host was lost at `lost_after` (1 s here; 8 s against 10
+    Mbit/s in the report), over and over, until the task failed as lost."""
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    host = local_host(1, gpus="none", kernel_modules=[KERNELS], env=env)
+    real_launch = host.launch
+
+    async def slow_launch() -> Any:
+        return SlowUplink(await real_launch(), rate=1_000_000.0)
+
+    config = PoolConfig(heartbeat_interval=0.2, suspect_after=0.5, lost_after=1.0, relaunch_backoff=0.1)
+    async with Pool([replace(host, launch=slow_launch)], config) as pool:
+        a = np.full(1_000_000, 1.0, np.float32)
+        result = await asyncio.wait_for(pool.run(Task.kernel("vadd", a, a)), WAIT_S)
+        assert result.status is TaskStatus.SUCCEEDED and result.attempts == 1, result.error
+        assert np.array_equal(result.value, a + a)
+        assert pool.stats().requeues == 0

@@ -122,6 +122,9 @@ class SideLink(Protocol):
     def sending_bytes(self) -> int: ...
 
 
+BYTES_HEARD_EVERY_S = 0.25  # a frame arriving in parts refreshes the host's liveness this often
+
+
 class HostListener(Protocol):
     """What a session reports to (the pool). Every call happens on the event loop."""
 
@@ -177,6 +180,7 @@ class HostSession:
     _closing: bool = False
     _ready: asyncio.Future[None] | None = None
     _written_at: float = 0.0  # time.monotonic() of our last write to the agent
+    _bytes_heard_at: float = 0.0  # time.monotonic() when bytes of an unfinished frame last counted as heard
     data_link: SideLink | None = None  # closed with the stream
 
     @property
@@ -362,6 +366,8 @@ class HostSession:
                     if generation != self.generation:
                         return
                     self._dispatch(batch)
+                elif self.hello is not None and not ended:
+                    self._heard_bytes()
                 if ended or event is CLOSED:
                     if self.hello is None:
                         said = await stream.last_words(LAST_WORDS_WAIT_S)
@@ -409,6 +415,16 @@ class HostSession:
             return
         if batch:
             self._dispatch(batch)
+
+    def _heard_bytes(self) -> None:
+        """Bytes of a frame not whole yet (a large result arriving) count as hearing from the
+        host: its heartbeats wait behind them, and on a slow link (10 Mbit/s) the 8 MiB it may
+        send ahead took longer than `lost_after`, so a host sending all it could was lost,
+        over and over, and the result never came back. Said at most every quarter second."""
+        now = time.monotonic()
+        if now - self._bytes_heard_at >= BYTES_HEARD_EVERY_S:
+            self._bytes_heard_at = now
+            self.listener.host_messages(self, [])
 
     def _dispatch(self, batch: list[m.Message]) -> None:
         if self.hello is None:
