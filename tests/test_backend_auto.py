@@ -85,3 +85,19 @@ def test_an_explicit_backend_is_never_second_guessed() -> None:
     tiny = np.zeros(3)
     choice = select_backend(KernelCall(name="vadd", args=(tiny, tiny)), Backend.GPU, gpu_available=True)
     assert choice.backend is Backend.GPU
+
+
+def test_a_task_that_requires_a_gpu_slot_runs_its_gpu_variant() -> None:
+    """`requires=["gpu:1"]` under AUTO picked scalar for a small array and asked a CPU slot of
+    GPU 1, which no slot offers: unschedulable, where the README says it picks GPU 1's slot."""
+    tiny = np.arange(10.0)
+    for tags in (frozenset({"gpu:1"}), frozenset({"gpu"})):
+        choice = select_backend(KernelCall(name="sum", args=(tiny,)), Backend.AUTO, gpu_available=True, requires=tags)
+        assert choice.backend is Backend.GPU and choice.reason == "it requires a GPU slot: its GPU variant"
+    cpu_only = GpuRule(has_gpu=False, min_elements=None)  # nothing to run there: AUTO's pick as before
+    spin = KernelCall(name="spin", args=(0.1,))
+    choice = select_backend(spin, Backend.AUTO, gpu_available=True, rule=cpu_only, requires=frozenset({"gpu"}))
+    assert choice.backend is Backend.SCALAR
+    summed = KernelCall(name="sum", args=(tiny,))
+    tagged = select_backend(summed, Backend.AUTO, gpu_available=True, requires=frozenset({"avx512"}))
+    assert tagged.backend is Backend.SCALAR  # other tags change nothing

@@ -788,6 +788,9 @@ async def test_each_gpu_of_a_host_can_be_asked_for_by_its_index() -> None:
             await pool.run(Task.kernel("sum", x, backend=Backend.GPU, requires=[gpu_capability(i)])) for i in asked
         ]
         nowhere = await pool.run(Task.kernel("sum", x, backend=Backend.GPU, requires=[gpu_capability(2)]))
+        # as the README writes it, with no backend: AUTO picked scalar and found no CPU slot of GPU 1
+        as_written = await pool.run(Task.kernel("sum", x, requires=["gpu:1"]))
+    assert as_written.device.startswith("Fake GPU 1 (") and as_written.value == 64.0, as_written.error
     assert [r.device.split(" (")[0] for r in results] == [f"Fake GPU {i}" for i in asked]
     assert [r.value for r in results] == [64.0] * 3
     assert nowhere.status is TaskStatus.UNSCHEDULABLE and "gpu:2" in (nowhere.error or "")

@@ -94,18 +94,24 @@ def select_backend(
     quadratic: bool = False,
     thresholds: BackendThresholds | None = None,
     rule: GpuRule | None = None,
+    requires: frozenset[str] = frozenset(),
 ) -> BackendChoice:
     """Resolve `requested` (AUTO included) to a concrete backend, with the reason why.
 
     `rule` is what the kernel's registration says about its GPU variant (looked up by name
     in the registry when not given); `quadratic` is the complexity rule's input for kernels
-    that give no `gpu_min_elements`.
+    that give no `gpu_min_elements`. A task that `requires` a GPU slot ("gpu", "gpu:1") runs
+    its GPU variant: AUTO picked by size, and asked a CPU slot of GPU 1 (which none offers).
     """
     thresholds = thresholds or _DEFAULT_THRESHOLDS
     if isinstance(call, BinaryCall):
         return _choice(Backend.CPU, "binaries run on CPU slots")
     if requested is not Backend.AUTO:
         return _choice(requested, f"{requested.value} requested")
+    if requires and any(tag == "gpu" or tag.startswith("gpu:") for tag in requires):
+        rule = rule or gpu_rule(call.name)
+        if rule.has_gpu:
+            return _choice(Backend.GPU, "it requires a GPU slot: its GPU variant")
     n = element_count(call.args)
     if n < thresholds.scalar_below:
         return _choice(Backend.SCALAR, f"under {thresholds.scalar_below} elements: scalar (no overhead)")

@@ -281,6 +281,7 @@ class Pool:
             gpu_available=self._scheduler.offers(CAP_GPU),
             quadratic=isinstance(task.call, KernelCall) and superlinear(task.call.name),
             thresholds=self.config.thresholds,
+            requires=task.requires,
         )
         backend = choice.backend
         requires = requirements(backend, task.requires)
