@@ -164,6 +164,22 @@ def test_explicit_indices_and_none() -> None:
         plan_gpu_slots(GpuSelection(mode="list", indices=(0,)), (), "no NVIDIA driver", {})
 
 
+def test_explicit_indices_stay_within_cuda_visible_devices() -> None:
+    """`gpus = [0, 1]` on a node whose batch scheduler set CUDA_VISIBLE_DEVICES=1 used GPU 0
+    all the same (someone else's): only `auto` looked at the setting."""
+    pick = GpuSelection(mode="list", indices=(1,))
+    assert _planned(pick, {"CUDA_VISIBLE_DEVICES": "1"}) == [(1, "GPU-bbbb-2222")]
+    assert _planned(pick, {"CUDA_VISIBLE_DEVICES": "GPU-bbbb"}) == [(1, "GPU-bbbb-2222")]
+    with pytest.raises(UsageError) as info:
+        _planned(GpuSelection(mode="list", indices=(0, 1)), {"CUDA_VISIBLE_DEVICES": "1"})
+    assert str(info.value) == (
+        "--gpus 0,1: GPU 0 is not among those CUDA_VISIBLE_DEVICES='1' lets this agent use (1; a batch scheduler "
+        'may have set it); list only those, or use gpus = "auto", which takes them all'
+    )
+    with pytest.raises(UsageError, match=r"CUDA_VISIBLE_DEVICES='' lets this agent use \(none; "):
+        _planned(pick, {"CUDA_VISIBLE_DEVICES": ""})
+
+
 def test_fake_gpus_are_pinned_by_index() -> None:
     fake = FakeTelemetry(2).gpu_infos()
     assert _planned(GpuSelection(mode="auto"), {}, fake) == [(0, "0"), (1, "1")]

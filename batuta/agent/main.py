@@ -87,6 +87,19 @@ def plan_gpu_slots(
                 f"--gpus {','.join(map(str, selection.indices))}: "
                 f"no GPU {','.join(map(str, missing))} on this host (GPUs: {have})"
             )
+        visible_setting = environ.get("CUDA_VISIBLE_DEVICES")
+        if visible_setting is not None:
+            # A batch scheduler's (Slurm's) setting names the GPUs this job was given: listed
+            # GPUs outside it were used all the same, someone else's on a shared node.
+            visible = {g.index for g in _visible(gpus, visible_setting)}
+            hidden = [i for i in selection.indices if i not in visible]
+            if hidden:
+                allowed = ", ".join(str(i) for i in sorted(visible)) or "none"
+                raise UsageError(
+                    f"--gpus {','.join(map(str, selection.indices))}: GPU {','.join(map(str, hidden))} is not among "
+                    f"those CUDA_VISIBLE_DEVICES={visible_setting!r} lets this agent use ({allowed}; a batch scheduler "
+                    'may have set it); list only those, or use gpus = "auto", which takes them all'
+                )
         chosen = tuple(by_index[i] for i in selection.indices)
     plan = []
     for gpu in chosen:
