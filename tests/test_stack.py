@@ -580,6 +580,19 @@ def test_declared_gpus_that_are_not_there_are_a_finding(tmp_path: Path) -> None:
     assert "set gpus for local" in finding["suggestion"]
 
 
+def test_gpus_left_out_on_purpose_pass_the_gate(tmp_path: Path) -> None:
+    """`gpus = "none"` (examples/cluster.toml's default) on a node with GPUs was "GPUs were
+    found, but the agent offers no GPU slot", an error: every such gate failed."""
+    path = tmp_path / "cluster.toml"
+    path.write_text('[local]\ngpus = "none"\nenv = { BATUTA_FAKE_GPUS = "2", NUMBA_ENABLE_CUDASIM = "1" }\n')
+    done = stack("gate", "-c", str(path), "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (node,) = json.loads(done.stdout)["nodes"]
+    [gpu] = [f for f in node["findings"] if f["check"] in ("gpu", "cuda", "nvml")]
+    assert (gpu["check"], gpu["severity"]) == ("gpu", HEALTHY)
+    assert gpu["message"] == '2 GPUs here, not used (gpus = "none"): CUDA and NVML not checked'
+
+
 def test_a_node_the_file_gives_no_slot_and_that_has_no_gpu_is_an_error(tmp_path: Path) -> None:
     """It is checked with one CPU slot, so every other check passes: the pool, started from
     the same file, would run nothing there."""
