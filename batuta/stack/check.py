@@ -210,8 +210,8 @@ def gpu_findings(session: NodeSession, facts: NodeFacts) -> list[Finding]:
             Finding(node=node, check="gpu", severity=HEALTHY, message=f"no GPUs ({why}): CUDA and NVML not checked")
         ]
     if target.gpus == "none" and not session.gpu_slots:  # left out on purpose: an error failed every gate
-        count = f"{len(gpus_seen)} GPU{'s' if len(gpus_seen) != 1 else ''}"
-        message = f'{count} here, not used (gpus = "none"): CUDA and NVML not checked'
+        seen = f"{len(gpus_seen)} GPU{'s' if len(gpus_seen) != 1 else ''}"
+        message = f'{seen} here, not used (gpus = "none"): CUDA and NVML not checked'
         return [Finding(node=node, check="gpu", severity=HEALTHY, message=message)]
     found: list[Finding] = []
     nvml = (facts.info or {}).get("nvml") or {}
