@@ -105,6 +105,20 @@ async def test_a_bad_cap_in_the_environment_is_named_as_the_environment_variable
     )
 
 
+async def test_a_bad_gpu_cache_in_the_environment_stops_the_agent_at_its_start() -> None:
+    """BATUTA_GPU_CACHE=lots was read at a slot's first GPU task: `stack gate` passed, then
+    GPU tasks that read a put value failed one by one, and the others ran."""
+    python_path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {"PYTHONPATH": python_path, "BATUTA_GPU_CACHE": "lots", "BATUTA_FAKE_GPUS": "1"}
+    with pytest.raises(AgentError) as info:
+        async with Pool([local_host(1, gpus="auto", env=env)]):
+            pass
+    assert str(info.value).endswith(
+        "agent exited before saying hello: batuta agent: error: BATUTA_GPU_CACHE='lots': expected bytes (like 8G or "
+        "512M, 0 for no cache) or a share of the GPU's free memory (like 40%)"
+    )
+
+
 async def test_kept_results_past_the_cap_spill_are_reported_and_still_served(tmp_path: Path) -> None:
     env = {
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),

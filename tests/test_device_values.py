@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from batuta.kernels.registry import is_device_array
 
-from batuta.agent.device_values import DeviceValues, default_cap, parse_gpu_cache
+from batuta.agent.device_values import DeviceValues, default_cap
+from batuta.agent.objects import parse_gpu_cache
 from batuta.errors import UsageError
 
 

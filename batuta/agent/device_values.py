@@ -30,11 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from batuta.agent.objects import parse_amount
-from batuta.errors import UsageError
+from batuta.agent.objects import GPU_CACHE_ENV, parse_gpu_cache
 from batuta.kernels.registry import is_device_array
 
-GPU_CACHE_ENV = "BATUTA_GPU_CACHE"
 DEFAULT_SHARE = 0.5  # of the card's free memory when the slot first uses it
 SIMULATOR_CAP = 1 << 30
 
@@ -68,18 +66,6 @@ def upload(numba_cuda: Any, host: np.ndarray) -> Any:
         except Exception:  # the driver refused to lock it: the pageable copy below still works
             pass
     return numba_cuda.to_device(host)
-
-
-def parse_gpu_cache(text: str, free_bytes: int) -> int:
-    """`BATUTA_GPU_CACHE`: bytes (`8G`, `512M`, `0`) or a share of the card's free memory
-    (`40%`). Raises UsageError naming the value and the forms it takes."""
-    try:
-        return parse_amount(text, free_bytes, zero_share=True)
-    except ValueError:
-        raise UsageError(
-            f"{GPU_CACHE_ENV}={text!r}: expected bytes (like 8G or 512M, 0 for no cache) or a share of "
-            "the GPU's free memory (like 40%)"
-        ) from None
 
 
 def default_cap(free_bytes: int, simulated: bool, environ: Mapping[str, str] | None = None) -> int:

@@ -75,6 +75,23 @@ def parse_object_memory(text: str, memory_total: int, *, given: str = "--object-
         raise UsageError(f"{given} {text!r}: expected bytes (like 4G or 512M) or a share of RAM (like 25%)") from None
 
 
+GPU_CACHE_ENV = "BATUTA_GPU_CACHE"  # the GPU slots' device cache (device_values.py)
+
+
+def parse_gpu_cache(text: str, free_bytes: int) -> int:
+    """`BATUTA_GPU_CACHE`: bytes (`8G`, `512M`, `0`) or a share of the card's free memory
+    (`40%`). Raises UsageError naming the value and the forms it takes. Here, beside the
+    object memory's, so that the agent refuses a bad value at its start without importing
+    the device cache: read on a slot's first GPU task, it failed those tasks alone."""
+    try:
+        return parse_amount(text, free_bytes, zero_share=True)
+    except ValueError:
+        raise UsageError(
+            f"{GPU_CACHE_ENV}={text!r}: expected bytes (like 8G or 512M, 0 for no cache) or a share of "
+            "the GPU's free memory (like 40%)"
+        ) from None
+
+
 def host_memory() -> int:
     """This host's RAM in bytes (0 if unknown)."""
     try:
