@@ -257,7 +257,7 @@ def decode_tree(blob: bytes | bytearray | memoryview | np.ndarray, *, copy: bool
 # -- files ----------------------------------------------------------------------------------
 
 
-def _aligned_empty(nbytes: int) -> np.ndarray:
+def aligned_empty(nbytes: int) -> np.ndarray:
     raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
     skip = -raw.__array_interface__["data"][0] % ALIGN
     return raw[skip : skip + nbytes]
@@ -320,7 +320,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         size = os.fstat(f.fileno()).st_size
         if size < _PREFIX.size + _DIGEST_BYTES:
             raise CorruptCheckpointError(f"{path}: {size} bytes is too short for a checkpoint (truncated?)")
-        buf = _aligned_empty(size)
+        buf = aligned_empty(size)
         got = f.readinto(buf.data)
     if got != size:
         raise CorruptCheckpointError(f"{path}: read {got} of {size} bytes")

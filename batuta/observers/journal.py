@@ -63,7 +63,9 @@ buffers; no pickle). Records are
 appended in batches from a worker thread, with one fsync per batch, so the event loop never
 waits on the disk; a result is durable once its batch is synced. A crash mid-append leaves
 a torn last record: opening the journal drops it (with a warning) and truncates the file
-there. A damaged record in the middle whose length still leads to a sound record is skipped
+there. A resume reads the records one at a time and keeps only where each lies: a result is
+read back from the file when its task asks for it (`Records`), so a journal larger than this
+machine's memory resumes. A damaged record in the middle whose length still leads to a sound record is skipped
 (with a warning; the file is rewritten without it): that one result runs again, not all
 after it. Without `--resume` an existing journal, and the checkpoints beside it, are discarded
 (with a warning): the run starts over.
@@ -86,7 +88,7 @@ import os
 import struct
 import zlib
 from collections import defaultdict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +98,14 @@ from batuta.core.objects import ObjectRef
 from batuta.core.task import Backend, BinaryCall, KernelCall, Task, TaskResult, TaskStatus
 from batuta.errors import UsageError
 from batuta.observers.checkpoint import SUFFIX as CHECKPOINT_SUFFIX
-from batuta.observers.checkpoint import CheckpointError, CheckpointManager, decode_tree, encode_tree, fsync_dir
+from batuta.observers.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    aligned_empty,
+    decode_tree,
+    encode_tree,
+    fsync_dir,
+)
 
 log = logging.getLogger("batuta.observers.journal")
 
@@ -238,8 +247,10 @@ def _encode_record(key: str, r: TaskResult, place: Place | None = None) -> bytes
     return b"".join(encode_tree(record, where=f"result of {key!r}"))  # one copy: later mutation can't leak in
 
 
-def _decode_record(payload: memoryview) -> tuple[str, TaskResult, Place | None]:
-    d = decode_tree(payload, copy=True)
+def _decode_record(payload: np.ndarray) -> tuple[str, TaskResult, Place | None]:
+    """A record's key, result and place; the result's arrays are views of `payload` (which
+    they keep alive: read into a buffer of its own, as `Records.get` does, they are writable)."""
+    d = decode_tree(payload, copy=False)
     backend = d["backend"]
     result = TaskResult(
         task_id=int(d["task_id"]),
@@ -267,61 +278,114 @@ def _decode_record(payload: memoryview) -> tuple[str, TaskResult, Place | None]:
 
 def read_journal(path: Path) -> tuple[dict[str, TaskResult], int, int]:
     """(results by key, bytes of good records incl. the magic, file size). Blocking."""
-    entries, _places, good, size, _skipped = _read_journal(path)
-    return entries, good, size
+    records, _places, good, size, _skipped = _read_journal(path)
+    try:
+        return {key: result for key in records if (result := records.get(key)) is not None}, good, size
+    finally:
+        records.close()
 
 
-def _valid_at(data: bytes, view: memoryview, offset: int) -> bool:
-    """Whether a whole record with a matching CRC starts at `offset`."""
-    if offset + _RECORD.size > len(data):
-        return False
-    length, crc = _RECORD.unpack_from(data, offset)
+class Records:
+    """The journal's results as opened, by key, each read from the file and decoded when it
+    is asked for: they were all decoded into memory at the start, so a journal of 40 results
+    of 20 MB took 1.7 GB to resume a job that needed one of them."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self._at: dict[str, tuple[int, int]] = {}  # key -> (offset of its payload, its length)
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if path is not None else -1
+
+    def add(self, key: str, offset: int, length: int) -> None:
+        self._at[key] = (offset, length)
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._at)
+
+    def get(self, key: str) -> TaskResult | None:
+        """The result journaled under `key`, read now; None when there is none, or when the
+        file no longer holds it (replaced meanwhile: the task then runs again, said once)."""
+        where = self._at.get(key)
+        if where is None or self._fd < 0:
+            return None
+        offset, length = where
+        payload = aligned_empty(length)  # the restored arrays' own memory: writable, aligned
+        try:
+            if os.preadv(self._fd, [payload.data], offset) != length:
+                raise ValueError("the file is shorter than when it was opened")
+            return _decode_record(payload)[1]
+        except (OSError, ValueError, CheckpointError) as exc:
+            log.warning("journal: cannot read the result of %s back (%s); it runs again", key, exc)
+            del self._at[key]
+            return None
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _record_at(fd: int, offset: int, size: int) -> tuple[np.ndarray, int] | None:
+    """The payload of the record at `offset` and where the record ends, if it lies whole
+    within `size` bytes with a matching CRC; else None."""
+    if offset + _RECORD.size > size:
+        return None
+    length, crc = _RECORD.unpack(os.pread(fd, _RECORD.size, offset))
     end = offset + _RECORD.size + length
-    return end <= len(data) and zlib.crc32(view[offset + _RECORD.size : end]) == crc
+    if end > size:
+        return None
+    payload = aligned_empty(length)
+    if os.preadv(fd, [payload.data], offset + _RECORD.size) != length or zlib.crc32(payload.data) != crc:
+        return None
+    return payload, end
 
 
-def _read_journal(
-    path: Path,
-) -> tuple[dict[str, TaskResult], dict[Place, str], int, int, list[tuple[int, int]]]:
-    """read_journal, plus the key journaled at each place and the (start, end) of damaged
-    records skipped in the middle.
+def _read_journal(path: Path) -> tuple[Records, dict[Place, str], int, int, list[tuple[int, int]]]:
+    """The journal's records (by key, read when asked for), the key journaled at each place,
+    the bytes of good records (with the magic), the file's size and the (start, end) of
+    damaged records skipped in the middle. It reads one record at a time.
 
     A damaged record whose length still leads to a sound one is skipped, so damage in the
     middle of a long job's journal costs that one result, not every result after it; one
     that leads nowhere (its length is damaged too, or it is the last: a torn append) ends
     the trusted part."""
-    data = path.read_bytes()
-    if data[: len(MAGIC)] != MAGIC:
-        raise JournalError(f"{path} is not a batuta journal (bad magic); pass another --journal folder")
-    view = memoryview(data)
-    entries: dict[str, TaskResult] = {}
-    places: dict[Place, str] = {}
-    skipped: list[tuple[int, int]] = []
-    offset = len(MAGIC)
-    while offset + _RECORD.size <= len(data):
-        length, crc = _RECORD.unpack_from(data, offset)
-        end = offset + _RECORD.size + length
-        if end > len(data):
-            break
-        payload = view[offset + _RECORD.size : end]
-        decoded = None
-        if zlib.crc32(payload) == crc:
-            try:
-                decoded = _decode_record(payload)
-            except Exception as exc:  # passes its CRC but not the decoder: skipped or the end, as damage is
-                log.warning("journal %s: unreadable record at byte %d (%s)", path, offset, exc)
-        if decoded is None:
-            if not _valid_at(data, view, end):
+    records = Records(path)
+    fd = records._fd
+    try:
+        size = os.fstat(fd).st_size
+        if os.pread(fd, len(MAGIC), 0) != MAGIC:
+            raise JournalError(f"{path} is not a batuta journal (bad magic); pass another --journal folder")
+        places: dict[Place, str] = {}
+        skipped: list[tuple[int, int]] = []
+        offset = len(MAGIC)
+        while offset + _RECORD.size <= size:
+            length = _RECORD.unpack(os.pread(fd, _RECORD.size, offset))[0]
+            end = offset + _RECORD.size + length
+            if end > size:
                 break
-            skipped.append((offset, end))
+            found = _record_at(fd, offset, size)
+            decoded = None
+            if found is not None:
+                try:
+                    decoded = _decode_record(found[0])
+                except Exception as exc:  # passes its CRC but not the decoder: skipped or the end, as damage is
+                    log.warning("journal %s: unreadable record at byte %d (%s)", path, offset, exc)
+            if decoded is None:
+                if _record_at(fd, end, size) is None:
+                    break
+                skipped.append((offset, end))
+                offset = end
+                continue
+            key, _result, place = decoded  # checked whole; read again when asked for (Records.get)
+            records.add(key, offset + _RECORD.size, length)
+            if place is not None:
+                places[place] = key
             offset = end
-            continue
-        key, result, place = decoded
-        entries[key] = result
-        if place is not None:
-            places[place] = key
-        offset = end
-    return entries, places, offset, len(data), skipped
+    except BaseException:
+        records.close()
+        raise
+    return records, places, offset, size, skipped
 
 
 class Journal:
@@ -335,7 +399,7 @@ class Journal:
         self,
         directory: Path,
         job: str,
-        entries: dict[str, TaskResult],
+        entries: Records,
         file: Any,
         places: dict[Place, str] | None = None,
         lock: int = -1,
@@ -344,7 +408,7 @@ class Journal:
         self.path = directory / JOURNAL_FILE
         self.job = job
         self.checkpoints = CheckpointManager(directory / CHECKPOINT_DIR)
-        self._entries = entries  # what the journal held when opened: resume looks these up
+        self._entries = entries  # what the journal held when opened: resume looks these up (read when asked)
         self._places = places or {}  # the key journaled at each place, as opened
         self._file = file
         self._lock = lock  # the folder's lock, held until close (`_lock`)
@@ -476,6 +540,7 @@ class Journal:
                 except OSError as exc:  # its last buffered bytes: a full disk says so here
                     self._error = self._error or exc
                 self._file = None
+            self._entries.close()
             if self._lock >= 0:
                 os.close(self._lock)
                 self._lock = -1
@@ -486,7 +551,7 @@ class Journal:
             )
 
 
-def _open_sync(folder: Path, resume: bool) -> tuple[dict[str, TaskResult], dict[Place, str], Any, int]:
+def _open_sync(folder: Path, resume: bool) -> tuple[Records, dict[Place, str], Any, int]:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # a file of that name, or one on its path
@@ -531,14 +596,15 @@ def _lock(folder: Path) -> int:
     return fd
 
 
-def _open_locked(folder: Path, resume: bool) -> tuple[dict[str, TaskResult], dict[Place, str], Any]:
+def _open_locked(folder: Path, resume: bool) -> tuple[Records, dict[Place, str], Any]:
     path = folder / JOURNAL_FILE
     for leftover in folder.glob(f".{JOURNAL_FILE}.*.tmp"):  # a rewrite killed midway: we hold the lock now
         with contextlib.suppress(FileNotFoundError):
             leftover.unlink()
-    entries: dict[str, TaskResult] = {}
+    entries = Records()
     places: dict[Place, str] = {}
     if resume and path.exists():
+        # its fd stays on the file as read: a rewrite below replaces the name, not what it reads
         entries, places, good, size, skipped = _read_journal(path)
         if good < size:
             log.warning(
@@ -574,17 +640,27 @@ def _open_locked(folder: Path, resume: bool) -> tuple[dict[str, TaskResult], dic
 
 def _rewrite_without(path: Path, skipped: list[tuple[int, int]], good: int) -> None:
     """Replace the journal by its sound records up to `good` (renamed into place, synced), so
-    that appends follow sound records and the next resume does not warn again."""
-    data = memoryview(path.read_bytes())[:good]
-    parts, start = [], 0
+    that appends follow sound records and the next resume does not warn again. Copied a
+    piece at a time: the journal may be larger than this machine's memory."""
+    kept, start = [], 0
     for begin, end in skipped:
-        parts.append(data[start:begin])
+        kept.append((start, begin))
         start = end
-    parts.append(data[start:])
-    _replace(path, parts)
+    kept.append((start, good))
+
+    def pieces() -> Iterator[bytes]:
+        with open(path, "rb") as source:
+            for begin, end in kept:
+                for at in range(begin, end, _COPY_PIECE):
+                    yield os.pread(source.fileno(), min(_COPY_PIECE, end - at), at)
+
+    _replace(path, pieces())
 
 
-def _replace(path: Path, parts: Sequence[bytes | memoryview]) -> None:
+_COPY_PIECE = 1 << 22
+
+
+def _replace(path: Path, parts: Iterable[bytes | memoryview]) -> None:
     """Write `parts` as `path`, through a temporary file renamed into place (synced); the
     temporary file is removed when the write fails (a full disk)."""
     tmp = path.with_name(f".{JOURNAL_FILE}.{os.getpid()}.tmp")
@@ -605,7 +681,7 @@ def _reason(exc: BaseException) -> str:
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
-def _journaled_name(folder: Path, job: str, entries: Mapping[str, TaskResult]) -> str:
+def _journaled_name(folder: Path, job: str, entries: Records) -> str:
     """The job name a resumed run keys its tasks by: the journal's own where it names the same
     job file another way (`./job.py`, an absolute path, for `job.py`), since a task's key holds
     the job's name as typed and every task of the run then ran again, silently. A journal of
