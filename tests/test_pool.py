@@ -779,6 +779,18 @@ async def test_auto_sends_big_quadratic_work_to_a_gpu_slot_and_says_why() -> Non
     assert linear.backend is Backend.CPU and linear.is_success()
 
 
+async def test_a_gpu_task_where_no_host_has_a_gpu_says_how_to_try_without_one() -> None:
+    """`batuta run kmeans --backend gpu` on a laptop said "the cluster offers: cpu" only."""
+    env = {"BATUTA_FAKE_GPUS": "0", "PYTHONPATH": str(REPO)}  # a host without a GPU, on any machine
+    async with Pool([local_host(1, gpus="auto", env=env)], PoolConfig()) as pool:
+        result = await pool.run(Task.kernel("sum", np.ones(8), backend=Backend.GPU))
+    assert result.status is TaskStatus.UNSCHEDULABLE
+    assert (result.error or "").endswith(
+        "; no host here has a GPU ('batuta stack check' says why); to try GPU code without one, run under "
+        "numba's simulator with fake GPUs: NUMBA_ENABLE_CUDASIM=1 BATUTA_FAKE_GPUS=2 (slow)"
+    )
+
+
 async def test_each_gpu_of_a_host_can_be_asked_for_by_its_index() -> None:
     env = {"BATUTA_FAKE_GPUS": "2", "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(REPO)}
     async with Pool([local_host(1, gpus="auto", env=env)], PoolConfig()) as pool:

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from batuta.core import events as ev
-from batuta.core.task import CAP_GPU, gpu_capability
+from batuta.core.task import CAP_GPU, TaskStatus, gpu_capability
 from batuta.protocol import messages as m
 from batuta.runtime import events as pe
 from batuta.runtime.hosts import telemetry_event
@@ -169,7 +169,22 @@ def resolve(pool: Pool, ins: ev.ResolveTask) -> None:
             run_s=outcome.run_s,
         )
     else:
-        pool._finish(ins.task_id, ins.status, reason=ins.reason or None, slot_id=ins.slot_id, attempts=ins.attempts)
+        reason = ins.reason
+        if ins.status is TaskStatus.UNSCHEDULABLE and reason.startswith("no slot offers gpu"):
+            reason += _why_no_gpu(pool)
+        pool._finish(ins.task_id, ins.status, reason=reason or None, slot_id=ins.slot_id, attempts=ins.attempts)
+
+
+def _why_no_gpu(pool: Pool) -> str:
+    """For a GPU task no slot can run, where no host has a GPU at all: how to find out why
+    and how to try GPU code without one. It said only "the cluster offers: cpu"."""
+    sessions = pool._hosts.sessions.values()
+    if any(session.hello is not None and session.hello.gpus for session in sessions):
+        return ""  # GPUs are there, none offered (gpus = "none", CUDA_VISIBLE_DEVICES): the file's to fix
+    return (
+        "; no host here has a GPU ('batuta stack check' says why); to try GPU code without one, run under "
+        "numba's simulator with fake GPUs: NUMBA_ENABLE_CUDASIM=1 BATUTA_FAKE_GPUS=2 (slow)"
+    )
 
 
 def slot_state_events(pool: Pool, session: HostSession, msg: m.SlotChanged, now: float) -> list[ev.Event]:
