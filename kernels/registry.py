@@ -500,6 +500,20 @@ def _unknown_message(name: object) -> str:
     )
 
 
+def known(name: str) -> KernelInfo | None:
+    """`info(name)` of a kernel registered here, or None; imports nothing, unlike `info` (a
+    ``"module:name"`` whose module is not loaded here is unknown). The coordinator asks this:
+    `info` imported a ``"module:name"``'s module there at submit, running its top level in the
+    coordinator's process and blocking its event loop for the import."""
+    kdef = _KERNELS.get(name) if name not in _CONTESTED else None
+    if kdef is None and isinstance(name, str) and ":" in name:
+        module, _, short = name.rpartition(":")
+        kdef = _KERNELS.get(short)
+        if kdef is not None and kdef.module != module:
+            kdef = None
+    return kdef.info() if kdef is not None else None
+
+
 def module_of(name: str) -> str | None:
     """The module that registered kernel `name` here, or None if none did. Imports nothing,
     unlike `lookup` (a ``"module:name"`` stays unknown until its module is loaded)."""

@@ -779,6 +779,22 @@ async def test_auto_sends_big_quadratic_work_to_a_gpu_slot_and_says_why() -> Non
     assert linear.backend is Backend.CPU and linear.is_success()
 
 
+async def test_a_module_kernel_name_is_never_imported_by_the_coordinator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Task.kernel("mod:kernel")` imported `mod` in the coordinator at submit (to learn its
+    complexity): its top level ran there, blocking the event loop for the import."""
+    (tmp_path / "hosts_only_mod.py").write_text(
+        "from batuta.kernels import kernel\n\n@kernel('hosts_only_add')\ndef add(x):\n    return x + 1\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # importable here too: it must still not be imported
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    async with Pool([local_host(1, gpus="none", env=env)], PoolConfig()) as pool:
+        result = await pool.run(Task.kernel("hosts_only_mod:hosts_only_add", 41))
+    assert result.value == 42, result.error
+    assert "hosts_only_mod" not in sys.modules
+
+
 async def test_a_gpu_task_where_no_host_has_a_gpu_says_how_to_try_without_one() -> None:
     """`batuta run kmeans --backend gpu` on a laptop said "the cluster offers: cpu" only."""
     env = {"BATUTA_FAKE_GPUS": "0", "PYTHONPATH": str(REPO)}  # a host without a GPU, on any machine

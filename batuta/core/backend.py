@@ -70,9 +70,8 @@ def gpu_rule(name: str) -> GpuRule:
         return rule
     from batuta.kernels import registry
 
-    try:
-        kernel_info = registry.info(name)
-    except Exception:  # unknown here: not cached, the module may be loaded later
+    kernel_info = registry.known(name)  # never imports: a "module:kernel" is the hosts' to load
+    if kernel_info is None:  # unknown here: not cached, the module may be loaded later
         return _UNKNOWN_RULE
     rule = GpuRule(
         has_gpu="gpu" in kernel_info.backends,

@@ -164,10 +164,10 @@ def is_pure(task: Task) -> bool:
     if pure is None:
         from batuta.kernels import registry  # the built-ins import no numba: cheap, once
 
-        try:
-            pure = registry.info(call.name).pure
-        except Exception:  # registered only on the hosts (or not at all): assume not
+        found = registry.known(call.name)  # never imports a "module:kernel"'s module here
+        if found is None:  # registered only on the hosts (or not at all): assume not
             return False  # not cached: a module loaded later may register it
+        pure = found.pure
         _KNOWN_PURITY[call.name] = pure
     return pure
 

@@ -14,10 +14,8 @@ def superlinear(kernel_name: str) -> bool:
     """Whether the registry marks the kernel O(n^2) or worse (the seed's GPU rule)."""
     from batuta.kernels import registry
 
-    try:
-        return registry.info(kernel_name).complexity in ("quadratic", "cubic")
-    except Exception:  # unknown here (a module only the hosts load): no GPU by guess
-        return False
+    found = registry.known(kernel_name)  # never imports: a "module:kernel" is the hosts' to load
+    return found is not None and found.complexity in ("quadratic", "cubic")  # unknown: no GPU by guess
 
 
 @functools.lru_cache(maxsize=256)
