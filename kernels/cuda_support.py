@@ -53,6 +53,7 @@ __all__ = [
     "gpu_errors",
     "gpu_info",
     "jit_kernels",
+    "lost_context",
     "on_device",
     "simulated",
     "sm_count",
@@ -235,6 +236,41 @@ def gpu_errors(kernel: str) -> Iterator[Any]:
     except Exception as exc:
         message = " ".join(str(exc).split()) or "no message"
         raise GpuKernelError(f"kernel {kernel!r} on GPU failed: {type(exc).__name__}: {message}") from exc
+
+
+# CUresult codes after which the process's CUDA context is unusable ("sticky" errors: every
+# later call fails the same way until the process exits).
+_STICKY = {
+    700: "CUDA_ERROR_ILLEGAL_ADDRESS",
+    702: "CUDA_ERROR_LAUNCH_TIMEOUT",
+    710: "CUDA_ERROR_ASSERT",
+    714: "CUDA_ERROR_HARDWARE_STACK_ERROR",
+    715: "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+    716: "CUDA_ERROR_MISALIGNED_ADDRESS",
+    717: "CUDA_ERROR_INVALID_ADDRESS_SPACE",
+    718: "CUDA_ERROR_INVALID_PC",
+    719: "CUDA_ERROR_LAUNCH_FAILED",
+}
+
+
+def lost_context(exc: BaseException) -> str:
+    """The sticky CUDA error (`CUDA_ERROR_ILLEGAL_ADDRESS`...) in `exc` or what caused it, after
+    which this process's CUDA context is unusable, or "" for any other error. A slot that went
+    on after one failed every later task on that GPU the same way."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(seen) < 16:
+        seen.add(id(current))
+        code = getattr(current, "code", None)
+        with contextlib.suppress(TypeError, ValueError):
+            if code is not None and int(code) in _STICKY:
+                return _STICKY[int(code)]
+        text = str(current)
+        for name in _STICKY.values():
+            if name in text:
+                return name
+        current = current.__cause__ or current.__context__
+    return ""
 
 
 def on_device(numba_cuda: Any, value: Any) -> Any:

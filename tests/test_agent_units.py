@@ -462,3 +462,24 @@ def test_an_agents_stderr_is_a_warning_but_for_detail_prints_and_the_bootstrap_n
     levels = [record.levelno for record in caplog.records]
     assert levels == [logging.WARNING, logging.INFO, logging.INFO, logging.INFO, logging.WARNING]
     assert caplog.records[-1].getMessage().endswith("x … (5 more characters)")
+
+
+def test_a_sticky_cuda_error_is_told_from_the_others() -> None:
+    """After these the process's CUDA context is unusable (the slot restarts, slot.py)."""
+    from batuta.kernels.cuda_support import GpuKernelError, lost_context
+
+    class CudaAPIError(Exception):  # numba-cuda's shape: a code and a message
+        def __init__(self, code: int, message: str) -> None:
+            super().__init__(f"[{code}] {message}")
+            self.code = code
+
+    try:
+        try:
+            raise CudaAPIError(700, "Call to cuMemcpyDtoH results in UNKNOWN_CUDA_ERROR")
+        except CudaAPIError as exc:
+            raise GpuKernelError("kernel 'k' on GPU failed") from exc
+    except GpuKernelError as wrapped:
+        assert lost_context(wrapped) == "CUDA_ERROR_ILLEGAL_ADDRESS"  # found through the cause
+    assert lost_context(RuntimeError("cuLaunchKernel: CUDA_ERROR_LAUNCH_FAILED")) == "CUDA_ERROR_LAUNCH_FAILED"
+    assert lost_context(CudaAPIError(2, "CUDA_ERROR_OUT_OF_MEMORY")) == ""  # the context survives this one
+    assert lost_context(ValueError("bad input")) == ""

@@ -191,3 +191,19 @@ async def test_a_gpu_task_out_of_device_memory_fails_alone_and_its_slot_lives_on
     assert failed.error is not None and "CUDA_ERROR_OUT_OF_MEMORY" in failed.error, failed.error
     assert (await value(pool, on_gpu("test_grab", 0)))[0] == pid  # the same process
     assert (await value(pool, on_gpu("test_where", ref)))[0] == "device"
+
+
+async def test_a_sticky_cuda_error_restarts_its_slot_and_the_gpu_works_again(pool: Pool) -> None:
+    """After an illegal address the process's CUDA context is unusable: the slot went on, and
+    every later task on that GPU failed the same way. It answers the task, then restarts."""
+    restarts: list[str] = []
+    pool.subscribe(
+        lambda e: restarts.append(e.reason) if isinstance(e, pe.SlotStateChanged) and e.state == "restarting" else None
+    )
+    before = await value(pool, on_gpu("test_pid"))
+    faulted = await pool.run(on_gpu("test_fault", 3))
+    assert faulted.status is TaskStatus.FAILED and "CUDA_ERROR_ILLEGAL_ADDRESS" in (faulted.error or "")
+    after = await value(pool, on_gpu("test_pid"))  # the same GPU slot, a new process: it works
+    assert after != before
+    assert len(restarts) == 1 and "left after a sticky CUDA error" in restarts[0]
+    assert await value(pool, on_gpu("test_where", np.arange(4.0))) is not None

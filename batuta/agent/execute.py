@@ -61,6 +61,9 @@ def describe_exception(exc: BaseException) -> str:
     return one_line(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
 
 
+EXIT_CONTEXT_LOST = 75  # a slot's exit after a sticky CUDA error (`KernelRunner.context_lost`)
+
+
 class KernelRunner:
     """Runs kernels through the registry, importing it, the user's shipped modules (`code`,
     see `batuta/agent/code.py`) and the `--kernel-module`s on first use."""
@@ -80,6 +83,9 @@ class KernelRunner:
         self._cpu_backend: dict[str, str] = {}  # kernel -> what a "cpu" request runs (`_cpu_or_reference`)
         self._out = _TaskOutput()
         self._err = _TaskOutput()
+        # The sticky CUDA error a task met ("" when none): the process's CUDA context is unusable,
+        # so the slot exits once it has answered (kernels/cuda_support.py, `lost_context`).
+        self.context_lost = ""
 
     def _load(self) -> Any:
         if self._registry is not None or self._registry_error is not None:
@@ -161,6 +167,10 @@ class KernelRunner:
             return _outcome(request, Outcome.ERROR, error=text, run_s=time.perf_counter() - started)
         except BaseException as exc:  # SystemExit in a kernel must not end the slot
             run_s = time.perf_counter() - started
+            if request.backend == "gpu":
+                from batuta.kernels.cuda_support import lost_context
+
+                self.context_lost = lost_context(exc)
             printed = err.end()
             directory = self._code.directory if self._code is not None else None
             return _outcome(

@@ -67,6 +67,7 @@ import numpy as np
 from batuta.agent.code import SlotCode, stale_error
 from batuta.agent.device_values import DeviceValues, device_nbytes
 from batuta.agent.execute import (
+    EXIT_CONTEXT_LOST,
     KernelRunner,
     describe_exception,
     one_line,
@@ -499,6 +500,14 @@ class SlotWorker:
             if self._device is not None and self._waiting:
                 self._prefetch(self._waiting[0])
             self._add_result(self._run_one(request))
+            if self._kernels.context_lost:  # this process can use its GPU no more: answer, then go
+                self._flush()
+                print(
+                    f"slot {self._slot}: its CUDA context is lost ({self._kernels.context_lost}); the slot restarts",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return EXIT_CONTEXT_LOST
             self._ran_since_trim = True
             self._read(wait=False)  # new tasks, and Cancels for tasks we have not begun
             if self._should_flush():

@@ -88,7 +88,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from batuta.agent.code import SlotCode, stale_error
-from batuta.agent.execute import print_error
+from batuta.agent.execute import EXIT_CONTEXT_LOST, print_error
 from batuta.agent.objects import ObjectStore
 from batuta.agent.slot_values import SlotValues
 from batuta.agent.spawn import SlotProcess, spawn_slot
@@ -629,7 +629,11 @@ class SlotSupervisor:
         self._detach_process()
         try:
             returncode = proc.wait(timeout=1.0)  # it is dead or was just SIGKILLed
-            how = describe_exit(returncode)
+            how = (
+                "left after a sticky CUDA error (its CUDA context was lost; the agent's log says which)"
+                if returncode == EXIT_CONTEXT_LOST
+                else describe_exit(returncode)
+            )
         except subprocess.TimeoutExpired:
             how = "stopped responding"
         reason = f"slot {self.index} worker process (pid {proc.pid}) {how}"

@@ -105,3 +105,56 @@ def _grab_gpu(nbytes: int) -> tuple[int, int]:
         block = numba_cuda.device_array(nbytes, dtype=np.uint8)
         del block
     return (os.getpid(), free)
+
+
+@kernel("test_pid", description="The process that runs it (a slot's): tells a restarted slot apart.")
+def test_pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+test_pid.cpu(test_pid.reference)
+test_pid.gpu(test_pid.reference)
+
+
+class FakeStickyError(RuntimeError):
+    """What numba-cuda raises after an illegal address (CudaAPIError, code 700), where the
+    simulator cannot make one."""
+
+    def __init__(self) -> None:
+        super().__init__("[700] Call to cuCtxSynchronize results in CUDA_ERROR_ILLEGAL_ADDRESS")
+        self.code = 700
+
+
+_FAULT: list[Any] = []
+
+
+@kernel("test_fault", description="A GPU variant that leaves its CUDA context unusable (an illegal address).")
+def test_fault(n: int) -> int:
+    return n
+
+
+test_fault.cpu(test_fault.reference)
+
+
+@test_fault.gpu
+def _fault_gpu(n: int) -> int:
+    global cuda
+    from batuta.kernels.cuda_support import cuda as load_cuda
+    from batuta.kernels.cuda_support import gpu_errors, simulated
+
+    if simulated():
+        raise FakeStickyError()
+    cuda = load_cuda()
+    if not _FAULT:
+
+        def far_write(out: Any, where: int) -> None:
+            out[where] = 1.0  # far past the array's end: the card reports an illegal address
+
+        _FAULT.append(cuda.jit(far_write))
+    with gpu_errors("test_fault") as numba_cuda:
+        out = numba_cuda.device_array(1, np.float64)
+        _FAULT[0][1, 1](out, 1 << 40)
+        numba_cuda.synchronize()
+    return n
