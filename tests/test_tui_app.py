@@ -449,6 +449,24 @@ async def test_a_pool_that_cannot_start_is_reported_on_screen() -> None:
         assert app.is_running and not app.model.jobs
 
 
+async def test_a_job_that_raises_leaves_none_of_its_tasks_running(tmp_path: Path) -> None:
+    """`batuta run` cancels a failed job's unfinished tasks; the dashboard let them run on,
+    its slots busy for a job already over."""
+    job = tmp_path / "raises.py"
+    job.write_text(
+        "from batuta import Task\n\nasync def main(pool):\n"
+        "    for _ in range(6):\n        await pool.submit(Task.kernel('spin', 60.0))\n"
+        "    raise RuntimeError('the job gives up')\n"
+    )
+    app = BatutaApp(local_pool(1))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.model.status == "running", "the pool to start")
+        app.start_job(str(job))
+        await until(pilot, lambda: "raises" in app.model.jobs and app.model.jobs["raises"].state == "failed", "failed")
+        assert app.model.jobs["raises"].message == "RuntimeError: the job gives up (6 unfinished tasks cancelled)"
+        await until(pilot, lambda: app.pool is not None and app.pool.stats().cancelled == 6, "its tasks cancelled")
+
+
 async def test_what_the_pool_holds_is_said_when_the_last_job_ends(tmp_path: Path) -> None:
     """A dashboard on allocations kept their nodes after its jobs ended, until `q`, and
     nothing on screen said so."""

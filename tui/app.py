@@ -371,6 +371,11 @@ class BatutaApp(App[None]):
             raise
         except Exception as exc:  # the job's bug is news, not a crash
             message = f"{type(exc).__name__}: {_one_line(printable(exc))}"
+            # its tasks still queued or running are nobody's now: cancelled, as `batuta run` does
+            # (they ran on, the slots busy for a job already over)
+            left = pool.cancel_job(label)
+            if left:
+                message += f" ({left:,} unfinished task{'s' if left != 1 else ''} cancelled)"
             self.model.job_ended(label, "failed", message)
             log.warning("job %s failed: %s", label, message)
             self.toast(message, title=f"job {label} failed", severity="error", timeout=10)
