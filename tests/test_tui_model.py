@@ -372,6 +372,16 @@ def test_a_lost_hosts_reason_shows_whole_under_it_cause_included(width: int) -> 
     assert " ".join(line[5:] for line in under) == NO_BATUTA
 
 
+def test_a_suspected_hosts_silence_counts_on_under_it() -> None:
+    """Its reason kept the 3.2 s it had when suspected while the HEARTBEAT column counted on."""
+    model = DashboardModel(clock=Clock(101.0))
+    model.apply(host_up())
+    model.apply(telemetry("h1", 100.0))
+    model.apply(pe.HostStateChanged(host="h1", state="suspected", reason="no heartbeat for 3.2s", at=103.2))
+    later = [line.plain for line in render_nodes.node_lines(model, 105.7, PLAIN, 140)]
+    assert later[1].strip() == "└ no heartbeat for 5.7s"
+
+
 def test_a_reason_too_long_for_the_panel_loses_its_middle_not_its_cause() -> None:
     model = DashboardModel(clock=Clock(101.0))
     model.apply(host_up())

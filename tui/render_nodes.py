@@ -5,6 +5,7 @@ rest of `render.py` (whose helpers and `Palette` they use)."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from rich.text import Text
@@ -72,7 +73,7 @@ class NodeRows:
         for host in hosts:
             self._entries.append((host, None))
             if host.reason and host.state != "up":
-                lines = wrap_keeping_ends(host.reason, width - REASON_INDENT, REASON_LINES)
+                lines = wrap_keeping_ends(_live_reason(host, now), width - REASON_INDENT, REASON_LINES)
                 self._entries.extend((host, _ReasonLine(text, i == 0)) for i, text in enumerate(lines))
             if compact:
                 continue
@@ -118,6 +119,18 @@ _CACHE_CELL = 13  # "  cache " and the bytes, right-aligned in 5
 _HISTORY_MIN, _HISTORY_MAX = 10, 60  # seconds of utilization history shown (one cell each)
 _CELLS_AT = sum(c.width + 1 for c in NODE_COLUMNS)  # where a compact host line's GPU cells start
 _TROUBLE_STATES = frozenset({"suspected", "lost", "retired", "starting", "restarting"})
+
+
+_SILENT_FOR = re.compile(r"^no heartbeat for [0-9.]+s")
+
+
+def _live_reason(host: HostRow, now: float) -> str:
+    """A suspected host's reason with its silence as long as it is now: it kept the 3.2 s it
+    had when suspected while the HEARTBEAT column counted on."""
+    age = host.heartbeat_age(now)
+    if host.state != "suspected" or age is None or not _SILENT_FOR.match(host.reason):
+        return host.reason
+    return _SILENT_FOR.sub(f"no heartbeat for {age:.1f}s", host.reason, count=1)
 
 
 def _gpu_trouble(gpu: GpuRow) -> bool:
