@@ -21,9 +21,9 @@ from batuta.observers.journal import (
     JournalError,
     JournalStore,
     is_pure,
-    read_journal,
     task_key,
 )
+from batuta.observers.journal_records import read_journal
 from batuta.runtime import events as pe
 from batuta.runtime.pool import PoolConfig, local_host
 
