@@ -415,6 +415,28 @@ def test_a_host_lost_once_is_one_loss_to_each_task_that_waited_there() -> None:
     assert sim.resolved[waiting][0].status is TaskStatus.SUCCEEDED and sim.resolved[waiting][0].slot_id == "other/0"
 
 
+def test_an_attempt_that_died_is_retried_on_another_host_that_can_run_it() -> None:
+    """From the injector, the slot restarted where the worker died took the task again: a
+    task that one host's memory limit kills was retried there until lost (all 3 attempts on
+    one slot), while the other hosts ran its like."""
+    sim = Sim(Scheduler(SchedulerConfig(initial_window=1, tail_tasks_per_slot=0)))
+    sim.add_slot("small/0", host_id="small")
+    sim.add_slot("big/0", host_id="big")
+    hog = sim.submit(max_attempts=3)
+    busy = sim.submit()  # the big host is busy: the small one's slot is the first free again
+    assert [t for t, _ in sim.slots["small/0"].queue] == [hog] and [t for t, _ in sim.slots["big/0"].queue] == [busy]
+    sim.start("big/0")
+    sim.start("small/0")
+    sim.finish("small/0", outcome=Outcome.CRASHED)  # the kernel's OOM killer
+    sim.deliver("small/0")
+    sim.sched.validate()
+    assert not sim.slots["small/0"].queue, "retried where it died"
+    sim.run_to_completion()
+    sim.assert_each_resolved_once()
+    result = sim.resolved[hog][0]
+    assert result.status is TaskStatus.SUCCEEDED and result.slot_id == "big/0" and result.attempts == 2
+
+
 def test_retired_slots_are_not_held_against_a_task_that_had_not_started() -> None:
     """Slots retired for good (drained, an allocation that ended) are not the task's doing."""
     sim = sim_with(*"abcdef", config=SchedulerConfig(initial_window=2, tail_tasks_per_slot=0))

@@ -123,11 +123,15 @@ def retry_or_lose(scheduler: Scheduler, entry: TaskEntry, slot: SlotRecord, reas
         )
         return
     scheduler.stats.retries += 1
-    requeue(scheduler, entry, slot, reason)
+    requeue(scheduler, entry, slot, reason, elsewhere=True)
 
 
-def requeue(scheduler: Scheduler, entry: TaskEntry, slot: SlotRecord, reason: str) -> None:
-    """Back to the injector (or to waiting, if an input it reads is gone too), announced."""
+def requeue(scheduler: Scheduler, entry: TaskEntry, slot: SlotRecord, reason: str, *, elsewhere: bool = False) -> None:
+    """Back to the injector (or to waiting, if an input it reads is gone too), announced.
+    `elsewhere` (an attempt died under it there): to the least busy slot of another host that
+    can run it, if there is one. From the injector, the slot restarted where it died took it
+    again: a task that a host's memory limit kills was retried there until lost, while other
+    hosts ran its like."""
     entry.steal_refused = False
     scheduler.stats.requeues += 1
     scheduler._out.append(
@@ -138,9 +142,32 @@ def requeue(scheduler: Scheduler, entry: TaskEntry, slot: SlotRecord, reason: st
         if entry.place is Place.WAITING:  # behind its inputs' producers' next attempts, if it may
             feedahead.try_feed(scheduler, entry)
         return
+    if elsewhere and entry.home is None and not entry.reads:  # (where its inputs are decides for those)
+        other = _least_busy_elsewhere(scheduler, entry, slot.host_id)
+        if other is not None:
+            # queued there as at its inputs' host: the host where it died may take it only from a
+            # deque deeper than `locality_slack` (deps.may_steal), as for locality
+            entry.home, entry.home_slot = other.host_id, None
+            scheduler._push_deque_front(other, entry)
+            scheduler._fill(other)
+            return
     klass = scheduler._class_of(entry.requires)
     injector.push(scheduler, entry, klass)
     scheduler._feed_hungry(klass)
+
+
+def _least_busy_elsewhere(scheduler: Scheduler, entry: TaskEntry, host_id: str) -> SlotRecord | None:
+    """The up slot, on a host other than `host_id`, that can run `entry` and holds the least
+    work; None when there is none. A scan: retries are rare."""
+    best: SlotRecord | None = None
+    for candidate in scheduler._slots.values():
+        if candidate.state is not SlotState.UP or candidate.host_id == host_id:
+            continue
+        if not entry.requires <= candidate.capabilities:
+            continue
+        if best is None or len(candidate.deque) + len(candidate.window) < len(best.deque) + len(best.window):
+            best = candidate
+    return best
 
 
 def requeue_deque(scheduler: Scheduler, slot: SlotRecord) -> None:
