@@ -634,6 +634,8 @@ class SlotSupervisor:
                 if returncode == EXIT_CONTEXT_LOST
                 else describe_exit(returncode)
             )
+            if returncode == -signal.SIGKILL:  # not ours (a timeout's or cancel's kill is said elsewhere)
+                how += ": out of memory on the host (the kernel's OOM killer), if no one killed it"
         except subprocess.TimeoutExpired:
             how = "stopped responding"
         reason = f"slot {self.index} worker process (pid {proc.pid}) {how}"
