@@ -384,6 +384,23 @@ def test_ctrl_c_while_the_command_imports_is_an_interrupt_not_a_traceback(tmp_pa
     assert (proc.returncode, proc.stderr) == (130, "batuta: interrupted\n")
 
 
+@needs_runtime
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+def test_a_log_file_the_disk_refuses_is_one_warning_and_the_run_goes_on(tmp_path: Path) -> None:
+    """A full disk under --log-file printed a traceback per record, then one at close: the
+    result and summary were never printed, and a run whose every task succeeded exited 1.
+    (/dev/full refuses every write with ENOSPC, as a full disk does.)"""
+    done = batuta("run", "pi", "--workers", "1", "--log-file", "/dev/full", "--log-level", "debug", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("pi ~ 3.14") and "16 tasks: 16 succeeded" in done.stdout
+    warned = [line for line in done.stderr.splitlines() if "cannot write the log file" in line]
+    assert warned == [
+        "batuta: warning: cannot write the log file /dev/full: No space left on device; it is written no more "
+        "(the run goes on)"
+    ]
+    assert "Traceback" not in done.stderr and "Logging error" not in done.stderr
+
+
 def test_unknown_builtin_suggests_the_file_beside_it(tmp_path: Path) -> None:
     write(tmp_path, "myjob.py", "async def main(pool):\n    pass\n")
     done = batuta("run", "myjob", cwd=tmp_path)

@@ -240,6 +240,46 @@ class LogSetup:
         self.close()
 
 
+class _LogFile(logging.FileHandler):
+    """`--log-file`: a write it cannot make (a full disk) is said once on stderr, and the file
+    is then written no more. Python's handler printed a traceback for every record, and its
+    close raised at the run's end: the job's result and summary were never printed, and a
+    run whose every task succeeded exited 1."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        why = sys.exc_info()[1]
+        reason = why.strerror if isinstance(why, OSError) and why.strerror else str(why)
+        print(
+            f"batuta: warning: cannot write the log file {self.baseFilename}: {reason}; it is written no more "
+            "(the run goes on)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError:
+            if not self.failed:
+                self.handleError(logging.makeLogRecord({}))
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # its last buffered lines: said once above, or now
+            if not self.failed:
+                self.handleError(logging.makeLogRecord({}))
+
+
 def configure(
     *,
     level: str | int = "warning",
@@ -264,7 +304,7 @@ def configure(
     if file is not None:
         path = Path(file)
         try:
-            handlers.append(logging.FileHandler(path, encoding="utf-8"))
+            handlers.append(_LogFile(path, encoding="utf-8"))
         except OSError as exc:
             raise ValueError(f"cannot open log file {str(path)!r}: {exc.strerror or exc}") from None
     for handler in handlers:
