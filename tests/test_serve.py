@@ -845,6 +845,33 @@ def test_a_background_served_run_says_where_a_picked_metrics_port_is(
         assert cli_main(["stop", "metered"]) == 0
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+def test_a_served_coordinator_whose_log_disk_is_full_runs_its_job_to_the_end(runtime_dir: Path) -> None:
+    """Its stdout and stderr are its NAME.log: on a full disk the summary's print raised, and
+    the coordinator exited 1 at once, its job's end said nowhere. (/dev/full: ENOSPC always.)"""
+    command = [sys.executable, "-m", "batuta", "run", "pi", "--serve", "--foreground", "--name", "fullx"]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [*command, "--workers", "1", "--serve-linger", "0"], stdout=full, stderr=full, timeout=120, check=False
+        )
+    assert done.returncode == 0
+
+
+def test_a_served_run_whose_log_cannot_be_written_says_so_in_a_line(
+    runtime_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It was a traceback from os.write (a full disk), and an empty NAME.log left behind."""
+    log = serve_paths.socket_path("blocked").with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log.mkdir()  # what stands in for a disk that refuses the log
+    assert cli_main(["run", "pi", "--serve", "--name", "blocked", "--workers", "1"]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        f"batuta: error: cannot open blocked's log {log}: Is a directory; free space there, or set "
+        "BATUTA_RUNTIME_DIR to a folder with room"
+    )
+
+
 def _has_ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:

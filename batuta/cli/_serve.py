@@ -11,12 +11,13 @@ a Slurm batch script, tests).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from batuta.cli._common import (
     EXIT_FAILED,
@@ -190,6 +191,7 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
     from batuta.cli._run import announce_metrics, finish_run, report_run, unreachable
     from batuta.jobs import HostsUnreachableError, serve_job
 
+    _outputs_that_may_fill()
     label = f"{Path(args.cluster).name}" if args.cluster else "local"
     reported: list[RunOutcome] = []
 
@@ -230,6 +232,45 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
         print(f"{PROG}: {name} stopped before its job started", file=sys.stderr)
         return EXIT_INTERRUPTED
     return finish_run(outcome, args, reported=bool(reported))
+
+
+class _MayFill(io.TextIOBase):
+    """A served coordinator's stdout or stderr (its NAME.log): a write the disk refuses is
+    dropped, and the job goes on. The summary's print raised ENOSPC, and the coordinator exited
+    1 at once, its linger skipped, its job's end said nowhere."""
+
+    def __init__(self, inner: TextIO) -> None:
+        self._inner = inner
+        self._full = False
+
+    def write(self, text: str) -> int:
+        if not self._full:
+            try:
+                self._inner.write(text)
+            except OSError:
+                self._full = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._full:
+            try:
+                self._inner.flush()
+            except OSError:
+                self._full = True
+
+    def fileno(self) -> int:
+        return self._inner.fileno()
+
+    def isatty(self) -> bool:
+        return self._inner.isatty()
+
+    def writable(self) -> bool:
+        return True
+
+
+def _outputs_that_may_fill() -> None:
+    sys.stdout = _MayFill(sys.stdout)
+    sys.stderr = _MayFill(sys.stderr)
 
 
 def _announce(server: Any) -> None:
@@ -281,6 +322,7 @@ def _last_error(log_path: Path, start: int) -> str:
 
 
 _NAME_TAKEN = -1  # _spawn: another start took the name between our look and the child's
+_LOG_FIX = "free space there, or set BATUTA_RUNTIME_DIR to a folder with room"
 
 
 def _spawn_named(args: argparse.Namespace, name: str, *, free_from: str | None) -> tuple[int, str]:
@@ -318,10 +360,17 @@ def _spawn(args: argparse.Namespace, name: str, *, race: bool = False) -> int:
     # Appended to, not truncated: a start that loses the name to another one at this moment
     # must not wipe the winner's log (nor a crashed run's, rerun under its name); each run's
     # lines follow a line of their own, so that `tail` shows the latest.
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError as exc:
+        raise ServeError(f"cannot open {name}'s log {log_path}: {exc.strerror or exc}; {_LOG_FIX}") from None
     ours_from = os.fstat(fd).st_size
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    os.write(fd, f"--- {PROG} run {args.job} --serve as {name}, started {started} ---\n".encode())
+    try:
+        os.write(fd, f"--- {PROG} run {args.job} --serve as {name}, started {started} ---\n".encode())
+    except OSError as exc:
+        os.close(fd)
+        raise ServeError(f"cannot write {name}'s log {log_path}: {exc.strerror or exc}; {_LOG_FIX}") from None
     with os.fdopen(fd, "ab") as log_file:
         child = subprocess.Popen(
             _child_argv(args, name),
