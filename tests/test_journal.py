@@ -706,3 +706,78 @@ async def test_a_resumed_pipeline_restores_kept_results_and_makes_only_what_a_ne
     assert ran_again == 3
     assert second_run[:2] == first_run
     assert second_run[2] == pytest.approx(100_000 * (2.0 * 2 + 1))
+
+
+async def test_readers_of_unrepeatable_results_are_not_one_task_to_the_journal(tmp_path: Path) -> None:
+    """A pure reader of an unfinished task's result was keyed by how that result is made: ten
+    readers of ten random samples shared one journal key, and a resume gave them one value."""
+    journal = await Journal.open(tmp_path, job="j", resume=False)
+    async with make_pool() as pool:
+        pool.set_result_store(JournalStore(journal, resume=False))
+        with pool.job("j"):
+            timed = [pool.submit_nowait(Task.kernel("spin", 0.001)) for _ in range(3)]  # its value is the time spun
+            readers = [pool.submit_nowait(Task.kernel("noop", future)) for future in timed]  # noop is pure
+            values = [(await reader).value for reader in readers]
+    await journal.close()
+    keys = [key for key in read_journal(tmp_path / JOURNAL_FILE)[0] if "/noop/" in key]
+    assert len(keys) == 3 and all("#j:" in key for key in keys), keys  # each at its own place
+    assert len(set(values)) == 3
+
+
+async def test_a_failed_task_keeps_its_place_from_the_next_equal_one(tmp_path: Path) -> None:
+    """Places waited in one queue per content: a task that failed left its place to the next
+    equal one to succeed, and a resume restored that one's result at the failed one's place."""
+    journal = await Journal.open(tmp_path, job="j", resume=False)
+    store = JournalStore(journal, resume=False)
+    assert store.lookup(SPIN, "j", task_id=1) is None and store.lookup(SPIN, "j", task_id=2) is None
+    store.record(SPIN, "j", result(2, "second"))  # the second ends first...
+    store.record(SPIN, "j", result(1, None, TaskStatus.FAILED))  # ...and the first fails
+    await journal.close()
+    again = await Journal.open(tmp_path, job="j", resume=True)
+    resumed = JournalStore(again, resume=True)
+    assert resumed.lookup(SPIN, "j", task_id=1) is None  # runs again: it failed
+    second = resumed.lookup(SPIN, "j", task_id=2)
+    assert second is not None and second.value == "second"
+    await again.close()
+
+
+async def test_the_checkpoint_loaded_last_before_the_first_task_is_where_the_job_restarts(tmp_path: Path) -> None:
+    """Only the first one loaded counted: a job that loads its settings' checkpoint first,
+    then the latest, restarted at the settings' places (0), and met the first iterations'."""
+    journal = await Journal.open(tmp_path, job="j", resume=True)
+    store = JournalStore(journal, resume=True)
+    store.restart_at({"j": 0}, "config")
+    store.restart_at({"j": 8}, "it_1")
+    assert store.counts() == {"j": 8}
+    store.lookup(SPIN, "j", task_id=1)
+    store.restart_at({"j": 0}, "config")  # once the job has begun, a load is no restart
+    assert store.counts() is None  # task 1 is in flight
+    store.record(SPIN, "j", result(1, 0.5))
+    assert store.counts() == {"j": 9}
+    await journal.close()
+
+
+async def test_a_checkpoint_saved_with_tasks_in_flight_restores_no_task_by_its_place(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A loop that submits its next iteration before it saves: the checkpoint's count included
+    tasks the resumed job submits again after it, which met the places of the iteration after
+    theirs and, their arguments equal, got its results."""
+    first = await Journal.open(tmp_path, job="j", resume=False)
+    store = JournalStore(first, resume=False)
+    first.checkpoints.places = store
+    for task_id in range(1, 5):
+        store.lookup(SPIN, "j", task_id=task_id)
+        store.record(SPIN, "j", result(task_id, float(task_id)))
+    store.lookup(SPIN, "j", task_id=5)  # the next iteration's, running as the checkpoint is saved
+    await first.checkpoints.save("it_0", {"x": 1})
+    await first.close()
+    again = await Journal.open(tmp_path, job="j", resume=True)
+    resumed = JournalStore(again, resume=True)
+    again.checkpoints.places = resumed
+    with caplog.at_level(logging.WARNING, logger="batuta.observers.journal"):
+        last = await again.checkpoints.latest()
+    assert last is not None and last.in_flight
+    assert any("was saved while tasks were running" in r.getMessage() for r in caplog.records)
+    assert all(resumed.lookup(SPIN, "j", task_id=10 + n) is None for n in range(6))  # none restored by place
+    await again.close()

@@ -142,6 +142,16 @@ async def test_a_future_that_is_not_kept_feeds_its_value_and_the_consumer_waits(
         np.testing.assert_array_equal(result.value, np.arange(4.0) * 7 + 1)
 
 
+async def test_a_finished_future_whose_value_is_an_array_feeds_it() -> None:
+    """Its array replaced the future, and submit compared the two (ValueError: the truth value
+    of an array): a journaled run whose producers were restored could not be resumed."""
+    async with two_host_pool() as pool:
+        made = await pool.submit(Task.kernel("vadd", np.ones(4), np.ones(4), backend=Backend.CPU))
+        await made
+        summed = await pool.run(Task.kernel("sum", made, backend=Backend.CPU))
+    assert summed.value == 8.0, summed.error
+
+
 async def test_a_value_another_host_needs_is_relayed_once_through_the_coordinator(
     sent: list[tuple[str, m.Message]],
 ) -> None:

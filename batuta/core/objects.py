@@ -24,6 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# A ref to the result of an unfinished task whose kernel is not pure (a binary, a random or
+# file-reading kernel) has a digest starting so: its value is not known from how it is made,
+# and a journal must not key its readers by content (batuta.observers.journal).
+UNREPEATABLE = "fed-once:"
+
 
 @dataclass(frozen=True, slots=True)
 class ObjectRef:

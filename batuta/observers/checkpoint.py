@@ -48,8 +48,11 @@ names need not sort; `cleanup(keep=3)` keeps the three newest.
 again from there, so its places would start at 0: the n-th task after the checkpoint met the
 n-th task of the first iteration, and where their arguments were equal (state kept in a file,
 not in the arguments) got that iteration's result back. A checkpoint saved by such a run keeps
-how many tasks each pool job had submitted (the header's `places`); the first one a resumed
-run loads sets its count back there (`PlaceCounts`), so the tasks after it meet their own.
+how many tasks each pool job had submitted (the header's `places`); the last one a resumed
+run loads before its first task sets its count back there (`PlaceCounts`), so the tasks after
+it meet their own. One saved while tasks were in flight (a loop that submits its next
+iteration before it saves) has `places` nil: which of those tasks a restart submits again
+cannot be told, and a run restarted from it restores no task by its place.
 Only what a file's own header says is trusted: a folder may hold other programs' `.ckpt`
 files (PyTorch Lightning writes `checkpoints/*.ckpt`), which are never deleted here.
 """
@@ -122,14 +125,16 @@ class Checkpoint:
     state: dict[str, Any]
     created: float  # seconds since the epoch, as the writer's clock said
     places: dict[str, int] | None = None  # tasks submitted per pool job when it was saved (see Places)
+    in_flight: bool = False  # saved under a journal while tasks ran: its places cannot be told
 
 
 class PlaceCounts(Protocol):
-    """The journal's count of tasks submitted per pool job (`JournalStore`)."""
+    """The journal's count of tasks submitted per pool job (`JournalStore`); None while
+    tasks are in flight."""
 
-    def counts(self) -> dict[str, int]: ...
+    def counts(self) -> dict[str, int] | None: ...
 
-    def restart_at(self, counts: Mapping[str, int], checkpoint: str) -> None: ...
+    def restart_at(self, counts: Mapping[str, int] | None, checkpoint: str) -> None: ...
 
 
 # -- the state tree codec (shared with the journal) -----------------------------------------
@@ -263,7 +268,9 @@ def aligned_empty(nbytes: int) -> np.ndarray:
     return raw[skip : skip + nbytes]
 
 
-def write_checkpoint(path: Path, name: str, state: dict[str, Any], *, places: Mapping[str, int] | None = None) -> int:
+def write_checkpoint(
+    path: Path, name: str, state: dict[str, Any], *, places: Mapping[str, int] | None = None, in_flight: bool = False
+) -> int:
     """Write `state` to `path` atomically and durably; returns the file's size. Blocking.
     Raises CheckpointError for a bad state and for a file that cannot be written (a full disk)."""
     if not isinstance(state, dict):
@@ -271,8 +278,8 @@ def write_checkpoint(path: Path, name: str, state: dict[str, Any], *, places: Ma
     encoder = TreeEncoder()
     tree = encoder.encode(state, "state")
     fields: dict[str, Any] = {"name": name, "created": time.time(), "state": tree}
-    if places is not None:
-        fields["places"] = dict(places)
+    if places is not None or in_flight:
+        fields["places"] = dict(places) if places is not None else None  # nil: saved with tasks in flight
     header = msgpack.packb(fields, use_bin_type=True)
     prefix = _PREFIX.pack(MAGIC, VERSION, len(header)) + header
     parts: list[bytes | memoryview] = [prefix, bytes(-len(prefix) % ALIGN), *encoder.data_parts()]
@@ -346,6 +353,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
             state=dict(header["state"]),
             created=float(header["created"]),
             places={str(job): int(n) for job, n in places.items()} if isinstance(places, dict) else None,
+            in_flight="places" in header and places is None,
         )
     except CorruptCheckpointError as exc:
         raise CorruptCheckpointError(f"{path}: {exc}") from None
@@ -386,7 +394,8 @@ class CheckpointManager:
         """Write `state` as checkpoint `name`; returns where it went. Never blocks the loop."""
         path = self.path_of(name)
         places = self.places.counts() if self.places is not None else None  # now: the tasks before the save
-        size = await asyncio.to_thread(write_checkpoint, path, name, state, places=places)
+        in_flight = self.places is not None and places is None
+        size = await asyncio.to_thread(write_checkpoint, path, name, state, places=places, in_flight=in_flight)
         log.info("checkpoint %s saved (%d bytes) to %s", name, size, path)
         return CheckpointInfo(name=name, path=path, size=size, mtime_ns=path.stat().st_mtime_ns)
 
@@ -419,7 +428,7 @@ class CheckpointManager:
     def _restarting(self, checkpoint: Checkpoint) -> Checkpoint:
         """A job that loads a checkpoint restarts from it: its tasks take their places again
         from where the saving run was (see Places in the module doc)."""
-        if self.places is not None and checkpoint.places is not None:
+        if self.places is not None and (checkpoint.places is not None or checkpoint.in_flight):
             self.places.restart_at(checkpoint.places, checkpoint.name)
         return checkpoint
 

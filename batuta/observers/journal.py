@@ -86,14 +86,14 @@ import json
 import logging
 import os
 import struct
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from batuta.core.objects import ObjectRef
+from batuta.core.objects import UNREPEATABLE, ObjectRef, refs_in
 from batuta.core.task import BinaryCall, KernelCall, Task, TaskResult
 from batuta.observers.checkpoint import SUFFIX as CHECKPOINT_SUFFIX
 from batuta.observers.checkpoint import (
@@ -151,10 +151,14 @@ _KNOWN_PURITY: dict[str, bool] = {}
 
 
 def is_pure(task: Task) -> bool:
-    """Whether `task` is a kernel registered here with `pure=True`; unknown kernels are not."""
+    """Whether `task` is a kernel registered here with `pure=True`, reading no result of an
+    unfinished task that is not (`UNREPEATABLE`: whose value its making does not tell);
+    unknown kernels are not."""
     call = task.call
     if not isinstance(call, KernelCall):
         return False
+    if any(ref.digest.startswith(UNREPEATABLE) for ref in refs_in(call.args)):
+        return False  # two readers of two random samples were one task to the journal
     pure = _KNOWN_PURITY.get(call.name)
     if pure is None:
         from batuta.kernels import registry  # the built-ins import no numba: cheap, once
@@ -563,71 +567,75 @@ class JournalStore:
     does not run. The pool counts those in `stats().restored` and still tells its observers.
 
     Places come from counting `lookup` calls per pool job: the pool asks once per submitted
-    task, in submission order. `record` does not learn which submission it finishes, so the
-    places handed out for each (pool job, content) wait in a queue and a finished task takes
-    the oldest: tasks with equal content are interchangeable, and each succeeded one marks
-    exactly one of their places done.
+    task, in submission order, naming the task's id, and `record` is told every task that
+    ended, by its id: each is journaled at its own place. (Tasks of equal content took the
+    oldest waiting place, so one that failed gave its place to the next that succeeded: a
+    resumed run restored that one's result at the failed one's place.)
     """
 
     def __init__(self, journal: Journal, *, resume: bool) -> None:
         self._journal = journal
         self._resume = resume
         self._submitted: dict[str, int] = defaultdict(int)  # tasks looked up, per pool job
-        self._waiting: dict[tuple[str, str], deque[int]] = {}  # places not yet recorded, by (pool job, content)
+        self._place_of: dict[int, int] = {}  # task id -> its place, for place-keyed tasks not finished yet
         self._warned: set[str] = set()  # pool jobs already warned about a changed task
-        self._restarted = False  # a checkpoint set the places back (restart_at), as it may once
+        self._restart_open = resume  # a checkpoint loaded before the first task sets the places
+        self._placeless = False  # restarted from a checkpoint saved with tasks in flight: no place restores
 
-    def counts(self) -> dict[str, int]:
-        """Tasks submitted so far, per pool job: what a checkpoint saved now keeps."""
-        return dict(self._submitted)
+    def counts(self) -> dict[str, int] | None:
+        """Tasks submitted so far, per pool job, for a checkpoint saved now; None while a
+        place-keyed task is unfinished (a loop that submits its next iteration before it saves
+        the last): which of those a restart submits again, and where, cannot be told."""
+        return None if self._place_of else dict(self._submitted)
 
-    def restart_at(self, counts: Mapping[str, int], checkpoint: str) -> None:
+    def restart_at(self, counts: Mapping[str, int] | None, checkpoint: str) -> None:
         """The job restarts from `checkpoint`, saved when its pool jobs had submitted `counts`:
-        its next tasks take the places the saving run's next tasks took. Only in a resumed run,
-        and only for the first checkpoint it loads (the job's restart; a later load is not one)."""
-        if not self._resume or self._restarted:
+        its next tasks take the places the saving run's next tasks took. Any checkpoint the job
+        loads before its first task counts (a settings checkpoint, then the latest; the latest,
+        then an older one to roll back): the last one loaded is where it restarts. `counts`
+        None: saved with tasks in flight, so no task of this run is restored by its place."""
+        if not self._restart_open:
             return
-        self._restarted = True
-        for job, n in counts.items():
-            if n > self._submitted[job]:
-                self._submitted[job] = n
-        log.info("journal: the job restarts from checkpoint %s: its tasks take their places from there", checkpoint)
+        self._submitted = defaultdict(int, counts or {})
+        self._placeless = counts is None
+        if counts is None:
+            log.warning(
+                "journal: checkpoint %s was saved while tasks were running, so which of them the job submits again "
+                "cannot be told: tasks that are not pure run again (save checkpoints between iterations to avoid it)",
+                checkpoint,
+            )
+        else:
+            log.info("journal: the job restarts from checkpoint %s: its tasks take their places from there", checkpoint)
 
-    def lookup(self, task: Task, job: str, *, code: str = "") -> TaskResult | None:
+    def lookup(self, task: Task, job: str, *, code: str = "", task_id: int | None = None) -> TaskResult | None:
+        self._restart_open = False  # the job has begun: a checkpoint loaded now is no restart
         n = self._submitted[job]
         self._submitted[job] = n + 1
         content = self._journal.key_for(task, code)
         if task.key is not None or is_pure(task):
             return self._journal.get(content) if self._resume else None
-        if self._resume:
+        if self._resume and not self._placeless:
             key = place_key(content, (job, n))
             kept = self._journal.get(key)
             if kept is not None:
                 return kept  # restored: it never runs, so it waits for no record
             self._warn_if_changed(job, n, key)
-        self._waiting.setdefault((job, content), deque()).append(n)
+        if task_id is not None:
+            self._place_of[task_id] = n
         return None
 
     def record(self, task: Task, job: str, result: TaskResult, *, code: str = "") -> None:
+        """Every task that ended is told (a failed one too: its place is its own, not the next
+        equal task's to take); the journal keeps the succeeded ones."""
         content = self._journal.key_for(task, code)
         if task.key is not None or is_pure(task):
             self._journal.record(content, result)
             return
-        n = self._forget(job, content)
+        n = self._place_of.pop(result.task_id, None)
         if n is None:  # submitted before this store was set: no place to journal it at
             log.debug("journal: task %d (%s) has no place in job %r; not journaled", result.task_id, content, job)
             return
         self._journal.record(place_key(content, (job, n)), result, (job, n))
-
-    def _forget(self, job: str, content: str) -> int | None:
-        """Take the oldest place waiting for this content, or None."""
-        waiting = self._waiting.get((job, content))
-        if not waiting:
-            return None
-        n = waiting.popleft()
-        if not waiting:
-            del self._waiting[(job, content)]
-        return n
 
     def _warn_if_changed(self, job: str, n: int, key: str) -> None:
         journaled = self._journal.key_at((job, n))

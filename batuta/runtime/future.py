@@ -21,14 +21,15 @@ if TYPE_CHECKING:
 class ResultStore(Protocol):
     """Where finished results are kept across runs (a job journal, for `--resume`).
 
-    `lookup` is asked at submission: a hit resolves the task at once without running it.
-    `record` is told every succeeded result. Both run on the event loop: keep them quick
+    `lookup` is asked at submission (with the task's id): a hit resolves the task at once
+    without running it. `record` is told every result of a task that ran, whatever its
+    status (a store keeps the succeeded ones). Both run on the event loop: keep them quick
     and hand slow I/O to a thread. `code` is the digest of the user's shipped code that the
     task's kernel comes from (`runtime.code.ShippedCode`), "" for built-in kernels and
     binaries: a store must key by it, so that a result of old code is never handed back.
     """
 
-    def lookup(self, task: Task, job: str, *, code: str) -> TaskResult | None: ...
+    def lookup(self, task: Task, job: str, *, code: str, task_id: int) -> TaskResult | None: ...
 
     def record(self, task: Task, job: str, result: TaskResult, *, code: str) -> None: ...
 

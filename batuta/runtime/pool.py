@@ -299,7 +299,7 @@ class Pool:
             if keep:  # keyed by how it is made: readers in a resumed run make it again on demand
                 digest = lineage_digest(call, task.backend.value)  # as asked: AUTO's choice may vary by run
                 future._journal_task = replace(prepared.task, key=f"kept:{digest}")
-            journaled = self._store.lookup(future._journal_task, job, code=future._code)
+            journaled = self._store.lookup(future._journal_task, job, code=future._code, task_id=task_id)
             if journaled is not None:
                 if keep:
                     journaled = kept.restored_kept(self, future, prepared, journaled, digest)
@@ -743,10 +743,10 @@ class Pool:
         )
         if pending._object_ids:
             self._send_drops(self._objects.release(pending._object_ids))
+        if self._store is not None:  # every ending: a failed task's place is its own (JournalStore)
+            self._store.record(pending._journal_task, pending.job, kept.journaled(result), code=pending._code)
         if status is TaskStatus.SUCCEEDED:
             self._succeeded += 1
-            if self._store is not None:
-                self._store.record(pending._journal_task, pending.job, kept.journaled(result), code=pending._code)
         elif status is TaskStatus.CANCELLED:
             self._cancelled += 1
         else:
