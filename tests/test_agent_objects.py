@@ -150,3 +150,27 @@ async def test_kept_results_past_the_cap_spill_are_reported_and_still_served(tmp
         staged = await pool.run(Task.kernel("sum", refs[0], backend=Backend.CPU))  # a spilled input
         assert staged.is_success() and staged.value == 0.0
     assert not any((tmp_path / "batuta" / "objects").iterdir())  # removed when the agent exits
+
+
+def test_the_store_is_capped_by_the_memory_cgroup_where_that_is_lower(tmp_path: Path) -> None:
+    """The cap was 30% of the node's RAM: in a Slurm job or a container limited to less, the
+    kernel killed the agent instead of its spilling to disk."""
+    from batuta.agent.objects import _cgroup_memory_limit, host_memory
+
+    v2 = tmp_path / "v2"
+    (v2 / "slurm" / "job_7" / "step_0").mkdir(parents=True)
+    (v2 / "slurm" / "memory.max").write_text("max\n")
+    (v2 / "slurm" / "job_7" / "memory.max").write_text(f"{8 << 30}\n")
+    (v2 / "slurm" / "job_7" / "step_0" / "memory.max").write_text("max\n")
+    own_v2 = tmp_path / "own_v2"
+    own_v2.write_text("0::/slurm/job_7/step_0\n")
+    assert _cgroup_memory_limit(v2, own_v2) == 8 << 30  # a parent's limit holds its children
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "docker" / "abc").mkdir(parents=True)
+    (v1 / "memory" / "docker" / "abc" / "memory.limit_in_bytes").write_text(f"{800 << 20}\n")
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    own_v1 = tmp_path / "own_v1"
+    own_v1.write_text("5:devices:/docker/abc\n4:memory:/docker/abc\n")
+    assert _cgroup_memory_limit(v1, own_v1) == 800 << 20
+    assert host_memory(v1, own_v1) == 800 << 20  # under the RAM of any machine this runs on
+    assert _cgroup_memory_limit(tmp_path / "none", tmp_path / "missing") == 0

@@ -92,14 +92,47 @@ def parse_gpu_cache(text: str, free_bytes: int) -> int:
         ) from None
 
 
-def host_memory() -> int:
-    """This host's RAM in bytes (0 if unknown)."""
+def host_memory(cgroup_root: Path = Path("/sys/fs/cgroup"), own: Path = Path("/proc/self/cgroup")) -> int:
+    """The memory this agent may use, in bytes (0 if unknown): the host's RAM, or its memory
+    cgroup's limit where that is lower (a Slurm job's, a container's). With the RAM alone, the
+    store's 30% of a 64 GiB node outgrew a job's 8 GiB, and the kernel killed the agent for it
+    instead of its spilling to disk."""
     try:
         import psutil
 
-        return int(psutil.virtual_memory().total)
+        total = int(psutil.virtual_memory().total)
     except Exception:  # no psutil here: the cap falls back to a fixed size
+        total = 0
+    limit = _cgroup_memory_limit(cgroup_root, own)
+    return min(total, limit) if total and limit else total or limit
+
+
+def _cgroup_memory_limit(cgroup_root: Path, own: Path) -> int:
+    """The lowest memory limit on this process's cgroup and its parents (v2 `memory.max`, v1
+    `memory.limit_in_bytes`); 0 when there is none or it cannot be read."""
+    try:
+        lines = own.read_text().splitlines()
+    except OSError:
         return 0
+    limits: list[int] = []
+    for line in lines:
+        _, controllers, path = [*line.split(":", 2), "", ""][:3]
+        if controllers == "":  # v2: one unified hierarchy
+            folder, name = cgroup_root / path.lstrip("/"), "memory.max"
+        elif "memory" in controllers.split(","):
+            folder, name = cgroup_root / "memory" / path.lstrip("/"), "memory.limit_in_bytes"
+        else:
+            continue
+        for level in (folder, *folder.parents):
+            if not str(level).startswith(str(cgroup_root)):
+                break
+            try:
+                text = (level / name).read_text().strip()
+            except OSError:
+                continue
+            if text.isdigit() and int(text) < 1 << 60:  # "max", or v1's "no limit" (about 2^63)
+                limits.append(int(text))
+    return min(limits) if limits else 0
 
 
 def default_cap(memory_total: int, environ: Mapping[str, str] | None = None) -> int:
