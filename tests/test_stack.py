@@ -684,3 +684,18 @@ def test_a_node_lost_during_the_gate_is_one_error_that_says_so_not_its_tasks_fai
     assert errors[0]["message"].startswith("lost during the check: "), errors
     assert errors[0]["suggestion"] == "see why its agent ended (above), then run the check again"
     assert {"python", "batuta", "numba"} <= {f["check"] for f in node["findings"]}  # what passed before stays
+
+
+def test_a_nodes_disk_check_covers_batutas_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped code and spilled objects go there; a full one passed the check, and every
+    task on the node then failed to import the shipped code."""
+    import tempfile
+
+    from batuta.stack.node_kernels import _disks
+
+    others = {os.stat(tempfile.gettempdir()).st_dev, os.stat(os.path.expanduser("~")).st_dev}
+    if not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev in others:
+        pytest.skip("no file system here besides the temp and home folders' to put the cache on")
+    monkeypatch.setenv("XDG_CACHE_HOME", "/dev/shm/batuta-test-not-made")  # not made: the disk it goes on
+    [cache] = [disk for disk in _disks() if disk["label"] == "cache"]
+    assert cache["path"] == "/dev/shm" and cache["free"] > 0

@@ -94,10 +94,17 @@ def nvml_facts() -> dict[str, Any]:
 
 
 def _disks() -> list[dict[str, Any]]:
-    """Free space where a node writes: the temp folder and the home folder (numba's cache)."""
+    """Free space where a node writes: the temp folder, the home folder (numba's cache) and
+    batuta's cache (the user's code, objects spilled past the store's memory): a full one
+    there passed the check, and every task then failed to import the shipped code."""
+    from batuta.agent.code import cache_root
+
+    cache = cache_root()
+    while not cache.exists() and cache.parent != cache:  # not made yet: the disk it will be on
+        cache = cache.parent
     seen: set[int] = set()
     found: list[dict[str, Any]] = []
-    for label, path in (("temp", tempfile.gettempdir()), ("home", os.path.expanduser("~"))):
+    for label, path in (("temp", tempfile.gettempdir()), ("home", os.path.expanduser("~")), ("cache", str(cache))):
         try:
             device = os.stat(path).st_dev
             usage = shutil.disk_usage(path)
