@@ -708,19 +708,23 @@ async def test_a_resumed_pipeline_restores_kept_results_and_makes_only_what_a_ne
     assert second_run[2] == pytest.approx(100_000 * (2.0 * 2 + 1))
 
 
-async def test_readers_of_unrepeatable_results_are_not_one_task_to_the_journal(tmp_path: Path) -> None:
+@pytest.mark.parametrize("keep", [False, True], ids=["fed", "kept"])
+async def test_readers_of_unrepeatable_results_are_not_one_task_to_the_journal(tmp_path: Path, keep: bool) -> None:
     """A pure reader of an unfinished task's result was keyed by how that result is made: ten
-    readers of ten random samples shared one journal key, and a resume gave them one value."""
+    readers of ten random samples shared one journal key, and a resume gave them one value.
+    Kept (keep=True), the samplers themselves shared one key too."""
     journal = await Journal.open(tmp_path, job="j", resume=False)
     async with make_pool() as pool:
         pool.set_result_store(JournalStore(journal, resume=False))
         with pool.job("j"):
-            timed = [pool.submit_nowait(Task.kernel("spin", 0.001)) for _ in range(3)]  # its value is the time spun
+            timed = [pool.submit_nowait(Task.kernel("spin", 0.001), keep=keep) for _ in range(3)]  # the time spun
             readers = [pool.submit_nowait(Task.kernel("noop", future)) for future in timed]  # noop is pure
             values = [(await reader).value for reader in readers]
     await journal.close()
-    keys = [key for key in read_journal(tmp_path / JOURNAL_FILE)[0] if "/noop/" in key]
-    assert len(keys) == 3 and all("#j:" in key for key in keys), keys  # each at its own place
+    journaled = read_journal(tmp_path / JOURNAL_FILE)[0]
+    for kernel in ("/noop/", "/spin/"):
+        keys = [key for key in journaled if kernel in key]
+        assert len(keys) == 3 and all("#j:" in key for key in keys), keys  # each at its own place
     assert len(set(values)) == 3
 
 

@@ -30,7 +30,7 @@ from batuta.core.task import KernelCall, Outcome, Task, TaskStatus
 from batuta.errors import ObjectLostError, UsageError
 from batuta.protocol import messages as m
 from batuta.runtime.future import TaskFuture
-from batuta.runtime.objects import lineage_digest
+from batuta.runtime.objects import lineage_digest, repeatable
 from batuta.runtime.session import HostSession
 
 if TYPE_CHECKING:
@@ -162,7 +162,7 @@ class DataPlane:
         digest = ""
         if self._pool._store is not None:  # a journal keys its readers by it (UNREPEATABLE: by place only)
             made = self.digest_of(future._call, future)
-            digest = f"fed:{made}" if _repeatable(future._call) else f"{UNREPEATABLE}{made}"
+            digest = f"fed:{made}" if repeatable(future._call) else f"{UNREPEATABLE}{made}"
         return ObjectRef(objects.fed_object(future.task_id), digest=digest, pool=objects.owner)
 
     @staticmethod
@@ -349,15 +349,3 @@ def _array_bytes(value: Any, depth: int = 0) -> int:
     if isinstance(value, dict):
         return sum(_array_bytes(item, depth + 1) for item in value.values())
     return 0
-
-
-def _repeatable(call: Any) -> bool:
-    """Whether `call` gives equal results for equal arguments: a kernel registered pure here.
-    Readers of a random sample shared one journaled result: keyed by the sampler's kernel and
-    arguments, ten different samples were one to the journal."""
-    if not isinstance(call, KernelCall):
-        return False
-    from batuta.kernels import registry
-
-    found = registry.known(call.name)
-    return found is not None and found.pure

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from batuta.core.backend import element_count
-from batuta.core.objects import ObjectRef
+from batuta.core.objects import UNREPEATABLE, ObjectRef
 from batuta.core.task import Task
 from batuta.errors import UsageError
 from batuta.protocol import messages as m
@@ -53,6 +53,26 @@ def _nbytes_of(value: Any) -> int:
     streams = OutgoingStreams()  # as `put` encodes it: large arrays as chunks (views, not copies)
     parts = encode_messages_parts((m.Put(object_id=0, value=value),), streams=streams)
     return sum(memoryview(part).nbytes for part in (*parts, *streams.all_chunk_parts()))
+
+
+def repeatable(call: Any) -> bool:
+    """Whether `call` gives equal results for equal arguments: a kernel registered pure here.
+    Only then does how a value is made (`lineage_digest`) name the value: the readers of ten
+    random samples, keyed by the sampler's kernel and arguments, were one task to a journal."""
+    from batuta.core.task import KernelCall
+    from batuta.kernels import registry
+
+    if not isinstance(call, KernelCall):
+        return False
+    found = registry.known(call.name)
+    return found is not None and found.pure
+
+
+def kept_digest(call: Any, backend: str) -> str:
+    """The digest of a kept result of `call`: how it is made, marked `UNREPEATABLE` when that
+    does not tell its value (a journal then keys it, and its readers, by place)."""
+    made = lineage_digest(call, backend)
+    return made if repeatable(call) else f"{UNREPEATABLE}{made}"
 
 
 def lineage_digest(call: Any, backend: str) -> str:
