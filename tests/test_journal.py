@@ -445,29 +445,36 @@ def test_resume_without_a_journal_is_a_usage_error(capsys: pytest.CaptureFixture
 SPIN = Task.kernel("spin", 0.001)  # identical tasks; spin measures time, so it is not pure
 
 
+async def killed_after(pool: Pool, tasks: list[Task], journaled: int) -> None:
+    """Submit `tasks`; once `journaled` have succeeded, take the store away (as the last of
+    them is recorded: what a kill -9 then leaves on disk) and abandon the rest."""
+    killed = asyncio.Event()
+    succeeded = 0
+
+    def on_event(event: object) -> None:
+        nonlocal succeeded
+        if isinstance(event, pe.TaskFinished) and event.result.is_success() and not killed.is_set():
+            succeeded += 1
+            if succeeded == journaled:  # the store has just recorded this one
+                pool.set_result_store(None)
+                killed.set()
+
+    unsubscribe = pool.subscribe(on_event)
+    futures = [pool.submit_nowait(task) for task in tasks]
+    await asyncio.wait_for(killed.wait(), timeout=60)
+    unsubscribe()
+    for future in futures:
+        future.cancel()
+
+
 async def interrupted_run(tmp_path: Path, tasks: list[Task], finished_before_kill: int) -> int:
-    """Submit `tasks` under job "j"; once `finished_before_kill` have succeeded, stop journaling
-    (what a kill -9 then leaves on disk) and abandon the rest. Returns the results journaled."""
+    """Submit `tasks` under job "j" and stop journaling after `finished_before_kill`
+    (`killed_after`). Returns the results journaled."""
     journal = await Journal.open(tmp_path, job="j", resume=False)
     async with make_pool() as pool:
         pool.set_result_store(JournalStore(journal, resume=False))
-        killed = asyncio.Event()
-        succeeded = 0
-
-        def on_event(event: object) -> None:
-            nonlocal succeeded
-            if isinstance(event, pe.TaskFinished) and event.result.is_success() and not killed.is_set():
-                succeeded += 1
-                if succeeded == finished_before_kill:  # the store has just recorded this one
-                    pool.set_result_store(None)
-                    killed.set()
-
-        pool.subscribe(on_event)
         with pool.job("j"):
-            futures = [pool.submit_nowait(task) for task in tasks]
-        await asyncio.wait_for(killed.wait(), timeout=60)
-        for future in futures:
-            future.cancel()
+            await killed_after(pool, tasks, finished_before_kill)
     await journal.close()
     return journal.synced
 
@@ -538,35 +545,13 @@ async def checkpointed_run(
         with pool.job("j"):
             for iteration in range(start, start + iterations):
                 if stop_after is not None and iteration == start + iterations - 1:
-                    await interrupted_iteration(pool, stop_after)
+                    await killed_after(pool, [SPIN] * 4, stop_after)
                     break
                 futures = [pool.submit_nowait(SPIN) for _ in range(4)]
                 restored.append([(await f).restored for f in futures])
                 await journal.checkpoints.save(f"it_{iteration}", {"iteration": iteration})
     await journal.close()
     return restored
-
-
-async def interrupted_iteration(pool: Pool, journaled: int) -> None:
-    """4 SPIN tasks of which `journaled` reach the journal (the store is taken away as the last
-    of them is recorded: what a kill -9 leaves); the rest are abandoned."""
-    killed = asyncio.Event()
-    succeeded = 0
-
-    def on_event(event: object) -> None:
-        nonlocal succeeded
-        if isinstance(event, pe.TaskFinished) and event.result.is_success() and not killed.is_set():
-            succeeded += 1
-            if succeeded == journaled:
-                pool.set_result_store(None)
-                killed.set()
-
-    unsubscribe = pool.subscribe(on_event)
-    futures = [pool.submit_nowait(SPIN) for _ in range(4)]
-    await asyncio.wait_for(killed.wait(), timeout=60)
-    unsubscribe()
-    for future in futures:
-        future.cancel()
 
 
 async def test_a_job_resumed_from_its_checkpoint_meets_its_own_places(tmp_path: Path) -> None:
