@@ -222,3 +222,36 @@ def test_a_gpu_without_a_reading_of_its_own_still_shows_its_cache() -> None:
         GpuSample(index=3, cached_values=1, cached_bytes=7, cache_cap=9),  # no NVML reading: only the cache
     )
     assert with_device_caches((read,), slots[:2]) == (read,)
+
+
+async def test_a_telemetry_failure_is_said_once_not_at_every_heartbeat(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Out of file descriptors, the agent printed "telemetry failed" every half second."""
+
+    class Failing(FakeTelemetry):
+        def sample(self) -> Any:
+            raise OSError(24, "Too many open files")
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    agent_in_r, coordinator_w = os.pipe()
+    coordinator_r, agent_out_w = os.pipe()
+    agent = Agent(
+        AgentOptions(cpu_slots=0, gpus=GpuSelection(mode="none")),
+        Failing(0),
+        frames_in=agent_in_r,
+        frames_out=agent_out_w,
+        gpus=(),
+        gpu_slots=(),
+    )
+    agent._loop = asyncio.get_running_loop()
+    try:
+        for _ in range(3):
+            agent._heartbeat()
+    finally:
+        if agent._heartbeat_timer is not None:
+            agent._heartbeat_timer.cancel()
+        for fd in (agent_in_r, coordinator_w, coordinator_r, agent_out_w):
+            os.close(fd)
+    said = [line for line in capfd.readouterr().err.splitlines() if "telemetry failed" in line]
+    assert said == ["batuta agent: telemetry failed: [Errno 24] Too many open files (said again only if it changes)"]

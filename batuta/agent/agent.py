@@ -123,6 +123,7 @@ class Agent:
     ) -> None:
         self._options = options
         self._telemetry = telemetry
+        self._telemetry_failure = ""  # said once until it changes: it repeated every heartbeat (EMFILE)
         self._frames_in = frames_in
         self._frames_out = frames_out
         self._gpus = gpus
@@ -546,7 +547,9 @@ class Agent:
         try:
             sample = self._telemetry.sample()
         except Exception as exc:  # telemetry must never take the agent down
-            _warn(f"telemetry failed: {exc}")
+            if str(exc) != self._telemetry_failure:
+                self._telemetry_failure = str(exc)
+                _warn(f"telemetry failed: {exc} (said again only if it changes)")
             sample = None
         if sample is not None:
             objects, object_bytes, spilled_bytes = self._objects.stats()
