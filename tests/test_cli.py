@@ -7,6 +7,7 @@ and the job loader are also tested in-process, where a subprocess would add noth
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import json
@@ -399,6 +400,27 @@ def test_a_log_file_the_disk_refuses_is_one_warning_and_the_run_goes_on(tmp_path
         "(the run goes on)"
     ]
     assert "Traceback" not in done.stderr and "Logging error" not in done.stderr
+
+
+def test_the_runs_signal_handling_hands_back_the_handlers_it_found() -> None:
+    """The loop, removing its SIGTERM handler as it closed, left the default action: a SIGTERM
+    between the run's end and the metrics linger killed the command (exit 143 after a run
+    that succeeded; seen once in CI)."""
+    from batuta.cli._run import _sigterm_as_interrupt
+
+    def mine(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    async def nothing() -> int:
+        return 7
+
+    before = {signum: signal.signal(signum, mine) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        assert asyncio.run(_sigterm_as_interrupt(nothing())) == 7
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGHUP) is mine
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 def test_unknown_builtin_suggests_the_file_beside_it(tmp_path: Path) -> None:

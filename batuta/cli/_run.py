@@ -345,19 +345,29 @@ async def _sigterm_as_interrupt(run: Coroutine[Any, Any, T]) -> T:
         if task is not None:
             task.cancel()
 
+    previous: dict[int, Any] = {}  # the handlers before the loop's (main()'s): put back at the end
+    loop = asyncio.get_running_loop()
     if task is not None:
-        loop = asyncio.get_running_loop()
         for signum in ENDING_SIGNALS:
             if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
                 continue  # under nohup: hanging up is not a reason to stop
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                before = signal.getsignal(signum)
                 loop.add_signal_handler(signum, on_signal, signum)
+                previous[signum] = before
     try:
         return await run
     except asyncio.CancelledError:
         if termed:  # before the job began (hosts starting, an allocation queued): as Ctrl-C there
             raise KeyboardInterrupt from None
         raise
+    finally:
+        # The loop, removing its handlers as it closes, set the default action: a SIGTERM
+        # between the run's end and what follows (the metrics linger's handler) killed the
+        # command, exit 143 after a run that succeeded.
+        for number, handler in previous.items():
+            loop.remove_signal_handler(number)
+            signal.signal(number, handler)
 
 
 def _interrupted_note(summary: RunSummary, args: argparse.Namespace) -> str:
