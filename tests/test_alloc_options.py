@@ -121,7 +121,8 @@ def test_alloc_help_offers_no_local_pool_and_a_bad_count_suggests_a_count(fake_s
 def test_values_the_cluster_file_takes_are_taken_and_read_alike_on_the_command_line(
     fake_sbatch: Path, tmp_path: Path
 ) -> None:
-    done = alloc(fake_sbatch, tmp_path, "--gpus", " 1, 0,1", "--slots", "0", "--time", "1-2:03")
+    """`--gpus "[1, 0,1]"`, the file's spelling as the refusal of a bad value shows it, is taken."""
+    done = alloc(fake_sbatch, tmp_path, "--gpus", "[1, 0,1]", "--slots", "0", "--time", "1-2:03")
     assert done.returncode == 3 and len(calls(fake_sbatch)) == 1, done.stderr  # taken: sbatch was asked
     by_options = node_step(tmp_path / "jobs")
     (tmp_path / "lab.toml").write_text(

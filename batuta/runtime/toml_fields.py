@@ -163,6 +163,8 @@ class FieldReader:
                 return "auto"
             if text in ("none", ""):
                 return "none"
+            if text.startswith("[") and text.endswith("]"):  # `--gpus "[0, 1]"`: the file's spelling
+                text = text[1:-1]
             parts = [p.strip() for p in text.split(",")]
             if all(p.isdigit() for p in parts):
                 return ",".join(str(int(p)) for p in dict.fromkeys(parts))
