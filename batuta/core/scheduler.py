@@ -22,7 +22,8 @@ clocks. Rules (Blumofe & Leiserson, adapted to a coordinator that sees every slo
   agent confirms (`StealBackAnswered`). Newest first, because the agent starts them oldest
   first: those are the ones most likely still unstarted.
 * Windows are sized to hide the round trip: `1 + ceil(round_trip / mean run time)` tasks,
-  clamped to [min_window, max_window], per slot, from an exponential moving average.
+  clamped to [min_window, max_window], per slot, from an exponential moving average
+  (`windows.py`).
 * Attempts count starts. A task sent to a slot that is then lost is requeued; if it had
   started, the attempt stands, and after `max_attempts` such losses it resolves LOST with
   the reasons. One lost before it started is requeued free, `max_attempts` + 2 times (it
@@ -48,14 +49,13 @@ are importable from here too.
 from __future__ import annotations
 
 import heapq
-import math
 import random
 from collections import deque
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, TypeVar
 
-from batuta.core import deps, feedahead, injector, invariants, recovery
+from batuta.core import deps, feedahead, injector, invariants, recovery, windows
 from batuta.core.events import (
     AbortTasks,
     AnnounceDrained,
@@ -185,7 +185,7 @@ class Scheduler:
                 _handler(SchedulingPaused, self._on_paused),
                 _handler(SchedulingResumed, self._on_resumed),
                 _handler(HostDrainRequested, self._on_drain),
-                _handler(RoundTripMeasured, self._on_round_trip),
+                _handler(RoundTripMeasured, partial(windows.on_round_trip, self)),
                 _handler(ShutdownRequested, self._on_shutdown),
                 _handler(ObjectReleased, partial(deps.on_released, self)),
                 _handler(ObjectLost, partial(deps.on_lost, self)),
@@ -427,7 +427,7 @@ class Scheduler:
         else:
             slot.completed += 1
             if ev.outcome is _OK or ev.outcome is _ERROR:
-                self._observe_run_time(slot, ev.run_s)
+                windows.observe_run_time(self, slot, ev.run_s)
             if entry.keep_as:
                 deps.on_kept(self, entry, ev.kept_bytes)
             self._resolve(entry, status, ev.reason, slot_id=slot.slot_id, payload=ev.payload)
@@ -526,11 +526,6 @@ class Scheduler:
         self._deadlines.clear()
         self._steal_thief.clear()
         self._shut_down = True
-
-    def _on_round_trip(self, ev: RoundTripMeasured) -> None:
-        self._round_trip[ev.host_id] = max(0.0, ev.seconds)
-        for slot in self._host_slots.get(ev.host_id, ()):
-            self._resize_window(slot)
 
     # -- placement --------------------------------------------------------------------------
 
@@ -728,25 +723,6 @@ class Scheduler:
         self._deque_holders.add(slot)
         self._top_priority = max(self._top_priority, entry.priority)
         self._queued += 1
-
-    def _observe_run_time(self, slot: SlotRecord, run_s: float) -> None:
-        run_s = max(run_s, 1e-6)
-        if slot.mean_run_s is None:
-            slot.mean_run_s = run_s
-        else:
-            w = self.config.run_time_smoothing
-            slot.mean_run_s = (1 - w) * slot.mean_run_s + w * run_s
-        self._resize_window(slot)
-
-    def _resize_window(self, slot: SlotRecord) -> None:
-        cfg = self.config
-        if slot.mean_run_s is None:
-            return
-        round_trip = self._round_trip.get(slot.host_id, cfg.default_round_trip)
-        wanted = 1 + math.ceil(round_trip / slot.mean_run_s)
-        slot.window_limit = max(cfg.min_window, min(cfg.max_window, wanted))
-        if slot.state is SlotState.UP and len(slot.window) < slot.window_limit:
-            self._hungry.add(slot)
 
     def _check_drained(self, host_id: HostId) -> None:
         if host_id not in self._draining or host_id in self._drain_announced:
