@@ -203,3 +203,24 @@ def slot_state_events(pool: Pool, session: HostSession, msg: m.SlotChanged, now:
         if view is not None and view.state in ("lost", "retired"):
             return [ev.SlotJoined(slot_id=slot_id, host_id=session.name, capabilities=view.capabilities)]
     return []
+
+
+def requeued(pool: Pool, ins: ev.AnnounceRequeue) -> None:
+    """The scheduler put a task back in its queue: it is running nowhere now; observers hear why."""
+    pending = pool._pending.get(ins.task_id)
+    if pending is not None:
+        pending.slot_id = None
+        pool._acks.check()
+        pending.started_at = None
+        if pool.events.active:
+            pool.events.publish(
+                pe.TaskRequeued(
+                    task_id=ins.task_id,
+                    name=pending.task.name,
+                    slot=ins.slot_id,
+                    attempts=ins.attempts,
+                    reason=ins.reason,
+                    at=pool._now(),
+                    job=pending.job,
+                )
+            )

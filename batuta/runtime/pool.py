@@ -646,7 +646,7 @@ class Pool:
                 session, _index = self._slot_of[ins.slot_id]
                 session.send(m.Cancel(task_ids=ins.task_ids))
             elif isinstance(ins, ev.AnnounceRequeue):
-                self._on_requeued(ins)
+                inbound.requeued(self, ins)
             elif isinstance(ins, ev.AnnounceDrained):
                 self.host_state_changed(ins.host_id, "drained", "no work left")
             elif isinstance(ins, ev.RecomputeObject | ev.AnnounceObjectLost):
@@ -776,22 +776,3 @@ class Pool:
     def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
         loop = self._loop or asyncio.get_running_loop()
         loop.call_soon(callback, *args)
-
-    def _on_requeued(self, ins: ev.AnnounceRequeue) -> None:
-        pending = self._pending.get(ins.task_id)
-        if pending is not None:
-            pending.slot_id = None
-            self._acks.check()
-            pending.started_at = None
-            if self.events.active:
-                self.events.publish(
-                    pe.TaskRequeued(
-                        task_id=ins.task_id,
-                        name=pending.task.name,
-                        slot=ins.slot_id,
-                        attempts=ins.attempts,
-                        reason=ins.reason,
-                        at=self._now(),
-                        job=pending.job,
-                    )
-                )
