@@ -318,3 +318,50 @@ async def test_kill_9_of_a_host_holding_kept_values_mid_pipeline(cluster_hosts: 
             assert total.value == pytest.approx(n * (i * 2.0 + 1.0))  # identical to an undisturbed run
         on_victim = sum(1 for r in made if r.host == victim.name)
         assert on_victim >= 1 and len(fills) == 8 + on_victim  # each lost value made again, once
+
+
+async def test_a_retry_goes_to_a_host_heard_from_not_to_a_suspected_one(
+    ssh_hosts: Callable[..., TestHosts], tmp_path: Path
+) -> None:
+    """Host A is lost while B is suspected (silent, not lost yet) and C runs a task: A's task,
+    which had started, was retried on B, idle but silent, where it waited for B to answer or
+    be lost too (and its loss there counted again). A retry goes to a host up and heard from."""
+    hosts = ssh_hosts(3)
+    a, b, c = hosts[0], hosts[1], hosts[2]
+    path = cluster_file(hosts, tmp_path, slots=1)
+    text = path.read_text().replace("lost_after = 2.0", "lost_after = 120")  # B stays suspected
+    path.write_text(text.replace("[pool]\n", "[pool]\nstart_wait = 120\n"))  # every host up first
+    async with build_pool(load_cluster(path)) as pool:
+        ledger = Ledger(pool)
+        suspected, heard, retried = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        def observe(e: pe.PoolEvent) -> None:
+            if isinstance(e, pe.HostStateChanged) and e.host == b.name and e.state == "suspected":
+                suspected.set()
+            elif isinstance(e, pe.HostStateChanged) and e.host == b.name and e.state == "up" and suspected.is_set():
+                heard.set()
+            elif isinstance(e, pe.TaskRequeued) and e.slot.startswith(f"{a.name}/"):
+                retried.set()
+
+        pool.subscribe(observe)
+        pool.drain(b.name)  # the gated tasks go to A and C, one each
+        gate_file = tmp_path / "open"  # the namespaces share the file system
+        futures = [await pool.submit(Task.kernel("test_gate", str(gate_file), i, WAIT_S)) for i in range(2)]
+        await ledger.started(a.name)
+        await ledger.started(c.name)
+        pool.drain(b.name, undo=True)  # B: up, idle, the least busy host
+        silent = agent_of(b)
+        silent.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.wait_for(suspected.wait(), WAIT_S)
+            agent_of(a).kill()
+            await asyncio.wait_for(retried.wait(), WAIT_S)
+        finally:
+            silent.send_signal(signal.SIGCONT)
+        await asyncio.wait_for(heard.wait(), WAIT_S)
+        gate_file.write_text("open")
+        results = await asyncio.wait_for(asyncio.gather(*(f.asyncio_future() for f in futures)), WAIT_S)
+        assert all(r.is_success() for r in results), [r.error for r in results]
+        retry = max(results, key=lambda r: r.attempts)
+        assert (retry.attempts, retry.host) == (2, c.name)  # not B, suspected when A was lost
+        assert b.name not in {r.host for r in results}

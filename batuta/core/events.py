@@ -143,6 +143,15 @@ class HostDrainRequested:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HostSuspected:
+    """The host has been silent past `suspect_after` (not lost yet): it gets only work that no
+    host up and heard from can run (`suspicion.py`). `heard_again`: it spoke again, or came back."""
+
+    host_id: HostId
+    heard_again: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ShutdownRequested:
     """The pool is closing: resolve every unresolved task as cancelled and place no more work."""
 
@@ -196,6 +205,7 @@ Event = (
     | SchedulingPaused
     | SchedulingResumed
     | HostDrainRequested
+    | HostSuspected
     | ShutdownRequested
     | RoundTripMeasured
     | ObjectReleased

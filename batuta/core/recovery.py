@@ -157,11 +157,13 @@ def requeue(scheduler: Scheduler, entry: TaskEntry, slot: SlotRecord, reason: st
 
 
 def _least_busy_elsewhere(scheduler: Scheduler, entry: TaskEntry, host_id: str) -> SlotRecord | None:
-    """The up slot, on a host other than `host_id`, that can run `entry` and holds the least
-    work; None when there is none. A scan: retries are rare."""
+    """The up slot, on a host other than `host_id` and not suspected, that can run `entry` and
+    holds the least work; None when there is none. A scan: retries are rare. A suspected host
+    is idle as far as anyone can tell, and would have been the least busy (`suspicion.py`)."""
     best: SlotRecord | None = None
+    suspected = scheduler._suspected
     for candidate in scheduler._slots.values():
-        if candidate.state is not SlotState.UP or candidate.host_id == host_id:
+        if candidate.state is not SlotState.UP or candidate.host_id == host_id or candidate.host_id in suspected:
             continue
         if not entry.requires <= candidate.capabilities:
             continue

@@ -35,6 +35,8 @@ clocks. Rules (Blumofe & Leiserson, adapted to a coordinator that sees every slo
   *zombie* (resolved, still occupying the agent) until the agent answers for it.
 * Capability matching. A task's `requires` must be a subset of a slot's capabilities; a
   task that no joined slot (up or expected back) can ever run resolves UNSCHEDULABLE.
+* Suspected hosts (silent past `suspect_after`, not lost yet) are sent only work that no
+  host up and heard from can run; a retry goes to a host heard from (`suspicion.py`).
 
 * Dependencies. A task naming unfinished upstream tasks or kept objects *waits* in no
   queue until they are there; it then goes to the host holding its bytes (`deps.py`), or,
@@ -55,7 +57,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, TypeVar
 
-from batuta.core import deps, feedahead, injector, invariants, recovery, windows
+from batuta.core import deps, feedahead, injector, invariants, recovery, suspicion, windows
 from batuta.core.events import (
     AbortTasks,
     AnnounceDrained,
@@ -65,6 +67,7 @@ from batuta.core.events import (
     HostExpected,
     HostId,
     HostLost,
+    HostSuspected,
     Instruction,
     KeptObjectsLost,
     ObjectLost,
@@ -151,6 +154,7 @@ class Scheduler:
         # draining: a kill -9 silently undid a drain), and those whose drain was announced
         self._draining: set[HostId] = set()
         self._drain_announced: set[HostId] = set()
+        self._suspected: set[HostId] = set()  # silent, not lost yet: sent only what no other can run
         self._deadlines: list[tuple[float, int, int]] = []  # (deadline, task_id, attempt)
         # task id -> the slot that asked for it back (None once that thief was lost); an
         # entry stays here until the agent answers, whatever happens to the thief meanwhile
@@ -185,6 +189,7 @@ class Scheduler:
                 _handler(SchedulingPaused, self._on_paused),
                 _handler(SchedulingResumed, self._on_resumed),
                 _handler(HostDrainRequested, self._on_drain),
+                _handler(HostSuspected, partial(suspicion.on_suspected, self)),
                 _handler(RoundTripMeasured, partial(windows.on_round_trip, self)),
                 _handler(ShutdownRequested, self._on_shutdown),
                 _handler(ObjectReleased, partial(deps.on_released, self)),
@@ -370,6 +375,7 @@ class Scheduler:
             deps.on_host_lost(self, ev.host_id, ev.reason)
         if ev.retired and self._expected.pop(ev.host_id, None) is not None:
             self._capability_epoch += 1
+        self._suspected.discard(ev.host_id)  # relaunched, it is heard from when it joins
         recovery.lose_slots(self, list(self._host_slots.get(ev.host_id, ())), ev.reason, ev.retired)
         self._drain_announced.discard(ev.host_id)  # still drained: announced again when it is back
         recovery.after_capacity_change(self)
@@ -585,7 +591,7 @@ class Scheduler:
             # (`_feed_hungry`), rather than offered every submission only to refuse it
             self._hungry.discard(slot)
             self._tail_waiting[slot.slot_id] = slot
-        elif not window and slot.steal_backs_pending == 0:
+        elif not window and slot.steal_backs_pending == 0 and slot.host_id not in self._suspected:
             try_steal_back(self, slot)
 
     def _next_for(self, slot: SlotRecord, *, ahead: bool) -> TaskEntry | None:
@@ -597,6 +603,8 @@ class Scheduler:
         """
         if ahead and self._in_tail(slot):
             return None
+        if self._suspected and slot.host_id in self._suspected:
+            return suspicion.next_for(self, slot)
         own = slot.deque
         best_class = injector.best_class(self, slot)
         if own and (best_class is None or injector.head_priority(best_class) <= own[0].priority):

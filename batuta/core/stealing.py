@@ -218,7 +218,8 @@ def on_steal_back_answered(scheduler: Scheduler, ev: StealBackAnswered) -> None:
         entry.steal_refused = True  # moved once by steal-back this attempt; never bounce it
         if entry.keep_as:  # what it was to make there for the tasks fed ahead behind it (feedahead.py)
             void_behind(scheduler, victim, entry)
-        if thief is not None and thief.state is SlotState.UP and entry.requires <= thief.capabilities:
+        suspected = thief is not None and thief.host_id in scheduler._suspected  # went silent meanwhile
+        if thief is not None and thief.state is SlotState.UP and entry.requires <= thief.capabilities and not suspected:
             victim.steals_out += 1
             thief.steals_in += 1
             scheduler._push_deque_front(thief, entry)

@@ -46,6 +46,7 @@ class PoolSide(Protocol):
     def host_messages(self, session: HostSession, messages: list[m.Message]) -> None: ...
     def host_writable(self, session: HostSession) -> None: ...
     def host_state_changed(self, host: str, state: str, reason: str) -> None: ...
+    def host_suspected(self, host: str, *, suspected: bool) -> None: ...
     def host_lost(self, host: str, reason: str, *, retired: bool) -> None: ...
 
 
@@ -308,10 +309,12 @@ class HostSupervisor:
         for ins in instructions:
             if isinstance(ins, lv.MarkSuspected):
                 self._pool.host_state_changed(ins.host_id, "suspected", ins.reason)
+                self._pool.host_suspected(ins.host_id, suspected=True)
             elif isinstance(ins, lv.MarkUp):
                 if ins.reason.startswith("relaunched"):
                     log.info("host %s %s", ins.host_id, ins.reason, extra={"host": ins.host_id})
                 self._pool.host_state_changed(ins.host_id, "up", ins.reason)
+                self._pool.host_suspected(ins.host_id, suspected=False)
             elif isinstance(ins, lv.MarkLost):
                 log.warning("host %s lost: %s", ins.host_id, ins.reason, extra={"host": ins.host_id})
                 self.sessions[ins.host_id].abandon()

@@ -584,6 +584,10 @@ class Pool:
         self._handle([ev.HostLost(host_id=host, reason=reason, retired=retired)])
         self._wake_submitters()  # its unread bytes left the send budget with it
 
+    def host_suspected(self, host: str, *, suspected: bool) -> None:
+        """Silent past suspect_after, or heard from again: a suspected host gets only the work no other can run."""
+        self._handle([ev.HostSuspected(host_id=host, heard_again=not suspected)])
+
     def host_state_changed(self, host: str, state: str, reason: str) -> None:
         if self.events.active:
             self.events.publish(pe.HostStateChanged(host=host, state=state, reason=reason, at=self._now()))
