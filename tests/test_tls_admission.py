@@ -10,9 +10,13 @@ bounded; nothing sleeps to let something happen (polls wait for a counter, with 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import re
+import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -189,6 +193,76 @@ async def test_a_worker_that_stays_busy_is_named_when_the_coordinator_gives_up(p
     assert message.startswith(f"host 127.0.0.1:{port}: worker busy: ")
     assert "serves another coordinator (CN=batuta-coordinator from 127.0.0.1:" in message
     assert "tries in" in message and "raise busy_timeout in [tls] to wait longer" in message
+
+
+HOLDER = """
+import asyncio, sys
+from batuta import RemoteExecutor, Task
+from batuta.runtime.builder import PoolConfig
+from batuta.runtime.pool import Pool
+
+async def main() -> None:
+    address, ca, cert, key, limit = sys.argv[1:]
+    specs = RemoteExecutor.builder().add_workers([address]).tls(ca=ca, cert=cert, key=key).host_specs()
+    async with Pool(specs, PoolConfig(agent_silence_limit=float(limit))) as pool:
+        await pool.run(Task.kernel("noop", 1))
+        print("up", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the test ends it
+
+asyncio.run(main())
+"""
+
+
+async def test_a_worker_held_by_a_stopped_coordinator_says_by_whom_and_until_when(pki: Pki) -> None:
+    """A coordinator stopped with Ctrl-Z (SIGSTOP) holds its worker until the agent gives up on
+    its silence (agent_silence_limit): the refusal said only "serves another coordinator". It
+    says which one, since when and last heard from when, and by when the worker is free at the
+    latest; a coordinator that keeps retrying gets in then."""
+    async with WorkerDaemon(worker_options(pki)) as daemon:
+        _, port = daemon.address
+        holder = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-c", HOLDER, f"127.0.0.1:{port}"),
+            *(str(pki.ca), str(pki.client_cert), str(pki.client_key), "4"),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert holder.stdout is not None
+            assert await asyncio.wait_for(holder.stdout.readline(), WAIT_S) == b"up\n"
+            os.kill(holder.pid, signal.SIGSTOP)
+            assert daemon.busy
+            with pytest.raises(TLSBusyError) as busy:
+                await executor_for(pki, port, busy_timeout=0)
+            message = str(busy.value)
+            peer = re.escape(f"CN=batuta-coordinator from {daemon._active.peer if daemon._active else '?'}")
+            assert re.search(
+                rf"serves another coordinator \({peer}, for \d+ s, last heard from \d+ s ago\); it is free when "
+                r"that one ends, or in \d+ s at the latest if it stays silent \(stopped with Ctrl-Z, or cut off: "
+                r"its agent_silence_limit is 4 s\); a worker serves one coordinator at a time",
+                message,
+            ), message
+            async with await executor_for(pki, port, busy_timeout=WAIT_S) as executor:  # in once it is let go
+                assert (await executor.execute(Task.kernel("noop", 7))).value == 7
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                holder.kill()
+            await holder.wait()
+
+
+def test_a_busy_refusal_says_when_the_holder_set_no_silence_limit_or_has_not_said() -> None:
+    from batuta.agent.daemon import _Session
+    from batuta.protocol.codec import encode_message
+    from batuta.protocol.messages import PROTOCOL_VERSION, Welcome
+
+    never = _Session("127.0.0.1:5000", "CN=batuta-coordinator")
+    never.heard(encode_message(Welcome(protocol=PROTOCOL_VERSION, heartbeat_interval=1.0, silence_limit=0.0)))
+    assert "(its agent_silence_limit is 0: stopped with Ctrl-Z, it holds the worker until it is resumed or ended)" in (
+        never.busy_message("w1")
+    )
+    unknown = _Session("127.0.0.1:5001", "CN=batuta-coordinator")  # still in its handshake: no Welcome yet
+    message = unknown.busy_message("w1")
+    assert message.startswith("worker busy: w1 serves another coordinator (CN=batuta-coordinator from 127.0.0.1:5001")
+    assert message.endswith("it is free when that one ends; a worker serves one coordinator at a time")
 
 
 def test_cluster_file_busy_timeout(pki: Pki) -> None:

@@ -25,8 +25,14 @@ least invasive way, and also the sturdiest:
 
 One coordinator at a time: while a session is active, a second connection that passes the
 TLS handshake gets one protocol `Error` frame ("worker busy: ...") and is closed; an
-unauthenticated one never gets a byte. The coordinator retries a busy worker with backoff
-(`TLSSettings.busy_timeout`). Once the active coordinator's connection has ended, the
+unauthenticated one never gets a byte. The frame names the coordinator it serves, when it
+last heard from it, and by when at the latest it lets it go if it stays silent: a coordinator
+stopped with Ctrl-Z keeps its TCP connection (its kernel still answers), so the worker is
+free only once its agent gives up on the silence (the coordinator's `Welcome.silence_limit`,
+`PoolConfig.agent_silence_limit`, read from its first bytes). It is not cut short for the one
+waiting: a coordinator whose loop is busy for a while is silent too, and a stopped one may be
+resumed, its hosts' silence forgiven (`liveness.Stalled`). The coordinator retries a busy
+worker with backoff (`TLSSettings.busy_timeout`). Once the active coordinator's connection has ended, the
 session is only cleaning up (its agent killing its work and exiting, a fraction of a
 second): a coordinator that connects then waits for that to finish instead of being
 refused, so coordinators that follow each other at once are all served. A peer that
@@ -50,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -60,8 +67,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batuta.protocol.codec import encode_message
-from batuta.protocol.messages import Error
+from batuta.protocol.codec import encode_message, first_message
+from batuta.protocol.messages import Error, Welcome
 from batuta.transport.base import StreamClosedError, signal_process
 from batuta.transport.local import agent_command
 from batuta.transport.refusals import RefusalLog
@@ -84,6 +91,7 @@ AGENT_EXIT_TIMEOUT = 5.0  # after EOF on its stdin, before SIGTERM
 # its escalation, its last words, the TLS close (see `_end_session`), and a margin.
 SESSION_END_WAIT_S = AGENT_EXIT_TIMEOUT + 2.0 + 2.0 + 2.0 + 2.0 + 1.0
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+WELCOME_FRAME_LIMIT = 64 * 1024  # a Welcome is a few dozen bytes; the first bytes may hold more frames
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -133,8 +141,47 @@ class _Session:
         self.peer = peer
         self.subject = subject
         self.started = time.monotonic()
+        self.heard_at = self.started  # the coordinator's last bytes
+        # from its Welcome: its agent exits after silence_limit without a byte from it (0: never),
+        # checked every heartbeat_interval; None while unknown
+        self.silence_limit: float | None = None
+        self.heartbeat_interval = 0.0
+        self._welcome_read = False
         self.agent: asyncio.subprocess.Process | None = None
         self.ending = False  # the coordinator's side is over; only the agent's clean-up is left
+
+    def heard(self, data: bytes) -> None:
+        """The coordinator sent `data`; its first bytes are its Welcome (the agent spoke first)."""
+        self.heard_at = time.monotonic()
+        if not self._welcome_read:
+            self._welcome_read = True  # looked for once: anything else first leaves it unknown
+            welcome = first_message(data[:WELCOME_FRAME_LIMIT], WELCOME_FRAME_LIMIT)
+            if isinstance(welcome, Welcome):
+                self.silence_limit = welcome.silence_limit
+                self.heartbeat_interval = welcome.heartbeat_interval
+
+    def busy_message(self, worker: str) -> str:
+        """The refusal a second coordinator gets: who holds the worker, and until when at most."""
+        now = time.monotonic()
+        silent = now - self.heard_at
+        who = f"{self.subject} from {self.peer}, for {now - self.started:.0f} s, last heard from {silent:.0f} s ago"
+        limit = self.silence_limit
+        if limit is not None and limit > 0:
+            # its agent checks the silence every heartbeat, then exits (a second, with its slots)
+            left = max(0, math.ceil(limit + self.heartbeat_interval + 1.0 - silent))
+            until = (
+                f"it is free when that one ends, or in {left} s at the latest if it stays silent (stopped "
+                f"with Ctrl-Z, or cut off: its agent_silence_limit is {limit:g} s)"
+            )
+        elif limit == 0:
+            until = (
+                "it is free when that one ends (its agent_silence_limit is 0: stopped with Ctrl-Z, it holds "
+                "the worker until it is resumed or ended)"
+            )
+        else:
+            until = "it is free when that one ends"
+        one = "a worker serves one coordinator at a time"
+        return f"{WORKER_BUSY}: {worker} serves another coordinator ({who}); {until}; {one}"
 
 
 class WorkerDaemon:
@@ -297,11 +344,11 @@ class WorkerDaemon:
         if self._active is not None:
             self.stats.refused_busy += 1
             active = self._active
-            message = (
-                f"{WORKER_BUSY}: {self.options.name or os.uname().nodename} serves another coordinator "
-                f"({active.subject} from {active.peer}); a worker serves one coordinator at a time"
+            message = active.busy_message(self.options.name or os.uname().nodename)
+            silent = time.monotonic() - active.heard_at
+            self.refusals.refused(
+                source, "refused %s (%s): busy with %s (heard from %.0f s ago)", peer, subject, active.peer, silent
             )
-            self.refusals.refused(source, "refused %s (%s): busy with %s", peer, subject, active.peer)
             await _send_and_close(tls, encode_message(Error(message=message)))
             return
         session = _Session(peer, subject)
@@ -333,7 +380,7 @@ class WorkerDaemon:
         self.stats.sessions += 1
         log.info("session from %s (%s, %s): agent pid %d", session.peer, session.subject, tls.version, agent.pid)
         assert agent.stdin is not None and agent.stdout is not None
-        inbound = asyncio.create_task(self._coordinator_to_agent(tls, agent.stdin), name="tls-in")
+        inbound = asyncio.create_task(self._coordinator_to_agent(session, tls, agent.stdin), name="tls-in")
         outbound = asyncio.create_task(_agent_to_coordinator(agent.stdout, tls), name="tls-out")
         why = "coordinator disconnected"
         try:
@@ -358,7 +405,7 @@ class WorkerDaemon:
             code,
         )
 
-    async def _coordinator_to_agent(self, tls: ServerTLSStream, stdin: asyncio.StreamWriter) -> str:
+    async def _coordinator_to_agent(self, session: _Session, tls: ServerTLSStream, stdin: asyncio.StreamWriter) -> str:
         """Copy the coordinator's bytes to the agent; returns why it stopped."""
         first = True
         while True:
@@ -371,6 +418,7 @@ class WorkerDaemon:
                 return f"the coordinator sent nothing within {self.options.welcome_timeout:g}s"
             if not data:
                 return "coordinator disconnected"
+            session.heard(data)
             first = False
             try:
                 stdin.write(data)
