@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -261,8 +262,6 @@ def split_address(
 
 def _bracketed(text: str, default_port: int | None) -> str:
     """`text`, an IPv6 address without brackets, as it should be written."""
-    import ipaddress
-
     whole = f"[{text}]:{default_port if default_port is not None else 'PORT'}"
     head, _, tail = text.rpartition(":")
     try:
@@ -414,9 +413,10 @@ async def open_tls_stream(
             settings.connect_timeout,
         )
     except ssl.SSLCertVerificationError as exc:
+        names = await _names_presented(host, port, settings, server_name) if _name_mismatch(exc) else None
         raise TLSVerifyError(
             f"{_who(label, where)}: the worker's certificate is not acceptable: {_reason(exc)}; "
-            + _verify_hint(exc, server_name)
+            + _verify_hint(exc, server_name, names=names, dialled=settings.server_name is None)
         ) from None
     except ssl.SSLError as exc:
         raise _handshake_error(label, where, exc) from None
@@ -537,12 +537,69 @@ def _who(label: str, where: str) -> str:
     return f"host {label}" if label == where else f"host {label} ({where})"
 
 
-def _verify_hint(exc: ssl.SSLCertVerificationError, server_name: str, whose: str = "worker") -> str:
+def _name_mismatch(exc: ssl.SSLCertVerificationError) -> bool:
     message = (exc.verify_message or "").lower()
-    if "hostname mismatch" in message or "ip address mismatch" in message:
+    return "hostname mismatch" in message or "ip address mismatch" in message
+
+
+async def _names_presented(host: str, port: int, settings: TLSSettings, server_name: str) -> list[str] | None:
+    """The names the worker's certificate holds, or None where they cannot be read: the failed
+    handshake leaves no certificate to look at. Read over a second connection that checks the
+    chain against [tls] ca but not the name, and presents no certificate of ours: under TLS 1.3
+    our side of the handshake is done before the worker looks for one, and the worker then
+    refuses the connection (a line in its log), so no session starts there."""
+    context = _base_context(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    try:
+        context.load_verify_locations(cafile=str(settings.ca))
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                host, port, ssl=context, server_hostname=server_name, ssl_handshake_timeout=settings.connect_timeout
+            ),
+            settings.connect_timeout,
+        )
+    except (ssl.SSLError, OSError, TimeoutError, ValueError):
+        return None
+    # as the handshake left it: the worker's refusal may already have closed the connection
+    presented = writer.get_extra_info("peercert") or {}
+    writer.transport.abort()
+    names = []
+    for kind, value in presented.get("subjectAltName", ()):
+        if kind == "DNS":
+            names.append(value)
+        elif kind == "IP Address":  # OpenSSL writes ::1 as 0:0:0:0:0:0:0:1
+            names.append(str(ipaddress.ip_address(value.strip())))
+    return names or None
+
+
+def _verify_hint(
+    exc: ssl.SSLCertVerificationError,
+    server_name: str,
+    whose: str = "worker",
+    *,
+    names: Sequence[str] | None = None,
+    dialled: bool = True,
+) -> str:
+    """What to do about a certificate refused. `names`: those its certificate holds, when read
+    (`_names_presented`); `dialled`: `server_name` is the address dialled, not [tls] server_name."""
+    message = (exc.verify_message or "").lower()
+    if _name_mismatch(exc):
+        if not names:
+            return (
+                f"its certificate does not name {server_name!r}; reissue the {whose}'s certificate with "
+                f"`batuta certs init DIR --host {server_name}` or dial a name it lists"
+            )
+        listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+        hosts = " ".join(f"--host {name}" for name in [*names, server_name])
+        reissue = (
+            f"or reissue the {whose}'s certificate with `batuta certs init DIR {hosts}` (a new CA: give "
+            "both sides the new files)"
+        )
+        if not dialled:
+            return f"it names {listed}, not {server_name} ([tls] server_name): set it to one of those, {reissue}"
         return (
-            f"its certificate does not name {server_name!r}; reissue the {whose}'s certificate with "
-            f"`batuta certs init DIR --host {server_name}` or dial a name it lists"
+            f"it names {listed}, not {server_name}, the address dialled: dial one of those (or, where "
+            f"{server_name} reaches the same {whose}, name one as [tls] server_name), {reissue}"
         )
     if "expired" in message:
         return f"renew the {whose}'s certificate (`batuta certs init`)"
