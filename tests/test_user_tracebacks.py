@@ -1,0 +1,99 @@
+"""What a user reads when a kernel of theirs fails on a host: their own file's path (not the
+host's copy in its code cache), and where the whole traceback is.
+
+The pools are real (a local agent, the session's cache folder: tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from batuta.core.task import Task, TaskStatus
+from batuta.runtime.code import CodeCollector, CodeSpec, ShippedCode
+from batuta.runtime.pool import Pool
+
+FAILING = """\
+import numpy as np
+from batuta import kernel
+
+
+def _helper(x):
+    return x[10**9]  # line 6: IndexError
+
+
+@kernel("tb_fails")
+def tb_fails(x):
+    print("about to fail")
+    return float(_helper(np.asarray(x)))
+
+
+tb_fails.cpu(tb_fails.reference)
+
+
+@kernel("tb_prints")
+def tb_prints(x):
+    import sys
+
+    print("a warning of mine", file=sys.stderr)
+    return x
+
+
+tb_prints.cpu(tb_prints.reference)
+"""
+
+
+async def test_a_failed_kernels_traceback_names_the_users_file_and_its_error_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "tb_kernels.py"
+    path.write_text(FAILING)
+    async with Pool.local(1, gpu_workers="none", modules=[path]) as pool:
+        failed = await pool.run(Task.kernel("tb_fails", [1.0, 2.0]))
+        fine = await pool.run(Task.kernel("tb_prints", 3))
+    assert failed.status is TaskStatus.FAILED
+    stderr = failed.stderr_str()
+    assert f'File "{path}", line 6, in _helper' in stderr, stderr
+    assert f'File "{path}", line 12, in tb_fails' in stderr, stderr
+    # the host's copy is said once, on the last line, with the host
+    assert stderr.count("/code/") == 1, stderr
+    last = stderr.rstrip("\n").splitlines()[-1]
+    assert last.startswith("[batuta: host local ran its copies of these files, in ") and f"/code/{failed.code}/" in last
+    # the one line ends with the innermost frame of the user's, as editors open it
+    assert failed.error == f"IndexError: index 1000000000 is out of bounds for axis 0 with size 2 (at {path}:6)"
+    assert failed.stdout_str() == "about to fail\n"
+    # a success is left as the host said it
+    assert (fine.status, fine.value, fine.stderr_str()) == (TaskStatus.SUCCEEDED, 3, "a warning of mine\n")
+
+
+def test_only_paths_into_a_bundle_of_this_pool_are_replaced_longest_name_first(tmp_path: Path) -> None:
+    package = tmp_path / "tb_pkg"
+    for name in ("__init__.py", "mod.py", "mod.py.bak.py", "sub/__init__.py", "sub/deep.py"):
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_text("X = 1\n")
+    bundle = CodeCollector(CodeSpec(modules=(package,))).bundle()
+    assert bundle is not None
+    shipped = ShippedCode([bundle])
+    cache = f"/home/u/.cache/batuta/code/{bundle.digest}/"
+    other = f"/home/u/.cache/batuta/code/{'0' * 64}/tb_pkg/mod.py"
+    stderr = textwrap.dedent(
+        f"""\
+        Traceback (most recent call last):
+          File "{cache}tb_pkg/sub/deep.py", line 3, in f
+          File "{cache}tb_pkg/mod.py.bak.py", line 4, in g
+          File "{other}", line 5, in h
+        {cache}tb_pkg/mod.py:7: RuntimeWarning: overflow
+        ValueError: bad
+        """
+    ).encode()
+    mapped = shipped.user_paths(stderr, "gpu1").decode()
+    assert mapped.splitlines() == [
+        "Traceback (most recent call last):",
+        f'  File "{package}/sub/deep.py", line 3, in f',
+        f'  File "{package}/mod.py.bak.py", line 4, in g',
+        f'  File "{other}", line 5, in h',  # another pool's, or an edited file's old bundle: left as it is
+        f"{package}/mod.py:7: RuntimeWarning: overflow",
+        "ValueError: bad",
+        f"[batuta: host gpu1 ran its copies of these files, in {cache}]",
+    ]
+    # nothing of a bundle in it: as it was
+    assert shipped.user_paths(b"ValueError: bad\n", "gpu1") == b"ValueError: bad\n"
+    assert ShippedCode().user_paths(stderr, "gpu1") == stderr
