@@ -6,8 +6,12 @@ The pools are real (a local agent, the session's cache folder: tests/conftest.py
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 from batuta.core.task import Task, TaskStatus
 from batuta.runtime.code import CodeCollector, CodeSpec, ShippedCode
@@ -97,3 +101,60 @@ def test_only_paths_into_a_bundle_of_this_pool_are_replaced_longest_name_first(t
     # nothing of a bundle in it: as it was
     assert shipped.user_paths(b"ValueError: bad\n", "gpu1") == b"ValueError: bad\n"
     assert ShippedCode().user_paths(stderr, "gpu1") == stderr
+
+
+def test_task_failed_error_says_where_the_traceback_or_stderr_is() -> None:
+    from batuta import TaskFailedError, TaskResult
+
+    def raised(stderr: bytes = b"", exit_code: int | None = None) -> str:
+        result = TaskResult(
+            task_id=4, name="k", status=TaskStatus.FAILED, error="boom", host="h", slot="h/0", stderr=stderr,
+            exit_code=exit_code,
+        )  # fmt: skip
+        with pytest.raises(TaskFailedError) as caught:
+            result.unwrap()
+        assert caught.value.result is result
+        return str(caught.value)
+
+    head = "task 4 (k) failed on h/0 after 0 attempt(s): boom"
+    kernel = b'printed first\nTraceback (most recent call last):\n  File "k.py", line 1, in k\nValueError: boom\n'
+    assert raised(stderr=kernel) == f"{head}; its traceback is in result.stderr (this error's .result)"
+    assert raised(stderr=b"cp: no such file\n", exit_code=1) == (
+        f"{head}; what it wrote to stderr is in result.stderr (this error's .result)"
+    )
+    assert raised() == head  # nothing more to see: nothing said
+
+
+async def test_pool_map_raises_saying_where_the_traceback_is(tmp_path: Path) -> None:
+    from batuta import TaskFailedError, TaskResult
+
+    path = tmp_path / "tb_kernels.py"
+    path.write_text(FAILING)
+    async with Pool.local(1, gpu_workers="none", modules=[path]) as pool:
+        with pytest.raises(TaskFailedError) as caught:
+            await pool.map("tb_fails", [[1.0]])
+    message = str(caught.value)
+    assert message.endswith(f"(at {path}:6); its traceback is in result.stderr (this error's .result)"), message
+    result = caught.value.result
+    assert isinstance(result, TaskResult) and f'File "{path}", line 6' in result.stderr_str()
+
+
+def test_batuta_run_prints_the_failed_tasks_traceback_when_the_job_raises_it(tmp_path: Path) -> None:
+    (tmp_path / "tb_kernels.py").write_text(FAILING)
+    (tmp_path / "tb_job.py").write_text(
+        "import tb_kernels  # noqa: F401\n\nasync def main(pool):\n    return await pool.map('tb_fails', [[1.0]])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "batuta", "run", "tb_job.py", "--workers", "1", "--quiet"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.rstrip().splitlines()
+    start = lines.index("task 1 (tb_fails) wrote to stderr:")
+    assert lines[start + 1] == "Traceback (most recent call last):", done.stderr
+    assert f'File "{tmp_path / "tb_kernels.py"}", line 6, in _helper' in done.stderr, done.stderr
+    assert lines[-1].startswith("batuta: error: job 'tb_job.py' raised TaskFailedError at tb_job.py:4: "), lines[-1]

@@ -508,15 +508,22 @@ class TaskResult:
         if self.is_success():
             return self.value
         error = NoCapableSlotError if self.status is TaskStatus.UNSCHEDULABLE else TaskFailedError
-        raise error(self.describe_failure(), result=self)
+        raise error(self.describe_failure(raised=True), result=self)
 
-    def describe_failure(self) -> str:
+    def describe_failure(self, *, raised: bool = False) -> str:
+        """One line: the task, where it ran, why it failed; `raised`: for the TaskFailedError
+        that carries this result, saying where the rest is (a traceback, a binary's stderr)."""
         # slot ids already start with their host ("gpu1/3"); older or hand-made results may not
         slot = self.slot or "?"
         slot = slot if slot.startswith(f"{self.host}/") else f"{self.host}/{slot}"
         where = f" on {slot}" if self.host else ""
         why = self.error or (f"exit code {self.exit_code}" if self.exit_code else self.status.value)
-        return f"task {self.task_id} ({self.name}) {self.status.value}{where} after {self.attempts} attempt(s): {why}"
+        line = f"task {self.task_id} ({self.name}) {self.status.value}{where} after {self.attempts} attempt(s): {why}"
+        if not raised or not self.stderr:
+            return line
+        if b"Traceback (most recent call last)" in self.stderr:
+            return f"{line}; its traceback is in result.stderr (this error's .result)"
+        return f"{line}; what it wrote to stderr is in result.stderr (this error's .result)"
 
     def stderr_str(self) -> str:
         """The seed's `result.stderr_str()`."""

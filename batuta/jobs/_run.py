@@ -38,7 +38,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from batuta import Pool
-from batuta.errors import AgentError, BatutaError, ConfigError, HostConfigError, TransportError, UsageError
+from batuta.errors import (
+    AgentError,
+    BatutaError,
+    ConfigError,
+    HostConfigError,
+    TaskFailedError,
+    TransportError,
+    UsageError,
+)
+from batuta.core.task import TaskResult
 from batuta.jobs._load import Job
 from batuta.jobs._summary import RunSummary, RunTracker, one_line
 from batuta.jobs._text import printable
@@ -225,6 +234,7 @@ async def run_job(
                 at = _call_site(exc)
                 where = f" at {at}" if at else ""
                 error = f"job {job.name!r} raised {type(exc).__name__}{where}: {one_line(str(exc))}"
+                job_traceback = _task_output(exc)
             except Exception as exc:
                 error = f"job {job.name!r} raised {type(exc).__name__}: {one_line(printable(exc))}"
                 job_traceback = _job_traceback(exc)
@@ -469,3 +479,12 @@ def _job_traceback(exc: BaseException) -> str:
     """The traceback from the job's frames on: this runner's own frame says nothing."""
     tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
     return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _task_output(exc: BatutaError) -> str | None:
+    """What the failed task of a `TaskFailedError` wrote to stderr (a kernel's traceback), for
+    the terminal: the error's line says it is in `result.stderr`, which the job did not keep."""
+    result = exc.result if isinstance(exc, TaskFailedError) else None
+    if not isinstance(result, TaskResult) or not result.stderr:
+        return None
+    return f"task {result.task_id} ({result.name}) wrote to stderr:\n{result.stderr_str().rstrip(chr(10))}\n"

@@ -65,7 +65,7 @@ async def map_tasks(pool: Pool, tasks: Iterable[Task], *, keep: bool = False) ->
             pool.cancel(future.task_id)
         raise
     if failure:
-        raise TaskFailedError(failure[0].describe_failure(), result=failure[0])
+        raise TaskFailedError(failure[0].describe_failure(raised=True), result=failure[0])
     return [future.result().value for future in futures]
 
 
