@@ -57,6 +57,8 @@ async def test_a_failed_kernels_traceback_names_the_users_file_and_its_error_the
     stderr = failed.stderr_str()
     assert f'File "{path}", line 6, in _helper' in stderr, stderr
     assert f'File "{path}", line 12, in tb_fails' in stderr, stderr
+    # from the kernel's frame on: batuta's runner and registry that called it are none of the user's
+    assert stderr.splitlines()[:2] == ["Traceback (most recent call last):", f'  File "{path}", line 12, in tb_fails']
     # the host's copy is said once, on the last line, with the host
     assert stderr.count("/code/") == 1, stderr
     last = stderr.rstrip("\n").splitlines()[-1]

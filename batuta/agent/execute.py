@@ -178,7 +178,7 @@ class KernelRunner:
                 Outcome.ERROR,
                 error=numba_error(exc, directory) or describe_exception(exc),
                 stdout=out.end(),
-                stderr=printed + traceback.format_exc().encode("utf-8", "replace"),
+                stderr=printed + _kernel_traceback(exc, registry).encode("utf-8", "replace"),
                 run_s=run_s,
             )
         finally:
@@ -199,6 +199,16 @@ class KernelRunner:
             found = "scalar" if "cpu" not in backends and "scalar" in backends else "cpu"
             self._cpu_backend[name] = found
         return found
+
+
+def _kernel_traceback(exc: BaseException, registry: Any) -> str:
+    """`exc`'s traceback from the kernel's own frames on: the frames of this runner and of the
+    registry that called the kernel come first in every one, and are none of the user's."""
+    ours = {os.path.normcase(__file__), os.path.normcase(getattr(registry, "__file__", "") or "")}
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and os.path.normcase(tb.tb_frame.f_code.co_filename) in ours:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
 class _TaskOutput:
