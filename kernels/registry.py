@@ -647,8 +647,8 @@ def _device_float_array(kernel: str, arg: str, value: Any, ndim: int) -> Any:
         )
     if value.ndim != ndim:
         raise KernelInputError(
-            f"kernel {kernel!r}: argument {arg!r} is a {value.ndim}-D device array; pass a {ndim}-D one "
-            "(reshape it on the device first)"
+            f"kernel {kernel!r}: argument {arg!r} is a {value.ndim}-D device array (shape {tuple(value.shape)}); "
+            f"pass {_dims(ndim)}, e.g. {_reshaped(arg, tuple(value.shape), ndim)} (on the device)"
         )
     if not value.is_c_contiguous():
         raise KernelInputError(
@@ -688,13 +688,35 @@ def float_array(kernel: str, arg: str, value: object, *, ndim: int = 1) -> np.nd
             f"float64 (native byte order), e.g. {arg}.astype(np.float64)"
         )
     if value.ndim != ndim:
-        fix = f"{arg}.ravel()" if ndim == 1 else f"a {ndim}-D array"
-        raise KernelInputError(f"kernel {kernel!r}: argument {arg!r} is {value.ndim}-D; pass {ndim}-D, e.g. {fix}")
+        raise KernelInputError(
+            f"kernel {kernel!r}: argument {arg!r} is {value.ndim}-D (shape {value.shape}); "
+            f"pass {_dims(ndim)}, e.g. {_reshaped(arg, value.shape, ndim)}"
+        )
     if not value.flags.c_contiguous:
         raise KernelInputError(
             f"kernel {kernel!r}: argument {arg!r} is not contiguous (a strided view); pass np.ascontiguousarray({arg})"
         )
     return value
+
+
+def _dims(ndim: int) -> str:
+    return "2-D (rows, columns)" if ndim == 2 else f"{ndim}-D"
+
+
+def _reshaped(arg: str, shape: tuple[int, ...], ndim: int) -> str:
+    """A concrete way to make an array of `shape` `ndim`-D, for an error: `x.reshape(-1, 4)
+    for 6 rows of 4`, keeping its last axes (a stack of rows) or adding axes of one."""
+    if ndim == 1:
+        return f"{arg}.ravel()" if shape else f"{arg}.reshape(1)"
+    if len(shape) > ndim:
+        kept = shape[len(shape) - ndim + 1 :]
+        rows = math.prod(shape[: len(shape) - ndim + 1])
+        fix = f"{arg}.reshape(-1, {', '.join(map(str, kept))})"
+        return f"{fix} for {rows} rows of {math.prod(kept)}" if ndim == 2 else fix
+    if ndim == 2 and len(shape) == 1:
+        n = shape[0]
+        return f"{arg}.reshape(-1, 1) for {n} rows of 1, or {arg}.reshape(1, -1) for 1 row of {n}"
+    return f"{arg}.reshape{(1,) * (ndim - len(shape)) + tuple(shape)}"
 
 
 def same_dtype_and_shape(kernel: str, args: dict[str, np.ndarray]) -> None:

@@ -281,7 +281,7 @@ BAD_CALLS = [
     ("dot", (F64, np.ones(5)), "argument 'y' has shape (5,) but 'x' has (4,)"),
     ("dot", (np.arange(4), F64), "argument 'x' has dtype int64; pass float32 or float64"),
     ("dot", (np.ones(8)[::2], F64), "argument 'x' is not contiguous"),
-    ("histogram", (M32, 3, 0.0, 1.0), "argument 'x' is 2-D; pass 1-D"),
+    ("histogram", (M32, 3, 0.0, 1.0), "argument 'x' is 2-D (shape (3, 4)); pass 1-D, e.g. x.ravel()"),
     ("histogram", (F32, 0, 0.0, 1.0), "argument 'bins' must be >= 1"),
     ("histogram", (F32, 2.0, 0.0, 1.0), "argument 'bins' must be an int"),
     ("histogram", (F32, 2**30, 0.0, 1.0), "argument 'bins' must be >= 1 and <= 16777216"),
@@ -294,12 +294,16 @@ BAD_CALLS = [
     ("histogram", (F32, 3, "0", 1.0), "argument 'lo' must be a real number"),
     ("matmul", (M32, M32), "argument 'b' has 3 rows but 'a' has 4 columns (shapes (3, 4) and (3, 4))"),
     ("matmul", (M32, M64), "argument 'b' is float64 but 'a' is float32; cast one"),
-    ("matmul", (F32, M32), "argument 'a' is 1-D; pass 2-D"),
+    ("matmul", (F32, M32), "argument 'a' is 1-D (shape (4,)); pass 2-D (rows, columns), e.g. a.reshape(-1, 1) "
+     "for 4 rows of 1, or a.reshape(1, -1) for 1 row of 4"),
+    ("matmul", (np.ones((2, 3, 4)), M64), "argument 'a' is 3-D (shape (2, 3, 4)); pass 2-D (rows, columns), "
+     "e.g. a.reshape(-1, 4) for 6 rows of 4"),
+    ("matmul", (np.ones(()), M64), "argument 'a' is 0-D (shape ()); pass 2-D (rows, columns), e.g. a.reshape(1, 1)"),
     ("matmul", (M64, M64.T), "argument 'b' is not contiguous (a strided view); pass np.ascontiguousarray(b)"),
     ("matmul", (np.ones((2, 2), np.int32), np.ones((2, 2))), "argument 'a' has dtype int32"),
     ("matmul", ([[1.0]], [[1.0]]), "argument 'a' is a list, not a NumPy array"),
     ("pairwise_distances", (M32, np.ones((2, 3), np.float32)), "argument 'y' has 3 columns but 'x' has 4"),
-    ("pairwise_distances", (M32, F32), "argument 'y' is 1-D; pass 2-D"),
+    ("pairwise_distances", (M32, F32), "argument 'y' is 1-D (shape (4,)); pass 2-D (rows, columns), e.g. y.reshape("),
     ("pairwise_distances", (M32, M32.astype(np.float64)), "argument 'y' is float64 but 'x' is float32"),
 ]
 
