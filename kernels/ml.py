@@ -23,7 +23,9 @@ All arithmetic is float64 whatever the input dtype (float32 input halves what tr
 is widened exactly), and every result is float64 (integer counts int64). Inputs are checked
 before any backend runs; a bad one raises a one-line `KernelInputError` naming the kernel,
 the argument and the fix. Non-finite data is refused: NaN has no place in a distance, a
-split or a loss, and refusing it keeps the backends' results comparable.
+split or a loss, and refusing it keeps the backends' results comparable. So is a result
+beyond float64 (`linreg_partial`'s X^T X of values near 1e154 and over): every variant says
+so in one line, where each returned its own mix of inf and NaN (inf - inf, summed in its order).
 
 Determinism, and why the CPU variants accumulate as they do:
 
@@ -63,10 +65,18 @@ import numpy as np
 
 from . import cuda_data, cuda_ml, cuda_mlp, cuda_support, ml_cpu, ml_data, ml_trees
 from .cuda_support import GPU_MIN_ELEMENTS
-from .ml_checks import MAX_CLASSES, check_data, check_finite, check_labels, check_param, writable_float64
+from .ml_checks import (
+    MAX_CLASSES,
+    check_data,
+    check_finite,
+    check_gram,
+    check_labels,
+    check_param,
+    writable_float64,
+)
 from .ml_data import MAX_UINT64, splitmix64
 from .ml_trees import Tree
-from .registry import KernelInputError, as_count, device_results_wanted, float_array, kernel
+from .registry import KernelInputError, as_count, device_results_wanted, float_array, is_device_array, kernel
 
 __all__ = [
     "MAX_CLASSES",
@@ -163,8 +173,24 @@ def linreg_partial(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray
     Summed over chunks these are the normal equations of the whole data set; the coordinator
     solves ``X^T X w = X^T y`` (add a column of ones to `x` for an intercept).
     """
+    return check_gram("linreg_partial", _normal_equations(x, y), lambda: _linreg_fix(x, y))
+
+
+def _normal_equations(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     xs = x.astype(np.float64, copy=False)
-    return xs.T @ xs, xs.T @ y.astype(np.float64, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is said by check_gram, in one line
+        return xs.T @ xs, xs.T @ y.astype(np.float64, copy=False)
+
+
+def _linreg_fix(x: np.ndarray, y: np.ndarray) -> str:
+    """What to do when `linreg_partial` overflows (reads the data: only then)."""
+    if is_device_array(x) or is_device_array(y):
+        return "divide x and y by scales near their largest magnitudes first (on the device)"
+    big_x, big_y = float(np.abs(x).max()), float(np.abs(y).max())
+    return (
+        f"the largest |x| is {big_x:.3g} and |y| {big_y:.3g}: divide x and y by scales near those first "
+        "(the solution of the scaled equations times y's scale / x's scale is the original one)"
+    )
 
 
 @linreg_partial.validator
@@ -182,7 +208,9 @@ def _check_linreg(x: object, y: object) -> tuple[np.ndarray, np.ndarray]:
     return xs, ys
 
 
-linreg_partial.cpu(ml_cpu.linreg_partial_numba)
+@linreg_partial.cpu
+def _linreg_cpu(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return check_gram("linreg_partial", ml_cpu.linreg_partial_numba(x, y), lambda: _linreg_fix(x, y))
 
 
 # -- decision trees -----------------------------------------------------------------------
@@ -403,7 +431,12 @@ def linreg_partial_synth(
     seed: int, start: int, rows: int, coef: np.ndarray, noise_scale: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """`linreg_partial` of ``ml_data.regression(seed, start, rows, coef, noise_scale)``."""
-    return linreg_partial.reference(*ml_data.regression(seed, start, rows, coef, noise_scale))
+    rows_made = ml_data.regression(seed, start, rows, coef, noise_scale)
+    return check_gram("linreg_partial_synth", _normal_equations(*rows_made), _synth_fix)
+
+
+def _synth_fix() -> str:
+    return "pass smaller coef and noise_scale (the rows' targets grow with them)"
 
 
 @linreg_partial_synth.validator
@@ -418,7 +451,8 @@ def _check_linreg_synth(seed: object, start: object, rows: object, coef: object,
 def _linreg_synth_cpu(
     seed: int, start: int, rows: int, coef: np.ndarray, noise_scale: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    return ml_cpu.linreg_partial_numba(*ml_data.regression_numba(np.uint64(seed), start, rows, coef, noise_scale))
+    x, y = ml_data.regression_numba(np.uint64(seed), start, rows, coef, noise_scale)
+    return check_gram("linreg_partial_synth", ml_cpu.linreg_partial_numba(x, y), _synth_fix)
 
 
 @linreg_partial_synth.gpu
@@ -427,7 +461,7 @@ def _linreg_synth_gpu(
 ) -> tuple[np.ndarray, np.ndarray]:
     with cuda_support.gpu_errors("linreg_partial_synth") as cuda:
         x, y = cuda_data.regression(cuda, seed, start, rows, coef, noise_scale)
-        return cuda_support.finish(cuda_ml.gram(cuda, x, y))
+        return check_gram("linreg_partial_synth", cuda_support.finish(cuda_ml.gram(cuda, x, y)), _synth_fix)
 
 
 @kernel(
@@ -582,7 +616,8 @@ def _kmeans_gpu(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.nd
 def _linreg_gpu(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """16 x 16 shared-memory tiles of [X | y]^T [X | y] over row splits (see `cuda_ml.gram`)."""
     with cuda_support.gpu_errors("linreg_partial") as cuda:
-        return cuda_support.finish(cuda_ml.gram(cuda, x, y))
+        result = cuda_support.finish(cuda_ml.gram(cuda, x, y))
+    return check_gram("linreg_partial", result, lambda: _linreg_fix(x, y))
 
 
 @mlp_grad.gpu

@@ -15,6 +15,7 @@ a parameter must already be float64 and labels int64 there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 import numpy as np
@@ -106,3 +107,15 @@ def check_labels(kernel: str, arg: str, value: object, n: int, n_classes: int | 
     if value.dtype == np.int64 and value.flags.writeable and value.flags.c_contiguous:
         return value
     return np.array(value, dtype=np.int64)  # writable int64: one compiled signature (see writable_float64)
+
+
+def check_gram(kernel: str, result: tuple[Any, Any], fix: Callable[[], str]) -> tuple[Any, Any]:
+    """`result`, (X^T X, X^T y), unless it overflowed float64. The inputs are finite (checked),
+    so a non-finite entry is an overflow, and the variants would give different ones (inf
+    summed in one order, inf - inf = NaN in another): refused in one line saying `fix()`
+    (called only then: it may read the data). A device result is not read (see the module
+    docstring)."""
+    gram, xty = result
+    if is_device_array(gram) or (np.isfinite(gram).all() and np.isfinite(xty).all()):
+        return result
+    raise KernelInputError(f"kernel {kernel!r}: X^T X or X^T y overflows float64 (beyond 1.8e308); {fix()}")

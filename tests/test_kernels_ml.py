@@ -151,6 +151,46 @@ def test_linreg_partial_cpu_matches_reference(dtype: type, n: int, d: int) -> No
     np.testing.assert_allclose(xty, ref_xty, rtol=0, atol=1e-12 * scale)
 
 
+@pytest.mark.parametrize("backend", ["scalar", "cpu"])
+def test_linreg_partial_overflow_is_refused_in_one_line_by_every_variant(backend: str) -> None:
+    """Finite rows whose X^T X is beyond float64: the variants gave non-finite results, and not
+    the same ones (inf where they summed in one order, inf - inf = NaN in another)."""
+    rng = np.random.default_rng(0)
+    w = np.array([1.0, -2.0, 3.0])
+    x = rng.standard_normal((50, 3)) * 1e200
+    y = x @ w * 10
+    with pytest.raises(KernelInputError) as caught:
+        kernels.run("linreg_partial", backend, (x, y))
+    big_x, big_y = np.abs(x).max(), np.abs(y).max()
+    assert str(caught.value) == (
+        "kernel 'linreg_partial': X^T X or X^T y overflows float64 (beyond 1.8e308); "
+        f"the largest |x| is {big_x:.3g} and |y| {big_y:.3g}: divide x and y by scales near those first "
+        "(the solution of the scaled equations times y's scale / x's scale is the original one)"
+    )
+    # what it says to do gives the coefficients back
+    sx, sy = 1e200, 1e201
+    xtx, xty = kernels.run("linreg_partial", backend, (x / sx, y / sy))
+    np.testing.assert_allclose(np.linalg.solve(xtx, xty) * sy / sx, w * 10, rtol=1e-9)
+    # mixed signs: the sums that were inf in one variant and NaN in the other
+    mixed = rng.choice([1e200, -1e200, 1.0], size=(9, 3))
+    with pytest.raises(KernelInputError, match="overflows float64"):
+        kernels.run("linreg_partial", backend, (mixed, mixed[:, 0].copy()))
+    with pytest.raises(KernelInputError) as synth:
+        kernels.run("linreg_partial_synth", backend, (1, 0, 50, np.full(3, 1e200), 0.1))
+    assert str(synth.value) == (
+        "kernel 'linreg_partial_synth': X^T X or X^T y overflows float64 (beyond 1.8e308); "
+        "pass smaller coef and noise_scale (the rows' targets grow with them)"
+    )
+
+
+def test_linreg_partial_near_the_limit_is_finite_and_alike() -> None:
+    x = np.full((8, 3), 1e150)  # X^T X entries 8e300: within float64
+    (ref_xtx, ref_xty), (xtx, xty) = both("linreg_partial", (x, x[:, 0].copy()))
+    assert np.isfinite(xtx).all() and np.isfinite(xty).all()
+    np.testing.assert_allclose(xtx, ref_xtx, rtol=1e-15)
+    np.testing.assert_allclose(xty, ref_xty, rtol=1e-15)
+
+
 # -- decision trees -----------------------------------------------------------------------
 
 
@@ -481,6 +521,13 @@ GPU_PROBE = """
     on_device = (7, 11, n, cuda.to_device(centers), 1.0, cuda.to_device(rng.standard_normal((4, d))))
     kept = kernels.run("kmeans_partial_synth", "gpu", on_device, device_results=True)
     assert kernels.is_device_array(kept[0]) and kernels.is_device_array(kept[1])
+    huge = np.full((4, 2), 1e200)
+    try:
+        kernels.run("linreg_partial", "gpu", (huge, huge[:, 0].copy()))
+    except kernels.KernelInputError as exc:
+        assert "X^T X or X^T y overflows float64" in str(exc), str(exc)
+    else:
+        raise AssertionError("the GPU variant's overflow was not said")
     empty = kernels.run("mlp_grad", "gpu", (*params, np.zeros((0, d)), np.zeros(0, np.int64)))
     assert empty[0] == 0.0 and all(not np.any(g) for g in empty[1:])
     print(json.dumps(worst))
