@@ -896,3 +896,34 @@ async def test_a_sent_module_that_fails_to_import_there_says_why_not_that_it_was
     finally:
         registry.unregister("cs_sent_bad")
         sys.modules.pop("cs_sent_bad", None)
+
+
+def regular_package(folder: Path) -> Path:
+    """A package with an empty __init__.py, its kernels in modules of its own."""
+    write(
+        folder,
+        {
+            "cs_regpkg/__init__.py": "",
+            "cs_regpkg/helpers.py": "def twice(x):\n    return 2 * x\n",
+            "cs_regpkg/kern.py": (
+                "from batuta import kernel\n\nfrom .helpers import twice\n\n\n"
+                "@kernel('cs_regpkg_twice')\ndef cs_regpkg_twice(x):\n    return twice(x)\n"
+            ),
+            "cs_regpkg/sub/__init__.py": "from batuta import kernel\n\nkernel('cs_regpkg_sub')(lambda: 3)\n",
+        },
+    )
+    return folder / "cs_regpkg"
+
+
+def test_a_package_module_path_imports_its_kernel_modules_on_the_hosts(tmp_path: Path) -> None:
+    """`modules=["mypkg"]` with an empty __init__.py: the hosts imported `mypkg` alone, its
+    kernels in `mypkg/kern.py` never registered, and every task failed "unknown kernel ...
+    decorate a function with @kernel", about functions that were decorated."""
+    code = CodeCollector(CodeSpec(modules=(regular_package(tmp_path),))).bundle()
+    assert code is not None and code.modules == ("cs_regpkg", "cs_regpkg.kern", "cs_regpkg.sub")
+
+
+async def test_a_package_module_paths_kernels_run(tmp_path: Path) -> None:
+    async with Pool.local(1, gpu_workers="none", modules=[regular_package(tmp_path)]) as pool:
+        result = await pool.run(Task.kernel("cs_regpkg_twice", 21))
+    assert (result.status, result.value, result.error) == (TaskStatus.SUCCEEDED, 42, None)

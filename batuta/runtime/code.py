@@ -14,9 +14,10 @@ host of a run, relaunched or not, runs the same code):
   module installed there is the host's own business: it is imported there by name, as before);
   a dotted name ships its whole top-level package;
 * the paths given with `--module PATH` (`batuta run`, `batuta tui`) or
-  `Pool.builder().modules(paths)`: a `.py` file or a package folder (a folder without an
-  `__init__.py` ships as a namespace package, and the hosts import those of its modules that
-  register kernels: importing the folder itself would run nothing).
+  `Pool.builder().modules(paths)`: a `.py` file or a package folder; the hosts import the
+  package and those of its modules that register kernels (its `__init__` need not import
+  them). A folder without an `__init__.py` ships as a namespace package, itself not imported:
+  it has no code to run.
 
 Files are read as bytes (no pickle: a bundle is paths and bytes). Left out: `__pycache__`,
 `*.pyc`, files and folders whose names start with a dot, and what the globs of a
@@ -250,9 +251,9 @@ def _is_namespace(source: _Source) -> bool:
     return source.path.is_dir() and not (source.path / "__init__.py").is_file()
 
 
-def _namespace_kernel_modules(source: _Source) -> list[str]:
-    """The dotted names of a namespace package's modules that register kernels, for the hosts
-    to import (the package itself has no code to run)."""
+def _kernel_modules_in(source: _Source) -> list[str]:
+    """The dotted names of a package's modules that register kernels, for the hosts to import
+    (a namespace package itself has no code to run; a regular one's `__init__` may not import them)."""
     modules: list[str] = []
     for relative, path in _files(source):
         if relative.endswith(".py") and _scan(path)[1]:
@@ -389,7 +390,10 @@ class CodeCollector:
         for path in spec.modules:
             source = self._module_path(path)
             self._add(self._common, source)
-            self._load.extend(_namespace_kernel_modules(source) if _is_namespace(source) else [source.name])
+            # a package's own modules that register kernels too: importing the package alone runs
+            # only its __init__, and its kernels were unknown on every host
+            inside = _kernel_modules_in(source) if source.path.is_dir() else []
+            self._load.extend(([] if _is_namespace(source) else [source.name]) + inside)
         for job in spec.job_files:
             self._job(job)
         self._close(self._common)
