@@ -87,6 +87,7 @@ def test_only_paths_into_a_bundle_of_this_pool_are_replaced_longest_name_first(t
           File "{cache}tb_pkg/mod.py.bak.py", line 4, in g
           File "{other}", line 5, in h
         {cache}tb_pkg/mod.py:7: RuntimeWarning: overflow
+        During: typing of intrinsic-call at ../..{cache}tb_pkg/mod.py (8)
         ValueError: bad
         """
     ).encode()
@@ -97,6 +98,7 @@ def test_only_paths_into_a_bundle_of_this_pool_are_replaced_longest_name_first(t
         f'  File "{package}/mod.py.bak.py", line 4, in g',
         f'  File "{other}", line 5, in h',  # another pool's, or an edited file's old bundle: left as it is
         f"{package}/mod.py:7: RuntimeWarning: overflow",
+        f"During: typing of intrinsic-call at {package}/mod.py (8)",  # numba's, relative to where the slot runs
         "ValueError: bad",
         f"[batuta: host gpu1 ran its copies of these files, in {cache}]",
     ]

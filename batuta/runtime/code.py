@@ -691,7 +691,7 @@ class ShippedCode:
         """`text` with every path into a shipped bundle's copy on a host replaced by the file
         here, and the copies' folders that were replaced."""
         out: list[str] = []
-        folders: dict[str, None] = {}
+        folders: dict[str, str] = {}  # digest -> its folder, absolute where the text has it so
         end = 0
         for match in _CACHED.finditer(text):
             files = self._origins.get(match["digest"])
@@ -702,10 +702,12 @@ class ShippedCode:
                 if rest.startswith(relative):
                     out.append(text[end : match.start()] + original)
                     end = match.end() + len(relative)
-                    folders[match.group(0)] = None
+                    # numba names a file relative to the working folder where it can (../../root/...)
+                    if not folders.get(match["digest"], "").startswith("/"):
+                        folders[match["digest"]] = match.group(0)
                     break
         out.append(text[end:])
-        return "".join(out), list(folders)
+        return "".join(out), list(folders.values())
 
     def failure(self, call: KernelCall | BinaryCall, error: str | None, stderr: bytes) -> str | None:
         """A failed task's `error`, said as `unsent` does, and ending with where in the user's
