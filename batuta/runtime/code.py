@@ -55,6 +55,7 @@ from pathlib import Path
 from batuta.core.task import BinaryCall, KernelCall
 from batuta.errors import UsageError
 from batuta.protocol import messages as m
+from batuta.runtime import code_paths
 
 log = logging.getLogger("batuta.runtime.code")
 DEFAULT_MAX_CODE_BYTES = 16 * 2**20
@@ -630,21 +631,10 @@ class CodeCollector:
                 raise CodeError(f"cannot read {path} to ship it: {exc.strerror or exc}") from None
         modules = tuple(dict.fromkeys(load))
         bundle = m.Code(digest=m.code_digest(files, modules), modules=modules, files=tuple(files))
-        _ORIGINS.pop(bundle.digest, None)  # the latest collected last: the oldest go first below
-        _ORIGINS[bundle.digest] = {relative: str(path) for relative, path in entries}
-        while len(_ORIGINS) > 64:
-            del _ORIGINS[next(iter(_ORIGINS))]
+        code_paths.collected(bundle.digest, {relative: str(path) for relative, path in entries})
         return bundle
 
 
-# Where this process read each bundle's files (digest -> {path in the bundle: file here}): a
-# failed task's traceback names a host's copy (`<cache>/code/<digest>/mykernels.py`, see
-# batuta/agent/code.py), and `ShippedCode.user_paths` puts the user's own path in its place.
-_ORIGINS: dict[str, dict[str, str]] = {}
-# A path into a host's code cache, up to the bundle's folder (the rest is matched against the
-# bundle's files: a name may hold anything a file name may)
-_CACHED = re.compile(r"[^\s\"'(<>]*/code/(?P<digest>[0-9a-f]{64})/")
-_FRAME = re.compile(r'File "(?P<path>[^"\n]+)", line (?P<line>\d+)')
 
 
 # -- which tasks run it -------------------------------------------------------------------
@@ -666,62 +656,16 @@ class ShippedCode:
         self._installed: dict[str, bool] = {}  # module -> batuta's own or installed here
         # the top-level modules the hosts get from us: their files' first folder or name
         self._sent = {f.path.split("/", 1)[0].removesuffix(".py") for b in bundles if b is not None for f in b.files}
-        # each bundle's files as the user knows them, longest path in the bundle first
-        self._origins = {
-            b.digest: sorted(_ORIGINS[b.digest].items(), key=lambda item: -len(item[0]))
-            for b in bundles
-            if b is not None and b.digest in _ORIGINS
-        }
+        self._paths = code_paths.UserPaths(bundle.digest for bundle in bundles if bundle is not None)
 
     def user_paths(self, stderr: bytes, host: str | None) -> bytes:
-        """A failed task's `stderr` with the user's own paths in place of the copies its host ran
-        (`File "/home/me/proj/mykernels.py", line 6`, which editors and terminals open), and a
-        last line saying once where those copies are. Only failures pay for this."""
-        if not self._origins or b"/code/" not in stderr:
-            return stderr
-        text, folders = self._mapped(stderr.decode("utf-8", "surrogateescape"))
-        if not folders:
-            return stderr
-        where = f"host {host}" if host else "the host"
-        copies = ", ".join(folders)
-        text = f"{text.rstrip(chr(10))}\n[batuta: {where} ran its copies of these files, in {copies}]\n"
-        return text.encode("utf-8", "surrogateescape")
-
-    def _mapped(self, text: str) -> tuple[str, list[str]]:
-        """`text` with every path into a shipped bundle's copy on a host replaced by the file
-        here, and the copies' folders that were replaced."""
-        out: list[str] = []
-        folders: dict[str, str] = {}  # digest -> its folder, absolute where the text has it so
-        end = 0
-        for match in _CACHED.finditer(text):
-            files = self._origins.get(match["digest"])
-            if files is None or match.start() < end:
-                continue
-            rest = text[match.end() : match.end() + 4096]
-            for relative, original in files:
-                if rest.startswith(relative):
-                    out.append(text[end : match.start()] + original)
-                    end = match.end() + len(relative)
-                    # numba names a file relative to the working folder where it can (../../root/...)
-                    if not folders.get(match["digest"], "").startswith("/"):
-                        folders[match["digest"]] = match.group(0)
-                    break
-        out.append(text[end:])
-        return "".join(out), list(folders.values())
+        """A failed task's `stderr` naming the user's files, not its host's copies (code_paths.py)."""
+        return self._paths.stderr(stderr, host)
 
     def failure(self, call: KernelCall | BinaryCall, error: str | None, stderr: bytes) -> str | None:
-        """A failed task's `error`, said as `unsent` does, and ending with where in the user's
-        files it was raised (the innermost frame of theirs in its traceback) as `path:line`,
-        which editors and terminals open: "IndexError: ... (at /home/me/proj/mykernels.py:6)"."""
-        error = self.unsent(call, error)
-        if error is None or not self._origins or b"/code/" not in stderr or " (at " in error:
-            return error
-        text, folders = self._mapped(stderr.decode("utf-8", "surrogateescape"))
-        if not folders:
-            return error
-        ours = {original for files in self._origins.values() for _, original in files}
-        frames = [f"{frame['path']}:{frame['line']}" for frame in _FRAME.finditer(text) if frame["path"] in ours]
-        return f"{error} (at {frames[-1]})" if frames else error
+        """A failed task's `error`, said as `unsent` does, ending with where in the user's files
+        it was raised (code_paths.py)."""
+        return self._paths.error(self.unsent(call, error), stderr)
 
     def digest_for(self, call: KernelCall | BinaryCall) -> str:
         """The digest a task's result depends on: the code's for a kernel of the user's modules
