@@ -51,8 +51,8 @@ async def test_a_kernel_that_does_not_compile_fails_in_one_short_line(tmp_path: 
     (tmp_path / "ne_kernels.py").write_text(KERNEL)
     async with Pool.local(1, gpu_workers="none", modules=[tmp_path / "ne_kernels.py"]) as pool:
         result = await pool.run(Task.kernel("ne_typing", np.ones(3)))
-    assert result.error == (
+    assert result.error == (  # the user's file, as editors open it, not the copy the host compiled
         "TypingError: No implementation of function Function(<built-in function add>) found for signature: "
-        '>>> add(array(float64, 1d, C), Literal[str](a)) (at ne_kernels.py line 7: return x + "a")'
+        f'>>> add(array(float64, 1d, C), Literal[str](a)) (at {tmp_path / "ne_kernels.py"}:7: return x + "a")'
     )
     assert b"There are " in result.stderr  # the whole of numba's words stay in the traceback

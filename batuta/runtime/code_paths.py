@@ -22,6 +22,8 @@ _ORIGINS: dict[str, dict[str, str]] = {}
 # bundle's files: a name may hold anything a file name may)
 _CACHED = re.compile(r"[^\s\"'(<>]*/code/(?P<digest>[0-9a-f]{64})/")
 _FRAME = re.compile(r'File "(?P<path>[^"\n]+)", line (?P<line>\d+)')
+# numba's compile errors, as the agent says them (agent/numba_errors.py): the path in the bundle
+_AT_IN_BUNDLE = re.compile(r" \(at (?P<path>[^()]+?) line (?P<line>\d+)(?=[:)])")
 
 
 def collected(digest: str, files: dict[str, str]) -> None:
@@ -57,8 +59,17 @@ class UserPaths:
 
     def error(self, error: str | None, stderr: bytes) -> str | None:
         """`error` ending with the innermost frame of the user's in `stderr`'s traceback:
-        "IndexError: ... (at /home/me/proj/mykernels.py:6)"."""
-        if error is None or not self._origins or b"/code/" not in stderr or " (at " in error:
+        "IndexError: ... (at /home/me/proj/mykernels.py:6)"; a numba compile error's place, said
+        in the bundle ("(at mymod.py line 5: ...)"), as the user's file."""
+        if error is None or not self._origins:
+            return error
+        if " (at " in error:
+            originals = {relative: original for files in self._origins.values() for relative, original in files}
+            found = _AT_IN_BUNDLE.search(error)
+            if found is None or found["path"] not in originals:
+                return error
+            return f"{error[: found.start()]} (at {originals[found['path']]}:{found['line']}{error[found.end() :]}"
+        if b"/code/" not in stderr:
             return error
         text, folders = self._mapped(stderr.decode("utf-8", "surrogateescape"))
         if not folders:
