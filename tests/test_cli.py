@@ -563,6 +563,22 @@ def test_tracker_reports_each_hosts_share_and_fate() -> None:
     assert "retired: host h4 (10.0.0.4:22): HOST KEY CHANGED: refused" in text
 
 
+def test_a_host_said_unfit_is_a_failed_host_with_its_reason() -> None:
+    """A host up throughout that failed tasks for a reason of its own (its memory, its disk,
+    its slots: core/hostfit.py) was "up" with no reason, and `--strict` passed."""
+    tracker = RunTracker()
+    tracker.host_up("h1")
+    tracker.host_up("h2")
+    why = "host h2 could not hold put value 1 in memory: 8 bytes; run it on a host with more free memory"
+    tracker.host_state_changed("h2", "unfit", why)
+    tracker.hosts_known(["h1", "h2"])
+    summary = tracker.summary(job="j", wall_s=1.0, result=None, error=None)
+    hosts = {h["host"]: h for h in summary.to_json()["hosts"]}
+    assert (hosts["h2"]["state"], hosts["h2"]["reason"]) == ("unfit", why)
+    assert summary.to_json()["hosts_failed"] == ["h2"]
+    assert f"unfit: {why}" in "\n".join(summary.host_lines())
+
+
 # -- real runs (need the runtime) --------------------------------------------------------
 
 COUNTING_JOB = """\

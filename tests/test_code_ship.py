@@ -377,6 +377,33 @@ async def test_a_local_pool_ships_the_job_files_modules_and_results_name_the_dig
     assert (result.status, result.value, result.code) == (TaskStatus.SUCCEEDED, 141, expected.digest)
 
 
+async def test_a_host_that_cannot_write_the_code_is_said_unfit_and_its_tasks_run_elsewhere(
+    project: Path, tmp_path: Path
+) -> None:
+    """A host whose cache cannot be written (a full disk; here a file where its folder would go)
+    failed every task of the user's kernels at once, and drew more of them for it: most of the
+    12 failed while the other host could run them all. Now they run there, and the host is
+    said unfit, naming the folder and the fix."""
+    from batuta.runtime.builder import PoolConfig, local_host
+    from batuta.runtime.events import HostStateChanged
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would be")
+    full = local_host(1, gpus="none", name="full", env={"XDG_CACHE_HOME": str(blocker)})
+    fine = local_host(1, gpus="none", name="fine")
+    states: list[tuple[str, str, str]] = []
+    pool = Pool([full, fine], PoolConfig(code=CodeSpec(job_files=(project / "my_job.py",))))
+    pool.subscribe(lambda e: states.append((e.host, e.state, e.reason)) if isinstance(e, HostStateChanged) else None)
+    async with pool:
+        futures = [await pool.submit(Task.kernel("cs_value", 4, max_attempts=1)) for _ in range(12)]
+        results = [await asyncio.wait_for(f, 60) for f in futures]
+    assert [(r.status, r.value, r.host, r.attempts) for r in results] == [(TaskStatus.SUCCEEDED, 141, "fine", 1)] * 12
+    [(host, reason)] = [(host, reason) for host, state, reason in states if state == "unfit"]
+    assert host == "full"
+    assert f"cannot write the code under {blocker / 'batuta' / 'code'}: " in reason
+    assert "set XDG_CACHE_HOME in the host's env to a folder with room" in reason
+
+
 async def test_a_relaunched_agent_is_sent_the_code_again_before_any_task(
     project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -24,6 +24,7 @@ import pytest
 from batuta import Pool, Task, TaskStatus
 from batuta.protocol.chunks import DEFAULT_CHUNK_BYTES, DEFAULT_STREAM_MIN_BYTES
 from batuta.runtime.builder import PoolConfig, local_host
+from batuta.runtime.events import HostStateChanged
 from batuta.runtime.session import HostSession
 from tests.test_pool import REPO, agent_pids
 
@@ -170,6 +171,37 @@ async def test_an_argument_or_put_too_big_for_the_hosts_memory_fails_its_tasks_a
         assert "more free memory" in (result.error or "")
     assert "this task's arguments" in (failed["argument"].error or "")
     assert "put value" in (failed["put"].error or "")
+
+
+async def test_a_put_one_host_cannot_hold_runs_on_the_others_and_that_host_is_said_unfit(tmp_path: Path) -> None:
+    """Host "small" (1 GB of address space) refuses each task reading a 1.2 GB put value at
+    once, so it drew most of them and failed them while "big" could run them all (9 of 10
+    failed). Now the first refusal keeps it from new work, with its reason, and the task runs
+    on "big" without the refusal counting as an attempt."""
+    import sys
+
+    wrapper = tmp_path / "small-python"
+    wrapper.write_text(f'#!/bin/sh\nulimit -v 1000000\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    small = local_host(1, gpus="none", python=str(wrapper), name="small", env=env)
+    big = local_host(1, gpus="none", name="big", env=env)
+    huge = np.zeros(150_000_000)  # 1.2 GB of address space; calloc'd, so no memory used here
+    huge.flags.writeable = False
+    states: list[tuple[str, str, str]] = []
+    pool = Pool([small, big], PoolConfig(relaunch_backoff=0.1))
+    pool.subscribe(lambda e: states.append((e.host, e.state, e.reason)) if isinstance(e, HostStateChanged) else None)
+    async with asyncio.timeout(WAIT_S), pool:
+        ref = pool.put(huge)
+        futures = [await pool.submit(Task.kernel("sum", ref, max_attempts=1)) for _ in range(4)]
+        results = [await f for f in futures]
+        views = {v.slot_id: v.state for v in pool.slots()}
+    assert [(r.status, r.host, r.attempts) for r in results] == [(TaskStatus.SUCCEEDED, "big", 1)] * 4
+    unfit = [(host, reason) for host, state, reason in states if state == "unfit"]  # (a loaded box: "suspected" too)
+    assert [host for host, _ in unfit] == ["small"]
+    assert unfit[0][1].startswith("host small could not hold put value")
+    assert "more free memory" in unfit[0][1] and "gets no new work while other hosts can run it" in unfit[0][1]
+    assert views == {"small/0": "draining", "big/0": "up"}
 
 
 @contextlib.contextmanager

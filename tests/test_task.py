@@ -46,6 +46,7 @@ def test_an_outcome_ends_the_task_unless_the_worker_crashed() -> None:
         "timeout": TaskStatus.TIMED_OUT,
         "cancelled": TaskStatus.CANCELLED,
         "crashed": None,  # only the attempt is lost: the scheduler retries, or resolves LOST
+        "unfit": None,  # the host's failure: the task goes to another host (core/hostfit.py)
     }
 
 

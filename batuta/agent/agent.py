@@ -474,7 +474,11 @@ class Agent:
             if slot is not None and request.code != digest:
                 problem = stale_error(request, self._code.current, f"host {self._host_name} has")
             elif slot is not None and isinstance(request.call, KernelCall) and request.call.args:
-                problem = self._unheld_problem(request.call) or self._missing_objects(request.call, slot)
+                problem = self._unheld_problem(request.call)
+                if problem is not None:
+                    status = Outcome.UNFIT  # this host's memory: another host may hold it (core/hostfit.py)
+                else:
+                    problem = self._missing_objects(request.call, slot)
                 if problem is not None and any(self._objects.was_lost(r.object_id) for r in refs_in(request.call.args)):
                     status = Outcome.CRASHED  # lost with a slot's process: it runs again once remade
             if slot is None or problem is not None:

@@ -92,7 +92,7 @@ class SlotCode:
     """The user's code as a slot runs it: every task it takes must name `digest`.
 
     `directory` is the bundle's folder (None when nothing was shipped, or it could not be
-    written), `modules` what to import, `errors` why a module failed in the agent (module ->
+    written: `unwritten`), `modules` what to import, `errors` why a module failed in the agent (module ->
     one line), `host` the name the agent reports, for error messages."""
 
     digest: str = ""
@@ -100,6 +100,12 @@ class SlotCode:
     modules: tuple[str, ...] = ()
     errors: Mapping[str, str] = field(default_factory=dict)
     host: str = ""
+
+    @property
+    def unwritten(self) -> bool:
+        """Code was shipped and this host could not write it: its kernels' tasks are refused
+        as the host's failure ("unfit"), to run on another host."""
+        return self.directory is None and bool(self.modules)
 
     def arguments(self) -> list[str]:
         """This as the command line of an exec'd slot (`slot.py` reads it back). The agent's
@@ -519,7 +525,10 @@ class CodeLoader:
                 folder = install(code, self.root)
                 self._held = hold(folder)
         except OSError as exc:
-            why = one_line(f"cannot write the code under {self.root / CODE_FOLDER}: {type(exc).__name__}: {exc}")
+            why = one_line(
+                f"cannot write the code under {self.root / CODE_FOLDER}: {type(exc).__name__}: {exc}; free space "
+                "there, or set XDG_CACHE_HOME in the host's env to a folder with room"
+            )
             self.current = SlotCode(
                 digest=code.digest, modules=code.modules, errors=dict.fromkeys(code.modules, why), host=self.host
             )

@@ -164,7 +164,9 @@ class KernelRunner:
                 text = one_line(f"{text} ({'; '.join(self._module_errors)})" if self._module_errors else text)
             elif self._module_errors:
                 text = one_line(f"{text} ({'; '.join(self._module_errors)})")
-            return _outcome(request, Outcome.ERROR, error=text, run_s=time.perf_counter() - started)
+            # code this host could not write (a full disk): its failure, not the task's (core/hostfit.py)
+            status = Outcome.UNFIT if self._code is not None and self._code.unwritten else Outcome.ERROR
+            return _outcome(request, status, error=text, run_s=time.perf_counter() - started)
         except BaseException as exc:  # SystemExit in a kernel must not end the slot
             run_s = time.perf_counter() - started
             if request.backend == "gpu":

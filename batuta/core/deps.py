@@ -160,7 +160,9 @@ def place_ready(s: Scheduler, entry: TaskEntry) -> None:
     """Queue a task whose inputs are all there: its home slot's deque, else the injector."""
     klass = s._class_of(entry.requires)
     if not s._can_ever_run(klass):
-        s._resolve(entry, TaskStatus.UNSCHEDULABLE, s._unschedulable_reason(entry))
+        from batuta.core.recovery import unschedulable_reason  # here: recovery imports this module
+
+        s._resolve(entry, TaskStatus.UNSCHEDULABLE, unschedulable_reason(s, entry))
         return
     home = home_slot(s, entry) if entry.reads else None
     if home is None and entry.puts:

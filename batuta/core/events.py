@@ -276,6 +276,16 @@ class AnnounceDrained:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AnnounceUnfit:
+    """Tell observers that a host failed a task for a reason of its own and takes no new work
+    (`hostfit.py`), or, `lifted`, that it takes work again: no other host can run what waits."""
+
+    host_id: HostId
+    reason: str
+    lifted: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RecomputeObject:
     """A kept object was lost with its host: submit the task that made it (`task_id`) again,
     as a new task with the same `keep_as=object_id` (lineage)."""
@@ -301,6 +311,7 @@ Instruction = (
     | ResolveTask
     | AnnounceRequeue
     | AnnounceDrained
+    | AnnounceUnfit
     | RecomputeObject
     | AnnounceObjectLost
 )

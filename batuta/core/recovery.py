@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from batuta.core import deps, feedahead, injector
+from batuta.core import deps, feedahead, hostfit, injector
 from batuta.core.events import AnnounceRequeue
 from batuta.core.placement import CapabilityClass, Place, SlotRecord, SlotState, TaskEntry
 from batuta.core.stealing import end_steal_back
-from batuta.core.task import TaskStatus
+from batuta.core.task import CAP_CPU, CAP_GPU, TaskStatus
 
 if TYPE_CHECKING:
     from batuta.core.scheduler import Scheduler
@@ -69,7 +69,7 @@ def _requeue_from(scheduler: Scheduler, slot: SlotRecord, reason: str, retired: 
             # lost here, never requeued as "never started" and run a second time.
             why = f"may have run on {slot.host_id}; not retried because retry=False ({slot.slot_id} lost: {reason})"
             scheduler._resolve(entry, TaskStatus.LOST, why, slot_id=slot.slot_id)
-        elif not retired and _lost_too_often_unstarted(scheduler, entry, slot, reason):
+        elif not retired and lost_too_often_unstarted(scheduler, entry, slot, reason):
             continue  # resolved there, naming why
         else:
             entry.attempts -= 1  # it never started there
@@ -87,7 +87,7 @@ UNSTARTED_LOSSES_OVER_ATTEMPTS = 2
 """A task that has not started may wait through `max_attempts` + this many host losses."""
 
 
-def _lost_too_often_unstarted(scheduler: Scheduler, entry: TaskEntry, slot: SlotRecord, reason: str) -> bool:
+def lost_too_often_unstarted(scheduler: Scheduler, entry: TaskEntry, slot: SlotRecord, reason: str) -> bool:
     """Resolve LOST, and say so, a task whose slot went down under it once too often before
     it started: the task itself may be what brings its host down (an argument the host
     cannot hold gets its agent killed while it arrives), and requeued without limit it would
@@ -184,6 +184,8 @@ def requeue_deque(scheduler: Scheduler, slot: SlotRecord) -> None:
 
 def after_capacity_change(scheduler: Scheduler) -> None:
     """After a loss: feed survivors, and fail work nothing can ever run again."""
+    if scheduler._unfit:  # an unfit host that alone can run some work now takes it again
+        hostfit.review(scheduler)
     for klass in scheduler._classes.values():
         if klass.live and not scheduler._can_ever_run(klass):
             fail_unschedulable(scheduler, klass)
@@ -199,4 +201,20 @@ def fail_unschedulable(scheduler: Scheduler, klass: CapabilityClass) -> None:
             klass.live -= 1
             scheduler._queued -= 1
             entry.place = Place.GONE
-            scheduler._resolve(entry, TaskStatus.UNSCHEDULABLE, scheduler._unschedulable_reason(entry))
+            scheduler._resolve(entry, TaskStatus.UNSCHEDULABLE, unschedulable_reason(scheduler, entry))
+
+
+def unschedulable_reason(scheduler: Scheduler, entry: TaskEntry) -> str:
+    """Why no slot can ever run `entry`, and the fix."""
+    slots = scheduler._slots.values()
+    offered = sorted({c for s in slots if s.state is not SlotState.RETIRED for c in s.capabilities})
+    need = ", ".join(sorted(entry.requires)) or "nothing"
+    have = ", ".join(offered) or "no slots at all"
+    fix = "the task's backend" if entry.requires <= {CAP_CPU, CAP_GPU} else "the task's requires= (or its backend)"
+    retired = any(entry.requires <= s.capabilities for s in slots if s.state is SlotState.RETIRED)
+    if retired:  # the slots were there (an allocation ended, a host was drained): not a wrong backend
+        return (
+            f"no slot offers {need} any more: every host that had one was retired (the log and the "
+            f"summary say why: an allocation that ended, a host drained); add hosts, or run it again"
+        )
+    return f"no slot offers {need} (the cluster offers: {have}); add such a host or change {fix}"

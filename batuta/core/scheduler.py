@@ -28,7 +28,8 @@ clocks. Rules (Blumofe & Leiserson, adapted to a coordinator that sees every slo
   started, the attempt stands, and after `max_attempts` such losses it resolves LOST with
   the reasons. One lost before it started is requeued free, `max_attempts` + 2 times (it
   may be what takes its host down: `recovery.py`). A kernel error or a timeout is final:
-  retrying a deterministic failure only wastes the cluster.
+  retrying a deterministic failure only wastes the cluster. A host's own failure ("unfit": a
+  value it cannot hold) is no attempt: the task goes elsewhere, the host gets no work (`hostfit.py`).
 * Exactly once. Each task id gets one `ResolveTask`. A result that arrives for a task no
   longer in that slot's window (late, duplicate, or from an earlier attempt) is dropped and
   counted in `stats.dropped_results`. A cancelled or timed-out task stays in its window as a
@@ -57,7 +58,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, TypeVar
 
-from batuta.core import deps, feedahead, injector, invariants, recovery, suspicion, windows
+from batuta.core import deps, feedahead, hostfit, injector, invariants, recovery, suspicion, windows
 from batuta.core.events import (
     AbortTasks,
     AnnounceDrained,
@@ -110,7 +111,7 @@ from batuta.core.stealing import (
     try_steal_back,
 )
 from batuta.core.tailfeed import sent_as_tail
-from batuta.core.task import CAP_CPU, CAP_GPU, Outcome, TaskStatus
+from batuta.core.task import Outcome, TaskStatus
 
 # placement.py's public names, re-exported: callers import them from the scheduler
 __all__ = [
@@ -125,7 +126,7 @@ __all__ = [
 ]
 
 _E = TypeVar("_E")
-_OK, _ERROR = Outcome.OK, Outcome.ERROR  # module globals: an enum's class attributes are slower to reach
+_OK, _ERROR, _UNFIT = Outcome.OK, Outcome.ERROR, Outcome.UNFIT  # globals: an enum's attributes are slower to reach
 
 
 def _handler(kind: type[_E], handler: Callable[[_E], None]) -> tuple[type, Callable[[Any], None]]:
@@ -155,6 +156,8 @@ class Scheduler:
         self._draining: set[HostId] = set()
         self._drain_announced: set[HostId] = set()
         self._suspected: set[HostId] = set()  # silent, not lost yet: sent only what no other can run
+        self._unfit: dict[HostId, str] = {}  # hosts given no work, and why (hostfit.py)
+        self._unfit_announced: set[HostId] = set()  # ... said since their last loss
         self._deadlines: list[tuple[float, int, int]] = []  # (deadline, task_id, attempt)
         # task id -> the slot that asked for it back (None once that thief was lost); an
         # entry stays here until the agent answers, whatever happens to the thief meanwhile
@@ -322,7 +325,7 @@ class Scheduler:
         self._top_priority = max(self._top_priority, entry.priority)
         klass = self._class_of(entry.requires)
         if not self._can_ever_run(klass):
-            self._resolve(entry, TaskStatus.UNSCHEDULABLE, self._unschedulable_reason(entry))
+            self._resolve(entry, TaskStatus.UNSCHEDULABLE, recovery.unschedulable_reason(self, entry))
             return
         linked = ev.after or ev.reads or ev.keep_as or (ev.puts and deps.on_gpu(ev.requires))
         if linked and (deps.on_submitted(self, entry, ev) or ev.reads or entry.puts):
@@ -355,13 +358,16 @@ class Scheduler:
                 self._host_slots[slot.host_id].remove(slot)
                 self._host_slots.setdefault(ev.host_id, []).append(slot)
                 slot.host_id = ev.host_id
-        self._set_state(slot, SlotState.DRAINING if ev.host_id in self._draining else SlotState.UP)
+        unfit = ev.host_id in self._unfit
+        self._set_state(slot, SlotState.DRAINING if unfit or ev.host_id in self._draining else SlotState.UP)
         self._capability_epoch += 1
         if slot.state is SlotState.UP:
             self._hungry.add(slot)
             self._fill(slot)
-        else:  # back from a relaunch, still drained: said again (its state was "up" meanwhile)
+        else:  # back from a relaunch, still drained or unfit: said again (its state was "up" meanwhile)
             self._check_drained(ev.host_id)
+            if unfit:
+                hostfit.rejoined(self, ev.host_id)
 
     def _on_host_expected(self, ev: HostExpected) -> None:
         self._expected[ev.host_id] = tuple(frozenset(c) for c in ev.slot_capabilities)
@@ -378,6 +384,7 @@ class Scheduler:
         self._suspected.discard(ev.host_id)  # relaunched, it is heard from when it joins
         recovery.lose_slots(self, list(self._host_slots.get(ev.host_id, ())), ev.reason, ev.retired)
         self._drain_announced.discard(ev.host_id)  # still drained: announced again when it is back
+        self._unfit_announced.discard(ev.host_id)  # likewise still unfit
         recovery.after_capacity_change(self)
 
     def _on_slot_lost(self, ev: SlotLost) -> None:
@@ -425,6 +432,9 @@ class Scheduler:
         status = ev.outcome.final_status()
         if entry.unmet or entry.void:  # fed ahead, and its inputs never got there: not its result
             feedahead.retract(self, entry, slot)
+        elif status is None and ev.outcome is _UNFIT:  # the host's failure, not the task's
+            self._note(entry, f"refused by {slot.host_id}")
+            hostfit.refused(self, entry, slot, ev.reason or f"host {slot.host_id} cannot run it")
         elif status is None:  # the worker crashed under it: the attempt is lost, not the task
             self._note(entry, f"crashed on {slot.slot_id}")
             if entry.keep_as:
@@ -490,6 +500,7 @@ class Scheduler:
         self._drain_announced.discard(ev.host_id)
         if ev.undo:
             self._draining.discard(ev.host_id)
+            hostfit.forget(self, ev.host_id)  # undrained: a host unfit for work gets another try
             for slot in self._host_slots.get(ev.host_id, ()):
                 if slot.state is SlotState.DRAINING:
                     self._set_state(slot, SlotState.UP)
@@ -710,19 +721,6 @@ class Scheduler:
             ) or any(klass.requires <= caps for host in self._expected.values() for caps in host)
             klass.runnable_epoch = self._capability_epoch
         return klass.runnable
-
-    def _unschedulable_reason(self, entry: TaskEntry) -> str:
-        offered = sorted({c for s in self._slots.values() if s.state is not SlotState.RETIRED for c in s.capabilities})
-        need = ", ".join(sorted(entry.requires)) or "nothing"
-        have = ", ".join(offered) or "no slots at all"
-        fix = "the task's backend" if entry.requires <= {CAP_CPU, CAP_GPU} else "the task's requires= (or its backend)"
-        retired = any(entry.requires <= s.capabilities for s in self._slots.values() if s.state is SlotState.RETIRED)
-        if retired:  # the slots were there (an allocation ended, a host was drained): not a wrong backend
-            return (
-                f"no slot offers {need} any more: every host that had one was retired (the log and the "
-                f"summary say why: an allocation that ended, a host drained); add hosts, or run it again"
-            )
-        return f"no slot offers {need} (the cluster offers: {have}); add such a host or change {fix}"
 
     def _push_deque_front(self, slot: SlotRecord, entry: TaskEntry) -> None:
         entry.place = Place.DEQUE

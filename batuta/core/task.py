@@ -110,10 +110,12 @@ class Outcome(enum.Enum):
     TIMEOUT = "timeout"  # the agent killed it at its timeout
     CANCELLED = "cancelled"
     CRASHED = "crashed"  # the worker process died under it (counts as a lost attempt)
+    UNFIT = "unfit"  # the host cannot run it (its memory, its disk): not run, not counted (core/hostfit.py)
 
     def final_status(self) -> TaskStatus | None:
         """The task's status when this attempt ends it; None for CRASHED, which ends only the
-        attempt (the scheduler runs the task again, or resolves it LOST after `max_attempts`)."""
+        attempt (the scheduler runs the task again, or resolves it LOST after `max_attempts`),
+        and for UNFIT, which ends no attempt (the task goes to another host, `hostfit.py`)."""
         return _FINAL_STATUS.get(self._value_)  # by value: a str hashes faster than a member
 
 

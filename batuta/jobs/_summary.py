@@ -38,8 +38,9 @@ HOST_LOST = "lost"  # was up, then lost (and not back by the end)
 HOST_RETIRED = "retired"  # refused for good: the pool will not try it again
 HOST_UNREACHABLE = "unreachable"  # never came up during the run
 HOST_STARTING = "starting"  # past start_wait, still starting: the run went on without it
+HOST_UNFIT = "unfit"  # up, but failed tasks for a reason of its own (its memory, its disk, its slots)
 # A host in one of these states at the end, or lost at any time, makes `--strict` fail.
-HOST_FAILED_STATES = frozenset({HOST_LOST, HOST_RETIRED, HOST_UNREACHABLE, HOST_STARTING})
+HOST_FAILED_STATES = frozenset({HOST_LOST, HOST_RETIRED, HOST_UNREACHABLE, HOST_STARTING, HOST_UNFIT})
 NEVER_UP_REASON = "never came up during the run; the log (batuta.runtime.pool) has its start errors"
 
 
@@ -284,7 +285,7 @@ class HostSummary:
     """One host over the run: how it ended, why, and the tasks that ended there."""
 
     host: str
-    state: str  # up, lost, retired, unreachable (or suspected, draining, drained)
+    state: str  # up, lost, retired, unreachable, unfit (or suspected, draining, drained)
     reason: str  # why it is not up, or why it was lost; "" when it was up throughout
     losses: int  # times it was lost while up
     tasks: int  # tasks that ended there (run, failed there or lost with it)

@@ -22,7 +22,7 @@ from typing import Any
 
 from batuta.core.task import BinaryCall, KernelCall, Outcome
 
-PROTOCOL_VERSION = 14
+PROTOCOL_VERSION = 15
 """2: Put, Drop and object references; 3: Code, CodeLoaded, TaskRequest.code; 4: Hello.modules;
 5: streamed arrays and chunk frames (`chunks.py`); 6: ObjectsLost (kept results live in slots);
 7: GpuSample's device cache fields (a protocol-6 coordinator could not read them);
@@ -34,7 +34,8 @@ growing streams (a fetched value forwarded while it arrives, in pieces, abortabl
 `transport/bulk.py`; a protocol-10 coordinator would misread the length); 12: DataLink.encryption
 ("none": plain TCP connections, both ends proven by an HMAC of the token; an older agent would
 dial TLS and be refused); 13: TaskRequest.tail (a protocol-12 agent refused a request of 9 fields);
-14: Keepalive and Welcome.silence_limit (a protocol-13 agent would refuse both)."""
+14: Keepalive and Welcome.silence_limit (a protocol-13 agent would refuse both); 15: the "unfit"
+outcome (a task its host cannot run, `core/hostfit.py`; a protocol-14 coordinator would refuse it)."""
 
 DATA_LINK_ENCRYPTIONS = frozenset({"tls", "none"})  # DataLink.encryption
 

@@ -224,3 +224,18 @@ def requeued(pool: Pool, ins: ev.AnnounceRequeue) -> None:
                     job=pending.job,
                 )
             )
+
+
+HOST_UNFIT = "unfit"  # a host that failed a task for a reason of its own (core/hostfit.py)
+
+
+def announce_host(pool: Pool, ins: ev.AnnounceDrained | ev.AnnounceUnfit) -> None:
+    """What the scheduler decided about a host, as its state for observers."""
+    if isinstance(ins, ev.AnnounceDrained):
+        pool.host_state_changed(ins.host_id, "drained", "no work left")
+    elif ins.lifted:
+        why = f"{ins.reason}; it is given work again: no other host can run what waits"
+        pool.host_state_changed(ins.host_id, HOST_UNFIT, why)
+    else:
+        why = f"{ins.reason}; it gets no new work while other hosts can run it (undo: Pool.drain(host, undo=True))"
+        pool.host_state_changed(ins.host_id, HOST_UNFIT, why)

@@ -651,8 +651,8 @@ class Pool:
                 session.send(m.Cancel(task_ids=ins.task_ids))
             elif isinstance(ins, ev.AnnounceRequeue):
                 inbound.requeued(self, ins)
-            elif isinstance(ins, ev.AnnounceDrained):
-                self.host_state_changed(ins.host_id, "drained", "no work left")
+            elif isinstance(ins, ev.AnnounceDrained | ev.AnnounceUnfit):
+                inbound.announce_host(self, ins)
             elif isinstance(ins, ev.RecomputeObject | ev.AnnounceObjectLost):
                 kept.remake(self, ins)
         if resolved and not self._space.is_set() and self._scheduler.can_accept() and not self._over_budget():

@@ -1,0 +1,127 @@
+"""Hosts unfit for work: a task that failed because of its host, not because of itself.
+
+An agent answers a task "unfit" (`Outcome.UNFIT`) when the host cannot run it whatever the
+task does: a `put` value or an argument it could not allocate (out of memory), or the user's
+code it could not write into its cache (a full disk). Such an answer comes back at once, so a
+host failing this way drew ever more of the work (work stealing feeds the idle slots) and
+failed it task by task while other hosts could have run it all.
+
+So a refused task goes back to the queue free (the attempt is not counted) and to another
+host first (`recovery.requeue(elsewhere=True)`), and its host is marked *unfit*, with the
+agent's reason: its slots take no new work (held as a drain holds them; what waits in their
+deques goes back to the queue) and the runtime tells observers (`AnnounceUnfit`: the log,
+the dashboard, `batuta run --json`, whose `--strict` fails the run for it). The mark holds
+through relaunches (the same memory, the same disk) until `Pool.drain(host, undo=True)`.
+
+A host is marked only while everything it can run, another host fit for work can run as
+well (`_replaceable`): a refused task with no other host to go to fails with the agent's
+reason, which names the fix, and its host goes on running the rest. A host that offers
+something no other does (its GPU, a tag) is not marked either: its refused tasks go
+elsewhere, counted as losses before a start (`recovery.py`'s bound), so that a task every
+other host lacks the means for still ends. And when the hosts that made an unfit host
+replaceable are gone (retired), its mark is lifted (`review`): it runs what waits again.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from batuta.core import recovery
+from batuta.core.events import AnnounceUnfit, HostId
+from batuta.core.placement import SlotRecord, SlotState, TaskEntry
+from batuta.core.task import TaskStatus
+
+if TYPE_CHECKING:
+    from batuta.core.scheduler import Scheduler
+
+
+def refused(s: Scheduler, entry: TaskEntry, slot: SlotRecord, reason: str) -> None:
+    """`slot`'s host answered `entry` "unfit" (`reason`, the agent's, names host and fix)."""
+    host = slot.host_id
+    if not _elsewhere(s, entry.requires, host):
+        s._resolve(entry, TaskStatus.FAILED, reason, slot_id=slot.slot_id)
+        return
+    entry.attempts -= 1  # the host's failure, not an attempt of the task
+    if host not in s._unfit:
+        if _replaceable(s, host):
+            mark(s, host, reason)
+        elif recovery.lost_too_often_unstarted(s, entry, slot, reason):
+            return  # resolved there, naming why
+    recovery.requeue(s, entry, slot, f"host {host} cannot run it: {reason}", elsewhere=True)
+
+
+def mark(s: Scheduler, host: HostId, reason: str) -> None:
+    """`host` takes no new work (module docstring); observers are told why."""
+    s._unfit[host] = reason
+    _hold(s, host)
+    s._out.append(AnnounceUnfit(host_id=host, reason=reason))
+    for other in s._hungry.snapshot():
+        s._fill(other)
+
+
+def rejoined(s: Scheduler, host: HostId) -> None:
+    """A slot of an unfit host joined again (a relaunch): said again, once per return."""
+    if host not in s._unfit_announced:
+        s._unfit_announced.add(host)
+        s._out.append(AnnounceUnfit(host_id=host, reason=s._unfit[host]))
+
+
+def forget(s: Scheduler, host: HostId) -> None:
+    """The mark goes (`Pool.drain(host, undo=True)`); the caller brings the slots back up."""
+    s._unfit.pop(host, None)
+    s._unfit_announced.discard(host)
+
+
+def review(s: Scheduler) -> None:
+    """After a loss: lift the mark of each unfit host that is no longer replaceable."""
+    for host in list(s._unfit):
+        if not _replaceable(s, host):
+            reason = s._unfit.pop(host)
+            s._unfit_announced.discard(host)
+            s._out.append(AnnounceUnfit(host_id=host, reason=reason, lifted=True))
+            if host not in s._draining:
+                for slot in s._host_slots.get(host, ()):
+                    if slot.state is SlotState.DRAINING:
+                        s._set_state(slot, SlotState.UP)
+                        s._hungry.add(slot)
+                s._capability_epoch += 1
+
+
+def _hold(s: Scheduler, host: HostId) -> None:
+    for slot in s._host_slots.get(host, ()):
+        if slot.state is SlotState.UP:
+            s._set_state(slot, SlotState.DRAINING)
+            s._hungry.discard(slot)
+            s._tail_waiting.pop(slot.slot_id, None)
+            recovery.requeue_deque(s, slot)
+    s._capability_epoch += 1
+
+
+def _fit_offers(s: Scheduler, other_than: HostId) -> list[frozenset[str]]:
+    """What the slots of hosts fit for work, but `other_than`, offer (or will, once back up:
+    lost slots and the hosts expected count; retired ones do not). A scan: refusals are rare."""
+    unfit = s._unfit
+    offers = [
+        slot.capabilities
+        for slot in s._slots.values()
+        if slot.host_id != other_than and slot.host_id not in unfit and slot.state is not SlotState.RETIRED
+    ]
+    for host, capabilities in s._expected.items():
+        if host != other_than and host not in unfit:
+            offers.extend(capabilities)
+    return offers
+
+
+def _elsewhere(s: Scheduler, requires: frozenset[str], host: HostId) -> bool:
+    """Whether a host fit for work, other than `host`, can run a task requiring `requires`."""
+    return any(requires <= offered for offered in _fit_offers(s, host))
+
+
+def _replaceable(s: Scheduler, host: HostId) -> bool:
+    """Whether whatever `host`'s slots can run, another host fit for work can run too."""
+    offers = _fit_offers(s, host)
+    return all(
+        any(slot.capabilities <= offered for offered in offers)
+        for slot in s._host_slots.get(host, ())
+        if slot.state is not SlotState.RETIRED
+    )

@@ -1,0 +1,131 @@
+"""A host that fails tasks for a reason of its own (core/hostfit.py), event by event.
+
+The agent of such a host answers each task it cannot run "unfit" at once (a put value it
+could not allocate, code it could not write), so it used to draw more and more of the work
+and fail it task by task while the other hosts could have run it all.
+"""
+
+from __future__ import annotations
+
+from batuta.core import events as ev
+from batuta.core.scheduler import Scheduler, SchedulerConfig
+from batuta.core.task import Outcome, TaskStatus
+from tests.scheduler_sim import Sim
+
+WHY = "host bad could not hold put value 1 in memory: 8 bytes; run it on a host with more free memory"
+
+
+def cluster(*hosts: tuple[str, tuple[str, ...]], slots: int = 2) -> Sim:
+    sim = Sim(Scheduler(SchedulerConfig(initial_window=2, story_length=1000)))
+    for host, caps in hosts:
+        for index in range(slots):
+            sim.add_slot(f"{host}/{index}", host_id=host, caps=caps)
+    return sim
+
+
+def refuse_all(sim: Sim, host: str) -> int:
+    """`host`'s agent answers every task it holds "unfit", as the agent does, without starting it."""
+    refused = 0
+    for slot in sim.slots.values():
+        if slot.host_id != host or not slot.up:
+            continue
+        while slot.queue:
+            task_id, attempt = slot.queue.pop(0)
+            slot.outbox.append(
+                ev.TaskOutcomeReported(
+                    task_id=task_id, slot_id=slot.slot_id, attempt=attempt, outcome=Outcome.UNFIT, reason=WHY
+                )
+            )
+            refused += 1
+        sim.deliver(slot.slot_id)
+    return refused
+
+
+def settle(sim: Sim, bad: str) -> int:
+    """Run everything: `bad` refuses what it gets, the others run it; returns the refusals."""
+    refused = 0
+    for _ in range(1000):
+        refused += refuse_all(sim, bad)
+        before = len(sim.resolved)
+        sim.run_to_completion()
+        if len(sim.resolved) == before and not any(s.queue for s in sim.slots.values() if s.host_id == bad):
+            return refused
+    raise AssertionError("did not settle")
+
+
+def announced(sim: Sim) -> list[ev.AnnounceUnfit]:
+    return [i for i in sim.instructions if isinstance(i, ev.AnnounceUnfit)]
+
+
+def test_a_host_that_refuses_a_task_gets_no_more_work_and_the_task_runs_elsewhere_unpenalised() -> None:
+    sim = cluster(("bad", ("cpu",)), ("good", ("cpu",)))
+    ids = [sim.submit(max_attempts=1) for _ in range(20)]
+    refused = settle(sim, "bad")
+    sim.assert_each_resolved_once()
+    assert {sim.status_of(t) for t in ids} == {TaskStatus.SUCCEEDED}
+    assert {sim.resolved[t][0].slot_id.split("/")[0] for t in ids} == {"good"}  # type: ignore[union-attr]
+    assert {sim.resolved[t][0].attempts for t in ids} == {1}  # a refusal is no attempt: max_attempts=1 was enough
+    assert refused <= 4  # what bad held when it first refused (2 slots, windows of 2), then nothing
+    assert [(a.host_id, a.reason, a.lifted) for a in announced(sim)] == [("bad", WHY, False)]
+    assert {v.state for v in sim.sched.slots() if v.host_id == "bad"} == {"draining"}
+    sim.sched.validate()
+
+
+def test_a_refusal_with_no_other_host_to_run_the_task_fails_it_with_the_hosts_reason() -> None:
+    sim = cluster(("bad", ("cpu",)))
+    first = sim.submit()
+    refuse_all(sim, "bad")
+    assert sim.status_of(first) is TaskStatus.FAILED
+    assert sim.resolved[first][0].reason == WHY
+    assert announced(sim) == []  # not marked: it goes on running what it can
+    second = sim.submit()
+    sim.run_to_completion()
+    assert sim.status_of(second) is TaskStatus.SUCCEEDED
+
+
+def test_a_host_offering_what_no_other_does_is_not_marked_and_its_refusals_are_bounded() -> None:
+    sim = cluster(("bad", ("cpu", "gpu")), ("good", ("cpu",)), slots=1)
+    gpu = sim.submit(requires=("gpu",))
+    cpu = [sim.submit(max_attempts=1) for _ in range(6)]
+    settle(sim, "bad")
+    sim.assert_each_resolved_once()
+    assert sim.status_of(gpu) is TaskStatus.FAILED and sim.resolved[gpu][0].reason == WHY
+    assert announced(sim) == []  # it alone runs GPU work: kept
+    for task_id in cpu:  # refused by bad, run by good, or lost after max_attempts + 2 refusals
+        assert sim.status_of(task_id) in (TaskStatus.SUCCEEDED, TaskStatus.LOST)
+    assert any(sim.resolved[t][0].slot_id == "good/0" for t in cpu)
+    sim.sched.validate()
+
+
+def test_an_unfit_host_stays_unfit_through_a_relaunch_says_so_again_and_the_undrain_lifts_it() -> None:
+    sim = cluster(("bad", ("cpu",)), ("good", ("cpu",)), slots=1)
+    sim.submit()
+    refuse_all(sim, "bad")
+    assert len(announced(sim)) == 1
+    sim.lose_host("bad", reason="agent killed")
+    sim.rejoin("bad/0")
+    assert [a.host_id for a in announced(sim)] == ["bad", "bad"]  # said again: it was "up" meanwhile
+    ids = [sim.submit() for _ in range(4)]
+    sim.run_to_completion()
+    assert {sim.resolved[t][0].slot_id for t in ids} == {"good/0"}
+    sim.handle(ev.HostDrainRequested(host_id="bad", undo=True))
+    more = [sim.submit() for _ in range(4)]
+    sim.run_to_completion()
+    assert "bad/0" in {sim.resolved[t][0].slot_id for t in more}
+    sim.sched.validate()
+
+
+def test_an_unfit_host_takes_work_again_once_no_other_host_can() -> None:
+    """The host that could run everything it can was retired: the tasks waiting would have
+    waited for ever behind a mark that no longer keeps them from anything."""
+    sim = cluster(("bad", ("cpu",)), ("good", ("cpu",)), slots=1)
+    sim.submit()
+    refuse_all(sim, "bad")
+    sim.run_to_completion()
+    waiting = [sim.submit() for _ in range(3)]
+    sim.lose_host("good")
+    sim.handle(ev.HostLost(host_id="good", reason="allocation ended", retired=True))
+    assert announced(sim)[-1].lifted and announced(sim)[-1].host_id == "bad"
+    sim.run_to_completion()
+    assert {sim.resolved[t][0].slot_id for t in waiting} == {"bad/0"}
+    sim.sched.validate()
