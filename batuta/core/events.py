@@ -63,11 +63,13 @@ class HostExpected:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SlotLost:
-    """A slot stopped (its worker or host died). `retired`: it will never come back."""
+    """A slot stopped (its worker or host died). `retired`: it will never come back.
+    `handed_back`: its agent gave it up and says no task it held there had started."""
 
     slot_id: SlotId
     reason: str
     retired: bool = False
+    handed_back: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

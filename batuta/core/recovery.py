@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     from batuta.core.scheduler import Scheduler
 
 
-def lose_slots(scheduler: Scheduler, slots: list[SlotRecord], reason: str, retired: bool) -> None:
+def lose_slots(
+    scheduler: Scheduler, slots: list[SlotRecord], reason: str, retired: bool, *, handed_back: bool = False
+) -> None:
     """`slots` are gone (lost, or retired for good; a host's, together): each deque goes back
     to the injector, and each task in their windows is requeued, retried, or lost as the
     attempt rules say. Every one of them is marked gone before any task is requeued: a task
@@ -40,15 +42,15 @@ def lose_slots(scheduler: Scheduler, slots: list[SlotRecord], reason: str, retir
         scheduler._made_ahead.pop(slot.slot_id, None)
         gone.append(slot)
     for slot in gone:
-        _requeue_from(scheduler, slot, reason, retired)
+        _requeue_from(scheduler, slot, reason, retired, handed_back)
 
 
-def lose_slot(scheduler: Scheduler, slot: SlotRecord, reason: str, retired: bool) -> None:
-    """`lose_slots` for one slot."""
-    lose_slots(scheduler, [slot], reason, retired)
+def lose_slot(scheduler: Scheduler, slot: SlotRecord, reason: str, retired: bool, *, handed_back: bool = False) -> None:
+    """`lose_slots` for one slot; `handed_back`: its agent says none of its tasks had started."""
+    lose_slots(scheduler, [slot], reason, retired, handed_back=handed_back)
 
 
-def _requeue_from(scheduler: Scheduler, slot: SlotRecord, reason: str, retired: bool) -> None:
+def _requeue_from(scheduler: Scheduler, slot: SlotRecord, reason: str, retired: bool, handed_back: bool) -> None:
     requeue_deque(scheduler, slot)
     for entry in list(slot.window.values()):
         del slot.window[entry.task_id]
@@ -64,7 +66,7 @@ def _requeue_from(scheduler: Scheduler, slot: SlotRecord, reason: str, retired: 
             scheduler._resolve(entry, TaskStatus.LOST, f"{why} ({slot.slot_id} lost: {reason})", slot_id=slot.slot_id)
         elif entry.started:
             retry_or_lose(scheduler, entry, slot, f"{slot.slot_id} lost: {reason}")
-        elif entry.max_attempts == 1:
+        elif entry.max_attempts == 1 and not handed_back:
             # Its Started may still have been on the way: a task not safe to repeat is
             # lost here, never requeued as "never started" and run a second time.
             why = f"may have run on {slot.host_id}; not retried because retry=False ({slot.slot_id} lost: {reason})"
@@ -214,7 +216,8 @@ def unschedulable_reason(scheduler: Scheduler, entry: TaskEntry) -> str:
     retired = any(entry.requires <= s.capabilities for s in slots if s.state is SlotState.RETIRED)
     if retired:  # the slots were there (an allocation ended, a host was drained): not a wrong backend
         return (
-            f"no slot offers {need} any more: every host that had one was retired (the log and the "
-            f"summary say why: an allocation that ended, a host drained); add hosts, or run it again"
+            f"no slot offers {need} any more: every host that had one was retired, or its slots could not "
+            f"start (the log and the summary say why: an allocation that ended, a host drained, a limit "
+            f"on the host); add hosts, or run it again"
         )
     return f"no slot offers {need} (the cluster offers: {have}); add such a host or change {fix}"

@@ -391,7 +391,7 @@ class Scheduler:
         slot = self._slots.get(ev.slot_id)
         if slot is None:
             return
-        recovery.lose_slot(self, slot, ev.reason, ev.retired)
+        recovery.lose_slot(self, slot, ev.reason, ev.retired, handed_back=ev.handed_back)
         recovery.after_capacity_change(self)
 
     def _on_start_reported(self, ev: TaskStartReported) -> None:

@@ -196,7 +196,7 @@ def slot_state_events(pool: Pool, session: HostSession, msg: m.SlotChanged, now:
     if slot_id not in pool._slot_of:
         return []
     if msg.state == m.SLOT_DOWN:
-        return [ev.SlotLost(slot_id=slot_id, reason=msg.reason or "worker process gave up")]
+        return slot_down(pool, session, slot_id, msg.reason or "worker process gave up")
     if msg.state == m.SLOT_UP:
         views = {v.slot_id: v for v in pool._scheduler.slots()}
         view = views.get(slot_id)
@@ -224,6 +224,30 @@ def requeued(pool: Pool, ins: ev.AnnounceRequeue) -> None:
                     job=pending.job,
                 )
             )
+
+
+def slot_down(pool: Pool, session: HostSession, slot_id: str, reason: str) -> list[ev.Event]:
+    """The agent gave a slot up (it failed to start again and again: a limit on the host, say).
+    That is final for this agent's life, so the slot is retired, not lost: the tasks it handed
+    back are not counted as lost there (they never started: a running one was answered before,
+    agent/supervisor.py), not even those that may not run twice, and the host is expected back with
+    its other slots alone, so that a task only this slot could run fails, saying why, instead of
+    waiting for ever (a relaunched agent says what it offers again). The host is said unfit."""
+    host = session.name
+    others = [v for v in pool._scheduler.slots() if v.host_id == host and v.slot_id != slot_id]
+    offered = tuple(v.capabilities for v in others if v.state != "retired")
+    down = len(others) - len(offered) + 1
+    which = "none of its slots can" if not offered else f"{down} of its {len(others) + 1} slots cannot"
+    pool.host_state_changed(
+        host,
+        HOST_UNFIT,
+        f"{which} start ({reason}): its agent's lines in the log say why, such as a limit on the host (open "
+        "files: ulimit -n, processes: ulimit -u) or its memory; fix that, then run again",
+    )
+    return [
+        ev.SlotLost(slot_id=slot_id, reason=reason, retired=True, handed_back=True),
+        ev.HostExpected(host_id=host, slot_capabilities=offered),
+    ]
 
 
 HOST_UNFIT = "unfit"  # a host that failed a task for a reason of its own (core/hostfit.py)
