@@ -70,6 +70,33 @@ def test_a_non_array_value_spills_as_a_frame(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_spill_the_disk_refuses_leaves_no_partial_file_and_is_said_once(tmp_path: Path) -> None:
+    """A full disk left a partial `.npy` in the spill folder and said nothing while the store
+    went over its cap. (A file size limit stands in for the full disk: the same OSError.)"""
+    script = (
+        "import resource, signal, sys\n"
+        "import numpy as np\n"
+        "from pathlib import Path\n"
+        "from batuta.agent.objects import ObjectStore\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an EFBIG error instead of the signal\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
+        "store = ObjectStore(0, Path(sys.argv[1]), warn=print)\n"
+        "store.put(1, np.ones(100_000))\n"
+        "store.put(2, (np.ones(100_000), 'a frame'))\n"
+        "print(store[1].sum(), store[2][0].sum(), store.stats())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    *warned, last = done.stdout.strip().splitlines()
+    [folder] = (tmp_path / "objects").iterdir()
+    assert len(warned) == 1 and warned[0].startswith(f"cannot spill object 1 (800,000 bytes) to {folder}: OSError: ")
+    assert "free space there, or set XDG_CACHE_HOME in the host's env to a disk with room" in warned[0]
+    assert last.startswith("100000.0 100000.0 (2, ")  # kept in memory, whole
+    assert list(folder.iterdir()) == []  # no partial file
+
+
 def test_a_dead_agents_spill_folder_is_removed_by_the_next_store(tmp_path: Path) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / "objects" / f"{int(dead.stdout)}-0"

@@ -165,7 +165,7 @@ class Agent:
         # what the coordinator put here (pool.put) and results kept here (keep=True)
         self._keeper: Keeper  # made below, with the store
         spilled, evict = (lambda i: self._keeper.spilled(i)), (lambda i, n: self._keeper.evict(i, n))
-        self._objects = ObjectStore(cap, cache_root(), on_spill=spilled, on_evict=evict)
+        self._objects = ObjectStore(cap, cache_root(), on_spill=spilled, on_evict=evict, warn=_warn)
         self._keep_as: dict[int, int] = {}  # task id -> the object id its result is kept as
         # put values this host could not allocate (out of memory): why, for the tasks that read them
         self._unheld: dict[int, str] = {}

@@ -164,9 +164,12 @@ class ObjectStore(Mapping[int, object]):
         root: Path,
         on_spill: Callable[[int], None] | None = None,
         on_evict: Callable[[int, int], None] | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         self.cap_bytes = max(0, cap_bytes)
         self._root = root
+        self._warn = warn  # a spill the disk refused, said once until one succeeds again
+        self._spill_refused = False
         self._on_spill = on_spill  # told each object spilled: the slots drop their copies too
         self._on_evict = on_evict  # (object, slot): fetch it from that slot, to spill it
         self._folder: Path | None = None
@@ -327,25 +330,41 @@ class ObjectStore(Mapping[int, object]):
         """Write a value that just left memory to disk; False if the disk refused it."""
         try:
             self._spilled[object_id] = self._write(object_id, value)
-        except OSError:  # a full disk keeps it in memory, over the cap, rather than lose it
+        except OSError as exc:  # a full disk keeps it in memory, over the cap, rather than lose it
             self._memory[object_id] = value
             self.memory_bytes += nbytes
+            if not self._spill_refused and self._warn is not None:
+                self._warn(
+                    f"cannot spill object {object_id} ({nbytes:,} bytes) to {self._folder or self._root / 'objects'}: "
+                    f"{type(exc).__name__}: {exc.strerror or exc}; objects stay in memory, over the "
+                    f"{self.cap_bytes:,}-byte cap, until it can: free space there, or set XDG_CACHE_HOME in "
+                    f"the host's env to a disk with room (said again only after a spill succeeds)"
+                )
+            self._spill_refused = True
             return False
+        self._spill_refused = False
         self.spilled_bytes += nbytes
         if self._on_spill is not None:
             self._on_spill(object_id)
         return True
 
     def _write(self, object_id: int, value: Any) -> Path:
+        """Write the value's file; a write the disk refuses part way leaves no file behind (a
+        partial `.npy` stayed, and a later store might take it for a whole one)."""
         folder = self._spill_folder()
-        if isinstance(value, np.ndarray) and not value.dtype.hasobject:
-            path = folder / f"{object_id}.npy"
-            np.save(path, value, allow_pickle=False)
-            return path
-        path = folder / f"{object_id}.frame"
-        with open(path, "wb") as out:
-            for part in encode_message_parts(Put(object_id=object_id, value=value), max_frame_bytes=_NO_LIMIT):
-                out.write(part)
+        array = isinstance(value, np.ndarray) and not value.dtype.hasobject
+        path = folder / f"{object_id}.{'npy' if array else 'frame'}"
+        try:
+            if array:
+                np.save(path, value, allow_pickle=False)
+                return path
+            with open(path, "wb") as out:
+                for part in encode_message_parts(Put(object_id=object_id, value=value), max_frame_bytes=_NO_LIMIT):
+                    out.write(part)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
         return path
 
     def _spill_folder(self) -> Path:
