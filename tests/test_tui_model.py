@@ -421,6 +421,21 @@ def test_alerts_for_lost_hosts_full_and_hot_gpus_and_failures() -> None:
     assert ("error", "host h2 unreachable") in [(a.severity, a.title) for a in model.alerts]
 
 
+def test_an_unfit_host_is_an_alert_with_its_reason_still_up_and_can_be_undrained() -> None:
+    """A host failing tasks for a reason of its own (core/hostfit.py) showed no alert."""
+    from tui.app import UNDRAIN, drain_choices
+
+    model = DashboardModel(clock=Clock(101.0))
+    model.apply_many([host_up("h1"), host_up("h2")])
+    why = "host h2 could not hold put value 1 in memory: 8 bytes; run it on a host with more free memory"
+    model.apply(pe.HostStateChanged(host="h2", state="unfit", reason=why, at=100.5))
+    model.tick(101.0)
+    [alert] = [a for a in model.alerts if a.title == "host h2 unfit"]
+    assert (alert.severity, alert.detail) == ("error", why)
+    assert model.hosts_up() == 2  # still up: it runs what it is given
+    assert (f"{UNDRAIN}h2", "h2 (undrain: give it work again)") in drain_choices(model.hosts.values())
+
+
 def slot(slot_id: str, depth: int, in_flight: int) -> SlotView:
     return SlotView(
         slot_id=slot_id,

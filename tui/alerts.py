@@ -50,8 +50,9 @@ def evaluate_alerts(model: DashboardModel, now: float) -> list[Alert]:
 def _host_alerts(model: DashboardModel) -> list[Alert]:
     alerts = []
     for host in model.hosts.values():
-        # "unreachable": a relaunch (or the first start) failed; the panel said "all clear" then
-        if host.state in ("lost", "retired", "unreachable"):
+        # "unreachable": a relaunch (or the first start) failed; the panel said "all clear" then;
+        # "unfit": up, but failing tasks for a reason of its own (core/hostfit.py)
+        if host.state in ("lost", "retired", "unreachable", "unfit"):
             alerts.append(Alert(f"host-{host.state}:{host.name}", ERROR, f"host {host.name} {host.state}", host.reason))
             continue
         if host.state == "suspected":

@@ -82,7 +82,7 @@ def _one_line(text: str, limit: int = 400) -> str:
 
 
 UNDRAIN = "undrain:"  # a drain picker value that gives the host work again
-_DRAINED = ("draining", "drained")
+_DRAINED = ("draining", "drained", "unfit")  # an unfit host's undrain gives it work again too
 
 
 def drain_choices(hosts: Iterable[HostRow]) -> list[tuple[str, str]]:

@@ -561,7 +561,7 @@ class DashboardModel:
         return sum(job.queued for job in self.jobs.values())
 
     def hosts_up(self) -> int:
-        return sum(1 for host in self.hosts.values() if host.state in ("up", "draining", "drained"))
+        return sum(1 for host in self.hosts.values() if host.state in ("up", "draining", "drained", "unfit"))
 
     def busy_slots(self) -> dict[str, int]:
         """Slot ids with a task running on them now, with how many."""

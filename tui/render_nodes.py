@@ -118,7 +118,7 @@ _GPU_LINE_MARGIN = 3  # cells left free at its end
 _CACHE_CELL = 13  # "  cache " and the bytes, right-aligned in 5
 _HISTORY_MIN, _HISTORY_MAX = 10, 60  # seconds of utilization history shown (one cell each)
 _CELLS_AT = sum(c.width + 1 for c in NODE_COLUMNS)  # where a compact host line's GPU cells start
-_TROUBLE_STATES = frozenset({"suspected", "lost", "retired", "starting", "restarting"})
+_TROUBLE_STATES = frozenset({"suspected", "lost", "retired", "starting", "restarting", "unfit"})
 
 
 _SILENT_FOR = re.compile(r"^no heartbeat for [0-9.]+s")
