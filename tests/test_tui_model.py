@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from dataclasses import replace
 
+import msgpack
 import pytest
 from batuta.tui import format as fmt
 from batuta.tui import render, render_nodes
@@ -24,7 +26,8 @@ from rich.text import Text
 
 from batuta import Backend, TaskResult, TaskStatus
 from batuta.runtime import events as pe
-from batuta.runtime.views import SlotView
+from batuta.runtime import serve_wire as wire
+from batuta.runtime.views import SlotView, gpu_index_of
 
 PLAIN = Palette.plain()
 
@@ -450,6 +453,49 @@ def slot(slot_id: str, depth: int, in_flight: int) -> SlotView:
         completed=0,
         mean_run_s=None,
     )
+
+
+def test_a_shared_host_shows_the_gpus_its_slots_run_on_and_each_gpu_slot_names_its_gpu() -> None:
+    """`gpus = [0, 2]` on a host of four: GPUs 0 and 2 get rows, 1 and 3 one line saying no
+    slot runs on them (it showed four rows), and the slots' KIND reads gpu:0 and gpu:2."""
+    model = DashboardModel(clock=Clock(101.0))
+    model.apply(host_up("h1", slots=3))
+    hot = GPU_HOT_C + 5
+    readings = (gpu(0), gpu(1, temperature=hot), gpu(2), gpu(3, memory_used=79 * 2**30))
+    model.apply(telemetry("h1", 100.5, gpus=readings))
+    before = [line.plain for line in render_nodes.node_lines(model, 101.0, PLAIN, 140)]
+    assert sum("└ GPU" in line for line in before) == 4  # its slots not seen yet: every GPU
+    views = [
+        slot("h1/0", 0, 0),
+        replace(slot("h1/1", 0, 0), capabilities=frozenset({"gpu", "gpu:0"})),
+        replace(slot("h1/2", 0, 0), capabilities=frozenset({"gpu", "gpu:2", "fast"})),
+    ]
+    model.update_slots(views)
+    model.tick(101.0)
+    lines = [line.plain for line in render_nodes.node_lines(model, 101.0, PLAIN, 140)]
+    assert [line.split()[2] for line in lines[1:3]] == ["0", "2"]  # "└ GPU 0 ...", "└ GPU 2 ..."
+    assert lines[3] == "   └ GPU 1, 3  unused: no slot runs on them"
+    assert len(lines) == 4
+    assert "2 GPUs" in render_nodes.nodes_summary(model, PLAIN).plain
+    compact = render_nodes.NodeRows(model, 101.0, PLAIN, 158, compact=True)[0].plain
+    assert "GPU ▄▄  50%" in compact  # two cells, not four
+    assert not model.alerts  # GPU 1 runs hot and GPU 3 is full: neither is batuta's
+    kinds = [line.plain.split()[1] for line in render.slot_lines(model, PLAIN, 120)]
+    assert kinds == ["cpu", "gpu:0", "gpu:2"]
+    # an attached dashboard (`tui --attach`) gets the slots' capabilities over the viewer wire
+    sent = msgpack.packb(wire.encode_item(wire.SlotsPolled(views=tuple(views))))
+    attached = wire.decode_item(msgpack.unpackb(sent), "item")
+    assert isinstance(attached, wire.SlotsPolled)
+    assert [gpu_index_of(v.capabilities) for v in attached.views] == [None, 0, 2]
+    model.update_slots(views[:1])  # no GPU slot: every GPU on the one line
+    assert render_nodes.node_lines(model, 101.0, PLAIN, 140)[1].plain.startswith("   └ GPU 0, 1, 2, 3  unused")
+
+
+def test_gpu_index_of_reads_back_the_capability_of_one_gpu_only() -> None:
+    assert gpu_index_of(frozenset({"gpu", "gpu:3"})) == 3
+    assert gpu_index_of(frozenset({"cpu", "gpu:3"})) is None  # a CPU slot of a host tagged so
+    assert gpu_index_of(frozenset({"gpu", "gpu:0", "gpu:3"})) is None  # which one: not known
+    assert gpu_index_of(frozenset({"gpu", "gpu:fast"})) is None
 
 
 def test_imbalance_alert_needs_to_hold_before_it_shows() -> None:

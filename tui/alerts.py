@@ -57,7 +57,7 @@ def _host_alerts(model: DashboardModel) -> list[Alert]:
             continue
         if host.state == "suspected":
             alerts.append(Alert(f"host-suspected:{host.name}", WARNING, f"host {host.name} suspected", host.reason))
-        for gpu in host.gpus.values():
+        for gpu in host.used_gpus():  # a GPU no slot runs on is someone else's to watch
             where = f"{host.name} GPU {gpu.index}"
             fraction = gpu.memory_fraction
             if fraction is not None and fraction > GPU_MEMORY_ALERT_FRACTION:

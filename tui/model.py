@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from batuta.runtime import events as pe
-from batuta.runtime.views import Backend, HostView, SlotView, TaskResult, TaskStatus
+from batuta.runtime.views import Backend, HostView, SlotView, TaskResult, TaskStatus, gpu_index_of
 
 from .alerts import Alert, evaluate_alerts
 from .histogram import LogHistogram
@@ -400,20 +400,44 @@ class DashboardModel:
                 steals_out=v.steals_out,
                 completed=v.completed,
                 mean_run_s=v.mean_run_s,
+                gpu_index=gpu_index_of(v.capabilities),
             )
             for v in views
         }
         signature = tuple(
-            (r.slot_id, r.state, r.deque_depth, r.in_flight, r.window_limit, r.steals_in, r.steals_out, r.completed)
+            (
+                r.slot_id,
+                r.state,
+                r.deque_depth,
+                r.in_flight,
+                r.window_limit,
+                r.steals_in,
+                r.steals_out,
+                r.completed,
+                r.gpu_index,
+            )
             for r in rows.values()
         )
         if signature == self._slot_signature:
             return
         self._slot_signature = signature
         self.slots = rows
+        slot_gpus: dict[str, set[int]] = {}
+        unknown: set[str] = set()  # hosts with a GPU slot whose GPU is not known: every GPU stays on show
+        for r in rows.values():
+            gpus = slot_gpus.setdefault(r.host, set())
+            if r.gpu_index is not None:
+                gpus.add(r.gpu_index)
+            elif r.kind == "gpu":
+                unknown.add(r.host)
         for host in self.hosts.values():
             if not host.slot_ids:
                 host.slot_ids = tuple(r.slot_id for r in rows.values() if r.host == host.name)
+            used = slot_gpus.get(host.name)
+            known = None if used is None or host.name in unknown else frozenset(used)
+            if known != host.slot_gpus:
+                host.slot_gpus = known
+                self.versions.hosts += 1
         self.versions.slots += 1
 
     def seed_hosts(self, views: Iterable[HostView]) -> None:

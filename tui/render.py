@@ -373,7 +373,7 @@ def _job_line(job: JobRow, now: float, p: Palette, columns: Sequence[Column]) ->
 
 SLOT_COLUMNS = (
     Column("SLOT", 11),
-    Column("KIND", 4),
+    Column("KIND", 6),  # "gpu:12": a GPU slot names its GPU
     Column("STATE", 8),
     Column("DEQUE", 10),
     Column("IN FLIGHT", 9, right=True),
@@ -384,7 +384,7 @@ SLOT_COLUMNS = (
 )
 SLOT_COLUMNS_NARROW = (
     Column("SLOT", 9),
-    Column("KIND", 4),
+    Column("KIND", 5),
     Column("STATE", 5),
     Column("DEQUE", 8),
     Column("FLIGHT", 6, right=True),
@@ -438,7 +438,10 @@ def _slot_line(slot: SlotRow, deepest: int, running: str, p: Palette, columns: S
         columns,
         [
             (slot.slot_id, p.label),
-            (slot.kind, p.accent if slot.kind == "gpu" else p.dim),
+            (
+                slot.kind if slot.gpu_index is None else f"gpu:{slot.gpu_index}",
+                p.accent if slot.kind == "gpu" else p.dim,
+            ),
             (slot.state, state_style(slot.state, p)),
             deque,
             (f"{slot.in_flight}/{slot.window_limit}", p.accent if slot.in_flight else p.text),

@@ -54,9 +54,17 @@ class _ReasonLine:
     first: bool
 
 
+@dataclass(frozen=True, slots=True)
+class _UnusedGpus:
+    """The host's GPUs no slot runs on (`gpus = [0, 2]` of four): one line, not their readings."""
+
+    indices: tuple[int, ...]
+
+
 class NodeRows:
     """The nodes panel's lines, drawn on demand: one per host, then why it is not up (wrapped,
-    never cut at the end: the cause comes last), then one per GPU or 'no GPU'.
+    never cut at the end: the cause comes last), then one per GPU its slots run on, one for
+    the GPUs they do not, or 'no GPU'.
 
     `compact` (a cluster whose lines do not fit the panel): one line per host, its GPUs drawn
     as one cell each at the end of it, and the hosts that are not up first, so that a lost
@@ -66,7 +74,7 @@ class NodeRows:
         self._busy = model.busy_slots()
         self._now, self._p, self._width = now, p, width
         self._compact = compact
-        self._entries: list[tuple[HostRow, GpuRow | _ReasonLine | None]] = []
+        self._entries: list[tuple[HostRow, GpuRow | _ReasonLine | _UnusedGpus | None]] = []
         hosts = list(model.hosts.values())
         if compact:  # stable sort: trouble first, then the order hosts were listed in
             hosts.sort(key=lambda h: h.state not in _TROUBLE_STATES)
@@ -77,9 +85,11 @@ class NodeRows:
                 self._entries.extend((host, _ReasonLine(text, i == 0)) for i, text in enumerate(lines))
             if compact:
                 continue
-            if host.gpus:
-                self._entries.extend((host, gpu) for gpu in sorted(host.gpus.values(), key=lambda g: g.index))
-            elif host.telemetry_seen or host.gpu_status:
+            used, unused = host.used_gpus(), host.unused_gpus()
+            self._entries.extend((host, gpu) for gpu in used)
+            if unused:
+                self._entries.append((host, _UnusedGpus(tuple(unused))))
+            elif not used and (host.telemetry_seen or host.gpu_status):
                 self._entries.append((host, _NO_GPU))
 
     def __len__(self) -> int:
@@ -89,13 +99,18 @@ class NodeRows:
         host, gpu = self._entries[index]
         p = self._p
         if gpu is None:
-            if self._compact and host.gpus:  # the cells at one column on every line, then failures
+            if self._compact and host.used_gpus():  # the cells at one column on every line, then failures
                 cells = _gpu_cells(host, p, self._width - _CELLS_AT - 14)
                 return _host_line(host, self._busy, self._now, p, gpu_cells=cells)
             return _host_line(host, self._busy, self._now, p)
         if isinstance(gpu, _ReasonLine):
             line = Text("   └ " if gpu.first else " " * REASON_INDENT, p.dim, no_wrap=True)
             line.append(gpu.text, p.bad if host.state in ("lost", "retired") else p.warn)
+            return line
+        if isinstance(gpu, _UnusedGpus):
+            line = Text("   └ ", p.dim, no_wrap=True, overflow="ellipsis")
+            line.append(f"GPU {', '.join(map(str, gpu.indices))}", p.dim)
+            line.append(f"  unused: no slot runs on {'it' if len(gpu.indices) == 1 else 'them'}", p.dim)
             return line
         if gpu is _NO_GPU:
             line = Text("   └ ", p.dim, no_wrap=True, overflow="ellipsis")
@@ -143,7 +158,7 @@ def _gpu_cells(host: HostRow, p: Palette, room: int) -> Text:
     """A compact host line's GPUs: one cell each, its height the utilization (`·` unread),
     drawn as a problem when the card is hot or its memory nearly full; then their mean, and
     the bytes their device caches hold where the line has room for it besides every cell."""
-    gpus = sorted(host.gpus.values(), key=lambda g: g.index)
+    gpus = host.used_gpus()
     out = Text("  GPU ", p.dim, no_wrap=True)
     room = max(room, 16)
     readings = [g.utilization for g in gpus if g.utilization is not None]
@@ -183,7 +198,7 @@ def nodes_summary(model: DashboardModel, p: Palette) -> Text:
         out.append(f"{states[state]} {state}", state_style(state, p))
     busy = len(model.busy_slots())
     out.append(f"   slots {busy}/{model.slot_count()} busy", p.text)
-    gpus = [gpu for host in model.hosts.values() for gpu in host.gpus.values()]
+    gpus = [gpu for host in model.hosts.values() for gpu in host.used_gpus()]
     if gpus:
         readings = [g.utilization for g in gpus if g.utilization is not None]
         out.append(f"   {len(gpus)} GPUs", p.label)

@@ -41,11 +41,16 @@ GIB = 2**30
 _CAPABILITIES = {kind: frozenset({kind}) for kind in ("cpu", "gpu")}
 
 
+def _gpu_capabilities(index: int) -> frozenset[str]:
+    return frozenset({"gpu", f"gpu:{index}"})  # as a pool's GPU slot offers them
+
+
 @dataclass(slots=True)
 class _SimulatedSlot:
     slot_id: str
     host: str
     kind: str
+    gpu_index: int | None = None
     busy_until: float = 0.0
     completed: int = 0
     run_total: float = 0.0
@@ -95,7 +100,7 @@ class SyntheticCluster:
             for index in range(self.slots_per_host):
                 self._slots.append(_SimulatedSlot(f"{host}/{index}", host, "cpu"))
             for gpu in range(self._gpu_count(host)):
-                self._slots.append(_SimulatedSlot(f"{host}/{self.slots_per_host + gpu}", host, "gpu"))
+                self._slots.append(_SimulatedSlot(f"{host}/{self.slots_per_host + gpu}", host, "gpu", gpu))
         self._by_kind = {kind: [s for s in self._slots if s.kind == kind] for kind in ("cpu", "gpu")}
 
     # -- hosts ------------------------------------------------------------------------------
@@ -205,7 +210,7 @@ class SyntheticCluster:
         return SlotView(
             slot_id=slot.slot_id,
             host_id=slot.host,
-            capabilities=_CAPABILITIES[slot.kind],
+            capabilities=_CAPABILITIES[slot.kind] if slot.gpu_index is None else _gpu_capabilities(slot.gpu_index),
             state="up",
             deque_depth=deque_depth,
             in_flight=in_flight,

@@ -137,7 +137,8 @@ class HostRow:
     objects: int = 0  # in its agent's object store (put and kept values)
     object_bytes: int = 0
     spilled_bytes: int = 0  # of those bytes, on its disk past the store's memory cap
-    gpus: dict[int, GpuRow] = field(default_factory=dict)
+    gpus: dict[int, GpuRow] = field(default_factory=dict)  # every GPU its agent reports, batuta's or not
+    slot_gpus: frozenset[int] | None = None  # the GPUs its slots run on; None until its slots are seen
     last_heard: float | None = None
     telemetry_seen: bool = False
     done: int = 0
@@ -145,6 +146,17 @@ class HostRow:
 
     def heartbeat_age(self, now: float) -> float | None:
         return None if self.last_heard is None else max(0.0, now - self.last_heard)
+
+    def used_gpus(self) -> list[GpuRow]:
+        """Its GPUs that a slot runs on, by index (every one while its slots are not known):
+        the others of a shared host (`gpus = [0, 2]` of four) are not batuta's to show."""
+        used = self.slot_gpus
+        return sorted((g for g in self.gpus.values() if used is None or g.index in used), key=lambda g: g.index)
+
+    def unused_gpus(self) -> list[int]:
+        """The indices of its GPUs that no slot runs on."""
+        used = self.slot_gpus
+        return [] if used is None else sorted(i for i in self.gpus if i not in used)
 
 
 @dataclass(slots=True)
@@ -210,6 +222,7 @@ class SlotRow:
     steals_out: int
     completed: int
     mean_run_s: float | None
+    gpu_index: int | None = None  # the GPU a GPU slot runs on (None: a CPU slot, or not known)
 
 
 @dataclass(frozen=True, slots=True)

@@ -210,7 +210,7 @@ class NodesPanel(LinesPanel):
         self.invalidate()
 
     def subtitle(self, now: float) -> str:
-        gpus = sum(len(h.gpus) for h in self.model.hosts.values())
+        gpus = sum(len(h.used_gpus()) for h in self.model.hosts.values())
         return f"{self.model.hosts_up()}/{len(self.model.hosts)} up · {gpus} GPUs"
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import PurePath
 from typing import Any, Never, Self
@@ -139,6 +139,16 @@ def gpu_capability(index: int) -> str:
     (the stack's per-GPU checks do); the index is the host's (NVML's) GPU number.
     """
     return f"{CAP_GPU}:{index}"
+
+
+def gpu_index_of(capabilities: Collection[str]) -> int | None:
+    """The GPU a GPU slot runs on, read back from its capabilities (`gpu_capability`'s
+    inverse); None for a CPU slot, or where they name no single GPU (a host tagged "gpu:3")."""
+    if CAP_GPU not in capabilities:
+        return None
+    prefix = f"{CAP_GPU}:"
+    found = [c[len(prefix) :] for c in capabilities if c.startswith(prefix) and c[len(prefix) :].isdigit()]
+    return int(found[0]) if len(found) == 1 else None
 
 
 MAX_SLOTS = 1024  # slots one agent runs (a process each); the builder, cluster file, CLI and agent check it

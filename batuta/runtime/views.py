@@ -10,9 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from batuta.core.scheduler import SlotView
-from batuta.core.task import Backend, Priority, Task, TaskResult, TaskStatus
+from batuta.core.task import Backend, Priority, Task, TaskResult, TaskStatus, gpu_index_of
 
-__all__ = ["Backend", "HostView", "PoolStats", "Priority", "SlotView", "Task", "TaskResult", "TaskStatus"]
+__all__ = [
+    "Backend",
+    "HostView",
+    "PoolStats",
+    "Priority",
+    "SlotView",
+    "Task",
+    "TaskResult",
+    "TaskStatus",
+    "gpu_index_of",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
