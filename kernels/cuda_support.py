@@ -126,7 +126,23 @@ def cuda() -> Any:
         # The simulator runs uint64 arithmetic that wraps by design (xoroshiro128+) on NumPy
         # scalars, which warn on every wrap: the host's log filled with them.
         warnings.filterwarnings("ignore", "overflow encountered in scalar", RuntimeWarning)
+    else:
+        _refuse_fake_gpus(numba_cuda)
     return numba_cuda
+
+
+def _refuse_fake_gpus(numba_cuda: Any) -> None:
+    """The agent's fake GPUs (`BATUTA_FAKE_GPUS`) with numba's simulator off and no CUDA
+    device here: every use failed, each its own way (no driver to install, a slot "failed to
+    run the task", ...), none naming the setting that was missing. Where a real device is
+    there, the fake GPUs' slots run on it, as they always did."""
+    fake = os.environ.get("BATUTA_FAKE_GPUS", "").strip()
+    if fake in ("", "0") or numba_cuda.is_available():
+        return
+    raise GpuUnavailableError(
+        f"fake GPUs (BATUTA_FAKE_GPUS={fake}) run kernels only under numba's CUDA simulator: set "
+        "NUMBA_ENABLE_CUDASIM=1 beside it in the host's env, or unset BATUTA_FAKE_GPUS"
+    )
 
 
 @functools.cache

@@ -110,6 +110,23 @@ async def test_a_cpu_task_gets_a_device_resident_value_copied_back(pool: Pool) -
     assert (await value(pool, on_gpu("test_where", kept)))[0] == "device"  # still there too
 
 
+@pytest.mark.skipif(REAL_GPU, reason="this host has a GPU: fake GPUs' slots run on it")
+async def test_fake_gpus_without_the_simulator_fail_every_gpu_task_naming_the_setting() -> None:
+    """A GPU task with a put value failed "slot 1 failed to run the task: CudaSupportError:
+    ... driver library cannot be found", one without "no usable CUDA device": neither said
+    that NUMBA_ENABLE_CUDASIM was the setting missing beside BATUTA_FAKE_GPUS."""
+    environ = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    environ |= {"BATUTA_FAKE_GPUS": "1", "NUMBA_ENABLE_CUDASIM": "0"}
+    host = local_host(1, gpus="auto", kernel_modules=[GPU_KERNELS], env=environ)
+    async with Pool([host], PoolConfig()) as pool:
+        ref = pool.put(np.arange(N, dtype=np.float64))
+        for task in (on_gpu("test_where", ref), on_gpu("vadd", np.ones(4), np.ones(4))):
+            failed = await (await pool.submit(task))
+            assert failed.status is TaskStatus.FAILED and failed.error is not None
+            assert "BATUTA_FAKE_GPUS=1" in failed.error and "set NUMBA_ENABLE_CUDASIM=1" in failed.error, failed.error
+        assert (await pool.run(on_cpu("test_where", ref))).status is TaskStatus.SUCCEEDED  # the CPU slot works
+
+
 async def test_eviction_under_a_small_cap_loses_no_value() -> None:
     async with gpu_pool(BATUTA_GPU_CACHE=str(2 * N * 8 + 100)) as pool:  # room for two arrays
         xs = [np.full(N, float(i)) for i in range(4)]

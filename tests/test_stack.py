@@ -449,6 +449,21 @@ def test_fake_gpus_under_the_simulator_are_warnings_and_strict_fails_them() -> N
     assert stack("check", "--strict", "--quiet", env=env).returncode == 1
 
 
+@pytest.mark.skipif(os.environ.get("BATUTA_REAL_GPU") == "1", reason="this host has a GPU: fake GPUs' slots run on it")
+def test_fake_gpus_without_the_simulator_are_one_error_naming_the_setting() -> None:
+    """It said "NVML not asked", then per GPU "CUDA cannot compile ... CUDA driver library
+    cannot be found" with "check the driver (nvidia-smi) and numba-cuda": a driver to install
+    on a machine meant to have none."""
+    env = {"BATUTA_FAKE_GPUS": "2", "NUMBA_ENABLE_CUDASIM": "0"}
+    done = stack("check", "--format", "json", env=env)
+    assert done.returncode == 1, done.stdout + done.stderr
+    (node,) = json.loads(done.stdout)["nodes"]
+    (gpu,) = [f for f in node["findings"] if f["check"] in ("nvml", "cuda", "gpu")]
+    assert gpu["severity"] == ERROR and "BATUTA_FAKE_GPUS=2" in gpu["message"]
+    assert gpu["suggestion"].startswith('set NUMBA_ENABLE_CUDASIM = "1" beside BATUTA_FAKE_GPUS')
+    assert "driver" not in gpu["message"] + gpu["suggestion"]
+
+
 def test_gate_checks_every_gpu_of_a_node_on_its_own_slot() -> None:
     env = {"BATUTA_FAKE_GPUS": "2", "NUMBA_ENABLE_CUDASIM": "1"}
     done = stack("gate", "--format", "json", env=env)

@@ -216,6 +216,9 @@ def gpu_findings(session: NodeSession, facts: NodeFacts) -> list[Finding]:
     found: list[Finding] = []
     nvml = (facts.info or {}).get("nvml") or {}
     status = str(nvml.get("status") or facts.info_error or "unknown")
+    unrunnable = _fake_gpus_without_simulator(node, status, facts)
+    if unrunnable is not None:
+        return [unrunnable]
     if status == "ok":
         count = len(nvml.get("gpus") or [])
         message = f"NVML answers: driver {nvml.get('driver')}, CUDA {nvml.get('cuda_driver')}, {count} GPU(s)"
@@ -261,6 +264,24 @@ def gpu_findings(session: NodeSession, facts: NodeFacts) -> list[Finding]:
     several = len(facts.cuda) > 1
     found.extend(_cuda_finding(target, index, result, several=several) for index, result in sorted(facts.cuda.items()))
     return found
+
+
+def _fake_gpus_without_simulator(node: str, nvml_status: str, facts: NodeFacts) -> Finding | None:
+    """Fake GPUs, numba's simulator off, and no GPU ran the smoke test: one finding naming the
+    setting. It said "NVML not asked" and, per GPU, to check the driver and install numba-cuda."""
+    env = (facts.info or {}).get("env") or {}
+    simulator = str(env.get(node_kernels.CUDASIM_ENV, "")) not in ("", "0")
+    ran = any(r.status is TaskStatus.SUCCEEDED for r in (facts.cuda or {}).values())
+    if nvml_status != "fake" or simulator or ran or not facts.cuda:
+        return None
+    fake = node_kernels.FAKE_GPUS_ENV
+    return Finding(
+        node=node,
+        check="cuda",
+        severity=ERROR,
+        message=f"fake GPUs ({fake}={env.get(fake, '?')}) without numba's CUDA simulator: no kernel runs on them",
+        suggestion=f'set {node_kernels.CUDASIM_ENV} = "1" beside {fake} in {node}\'s env, or unset {fake}',
+    )
 
 
 def _cuda_finding(target: NodeTarget, index: int | None, result: TaskResult | None, *, several: bool) -> Finding:
