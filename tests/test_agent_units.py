@@ -16,7 +16,7 @@ import pytest
 
 from batuta.agent import supervisor
 from batuta.agent.execute import OUTPUT_CAP, _CappedBuffer, describe_exception, describe_exit, one_line
-from batuta.agent.main import plan_gpu_slots
+from batuta.agent.main import device_order_warning, plan_gpu_slots
 from batuta.agent.options import GpuSelection, parse_args
 from batuta.agent.outbox import Flusher
 from batuta.agent.spawn import spawn_mode
@@ -178,6 +178,32 @@ def test_explicit_indices_stay_within_cuda_visible_devices() -> None:
     )
     with pytest.raises(UsageError, match=r"CUDA_VISIBLE_DEVICES='' lets this agent use \(none; "):
         _planned(pick, {"CUDA_VISIBLE_DEVICES": ""})
+
+
+MIXED = (
+    GpuInfo(index=0, name="NVIDIA A100-SXM4-80GB", uuid="GPU-aaaa-1111"),
+    GpuInfo(index=1, name="NVIDIA H100 80GB HBM3", uuid="GPU-bbbb-2222"),
+)
+
+
+def test_a_numbered_cuda_visible_devices_on_mixed_gpus_is_warned_about_unless_pci_order() -> None:
+    """CUDA reads "1" fastest first unless CUDA_DEVICE_ORDER=PCI_BUS_ID; the agent reads it as
+    NVML's (PCI) GPU 1. Among one model the two agree; among mixed ones the agent says so."""
+    warning = device_order_warning(MIXED, {"CUDA_VISIBLE_DEVICES": "1"})
+    assert warning is not None and "\n" not in warning
+    assert warning.startswith("CUDA_VISIBLE_DEVICES='1' is read in PCI order (nvidia-smi's numbers)")
+    assert "unset (FASTEST_FIRST)" in warning and "NVIDIA A100-SXM4-80GB, NVIDIA H100 80GB HBM3" in warning
+    assert warning.endswith("set CUDA_DEVICE_ORDER=PCI_BUS_ID beside it, or name the GPUs by UUID (nvidia-smi -L)")
+    fastest = device_order_warning(MIXED, {"CUDA_VISIBLE_DEVICES": "0", "CUDA_DEVICE_ORDER": "FASTEST_FIRST"})
+    assert fastest is not None and "CUDA_DEVICE_ORDER FASTEST_FIRST CUDA numbers" in fastest
+    quiet = [
+        (MIXED, {"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}),
+        (MIXED, {"CUDA_VISIBLE_DEVICES": "GPU-bbbb"}),  # a UUID names one GPU in any order
+        (MIXED, {}),
+        (REAL, {"CUDA_VISIBLE_DEVICES": "1"}),  # one model: the orders agree
+        (FakeTelemetry(2).gpu_infos(), {"CUDA_VISIBLE_DEVICES": "1"}),  # CUDA never sees fake GPUs
+    ]
+    assert [device_order_warning(gpus, env) for gpus, env in quiet] == [None] * len(quiet)
 
 
 def test_fake_gpus_are_pinned_by_index() -> None:

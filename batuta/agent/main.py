@@ -67,6 +67,29 @@ def _visible(gpus: tuple[GpuInfo, ...], visible: str | None) -> tuple[GpuInfo, .
     return tuple(chosen)
 
 
+def device_order_warning(gpus: tuple[GpuInfo, ...], environ: Mapping[str, str]) -> str | None:
+    """Why a numbered `CUDA_VISIBLE_DEVICES` may not name the GPUs it is read as, or None.
+
+    The agent reads "1" as NVML's GPU 1 (PCI order, nvidia-smi's numbers) and pins its slot by
+    UUID; CUDA reads it in `CUDA_DEVICE_ORDER`, by default FASTEST_FIRST: a guess of which
+    GPU is fastest first, the order of the rest unspecified. Among GPUs of one model that is
+    PCI order all the same; among mixed ones it cannot be known without CUDA, so the agent
+    says so once rather than guess. Fake GPUs are left out: CUDA never sees them."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None or environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID":
+        return None
+    models = sorted({g.name for g in gpus if g.uuid.startswith("GPU-")})
+    numbered = any(entry.strip().isdigit() for entry in visible.split(","))
+    if len(models) < 2 or not numbered:
+        return None
+    order = environ.get("CUDA_DEVICE_ORDER") or "unset (FASTEST_FIRST)"
+    return (
+        f"CUDA_VISIBLE_DEVICES={visible!r} is read in PCI order (nvidia-smi's numbers), but with CUDA_DEVICE_ORDER "
+        f"{order} CUDA numbers this host's mixed GPUs ({', '.join(models)}) fastest first, so they may not be "
+        "the GPUs meant; set CUDA_DEVICE_ORDER=PCI_BUS_ID beside it, or name the GPUs by UUID (nvidia-smi -L)"
+    )
+
+
 def plan_gpu_slots(
     selection: GpuSelection,
     gpus: tuple[GpuInfo, ...],
@@ -132,6 +155,7 @@ def check_host(options: AgentOptions) -> None:
         raise UsageError(str(exc)) from None
     try:
         gpu_slots = plan_gpu_slots(options.gpus, telemetry.gpu_infos(), telemetry.gpu_status(), os.environ)
+        _warn_device_order(telemetry.gpu_infos())
     finally:
         telemetry.close()
     if options.cpu_slots == 0 and not gpu_slots:  # (a coordinator's host says it is up with no slot)
@@ -150,6 +174,12 @@ def check_host(options: AgentOptions) -> None:
 
 def _error(message: str) -> None:
     print(f"batuta agent: error: {message}", file=sys.stderr, flush=True)
+
+
+def _warn_device_order(gpus: tuple[GpuInfo, ...]) -> None:
+    warning = device_order_warning(gpus, os.environ)
+    if warning is not None:
+        print(f"batuta agent: warning: {warning}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str]) -> int:
@@ -177,6 +207,7 @@ def main(argv: list[str]) -> int:
         telemetry.close()
         _error(str(exc))
         return EXIT_USAGE
+    _warn_device_order(gpus)
     frames_in, frames_out = _claim_stdio()
     widen_pipe(frames_out)  # results with arrays; a no-op unless the coordinator's end is a pipe
     agent = Agent(
