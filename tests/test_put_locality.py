@@ -83,3 +83,17 @@ async def test_a_pool_runs_gpu_readers_of_a_put_value_on_the_gpu_that_holds_it()
     assert first.is_success() and first.device.startswith("Fake GPU 1 ("), first.error
     assert [r.value for r in readers] == [1024.0] * 4
     assert [r.device.split(" (")[0] for r in readers] == ["Fake GPU 1"] * 4
+
+
+async def test_gpu_tasks_submitted_together_run_one_on_each_gpu() -> None:
+    """Three GPU tasks at once on three idle GPUs ran in the first GPU slot's window, one
+    after another (each GPU slot, with its own "gpu:N", was a lone slot of its kind to the
+    scheduler's tail rule): one per GPU, as CPU tasks spread over CPU slots."""
+    env = {"BATUTA_FAKE_GPUS": "3", "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(REPO)}
+    async with Pool([local_host(1, gpus="auto", env=env)], PoolConfig()) as pool:
+        pool.pause()  # all three wait in the queue: where they go is the scheduler's choice alone
+        futures = [await pool.submit(Task.kernel("sum", np.ones(8), backend=Backend.GPU)) for _ in range(3)]
+        pool.resume()
+        results = [await future for future in futures]
+    assert all(r.is_success() for r in results), [r.error for r in results]
+    assert sorted(r.device.split(" (")[0] for r in results) == ["Fake GPU 0", "Fake GPU 1", "Fake GPU 2"]

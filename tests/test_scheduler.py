@@ -51,6 +51,24 @@ def test_the_last_tasks_wait_for_whichever_slot_frees_first() -> None:
     sim.sched.validate()
 
 
+def test_the_gpu_slots_of_a_host_share_the_last_tasks_as_cpu_slots_do() -> None:
+    """Each GPU slot offers its own "gpu:N": counted by capabilities each was a lone slot of
+    its kind, always filling its window, so four GPU tasks on four idle GPUs went to the
+    first one's window, to run one after another while three GPUs idled."""
+    sim = Sim(Scheduler(SchedulerConfig(initial_window=4), seed=0))
+    for index in range(4):
+        sim.add_slot(f"g{index}", host_id="a", caps=("gpu", f"gpu:{index}"))
+    ids = [sim.submit(requires=("gpu",)) for _ in range(4)]
+    assert [[t for t, _ in sim.slots[f"g{i}"].queue] for i in range(4)] == [[t] for t in ids]
+    sim.sched.validate()
+    lone = Sim(Scheduler(SchedulerConfig(initial_window=4), seed=0))  # a lone GPU slot still fills its window
+    lone.add_slot("c0", host_id="a")
+    lone.add_slot("c1", host_id="a")
+    lone.add_slot("g0", host_id="a", caps=("gpu", "gpu:0"))
+    gpu_ids = [lone.submit(requires=("gpu",)) for _ in range(3)]
+    assert [t for t, _ in lone.slots["g0"].queue] == gpu_ids
+
+
 def test_a_slot_of_long_tasks_holds_two_behind_the_running_one_by_default() -> None:
     """Tasks far longer than the round trip want a window of 1 + 1; the default floor of 3
     keeps a second task on its way while the next one already waits in the slot, so a short

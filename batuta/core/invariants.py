@@ -80,12 +80,12 @@ def validate(scheduler: Scheduler) -> None:
         place(entry, "waiting")
         if task_id != entry.task_id or entry.place is not Place.WAITING or entry.unmet <= 0 or entry.resolved:
             _violation(scheduler, entry, f"waiting but marked {entry.place.name}, {entry.unmet} unmet")
-    up_by_caps: dict[frozenset[str], int] = {}
+    up_by_kind: dict[frozenset[str], int] = {}
     for slot in scheduler._slots.values():
         if slot.state is SlotState.UP:
-            up_by_caps[slot.capabilities] = up_by_caps.get(slot.capabilities, 0) + 1
-    if up_by_caps != {caps: n for caps, n in scheduler._up_by_caps.items() if n}:
-        raise InvariantViolation(f"up slots by capabilities {scheduler._up_by_caps} != counted {up_by_caps}")
+            up_by_kind[slot.kind] = up_by_kind.get(slot.kind, 0) + 1
+    if up_by_kind != {kind: n for kind, n in scheduler._up_by_kind.items() if n}:
+        raise InvariantViolation(f"up slots by kind {scheduler._up_by_kind} != counted {up_by_kind}")
     if injector_live + deque_total != scheduler._queued:
         raise InvariantViolation(f"queued counter {scheduler._queued} != {injector_live} + {deque_total}")
     for task_id, entry in tasks.items():

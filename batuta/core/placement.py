@@ -127,6 +127,7 @@ class SlotRecord:
     slot_id: SlotId
     host_id: HostId
     capabilities: frozenset[str]
+    kind: frozenset[str]  # its capabilities less its GPU's own (`task.slot_kind`): slots alike for the tail
     state: SlotState = SlotState.UP
     deque: deque[TaskEntry] = field(default_factory=deque)
     window: dict[int, TaskEntry] = field(default_factory=dict)  # insertion order = send order

@@ -110,8 +110,8 @@ from batuta.core.stealing import (
     steal_more_urgent,
     try_steal_back,
 )
-from batuta.core.tailfeed import sent_as_tail
-from batuta.core.task import Outcome, TaskStatus
+from batuta.core.tailfeed import in_tail, sent_as_tail
+from batuta.core.task import Outcome, TaskStatus, slot_kind
 
 # placement.py's public names, re-exported: callers import them from the scheduler
 __all__ = [
@@ -167,7 +167,7 @@ class Scheduler:
         self._capability_epoch = 0  # bumped when the set of slots that may run work changes
         self._queued = 0  # live tasks in injector + deques
         self._top_priority = 0  # at least the highest priority waiting in a deque (`steal_more_urgent`)
-        self._up_by_caps: dict[frozenset[str], int] = {}  # UP slots by their capabilities (`_in_tail`)
+        self._up_by_kind: dict[frozenset[str], int] = {}  # UP slots by their kind (`tailfeed.in_tail`)
         self._tail_waiting: dict[SlotId, SlotRecord] = {}  # held back by the tail, oldest first
         self._paused = False
         self._out: list[Instruction] = []
@@ -345,6 +345,7 @@ class Scheduler:
                 slot_id=ev.slot_id,
                 host_id=ev.host_id,
                 capabilities=frozenset(ev.capabilities),
+                kind=slot_kind(frozenset(ev.capabilities)),
                 state=SlotState.LOST,  # not up until `_set_state` below counts it
                 window_limit=self.config.initial_window,
             )
@@ -354,6 +355,7 @@ class Scheduler:
             if slot.state is SlotState.UP:
                 raise SchedulerError(f"slot {ev.slot_id} joined twice without being lost")
             slot.capabilities = frozenset(ev.capabilities)
+            slot.kind = slot_kind(slot.capabilities)
             if slot.host_id != ev.host_id:
                 self._host_slots[slot.host_id].remove(slot)
                 self._host_slots.setdefault(ev.host_id, []).append(slot)
@@ -597,7 +599,7 @@ class Scheduler:
             self._window_holders.add(slot)
         if len(window) >= slot.window_limit:
             self._hungry.discard(slot)
-        elif window and self._in_tail(slot):
+        elif window and in_tail(self, slot):
             # full enough for now: hungry again at its next result, or once enough work waits
             # (`_feed_hungry`), rather than offered every submission only to refuse it
             self._hungry.discard(slot)
@@ -609,10 +611,10 @@ class Scheduler:
         """Own deque first (unless the injector has higher priority), then injector, then steal.
 
         `ahead`: the slot already holds a task, so this one would wait behind it. Near the end
-        of the work (`_in_tail`) nothing is sent ahead: the last tasks wait here for whichever
+        of the work (`tailfeed.in_tail`) nothing is sent ahead: the last tasks wait here for whichever
         slot frees first, as a shared queue hands them out, instead of behind a running task.
         """
-        if ahead and self._in_tail(slot):
+        if ahead and in_tail(self, slot):
             return None
         if self._suspected and slot.host_id in self._suspected:
             return suspicion.next_for(self, slot)
@@ -641,21 +643,12 @@ class Scheduler:
         waiting = self._tail_waiting
         while waiting:
             slot = next(iter(waiting.values()))
-            if slot.state is SlotState.UP and self._in_tail(slot):
+            if slot.state is SlotState.UP and in_tail(self, slot):
                 return
             del waiting[slot.slot_id]
             if slot.state is SlotState.UP:
                 self._hungry.add(slot)
                 self._fill(slot)
-
-    def _in_tail(self, slot: SlotRecord) -> bool:
-        """Fewer tasks wait here (injector and deques) than `tail_tasks_per_slot` for each up
-        slot like this one, and there is another such slot to give them to. Counted against
-        slots of the same capabilities, so that a lone GPU slot in a CPU cluster keeps its
-        window full of GPU work."""
-        per_slot = self.config.tail_tasks_per_slot
-        alike = self._up_by_caps.get(slot.capabilities, 0)
-        return per_slot > 0 and alike > 1 and self._queued < per_slot * alike
 
     # -- resolution -----------------------------------------------------------------------
 
@@ -709,7 +702,7 @@ class Scheduler:
         slot.state = state
         if was_up != (state is SlotState.UP):
             delta = -1 if was_up else 1
-            self._up_by_caps[slot.capabilities] = self._up_by_caps.get(slot.capabilities, 0) + delta
+            self._up_by_kind[slot.kind] = self._up_by_kind.get(slot.kind, 0) + delta
             for klass in self._classes.values():
                 if klass.requires <= slot.capabilities:
                     klass.eligible += delta

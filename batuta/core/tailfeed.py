@@ -8,8 +8,9 @@ last tasks are long, one slot then runs its fed task after a long one while the 
 which a shared queue never does.
 
 So while fewer than `SchedulerConfig.tail_unfed_tasks_per_slot` tasks per up slot of the same
-capabilities wait here (injector and deques), a task sent to a slot that already holds one,
-whose tasks take at least a round trip to its host (`sent_as_tail`), is a *tail* task
+kind (`task.slot_kind`: capabilities less a GPU slot's own "gpu:N") wait here (injector and
+deques), a task sent to a slot that already holds one, whose tasks take at least a round trip
+to its host (`sent_as_tail`), is a *tail* task
 (`SendTasks.tail`, `TaskRequest.tail` on the wire): its agent keeps it in its own queue until
 the slot process has nothing else fed, so a steal-back from an idle slot can still take it.
 Only these last few sends pay the hand-off from agent to slot process between tasks that the
@@ -32,13 +33,25 @@ if TYPE_CHECKING:
     from batuta.core.scheduler import Scheduler
 
 
+def in_tail(s: Scheduler, slot: SlotRecord) -> bool:
+    """The tail rule: fewer tasks wait (injector and deques) than `tail_tasks_per_slot` for each
+    up slot of this one's kind, and there is another such slot to give them to. Counted by
+    kind, so that a lone GPU slot in a CPU cluster keeps its window full of GPU work, and the
+    GPU slots of a host, each with its own "gpu:N", are alike: counted by capabilities, each
+    was lone, and four GPU tasks on four idle GPUs went into the first GPU slot's window, to
+    run one after another there."""
+    per_slot = s.config.tail_tasks_per_slot
+    alike = s._up_by_kind.get(slot.kind, 0)
+    return per_slot > 0 and alike > 1 and s._queued < per_slot * alike
+
+
 def sent_as_tail(s: Scheduler, slot: SlotRecord) -> bool:
     """Whether a task sent now to `slot`, behind one it holds, is a tail task (see above):
     few tasks wait per up slot like this one, there is another such slot to take it, and the
     slot's tasks take at least a round trip to its host (a steal-back costs one: for shorter
     tasks it could not end sooner than the slot runs it, while the hand-offs would cost)."""
     per_slot = s.config.tail_unfed_tasks_per_slot
-    alike = s._up_by_caps.get(slot.capabilities, 0)
+    alike = s._up_by_kind.get(slot.kind, 0)
     if per_slot <= 0 or alike < 2 or s._queued >= per_slot * alike or slot.mean_run_s is None:
         return False
     return slot.mean_run_s >= s._round_trip.get(slot.host_id, s.config.default_round_trip)

@@ -141,14 +141,25 @@ def gpu_capability(index: int) -> str:
     return f"{CAP_GPU}:{index}"
 
 
+def _names_a_gpu(capability: str) -> bool:
+    return capability.startswith(f"{CAP_GPU}:") and capability[len(CAP_GPU) + 1 :].isdigit()
+
+
 def gpu_index_of(capabilities: Collection[str]) -> int | None:
     """The GPU a GPU slot runs on, read back from its capabilities (`gpu_capability`'s
     inverse); None for a CPU slot, or where they name no single GPU (a host tagged "gpu:3")."""
     if CAP_GPU not in capabilities:
         return None
-    prefix = f"{CAP_GPU}:"
-    found = [c[len(prefix) :] for c in capabilities if c.startswith(prefix) and c[len(prefix) :].isdigit()]
-    return int(found[0]) if len(found) == 1 else None
+    found = [c for c in capabilities if _names_a_gpu(c)]
+    return int(found[0][len(CAP_GPU) + 1 :]) if len(found) == 1 else None
+
+
+def slot_kind(capabilities: frozenset[str]) -> frozenset[str]:
+    """A slot's capabilities less the one naming its GPU: the slots of a host's GPUs are of one
+    kind, as its CPU slots are (the scheduler's tail rule counts slots alike by it)."""
+    if CAP_GPU not in capabilities:
+        return capabilities
+    return frozenset(c for c in capabilities if not _names_a_gpu(c))
 
 
 MAX_SLOTS = 1024  # slots one agent runs (a process each); the builder, cluster file, CLI and agent check it
