@@ -52,6 +52,15 @@ the whole digest; a `Task.key` becomes `<key>@<16 hex digits>`. Editing a shippe
 makes a new digest, so those tasks run again on resume, with the new code, instead of
 being restored with the old code's results. Built-in kernels keep their keys.
 
+**Tasks that feed tasks.** A task whose arguments name other tasks' results (futures, kept
+refs) hashes each by the name of that result (`batuta.runtime.journaling`): how it is made
+(kernel, arguments, backend asked for, the user's code), whether or not the producer had
+finished when the task was submitted, since a resumed run restores producers at once (the
+value read was hashed then, so every consumer ran again). The readers of a producer that is
+not pure are keyed by place; one that runs again in a resumed run (not restored) made another
+value than its journaled readers read, so those run again too (and theirs: a pure task
+reading a result that is not pure makes a result that is not pure either).
+
 **What is journaled.** Succeeded results only: a task that failed, timed out or was lost
 is run again on resume. Restored results are marked `restored` and keep the host, slot,
 timings and attempts of the run that produced them.
@@ -607,14 +616,19 @@ class JournalStore:
         else:
             log.info("journal: the job restarts from checkpoint %s: its tasks take their places from there", checkpoint)
 
-    def lookup(self, task: Task, job: str, *, code: str = "", task_id: int | None = None) -> TaskResult | None:
+    def lookup(
+        self, task: Task, job: str, *, code: str = "", task_id: int | None = None, restore: bool = True
+    ) -> TaskResult | None:
+        """The journaled result of `task`, or None to run it; `restore` False: run it whatever
+        the journal holds (it reads a value made anew: `runtime/journaling.py`), and journal it."""
         self._restart_open = False  # the job has begun: a checkpoint loaded now is no restart
         n = self._submitted[job]
         self._submitted[job] = n + 1
         content = self._journal.key_for(task, code)
+        resume = self._resume and restore
         if task.key is not None or is_pure(task):
-            return self._journal.get(content) if self._resume else None
-        if self._resume and not self._placeless:
+            return self._journal.get(content) if resume else None
+        if resume and not self._placeless:
             key = place_key(content, (job, n))
             kept = self._journal.get(key)
             if kept is not None:

@@ -25,12 +25,11 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from batuta.core import events as ev
-from batuta.core.objects import UNREPEATABLE, ObjectRef
+from batuta.core.objects import ObjectRef
 from batuta.core.task import KernelCall, Outcome, Task, TaskStatus
 from batuta.errors import ObjectLostError, UsageError
 from batuta.protocol import messages as m
 from batuta.runtime.future import TaskFuture
-from batuta.runtime.objects import lineage_digest, repeatable
 from batuta.runtime.session import HostSession
 
 if TYPE_CHECKING:
@@ -158,16 +157,8 @@ class DataPlane:
             reads.append(future._keep)
             kept = objects.kept(future._keep)
             return ObjectRef(future._keep, digest=kept.digest if kept is not None else "", pool=objects.owner)
-        after.append(future.task_id)
-        digest = ""
-        if self._pool._store is not None:  # a journal keys its readers by it (UNREPEATABLE: by place only)
-            made = self.digest_of(future._call, future)
-            digest = f"fed:{made}" if repeatable(future._call) else f"{UNREPEATABLE}{made}"
-        return ObjectRef(objects.fed_object(future.task_id), digest=digest, pool=objects.owner)
-
-    @staticmethod
-    def digest_of(call: Any, future: TaskFuture) -> str:
-        return lineage_digest(call, future.task.backend.value)
+        after.append(future.task_id)  # a journal names it otherwise (runtime/journaling.py)
+        return ObjectRef(objects.fed_object(future.task_id), pool=objects.owner)
 
     def waiting_on(self, prepared: Prepared) -> tuple[int, ...]:
         """The unfinished tasks whose results a prepared task needs (for observers)."""

@@ -27,9 +27,11 @@ class ResultStore(Protocol):
     and hand slow I/O to a thread. `code` is the digest of the user's shipped code that the
     task's kernel comes from (`runtime.code.ShippedCode`), "" for built-in kernels and
     binaries: a store must key by it, so that a result of old code is never handed back.
+    `restore` False: the task reads a value made anew in this run that its journaled result
+    may not have read (`runtime/journaling.py`); it runs, and its result replaces that one.
     """
 
-    def lookup(self, task: Task, job: str, *, code: str, task_id: int) -> TaskResult | None: ...
+    def lookup(self, task: Task, job: str, *, code: str, task_id: int, restore: bool) -> TaskResult | None: ...
 
     def record(self, task: Task, job: str, result: TaskResult, *, code: str) -> None: ...
 
@@ -48,6 +50,7 @@ class TaskFuture:
         "_choice",
         "_code",
         "_held",
+        "_journal_name",
         "_journal_task",
         "_keep",
         "_nbytes",
@@ -83,7 +86,8 @@ class TaskFuture:
         self._code = ""  # the code digest its ResultStore key names (see ResultStore)
         self._call: KernelCall | BinaryCall = task.call  # as sent: futures among its arguments replaced
         self._keep = 0  # the object its result is kept as (keep=True), 0 when it comes back
-        self._journal_task = task  # what the ResultStore keys it by (futures among its arguments replaced)
+        self._journal_task = task  # what the ResultStore keys it by (futures among its arguments named)
+        self._journal_name: str | None = None  # its result's name in its readers' keys (journaling.py)
 
     def __await__(self) -> Generator[Any, None, TaskResult]:
         if self._result is None:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from batuta.core.backend import element_count
-from batuta.core.objects import UNREPEATABLE, ObjectRef
+from batuta.core.objects import UNREPEATABLE, ObjectRef, refs_in
 from batuta.core.task import Task
 from batuta.errors import UsageError
 from batuta.protocol import messages as m
@@ -56,32 +56,40 @@ def _nbytes_of(value: Any) -> int:
 
 
 def repeatable(call: Any) -> bool:
-    """Whether `call` gives equal results for equal arguments: a kernel registered pure here.
-    Only then does how a value is made (`lineage_digest`) name the value: the readers of ten
-    random samples, keyed by the sampler's kernel and arguments, were one task to a journal."""
+    """Whether `call` gives equal results for equal arguments: a kernel registered pure here,
+    reading no result that is not (`UNREPEATABLE`). Only then does how a value is made
+    (`lineage_digest`) name the value: the readers of ten random samples, keyed by the
+    sampler's kernel and arguments, were one task to a journal (and so were the readers of
+    ten pure tasks that each read one of them)."""
     from batuta.core.task import KernelCall
     from batuta.kernels import registry
 
     if not isinstance(call, KernelCall):
         return False
+    if any(ref.digest.startswith(UNREPEATABLE) for ref in refs_in(call.args)):
+        return False
     found = registry.known(call.name)
     return found is not None and found.pure
 
 
-def kept_digest(call: Any, backend: str) -> str:
-    """The digest of a kept result of `call`: how it is made, marked `UNREPEATABLE` when that
-    does not tell its value (a journal then keys it, and its readers, by place)."""
-    made = lineage_digest(call, backend)
+def result_name(call: Any, backend: str, code: str = "") -> str:
+    """The name a journal knows a result of `call` by, in the keys of the tasks that read it:
+    how it is made (with `code`, the digest of the user's code its kernel comes from), marked
+    `UNREPEATABLE` when that does not tell its value (a journal then keys its readers by
+    place). `call` as the journal sees it: the results it reads by their own names."""
+    made = lineage_digest(call, backend, code)
     return made if repeatable(call) else f"{UNREPEATABLE}{made}"
 
 
-def lineage_digest(call: Any, backend: str) -> str:
-    """A name for what `call` computes, stable from run to run: its kernel (or binary) and
-    arguments, refs by their own digests. A kept value's ref carries it, so that a job
-    journal keys the tasks that read the value by how it was made (`observers/journal.py`)."""
+def lineage_digest(call: Any, backend: str, code: str = "") -> str:
+    """A name for what `call` computes, stable from run to run: its kernel (or binary),
+    arguments (refs by their own digests) and `code` (the user's code the kernel comes from:
+    an edit is another computation; "" for built-in kernels and binaries)."""
     h = hashlib.sha256(b"batuta-lineage-1\0" + backend.encode() + b"\0")
     _feed(h, getattr(call, "name", getattr(call, "path", "")), 0)
     _feed(h, getattr(call, "args", ()), 0)
+    if code:  # built-in kernels keep their names
+        h.update(b"c" + code.encode() + b"\0")
     return h.hexdigest()[:32]
 
 
@@ -118,7 +126,7 @@ class KeptObject:
     lost: str = ""  # why it can never be had again (its producer failed, or lost too often)
     reads: tuple[int, ...] = ()  # the objects its producer reads
     after: tuple[int, ...] = ()
-    digest: str = ""  # its lineage digest (see `lineage_digest`), when a journal needs one
+    digest: str = ""  # its name for a journal (`result_name`), when there is one
     restored: bool = False  # known from a resumed run's journal, made nowhere yet: made on demand
 
 

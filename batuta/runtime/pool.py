@@ -25,7 +25,7 @@ from typing import Any
 
 from batuta.core import events as ev
 from batuta.core.backend import select_backend
-from batuta.core.objects import UNREPEATABLE, ObjectRef, refs_in
+from batuta.core.objects import ObjectRef, refs_in
 from batuta.core.scheduler import Scheduler
 from batuta.core.task import CAP_GPU, Backend, KernelCall, Priority, Task, TaskResult, TaskStatus
 from batuta.errors import PoolClosedError, UsageError
@@ -33,7 +33,7 @@ from batuta.protocol import messages as m
 from batuta.protocol.codec import check_value
 from batuta.protocol.errors import LocalProtocolError
 from batuta.runtime import events as pe
-from batuta.runtime import inbound, kept, mapping, stream
+from batuta.runtime import inbound, journaling, kept, mapping, stream
 from batuta.runtime.builder import PoolBuilder, PoolConfig, local_host
 from batuta.runtime.code import CodeSpec, ShippedCode
 from batuta.runtime.dataplane import DataPlane, Prepared
@@ -41,7 +41,7 @@ from batuta.runtime.future import ResultStore, TaskFuture
 from batuta.runtime.hosts import HostSupervisor
 from batuta.runtime.job_label import current_job, job_label
 from batuta.runtime.loop_owner import check_loop
-from batuta.runtime.objects import KeptObject, ObjectTable, kept_digest
+from batuta.runtime.objects import KeptObject, ObjectTable
 from batuta.runtime.requirements import requirements, superlinear
 from batuta.runtime.session import HostSession, HostSpec, SendBudget
 from batuta.runtime.shipping import CodeAcks, CodeShipped, collect, with_code
@@ -294,13 +294,7 @@ class Pool:
         self._burst_bytes += nbytes
         digest = ""
         if self._store is not None and _remake is None:
-            future._code = self._shipped.digest_for(task.call)
-            future._journal_task = prepared.task
-            if keep:  # keyed by how it is made (by place where that is no name for it: UNREPEATABLE)
-                digest = kept_digest(call, task.backend.value)  # as asked: AUTO's choice may vary by run
-                if not digest.startswith(UNREPEATABLE):  # readers in a resumed run make it again on demand
-                    future._journal_task = replace(prepared.task, key=f"kept:{digest}")
-            journaled = self._store.lookup(future._journal_task, job, code=future._code, task_id=task_id)
+            digest, journaled = journaling.look_up(self, self._store, future, task, prepared, keep)
             if journaled is not None:
                 if keep:
                     journaled = kept.restored_kept(self, future, prepared, journaled, digest)
