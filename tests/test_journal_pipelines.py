@@ -168,3 +168,52 @@ async def test_readers_of_readers_of_unrepeatable_results_are_not_one_task(tmp_p
     await journal.close()
     keys = [key for key in read_journal(tmp_path / JOURNAL_FILE)[0] if "/noop/" in key]
     assert len(keys) == 6 and all("#pipe:" in key for key in keys), keys  # each at its own place
+
+
+# -- Task.key names its result -----------------------------------------------------------------
+
+
+def keyed_tasks(values: list[float]) -> list[Task]:
+    """A loop that reuses one key: every task is 'step' to the journal, whatever it adds."""
+    return [Task.kernel("saxpy", v, np.ones(4), np.zeros(4), key="step") for v in values]
+
+
+async def keyed_run(journal_dir: Path, tasks: list[Task], *, resume: bool) -> list[TaskResult]:
+    journal = await Journal.open(journal_dir, job="pipe", resume=resume)
+    async with make_pool() as pool:
+        pool.set_result_store(JournalStore(journal, resume=resume))
+        futures = [pool.submit_nowait(task) for task in tasks]
+        results = [await future for future in futures]
+    await journal.close()
+    return results
+
+
+async def test_a_key_reused_for_other_arguments_is_said_once_naming_the_key_and_the_fix(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key names a result: a resume restores the one journaled under it for every task with
+    that key. It did so silently where the key was reused for other arguments (in a loop)."""
+    await keyed_run(tmp_path, keyed_tasks([1.0, 2.0, 3.0]), resume=False)
+    with caplog.at_level(logging.WARNING, logger=JOURNAL_LOG):
+        results = await keyed_run(tmp_path, keyed_tasks([1.0, 2.0, 3.0]), resume=True)
+    assert all(r.restored for r in results)  # documented: the key is the caller's word
+    said = [r.getMessage() for r in caplog.records if r.name == JOURNAL_LOG]
+    assert len(said) == 1, said
+    assert "Task.key 'step'" in said[0] and "other arguments" in said[0] and "own key" in said[0]
+
+
+async def test_a_key_restored_for_its_own_arguments_says_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    big = np.arange(1 << 20, dtype=np.float64)  # sampled, not read whole: keys exist to spare that
+    tasks = [Task.kernel("saxpy", 2.0, big, big, key="big"), *keyed_tasks([3.0])]
+    await keyed_run(tmp_path, tasks, resume=False)
+    with caplog.at_level(logging.WARNING, logger=JOURNAL_LOG):
+        results = await keyed_run(tmp_path, tasks, resume=True)
+    assert all(r.restored for r in results)
+    assert not [r.getMessage() for r in caplog.records if r.name == JOURNAL_LOG]
+    changed = big.copy()
+    changed[-1] = -1.0  # its last element: in the sample
+    with caplog.at_level(logging.WARNING, logger=JOURNAL_LOG):
+        await keyed_run(tmp_path, [Task.kernel("saxpy", 2.0, changed, big, key="big")], resume=True)
+    assert sum("Task.key 'big'" in r.getMessage() for r in caplog.records) == 1

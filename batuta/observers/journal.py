@@ -42,7 +42,10 @@ order, so a pure kernel's journaled result is the result a rerun would give. A k
 result depends on more than its arguments (the clock, unseeded randomness, the host) must
 not be declared pure. Hashing reads every argument byte: for arguments of many megabytes
 per task, setting `Task.key` saves that time (such a task is keyed by it alone: the caller
-vouches that equal keys mean equal results).
+vouches that equal keys mean equal results). Its record keeps a sample of its arguments
+(`args_sample`: an array's dtype, shape and first and last 4 KiB, the rest whole), so a
+resume that restores it for a task with other arguments (one key reused in a loop, or an
+argument changed and the key not) says so, once per key: it is restored all the same.
 
 **The user's code.** A task whose kernel comes from the user's code that the pool ships to
 the hosts (`batuta.runtime.code.ShippedCode`: any kernel but the built-ins, those that
@@ -150,6 +153,25 @@ def task_key(task: Task, job: str, code: str = "") -> str:
     return f"{job}/{what}/{digest.hexdigest()[:32]}"
 
 
+SAMPLE_BYTES = 4096  # of a large array or bytes argument, read at each end for `args_sample`
+
+
+def args_sample(task: Task) -> str | None:
+    """A cheap digest of a keyed task's arguments, to tell a key reused for other arguments
+    (`JournalStore`): arrays and bytes beyond twice `SAMPLE_BYTES` by dtype, shape (or
+    length) and their first and last `SAMPLE_BYTES` bytes, the rest whole. A key exists to
+    spare reading many megabytes, so arguments that differ only in their middle look equal
+    (no warning then, never a false one). None for arguments that have no stable digest."""
+    call = task.call
+    what = (call.name, call.args) if isinstance(call, KernelCall) else (call.path, call.args, dict(call.env), call.cwd)
+    digest = hashlib.sha256(b"batuta-args-1\0")
+    try:
+        _feed(digest, what, 0, SAMPLE_BYTES)
+    except JournalError:
+        return None
+    return digest.hexdigest()[:32]
+
+
 def place_key(content_key: str, place: Place) -> str:
     """The key of a task that is not pure: its content key and its place in the job."""
     job, n = place
@@ -180,8 +202,9 @@ def is_pure(task: Task) -> bool:
     return pure
 
 
-def _feed(h: Any, v: Any, depth: int = 0) -> None:
-    """Feed a canonical, type-tagged encoding of `v` to hash `h` (lengths prefix variable parts)."""
+def _feed(h: Any, v: Any, depth: int = 0, sample: int = 0) -> None:
+    """Feed a canonical, type-tagged encoding of `v` to hash `h` (lengths prefix variable parts);
+    with `sample`, of arrays and bytes beyond twice that many bytes only those at each end."""
     if depth > 64:
         raise JournalError("task arguments nest deeper than 64 levels; set Task.key")
     t = type(v)
@@ -199,20 +222,30 @@ def _feed(h: Any, v: Any, depth: int = 0) -> None:
         h.update(b"s%d:" % len(data) + data)
     elif t is bytes:
         h.update(b"b%d:" % len(v))
-        h.update(v)
+        if sample and len(v) > 2 * sample:
+            h.update(v[:sample])
+            h.update(v[-sample:])
+        else:
+            h.update(v)
     elif isinstance(v, np.ndarray):
         if v.dtype.hasobject:
             raise JournalError("an object array has no stable key; set Task.key")
         dtype = v.dtype.str.encode()
         h.update(b"a%d:%s%r" % (len(dtype), dtype, v.shape))
-        h.update(np.ascontiguousarray(v).reshape(-1).view(np.uint8))
+        if sample and v.nbytes > 2 * sample:  # its ends' elements (copied only when not contiguous)
+            k = max(1, sample // v.itemsize)
+            flat = v.reshape(-1) if v.flags.c_contiguous else None
+            for end in (flat[:k], flat[-k:]) if flat is not None else (v.flat[:k], v.flat[v.size - k :]):
+                h.update(end.view(np.uint8))
+        else:
+            h.update(np.ascontiguousarray(v).reshape(-1).view(np.uint8))
     elif isinstance(v, np.generic):
         dtype = v.dtype.str.encode()
         h.update(b"g%d:%s" % (len(dtype), dtype) + v.tobytes())
     elif t is list or t is tuple:
         h.update(b"%s%d:" % (b"l" if t is list else b"t", len(v)))
         for item in v:
-            _feed(h, item, depth + 1)
+            _feed(h, item, depth + 1, sample)
     elif t is ObjectRef:  # by content: the id changes from run to run, the digest does not
         if not v.digest:
             raise JournalError("an ObjectRef without a digest has no stable key; use pool.put's ref or set Task.key")
@@ -220,8 +253,8 @@ def _feed(h: Any, v: Any, depth: int = 0) -> None:
     elif t is dict:
         h.update(b"d%d:" % len(v))
         for key in sorted(v, key=str):
-            _feed(h, key, depth + 1)
-            _feed(h, v[key], depth + 1)
+            _feed(h, key, depth + 1, sample)
+            _feed(h, v[key], depth + 1, sample)
     else:
         raise JournalError(f"cannot derive a journal key from an argument of type {t.__name__}; set Task.key")
 
@@ -316,22 +349,26 @@ class Journal:
         """The journaled result for `key`, from the journal as it was opened."""
         return self._entries.get(key)
 
+    def args_at(self, key: str) -> str | None:
+        """The sample of the arguments journaled under a `Task.key` (`args_sample`), as opened."""
+        return self._entries.args(key)
+
     def key_at(self, place: Place) -> str | None:
         """The key journaled at `place` (pool job, n), from the journal as it was opened."""
         return self._places.get(place)
 
     # -- recording ------------------------------------------------------------------------
 
-    def record(self, key: str, result: TaskResult, place: Place | None = None) -> None:
-        """Journal `result` under `key` (at `place`, for a place key) if it succeeded.
-        On the loop: encodes, then queues."""
+    def record(self, key: str, result: TaskResult, place: Place | None = None, args: str | None = None) -> None:
+        """Journal `result` under `key` (at `place`, for a place key; with `args`, a `Task.key`'s
+        arguments' sample) if it succeeded. On the loop: encodes, then queues."""
         if not result.is_success() or self._error is not None:  # after a failed write, said once, nothing more
             return
         if self._file is None:
             log.warning("journal %s is closed: task %d (%s) not journaled", self.path, result.task_id, key)
             return
         try:
-            payload = encode_record(key, result, place)
+            payload = encode_record(key, result, place, args)
         except (CheckpointError, ValueError, TypeError) as exc:
             log.warning("journal: not recording task %d (%s): %s", result.task_id, key, exc)
             return
@@ -588,6 +625,7 @@ class JournalStore:
         self._submitted: dict[str, int] = defaultdict(int)  # tasks looked up, per pool job
         self._place_of: dict[int, int] = {}  # task id -> its place, for place-keyed tasks not finished yet
         self._warned: set[str] = set()  # pool jobs already warned about a changed task
+        self._reused: set[str] = set()  # Task.keys already warned about as reused for other arguments
         self._restart_open = resume  # a checkpoint loaded before the first task sets the places
         self._placeless = False  # restarted from a checkpoint saved with tasks in flight: no place restores
 
@@ -627,7 +665,10 @@ class JournalStore:
         content = self._journal.key_for(task, code)
         resume = self._resume and restore
         if task.key is not None or is_pure(task):
-            return self._journal.get(content) if resume else None
+            found = self._journal.get(content) if resume else None
+            if found is not None and task.key is not None and content not in self._reused:
+                self._check_reused(task, content)
+            return found
         if resume and not self._placeless:
             key = place_key(content, (job, n))
             kept = self._journal.get(key)
@@ -642,7 +683,11 @@ class JournalStore:
         """Every task that ended is told (a failed one too: its place is its own, not the next
         equal task's to take); the journal keeps the succeeded ones."""
         content = self._journal.key_for(task, code)
-        if task.key is not None or is_pure(task):
+        if task.key is not None:  # with its arguments' sample: a resume tells a key reused for others
+            if result.is_success():
+                self._journal.record(content, result, args=args_sample(task))
+            return
+        if is_pure(task):
             self._journal.record(content, result)
             return
         n = self._place_of.pop(result.task_id, None)
@@ -650,6 +695,21 @@ class JournalStore:
             log.debug("journal: task %d (%s) has no place in job %r; not journaled", result.task_id, content, job)
             return
         self._journal.record(place_key(content, (job, n)), result, (job, n))
+
+    def _check_reused(self, task: Task, key: str) -> None:
+        """Say once per key when the result restored under a `Task.key` was made from other
+        arguments (`args_sample`): a key names one result, so a loop that reused one for
+        other arguments got one result back for all of them, silently."""
+        journaled = self._journal.args_at(key)
+        if journaled is None or journaled == args_sample(task):  # none: a journal from before samples
+            return
+        self._reused.add(key)
+        log.warning(
+            "journal: Task.key %r was journaled for other arguments than a task with that key now has; its one "
+            "result is restored for every such task (a key names a result): give each computation its own key "
+            "(with what varies in it, as key=f'step-{i}'), or no key, to key the task by its arguments",
+            task.key,
+        )
 
     def _warn_if_changed(self, job: str, n: int, key: str) -> None:
         journaled = self._journal.key_at((job, n))

@@ -37,9 +37,12 @@ def record_header(payload: bytes) -> bytes:
     return _RECORD.pack(len(payload), zlib.crc32(payload))
 
 
-def encode_record(key: str, r: TaskResult, place: Place | None = None) -> bytes:
+def encode_record(key: str, r: TaskResult, place: Place | None = None, args: str | None = None) -> bytes:
+    """The payload of `r`'s record under `key` (at `place`; for a `Task.key`, with `args`, its
+    arguments' sample: `journal.args_sample`)."""
     record = {
         "key": key,
+        "args": args,
         "place_job": place[0] if place is not None else None,
         "place": place[1] if place is not None else None,
         "task_id": r.task_id,
@@ -63,9 +66,10 @@ def encode_record(key: str, r: TaskResult, place: Place | None = None) -> bytes:
     return b"".join(encode_tree(record, where=f"result of {key!r}"))  # one copy: later mutation can't leak in
 
 
-def _decode_record(payload: np.ndarray) -> tuple[str, TaskResult, Place | None]:
-    """A record's key, result and place; the result's arrays are views of `payload` (which
-    they keep alive: read into a buffer of its own, as `Records.get` does, they are writable)."""
+def _decode_record(payload: np.ndarray) -> tuple[str, TaskResult, Place | None, str | None]:
+    """A record's key, result, place and arguments' sample; the result's arrays are views of
+    `payload` (which they keep alive: read into a buffer of its own, as `Records.get` does,
+    they are writable)."""
     d = decode_tree(payload, copy=False)
     backend = d["backend"]
     result = TaskResult(
@@ -89,7 +93,8 @@ def _decode_record(payload: np.ndarray) -> tuple[str, TaskResult, Place | None]:
     )
     n = d.get("place")  # absent in journals from before places
     place = (str(d["place_job"]), int(n)) if n is not None else None
-    return str(d["key"]), result, place
+    args = d.get("args")  # absent in journals from before it was recorded
+    return str(d["key"]), result, place, args if isinstance(args, str) else None
 
 
 def read_journal(path: Path) -> tuple[dict[str, TaskResult], int, int]:
@@ -108,10 +113,19 @@ class Records:
 
     def __init__(self, path: Path | None = None) -> None:
         self._at: dict[str, tuple[int, int]] = {}  # key -> (offset of its payload, its length)
+        self._args: dict[str, str] = {}  # Task.key -> the sample of the arguments journaled under it
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if path is not None else -1
 
-    def add(self, key: str, offset: int, length: int) -> None:
+    def add(self, key: str, offset: int, length: int, args: str | None = None) -> None:
         self._at[key] = (offset, length)
+        if args is not None:
+            self._args[key] = args
+        else:
+            self._args.pop(key, None)
+
+    def args(self, key: str) -> str | None:
+        """The sample of the arguments the result under `key` was made from (`Task.key`s only)."""
+        return self._args.get(key)
 
     def __len__(self) -> int:
         return len(self._at)
@@ -193,8 +207,8 @@ def read_records(path: Path) -> tuple[Records, dict[Place, str], int, int, list[
                 skipped.append((offset, end))
                 offset = end
                 continue
-            key, _result, place = decoded  # checked whole; read again when asked for (Records.get)
-            records.add(key, offset + _RECORD.size, length)
+            key, _result, place, args = decoded  # checked whole; read again when asked for (Records.get)
+            records.add(key, offset + _RECORD.size, length, args)
             if place is not None:
                 places[place] = key
             offset = end
