@@ -87,7 +87,8 @@ def _add_observer_arguments(parser: argparse.ArgumentParser) -> None:
     observe.add_argument(
         "--journal",
         metavar="DIR",
-        help="record each succeeded task's result (and the job's checkpoints) in DIR; starts it over",
+        help="record each succeeded task's result (and the job's checkpoints) in DIR; starts it over if the "
+        "run that wrote it finished (if not, add --resume)",
     )
     observe.add_argument(
         "--resume",

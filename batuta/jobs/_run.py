@@ -187,6 +187,7 @@ async def run_job(
     interrupted = False
     exporter: MetricsExporter | None = None
     run_journal: Journal | None = None
+    ran_to_end = False  # the job's main returned: its journal may be started over by a run without --resume
     logger = _RunLogObserver(pool).attach()
     unsubscribe = pool.subscribe(on_event)
     keep_serving = False
@@ -221,6 +222,7 @@ async def run_job(
                     use_checkpoints(run_journal.checkpoints if run_journal is not None else None),
                 ):
                     value = await job.main(pool)
+                ran_to_end = True
             except asyncio.CancelledError as exc:
                 if _take_interrupt():
                     interrupted = True
@@ -261,7 +263,7 @@ async def run_job(
         logger.close()
         try:
             if run_journal is not None:
-                await run_journal.close()
+                await run_journal.close(finished=ran_to_end)
         except JournalError as exc:  # a full disk: the run's error, beside its summary (a traceback had neither)
             error = error or str(exc)
         finally:

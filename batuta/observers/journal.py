@@ -80,7 +80,9 @@ read back from the file when its task asks for it (`Records`), so a journal larg
 machine's memory resumes. A damaged record in the middle whose length still leads to a sound record is skipped
 (with a warning; the file is rewritten without it): that one result runs again, not all
 after it. Without `--resume` an existing journal, and the checkpoints beside it, are discarded
-(with a warning): the run starts over.
+(with a warning): the run starts over; but that of a run that did not finish (killed,
+interrupted, or its job raised: `run.json` says `"finished": false` until the job's main
+returns) is refused, since it was `--resume` that the user had forgotten.
 
 **One run at a time.** The run holds `DIR/.lock` (flock: released with the run, even when it
 is killed); another is refused while it does. `DIR/run.json` names the job and the digest of
@@ -287,6 +289,7 @@ class Journal:
         self._flusher: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self.recorded = 0  # records appended by this run
+        self._code: str | None = None  # the code digest `bind` was given (None: not bound)
         self.synced = 0  # of which on disk, fsynced
 
     # -- opening ----------------------------------------------------------------------------
@@ -314,13 +317,14 @@ class Journal:
 
     def _bind(self, code: str) -> None:
         run = self.directory / RUN_FILE
-        now = {"job": self.job, "code": code}
+        now = {"job": self.job, "code": code, "finished": False}  # until `close(finished=True)`
         try:
             before = json.loads(run.read_text())
         except (OSError, ValueError):
             before = None
+        same = isinstance(before, dict) and before.get("job") == self.job and before.get("code") == code
         # no run.json: a journal an older batuta wrote, whose checkpoints cannot be told apart: kept
-        if before is not None and before != now and self.checkpoints.list():
+        if before is not None and not same and self.checkpoints.list():
             why = "another job" if not isinstance(before, dict) or before.get("job") != self.job else "other code"
             log.warning(
                 "journal %s: its checkpoints were made by %s, so they are not used: the job's loop starts over "
@@ -330,12 +334,17 @@ class Journal:
             )
             _discard_checkpoints(self.checkpoints, say=False)  # said above, with why
         if before != now:
-            tmp = run.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
-            try:
-                tmp.write_text(json.dumps(now))
-                os.replace(tmp, run)
-            except OSError as exc:
-                raise JournalError(f"journal {self.directory}: cannot write {RUN_FILE}: {_reason(exc)}") from None
+            self._write_run(now)
+        self._code = code
+
+    def _write_run(self, run: dict[str, Any]) -> None:
+        path = self.directory / RUN_FILE
+        tmp = path.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(run))
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise JournalError(f"journal {self.directory}: cannot write {RUN_FILE}: {_reason(exc)}") from None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -403,11 +412,15 @@ class Journal:
         while self._flusher is not None:
             await asyncio.shield(self._flusher)
 
-    async def close(self) -> None:
-        """Flush and close, releasing the folder. Raises JournalError if some write failed."""
+    async def close(self, *, finished: bool = False) -> None:
+        """Flush and close, releasing the folder. Raises JournalError if some write failed.
+        `finished`: the job ran to its end, so a run without resume may start the journal over
+        (a bound journal left unfinished is refused then: `_open_locked`)."""
         await asyncio.sleep(0)  # let done-callbacks already scheduled (tasks just finished) record
         try:
             await self.flush()
+            if finished and self._code is not None and self._error is None:
+                await asyncio.to_thread(self._write_run, {"job": self.job, "code": self._code, "finished": True})
         finally:
             if self._file is not None:
                 try:
@@ -506,11 +519,26 @@ def _open_locked(folder: Path, resume: bool) -> tuple[Records, dict[Place, str],
         log.warning("journal %s does not exist yet: nothing to resume, starting a new one", path)
     if not resume or not path.exists():
         if path.exists() and path.stat().st_size > len(MAGIC):
+            _refuse_unfinished(folder)
             log.warning("journal %s: starting over (pass --resume to reuse its results)", path)
         _replace(path, [MAGIC])
     file = open(path, "ab")  # noqa: SIM115 - lives as long as the journal
     fsync_dir(folder)
     return entries, places, file
+
+
+def _refuse_unfinished(folder: Path) -> None:
+    """Starting over a journal whose run did not finish (killed, interrupted, its job raised)
+    threw away what the run had done, with a warning, when `--resume` was forgotten."""
+    try:
+        run = json.loads((folder / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return  # none: a journal an older batuta wrote, or one no run bound
+    if isinstance(run, dict) and run.get("finished") is False:
+        raise JournalError(
+            f"journal {str(folder)!r} holds the results of a run of {run.get('job')} that did not finish (killed, "
+            "interrupted, or its job raised): add --resume to go on from them, or remove the folder to start over"
+        )
 
 
 def _rewrite_without(path: Path, skipped: list[tuple[int, int]], good: int) -> None:
