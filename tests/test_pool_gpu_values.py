@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from batuta import ObjectRef, Pool, Task
-from batuta.core.task import Backend, TaskStatus
+from batuta.core.task import Backend, TaskStatus, gpu_index_of
 from batuta.runtime import events as pe
 from batuta.runtime.builder import PoolConfig, local_host
 from tests.test_pool import REPO
@@ -224,3 +224,25 @@ async def test_a_sticky_cuda_error_restarts_its_slot_and_the_gpu_works_again(poo
     assert after != before
     assert len(restarts) == 1 and "left after a sticky CUDA error" in restarts[0]
     assert await value(pool, on_gpu("test_where", np.arange(4.0))) is not None
+
+
+async def test_a_binary_that_requires_a_gpu_runs_on_its_slot_and_sees_that_gpu_alone() -> None:
+    """A compiled CUDA program run as `Task.binary(..., requires=["gpu:1"])` was unschedulable
+    ("no slot offers cpu, gpu:1": a binary asked for a CPU slot as well); it runs on GPU 1's
+    slot, with CUDA_VISIBLE_DEVICES naming that GPU alone, and without the CUDA memory manager
+    the agent set for its own kernels (a numba program's Python need not have batuta)."""
+    environ = {"BATUTA_FAKE_GPUS": "2", "NUMBA_ENABLE_CUDASIM": "1"}  # fake ones, even on a GPU host
+    script = 'echo "$CUDA_VISIBLE_DEVICES|${NUMBA_CUDA_MEMORY_MANAGER-unset}"'
+    async with Pool([local_host(1, gpus="auto", env=environ)], PoolConfig()) as pool:
+        slots = {s.slot_id: s.capabilities for s in pool.slots()}
+        for requires, gpu in ((["gpu:1"], "1"), (["gpu:0"], "0"), (["gpu"], None)):
+            result = await (await pool.submit(Task.binary("/bin/sh", "-c", script, requires=requires)))
+            assert result.is_success(), result.error
+            assert result.slot is not None and "gpu" in slots[result.slot], (requires, result.slot)
+            visible, manager = result.stdout_str().strip().split("|")
+            assert manager == "unset", manager
+            assert visible == (gpu if gpu is not None else str(gpu_index_of(slots[result.slot]))), (requires, visible)
+            assert visible in ("0", "1"), visible  # one GPU, never both
+            assert result.backend is Backend.GPU
+        plain = await (await pool.submit(Task.binary("/bin/sh", "-c", script)))
+        assert plain.is_success() and plain.slot is not None and "cpu" in slots[plain.slot], plain

@@ -23,7 +23,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from batuta.core.task import Backend, BinaryCall, KernelCall
+from batuta.core.task import Backend, BinaryCall, KernelCall, requires_gpu_slot
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,14 +100,17 @@ def select_backend(
     `rule` is what the kernel's registration says about its GPU variant (looked up by name
     in the registry when not given); `quadratic` is the complexity rule's input for kernels
     that give no `gpu_min_elements`. A task that `requires` a GPU slot ("gpu", "gpu:1") runs
-    its GPU variant: AUTO picked by size, and asked a CPU slot of GPU 1 (which none offers).
+    its GPU variant: AUTO picked by size, and asked a CPU slot of GPU 1 (which none offers);
+    a binary that requires one runs on it (as a CPU binary it asked for "cpu" and "gpu:1").
     """
     thresholds = thresholds or _DEFAULT_THRESHOLDS
     if isinstance(call, BinaryCall):
+        if requires and requires_gpu_slot(requires):  # a CUDA program: its GPU's slot, no CPU slot's
+            return _choice(Backend.GPU, "a binary that requires a GPU slot runs on it")
         return _choice(Backend.CPU, "binaries run on CPU slots")
     if requested is not Backend.AUTO:
         return _choice(requested, f"{requested.value} requested")
-    if requires and any(tag == "gpu" or tag.startswith("gpu:") for tag in requires):
+    if requires and requires_gpu_slot(requires):
         rule = rule or gpu_rule(call.name)
         if rule.has_gpu:
             return _choice(Backend.GPU, "it requires a GPU slot: its GPU variant")

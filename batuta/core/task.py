@@ -145,6 +145,12 @@ def _names_a_gpu(capability: str) -> bool:
     return capability.startswith(f"{CAP_GPU}:") and capability[len(CAP_GPU) + 1 :].isdigit()
 
 
+def requires_gpu_slot(requires: Collection[str]) -> bool:
+    """Whether a task's `requires` asks for a GPU slot ("gpu", "gpu:1"): such a kernel runs its
+    GPU variant, such a binary on that GPU's slot (which sets its CUDA_VISIBLE_DEVICES)."""
+    return any(tag == CAP_GPU or tag.startswith(f"{CAP_GPU}:") for tag in requires)
+
+
 def gpu_index_of(capabilities: Collection[str]) -> int | None:
     """The GPU a GPU slot runs on, read back from its capabilities (`gpu_capability`'s
     inverse); None for a CPU slot, or where they name no single GPU (a host tagged "gpu:3")."""
@@ -481,7 +487,10 @@ class TaskBuilder:
         options = dict(self._options)
         backend = _backend(options.pop("backend", Backend.CPU))
         if backend not in (Backend.CPU, Backend.AUTO):
-            raise TaskUsageError(f"binary task {self._binary!r}: backend must be CPU, not {backend.name}")
+            raise TaskUsageError(
+                f"binary task {self._binary!r}: backend must be CPU, not {backend.name}; "
+                "to run it on a GPU slot, with that GPU visible, use .requires('gpu') (or 'gpu:N')"
+            )
         return Task(
             call=BinaryCall(
                 path=self._binary,
