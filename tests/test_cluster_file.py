@@ -281,6 +281,24 @@ def test_wrong_types_name_the_field_and_fix(line: str, field: str, fix: str) -> 
     assert fix in message
 
 
+@pytest.mark.parametrize("tag", ["gpu", "cpu", "gpu:3", "gpu:a100"])
+@pytest.mark.parametrize(
+    ("table", "field"),
+    [
+        ('[[hosts]]\naddress = "n1"\ntags = ["rack1", "{tag}"]', "hosts[0].tags[1]"),
+        ('[defaults]\ntags = ["rack1", "{tag}"]\n[[hosts]]\naddress = "n1"', "defaults.tags[1]"),
+        ('[local]\nslots = 1\ntags = ["rack1", "{tag}"]', "local.tags[1]"),
+        ('[[allocations]]\nkind = "slurm"\nnodes = 1\ntime = "5"\ntags = ["rack1", "{tag}"]', "allocations[0].tags[1]"),
+    ],
+)
+def test_a_tag_that_is_batutas_own_capability_is_refused(table: str, field: str, tag: str) -> None:
+    """A tag goes to every slot of its host: "gpu" gave CPU slots GPU tasks (which failed
+    there, no CUDA), "gpu:3" made a GPU slot name two GPUs, "cpu" gave GPU slots CPU tasks."""
+    message = error_of(table.format(tag=tag) + "\n")
+    assert f" {field}: tag {tag!r} is a capability batuta sets itself" in message, message
+    assert "name yours otherwise" in message and "\n" not in message
+
+
 def test_missing_address_points_at_the_host_table() -> None:
     message = error_of(
         """
