@@ -7,6 +7,8 @@ and fail it task by task while the other hosts could have run it all.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from batuta.core import events as ev
 from batuta.core.scheduler import Scheduler, SchedulerConfig
 from batuta.core.task import Outcome, TaskStatus
@@ -129,3 +131,26 @@ def test_an_unfit_host_takes_work_again_once_no_other_host_can() -> None:
     sim.run_to_completion()
     assert {sim.resolved[t][0].slot_id for t in waiting} == {"bad/0"}
     sim.sched.validate()
+
+
+def test_an_unfit_host_is_unfit_in_pool_hosts_and_stays_unfit_when_heard_from_again() -> None:
+    """`Pool.hosts()` said "up" (its liveness) for a host the events said "unfit", and a host
+    suspected for a silence was said "up" when heard from again, while it still got no work."""
+    from batuta.runtime.inbound import still_unfit, unfit_views
+    from batuta.runtime.views import HostView
+
+    sim = cluster(("bad", ("cpu",)), ("good", ("cpu",)))
+    for _ in range(8):
+        sim.submit()
+    settle(sim, "bad")
+    views = [
+        HostView(name=name, state="up", description="", slots=2, gpus=(), cpu_count=2, last_heard_s=0.0)
+        for name in ("bad", "good")
+    ]
+    assert [(v.name, v.state) for v in unfit_views(views, sim.sched)] == [("bad", "unfit"), ("good", "up")]
+    gone = [replace(view, state="lost") for view in views]
+    assert [v.state for v in unfit_views(gone, sim.sched)] == ["lost", "lost"]  # its liveness first
+    state, reason = still_unfit(sim.sched, "bad", "up", "heard from again")
+    assert state == "unfit" and reason.startswith(WHY) and "heard from again, still unfit" in reason
+    assert still_unfit(sim.sched, "good", "up", "heard from again") == ("up", "heard from again")
+    assert still_unfit(sim.sched, "bad", "suspected", "silent") == ("suspected", "silent")

@@ -250,6 +250,10 @@ class Scheduler:
     def paused(self) -> bool:
         return self._paused
 
+    def unfit_reason(self, host: HostId) -> str | None:
+        """Why `host` gets no new work for a failure of its own (hostfit.py); None: it is fit."""
+        return self._unfit.get(host)
+
     def offers(self, capability: str) -> bool:
         """Whether a slot that is up now offers `capability` (derived from the live slots, so a
         lost GPU host stops counting; cached until the set of slots changes)."""

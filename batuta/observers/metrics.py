@@ -111,8 +111,10 @@ MAX_KERNEL_LABELS = 100
 SNAPSHOT_TIMEOUT_S = 2.0
 MAX_BUSY_GAP_S = 30.0
 SLOT_STATES = ("up", "draining", "lost", "retired")
-HOST_STATES = ("starting", "up", "suspected", "lost", "relaunching", "retired", "unreachable", "draining", "closed")
-_HOST_UP_STATES = frozenset({"up", "draining"})
+HOST_STATES = (
+    "starting", "up", "suspected", "lost", "relaunching", "retired", "unreachable", "draining", "unfit", "closed"
+)
+_HOST_UP_STATES = frozenset({"up", "draining", "unfit"})  # unfit: its agent is up, it gets no new work
 _RAN_STATUSES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.TIMED_OUT})
 _NONE = "none"  # label value where a task has no host or backend (it never ran)
 
@@ -498,7 +500,9 @@ def _pool_families(s: _Snapshot) -> Iterable[Metric]:
 
 
 def _host_families(s: _Snapshot) -> Iterable[Metric]:
-    up = GaugeMetricFamily(_name("host_up"), "1 if the host's agent is up (or draining), else 0.", labels=("host",))
+    up = GaugeMetricFamily(
+        _name("host_up"), "1 if the host's agent is up (or draining, or unfit), else 0.", labels=("host",)
+    )
     state = GaugeMetricFamily(_name("host_state"), "1 for the host's current state.", labels=("host", "state"))
     for view in s.hosts:
         up.add_metric((view.name,), 1.0 if view.state in _HOST_UP_STATES else 0.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from batuta.core import events as ev
@@ -20,7 +21,9 @@ from batuta.runtime.hosts import telemetry_event
 from batuta.runtime.session import HostSession
 
 if TYPE_CHECKING:
+    from batuta.core.scheduler import Scheduler
     from batuta.runtime.pool import Pool
+    from batuta.runtime.views import HostView
 
 log = logging.getLogger("batuta.runtime.pool")
 
@@ -263,3 +266,27 @@ def announce_host(pool: Pool, ins: ev.AnnounceDrained | ev.AnnounceUnfit) -> Non
     else:
         why = f"{ins.reason}; it gets no new work while other hosts can run it (undo: Pool.drain(host, undo=True))"
         pool.host_state_changed(ins.host_id, HOST_UNFIT, why)
+
+
+def unfit_views(views: list[HostView], scheduler: Scheduler) -> list[HostView]:
+    """`Pool.hosts()` as the events tell it: a host that is up but unfit ("unfit" events: the
+    scheduler gives it no work for a failure of its own, or a slot of it could not start and
+    was retired, `slot_down`) is "unfit", not "up" as its liveness alone says."""
+    if not any(v.state == "up" for v in views):
+        return views
+    retired = {v.host_id for v in scheduler.slots() if v.state == "retired"}
+    return [
+        replace(v, state=HOST_UNFIT)
+        if v.state == "up" and (v.name in retired or scheduler.unfit_reason(v.name) is not None)
+        else v
+        for v in views
+    ]
+
+
+def still_unfit(scheduler: Scheduler, host: str, state: str, reason: str) -> tuple[str, str]:
+    """A host back "up" (heard from again after a silence, relaunched) that the scheduler still
+    holds unfit is said "unfit", with why: said "up", it showed up while it got no work."""
+    unfit = scheduler.unfit_reason(host) if state == "up" else None
+    if unfit is None:
+        return state, reason
+    return HOST_UNFIT, f"{unfit}; {reason}, still unfit: it gets no new work (undo: Pool.drain(host, undo=True))"

@@ -505,8 +505,8 @@ class Pool:
         check_loop(self._loop)
         if host not in self._hosts.sessions:
             raise UsageError(f"no host named {host!r}; hosts: {', '.join(self._hosts.sessions)}")
+        self._handle([ev.HostDrainRequested(host_id=host, undo=undo)])  # first: an undo lifts an unfit mark
         self.host_state_changed(host, *(("up", "undrained") if undo else ("draining", "drain requested")))
-        self._handle([ev.HostDrainRequested(host_id=host, undo=undo)])
 
     def subscribe(self, callback: pe.Subscriber) -> Callable[[], None]:
         return self.events.subscribe(callback)
@@ -549,7 +549,7 @@ class Pool:
         return self._scheduler.slots()
 
     def hosts(self) -> list[HostView]:
-        return self._hosts.views()
+        return inbound.unfit_views(self._hosts.views(), self._scheduler)
 
     @property
     def slot_count(self) -> int:
@@ -583,6 +583,7 @@ class Pool:
         self._handle([ev.HostSuspected(host_id=host, heard_again=not suspected)])
 
     def host_state_changed(self, host: str, state: str, reason: str) -> None:
+        state, reason = inbound.still_unfit(self._scheduler, host, state, reason)
         if self.events.active:
             self.events.publish(pe.HostStateChanged(host=host, state=state, reason=reason, at=self._now()))
 
