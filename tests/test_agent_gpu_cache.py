@@ -133,14 +133,16 @@ async def test_gpu_cache_reports_are_summed_per_gpu_into_heartbeats_and_go_with_
 ) -> None:
     spawned: dict[int, list[PlayedSlot]] = {}
 
-    def fake_spawn_slot(*, slot: int, **_: Any) -> tuple[subprocess.Popen[bytes], int, int]:
+    def fake_spawn_slot(*, slot: int, **_: Any) -> tuple[subprocess.Popen[bytes], int, int, int]:
         to_slot_r, to_slot_w = os.pipe()
         from_slot_r, from_slot_w = os.pipe()
+        stderr_r, stderr_w = os.pipe()
+        os.close(stderr_w)  # says nothing on stderr
         proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
         played = PlayedSlot(proc, to_slot_r, from_slot_w)
         spawned.setdefault(slot, []).append(played)
         played.send(SlotChanged(slot=slot, state=SLOT_UP))
-        return proc, to_slot_w, from_slot_r
+        return proc, to_slot_w, from_slot_r, stderr_r
 
     monkeypatch.setattr(supervisor, "spawn_slot", fake_spawn_slot)
     monkeypatch.setenv(SPAWN_ENV, "exec")  # no fork preloading into the test process

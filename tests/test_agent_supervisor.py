@@ -75,10 +75,11 @@ class Recorder:
 class FakeSlot:
     """The far end of one spawned "slot process"."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], frames_in: int, frames_out: int) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], frames_in: int, frames_out: int, stderr: int) -> None:
         self.proc = proc
         self.frames_in = frames_in  # what the supervisor writes
         self.frames_out = frames_out  # what the supervisor reads
+        self.stderr = stderr  # what the supervisor reads as the process's stderr
         self.decoder = FrameDecoder()
         os.set_blocking(frames_in, False)
 
@@ -104,8 +105,12 @@ class FakeSlot:
     def done(self, task_id: int, run_s: float = 1e-5, status: Outcome = Outcome.OK) -> None:
         self.send(Done(results=(TaskOutcome(task_id=task_id, slot=0, attempt=1, status=status, run_s=run_s),)))
 
+    def say(self, text: str) -> None:
+        """Write `text` to the "process's" stderr."""
+        os.write(self.stderr, text.encode())
+
     def close(self) -> None:
-        for fd in (self.frames_in, self.frames_out):
+        for fd in (self.frames_in, self.frames_out, self.stderr):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -127,14 +132,16 @@ async def bench(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Bench]:
     spawned: list[FakeSlot] = []
     failing = [False]
 
-    def fake_spawn_slot(**_: Any) -> tuple[subprocess.Popen[bytes], int, int]:
+    def fake_spawn_slot(**_: Any) -> tuple[subprocess.Popen[bytes], int, int, int]:
         if failing[0]:
             raise OSError("no more processes (test)")
         to_slot_r, to_slot_w = os.pipe()
         from_slot_r, from_slot_w = os.pipe()
+        stderr_r, stderr_w = os.pipe()
         proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
-        spawned.append(FakeSlot(proc, to_slot_r, from_slot_w))
-        return proc, to_slot_w, from_slot_r
+        spawned.append(FakeSlot(proc, to_slot_r, from_slot_w, stderr_w))
+        events.changed.set()  # a (re)start wakes waiters too
+        return proc, to_slot_w, from_slot_r, stderr_r
 
     monkeypatch.setattr(supervisor, "spawn_slot", fake_spawn_slot)
     monkeypatch.setattr(supervisor, "RESTART_BACKOFF_S", (0.0, 0.0, 0.0, 0.0, 0.0))
@@ -357,6 +364,46 @@ async def test_repeated_failed_starts_take_the_slot_down(bench: Bench) -> None:
     assert not slot.holds(1) and not slot.holds(2)
     enqueue(slot, 3)
     assert not slot.holds(3)
+
+
+async def test_a_slot_that_cannot_start_says_why_with_its_last_line_on_stderr(
+    bench: Bench, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A slot process that died before it was ready (out of file descriptors, say) was
+    reported as "exited with code 70" alone, its reason only among the agent's stderr lines."""
+    slot, events = bench.slot, bench.events
+    slot.start()
+    first = bench.fake
+    first.say("Traceback (most recent call last):\n  File \"x.py\", line 1\nOSError: [Errno 24] Too many ")
+    first.say("open files\n\n")
+    first.close()  # dies before it is ready
+    await events.until(lambda: bool(events.states))
+    restarting = events.states[0].reason
+    assert restarting.endswith("; its last line on stderr: OSError: [Errno 24] Too many open files"), restarting
+    while not any(s.state == SLOT_DOWN for s in events.states):  # each restart fails alike
+        spawned = len(bench.spawned)
+        bench.fake.say("x" * 10_000)  # one unfinished line, long: kept bounded
+        bench.fake.close()
+        await events.until(lambda: len(bench.spawned) > spawned or any(s.state == SLOT_DOWN for s in events.states))
+    down = events.states[-1].reason
+    assert "failed starts" in down and f"stderr: {'x' * 300} … (9,700 more characters)" in down, down
+    assert "OSError: [Errno 24] Too many open files\n" in capfd.readouterr().err  # passed on to the agent's stderr
+
+
+async def test_a_slot_that_dies_after_it_was_ready_gives_no_stderr_line_as_its_reason(bench: Bench) -> None:
+    """Once ready, a slot writes to the agent's stderr itself: a line from its start is old."""
+    slot, events = bench.slot, bench.events
+    slot.start()
+    first = bench.fake
+    first.say("a warning at start\n")
+    first.ready()
+    enqueue(slot, 1)
+    await events.until(lambda: events.started == [1])
+    first.close()
+    await events.until(lambda: events.outcome(1) is not None and bool(events.states))
+    crashed = events.outcome(1)
+    assert crashed is not None and crashed.status == Outcome.CRASHED
+    assert "stderr" not in (crashed.error or "") and "stderr" not in events.states[0].reason, events.states
 
 
 async def test_a_gpu_cache_report_is_kept_until_its_process_goes(bench: Bench) -> None:

@@ -4,10 +4,13 @@ and the helpers that put outcomes into words."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import importlib.metadata
 import os
+import select
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,8 @@ from batuta.agent.execute import OUTPUT_CAP, _CappedBuffer, describe_exception, 
 from batuta.agent.main import device_order_warning, plan_gpu_slots
 from batuta.agent.options import GpuSelection, parse_args
 from batuta.agent.outbox import Flusher
+from batuta.agent import spawn
+from batuta.agent.code import SlotCode
 from batuta.agent.spawn import spawn_mode
 from batuta.agent.telemetry import (
     FakeTelemetry,
@@ -28,6 +33,7 @@ from batuta.agent.telemetry import (
     package_versions,
 )
 from batuta.errors import UsageError
+from batuta.protocol.codec import FrameDecoder
 from batuta.protocol.messages import GpuInfo, SlotChanged, SlotInfo, TaskOutcome
 from batuta.transport.base import Buffer
 from batuta.transport.fdio import PIPE_BYTES, FdReader, FdWriter, widen_pipe
@@ -269,6 +275,61 @@ def test_package_versions_match_importlib_metadata() -> None:
 def test_spawn_mode() -> None:
     assert spawn_mode({"BATUTA_SLOT_SPAWN": "exec"}) == "exec"
     assert spawn_mode({}) in ("fork", "exec")
+
+
+def _read_to_end(fd: int, timeout: float = 60.0) -> bytes:
+    """What `fd` gives until its end, waiting at most `timeout` s for each read."""
+    data = b""
+    while select.select([fd], [], [], timeout)[0]:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return data
+        data += chunk
+    raise AssertionError(f"no end of the stderr pipe in {timeout} s; read {data!r}")
+
+
+def test_a_forked_slot_that_cannot_start_says_why_on_its_stderr_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent reads a starting slot's stderr (slot_stderr.py): a forked slot's fd 2 is that
+    pipe before anything else runs in it, so its traceback, and exit code 70, reach it."""
+
+    def cannot_start(*_: object) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(spawn, "_forked_child", cannot_start)  # runs in the child only
+    monkeypatch.setattr(sys, "stderr", sys.__stderr__)  # fd 2, as in an agent (not pytest's capture)
+    proc, to_slot, from_slot, stderr = spawn.spawn_slot(slot=0, env={}, kernel_modules=(), mode="fork", code=SlotCode())
+    try:
+        assert proc.wait(timeout=60) == 70
+        lines = _read_to_end(stderr).decode().strip().splitlines()
+        assert lines[0] == "Traceback (most recent call last):"
+        assert lines[-1] == "OSError: [Errno 24] Too many open files"
+    finally:
+        for fd in (to_slot, from_slot, stderr):
+            os.close(fd)
+
+
+@pytest.mark.parametrize("mode", ["fork", "exec"])
+def test_a_ready_slot_writes_to_the_agents_stderr_not_the_pipe(mode: str) -> None:
+    """Once ready, a slot drops the pipe the agent reads (its end comes while the slot runs): a
+    kernel printing much then slows itself, not the agent passing its every line on."""
+    if mode == "fork" and spawn_mode({}) != "fork":
+        pytest.skip("no fork here")
+    path = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    proc, to_slot, from_slot, stderr = spawn.spawn_slot(slot=0, env=env, kernel_modules=(), mode=mode, code=SlotCode())
+    try:
+        decoder = FrameDecoder()
+        while (message := decoder.next_message()) is None:
+            assert select.select([from_slot], [], [], 60)[0], "the slot said nothing in 60 s"
+            decoder.feed(os.read(from_slot, 65536))
+        assert isinstance(message, SlotChanged) and message.state == "up"
+        assert _read_to_end(stderr) == b""
+        assert proc.poll() is None  # the end came from the slot letting the pipe go, not from its exit
+    finally:
+        os.close(to_slot)  # its input ends: it exits
+        assert proc.wait(timeout=60) == 0
+        for fd in (from_slot, stderr):
+            os.close(fd)
 
 
 # -- fd I/O -------------------------------------------------------------------------------

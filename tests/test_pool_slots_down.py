@@ -60,3 +60,6 @@ async def test_a_host_whose_slots_cannot_start_is_said_unfit_and_its_tasks_go_el
     assert all(host == "broken" for host, state, _ in states if state == "unfit")
     assert unfit[-1].startswith("none of its slots can start (gave up after 6 failed starts: slot ")
     assert "exited with code 71" in unfit[-1] and "ulimit -n" in unfit[-1]
+    # why, as the slot said it (it was only among the agent's stderr lines, in the log)
+    said = "exited with code 71; its last line on stderr: this host starts no slot (the test's sitecustomize)"
+    assert said in unfit[-1], unfit[-1]

@@ -52,6 +52,7 @@ SIGTERM, whose handler kills the slot's whole process group.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -168,6 +169,19 @@ def _binary_env(environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def _restore_stderr(agent_stderr: int | None) -> None:
+    """Once ready, write straight to the agent's stderr (fd 1 too), no longer through the pipe
+    the agent reads while the slot starts (`slot_stderr.py`): a kernel printing a lot then
+    slows itself, as before, not the agent's loop, which would pass every line on."""
+    if agent_stderr is None:
+        return
+    with contextlib.suppress(OSError):
+        os.dup2(agent_stderr, 2)
+        os.dup2(2, 1)
+    with contextlib.suppress(OSError):
+        os.close(agent_stderr)
+
+
 class SlotWorker:
     """The slot's loop: read tasks, run them in order, write results in batches."""
 
@@ -180,8 +194,10 @@ class SlotWorker:
         kernel_modules: tuple[str, ...],
         code: SlotCode | None = None,
         agent_pid: int = 0,
+        agent_stderr: int | None = None,
     ) -> None:
         self._slot = slot
+        self._agent_stderr = agent_stderr  # the agent's stderr, to write to once ready
         self._code = code if code is not None else SlotCode()
         self._in = frames_in
         self._out = frames_out
@@ -495,6 +511,7 @@ class SlotWorker:
 
     def run(self) -> int:
         self._send([encode_message(SlotChanged(slot=self._slot, state="up"))])
+        _restore_stderr(self._agent_stderr)
         while not self._eof:
             if not self._waiting:
                 self._flush()
@@ -532,8 +549,9 @@ def _unkept(outcome: TaskOutcome, error: str) -> TaskOutcome:
     return replace(outcome, status=Outcome.ERROR, value=None, error=one_line(error))
 
 
-def _parse(argv: list[str]) -> tuple[int, int, tuple[str, ...], SlotCode]:
+def _parse(argv: list[str]) -> tuple[int, int, tuple[str, ...], SlotCode, int | None]:
     slot, agent_pid, modules = -1, 0, []
+    agent_stderr: int | None = None
     digest, directory, code_modules, host = "", None, [], ""
     args = iter(argv)
     for arg in args:
@@ -551,12 +569,14 @@ def _parse(argv: list[str]) -> tuple[int, int, tuple[str, ...], SlotCode]:
             code_modules.append(next(args))
         elif arg == "--host":
             host = next(args)
+        elif arg == "--agent-stderr":
+            agent_stderr = int(next(args))
         else:
             raise SystemExit(f"batuta slot: unknown argument {arg!r}")
     if slot < 0:
         raise SystemExit("batuta slot: --slot N is required")
     code = SlotCode(digest=digest, directory=directory, modules=tuple(code_modules), host=host)
-    return slot, agent_pid, tuple(modules), code
+    return slot, agent_pid, tuple(modules), code, agent_stderr
 
 
 def _name_process(slot: int) -> None:
@@ -579,8 +599,10 @@ def serve(
     kernel_modules: tuple[str, ...],
     agent_pid: int,
     code: SlotCode | None = None,
+    agent_stderr: int | None = None,
 ) -> int:
-    """Run slot `slot` on the given frame fds until EOF; shared by the fork and exec paths."""
+    """Run slot `slot` on the given frame fds until EOF; shared by the fork and exec paths.
+    Until it is ready its stderr is a pipe the agent reads; then `agent_stderr` (`_restore_stderr`)."""
     _name_process(slot)
     _arm_parent_death(agent_pid)
     keep_freed_memory()
@@ -591,13 +613,14 @@ def serve(
         kernel_modules=kernel_modules,
         code=code,
         agent_pid=agent_pid,
+        agent_stderr=agent_stderr,
     )
     return worker.run()
 
 
 def main(argv: list[str]) -> int:
     """Entry point of an exec-started slot process; started by the agent, not by people."""
-    slot, agent_pid, modules, code = _parse(argv)
+    slot, agent_pid, modules, code, agent_stderr = _parse(argv)
     frames_in, frames_out = _claim_stdio()
     return serve(
         slot=slot,
@@ -606,6 +629,7 @@ def main(argv: list[str]) -> int:
         kernel_modules=modules,
         agent_pid=agent_pid,
         code=code,
+        agent_stderr=agent_stderr,
     )
 
 

@@ -9,7 +9,8 @@ so a forked child is ready in about a millisecond and shares those pages copy-on
 What a forked child does before it serves (`_forked_child`): freeze the garbage collector
 over the agent's objects (so no finaliser of theirs runs here), start a new session (its
 own process group, as the exec path gets from `start_new_session`), drop every inherited fd
-but its two pipes and 0/1/2, restore default signal handling and drop the agent loop's
+but its two pipes, 0/1/2 and a copy of the agent's stderr (its own stderr is a pipe the agent
+reads until it is ready: `slot_stderr.py`), restore default signal handling and drop the agent loop's
 wakeup fd, install the slot's environment (`CUDA_VISIBLE_DEVICES` for GPU slots, set
 before any CUDA library loads), reseed NumPy's legacy global RNG (Python's `random` reseeds
 itself at fork; without this, every slot would draw the same "random" numbers), then run
@@ -110,34 +111,49 @@ def spawn_slot(
     kernel_modules: tuple[str, ...],
     mode: str,
     code: SlotCode,
-) -> tuple[SlotProcess, int, int]:
+) -> tuple[SlotProcess, int, int, int]:
     """Start slot `slot` to run the user's `code`; returns (process, fd to write frames to, fd
-    to read frames from). A forked slot inherits the agent's imports of that code; an exec'd
-    one is told where it is and imports it itself.
+    to read frames from, fd to read its stderr from: `slot_stderr.py`). A forked slot inherits
+    the agent's imports of that code; an exec'd one is told where it is and imports it itself.
 
     Raises OSError if no process could be started.
     """
-    child_in, to_child = os.pipe2(os.O_CLOEXEC)
-    from_child, child_out = os.pipe2(os.O_CLOEXEC)
+    fds: list[int] = []
+    try:
+        for _ in range(3):
+            fds.extend(os.pipe2(os.O_CLOEXEC))
+    except BaseException:  # out of file descriptors, say: none of them leaks
+        for fd in fds:
+            os.close(fd)
+        raise
+    child_in, to_child, from_child, child_out, from_err, child_err = fds
     widen_pipe(to_child)  # arrays move in one wake-up per MiB, not per 64 KiB
     widen_pipe(from_child)
     try:
         if mode == "fork":
-            proc: SlotProcess = _fork(slot, env, kernel_modules, code, child_in, child_out)
+            proc: SlotProcess = _fork(slot, env, kernel_modules, code, child_in, child_out, child_err)
         else:
-            proc = _exec(slot, env, kernel_modules, code, child_in, child_out)
+            proc = _exec(slot, env, kernel_modules, code, child_in, child_out, child_err)
     except BaseException:
         os.close(to_child)
         os.close(from_child)
+        os.close(from_err)
         raise
     finally:
         os.close(child_in)
         os.close(child_out)
-    return proc, to_child, from_child
+        os.close(child_err)
+    return proc, to_child, from_child, from_err
 
 
 def _exec(
-    slot: int, env: dict[str, str], kernel_modules: tuple[str, ...], code: SlotCode, child_in: int, child_out: int
+    slot: int,
+    env: dict[str, str],
+    kernel_modules: tuple[str, ...],
+    code: SlotCode,
+    child_in: int,
+    child_out: int,
+    child_err: int,
 ) -> subprocess.Popen[bytes]:
 
     command = [
@@ -152,20 +168,44 @@ def _exec(
     for module in kernel_modules:
         command += ["--kernel-module", module]
     command += code.arguments()
-    return subprocess.Popen(
-        command,
-        stdin=child_in,
-        stdout=child_out,
-        env=env,
-        close_fds=True,
-        # Its own session and process group: killpg reaches binaries it starts, and a
-        # terminal's Ctrl-C or SIGHUP to the agent's group does not.
-        start_new_session=True,
-    )
+    agent_stderr = _dup_stderr()
+    if agent_stderr is not None:
+        command += ["--agent-stderr", str(agent_stderr)]
+    try:
+        return subprocess.Popen(
+            command,
+            stdin=child_in,
+            stdout=child_out,
+            stderr=child_err,
+            env=env,
+            close_fds=True,
+            pass_fds=() if agent_stderr is None else (agent_stderr,),
+            # Its own session and process group: killpg reaches binaries it starts, and a
+            # terminal's Ctrl-C or SIGHUP to the agent's group does not.
+            start_new_session=True,
+        )
+    finally:
+        if agent_stderr is not None:
+            os.close(agent_stderr)
+
+
+def _dup_stderr() -> int | None:
+    """A copy of the agent's stderr, for a slot to write to once it is ready (until then its
+    stderr is a pipe the agent reads, `slot_stderr.py`); None where the agent has none."""
+    try:
+        return os.dup(2)
+    except OSError:
+        return None
 
 
 def _fork(
-    slot: int, env: dict[str, str], kernel_modules: tuple[str, ...], code: SlotCode, child_in: int, child_out: int
+    slot: int,
+    env: dict[str, str],
+    kernel_modules: tuple[str, ...],
+    code: SlotCode,
+    child_in: int,
+    child_out: int,
+    child_err: int,
 ) -> ForkedProcess:
     agent_pid = os.getpid()
     # Buffered text would otherwise be written twice, once by each process.
@@ -176,7 +216,9 @@ def _fork(
     if pid == 0:  # pragma: no cover - runs in the child, which leaves by os._exit
         exit_code = 70
         try:
-            exit_code = _forked_child(slot, env, kernel_modules, code, child_in, child_out, agent_pid)
+            agent_stderr = _dup_stderr()
+            os.dup2(child_err, 2)  # first: why it could not start goes to the agent (slot_stderr.py)
+            exit_code = _forked_child(slot, env, kernel_modules, code, child_in, child_out, agent_pid, agent_stderr)
         except BaseException:
             with contextlib.suppress(BaseException):
                 traceback.print_exc()
@@ -195,6 +237,7 @@ def _forked_child(
     child_in: int,
     child_out: int,
     agent_pid: int,
+    agent_stderr: int | None,
 ) -> int:
     # Objects that were garbage at the fork (the agent's, in reference cycles) must never be
     # finalised here: a finaliser closing "its" fd could close one of ours by number.
@@ -207,6 +250,8 @@ def _forked_child(
     frames_in = os.dup(child_in)
     frames_out = os.dup(child_out)
     keep = {0, 1, 2, frames_in, frames_out}
+    if agent_stderr is not None:
+        keep.add(agent_stderr)
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd not in keep:
@@ -235,4 +280,5 @@ def _forked_child(
         kernel_modules=kernel_modules,
         agent_pid=agent_pid,
         code=code,
+        agent_stderr=agent_stderr,
     )

@@ -91,6 +91,7 @@ from batuta.agent.code import SlotCode, stale_error
 from batuta.agent.execute import EXIT_CONTEXT_LOST, print_error
 from batuta.agent.objects import ObjectStore
 from batuta.agent.slot_values import SlotValues
+from batuta.agent.slot_stderr import SlotStderr
 from batuta.agent.spawn import SlotProcess, spawn_slot
 from batuta.core.objects import refs_in
 from batuta.core.task import KernelCall, Outcome
@@ -199,6 +200,7 @@ class SlotSupervisor:
         self._run_time_mean: float | None = None
 
         self._proc: SlotProcess | None = None
+        self._stderr: SlotStderr | None = None  # its stderr until it is ready (slot_stderr.py)
         self._reader: FdReader | None = None
         self._writer: FdWriter | None = None
         self._decoder = FrameDecoder()
@@ -250,7 +252,7 @@ class SlotSupervisor:
         if self._closed:
             return
         try:
-            proc, to_slot, from_slot = spawn_slot(
+            proc, to_slot, from_slot, from_err = spawn_slot(
                 slot=self.index,
                 env=self._env,
                 kernel_modules=self._kernel_modules,
@@ -262,6 +264,7 @@ class SlotSupervisor:
             self._after_death(f"could not start a worker process for slot {self.index}: {exc}")
             return
         self._proc = proc
+        self._stderr = SlotStderr(self._loop, from_err)
         self._proc_code = self._code
         self._decoder = FrameDecoder()
         self._values.new_process()
@@ -282,6 +285,7 @@ class SlotSupervisor:
     def _detach_process(self) -> SlotProcess | None:
         """Forget the current process: stop reading and writing it, kill its group."""
         proc, self._proc = self._proc, None
+        self._close_stderr()
         if self._reader is not None:
             self._reader.close()
             self._reader = None
@@ -293,6 +297,11 @@ class SlotSupervisor:
             kill_group(proc.pid)  # before reaping: the group id cannot be reused until then
             self._reap(proc)
         return proc
+
+    def _close_stderr(self) -> str:
+        """Stop reading the process's stderr, what is there read first; its last line."""
+        stderr, self._stderr = self._stderr, None
+        return stderr.finish() if stderr is not None else ""
 
     def _reap(self, proc: SlotProcess, tries: int = 0) -> None:
         """Collect the exit status without blocking the loop (SIGKILL takes a moment)."""
@@ -309,6 +318,7 @@ class SlotSupervisor:
             self._restart_timer.cancel()
             self._restart_timer = None
         proc, self._proc = self._proc, None
+        self._close_stderr()
         if self._reader is not None:
             self._reader.close()
             self._reader = None
@@ -626,6 +636,9 @@ class SlotSupervisor:
         proc = self._proc
         if proc is None:
             return
+        # Before it was ready its stderr says why it could not start (EMFILE, an import error);
+        # after, the line would be old (the slot writes to the agent's stderr itself by then).
+        last_line = self._close_stderr() if not self._ready else ""
         self._detach_process()
         try:
             returncode = proc.wait(timeout=1.0)  # it is dead or was just SIGKILLed
@@ -639,6 +652,8 @@ class SlotSupervisor:
         except subprocess.TimeoutExpired:
             how = "stopped responding"
         reason = f"slot {self.index} worker process (pid {proc.pid}) {how}"
+        if last_line:
+            reason += f"; its last line on stderr: {last_line}"
         self._lost_process(reason)  # the objects it held are reported before any outcome
         head_running = bool(self.fed) and self._head_started_at is not None
         if head_running:
