@@ -479,14 +479,49 @@ def test_tracker_counts_each_task_once() -> None:
     assert (summary["tasks"], summary["succeeded"], summary["failed"], summary["unfinished"]) == (3, 1, 1, 1)
     assert summary["latency_s"]["p50"] == pytest.approx(0.375)  # mean of 0.75 (ok) and 0.0 (bad)
     assert summary["failures"] == [
-        {"status": "failed", "reason": "ZeroDivisionError: x", "count": 1, "first": "task 2 (boom)", "varied": False}
+        {
+            "status": "failed",
+            "reason": "ZeroDivisionError: x",
+            "count": 1,
+            "first": "task 2 (boom)",
+            "varied": False,
+            "stderr_tail": None,  # it wrote nothing to stderr
+        }
     ]
     assert summary["ok"] is False
     assert summary["tasks_per_s"] == 1.0
 
 
-def failed(task_id: int, host: str, error: str, status: TaskStatus = TaskStatus.FAILED) -> TaskResult:
-    return TaskResult(task_id=task_id, name="k", status=status, error=error, host=host, slot=f"{host}/0", attempts=1)
+def test_each_failure_group_carries_the_end_of_its_first_tasks_stderr() -> None:
+    """`failures` in --json had each cause's one-line reason alone: the traceback that says how
+    the kernel got there was in no output of `batuta run`."""
+    traceback = (
+        "Traceback (most recent call last):\n  File \"job.py\", line 3, in k\n    1 / x\n"
+        "ZeroDivisionError: division by zero\n"
+    )
+    tracker = RunTracker()
+    for task_id, stderr in ((1, traceback), (2, "another traceback\n")):  # the first of a group stands for it
+        tracker.task_finished(failed(task_id, "h1", "ZeroDivisionError: division by zero", stderr=stderr.encode()))
+    long = "".join(f"line {n}\n" for n in range(100))
+    tracker.task_finished(failed(3, "h1", "it printed much", stderr=long.encode()))
+    wide = ("x" * 3000 + "\n") * 5  # 40 lines would be far more than 8 KiB
+    tracker.task_finished(failed(4, "h1", "it printed wide", stderr=wide.encode()))
+    tracker.task_finished(failed(5, "h1", "it printed blank", stderr=b" \n"))
+    groups = tracker.summary(job="j", wall_s=1.0, result=None, error=None).to_json()["failures"]
+    tails = [group["stderr_tail"] for group in groups]
+    assert tails[0] == traceback.rstrip()
+    assert tails[1] == "[60 earlier lines left out]\n" + "\n".join(f"line {n}" for n in range(60, 100))
+    assert tails[2] == "[3 earlier lines left out]\n" + "\n".join(["x" * 3000] * 2)
+    assert tails[3] is None
+    assert [group["reason"] for group in groups][0] == "ZeroDivisionError: division by zero"  # as before
+
+
+def failed(
+    task_id: int, host: str, error: str, status: TaskStatus = TaskStatus.FAILED, stderr: bytes = b""
+) -> TaskResult:
+    return TaskResult(
+        task_id=task_id, name="k", status=status, error=error, host=host, slot=f"{host}/0", attempts=1, stderr=stderr
+    )
 
 
 def test_a_kernel_failing_on_each_input_in_its_own_words_is_one_cause_not_five() -> None:
@@ -594,7 +629,10 @@ async def main(pool):
         await future
     return "done"
 """
-FAILING_TASK = 'await (await pool.submit(Task.binary(sys.executable, "-c", "raise SystemExit(3)")))'
+FAILING_TASK = (
+    'await (await pool.submit(Task.binary(sys.executable, "-c", "import sys; print(\'no input\', file=sys.stderr); '
+    'raise SystemExit(3)")))'
+)
 
 
 @needs_runtime
@@ -687,6 +725,7 @@ def test_run_with_a_failed_task_exits_1_and_counts_it(tmp_path: Path) -> None:
     summary = json.loads(done.stdout)
     assert (summary["tasks"], summary["succeeded"], summary["failed"]) == (10, 9, 1)
     assert len(summary["failures"]) == 1
+    assert summary["failures"][0]["stderr_tail"] == "no input"  # what it said, beside the one-line reason
     assert summary["error"] is None
 
 

@@ -26,6 +26,8 @@ from batuta import TaskResult, TaskStatus
 from batuta.jobs._text import printable
 
 CAUSES_KEPT = 5  # distinct failure causes kept for the summary: the first few tell the story
+STDERR_TAIL_LINES = 40  # of a failure group's first task's stderr, in --json (a traceback fits)
+STDERR_TAIL_CHARS = 8192
 PERCENTILES = (50, 95, 99)
 HOST_PERCENTILES = (50, 95)
 
@@ -68,6 +70,20 @@ def failure_cause(result: TaskResult) -> str:
     return one_line(why)
 
 
+def stderr_tail(result: TaskResult) -> str | None:
+    """The end of what the task wrote to stderr, bounded: a kernel's traceback, a binary's last
+    words (the one-line reason names where, not how it got there); None when it wrote none."""
+    if not result.stderr.strip():
+        return None
+    lines = result.stderr_str().rstrip().splitlines()
+    tail = "\n".join(lines[-STDERR_TAIL_LINES:])
+    if len(tail) > STDERR_TAIL_CHARS:
+        tail = tail[-STDERR_TAIL_CHARS:]
+        tail = tail[tail.find("\n") + 1 :] if "\n" in tail else tail  # from a line's start
+    left_out = len(lines) - tail.count("\n") - 1
+    return f"[{left_out} earlier lines left out]\n{tail}" if left_out > 0 else tail
+
+
 _VALUES = re.compile(r"-?\d+(?:\.\d+)?(?:e-?\d+)?|'[^']*'|\"[^\"]*\"")  # numbers, quoted strings
 
 
@@ -98,6 +114,7 @@ class FailureGroup:
     count: int
     first: str  # "task 3 (spin) on gpu1/0"
     varied: bool = False  # the others' reasons differ from it in their values only
+    stderr_tail: str | None = None  # the first's stderr, its end (`stderr_tail`): --json only
 
     def line(self) -> str:
         alike = "; the others alike, with other values" if self.varied else ""
@@ -110,6 +127,7 @@ class FailureGroup:
             "count": self.count,
             "first": self.first,
             "varied": self.varied,
+            "stderr_tail": self.stderr_tail,
         }
 
 
@@ -136,7 +154,7 @@ class RunTracker:
     statuses: Counter[TaskStatus] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)  # queue wait + run time, seconds
     run_times: list[float] = field(default_factory=list)
-    # (status, kernel, cause without its values) -> [count, first, first's cause, varied]
+    # (status, kernel, cause without its values) -> [count, first, first's cause, varied, first's stderr tail]
     causes: dict[tuple[str, str, str], list[Any]] = field(default_factory=dict)
     restored: int = 0  # answered from the journal (--resume), not run: no latency sample
     hosts: dict[str, _Host] = field(default_factory=dict)
@@ -171,7 +189,7 @@ class RunTracker:
                 group[0] += 1
                 group[3] = group[3] or cause != group[2]
             elif len(self.causes) < CAUSES_KEPT:
-                self.causes[key] = [1, _where(result), cause, False]
+                self.causes[key] = [1, _where(result), cause, False, stderr_tail(result)]
 
     # -- hosts: fed from the pool's HostUp, HostDown and HostStateChanged events --------------
 
@@ -253,8 +271,8 @@ class RunTracker:
             latency_s=_percentiles(self.latencies),
             run_time_s=_percentiles(self.run_times),
             failure_groups=[
-                FailureGroup(status=status, reason=reason, count=count, first=first, varied=varied)
-                for (status, _, _), (count, first, reason, varied) in self.causes.items()
+                FailureGroup(status=status, reason=reason, count=count, first=first, varied=varied, stderr_tail=tail)
+                for (status, _, _), (count, first, reason, varied, tail) in self.causes.items()
             ],
             hosts=[
                 HostSummary(
