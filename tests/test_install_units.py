@@ -162,3 +162,47 @@ def test_the_bootstrap_launcher_starts_only_this_releases_finished_environment(t
     (venv / MARKER).write_text(marker_text(release))
     started = launch()
     assert (started.returncode, started.stdout.strip()) == (0, f"{venv}/bin/python")
+
+
+class _SSHLikeStream:
+    """What `DataLinks.offer` reads of an SSH stream: our address on the host's connection."""
+
+    description = "ssh node1:22"
+    local_address = "127.0.0.1"
+
+
+class _SessionStub:
+    """The parts of a HostSession that a data link offer uses."""
+
+    def __init__(self, stream: object) -> None:
+        from batuta.protocol.connection import Connection, Role
+        from batuta.transport.datalink_setting import parse_data_link
+
+        self.name = "node1"
+        self.stream = stream
+        self.connection = Connection(Role.COORDINATOR)
+        self.spec = type("Spec", (), {"data_link": parse_data_link("ssh")})()
+        self.sent: list[object] = []
+        self.data_link: object = None
+
+    def send(self, message: object) -> None:
+        self.sent.append(message)
+
+
+async def test_a_bootstrapped_hosts_stream_still_offers_the_data_link(caplog: pytest.LogCaptureFixture) -> None:
+    """With `bootstrap = true` the session's stream is the launcher's FirstBytes around the SSH
+    stream; it hid the stream's local address, so `data_link = "ssh"` never came up on such a
+    host: "no data link: its SSH connection has no local address of ours (a jump host?)"."""
+    from batuta.protocol import messages as m
+    from batuta.runtime.datalink import DataLinks
+    from batuta.runtime.install import FirstBytes
+
+    session = _SessionStub(FirstBytes(_SSHLikeStream(), b"hello"))  # type: ignore[arg-type]
+    links = DataLinks()
+    try:
+        links.offer(session)  # type: ignore[arg-type]
+        offers = [message for message in session.sent if isinstance(message, m.DataLink)]
+        assert [offer.host for offer in offers] == ["127.0.0.1"], caplog.text
+        assert "no data link" not in caplog.text
+    finally:
+        await links.close()

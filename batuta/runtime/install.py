@@ -306,6 +306,10 @@ class FirstBytes:
     def description(self) -> str:
         return self._stream.description
 
+    @property
+    def local_address(self) -> str | None:  # where `data_link = "ssh"` listens for this host
+        return getattr(self._stream, "local_address", None)
+
     async def read(self) -> bytes:
         if self._first:
             data, self._first = self._first, b""
