@@ -212,3 +212,17 @@ def test_the_readmes_command_lines_use_options_their_command_has() -> None:
                 unknown.append(f"{' '.join(path)} {word}  (in: {command})")
     assert not unknown, "README options the command does not take:\n" + "\n".join(unknown)
 
+
+def test_the_kernel_list_and_which_are_pure_match_the_registry() -> None:
+    """The README lists the shipped kernels and names those a journal knows by place (not pure)."""
+    from batuta.kernels import registry
+
+    text = " ".join(readme().split())
+    listed = re.search(r"numba-cuda variant\): (.*?)\. A GPU variant", text)
+    assert listed is not None
+    shipped = [name for name in registry.names() if (registry.module_of(name) or "").startswith("batuta.kernels.")]
+    built_in = [name for name in shipped if not name.endswith("_synth")]  # the ML jobs' own GPU variants
+    assert sorted(re.findall(r"`(\w+)`", listed.group(1))) == built_in
+    impure = re.search(r"registered `pure=True` \(the listed kernels but (.*?)\)", text)
+    assert impure is not None
+    assert sorted(re.findall(r"`(\w+)`", impure.group(1))) == [n for n in built_in if not registry.lookup(n).pure]
