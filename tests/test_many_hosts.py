@@ -18,6 +18,7 @@ from batuta.errors import TransportError
 from batuta.runtime import events as pe
 from batuta.runtime.builder import PoolConfig, local_host
 from batuta.runtime.cluster import parse_cluster
+from batuta.runtime.future import TaskFuture
 from batuta.runtime.pool import Pool
 from batuta.runtime.session import HostSpec
 from batuta.runtime.stream import FILL_TURN
@@ -170,6 +171,25 @@ async def test_budgeted_work_is_cut_into_loop_iterations() -> None:
     assert names == ["a", "b", "c"]
     assert at[1] == at[0] + 1 and at[2] == at[1] + 1  # one per iteration, the loop ticking between
     assert turns.deferred == 3  # b waited one iteration, c two
+
+
+async def test_a_loop_of_submits_lets_the_readers_it_deferred_go_first() -> None:
+    """`await pool.submit(...)` in a loop lets the loop turn once the iteration's budget is
+    spent. It woke ahead of the hosts' readers that the budget had deferred, spent the next
+    iteration's budget, and deferred them again: nothing was read from the hosts until the loop
+    ended (100,000 submissions: the local host suspected; 300,000: lost, its agent restarted).
+    Here a budget of nothing turns the loop after every submission."""
+    limit = 10_000
+    async with Pool.local(1, gpu_workers="none", max_queued=limit) as pool:
+        pool._turns.budget_s = 0.0
+        done: list[int] = []
+        futures: list[TaskFuture] = []
+        while not done and len(futures) < limit:  # the limit: never waiting for room, which reads
+            future = await pool.submit(Task.kernel("noop", len(futures)))
+            future.add_done_callback(lambda f: done.append(f.task_id))
+            futures.append(future)
+        assert len(futures) < limit  # a result was read while the loop went on
+        assert [(await f).value for f in futures] == list(range(len(futures)))
 
 
 async def test_the_scheduling_pass_of_a_turns_submissions_counts_in_the_budget() -> None:

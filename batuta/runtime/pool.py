@@ -247,7 +247,7 @@ class Pool:
             # the rest is submitted, and the results that came meanwhile are read.
             self._burst_bytes = 0
             self._handle([])
-            await asyncio.sleep(0)
+            await self._turns.yield_turn()  # the hosts' readers too, not only the loop's timers
         return future
 
     def submit_nowait(self, task: Task, *, keep: bool = False, _remake: KeptObject | None = None) -> TaskFuture:

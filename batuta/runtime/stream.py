@@ -71,7 +71,7 @@ async def as_completed(
             filled = 0
             while not exhausted and len(unresolved) + len(finished) < limit:
                 if filled and (filled % FILL_TURN == 0 or turns.spent()):
-                    await asyncio.sleep(0)  # a turn for the loop (see FILL_TURN), not a wait
+                    await turns.yield_turn()  # a turn for the loop and the readers (see FILL_TURN), not a wait
                 filled += 1
                 task = next(source, _End.END)
                 if task is _End.END:
@@ -84,7 +84,7 @@ async def as_completed(
                 handed = 0
                 while finished:
                     if handed and (handed % FILL_TURN == 0 or turns.spent()):
-                        await asyncio.sleep(0)  # the caller's work on each future counts too
+                        await turns.yield_turn()  # the caller's work on each future counts too
                     handed += 1
                     yield finished.popleft()
                 continue

@@ -15,6 +15,14 @@ work is the same; it is cut into iterations no longer than about the budget plus
 Work that must run when it comes (the scheduling pass of a turn's submissions: placed in one
 pass, in order) goes through `run`: it is not deferred, but its time counts, so the readers
 after it in the same iteration wait for the next one sooner.
+
+A producer that runs until the budget is spent and then lets the loop turn (`Pool.submit` in a
+loop, `as_completed` filling its window) does so with `yield_turn`, which also lets the
+readers it deferred go first. With a bare `sleep(0)` it woke ahead of them in the next
+iteration (it went to sleep first), spent that iteration's budget again, and they were
+deferred again: a loop of 100,000 `await pool.submit(...)` read nothing from the hosts until
+it ended, no heartbeat either, so the local host was suspected after 3 s and, at 300,000,
+lost after 8 s and its agent restarted.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ class LoopTurns:
         self.budget_s = budget_s
         self.deferred = 0  # batches moved to a later iteration
         self._began: float | None = None  # when this iteration's first budgeted work began
+        self._waiting = 0  # readers in `next_turn` now
 
     def spent(self) -> bool:
         """True once this iteration has used its budget; the first call in an iteration starts it."""
@@ -68,7 +77,18 @@ class LoopTurns:
     async def next_turn(self) -> None:
         """Wait for the next loop iteration (timers run before it)."""
         self.deferred += 1
+        self._waiting += 1
+        try:
+            await asyncio.sleep(0)
+        finally:
+            self._waiting -= 1
+
+    async def yield_turn(self) -> None:
+        """Let the loop turn, and wake only once the readers deferred meanwhile have had theirs
+        (see the module docstring): without touching the budget, so theirs is a fresh one."""
         await asyncio.sleep(0)
+        while self._waiting:
+            await asyncio.sleep(0)
 
     def _next_iteration(self) -> None:
         self._began = None
