@@ -34,6 +34,7 @@ from batuta.protocol import (
     code_digest,
     encode_message,
 )
+from tests.support.codec import decode_all
 
 # -- what cannot be sent ------------------------------------------------------------------------
 
@@ -71,6 +72,53 @@ def test_unsendable_values_name_the_type_and_the_field(value: Any, words: str) -
     assert words in text, text
     with pytest.raises(LocalProtocolError):
         check_value(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "fix", "instead"),
+    [
+        (np.array(["2024-01-01"], dtype="datetime64[D]"), "send a datetime as x.view('i8') and make it '<M8[D]' again", "view"),
+        (np.datetime64(7, "s"), "send a datetime as x.view('i8') and make it '<M8[s]' again", "view"),
+        (np.array([1, 2], dtype="timedelta64[ms]"), "send a timedelta as x.view('i8') and make it '<m8[ms]' again with .view('<m8[ms]')", "view"),
+        (np.zeros(2, dtype=[("a", "<i4"), ("b", "<f8")]), "send one array per field", "fields"),
+        (np.array([1.5], dtype=np.longdouble), "send x.astype(np.float64)", "float64"),
+        (np.array(["ab", "c"]), "send a list of str (x.tolist())", "list"),
+        (np.array([b"ab"]), "send a list of bytes (x.tolist())", "list"),
+        (np.array([1, "x"], dtype=object), "send a list (x.tolist())", "list"),
+        (np.zeros(2, dtype="V4"), "send its bytes as x.view(np.uint8)", "bytes"),
+        (np.ma.masked_array([1, 2], mask=[False, True]), "send x.data and np.ma.getmaskarray(x)", "masked"),
+        (2**70, "send str(n) and int() it back", "str"),
+    ],
+)
+def test_a_refused_value_says_what_to_send_instead_and_that_travels(value: Any, fix: str, instead: str) -> None:
+    """A datetime, record or string array was refused naming only the dtypes that travel; the
+    way round it was in the README alone. The fix the message gives must itself travel."""
+    with pytest.raises(LocalProtocolError) as info:
+        check_value(value, "task 'k' arguments[0]")
+    text = str(info.value)
+    assert fix in text and "\n" not in text, text
+    if instead == "view":
+        assert np.array_equal(value_round_trip(value.view("i8")).view(value.dtype), value)
+    elif instead == "fields":
+        back = value_round_trip({name: value[name] for name in value.dtype.names})
+        assert all(np.array_equal(back[name], value[name]) for name in value.dtype.names)
+    elif instead == "float64":
+        assert value_round_trip(value.astype(np.float64)).tolist() == value.tolist()
+    elif instead == "list":
+        assert value_round_trip(value.tolist()) == value.tolist()
+    elif instead == "bytes":
+        assert value_round_trip(value.view(np.uint8)).tobytes() == value.tobytes()
+    elif instead == "masked":
+        data, mask = value_round_trip((value.data, np.ma.getmaskarray(value)))
+        assert np.array_equal(np.ma.masked_array(data, mask=mask), value) and mask.tolist() == [False, True]
+    else:
+        assert int(value_round_trip(str(value))) == value
+
+
+def value_round_trip(value: Any) -> Any:
+    (decoded,) = decode_all(encode_message(outcome_with(value)))
+    assert isinstance(decoded, Done)
+    return decoded.results[1].value
 
 
 def test_unsendable_argument_names_its_index() -> None:

@@ -198,9 +198,27 @@ def _dtype_key(dtype: np.dtype[Any], what: str) -> bytes:
         raise Invalid(
             "",
             f"{what} of dtype {dtype.str!r} cannot be sent: only bool, int, uint, float and "
-            "complex dtypes (no objects, strings, datetimes, records or long doubles)",
+            f"complex dtypes travel; {_dtype_fix(dtype)}",
         )
     return key
+
+
+def _dtype_fix(dtype: np.dtype[Any]) -> str:
+    """What to send instead of a value of `dtype`: the refusal named only what can go, and the
+    way round it (README: "Send a datetime array as arr.view('i8')") was in the README alone."""
+    if dtype.kind in "mM":
+        what = "datetime" if dtype.kind == "M" else "timedelta"
+        return f"send a {what} as x.view('i8') and make it {dtype.str!r} again with .view({dtype.str!r})"
+    if dtype.names:
+        return "send one array per field: {name: x[name] for name in x.dtype.names}"
+    if dtype.kind in "fc":  # the only float and complex dtypes refused are the long doubles
+        plain = "float64" if dtype.kind == "f" else "complex128"
+        return f"send x.astype(np.{plain}) (what long double holds beyond {plain} is lost)"
+    if dtype.kind in "US":
+        return f"send a list of {'str' if dtype.kind == 'U' else 'bytes'} (x.tolist())"
+    if dtype.kind == "V":
+        return "send its bytes as x.view(np.uint8)"
+    return "send a list (x.tolist()) or an array of one of those dtypes"
 
 
 # Small array tasks encode the same few (dtype, shape) headers again and again, and read
@@ -239,7 +257,7 @@ def _flat_bytes(arr: np.ndarray) -> np.ndarray:
 def _encode_array(arr: np.ndarray, oob: OobWriter) -> msgpack.ExtType | None:
     if type(arr) is not np.ndarray:
         if isinstance(arr, np.ma.MaskedArray):
-            raise Invalid("", "a masked array cannot be sent (its mask would be lost)")
+            raise Invalid("", "a masked array cannot be sent (its mask would be lost); send x.data and np.ma.getmaskarray(x), two arrays")
         arr = arr.view(np.ndarray)  # memmap, matrix...: send the data
     header = _array_header(arr)
     nbytes = arr.nbytes
@@ -276,7 +294,7 @@ def encode_value(v: Any, oob: OobWriter, depth: int) -> Any:
     if t is int:
         if INT_MIN <= v <= UINT_MAX:
             return v
-        raise Invalid("", f"int {v} does not fit in 64 bits")
+        raise Invalid("", f"int {v} does not fit in 64 bits; send str(n) and int() it back, or a float if near is enough")
     if t is float or t is bool or v is None:
         return v
     if t is str or t is bytes:
