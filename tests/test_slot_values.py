@@ -126,3 +126,26 @@ def test_a_kept_value_the_slot_cannot_encode_is_answered_as_not_held(capfd: Any)
     assert isinstance(sent[1], Put) and sent[1].object_id == 6 and np.array_equal(sent[1].value, np.arange(4.0))
     assert 5 not in worker._objects and 6 in worker._objects
     assert "slot 3: cannot send object 5: " in capfd.readouterr().err
+
+
+def test_a_result_over_the_frame_limit_is_not_told_to_use_pool_put(monkeypatch: Any) -> None:
+    """A kernel that returned 300 MiB of bytes failed with the submitter's advice, "or pool.put
+    it once", which a kernel on a host cannot follow: what it can do is return an array."""
+    import batuta.protocol._values as values
+    from batuta.agent.slot import SlotWorker, _unsendable
+    from batuta.protocol.messages import TaskOutcome
+
+    monkeypatch.setattr(values, "MAX_INBAND_BYTES", 4096)
+    outcome = TaskOutcome(task_id=1, slot=0, attempt=1, status=Outcome.OK, value=b"x" * 5000)
+    sent = _unsendable(outcome, ValueError("frame too large"))
+    frames_in, frames_out = os.pipe()
+    try:
+        worker = SlotWorker(slot=0, frames_in=frames_in, frames_out=frames_out, kernel_modules=())
+        kept = worker._keep(9, outcome)
+    finally:
+        os.close(frames_in)
+        os.close(frames_out)
+    assert kept.status is Outcome.ERROR and 9 not in worker._objects
+    for error in (sent, kept.error or ""):
+        assert "the value it returned: about 0 MiB of str, bytes" in error, error
+        assert "send bulk data as numpy arrays" in error and "pool.put" not in error, error

@@ -111,7 +111,7 @@ def _unsendable(outcome: TaskOutcome, exc: Exception) -> str:
     ('the value it returned[2]: ...') rather than its message field's."""
     if outcome.status is Outcome.OK:
         try:
-            check_value(outcome.value, "the value it returned")
+            check_value(outcome.value, "the value it returned", or_put=False)  # a kernel cannot pool.put
         except LocalProtocolError as refused:
             return str(refused)
     return describe_exception(exc)
@@ -494,7 +494,7 @@ class SlotWorker:
         try:
             # as the coordinator would check it: a value kept here that could never be fetched
             # failed only at its pool.get, which took the slot (and its other kept values) down
-            check_value(value, "the value it returned")
+            check_value(value, "the value it returned", or_put=False)
             if isinstance(value, np.ndarray):
                 nbytes = int(value.nbytes)
             else:
