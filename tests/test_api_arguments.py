@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import batuta.runtime.builder as builder_module
-from batuta import Pool, Task
+from batuta import Pool, Task, TaskFuture
 from batuta.core.task import Priority
 from batuta.errors import TaskError, TaskUsageError, UsageError
 from batuta.runtime.builder import PoolBuilder
@@ -404,3 +404,31 @@ async def test_a_pool_called_from_a_plain_thread_says_so_and_loses_nothing() -> 
             lambda: asyncio.run_coroutine_threadsafe(pool.submit(Task.kernel("noop", 7)), loop).result(60)
         )
         assert (await handed).value == 7  # the way the error names
+
+
+async def test_submit_nowait_on_a_full_pool_from_a_done_callback_says_how_to_wait() -> None:
+    """From a future's done callback asyncio only logs the error, and a program counting on the
+    task waits for ever: the message names the way that waits for room from a callback."""
+    async with Pool.local(1, gpu_workers="none", max_queued=1) as pool:
+        first = await pool.submit(Task.kernel("spin", 30.0))  # runs on the one slot
+        queued: list[TaskFuture] = []
+        with pytest.raises(UsageError, match=r"await pool\.submit\(task\) from a coroutine to wait for room$"):
+            for n in range(100):  # the slot's prefetch takes some; then one waits and the pool is full
+                queued.append(pool.submit_nowait(Task.kernel("noop", n)))
+        said: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        def on_done(_: object) -> None:
+            try:
+                for _ in range(100):  # until the pool is full again
+                    queued.append(pool.submit_nowait(Task.kernel("noop", len(queued))))
+            except UsageError as exc:
+                said.set_result(str(exc))
+
+        asyncio.get_running_loop().call_soon(on_done, first)  # as a done callback runs: no task
+        assert (await asyncio.wait_for(said, 60)).endswith(
+            "; from a callback, asyncio.get_running_loop().create_task(pool.submit(task))"
+        )
+        first.cancel()
+        later = await asyncio.get_running_loop().create_task(pool.submit(Task.kernel("noop", 3)))
+        assert [(await f).value for f in queued] == list(range(len(queued)))
+        assert (await later).value == 3  # the way it names waits for room and runs the task

@@ -263,9 +263,14 @@ class Pool:
         prepared = self._data.prepare(task) if _remake is None else Prepared(task, reads=_remake.reads)
         call = prepared.task.call
         if not self._scheduler.can_accept(len(self._submitted) + 1):
+            # From a callback (a done callback: no task runs) asyncio only logs this, and a
+            # program counting on the task then waits for ever: say how to wait for room there.
+            where = "" if asyncio.current_task() is not None else (
+                "; from a callback, asyncio.get_running_loop().create_task(pool.submit(task))"
+            )
             raise UsageError(
                 f"the pool holds max_queued={self.config.scheduler.max_queued} tasks; "
-                "await pool.submit(task) to wait for room"
+                f"await pool.submit(task) from a coroutine to wait for room{where}"
             )
         loop = self._loop
         assert loop is not None
