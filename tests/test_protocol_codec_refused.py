@@ -56,6 +56,7 @@ def outcome_with(value: Any) -> Done:
         (np.array([1], dtype="datetime64[s]"), "datetime"),
         (np.zeros(2, dtype=[("a", "<i4")]), "dtype"),
         (np.ma.masked_array([1, 2], mask=[False, True]), "masked"),
+        (np.array([[1.0, 2.0], [3.0, 4.0]]).view(np.matrix), "np.matrix"),
         (object(), "type object"),
         ({1, 2}, "type set"),
         (bytearray(b"x"), "type bytearray"),
@@ -87,6 +88,7 @@ def test_unsendable_values_name_the_type_and_the_field(value: Any, words: str) -
         (np.array([1, "x"], dtype=object), "send a list (x.tolist())", "list"),
         (np.zeros(2, dtype="V4"), "send its bytes as x.view(np.uint8)", "bytes"),
         (np.ma.masked_array([1, 2], mask=[False, True]), "send x.data and np.ma.getmaskarray(x)", "masked"),
+        (np.array([[1.0, 2.0], [3.0, 4.0]]).view(np.matrix), "send np.asarray(x) and multiply with @", "asarray"),
         (2**70, "send str(n) and int() it back", "str"),
     ],
 )
@@ -111,6 +113,9 @@ def test_a_refused_value_says_what_to_send_instead_and_that_travels(value: Any, 
     elif instead == "masked":
         data, mask = value_round_trip((value.data, np.ma.getmaskarray(value)))
         assert np.array_equal(np.ma.masked_array(data, mask=mask), value) and mask.tolist() == [False, True]
+    elif instead == "asarray":  # the data travels; the product is said with @ on both sides
+        back = value_round_trip(np.asarray(value))
+        assert type(back) is np.ndarray and np.array_equal(back @ back, [[7.0, 10.0], [15.0, 22.0]])  # value * value, for a matrix
     else:
         assert int(value_round_trip(str(value))) == value
 

@@ -258,6 +258,8 @@ def _encode_array(arr: np.ndarray, oob: OobWriter) -> msgpack.ExtType | None:
     if type(arr) is not np.ndarray:
         if isinstance(arr, np.ma.MaskedArray):
             raise Invalid("", "a masked array cannot be sent (its mask would be lost); send x.data and np.ma.getmaskarray(x), two arrays")
+        if isinstance(arr, np.matrix):  # it would arrive an ndarray, where * multiplies elementwise
+            raise Invalid("", "an np.matrix cannot be sent (it would arrive as an ndarray, where * is elementwise); send np.asarray(x) and multiply with @")
         arr = arr.view(np.ndarray)  # memmap, matrix...: send the data
     header = _array_header(arr)
     nbytes = arr.nbytes

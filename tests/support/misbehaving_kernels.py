@@ -139,12 +139,14 @@ def test_gate(path: str, value: int, limit: float = 60.0) -> int:
 test_gate.cpu(test_gate.reference)
 
 
-@kernel("test_unsendable", description="A value the wire cannot carry (`kind`: datetime or record); `ok`: a plain one.")
+@kernel("test_unsendable", description="A value the wire cannot carry (`kind`: datetime, record or matrix); `ok`: a plain one.")
 def test_unsendable(kind: str) -> object:
     import numpy as np
 
     if kind == "datetime":
         return np.arange(3).astype("datetime64[s]")
+    if kind == "matrix":  # would arrive an ndarray, where * means something else
+        return np.eye(2).view(np.matrix)
     if kind == "record":
         return (np.zeros(2, dtype=[("a", "<i4"), ("b", "<f8")]), 1)
     return np.arange(4.0)
