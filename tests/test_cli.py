@@ -1378,6 +1378,13 @@ def test_a_refused_host_is_in_the_summary_and_strict_fails_the_run(
     assert "HOST KEY CHANGED" in refused["reason"] and "machine in the middle" in refused["reason"]
     assert summary["hosts_failed"] == ["host1"]
 
+    quiet = batuta("run", "job.py", "-c", "cluster.toml", "-q", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert quiet.returncode == 0, quiet.stderr
+    said = [line for line in quiet.stderr.splitlines() if "HOST KEY CHANGED" in line]
+    assert len(said) == 1 and said[0].startswith("batuta: host host1 retired: "), quiet.stderr  # once, not logged too
+    plain = batuta("run", "job.py", "-c", "cluster.toml", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert "HOST KEY CHANGED" not in plain.stderr and "HOST KEY CHANGED" in plain.stdout  # the summary's row
+
     strict = batuta("run", "job.py", "-c", "cluster.toml", "--strict", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
     assert strict.returncode == 1, strict.stderr
     [row] = [line for line in strict.stdout.splitlines() if line.startswith("host1 ")]

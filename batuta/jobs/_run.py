@@ -311,18 +311,24 @@ class _RunLogObserver(PoolLogObserver):
 
     def __init__(self, pool: Pool) -> None:
         self._target = logging.getLogger("batuta.pool")
+        # Its one error, "host X cannot be used: WHY", is a retirement, which the summary's
+        # row for the host says (with -q: a `batuta: host X retired: WHY` line) after it.
+        self._hosts_log = logging.getLogger("batuta.runtime.hosts")
         super().__init__(pool, self._target)
         self._marking = False
 
     def attach(self) -> _RunLogObserver:
         self._target.removeFilter(self._mark)  # attach twice, mark once
         self._target.addFilter(self._mark)
+        self._hosts_log.removeFilter(_mark_retired)
+        self._hosts_log.addFilter(_mark_retired)
         super().attach()
         return self
 
     def close(self) -> None:
         super().close()
         self._target.removeFilter(self._mark)
+        self._hosts_log.removeFilter(_mark_retired)
 
     def on_event(self, event: PoolEvent) -> None:
         if _summarised(event):
@@ -338,6 +344,12 @@ class _RunLogObserver(PoolLogObserver):
         if self._marking:
             setattr(record, SUMMARISED, True)
         return True
+
+
+def _mark_retired(record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR:
+        setattr(record, SUMMARISED, True)
+    return True
 
 
 def start_metrics(pool: Pool, port: int | None, bind: str) -> MetricsExporter:
