@@ -1250,6 +1250,28 @@ def test_the_resume_hint_names_the_modules_the_run_shipped() -> None:
     assert _interrupted_note(summary, served).endswith(
         "'batuta run job.py --serve --name long --journal j --resume' runs only what is not done"
     )
+    # served in the foreground (systemd) with metrics: --foreground and the scraped port kept
+    kept = argparse.Namespace(
+        job="job.py",
+        cluster=None,
+        module=None,
+        journal="j",
+        serve=True,
+        name="long",
+        foreground=True,
+        serve_bind="0.0.0.0:7070",
+        serve_certs="pki",
+        metrics_port=9100,
+        metrics_bind="0.0.0.0",
+    )
+    assert _interrupted_note(summary, kept).endswith(
+        "'batuta run job.py --serve --name long --foreground --serve-bind 0.0.0.0:7070 --serve-certs pki "
+        "--metrics-port 9100 --metrics-bind 0.0.0.0 --journal j --resume' runs only what is not done"
+    )
+    local = argparse.Namespace(
+        job="job.py", cluster=None, module=None, journal="j", metrics_port=9100, metrics_bind="127.0.0.1"
+    )
+    assert "'batuta run job.py --metrics-port 9100 --journal j --resume'" in _interrupted_note(summary, local)
     # batuta alloc: 'batuta run job.py ...' would run here, on no allocation
     alloc = argparse.Namespace(job="job.py", cluster=None, module=None, journal=None, kind="slurm")
     assert _interrupted_note(summary, alloc).endswith(

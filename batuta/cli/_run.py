@@ -386,6 +386,14 @@ def _interrupted_note(summary: RunSummary, args: argparse.Namespace) -> str:
     again = f"{PROG} run {args.job}" + (f" --cluster {args.cluster}" if args.cluster else "")
     if getattr(args, "serve", False):  # a served run's note is in its log: resumed as it was started
         again += " --serve" + (f" --name {args.name}" if getattr(args, "name", None) else "")
+        again += " --foreground" if getattr(args, "foreground", False) else ""  # under systemd, a batch script
+        for option in ("serve_bind", "serve_certs"):  # where its TLS viewers attach
+            if getattr(args, option, None) is not None:
+                again += f" --{option.replace('_', '-')} {getattr(args, option)}"
+    if getattr(args, "metrics_port", None) is not None:  # where Prometheus scrapes it
+        again += f" --metrics-port {args.metrics_port}"
+        if getattr(args, "metrics_bind", None) not in (None, "127.0.0.1"):
+            again += f" --metrics-bind {args.metrics_bind}"
     again += "".join(f" --module {module}" for module in args.module or ())  # its kernels, shipped again
     # the backend is in the tasks' keys (run again without it, nothing is restored); the rest as given
     for option in ("workers", "backend", "seed"):
