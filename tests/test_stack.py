@@ -240,6 +240,19 @@ def test_conformance_findings_group_failures_and_say_what_was_skipped() -> None:
     assert (gpu.severity, gpu.message) == (HEALTHY, "skipped: no GPU slots on this node")
 
 
+
+def test_conformance_findings_name_the_kernels_skipped_for_want_of_a_sample() -> None:
+    """'1 skipped (no sample inputs ...)' left the user to guess which kernel lacked a sample."""
+    why = "no sample inputs"
+    results = [KernelResult(node="n", kernel="dot", backend="cpu", status="pass")]
+    results += [KernelResult(node="n", kernel="mine", backend="cpu", status="skip", detail=why)]
+    (one,) = conformance_findings("n", results)
+    assert one.message == f"1 kernel(s) match their NumPy references; 1 skipped (mine: {why})"
+    results += [KernelResult(node="n", kernel=k, backend="cpu", status="skip", detail=why) for k in "wxyz"]
+    (many,) = conformance_findings("n", results)
+    assert many.message == f"1 kernel(s) match their NumPy references; 5 skipped ({why} (mine, w, x and 2 more))"
+
+
 # -- findings for nodes that could not be reached ------------------------------------------
 
 

@@ -75,7 +75,7 @@ def conformance_findings(node: str, results: list[KernelResult]) -> list[Finding
             continue
         skip_note = ""
         if skipped:
-            skip_note = f"; {len(skipped)} skipped ({', '.join(sorted({r.detail for r in skipped}))})"
+            skip_note = f"; {len(skipped)} skipped ({_grouped(skipped)})"  # which: a user kernel lacks a sample
         if not bad:
             message = f"{len(ran)} kernel(s) match their NumPy references{skip_note}"
             found.append(Finding(node=node, check=check, severity=HEALTHY, message=message))
