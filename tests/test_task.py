@@ -90,3 +90,27 @@ def test_kernel_arguments_by_name_are_refused_with_the_way_to_pass_them() -> Non
     )
     options = [p.name for p in inspect.signature(Task.kernel).parameters.values() if p.kind is p.KEYWORD_ONLY]
     assert options == list(task_module._KERNEL_OPTIONS)  # the message names every option, and only those
+
+
+def test_a_binary_given_a_backend_other_than_cpu_is_refused_naming_requires() -> None:
+    """A binary's slot is chosen by `requires`: Task(call=BinaryCall(...), backend=GPU) ran it on
+    a CPU slot, silently (the builder already refused it)."""
+    from batuta.core.task import BinaryCall
+
+    call = BinaryCall(path="./cuda_prog")
+    for made in (
+        lambda: Task(call=call, backend=Backend.GPU),
+        lambda: Task(call=call, backend=Backend.GPU, requires=frozenset({"cpu"})),
+        lambda: Task.binary("./cuda_prog").with_options(backend=Backend.GPU),
+    ):
+        with pytest.raises(
+            TaskError,
+            match=r"^binary task './cuda_prog': backend must be CPU, not GPU; "
+            r"to run it on a GPU slot, with that GPU visible, pass requires=\['gpu'\] \(or 'gpu:N'\)$",
+        ):
+            made()
+    with pytest.raises(TaskError, match="backend must be CPU, not SCALAR"):
+        Task(call=call, backend=Backend.SCALAR)
+    # what the message names is what works
+    assert Task(call=call, requires=frozenset({"gpu"})).requires == frozenset({"gpu"})
+    assert Task(call=call, backend=Backend.CPU).backend is Backend.CPU

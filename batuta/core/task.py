@@ -259,9 +259,6 @@ class Task:
             raise TaskUsageError(f"timeout must be a positive number of seconds, not {timeout!r}")
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
             raise TaskUsageError(f"max_attempts must be an int >= 1, not {self.max_attempts!r}")
-        if isinstance(self.call, BinaryCall) and self.backend is Backend.GPU:
-            # Binaries may use a GPU themselves; we only refuse the obviously wrong SCALAR mix.
-            pass
         if not isinstance(self.name, str):
             raise TaskUsageError(f"label must be a str (the task's name in results and logs), not {self.name!r}")
         if self.key is not None and not isinstance(self.key, str):
@@ -278,6 +275,13 @@ class Task:
             object.__setattr__(self, "priority", _priority(self.priority))
         if self.requires is not _NO_TAGS:
             object.__setattr__(self, "requires", _tags(self.requires))
+        if isinstance(self.call, BinaryCall) and self.backend not in (Backend.CPU, Backend.AUTO):
+            # A binary's slot is chosen by `requires` (README; the builder refuses this too):
+            # backend=GPU alone ran it on a CPU slot, silently.
+            raise TaskUsageError(
+                f"binary task {self.call.path!r}: backend must be CPU, not {self.backend.name}; "
+                "to run it on a GPU slot, with that GPU visible, pass requires=['gpu'] (or 'gpu:N')"
+            )
 
     # -- constructors -------------------------------------------------------------------
 
