@@ -510,8 +510,12 @@ class Pool:
         check_loop(self._loop)
         if host not in self._hosts.sessions:
             raise UsageError(f"no host named {host!r}; hosts: {', '.join(self._hosts.sessions)}")
-        self._handle([ev.HostDrainRequested(host_id=host, undo=undo)])  # first: an undo lifts an unfit mark
-        self.host_state_changed(host, *(("up", "undrained") if undo else ("draining", "drain requested")))
+        if undo:  # the scheduler first: an undo lifts an unfit mark, which "up" must not be said under
+            self._handle([ev.HostDrainRequested(host_id=host, undo=True)])
+            self.host_state_changed(host, "up", "undrained")
+        else:  # "draining" first: a host with nothing to finish is said "drained" at once, after it
+            self.host_state_changed(host, "draining", "drain requested")
+            self._handle([ev.HostDrainRequested(host_id=host)])
 
     def subscribe(self, callback: pe.Subscriber) -> Callable[[], None]:
         return self.events.subscribe(callback)
