@@ -230,10 +230,11 @@ def _run_on(args: argparse.Namespace, job: Job, cluster: ClusterConfig | None) -
             return cmd_run_served(args, job, cluster)
         finally:
             close_logging()
-    from batuta.jobs import HostsUnreachableError, ProgressBar, drop_summarised, run_job  # the runtime, now
+    from batuta.jobs import HostsUnreachableError, ProgressBar, drop_summarised, drop_summarised_quietly, run_job
 
     progress = ProgressBar(job.name) if _wants_progress(args) else None
-    close_logging = _configure_logging(args, console_filter=drop_summarised)  # the summary has the failures
+    # the summary has the failures (with -q, the last lines have the refused hosts too)
+    close_logging = _configure_logging(args, console_filter=drop_summarised_quietly if args.quiet else drop_summarised)
     try:
         try:
             with progress if progress is not None else contextlib.nullcontext():

@@ -64,6 +64,7 @@ log = logging.getLogger("batuta.jobs")
 
 OnUpdate = Callable[[RunTracker], None]
 SUMMARISED = "batuta_summarised"  # log record attribute: the run's summary reports this record's news
+RETIREMENT = "batuta_retirement"  # ... a host's retirement, said again at the end with --quiet
 
 
 class HostsUnreachableError(AgentError):
@@ -77,6 +78,13 @@ def drop_summarised(record: logging.LogRecord) -> bool:
     """A logging filter for a console that the run's summary follows: failed tasks and hosts
     lost or refused are left to the summary, which prints each cause once."""
     return not getattr(record, SUMMARISED, False)
+
+
+def drop_summarised_quietly(record: logging.LogRecord) -> bool:
+    """`drop_summarised` for `--quiet`, whose `batuta: host X retired: WHY` line at the end
+    says a host refused at start as well: its runtime's "cannot be used" line is left out too.
+    Without -q that line stays, said when it happens (the summary's row comes only at the end)."""
+    return not getattr(record, SUMMARISED, False) and not getattr(record, RETIREMENT, False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,8 +319,8 @@ class _RunLogObserver(PoolLogObserver):
 
     def __init__(self, pool: Pool) -> None:
         self._target = logging.getLogger("batuta.pool")
-        # Its one error, "host X cannot be used: WHY", is a retirement, which the summary's
-        # row for the host says (with -q: a `batuta: host X retired: WHY` line) after it.
+        # Its one error, "host X cannot be used: WHY", is a retirement, which -q's last lines
+        # say again (`batuta: host X retired: WHY`): marked for `drop_summarised_quietly`.
         self._hosts_log = logging.getLogger("batuta.runtime.hosts")
         super().__init__(pool, self._target)
         self._marking = False
@@ -348,7 +356,7 @@ class _RunLogObserver(PoolLogObserver):
 
 def _mark_retired(record: logging.LogRecord) -> bool:
     if record.levelno >= logging.ERROR:
-        setattr(record, SUMMARISED, True)
+        setattr(record, RETIREMENT, True)
     return True
 
 
