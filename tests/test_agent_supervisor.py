@@ -374,7 +374,7 @@ async def test_a_slot_that_cannot_start_says_why_with_its_last_line_on_stderr(
     slot, events = bench.slot, bench.events
     slot.start()
     first = bench.fake
-    first.say("Traceback (most recent call last):\n  File \"x.py\", line 1\nOSError: [Errno 24] Too many ")
+    first.say('Traceback (most recent call last):\n  File "x.py", line 1\nOSError: [Errno 24] Too many ')
     first.say("open files\n\n")
     first.close()  # dies before it is ready
     await events.until(lambda: bool(events.states))
@@ -384,7 +384,9 @@ async def test_a_slot_that_cannot_start_says_why_with_its_last_line_on_stderr(
         spawned = len(bench.spawned)
         bench.fake.say("x" * 10_000)  # one unfinished line, long: kept bounded
         bench.fake.close()
-        await events.until(lambda: len(bench.spawned) > spawned or any(s.state == SLOT_DOWN for s in events.states))
+        await events.until(
+            lambda spawned=spawned: len(bench.spawned) > spawned or any(s.state == SLOT_DOWN for s in events.states)
+        )
     down = events.states[-1].reason
     assert "failed starts" in down and f"stderr: {'x' * 300} … (9,700 more characters)" in down, down
     assert "OSError: [Errno 24] Too many open files\n" in capfd.readouterr().err  # passed on to the agent's stderr

@@ -17,13 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from batuta.agent import supervisor
+from batuta.agent import spawn, supervisor
+from batuta.agent.code import SlotCode
 from batuta.agent.execute import OUTPUT_CAP, _CappedBuffer, describe_exception, describe_exit, one_line
 from batuta.agent.main import device_order_warning, plan_gpu_slots
 from batuta.agent.options import GpuSelection, parse_args
 from batuta.agent.outbox import Flusher
-from batuta.agent import spawn
-from batuta.agent.code import SlotCode
 from batuta.agent.spawn import spawn_mode
 from batuta.agent.telemetry import (
     FakeTelemetry,

@@ -496,7 +496,7 @@ def test_each_failure_group_carries_the_end_of_its_first_tasks_stderr() -> None:
     """`failures` in --json had each cause's one-line reason alone: the traceback that says how
     the kernel got there was in no output of `batuta run`."""
     traceback = (
-        "Traceback (most recent call last):\n  File \"job.py\", line 3, in k\n    1 / x\n"
+        'Traceback (most recent call last):\n  File "job.py", line 3, in k\n    1 / x\n'
         "ZeroDivisionError: division by zero\n"
     )
     tracker = RunTracker()
@@ -513,7 +513,7 @@ def test_each_failure_group_carries_the_end_of_its_first_tasks_stderr() -> None:
     assert tails[1] == "[60 earlier lines left out]\n" + "\n".join(f"line {n}" for n in range(60, 100))
     assert tails[2] == "[3 earlier lines left out]\n" + "\n".join(["x" * 3000] * 2)
     assert tails[3] is None
-    assert [group["reason"] for group in groups][0] == "ZeroDivisionError: division by zero"  # as before
+    assert groups[0]["reason"] == "ZeroDivisionError: division by zero"  # as before
 
 
 def test_the_tracker_holds_a_few_bytes_a_task_not_an_object_each() -> None:

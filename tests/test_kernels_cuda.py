@@ -390,7 +390,11 @@ def check_device_arrays_are_checked_without_a_copy(real: bool) -> None:
         ("vadd", (cuda.to_device(np.ones(8, np.int32)), good), "argument 'a' is a int32 device array"),
         ("vadd", (good, cuda.to_device(np.ones(8))), "argument 'b' is float64 but 'a' is float32"),
         ("vadd", (good, cuda.to_device(np.ones(9, np.float32))), "argument 'b' has shape (9,)"),
-        ("sum", (cuda.to_device(np.ones((2, 4), np.float32)),), "argument 'x' is a 2-D device array (shape (2, 4)); pass 1-D, e.g. x.ravel()"),
+        (
+            "sum",
+            (cuda.to_device(np.ones((2, 4), np.float32)),),
+            "argument 'x' is a 2-D device array (shape (2, 4)); pass 1-D, e.g. x.ravel()",
+        ),
         ("sum", (cuda.to_device(np.ones(16, np.float32))[::2],), "argument 'x' is a strided device array view"),
         (
             "matmul",  # a column slice: numba's `.T` of a device array is a transposed copy on a GPU

@@ -144,7 +144,10 @@ def test_device_inputs_are_passed_through_and_never_copied(device_kernel: str) -
     ("value", "expected"),
     [
         (FakeDeviceArray(np.ones(4, np.int32)), "argument 'a' is a int32 device array; pass a float32 or float64 one"),
-        (FakeDeviceArray(np.ones((2, 2))), "argument 'a' is a 2-D device array (shape (2, 2)); pass 1-D, e.g. a.ravel() (on the device)"),
+        (
+            FakeDeviceArray(np.ones((2, 2))),
+            "argument 'a' is a 2-D device array (shape (2, 2)); pass 1-D, e.g. a.ravel() (on the device)",
+        ),
         (FakeDeviceArray(np.ones(4), contiguous=False), "argument 'a' is a strided device array view"),
     ],
 )

@@ -294,10 +294,17 @@ BAD_CALLS = [
     ("histogram", (F32, 3, "0", 1.0), "argument 'lo' must be a real number"),
     ("matmul", (M32, M32), "argument 'b' has 3 rows but 'a' has 4 columns (shapes (3, 4) and (3, 4))"),
     ("matmul", (M32, M64), "argument 'b' is float64 but 'a' is float32; cast one"),
-    ("matmul", (F32, M32), "argument 'a' is 1-D (shape (4,)); pass 2-D (rows, columns), e.g. a.reshape(-1, 1) "
-     "for 4 rows of 1, or a.reshape(1, -1) for 1 row of 4"),
-    ("matmul", (np.ones((2, 3, 4)), M64), "argument 'a' is 3-D (shape (2, 3, 4)); pass 2-D (rows, columns), "
-     "e.g. a.reshape(-1, 4) for 6 rows of 4"),
+    (
+        "matmul",
+        (F32, M32),
+        "argument 'a' is 1-D (shape (4,)); pass 2-D (rows, columns), e.g. a.reshape(-1, 1) "
+        "for 4 rows of 1, or a.reshape(1, -1) for 1 row of 4",
+    ),
+    (
+        "matmul",
+        (np.ones((2, 3, 4)), M64),
+        "argument 'a' is 3-D (shape (2, 3, 4)); pass 2-D (rows, columns), e.g. a.reshape(-1, 4) for 6 rows of 4",
+    ),
     ("matmul", (np.ones(()), M64), "argument 'a' is 0-D (shape ()); pass 2-D (rows, columns), e.g. a.reshape(1, 1)"),
     ("matmul", (M64, M64.T), "argument 'b' is not contiguous (a strided view); pass np.ascontiguousarray(b)"),
     ("matmul", (np.ones((2, 2), np.int32), np.ones((2, 2))), "argument 'a' has dtype int32"),

@@ -102,7 +102,11 @@ async def test_a_result_that_cannot_travel_fails_when_kept_and_takes_no_other_va
     async with two_host_pool() as pool:
         good = await (await pool.submit(Task.kernel("test_unsendable", "ok", backend=Backend.CPU), keep=True))
         assert good.is_success(), good.error
-        for kind, what in (("datetime", "an array of dtype '<M8[s]'"), ("record", "an array of dtype"), ("matrix", "np.asarray(x)")):
+        for kind, what in (
+            ("datetime", "an array of dtype '<M8[s]'"),
+            ("record", "an array of dtype"),
+            ("matrix", "np.asarray(x)"),
+        ):
             kept = await (await pool.submit(Task.kernel("test_unsendable", kind, backend=Backend.CPU), keep=True))
             plain = await pool.run(Task.kernel("test_unsendable", kind, backend=Backend.CPU))
             assert kept.status is TaskStatus.FAILED and plain.status is TaskStatus.FAILED

@@ -78,9 +78,17 @@ def test_unsendable_values_name_the_type_and_the_field(value: Any, words: str) -
 @pytest.mark.parametrize(
     ("value", "fix", "instead"),
     [
-        (np.array(["2024-01-01"], dtype="datetime64[D]"), "send a datetime as x.view('i8') and make it '<M8[D]' again", "view"),
+        (
+            np.array(["2024-01-01"], dtype="datetime64[D]"),
+            "send a datetime as x.view('i8') and make it '<M8[D]' again",
+            "view",
+        ),
         (np.datetime64(7, "s"), "send a datetime as x.view('i8') and make it '<M8[s]' again", "view"),
-        (np.array([1, 2], dtype="timedelta64[ms]"), "send a timedelta as x.view('i8') and make it '<m8[ms]' again with .view('<m8[ms]')", "view"),
+        (
+            np.array([1, 2], dtype="timedelta64[ms]"),
+            "send a timedelta as x.view('i8') and make it '<m8[ms]' again with .view('<m8[ms]')",
+            "view",
+        ),
         (np.zeros(2, dtype=[("a", "<i4"), ("b", "<f8")]), "send one array per field", "fields"),
         (np.array([1.5], dtype=np.longdouble), "send x.astype(np.float64)", "float64"),
         (np.array(["ab", "c"]), "send a list of str (x.tolist())", "list"),
@@ -115,7 +123,9 @@ def test_a_refused_value_says_what_to_send_instead_and_that_travels(value: Any, 
         assert np.array_equal(np.ma.masked_array(data, mask=mask), value) and mask.tolist() == [False, True]
     elif instead == "asarray":  # the data travels; the product is said with @ on both sides
         back = value_round_trip(np.asarray(value))
-        assert type(back) is np.ndarray and np.array_equal(back @ back, [[7.0, 10.0], [15.0, 22.0]])  # value * value, for a matrix
+        assert type(back) is np.ndarray and np.array_equal(
+            back @ back, [[7.0, 10.0], [15.0, 22.0]]
+        )  # value * value, for a matrix
     else:
         assert int(value_round_trip(str(value))) == value
 

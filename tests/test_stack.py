@@ -240,7 +240,6 @@ def test_conformance_findings_group_failures_and_say_what_was_skipped() -> None:
     assert (gpu.severity, gpu.message) == (HEALTHY, "skipped: no GPU slots on this node")
 
 
-
 def test_conformance_findings_name_the_kernels_skipped_for_want_of_a_sample() -> None:
     """'1 skipped (no sample inputs ...)' left the user to guess which kernel lacked a sample."""
     why = "no sample inputs"

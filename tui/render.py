@@ -36,7 +36,16 @@ from .model import (
 
 BLOCKS = " ▁▂▃▄▅▆▇█"  # vertical eighths, index 0..8
 HBLOCKS = " ▏▎▍▌▋▊▉█"  # horizontal eighths
-STATE_ICONS = {"up": "●", "suspected": "◐", "lost": "○", "retired": "✖", "draining": "◑", "drained": "◌", "closed": "·", "unfit": "✚"}
+STATE_ICONS = {
+    "up": "●",
+    "suspected": "◐",
+    "lost": "○",
+    "retired": "✖",
+    "draining": "◑",
+    "drained": "◌",
+    "closed": "·",
+    "unfit": "✚",
+}
 FAILED_STATE_NAMES = frozenset(status.value for status in FAILED_STATUSES)
 STREAM_ICONS = {"running": "▶", "succeeded": "✔", "requeued": "↻", "cancelled": "⊘"}
 

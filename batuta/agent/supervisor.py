@@ -90,8 +90,8 @@ from typing import Any, Protocol
 from batuta.agent.code import SlotCode, stale_error
 from batuta.agent.execute import EXIT_CONTEXT_LOST, print_error
 from batuta.agent.objects import ObjectStore
-from batuta.agent.slot_values import SlotValues
 from batuta.agent.slot_stderr import SlotStderr
+from batuta.agent.slot_values import SlotValues
 from batuta.agent.spawn import SlotProcess, spawn_slot
 from batuta.core.objects import refs_in
 from batuta.core.task import KernelCall, Outcome

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from batuta import Pool
+from batuta.core.task import TaskResult
 from batuta.errors import (
     AgentError,
     BatutaError,
@@ -47,7 +48,6 @@ from batuta.errors import (
     TransportError,
     UsageError,
 )
-from batuta.core.task import TaskResult
 from batuta.jobs._load import Job
 from batuta.jobs._summary import RunSummary, RunTracker, one_line
 from batuta.jobs._text import printable

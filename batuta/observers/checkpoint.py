@@ -78,6 +78,7 @@ import msgpack
 import numpy as np
 
 from batuta.errors import BatutaError
+from batuta.observers.atomic import fsync_dir, replace_file
 
 log = logging.getLogger("batuta.observers.checkpoint")
 
@@ -283,42 +284,24 @@ def write_checkpoint(
     header = msgpack.packb(fields, use_bin_type=True)
     prefix = _PREFIX.pack(MAGIC, VERSION, len(header)) + header
     parts: list[bytes | memoryview] = [prefix, bytes(-len(prefix) % ALIGN), *encoder.data_parts()]
-    digest = hashlib.sha256()
     tmp = path.with_name(f".{path.stem}{SUFFIX}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    size = 0
     try:
-        with open(tmp, "wb") as f:
-            for part in parts:
-                digest.update(part)
-                f.write(part)
-                size += len(part)
-            f.write(digest.digest())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        return replace_file(path, tmp, _digested(parts), sync_folder=True)
     except OSError as exc:  # said as the journal's own write errors are, not as a traceback
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         why = exc.strerror or str(exc)
         raise CheckpointError(
             f"checkpoint {name!r}: cannot write {path}: {why}; free the disk (or fix the folder) and run again "
             "with --resume"
         ) from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    return size + _DIGEST_BYTES
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a rename or a new file in `directory` durable (the folder's own entry)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _digested(parts: list[bytes | memoryview]) -> Iterator[bytes | memoryview]:
+    """`parts`, then their SHA-256 (what `read_checkpoint` verifies)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+        yield part
+    yield digest.digest()
 
 
 def read_checkpoint(path: Path) -> Checkpoint:

@@ -109,11 +109,11 @@ import numpy as np
 
 from batuta.core.objects import UNREPEATABLE, ObjectRef, refs_in
 from batuta.core.task import BinaryCall, KernelCall, Task, TaskResult
+from batuta.observers.atomic import fsync_dir, replace_file
 from batuta.observers.checkpoint import SUFFIX as CHECKPOINT_SUFFIX
 from batuta.observers.checkpoint import (
     CheckpointError,
     CheckpointManager,
-    fsync_dir,
 )
 from batuta.observers.journal_records import (
     MAGIC,
@@ -564,20 +564,8 @@ _COPY_PIECE = 1 << 22
 
 
 def _replace(path: Path, parts: Iterable[bytes | memoryview]) -> None:
-    """Write `parts` as `path`, through a temporary file renamed into place (synced); the
-    temporary file is removed when the write fails (a full disk)."""
-    tmp = path.with_name(f".{JOURNAL_FILE}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    """Write `parts` as `path`, atomically (`atomic.py`)."""
+    replace_file(path, path.with_name(f".{JOURNAL_FILE}.{os.getpid()}.tmp"), parts)
 
 
 def _reason(exc: BaseException) -> str:

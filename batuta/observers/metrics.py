@@ -86,6 +86,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from batuta.core.task import TaskStatus
+from batuta.observers.atomic import replace_file
 from batuta.runtime import events as pe
 
 if TYPE_CHECKING:
@@ -112,7 +113,16 @@ SNAPSHOT_TIMEOUT_S = 2.0
 MAX_BUSY_GAP_S = 30.0
 SLOT_STATES = ("up", "draining", "lost", "retired")
 HOST_STATES = (
-    "starting", "up", "suspected", "lost", "relaunching", "retired", "unreachable", "draining", "unfit", "closed"
+    "starting",
+    "up",
+    "suspected",
+    "lost",
+    "relaunching",
+    "retired",
+    "unreachable",
+    "draining",
+    "unfit",
+    "closed",
 )
 _HOST_UP_STATES = frozenset({"up", "draining", "unfit"})  # unfit: its agent is up, it gets no new work
 _RAN_STATUSES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.TIMED_OUT})
@@ -268,16 +278,7 @@ class MetricsExporter:
         synced, then renamed over `path`. Raises OSError (the temporary file is removed)."""
         target = Path(path)
         partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # no .prom: the collector skips it
-        try:
-            with open(partial, "wb") as f:
-                f.write(self.render())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(partial, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                partial.unlink()
-            raise
+        replace_file(target, partial, [self.render()])
 
     def _capture_loop(self) -> None:
         if self._loop is None:

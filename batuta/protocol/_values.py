@@ -257,10 +257,18 @@ def _flat_bytes(arr: np.ndarray) -> np.ndarray:
 def _encode_array(arr: np.ndarray, oob: OobWriter) -> msgpack.ExtType | None:
     if type(arr) is not np.ndarray:
         if isinstance(arr, np.ma.MaskedArray):
-            raise Invalid("", "a masked array cannot be sent (its mask would be lost); send x.data and np.ma.getmaskarray(x), two arrays")
+            raise Invalid(
+                "",
+                "a masked array cannot be sent (its mask would be lost); "
+                "send x.data and np.ma.getmaskarray(x), two arrays",
+            )
         if isinstance(arr, np.matrix):  # it would arrive an ndarray, where * multiplies elementwise
-            raise Invalid("", "an np.matrix cannot be sent (it would arrive as an ndarray, where * is elementwise); send np.asarray(x) and multiply with @")
-        arr = arr.view(np.ndarray)  # memmap, matrix...: send the data
+            raise Invalid(
+                "",
+                "an np.matrix cannot be sent (it would arrive as an ndarray, where * is elementwise); "
+                "send np.asarray(x) and multiply with @",
+            )
+        arr = arr.view(np.ndarray)  # a memmap, another subclass: send the data
     header = _array_header(arr)
     nbytes = arr.nbytes
     if oob.measure:  # checked: count what it adds to a frame, and build nothing
@@ -296,7 +304,9 @@ def encode_value(v: Any, oob: OobWriter, depth: int) -> Any:
     if t is int:
         if INT_MIN <= v <= UINT_MAX:
             return v
-        raise Invalid("", f"int {v} does not fit in 64 bits; send str(n) and int() it back, or a float if near is enough")
+        raise Invalid(
+            "", f"int {v} does not fit in 64 bits; send str(n) and int() it back, or a float if near is enough"
+        )
     if t is float or t is bool or v is None:
         return v
     if t is str or t is bytes:

@@ -635,8 +635,6 @@ class CodeCollector:
         return bundle
 
 
-
-
 # -- which tasks run it -------------------------------------------------------------------
 
 

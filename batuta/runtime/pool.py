@@ -265,8 +265,10 @@ class Pool:
         if not self._scheduler.can_accept(len(self._submitted) + 1):
             # From a callback (a done callback: no task runs) asyncio only logs this, and a
             # program counting on the task then waits for ever: say how to wait for room there.
-            where = "" if asyncio.current_task() is not None else (
-                "; from a callback, asyncio.get_running_loop().create_task(pool.submit(task))"
+            where = (
+                ""
+                if asyncio.current_task() is not None
+                else ("; from a callback, asyncio.get_running_loop().create_task(pool.submit(task))")
             )
             raise UsageError(
                 f"the pool holds max_queued={self.config.scheduler.max_queued} tasks; "

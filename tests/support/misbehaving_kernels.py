@@ -139,7 +139,10 @@ def test_gate(path: str, value: int, limit: float = 60.0) -> int:
 test_gate.cpu(test_gate.reference)
 
 
-@kernel("test_unsendable", description="A value the wire cannot carry (`kind`: datetime, record or matrix); `ok`: a plain one.")
+@kernel(
+    "test_unsendable",
+    description="A value the wire cannot carry (`kind`: datetime, record or matrix); `ok`: a plain one.",
+)
 def test_unsendable(kind: str) -> object:
     import numpy as np
 
