@@ -53,7 +53,8 @@ def refused(s: Scheduler, entry: TaskEntry, slot: SlotRecord, reason: str) -> No
 def mark(s: Scheduler, host: HostId, reason: str) -> None:
     """`host` takes no new work (module docstring); observers are told why."""
     s._unfit[host] = reason
-    _hold(s, host)
+    s.hold_host(host)
+    s._capability_epoch += 1
     s._out.append(AnnounceUnfit(host_id=host, reason=reason))
     for other in s._hungry.snapshot():
         s._fill(other)
@@ -80,21 +81,8 @@ def review(s: Scheduler) -> None:
             s._unfit_announced.discard(host)
             s._out.append(AnnounceUnfit(host_id=host, reason=reason, lifted=True))
             if host not in s._draining:
-                for slot in s._host_slots.get(host, ()):
-                    if slot.state is SlotState.DRAINING:
-                        s._set_state(slot, SlotState.UP)
-                        s._hungry.add(slot)
+                s.release_host(host, fill=False)  # the loss's own pass feeds them (recovery.py)
                 s._capability_epoch += 1
-
-
-def _hold(s: Scheduler, host: HostId) -> None:
-    for slot in s._host_slots.get(host, ()):
-        if slot.state is SlotState.UP:
-            s._set_state(slot, SlotState.DRAINING)
-            s._hungry.discard(slot)
-            s._tail_waiting.pop(slot.slot_id, None)
-            recovery.requeue_deque(s, slot)
-    s._capability_epoch += 1
 
 
 def _fit_offers(s: Scheduler, other_than: HostId) -> list[frozenset[str]]:

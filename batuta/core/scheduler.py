@@ -507,22 +507,33 @@ class Scheduler:
         if ev.undo:
             self._draining.discard(ev.host_id)
             hostfit.forget(self, ev.host_id)  # undrained: a host unfit for work gets another try
-            for slot in self._host_slots.get(ev.host_id, ()):
-                if slot.state is SlotState.DRAINING:
-                    self._set_state(slot, SlotState.UP)
-                    self._hungry.add(slot)  # else only a queue already waiting ever reached it
-                    self._fill(slot)
+            self.release_host(ev.host_id)
             return
         self._draining.add(ev.host_id)
-        for slot in self._host_slots.get(ev.host_id, ()):
-            if slot.state is not SlotState.UP:
-                continue
-            self._set_state(slot, SlotState.DRAINING)
-            self._hungry.discard(slot)
-            recovery.requeue_deque(self, slot)
+        self.hold_host(ev.host_id)
         self._check_drained(ev.host_id)
         for slot in self._hungry.snapshot():
             self._fill(slot)
+
+    def hold_host(self, host_id: HostId) -> None:
+        """The host's up slots take no new work (drained, or unfit: `hostfit.py`); what waits
+        in their deques goes back to the queue, what runs there finishes."""
+        for slot in self._host_slots.get(host_id, ()):
+            if slot.state is SlotState.UP:
+                self._set_state(slot, SlotState.DRAINING)
+                self._hungry.discard(slot)
+                self._tail_waiting.pop(slot.slot_id, None)
+                recovery.requeue_deque(self, slot)
+
+    def release_host(self, host_id: HostId, *, fill: bool = True) -> None:
+        """`hold_host` undone: its held slots are up and hungry again, each filled at once with
+        `fill` (else only a queue already waiting ever reached it)."""
+        for slot in self._host_slots.get(host_id, ()):
+            if slot.state is SlotState.DRAINING:
+                self._set_state(slot, SlotState.UP)
+                self._hungry.add(slot)
+                if fill:
+                    self._fill(slot)
 
     def _on_shutdown(self, ev: ShutdownRequested) -> None:
         """Resolve everything as cancelled, in submission order, and forget every placement:
