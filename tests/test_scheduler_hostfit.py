@@ -136,7 +136,7 @@ def test_an_unfit_host_takes_work_again_once_no_other_host_can() -> None:
 def test_an_unfit_host_is_unfit_in_pool_hosts_and_stays_unfit_when_heard_from_again() -> None:
     """`Pool.hosts()` said "up" (its liveness) for a host the events said "unfit", and a host
     suspected for a silence was said "up" when heard from again, while it still got no work."""
-    from batuta.runtime.inbound import still_unfit, unfit_views
+    from batuta.runtime.inbound import host_views, still_held
     from batuta.runtime.views import HostView
 
     sim = cluster(("bad", ("cpu",)), ("good", ("cpu",)))
@@ -147,10 +147,36 @@ def test_an_unfit_host_is_unfit_in_pool_hosts_and_stays_unfit_when_heard_from_ag
         HostView(name=name, state="up", description="", slots=2, gpus=(), cpu_count=2, last_heard_s=0.0)
         for name in ("bad", "good")
     ]
-    assert [(v.name, v.state) for v in unfit_views(views, sim.sched)] == [("bad", "unfit"), ("good", "up")]
+    assert [(v.name, v.state) for v in host_views(views, sim.sched)] == [("bad", "unfit"), ("good", "up")]
     gone = [replace(view, state="lost") for view in views]
-    assert [v.state for v in unfit_views(gone, sim.sched)] == ["lost", "lost"]  # its liveness first
-    state, reason = still_unfit(sim.sched, "bad", "up", "heard from again")
+    assert [v.state for v in host_views(gone, sim.sched)] == ["lost", "lost"]  # its liveness first
+    state, reason = still_held(sim.sched, "bad", "up", "heard from again")
     assert state == "unfit" and reason.startswith(WHY) and "heard from again, still unfit" in reason
-    assert still_unfit(sim.sched, "good", "up", "heard from again") == ("up", "heard from again")
-    assert still_unfit(sim.sched, "bad", "suspected", "silent") == ("suspected", "silent")
+    assert still_held(sim.sched, "good", "up", "heard from again") == ("up", "heard from again")
+    assert still_held(sim.sched, "bad", "suspected", "silent") == ("suspected", "silent")
+
+
+def test_a_drained_host_heard_from_again_is_said_drained_not_up_and_drain_comes_before_unfit() -> None:
+    """A drained host suspected for a silence was said "up" when heard from again, and
+    `Pool.hosts()` said "up" for it all along."""
+    from batuta.runtime.inbound import host_views, still_held
+    from batuta.runtime.views import HostView
+
+    sim = cluster(("bad", ("cpu",)), ("good", ("cpu",)))
+    for _ in range(8):
+        sim.submit()
+    settle(sim, "bad")  # bad is unfit
+    sim.handle(ev.HostDrainRequested(host_id="good"))
+    sim.handle(ev.HostDrainRequested(host_id="bad"))
+    views = [
+        HostView(name=name, state="up", description="", slots=2, gpus=(), cpu_count=2, last_heard_s=0.0)
+        for name in ("bad", "good")
+    ]
+    assert [v.state for v in host_views(views, sim.sched)] == ["drained", "drained"]
+    state, reason = still_held(sim.sched, "good", "up", "heard from again")
+    assert (state, reason) == (
+        "drained",
+        "heard from again, still drained: it gets no new work (undo: Pool.drain(host, undo=True))",
+    )
+    sim.handle(ev.HostDrainRequested(host_id="bad", undo=True))  # the undo lifts the unfit mark as well
+    assert [v.state for v in host_views(views, sim.sched)] == ["up", "drained"]

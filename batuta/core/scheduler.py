@@ -254,6 +254,12 @@ class Scheduler:
         """Why `host` gets no new work for a failure of its own (hostfit.py); None: it is fit."""
         return self._unfit.get(host)
 
+    def drain_state(self, host: HostId) -> str | None:
+        """ "draining" (`Pool.drain`: what it holds still finishes), "drained" (announced idle), None."""
+        if host not in self._draining:
+            return None
+        return "drained" if host in self._drain_announced else "draining"
+
     def offers(self, capability: str) -> bool:
         """Whether a slot that is up now offers `capability` (derived from the live slots, so a
         lost GPU host stops counting; cached until the set of slots changes)."""

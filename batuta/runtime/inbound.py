@@ -268,25 +268,33 @@ def announce_host(pool: Pool, ins: ev.AnnounceDrained | ev.AnnounceUnfit) -> Non
         pool.host_state_changed(ins.host_id, HOST_UNFIT, why)
 
 
-def unfit_views(views: list[HostView], scheduler: Scheduler) -> list[HostView]:
-    """`Pool.hosts()` as the events tell it: a host that is up but unfit ("unfit" events: the
-    scheduler gives it no work for a failure of its own, or a slot of it could not start and
-    was retired, `slot_down`) is "unfit", not "up" as its liveness alone says."""
+def host_views(views: list[HostView], scheduler: Scheduler) -> list[HostView]:
+    """`Pool.hosts()` as the events tell it: a host whose agent is up (its liveness) but that
+    the scheduler holds is said what the events said: "draining" or "drained" (`Pool.drain`),
+    else "unfit" (given no work for a failure of its own, or a slot of it could not start and
+    was retired, `slot_down`). A script draining hosts reads the state there."""
     if not any(v.state == "up" for v in views):
         return views
     retired = {v.host_id for v in scheduler.slots() if v.state == "retired"}
-    return [
-        replace(v, state=HOST_UNFIT)
-        if v.state == "up" and (v.name in retired or scheduler.unfit_reason(v.name) is not None)
-        else v
-        for v in views
-    ]
+    return [replace(v, state=_held_state(scheduler, v.name, retired)) if v.state == "up" else v for v in views]
 
 
-def still_unfit(scheduler: Scheduler, host: str, state: str, reason: str) -> tuple[str, str]:
+def _held_state(scheduler: Scheduler, host: str, retired: set[str]) -> str:
+    drain = scheduler.drain_state(host)  # first: asked for by the user, and undone only by the user
+    if drain is not None:
+        return drain
+    return HOST_UNFIT if host in retired or scheduler.unfit_reason(host) is not None else "up"
+
+
+def still_held(scheduler: Scheduler, host: str, state: str, reason: str) -> tuple[str, str]:
     """A host back "up" (heard from again after a silence, relaunched) that the scheduler still
-    holds unfit is said "unfit", with why: said "up", it showed up while it got no work."""
-    unfit = scheduler.unfit_reason(host) if state == "up" else None
+    holds drained or unfit is said so, with why: said "up", it showed up while it got no work."""
+    if state != "up":
+        return state, reason
+    drain = scheduler.drain_state(host)
+    if drain is not None:
+        return drain, f"{reason}, still {drain}: it gets no new work (undo: Pool.drain(host, undo=True))"
+    unfit = scheduler.unfit_reason(host)
     if unfit is None:
         return state, reason
     return HOST_UNFIT, f"{unfit}; {reason}, still unfit: it gets no new work (undo: Pool.drain(host, undo=True))"

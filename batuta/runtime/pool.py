@@ -560,7 +560,7 @@ class Pool:
         return self._scheduler.slots()
 
     def hosts(self) -> list[HostView]:
-        return inbound.unfit_views(self._hosts.views(), self._scheduler)
+        return inbound.host_views(self._hosts.views(), self._scheduler)
 
     @property
     def slot_count(self) -> int:
@@ -594,7 +594,7 @@ class Pool:
         self._handle([ev.HostSuspected(host_id=host, heard_again=not suspected)])
 
     def host_state_changed(self, host: str, state: str, reason: str) -> None:
-        state, reason = inbound.still_unfit(self._scheduler, host, state, reason)
+        state, reason = inbound.still_held(self._scheduler, host, state, reason)
         if self.events.active:
             self.events.publish(pe.HostStateChanged(host=host, state=state, reason=reason, at=self._now()))
 
