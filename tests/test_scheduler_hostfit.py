@@ -180,3 +180,32 @@ def test_a_drained_host_heard_from_again_is_said_drained_not_up_and_drain_comes_
     )
     sim.handle(ev.HostDrainRequested(host_id="bad", undo=True))  # the undo lifts the unfit mark as well
     assert [v.state for v in host_views(views, sim.sched)] == ["up", "drained"]
+
+
+def test_a_lifted_mark_is_announced_as_what_the_host_is_now_not_as_unfit() -> None:
+    """The lift was announced as state "unfit" ("given work again") while `Pool.hosts()`
+    said "up": the log and the dashboard showed a host taking work as unfit."""
+    from batuta.runtime.inbound import announce_host, host_views, still_held
+    from batuta.runtime.views import HostView
+
+    said: list[tuple[str, str, str]] = []
+
+    class Observed:  # the two things announce_host asks of the pool
+        _scheduler = None
+
+        def host_state_changed(self, host: str, state: str, reason: str) -> None:
+            said.append((host, *still_held(sim.sched, host, state, reason)))
+
+    sim = cluster(("bad", ("cpu",)), ("good", ("cpu",)), slots=1)
+    sim.submit()
+    refuse_all(sim, "bad")
+    sim.lose_host("good")
+    sim.handle(ev.HostLost(host_id="good", reason="allocation ended", retired=True))
+    pool = Observed()
+    pool._scheduler = sim.sched  # type: ignore[assignment]
+    for lifted in [a for a in announced(sim) if a.lifted]:
+        announce_host(pool, lifted)  # type: ignore[arg-type]
+    assert [(host, state) for host, state, _ in said] == [("bad", "up")]
+    assert said[0][2] == f"no longer unfit ({WHY}): it is given work again, as no other host can run what waits"
+    view = HostView(name="bad", state="up", description="", slots=1, gpus=(), cpu_count=1, last_heard_s=0.0)
+    assert [v.state for v in host_views([view], sim.sched)] == ["up"]

@@ -260,9 +260,9 @@ def announce_host(pool: Pool, ins: ev.AnnounceDrained | ev.AnnounceUnfit) -> Non
     """What the scheduler decided about a host, as its state for observers."""
     if isinstance(ins, ev.AnnounceDrained):
         pool.host_state_changed(ins.host_id, "drained", "no work left")
-    elif ins.lifted:
-        why = f"{ins.reason}; it is given work again: no other host can run what waits"
-        pool.host_state_changed(ins.host_id, HOST_UNFIT, why)
+    elif ins.lifted:  # what it is now ("up", or drained by request): `Pool.hosts()` says the same
+        why = f"no longer unfit ({ins.reason}): it is given work again, as no other host can run what waits"
+        pool.host_state_changed(ins.host_id, pool._scheduler.drain_state(ins.host_id) or "up", why)
     else:
         why = f"{ins.reason}; it gets no new work while other hosts can run it (undo: Pool.drain(host, undo=True))"
         pool.host_state_changed(ins.host_id, HOST_UNFIT, why)
