@@ -4,6 +4,7 @@ and, over a real agent, kept results past the cap spilled, reported and still se
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from batuta import ObjectRef, Task
-from batuta.agent.objects import ObjectStore, default_cap, parse_object_memory
+from batuta.agent.objects import SPILL_RETRY_S, ObjectStore, default_cap, parse_object_memory
 from batuta.core.task import Backend
 from batuta.errors import AgentError, UsageError
 from batuta.runtime import events as pe
@@ -201,3 +202,37 @@ def test_the_store_is_capped_by_the_memory_cgroup_where_that_is_lower(tmp_path: 
     assert _cgroup_memory_limit(v1, own_v1) == 800 << 20
     assert host_memory(v1, own_v1) == 800 << 20  # under the RAM of any machine this runs on
     assert _cgroup_memory_limit(tmp_path / "none", tmp_path / "missing") == 0
+
+
+def test_a_refused_spill_is_not_tried_again_on_every_put_until_time_passes_or_a_spilled_file_goes(
+    tmp_path: Path,
+) -> None:
+    """Each put past the cap after a full disk refused a spill wrote the oldest value again
+    (as many bytes as it holds), failing the same way: the put paid a failed write each time."""
+    now = [0.0]
+    store = ObjectStore(1000, tmp_path, clock=lambda: now[0])
+    store.put(1, np.ones(200))  # 1,600 bytes: spilled while the disk has room
+    assert store.stats()[2] == 1600
+    writes: list[int] = []
+    real_write = store._write
+
+    def full_disk(object_id: int, value: object) -> Path:
+        writes.append(object_id)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    store._write = full_disk  # type: ignore[method-assign]
+    store.put(2, np.ones(200))
+    assert writes == [2]  # refused: kept in memory, over the cap
+    for object_id in range(3, 8):
+        store.put(object_id, np.ones(200))
+    assert writes == [2]  # not tried again: nothing could have changed
+    now[0] += SPILL_RETRY_S
+    store.put(8, np.ones(200))
+    assert writes == [2, 2]  # the back-off is over: tried once, refused again
+    store.put(9, np.ones(200))
+    assert writes == [2, 2]
+    store._write = real_write  # type: ignore[method-assign]
+    store.discard(1)  # a spilled file removed: room on the disk
+    store.put(10, np.ones(200))
+    assert store.memory_bytes <= 1000 and [np.asarray(store[i]).sum() for i in range(2, 11)] == [200.0] * 9
+    store.close()

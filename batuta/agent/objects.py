@@ -32,6 +32,7 @@ import contextlib
 import itertools
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,10 @@ ENV_GIVEN = f"{OBJECT_MEMORY_ENV} (in the host's environment, or its env in the 
 DEFAULT_FRACTION = 0.3  # of the host's RAM, when neither the option nor the variable says
 _NO_LIMIT = 1 << 62  # a spilled frame is this host's own file, not a peer's message
 _FOLDERS = itertools.count()  # several stores in one process (tests) get one folder each
+# After the disk refused a spill, none is tried for this long, or until a spilled file is
+# removed: every put past the cap tried again, paying a write (as large as the value) that
+# failed the same way, while nothing on the host could have changed.
+SPILL_RETRY_S = 30.0
 
 
 def parse_amount(text: str, total: int, *, zero_share: bool = False) -> int:
@@ -165,11 +170,14 @@ class ObjectStore(Mapping[int, object]):
         on_spill: Callable[[int], None] | None = None,
         on_evict: Callable[[int, int], None] | None = None,
         warn: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cap_bytes = max(0, cap_bytes)
         self._root = root
         self._warn = warn  # a spill the disk refused, said once until one succeeds again
         self._spill_refused = False
+        self._clock = clock
+        self._spill_retry_at = 0.0  # after a refusal: no spill tried before then (SPILL_RETRY_S)
         self._on_spill = on_spill  # told each object spilled: the slots drop their copies too
         self._on_evict = on_evict  # (object, slot): fetch it from that slot, to spill it
         self._folder: Path | None = None
@@ -285,6 +293,7 @@ class ObjectStore(Mapping[int, object]):
             self.spilled_bytes -= nbytes
             with contextlib.suppress(OSError):
                 path.unlink()
+            self._spill_retry_at = 0.0  # room on the disk again: a refused spill may fit now
 
     def nbytes(self, object_id: int) -> int:
         return self._nbytes.get(object_id, 0)
@@ -309,6 +318,8 @@ class ObjectStore(Mapping[int, object]):
     # -- spilling -------------------------------------------------------------------------
 
     def _spill_past_cap(self) -> None:
+        if self._spill_refused and self._clock() < self._spill_retry_at:
+            return  # the disk refused lately: over the cap until it may have room (SPILL_RETRY_S)
         while self.memory_bytes - self._evicting_bytes > self.cap_bytes:
             object_id = next((i for i in self._memory if i not in self._evicting), None)
             if object_id is None:
@@ -338,9 +349,11 @@ class ObjectStore(Mapping[int, object]):
                     f"cannot spill object {object_id} ({nbytes:,} bytes) to {self._folder or self._root / 'objects'}: "
                     f"{type(exc).__name__}: {exc.strerror or exc}; objects stay in memory, over the "
                     f"{self.cap_bytes:,}-byte cap, until it can: free space there, or set XDG_CACHE_HOME in "
-                    f"the host's env to a disk with room (said again only after a spill succeeds)"
+                    f"the host's env to a disk with room (tried again after {SPILL_RETRY_S:.0f} s or once a "
+                    f"spilled value is freed; said again only after a spill succeeds)"
                 )
             self._spill_refused = True
+            self._spill_retry_at = self._clock() + SPILL_RETRY_S
             return False
         self._spill_refused = False
         self.spilled_bytes += nbytes
