@@ -472,3 +472,23 @@ async def test_the_hello_names_each_kernel_modules_source_digest(start_agent: St
     assert agent.hello is not None
     assert agent.hello.modules == {"hostkernels": module_source_digest("hostkernels", [str(tmp_path)]), "not_here": ""}
     assert agent.hello.modules["hostkernels"]
+
+
+@BOTH_SPAWN_MODES
+async def test_an_unwritable_cache_names_its_folder_in_the_refusal_in_either_spawn_mode(
+    start_agent: StartAgent, tmp_path: Path
+) -> None:
+    """An exec'd slot (`BATUTA_SLOT_SPAWN=exec`) was not told why the agent had no code folder:
+    it imported the module itself and the task was refused for "No module named 'cs_mod'",
+    naming neither the cache folder nor the fix."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")  # the cache root cannot be made under it
+    agent = await start_agent("--slots", "1", "--gpus", "none", "--name", "h1", env={"XDG_CACHE_HOME": str(blocker)})
+    code = bundle({"cs_mod.py": KERNELS.format(version=1)}, ("cs_mod",))
+    why = (await loaded(agent, code)).errors["cs_mod"]
+    assert why.startswith(f"cannot write the code under {blocker / 'batuta' / CODE_FOLDER}: ")
+    agent.send(Run(tasks=(task(1, "cs_whoami", code=code),)))
+    refused = await agent.outcome(1)
+    assert refused.status is Outcome.UNFIT
+    assert refused.error == f"kernel 'cs_whoami' is unknown on host h1: importing cs_mod failed: {why}"
+    assert "set XDG_CACHE_HOME in the host's env to a folder with room" in why

@@ -109,10 +109,14 @@ class SlotCode:
 
     def arguments(self) -> list[str]:
         """This as the command line of an exec'd slot (`slot.py` reads it back). The agent's
-        import errors are left out: the slot meets them again when it imports."""
+        import errors are left out: the slot meets them again when it imports. Why the code
+        could not be written is not: without it the slot imported the modules from nowhere and
+        said "No module named ...", naming neither the cache folder nor the fix."""
         argv = ["--code-digest", self.digest, "--host", self.host]
         if self.directory is not None:
             argv += ["--code-dir", self.directory]
+        elif self.unwritten:
+            argv += ["--code-unwritten", next(iter(self.errors.values()), "the code could not be written")]
         for module in self.modules:
             argv += ["--code-module", module]
         return argv

@@ -552,7 +552,7 @@ def _unkept(outcome: TaskOutcome, error: str) -> TaskOutcome:
 def _parse(argv: list[str]) -> tuple[int, int, tuple[str, ...], SlotCode, int | None]:
     slot, agent_pid, modules = -1, 0, []
     agent_stderr: int | None = None
-    digest, directory, code_modules, host = "", None, [], ""
+    digest, directory, code_modules, host, unwritten = "", None, [], "", ""
     args = iter(argv)
     for arg in args:
         if arg == "--slot":
@@ -567,6 +567,8 @@ def _parse(argv: list[str]) -> tuple[int, int, tuple[str, ...], SlotCode, int | 
             directory = next(args)
         elif arg == "--code-module":
             code_modules.append(next(args))
+        elif arg == "--code-unwritten":  # why the agent could not write the code (each module's error)
+            unwritten = next(args)
         elif arg == "--host":
             host = next(args)
         elif arg == "--agent-stderr":
@@ -575,7 +577,8 @@ def _parse(argv: list[str]) -> tuple[int, int, tuple[str, ...], SlotCode, int | 
             raise SystemExit(f"batuta slot: unknown argument {arg!r}")
     if slot < 0:
         raise SystemExit("batuta slot: --slot N is required")
-    code = SlotCode(digest=digest, directory=directory, modules=tuple(code_modules), host=host)
+    errors = dict.fromkeys(code_modules, unwritten) if unwritten else {}
+    code = SlotCode(digest=digest, directory=directory, modules=tuple(code_modules), errors=errors, host=host)
     return slot, agent_pid, tuple(modules), code, agent_stderr
 
 
