@@ -93,8 +93,8 @@ def test_a_host_offering_what_no_other_does_is_not_marked_and_its_refusals_are_b
     sim.assert_each_resolved_once()
     assert sim.status_of(gpu) is TaskStatus.FAILED and sim.resolved[gpu][0].reason == WHY
     assert announced(sim) == []  # it alone runs GPU work: kept
-    for task_id in cpu:  # refused by bad, run by good, or lost after max_attempts + 2 refusals
-        assert sim.status_of(task_id) in (TaskStatus.SUCCEEDED, TaskStatus.LOST)
+    for task_id in cpu:  # refused by bad, run by good, or failed after max_attempts + 2 refusals
+        assert sim.status_of(task_id) in (TaskStatus.SUCCEEDED, TaskStatus.FAILED)
     assert any(sim.resolved[t][0].slot_id == "good/0" for t in cpu)
     sim.sched.validate()
 
@@ -209,3 +209,59 @@ def test_a_lifted_mark_is_announced_as_what_the_host_is_now_not_as_unfit() -> No
     assert said[0][2] == f"no longer unfit ({WHY}): it is given work again, as no other host can run what waits"
     view = HostView(name="bad", state="up", description="", slots=1, gpus=(), cpu_count=1, last_heard_s=0.0)
     assert [v.state for v in host_views([view], sim.sched)] == ["up"]
+
+
+def refuse_and_run_one_at_a_time(sim: Sim, bad: set[str], tasks: int) -> None:
+    """Hosts in `bad` refuse whatever they hold, the others run one task per step, until
+    `tasks` tasks are resolved: the kept host's idle slot steals from a deep deque meanwhile."""
+    for _ in range(10_000):
+        for host in bad:
+            refuse_all(sim, host)
+        for slot_id, slot in sim.slots.items():
+            sim.answer_steals(slot_id)
+            if slot.host_id not in bad:
+                sim.deliver(slot_id)
+                if slot.running is not None:
+                    sim.finish(slot_id)
+                else:
+                    sim.start(slot_id)
+                sim.deliver(slot_id)
+        if len(sim.resolved) == tasks:
+            return
+    raise AssertionError("did not settle")
+
+
+def test_a_task_refused_by_a_kept_host_stays_off_it_and_runs_elsewhere_not_lost_as_a_host_gone_down() -> None:
+    """The only GPU host refused CPU tasks (a put too big for it) and was kept, as it alone runs
+    GPU work: its idle slot stole each refused task back from the deep queue of the host that
+    could run it, and after 3 refusals the task was LOST as "its host went down 3 times ... the
+    task itself may be what brings the host down", while the host had never gone down."""
+    sim = cluster(("gpu", ("cpu", "gpu")), ("cpu", ("cpu",)), slots=1)
+    gpu = sim.submit(requires=("gpu",))
+    cpu = [sim.submit(max_attempts=1) for _ in range(12)]
+    refuse_and_run_one_at_a_time(sim, {"gpu"}, 13)
+    sim.assert_each_resolved_once()
+    assert sim.status_of(gpu) is TaskStatus.FAILED and sim.resolved[gpu][0].reason == WHY
+    assert [(sim.status_of(t), sim.resolved[t][0].slot_id) for t in cpu] == [(TaskStatus.SUCCEEDED, "cpu/0")] * 12
+    assert {sim.resolved[t][0].attempts for t in cpu} == {1}
+    assert announced(sim) == []  # still not marked: it alone runs GPU work
+    sim.sched.validate()
+
+
+def test_a_task_every_capable_host_refuses_fails_with_the_hosts_reason_after_a_bounded_number() -> None:
+    """Two hosts each alone offering something (a GPU, a tag) both refuse a CPU task: neither
+    is marked, and the task would go from one to the other for ever."""
+    sim = cluster(("gpu", ("cpu", "gpu")), ("tagged", ("cpu", "tag")), slots=1)
+    task = sim.submit(max_attempts=1)
+    refuse_and_run_one_at_a_time(sim, {"gpu", "tagged"}, 1)
+    result = sim.resolved[task][0]
+    assert result.status is TaskStatus.FAILED
+    assert result.reason is not None and result.reason.startswith(WHY)
+    assert result.reason.endswith(
+        "(given back 3 times before it started, the last by host gpu; max_attempts=1 allows 3)"
+    ) or (
+        result.reason.endswith(
+            "(given back 3 times before it started, the last by host tagged; max_attempts=1 allows 3)"
+        )
+    )
+    sim.sched.validate()

@@ -246,7 +246,10 @@ def copy_slot(s: Scheduler, entry: TaskEntry) -> SlotRecord | None:
 
 
 def may_steal(entry: TaskEntry, thief: SlotRecord, victim_depth: int, slack: int) -> bool:
-    """Whether `thief` may take `entry` from a deque `victim_depth` long (locality rule)."""
+    """Whether `thief` may take `entry` from a deque `victim_depth` long (locality rule), and
+    not back to a host that refused it (`hostfit.py`)."""
+    if entry.refused_on == thief.host_id:
+        return False
     if victim_depth > slack or entry.home is None:
         return True
     return entry.home == thief.host_id and (entry.home_slot is None or entry.home_slot == thief.slot_id)

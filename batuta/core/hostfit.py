@@ -16,10 +16,23 @@ through relaunches (the same memory, the same disk) until `Pool.drain(host, undo
 A host is marked only while everything it can run, another host fit for work can run as
 well (`_replaceable`): a refused task with no other host to go to fails with the agent's
 reason, which names the fix, and its host goes on running the rest. A host that offers
-something no other does (its GPU, a tag) is not marked either: its refused tasks go
-elsewhere, counted as losses before a start (`recovery.py`'s bound), so that a task every
-other host lacks the means for still ends. And when the hosts that made an unfit host
-replaceable are gone (retired), its mark is lifted (`review`): it runs what waits again.
+something no other does (its GPU, a tag) is not marked either: a task it refuses goes
+elsewhere and stays off it (`TaskEntry.refused_on`: its slots do not steal it back, which
+had them draw it again and again until it was lost as "its host went down 3 times"), and
+should it come back there all the same (from the queue) it fails after `max_attempts + 2`
+refusals with the host's reason, so that a task every other host lacks the means for still
+ends. And when the hosts that made an unfit host replaceable are gone (retired), its mark is
+lifted (`review`): it runs what waits again.
+
+The mark is per host, not per kind of work: a `put` value too big for a host keeps all work
+off it, even tasks that never read that value. Keeping only the value's readers off it would
+take the scheduler knowing which value an "unfit" answer was about (the agent says it in
+words alone) and every placement skipping that value's readers for that host: the queue a
+slot takes from is one heap per capability class, shared by all hosts, so a skip there is a
+scan. `refused_on` keeps each refused task off the host, but its idle slots would still draw
+every other reader once, and refuse it, for a whole map's length. So a value too big for a
+host is treated as the host's lack (as its memory is), which `Pool.drain(host, undo=True)`
+lifts.
 """
 
 from __future__ import annotations
@@ -42,12 +55,31 @@ def refused(s: Scheduler, entry: TaskEntry, slot: SlotRecord, reason: str) -> No
         s._resolve(entry, TaskStatus.FAILED, reason, slot_id=slot.slot_id)
         return
     entry.attempts -= 1  # the host's failure, not an attempt of the task
+    why = f"host {host} cannot run it: {reason}"
     if host not in s._unfit:
         if _replaceable(s, host):
             mark(s, host, reason)
-        elif recovery.lost_too_often_unstarted(s, entry, slot, reason):
-            return  # resolved there, naming why
-    recovery.requeue(s, entry, slot, f"host {host} cannot run it: {reason}", elsewhere=True)
+        else:  # kept for what only it offers (module docstring); this task stays off it
+            entry.refused_on = host
+            if _refused_too_often(s, entry, slot, reason):
+                return
+            why += " (not marked unfit: it alone offers some of what its slots do; this task stays off it)"
+    recovery.requeue(s, entry, slot, why, elsewhere=True)
+
+
+def _refused_too_often(s: Scheduler, entry: TaskEntry, slot: SlotRecord, reason: str) -> bool:
+    """Fail, with the host's reason, a task refused again and again by hosts kept for what
+    only they offer (or lost before it started as often): it would bounce for ever."""
+    entry.unstarted_losses += 1
+    allowed = entry.max_attempts + recovery.UNSTARTED_LOSSES_OVER_ATTEMPTS
+    if entry.unstarted_losses < allowed:
+        return False
+    why = (
+        f"{reason} (given back {entry.unstarted_losses} times before it started, the last by host "
+        f"{slot.host_id}; max_attempts={entry.max_attempts} allows {allowed})"
+    )
+    s._resolve(entry, TaskStatus.FAILED, why, slot_id=slot.slot_id)
+    return True
 
 
 def mark(s: Scheduler, host: HostId, reason: str) -> None:

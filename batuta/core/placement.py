@@ -118,6 +118,7 @@ class TaskEntry:
     # whatever this attempt reports is not its result
     void: bool = False
     tail: bool = False  # its current attempt was sent as a tail task (tailfeed.py)
+    refused_on: HostId | None = None  # a host that refused it and was kept: not stolen there (hostfit.py)
 
 
 @dataclass(slots=True, eq=False)
