@@ -31,9 +31,10 @@ from batuta.agent.telemetry import (
     open_telemetry,
     package_versions,
 )
+from batuta.core.task import KernelCall
 from batuta.errors import UsageError
-from batuta.protocol.codec import FrameDecoder
-from batuta.protocol.messages import GpuInfo, SlotChanged, SlotInfo, TaskOutcome
+from batuta.protocol.codec import FrameDecoder, encode_message
+from batuta.protocol.messages import Done, GpuInfo, Run, SlotChanged, SlotInfo, TaskOutcome, TaskRequest
 from batuta.transport.base import Buffer
 from batuta.transport.fdio import PIPE_BYTES, FdReader, FdWriter, widen_pipe
 
@@ -308,25 +309,42 @@ def test_a_forked_slot_that_cannot_start_says_why_on_its_stderr_pipe(monkeypatch
 
 
 @pytest.mark.parametrize("mode", ["fork", "exec"])
-def test_a_ready_slot_writes_to_the_agents_stderr_not_the_pipe(mode: str) -> None:
-    """Once ready, a slot drops the pipe the agent reads (its end comes while the slot runs): a
-    kernel printing much then slows itself, not the agent passing its every line on."""
+def test_a_ready_slot_writes_to_the_agents_stderr_not_the_pipe(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once ready, a slot writes to the agent's stderr, not to the pipe the agent reads: a
+    kernel printing much then slows itself, not the agent passing its every line on. (The
+    pipe stays open for a fatal signal's dump alone, `slot_stderr.py`: nothing else comes.)"""
     if mode == "fork" and spawn_mode({}) != "fork":
         pytest.skip("no fork here")
     path = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
-    proc, to_slot, from_slot, stderr = spawn.spawn_slot(slot=0, env=env, kernel_modules=(), mode=mode, code=SlotCode())
+    modules = ("tests.support.misbehaving_kernels",)
+    for name in ("stdout", "stderr"):  # fds 1 and 2, as in an agent (a forked slot closes pytest's capture)
+        monkeypatch.setattr(sys, name, getattr(sys, f"__{name}__"))
+    proc, to_slot, from_slot, stderr = spawn.spawn_slot(
+        slot=0, env=env, kernel_modules=modules, mode=mode, code=SlotCode()
+    )
     try:
         decoder = FrameDecoder()
-        while (message := decoder.next_message()) is None:
-            assert select.select([from_slot], [], [], 60)[0], "the slot said nothing in 60 s"
-            decoder.feed(os.read(from_slot, 65536))
+
+        def next_message() -> object:
+            while (message := decoder.next_message()) is None:
+                assert select.select([from_slot], [], [], 60)[0], "the slot said nothing in 60 s"
+                decoder.feed(os.read(from_slot, 65536))
+            return message
+
+        message = next_message()
         assert isinstance(message, SlotChanged) and message.state == "up"
-        assert _read_to_end(stderr) == b""
-        assert proc.poll() is None  # the end came from the slot letting the pipe go, not from its exit
-    finally:
+        call = KernelCall(name="test_print", args=(5,))
+        os.write(to_slot, encode_message(Run(tasks=(TaskRequest(task_id=1, slot=0, attempt=1, call=call),))))
+        while not isinstance(message := next_message(), Done):
+            pass
+        assert [(o.task_id, o.value, o.error) for o in message.results] == [
+            (1, 5, None)
+        ]  # it printed, to the agent's stderr
         os.close(to_slot)  # its input ends: it exits
         assert proc.wait(timeout=60) == 0
+        assert _read_to_end(stderr) == b""  # nothing came through the pipe
+    finally:
         for fd in (from_slot, stderr):
             os.close(fd)
 

@@ -1,13 +1,18 @@
-"""What `Pool.hosts()` and the host events say about a host the scheduler holds, on a real
-local agent: drained by request, unfit, and a mark lifted."""
+"""What a user reads about a host and its slots, on a real local agent: `Pool.hosts()` for a
+host drained by request, and the reason a slot that died mid-run gives."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 
-from batuta import Task, TaskStatus
+import pytest
+
+from batuta import Pool, Task, TaskStatus
+from batuta.agent.slot_stderr import fault
 from batuta.runtime import events as pe
-from tests.test_pool import make_pool
+from batuta.runtime.builder import PoolConfig, local_host
+from tests.test_pool import REPO, TEST_KERNELS, make_pool
 
 WAIT_S = 60.0
 
@@ -35,3 +40,34 @@ async def test_pool_hosts_says_draining_then_drained_as_the_events_do_and_up_aft
         assert [(v.name, v.state) for v in pool.hosts()] == [("local", "up")]
         assert (await pool.run(Task.kernel("noop", 3))).value == 3
     assert [state for state, _ in said] == ["draining", "drained", "up"]
+
+
+@pytest.mark.parametrize("spawn", ["fork", "exec"])
+async def test_a_slot_that_segfaults_mid_run_names_the_fatal_error_and_the_kernels_frame(spawn: str) -> None:
+    """A slot that died of a segfault in native code after it was ready said only "killed by
+    signal 11 (SIGSEGV) while running it": its stderr pipe was read only while it started."""
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "BATUTA_SLOT_SPAWN": spawn}
+    host = local_host(1, gpus="none", kernel_modules=[TEST_KERNELS], env=env)
+    async with asyncio.timeout(WAIT_S), Pool([host], PoolConfig()) as pool:
+        crashed = await pool.run(Task.kernel("test_segfault", max_attempts=1))
+        assert (await pool.run(Task.kernel("noop", 4))).value == 4  # its slot was started again
+    assert crashed.status is TaskStatus.LOST
+    assert "killed by signal 11 (SIGSEGV); Fatal Python error: Segmentation fault (in string_at at " in (
+        crashed.error or ""
+    ), crashed.error
+    assert "called from test_segfault at misbehaving_kernels.py:" in (crashed.error or ""), crashed.error
+
+
+def test_a_fault_dump_is_summarised_as_its_error_and_innermost_frames_and_anything_else_as_nothing() -> None:
+    dump = (
+        "noise from before\n"
+        "Fatal Python error: Aborted\n\n"
+        "Current thread 0x00007f (most recent call first):\n"
+        '  File "/x/lib/native.py", line 7 in boom\n'
+        '  File "/y/mod.py", line 12 in kern\n'
+        '  File "/z/slot.py", line 400 in run\n\n'
+        "Extension modules: numpy.core (total: 1)\n"
+    )
+    assert fault(dump) == "Fatal Python error: Aborted (in boom at native.py:7, called from kern at mod.py:12)"
+    assert fault("Fatal Python error: Segmentation fault\n") == "Fatal Python error: Segmentation fault"
+    assert fault("a warning read late, from before the slot was ready\n") == ""

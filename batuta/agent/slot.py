@@ -53,6 +53,7 @@ SIGTERM, whose handler kills the slot's whole process group.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import select
 import signal
@@ -172,9 +173,13 @@ def _binary_env(environ: Mapping[str, str]) -> dict[str, str]:
 def _restore_stderr(agent_stderr: int | None) -> None:
     """Once ready, write straight to the agent's stderr (fd 1 too), no longer through the pipe
     the agent reads while the slot starts (`slot_stderr.py`): a kernel printing a lot then
-    slows itself, as before, not the agent's loop, which would pass every line on."""
+    slows itself, as before, not the agent's loop, which would pass every line on. A fatal
+    signal's dump (faulthandler: a segfault in native code, an abort) still goes to the pipe,
+    so that the agent's reason for the slot's death names it and the kernel's line."""
     if agent_stderr is None:
         return
+    with contextlib.suppress(OSError):
+        faulthandler.enable(file=os.dup(2), all_threads=False)  # a dup: fd 2 changes below
     with contextlib.suppress(OSError):
         os.dup2(agent_stderr, 2)
         os.dup2(2, 1)

@@ -514,6 +514,8 @@ class SlotSupervisor:
 
     def _on_ready(self) -> None:
         self._ready = True
+        if self._stderr is not None:
+            self._stderr.ready()
         self.state = SLOT_UP
         if self._announce_up:
             self._announce_up = False
@@ -637,8 +639,10 @@ class SlotSupervisor:
         if proc is None:
             return
         # Before it was ready its stderr says why it could not start (EMFILE, an import error);
-        # after, the line would be old (the slot writes to the agent's stderr itself by then).
-        last_line = self._close_stderr() if not self._ready else ""
+        # after, only a fatal signal's dump comes there (the slot writes to the agent's stderr
+        # itself by then): the error and where, or "".
+        said = self._close_stderr()
+        said = f"; its last line on stderr: {said}" if said and not self._ready else f"; {said}" if said else ""
         self._detach_process()
         try:
             returncode = proc.wait(timeout=1.0)  # it is dead or was just SIGKILLed
@@ -651,9 +655,7 @@ class SlotSupervisor:
                 how += ": out of memory on the host (the kernel's OOM killer), if no one killed it"
         except subprocess.TimeoutExpired:
             how = "stopped responding"
-        reason = f"slot {self.index} worker process (pid {proc.pid}) {how}"
-        if last_line:
-            reason += f"; its last line on stderr: {last_line}"
+        reason = f"slot {self.index} worker process (pid {proc.pid}) {how}{said}"
         self._lost_process(reason)  # the objects it held are reported before any outcome
         head_running = bool(self.fed) and self._head_started_at is not None
         if head_running:

@@ -17,6 +17,16 @@ def test_crash() -> None:
 test_crash.cpu(test_crash.reference)
 
 
+@kernel("test_segfault", description="Read address 0 through ctypes: a segfault in native code.")
+def test_segfault() -> None:
+    import ctypes
+
+    ctypes.string_at(0)
+
+
+test_segfault.cpu(test_segfault.reference)
+
+
 @kernel("test_raise", description="Raise ValueError with the given message.")
 def test_raise(message: str) -> None:
     raise ValueError(message)
