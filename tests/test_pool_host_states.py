@@ -10,8 +10,10 @@ import pytest
 
 from batuta import Pool, Task, TaskStatus
 from batuta.agent.slot_stderr import fault
+from batuta.observers.metrics import MetricsExporter
 from batuta.runtime import events as pe
 from batuta.runtime.builder import PoolConfig, local_host
+from tests.test_metrics import parse, value
 from tests.test_pool import REPO, TEST_KERNELS, make_pool
 
 WAIT_S = 60.0
@@ -36,6 +38,9 @@ async def test_pool_hosts_says_draining_then_drained_as_the_events_do_and_up_aft
             while said[-1][0] != "drained":
                 await asyncio.sleep(0.01)  # a bounded poll while the loop serves the agent
         assert [(v.name, v.state) for v in pool.hosts()] == [("local", "drained")]
+        families = parse(MetricsExporter(pool).render())  # its agent is up: drained is no host down
+        assert value(families, "batuta_host_up", host="local") == 1
+        assert value(families, "batuta_host_state", host="local", state="drained") == 1
         pool.drain("local", undo=True)
         assert [(v.name, v.state) for v in pool.hosts()] == [("local", "up")]
         assert (await pool.run(Task.kernel("noop", 3))).value == 3

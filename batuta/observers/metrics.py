@@ -121,10 +121,12 @@ HOST_STATES = (
     "retired",
     "unreachable",
     "draining",
+    "drained",
     "unfit",
     "closed",
 )
-_HOST_UP_STATES = frozenset({"up", "draining", "unfit"})  # unfit: its agent is up, it gets no new work
+# draining, drained (`Pool.drain`) and unfit: its agent is up, it gets no new work
+_HOST_UP_STATES = frozenset({"up", "draining", "drained", "unfit"})
 _RAN_STATUSES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.TIMED_OUT})
 _NONE = "none"  # label value where a task has no host or backend (it never ran)
 
