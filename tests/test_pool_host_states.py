@@ -76,3 +76,21 @@ def test_a_fault_dump_is_summarised_as_its_error_and_innermost_frames_and_anythi
     assert fault(dump) == "Fatal Python error: Aborted (in boom at native.py:7, called from kern at mod.py:12)"
     assert fault("Fatal Python error: Segmentation fault\n") == "Fatal Python error: Segmentation fault"
     assert fault("a warning read late, from before the slot was ready\n") == ""
+
+
+async def test_an_undrain_that_lifts_an_unfit_mark_says_so() -> None:
+    """`Pool.drain(host, undo=True)` on an unfit host said only "undrained", of a host never drained."""
+    from batuta.core import hostfit
+
+    said: list[tuple[str, str]] = []
+    why = "host local could not hold put value 1 in memory: 8 bytes; run it on a host with more free memory"
+    async with asyncio.timeout(WAIT_S), make_pool(slots=1) as pool:
+        pool.subscribe(lambda e: said.append((e.state, e.reason)) if isinstance(e, pe.HostStateChanged) else None)
+        hostfit.mark(pool._scheduler, "local", why)  # as a refused task would (test_scheduler_hostfit.py)
+        pool._handle([])
+        assert [(v.name, v.state) for v in pool.hosts()] == [("local", "unfit")]
+        pool.drain("local", undo=True)
+        assert [(v.name, v.state) for v in pool.hosts()] == [("local", "up")]
+        assert (await pool.run(Task.kernel("noop", 5))).value == 5
+    assert [state for state, _ in said] == ["unfit", "up"]
+    assert said[-1][1] == f"no longer unfit ({why}): undrained"
