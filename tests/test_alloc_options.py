@@ -123,12 +123,12 @@ def test_values_the_cluster_file_takes_are_taken_and_read_alike_on_the_command_l
 ) -> None:
     """`--gpus "[1, 0,1]"`, the file's spelling as the refusal of a bad value shows it, is taken."""
     done = alloc(fake_sbatch, tmp_path, "--gpus", "[1, 0,1]", "--slots", "0", "--time", "1-2:03")
-    assert done.returncode == 3 and len(calls(fake_sbatch)) == 1, done.stderr  # taken: sbatch was asked
+    assert done.returncode == 2 and len(calls(fake_sbatch)) == 1, done.stderr  # taken: sbatch was asked (and refused)
     by_options = node_step(tmp_path / "jobs")
     (tmp_path / "lab.toml").write_text(
         table(gpus='" 1, 0,1"', slots="0", time='"1-2:03"', directory=f'"{tmp_path / "from-file"}"')
     )
-    assert batuta(fake_sbatch, tmp_path, "run", "pi", "-c", "lab.toml").returncode == 3
+    assert batuta(fake_sbatch, tmp_path, "run", "pi", "-c", "lab.toml").returncode == 2
     by_file = node_step(tmp_path / "from-file")
     for step in (by_options, by_file):
         assert step[step.index("--gpus") + 1] == "1,0"  # the same indices, each once
@@ -227,13 +227,16 @@ def test_the_cluster_files_directory_is_checked_by_the_same_rule_naming_its_key(
         Allocation(AllocationConfig(nodes=1, time="5", directory=blocker))
 
 
-def test_an_sbatch_refusal_is_said_once(fake_sbatch: Path, tmp_path: Path) -> None:
+def test_an_sbatch_refusal_is_said_once_as_the_allocations_configuration_error(
+    fake_sbatch: Path, tmp_path: Path
+) -> None:
+    """It was "no host could be started, so nothing ran: sbatch refused ...", exit 3: hosts
+    blamed for the allocation's own options."""
     done = alloc(fake_sbatch, tmp_path, "--gpus", "none")
-    assert done.returncode == 3, done.stderr
+    assert done.returncode == 2, done.stderr
     assert done.stderr.count(REFUSAL) == 1, done.stderr
     assert done.stderr.splitlines() == [
-        f"batuta: error: no host could be started, so nothing ran: sbatch refused the allocation: {REFUSAL}; "
-        "check the sbatch options"
+        f"batuta: error: allocation slurm: sbatch refused the job: {REFUSAL}; check the sbatch options"
     ]
     assert len(calls(fake_sbatch)) == 1  # one allocation, asked for once
 
@@ -243,11 +246,10 @@ def test_a_file_of_allocations_alone_is_not_sent_to_stack_check_which_has_nothin
 ) -> None:
     (tmp_path / "alloc.toml").write_text(table(directory=f'"{tmp_path / "jobs"}"'))
     done = batuta(fake_sbatch, tmp_path, "run", "pi", "-c", "alloc.toml")
-    assert done.returncode == 3, done.stderr
-    assert done.stderr.splitlines()[-1] == (
-        f"batuta: error: no host could be started, so nothing ran: sbatch refused the allocation: {REFUSAL}; "
-        "check the sbatch options"
-    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"batuta: error: allocation slurm: sbatch refused the job: {REFUSAL}; check the sbatch options"
+    ]
 
 
 def test_a_refusal_beside_other_hosts_is_left_to_the_summary_and_the_log_file(
@@ -267,7 +269,7 @@ def test_sbatch_s_own_error_line_is_kept_and_its_help_hint_dropped() -> None:
     from batuta.runtime.slurm import _said
 
     said = "sbatch: unrecognized option '--bogus-option'\nTry \"sbatch --help\" for more information\n"
-    assert _said(said) == "sbatch: unrecognized option '--bogus-option'"
+    assert _said(said) == "unrecognized option '--bogus-option'"  # "sbatch refused the job: sbatch: ..." no more
     assert _said(f"sbatch: error: {REFUSAL}\n") == REFUSAL
     assert _said("something odd\n") == "something odd"
 

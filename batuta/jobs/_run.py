@@ -285,9 +285,16 @@ async def run_job(
 
 async def _start(pool: Pool) -> None:
     """Start every host; none starting is `HostsUnreachableError`, or `ConfigError` when each failed
-    on a file or setting of this machine's (the pool closes itself then)."""
+    on a file or setting of this machine's (the pool closes itself then). An allocation's own
+    error is said as it is: "no host could be started" blamed hosts for its settings."""
+    from batuta.runtime.slurm import AllocationConfigError, AllocationError
+
     try:
         await pool.start()
+    except AllocationConfigError as exc:  # its settings (sbatch's options, its bind): it names them and the fix
+        raise ConfigError(str(exc)) from exc
+    except AllocationError as exc:  # an allocation alone in the pool, whose job could not be had: it says why
+        raise HostsUnreachableError(str(exc)) from exc
     except HostConfigError as exc:  # every host failed on a file or setting of this machine's
         raise ConfigError(f"no host could be started, so nothing ran: {exc}") from exc
     except (AgentError, TransportError) as exc:

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 from batuta.agent.dial import parse_greeting
-from batuta.errors import ConfigError, HostConfigError
+from batuta.errors import ConfigError
 from batuta.runtime import slurm
 from batuta.runtime.allocation_config import AllocationConfig
 from batuta.runtime.session import HostSpec, Launcher
@@ -250,7 +250,7 @@ class Allocation:
                 self._on_node, host, port, ssl=context, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S, limit=READ_CHUNK
             )
         except OSError as exc:  # this machine's setting, as a folder it cannot make: exit 2, not "no host"
-            raise HostConfigError(
+            raise slurm.AllocationConfigError(
                 # asyncio's strerror is "error while attempting to bind on address (...): ..."
                 f"allocation {config.name}: cannot listen on {config.bind}: "
                 f"{os.strerror(exc.errno) if exc.errno else exc}; set bind to an "
@@ -288,7 +288,10 @@ class Allocation:
             step=step,
         )
         write_public(script, text.encode(), overwrite=True)
-        self.job_id = await slurm.submit(script, config.sbatch_options)
+        try:
+            self.job_id = await slurm.submit(script, config.sbatch_options)
+        except slurm.AllocationError as exc:  # named: beside other hosts, or alone, it is this allocation's
+            raise type(exc)(f"allocation {config.name}: {exc}") from None
         self.state = "PENDING"
         atexit.register(self._cancel_at_exit)
         log.info(
@@ -309,7 +312,7 @@ class Allocation:
         try:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:  # this machine's setting: a configuration error (exit 2), as folder_problem's
-            raise HostConfigError(
+            raise slurm.AllocationConfigError(
                 f"allocation {self.config.name}: cannot create {directory}: {exc.strerror}; set "
                 f"{self.config.directory_setting} to a folder on a file system the nodes share"
             ) from None

@@ -18,7 +18,7 @@ import subprocess
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from batuta.errors import TransportError, UsageError
+from batuta.errors import HostConfigError, TransportError, UsageError
 from batuta.transport.base import signal_process
 
 COMMAND_TIMEOUT_S = 30.0
@@ -57,6 +57,13 @@ class AllocationError(TransportError):
     """A batch allocation could not be submitted, or ended: its nodes cannot join (not retryable)."""
 
     retryable = False
+
+
+class AllocationConfigError(AllocationError, HostConfigError):
+    """An allocation cannot be had as its settings say: sbatch refused its options (a partition
+    that does not exist, an unknown option), or this machine cannot listen on its bind or make
+    its folder. The message names the allocation and the fix; `batuta run` says it as it is
+    (no host of it could start, but the fix is in its settings) and exits 2."""
 
 
 def time_limit_seconds(text: str) -> int:
@@ -142,9 +149,9 @@ async def _run(
             stderr=asyncio.subprocess.PIPE,
         )
     except FileNotFoundError:
-        raise AllocationError(f"{what}: {argv[0]} not found; is this a Slurm login node (PATH)?") from None
+        raise AllocationError(f"{argv[0]} not found; is this a Slurm login node (PATH)?") from None
     except OSError as exc:
-        raise AllocationError(f"{what}: cannot run {argv[0]}: {exc.strerror}") from None
+        raise AllocationError(f"cannot run {argv[0]}: {exc.strerror}") from None
     talk = asyncio.ensure_future(process.communicate())
     try:
         out, err = await asyncio.wait_for(asyncio.shield(talk), COMMAND_TIMEOUT_S)
@@ -176,7 +183,8 @@ def _said(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("Try ")]
     errors = [line for line in lines if "error:" in line or "fatal:" in line or "unrecognized" in line]
     said = errors or lines[-1:]
-    return "; ".join(line.removeprefix("sbatch: error: ").removeprefix("sbatch: fatal: ") for line in said)
+    prefixes = ("sbatch: error: ", "sbatch: fatal: ", "sbatch: ")  # "sbatch refused ...: sbatch: ..." said it twice
+    return "; ".join(next((line[len(p) :] for p in prefixes if line.startswith(p)), line) for line in said)
 
 
 async def submit(script: Path, options: Sequence[str]) -> str:
@@ -199,7 +207,7 @@ async def submit(script: Path, options: Sequence[str]) -> str:
                 f"sbatch cannot reach Slurm's controller: {said}; run batuta where sbatch works (a login node), "
                 "or check SLURM_CONF and that slurmctld is up (scontrol ping)"
             )
-        raise AllocationError(f"sbatch refused the allocation{given}: {said}; check the sbatch options")
+        raise AllocationConfigError(f"sbatch refused the job{given}: {said}; check the sbatch options")
     return job_id
 
 
