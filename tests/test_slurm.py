@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import re
 import signal
@@ -98,8 +99,9 @@ def _allocation_of(pool: Pool) -> Allocation:
 
 
 async def test_an_allocation_runs_tasks_on_both_nodes_and_requeues_them_when_cancelled(
-    slurm_env: SlurmCluster, tmp_path: Path
+    slurm_env: SlurmCluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="batuta.runtime.hosts")
     cluster = parse_cluster(allocation_file(tmp_path))
     pool = build_pool(cluster)
     record = Recorder(pool)
@@ -142,6 +144,13 @@ async def test_an_allocation_runs_tasks_on_both_nodes_and_requeues_them_when_can
         await record.until(lambda: retired() == {"slurm-0", "slurm-1"}, "both nodes retired")
         reasons = {e.reason for e in record.of(pe.HostStateChanged) if e.state == "retired"}
         assert all(f"job {allocation.job_id} ended" in reason for reason in reasons), reasons
+        # said once per node, by its retirement; a "relaunch 1 failed: ... job 42 ended" warning
+        # said it first, another long line per node on the console of `batuta alloc`
+        ended = [r for r in caplog.records if f"job {allocation.job_id} ended" in r.getMessage()]
+        assert sorted((r.levelname, r.args[0]) for r in ended if isinstance(r.args, tuple)) == [
+            ("ERROR", "slurm-0"),
+            ("ERROR", "slurm-1"),
+        ], [r.getMessage() for r in ended]
         assert all(state == "retired" for state in (h.state for h in pool.hosts()))
         results_after = [await asyncio.wait_for(f, WAIT_S) for f in long]
         assert all(r.status is not TaskStatus.SUCCEEDED for r in results_after)  # no node is left to run them

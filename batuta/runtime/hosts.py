@@ -339,7 +339,12 @@ class HostSupervisor:
                 else:
                     await self._bounded_start(session)
             except (AgentError, TransportError, OSError) as exc:
-                log.warning("host %s relaunch %d failed: %s", session.name, attempt, exc, extra={"host": session.name})
+                # not retryable: the retirement says it next ("cannot be used: WHY"), as for a first start;
+                # an allocation's ended job was said twice per node, the one "relaunch failed" line each
+                if not (isinstance(exc, TransportError) and not exc.retryable):
+                    log.warning(
+                        "host %s relaunch %d failed: %s", session.name, attempt, exc, extra={"host": session.name}
+                    )
                 self._launch_failed(session, exc)
             finally:
                 self._launches.pop(session.name, None)
