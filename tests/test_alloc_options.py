@@ -264,6 +264,22 @@ def test_a_refusal_beside_other_hosts_is_left_to_the_summary_and_the_log_file(
     assert log.read_text().count(REFUSAL) >= 3  # the log file keeps every line
 
 
+def test_quiet_says_a_refusal_beside_other_hosts_once_for_all_the_nodes(fake_sbatch: Path, tmp_path: Path) -> None:
+    """-q's last lines said it once per node: `batuta: host slurm-0 retired: ...`, slurm-1, slurm-2."""
+    (tmp_path / "local.toml").write_text('[local]\nslots = 1\ngpus = "none"\n')
+    done = alloc(fake_sbatch, tmp_path, "-c", "local.toml", "-q")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "batuta: hosts slurm-0, slurm-1 and slurm-2 retired: allocation slurm: sbatch refused the job: "
+        f"{REFUSAL}; check the sbatch options"
+    ]
+    many = alloc(fake_sbatch, tmp_path, "-c", "local.toml", "-q", "--nodes", "6", "--node-prefix", "n")
+    assert many.stderr.splitlines() == [
+        f"batuta: hosts n-0, n-1, n-2 and 3 more retired: allocation n: sbatch refused the job: {REFUSAL}; "
+        "check the sbatch options"
+    ]
+
+
 def test_sbatch_s_own_error_line_is_kept_and_its_help_hint_dropped() -> None:
     """`-- --bogus-option` said only 'Try "sbatch --help" for more information'."""
     from batuta.runtime.slurm import _said

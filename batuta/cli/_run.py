@@ -7,14 +7,14 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from batuta.errors import BatutaError, UsageError
 
 if TYPE_CHECKING:
-    from batuta.jobs import Job, RunOutcome, RunSummary
+    from batuta.jobs import HostSummary, Job, RunOutcome, RunSummary
     from batuta.runtime.cluster import ClusterConfig
 
 from batuta.cli._common import (
@@ -432,12 +432,33 @@ def _report(outcome: RunOutcome, *, as_json: bool, quiet: bool, exit_code: int) 
         else:  # no summary: each failure cause once, and each host that failed, on stderr
             for line in summary.failure_lines():
                 print(f"{PROG}: {line}", file=sys.stderr)
-            for host in summary.failed_hosts:
-                print(f"{PROG}: host {host.host} {host.fate()}", file=sys.stderr)
+            for names, fate in _hosts_by_fate(summary.failed_hosts):
+                print(f"{PROG}: {names} {fate}", file=sys.stderr)
     if outcome.traceback:
         sys.stderr.write(outcome.traceback)
     if summary.error:
         print(f"{PROG}: error: {summary.error}", file=sys.stderr)
+
+
+HOSTS_NAMED = 4  # hosts named in one of -q's last lines; more are counted ("and 60 more")
+
+
+def _hosts_by_fate(hosts: Sequence[HostSummary]) -> list[tuple[str, str]]:
+    """("host a", fate), or ("hosts a, b and c", fate) for hosts that fared alike: an
+    allocation's nodes end together, for one reason, which -q's last lines said once per node."""
+    fates: dict[str, list[str]] = {}
+    for host in hosts:
+        fates.setdefault(host.fate(), []).append(host.host)
+    said = []
+    for fate, names in fates.items():
+        if len(names) == 1:
+            said.append((f"host {names[0]}", fate))
+        elif len(names) <= HOSTS_NAMED:
+            said.append((f"hosts {', '.join(names[:-1])} and {names[-1]}", fate))
+        else:
+            shown = names[: HOSTS_NAMED - 1]
+            said.append((f"hosts {', '.join(shown)} and {len(names) - len(shown)} more", fate))
+    return said
 
 
 def _add_pool_arguments(parser: argparse.ArgumentParser, *, cluster_help: str, local_pool: bool = True) -> None:
