@@ -274,6 +274,52 @@ def test_an_interrupt_while_the_job_waits_cancels_it_and_says_why_it_waited(
     assert not list(tmp_path.glob(f"*/{CREDENTIALS}"))
 
 
+@pytest.mark.slow
+def test_the_next_run_cleans_up_after_a_coordinator_killed_with_sigkill(
+    slurm_env: SlurmCluster, tmp_path: Path
+) -> None:
+    """kill -9 of the coordinator left its pending job in the queue (to start later and find no
+    one to dial) and the nodes' key on disk, for good: `_prune` keeps folders with credentials."""
+    argv = [sys.executable, "-m", "batuta", "alloc", "slurm", "pi", "--nodes", "3", "--time", "5", "--slots", "1"]
+    argv += ["--gpus", "none", "--directory", str(tmp_path), "--poll-interval", "0.2"]
+    process = subprocess.Popen(argv, env=slurm_env.env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    deadline = threading.Timer(WAIT_S, process.kill)  # bounds the reading below: its end is EOF
+    deadline.start()
+    try:
+        assert process.stderr is not None
+        submitted = None
+        for line in process.stderr:
+            if (submitted := re.search(r"job (\d+) submitted", line)) is not None:
+                break
+        assert submitted is not None
+        process.kill()  # SIGKILL: no close, no atexit
+        process.wait(timeout=WAIT_S)
+    finally:
+        deadline.cancel()
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=WAIT_S)
+    killed_job = submitted.group(1)
+    assert killed_job in slurm_env.jobs()
+    [left] = tmp_path.glob(f"*/{CREDENTIALS}")
+    # a run still going (this process, as far as the check can tell) is left alone
+    going = tmp_path / "slurm-20261201-120000-1"
+    going.mkdir()
+    (going / CREDENTIALS).write_text("")
+    (going / "coordinator.json").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))
+
+    argv[argv.index("--nodes") + 1] = "1"
+    done = subprocess.run(argv, env=slurm_env.env, capture_output=True, text=True, timeout=WAIT_S, check=False)
+    assert done.returncode == 0, done.stderr
+    [said] = [line for line in done.stderr.splitlines() if "earlier run" in line]
+    assert said.endswith(
+        f"allocation slurm: an earlier run (pid {process.pid}, {left.parent}) ended without cleaning up (killed?): "
+        f"its nodes' credentials deleted and its job {killed_job}, still queued, cancelled"
+    ), said
+    assert killed_job not in slurm_env.jobs()
+    assert list(tmp_path.glob(f"*/{CREDENTIALS}")) == [going / CREDENTIALS]
+
+
 @pytest.mark.parametrize(
     ("extra", "says"),
     [

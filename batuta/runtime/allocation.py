@@ -23,6 +23,8 @@ stream closed and requeues the node's tasks, as for any lost host; the relaunch 
 for that node to dial again and, once the job has ended, fails as not retryable: the host is
 retired with the reason ("allocation slurm: job 42 ended"). `close()` (the pool's own
 close) cancels a job still running, closes the listener and deletes the credentials file.
+A coordinator killed outright leaves both; the next submission of the same allocation from
+this machine cleans up after it (`clear_killed_runs`, from the folder's owner file).
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ import asyncio
 import atexit
 import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import re
 import shutil
+import socket
 import stat
 import sys
 import tempfile
@@ -68,16 +72,82 @@ KEEP_FOLDERS = 20  # an allocation's folders kept (script and Slurm's output), t
 _FOLDER = re.compile(r"(?P<name>.+)-\d{8}-\d{6}-\d+")  # NAME-YYYYmmdd-HHMMSS-PID (_make_directory)
 
 
-def _prune(base: Path, name: str, *, keep: int) -> None:
-    """Remove all but the `keep` newest of the allocation `name`'s earlier folders under
-    `base`; never one with nodes' credentials in it (a run of it may still be going)."""
+OWNER = "coordinator.json"  # {"host", "pid", "job"}: whose run a folder is, to clean up after it if it was killed
+
+
+def _folders(base: Path, name: str) -> list[Path]:
+    """The allocation `name`'s folders under `base`, newest first."""
     try:
         mine = [p for p in base.iterdir() if (m := _FOLDER.fullmatch(p.name)) and m["name"] == name and p.is_dir()]
     except OSError:
-        return
-    for old in sorted(mine, key=lambda p: p.name, reverse=True)[keep:]:
+        return []
+    return sorted(mine, key=lambda p: p.name, reverse=True)
+
+
+def _prune(base: Path, name: str, *, keep: int) -> None:
+    """Remove all but the `keep` newest of the allocation `name`'s earlier folders under
+    `base`; never one with nodes' credentials in it (a run of it may still be going)."""
+    for old in _folders(base, name)[keep:]:
         if not (old / CREDENTIALS).exists():
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_owner(directory: Path, job_id: str | None) -> None:
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "job": job_id}
+    with contextlib.suppress(OSError):
+        write_public(directory / OWNER, json.dumps(owner).encode(), overwrite=True)
+
+
+def _killed_run(folder: Path) -> dict[str, object] | None:
+    """What the folder's owner file says, if the coordinator that wrote it ran on this machine
+    and is gone while its nodes' credentials are still there: it ended without closing
+    (kill -9, a crash, the machine's OOM killer), where a close or the exit removes them."""
+    if not (folder / CREDENTIALS).exists():
+        return None
+    try:
+        owner = json.loads((folder / OWNER).read_text())
+    except (OSError, ValueError):
+        return None  # an older batuta's, or being written: not known to be over
+    if not isinstance(owner, dict):
+        return None
+    pid = owner.get("pid")
+    if owner.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return None  # another login node's run may still be going: its coordinator cannot be seen from here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return owner
+    except OSError:
+        return None  # alive (another user's process, now): not ours to judge
+    return None  # alive: that run is going, or its PID was taken again (then left as it is)
+
+
+async def clear_killed_runs(base: Path, name: str) -> None:
+    """Clean up after earlier runs of the allocation `name` whose coordinator was killed: their
+    nodes' credentials were left on disk, and a job that was still queued stayed there, to start
+    later and find no one to dial. Its credentials file is deleted and the job cancelled, where
+    squeue still lists it under batuta's job name (a job of that id on another cluster is not it)."""
+    for folder in _folders(base, name):
+        owner = _killed_run(folder)
+        if owner is None:
+            continue
+        with contextlib.suppress(OSError):
+            (folder / CREDENTIALS).unlink()
+        job = owner.get("job")
+        done = "its nodes' credentials deleted"
+        if isinstance(job, str) and await slurm.job_queued(job, f"batuta-{name}"):
+            problem = await slurm.cancel(job)
+            if problem:
+                done += f"; its job {job} is still queued ({problem}): cancel it yourself, scancel {job}"
+            else:
+                done += f" and its job {job}, still queued, cancelled"
+        log.warning(
+            "allocation %s: an earlier run (pid %s, %s) ended without cleaning up (killed?): %s",
+            name,
+            owner.get("pid"),
+            folder,
+            done,
+        )
 
 
 def folder_problem(base: Path) -> str:
@@ -256,7 +326,9 @@ class Allocation:
                 f"{os.strerror(exc.errno) if exc.errno else exc}; set bind to an "
                 "address of this machine that the nodes reach"
             ) from None
+        await clear_killed_runs(config.directory or DEFAULT_DIRECTORY.expanduser(), config.name)
         directory = self._make_directory()  # once listening: a bind that fails leaves no empty folder behind
+        _write_owner(directory, None)  # before sbatch: a kill while it runs still leaves the credentials known
         credentials = directory / CREDENTIALS
         write_private(credentials, node.cert_pem() + ca.cert_pem() + node.key_pem(), overwrite=True)
         bound = self._server.sockets[0].getsockname()
@@ -294,6 +366,7 @@ class Allocation:
             raise type(exc)(f"allocation {config.name}: {exc}") from None
         self.state = "PENDING"
         atexit.register(self._cancel_at_exit)
+        _write_owner(directory, self.job_id)
         log.info(
             "allocation %s: job %s submitted (%d node%s for %s); listening on %s",
             config.name,

@@ -252,6 +252,17 @@ async def job_state(job_id: str) -> tuple[str, str] | None:
     return None
 
 
+async def job_queued(job_id: str, name: str) -> bool:
+    """Whether squeue lists the job `job_id`, under the job name `name`, in a state it may still
+    run from (not CANCELLED, COMPLETED...). False when squeue cannot be asked."""
+    try:
+        code, out, _ = await _run(["squeue", "-h", "-j", job_id, "-o", "%j %T"], "squeue")
+    except AllocationError:
+        return False
+    fields = out.split()
+    return code == 0 and len(fields) == 2 and fields[0] == name and fields[1] not in FINAL_STATES - REQUEUEABLE_STATES
+
+
 async def cancel(job_id: str) -> str:
     """`scancel JOB`; returns "" or what scancel said when it failed (the job may be gone).
     Run from a thread: an interrupt of the coordinator (a second Ctrl-C) cannot stop it
