@@ -257,7 +257,11 @@ def test_an_interrupt_while_the_job_waits_cancels_it_and_says_why_it_waited(
             if "Slurm will not start it as asked" in line:
                 break
         warned = seen[-1]
-        assert "is PENDING (PartitionConfig): Slurm will not start it as asked, as it asks for more than the " in warned
+        assert warned.rstrip().endswith(
+            "is PENDING (PartitionConfig) and Slurm will not start it as asked: it asks for more than the partition "
+            "has (nodes, CPUs or memory); stop this run (Ctrl-C) and ask for fewer nodes or another partition "
+            "(sinfo lists them, with their limits)"
+        ), warned
         job = re.search(r"job (\d+) is PENDING", warned)
         assert job is not None
         for signum in signals:
@@ -474,6 +478,33 @@ def test_an_ended_allocation_is_explained_by_slurms_own_line_when_there_is_one(t
     unreachable = "batuta dial: error: cannot reach the coordinator at nosuch.invalid:4 (Name or service not known)"
     output.write_text(f"{unreachable}\nsrun: error: n1: task 0: Exited with exit code 1\n")
     assert allocation._output_hint() == f" (its output {output}: {unreachable})"
+
+
+def test_a_pending_job_says_why_in_plain_words_and_what_to_change_for_its_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """'PENDING (Resources)' alone left a user who does not read Slurm's codes guessing; a job
+    that will never start said "Slurm will not start it as asked, as it asks ..." and, for every
+    reason, to ask for fewer nodes, less time or another partition: for an invalid account too."""
+    caplog.set_level(logging.INFO, logger="batuta.runtime.allocation")
+    allocation = Allocation(parse_cluster(allocation_file(tmp_path)).allocations[0])
+    allocation.job_id = "42"
+    for reason in ("Resources", "Priority", "None", "SomethingNew", "InvalidAccount", "PartitionTimeLimit"):
+        allocation._say_state("PENDING", reason)
+    allocation._say_state("RUNNING", "None")
+    assert [r.getMessage().removeprefix("allocation slurm: job 42 is ") for r in caplog.records] == [
+        "PENDING (Resources: waiting for nodes to free up)",
+        "PENDING (Priority: other jobs are ahead of it in the queue)",
+        "PENDING",
+        "PENDING (SomethingNew)",
+        "PENDING (InvalidAccount) and Slurm will not start it as asked: its account is not valid; stop this run "
+        "(Ctrl-C) and pass another --account (sacctmgr show assoc user=$USER lists yours)",
+        "PENDING (PartitionTimeLimit) and Slurm will not start it as asked: its time limit is longer than the "
+        "partition allows; stop this run (Ctrl-C) and ask for less time or another partition (sinfo lists them, "
+        "with their limits)",
+        "RUNNING",
+    ]
+    assert [r.levelname for r in caplog.records].count("WARNING") == 2
 
 
 def test_an_allocation_keeps_its_newest_folders_only(tmp_path: Path) -> None:

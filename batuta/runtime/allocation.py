@@ -442,25 +442,29 @@ class Allocation:
                 return
 
     def _say_state(self, state: str, reason: str) -> None:
-        """ "job 42 is RUNNING"; a pending job says why ("PENDING (Resources)"), and where Slurm
-        will never start it as asked, says so with what to change: it waited in silence."""
+        """ "job 42 is RUNNING"; a pending job says why, in Slurm's word and in plain words
+        ("PENDING (Resources: waiting for nodes to free up)"), and where Slurm will never start
+        it as asked, says so with what to change: it waited in silence."""
         name, job = self.config.name, self.job_id
-        why = f" ({reason})" if reason and reason != "None" and state == "PENDING" else ""
         hopeless = slurm.HOPELESS_REASONS.get(reason) if state == "PENDING" else None
-        if hopeless is None:
-            if state == slurm.ENDED:  # not a state of Slurm's: squeue no longer lists it
-                log.info("allocation %s: job %s has left Slurm's queue", name, job)
-            else:
-                log.info("allocation %s: job %s is %s%s", name, job, state, why)
-            return
-        log.warning(
-            "allocation %s: job %s is PENDING (%s): Slurm will not start it as asked, as %s; stop with "
-            "Ctrl-C and ask for fewer nodes, less time or another partition (sinfo lists them)",
-            name,
-            job,
-            reason,
-            hopeless,
-        )
+        if hopeless is not None:
+            why, fix = hopeless
+            log.warning(
+                "allocation %s: job %s is PENDING (%s) and Slurm will not start it as asked: %s; stop this run "
+                "(Ctrl-C) and %s",
+                name,
+                job,
+                reason,
+                why,
+                fix,
+            )
+        elif state == slurm.ENDED:  # not a state of Slurm's: squeue no longer lists it
+            log.info("allocation %s: job %s has left Slurm's queue", name, job)
+        elif state == "PENDING" and reason and reason != "None":
+            meaning = slurm.WAITING_REASONS.get(reason)
+            log.info("allocation %s: job %s is PENDING (%s)", name, job, f"{reason}: {meaning}" if meaning else reason)
+        else:
+            log.info("allocation %s: job %s is %s", name, job, state)
 
     def _end(self, why: str) -> None:
         if self._ended is None:

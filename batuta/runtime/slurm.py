@@ -215,20 +215,62 @@ async def submit(script: Path, options: Sequence[str]) -> str:
 # src/common/read_config.c): a login node's configuration, not the options
 _NO_CONTROLLER = ("Unable to contact slurm controller", "Could not establish a configuration source")
 
-# Why a job pends, when Slurm will not start it as it was asked however long it waits
-# (squeue's %r; src/common/slurm_protocol_defs.c job_reason_string)
+# Why a job pends, when Slurm will not start it as it was asked however long it waits, and
+# what to change (squeue's %r; src/common/slurm_protocol_defs.c job_reason_string). One fix
+# for all ("fewer nodes, less time or another partition") sent an invalid account to sinfo.
+_OTHER_PARTITION = "or another partition (sinfo lists them, with their limits)"
+_YOURS = "(sacctmgr show assoc user=$USER lists yours)"
 HOPELESS_REASONS = {
-    "PartitionConfig": "it asks for more than the partition has (nodes, CPUs or memory)",
-    "PartitionNodeLimit": "it asks for more nodes than the partition allows a job",
-    "PartitionTimeLimit": "its time limit is longer than the partition allows",
-    "BadConstraints": "no node has the features or resources it asks for",
-    "InvalidQOS": "its QOS is not valid for this account or partition",
-    "InvalidAccount": "its account is not valid",
-    "QOSMaxNodePerJobLimit": "it asks for more nodes than its QOS allows a job",
-    "QOSMaxWallDurationPerJobLimit": "its time limit is longer than its QOS allows",
-    "AssocMaxNodesPerJobLimit": "it asks for more nodes than its association allows a job",
-    "AssocMaxWallDurationPerJobLimit": "its time limit is longer than its association allows",
-    "DependencyNeverSatisfied": "a job it depends on (--dependency) ended in a way that will never satisfy it",
+    "PartitionConfig": (
+        "it asks for more than the partition has (nodes, CPUs or memory)",
+        f"ask for fewer nodes {_OTHER_PARTITION}",
+    ),
+    "PartitionNodeLimit": (
+        "it asks for more nodes than the partition allows a job",
+        f"ask for fewer {_OTHER_PARTITION}",
+    ),
+    "PartitionTimeLimit": (
+        "its time limit is longer than the partition allows",
+        f"ask for less time {_OTHER_PARTITION}",
+    ),
+    "BadConstraints": (
+        "no node has the features or resources it asks for",
+        "change the sbatch options that ask for them (--constraint, --gres, --mem)",
+    ),
+    "InvalidQOS": ("its QOS is not valid for this account or partition", f"pass another --qos {_YOURS}"),
+    "InvalidAccount": ("its account is not valid", f"pass another --account {_YOURS}"),
+    "QOSMaxNodePerJobLimit": (
+        "it asks for more nodes than its QOS allows a job",
+        "ask for fewer, or pass another --qos",
+    ),
+    "QOSMaxWallDurationPerJobLimit": (
+        "its time limit is longer than its QOS allows",
+        "ask for less time, or pass another --qos",
+    ),
+    "AssocMaxNodesPerJobLimit": (
+        "it asks for more nodes than its association allows a job",
+        "ask for fewer, or pass another --account",
+    ),
+    "AssocMaxWallDurationPerJobLimit": (
+        "its time limit is longer than its association allows",
+        "ask for less time, or pass another --account",
+    ),
+    "DependencyNeverSatisfied": (
+        "a job it depends on (--dependency) ended in a way that will never satisfy it",
+        "drop or change --dependency",
+    ),
+}
+
+# What the usual reasons a job waits mean, said beside them: "PENDING (Resources)" alone left
+# a user who does not read Slurm's codes wondering whether the run had hung
+WAITING_REASONS = {
+    "Resources": "waiting for nodes to free up",
+    "Priority": "other jobs are ahead of it in the queue",
+    "Dependency": "waiting for the job it depends on (--dependency)",
+    "BeginTime": "waiting for its start time (--begin)",
+    "ReqNodeNotAvail": "a node it needs is down, drained or reserved",
+    "JobHeldUser": "held: scontrol release JOB lets it start",
+    "JobHeldAdmin": "held by an administrator",
 }
 
 # States a job may be requeued from, by Slurm, after its node failed or it was preempted:
