@@ -507,6 +507,31 @@ def test_a_pending_job_says_why_in_plain_words_and_what_to_change_for_its_reason
     assert [r.levelname for r in caplog.records].count("WARNING") == 2
 
 
+async def test_a_query_cancelled_while_it_runs_ends_with_its_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool's close cancels the squeue poller: its squeue ran on, and its transport, collected
+    once the loop had closed, printed 'Exception ignored ... Event loop is closed' at the run's end."""
+    started: asyncio.Queue[asyncio.subprocess.Process] = asyncio.Queue()
+    spawn = asyncio.create_subprocess_exec
+
+    async def recorded(*argv: str, **kwargs: object) -> asyncio.subprocess.Process:
+        process = await spawn(*argv, **kwargs)  # type: ignore[arg-type]
+        started.put_nowait(process)
+        return process
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", recorded)
+    query = asyncio.create_task(slurm_module._run(["sleep", "60"], "squeue"))
+    process = await asyncio.wait_for(started.get(), WAIT_S)
+    try:
+        query.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await query
+        assert process.returncode is not None  # ended, and reaped, with the task
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 def test_an_allocation_keeps_its_newest_folders_only(tmp_path: Path) -> None:
     """One folder per run (script, Slurm's output) piled up in ~/.batuta/allocations."""
     from batuta.runtime.allocation import KEEP_FOLDERS, _prune

@@ -140,7 +140,8 @@ async def _run(
 ) -> tuple[int, str, str]:
     """Run a Slurm client command, bounded by COMMAND_TIMEOUT_S. With `on_cancel`, a
     cancellation while it runs waits for it to end and hands that function what it printed
-    (sbatch: the job it may have queued already), then goes on being a cancellation."""
+    (sbatch: the job it may have queued already), then goes on being a cancellation; without,
+    the command (a query) is killed with the task."""
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,
@@ -156,8 +157,11 @@ async def _run(
     try:
         out, err = await asyncio.wait_for(asyncio.shield(talk), COMMAND_TIMEOUT_S)
     except asyncio.CancelledError:
-        if on_cancel is None:
-            talk.cancel()  # the command itself runs to its end (a scancel still cancels)
+        if on_cancel is None:  # a query (squeue): ended with the task, or it outlived the loop, and
+            talk.cancel()  # its transport, collected after the loop had closed, printed a traceback at exit
+            signal_process(process, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(process.wait(), COMMAND_TIMEOUT_S)
             raise
         with contextlib.suppress(Exception):
             done, _ = await asyncio.wait_for(talk, COMMAND_TIMEOUT_S)
