@@ -10,6 +10,7 @@ job, so nothing could ever be queued), which is how "nothing was submitted" is s
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -278,6 +279,48 @@ def test_quiet_says_a_refusal_beside_other_hosts_once_for_all_the_nodes(fake_sba
         f"batuta: hosts n-0, n-1, n-2 and 3 more retired: allocation n: sbatch refused the job: {REFUSAL}; "
         "check the sbatch options"
     ]
+
+
+QUEUED_JOB = """\
+import asyncio
+
+from batuta.runtime import events as pe
+
+
+async def main(pool):
+    told = asyncio.Event()
+    pool.subscribe(lambda e: isinstance(e, pe.HostStateChanged) and "Priority" in e.reason and told.set())
+    open("subscribed", "w").close()  # squeue's reason turns to Priority from now on: the event is not missed
+    await asyncio.wait_for(told.wait(), 20)
+    return "told"
+"""
+
+
+def test_nodes_of_a_queued_job_are_starting_saying_why_not_unreachable(fake_sbatch: Path, tmp_path: Path) -> None:
+    """Beside other hosts, the nodes of a job still queued at the run's end were 'unreachable:
+    never came up during the run; the log (batuta.runtime.pool) has its start errors': it had none."""
+    (fake_sbatch / "sbatch").write_text("#!/bin/sh\necho 4242\n")
+    reason = f'#!/bin/sh\nif [ -e "{tmp_path}/subscribed" ]; then echo PENDING Priority; else echo PENDING None; fi\n'
+    (fake_sbatch / "squeue").write_text(reason)
+    (fake_sbatch / "scancel").write_text(f'#!/bin/sh\necho "$@" >> "{fake_sbatch}/cancelled"\n')
+    for name in ("sbatch", "squeue", "scancel"):
+        (fake_sbatch / name).chmod(0o755)
+    (tmp_path / "local.toml").write_text('[local]\nslots = 1\ngpus = "none"\n')
+    (tmp_path / "job.py").write_text(QUEUED_JOB)
+    argv = ["alloc", "slurm", "job.py", "--nodes", "2", "--time", "5", "--directory", str(tmp_path / "jobs")]
+    done = batuta(fake_sbatch, tmp_path, *argv, "--poll-interval", "0.1", "-c", "local.toml", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert summary["result"] == "told"
+    nodes = {h["host"]: (h["state"], h["reason"]) for h in summary["hosts"] if h["host"].startswith("slurm-")}
+    why = "still starting when the run ended (allocation slurm: job 4242 is PENDING (Priority: other jobs are ahead"
+    assert set(nodes) == {"slurm-0", "slurm-1"}
+    assert all(state == "starting" and reason.startswith(why) for state, reason in nodes.values()), nodes
+    assert (fake_sbatch / "cancelled").read_text().split() == ["4242"]
+    # squeue's first "PENDING None" was no news after the submission: not said again
+    assert [line.split(": ", 2)[2] for line in done.stderr.splitlines()][1:] == [
+        "job 4242 is PENDING (Priority: other jobs are ahead of it in the queue)"
+    ], done.stderr
 
 
 def test_sbatch_s_own_error_line_is_kept_and_its_help_hint_dropped() -> None:

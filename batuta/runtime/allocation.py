@@ -43,6 +43,7 @@ import stat
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from batuta.agent.dial import parse_greeting
@@ -168,6 +169,15 @@ def folder_problem(base: Path) -> str:
     return ""
 
 
+def _described(state: str, reason: str) -> str:
+    """ "RUNNING", or a pending job's reason in Slurm's word and in plain words: "PENDING
+    (Resources: waiting for nodes to free up)"."""
+    if state != "PENDING" or not reason or reason == "None":
+        return state
+    meaning = slurm.WAITING_REASONS.get(reason)
+    return f"PENDING ({reason}: {meaning})" if meaning else f"PENDING ({reason})"
+
+
 class Allocation:
     """One batch job whose nodes dial this coordinator. Use its `host_specs()` in a pool and
     `close()` it when the pool closes (`Pool.add_closer`)."""
@@ -193,6 +203,8 @@ class Allocation:
         self._poller: asyncio.Task[None] | None = None
         self._reason = ""  # why the job is in its state, as squeue last said
         self._closed = False
+        # told, for each node not joined yet, why (its job is queued...): the pool's host_state_changed
+        self.on_waiting: Callable[..., None] | None = None
 
     # -- the pool's side ----------------------------------------------------------------------
 
@@ -376,6 +388,7 @@ class Allocation:
             slurm.slurm_form(config.time_limit_s),  # "5" said "(2 nodes, 5)": minutes, as Slurm reads it
             format_address(*self.address),
         )
+        self._tell_waiting(f"allocation {config.name}: job {self.job_id} is PENDING")
         self._poller = asyncio.create_task(self._poll(), name=f"squeue-{config.name}")
 
     def _make_directory(self) -> Path:
@@ -433,13 +446,24 @@ class Allocation:
             if answer is None:
                 continue
             state, reason = answer
+            reason = "" if reason == "None" else reason  # no reason: as after the submission, no news
             if (state, reason) != (self.state, self._reason):
                 self._say_state(state, reason)
                 self.state, self._reason = state, reason
+                if state not in slurm.FINAL_STATES:
+                    described = _described(state, reason)
+                    self._tell_waiting(f"allocation {self.config.name}: job {self.job_id} is {described}")
             if state in slurm.FINAL_STATES:
                 how = "" if state == slurm.ENDED else f" ({state})"
                 self._end(f"allocation {self.config.name}: job {self.job_id} ended{how}{self._output_hint()}")
                 return
+
+    def _tell_waiting(self, why: str) -> None:
+        if self.on_waiting is None:
+            return
+        for index, host in enumerate(self.config.host_names):
+            if index not in self._joined:
+                self.on_waiting(host=host, reason=why)
 
     def _say_state(self, state: str, reason: str) -> None:
         """ "job 42 is RUNNING"; a pending job says why, in Slurm's word and in plain words
@@ -460,11 +484,8 @@ class Allocation:
             )
         elif state == slurm.ENDED:  # not a state of Slurm's: squeue no longer lists it
             log.info("allocation %s: job %s has left Slurm's queue", name, job)
-        elif state == "PENDING" and reason and reason != "None":
-            meaning = slurm.WAITING_REASONS.get(reason)
-            log.info("allocation %s: job %s is PENDING (%s)", name, job, f"{reason}: {meaning}" if meaning else reason)
         else:
-            log.info("allocation %s: job %s is %s", name, job, state)
+            log.info("allocation %s: job %s is %s", name, job, _described(state, reason))
 
     def _end(self, why: str) -> None:
         if self._ended is None:

@@ -254,6 +254,9 @@ def build_pool(cluster: ClusterConfig) -> Pool:
     pool = Pool(specs, cluster.pool)
     for allocation in allocations:
         pool.add_closer(allocation.close)
+        # its nodes not up yet are "starting", saying why (a queued job): the summary said of them
+        # "never came up; the log has its start errors", and the log had none
+        allocation.on_waiting = functools.partial(pool.host_state_changed, state="starting")
     return pool
 
 
