@@ -4,6 +4,7 @@ that name other tasks' futures: waiting, locality, relays, failure and lineage r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -94,6 +95,53 @@ async def test_map_keep_returns_refs_in_order(pool: Pool) -> None:
     values = await asyncio.gather(*(pool.get(r) for r in refs))
     for i, value in enumerate(values):
         np.testing.assert_array_equal(value, np.full(1000, float(i)))
+
+
+async def _host_objects_reach_zero(pool: Pool, timeout: float = 30.0) -> dict[str, int]:
+    """The hosts' object counts from their heartbeats, once every host reports none (or as
+    they stood when `timeout` ran out)."""
+    counts: dict[str, int] = {}
+    emptied = asyncio.Event()
+
+    def on_event(event: object) -> None:
+        if isinstance(event, pe.HostTelemetry):
+            counts[event.host] = event.objects
+            if len(counts) == len(pool.hosts()) and not any(counts.values()):
+                emptied.set()
+
+    unsubscribe = pool.subscribe(on_event)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(emptied.wait(), timeout)
+    finally:
+        unsubscribe()
+    return counts
+
+
+async def test_a_kept_task_cancelled_as_it_succeeds_leaves_no_value_on_its_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cancel resolved the task at once; the agent, which had finished it, kept the value
+    and said so, and that late result was dropped as a duplicate: the value stayed on the host,
+    which nobody could drop, until the pool closed."""
+    original = Pool.host_messages
+    racing: list[int] = []
+
+    def cancel_first(self: Pool, session: HostSession, messages: list[m.Message]) -> None:
+        for msg in messages:  # the race, made certain: the cancel is handled just before the result
+            if isinstance(msg, m.Done) and any(o.task_id in racing for o in msg.results):
+                self.cancel(racing.pop())
+        original(self, session, messages)
+
+    monkeypatch.setattr(Pool, "host_messages", cancel_first)
+    async with two_host_pool(heartbeat_interval=0.1) as pool:
+        future = await pool.submit(fill(1.0), keep=True)
+        racing.append(future.task_id)
+        assert (await future).status is TaskStatus.CANCELLED
+        assert not any((await _host_objects_reach_zero(pool)).values())
+        # a kept value that is the task's result is left alone
+        ref = (await (await pool.submit(fill(2.0), keep=True))).value
+        np.testing.assert_array_equal(await pool.get(ref), np.full(N, 2.0))
 
 
 async def test_a_result_that_cannot_travel_fails_when_kept_and_takes_no_other_value_with_it() -> None:

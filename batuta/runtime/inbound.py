@@ -14,7 +14,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from batuta.core import events as ev
-from batuta.core.task import CAP_GPU, TaskStatus, gpu_capability
+from batuta.core.objects import ObjectRef
+from batuta.core.task import CAP_GPU, Outcome, TaskStatus, gpu_capability
 from batuta.protocol import messages as m
 from batuta.runtime import events as pe
 from batuta.runtime.hosts import telemetry_event
@@ -78,7 +79,9 @@ def events_from(pool: Pool, session: HostSession, messages: list[m.Message]) -> 
                     pool._data.fetched(outcome)
                     continue
                 pending = pool._pending.get(outcome.task_id)
-                if pending is not None and pending.sent_at is not None:
+                if pending is None:
+                    _drop_unclaimed(pool, session, outcome)
+                elif pending.sent_at is not None:
                     round_trip = session.round_trip.sample(pending.sent_at, now, outcome.run_s)
                     if round_trip is not None:  # windows are sized to hide it
                         events.append(ev.RoundTripMeasured(host_id=host, seconds=round_trip))
@@ -122,6 +125,19 @@ def events_from(pool: Pool, session: HostSession, messages: list[m.Message]) -> 
         elif isinstance(msg, m.Error):
             log.error("host %s reports a protocol error: %s", host, msg.message, extra={"host": host})
     return events
+
+
+def _drop_unclaimed(pool: Pool, session: HostSession, outcome: m.TaskOutcome) -> None:
+    """A result for a task already resolved (cancelled as it finished, a duplicate) is dropped
+    by the scheduler; a value its host kept for it would stay there, with no ref anywhere to
+    drop it by, until the pool closes: drop it there now, unless it is the one the task's
+    accepted result named on that host (then the host holds the value the refs point to)."""
+    value = outcome.value
+    if outcome.status is not Outcome.OK or not (type(value) is tuple and len(value) == 4):
+        return
+    ref = value[0]
+    if type(ref) is ObjectRef and session.name not in pool._objects.holders(ref.object_id):
+        session.send(m.Drop(object_ids=(ref.object_id,)))
 
 
 def _kept_bytes(outcome: m.TaskOutcome) -> int:
