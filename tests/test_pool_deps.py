@@ -17,7 +17,7 @@ import pytest
 
 from batuta import ObjectRef, Pool, Task, TaskStatus
 from batuta.core.task import Backend
-from batuta.errors import UsageError
+from batuta.errors import TaskFailedError, UsageError
 from batuta.protocol import messages as m
 from batuta.runtime import events as pe
 from batuta.runtime.builder import PoolConfig, local_host
@@ -142,6 +142,40 @@ async def test_a_kept_task_cancelled_as_it_succeeds_leaves_no_value_on_its_host(
         # a kept value that is the task's result is left alone
         ref = (await (await pool.submit(fill(2.0), keep=True))).value
         np.testing.assert_array_equal(await pool.get(ref), np.full(N, 2.0))
+
+
+async def test_a_map_keep_that_fails_or_is_given_up_frees_the_values_it_kept(tmp_path: Path) -> None:
+    """map(keep=True) raised on the first failure and dropped the refs of the tasks that had
+    succeeded: nobody could pool.drop them, and their values stayed on the hosts (hundreds of
+    MiB each, in a real map) until the pool closed."""
+    async with two_host_pool(heartbeat_interval=0.1) as pool:
+        items = [(N, float(i)) for i in range(12)] + [(-1, 0.0)]  # np.full(-1) raises
+        with pytest.raises(TaskFailedError, match="negative dimensions"):
+            await pool.map("test_fill", items, keep=True)
+        assert not any((await _host_objects_reach_zero(pool)).values())
+        # one given up by its caller: what it kept so far goes too
+        open_gate, shut = tmp_path / "open", tmp_path / "never"
+        open_gate.touch()
+        finished = 0
+        four_done = asyncio.Event()
+
+        def count(event: object) -> None:
+            nonlocal finished
+            if isinstance(event, pe.TaskFinished):
+                finished += 1
+                if finished == 4:
+                    four_done.set()
+
+        pool.subscribe(count)
+        gates = [(str(open_gate), i) for i in range(4)] + [(str(shut), 4)]
+        mapping = asyncio.create_task(pool.map("test_gate", gates, keep=True))
+        await asyncio.wait_for(four_done.wait(), 60)
+        mapping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await mapping
+        assert not any((await _host_objects_reach_zero(pool)).values())
+        kept = await pool.map("test_fill", [(10, 1.0)], keep=True)  # a map that succeeds keeps its values
+        np.testing.assert_array_equal(await pool.get(kept[0]), np.full(10, 1.0))
 
 
 async def test_a_result_that_cannot_travel_fails_when_kept_and_takes_no_other_value_with_it() -> None:

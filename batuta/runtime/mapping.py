@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from batuta.core.objects import ObjectRef
 from batuta.core.task import Task, TaskResult
 from batuta.errors import TaskFailedError, UsageError
 from batuta.runtime.snapshot import InFlight, read_only
@@ -54,6 +55,7 @@ async def map_tasks(pool: Pool, tasks: Iterable[Task], *, keep: bool = False) ->
     except BaseException:  # a later item refused (a value that cannot be sent), or we were cancelled:
         for future in futures:  # the map raises, so nobody would ever wait for those submitted
             pool.cancel(future.task_id)
+        _drop_kept(pool, futures)
         raise
     submitting = False
     if not unresolved:
@@ -63,10 +65,26 @@ async def map_tasks(pool: Pool, tasks: Iterable[Task], *, keep: bool = False) ->
     except asyncio.CancelledError:  # our caller gave up: so do the tasks
         for future in futures:
             pool.cancel(future.task_id)
+        _drop_kept(pool, futures)
         raise
     if failure:
+        _drop_kept(pool, futures)
         raise TaskFailedError(failure[0].describe_failure(raised=True), result=failure[0])
     return [future.result().value for future in futures]
+
+
+def _drop_kept(pool: Pool, futures: list[TaskFuture]) -> None:
+    """A map that raises returns no refs, so nobody could drop what its tasks kept: drop it
+    here, now or as each task ends (one whose cancel came too late may still succeed), or the
+    values stay on the hosts until the pool closes."""
+
+    def drop(future: TaskFuture) -> None:
+        if not pool._closed:
+            pool.drop(ObjectRef(future._keep, pool=pool._objects.owner))
+
+    for future in futures:
+        if future._keep:
+            future.add_done_callback(drop)
 
 
 def chunks(arrays: Sequence[Any], chunk_size: int, extra_args: tuple[Any, ...]) -> list[tuple[Any, ...]]:

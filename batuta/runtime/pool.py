@@ -395,7 +395,8 @@ class Pool:
 
         Fails fast: the first failed task cancels the rest and raises TaskFailedError with
         its result. For coarse granularity pass chunks, not elements (see `map_chunked`).
-        `keep=True`: the values are ObjectRefs to results left where they were made.
+        `keep=True`: the values are ObjectRefs to results left where they were made (dropped
+        if the map raises: it returns no refs to drop them by).
         """
         tasks = (
             Task.kernel(
