@@ -150,6 +150,9 @@ class EventBus:
 
     _subscribers: list[Subscriber] = field(default_factory=list)
     errors: int = 0
+    # (subscriber id, event type, exception type) already logged: a callback with a bug fails
+    # on every event, and a traceback each was a flood of hundreds of thousands of lines
+    _logged: set[tuple[int, str, str]] = field(default_factory=set)
 
     @property
     def active(self) -> bool:
@@ -162,6 +165,7 @@ class EventBus:
         def unsubscribe() -> None:
             if callback in self._subscribers:
                 self._subscribers.remove(callback)
+                self._logged = {key for key in self._logged if key[0] != id(callback)}  # ids are reused
 
         return unsubscribe
 
@@ -169,9 +173,18 @@ class EventBus:
         for callback in tuple(self._subscribers):
             try:
                 callback(event)
-            except Exception:  # an observer's bug must not take the coordinator down
+            except Exception as exc:  # an observer's bug must not take the coordinator down
                 self.errors += 1
-                log.exception("event subscriber %r failed on %s", callback, type(event).__name__)
+                key = (id(callback), type(event).__name__, type(exc).__name__)
+                if key not in self._logged:
+                    self._logged.add(key)
+                    log.exception(
+                        "event subscriber %r failed on %s (its later %s failures on these are counted, "
+                        "not logged: pool.events.errors)",
+                        callback,
+                        key[1],
+                        key[2],
+                    )
 
     def stream(self, max_buffered: int = 10_000) -> EventStream:
         """An async iterator of events; if the consumer falls behind, the oldest are dropped."""
