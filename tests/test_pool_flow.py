@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import threading
 
 import numpy as np
+import psutil
 import pytest
 
 from batuta import Pool, Task, TaskResult, TaskStatus
@@ -118,3 +121,34 @@ async def test_an_unexpected_error_while_sending_loses_the_host_instead_of_hangi
     assert result.status is TaskStatus.SUCCEEDED and result.value == 2
     assert raised == [True]
     assert any("ValueError: The truth value of an array is ambiguous" in down.reason for down in downs)
+
+
+def test_a_start_cancelled_as_the_agent_launches_ends_it_before_the_loop_closes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Ctrl-C in the first milliseconds of `async with pool:` cancelled the hosts' starts and
+    went on without waiting for them: asyncio.run then closed its loop while a cancelled launch
+    was still ending its agent, which was left running past asyncio.run, and asyncio's child
+    watcher said "Loop ... that handles pid N is closed" on the console. The cancel lands
+    after each number of loop turns in turn, so that one lands inside the agent's launch."""
+    caplog.set_level(logging.WARNING, logger="asyncio")
+
+    async def start_then_cancel(turns: int) -> None:
+        pool = Pool.local(1)
+        starting = asyncio.ensure_future(pool.start())
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        await pool.close()
+
+    before = {p.pid for p in psutil.Process().children()}
+    for turns in range(16):
+        asyncio.run(start_then_cancel(turns))
+        left = [p for p in psutil.Process().children() if p.pid not in before]
+        for thread in threading.enumerate():  # asyncio's child watcher: it logs as it reaps
+            if thread.name.startswith("waitpid-"):
+                thread.join(10)
+        assert not left, f"cancelled after {turns} loop turns: {left} outlived asyncio.run"
+    assert not [r.getMessage() for r in caplog.records if r.name == "asyncio"]

@@ -38,6 +38,10 @@ STRAGGLER_NOTE_S = 2.0
 """Once a host is up, how long start-up waits for the others before saying which it waits for
 (or, where `start_wait` is shorter, before it goes on without them)."""
 
+START_UNWIND_S = 5.0
+"""How long a cancelled start-up waits for its hosts' launches to end (a launch cancelled
+while it starts a process kills and reaps it) before it lets the cancellation through."""
+
 
 class PoolSide(Protocol):
     """What the supervisor tells the pool. Every call happens on the event loop."""
@@ -119,6 +123,11 @@ class HostSupervisor:
             except asyncio.CancelledError:
                 for start in starts:
                     start.cancel()
+                # Let them end before we do: one cancelled inside its agent's launch kills and
+                # reaps the process as it unwinds. Raising at once, the caller's loop (Ctrl-C
+                # under asyncio.run) could close first, leaving the agent running past it and
+                # asyncio's child watcher logging "Loop ... that handles pid N is closed".
+                await asyncio.wait(starts, timeout=START_UNWIND_S)
                 raise
             ended = [(s, f) for s, f in zip(sessions, starts, strict=True) if f.done()]
             errors = [e for _, f in ended if (e := f.exception()) is not None]
