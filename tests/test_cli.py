@@ -1205,10 +1205,10 @@ def test_ctrl_c_prints_what_finished_and_how_to_resume_then_exits_130(
         f"batuta: interrupted: {finished} of {total} tasks finished, {total - finished} cancelled; "
     )
     if with_journal:
-        resume = f"'batuta run job.py --workers 1 --journal {tmp_path / 'journal'} --resume'"
-        assert note[0].endswith(f"{resume} runs only what is not done")
+        resume = f"batuta run job.py --workers 1 --journal {tmp_path / 'journal'} --resume"
+        assert note[0].endswith(f"to run only what is not done: {resume}")
     else:
-        assert "with '--journal DIR' a run can be resumed" in note[0]
+        assert "with --journal DIR a run can be resumed (run batuta run job.py --workers 1 --journal DIR" in note[0]
     assert f"{total} tasks: {finished} succeeded, 0 failed, " in stdout
     if to_group:
         assert f"{total - finished} cancelled by the interrupt" in stdout
@@ -1235,20 +1235,20 @@ def test_the_resume_hint_names_the_modules_the_run_shipped() -> None:
     args = argparse.Namespace(job="job.py", cluster="c.toml", module=["lib/k.py", "pkg"], journal="j")
     note = _interrupted_note(summary, args)
     assert note.endswith(
-        "'batuta run job.py --cluster c.toml --module lib/k.py --module pkg --journal j --resume' "
-        "runs only what is not done"
+        "to run only what is not done: batuta run job.py --cluster c.toml --module lib/k.py --module pkg "
+        "--journal j --resume"
     )
     # the options that shape the tasks are named too: '--backend gpu' is in their keys
     tuned = argparse.Namespace(
         job="kmeans", cluster=None, module=None, journal="j", workers=2, backend="gpu", seed=None
     )
     assert _interrupted_note(summary, tuned).endswith(
-        "'batuta run kmeans --workers 2 --backend gpu --journal j --resume' runs only what is not done"
+        "to run only what is not done: batuta run kmeans --workers 2 --backend gpu --journal j --resume"
     )
     # a served run: its note is in its log, and the command it gives runs it served again
     served = argparse.Namespace(job="job.py", cluster=None, module=None, journal="j", serve=True, name="long")
     assert _interrupted_note(summary, served).endswith(
-        "'batuta run job.py --serve --name long --journal j --resume' runs only what is not done"
+        "to run only what is not done: batuta run job.py --serve --name long --journal j --resume"
     )
     # served in the foreground (systemd) with metrics: --foreground and the scraped port kept
     kept = argparse.Namespace(
@@ -1265,18 +1265,60 @@ def test_the_resume_hint_names_the_modules_the_run_shipped() -> None:
         metrics_bind="0.0.0.0",
     )
     assert _interrupted_note(summary, kept).endswith(
-        "'batuta run job.py --serve --name long --foreground --serve-bind 0.0.0.0:7070 --serve-certs pki "
-        "--metrics-port 9100 --metrics-bind 0.0.0.0 --journal j --resume' runs only what is not done"
+        "to run only what is not done: batuta run job.py --serve --name long --foreground --serve-bind 0.0.0.0:7070 "
+        "--serve-certs pki --metrics-port 9100 --metrics-bind 0.0.0.0 --journal j --resume"
     )
     local = argparse.Namespace(
         job="job.py", cluster=None, module=None, journal="j", metrics_port=9100, metrics_bind="127.0.0.1"
     )
-    assert "'batuta run job.py --metrics-port 9100 --journal j --resume'" in _interrupted_note(summary, local)
+    assert _interrupted_note(summary, local).endswith("batuta run job.py --metrics-port 9100 --journal j --resume")
     # batuta alloc: 'batuta run job.py ...' would run here, on no allocation
     alloc = argparse.Namespace(job="job.py", cluster=None, module=None, journal=None, kind="slurm")
     assert _interrupted_note(summary, alloc).endswith(
         "with --journal DIR (before any '--') the same 'batuta alloc' command can be resumed (--resume)"
     )
+
+
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "no-journal"])
+def test_the_resume_hint_runs_as_printed(journal: bool) -> None:
+    """The hint, parsed back by a shell (shlex) and by batuta's own parser, is the interrupted
+    run's command: every option it was given, a path with a space or a quote in it one word."""
+    import shlex
+
+    from batuta.cli import build_parser
+    from batuta.cli._run import _interrupted_note
+    from batuta.jobs import RunSummary
+
+    summary = RunSummary(
+        job="my job.py",
+        tasks=10,
+        succeeded=4,
+        failed=0,
+        cancelled=6,
+        unfinished=0,
+        wall_s=1.0,
+        latency_s={},
+        run_time_s={},
+    )
+    given = ["run", "my job.py", "--cluster", "my cluster.toml", "--module", "it's/k.py", "--seed", "7"]
+    given += ["--backend", "cpu", "--metrics-port", "0", "--metrics-linger", "2.5", "--metrics-textfile", "m s.prom"]
+    given += ["--log-file", "/tmp/a b/run.log", "--log-level", "info", "--log-format", "json", "--strict", "-q"]
+    given += ["--serve", "--name", "long", "--serve-linger", "90", "--serve-bind", "127.0.0.1:7070"]
+    given += ["--serve-certs", "my pki"] + (["--journal", "the journal"] if journal else [])
+    args = build_parser().parse_args(given)
+    note = _interrupted_note(summary, args)
+    if journal:
+        head, command = note.split("to run only what is not done: ")
+        again = shlex.split(command)
+    else:  # DIR stands for the user's choice: with one given, the command runs
+        head, command = note.split("a run can be resumed (run ")
+        assert command.endswith(" --journal DIR, then the same with --resume)")
+        again = shlex.split(command.removesuffix(" --journal DIR, then the same with --resume)"))
+        again += ["--journal", "the journal", "--resume"]
+    assert head.startswith("batuta: interrupted: 4 of 10 tasks finished, 6 cancelled; ")
+    assert again[0] == "batuta"
+    expected = build_parser().parse_args([*given, *([] if journal else ["--journal", "the journal"]), "--resume"])
+    assert vars(build_parser().parse_args(again[1:])) == vars(expected)
 
 
 @needs_runtime

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import shlex
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -384,25 +385,55 @@ def _interrupted_note(summary: RunSummary, args: argparse.Namespace) -> str:
         if args.journal:
             return note + "the same 'batuta alloc' command with --resume (before any '--') runs only what is not done"
         return note + "with --journal DIR (before any '--') the same 'batuta alloc' command can be resumed (--resume)"
-    again = f"{PROG} run {args.job}" + (f" --cluster {args.cluster}" if args.cluster else "")
-    if getattr(args, "serve", False):  # a served run's note is in its log: resumed as it was started
-        again += " --serve" + (f" --name {args.name}" if getattr(args, "name", None) else "")
-        again += " --foreground" if getattr(args, "foreground", False) else ""  # under systemd, a batch script
-        for option in ("serve_bind", "serve_certs"):  # where its TLS viewers attach
-            if getattr(args, option, None) is not None:
-                again += f" --{option.replace('_', '-')} {getattr(args, option)}"
-    if getattr(args, "metrics_port", None) is not None:  # where Prometheus scrapes it
-        again += f" --metrics-port {args.metrics_port}"
-        if getattr(args, "metrics_bind", None) not in (None, "127.0.0.1"):
-            again += f" --metrics-bind {args.metrics_bind}"
-    again += "".join(f" --module {module}" for module in args.module or ())  # its kernels, shipped again
-    # the backend is in the tasks' keys (run again without it, nothing is restored); the rest as given
-    for option in ("workers", "backend", "seed"):
-        if getattr(args, option, None) is not None:
-            again += f" --{option} {getattr(args, option)}"
+    # Last on the line and shell-quoted: copied as printed, it runs (a path with a space in it too)
+    again = shlex.join(_rerun_argv(args))
     if args.journal:
-        return note + f"'{again} --journal {args.journal} --resume' runs only what is not done"
-    return note + f"with '--journal DIR' a run can be resumed ('{again} --journal DIR', then '--resume')"
+        return note + f"to run only what is not done: {again} --journal {shlex.quote(args.journal)} --resume"
+    return note + f"with --journal DIR a run can be resumed (run {again} --journal DIR, then the same with --resume)"
+
+
+def _rerun_argv(args: argparse.Namespace) -> list[str]:
+    """The interrupted run's command, without --journal/--resume: the options it was given
+    that shape its tasks or say where its output goes (argparse's defaults left out)."""
+    argv = [PROG, "run", args.job]
+
+    def option(name: str, value: object) -> None:
+        argv.extend((name, str(value)))
+
+    if args.cluster:
+        option("--cluster", args.cluster)
+    if getattr(args, "serve", False):  # a served run's note is in its log: resumed as it was started
+        argv.append("--serve")
+        if getattr(args, "name", None):
+            option("--name", args.name)
+        if getattr(args, "foreground", False):  # under systemd, a batch script
+            argv.append("--foreground")
+        for name in ("serve_linger", "serve_bind", "serve_certs"):  # how long it stays listed, where TLS viewers attach
+            if getattr(args, name, None) is not None:
+                option(f"--{name.replace('_', '-')}", getattr(args, name))
+    if getattr(args, "metrics_port", None) is not None:  # where Prometheus scrapes it
+        option("--metrics-port", args.metrics_port)
+        if getattr(args, "metrics_bind", None) not in (None, "127.0.0.1"):
+            option("--metrics-bind", args.metrics_bind)
+    if getattr(args, "metrics_linger", 0.0):
+        option("--metrics-linger", args.metrics_linger)
+    if getattr(args, "metrics_textfile", None) is not None:
+        option("--metrics-textfile", args.metrics_textfile)
+    # its log, where and as it was written (a resumed run's lines follow the interrupted one's)
+    if getattr(args, "log_format", "text") != "text":
+        option("--log-format", args.log_format)
+    if getattr(args, "log_level", "warning") != "warning":
+        option("--log-level", args.log_level)
+    if getattr(args, "log_file", None) is not None:
+        option("--log-file", args.log_file)
+    for module in args.module or ():  # its kernels, shipped again
+        option("--module", module)
+    # the backend is in the tasks' keys (run again without it, nothing is restored); the rest as given
+    for name in ("workers", "backend", "seed"):
+        if getattr(args, name, None) is not None:
+            option(f"--{name}", getattr(args, name))
+    argv += [f"--{flag}" for flag in ("strict", "json", "quiet") if getattr(args, flag, False)]
+    return argv
 
 
 def announce_metrics(address: tuple[str, int]) -> None:
