@@ -197,10 +197,10 @@ async def test_a_module_that_fails_to_import_fails_its_kernels_not_the_agent(
     )
     answer = await loaded(agent, code)
     assert answer.errors == {
-        "cs_broken": "SyntaxError at cs_broken.py line 4: '(' was never closed",
+        "cs_broken": "SyntaxError: '(' was never closed (at cs_broken.py line 4)",
         "cs_needs": (
-            "ModuleNotFoundError at cs_needs.py line 2: No module named 'cs_missing_package_xyz' "
-            "(install 'cs_missing_package_xyz' for this host's Python, or ship it with --module)"
+            "ModuleNotFoundError: No module named 'cs_missing_package_xyz' (install 'cs_missing_package_xyz' "
+            "for this host's Python, or ship it with --module) (at cs_needs.py line 2)"
         ),
     }
     agent.send(
@@ -209,10 +209,10 @@ async def test_a_module_that_fails_to_import_fails_its_kernels_not_the_agent(
     lost, good, builtin = await agent.outcomes_for([1, 2, 3])
     assert lost.status is Outcome.ERROR
     assert lost.error == (
-        "kernel 'cs_lost' is unknown on host h1: importing cs_broken failed: SyntaxError at cs_broken.py line 4: "
-        "'(' was never closed; importing cs_needs failed: ModuleNotFoundError at cs_needs.py line 2: No module "
+        "kernel 'cs_lost' is unknown on host h1: importing cs_broken failed: SyntaxError: '(' was never closed "
+        "(at cs_broken.py line 4); importing cs_needs failed: ModuleNotFoundError: No module "
         "named 'cs_missing_package_xyz' (install 'cs_missing_package_xyz' for this host's Python, or ship it "
-        "with --module)"
+        "with --module) (at cs_needs.py line 2)"
     )
     assert (good.status, good.value[0]) == (Outcome.OK, 7)
     assert (builtin.status, builtin.value) == (Outcome.OK, 5)

@@ -377,7 +377,8 @@ async def test_a_job_whose_module_fails_to_import_on_a_host_runs_and_the_failure
         jobs = app.model.jobs
         await until(pilot, lambda: "host_only_job" in jobs and jobs["host_only_job"].state == "done", "the job", 60)
         assert jobs["host_only_job"].message == "failed"
-        expected = "tui_host_only: ImportError at tui_host_only.py line 8: tui_host_only needs the lab's licence server"
+        where = tmp_path / "tui_host_only.py"
+        expected = f"tui_host_only: ImportError: tui_host_only needs the lab's licence server (at {where}:8)"
         await until(pilot, lambda: any(str(n.message) == expected for n in app._notifications), "the notification")
         (notified,) = [n for n in app._notifications if str(n.message) == expected]
         assert notified.title == "host local cannot import the job's code"

@@ -6,6 +6,7 @@ The pools are real (a local agent, the session's cache folder: tests/conftest.py
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import textwrap
@@ -68,6 +69,52 @@ async def test_a_failed_kernels_traceback_names_the_users_file_and_its_error_the
     assert failed.stdout_str() == "about to fail\n"
     # a success is left as the host said it
     assert (fine.status, fine.value, fine.stderr_str()) == (TaskStatus.SUCCEEDED, 3, "a warning of mine\n")
+
+
+async def test_a_module_that_fails_to_import_is_named_by_the_users_path(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`import_errors()`, the log's line and the tasks' error name the user's file, as editors
+    open it, not its path in the bundle ("SyntaxError: ... (at tb_broken.py line 4)")."""
+    broken = tmp_path / "tb_broken.py"
+    broken.write_text("from batuta import kernel\n\n\nx = (\n")
+    needs = tmp_path / "tb_needs.py"
+    needs.write_text("import numpy\nimport tb_missing_package_xyz\n")
+    caplog.set_level(logging.WARNING, logger="batuta")
+    async with Pool.local(1, gpu_workers="none") as pool:
+        shipped = await pool.ship([broken, needs])
+        errors = await shipped.import_errors()
+        failed = await pool.run(Task.kernel("tb_lost"))
+    said = {
+        "tb_broken": f"SyntaxError: '(' was never closed (at {broken}:4)",
+        "tb_needs": (
+            "ModuleNotFoundError: No module named 'tb_missing_package_xyz' (install 'tb_missing_package_xyz' for "
+            f"this host's Python, or ship it with --module) (at {needs}:2)"
+        ),
+    }
+    assert errors == {"local": said}
+    logged = [r.getMessage() for r in caplog.records if "importing" in r.getMessage()]
+    assert logged == [f"host local: importing {module} failed: {error}" for module, error in said.items()]
+    assert failed.error == (
+        f"kernel 'tb_lost' is unknown on host local: importing tb_broken failed: {said['tb_broken']}; "
+        f"importing tb_needs failed: {said['tb_needs']}"
+    )
+
+
+def test_batuta_stack_names_the_users_file_of_a_module_that_failed_to_import(tmp_path: Path) -> None:
+    """`batuta stack check`'s finding for a shipped module that failed on a node named the
+    bundle's path ("fix the file and line named on the coordinator", which it did not name)."""
+    from batuta.protocol import messages as m
+    from batuta.stack.code import code_findings
+
+    module = tmp_path / "tb_stack_broken.py"
+    module.write_text("x = (\n")
+    bundle = CodeCollector(CodeSpec(modules=(module,))).bundle()
+    assert bundle is not None
+    said = "SyntaxError: '(' was never closed (at tb_stack_broken.py line 1)"  # as the agent says it
+    loaded = m.CodeLoaded(digest=bundle.digest, errors={"tb_stack_broken": said})
+    (finding,) = code_findings("n1", bundle, loaded)
+    assert finding.message == f"importing tb_stack_broken failed: SyntaxError: '(' was never closed (at {module}:1)"
 
 
 def test_only_paths_into_a_bundle_of_this_pool_are_replaced_longest_name_first(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ thread, so that its heartbeats go on through a long import):
 
 3. puts the folder first on `sys.path` and imports the bundle's modules, in order, through
    `BundleLoader` (compiled once per host, see "Bytecode" below). A module that fails is
-   recorded with one line saying why ("SyntaxError at mymod.py line 3: invalid syntax"),
+   recorded with one line saying why ("SyntaxError: invalid syntax (at mymod.py line 3)"),
    and never takes the agent down: tasks of its kernels fail with that line, the
    others run. The agent answers `CodeLoaded` with those lines, then replaces its slots;
 4. prunes old bundles, keeping the `KEEP_BUNDLES` most recently used, and any that an agent
@@ -316,16 +316,17 @@ def contest_clash(exc: BaseException) -> None:
 
 
 def describe_import_failure(exc: BaseException, directory: str | None) -> str:
-    """One line saying why a module of the bundle failed to import, naming the user's file and
-    line (relative to the bundle) where there is one:
+    """One line saying why a module of the bundle failed to import, ending with the user's file
+    and line (relative to the bundle) where there is one, as numba's errors do (the coordinator
+    puts the user's own path there: runtime/code_paths.py):
 
-        SyntaxError at mymod.py line 3: invalid syntax
-        ModuleNotFoundError at mymod.py line 2: No module named 'scipy' (install it on this host)
+        SyntaxError: invalid syntax (at mymod.py line 3)
+        ModuleNotFoundError: No module named 'scipy' (install it on this host) (at mymod.py line 2)
     """
     name = type(exc).__name__
     if isinstance(exc, SyntaxError):
         where = _where(exc.filename, exc.lineno, directory)
-        return one_line(f"{name}{where}: {exc.msg}")
+        return one_line(f"{name}: {exc.msg}{where}")
     where = ""
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
         where = _where(frame.filename, frame.lineno, directory)
@@ -335,18 +336,18 @@ def describe_import_failure(exc: BaseException, directory: str | None) -> str:
     hint = ""
     if isinstance(exc, ModuleNotFoundError) and exc.name and not _in_bundle(exc.name, directory):
         hint = f" (install {exc.name.split('.')[0]!r} for this host's Python, or ship it with --module)"
-    return one_line(f"{name}{where}: {message}{hint}")
+    return one_line(f"{name}: {message}{hint}{where}")
 
 
 def _where(filename: str | None, lineno: int | None, directory: str | None) -> str:
-    """' at mymod.py line 3' for a file of the bundle, '' for any other."""
+    """' (at mymod.py line 3)' for a file of the bundle, '' for any other."""
     if not filename or not directory:
         return ""
     prefix = directory.rstrip(os.sep) + os.sep
     if not filename.startswith(prefix):
         return ""
     relative = filename[len(prefix) :]
-    return f" at {relative} line {lineno}" if lineno else f" at {relative}"
+    return f" (at {relative} line {lineno})" if lineno else f" (at {relative})"
 
 
 def _loaded_from(module: object, prefix: str) -> bool:

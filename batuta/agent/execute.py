@@ -79,7 +79,7 @@ class KernelRunner:
         self._registry: Any = None
         self._registry_error: str | None = None
         self._module_errors: list[str] = []
-        self._code_errors: list[str] = []  # "importing mymod failed: SyntaxError at mymod.py line 3: ..."
+        self._code_errors: list[str] = []  # "importing mymod failed: SyntaxError: ... (at mymod.py line 3)"
         self._cpu_backend: dict[str, str] = {}  # kernel -> what a "cpu" request runs (`_cpu_or_reference`)
         self._out = _TaskOutput()
         self._err = _TaskOutput()

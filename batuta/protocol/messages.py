@@ -132,8 +132,8 @@ class CodeStored:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CodeLoaded:
     """The agent's second answer to Code, after CodeStored: the digest it now runs, and for
-    each module that failed to import, one line saying why ("SyntaxError at mymod.py line 3:
-    invalid syntax"). Empty `errors`: every module imported."""
+    each module that failed to import, one line saying why ("SyntaxError: invalid syntax (at
+    mymod.py line 3)", the path in the bundle). Empty `errors`: every module imported."""
 
     digest: str
     errors: dict[str, str] = field(default_factory=dict)

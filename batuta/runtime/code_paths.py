@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import replace
+
+from batuta.protocol.messages import CodeLoaded
 
 KEPT = 64  # bundles whose origins a process remembers (each pool keeps those it ships)
 
@@ -32,6 +35,32 @@ def collected(digest: str, files: dict[str, str]) -> None:
     _ORIGINS[digest] = files
     while len(_ORIGINS) > KEPT:
         del _ORIGINS[next(iter(_ORIGINS))]
+
+
+def in_user_files(text: str, digest: str) -> str:
+    """`text` with each place said in the bundle `digest`, "(at mymod.py line 5" (numba's
+    compile errors, a module's failed import: as the agent says them), as the user's file, "(at
+    /home/me/proj/mymod.py:5"; every one of them (an unknown kernel's error names each module
+    that failed). By digest, a bundle that is no longer the pool's (its next ship went out
+    before the host's import of it was over) is found too."""
+    return _placed(text, dict(_ORIGINS.get(digest, {})))
+
+
+def loaded_in_user_files(loaded: CodeLoaded) -> CodeLoaded:
+    """A host's `CodeLoaded`, its import errors naming the user's files (`in_user_files`)."""
+    if not loaded.errors:
+        return loaded
+    return replace(loaded, errors={module: in_user_files(e, loaded.digest) for module, e in loaded.errors.items()})
+
+
+def _placed(text: str, originals: dict[str, str]) -> str:
+    """`in_user_files` with `originals`: path in a bundle -> the user's file."""
+
+    def placed(found: re.Match[str]) -> str:
+        original = originals.get(found["path"])
+        return found.group(0) if original is None else f" (at {original}:{found['line']}"
+
+    return _AT_IN_BUNDLE.sub(placed, text) if originals else text
 
 
 class UserPaths:
@@ -59,16 +88,12 @@ class UserPaths:
 
     def error(self, error: str | None, stderr: bytes) -> str | None:
         """`error` ending with the innermost frame of the user's in `stderr`'s traceback:
-        "IndexError: ... (at /home/me/proj/mykernels.py:6)"; a numba compile error's place, said
-        in the bundle ("(at mymod.py line 5: ...)"), as the user's file."""
+        "IndexError: ... (at /home/me/proj/mykernels.py:6)"; a place said in the bundle (a numba
+        compile error's, "(at mymod.py line 5: ...)", a failed import's), as the user's file."""
         if error is None or not self._origins:
             return error
         if " (at " in error:
-            originals = {relative: original for files in self._origins.values() for relative, original in files}
-            found = _AT_IN_BUNDLE.search(error)
-            if found is None or found["path"] not in originals:
-                return error
-            return f"{error[: found.start()]} (at {originals[found['path']]}:{found['line']}{error[found.end() :]}"
+            return self.places(error)
         if b"/code/" not in stderr:
             return error
         text, folders = self._mapped(stderr.decode("utf-8", "surrogateescape"))
@@ -77,6 +102,11 @@ class UserPaths:
         ours = {original for files in self._origins.values() for _, original in files}
         frames = [f"{frame['path']}:{frame['line']}" for frame in _FRAME.finditer(text) if frame["path"] in ours]
         return f"{error} (at {frames[-1]})" if frames else error
+
+    def places(self, text: str) -> str:
+        """`text` with each place said in one of this pool's bundles as the user's file
+        (`in_user_files`)."""
+        return _placed(text, {relative: original for files in self._origins.values() for relative, original in files})
 
     def _mapped(self, text: str) -> tuple[str, list[str]]:
         """`text` with every path into a bundle's copy replaced by the file here, and the

@@ -18,6 +18,7 @@ from batuta.core.objects import ObjectRef
 from batuta.core.task import CAP_GPU, Outcome, TaskStatus, gpu_capability
 from batuta.protocol import messages as m
 from batuta.runtime import events as pe
+from batuta.runtime.code_paths import loaded_in_user_files
 from batuta.runtime.hosts import telemetry_event
 from batuta.runtime.session import HostSession
 
@@ -117,8 +118,9 @@ def events_from(pool: Pool, session: HostSession, messages: list[m.Message]) -> 
         elif isinstance(msg, m.CodeStored):
             pool._acks.stored(host, msg)
         elif isinstance(msg, m.CodeLoaded):
-            pool._acks.loaded(host, msg)
-            for module, error in msg.errors.items():  # its tasks fail saying so; the rest run
+            loaded = loaded_in_user_files(msg)  # the user's paths in its errors, not the bundle's
+            pool._acks.loaded(host, loaded)
+            for module, error in loaded.errors.items():  # its tasks fail saying so; the rest run
                 log.warning("host %s: importing %s failed: %s", host, module, error, extra={"host": host})
         elif isinstance(msg, m.Bye):
             log.info("host %s says bye: %s", host, msg.reason, extra={"host": host})

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from batuta.agent.code import describe_import_failure, module_source_digest, short_digest
 from batuta.protocol import messages as m
 from batuta.runtime.code import CodeCollector, CodeSpec
+from batuta.runtime.code_paths import loaded_in_user_files
 from batuta.stack.model import ERROR, HEALTHY, WARNING, Finding
 from batuta.stack.nodes import NodeTarget
 
@@ -151,7 +152,7 @@ def code_findings(node: str, sent: m.Code | None, loaded: m.CodeLoaded | None) -
             )
         ]
     found = []
-    for module, error in loaded.errors.items():
+    for module, error in loaded_in_user_files(loaded).errors.items():
         if "ModuleNotFoundError" in error:
             fix = f"install the missing package for {node}'s Python, or ship it with --module PATH"
         else:

@@ -210,7 +210,7 @@ def sample_messages() -> list[Message]:
         Error(message="Run.tasks[0].slot: expected an int >= 0, got int -1"),
         Code(digest=DIGEST, modules=SAMPLE_MODULES, files=SAMPLE_FILES),
         Code(digest=code_digest((), ()), modules=(), files=()),
-        CodeLoaded(digest=DIGEST, errors={"mykernels": "SyntaxError at mykernels.py line 3: invalid syntax"}),
+        CodeLoaded(digest=DIGEST, errors={"mykernels": "SyntaxError: invalid syntax (at mykernels.py line 3)"}),
         CodeLoaded(digest=DIGEST),
         CodeStored(digest=DIGEST),
     ]
