@@ -178,24 +178,26 @@ def keyed_tasks(values: list[float]) -> list[Task]:
     return [Task.kernel("saxpy", v, np.ones(4), np.zeros(4), key="step") for v in values]
 
 
-async def keyed_run(journal_dir: Path, tasks: list[Task], *, resume: bool) -> list[TaskResult]:
+async def keyed_run(journal_dir: Path, tasks: list[Task], *, resume: bool, keep: bool = False) -> list[TaskResult]:
     journal = await Journal.open(journal_dir, job="pipe", resume=resume)
     async with make_pool() as pool:
         pool.set_result_store(JournalStore(journal, resume=resume))
-        futures = [pool.submit_nowait(task) for task in tasks]
+        futures = [pool.submit_nowait(task, keep=keep) for task in tasks]
         results = [await future for future in futures]
     await journal.close()
     return results
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["fed", "kept"])
 async def test_a_key_reused_for_other_arguments_is_said_once_naming_the_key_and_the_fix(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, keep: bool
 ) -> None:
     """A key names a result: a resume restores the one journaled under it for every task with
-    that key. It did so silently where the key was reused for other arguments (in a loop)."""
-    await keyed_run(tmp_path, keyed_tasks([1.0, 2.0, 3.0]), resume=False)
+    that key. It did so silently where the key was reused for other arguments (in a loop).
+    A kept result's is the user's key too, not the journal's own for it ('kept:...')."""
+    await keyed_run(tmp_path, keyed_tasks([1.0, 2.0, 3.0]), resume=False, keep=keep)
     with caplog.at_level(logging.WARNING, logger=JOURNAL_LOG):
-        results = await keyed_run(tmp_path, keyed_tasks([1.0, 2.0, 3.0]), resume=True)
+        results = await keyed_run(tmp_path, keyed_tasks([1.0, 2.0, 3.0]), resume=True, keep=keep)
     assert all(r.restored for r in results)  # documented: the key is the caller's word
     said = [r.getMessage() for r in caplog.records if r.name == JOURNAL_LOG]
     assert len(said) == 1, said

@@ -671,10 +671,18 @@ class JournalStore:
             log.info("journal: the job restarts from checkpoint %s: its tasks take their places from there", checkpoint)
 
     def lookup(
-        self, task: Task, job: str, *, code: str = "", task_id: int | None = None, restore: bool = True
+        self,
+        task: Task,
+        job: str,
+        *,
+        code: str = "",
+        task_id: int | None = None,
+        restore: bool = True,
+        given_key: str | None = None,
     ) -> TaskResult | None:
         """The journaled result of `task`, or None to run it; `restore` False: run it whatever
-        the journal holds (it reads a value made anew: `runtime/journaling.py`), and journal it."""
+        the journal holds (it reads a value made anew: `runtime/journaling.py`), and journal it.
+        `given_key`: the user's `Task.key` where `task`'s is a kept result's ("kept:...")."""
         self._restart_open = False  # the job has begun: a checkpoint loaded now is no restart
         n = self._submitted[job]
         self._submitted[job] = n + 1
@@ -683,7 +691,7 @@ class JournalStore:
         if task.key is not None or is_pure(task):
             found = self._journal.get(content) if resume else None
             if found is not None and task.key is not None and content not in self._reused:
-                self._check_reused(task, content)
+                self._check_reused(task, content, given_key or task.key)
             return found
         if resume and not self._placeless:
             key = place_key(content, (job, n))
@@ -712,7 +720,7 @@ class JournalStore:
             return
         self._journal.record(place_key(content, (job, n)), result, (job, n))
 
-    def _check_reused(self, task: Task, key: str) -> None:
+    def _check_reused(self, task: Task, key: str, given_key: str) -> None:
         """Say once per key when the result restored under a `Task.key` was made from other
         arguments (`args_sample`): a key names one result, so a loop that reused one for
         other arguments got one result back for all of them, silently."""
@@ -724,7 +732,7 @@ class JournalStore:
             "journal: Task.key %r was journaled for other arguments than a task with that key now has; its one "
             "result is restored for every such task (a key names a result): give each computation its own key "
             "(with what varies in it, as key=f'step-{i}'), or no key, to key the task by its arguments",
-            task.key,
+            given_key,
         )
 
     def _warn_if_changed(self, job: str, n: int, key: str) -> None:

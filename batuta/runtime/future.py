@@ -29,9 +29,13 @@ class ResultStore(Protocol):
     binaries: a store must key by it, so that a result of old code is never handed back.
     `restore` False: the task reads a value made anew in this run that its journaled result
     may not have read (`runtime/journaling.py`); it runs, and its result replaces that one.
+    `given_key`: the `Task.key` the user gave, where `task`'s is the one a kept result is
+    journaled under ("kept:..."), for what the store says of the task.
     """
 
-    def lookup(self, task: Task, job: str, *, code: str, task_id: int, restore: bool) -> TaskResult | None: ...
+    def lookup(
+        self, task: Task, job: str, *, code: str, task_id: int, restore: bool, given_key: str | None = None
+    ) -> TaskResult | None: ...
 
     def record(self, task: Task, job: str, result: TaskResult, *, code: str) -> None: ...
 

@@ -52,7 +52,7 @@ def look_up(
             future._journal_task = replace(named, key=f"kept:{digest}")
     restore = prepared.failed is None and not fresh and not _reads_made_anew(pool, prepared)
     journaled = store.lookup(
-        future._journal_task, future.job, code=future._code, task_id=future.task_id, restore=restore
+        future._journal_task, future.job, code=future._code, task_id=future.task_id, restore=restore, given_key=task.key
     )
     return digest, journaled
 
