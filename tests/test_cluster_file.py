@@ -299,6 +299,34 @@ def test_a_tag_that_is_batutas_own_capability_is_refused(table: str, field: str,
     assert "name yours otherwise" in message and "\n" not in message
 
 
+@pytest.mark.parametrize("tag", ["gpu", "cpu", "gpu:3", "rack 1"])
+def test_a_tag_given_through_the_api_is_refused_as_in_a_cluster_file(tag: str) -> None:
+    """`HostSpec(tags=...)` (and `tls_host(tags=...)`, a `ClusterHost` built in Python) took
+    "gpu" as it was: CPU slots offered it and took GPU tasks, which failed there."""
+    from batuta.runtime.remote import tls_host
+    from batuta.runtime.session import HostSpec
+    from batuta.transport.base import ByteStream
+    from batuta.transport.tls import TLSSettings
+
+    in_file = error_of(f'[[hosts]]\naddress = "n1"\ntags = ["rack1", "{tag}"]\n')
+    problem = in_file.split(" hosts[0].tags[1]: ", 1)[1]
+
+    async def launch() -> ByteStream:
+        raise AssertionError("never launched")
+
+    with pytest.raises(UsageError) as given:
+        HostSpec(name="n1", launch=launch, tags=frozenset({"rack1", tag}))
+    assert str(given.value) == f"host 'n1': tags: {problem}"
+    settings = TLSSettings(ca=Path("ca.pem"), cert=Path("c.pem"), key=Path("c.key"))
+    with pytest.raises(UsageError) as given:
+        tls_host("n1", "10.0.0.1", 9443, settings, tags=frozenset({tag}))
+    assert str(given.value) == f"host 'n1': tags: {problem}" and "\n" not in problem
+    with pytest.raises(UsageError, match=r"tags='avx512': pass a set of tags, e\.g\. tags=\{'avx512'\}"):
+        HostSpec(name="n1", launch=launch, tags="avx512")  # type: ignore[arg-type]
+    # tags of the user's own pass, and as a list too (the pool unites them with its slots' sets)
+    assert HostSpec(name="n1", launch=launch, tags=["rack1", "avx512"]).tags == {"rack1", "avx512"}  # type: ignore[arg-type]
+
+
 def test_missing_address_points_at_the_host_table() -> None:
     message = error_of(
         """

@@ -132,6 +132,24 @@ CAP_CPU = "cpu"
 CAP_GPU = "gpu"
 
 
+def host_tag_problem(tag: object) -> str | None:
+    """Why `tag` cannot be a host's tag (the cluster file's `tags`, `HostSpec.tags`), with the
+    fix; None when it can. One check for both, so neither lets through what the other refuses."""
+    if not isinstance(tag, str):
+        return f"tag {tag!r} is not a string; give tags as strings, e.g. 'avx512'"
+    if any(c.isspace() for c in tag):
+        return f"tag {tag!r} must not contain spaces"
+    if tag in (CAP_CPU, CAP_GPU) or tag.startswith(f"{CAP_GPU}:"):
+        # A tag goes to every slot of its host: "gpu" let CPU slots take GPU tasks,
+        # "gpu:3" made GPU slots name two GPUs, "cpu" let GPU slots take CPU tasks.
+        return (
+            f"tag {tag!r} is a capability batuta sets itself (CPU slots offer {CAP_CPU!r}, GPU slots "
+            f"{CAP_GPU!r} and {CAP_GPU}:N for their GPU N); remove it (GPU slots come from the host's gpus "
+            f"setting) or name yours otherwise, e.g. {tag.replace(':', '-') + '-box'!r}"
+        )
+    return None
+
+
 def gpu_capability(index: int) -> str:
     """The capability a host's GPU slot for its GPU `index` offers besides "gpu": "gpu:0", ...
 

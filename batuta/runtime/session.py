@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from batuta._version import __version__
-from batuta.errors import AgentError, BatutaError, HostUnusableError, TransportError
+from batuta.core.task import host_tag_problem
+from batuta.errors import AgentError, BatutaError, HostUnusableError, TransportError, UsageError
 from batuta.protocol import messages as m
 from batuta.protocol.chunks import DEFAULT_STREAM_MIN_BYTES
 from batuta.protocol.codec import encode_message, starts_a_frame
@@ -103,6 +104,17 @@ class HostSpec:
     python: str = ""  # the interpreter its agent runs with, where known here (for messages); "": unknown
     # True while its launch installs batuta there (bootstrap = true): start-up waits for it past start_wait
     installing: Callable[[], bool] | None = None
+
+    def __post_init__(self) -> None:
+        # checked as the cluster file's tags are (a "gpu" tag gave CPU slots GPU tasks)
+        if isinstance(self.tags, str):
+            raise UsageError(f"host {self.name!r}: tags={self.tags!r}: pass a set of tags, e.g. tags={{{self.tags!r}}}")
+        for tag in self.tags:
+            problem = host_tag_problem(tag)
+            if problem is not None:
+                raise UsageError(f"host {self.name!r}: tags: {problem}")
+        if not isinstance(self.tags, frozenset):  # a list or set given: the pool unites them with slots' sets
+            object.__setattr__(self, "tags", frozenset(self.tags))
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from batuta.core.task import CAP_CPU, CAP_GPU, MAX_SLOTS
+from batuta.core.task import MAX_SLOTS, host_tag_problem
 from batuta.errors import ConfigError
 
 __all__ = ["ENV_NAME", "HOST_NAME", "MODULE_NAME", "FieldPath", "FieldReader", "field_name", "shown"]
@@ -197,17 +197,9 @@ class FieldReader:
     def _tags(self, path: FieldPath, value: Any) -> frozenset[str]:
         items = self._string_list(path, value)
         for index, tag in enumerate(items):
-            if any(c.isspace() for c in tag):
-                raise self.error((*path, index), f"tag {tag!r} must not contain spaces")
-            if tag in (CAP_CPU, CAP_GPU) or tag.startswith(f"{CAP_GPU}:"):
-                # A tag goes to every slot of its host: "gpu" let CPU slots take GPU tasks,
-                # "gpu:3" made GPU slots name two GPUs, "cpu" let GPU slots take CPU tasks.
-                raise self.error(
-                    (*path, index),
-                    f"tag {tag!r} is a capability batuta sets itself (CPU slots offer {CAP_CPU!r}, GPU slots "
-                    f"{CAP_GPU!r} and {CAP_GPU}:N for their GPU N); remove it (GPU slots come from gpus = ...) "
-                    f'or name yours otherwise, e.g. "{tag.replace(":", "-")}-box"',
-                )
+            problem = host_tag_problem(tag)
+            if problem is not None:
+                raise self.error((*path, index), problem)
         return frozenset(items)
 
     def _modules(self, path: FieldPath, value: Any) -> tuple[str, ...]:
