@@ -124,9 +124,12 @@ def regression(seed: int, start: int, rows: int, coef: np.ndarray, noise_scale: 
     raw = noise(seed, start, rows, d + 1, 0, d + 1)
     x = raw[:, :d].astype(np.float32)
     acc = np.zeros(rows)
-    for j in range(d):  # feature order, as the numba loop sums
-        acc = acc + x[:, j].astype(np.float64) * coef[j]
-    return x, (acc + noise_scale * raw[:, d]).astype(np.float32)
+    # Targets beyond float32 (a huge coef) become inf, as in the numba variant: the kernel then
+    # refuses them in one line (check_gram), which NumPy's RuntimeWarning came before
+    with np.errstate(over="ignore", invalid="ignore"):
+        for j in range(d):  # feature order, as the numba loop sums
+            acc = acc + x[:, j].astype(np.float64) * coef[j]
+        return x, (acc + noise_scale * raw[:, d]).astype(np.float32)
 
 
 def teacher(seed: int, start: int, rows: int, weights: np.ndarray, noise_scale: float) -> tuple[np.ndarray, np.ndarray]:

@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from typing import Any
 
 import numpy as np
@@ -175,7 +176,8 @@ def test_linreg_partial_overflow_is_refused_in_one_line_by_every_variant(backend
     mixed = rng.choice([1e200, -1e200, 1.0], size=(9, 3))
     with pytest.raises(KernelInputError, match="overflows float64"):
         kernels.run("linreg_partial", backend, (mixed, mixed[:, 0].copy()))
-    with pytest.raises(KernelInputError) as synth:
+    with pytest.raises(KernelInputError) as synth, warnings.catch_warnings():
+        warnings.simplefilter("error")  # the one line alone: NumPy's RuntimeWarning (cast) came first
         kernels.run("linreg_partial_synth", backend, (1, 0, 50, np.full(3, 1e200), 0.1))
     assert str(synth.value) == (
         "kernel 'linreg_partial_synth': X^T X or X^T y overflows float64 (beyond 1.8e308); "
