@@ -138,6 +138,29 @@ def test_auto_gives_every_gpu_pinned_by_uuid() -> None:
     assert all(env["CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM"] == "0" for _, env in chosen)
 
 
+@pytest.mark.parametrize(
+    "user",
+    [
+        {},
+        {"CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM": "1"},  # the user's, though the agent's value too
+        {"CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM": "0", "NUMBA_CUDA_MEMORY_MANAGER": "rmm.allocators.numba"},
+    ],
+    ids=["agent's", "user's stream", "user's both"],
+)
+def test_a_binary_on_a_gpu_slot_gets_the_users_cuda_settings_not_the_agents(user: dict[str, str]) -> None:
+    """The per-thread default stream and memory manager the agent sets for its numba kernels
+    went into every binary's environment; a binary gets the user's, and its GPU alone."""
+    from batuta.agent.slot import binary_env
+
+    base = {"PATH": "/usr/bin", **user}
+    for gpu, overrides in plan_gpu_slots(GpuSelection(mode="auto"), REAL, "", base):
+        slot = {**base, **overrides}
+        assert slot["CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM"] == user.get(
+            "CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM", "1"
+        )  # the slot's kernels keep theirs
+        assert binary_env(slot) == {**base, "CUDA_VISIBLE_DEVICES": gpu.uuid, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
 def test_gpu_slots_get_the_pooled_allocator_unless_the_user_chose_one() -> None:
     plan = plan_gpu_slots(GpuSelection(mode="auto"), REAL, "", {})
     assert [env["NUMBA_CUDA_MEMORY_MANAGER"] for _, env in plan] == ["batuta.kernels.cuda_memory"] * 2

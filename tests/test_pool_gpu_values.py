@@ -230,17 +230,20 @@ async def test_a_binary_that_requires_a_gpu_runs_on_its_slot_and_sees_that_gpu_a
     """A compiled CUDA program run as `Task.binary(..., requires=["gpu:1"])` was unschedulable
     ("no slot offers cpu, gpu:1": a binary asked for a CPU slot as well); it runs on GPU 1's
     slot, with CUDA_VISIBLE_DEVICES naming that GPU alone, and without the CUDA memory manager
-    the agent set for its own kernels (a numba program's Python need not have batuta)."""
+    and the per-thread default stream the agent set for its own kernels (a numba program's
+    Python need not have batuta; a binary's streams are its own choice, from the user's
+    environment)."""
     environ = {"BATUTA_FAKE_GPUS": "2", "NUMBA_ENABLE_CUDASIM": "1"}  # fake ones, even on a GPU host
-    script = 'echo "$CUDA_VISIBLE_DEVICES|${NUMBA_CUDA_MEMORY_MANAGER-unset}"'
+    script = 'echo "$CUDA_VISIBLE_DEVICES|${NUMBA_CUDA_MEMORY_MANAGER-unset}|'
+    script += '${CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM-unset}|${BATUTA_AGENT_SET_ENV-unset}"'
     async with Pool([local_host(1, gpus="auto", env=environ)], PoolConfig()) as pool:
         slots = {s.slot_id: s.capabilities for s in pool.slots()}
         for requires, gpu in ((["gpu:1"], "1"), (["gpu:0"], "0"), (["gpu"], None)):
             result = await (await pool.submit(Task.binary("/bin/sh", "-c", script, requires=requires)))
             assert result.is_success(), result.error
             assert result.slot is not None and "gpu" in slots[result.slot], (requires, result.slot)
-            visible, manager = result.stdout_str().strip().split("|")
-            assert manager == "unset", manager
+            visible, manager, stream, marker = result.stdout_str().strip().split("|")
+            assert (manager, stream, marker) == ("unset", "unset", "unset"), result.stdout_str()
             assert visible == (gpu if gpu is not None else str(gpu_index_of(slots[result.slot]))), (requires, visible)
             assert visible in ("0", "1"), visible  # one GPU, never both
             assert result.backend is Backend.GPU

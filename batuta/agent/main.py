@@ -46,6 +46,9 @@ def _claim_stdio() -> tuple[int, int]:
 PER_THREAD_STREAM = "CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM"  # numba-cuda on the NVIDIA binding reads this one
 MEMORY_MANAGER = "NUMBA_CUDA_MEMORY_MANAGER"
 POOLED_MEMORY_MANAGER = "batuta.kernels.cuda_memory"  # named, not imported: it imports numba's driver
+# The names of the variables above that the agent set for a GPU slot's own kernels, the user's
+# environment having none: a binary the slot runs gets the user's environment, without them
+AGENT_SET_ENV = "BATUTA_AGENT_SET_ENV"
 
 
 def _visible(gpus: tuple[GpuInfo, ...], visible: str | None) -> tuple[GpuInfo, ...]:
@@ -133,11 +136,14 @@ def plan_gpu_slots(
         # Each thread its own default stream: the slot's uploader thread copies the next task's
         # values while the main thread's kernels run (agent/device_values.py), unless the user
         # chose otherwise.
-        overrides.setdefault(PER_THREAD_STREAM, environ.get(PER_THREAD_STREAM, "1"))
+        overrides[PER_THREAD_STREAM] = environ.get(PER_THREAD_STREAM, "1")
         # Device memory from CUDA's stream-ordered pool, not a cuMemAlloc per array and a
         # device-wide synchronisation per free (kernels/cuda_memory.py), unless the user chose
         # a manager (RMM, or numba's "default").
         overrides[MEMORY_MANAGER] = environ.get(MEMORY_MANAGER, POOLED_MEMORY_MANAGER)
+        added = [name for name in (PER_THREAD_STREAM, MEMORY_MANAGER) if name not in environ]
+        if added:
+            overrides[AGENT_SET_ENV] = ",".join(added)
         plan.append((gpu, overrides))
     return tuple(plan)
 

@@ -78,7 +78,7 @@ from batuta.agent.execute import (
 )
 from batuta.agent.heap import IDLE_TRIM_S, keep_freed_memory, release_freed_memory
 from batuta.agent.lend import lend_locator
-from batuta.agent.main import MEMORY_MANAGER, POOLED_MEMORY_MANAGER
+from batuta.agent.main import AGENT_SET_ENV
 from batuta.agent.shm import SharedReader
 from batuta.core.objects import ObjectRef, refs_in, replace_refs
 from batuta.core.task import KernelCall, Outcome
@@ -160,13 +160,15 @@ def _arm_parent_death(agent_pid: int) -> None:
         os._exit(1)
 
 
-def _binary_env(environ: Mapping[str, str]) -> dict[str, str]:
+def binary_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The environment a binary task starts with: the slot's (a GPU slot's CUDA_VISIBLE_DEVICES
-    included), less the CUDA memory manager the agent chose for its own kernels: a numba
-    program run as a binary imports it by name, and its Python need not have batuta."""
+    included), less what the agent set for its own numba kernels where the user had not
+    (`AGENT_SET_ENV`): the CUDA memory manager, which a numba program run as a binary imports
+    by name (its Python need not have batuta), and the per-thread default stream, which
+    changes how a CUDA program's work on the default stream is ordered."""
     env = dict(environ)
-    if env.get(MEMORY_MANAGER) == POOLED_MEMORY_MANAGER:
-        del env[MEMORY_MANAGER]
+    for name in env.pop(AGENT_SET_ENV, "").split(","):
+        env.pop(name, None)
     return env
 
 
@@ -219,7 +221,7 @@ class SlotWorker:
         self._kernels = KernelRunner(kernel_modules, self._code, report=slot == 0)
         self._last_kernel = ""  # name and run time of the last task, for `_likely_quick`
         self._last_run_s = 0.0
-        self._env = _binary_env(os.environ)
+        self._env = binary_env(os.environ)
         self._objects: dict[int, object] = {}  # values the agent sent this slot, and results kept here
         self._device: DeviceValues | None = None  # their copies on this slot's GPU, made by its first GPU task
         self._ran_since_trim = False  # a task ran since the heap was last trimmed
