@@ -1157,7 +1157,7 @@ async def test_a_coordinator_certificate_that_does_not_name_its_address_is_one_l
     assert message.startswith(
         f"cannot connect to tls://127.0.0.1:{port}: the coordinator's certificate is not acceptable"
     )
-    assert "reissue the coordinator's certificate with `batuta certs init DIR --host 127.0.0.1`" in message
+    assert "reissue the coordinator's certificate with `batuta certs reissue DIR --host 127.0.0.1`" in message
     assert "_ssl.c" not in message
 
 

@@ -251,6 +251,44 @@ def test_certs_init_tells_the_worker_to_bind_the_first_host(
     assert f"batuta worker --bind {bind} --cert " in capsys.readouterr().out
 
 
+async def test_certs_reissue_gives_a_worker_new_names_and_the_coordinators_keep_their_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A worker's host renamed: the only way was `certs init --force`, a new CA, new files for
+    every worker and coordinator. `certs reissue` signs a new server certificate with the CA."""
+    from batuta.cli import main
+
+    paths = init_certs(tmp_path / "c", hosts=["oldname.lan"])
+    kept = {p: p.read_bytes() for p in (paths.ca_cert, paths.ca_key, paths.client_cert, paths.client_key)}
+    assert main(["certs", "reissue", str(paths.directory), "--host", "127.0.0.1", "--name", "gpu2"]) == 0
+    out = capsys.readouterr().out
+    assert "gpu2.pem: batuta-worker (serverAuth) for 127.0.0.1" in out and "coordinators keep their files" in out
+    assert "PRIVATE KEY" not in out
+    assert all(p.read_bytes() == data for p, data in kept.items())  # the CA and the coordinators' files
+    cert, key = paths.directory / "gpu2.pem", paths.directory / "gpu2.key"
+    assert (key.stat().st_mode & 0o777) == 0o600
+    options = WorkerOptions(cert=cert, key=key, ca=paths.ca_cert, port=0, slots=1, gpus="none")
+    async with WorkerDaemon(options) as worker:
+        _, port = worker.address
+        builder = RemoteExecutor.builder().add_workers([f"127.0.0.1:{port}"])
+        builder.tls(ca=paths.ca_cert, cert=paths.client_cert, key=paths.client_key, connect_timeout=5.0)
+        async with await builder.build() as executor:
+            assert (await executor.execute(Task.kernel("noop", 4))).value == 4
+    # without --name it replaces server.pem and server.key
+    before = paths.server_cert.read_bytes()
+    assert main(["certs", "reissue", str(paths.directory), "--host", "gpu2.lan"]) == 0
+    assert paths.server_cert.read_bytes() != before and "for gpu2.lan" in capsys.readouterr().out
+    # a folder without the CA, a name that would overwrite it: one line, exit 2
+    assert main(["certs", "reissue", str(tmp_path / "none"), "--host", "x.lan"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"batuta: error: certs reissue: {tmp_path / 'none'} has no ca.pem or ca.key; run it on the folder "
+        "'batuta certs init' made (ca.key stays there, off the workers)"
+    )
+    assert main(["certs", "reissue", str(paths.directory), "--host", "x.lan", "--name", "ca"]) == 2
+    assert "--name 'ca': give a plain file name" in capsys.readouterr().err
+    assert all(p.read_bytes() == data for p, data in kept.items())
+
+
 def test_certs_init_takes_a_bracketed_address_and_refuses_an_impossible_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -456,7 +494,7 @@ async def test_server_certificate_with_the_wrong_name_is_refused_not_retried(pki
         assert (  # the names it holds, read over a connection the worker refuses: no session started
             "it names otherhost.example, not 127.0.0.1, the address dialled: dial one of those (or, where 127.0.0.1 "
             "reaches the same worker, name one as [tls] server_name), or reissue the worker's certificate with "
-            "`batuta certs init DIR --host otherhost.example --host 127.0.0.1`"
+            "`batuta certs reissue DIR --host otherhost.example --host 127.0.0.1`"
         ) in str(refused.value) and worker.stats.sessions == 0
         with pytest.raises(TLSVerifyError) as refused:
             await executor_for(pki, port, server_name="elsewhere.example")

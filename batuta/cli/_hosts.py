@@ -194,11 +194,37 @@ def add_certs_arguments(parser: argparse.ArgumentParser) -> None:
         "--days", type=positive_int, default=825, metavar="N", help="certificate lifetime in days (default: 825)"
     )
     init.add_argument("--force", action="store_true", help="replace certificates and keys already in DIR")
+    reissue = actions.add_parser(
+        "reissue",
+        help="a new worker (server) certificate and key from DIR's CA, for new names: coordinators keep their files",
+    )
+    reissue.add_argument("directory", metavar="DIR", help="the folder 'batuta certs init' made (its ca.pem and ca.key)")
+    reissue.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name or address coordinators dial the worker by (repeatable; at least one)",
+    )
+    reissue.add_argument(
+        "--name",
+        default="server",
+        metavar="NAME",
+        help="write NAME.pem and NAME.key, replacing them (default: server): one worker's own, e.g. --name gpu2",
+    )
+    reissue.add_argument(
+        "--days", type=positive_int, default=825, metavar="N", help="certificate lifetime in days (default: 825)"
+    )
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
+    if args.certs_action == "reissue":
+        return _reissue(args)
     if args.certs_action != "init":
-        raise UsageError("'batuta certs' needs an action: 'batuta certs init DIR [--host NAME ...]'")
+        raise UsageError(
+            "'batuta certs' needs an action: 'batuta certs init DIR [--host NAME ...]', or "
+            "'batuta certs reissue DIR --host NAME ...' for a worker's new names"
+        )
     from batuta.transport.certs import DEFAULT_HOSTS, describe, init_certs, unbracketed
 
     paths = init_certs(args.directory, hosts=args.host or DEFAULT_HOSTS, days=args.days, force=args.force)
@@ -221,6 +247,23 @@ def cmd_certs(args: argparse.Namespace) -> int:
         f"--ca {paths.ca_cert}\n"
         f"coordinator, in its cluster file:\n  [tls]\n  ca = {ca}\n  cert = {client}\n  key = {key}\n"
         f"keep {paths.ca_key.name} off the workers; copy only server.pem, server.key and ca.pem there"
+    )
+    return EXIT_OK
+
+
+def _reissue(args: argparse.Namespace) -> int:
+    from batuta.transport.certs import describe, reissue_server, unbracketed
+    from batuta.transport.tls import DEFAULT_PORT, format_address
+
+    cert, key = reissue_server(args.directory, hosts=args.host, name=args.name, days=args.days)
+    print(describe(cert))
+    print(f"key (mode 0600): {key}")
+    bind = format_address(next(unbracketed(h.strip()) for h in args.host if h.strip()), DEFAULT_PORT)
+    print(
+        f"worker:      {PROG} worker --bind {bind} --cert {cert} --key {key} --ca {cert.parent / 'ca.pem'}\n"
+        f"copy {cert.name} and {key.name} to that worker and restart it; coordinators keep their files (the same CA).\n"
+        "the certificate it replaces stays valid until it expires (nothing is revoked): for a leaked key, make a "
+        f"new CA instead ('{PROG} certs init DIR --force', new files on every side)"
     )
     return EXIT_OK
 

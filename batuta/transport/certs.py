@@ -9,6 +9,11 @@
     client.pem  the coordinator's certificate: clientAuth
     client.key  its key (0600)
 
+`batuta certs reissue DIR --host NAME` writes a new server.pem and server.key (or NAME.pem and
+NAME.key with --name) signed by DIR's CA, for one worker whose names changed: the
+coordinators' files stay as they are. It revokes nothing: the old certificate stays valid
+until it expires (no CRL is checked), so a leaked worker key is shut out only by a new CA.
+
 Keys are ECDSA P-256. Key files are created with mode 0600 from the first byte (O_EXCL,
 never chmod after the fact), and existing files are never overwritten unless asked. The
 library functions (`new_ca`, `issue`) are what the tests use to make certificates from
@@ -257,19 +262,7 @@ def init_certs(
     1 to `CA_DAYS`.
     """
     folder = Path(directory).expanduser()
-    # `[::1]`, as an address is written with a port, is the address ::1
-    names = [unbracketed(h.strip()) for h in hosts if h.strip()]
-    if not names:
-        raise UsageError("certs init: give at least one --host (a name or address the coordinator dials)")
-    for name in names:
-        _check_host(name)
-    if days < 1:
-        raise UsageError(f"certs init: --days {days}: expected 1 or more")
-    if days > CA_DAYS:
-        raise UsageError(
-            f"certs init: --days {days}: at most {CA_DAYS}, the lifetime of the CA that signs them; "
-            "the certificates would not be valid beyond it"
-        )
+    names = _host_names(hosts, days, "init")
     paths = CertPaths(
         directory=folder,
         ca_cert=folder / "ca.pem",
@@ -306,12 +299,70 @@ def init_certs(
     return paths
 
 
+def reissue_server(
+    directory: str | Path, *, hosts: Sequence[str], name: str = "server", days: int = DEFAULT_DAYS
+) -> tuple[Path, Path]:
+    """A new server certificate and key for `hosts`, signed by the CA of a `init_certs` folder,
+    written over `name`.pem and `name`.key there (each replaced in one step); returns their
+    paths. Raises UsageError for a folder without the CA's files, a bad name, host or days."""
+    folder = Path(directory).expanduser()
+    names = _host_names(hosts, days, "reissue")
+    if not name or name != Path(name).name or name.startswith(".") or name in ("ca", "client"):
+        raise UsageError(
+            f"certs reissue: --name {name!r}: give a plain file name, not ca or client "
+            "(it writes NAME.pem and NAME.key)"
+        )
+    ca_cert, ca_key = folder / "ca.pem", folder / "ca.key"
+    missing = [p.name for p in (ca_cert, ca_key) if not p.is_file()]
+    if missing:
+        raise UsageError(
+            f"certs reissue: {folder} has no {' or '.join(missing)}; run it on the folder 'batuta certs init' made "
+            "(ca.key stays there, off the workers)"
+        )
+    try:
+        key = serialization.load_pem_private_key(ca_key.read_bytes(), None)
+        cert = x509.load_pem_x509_certificate(ca_cert.read_bytes())
+    except (OSError, ValueError, TypeError) as exc:
+        raise UsageError(f"certs reissue: cannot read the CA in {folder}: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key() or not _is_ca(cert):
+        raise UsageError(
+            f"certs reissue: {ca_key} is not the key of the CA {ca_cert}; give the folder 'batuta certs init' made"
+        )
+    ca = Issued(cert, key)
+    server = issue(ca, SERVER, "batuta-worker", hosts=names, days=days)
+    cert_path, key_path = folder / f"{name}.pem", folder / f"{name}.key"
+    try:
+        write_private(key_path, server.key_pem(), overwrite=key_path.exists())
+        write_public(cert_path, server.cert_pem(), overwrite=cert_path.exists())
+    except OSError as exc:
+        raise UsageError(f"certs reissue: cannot write into {folder}: {exc.strerror or exc}") from None
+    return cert_path, key_path
+
+
+def _host_names(hosts: Sequence[str], days: int, action: str) -> list[str]:
+    """`hosts` as a server certificate names them, checked; and `days` checked."""
+    # `[::1]`, as an address is written with a port, is the address ::1
+    names = [unbracketed(h.strip()) for h in hosts if h.strip()]
+    if not names:
+        raise UsageError(f"certs {action}: give at least one --host (a name or address the coordinator dials)")
+    for name in names:
+        _check_host(name, action)
+    if days < 1:
+        raise UsageError(f"certs {action}: --days {days}: expected 1 or more")
+    if days > CA_DAYS:
+        raise UsageError(
+            f"certs {action}: --days {days}: at most {CA_DAYS}, the lifetime of the CA that signs them; "
+            "the certificates would not be valid beyond it"
+        )
+    return names
+
+
 def unbracketed(name: str) -> str:
     """`[::1]`, as an address is written beside a port, as the address ::1."""
     return name[1:-1] if name.startswith("[") and name.endswith("]") else name
 
 
-def _check_host(name: str) -> None:
+def _check_host(name: str, action: str) -> None:
     try:
         ipaddress.ip_address(name)
         return
@@ -319,13 +370,13 @@ def _check_host(name: str) -> None:
         pass
     labels = name.rstrip(".").split(".")
     if all(label.isdigit() for label in labels):  # 10.0.0.300 would be taken as a DNS name, and never match
-        raise UsageError(f"certs init: --host {name!r} is not an IP address (each of its four numbers is 0-255)")
+        raise UsageError(f"certs {action}: --host {name!r} is not an IP address (each of its four numbers is 0-255)")
     ok = all(
         0 < len(label) <= 63 and label.replace("-", "").replace("_", "").isalnum() and label.isascii()
         for label in labels
     )
     if not ok or name.startswith("*") or len(name) > 253:
-        raise UsageError(f"certs init: --host {name!r} is neither a DNS name nor an IP address")
+        raise UsageError(f"certs {action}: --host {name!r} is neither a DNS name nor an IP address")
 
 
 def validity_problem(path: str | Path, *, now: dt.datetime | None = None) -> str | None:

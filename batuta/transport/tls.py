@@ -587,13 +587,13 @@ def _verify_hint(
         if not names:
             return (
                 f"its certificate does not name {server_name!r}; reissue the {whose}'s certificate with "
-                f"`batuta certs init DIR --host {server_name}` or dial a name it lists"
+                f"`batuta certs reissue DIR --host {server_name}` or dial a name it lists"
             )
         listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
         hosts = " ".join(f"--host {name}" for name in [*names, server_name])
         reissue = (
-            f"or reissue the {whose}'s certificate with `batuta certs init DIR {hosts}` (a new CA: give "
-            "both sides the new files)"
+            f"or reissue the {whose}'s certificate with `batuta certs reissue DIR {hosts}` (DIR: its CA's, "
+            "from `batuta certs init`; the other side keeps its files)"
         )
         if not dialled:
             return f"it names {listed}, not {server_name} ([tls] server_name): set it to one of those, {reissue}"
