@@ -22,7 +22,7 @@ import sys
 import textwrap
 import time
 import tomllib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +166,14 @@ async def _gone(pids: list[int], timeout: float = WAIT_S) -> list[int]:
         if not alive or time.monotonic() > deadline:
             return alive
         await asyncio.sleep(0.05)
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Wait (bounded) for what another task or the daemon does, as tests/test_serve.py's until."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
 
 
 async def executor_for(pki: Pki, port: int, **tls: object) -> RemoteExecutor:
@@ -484,8 +492,11 @@ async def test_plaintext_client_gets_nothing_and_the_daemon_keeps_serving(pki: P
 # -- the coordinator checks the worker ----------------------------------------------------
 
 
-async def test_server_certificate_with_the_wrong_name_is_refused_not_retried(pki: Pki) -> None:
+async def test_server_certificate_with_the_wrong_name_is_refused_not_retried(
+    pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
     cert, key = pki.wrong_name_server
+    caplog.set_level(logging.INFO, logger="batuta.agent.daemon")
     async with WorkerDaemon(worker_options(pki, cert=cert, key=key)) as worker:
         _, port = worker.address
         with pytest.raises(TLSVerifyError) as refused:
@@ -496,6 +507,11 @@ async def test_server_certificate_with_the_wrong_name_is_refused_not_retried(pki
             "reaches the same worker, name one as [tls] server_name), or reissue the worker's certificate with "
             "`batuta certs reissue DIR --host otherhost.example --host 127.0.0.1`"
         ) in str(refused.value) and worker.stats.sessions == 0
+        # the worker's log: the coordinator's refusal once, and the names read as that, not a second failure
+        said = lambda: [r.getMessage() for r in caplog.records if r.name == "batuta.agent.daemon"]  # noqa: E731
+        await _until(lambda: any("read the names of this worker's certificate" in line for line in said()))
+        assert len([line for line in said() if "refused" in line]) == 1, said()
+        assert worker.stats.refused_tls == 1
         with pytest.raises(TLSVerifyError) as refused:
             await executor_for(pki, port, server_name="elsewhere.example")
         assert "it names otherhost.example, not elsewhere.example ([tls] server_name): set it to" in str(refused.value)

@@ -323,10 +323,15 @@ class WorkerDaemon:
         try:
             await tls.handshake(self.options.handshake_timeout, first_bytes_timeout=self.options.client_hello_timeout)
         except (TLSHandshakeError, TimeoutError, OSError) as exc:
+            tls.abort()
+            if isinstance(exc, TLSHandshakeError) and tls.names_probe():
+                # a coordinator that refused our certificate, reading which names it holds
+                # (transport/tls_names.py): its refusal is the line above, not a second one
+                log.info("%s read the names of this worker's certificate, after refusing it", peer)
+                return None
             self.stats.refused_tls += 1
             reason = "no handshake in time" if isinstance(exc, TimeoutError) else str(exc)
             self.refusals.refused(source, "refused %s: TLS handshake failed: %s", peer, reason)
-            tls.abort()
             return None
         finally:
             self._handshaking -= 1

@@ -267,7 +267,7 @@ async def connect(
 async def _connect_tls(target: Target, certs: Path | None, timeout: float) -> Connection:
     import ssl
 
-    from batuta.transport.tls import TLSSettings, client_context, verify_failure
+    from batuta.transport.tls import TLSSettings, client_context, read_names, verify_failure
 
     if certs is None:
         raise UsageError(f"{target.label} needs --certs DIR (client.pem, client.key, ca.pem of 'batuta certs init')")
@@ -281,7 +281,10 @@ async def _connect_tls(target: Target, certs: Path | None, timeout: float) -> Co
     except TransportError as exc:
         raise UsageError(str(exc)) from None
     except ssl.SSLCertVerificationError as exc:  # one line and its fix, as `batuta run` says it of a worker
-        raise ServeError(f"cannot connect to {target.label}: {verify_failure(exc, host, 'coordinator')}") from None
+        names = await read_names(exc, host, port, certs / "ca.pem", host, timeout)  # which it holds
+        raise ServeError(
+            f"cannot connect to {target.label}: {verify_failure(exc, host, 'coordinator', names)}"
+        ) from None
     except ssl.SSLError as exc:
         raise ServeError(
             f"cannot connect to {target.label}: TLS handshake failed ({exc.reason or exc}); check that --certs DIR "

@@ -41,6 +41,7 @@ from batuta.errors import HostConfigError, TransportError
 from batuta.protocol.codec import first_message
 from batuta.protocol.messages import Error
 from batuta.transport.base import Buffer, StreamClosedError, coalesced
+from batuta.transport.tls_names import NAMES_PROBE, name_mismatch, names_presented, verify_hint
 
 log = logging.getLogger("batuta.transport.tls")
 
@@ -196,6 +197,7 @@ def server_context(*, cert: Path, key: Path, ca: Path, who: str = "worker") -> s
     client certificate signed by `ca` (clientAuth). `who` starts its errors."""
     context = _base_context(ssl.PROTOCOL_TLS_SERVER)
     _load_chain(context, cert, key, ca, who)
+    context.set_alpn_protocols([NAMES_PROBE])  # a refused coordinator's probe, known as one (tls_names.py)
     from batuta.transport.certs import ca_problem, server_use_problem
 
     # Said here, at start: OpenSSL loads a client.pem or a leaf as the CA without complaint,
@@ -413,10 +415,10 @@ async def open_tls_stream(
             settings.connect_timeout,
         )
     except ssl.SSLCertVerificationError as exc:
-        names = await _names_presented(host, port, settings, server_name) if _name_mismatch(exc) else None
+        names = await read_names(exc, host, port, settings.ca, server_name, settings.connect_timeout)
         raise TLSVerifyError(
             f"{_who(label, where)}: the worker's certificate is not acceptable: {_reason(exc)}; "
-            + _verify_hint(exc, server_name, names=names, dialled=settings.server_name is None)
+            + verify_hint(exc, server_name, names=names, dialled=settings.server_name is None)
         ) from None
     except ssl.SSLError as exc:
         raise _handshake_error(label, where, exc) from None
@@ -537,80 +539,37 @@ def _who(label: str, where: str) -> str:
     return f"host {label}" if label == where else f"host {label} ({where})"
 
 
-def _name_mismatch(exc: ssl.SSLCertVerificationError) -> bool:
-    message = (exc.verify_message or "").lower()
-    return "hostname mismatch" in message or "ip address mismatch" in message
+async def read_names(
+    exc: ssl.SSLCertVerificationError, host: str, port: int, ca: Path, server_name: str, timeout: float
+) -> list[str] | None:
+    """The names a certificate refused for its names holds (`tls_names`); None for another refusal."""
+    if not name_mismatch(exc):
+        return None
+    try:
+        context = names_probe_context(ca)
+    except (ssl.SSLError, OSError):
+        return None
+    return await names_presented(host, port, context, server_name, timeout)
 
 
-async def _names_presented(host: str, port: int, settings: TLSSettings, server_name: str) -> list[str] | None:
-    """The names the worker's certificate holds, or None where they cannot be read: the failed
-    handshake leaves no certificate to look at. Read over a second connection that checks the
-    chain against [tls] ca but not the name, and presents no certificate of ours: under TLS 1.3
-    our side of the handshake is done before the worker looks for one, and the worker then
-    refuses the connection (a line in its log), so no session starts there."""
+def names_probe_context(ca: Path) -> ssl.SSLContext:
+    """The context `tls_names.names_presented` reads a refused certificate's names with: the
+    chain checked against `ca`, not the name; no certificate of ours; the probe's ALPN."""
     context = _base_context(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
-    try:
-        context.load_verify_locations(cafile=str(settings.ca))
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(
-                host, port, ssl=context, server_hostname=server_name, ssl_handshake_timeout=settings.connect_timeout
-            ),
-            settings.connect_timeout,
-        )
-    except (ssl.SSLError, OSError, TimeoutError, ValueError):
-        return None
-    # as the handshake left it: the worker's refusal may already have closed the connection
-    presented = writer.get_extra_info("peercert") or {}
-    writer.transport.abort()
-    names = []
-    for kind, value in presented.get("subjectAltName", ()):
-        if kind == "DNS":
-            names.append(value)
-        elif kind == "IP Address":  # OpenSSL writes ::1 as 0:0:0:0:0:0:0:1
-            names.append(str(ipaddress.ip_address(value.strip())))
-    return names or None
+    context.load_verify_locations(cafile=str(ca))
+    context.set_alpn_protocols([NAMES_PROBE])
+    return context
 
 
-def _verify_hint(
-    exc: ssl.SSLCertVerificationError,
-    server_name: str,
-    whose: str = "worker",
-    *,
-    names: Sequence[str] | None = None,
-    dialled: bool = True,
+def verify_failure(
+    exc: ssl.SSLCertVerificationError, server_name: str, whose: str, names: Sequence[str] | None = None
 ) -> str:
-    """What to do about a certificate refused. `names`: those its certificate holds, when read
-    (`_names_presented`); `dialled`: `server_name` is the address dialled, not [tls] server_name."""
-    message = (exc.verify_message or "").lower()
-    if _name_mismatch(exc):
-        if not names:
-            return (
-                f"its certificate does not name {server_name!r}; reissue the {whose}'s certificate with "
-                f"`batuta certs reissue DIR --host {server_name}` or dial a name it lists"
-            )
-        listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
-        hosts = " ".join(f"--host {name}" for name in [*names, server_name])
-        reissue = (
-            f"or reissue the {whose}'s certificate with `batuta certs reissue DIR {hosts}` (DIR: its CA's, "
-            "from `batuta certs init`; the other side keeps its files)"
-        )
-        if not dialled:
-            return f"it names {listed}, not {server_name} ([tls] server_name): set it to one of those, {reissue}"
-        return (
-            f"it names {listed}, not {server_name}, the address dialled: dial one of those (or, where "
-            f"{server_name} reaches the same {whose}, name one as [tls] server_name), {reissue}"
-        )
-    if "expired" in message:
-        return f"renew the {whose}'s certificate (`batuta certs init`)"
-    ours = "[tls] ca" if whose == "worker" else "the ca.pem of --certs DIR"
-    return f"check that {ours} is the CA that signed the {whose}'s certificate"
-
-
-def verify_failure(exc: ssl.SSLCertVerificationError, server_name: str, whose: str) -> str:
     """Why a peer's certificate was refused, and what to do, in a line: "the coordinator's
-    certificate is not acceptable: IP address mismatch; ... reissue ... --host 10.0.0.5"."""
-    return f"the {whose}'s certificate is not acceptable: {_reason(exc)}; {_verify_hint(exc, server_name, whose)}"
+    certificate is not acceptable: IP address mismatch; it names ... reissue ... --host 10.0.0.5"
+    (`names`: those it holds, where `tls_names.names_presented` read them)."""
+    hint = verify_hint(exc, server_name, whose, names=names)
+    return f"the {whose}'s certificate is not acceptable: {_reason(exc)}; {hint}"
 
 
 def _handshake_error(label: str, where: str, exc: ssl.SSLError) -> TLSError:
@@ -662,6 +621,10 @@ class ServerTLSStream:
 
     def peer_certificate(self) -> dict[str, object]:
         return dict(self._tls.getpeercert() or {})
+
+    def names_probe(self) -> bool:
+        """The client offered the names probe's ALPN (tls_names.py), known after a refusal too."""
+        return self._tls.selected_alpn_protocol() == NAMES_PROBE
 
     async def _flush(self) -> None:
         async with self._send_lock:
