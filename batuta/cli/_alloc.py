@@ -12,18 +12,11 @@ The options are checked as the cluster file's `[[allocations]]` table is, by the
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
-from collections.abc import Iterator
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from batuta.cli._common import integer, load_cluster
 from batuta.cli._run import add_run_arguments, cmd_run
 from batuta.errors import UsageError
-
-if TYPE_CHECKING:
-    from batuta.runtime.cluster import ClusterConfig
 
 
 def add_alloc_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,46 +118,6 @@ def cmd_alloc(args: argparse.Namespace) -> int:
         )
     args.cluster_config = replace(cluster, allocations=(*cluster.allocations, config))
     return cmd_run(args)  # which says what the allocation does (cli/_run.py's NEWS_LOGGERS)
-
-
-@contextlib.contextmanager
-def nodes_summarised(cluster: ClusterConfig | None) -> Iterator[None]:
-    """While a run on `cluster` lasts, its allocations' nodes' retirements are the run's
-    report's to say (`_NodesRetired`); `batuta alloc` and `batuta run -c FILE` alike."""
-    names = {name for allocation in cluster.allocations for name in allocation.host_names} if cluster else set()
-    if not names:
-        yield
-        return
-    from batuta.jobs import SUMMARISED  # the mark the run's console filter (drop_summarised) reads
-
-    nodes = _NodesRetired(names, SUMMARISED)
-    hosts_log = logging.getLogger("batuta.runtime.hosts")
-    hosts_log.addFilter(nodes)
-    try:
-        yield
-    finally:
-        hosts_log.removeFilter(nodes)
-
-
-class _NodesRetired(logging.Filter):
-    """Marks the runtime's "host X cannot be used: WHY" lines about an allocation's nodes as
-    the run's own report's to say: the console leaves them out, a --log-file keeps them.
-
-    An allocation's nodes fail together, for one reason (sbatch refused the job, the job
-    ended), so the runtime said it once per node, and then the run's last line (no host
-    started) or its summary (a row per host) said it again. The allocation's news line
-    already says when its job ends."""
-
-    def __init__(self, names: set[str], mark: str) -> None:
-        super().__init__()
-        self.names = frozenset(names)
-        self.mark = mark
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if record.levelno >= logging.ERROR and isinstance(args, tuple) and args and args[0] in self.names:
-            setattr(record, self.mark, True)
-        return True
 
 
 def split_sbatch_options(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -211,10 +211,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     # `batuta alloc` passes the cluster it built (a file's, plus its allocation)
     cluster = getattr(args, "cluster_config", None) or (load_cluster(args.cluster) if args.cluster else None)
-    from batuta.cli._alloc import nodes_summarised
-
-    with nodes_summarised(cluster):
-        return _run_on(args, job, cluster)
+    return _run_on(args, job, cluster)
 
 
 def _run_on(args: argparse.Namespace, job: Job, cluster: ClusterConfig | None) -> int:

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -196,7 +196,8 @@ async def run_job(
     exporter: MetricsExporter | None = None
     run_journal: Journal | None = None
     ran_to_end = False  # the job's main returned: its journal may be started over by a run without --resume
-    logger = _RunLogObserver(pool).attach()
+    nodes = {name for allocation in cluster.allocations for name in allocation.host_names} if cluster else set()
+    logger = _RunLogObserver(pool, nodes).attach()
     unsubscribe = pool.subscribe(on_event)
     keep_serving = False
     try:
@@ -322,28 +323,30 @@ def _summarised(event: PoolEvent) -> bool:
 
 
 class _RunLogObserver(PoolLogObserver):
-    """The pool's log for a run, with the records of what the summary reports marked `SUMMARISED`."""
+    """The pool's log for a run, with the records of what the summary reports marked `SUMMARISED`;
+    `nodes`: the names of the cluster's allocations' nodes (`_mark_retired`)."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, nodes: Iterable[str] = ()) -> None:
         self._target = logging.getLogger("batuta.pool")
         # Its one error, "host X cannot be used: WHY", is a retirement, which -q's last lines
         # say again (`batuta: host X retired: WHY`): marked for `drop_summarised_quietly`.
         self._hosts_log = logging.getLogger("batuta.runtime.hosts")
+        self._nodes = frozenset(nodes)
         super().__init__(pool, self._target)
         self._marking = False
 
     def attach(self) -> _RunLogObserver:
         self._target.removeFilter(self._mark)  # attach twice, mark once
         self._target.addFilter(self._mark)
-        self._hosts_log.removeFilter(_mark_retired)
-        self._hosts_log.addFilter(_mark_retired)
+        self._hosts_log.removeFilter(self._mark_retired)
+        self._hosts_log.addFilter(self._mark_retired)
         super().attach()
         return self
 
     def close(self) -> None:
         super().close()
         self._target.removeFilter(self._mark)
-        self._hosts_log.removeFilter(_mark_retired)
+        self._hosts_log.removeFilter(self._mark_retired)
 
     def on_event(self, event: PoolEvent) -> None:
         if _summarised(event):
@@ -360,11 +363,19 @@ class _RunLogObserver(PoolLogObserver):
             setattr(record, SUMMARISED, True)
         return True
 
-
-def _mark_retired(record: logging.LogRecord) -> bool:
-    if record.levelno >= logging.ERROR:
-        setattr(record, RETIREMENT, True)
-    return True
+    def _mark_retired(self, record: logging.LogRecord) -> bool:
+        """A host's "cannot be used" error: a retirement (`RETIREMENT`). Of an allocation's node,
+        also the run's report's to say (`SUMMARISED`): the console leaves it out, a --log-file
+        keeps it. An allocation's nodes fail together, for one reason (sbatch refused the job,
+        the job ended), so the runtime said it once per node, and then the run's last line (no
+        host started) or its summary (a row per host) said it again; the allocation's news
+        line already says when its job ends."""
+        if record.levelno >= logging.ERROR:
+            setattr(record, RETIREMENT, True)
+            args = record.args
+            if isinstance(args, tuple) and args and args[0] in self._nodes:
+                setattr(record, SUMMARISED, True)
+        return True
 
 
 def start_metrics(pool: Pool, port: int | None, bind: str) -> MetricsExporter:
