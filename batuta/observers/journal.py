@@ -68,10 +68,13 @@ reading a result that is not pure makes a result that is not pure either).
 is run again on resume. Restored results are marked `restored` and keep the host, slot,
 timings and attempts of the run that produced them.
 
-**File format** (`journal_records.py`). `b"BATUTAJ1"`, then records `length: u32 LE | crc32: u32 LE | payload`,
-where the payload is the record (key, place for a place key, result fields) in the
-state-tree encoding of `batuta.observers.checkpoint.encode_tree` (msgpack plus raw array
-buffers; no pickle). Records are
+**File format** (`journal_records.py`). `b"BATUTAJ2"`, then records `length: u32 LE | crc32: u32 LE | payload`,
+where the payload is a result's value in the state-tree encoding of
+`batuta.observers.checkpoint.encode_tree` (msgpack plus raw array buffers; no pickle) and
+its key, place and other fields in one msgpack array, each string by a number that a
+strings record (written twice) defined once per journal: 85 bytes a noop result, where
+version 1's map of every field by name took 300. A version-1 journal is converted (renamed
+into place, synced) when a run resumes it. Records are
 appended in batches from a worker thread, with one fsync per batch, so the event loop never
 waits on the disk; a result is durable once its batch is synced. A crash mid-append leaves
 a torn last record: opening the journal drops it (with a warning) and truncates the file
@@ -120,7 +123,10 @@ from batuta.observers.journal_records import (
     JournalError,
     Place,
     Records,
+    Scan,
+    convert_v1,
     encode_record,
+    is_v1,
     read_records,
     record_header,
 )
@@ -285,7 +291,8 @@ class Journal:
         self._places = places or {}  # the key journaled at each place, as opened
         self._file = file
         self._lock = lock  # the folder's lock, held until close (`_lock`)
-        self._pending: list[bytes] = []
+        self._strings = entries.strings  # numbers of the strings its records name (`journal_records.Strings`)
+        self._pending: list[list[bytes]] = []  # per result: its payloads
         self._flusher: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self.recorded = 0  # records appended by this run
@@ -377,11 +384,11 @@ class Journal:
             log.warning("journal %s is closed: task %d (%s) not journaled", self.path, result.task_id, key)
             return
         try:
-            payload = encode_record(key, result, place, args)
+            payloads = encode_record(key, result, self._strings, place, args)
         except (CheckpointError, ValueError, TypeError) as exc:
             log.warning("journal: not recording task %d (%s): %s", result.task_id, key, exc)
             return
-        self._pending.append(payload)
+        self._pending.append(payloads)
         self.recorded += 1
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_pending(), name="batuta-journal")
@@ -399,11 +406,12 @@ class Journal:
         finally:
             self._flusher = None
 
-    def _write_batch(self, batch: list[bytes]) -> None:
+    def _write_batch(self, batch: list[list[bytes]]) -> None:
         f = self._file
-        for payload in batch:
-            f.write(record_header(payload))
-            f.write(payload)
+        for payloads in batch:
+            for payload in payloads:
+                f.write(record_header(payload))
+                f.write(payload)
         f.flush()
         os.fsync(f.fileno())
 
@@ -492,25 +500,12 @@ def _open_locked(folder: Path, resume: bool) -> tuple[Records, dict[Place, str],
     entries = Records()
     places: dict[Place, str] = {}
     if resume and path.exists():
+        if is_v1(path):
+            _convert(path)
         # its fd stays on the file as read: a rewrite below replaces the name, not what it reads
         entries, places, good, size, skipped = read_records(path)
-        if good < size:
-            log.warning(
-                "journal %s: dropped its last %d bytes, from byte %d on, where a record is torn or corrupt (a crash "
-                "mid-write, or damage to the file): the results after it run again",
-                path,
-                size - good,
-                good,
-            )
+        _say_damage(path, (good, size, skipped))
         if skipped:
-            log.warning(
-                "journal %s: skipped %d damaged record(s) before byte %d (the first at byte %d): their results run "
-                "again, the rest resume",
-                path,
-                len(skipped),
-                good,
-                skipped[0][0],
-            )
             _rewrite_without(path, skipped, good)
         elif good < size:
             os.truncate(path, good)
@@ -525,6 +520,37 @@ def _open_locked(folder: Path, resume: bool) -> tuple[Records, dict[Place, str],
     file = open(path, "ab")  # noqa: SIM115 - lives as long as the journal
     fsync_dir(folder)
     return entries, places, file
+
+
+def _say_damage(path: Path, scan: Scan) -> None:
+    good, size, skipped = scan
+    if good < size:
+        log.warning(
+            "journal %s: dropped its last %d bytes, from byte %d on, where a record is torn or corrupt (a crash "
+            "mid-write, or damage to the file): the results after it run again",
+            path,
+            size - good,
+            good,
+        )
+    if skipped:
+        log.warning(
+            "journal %s: skipped %d damaged record(s) before byte %d (the first at byte %d): their results run "
+            "again, the rest resume",
+            path,
+            len(skipped),
+            good,
+            skipped[0][0],
+        )
+
+
+def _convert(path: Path) -> None:
+    """Replace a version-1 journal by one of this version (`journal_records`), atomically: a
+    run of an older batuta resumes in this one, and appends in this version's records."""
+    scanned: list[Scan] = []
+    before = path.stat().st_size
+    after = replace_file(path, path.with_name(f".{JOURNAL_FILE}.{os.getpid()}.tmp"), convert_v1(path, scanned))
+    _say_damage(path, scanned[0])  # left out of the new file
+    log.info("journal %s: converted from the format of an older batuta (%d bytes, now %d)", path, before, after)
 
 
 def _refuse_unfinished(folder: Path) -> None:
