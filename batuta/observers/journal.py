@@ -666,6 +666,7 @@ class JournalStore:
         self._resume = resume
         self._submitted: dict[str, int] = defaultdict(int)  # tasks looked up, per pool job
         self._place_of: dict[int, int] = {}  # task id -> its place, for place-keyed tasks not finished yet
+        self._key_of: dict[int, str] = {}  # task id -> its content key, for tasks looked up and not ended yet
         self._warned: set[str] = set()  # pool jobs already warned about a changed task
         self._reused: set[str] = set()  # Task.keys already warned about as reused for other arguments
         self._restart_open = resume  # a checkpoint loaded before the first task sets the places
@@ -718,6 +719,8 @@ class JournalStore:
             found = self._journal.get(content) if resume else None
             if found is not None and task.key is not None and content not in self._reused:
                 self._check_reused(task, content, given_key or task.key)
+            if found is None and task_id is not None:
+                self._key_of[task_id] = content  # hashed once: `record` is told the same task and code
             return found
         if resume and not self._placeless:
             key = place_key(content, (job, n))
@@ -727,12 +730,13 @@ class JournalStore:
             self._warn_if_changed(job, n, key)
         if task_id is not None:
             self._place_of[task_id] = n
+            self._key_of[task_id] = content
         return None
 
     def record(self, task: Task, job: str, result: TaskResult, *, code: str = "") -> None:
         """Every task that ended is told (a failed one too: its place is its own, not the next
         equal task's to take); the journal keeps the succeeded ones."""
-        content = self._journal.key_for(task, code)
+        content = self._key_of.pop(result.task_id, None) or self._journal.key_for(task, code)
         if task.key is not None:  # with its arguments' sample: a resume tells a key reused for others
             if result.is_success():
                 self._journal.record(content, result, args=args_sample(task))
