@@ -648,7 +648,7 @@ async def test_slots_share_the_cores_between_numba_threads(pool: Pool) -> None:
 
 
 async def test_agent_with_another_batuta_version_is_refused_with_the_fix() -> None:
-    from batuta.errors import AgentError
+    from batuta.errors import HostUnusableError
     from batuta.runtime.session import HostSpec
     from batuta.transport.local import open_local_agent
 
@@ -662,7 +662,7 @@ async def test_agent_with_another_batuta_version_is_refused_with_the_fix() -> No
         return await open_local_agent(argv, name="old")
 
     pool = Pool([HostSpec(name="old", launch=launch)], PoolConfig(max_relaunches=0))  # type: ignore[arg-type]
-    with pytest.raises(AgentError, match=r"runs batuta 0\.0\.1.*`batuta cluster install --cluster FILE`"):
+    with pytest.raises(HostUnusableError, match=r"runs batuta 0\.0\.1.*`batuta cluster install --cluster FILE`"):
         await pool.start()
 
 

@@ -26,6 +26,7 @@ import pytest
 from batuta.core.task import Task, TaskStatus
 from batuta.errors import AgentError
 from batuta.runtime.cluster import ClusterHost, build_pool, load_cluster, ssh_host
+from batuta.runtime.events import HostStateChanged
 from batuta.runtime.pool import Pool, PoolConfig
 from batuta.transport import ssh, ssh_known_hosts
 from batuta.transport.base import StreamClosedError
@@ -431,6 +432,63 @@ async def test_cluster_file_end_to_end(ssh_hosts: Callable[..., TestHosts], tmp_
             assert {v.name for v in pool.hosts()} == {"host0", "second"}
             values = await pool.map("noop", [(i,) for i in range(20)])
     assert sorted(values) == list(range(20))
+
+
+async def test_a_host_with_another_batuta_is_retired_at_once_naming_itself_once(
+    ssh_hosts: Callable[..., TestHosts], tmp_path: Path
+) -> None:
+    """It was relaunched with backoff for 2.5 minutes (a relaunch meets the same batuta), shown
+    as "unreachable" though it answered, its reason "host host1: host host1 runs batuta ..."."""
+    hosts = ssh_hosts(2)
+    old = tmp_path / "python-old-batuta"  # started as "<this> -P -m batuta.agent ARGS"
+    old.write_text(
+        textwrap.dedent(
+            f"""\
+            #!/bin/sh
+            while [ $# -gt 0 ] && [ "$1" != batuta.agent ]; do shift; done
+            shift
+            exec {sys.executable} -c 'import runpy, batuta._version as v; v.__version__ = "0.0.9"; \\
+            runpy.run_module("batuta.agent", run_name="__main__", alter_sys=True)' "$@"
+            """
+        )
+    )
+    old.chmod(0o755)
+    path = tmp_path / "cluster.toml"
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            [defaults]
+            python = "{sys.executable}"
+            slots = 1
+            gpus = "none"
+
+            [[hosts]]
+            address = "host0"
+
+            [[hosts]]
+            address = "host1"
+            python = "{old}"
+
+            [ssh]
+            known_hosts = "{hosts.known_hosts}"
+            config = "{hosts.ssh_config}"
+
+            [pool]
+            start_wait = inf
+            """
+        )
+    )
+    changes: list[HostStateChanged] = []
+    pool = build_pool(load_cluster(path))
+    pool.subscribe(lambda e: changes.append(e) if isinstance(e, HostStateChanged) and e.host == "host1" else None)
+    async with asyncio.timeout(WAIT_S):
+        async with pool:  # start_wait = inf: started once each host is up or has failed
+            states = {v.name: v.state for v in pool.hosts()}
+            assert (await pool.run(Task.kernel("noop", 1))).value == 1
+    assert states == {"host0": "up", "host1": "retired"}
+    assert [e.state for e in changes][:1] == ["retired"]  # never "unreachable", never relaunched
+    reason = changes[0].reason
+    assert reason.startswith("host host1: its agent runs batuta 0.0.9, the coordinator") and reason.count("host1") == 1
 
 
 async def test_unknown_host_key_is_refused_with_the_fix(ssh_hosts: Callable[..., TestHosts], tmp_path: Path) -> None:

@@ -452,7 +452,9 @@ class HostSession:
                 with contextlib.suppress(Exception):
                     assert self._conn is not None and self._stream is not None
                     self._stream.write(self._conn.send(m.Error(message=problem)))
-                self._fail(problem)
+                # as a Python too old: a relaunch meets the same batuta until someone installs
+                # another there, so the host is retired at once, not retried for 2.5 minutes
+                self._fail(problem, HostUnusableError)
                 return
             self.hello = first
             self._open = True
@@ -481,8 +483,8 @@ class HostSession:
         if not self.spec.check_versions:
             return ""
         if hello.batuta_version != __version__:
-            return (
-                f"host {self.name} runs batuta {hello.batuta_version}, the coordinator {__version__}; "
+            return (  # after "host NAME: ", which _fail puts first
+                f"its agent runs batuta {hello.batuta_version}, the coordinator {__version__}; "
                 f"put this batuta there with `batuta cluster install --cluster FILE` "
                 f"(or point the host's 'python' at an interpreter with batuta {__version__})"
             )
