@@ -800,6 +800,27 @@ def test_a_background_served_run_passes_every_run_option_on(runtime_dir: Path, t
     assert child[child.index("--metrics-linger") + 1] == "5.0"
 
 
+def test_a_background_served_run_stopped_says_to_resume_it_in_the_background(
+    runtime_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its note said '... --serve --name resumable --foreground ... --resume': the --foreground
+    of the spawned coordinator's own command line, which the user never gave, so the resumed
+    run held the terminal."""
+    job = tmp_path / "forever.py"
+    job.write_text(JOB)
+    journal = tmp_path / "journal"
+    argv = ["run", str(job), "--serve", "--name", "resumable", "--workers", "1", "--journal", str(journal)]
+    assert cli_main(argv) == 0
+    assert cli_main(["stop", "resumable"]) == 0  # returns once the coordinator has ended
+    capsys.readouterr()
+    log = (runtime_dir / "batuta" / "resumable.log").read_text()
+    [note] = [line for line in log.splitlines() if line.startswith("batuta: interrupted: ")]
+    assert note.endswith(
+        f"'batuta run {job} --serve --name resumable --workers 1 --journal {journal} --resume' "
+        "runs only what is not done"
+    )
+
+
 def test_a_background_served_run_with_serve_bind_says_its_tls_address(
     runtime_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

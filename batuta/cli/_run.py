@@ -403,7 +403,8 @@ def _rerun_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--serve")
         if getattr(args, "name", None):
             option("--name", args.name)
-        if getattr(args, "foreground", False):  # under systemd, a batch script
+        # under systemd, a batch script; not where a background --serve spawned it
+        if getattr(args, "foreground", False) and not getattr(args, "spawned", False):
             argv.append("--foreground")
         for name in ("serve_linger", "serve_bind", "serve_certs"):  # how long it stays listed, where TLS viewers attach
             if getattr(args, name, None) is not None:

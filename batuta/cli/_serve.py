@@ -51,6 +51,9 @@ def add_serve_run_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--foreground", action="store_true", help="with --serve: stay in this terminal (systemd, Slurm batch scripts)"
     )
+    # the coordinator that a background --serve spawns, in the foreground of its own session:
+    # what it says to run again (its resume note) leaves out the --foreground the user never gave
+    serve.add_argument("--spawned", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument(
         "--serve-linger",
         type=seconds_or_zero,
@@ -282,7 +285,7 @@ def _announce(server: Any) -> None:
 
 def _child_argv(args: argparse.Namespace, name: str) -> list[str]:
     """The same run, in the foreground, under `name`."""
-    argv = [sys.executable, "-m", "batuta", "run", args.job, "--serve", "--foreground", "--name", name]
+    argv = [sys.executable, "-m", "batuta", "run", args.job, "--serve", "--foreground", "--spawned", "--name", name]
     options: list[tuple[str, Any]] = [
         ("--cluster", args.cluster),
         ("--workers", args.workers),
