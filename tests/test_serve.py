@@ -846,6 +846,48 @@ def test_a_background_served_run_with_serve_bind_says_its_tls_address(
             cli_main(["stop", "tlsserved"])
 
 
+def test_a_viewer_with_another_cas_certificate_is_told_in_one_line_not_a_dashboard(
+    runtime_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a terminal, 'batuta tui --attach tls://... --certs WRONG' opened the whole dashboard,
+    empty, offering its demo ('press d'), with the error in a toast; it said the line and
+    exited 1 only when quit. A name with no socket was already one line, exit 2."""
+    from batuta.transport.certs import init_certs
+    from tests.support.terminal import read_pty
+
+    paths = init_certs(tmp_path / "certs", hosts=["127.0.0.1"])
+    other = init_certs(tmp_path / "other", hosts=["127.0.0.1"])  # another CA
+    job = tmp_path / "forever.py"
+    job.write_text(JOB)
+    argv = ["run", str(job), "--serve", "--name", "tlsviewed", "--workers", "1"]
+    assert cli_main([*argv, "--serve-bind", "127.0.0.1:0", "--serve-certs", str(paths.directory)]) == 0
+    try:
+        [port] = re.findall(r"tls://127\.0\.0\.1:(\d+) --certs DIR", capsys.readouterr().out)
+        env = {**os.environ, "TERM": "xterm-256color", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        command = [sys.executable, "-m", "batuta", "tui", "--attach", f"tls://127.0.0.1:{port}"]
+        with read_pty() as (slave, chunks):
+            viewer = subprocess.Popen(
+                [*command, "--certs", str(other.directory)], stdin=slave, stdout=slave, stderr=slave, env=env
+            )
+            try:
+                for _ in range(600):  # bounded: 60 s for it to end, or to open a dashboard
+                    if viewer.poll() is not None or b"\x1b[?1049h" in b"".join(chunks):
+                        break
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        viewer.wait(0.1)
+                opened = b"\x1b[?1049h" in b"".join(chunks)  # the alternate screen: a dashboard
+            finally:
+                if viewer.poll() is None:
+                    viewer.kill()
+                viewer.wait(30)
+        said = b"".join(chunks).decode(errors="replace").strip()
+        assert not opened and viewer.returncode == 2, said[-2000:]
+        assert said.startswith(f"batuta: error: cannot connect to tls://127.0.0.1:{port}: ") and "ca.pem" in said
+        assert len(said.splitlines()) == 1
+    finally:
+        cli_main(["stop", "tlsviewed"])
+
+
 def test_a_background_served_run_says_where_a_picked_metrics_port_is(
     runtime_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -542,6 +542,8 @@ def cmd_tui_attached(args: argparse.Namespace) -> int:
             )
         if target.tls is not None and not Path(args.certs).expanduser().is_dir():
             raise UsageError(f"--certs {args.certs}: no such folder; give the one 'batuta certs init' made")
+        if target.path is None:  # over TLS or SSH: a certificate, a host key or an address that fails
+            _reach(target, Path(args.certs).expanduser() if args.certs else None, ssh)
     # before --serve starts anything: refused afterwards, its coordinator would be left running
     if not has_terminal():
         raise UsageError("batuta tui needs a terminal on stdin and stdout; 'batuta ps' lists coordinators without one")
@@ -558,6 +560,23 @@ def cmd_tui_attached(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: {app.ended}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_FAILED if app.return_code else EXIT_OK  # a crash (Textual printed why) is no success
+
+
+def _reach(target: Any, certs: Path | None, ssh: Any) -> None:
+    """Connect once, and leave: a coordinator that cannot be reached is said here in one line
+    (exit 2, as `batuta stop` says it), not in an empty dashboard that offered its demo."""
+    import asyncio
+
+    from batuta.runtime.serve_client import connect
+
+    async def once() -> None:
+        connection = await connect(target, certs=certs, ssh=ssh)
+        await connection.close()
+
+    try:
+        asyncio.run(once())
+    except ServeError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _lent_ssh(target: Any, cluster: str | None, *, ask_passphrase: bool) -> tuple[Any, Any]:
