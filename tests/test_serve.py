@@ -908,6 +908,29 @@ def test_a_background_served_run_says_where_a_picked_metrics_port_is(
         assert cli_main(["stop", "metered"]) == 0
 
 
+def test_a_served_job_that_ended_names_no_metrics_url_once_its_exporter_stopped(
+    runtime_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The exporter stops with the job, but the coordinator lingers for `batuta ps`, whose
+    --json still gave its metrics URL: a scraper pointed there met a refused connection."""
+    job = tmp_path / "short.py"
+    job.write_text('async def main(pool):\n    return sum(await pool.map("noop", range(4)))\n')
+    argv = ["run", str(job), "--serve", "--name", "ended", "--workers", "1", "--metrics-port", "0"]
+    assert cli_main(argv) == 0
+    try:
+        [url] = re.findall(r"^batuta: its metrics: (http://\S+)$", capsys.readouterr().out, re.MULTILINE)
+        info: dict[str, Any] = {}
+        for _ in range(600):  # bounded: 60 s for the job's end
+            info = asyncio.run(ask_info(parse_target("ended")))
+            if info["state"] != "running" and info["state"] != "starting":
+                break
+            time.sleep(0.1)  # another process's state: nothing to wait on but asking again
+        assert info["state"] == "done" and url
+        assert info["metrics"] == ""
+    finally:
+        assert cli_main(["stop", "ended"]) == 0
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
 def test_a_served_coordinator_whose_log_disk_is_full_runs_its_job_to_the_end(runtime_dir: Path) -> None:
     """Its stdout and stderr are its NAME.log: on a full disk the summary's print raised, and

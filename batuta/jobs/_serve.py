@@ -154,6 +154,8 @@ async def serve_job(
         )
         server.note(ended)
         server.hosts_closed(f"released: job {job.name} ended")
+        if outcome.metrics is None:  # its exporter stopped with the job (no --metrics-linger)
+            server.metrics_url = ""  # `batuta ps --json` gave a port where nothing listened any more
         # a job whose main() raised: its error with the counts ('50 tasks: 50 succeeded' alone read as fine)
         said = f"{line}; {summary.error}" if line and summary.error else line or message
         server.set_state(state, said)
