@@ -260,12 +260,14 @@ def target(role: str = ROLE_SSH) -> NodeTarget:
 
 
 def test_unreachable_findings_name_the_cause_and_the_fix() -> None:
-    changed = unreachable_finding(
-        target(), HostKeyError("host gpu1 (x:22): HOST KEY CHANGED: it offered K; refused (...)", changed=True), []
-    )
+    said = "host gpu1 (x:22): HOST KEY CHANGED: it offered K; refused (...). If the host was reinstalled, remove "
+    said += "the old key with `ssh-keygen -R 'x' -f /lab/known_hosts` and add the new one after checking it"
+    changed = unreachable_finding(target(), HostKeyError(said, changed=True), [])
     assert (changed.check, changed.severity) == ("ssh", ERROR)
     assert changed.message == "host gpu1 (x:22): HOST KEY CHANGED: it offered K"
-    assert "was reinstalled" in changed.suggestion
+    assert changed.suggestion.startswith(
+        "if gpu1 was reinstalled, remove its old key with `ssh-keygen -R 'x' -f /lab/known_hosts` and add the new"
+    )  # the cluster's known_hosts file, not ~/.ssh's that a bare `ssh-keygen -R` edits
     down = unreachable_finding(target(), SSHConnectError("host gpu1 (x): no SSH session within 2s; check it"), [])
     assert (down.check, down.message, down.suggestion) == (
         "ssh",

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -178,6 +180,10 @@ def test_check_reports_each_broken_host_as_itself(cluster: dict[str, Path]) -> N
     assert not nodes["host3"]["reachable"]
     assert (host3["check"], host3["severity"]) == ("ssh", "error")
     assert "HOST KEY CHANGED" in host3["message"] and "reinstalled" in host3["suggestion"]
+    known_hosts = tomllib.loads(cluster["broken"].read_text())["ssh"]["known_hosts"]
+    assert re.search(
+        rf"remove its old key with `ssh-keygen -R '[\d.]+' -f {re.escape(known_hosts)}`", host3["suggestion"]
+    )
 
     (host4,) = nodes["host4"]["findings"]
     assert not nodes["host4"]["reachable"]

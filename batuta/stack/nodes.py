@@ -257,6 +257,7 @@ def split_fix(text: str) -> tuple[str, str]:
 
 
 _NO_HELLO = "agent did not say hello within"  # runtime/session.py's words for a start that timed out
+_REMOVE_KEY = re.compile(r"`(ssh-keygen -R [^`]+)`")  # transport/ssh.py's fix for a changed host key
 _MISSING_MODULE = re.compile(r"No module named '?([\w.]+)'?")  # a Python import error's words
 
 
@@ -274,8 +275,12 @@ def unreachable_finding(
     if isinstance(exc, HostKeyError):
         what = text.split("; refused", 1)[0]
         if exc.changed:
+            # the transport's command names the known_hosts file the cluster uses: a bare
+            # `ssh-keygen -R host` edits ~/.ssh/known_hosts, and the key stayed refused
+            command = _REMOVE_KEY.search(text)
+            remove = f"with `{command.group(1)}`" if command else "from known_hosts (ssh-keygen -R)"
             fix = (
-                f"if {name} was reinstalled, remove its old key from known_hosts (ssh-keygen -R) and add the "
+                f"if {name} was reinstalled, remove its old key {remove} and add the "
                 "new one after checking its fingerprint; otherwise treat it as a machine in the middle"
             )
         else:
