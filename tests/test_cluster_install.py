@@ -398,6 +398,66 @@ def test_a_host_that_reaches_a_package_index_installs_from_it_not_from_a_pushed_
     assert done.stdout.strip() == "ok", done.stderr
 
 
+def test_a_host_whose_python3_is_too_old_is_retired_at_once_beside_a_host_that_runs(
+    hosts: TestHosts, coordinator_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bootstrap = true on a host whose python3 is 3.9: it was shown "unreachable" and relaunched
+    every few seconds for 2.5 minutes, each time meeting the same python3 (`batuta cluster
+    status` already called it unusable)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(coordinator_cache))  # this session's built wheel
+    old = tmp_path / "python3.9"  # a python3 that says it is 3.9, to the install's probe
+    old.write_text(
+        "#!/bin/sh\n"
+        f'exec {sys.executable} -c \'import platform, sys; platform.python_version = lambda: "3.9.18"; '
+        'sys.argv = sys.argv[1:]; exec(compile(sys.stdin.read(), "<probe>", "exec"))\' "$@"\n'
+    )
+    old.chmod(0o755)
+    bin_dir = host_bin(tmp_path / "bin", old)
+    cluster = tmp_path / "cluster.toml"
+    cluster.write_text(
+        textwrap.dedent(
+            f"""\
+            [defaults]
+            gpus = "none"
+            slots = 1
+            user = "root"
+            identity_file = "{hosts.identity_file}"
+
+            [[hosts]]
+            name = "fine"
+            address = "{hosts[0].address}"
+            python = "{sys.executable}"
+
+            [[hosts]]
+            name = "old"
+            address = "{hosts[1].address}"
+            bootstrap = true
+            env = {{ XDG_CACHE_HOME = "{tmp_path / "cache"}", PATH = "{bin_dir}:/usr/bin:/bin" }}
+
+            [ssh]
+            known_hosts = "{hosts.known_hosts}"
+            config = false
+
+            [pool]
+            start_wait = inf
+            """
+        )
+    )
+    changes: list[pe.HostStateChanged] = []
+    pool = build_pool(load_cluster(cluster))
+    pool.subscribe(lambda e: changes.append(e) if isinstance(e, pe.HostStateChanged) and e.host == "old" else None)
+
+    async def run() -> dict[str, str]:
+        async with asyncio.timeout(RUN_TIMEOUT_S), pool:  # start_wait = inf: each host up or failed
+            states = {v.name: v.state for v in pool.hosts()}
+            assert (await pool.run(Task.kernel("noop", 1))).value == 1
+            return states
+
+    assert asyncio.run(run()) == {"fine": "up", "old": "retired"}
+    assert [e.state for e in changes][:1] == ["retired"]  # never "unreachable", never relaunched
+    assert changes[0].reason.startswith("host old: python3 there is Python 3.9.18; batuta needs 3.11 or newer")
+
+
 def test_a_cache_folder_the_host_cannot_write_is_named_with_its_cause(
     hosts: TestHosts, coordinator_cache: Path, tmp_path: Path
 ) -> None:

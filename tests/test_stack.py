@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from batuta._version import __version__
-from batuta.errors import AgentError, ConfigError
+from batuta.errors import AgentError, ConfigError, HostUnusableError
 from batuta.runtime.cluster import parse_cluster
 from batuta.runtime.policy import POLICY_COMPONENTS, PolicyConfig
 from batuta.runtime.pool import local_host
@@ -268,6 +268,10 @@ def test_unreachable_findings_name_the_cause_and_the_fix() -> None:
     assert changed.suggestion.startswith(
         "if gpu1 was reinstalled, remove its old key with `ssh-keygen -R 'x' -f /lab/known_hosts` and add the new"
     )  # the cluster's known_hosts file, not ~/.ssh's that a bare `ssh-keygen -R` edits
+    old = HostUnusableError("host gpu1: python3 there is Python 3.10.13; batuta needs 3.11 or newer: install one")
+    python = unreachable_finding(target(), old, [])  # reached: not an "ssh" finding
+    assert (python.check, python.message) == ("python", "host gpu1: python3 there is Python 3.10.13")
+    assert python.suggestion == "batuta needs 3.11 or newer: install one"
     down = unreachable_finding(target(), SSHConnectError("host gpu1 (x): no SSH session within 2s; check it"), [])
     assert (down.check, down.message, down.suggestion) == (
         "ssh",

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batuta.errors import BatutaError, InstallError
+from batuta.errors import BatutaError, HostUnusableError, InstallError
 from batuta.runtime import wheels
 from batuta.transport.base import Buffer, ByteStream
 from batuta.transport.ssh_settings import SSHSettings, SSHTarget
@@ -610,12 +610,16 @@ class Installer:
         )
 
     async def probe(self, ssh: SSHHost, host: InstallTarget, release: wheels.Release) -> HostFacts:
-        """Run `PROBE` with the host's python3; its facts, or InstallError saying what is missing."""
+        """Run `PROBE` with the host's python3; its facts, or InstallError (HostUnusableError for
+        a python3 missing or too old) saying what is missing."""
         done = await ssh.run(
             ["python3", "-", release.version], env=host.env, input=PROBE.encode(), timeout=PROBE_TIMEOUT_S
         )
+        # No python3, or one too old: the host cannot run an agent until someone changes it
+        # there, so a pool retires it at once (HostUnusableError), as it does a Python too old
+        # for the agent; a relaunch every few seconds for 2.5 minutes met the same python3.
         if done.exit_status == 127:
-            raise InstallError(
+            raise HostUnusableError(
                 f"host {host.name}: no python3 on the PATH of its SSH sessions; install Python "
                 f"{MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer there (e.g. apt install python3), "
                 "or set env.PATH for the host in the cluster file"
@@ -629,7 +633,7 @@ class Installer:
             ) from None
         numbers = tuple(int(n) for n in facts.python.split(".")[:2] if n.isdigit())
         if numbers < MIN_PYTHON:
-            raise InstallError(
+            raise HostUnusableError(
                 f"host {host.name}: python3 there is Python {facts.python}; batuta needs "
                 f"{MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer: install one and put it first on the PATH "
                 "(or set env.PATH for the host in the cluster file)"

@@ -28,7 +28,7 @@ from typing import Any
 
 from batuta._version import __version__
 from batuta.core.task import Task, TaskResult, TaskStatus
-from batuta.errors import AgentError, BatutaError, TransportError
+from batuta.errors import AgentError, BatutaError, HostUnusableError, TransportError
 from batuta.protocol import messages as m
 from batuta.runtime.cluster import ClusterConfig, host_specs
 from batuta.runtime.pool import Pool, PoolConfig, local_host
@@ -289,6 +289,9 @@ def unreachable_finding(
     if isinstance(exc, SSHAuthError):
         what, fix = split_fix(text)
         return Finding(node=name, check="ssh", severity=ERROR, message=what, suggestion=fix)
+    if isinstance(exc, HostUnusableError):  # reached over SSH, but its Python cannot run the agent
+        what, fix = split_fix(text)
+        return Finding(node=name, check="python", severity=ERROR, message=what, suggestion=fix)
     if isinstance(exc, TransportError) and target.role in (ROLE_SSH, ROLE_TLS):
         what, fix = split_fix(text)
         over = "SSH" if target.role == ROLE_SSH else "TLS (is `batuta worker` running there?)"
