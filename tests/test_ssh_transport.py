@@ -489,6 +489,7 @@ async def test_a_host_with_another_batuta_is_retired_at_once_naming_itself_once(
     assert [e.state for e in changes][:1] == ["retired"]  # never "unreachable", never relaunched
     reason = changes[0].reason
     assert reason.startswith("host host1: its agent runs batuta 0.0.9, the coordinator") and reason.count("host1") == 1
+    assert f"put this batuta there with `batuta cluster install --cluster {path}`" in reason  # not "FILE"
 
 
 async def test_unknown_host_key_is_refused_with_the_fix(ssh_hosts: Callable[..., TestHosts], tmp_path: Path) -> None:

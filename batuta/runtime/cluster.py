@@ -132,6 +132,7 @@ class ClusterConfig:
     ssh: SSHSettings = field(default_factory=SSHSettings)
     pool: PoolConfig = field(default_factory=PoolConfig)
     source: str = "<cluster>"
+    path: str = ""  # the file it was read from, as given to load_cluster (named in the hosts' fixes)
     tls: TLSSettings | None = None  # the [tls] table, for hosts with transport = "tls"
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     allocations: tuple[AllocationConfig, ...] = ()  # [[allocations]]: nodes from a batch scheduler
@@ -217,7 +218,12 @@ def worker_host(host: ClusterHost, tls: TLSSettings, *, check_versions: bool = T
 
 
 def host_specs(cluster: ClusterConfig) -> list[HostSpec]:
-    """Every host of the cluster as a `HostSpec`, the local one (if any) first."""
+    """Every host of the cluster as a `HostSpec`, the local one (if any) first, each naming
+    the file (`batuta cluster install --cluster cluster.toml` in its fixes, not `FILE`)."""
+    return [replace(spec, cluster_file=cluster.path) for spec in _host_specs(cluster)]
+
+
+def _host_specs(cluster: ClusterConfig) -> list[HostSpec]:
     specs: list[HostSpec] = []
     if cluster.local is not None:
         local = cluster.local
@@ -276,7 +282,8 @@ def load_cluster(path: str | Path) -> ClusterConfig:
         raise ConfigError(f"{source}: cannot read it: permission denied; make it readable for this user") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{source}: cannot read: {exc}") from None
-    return parse_cluster(text, source=source, base_dir=Path(path).expanduser().resolve().parent)
+    config = parse_cluster(text, source=source, base_dir=Path(path).expanduser().resolve().parent)
+    return replace(config, path=source)
 
 
 def parse_cluster(text: str, *, source: str = "cluster.toml", base_dir: Path | None = None) -> ClusterConfig:

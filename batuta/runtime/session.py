@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shlex
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -48,11 +49,16 @@ def _too_old(python: str) -> str:
     )
 
 
-def _install_hint(said: str) -> str:
+def _install_command(spec: HostSpec) -> str:
+    """`batuta cluster install` for the host's cluster file, named as it was given where known."""
+    return f"batuta cluster install --cluster {shlex.quote(spec.cluster_file) if spec.cluster_file else 'FILE'}"
+
+
+def _install_hint(said: str, spec: HostSpec) -> str:
     """The fix, where the host's python said it has no batuta: the command that puts it there."""
     if "No module named 'batuta'" not in said and "No module named batuta" not in said:
         return ""
-    return "; install it there with `batuta cluster install --cluster FILE`, or set bootstrap = true for the host"
+    return f"; install it there with `{_install_command(spec)}`, or set bootstrap = true for the host"
 
 
 def _ended(how: str) -> str:
@@ -102,6 +108,7 @@ class HostSpec:
     joins_later: bool = False  # an allocation's node: the pool starts without waiting for it (runtime/allocation.py)
     data_link: DataLinkSetting | None = None  # big arrays beside the stream (runtime/datalink.py); None: off
     python: str = ""  # the interpreter its agent runs with, where known here (for messages); "": unknown
+    cluster_file: str = ""  # the cluster file naming it, as given (its fixes name it); "": none
     # True while its launch installs batuta there (bootstrap = true): start-up waits for it past start_wait
     installing: Callable[[], bool] | None = None
 
@@ -384,11 +391,11 @@ class HostSession:
                     if self.hello is None:
                         said = await stream.last_words(LAST_WORDS_WAIT_S)
                         reason = (
-                            f"agent exited before saying hello: {said}{_install_hint(said)}"
+                            f"agent exited before saying hello: {said}{_install_hint(said, self.spec)}"
                             if said
                             else "agent exited before saying hello, with nothing on stderr (is batuta installed for "
                             f"{self.spec.python or 'that python'}? "
-                            "`batuta cluster install --cluster FILE` puts it there)"
+                            f"`{_install_command(self.spec)}` puts it there)"
                         )
                         if said.startswith(_PYTHON_USAGE):  # the interpreter refused its options: too old
                             if generation == self.generation:
@@ -485,7 +492,7 @@ class HostSession:
         if hello.batuta_version != __version__:
             return (  # after "host NAME: ", which _fail puts first
                 f"its agent runs batuta {hello.batuta_version}, the coordinator {__version__}; "
-                f"put this batuta there with `batuta cluster install --cluster FILE` "
+                f"put this batuta there with `{_install_command(self.spec)}` "
                 f"(or point the host's 'python' at an interpreter with batuta {__version__})"
             )
         return ""
