@@ -53,7 +53,45 @@ def nvml_facts() -> dict[str, Any]:
     ``{"status": "ok" | "fake" | "no NVIDIA driver" | "...error...", "driver": str | None,
     "cuda_driver": "12.4" | None, "gpus": [names]}``. Fake GPUs (`BATUTA_FAKE_GPUS`) are
     reported as such: NVML is not asked, because the agent does not ask it either.
+
+    NVML that fails to start here, with a driver present, is asked again from a fresh
+    interpreter: a CPU slot is forked from its agent, which has NVML open for its heartbeats,
+    and NVML refuses a forked child ("The operating system has blocked the request", seen on
+    an H100 host), so on every GPU host `stack check` said NVML did not work while it did.
     """
+    facts = _nvml_facts_here()
+    if facts["status"].startswith("NVML failed to start") and not os.environ.get(_FRESH_ENV):
+        fresh = _nvml_facts_fresh()
+        if fresh is not None and fresh["status"] == "ok":
+            return fresh
+    return facts
+
+
+_FRESH_ENV = "BATUTA_NVML_FRESH"  # set in the fresh interpreter: it does not ask a third
+
+
+def _nvml_facts_fresh() -> dict[str, Any] | None:
+    """`nvml_facts()` from a new Python process (not forked from one that opened NVML), or
+    None if that fails too: the caller keeps its own answer, which names the first error."""
+    import json
+    import subprocess
+
+    code = "import json; from batuta.stack.node_kernels import nvml_facts; print(json.dumps(nvml_facts()))"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # where batuta is
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, _FRESH_ENV: "1", "PYTHONPATH": path}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env, check=False
+        )
+        answer = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+    return answer if isinstance(answer, dict) and isinstance(answer.get("status"), str) else None
+
+
+def _nvml_facts_here() -> dict[str, Any]:
+    """`nvml_facts()`' answer, read in this process."""
     facts: dict[str, Any] = {"status": "", "driver": None, "cuda_driver": None, "gpus": []}
     fake = os.environ.get(FAKE_GPUS_ENV, "").strip()
     if fake:
