@@ -844,8 +844,9 @@ def test_no_host_started_exits_3_in_one_line(tmp_path: Path) -> None:
     [last] = done.stderr.splitlines()
     assert last == (
         "batuta: error: no host could be started, so nothing ran: host local: agent exited before saying hello, "
-        "with nothing on stderr (is batuta installed for /bin/false? `batuta cluster install --cluster FILE` puts "
-        "it there); 'batuta stack check -c cluster.toml' checks every host and says what to fix"
+        "with nothing on stderr (is batuta installed for /bin/false? "
+        "`batuta cluster install --cluster cluster.toml` puts it there); "
+        "'batuta stack check -c cluster.toml' checks every host and says what to fix"
     )
 
 

@@ -15,6 +15,7 @@ import os
 import pwd
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -815,9 +816,9 @@ def test_a_background_served_run_stopped_says_to_resume_it_in_the_background(
     capsys.readouterr()
     log = (runtime_dir / "batuta" / "resumable.log").read_text()
     [note] = [line for line in log.splitlines() if line.startswith("batuta: interrupted: ")]
+    again = ["batuta", "run", str(job), "--serve", "--name", "resumable", "--workers", "1"]
     assert note.endswith(
-        f"'batuta run {job} --serve --name resumable --workers 1 --journal {journal} --resume' "
-        "runs only what is not done"
+        f"to run only what is not done: {shlex.join(again)} --journal {shlex.quote(str(journal))} --resume"
     )
 
 

@@ -310,7 +310,9 @@ def _child_argv(args: argparse.Namespace, name: str) -> list[str]:
     for flag in ("resume", "strict", "json", "quiet"):
         if getattr(args, flag):
             argv.append(f"--{flag}")
-    argv += ["--log-format", args.log_format, "--log-level", args.log_level, "--serve-linger", str(_linger(args))]
+    argv += ["--log-format", args.log_format, "--log-level", args.log_level]
+    if args.serve_linger is not None:  # as given: its resume note repeats only what the user said
+        argv += ["--serve-linger", str(args.serve_linger)]
     return argv
 
 
