@@ -617,7 +617,7 @@ def test_tracker_reports_each_hosts_share_and_fate() -> None:
         )
     tracker.task_finished(failed(9, "h2", "ValueError: bad"))
     tracker.host_down("h2", "no heartbeat for 8.1s")
-    tracker.host_state_changed("h2", "unreachable", "no SSH session within 10s")  # a relaunch failed
+    tracker.host_state_changed("h2", "lost", "no SSH session within 10s")  # a relaunch failed: still lost
     tracker.host_up("h2")  # relaunched: back up, but it was lost once (and why is the loss's cause)
     tracker.host_state_changed("h3", "suspected", "no heartbeat for 3.2s")
     tracker.host_state_changed("h3", "up", "heard from again")  # a passing suspicion is no failure

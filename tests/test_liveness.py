@@ -172,3 +172,26 @@ def test_backoff_is_capped() -> None:
 def test_bad_configs_are_refused() -> None:
     with pytest.raises(ValueError, match="suspect_after <= lost_after"):
         LivenessConfig(suspect_after=5.0, lost_after=1.0)
+
+
+def test_said_names_a_host_away_lost_once_it_was_up_and_unreachable_before() -> None:
+    """One word per concept on every surface: `state` keeps waiting and relaunching apart for the
+    runtime; `said` calls both "lost" for a host that was up, "unreachable" for one never up."""
+    never = HostLiveness(CONFIG)
+    never.handle(HostAdded(host_id="b"), 0.0)
+    assert never.said("b") == "starting"
+    never.handle(LaunchFailed(host_id="b", reason="refused"), 1.0)
+    assert (never.state("b"), never.said("b")) == (Liveness.LOST, "unreachable")
+    never.handle(ClockTicked(), 2.0)
+    assert (never.state("b"), never.said("b")) == (Liveness.RELAUNCHING, "unreachable")
+    machine = up_host()
+    assert machine.said("a") == "up"
+    machine.handle(StreamEnded(host_id="a", reason="agent exited"), 10.0)
+    assert machine.said("a") == "lost"
+    machine.handle(ClockTicked(), 10.5)
+    assert (machine.state("a"), machine.said("a")) == (Liveness.RELAUNCHING, "lost")
+    machine.handle(LaunchFailed(host_id="a", reason="refused"), 11.0)
+    assert machine.said("a") == "lost"
+    machine.handle(ClockTicked(), 12.0)
+    machine.handle(HostReady(host_id="a"), 12.5)
+    assert machine.said("a") == "up"

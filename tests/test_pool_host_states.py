@@ -94,3 +94,58 @@ async def test_an_undrain_that_lifts_an_unfit_mark_says_so() -> None:
         assert (await pool.run(Task.kernel("noop", 5))).value == 5
     assert [state for state, _ in said] == ["unfit", "up"]
     assert said[-1][1] == f"no longer unfit ({why}): undrained"
+
+
+async def test_a_host_whose_agent_was_killed_is_lost_on_every_surface_until_it_is_back_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """kill -9 of a host's agent: the dashboard said "unreachable" once a relaunch failed, while
+    `pool.hosts()` and the metrics said "lost" or "relaunching", and the run's summary "lost once,
+    back up". Each is asked while the host is away: at each event and in the relaunch itself."""
+    from batuta.errors import AgentError
+    from batuta.jobs._summary import RunTracker
+    from tests.test_pool import agent_pids
+    from tui.model import DashboardModel
+
+    model, tracker = DashboardModel(), RunTracker()
+    said: list[tuple[str, ...]] = []
+    async with asyncio.timeout(WAIT_S), make_pool(slots=1, relaunch_backoff=0.05) as pool:
+        session = pool._hosts.sessions["local"]
+        back = asyncio.Event()
+
+        def surfaces(event: str) -> tuple[str, ...]:
+            families = parse(MetricsExporter(pool).render())
+            metric = [s.labels["state"] for s in families["batuta_host_state"] if s.value == 1]
+            return (event, pool.hosts()[0].state, *metric, model.hosts["local"].state)
+
+        async def refused_once() -> None:  # the first relaunch meets a host not back yet
+            monkeypatch.undo()  # the next relaunch is the real one
+            said.append(surfaces("relaunching"))
+            raise AgentError("host local: connection refused")
+
+        def heard(event: pe.PoolEvent) -> None:
+            model.apply(event)
+            if isinstance(event, pe.HostDown):
+                tracker.host_down(event.host, event.reason)
+            elif isinstance(event, pe.HostStateChanged):
+                tracker.host_state_changed(event.host, event.state, event.reason)
+            if isinstance(event, pe.HostDown | pe.HostStateChanged):
+                said.append(surfaces(type(event).__name__))
+                if isinstance(event, pe.HostStateChanged) and event.state == "up":
+                    back.set()
+
+        tracker.host_up("local")
+        pool.subscribe(heard)
+        monkeypatch.setattr(session, "start", refused_once)
+        [agent] = agent_pids()
+        agent.kill()
+        await back.wait()
+        assert (await pool.run(Task.kernel("noop", 2))).value == 2
+    assert said == [
+        ("HostDown", "lost", "lost", "lost"),
+        ("relaunching", "lost", "lost", "lost"),
+        ("HostStateChanged", "lost", "lost", "lost"),  # the relaunch failed: still lost, saying why
+        ("HostStateChanged", "up", "up", "up"),
+    ]
+    [host] = tracker.summary(job="j", wall_s=1.0, result=None, error=None).hosts
+    assert host.fate().startswith("lost once, back up: the agent was killed by signal 9 (SIGKILL)")

@@ -278,14 +278,14 @@ def test_a_restored_snapshot_shows_what_a_model_open_from_the_start_shows() -> N
 
 def test_a_host_lost_and_not_relaunched_yet_is_not_counted_up() -> None:
     """`batuta ps` counts hosts up from the history: a lost host whose relaunch failed
-    ("unreachable", after the HostDown) was counted up again until it came back."""
+    (said "lost" again, after the HostDown) was counted up again until it came back."""
     history = ViewerHistory()
     up = pe.HostUp(host="h", slots=("h/0",), gpus=(), cpu_count=1, batuta_version="1", python_version="3", at=1.0)
     history.record([w.encode_item(up)])
     assert history.hosts_up() == ["h"]
     history.record([w.encode_item(pe.HostDown(host="h", reason="killed", at=2.0))])
     assert history.hosts_up() == []
-    history.record([w.encode_item(pe.HostStateChanged(host="h", state="unreachable", reason="refused", at=3.0))])
+    history.record([w.encode_item(pe.HostStateChanged(host="h", state="lost", reason="refused", at=3.0))])
     assert history.hosts_up() == []
     history.record([w.encode_item(pe.HostStateChanged(host="h", state="up", reason="relaunched", at=4.0))])
     assert history.hosts_up() == ["h"]

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 HostId = str
 
 RELAUNCH_BACKOFF_CAP_S = 30.0
+HOST_LOST = "lost"  # `said`: up once, away now (waiting for or in a relaunch)
+HOST_UNREACHABLE = "unreachable"  # `said`: never up, a launch failed (tried again)
 
 
 class Liveness(enum.Enum):
@@ -168,6 +170,7 @@ class _Host:
     relaunch_at: float | None = None
     why: str = ""  # why it was lost, then why its last relaunch failed: for the retirement message
     lost_why: str = ""  # why it was lost: the reason a successful relaunch gives
+    was_up: bool = False  # ready at least once: away, it is "lost", not "unreachable"
 
 
 class HostLiveness:
@@ -211,6 +214,18 @@ class HostLiveness:
         host = self._hosts.get(host_id)
         return host.state if host is not None else Liveness.STARTING
 
+    def said(self, host_id: HostId) -> str:
+        """The host's state in the words every surface uses (events, `Pool.hosts()`, metrics, the
+        dashboard, a run's summary): one away between its launches, waiting or being launched
+        again, is "lost" if it was ever up, else "unreachable"; `state` tells those apart."""
+        state = self.state(host_id)
+        return self.away(host_id) if state in (Liveness.LOST, Liveness.RELAUNCHING) else state.value
+
+    def away(self, host_id: HostId) -> str:
+        """What `said` calls the host between its launches: "lost" if it was ever up."""
+        host = self._hosts.get(host_id)
+        return HOST_LOST if host is not None and host.was_up else HOST_UNREACHABLE
+
     def silent_for(self, host_id: HostId, now: float) -> float:
         """Seconds since the host was last heard from (0 for a host not heard from yet)."""
         host = self._hosts.get(host_id)
@@ -247,6 +262,7 @@ class HostLiveness:
         relaunched = host.state is Liveness.RELAUNCHING
         failed = host.failures
         host.state = Liveness.UP
+        host.was_up = True
         host.last_heard = now
         host.failures = 0
         host.relaunch_at = None

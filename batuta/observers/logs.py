@@ -334,10 +334,11 @@ def configure(
 
 # -- the pool observer ----------------------------------------------------------------------
 
-# INFO, not WARNING: "unreachable" and "starting" are news the runtime logs itself as it acts
-# (batuta.runtime.hosts: "failed to start ...; retrying", "relaunch N failed", "start-up goes on
-# with ..."), and the same warning twice in a row reads as two failures.
-_QUIET_HOST_STATES = frozenset({"up", "draining", "drained", "unreachable", "starting"})
+# INFO, not WARNING: "unreachable", "lost" (said again as a relaunch fails; the loss itself is
+# HostDown) and "starting" are news the runtime logs itself as it acts (batuta.runtime.hosts:
+# "failed to start ...; retrying", "relaunch N failed", "start-up goes on with ..."), and the
+# same warning twice in a row reads as two failures.
+_QUIET_HOST_STATES = frozenset({"up", "draining", "drained", "unreachable", "lost", "starting"})
 FAILURES_WARNED_PER_KIND = 10  # then the same kind of failure is logged at DEBUG
 
 

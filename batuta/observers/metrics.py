@@ -116,8 +116,7 @@ HOST_STATES = (
     "starting",
     "up",
     "suspected",
-    "lost",
-    "relaunching",
+    "lost",  # up once, away now: waiting for its relaunch or being relaunched (core/liveness.py `said`)
     "retired",
     "unreachable",
     "draining",

@@ -275,7 +275,7 @@ class HostSupervisor:
             views.append(
                 HostView(
                     name=session.name,
-                    state=self._liveness.state(session.name).value,
+                    state=self._liveness.said(session.name),
                     description=session.description,
                     slots=len(hello.slots) if hello else 0,
                     gpus=tuple(g.name for g in hello.gpus) if hello else (),
@@ -362,8 +362,9 @@ class HostSupervisor:
 
     def _launch_failed(self, session: HostSession, exc: BaseException) -> None:
         retryable = not (isinstance(exc, TransportError) and not exc.retryable)
-        if retryable:  # observers hear why (a retired host is announced by Retire instead)
-            self._pool.host_state_changed(session.name, "unreachable", str(exc) or repr(exc))
+        if retryable:  # observers hear why (a retired host is announced by Retire instead), in
+            # `Pool.hosts()`'s word: still "lost" once up (a relaunch failed), else "unreachable"
+            self._pool.host_state_changed(session.name, self._liveness.away(session.name), str(exc) or repr(exc))
         self._handle(lv.LaunchFailed(host_id=session.name, reason=str(exc) or repr(exc), retryable=retryable))
 
 
