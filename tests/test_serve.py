@@ -1283,3 +1283,39 @@ def test_a_host_named_in_the_cluster_file_is_reached_by_its_ssh_entry_only(tmp_p
     assert given.ssh_via is not None and given.ssh_via.user == "bob"  # the target's user@ wins
     worker, _ = _lent_ssh(parse_target("w1:run"), str(cluster), ask_passphrase=False)
     assert worker.ssh_via is None
+
+
+def test_a_served_job_whose_pool_still_starts_is_starting_in_ps_until_its_main_runs(
+    runtime_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Start-up waits for a second host (start_wait; a bootstrap install waits so too): `batuta
+    ps` said "running", 0/0 tasks, at the first host up, and `batuta stop` then said the job was
+    stopped before it started."""
+    import math
+
+    from batuta.jobs import _run, load_job, serve_job
+    from batuta.runtime.builder import PoolConfig, local_host
+    from batuta.runtime.serve_client import ask_control
+
+    silent = tmp_path / "silent-python"  # an agent that never says hello: a host still starting
+    silent.write_text("#!/bin/sh\nexec sleep 600\n")
+    silent.chmod(0o755)
+    hosts = [local_host(1, gpus="none"), local_host(1, gpus="none", python=str(silent), name="slow")]
+    monkeypatch.setattr(_run, "make_pool", lambda **_: Pool(hosts, PoolConfig(start_wait=math.inf, start_timeout=600)))
+    job = load_job("demo")
+    seen: list[dict[str, Any]] = []
+
+    async def main() -> object:
+        def listening(server: CoordinatorServer) -> None:
+            async def watch() -> None:
+                await until(lambda: server.history.hosts_up() == ["local"], "the first host up", timeout=120)
+                seen.append(await ask_info(Target(path=server.path)))
+                seen.append({"stop": await ask_control(Target(path=server.path), "stop")})
+
+            asyncio.get_running_loop().create_task(watch())
+
+        return await serve_job(job, name="waiting", linger_s=0.5, on_listening=listening)
+
+    assert asyncio.run(main()) is None  # stopped before its job started, as `batuta stop` says
+    assert (seen[0]["state"], seen[0]["hosts_up"], seen[0]["hosts"], seen[0]["submitted"]) == ("starting", 1, 2, 0)
+    assert seen[1]["stop"][0] is True

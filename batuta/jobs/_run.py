@@ -150,6 +150,7 @@ async def run_job(
     metrics_linger: float = 0.0,
     modules: Sequence[str | Path] = (),
     on_pool: Callable[[Pool], Awaitable[None]] | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> RunOutcome:
     """Run `job` on the hosts of `cluster`, or on a local pool of `workers` CPU slots.
 
@@ -162,7 +163,8 @@ async def run_job(
     metrics in Prometheus text format (atomically), and `metrics_linger` seconds of serving
     them after the job are left to the caller (see `RunOutcome.metrics`). The job file's own
     modules and `modules` ship to every host (see `make_pool`). `on_pool(pool)` is awaited
-    once the pool is built, before it starts (`batuta run --serve` puts its viewer server there).
+    once the pool is built, before it starts (`batuta run --serve` puts its viewer server there);
+    `on_started()` is called once it has started, as the job's main is about to be.
     """
     if resume and journal is None:
         raise UsageError("--resume needs --journal DIR: the journal is what a run resumes from")
@@ -214,6 +216,8 @@ async def run_job(
             tracker.hosts_known(host.name for host in pool.hosts())
             exc.summary = tracker.summary(job=job.name, wall_s=0.0, result=None, error=str(exc), interrupted=False)
             raise
+        if on_started is not None:  # not at the first host up: start-up may wait for others (start_wait, a bootstrap)
+            on_started()
         try:
             if run_journal is not None:
                 await run_journal.bind(pool.code_digest)  # its checkpoints: this job's, this code's

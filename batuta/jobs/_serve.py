@@ -1,7 +1,8 @@
 """Run a job as a served coordinator (`batuta run JOB --serve`): viewers come and go, the job goes on.
 
 `serve_job` is `run_job` with a `CoordinatorServer` (batuta/runtime/serve.py) put on the pool
-before it starts. The server learns the job's state from here: running once a host is up,
+before it starts. The server learns the job's state from here: starting while the pool starts
+(start-up may wait for more hosts than the first one up), running once its main is called,
 then done, failed or cancelled with the run's one-line summary. A finished coordinator
 stays listening for `linger_s` seconds, so that `batuta ps` and a late `batuta tui --attach`
 still see how it ended, then closes and removes its socket. `stop()` (a viewer's or `batuta
@@ -26,7 +27,6 @@ from batuta.jobs._load import Job
 from batuta.jobs._run import RunOutcome, run_job
 from batuta.jobs._text import printable
 from batuta.runtime import serve_wire as w
-from batuta.runtime.events import HostUp, PoolEvent
 from batuta.runtime.serve import CoordinatorServer
 
 log = logging.getLogger("batuta.jobs.serve")
@@ -104,24 +104,26 @@ async def serve_job(
         )
         await server.start()
         servers.append(server)
+        if on_listening is not None:
+            on_listening(server)
 
-        def on_event(event: PoolEvent) -> None:
-            if isinstance(event, HostUp) and server.state == "starting":
-                server.set_state("running")
-
-        pool.subscribe(on_event)
+    def on_started() -> None:
+        """The pool has started and the job's main is called: `batuta ps` said "running" at the
+        first host up, while start-up still waited for others (start_wait, a bootstrap install),
+        and a `batuta stop` then said the job had not started."""
+        server = servers[0]
+        server.set_state("running")
         started_at.append(loop.time())
         server.note(
             w.JobChanged(
                 name=job.name, origin=job.origin, state="running", message="", started_at=started_at[0], ended_at=None
             )
         )
-        if on_listening is not None:
-            on_listening(server)
 
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread: no signals
         loop.add_signal_handler(signal.SIGTERM, controls.stop)  # `kill`, a Slurm time limit: end as `batuta stop` does
-    run_task = controls.run_task = asyncio.create_task(run_job(job, on_pool=serve, **run_options), name=job.name)
+    run = run_job(job, on_pool=serve, on_started=on_started, **run_options)
+    run_task = controls.run_task = asyncio.create_task(run, name=job.name)
     try:
         try:
             outcome: RunOutcome | None = await asyncio.shield(run_task)
