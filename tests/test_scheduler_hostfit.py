@@ -265,3 +265,37 @@ def test_a_task_every_capable_host_refuses_fails_with_the_hosts_reason_after_a_b
         )
     )
     sim.sched.validate()
+
+
+def test_draining_the_only_other_host_lifts_an_unfit_mark_and_the_waiting_work_runs() -> None:
+    """A host drained by request was still counted fit: with the only other host drained, the
+    unfit host kept its mark and the queued work waited for ever."""
+    sim = cluster(("bad", ("cpu",)), ("good", ("cpu",)), slots=1)
+    sim.submit()
+    refuse_all(sim, "bad")
+    sim.run_to_completion()
+    assert [(a.host_id, a.lifted) for a in announced(sim)] == [("bad", False)]
+    sim.handle(ev.HostDrainRequested(host_id="good"))
+    waiting = [sim.submit() for _ in range(3)]
+    sim.run_to_completion()
+    assert [(a.host_id, a.lifted) for a in announced(sim)] == [("bad", False), ("bad", True)]
+    assert {sim.status_of(t) for t in waiting} == {TaskStatus.SUCCEEDED}
+    assert {sim.resolved[t][0].slot_id for t in waiting} == {"bad/0"}
+    sim.sched.validate()
+
+
+def test_a_refusal_with_every_other_host_drained_fails_the_task_with_the_hosts_reason() -> None:
+    """Drained first, then refused: the drained host counted as somewhere else to run it, the
+    refusing host was marked unfit, and the task waited for ever on a host that takes no work."""
+    sim = cluster(("bad", ("cpu",)), ("good", ("cpu",)), slots=1)
+    sim.handle(ev.HostDrainRequested(host_id="good"))
+    task = sim.submit()
+    refuse_all(sim, "bad")
+    sim.run_to_completion()
+    assert sim.status_of(task) is TaskStatus.FAILED
+    assert sim.resolved[task][0].reason == WHY
+    assert announced(sim) == []  # not marked: it goes on running what it can
+    after = sim.submit()
+    sim.run_to_completion()
+    assert sim.status_of(after) is TaskStatus.SUCCEEDED and sim.resolved[after][0].slot_id == "bad/0"
+    sim.sched.validate()

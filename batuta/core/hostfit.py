@@ -21,8 +21,9 @@ elsewhere and stays off it (`TaskEntry.refused_on`: its slots do not steal it ba
 had them draw it again and again until it was lost as "its host went down 3 times"), and
 should it come back there all the same (from the queue) it fails after `max_attempts + 2`
 refusals with the host's reason, so that a task every other host lacks the means for still
-ends. And when the hosts that made an unfit host replaceable are gone (retired), its mark is
-lifted (`review`): it runs what waits again.
+ends. And when the hosts that made an unfit host replaceable are gone (retired) or drained by
+request, its mark is lifted (`review`): it runs what waits again. A drained host is no host
+fit for work: a task refused with only drained hosts left to run it fails with the reason.
 
 The mark is per host, not per kind of work: a `put` value too big for a host keeps all work
 off it, even tasks that never read that value. Keeping only the value's readers off it would
@@ -106,7 +107,7 @@ def forget(s: Scheduler, host: HostId) -> None:
 
 
 def review(s: Scheduler) -> None:
-    """After a loss: lift the mark of each unfit host that is no longer replaceable."""
+    """After a loss or a drain: lift the mark of each unfit host that is no longer replaceable."""
     for host in list(s._unfit):
         if not _replaceable(s, host):
             reason = s._unfit.pop(host)
@@ -119,15 +120,20 @@ def review(s: Scheduler) -> None:
 
 def _fit_offers(s: Scheduler, other_than: HostId) -> list[frozenset[str]]:
     """What the slots of hosts fit for work, but `other_than`, offer (or will, once back up:
-    lost slots and the hosts expected count; retired ones do not). A scan: refusals are rare."""
-    unfit = s._unfit
+    lost slots and the hosts expected count; retired ones do not, nor hosts drained by request,
+    which take no work until the user says so: counted, they kept an unfit host's mark while
+    the queue waited for ever). A scan: refusals are rare."""
+    unfit, drained = s._unfit, s._draining
     offers = [
         slot.capabilities
         for slot in s._slots.values()
-        if slot.host_id != other_than and slot.host_id not in unfit and slot.state is not SlotState.RETIRED
+        if slot.host_id != other_than
+        and slot.host_id not in unfit
+        and slot.host_id not in drained
+        and slot.state is not SlotState.RETIRED
     ]
     for host, capabilities in s._expected.items():
-        if host != other_than and host not in unfit:
+        if host != other_than and host not in unfit and host not in drained:
             offers.extend(capabilities)
     return offers
 

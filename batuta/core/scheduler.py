@@ -518,6 +518,7 @@ class Scheduler:
         self._draining.add(ev.host_id)
         self.hold_host(ev.host_id)
         self._check_drained(ev.host_id)
+        hostfit.review(self)  # an unfit host it made replaceable takes the work again
         for slot in self._hungry.snapshot():
             self._fill(slot)
 
