@@ -149,3 +149,22 @@ async def test_a_host_whose_agent_was_killed_is_lost_on_every_surface_until_it_i
     ]
     [host] = tracker.summary(job="j", wall_s=1.0, result=None, error=None).hosts
     assert host.fate().startswith("lost once, back up: the agent was killed by signal 9 (SIGKILL)")
+
+
+async def test_an_undrained_host_with_a_retired_slot_is_said_unfit_as_pool_hosts_says_it() -> None:
+    """A slot its agent gave up (it could not start) is retired, and `pool.hosts()` says the host
+    "unfit"; `Pool.drain(host, undo=True)` announced it "up", which no undrain makes it."""
+    from batuta.protocol import messages as m
+
+    said: list[tuple[str, str]] = []
+    async with asyncio.timeout(WAIT_S), make_pool(slots=2) as pool:
+        pool.subscribe(lambda e: said.append((e.state, e.reason)) if isinstance(e, pe.HostStateChanged) else None)
+        session = pool._hosts.sessions["local"]
+        pool.host_messages(session, [m.SlotChanged(slot=1, state=m.SLOT_DOWN, reason="gave up after 6 failed starts")])
+        assert [(v.name, v.state) for v in pool.hosts()] == [("local", "unfit")]
+        pool.drain("local")
+        pool.drain("local", undo=True)
+        assert [(v.name, v.state) for v in pool.hosts()] == [("local", "unfit")]
+        assert (await pool.run(Task.kernel("noop", 6))).value == 6  # its other slot takes work
+    assert [state for state, _ in said] == ["unfit", "draining", "drained", "unfit"]
+    assert said[-1][1] == "undrained; still unfit: 1 of its 2 slots cannot start (its agent gave it up)"

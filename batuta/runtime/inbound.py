@@ -286,6 +286,19 @@ def announce_host(pool: Pool, ins: ev.AnnounceDrained | ev.AnnounceUnfit) -> Non
         pool.host_state_changed(ins.host_id, HOST_UNFIT, why)
 
 
+def undrained(scheduler: Scheduler, host: str, unfit: str | None) -> tuple[str, str]:
+    """What `Pool.drain(host, undo=True)` says the host is, with why (`unfit`: the mark it lifted):
+    "up", or "unfit" while a slot of it is retired (`slot_down`), as `host_views` says it; an
+    undrain does not bring a slot its agent gave up back."""
+    why = "undrained" if unfit is None else f"no longer unfit ({unfit}): undrained"
+    slots = [v for v in scheduler.slots() if v.host_id == host]
+    down = sum(1 for v in slots if v.state == "retired")
+    if not down:
+        return "up", why
+    them = "it" if down == 1 else "them"
+    return HOST_UNFIT, f"{why}; still unfit: {down} of its {len(slots)} slots cannot start (its agent gave {them} up)"
+
+
 def host_views(views: list[HostView], scheduler: Scheduler) -> list[HostView]:
     """`Pool.hosts()` as the events tell it: a host whose agent is up (its liveness) but that
     the scheduler holds is said what the events said: "draining" or "drained" (`Pool.drain`),

@@ -516,9 +516,7 @@ class Pool:
         if undo:  # the scheduler first: an undo lifts an unfit mark, which "up" must not be said under
             unfit = self._scheduler.unfit_reason(host)
             self._handle([ev.HostDrainRequested(host_id=host, undo=True)])
-            self.host_state_changed(
-                host, "up", "undrained" if unfit is None else f"no longer unfit ({unfit}): undrained"
-            )
+            self.host_state_changed(host, *inbound.undrained(self._scheduler, host, unfit))
         else:  # "draining" first: a host with nothing to finish is said "drained" at once, after it
             self.host_state_changed(host, "draining", "drain requested")
             self._handle([ev.HostDrainRequested(host_id=host)])
