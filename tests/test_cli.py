@@ -1509,3 +1509,26 @@ def test_what_a_run_waits_on_is_said_on_stderr_at_the_default_level(
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("batuta: ")]
     assert lines == (["batuta: news from allocation", "batuta: news from install"] if shown else [])
     assert logging.getLogger(NEWS_LOGGERS[0]).level == logging.NOTSET  # undone
+
+
+def test_a_job_refilling_a_buffer_its_task_holds_is_told_why_it_is_read_only(tmp_path: Path) -> None:
+    """The job's traceback ended in NumPy's bare "assignment destination is read-only"."""
+    write(
+        tmp_path,
+        "job.py",
+        """\
+        import numpy as np
+        from batuta import Task
+
+        async def main(pool):
+            buf = np.zeros(300_000)
+            await pool.submit(Task.kernel("sum", buf))
+            buf[:] = 1.0
+        """,
+    )
+    done = batuta("run", "job.py", "--workers", "1", "-q", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 1, done.stderr
+    assert (
+        "ValueError: assignment destination is read-only\nbatuta: an array of over 1 MiB given to a task" in done.stderr
+    )
+    assert "submit buf.copy() or fill a new array each time" in done.stderr

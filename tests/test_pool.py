@@ -537,6 +537,30 @@ async def test_a_large_array_is_read_only_while_its_tasks_use_it_and_writeable_a
     assert big.flags.writeable  # the pool is closed: the caller's again
 
 
+async def test_a_write_to_an_array_a_task_holds_is_explained_where_it_leaves_the_pool() -> None:
+    """A buffer refilled while its task ran raised NumPy's bare "assignment destination is
+    read-only", naming neither batuta nor the fix; a note on the error says both now. Another
+    ValueError, or one raised while no array is held, gets no note."""
+    big = np.zeros(300_000)
+    with pytest.raises(ValueError, match="read-only") as caught:
+        async with make_pool() as pool:
+            await pool.submit(Task.kernel("test_echo_after", big, 0.5))
+            big[:] = 1.0
+    assert caught.value.__notes__ == [
+        "batuta: an array of over 1 MiB given to a task stays read-only until the task is done (given to pool.put: "
+        "until pool.drop), so that the task computes on what it was given (held now: float64 (300000,)); "
+        "to refill a buffer while tasks use it, submit buf.copy() or fill a new array each time"
+    ]
+    assert big.flags.writeable
+    for unrelated in (ValueError("bad value"), ValueError("assignment destination is read-only")):
+        with pytest.raises(ValueError) as other:
+            async with make_pool() as pool:
+                if "bad" in str(unrelated):
+                    await pool.submit(Task.kernel("test_echo_after", np.zeros(300_000), 0.5))
+                raise unrelated
+        assert not hasattr(other.value, "__notes__")
+
+
 async def test_map_chunked_keeps_its_arrays_read_only_until_it_returns() -> None:
     """Its chunks are views sent without a copy: a write to the array from another coroutine
     meanwhile gave some chunks the old values and some the new, in one call's answer."""

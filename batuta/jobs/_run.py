@@ -55,6 +55,7 @@ from batuta.observers.checkpoint import use_checkpoints
 from batuta.observers.journal import Journal, JournalError, JournalStore
 from batuta.observers.logs import PoolLogObserver, log_context
 from batuta.runtime.events import HostDown, HostStateChanged, HostUp, PoolEvent, TaskFinished, TaskQueued
+from batuta.runtime.snapshot import explain_read_only
 
 if TYPE_CHECKING:
     from batuta.observers.metrics import MetricsExporter
@@ -252,6 +253,7 @@ async def run_job(
                 job_traceback = _task_output(exc)
             except Exception as exc:
                 error = f"job {job.name!r} raised {type(exc).__name__}: {one_line(printable(exc))}"
+                explain_read_only(exc, pool)  # its note ends the traceback: what batuta did, the fix
                 job_traceback = _job_traceback(exc)
             except SystemExit as exc:  # ended the command with its code, and no summary: 3 is batuta's "no host"
                 if exc.code not in (None, 0):

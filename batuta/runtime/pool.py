@@ -45,7 +45,7 @@ from batuta.runtime.objects import KeptObject, ObjectTable
 from batuta.runtime.requirements import requirements, superlinear
 from batuta.runtime.session import HostSession, HostSpec, SendBudget
 from batuta.runtime.shipping import CodeAcks, CodeShipped, collect, with_code
-from batuta.runtime.snapshot import InFlight, taken
+from batuta.runtime.snapshot import InFlight, explain_read_only, taken
 from batuta.runtime.turns import LoopTurns, sends_early
 from batuta.runtime.views import HostView, PoolStats, SlotView
 from batuta.runtime.wakeup import WakeupTimer
@@ -133,7 +133,8 @@ class Pool:
         await self.start()
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        explain_read_only(exc, self)  # NumPy's message names neither batuta nor the fix
         await self.close()
 
     async def start(self) -> None:

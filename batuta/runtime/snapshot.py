@@ -11,7 +11,10 @@ loop: fill, submit, fill again) made earlier tasks compute on later data, some o
   and the event loop copying instead of sending); it is made read-only until every task given it
   (or, put, until it is dropped) is done, so that a write to it meanwhile raises NumPy's
   "assignment destination is read-only" instead of changing what a task computes. A write
-  through another view of its memory is not seen: that stays the caller's to avoid.
+  through another view of its memory is not seen: that stays the caller's to avoid. NumPy's
+  message names neither batuta nor the fix, and nothing can change it where the write fails:
+  `explain_read_only` adds a note saying both when the error leaves the pool (`async with`,
+  a `batuta run` job) while tasks hold arrays.
 * A read-only array (`arr.flags.writeable = False`, a read-only memory map, `np.frombuffer`
   of bytes) is taken as a promise not to change, and goes as it is.
 """
@@ -19,11 +22,14 @@ loop: fill, submit, fill again) made earlier tasks compute on later data, some o
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from batuta.protocol.codec import MAX_VALUE_DEPTH
+
+if TYPE_CHECKING:
+    from batuta.runtime.pool import Pool
 
 COPY_MAX_BYTES = 1 << 20
 _SCALARS = frozenset({int, float, str, bytes, bool, type(None)})
@@ -72,6 +78,9 @@ class InFlight:
     def __contains__(self, array_id: object) -> bool:
         return array_id in self._held
 
+    def held(self) -> list[np.ndarray]:
+        return [array for array, _users in self._held.values()]
+
     def hold_put(self, object_id: int, arrays: list[np.ndarray]) -> None:
         """A put value's large arrays, read-only until `drop_put` (or `release_puts`)."""
         self.hold(arrays)
@@ -105,6 +114,25 @@ class InFlight:
             del self._held[id(array)]
             with contextlib.suppress(ValueError):  # its base was made read-only meanwhile: left so
                 array.flags.writeable = True  # it was writeable when given
+
+
+def explain_read_only(exc: BaseException | None, pool: Pool) -> None:
+    """Note on NumPy's read-only `ValueError` ("assignment destination is read-only", "output
+    array is read-only") what batuta did and what to do, where arrays are held now: the write
+    that raised it most likely went to one of them (a buffer refilled while its task runs)."""
+    held = pool._in_flight.held()
+    if not held or not isinstance(exc, ValueError) or not str(exc).endswith("is read-only"):
+        return
+    if any(note.startswith("batuta:") for note in getattr(exc, "__notes__", ())):
+        return  # said already (a job's error, then the pool's `async with`)
+    shown = ", ".join(f"{a.dtype} {a.shape}" for a in held[:3]) + (
+        f" and {len(held) - 3} more" if len(held) > 3 else ""
+    )
+    exc.add_note(
+        f"batuta: an array of over {COPY_MAX_BYTES >> 20} MiB given to a task stays read-only until the task is done "
+        f"(given to pool.put: until pool.drop), so that the task computes on what it was given (held now: {shown}); "
+        "to refill a buffer while tasks use it, submit buf.copy() or fill a new array each time"
+    )
 
 
 def read_only(array: Any) -> Any:
