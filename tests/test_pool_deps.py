@@ -470,3 +470,23 @@ async def test_get_of_a_value_whose_slot_died_waits_for_it_to_be_made_again() ->
         _slot_process(made.slot).kill()
         value = await asyncio.wait_for(pool.get(made.value), 60)  # fails over to lineage, never hangs
         np.testing.assert_array_equal(value, np.full(N, 4.0))
+
+
+async def test_a_kept_task_that_fails_or_is_cancelled_leaves_nothing_in_the_object_table(tmp_path: Path) -> None:
+    """Its future resolved to no ref, so nothing could pool.drop the object the table made for
+    it: one entry stayed per such task until the pool closed (a map dropped its own; a plain
+    submit did not)."""
+    async with two_host_pool() as pool:
+        bad = await pool.submit(Task.kernel("test_raise", "boom", backend=Backend.CPU), keep=True)
+        child = await pool.submit(stage(bad, 2.0))  # names it while it runs: its entry waits for this one
+        assert (await bad).status is TaskStatus.FAILED
+        assert (await child).status is TaskStatus.FAILED
+        gate = await pool.submit(Task.kernel("test_gate", str(tmp_path / "never"), 1, 30.0), keep=True)
+        gate.cancel()
+        assert (await gate).status is TaskStatus.CANCELLED
+        assert pool._objects.stats() == (0, 0)
+        late = await pool.submit(stage(bad, 3.0))  # naming it after it failed still says why
+        assert (await late).status is TaskStatus.FAILED and f"upstream task {bad.task_id}" in ((await late).error or "")
+        ref = (await (await pool.submit(fill(2.0, 10), keep=True))).value  # a kept value made stays
+        assert pool._objects.stats() == (1, 0)
+        np.testing.assert_array_equal(await pool.get(ref), np.full(10, 2.0))

@@ -36,11 +36,11 @@ def kept_result(
     """A kept task's (status, value, reason): its value is the ObjectRef to what its host kept."""
     object_id = pending._keep
     if status is not TaskStatus.SUCCEEDED or slot_id is None:
-        pool._objects.kept_lost(object_id, f"its producer, task {pending.task_id}, {status.value}: {reason}")
+        _unmade(pool, object_id, f"its producer, task {pending.task_id}, {status.value}: {reason}")
         return status, None, reason
     if not (type(value) is tuple and len(value) == 4 and type(value[0]) is ObjectRef and type(value[1]) is int):
         why = f"the agent reported a kept result as {type(value).__name__}, not (ref, nbytes, shape, dtype)"
-        pool._objects.kept_lost(object_id, why)
+        _unmade(pool, object_id, why)
         return TaskStatus.FAILED, None, why
     _ref, nbytes, shape, dtype = value
     host = slot_id.split("/", 1)[0]
@@ -60,6 +60,16 @@ def kept_result(
     )
     pool._objects.kept_made(object_id, host, ref)
     return status, ref, reason
+
+
+def _unmade(pool: Pool, object_id: int, why: str) -> None:
+    """A kept task ended without its value. Made before (this was a re-run after a loss), the
+    caller holds its ref: `pool.get` says why it is gone. Never made, its future resolves to
+    no ref, so nothing could drop the object: it goes now, or with the last task naming it."""
+    pool._objects.kept_lost(object_id, why)
+    kept = pool._objects.kept(object_id)
+    if kept is not None and kept.ref is None:
+        pool._send_drops(pool._objects.drop(ObjectRef(object_id, pool=pool._objects.owner)))
 
 
 def journaled(result: TaskResult) -> TaskResult:
