@@ -296,3 +296,64 @@ def test_the_same_failure_over_and_over_is_warned_about_ten_times(captured: List
     assert "further failures of k like this one are logged at DEBUG" in warnings[9].getMessage()
     assert "KeyError" in warnings[-1].getMessage()
     assert sum(r.levelno == logging.DEBUG for r in mine) == 25 - FAILURES_WARNED_PER_KIND
+
+
+async def test_a_lost_host_s_requeues_are_one_warning_and_each_reason_is_at_debug(
+    captured: ListHandler, tmp_path: Path
+) -> None:
+    """A host with many slots lost printed one "task N requeued" warning per task at once (64
+    slots: 64 lines). One line per host now; each task's reason stays at DEBUG."""
+    import psutil
+
+    from batuta.runtime import events as pe
+
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    host = local_host(6, gpus="none", kernel_modules=["tests.support.misbehaving_kernels"], env=env)
+    pool = Pool([host], PoolConfig())
+    observer = PoolLogObserver(pool).attach()
+    started: set[int] = set()
+    requeued: set[int] = set()
+    all_started, all_requeued, summed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    def watch(event: object) -> None:
+        if isinstance(event, pe.TaskStarted):
+            started.add(event.task_id)
+            if len(started) == 6:
+                all_started.set()
+        elif isinstance(event, pe.TaskRequeued):
+            requeued.add(event.task_id)
+            if len(requeued) == 6:
+                all_requeued.set()
+
+    class Summed(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "tasks requeued" in record.getMessage():
+                summed.set()
+
+    remove = add_handler(Summed())
+    gate = tmp_path / "gate"
+    try:
+        async with pool:
+            pool.subscribe(watch)
+            futures = [await pool.submit(Task.kernel("test_gate", str(gate), i, 60.0)) for i in range(6)]
+            await asyncio.wait_for(all_started.wait(), 30)
+            agent = next(p for p in psutil.Process().children() if "batuta.agent" in " ".join(p.cmdline()))
+            agent.kill()
+            await asyncio.wait_for(all_requeued.wait(), 30)
+            await asyncio.wait_for(summed.wait(), 10)
+            gate.touch()
+            assert [(await f).value for f in futures] == list(range(6))
+    finally:
+        remove()
+        observer.close()
+    mine = [r for r in captured.records if r.name == "batuta.pool" and "requeued" in r.getMessage()]
+    ids = sorted(f.task_id for f in futures)
+    warned = [r for r in mine if r.levelno == logging.WARNING]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
+    said = warned[0].getMessage()
+    assert said.startswith(f"host local: 6 tasks requeued (ids {ids[0]}-{ids[-1]}); task {ids[0]}: local/")
+    assert said.endswith("(each task's reason is logged at DEBUG)")
+    assert _context(warned[0], "host") == ("local",)
+    each = [r for r in mine if r.levelno == logging.DEBUG]
+    assert sorted(int(str(_context(r, "task")[0])) for r in each) == ids
+    assert all("local/" in r.getMessage() and "lost" in r.getMessage() for r in each)

@@ -29,6 +29,7 @@ traceback) when the record carries an exception.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as _dt
 import json
@@ -358,6 +359,7 @@ class PoolLogObserver:
         self._log = logger or logging.getLogger("batuta.pool")
         self._unsubscribe: Callable[[], None] | None = None
         self._failures: dict[tuple[str, str, str], int] = {}  # kind -> failures seen
+        self._requeues: dict[str | None, list[pe.TaskRequeued]] = {}  # host -> this turn's requeues
 
     def attach(self) -> PoolLogObserver:
         if self._unsubscribe is None:
@@ -365,6 +367,7 @@ class PoolLogObserver:
         return self
 
     def close(self) -> None:
+        self._say_requeues()
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
@@ -391,21 +394,7 @@ class PoolLogObserver:
             elif lg.isEnabledFor(logging.DEBUG):
                 lg.debug("%s", r.describe_failure(), extra=_result_context(r))
         elif isinstance(event, pe.TaskRequeued):
-            host = event.slot.split("/", 1)[0] if event.slot else None
-            lg.warning(
-                "task %d (%s) requeued after attempt %d: %s",
-                event.task_id,
-                event.name,
-                event.attempts,
-                event.reason,
-                extra={
-                    "job": event.job or None,
-                    "task": event.task_id,
-                    "host": host,
-                    "slot": event.slot,
-                    "attempt": event.attempts,
-                },
-            )
+            self._requeued(event)
         elif isinstance(event, pe.HostStateChanged):
             level = logging.INFO if event.state in _QUIET_HOST_STATES else logging.WARNING
             lg.log(level, "host %s is %s: %s", event.host, event.state, event.reason, extra={"host": event.host})
@@ -440,6 +429,70 @@ class PoolLogObserver:
                     why,
                     extra={"host": event.host, "slot": event.slot},
                 )
+
+    def _requeued(self, event: pe.TaskRequeued) -> None:
+        """A lost host requeues every task on its slots in one turn of the loop: they are said
+        in one warning per host at the end of the turn (64 slots printed 64 lines at once),
+        each with its reason at DEBUG."""
+        host = event.slot.split("/", 1)[0] if event.slot else None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # fed by hand, off the loop: said at once
+            loop = None
+        if not self._requeues and loop is not None:
+            loop.call_soon(self._say_requeues)
+        self._requeues.setdefault(host, []).append(event)
+        if loop is None:
+            self._say_requeues()
+
+    def _say_requeues(self) -> None:
+        requeues, self._requeues = self._requeues, {}
+        for host, events in requeues.items():
+            first = events[0]
+            one_each = len(events) == 1 or self._log.isEnabledFor(logging.DEBUG)
+            for event in events if one_each else ():
+                self._log.log(
+                    logging.WARNING if len(events) == 1 else logging.DEBUG,
+                    "task %d (%s) requeued after attempt %d: %s",
+                    event.task_id,
+                    event.name,
+                    event.attempts,
+                    event.reason,
+                    extra=_requeue_context(event, host),
+                )
+            if len(events) == 1:
+                continue
+            self._log.warning(
+                "host %s: %d tasks requeued (ids %s); task %d: %s (each task's reason is logged at DEBUG)",
+                host,
+                len(events),
+                _id_ranges(sorted(e.task_id for e in events)),
+                first.task_id,
+                first.reason,
+                extra={"host": host},
+            )
+
+
+def _requeue_context(event: pe.TaskRequeued, host: str | None) -> dict[str, Any]:
+    return {
+        "job": event.job or None,
+        "task": event.task_id,
+        "host": host,
+        "slot": event.slot,
+        "attempt": event.attempts,
+    }
+
+
+def _id_ranges(ids: list[int], most: int = 8) -> str:
+    """`12-75, 80, 82-90`: runs of consecutive ids, the first `most` of them and how many more."""
+    runs: list[list[int]] = []
+    for task_id in ids:
+        if runs and task_id == runs[-1][1] + 1:
+            runs[-1][1] = task_id
+        else:
+            runs.append([task_id, task_id])
+    shown = ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs[:most])
+    return shown + (f", and {len(runs) - most} more runs" if len(runs) > most else "")
 
 
 def _result_context(r: Any) -> dict[str, Any]:
