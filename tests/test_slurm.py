@@ -237,16 +237,27 @@ def test_batuta_alloc_runs_a_job_on_the_nodes_and_cancels_the_job(slurm_env: Slu
     assert sum(" dialled in from " in line for line in news) == 2, news
 
 
-@pytest.mark.parametrize("signals", [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM,)])
+@pytest.mark.parametrize(
+    ("signals", "as_json"),
+    [
+        ((signal.SIGINT, signal.SIGINT), False),
+        ((signal.SIGTERM,), False),
+        ((signal.SIGINT,), True),
+        ((signal.SIGINT, signal.SIGINT), True),
+    ],
+    ids=["int-int", "term", "int-json", "int-int-json"],
+)
 def test_an_interrupt_while_the_job_waits_cancels_it_and_says_why_it_waited(
-    slurm_env: SlurmCluster, tmp_path: Path, signals: tuple[signal.Signals, ...]
+    slurm_env: SlurmCluster, tmp_path: Path, signals: tuple[signal.Signals, ...], as_json: bool
 ) -> None:
     """Three nodes of a two-node partition: the job pends for ever. It said nothing; a SIGTERM
     then ended in a traceback, and two SIGINTs (`timeout -s INT` signals the process and its
-    group) interrupted the scancel itself, leaving the job queued and the nodes' key on disk."""
+    group) interrupted the scancel itself, leaving the job queued and the nodes' key on disk.
+    With --json, stdout got no JSON at all: a script reading it found nothing to parse."""
     argv = [sys.executable, "-m", "batuta", "alloc", "slurm", "pi", "--nodes", "3", "--time", "5", "--slots", "1"]
-    argv += ["--gpus", "none", "--directory", str(tmp_path), "--poll-interval", "0.2"]
-    process = subprocess.Popen(argv, env=slurm_env.env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    argv += ["--gpus", "none", "--directory", str(tmp_path), "--poll-interval", "0.2"] + (["--json"] if as_json else [])
+    stdout = subprocess.PIPE if as_json else subprocess.DEVNULL
+    process = subprocess.Popen(argv, env=slurm_env.env, stderr=subprocess.PIPE, stdout=stdout, text=True)
     deadline = threading.Timer(WAIT_S, process.kill)  # bounds the reading below: its end is EOF
     deadline.start()
     try:
@@ -266,9 +277,14 @@ def test_an_interrupt_while_the_job_waits_cancels_it_and_says_why_it_waited(
         assert job is not None
         for signum in signals:
             process.send_signal(signum)
-        rest = process.communicate(timeout=WAIT_S)[1]
+        out, rest = process.communicate(timeout=WAIT_S)
         assert process.returncode == 130, rest
         assert "Traceback" not in rest and rest.rstrip().endswith("batuta: interrupted"), rest
+        if as_json:  # one JSON object, the last line: each node still starting, and why
+            summary = json.loads(out.splitlines()[-1])
+            assert (summary["interrupted"], summary["exit_code"], summary["tasks"]) == (True, 130, 0)
+            assert [h["host"] for h in summary["hosts"]] == ["slurm-0", "slurm-1", "slurm-2"]
+            assert all("is PENDING (PartitionConfig)" in h["reason"] for h in summary["hosts"]), summary["hosts"]
     finally:
         deadline.cancel()
         if process.poll() is None:

@@ -231,6 +231,7 @@ def _run_on(args: argparse.Namespace, job: Job, cluster: ClusterConfig | None) -
     from batuta.jobs import HostsUnreachableError, ProgressBar, drop_summarised, drop_summarised_quietly, run_job
 
     progress = ProgressBar(job.name) if _wants_progress(args) else None
+    interrupted: list[RunSummary] = []  # an interrupt before the job began, or as the pool closed
     # the summary has the failures (with -q, the last lines have the refused hosts too)
     close_logging = _configure_logging(args, console_filter=drop_summarised_quietly if args.quiet else drop_summarised)
     try:
@@ -254,6 +255,7 @@ def _run_on(args: argparse.Namespace, job: Job, cluster: ClusterConfig | None) -
                             metrics_textfile=args.metrics_textfile,
                             metrics_linger=args.metrics_linger,
                             modules=args.module,
+                            on_interrupted=interrupted.append if args.json else None,
                         )
                     )
                 )
@@ -261,6 +263,12 @@ def _run_on(args: argparse.Namespace, job: Job, cluster: ClusterConfig | None) -
             close_logging()  # drains the log queue: the one-line error below must be the last line
     except HostsUnreachableError as exc:
         return unreachable(exc, args)
+    except KeyboardInterrupt:
+        if interrupted:  # --json ends with its one object however the run ended: each host, and why
+            import json
+
+            print(json.dumps({**interrupted[-1].to_json(), "exit_code": EXIT_INTERRUPTED}), flush=True)
+        raise
     return finish_run(outcome, args)
 
 

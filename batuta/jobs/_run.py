@@ -152,6 +152,7 @@ async def run_job(
     modules: Sequence[str | Path] = (),
     on_pool: Callable[[Pool], Awaitable[None]] | None = None,
     on_started: Callable[[], None] | None = None,
+    on_interrupted: Callable[[RunSummary], None] | None = None,
 ) -> RunOutcome:
     """Run `job` on the hosts of `cluster`, or on a local pool of `workers` CPU slots.
 
@@ -166,6 +167,9 @@ async def run_job(
     modules and `modules` ship to every host (see `make_pool`). `on_pool(pool)` is awaited
     once the pool is built, before it starts (`batuta run --serve` puts its viewer server there);
     `on_started()` is called once it has started, as the job's main is about to be.
+    An interrupt while the job runs ends it with an interrupted summary; one before it begins
+    (hosts starting, an allocation queued) or while the pool closes is raised, after
+    `on_interrupted(summary)` is told what the run had got to (`batuta run --json` prints it).
     """
     if resume and journal is None:
         raise UsageError("--resume needs --journal DIR: the journal is what a run resumes from")
@@ -196,6 +200,7 @@ async def run_job(
     error: str | None = None
     job_traceback: str | None = None
     interrupted = False
+    wall_s = 0.0
     exporter: MetricsExporter | None = None
     run_journal: Journal | None = None
     ran_to_end = False  # the job's main returned: its journal may be started over by a run without --resume
@@ -273,6 +278,11 @@ async def run_job(
             await pool.close()
         keep_serving = exporter is not None and exporter.address is not None and metrics_linger > 0
         keep_serving = keep_serving and not interrupted
+    except asyncio.CancelledError:
+        if on_interrupted is not None:
+            tracker.hosts_known(host.name for host in pool.hosts())
+            on_interrupted(tracker.summary(job=job.name, wall_s=wall_s, result=value, error=error, interrupted=True))
+        raise
     finally:
         unsubscribe()
         logger.close()
