@@ -70,8 +70,10 @@ from .ml_checks import (
     check_data,
     check_finite,
     check_gram,
+    check_kmeans,
     check_labels,
     check_param,
+    largest,
     writable_float64,
 )
 from .ml_data import MAX_UINT64, splitmix64
@@ -118,6 +120,12 @@ def kmeans_partial(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np
     Distances are summed over features in order and accumulated row by row; the CPU variant
     does exactly the same, so the two agree in every bit (see the module docstring).
     """
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is said by check_kmeans, in one line
+        result = _kmeans_reference(x, centroids)
+    return check_kmeans("kmeans_partial", result, lambda: _kmeans_fix(x, centroids))
+
+
+def _kmeans_reference(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     xs = x.astype(np.float64, copy=False)
     n, d = xs.shape
     k = centroids.shape[0]
@@ -154,7 +162,17 @@ def _check_kmeans(x: object, centroids: object) -> tuple[np.ndarray, np.ndarray]
     return xs, writable_float64(c, "kmeans_partial", "centroids")
 
 
-kmeans_partial.cpu(ml_cpu.kmeans_partial_numba)
+@kmeans_partial.cpu
+def _kmeans_cpu(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    return check_kmeans("kmeans_partial", ml_cpu.kmeans_partial_numba(x, centroids), lambda: _kmeans_fix(x, centroids))
+
+
+def _kmeans_fix(x: np.ndarray, centroids: np.ndarray) -> str:
+    """What to do when `kmeans_partial` overflows (reads the data: only then)."""
+    return (
+        f"the largest |x| is {largest(x)} and |centroids| {largest(centroids)}: divide both by a scale near the "
+        "larger first (the sums come back times the scale, the inertia times its square)"
+    )
 
 
 # -- linear regression --------------------------------------------------------------------
@@ -387,7 +405,16 @@ def kmeans_partial_synth(
     seed: int, start: int, rows: int, centers: np.ndarray, spread: float, centroids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """`kmeans_partial` of ``ml_data.blobs(seed, start, rows, centers, spread)``."""
-    return kmeans_partial.reference(ml_data.blobs(seed, start, rows, centers, spread), centroids)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is said by check_kmeans, in one line
+        result = _kmeans_reference(ml_data.blobs(seed, start, rows, centers, spread), centroids)
+    return check_kmeans("kmeans_partial_synth", result, lambda: _kmeans_synth_fix(centers, spread, centroids))
+
+
+def _kmeans_synth_fix(centers: np.ndarray, spread: float, centroids: np.ndarray) -> str:
+    return (
+        f"the largest |centers| is {largest(centers)}, spread {spread:.3g} and |centroids| {largest(centroids)}: "
+        "pass smaller ones (the rows are float32)"
+    )
 
 
 @kmeans_partial_synth.validator
@@ -409,7 +436,9 @@ def _check_kmeans_synth(
 def _kmeans_synth_cpu(
     seed: int, start: int, rows: int, centers: np.ndarray, spread: float, centroids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    return ml_cpu.kmeans_partial_numba(ml_data.blobs_numba(np.uint64(seed), start, rows, centers, spread), centroids)
+    x = ml_data.blobs_numba(np.uint64(seed), start, rows, centers, spread)
+    result = ml_cpu.kmeans_partial_numba(x, centroids)
+    return check_kmeans("kmeans_partial_synth", result, lambda: _kmeans_synth_fix(centers, spread, centroids))
 
 
 @kmeans_partial_synth.gpu
@@ -418,7 +447,8 @@ def _kmeans_synth_gpu(
 ) -> tuple[np.ndarray, np.ndarray, float]:
     with cuda_support.gpu_errors("kmeans_partial_synth") as cuda:  # rows made on the device
         x = cuda_data.blobs(cuda, seed, start, rows, centers, spread)
-        return cuda_ml.kmeans_assign(cuda, x, centroids, host_results=not device_results_wanted())
+        result = cuda_ml.kmeans_assign(cuda, x, centroids, host_results=not device_results_wanted())
+    return check_kmeans("kmeans_partial_synth", result, lambda: _kmeans_synth_fix(centers, spread, centroids))
 
 
 @kernel(
@@ -609,7 +639,8 @@ def _kmeans_gpu(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.nd
     """Centroids and per-block sums in shared memory, rows in registers (see `cuda_ml`); the
     blocks' sums are added with atomics, so equal to the reference within rounding."""
     with cuda_support.gpu_errors("kmeans_partial") as cuda:
-        return cuda_ml.kmeans_assign(cuda, x, centroids, host_results=not device_results_wanted())
+        result = cuda_ml.kmeans_assign(cuda, x, centroids, host_results=not device_results_wanted())
+    return check_kmeans("kmeans_partial", result, lambda: _kmeans_fix(x, centroids))
 
 
 @linreg_partial.gpu

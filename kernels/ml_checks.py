@@ -22,7 +22,17 @@ import numpy as np
 
 from .registry import KernelInputError, float_array, is_device_array
 
-__all__ = ["MAX_CLASSES", "check_data", "check_finite", "check_labels", "check_param", "writable_float64"]
+__all__ = [
+    "MAX_CLASSES",
+    "check_data",
+    "check_finite",
+    "check_gram",
+    "check_kmeans",
+    "check_labels",
+    "check_param",
+    "largest",
+    "writable_float64",
+]
 
 MAX_CLASSES = 4096
 """Labels must be in [0, MAX_CLASSES): the tree kernels keep a count per class."""
@@ -119,3 +129,25 @@ def check_gram(kernel: str, result: tuple[Any, Any], fix: Callable[[], str]) -> 
     if is_device_array(gram) or (np.isfinite(gram).all() and np.isfinite(xty).all()):
         return result
     raise KernelInputError(f"kernel {kernel!r}: X^T X or X^T y overflows float64 (beyond 1.8e308); {fix()}")
+
+
+def check_kmeans(kernel: str, result: tuple[Any, Any, Any], fix: Callable[[], str]) -> tuple[Any, Any, Any]:
+    """`result`, (sums, counts, inertia), unless it overflowed. The inputs are finite (checked),
+    so a non-finite inertia or sum is an overflow: rows made beyond float32 (a `_synth`
+    recipe), or squared distances beyond float64, which every variant would return as inf
+    or NaN. The inertia is a host float in every variant: it is read always, device sums
+    never (see the module docstring)."""
+    sums, _counts, inertia = result
+    if np.isfinite(inertia) and (is_device_array(sums) or np.isfinite(sums).all()):
+        return result
+    raise KernelInputError(
+        f"kernel {kernel!r}: the sums or the inertia overflow (rows beyond float32's 3.4e38, or squared distances "
+        f"beyond float64's 1.8e308); {fix()}"
+    )
+
+
+def largest(array: Any) -> str:
+    """The largest magnitude in `array` for a message ('?' for a device array: not read)."""
+    if is_device_array(array):
+        return "?"
+    return f"{float(np.abs(array).max()) if array.size else 0.0:.3g}"

@@ -185,6 +185,36 @@ def test_linreg_partial_overflow_is_refused_in_one_line_by_every_variant(backend
     )
 
 
+@pytest.mark.parametrize("backend", ["scalar", "cpu"])
+def test_kmeans_partial_overflow_is_refused_in_one_line_by_every_variant(backend: str) -> None:
+    """Rows beyond float32 (huge centers or spread), or squared distances beyond float64: the
+    CPU variant returned inf and NaN silently, the reference with NumPy's RuntimeWarning."""
+    centers, centroids = np.full((2, 3), 1e39), np.zeros((2, 3))
+    with pytest.raises(KernelInputError) as synth, warnings.catch_warnings():
+        warnings.simplefilter("error")  # the one line alone
+        kernels.run("kmeans_partial_synth", backend, (1, 0, 50, centers, 0.1, centroids))
+    assert str(synth.value) == (
+        "kernel 'kmeans_partial_synth': the sums or the inertia overflow (rows beyond float32's 3.4e38, or "
+        "squared distances beyond float64's 1.8e308); the largest |centers| is 1e+39, spread 0.1 and "
+        "|centroids| 0: pass smaller ones (the rows are float32)"
+    )
+    with pytest.raises(KernelInputError, match="spread 1e"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.run("kmeans_partial_synth", backend, (1, 0, 50, np.ones((2, 3)), 1e300, centroids))
+    x = np.ones((4, 3))
+    with pytest.raises(KernelInputError) as plain, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.run("kmeans_partial", backend, (x, np.full((2, 3), 1e200)))
+    assert str(plain.value) == (
+        "kernel 'kmeans_partial': the sums or the inertia overflow (rows beyond float32's 3.4e38, or "
+        "squared distances beyond float64's 1.8e308); the largest |x| is 1 and |centroids| 1e+200: divide "
+        "both by a scale near the larger first (the sums come back times the scale, the inertia times its square)"
+    )
+    # near the limit: finite, and the variants agree
+    sums, counts, inertia = kernels.run("kmeans_partial", backend, (np.full((4, 3), 1e150), np.zeros((1, 3))))
+    assert np.isfinite(sums).all() and np.isfinite(inertia) and counts.tolist() == [4]
+
+
 def test_linreg_partial_near_the_limit_is_finite_and_alike() -> None:
     x = np.full((8, 3), 1e150)  # X^T X entries 8e300: within float64
     (ref_xtx, ref_xty), (xtx, xty) = both("linreg_partial", (x, x[:, 0].copy()))
@@ -530,6 +560,16 @@ GPU_PROBE = """
         assert "X^T X or X^T y overflows float64" in str(exc), str(exc)
     else:
         raise AssertionError("the GPU variant's overflow was not said")
+    for name, call in (
+        ("kmeans_partial", (huge, np.zeros((2, 2)))),
+        ("kmeans_partial_synth", (1, 0, 8, np.full((2, 2), 1e39), 0.1, np.zeros((2, 2)))),
+    ):
+        try:
+            kernels.run(name, "gpu", call)
+        except kernels.KernelInputError as exc:
+            assert "the sums or the inertia overflow" in str(exc), str(exc)
+        else:
+            raise AssertionError(f"the GPU variant's overflow was not said ({{name}})")
     empty = kernels.run("mlp_grad", "gpu", (*params, np.zeros((0, d)), np.zeros(0, np.int64)))
     assert empty[0] == 0.0 and all(not np.any(g) for g in empty[1:])
     print(json.dumps(worst))
