@@ -55,9 +55,10 @@ def nvml_facts() -> dict[str, Any]:
     reported as such: NVML is not asked, because the agent does not ask it either.
 
     NVML that fails to start here, with a driver present, is asked again from a fresh
-    interpreter: a CPU slot is forked from its agent, which has NVML open for its heartbeats,
-    and NVML refuses a forked child ("The operating system has blocked the request", seen on
-    an H100 host), so on every GPU host `stack check` said NVML did not work while it did.
+    interpreter: NVML refused the CPU slot this runs in ("The operating system has blocked
+    the request", on an H100 host, while the agent's NVML and a fresh process's worked; the
+    slot is forked from the agent, which has NVML open for its heartbeats), so on every GPU
+    host `stack check` said NVML did not work while it did.
     """
     facts = _nvml_facts_here()
     if facts["status"].startswith("NVML failed to start") and not os.environ.get(_FRESH_ENV):
