@@ -914,12 +914,22 @@ def test_a_served_job_that_ended_names_no_metrics_url_once_its_exporter_stopped(
 ) -> None:
     """The exporter stops with the job, but the coordinator lingers for `batuta ps`, whose
     --json still gave its metrics URL: a scraper pointed there met a refused connection."""
+    gate = tmp_path / "gate"
     job = tmp_path / "short.py"
-    job.write_text('async def main(pool):\n    return sum(await pool.map("noop", range(4)))\n')
+    job.write_text(  # it ends once the test has read the URL (a job done first has none to print)
+        "import asyncio, pathlib\n"
+        "async def main(pool):\n"
+        "    for _ in range(6000):\n"
+        f"        if pathlib.Path({str(gate)!r}).exists():\n"
+        "            break\n"
+        "        await asyncio.sleep(0.01)\n"
+        '    return sum(await pool.map("noop", range(4)))\n'
+    )
     argv = ["run", str(job), "--serve", "--name", "ended", "--workers", "1", "--metrics-port", "0"]
     assert cli_main(argv) == 0
     try:
         [url] = re.findall(r"^batuta: its metrics: (http://\S+)$", capsys.readouterr().out, re.MULTILINE)
+        gate.touch()
         info: dict[str, Any] = {}
         for _ in range(600):  # bounded: 60 s for the job's end
             info = asyncio.run(ask_info(parse_target("ended")))
