@@ -361,9 +361,10 @@ class Journal:
         and the digest of the user's code its kernel comes from, if it does."""
         return task_key(task, self.job, code)
 
-    def get(self, key: str) -> TaskResult | None:
-        """The journaled result for `key`, from the journal as it was opened."""
-        return self._entries.get(key)
+    def get(self, key: str, restored_as: tuple[int, str] | None = None) -> TaskResult | None:
+        """The journaled result for `key`, from the journal as it was opened; `restored_as`
+        (task id, pool job): as that task's result, restored."""
+        return self._entries.get(key, restored_as)
 
     def args_at(self, key: str) -> str | None:
         """The sample of the arguments journaled under a `Task.key` (`args_sample`), as opened."""
@@ -715,8 +716,9 @@ class JournalStore:
         self._submitted[job] = n + 1
         content = self._journal.key_for(task, code)
         resume = self._resume and restore
+        as_task = None if task_id is None else (task_id, job)  # made as its result: not copied again for it
         if task.key is not None or is_pure(task):
-            found = self._journal.get(content) if resume else None
+            found = self._journal.get(content, as_task) if resume else None
             if found is not None and task.key is not None and content not in self._reused:
                 self._check_reused(task, content, given_key or task.key)
             if found is None and task_id is not None:
@@ -724,7 +726,7 @@ class JournalStore:
             return found
         if resume and not self._placeless:
             key = place_key(content, (job, n))
-            kept = self._journal.get(key)
+            kept = self._journal.get(key, as_task)
             if kept is not None:
                 return kept  # restored: it never runs, so it waits for no record
             self._warn_if_changed(job, n, key)

@@ -229,9 +229,10 @@ def _index_of(meta: list[Any], strings: Strings) -> tuple[str, Place | None, str
 _STRING_FIELDS = operator.itemgetter(8, 9, 16, 17, 19, 20, 21, 22)  # a result's strings but its key's
 
 
-def _result_of(meta: list[Any], value: Any, strings: Strings) -> TaskResult:
+def _result_of(meta: list[Any], value: Any, strings: Strings, restored_as: tuple[int, str] | None = None) -> TaskResult:
     """The result of a record `_index_of` read (its strings checked then: a journal's
-    strings only grow while it is open)."""
+    strings only grow while it is open); `restored_as` (task id, pool job): made as the result
+    of that task, restored (not copied again for it: `runtime/journaling.py`)."""
     texts = strings.texts
 
     def text(number: int | None) -> str | None:
@@ -239,7 +240,7 @@ def _result_of(meta: list[Any], value: Any, strings: Strings) -> TaskResult:
 
     backend = text(meta[19])
     return TaskResult(
-        task_id=int(meta[7]),
+        task_id=int(meta[7]) if restored_as is None else restored_as[0],
         name=str(text(meta[8])),
         status=_STATUS[str(text(meta[9]))],
         value=value,
@@ -254,7 +255,8 @@ def _result_of(meta: list[Any], value: Any, strings: Strings) -> TaskResult:
         attempts=int(meta[18]),
         backend=_BACKEND[backend] if backend is not None else None,
         backend_reason=str(text(meta[20])),
-        job=str(text(meta[21])),
+        job=str(text(meta[21])) if restored_as is None else restored_as[1],
+        restored=restored_as is not None,
         code=text(meta[22]) or "",
     )
 
@@ -325,9 +327,10 @@ class Records:
     def __iter__(self) -> Iterator[str]:
         return iter(self._at)
 
-    def get(self, key: str) -> TaskResult | None:
+    def get(self, key: str, restored_as: tuple[int, str] | None = None) -> TaskResult | None:
         """The result journaled under `key`, read now; None when there is none, or when the
-        file no longer holds it (replaced meanwhile: the task then runs again, said once)."""
+        file no longer holds it (replaced meanwhile: the task then runs again, said once).
+        `restored_as`: see `_result_of`."""
         where = self._at.get(key)
         if where is None or self._fd < 0:
             return None
@@ -339,7 +342,7 @@ class Records:
                 raise ValueError("the file is shorter than when it was opened")
             meta, tree = _meta_of(data)
             value = decode_tree(data[:tree], copy=False)
-            return _result_of(meta, value, self.strings)
+            return _result_of(meta, value, self.strings, restored_as)
         except (OSError, ValueError, KeyError, TypeError, CheckpointError, msgpack.UnpackException) as exc:
             log.warning("journal: cannot read the result of %s back (%s); it runs again", key, exc)
             del self._at[key]

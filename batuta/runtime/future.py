@@ -30,7 +30,9 @@ class ResultStore(Protocol):
     `restore` False: the task reads a value made anew in this run that its journaled result
     may not have read (`runtime/journaling.py`); it runs, and its result replaces that one.
     `given_key`: the `Task.key` the user gave, where `task`'s is the one a kept result is
-    journaled under ("kept:..."), for what the store says of the task.
+    journaled under ("kept:..."), for what the store says of the task. A result `lookup`
+    makes as the task's (its `task_id`, `job`, `restored=True`) is the future's as it is;
+    another is copied so (`journaling.restore`).
     """
 
     def lookup(

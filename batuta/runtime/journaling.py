@@ -12,6 +12,12 @@ named the producer by kernel and arguments alone, and got the old code's result 
 A producer that is not pure and not restored in this run makes a value its journaled
 consumers did not read: those are not restored (`restore=False`), but run and are journaled
 again at their places. The rest of the keys are the store's (`observers/journal.py`).
+
+A task whose arguments name no future and no ref (`plain`) is keyed by its arguments as
+given, so the store is asked before they are copied (`snapshot.taken`) and prepared: a
+restored task costs its check for the wire, its key and its read (`ask_first`), and is
+never sent. Its check comes first still: a task refused there must take no place in the
+store's count of the job's tasks (its lookup counts one, hit or not).
 """
 
 from __future__ import annotations
@@ -21,14 +27,83 @@ import secrets
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from batuta.core.backend import BackendChoice
 from batuta.core.objects import UNREPEATABLE, ObjectRef
-from batuta.core.task import KernelCall, Task, TaskResult
+from batuta.core.task import Backend, BinaryCall, KernelCall, Task, TaskResult
+from batuta.errors import UsageError
+from batuta.protocol.codec import check_value
+from batuta.protocol.errors import LocalProtocolError
+from batuta.runtime import events as pe
 from batuta.runtime.dataplane import Prepared
 from batuta.runtime.future import ResultStore, TaskFuture
 from batuta.runtime.objects import result_name as name_of_call
 
 if TYPE_CHECKING:
     from batuta.runtime.pool import Pool
+
+
+_UNCHOSEN = BackendChoice(backend=Backend.AUTO, reason="not chosen yet")  # `ask_first`'s future, until the pool chooses
+_PLAIN = frozenset({int, float, bool, str, bytes, type(None)})
+
+
+def plain(task: Task) -> bool:
+    """Whether no future and no ref is among `task`'s arguments where `DataPlane.prepare`
+    looks (it then leaves them as they are): such a task may be asked for first."""
+    call = task.call
+    return isinstance(call, BinaryCall) or all(_plain(item, 1) for item in call.args)
+
+
+def _plain(value: Any, depth: int) -> bool:
+    kind = type(value)
+    if kind in _PLAIN:
+        return True
+    if kind is tuple or kind is list:  # as deep as `prepare` looks; deeper: not asked first
+        return depth <= 32 and all(_plain(item, depth + 1) for item in value)
+    if kind is dict:
+        return depth <= 32 and all(_plain(item, depth + 1) for item in value.values())
+    return kind is not ObjectRef and not isinstance(value, TaskFuture)
+
+
+def checked_nbytes(call: KernelCall | BinaryCall, name: str) -> int:
+    """What `call`'s arguments add to a frame; UsageError here for what the wire cannot carry,
+    rather than failing a whole batch later."""
+    if not isinstance(call, KernelCall) or not call.args:
+        return 0
+    try:
+        return check_value(call.args, where=f"task {name!r} arguments")
+    except LocalProtocolError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def ask_first(pool: Pool, store: ResultStore, task: Task, job: str, now: float) -> TaskFuture:
+    """Ask `store` for a `plain` task that is not kept, before its arguments are copied and
+    prepared: a future resolved when restored (it is never sent), else the future the pool's
+    submission goes on with (its id taken, its key asked for, its arguments checked)."""
+    nbytes = checked_nbytes(task.call, task.name)  # first: a refused task takes no place in the store
+    future = TaskFuture(pool, next(pool._ids), task, _UNCHOSEN, job, now)
+    future._nbytes = nbytes
+    _, journaled = look_up(pool, store, future, task, Prepared(task), keep=False)
+    if journaled is not None:
+        restore(pool, future, journaled)
+    return future
+
+
+def restore(pool: Pool, future: TaskFuture, journaled: TaskResult) -> TaskFuture:
+    """Resolve `future` with the store's result: copied only where the store did not make it
+    as this task's (`JournalStore` does)."""
+    result = journaled
+    if not (result.restored and result.task_id == future.task_id and result.job == future.job):
+        result = replace(result, task_id=future.task_id, job=future.job, restored=True)
+    future._resolve(result)
+    pool._restored += 1
+    if pool.events.active:
+        now = pool._now()
+        backend = result.backend.value if result.backend else ""
+        pool.events.publish(
+            pe.TaskQueued(task_id=future.task_id, name=future.task.name, backend=backend, at=now, job=result.job)
+        )
+        pool.events.publish(pe.TaskFinished(result=result, at=now))
+    return future
 
 
 def look_up(

@@ -30,8 +30,6 @@ from batuta.core.scheduler import Scheduler
 from batuta.core.task import CAP_GPU, Backend, KernelCall, Priority, Task, TaskResult, TaskStatus
 from batuta.errors import PoolClosedError, UsageError
 from batuta.protocol import messages as m
-from batuta.protocol.codec import check_value
-from batuta.protocol.errors import LocalProtocolError
 from batuta.runtime import events as pe
 from batuta.runtime import inbound, journaling, kept, mapping, stream
 from batuta.runtime.builder import PoolBuilder, PoolConfig, local_host
@@ -257,12 +255,6 @@ class Pool:
         self._check_open()
         if not isinstance(task, Task):
             raise UsageError(f"submit() takes a batuta.Task, not {type(task).__name__}")
-        large: list[Any] = []  # the arguments as they are now: copied, or read-only until done (snapshot.py)
-        if isinstance(task.call, KernelCall) and _remake is None:
-            args = taken(task.call.args, large, self._in_flight)
-            task = task if args is task.call.args else replace(task, call=replace(task.call, args=args))
-        prepared = self._data.prepare(task) if _remake is None else Prepared(task, reads=_remake.reads)
-        call = prepared.task.call
         if not self._scheduler.can_accept(len(self._submitted) + 1):
             # From a callback (a done callback: no task runs) asyncio only logs this, and a
             # program counting on the task then waits for ever: say how to wait for room there.
@@ -277,12 +269,19 @@ class Pool:
             )
         loop = self._loop
         assert loop is not None
-        nbytes = 0
-        if isinstance(call, KernelCall) and call.args:
-            try:  # refuse here what the wire cannot carry, rather than failing a whole batch later
-                nbytes = check_value(call.args, where=f"task {task.name!r} arguments")
-            except LocalProtocolError as exc:
-                raise UsageError(str(exc)) from None
+        job = current_job.get()
+        asked = None  # asked for before its arguments are copied and prepared (journaling.py)
+        if self._store is not None and _remake is None and not keep and journaling.plain(task):
+            asked = journaling.ask_first(self, self._store, task, job, loop.time())
+            if asked.done():
+                return asked
+        large: list[Any] = []  # the arguments as they are now: copied, or read-only until done (snapshot.py)
+        if isinstance(task.call, KernelCall) and _remake is None:
+            args = taken(task.call.args, large, self._in_flight)
+            task = task if args is task.call.args else replace(task, call=replace(task.call, args=args))
+        prepared = self._data.prepare(task) if _remake is None else Prepared(task, reads=_remake.reads)
+        call = prepared.task.call
+        nbytes = journaling.checked_nbytes(call, task.name) if asked is None else asked._nbytes
         choice = select_backend(
             call,  # kept refs among the arguments count by their elements
             task.backend,
@@ -293,20 +292,21 @@ class Pool:
         )
         backend = choice.backend
         requires = requirements(backend, task.requires)
-        task_id = next(self._ids)
-        now = loop.time()
-        job = current_job.get()
-        future = TaskFuture(self, task_id, task, choice, job, now)
+        if asked is None:
+            future = TaskFuture(self, next(self._ids), task, choice, job, loop.time())
+        else:  # its arguments as copied (what a record keys and samples, as for any task)
+            future, future.task, future._choice, future._journal_task = asked, task, choice, task
+        task_id, now = future.task_id, future.submitted_at
         future._nbytes = nbytes
         future._call = call
         self._burst_bytes += nbytes
         digest = ""
-        if self._store is not None and _remake is None:
+        if self._store is not None and _remake is None and asked is None:
             digest, journaled = journaling.look_up(self, self._store, future, task, prepared, keep)
             if journaled is not None:
                 if keep:
                     journaled = kept.restored_kept(self, future, prepared, journaled, digest)
-                return self._restore(future, replace(journaled, task_id=task_id, job=job, restored=True))
+                return journaling.restore(self, future, journaled)
         for object_id in prepared.reads:
             restored = self._objects.kept(object_id)
             if restored is not None and restored.restored:
@@ -769,18 +769,6 @@ class Pool:
         self._acks.check()
         if self.events.active:
             self.events.publish(pe.TaskFinished(result=result, at=now))
-
-    def _restore(self, future: TaskFuture, result: TaskResult) -> TaskFuture:
-        future._resolve(result)
-        self._restored += 1
-        if self.events.active:
-            now = self._now()
-            backend = result.backend.value if result.backend else ""
-            self.events.publish(
-                pe.TaskQueued(task_id=future.task_id, name=future.task.name, backend=backend, at=now, job=result.job)
-            )
-            self.events.publish(pe.TaskFinished(result=result, at=now))
-        return future
 
     def _new_future(self) -> asyncio.Future[TaskResult]:
         loop = self._loop or asyncio.get_running_loop()
