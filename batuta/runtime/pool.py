@@ -239,6 +239,10 @@ class Pool:
         if not self._pending:  # a burst into an idle pool begins
             self._burst_count = 0
         future = self.submit_nowait(task, keep=keep)
+        if future.done() and future.result().restored:  # nothing to send: a turn only when one is due
+            if self._turns.spent():
+                await self._turns.yield_turn()
+            return future
         self._burst_count += 1
         if self._burst_bytes >= self.config.send_high_water or self._turns.spent() or sends_early(self._burst_count):
             # Place what was submitted and let the sessions write it now (their flushes are
