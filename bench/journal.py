@@ -9,7 +9,8 @@ One local pool (`--workers` CPU slots) runs `--tasks` noop tasks, each with its 
   over the baseline's, minus 1;
 * resumed from that journal: `resume_open_s` is `Journal.open(..., resume=True)` (reading
   the file back), `resume_job_s` the same job submitted again, every task restored;
-  `resume_s` is both.
+  `resume_s` is both, `resume_cpu_s` the CPU time this process spent on them (steadier than
+  wall time on a shared machine: the resume runs nothing on the hosts).
 
 `--kernel spin` journals tasks keyed by their place (`spin` is not pure) instead; `--repeat`
 runs the with/without pair that many times, alternated, and reports the medians (the
@@ -17,7 +18,7 @@ machine may be shared). With `--profile FILE`, the resume's open and job run und
 cProfile, written to FILE.
 
 The last line printed is one JSON object: `tasks`, `bytes_per_record`, `journal_bytes`,
-`resume_s`, `resume_open_s`, `resume_job_s`, `overhead_fraction`, `plain_tasks_per_s`,
+`resume_s`, `resume_open_s`, `resume_job_s`, `resume_cpu_s`, `overhead_fraction`, `plain_tasks_per_s`,
 `journaled_tasks_per_s`.
 
     python bench/journal.py [--tasks 100000] [--workers 2] [--repeat 1] [--profile FILE]
@@ -70,10 +71,13 @@ async def journaled_job(pool: Pool, folder: Path, tasks: list[Task]) -> float:
     return time.perf_counter() - start
 
 
-async def resumed_job(pool: Pool, folder: Path, tasks: list[Task], profile: str | None) -> tuple[float, float, int]:
+async def resumed_job(
+    pool: Pool, folder: Path, tasks: list[Task], profile: str | None
+) -> tuple[float, float, float, int]:
     profiler = cProfile.Profile() if profile else None
     if profiler:
         profiler.enable()
+    cpu = time.process_time()
     start = time.perf_counter()
     journal = await Journal.open(folder, job="bench", resume=True)
     opened = time.perf_counter() - start
@@ -84,10 +88,11 @@ async def resumed_job(pool: Pool, folder: Path, tasks: list[Task], profile: str 
     finally:
         pool.set_result_store(None)
         await journal.close(finished=True)
+    cpu = time.process_time() - cpu
     if profiler:
         profiler.disable()
         profiler.dump_stats(profile)
-    return opened, job, pool.stats().restored - before
+    return opened, job, cpu, pool.stats().restored - before
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,7 +107,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 plain.append(await run_job(pool, tasks))
                 journaled.append(await journaled_job(pool, folder, tasks))
             size = (folder / JOURNAL_FILE).stat().st_size
-            opened, job, restored = await resumed_job(pool, folder, tasks, args.profile)
+            opened, job, cpu, restored = await resumed_job(pool, folder, tasks, args.profile)
     if restored != len(tasks):
         raise SystemExit(f"resume restored {restored} of {len(tasks)} tasks")
     base, with_journal = statistics.median(plain), statistics.median(journaled)
@@ -120,6 +125,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "resume_open_s": round(opened, 3),
         "resume_job_s": round(job, 3),
         "resume_s": round(opened + job, 3),
+        "resume_cpu_s": round(cpu, 3),
     }
 
 
