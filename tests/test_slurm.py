@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -560,3 +561,41 @@ def test_an_allocation_keeps_its_newest_folders_only(tmp_path: Path) -> None:
     _prune(tmp_path, "slurm", keep=KEEP_FOLDERS)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted([names[0], *names[-KEEP_FOLDERS:], "other-20261201-120000-1"])
+
+
+async def test_the_poller_ends_when_the_allocation_closes_even_if_squeue_swallows_the_cancel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python 3.11's `asyncio.wait_for` returns the answer of a command that ends as its task is
+    cancelled, swallowing the cancel: the poller asked squeue again and again, and `close`,
+    awaiting it, never returned (`batuta alloc` hung at its end, about once in 25 runs under load)."""
+    asked = asyncio.Event()
+    swallowed: list[bool] = []
+
+    async def squeue_that_swallows_a_cancel(job_id: str) -> tuple[str, str]:
+        asked.set()
+        try:
+            await asyncio.sleep(WAIT_S)
+        except asyncio.CancelledError:
+            if swallowed:  # the second is not: the test ends whatever the poller does
+                raise
+            swallowed.append(True)  # as wait_for does when its command has just ended
+        return ("PENDING", "Priority")
+
+    async def no_scancel(job_id: str) -> str:
+        return ""
+
+    monkeypatch.setattr(slurm_module, "job_state", squeue_that_swallows_a_cancel)
+    monkeypatch.setattr(slurm_module, "cancel", no_scancel)
+    allocation = Allocation(parse_cluster(allocation_file(tmp_path)).allocations[0])
+    allocation.job_id = "42"
+    allocation.config = dataclasses.replace(allocation.config, poll_interval=0.0)
+    poller = allocation._poller = asyncio.create_task(allocation._poll())
+    await asyncio.wait_for(asked.wait(), WAIT_S)
+    closing = asyncio.create_task(allocation.close())
+    done, _ = await asyncio.wait({closing}, timeout=20)  # a bound: it returns at once, or never
+    if not done:
+        poller.cancel()
+        await asyncio.wait({closing}, timeout=WAIT_S)
+    assert done, "close() did not return: the poller went on asking squeue after its cancel"
+    assert swallowed and poller.done()

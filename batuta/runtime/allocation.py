@@ -440,9 +440,14 @@ class Allocation:
 
     async def _poll(self) -> None:
         assert self.job_id is not None
-        while True:
+        # Not `while True`: a cancel that lands as squeue's answer does is swallowed by
+        # Python 3.11's `asyncio.wait_for` (it returns the answer), and the poller went on asking
+        # for ever while `close` awaited it (a run that never ended; one in ~25 under load).
+        while not self._closed:
             await asyncio.sleep(self.config.poll_interval)  # squeue is asked at this pace, by design
             answer = await slurm.job_state(self.job_id)
+            if self._closed:
+                return
             if answer is None:
                 continue
             state, reason = answer
