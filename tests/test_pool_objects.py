@@ -88,6 +88,20 @@ async def test_drop_waits_for_the_tasks_that_still_name_it(pool: Pool, sent: lis
         pool.submit_nowait(Task.kernel("sum", ref))
 
 
+async def test_a_dropped_put_array_stays_read_only_until_the_tasks_naming_it_resolve(pool: Pool) -> None:
+    """`pool.drop` made a put's arrays writable at once, while tasks naming it were still to be
+    sent: a refill then reached a host not yet sent the value (the Put is encoded from the array
+    when the first task naming it goes there)."""
+    x = np.arange(200_000, dtype=np.float64)
+    ref = pool.put(x)
+    future = pool.submit_nowait(Task.kernel("sum", ref, backend=Backend.CPU))
+    pool.drop(ref)  # no loop turn since the submission: the task has not been sent yet
+    assert not x.flags.writeable
+    result = await asyncio.wait_for(future, 30)
+    assert result.is_success() and result.value == pytest.approx(np.arange(200_000.0).sum())
+    assert x.flags.writeable  # its last user resolved: the caller's to change again
+
+
 async def test_an_unusable_value_or_ref_is_a_usage_error(pool: Pool) -> None:
     with pytest.raises(UsageError, match=r"pool\.put: .*cannot send a value of type"):
         pool.put(object())

@@ -452,7 +452,6 @@ class Pool:
         check_loop(self._loop)
         self._objects.check(ref, "pool.drop")
         self._send_drops(self._objects.drop(ref))
-        self._in_flight.drop_put(ref.object_id)
 
     async def get(self, ref: ObjectRef) -> Any:
         """The value of a kept result (`keep=True`), fetched from a host that holds it; it waits
@@ -467,6 +466,8 @@ class Pool:
 
     def _send_drops(self, dropped: tuple[dict[str, tuple[int, ...]], list[int]]) -> None:
         drops, forgotten = dropped
+        for object_id in forgotten:  # a put's arrays are the caller's again only now: a refill
+            self._in_flight.drop_put(object_id)  # before, reached hosts not yet sent the value
         for host, object_ids in drops.items():
             session = self._hosts.sessions.get(host)
             if session is not None:
