@@ -63,3 +63,21 @@ async def test_a_host_whose_slots_cannot_start_is_said_unfit_and_its_tasks_go_el
     # why, as the slot said it (it was only among the agent's stderr lines, in the log)
     said = "exited with code 71; its last line on stderr: this host starts no slot (the test's sitecustomize)"
     assert said in unfit[-1], unfit[-1]
+
+
+async def test_slots_given_up_in_one_batch_leave_the_host_expected_with_none_of_them() -> None:
+    """Both slots of a host gave up in one batch of the agent's messages: the second's
+    `slot_down` read the first as still up in the scheduler (its loss not handled yet), so the
+    host was expected back with the first's capabilities and a task only they could run waited
+    for ever (the test above timed out in CI, ~1 run in 16 under load)."""
+    from batuta.core import events as ev
+    from batuta.runtime import inbound
+
+    async with asyncio.timeout(WAIT_S), Pool.local(2, gpu_workers="none") as pool:
+        session = pool._hosts.sessions["local"]
+        first = inbound.slot_down(pool, session, "local/0", "test: gave up")
+        second = inbound.slot_down(pool, session, "local/1", "test: gave up")  # before the first is handled
+        [expected_after_first] = [e for e in first if isinstance(e, ev.HostExpected)]
+        [expected_after_second] = [e for e in second if isinstance(e, ev.HostExpected)]
+        assert len(expected_after_first.slot_capabilities) == 1
+        assert expected_after_second.slot_capabilities == ()

@@ -255,8 +255,11 @@ def slot_down(pool: Pool, session: HostSession, slot_id: str, reason: str) -> li
     its other slots alone, so that a task only this slot could run fails, saying why, instead of
     waiting for ever (a relaunched agent says what it offers again). The host is said unfit."""
     host = session.name
+    session.given_up.add(slot_id)
     others = [v for v in pool._scheduler.slots() if v.host_id == host and v.slot_id != slot_id]
-    offered = tuple(v.capabilities for v in others if v.state != "retired")
+    # not the scheduler's state alone: a slot given up in the same batch is not retired there yet,
+    # and the host was expected back with its capabilities (tasks only it could run waited for ever)
+    offered = tuple(v.capabilities for v in others if v.state != "retired" and v.slot_id not in session.given_up)
     down = len(others) - len(offered) + 1
     which = "none of its slots can" if not offered else f"{down} of its {len(others) + 1} slots cannot"
     pool.host_state_changed(
