@@ -27,7 +27,7 @@ import pytest
 
 from batuta import TaskResult, TaskStatus
 from batuta._version import __version__
-from batuta.jobs import JobError, RunTracker, load_job
+from batuta.jobs import JobError, RunSummary, RunTracker, load_job
 from batuta.jobs._summary import IdRanges, percentile
 from tests.support.hosts import TestHosts
 
@@ -1215,15 +1215,10 @@ def test_ctrl_c_prints_what_finished_and_how_to_resume_then_exits_130(
         assert f"{total - finished} cancelled by the interrupt" in stdout
 
 
-def test_the_resume_hint_names_the_modules_the_run_shipped() -> None:
-    """Run as printed without them, every task failed: 'unknown kernel' on every host."""
-    import argparse
-
-    from batuta.cli._run import _interrupted_note
-    from batuta.jobs import RunSummary
-
-    summary = RunSummary(
-        job="job.py",
+def _interrupted_summary(job: str) -> RunSummary:
+    """A run of 10 tasks interrupted after 4: what `_interrupted_note` is told."""
+    return RunSummary(
+        job=job,
         tasks=10,
         succeeded=4,
         failed=0,
@@ -1233,6 +1228,15 @@ def test_the_resume_hint_names_the_modules_the_run_shipped() -> None:
         latency_s={},
         run_time_s={},
     )
+
+
+def test_the_resume_hint_names_the_modules_the_run_shipped() -> None:
+    """Run as printed without them, every task failed: 'unknown kernel' on every host."""
+    import argparse
+
+    from batuta.cli._run import _interrupted_note
+
+    summary = _interrupted_summary("job.py")
     args = argparse.Namespace(job="job.py", cluster="c.toml", module=["lib/k.py", "pkg"], journal="j")
     note = _interrupted_note(summary, args)
     assert note.endswith(
@@ -1288,19 +1292,8 @@ def test_the_resume_hint_runs_as_printed(journal: bool) -> None:
 
     from batuta.cli import build_parser
     from batuta.cli._run import _interrupted_note
-    from batuta.jobs import RunSummary
 
-    summary = RunSummary(
-        job="my job.py",
-        tasks=10,
-        succeeded=4,
-        failed=0,
-        cancelled=6,
-        unfinished=0,
-        wall_s=1.0,
-        latency_s={},
-        run_time_s={},
-    )
+    summary = _interrupted_summary("my job.py")
     given = ["run", "my job.py", "--cluster", "my cluster.toml", "--module", "it's/k.py", "--seed", "7"]
     given += ["--backend", "cpu", "--metrics-port", "0", "--metrics-linger", "2.5", "--metrics-textfile", "m s.prom"]
     given += ["--log-file", "/tmp/a b/run.log", "--log-level", "info", "--log-format", "json", "--strict", "-q"]
