@@ -265,6 +265,40 @@ async def test_an_encrypted_identity_file_without_an_agent_is_a_clear_error(
     assert host.processes() == []
 
 
+async def test_an_encrypted_key_named_by_the_ssh_config_is_named_with_the_fix_not_called_a_refused_key(
+    ssh_hosts: Callable[..., TestHosts],
+    ssh_agent: Callable[[], Agent],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ~/.ssh/config alias whose IdentityFile is encrypted, with no ssh-agent: the login was
+    refused with "check ... authorized_keys", though the key was never offered. With the
+    agent holding it, the same alias logs in."""
+    hosts = ssh_hosts(1)
+    host = hosts[0]
+    key = _encrypted_copy(hosts.identity_file, tmp_path / "id_locked", pub=True)
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host gpu-a\n    HostName {host.address}\n    User root\n    IdentityFile {key}\n")
+    settings = SSHSettings(known_hosts=hosts.known_hosts, config_files=(config,), connect_timeout=5.0)
+    monkeypatch.setattr(ssh_keys, "ask_terminal", lambda prompt: pytest.fail("asked for a passphrase"))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    target = SSHTarget(host="gpu-a")
+    async with asyncio.timeout(WAIT_S):
+        with pytest.raises(SSHKeyLockedError) as locked:
+            await ssh.open_ssh_stream(target, ["true"], settings)
+        agent = ssh_agent()
+        agent.add(key)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(agent.socket))
+        stream = await ssh.open_ssh_stream(target, ["true"], settings)
+        await stream.close(timeout=5)
+    message = str(locked.value)
+    assert message.startswith(f"host gpu-a (root@{host.address}:22): permission denied: its key {key} ")
+    assert "is encrypted and no ssh-agent is running (SSH_AUTH_SOCK is not set)" in message
+    assert f"load it with `ssh-add {key}`" in message
+    assert "authorized_keys" not in message
+    assert stream.exit_status == 0
+
+
 async def test_an_encrypted_identity_file_asks_on_the_terminal_once_per_process(
     ssh_hosts: Callable[..., TestHosts], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

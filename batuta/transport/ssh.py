@@ -61,9 +61,11 @@ from batuta.transport.base import (
 )
 from batuta.transport.ssh_ciphers import cpu_has_aes, preferred_ciphers
 from batuta.transport.ssh_keys import (
+    DEFAULT_IDENTITY_FILES,
     EncryptedIdentity,
     PassphraseRefused,
     agent_holds,
+    encrypted_among,
     encrypted_identity,
     unlock_on_terminal,
 )
@@ -415,19 +417,10 @@ async def _unlock(resolved: _Resolved, settings: SSHSettings) -> _Resolved:
     encrypted = resolved.encrypted
     assert encrypted is not None
     target = resolved.target
-    agent_path = resolved.options.agent_path or ""
-    agent_state = "no ssh-agent is running (SSH_AUTH_SOCK is not set)"
-    if agent_path:
-        held = await agent_holds(agent_path, encrypted.public_key, settings.connect_timeout)
-        if held is None:
-            agent_state = f"the ssh-agent at {agent_path} did not answer"
-        elif held:
-            log.info("host %s: %s is encrypted; signing with ssh-agent's copy", target.label, encrypted.path)
-            return resolved
-        elif encrypted.public_key is None:
-            agent_state = f"{encrypted.path}.pub is missing, so ssh-agent's copy cannot be found"
-        else:
-            agent_state = "ssh-agent does not hold it"
+    agent_state = await _agent_cannot_sign(resolved, encrypted, settings)
+    if agent_state is None:
+        log.info("host %s: %s is encrypted; signing with ssh-agent's copy", target.label, encrypted.path)
+        return resolved
     try:
         key = unlock_on_terminal(encrypted, target.label) if settings.ask_passphrase else None
     except PassphraseRefused as exc:
@@ -440,6 +433,49 @@ async def _unlock(resolved: _Resolved, settings: SSHSettings) -> _Resolved:
         )
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(None, functools.partial(_resolve, target, settings, key))
+
+
+async def _agent_cannot_sign(resolved: _Resolved, encrypted: EncryptedIdentity, settings: SSHSettings) -> str | None:
+    """None if ssh-agent holds the encrypted key (it signs then); else why not, for the error."""
+    agent_path = resolved.options.agent_path or ""
+    if not agent_path:
+        return "no ssh-agent is running (SSH_AUTH_SOCK is not set)"
+    held = await agent_holds(agent_path, encrypted.public_key, settings.connect_timeout)
+    if held is None:
+        return f"the ssh-agent at {agent_path} did not answer"
+    if held:
+        return None
+    if encrypted.public_key is None:
+        return f"{encrypted.path}.pub is missing, so ssh-agent's copy cannot be found"
+    return "ssh-agent does not hold it"
+
+
+async def _refused_login(resolved: _Resolved, settings: SSHSettings, exc: asyncssh.PermissionDenied) -> SSHAuthError:
+    """The error for a login the host refused. asyncssh skips, without a word, an encrypted key
+    that the ssh config's IdentityFile (or ~/.ssh/id_*) names and no ssh-agent holds; the host
+    then refuses the login, and "check authorized_keys" would send the user to the wrong fix."""
+    label = resolved.target.label
+    locked: list[tuple[EncryptedIdentity, str]] = []
+    if resolved.target.identity_file is None:  # a cluster file's identity_file was handled by `_unlock`
+        named = cast(Sequence[str], resolved.options.config.get("IdentityFile", ()))
+        paths = [str(path) for path in named] if named else [f"~/.ssh/{name}" for name in DEFAULT_IDENTITY_FILES]
+        loop = asyncio.get_running_loop()
+        for encrypted in await loop.run_in_executor(None, encrypted_among, paths):
+            why = await _agent_cannot_sign(resolved, encrypted, settings)
+            if why is not None:
+                locked.append((encrypted, why))
+    if locked:
+        encrypted, why = locked[0]
+        return SSHKeyLockedError(
+            f"host {label} ({resolved.where}): permission denied: its key {encrypted.path} (from the ssh "
+            f"config, or ssh's default) is encrypted and {why}, so it was not offered; load it with "
+            f"`ssh-add {encrypted.path}` (or name it as identity_file in the cluster file to be asked "
+            "for its passphrase on a terminal); if that is done and the host still refuses, check the user"
+        )
+    return SSHAuthError(
+        f"host {label} ({resolved.where}): permission denied ({exc.reason}); check the user and "
+        "identity_file, and that the public key is in that user's ~/.ssh/authorized_keys"
+    )
 
 
 def _split_hop(hop: str, behind: str = "") -> SSHTarget:
@@ -536,10 +572,7 @@ async def _connect_one(
     except asyncssh.HostKeyNotVerifiable as exc:
         raise _host_key_error(resolved, settings, policy, exc) from exc
     except asyncssh.PermissionDenied as exc:
-        raise SSHAuthError(
-            f"host {label} ({resolved.where}): permission denied ({exc.reason}); check the user and "
-            "identity_file, and that the public key is in that user's ~/.ssh/authorized_keys"
-        ) from exc
+        raise await _refused_login(resolved, settings, exc) from exc
     except TimeoutError as exc:
         raise SSHConnectError(
             f"host {label} ({resolved.where}): no SSH session within {settings.connect_timeout:g}s; "

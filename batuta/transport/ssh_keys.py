@@ -19,6 +19,7 @@ import asyncio
 import getpass
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ import asyncssh
 log = logging.getLogger("batuta.transport.ssh")
 
 PASSPHRASE_TRIES = 3  # as OpenSSH's NumberOfPasswordPrompts
+# The keys in ~/.ssh that ssh (and asyncssh) offer when no IdentityFile names one, in its order.
+DEFAULT_IDENTITY_FILES = ("id_ed25519_sk", "id_ecdsa_sk", "id_ed448", "id_ed25519", "id_ecdsa", "id_rsa", "id_dsa")
 
 
 class PassphraseRefused(Exception):
@@ -61,6 +64,20 @@ def encrypted_identity(path: Path) -> EncryptedIdentity | None:
             continue
         break
     return EncryptedIdentity(path=path, public_key=public_key)
+
+
+def encrypted_among(paths: Sequence[str]) -> list[EncryptedIdentity]:
+    """The encrypted private keys among `paths` (`~` expanded); files that are missing,
+    unreadable or not private keys are left out, as ssh leaves them out of what it offers."""
+    found = []
+    for path in paths:
+        try:
+            identity = encrypted_identity(Path(path).expanduser())
+        except (OSError, ValueError):  # KeyImportError is a ValueError
+            continue
+        if identity is not None:
+            found.append(identity)
+    return found
 
 
 async def agent_holds(agent_path: str, public_key: asyncssh.SSHKey | None, timeout: float) -> bool | None:
