@@ -330,6 +330,33 @@ def test_an_unwritable_cache_is_an_import_error_for_each_module_not_a_crash(tmp_
     assert loaded_code.errors["m"].startswith(f"cannot write the code under {blocker / CODE_FOLDER}: ")
 
 
+def test_an_unwritable_cache_says_free_space_only_when_the_disk_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only home said "free space there", which frees nothing: the fix follows the errno."""
+    import errno
+
+    import batuta.agent.code as agent_code
+
+    code = bundle({"m.py": "X = 1\n"}, ("m",))
+    reasons = {}
+    for number in (errno.EROFS, errno.ENOSPC):
+
+        def refuse(code: object, root: Path, number: int = number) -> Path:
+            raise OSError(number, os.strerror(number), str(root))
+
+        monkeypatch.setattr(agent_code, "install", refuse)
+        reasons[number] = CodeLoader("h1", root=tmp_path / str(number)).load(code).errors["m"]
+    assert "Read-only file system" in reasons[errno.EROFS]
+    assert "free space" not in reasons[errno.EROFS]
+    assert reasons[errno.EROFS].endswith(
+        "; make it writable, or set XDG_CACHE_HOME in the host's env to a folder with room"
+    )
+    assert reasons[errno.ENOSPC].endswith(
+        "; free space there, or set XDG_CACHE_HOME in the host's env to a folder with room"
+    )
+
+
 def test_each_file_compiles_once_per_host_and_an_edit_compiles_only_what_changed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

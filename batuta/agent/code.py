@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import _imp
 import contextlib
+import errno
 import fcntl
 import hashlib
 import importlib
@@ -530,9 +531,12 @@ class CodeLoader:
                 folder = install(code, self.root)
                 self._held = hold(folder)
         except OSError as exc:
+            # "free space" is the fix for a full disk only: a read-only home (or one a file
+            # blocks) has room, and needs a folder that can be written.
+            fix = "free space there" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
             why = one_line(
-                f"cannot write the code under {self.root / CODE_FOLDER}: {type(exc).__name__}: {exc}; free space "
-                "there, or set XDG_CACHE_HOME in the host's env to a folder with room"
+                f"cannot write the code under {self.root / CODE_FOLDER}: {type(exc).__name__}: {exc}; {fix}, "
+                "or set XDG_CACHE_HOME in the host's env to a folder with room"
             )
             self.current = SlotCode(
                 digest=code.digest, modules=code.modules, errors=dict.fromkeys(code.modules, why), host=self.host
