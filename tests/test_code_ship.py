@@ -813,6 +813,75 @@ def test_a_module_file_that_imports_its_own_folder_as_a_package_is_told_to_pass_
     assert json.loads(done.stdout)["result"] == 42
 
 
+def relative_package(folder: Path) -> Path:
+    """A package whose kernel module imports its siblings relatively, two levels down."""
+    write(
+        folder,
+        {
+            "cs_relpkg/__init__.py": "",
+            "cs_relpkg/consts.py": "SCALE = 3\n",
+            "cs_relpkg/ops/__init__.py": "",
+            "cs_relpkg/ops/kern.py": "from batuta import kernel\n\nfrom ..consts import SCALE\n\n"
+            "@kernel('cs_relpkg_scale')\ndef cs_relpkg_scale(x):\n    return x * SCALE\n",
+        },
+    )
+    return folder / "cs_relpkg"
+
+
+def test_a_module_file_that_imports_its_package_relatively_is_told_to_pass_the_package(tmp_path: Path) -> None:
+    """`--module mylab/ops/kern.py` where kern.py does `from ..consts import SCALE`: shipped as
+    a top-level `kern`, every host failed "attempted relative import with no known parent
+    package" and its tasks said to pass --module, which had been passed."""
+    project = tmp_path / "proj"
+    relative_package(project)
+    write(
+        project,
+        {
+            "job.py": "from batuta import Task\n\nasync def main(pool):\n"
+            "    return (await pool.run(Task.kernel('cs_relpkg_scale', 14))).value\n"
+        },
+    )
+    refused = batuta("run", "job.py", "--workers", "1", "--module", "cs_relpkg/ops/kern.py", cwd=project)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        "batuta: error: --module cs_relpkg/ops/kern.py: it imports relatively (`from . import ...`) from its "
+        "package cs_relpkg, which would not ship with it; pass the package's folder instead: --module cs_relpkg"
+    )
+    kern = project / "cs_relpkg" / "ops" / "kern.py"
+    with pytest.raises(CodeError, match=rf"pass the package's folder instead: --module {project / 'cs_relpkg'}$"):
+        CodeCollector(CodeSpec(modules=(kern,)))
+    done = batuta("run", "job.py", "--workers", "1", "--json", "--module", "cs_relpkg", cwd=project)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["result"] == 42
+
+
+async def test_a_kernel_of_a_package_imported_here_but_not_sent_says_to_send_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hint named the module's own file: sent alone, it failed on the hosts on its
+    package's relative imports, and the tasks gave the same hint again."""
+    from batuta.kernels import registry
+
+    package = relative_package(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import cs_relpkg.ops.kern  # noqa: F401
+
+    try:
+        async with Pool.local(1, gpu_workers="none") as pool:
+            result = await pool.run(Task.kernel("cs_relpkg_scale", 14))
+        assert result.error == (
+            f"kernel 'cs_relpkg_scale' is unknown on the hosts: here it comes from {package / 'ops' / 'kern.py'}, "
+            f"of the package {package}, which this pool does not send them; pass "
+            f"Pool.local(..., modules=[{str(package)!r}]) or Pool.builder().modules([...]) (batuta run: --module)"
+        )
+        async with Pool.local(1, gpu_workers="none", modules=[str(package)]) as pool:  # the hint, followed
+            assert (await pool.run(Task.kernel("cs_relpkg_scale", 14))).value == 42
+    finally:
+        registry.unregister("cs_relpkg_scale")
+        for name in ("cs_relpkg.ops.kern", "cs_relpkg.ops", "cs_relpkg.consts", "cs_relpkg"):
+            sys.modules.pop(name, None)
+
+
 def test_batuta_run_code_errors_are_one_line_and_exit_2(project: Path, tmp_path: Path) -> None:
     done = batuta(
         "run", str(project / "my_job.py"), "--workers", "1", "--module", str(tmp_path / "nope.py"), cwd=tmp_path

@@ -460,6 +460,15 @@ class CodeCollector:
                     f"--module {shown}: it imports {folder} (its own folder) as a package, which would not "
                     f"ship with it; pass the folder instead: --module {_folder_of(shown, path)}"
                 )
+            package = _package_above(path) if _imports_relatively(path) else None
+            if package is not None:
+                # shipped alone it is a top-level module, where `from . import x` has no parent
+                # package: every host failed to import it, and its kernels were unknown there
+                raise CodeError(
+                    f"--module {shown}: it imports relatively (`from . import ...`) from its package "
+                    f"{package.name}, which would not ship with it; pass the package's folder instead: "
+                    f"--module {_written(shown, package)}"
+                )
         else:
             raise CodeError(f"--module {shown}: not a .py file or a package folder")
         if not name.isidentifier():
@@ -699,6 +708,13 @@ class ShippedCode:
         path = getattr(sys.modules.get(module), "__file__", None)
         if path is None:
             return error
+        send, where = path, path
+        if "." in module:
+            # a module of a package ships with its package: the file alone, shipped as a
+            # top-level module, fails there on the package's imports (`from . import util`)
+            package = sys.modules.get(module.split(".")[0])
+            send = next(iter(getattr(package, "__path__", None) or []), path)
+            where = f"{path}, of the package {send}" if send != path else path
         # the cause, in place of the host's guesses (it never saw the file)
         if module == "__main__":
             return (
@@ -707,10 +723,35 @@ class ShippedCode:
                 "Pool.local(..., modules=[...]) or Pool.builder().modules([...])"
             )
         return (
-            f"kernel {name!r} is unknown on the hosts: here it comes from {path}, which this pool does "
-            f"not send them; pass Pool.local(..., modules=[{path!r}]) or Pool.builder().modules([...]) "
+            f"kernel {name!r} is unknown on the hosts: here it comes from {where}, which this pool does "
+            f"not send them; pass Pool.local(..., modules=[{send!r}]) or Pool.builder().modules([...]) "
             "(batuta run: --module)"
         )
+
+
+def _imports_relatively(path: Path) -> bool:
+    """Whether a Python file has a relative import (`from . import x`, `from ..a import b`)."""
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (SyntaxError, ValueError, OSError):
+        return False
+    return any(isinstance(node, ast.ImportFrom) and node.level > 0 for node in ast.walk(tree))
+
+
+def _package_above(path: Path) -> Path:
+    """The folder of the top-level package a module file belongs to: the highest of the
+    folders above it that hold an `__init__.py`, or its own folder (a namespace package)."""
+    top = path.parent
+    if (top / "__init__.py").is_file():
+        while (top.parent / "__init__.py").is_file():
+            top = top.parent
+    return top
+
+
+def _written(shown: str, folder: Path) -> str:
+    """`folder` as the user would write it beside `shown`: relative to here when they wrote
+    a relative path."""
+    return str(folder) if Path(shown).expanduser().is_absolute() else os.path.relpath(folder)
 
 
 def _folder_of(shown: str, path: Path) -> str:
