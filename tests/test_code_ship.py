@@ -996,6 +996,47 @@ async def test_a_sent_module_that_fails_to_import_there_says_why_not_that_it_was
         sys.modules.pop("cs_sent_bad", None)
 
 
+async def test_a_data_file_beside_the_code_that_was_not_sent_is_said_so(tmp_path: Path) -> None:
+    """A module that reads a file beside it at import (`Path(__file__).parent / "factor.txt"`),
+    where that file was not sent (a single-file module travels alone; a .batutaignore left it
+    out): the error named only the host's cache path, where the file was missing, not why."""
+    from batuta.kernels import registry
+
+    reader = (
+        "from pathlib import Path\nfrom batuta import kernel\n\n"
+        "FACTOR = float((Path(__file__).parent / {name!r}).read_text())\n\n"
+        "@kernel({kernel!r})\ndef f(x):\n    return x * FACTOR\n"
+    )
+    write(
+        tmp_path,
+        {
+            "single/cs_single.py": reader.format(name="factor.txt", kernel="cs_single"),
+            "single/factor.txt": "5",
+            "cs_ignpkg/__init__.py": "",
+            "cs_ignpkg/.batutaignore": "data/\n",
+            "cs_ignpkg/kern.py": reader.format(name="data/factor.txt", kernel="cs_ignpkg"),
+            "cs_ignpkg/data/factor.txt": "5",
+        },
+    )
+    single, package = tmp_path / "single" / "cs_single.py", tmp_path / "cs_ignpkg"
+    try:
+        async with Pool.local(1, gpu_workers="none", modules=[single, package]) as pool:
+            errors = [(await pool.run(Task.kernel(name, 2.0))).error or "" for name in ("cs_single", "cs_ignpkg")]
+    finally:
+        registry.unregister("cs_single")
+        registry.unregister("cs_ignpkg")
+    assert (
+        f"/factor.txt' (not sent: a single-file module travels alone, without {tmp_path / 'single' / 'factor.txt'} "
+        "beside it: put both in a package folder, or give the data to the tasks as an argument or with pool.put) "
+        f"(at {single}:4)"
+    ) in errors[0], errors[0]
+    assert (
+        f"/cs_ignpkg/data/factor.txt' (not sent: {package / 'data' / 'factor.txt'} is left out of its package "
+        "(a .batutaignore lists it, or it is hidden): let it ship, or give the data to the tasks as an argument "
+        f"or with pool.put) (at {package / 'kern.py'}:4)"
+    ) in errors[1], errors[1]
+
+
 def regular_package(folder: Path) -> Path:
     """A package with an empty __init__.py, its kernels in modules of its own."""
     write(

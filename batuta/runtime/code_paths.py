@@ -11,6 +11,7 @@ where the copies are, and ends the one-line error with the innermost line of the
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import replace
@@ -27,6 +28,8 @@ _CACHED = re.compile(r"[^\s\"'(<>]*/code/(?P<digest>[0-9a-f]{64})/")
 _FRAME = re.compile(r'File "(?P<path>[^"\n]+)", line (?P<line>\d+)')
 # numba's compile errors, as the agent says them (agent/numba_errors.py): the path in the bundle
 _AT_IN_BUNDLE = re.compile(r" \(at (?P<path>[^()]+?) line (?P<line>\d+)(?=[:)])")
+# a file the user's code opened beside itself on the host (`Path(__file__).parent / "table.txt"`)
+_MISSING = re.compile(r"No such file or directory: '(?P<path>[^'\n]*/code/[0-9a-f]{64}/(?P<relative>[^'\n]+))'")
 
 
 def collected(digest: str, files: dict[str, str]) -> None:
@@ -60,7 +63,28 @@ def _placed(text: str, originals: dict[str, str]) -> str:
         original = originals.get(found["path"])
         return found.group(0) if original is None else f" (at {original}:{found['line']}"
 
-    return _AT_IN_BUNDLE.sub(placed, text) if originals else text
+    return _unsent_files(_AT_IN_BUNDLE.sub(placed, text), originals) if originals else text
+
+
+def _unsent_files(text: str, originals: dict[str, str]) -> str:
+    """`text` saying, of a file a host's copy of the code lacks that lies beside the user's
+    code here (a data file beside a single-file module, one a .batutaignore lists), that it was
+    not sent: the host's path alone, in its cache, did not say why it was missing."""
+    roots = {original[: -len(relative)] for relative, original in originals.items() if original.endswith(relative)}
+
+    def unsent(found: re.Match[str]) -> str:
+        here = next(
+            (root + found["relative"] for root in sorted(roots) if os.path.isfile(root + found["relative"])), None
+        )
+        if here is None or found["relative"] in originals:
+            return found.group(0)
+        if "/" in found["relative"]:  # in a package folder, which goes whole but for what it leaves out
+            why = f"{here} is left out of its package (a .batutaignore lists it, or it is hidden): let it ship"
+        else:
+            why = f"a single-file module travels alone, without {here} beside it: put both in a package folder"
+        return f"{found.group(0)} (not sent: {why}, or give the data to the tasks as an argument or with pool.put)"
+
+    return _MISSING.sub(unsent, text)
 
 
 class UserPaths:
