@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batuta import Pool, Task
+from batuta import Backend, Pool, Task
 from batuta.agent.numba_errors import numba_error
 
 KERNEL = """\
@@ -56,3 +56,45 @@ async def test_a_kernel_that_does_not_compile_fails_in_one_short_line(tmp_path: 
         f'>>> add(array(float64, 1d, C), Literal[str](a)) (at {tmp_path / "ne_kernels.py"}:7: return x + "a")'
     )
     assert b"There are " in result.stderr  # the whole of numba's words stay in the traceback
+
+
+SUMMING = """\
+import numba
+from batuta import kernel
+
+
+@numba.njit
+def _total(x):
+    s = 0.0
+    for v in x.flat:
+        s += v
+    return s
+
+
+@kernel("ne_total")
+def ne_total(x):
+    return float(x.sum())
+
+
+ne_total.cpu(_total)
+"""
+
+
+async def test_an_argument_numba_cannot_take_is_named_with_the_fix(tmp_path: Path) -> None:
+    """A big-endian array (read from a file in network order) travels as it is, and numba said
+    only "non-precise type pyobject"; a float16 one, "NotImplementedError: float16"."""
+    (tmp_path / "ne_summing.py").write_text(SUMMING)
+    values = np.arange(6.0)
+    async with Pool.local(1, gpu_workers="none", modules=[tmp_path / "ne_summing.py"]) as pool:
+        results = [
+            await pool.run(Task.kernel("ne_total", x, backend=Backend.CPU))
+            for x in (values.astype(">f8"), values.astype(np.float16), values, values.astype(">f8").astype("=f8"))
+        ]
+    assert results[0].error is not None and results[0].error.endswith(
+        "(numba compiles for native byte order only, and argument 0 is '>f8': send x.astype(x.dtype.newbyteorder('=')))"
+    ), results[0].error
+    assert results[1].error == (
+        "NotImplementedError: float16 (numba has no float16 on the CPU, and argument 0 is one: "
+        "send x.astype(np.float32))"
+    )
+    assert [result.value for result in results[2:]] == [15.0, 15.0]  # the fix, followed

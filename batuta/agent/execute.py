@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from batuta.agent.numba_errors import numba_error
+from batuta.agent.numba_errors import argument_hint, from_numba, numba_error
 from batuta.core.task import BinaryCall, KernelCall, Outcome
 from batuta.protocol.messages import (
     TaskOutcome,
@@ -175,10 +175,13 @@ class KernelRunner:
                 self.context_lost = lost_context(exc)
             printed = err.end()
             directory = self._code.directory if self._code is not None else None
+            error = numba_error(exc, directory) or describe_exception(exc)
+            if from_numba(exc):
+                error += argument_hint(call.args, backend)
             return _outcome(
                 request,
                 Outcome.ERROR,
-                error=numba_error(exc, directory) or describe_exception(exc),
+                error=error,
                 stdout=out.end(),
                 stderr=printed + _kernel_traceback(exc, registry).encode("utf-8", "replace"),
                 run_s=run_s,

@@ -13,7 +13,11 @@ with that line's code.
 
 from __future__ import annotations
 
+import os
 import re
+import traceback
+from collections.abc import Sequence
+from typing import Any
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _FILE = re.compile(r'^File "(?P<path>.+?)", line (?P<line>\d+):')
@@ -59,4 +63,30 @@ def _where(lines: list[str], directory: str | None) -> str:
         code = [line for line in excerpt if set(line) != {"^"}]  # the caret under the failing line
         shown = f": {code[-1]}" if code else ""
         return f" (at {path} line {match['line']}{shown})"
+    return ""
+
+
+def from_numba(exc: BaseException) -> bool:
+    """Whether `exc` is numba's or was raised inside numba (its `NotImplementedError: float16`)."""
+    if type(exc).__module__.startswith("numba"):
+        return True
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and f"{os.sep}numba{os.sep}" in frames[-1].filename
+
+
+def argument_hint(args: Sequence[Any], backend: str) -> str:
+    """For a numba error, what among a kernel's arguments numba cannot take, with the fix ("" if
+    nothing): its own words name neither ("non-precise type pyobject" for a big-endian array,
+    read from a file in network order, that batuta carried as it was)."""
+    for index, arg in enumerate(args):
+        dtype = getattr(arg, "dtype", None)
+        if dtype is None or not hasattr(arg, "shape"):
+            continue
+        if not getattr(dtype, "isnative", True):
+            return (
+                f" (numba compiles for native byte order only, and argument {index} is {dtype.str!r}: "
+                "send x.astype(x.dtype.newbyteorder('=')))"
+            )
+        if backend == "cpu" and getattr(dtype, "str", "")[1:] == "f2":
+            return f" (numba has no float16 on the CPU, and argument {index} is one: send x.astype(np.float32))"
     return ""
