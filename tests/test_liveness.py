@@ -91,11 +91,32 @@ def test_a_lost_host_is_relaunched_with_doubling_backoff_then_retired() -> None:
     assert machine.next_wakeup() == pytest.approx(14.1)  # 0.5 * 4
     assert machine.handle(ClockTicked(), 14.1) == [Relaunch(host_id="a", attempt=3, reason="refused")]
     assert machine.handle(LaunchFailed(host_id="a", reason="refused"), 14.2) == [
-        Retire(host_id="a", reason="gave up after 3 relaunches: refused")
+        Retire(host_id="a", reason="gave up after 3 relaunches: agent exited; relaunch 3 failed: refused")
     ]
     assert machine.state("a") is Liveness.RETIRED
     assert machine.handle(ClockTicked(), 1000.0) == []
     assert machine.handle(MessagesHeard(host_id="a"), 1000.0) == []
+
+
+def test_a_failed_relaunch_is_said_with_the_loss_it_follows() -> None:
+    """A host whose relaunches kept failing was said (dashboard, summary, retirement) with only its
+    last failure ("connection refused"): why it was lost in the first place was gone."""
+    machine = up_host()
+    machine.handle(StreamEnded(host_id="a", reason="killed by signal 9"), 1.0)
+    machine.handle(ClockTicked(), 1.5)
+    assert machine.relaunch_failed("a", "refused") == "killed by signal 9; relaunch 1 failed: refused"
+    machine.handle(LaunchFailed(host_id="a", reason="refused"), 1.6)
+    machine.handle(ClockTicked(), 2.6)
+    assert machine.relaunch_failed("a", "no route") == "killed by signal 9; relaunch 2 failed: no route"
+    assert machine.handle(LaunchFailed(host_id="a", reason="key changed", retryable=False), 2.7) == [
+        Retire(host_id="a", reason="killed by signal 9; relaunch 2 failed: key changed")
+    ]
+    never_up = HostLiveness(CONFIG)  # a first start's failure follows no loss: said as it is
+    never_up.handle(HostAdded(host_id="b"), 0.0)
+    assert never_up.relaunch_failed("b", "timeout") == "timeout"
+    never_up.handle(LaunchFailed(host_id="b", reason="timeout"), 0.0)
+    never_up.handle(ClockTicked(), 0.5)
+    assert never_up.relaunch_failed("b", "timeout") == "timeout"
 
 
 def test_a_successful_relaunch_marks_up_and_resets_the_backoff() -> None:

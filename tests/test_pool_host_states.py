@@ -109,6 +109,8 @@ async def test_a_host_whose_agent_was_killed_is_lost_on_every_surface_until_it_i
 
     model, tracker = DashboardModel(), RunTracker()
     said: list[tuple[str, ...]] = []
+    reasons: list[str] = []
+    fates: list[str] = []
     async with asyncio.timeout(WAIT_S), make_pool(slots=1, relaunch_backoff=0.05) as pool:
         session = pool._hosts.sessions["local"]
         back = asyncio.Event()
@@ -129,8 +131,12 @@ async def test_a_host_whose_agent_was_killed_is_lost_on_every_surface_until_it_i
                 tracker.host_down(event.host, event.reason)
             elif isinstance(event, pe.HostStateChanged):
                 tracker.host_state_changed(event.host, event.state, event.reason)
+                if event.state == "lost":  # the run's summary of the host while it was away
+                    [away] = tracker.summary(job="j", wall_s=1.0, result=None, error=None).hosts
+                    fates.append(away.fate())
             if isinstance(event, pe.HostDown | pe.HostStateChanged):
                 said.append(surfaces(type(event).__name__))
+                reasons.append(event.reason)
                 if isinstance(event, pe.HostStateChanged) and event.state == "up":
                     back.set()
 
@@ -141,12 +147,16 @@ async def test_a_host_whose_agent_was_killed_is_lost_on_every_surface_until_it_i
         agent.kill()
         await back.wait()
         assert (await pool.run(Task.kernel("noop", 2))).value == 2
+    assert reasons[0].startswith("the agent was killed by signal 9 (SIGKILL)"), reasons
+    refused = f"{reasons[0]}; relaunch 1 failed: host local: connection refused"
+    assert reasons[1] == refused, reasons  # the loss's cause, not only the failure
     assert said == [
         ("HostDown", "lost", "lost", "lost"),
         ("relaunching", "lost", "lost", "lost"),
         ("HostStateChanged", "lost", "lost", "lost"),  # the relaunch failed: still lost, saying why
         ("HostStateChanged", "up", "up", "up"),
     ]
+    assert fates == [f"lost: {refused}"]
     [host] = tracker.summary(job="j", wall_s=1.0, result=None, error=None).hosts
     assert host.fate().startswith("lost once, back up: the agent was killed by signal 9 (SIGKILL)")
 

@@ -226,6 +226,14 @@ class HostLiveness:
         host = self._hosts.get(host_id)
         return HOST_LOST if host is not None and host.was_up else HOST_UNREACHABLE
 
+    def relaunch_failed(self, host_id: HostId, reason: str) -> str:
+        """A failed (re)launch in the words observers read while the host stays away: after a
+        loss, the loss's cause and then this failure, in one line ("agent killed by signal 9;
+        relaunch 3 failed: connection refused"), as the failure alone hid why the host went.
+        Ask before `LaunchFailed` is handled: that counts the failure."""
+        host = self._hosts.get(host_id)
+        return self._with_loss(host, reason) if host is not None else reason
+
     def silent_for(self, host_id: HostId, now: float) -> float:
         """Seconds since the host was last heard from (0 for a host not heard from yet)."""
         host = self._hosts.get(host_id)
@@ -309,13 +317,14 @@ class HostLiveness:
         if host.state in (Liveness.RETIRED, Liveness.CLOSED):
             return
         host.why = event.reason
+        said = self._with_loss(host, event.reason)
         if not event.retryable:
-            self._retire(host, event.reason)
+            self._retire(host, said)
             return
         if host.state is Liveness.RELAUNCHING:
             host.failures += 1
         if host.failures >= self.config.max_relaunches:
-            self._retire(host, f"gave up after {self.config.max_relaunches} relaunches: {event.reason}")
+            self._retire(host, f"gave up after {self.config.max_relaunches} relaunches: {said}")
             return
         host.state = Liveness.LOST
         host.relaunch_at = now + self._backoff(host.failures)
@@ -335,6 +344,12 @@ class HostLiveness:
         host.state = Liveness.RETIRED
         host.relaunch_at = None
         self._out.append(Retire(host_id=host.host_id, reason=reason))
+
+    @staticmethod
+    def _with_loss(host: _Host, reason: str) -> str:
+        if host.state is not Liveness.RELAUNCHING or not host.lost_why:
+            return reason  # a first start's failure, or a host never up: nothing was lost
+        return f"{host.lost_why}; relaunch {host.failures + 1} failed: {reason}"
 
     def _backoff(self, failures: int) -> float:
         return min(self.config.relaunch_backoff * 2**failures, RELAUNCH_BACKOFF_CAP_S)

@@ -362,10 +362,12 @@ class HostSupervisor:
 
     def _launch_failed(self, session: HostSession, exc: BaseException) -> None:
         retryable = not (isinstance(exc, TransportError) and not exc.retryable)
+        reason = str(exc) or repr(exc)
         if retryable:  # observers hear why (a retired host is announced by Retire instead), in
             # `Pool.hosts()`'s word: still "lost" once up (a relaunch failed), else "unreachable"
-            self._pool.host_state_changed(session.name, self._liveness.away(session.name), str(exc) or repr(exc))
-        self._handle(lv.LaunchFailed(host_id=session.name, reason=str(exc) or repr(exc), retryable=retryable))
+            said = self._liveness.relaunch_failed(session.name, reason)
+            self._pool.host_state_changed(session.name, self._liveness.away(session.name), said)
+        self._handle(lv.LaunchFailed(host_id=session.name, reason=reason, retryable=retryable))
 
 
 async def _await_starts(sessions: Sequence[HostSession], starts: Sequence[asyncio.Future[None]], wait: float) -> None:
