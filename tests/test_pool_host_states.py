@@ -163,7 +163,8 @@ async def test_a_host_whose_agent_was_killed_is_lost_on_every_surface_until_it_i
 
 async def test_an_undrained_host_with_a_retired_slot_is_said_unfit_as_pool_hosts_says_it() -> None:
     """A slot its agent gave up (it could not start) is retired, and `pool.hosts()` says the host
-    "unfit"; `Pool.drain(host, undo=True)` announced it "up", which no undrain makes it."""
+    "unfit"; `Pool.drain(host, undo=True)` announced it "up", which no undrain makes it, and
+    then said it unfit without why its slot was given up."""
     from batuta.protocol import messages as m
 
     said: list[tuple[str, str]] = []
@@ -177,4 +178,6 @@ async def test_an_undrained_host_with_a_retired_slot_is_said_unfit_as_pool_hosts
         assert [(v.name, v.state) for v in pool.hosts()] == [("local", "unfit")]
         assert (await pool.run(Task.kernel("noop", 6))).value == 6  # its other slot takes work
     assert [state for state, _ in said] == ["unfit", "draining", "drained", "unfit"]
-    assert said[-1][1] == "undrained; still unfit: 1 of its 2 slots cannot start (its agent gave it up)"
+    assert said[-1][1] == (  # why the slot was given up, as its SlotChanged said
+        "undrained; still unfit: 1 of its 2 slots cannot start (its agent gave it up: gave up after 6 failed starts)"
+    )

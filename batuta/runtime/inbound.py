@@ -255,7 +255,7 @@ def slot_down(pool: Pool, session: HostSession, slot_id: str, reason: str) -> li
     its other slots alone, so that a task only this slot could run fails, saying why, instead of
     waiting for ever (a relaunched agent says what it offers again). The host is said unfit."""
     host = session.name
-    session.given_up.add(slot_id)
+    session.given_up[slot_id] = reason
     others = [v for v in pool._scheduler.slots() if v.host_id == host and v.slot_id != slot_id]
     # not the scheduler's state alone: a slot given up in the same batch is not retired there yet,
     # and the host was expected back with its capabilities (tasks only it could run waited for ever)
@@ -289,17 +289,22 @@ def announce_host(pool: Pool, ins: ev.AnnounceDrained | ev.AnnounceUnfit) -> Non
         pool.host_state_changed(ins.host_id, HOST_UNFIT, why)
 
 
-def undrained(scheduler: Scheduler, host: str, unfit: str | None) -> tuple[str, str]:
+def undrained(scheduler: Scheduler, session: HostSession, unfit: str | None) -> tuple[str, str]:
     """What `Pool.drain(host, undo=True)` says the host is, with why (`unfit`: the mark it lifted):
-    "up", or "unfit" while a slot of it is retired (`slot_down`), as `host_views` says it; an
-    undrain does not bring a slot its agent gave up back."""
+    "up", or "unfit" while a slot of it is retired (`slot_down`), as `host_views` says it, with
+    the reason its agent gave it up; an undrain does not bring a slot its agent gave up back."""
     why = "undrained" if unfit is None else f"no longer unfit ({unfit}): undrained"
-    slots = [v for v in scheduler.slots() if v.host_id == host]
-    down = sum(1 for v in slots if v.state == "retired")
+    slots = [v for v in scheduler.slots() if v.host_id == session.name]
+    down = [v.slot_id for v in slots if v.state == "retired"]
     if not down:
         return "up", why
-    them = "it" if down == 1 else "them"
-    return HOST_UNFIT, f"{why}; still unfit: {down} of its {len(slots)} slots cannot start (its agent gave {them} up)"
+    them = "it" if len(down) == 1 else "them"
+    # one reason each, said once: slots given up alike give the same one
+    reasons = dict.fromkeys(session.given_up[s] for s in down if s in session.given_up)
+    because = f": {'; '.join(reasons)}" if reasons else ""
+    return HOST_UNFIT, (
+        f"{why}; still unfit: {len(down)} of its {len(slots)} slots cannot start (its agent gave {them} up{because})"
+    )
 
 
 def host_views(views: list[HostView], scheduler: Scheduler) -> list[HostView]:

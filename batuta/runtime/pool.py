@@ -522,7 +522,7 @@ class Pool:
         if undo:  # the scheduler first: an undo lifts an unfit mark, which "up" must not be said under
             unfit = self._scheduler.unfit_reason(host)
             self._handle([ev.HostDrainRequested(host_id=host, undo=True)])
-            self.host_state_changed(host, *inbound.undrained(self._scheduler, host, unfit))
+            self.host_state_changed(host, *inbound.undrained(self._scheduler, self._hosts.sessions[host], unfit))
         else:  # "draining" first: a host with nothing to finish is said "drained" at once, after it
             self.host_state_changed(host, "draining", "drain requested")
             self._handle([ev.HostDrainRequested(host_id=host)])

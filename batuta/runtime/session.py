@@ -186,9 +186,9 @@ class HostSession:
     code: m.Code | None = None  # the user's code, sent right after every Welcome (see runtime/code.py)
     hello: m.Hello | None = None
     generation: int = 0  # bumps at each (re)launch, so stale callbacks are ignored
-    # slots this agent gave up (inbound.slot_down): several in one batch of messages are said
-    # before the scheduler has handled the first one's loss
-    given_up: set[str] = field(default_factory=set)
+    # slots this agent gave up (inbound.slot_down), with why: several in one batch of messages are
+    # said before the scheduler has handled the first one's loss, and an undrain says why
+    given_up: dict[str, str] = field(default_factory=dict)
     unflushed_bytes: int = 0  # written since the stream last drained
     _stream: ByteStream | None = None
     _conn: Connection | None = None
@@ -250,7 +250,7 @@ class HostSession:
     async def start(self) -> None:
         """Launch the agent and complete the handshake; raises AgentError or TransportError."""
         self.generation += 1
-        self.given_up = set()
+        self.given_up = {}
         self._closing = False
         self._open = False
         self.hello = None
