@@ -25,10 +25,12 @@ from batuta.observers.journal_records import (
 )
 
 V1 = Path(__file__).parent / "snapshots" / "journal_v1.bin"  # written by batuta before version 2 (3 results)
+# version 2 as batuta wrote it before the GPU device was journaled: one result of a GPU slot
+V2_NO_DEVICE = Path(__file__).parent / "snapshots" / "journal_v2_no_device.bin"
 CODE = "ab" * 32
 
 
-def result(task_id: int, value: object, *, host: str = "node-1", code: str = "") -> TaskResult:
+def result(task_id: int, value: object, *, host: str = "node-1", code: str = "", device: str = "") -> TaskResult:
     return TaskResult(
         task_id=task_id,
         name="kmeans_partial",
@@ -45,6 +47,7 @@ def result(task_id: int, value: object, *, host: str = "node-1", code: str = "")
         backend_reason="asked for cpu",
         job="kmeans",
         code=code,
+        device=device,
     )
 
 
@@ -62,13 +65,18 @@ async def test_every_field_and_key_form_comes_back_exactly(tmp_path: Path) -> No
         "ODD/0123456789ABCDEF0123456789ABCDEF": None,  # upper-case hex is no hash of ours: kept whole
         "own key, own place": ("default", 8),  # a key that is not its place's: kept whole, with the place
     }
+    gpu = "NVIDIA H100 80GB HBM3 (132 SMs)"  # a restored result said no device where a fresh one did
+
+    def made(n: int, value: object) -> TaskResult:
+        return result(n, value, code=CODE if n % 2 else "", device=gpu if n % 3 else "")
+
     for n, (key, place) in enumerate(keys.items()):
-        journal.record(key, result(n, (np.arange(3.0), n), code=CODE if n % 2 else ""), place, args="00ff" * 8)
+        journal.record(key, made(n, (np.arange(3.0), n)), place, args="00ff" * 8)
     await journal.close()
     again = await Journal.open(tmp_path, job="job.py", resume=True)
     for n, (key, place) in enumerate(keys.items()):
         got = again.get(key)
-        want = result(n, None, code=CODE if n % 2 else "")
+        want = made(n, None)
         assert got is not None and got.value[1] == n and got.value[0].tolist() == [0.0, 1.0, 2.0]
         assert replace(got, value=None) == want
         assert again.args_at(key) == "00ff" * 8
@@ -201,6 +209,17 @@ async def test_a_version_1_journal_is_converted_on_resume(tmp_path: Path, caplog
     again.record("new", result(4, 4))
     await again.close()
     assert sorted(read_journal(tmp_path / JOURNAL_FILE)[0]) == sorted(["new", "mine", placed, first_key()])
+
+
+async def test_a_version_2_journal_from_before_the_device_was_journaled_resumes(tmp_path: Path) -> None:
+    shutil.copy(V2_NO_DEVICE, tmp_path / JOURNAL_FILE)
+    again = await Journal.open(tmp_path, job="old", resume=True)
+    old = again.get("gpu")
+    assert old is not None and old.value == 2.5 and old.slot == "gpu1/gpu:0" and old.device == ""
+    again.record("new", result(2, 2, device="NVIDIA H200 (132 SMs)"))  # appended: the new form beside the old
+    await again.close()
+    entries = read_journal(tmp_path / JOURNAL_FILE)[0]
+    assert {key: r.device for key, r in entries.items()} == {"gpu": "", "new": "NVIDIA H200 (132 SMs)"}
 
 
 def first_key() -> str:

@@ -7,12 +7,13 @@ payload's start; empty in a strings record) and `meta`, one msgpack array:
 
 * `[0, first id, [str, ...]]` defines strings by number, from `first id` on;
 * `[1, ...]` a result (`_RESULT_FIELDS`): every str of it by its number (kernel name, host,
-  slot, pool job, code digest, a key's `<job>/<kernel>/` part), a derived key's hash and an
-  arguments' sample as 16 raw bytes, the rest by value.
+  slot, pool job, code digest, GPU device, a key's `<job>/<kernel>/` part), a derived key's
+  hash and an arguments' sample as 16 raw bytes, the rest by value. Records written before the
+  GPU device was journaled lack that last field (`_RESULT_FIELDS_BEFORE_DEVICE`): read as "".
 
 A journal of a million noop results holds "local/cpu:1" once, not a million times: version
 1's records were a msgpack map of every field by name, 300 bytes for a noop, 443 for a
-user's kernel (its code digest spelled out in each); 85 and 90 now. A string is defined by
+user's kernel (its code digest spelled out in each); 86 and 91 now (a CPU slot's device: 1 byte). A string is defined by
 two copies of a strings record just before the first result that names it (a run
 appending to a journal numbers its new strings from the journal's next number): one
 damaged record still costs no more than its own result, as in version 1, since the other
@@ -55,9 +56,10 @@ _U32 = struct.Struct("<I")
 Place = tuple[str, int]  # (pool job, n): the n-th task submitted under pool.job(<pool job>)
 
 _STRINGS, _RESULT = 0, 1  # a meta array's first item
-_RESULT_FIELDS = 23  # [1, key's prefix, its hash (or the key), place job, place n, key ends in its place,
+_RESULT_FIELDS = 24  # [1, key's prefix, its hash (or the key), place job, place n, key ends in its place,
 #   args, task_id, name, status, stdout, stderr, exit_code, error, duration, queue_wait, host, slot, attempts,
-#   backend, backend_reason, job, code]
+#   backend, backend_reason, job, code, device]
+_RESULT_FIELDS_BEFORE_DEVICE = 23  # an older batuta's version-2 record: no device (a restored result said none)
 _HASHED = re.compile(r"(.*[/:])([0-9a-f]{32})", re.DOTALL)  # `task_key`'s form: "<job>/<what>/<hash>", "kept:<hash>"
 _HEX = re.compile(r"[0-9a-f]{32}")
 _READ = 1 << 22  # bytes read at a time while opening
@@ -157,9 +159,10 @@ def encode_record(
         r.backend_reason,
         r.job,
         r.code,
+        r.device or None,  # a CPU slot's "": no string to define
     )
     numbers, definition = strings.ids(texts)
-    prefix_id, place_job, name, status, host, slot, backend, reason, job, code = numbers
+    prefix_id, place_job, name, status, host, slot, backend, reason, job, code, device = numbers
     meta = [
         _RESULT,
         prefix_id,
@@ -184,6 +187,7 @@ def encode_record(
         reason,
         job,
         code,
+        device,
     ]
     head = [definition, definition] if definition is not None else []  # two copies: see the module's docstring
     return [*head, _payload(tree, meta)]
@@ -202,7 +206,7 @@ def _meta_of(payload: memoryview | np.ndarray) -> tuple[list[Any], int]:
     meta = msgpack.unpackb(data[tree : size - _U32.size])
     if type(meta) is not list or not meta or meta[0] not in (_STRINGS, _RESULT):
         raise ValueError("a record of no known kind")
-    if meta[0] == _RESULT and len(meta) != _RESULT_FIELDS:
+    if meta[0] == _RESULT and len(meta) not in (_RESULT_FIELDS, _RESULT_FIELDS_BEFORE_DEVICE):
         raise ValueError(f"a result record of {len(meta)} fields, not {_RESULT_FIELDS}")
     return meta, tree
 
@@ -223,6 +227,7 @@ def _index_of(meta: list[Any], strings: Strings) -> tuple[str, Place | None, str
     if isinstance(args, bytes):
         args = args.hex()
     strings.check(_STRING_FIELDS(meta))  # checked now: `_result_of` reads them unchecked
+    strings.check(tuple(meta[_RESULT_FIELDS_BEFORE_DEVICE:]))  # the device, where the record has it
     return key, place, args if isinstance(args, str) else None
 
 
@@ -258,6 +263,7 @@ def _result_of(meta: list[Any], value: Any, strings: Strings, restored_as: tuple
         job=str(text(meta[21])) if restored_as is None else restored_as[1],
         restored=restored_as is not None,
         code=text(meta[22]) or "",
+        device=(text(meta[23]) if len(meta) > _RESULT_FIELDS_BEFORE_DEVICE else None) or "",
     )
 
 
