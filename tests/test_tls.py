@@ -496,7 +496,7 @@ async def test_server_certificate_with_the_wrong_name_is_refused_not_retried(
     pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
     cert, key = pki.wrong_name_server
-    caplog.set_level(logging.INFO, logger="batuta.agent.daemon")
+    caplog.set_level(logging.DEBUG, logger="batuta.agent.daemon")
     async with WorkerDaemon(worker_options(pki, cert=cert, key=key)) as worker:
         _, port = worker.address
         with pytest.raises(TLSVerifyError) as refused:
@@ -511,6 +511,9 @@ async def test_server_certificate_with_the_wrong_name_is_refused_not_retried(
         said = lambda: [r.getMessage() for r in caplog.records if r.name == "batuta.agent.daemon"]  # noqa: E731
         await _until(lambda: any("read the names of this worker's certificate" in line for line in said()))
         assert len([line for line in said() if "refused" in line]) == 1, said()
+        # batuta's own probe: at DEBUG, not a line for the worker's operator beside the refusal
+        [probe] = [r for r in caplog.records if "read the names of this worker's certificate" in r.getMessage()]
+        assert probe.levelno == logging.DEBUG
         assert worker.stats.refused_tls == 1
         with pytest.raises(TLSVerifyError) as refused:
             await executor_for(pki, port, server_name="elsewhere.example")

@@ -326,8 +326,9 @@ class WorkerDaemon:
             tls.abort()
             if isinstance(exc, TLSHandshakeError) and tls.names_probe():
                 # a coordinator that refused our certificate, reading which names it holds
-                # (transport/tls_names.py): its refusal is the line above, not a second one
-                log.info("%s read the names of this worker's certificate, after refusing it", peer)
+                # (transport/tls_names.py): its refusal is the line above, not a second one, and
+                # this is batuta's own probe, nothing for the worker's operator to act on
+                log.debug("%s read the names of this worker's certificate, after refusing it", peer)
                 return None
             self.stats.refused_tls += 1
             reason = "no handshake in time" if isinstance(exc, TimeoutError) else str(exc)

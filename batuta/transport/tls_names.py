@@ -7,7 +7,7 @@ its CA but not the name, and presents no certificate of its own: under TLS 1.3 i
 the handshake is done before the listener looks for one, and the listener then refuses the
 connection, so no session starts there. That connection offers the ALPN protocol
 `NAMES_PROBE`, which the listener's context also names (tls.server_context): the worker
-then logs its refusal as this probe, not as a second failed handshake (daemon.py). Under
+then logs its refusal as this probe, at DEBUG, not as a second failed handshake (daemon.py). Under
 TLS 1.2 the listener refuses before our side is done, and the names cannot be read: the
 hint then says how to list them on the listener's machine.
 """
