@@ -341,6 +341,25 @@ def test_each_exporter_has_its_own_registry() -> None:
     assert b"batuta_tasks_total{" not in two.render()
 
 
+def test_no_created_series_and_the_users_own_metrics_keep_theirs() -> None:
+    """Every counter and histogram had a `<name>_created` series beside it (noise on a
+    dashboard); prometheus_client's switch for them is process-wide, the user's metrics too."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client import Counter as PromCounter
+
+    mine = CollectorRegistry()  # a user's registry that batuta's metrics are added to
+    theirs = PromCounter("user_jobs", "the user's own counter", registry=mine)
+    theirs.inc()
+    for exporter in (MetricsExporter(idle_pool()), MetricsExporter(idle_pool(), registry=mine)):
+        exporter.on_event(finished("k"))
+        text = exporter.render()
+        assert b"batuta_tasks_total{" in text and b"batuta_task_duration_seconds_count{" in text
+        assert b"_created" not in text.replace(b"user_jobs_created", b""), text
+        only = generate_latest(exporter.registry.restricted_registry(["batuta_tasks_total"]))  # ?name[]= of a scrape
+        assert b"batuta_tasks_total{" in only and b"_created" not in only
+    assert b"user_jobs_created " in generate_latest(mine)  # the user's own counter as prometheus_client makes it
+
+
 # -- batuta run --metrics-port ---------------------------------------------------------------
 
 

@@ -21,9 +21,12 @@ Two kinds of metric, by where their numbers live:
   scrape thread waits, never the loop.
 
 Every exporter has its own `CollectorRegistry`: no global state, so two pools (or two tests)
-never share a counter. Label sets are bounded: outcome, backend, host, slot, GPU index, and
-the kernel name, which is capped at `MAX_KERNEL_LABELS` distinct values (then "other"),
-because a task's label is free text. A task id is never a label.
+never share a counter. Its counters and histograms have no `<name>_created` series (when each
+label set was first seen: noise beside every series, `_NoCreated`), without touching
+prometheus_client's process-wide switch, which the user's own metrics follow. Label sets are
+bounded: outcome, backend, host, slot, GPU index, and the kernel name, which is capped at
+`MAX_KERNEL_LABELS` distinct values (then "other"), because a task's label is free text. A
+task id is never a label.
 
 Metric names (prefix `batuta_`):
 
@@ -165,6 +168,26 @@ class _Snapshot:
     gpu_busy: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
+class _NoCreated(Collector):
+    """prometheus_client's counters and histograms as they are, less their `<name>_created`
+    series. Its own switch (`disable_created_metrics()`, PROMETHEUS_DISABLE_CREATED_SERIES) is
+    one for the whole process: it would turn them off in the user's own metrics too."""
+
+    def __init__(self, *metrics: Counter | Histogram) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:  # the names the registry checks for clashes
+        for metric in self._metrics:
+            yield from metric.describe()
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self._metrics:
+            for family in metric.collect():
+                created = f"{family.name}_created"
+                family.samples = [s for s in family.samples if s.name != created]
+                yield family
+
+
 class MetricsExporter:
     """Prometheus metrics for one pool, in a registry of its own. See the module docstring."""
 
@@ -176,7 +199,7 @@ class MetricsExporter:
             "Tasks that ended, by outcome (TaskStatus), kernel, backend and the host that ran them.",
             ("outcome", "kernel", "backend", "host"),
             namespace=NAMESPACE,
-            registry=self.registry,
+            registry=None,  # registered through _NoCreated, below
         )
         self._duration = Histogram(
             "task_duration_seconds",
@@ -184,7 +207,7 @@ class MetricsExporter:
             ("kernel", "backend"),
             namespace=NAMESPACE,
             buckets=DURATION_BUCKETS,
-            registry=self.registry,
+            registry=None,
         )
         self._queue_wait = Histogram(
             "task_queue_wait_seconds",
@@ -192,8 +215,9 @@ class MetricsExporter:
             ("backend",),
             namespace=NAMESPACE,
             buckets=DURATION_BUCKETS,
-            registry=self.registry,
+            registry=None,
         )
+        self.registry.register(_NoCreated(self._tasks, self._duration, self._queue_wait))
         self.registry.register(_PoolCollector(self))
         self._task_children: dict[tuple[str, str, str, str], Any] = {}
         self._duration_children: dict[tuple[str, str], Any] = {}
