@@ -564,6 +564,36 @@ def test_an_allocation_keeps_its_newest_folders_only(tmp_path: Path) -> None:
     assert left == sorted([names[0], *names[-KEEP_FOLDERS:], "other-20261201-120000-1"])
 
 
+async def test_credentials_past_their_expiry_are_deleted_so_the_folder_is_pruned_even_without_an_owner_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder of a run killed before batuta wrote `coordinator.json` (or of another machine's
+    run) cannot be judged over by its owner, so it kept its nodes' credentials, and `_prune`
+    kept it, for good. Once their certificate expired no run can use them."""
+    from batuta.runtime.allocation import _prune, clear_killed_runs
+    from batuta.transport.certs import CLIENT, issue, new_ca
+
+    now = dt.datetime.now(dt.UTC)
+    ca = new_ca("batuta allocation slurm", not_before=now - dt.timedelta(days=30), not_after=now + dt.timedelta(days=1))
+
+    def folder(name: str, not_after: dt.datetime) -> Path:
+        node = issue(ca, CLIENT, "batuta node slurm", not_before=now - dt.timedelta(days=30), not_after=not_after)
+        where = tmp_path / name
+        where.mkdir()
+        (where / CREDENTIALS).write_bytes(node.cert_pem() + ca.cert_pem() + node.key_pem())  # as _submit writes it
+        return where
+
+    expired = folder("slurm-20261101-120000-7", now - dt.timedelta(days=2))  # no coordinator.json: an older batuta's
+    valid = folder("slurm-20261102-120000-8", now + dt.timedelta(hours=1))  # may still be going somewhere
+    with caplog.at_level(logging.INFO, logger="batuta.runtime.allocation"):
+        await clear_killed_runs(tmp_path, "slurm")
+    assert not (expired / CREDENTIALS).exists() and (valid / CREDENTIALS).exists()
+    [said] = [r.getMessage() for r in caplog.records if "expired" in r.getMessage()]
+    assert said.startswith(f"allocation slurm: an earlier run's nodes' credentials ({expired}) expired on "), said
+    _prune(tmp_path, "slurm", keep=0)
+    assert [p.name for p in tmp_path.iterdir()] == [valid.name]
+
+
 async def test_the_poller_ends_when_the_allocation_closes_even_if_squeue_swallows_the_cancel(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -46,6 +46,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from cryptography import x509
+
 from batuta.agent.dial import parse_greeting
 from batuta.errors import ConfigError
 from batuta.runtime import slurm
@@ -127,10 +129,12 @@ async def clear_killed_runs(base: Path, name: str) -> None:
     """Clean up after earlier runs of the allocation `name` whose coordinator was killed: their
     nodes' credentials were left on disk, and a job that was still queued stayed there, to start
     later and find no one to dial. Its credentials file is deleted and the job cancelled, where
-    squeue still lists it under batuta's job name (a job of that id on another cluster is not it)."""
+    squeue still lists it under batuta's job name (a job of that id on another cluster is not it).
+    A folder whose run cannot be judged loses its credentials once they expire (`_forget_expired`)."""
     for folder in _folders(base, name):
         owner = _killed_run(folder)
         if owner is None:
+            _forget_expired(folder, name)
             continue
         with contextlib.suppress(OSError):
             (folder / CREDENTIALS).unlink()
@@ -149,6 +153,28 @@ async def clear_killed_runs(base: Path, name: str) -> None:
             folder,
             done,
         )
+
+
+def _forget_expired(folder: Path, name: str) -> None:
+    """Delete the folder's nodes' credentials once their certificate has expired: no run can
+    use them then, whoever's it was. A folder whose run cannot be judged otherwise (one of an
+    older batuta, which wrote no owner file, or another machine's) kept them for good, and so
+    was never pruned."""
+    credentials = folder / CREDENTIALS
+    try:  # the file's first certificate is the nodes' (_submit)
+        cert = x509.load_pem_x509_certificate(credentials.read_bytes())
+    except (OSError, ValueError):
+        return  # none there (the run ended well), or unreadable: not known to be over
+    if cert.not_valid_after_utc >= dt.datetime.now(dt.UTC):
+        return
+    with contextlib.suppress(OSError):
+        credentials.unlink()
+    log.info(
+        "allocation %s: an earlier run's nodes' credentials (%s) expired on %s UTC: deleted",
+        name,
+        folder,
+        f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M}",
+    )
 
 
 def folder_problem(base: Path) -> str:
