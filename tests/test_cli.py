@@ -1497,11 +1497,38 @@ def test_what_a_run_waits_on_is_said_on_stderr_at_the_default_level(
         for name in NEWS_LOGGERS:
             logging.getLogger(name).info("news from %s", name.rsplit(".", 1)[1])
         logging.getLogger("batuta.runtime.pool").info("not news")
+        # a warning among them is said in their voice, not as a timestamped log line between them
+        logging.getLogger(NEWS_LOGGERS[0]).warning("job 7 is PENDING")
     finally:
         close()
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("batuta: ")]
-    assert lines == (["batuta: news from allocation", "batuta: news from install"] if shown else [])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("batuta: ")]
+    news = ["batuta: news from allocation", "batuta: news from install", "batuta: warning: job 7 is PENDING"]
+    assert lines == (news if shown else [])
+    if flags != ["--quiet"]:  # the warning, once: in the news' voice, or in the log's where news is off
+        assert err.count("job 7 is PENDING") == 1, err
     assert logging.getLogger(NEWS_LOGGERS[0]).level == logging.NOTSET  # undone
+
+
+def test_news_warnings_hold_to_the_log_level_and_the_log_file_keeps_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+
+    from batuta.cli import build_parser
+    from batuta.cli._run import NEWS_LOGGERS, _configure_logging
+
+    log = tmp_path / "run.log"
+    close = _configure_logging(
+        build_parser().parse_args(["run", "demo", "--log-level", "error", "--log-file", str(log)])
+    )
+    try:
+        logging.getLogger(NEWS_LOGGERS[0]).warning("job 7 is PENDING")  # below --log-level: not said
+        logging.getLogger(NEWS_LOGGERS[0]).error("job 7 ended")
+    finally:
+        close()
+    assert capsys.readouterr().err.splitlines() == ["batuta: error: job 7 ended"]
+    assert " ERROR batuta.runtime.allocation: job 7 ended" in log.read_text()
 
 
 def test_a_job_refilling_a_buffer_its_task_holds_is_told_why_it_is_read_only(tmp_path: Path) -> None:

@@ -270,6 +270,7 @@ def test_an_interrupt_while_the_job_waits_cancels_it_and_says_why_it_waited(
             if "Slurm will not start it as asked" in line:
                 break
         warned = seen[-1]
+        assert warned.startswith("batuta: warning: allocation slurm: job "), seen  # the news' voice, not a log line
         assert warned.rstrip().endswith(
             "is PENDING (PartitionConfig) and Slurm will not start it as asked: it asks for more than the partition "
             "has (nodes, CPUs or memory); stop this run (Ctrl-C) and ask for fewer nodes or another partition "

@@ -152,11 +152,11 @@ def _configure_logging(
                 handler.addFilter(console_filter)
     if not console:
         return setup.close
-    close_news = show_news(args)
+    close_news = show_news(args, [h for h in setup.handlers if not isinstance(h, logging.FileHandler)])
 
     def close() -> None:
+        setup.close()  # first: the records it still holds are written with the news kept off the console
         close_news()
-        setup.close()
 
     return close
 
@@ -176,16 +176,38 @@ class _StderrNow(logging.StreamHandler[TextIO]):
         super().emit(record)
 
 
-def show_news(args: argparse.Namespace) -> Callable[[], None]:
+class _NewsFormatter(logging.Formatter):
+    """'batuta: MESSAGE', and 'batuta: warning: MESSAGE' (or error) as the CLI's own lines say it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        severity = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        return f"{PROG}: {severity}{super().format(record)}"
+
+
+def _is_news(record: logging.LogRecord) -> bool:
+    return any(record.name == name or record.name.startswith(f"{name}.") for name in NEWS_LOGGERS)
+
+
+def show_news(args: argparse.Namespace, console: Sequence[logging.Handler] = ()) -> Callable[[], None]:
     """`NEWS_LOGGERS`' info lines on stderr as 'batuta: ...', unless --quiet, JSON logs, or a
-    log level that shows them anyway; returns what undoes it."""
+    log level that shows them anyway; returns what undoes it. Their warnings (at --log-level)
+    are said there too, as 'batuta: warning: ...', and kept off the `console` log handlers:
+    a timestamped log line between two 'batuta: allocation ...' lines was a second voice
+    (the log file still gets them)."""
     from batuta.observers.logs import parse_level
 
-    if getattr(args, "quiet", False) or args.log_format != "text" or parse_level(args.log_level) <= logging.INFO:
+    level = parse_level(args.log_level)
+    if getattr(args, "quiet", False) or args.log_format != "text" or level <= logging.INFO:
         return lambda: None
     handler = _StderrNow(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
-    handler.addFilter(lambda record: record.levelno < logging.WARNING)  # the console's handler shows those
+    handler.setFormatter(_NewsFormatter())
+    handler.addFilter(lambda record: record.levelno < logging.WARNING or record.levelno >= level)
+
+    def not_news(record: logging.LogRecord) -> bool:
+        return not _is_news(record)
+
+    for log_handler in console:
+        log_handler.addFilter(not_news)
     loggers = [logging.getLogger(name) for name in NEWS_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -193,9 +215,11 @@ def show_news(args: argparse.Namespace) -> Callable[[], None]:
         logger.addHandler(handler)
 
     def undo() -> None:
-        for logger, level in zip(loggers, levels, strict=True):
+        for logger, previous in zip(loggers, levels, strict=True):
             logger.removeHandler(handler)
-            logger.setLevel(level)
+            logger.setLevel(previous)
+        for log_handler in console:
+            log_handler.removeFilter(not_news)
 
     return undo
 
