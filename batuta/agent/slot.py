@@ -224,7 +224,7 @@ class SlotWorker:
         self._env = binary_env(os.environ)
         self._objects: dict[int, object] = {}  # values the agent sent this slot, and results kept here
         self._device: DeviceValues | None = None  # their copies on this slot's GPU, made by its first GPU task
-        self._ran_since_trim = False  # a task ran since the heap was last trimmed
+        self._trim_due = False  # a task ran, or a held value was forgotten, since the heap was last trimmed
 
     # -- input --------------------------------------------------------------------------
 
@@ -319,7 +319,10 @@ class SlotWorker:
         self._flush()
 
     def _forget(self, object_id: int) -> None:
-        self._objects.pop(object_id, None)
+        if self._objects.pop(object_id, None) is not None:
+            # Its memory went back to the heap, not to the system: an idle slot trims it (a
+            # dropped kept result of gigabytes stayed resident until the slot's next task).
+            self._trim_due = True
         if self._device is not None:
             self._device.drop(object_id)
 
@@ -522,9 +525,9 @@ class SlotWorker:
         while not self._eof:
             if not self._waiting:
                 self._flush()
-                if self._ran_since_trim and not self._poller.poll(int(IDLE_TRIM_S * 1000)):
+                if self._trim_due and not self._poller.poll(int(IDLE_TRIM_S * 1000)):
                     release_freed_memory()  # idle: what its tasks freed goes back (heap.py)
-                    self._ran_since_trim = False
+                    self._trim_due = False
                 self._read(wait=True)
                 continue
             request = self._waiting.popleft()
@@ -544,7 +547,7 @@ class SlotWorker:
                     flush=True,
                 )
                 return EXIT_CONTEXT_LOST
-            self._ran_since_trim = True
+            self._trim_due = True
             self._read(wait=False)  # new tasks, and Cancels for tasks we have not begun
             if self._should_flush():
                 self._flush()

@@ -114,6 +114,20 @@ def test_heap() -> bool:
 test_heap.cpu(test_heap.reference)
 
 
+@kernel(
+    "test_fill_after_scratch",
+    description="`n` float64 values made after a scratch array of as many, freed on return (a heap hole).",
+)
+def test_fill_after_scratch(n: int) -> object:
+    import numpy as np
+
+    scratch = np.ones(int(n))  # below the result in the heap: its pages go back at the idle trim
+    return np.full(int(n), float(scratch.sum()))
+
+
+test_fill_after_scratch.cpu(test_fill_after_scratch.reference)
+
+
 @kernel("test_fill", description="An array of `n` float64 values, all `value` (a producer for pipelines).")
 def test_fill(n: int, value: float) -> object:
     import numpy as np
