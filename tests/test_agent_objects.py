@@ -236,3 +236,44 @@ def test_a_refused_spill_is_not_tried_again_on_every_put_until_time_passes_or_a_
     store.put(10, np.ones(200))
     assert store.memory_bytes <= 1000 and [np.asarray(store[i]).sum() for i in range(2, 11)] == [200.0] * 9
     store.close()
+
+
+async def test_a_value_larger_than_the_hosts_memory_is_refused_in_a_line_not_held_until_the_agent_is_killed() -> None:
+    """The agent receives a big value into a memfd, which is made at once whatever its size and
+    filled page by page: a 1 GiB put to a host whose memory cgroup allowed 600 MiB filled it
+    until the kernel killed the agent, five times over, and the task failed as lost. It is
+    refused now, as a value the host cannot allocate is. BATUTA_HOST_MEMORY stands in for a
+    small host here (the cgroup's limit, or the RAM, where unset)."""
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "BATUTA_HOST_MEMORY": "40M"}
+    host = local_host(1, gpus="none", kernel_modules=[TEST_KERNELS], env=env, name="small")
+    value = np.arange(6 << 20, dtype=np.float64)  # 48 MiB: streamed, and more than the host has
+    lost: list[pe.HostStateChanged] = []
+    async with asyncio.timeout(120), Pool([host]) as pool:
+        pool.subscribe(lambda e: lost.append(e) if isinstance(e, pe.HostStateChanged) and e.state == "lost" else None)
+        result = await pool.run(Task.kernel("sum", pool.put(value), backend=Backend.CPU))
+        assert not result.is_success()
+        assert "host small could not hold put value 1 in memory: 50,331,648 bytes" in (result.error or ""), result.error
+        assert "more than the 41,943,040 bytes of memory this host has" in (result.error or ""), result.error
+        assert (await pool.run(Task.kernel("sum", np.arange(1000.0), backend=Backend.CPU))).value == 499500.0
+    assert lost == []
+
+
+def test_the_hosts_memory_in_the_environment_takes_bytes_and_refuses_anything_else() -> None:
+    from batuta.agent.objects import host_memory, parse_host_memory
+
+    assert host_memory(environ={"BATUTA_HOST_MEMORY": "512M"}) == 512 << 20
+    assert parse_host_memory("2G") == 2 << 30
+    for bad in ("lots", "50%", "0", "-1G"):
+        with pytest.raises(UsageError, match=r"BATUTA_HOST_MEMORY='.*': expected the host's memory in bytes"):
+            parse_host_memory(bad)
+
+
+async def test_a_bad_hosts_memory_in_the_environment_stops_the_agent_at_its_start() -> None:
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "BATUTA_HOST_MEMORY": "50%"}
+    with pytest.raises(AgentError) as info:
+        async with Pool([local_host(1, gpus="none", env=env)]):
+            pass
+    assert str(info.value).endswith(
+        "agent exited before saying hello: batuta agent: error: BATUTA_HOST_MEMORY='50%': expected the host's "
+        "memory in bytes (like 16G or 512M)"
+    )

@@ -237,9 +237,11 @@ def memory_cgroup(name: str, limit: int) -> Iterator[Path]:
 
 async def test_an_argument_that_gets_the_agent_oom_killed_fails_its_task_and_spares_the_rest(tmp_path: Path) -> None:
     """The host's memory is capped by a cgroup, not an address-space limit: the agent maps
-    400 MB fine and is killed by the kernel as the pages fill. Each relaunch is sent the same
-    value; after max_attempts + 2 losses before a start the task fails, saying why, and the
-    tasks around it succeed. It used to go on for ever."""
+    290 MB fine and is killed by the kernel as the pages fill (with its own memory, more
+    than the 300 MB). Each relaunch is sent the same value; after max_attempts + 2 losses
+    before a start the task fails, saying why, and the tasks around it succeed. It used to go
+    on for ever. One larger than the cgroup's limit is refused at once, in a line, with no
+    loss: it was killed the same way, five times over."""
     import sys
 
     with memory_cgroup(f"batuta-test-{os.getpid()}", 300 << 20) as cgroup:
@@ -250,14 +252,19 @@ async def test_an_argument_that_gets_the_agent_oom_killed_fails_its_task_and_spa
         host = local_host(1, gpus="none", python=str(wrapper), name="capped", env=env)
         huge = np.zeros(50_000_000)  # 400 MB here without using any (calloc'd pages)
         huge.flags.writeable = False
+        big = huge[:36_250_000]  # 290 MB: under the limit, but not with the agent's own memory
         config = PoolConfig(relaunch_backoff=0.1, max_relaunches=50)
         async with asyncio.timeout(WAIT_S), Pool([host], config) as pool:
             before = [await pool.submit(Task.kernel("sum", np.ones(10))) for _ in range(2)]
-            too_big = await pool.submit(Task.kernel("sum", huge))
+            refused = await pool.run(Task.kernel("sum", huge))  # alone: a kill would lose it too
+            killing = await pool.submit(Task.kernel("sum", big))
             after = [await pool.submit(Task.kernel("sum", np.ones(10))) for _ in range(2)]
-            results = [await f for f in [*before, too_big, *after]]
+            results = [await f for f in [*before, killing, *after]]
     assert [r.value for r in results] == [10.0, 10.0, None, 10.0, 10.0]
     lost = results[2]
+    assert refused.status is TaskStatus.FAILED and refused.attempts == 1, refused
+    assert "could not hold this task's arguments in memory: 400,000,000 bytes" in (refused.error or ""), refused.error
+    assert f"more than the {300 << 20:,} bytes of memory this host has" in (refused.error or ""), refused.error
     assert lost.status is TaskStatus.LOST
     assert (lost.error or "").startswith("its host went down 5 times while it waited there, before it started")
     assert "killed by signal 9 (SIGKILL): out of memory on the host" in (lost.error or "")

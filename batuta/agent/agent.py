@@ -129,7 +129,8 @@ class Agent:
         self._gpus = gpus
         self._gpu_slots = gpu_slots
         # large frames and streamed arrays land in shared memory, which slots map (shm.py)
-        self._arena = SharedArena()
+        memory_total = host_memory()
+        self._arena = SharedArena(most_bytes=memory_total)
         self._conn = Connection(Role.AGENT, allocate=self._arena.allocate)
         self._host_name = options.name or os.uname().nodename
         self._code = CodeLoader(self._host_name)
@@ -156,7 +157,6 @@ class Agent:
         self._no_spare_core = False  # every core has a slot (`_spawn_slots`): results may wait
         self._chunk_pump: asyncio.Task[None] | None = None  # waits for stdout to drain, then sends more chunks
         self._touched: set[SlotSupervisor] = set()  # slots whose queue changed in this read
-        memory_total = host_memory()
         cap = (
             parse_object_memory(options.object_memory, memory_total)
             if options.object_memory

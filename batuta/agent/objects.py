@@ -97,11 +97,34 @@ def parse_gpu_cache(text: str, free_bytes: int) -> int:
         ) from None
 
 
-def host_memory(cgroup_root: Path = Path("/sys/fs/cgroup"), own: Path = Path("/proc/self/cgroup")) -> int:
+HOST_MEMORY_ENV = "BATUTA_HOST_MEMORY"  # the memory the agent takes its host to have (host_memory)
+
+
+def parse_host_memory(text: str) -> int:
+    """`BATUTA_HOST_MEMORY`: bytes (`16G`, `512M`). Raises UsageError naming the value and its form."""
+    try:
+        if text.strip().endswith("%"):
+            raise ValueError(text)  # a share of what? This is the figure shares are taken of.
+        amount = parse_amount(text, 0)
+    except ValueError:
+        amount = 0
+    if amount <= 0:
+        raise UsageError(f"{HOST_MEMORY_ENV}={text!r}: expected the host's memory in bytes (like 16G or 512M)")
+    return amount
+
+
+def host_memory(
+    cgroup_root: Path = Path("/sys/fs/cgroup"),
+    own: Path = Path("/proc/self/cgroup"),
+    environ: Mapping[str, str] | None = None,
+) -> int:
     """The memory this agent may use, in bytes (0 if unknown): the host's RAM, or its memory
-    cgroup's limit where that is lower (a Slurm job's, a container's). With the RAM alone, the
-    store's 30% of a 64 GiB node outgrew a job's 8 GiB, and the kernel killed the agent for it
-    instead of its spilling to disk."""
+    cgroup's limit where that is lower (a Slurm job's, a container's); `BATUTA_HOST_MEMORY`
+    where set. With the RAM alone, the store's 30% of a 64 GiB node outgrew a job's 8 GiB, and
+    the kernel killed the agent for it instead of its spilling to disk."""
+    env = os.environ if environ is None else environ
+    if env.get(HOST_MEMORY_ENV):
+        return parse_host_memory(env[HOST_MEMORY_ENV])
     try:
         import psutil
 

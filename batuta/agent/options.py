@@ -13,7 +13,15 @@ import os
 from dataclasses import dataclass
 from typing import NoReturn
 
-from batuta.agent.objects import ENV_GIVEN, GPU_CACHE_ENV, OBJECT_MEMORY_ENV, parse_gpu_cache, parse_object_memory
+from batuta.agent.objects import (
+    ENV_GIVEN,
+    GPU_CACHE_ENV,
+    HOST_MEMORY_ENV,
+    OBJECT_MEMORY_ENV,
+    parse_gpu_cache,
+    parse_host_memory,
+    parse_object_memory,
+)
 from batuta.core.task import MAX_SLOTS
 from batuta.errors import UsageError
 from batuta.protocol._fields import MAX_MODULE_CHARS
@@ -125,6 +133,8 @@ def parse_args(argv: list[str]) -> AgentOptions:
         parse_object_memory(namespace.object_memory, 0)  # refuse a bad value here, with its fix
     elif os.environ.get(OBJECT_MEMORY_ENV):
         parse_object_memory(os.environ[OBJECT_MEMORY_ENV], 0, given=ENV_GIVEN)
+    if os.environ.get(HOST_MEMORY_ENV):
+        parse_host_memory(os.environ[HOST_MEMORY_ENV])
     if os.environ.get(GPU_CACHE_ENV):
         parse_gpu_cache(os.environ[GPU_CACHE_ENV], 0)  # as the object memory's: at start, not at a GPU task
     if namespace.name is not None and not namespace.name.strip():

@@ -67,8 +67,9 @@ class _Mapping:
 class SharedArena:
     """The agent's memfd mappings: hands them out, takes them back, says where an array lies."""
 
-    def __init__(self, min_bytes: int = SHARED_MIN_BYTES, free_bytes: int = FREE_BYTES) -> None:
+    def __init__(self, min_bytes: int = SHARED_MIN_BYTES, free_bytes: int = FREE_BYTES, most_bytes: int = 0) -> None:
         self._min_bytes = min_bytes
+        self._most_bytes = most_bytes  # the host's memory (0: unknown): a buffer past it cannot be held
         self._free_limit = free_bytes
         self._serials = itertools.count(1)
         self._pid = os.getpid()
@@ -87,7 +88,12 @@ class SharedArena:
         return sum(len(mappings) for mappings in self._free.values())
 
     def allocate(self, nbytes: int) -> np.ndarray:
-        """A uint8 buffer of `nbytes`: in a memfd mapping if large enough and possible."""
+        """A uint8 buffer of `nbytes`: in a memfd mapping if large enough and possible.
+        MemoryError for more than the host's memory: a memfd of any size is made at once and
+        its pages come as they are written, so such a value filled the host until the kernel
+        killed the agent (again each time the value came back) instead of being refused."""
+        if self._most_bytes and nbytes > self._most_bytes:
+            raise MemoryError(f"more than the {self._most_bytes:,} bytes of memory this host has")
         if nbytes < self._min_bytes:
             return aligned_empty(nbytes)
         size = -(-nbytes // SIZE_CLASS) * SIZE_CLASS
