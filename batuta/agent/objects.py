@@ -8,7 +8,7 @@ least recently used values past that to its own folder under batuta's cache
 (`<cache>/objects/<pid>-<n>`): arrays as `.npy` files read back memory-mapped (a slot gets
 them without the agent ever holding them whole again), other values as one codec frame.
 The folder is removed when the store closes, and folders of agents that died without
-closing are removed by the next store on that host.
+closing are removed when the next store on that host is made.
 
 A kept result stays in the slot process that made it (as Dask keeps a result in its
 worker): the store records only that object N lives in slot S and counts its bytes against
@@ -213,6 +213,10 @@ class ObjectStore(Mapping[int, object]):
         self._lost: set[int] = set()  # lost with a slot's process (a task naming one waits for lineage)
         self.memory_bytes = 0  # in this process or a slot's
         self.spilled_bytes = 0
+        # Agents killed with values spilled left their folders: cleared now, not at this store's
+        # first spill, which may never come (a killed agent's gigabytes stayed on the disk).
+        with contextlib.suppress(OSError):
+            _remove_dead_agents_folders(root / "objects")
 
     # -- Mapping --------------------------------------------------------------------------
 
@@ -429,6 +433,8 @@ def _load(path: Path) -> object:
 
 def _remove_dead_agents_folders(base: Path) -> None:
     """Spill folders of agents on this host that died without closing their store."""
+    if not base.is_dir():
+        return
     for folder in base.iterdir():
         pid_text = folder.name.split("-", 1)[0]
         if not pid_text.isdigit() or int(pid_text) == os.getpid():
