@@ -93,7 +93,7 @@ def test_a_spill_the_disk_refuses_leaves_no_partial_file_and_is_said_once(tmp_pa
     *warned, last = done.stdout.strip().splitlines()
     [folder] = (tmp_path / "objects").iterdir()
     assert len(warned) == 1 and warned[0].startswith(f"cannot spill object 1 (800,000 bytes) to {folder}: OSError: ")
-    assert "free space there, or set XDG_CACHE_HOME in the host's env to a disk with room" in warned[0]
+    assert "free space there, or set XDG_CACHE_HOME in the host's env to a writable disk with room" in warned[0]
     assert last.startswith("100000.0 100000.0 (2, ")  # kept in memory, whole
     assert list(folder.iterdir()) == []  # no partial file
 
@@ -281,3 +281,19 @@ async def test_a_bad_hosts_memory_in_the_environment_stops_the_agent_at_its_star
         "agent exited before saying hello: batuta agent: error: BATUTA_HOST_MEMORY='50%': expected the host's "
         "memory in bytes (like 16G or 512M)"
     )
+
+
+def test_a_spill_folder_the_host_cannot_write_is_said_so_not_full(tmp_path: Path) -> None:
+    """A read-only spill folder was reported with the full disk's fix, "free space there"."""
+    warned: list[str] = []
+    store = ObjectStore(0, tmp_path, warn=warned.append)
+
+    def read_only(object_id: int, value: object) -> Path:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    store._write = read_only  # type: ignore[method-assign]
+    store.put(1, np.ones(100))
+    assert len(warned) == 1 and "OSError: Read-only file system" in warned[0], warned
+    assert "until it can: make it writable, or set XDG_CACHE_HOME in the host's env to a writable disk" in warned[0]
+    assert np.asarray(store[1]).sum() == 100.0  # kept in memory
+    store.close()
