@@ -262,6 +262,21 @@ async def test_a_value_another_host_needs_is_relayed_once_through_the_coordinato
         assert pool.stats().relayed_bytes == N * 8
 
 
+async def test_a_relayed_value_fetched_and_written_to_changes_neither_the_next_get_nor_other_hosts() -> None:
+    """`pool.get` of a kept value the coordinator had relayed returned the relay copy itself:
+    a write into the fetched array (it is the caller's) changed what the next get returned
+    and what a consumer on a third host computed on (wrong answers, seen over SSH at 64 MiB)."""
+    async with two_host_pool(tags=True) as pool:
+        made = await pool.submit(Task.kernel("test_fill", N, 3.0, backend=Backend.CPU, requires=["on-a"]), keep=True)
+        ref = (await made).value
+        relay = await pool.run(Task.kernel("test_stage", ref, 1.0, backend=Backend.CPU, requires=["on-b"]))
+        assert relay.is_success() and relay.host == "b", relay.error
+        assert pool.stats().relayed_bytes == N * 8  # held here now: what the gets below are served from
+        got = await pool.get(ref)
+        got[:] = -1.0  # the caller's own array
+        np.testing.assert_array_equal(await pool.get(ref), np.full(N, 3.0))
+
+
 def test_relayed_bytes_count_the_arrays_inside_a_kept_tuple_or_dict() -> None:
     """A kept tuple of arrays relayed between hosts added nothing to relayed_bytes."""
     from batuta.runtime.dataplane import _array_bytes

@@ -24,6 +24,8 @@ import asyncio
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from batuta.core import events as ev
 from batuta.core.objects import ObjectRef
 from batuta.core.task import KernelCall, Outcome, Task, TaskStatus
@@ -302,7 +304,10 @@ class DataPlane:
         for _ in range(GET_TRIES):
             present, value = objects.cached(object_id)
             if present:
-                return value
+                # A put value is the caller's own; a relayed kept one is the copy later hosts
+                # are sent: the caller gets one of their own, or a write into what get returned
+                # changed the next get's value and what those hosts computed on.
+                return value if objects.kept(object_id) is None else _own_copy(value)
             kept = objects.kept(object_id)
             if kept is None:
                 raise UsageError(f"pool.get: object {object_id} is not in this pool (dropped, or of another pool)")
@@ -325,6 +330,21 @@ class DataPlane:
                 last = str(exc)  # the pool has forgotten that host's objects and asked for a re-run
                 continue
         raise ObjectLostError(f"object {object_id}: not fetched after {GET_TRIES} tries (last: {last})")
+
+
+def _own_copy(value: Any, depth: int = 0) -> Any:
+    """`value` with each array in it (inside tuples, lists and dicts too) copied."""
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if depth > 32:
+        return value
+    if isinstance(value, tuple):
+        return tuple(_own_copy(item, depth + 1) for item in value)
+    if isinstance(value, list):
+        return [_own_copy(item, depth + 1) for item in value]
+    if isinstance(value, dict):
+        return {key: _own_copy(item, depth + 1) for key, item in value.items()}
+    return value
 
 
 def _array_bytes(value: Any, depth: int = 0) -> int:
