@@ -335,7 +335,7 @@ class DataPlane:
 def _own_copy(value: Any, depth: int = 0) -> Any:
     """`value` with each array in it (inside tuples, lists and dicts too) copied."""
     if isinstance(value, np.ndarray):
-        return value.copy()
+        return value.copy(order="K")  # its layout too (a Fortran-ordered array stays so)
     if depth > 32:
         return value
     if isinstance(value, tuple):
