@@ -67,6 +67,26 @@ def test_a_tick_far_past_its_time_is_the_coordinators_own_stall_not_the_hosts_si
     assert machine.handle(ClockTicked(), 26.2) == [MarkSuspected(host_id="a", reason="no heartbeat for 3.1s")]
 
 
+def test_a_stall_of_a_few_seconds_suspects_no_host_and_a_dead_one_is_suspected_after_it() -> None:
+    """A job's main computing 4.5 s in the loop (making a 1 GiB array) woke the timer 2 s past
+    its time, before the readers had read the heartbeats that waited: every host was said
+    suspected. A stall shorter than `suspect_after` is not warned of, but is not held against
+    the hosts either; only once, so a loop late at every tick still suspects a dead host."""
+    machine = up_host()
+    machine.handle(HostAdded(host_id="b"), 0.0)
+    machine.handle(HostReady(host_id="b"), 0.0)
+    machine.handle(MessagesHeard(host_id="b"), 1.0)
+    assert machine.next_wakeup() == 3.0
+    assert machine.handle(ClockTicked(), 5.0) == []  # 2 s late: no warning, no suspicion
+    assert machine.state("a") is Liveness.UP and machine.state("b") is Liveness.UP
+    assert machine.handle(MessagesHeard(host_id="b"), 5.01) == []  # b's waiting heartbeat is read
+    # "a" is dead: its silence, less the stall and the readers' moment, reaches suspect_after
+    assert machine.next_wakeup() == pytest.approx(5.25)
+    assert machine.handle(ClockTicked(), 6.0) == [MarkSuspected(host_id="a", reason="no heartbeat for 3.8s")]
+    assert machine.state("b") is Liveness.UP
+    assert machine.next_wakeup() == pytest.approx(8.01)
+
+
 def test_ticks_are_idempotent_and_heard_hosts_stay_quiet() -> None:
     machine = up_host()
     for second in range(1, 50):

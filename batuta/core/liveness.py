@@ -26,6 +26,10 @@ HostId = str
 RELAUNCH_BACKOFF_CAP_S = 30.0
 HOST_LOST = "lost"  # `said`: up once, away now (waiting for or in a relaunch)
 HOST_UNREACHABLE = "unreachable"  # `said`: never up, a launch failed (tried again)
+# A tick this late (a fraction of `suspect_after`: 1 s by default, where the loop's lag under
+# load is tens of ms) is this process's own stall, not the hosts' silence (`_on_tick`).
+STALL_FRACTION = 1 / 3
+STALL_GRACE_S = 0.25  # after a stall, the time the loop has to read the heartbeats that waited
 
 
 class Liveness(enum.Enum):
@@ -171,6 +175,7 @@ class _Host:
     why: str = ""  # why it was lost, then why its last relaunch failed: for the retirement message
     lost_why: str = ""  # why it was lost: the reason a successful relaunch gives
     was_up: bool = False  # ready at least once: away, it is "lost", not "unreachable"
+    credited: bool = False  # a stall of ours was taken off its silence since it was last heard
 
 
 class HostLiveness:
@@ -261,6 +266,7 @@ class HostLiveness:
         if host is None:
             return
         host.last_heard = now
+        host.credited = False
         if host.state is Liveness.SUSPECTED:
             host.state = Liveness.UP
             self._out.append(MarkUp(host_id=host_id, reason="heard from again"))
@@ -272,6 +278,7 @@ class HostLiveness:
         host.state = Liveness.UP
         host.was_up = True
         host.last_heard = now
+        host.credited = False
         host.failures = 0
         host.relaunch_at = None
         if relaunched:
@@ -286,14 +293,21 @@ class HostLiveness:
     def _on_tick(self, now: float) -> None:
         config = self.config
         due, self._due = self._due, None
-        if due is not None and now - due >= config.suspect_after:
+        late = now - due if due is not None else 0.0
+        if late >= config.suspect_after * STALL_FRACTION:
             # The tick comes that late when this process itself stood still (a suspended laptop
-            # or VM, SIGSTOP, a blocked loop): the hosts' heartbeats of that time wait unread in
-            # its sockets. Judged now, every host was lost at once and its work ran again.
+            # or VM, SIGSTOP, a job's main computing in the loop for seconds): the hosts'
+            # heartbeats of that time wait unread in its sockets, and the readers may run after
+            # this tick. Judged now, every host was suspected (a stall of a few seconds), or
+            # lost at once and its work ran again (a longer one). The stall, and a moment for
+            # the readers, is taken off each host's silence, once until it is heard again: a
+            # loop late at every tick would otherwise never suspect a host that died.
             for host in self._hosts.values():
-                if host.state in (Liveness.UP, Liveness.SUSPECTED):
-                    host.last_heard = max(host.last_heard, now - (due - host.last_heard))
-            self._out.append(Stalled(seconds=now - due))
+                if host.state in (Liveness.UP, Liveness.SUSPECTED) and not host.credited:
+                    host.last_heard = min(now, host.last_heard + late + STALL_GRACE_S)
+                    host.credited = True
+            if late >= config.suspect_after:  # a short stall is not worth a warning
+                self._out.append(Stalled(seconds=late))
         for host in self._hosts.values():
             if host.state in (Liveness.UP, Liveness.SUSPECTED):
                 silent = now - host.last_heard
