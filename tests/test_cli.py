@@ -385,6 +385,47 @@ def test_ctrl_c_while_the_command_imports_is_an_interrupt_not_a_traceback(tmp_pa
     assert (proc.returncode, proc.stderr) == (130, "batuta: interrupted\n")
 
 
+@pytest.mark.parametrize(
+    "second",
+    [
+        "signal.raise_signal(signal.SIGINT)",  # as the first's cancel unwinds the run: in its frames
+        "asyncio.get_running_loop().call_soon(signal.raise_signal, signal.SIGINT)",  # in the loop's own code
+    ],
+    ids=["in-the-run", "in-the-loop"],
+)
+def test_two_ctrl_c_as_the_hosts_start_still_end_json_with_its_object(tmp_path: Path, second: str) -> None:
+    """`batuta run --json`, Ctrl-C twice as the hosts started: asyncio.run's handler raises the
+    second as KeyboardInterrupt in whatever frame runs then; in one of the run's, it went past
+    run_job's on_interrupted, and stdout had no JSON object at all (CI, once). The signals are
+    raised by the start itself, where they land, so that each case is deterministic."""
+    two_interrupts = (
+        "import asyncio, runpy, signal, sys\n"
+        "import batuta.jobs._run as run\n"
+        "async def start(pool):\n"
+        "    signal.raise_signal(signal.SIGINT)  # the first: asyncio.run cancels the run's task\n"
+        "    try:\n"
+        "        await asyncio.Event().wait()\n"
+        "    except asyncio.CancelledError:\n"
+        f"        {second}\n"
+        "        await asyncio.Event().wait()  # the cancel's unwinding, which the second cuts short\n"
+        "run._start = start\n"
+        "sys.argv = ['batuta', 'run', 'pi', '--workers', '1', '--json']\n"
+        "runpy.run_module('batuta', run_name='__main__')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", two_interrupts],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=ERROR_TIMEOUT_S,
+    )
+    assert (proc.returncode, proc.stderr) == (130, "batuta: interrupted\n")
+    summary = json.loads(proc.stdout.splitlines()[-1])
+    assert (summary["interrupted"], summary["exit_code"], summary["tasks"]) == (True, 130, 0)
+    assert [host["host"] for host in summary["hosts"]] == ["local"]
+
+
 @needs_runtime
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
 def test_a_log_file_the_disk_refuses_is_one_warning_and_the_run_goes_on(tmp_path: Path) -> None:

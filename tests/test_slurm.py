@@ -243,11 +243,10 @@ def test_batuta_alloc_runs_a_job_on_the_nodes_and_cancels_the_job(slurm_env: Slu
     [
         ((signal.SIGINT, signal.SIGINT), False),
         ((signal.SIGTERM,), False),
-        # not two SIGINTs with --json: a second arriving before the first is handled raises
-        # KeyboardInterrupt where the loop is, past run_job's on_interrupted (seen once in CI)
         ((signal.SIGINT,), True),
+        ((signal.SIGINT, signal.SIGINT), True),
     ],
-    ids=["int-int", "term", "int-json"],
+    ids=["int-int", "term", "int-json", "int-int-json"],
 )
 def test_an_interrupt_while_the_job_waits_cancels_it_and_says_why_it_waited(
     slurm_env: SlurmCluster, tmp_path: Path, signals: tuple[signal.Signals, ...], as_json: bool

@@ -278,7 +278,10 @@ async def run_job(
             await pool.close()
         keep_serving = exporter is not None and exporter.address is not None and metrics_linger > 0
         keep_serving = keep_serving and not interrupted
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        # KeyboardInterrupt too: a second Ctrl-C while the first's cancel unwinds the run is
+        # raised by asyncio.run's handler in whatever frame runs then, often one of this run's:
+        # `batuta run --json` printed no object at all
         if on_interrupted is not None:
             tracker.hosts_known(host.name for host in pool.hosts())
             on_interrupted(tracker.summary(job=job.name, wall_s=wall_s, result=value, error=error, interrupted=True))
