@@ -847,6 +847,53 @@ def test_a_background_served_run_with_serve_bind_says_its_tls_address(
             cli_main(["stop", "tlsserved"])
 
 
+@pytest.mark.parametrize("how", ["hung-up", "hung-up-and-sighup"])
+def test_a_viewer_ends_when_its_terminal_goes_away_and_the_job_goes_on(
+    runtime_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str
+) -> None:
+    """A viewer whose tmux was killed was seen spinning at 50-93% CPU: its terminal gone,
+    Textual's input thread read EOF at full speed and its writer thread died on EIO, blocking
+    the app's next write; the SIGHUP that followed, raised as KeyboardInterrupt in that blocked
+    loop, changed nothing. Now it detaches with exit 130, as a hung-up command does, with or
+    without the SIGHUP; the coordinator runs on."""
+    from tests.support.terminal import Terminal
+
+    job = tmp_path / "forever.py"
+    job.write_text(JOB)
+    assert cli_main(["run", str(job), "--serve", "--name", "hungview", "--workers", "1"]) == 0
+    capsys.readouterr()
+    terminal = Terminal()
+    try:
+        env = {**os.environ, "TERM": "xterm-256color", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        slave = terminal.slave
+        viewer = subprocess.Popen(
+            [sys.executable, "-m", "batuta", "tui", "--attach", "hungview"],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+        )
+        try:
+            for _ in range(600):  # bounded: 60 s for the dashboard to name the coordinator
+                if viewer.poll() is not None or b"hungview" in terminal.output():
+                    break
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    viewer.wait(0.1)
+            assert viewer.poll() is None, terminal.output()[-2000:]
+            terminal.hang_up()
+            if how == "hung-up-and-sighup":  # as the kernel does to a terminal's foreground processes
+                viewer.send_signal(signal.SIGHUP)
+            assert viewer.wait(60) == 130
+        finally:
+            if viewer.poll() is None:
+                viewer.kill()
+                viewer.wait()
+        assert asyncio.run(ask_info(parse_target("hungview")))["state"] == "running"
+    finally:
+        terminal.close()
+        cli_main(["stop", "hungview"])
+
+
 def test_a_viewer_with_another_cas_certificate_is_told_in_one_line_not_a_dashboard(
     runtime_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -659,6 +659,52 @@ def test_sigterm_quits_the_dashboard_as_q_does_and_gives_the_terminal_back() -> 
     assert not alive
 
 
+@pytest.mark.parametrize("how", ["hung-up", "hung-up-and-sighup"])
+def test_the_dashboard_ends_when_its_terminal_goes_away(how: str) -> None:
+    """Its terminal gone with no SIGHUP to it (a killed tmux signals the shell): Textual's
+    input thread read EOF at full speed, its writer thread died on EIO, and the app then blocked
+    writing: `batuta tui` spun at ~85% CPU for good, its agent running, SIGTERM unheard. Now it
+    quits as on SIGHUP: exit 130, the agent stopped."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.support.terminal import Terminal
+
+    env = {**os.environ, "TERM": "xterm-256color", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("NO_COLOR", None)
+    terminal = Terminal()
+    try:
+        slave = terminal.slave
+        app = subprocess.Popen(
+            [sys.executable, "-m", "batuta", "tui", "-w", "1"], stdin=slave, stdout=slave, stderr=slave, env=env
+        )
+        try:
+            me = psutil.Process(app.pid)
+            agents: list[psutil.Process] = []
+            for _ in range(600):  # bounded: 60 s for the pool to be up
+                agents = [p for p in me.children(recursive=True) if "batuta.agent" in " ".join(p.cmdline())]
+                if agents and b"scheduling" in terminal.output():
+                    break
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    app.wait(0.1)
+                assert app.returncode is None, terminal.output()[-2000:]
+            assert agents, "the dashboard started no agent"
+            terminal.hang_up()
+            if how == "hung-up-and-sighup":  # as the kernel does to a terminal's foreground processes
+                app.send_signal(signal.SIGHUP)
+            assert app.wait(60) == 130
+        finally:
+            if app.poll() is None:
+                app.kill()
+                app.wait()
+    finally:
+        terminal.close()
+    _, alive = psutil.wait_procs(agents, timeout=30)
+    assert not alive
+
+
 def test_text_with_square_brackets_is_shown_as_it_is(tmp_path: Path) -> None:
     """A job's value '[/tmp/out.npy]' was read as Rich markup by its toast: MarkupError ended the
     dashboard, and the jobs beside it, with exit code 0 (on a terminal: Pilot's screen did not

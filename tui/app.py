@@ -23,11 +23,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
+from textual.driver import Driver
 from textual.notifications import SeverityLevel
 from textual.widgets import Footer
 from textual.worker import Worker, get_current_worker
@@ -37,6 +38,7 @@ from batuta.jobs import JobError, builtin_job_names, load_job, printable
 
 from . import render
 from .commands import BatutaCommands
+from .driver import TERMINAL_GONE_CODE
 from .logbridge import LogBridge
 from .model import DashboardModel
 from .pace import FLOOD_EVENTS_PER_S, POOL_FLOOD_EVENTS_PER_S, RefreshPace
@@ -162,13 +164,22 @@ class BatutaApp(App[None]):
         self._pool_unsubscribe: Callable[[], None] | None = None
         self._pool_ready = asyncio.Event()
         self._pool_failed = ""  # why the pool did not start: jobs asked for then are told, not held
-        self._sigterm_handled = False
+        self._signals_before: dict[signal.Signals, Any] = {}  # the handlers ours replaced: put back at unmount
         self._polled_at = -1e18
         # a pool on this loop floods it at a lower rate than a dashboard fed from elsewhere (see RefreshPace)
         self._pace = RefreshPace(POOL_FLOOD_EVENTS_PER_S if pool is not None else FLOOD_EVENTS_PER_S)
         self._job_workers: dict[str, Worker[None]] = {}
         self._dash_panels: list[SummaryBar | NodesPanel | LogPanel] = []
         self.frames = 0  # refreshes that redrew at least one panel
+
+    def get_driver_class(self) -> type[Driver]:
+        """Textual's driver; on a terminal, one that exits the app once the terminal is gone (tui/driver.py)."""
+        from textual.drivers.linux_driver import LinuxDriver
+
+        from .driver import TerminalDriver
+
+        found = super().get_driver_class()
+        return TerminalDriver if found is LinuxDriver else found
 
     # -- layout -----------------------------------------------------------------------------
 
@@ -216,16 +227,30 @@ class BatutaApp(App[None]):
     def _quit_on_sigterm(self) -> None:
         """`kill PID` quits as `q` does: the terminal back out of raw mode and the alternate
         screen, the pool closed (its agents stopped); the default action left the terminal
-        raw, without echo, for the user to `reset`."""
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.exit)
-            self._sigterm_handled = True
+        raw, without echo, for the user to `reset`. SIGHUP (the terminal gone) quits so too,
+        with the code a lost terminal has (tui/driver.py): raised as KeyboardInterrupt
+        wherever the app was, it once left a viewer blocked on its dead terminal, spinning."""
+        loop = asyncio.get_running_loop()
+        quits: dict[signal.Signals, Callable[[], None]] = {signal.SIGTERM: self.exit, signal.SIGHUP: self._hung_up}
+        for signum, quit in quits.items():
+            if signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # under nohup: hanging up is no reason to stop
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                before = signal.getsignal(signum)
+                loop.add_signal_handler(signum, quit)
+                self._signals_before[signum] = before
+
+    def _hung_up(self) -> None:
+        self.exit(return_code=TERMINAL_GONE_CODE)
 
     async def on_unmount(self) -> None:
         """Stop listening, give the logger back, and close the pool if it is ours."""
-        if self._sigterm_handled:
-            with contextlib.suppress(RuntimeError, ValueError):
-                asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+        for signum, before in self._signals_before.items():
+            # the loop's removal sets the default action: a SIGHUP while the pool closes killed it
+            with contextlib.suppress(RuntimeError, ValueError, TypeError):
+                asyncio.get_running_loop().remove_signal_handler(signum)
+                signal.signal(signum, before)
+        self._signals_before.clear()
         if self._pool_unsubscribe is not None:
             self._pool_unsubscribe()
             self._pool_unsubscribe = None

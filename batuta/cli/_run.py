@@ -624,6 +624,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
         label = "local (embedded)"
     from batuta.observers.logs import PoolLogObserver
     from batuta.tui.app import BatutaApp
+    from batuta.tui.driver import TERMINAL_GONE_CODE
 
     exporter = None
     close_logging: Callable[[], None] = lambda: None  # noqa: E731
@@ -645,4 +646,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
         close_logging()
         if exporter is not None:
             exporter.close()
+    if app.return_code == TERMINAL_GONE_CODE:  # its terminal went away (tui/driver.py): as on SIGHUP
+        hung_up(signal.SIGHUP)
+        return EXIT_INTERRUPTED
     return EXIT_FAILED if app.return_code else EXIT_OK  # a crash (Textual printed why) is no success

@@ -14,6 +14,7 @@ import argparse
 import io
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from batuta.cli._common import (
     EXIT_OK,
     EXIT_USAGE,
     PROG,
+    hung_up,
     seconds_or_zero,
 )
 from batuta.errors import ServeError, UsageError
@@ -555,9 +557,13 @@ def cmd_tui_attached(args: argparse.Namespace) -> int:
             return started
         target = parse_target(started)
     from batuta.tui.attach import AttachedApp
+    from batuta.tui.driver import TERMINAL_GONE_CODE
 
     app = AttachedApp(target, certs=Path(args.certs).expanduser() if args.certs else None, ssh=ssh)
     app.run()
+    if app.return_code == TERMINAL_GONE_CODE:  # its terminal went away (tui/driver.py): as on SIGHUP
+        hung_up(signal.SIGHUP)
+        return EXIT_INTERRUPTED
     if app.ended and app.model.status == "failed":
         print(f"{PROG}: error: {app.ended}", file=sys.stderr)
         return EXIT_FAILED
