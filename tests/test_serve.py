@@ -640,7 +640,7 @@ def served_forever(job: Path, *, workers: int, stdout: int) -> Iterator[subproce
             child.wait()
 
 
-@pytest.mark.parametrize("how", ["batuta stop", "SIGTERM"])
+@pytest.mark.parametrize("how", ["batuta stop", "SIGTERM", "SIGHUP"])
 def test_a_served_run_is_listed_by_ps_and_ended_cleanly(
     runtime_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str
 ) -> None:
@@ -657,8 +657,8 @@ def test_a_served_run_is_listed_by_ps_and_ended_cleanly(
         assert cli_main(["run", str(job), "--serve", "--name", "forever"]) == 2  # the name is taken
         assert "a coordinator named 'forever' is already running" in capsys.readouterr().err
         assert log.read_text() == "the running coordinator's log\n"  # not wiped by the refused start
-        if how == "SIGTERM":
-            child.send_signal(signal.SIGTERM)
+        if how.startswith("SIG"):  # SIGHUP: --foreground in a terminal that closed; it ended with no summary
+            child.send_signal(getattr(signal, how))
         else:
             assert cli_main(["stop", "forever"]) == 0
             assert "forever stopped" in capsys.readouterr().out

@@ -215,6 +215,7 @@ def cmd_run_served(args: argparse.Namespace, job: Any, cluster: Any) -> int:
                 cluster_label=label,
                 on_listening=_announce,
                 on_ended=ended,
+                on_ending_signal=hung_up,  # after SIGHUP, what is said goes off the terminal that is gone
                 workers=args.workers,
                 seed=args.seed,
                 cluster=cluster,

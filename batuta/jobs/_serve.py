@@ -69,11 +69,13 @@ async def serve_job(
     cluster_label: str = "local",
     on_listening: Callable[[CoordinatorServer], None] | None = None,
     on_ended: Callable[[RunOutcome], None] | None = None,
+    on_ending_signal: Callable[[int], None] | None = None,
     **run_options: Any,
 ) -> RunOutcome | None:
     """Run `job` (see `run_job` for `run_options`) with viewers welcome; returns its outcome
     (None when it was stopped before its hosts were up). `on_ended` gets the outcome as soon as
-    the job ends, before the linger: the value and summary reach the log then, not at exit."""
+    the job ends, before the linger: the value and summary reach the log then, not at exit.
+    `on_ending_signal(signum)` is told of a SIGTERM or SIGHUP before the job is stopped for it."""
     controls = _JobControls(job.name)
     servers: list[CoordinatorServer] = []
     started_at: list[float] = []
@@ -120,8 +122,21 @@ async def serve_job(
             )
         )
 
-    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread: no signals
-        loop.add_signal_handler(signal.SIGTERM, controls.stop)  # `kill`, a Slurm time limit: end as `batuta stop` does
+    def on_signal(signum: int) -> None:
+        if on_ending_signal is not None:
+            on_ending_signal(signum)
+        controls.stop()
+
+    # `kill`, a Slurm time limit, and SIGHUP (--foreground in a terminal that closed; not under
+    # nohup): end as `batuta stop` does. SIGHUP was raised as KeyboardInterrupt where the loop
+    # was: the pool closed as asyncio.run cancelled everything, and no summary, no resume hint.
+    ending = [signal.SIGTERM, *([signal.SIGHUP] if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN else [])]
+    previous: dict[int, Any] = {}
+    for signum in ending:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread: no signals
+            before = signal.getsignal(signum)
+            loop.add_signal_handler(signum, on_signal, signum)
+            previous[signum] = before
     run = run_job(job, on_pool=serve, on_started=on_started, **run_options)
     run_task = controls.run_task = asyncio.create_task(run, name=job.name)
     try:
@@ -169,8 +184,9 @@ async def serve_job(
                 await asyncio.wait_for(controls.stopping.wait(), linger_s)
         return outcome
     finally:
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.remove_signal_handler(signal.SIGTERM)
+        for number, handler in previous.items():  # the loop's removal set the default action: a kill
+            loop.remove_signal_handler(number)
+            signal.signal(number, handler)
         for server in servers:
             await server.close(f"the coordinator of job {job.name} ended")
 
