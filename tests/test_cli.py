@@ -426,6 +426,37 @@ def test_two_ctrl_c_as_the_hosts_start_still_end_json_with_its_object(tmp_path: 
     assert [host["host"] for host in summary["hosts"]] == ["local"]
 
 
+def test_a_ctrl_c_that_wait_for_swallows_as_the_hosts_answer_still_interrupts(tmp_path: Path) -> None:
+    """Python 3.11's `asyncio.wait_for` returns what it awaited when the cancel lands as that
+    completes (the last host's hello): Ctrl-C then was lost, and the job ran in full (`batuta
+    stop` and SIGTERM on a served run alike). The start here swallows it as wait_for does."""
+    write(tmp_path, "job.py", "async def main(pool):\n    print('the job ran')\n")
+    swallowed = (
+        "import asyncio, runpy, signal, sys\n"
+        "import batuta.jobs._run as run\n"
+        "async def start(pool):\n"
+        "    signal.raise_signal(signal.SIGINT)  # asyncio.run cancels the run's task\n"
+        "    try:\n"
+        "        await asyncio.Event().wait()\n"
+        "    except asyncio.CancelledError:\n"
+        "        pass  # as wait_for returns the hello that came with it\n"
+        "run._start = start\n"
+        "sys.argv = ['batuta', 'run', 'job.py', '--workers', '1', '--json']\n"
+        "runpy.run_module('batuta', run_name='__main__')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", swallowed],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=ERROR_TIMEOUT_S,
+    )
+    assert "the job ran" not in proc.stdout + proc.stderr
+    assert (proc.returncode, proc.stderr) == (130, "batuta: interrupted\n")
+    assert json.loads(proc.stdout.splitlines()[-1])["interrupted"] is True
+
+
 @needs_runtime
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
 def test_a_log_file_the_disk_refuses_is_one_warning_and_the_run_goes_on(tmp_path: Path) -> None:

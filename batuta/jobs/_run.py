@@ -222,6 +222,7 @@ async def run_job(
             tracker.hosts_known(host.name for host in pool.hosts())
             exc.summary = tracker.summary(job=job.name, wall_s=0.0, result=None, error=str(exc), interrupted=False)
             raise
+        _honour_a_swallowed_cancel()
         if on_started is not None:  # not at the first host up: start-up may wait for others (start_wait, a bootstrap)
             on_started()
         try:
@@ -320,6 +321,16 @@ async def _start(pool: Pool) -> None:
     except (AgentError, TransportError) as exc:
         detail = str(exc).removeprefix("no host could be started: ")
         raise HostsUnreachableError(f"no host could be started, so nothing ran: {detail}") from exc
+
+
+def _honour_a_swallowed_cancel() -> None:
+    """Raise CancelledError if this task was cancelled but went on. Python 3.11's
+    `asyncio.wait_for` returns what it awaited when the cancel lands as that completes (a host's
+    hello, at start-up): the cancel is lost, though still counted. A Ctrl-C, SIGTERM or `batuta
+    stop` at that moment let the job start and run in full."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _take_interrupt() -> bool:
