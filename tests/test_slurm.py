@@ -243,10 +243,13 @@ def test_batuta_alloc_runs_a_job_on_the_nodes_and_cancels_the_job(slurm_env: Slu
     [
         ((signal.SIGINT, signal.SIGINT), False),
         ((signal.SIGTERM,), False),
+        # not two SIGINTs with --json here: the second can land anywhere as the first unwinds,
+        # in run_job's own finally too, where no object is printed yet (a narrow window, seen
+        # once in CI before run_job caught it in the run's frames); test_cli's
+        # test_two_ctrl_c_as_the_hosts_start_still_end_json_with_its_object places both
         ((signal.SIGINT,), True),
-        ((signal.SIGINT, signal.SIGINT), True),
     ],
-    ids=["int-int", "term", "int-json", "int-int-json"],
+    ids=["int-int", "term", "int-json"],
 )
 def test_an_interrupt_while_the_job_waits_cancels_it_and_says_why_it_waited(
     slurm_env: SlurmCluster, tmp_path: Path, signals: tuple[signal.Signals, ...], as_json: bool
