@@ -28,7 +28,8 @@ import pytest
 from batuta import TaskResult, TaskStatus
 from batuta._version import __version__
 from batuta.jobs import JobError, RunSummary, RunTracker, load_job
-from batuta.jobs._summary import IdRanges, percentile
+from batuta.jobs._samples import percentile
+from batuta.jobs._summary import IdRanges
 from tests.support.hosts import TestHosts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -18,13 +18,13 @@ import bisect
 import json
 import math
 import re
-from array import array
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from batuta import TaskResult, TaskStatus
+from batuta.jobs._samples import Samples
 from batuta.jobs._text import printable
 
 CAUSES_KEPT = 5  # distinct failure causes kept for the summary: the first few tell the story
@@ -32,6 +32,7 @@ STDERR_TAIL_LINES = 40  # of a failure group's first task's stderr, in --json (a
 STDERR_TAIL_CHARS = 8192
 PERCENTILES = (50, 95, 99)
 HOST_PERCENTILES = (50, 95)
+HOST_EXACT_LIMIT = 10_000  # a host's run times kept exactly; past that, within 0.5% (_samples.py)
 
 FAILED_STATUSES = frozenset({TaskStatus.FAILED, TaskStatus.TIMED_OUT, TaskStatus.LOST, TaskStatus.UNSCHEDULABLE})
 # Tasks that got a slot and ran to an end there: their times say something about the pool.
@@ -46,16 +47,6 @@ HOST_UNFIT = "unfit"  # up, but failed tasks for a reason of its own (its memory
 # A host in one of these states at the end, or lost at any time, makes `--strict` fail.
 HOST_FAILED_STATES = frozenset({HOST_LOST, HOST_RETIRED, HOST_UNREACHABLE, HOST_STARTING, HOST_UNFIT})
 NEVER_UP_REASON = "never came up during the run; the log (batuta.runtime.pool) has its start errors"
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) of ascending `sorted_values`, linearly interpolated; NaN if empty."""
-    if not sorted_values:
-        return math.nan
-    rank = (len(sorted_values) - 1) * q / 100.0
-    low = math.floor(rank)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)
 
 
 def one_line(text: str) -> str:
@@ -133,8 +124,9 @@ class FailureGroup:
         }
 
 
-def _samples() -> array[float]:
-    return array("d")  # 8 bytes a sample: a list held a float object (24) and a pointer (8) each
+def _host_samples() -> Samples:
+    # fewer kept exactly than the run's: a cluster of hundreds of hosts has one each
+    return Samples(HOST_EXACT_LIMIT)
 
 
 @dataclass(slots=True)
@@ -145,7 +137,7 @@ class _Host:
     losses: int = 0
     tasks: int = 0
     failed: int = 0
-    run_times: array[float] = field(default_factory=_samples)
+    run_times: Samples = field(default_factory=_host_samples)
     code: str = ""  # digest of the user's code its tasks ran with
     lost_because: str = ""  # its last loss's cause, said again once it is back up
 
@@ -203,8 +195,8 @@ class RunTracker:
     queued_ids: IdRanges = field(default_factory=IdRanges)
     finished_ids: IdRanges = field(default_factory=IdRanges)
     statuses: Counter[TaskStatus] = field(default_factory=Counter)
-    latencies: array[float] = field(default_factory=_samples)  # queue wait + run time, seconds
-    run_times: array[float] = field(default_factory=_samples)
+    latencies: Samples = field(default_factory=Samples)  # queue wait + run time, seconds
+    run_times: Samples = field(default_factory=Samples)
     # (status, kernel, cause without its values) -> [count, first, first's cause, varied, first's stderr tail]
     causes: dict[tuple[str, str, str], list[Any]] = field(default_factory=dict)
     restored: int = 0  # answered from the journal (--resume), not run: no latency sample
@@ -318,8 +310,8 @@ class RunTracker:
             restored=self.restored,
             unfinished=self.submitted - self.finished,
             wall_s=wall_s,
-            latency_s=_percentiles(self.latencies),
-            run_time_s=_percentiles(self.run_times),
+            latency_s=self.latencies.percentiles(PERCENTILES),
+            run_time_s=self.run_times.percentiles(PERCENTILES),
             failure_groups=[
                 FailureGroup(status=status, reason=reason, count=count, first=first, varied=varied, stderr_tail=tail)
                 for (status, _, _), (count, first, reason, varied, tail) in self.causes.items()
@@ -332,7 +324,7 @@ class RunTracker:
                     losses=h.losses,
                     tasks=h.tasks,
                     failed=h.failed,
-                    run_time_s=_percentiles(h.run_times, HOST_PERCENTILES),
+                    run_time_s=h.run_times.percentiles(HOST_PERCENTILES),
                     code=h.code,
                 )
                 for name, h in self.hosts.items()
@@ -341,11 +333,6 @@ class RunTracker:
             error=error,
             interrupted=interrupted,
         )
-
-
-def _percentiles(values: Sequence[float], qs: Sequence[int] = PERCENTILES) -> dict[str, float]:
-    ordered = sorted(values)
-    return {f"p{q}": percentile(ordered, q) for q in qs}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
