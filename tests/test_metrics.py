@@ -30,9 +30,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from batuta import Backend, Pool, Task, TaskResult, TaskStatus
-from batuta.observers.metrics import DURATION_BUCKETS, MAX_BUSY_GAP_S, MAX_KERNEL_LABELS, MetricsExporter
+from batuta.observers.metrics import DURATION_BUCKETS, MAX_BUSY_GAP_S, MetricsExporter
 from batuta.protocol.messages import GpuInfo, GpuSample, Heartbeat
 from batuta.runtime import events as pe
+from batuta.runtime.events import KERNELS_KEPT
 from batuta.runtime.hosts import telemetry_event
 from batuta.runtime.pool import PoolConfig, local_host
 
@@ -236,11 +237,11 @@ def idle_pool() -> Pool:
 
 def test_kernel_labels_are_capped() -> None:
     exporter = MetricsExporter(idle_pool())
-    for i in range(MAX_KERNEL_LABELS + 50):
+    for i in range(KERNELS_KEPT + 50):
         exporter.on_event(finished(f"chunk-{i}"))
     families = parse(exporter.render())
     kernels = Counter(s.labels["kernel"] for s in families["batuta_tasks"] if s.name == "batuta_tasks_total")
-    assert len(kernels) == MAX_KERNEL_LABELS + 1
+    assert len(kernels) == KERNELS_KEPT + 1
     total = sum(
         s.value for s in families["batuta_tasks"] if s.name == "batuta_tasks_total" and s.labels["kernel"] == "other"
     )

@@ -310,6 +310,52 @@ def test_the_history_stays_bounded_however_long_the_job() -> None:
     assert len(history.running) + len(history.running_compacted) < 100  # only what runs now
 
 
+def test_tasks_labelled_each_their_own_keep_the_history_and_the_dashboard_bounded() -> None:
+    """The latency histograms were kept per task name, which is a task's label when it has one:
+    `Task.kernel("noop", i, label=f"item-{i}")` grew a served coordinator by 2.3 KiB a task
+    (150,000 tasks: 100 -> 387 MiB), a dashboard's model the same, and each attach's snapshot
+    with them. Past the first KERNELS_KEPT names they share one "other" histogram."""
+    from batuta import Backend, TaskResult, TaskStatus
+    from batuta.runtime.events import KERNELS_KEPT, OTHER_KERNEL
+
+    count = RAW_TASK_ITEMS + 2_000
+    live = DashboardModel(clock=lambda: T0 + count)
+    history = ViewerHistory()
+    batch: list[Any] = []
+    for task_id in range(1, count + 1):
+        at = T0 + task_id * 0.001
+        result = TaskResult(
+            task_id=task_id,
+            name=f"item-{task_id}",
+            status=TaskStatus.SUCCEEDED,
+            duration=0.002,
+            queue_wait=0.001,
+            host="h1",
+            slot="h1/0",
+            attempts=1,
+            backend=Backend.CPU,
+        )
+        for event in (
+            pe.TaskQueued(task_id=task_id, name=result.name, backend="cpu", at=at),
+            pe.TaskStarted(task_id=task_id, name=result.name, host="h1", slot="h1/0", attempt=1, at=at),
+            pe.TaskFinished(result=result, at=at),
+        ):
+            live.apply(event)
+            batch.append(w.encode_item(event))
+    history.record(batch)
+    assert len(history.latency) == KERNELS_KEPT + 1  # was one a compacted task: 2,000
+    assert len(live.latency_choices()["kernel"]) == KERNELS_KEPT + 1  # was one a task: 5,000
+    assert OTHER_KERNEL in live.latency_choices()["kernel"]
+    restored = DashboardModel(clock=lambda: T0 + count)
+    frames = w.FrameReader(w.COORDINATOR_FRAME_LIMIT)
+    frames.feed(w.frame(["snapshot", history.snapshot()]))  # through the wire, as a viewer gets it
+    message = frames.next()
+    assert message is not None
+    restore(restored, message[1])
+    assert live.latency_choices() == restored.latency_choices()
+    assert restored.latency()[1].total == live.latency()[1].total == count
+
+
 # -- the socket ---------------------------------------------------------------------------------
 
 

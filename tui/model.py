@@ -144,6 +144,7 @@ class DashboardModel:
         self.latency_filter = LatencyFilter()
         self._log_seq = itertools.count(1)
         self._latency: dict[tuple[str, str, str], tuple[LogHistogram, LogHistogram]] = {}
+        self._kernels = pe.KernelNames()  # the latency keys' task names: the first ones, then "other"
         self._latency_pending: list[TaskResult] = []  # finished, not yet in the histograms
         self._latency_cache: tuple[tuple[object, ...], tuple[LogHistogram, LogHistogram]] | None = None
         self._attempts: dict[int, list[AttemptRow]] = {}
@@ -511,6 +512,8 @@ class DashboardModel:
         row.failed += failed
 
     def restore_latency(self, key: tuple[str, str, str], queue: LogHistogram, run: LogHistogram) -> None:
+        if key[0] != pe.OTHER_KERNEL:  # the coordinator's kept names, kept here too
+            self._kernels.key(key[0])
         self._latency[key] = (queue, run)
         self.versions.latency += 1
 
@@ -682,7 +685,7 @@ class DashboardModel:
             name, backend, host = result.name, result.backend, result.host
             if last is None or name != last[0] or backend is not last[1] or host != last[2]:
                 last = (name, backend, host)
-                key = (name, backend_names.get(id(backend), "?"), host or "?")
+                key = (self._kernels.key(name), backend_names.get(id(backend), "?"), host or "?")
                 group = groups.get(key)
                 if group is None:
                     group = groups[key] = ([], [])

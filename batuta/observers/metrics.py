@@ -25,8 +25,8 @@ never share a counter. Its counters and histograms have no `<name>_created` seri
 label set was first seen: noise beside every series, `_NoCreated`), without touching
 prometheus_client's process-wide switch, which the user's own metrics follow. Label sets are
 bounded: outcome, backend, host, slot, GPU index, and the kernel name, which is capped at
-`MAX_KERNEL_LABELS` distinct values (then "other"), because a task's label is free text. A
-task id is never a label.
+`KERNELS_KEPT` distinct values (then "other", batuta/runtime/events.py), because a task's label
+is free text. A task id is never a label.
 
 Metric names (prefix `batuta_`):
 
@@ -111,7 +111,6 @@ DURATION_BUCKETS = (
 )  # fmt: skip
 """Seconds, 100 us to an hour (then +Inf): noop tasks and hour-long kernels in one histogram."""
 
-MAX_KERNEL_LABELS = 100
 SNAPSHOT_TIMEOUT_S = 2.0
 MAX_BUSY_GAP_S = 30.0
 SLOT_STATES = ("up", "draining", "lost", "retired")
@@ -222,7 +221,7 @@ class MetricsExporter:
         self._task_children: dict[tuple[str, str, str, str], Any] = {}
         self._duration_children: dict[tuple[str, str], Any] = {}
         self._wait_children: dict[str, Any] = {}
-        self._kernel_labels: set[str] = set()
+        self._kernels = pe.KernelNames()
         # Telemetry, written on the loop only; scrapes see copies.
         self._host_readings: dict[str, _HostReading] = {}
         self._gpus: dict[tuple[str, str], _GpuState] = {}
@@ -332,7 +331,7 @@ class MetricsExporter:
         if self._loop is None:
             self._capture_loop()
         r = event.result
-        kernel = self._kernel_label(r.name)
+        kernel = self._kernels.key(r.name)
         backend = r.backend.value if r.backend is not None else _NONE
         key = (r.status.value, kernel, backend, r.host or _NONE)
         child = self._task_children.get(key)
@@ -350,14 +349,6 @@ class MetricsExporter:
             if wait is None:
                 wait = self._wait_children[backend] = self._queue_wait.labels(backend)
             wait.observe(r.queue_wait)
-
-    def _kernel_label(self, name: str) -> str:
-        if name in self._kernel_labels:
-            return name
-        if len(self._kernel_labels) < MAX_KERNEL_LABELS:
-            self._kernel_labels.add(name)
-            return name
-        return "other"
 
     def _telemetry(self, event: pe.HostTelemetry) -> None:
         host = event.host

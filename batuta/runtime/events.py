@@ -83,6 +83,33 @@ class HostUp:
     at: float
 
 
+# Observers that keep something per kernel (metrics' label, the dashboard's latency
+# histograms, a served coordinator's history of them) keep it for the first KERNELS_KEPT task
+# names and fold the rest into OTHER_KERNEL: a task's name is its label when it has one, free
+# text (`label=f"chunk-{i}"`), and one entry a task grew them without bound.
+KERNELS_KEPT = 100
+OTHER_KERNEL = "other"
+
+
+class KernelNames:
+    """A task's name as a per-kernel key: itself for the first `kept` names seen, else "other"."""
+
+    __slots__ = ("_kept", "_names")
+
+    def __init__(self, kept: int = KERNELS_KEPT) -> None:
+        self._kept = kept
+        self._names: set[str] = set()
+
+    def key(self, name: str) -> str:
+        names = self._names
+        if name in names:
+            return name
+        if len(names) < self._kept:
+            names.add(name)
+            return name
+        return OTHER_KERNEL
+
+
 # A host's states after which it is not up: lost or retired by liveness, closed with its pool,
 # or unreachable (a launch or a relaunch after a loss failed; it is tried again).
 HOST_GONE_STATES = frozenset({"lost", "retired", "closed", "unreachable"})

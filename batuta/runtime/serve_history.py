@@ -6,7 +6,8 @@ Keeping every event would grow without bound, so the history keeps the last
 `RAW_TASK_ITEMS` task events verbatim (the task stream and the newest seconds are folded by
 the viewer's own model, exactly as live events are) and compacts the older ones as they
 fall off into what they add up to: per-job and per-host counters, per-second throughput for
-the sparkline's minute, latency bucket counts per (kernel, backend, host), the last
+the sparkline's minute, latency bucket counts per (kernel, backend, host) (the first
+`KERNELS_KEPT` task names, then "other": batuta/runtime/events.py), the last
 `FAILURES_KEPT` failures, and the tasks still running whose start fell off. Hosts keep their
 last `HostUp`, last state change and a minute of telemetry; the log its last `LOGS_KEPT`
 lines. Everything is held as wire items (batuta/runtime/serve_wire.py), so a snapshot is a
@@ -112,6 +113,7 @@ class ViewerHistory:
         self.host_counts: dict[str, list[int]] = {}  # host -> [done, failed] of compacted tasks
         self.throughput: dict[int, int] = {}
         self.latency: dict[tuple[str, str, str], tuple[Buckets, Buckets]] = {}
+        self._kernels = pe.KernelNames()  # the first names key their own histograms, the rest share one
         self.failures: OrderedDict[int, list[Any]] = OrderedDict()
         # whole-run totals for `batuta ps` (never compacted away)
         self.submitted = self.finished = self.failed = 0
@@ -202,7 +204,7 @@ class ViewerHistory:
             _count_second(self.throughput, at, THROUGHPUT_KEPT_S)
             _count_second(totals.meter, at, JOB_METER_KEPT_S)
             if slot is not None and status in _RAN:
-                key = (name, backend or "?", host or "?")
+                key = (self._kernels.key(name), backend or "?", host or "?")
                 pair = self.latency.get(key)
                 if pair is None:
                     pair = self.latency[key] = (Buckets(), Buckets())
