@@ -26,7 +26,7 @@ import pytest
 from batuta.core.task import Task, TaskStatus
 from batuta.errors import AgentError
 from batuta.runtime.cluster import ClusterHost, build_pool, load_cluster, ssh_host
-from batuta.runtime.events import HostStateChanged
+from batuta.runtime.events import HostDown, HostStateChanged
 from batuta.runtime.pool import Pool, PoolConfig
 from batuta.transport import ssh, ssh_known_hosts
 from batuta.transport.base import StreamClosedError
@@ -629,6 +629,35 @@ async def test_kill_abandons_the_link_and_the_remote_side_exits(ssh_hosts: Calla
             stream.write(b"x")
             await stream.drain()
     await assert_no_processes_left(host, started)
+
+
+async def test_a_killed_sshd_session_is_named_as_the_connection_not_the_agent(
+    ssh_hosts: Callable[..., TestHosts],
+) -> None:
+    """`kill -9` of the host's `sshd: root@notty` loses the host because its SSH connection
+    closed; the agent did nothing, so the reason must not say it closed the stream."""
+    hosts = ssh_hosts(1)
+    host = hosts[0]
+    spec = ssh_host(agent_host(host, slots=1, env={"OMP_NUM_THREADS": "1"}), settings_for(hosts))
+    downs: list[str] = []
+    down = asyncio.Event()
+
+    def on_event(event: object) -> None:
+        if isinstance(event, HostDown):
+            downs.append(event.reason)
+            down.set()
+
+    async with asyncio.timeout(WAIT_S):
+        async with Pool([spec], PoolConfig()) as pool:
+            pool.subscribe(on_event)
+            assert (await pool.run(Task.kernel("noop", 1))).value == 1
+            [session] = [p for p in host.processes(include_sshd=True) if p.name() == "sshd" and p.pid != host.sshd_pid]
+            session.kill()
+            await down.wait()
+    assert downs[0] == (
+        f"the SSH connection (ssh root@{host.address}:22) closed with no exit status for the agent: "
+        "its sshd session on the host ended or the network dropped it"
+    )
 
 
 async def test_cut_link_times_out_within_connect_timeout(ssh_hosts: Callable[..., TestHosts]) -> None:

@@ -62,10 +62,13 @@ def _install_hint(said: str, spec: HostSpec) -> str:
 
 
 def _ended(how: str) -> str:
-    """Why a host's stream ended, from how its agent's process ended, if known: a SIGKILL
-    nobody here sent is most often the kernel's out-of-memory killer."""
+    """Why a host's stream ended, from `ByteStream.how_it_ended`: how its agent's process
+    ended, if known, else how the link closed. A SIGKILL nobody here sent is most often the
+    kernel's out-of-memory killer."""
     if not how:
         return "agent closed the stream"
+    if not how.startswith(("killed", "exited")):  # the link's end, not the agent's: in the stream's words
+        return how
     if "SIGKILL" in how:
         return f"the agent was {how}: out of memory on the host (the kernel's OOM killer), if no one killed it"
     return f"the agent was {how}" if how.startswith("killed") else f"the agent {how}"

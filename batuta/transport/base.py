@@ -60,7 +60,9 @@ class ByteStream(Protocol):
 
     async def how_it_ended(self, timeout: float) -> str:
         """How the agent's process ended ("killed by signal 9 (SIGKILL)", "exited with code
-        70"), waiting up to `timeout` for it to end, or "" where that is not known here."""
+        70"), waiting up to `timeout` for it to end; where the link to it closed without word
+        of that, how the link ended ("the SSH connection (...) closed ..."); "" where neither
+        is known here."""
         ...
 
     async def last_words(self, timeout: float) -> str:

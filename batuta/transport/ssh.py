@@ -164,7 +164,17 @@ class SSHStream:
             number = getattr(signal.Signals, f"SIG{name}", None)
             return describe_exit(-int(number)) if number is not None else f"killed by SIG{name}"
         status = self._process.exit_status
-        return describe_exit(status) if status is not None and status >= 0 else ""
+        if status is not None and status >= 0:
+            return describe_exit(status)
+        if any(conn.is_closed() for conn in [self._conn, *self._jumps]):
+            # sshd reports the command's exit before it closes the channel; a connection that
+            # closed with no such report lost its session process (killed, or the network dropped
+            # it), not the agent, which at most sees EOF on its stdin after that
+            return (
+                f"the SSH connection ({self._description}) closed with no exit status for the agent: "
+                "its sshd session on the host ended or the network dropped it"
+            )
+        return ""
 
     async def last_words(self, timeout: float) -> str:
         return await self._stderr_tail.last(timeout)
