@@ -93,9 +93,59 @@ def test_a_spill_the_disk_refuses_leaves_no_partial_file_and_is_said_once(tmp_pa
     *warned, last = done.stdout.strip().splitlines()
     [folder] = (tmp_path / "objects").iterdir()
     assert len(warned) == 1 and warned[0].startswith(f"cannot spill object 1 (800,000 bytes) to {folder}: OSError: ")
-    assert "free space there, or set XDG_CACHE_HOME in the host's env to a writable disk with room" in warned[0]
+    # numpy's write stopped short, with no errno, as it does on a full disk
+    assert "free space there, or set XDG_CACHE_HOME in the host's env to a folder with room" in warned[0]
     assert last.startswith("100000.0 100000.0 (2, ")  # kept in memory, whole
     assert list(folder.iterdir()) == []  # no partial file
+
+
+def test_a_refused_spill_says_free_space_only_when_the_disk_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every refused spill said "free space there", which frees nothing on a folder that
+    cannot be written: the fix follows the errno, as the code cache's does."""
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file where the cache folder should be")
+    unwritable: list[str] = []
+    store = ObjectStore(0, blocker, warn=unwritable.append)
+    store.put(1, np.ones(1000))
+    np.testing.assert_array_equal(store[1], np.ones(1000))  # kept in memory
+    [said] = unwritable
+    assert said.startswith(f"cannot spill object 1 (8,000 bytes) to {blocker / 'objects'}: ")
+    assert "free space" not in said
+    assert ": make it writable, or set XDG_CACHE_HOME in the host's env to a folder with room (tried" in said
+
+    def full(self: ObjectStore, object_id: int, value: object) -> Path:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path))
+
+    monkeypatch.setattr(ObjectStore, "_write", full)
+    out_of_room: list[str] = []
+    ObjectStore(0, tmp_path, warn=out_of_room.append).put(1, np.ones(1000))
+    [said] = out_of_room
+    assert "OSError: No space left on device; objects stay in memory" in said
+    assert ": free space there, or set XDG_CACHE_HOME in the host's env to a folder with room (tried" in said
+
+
+def test_a_spilled_frame_past_the_file_size_limit_says_raise_it(tmp_path: Path) -> None:
+    """A frame (not numpy) past `ulimit -f` fails with EFBIG: room would not help."""
+    script = (
+        "import resource, signal, sys\n"
+        "import numpy as np\n"
+        "from pathlib import Path\n"
+        "from batuta.agent.objects import ObjectStore\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an EFBIG error instead of the signal\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
+        "store = ObjectStore(0, Path(sys.argv[1]), warn=print)\n"
+        "store.put(2, (np.ones(100_000), 'a frame'))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    [said] = done.stdout.strip().splitlines()
+    assert "OSError: File too large; objects stay in memory" in said
+    assert ": raise the file size limit (ulimit -f) the host's agent runs under, or set XDG_CACHE_HOME" in said
+    assert "free space" not in said
 
 
 def test_a_dead_agents_spill_folder_is_removed_by_the_next_store(tmp_path: Path) -> None:
@@ -294,6 +344,6 @@ def test_a_spill_folder_the_host_cannot_write_is_said_so_not_full(tmp_path: Path
     store._write = read_only  # type: ignore[method-assign]
     store.put(1, np.ones(100))
     assert len(warned) == 1 and "OSError: Read-only file system" in warned[0], warned
-    assert "until it can: make it writable, or set XDG_CACHE_HOME in the host's env to a writable disk" in warned[0]
+    assert "until it can: make it writable, or set XDG_CACHE_HOME in the host's env to a folder with room" in warned[0]
     assert np.asarray(store[1]).sum() == 100.0  # kept in memory
     store.close()

@@ -88,6 +88,21 @@ def cache_root(environ: Mapping[str, str] | None = None) -> Path:
     return Path(base) / "batuta"
 
 
+def cache_write_fix(exc: OSError) -> str:
+    """What to do about a write under the cache folder that failed with `exc`, ending with the
+    way around it. "Free space" is the fix for a full disk (or quota) only: a read-only home,
+    or one a file blocks, has room and needs a folder that can be written; a file size limit
+    (`ulimit -f`) needs raising, not room. No errno is numpy's write that stopped short
+    ("8000 requested and 4096 written"): most often the disk filled."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, None):
+        fix = "free space there"
+    elif exc.errno == errno.EFBIG:
+        fix = "raise the file size limit (ulimit -f) the host's agent runs under"
+    else:
+        fix = "make it writable"
+    return f"{fix}, or set XDG_CACHE_HOME in the host's env to a folder with room"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SlotCode:
     """The user's code as a slot runs it: every task it takes must name `digest`.
@@ -531,12 +546,9 @@ class CodeLoader:
                 folder = install(code, self.root)
                 self._held = hold(folder)
         except OSError as exc:
-            # "free space" is the fix for a full disk only: a read-only home (or one a file
-            # blocks) has room, and needs a folder that can be written.
-            fix = "free space there" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
             why = one_line(
-                f"cannot write the code under {self.root / CODE_FOLDER}: {type(exc).__name__}: {exc}; {fix}, "
-                "or set XDG_CACHE_HOME in the host's env to a folder with room"
+                f"cannot write the code under {self.root / CODE_FOLDER}: {type(exc).__name__}: {exc}; "
+                f"{cache_write_fix(exc)}"
             )
             self.current = SlotCode(
                 digest=code.digest, modules=code.modules, errors=dict.fromkeys(code.modules, why), host=self.host

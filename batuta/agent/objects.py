@@ -29,7 +29,6 @@ percentage of RAM such as `25%`) or `BATUTA_OBJECT_MEMORY` set it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import os
 import shutil
@@ -40,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from batuta.agent.code import cache_write_fix
 from batuta.errors import UsageError
 from batuta.protocol.codec import FrameDecoder, encode_message_parts
 from batuta.protocol.messages import Put
@@ -369,18 +369,16 @@ class ObjectStore(Mapping[int, object]):
         """Write a value that just left memory to disk; False if the disk refused it."""
         try:
             self._spilled[object_id] = self._write(object_id, value)
-        except OSError as exc:  # a full disk keeps it in memory, over the cap, rather than lose it
+        except OSError as exc:  # a refused write (a full disk) keeps it in memory, over the cap, rather than lose it
             self._memory[object_id] = value
             self.memory_bytes += nbytes
             if not self._spill_refused and self._warn is not None:
-                # "free space there" is no fix for a folder the host cannot write at all
-                fix = "make it writable" if exc.errno in _UNWRITABLE else "free space there"
                 self._warn(
                     f"cannot spill object {object_id} ({nbytes:,} bytes) to {self._folder or self._root / 'objects'}: "
                     f"{type(exc).__name__}: {exc.strerror or exc}; objects stay in memory, over the "
-                    f"{self.cap_bytes:,}-byte cap, until it can: {fix}, or set XDG_CACHE_HOME in "
-                    f"the host's env to a writable disk with room (tried again after {SPILL_RETRY_S:.0f} s or "
-                    f"once a spilled value is freed; said again only after a spill succeeds)"
+                    f"{self.cap_bytes:,}-byte cap, until it can: {cache_write_fix(exc)} "
+                    f"(tried again after {SPILL_RETRY_S:.0f} s or once a "
+                    f"spilled value is freed; said again only after a spill succeeds)"
                 )
             self._spill_refused = True
             self._spill_retry_at = self._clock() + SPILL_RETRY_S
@@ -420,7 +418,6 @@ class ObjectStore(Mapping[int, object]):
         return self._folder
 
 
-_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)  # a spill refused for want of permission, not room
 _MISSING = object()
 _IN_SLOT = object()  # in `_memory`: the bytes are in a slot's process (`_in_slot` says which)
 
