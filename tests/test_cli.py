@@ -517,6 +517,32 @@ def test_job_file_imports_a_helper_beside_it_without_leaving_sys_path(tmp_path: 
     assert job.origin == str(path.resolve())
 
 
+def test_a_job_files_class_is_named_as_the_user_wrote_it(tmp_path: Path) -> None:
+    """A dataclass argument defined in a job file was refused naming
+    `_batuta_job_types_job.P`, the loader's own module name for the file."""
+    write(
+        tmp_path,
+        "types_job.py",
+        """\
+        from dataclasses import dataclass
+        from batuta import Task
+
+        @dataclass
+        class P:
+            x: int
+
+        async def main(pool):
+            return await pool.run(Task.kernel("noop", P(1)))
+        """,
+    )
+    done = batuta("run", "types_job.py", "--workers", "1", "--quiet", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 1, done.stderr
+    assert "task 'noop' arguments[0]: cannot send a value of type P (defined in types_job.py); allowed: " in (
+        done.stderr
+    )
+    assert "_batuta_job" not in done.stderr
+
+
 def test_builtin_jobs_load() -> None:
     for name in ("demo", "pi"):
         assert load_job(name).origin == "built-in"

@@ -25,6 +25,7 @@ from types import ModuleType
 from typing import Any
 
 from batuta.errors import UsageError
+from batuta.protocol import SHOWN_AS
 
 JobMain = Callable[[Any], Awaitable[Any]]
 
@@ -97,6 +98,7 @@ def _exec_file(path: Path, shown: str) -> ModuleType:
     if spec is None or spec.loader is None:
         raise JobError(f"job file {shown!r} cannot be loaded as a Python module; rename it *.py")
     module = importlib.util.module_from_spec(spec)
+    setattr(module, SHOWN_AS, shown)  # its classes named in errors as the user wrote the file, not as module_name
     # In sys.modules while its top level runs, as a normal import would be: dataclasses need it.
     sys.modules[module_name] = module
     sys.path.insert(0, str(path.parent))

@@ -9,6 +9,7 @@ h11-style state machine over one stream (`Connection`: `receive_data`, `next_eve
 
 from __future__ import annotations
 
+from batuta.protocol._fields import SHOWN_AS
 from batuta.protocol.codec import (
     DEFAULT_MAX_FRAME_BYTES,
     TAGS,
@@ -70,6 +71,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
     "NEED_DATA",
     "PROTOCOL_VERSION",
+    "SHOWN_AS",
     "SLOT_DOWN",
     "SLOT_RESTARTING",
     "SLOT_UP",

@@ -12,12 +12,14 @@ numpy.str_); the slow branches accept those and normalise them to the builtin ty
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
     "INT_MAX",
     "INT_MIN",
+    "SHOWN_AS",
     "TUPLE_MARK",
     "UINT_MAX",
     "Invalid",
@@ -131,6 +133,20 @@ class TupleMark:
 TUPLE_MARK = TupleMark()
 
 
+SHOWN_AS = "__batuta_shown_as__"
+"""A module attribute: how its user names a module that runs under a made-up name (a job
+file, `batuta/jobs/_load.py`), for error messages to name its classes that way."""
+
+
+def _type_name(kind: type) -> str:
+    if kind.__module__ == "builtins":
+        return kind.__name__
+    shown = getattr(sys.modules.get(kind.__module__), SHOWN_AS, None)
+    if isinstance(shown, str):  # not the made-up module name, which the user never wrote
+        return f"{kind.__qualname__} (defined in {shown})"
+    return f"{kind.__module__}.{kind.__name__}"
+
+
 def describe(value: object) -> str:
     """A short description of a bad value for an error message: its type, itself if small."""
     if isinstance(value, Malformed):
@@ -138,7 +154,7 @@ def describe(value: object) -> str:
     if value is TUPLE_MARK:
         return "a tuple marker"
     kind = type(value)
-    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+    name = _type_name(kind)
     if value is None or kind in (bool, int, float, str, bytes):
         text = repr(value)
         if len(text) > 40:
