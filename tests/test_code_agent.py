@@ -200,7 +200,7 @@ async def test_a_module_that_fails_to_import_fails_its_kernels_not_the_agent(
         "cs_broken": "SyntaxError: '(' was never closed (at cs_broken.py line 4)",
         "cs_needs": (
             "ModuleNotFoundError: No module named 'cs_missing_package_xyz' (install 'cs_missing_package_xyz' "
-            "for this host's Python, or ship it with --module) (at cs_needs.py line 2)"
+            f"for this host's Python ({sys.executable}), or ship it with --module) (at cs_needs.py line 2)"
         ),
     }
     agent.send(
@@ -211,8 +211,8 @@ async def test_a_module_that_fails_to_import_fails_its_kernels_not_the_agent(
     assert lost.error == (
         "kernel 'cs_lost' is unknown on host h1: importing cs_broken failed: SyntaxError: '(' was never closed "
         "(at cs_broken.py line 4); importing cs_needs failed: ModuleNotFoundError: No module "
-        "named 'cs_missing_package_xyz' (install 'cs_missing_package_xyz' for this host's Python, or ship it "
-        "with --module) (at cs_needs.py line 2)"
+        f"named 'cs_missing_package_xyz' (install 'cs_missing_package_xyz' for this host's Python ({sys.executable}), "
+        "or ship it with --module) (at cs_needs.py line 2)"
     )
     assert (good.status, good.value[0]) == (Outcome.OK, 7)
     assert (builtin.status, builtin.value) == (Outcome.OK, 5)

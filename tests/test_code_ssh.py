@@ -170,7 +170,7 @@ def test_a_broken_module_fails_its_tasks_naming_the_file_and_line_and_the_rest_r
         f"kernel 'cs_broken_kernel' is unknown on host {host}: importing cs_broken failed: SyntaxError: "
         f"invalid syntax (at {tmp_path / 'cs_broken.py'}:5); importing cs_needs failed: ModuleNotFoundError: "
         "No module named 'cs_missing_package_xyz' (install 'cs_missing_package_xyz' for this host's "
-        f"Python, or ship it with --module) (at {tmp_path / 'cs_needs.py'}:1)"
+        f"Python ({sys.executable}), or ship it with --module) (at {tmp_path / 'cs_needs.py'}:1)"
     )
     for host in hosts:  # each host said so once, and the coordinator logged it
         assert (

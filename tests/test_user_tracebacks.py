@@ -89,7 +89,7 @@ async def test_a_module_that_fails_to_import_is_named_by_the_users_path(
         "tb_broken": f"SyntaxError: '(' was never closed (at {broken}:4)",
         "tb_needs": (
             "ModuleNotFoundError: No module named 'tb_missing_package_xyz' (install 'tb_missing_package_xyz' for "
-            f"this host's Python, or ship it with --module) (at {needs}:2)"
+            f"this host's Python ({sys.executable}), or ship it with --module) (at {needs}:2)"
         ),
     }
     assert errors == {"local": said}
@@ -99,6 +99,59 @@ async def test_a_module_that_fails_to_import_is_named_by_the_users_path(
         f"kernel 'tb_lost' is unknown on host local: importing tb_broken failed: {said['tb_broken']}; "
         f"importing tb_needs failed: {said['tb_needs']}"
     )
+
+
+async def test_a_package_installed_on_the_coordinator_and_missing_on_a_host_says_pip_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "(install 'scipy' for this host's Python, or ship it with --module)": --module is no way
+    to ship a third-party package. One installed here in site-packages (here a stand-in
+    site-packages the host's Python lacks) is said as pip's, naming the host's Python and the
+    distribution that installs it (import name tb_installed_xyz, distribution tb-dist-xyz)."""
+    from batuta.runtime import missing_package
+
+    site = tmp_path / "site-packages"
+    (site / "tb_installed_xyz").mkdir(parents=True)
+    (site / "tb_installed_xyz" / "__init__.py").write_text("")
+    info = site / "tb_dist_xyz-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tb-dist-xyz\nVersion: 1.0\n")
+    (info / "top_level.txt").write_text("tb_installed_xyz\n")
+    monkeypatch.syspath_prepend(str(site))  # the coordinator's, not the host agent's
+    monkeypatch.setattr(missing_package, "site_package_roots", lambda: (str(site.resolve()) + "/",))
+    needs = tmp_path / "mods" / "tb_needs_installed.py"
+    needs.parent.mkdir()
+    needs.write_text(
+        "import tb_installed_xyz\nfrom batuta import kernel\n\n\n@kernel('tb_needs_kernel')\ndef k():\n    return 1\n"
+    )
+    async with Pool.local(1, gpu_workers="none") as pool:
+        shipped = await pool.ship([needs])
+        errors = await shipped.import_errors()
+        failed = await pool.run(Task.kernel("tb_needs_kernel"))
+    installed = (
+        "ModuleNotFoundError: No module named 'tb_installed_xyz' ('tb_installed_xyz' is a package installed on the "
+        f"coordinator, not code of yours to ship: install it on this host, `{sys.executable} -m pip install "
+        f"tb-dist-xyz`) (at {needs}:1)"
+    )
+    assert errors == {"local": {"tb_needs_installed": installed}}
+    assert (
+        failed.error
+        == f"kernel 'tb_needs_kernel' is unknown on host local: importing tb_needs_installed failed: {installed}"
+    )
+
+    def said(top: str) -> str:  # as a host says it
+        python = "/opt/py 3/python"
+        return f"No module named {top!r} (install {top!r} for this host's Python ({python}), or ship it with --module)"
+
+    # the host's Python quoted for a shell; a package found nowhere here may be the user's to ship: both fixes stay
+    assert missing_package.missing_package_fix(said("tb_installed_xyz")) == (
+        "No module named 'tb_installed_xyz' ('tb_installed_xyz' is a package installed on the coordinator, not "
+        "code of yours to ship: install it on this host, `'/opt/py 3/python' -m pip install tb-dist-xyz`)"
+    )
+    assert missing_package.missing_package_fix(said("tb_missing_package_xyz")) == said("tb_missing_package_xyz")
+    # found here outside site-packages: the user's own code, which --module ships
+    monkeypatch.setattr(missing_package, "site_package_roots", lambda: ())
+    assert missing_package.missing_package_fix(said("tb_installed_xyz")) == said("tb_installed_xyz")
 
 
 def test_batuta_stack_names_the_users_file_of_a_module_that_failed_to_import(tmp_path: Path) -> None:

@@ -337,7 +337,8 @@ def describe_import_failure(exc: BaseException, directory: str | None) -> str:
     puts the user's own path there: runtime/code_paths.py):
 
         SyntaxError: invalid syntax (at mymod.py line 3)
-        ModuleNotFoundError: No module named 'scipy' (install it on this host) (at mymod.py line 2)
+        ModuleNotFoundError: No module named 'scipy' (install 'scipy' for this host's Python
+            (/usr/bin/python3), or ship it with --module) (at mymod.py line 2)
     """
     name = type(exc).__name__
     if isinstance(exc, SyntaxError):
@@ -351,7 +352,10 @@ def describe_import_failure(exc: BaseException, directory: str | None) -> str:
     message = str(exc) or name
     hint = ""
     if isinstance(exc, ModuleNotFoundError) and exc.name and not _in_bundle(exc.name, directory):
-        hint = f" (install {exc.name.split('.')[0]!r} for this host's Python, or ship it with --module)"
+        # the coordinator, which can tell a third-party package from the user's own, keeps one
+        # of the fixes (runtime/missing_package.py)
+        python = f" ({sys.executable})" if sys.executable else ""
+        hint = f" (install {exc.name.split('.')[0]!r} for this host's Python{python}, or ship it with --module)"
     return one_line(f"{name}: {message}{hint}{where}")
 
 

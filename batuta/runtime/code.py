@@ -45,7 +45,6 @@ import importlib.util
 import logging
 import os
 import re
-import site
 import sys
 import sysconfig
 from collections.abc import Iterable, Sequence
@@ -56,6 +55,7 @@ from batuta.core.task import BinaryCall, KernelCall
 from batuta.errors import UsageError
 from batuta.protocol import messages as m
 from batuta.runtime import code_paths
+from batuta.runtime.missing_package import missing_package_fix, site_package_roots
 
 log = logging.getLogger("batuta.runtime.code")
 DEFAULT_MAX_CODE_BYTES = 16 * 2**20
@@ -104,15 +104,11 @@ class _Source:
 def _installed_roots() -> tuple[str, ...]:
     """Folders whose modules are installed, not the user's: site-packages, the standard
     library, and batuta's own packages (an editable install lives in a checkout)."""
-    roots: set[str] = set()
-    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+    roots = set(site_package_roots())
+    for key in ("stdlib", "platstdlib"):
         path = sysconfig.get_paths().get(key)
         if path:
             roots.add(path)
-    roots.update(site.getsitepackages())
-    user_site = site.getusersitepackages()
-    if isinstance(user_site, str):
-        roots.add(user_site)
     for package in ("batuta", "batuta.kernels", "batuta.tui"):
         spec = importlib.util.find_spec(package)
         if spec is not None and spec.origin:
@@ -671,8 +667,10 @@ class ShippedCode:
 
     def failure(self, call: KernelCall | BinaryCall, error: str | None, stderr: bytes) -> str | None:
         """A failed task's `error`, said as `unsent` does, ending with where in the user's files
-        it was raised (code_paths.py)."""
-        return self._paths.error(self.unsent(call, error), stderr)
+        it was raised (code_paths.py), with the fix for a package installed here that its host
+        lacks (missing_package.py)."""
+        said = self._paths.error(self.unsent(call, error), stderr)
+        return missing_package_fix(said) if said is not None else None
 
     def digest_for(self, call: KernelCall | BinaryCall) -> str:
         """The digest a task's result depends on: the code's for a kernel of the user's modules

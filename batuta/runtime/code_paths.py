@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 from batuta.protocol.messages import CodeLoaded
+from batuta.runtime.missing_package import missing_package_fix
 
 KEPT = 64  # bundles whose origins a process remembers (each pool keeps those it ships)
 
@@ -50,10 +51,14 @@ def in_user_files(text: str, digest: str) -> str:
 
 
 def loaded_in_user_files(loaded: CodeLoaded) -> CodeLoaded:
-    """A host's `CodeLoaded`, its import errors naming the user's files (`in_user_files`)."""
+    """A host's `CodeLoaded`, its import errors naming the user's files (`in_user_files`), and
+    the fix for a package installed here that the host lacks (`missing_package_fix`)."""
     if not loaded.errors:
         return loaded
-    return replace(loaded, errors={module: in_user_files(e, loaded.digest) for module, e in loaded.errors.items()})
+    return replace(
+        loaded,
+        errors={module: missing_package_fix(in_user_files(e, loaded.digest)) for module, e in loaded.errors.items()},
+    )
 
 
 def _placed(text: str, originals: dict[str, str]) -> str:
