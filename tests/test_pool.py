@@ -440,6 +440,42 @@ async def test_what_a_kernel_prints_reaches_the_log_marked_with_its_task_at_info
     assert {record.levelno for record in heard} == {logging.INFO}
 
 
+async def test_what_a_thread_left_running_prints_is_not_the_next_tasks() -> None:
+    """A daemon thread a kernel left printing had its output in the next task on that slot
+    (its result's stdout, and `task NEXT printed` in the log): it goes to the log only, marked
+    with the task that left it."""
+    heard: list[str] = []
+    both = asyncio.Event()
+
+    class Heard(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said = record.getMessage()
+            if "left behind by" in said or "my own" in said:
+                heard.append(said.split(": ", 1)[1])
+                if len(heard) == 2:
+                    both.set()
+
+    handler = Heard(logging.DEBUG)
+    logger = logging.getLogger("batuta.transport")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        async with make_pool(slots=1) as pool:  # one slot: the second task runs where the thread is
+            first = await pool.run(Task.kernel("test_print_later", 1))
+            second = await pool.run(Task.kernel("test_let_it_print", 2))
+            await asyncio.wait_for(both.wait(), 30)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert (first.value, second.value) == (1, True)  # the thread printed while the second task ran
+    assert (first.stdout, second.stdout) == (b"", b"my own 2\n")
+    assert sorted(heard) == [
+        f"task {first.task_id} printed: [after it ended] left behind by 1",
+        f"task {second.task_id} printed: my own 2",
+    ]
+
+
 async def test_a_local_agent_that_dies_says_how(pool: Pool) -> None:
     """Its exit, not just "agent closed the stream": a SIGKILL nobody sent is most often the
     kernel's out-of-memory killer, and the log says so."""

@@ -19,6 +19,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Mapping
@@ -222,28 +223,48 @@ class _TaskOutput:
     `.stderr`) and passes all of it on to the real stream, line by line, each marked with its
     task (`printed_prefix`), so that the host's log shows it live as before. Python-level
     output only: a numba `print` writes to the file descriptor. One per runner, reused: a
-    task that prints nothing costs a few assignments."""
+    task that prints nothing costs a few assignments.
+
+    A thread a task leaves running (a daemon that goes on printing) is no part of the tasks
+    after it: what it prints while a later task runs goes to the log only, marked with the
+    task it was left by (`task 3 printed: [after it ended] ...`), never into the later task's
+    result. A thread is a task's if it was first seen alive at that task's end; the one that
+    runs the tasks, and those started by the task now running, print for it."""
 
     def __init__(self) -> None:
         self.echo: Any = None
         self._kept: _CappedBuffer | None = None
         self._task_id = 0
         self._partial = ""  # echoed once its line ends (or the task does)
+        self._runner: threading.Thread | None = None  # the thread running the task
+        # a thread -> the task at whose end it was running (objects, not idents: an ident is reused)
+        self._left_by: dict[threading.Thread, int] = {}
+        self._left_partial: dict[threading.Thread, str] = {}  # a left thread's unfinished line
 
     def begin(self, echo: Any, task_id: int) -> None:
         self.echo = echo
         self._kept = None
         self._task_id = task_id  # its prefix is made only if it prints
         self._partial = ""
+        self._runner = threading.current_thread()
 
     def end(self) -> bytes:
         if self._partial and self.echo is not None:
             self.echo.write(f"{printed_prefix(self._task_id)}{self._partial}\n")
         self._partial = ""
+        if threading.active_count() > 1 or self._left_by:  # threads still running: whose they are
+            alive = [thread for thread in threading.enumerate() if thread is not self._runner]
+            self._left_by = {thread: self._left_by.get(thread, self._task_id) for thread in alive}
+            self._left_partial = {t: text for t, text in self._left_partial.items() if t in self._left_by}
         kept, self._kept = self._kept, None
         return kept.value("output") if kept is not None else b""
 
     def write(self, text: str) -> int:
+        if self._left_by:
+            left_by = self._left_by.get(threading.current_thread())
+            if left_by is not None:
+                self._write_left(left_by, text)
+                return len(text)
         kept = self._kept
         if kept is None:
             kept = self._kept = _CappedBuffer(KERNEL_OUTPUT_CAP)
@@ -254,6 +275,14 @@ class _TaskOutput:
                 prefix = printed_prefix(self._task_id)
                 self.echo.write("".join(f"{prefix}{line}\n" for line in lines))
         return len(text)
+
+    def _write_left(self, task_id: int, text: str) -> None:
+        """A line from a thread that task `task_id` left running: to the log, marked so."""
+        thread = threading.current_thread()
+        *lines, self._left_partial[thread] = (self._left_partial.get(thread, "") + text).split("\n")
+        if lines and self.echo is not None:
+            prefix = f"{printed_prefix(task_id)}[after it ended] "
+            self.echo.write("".join(f"{prefix}{line}\n" for line in lines))
 
     def flush(self) -> None:
         if self.echo is not None:

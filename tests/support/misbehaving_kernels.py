@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 from batuta.kernels import kernel
 
@@ -180,3 +181,34 @@ def test_unsendable(kind: str) -> object:
 
 
 test_unsendable.cpu(test_unsendable.reference)
+
+
+_LEFT_GO = threading.Event()  # test_print_later's thread prints once this is set...
+_LEFT_DONE = threading.Event()  # ...and sets this when it has
+
+
+@kernel("test_print_later", description="Leave a daemon thread that prints when test_let_it_print says.")
+def test_print_later(value: int) -> int:
+    def later() -> None:
+        _LEFT_GO.wait(60)
+        print("left behind by", value)
+        _LEFT_DONE.set()
+
+    _LEFT_GO.clear()
+    _LEFT_DONE.clear()
+    threading.Thread(target=later, daemon=True).start()
+    return value
+
+
+test_print_later.cpu(test_print_later.reference)
+
+
+@kernel("test_let_it_print", description="Let test_print_later's thread print while this runs; print too.")
+def test_let_it_print(value: int) -> bool:
+    _LEFT_GO.set()
+    printed = _LEFT_DONE.wait(60)
+    print("my own", value)
+    return printed
+
+
+test_let_it_print.cpu(test_let_it_print.reference)
