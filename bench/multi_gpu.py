@@ -1,7 +1,10 @@
 """Several GPUs in one host: the same jobs on one GPU slot and on all of them (issue 19).
 
-One local agent per run, with one CPU slot and either one GPU slot (`gpu_workers="0"`) or one
-per visible GPU (`"auto"`), each pinned to its own card. Both runs do the same work:
+One local agent per run, with one CPU slot and either one GPU slot (the first of the GPUs
+`gpu_workers="auto"` takes) or one per visible GPU (`"auto"`), each pinned to its own card. The
+cards are the agent's own choice: every GPU NVML reports, or those `CUDA_VISIBLE_DEVICES` names
+(on a shared node, `CUDA_VISIBLE_DEVICES=2,3 python bench/multi_gpu.py` uses GPUs 2 and 3 and
+samples those alone). Both runs do the same work:
 
 * mc_pi: `--mc-tasks` Monte Carlo pi tasks of `--mc-samples` samples each on the GPU backend
   (2^34 samples is about 50 ms on an H200: compute-bound), submitted at once.
@@ -10,18 +13,19 @@ per visible GPU (`"auto"`), each pinned to its own card. Both runs do the same w
   put once as one chunk per GPU of the larger run (the same chunks in both runs, so the
   arithmetic is the same); each iteration maps `kmeans_partial` over the chunks on the GPU
   backend and moves the centroids with `batuta run kmeans`'s own update. A warm-up
-  iteration uploads the chunks to the cards first (on the all-GPU run, each chunk lands on
-  the GPU whose slot first ran it; a chunk read on another GPU is uploaded there too).
+  iteration uploads the chunks to the cards first, chunk i on the run's card i (`gpu:N`), so
+  that each card holds one chunk and the timed iterations follow them there (a chunk read
+  on another GPU is uploaded there too).
   `kmeans_speedup`: one-GPU time over all-GPU time. Target: at least 0.8 x GPUs. The
   centroids of both runs must agree (within float32 rounding).
-* `min_gpu_util`: NVML's utilization of every card, sampled every 50 ms in this process
-  during the all-GPU mc_pi run; the mean of each card's samples, the lowest of them
+* `min_gpu_util`: NVML's utilization of every card the run uses, sampled every 50 ms in this
+  process during the all-GPU mc_pi run; the mean of each card's samples, the lowest of them
   (target above 0.8: every card busy at once). None where NVML cannot be read.
 
 On a machine with one GPU both runs use the same card and the speedups are about 1: the
 script still runs, which is what `--smoke` (numba's simulator, two fake GPUs, tiny sizes)
-checks in CI's reach. The last line is one JSON object: `gpus`, `mc_pi_speedup`,
-`kmeans_speedup`, `min_gpu_util`, with the times behind them.
+checks in CI's reach. The last line is one JSON object: `gpus`, `cards` (their NVML indices),
+`mc_pi_speedup`, `kmeans_speedup`, `min_gpu_util`, with the times behind them.
 
     python bench/multi_gpu.py              # on a host with several GPUs
     python bench/multi_gpu.py --smoke      # two simulated GPUs, tiny sizes
@@ -36,6 +40,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,26 +59,28 @@ def ok(result: Any) -> Any:
 
 
 class Utilization:
-    """NVML utilization of every GPU, sampled on a thread while `with` is open."""
+    """NVML utilization of the GPUs `cards` (NVML indices), sampled on a thread while `with` is
+    open: the cards the run uses, not another user's beside them."""
 
-    def __init__(self) -> None:
+    def __init__(self, cards: list[int]) -> None:
         self.samples: dict[int, list[int]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._nvml: Any = None
+        self._handles: list[tuple[int, Any]] = []
         try:
             import pynvml
 
             pynvml.nvmlInit()
             self._nvml = pynvml
-            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            self._handles = [(i, pynvml.nvmlDeviceGetHandleByIndex(i)) for i in cards]
         except Exception as exc:  # no driver, the simulator, a VM without NVML
             print(f"NVML not readable ({type(exc).__name__}: {exc}): min_gpu_util is null", file=sys.stderr)
             self._nvml = None
 
     def _poll(self) -> None:
         for _ in range(100_000):  # bounded: 100,000 x 50 ms
-            for index, handle in enumerate(self._handles):
+            for index, handle in self._handles:
                 rate = self._nvml.nvmlDeviceGetUtilizationRates(handle)
                 self.samples.setdefault(index, []).append(int(rate.gpu))
             if self._stop.wait(POLL_S):
@@ -97,21 +104,47 @@ class Utilization:
         return round(min(means), 3) if means else None
 
 
-async def one_run(gpus: str, args: argparse.Namespace, chunks: list[np.ndarray], init: np.ndarray) -> dict[str, Any]:
-    """mc_pi and K-Means on a pool of `gpus` GPU slots; times and the final centroids."""
+def pool_cards(environ: Mapping[str, str]) -> list[int]:
+    """The NVML indices of the GPUs `gpu_workers="auto"` gives a local pool here, in its order:
+    the agent's own choice, so that `CUDA_VISIBLE_DEVICES` (a batch scheduler's, or a shared
+    node's) is honoured as the pool honours it. Empty where the agent would start no GPU slot."""
+    from batuta.agent.main import plan_gpu_slots
+    from batuta.agent.options import GpuSelection
+    from batuta.agent.telemetry import open_telemetry
+
+    telemetry = open_telemetry(dict(environ))
+    try:
+        plan = plan_gpu_slots(GpuSelection(mode="auto"), telemetry.gpu_infos(), telemetry.gpu_status(), environ)
+        if not plan:
+            why = telemetry.gpu_status() or f"CUDA_VISIBLE_DEVICES={environ.get('CUDA_VISIBLE_DEVICES')!r}"
+            print(f"multi_gpu.py: no GPU for a GPU slot here ({why})", file=sys.stderr)
+    finally:
+        telemetry.close()
+    return [gpu.index for gpu, _ in plan]
+
+
+async def one_run(
+    workers: str | list[int], cards: list[int], args: argparse.Namespace, chunks: list[np.ndarray], init: np.ndarray
+) -> dict[str, Any]:
+    """mc_pi and K-Means on a pool of `gpu_workers=workers`, which gives one GPU slot per card of
+    `cards`; times and the final centroids."""
     from batuta import Pool, Task
-    from batuta.core.task import Backend
+    from batuta.core.task import Backend, gpu_capability
     from batuta.jobs import kmeans as kmeans_job
 
     gpu = Backend.GPU
     out: dict[str, Any] = {}
-    async with Pool.local(1, gpu_workers=gpus) as pool:
-        # warm: every slot imports numba.cuda and compiles mc_pi
+    async with Pool.local(1, gpu_workers=workers) as pool:
+        # warm: every slot imports numba.cuda and compiles mc_pi (each asked by its card: a
+        # slot the stealing left out paid its compile inside the timed run)
         warm_samples = min(args.mc_samples, 1 << 20)
-        warm = [await pool.submit(Task.kernel("mc_pi", warm_samples, s, backend=gpu)) for s in range(16)]
+        warm = [
+            await pool.submit(Task.kernel("mc_pi", warm_samples, s, backend=gpu, requires=[gpu_capability(card)]))
+            for s, card in enumerate(cards * 2)
+        ]
         for future in warm:
             ok(await future)
-        utilization = Utilization()
+        utilization = Utilization(cards)
         with utilization:
             started = time.perf_counter()
             futures = [
@@ -125,12 +158,23 @@ async def one_run(gpus: str, args: argparse.Namespace, chunks: list[np.ndarray],
         assert abs(float(np.mean(estimates)) - np.pi) < 6 * standard_error + 1e-6, estimates[:3]
         refs = [pool.put(chunk) for chunk in chunks]
 
-        async def iteration(centroids: np.ndarray) -> np.ndarray:
-            futures = [await pool.submit(Task.kernel("kmeans_partial", ref, centroids, backend=gpu)) for ref in refs]
+        async def iteration(centroids: np.ndarray, *, pinned: bool = False) -> np.ndarray:
+            futures = [
+                await pool.submit(
+                    Task.kernel(
+                        "kmeans_partial",
+                        ref,
+                        centroids,
+                        backend=gpu,
+                        requires=[gpu_capability(cards[i % len(cards)])] if pinned else (),
+                    )
+                )
+                for i, ref in enumerate(refs)
+            ]
             partials = [ok(await f) for f in futures]
             return np.asarray(kmeans_job.update(centroids, partials)[0])
 
-        await iteration(init)  # uploads the chunks to the cards
+        await iteration(init, pinned=True)  # uploads chunk i to card i
         started = time.perf_counter()
         centroids = init
         for _ in range(args.iterations):
@@ -140,20 +184,6 @@ async def one_run(gpus: str, args: argparse.Namespace, chunks: list[np.ndarray],
         for ref in refs:
             pool.drop(ref)
     return out
-
-
-def visible_gpus(smoke: bool) -> int:
-    if smoke:
-        return int(os.environ.get("BATUTA_FAKE_GPUS", "2"))
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return int(pynvml.nvmlDeviceGetCount())
-    except Exception:
-        from numba import cuda
-
-        return len(cuda.gpus)
 
 
 def main() -> None:
@@ -168,16 +198,20 @@ def main() -> None:
         os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
         os.environ.setdefault("BATUTA_FAKE_GPUS", "2")
         args.mc_tasks, args.mc_samples, args.rows, args.iterations = 4, 1 << 12, 2_000, 2
-    gpus = visible_gpus(args.smoke)
+    cards = pool_cards(os.environ)
+    if not cards:
+        sys.exit(1)
+    gpus = len(cards)
     rng = np.random.default_rng(0)
     pts = rng.random((args.rows, D), dtype=np.float32)
     init = pts[rng.choice(args.rows, K, replace=False)].copy()
     chunks = [np.ascontiguousarray(c) for c in np.array_split(pts, max(1, gpus))]
-    one = asyncio.run(one_run("0", args, chunks, init))
-    every = asyncio.run(one_run("auto", args, chunks, init))
+    one = asyncio.run(one_run(cards[:1], cards[:1], args, chunks, init))
+    every = asyncio.run(one_run("auto", cards, args, chunks, init))
     np.testing.assert_allclose(one["centroids"], every["centroids"], rtol=1e-4, atol=1e-5)
     result = {
         "gpus": gpus,
+        "cards": cards,
         "mc_pi_speedup": round(one["mc_pi_s"] / every["mc_pi_s"], 3),
         "kmeans_speedup": round(one["kmeans_s"] / every["kmeans_s"], 3),
         "min_gpu_util": every["min_gpu_util"],
