@@ -20,7 +20,7 @@ import pytest
 from batuta.agent import spawn, supervisor
 from batuta.agent.code import SlotCode
 from batuta.agent.execute import OUTPUT_CAP, _CappedBuffer, describe_exception, describe_exit, one_line
-from batuta.agent.main import device_order_warning, plan_gpu_slots
+from batuta.agent.main import check_host, device_order_warning, plan_gpu_slots, visible_devices_warning
 from batuta.agent.options import GpuSelection, parse_args
 from batuta.agent.outbox import Flusher
 from batuta.agent.spawn import spawn_mode
@@ -233,6 +233,49 @@ def test_a_numbered_cuda_visible_devices_on_mixed_gpus_is_warned_about_unless_pc
         (FakeTelemetry(2).gpu_infos(), {"CUDA_VISIBLE_DEVICES": "1"}),  # CUDA never sees fake GPUs
     ]
     assert [device_order_warning(gpus, env) for gpus, env in quiet] == [None] * len(quiet)
+
+
+def test_a_cuda_visible_devices_that_stops_short_is_warned_about_naming_the_entry() -> None:
+    """A MIG instance, or a number or UUID naming no GPU NVML reads here (a GPU fenced off from
+    this process, a typo): CUDA, and so the agent, take no GPU from that entry on. The agent
+    offered no GPU slot, or fewer, and said nothing; a GPU task then failed "no slot offers gpu"."""
+    mig = "MIG-3b2c5d1e-0000-5a1b-9c4d-123456789abc"
+    warning = visible_devices_warning(REAL, {"CUDA_VISIBLE_DEVICES": mig})
+    assert warning == (
+        f"CUDA_VISIBLE_DEVICES={mig!r} names MIG instances ({mig}), and batuta runs GPU slots on whole GPUs only, "
+        "so no GPU slot from there on; name whole GPUs (nvidia-smi -L) or disable MIG on them"
+    )
+    fenced = visible_devices_warning(REAL[1:], {"CUDA_VISIBLE_DEVICES": "0"})  # NVML cannot open GPU 0
+    assert fenced == (
+        "CUDA_VISIBLE_DEVICES='0': 0 is no GPU NVML can read here (GPUs: 1), so no GPU slot from there on, as "
+        "CUDA would use none; name GPUs by nvidia-smi's numbers or UUIDs (nvidia-smi -L)"
+    )
+    partial = visible_devices_warning(REAL, {"CUDA_VISIBLE_DEVICES": "1,GPU-cccc"})
+    assert partial is not None and partial.startswith("CUDA_VISIBLE_DEVICES='1,GPU-cccc': GPU-cccc is no GPU NVML")
+    quiet = [
+        {},
+        {"CUDA_VISIBLE_DEVICES": ""},  # hidden on purpose
+        {"CUDA_VISIBLE_DEVICES": "-1"},
+        {"CUDA_VISIBLE_DEVICES": "NoDevFiles"},  # an old Slurm's, for a job given no GPU
+        {"CUDA_VISIBLE_DEVICES": "1,0"},
+        {"CUDA_VISIBLE_DEVICES": "GPU-bbbb"},
+    ]
+    assert [visible_devices_warning(REAL, env) for env in quiet] == [None] * len(quiet)
+
+
+def test_the_agent_says_why_cuda_visible_devices_left_it_no_gpu(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BATUTA_FAKE_GPUS", "2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-0000")
+    check_host(parse_args(["--stdio", "--slots", "1", "--gpus", "auto"]))
+    assert capsys.readouterr().err == (
+        "batuta agent: warning: CUDA_VISIBLE_DEVICES='MIG-0000' names MIG instances (MIG-0000), and batuta runs "
+        "GPU slots on whole GPUs only, so no GPU slot from there on; name whole GPUs (nvidia-smi -L) or disable MIG "
+        "on them\n"
+    )
+    check_host(parse_args(["--stdio", "--slots", "1", "--gpus", "none"]))  # GPUs left out on purpose
+    assert capsys.readouterr().err == ""
 
 
 def test_fake_gpus_are_pinned_by_index() -> None:

@@ -70,6 +70,38 @@ def _visible(gpus: tuple[GpuInfo, ...], visible: str | None) -> tuple[GpuInfo, .
     return tuple(chosen)
 
 
+def visible_devices_warning(gpus: tuple[GpuInfo, ...], environ: Mapping[str, str]) -> str | None:
+    """Why `CUDA_VISIBLE_DEVICES` gives this agent fewer GPUs than it names, or None.
+
+    CUDA (and so the agent, `_visible`) stops at the first entry it cannot find, silently: a
+    MIG instance (`MIG-...`: the agent pins whole GPUs only), a number or UUID naming no GPU
+    NVML can read here (a typo, a GPU this process may not open, as in a batch job whose
+    devices are fenced off), and no GPU slot came from that entry on. An empty setting, "-1"
+    or a word such as "NoDevFiles" hides GPUs on purpose and is not warned about."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if not visible:
+        return None
+    for entry in (part.strip() for part in visible.split(",")):
+        if entry.startswith("MIG-"):
+            return (
+                f"CUDA_VISIBLE_DEVICES={visible!r} names MIG instances ({entry}), and batuta runs GPU slots on whole "
+                "GPUs only, so no GPU slot from there on; name whole GPUs (nvidia-smi -L) or disable MIG on them"
+            )
+        if entry.isdigit():
+            found = any(g.index == int(entry) for g in gpus)
+        elif entry.startswith("GPU-"):
+            found = any(g.uuid.startswith(entry) for g in gpus)
+        else:
+            return None
+        if not found:
+            readable = ", ".join(str(g.index) for g in gpus) or "none"
+            return (
+                f"CUDA_VISIBLE_DEVICES={visible!r}: {entry} is no GPU NVML can read here (GPUs: {readable}), so no GPU "
+                "slot from there on, as CUDA would use none; name GPUs by nvidia-smi's numbers or UUIDs (nvidia-smi -L)"
+            )
+    return None
+
+
 def device_order_warning(gpus: tuple[GpuInfo, ...], environ: Mapping[str, str]) -> str | None:
     """Why a numbered `CUDA_VISIBLE_DEVICES` may not name the GPUs it is read as, or None.
 
@@ -161,7 +193,7 @@ def check_host(options: AgentOptions) -> None:
         raise UsageError(str(exc)) from None
     try:
         gpu_slots = plan_gpu_slots(options.gpus, telemetry.gpu_infos(), telemetry.gpu_status(), os.environ)
-        _warn_device_order(telemetry.gpu_infos())
+        _warn_gpu_choice(options.gpus, telemetry.gpu_infos())
     finally:
         telemetry.close()
     if options.cpu_slots == 0 and not gpu_slots:  # (a coordinator's host says it is up with no slot)
@@ -182,10 +214,14 @@ def _error(message: str) -> None:
     print(f"batuta agent: error: {message}", file=sys.stderr, flush=True)
 
 
-def _warn_device_order(gpus: tuple[GpuInfo, ...]) -> None:
-    warning = device_order_warning(gpus, os.environ)
-    if warning is not None:
-        print(f"batuta agent: warning: {warning}", file=sys.stderr, flush=True)
+def _warn_gpu_choice(selection: GpuSelection, gpus: tuple[GpuInfo, ...]) -> None:
+    """Say once, on stderr (the coordinator's log), where CUDA_VISIBLE_DEVICES may not give the
+    GPUs it was meant to."""
+    if selection.mode == "none":
+        return
+    for warning in (visible_devices_warning(gpus, os.environ), device_order_warning(gpus, os.environ)):
+        if warning is not None:
+            print(f"batuta agent: warning: {warning}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str]) -> int:
@@ -213,7 +249,7 @@ def main(argv: list[str]) -> int:
         telemetry.close()
         _error(str(exc))
         return EXIT_USAGE
-    _warn_device_order(gpus)
+    _warn_gpu_choice(options.gpus, gpus)
     frames_in, frames_out = _claim_stdio()
     widen_pipe(frames_out)  # results with arrays; a no-op unless the coordinator's end is a pipe
     agent = Agent(
