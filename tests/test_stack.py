@@ -17,17 +17,20 @@ import sys
 import textwrap
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
 
 from batuta._version import __version__
+from batuta.core.task import TaskResult, TaskStatus
 from batuta.errors import AgentError, ConfigError, HostUnusableError
+from batuta.protocol.messages import PROTOCOL_VERSION, GpuInfo, Hello, SlotInfo
 from batuta.runtime.cluster import parse_cluster
 from batuta.runtime.policy import POLICY_COMPONENTS, PolicyConfig
 from batuta.runtime.pool import local_host
 from batuta.stack import conformance, report, versions
-from batuta.stack.check import batuta_finding, python_finding
+from batuta.stack.check import _SMOKE_N, NodeFacts, batuta_finding, gpu_findings, python_finding
 from batuta.stack.gate import conformance_findings, effective_policy, policy_findings
 from batuta.stack.model import (
     COORDINATOR,
@@ -42,7 +45,7 @@ from batuta.stack.model import (
     NodeReport,
     StackReport,
 )
-from batuta.stack.nodes import NodeTarget, unreachable_finding
+from batuta.stack.nodes import NodeSession, NodeTarget, unreachable_finding
 from batuta.transport.ssh import HostKeyError, SSHConnectError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -732,3 +735,63 @@ def test_a_nodes_disk_check_covers_batutas_cache(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("XDG_CACHE_HOME", "/dev/shm/batuta-test-not-made")  # not made: the disk it goes on
     [cache] = [disk for disk in _disks() if disk["label"] == "cache"]
     assert cache["path"] == "/dev/shm" and cache["free"] > 0
+
+
+def _two_gpu_session() -> NodeSession:
+    gpus = (
+        GpuInfo(index=0, name="NVIDIA H100 80GB HBM3", uuid="GPU-2b5c6b3e-5f5a-4c1d-9e8f-0123456789ab"),
+        GpuInfo(index=1, name="NVIDIA H100 80GB HBM3", uuid="GPU-7d1e0a44-1c2b-4a3d-8e9f-fedcba987654"),
+    )
+    hello = Hello(
+        protocol=PROTOCOL_VERSION,
+        batuta_version=__version__,
+        python_version="3.11.7",
+        hostname="gpu1",
+        pid=1,
+        cpu_count=16,
+        slots=(
+            SlotInfo(slot=0, capabilities=("cpu",)),
+            SlotInfo(slot=1, capabilities=("gpu",), gpu_index=0),
+            SlotInfo(slot=2, capabilities=("gpu",), gpu_index=1),
+        ),
+        gpus=gpus,
+    )
+    target = NodeTarget(name="gpu1", role=ROLE_SSH, spec=local_host(1), address="10.0.0.1")
+    return NodeSession(target=target, pool=cast(Any, None), hello=hello, ready_s=0.1, connect_s=0.05, where="gpu1")
+
+
+def _smoke(ran_on: str) -> TaskResult:
+    value: dict[str, Any] = {
+        "value": float(sum(2.0 * i for i in range(_SMOKE_N))),
+        "compile_run_s": 0.4,
+        "simulator": False,
+    }
+    value |= {"device": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "uuid": ran_on}
+    return TaskResult(task_id=1, name="stack_cuda_smoke", status=TaskStatus.SUCCEEDED, value=value)
+
+
+def test_each_gpu_row_names_the_card_its_kernel_ran_on_and_a_wrong_card_is_an_error() -> None:
+    """The per-GPU rows said "GPU 1: ... on NVIDIA H100" whichever card the slot ran on: on a
+    node of eight alike, nothing showed that GPU 1's slot was pinned to GPU 1. The row now names
+    the card's UUID (to hold against nvidia-smi -L), and a card that is not the one NVML calls
+    GPU 1 is an error."""
+    session = _two_gpu_session()
+    first, second = (g.uuid for g in session.hello.gpus)
+    info = {"nvml": {"status": "ok", "driver": "580.1", "cuda_driver": "13.0", "gpus": ["H100", "H100"]}}
+    right = NodeFacts(info=info, cuda={0: _smoke(first), 1: _smoke(second.upper().removeprefix("GPU-"))})
+    rows = [f for f in gpu_findings(session, right) if f.check == "cuda"]
+    assert [(f.severity, f.message) for f in rows] == [
+        (HEALTHY, f"GPU 0: CUDA compiles and runs a kernel on NVIDIA H100 80GB HBM3 (compute 9.0, {first}) (0.40 s)"),
+        (
+            HEALTHY,
+            "GPU 1: CUDA compiles and runs a kernel on NVIDIA H100 80GB HBM3 (compute 9.0, "
+            f"{second.upper().removeprefix('GPU-')}) (0.40 s)",
+        ),
+    ]
+    swapped = NodeFacts(info=info, cuda={0: _smoke(second), 1: _smoke(first)})
+    rows = [f for f in gpu_findings(session, swapped) if f.check == "cuda"]
+    assert [f.severity for f in rows] == [ERROR, ERROR]
+    assert rows[1].message == f"GPU 1: the kernel for GPU 1 ({second}) ran on another card, {first}"
+    assert rows[1].suggestion.startswith("compare nvidia-smi -L on gpu1")
+    unknown = NodeFacts(info=info, cuda={0: _smoke("GPU-00000000"), 1: _smoke("")})  # no UUID to hold it against
+    assert {f.severity for f in gpu_findings(session, unknown) if f.check == "cuda"} == {HEALTHY}

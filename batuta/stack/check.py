@@ -262,7 +262,11 @@ def gpu_findings(session: NodeSession, facts: NodeFacts) -> list[Finding]:
         found.append(_cuda_finding(target, None, None, several=False))
         return found
     several = len(facts.cuda) > 1
-    found.extend(_cuda_finding(target, index, result, several=several) for index, result in sorted(facts.cuda.items()))
+    uuids = {g.index: g.uuid for g in gpus_seen}
+    found.extend(
+        _cuda_finding(target, index, result, several=several, uuid=uuids.get(index, ""))
+        for index, result in sorted(facts.cuda.items())
+    )
     return found
 
 
@@ -284,8 +288,12 @@ def _fake_gpus_without_simulator(node: str, nvml_status: str, facts: NodeFacts) 
     )
 
 
-def _cuda_finding(target: NodeTarget, index: int | None, result: TaskResult | None, *, several: bool) -> Finding:
-    """What the CUDA smoke test on GPU `index`'s slot says (named by GPU where a node has several)."""
+def _cuda_finding(
+    target: NodeTarget, index: int | None, result: TaskResult | None, *, several: bool, uuid: str = ""
+) -> Finding:
+    """What the CUDA smoke test on GPU `index`'s slot says (named by GPU where a node has several).
+    `uuid`: that GPU's, as NVML told the agent; the card the kernel ran on must be it (a slot is
+    pinned by UUID, so a GPU row that names another card means the pinning failed)."""
     node = target.name
     gpu = f"GPU {index}: " if several else ""
     if result is None or result.status is not TaskStatus.SUCCEEDED:
@@ -316,14 +324,31 @@ def _cuda_finding(target: NodeTarget, index: int | None, result: TaskResult | No
             message=f"{gpu}CUDA kernels run under numba's simulator ({node_kernels.CUDASIM_ENV}=1), not on a GPU",
             suggestion=f"unset {node_kernels.CUDASIM_ENV} in {node}'s env to use its GPUs",
         )
+    ran_on = str(value.get("uuid") or "")
+    if uuid.startswith("GPU-") and _uuid_digits(ran_on) and _uuid_digits(ran_on) != _uuid_digits(uuid):
+        return Finding(
+            node=node,
+            check="cuda",
+            severity=ERROR,
+            message=f"{gpu}the kernel for GPU {index} ({uuid}) ran on another card, {ran_on}",
+            suggestion=f"compare nvidia-smi -L on {node}; its GPU tasks and readings would name the wrong card",
+        )
     capability = value.get("compute_capability")
-    device = f"{value.get('device')}" + (f" (compute {capability})" if capability else "")
+    card = ", ".join(part for part in (f"compute {capability}" if capability else "", ran_on) if part)
+    device = f"{value.get('device')}" + (f" ({card})" if card else "")
     return Finding(
         node=node,
         check="cuda",
         severity=HEALTHY,
         message=f"{gpu}CUDA compiles and runs a kernel on {device} ({seconds:.2f} s)",
     )
+
+
+def _uuid_digits(uuid: str) -> str:
+    """The 32 hex digits of a GPU UUID as NVML ("GPU-2b5c...-...") or CUDA writes it, or "" for
+    anything else (a fake GPU's, the simulator's, a format this does not know: never compared)."""
+    digits = "".join(c for c in uuid.lower().removeprefix("gpu-") if c != "-")
+    return digits if len(digits) == 32 and all(c in "0123456789abcdef" for c in digits) else ""
 
 
 def _wanted(minimum_gb: float) -> str:
