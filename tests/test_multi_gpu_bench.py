@@ -17,10 +17,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.timeout(300)
 def test_the_multi_gpu_benchmark_uses_the_gpus_cuda_visible_devices_gives_it() -> None:
-    """With CUDA_VISIBLE_DEVICES=3,1 of four GPUs, its one-GPU run asked for GPU 0 (not among
+    """With CUDA_VISIBLE_DEVICES=3,1,2 of four GPUs, its one-GPU run asked for GPU 0 (not among
     them: the agent refused it, and the script died) and it counted four cards."""
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "BATUTA_FAKE_GPUS")}
-    env.update(NUMBA_ENABLE_CUDASIM="1", BATUTA_FAKE_GPUS="4", CUDA_VISIBLE_DEVICES="3,1")
+    env.update(NUMBA_ENABLE_CUDASIM="1", BATUTA_FAKE_GPUS="4", CUDA_VISIBLE_DEVICES="3,1,2")
     done = subprocess.run(
         [sys.executable, "bench/multi_gpu.py", "--smoke"],
         cwd=REPO_ROOT,
@@ -32,7 +32,8 @@ def test_the_multi_gpu_benchmark_uses_the_gpus_cuda_visible_devices_gives_it() -
     )
     assert done.returncode == 0, done.stderr[-4000:]
     found = json.loads(done.stdout.splitlines()[-1])
-    assert (found["gpus"], found["cards"]) == (2, [3, 1])
+    assert (found["gpus"], found["cards"]) == (3, [3, 1, 2])
+    assert found["mc_tasks"] == 2 * 3  # so many per card: on 8 cards, 8 in all left one card a ninth
     assert found["mc_pi_speedup"] > 0 and found["kmeans_speedup"] > 0  # simulated timings mean nothing
 
 
