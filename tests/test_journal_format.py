@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import numpy as np
 import pytest
 
 from batuta import Backend, TaskResult, TaskStatus
+from batuta.observers import journal_records
 from batuta.observers.journal import JOURNAL_FILE, Journal, place_key
 from batuta.observers.journal_records import (
+    KEEP,
     MAGIC,
     MAGIC_V1,
     Strings,
@@ -93,6 +96,64 @@ async def test_a_string_is_kept_once_however_many_results_name_it(tmp_path: Path
     data = (tmp_path / JOURNAL_FILE).read_bytes()
     assert data.count(CODE.encode()) == 2 and data.count(b"node-1/cpu:1") == 2  # one strings record, twice
     assert len(data) < 100 * 1000  # version 1: 470 bytes a result
+
+
+def held(strings: Strings) -> tuple[int, int]:
+    """The entries the table's lists and dicts hold, and their bytes with what they hold."""
+    entries = size = 0
+    for part in vars(strings).values():
+        if isinstance(part, dict):
+            items = [x for pair in part.items() for x in pair]
+        elif isinstance(part, list):
+            items = [x for x in part if x is not None]
+        else:
+            continue
+        entries += len(part)
+        size += sys.getsizeof(part) + sum(sys.getsizeof(x) for x in items)
+    return entries, size
+
+
+def test_the_writers_strings_stay_bounded_however_many_labels_tasks_have() -> None:
+    """A task's own label (`Task.kernel(..., label=f"item-{i}")`) was kept by number for the
+    job's whole life, with every other string written: 130 bytes a task, 130 MB a million.
+    Now the writer keeps `KEEP` a generation, two at most; a host named by every result stays."""
+    strings = Strings()
+    records = 5 * KEEP
+    for n in range(records):
+        parts = encode_record(f"k{n}", replace(result(n, n, host=f"node-{n % 3}"), name=f"item-{n}"), strings)
+        assert len(parts) == 3 and f"item-{n}".encode() in parts[0]  # its label, defined with it
+        if n >= 3:
+            assert b"node-" not in parts[0]  # the hosts and slots are still kept: not defined again
+    entries, size = held(strings)
+    assert entries <= 2 * KEEP, f"the writer keeps {entries} strings after {records} labelled results"
+    assert size <= 2 * KEEP * 200, f"the writer's strings take {size} bytes after {records} labelled results"
+
+
+async def test_strings_forgotten_and_named_again_resume_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A string the writer no longer keeps is defined again under a new number, never an old
+    one: results read back lazily (after every record was scanned) and those a resumed run
+    appends (numbered after the file's) come back with the strings they were written with."""
+    monkeypatch.setattr(journal_records, "KEEP", 4, raising=False)
+
+    def made(n: int) -> TaskResult:  # labels that recur after they were forgotten, among unique ones
+        return replace(result(n, n * 0.5, host=f"node-{n % 3}"), name=f"label-{n % 11}" if n % 2 else f"own-{n}")
+
+    journal = await Journal.open(tmp_path, job="j", resume=False)
+    for n in range(200):
+        journal.record(f"k{n}", made(n))
+    await journal.close()
+    assert (tmp_path / JOURNAL_FILE).read_bytes().count(b"label-3") > 2  # defined again: more than two copies
+    again = await Journal.open(tmp_path, job="j", resume=True)
+    for n in range(200, 300):
+        again.record(f"k{n}", made(n))
+    assert [n for n in range(200) if again.get(f"k{n}") != made(n)] == []
+    await again.close()
+    resumed = await Journal.open(tmp_path, job="j", resume=True)
+    assert len(resumed) == 300
+    assert [n for n in range(300) if resumed.get(f"k{n}") != made(n)] == []
+    await resumed.close()
 
 
 async def test_one_damaged_strings_record_costs_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -72,7 +72,7 @@ timings and attempts of the run that produced them.
 where the payload is a result's value in the state-tree encoding of
 `batuta.observers.checkpoint.encode_tree` (msgpack plus raw array buffers; no pickle) and
 its key, place and other fields in one msgpack array, each string by a number that a
-strings record (written twice) defined once per journal: 85 bytes a noop result, where
+strings record (written twice) defined (a host's, once a journal): 85 bytes a noop result, where
 version 1's map of every field by name took 300. A version-1 journal is converted (renamed
 into place, synced) when a run resumes it. Records are
 appended in batches from a worker thread, with one fsync per batch, so the event loop never

@@ -15,7 +15,11 @@ A journal of a million noop results holds "local/cpu:1" once, not a million time
 1's records were a msgpack map of every field by name, 300 bytes for a noop, 443 for a
 user's kernel (its code digest spelled out in each); 86 and 91 now (a CPU slot's device: 1 byte). A string is defined by
 two copies of a strings record just before the first result that names it (a run
-appending to a journal numbers its new strings from the journal's next number): one
+appending to a journal numbers its new strings from the journal's next number), and again,
+under a new number, before one that names it after the writer forgot it (`Strings`: a
+number is never given twice, so any batuta's reader, decoding a result after the whole file
+was read, reads each number as the string written with it; a million labels cost the writer
+no more memory than a few thousand): one
 damaged record still costs no more than its own result, as in version 1, since the other
 copy defines what a damaged strings record did; two damaged records in a row end the
 trusted part, as they did. A result naming a number no record
@@ -71,14 +75,29 @@ class JournalError(UsageError):
     """The journal cannot be used: a bad folder, an unreadable file, an argument with no key."""
 
 
+KEEP = 8192  # strings the writer keeps a number for, per generation (`Strings.ids`): two at most, ~2.5 MB
+
+
 class Strings:
-    """The journal's strings by number: those its records defined, then this run's."""
+    """The journal's strings by number: those its records defined (`texts`, to read results
+    back by), and the numbers of the strings the writer named lately, to name them again.
+
+    The writer keeps a number for the strings it named in this generation and the last only
+    (`KEEP` each): a string named again while kept moves to this generation, one that was not
+    is defined anew under the next number. Every string it ever named was kept: each task's
+    own label made a long job's coordinator grow by 130 bytes a task for its whole life. A
+    number is never given twice, so a result read later names the string it was written with;
+    a host, slot or kernel name, named every few results, stays kept and is defined once."""
 
     def __init__(self) -> None:
         self.texts: list[str | None] = []  # None: a number no record defined (a file batuta did not write whole)
-        self._ids: dict[str, int] = {}
+        self.next = 0  # the number the writer gives its next new string: none the file's records gave
+        self._ids: dict[str, int] = {}  # this generation's (`KEEP`)
+        self._older: dict[str, int] = {}  # the last generation's: forgotten when this one is full
 
     def define(self, first: int, texts: list[Any]) -> None:
+        """What a strings record of the file defines (the reader's; the writer's own strings
+        are not read back in this run, so it keeps only their numbers)."""
         if first > len(self.texts):
             self.texts.extend([None] * (first - len(self.texts)))
         for number, text in enumerate(texts, first):
@@ -88,23 +107,41 @@ class Strings:
                 self.texts.append(text)
             else:
                 self.texts[number] = text
-            self._ids.setdefault(text, number)
+            self._keep(text, number)
+        self.next = max(self.next, len(self.texts))
+
+    def _keep(self, text: str, number: int) -> None:
+        self._older.pop(text, None)
+        if len(self._ids) >= KEEP and text not in self._ids:
+            self._older, self._ids = self._ids, {}
+        self._ids[text] = number
 
     def ids(self, texts: tuple[str | None, ...]) -> tuple[list[int | None], bytes | None]:
         """The numbers of `texts` (None stays None), and the payload of a strings record that
-        defines those that had none, or None when all had."""
+        defines those that had none kept, or None when all had."""
+        ids, older = self._ids, self._older
+        numbers: list[int | None] = []
+        named: list[tuple[str, int]] = []  # not in this generation: kept in it below
         new: list[str] = []
         for text in texts:
-            if text is not None and text not in self._ids and text not in new:
-                if type(text) is not str:
-                    raise TypeError(f"a {type(text).__name__} where the journal records a str")
-                new.append(text)
+            number = None if text is None else ids.get(text)
+            if number is None and text is not None:
+                number = older.get(text)
+                if number is None:
+                    if type(text) is not str:
+                        raise TypeError(f"a {type(text).__name__} where the journal records a str")
+                    if text not in new:
+                        new.append(text)
+                    number = self.next + new.index(text)
+                named.append((text, number))
+            numbers.append(number)
         definition = None
         if new:
-            first = len(self.texts)
-            self.define(first, new)
-            definition = _payload(b"", [_STRINGS, first, new])
-        return [None if text is None else self._ids[text] for text in texts], definition
+            definition = _payload(b"", [_STRINGS, self.next, new])
+            self.next += len(new)
+        for text, number in named:
+            self._keep(text, number)
+        return numbers, definition
 
     def check(self, numbers: tuple[Any, ...]) -> None:
         """ValueError unless each of `numbers` is None or a defined string's."""
