@@ -12,7 +12,9 @@ One local pool (`--workers` CPU slots) runs `--tasks` noop tasks, each with its 
   `resume_s` is both, `resume_cpu_s` the CPU time this process spent on them (steadier than
   wall time on a shared machine: the resume runs nothing on the hosts).
 
-`--kernel spin` journals tasks keyed by their place (`spin` is not pure) instead; `--repeat`
+`--kernel spin` journals tasks keyed by their place (`spin` is not pure) instead; `--labels`
+gives each task its own label (`label=f"item-{i}"`: a string the journal has not seen, each
+task); `--repeat`
 runs the with/without pair that many times, alternated, and reports the medians (the
 machine may be shared). With `--profile FILE`, the resume's open and job run under
 cProfile, written to FILE.
@@ -21,7 +23,7 @@ The last line printed is one JSON object: `tasks`, `bytes_per_record`, `journal_
 `resume_s`, `resume_open_s`, `resume_job_s`, `resume_cpu_s`, `overhead_fraction`, `plain_tasks_per_s`,
 `journaled_tasks_per_s`.
 
-    python bench/journal.py [--tasks 100000] [--workers 2] [--repeat 1] [--profile FILE]
+    python bench/journal.py [--tasks 100000] [--workers 2] [--labels] [--repeat 1] [--profile FILE]
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ from batuta import Pool, Task
 from batuta.observers.journal import JOURNAL_FILE, Journal, JournalStore
 
 
-def tasks_of(kernel: str, n: int) -> list[Task]:
+def tasks_of(kernel: str, n: int, labels: bool = False) -> list[Task]:
+    if labels:
+        return [Task.kernel(kernel, 0.0 if kernel == "spin" else i, label=f"item-{i}") for i in range(n)]
     if kernel == "spin":
         return [Task.kernel("spin", 0.0)] * n  # equal tasks, each its own place
     return [Task.kernel("noop", i) for i in range(n)]
@@ -96,7 +100,7 @@ async def resumed_job(
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    tasks = tasks_of(args.kernel, args.tasks)
+    tasks = tasks_of(args.kernel, args.tasks, args.labels)
     plain: list[float] = []
     journaled: list[float] = []
     with tempfile.TemporaryDirectory(prefix="batuta-bench-journal-") as tmp:
@@ -114,6 +118,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "tasks": args.tasks,
         "kernel": args.kernel,
+        "labels": args.labels,
         "workers": args.workers,
         "repeat": args.repeat,
         "cpus": os.cpu_count(),
@@ -134,6 +139,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--kernel", choices=("noop", "spin"), default="noop")
+    parser.add_argument("--labels", action="store_true", help="each task its own label (a new string each)")
     parser.add_argument("--repeat", type=int, default=1, help="with/without pairs, alternated; medians reported")
     parser.add_argument("--profile", default=None, help="write the resume's cProfile stats here")
     args = parser.parse_args()
