@@ -880,6 +880,8 @@ async def test_each_gpu_of_a_host_can_be_asked_for_by_its_index() -> None:
         as_written = await pool.run(Task.kernel("sum", x, requires=["gpu:1"]))
     assert as_written.device.startswith("Fake GPU 1 (") and as_written.value == 64.0, as_written.error
     assert [r.device.split(" (")[0] for r in results] == [f"Fake GPU {i}" for i in asked]
+    # cards of one model have one name: the device says which GPU of the host it was
+    assert [r.device.rsplit(", ", 1)[-1] for r in results] == [f"GPU {i})" for i in asked]
     assert [r.value for r in results] == [64.0] * 3
     assert nowhere.status is TaskStatus.UNSCHEDULABLE and "gpu:2" in (nowhere.error or "")
 

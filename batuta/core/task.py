@@ -550,7 +550,9 @@ class TaskResult:
     backend_reason: str = ""  # why this backend (AUTO follows the seed's size table)
     job: str = ""  # the job it was submitted under (`Pool.job(name)`), if any
     restored: bool = False  # answered from a result store (a journal), not run again
-    device: str = ""  # the GPU a GPU slot ran it on, with its capacity: "NVIDIA H200 (132 SMs)"
+    # the GPU a GPU slot ran it on, with its capacity: "NVIDIA H200 (132 SMs)"; on a host of
+    # several GPUs, which: "NVIDIA H100 80GB HBM3 (132 SMs, GPU 3)"
+    device: str = ""
     code: str = ""  # digest of the user's code it ran with (shipped to its host); "" when none
 
     def is_success(self) -> bool:

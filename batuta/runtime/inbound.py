@@ -45,8 +45,10 @@ def joined_events(pool: Pool, session: HostSession) -> list[ev.Event]:
         if CAP_GPU in info.capabilities:
             gpu = next((g for g in hello.gpus if g.index == info.gpu_index), None)
             if gpu is not None:
-                # the seed's GpuExecutor: device name and capacity (compute units)
-                pool._device_of[slot_id] = f"{gpu.name} ({gpu.compute_units} SMs)"
+                # the seed's GpuExecutor: device name and capacity (compute units); on a host of
+                # several GPUs, which one too (its eight H100s all have the one name)
+                which = f", GPU {gpu.index}" if len(hello.gpus) > 1 else ""
+                pool._device_of[slot_id] = f"{gpu.name} ({gpu.compute_units} SMs{which})"
     # From now on the host is expected back with what it has, not with what its configuration
     # said (`slots = 0` on a machine without a GPU, a GPU index it does not have): tasks that
     # only it was to run fail as unschedulable instead of waiting for slots that never come.
