@@ -260,9 +260,13 @@ def _cuda_smoke_gpu(n: int) -> dict[str, Any]:
         facts["device"] = _text(getattr(device, "name", b"CUDA simulator" if simulator else b"?"))
         capability = getattr(device, "compute_capability", None)
         facts["compute_capability"] = ".".join(str(c) for c in capability) if capability else None
-        # Which card it ran on, for `check` to hold against the GPU this slot is pinned to
-        uuid = getattr(device, "uuid", None)
-        facts["uuid"] = _text(uuid) if uuid and not simulator else None
     except Exception as exc:
         facts["device_error"] = _short_error(exc)
+        return facts
+    try:  # a reading of its own: a binding that cannot give the UUID costs the row nothing else
+        # Which card it ran on, for `check` to hold against the GPU this slot is pinned to
+        uuid = None if simulator else getattr(device, "uuid", None)
+        facts["uuid"] = _text(uuid) if uuid else None
+    except Exception:
+        facts["uuid"] = None
     return facts
