@@ -101,6 +101,10 @@ class BatutaApp(App[None]):
     CSS_PATH = "batuta.tcss"
     TITLE = "batuta"
     AUTO_FOCUS = None  # no panel grabs the keys until clicked or tabbed to
+    # the screen's class by its height, for batuta.tcss: under 40 rows the panels' caps shrink
+    # and, in turn, the panels a short screen cannot draw readably give way to the task stream
+    # (a ClassVar annotation here clashes with Textual's, which mypy reads as an instance's)
+    VERTICAL_BREAKPOINTS = [(0, "-tiny"), (21, "-short"), (30, "-medium"), (40, "-tall")]  # noqa: RUF012
     COMMANDS: ClassVar = App.COMMANDS | {BatutaCommands}
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("d", "start_job('demo')", "Demo"),

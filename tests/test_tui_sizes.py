@@ -1,0 +1,72 @@
+"""The dashboard on terminals other than 160x50: short, narrow, wide and short, resized mid-run.
+
+Driven by Textual's Pilot on the seeded replay of tests/test_tui_snapshots.py (no pool, a
+fixed clock), asserting on what the screen shows: every panel drawn whole inside the
+screen, the task stream among them.
+"""
+
+from __future__ import annotations
+
+import pytest
+from batuta.tui.app import BatutaApp
+from batuta.tui.snapshot import screen_text
+from batuta.tui.widgets import AlertsPanel, JobsPanel, LogPanel, NodesPanel, StreamPanel
+from textual.widget import Widget
+
+from tests.test_tui_snapshots import seeded_cluster_model
+
+SMALL_SIZES = [(80, 24), (100, 30), (60, 20), (200, 15)]
+ALWAYS_SHOWN = (NodesPanel, JobsPanel, StreamPanel, AlertsPanel, LogPanel)
+
+
+async def _drawn(app: BatutaApp, pilot: object) -> str:
+    await pilot.pause()  # type: ignore[attr-defined]
+    app.sync_now()
+    await pilot.pause()  # type: ignore[attr-defined]
+    return screen_text(app)
+
+
+def _panels_whole(app: BatutaApp) -> None:
+    """Every panel on screen lies inside it, above the footer, with a line inside its border;
+    the panels a newcomer needs (the task stream first) are among them."""
+    width, height = app.size
+    shown = [w for w in app.screen.query(Widget) if w.id in _PANEL_IDS and w.display]
+    for panel in shown:
+        region = panel.region
+        assert region.bottom <= height - 1, f"{panel.id} runs off the screen at {width}x{height}: {region}"
+        assert region.right <= width, f"{panel.id} runs off the screen at {width}x{height}: {region}"
+        assert region.height >= 3, f"{panel.id} has no line inside its border at {width}x{height}: {region}"
+    for kind in ALWAYS_SHOWN:
+        panel = app.query_one(kind)
+        assert panel.display and panel in shown, f"{kind.__name__} is not shown at {width}x{height}"
+
+
+_PANEL_IDS = {"nodes", "jobs", "slots", "stream", "latency", "alerts", "log"}
+
+
+@pytest.mark.parametrize("size", SMALL_SIZES, ids=[f"{w}x{h}" for w, h in SMALL_SIZES])
+async def test_every_panel_is_whole_and_the_task_stream_shows_tasks(size: tuple[int, int]) -> None:
+    """At 80x24 the jobs and slots panels took the whole column and ran off the screen's
+    bottom (no border); the task stream, where tasks show as they run, was drawn nowhere."""
+    model = seeded_cluster_model()
+    app = BatutaApp(model=model, cluster_label=model.cluster_label, attach_logging=False)
+    async with app.run_test(size=size) as pilot:
+        text = await _drawn(app, pilot)
+        _panels_whole(app)
+        newest = max(model.running)  # the task running now: the stream's first line
+        assert "Task stream" in text and f"#{newest}" in text
+
+
+async def test_a_resize_mid_run_lays_the_panels_out_again() -> None:
+    model = seeded_cluster_model()
+    app = BatutaApp(model=model, cluster_label=model.cluster_label, attach_logging=False)
+    async with app.run_test(size=(160, 50)) as pilot:
+        assert "Slots" in await _drawn(app, pilot)
+        await pilot.resize_terminal(80, 24)
+        text = await _drawn(app, pilot)
+        _panels_whole(app)
+        assert "Task stream" in text
+        await pilot.resize_terminal(160, 50)
+        text = await _drawn(app, pilot)
+        _panels_whole(app)
+        assert "Slots" in text and "STEALS in/out" in text  # back with every panel
