@@ -2,17 +2,21 @@
 
 Driven by Textual's Pilot on the seeded replay of tests/test_tui_snapshots.py (no pool, a
 fixed clock), asserting on what the screen shows: every panel drawn whole inside the
-screen, the task stream among them.
+screen, the task stream among them, the footer's way out.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from batuta.tui.app import BatutaApp
+from batuta.tui.attach import AttachedApp
 from batuta.tui.snapshot import screen_text
 from batuta.tui.widgets import AlertsPanel, JobsPanel, LogPanel, NodesPanel, StreamPanel
 from textual.widget import Widget
 
+from batuta.runtime.serve_client import Target
 from tests.test_tui_snapshots import seeded_cluster_model
 
 SMALL_SIZES = [(80, 24), (100, 30), (60, 20), (200, 15)]
@@ -70,3 +74,21 @@ async def test_a_resize_mid_run_lays_the_panels_out_again() -> None:
         text = await _drawn(app, pilot)
         _panels_whole(app)
         assert "Slots" in text and "STEALS in/out" in text  # back with every panel
+
+
+async def test_the_footer_shows_help_and_quit_on_an_80_column_terminal(tmp_path: Path) -> None:
+    """The footer cuts what does not fit at its right end: '? Help' and 'q Quit' came last,
+    and an 80-column terminal showed neither (nor an attached view's 'x Detach')."""
+    model = seeded_cluster_model()
+    app = BatutaApp(model=model, cluster_label=model.cluster_label, attach_logging=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        footer = (await _drawn(app, pilot)).splitlines()[-1]
+        assert "? Help" in footer and "q Quit" in footer, footer
+    viewer = AttachedApp(Target(path=tmp_path / "nobody.sock"))
+    async with viewer.run_test(size=(80, 24)) as pilot:
+        footer = (await _drawn(viewer, pilot)).splitlines()[-1]
+        assert "q Quit" in footer and "x Detach" in footer, footer
+        assert "d Demo" not in footer  # a view runs no jobs: its keys say so, but take no room
+        await pilot.press("d")
+        await pilot.pause()
+        assert any("runs no jobs of its own" in toast.message for toast in viewer._notifications)

@@ -106,7 +106,13 @@ class BatutaApp(App[None]):
     # (a ClassVar annotation here clashes with Textual's, which mypy reads as an instance's)
     VERTICAL_BREAKPOINTS = [(0, "-tiny"), (21, "-short"), (30, "-medium"), (40, "-tall")]  # noqa: RUF012
     COMMANDS: ClassVar = App.COMMANDS | {BatutaCommands}
+    # The footer shows these in this order and cuts what does not fit at its right end: help
+    # and quit first, so that an 80-column terminal still says how to leave and where the
+    # other keys are (last, they were cut there). An attached view shows its detach key next.
     BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("question_mark,f1", "help", "Help"),
+        Binding("q", "quit", "Quit"),
+        Binding("x", "detach", "Detach", show=False),
         Binding("d", "start_job('demo')", "Demo"),
         Binding("r", "pick_job", "Run job"),
         Binding("c", "cancel_job", "Cancel job"),
@@ -117,9 +123,6 @@ class BatutaApp(App[None]):
         Binding("b", "cycle_latency('backend')", "Latency backend", show=False),
         Binding("o", "cycle_latency('host')", "Latency host", show=False),
         Binding("g", "toggle_gpu_rows", "GPU rows", show=False),
-        Binding("question_mark,f1", "help", "Help"),
-        Binding("q", "quit", "Quit"),
-        Binding("x", "detach", "Detach", show=False),
     ]
 
     def toast(

@@ -189,7 +189,13 @@ def apply_items(model: DashboardModel, items: list[Any]) -> None:
 class AttachedApp(BatutaApp):
     """`BatutaApp` fed by a served coordinator; see the module docstring."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("x", "detach", "Detach")]  # merged with the app's
+    # merged with the app's, in its places: detach shown beside quit; the keys that start jobs
+    # still answer (a view runs none) but take no room in the footer
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("x", "detach", "Detach"),
+        Binding("d", "start_job('demo')", "Demo", show=False),
+        Binding("r", "pick_job", "Run job", show=False),
+    ]
 
     def __init__(
         self,
