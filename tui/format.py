@@ -1,8 +1,13 @@
-"""Small number formatters shared by the drawing code and the screens (pure functions)."""
+"""Small number and name formatters shared by the drawing code and the screens (pure functions)."""
 
 from __future__ import annotations
 
+import functools
 import math
+from collections import Counter
+from collections.abc import Mapping
+
+from rich.cells import cell_len
 
 
 def duration(seconds: float | None, *, compact: bool = False) -> str:
@@ -91,3 +96,61 @@ def gib(value: int | None) -> str:
 
 def percent(value: float | None) -> str:
     return "?" if value is None else f"{value:.0f}%"
+
+
+# -- names cut to a column ------------------------------------------------------------------
+
+
+def _take(text: str, cells: int, *, from_end: bool = False) -> str:
+    """The longest start (or end) of `text` that fits `cells` terminal cells (a CJK character takes two)."""
+    taken: list[str] = []
+    used = 0
+    for char in reversed(text) if from_end else text:
+        used += cell_len(char)
+        if used > cells:
+            break
+        taken.append(char)
+    return "".join(reversed(taken)) if from_end else "".join(taken)
+
+
+def cut_end(text: str, width: int) -> str:
+    """`text` in at most `width` cells, its end cut off (…)."""
+    if cell_len(text) <= width:
+        return text
+    return _take(text, width - 1) + "…" if width > 1 else _take(text, width)
+
+
+def cut_middle(text: str, width: int) -> str:
+    """`text` in at most `width` cells, its middle cut out (…), more of its end kept than of its start."""
+    if cell_len(text) <= width:
+        return text
+    if width < 3:
+        return cut_end(text, width)
+    tail = _take(text, (width - 1 + 1) // 2, from_end=True)
+    return _take(text, width - 1 - cell_len(tail)) + "…" + tail
+
+
+@functools.lru_cache(maxsize=16)
+def short_names(names: tuple[str, ...], width: int) -> Mapping[str, str]:
+    """Each of `names` (a cluster's hosts) in at most `width` cells, told apart from the others.
+
+    Cut at the end, as any cell is ("gpu-node-017.clu…"), unless that leaves two alike: hosts
+    named alike up to their last characters ("compute-rack-a-node-001", "...-002") all read
+    "compute-rack-…", so those are cut in the middle, which keeps the end that tells them
+    apart ("comput…node-001")."""
+    ends = {name: cut_end(name, width) for name in names}
+    alike = Counter(ends.values())
+    return {name: cut if alike[cut] == 1 else cut_middle(name, width) for name, cut in ends.items()}
+
+
+def short_slot(slot_id: str, hosts: tuple[str, ...], width: int) -> str:
+    """A slot id ("host/3") in at most `width` cells: its host as `short_names` cuts it, and its
+    index whole (cut at the end, every slot of a long-named host read the same)."""
+    if cell_len(slot_id) <= width:
+        return slot_id
+    host, sep, index = slot_id.rpartition("/")
+    room = width - cell_len(sep + index)
+    if not sep or room < 2:
+        return cut_end(slot_id, width)
+    short = short_names(hosts, room).get(host)
+    return (short if short is not None else cut_end(host, room)) + sep + index

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Protocol
 
+from rich.cells import cell_len
 from rich.style import Style
 from rich.text import Text
 
@@ -90,12 +91,12 @@ def click(action: str) -> Style:
 
 
 def fit(text: str, width: int, *, right: bool = False) -> str:
-    """`text` padded or cut (with an ellipsis) to exactly `width` cells."""
+    """`text` padded or cut (with an ellipsis) to exactly `width` cells (a CJK character takes two)."""
     if width <= 0:
         return ""
-    if len(text) > width:
-        return text[: width - 1] + "…" if width > 1 else text[:width]
-    return text.rjust(width) if right else text.ljust(width)
+    text = fmt.cut_end(text, width)
+    pad = " " * (width - cell_len(text))
+    return pad + text if right else text + pad
 
 
 def keep_ends(text: str, limit: int) -> str:
@@ -424,13 +425,15 @@ class SlotRows:
             self._running_on.setdefault(started.slot, started.name)
         self._slots = list(model.slots.values())
         self._deepest = max((s.deque_depth for s in self._slots), default=0)
+        self._hosts = tuple(model.hosts)
 
     def __len__(self) -> int:
         return len(self._slots)
 
     def __getitem__(self, index: int) -> Text:
         slot = self._slots[index]
-        return _slot_line(slot, self._deepest, self._running_on.get(slot.slot_id, ""), self._p, self._columns)
+        label = fmt.short_slot(slot.slot_id, self._hosts, self._columns[0].width)
+        return _slot_line(slot, label, self._deepest, self._running_on.get(slot.slot_id, ""), self._p, self._columns)
 
 
 def slot_lines(model: DashboardModel, p: Palette, width: int) -> list[Text]:
@@ -439,14 +442,14 @@ def slot_lines(model: DashboardModel, p: Palette, width: int) -> list[Text]:
     return [rows[i] for i in range(len(rows))]
 
 
-def _slot_line(slot: SlotRow, deepest: int, running: str, p: Palette, columns: Sequence[Column]) -> Text:
+def _slot_line(slot: SlotRow, label: str, deepest: int, running: str, p: Palette, columns: Sequence[Column]) -> Text:
     bar_width = columns[3].width - 5
     deque = joined(hbar(slot.deque_depth / deepest if deepest else 0.0, bar_width, p.bar, p.bar_empty))
     deque.append(f"{slot.deque_depth:>5,}")
     return table_row(
         columns,
         [
-            (slot.slot_id, p.label),
+            (label, p.label),
             (
                 slot.kind if slot.gpu_index is None else f"gpu:{slot.gpu_index}",
                 p.accent if slot.kind == "gpu" else p.dim,
@@ -569,8 +572,9 @@ def histogram_lines(
 # -- task stream ----------------------------------------------------------------------------
 
 
-def stream_lines(rows: Sequence[StreamRow], now: float, p: Palette) -> list[Text]:
-    """The task stream's lines: running tasks with their elapsed time, then endings."""
+def stream_lines(rows: Sequence[StreamRow], now: float, p: Palette, hosts: tuple[str, ...] = ()) -> list[Text]:
+    """The task stream's lines: running tasks with their elapsed time, then endings (`hosts`:
+    the cluster's, to cut long slot ids so that they stay apart; see `format.short_slot`)."""
     lines = []
     for row in rows:
         out = Text(no_wrap=True, overflow="ellipsis")
@@ -584,7 +588,7 @@ def stream_lines(rows: Sequence[StreamRow], now: float, p: Palette) -> list[Text
         out.append(" ")
         out.append(fit(row.job or "-", 10), p.dim)
         out.append(" ")
-        out.append(fit(row.slot, 11), p.text)
+        out.append(fit(fmt.short_slot(row.slot, hosts, 11), 11), p.text)
         out.append(" ")
         if row.state == "running":
             out.append(f"running {fmt.duration(now - row.at)}", p.accent)

@@ -74,6 +74,7 @@ class NodeRows:
         self._busy = model.busy_slots()
         self._now, self._p, self._width = now, p, width
         self._compact = compact
+        self._labels = fmt.short_names(tuple(model.hosts), NODE_COLUMNS[0].width)
         self._entries: list[tuple[HostRow, GpuRow | _ReasonLine | _UnusedGpus | None]] = []
         hosts = list(model.hosts.values())
         if compact:  # stable sort: trouble first, then the order hosts were listed in
@@ -95,14 +96,17 @@ class NodeRows:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def _label(self, host: HostRow) -> str:
+        return self._labels.get(host.name) or host.name
+
     def __getitem__(self, index: int) -> Text:
         host, gpu = self._entries[index]
         p = self._p
         if gpu is None:
             if self._compact and host.used_gpus():  # the cells at one column on every line, then failures
                 cells = _gpu_cells(host, p, self._width - _CELLS_AT - 14)
-                return _host_line(host, self._busy, self._now, p, gpu_cells=cells)
-            return _host_line(host, self._busy, self._now, p)
+                return _host_line(host, self._label(host), self._busy, self._now, p, gpu_cells=cells)
+            return _host_line(host, self._label(host), self._busy, self._now, p)
         if isinstance(gpu, _ReasonLine):
             line = Text("   └ " if gpu.first else " " * REASON_INDENT, p.dim, no_wrap=True)
             line.append(gpu.text, p.bad if host.state in ("lost", "retired") else p.warn)
@@ -219,7 +223,9 @@ def node_lines(model: DashboardModel, now: float, p: Palette, width: int) -> lis
     return [rows[i] for i in range(len(rows))]
 
 
-def _host_line(host: HostRow, busy: dict[str, int], now: float, p: Palette, *, gpu_cells: Text | None = None) -> Text:
+def _host_line(
+    host: HostRow, label: str, busy: dict[str, int], now: float, p: Palette, *, gpu_cells: Text | None = None
+) -> Text:
     icon = STATE_ICONS.get(host.state, "◌")
     if host.state in _GONE:  # the last readings before it went: not what it does now
         cpu: Cell = ("-", p.dim)
@@ -240,7 +246,7 @@ def _host_line(host: HostRow, busy: dict[str, int], now: float, p: Palette, *, g
     out = table_row(
         NODE_COLUMNS,
         [
-            (host.name, p.label),
+            (label, p.label),
             (f"{icon} {host.state}", state_style(host.state, p)),
             cpu,
             memory,

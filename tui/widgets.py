@@ -254,7 +254,7 @@ class StreamPanel(LinesPanel):
 
     def build(self, now: float, palette: Palette, width: int, height: int) -> tuple[list[Text], render.Rows]:
         rows = self.model.stream(max(1, height))
-        return [], render.stream_lines(rows, now, palette)
+        return [], render.stream_lines(rows, now, palette, tuple(self.model.hosts))
 
     def subtitle(self, now: float) -> str:
         return f"{self.model.running_count:,} running · click a failed id for details"
