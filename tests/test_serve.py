@@ -644,6 +644,23 @@ def test_tui_serve_without_a_terminal_starts_nothing(
             cli_main(["stop", "noterm"])
 
 
+def test_tui_serve_on_a_dumb_terminal_starts_nothing(
+    runtime_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batuta.cli import _common, _serve
+
+    monkeypatch.setattr(_common, "has_terminal", lambda: True)
+    monkeypatch.setenv("TERM", "dumb")
+    monkeypatch.setattr(_serve, "_serve_for_tui", lambda args: pytest.fail("the served job must not start"))
+    try:
+        assert cli_main(["tui", "--serve", "-j", "pi", "--name", "dumbterm", "--workers", "1"]) == 2
+        assert "TERM=dumb says this one does not" in capsys.readouterr().err
+        assert not serve_paths.socket_path("dumbterm").exists()
+    finally:
+        if serve_paths.socket_path("dumbterm").exists():
+            cli_main(["stop", "dumbterm"])
+
+
 def test_tui_serve_with_a_name_taken_says_so_once_and_exits_2(
     runtime_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

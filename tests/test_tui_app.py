@@ -616,6 +616,19 @@ def test_cli_tui_without_a_terminal_says_so_instead_of_drawing_into_a_file(
     assert "batuta tui needs a terminal" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("term", ["dumb", "unknown"])
+def test_cli_tui_on_a_terminal_that_draws_no_screen_says_so_in_one_line(
+    term: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under TERM=dumb (Emacs' shell, a CI log view) the dashboard drew pages of escape codes."""
+    monkeypatch.setattr(cli_run, "has_terminal", lambda: True)
+    monkeypatch.setenv("TERM", term)
+    monkeypatch.setattr(BatutaApp, "run", lambda app: pytest.fail("the app must not start"))
+    assert cli_main(["tui", "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"TERM={term} says this one does not" in err and "batuta run JOB" in err and "\n" not in err
+
+
 def test_sigterm_quits_the_dashboard_as_q_does_and_gives_the_terminal_back() -> None:
     """`kill PID` left the terminal raw (no echo, no line editing) and on the alternate
     screen, for the user to `reset`; now the app quits as on `q`: exit 0, the screen and the

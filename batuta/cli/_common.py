@@ -113,6 +113,17 @@ def has_terminal() -> bool:
     return sys.stdin.isatty() and sys.stdout.isatty()
 
 
+# TERM values of terminals that draw no screen (Rich reads them so too): Emacs' M-x shell, a
+# CI job's log view. A dashboard opened there was pages of escape codes around its numbers.
+DUMB_TERMS = frozenset({"dumb", "unknown"})
+
+
+def dumb_terminal() -> str:
+    """This terminal's TERM when it says the terminal cannot draw a screen, else ''."""
+    term = os.environ.get("TERM", "")
+    return term if term.lower() in DUMB_TERMS else ""
+
+
 def load_cluster(path: str) -> ClusterConfig:
     from batuta.runtime.cluster import load_cluster
 

@@ -25,6 +25,7 @@ from batuta.cli._common import (
     EXIT_OK,
     EXIT_UNREACHABLE,
     PROG,
+    dumb_terminal,
     has_terminal,
     hung_up,
     load_cluster,
@@ -636,6 +637,11 @@ def cmd_tui(args: argparse.Namespace) -> int:
         observer = PoolLogObserver(pool).attach() if args.log_file else None
         if not has_terminal():
             raise UsageError("batuta tui needs a terminal on stdin and stdout; for a headless run use 'batuta run JOB'")
+        if dumb_terminal():
+            raise UsageError(
+                f"batuta tui needs a terminal that draws a screen, and TERM={dumb_terminal()} says this one does not; "
+                "run it in a terminal emulator (TERM=xterm-256color), or for a headless run use 'batuta run JOB'"
+            )
         app = BatutaApp(pool, cluster_label=label, start_jobs=args.job, held=_held(cluster))
         if exporter is not None and exporter.url is not None:  # the log panel says where
             app.model.add_log(logging.INFO, "batuta.observers.metrics", f"serving metrics at {exporter.url}")

@@ -524,7 +524,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_tui_attached(args: argparse.Namespace) -> int:
     """The dashboard on a served coordinator (started here first with --serve)."""
-    from batuta.cli._common import has_terminal
+    from batuta.cli._common import dumb_terminal, has_terminal
     from batuta.runtime.serve_client import parse_target
 
     if args.attach is not None and args.serve:
@@ -552,6 +552,11 @@ def cmd_tui_attached(args: argparse.Namespace) -> int:
     # before --serve starts anything: refused afterwards, its coordinator would be left running
     if not has_terminal():
         raise UsageError("batuta tui needs a terminal on stdin and stdout; 'batuta ps' lists coordinators without one")
+    if dumb_terminal():
+        raise UsageError(
+            f"batuta tui needs a terminal that draws a screen, and TERM={dumb_terminal()} says this one does not; "
+            "run it in a terminal emulator (TERM=xterm-256color); 'batuta ps' lists coordinators without one"
+        )
     if target is None:  # --serve
         started = _serve_for_tui(args)
         if isinstance(started, int):
