@@ -219,7 +219,16 @@ async def test_demo_starts_from_a_key_shows_running_tasks_and_cancels() -> None:
         await pilot.press("d")
         await until(pilot, lambda: model.jobs.get("demo") and model.jobs["demo"].submitted > 50, "demo tasks")
         await until(pilot, lambda: "▶ #" in screen_text(app), "a running task in the stream")
+        await pilot.press("p")  # paused: the demo cannot end on its own while the picker is up
+        await until(pilot, lambda: app.pool is not None and app.pool.paused, "the pause")
+        await pilot.press("c")  # asks, even with one job running: Esc keeps it
+        await until(pilot, lambda: isinstance(app.screen, PickerScreen), "the job picker")
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, PickerScreen), "the picker to close")
+        assert model.jobs["demo"].state == "running"
         await pilot.press("c")
+        await until(pilot, lambda: isinstance(app.screen, PickerScreen), "the job picker again")
+        await pilot.press("enter")
         await until(pilot, lambda: model.jobs["demo"].state == "cancelled", "the demo to be cancelled")
         await until(pilot, lambda: model.jobs["demo"].running == 0, "its running tasks to end")
         assert model.jobs["demo"].cancelled > 0

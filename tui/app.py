@@ -454,16 +454,16 @@ class BatutaApp(App[None]):
         self.push_screen(JobFileScreen(), lambda path: self.start_job(path) if path else None)
 
     def action_cancel_job(self) -> None:
+        """Ask which job, even of one: a stray `c` cancelled at once, and in an attached view that
+        is a served job that may have run for hours (Enter confirms, Esc keeps it running)."""
         running = self.running_jobs()
         if not running:
             self.toast("no job is running", severity="warning")
-        elif len(running) == 1:
-            self.cancel_job(running[0])
-        else:
-            self.push_screen(
-                PickerScreen("Cancel which job?", [(label, label) for label in running]),
-                lambda label: self.cancel_job(label) if label else None,
-            )
+            return
+        self.push_screen(
+            PickerScreen("Cancel which job?", [(label, f"cancel {label}") for label in running]),
+            lambda label: self.cancel_job(label) if label else None,
+        )
 
     def action_toggle_pause(self) -> None:
         pool = self.pool

@@ -31,7 +31,7 @@ The coordinator runs inside this app: closing it stops the pool and its host age
 |---|---|
 | `d` | start the built-in **demo** workload |
 | `r` | pick a workload to run: a built-in job, or a job file (`async def main(pool)`) |
-| `c` | cancel a running job (its queued and running tasks are cancelled) |
+| `c` | cancel a running job, chosen (and so confirmed) with Enter (its queued and running tasks are cancelled) |
 | `p` | pause scheduling, or resume it (running tasks continue while paused) |
 | `n` | drain a host: it gets no new work and shows *drained* once idle |
 | `f` | failed tasks: pick one for attempts, hosts, error and stderr |
