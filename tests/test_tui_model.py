@@ -699,6 +699,20 @@ def test_one_host_is_one_host_in_the_summary_line() -> None:
     assert render_nodes.nodes_summary(model, PLAIN).plain.startswith(" 1 host: ")
 
 
+def test_the_summary_line_keeps_its_counts_on_an_80_column_terminal() -> None:
+    """At 80 columns the line was cut at "failed": the count of failed tasks never showed."""
+    model = DashboardModel(clock=lambda: 0.0)
+    model.cluster_label = "/home/someone/clusters/lab-gpu-nodes.toml"
+    model.set_status("running")
+    up = pe.HostUp(host="h1", slots=("h1/1",), gpus=(), cpu_count=1, batuta_version="1", python_version="3", at=0.0)
+    model.apply_many([up, *lifecycle(1, 100.0), *lifecycle(2, 100.1, TaskStatus.FAILED, error="boom")])
+    wide = render.summary_line(model, 0.0, PLAIN, "0.27.0", 160).plain
+    assert "batuta 0.27.0" in wide and "lab-gpu-nodes.toml" in wide and "▶ scheduling" in wide
+    shown = render.summary_line(model, 0.0, PLAIN, "0.27.0", 80).plain[:80]  # the terminal cuts the rest
+    assert "│ done 1 │ failed 1 │ running 0" in shown
+    assert "/home/someone/clust…" in shown  # the label is cut, not the counts
+
+
 def test_a_stream_row_does_not_say_its_state_twice() -> None:
     from batuta.tui.rows import StreamRow
 

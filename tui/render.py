@@ -219,12 +219,27 @@ def joined(*parts: Cell) -> Text:
 # -- header ---------------------------------------------------------------------------------
 
 
-def summary_line(model: DashboardModel, now: float, p: Palette, version: str) -> Text:
-    """The one-line cluster summary at the top of the screen."""
+SUMMARY_LABEL_CELLS = 20  # a cluster label cut to this where the line does not fit
+
+
+def summary_line(model: DashboardModel, now: float, p: Palette, version: str, width: int = 0) -> Text:
+    """The one-line cluster summary at the top of the screen. Where it does not fit `width`, the
+    version, the scheduling word and the end of a long cluster label go first: at 80 columns
+    the line was cut at "failed", its count gone with what followed."""
+    full = _summary_line(model, p, version, compact=False)
+    if width and full.cell_len > width:
+        return _summary_line(model, p, version, compact=True)
+    return full
+
+
+def _summary_line(model: DashboardModel, p: Palette, version: str, *, compact: bool) -> Text:
     out = Text(no_wrap=True, overflow="ellipsis")
-    out.append(f" batuta {version} ", p.heading)
+    out.append(" batuta " if compact else f" batuta {version} ", p.heading)
     out.append(" ")
-    out.append(model.cluster_label, p.label)
+    label = model.cluster_label
+    if compact and cell_len(label) > SUMMARY_LABEL_CELLS:
+        label = label[: SUMMARY_LABEL_CELLS - 1] + "…"
+    out.append(label, p.label)
     out.append("  ")
     status = model.status
     if status == "failed":
@@ -235,7 +250,7 @@ def summary_line(model: DashboardModel, now: float, p: Palette, version: str) ->
     elif model.paused:
         out.append("⏸ paused", p.warn)
     else:
-        out.append("▶ scheduling", p.ok)
+        out.append("▶" if compact else "▶ scheduling", p.ok)
     up = model.hosts_up()
     total_hosts = len(model.hosts)
     busy = len(model.busy_slots())

@@ -301,7 +301,7 @@ class SummaryBar(_Synced, Widget):
         """Anything to update besides the content (a border subtitle) before the redraw."""
 
     def render(self) -> RenderableType:
-        return render.summary_line(self.model, self._now, self.palette(), __version__)
+        return render.summary_line(self.model, self._now, self.palette(), __version__, self.size.width)
 
 
 class ThroughputBar(SummaryBar):
