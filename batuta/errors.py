@@ -6,6 +6,8 @@ terminal, a log line or a TUI notification.
 
 from __future__ import annotations
 
+import errno
+
 
 class BatutaError(Exception):
     """Root of every error batuta raises on purpose."""
@@ -92,3 +94,20 @@ class ServeError(BatutaError):
 
 class ViewerProtocolError(ServeError):
     """A frame between a coordinator and a viewer was malformed; names the field."""
+
+
+def write_fix(exc: OSError, *, runner: str, elsewhere: str) -> str:
+    """What to do about a write that failed with `exc`, then `elsewhere`: the way around it.
+    Shared by the agent's cache and the coordinator's own files (here, not in either, so that
+    every layer may say it). "Free space" is the fix for a full disk (or quota) only: a
+    read-only folder, or one a file blocks, has room and needs a folder that can be written; a
+    file size limit (`ulimit -f`) needs raising, not room: `runner` is what runs under it. No
+    errno is numpy's write that stopped short ("8000 requested and 4096 written"): most often
+    the disk filled."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, None):
+        fix = "free space there"
+    elif exc.errno == errno.EFBIG:
+        fix = f"raise the file size limit (ulimit -f) {runner} runs under"
+    else:
+        fix = "make it writable"
+    return f"{fix}, or {elsewhere}"

@@ -1067,14 +1067,26 @@ def test_a_served_coordinator_whose_log_disk_is_full_runs_its_job_to_the_end(run
 def test_a_served_run_whose_log_cannot_be_written_says_so_in_a_line(
     runtime_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """It was a traceback from os.write (a full disk), and an empty NAME.log left behind."""
+    """It was a traceback from os.write (a full disk), and an empty NAME.log left behind. The
+    fix follows the errno: a folder in the log's place said "free space there", which frees
+    nothing (the agent's cache says the same way)."""
     log = serve_paths.socket_path("blocked").with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    log.mkdir()  # what stands in for a disk that refuses the log
+    log.mkdir()  # a log that cannot be opened, though the disk has room
     assert cli_main(["run", "pi", "--serve", "--name", "blocked", "--workers", "1"]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line == (
-        f"batuta: error: cannot open blocked's log {log}: Is a directory; free space there, or set "
+        f"batuta: error: cannot open blocked's log {log}: Is a directory; make it writable, or set "
+        "BATUTA_RUNTIME_DIR to a folder with room"
+    )
+    if not Path("/dev/full").exists():
+        return
+    full = serve_paths.socket_path("full").with_suffix(".log")
+    full.symlink_to("/dev/full")  # opens, then every write fails with ENOSPC: a full disk
+    assert cli_main(["run", "pi", "--serve", "--name", "full", "--workers", "1"]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        f"batuta: error: cannot write full's log {full}: No space left on device; free space there, or set "
         "BATUTA_RUNTIME_DIR to a folder with room"
     )
 

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import _imp
 import contextlib
-import errno
 import fcntl
 import hashlib
 import importlib
@@ -69,6 +68,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from batuta.agent.execute import one_line
+from batuta.errors import write_fix
 from batuta.protocol.messages import Code, TaskRequest
 
 CODE_FOLDER = "code"  # under the cache root: one folder per digest
@@ -89,18 +89,11 @@ def cache_root(environ: Mapping[str, str] | None = None) -> Path:
 
 
 def cache_write_fix(exc: OSError) -> str:
-    """What to do about a write under the cache folder that failed with `exc`, ending with the
-    way around it. "Free space" is the fix for a full disk (or quota) only: a read-only home,
-    or one a file blocks, has room and needs a folder that can be written; a file size limit
-    (`ulimit -f`) needs raising, not room. No errno is numpy's write that stopped short
-    ("8000 requested and 4096 written"): most often the disk filled."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, None):
-        fix = "free space there"
-    elif exc.errno == errno.EFBIG:
-        fix = "raise the file size limit (ulimit -f) the host's agent runs under"
-    else:
-        fix = "make it writable"
-    return f"{fix}, or set XDG_CACHE_HOME in the host's env to a folder with room"
+    """What to do about a write under the cache folder that failed with `exc` (`write_fix`),
+    ending with the way around it."""
+    return write_fix(
+        exc, runner="the host's agent", elsewhere="set XDG_CACHE_HOME in the host's env to a folder with room"
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -29,7 +29,7 @@ from batuta.cli._common import (
     hung_up,
     seconds_or_zero,
 )
-from batuta.errors import ServeError, UsageError
+from batuta.errors import ServeError, UsageError, write_fix
 
 if TYPE_CHECKING:
     from batuta.jobs import RunOutcome
@@ -330,7 +330,11 @@ def _last_error(log_path: Path, start: int) -> str:
 
 
 _NAME_TAKEN = -1  # _spawn: another start took the name between our look and the child's
-_LOG_FIX = "free space there, or set BATUTA_RUNTIME_DIR to a folder with room"
+
+
+def _log_fix(exc: OSError) -> str:
+    """What to do about the log that could not be opened or written: what its errno asks."""
+    return write_fix(exc, runner="this shell", elsewhere="set BATUTA_RUNTIME_DIR to a folder with room")
 
 
 def _spawn_named(args: argparse.Namespace, name: str, *, free_from: str | None) -> tuple[int, str]:
@@ -371,14 +375,14 @@ def _spawn(args: argparse.Namespace, name: str, *, race: bool = False) -> int:
     try:
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     except OSError as exc:
-        raise ServeError(f"cannot open {name}'s log {log_path}: {exc.strerror or exc}; {_LOG_FIX}") from None
+        raise ServeError(f"cannot open {name}'s log {log_path}: {exc.strerror or exc}; {_log_fix(exc)}") from None
     ours_from = os.fstat(fd).st_size
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     try:
         os.write(fd, f"--- {PROG} run {args.job} --serve as {name}, started {started} ---\n".encode())
     except OSError as exc:
         os.close(fd)
-        raise ServeError(f"cannot write {name}'s log {log_path}: {exc.strerror or exc}; {_LOG_FIX}") from None
+        raise ServeError(f"cannot write {name}'s log {log_path}: {exc.strerror or exc}; {_log_fix(exc)}") from None
     with os.fdopen(fd, "ab") as log_file:
         child = subprocess.Popen(
             _child_argv(args, name),
