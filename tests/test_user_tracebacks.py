@@ -101,13 +101,9 @@ async def test_a_module_that_fails_to_import_is_named_by_the_users_path(
     )
 
 
-async def test_a_package_installed_on_the_coordinator_and_missing_on_a_host_says_pip_install_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """ "(install 'scipy' for this host's Python, or ship it with --module)": --module is no way
-    to ship a third-party package. One installed here in site-packages (here a stand-in
-    site-packages the host's Python lacks) is said as pip's, naming the host's Python and the
-    distribution that installs it (import name tb_installed_xyz, distribution tb-dist-xyz)."""
+def _stand_in_site_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A site-packages on the coordinator's import path (not the host agent's) holding package
+    tb_installed_xyz, which distribution tb-dist-xyz installs."""
     from batuta.runtime import missing_package
 
     site = tmp_path / "site-packages"
@@ -117,8 +113,21 @@ async def test_a_package_installed_on_the_coordinator_and_missing_on_a_host_says
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tb-dist-xyz\nVersion: 1.0\n")
     (info / "top_level.txt").write_text("tb_installed_xyz\n")
-    monkeypatch.syspath_prepend(str(site))  # the coordinator's, not the host agent's
+    monkeypatch.syspath_prepend(str(site))
     monkeypatch.setattr(missing_package, "site_package_roots", lambda: (str(site.resolve()) + "/",))
+    return site
+
+
+async def test_a_package_installed_on_the_coordinator_and_missing_on_a_host_says_pip_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "(install 'scipy' for this host's Python, or ship it with --module)": --module is no way
+    to ship a third-party package. One installed here in site-packages (here a stand-in
+    site-packages the host's Python lacks) is said as pip's, naming the host's Python and the
+    distribution that installs it (import name tb_installed_xyz, distribution tb-dist-xyz)."""
+    from batuta.runtime import missing_package
+
+    _stand_in_site_packages(tmp_path, monkeypatch)
     needs = tmp_path / "mods" / "tb_needs_installed.py"
     needs.parent.mkdir()
     needs.write_text(
@@ -262,3 +271,47 @@ def test_batuta_run_prints_the_failed_tasks_traceback_when_the_job_raises_it(tmp
     assert lines[start + 1] == "Traceback (most recent call last):", done.stderr
     assert f'File "{tmp_path / "tb_kernels.py"}", line 6, in _helper' in done.stderr, done.stderr
     assert lines[-1].startswith("batuta: error: job 'tb_job.py' raised TaskFailedError at tb_job.py:4: "), lines[-1]
+
+
+def test_batuta_stack_says_pip_install_for_a_package_installed_on_the_coordinator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`batuta stack check`'s suggestion for a node lacking a package installed here in
+    site-packages was "or ship it with --module PATH", which cannot ship a third-party package
+    (its message already said pip); a package found nowhere here keeps both fixes."""
+    from batuta.protocol import messages as m
+    from batuta.stack.code import code_findings, coordinator_import_findings
+
+    _stand_in_site_packages(tmp_path, monkeypatch)
+    module = tmp_path / "tb_stack_needs.py"
+    module.write_text("import tb_installed_xyz\n")
+    bundle = CodeCollector(CodeSpec(modules=(module,))).bundle()
+    assert bundle is not None
+
+    def said(top: str) -> str:  # as the agent says it
+        return (
+            f"ModuleNotFoundError: No module named {top!r} (install {top!r} for this host's Python (/opt/py/python), "
+            "or ship it with --module) (at tb_stack_needs.py line 1)"
+        )
+
+    loaded = m.CodeLoaded(digest=bundle.digest, errors={"tb_stack_needs": said("tb_installed_xyz")})
+    (finding,) = code_findings("n1", bundle, loaded)
+    assert "-m pip install tb-dist-xyz" in finding.message
+    assert (
+        finding.suggestion == "install the missing package for n1's Python: `/opt/py/python -m pip install tb-dist-xyz`"
+    )
+    loaded = m.CodeLoaded(digest=bundle.digest, errors={"tb_stack_needs": said("tb_nowhere_xyz")})
+    (finding,) = code_findings("n1", bundle, loaded)
+    assert finding.suggestion == "install the missing package for n1's Python, or ship it with --module PATH"
+
+    # `stack gate`: a module installed here that does not import here is no code to ship either
+    error = "ModuleNotFoundError: No module named 'tb_dep_xyz'"
+    (installed,) = coordinator_import_findings("coordinator", {"tb_installed_xyz": error})
+    assert installed.suggestion == (
+        "tb_installed_xyz is installed on the coordinator (tb-dist-xyz) but does not import there: install what "
+        f"the error says it lacks for the coordinator's Python ({sys.executable}), or reinstall tb-dist-xyz"
+    )
+    (unknown,) = coordinator_import_findings("coordinator", {"tb_nowhere_xyz": error})
+    assert unknown.suggestion == (
+        "make tb_nowhere_xyz importable on the coordinator too (install it, or ship it with --module PATH)"
+    )

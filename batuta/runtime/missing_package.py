@@ -54,6 +54,32 @@ def _installed_package(top: str) -> str | None:
     return distributions[0] if distributions else top
 
 
+def installed_here(module: str) -> str | None:
+    """The distribution that installs `module` (its top-level package) here in site-packages,
+    or None where it is the user's own code or not here at all."""
+    return _installed_package(module.split(".", 1)[0])
+
+
+def _pip_command(found: re.Match[str]) -> tuple[str, str] | None:
+    """(the package, the pip command that installs it for the host's Python) for one of the
+    agent's hints, or None where the package is not installed here in site-packages."""
+    top = found["top"]
+    distribution = _installed_package(top)
+    if distribution is None:  # the user's own, or nowhere here: either fix may be the one
+        return None
+    python = shlex.quote(found["python"]) if found["python"] else "python3"
+    return top, f"`{python} -m pip install {distribution}`"
+
+
+def missing_package_pip(text: str) -> str | None:
+    """The pip command for the first package that `text` (a host's import error, as the agent
+    says it) says the host lacks and that is installed here in site-packages; else None."""
+    for found in _HINT.finditer(text):
+        if (said := _pip_command(found)) is not None:
+            return said[1]
+    return None
+
+
 def missing_package_fix(text: str) -> str:
     """`text` (a host's import error, or a task's error that holds it) with the hint for a
     package installed here in site-packages saying to install it on the host, not to ship it."""
@@ -61,14 +87,13 @@ def missing_package_fix(text: str) -> str:
         return text
 
     def fixed(found: re.Match[str]) -> str:
-        top = found["top"]
-        distribution = _installed_package(top)
-        if distribution is None:  # the user's own, or nowhere here: either fix may be the one
+        said = _pip_command(found)
+        if said is None:
             return found.group(0)
-        python = shlex.quote(found["python"]) if found["python"] else "python3"
+        top, pip = said
         return (
             f" ({top!r} is a package installed on the coordinator, not code of yours to ship: install it on "
-            f"this host, `{python} -m pip install {distribution}`)"
+            f"this host, {pip})"
         )
 
     return _HINT.sub(fixed, text)

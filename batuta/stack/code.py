@@ -31,6 +31,7 @@ from batuta.agent.code import describe_import_failure, module_source_digest, sho
 from batuta.protocol import messages as m
 from batuta.runtime.code import CodeCollector, CodeSpec
 from batuta.runtime.code_paths import loaded_in_user_files
+from batuta.runtime.missing_package import installed_here, missing_package_pip
 from batuta.stack.model import ERROR, HEALTHY, WARNING, Finding
 from batuta.stack.nodes import NodeTarget
 
@@ -154,7 +155,12 @@ def code_findings(node: str, sent: m.Code | None, loaded: m.CodeLoaded | None) -
     found = []
     for module, error in loaded_in_user_files(loaded).errors.items():
         if "ModuleNotFoundError" in error:
-            fix = f"install the missing package for {node}'s Python, or ship it with --module PATH"
+            # the host's own words (loaded.errors) hold the hint that missing_package.py reads
+            pip = missing_package_pip(loaded.errors[module])
+            if pip is not None:  # a third-party package installed here: --module cannot ship it
+                fix = f"install the missing package for {node}'s Python: {pip}"
+            else:
+                fix = f"install the missing package for {node}'s Python, or ship it with --module PATH"
         else:
             fix = "fix the file and line named on the coordinator (the code ships from there), then run again"
         message = f"importing {module} failed: {error}"
@@ -234,7 +240,19 @@ def coordinator_import_findings(node: str, errors: Mapping[str, str]) -> list[Fi
             check="kernels",
             severity=WARNING,
             message=f"the coordinator cannot import {module} ({error}): its kernels are not checked",
-            suggestion=f"make {module} importable on the coordinator too (install it, or ship it with --module PATH)",
+            suggestion=_coordinator_import_fix(module),
         )
         for module, error in errors.items()
     ]
+
+
+def _coordinator_import_fix(module: str) -> str:
+    """A module installed here in site-packages is no code of the user's to ship with --module:
+    its import fails on something it needs, which the error names."""
+    distribution = installed_here(module)
+    if distribution is None:
+        return f"make {module} importable on the coordinator too (install it, or ship it with --module PATH)"
+    return (
+        f"{module} is installed on the coordinator ({distribution}) but does not import there: install what "
+        f"the error says it lacks for the coordinator's Python ({sys.executable}), or reinstall {distribution}"
+    )
