@@ -18,6 +18,7 @@ import re
 import signal
 import socket
 import ssl
+import struct
 import sys
 import textwrap
 import time
@@ -36,6 +37,7 @@ from batuta.errors import ConfigError, TransportError
 from batuta.protocol.codec import encode_message
 from batuta.protocol.connection import NEED_DATA, Connection, Role
 from batuta.protocol.messages import PROTOCOL_VERSION, Error, Hello, Run, Started, TaskRequest, Welcome
+from batuta.runtime import events as pe
 from batuta.runtime.cluster import build_pool, parse_cluster
 from batuta.runtime.code import CodeCollector, CodeSpec
 from batuta.runtime.remote import RemoteExecutor
@@ -618,6 +620,62 @@ async def test_the_pool_reconnects_with_backoff_when_the_worker_comes_back(pki: 
     finally:
         await executor.close()
         await worker.close()
+
+
+async def test_a_lost_tls_worker_says_how_its_connection_ended(pki: Pki) -> None:
+    """It read "agent closed the stream", which nothing here knows: a TLS worker's agent runs
+    on its own machine, so what is said is how the connection to it ended, and where."""
+    worker = WorkerDaemon(worker_options(pki))
+    await worker.start()
+    _, port = worker.address
+    downs: list[str] = []
+    try:
+        async with build_pool(parse_cluster(_cluster_text(pki, port))) as pool:
+            pool.subscribe(lambda e: downs.append(e.reason) if isinstance(e, pe.HostDown) else None)
+            assert (await pool.run(Task.kernel("noop", 1))).value == 1
+            await worker.close()  # its session ends: close_notify, then the socket closes
+            await _until(lambda: bool(downs))
+    finally:
+        await worker.close()
+    assert downs[0] == (
+        f"the TLS connection (tls 127.0.0.1:{port} (TLSv1.3)) closed (EOF) with no word from the agent: it ended "
+        "there, or that machine or the network dropped the connection; the log there says which"
+    )
+
+
+@pytest.mark.parametrize(("ending", "said"), [("close", "EOF"), ("reset", "reset")])
+async def test_a_tls_stream_says_how_the_connection_ended(pki: Pki, ending: str, said: str) -> None:
+    """EOF (close_notify or a bare close) and a reset (RST) are told apart, naming the address."""
+    connected = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"first words")
+        await writer.drain()
+        await connected.wait()
+        if ending == "reset":  # linger 0: the close sends RST, not FIN
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        else:
+            writer.close()
+
+    context = server_context(cert=pki.server_cert, key=pki.server_key, ca=pki.ca)
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        stream = await open_tls_stream("127.0.0.1", port, settings(pki))
+        assert await stream.how_it_ended(0) == ""  # still up
+        assert await stream.read() == b"first words"
+        connected.set()
+        async with asyncio.timeout(WAIT_S):
+            assert await stream.read() == b""
+        assert (await stream.how_it_ended(WAIT_S)).startswith(
+            f"the TLS connection (tls 127.0.0.1:{port} (TLSv1.3)) closed ({said}) with no word from the agent"
+        )
+        stream.kill()
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 # -- the cluster file ---------------------------------------------------------------------

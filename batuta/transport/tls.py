@@ -298,6 +298,8 @@ class TLSStream:
         self._writer = writer
         self._description = description
         self._first = first
+        self._how = ""  # how the connection ended, once it has: "EOF", "reset", a TLS alert
+        self._ended = asyncio.Event()
 
     @property
     def description(self) -> str:
@@ -319,9 +321,22 @@ class TLSStream:
             first, self._first = self._first, b""
             return first
         try:
-            return await self._reader.read(READ_CHUNK)
-        except (ssl.SSLError, ConnectionError, OSError):
+            data = await self._reader.read(READ_CHUNK)
+        except (ssl.SSLError, ConnectionError, OSError) as exc:
+            self._end(exc)
             return b""
+        if not data:
+            self._end(None)
+        return data
+
+    def _end(self, exc: BaseException | None) -> None:
+        """Note how the connection ended, as the read saw it (a failed write says only
+        "Connection lost"): `exc` None is EOF (close_notify or a bare close)."""
+        if not self._ended.is_set():
+            reset = isinstance(exc, ConnectionResetError)
+            alert = isinstance(exc, ssl.SSLError)
+            self._how = "EOF" if exc is None else "reset" if reset else f"TLS {_reason(exc)}" if alert else _reason(exc)
+            self._ended.set()
 
     def write(self, data: bytes) -> None:
         self._write(data)
@@ -332,7 +347,16 @@ class TLSStream:
         self._writer.write(data)
 
     async def how_it_ended(self, timeout: float) -> str:
-        return ""  # the worker's process is on its own machine
+        """How the connection ended: the agent's process is on its own machine, whose log
+        says what became of it; "" while the connection has not ended (within `timeout`)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ended.wait(), timeout)
+        if not self._ended.is_set():
+            return ""
+        return (
+            f"the TLS connection ({self._description}) closed ({self._how}) with no word from the agent: "
+            "it ended there, or that machine or the network dropped the connection; the log there says which"
+        )
 
     async def last_words(self, timeout: float) -> str:
         return ""  # a TLS worker's stderr stays on its own machine (its log)
