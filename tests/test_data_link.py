@@ -216,6 +216,34 @@ async def test_a_cut_data_connection_mid_transfer_ends_the_session_and_the_task_
 
 
 @pytest.mark.timeout(WAIT_S + 60)
+async def test_a_pool_closed_mid_put_over_the_link_says_nothing_of_a_broken_link(
+    ssh_hosts: Callable[..., TestHosts], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Ctrl-C in the middle of a big `pool.put` closes the pool, which cuts the value short:
+    the agent warned "data link ... broke: receiving: closed N bytes into stream 0", noise on
+    the way out. (A cut while the pool runs still says so: the test above.)"""
+    caplog.set_level(logging.WARNING)
+    hosts = ssh_hosts(1)
+    value = _random(512 * MIB, seed=5)
+    async with asyncio.timeout(120):
+        pool = _pool(hosts, DataLinkSetting())
+        await pool.start()
+        try:
+            (session,) = pool._hosts.sessions.values()
+            await _until(lambda: session.data_link is not None and _link(session).directions == 2, "the link came up")
+            link = _link(session)
+            await pool.submit(Task.kernel("test_fingerprint", pool.put(value)))  # the put goes where it runs
+            sender = link._sender
+            assert sender is not None
+            await _until(lambda: sender.sent_bytes > 0 or sender.pending_bytes > 0, "the value began to go")
+        finally:
+            await pool.close()  # what the Ctrl-C's way out does
+        assert link._closed
+    said = [r.getMessage() for r in caplog.records if "data link" in r.getMessage()]
+    assert not any("broke" in line for line in said), said
+
+
+@pytest.mark.timeout(WAIT_S + 60)
 async def test_a_cut_while_a_result_comes_back_neither_hangs_nor_drops_the_task(
     ssh_hosts: Callable[..., TestHosts],
 ) -> None:

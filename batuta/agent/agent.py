@@ -170,7 +170,7 @@ class Agent:
         # put values this host could not allocate (out of memory): why, for the tasks that read them
         self._unheld: dict[int, str] = {}
         self._killed: list[SlotProcess] = []  # slot processes to reap at exit
-        self._data_link = AgentDataLink(self._conn, self._take_messages, self._fail, _warn)  # big arrays
+        self._data_link = AgentDataLink(self._conn, self._take_messages, self._link_broke, _warn)  # big arrays
         self._keeper = Keeper(  # objects kept in slot processes, and the Fetches for them
             objects=self._objects,
             slots=self._slots,
@@ -599,6 +599,12 @@ class Agent:
     def _fail(self, message: str, *, send_error: bool) -> None:
         _warn(message)
         self._finish(EXIT_ERROR, bye=None, error=Error(message=message) if send_error else None)
+
+    def _link_broke(self, message: str, *, send_error: bool) -> None:
+        """The data link broke: a fault while the session runs; once it is ending (the
+        coordinator's EOF or Shutdown came first), the coordinator closing its end is not."""
+        if not self._stopping:
+            self._fail(message, send_error=send_error)
 
     def _finish(self, code: int, *, bye: Bye | None, error: Error | None = None) -> None:
         """Stop everything now; the exit future resolves once the last words are written."""

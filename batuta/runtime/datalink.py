@@ -19,7 +19,8 @@ lost stream would: its tasks are requeued and the host relaunched; half a value 
 resumed. A value the agent forwards while it still arrives from a slot, whose slot dies
 part-way, is aborted on the link alone: its message is forgotten and the agent answers it
 again (an error; `pool.get` then waits for the value's lineage to make it again).
-A session that ends closes its link (`HostSession.data_link`).
+A session that ends closes its link (`HostSession.data_link`); one that closes does so once
+its agent has gone, and what the link does meanwhile (its agent's end closing) is no break.
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ class SessionLink:
         listener.expect(token, self._accepted)
 
     @property
+    def _over(self) -> bool:
+        """Closed, or its session closing (it closes the link once the agent is gone)."""
+        return self._closed or self._session.closing
+
+    @property
     def directions(self) -> int:
         """How many of the two directions are in use."""
         return self._started
@@ -87,7 +93,7 @@ class SessionLink:
     def _accepted(self, role: str, sock: Any) -> Callable[[], None] | None:
         """The listener's call: a dialler with our token (on the loop). Returns what starts
         that direction once the dialler has its answer; None refuses it."""
-        if self._closed or role in self._roles or self._session.connection is not self._conn:
+        if self._over or role in self._roles or self._session.connection is not self._conn:
             return None
         self._roles.add(role)
         if len(self._roles) == 2:
@@ -115,7 +121,7 @@ class SessionLink:
             )
 
     def _filled(self, stream_id: int, nbytes: int) -> None:
-        if self._closed:
+        if self._over:
             return
         try:
             done = self._conn.incoming.filled_elsewhere(stream_id, nbytes)
@@ -129,13 +135,13 @@ class SessionLink:
         """The agent gave up a value it forwarded while it arrived (its slot died part-way):
         the message that named it is forgotten, never delivered; the agent answers it again
         on the stream (`agent/forward.py`)."""
-        if self._closed:
+        if self._over:
             return
         if self._conn.incoming.abort(stream_id):
             self._session.take_ready()  # what waited behind it goes on
 
     def _failed(self, reason: str) -> None:
-        if self._closed:
+        if self._over:
             return
         log.warning(
             "host %s: data link %s broke (%s); ending the session: its tasks are requeued and it is relaunched",

@@ -246,6 +246,11 @@ class HostSession:
         return self._open
 
     @property
+    def closing(self) -> bool:
+        """`close` has begun: what its links do from now on is the end, not a fault."""
+        return self._closing
+
+    @property
     def congested(self) -> bool:
         """The writer is waiting for the host to take what was written (flow control)."""
         return self._drainer is not None
@@ -557,13 +562,15 @@ class HostSession:
                 else:
                     self._stream.write(self._conn.send(m.Shutdown(reason="coordinator closing")))
         self._open = False
-        self._close_link()
         if self._drainer is not None:
             self._drainer.cancel()
             self._end_congestion()
         if self._stream is not None:
             with contextlib.suppress(Exception):
                 await self._stream.close(timeout)
+        # The data link goes after the agent: cut first, a value it was receiving looked like a
+        # broken link to it (a Ctrl-C mid-put warned so); after its stream's end, it is ending.
+        self._close_link()
         if self._reader is not None and not self._reader.done():
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
