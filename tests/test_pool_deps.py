@@ -277,6 +277,20 @@ async def test_a_relayed_value_fetched_and_written_to_changes_neither_the_next_g
         np.testing.assert_array_equal(await pool.get(ref), np.full(N, 3.0))
 
 
+async def test_a_relayed_copy_stays_in_the_coordinators_memory_until_dropped() -> None:
+    """README: the copy the coordinator relays stays in its memory until `pool.drop` (once no
+    unresolved task names it) or the pool closes; a finished consumer does not free it."""
+    async with two_host_pool(tags=True) as pool:
+        made = await pool.submit(Task.kernel("test_fill", N, 3.0, backend=Backend.CPU, requires=["on-a"]), keep=True)
+        ref = (await made).value
+        relay = await pool.run(Task.kernel("test_stage", ref, 1.0, backend=Backend.CPU, requires=["on-b"]))
+        assert relay.is_success() and relay.host == "b", relay.error
+        present, value = pool._objects.cached(ref.object_id)
+        assert present and value.nbytes == N * 8  # held here after its only consumer finished
+        pool.drop(ref)
+        assert pool._objects.cached(ref.object_id) == (False, None)
+
+
 def test_relayed_bytes_count_the_arrays_inside_a_kept_tuple_or_dict() -> None:
     """A kept tuple of arrays relayed between hosts added nothing to relayed_bytes."""
     from batuta.runtime.dataplane import _array_bytes
