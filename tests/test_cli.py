@@ -866,6 +866,35 @@ def test_json_when_no_host_starts_still_says_each_host_and_why(tmp_path: Path) -
 
 
 @needs_runtime
+def test_a_job_that_returns_without_awaiting_its_tasks_is_warned(tmp_path: Path) -> None:
+    """`await pool.submit(...)` in a loop and return: the value printed, exit 0, and the tasks
+    never awaited cancelled as the pool closed, said only as 'N unfinished' in the summary."""
+    write(
+        tmp_path,
+        "job.py",
+        """
+        from batuta import Task
+
+
+        async def main(pool):
+            await (await pool.submit(Task.kernel("spin", 0.001)))
+            for _ in range(300):
+                await pool.submit(Task.kernel("spin", 0.05))
+            return "submitted"
+        """,
+    )
+    done = batuta("run", "job.py", "--workers", "1", "--json", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    summary = json.loads(done.stdout)
+    assert summary["tasks"] == 301 and summary["unfinished"] > 0, summary
+    said = f"job 'job.py' returned from main() with {summary['unfinished']} of its 301 task(s) unfinished"
+    assert said in done.stderr and "await their futures" in done.stderr, done.stderr
+    # a job that awaits what it submits is not warned
+    write(tmp_path, "awaits.py", COUNTING_JOB.format(extra="pass"))
+    done = batuta("run", "awaits.py", "--workers", "1", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0 and "unfinished" not in done.stderr, done.stderr
+
+
+@needs_runtime
 def test_run_with_a_failed_task_exits_1_and_counts_it(tmp_path: Path) -> None:
     write(tmp_path, "job.py", COUNTING_JOB.format(extra=FAILING_TASK))
     done = batuta("run", "job.py", "--workers", "2", "--json", cwd=tmp_path, timeout=RUN_TIMEOUT_S)

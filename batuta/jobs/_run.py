@@ -243,6 +243,7 @@ async def run_job(
                 ):
                     value = await job.main(pool)
                 ran_to_end = True
+                _say_what_main_left(job.name, tracker)
             except asyncio.CancelledError as exc:
                 if _take_interrupt():
                     interrupted = True
@@ -302,6 +303,22 @@ async def run_job(
                     exporter.close()
     summary = tracker.summary(job=job.name, wall_s=wall_s, result=value, error=error, interrupted=interrupted)
     return RunOutcome(summary=summary, traceback=job_traceback, metrics=exporter if keep_serving else None)
+
+
+def _say_what_main_left(job: str, tracker: RunTracker) -> None:
+    """Warn when `main` returned with tasks it never awaited: the pool closing cancels them, and
+    a job that submits and forgets (`await pool.submit(...)` alone) printed its value and exited
+    0 with most of its work never run, said only as "N unfinished" in the summary."""
+    left = tracker.submitted - tracker.finished
+    if left:
+        log.warning(
+            "job %r returned from main() with %d of its %d task(s) unfinished: they are cancelled as the pool "
+            "closes; await their futures (or use pool.map or pool.as_completed) before returning",
+            job,
+            left,
+            tracker.submitted,
+            extra={"job": job},
+        )
 
 
 async def _start(pool: Pool) -> None:
