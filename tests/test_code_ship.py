@@ -970,6 +970,28 @@ async def test_a_kernel_imported_here_but_not_sent_says_which_file_to_send(
         sys.modules.pop("cs_unsent", None)
 
 
+def test_a_kernel_defined_in_the_job_file_says_to_move_it_or_send_the_job_file(tmp_path: Path) -> None:
+    """A newcomer's kernel in the job file itself: each task said to pass Pool.local(...,
+    modules=[...]) with the file's absolute path, an API a `batuta run` user never called."""
+    job = (
+        "from batuta import Task, kernel\n\n"
+        "@kernel('cs_in_job')\ndef twice(x):\n    return 2 * x\n\n"
+        "async def main(pool):\n    return (await pool.run(Task.kernel('cs_in_job', 21))).unwrap()\n"
+    )
+    write(tmp_path, {"cs_job.py": job})
+    done = batuta("run", "cs_job.py", "--workers", "1", "--json", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    said = (
+        "kernel 'cs_in_job' is unknown on the hosts: here it is defined in the job file cs_job.py, which they do "
+        "not import; move it to a module beside the job file and import that from the job (it ships with the "
+        "job), or send the job file too: --module cs_job.py"
+    )
+    assert json.loads(done.stdout)["failures"][0]["reason"] == said
+    done = batuta("run", "cs_job.py", "--workers", "1", "--json", "--module", "cs_job.py", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr  # the hint, followed
+    assert json.loads(done.stdout)["result"] == 42
+
+
 async def test_a_sent_module_that_fails_to_import_there_says_why_not_that_it_was_not_sent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

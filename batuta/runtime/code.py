@@ -53,6 +53,7 @@ from pathlib import Path
 
 from batuta.core.task import BinaryCall, KernelCall
 from batuta.errors import UsageError
+from batuta.protocol import SHOWN_AS
 from batuta.protocol import messages as m
 from batuta.runtime import code_paths
 from batuta.runtime.missing_package import missing_package_fix, site_package_roots
@@ -719,6 +720,14 @@ class ShippedCode:
                 f"kernel {name!r} is unknown on the hosts: here it is defined in the script being run "
                 f"({path}), which they do not import; put it in a module of its own and send that with "
                 "Pool.local(..., modules=[...]) or Pool.builder().modules([...])"
+            )
+        job_file = getattr(sys.modules.get(module), SHOWN_AS, None)
+        if job_file is not None:  # a job file batuta loaded: named as the user wrote it, and Pool.local is not theirs
+            also = f", or send the job file too: --module {job_file}" if Path(path).stem.isidentifier() else ""
+            return (
+                f"kernel {name!r} is unknown on the hosts: here it is defined in the job file {job_file}, which "
+                "they do not import; move it to a module beside the job file and import that from the job "
+                f"(it ships with the job){also}"
             )
         return (
             f"kernel {name!r} is unknown on the hosts: here it comes from {where}, which this pool does "
