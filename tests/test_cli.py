@@ -257,8 +257,27 @@ async def main(pool):
         pytest.param({}, ["run"], "required: JOB", id="no-job"),
         pytest.param({}, [], "no command given", id="no-command"),
         pytest.param({}, ["frobnicate"], "invalid choice: 'frobnicate'", id="unknown-command"),
+        pytest.param({}, ["run", "demo", "--bogus"], "unrecognized arguments: --bogus; a job takes", id="run-option"),
+        # what a newcomer passes to their job: said so, with where a job gets its settings
         pytest.param(
-            {}, ["run", "demo", "--bogus"], "unrecognized arguments: --bogus; see 'batuta run --help'", id="run-option"
+            {"job.py": "async def main(pool):\n    pass\n"},
+            ["run", "job.py", "5"],
+            "unrecognized arguments: 5; a job takes no arguments of its own: its main reads them from the "
+            "environment (N=5 batuta run job.py, then os.environ['N']); see 'batuta run --help' for batuta's",
+            id="run-job-argument",
+        ),
+        # no option from a prefix of its name: this was --name, "--name only applies to a served run"
+        pytest.param(
+            {"job.py": "async def main(pool):\n    pass\n"},
+            ["run", "job.py", "--n", "5"],
+            "unrecognized arguments: --n 5; a job takes no arguments of its own",
+            id="run-job-option-not-an-abbreviation",
+        ),
+        pytest.param(
+            {},
+            ["stack", "check", "--tim", "5"],
+            "unrecognized arguments: --tim 5; see 'batuta stack check --help'",
+            id="stack-check-no-abbreviation",
         ),
         pytest.param(
             {},

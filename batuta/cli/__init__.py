@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from batuta._version import __version__
 from batuta.cli._alloc import add_alloc_arguments, cmd_alloc, split_sbatch_options
@@ -118,7 +118,13 @@ def _null_for_closed_std_fds() -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (raised as UsageError), not usage plus message."""
+    """argparse, but a usage error is one line (raised as UsageError), not usage plus message,
+    and no option is taken from a prefix of its name: `batuta run job.py --n 5`, meant for the
+    job, was `--name 5` and said "--name only applies to a served run; add --serve"."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message}; see '{self.prog} --help'")
@@ -162,6 +168,12 @@ def _parse(args: list[str]) -> argparse.Namespace | int:
     if extra:  # the help that lists the options is the subcommand's, not the top level's
         action = getattr(parsed, f"{parsed.command}_action", None)  # stack check, cluster install ...
         command = " ".join(str(word) for word in (PROG, parsed.command, action) if word)
+        if parsed.command == "run":  # most often meant for the job: `batuta run job.py 5`, `--size 5`
+            raise UsageError(
+                f"unrecognized arguments: {' '.join(extra)}; a job takes no arguments of its own: its main "
+                "reads them from the environment (N=5 batuta run job.py, then os.environ['N']); "
+                f"see '{command} --help' for batuta's"
+            )
         raise UsageError(f"unrecognized arguments: {' '.join(extra)}; see '{command} --help'")
     return parsed
 
