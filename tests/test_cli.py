@@ -525,6 +525,20 @@ def test_unknown_builtin_suggests_the_file_beside_it(tmp_path: Path) -> None:
 # -- the loader, in-process --------------------------------------------------------------
 
 
+@needs_runtime
+def test_a_builtin_job_named_like_a_file_here_says_which_ran(tmp_path: Path) -> None:
+    """A newcomer's own pi.py run as `batuta run pi`: the built-in ran, and its output looked
+    like theirs, without a word."""
+    write(tmp_path, "pi.py", "async def main(pool):\n    return 'mine'\n")
+    done = batuta("run", "pi", "--workers", "1", "--json", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["result"] != "mine"
+    said = "batuta: note: running the built-in job 'pi'; for ./pi.py here: batuta run ./pi.py"
+    assert said in done.stderr.splitlines(), done.stderr
+    done = batuta("run", "./pi.py", "--workers", "1", "--json", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert json.loads(done.stdout)["result"] == "mine" and "note" not in done.stderr, done.stderr
+
+
 def test_job_file_imports_a_helper_beside_it_without_leaving_sys_path(tmp_path: Path) -> None:
     write(tmp_path, "helper_for_batuta_test.py", "ANSWER = 42\n")
     path = write(

@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from batuta.errors import BatutaError, UsageError
@@ -234,6 +235,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_metrics_arguments(args)
     check_serve_arguments(args)
     job = load_job(args.job)
+    if job.origin == "built-in" and Path(f"{args.job}.py").is_file():
+        # a newcomer's own pi.py, typed as `batuta run pi`: the built-in ran, and looked like theirs
+        print(
+            f"batuta: note: running the built-in job {args.job!r}; for ./{args.job}.py here: "
+            f"batuta run ./{args.job}.py",
+            file=sys.stderr,
+        )
     # `batuta alloc` passes the cluster it built (a file's, plus its allocation)
     cluster = getattr(args, "cluster_config", None) or (load_cluster(args.cluster) if args.cluster else None)
     return _run_on(args, job, cluster)
