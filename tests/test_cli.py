@@ -928,6 +928,31 @@ def test_a_job_that_returns_without_awaiting_its_tasks_is_warned(tmp_path: Path)
 
 
 @needs_runtime
+@pytest.mark.parametrize(
+    ("returned", "said"),
+    [
+        (
+            'await pool.submit(Task.kernel("spin", 0.001))',
+            "returned a TaskFuture from main() without awaiting it; await it for its result: 'await "
+            "pool.submit(task)' gives the future, 'await future' the result",
+        ),
+        ("asyncio.sleep(0)", "returned a coroutine from main() without awaiting it; await it: 'return await ...'"),
+    ],
+    ids=["task-future", "coroutine"],
+)
+def test_a_main_that_returns_what_it_did_not_await_is_an_error(tmp_path: Path, returned: str, said: str) -> None:
+    """`return await pool.submit(...)` printed '<TaskFuture 1 spin done>' and exited 0, its task
+    cancelled as the pool closed; a coroutine added a RuntimeWarning pointing into batuta."""
+    source = f"import asyncio\nfrom batuta import Task\n\nasync def main(pool):\n    return {returned}\n"
+    write(tmp_path, "job.py", source)
+    done = batuta("run", "job.py", "--workers", "1", "--json", cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 1, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["ok"], summary["result"], summary["error"]) == (False, None, f"job 'job.py' {said}")
+    assert done.stderr.strip().splitlines() == [f"batuta: error: job 'job.py' {said}"]
+
+
+@needs_runtime
 def test_run_with_a_failed_task_exits_1_and_counts_it(tmp_path: Path) -> None:
     write(tmp_path, "job.py", COUNTING_JOB.format(extra=FAILING_TASK))
     done = batuta("run", "job.py", "--workers", "2", "--json", cwd=tmp_path, timeout=RUN_TIMEOUT_S)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import logging
 import math
 import os
@@ -242,8 +243,11 @@ async def run_job(
                     use_checkpoints(run_journal.checkpoints if run_journal is not None else None),
                 ):
                     value = await job.main(pool)
-                ran_to_end = True
-                _say_what_main_left(job.name, tracker)
+                if inspect.isawaitable(value):  # `return await pool.submit(...)`: the future, not its result
+                    error, value = _returned_unawaited(job.name, value), None
+                else:
+                    ran_to_end = True
+                    _say_what_main_left(job.name, tracker)
             except asyncio.CancelledError as exc:
                 if _take_interrupt():
                     interrupted = True
@@ -303,6 +307,20 @@ async def run_job(
                     exporter.close()
     summary = tracker.summary(job=job.name, wall_s=wall_s, result=value, error=error, interrupted=interrupted)
     return RunOutcome(summary=summary, traceback=job_traceback, metrics=exporter if keep_serving else None)
+
+
+def _returned_unawaited(job: str, value: Awaitable[Any]) -> str:
+    """The error for a `main` that returned something still to await. The job printed the
+    object's repr and exited 0, its task cancelled as the pool closed (a coroutine: with a
+    RuntimeWarning pointing into batuta)."""
+    if inspect.iscoroutine(value):
+        value.close()  # never to run: no "was never awaited" warning on top of this error
+    kind = type(value).__name__
+    if kind == "TaskFuture":
+        fix = "await it for its result: 'await pool.submit(task)' gives the future, 'await future' the result"
+    else:
+        fix = "await it: 'return await ...'"
+    return f"job {job!r} returned a {kind} from main() without awaiting it; {fix}"
 
 
 def _say_what_main_left(job: str, tracker: RunTracker) -> None:
