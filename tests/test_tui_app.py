@@ -638,6 +638,11 @@ def test_cli_tui_on_a_terminal_that_draws_no_screen_says_so_in_one_line(
     assert f"TERM={term} says this one does not" in err and "batuta run JOB" in err and "\n" not in err
 
 
+# The summary's "▶" (the pool scheduling): alone on a narrow terminal, "▶ scheduling" on a wide
+# one. Waiting for the word ran these tests to their 60 s bound on an 80-column pty.
+SCHEDULING = "▶".encode()
+
+
 def test_sigterm_quits_the_dashboard_as_q_does_and_gives_the_terminal_back() -> None:
     """`kill PID` left the terminal raw (no echo, no line editing) and on the alternate
     screen, for the user to `reset`; now the app quits as on `q`: exit 0, the screen and the
@@ -662,7 +667,7 @@ def test_sigterm_quits_the_dashboard_as_q_does_and_gives_the_terminal_back() -> 
             agents: list[psutil.Process] = []
             for _ in range(600):  # bounded: 60 s for the pool to be up
                 agents = [p for p in me.children(recursive=True) if "batuta.agent" in " ".join(p.cmdline())]
-                if agents and b"scheduling" in b"".join(chunks):
+                if agents and SCHEDULING in b"".join(chunks):
                     break
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     app.wait(0.1)
@@ -707,7 +712,7 @@ def test_the_dashboard_ends_when_its_terminal_goes_away(how: str) -> None:
             agents: list[psutil.Process] = []
             for _ in range(600):  # bounded: 60 s for the pool to be up
                 agents = [p for p in me.children(recursive=True) if "batuta.agent" in " ".join(p.cmdline())]
-                if agents and b"scheduling" in terminal.output():
+                if agents and SCHEDULING in terminal.output():
                     break
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     app.wait(0.1)
