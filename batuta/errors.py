@@ -100,14 +100,16 @@ def write_fix(exc: OSError, *, runner: str, elsewhere: str) -> str:
     """What to do about a write that failed with `exc`, then `elsewhere`: the way around it.
     Shared by the agent's cache and the coordinator's own files (here, not in either, so that
     every layer may say it). "Free space" is the fix for a full disk (or quota) only: a
-    read-only folder, or one a file blocks, has room and needs a folder that can be written; a
-    file size limit (`ulimit -f`) needs raising, not room: `runner` is what runs under it. No
-    errno is numpy's write that stopped short ("8000 requested and 4096 written"): most often
-    the disk filled."""
+    read-only folder has room and needs a folder that can be written, a file where a folder
+    goes (or a folder where a file goes) needs moving aside; a file size limit (`ulimit -f`)
+    needs raising, not room: `runner` is what runs under it. No errno is numpy's write that
+    stopped short ("8000 requested and 4096 written"): most often the disk filled."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, None):
         fix = "free space there"
     elif exc.errno == errno.EFBIG:
         fix = f"raise the file size limit (ulimit -f) {runner} runs under"
+    elif exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):  # writable, with room: blocked
+        fix = "move aside what is in the way (a folder where a file goes, or a file where a folder goes)"
     else:
         fix = "make it writable"
     return f"{fix}, or {elsewhere}"

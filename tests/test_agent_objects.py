@@ -113,7 +113,10 @@ def test_a_refused_spill_says_free_space_only_when_the_disk_is_full(
     [said] = unwritable
     assert said.startswith(f"cannot spill object 1 (8,000 bytes) to {blocker / 'objects'}: ")
     assert "free space" not in said
-    assert ": make it writable, or set XDG_CACHE_HOME in the host's env to a folder with room (tried" in said
+    assert (
+        ": move aside what is in the way (a folder where a file goes, or a file where a folder goes), "
+        "or set XDG_CACHE_HOME in the host's env to a folder with room (tried"
+    ) in said
 
     def full(self: ObjectStore, object_id: int, value: object) -> Path:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path))

@@ -1076,8 +1076,8 @@ def test_a_served_run_whose_log_cannot_be_written_says_so_in_a_line(
     assert cli_main(["run", "pi", "--serve", "--name", "blocked", "--workers", "1"]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line == (
-        f"batuta: error: cannot open blocked's log {log}: Is a directory; make it writable, or set "
-        "BATUTA_RUNTIME_DIR to a folder with room"
+        f"batuta: error: cannot open blocked's log {log}: Is a directory; move aside what is in the way "
+        "(a folder where a file goes, or a file where a folder goes), or set BATUTA_RUNTIME_DIR to a folder with room"
     )
     if not Path("/dev/full").exists():
         return
