@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
 import time
@@ -402,25 +403,34 @@ class BatutaApp(App[None]):
             log.info("job %s cancelled", label)
             raise
         except Exception as exc:  # the job's bug is news, not a crash
-            message = f"{type(exc).__name__}: {_one_line(printable(exc))}"
-            # its tasks still queued or running are nobody's now: cancelled, as `batuta run` does
-            # (they ran on, the slots busy for a job already over)
-            left = pool.cancel_job(label)
-            if left:
-                message += f" ({left:,} unfinished task{'s' if left != 1 else ''} cancelled)"
-            self.model.job_ended(label, "failed", message)
-            log.warning("job %s failed: %s", label, message)
-            self.toast(message, title=f"job {label} failed", severity="error", timeout=10)
+            self._job_failed(label, f"{type(exc).__name__}: {_one_line(printable(exc))}")
         else:
-            message = _one_line(printable(value)) if value is not None else ""
-            self.model.job_ended(label, "done", message)
-            log.info("job %s finished%s", label, f": {message}" if message else "")
-            self.toast(message or "finished", title=f"job {label} finished")
+            if inspect.isawaitable(value):  # `return pool.submit(...)`: it was "done", the future's repr its result
+                from batuta.jobs import returned_unawaited
+
+                self._job_failed(label, returned_unawaited(label, value))  # the name on screen
+            else:
+                message = _one_line(printable(value)) if value is not None else ""
+                self.model.job_ended(label, "done", message)
+                log.info("job %s finished%s", label, f": {message}" if message else "")
+                self.toast(message or "finished", title=f"job {label} finished")
         finally:
             self._job_workers.pop(label, None)
             if self._held and not self._job_workers:
                 log.warning("no job is running; %s until you quit (q)", self._held)
             self.sync_now()
+
+    def _job_failed(self, label: str, message: str) -> None:
+        """Job `label`'s `main` raised or returned what it should have awaited: said in the jobs
+        panel, the log and a toast. Its tasks still queued or running are nobody's now: cancelled,
+        as `batuta run` does (they ran on, the slots busy for a job already over)."""
+        assert self.pool is not None
+        left = self.pool.cancel_job(label)
+        if left:
+            message += f" ({left:,} unfinished task{'s' if left != 1 else ''} cancelled)"
+        self.model.job_ended(label, "failed", message)
+        log.warning("job %s failed: %s", label, message)
+        self.toast(message, title=f"job {label} failed", severity="error", timeout=10)
 
     def cancel_job(self, label: str) -> None:
         """Cancel every unfinished task of job `label`, then the job's `main` itself."""

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         drop_summarised_quietly,
         linger_metrics,
         make_pool,
+        returned_unawaited,
         run_job,
         start_metrics,
     )
@@ -43,6 +44,7 @@ _LAZY = {
     "drop_summarised_quietly": "batuta.jobs._run",
     "linger_metrics": "batuta.jobs._run",
     "make_pool": "batuta.jobs._run",
+    "returned_unawaited": "batuta.jobs._run",
     "run_job": "batuta.jobs._run",
     "start_metrics": "batuta.jobs._run",
     "serve_job": "batuta.jobs._serve",
@@ -69,6 +71,7 @@ __all__ = [
     "load_job",
     "make_pool",
     "printable",
+    "returned_unawaited",
     "run_job",
     "serve_job",
     "set_job_backend",

@@ -244,7 +244,7 @@ async def run_job(
                 ):
                     value = await job.main(pool)
                 if inspect.isawaitable(value):  # `return await pool.submit(...)`: the future, not its result
-                    error, value = _returned_unawaited(job.name, value), None
+                    error, value = returned_unawaited(job.name, value), None
                 else:
                     ran_to_end = True
                     _say_what_main_left(job.name, tracker)
@@ -309,10 +309,10 @@ async def run_job(
     return RunOutcome(summary=summary, traceback=job_traceback, metrics=exporter if keep_serving else None)
 
 
-def _returned_unawaited(job: str, value: Awaitable[Any]) -> str:
-    """The error for a `main` that returned something still to await. The job printed the
-    object's repr and exited 0, its task cancelled as the pool closed (a coroutine: with a
-    RuntimeWarning pointing into batuta)."""
+def returned_unawaited(job: str, value: Awaitable[Any]) -> str:
+    """The error for a `main` that returned something still to await (`batuta run`'s, and the
+    dashboard's for the jobs it runs). The job printed the object's repr and exited 0, its task
+    cancelled as the pool closed (a coroutine: with a RuntimeWarning pointing into batuta)."""
     if inspect.iscoroutine(value):
         value.close()  # never to run: no "was never awaited" warning on top of this error
     kind = type(value).__name__
