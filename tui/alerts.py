@@ -42,7 +42,7 @@ class Alert:
 
 def evaluate_alerts(model: DashboardModel, now: float) -> list[Alert]:
     """Every alert whose condition holds now, errors first."""
-    alerts = [*_host_alerts(model), *_failure_alerts(model), *_imbalance_alerts(model)]
+    alerts = [*_host_alerts(model), *_failure_alerts(model), *_job_alerts(model), *_imbalance_alerts(model)]
     alerts.sort(key=lambda a: (a.severity != ERROR, a.key))
     return alerts
 
@@ -99,6 +99,24 @@ def _failure_alerts(model: DashboardModel) -> list[Alert]:
             task_id=ids[-1] if last is not None else None,
         )
     ]
+
+
+def _job_alerts(model: DashboardModel) -> list[Alert]:
+    """A job that ended failed, or with tasks of its failed, for as long as the jobs panel lists it:
+    "tasks failing" covers only the last minute, and the panel read "all clear" beside FAILED 10."""
+    alerts = []
+    for job in model.jobs.values():
+        if job.state == "running" or (job.state != "failed" and not job.failed):
+            continue
+        last = model.last_failure_of(job.name) if job.failed else None
+        if job.state == "failed":
+            severity, title, detail = ERROR, f"job {job.name} failed", job.message
+        else:
+            severity, title = WARNING, f"job {job.name} {job.state}: {job.failed:,} of {job.submitted:,} tasks failed"
+            detail = last.result.describe_failure() if last is not None else ""
+        task_id = last.result.task_id if last is not None else None
+        alerts.append(Alert(f"job:{job.name}", severity, title, detail, task_id=task_id))
+    return alerts
 
 
 def _imbalance_alerts(model: DashboardModel) -> list[Alert]:

@@ -153,6 +153,9 @@ class DashboardModel:
         self._slot_signature: tuple[object, ...] = ()
         self._last_half_second: int | None = None
         self._last_alert_second: int | None = None
+        # a failure or a job's end re-evaluates the alerts at the next tick, not the next second:
+        # the jobs panel showed FAILED 10 beside "all clear" until then
+        self._alerts_stale = False
         self._inbox: list[object] = []
         self._folded_early = 0  # events folded by `_receive` since the last `drain`
 
@@ -324,6 +327,7 @@ class DashboardModel:
         while len(self.failures) > FAILURES_KEPT:
             self.failures.popitem(last=False)
         self._recent_failures.append((at, result.task_id))
+        self._alerts_stale = True
         self.versions.alerts += 1
 
     def _host(self, name: str) -> HostRow:
@@ -481,6 +485,7 @@ class DashboardModel:
         job.message = message
         job.ended_at = self.clock()
         self.versions.jobs += 1
+        self._alerts_stale = True  # its failures become an alert (alerts.py) in the same frame as its row
 
     def add_log(self, level: int, logger: str, message: str, created: float | None = None) -> None:
         """Append a log line (bounded); called by the logging bridge."""
@@ -537,7 +542,7 @@ class DashboardModel:
             if self.running:
                 versions.stream += 1
         second = int(now)
-        if second != self._last_alert_second:
+        if second != self._last_alert_second or self._alerts_stale:
             self._last_alert_second = second
             self.refresh_alerts(now)
 
@@ -546,6 +551,7 @@ class DashboardModel:
         window_start = now - FAILURE_WINDOW_S
         while self._recent_failures and self._recent_failures[0][0] < window_start:
             self._recent_failures.popleft()
+        self._alerts_stale = False
         candidates = evaluate_alerts(self, now)
         since = self._alert_since
         keys = {alert.key for alert in candidates}
@@ -733,6 +739,10 @@ class DashboardModel:
 
     def failure(self, task_id: int) -> FailedTask | None:
         return self.failures.get(task_id)
+
+    def last_failure_of(self, job: str) -> FailedTask | None:
+        """Job `job`'s latest failed task still kept (`FAILURES_KEPT`), if any."""
+        return next((failed for failed in reversed(self.failures.values()) if failed.result.job == job), None)
 
     def latest_failures(self, limit: int = 50) -> Iterator[FailedTask]:
         """The most recent failed tasks, newest first."""
