@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from . import format as fmt
+
 if TYPE_CHECKING:
     from .model import DashboardModel
 
@@ -49,16 +51,19 @@ def evaluate_alerts(model: DashboardModel, now: float) -> list[Alert]:
 
 def _host_alerts(model: DashboardModel) -> list[Alert]:
     alerts = []
+    # names as the nodes panel cuts them: a long one, cut with the rest of the line, took the reason off it
+    names = fmt.short_names(tuple(model.hosts), fmt.HOST_CELLS)
     for host in model.hosts.values():
+        name = names.get(host.name, host.name)
         # "unreachable": a relaunch (or the first start) failed; the panel said "all clear" then;
         # "unfit": up, but failing tasks for a reason of its own (core/hostfit.py)
         if host.state in ("lost", "retired", "unreachable", "unfit"):
-            alerts.append(Alert(f"host-{host.state}:{host.name}", ERROR, f"host {host.name} {host.state}", host.reason))
+            alerts.append(Alert(f"host-{host.state}:{host.name}", ERROR, f"host {name} {host.state}", host.reason))
             continue
         if host.state == "suspected":
-            alerts.append(Alert(f"host-suspected:{host.name}", WARNING, f"host {host.name} suspected", host.reason))
+            alerts.append(Alert(f"host-suspected:{host.name}", WARNING, f"host {name} suspected", host.reason))
         for gpu in host.used_gpus():  # a GPU no slot runs on is someone else's to watch
-            where = f"{host.name} GPU {gpu.index}"
+            where = f"{name} GPU {gpu.index}"
             fraction = gpu.memory_fraction
             if fraction is not None and fraction > GPU_MEMORY_ALERT_FRACTION:
                 alerts.append(

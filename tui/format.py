@@ -100,6 +100,8 @@ def percent(value: float | None) -> str:
 
 # -- names cut to a column ------------------------------------------------------------------
 
+HOST_CELLS = 14  # a host's name in the nodes panel's column and in alert titles: cut alike in both
+
 
 def _take(text: str, cells: int, *, from_end: bool = False) -> str:
     """The longest start (or end) of `text` that fits `cells` terminal cells (a CJK character takes two)."""

@@ -30,7 +30,7 @@ from .render import (
 )
 
 NODE_COLUMNS = (
-    Column("HOST", 14),
+    Column("HOST", fmt.HOST_CELLS),
     Column("STATE", 11),
     Column("CPU", 11),
     Column("MEMORY GiB", 19),
@@ -74,7 +74,7 @@ class NodeRows:
         self._busy = model.busy_slots()
         self._now, self._p, self._width = now, p, width
         self._compact = compact
-        self._labels = fmt.short_names(tuple(model.hosts), NODE_COLUMNS[0].width)
+        self._labels = fmt.short_names(tuple(model.hosts), fmt.HOST_CELLS)
         self._entries: list[tuple[HostRow, GpuRow | _ReasonLine | _UnusedGpus | None]] = []
         hosts = list(model.hosts.values())
         if compact:  # stable sort: trouble first, then the order hosts were listed in
