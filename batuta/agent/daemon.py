@@ -536,17 +536,6 @@ def _subject(cert: dict[str, object]) -> str:
 async def run_worker(options: WorkerOptions, *, ready: asyncio.Future[tuple[str, int]] | None = None) -> int:
     """Serve until SIGTERM, SIGINT or SIGHUP; returns the exit code (0)."""
     daemon = WorkerDaemon(options)
-    await daemon.start()
-    host, port = daemon.address
-    where = format_address(host, port)
-    scope = "this machine only" if host in LOOPBACK else "reachable from the network"
-    print(
-        f"batuta worker: listening on {where} ({scope}); TLS 1.2+, client certificates from {options.ca} required",
-        file=sys.stderr,
-        flush=True,
-    )
-    if ready is not None and not ready.done():
-        ready.set_result((host, port))
     loop = asyncio.get_running_loop()
     stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -556,9 +545,23 @@ async def run_worker(options: WorkerOptions, *, ready: asyncio.Future[tuple[str,
         log.warning("got %s: stopping", signal.Signals(signum).name)
         stop.set()
 
+    # Ours before the socket is bound and "listening" is said: a SIGTERM just after that line
+    # (a service manager's stop, a test's) met `batuta`'s Ctrl-C handler instead and exited 130,
+    # "interrupted", without closing the worker.
     for signum in stop_signals:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
+        await daemon.start()
+        host, port = daemon.address
+        where = format_address(host, port)
+        scope = "this machine only" if host in LOOPBACK else "reachable from the network"
+        print(
+            f"batuta worker: listening on {where} ({scope}); TLS 1.2+, client certificates from {options.ca} required",
+            file=sys.stderr,
+            flush=True,
+        )
+        if ready is not None and not ready.done():
+            ready.set_result((host, port))
         await stop.wait()
     finally:
         for signum in stop_signals:
