@@ -6,16 +6,54 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import re
 import signal
 import sys
 from pathlib import Path
 
 import pytest
 
-from batuta.transport.certs import init_certs
+from batuta.transport.certs import CertPaths, init_certs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 20.0
+
+
+async def _start_worker(paths: CertPaths, *extra: str) -> tuple[asyncio.subprocess.Process, bytearray]:
+    """`batuta worker` on a free loopback port, once it has said "listening"."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "batuta", "worker", "--bind", "127.0.0.1:0",
+        "--cert", str(paths.server_cert), "--key", str(paths.server_key), "--ca", str(paths.ca_cert),
+        "--slots", "1", "--gpus", "none", *extra,
+        stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    stderr = bytearray()
+    try:
+        async with asyncio.timeout(WAIT_S):
+            while not re.search(rb"listening on 127\.0\.0\.1:\d+", stderr):
+                line = await proc.stderr.readline()
+                assert line, stderr.decode()
+                stderr += line
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc, stderr
+
+
+async def _stop_worker(proc: asyncio.subprocess.Process, stderr: bytearray, signum: int) -> int:
+    """Send `signum` and return the exit code, with the rest of its stderr in `stderr`."""
+    assert proc.stderr is not None
+    proc.send_signal(signum)
+    try:
+        async with asyncio.timeout(WAIT_S):
+            stderr += await proc.stderr.read()
+            return await proc.wait()
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
 
 
 async def test_a_worker_stopped_as_soon_as_it_says_listening_stops_cleanly(
@@ -52,3 +90,17 @@ async def test_a_worker_stopped_as_soon_as_it_says_listening_stops_cleanly(
         assert worker.result() == 0
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+async def test_a_worker_key_others_may_read_is_warned_about_once(tmp_path: Path) -> None:
+    """`batuta worker --key` with a key of mode 0644 printed the same warning twice: once from
+    the command, once where the key was loaded."""
+    paths = init_certs(tmp_path / "certs")
+    os.chmod(paths.server_key, 0o644)
+    proc, stderr = await _start_worker(paths)
+    assert await _stop_worker(proc, stderr, signal.SIGTERM) == 0, stderr.decode()
+    said = [line for line in stderr.decode().splitlines() if "accessible by others" in line]
+    assert len(said) == 1, said
+    assert said[0].endswith(
+        f"key file {paths.server_key} is accessible by others (mode 0644); run `chmod 600 {paths.server_key}`"
+    )

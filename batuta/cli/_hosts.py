@@ -123,7 +123,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from batuta.agent.main import check_host
     from batuta.agent.options import parse_args as parse_agent_args
     from batuta.observers.logs import configure
-    from batuta.transport.certs import check_key_file
     from batuta.transport.tls import TLSConfigError, split_address
 
     try:
@@ -161,9 +160,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
     setup = configure(level=args.log_level)
     try:
-        warning = check_key_file(options.key)
-        if warning:
-            print(f"{PROG} worker: warning: {warning}", file=sys.stderr)
+        # a --key others may read is warned about where it is loaded (once): saying it here
+        # too printed the same warning twice
         return asyncio.run(run_worker(options))
     except TLSConfigError as exc:
         raise UsageError(str(exc)) from None
