@@ -104,3 +104,21 @@ async def test_a_worker_key_others_may_read_is_warned_about_once(tmp_path: Path)
     assert said[0].endswith(
         f"key file {paths.server_key} is accessible by others (mode 0644); run `chmod 600 {paths.server_key}`"
     )
+
+
+def test_certs_reissue_warns_about_a_ca_key_others_may_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`batuta certs reissue` signed with a ca.key of mode 0644 without a word, though that key
+    is the one that lets its reader mint certificates every worker and coordinator trusts."""
+    from batuta.cli import main
+
+    paths = init_certs(tmp_path / "certs")
+    assert main(["certs", "reissue", str(paths.directory), "--host", "127.0.0.1"]) == 0
+    assert "accessible by others" not in capsys.readouterr().err  # 0600, as `certs init` wrote it
+    os.chmod(paths.ca_key, 0o644)
+    assert main(["certs", "reissue", str(paths.directory), "--host", "127.0.0.1", "--name", "gpu2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        f"batuta certs reissue: warning: key file {paths.ca_key} is accessible by others (mode 0644); "
+        f"run `chmod 600 {paths.ca_key}`"
+    )
+    assert "gpu2.pem: batuta-worker (serverAuth) for 127.0.0.1" in captured.out

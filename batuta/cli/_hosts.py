@@ -250,10 +250,15 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def _reissue(args: argparse.Namespace) -> int:
-    from batuta.transport.certs import describe, reissue_server, unbracketed
+    from batuta.transport.certs import check_key_file, describe, reissue_server, unbracketed
     from batuta.transport.tls import DEFAULT_PORT, format_address
 
     cert, key = reissue_server(args.directory, hosts=args.host, name=args.name, days=args.days)
+    # the CA's key mints certificates every worker and coordinator trusts: said as a worker's
+    # --key or a [tls] key others may read is (it was used without a word)
+    warning = check_key_file(cert.parent / "ca.key")
+    if warning is not None:
+        print(f"{PROG} certs reissue: warning: {warning}", file=sys.stderr)
     print(describe(cert))
     print(f"key (mode 0600): {key}")
     bind = format_address(next(unbracketed(h.strip()) for h in args.host if h.strip()), DEFAULT_PORT)
