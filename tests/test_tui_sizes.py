@@ -153,5 +153,10 @@ def test_names_are_cut_where_they_differ_and_by_terminal_cells() -> None:
     assert len(set(labels.values())) == 3 and all(cell_len(label) <= 14 for label in labels.values())
     assert labels[racks[2]] == "comput…ode-002"
     assert fmt.short_slot(f"{racks[2]}/12", tuple(racks), 11).endswith("002/12")
+    # alike at both ends: "comput…ple.org" for every one of them; the part where they differ is kept
+    both = [f"compute-rack-a-node-{i:03d}.cluster.example.org" for i in range(12)]
+    labels = fmt.short_names(tuple(both), 14)
+    assert len(set(labels.values())) == 12 and all(cell_len(label) <= 14 for label in labels.values())
+    assert labels[both[11]] == "…node-011.clu…"
     # a CJK character takes two cells: padded by characters, the columns after it moved
     assert cell_len(render.fit("节点-3/3", 11)) == 11 and cell_len(render.fit("节点节点节点节点", 11)) == 11

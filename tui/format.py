@@ -132,6 +132,28 @@ def cut_middle(text: str, width: int) -> str:
     return _take(text, width - 1 - cell_len(tail)) + "…" + tail
 
 
+def cut_around(text: str, at: int, width: int) -> str:
+    """`text` in at most `width` cells, the part around character `at` kept, what is cut of
+    either end marked (…)."""
+    if cell_len(text) <= width:
+        return text
+    if width < 5:
+        return cut_end(text, width)
+    room = width - 2  # an ellipsis each side
+    start = max(0, at - room // 2)
+    window = _take(text[start:], room + (0 if start else 1))
+    return ("…" if start else "") + window + ("…" if start + len(window) < len(text) else "")
+
+
+def _common_start(texts: list[str]) -> int:
+    """How many characters all of `texts` begin with (those of the first and last in order)."""
+    first, last = min(texts), max(texts)
+    same = 0
+    while same < min(len(first), len(last)) and first[same] == last[same]:
+        same += 1
+    return same
+
+
 @functools.lru_cache(maxsize=16)
 def short_names(names: tuple[str, ...], width: int) -> Mapping[str, str]:
     """Each of `names` (a cluster's hosts) in at most `width` cells, told apart from the others.
@@ -139,10 +161,22 @@ def short_names(names: tuple[str, ...], width: int) -> Mapping[str, str]:
     Cut at the end, as any cell is ("gpu-node-017.clu…"), unless that leaves two alike: hosts
     named alike up to their last characters ("compute-rack-a-node-001", "...-002") all read
     "compute-rack-…", so those are cut in the middle, which keeps the end that tells them
-    apart ("comput…node-001")."""
+    apart ("comput…node-001"). Names alike at both ends ("compute-rack-a-node-001.cluster.
+    example.org", "...-002.cluster...") read alike that way too: those keep the part around
+    where they differ ("…node-001.clu…")."""
     ends = {name: cut_end(name, width) for name in names}
     alike = Counter(ends.values())
-    return {name: cut if alike[cut] == 1 else cut_middle(name, width) for name, cut in ends.items()}
+    short = {name: cut if alike[cut] == 1 else cut_middle(name, width) for name, cut in ends.items()}
+    still = Counter(short.values())
+    groups: dict[str, list[str]] = {}
+    for name, cut in short.items():
+        if still[cut] > 1:
+            groups.setdefault(cut, []).append(name)
+    for group in groups.values():
+        at = _common_start(group)  # where the first of them differs from the rest
+        for name in group:
+            short[name] = cut_around(name, at, width)
+    return short
 
 
 def short_slot(slot_id: str, hosts: tuple[str, ...], width: int) -> str:
