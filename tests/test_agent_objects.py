@@ -71,9 +71,9 @@ def test_a_non_array_value_spills_as_a_frame(tmp_path: Path) -> None:
     store.close()
 
 
-def test_a_spill_the_disk_refuses_leaves_no_partial_file_and_is_said_once(tmp_path: Path) -> None:
-    """A full disk left a partial `.npy` in the spill folder and said nothing while the store
-    went over its cap. (A file size limit stands in for the full disk: the same OSError.)"""
+def _spill_under_file_limit(tmp_path: Path, puts: str) -> subprocess.CompletedProcess[str]:
+    """`puts` run on a store spilling to `tmp_path` (warnings printed) in a process whose files
+    may not pass 64 KiB (`ulimit -f`): the same OSError a full disk gives, with no disk to fill."""
     script = (
         "import resource, signal, sys\n"
         "import numpy as np\n"
@@ -81,13 +81,21 @@ def test_a_spill_the_disk_refuses_leaves_no_partial_file_and_is_said_once(tmp_pa
         "from batuta.agent.objects import ObjectStore\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an EFBIG error instead of the signal\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
-        "store = ObjectStore(0, Path(sys.argv[1]), warn=print)\n"
+        "store = ObjectStore(0, Path(sys.argv[1]), warn=print)\n" + puts
+    )
+    return subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_a_spill_the_disk_refuses_leaves_no_partial_file_and_is_said_once(tmp_path: Path) -> None:
+    """A full disk left a partial `.npy` in the spill folder and said nothing while the store
+    went over its cap. (A file size limit stands in for the full disk: the same OSError.)"""
+    done = _spill_under_file_limit(
+        tmp_path,
         "store.put(1, np.ones(100_000))\n"
         "store.put(2, (np.ones(100_000), 'a frame'))\n"
-        "print(store[1].sum(), store[2][0].sum(), store.stats())\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60, check=False
+        "print(store[1].sum(), store[2][0].sum(), store.stats())\n",
     )
     assert done.returncode == 0, done.stderr
     *warned, last = done.stdout.strip().splitlines()
@@ -131,19 +139,7 @@ def test_a_refused_spill_says_free_space_only_when_the_disk_is_full(
 
 def test_a_spilled_frame_past_the_file_size_limit_says_raise_it(tmp_path: Path) -> None:
     """A frame (not numpy) past `ulimit -f` fails with EFBIG: room would not help."""
-    script = (
-        "import resource, signal, sys\n"
-        "import numpy as np\n"
-        "from pathlib import Path\n"
-        "from batuta.agent.objects import ObjectStore\n"
-        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an EFBIG error instead of the signal\n"
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
-        "store = ObjectStore(0, Path(sys.argv[1]), warn=print)\n"
-        "store.put(2, (np.ones(100_000), 'a frame'))\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60, check=False
-    )
+    done = _spill_under_file_limit(tmp_path, "store.put(2, (np.ones(100_000), 'a frame'))\n")
     assert done.returncode == 0, done.stderr
     [said] = done.stdout.strip().splitlines()
     assert "OSError: File too large; objects stay in memory" in said
